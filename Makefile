@@ -1,0 +1,25 @@
+# Two commands on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+CONFIG ?= config.yaml
+
+.PHONY: serve test check clean
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/loyalty serve --config $(CONFIG)
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+check: $(STAMP)
+	$(VENV)/bin/loyalty rules check rules/programs/market
+
+clean:
+	rm -rf $(VENV) data/*.db data/*.db-wal data/*.db-shm
