@@ -1,0 +1,85 @@
+"""The application factory: everything the server needs, built from one Config."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from aiohttp import web
+
+from server.auth import KeyRing
+from server.clock import Clock
+from server.config import Config
+from server.errors import error_middleware
+from server.keys import CLOCK, CONFIG, DATABASE, KEYRING, METRICS, PROGRAMS, SERVICE, STATE
+from server.metrics import Metrics
+from server.programs import ProgramHolder
+from server.routes import add_routes
+from server.service import Service
+from storage.db import Database
+from storage.schema import migrations
+
+log = logging.getLogger("loyalty.server")
+
+
+def create_app(config: Config) -> web.Application:
+    metrics = Metrics()
+    app = web.Application(client_max_size=config.server.max_body_bytes,
+                          middlewares=[latency_middleware, error_middleware])
+    app[CONFIG] = config
+    app[CLOCK] = Clock(config.clock.start)
+    app[METRICS] = metrics
+    app[KEYRING] = KeyRing(config.auth.keys)
+    app[PROGRAMS] = ProgramHolder(config.resolve(config.rules.dir), metrics, app[CLOCK])
+    app[STATE] = {"started": False, "draining": False}
+    app.cleanup_ctx.append(resources)
+    app.on_shutdown.append(start_draining)
+    add_routes(app)
+    return app
+
+
+async def resources(app: web.Application):
+    config = app[CONFIG]
+    app[PROGRAMS].load_initial()
+    db = Database(config.resolve(config.database.path), migrations=migrations,
+                  batch_max=config.database.commit_batch_max, queue_max=config.database.write_queue_max,
+                  readers=config.database.readers, on_commit=app[METRICS].on_commit)
+    db.open()
+    app[DATABASE] = db
+    app[SERVICE] = Service(db, app[PROGRAMS], app[CLOCK], app[METRICS])
+    hup = _install_sighup(app)
+    app[STATE]["started"] = True
+    try:
+        yield
+    finally:
+        app[STATE]["started"] = False
+        if hup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        db.close()
+
+
+def _install_sighup(app: web.Application) -> bool:
+    """SIGHUP reloads the program, as daemons conventionally do."""
+    try:
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, lambda: app[PROGRAMS].reload("SIGHUP"))
+        return True
+    except (NotImplementedError, RuntimeError, ValueError):
+        return False
+
+
+async def start_draining(app: web.Application) -> None:
+    app[STATE]["draining"] = True
+    log.info("draining: finishing requests in flight")
+
+
+@web.middleware
+async def latency_middleware(request: web.Request, handler):
+    started = time.perf_counter()
+    try:
+        return await handler(request)
+    finally:
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        request.app[METRICS].request_latency.labels(name, request.method).observe(time.perf_counter() - started)

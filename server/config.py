@@ -1,0 +1,152 @@
+"""config.yaml, decoded strictly: an unknown key or a wrong type stops start-up.
+
+Every key can be overridden from the environment: LOYALTY_SERVER__PORT=9000 sets
+server.port. Relative paths are resolved against the config file's folder, so the
+server finds its database and program wherever it is started from.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+import yaml
+from msgspec import Meta, Struct
+
+ENV_PREFIX = "LOYALTY_"
+
+Port = Annotated[int, Meta(ge=0, le=65535)]
+Positive = Annotated[int, Meta(gt=0)]
+Sha256Hex = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+
+
+class ServerConfig(Struct, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    max_body_bytes: Annotated[int, Meta(gt=0, le=64 * 1024 * 1024)] = 1024 * 1024
+    # Registers for one member are serialized; this bounds how many wait at once.
+    requests_in_flight_max: Positive = 10_000
+    shutdown_timeout_seconds: Annotated[float, Meta(ge=0, le=300)] = 10.0
+
+
+class DatabaseConfig(Struct, forbid_unknown_fields=True):
+    path: str = "data/loyalty.db"
+    commit_batch_max: Annotated[int, Meta(ge=1, le=10_000)] = 256
+    write_queue_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
+    readers: Annotated[int, Meta(ge=1, le=64)] = 2
+
+
+class RulesConfig(Struct, forbid_unknown_fields=True):
+    dir: str = "rules/programs/market"
+    watch: bool = True
+
+
+class KeyConfig(Struct, forbid_unknown_fields=True):
+    id: Annotated[str, Meta(min_length=1, max_length=128)]
+    sha256: Sha256Hex
+    role: Literal["register", "manager", "monitor"]
+    stores: list[str] = []
+
+
+class AuthConfig(Struct, forbid_unknown_fields=True):
+    keys: Annotated[list[KeyConfig], Meta(max_length=100_000)] = []
+
+
+class ClockConfig(Struct, forbid_unknown_fields=True):
+    # The server's clock starts at this instant and runs forward in real time.
+    start: datetime | None = None
+
+
+class Config(Struct, forbid_unknown_fields=True):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
+    rules: RulesConfig = msgspec.field(default_factory=RulesConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    clock: ClockConfig = msgspec.field(default_factory=ClockConfig)
+    # Folder the relative paths above are resolved against (not a YAML key).
+    base_dir: str = "."
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+
+class ConfigError(Exception):
+    def __init__(self, source: str, key: str, reason: str):
+        self.source, self.key, self.reason = source, key, reason
+        super().__init__(f"{source}: {key}: {reason}")
+
+
+def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Config:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise ConfigError(str(path), "-", f"cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), "-", f"not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), "-", "expected a mapping at the top level")
+    raw.pop("base_dir", None)
+    apply_env_overrides(raw, os.environ if environ is None else environ)
+    raw["base_dir"] = str(path.resolve().parent)
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: dict, source: str = "<config>") -> Config:
+    try:
+        return msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as e:
+        key, reason = _split_error(str(e))
+        raise ConfigError(source, key, _with_hint(reason, key)) from None
+
+
+def apply_env_overrides(raw: dict, environ) -> None:
+    """LOYALTY_A__B=v sets raw[a][b] = v, the value parsed as a YAML scalar."""
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+
+
+_AT = re.compile(r"^(.*?)(?: - at `\$(.*)`)?$", re.S)
+
+
+def _split_error(message: str) -> tuple[str, str]:
+    m = _AT.match(message)
+    reason, where = m.group(1), (m.group(2) or "")
+    key = where.lstrip(".") or "-"
+    field = re.search(r"unknown field `([^`]+)`", reason)
+    if field:
+        key = f"{key}.{field.group(1)}" if key != "-" else field.group(1)
+    return key, reason
+
+
+_SECTIONS: dict[str, type] = {
+    "": Config, "server": ServerConfig, "database": DatabaseConfig, "rules": RulesConfig,
+    "auth": AuthConfig, "clock": ClockConfig,
+}
+
+
+def _with_hint(reason: str, key: str) -> str:
+    if "unknown field" not in reason:
+        return reason
+    parent, _, leaf = key.rpartition(".")
+    struct = _SECTIONS.get(re.sub(r"\[\d+\]", "", parent))
+    if struct is None:
+        return reason
+    choices = [f for f in struct.__struct_fields__ if f != "base_dir"]
+    near = difflib.get_close_matches(leaf, choices, n=1)
+    return f"unknown key '{leaf}'" + (f", did you mean '{near[0]}'?" if near else
+                                      f" (valid: {', '.join(choices)})")

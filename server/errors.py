@@ -1,0 +1,110 @@
+"""One error body for every error, built here and nowhere else.
+
+    {"error": {"code": "...", "message": "...", "details": [{"path": "...", "message": "..."}]}}
+
+Domain code raises ApiError with its code; the middleware turns everything else
+(aiohttp's own HTTP errors, undecodable JSON, schema violations, bugs) into the same shape.
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+import msgspec
+from aiohttp import web
+
+log = logging.getLogger("loyalty.http")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, details: list[dict] | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.details = details or []
+        self.headers = headers
+
+
+def unprocessable(code: str, message: str, details: list[dict] | None = None) -> ApiError:
+    return ApiError(422, code, message, details)
+
+
+def not_found(code: str, message: str) -> ApiError:
+    return ApiError(404, code, message)
+
+
+def conflict(code: str, message: str) -> ApiError:
+    return ApiError(409, code, message)
+
+
+def error_body(code: str, message: str, details: list[dict] | None = None) -> dict:
+    return {"error": {"code": code, "message": message, "details": details or []}}
+
+
+def error_response(status: int, code: str, message: str, details: list[dict] | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=msgspec.json.encode(error_body(code, message, details)),
+                        content_type="application/json", headers=headers)
+
+
+_AT = re.compile(r"^(.*?)(?: - at `\$(.*)`)?$", re.S)
+_BOUND = re.compile(r"^Expected `[^`]+` (>=|>|<=|<) (\S+), got .*$")
+_LEN = re.compile(r"^Expected `[^`]+` of length (>=|<=) (\d+)$")
+
+
+def validation_error(e: msgspec.ValidationError) -> ApiError:
+    """A msgspec schema error as a 422 with the offending field's path."""
+    m = _AT.match(str(e))
+    reason, where = m.group(1), (m.group(2) or "")
+    path = where.lstrip(".")
+    missing = re.match(r"Object missing required field `([^`]+)`", reason)
+    unknown = re.match(r"Object contains unknown field `([^`]+)`", reason)
+    if missing:
+        path, reason = _join(path, missing.group(1)), "is required"
+    elif unknown:
+        path, reason = _join(path, unknown.group(1)), "is not a known field"
+    elif b := _BOUND.match(reason):
+        reason = f"must be {b.group(1)} {b.group(2)}"
+    elif n := _LEN.match(reason):
+        reason = f"length must be {n.group(1)} {n.group(2)}"
+    return field_error(path or "$", reason)
+
+
+def field_error(path: str, reason: str, code: str = "validation_error") -> ApiError:
+    return unprocessable(code, f"{path} {reason}", [{"path": path, "message": reason}])
+
+
+def _join(parent: str, leaf: str) -> str:
+    return f"{parent}.{leaf}" if parent else leaf
+
+
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 413: "body_too_large", 429: "rate_limited",
+                 503: "unavailable"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return error_response(e.status, e.code, e.message, e.details, e.headers)
+    except msgspec.ValidationError as e:
+        v = validation_error(e)
+        return error_response(v.status, v.code, v.message, v.details)
+    except msgspec.DecodeError as e:
+        return error_response(400, "malformed_json", f"the body is not valid JSON: {e}")
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = _STATUS_CODES.get(e.status, "http_error")
+        message = e.reason if e.status != 413 else "the body is larger than the configured limit"
+        return error_response(e.status, code, message, headers=_allow(e))
+    except Exception:  # a bug: log it whole, answer in the one shape, keep serving
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "internal error; it has been logged")
+
+
+def _allow(e: web.HTTPException) -> dict[str, str] | None:
+    allow = e.headers.get("Allow") if e.headers else None
+    return {"Allow": allow} if allow else None

@@ -1,0 +1,24 @@
+"""Typed application keys: everything the handlers find on the app, declared in one place."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from server.auth import KeyRing
+    from server.clock import Clock
+    from server.config import Config
+    from server.metrics import Metrics
+    from server.programs import ProgramHolder
+    from server.service import Service
+    from storage.db import Database
+
+CONFIG = web.AppKey("config", "Config")
+CLOCK = web.AppKey("clock", "Clock")
+KEYRING = web.AppKey("keyring", "KeyRing")
+METRICS = web.AppKey("metrics", "Metrics")
+PROGRAMS = web.AppKey("programs", "ProgramHolder")
+DATABASE = web.AppKey("database", "Database")
+SERVICE = web.AppKey("service", "Service")
+STATE = web.AppKey("state", dict)

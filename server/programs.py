@@ -1,0 +1,73 @@
+"""The loaded rules program and its reloads.
+
+A request takes `holder.current` once and uses that object to the end, so a reload in
+the middle of a receipt never mixes two versions. A program that fails to load is
+refused whole and the previous one keeps serving.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime
+from pathlib import Path
+
+from rules import Program, ProgramError, load_program
+from server.metrics import Metrics
+
+log = logging.getLogger("loyalty.rules")
+
+
+class ProgramHolder:
+    def __init__(self, directory: Path, metrics: Metrics, clock):
+        self.directory = directory
+        self._metrics = metrics
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.current: Program | None = None
+        self.last_reload: dict = {}
+
+    def load_initial(self) -> Program:
+        """At start-up a broken program stops the server: there is nothing older to keep."""
+        program = load_program(self.directory)
+        self._install(program, "startup")
+        return program
+
+    def reload(self, trigger: str) -> tuple[bool, Program | None, list]:
+        with self._lock:
+            try:
+                program = load_program(self.directory)
+            except ProgramError as e:
+                problems = [str(p) for p in e.problems]
+                self.last_reload = {"at": self._clock.now().isoformat(), "ok": False, "trigger": trigger,
+                                    "errors": problems,
+                                    "kept_version": self.current.version if self.current else None}
+                self._metrics.rules_reloads.labels("refused").inc()
+                self._metrics.rules_last_reload_ok.set(0)
+                log.error("rules reload (%s) refused, still serving %s:\n  %s", trigger,
+                          self.current.version if self.current else "nothing", "\n  ".join(problems))
+                return False, None, e.problems
+            if self.current is not None and program.version == self.current.version:
+                program.close()
+                self._record_ok(trigger, self.current, changed=False)
+                return True, self.current, []
+            self._install(program, trigger)
+            return True, program, []
+
+    def _install(self, program: Program, trigger: str) -> None:
+        # The old program is freed by the garbage collector once the last request that
+        # took it has finished (Program frees its engine ruleset when collected).
+        self.current = program
+        self._metrics.rules_info.info({"version": program.version, "program": program.id})
+        self._record_ok(trigger, program, changed=True)
+        log.info("rules %s loaded from %s (%s)", program.version, self.directory, trigger)
+
+    def _record_ok(self, trigger: str, program: Program, changed: bool) -> None:
+        self.last_reload = {"at": self._clock.now().isoformat(), "ok": True, "trigger": trigger,
+                            "version": program.version, "changed": changed, "errors": []}
+        self._metrics.rules_reloads.labels("loaded" if changed else "unchanged").inc()
+        self._metrics.rules_last_reload_ok.set(1)
+
+
+def loaded_at(holder: ProgramHolder) -> datetime | None:
+    at = holder.last_reload.get("at")
+    return datetime.fromisoformat(at) if at else None

@@ -1,0 +1,124 @@
+"""How much a return or a cancel takes back, as plain arithmetic over what was stored.
+
+rules.md step 5: returning q of a line's qty reverses floor(line points x q / qty) and
+refunds the same share of the points spent on it; the return that completes the line
+takes exactly what is left, so a full return reverses exactly what was earned.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from fractions import Fraction
+
+import msgspec
+
+from rules import largest_remainder
+from server.errors import field_error, unprocessable
+from storage.ledger import ReturnedLine
+
+Postings = list[tuple[str, int, str | None, int, int]]
+
+
+@dataclass
+class ReturnPlan:
+    lines: dict[int, ReturnedLine] = field(default_factory=dict)
+    by_rule: dict[str, int] = field(default_factory=dict)
+    reversals: list[tuple[int, str, int]] = field(default_factory=list)   # (lot, rule, points)
+    refunds: list[tuple[int, int]] = field(default_factory=list)          # (lot, points)
+
+    @property
+    def reversed_points(self) -> int:
+        return sum(line.points_reversed for line in self.lines.values())
+
+    @property
+    def refunded_points(self) -> int:
+        return sum(line.points_refunded for line in self.lines.values())
+
+    @property
+    def discount_refunded(self) -> int:
+        return sum(line.discount_refunded for line in self.lines.values())
+
+    def by_rule_json(self) -> list[dict]:
+        return [{"rule": r, "points": p} for r, p in self.by_rule.items() if p]
+
+
+def _share(whole: int, done: int, fraction: Fraction, completes: bool) -> int:
+    if completes:
+        return whole - done
+    return (whole * fraction.numerator) // fraction.denominator
+
+
+def plan_return(detail: dict, prior: dict[int, list[ReturnedLine]], postings: Postings, lines) -> ReturnPlan:
+    plan = ReturnPlan()
+    for i, req in enumerate(lines):
+        sold_line = detail["lines"].get(str(req.line_no))
+        if sold_line is None:
+            raise field_error(f"lines[{i}].line_no", f"line {req.line_no} is not on the receipt")
+        before = prior.get(req.line_no, [])
+        sold = Decimal(sold_line["qty"])
+        returned = sum((Decimal(b.qty) for b in before), Decimal(0))
+        if returned + req.qty > sold:
+            raise unprocessable("return_exceeds_sold",
+                                f"line {req.line_no}: {sold - returned} left to return, {req.qty} asked",
+                                [{"path": f"lines[{i}].qty", "message": f"at most {sold - returned}"}])
+        completes = returned + req.qty == sold
+        fraction = Fraction(req.qty) / Fraction(sold)
+        pairs_left = _pairs_left(sold_line["pairs"], before)
+        reversed_ = _share(sold_line["points"], sum(b.points_reversed for b in before), fraction, completes)
+        shares = (list(pairs_left.values()) if completes
+                  else largest_remainder(reversed_, list(pairs_left.values())) if reversed_ else
+                  [0] * len(pairs_left))
+        by_rule = {r: s for r, s in zip(pairs_left, shares) if s}
+        for rule, points in by_rule.items():
+            plan.by_rule[rule] = plan.by_rule.get(rule, 0) + points
+        plan.lines[req.line_no] = ReturnedLine(
+            qty=str(req.qty),
+            amount=_share(sold_line["amount"], sum(b.amount for b in before), fraction, completes),
+            points_reversed=reversed_,
+            points_refunded=_share(sold_line["redeemed"], sum(b.points_refunded for b in before), fraction, completes),
+            discount_refunded=_share(sold_line["discount"], sum(b.discount_refunded for b in before), fraction,
+                                     completes),
+            by_rule=msgspec.json.encode(by_rule))
+    accrual_lot = {rule: lot for kind, lot, rule, _, _ in postings if kind == "accrual"}
+    plan.reversals = [(accrual_lot[rule], rule, points) for rule, points in plan.by_rule.items() if points]
+    plan.refunds = _refunds(postings, plan.refunded_points)
+    return plan
+
+
+def _pairs_left(pairs: dict[str, int], before: list[ReturnedLine]) -> dict[str, int]:
+    left = dict(pairs)
+    for b in before:
+        for rule, points in msgspec.json.decode(b.by_rule).items():
+            left[rule] -= points
+    return left
+
+
+def _refunds(postings: Postings, points: int) -> list[tuple[int, int]]:
+    """Give spent points back to the lots they came from, most recently drawn first,
+    so they keep their original expiry."""
+    refundable: dict[int, int] = {}
+    for kind, lot, _, pts, _ in postings:
+        if kind == "redemption":
+            refundable[lot] = refundable.get(lot, 0) - pts
+        elif kind == "refund":
+            refundable[lot] = refundable.get(lot, 0) - pts
+    out = []
+    for lot in reversed(list(refundable)):
+        if points == 0:
+            break
+        take = min(points, refundable[lot])
+        if take > 0:
+            out.append((lot, take))
+            points -= take
+    return out
+
+
+def plan_cancel(postings: Postings) -> tuple[list[tuple[int, str, int]], list[tuple[int, int]]]:
+    """Everything the receipt still holds: accruals not yet reversed, spends not yet refunded."""
+    earned: dict[tuple[int, str], int] = {}
+    for kind, lot, rule, pts, _ in postings:
+        if kind in ("accrual", "reversal"):
+            earned[(lot, rule)] = earned.get((lot, rule), 0) + pts
+    reversals = [(lot, rule, pts) for (lot, rule), pts in earned.items() if pts > 0]
+    outstanding = sum(-pts for kind, _, _, pts, _ in postings if kind in ("redemption", "refund"))
+    return reversals, _refunds(postings, outstanding)

@@ -1,0 +1,109 @@
+"""Request bodies as strict msgspec types; the handlers decode with these and the
+OpenAPI document is generated from them. Decoders are built once."""
+from __future__ import annotations
+
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta, Struct
+
+LINES_MAX = 2_000
+MONEY_MAX = 10**12          # minor units; far above any till, far below int64
+POINTS_MAX = 10**12
+QTY_DIGITS_MAX = 18
+
+Id = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[^/\s]+$")]
+Text = Annotated[str, Meta(max_length=256)]
+Money = Annotated[int, Meta(ge=0, le=MONEY_MAX)]
+Points = Annotated[int, Meta(ge=-POINTS_MAX, le=POINTS_MAX)]
+Card = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[^/\s]+$")]
+Tag = Annotated[str, Meta(min_length=1, max_length=64)]
+
+
+class Line(Struct, forbid_unknown_fields=True):
+    line_no: Annotated[int, Meta(ge=1, le=1_000_000)]
+    sku: Annotated[str, Meta(min_length=1, max_length=64)]
+    qty: Decimal
+    price: Money
+    amount: Money
+    category: Annotated[str, Meta(max_length=64)] | None = None
+    brand: Annotated[str, Meta(max_length=64)] | None = None
+    flags: Annotated[list[Tag], Meta(max_length=32)] = []
+
+
+class Receipt(Struct, forbid_unknown_fields=True):
+    receipt_id: Id
+    store_id: Id
+    register_id: Id
+    ts: datetime
+    lines: Annotated[list[Line], Meta(min_length=1, max_length=LINES_MAX)]
+    total: Money
+    card: Card | None = None
+    channel: Annotated[str, Meta(min_length=1, max_length=32)] = "pos"
+    redeem_points: Annotated[int, Meta(ge=0, le=POINTS_MAX)] = 0
+
+
+class ReceiptRef(Struct, forbid_unknown_fields=True):
+    store_id: Id
+    register_id: Id
+    receipt_id: Id
+
+
+class ReturnLine(Struct, forbid_unknown_fields=True):
+    line_no: Annotated[int, Meta(ge=1, le=1_000_000)]
+    qty: Decimal
+
+
+class ReturnRequest(Struct, forbid_unknown_fields=True):
+    return_id: Id
+    store_id: Id
+    register_id: Id
+    receipt: ReceiptRef
+    lines: Annotated[list[ReturnLine], Meta(min_length=1, max_length=LINES_MAX)]
+
+
+class Enrollment(Struct, forbid_unknown_fields=True):
+    card: Card
+    phone: Annotated[str, Meta(min_length=3, max_length=32)] | None = None
+    birthday: date | None = None
+    tags: Annotated[list[Tag], Meta(max_length=64)] = []
+    referred_by: Card | None = None
+    store_id: Id | None = None
+
+
+class MemberPatch(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    phone: Annotated[str, Meta(min_length=3, max_length=32)] | None = None
+    birthday: date | None = None
+    tags: Annotated[list[Tag], Meta(max_length=64)] | None = None
+
+
+class Adjustment(Struct, forbid_unknown_fields=True):
+    card: Card
+    points: Points
+    reason: Annotated[str, Meta(min_length=1, max_length=500)]
+    adjustment_id: Id
+
+
+class TierAssignment(Struct, forbid_unknown_fields=True):
+    tier: Annotated[str, Meta(min_length=1, max_length=64)]
+    until: date
+
+
+class RulesCheck(Struct, forbid_unknown_fields=True):
+    files: Annotated[dict[str, Annotated[str, Meta(max_length=1024 * 1024)]], Meta(min_length=1, max_length=200)]
+
+
+DECODERS = {t: msgspec.json.Decoder(t) for t in
+            (Receipt, ReturnRequest, Enrollment, MemberPatch, Adjustment, TierAssignment, RulesCheck)}
+ENCODER = msgspec.json.Encoder()
+
+
+def decode(body: bytes, t: type):
+    return DECODERS[t].decode(body)
+
+
+def canonical(obj) -> bytes:
+    """The same request, whatever its key order or spacing: the idempotency fingerprint."""
+    return ENCODER.encode(obj)

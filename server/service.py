@@ -1,0 +1,599 @@
+"""What the API does, without HTTP: receipts, returns, members, adjustments.
+
+Concurrency: every change to one member's points happens under that member's lock
+(asyncio, one process), so two registers spending the same points are serialized, and
+the debit is re-checked inside the write transaction as a second line of defence.
+Identical requests in flight at the same moment share one execution (single flight);
+later duplicates are answered from the stored result.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+import time
+from contextlib import asynccontextmanager
+from datetime import date, datetime, time as dtime, timedelta
+
+import msgspec
+
+from rules import MemberFacts, Program
+from server import schema
+from server.auth import Principal
+from server.clock import Clock
+from server.errors import ApiError, conflict, field_error, not_found, unprocessable
+from server.metrics import Metrics
+from server.programs import ProgramHolder
+from server.returns import plan_cancel, plan_return
+from storage import ledger
+from storage.db import Database
+from storage.ledger import InsufficientPoints, PostingRef, iso
+
+FUTURE_TS_TOLERANCE = timedelta(minutes=5)
+JSON = msgspec.json.Encoder()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def receipt_ref(key: ledger.ReceiptKey) -> dict:
+    return {"store_id": key[0], "register_id": key[1], "receipt_id": key[2]}
+
+
+def money(minor: int) -> str:
+    return f"{minor // 100}.{minor % 100:02d}"
+
+
+def ddmmyyyy(day: str) -> str:
+    y, m, d = day.split("-")
+    return f"{d}.{m}.{y}"
+
+
+class Service:
+    def __init__(self, db: Database, programs: ProgramHolder, clock: Clock, metrics: Metrics):
+        self.db, self.programs, self.clock, self.metrics = db, programs, clock, metrics
+        self._member_locks: dict[int, list] = {}
+        self._inflight: dict[tuple, asyncio.Future] = {}
+
+    # ------------------------------------------------------------ plumbing
+
+    def program(self) -> Program:
+        return self.programs.current
+
+    def local_day(self, program: Program, moment: datetime) -> str:
+        return moment.astimezone(program.timezone).date().isoformat()
+
+    @asynccontextmanager
+    async def member_lock(self, member_id: int | None):
+        if member_id is None:
+            yield
+            return
+        entry = self._member_locks.get(member_id)
+        if entry is None:
+            entry = self._member_locks[member_id] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._member_locks[member_id]
+
+    @asynccontextmanager
+    async def single_flight(self, key: tuple):
+        """Requests with the same key run one after another; a waiter then sees the stored result."""
+        while (running := self._inflight.get(key)) is not None:
+            await asyncio.shield(running)
+        done = asyncio.get_running_loop().create_future()
+        self._inflight[key] = done
+        try:
+            yield
+        finally:
+            del self._inflight[key]
+            done.set_result(None)
+
+    async def find_member(self, card: str, path: str = "card") -> ledger.MemberRow:
+        member = await self.db.read(lambda c: ledger.member_by_card(c, card))
+        if member is None:
+            raise unprocessable("unknown_card", f"card {card} is not enrolled",
+                                [{"path": path, "message": "not enrolled"}])
+        return member
+
+    # ------------------------------------------------------------ member facts
+
+    def tier_of(self, conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
+                moment: datetime) -> dict:
+        today = self.local_day(program, moment)
+        since = iso(moment - timedelta(days=program.tier_window_days))
+        _, count, spend = ledger.receipt_counts(conn, member.id, since, iso(moment))
+        metric = spend if program.tier_metric == "spend" else count
+        tier, nxt, to_next = program.tier_for(metric)
+        view = {"id": tier, "next": nxt, "to_next": to_next, "metric": program.tier_metric, "value": metric,
+                "manual": False}
+        if member.manual_tier and member.manual_tier_until and member.manual_tier_until >= today:
+            view.update(id=member.manual_tier, manual=True, until=member.manual_tier_until)
+        return view
+
+    def member_facts(self, conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
+                     moment: datetime) -> MemberFacts:
+        ever, _, _ = ledger.receipt_counts(conn, member.id, iso(moment), iso(moment))
+        return MemberFacts(
+            member_id=member.public_id,
+            tier=self.tier_of(conn, program, member, moment)["id"],
+            tags=frozenset(msgspec.json.decode(member.tags)),
+            birthday=date.fromisoformat(member.birthday) if member.birthday else None,
+            enrolled_on=ledger.from_iso(member.enrolled_at).astimezone(program.timezone).date(),
+            receipt_number=ever + 1,
+        )
+
+    def member_view(self, conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
+                    at: datetime | None = None) -> dict:
+        moment = at or self.clock.now()
+        as_of = iso(moment) if at else None
+        lots = ledger.lots_of(conn, member.id, as_of)
+        holds = ledger.open_holds(conn, member.id, iso(moment), live_only=at is None)
+        balance = ledger.balance_of(lots, holds, self.local_day(program, moment))
+        cards = ledger.member_cards(conn, member.id)
+        return {
+            "card": cards[0] if cards else None, "cards": cards, "member_id": member.public_id,
+            "tier": self.tier_of(conn, program, member, moment),
+            "balance": balance.as_json(),
+            "expiring": [{"date": d, "points": p} for d, p in balance.expiring],
+            "profile": {"phone": member.phone, "birthday": member.birthday,
+                        "tags": msgspec.json.decode(member.tags)},
+            "enrolled_at": member.enrolled_at,
+            "as_of": moment.isoformat(),
+        }
+
+    # ------------------------------------------------------------ receipts
+
+    def _check_receipt(self, receipt: schema.Receipt, principal: Principal) -> None:
+        from server.auth import require_store
+        require_store(principal, receipt.store_id)
+        if receipt.ts.tzinfo is None:
+            raise field_error("ts", "needs a UTC offset, e.g. 2026-11-24T12:00:00+02:00")
+        if receipt.ts - self.clock.now() > FUTURE_TS_TOLERANCE:
+            raise field_error("ts", "is more than 5 minutes in the future")
+        seen = set()
+        for i, line in enumerate(receipt.lines):
+            if line.line_no in seen:
+                raise field_error(f"lines[{i}].line_no", f"repeats line_no {line.line_no}")
+            seen.add(line.line_no)
+            if not line.qty.is_finite() or line.qty <= 0:
+                raise field_error(f"lines[{i}].qty", "must be > 0")
+            if line.qty.as_tuple().exponent < -6 or line.qty > 10**9:
+                raise field_error(f"lines[{i}].qty", "has more than 6 decimals or is too large")
+        total = sum(line.amount for line in receipt.lines)
+        if total != receipt.total:
+            raise field_error("total", f"must equal the sum of line amounts ({total})")
+
+    async def _prepare(self, receipt: schema.Receipt, program: Program, now: datetime, member):
+        """Reads what the rules need about the member: (member, facts, balance, own hold, usage)."""
+        if member is None:
+            return None
+        key = (receipt.store_id, receipt.register_id, receipt.receipt_id)
+        windows = program.limit_windows(receipt.ts.astimezone(program.timezone).date())
+
+        def read(conn):
+            facts = self.member_facts(conn, program, member, now)
+            lots = ledger.lots_of(conn, member.id)
+            holds = ledger.open_holds(conn, member.id, iso(now))
+            balance = ledger.balance_of(lots, holds, self.local_day(program, now))
+            own = sum(h.points for h in holds if h.key == key)
+            return facts, balance, own, ledger.rule_usage(conn, member.id, windows)
+        facts, balance, own_hold, usage = await self.db.read(read)
+        return member, facts, balance, own_hold, usage
+
+    def _evaluate(self, program: Program, receipt: schema.Receipt, prepared):
+        started = time.perf_counter()
+        if prepared is None:
+            ev = program.evaluate(receipt, None, 0, 0, {})
+        else:
+            _, facts, balance, own_hold, usage = prepared
+            ev = program.evaluate(receipt, facts, receipt.redeem_points, balance.available + own_hold, usage)
+        self.metrics.rules_eval.observe(time.perf_counter() - started)
+        if ev.redeem_refusal:
+            raise self._refusal(ev.redeem_refusal, program, receipt)
+        return ev
+
+    def _refusal(self, code: str, program: Program, receipt: schema.Receipt) -> ApiError:
+        if code == "below_min_redemption":
+            message = f"at least {program.redemption_min_points} points must be redeemed at once"
+        else:
+            message = "not enough points available for this redemption"
+        return unprocessable(code, message, [{"path": "redeem_points", "message": message}])
+
+    def _result(self, program: Program, receipt: schema.Receipt, member, ev, balance: dict,
+                today: str) -> dict:
+        key = (receipt.store_id, receipt.register_id, receipt.receipt_id)
+        accrued = {"points": ev.accrued_points,
+                   "available_from": str(ev.available_from) if member else None,
+                   "expires_on": str(ev.expires_on) if member and ev.expires_on else None,
+                   "by_rule": [{"rule": r, "points": p} for r, p in ev.by_rule],
+                   "by_line": [{"line_no": n, "points": p} for n, p in ev.by_line]}
+        redeemed = {"points": ev.redeemed_points, "discount": ev.discount,
+                    "by_line": [{"line_no": n, "points": p, "discount": d} for n, p, d in ev.redeemed_by_line]}
+        return {"receipt": receipt_ref(key), "member_id": member.public_id if member else None,
+                "rules_version": program.version, "accrued": accrued, "redeemed": redeemed,
+                "balance": balance, "messages": self._messages(program, ev, balance, today, member)}
+
+    def _messages(self, program: Program, ev, balance: dict, today: str, member) -> list[str]:
+        if member is None:
+            return []
+        out = []
+        if ev.redeemed_points:
+            out.append(f"Paid with {ev.redeemed_points} points: {money(ev.discount)} {program.currency}")
+        if ev.accrued_points:
+            if str(ev.available_from) > today:
+                out.append(f"{ev.accrued_points} points will be available from {ddmmyyyy(str(ev.available_from))}")
+            else:
+                out.append(f"{ev.accrued_points} points earned")
+        out.append(f"Balance: {balance['available']} points")
+        return out
+
+    def _balance_after(self, before: ledger.Balance, own_hold: int, ev, today: str, new_hold: int = 0,
+                       confirmed: bool = False) -> dict:
+        available = before.available + own_hold - new_hold
+        pending = before.pending
+        if confirmed:
+            available -= ev.redeemed_points
+            for available_from, _expires, points in ev.lots:
+                if str(available_from) <= today:
+                    available += points
+                else:
+                    pending += points
+        return {"available": available, "pending": pending, "held": before.held - own_hold + new_hold}
+
+    async def calculate(self, receipt: schema.Receipt, principal: Principal) -> dict:
+        self._check_receipt(receipt, principal)
+        program, now = self.program(), self.clock.now()
+        key = (receipt.store_id, receipt.register_id, receipt.receipt_id)
+        member = None if receipt.card is None else await self.find_member(receipt.card)
+        async with self.member_lock(member.id if member else None):
+            prepared = await self._prepare(receipt, program, now, member)
+            ev = self._evaluate(program, receipt, prepared)
+            today = self.local_day(program, now)
+            if prepared is None:
+                return {**self._result(program, receipt, None, ev, {}, today), "hold": None}
+            member, _, before, own_hold, _ = prepared
+            held = ev.redeemed_points
+            expires_at = now + timedelta(minutes=program.hold_ttl_minutes)
+            if held or own_hold:
+                def write(conn):
+                    if held:
+                        ledger.put_hold(conn, key, member.id, held, iso(now), iso(expires_at))
+                    else:
+                        ledger.close_hold(conn, key, "released", iso(now))
+                await self.db.write(write)
+            balance = self._balance_after(before, own_hold, ev, today, new_hold=held)
+            result = self._result(program, receipt, member, ev, balance, today)
+            result["hold"] = {"points": held, "expires_at": expires_at.isoformat()} if held else None
+        self.metrics.receipts.labels("calculate", "ok").inc()
+        return result
+
+    async def confirm(self, receipt: schema.Receipt, principal: Principal) -> tuple[int, dict]:
+        self._check_receipt(receipt, principal)
+        key = (receipt.store_id, receipt.register_id, receipt.receipt_id)
+        body = schema.canonical(receipt)
+        fingerprint = sha256(body)
+        async with self.single_flight(("receipt", key)):
+            stored = await self.db.read(lambda c: ledger.get_receipt(c, key))
+            if stored is not None:
+                return 200, self._replay(stored.body_sha256, fingerprint, stored.result, "confirm")
+            result = await self._confirm_new(receipt, key, body, fingerprint)
+        self.metrics.receipts.labels("confirm", "ok").inc()
+        return 201, result
+
+    def _replay(self, stored_sha: str, fingerprint: str, stored_result: bytes, endpoint: str) -> dict:
+        if stored_sha != fingerprint:
+            self.metrics.receipts.labels(endpoint, "conflict").inc()
+            raise conflict("idempotency_conflict",
+                           "this identity was already used with a different body; use a new id")
+        self.metrics.receipts.labels(endpoint, "replayed").inc()
+        return {**msgspec.json.decode(stored_result), "replayed": True}
+
+    async def _confirm_new(self, receipt, key, body: bytes, fingerprint: str) -> dict:
+        program, now = self.program(), self.clock.now()
+        member = None if receipt.card is None else await self.find_member(receipt.card)
+        async with self.member_lock(member.id if member else None):
+            prepared = await self._prepare(receipt, program, now, member)
+            ev = self._evaluate(program, receipt, prepared)
+            today = self.local_day(program, now)
+            local_date = str(ev.local_date)
+            if prepared is None:
+                balance = {}
+            else:
+                member, _, before, own_hold, _ = prepared
+                balance = self._balance_after(before, own_hold, ev, today, confirmed=True)
+                other_holds = before.held - own_hold
+            result = self._result(program, receipt, member, ev, balance, today)
+            result["replayed"] = False
+            result_bytes = JSON.encode(result)
+            detail = JSON.encode(receipt_detail(receipt, ev))
+            limited = [r for r in ev.fired if r in program.limited_rule_ids]
+            rule_dates = {r: program.rule_dates(r, ev.local_date) for r, _ in ev.by_rule}
+
+            def write(conn):
+                if member is not None:
+                    at = PostingRef(effective_at=iso(receipt.ts), created_at=iso(now),
+                                    rules_version=program.version, receipt=key)
+                    ledger.close_hold(conn, key, "consumed", iso(now))
+                    if ev.redeemed_points:
+                        ledger.spend(conn, member.id, ev.redeemed_points, today, "redemption", at, other_holds)
+                    post_accrual(conn, member.id, ev.by_rule, rule_dates, at)
+                    if limited:
+                        ledger.record_rule_fires(conn, member.id, limited, local_date, key)
+                ledger.insert_receipt(conn, key, body_sha256=fingerprint, member_id=member.id if member else None,
+                                      ts=iso(receipt.ts), local_date=local_date, total=receipt.total,
+                                      rules_version=program.version, body=body, result=result_bytes,
+                                      detail=detail, now=iso(now))
+            try:
+                await self.db.write(write)
+            except InsufficientPoints as e:
+                raise unprocessable("insufficient_points", str(e)) from None
+        for rule, points in ev.by_rule:
+            if points:
+                self.metrics.points_accrued.labels(rule).inc(points)
+        if ev.redeemed_points:
+            self.metrics.points_redeemed.inc(ev.redeemed_points)
+        return result
+
+    async def cancel(self, key: ledger.ReceiptKey, principal: Principal) -> dict:
+        from server.auth import require_store
+        require_store(principal, key[0])
+        async with self.single_flight(("receipt", key)):
+            stored = await self.db.read(lambda c: ledger.get_receipt(c, key))
+            member_id = stored.member_id if stored else None
+            if stored is None:
+                hold_member = await self.db.read(lambda c: c.execute(
+                    "SELECT member_id FROM holds WHERE store_id = ? AND register_id = ? AND receipt_id = ?",
+                    key).fetchone())
+                member_id = hold_member[0] if hold_member else None
+            async with self.member_lock(member_id):
+                return await self.db.write(lambda conn: self._cancel_in_tx(conn, key))
+
+    def _cancel_in_tx(self, conn, key) -> dict:
+        program, now = self.program(), self.clock.now()
+        stored = ledger.get_receipt(conn, key)
+        out = {"receipt": receipt_ref(key)}
+        if stored is None:
+            released = ledger.close_hold(conn, key, "released", iso(now))
+            self.metrics.receipts.labels("cancel", "hold_released" if released else "nothing").inc()
+            return {**out, "status": "hold_released" if released else "nothing_to_cancel",
+                    "released_points": released}
+        if stored.status == "cancelled":
+            return {**out, "status": "cancelled", "already": True}
+        at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
+                        receipt=key, ref="cancel")
+        reversed_, refunded = plan_cancel(ledger.receipt_postings(conn, key))
+        for lot_id, rule_id, points in reversed_:
+            ledger.post(conn, stored.member_id, lot_id, "reversal", -points, at, rule_id)
+        for lot_id, points in refunded:
+            ledger.post(conn, stored.member_id, lot_id, "refund", points, at)
+        ledger.mark_cancelled(conn, key)
+        self.metrics.receipts.labels("cancel", "reversed").inc()
+        self.metrics.points_reversed.inc(sum(p for _, _, p in reversed_))
+        result = {**out, "status": "cancelled", "already": False,
+                  "reversed": {"points": sum(p for _, _, p in reversed_)},
+                  "refunded": {"points": sum(p for _, p in refunded)}}
+        if stored.member_id is not None:
+            member = conn.execute(f"SELECT {ledger._MEMBER_COLUMNS} FROM members m WHERE m.id = ?",
+                                  (stored.member_id,)).fetchone()
+            result["balance"] = self.member_view(conn, program, ledger.MemberRow(*member))["balance"]
+        return result
+
+    # ------------------------------------------------------------ returns
+
+    async def return_items(self, req: schema.ReturnRequest, principal: Principal) -> tuple[int, dict]:
+        from server.auth import require_store
+        require_store(principal, req.store_id)
+        ret_key = (req.store_id, req.register_id, req.return_id)
+        rec_key = (req.receipt.store_id, req.receipt.register_id, req.receipt.receipt_id)
+        fingerprint = sha256(schema.canonical(req))
+        seen = set()
+        for i, line in enumerate(req.lines):
+            if line.line_no in seen:
+                raise field_error(f"lines[{i}].line_no", f"repeats line_no {line.line_no}")
+            seen.add(line.line_no)
+            if not line.qty.is_finite() or line.qty <= 0:
+                raise field_error(f"lines[{i}].qty", "must be > 0")
+        stored = await self.db.read(lambda c: ledger.get_receipt(c, rec_key))
+        if stored is None:
+            raise unprocessable("receipt_not_found", "no confirmed receipt with that identity",
+                                [{"path": "receipt", "message": "not found"}])
+        async with self.member_lock(stored.member_id):
+            status, result = await self.db.write(
+                lambda conn: self._return_in_tx(conn, req, ret_key, rec_key, fingerprint))
+        self.metrics.receipts.labels("return", "ok" if status == 201 else "replayed").inc()
+        return status, result
+
+    def _return_in_tx(self, conn, req, ret_key, rec_key, fingerprint) -> tuple[int, dict]:
+        program, now = self.program(), self.clock.now()
+        previous = ledger.get_return(conn, ret_key)
+        if previous is not None:
+            return 200, self._replay(previous[0], fingerprint, previous[1], "return")
+        stored = ledger.get_receipt(conn, rec_key)
+        if stored.status == "cancelled":
+            raise unprocessable("receipt_cancelled", "the receipt was cancelled; nothing is left to return")
+        plan = plan_return(msgspec.json.decode(stored.detail), ledger.returned_lines(conn, rec_key),
+                           ledger.receipt_postings(conn, rec_key), req.lines)
+        at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
+                        receipt=rec_key, ref="/".join(ret_key))
+        if stored.member_id is not None:
+            for lot_id, rule_id, points in plan.reversals:
+                ledger.post(conn, stored.member_id, lot_id, "reversal", -points, at, rule_id)
+            for lot_id, points in plan.refunds:
+                ledger.post(conn, stored.member_id, lot_id, "refund", points, at)
+        for line_no, line in plan.lines.items():
+            ledger.insert_return_line(conn, rec_key, line_no, ret_key, line, iso(now))
+        result = {"return": {"store_id": ret_key[0], "register_id": ret_key[1], "return_id": ret_key[2]},
+                  "receipt": receipt_ref(rec_key), "member_id": ledger.member_public_id(stored.member_id)
+                  if stored.member_id is not None else None,
+                  "reversed": {"points": plan.reversed_points, "by_rule": plan.by_rule_json(),
+                               "by_line": [{"line_no": n, "points": ln.points_reversed}
+                                           for n, ln in plan.lines.items()]},
+                  "refunded": {"points": plan.refunded_points, "discount": plan.discount_refunded,
+                               "by_line": [{"line_no": n, "points": ln.points_refunded,
+                                            "discount": ln.discount_refunded} for n, ln in plan.lines.items()]},
+                  "amount": sum(ln.amount for ln in plan.lines.values()),
+                  "replayed": False}
+        if stored.member_id is not None:
+            member = self._member_by_id(conn, stored.member_id)
+            result["balance"] = self.member_view(conn, program, member)["balance"]
+        ledger.insert_return(conn, ret_key, rec_key, body_sha256=fingerprint, member_id=stored.member_id,
+                             result=JSON.encode(result), now=iso(now))
+        self.metrics.points_reversed.inc(plan.reversed_points)
+        return 201, result
+
+    def _member_by_id(self, conn, member_id: int) -> ledger.MemberRow:
+        row = conn.execute(f"SELECT {ledger._MEMBER_COLUMNS} FROM members m WHERE m.id = ?", (member_id,)).fetchone()
+        return ledger.MemberRow(*row)
+
+    # ------------------------------------------------------------ members
+
+    async def enroll(self, req: schema.Enrollment, principal: Principal) -> dict:
+        from server.auth import require_store
+        if principal.role == "register":
+            if req.store_id is None:
+                raise field_error("store_id", "is required when a register enrolls a member")
+            require_store(principal, req.store_id)
+        program, now = self.program(), self.clock.now()
+        referrer = await self.find_member(req.referred_by, "referred_by") if req.referred_by else None
+
+        def write(conn):
+            try:
+                member_id = ledger.insert_member(
+                    conn, card=req.card, phone=req.phone, birthday=req.birthday.isoformat() if req.birthday else None,
+                    tags=JSON.encode(sorted(set(req.tags))).decode(), referred_by=referrer.id if referrer else None,
+                    store_id=req.store_id, now=iso(now))
+            except sqlite3.IntegrityError:
+                raise conflict("card_already_enrolled", f"card {req.card} is already enrolled") from None
+            self._fire_events(conn, program, member_id, "enrolled", "enrolled", now)
+            if req.phone and req.birthday:
+                self._fire_events(conn, program, member_id, "profile_completed", "profile", now)
+            return self.member_view(conn, program, self._member_by_id(conn, member_id))
+        return await self.db.write(write)
+
+    def _fire_events(self, conn, program: Program, member_id: int, on: str, occasion: str, now: datetime) -> None:
+        today = now.astimezone(program.timezone).date()
+        for event in program.events_on(on):
+            if event.points <= 0 or not ledger.fire_event_once(conn, member_id, event.id, occasion, iso(now)):
+                continue
+            days = event.expires_in_days if event.expires_in_days is not None else program.expiry_days
+            expires = today + timedelta(days=days) if days else None
+            at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
+                            ref=f"event:{event.id}:{occasion}")
+            ledger.credit(conn, member_id, event.points, today, expires, "event", at, rule_id=event.id)
+
+    async def patch_member(self, card: str, patch: schema.MemberPatch) -> dict:
+        member = await self.find_member(card)
+        program, now = self.program(), self.clock.now()
+        changes = {}
+        if patch.phone is not None:
+            changes["phone"] = patch.phone
+        if patch.birthday is not None:
+            changes["birthday"] = patch.birthday.isoformat()
+        if patch.tags is not None:
+            changes["tags"] = JSON.encode(sorted(set(patch.tags))).decode()
+
+        def write(conn):
+            ledger.update_member(conn, member.id, changes, iso(now))
+            fresh = self._member_by_id(conn, member.id)
+            if fresh.phone and fresh.birthday:
+                self._fire_events(conn, program, member.id, "profile_completed", "profile", now)
+            return self.member_view(conn, program, fresh)
+        async with self.member_lock(member.id):
+            return await self.db.write(write)
+
+    async def get_member(self, card: str, at: datetime | None) -> dict:
+        program = self.program()
+        member = await self.db.read(lambda c: ledger.member_by_card(c, card))
+        if member is None:
+            raise not_found("unknown_card", f"card {card} is not enrolled")
+        view = await self.db.read(lambda c: self.member_view(c, program, member, at))
+        view["card"] = card
+        return view
+
+    async def statement(self, card: str, since: datetime | None, until: datetime | None, limit: int) -> dict:
+        member = await self.db.read(lambda c: ledger.member_by_card(c, card))
+        if member is None:
+            raise not_found("unknown_card", f"card {card} is not enrolled")
+        rows = await self.db.read(lambda c: ledger.statement(
+            c, member.id, iso(since) if since else None, iso(until) if until else None, limit))
+        return {"card": card, "member_id": member.public_id, "postings": rows}
+
+    async def set_tier(self, card: str, req: schema.TierAssignment) -> dict:
+        program = self.program()
+        if req.tier not in {t for t, _ in program.tiers}:
+            raise field_error("tier", f"is not a tier of program {program.id}")
+        member = await self.find_member(card)
+        now = self.clock.now()
+
+        def write(conn):
+            ledger.update_member(conn, member.id, {"manual_tier": req.tier,
+                                                   "manual_tier_until": req.until.isoformat()}, iso(now))
+            return self.member_view(conn, program, self._member_by_id(conn, member.id))
+        async with self.member_lock(member.id):
+            return await self.db.write(write)
+
+    async def adjust(self, req: schema.Adjustment, principal: Principal) -> tuple[int, dict]:
+        if req.points == 0:
+            raise field_error("points", "must not be 0")
+        member = await self.find_member(req.card)
+        fingerprint = sha256(schema.canonical(req))
+        async with self.member_lock(member.id):
+            try:
+                return await self.db.write(lambda conn: self._adjust_in_tx(conn, req, member, principal,
+                                                                             fingerprint))
+            except InsufficientPoints as e:
+                raise unprocessable("insufficient_points", str(e)) from None
+
+    def _adjust_in_tx(self, conn, req, member, principal, fingerprint) -> tuple[int, dict]:
+        program, now = self.program(), self.clock.now()
+        previous = ledger.get_adjustment(conn, req.adjustment_id)
+        if previous is not None:
+            return 200, self._replay(previous[0], fingerprint, previous[1], "adjustment")
+        at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
+                        ref=f"adjustment:{req.adjustment_id}", key_id=principal.key_id, note=req.reason)
+        today = now.astimezone(program.timezone).date()
+        if req.points > 0:
+            expires = today + timedelta(days=program.expiry_days) if program.expiry_days else None
+            ledger.credit(conn, member.id, req.points, today, expires, "adjustment", at)
+        else:
+            held = sum(h.points for h in ledger.open_holds(conn, member.id, iso(now)))
+            ledger.spend(conn, member.id, -req.points, today.isoformat(), "adjustment", at, held)
+        result = {"adjustment_id": req.adjustment_id, "member_id": member.public_id, "points": req.points,
+                  "reason": req.reason, "key_id": principal.key_id, "replayed": False,
+                  "balance": self.member_view(conn, program, member)["balance"]}
+        ledger.insert_adjustment(conn, req.adjustment_id, body_sha256=fingerprint, member_id=member.id,
+                                 points=req.points, reason=req.reason, key_id=principal.key_id,
+                                 result=JSON.encode(result), now=iso(now))
+        return 201, result
+
+
+def receipt_detail(receipt: schema.Receipt, ev) -> dict:
+    """What a later return needs per line: sold qty and amount, points earned per rule, points spent."""
+    lines = {str(line.line_no): {"qty": str(line.qty), "amount": line.amount, "points": 0, "pairs": {},
+                                 "redeemed": 0, "discount": 0} for line in receipt.lines}
+    for rule_id, line_no, points in ev.pairs:
+        if points:
+            entry = lines[str(line_no)]
+            entry["points"] += points
+            entry["pairs"][rule_id] = entry["pairs"].get(rule_id, 0) + points
+    for line_no, points, discount in ev.redeemed_by_line:
+        lines[str(line_no)].update(redeemed=points, discount=discount)
+    return {"lines": lines}
+
+
+def post_accrual(conn, member_id: int, by_rule, rule_dates: dict, at: PostingRef) -> None:
+    """One lot per distinct (activation, expiry) pair, one posting per rule on it."""
+    lots: dict[tuple, int] = {}
+    for rule_id, points in by_rule:
+        if points <= 0:
+            continue
+        dates = rule_dates[rule_id]
+        if dates not in lots:
+            lots[dates] = ledger.new_lot(conn, member_id, dates[0], dates[1], at.created_at)
+        ledger.post(conn, member_id, lots[dates], "accrual", points, at, rule_id)

@@ -1,0 +1,393 @@
+"""Queries and writes on the ledger. Every function takes a sqlite3 connection: the
+read functions run on a reader thread, the write functions inside the writer thread's
+transaction (storage.db.Database.write), so a group of them commits or fails together.
+
+Times are stored as UTC ISO strings of one fixed width so that text order is time order;
+lot dates are the program's local calendar dates (YYYY-MM-DD).
+"""
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+
+STATEMENT_ROWS_MAX = 1_000
+
+
+class InsufficientPoints(Exception):
+    """Raised inside a write when the member's lots cannot cover a debit."""
+
+
+def iso(dt: datetime) -> str:
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def from_iso(s: str) -> datetime:
+    return datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+
+
+ReceiptKey = tuple[str, str, str]
+
+
+# ---------------------------------------------------------------- members
+
+@dataclass
+class MemberRow:
+    id: int
+    phone: str | None
+    birthday: str | None
+    tags: str
+    referred_by: int | None
+    enrolled_at: str
+    manual_tier: str | None
+    manual_tier_until: str | None
+
+    @property
+    def public_id(self) -> str:
+        return member_public_id(self.id)
+
+
+def member_public_id(member_id: int) -> str:
+    return f"m_{member_id}"
+
+
+_MEMBER_COLUMNS = "m.id, m.phone, m.birthday, m.tags, m.referred_by, m.enrolled_at, m.manual_tier, m.manual_tier_until"
+
+
+def member_by_card(conn: sqlite3.Connection, card: str) -> MemberRow | None:
+    row = conn.execute(f"SELECT {_MEMBER_COLUMNS} FROM cards c JOIN members m ON m.id = c.member_id "
+                       "WHERE c.card = ?", (card,)).fetchone()
+    return MemberRow(*row) if row else None
+
+
+def member_cards(conn: sqlite3.Connection, member_id: int) -> list[str]:
+    return [r[0] for r in conn.execute("SELECT card FROM cards WHERE member_id = ? ORDER BY created_at, card",
+                                       (member_id,))]
+
+
+def insert_member(conn: sqlite3.Connection, *, card: str, phone: str | None, birthday: str | None,
+                  tags: str, referred_by: int | None, store_id: str | None, now: str) -> int:
+    cur = conn.execute("INSERT INTO members (phone, birthday, tags, referred_by, enrolled_at, enrolled_store, "
+                       "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (phone, birthday, tags, referred_by, now, store_id, now))
+    member_id = cur.lastrowid
+    conn.execute("INSERT INTO cards (card, member_id, created_at) VALUES (?, ?, ?)", (card, member_id, now))
+    return member_id
+
+
+def update_member(conn: sqlite3.Connection, member_id: int, changes: dict, now: str) -> None:
+    allowed = {"phone", "birthday", "tags", "manual_tier", "manual_tier_until"}
+    assert set(changes) <= allowed, changes
+    if not changes:
+        return
+    sets = ", ".join(f"{k} = ?" for k in changes)
+    conn.execute(f"UPDATE members SET {sets}, updated_at = ? WHERE id = ?", (*changes.values(), now, member_id))
+
+
+def fire_event_once(conn: sqlite3.Connection, member_id: int, event_id: str, occasion: str, now: str) -> bool:
+    """True when this occasion had not fired yet for the member (and records it)."""
+    cur = conn.execute("INSERT OR IGNORE INTO event_fires (member_id, event_id, occasion, created_at) "
+                       "VALUES (?, ?, ?, ?)", (member_id, event_id, occasion, now))
+    return cur.rowcount == 1
+
+
+# ---------------------------------------------------------------- lots and balances
+
+@dataclass
+class Lot:
+    id: int
+    available_from: str
+    expires_on: str | None
+    remaining: int
+
+    def state_on(self, day: str) -> str:
+        if self.expires_on is not None and self.expires_on <= day:
+            return "expired"
+        return "available" if self.available_from <= day else "pending"
+
+
+def lots_of(conn: sqlite3.Connection, member_id: int, as_of: str | None = None) -> list[Lot]:
+    """The member's lots with points left, as of a moment (postings after it ignored)."""
+    sql = ("SELECT l.id, l.available_from, l.expires_on, SUM(p.points) AS remaining "
+           "FROM lots l JOIN postings p ON p.lot_id = l.id WHERE l.member_id = ? ")
+    args: tuple = (member_id,)
+    if as_of is not None:
+        sql += "AND p.effective_at <= ? "
+        args += (as_of,)
+    sql += "GROUP BY l.id HAVING remaining != 0 ORDER BY l.id"
+    return [Lot(*r) for r in conn.execute(sql, args)]
+
+
+@dataclass
+class Hold:
+    key: ReceiptKey
+    points: int
+    expires_at: str
+
+
+def open_holds(conn: sqlite3.Connection, member_id: int, moment: str, live_only: bool = True) -> list[Hold]:
+    """Holds that reserve points at `moment`."""
+    rows = conn.execute(
+        "SELECT store_id, register_id, receipt_id, points, expires_at FROM holds WHERE member_id = ? "
+        "AND created_at <= ? AND expires_at > ? AND (closed_at IS NULL OR closed_at > ?)"
+        + (" AND status = 'open'" if live_only else ""),
+        (member_id, moment, moment, moment))
+    return [Hold((r[0], r[1], r[2]), r[3], r[4]) for r in rows]
+
+
+@dataclass
+class Balance:
+    available: int = 0          # spendable now, holds excluded
+    pending: int = 0
+    held: int = 0
+    expiring: list[tuple[str, int]] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        return {"available": self.available, "pending": self.pending, "held": self.held}
+
+
+def balance_of(lots: list[Lot], holds: list[Hold], day: str) -> Balance:
+    b = Balance()
+    by_date: dict[str, int] = {}
+    for lot in lots:
+        state = lot.state_on(day)
+        if state == "available":
+            b.available += lot.remaining
+        elif state == "pending":
+            b.pending += lot.remaining
+        if state != "expired" and lot.expires_on and lot.remaining > 0:
+            by_date[lot.expires_on] = by_date.get(lot.expires_on, 0) + lot.remaining
+    b.held = sum(h.points for h in holds)
+    b.available -= b.held
+    b.expiring = sorted(by_date.items())
+    return b
+
+
+def new_lot(conn: sqlite3.Connection, member_id: int, available_from: date | str,
+            expires_on: date | str | None, now: str) -> int:
+    cur = conn.execute("INSERT INTO lots (member_id, available_from, expires_on, created_at) VALUES (?, ?, ?, ?)",
+                       (member_id, str(available_from), None if expires_on is None else str(expires_on), now))
+    return cur.lastrowid
+
+
+@dataclass
+class PostingRef:
+    """Who and what a posting belongs to; shared by all postings of one request."""
+    effective_at: str
+    created_at: str
+    rules_version: str | None = None
+    receipt: ReceiptKey | None = None
+    ref: str | None = None
+    key_id: str | None = None
+    note: str | None = None
+
+
+def post(conn: sqlite3.Connection, member_id: int, lot_id: int, kind: str, points: int,
+         at: PostingRef, rule_id: str | None = None) -> None:
+    store, register, receipt = at.receipt or (None, None, None)
+    conn.execute("INSERT INTO postings (member_id, lot_id, kind, points, effective_at, created_at, rule_id, "
+                 "rules_version, store_id, register_id, receipt_id, ref, key_id, note) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (member_id, lot_id, kind, points, at.effective_at, at.created_at, rule_id, at.rules_version,
+                  store, register, receipt, at.ref, at.key_id, at.note))
+
+
+def spend(conn: sqlite3.Connection, member_id: int, points: int, day: str, kind: str,
+          at: PostingRef, reserved_by_others: int = 0) -> list[tuple[int, int]]:
+    """Debit available lots, soonest expiry first; returns (lot_id, points) drawn.
+
+    Re-reads the lots inside the write transaction, so a balance that changed since the
+    caller looked can never be overspent."""
+    lots = [lot for lot in lots_of(conn, member_id) if lot.state_on(day) == "available"]
+    spendable = sum(lot.remaining for lot in lots) - reserved_by_others
+    if points > spendable:
+        raise InsufficientPoints(f"{points} points requested, {max(spendable, 0)} available")
+    lots.sort(key=lambda lot: (lot.expires_on is None, lot.expires_on or "", lot.available_from, lot.id))
+    drawn = []
+    left = points
+    for lot in lots:
+        if left == 0:
+            break
+        take = min(lot.remaining, left)
+        if take <= 0:
+            continue
+        post(conn, member_id, lot.id, kind, -take, at)
+        drawn.append((lot.id, take))
+        left -= take
+    return drawn
+
+
+def credit(conn: sqlite3.Connection, member_id: int, points: int, available_from: date | str,
+           expires_on: date | str | None, kind: str, at: PostingRef, rule_id: str | None = None) -> int:
+    lot_id = new_lot(conn, member_id, available_from, expires_on, at.created_at)
+    post(conn, member_id, lot_id, kind, points, at, rule_id)
+    return lot_id
+
+
+# ---------------------------------------------------------------- holds
+
+def put_hold(conn: sqlite3.Connection, key: ReceiptKey, member_id: int, points: int, now: str,
+             expires_at: str) -> None:
+    conn.execute("INSERT INTO holds (store_id, register_id, receipt_id, member_id, points, created_at, expires_at, "
+                 "status) VALUES (?, ?, ?, ?, ?, ?, ?, 'open') ON CONFLICT (store_id, register_id, receipt_id) "
+                 "DO UPDATE SET member_id = excluded.member_id, points = excluded.points, "
+                 "created_at = excluded.created_at, expires_at = excluded.expires_at, status = 'open', "
+                 "closed_at = NULL", (*key, member_id, points, now, expires_at))
+
+
+def close_hold(conn: sqlite3.Connection, key: ReceiptKey, status: str, now: str) -> int:
+    """Closes an open hold; returns the points it held (0 when there was none)."""
+    row = conn.execute("SELECT points FROM holds WHERE store_id = ? AND register_id = ? AND receipt_id = ? "
+                       "AND status = 'open' AND expires_at > ?", (*key, now)).fetchone()
+    conn.execute("UPDATE holds SET status = ?, closed_at = ? WHERE store_id = ? AND register_id = ? "
+                 "AND receipt_id = ? AND status = 'open'", (status, now, *key))
+    return row[0] if row else 0
+
+
+# ---------------------------------------------------------------- receipts
+
+@dataclass
+class StoredReceipt:
+    key: ReceiptKey
+    body_sha256: str
+    member_id: int | None
+    status: str
+    result: bytes
+    detail: bytes
+    local_date: str
+
+
+def get_receipt(conn: sqlite3.Connection, key: ReceiptKey) -> StoredReceipt | None:
+    row = conn.execute("SELECT body_sha256, member_id, status, result, detail, local_date FROM receipts "
+                       "WHERE store_id = ? AND register_id = ? AND receipt_id = ?", key).fetchone()
+    return StoredReceipt(key, *row) if row else None
+
+
+def insert_receipt(conn: sqlite3.Connection, key: ReceiptKey, *, body_sha256: str, member_id: int | None,
+                   ts: str, local_date: str, total: int, rules_version: str, body: bytes, result: bytes,
+                   detail: bytes, now: str) -> None:
+    conn.execute("INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, local_date, "
+                 "total, rules_version, status, body, result, detail, created_at) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'confirmed', ?, ?, ?, ?)",
+                 (*key, body_sha256, member_id, ts, local_date, total, rules_version, body, result, detail, now))
+
+
+def mark_cancelled(conn: sqlite3.Connection, key: ReceiptKey) -> None:
+    conn.execute("UPDATE receipts SET status = 'cancelled' WHERE store_id = ? AND register_id = ? "
+                 "AND receipt_id = ?", key)
+    conn.execute("DELETE FROM rule_fires WHERE store_id = ? AND register_id = ? AND receipt_id = ?", key)
+
+
+def record_rule_fires(conn: sqlite3.Connection, member_id: int, rule_ids: list[str], local_date: str,
+                      key: ReceiptKey) -> None:
+    conn.executemany("INSERT INTO rule_fires (member_id, rule_id, local_date, store_id, register_id, receipt_id) "
+                     "VALUES (?, ?, ?, ?, ?, ?)", [(member_id, r, local_date, *key) for r in rule_ids])
+
+
+def rule_usage(conn: sqlite3.Connection, member_id: int, windows: dict[str, tuple[date, date]]) -> dict[str, int]:
+    usage = {}
+    for rule_id, (first, last) in windows.items():
+        usage[rule_id] = conn.execute("SELECT COUNT(*) FROM rule_fires WHERE member_id = ? AND rule_id = ? "
+                                      "AND local_date BETWEEN ? AND ?",
+                                      (member_id, rule_id, str(first), str(last))).fetchone()[0]
+    return usage
+
+
+def receipt_counts(conn: sqlite3.Connection, member_id: int, since: str, until: str | None = None) -> tuple[int, int, int]:
+    """(confirmed receipts ever, confirmed receipts since, net spend since), as of `until`."""
+    until = until or "9999"
+    ever = conn.execute("SELECT COUNT(*) FROM receipts WHERE member_id = ? AND status = 'confirmed' AND ts <= ?",
+                        (member_id, until)).fetchone()[0]
+    count, spend_ = conn.execute("SELECT COUNT(*), COALESCE(SUM(total), 0) FROM receipts WHERE member_id = ? "
+                                 "AND status = 'confirmed' AND ts > ? AND ts <= ?",
+                                 (member_id, since, until)).fetchone()
+    returned = conn.execute("SELECT COALESCE(SUM(rl.amount), 0) FROM return_lines rl JOIN receipts r "
+                            "ON r.store_id = rl.receipt_store AND r.register_id = rl.receipt_register "
+                            "AND r.receipt_id = rl.receipt_id WHERE r.member_id = ? AND r.status = 'confirmed' "
+                            "AND r.ts > ? AND r.ts <= ?", (member_id, since, until)).fetchone()[0]
+    return ever, count, spend_ - returned
+
+
+def receipt_postings(conn: sqlite3.Connection, key: ReceiptKey) -> list[tuple[str, int, str | None, int]]:
+    """(kind, lot_id, rule_id, points) summed per kind, lot and rule, in first-posting order."""
+    return conn.execute("SELECT kind, lot_id, rule_id, SUM(points), MIN(id) AS first FROM postings "
+                        "WHERE store_id = ? AND register_id = ? AND receipt_id = ? "
+                        "GROUP BY kind, lot_id, rule_id ORDER BY first", key).fetchall()
+
+
+# ---------------------------------------------------------------- returns
+
+@dataclass
+class ReturnedLine:
+    qty: str
+    amount: int
+    points_reversed: int
+    points_refunded: int
+    discount_refunded: int
+    by_rule: bytes
+
+
+def returned_lines(conn: sqlite3.Connection, key: ReceiptKey) -> dict[int, list[ReturnedLine]]:
+    out: dict[int, list[ReturnedLine]] = {}
+    for row in conn.execute("SELECT line_no, qty, amount, points_reversed, points_refunded, discount_refunded, "
+                            "by_rule FROM return_lines WHERE receipt_store = ? AND receipt_register = ? "
+                            "AND receipt_id = ? ORDER BY rowid", key):
+        out.setdefault(row[0], []).append(ReturnedLine(*row[1:]))
+    return out
+
+
+def get_return(conn: sqlite3.Connection, key: ReceiptKey) -> tuple[str, bytes] | None:
+    return conn.execute("SELECT body_sha256, result FROM returns WHERE store_id = ? AND register_id = ? "
+                        "AND return_id = ?", key).fetchone()
+
+
+def insert_return(conn: sqlite3.Connection, key: ReceiptKey, receipt: ReceiptKey, *, body_sha256: str,
+                  member_id: int | None, result: bytes, now: str) -> None:
+    conn.execute("INSERT INTO returns (store_id, register_id, return_id, body_sha256, receipt_store, "
+                 "receipt_register, receipt_id, member_id, result, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (*key, body_sha256, *receipt, member_id, result, now))
+
+
+def insert_return_line(conn: sqlite3.Connection, receipt: ReceiptKey, line_no: int, ret: ReceiptKey,
+                       line: ReturnedLine, now: str) -> None:
+    conn.execute("INSERT INTO return_lines (receipt_store, receipt_register, receipt_id, line_no, return_store, "
+                 "return_register, return_id, qty, amount, points_reversed, points_refunded, discount_refunded, "
+                 "by_rule, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (*receipt, line_no, *ret, line.qty, line.amount, line.points_reversed, line.points_refunded,
+                  line.discount_refunded, line.by_rule, now))
+
+
+# ---------------------------------------------------------------- adjustments
+
+def get_adjustment(conn: sqlite3.Connection, adjustment_id: str) -> tuple[str, bytes] | None:
+    return conn.execute("SELECT body_sha256, result FROM adjustments WHERE adjustment_id = ?",
+                        (adjustment_id,)).fetchone()
+
+
+def insert_adjustment(conn: sqlite3.Connection, adjustment_id: str, *, body_sha256: str, member_id: int,
+                      points: int, reason: str, key_id: str, result: bytes, now: str) -> None:
+    conn.execute("INSERT INTO adjustments (adjustment_id, body_sha256, member_id, points, reason, key_id, result, "
+                 "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                 (adjustment_id, body_sha256, member_id, points, reason, key_id, result, now))
+
+
+# ---------------------------------------------------------------- statement
+
+def statement(conn: sqlite3.Connection, member_id: int, since: str | None, until: str | None,
+              limit: int) -> list[dict]:
+    """Postings newest first, each with the running balance after it."""
+    limit = max(1, min(limit, STATEMENT_ROWS_MAX))
+    rows = conn.execute(
+        "SELECT * FROM (SELECT id, kind, points, effective_at, created_at, rule_id, rules_version, store_id, "
+        "register_id, receipt_id, ref, key_id, note, lot_id, SUM(points) OVER (ORDER BY id) AS running "
+        "FROM postings WHERE member_id = ?) WHERE effective_at >= ? AND effective_at < ? "
+        "ORDER BY id DESC LIMIT ?", (member_id, since or "", until or "9999", limit))
+    out = []
+    for r in rows:
+        item = {"id": r[0], "kind": r[1], "points": r[2], "at": r[3], "recorded_at": r[4], "rule": r[5],
+                "rules_version": r[6], "receipt": None, "ref": r[10], "key_id": r[11], "note": r[12],
+                "lot": r[13], "running_balance": r[14]}
+        if r[9] is not None:
+            item["receipt"] = {"store_id": r[7], "register_id": r[8], "receipt_id": r[9]}
+        out.append(item)
+    return out

@@ -1,0 +1,161 @@
+"""The database schema as an ordered list of migrations (applied once each, in order).
+
+Postings are the ledger: append-only, enforced by triggers; a correction is a new
+posting. A lot is a parcel of points with one activation date and one expiry date; its
+remaining points are the sum of the postings that name it. Receipts, holds and the
+counters for rule limits are working state beside the ledger.
+"""
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("loyalty")
+
+
+def _run(db, script: str) -> None:
+    for statement in script.split(";\n"):
+        if statement.strip():
+            db.execute(statement)
+
+
+@migrations()
+def m001_core(db):
+    _run(db, """
+CREATE TABLE members (
+    id INTEGER PRIMARY KEY,
+    phone TEXT,
+    birthday TEXT,
+    tags TEXT NOT NULL DEFAULT '[]',
+    referred_by INTEGER REFERENCES members(id),
+    enrolled_at TEXT NOT NULL,
+    enrolled_store TEXT,
+    manual_tier TEXT,
+    manual_tier_until TEXT,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE cards (
+    card TEXT PRIMARY KEY,
+    member_id INTEGER NOT NULL REFERENCES members(id),
+    created_at TEXT NOT NULL
+);
+CREATE INDEX cards_member ON cards(member_id);
+CREATE TABLE receipts (
+    store_id TEXT NOT NULL,
+    register_id TEXT NOT NULL,
+    receipt_id TEXT NOT NULL,
+    body_sha256 TEXT NOT NULL,
+    member_id INTEGER REFERENCES members(id),
+    ts TEXT NOT NULL,
+    local_date TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    rules_version TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('confirmed', 'cancelled')),
+    body BLOB NOT NULL,
+    result BLOB NOT NULL,
+    detail BLOB NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (store_id, register_id, receipt_id)
+) WITHOUT ROWID;
+CREATE INDEX receipts_member ON receipts(member_id, ts);
+CREATE TABLE lots (
+    id INTEGER PRIMARY KEY,
+    member_id INTEGER NOT NULL REFERENCES members(id),
+    available_from TEXT NOT NULL,
+    expires_on TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX lots_member ON lots(member_id);
+CREATE TABLE postings (
+    id INTEGER PRIMARY KEY,
+    member_id INTEGER NOT NULL REFERENCES members(id),
+    lot_id INTEGER NOT NULL REFERENCES lots(id),
+    kind TEXT NOT NULL CHECK (kind IN ('accrual', 'redemption', 'reversal', 'refund',
+                                       'adjustment', 'event', 'expiry')),
+    points INTEGER NOT NULL,
+    effective_at TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    rule_id TEXT,
+    rules_version TEXT,
+    store_id TEXT,
+    register_id TEXT,
+    receipt_id TEXT,
+    ref TEXT,
+    key_id TEXT,
+    note TEXT
+);
+CREATE INDEX postings_member ON postings(member_id, id);
+CREATE INDEX postings_lot ON postings(lot_id);
+CREATE INDEX postings_receipt ON postings(store_id, register_id, receipt_id) WHERE receipt_id IS NOT NULL;
+CREATE TRIGGER postings_append_only_update BEFORE UPDATE ON postings
+BEGIN SELECT RAISE(ABORT, 'postings are append-only: post a correction instead'); END;
+CREATE TRIGGER postings_append_only_delete BEFORE DELETE ON postings
+BEGIN SELECT RAISE(ABORT, 'postings are append-only: post a correction instead'); END;
+CREATE TABLE holds (
+    store_id TEXT NOT NULL,
+    register_id TEXT NOT NULL,
+    receipt_id TEXT NOT NULL,
+    member_id INTEGER NOT NULL REFERENCES members(id),
+    points INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('open', 'consumed', 'released')),
+    closed_at TEXT,
+    PRIMARY KEY (store_id, register_id, receipt_id)
+) WITHOUT ROWID;
+CREATE INDEX holds_member_open ON holds(member_id) WHERE status = 'open';
+CREATE TABLE returns (
+    store_id TEXT NOT NULL,
+    register_id TEXT NOT NULL,
+    return_id TEXT NOT NULL,
+    body_sha256 TEXT NOT NULL,
+    receipt_store TEXT NOT NULL,
+    receipt_register TEXT NOT NULL,
+    receipt_id TEXT NOT NULL,
+    member_id INTEGER,
+    result BLOB NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (store_id, register_id, return_id)
+) WITHOUT ROWID;
+CREATE TABLE return_lines (
+    receipt_store TEXT NOT NULL,
+    receipt_register TEXT NOT NULL,
+    receipt_id TEXT NOT NULL,
+    line_no INTEGER NOT NULL,
+    return_store TEXT NOT NULL,
+    return_register TEXT NOT NULL,
+    return_id TEXT NOT NULL,
+    qty TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    points_reversed INTEGER NOT NULL,
+    points_refunded INTEGER NOT NULL,
+    discount_refunded INTEGER NOT NULL,
+    by_rule BLOB NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX return_lines_receipt ON return_lines(receipt_store, receipt_register, receipt_id, line_no);
+CREATE TABLE adjustments (
+    adjustment_id TEXT PRIMARY KEY,
+    body_sha256 TEXT NOT NULL,
+    member_id INTEGER NOT NULL REFERENCES members(id),
+    points INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    result BLOB NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE rule_fires (
+    member_id INTEGER NOT NULL,
+    rule_id TEXT NOT NULL,
+    local_date TEXT NOT NULL,
+    store_id TEXT NOT NULL,
+    register_id TEXT NOT NULL,
+    receipt_id TEXT NOT NULL
+);
+CREATE INDEX rule_fires_member ON rule_fires(member_id, rule_id, local_date);
+CREATE INDEX rule_fires_receipt ON rule_fires(store_id, register_id, receipt_id);
+CREATE TABLE event_fires (
+    member_id INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    occasion TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (member_id, event_id, occasion)
+) WITHOUT ROWID
+""")
