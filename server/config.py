@@ -28,8 +28,6 @@ class ServerConfig(Struct, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Port = 8080
     max_body_bytes: Annotated[int, Meta(gt=0, le=64 * 1024 * 1024)] = 1024 * 1024
-    # Registers for one member are serialized; this bounds how many wait at once.
-    requests_in_flight_max: Positive = 10_000
     shutdown_timeout_seconds: Annotated[float, Meta(ge=0, le=300)] = 10.0
 
 

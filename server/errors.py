@@ -48,7 +48,7 @@ def error_response(status: int, code: str, message: str, details: list[dict] | N
 
 
 _AT = re.compile(r"^(.*?)(?: - at `\$(.*)`)?$", re.S)
-_BOUND = re.compile(r"^Expected `[^`]+` (>=|>|<=|<) (\S+), got .*$")
+_BOUND = re.compile(r"^Expected `[^`]+` (>=|>|<=|<) ([^\s,]+)(?:, got .*)?$")
 _LEN = re.compile(r"^Expected `[^`]+` of length (>=|<=) (\d+)$")
 
 

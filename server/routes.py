@@ -43,21 +43,39 @@ def json_response(data, status: int = 200) -> web.Response:
 
 # ------------------------------------------------------------------ registers
 
+def counted(endpoint: str):
+    """Refused receipt requests are counted by their error code (successes are counted by the service)."""
+    def wrap(handler: Handler) -> Handler:
+        async def run(request, principal, body):
+            try:
+                return await handler(request, principal, body)
+            except ApiError as e:
+                request.app[METRICS].receipts.labels(endpoint, e.code).inc()
+                raise
+        run.__name__ = handler.__name__
+        return run
+    return wrap
+
+
+@counted("calculate")
 async def calculate(request, principal: Principal, body: schema.Receipt):
     return json_response(await request.app[SERVICE].calculate(body, principal))
 
 
+@counted("confirm")
 async def confirm(request, principal: Principal, body: schema.Receipt):
     status, result = await request.app[SERVICE].confirm(body, principal)
     return json_response(result, status)
 
 
+@counted("cancel")
 async def cancel(request, principal: Principal, body=None):
     m = request.match_info
     key = (m["store_id"], m["register_id"], m["receipt_id"])
     return json_response(await request.app[SERVICE].cancel(key, principal))
 
 
+@counted("return")
 async def return_items(request, principal: Principal, body: schema.ReturnRequest):
     status, result = await request.app[SERVICE].return_items(body, principal)
     return json_response(result, status)

@@ -13,13 +13,13 @@ import hashlib
 import sqlite3
 import time
 from contextlib import asynccontextmanager
-from datetime import date, datetime, time as dtime, timedelta
+from datetime import date, datetime, timedelta
 
 import msgspec
 
 from rules import MemberFacts, Program
 from server import schema
-from server.auth import Principal
+from server.auth import Principal, require_store
 from server.clock import Clock
 from server.errors import ApiError, conflict, field_error, not_found, unprocessable
 from server.metrics import Metrics
@@ -104,24 +104,25 @@ class Service:
     # ------------------------------------------------------------ member facts
 
     def tier_of(self, conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
-                moment: datetime) -> dict:
+                moment: datetime, as_of: str | None = None) -> tuple[dict, int]:
+        """The member's tier view at `moment`, and how many receipts they confirmed before it."""
         today = self.local_day(program, moment)
         since = iso(moment - timedelta(days=program.tier_window_days))
-        _, count, spend = ledger.receipt_counts(conn, member.id, since, iso(moment))
+        ever, count, spend = ledger.receipt_counts(conn, member.id, since, as_of)
         metric = spend if program.tier_metric == "spend" else count
         tier, nxt, to_next = program.tier_for(metric)
         view = {"id": tier, "next": nxt, "to_next": to_next, "metric": program.tier_metric, "value": metric,
                 "manual": False}
         if member.manual_tier and member.manual_tier_until and member.manual_tier_until >= today:
             view.update(id=member.manual_tier, manual=True, until=member.manual_tier_until)
-        return view
+        return view, ever
 
     def member_facts(self, conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
                      moment: datetime) -> MemberFacts:
-        ever, _, _ = ledger.receipt_counts(conn, member.id, iso(moment), iso(moment))
+        tier, ever = self.tier_of(conn, program, member, moment)
         return MemberFacts(
             member_id=member.public_id,
-            tier=self.tier_of(conn, program, member, moment)["id"],
+            tier=tier["id"],
             tags=frozenset(msgspec.json.decode(member.tags)),
             birthday=date.fromisoformat(member.birthday) if member.birthday else None,
             enrolled_on=ledger.from_iso(member.enrolled_at).astimezone(program.timezone).date(),
@@ -138,7 +139,7 @@ class Service:
         cards = ledger.member_cards(conn, member.id)
         return {
             "card": cards[0] if cards else None, "cards": cards, "member_id": member.public_id,
-            "tier": self.tier_of(conn, program, member, moment),
+            "tier": self.tier_of(conn, program, member, moment, as_of)[0],
             "balance": balance.as_json(),
             "expiring": [{"date": d, "points": p} for d, p in balance.expiring],
             "profile": {"phone": member.phone, "birthday": member.birthday,
@@ -150,7 +151,6 @@ class Service:
     # ------------------------------------------------------------ receipts
 
     def _check_receipt(self, receipt: schema.Receipt, principal: Principal) -> None:
-        from server.auth import require_store
         require_store(principal, receipt.store_id)
         if receipt.ts.tzinfo is None:
             raise field_error("ts", "needs a UTC offset, e.g. 2026-11-24T12:00:00+02:00")
@@ -281,18 +281,28 @@ class Service:
         async with self.single_flight(("receipt", key)):
             stored = await self.db.read(lambda c: ledger.get_receipt(c, key))
             if stored is not None:
-                return 200, self._replay(stored.body_sha256, fingerprint, stored.result, "confirm")
+                try:
+                    result = self._replay(stored.body_sha256, fingerprint, stored.result)
+                except ApiError:
+                    self.metrics.receipts.labels("confirm", "conflict").inc()
+                    raise
+                self._count("confirm", 200, result)
+                return 200, result
             result = await self._confirm_new(receipt, key, body, fingerprint)
-        self.metrics.receipts.labels("confirm", "ok").inc()
+        self._count("confirm", 201)
         return 201, result
 
-    def _replay(self, stored_sha: str, fingerprint: str, stored_result: bytes, endpoint: str) -> dict:
+    @staticmethod
+    def _replay(stored_sha: str, fingerprint: str, stored_result: bytes) -> dict:
+        # Runs inside write transactions too: no side effects beyond the answer.
         if stored_sha != fingerprint:
-            self.metrics.receipts.labels(endpoint, "conflict").inc()
             raise conflict("idempotency_conflict",
                            "this identity was already used with a different body; use a new id")
-        self.metrics.receipts.labels(endpoint, "replayed").inc()
         return {**msgspec.json.decode(stored_result), "replayed": True}
+
+    def _count(self, endpoint: str, status: int, result: dict | None = None) -> None:
+        outcome = "replayed" if status == 200 and result and result.get("replayed") else "ok"
+        self.metrics.receipts.labels(endpoint, outcome).inc()
 
     async def _confirm_new(self, receipt, key, body: bytes, fingerprint: str) -> dict:
         program, now = self.program(), self.clock.now()
@@ -341,7 +351,6 @@ class Service:
         return result
 
     async def cancel(self, key: ledger.ReceiptKey, principal: Principal) -> dict:
-        from server.auth import require_store
         require_store(principal, key[0])
         async with self.single_flight(("receipt", key)):
             stored = await self.db.read(lambda c: ledger.get_receipt(c, key))
@@ -352,7 +361,11 @@ class Service:
                     key).fetchone())
                 member_id = hold_member[0] if hold_member else None
             async with self.member_lock(member_id):
-                return await self.db.write(lambda conn: self._cancel_in_tx(conn, key))
+                result = await self.db.write(lambda conn: self._cancel_in_tx(conn, key))
+        self.metrics.receipts.labels("cancel", result["status"]).inc()
+        if not result.get("already"):
+            self.metrics.points_reversed.inc(result.get("reversed", {}).get("points", 0))
+        return result
 
     def _cancel_in_tx(self, conn, key) -> dict:
         program, now = self.program(), self.clock.now()
@@ -360,7 +373,6 @@ class Service:
         out = {"receipt": receipt_ref(key)}
         if stored is None:
             released = ledger.close_hold(conn, key, "released", iso(now))
-            self.metrics.receipts.labels("cancel", "hold_released" if released else "nothing").inc()
             return {**out, "status": "hold_released" if released else "nothing_to_cancel",
                     "released_points": released}
         if stored.status == "cancelled":
@@ -373,8 +385,6 @@ class Service:
         for lot_id, points in refunded:
             ledger.post(conn, stored.member_id, lot_id, "refund", points, at)
         ledger.mark_cancelled(conn, key)
-        self.metrics.receipts.labels("cancel", "reversed").inc()
-        self.metrics.points_reversed.inc(sum(p for _, _, p in reversed_))
         result = {**out, "status": "cancelled", "already": False,
                   "reversed": {"points": sum(p for _, _, p in reversed_)},
                   "refunded": {"points": sum(p for _, p in refunded)}}
@@ -387,7 +397,6 @@ class Service:
     # ------------------------------------------------------------ returns
 
     async def return_items(self, req: schema.ReturnRequest, principal: Principal) -> tuple[int, dict]:
-        from server.auth import require_store
         require_store(principal, req.store_id)
         ret_key = (req.store_id, req.register_id, req.return_id)
         rec_key = (req.receipt.store_id, req.receipt.register_id, req.receipt.receipt_id)
@@ -406,14 +415,16 @@ class Service:
         async with self.member_lock(stored.member_id):
             status, result = await self.db.write(
                 lambda conn: self._return_in_tx(conn, req, ret_key, rec_key, fingerprint))
-        self.metrics.receipts.labels("return", "ok" if status == 201 else "replayed").inc()
+        self._count("return", status, result)
+        if status == 201:
+            self.metrics.points_reversed.inc(result["reversed"]["points"])
         return status, result
 
     def _return_in_tx(self, conn, req, ret_key, rec_key, fingerprint) -> tuple[int, dict]:
         program, now = self.program(), self.clock.now()
         previous = ledger.get_return(conn, ret_key)
         if previous is not None:
-            return 200, self._replay(previous[0], fingerprint, previous[1], "return")
+            return 200, self._replay(previous[0], fingerprint, previous[1])
         stored = ledger.get_receipt(conn, rec_key)
         if stored.status == "cancelled":
             raise unprocessable("receipt_cancelled", "the receipt was cancelled; nothing is left to return")
@@ -444,7 +455,6 @@ class Service:
             result["balance"] = self.member_view(conn, program, member)["balance"]
         ledger.insert_return(conn, ret_key, rec_key, body_sha256=fingerprint, member_id=stored.member_id,
                              result=JSON.encode(result), now=iso(now))
-        self.metrics.points_reversed.inc(plan.reversed_points)
         return 201, result
 
     def _member_by_id(self, conn, member_id: int) -> ledger.MemberRow:
@@ -454,7 +464,6 @@ class Service:
     # ------------------------------------------------------------ members
 
     async def enroll(self, req: schema.Enrollment, principal: Principal) -> dict:
-        from server.auth import require_store
         if principal.role == "register":
             if req.store_id is None:
                 raise field_error("store_id", "is required when a register enrolls a member")
@@ -554,7 +563,7 @@ class Service:
         program, now = self.program(), self.clock.now()
         previous = ledger.get_adjustment(conn, req.adjustment_id)
         if previous is not None:
-            return 200, self._replay(previous[0], fingerprint, previous[1], "adjustment")
+            return 200, self._replay(previous[0], fingerprint, previous[1])
         at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
                         ref=f"adjustment:{req.adjustment_id}", key_id=principal.key_id, note=req.reason)
         today = now.astimezone(program.timezone).date()

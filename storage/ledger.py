@@ -293,8 +293,10 @@ def rule_usage(conn: sqlite3.Connection, member_id: int, windows: dict[str, tupl
     return usage
 
 
-def receipt_counts(conn: sqlite3.Connection, member_id: int, since: str, until: str | None = None) -> tuple[int, int, int]:
-    """(confirmed receipts ever, confirmed receipts since, net spend since), as of `until`."""
+def receipt_counts(conn: sqlite3.Connection, member_id: int, since: str,
+                   until: str | None = None) -> tuple[int, int, int]:
+    """(confirmed receipts ever, confirmed receipts since, net spend since), as of `until`
+    (None: everything recorded, including receipts stamped a little in the future)."""
     until = until or "9999"
     ever = conn.execute("SELECT COUNT(*) FROM receipts WHERE member_id = ? AND status = 'confirmed' AND ts <= ?",
                         (member_id, until)).fetchone()[0]

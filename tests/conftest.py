@@ -1,0 +1,110 @@
+"""Test fixtures: the app built from its factory with a test config and a temporary database."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from server.app import create_app
+from server.config import config_from_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKET = ROOT / "rules" / "programs" / "market"
+
+KEYS = {
+    "register": "test-register-s001",
+    "register2": "test-register-s002",
+    "fuel": "test-register-f001",
+    "manager": "test-manager",
+    "monitor": "test-monitor",
+}
+
+
+def _h(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def test_config(tmp_path: Path, now: str | None = None, program_dir: Path = MARKET, **overrides):
+    raw = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "database": {"path": str(tmp_path / "loyalty.db")},
+        "rules": {"dir": str(program_dir), "watch": False},
+        "auth": {"keys": [
+            {"id": "register-S001", "sha256": _h(KEYS["register"]), "role": "register", "stores": ["S001"]},
+            {"id": "register-S002", "sha256": _h(KEYS["register2"]), "role": "register", "stores": ["S002"]},
+            {"id": "register-F001", "sha256": _h(KEYS["fuel"]), "role": "register", "stores": ["F001"]},
+            {"id": "manager", "sha256": _h(KEYS["manager"]), "role": "manager"},
+            {"id": "prometheus", "sha256": _h(KEYS["monitor"]), "role": "monitor"},
+        ]},
+    }
+    if now:
+        raw["clock"] = {"start": now}
+    for section, values in overrides.items():
+        raw.setdefault(section, {}).update(values)
+    return config_from_dict(raw)
+
+
+test_config.__test__ = False  # a helper, not a test
+
+
+class Api:
+    """Calls the app as a given role and returns (status, decoded JSON)."""
+
+    def __init__(self, client):
+        self.client = client
+
+    async def call(self, method: str, path: str, body=None, as_: str = "manager", raw: bytes | None = None,
+                   headers: dict | None = None):
+        h = {"Authorization": f"Bearer {KEYS[as_]}"} if as_ else {}
+        h.update(headers or {})
+        kwargs = {"json": body} if body is not None else {}
+        if raw is not None:
+            kwargs = {"data": raw}
+            h.setdefault("Content-Type", "application/json")
+        resp = await self.client.request(method, path, headers=h, **kwargs)
+        text = await resp.text()
+        try:
+            import json
+            data = json.loads(text) if text else None
+        except ValueError:
+            data = text
+        return resp.status, data
+
+    async def post(self, path, body=None, as_="manager", **kw):
+        return await self.call("POST", path, body, as_, **kw)
+
+    async def get(self, path, as_="manager", **kw):
+        return await self.call("GET", path, None, as_, **kw)
+
+    async def put(self, path, body, as_="manager"):
+        return await self.call("PUT", path, body, as_)
+
+    async def patch(self, path, body, as_="manager"):
+        return await self.call("PATCH", path, body, as_)
+
+
+@pytest.fixture
+def make_api(aiohttp_client, tmp_path):
+    """make_api(now="2026-11-24T12:00:05+02:00", program_dir=...) -> Api on a fresh database."""
+    async def make(now: str | None = None, program_dir: Path = MARKET, **overrides) -> Api:
+        app = create_app(test_config(tmp_path, now, program_dir, **overrides))
+        return Api(await aiohttp_client(app))
+    return make
+
+
+def receipt(receipt_id: str, lines: list[dict], card: str | None = None, ts: str = "2026-11-24T12:00:00+02:00",
+            store: str = "S001", register: str = "K01", redeem: int = 0, **extra) -> dict:
+    body = {"receipt_id": receipt_id, "store_id": store, "register_id": register, "ts": ts, "lines": lines,
+            "total": sum(line["amount"] for line in lines)}
+    if card:
+        body["card"] = card
+    if redeem:
+        body["redeem_points"] = redeem
+    body.update(extra)
+    return body
+
+
+def line(no: int, category: str, amount: int, qty=1, sku: str | None = None, **extra) -> dict:
+    return {"line_no": no, "sku": sku or f"sku-{category}-{no}", "category": category, "qty": qty,
+            "price": amount, "amount": amount, **extra}

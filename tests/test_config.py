@@ -1,0 +1,43 @@
+"""config.yaml is decoded strictly; the environment overrides any key."""
+from pathlib import Path
+
+import pytest
+
+from server.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_config_loads_and_resolves_paths():
+    cfg = load_config(ROOT / "config.yaml", environ={})
+    assert cfg.server.port == 8080
+    assert cfg.resolve(cfg.database.path) == ROOT / "data" / "loyalty.db"
+    assert cfg.resolve(cfg.rules.dir) == ROOT / "rules" / "programs" / "market"
+    assert {k.role for k in cfg.auth.keys} == {"register", "manager", "monitor"}
+
+
+def test_unknown_key_stops_startup_with_a_hint(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("server: {prot: 9000}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, environ={})
+    assert e.value.key == "server.prot"
+    assert "did you mean 'port'" in e.value.reason
+    assert str(path) in str(e.value)
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("server: {port: eighty}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, environ={})
+    assert e.value.key == "server.port"
+
+
+def test_environment_overrides(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("server: {port: 8080}\n")
+    cfg = load_config(path, environ={"LOYALTY_SERVER__PORT": "9000", "LOYALTY_RULES__WATCH": "false"})
+    assert cfg.server.port == 9000 and cfg.rules.watch is False
+    with pytest.raises(ConfigError):
+        load_config(path, environ={"LOYALTY_SERVER__PORTS": "1"})

@@ -1,0 +1,94 @@
+"""Retries, conflicting bodies, holds between two registers, and concurrent requests."""
+import asyncio
+
+from conftest import line, receipt
+
+CARD = "7000000000003"
+NOW = "2026-11-25T18:00:00+02:00"
+
+
+def tv(receipt_id, register, ts, amount=200000, redeem=600):
+    return receipt(receipt_id, [line(1, "electronics", amount, sku=f"tv-{receipt_id}")], card=CARD, ts=ts,
+                   register=register, redeem=redeem)
+
+
+async def member_with_1000(api):
+    await api.post("/v1/members", {"card": CARD})
+    status, _ = await api.post("/v1/admin/adjustments", {"card": CARD, "points": 900, "reason": "goodwill",
+                                                         "adjustment_id": "adj-3"})
+    assert status == 201
+
+
+async def test_holds_retries_conflicts_and_cancel(make_api):
+    api = await make_api(now=NOW)
+    await member_with_1000(api)
+    ra = tv("C-1", "K01", "2026-11-25T18:00:00+02:00")
+    status, r = await api.post("/v1/receipts/calculate", ra, as_="register")
+    assert status == 200, r
+    assert r["redeemed"]["points"] == 600 and r["hold"]["points"] == 600
+    assert r["balance"]["available"] == 400 and r["balance"]["held"] == 600
+
+    rb = tv("C-2", "K02", "2026-11-25T18:00:30+02:00")
+    status, r = await api.post("/v1/receipts/calculate", rb, as_="register")
+    assert status == 200
+    assert r["redeemed"]["points"] == 400 and r["hold"]["points"] == 400
+    assert r["balance"]["available"] == 0 and r["balance"]["held"] == 1000
+
+    status, r = await api.post("/v1/receipts", ra, as_="register")
+    assert status == 201
+    assert r["redeemed"]["points"] == 600 and r["accrued"]["points"] == 78
+    assert r["balance"] == {"available": 0, "held": 400, "pending": 78}
+
+    status, r = await api.post("/v1/receipts", ra, as_="register")
+    assert status == 200 and r["replayed"] is True and r["accrued"]["points"] == 78
+
+    changed = tv("C-1", "K01", "2026-11-25T18:00:00+02:00", amount=200001)
+    status, r = await api.post("/v1/receipts", changed, as_="register")
+    assert status == 409 and r["error"]["code"] == "idempotency_conflict"
+
+    status, r = await api.post("/v1/receipts/S001/K02/C-2/cancel", as_="register")
+    assert status == 200 and r["status"] == "hold_released"
+    status, m = await api.get(f"/v1/members/{CARD}")
+    assert m["balance"] == {"available": 400, "held": 0, "pending": 78}
+
+
+async def test_adjustment_replay_and_conflict(make_api):
+    api = await make_api(now=NOW)
+    await member_with_1000(api)
+    body = {"card": CARD, "points": 900, "reason": "goodwill", "adjustment_id": "adj-3"}
+    status, r = await api.post("/v1/admin/adjustments", body)
+    assert status == 200 and r["replayed"] is True
+    status, r = await api.post("/v1/admin/adjustments", {**body, "points": 901})
+    assert status == 409
+    status, r = await api.post("/v1/admin/adjustments", {**body, "points": -5000, "adjustment_id": "adj-x"})
+    assert status == 422 and r["error"]["code"] == "insufficient_points"
+    status, r = await api.post("/v1/admin/adjustments", {**body, "points": -100, "adjustment_id": "adj-y"})
+    assert status == 201 and r["balance"]["available"] == 900
+
+
+async def test_fifty_identical_confirms_write_once(make_api):
+    api = await make_api(now=NOW)
+    await member_with_1000(api)
+    body = tv("SAME-1", "K01", "2026-11-25T18:00:00+02:00", redeem=100)
+    answers = await asyncio.gather(*(api.post("/v1/receipts", body, as_="register") for _ in range(50)))
+    statuses = sorted(s for s, _ in answers)
+    assert statuses == [200] * 49 + [201]
+    results = [{k: v for k, v in r.items() if k != "replayed"} for _, r in answers]
+    assert all(r == results[0] for r in results)
+    _, st = await api.get(f"/v1/members/{CARD}/statement")
+    redemptions = [p for p in st["postings"] if p["kind"] == "redemption"]
+    assert sum(p["points"] for p in redemptions) == -100
+    _, m = await api.get(f"/v1/members/{CARD}")
+    assert m["balance"]["available"] == 900
+
+
+async def test_two_registers_never_overspend(make_api):
+    api = await make_api(now=NOW)
+    await member_with_1000(api)
+    bodies = [tv(f"RACE-{i}", f"K{i:02d}", "2026-11-25T18:00:00+02:00", redeem=600) for i in range(6)]
+    answers = await asyncio.gather(*(api.post("/v1/receipts", b, as_="register") for b in bodies))
+    spent = sum(r["redeemed"]["points"] for s, r in answers if s == 201)
+    assert all(s in (201, 422) for s, _ in answers)
+    assert spent <= 1000
+    _, m = await api.get(f"/v1/members/{CARD}")
+    assert m["balance"]["available"] == 1000 - spent >= 0

@@ -1,0 +1,70 @@
+"""Enrollment, profiles, tiers and statements."""
+from conftest import line, receipt
+
+NOW = "2026-11-24T12:00:05+02:00"
+
+
+async def test_enroll_twice_is_409_and_welcome_fires_once(make_api):
+    api = await make_api(now=NOW)
+    status, m = await api.post("/v1/members", {"card": "111", "tags": ["student"]})
+    assert status == 201 and m["balance"]["available"] == 100 and m["member_id"].startswith("m_")
+    status, err = await api.post("/v1/members", {"card": "111"})
+    assert status == 409 and err["error"]["code"] == "card_already_enrolled"
+    _, m2 = await api.get("/v1/members/111")
+    assert m2["balance"]["available"] == 100
+
+
+async def test_register_enrolls_only_at_its_store(make_api):
+    api = await make_api(now=NOW)
+    status, _ = await api.post("/v1/members", {"card": "222", "store_id": "S002"}, as_="register")
+    assert status == 403
+    status, _ = await api.post("/v1/members", {"card": "222", "store_id": "S001"}, as_="register")
+    assert status == 201
+    status, m = await api.get("/v1/members/222", as_="register")
+    assert status == 200 and m["card"] == "222"
+
+
+async def test_manual_tier_shown_and_expires(make_api):
+    api = await make_api(now=NOW)
+    await api.post("/v1/members", {"card": "333"})
+    _, m = await api.get("/v1/members/333")
+    assert m["tier"]["id"] == "base" and m["tier"]["next"] == "silver" and m["tier"]["to_next"] == 500000
+    status, m = await api.put("/v1/admin/members/333/tier", {"tier": "gold", "until": "2026-12-31"})
+    assert status == 200 and m["tier"]["id"] == "gold" and m["tier"]["manual"] is True
+    _, later = await api.get("/v1/members/333?at=2027-01-01")
+    assert later["tier"]["id"] == "base"
+    status, err = await api.put("/v1/admin/members/333/tier", {"tier": "platinum", "until": "2026-12-31"})
+    assert status == 422
+
+
+async def test_spend_moves_the_member_up_a_tier(make_api):
+    api = await make_api(now=NOW)
+    await api.post("/v1/members", {"card": "444"})
+    await api.post("/v1/receipts", receipt("T-1", [line(1, "electronics", 600000)], card="444"), as_="register")
+    _, m = await api.get("/v1/members/444")
+    assert m["tier"]["id"] == "silver" and m["tier"]["next"] == "gold" and m["tier"]["to_next"] == 1400000
+    _, r = await api.post("/v1/receipts", receipt("T-2", [line(1, "electronics", 10000)], card="444",
+                                                  ts="2026-11-24T12:00:01+02:00"), as_="register")
+    assert r["accrued"]["by_rule"][0]["rule"] == "base-silver"
+
+
+async def test_patch_profile(make_api):
+    api = await make_api(now=NOW)
+    await api.post("/v1/members", {"card": "555"})
+    status, m = await api.patch("/v1/members/555", {"phone": "+380501234567", "birthday": "1990-05-01"})
+    assert status == 200 and m["profile"]["birthday"] == "1990-05-01"
+    status, err = await api.patch("/v1/members/nobody", {"phone": "+380501234567"})
+    assert status == 422 and err["error"]["code"] == "unknown_card"
+
+
+async def test_statement_window_and_running_balance(make_api):
+    api = await make_api(now=NOW)
+    await api.post("/v1/members", {"card": "666"})
+    await api.post("/v1/admin/adjustments", {"card": "666", "points": 50, "reason": "r", "adjustment_id": "a1"})
+    status, st = await api.get("/v1/members/666/statement?from=2026-11-24&to=2026-11-24")
+    assert status == 200
+    assert [p["kind"] for p in st["postings"]] == ["adjustment", "event"]
+    assert [p["running_balance"] for p in st["postings"]] == [150, 100]
+    assert st["postings"][0]["key_id"] == "manager"
+    _, empty = await api.get("/v1/members/666/statement?to=2026-11-23")
+    assert empty["postings"] == []
