@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -17,6 +18,7 @@ from server.metrics import Metrics
 from server.programs import ProgramHolder
 from server.routes import add_routes
 from server.service import Service
+from server.watcher import watch
 from storage.db import Database
 from storage.schema import migrations
 
@@ -49,11 +51,18 @@ async def resources(app: web.Application):
     app[DATABASE] = db
     app[SERVICE] = Service(db, app[PROGRAMS], app[CLOCK], app[METRICS])
     hup = _install_sighup(app)
+    watcher = None
+    if config.rules.watch:
+        watcher = asyncio.create_task(watch(app[PROGRAMS], config.rules.poll_interval_ms, config.rules.settle_ms))
     app[STATE]["started"] = True
     try:
         yield
     finally:
         app[STATE]["started"] = False
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         if hup:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         db.close()

@@ -41,6 +41,9 @@ class DatabaseConfig(Struct, forbid_unknown_fields=True):
 class RulesConfig(Struct, forbid_unknown_fields=True):
     dir: str = "rules/programs/market"
     watch: bool = True
+    poll_interval_ms: Annotated[int, Meta(ge=50, le=60_000)] = 1_000
+    # A change is loaded only after the folder stayed unchanged this long.
+    settle_ms: Annotated[int, Meta(ge=0, le=60_000)] = 500
 
 
 class KeyConfig(Struct, forbid_unknown_fields=True):

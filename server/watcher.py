@@ -1,0 +1,47 @@
+"""Reload the program when its files change.
+
+Polls the folder's file list, sizes and modification times; a change is acted on only
+once the folder has stayed the same for a settle period, so an editor still writing
+(or a copy of several files in progress) is not loaded half-way. A program that does not
+load is refused whole by ProgramHolder and the previous one keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+log = logging.getLogger("loyalty.rules")
+
+FILES_MAX = 1_000
+
+
+def signature(directory: Path) -> tuple:
+    entries = []
+    for path in sorted(directory.rglob("*.yaml"))[:FILES_MAX]:
+        try:
+            st = path.stat()
+        except OSError:          # removed between listing and stat: the next poll sees it
+            continue
+        entries.append((str(path.relative_to(directory)), st.st_mtime_ns, st.st_size))
+    return tuple(entries)
+
+
+async def watch(holder, poll_interval_ms: int, settle_ms: int) -> None:
+    seen = signature(holder.directory)
+    while True:
+        await asyncio.sleep(poll_interval_ms / 1000)
+        current = signature(holder.directory)
+        if current == seen:
+            continue
+        while True:      # wait for the writer to finish
+            await asyncio.sleep(settle_ms / 1000)
+            settled = signature(holder.directory)
+            if settled == current:
+                break
+            current = settled
+        seen = current
+        # Loading compiles the engine ruleset, which must stay on the loop's thread.
+        ok, program, problems = holder.reload("file change")
+        if ok:
+            log.info("rules reloaded after a file change: %s", program.version)
