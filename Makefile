@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 CONFIG ?= config.yaml
 
-.PHONY: serve test check clean
+.PHONY: serve test check crashtest clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q
+
+# SIGKILL the server under load many times; `make test` runs a short form of the same test.
+crashtest: $(STAMP)
+	CRASH_CYCLES=$${CRASH_CYCLES:-50} $(VENV)/bin/pytest -q tests/test_crash_safety.py
 
 check: $(STAMP)
 	$(VENV)/bin/loyalty rules check rules/programs/market
