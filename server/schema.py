@@ -97,7 +97,16 @@ class RulesCheck(Struct, forbid_unknown_fields=True):
 
 DECODERS = {t: msgspec.json.Decoder(t) for t in
             (Receipt, ReturnRequest, Enrollment, MemberPatch, Adjustment, TierAssignment, RulesCheck)}
-ENCODER = msgspec.json.Encoder()
+def _encode_other(obj):
+    # Program summaries carry str subclasses (ids, names) and exact numbers.
+    if isinstance(obj, str):
+        return str(obj)
+    if isinstance(obj, (Decimal, date)):
+        return str(obj)
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+ENCODER = msgspec.json.Encoder(enc_hook=_encode_other)
 
 
 def decode(body: bytes, t: type):

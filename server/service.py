@@ -322,7 +322,8 @@ class Service:
             result["replayed"] = False
             result_bytes = JSON.encode(result)
             detail = JSON.encode(receipt_detail(receipt, ev))
-            limited = [r for r in ev.fired if r in program.limited_rule_ids]
+            windows = program.limit_windows(ev.local_date)
+            limited = [r for r in ev.fired if r in windows]
             rule_dates = {r: program.rule_dates(r, ev.local_date) for r, _ in ev.by_rule}
 
             def write(conn):

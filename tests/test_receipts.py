@@ -109,8 +109,9 @@ async def test_big_basket_limited_to_once_a_day(make_api):
 async def test_fuel_partner_per_litre(make_api):
     api = await make_api(now=NOW)
     await api.post("/v1/members", {"card": CARD})
-    body = receipt("F-1", [line(1, "fuel", 200000, qty="40.5")], card=CARD, store="F001")
+    body = receipt("F-1", [line(1, "fuel", 90000, qty="40.5")], card=CARD, store="F001")
     status, res = await api.post("/v1/receipts", body, as_="fuel")
     assert status == 201, res
-    # base 2% of 2000.00 = 40, fuel 1 point per litre = 40.5 -> 80.5 floored to 80
-    assert res["accrued"]["points"] == 80
+    # base 2% of 900.00 = 18, fuel 1 point per litre = 40.5 -> 58.5 floored to 58
+    assert res["accrued"]["points"] == 58
+    assert res["accrued"]["by_rule"] == [{"rule": "base", "points": 18}, {"rule": "fuel", "points": 40}]
