@@ -1,0 +1,324 @@
+"""One receipt computed exactly (rules.md, "Computing one receipt").
+
+Per-rule, per-line points are kept as integer numerators over a per-rule
+denominator, brought to one common denominator only to round the receipt total
+once and attribute the integer back to (rule, line) pairs.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta
+from itertools import chain
+from math import lcm
+from typing import Any
+
+from .arith import largest_remainder, round_fraction
+from .conditions import NO_BIRTHDAY_DAYS, WEEKDAYS
+from .records import Evaluation, MemberFacts
+
+# rule index -> (denominator, line positions, numerators over the denominator)
+Exact = dict[int, tuple[int, list[int], list[int]]]
+
+
+def evaluate(program: Any, receipt: Any, member: MemberFacts | None, redeem_requested: int,
+             redeem_available: int, usage: dict[str, int], budget_left: dict[str, int] | None) -> Evaluation:  # fmt: skip
+    local = receipt.ts.astimezone(program.timezone)
+    day = local.date()
+    expires_on = day + timedelta(days=program.expiry_days) if program.expiry_days else None
+    result = Evaluation(day, day + timedelta(days=program.activation_delay_days), expires_on)
+    lines = receipt.lines
+    classes, line_nos, paid = _read_lines(program, lines)
+    earning = [position for position, found in enumerate(classes) if found[0]]
+    if member is None:  # anonymous receipts are kept for statistics only
+        result.by_line = [(line_nos[position], 0) for position in earning]
+        return result
+    for position, amount in _redeem(program, classes, line_nos, paid, redeem_requested, redeem_available, result):
+        paid[position] -= amount
+    held = program.matcher.match(_fact(program, receipt, member, local, day)) if program.matcher.fields else ()
+    chosen = _applicable(program, classes, earning, held, usage, budget_left)
+    exact = _exact_points(chosen, lines, paid)
+    _attribute(program, exact, line_nos, earning, budget_left, result)
+    return result
+
+
+def _read_lines(program: Any, lines: list) -> tuple[list[tuple[bool, bool, tuple[int, ...]]], list[int], list[int]]:
+    """Each line's class (see Program.line_class), its line_no and its amount (never negative)."""
+    known = program.line_classes.get
+    classes, line_nos, amounts = [], [], []
+    for line in lines:
+        flags = line.flags
+        key = (line.category, line.sku, line.brand, tuple(flags)) if flags else (line.category, line.sku, line.brand)
+        found = known(key)
+        classes.append(found if found is not None else program.line_class(key))
+        line_nos.append(line.line_no)
+        amount = line.amount
+        amounts.append(amount if amount > 0 else 0)
+    return classes, line_nos, amounts
+
+
+def _redeem(program: Any, classes: list, line_nos: list[int], amounts: list[int], requested: int,
+            available: int, result: Evaluation) -> list[tuple[int, int]]:  # fmt: skip
+    """Apply points as a discount; (line position, discount) for each discounted line."""
+    requested, available = max(int(requested), 0), max(int(available), 0)
+    if not requested:
+        return []
+    payable = [position for position, found in enumerate(classes) if found[1]]
+    weights = [amounts[position] for position in payable]
+    share_num, share_den = program.max_share_ratio
+    cap = share_num * sum(weights) // (share_den * program.point_value)
+    applied = min(requested, available, cap)
+    needed = max(program.redemption_min_points, 1)
+    if applied < needed:
+        # The request or the receipt is too small, or else the balance is what is short.
+        result.redeem_refusal = "below_min_redemption" if min(requested, cap) < needed else "insufficient_points"
+        return []
+    discount = applied * program.point_value
+    points = largest_remainder(applied, weights)
+    money = largest_remainder(discount, weights)
+    result.redeemed_points, result.discount = applied, discount
+    result.redeemed_by_line = [
+        (line_nos[position], share, amount)
+        for position, share, amount in zip(payable, points, money)
+        if share or amount
+    ]
+    return [(position, amount) for position, amount in zip(payable, money) if amount]
+
+
+def _fact(program: Any, receipt: Any, member: MemberFacts, local: datetime, day: date) -> dict[str, Any]:
+    store = program.stores.get(receipt.store_id)
+    fact = {
+        "store": receipt.store_id,
+        "partner": (store.partner or "") if store else "",
+        "register": receipt.register_id,
+        "channel": receipt.channel,
+        "total": receipt.total,
+        "items": len(receipt.lines),
+        "tier": member.tier,
+        "receipt_number": member.receipt_number,
+        "weekday": WEEKDAYS[local.weekday()],
+        "minute": local.hour * 60 + local.minute,
+        "date": day.year * 10000 + day.month * 100 + day.day,
+    }
+    needed = program.matcher.fields
+    if "birthday_days" in needed:
+        fact["birthday_days"] = birthday_distance(day, member.birthday)
+    if "enrolled_days" in needed:
+        enrolled = member.enrolled_on
+        fact["enrolled_days"] = max((day - enrolled).days, 0) if enrolled else NO_BIRTHDAY_DAYS
+    for tag, field in program.member_tag_fields.items():
+        fact[field] = tag in member.tags
+    if program.store_tag_fields:
+        store_tags = store.tags if store else ()
+        for tag, field in program.store_tag_fields.items():
+            fact[field] = tag in store_tags
+    return fact
+
+
+def birthday_distance(day: date, birthday: date | None) -> int:
+    """Days from day to the nearest birthday, before or after it."""
+    if birthday is None:
+        return NO_BIRTHDAY_DAYS
+    return min(abs((day - _birthday_in(year, birthday)).days) for year in (day.year - 1, day.year, day.year + 1))
+
+
+def _birthday_in(year: int, birthday: date) -> date:
+    try:
+        return birthday.replace(year=year)
+    except ValueError:  # 29 February in a common year: celebrated on the 28th
+        return date(year, 2, 28)
+
+
+def _applicable(program: Any, classes: list, earning: list[int], held: Any, usage: dict[str, int],
+                budget_left: dict[str, int] | None) -> list[tuple[Any, list[int]]]:  # fmt: skip
+    """Rules that apply, with the line positions in their scope; one per group."""
+    scopes = _scopes(classes, earning)
+    candidates = []
+    for rule in program.rules:
+        scope = scopes.get(rule.index)
+        if scope is None:
+            continue
+        if rule.condition is not None and rule.condition not in held:
+            continue
+        if rule.limit_count is not None and usage.get(rule.id, 0) >= rule.limit_count:
+            continue
+        if budget_left is not None and rule.budget and budget_left.get(rule.id, rule.budget) <= 0:
+            continue
+        candidates.append((rule, scope))
+    best: dict[str, Any] = {}
+    for rule, _ in candidates:
+        if rule.group is not None:
+            current = best.get(rule.group)
+            if current is None or rule.priority > current.priority:  # ties: defined first
+                best[rule.group] = rule
+    return [(rule, scope) for rule, scope in candidates if rule.group is None or best[rule.group] is rule]
+
+
+def _scopes(classes: list, earning: list[int]) -> dict[int, list[int]]:
+    """rule index -> positions of the lines its scope selects, in receipt order."""
+    alike: dict[tuple, list[int]] = {}  # lines of one class share the same rules
+    for position in earning:
+        found = alike.get(classes[position][2])
+        if found is None:
+            alike[classes[position][2]] = [position]
+        else:
+            found.append(position)
+    scopes: dict[int, list[int]] = {}
+    for selected, positions in alike.items():
+        for index in selected:
+            found = scopes.get(index)
+            if found is None:
+                scopes[index] = list(positions)
+            else:
+                found.extend(positions)
+    if len(alike) > 1:
+        for positions in scopes.values():
+            positions.sort()
+    return scopes
+
+
+def _exact_points(chosen: list[tuple[Any, list[int]]], lines: list, paid: list[int]) -> Exact:
+    exact: Exact = {}
+    winners = {rule.group: rule.index for rule, _ in chosen if rule.group is not None}
+    # Multiply rules read what their group's winner gave, so they come last.
+    for rule, scope in sorted(chosen, key=lambda pair: pair[0].kind == "multiply"):
+        if rule.kind == "multiply":
+            points = _multiplied(rule, scope, exact.get(winners.get(rule.multiply, -1)))
+        else:
+            points = _REWARDS[rule.kind](rule, scope, lines, paid)
+        if points is None:
+            continue
+        denominator, positions, values = points
+        if 0 in values:
+            kept = [(position, value) for position, value in zip(positions, values) if value]
+            positions, values = [p for p, _ in kept], [v for _, v in kept]
+        if values and sum(values) > 0:
+            exact[rule.index] = (denominator, positions, values)
+    return exact
+
+
+def _percent(rule: Any, scope: list[int], lines: list, paid: list[int]):
+    factor = rule.ratio_num
+    return rule.ratio_den, scope, [paid[position] * factor for position in scope]
+
+
+def _fixed(rule: Any, scope: list[int], lines: list, paid: list[int]):
+    amounts = [paid[position] for position in scope]
+    paid_in_scope = sum(amounts)
+    if not paid_in_scope:  # everything was paid with points: nothing to earn on
+        return None
+    return paid_in_scope, scope, [rule.points * amount for amount in amounts]
+
+
+def _per_amount(rule: Any, scope: list[int], lines: list, paid: list[int]):
+    amounts = [paid[position] for position in scope]
+    paid_in_scope = sum(amounts)
+    points = paid_in_scope // rule.every * rule.points
+    if not points:
+        return None
+    return paid_in_scope, scope, [points * amount for amount in amounts]
+
+
+def _per_unit(rule: Any, scope: list[int], lines: list, paid: list[int]):
+    ratios = [_ratio(lines[position].qty) for position in scope]
+    common = lcm(*(den for _, den in ratios))
+    values = [num * (common // den) * rule.ratio_num for num, den in ratios]
+    return common * rule.ratio_den, scope, values
+
+
+def _ratio(quantity: Any) -> tuple[int, int]:
+    if isinstance(quantity, int):
+        return quantity, 1
+    return quantity.as_integer_ratio()
+
+
+def _multiplied(rule: Any, scope: list[int], base: tuple[int, list[int], list[int]] | None):
+    if base is None:
+        return None
+    denominator, positions, values = base
+    given = dict(zip(positions, values))
+    extra = rule.ratio_num - rule.ratio_den  # (by - 1) as a ratio over ratio_den
+    return denominator * rule.ratio_den, scope, [extra * given.get(position, 0) for position in scope]
+
+
+_REWARDS = {"percent": _percent, "points": _fixed, "per_amount": _per_amount, "per_unit": _per_unit}
+
+
+def _attribute(program: Any, exact: Exact, line_nos: list[int], earning: list[int],
+               budget_left: dict[str, int] | None, result: Evaluation) -> None:  # fmt: skip
+    """Round the receipt total once and hand the integer back to (rule, line) pairs."""
+    fired = sorted(exact)
+    common = lcm(*[exact[index][0] for index in fired]) if fired else 1
+    scaled: list[list[int]] = []
+    for index in fired:
+        denominator, _, values = exact[index]
+        scale = common // denominator
+        scaled.append([value * scale for value in values] if scale != 1 else values)
+    total = round_fraction(sum(map(sum, scaled)), common, program.rounding)
+    shares = [[value // common for value in values] for values in scaled]
+    left = total - sum(map(sum, shares))
+    if left > 0:
+        _hand_out(left, fired, exact, scaled, shares, line_nos, common)
+    if budget_left is not None:
+        _cut_to_budgets(program.rules, fired, scaled, shares, budget_left)
+    _fill(program.rules, fired, exact, shares, line_nos, earning, result)
+
+
+def _hand_out(left: int, fired: list[int], exact: Exact, scaled: list[list[int]], shares: list[list[int]],
+              line_nos: list[int], common: int) -> None:  # fmt: skip
+    """One more point each to the `left` largest remainders (ties: earlier rule, lower line_no)."""
+    remainders = [[value % common for value in values] for values in scaled]
+    threshold = sorted(chain.from_iterable(remainders), reverse=True)[left - 1]
+    ties = []
+    for slot, rule_remainders in enumerate(remainders):
+        rule_shares = shares[slot]
+        for at in [at for at, remainder in enumerate(rule_remainders) if remainder >= threshold]:
+            if rule_remainders[at] > threshold:
+                rule_shares[at] += 1
+                left -= 1
+            else:
+                index = fired[slot]
+                ties.append((index, line_nos[exact[index][1][at]], slot, at))
+    ties.sort()
+    for _, _, slot, at in ties[:left]:
+        shares[slot][at] += 1
+
+
+def _cut_to_budgets(rules: list, fired: list[int], scaled: list[list[int]], shares: list[list[int]],
+                    budget_left: dict[str, int]) -> None:  # fmt: skip
+    # The receipt that would cross a budget gets what is left, spread like the rest.
+    for slot, index in enumerate(fired):
+        rule = rules[index]
+        left = budget_left.get(rule.id) if rule.budget else None
+        if left is not None and sum(shares[slot]) > left:
+            shares[slot] = largest_remainder(max(left, 0), scaled[slot])
+
+
+def _fill(rules: list, fired: list[int], exact: Exact, shares: list[list[int]], line_nos: list[int],
+          earning: list[int], result: Evaluation) -> None:  # fmt: skip
+    per_line = [0] * len(line_nos)
+    lots: dict[date | None, int] = {}
+    pairs: list[tuple[str, int, int]] = []
+    by_rule = []
+    for index, rule_shares in zip(fired, shares):
+        rule = rules[index]
+        positions = exact[index][1]
+        for position, share in zip(positions, rule_shares):
+            per_line[position] += share
+        rule_id = rule.id
+        pairs += [(rule_id, line_nos[at], share) for at, share in zip(positions, rule_shares) if share]
+        rule_total = sum(rule_shares)
+        by_rule.append((rule_id, rule_total))
+        expires = result.expires_on
+        if rule.expires_in_days is not None:
+            expires = result.local_date + timedelta(days=rule.expires_in_days)
+        if rule_total:
+            lots[expires] = lots.get(expires, 0) + rule_total
+    result.pairs = pairs
+    result.by_rule = by_rule
+    result.fired = [rule_id for rule_id, _ in by_rule]
+    result.by_line = [(line_nos[position], per_line[position]) for position in earning]
+    result.accrued_points = sum(points for _, points in by_rule)
+    result.lots = [
+        (result.available_from, expires, points)
+        for expires, points in sorted(lots.items(), key=lambda item: (item[0] is None, item[0] or date.min))
+    ]

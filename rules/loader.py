@@ -1,0 +1,518 @@
+"""Loading a program directory: read, validate everything, compile, or refuse whole.
+
+Every problem found is reported (file:line:column: message), not just the first,
+so one reload attempt shows the manager the whole list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .conditions import Node, WhenCompiler, group, period_node
+from .decode import decode_section
+from .engine import RuleEngineError
+from .model import LISTS, REQUIRED_SETTINGS, REWARD_KINDS, SETTINGS, LineFilter as LineFilterSpec, RuleSpec
+from .problems import Problem, ProgramError, suggest
+from .program import CompiledRule, LineFilter, Program, Scope
+from .records import EventRule, Partner, Store
+from .yamlmarks import Document, Path, YamlInt, parse
+
+MAX_FILES = 200
+MAX_FILE_BYTES = 1024 * 1024
+MAX_TOTAL_BYTES = 32 * 1024 * 1024
+MAX_RULES = 2000
+MAX_EVENTS = 500
+MAX_DECIMAL_PLACES = 6  # keeps exact denominators small
+MAX_PERCENT = Decimal(1000)
+MAX_PER_UNIT = Decimal(1_000_000)
+MAX_MULTIPLIER = Decimal(100)
+
+
+def load_program(directory: pathlib.Path) -> Program:
+    """Load every *.yaml under directory (sorted by relative path) as one program."""
+    files, problems = read_directory(pathlib.Path(directory))
+    if problems:
+        raise ProgramError(problems)
+    return load_files(files)
+
+
+def check_dir(directory: pathlib.Path) -> list[Problem]:
+    """All problems of the program in directory; empty when it would load."""
+    try:
+        load_program(directory).close()
+    except ProgramError as err:
+        return err.problems
+    return []
+
+
+def check_files(files: Mapping[str, bytes | str]) -> list[Problem]:
+    """Like check_dir for a program held in memory as {relative path: content}."""
+    try:
+        load_files(files).close()
+    except ProgramError as err:
+        return err.problems
+    return []
+
+
+def read_directory(directory: pathlib.Path) -> tuple[dict[str, bytes], list[Problem]]:
+    """{relative posix path: bytes} of the program's files, within the size limits."""
+    if not directory.is_dir():
+        return {}, [Problem(str(directory), 1, 1, "not a directory")]
+    paths = []
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = sorted(name for name in dirs if not name.startswith("."))  # .git, editors
+        paths.extend(pathlib.Path(root, name) for name in names if name.endswith(".yaml") and not name.startswith("."))
+        if len(paths) > MAX_FILES:
+            return {}, [Problem(str(directory), 1, 1, f"more than {MAX_FILES} .yaml files")]
+    files: dict[str, bytes] = {}
+    problems: list[Problem] = []
+    for path in paths:
+        relative = path.relative_to(directory).as_posix()
+        try:
+            if path.stat().st_size > MAX_FILE_BYTES:
+                problems.append(Problem(relative, 1, 1, f"file larger than {MAX_FILE_BYTES} bytes"))
+                continue
+            files[relative] = path.read_bytes()
+        except OSError as err:
+            problems.append(Problem(relative, 1, 1, f"cannot read: {err.strerror or err}"))
+    return files, problems
+
+
+def load_files(files: Mapping[str, bytes | str]) -> Program:
+    """Validate and compile a program given as {relative path: content}; ProgramError if it fails."""
+    contents = {name: (data.encode() if isinstance(data, str) else bytes(data)) for name, data in files.items()}
+    builder = _Builder(contents)
+    program = builder.build()
+    if builder.problems:
+        raise ProgramError(sorted(set(builder.problems)))
+    assert program is not None
+    return program
+
+
+class _Builder:
+    def __init__(self, contents: dict[str, bytes]):
+        self.contents = dict(sorted(contents.items()))
+        self.problems: list[Problem] = []
+        self.docs: list[Document] = []
+        self.settings: dict[str, tuple[Document, Path]] = {}
+        self.items: dict[str, list[tuple[Document, Path]]] = {name: [] for name in LISTS}
+        self.first_file = next(iter(self.contents), "(program)")
+        self.events: list[tuple[Document, Path, Any]] = []
+        self.unreadable = False
+
+    def fail(self, doc: Document, path: Path, message: str, key: bool = False) -> None:
+        self.problems.append(doc.problem(path, message, key))
+
+    def build(self) -> Program | None:
+        if not self._within_size_limits():
+            return None
+        for name, raw in self.contents.items():
+            doc, problems = parse(name, raw)
+            self.problems.extend(problems)
+            if doc.data is not None:
+                self._collect(doc)
+            else:
+                self.unreadable = True  # its sections are unknown: don't call them missing
+        specs = self._settings()
+        events = self.events = self._events()
+        rules, conditions, compiler = self._rules(specs)
+        if self.problems or any(specs.get(name) is None for name in REQUIRED_SETTINGS):
+            return None
+        return self._program(specs, rules, conditions, compiler, events)
+
+    def _within_size_limits(self) -> bool:
+        if len(self.contents) > MAX_FILES:
+            self.problems.append(Problem(self.first_file, 1, 1, f"more than {MAX_FILES} files"))
+        for name, raw in self.contents.items():
+            if len(raw) > MAX_FILE_BYTES:
+                self.problems.append(Problem(name, 1, 1, f"file larger than {MAX_FILE_BYTES} bytes"))
+        if sum(len(raw) for raw in self.contents.values()) > MAX_TOTAL_BYTES:
+            self.problems.append(Problem(self.first_file, 1, 1, f"program larger than {MAX_TOTAL_BYTES} bytes"))
+        return not self.problems
+
+    def _collect(self, doc: Document) -> None:
+        """Note where each setting and each rule/event is written; flag what does not belong."""
+        if not isinstance(doc.data, dict):
+            self.fail(doc, (), "a program file is a mapping of sections (program, points, rules, ...)")
+            return
+        known = tuple(SETTINGS) + tuple(LISTS)
+        for key, value in doc.data.items():
+            if key in SETTINGS:
+                if key in self.settings:
+                    first = self.settings[key][0]
+                    line, column = first.mark((key,), key=True)
+                    self.fail(doc, (key,), f"'{key}' is already set in {first.file}:{line}:{column}", key=True)
+                else:
+                    self.settings[key] = (doc, (key,))
+            elif key in LISTS:
+                if not isinstance(value, list):
+                    self.fail(doc, (key,), f"'{key}' should be a list")
+                    continue
+                self.items[key].extend((doc, (key, index)) for index in range(len(value)))
+            else:
+                self.fail(doc, (key,), f"unknown key '{key}'{suggest(key, known)}", key=True)
+        self.docs.append(doc)
+
+    # Settings ---------------------------------------------------------------
+
+    def _settings(self) -> dict[str, Any]:
+        """The sections that decoded (a failed or missing one is absent, its problems reported)."""
+        specs: dict[str, Any] = {}
+        for name, kind in SETTINGS.items():
+            if name in self.settings:
+                doc, path = self.settings[name]
+                specs[name] = decode_section(doc, path, kind, self.problems)
+            elif name in REQUIRED_SETTINGS and not self.unreadable:
+                self.problems.append(Problem(self.first_file, 1, 1, f"missing required section '{name}'"))
+        # Check what did decode even when another section failed: all problems at once.
+        if specs.get("program") is not None:
+            self._check_program(specs["program"])
+        self._check_redemption(specs.get("redemption"))
+        self._check_tiers(specs.get("tiers"))
+        self._check_partners_and_stores(specs.get("partners") or [], specs.get("stores") or [])
+        return specs
+
+    def _at(self, name: str) -> tuple[Document, Path]:
+        return self.settings[name]
+
+    def _check_program(self, info: Any) -> None:
+        doc, path = self._at("program")
+        if not (len(info.currency) == 3 and info.currency.isascii() and info.currency.isupper()):
+            self.fail(doc, path + ("currency",), f"currency '{info.currency}' should be a 3-letter code in capitals, e.g. UAH")
+        try:
+            ZoneInfo(info.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            self.fail(doc, path + ("timezone",), f"unknown timezone '{info.timezone}' (e.g. Europe/Kyiv)")
+
+    def _check_redemption(self, redemption: Any) -> None:
+        if redemption is None:
+            return
+        doc, path = self._at("redemption")
+        self._check_decimal(doc, path + ("max_share",), redemption.max_share, Decimal(0), Decimal(1), "max_share")
+
+    def _check_decimal(self, doc: Document, path: Path, value: Decimal, low: Decimal, high: Decimal, name: str,
+                       low_inclusive: bool = True) -> bool:  # fmt: skip
+        if not value.is_finite():
+            self.fail(doc, path, f"'{name}' must be a number")
+            return False
+        if value < low or (value == low and not low_inclusive) or value > high:
+            bound = ">=" if low_inclusive else ">"
+            self.fail(doc, path, f"'{name}' must be {bound} {low} and <= {high}, got {value}")
+            return False
+        if value.as_tuple().exponent < -MAX_DECIMAL_PLACES:  # type: ignore[operator]
+            self.fail(doc, path, f"'{name}' has more than {MAX_DECIMAL_PLACES} decimal places")
+            return False
+        return True
+
+    def _check_tiers(self, tiers: Any) -> None:
+        if tiers is None:
+            return
+        doc, path = self._at("tiers")
+        seen: set[str] = set()
+        previous = None
+        for index, level in enumerate(tiers.levels):
+            here = path + ("levels", index)
+            if level.id in seen:
+                self.fail(doc, here + ("id",), f"duplicate tier '{level.id}'")
+            seen.add(level.id)
+            if index == 0 and level.from_ != 0:
+                self.fail(doc, here + ("from",), "the first tier must start 'from: 0'")
+            if previous is not None and level.from_ <= previous:
+                self.fail(doc, here + ("from",), f"tiers must ascend: {level.from_} is not above {previous}")
+            previous = level.from_
+
+    def _check_partners_and_stores(self, partners: list, stores: list) -> None:
+        partner_ids: set[str] = set()
+        for index, partner in enumerate(partners):
+            doc, path = self._at("partners")
+            if partner.id in partner_ids:
+                self.fail(doc, path + (index, "id"), f"duplicate partner '{partner.id}'")
+            partner_ids.add(partner.id)
+            share = path + (index, "funding_share")
+            self._check_decimal(doc, share, partner.funding_share, Decimal(0), Decimal(1), "funding_share")
+        store_ids: set[str] = set()
+        for index, store in enumerate(stores):
+            doc, path = self._at("stores")
+            if store.id in store_ids:
+                self.fail(doc, path + (index, "id"), f"duplicate store '{store.id}'")
+            store_ids.add(store.id)
+            if store.partner is not None and store.partner not in partner_ids:
+                message = f"unknown partner '{store.partner}'{suggest(store.partner, partner_ids)}"
+                self.fail(doc, path + (index, "partner"), message + " (add it under 'partners')")
+
+    # Events and rules -------------------------------------------------------
+
+    def _events(self) -> list[tuple[Document, Path, Any]]:
+        found = []
+        for position, (doc, path) in enumerate(self.items["events"]):
+            if position == MAX_EVENTS:
+                self.fail(doc, path, f"more than {MAX_EVENTS} events")
+                break
+            spec = decode_section(doc, path, LISTS["events"], self.problems)
+            if spec is not None:
+                found.append((doc, path, spec))
+        return found
+
+    def _rules(self, specs: dict[str, Any]) -> tuple[list[CompiledRule], list[Node], WhenCompiler]:
+        compiler = WhenCompiler(self.problems, self._known("tiers", specs), self._known("partners", specs))
+        decoded = []
+        for position, (doc, path) in enumerate(self.items["rules"]):
+            if position == MAX_RULES:
+                self.fail(doc, path, f"more than {MAX_RULES} rules")
+                break
+            spec = decode_section(doc, path, RuleSpec, self.problems)
+            if spec is not None:
+                decoded.append((doc, path, spec))
+        self._check_ids(decoded)
+        groups = _group_kinds(spec for _, _, spec in decoded)
+        delay = specs["points"].activation_delay_days if specs.get("points") else 0
+        rules: list[CompiledRule] = []
+        conditions: list[Node] = []
+        for doc, path, spec in decoded:
+            self._check_rule(doc, path, spec, groups, delay)
+            node = self._condition(compiler, doc, path, spec)
+            if node is not None:
+                conditions.append(node)
+            rules.append(self._compile(doc, path, spec, len(rules), len(conditions) - 1 if node else None, specs))
+        return rules, conditions, compiler
+
+    def _known(self, section: str, specs: dict[str, Any]) -> set[str] | None:
+        """Tier or partner ids conditions may name; None when the section failed to decode."""
+        if section in self.settings and specs.get(section) is None:
+            return None
+        if section == "tiers":
+            return {str(level.id) for level in specs["tiers"].levels} if specs.get("tiers") else {"base"}
+        return {str(partner.id) for partner in specs.get("partners") or []}
+
+    def _check_ids(self, decoded: list[tuple[Document, Path, Any]]) -> None:
+        seen: dict[str, tuple[Document, Path]] = {}
+        entries = [(doc, path, spec.id) for doc, path, spec in decoded]
+        entries += [(doc, path, spec.id) for doc, path, spec in self.events]
+        entries.sort(key=lambda entry: (entry[0].file, entry[0].mark(entry[1])))  # "first" as a reader sees it
+        for doc, path, ident in entries:
+            if ident in seen:
+                first_doc, first_path = seen[ident]
+                line, column = first_doc.mark(first_path + ("id",))
+                self.fail(doc, path + ("id",), f"duplicate id '{ident}' (first defined at {first_doc.file}:{line}:{column})")
+            else:
+                seen[ident] = (doc, path)
+
+    def _check_rule(self, doc: Document, path: Path, spec: RuleSpec, groups: dict[str, bool], delay: int) -> None:
+        self._check_reward(doc, path + ("reward",), spec, groups)
+        if spec.period is not None and spec.period.to < spec.period.from_:
+            self.fail(doc, path + ("period", "to"), f"period ends ({spec.period.to}) before it starts ({spec.period.from_})")
+        if spec.limit is not None and spec.limit.per_member.per == "period" and spec.period is None:
+            self.fail(doc, path + ("limit", "per_member", "per"), "'per: period' needs the rule to have a 'period'")
+        if spec.expires_in_days is not None and spec.expires_in_days <= delay:
+            self.fail(
+                doc,
+                path + ("expires_in_days",),
+                f"points that expire after {spec.expires_in_days} days would never become available "
+                f"(points.activation_delay_days is {delay})",
+            )
+
+    def _check_reward(self, doc: Document, path: Path, spec: RuleSpec, groups: dict[str, bool]) -> None:
+        reward = spec.reward
+        kinds = [kind for kind in REWARD_KINDS if getattr(reward, kind) is not None]
+        if len(kinds) != 1:
+            given = f" ({', '.join(kinds)} given)" if kinds else ""
+            self.fail(doc, path, f"a reward needs exactly one of: {', '.join(REWARD_KINDS)}{given}")
+            return
+        if reward.percent is not None:
+            self._check_decimal(doc, path + ("percent",), reward.percent, Decimal(0), MAX_PERCENT, "percent", False)
+        if reward.per_unit is not None:
+            self._check_decimal(doc, path + ("per_unit",), reward.per_unit, Decimal(0), MAX_PER_UNIT, "per_unit", False)
+        if (reward.by is not None) != (reward.multiply is not None):
+            where = path + ("by",) if reward.by is not None else path + ("multiply",)
+            self.fail(doc, where, "'multiply: <group>' and 'by: <factor>' go together")
+            return
+        if reward.multiply is not None:
+            self._check_multiply(doc, path, reward, groups)
+
+    def _check_multiply(self, doc: Document, path: Path, reward: Any, groups: dict[str, bool]) -> None:
+        self._check_decimal(doc, path + ("by",), reward.by, Decimal(1), MAX_MULTIPLIER, "by", False)
+        if reward.multiply not in groups:
+            hint = suggest(reward.multiply, groups)
+            self.fail(doc, path + ("multiply",), f"no rule has group '{reward.multiply}'{hint}")
+        elif groups[reward.multiply]:
+            self.fail(doc, path + ("multiply",), f"group '{reward.multiply}' has multiply rules itself; multiply a group of plain rewards")
+
+    def _condition(self, compiler: WhenCompiler, doc: Document, path: Path, spec: RuleSpec) -> Node | None:
+        parts: list[Node] = []
+        if spec.when:
+            node = compiler.compile(doc, path + ("when",), _raw(doc, path + ("when",)))
+            if node is None:
+                return None
+            parts.append(node)
+        elif spec.when is not None:
+            self.fail(doc, path + ("when",), "'when' is empty: leave it out for a rule that always applies")
+        if spec.period is not None:
+            parts.append(period_node(spec.period.from_, spec.period.to))
+        return group("and", parts) if parts else None
+
+    def _compile(self, doc: Document, path: Path, spec: RuleSpec, index: int, condition: int | None,
+                 specs: dict[str, Any]) -> CompiledRule:  # fmt: skip
+        reward = spec.reward
+        kind = next((kind for kind in REWARD_KINDS if getattr(reward, kind) is not None), "points")
+        value = specs["points"].value if specs.get("points") else 1
+        ratio_num, ratio_den = 1, 1
+        if kind == "percent" and reward.percent is not None and reward.percent.is_finite():
+            ratio_num, ratio_den = reward.percent.as_integer_ratio()
+            ratio_den *= 100 * value  # points = paid * percent / 100 / value
+        elif kind == "per_unit" and reward.per_unit is not None and reward.per_unit.is_finite():
+            ratio_num, ratio_den = reward.per_unit.as_integer_ratio()
+        elif kind == "multiply" and reward.by is not None and reward.by.is_finite():
+            ratio_num, ratio_den = reward.by.as_integer_ratio()
+        scope = spec.scope
+        limit = spec.limit.per_member if spec.limit else None
+        return CompiledRule(
+            index=index,
+            id=str(spec.id),
+            group=str(spec.group) if spec.group else None,
+            priority=spec.priority,
+            condition=condition,
+            period=(spec.period.from_, spec.period.to) if spec.period else None,
+            scope=_scope(scope),
+            kind=kind,
+            ratio_num=ratio_num,
+            ratio_den=ratio_den,
+            points=reward.points if kind == "points" else (reward.per_amount.points if reward.per_amount else None),
+            every=reward.per_amount.every if reward.per_amount else None,
+            multiply=str(reward.multiply) if reward.multiply else None,
+            limit_count=limit.count if limit else None,
+            limit_per=limit.per if limit else None,
+            budget=spec.budget.points if spec.budget else None,
+            expires_in_days=spec.expires_in_days,
+            file=doc.file,
+            line=doc.mark(path).line,
+            summary=_summary(doc, path, spec, kind),
+        )
+
+    # The program ------------------------------------------------------------
+
+    def _program(self, specs: dict[str, Any], rules: list[CompiledRule], conditions: list[Node],
+                 compiler: WhenCompiler, events: list[tuple[Document, Path, Any]]) -> Program | None:  # fmt: skip
+        try:
+            return Program(
+                settings=_settings(specs),
+                rules=rules,
+                conditions=conditions,
+                member_tag_fields=dict(compiler.member_tags),
+                store_tag_fields=dict(compiler.store_tags),
+                events=[_event(spec) for _, _, spec in events],
+                files=[(name, hashlib.sha256(raw).hexdigest()) for name, raw in self.contents.items()],
+                version=_version(self.contents),
+            )
+        except RuleEngineError as err:
+            self.problems.append(Problem(self.first_file, 1, 1, str(err)))
+            return None
+
+
+def _group_kinds(specs: Any) -> dict[str, bool]:
+    """group -> whether any of its rules is a multiply rule."""
+    groups: dict[str, bool] = {}
+    for spec in specs:
+        if spec.group is not None:
+            groups[spec.group] = groups.get(spec.group, False) or spec.reward.multiply is not None
+    return groups
+
+
+def _raw(doc: Document, path: Path) -> Any:
+    data = doc.data
+    for step in path:
+        data = data[step]
+    return data
+
+
+def _plain(value: Any) -> Any:
+    """YAML data as JSON-friendly values, numbers with a fraction kept as their text."""
+    if isinstance(value, YamlInt):
+        return int(value)
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _summary(doc: Document, path: Path, spec: RuleSpec, kind: str) -> dict[str, Any]:
+    raw = _raw(doc, path)
+    line, column = doc.mark(path)
+    summary = {
+        "id": str(spec.id),
+        "group": spec.group,
+        "priority": spec.priority,
+        "file": doc.file,
+        "line": line,
+        "reward_kind": kind,
+    }
+    for key in ("reward", "when", "period", "scope", "limit", "budget", "expires_in_days"):
+        if key in raw:
+            summary[key] = _plain(raw[key])
+    return summary
+
+
+def _scope(scope: Any) -> Scope:
+    if scope is None:
+        return Scope()
+    exclude = LineFilter(scope.exclude_categories, scope.exclude_skus, scope.exclude_brands, scope.exclude_flags)
+    return Scope(scope.categories, scope.skus, scope.brands, exclude)
+
+
+def _filter(spec: LineFilterSpec | None) -> LineFilter:
+    if spec is None:
+        return LineFilter()
+    return LineFilter(spec.categories, spec.skus, spec.brands, spec.flags)
+
+
+def _settings(specs: dict[str, Any]) -> dict[str, Any]:
+    info, points = specs["program"], specs["points"]
+    redemption, holds, tiers = specs.get("redemption"), specs.get("holds"), specs.get("tiers")
+    partners = {
+        str(p.id): Partner(str(p.id), p.name or str(p.id), p.funding_share) for p in specs.get("partners") or []
+    }
+    stores = {
+        str(s.id): Store(str(s.id), tuple(str(tag) for tag in s.tags), str(s.partner) if s.partner else None)
+        for s in specs.get("stores") or []
+    }
+    return {
+        "id": str(info.id),
+        "name": info.name or str(info.id),
+        "currency": info.currency,
+        "timezone": info.timezone,
+        "point_value": points.value,
+        "rounding": points.rounding,
+        "activation_delay_days": points.activation_delay_days,
+        "expiry_days": points.expiry_days,
+        "hold_ttl_minutes": holds.ttl_minutes if holds else 15,
+        "min_points": redemption.min_points if redemption else 0,
+        "max_share": redemption.max_share if redemption else Decimal(1),
+        "redemption_exclusions": _filter(redemption.exclude if redemption else None),
+        "exclusions": _filter(specs.get("exclusions")),
+        "tier_metric": tiers.metric if tiers else "spend",
+        "tier_window_days": tiers.window_days if tiers else 365,
+        "tiers": [(str(level.id), level.from_) for level in tiers.levels] if tiers else [("base", 0)],
+        "stores": stores,
+        "partners": partners,
+    }
+
+
+def _event(spec: Any) -> EventRule:
+    return EventRule(str(spec.id), spec.on, spec.reward.points, spec.expires_in_days)
+
+
+def _version(contents: dict[str, bytes]) -> str:
+    digest = hashlib.sha256()
+    for name, raw in sorted(contents.items()):
+        encoded = name.encode()
+        # Length prefixes keep (path, content) boundaries unambiguous.
+        digest.update(len(encoded).to_bytes(8, "big") + encoded + len(raw).to_bytes(8, "big") + raw)
+    return "sha256:" + digest.hexdigest()

@@ -1,0 +1,198 @@
+"""A loaded program: settings, compiled rules and the engine holding their conditions."""
+
+from __future__ import annotations
+
+import calendar
+import weakref
+from datetime import date, timedelta
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from .conditions import Node
+from .evaluate import evaluate
+from .matching import Matcher
+from .records import EventRule, Evaluation, MemberFacts, Partner, Store
+
+MAX_LINE_CLASSES = 50_000  # distinct (category, sku, brand, flags) remembered per program
+
+
+class LineFilter:
+    """Which lines a set of categories/skus/brands/flags selects or excludes."""
+
+    __slots__ = ("categories", "skus", "brands", "flags")
+
+    def __init__(self, categories=(), skus=(), brands=(), flags=()):
+        self.categories = frozenset(categories)
+        self.skus = frozenset(skus)
+        self.brands = frozenset(brands)
+        self.flags = frozenset(flags)
+
+    def hits(self, category: str | None, sku: str, brand: str | None, flags: tuple[str, ...]) -> bool:
+        return (
+            category in self.categories
+            or sku in self.skus
+            or brand in self.brands
+            or any(flag in self.flags for flag in flags)
+        )
+
+
+class Scope:
+    """A rule's own line selection (program exclusions are applied before it)."""
+
+    __slots__ = ("categories", "skus", "brands", "exclude")
+
+    def __init__(self, categories=None, skus=None, brands=None, exclude: LineFilter | None = None):
+        self.categories = frozenset(categories) if categories is not None else None
+        self.skus = frozenset(skus) if skus is not None else None
+        self.brands = frozenset(brands) if brands is not None else None
+        self.exclude = exclude or LineFilter()
+
+    def selects(self, category: str | None, sku: str, brand: str | None, flags: tuple[str, ...]) -> bool:
+        if self.categories is not None and category not in self.categories:
+            return False
+        if self.skus is not None and sku not in self.skus:
+            return False
+        if self.brands is not None and brand not in self.brands:
+            return False
+        return not self.exclude.hits(category, sku, brand, flags)
+
+
+class CompiledRule:
+    """One rule ready to evaluate; reward numbers are integer ratios."""
+
+    __slots__ = (
+        "index", "id", "group", "priority", "condition", "period", "scope", "kind",
+        "ratio_num", "ratio_den", "points", "every", "multiply", "limit_count", "limit_per",
+        "budget", "expires_in_days", "file", "line", "summary",
+    )  # fmt: skip
+
+    def __init__(self, **values: Any):
+        for name in self.__slots__:
+            setattr(self, name, values.get(name))
+
+
+class Program:
+    """An immutable loaded program. evaluate() may be called from any one thread at a time
+    per call; the engine serializes its own access."""
+
+    def __init__(self, *, settings: dict[str, Any], rules: list[CompiledRule], conditions: list[Node],
+                 member_tag_fields: dict[str, str], store_tag_fields: dict[str, str],
+                 events: list[EventRule], files: list[tuple[str, str]], version: str):  # fmt: skip
+        self.version = version
+        self.files = files
+        self.id: str = settings["id"]
+        self.name: str = settings["name"]
+        self.currency: str = settings["currency"]
+        self.timezone_name: str = settings["timezone"]
+        self.timezone = ZoneInfo(self.timezone_name)
+        self.point_value: int = settings["point_value"]
+        self.rounding: str = settings["rounding"]
+        self.activation_delay_days: int = settings["activation_delay_days"]
+        self.expiry_days: int = settings["expiry_days"]
+        self.hold_ttl_minutes: int = settings["hold_ttl_minutes"]
+        self.redemption_min_points: int = settings["min_points"]
+        self.redemption_max_share: Decimal = settings["max_share"]
+        self.tier_metric: str = settings["tier_metric"]
+        self.tier_window_days: int = settings["tier_window_days"]
+        self.tiers: list[tuple[str, int]] = settings["tiers"]
+        self.stores: dict[str, Store] = settings["stores"]
+        self.partners: dict[str, Partner] = settings["partners"]
+        self.exclusions: LineFilter = settings["exclusions"]
+        self.redemption_exclusions: LineFilter = settings["redemption_exclusions"]
+        self.rules = rules
+        self.events = events
+        self.budgets = {rule.id: rule.budget for rule in rules if rule.budget}
+        self.limited_rule_ids = frozenset(rule.id for rule in rules if rule.limit_per is not None)
+        self._by_id = {rule.id: rule for rule in rules}
+        self.rule_summaries = [rule.summary for rule in rules]
+        self.member_tag_fields = member_tag_fields
+        self.store_tag_fields = store_tag_fields
+        share_num, share_den = self.redemption_max_share.as_integer_ratio()
+        self.max_share_ratio = (share_num, share_den)
+        self.groups = _groups(rules)
+        self.line_classes: dict[tuple, tuple[bool, bool, tuple[int, ...]]] = {}
+        self.matcher = Matcher(conditions)
+        self._finalizer = weakref.finalize(self, self.matcher.close)
+
+    def evaluate(self, receipt: Any, member: MemberFacts | None, redeem_requested: int,
+                 redeem_available: int, usage: dict[str, int],
+                 budget_left: dict[str, int] | None = None) -> Evaluation:  # fmt: skip
+        """Compute one receipt (rules.md "Computing one receipt").
+
+        usage: times each limited rule already fired for this member in its current
+        window (see limit_windows). budget_left: points each budgeted rule may still
+        issue; a rule with nothing left does not apply, one with less is cut to it.
+        """
+        return evaluate(self, receipt, member, redeem_requested, redeem_available, usage, budget_left)
+
+    def limit_windows(self, local_date: date) -> dict[str, tuple[date, date]]:
+        """For each rule with a limit: the inclusive local dates its usage is counted over."""
+        windows = {}
+        for rule in self.rules:
+            if rule.limit_per is not None:
+                windows[rule.id] = _window(rule, local_date)
+        return windows
+
+    def rule_dates(self, rule_id: str, local_date: date) -> tuple[date, date | None]:
+        """(available_from, expires_on) of points a rule gave on a receipt of local_date."""
+        available_from = local_date + timedelta(days=self.activation_delay_days)
+        rule = self._by_id.get(rule_id)
+        if rule is not None and rule.expires_in_days is not None:
+            return available_from, local_date + timedelta(days=rule.expires_in_days)
+        return available_from, local_date + timedelta(days=self.expiry_days) if self.expiry_days else None
+
+    def tier_for(self, metric_value: int) -> tuple[str, str | None, int | None]:
+        """(tier, next tier or None, how much metric is missing to reach it or None)."""
+        position = 0  # levels ascend from 0, so a negative metric still has the first
+        for index, (_, start) in enumerate(self.tiers):
+            if metric_value >= start:
+                position = index
+        if position + 1 < len(self.tiers):
+            following, start = self.tiers[position + 1]
+            return self.tiers[position][0], following, start - metric_value
+        return self.tiers[position][0], None, None
+
+    def events_on(self, name: str) -> list[EventRule]:
+        return [event for event in self.events if event.on == name]
+
+    def line_class(self, key: tuple) -> tuple[bool, bool, tuple[int, ...]]:
+        """(may earn, may be paid with points, indexes of the rules whose scope selects it)."""
+        found = self.line_classes.get(key)
+        if found is None:
+            found = self._classify(*key)
+            if len(self.line_classes) >= MAX_LINE_CLASSES:
+                self.line_classes.clear()
+            self.line_classes[key] = found
+        return found
+
+    def _classify(self, category, sku, brand, flags=()) -> tuple[bool, bool, tuple[int, ...]]:
+        if self.exclusions.hits(category, sku, brand, flags):
+            return False, False, ()
+        redeemable = not self.redemption_exclusions.hits(category, sku, brand, flags)
+        selected = tuple(rule.index for rule in self.rules if rule.scope.selects(category, sku, brand, flags))
+        return True, redeemable, selected
+
+    def close(self) -> None:
+        """Free the engine's rulesets now rather than at garbage collection."""
+        self._finalizer()
+
+
+def _groups(rules: list[CompiledRule]) -> dict[str, list[CompiledRule]]:
+    groups: dict[str, list[CompiledRule]] = {}
+    for rule in rules:
+        if rule.group is not None:
+            groups.setdefault(rule.group, []).append(rule)
+    return groups
+
+
+def _window(rule: CompiledRule, day: date) -> tuple[date, date]:
+    if rule.limit_per == "day":
+        return day, day
+    if rule.limit_per == "week":
+        monday = day - timedelta(days=day.weekday())
+        return monday, monday + timedelta(days=6)
+    if rule.limit_per == "month":
+        last = calendar.monthrange(day.year, day.month)[1]
+        return day.replace(day=1), day.replace(day=last)
+    return rule.period
