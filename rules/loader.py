@@ -448,7 +448,7 @@ def _summary(doc: Document, path: Path, spec: RuleSpec, kind: str) -> dict[str, 
     line, column = doc.mark(path)
     summary = {
         "id": str(spec.id),
-        "group": spec.group,
+        "group": str(spec.group) if spec.group is not None else None,
         "priority": spec.priority,
         "file": doc.file,
         "line": line,
