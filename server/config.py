@@ -29,6 +29,11 @@ class ServerConfig(Struct, forbid_unknown_fields=True):
     port: Port = 8080
     max_body_bytes: Annotated[int, Meta(gt=0, le=64 * 1024 * 1024)] = 1024 * 1024
     shutdown_timeout_seconds: Annotated[float, Meta(ge=0, le=300)] = 10.0
+    # After SIGTERM /readyz answers 503 this long while requests are still served, so a
+    # load balancer stops sending new ones before the listener closes.
+    drain_seconds: Annotated[float, Meta(ge=0, le=300)] = 0.0
+    # Requests being handled at once; above it new ones are shed at once with 503.
+    requests_in_flight_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 1_024
 
 
 class DatabaseConfig(Struct, forbid_unknown_fields=True):
@@ -57,6 +62,20 @@ class AuthConfig(Struct, forbid_unknown_fields=True):
     keys: Annotated[list[KeyConfig], Meta(max_length=100_000)] = []
 
 
+class LimitsConfig(Struct, forbid_unknown_fields=True):
+    # A token bucket per key: refilled at this rate, holding at most `burst` requests.
+    requests_per_second_per_key: Annotated[float, Meta(gt=0, le=1_000_000)] = 1_000.0
+    burst: Annotated[int, Meta(ge=1, le=10_000_000)] = 2_000
+
+
+class PrivacyConfig(Struct, forbid_unknown_fields=True):
+    # Card numbers and phones are stored as HMAC-SHA256 under this key (never in the database).
+    hmac_key_env: Annotated[str, Meta(min_length=1, max_length=128)] = "LOYALTY_HMAC_KEY"
+    hmac_key: Annotated[str, Meta(min_length=16, max_length=1024)] | None = None
+    # For demos only: used when neither the environment nor hmac_key gives a key.
+    demo_insecure_hmac_key: Annotated[str, Meta(min_length=16, max_length=1024)] | None = None
+
+
 class ClockConfig(Struct, forbid_unknown_fields=True):
     # The server's clock starts at this instant and runs forward in real time.
     start: datetime | None = None
@@ -68,6 +87,8 @@ class Config(Struct, forbid_unknown_fields=True):
     rules: RulesConfig = msgspec.field(default_factory=RulesConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     clock: ClockConfig = msgspec.field(default_factory=ClockConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    privacy: PrivacyConfig = msgspec.field(default_factory=PrivacyConfig)
     # Folder the relative paths above are resolved against (not a YAML key).
     base_dir: str = "."
 
@@ -136,7 +157,7 @@ def _split_error(message: str) -> tuple[str, str]:
 
 _SECTIONS: dict[str, type] = {
     "": Config, "server": ServerConfig, "database": DatabaseConfig, "rules": RulesConfig,
-    "auth": AuthConfig, "clock": ClockConfig,
+    "auth": AuthConfig, "clock": ClockConfig, "limits": LimitsConfig, "privacy": PrivacyConfig,
 }
 
 
