@@ -13,6 +13,9 @@ import re
 import msgspec
 from aiohttp import web
 
+from rules import RuleEngineError
+from storage.db import Overloaded, StorageClosed
+
 log = logging.getLogger("loyalty.http")
 
 
@@ -94,6 +97,18 @@ async def error_middleware(request: web.Request, handler):
         return error_response(v.status, v.code, v.message, v.details)
     except msgspec.DecodeError as e:
         return error_response(400, "malformed_json", f"the body is not valid JSON: {e}")
+    except Overloaded:
+        # The write queue is full: nothing of this request was written; try again shortly.
+        return overloaded_response("the server is overloaded; nothing was written, retry shortly")
+    except StorageClosed:
+        return error_response(503, "unavailable", "the server is shutting down; retry on another instance",
+                              headers={"Retry-After": "1"})
+    except RuleEngineError:
+        # Evaluation failed before anything was written: the receipt can be sent again as is.
+        log.exception("rule engine failed on %s %s", request.method, _route_name(request))
+        return error_response(503, "rules_unavailable",
+                              "the rule engine failed; nothing was written, retry shortly",
+                              headers={"Retry-After": "1"})
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -101,8 +116,18 @@ async def error_middleware(request: web.Request, handler):
         message = e.reason if e.status != 413 else "the body is larger than the configured limit"
         return error_response(e.status, code, message, headers=_allow(e))
     except Exception:  # a bug: log it whole, answer in the one shape, keep serving
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        # The route's pattern, not the path: paths carry card numbers.
+        log.exception("unhandled error on %s %s", request.method, _route_name(request))
         return error_response(500, "internal_error", "internal error; it has been logged")
+
+
+def overloaded_response(message: str) -> web.Response:
+    return error_response(503, "overloaded", message, headers={"Retry-After": "1"})
+
+
+def _route_name(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
 
 
 def _allow(e: web.HTTPException) -> dict[str, str] | None:

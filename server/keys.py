@@ -9,7 +9,9 @@ if TYPE_CHECKING:
     from server.auth import KeyRing
     from server.clock import Clock
     from server.config import Config
+    from server.guards import InFlight, TokenBuckets
     from server.metrics import Metrics
+    from server.privacy import Privacy
     from server.programs import ProgramHolder
     from server.service import Service
     from storage.db import Database
@@ -22,3 +24,6 @@ PROGRAMS = web.AppKey("programs", "ProgramHolder")
 DATABASE = web.AppKey("database", "Database")
 SERVICE = web.AppKey("service", "Service")
 STATE = web.AppKey("state", dict)
+LIMITER = web.AppKey("limiter", "TokenBuckets")
+IN_FLIGHT = web.AppKey("in_flight", "InFlight")
+PRIVACY = web.AppKey("privacy", "Privacy")
