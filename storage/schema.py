@@ -159,3 +159,41 @@ CREATE TABLE event_fires (
     PRIMARY KEY (member_id, event_id, occasion)
 ) WITHOUT ROWID
 """)
+
+
+@migrations()
+def m010_audit_log(db):
+    """Every admin request: who (key id), what (method, path, body digest), when, and its status.
+    Append-only like postings; each row's hash covers the previous row's hash (storage/audit.py)."""
+    _run(db, """
+CREATE TABLE audit_log (
+    id INTEGER PRIMARY KEY,
+    at TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    body_digest TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL UNIQUE
+);
+CREATE TRIGGER audit_log_append_only_update BEFORE UPDATE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER audit_log_append_only_delete BEFORE DELETE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END
+""")
+
+
+@migrations()
+def m011_personal_data(db):
+    """Card numbers and phones as keyed HMACs: cards.card holds the card's HMAC from now on,
+    members.phone is no longer written. Rows written before are converted at start-up,
+    when the key is known (storage/personal.py)."""
+    _run(db, """
+ALTER TABLE cards ADD COLUMN card_last4 TEXT;
+ALTER TABLE members ADD COLUMN phone_hmac TEXT;
+ALTER TABLE members ADD COLUMN phone_last4 TEXT;
+CREATE INDEX members_phone_hmac ON members(phone_hmac) WHERE phone_hmac IS NOT NULL;
+CREATE INDEX cards_unprotected ON cards(card) WHERE card_last4 IS NULL;
+CREATE INDEX members_phone_unprotected ON members(id) WHERE phone IS NOT NULL
+""")

@@ -1,0 +1,58 @@
+"""The audit log of admin actions: append-only rows, each chained to the one before.
+
+hash = sha256(previous row's hash + canonical row), the first row chaining to GENESIS, so
+changing, removing or reordering a row breaks every hash after it; verify() finds where.
+Rows are appended by the single writer thread, so the chain has no forks.
+"""
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from dataclasses import dataclass
+
+import msgspec
+
+GENESIS = "0" * 64
+_encode = msgspec.json.Encoder().encode
+_COLUMNS = "id, at, key_id, method, path, body_digest, status"
+
+
+def row_hash(prev_hash: str, row: tuple) -> str:
+    """row: (id, at, key_id, method, path, body_digest, status)."""
+    return hashlib.sha256(prev_hash.encode() + _encode(list(row))).hexdigest()
+
+
+def append(conn: sqlite3.Connection, *, at: str, key_id: str, method: str, path: str, body_digest: str,
+           status: int) -> int:
+    last = conn.execute("SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1").fetchone()
+    row_id, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
+    row = (row_id, at, key_id, method, path, body_digest, status)
+    conn.execute(f"INSERT INTO audit_log ({_COLUMNS}, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (*row, prev, row_hash(prev, row)))
+    return row_id
+
+
+@dataclass
+class Verification:
+    ok: bool
+    rows: int
+    first_bad_id: int | None = None
+    reason: str = ""
+
+
+def verify(conn: sqlite3.Connection) -> Verification:
+    prev, n = GENESIS, 0
+    for r in conn.execute(f"SELECT {_COLUMNS}, prev_hash, hash FROM audit_log ORDER BY id"):
+        n += 1
+        row, prev_hash, hash_ = tuple(r[:7]), r[7], r[8]
+        if prev_hash != prev:
+            return Verification(False, n, row[0], "prev_hash does not match the previous row's hash")
+        if row_hash(prev, row) != hash_:
+            return Verification(False, n, row[0], "hash does not match the row")
+        prev = hash_
+    return Verification(True, n)
+
+
+def rows(conn: sqlite3.Connection, limit: int = 100) -> list[dict]:
+    out = conn.execute(f"SELECT {_COLUMNS}, hash FROM audit_log ORDER BY id DESC LIMIT ?", (limit,))
+    return [dict(zip(("id", "at", "key_id", "method", "path", "body_digest", "status", "hash"), r)) for r in out]
