@@ -23,6 +23,7 @@ from server.auth import Principal, require_store
 from server.clock import Clock
 from server.errors import ApiError, conflict, field_error, not_found, unprocessable
 from server.metrics import Metrics
+from server.privacy import Privacy
 from server.programs import ProgramHolder
 from server.returns import plan_cancel, plan_return
 from storage import ledger
@@ -51,8 +52,9 @@ def ddmmyyyy(day: str) -> str:
 
 
 class Service:
-    def __init__(self, db: Database, programs: ProgramHolder, clock: Clock, metrics: Metrics):
+    def __init__(self, db: Database, programs: ProgramHolder, clock: Clock, metrics: Metrics, privacy: Privacy):
         self.db, self.programs, self.clock, self.metrics = db, programs, clock, metrics
+        self.privacy = privacy
         self._member_locks: dict[int, list] = {}
         self._inflight: dict[tuple, asyncio.Future] = {}
 
@@ -95,7 +97,8 @@ class Service:
             done.set_result(None)
 
     async def find_member(self, card: str, path: str = "card") -> ledger.MemberRow:
-        member = await self.db.read(lambda c: ledger.member_by_card(c, card))
+        digest = self.privacy.card(card)
+        member = await self.db.read(lambda c: ledger.member_by_card(c, digest))
         if member is None:
             raise unprocessable("unknown_card", f"card {card} is not enrolled",
                                 [{"path": path, "message": "not enrolled"}])
@@ -130,7 +133,8 @@ class Service:
         )
 
     def member_view(self, conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
-                    at: datetime | None = None) -> dict:
+                    at: datetime | None = None, card: str | None = None) -> dict:
+        """card: the number the caller used; only last four digits of the others are known."""
         moment = at or self.clock.now()
         as_of = iso(moment) if at else None
         lots = ledger.lots_of(conn, member.id, as_of)
@@ -138,11 +142,12 @@ class Service:
         balance = ledger.balance_of(lots, holds, self.local_day(program, moment))
         cards = ledger.member_cards(conn, member.id)
         return {
-            "card": cards[0] if cards else None, "cards": cards, "member_id": member.public_id,
+            "card": card, "card_last4": self.privacy.card_last4(card) if card else None, "cards_last4": cards,
+            "member_id": member.public_id,
             "tier": self.tier_of(conn, program, member, moment, as_of)[0],
             "balance": balance.as_json(),
             "expiring": [{"date": d, "points": p} for d, p in balance.expiring],
-            "profile": {"phone": member.phone, "birthday": member.birthday,
+            "profile": {"phone_last4": member.phone, "birthday": member.birthday,
                         "tags": msgspec.json.decode(member.tags)},
             "enrolled_at": member.enrolled_at,
             "as_of": moment.isoformat(),
@@ -276,7 +281,9 @@ class Service:
     async def confirm(self, receipt: schema.Receipt, principal: Principal) -> tuple[int, dict]:
         self._check_receipt(receipt, principal)
         key = (receipt.store_id, receipt.register_id, receipt.receipt_id)
-        body = schema.canonical(receipt)
+        # Stored and fingerprinted with the card's HMAC in place of the number.
+        body = schema.canonical(receipt if receipt.card is None else
+                                msgspec.structs.replace(receipt, card=self.privacy.card(receipt.card)))
         fingerprint = sha256(body)
         async with self.single_flight(("receipt", key)):
             stored = await self.db.read(lambda c: ledger.get_receipt(c, key))
@@ -475,7 +482,10 @@ class Service:
         def write(conn):
             try:
                 member_id = ledger.insert_member(
-                    conn, card=req.card, phone=req.phone, birthday=req.birthday.isoformat() if req.birthday else None,
+                    conn, card=self.privacy.card(req.card), card_last4=self.privacy.card_last4(req.card),
+                    phone_hmac=self.privacy.phone(req.phone) if req.phone else None,
+                    phone_last4=self.privacy.phone_last4(req.phone) if req.phone else None,
+                    birthday=req.birthday.isoformat() if req.birthday else None,
                     tags=JSON.encode(sorted(set(req.tags))).decode(), referred_by=referrer.id if referrer else None,
                     store_id=req.store_id, now=iso(now))
             except sqlite3.IntegrityError:
@@ -483,7 +493,7 @@ class Service:
             self._fire_events(conn, program, member_id, "enrolled", "enrolled", now)
             if req.phone and req.birthday:
                 self._fire_events(conn, program, member_id, "profile_completed", "profile", now)
-            return self.member_view(conn, program, self._member_by_id(conn, member_id))
+            return self.member_view(conn, program, self._member_by_id(conn, member_id), card=req.card)
         return await self.db.write(write)
 
     def _fire_events(self, conn, program: Program, member_id: int, on: str, occasion: str, now: datetime) -> None:
@@ -502,7 +512,8 @@ class Service:
         program, now = self.program(), self.clock.now()
         changes = {}
         if patch.phone is not None:
-            changes["phone"] = patch.phone
+            changes["phone_hmac"] = self.privacy.phone(patch.phone)
+            changes["phone_last4"] = self.privacy.phone_last4(patch.phone)
         if patch.birthday is not None:
             changes["birthday"] = patch.birthday.isoformat()
         if patch.tags is not None:
@@ -513,26 +524,26 @@ class Service:
             fresh = self._member_by_id(conn, member.id)
             if fresh.phone and fresh.birthday:
                 self._fire_events(conn, program, member.id, "profile_completed", "profile", now)
-            return self.member_view(conn, program, fresh)
+            return self.member_view(conn, program, fresh, card=card)
         async with self.member_lock(member.id):
             return await self.db.write(write)
 
     async def get_member(self, card: str, at: datetime | None) -> dict:
         program = self.program()
-        member = await self.db.read(lambda c: ledger.member_by_card(c, card))
+        digest = self.privacy.card(card)
+        member = await self.db.read(lambda c: ledger.member_by_card(c, digest))
         if member is None:
             raise not_found("unknown_card", f"card {card} is not enrolled")
-        view = await self.db.read(lambda c: self.member_view(c, program, member, at))
-        view["card"] = card
-        return view
+        return await self.db.read(lambda c: self.member_view(c, program, member, at, card=card))
 
     async def statement(self, card: str, since: datetime | None, until: datetime | None, limit: int) -> dict:
-        member = await self.db.read(lambda c: ledger.member_by_card(c, card))
+        digest = self.privacy.card(card)
+        member = await self.db.read(lambda c: ledger.member_by_card(c, digest))
         if member is None:
             raise not_found("unknown_card", f"card {card} is not enrolled")
         rows = await self.db.read(lambda c: ledger.statement(
             c, member.id, iso(since) if since else None, iso(until) if until else None, limit))
-        return {"card": card, "member_id": member.public_id, "postings": rows}
+        return {"card_last4": self.privacy.card_last4(card), "member_id": member.public_id, "postings": rows}
 
     async def set_tier(self, card: str, req: schema.TierAssignment) -> dict:
         program = self.program()
@@ -544,7 +555,7 @@ class Service:
         def write(conn):
             ledger.update_member(conn, member.id, {"manual_tier": req.tier,
                                                    "manual_tier_until": req.until.isoformat()}, iso(now))
-            return self.member_view(conn, program, self._member_by_id(conn, member.id))
+            return self.member_view(conn, program, self._member_by_id(conn, member.id), card=card)
         async with self.member_lock(member.id):
             return await self.db.write(write)
 

@@ -34,7 +34,7 @@ ReceiptKey = tuple[str, str, str]
 @dataclass
 class MemberRow:
     id: int
-    phone: str | None
+    phone: str | None           # the last four digits only; the number is kept as an HMAC
     birthday: str | None
     tags: str
     referred_by: int | None
@@ -51,32 +51,37 @@ def member_public_id(member_id: int) -> str:
     return f"m_{member_id}"
 
 
-_MEMBER_COLUMNS = "m.id, m.phone, m.birthday, m.tags, m.referred_by, m.enrolled_at, m.manual_tier, m.manual_tier_until"
+_MEMBER_COLUMNS = "m.id, m.phone_last4, m.birthday, m.tags, m.referred_by, m.enrolled_at, m.manual_tier, m.manual_tier_until"
 
 
 def member_by_card(conn: sqlite3.Connection, card: str) -> MemberRow | None:
+    """card: the card number's HMAC (server/privacy.py), never the number."""
     row = conn.execute(f"SELECT {_MEMBER_COLUMNS} FROM cards c JOIN members m ON m.id = c.member_id "
                        "WHERE c.card = ?", (card,)).fetchone()
     return MemberRow(*row) if row else None
 
 
 def member_cards(conn: sqlite3.Connection, member_id: int) -> list[str]:
-    return [r[0] for r in conn.execute("SELECT card FROM cards WHERE member_id = ? ORDER BY created_at, card",
-                                       (member_id,))]
+    """The last four digits of the member's cards."""
+    return [r[0] for r in conn.execute("SELECT card_last4 FROM cards WHERE member_id = ? "
+                                       "ORDER BY created_at, card", (member_id,))]
 
 
-def insert_member(conn: sqlite3.Connection, *, card: str, phone: str | None, birthday: str | None,
-                  tags: str, referred_by: int | None, store_id: str | None, now: str) -> int:
-    cur = conn.execute("INSERT INTO members (phone, birthday, tags, referred_by, enrolled_at, enrolled_store, "
-                       "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (phone, birthday, tags, referred_by, now, store_id, now))
+def insert_member(conn: sqlite3.Connection, *, card: str, card_last4: str, phone_hmac: str | None,
+                  phone_last4: str | None, birthday: str | None, tags: str, referred_by: int | None,
+                  store_id: str | None, now: str) -> int:
+    """card and phone_hmac are HMACs (server/privacy.py); the numbers themselves are never stored."""
+    cur = conn.execute("INSERT INTO members (phone_hmac, phone_last4, birthday, tags, referred_by, enrolled_at, "
+                       "enrolled_store, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (phone_hmac, phone_last4, birthday, tags, referred_by, now, store_id, now))
     member_id = cur.lastrowid
-    conn.execute("INSERT INTO cards (card, member_id, created_at) VALUES (?, ?, ?)", (card, member_id, now))
+    conn.execute("INSERT INTO cards (card, card_last4, member_id, created_at) VALUES (?, ?, ?, ?)",
+                 (card, card_last4, member_id, now))
     return member_id
 
 
 def update_member(conn: sqlite3.Connection, member_id: int, changes: dict, now: str) -> None:
-    allowed = {"phone", "birthday", "tags", "manual_tier", "manual_tier_until"}
+    allowed = {"phone_hmac", "phone_last4", "birthday", "tags", "manual_tier", "manual_tier_until"}
     assert set(changes) <= allowed, changes
     if not changes:
         return
