@@ -13,28 +13,37 @@ from server.auth import KeyRing
 from server.clock import Clock
 from server.config import Config
 from server.errors import error_middleware
-from server.keys import CLOCK, CONFIG, DATABASE, KEYRING, METRICS, PROGRAMS, SERVICE, STATE
+from server.guards import InFlight, TokenBuckets, in_flight_middleware
+from server.keys import (CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, PRIVACY, PROGRAMS,
+                         SERVICE, STATE)
 from server.metrics import Metrics
+from server.privacy import privacy_from_config
 from server.programs import ProgramHolder
 from server.routes import add_routes
 from server.service import Service
 from server.watcher import watch
 from storage.db import Database
+from storage.personal import protect_existing
 from storage.schema import migrations
 
 log = logging.getLogger("loyalty.server")
 
 
 def create_app(config: Config) -> web.Application:
+    """Raises ConfigError when the configuration is unusable (for example no HMAC key)."""
     metrics = Metrics()
+    privacy = privacy_from_config(config)
     app = web.Application(client_max_size=config.server.max_body_bytes,
-                          middlewares=[latency_middleware, error_middleware])
+                          middlewares=[in_flight_middleware(IN_FLIGHT), latency_middleware, error_middleware])
     app[CONFIG] = config
     app[CLOCK] = Clock(config.clock.start)
     app[METRICS] = metrics
     app[KEYRING] = KeyRing(config.auth.keys)
     app[PROGRAMS] = ProgramHolder(config.resolve(config.rules.dir), metrics, app[CLOCK])
     app[STATE] = {"started": False, "draining": False}
+    app[PRIVACY] = privacy
+    app[LIMITER] = TokenBuckets(config.limits.requests_per_second_per_key, config.limits.burst)
+    app[IN_FLIGHT] = InFlight(config.server.requests_in_flight_max)
     app.cleanup_ctx.append(resources)
     app.on_shutdown.append(start_draining)
     add_routes(app)
@@ -49,7 +58,8 @@ async def resources(app: web.Application):
                   readers=config.database.readers, on_commit=app[METRICS].on_commit)
     db.open()
     app[DATABASE] = db
-    app[SERVICE] = Service(db, app[PROGRAMS], app[CLOCK], app[METRICS])
+    await db.write(lambda conn: protect_existing(conn, app[PRIVACY]))
+    app[SERVICE] = Service(db, app[PROGRAMS], app[CLOCK], app[METRICS], app[PRIVACY])
     hup = _install_sighup(app)
     watcher = None
     if config.rules.watch:

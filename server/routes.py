@@ -5,6 +5,7 @@ from what the server actually accepts.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -19,11 +20,14 @@ from rules import check_dir
 from server import schema
 from server.auth import Principal, require_role
 from server.errors import ApiError, field_error
-from server.keys import DATABASE, KEYRING, METRICS, PROGRAMS, SERVICE, STATE
+from server.keys import CLOCK, DATABASE, KEYRING, LIMITER, METRICS, PRIVACY, PROGRAMS, SERVICE, STATE
+from storage import audit
+from storage.ledger import iso
 
 REGISTER, MANAGER, MONITOR = "register", "manager", "monitor"
 JSON_TYPE = "application/json"
 Handler = Callable[..., Awaitable[web.StreamResponse]]
+log = logging.getLogger("loyalty.http")
 
 
 @dataclass(frozen=True)
@@ -247,11 +251,21 @@ ROUTES: list[Route] = [
 ]
 
 
+ADMIN_PREFIX = "/v1/admin/"
+
+
 def bind(route: Route) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         principal = None
         if route.roles is not None:
             principal = request.app[KEYRING].authenticate(request.headers.get("Authorization"))
+            request.app[LIMITER].check(principal.key_id)
+            if route.path.startswith(ADMIN_PREFIX):
+                return await audited(request, principal, lambda: run(request, principal))
+        return await run(request, principal)
+
+    async def run(request: web.Request, principal: Principal | None) -> web.StreamResponse:
+        if principal is not None:
             require_role(principal, route.roles)
         body = None
         if route.body is not None:
@@ -262,6 +276,46 @@ def bind(route: Route) -> Handler:
         return await route.handler(request, principal, body)
     handle.__name__ = route.handler.__name__
     return handle
+
+
+async def audited(request: web.Request, principal: Principal, run) -> web.StreamResponse:
+    """Every admin request by a known key, allowed or not, goes into the audit log with its status."""
+    status = 500
+    try:
+        response = await run()
+        status = response.status
+        return response
+    except ApiError as e:
+        status = e.status
+        raise
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        status = 422 if isinstance(e, msgspec.ValidationError) else 400
+        raise
+    except web.HTTPException as e:
+        status = e.status
+        raise
+    finally:
+        await write_audit(request, principal, status)
+
+
+async def write_audit(request: web.Request, principal: Principal, status: int) -> None:
+    app = request.app
+    privacy = app[PRIVACY]
+    match = dict(request.match_info)
+    if "card" in match:     # the card's HMAC, never the number
+        match["card"] = "hmac:" + privacy.card(match["card"])
+    path = str(request.match_info.route.resource.url_for(**match)) if match else request.path
+    try:
+        raw = await request.read()
+    except web.HTTPException:   # over the size limit: digest what is known
+        raw = b""
+    row = dict(at=iso(app[CLOCK].now()), key_id=principal.key_id, method=request.method, path=path,
+               body_digest=privacy.body_digest(raw), status=status)
+    try:
+        await app[DATABASE].write(lambda conn: audit.append(conn, **row))
+    except Exception:
+        log.exception("could not write the audit row for %s %s by %s", request.method,
+                      request.match_info.route.resource.canonical, principal.key_id)
 
 
 def add_routes(app: web.Application) -> None:
