@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve_command(config_path: str) -> int:
-    from aiohttp import web
+    import asyncio
 
     from rules import ProgramError
     from server.app import create_app
@@ -31,20 +31,49 @@ def serve_command(config_path: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(config_path)
+        app = create_app(config)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    app = create_app(config)
     try:
-        web.run_app(app, host=config.server.host, port=config.server.port, access_log=None,
-                    shutdown_timeout=config.server.shutdown_timeout_seconds,
-                    print=lambda text: logging.getLogger("loyalty.server").info(text.strip()))
+        asyncio.run(serve(app, config))
     except ProgramError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
         print(f"the program in {config.resolve(config.rules.dir)} does not load; not starting", file=sys.stderr)
         return 2
     return 0
+
+
+async def serve(app, config) -> None:
+    """Serve until SIGTERM or SIGINT, then drain: /readyz answers 503 for server.drain_seconds
+    while requests are still served, the listener closes, requests in flight finish (up to
+    server.shutdown_timeout_seconds) and the database closes after its last commit."""
+    import asyncio
+    import signal
+
+    from aiohttp import web
+
+    from server.keys import STATE
+    log = logging.getLogger("loyalty.server")
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=config.server.shutdown_timeout_seconds)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.server.host, config.server.port).start()
+        log.info("serving on http://%s:%s", config.server.host, config.server.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        app[STATE]["draining"] = True
+        log.info("stopping: /readyz answers 503; serving %.1fs more, then finishing requests in flight",
+                 config.server.drain_seconds)
+        await asyncio.sleep(config.server.drain_seconds)
+    finally:
+        await runner.cleanup()
+    log.info("stopped: every answered request is committed")
 
 
 def rules_check_command(directory: Path) -> int:

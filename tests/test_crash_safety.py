@@ -41,20 +41,28 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, tmp: Path):
+    """`loyalty serve` as a child process; `extra` sets more config sections."""
+
+    def __init__(self, tmp: Path, **extra):
         self.port = free_port()
         self.db = tmp / "loyalty.db"
         self.config = tmp / "config.yaml"
         self.log = tmp / "server.log"
-        self.config.write_text(yaml.safe_dump({
+        config = {
             "server": {"host": "127.0.0.1", "port": self.port},
             "database": {"path": str(self.db)},
             "rules": {"dir": str(MARKET), "watch": False},
             "clock": {"start": NOW},
             "auth": {"keys": [
                 {"id": "register-S001", "sha256": _h(KEYS["register"]), "role": "register", "stores": ["S001"]},
+                {"id": "register-S002", "sha256": _h(KEYS["register2"]), "role": "register", "stores": ["S002"]},
                 {"id": "manager", "sha256": _h(KEYS["manager"]), "role": "manager"}]},
-        }))
+            # The load here is one key's: the rate limit is not what this test is about.
+            "limits": {"requests_per_second_per_key": 1_000_000, "burst": 1_000_000},
+        }
+        for section, values in extra.items():
+            config.setdefault(section, {}).update(values)
+        self.config.write_text(yaml.safe_dump(config))
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
