@@ -303,7 +303,7 @@ async def write_audit(request: web.Request, principal: Principal, status: int) -
     privacy = app[PRIVACY]
     match = dict(request.match_info)
     if "card" in match:     # the card's HMAC, never the number
-        match["card"] = "hmac:" + privacy.card(match["card"])
+        match["card"] = "hmac-" + privacy.card(match["card"])
     path = str(request.match_info.route.resource.url_for(**match)) if match else request.path
     try:
         raw = await request.read()
