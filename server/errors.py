@@ -50,7 +50,7 @@ def error_response(status: int, code: str, message: str, details: list[dict] | N
                         content_type="application/json", headers=headers)
 
 
-_AT = re.compile(r"^(.*?)(?: - at `\$(.*)`)?$", re.S)
+_AT = re.compile(r"^(.*?)(?: - at (`key` in )?`\$(.*)`)?$", re.S)
 _BOUND = re.compile(r"^Expected `[^`]+` (>=|>|<=|<) ([^\s,]+)(?:, got .*)?$")
 _LEN = re.compile(r"^Expected `[^`]+` of length (>=|<=) (\d+)$")
 
@@ -58,7 +58,9 @@ _LEN = re.compile(r"^Expected `[^`]+` of length (>=|<=) (\d+)$")
 def validation_error(e: msgspec.ValidationError) -> ApiError:
     """A msgspec schema error as a 422 with the offending field's path."""
     m = _AT.match(str(e))
-    reason, where = m.group(1), (m.group(2) or "")
+    reason, where = m.group(1), (m.group(3) or "")
+    if m.group(2):       # a mapping's key broke the schema, e.g. a file name in rules/check
+        reason = f"has a key that breaks the schema: {reason}"
     path = where.lstrip(".")
     missing = re.match(r"Object missing required field `([^`]+)`", reason)
     unknown = re.match(r"Object contains unknown field `([^`]+)`", reason)

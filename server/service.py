@@ -166,10 +166,8 @@ class Service:
             if line.line_no in seen:
                 raise field_error(f"lines[{i}].line_no", f"repeats line_no {line.line_no}")
             seen.add(line.line_no)
-            if not line.qty.is_finite() or line.qty <= 0:
-                raise field_error(f"lines[{i}].qty", "must be > 0")
-            if line.qty.as_tuple().exponent < -6 or line.qty > 10**9:
-                raise field_error(f"lines[{i}].qty", "has more than 6 decimals or is too large")
+            if problem := schema.qty_problem(line.qty):
+                raise field_error(f"lines[{i}].qty", problem)
         total = sum(line.amount for line in receipt.lines)
         if total != receipt.total:
             raise field_error("total", f"must equal the sum of line amounts ({total})")
@@ -414,8 +412,8 @@ class Service:
             if line.line_no in seen:
                 raise field_error(f"lines[{i}].line_no", f"repeats line_no {line.line_no}")
             seen.add(line.line_no)
-            if not line.qty.is_finite() or line.qty <= 0:
-                raise field_error(f"lines[{i}].qty", "must be > 0")
+            if problem := schema.qty_problem(line.qty):
+                raise field_error(f"lines[{i}].qty", problem)
         stored = await self.db.read(lambda c: ledger.get_receipt(c, rec_key))
         if stored is None:
             raise unprocessable("receipt_not_found", "no confirmed receipt with that identity",
