@@ -1,0 +1,109 @@
+"""Bad input, case by case: each answers a clear 4xx in the one error shape, never a 5xx."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import line, receipt
+from test_error_shape import assert_error_shape
+
+NOW = "2026-11-24T12:00:05+02:00"
+
+
+def raw_receipt(**changes) -> dict:
+    body = receipt("B-1", [line(1, "dairy", 1000), line(2, "bakery", 500)])
+    body.update(changes)
+    return body
+
+
+def encode(body: dict) -> bytes:
+    return json.dumps(body).encode()
+
+
+CASES = [
+    ("malformed UTF-8 in a string", b'{"receipt_id": "\xff\xfe", "store_id": "S001"}', 400, "malformed_json", None),
+    ("a lone surrogate escaped", b'{"receipt_id": "\\ud800"}', 400, "malformed_json", None),
+    ("not JSON", b"{receipt", 400, "malformed_json", None),
+    ("huge total", encode(raw_receipt(total=10**40)), 422, "validation_error", "total"),
+    ("huge line number", encode(raw_receipt(lines=[{**line(1, "dairy", 1), "line_no": 2**70}], total=1)), 422,
+     "validation_error", "lines[0].line_no"),
+    ("huge quantity", encode(raw_receipt(lines=[line(1, "dairy", 1, qty="1e999999999")], total=1)), 422,
+     "validation_error", "lines[0].qty"),
+    ("huge quantity as a number", encode(raw_receipt(lines=[line(1, "dairy", 1, qty=7)], total=1))
+     .replace(b'"qty": 7', b'"qty": 1e999999999'), 422, "validation_error", "lines[0].qty"),
+    ("quantity NaN", encode(raw_receipt(lines=[line(1, "dairy", 1, qty="NaN")], total=1)), 422,
+     "validation_error", "lines[0].qty"),
+    ("too many decimals", encode(raw_receipt(lines=[line(1, "dairy", 1, qty="0.0000001")], total=1)), 422,
+     "validation_error", "lines[0].qty"),
+    ("negative quantity", encode(raw_receipt(lines=[line(1, "dairy", 1, qty=-2)], total=1)), 422,
+     "validation_error", "lines[0].qty"),
+    ("negative amount", encode(raw_receipt(lines=[line(1, "dairy", -100)], total=-100)), 422,
+     "validation_error", "lines[0].price"),
+    ("duplicate line numbers", encode(raw_receipt(lines=[line(1, "dairy", 100), line(1, "bakery", 100)], total=200)),
+     422, "validation_error", "lines[1].line_no"),
+    ("total does not add up", encode(raw_receipt(total=1501)), 422, "validation_error", "total"),
+    ("float money", encode(raw_receipt(lines=[line(1, "dairy", 1.5)], total=1.5)), 422, "validation_error",
+     "lines[0].price"),
+    ("deeply nested array", b"[" * 100_000 + b"]" * 100_000, 422, "validation_error", "$"),
+    ("deeply nested field", b'{"receipt_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 422,
+     "validation_error", "receipt_id"),
+    ("deeply nested object", b'{"a":' * 50_000 + b"1" + b"}" * 50_000, 422, "validation_error", "a"),
+]
+
+
+@pytest.mark.parametrize("name,raw,status,code,path", CASES, ids=[c[0] for c in CASES])
+async def test_bad_receipts_answer_a_clear_4xx(make_api, name, raw, status, code, path):
+    api = await make_api(now=NOW)
+    got, data = await api.post("/v1/receipts", as_="register", raw=raw)
+    assert got == status, data
+    assert_error_shape(data)
+    if code:
+        assert data["error"]["code"] == code
+    if path:
+        assert data["error"]["details"][0]["path"] == path, data
+
+
+async def test_a_10_mb_body_is_413(make_api):
+    api = await make_api(now=NOW)
+    got, data = await api.post("/v1/receipts", as_="register", raw=b" " * (10 * 1024 * 1024))
+    assert got == 413
+    assert_error_shape(data)
+    assert data["error"]["code"] == "body_too_large"
+
+
+def many_lines(n: int) -> bytes:
+    return encode(receipt("B-10k", [line(i, "dairy", 1) for i in range(1, n + 1)]))
+
+
+async def test_a_10000_line_receipt_is_refused_clearly(make_api):
+    body = many_lines(10_000)
+    api = await make_api(now=NOW)                  # fits the default body limit; the schema caps lines
+    got, data = await api.post("/v1/receipts", as_="register", raw=body)
+    assert got == 422
+    assert data["error"]["details"] == [{"path": "lines", "message": "length must be <= 2000"}]
+    api = await make_api(now=NOW, server={"max_body_bytes": len(body) // 2})
+    got, data = await api.post("/v1/receipts", as_="register", raw=body)
+    assert got == 413 and data["error"]["code"] == "body_too_large"
+
+
+@pytest.mark.parametrize("qty", ["1e999999999", "1E+30", "0.0000001", "NaN", "-1"])
+async def test_return_quantities_are_bounded_like_receipt_quantities(make_api, qty):
+    api = await make_api(now=NOW)
+    assert (await api.post("/v1/receipts", raw_receipt(), as_="register"))[0] == 201
+    body = {"return_id": "R-1", "store_id": "S001", "register_id": "K01",
+            "receipt": {"store_id": "S001", "register_id": "K01", "receipt_id": "B-1"},
+            "lines": [{"line_no": 1, "qty": qty}]}
+    got, data = await api.post("/v1/returns", body, as_="register")
+    assert got == 422, data
+    assert data["error"]["details"][0]["path"] == "lines[0].qty"
+
+
+@pytest.mark.parametrize("name", ["a\x00.yaml", "../a.yaml", "/etc/a.yaml", "x" * 300 + ".yaml", ".yaml",
+                                  "a/" * 9 + "b.yaml", "a.yaml/", "a.txt"])
+async def test_rules_check_refuses_unsafe_file_names(make_api, name):
+    api = await make_api(now=NOW)
+    got, data = await api.post("/v1/admin/rules/check", {"files": {name: "rules: []"}})
+    assert got == 422, data
+    assert_error_shape(data)
+    assert data["error"]["details"][0]["path"] == "files"
