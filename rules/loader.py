@@ -117,8 +117,9 @@ class _Builder:
             self.problems.extend(problems)
             if doc.data is not None:
                 self._collect(doc)
-            else:
+            elif problems:
                 self.unreadable = True  # its sections are unknown: don't call them missing
+            # else an empty document (or a bare `null`): it adds nothing
         specs = self._settings()
         events = self.events = self._events()
         rules, conditions, compiler = self._rules(specs)
