@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 CONFIG ?= config.yaml
 
-.PHONY: serve test check crashtest clean
+.PHONY: serve test check crashtest fuzz clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ test: $(STAMP)
 # SIGKILL the server under load many times; `make test` runs a short form of the same test.
 crashtest: $(STAMP)
 	CRASH_CYCLES=$${CRASH_CYCLES:-50} $(VENV)/bin/pytest -q tests/test_crash_safety.py
+
+# Generated requests and programs; `make test` runs FUZZ_EXAMPLES=20 of the same tests.
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-300} FUZZ_RANDOM=1 $(VENV)/bin/pytest -q -s tests/test_fuzz_api.py tests/test_fuzz_rules.py
 
 check: $(STAMP)
 	$(VENV)/bin/loyalty rules check rules/programs/market
