@@ -96,9 +96,13 @@ class Service:
             del self._inflight[key]
             done.set_result(None)
 
-    async def find_member(self, card: str, path: str = "card") -> ledger.MemberRow:
+    async def member_by_card(self, card: str) -> ledger.MemberRow | None:
+        """Members are found by the HMAC of the card number presented."""
         digest = self.privacy.card(card)
-        member = await self.db.read(lambda c: ledger.member_by_card(c, digest))
+        return await self.db.read(lambda c: ledger.member_by_card(c, digest))
+
+    async def find_member(self, card: str, path: str = "card") -> ledger.MemberRow:
+        member = await self.member_by_card(card)
         if member is None:
             raise unprocessable("unknown_card", f"card {card} is not enrolled",
                                 [{"path": path, "message": "not enrolled"}])
@@ -528,15 +532,13 @@ class Service:
 
     async def get_member(self, card: str, at: datetime | None) -> dict:
         program = self.program()
-        digest = self.privacy.card(card)
-        member = await self.db.read(lambda c: ledger.member_by_card(c, digest))
+        member = await self.member_by_card(card)
         if member is None:
             raise not_found("unknown_card", f"card {card} is not enrolled")
         return await self.db.read(lambda c: self.member_view(c, program, member, at, card=card))
 
     async def statement(self, card: str, since: datetime | None, until: datetime | None, limit: int) -> dict:
-        digest = self.privacy.card(card)
-        member = await self.db.read(lambda c: ledger.member_by_card(c, digest))
+        member = await self.member_by_card(card)
         if member is None:
             raise not_found("unknown_card", f"card {card} is not enrolled")
         rows = await self.db.read(lambda c: ledger.statement(
