@@ -19,7 +19,7 @@ from server.keys import (CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, M
 from server.metrics import Metrics
 from server.privacy import privacy_from_config
 from server.programs import ProgramHolder
-from server.routes import add_routes
+from server.routes import add_routes, audit_middleware
 from server.service import Service
 from server.watcher import watch
 from storage.db import Database
@@ -34,7 +34,8 @@ def create_app(config: Config) -> web.Application:
     metrics = Metrics()
     privacy = privacy_from_config(config)
     app = web.Application(client_max_size=config.server.max_body_bytes,
-                          middlewares=[in_flight_middleware(IN_FLIGHT), latency_middleware, error_middleware])
+                          middlewares=[in_flight_middleware(IN_FLIGHT), latency_middleware, audit_middleware,
+                                       error_middleware])
     app[CONFIG] = config
     app[CLOCK] = Clock(config.clock.start)
     app[METRICS] = metrics

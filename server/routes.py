@@ -252,6 +252,7 @@ ROUTES: list[Route] = [
 
 
 ADMIN_PREFIX = "/v1/admin/"
+PRINCIPAL = web.RequestKey("principal", Principal)   # the authenticated caller, for the audit log
 
 
 def bind(route: Route) -> Handler:
@@ -259,13 +260,8 @@ def bind(route: Route) -> Handler:
         principal = None
         if route.roles is not None:
             principal = request.app[KEYRING].authenticate(request.headers.get("Authorization"))
+            request[PRINCIPAL] = principal
             request.app[LIMITER].check(principal.key_id)
-            if route.path.startswith(ADMIN_PREFIX):
-                return await audited(request, principal, lambda: run(request, principal))
-        return await run(request, principal)
-
-    async def run(request: web.Request, principal: Principal | None) -> web.StreamResponse:
-        if principal is not None:
             require_role(principal, route.roles)
         body = None
         if route.body is not None:
@@ -278,24 +274,15 @@ def bind(route: Route) -> Handler:
     return handle
 
 
-async def audited(request: web.Request, principal: Principal, run) -> web.StreamResponse:
-    """Every admin request by a known key, allowed or not, goes into the audit log with its status."""
-    status = 500
-    try:
-        response = await run()
-        status = response.status
-        return response
-    except ApiError as e:
-        status = e.status
-        raise
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        status = 422 if isinstance(e, msgspec.ValidationError) else 400
-        raise
-    except web.HTTPException as e:
-        status = e.status
-        raise
-    finally:
-        await write_audit(request, principal, status)
+@web.middleware
+async def audit_middleware(request: web.Request, handler):
+    """Every admin request by a known key, allowed or refused, goes into the audit log with
+    the status it got (this runs outside the error middleware, so errors are answers here)."""
+    response = await handler(request)
+    principal = request.get(PRINCIPAL)
+    if principal is not None and request.path.startswith(ADMIN_PREFIX):
+        await write_audit(request, principal, response.status)
+    return response
 
 
 async def write_audit(request: web.Request, principal: Principal, status: int) -> None:
