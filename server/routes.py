@@ -21,7 +21,7 @@ from server import schema
 from server.auth import Principal, require_role
 from server.errors import ApiError, field_error
 from server.keys import CLOCK, DATABASE, KEYRING, LIMITER, METRICS, PRIVACY, PROGRAMS, SERVICE, STATE
-from storage import audit
+from storage import admin_audit
 from storage.ledger import iso
 
 REGISTER, MANAGER, MONITOR = "register", "manager", "monitor"
@@ -299,7 +299,7 @@ async def write_audit(request: web.Request, principal: Principal, status: int) -
     row = dict(at=iso(app[CLOCK].now()), key_id=principal.key_id, method=request.method, path=path,
                body_digest=privacy.body_digest(raw), status=status)
     try:
-        await app[DATABASE].write(lambda conn: audit.append(conn, **row))
+        await app[DATABASE].write(lambda conn: admin_audit.append(conn, **row))
     except Exception:
         log.exception("could not write the audit row for %s %s by %s", request.method,
                       request.match_info.route.resource.canonical, principal.key_id)

@@ -164,7 +164,7 @@ CREATE TABLE event_fires (
 @migrations()
 def m010_audit_log(db):
     """Every admin request: who (key id), what (method, path, body digest), when, and its status.
-    Append-only like postings; each row's hash covers the previous row's hash (storage/audit.py)."""
+    Append-only like postings; each row's hash covers the previous row's hash (storage/admin_audit.py)."""
     _run(db, """
 CREATE TABLE audit_log (
     id INTEGER PRIMARY KEY,

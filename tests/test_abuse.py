@@ -12,7 +12,7 @@ import pytest
 from conftest import line, receipt
 from server.keys import DATABASE
 from server.routes import ROUTES
-from storage import audit
+from storage import admin_audit
 from test_error_shape import assert_error_shape
 
 NOW = "2026-11-24T12:00:05+02:00"
@@ -109,7 +109,7 @@ async def test_only_managers_reach_admin_paths(make_api, route, role):
     status, data = await api.call(route.method, path, {} if route.body else None, as_=role)
     assert status == 403, data
     assert_error_shape(data)
-    rows = await db_of(api).read(lambda c: audit.rows(c))
+    rows = await db_of(api).read(lambda c: admin_audit.rows(c))
     assert [(r["key_id"], r["method"], r["status"]) for r in rows] == \
         [({"register": "register-S001", "monitor": "prometheus"}[role], route.method, 403)]
 
@@ -134,7 +134,7 @@ async def test_every_admin_action_is_audited_in_a_hash_chain(make_api):
     assert (await api.post("/v1/admin/rules/check", {"files": {"a.yaml": "rules: ["}}))[0] == 200
     assert (await api.post("/v1/admin/adjustments", {"card": card}))[0] == 422
     db = db_of(api)
-    rows = list(reversed(await db.read(lambda c: audit.rows(c))))
+    rows = list(reversed(await db.read(lambda c: admin_audit.rows(c))))
     assert [(r["key_id"], r["method"], r["status"]) for r in rows] == [
         ("manager", "POST", 201), ("manager", "PUT", 200), ("manager", "GET", 200),
         ("manager", "POST", 200), ("manager", "POST", 422)]
@@ -144,7 +144,7 @@ async def test_every_admin_action_is_audited_in_a_hash_chain(make_api):
     plain = hashlib.sha256(api_body(body)).hexdigest()
     assert rows[0]["body_digest"] != plain and len(rows[0]["body_digest"]) == 64
     assert all(r["at"] for r in rows)
-    check = await db.read(audit.verify)
+    check = await db.read(admin_audit.verify)
     assert check.ok and check.rows == 5
 
     # Append-only: the triggers refuse changes.
@@ -170,16 +170,16 @@ def test_verify_finds_the_first_changed_row(tmp_path):
     from sqlite_utils import Database as UtilsDatabase
     migrations.apply(UtilsDatabase(conn))
     for i in range(5):
-        audit.append(conn, at=f"2026-11-24T10:00:0{i}.000000Z", key_id="manager", method="POST",
+        admin_audit.append(conn, at=f"2026-11-24T10:00:0{i}.000000Z", key_id="manager", method="POST",
                      path="/v1/admin/rules/reload", body_digest="0" * 64, status=200)
-    assert audit.verify(conn).ok
+    assert admin_audit.verify(conn).ok
     # Someone with the file drops the trigger and edits a row: the chain shows where.
     conn.execute("DROP TRIGGER audit_log_append_only_update")
     conn.execute("UPDATE audit_log SET key_id = 'intruder' WHERE id = 3")
-    result = audit.verify(conn)
+    result = admin_audit.verify(conn)
     assert not result.ok and result.first_bad_id == 3
     conn.execute("UPDATE audit_log SET key_id = 'manager' WHERE id = 3")
     conn.execute("DROP TRIGGER audit_log_append_only_delete")
     conn.execute("DELETE FROM audit_log WHERE id = 2")
-    result = audit.verify(conn)
+    result = admin_audit.verify(conn)
     assert not result.ok and result.first_bad_id == 3

@@ -1,4 +1,5 @@
-"""The audit log of admin actions: append-only rows, each chained to the one before.
+"""The log of admin actions: append-only rows, each chained to the one before (the
+ledger's own audit is storage/audit.py).
 
 hash = sha256(previous row's hash + canonical row), the first row chaining to GENESIS, so
 changing, removing or reordering a row breaks every hash after it; verify() finds where.
