@@ -13,7 +13,7 @@ from math import lcm
 from typing import Any
 
 from .arith import largest_remainder, round_fraction
-from .conditions import NO_BIRTHDAY_DAYS, WEEKDAYS
+from .conditions import UNKNOWN_DAYS, WEEKDAYS
 from .records import Evaluation, MemberFacts
 
 # rule index -> (denominator, line positions, numerators over the denominator)
@@ -22,6 +22,8 @@ Exact = dict[int, tuple[int, list[int], list[int]]]
 
 def evaluate(program: Any, receipt: Any, member: MemberFacts | None, redeem_requested: int,
              redeem_available: int, usage: dict[str, int], budget_left: dict[str, int] | None) -> Evaluation:  # fmt: skip
+    if receipt.ts.tzinfo is None:
+        raise ValueError("receipt ts needs a UTC offset: rules are read in the program's timezone")
     local = receipt.ts.astimezone(program.timezone)
     day = local.date()
     expires_on = day + timedelta(days=program.expiry_days) if program.expiry_days else None
@@ -104,7 +106,7 @@ def _fact(program: Any, receipt: Any, member: MemberFacts, local: datetime, day:
         fact["birthday_days"] = birthday_distance(day, member.birthday)
     if "enrolled_days" in needed:
         enrolled = member.enrolled_on
-        fact["enrolled_days"] = max((day - enrolled).days, 0) if enrolled else NO_BIRTHDAY_DAYS
+        fact["enrolled_days"] = max((day - enrolled).days, 0) if enrolled else UNKNOWN_DAYS
     for tag, field in program.member_tag_fields.items():
         fact[field] = tag in member.tags
     if program.store_tag_fields:
@@ -117,7 +119,7 @@ def _fact(program: Any, receipt: Any, member: MemberFacts, local: datetime, day:
 def birthday_distance(day: date, birthday: date | None) -> int:
     """Days from day to the nearest birthday, before or after it."""
     if birthday is None:
-        return NO_BIRTHDAY_DAYS
+        return UNKNOWN_DAYS
     return min(abs((day - _birthday_in(year, birthday)).days) for year in (day.year - 1, day.year, day.year + 1))
 
 

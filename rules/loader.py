@@ -279,7 +279,8 @@ class _Builder:
             node = self._condition(compiler, doc, path, spec)
             if node is not None:
                 conditions.append(node)
-            rules.append(self._compile(doc, path, spec, len(rules), len(conditions) - 1 if node else None, specs))
+            condition = len(conditions) - 1 if node is not None else None
+            rules.append(self._compile(doc, path, spec, len(rules), condition, specs))
         return rules, conditions, compiler
 
     def _known(self, section: str, specs: dict[str, Any]) -> set[str] | None:
