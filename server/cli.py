@@ -16,10 +16,31 @@ def main(argv: list[str] | None = None) -> int:
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
     check = rules_sub.add_parser("check", help="validate a program folder; prints file:line:column: message")
     check.add_argument("dir", type=Path)
+    audit = sub.add_parser("audit", help="verify the ledger").add_subparsers(dest="audit_command", required=True)
+    verify = audit.add_parser("verify", help="recompute the hash chain, balances and receipts; non-zero on a problem")
+    verify.add_argument("--config", default="config.yaml")
+    jobs = sub.add_parser("jobs", help="lifecycle jobs").add_subparsers(dest="jobs_command", required=True)
+    run = jobs.add_parser("run", help="expire lots, release expired holds, birthday events")
+    run.add_argument("--config", default="config.yaml")
+    run.add_argument("--now", help="the moment to run them as of (ISO datetime with offset); default: now")
+    partners = sub.add_parser("partners", help="partner reports").add_subparsers(dest="partners_command",
+                                                                                  required=True)
+    settle = partners.add_parser("settle", help="per-partner settlement for a month, as CSV and JSON")
+    settle.add_argument("--period", required=True, help="YYYY-MM")
+    settle.add_argument("--config", default="config.yaml")
+    settle.add_argument("--out", type=Path, default=Path("reports"))
+    export = sub.add_parser("export", help="exports").add_subparsers(dest="export_command", required=True)
+    ledger_export = export.add_parser("ledger", help="every posting, oldest first")
+    ledger_export.add_argument("--format", choices=["csv", "jsonl"], default="csv")
+    ledger_export.add_argument("--config", default="config.yaml")
+    ledger_export.add_argument("--out", help="file to write (default: standard output)")
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve_command(args.config)
-    return rules_check_command(args.dir)
+    if args.command == "rules":
+        return rules_check_command(args.dir)
+    from server import admin_cli
+    return admin_cli.dispatch(args)
 
 
 def serve_command(config_path: str) -> int:

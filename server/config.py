@@ -57,6 +57,12 @@ class AuthConfig(Struct, forbid_unknown_fields=True):
     keys: Annotated[list[KeyConfig], Meta(max_length=100_000)] = []
 
 
+class JobsConfig(Struct, forbid_unknown_fields=True):
+    # Expiry, release of expired holds and birthday events run inside the server this often.
+    enabled: bool = True
+    interval_seconds: Annotated[float, Meta(ge=0.05, le=86_400)] = 60.0
+
+
 class ClockConfig(Struct, forbid_unknown_fields=True):
     # The server's clock starts at this instant and runs forward in real time.
     start: datetime | None = None
@@ -68,6 +74,7 @@ class Config(Struct, forbid_unknown_fields=True):
     rules: RulesConfig = msgspec.field(default_factory=RulesConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     clock: ClockConfig = msgspec.field(default_factory=ClockConfig)
+    jobs: JobsConfig = msgspec.field(default_factory=JobsConfig)
     # Folder the relative paths above are resolved against (not a YAML key).
     base_dir: str = "."
 
@@ -136,7 +143,7 @@ def _split_error(message: str) -> tuple[str, str]:
 
 _SECTIONS: dict[str, type] = {
     "": Config, "server": ServerConfig, "database": DatabaseConfig, "rules": RulesConfig,
-    "auth": AuthConfig, "clock": ClockConfig,
+    "auth": AuthConfig, "clock": ClockConfig, "jobs": JobsConfig,
 }
 
 

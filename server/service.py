@@ -25,7 +25,7 @@ from server.errors import ApiError, conflict, field_error, not_found, unprocessa
 from server.metrics import Metrics
 from server.programs import ProgramHolder
 from server.returns import plan_cancel, plan_return
-from storage import ledger
+from storage import accounts, ledger
 from storage.db import Database
 from storage.ledger import InsufficientPoints, PostingRef, iso
 
@@ -325,6 +325,7 @@ class Service:
             windows = program.limit_windows(ev.local_date)
             limited = [r for r in ev.fired if r in windows]
             rule_dates = {r: program.rule_dates(r, ev.local_date) for r, _ in ev.by_rule}
+            partner = partner_of(program, receipt.store_id)
 
             def write(conn):
                 if member is not None:
@@ -332,10 +333,19 @@ class Service:
                                     rules_version=program.version, receipt=key)
                     ledger.close_hold(conn, key, "consumed", iso(now))
                     if ev.redeemed_points:
-                        ledger.spend(conn, member.id, ev.redeemed_points, today, "redemption", at, other_holds)
-                    post_accrual(conn, member.id, ev.by_rule, rule_dates, at)
+                        ledger.spend(conn, member.id, ev.redeemed_points, today, "redemption",
+                                     accounts.redemption_account(partner), at, other_holds)
+                    post_accrual(conn, member.id, ev.by_rule, rule_dates, accounts.issue_account(partner), at)
                     if limited:
                         ledger.record_rule_fires(conn, member.id, limited, local_date, key)
+                    if before.owed and ev.accrued_points:
+                        # The new points paid back a debt: the balance is no longer a simple sum.
+                        nonlocal result_bytes
+                        lots = ledger.lots_of(conn, member.id)
+                        holds = ledger.open_holds(conn, member.id, iso(now))
+                        result["balance"] = ledger.balance_of(lots, holds, today).as_json()
+                        result["messages"] = self._messages(program, ev, result["balance"], today, member)
+                        result_bytes = JSON.encode(result)
                 ledger.insert_receipt(conn, key, body_sha256=fingerprint, member_id=member.id if member else None,
                                       ts=iso(receipt.ts), local_date=local_date, total=receipt.total,
                                       rules_version=program.version, body=body, result=result_bytes,
@@ -381,14 +391,14 @@ class Service:
         at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
                         receipt=key, ref="cancel")
         reversed_, refunded = plan_cancel(ledger.receipt_postings(conn, key))
-        for lot_id, rule_id, points in reversed_:
-            ledger.post(conn, stored.member_id, lot_id, "reversal", -points, at, rule_id)
-        for lot_id, points in refunded:
-            ledger.post(conn, stored.member_id, lot_id, "refund", points, at)
+        for lot_id, rule_id, points, counter in reversed_:
+            ledger.post(conn, stored.member_id, lot_id, "reversal", -points, counter, at, rule_id)
+        for lot_id, points, counter in refunded:
+            ledger.post(conn, stored.member_id, lot_id, "refund", points, counter, at)
         ledger.mark_cancelled(conn, key)
         result = {**out, "status": "cancelled", "already": False,
-                  "reversed": {"points": sum(p for _, _, p in reversed_)},
-                  "refunded": {"points": sum(p for _, p in refunded)}}
+                  "reversed": {"points": sum(r[2] for r in reversed_)},
+                  "refunded": {"points": sum(r[1] for r in refunded)}}
         if stored.member_id is not None:
             member = conn.execute(f"SELECT {ledger._MEMBER_COLUMNS} FROM members m WHERE m.id = ?",
                                   (stored.member_id,)).fetchone()
@@ -434,10 +444,10 @@ class Service:
         at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
                         receipt=rec_key, ref="/".join(ret_key))
         if stored.member_id is not None:
-            for lot_id, rule_id, points in plan.reversals:
-                ledger.post(conn, stored.member_id, lot_id, "reversal", -points, at, rule_id)
-            for lot_id, points in plan.refunds:
-                ledger.post(conn, stored.member_id, lot_id, "refund", points, at)
+            for lot_id, rule_id, points, counter in plan.reversals:
+                ledger.post(conn, stored.member_id, lot_id, "reversal", -points, counter, at, rule_id)
+            for lot_id, points, counter in plan.refunds:
+                ledger.post(conn, stored.member_id, lot_id, "refund", points, counter, at)
         for line_no, line in plan.lines.items():
             ledger.insert_return_line(conn, rec_key, line_no, ret_key, line, iso(now))
         result = {"return": {"store_id": ret_key[0], "register_id": ret_key[1], "return_id": ret_key[2]},
@@ -480,22 +490,11 @@ class Service:
                     store_id=req.store_id, now=iso(now))
             except sqlite3.IntegrityError:
                 raise conflict("card_already_enrolled", f"card {req.card} is already enrolled") from None
-            self._fire_events(conn, program, member_id, "enrolled", "enrolled", now)
+            fire_events(conn, program, member_id, "enrolled", "enrolled", now)
             if req.phone and req.birthday:
-                self._fire_events(conn, program, member_id, "profile_completed", "profile", now)
+                fire_events(conn, program, member_id, "profile_completed", "profile", now)
             return self.member_view(conn, program, self._member_by_id(conn, member_id))
         return await self.db.write(write)
-
-    def _fire_events(self, conn, program: Program, member_id: int, on: str, occasion: str, now: datetime) -> None:
-        today = now.astimezone(program.timezone).date()
-        for event in program.events_on(on):
-            if event.points <= 0 or not ledger.fire_event_once(conn, member_id, event.id, occasion, iso(now)):
-                continue
-            days = event.expires_in_days if event.expires_in_days is not None else program.expiry_days
-            expires = today + timedelta(days=days) if days else None
-            at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
-                            ref=f"event:{event.id}:{occasion}")
-            ledger.credit(conn, member_id, event.points, today, expires, "event", at, rule_id=event.id)
 
     async def patch_member(self, card: str, patch: schema.MemberPatch) -> dict:
         member = await self.find_member(card)
@@ -512,7 +511,7 @@ class Service:
             ledger.update_member(conn, member.id, changes, iso(now))
             fresh = self._member_by_id(conn, member.id)
             if fresh.phone and fresh.birthday:
-                self._fire_events(conn, program, member.id, "profile_completed", "profile", now)
+                fire_events(conn, program, member.id, "profile_completed", "profile", now)
             return self.member_view(conn, program, fresh)
         async with self.member_lock(member.id):
             return await self.db.write(write)
@@ -570,10 +569,11 @@ class Service:
         today = now.astimezone(program.timezone).date()
         if req.points > 0:
             expires = today + timedelta(days=program.expiry_days) if program.expiry_days else None
-            ledger.credit(conn, member.id, req.points, today, expires, "adjustment", at)
+            ledger.credit(conn, member.id, req.points, today, expires, "adjustment", accounts.ADJUSTMENT, at)
         else:
             held = sum(h.points for h in ledger.open_holds(conn, member.id, iso(now)))
-            ledger.spend(conn, member.id, -req.points, today.isoformat(), "adjustment", at, held)
+            ledger.spend(conn, member.id, -req.points, today.isoformat(), "adjustment", accounts.ADJUSTMENT, at,
+                         held)
         result = {"adjustment_id": req.adjustment_id, "member_id": member.public_id, "points": req.points,
                   "reason": req.reason, "key_id": principal.key_id, "replayed": False,
                   "balance": self.member_view(conn, program, member)["balance"]}
@@ -597,8 +597,28 @@ def receipt_detail(receipt: schema.Receipt, ev) -> dict:
     return {"lines": lines}
 
 
-def post_accrual(conn, member_id: int, by_rule, rule_dates: dict, at: PostingRef) -> None:
-    """One lot per distinct (activation, expiry) pair, one posting per rule on it."""
+def fire_events(conn, program: Program, member_id: int, on: str, occasion: str, now: datetime) -> None:
+    """Credits the program's event rules for `on`, each at most once per member and occasion."""
+    today = now.astimezone(program.timezone).date()
+    for event in program.events_on(on):
+        if event.points <= 0 or not ledger.fire_event_once(conn, member_id, event.id, occasion, iso(now)):
+            continue
+        days = event.expires_in_days if event.expires_in_days is not None else program.expiry_days
+        expires = today + timedelta(days=days) if days else None
+        at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
+                        ref=f"event:{event.id}:{occasion}")
+        ledger.credit(conn, member_id, event.points, today, expires, "event", accounts.ISSUE_PROGRAM, at,
+                      rule_id=event.id)
+
+
+def partner_of(program: Program, store_id: str) -> str | None:
+    store = program.stores.get(store_id)
+    return store.partner if store is not None else None
+
+
+def post_accrual(conn, member_id: int, by_rule, rule_dates: dict, counter: str, at: PostingRef) -> None:
+    """One lot per distinct (activation, expiry) pair, one posting per rule on it; new
+    points pay back any debt first."""
     lots: dict[tuple, int] = {}
     for rule_id, points in by_rule:
         if points <= 0:
@@ -606,4 +626,6 @@ def post_accrual(conn, member_id: int, by_rule, rule_dates: dict, at: PostingRef
         dates = rule_dates[rule_id]
         if dates not in lots:
             lots[dates] = ledger.new_lot(conn, member_id, dates[0], dates[1], at.created_at)
-        ledger.post(conn, member_id, lots[dates], "accrual", points, at, rule_id)
+        ledger.post(conn, member_id, lots[dates], "accrual", points, counter, at, rule_id)
+    for lot_id in lots.values():
+        ledger.repay_debts(conn, member_id, lot_id, at)
