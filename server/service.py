@@ -55,6 +55,10 @@ class Service:
         self.db, self.programs, self.clock, self.metrics = db, programs, clock, metrics
         self._member_locks: dict[int, list] = {}
         self._inflight: dict[tuple, asyncio.Future] = {}
+        # Points each budgeted rule has issued (net of returns). Reserved synchronously right
+        # after evaluation, on the loop's thread, so concurrent receipts can never overshoot
+        # a budget; given back when the write fails or points are reversed.
+        self._budget_used: dict[str, int] | None = None
 
     # ------------------------------------------------------------ plumbing
 
@@ -186,13 +190,43 @@ class Service:
         facts, balance, own_hold, usage = await self.db.read(read)
         return member, facts, balance, own_hold, usage
 
+    async def _load_budgets(self, program: Program) -> None:
+        missing = [r for r in program.budgets if self._budget_used is None or r not in self._budget_used]
+        if not missing:
+            return
+
+        def read(conn):
+            return {r: conn.execute("SELECT COALESCE(SUM(points), 0) FROM postings WHERE rule_id = ? "
+                                    "AND kind IN ('accrual', 'reversal')", (r,)).fetchone()[0] for r in missing}
+        used = await self.db.read(read)
+        self._budget_used = {**(self._budget_used or {}), **{r: p for r, p in used.items()
+                                                               if r not in (self._budget_used or {})}}
+
+    def _budget_left(self, program: Program) -> dict[str, int] | None:
+        if not program.budgets:
+            return None
+        return {r: max(0, cap - self._budget_used.get(r, 0)) for r, cap in program.budgets.items()}
+
+    def _reserve_budgets(self, program: Program, by_rule, sign: int = 1) -> None:
+        if self._budget_used is None:
+            return
+        for rule, points in by_rule:
+            if rule in self._budget_used:
+                self._budget_used[rule] += sign * points
+
+    def _release_budgets(self, reversed_: dict) -> None:
+        """Points taken back by a return or cancel no longer count against budgets."""
+        self.metrics.points_reversed.inc(reversed_["points"])
+        self._reserve_budgets(None, [(x["rule"], x["points"]) for x in reversed_["by_rule"]], -1)
+
     def _evaluate(self, program: Program, receipt: schema.Receipt, prepared):
         started = time.perf_counter()
         if prepared is None:
             ev = program.evaluate(receipt, None, 0, 0, {})
         else:
             _, facts, balance, own_hold, usage = prepared
-            ev = program.evaluate(receipt, facts, receipt.redeem_points, balance.available + own_hold, usage)
+            ev = program.evaluate(receipt, facts, receipt.redeem_points, balance.available + own_hold, usage,
+                                  self._budget_left(program))
         self.metrics.rules_eval.observe(time.perf_counter() - started)
         if ev.redeem_refusal:
             raise self._refusal(ev.redeem_refusal, program, receipt)
@@ -253,6 +287,7 @@ class Service:
         member = None if receipt.card is None else await self.find_member(receipt.card)
         async with self.member_lock(member.id if member else None):
             prepared = await self._prepare(receipt, program, now, member)
+            await self._load_budgets(program)
             ev = self._evaluate(program, receipt, prepared)
             today = self.local_day(program, now)
             if prepared is None:
@@ -309,56 +344,69 @@ class Service:
         member = None if receipt.card is None else await self.find_member(receipt.card)
         async with self.member_lock(member.id if member else None):
             prepared = await self._prepare(receipt, program, now, member)
+            await self._load_budgets(program)
             ev = self._evaluate(program, receipt, prepared)
-            today = self.local_day(program, now)
-            local_date = str(ev.local_date)
-            if prepared is None:
-                balance = {}
-            else:
-                member, _, before, own_hold, _ = prepared
-                balance = self._balance_after(before, own_hold, ev, today, confirmed=True)
-                other_holds = before.held - own_hold
-            result = self._result(program, receipt, member, ev, balance, today)
-            result["replayed"] = False
-            result_bytes = JSON.encode(result)
-            detail = JSON.encode(receipt_detail(receipt, ev))
-            windows = program.limit_windows(ev.local_date)
-            limited = [r for r in ev.fired if r in windows]
-            rule_dates = {r: program.rule_dates(r, ev.local_date) for r, _ in ev.by_rule}
-            partner = partner_of(program, receipt.store_id)
-
-            def write(conn):
-                if member is not None:
-                    at = PostingRef(effective_at=iso(receipt.ts), created_at=iso(now),
-                                    rules_version=program.version, receipt=key)
-                    ledger.close_hold(conn, key, "consumed", iso(now))
-                    if ev.redeemed_points:
-                        ledger.spend(conn, member.id, ev.redeemed_points, today, "redemption",
-                                     accounts.redemption_account(partner), at, other_holds)
-                    post_accrual(conn, member.id, ev.by_rule, rule_dates, accounts.issue_account(partner), at)
-                    if limited:
-                        ledger.record_rule_fires(conn, member.id, limited, local_date, key)
-                    if before.owed and ev.accrued_points:
-                        # The new points paid back a debt: the balance is no longer a simple sum.
-                        nonlocal result_bytes
-                        lots = ledger.lots_of(conn, member.id)
-                        holds = ledger.open_holds(conn, member.id, iso(now))
-                        result["balance"] = ledger.balance_of(lots, holds, today).as_json()
-                        result["messages"] = self._messages(program, ev, result["balance"], today, member)
-                        result_bytes = JSON.encode(result)
-                ledger.insert_receipt(conn, key, body_sha256=fingerprint, member_id=member.id if member else None,
-                                      ts=iso(receipt.ts), local_date=local_date, total=receipt.total,
-                                      rules_version=program.version, body=body, result=result_bytes,
-                                      detail=detail, now=iso(now))
+            self._reserve_budgets(program, ev.by_rule)
             try:
-                await self.db.write(write)
-            except InsufficientPoints as e:
-                raise unprocessable("insufficient_points", str(e)) from None
+                result = await self._confirm_write(program, receipt, key, body, fingerprint, member, prepared, ev, now)
+            except BaseException:
+                self._reserve_budgets(program, ev.by_rule, -1)
+                raise
         for rule, points in ev.by_rule:
             if points:
                 self.metrics.points_accrued.labels(rule).inc(points)
         if ev.redeemed_points:
             self.metrics.points_redeemed.inc(ev.redeemed_points)
+        return result
+
+    async def _confirm_write(self, program, receipt, key, body, fingerprint, member, prepared, ev, now) -> dict:
+        today = self.local_day(program, now)
+        local_date = str(ev.local_date)
+        if prepared is None:
+            balance = {}
+        else:
+            member, facts, before, own_hold, _ = prepared
+            balance = self._balance_after(before, own_hold, ev, today, confirmed=True)
+            other_holds = before.held - own_hold
+        result = self._result(program, receipt, member, ev, balance, today)
+        result["replayed"] = False
+        result_bytes = JSON.encode(result)
+        detail = JSON.encode(receipt_detail(receipt, ev))
+        windows = program.limit_windows(ev.local_date)
+        limited = [r for r in ev.fired if r in windows]
+        rule_dates = {r: program.rule_dates(r, ev.local_date) for r, _ in ev.by_rule}
+        partner = partner_of(program, receipt.store_id)
+
+        def write(conn):
+            if member is not None:
+                at = PostingRef(effective_at=iso(receipt.ts), created_at=iso(now),
+                                rules_version=program.version, receipt=key)
+                ledger.close_hold(conn, key, "consumed", iso(now))
+                if ev.redeemed_points:
+                    ledger.spend(conn, member.id, ev.redeemed_points, today, "redemption",
+                                 accounts.redemption_account(partner), at, other_holds)
+                post_accrual(conn, member.id, ev.by_rule, rule_dates, accounts.issue_account(partner), at)
+                if limited:
+                    ledger.record_rule_fires(conn, member.id, limited, local_date, key)
+                if member.referred_by is not None and facts.receipt_number == 1:
+                    fire_events(conn, program, member.referred_by, "referred_first_purchase",
+                                f"referral:{member.id}", now)
+                if before.owed and ev.accrued_points:
+                    # The new points paid back a debt: the balance is no longer a simple sum.
+                    nonlocal result_bytes
+                    lots = ledger.lots_of(conn, member.id)
+                    holds = ledger.open_holds(conn, member.id, iso(now))
+                    result["balance"] = ledger.balance_of(lots, holds, today).as_json()
+                    result["messages"] = self._messages(program, ev, result["balance"], today, member)
+                    result_bytes = JSON.encode(result)
+            ledger.insert_receipt(conn, key, body_sha256=fingerprint, member_id=member.id if member else None,
+                                  ts=iso(receipt.ts), local_date=local_date, total=receipt.total,
+                                  rules_version=program.version, body=body, result=result_bytes,
+                                  detail=detail, now=iso(now))
+        try:
+            await self.db.write(write)
+        except InsufficientPoints as e:
+            raise unprocessable("insufficient_points", str(e)) from None
         return result
 
     async def cancel(self, key: ledger.ReceiptKey, principal: Principal) -> dict:
@@ -374,8 +422,8 @@ class Service:
             async with self.member_lock(member_id):
                 result = await self.db.write(lambda conn: self._cancel_in_tx(conn, key))
         self.metrics.receipts.labels("cancel", result["status"]).inc()
-        if not result.get("already"):
-            self.metrics.points_reversed.inc(result.get("reversed", {}).get("points", 0))
+        if "reversed" in result:
+            self._release_budgets(result["reversed"])
         return result
 
     def _cancel_in_tx(self, conn, key) -> dict:
@@ -396,8 +444,12 @@ class Service:
         for lot_id, points, counter in refunded:
             ledger.post(conn, stored.member_id, lot_id, "refund", points, counter, at)
         ledger.mark_cancelled(conn, key)
+        by_rule: dict[str, int] = {}
+        for _, rule_id, points, _ in reversed_:
+            by_rule[rule_id] = by_rule.get(rule_id, 0) + points
         result = {**out, "status": "cancelled", "already": False,
-                  "reversed": {"points": sum(r[2] for r in reversed_)},
+                  "reversed": {"points": sum(r[2] for r in reversed_),
+                               "by_rule": [{"rule": r, "points": p} for r, p in by_rule.items()]},
                   "refunded": {"points": sum(r[1] for r in refunded)}}
         if stored.member_id is not None:
             member = conn.execute(f"SELECT {ledger._MEMBER_COLUMNS} FROM members m WHERE m.id = ?",
@@ -428,7 +480,7 @@ class Service:
                 lambda conn: self._return_in_tx(conn, req, ret_key, rec_key, fingerprint))
         self._count("return", status, result)
         if status == 201:
-            self.metrics.points_reversed.inc(result["reversed"]["points"])
+            self._release_budgets(result["reversed"])
         return status, result
 
     def _return_in_tx(self, conn, req, ret_key, rec_key, fingerprint) -> tuple[int, dict]:
