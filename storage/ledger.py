@@ -158,7 +158,10 @@ def balance_of(lots: list[Lot], holds: list[Hold], day: str) -> Balance:
     for lot in lots:
         state = lot.state_on(day)
         if lot.remaining < 0:
+            # A debt (a return of points already spent) is owed until repaid: it neither
+            # waits for activation nor expires.
             b.owed -= lot.remaining
+            state = "available"
         if state == "available":
             b.available += lot.remaining
         elif state == "pending":
@@ -230,7 +233,7 @@ def spend(conn: sqlite3.Connection, member_id: int, points: int, day: str, kind:
 
     Re-reads the lots inside the write transaction, so a balance that changed since the
     caller looked can never be overspent."""
-    lots = [lot for lot in lots_of(conn, member_id) if lot.state_on(day) == "available"]
+    lots = [lot for lot in lots_of(conn, member_id) if lot.remaining < 0 or lot.state_on(day) == "available"]
     spendable = sum(lot.remaining for lot in lots) - reserved_by_others
     if points > spendable:
         raise InsufficientPoints(f"{points} points requested, {max(spendable, 0)} available")
