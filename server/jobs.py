@@ -36,13 +36,16 @@ async def run_all(db: Database, program: Program, now: datetime) -> dict[str, in
 
 
 def expire_batch(conn, program: Program, now: datetime) -> int:
-    """Post expiry for lots whose expiry date has come; returns how many lots it expired."""
+    """Post expiry for lots whose expiry date has come; returns how many lots it looked at."""
     today = now.astimezone(program.timezone).date().isoformat()
     rows = conn.execute(
-        "SELECT l.id, l.member_id, l.expires_on, SUM(p.points) FROM lots l JOIN postings p ON p.lot_id = l.id "
-        "WHERE l.expires_on IS NOT NULL AND l.expires_on <= ? GROUP BY l.id HAVING SUM(p.points) > 0 LIMIT ?",
+        "SELECT l.id, l.member_id, l.expires_on, (SELECT SUM(points) FROM postings p WHERE p.lot_id = l.id) "
+        "FROM lots l WHERE l.expiry_done = 0 AND l.expires_on IS NOT NULL AND l.expires_on <= ? LIMIT ?",
         (today, BATCH_ROWS_MAX)).fetchall()
+    conn.executemany("UPDATE lots SET expiry_done = 1 WHERE id = ?", [(r[0],) for r in rows])
     for lot_id, member_id, expires_on, remaining in rows:
+        if remaining <= 0:     # spent in full, or a debt (debts do not expire)
+            continue
         # The points are gone from the first moment of the expiry date, local time.
         expired_at = datetime.combine(date.fromisoformat(expires_on), time.min, program.timezone)
         at = PostingRef(effective_at=iso(expired_at), created_at=iso(now), rules_version=program.version,

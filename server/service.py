@@ -439,10 +439,11 @@ class Service:
         at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
                         receipt=key, ref="cancel")
         reversed_, refunded = plan_cancel(ledger.receipt_postings(conn, key))
+        today = self.local_day(program, now)
         for lot_id, rule_id, points, counter in reversed_:
-            ledger.post(conn, stored.member_id, lot_id, "reversal", -points, counter, at, rule_id)
+            ledger.reverse(conn, stored.member_id, lot_id, points, counter, at, rule_id, today)
         for lot_id, points, counter in refunded:
-            ledger.post(conn, stored.member_id, lot_id, "refund", points, counter, at)
+            ledger.refund(conn, stored.member_id, lot_id, points, counter, at, today)
         ledger.mark_cancelled(conn, key)
         by_rule: dict[str, int] = {}
         for _, rule_id, points, _ in reversed_:
@@ -496,10 +497,11 @@ class Service:
         at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
                         receipt=rec_key, ref="/".join(ret_key))
         if stored.member_id is not None:
+            today = self.local_day(program, now)
             for lot_id, rule_id, points, counter in plan.reversals:
-                ledger.post(conn, stored.member_id, lot_id, "reversal", -points, counter, at, rule_id)
+                ledger.reverse(conn, stored.member_id, lot_id, points, counter, at, rule_id, today)
             for lot_id, points, counter in plan.refunds:
-                ledger.post(conn, stored.member_id, lot_id, "refund", points, counter, at)
+                ledger.refund(conn, stored.member_id, lot_id, points, counter, at, today)
         for line_no, line in plan.lines.items():
             ledger.insert_return_line(conn, rec_key, line_no, ret_key, line, iso(now))
         result = {"return": {"store_id": ret_key[0], "register_id": ret_key[1], "return_id": ret_key[2]},

@@ -14,7 +14,7 @@ from datetime import date, datetime, timezone
 
 import msgspec
 
-from storage.accounts import member_account
+from storage.accounts import EXPIRY, member_account
 
 STATEMENT_ROWS_MAX = 1_000
 
@@ -225,6 +225,34 @@ def post(conn: sqlite3.Connection, member_id: int, lot_id: int, kind: str, point
                  (posting_id, member_id, lot_id, kind, points, counter, at.effective_at, at.created_at, rule_id,
                   at.rules_version, store, register, receipt, at.ref, at.key_id, at.note,
                   posting_hash(prev, row)))
+
+
+def _expired_on(conn: sqlite3.Connection, lot_id: int, day: str) -> bool:
+    expires_on = conn.execute("SELECT expires_on FROM lots WHERE id = ?", (lot_id,)).fetchone()[0]
+    return expires_on is not None and expires_on <= day
+
+
+def refund(conn: sqlite3.Connection, member_id: int, lot_id: int, points: int, counter: str, at: PostingRef,
+           day: str) -> None:
+    """Spent points go back to the lot they came from and keep its expiry: to a lot that
+    has already expired they go back expired."""
+    post(conn, member_id, lot_id, "refund", points, counter, at)
+    if _expired_on(conn, lot_id, day):
+        post(conn, member_id, lot_id, "expiry", -points, EXPIRY, at)
+
+
+def reverse(conn: sqlite3.Connection, member_id: int, lot_id: int, points: int, counter: str, at: PostingRef,
+            rule_id: str | None, day: str) -> None:
+    """Takes earned points back. Points of the lot that already expired are taken from the
+    expiry account rather than from the member (who no longer had them)."""
+    post(conn, member_id, lot_id, "reversal", -points, counter, at, rule_id)
+    if not _expired_on(conn, lot_id, day):
+        return
+    expired = -conn.execute("SELECT COALESCE(SUM(points), 0) FROM postings WHERE lot_id = ? AND kind = 'expiry'",
+                            (lot_id,)).fetchone()[0]
+    back = min(points, expired)
+    if back > 0:
+        post(conn, member_id, lot_id, "expiry", back, EXPIRY, at)
 
 
 def spend(conn: sqlite3.Connection, member_id: int, points: int, day: str, kind: str, counter: str,

@@ -62,7 +62,9 @@ CREATE TABLE lots (
     member_id INTEGER NOT NULL REFERENCES members(id),
     available_from TEXT NOT NULL,
     expires_on TEXT,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    -- Set by the expiry job once it has dealt with the lot, so later runs skip it.
+    expiry_done INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX lots_member ON lots(member_id);
 CREATE TABLE postings (
@@ -88,7 +90,7 @@ CREATE TABLE postings (
 CREATE INDEX postings_member ON postings(member_id, id);
 CREATE INDEX postings_lot ON postings(lot_id);
 CREATE INDEX postings_counter ON postings(counter_account, effective_at);
-CREATE INDEX lots_expiry ON lots(expires_on);
+CREATE INDEX lots_expiry ON lots(expires_on) WHERE expiry_done = 0 AND expires_on IS NOT NULL;
 CREATE INDEX postings_receipt ON postings(store_id, register_id, receipt_id) WHERE receipt_id IS NOT NULL;
 CREATE TRIGGER postings_append_only_update BEFORE UPDATE ON postings
 BEGIN SELECT RAISE(ABORT, 'postings are append-only: post a correction instead'); END;

@@ -197,3 +197,26 @@ def test_jobs_run_from_the_command_line(tmp_path, capsys):
     config = write_config(tmp_path)
     assert cli(["jobs", "run", "--config", config, "--now", "2027-12-01T00:00:00+02:00"]) == 0
     assert "expired_lots: 0" in capsys.readouterr().out
+
+
+async def test_refund_to_an_expired_lot_comes_back_expired(make_api, tmp_path):
+    api = await make_api(now=NOW)
+    await api.post("/v1/members", {"card": "1"})          # 100 welcome points, expire 2027-11-24
+    body = receipt("E-1", [line(1, "grocery", 100000)], card="1", redeem=100)
+    status, r = await api.post("/v1/receipts", body, as_="register")
+    assert status == 201 and r["redeemed"]["points"] == 100
+    app = api.client.app
+    app[CLOCK].set(datetime.fromisoformat("2027-11-25T10:00:00+02:00"))
+    await run_all(app[DATABASE], app[PROGRAMS].current, app[CLOCK].now())
+    _, before = await api.get("/v1/members/1")
+    ret = {"return_id": "late", "store_id": "S001", "register_id": "K01",
+           "receipt": {"store_id": "S001", "register_id": "K01", "receipt_id": "E-1"},
+           "lines": [{"line_no": 1, "qty": 1}]}
+    status, r = await api.post("/v1/returns", ret, as_="register")
+    assert status == 201 and r["refunded"]["points"] == 100
+    _, after = await api.get("/v1/members/1")
+    assert after["balance"] == before["balance"]          # the welcome points had expired meanwhile
+    _, st = await api.get("/v1/members/1/statement")
+    kinds = [p["kind"] for p in st["postings"][:4]]
+    assert "refund" in kinds and "expiry" in kinds
+    assert cli(["audit", "verify", "--config", write_config(tmp_path)]) == 0
