@@ -160,15 +160,7 @@ class Service:
             raise field_error("ts", "needs a UTC offset, e.g. 2026-11-24T12:00:00+02:00")
         if receipt.ts - self.clock.now() > FUTURE_TS_TOLERANCE:
             raise field_error("ts", "is more than 5 minutes in the future")
-        seen = set()
-        for i, line in enumerate(receipt.lines):
-            if line.line_no in seen:
-                raise field_error(f"lines[{i}].line_no", f"repeats line_no {line.line_no}")
-            seen.add(line.line_no)
-            if not line.qty.is_finite() or line.qty <= 0:
-                raise field_error(f"lines[{i}].qty", "must be > 0")
-            if line.qty.as_tuple().exponent < -6 or line.qty > 10**9:
-                raise field_error(f"lines[{i}].qty", "has more than 6 decimals or is too large")
+        check_lines(receipt.lines)
         total = sum(line.amount for line in receipt.lines)
         if total != receipt.total:
             raise field_error("total", f"must equal the sum of line amounts ({total})")
@@ -465,13 +457,7 @@ class Service:
         ret_key = (req.store_id, req.register_id, req.return_id)
         rec_key = (req.receipt.store_id, req.receipt.register_id, req.receipt.receipt_id)
         fingerprint = sha256(schema.canonical(req))
-        seen = set()
-        for i, line in enumerate(req.lines):
-            if line.line_no in seen:
-                raise field_error(f"lines[{i}].line_no", f"repeats line_no {line.line_no}")
-            seen.add(line.line_no)
-            if not line.qty.is_finite() or line.qty <= 0:
-                raise field_error(f"lines[{i}].qty", "must be > 0")
+        check_lines(req.lines)
         stored = await self.db.read(lambda c: ledger.get_receipt(c, rec_key))
         if stored is None:
             raise unprocessable("receipt_not_found", "no confirmed receipt with that identity",
@@ -635,6 +621,23 @@ class Service:
                                  points=req.points, reason=req.reason, key_id=principal.key_id,
                                  result=JSON.encode(result), now=iso(now))
         return 201, result
+
+
+QTY_DECIMALS_MAX = 6
+QTY_MAX = 10**9
+
+
+def check_lines(lines) -> None:
+    """Line numbers are unique; quantities positive, finite, at most 6 decimals."""
+    seen = set()
+    for i, line in enumerate(lines):
+        if line.line_no in seen:
+            raise field_error(f"lines[{i}].line_no", f"repeats line_no {line.line_no}")
+        seen.add(line.line_no)
+        if not line.qty.is_finite() or line.qty <= 0:
+            raise field_error(f"lines[{i}].qty", "must be > 0")
+        if line.qty.as_tuple().exponent < -QTY_DECIMALS_MAX or line.qty > QTY_MAX:
+            raise field_error(f"lines[{i}].qty", f"has more than {QTY_DECIMALS_MAX} decimals or is too large")
 
 
 def receipt_detail(receipt: schema.Receipt, ev) -> dict:
