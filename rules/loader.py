@@ -393,6 +393,7 @@ class _Builder:
             file=doc.file,
             line=doc.mark(path).line,
             summary=_summary(doc, path, spec, kind),
+            when=_raw(doc, path + ("when",)) if spec.when else None,  # as written, for explain()
         )
 
     # The program ------------------------------------------------------------
