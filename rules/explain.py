@@ -21,6 +21,7 @@ from .conditions import (
     INT_FIELDS,
     TEXT_FIELDS,
     UNKNOWN_DAYS,
+    WEEKDAYS,
     WhenCompiler,
     holds,
 )
@@ -71,7 +72,7 @@ def explain(program: Any, receipt: Any, member: MemberFacts | None, redeem_reque
         program=program.id,
         version=program.version,
         local_date=day,
-        weekday=local.strftime("%a").lower(),
+        weekday=WEEKDAYS[local.weekday()],
         local_time=local.strftime("%H:%M"),
         member=member,
         rules=[],

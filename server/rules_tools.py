@@ -342,8 +342,10 @@ def export_receipts_command(config_path: str, out_path: str | None, first: str |
         return 2
     with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as conn:
         stream = open(out_path, "w", encoding="utf-8") if out_path else sys.stdout
+        bar = ProgressBar("exporting receipts")
+        bar.enabled = bar.enabled and (bool(out_path) or not sys.stdout.isatty())  # never amid the lines
         try:
-            count = export_receipts(conn, stream, first_day, last_day, ProgressBar("exporting receipts"))
+            count = export_receipts(conn, stream, first_day, last_day, bar)
         finally:
             if out_path:
                 stream.close()

@@ -1,9 +1,12 @@
 """Program.explain, `loyalty rules explain`, `loyalty rules diff` and `loyalty export receipts`."""
 from __future__ import annotations
 
+import io
 import json
 import random
 import shutil
+import sqlite3
+from contextlib import closing
 from datetime import date
 from pathlib import Path
 
@@ -13,7 +16,7 @@ from conftest import MARKET, line, receipt
 
 from rules import MemberFacts, format_explanation, load_files, load_program
 from server.cli import main
-from server.rules_tools import Replay, decode_receipt, diff, read_receipts
+from server.rules_tools import Replay, decode_receipt, diff, export_receipts, read_receipts
 from server.schema import Receipt
 
 CARD = "7000000000001"
@@ -226,6 +229,10 @@ async def test_export_receipts_writes_the_stored_bodies_and_diff_replays_them(ma
     assert [decode_receipt(item, "-") for item in exported] == [as_receipt(body) for body in bodies]
     assert main(["export", "receipts", "--config", str(config), "--from", "2026-11-23", "--to", "2026-11-23"]) == 0
     assert [json.loads(t)["receipt_id"] for t in capsys.readouterr().out.splitlines()] == ["X-2"]
+    calls = []
+    with closing(sqlite3.connect(f"file:{tmp_path / 'loyalty.db'}?mode=ro", uri=True)) as conn:
+        assert export_receipts(conn, io.StringIO(), date(2026, 11, 23), None, lambda *done: calls.append(done)) == 2
+    assert calls == [(0, 2), (2, 2)]
 
     changed = tmp_path / "changed"
     shutil.copytree(MARKET, changed)
