@@ -342,7 +342,8 @@ def format_explanation(explanation: Explanation, currency: str = "") -> str:
             f"receipt #{member.receipt_number}"
         )
     if ev.redeemed_points:
-        out.append(f"redeemed: {ev.redeemed_points} points, discount {ev.discount} {currency}".rstrip())
+        money = f"{ev.discount // 100}.{ev.discount % 100:02d}"  # minor units, two decimals
+        out.append(f"redeemed: {ev.redeemed_points} points, discount {money} {currency}".rstrip())
     elif ev.redeem_refusal:
         out.append(f"redemption refused: {ev.redeem_refusal}")
     width = max([len(rule.id) for rule in explanation.rules] + [4])

@@ -204,7 +204,7 @@ async def test_rules_explain_reads_member_facts_from_the_database(make_api, tmp_
     assert main(["rules", "explain", "--config", str(config), str(receipt_file), "--available", "5"]) == 0
     assert "redemption refused: insufficient_points" in capsys.readouterr().out
     assert main(["rules", "explain", "--config", str(config), str(receipt_file)]) == 0
-    assert "redeemed: 20 points, discount 2000 UAH" in capsys.readouterr().out
+    assert "redeemed: 20 points, discount 20.00 UAH" in capsys.readouterr().out
     receipt_file.write_text("{}")
     assert main(["rules", "explain", "--config", str(config), str(receipt_file)]) == 2
     assert "not a receipt" in capsys.readouterr().err
