@@ -205,3 +205,26 @@ def test_redemption_minimum_and_alcohol(cafe):
     # the coffee was paid wholly with points: everyday counts only the beer's 20.00 -> 4; the stamp stays
     assert whole.by_rule == [("everyday", 4), ("coffee-stamp", 1)]
     assert whole.by_line == [(1, 1), (2, 4)]
+
+
+async def test_the_server_serves_the_cafe_program(make_api):
+    from conftest import KEYS, _h
+    from conftest import line as api_line
+    from conftest import receipt as api_receipt
+
+    keys = [{"id": "register-C01", "sha256": _h(KEYS["register"]), "role": "register", "stores": ["C01"]},
+            {"id": "manager", "sha256": _h(KEYS["manager"]), "role": "manager"}]
+    api = await make_api(now="2026-12-01T09:00:05+01:00", program_dir=CAFE, auth={"keys": keys})
+    assert (await api.post("/v1/members", {"card": "C-1"}))[0] == 201
+    # case 1 above, through the API: 39 points, available the same day (activation 0)
+    body = api_receipt("K-1", [api_line(1, "coffee", 1400), api_line(2, "pastry", 900), api_line(3, "gift_card", 5000)],
+                       card="C-1", ts="2026-12-01T09:00:00+01:00", store="C01", register="T1")
+    status, result = await api.post("/v1/receipts", body, as_="register")
+    assert status == 201, result
+    assert result["accrued"]["points"] == 39 and result["accrued"]["available_from"] == "2026-12-01"
+    assert result["accrued"]["by_rule"] == [{"rule": "everyday", "points": 4}, {"rule": "coffee-stamp", "points": 1},
+                                            {"rule": "pastry-double", "points": 2}, {"rule": "first-visit", "points": 30},
+                                            {"rule": "newcomer", "points": 2}]
+    status, member = await api.get("/v1/members/C-1")
+    assert member["balance"] == {"available": 50 + 39, "pending": 0, "held": 0}  # welcome 50 and the receipt
+    assert {"date": "2027-01-30", "points": 30} in member["expiring"]
