@@ -300,6 +300,8 @@ def _op_phrase(op: str, operand: Any, passed: bool) -> str:
 def _op_holds(actual: Any, op: str, operand: Any) -> bool:
     if op == "ne":
         values = operand if isinstance(operand, list) else [operand]
+        if isinstance(actual, str):  # names keep their written text: register {ne: 0042}
+            return all(actual != _text(item) for item in values)
         return all(actual != _plain(item) for item in values)
     if op == "between":
         return _plain(operand[0]) <= actual <= _plain(operand[1])

@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     explain.add_argument("--config", default="config.yaml")
     explain.add_argument("--card", help="read this card's facts from the database (default: the receipt's card)")
     explain.add_argument("--available", type=int, help="points the member has (default: as many as requested)")
+    explain.add_argument("--json", action="store_true", help="print the explanation as JSON")
     diff = rules_sub.add_parser("diff", help="replay receipts through two programs; points per rule")
     diff.add_argument("old", help="the current program folder")
     diff.add_argument("new", help="the changed program folder")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             return rules_tools.export_receipts_command(args.config, args.out, args.first, args.last)
         if args.rules_command == "explain":
-            return rules_tools.explain_command(args.config, args.receipt, args.card, args.available)
+            return rules_tools.explain_command(args.config, args.receipt, args.card, args.available, args.json)
         return rules_tools.diff_command(args.old, args.new, args.receipts, args.json)
     from server import admin_cli
     return admin_cli.dispatch(args)

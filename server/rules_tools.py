@@ -92,7 +92,8 @@ def member_from_db(conn: sqlite3.Connection, program: Program, card: str, receip
     )
 
 
-def explain_command(config_path: str, receipt_path: str, card: str | None, available: int | None) -> int:
+def explain_command(config_path: str, receipt_path: str, card: str | None, available: int | None,
+                    as_json: bool = False) -> int:
     from server.config import ConfigError, load_config
 
     try:
@@ -127,7 +128,10 @@ def explain_command(config_path: str, receipt_path: str, card: str | None, avail
         if member is None:
             member = default_member(program, card or "-")
         explanation = program.explain(receipt, member, receipt.redeem_points, available)
-        print(format_explanation(explanation, program.currency))
+        if as_json:
+            print(msgspec.json.encode(explanation).decode())
+        else:
+            print(format_explanation(explanation, program.currency))
         return 0
     except ToolError as e:
         print(e, file=sys.stderr)
