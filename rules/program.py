@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 
 from .conditions import Node
 from .evaluate import evaluate
+from .explain import Explanation, explain
 from .matching import Matcher
 from .records import EventRule, Evaluation, MemberFacts, Partner, Store
 
@@ -128,14 +129,12 @@ class Program:
 
     def explain(self, receipt: Any, member: MemberFacts | None, redeem_requested: int = 0,
                 redeem_available: int | None = None, usage: dict[str, int] | None = None,
-                budget_left: dict[str, int] | None = None):  # fmt: skip
+                budget_left: dict[str, int] | None = None) -> Explanation:  # fmt: skip
         """Why each rule applied or not on this receipt, with evaluate()'s points (rules/explain.py).
 
         redeem_available None: as many points as requested. usage/budget_left None:
         limits and budgets are not checked, and each such rule says so.
         """
-        from .explain import explain
-
         return explain(self, receipt, member, redeem_requested, redeem_available, usage, budget_left)
 
     def limit_windows(self, local_date: date) -> dict[str, tuple[date, date]]:
