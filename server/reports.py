@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import sqlite3
 import sys
 from datetime import date, datetime, time
@@ -116,5 +115,4 @@ class ProgressBar:
 
 
 def to_text_stream(path: str | None):
-    return open(path, "w", newline="", encoding="utf-8") if path else io.TextIOWrapper(
-        sys.stdout.buffer, encoding="utf-8", newline="", write_through=True)
+    return open(path, "w", newline="", encoding="utf-8") if path else sys.stdout
