@@ -65,18 +65,16 @@ def default_member(program: Program, member_id: str = "-", **facts: Any) -> Memb
 def member_from_db(conn: sqlite3.Connection, program: Program, card: str, receipt: Receipt) -> MemberFacts | None:
     """The facts the rules see for card at the receipt's moment, read from the database.
 
-    Tier: a manual tier whose `until` has not passed on the receipt's local date, else
-    the program's first level (spend is not replayed here). receipt_number: confirmed
-    receipts before this one, plus one."""
+    Tier: as the server computes it at the receipt's moment (a manual tier while valid, else
+    the level reached over the window). receipt_number: confirmed receipts before this one,
+    plus one."""
+    from server.service import tier_view
     from storage.ledger import from_iso, iso, member_by_card
 
     member = member_by_card(conn, card)
     if member is None:
         return None
-    day = receipt.ts.astimezone(program.timezone).date()
-    tier = program.tiers[0][0]
-    if member.manual_tier and member.manual_tier_until and member.manual_tier_until >= day.isoformat():
-        tier = member.manual_tier
+    tier = tier_view(conn, program, member, receipt.ts, iso(receipt.ts))[0]["id"]
     before = conn.execute(
         "SELECT COUNT(*) FROM receipts WHERE member_id = ? AND status = 'confirmed' AND ts < ? "
         "AND NOT (store_id = ? AND register_id = ? AND receipt_id = ?)",

@@ -109,17 +109,7 @@ class Service:
 
     def tier_of(self, conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
                 moment: datetime, as_of: str | None = None) -> tuple[dict, int]:
-        """The member's tier view at `moment`, and how many receipts they confirmed before it."""
-        today = self.local_day(program, moment)
-        since = iso(moment - timedelta(days=program.tier_window_days))
-        ever, count, spend = ledger.receipt_counts(conn, member.id, since, as_of)
-        metric = spend if program.tier_metric == "spend" else count
-        tier, nxt, to_next = program.tier_for(metric)
-        view = {"id": tier, "next": nxt, "to_next": to_next, "metric": program.tier_metric, "value": metric,
-                "manual": False}
-        if member.manual_tier and member.manual_tier_until and member.manual_tier_until >= today:
-            view.update(id=member.manual_tier, manual=True, until=member.manual_tier_until)
-        return view, ever
+        return tier_view(conn, program, member, moment, as_of)
 
     def member_facts(self, conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
                      moment: datetime) -> MemberFacts:
@@ -652,6 +642,22 @@ def receipt_detail(receipt: schema.Receipt, ev) -> dict:
     for line_no, points, discount in ev.redeemed_by_line:
         lines[str(line_no)].update(redeemed=points, discount=discount)
     return {"lines": lines}
+
+
+def tier_view(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, moment: datetime,
+              as_of: str | None = None) -> tuple[dict, int]:
+    """The member's tier at `moment` (a manual tier while its date holds, else the level the
+    program's metric reached over the rolling window), and how many receipts they confirmed."""
+    today = moment.astimezone(program.timezone).date().isoformat()
+    since = iso(moment - timedelta(days=program.tier_window_days))
+    ever, count, spend = ledger.receipt_counts(conn, member.id, since, as_of)
+    metric = spend if program.tier_metric == "spend" else count
+    tier, nxt, to_next = program.tier_for(metric)
+    view = {"id": tier, "next": nxt, "to_next": to_next, "metric": program.tier_metric, "value": metric,
+            "manual": False}
+    if member.manual_tier and member.manual_tier_until and member.manual_tier_until >= today:
+        view.update(id=member.manual_tier, manual=True, until=member.manual_tier_until)
+    return view, ever
 
 
 def fire_events(conn, program: Program, member_id: int, on: str, occasion: str, now: datetime) -> None:
