@@ -97,14 +97,8 @@ def partners_settle(config, conn, period: str, out_dir) -> int:
 
 
 def export_ledger(conn, fmt: str, out_path: str | None) -> int:
-    from server.reports import ProgressBar, export_ledger as export, to_text_stream
-    stream = to_text_stream(out_path)
-    try:
-        count = export(conn, stream, fmt, ProgressBar("exporting", force=bool(out_path) and sys.stderr.isatty()))
-    finally:
-        if out_path:
-            stream.close()
-        else:
-            stream.flush()
+    from server.reports import export_bar, export_ledger as export, output
+    with output(out_path) as stream:
+        count = export(conn, stream, fmt, export_bar("exporting ledger", out_path))
     print(f"{count} postings exported", file=sys.stderr)
     return 0

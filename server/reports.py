@@ -7,6 +7,7 @@ import sys
 from datetime import date, datetime, time
 from decimal import ROUND_HALF_EVEN, Decimal
 from fractions import Fraction
+from contextlib import contextmanager
 from pathlib import Path
 
 import msgspec
@@ -114,5 +115,18 @@ class ProgressBar:
         self.stream.flush()
 
 
-def to_text_stream(path: str | None):
-    return open(path, "w", newline="", encoding="utf-8") if path else sys.stdout
+@contextmanager
+def output(path: str | None):
+    """A file to write an export to, or standard output; closed or flushed afterwards."""
+    stream = open(path, "w", newline="", encoding="utf-8") if path else sys.stdout
+    try:
+        yield stream
+    finally:
+        stream.close() if path else stream.flush()
+
+
+def export_bar(label: str, path: str | None) -> "ProgressBar":
+    """A progress bar on a terminal's stderr, but never amid exported lines on that terminal."""
+    bar = ProgressBar(label)
+    bar.enabled = bar.enabled and (bool(path) or not sys.stdout.isatty())
+    return bar

@@ -325,7 +325,7 @@ def export_receipts(conn: sqlite3.Connection, out, first: date | None = None, la
 
 def export_receipts_command(config_path: str, out_path: str | None, first: str | None, last: str | None) -> int:
     from server.config import ConfigError, load_config
-    from server.reports import ProgressBar
+    from server.reports import export_bar, output
 
     try:
         config = load_config(config_path)
@@ -343,15 +343,7 @@ def export_receipts_command(config_path: str, out_path: str | None, first: str |
         print(f"{db_path}: no database", file=sys.stderr)
         return 2
     with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as conn:
-        stream = open(out_path, "w", encoding="utf-8") if out_path else sys.stdout
-        bar = ProgressBar("exporting receipts")
-        bar.enabled = bar.enabled and (bool(out_path) or not sys.stdout.isatty())  # never amid the lines
-        try:
-            count = export_receipts(conn, stream, first_day, last_day, bar)
-        finally:
-            if out_path:
-                stream.close()
-            else:
-                stream.flush()
+        with output(out_path) as stream:
+            count = export_receipts(conn, stream, first_day, last_day, export_bar("exporting receipts", out_path))
     print(f"{count} receipts exported", file=sys.stderr)
     return 0
