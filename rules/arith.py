@@ -18,24 +18,19 @@ def largest_remainder(total: int, weights: list[int]) -> list[int]:
     """
     if total < 0:
         return [-part for part in largest_remainder(-total, weights)]
-    if any(weight < 0 for weight in weights):
+    if min(weights, default=0) < 0:
         raise ValueError("weights must not be negative")
     whole = sum(weights)
     if whole == 0:
         if total:
             raise ValueError("cannot split a non-zero total over zero weights")
         return [0] * len(weights)
-    parts = []
-    remainders = []
-    for index, weight in enumerate(weights):
-        part, remainder = divmod(total * weight, whole)
-        parts.append(part)
-        if remainder:
-            remainders.append((-remainder, index))
+    parts = [total * weight // whole for weight in weights]
     left = total - sum(parts)
     if left:
-        remainders.sort()
-        for _, index in remainders[:left]:
+        remainders = [total * weight % whole for weight in weights]
+        # sorted() is stable, also in reverse: equal remainders keep the lower index first
+        for index in sorted(range(len(weights)), key=remainders.__getitem__, reverse=True)[:left]:
             parts[index] += 1
     return parts
 

@@ -43,7 +43,7 @@ OPERATORS = ("gt", "gte", "lt", "lte", "ne", "between")
 _FLIP = {"eq": "ne", "ne": "eq", "lt": "gte", "gte": "lt", "gt": "lte", "lte": "gt"}
 _ENGINE_OP = {"ne": "$neq", "lt": "$lt", "lte": "$lte", "gt": "$gt", "gte": "$gte"}
 _HOURS_RE = re.compile(r"(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})")
-NO_BIRTHDAY_DAYS = 100_000  # fact value when the birthday is unknown: never "within"
+UNKNOWN_DAYS = 100_000  # fact value for an unknown birthday or enrolment: never "within"
 
 
 class Cmp:

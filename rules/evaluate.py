@@ -13,7 +13,7 @@ from math import lcm
 from typing import Any
 
 from .arith import largest_remainder, round_fraction
-from .conditions import NO_BIRTHDAY_DAYS, WEEKDAYS
+from .conditions import UNKNOWN_DAYS, WEEKDAYS
 from .records import Evaluation, MemberFacts
 
 # rule index -> (denominator, line positions, numerators over the denominator)
@@ -22,6 +22,8 @@ Exact = dict[int, tuple[int, list[int], list[int]]]
 
 def evaluate(program: Any, receipt: Any, member: MemberFacts | None, redeem_requested: int,
              redeem_available: int, usage: dict[str, int], budget_left: dict[str, int] | None) -> Evaluation:  # fmt: skip
+    if receipt.ts.tzinfo is None:
+        raise ValueError("receipt ts needs a UTC offset: rules are read in the program's timezone")
     local = receipt.ts.astimezone(program.timezone)
     day = local.date()
     expires_on = day + timedelta(days=program.expiry_days) if program.expiry_days else None
@@ -104,7 +106,7 @@ def _fact(program: Any, receipt: Any, member: MemberFacts, local: datetime, day:
         fact["birthday_days"] = birthday_distance(day, member.birthday)
     if "enrolled_days" in needed:
         enrolled = member.enrolled_on
-        fact["enrolled_days"] = max((day - enrolled).days, 0) if enrolled else NO_BIRTHDAY_DAYS
+        fact["enrolled_days"] = max((day - enrolled).days, 0) if enrolled else UNKNOWN_DAYS
     for tag, field in program.member_tag_fields.items():
         fact[field] = tag in member.tags
     if program.store_tag_fields:
@@ -117,7 +119,7 @@ def _fact(program: Any, receipt: Any, member: MemberFacts, local: datetime, day:
 def birthday_distance(day: date, birthday: date | None) -> int:
     """Days from day to the nearest birthday, before or after it."""
     if birthday is None:
-        return NO_BIRTHDAY_DAYS
+        return UNKNOWN_DAYS
     return min(abs((day - _birthday_in(year, birthday)).days) for year in (day.year - 1, day.year, day.year + 1))
 
 
@@ -187,12 +189,8 @@ def _exact_points(chosen: list[tuple[Any, list[int]]], lines: list, paid: list[i
             points = _REWARDS[rule.kind](rule, scope, lines, paid)
         if points is None:
             continue
-        denominator, positions, values = points
-        if 0 in values:
-            kept = [(position, value) for position, value in zip(positions, values) if value]
-            positions, values = [p for p, _ in kept], [v for _, v in kept]
-        if values and sum(values) > 0:
-            exact[rule.index] = (denominator, positions, values)
+        if sum(points[2]) > 0:  # zero pairs stay: they never get a point, and are not listed
+            exact[rule.index] = points
     return exact
 
 
@@ -248,25 +246,28 @@ def _attribute(program: Any, exact: Exact, line_nos: list[int], earning: list[in
     """Round the receipt total once and hand the integer back to (rule, line) pairs."""
     fired = sorted(exact)
     common = lcm(*[exact[index][0] for index in fired]) if fired else 1
-    scaled: list[list[int]] = []
+    numerator = 0
+    shares: list[list[int]] = []
     for index in fired:
         denominator, _, values = exact[index]
-        scale = common // denominator
-        scaled.append([value * scale for value in values] if scale != 1 else values)
-    total = round_fraction(sum(map(sum, scaled)), common, program.rounding)
-    shares = [[value // common for value in values] for values in scaled]
-    left = total - sum(map(sum, shares))
+        numerator += sum(values) * (common // denominator)
+        shares.append([value // denominator for value in values])
+    left = round_fraction(numerator, common, program.rounding) - sum(map(sum, shares))
     if left > 0:
-        _hand_out(left, fired, exact, scaled, shares, line_nos, common)
+        _hand_out(left, fired, exact, shares, line_nos, common)
     if budget_left is not None:
-        _cut_to_budgets(program.rules, fired, scaled, shares, budget_left)
+        _cut_to_budgets(program.rules, fired, exact, shares, budget_left)
     _fill(program.rules, fired, exact, shares, line_nos, earning, result)
 
 
-def _hand_out(left: int, fired: list[int], exact: Exact, scaled: list[list[int]], shares: list[list[int]],
-              line_nos: list[int], common: int) -> None:  # fmt: skip
+def _hand_out(left: int, fired: list[int], exact: Exact, shares: list[list[int]], line_nos: list[int],
+              common: int) -> None:  # fmt: skip
     """One more point each to the `left` largest remainders (ties: earlier rule, lower line_no)."""
-    remainders = [[value % common for value in values] for values in scaled]
+    remainders = []  # over the common denominator, so rules compare
+    for index in fired:
+        denominator, _, values = exact[index]
+        scale = common // denominator
+        remainders.append([value % denominator * scale for value in values])
     threshold = sorted(chain.from_iterable(remainders), reverse=True)[left - 1]
     ties = []
     for slot, rule_remainders in enumerate(remainders):
@@ -283,14 +284,14 @@ def _hand_out(left: int, fired: list[int], exact: Exact, scaled: list[list[int]]
         shares[slot][at] += 1
 
 
-def _cut_to_budgets(rules: list, fired: list[int], scaled: list[list[int]], shares: list[list[int]],
+def _cut_to_budgets(rules: list, fired: list[int], exact: Exact, shares: list[list[int]],
                     budget_left: dict[str, int]) -> None:  # fmt: skip
     # The receipt that would cross a budget gets what is left, spread like the rest.
     for slot, index in enumerate(fired):
         rule = rules[index]
         left = budget_left.get(rule.id) if rule.budget else None
         if left is not None and sum(shares[slot]) > left:
-            shares[slot] = largest_remainder(max(left, 0), scaled[slot])
+            shares[slot] = largest_remainder(max(left, 0), exact[index][2])
 
 
 def _fill(rules: list, fired: list[int], exact: Exact, shares: list[list[int]], line_nos: list[int],

@@ -105,6 +105,7 @@ class _Builder:
         self.first_file = next(iter(self.contents), "(program)")
         self.events: list[tuple[Document, Path, Any]] = []
         self.unreadable = False
+        self.damaged: set[tuple[str, Path]] = set()  # rules that decoded only after dropping keys
 
     def fail(self, doc: Document, path: Path, message: str, key: bool = False) -> None:
         self.problems.append(doc.problem(path, message, key))
@@ -267,7 +268,10 @@ class _Builder:
             if position == MAX_RULES:
                 self.fail(doc, path, f"more than {MAX_RULES} rules")
                 break
+            before = len(self.problems)
             spec = decode_section(doc, path, RuleSpec, self.problems)
+            if len(self.problems) > before:
+                self.damaged.add((doc.file, path))
             if spec is not None:
                 decoded.append((doc, path, spec))
         self._check_ids(decoded)
@@ -280,7 +284,8 @@ class _Builder:
             node = self._condition(compiler, doc, path, spec)
             if node is not None:
                 conditions.append(node)
-            rules.append(self._compile(doc, path, spec, len(rules), len(conditions) - 1 if node else None, specs))
+            condition = len(conditions) - 1 if node is not None else None
+            rules.append(self._compile(doc, path, spec, len(rules), condition, specs))
         return rules, conditions, compiler
 
     def _known(self, section: str, specs: dict[str, Any]) -> set[str] | None:
@@ -321,6 +326,8 @@ class _Builder:
     def _check_reward(self, doc: Document, path: Path, spec: RuleSpec, groups: dict[str, bool]) -> None:
         reward = spec.reward
         kinds = [kind for kind in REWARD_KINDS if getattr(reward, kind) is not None]
+        if not kinds and (doc.file, path[:-1]) in self.damaged:
+            return  # its reward was dropped for a problem already reported: don't pile on
         if len(kinds) != 1:
             given = f" ({', '.join(kinds)} given)" if kinds else ""
             self.fail(doc, path, f"a reward needs exactly one of: {', '.join(REWARD_KINDS)}{given}")
@@ -393,6 +400,7 @@ class _Builder:
             file=doc.file,
             line=doc.mark(path).line,
             summary=_summary(doc, path, spec, kind),
+            when=_raw(doc, path + ("when",)) if spec.when else None,  # as written, for explain()
         )
 
     # The program ------------------------------------------------------------

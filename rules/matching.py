@@ -59,9 +59,15 @@ class Matcher:
             found = self.ask_engine(fact)
             if self._cache_entries:
                 if len(self._cache) >= self._cache_entries:
-                    del self._cache[next(iter(self._cache))]  # oldest first
+                    self._evict_oldest()
                 self._cache[key] = found
         return found
+
+    def _evict_oldest(self) -> None:
+        try:
+            del self._cache[next(iter(self._cache))]
+        except (KeyError, RuntimeError, StopIteration):
+            self._cache.clear()  # another thread got there first: starting over is still correct
 
     def ask_engine(self, fact: dict[str, Any]) -> frozenset[int]:
         assert self._engine is not None

@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 
 from .conditions import Node
 from .evaluate import evaluate
+from .explain import Explanation, explain
 from .matching import Matcher
 from .records import EventRule, Evaluation, MemberFacts, Partner, Store
 
@@ -64,7 +65,7 @@ class CompiledRule:
     __slots__ = (
         "index", "id", "group", "priority", "condition", "period", "scope", "kind",
         "ratio_num", "ratio_den", "points", "every", "multiply", "limit_count", "limit_per",
-        "budget", "expires_in_days", "file", "line", "summary",
+        "budget", "expires_in_days", "file", "line", "summary", "when",
     )  # fmt: skip
 
     def __init__(self, **values: Any):
@@ -125,6 +126,16 @@ class Program:
         issue; a rule with nothing left does not apply, one with less is cut to it.
         """
         return evaluate(self, receipt, member, redeem_requested, redeem_available, usage, budget_left)
+
+    def explain(self, receipt: Any, member: MemberFacts | None, redeem_requested: int = 0,
+                redeem_available: int | None = None, usage: dict[str, int] | None = None,
+                budget_left: dict[str, int] | None = None) -> Explanation:  # fmt: skip
+        """Why each rule applied or not on this receipt, with evaluate()'s points (rules/explain.py).
+
+        redeem_available None: as many points as requested. usage/budget_left None:
+        limits and budgets are not checked, and each such rule says so.
+        """
+        return explain(self, receipt, member, redeem_requested, redeem_available, usage, budget_left)
 
     def limit_windows(self, local_date: date) -> dict[str, tuple[date, date]]:
         """For each rule with a limit: the inclusive local dates its usage is counted over."""

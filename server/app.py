@@ -14,6 +14,7 @@ from server.clock import Clock
 from server.config import Config
 from server.errors import error_middleware
 from server.guards import InFlight, TokenBuckets, in_flight_middleware
+from server.jobs import schedule
 from server.keys import (CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, PRIVACY, PROGRAMS,
                          SERVICE, STATE)
 from server.metrics import Metrics
@@ -65,15 +66,19 @@ async def resources(app: web.Application):
     watcher = None
     if config.rules.watch:
         watcher = asyncio.create_task(watch(app[PROGRAMS], config.rules.poll_interval_ms, config.rules.settle_ms))
+    background = [watcher] if watcher else []
+    if config.jobs.enabled:
+        background.append(asyncio.create_task(
+            schedule(db, app[PROGRAMS], app[CLOCK], config.jobs.interval_seconds)))
     app[STATE]["started"] = True
     try:
         yield
     finally:
         app[STATE]["started"] = False
-        if watcher is not None:
-            watcher.cancel()
+        for task in background:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+                await task
         if hup:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         db.close()

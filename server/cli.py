@@ -1,4 +1,4 @@
-"""`loyalty serve --config PATH` and `loyalty rules check DIR`."""
+"""`loyalty serve --config PATH`, `loyalty rules check|explain|diff` and the admin commands."""
 from __future__ import annotations
 
 import argparse
@@ -16,10 +16,54 @@ def main(argv: list[str] | None = None) -> int:
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
     check = rules_sub.add_parser("check", help="validate a program folder; prints file:line:column: message")
     check.add_argument("dir", type=Path)
+    explain = rules_sub.add_parser("explain", help="why each rule applied or not on one receipt")
+    explain.add_argument("receipt", help="a receipt in the API's JSON shape")
+    explain.add_argument("--config", default="config.yaml")
+    explain.add_argument("--card", help="read this card's facts from the database (default: the receipt's card)")
+    explain.add_argument("--available", type=int, help="points the member has (default: as many as requested)")
+    explain.add_argument("--json", action="store_true", help="print the explanation as JSON")
+    diff = rules_sub.add_parser("diff", help="replay receipts through two programs; points per rule")
+    diff.add_argument("old", help="the current program folder")
+    diff.add_argument("new", help="the changed program folder")
+    diff.add_argument("--receipts", required=True, help="JSON lines, one receipt each (loyalty export receipts)")
+    diff.add_argument("--json", action="store_true", help="print the report as JSON")
+    audit = sub.add_parser("audit", help="verify the ledger").add_subparsers(dest="audit_command", required=True)
+    verify = audit.add_parser("verify", help="recompute the hash chain, balances and receipts; non-zero on a problem")
+    verify.add_argument("--config", default="config.yaml")
+    jobs = sub.add_parser("jobs", help="lifecycle jobs").add_subparsers(dest="jobs_command", required=True)
+    run = jobs.add_parser("run", help="expire lots, release expired holds, birthday events")
+    run.add_argument("--config", default="config.yaml")
+    run.add_argument("--now", help="the moment to run them as of (ISO datetime with offset); default: now")
+    partners = sub.add_parser("partners", help="partner reports").add_subparsers(dest="partners_command",
+                                                                                  required=True)
+    settle = partners.add_parser("settle", help="per-partner settlement for a month, as CSV and JSON")
+    settle.add_argument("--period", required=True, help="YYYY-MM")
+    settle.add_argument("--config", default="config.yaml")
+    settle.add_argument("--out", type=Path, default=Path("reports"))
+    export = sub.add_parser("export", help="exports").add_subparsers(dest="export_command", required=True)
+    ledger_export = export.add_parser("ledger", help="every posting, oldest first")
+    ledger_export.add_argument("--format", choices=["csv", "jsonl"], default="csv")
+    ledger_export.add_argument("--config", default="config.yaml")
+    ledger_export.add_argument("--out", help="file to write (default: standard output)")
+    receipts_export = export.add_parser("receipts", help="stored receipt bodies as JSON lines (for rules diff)")
+    receipts_export.add_argument("--config", default="config.yaml")
+    receipts_export.add_argument("--out", help="file to write (default: standard output)")
+    receipts_export.add_argument("--from", dest="first", help="first local date, YYYY-MM-DD")
+    receipts_export.add_argument("--to", dest="last", help="last local date, YYYY-MM-DD")
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve_command(args.config)
-    return rules_check_command(args.dir)
+    if args.command == "rules" and args.rules_command == "check":
+        return rules_check_command(args.dir)
+    if args.command == "rules" or (args.command == "export" and args.export_command == "receipts"):
+        from server import rules_tools
+        if args.command == "export":
+            return rules_tools.export_receipts_command(args.config, args.out, args.first, args.last)
+        if args.rules_command == "explain":
+            return rules_tools.explain_command(args.config, args.receipt, args.card, args.available, args.json)
+        return rules_tools.diff_command(args.old, args.new, args.receipts, args.json)
+    from server import admin_cli
+    return admin_cli.dispatch(args)
 
 
 def serve_command(config_path: str) -> int:

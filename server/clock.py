@@ -16,3 +16,10 @@ class Clock:
         if self._start is None:
             return datetime.now(timezone.utc)
         return (self._start + timedelta(seconds=time.monotonic() - self._t0)).astimezone(timezone.utc)
+
+    def set(self, moment: datetime) -> None:
+        """Jump to `moment` and run on from there (simulated time in tests and demos)."""
+        if moment.tzinfo is None:
+            raise ValueError("the moment needs a UTC offset")
+        self._start = moment
+        self._t0 = time.monotonic()

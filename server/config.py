@@ -62,6 +62,12 @@ class AuthConfig(Struct, forbid_unknown_fields=True):
     keys: Annotated[list[KeyConfig], Meta(max_length=100_000)] = []
 
 
+class JobsConfig(Struct, forbid_unknown_fields=True):
+    # Expiry, release of expired holds and birthday events run inside the server this often.
+    enabled: bool = True
+    interval_seconds: Annotated[float, Meta(ge=0.05, le=86_400)] = 60.0
+
+
 class LimitsConfig(Struct, forbid_unknown_fields=True):
     # A token bucket per key: refilled at this rate, holding at most `burst` requests.
     requests_per_second_per_key: Annotated[float, Meta(gt=0, le=1_000_000)] = 1_000.0
@@ -87,6 +93,7 @@ class Config(Struct, forbid_unknown_fields=True):
     rules: RulesConfig = msgspec.field(default_factory=RulesConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     clock: ClockConfig = msgspec.field(default_factory=ClockConfig)
+    jobs: JobsConfig = msgspec.field(default_factory=JobsConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     privacy: PrivacyConfig = msgspec.field(default_factory=PrivacyConfig)
     # Folder the relative paths above are resolved against (not a YAML key).
@@ -157,7 +164,8 @@ def _split_error(message: str) -> tuple[str, str]:
 
 _SECTIONS: dict[str, type] = {
     "": Config, "server": ServerConfig, "database": DatabaseConfig, "rules": RulesConfig,
-    "auth": AuthConfig, "clock": ClockConfig, "limits": LimitsConfig, "privacy": PrivacyConfig,
+    "auth": AuthConfig, "clock": ClockConfig, "jobs": JobsConfig, "limits": LimitsConfig,
+    "privacy": PrivacyConfig,
 }
 
 

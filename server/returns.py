@@ -16,15 +16,16 @@ from rules import largest_remainder
 from server.errors import field_error, unprocessable
 from storage.ledger import ReturnedLine
 
-Postings = list[tuple[str, int, str | None, int, int]]
+# (kind, lot_id, rule_id, counter_account, points), as storage.ledger.receipt_postings gives them
+Postings = list[tuple[str, int, str | None, str, int]]
 
 
 @dataclass
 class ReturnPlan:
     lines: dict[int, ReturnedLine] = field(default_factory=dict)
     by_rule: dict[str, int] = field(default_factory=dict)
-    reversals: list[tuple[int, str, int]] = field(default_factory=list)   # (lot, rule, points)
-    refunds: list[tuple[int, int]] = field(default_factory=list)          # (lot, points)
+    reversals: list[tuple[int, str, int, str]] = field(default_factory=list)   # (lot, rule, points, counter)
+    refunds: list[tuple[int, int, str]] = field(default_factory=list)          # (lot, points, counter)
 
     @property
     def reversed_points(self) -> int:
@@ -79,8 +80,9 @@ def plan_return(detail: dict, prior: dict[int, list[ReturnedLine]], postings: Po
             discount_refunded=_share(sold_line["discount"], sum(b.discount_refunded for b in before), fraction,
                                      completes),
             by_rule=msgspec.json.encode(by_rule))
-    accrual_lot = {rule: lot for kind, lot, rule, _, _ in postings if kind == "accrual"}
-    plan.reversals = [(accrual_lot[rule], rule, points) for rule, points in plan.by_rule.items() if points]
+    accrual_lot = {rule: (lot, counter) for kind, lot, rule, counter, _ in postings if kind == "accrual"}
+    plan.reversals = [(accrual_lot[rule][0], rule, points, accrual_lot[rule][1])
+                      for rule, points in plan.by_rule.items() if points]
     plan.refunds = _refunds(postings, plan.refunded_points)
     return plan
 
@@ -93,32 +95,30 @@ def _pairs_left(pairs: dict[str, int], before: list[ReturnedLine]) -> dict[str, 
     return left
 
 
-def _refunds(postings: Postings, points: int) -> list[tuple[int, int]]:
+def _refunds(postings: Postings, points: int) -> list[tuple[int, int, str]]:
     """Give spent points back to the lots they came from, most recently drawn first,
     so they keep their original expiry."""
-    refundable: dict[int, int] = {}
-    for kind, lot, _, pts, _ in postings:
-        if kind == "redemption":
-            refundable[lot] = refundable.get(lot, 0) - pts
-        elif kind == "refund":
-            refundable[lot] = refundable.get(lot, 0) - pts
+    refundable: dict[tuple[int, str], int] = {}
+    for kind, lot, _, counter, pts in postings:
+        if kind in ("redemption", "refund"):
+            refundable[(lot, counter)] = refundable.get((lot, counter), 0) - pts
     out = []
-    for lot in reversed(list(refundable)):
+    for lot, counter in reversed(list(refundable)):
         if points == 0:
             break
-        take = min(points, refundable[lot])
+        take = min(points, refundable[(lot, counter)])
         if take > 0:
-            out.append((lot, take))
+            out.append((lot, take, counter))
             points -= take
     return out
 
 
-def plan_cancel(postings: Postings) -> tuple[list[tuple[int, str, int]], list[tuple[int, int]]]:
+def plan_cancel(postings: Postings) -> tuple[list[tuple[int, str, int, str]], list[tuple[int, int, str]]]:
     """Everything the receipt still holds: accruals not yet reversed, spends not yet refunded."""
-    earned: dict[tuple[int, str], int] = {}
-    for kind, lot, rule, pts, _ in postings:
+    earned: dict[tuple[int, str, str], int] = {}
+    for kind, lot, rule, counter, pts in postings:
         if kind in ("accrual", "reversal"):
-            earned[(lot, rule)] = earned.get((lot, rule), 0) + pts
-    reversals = [(lot, rule, pts) for (lot, rule), pts in earned.items() if pts > 0]
-    outstanding = sum(-pts for kind, _, _, pts, _ in postings if kind in ("redemption", "refund"))
+            earned[(lot, rule, counter)] = earned.get((lot, rule, counter), 0) + pts
+    reversals = [(lot, rule, pts, counter) for (lot, rule, counter), pts in earned.items() if pts > 0]
+    outstanding = sum(-pts for kind, _, _, _, pts in postings if kind in ("redemption", "refund"))
     return reversals, _refunds(postings, outstanding)

@@ -13,8 +13,6 @@ LINES_MAX = 2_000
 MONEY_MAX = 10**12          # minor units; far above any till, far below int64
 POINTS_MAX = 10**12
 QTY_DIGITS_MAX = 18
-QTY_MAX = 10**9
-QTY_DECIMALS_MAX = 6
 
 Id = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[^/\s]+$")]
 Text = Annotated[str, Meta(max_length=256)]
@@ -121,15 +119,6 @@ def decode(body: bytes, t: type):
         return DECODERS[t].decode(body)
     except UnicodeDecodeError as e:     # raised by msgspec for invalid UTF-8 inside strings
         raise msgspec.DecodeError(f"not valid UTF-8 at byte {e.start}") from None
-
-
-def qty_problem(qty: Decimal) -> str | None:
-    """Quantities are decoded as Decimal (msgspec puts no bounds on those): finite, > 0, bounded."""
-    if not qty.is_finite() or qty <= 0:
-        return "must be > 0"
-    if qty.as_tuple().exponent < -QTY_DECIMALS_MAX or qty > QTY_MAX:
-        return f"has more than {QTY_DECIMALS_MAX} decimals or is too large"
-    return None
 
 
 def canonical(obj) -> bytes:

@@ -26,7 +26,7 @@ from server.metrics import Metrics
 from server.privacy import Privacy
 from server.programs import ProgramHolder
 from server.returns import plan_cancel, plan_return
-from storage import ledger
+from storage import accounts, ledger
 from storage.db import Database
 from storage.ledger import InsufficientPoints, PostingRef, iso
 
@@ -57,6 +57,10 @@ class Service:
         self.privacy = privacy
         self._member_locks: dict[int, list] = {}
         self._inflight: dict[tuple, asyncio.Future] = {}
+        # Points each budgeted rule has issued (net of returns). Reserved synchronously right
+        # after evaluation, on the loop's thread, so concurrent receipts can never overshoot
+        # a budget; given back when the write fails or points are reversed.
+        self._budget_used: dict[str, int] | None = None
 
     # ------------------------------------------------------------ plumbing
 
@@ -112,17 +116,7 @@ class Service:
 
     def tier_of(self, conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
                 moment: datetime, as_of: str | None = None) -> tuple[dict, int]:
-        """The member's tier view at `moment`, and how many receipts they confirmed before it."""
-        today = self.local_day(program, moment)
-        since = iso(moment - timedelta(days=program.tier_window_days))
-        ever, count, spend = ledger.receipt_counts(conn, member.id, since, as_of)
-        metric = spend if program.tier_metric == "spend" else count
-        tier, nxt, to_next = program.tier_for(metric)
-        view = {"id": tier, "next": nxt, "to_next": to_next, "metric": program.tier_metric, "value": metric,
-                "manual": False}
-        if member.manual_tier and member.manual_tier_until and member.manual_tier_until >= today:
-            view.update(id=member.manual_tier, manual=True, until=member.manual_tier_until)
-        return view, ever
+        return tier_view(conn, program, member, moment, as_of)
 
     def member_facts(self, conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
                      moment: datetime) -> MemberFacts:
@@ -165,13 +159,7 @@ class Service:
             raise field_error("ts", "needs a UTC offset, e.g. 2026-11-24T12:00:00+02:00")
         if receipt.ts - self.clock.now() > FUTURE_TS_TOLERANCE:
             raise field_error("ts", "is more than 5 minutes in the future")
-        seen = set()
-        for i, line in enumerate(receipt.lines):
-            if line.line_no in seen:
-                raise field_error(f"lines[{i}].line_no", f"repeats line_no {line.line_no}")
-            seen.add(line.line_no)
-            if problem := schema.qty_problem(line.qty):
-                raise field_error(f"lines[{i}].qty", problem)
+        check_lines(receipt.lines)
         total = sum(line.amount for line in receipt.lines)
         if total != receipt.total:
             raise field_error("total", f"must equal the sum of line amounts ({total})")
@@ -193,13 +181,43 @@ class Service:
         facts, balance, own_hold, usage = await self.db.read(read)
         return member, facts, balance, own_hold, usage
 
+    async def _load_budgets(self, program: Program) -> None:
+        missing = [r for r in program.budgets if self._budget_used is None or r not in self._budget_used]
+        if not missing:
+            return
+
+        def read(conn):
+            return {r: conn.execute("SELECT COALESCE(SUM(points), 0) FROM postings WHERE rule_id = ? "
+                                    "AND kind IN ('accrual', 'reversal')", (r,)).fetchone()[0] for r in missing}
+        used = await self.db.read(read)
+        self._budget_used = {**(self._budget_used or {}), **{r: p for r, p in used.items()
+                                                               if r not in (self._budget_used or {})}}
+
+    def _budget_left(self, program: Program) -> dict[str, int] | None:
+        if not program.budgets:
+            return None
+        return {r: max(0, cap - self._budget_used.get(r, 0)) for r, cap in program.budgets.items()}
+
+    def _reserve_budgets(self, program: Program, by_rule, sign: int = 1) -> None:
+        if self._budget_used is None:
+            return
+        for rule, points in by_rule:
+            if rule in self._budget_used:
+                self._budget_used[rule] += sign * points
+
+    def _release_budgets(self, reversed_: dict) -> None:
+        """Points taken back by a return or cancel no longer count against budgets."""
+        self.metrics.points_reversed.inc(reversed_["points"])
+        self._reserve_budgets(None, [(x["rule"], x["points"]) for x in reversed_["by_rule"]], -1)
+
     def _evaluate(self, program: Program, receipt: schema.Receipt, prepared):
         started = time.perf_counter()
         if prepared is None:
             ev = program.evaluate(receipt, None, 0, 0, {})
         else:
             _, facts, balance, own_hold, usage = prepared
-            ev = program.evaluate(receipt, facts, receipt.redeem_points, balance.available + own_hold, usage)
+            ev = program.evaluate(receipt, facts, receipt.redeem_points, balance.available + own_hold, usage,
+                                  self._budget_left(program))
         self.metrics.rules_eval.observe(time.perf_counter() - started)
         if ev.redeem_refusal:
             raise self._refusal(ev.redeem_refusal, program, receipt)
@@ -260,6 +278,7 @@ class Service:
         member = None if receipt.card is None else await self.find_member(receipt.card)
         async with self.member_lock(member.id if member else None):
             prepared = await self._prepare(receipt, program, now, member)
+            await self._load_budgets(program)
             ev = self._evaluate(program, receipt, prepared)
             today = self.local_day(program, now)
             if prepared is None:
@@ -318,46 +337,69 @@ class Service:
         member = None if receipt.card is None else await self.find_member(receipt.card)
         async with self.member_lock(member.id if member else None):
             prepared = await self._prepare(receipt, program, now, member)
+            await self._load_budgets(program)
             ev = self._evaluate(program, receipt, prepared)
-            today = self.local_day(program, now)
-            local_date = str(ev.local_date)
-            if prepared is None:
-                balance = {}
-            else:
-                member, _, before, own_hold, _ = prepared
-                balance = self._balance_after(before, own_hold, ev, today, confirmed=True)
-                other_holds = before.held - own_hold
-            result = self._result(program, receipt, member, ev, balance, today)
-            result["replayed"] = False
-            result_bytes = JSON.encode(result)
-            detail = JSON.encode(receipt_detail(receipt, ev))
-            windows = program.limit_windows(ev.local_date)
-            limited = [r for r in ev.fired if r in windows]
-            rule_dates = {r: program.rule_dates(r, ev.local_date) for r, _ in ev.by_rule}
-
-            def write(conn):
-                if member is not None:
-                    at = PostingRef(effective_at=iso(receipt.ts), created_at=iso(now),
-                                    rules_version=program.version, receipt=key)
-                    ledger.close_hold(conn, key, "consumed", iso(now))
-                    if ev.redeemed_points:
-                        ledger.spend(conn, member.id, ev.redeemed_points, today, "redemption", at, other_holds)
-                    post_accrual(conn, member.id, ev.by_rule, rule_dates, at)
-                    if limited:
-                        ledger.record_rule_fires(conn, member.id, limited, local_date, key)
-                ledger.insert_receipt(conn, key, body_sha256=fingerprint, member_id=member.id if member else None,
-                                      ts=iso(receipt.ts), local_date=local_date, total=receipt.total,
-                                      rules_version=program.version, body=body, result=result_bytes,
-                                      detail=detail, now=iso(now))
+            self._reserve_budgets(program, ev.by_rule)
             try:
-                await self.db.write(write)
-            except InsufficientPoints as e:
-                raise unprocessable("insufficient_points", str(e)) from None
+                result = await self._confirm_write(program, receipt, key, body, fingerprint, member, prepared, ev, now)
+            except BaseException:
+                self._reserve_budgets(program, ev.by_rule, -1)
+                raise
         for rule, points in ev.by_rule:
             if points:
                 self.metrics.points_accrued.labels(rule).inc(points)
         if ev.redeemed_points:
             self.metrics.points_redeemed.inc(ev.redeemed_points)
+        return result
+
+    async def _confirm_write(self, program, receipt, key, body, fingerprint, member, prepared, ev, now) -> dict:
+        today = self.local_day(program, now)
+        local_date = str(ev.local_date)
+        if prepared is None:
+            balance = {}
+        else:
+            member, facts, before, own_hold, _ = prepared
+            balance = self._balance_after(before, own_hold, ev, today, confirmed=True)
+            other_holds = before.held - own_hold
+        result = self._result(program, receipt, member, ev, balance, today)
+        result["replayed"] = False
+        result_bytes = JSON.encode(result)
+        detail = JSON.encode(receipt_detail(receipt, ev))
+        windows = program.limit_windows(ev.local_date)
+        limited = [r for r in ev.fired if r in windows]
+        rule_dates = {r: program.rule_dates(r, ev.local_date) for r, _ in ev.by_rule}
+        partner = partner_of(program, receipt.store_id)
+
+        def write(conn):
+            if member is not None:
+                at = PostingRef(effective_at=iso(receipt.ts), created_at=iso(now),
+                                rules_version=program.version, receipt=key)
+                ledger.close_hold(conn, key, "consumed", iso(now))
+                if ev.redeemed_points:
+                    ledger.spend(conn, member.id, ev.redeemed_points, today, "redemption",
+                                 accounts.redemption_account(partner), at, other_holds)
+                post_accrual(conn, member.id, ev.by_rule, rule_dates, accounts.issue_account(partner), at)
+                if limited:
+                    ledger.record_rule_fires(conn, member.id, limited, local_date, key)
+                if member.referred_by is not None and facts.receipt_number == 1:
+                    fire_events(conn, program, member.referred_by, "referred_first_purchase",
+                                f"referral:{member.id}", now)
+                if before.owed and ev.accrued_points:
+                    # The new points paid back a debt: the balance is no longer a simple sum.
+                    nonlocal result_bytes
+                    lots = ledger.lots_of(conn, member.id)
+                    holds = ledger.open_holds(conn, member.id, iso(now))
+                    result["balance"] = ledger.balance_of(lots, holds, today).as_json()
+                    result["messages"] = self._messages(program, ev, result["balance"], today, member)
+                    result_bytes = JSON.encode(result)
+            ledger.insert_receipt(conn, key, body_sha256=fingerprint, member_id=member.id if member else None,
+                                  ts=iso(receipt.ts), local_date=local_date, total=receipt.total,
+                                  rules_version=program.version, body=body, result=result_bytes,
+                                  detail=detail, now=iso(now))
+        try:
+            await self.db.write(write)
+        except InsufficientPoints as e:
+            raise unprocessable("insufficient_points", str(e)) from None
         return result
 
     async def cancel(self, key: ledger.ReceiptKey, principal: Principal) -> dict:
@@ -373,8 +415,8 @@ class Service:
             async with self.member_lock(member_id):
                 result = await self.db.write(lambda conn: self._cancel_in_tx(conn, key))
         self.metrics.receipts.labels("cancel", result["status"]).inc()
-        if not result.get("already"):
-            self.metrics.points_reversed.inc(result.get("reversed", {}).get("points", 0))
+        if "reversed" in result:
+            self._release_budgets(result["reversed"])
         return result
 
     def _cancel_in_tx(self, conn, key) -> dict:
@@ -390,14 +432,19 @@ class Service:
         at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
                         receipt=key, ref="cancel")
         reversed_, refunded = plan_cancel(ledger.receipt_postings(conn, key))
-        for lot_id, rule_id, points in reversed_:
-            ledger.post(conn, stored.member_id, lot_id, "reversal", -points, at, rule_id)
-        for lot_id, points in refunded:
-            ledger.post(conn, stored.member_id, lot_id, "refund", points, at)
+        today = self.local_day(program, now)
+        for lot_id, rule_id, points, counter in reversed_:
+            ledger.reverse(conn, stored.member_id, lot_id, points, counter, at, rule_id, today)
+        for lot_id, points, counter in refunded:
+            ledger.refund(conn, stored.member_id, lot_id, points, counter, at, today)
         ledger.mark_cancelled(conn, key)
+        by_rule: dict[str, int] = {}
+        for _, rule_id, points, _ in reversed_:
+            by_rule[rule_id] = by_rule.get(rule_id, 0) + points
         result = {**out, "status": "cancelled", "already": False,
-                  "reversed": {"points": sum(p for _, _, p in reversed_)},
-                  "refunded": {"points": sum(p for _, p in refunded)}}
+                  "reversed": {"points": sum(r[2] for r in reversed_),
+                               "by_rule": [{"rule": r, "points": p} for r, p in by_rule.items()]},
+                  "refunded": {"points": sum(r[1] for r in refunded)}}
         if stored.member_id is not None:
             member = conn.execute(f"SELECT {ledger._MEMBER_COLUMNS} FROM members m WHERE m.id = ?",
                                   (stored.member_id,)).fetchone()
@@ -411,13 +458,7 @@ class Service:
         ret_key = (req.store_id, req.register_id, req.return_id)
         rec_key = (req.receipt.store_id, req.receipt.register_id, req.receipt.receipt_id)
         fingerprint = sha256(schema.canonical(req))
-        seen = set()
-        for i, line in enumerate(req.lines):
-            if line.line_no in seen:
-                raise field_error(f"lines[{i}].line_no", f"repeats line_no {line.line_no}")
-            seen.add(line.line_no)
-            if problem := schema.qty_problem(line.qty):
-                raise field_error(f"lines[{i}].qty", problem)
+        check_lines(req.lines)
         stored = await self.db.read(lambda c: ledger.get_receipt(c, rec_key))
         if stored is None:
             raise unprocessable("receipt_not_found", "no confirmed receipt with that identity",
@@ -427,7 +468,7 @@ class Service:
                 lambda conn: self._return_in_tx(conn, req, ret_key, rec_key, fingerprint))
         self._count("return", status, result)
         if status == 201:
-            self.metrics.points_reversed.inc(result["reversed"]["points"])
+            self._release_budgets(result["reversed"])
         return status, result
 
     def _return_in_tx(self, conn, req, ret_key, rec_key, fingerprint) -> tuple[int, dict]:
@@ -443,10 +484,11 @@ class Service:
         at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
                         receipt=rec_key, ref="/".join(ret_key))
         if stored.member_id is not None:
-            for lot_id, rule_id, points in plan.reversals:
-                ledger.post(conn, stored.member_id, lot_id, "reversal", -points, at, rule_id)
-            for lot_id, points in plan.refunds:
-                ledger.post(conn, stored.member_id, lot_id, "refund", points, at)
+            today = self.local_day(program, now)
+            for lot_id, rule_id, points, counter in plan.reversals:
+                ledger.reverse(conn, stored.member_id, lot_id, points, counter, at, rule_id, today)
+            for lot_id, points, counter in plan.refunds:
+                ledger.refund(conn, stored.member_id, lot_id, points, counter, at, today)
         for line_no, line in plan.lines.items():
             ledger.insert_return_line(conn, rec_key, line_no, ret_key, line, iso(now))
         result = {"return": {"store_id": ret_key[0], "register_id": ret_key[1], "return_id": ret_key[2]},
@@ -492,22 +534,11 @@ class Service:
                     store_id=req.store_id, now=iso(now))
             except sqlite3.IntegrityError:
                 raise conflict("card_already_enrolled", f"card {req.card} is already enrolled") from None
-            self._fire_events(conn, program, member_id, "enrolled", "enrolled", now)
+            fire_events(conn, program, member_id, "enrolled", "enrolled", now)
             if req.phone and req.birthday:
-                self._fire_events(conn, program, member_id, "profile_completed", "profile", now)
+                fire_events(conn, program, member_id, "profile_completed", "profile", now)
             return self.member_view(conn, program, self._member_by_id(conn, member_id), card=req.card)
         return await self.db.write(write)
-
-    def _fire_events(self, conn, program: Program, member_id: int, on: str, occasion: str, now: datetime) -> None:
-        today = now.astimezone(program.timezone).date()
-        for event in program.events_on(on):
-            if event.points <= 0 or not ledger.fire_event_once(conn, member_id, event.id, occasion, iso(now)):
-                continue
-            days = event.expires_in_days if event.expires_in_days is not None else program.expiry_days
-            expires = today + timedelta(days=days) if days else None
-            at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
-                            ref=f"event:{event.id}:{occasion}")
-            ledger.credit(conn, member_id, event.points, today, expires, "event", at, rule_id=event.id)
 
     async def patch_member(self, card: str, patch: schema.MemberPatch) -> dict:
         member = await self.find_member(card)
@@ -525,7 +556,7 @@ class Service:
             ledger.update_member(conn, member.id, changes, iso(now))
             fresh = self._member_by_id(conn, member.id)
             if fresh.phone and fresh.birthday:
-                self._fire_events(conn, program, member.id, "profile_completed", "profile", now)
+                fire_events(conn, program, member.id, "profile_completed", "profile", now)
             return self.member_view(conn, program, fresh, card=card)
         async with self.member_lock(member.id):
             return await self.db.write(write)
@@ -581,10 +612,11 @@ class Service:
         today = now.astimezone(program.timezone).date()
         if req.points > 0:
             expires = today + timedelta(days=program.expiry_days) if program.expiry_days else None
-            ledger.credit(conn, member.id, req.points, today, expires, "adjustment", at)
+            ledger.credit(conn, member.id, req.points, today, expires, "adjustment", accounts.ADJUSTMENT, at)
         else:
             held = sum(h.points for h in ledger.open_holds(conn, member.id, iso(now)))
-            ledger.spend(conn, member.id, -req.points, today.isoformat(), "adjustment", at, held)
+            ledger.spend(conn, member.id, -req.points, today.isoformat(), "adjustment", accounts.ADJUSTMENT, at,
+                         held)
         result = {"adjustment_id": req.adjustment_id, "member_id": member.public_id, "points": req.points,
                   "reason": req.reason, "key_id": principal.key_id, "replayed": False,
                   "balance": self.member_view(conn, program, member)["balance"]}
@@ -592,6 +624,23 @@ class Service:
                                  points=req.points, reason=req.reason, key_id=principal.key_id,
                                  result=JSON.encode(result), now=iso(now))
         return 201, result
+
+
+QTY_DECIMALS_MAX = 6
+QTY_MAX = 10**9
+
+
+def check_lines(lines) -> None:
+    """Line numbers are unique; quantities positive, finite, at most 6 decimals."""
+    seen = set()
+    for i, line in enumerate(lines):
+        if line.line_no in seen:
+            raise field_error(f"lines[{i}].line_no", f"repeats line_no {line.line_no}")
+        seen.add(line.line_no)
+        if not line.qty.is_finite() or line.qty <= 0:
+            raise field_error(f"lines[{i}].qty", "must be > 0")
+        if line.qty.as_tuple().exponent < -QTY_DECIMALS_MAX or line.qty > QTY_MAX:
+            raise field_error(f"lines[{i}].qty", f"has more than {QTY_DECIMALS_MAX} decimals or is too large")
 
 
 def receipt_detail(receipt: schema.Receipt, ev) -> dict:
@@ -608,8 +657,44 @@ def receipt_detail(receipt: schema.Receipt, ev) -> dict:
     return {"lines": lines}
 
 
-def post_accrual(conn, member_id: int, by_rule, rule_dates: dict, at: PostingRef) -> None:
-    """One lot per distinct (activation, expiry) pair, one posting per rule on it."""
+def tier_view(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, moment: datetime,
+              as_of: str | None = None) -> tuple[dict, int]:
+    """The member's tier at `moment` (a manual tier while its date holds, else the level the
+    program's metric reached over the rolling window), and how many receipts they confirmed."""
+    today = moment.astimezone(program.timezone).date().isoformat()
+    since = iso(moment - timedelta(days=program.tier_window_days))
+    ever, count, spend = ledger.receipt_counts(conn, member.id, since, as_of)
+    metric = spend if program.tier_metric == "spend" else count
+    tier, nxt, to_next = program.tier_for(metric)
+    view = {"id": tier, "next": nxt, "to_next": to_next, "metric": program.tier_metric, "value": metric,
+            "manual": False}
+    if member.manual_tier and member.manual_tier_until and member.manual_tier_until >= today:
+        view.update(id=member.manual_tier, manual=True, until=member.manual_tier_until)
+    return view, ever
+
+
+def fire_events(conn, program: Program, member_id: int, on: str, occasion: str, now: datetime) -> None:
+    """Credits the program's event rules for `on`, each at most once per member and occasion."""
+    today = now.astimezone(program.timezone).date()
+    for event in program.events_on(on):
+        if event.points <= 0 or not ledger.fire_event_once(conn, member_id, event.id, occasion, iso(now)):
+            continue
+        days = event.expires_in_days if event.expires_in_days is not None else program.expiry_days
+        expires = today + timedelta(days=days) if days else None
+        at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
+                        ref=f"event:{event.id}:{occasion}")
+        ledger.credit(conn, member_id, event.points, today, expires, "event", accounts.ISSUE_PROGRAM, at,
+                      rule_id=event.id)
+
+
+def partner_of(program: Program, store_id: str) -> str | None:
+    store = program.stores.get(store_id)
+    return store.partner if store is not None else None
+
+
+def post_accrual(conn, member_id: int, by_rule, rule_dates: dict, counter: str, at: PostingRef) -> None:
+    """One lot per distinct (activation, expiry) pair, one posting per rule on it; new
+    points pay back any debt first."""
     lots: dict[tuple, int] = {}
     for rule_id, points in by_rule:
         if points <= 0:
@@ -617,4 +702,6 @@ def post_accrual(conn, member_id: int, by_rule, rule_dates: dict, at: PostingRef
         dates = rule_dates[rule_id]
         if dates not in lots:
             lots[dates] = ledger.new_lot(conn, member_id, dates[0], dates[1], at.created_at)
-        ledger.post(conn, member_id, lots[dates], "accrual", points, at, rule_id)
+        ledger.post(conn, member_id, lots[dates], "accrual", points, counter, at, rule_id)
+    for lot_id in lots.values():
+        ledger.repay_debts(conn, member_id, lot_id, at)

@@ -7,9 +7,14 @@ lot dates are the program's local calendar dates (YYYY-MM-DD).
 """
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
+
+import msgspec
+
+from storage.accounts import EXPIRY, member_account
 
 STATEMENT_ROWS_MAX = 1_000
 
@@ -146,6 +151,7 @@ class Balance:
     pending: int = 0
     held: int = 0
     expiring: list[tuple[str, int]] = field(default_factory=list)
+    owed: int = 0               # points the member owes (returns of points already spent)
 
     def as_json(self) -> dict:
         return {"available": self.available, "pending": self.pending, "held": self.held}
@@ -156,6 +162,11 @@ def balance_of(lots: list[Lot], holds: list[Hold], day: str) -> Balance:
     by_date: dict[str, int] = {}
     for lot in lots:
         state = lot.state_on(day)
+        if lot.remaining < 0:
+            # A debt (a return of points already spent) is owed until repaid: it neither
+            # waits for activation nor expires.
+            b.owed -= lot.remaining
+            state = "available"
         if state == "available":
             b.available += lot.remaining
         elif state == "pending":
@@ -187,23 +198,75 @@ class PostingRef:
     note: str | None = None
 
 
-def post(conn: sqlite3.Connection, member_id: int, lot_id: int, kind: str, points: int,
+GENESIS_HASH = "0" * 64
+_HASHED = msgspec.json.Encoder()
+
+
+def posting_hash(prev_hash: str, row: tuple) -> str:
+    """SHA-256 over the previous posting's hash and this posting's fields, including the
+    dates of its lot, so editing a posting or a lot's dates breaks the chain from there."""
+    return hashlib.sha256(prev_hash.encode() + _HASHED.encode(row)).hexdigest()
+
+
+# The order of fields in the hashed row; storage/audit.py recomputes it from the tables.
+HASHED_SELECT = ("p.id, p.member_id, p.lot_id, l.available_from, l.expires_on, p.kind, p.points, "
+                 "p.counter_account, p.effective_at, p.created_at, p.rule_id, p.rules_version, p.store_id, "
+                 "p.register_id, p.receipt_id, p.ref, p.key_id, p.note")
+
+
+def post(conn: sqlite3.Connection, member_id: int, lot_id: int, kind: str, points: int, counter: str,
          at: PostingRef, rule_id: str | None = None) -> None:
+    """Append one transfer of `points` from `counter` to the member (negative: the other way)."""
     store, register, receipt = at.receipt or (None, None, None)
-    conn.execute("INSERT INTO postings (member_id, lot_id, kind, points, effective_at, created_at, rule_id, "
-                 "rules_version, store_id, register_id, receipt_id, ref, key_id, note) "
-                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                 (member_id, lot_id, kind, points, at.effective_at, at.created_at, rule_id, at.rules_version,
-                  store, register, receipt, at.ref, at.key_id, at.note))
+    last = conn.execute("SELECT id, hash FROM postings ORDER BY id DESC LIMIT 1").fetchone()
+    posting_id, prev = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
+    available_from, expires_on = conn.execute("SELECT available_from, expires_on FROM lots WHERE id = ?",
+                                              (lot_id,)).fetchone()
+    row = (posting_id, member_id, lot_id, available_from, expires_on, kind, points, counter, at.effective_at,
+           at.created_at, rule_id, at.rules_version, store, register, receipt, at.ref, at.key_id, at.note)
+    conn.execute("INSERT INTO postings (id, member_id, lot_id, kind, points, counter_account, effective_at, "
+                 "created_at, rule_id, rules_version, store_id, register_id, receipt_id, ref, key_id, note, hash) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (posting_id, member_id, lot_id, kind, points, counter, at.effective_at, at.created_at, rule_id,
+                  at.rules_version, store, register, receipt, at.ref, at.key_id, at.note,
+                  posting_hash(prev, row)))
 
 
-def spend(conn: sqlite3.Connection, member_id: int, points: int, day: str, kind: str,
+def _expired_on(conn: sqlite3.Connection, lot_id: int, day: str) -> bool:
+    expires_on = conn.execute("SELECT expires_on FROM lots WHERE id = ?", (lot_id,)).fetchone()[0]
+    return expires_on is not None and expires_on <= day
+
+
+def refund(conn: sqlite3.Connection, member_id: int, lot_id: int, points: int, counter: str, at: PostingRef,
+           day: str) -> None:
+    """Spent points go back to the lot they came from and keep its expiry: to a lot that
+    has already expired they go back expired."""
+    post(conn, member_id, lot_id, "refund", points, counter, at)
+    if _expired_on(conn, lot_id, day):
+        post(conn, member_id, lot_id, "expiry", -points, EXPIRY, at)
+
+
+def reverse(conn: sqlite3.Connection, member_id: int, lot_id: int, points: int, counter: str, at: PostingRef,
+            rule_id: str | None, day: str) -> None:
+    """Takes earned points back. Points of the lot that already expired are taken from the
+    expiry account rather than from the member (who no longer had them)."""
+    post(conn, member_id, lot_id, "reversal", -points, counter, at, rule_id)
+    if not _expired_on(conn, lot_id, day):
+        return
+    expired = -conn.execute("SELECT COALESCE(SUM(points), 0) FROM postings WHERE lot_id = ? AND kind = 'expiry'",
+                            (lot_id,)).fetchone()[0]
+    back = min(points, expired)
+    if back > 0:
+        post(conn, member_id, lot_id, "expiry", back, EXPIRY, at)
+
+
+def spend(conn: sqlite3.Connection, member_id: int, points: int, day: str, kind: str, counter: str,
           at: PostingRef, reserved_by_others: int = 0) -> list[tuple[int, int]]:
     """Debit available lots, soonest expiry first; returns (lot_id, points) drawn.
 
     Re-reads the lots inside the write transaction, so a balance that changed since the
     caller looked can never be overspent."""
-    lots = [lot for lot in lots_of(conn, member_id) if lot.state_on(day) == "available"]
+    lots = [lot for lot in lots_of(conn, member_id) if lot.remaining < 0 or lot.state_on(day) == "available"]
     spendable = sum(lot.remaining for lot in lots) - reserved_by_others
     if points > spendable:
         raise InsufficientPoints(f"{points} points requested, {max(spendable, 0)} available")
@@ -216,17 +279,40 @@ def spend(conn: sqlite3.Connection, member_id: int, points: int, day: str, kind:
         take = min(lot.remaining, left)
         if take <= 0:
             continue
-        post(conn, member_id, lot.id, kind, -take, at)
+        post(conn, member_id, lot.id, kind, -take, counter, at)
         drawn.append((lot.id, take))
         left -= take
     return drawn
 
 
 def credit(conn: sqlite3.Connection, member_id: int, points: int, available_from: date | str,
-           expires_on: date | str | None, kind: str, at: PostingRef, rule_id: str | None = None) -> int:
+           expires_on: date | str | None, kind: str, counter: str, at: PostingRef,
+           rule_id: str | None = None) -> int:
     lot_id = new_lot(conn, member_id, available_from, expires_on, at.created_at)
-    post(conn, member_id, lot_id, kind, points, at, rule_id)
+    post(conn, member_id, lot_id, kind, points, counter, at, rule_id)
+    repay_debts(conn, member_id, lot_id, at)
     return lot_id
+
+
+def repay_debts(conn: sqlite3.Connection, member_id: int, lot_id: int, at: PostingRef) -> int:
+    """New points first pay back what the member owes (a return of points already spent
+    leaves a lot below zero): a transfer from the new lot to the one in debt."""
+    debts = conn.execute("SELECT p.lot_id, SUM(p.points) FROM postings p JOIN lots l ON l.id = p.lot_id "
+                         "WHERE l.member_id = ? GROUP BY p.lot_id HAVING SUM(p.points) < 0 ORDER BY p.lot_id",
+                         (member_id,)).fetchall()
+    if not debts:
+        return 0
+    left = conn.execute("SELECT SUM(points) FROM postings WHERE lot_id = ?", (lot_id,)).fetchone()[0]
+    repaid = 0
+    for debt_lot, owed in debts:
+        take = min(left, -owed)
+        if take <= 0:
+            break
+        post(conn, member_id, lot_id, "repayment", -take, member_account(member_id), at)
+        post(conn, member_id, debt_lot, "repayment", take, member_account(member_id), at)
+        left -= take
+        repaid += take
+    return repaid
 
 
 # ---------------------------------------------------------------- holds
@@ -315,11 +401,13 @@ def receipt_counts(conn: sqlite3.Connection, member_id: int, since: str,
     return ever, count, spend_ - returned
 
 
-def receipt_postings(conn: sqlite3.Connection, key: ReceiptKey) -> list[tuple[str, int, str | None, int]]:
-    """(kind, lot_id, rule_id, points) summed per kind, lot and rule, in first-posting order."""
-    return conn.execute("SELECT kind, lot_id, rule_id, SUM(points), MIN(id) AS first FROM postings "
-                        "WHERE store_id = ? AND register_id = ? AND receipt_id = ? "
-                        "GROUP BY kind, lot_id, rule_id ORDER BY first", key).fetchall()
+def receipt_postings(conn: sqlite3.Connection, key: ReceiptKey) -> list[tuple]:
+    """(kind, lot_id, rule_id, counter_account, points) summed per kind, lot, rule and
+    counter account, in first-posting order."""
+    return [r[:5] for r in conn.execute(
+        "SELECT kind, lot_id, rule_id, counter_account, SUM(points), MIN(id) AS first FROM postings "
+        "WHERE store_id = ? AND register_id = ? AND receipt_id = ? "
+        "GROUP BY kind, lot_id, rule_id, counter_account ORDER BY first", key)]
 
 
 # ---------------------------------------------------------------- returns
@@ -386,14 +474,15 @@ def statement(conn: sqlite3.Connection, member_id: int, since: str | None, until
     limit = max(1, min(limit, STATEMENT_ROWS_MAX))
     rows = conn.execute(
         "SELECT * FROM (SELECT id, kind, points, effective_at, created_at, rule_id, rules_version, store_id, "
-        "register_id, receipt_id, ref, key_id, note, lot_id, SUM(points) OVER (ORDER BY id) AS running "
+        "register_id, receipt_id, ref, key_id, note, lot_id, SUM(points) OVER (ORDER BY id) AS running, "
+        "counter_account "
         "FROM postings WHERE member_id = ?) WHERE effective_at >= ? AND effective_at < ? "
         "ORDER BY id DESC LIMIT ?", (member_id, since or "", until or "9999", limit))
     out = []
     for r in rows:
         item = {"id": r[0], "kind": r[1], "points": r[2], "at": r[3], "recorded_at": r[4], "rule": r[5],
                 "rules_version": r[6], "receipt": None, "ref": r[10], "key_id": r[11], "note": r[12],
-                "lot": r[13], "running_balance": r[14]}
+                "lot": r[13], "running_balance": r[14], "counter_account": r[15]}
         if r[9] is not None:
             item["receipt"] = {"store_id": r[7], "register_id": r[8], "receipt_id": r[9]}
         out.append(item)

@@ -1,7 +1,9 @@
 """The database schema as an ordered list of migrations (applied once each, in order).
 
 Postings are the ledger: append-only, enforced by triggers; a correction is a new
-posting. A lot is a parcel of points with one activation date and one expiry date; its
+posting. Each posting is a balanced transfer between a member's account and one
+counter account (storage/accounts.py), so the accounts always sum to zero, and it
+carries a SHA-256 chained to the posting before it, so an edited row is detectable. A lot is a parcel of points with one activation date and one expiry date; its
 remaining points are the sum of the postings that name it. Receipts, holds and the
 counters for rule limits are working state beside the ledger.
 """
@@ -60,7 +62,9 @@ CREATE TABLE lots (
     member_id INTEGER NOT NULL REFERENCES members(id),
     available_from TEXT NOT NULL,
     expires_on TEXT,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    -- Set by the expiry job once it has dealt with the lot, so later runs skip it.
+    expiry_done INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX lots_member ON lots(member_id);
 CREATE TABLE postings (
@@ -68,8 +72,9 @@ CREATE TABLE postings (
     member_id INTEGER NOT NULL REFERENCES members(id),
     lot_id INTEGER NOT NULL REFERENCES lots(id),
     kind TEXT NOT NULL CHECK (kind IN ('accrual', 'redemption', 'reversal', 'refund',
-                                       'adjustment', 'event', 'expiry')),
+                                       'adjustment', 'event', 'expiry', 'repayment')),
     points INTEGER NOT NULL,
+    counter_account TEXT NOT NULL,
     effective_at TEXT NOT NULL,
     created_at TEXT NOT NULL,
     rule_id TEXT,
@@ -79,10 +84,13 @@ CREATE TABLE postings (
     receipt_id TEXT,
     ref TEXT,
     key_id TEXT,
-    note TEXT
+    note TEXT,
+    hash TEXT NOT NULL
 );
 CREATE INDEX postings_member ON postings(member_id, id);
 CREATE INDEX postings_lot ON postings(lot_id);
+CREATE INDEX postings_counter ON postings(counter_account, effective_at);
+CREATE INDEX lots_expiry ON lots(expires_on) WHERE expiry_done = 0 AND expires_on IS NOT NULL;
 CREATE INDEX postings_receipt ON postings(store_id, register_id, receipt_id) WHERE receipt_id IS NOT NULL;
 CREATE TRIGGER postings_append_only_update BEFORE UPDATE ON postings
 BEGIN SELECT RAISE(ABORT, 'postings are append-only: post a correction instead'); END;

@@ -12,6 +12,7 @@ from server.config import config_from_dict
 ROOT = Path(__file__).resolve().parent.parent
 MARKET = ROOT / "rules" / "programs" / "market"
 
+TEST_HMAC_KEY = "tests-hmac-key-0123456789"
 KEYS = {
     "register": "test-register-s001",
     "register2": "test-register-s002",
@@ -30,7 +31,7 @@ def test_config(tmp_path: Path, now: str | None = None, program_dir: Path = MARK
         "server": {"host": "127.0.0.1", "port": 0},
         "database": {"path": str(tmp_path / "loyalty.db")},
         "rules": {"dir": str(program_dir), "watch": False},
-        "privacy": {"hmac_key": "tests-hmac-key-0123456789"},
+        "privacy": {"hmac_key": TEST_HMAC_KEY},
         "auth": {"keys": [
             {"id": "register-S001", "sha256": _h(KEYS["register"]), "role": "register", "stores": ["S001"]},
             {"id": "register-S002", "sha256": _h(KEYS["register2"]), "role": "register", "stores": ["S002"]},

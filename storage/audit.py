@@ -1,0 +1,137 @@
+"""`loyalty audit verify`: recompute what the ledger claims and name the first thing that
+does not hold.
+
+1. The hash chain: every posting's hash over the previous hash and its own fields
+   (and its lot's dates). An edited, inserted or deleted row breaks it from there on.
+2. Balances from postings: a lot below zero is a debt and is only allowed where a
+   return reversed points the member had already spent.
+3. Receipts: each confirmed receipt's postings match its stored answer; a cancelled
+   receipt nets to zero; returns posted what they answered.
+4. Accounts: the members' total equals minus the counter accounts' total (zero sum).
+"""
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+
+import msgspec
+
+from storage.ledger import GENESIS_HASH, HASHED_SELECT, posting_hash
+
+PROGRESS_EVERY_ROWS = 100_000
+
+
+@dataclass
+class AuditReport:
+    postings: int = 0
+    receipts: int = 0
+    members: int = 0
+    liability: int = 0
+    accounts: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    chain_head: str = GENESIS_HASH
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(conn: sqlite3.Connection, problems_max: int = 20) -> AuditReport:
+    report = AuditReport()
+    for check in (_chain, _lots, _receipts, _returns, _accounts):
+        check(conn, report)
+        if len(report.problems) >= problems_max:
+            break
+    return report
+
+
+def _chain(conn, report: AuditReport) -> None:
+    prev = GENESIS_HASH
+    expected_id = 1
+    for row in conn.execute(f"SELECT {HASHED_SELECT}, p.hash, l.member_id FROM postings p "
+                            "LEFT JOIN lots l ON l.id = p.lot_id ORDER BY p.id"):
+        fields, stored, lot_member = row[:-2], row[-2], row[-1]
+        if fields[0] != expected_id:
+            report.problems.append(f"posting {expected_id}: missing (the ids jump to {fields[0]})")
+            return
+        if posting_hash(prev, tuple(fields)) != stored:
+            report.problems.append(f"posting {fields[0]}: hash does not match its contents or the chain "
+                                   "(the row, its lot or an earlier row was changed)")
+            return
+        if lot_member != fields[1]:
+            report.problems.append(f"posting {fields[0]}: lot {fields[2]} belongs to another member")
+            return
+        prev = stored
+        expected_id += 1
+        report.postings += 1
+    report.chain_head = prev
+
+
+def _lots(conn, report: AuditReport) -> None:
+    for lot_id, member_id, remaining, reversed_ in conn.execute(
+            "SELECT p.lot_id, p.member_id, SUM(p.points), SUM(p.kind = 'reversal') FROM postings p "
+            "GROUP BY p.lot_id HAVING SUM(p.points) < 0"):
+        if not reversed_:
+            report.problems.append(f"lot {lot_id} of member m_{member_id} is overspent ({remaining} points) "
+                                   "without a return that explains it")
+            return
+
+
+def _receipts(conn, report: AuditReport) -> None:
+    rows = conn.execute("SELECT store_id, register_id, receipt_id, member_id, status, result FROM receipts "
+                        "WHERE member_id IS NOT NULL")
+    for store, register, receipt_id, member_id, status, result in rows:
+        report.receipts += 1
+        sums = dict(((k, r), p) for k, r, p in conn.execute(
+            "SELECT kind, COALESCE(rule_id, ''), SUM(points) FROM postings WHERE store_id = ? AND register_id = ? "
+            "AND receipt_id = ? GROUP BY kind, rule_id", (store, register, receipt_id)))
+        name = f"receipt {store}/{register}/{receipt_id}"
+        if status == "cancelled":
+            # Expiry and debt repayment postings may carry the receipt too; what it earned and
+            # spent must net to zero.
+            net = sum(p for (k, _), p in sums.items() if k in ("accrual", "reversal", "redemption", "refund"))
+            if net != 0:
+                report.problems.append(f"{name}: cancelled but what it earned and spent nets to {net}")
+                return
+            continue
+        answer = msgspec.json.decode(result)
+        for item in answer["accrued"]["by_rule"]:
+            if sums.get(("accrual", item["rule"]), 0) != item["points"]:
+                report.problems.append(f"{name}: rule {item['rule']} posted {sums.get(('accrual', item['rule']), 0)} "
+                                       f"but the receipt answered {item['points']}")
+                return
+        posted = sum(p for (k, _), p in sums.items() if k == "accrual")
+        if posted != answer["accrued"]["points"]:
+            report.problems.append(f"{name}: accrual postings {posted} != answered {answer['accrued']['points']}")
+            return
+        spent = -sum(p for (k, _), p in sums.items() if k == "redemption")
+        if spent != answer["redeemed"]["points"]:
+            report.problems.append(f"{name}: redemption postings {spent} != answered {answer['redeemed']['points']}")
+            return
+
+
+def _returns(conn, report: AuditReport) -> None:
+    for ret_store, ret_register, ret_id, member_id, result in conn.execute(
+            "SELECT store_id, register_id, return_id, member_id, result FROM returns WHERE member_id IS NOT NULL"):
+        ref = f"{ret_store}/{ret_register}/{ret_id}"
+        answer = msgspec.json.decode(result)
+        reversed_, refunded = conn.execute(
+            "SELECT COALESCE(SUM(CASE WHEN kind = 'reversal' THEN -points END), 0), "
+            "COALESCE(SUM(CASE WHEN kind = 'refund' THEN points END), 0) FROM postings WHERE ref = ?",
+            (ref,)).fetchone()
+        if reversed_ != answer["reversed"]["points"] or refunded != answer["refunded"]["points"]:
+            report.problems.append(f"return {ref}: postings reverse {reversed_} and refund {refunded}, "
+                                   f"the return answered {answer['reversed']['points']} and "
+                                   f"{answer['refunded']['points']}")
+            return
+
+
+def _accounts(conn, report: AuditReport) -> None:
+    report.liability = conn.execute("SELECT COALESCE(SUM(points), 0) FROM postings").fetchone()[0]
+    report.members = conn.execute("SELECT COUNT(*) FROM members").fetchone()[0]
+    report.accounts = {acct: -total for acct, total in conn.execute(
+        "SELECT counter_account, SUM(points) FROM postings WHERE counter_account NOT LIKE 'member:%' "
+        "GROUP BY counter_account ORDER BY counter_account")}
+    if report.liability + sum(report.accounts.values()) != 0:
+        report.problems.append(f"accounts do not sum to zero: members {report.liability}, "
+                               f"counter accounts {sum(report.accounts.values())}")
