@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 CONFIG ?= config.yaml
 
-.PHONY: serve test check crashtest clean
+.PHONY: serve test check crashtest clean bench
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,14 @@ test: $(STAMP)
 # SIGKILL the server under load many times; `make test` runs a short form of the same test.
 crashtest: $(STAMP)
 	CRASH_CYCLES=$${CRASH_CYCLES:-50} $(VENV)/bin/pytest -q tests/test_crash_safety.py
+
+# Throughput and latency of the real server against its ceiling; writes benchmarks/RESULTS.md.
+# BENCH_MEMBERS=10000,1000000 by default; add 14000000 for the full size (generates ~22 GB once).
+bench: $(STAMP)
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	@command -v taskset >/dev/null || { apt-get update -qq && apt-get install -y -qq util-linux; }
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r benchmarks/requirements.txt
+	PYTHONPATH=. $(VENV)/bin/python benchmarks/run.py
 
 check: $(STAMP)
 	$(VENV)/bin/loyalty rules check rules/programs/market

@@ -6,7 +6,7 @@ The settings file is copied from rules/programs/market/program.yaml; the rules a
 large retailer's marketing calendar looks like: the everyday tier group, category and
 brand promotions (percent, extra points per amount, double base points), SKU promotions
 per unit, basket thresholds with daily limits, store, weekday and morning offers, tier
-extras and a first-purchase bonus. About half of the dated promotions run on `today`, the
+extras and a first-purchase bonus. About a quarter of the dated promotions run on `today`, the
 rest are over or not started yet, so the engine sees them but they do not fire.
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ WEEKDAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 
 
 def period(rng: random.Random, today: date) -> dict:
-    start = today + timedelta(days=rng.randrange(-40, 20))
-    end = start + timedelta(days=rng.randrange(3, 45))
+    start = today + timedelta(days=rng.randrange(-60, 30))
+    end = start + timedelta(days=rng.randrange(3, 22))
     return {"from": start.isoformat(), "to": end.isoformat()}
 
 
@@ -46,13 +46,15 @@ def make_rules(count: int, today: date, seed: int = 3) -> list[dict]:
         n += 1
         rule: dict = {"id": f"{kind}-{n}"}
         if kind == "category":
-            rule.update(period=period(rng, today), scope={"categories": [rng.choice(CATEGORIES)]},
+            rule.update(period=period(rng, today),
+                        scope={"categories": [rng.choice(CATEGORIES)], "brands": [rng.choice(BRANDS)]},
                         reward={"percent": rng.choice([1, 2, 3, 5])})
         elif kind == "brand":
-            rule.update(period=period(rng, today), scope={"brands": [rng.choice(BRANDS)]},
+            rule.update(period=period(rng, today),
+                        scope={"brands": [rng.choice(BRANDS)], "categories": [rng.choice(CATEGORIES)]},
                         reward={"per_amount": {"every": rng.choice([5000, 10000, 20000]), "points": rng.randint(1, 5)}})
         elif kind == "double":
-            rule.update(period=period(rng, today), scope={"categories": rng.sample(CATEGORIES, 2)},
+            rule.update(period=period(rng, today), scope={"categories": [rng.choice(CATEGORIES)]},
                         reward={"multiply": "base", "by": rng.choice([2, 3])})
         elif kind == "sku":
             skus = [f"482{rng.randrange(5000):010d}" for _ in range(rng.randint(3, 12))]
@@ -61,23 +63,24 @@ def make_rules(count: int, today: date, seed: int = 3) -> list[dict]:
             rule.update(when={"total": {"gte": rng.choice([50000, 80000, 100000, 150000, 200000, 300000])}},
                         reward={"points": rng.choice([10, 20, 50, 100])},
                         limit={"per_member": {"count": 1, "per": rng.choice(["day", "week", "month"])}})
-            if rng.random() < 0.5:
-                rule["period"] = period(rng, today)
+            rule["period"] = period(rng, today)
         elif kind == "store":
             rule.update(when={"store": rng.choice(["S001", "S002"])}, period=period(rng, today),
                         scope={"categories": [rng.choice(CATEGORIES)]}, reward={"percent": 1})
         elif kind == "weekday":
-            rule.update(when={"weekdays": rng.sample(WEEKDAYS, rng.randint(1, 3)), "items": {"gte": rng.randint(3, 25)}},
-                        reward={"percent": 1})
+            rule.update(when={"weekdays": [rng.choice(WEEKDAYS)], "items": {"gte": rng.randint(10, 30)}},
+                        scope={"categories": [rng.choice(CATEGORIES)]}, reward={"percent": 1})
         elif kind == "morning":
             start = rng.randint(6, 11)
             rule.update(when={"hours": f"{start:02d}:00-{start + 2:02d}:00",
-                              "channel": "pos"}, period=period(rng, today), reward={"percent": 1})
+                              "channel": "pos"}, period=period(rng, today),
+                        scope={"categories": [rng.choice(CATEGORIES)]}, reward={"percent": 1})
         elif kind == "tier":
             rule.update(when={"tier": rng.choice(["silver", "gold"]), "total": {"gte": rng.choice([20000, 50000])}},
-                        scope={"categories": rng.sample(CATEGORIES, 3)}, reward={"percent": 1})
+                        scope={"categories": [rng.choice(CATEGORIES)]}, reward={"percent": 1})
         elif kind == "first":
-            rule.update(when={"receipt_number": rng.randint(1, 3)}, reward={"points": rng.choice([20, 50])})
+            rule.update(when={"receipt_number": 1, "store": rng.choice(["S001", "S002", "F001"])},
+                        period=period(rng, today), reward={"points": rng.choice([20, 50])})
         rules.append(rule)
     return rules
 
