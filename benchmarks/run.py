@@ -59,15 +59,15 @@ def log(message: str) -> None:
 # ------------------------------------------------------------------ servers
 
 class Server:
-    def __init__(self, name: str, argv: list[str]):
-        self.name, self.argv = name, argv
+    def __init__(self, name: str, argv: list[str], tree: Path = ROOT):
+        self.name, self.argv, self.tree = name, argv, tree
         self.proc: subprocess.Popen | None = None
         self.log_path = DATA / f"server-{name}.log"
 
     def __enter__(self) -> "Server":
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(self.tree)}
         self.log_file = self.log_path.open("wb")
-        self.proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, *self.argv], cwd=ROOT, env=env,
+        self.proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, *self.argv], cwd=self.tree, env=env,
                                      stdout=self.log_file, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -93,6 +93,20 @@ class Server:
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def thread_cpu(self) -> dict[str, float]:
+        """CPU seconds per thread: the event loop (main), the writer (started first), the readers."""
+        tick = os.sysconf("SC_CLK_TCK")
+        tasks = sorted(int(t.name) for t in Path(f"/proc/{self.proc.pid}/task").iterdir())
+        out: dict[str, float] = {}
+        for position, tid in enumerate(tasks):
+            try:
+                fields = Path(f"/proc/{self.proc.pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            kind = "loop" if tid == self.proc.pid else "writer" if position == 1 else "reader"
+            out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        return out
 
     def peak_rss_mib(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -212,7 +226,11 @@ def profile(server: Server, templates: Path, members: int, seconds: int) -> dict
                             str(seconds), "--format", "raw", "--nonblocking", "--output", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(1)
+    threads_before = server.thread_cpu()
     result, _ = measured(server, lambda: wrk(templates, members, seconds - 2))
+    threads_after = server.thread_cpu()
+    result["thread_cpu_us"] = {kind: (threads_after.get(kind, 0) - threads_before.get(kind, 0)) / result["requests"] * 1e6
+                               for kind in threads_after}
     spy.wait(60)
     if not out.exists():
         return {"error": spy.stderr.read().decode()[-500:]}
@@ -442,9 +460,21 @@ def report(started, seconds, driver, bare, bare_rss, per_count, prof, made) -> s
                          f"{run['cpu_share']:.0%} of its core, {cpu_us:.0f} µs of CPU per request. µs per request "
                          "below = share of samples x that CPU time.")
             lines.append("")
-            table = [[stage, count, f"{count / prof['samples']:.1%}", f"{count / prof['samples'] * cpu_us:.0f}"]
-                     for stage, count in prof["by_stage"]]
-            lines.append(tabulate(table, headers=["stage", "samples", "share", "µs/request"], tablefmt="github"))
+            thread_us = run.get("thread_cpu_us", {})
+            kinds = dict(prof["by_kind"])
+            lines += ["CPU per request by thread (from /proc, exact): " + ", ".join(
+                f"{kind} {us:.0f} µs" for kind, us in sorted(thread_us.items(), key=lambda kv: -kv[1])) + ".", ""]
+            table = []
+            for stage, count in prof["by_stage"]:
+                kind = next((want for name, want, _ in STAGES if name == stage), stage.split(":")[0])
+                us = thread_us.get(kind, 0) * count / kinds[kind] if kinds.get(kind) else float("nan")
+                table.append([stage, kind, count, f"{count / prof['samples']:.1%}", f"{us:.0f}"])
+            lines.append(tabulate(table, headers=["stage", "thread", "samples", "share of samples",
+                                                  "≈ CPU µs/request"], tablefmt="github"))
+            lines += ["", "≈ CPU µs/request spreads each thread's measured CPU over its samples. With four threads "
+                      "on one core a sample also lands on a thread that is runnable but waiting for the core or "
+                      "the GIL, and the writer's samples include waiting on fsync, so read the column as an "
+                      "estimate; the per-thread totals above are exact."]
             lines += ["", "Top frames (where the samples were, innermost Python frame):", ""]
             table = [[frame, count, f"{count / prof['samples']:.1%}"] for frame, count in prof["by_leaf"]]
             lines.append(tabulate(table, headers=["frame", "samples", "share"], tablefmt="github"))
