@@ -23,7 +23,7 @@ crashtest: $(STAMP)
 	CRASH_CYCLES=$${CRASH_CYCLES:-50} $(VENV)/bin/pytest -q tests/test_crash_safety.py
 
 # Throughput and latency of the real server against its ceiling; writes benchmarks/RESULTS.md.
-# BENCH_MEMBERS=10000,1000000 by default; add 14000000 for the full size (generates ~22 GB once).
+# BENCH_MEMBERS=10000,1000000 by default; add 14000000 for the full size (generates ~25 GB once).
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	@command -v taskset >/dev/null || { apt-get update -qq && apt-get install -y -qq util-linux; }
