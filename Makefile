@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 CONFIG ?= config.yaml
 
-.PHONY: serve test check crashtest fuzz clean
+.PHONY: serve test check crashtest fuzz clean bench
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ crashtest: $(STAMP)
 # Generated requests and programs; `make test` runs FUZZ_EXAMPLES=20 of the same tests.
 fuzz: $(STAMP)
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-300} FUZZ_RANDOM=1 $(VENV)/bin/pytest -q -s tests/test_fuzz_api.py tests/test_fuzz_rules.py
+
+# Throughput and latency of the real server against its ceiling; writes benchmarks/RESULTS.md.
+# BENCH_MEMBERS=10000,1000000 by default; add 14000000 for the full size (generates ~25 GB once).
+bench: $(STAMP)
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	@command -v taskset >/dev/null || { apt-get update -qq && apt-get install -y -qq util-linux; }
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r benchmarks/requirements.txt
+	PYTHONPATH=. $(VENV)/bin/python benchmarks/run.py
 
 check: $(STAMP)
 	$(VENV)/bin/loyalty rules check rules/programs/market

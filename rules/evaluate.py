@@ -133,19 +133,23 @@ def _birthday_in(year: int, birthday: date) -> date:
 def _applicable(program: Any, classes: list, earning: list[int], held: Any, usage: dict[str, int],
                 budget_left: dict[str, int] | None) -> list[tuple[Any, list[int]]]:  # fmt: skip
     """Rules that apply, with the line positions in their scope; one per group."""
-    scopes = _scopes(classes, earning)
-    candidates = []
+    passing = []
     for rule in program.rules:
-        scope = scopes.get(rule.index)
-        if scope is None:
-            continue
         if rule.condition is not None and rule.condition not in held:
             continue
         if rule.limit_count is not None and usage.get(rule.id, 0) >= rule.limit_count:
             continue
         if budget_left is not None and rule.budget and budget_left.get(rule.id, rule.budget) <= 0:
             continue
-        candidates.append((rule, scope))
+        passing.append(rule)
+    # Scopes only for the rules whose conditions hold: in a large program most do not,
+    # and every line selects every rule without a scope.
+    scopes = _scopes(classes, earning, {rule.index for rule in passing})
+    candidates = []
+    for rule in passing:
+        scope = scopes.get(rule.index)
+        if scope is not None:
+            candidates.append((rule, scope))
     best: dict[str, Any] = {}
     for rule, _ in candidates:
         if rule.group is not None:
@@ -155,8 +159,8 @@ def _applicable(program: Any, classes: list, earning: list[int], held: Any, usag
     return [(rule, scope) for rule, scope in candidates if rule.group is None or best[rule.group] is rule]
 
 
-def _scopes(classes: list, earning: list[int]) -> dict[int, list[int]]:
-    """rule index -> positions of the lines its scope selects, in receipt order."""
+def _scopes(classes: list, earning: list[int], wanted: set[int]) -> dict[int, list[int]]:
+    """rule index -> positions of the lines its scope selects, in receipt order (wanted rules only)."""
     alike: dict[tuple, list[int]] = {}  # lines of one class share the same rules
     for position in earning:
         found = alike.get(classes[position][2])
@@ -166,7 +170,7 @@ def _scopes(classes: list, earning: list[int]) -> dict[int, list[int]]:
             found.append(position)
     scopes: dict[int, list[int]] = {}
     for selected, positions in alike.items():
-        for index in selected:
+        for index in wanted.intersection(selected):
             found = scopes.get(index)
             if found is None:
                 scopes[index] = list(positions)

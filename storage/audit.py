@@ -94,7 +94,12 @@ def _receipts(conn, report: AuditReport) -> None:
                 report.problems.append(f"{name}: cancelled but what it earned and spent nets to {net}")
                 return
             continue
-        answer = msgspec.json.decode(result)
+        try:
+            answer = msgspec.json.decode(result)
+            answer["accrued"]["by_rule"], answer["accrued"]["points"], answer["redeemed"]["points"]
+        except (msgspec.DecodeError, KeyError, TypeError):
+            report.problems.append(f"{name}: its stored answer cannot be read")
+            return
         for item in answer["accrued"]["by_rule"]:
             if sums.get(("accrual", item["rule"]), 0) != item["points"]:
                 report.problems.append(f"{name}: rule {item['rule']} posted {sums.get(('accrual', item['rule']), 0)} "

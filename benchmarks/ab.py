@@ -1,0 +1,74 @@
+"""Before/after a change, side by side: the real server from two git revisions, in turns.
+
+    PYTHONPATH=. python benchmarks/ab.py BEFORE AFTER [--rules DIR] [--members 10000] [--rounds 3]
+
+Each revision's tree is exported with `git archive` into benchmarks/data/ab-REV and run
+with that tree first on PYTHONPATH; each gets its own copy of the same generated member
+database, and the runs alternate (before, after, before, ...) so drift on a shared
+machine hits both alike. Prints confirmed receipts/s and server CPU per request per run.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import gen_members, gen_rules, receipts  # noqa: E402
+from benchmarks.run import DATA, ROOT, VENV_BIN, Server, log, measured, server_config, wrk  # noqa: E402
+
+
+def export(rev: str) -> Path:
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    tree = DATA / f"ab-{sha}"
+    if not tree.exists():
+        tree.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", sha], cwd=ROOT, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("before")
+    parser.add_argument("after")
+    parser.add_argument("--rules", type=Path, default=None, help="program folder (default: generated 300 rules)")
+    parser.add_argument("--members", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=10)
+    args = parser.parse_args()
+    DATA.mkdir(parents=True, exist_ok=True)
+    rules_dir = args.rules or gen_rules.generate(DATA / "rules300", 300)
+    templates = DATA / "receipts.txt"
+    receipts.generate(templates)
+    source = DATA / f"members-{args.members}.db"
+    gen_members.generate(source, args.members)
+    sides = {}
+    for label, rev in (("before", args.before), ("after", args.after)):
+        tree = export(rev)
+        db = DATA / f"ab-{label}.db"
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        shutil.copy(source, db)
+        sides[label] = (rev, tree, server_config(DATA / f"ab-{label}.yaml", db, rules_dir.resolve()))
+    results: dict[str, list[dict]] = {"before": [], "after": []}
+    for round_no in range(args.rounds):
+        for label, (rev, tree, config) in sides.items():
+            with Server(f"ab-{label}", [str(VENV_BIN / "python"), "-m", "server.cli", "serve", "--config",
+                                        str(config)], tree=tree) as server:
+                wrk(templates, args.members, 3)
+                result, _ = measured(server, lambda: wrk(templates, args.members, args.duration))
+            results[label].append(result)
+            log(f"round {round_no + 1} {label} ({rev}): {result['confirmed_rps']:,.0f} confirmed/s, "
+                f"{result['cpu_us_per_request']:,.0f} us CPU/request")
+    b = statistics.median(r["confirmed_rps"] for r in results["before"])
+    a = statistics.median(r["confirmed_rps"] for r in results["after"])
+    print(f"median confirmed receipts/s: before {b:,.0f}, after {a:,.0f} ({a / b - 1:+.0%})")
+
+
+if __name__ == "__main__":
+    main()

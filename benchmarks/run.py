@@ -1,0 +1,498 @@
+"""`make bench`: the servers, the load, the table and benchmarks/RESULTS.md in one run.
+
+    PYTHONPATH=. python benchmarks/run.py [--members 10000,1000000] [--duration 15]
+
+Environment: BENCH_MEMBERS (comma list, default 10000,1000000; add 14000000 for the
+full-size run, which first generates about 25 GB once, in ~21 minutes), BENCH_DURATION (seconds of each
+measured run), BENCH_PROFILE=0 to skip the profile.
+
+What runs, side by side in one invocation, on a 2-core machine: every server is pinned to
+core 0 and wrk to core 1 (one thread, 32 connections), so ratios between rows are
+comparable even when absolute numbers drift with the machine's other tenants.
+
+1. the driver's own ceiling: wrk + load.lua against a trivial asyncio responder;
+2. the ceiling: a bare aiohttp handler decoding the same receipt JSON with msgspec;
+3. per member count, the real server (`loyalty serve`, one process) with the market
+   program and with a generated 300-rule program: the most it confirms at full load,
+   then fixed-rate runs at 50% and 90% of that for the latency distribution;
+4. py-spy on the real server at full load (market program, largest member count).
+
+Everything it writes goes to benchmarks/data/ (ignored by git) except RESULTS.md. Text
+in RESULTS.md below the line "<!-- notes -->" is kept across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tabulate import tabulate
+
+ROOT = Path(__file__).resolve().parent.parent
+HERE = ROOT / "benchmarks"
+DATA = HERE / "data"
+VENV_BIN = Path(sys.executable).parent
+SERVER_CPU, DRIVER_CPU = "0", "1"
+KEY, MONITOR_KEY = "bench-register-key", "bench-monitor-key"
+PORT = int(os.environ.get("BENCH_PORT", "18090"))
+NOTES_MARK = "<!-- notes -->"
+
+sys.path.insert(0, str(ROOT))
+from benchmarks import gen_members, gen_rules, receipts  # noqa: E402
+
+
+def log(message: str) -> None:
+    print(f"[bench {datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ------------------------------------------------------------------ servers
+
+class Server:
+    def __init__(self, name: str, argv: list[str], tree: Path = ROOT):
+        self.name, self.argv, self.tree = name, argv, tree
+        self.proc: subprocess.Popen | None = None
+        self.log_path = DATA / f"server-{name}.log"
+
+    def __enter__(self) -> "Server":
+        env = {**os.environ, "PYTHONPATH": str(self.tree)}
+        self.log_file = self.log_path.open("wb")
+        self.proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, *self.argv], cwd=self.tree, env=env,
+                                     stdout=self.log_file, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited at start; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/healthz", timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"{self.name} did not answer /healthz; see {self.log_path}")
+
+    def __exit__(self, *exc) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log_file.close()
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def thread_cpu(self) -> dict[str, float]:
+        """CPU seconds per thread: the event loop (main), the writer (started first), the readers."""
+        tick = os.sysconf("SC_CLK_TCK")
+        tasks = sorted(int(t.name) for t in Path(f"/proc/{self.proc.pid}/task").iterdir())
+        out: dict[str, float] = {}
+        for position, tid in enumerate(tasks):
+            try:
+                fields = Path(f"/proc/{self.proc.pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            kind = "loop" if tid == self.proc.pid else "writer" if position == 1 else "reader"
+            out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        return out
+
+    def peak_rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+
+def server_config(path: Path, db: Path, rules_dir: Path) -> Path:
+    sha = lambda key: hashlib.sha256(key.encode()).hexdigest()  # noqa: E731
+    config = {
+        "server": {"host": "127.0.0.1", "port": PORT, "max_body_bytes": 1048576},
+        "database": {"path": str(db)},
+        "rules": {"dir": str(rules_dir), "watch": False},
+        "auth": {"keys": [
+            {"id": "bench-register", "sha256": sha(KEY), "role": "register", "stores": ["S001", "S002", "F001"]},
+            {"id": "bench-monitor", "sha256": sha(MONITOR_KEY), "role": "monitor"},
+        ]},
+        # The generated members' cards are HMACs under this key; one key sends everything,
+        # so its rate limit must not be what is measured.
+        "privacy": {"hmac_key": gen_members.BENCH_HMAC_KEY},
+        "limits": {"requests_per_second_per_key": 1_000_000, "burst": 10_000_000},
+    }
+    path.write_text(json.dumps(config, indent=1))  # JSON is YAML
+    return path
+
+
+def metrics() -> dict[str, float]:
+    request = urllib.request.Request(f"http://127.0.0.1:{PORT}/metrics",
+                                     headers={"Authorization": f"Bearer {MONITOR_KEY}"})
+    out: dict[str, float] = {}
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        for line in answer.read().decode().splitlines():
+            m = re.match(r"^(loyalty_(?:rules_evaluation_seconds|ledger_commit_batch_size|ledger_commit_seconds)"
+                         r"_(?:sum|count)) (\S+)$", line)
+            if m:
+                out[m.group(1)] = float(m.group(2))
+    return out
+
+
+# ------------------------------------------------------------------ load
+
+RUN_NO = [0]
+
+
+def wrk(templates: Path, members: int, seconds: float, rate: float = 0, connections: int = 32) -> dict:
+    RUN_NO[0] += 1
+    tag = f"b{int(time.time())}x{RUN_NO[0]}"
+    argv = ["taskset", "-c", DRIVER_CPU, "wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s", "--timeout", "10s",
+            "-s", str(HERE / "load.lua"), f"http://127.0.0.1:{PORT}", "--", str(templates), str(members), tag, KEY,
+            str(rate)]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        if line.startswith("BENCH_JSON "):
+            result = json.loads(line[len("BENCH_JSON "):])
+            seconds_run = result["duration_us"] / 1e6
+            result["rps"] = result["requests"] / seconds_run
+            result["confirmed_rps"] = result["ok_receipt"] / seconds_run
+            result["seconds"] = seconds_run
+            return result
+    raise RuntimeError(f"wrk printed no result:\n{out}")
+
+
+def measured(server: Server, run) -> tuple[dict, float]:
+    """Runs `run()` and returns its result with the server's CPU microseconds per request."""
+    cpu_before = server.cpu_seconds()
+    result = run()
+    cpu = server.cpu_seconds() - cpu_before
+    result["cpu_us_per_request"] = cpu / max(result["requests"], 1) * 1e6
+    result["cpu_share"] = cpu / result["seconds"]
+    return result, cpu
+
+
+# ------------------------------------------------------------------ profile
+
+# (stage, thread, function names); a sample goes to the stage of the innermost function
+# on its stack that names one.
+STAGES = [
+    ("rules: evaluate", "loop", {"_evaluate"}),
+    ("request: msgspec decode", "loop", {"decode"}),
+    ("receipt checks", "loop", {"_check_receipt"}),
+    ("fingerprint: canonical JSON + sha256", "loop", {"canonical", "sha256"}),
+    ("answer: result, detail, JSON encode", "loop", {"_result", "receipt_detail", "json_response", "_balance_after"}),
+    ("auth", "loop", {"authenticate"}),
+    ("metrics (prometheus_client)", "loop", {"observe", "inc", "labels"}),
+    ("hand-offs to reader/writer threads", "loop", {"read", "write", "_submit_read", "_reading"}),
+    ("reads: receipt already confirmed?", "reader", {"get_receipt"}),
+    ("reads: card -> member", "reader", {"member_by_card"}),
+    ("reads: tier (receipt_counts)", "reader", {"receipt_counts"}),
+    ("reads: lots + balance", "reader", {"lots_of", "balance_of"}),
+    ("reads: holds", "reader", {"open_holds"}),
+    ("reads: rule usage", "reader", {"rule_usage"}),
+    ("writer: ledger + receipt rows", "writer", {"write"}),
+    ("writer: BEGIN/SAVEPOINT/COMMIT (incl. fsync)", "writer", {"_run_batch", "_run_item"}),
+]
+# Leaves where a thread waits rather than works (py-spy counts some of them as active).
+IDLE = re.compile(r"^(\S+\.)?(select|_worker|wait|get) \((selectors|concurrent/futures/thread|threading|queue)\.py")
+
+
+def frame_name(frame: str) -> str:
+    return frame.split(" (", 1)[0].rsplit(".", 1)[-1]
+
+
+def thread_kind(stack: list[str]) -> str:
+    names = {frame_name(frame) for frame in stack}
+    if "_writer_main" in names:
+        return "writer"
+    if "_run_read" in names:
+        return "reader"
+    if "run_forever" in names or "run_app" in names or any("server/" in frame for frame in stack):
+        return "loop"  # coroutine frames sometimes show without the loop under them
+    return "other"
+
+
+def profile(server: Server, templates: Path, members: int, seconds: int) -> dict:
+    out = DATA / "profile.raw.txt"
+    pyspy = shutil.which("py-spy", path=str(VENV_BIN)) or shutil.which("py-spy")
+    if not pyspy:
+        return {"error": "py-spy not installed"}
+    spy = subprocess.Popen([pyspy, "record", "--pid", str(server.proc.pid), "--rate", "250", "--duration",
+                            str(seconds), "--format", "raw", "--nonblocking", "--output", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1)
+    threads_before = server.thread_cpu()
+    result, _ = measured(server, lambda: wrk(templates, members, seconds - 2))
+    threads_after = server.thread_cpu()
+    result["thread_cpu_us"] = {kind: (threads_after.get(kind, 0) - threads_before.get(kind, 0)) / result["requests"] * 1e6
+                               for kind in threads_after}
+    spy.wait(60)
+    if not out.exists():
+        return {"error": spy.stderr.read().decode()[-500:]}
+    return {**summarize_profile(out), "run": result}
+
+
+def summarize_profile(out: Path) -> dict:
+    by_stage: collections.Counter = collections.Counter()
+    by_leaf: collections.Counter = collections.Counter()
+    by_kind: collections.Counter = collections.Counter()
+    total = 0
+    for line in out.read_text().splitlines():
+        stack_text, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        count = int(count)
+        stack = [frame.strip() for frame in stack_text.split(";") if frame.strip()]
+        if not stack or IDLE.match(stack[-1]):
+            continue
+        kind = thread_kind(stack)
+        total += count
+        by_kind[kind] += count
+        by_leaf[stack[-1]] += count
+        stage = f"{kind}: everything else"
+        if kind == "loop" and any(frame_name(f) == "_handle" and "aiohttp" in f for f in stack):
+            stage = "loop: aiohttp, handler glue, asyncio"
+        names = [frame_name(frame) for frame in stack]
+        found = False
+        for name in reversed(names):  # the innermost stage wins
+            for stage_name, want, functions in STAGES:
+                if want == kind and name in functions:
+                    stage, found = stage_name, True
+                    break
+            if found:
+                break
+        if kind == "loop" and not found and not any("aiohttp" in f for f in stack):
+            stage = "loop: asyncio event loop, other"
+        elif kind == "loop" and not found:
+            stage = "loop: aiohttp HTTP parse/respond, handler glue"
+        by_stage[stage] += count
+    return {"samples": total, "by_stage": by_stage.most_common(), "by_leaf": by_leaf.most_common(15),
+            "by_kind": by_kind.most_common()}
+
+
+# ------------------------------------------------------------------ the run
+
+def db_bytes(db: Path) -> int:
+    return sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
+
+
+def server_rows(name: str, server: Server, templates: Path, members: int, seconds: int) -> dict:
+    log(f"{name}: warm-up")
+    wrk(templates, members, 3)
+    before = metrics()
+    log(f"{name}: full load {seconds}s")
+    full, _ = measured(server, lambda: wrk(templates, members, seconds))
+    after = metrics()
+    row = {"name": name, "full": full}
+    n = after.get("loyalty_rules_evaluation_seconds_count", 0) - before.get("loyalty_rules_evaluation_seconds_count", 0)
+    if n:
+        row["eval_us"] = (after["loyalty_rules_evaluation_seconds_sum"]
+                          - before["loyalty_rules_evaluation_seconds_sum"]) / n * 1e6
+    commits = after.get("loyalty_ledger_commit_batch_size_count", 0) - before.get("loyalty_ledger_commit_batch_size_count", 0)
+    if commits:
+        row["batch_mean"] = (after["loyalty_ledger_commit_batch_size_sum"]
+                             - before["loyalty_ledger_commit_batch_size_sum"]) / commits
+        row["commit_ms"] = (after["loyalty_ledger_commit_seconds_sum"]
+                            - before["loyalty_ledger_commit_seconds_sum"]) / commits * 1e3
+    for share in (0.5, 0.9):
+        rate = full["rps"] * share
+        log(f"{name}: fixed rate {rate:,.0f} req/s ({share:.0%} of max) {seconds}s")
+        row[share], _ = measured(server, lambda: wrk(templates, members, seconds, rate=rate))
+    row["rss_mib"] = server.peak_rss_mib()
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--members", default=os.environ.get("BENCH_MEMBERS", "10000,1000000"))
+    parser.add_argument("--duration", type=int, default=int(os.environ.get("BENCH_DURATION", "15")))
+    parser.add_argument("--profile", type=int, default=int(os.environ.get("BENCH_PROFILE", "1")))
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args()
+    counts = [int(x.replace("_", "")) for x in args.members.split(",") if x.strip()]
+    seconds = args.duration
+    DATA.mkdir(parents=True, exist_ok=True)
+    started = datetime.now(timezone.utc)
+
+    templates = DATA / "receipts.txt"
+    made = receipts.generate(templates)
+    rules300 = gen_rules.generate(DATA / "rules300", 300, started.date())
+    market = ROOT / "rules" / "programs" / "market"
+    python = str(VENV_BIN / "python")
+    log(f"receipt bodies: {made}; 300-rule program in {rules300}")
+
+    with Server("trivial", [python, str(HERE / "bare_server.py"), str(PORT), "--trivial"]) as server:
+        log("driver ceiling: wrk against a trivial responder")
+        wrk(templates, 10_000, 2)
+        driver, _ = measured(server, lambda: wrk(templates, 10_000, seconds))
+    with Server("bare", [python, str(HERE / "bare_server.py"), str(PORT)]) as server:
+        log("ceiling: bare aiohttp + msgspec decode")
+        wrk(templates, 10_000, 3)
+        bare, _ = measured(server, lambda: wrk(templates, 10_000, seconds))
+        bare_rss = server.peak_rss_mib()
+
+    per_count = []
+    prof = None
+    for members in counts:
+        db = DATA / f"members-{members}.db"
+        log(f"{members:,} members: generating {db} (resumes if stopped)")
+        gen_started = time.monotonic()
+        added = gen_members.generate(db, members)
+        gen_s = time.monotonic() - gen_started
+        # Benchmark runs add receipts to the database, so its size right after generation
+        # is kept beside it; that is the size per million members reported.
+        sidecar = Path(f"{db}.generated.json")
+        if added or not sidecar.exists():
+            sidecar.write_text(json.dumps({"bytes": db_bytes(db), "seconds": gen_s, "complete": added == members}))
+        generated = json.loads(sidecar.read_text())
+        entry = {"members": members, "db_bytes": generated["bytes"], "db_bytes_now": db_bytes(db),
+                 "generated": added, "gen_s": gen_s if added else generated["seconds"],
+                 "gen_complete": generated.get("complete", False), "rows": []}
+        for name, rules_dir in (("market", market), ("300 rules", rules300)):
+            config = server_config(DATA / f"config-{members}-{name.replace(' ', '')}.yaml", db, rules_dir)
+            with Server(f"{members}-{name.replace(' ', '')}",
+                        [str(VENV_BIN / "loyalty"), "serve", "--config", str(config)]) as server:
+                before = db_bytes(db)
+                row = server_rows(f"{name}, {members:,} members", server, templates, members, seconds)
+                confirmed = row["full"]["ok_receipt"] + row[0.5]["ok_receipt"] + row[0.9]["ok_receipt"]
+                if args.profile and name == "market" and members == counts[-1]:
+                    log("profile: py-spy at full load")
+                    prof = profile(server, templates, members, seconds + 2)
+                    confirmed += prof.get("run", {}).get("ok_receipt", 0)
+            row["bytes_per_receipt"] = (db_bytes(db) - before) / confirmed if confirmed else float("nan")
+            entry["rows"].append(row)
+        per_count.append(entry)
+
+    text = report(started, seconds, driver, bare, bare_rss, per_count, prof, made)
+    notes = ""
+    if args.out.exists() and NOTES_MARK in args.out.read_text():
+        notes = args.out.read_text().split(NOTES_MARK, 1)[1]
+    args.out.write_text(text + "\n" + NOTES_MARK + (notes or "\n"))
+    print(text)
+    log(f"wrote {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------ the report
+
+def lat(result: dict) -> str:
+    l = result["latency_us"]
+    return f"{l['p50'] / 1000:.1f} / {l['p99'] / 1000:.1f} / {l['p999'] / 1000:.1f}"
+
+
+def report(started, seconds, driver, bare, bare_rss, per_count, prof, made) -> str:
+    ceiling = bare["confirmed_rps"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"`make bench` on {started:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, Python "
+        f"{sys.version.split()[0]}; servers pinned to core {SERVER_CPU}, wrk (1 thread, 32 connections) to core "
+        f"{DRIVER_CPU}; {seconds} s per measured run. The machine is shared: compare rows of one run, not runs.",
+        "",
+        f"Receipt mix: {made['m']} member purchases, {made['r']} with a redemption, {made['u']} with an unknown card "
+        f"(422 unknown_card), {made['a']} without a card, 20 lines on average (~2.3 KB); 2% of requests return one "
+        "unit of a line of a receipt confirmed earlier.",
+        "",
+        "## Throughput",
+        "",
+    ]
+    table = [
+        ["driver ceiling (wrk + load.lua vs a trivial responder)", "-", f"{driver['rps']:,.0f}", "-", "-", "-",
+         f"{driver['cpu_us_per_request']:.0f}", "-"],
+        ["ceiling: bare aiohttp + msgspec decode", "-", f"{bare['rps']:,.0f}", f"{ceiling:,.0f}", "100%",
+         lat(bare), f"{bare['cpu_us_per_request']:.0f}", f"{bare_rss:.0f}"],
+    ]
+    for entry in per_count:
+        for row in entry["rows"]:
+            full = row["full"]
+            table.append([row["name"], f"{entry['members']:,}", f"{full['rps']:,.0f}", f"{full['confirmed_rps']:,.0f}",
+                          f"{full['confirmed_rps'] / ceiling:.1%}", lat(full), f"{full['cpu_us_per_request']:.0f}",
+                          f"{row['rss_mib']:.0f}"])
+    lines.append(tabulate(table, headers=["server", "members", "requests/s", "confirmed receipts/s",
+                                          "of ceiling", "p50 / p99 / p99.9 ms (full load)",
+                                          "server CPU µs/request", "peak RSS MiB"], tablefmt="github"))
+    lines += ["", "Confirmed receipts/s counts 201 answers to POST /v1/receipts; requests/s also counts unknown "
+              "cards, refused redemptions and returns. The last full-load column is closed-loop (32 connections "
+              "always busy), so its latency is queueing, not service time.", "",
+              "## Latency at fixed rates", "",
+              "wrk sends on a fixed schedule (load.lua `delay()`, a send that falls behind goes out as soon as a "
+              "connection is free); latency is measured from the actual send, so it is exact while the server "
+              "keeps up (achieved rate = target) and optimistic when it does not.", ""]
+    table = []
+    for entry in per_count:
+        for row in entry["rows"]:
+            for share in (0.5, 0.9):
+                r = row[share]
+                table.append([row["name"], f"{share:.0%}", f"{row['full']['rps'] * share:,.0f}", f"{r['rps']:,.0f}",
+                              f"{r['confirmed_rps']:,.0f}", f"{r['latency_us']['p50'] / 1000:.2f}",
+                              f"{r['latency_us']['p99'] / 1000:.2f}", f"{r['latency_us']['p999'] / 1000:.2f}",
+                              f"{r['cpu_share']:.0%}"])
+    lines.append(tabulate(table, headers=["server", "load", "target req/s", "achieved req/s", "confirmed/s",
+                                          "p50 ms", "p99 ms", "p99.9 ms", "server CPU"], tablefmt="github"))
+    lines += ["", "## Outcomes, storage and inside the server (full-load runs)", ""]
+    table = []
+    for entry in per_count:
+        for row in entry["rows"]:
+            f = row["full"]
+            table.append([row["name"], f["ok_receipt"], f["unknown_card"], f["redeem_refused"], f["ok_return"],
+                          f["not_found"], f["other"] + f["errors"]["timeout"] + f["errors"]["connect"],
+                          f"{row.get('eval_us', float('nan')):.0f}", f"{row.get('batch_mean', float('nan')):.1f}",
+                          f"{row.get('commit_ms', float('nan')):.2f}", f"{row['bytes_per_receipt']:,.0f}"])
+    lines.append(tabulate(table, headers=["server", "confirmed", "unknown card (422)", "redemption refused (422)",
+                                          "returns", "return: receipt not found", "other/errors",
+                                          "rules evaluate µs", "writes per commit", "commit ms",
+                                          "bytes per stored receipt"], tablefmt="github"))
+    lines += ["", "| members | database after generation | per million members | generated in | "
+              "database now (with the receipts of benchmark runs) |", "| --- | --- | --- | --- | --- |"]
+    for entry in per_count:
+        per_m = entry["db_bytes"] / entry["members"] * 1e6
+        made_in = f"{entry['gen_s']:.0f} s" + ("" if entry["gen_complete"] else " (resumed)")
+        lines.append(f"| {entry['members']:,} | {entry['db_bytes'] / 2**20:,.0f} MiB | {per_m / 2**20:,.0f} MiB | "
+                     f"{made_in} | {entry['db_bytes_now'] / 2**20:,.0f} MiB |")
+    if prof:
+        lines += ["", "## Profile of the confirm path", ""]
+        if "error" in prof:
+            lines.append(f"py-spy failed: {prof['error']}")
+        else:
+            run = prof["run"]
+            cpu_us = run["cpu_us_per_request"]
+            lines.append(f"py-spy (250 Hz, all threads, samples of threads waiting on a queue or epoll dropped) on the market server at full load, "
+                         f"{per_count[-1]['members']:,} members: {prof['samples']:,} samples while it answered "
+                         f"{run['rps']:,.0f} requests/s ({run['confirmed_rps']:,.0f} confirmed) using "
+                         f"{run['cpu_share']:.0%} of its core, {cpu_us:.0f} µs of CPU per request. µs per request "
+                         "below = share of samples x that CPU time.")
+            lines.append("")
+            thread_us = run.get("thread_cpu_us", {})
+            kinds = dict(prof["by_kind"])
+            lines += ["CPU per request by thread (from /proc, exact): " + ", ".join(
+                f"{kind} {us:.0f} µs" for kind, us in sorted(thread_us.items(), key=lambda kv: -kv[1])) + ".", ""]
+            table = []
+            for stage, count in prof["by_stage"]:
+                kind = next((want for name, want, _ in STAGES if name == stage), stage.split(":")[0])
+                us = thread_us.get(kind, 0) * count / kinds[kind] if kinds.get(kind) else float("nan")
+                table.append([stage, kind, count, f"{count / prof['samples']:.1%}", f"{us:.0f}"])
+            lines.append(tabulate(table, headers=["stage", "thread", "samples", "share of samples",
+                                                  "≈ CPU µs/request"], tablefmt="github"))
+            lines += ["", "≈ CPU µs/request spreads each thread's measured CPU over its samples. With four threads "
+                      "on one core a sample also lands on a thread that is runnable but waiting for the core or "
+                      "the GIL, and the writer's samples include waiting on fsync, so read the column as an "
+                      "estimate; the per-thread totals above are exact."]
+            lines += ["", "Top frames (where the samples were, innermost Python frame):", ""]
+            table = [[frame, count, f"{count / prof['samples']:.1%}"] for frame, count in prof["by_leaf"]]
+            lines.append(tabulate(table, headers=["frame", "samples", "share"], tablefmt="github"))
+            lines += ["", "Samples by thread: " + ", ".join(f"{k} {v / prof['samples']:.0%}" for k, v in prof["by_kind"])
+                      + f". Raw stacks: benchmarks/data/profile.raw.txt."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
