@@ -103,7 +103,7 @@ class Service:
     async def member_by_card(self, card: str) -> ledger.MemberRow | None:
         """Members are found by the HMAC of the card number presented."""
         digest = self.privacy.card(card)
-        return self.db.read_here(lambda c: ledger.member_by_card(c, digest))
+        return await self.db.read(lambda c: ledger.member_by_card(c, digest))
 
     async def find_member(self, card: str, path: str = "card") -> ledger.MemberRow:
         member = await self.member_by_card(card)
@@ -178,7 +178,7 @@ class Service:
             balance = ledger.balance_of(lots, holds, self.local_day(program, now))
             own = sum(h.points for h in holds if h.key == key)
             return facts, balance, own, ledger.rule_usage(conn, member.id, windows)
-        facts, balance, own_hold, usage = self.db.read_here(read)
+        facts, balance, own_hold, usage = await self.db.read(read)
         return member, facts, balance, own_hold, usage
 
     async def _load_budgets(self, program: Program) -> None:
@@ -307,7 +307,7 @@ class Service:
                                 msgspec.structs.replace(receipt, card=self.privacy.card(receipt.card)))
         fingerprint = sha256(body)
         async with self.single_flight(("receipt", key)):
-            stored = self.db.read_here(lambda c: ledger.get_receipt(c, key))
+            stored = await self.db.read(lambda c: ledger.get_receipt(c, key))
             if stored is not None:
                 try:
                     result = self._replay(stored.body_sha256, fingerprint, stored.result)

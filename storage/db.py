@@ -294,17 +294,6 @@ class Database:
         with self._reading():
             return await asyncio.wrap_future(self._submit_read(fn))
 
-    def read_here(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run fn(conn) in the calling thread, on that thread's own read connection.
-
-        For the short indexed reads of the receipt path: handing a 50 µs read to a reader
-        thread costs more than the read, because the reader must win the GIL from a busy
-        event loop (up to the 5 ms switch interval). WAL readers never wait for the writer,
-        so this does not block the loop for a commit."""
-        with self._lock:
-            self._refuse_unless_open()
-        return self._run_read(fn)
-
     def read_sync(
         self, fn: Callable[[sqlite3.Connection], T], *, timeout_s: float = DEFAULT_SYNC_TIMEOUT_S
     ) -> T:
