@@ -378,7 +378,8 @@ class Service:
                 if ev.redeemed_points:
                     ledger.spend(conn, member.id, ev.redeemed_points, today, "redemption",
                                  accounts.redemption_account(partner), at, other_holds)
-                post_accrual(conn, member.id, ev.by_rule, rule_dates, accounts.issue_account(partner), at)
+                post_accrual(conn, member.id, ev.by_rule, rule_dates, accounts.issue_account(partner), at,
+                             repay=before.owed > 0)
                 if limited:
                     ledger.record_rule_fires(conn, member.id, limited, local_date, key)
                 if member.referred_by is not None and facts.receipt_number == 1:
@@ -692,9 +693,10 @@ def partner_of(program: Program, store_id: str) -> str | None:
     return store.partner if store is not None else None
 
 
-def post_accrual(conn, member_id: int, by_rule, rule_dates: dict, counter: str, at: PostingRef) -> None:
+def post_accrual(conn, member_id: int, by_rule, rule_dates: dict, counter: str, at: PostingRef,
+                 repay: bool) -> None:
     """One lot per distinct (activation, expiry) pair, one posting per rule on it; new
-    points pay back any debt first."""
+    points pay back any debt first (`repay`: the member owed points when read)."""
     lots: dict[tuple, int] = {}
     for rule_id, points in by_rule:
         if points <= 0:
@@ -703,5 +705,6 @@ def post_accrual(conn, member_id: int, by_rule, rule_dates: dict, counter: str, 
         if dates not in lots:
             lots[dates] = ledger.new_lot(conn, member_id, dates[0], dates[1], at.created_at)
         ledger.post(conn, member_id, lots[dates], "accrual", points, counter, at, rule_id)
-    for lot_id in lots.values():
-        ledger.repay_debts(conn, member_id, lot_id, at)
+    if repay:
+        for lot_id in lots.values():
+            ledger.repay_debts(conn, member_id, lot_id, at)

@@ -50,6 +50,10 @@ _RELEASE_SQL = f"RELEASE SAVEPOINT {_ITEM_SAVEPOINT} -- storage writer"
 _HOOK_ERROR_LOG_INTERVAL_S = 60.0
 
 DEFAULT_SYNC_TIMEOUT_S = 60.0
+# SQLite's automatic checkpoint runs inside the COMMIT that crosses its threshold, so one
+# group of receipts would wait for the WAL to be copied into the database and fsynced. A
+# thread of its own checkpoints instead, this often, without blocking the writer.
+CHECKPOINT_INTERVAL_S = 1.0
 DEFAULT_CLOSE_TIMEOUT_S = 60.0
 
 
@@ -136,6 +140,8 @@ class Database:
         self._fn_running = False
         self._hook_error_logged_at = float("-inf")
 
+        self._checkpointer: threading.Thread | None = None
+        self._stop_checkpoints = threading.Event()
         self._reader_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._reader_local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
@@ -157,6 +163,7 @@ class Database:
                     raise RuntimeError(f"{self._path}: journal_mode is {mode!r}, WAL is required")
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("PRAGMA foreign_keys=ON")
+                conn.execute("PRAGMA wal_autocheckpoint=0")
                 self._migrations.apply(self.sqlite_utils(conn))
                 # Installed after the migrations: setting an authorizer expires every
                 # cached statement, including the BEGIN/COMMIT sqlite-utils just ran.
@@ -176,9 +183,12 @@ class Database:
                 # transaction, which SQLite discards: nobody was told it was durable.
                 daemon=True,
             )
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint_main, name=f"sqlite-checkpoint-{self._path.name}", daemon=True)
             with self._lock:
                 self._state = "open"
             self._writer.start()
+            self._checkpointer.start()
 
     def close(self, timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
         """Stop accepting work, commit everything already queued, release the file."""
@@ -202,6 +212,9 @@ class Database:
                     f"({len(self._pending)} queued); close() can be called again"
                 )
             self._reader_pool.shutdown(wait=True)
+            self._stop_checkpoints.set()
+            if self._checkpointer is not None:
+                self._checkpointer.join(timeout_s)
             with self._lock:
                 reader_conns, self._reader_conns = self._reader_conns, []
                 self._utils.clear()
@@ -337,6 +350,20 @@ class Database:
         finally:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+
+    def _checkpoint_main(self) -> None:
+        conn = self._connect(self._path)
+        conn.execute("PRAGMA synchronous=FULL")
+        try:
+            while not self._stop_checkpoints.wait(CHECKPOINT_INTERVAL_S):
+                try:
+                    # PASSIVE never blocks the writer or readers; once everything is copied the
+                    # next write starts the WAL from the beginning again by itself.
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as err:  # busy or locked: the next round tries again
+                    log.debug("checkpoint of %s skipped: %s", self._path, err)
+        finally:
+            conn.close()
 
     # -- helpers -----------------------------------------------------------------
 
