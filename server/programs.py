@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import datetime
 from pathlib import Path
 
 from rules import Program, ProgramError, load_program
@@ -67,7 +66,3 @@ class ProgramHolder:
         self._metrics.rules_reloads.labels("loaded" if changed else "unchanged").inc()
         self._metrics.rules_last_reload_ok.set(1)
 
-
-def loaded_at(holder: ProgramHolder) -> datetime | None:
-    at = holder.last_reload.get("at")
-    return datetime.fromisoformat(at) if at else None

@@ -97,12 +97,12 @@ def export_ledger(conn: sqlite3.Connection, out, fmt: str, progress=None) -> int
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr, redrawn in place; silent when stderr is not a terminal
-    unless forced, so logs and CI output stay clean."""
+    """A one-line progress bar on stderr, redrawn in place; silent when stderr is not a
+    terminal, so logs and CI output stay clean."""
 
-    def __init__(self, label: str, stream=None, width: int = 30, force: bool = False):
+    def __init__(self, label: str, stream=None, width: int = 30):
         self.label, self.stream, self.width = label, stream or sys.stderr, width
-        self.enabled = force or self.stream.isatty()
+        self.enabled = self.stream.isatty()
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled:
