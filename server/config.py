@@ -17,6 +17,8 @@ import msgspec
 import yaml
 from msgspec import Meta, Struct
 
+from server.errors import UNKNOWN_FIELD, validation_error
+
 ENV_PREFIX = "LOYALTY_"
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
@@ -130,8 +132,9 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
     try:
         return msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as e:
-        key, reason = _split_error(str(e))
-        raise ConfigError(source, key, _with_hint(reason, key)) from None
+        detail = validation_error(e).details[0]
+        key = detail["path"] if detail["path"] != "$" else "-"
+        raise ConfigError(source, key, _with_hint(detail["message"], key)) from None
 
 
 def apply_env_overrides(raw: dict, environ) -> None:
@@ -149,19 +152,6 @@ def apply_env_overrides(raw: dict, environ) -> None:
         node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
 
 
-_AT = re.compile(r"^(.*?)(?: - at `\$(.*)`)?$", re.S)
-
-
-def _split_error(message: str) -> tuple[str, str]:
-    m = _AT.match(message)
-    reason, where = m.group(1), (m.group(2) or "")
-    key = where.lstrip(".") or "-"
-    field = re.search(r"unknown field `([^`]+)`", reason)
-    if field:
-        key = f"{key}.{field.group(1)}" if key != "-" else field.group(1)
-    return key, reason
-
-
 _SECTIONS: dict[str, type] = {
     "": Config, "server": ServerConfig, "database": DatabaseConfig, "rules": RulesConfig,
     "auth": AuthConfig, "clock": ClockConfig, "jobs": JobsConfig, "limits": LimitsConfig,
@@ -170,7 +160,7 @@ _SECTIONS: dict[str, type] = {
 
 
 def _with_hint(reason: str, key: str) -> str:
-    if "unknown field" not in reason:
+    if reason != UNKNOWN_FIELD:
         return reason
     parent, _, leaf = key.rpartition(".")
     struct = _SECTIONS.get(re.sub(r"\[\d+\]", "", parent))

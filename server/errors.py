@@ -50,6 +50,7 @@ def error_response(status: int, code: str, message: str, details: list[dict] | N
                         content_type="application/json", headers=headers)
 
 
+UNKNOWN_FIELD = "is not a known field"
 _AT = re.compile(r"^(.*?)(?: - at (`key` in )?`\$(.*)`)?$", re.S)
 _BOUND = re.compile(r"^Expected `[^`]+` (>=|>|<=|<) ([^\s,]+)(?:, got .*)?$")
 _LEN = re.compile(r"^Expected `[^`]+` of length (>=|<=) (\d+)$")
@@ -67,7 +68,7 @@ def validation_error(e: msgspec.ValidationError) -> ApiError:
     if missing:
         path, reason = _join(path, missing.group(1)), "is required"
     elif unknown:
-        path, reason = _join(path, unknown.group(1)), "is not a known field"
+        path, reason = _join(path, unknown.group(1)), UNKNOWN_FIELD
     elif b := _BOUND.match(reason):
         reason = f"must be {b.group(1)} {b.group(2)}"
     elif n := _LEN.match(reason):

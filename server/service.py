@@ -114,13 +114,9 @@ class Service:
 
     # ------------------------------------------------------------ member facts
 
-    def tier_of(self, conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
-                moment: datetime, as_of: str | None = None) -> tuple[dict, int]:
-        return tier_view(conn, program, member, moment, as_of)
-
     def member_facts(self, conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
                      moment: datetime) -> MemberFacts:
-        tier, ever = self.tier_of(conn, program, member, moment)
+        tier, ever = tier_view(conn, program, member, moment)
         return MemberFacts(
             member_id=member.public_id,
             tier=tier["id"],
@@ -142,7 +138,7 @@ class Service:
         return {
             "card": card, "card_last4": self.privacy.card_last4(card) if card else None, "cards_last4": cards,
             "member_id": member.public_id,
-            "tier": self.tier_of(conn, program, member, moment, as_of)[0],
+            "tier": tier_view(conn, program, member, moment, as_of)[0],
             "balance": balance.as_json(),
             "expiring": [{"date": d, "points": p} for d, p in balance.expiring],
             "profile": {"phone_last4": member.phone, "birthday": member.birthday,
@@ -409,10 +405,7 @@ class Service:
             stored = await self.db.read(lambda c: ledger.get_receipt(c, key))
             member_id = stored.member_id if stored else None
             if stored is None:
-                hold_member = await self.db.read(lambda c: c.execute(
-                    "SELECT member_id FROM holds WHERE store_id = ? AND register_id = ? AND receipt_id = ?",
-                    key).fetchone())
-                member_id = hold_member[0] if hold_member else None
+                member_id = await self.db.read(lambda c: ledger.hold_member(c, key))
             async with self.member_lock(member_id):
                 result = await self.db.write(lambda conn: self._cancel_in_tx(conn, key))
         self.metrics.receipts.labels("cancel", result["status"]).inc()
@@ -447,9 +440,7 @@ class Service:
                                "by_rule": [{"rule": r, "points": p} for r, p in by_rule.items()]},
                   "refunded": {"points": sum(r[1] for r in refunded)}}
         if stored.member_id is not None:
-            member = conn.execute(f"SELECT {ledger._MEMBER_COLUMNS} FROM members m WHERE m.id = ?",
-                                  (stored.member_id,)).fetchone()
-            result["balance"] = self.member_view(conn, program, ledger.MemberRow(*member))["balance"]
+            result["balance"] = self.member_view(conn, program, ledger.member_by_id(conn, stored.member_id))["balance"]
         return result
 
     # ------------------------------------------------------------ returns
@@ -504,15 +495,11 @@ class Service:
                   "amount": sum(ln.amount for ln in plan.lines.values()),
                   "replayed": False}
         if stored.member_id is not None:
-            member = self._member_by_id(conn, stored.member_id)
+            member = ledger.member_by_id(conn, stored.member_id)
             result["balance"] = self.member_view(conn, program, member)["balance"]
         ledger.insert_return(conn, ret_key, rec_key, body_sha256=fingerprint, member_id=stored.member_id,
                              result=JSON.encode(result), now=iso(now))
         return 201, result
-
-    def _member_by_id(self, conn, member_id: int) -> ledger.MemberRow:
-        row = conn.execute(f"SELECT {ledger._MEMBER_COLUMNS} FROM members m WHERE m.id = ?", (member_id,)).fetchone()
-        return ledger.MemberRow(*row)
 
     # ------------------------------------------------------------ members
 
@@ -538,7 +525,7 @@ class Service:
             fire_events(conn, program, member_id, "enrolled", "enrolled", now)
             if req.phone and req.birthday:
                 fire_events(conn, program, member_id, "profile_completed", "profile", now)
-            return self.member_view(conn, program, self._member_by_id(conn, member_id), card=req.card)
+            return self.member_view(conn, program, ledger.member_by_id(conn, member_id), card=req.card)
         return await self.db.write(write)
 
     async def patch_member(self, card: str, patch: schema.MemberPatch) -> dict:
@@ -555,7 +542,7 @@ class Service:
 
         def write(conn):
             ledger.update_member(conn, member.id, changes, iso(now))
-            fresh = self._member_by_id(conn, member.id)
+            fresh = ledger.member_by_id(conn, member.id)
             if fresh.phone and fresh.birthday:
                 fire_events(conn, program, member.id, "profile_completed", "profile", now)
             return self.member_view(conn, program, fresh, card=card)
@@ -587,7 +574,7 @@ class Service:
         def write(conn):
             ledger.update_member(conn, member.id, {"manual_tier": req.tier,
                                                    "manual_tier_until": req.until.isoformat()}, iso(now))
-            return self.member_view(conn, program, self._member_by_id(conn, member.id), card=card)
+            return self.member_view(conn, program, ledger.member_by_id(conn, member.id), card=card)
         async with self.member_lock(member.id):
             return await self.db.write(write)
 
@@ -704,7 +691,7 @@ def post_accrual(conn, member_id: int, by_rule, rule_dates: dict, counter: str, 
         dates = rule_dates[rule_id]
         if dates not in lots:
             lots[dates] = ledger.new_lot(conn, member_id, dates[0], dates[1], at.created_at)
-        ledger.post(conn, member_id, lots[dates], "accrual", points, counter, at, rule_id)
+        ledger.post(conn, member_id, lots[dates], "accrual", points, counter, at, rule_id, ledger.lot_dates(*dates))
     if repay:
         for lot_id in lots.values():
             ledger.repay_debts(conn, member_id, lot_id, at)

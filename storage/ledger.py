@@ -69,6 +69,11 @@ def member_by_card(conn: sqlite3.Connection, card: str) -> MemberRow | None:
     return MemberRow(*row) if row else None
 
 
+def member_by_id(conn: sqlite3.Connection, member_id: int) -> MemberRow:
+    return MemberRow(*conn.execute(f"SELECT {_MEMBER_COLUMNS} FROM members m WHERE m.id = ?",
+                                   (member_id,)).fetchone())
+
+
 def member_cards(conn: sqlite3.Connection, member_id: int) -> list[str]:
     """The last four digits of the member's cards."""
     return [r[0] for r in conn.execute("SELECT card_last4 FROM cards WHERE member_id = ? "
@@ -182,10 +187,15 @@ def balance_of(lots: list[Lot], holds: list[Hold], day: str) -> Balance:
     return b
 
 
+def lot_dates(available_from: date | str, expires_on: date | str | None) -> tuple[str, str | None]:
+    """A lot's dates as they are stored."""
+    return str(available_from), None if expires_on is None else str(expires_on)
+
+
 def new_lot(conn: sqlite3.Connection, member_id: int, available_from: date | str,
             expires_on: date | str | None, now: str) -> int:
     cur = conn.execute("INSERT INTO lots (member_id, available_from, expires_on, created_at) VALUES (?, ?, ?, ?)",
-                       (member_id, str(available_from), None if expires_on is None else str(expires_on), now))
+                       (member_id, *lot_dates(available_from, expires_on), now))
     return cur.lastrowid
 
 
@@ -218,13 +228,14 @@ HASHED_SELECT = ("p.id, p.member_id, p.lot_id, l.available_from, l.expires_on, p
 
 
 def post(conn: sqlite3.Connection, member_id: int, lot_id: int, kind: str, points: int, counter: str,
-         at: PostingRef, rule_id: str | None = None) -> None:
-    """Append one transfer of `points` from `counter` to the member (negative: the other way)."""
+         at: PostingRef, rule_id: str | None = None, lot_dates: tuple[str, str | None] | None = None) -> None:
+    """Append one transfer of `points` from `counter` to the member (negative: the other way).
+    `lot_dates`, when the caller just created the lot, saves reading them back."""
     store, register, receipt = at.receipt or (None, None, None)
     last = conn.execute("SELECT id, hash FROM postings ORDER BY id DESC LIMIT 1").fetchone()
     posting_id, prev = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
-    available_from, expires_on = conn.execute("SELECT available_from, expires_on FROM lots WHERE id = ?",
-                                              (lot_id,)).fetchone()
+    available_from, expires_on = lot_dates or conn.execute(
+        "SELECT available_from, expires_on FROM lots WHERE id = ?", (lot_id,)).fetchone()
     row = (posting_id, member_id, lot_id, available_from, expires_on, kind, points, counter, at.effective_at,
            at.created_at, rule_id, at.rules_version, store, register, receipt, at.ref, at.key_id, at.note)
     conn.execute("INSERT INTO postings (id, member_id, lot_id, kind, points, counter_account, effective_at, "
@@ -292,7 +303,7 @@ def credit(conn: sqlite3.Connection, member_id: int, points: int, available_from
            expires_on: date | str | None, kind: str, counter: str, at: PostingRef,
            rule_id: str | None = None) -> int:
     lot_id = new_lot(conn, member_id, available_from, expires_on, at.created_at)
-    post(conn, member_id, lot_id, kind, points, counter, at, rule_id)
+    post(conn, member_id, lot_id, kind, points, counter, at, rule_id, lot_dates(available_from, expires_on))
     repay_debts(conn, member_id, lot_id, at)
     return lot_id
 
@@ -327,6 +338,12 @@ def put_hold(conn: sqlite3.Connection, key: ReceiptKey, member_id: int, points: 
                  "DO UPDATE SET member_id = excluded.member_id, points = excluded.points, "
                  "created_at = excluded.created_at, expires_at = excluded.expires_at, status = 'open', "
                  "closed_at = NULL", (*key, member_id, points, now, expires_at))
+
+
+def hold_member(conn: sqlite3.Connection, key: ReceiptKey) -> int | None:
+    row = conn.execute("SELECT member_id FROM holds WHERE store_id = ? AND register_id = ? AND receipt_id = ?",
+                       key).fetchone()
+    return row[0] if row else None
 
 
 def close_hold(conn: sqlite3.Connection, key: ReceiptKey, status: str, now: str) -> int:
