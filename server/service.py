@@ -354,15 +354,15 @@ class Service:
         if prepared is None:
             balance = {}
         else:
-            member, facts, before, own_hold, _ = prepared
+            member, facts, before, own_hold, usage = prepared
             balance = self._balance_after(before, own_hold, ev, today, confirmed=True)
             other_holds = before.held - own_hold
         result = self._result(program, receipt, member, ev, balance, today)
         result["replayed"] = False
         result_bytes = JSON.encode(result)
         detail = JSON.encode(receipt_detail(receipt, ev))
-        windows = program.limit_windows(ev.local_date)
-        limited = [r for r in ev.fired if r in windows]
+        # The rules with a limit are the ones whose usage was read for this receipt.
+        limited = [r for r in ev.fired if r in usage] if prepared is not None else []
         rule_dates = {r: program.rule_dates(r, ev.local_date) for r, _ in ev.by_rule}
         partner = partner_of(program, receipt.store_id)
 
