@@ -144,6 +144,8 @@ class Database:
         self._stop_checkpoints = threading.Event()
         self._reader_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._reader_local = threading.local()
+        # read_now()'s connections, one per calling thread (an event loop's thread).
+        self._inline_local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
         self._reads_in_flight = 0
         self._utils: dict[sqlite3.Connection, UtilsDatabase] = {}
@@ -307,6 +309,23 @@ class Database:
         with self._reading():
             return await asyncio.wrap_future(self._submit_read(fn))
 
+    def read_now(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run fn(conn) in the calling thread, inside one read transaction (one snapshot).
+
+        For short indexed reads on the event loop (the receipt path): handing a read of tens
+        of µs to a reader thread costs more than the read itself (two thread hops, and the
+        reader must win the GIL from the busy loop). WAL readers never wait for the writer,
+        so this does not block the loop behind a COMMIT. Long reads belong in read().
+        """
+        if self._state != "open":
+            raise StorageClosed(f"{self._path} is {self._state}")
+        conn = getattr(self._inline_local, "conn", None)
+        if conn is None:
+            conn = self._inline_local.conn = self._read_connection()
+        if conn.in_transaction:
+            raise RuntimeError("read_now() cannot be nested inside another read_now() function")
+        return self._in_read_transaction(conn, fn)
+
     def read_sync(
         self, fn: Callable[[sqlite3.Connection], T], *, timeout_s: float = DEFAULT_SYNC_TIMEOUT_S
     ) -> T:
@@ -338,11 +357,18 @@ class Database:
     def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = getattr(self._reader_local, "conn", None)
         if conn is None:
-            conn = self._connect(self._path.resolve().as_uri() + "?mode=ro", uri=True)
-            conn.execute("PRAGMA query_only=ON")
-            with self._lock:
-                self._reader_conns.append(conn)
-            self._reader_local.conn = conn
+            conn = self._reader_local.conn = self._read_connection()
+        return self._in_read_transaction(conn, fn)
+
+    def _read_connection(self) -> sqlite3.Connection:
+        conn = self._connect(self._path.resolve().as_uri() + "?mode=ro", uri=True)
+        conn.execute("PRAGMA query_only=ON")
+        with self._lock:
+            self._reader_conns.append(conn)
+        return conn
+
+    @staticmethod
+    def _in_read_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
         # One transaction per call so several SELECTs in fn agree with each other.
         conn.execute("BEGIN")
         try:
