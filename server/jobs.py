@@ -27,11 +27,12 @@ async def run_all(db: Database, program: Program, now: datetime) -> dict[str, in
     done = {"expired_lots": 0, "released_holds": 0, "birthday_events": 0}
     for job, key in ((expire_batch, "expired_lots"), (birthday_batch, "birthday_events")):
         while True:
-            n = await db.write(lambda conn: job(conn, program, now))
+            # Hundreds of rows per call: on the writer thread, not stalling requests on the loop.
+            n = await db.write(lambda conn: job(conn, program, now), off_loop=True)
             done[key] += n
             if n < BATCH_ROWS_MAX:
                 break
-    done["released_holds"] = await db.write(lambda conn: release_holds(conn, now))
+    done["released_holds"] = await db.write(lambda conn: release_holds(conn, now), off_loop=True)
     return done
 
 

@@ -103,7 +103,7 @@ class Service:
     async def member_by_card(self, card: str) -> ledger.MemberRow | None:
         """Members are found by the HMAC of the card number presented."""
         digest = self.privacy.card(card)
-        return await self.db.read(lambda c: ledger.member_by_card(c, digest))
+        return self.db.read_now(lambda c: ledger.member_by_card(c, digest))
 
     async def find_member(self, card: str, path: str = "card") -> ledger.MemberRow:
         member = await self.member_by_card(card)
@@ -174,7 +174,7 @@ class Service:
             balance = ledger.balance_of(lots, holds, self.local_day(program, now))
             own = sum(h.points for h in holds if h.key == key)
             return facts, balance, own, ledger.rule_usage(conn, member.id, windows)
-        facts, balance, own_hold, usage = await self.db.read(read)
+        facts, balance, own_hold, usage = self.db.read_now(read)
         return member, facts, balance, own_hold, usage
 
     async def _load_budgets(self, program: Program) -> None:
@@ -303,7 +303,7 @@ class Service:
                                 msgspec.structs.replace(receipt, card=self.privacy.card(receipt.card)))
         fingerprint = sha256(body)
         async with self.single_flight(("receipt", key)):
-            stored = await self.db.read(lambda c: ledger.get_receipt(c, key))
+            stored = self.db.read_now(lambda c: ledger.get_receipt(c, key))
             if stored is not None:
                 try:
                     result = self._replay(stored.body_sha256, fingerprint, stored.result)
@@ -402,10 +402,10 @@ class Service:
     async def cancel(self, key: ledger.ReceiptKey, principal: Principal) -> dict:
         require_store(principal, key[0])
         async with self.single_flight(("receipt", key)):
-            stored = await self.db.read(lambda c: ledger.get_receipt(c, key))
+            stored = self.db.read_now(lambda c: ledger.get_receipt(c, key))
             member_id = stored.member_id if stored else None
             if stored is None:
-                member_id = await self.db.read(lambda c: ledger.hold_member(c, key))
+                member_id = self.db.read_now(lambda c: ledger.hold_member(c, key))
             async with self.member_lock(member_id):
                 result = await self.db.write(lambda conn: self._cancel_in_tx(conn, key))
         self.metrics.receipts.labels("cancel", result["status"]).inc()
@@ -451,7 +451,7 @@ class Service:
         rec_key = (req.receipt.store_id, req.receipt.register_id, req.receipt.receipt_id)
         fingerprint = sha256(schema.canonical(req))
         check_lines(req.lines)
-        stored = await self.db.read(lambda c: ledger.get_receipt(c, rec_key))
+        stored = self.db.read_now(lambda c: ledger.get_receipt(c, rec_key))
         if stored is None:
             raise unprocessable("receipt_not_found", "no confirmed receipt with that identity",
                                 [{"path": "receipt", "message": "not found"}])

@@ -1,14 +1,20 @@
-"""SQLite storage: one writer thread with group commit, a small pool of reader threads.
+"""SQLite storage: one write connection with group commit, reads on the loop or on a pool.
 
-SQLite lets one connection write at a time, so every write goes through a single thread
-that owns the write connection; callers hand it a function and await the result.
+SQLite lets one connection write at a time, so every write goes through the single write
+connection; callers hand it a function and await the result.
 
 With ``synchronous=FULL`` each COMMIT costs an fsync: one receipt per transaction tops
 out near 5,700/s on our hardware, 64 per transaction near 139,000/s
-(notes/performance.md). The writer therefore runs everything that queued up while the
-previous COMMIT was syncing as one transaction, each item inside its own SAVEPOINT so a
-failing item is undone alone. Nobody is told "done" before the COMMIT that contains
-their write has returned.
+(notes/performance.md). Everything that queued up while the previous COMMIT was syncing
+therefore runs as one transaction, each item inside its own SAVEPOINT so a failing item
+is undone alone. Nobody is told "done" before the COMMIT that contains their write has
+returned.
+
+Write functions run on the event loop's own thread and only the COMMIT goes to the
+writer thread: SQLite releases the GIL for the fsync, so the loop keeps serving while it
+syncs. Running the functions on the writer thread cost more: every statement released
+and re-took the GIL against the busy loop, with a context switch each time. Writes that
+take long (lifecycle jobs) or come from code without a loop run on the writer thread.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
+import queue
 import sqlite3
 import threading
 import time
@@ -46,6 +53,12 @@ _SAVEPOINT_SQL = f"SAVEPOINT {_ITEM_SAVEPOINT} -- storage writer"
 _ROLLBACK_TO_SQL = f"ROLLBACK TO SAVEPOINT {_ITEM_SAVEPOINT} -- storage writer"
 _RELEASE_SQL = f"RELEASE SAVEPOINT {_ITEM_SAVEPOINT} -- storage writer"
 
+# Who runs the next batch of writes: nobody (nothing queued), an event loop (a callback
+# is scheduled there), or it is being run or committed right now.
+_IDLE, _LOOP_TURN, _BUSY = "idle", "loop", "busy"
+# Writer thread job: take the next batch from the queue and run it on this thread.
+_RUN = "run"
+
 # A broken metrics hook would otherwise log once per commit, thousands of times a second.
 _HOOK_ERROR_LOG_INTERVAL_S = 60.0
 
@@ -70,18 +83,34 @@ class TransactionLost(Exception):
 
 
 class _Item:
-    __slots__ = ("fn", "loop", "future")
+    __slots__ = ("fn", "loop", "future", "off_loop")
 
     def __init__(
         self,
         fn: Callable[[sqlite3.Connection], Any],
         loop: asyncio.AbstractEventLoop | None,
         future: asyncio.Future | concurrent.futures.Future,
+        off_loop: bool = False,
     ) -> None:
         self.fn = fn
         # None for write_sync callers, who wait on a concurrent.futures.Future.
         self.loop = loop
         self.future = future
+        self.off_loop = off_loop or loop is None
+
+
+class _Done:
+    """A batch whose functions have run: what the writer thread commits and answers."""
+
+    __slots__ = ("batch", "outcomes", "commit", "started_s")
+
+    def __init__(self, batch: list[_Item], outcomes: list[tuple[bool, Any]], commit: bool,
+                 started_s: float) -> None:
+        self.batch = batch
+        self.outcomes = outcomes
+        # False: nothing of the batch is left in an open transaction.
+        self.commit = commit
+        self.started_s = started_s
 
 
 def _deliverable(err: BaseException) -> BaseException:
@@ -128,15 +157,21 @@ class Database:
         self._on_commit = on_commit
 
         self._lock = threading.Lock()
-        self._not_empty = threading.Condition(self._lock)
         self._not_full = threading.Condition(self._lock)
         self._pending: collections.deque[_Item] = collections.deque()
+        # Only one batch at a time uses the write connection; _turn says whose go it is.
+        self._turn = _IDLE
+        self._turn_loop: asyncio.AbstractEventLoop | None = None
+        self._jobs: queue.SimpleQueue[_Done | list[_Item] | str] = queue.SimpleQueue()
+        # Whether the write connection waits busy_timeout_ms for a lock held by another
+        # process; on the event loop it must not (see _begin).
+        self._busy_waits = True
         self._state = "new"  # new -> open -> closing -> closed
         self._close_lock = threading.Lock()
 
         self._conn: sqlite3.Connection | None = None
         self._writer: threading.Thread | None = None
-        # Only the writer thread reads or sets this; see _authorize.
+        # Only whoever runs the current batch reads or sets this; see _authorize.
         self._fn_running = False
         self._hook_error_logged_at = float("-inf")
 
@@ -144,6 +179,8 @@ class Database:
         self._stop_checkpoints = threading.Event()
         self._reader_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._reader_local = threading.local()
+        # read_now()'s connections, one per calling thread (an event loop's thread).
+        self._inline_local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
         self._reads_in_flight = 0
         self._utils: dict[sqlite3.Connection, UtilsDatabase] = {}
@@ -200,8 +237,12 @@ class Database:
                     self._state = "closed"
                     return
                 self._state = "closing"
-                self._not_empty.notify_all()
                 self._not_full.notify_all()
+                if self._turn != _BUSY:
+                    # A loop given the turn may be the one blocked in this call: the writer
+                    # thread drains the queue instead, and stops once it is empty.
+                    self._turn = _BUSY
+                    self._jobs.put(_RUN)
             assert self._writer is not None and self._reader_pool is not None
             self._writer.join(timeout_s)
             if self._writer.is_alive():
@@ -238,7 +279,7 @@ class Database:
         return self._path
 
     def queue_depth(self) -> int:
-        """Writes waiting for the writer thread, not counting the batch it is running."""
+        """Writes waiting for their batch, not counting the batch running or committing."""
         return len(self._pending)
 
     def sqlite_utils(self, conn: sqlite3.Connection) -> UtilsDatabase:
@@ -259,8 +300,12 @@ class Database:
 
     # -- writes ------------------------------------------------------------------
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run fn(conn) on the writer thread; returns once the COMMIT holding it returned.
+    async def write(self, fn: Callable[[sqlite3.Connection], T], *, off_loop: bool = False) -> T:
+        """Run fn(conn) in the next group commit; returns once the COMMIT holding it returned.
+
+        fn runs on the event loop's thread, between other callbacks, so it must be short
+        (a receipt's postings); with off_loop=True it runs on the writer thread instead,
+        for functions that take long (a job's batch of hundreds of rows) or block.
 
         fn must not run BEGIN/COMMIT/ROLLBACK (it is refused with "not authorized"); it
         may use its own savepoints. If another item of the batch destroys the whole
@@ -273,8 +318,8 @@ class Database:
             self._refuse_unless_open()
             if len(self._pending) >= self._queue_max:
                 raise Overloaded(f"{len(self._pending)} writes queued (queue_max={self._queue_max})")
-            self._pending.append(_Item(fn, loop, future))
-            self._not_empty.notify()
+            self._pending.append(_Item(fn, loop, future, off_loop))
+            self._start_turn(None if off_loop else loop)
         return await future
 
     def write_sync(
@@ -297,15 +342,36 @@ class Database:
                     raise Overloaded(f"write queue stayed full for {timeout_s}s")
                 self._not_full.wait(remaining_s)
             self._pending.append(_Item(fn, None, future))
-            self._not_empty.notify()
+            self._start_turn(None)
         return future.result(timeout=max(0.0, deadline - time.monotonic()))
 
     # -- reads -------------------------------------------------------------------
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run fn(conn) on a reader thread, inside one read transaction (one snapshot)."""
+        """Run fn(conn) on a reader thread, inside one read transaction (one snapshot).
+
+        For reads that take long (statements, exports), which must not stall the loop;
+        short indexed ones are cheaper with read_now().
+        """
         with self._reading():
             return await asyncio.wrap_future(self._submit_read(fn))
+
+    def read_now(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run fn(conn) in the calling thread, inside one read transaction (one snapshot).
+
+        For short indexed reads on the event loop (the receipt path): handing a read of tens
+        of µs to a reader thread costs more than the read itself (two thread hops, and the
+        reader must win the GIL from the busy loop). WAL readers never wait for the writer,
+        so this does not block the loop behind a COMMIT. Long reads belong in read().
+        """
+        if self._state != "open":
+            raise StorageClosed(f"{self._path} is {self._state}")
+        conn = getattr(self._inline_local, "conn", None)
+        if conn is None:
+            conn = self._inline_local.conn = self._read_connection()
+        if conn.in_transaction:
+            raise RuntimeError("read_now() cannot be nested inside another read_now() function")
+        return self._in_read_transaction(conn, fn)
 
     def read_sync(
         self, fn: Callable[[sqlite3.Connection], T], *, timeout_s: float = DEFAULT_SYNC_TIMEOUT_S
@@ -338,11 +404,18 @@ class Database:
     def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = getattr(self._reader_local, "conn", None)
         if conn is None:
-            conn = self._connect(self._path.resolve().as_uri() + "?mode=ro", uri=True)
-            conn.execute("PRAGMA query_only=ON")
-            with self._lock:
-                self._reader_conns.append(conn)
-            self._reader_local.conn = conn
+            conn = self._reader_local.conn = self._read_connection()
+        return self._in_read_transaction(conn, fn)
+
+    def _read_connection(self) -> sqlite3.Connection:
+        conn = self._connect(self._path.resolve().as_uri() + "?mode=ro", uri=True)
+        conn.execute("PRAGMA query_only=ON")
+        with self._lock:
+            self._reader_conns.append(conn)
+        return conn
+
+    @staticmethod
+    def _in_read_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
         # One transaction per call so several SELECTs in fn agree with each other.
         conn.execute("BEGIN")
         try:
@@ -402,43 +475,112 @@ class Database:
             return sqlite3.SQLITE_DENY
         return sqlite3.SQLITE_OK
 
-    # -- the writer thread -------------------------------------------------------
+    # -- group commit ------------------------------------------------------------
+
+    def _start_turn(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Caller holds self._lock and just queued an item: make sure a batch will take it."""
+        if self._turn == _LOOP_TURN and self._turn_loop is not None and self._turn_loop.is_closed():
+            self._turn = _IDLE  # that loop went away before taking its turn
+        if self._turn != _IDLE:
+            return  # the batch in progress hands the turn on when it is committed
+        if loop is None:
+            self._turn = _BUSY
+            self._jobs.put(_RUN)
+        else:
+            self._turn, self._turn_loop = _LOOP_TURN, loop
+            # Not run right here: writes queued by other callbacks of this round join it.
+            loop.call_soon(self._loop_turn, loop)
+
+    def _take(self, on_loop: bool) -> list[_Item]:
+        # Caller holds self._lock. A batch stops where the items meant for the other side
+        # begin, unless closing, when the writer thread takes everything.
+        count = min(len(self._pending), self._batch_max)
+        if on_loop or self._state == "open":
+            for position in range(count):
+                if self._for_loop(self._pending[position]) != on_loop:
+                    count = position
+                    break
+        batch = [self._pending.popleft() for _ in range(count)]
+        if batch:
+            self._not_full.notify_all()
+        return batch
+
+    @staticmethod
+    def _for_loop(item: _Item) -> bool:
+        return not item.off_loop and not item.loop.is_closed()  # type: ignore[union-attr]
+
+    def _loop_turn(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the event loop: run the queued write functions, hand the COMMIT to the writer thread."""
+        with self._lock:
+            if self._turn != _LOOP_TURN or self._turn_loop is not loop:
+                return  # close() passed the turn to the writer thread
+            self._turn, self._turn_loop = _BUSY, None
+            batch = self._take(on_loop=True)
+            if not batch:
+                self._jobs.put(_RUN)  # the first one waiting is for the writer thread
+                return
+        # Whatever happens, the batch goes to the writer thread: it alone passes the turn on.
+        self._jobs.put(self._run_functions(batch, on_loop=True) or batch)
 
     def _writer_main(self) -> None:
         while True:
-            with self._lock:
-                while not self._pending and self._state == "open":
-                    self._not_empty.wait()
-                if not self._pending:
-                    return  # closing, and everything queued has been committed
-                # Whatever queued while the last COMMIT was syncing goes into this one.
-                count = min(len(self._pending), self._batch_max)
-                batch = [self._pending.popleft() for _ in range(count)]
-                self._not_full.notify_all()
-            # Every step is guarded: the writer must outlive anything, and once COMMIT
-            # returned nothing may turn a committed write into a reported failure.
-            try:
-                outcomes, seconds = self._run_batch(batch)
-            except BaseException as err:  # noqa: BLE001
-                log.exception("storage writer: batch of %d failed outside any write function", len(batch))
-                outcomes, seconds = [(False, _deliverable(err))] * len(batch), None
-            if seconds is not None:
-                self._call_on_commit(len(batch), seconds)
-            try:
-                self._deliver(batch, outcomes)
-            except BaseException:  # noqa: BLE001
-                log.exception("storage writer: could not deliver results of a batch of %d", len(batch))
+            job: _Done | list[_Item] | str | None = self._jobs.get()
+            while job is not None:
+                # Every step is guarded: the writer must outlive anything, and once COMMIT
+                # returned nothing may turn a committed write into a reported failure.
+                try:
+                    if job == _RUN:
+                        with self._lock:
+                            job = self._take(on_loop=False) or None
+                    if isinstance(job, list):
+                        job = self._run_functions(job, on_loop=False)
+                    # An empty batch (nothing was queued) still passes the turn on.
+                    job = self._commit_and_answer(job if isinstance(job, _Done) else _Done([], [], False, 0.0))
+                except BaseException:  # noqa: BLE001
+                    log.exception("storage writer: unexpected failure")
+                    job = None
+                    with self._lock:
+                        if self._turn == _BUSY:
+                            job = _RUN  # still this thread's turn: go on with the queue
+                if job is None and self._stopped():
+                    return
 
-    def _run_batch(self, batch: list[_Item]) -> tuple[list[tuple[bool, Any]], float | None]:
-        """Returns each item's (ok, result or exception) and the transaction's seconds (None: nothing committed)."""
+    def _stopped(self) -> bool:
+        with self._lock:
+            return self._state != "open" and self._turn == _IDLE
+
+    def _run_functions(self, batch: list[_Item], on_loop: bool) -> _Done | None:
+        """Runs the batch's functions in one open transaction. None: the loop must leave it to the writer thread."""
         conn = self._conn
         assert conn is not None
-        outcomes: list[tuple[bool, Any]] = [(False, None)] * len(batch)
-        todo = list(range(len(batch)))
         started_s = time.perf_counter()
         try:
+            self._begin(conn, wait_if_busy=not on_loop)
+            outcomes, commit = self._run_in_transaction(conn, batch)
+        except BaseException as err:  # noqa: BLE001
+            if on_loop and isinstance(err, sqlite3.OperationalError) and err.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+                # Another process holds the write lock: wait for it on the writer thread,
+                # not here, where waiting would stall every request.
+                return None
+            # BEGIN failed (busy beyond busy_timeout, I/O error): nothing of this batch
+            # is durable, so nobody may hear otherwise.
+            self._rollback_quietly(conn)
+            return _Done(batch, [(False, _deliverable(err))] * len(batch), False, started_s)
+        return _Done(batch, outcomes, commit, started_s)
+
+    def _begin(self, conn: sqlite3.Connection, *, wait_if_busy: bool) -> None:
+        if wait_if_busy != self._busy_waits:
+            conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms) if wait_if_busy else 0}")
+            self._busy_waits = wait_if_busy
+        conn.execute(_BEGIN_SQL)
+
+    def _run_in_transaction(self, conn: sqlite3.Connection,
+                            batch: list[_Item]) -> tuple[list[tuple[bool, Any]], bool]:
+        """Runs each item in its savepoint; returns (ok, result or exception) per item and whether to COMMIT."""
+        outcomes: list[tuple[bool, Any]] = [(False, None)] * len(batch)
+        todo = list(range(len(batch)))
+        try:
             while True:
-                conn.execute(_BEGIN_SQL)
                 done_ok: list[int] = []
                 lost_at: int | None = None
                 for position, index in enumerate(todo):
@@ -449,19 +591,63 @@ class Database:
                     if outcomes[index][0]:
                         done_ok.append(index)
                 if lost_at is None:
-                    conn.execute(_COMMIT_SQL)
-                    return outcomes, time.perf_counter() - started_s
+                    return outcomes, True
                 # That item's failure ended the whole transaction and took the earlier
                 # items' work with it; they run again with those not started yet. Each
                 # round drops the item at fault, so this ends within len(batch) rounds.
                 todo = done_ok + todo[lost_at + 1 :]
                 if not todo:
-                    return outcomes, None
+                    return outcomes, False
+                conn.execute(_BEGIN_SQL)
         except Exception as err:
-            # BEGIN or COMMIT failed (busy beyond busy_timeout, deferred foreign key,
-            # I/O error): nothing of this batch is durable, so nobody may hear otherwise.
             self._rollback_quietly(conn)
-            return [(False, err)] * len(batch), None
+            return [(False, err)] * len(batch), False
+
+    def _commit_and_answer(self, done: _Done) -> _Done | str | None:
+        """On the writer thread. Returns the next job if the next batch is the writer thread's."""
+        conn = self._conn
+        assert conn is not None
+        outcomes, seconds = done.outcomes, None
+        if done.commit:
+            try:
+                conn.execute(_COMMIT_SQL)
+                seconds = time.perf_counter() - done.started_s
+            except Exception as err:
+                # Deferred foreign key, I/O error: nothing of this batch is durable.
+                self._rollback_quietly(conn)
+                outcomes = [(False, err)] * len(done.batch)
+        if seconds is not None:
+            self._call_on_commit(len(done.batch), seconds)
+        # The connection is free from here on: the next batch may start on a loop.
+        next_job, next_loop = self._pass_turn()
+        try:
+            if not self._deliver(done.batch, outcomes, next_loop):
+                next_job = self._take_turn_back(next_loop)
+        except BaseException:  # noqa: BLE001
+            log.exception("storage writer: could not deliver results of a batch of %d", len(done.batch))
+            next_job = self._take_turn_back(next_loop) if next_loop is not None else next_job
+        return next_job
+
+    def _pass_turn(self) -> tuple[str | None, asyncio.AbstractEventLoop | None]:
+        """After a batch: the next one goes to the first waiting item's loop, else to this thread (_RUN)."""
+        with self._lock:
+            if not self._pending:
+                self._turn, self._turn_loop = _IDLE, None
+                return None, None
+            head = self._pending[0]
+            if self._state == "open" and self._for_loop(head):
+                self._turn, self._turn_loop = _LOOP_TURN, head.loop
+                return None, head.loop
+            self._turn, self._turn_loop = _BUSY, None
+            return _RUN, None
+
+    def _take_turn_back(self, loop: asyncio.AbstractEventLoop | None) -> str | None:
+        # The loop given the turn closed before it could be told.
+        with self._lock:
+            if self._turn != _LOOP_TURN or self._turn_loop is not loop:
+                return None
+            self._turn, self._turn_loop = _BUSY, None
+            return _RUN
 
     def _run_item(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> tuple[bool, Any]:
         conn.execute(_SAVEPOINT_SQL)
@@ -505,10 +691,14 @@ class Database:
                 log.exception("storage writer: on_commit hook raised (logged at most every %ss)",
                               _HOOK_ERROR_LOG_INTERVAL_S)
 
-    def _deliver(self, batch: list[_Item], outcomes: list[tuple[bool, Any]]) -> None:
+    def _deliver(self, batch: list[_Item], outcomes: list[tuple[bool, Any]],
+                 turn_loop: asyncio.AbstractEventLoop | None) -> bool:
+        """Answers the batch; tells turn_loop to run the next one. False: turn_loop is closed."""
         # One wake-up per event loop per batch rather than one per item: each
         # call_soon_threadsafe writes to the loop's self-pipe.
         per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, bool, Any]]] = {}
+        if turn_loop is not None:
+            per_loop[turn_loop] = []
         for item, (ok, value) in zip(batch, outcomes):
             if item.loop is None:
                 future = item.future
@@ -519,9 +709,19 @@ class Database:
                     future.set_exception(value)
             else:
                 per_loop.setdefault(item.loop, []).append((item.future, ok, value))  # type: ignore[arg-type]
+        told = True
         for loop, entries in per_loop.items():
             try:
-                loop.call_soon_threadsafe(_settle_async, entries)
+                if loop is turn_loop:
+                    loop.call_soon_threadsafe(self._answer_and_turn, entries, loop)
+                else:
+                    loop.call_soon_threadsafe(_settle_async, entries)
             except RuntimeError:
                 # The loop is closed: its awaiters are gone, the writes are committed.
-                pass
+                told = told and loop is not turn_loop
+        return told
+
+    def _answer_and_turn(self, entries: list[tuple[asyncio.Future, bool, Any]],
+                         loop: asyncio.AbstractEventLoop) -> None:
+        _settle_async(entries)
+        self._loop_turn(loop)

@@ -90,7 +90,10 @@ def open_db(tmp_path):
 
 
 class WriterGate:
-    """Holds the writer thread inside one write so the next ones queue into one batch."""
+    """Holds the writer thread inside one write so the next ones queue into one batch.
+
+    The gate blocks, so it runs off the event loop, as any write that blocks must.
+    """
 
     def __init__(self) -> None:
         self.entered = threading.Event()
@@ -101,7 +104,7 @@ class WriterGate:
         self.release.wait(GATE_TIMEOUT_S)
 
     async def close_on(self, db: Database) -> asyncio.Task:
-        task = asyncio.create_task(db.write(self.fn))
+        task = asyncio.create_task(db.write(self.fn, off_loop=True))
         await wait_until(self.entered.is_set)
         return task
 
