@@ -80,7 +80,18 @@ def serve_command(config_path: str) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(app, config))
+        if config.server.workers > 1:
+            from server.workers import WorkerStartError, serve_core
+            if config.server.port == 0:
+                print("config error: server.port: must be a fixed port when server.workers > 1", file=sys.stderr)
+                return 2
+            try:
+                asyncio.run(serve_core(app, config, config_path))
+            except WorkerStartError as e:
+                print(f"not serving: {e}", file=sys.stderr)
+                return 1
+        else:
+            asyncio.run(serve(app, config))
     except ProgramError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
