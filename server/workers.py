@@ -110,8 +110,28 @@ async def read_frame(reader: asyncio.StreamReader, bytes_max: int) -> bytes:
     return await reader.readexactly(size)
 
 
-def write_frame(writer: asyncio.StreamWriter, payload: bytes) -> None:
-    writer.write(LENGTH.pack(len(payload)) + payload)
+class Outbox:
+    """Frames put in one turn of the event loop leave in one write: a group commit answers
+    many calls at once, and waking the other process once for all of them costs less than
+    once for each."""
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self.writer = writer
+        self._parts: list[bytes] = []
+
+    def put(self, payload: bytes) -> None:
+        if not self._parts:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._parts += (LENGTH.pack(len(payload)), payload)
+
+    async def send(self, payload: bytes) -> None:
+        self.put(payload)
+        await self.writer.drain()       # waits only while the other side is not reading
+
+    def _flush(self) -> None:
+        parts, self._parts = self._parts, []
+        if not self.writer.is_closing():
+            self.writer.write(b"".join(parts))
 
 
 def encode_body(body) -> bytes:
@@ -151,6 +171,7 @@ class Core:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        outbox = Outbox(writer)
         slots = asyncio.Semaphore(CALLS_IN_FLIGHT_PER_CONNECTION_MAX)
         try:
             while True:
@@ -159,7 +180,7 @@ class Core:
                     self.listening.add(frame.pid)
                     continue
                 await slots.acquire()
-                task = asyncio.create_task(self._answer(frame, writer))
+                task = asyncio.create_task(self._answer(frame, outbox))
                 self._tasks.add(task)
                 task.add_done_callback(lambda t: (self._tasks.discard(t), slots.release()))
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -170,18 +191,17 @@ class Core:
             self._writers.discard(writer)
             writer.close()
 
-    async def _answer(self, frame: CallFrame | AuditFrame, writer: asyncio.StreamWriter) -> None:
+    async def _answer(self, frame: CallFrame | AuditFrame, outbox: Outbox) -> None:
         reply = await (self._audit(frame.row) if isinstance(frame, AuditFrame) else self._call(frame))
         payload = ENCODER.encode(ReplyFrame(frame.id, reply.status, reply.content_type, reply.headers, reply.body))
         if len(payload) > REPLY_FRAME_BYTES_MAX:
             log.error("an answer of %d bytes is over the frame limit", len(payload))
             reply = error_reply(ApiError(500, "internal_error", "the answer is too large to send"), "", "")
             payload = ENCODER.encode(ReplyFrame(frame.id, reply.status, reply.content_type, None, reply.body))
-        if writer.is_closing():
+        if outbox.writer.is_closing():
             return
-        write_frame(writer, payload)
         with contextlib.suppress(ConnectionError):
-            await writer.drain()
+            await outbox.send(payload)
 
     async def _call(self, frame: CallFrame) -> Reply:
         route = ROUTES_BY_NAME.get(frame.route)
@@ -232,15 +252,16 @@ class RemoteBackend:
         self.lost = asyncio.Event()
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
-        self._writer: asyncio.StreamWriter | None = None
+        self._outbox: Outbox | None = None
         self._reading: asyncio.Task | None = None
 
     async def connect(self, path: str) -> None:
-        reader, self._writer = await asyncio.open_unix_connection(path)
+        reader, writer = await asyncio.open_unix_connection(path)
+        self._outbox = Outbox(writer)
         self._reading = asyncio.create_task(self._read_replies(reader))
 
     def hello(self) -> None:
-        write_frame(self._writer, ENCODER.encode(HelloFrame(os.getpid())))
+        self._outbox.put(ENCODER.encode(HelloFrame(os.getpid())))
 
     async def call(self, route: Route, call: Call) -> Reply:
         if not route.core:
@@ -263,8 +284,7 @@ class RemoteBackend:
         future = asyncio.get_running_loop().create_future()
         self._pending[i] = future
         try:
-            write_frame(self._writer, ENCODER.encode(frame(i)))
-            await self._writer.drain()
+            await self._outbox.send(ENCODER.encode(frame(i)))
             return await future
         except (ConnectionError, CoreUnreachable):
             raise unreachable() from None

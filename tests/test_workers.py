@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from conftest import KEYS
+from server.config import ConfigError, config_from_dict, load_config
 from test_crash_safety import NOW, Server
 
 
@@ -34,7 +38,16 @@ def alive(pid: int) -> bool:
     return fields[0] != "Z"
 
 
-def call(server: Server, method: str, path: str, body=None, as_: str | None = "register"):
+def start(tmp_path, workers: int = 2) -> Server:
+    server = Server(tmp_path, server={"workers": workers})
+    server.start()
+    deadline = time.monotonic() + 10      # the port opens with the first worker; wait for all
+    while "worker processes" not in server.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return server
+
+
+def call(server: Server, method: str, path: str, body=None, as_: str | None = "register", raw: bool = False):
     headers = {"Content-Type": "application/json"}
     if as_:
         headers["Authorization"] = f"Bearer {KEYS[as_]}"
@@ -42,7 +55,8 @@ def call(server: Server, method: str, path: str, body=None, as_: str | None = "r
     request = urllib.request.Request(server.url(path), data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as answer:
-            return answer.status, json.loads(answer.read())
+            data = answer.read()
+            return answer.status, data.decode() if raw else json.loads(data)
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
 
@@ -70,13 +84,9 @@ def wait_for_workers(core: int, count: int, not_in: set[int] = frozenset(), seco
 
 
 def test_two_workers_answer_like_one_process_and_survive_a_killed_worker(tmp_path):
-    server = Server(tmp_path, server={"workers": 2})
-    server.start()
+    server = start(tmp_path)
     try:
         core = server.proc.pid
-        deadline = time.monotonic() + 10      # the port opens with the first worker; wait for both
-        while "worker processes" not in server.log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.02)
         workers = wait_for_workers(core, 2)
         assert call(server, "GET", "/readyz", as_=None)[0] == 200
         assert call(server, "POST", "/v1/members", {"card": "card-1"}, as_="manager")[0] == 201
@@ -97,6 +107,12 @@ def test_two_workers_answer_like_one_process_and_survive_a_killed_worker(tmp_pat
         assert returned[0] == 201, returned
         member = call(server, "GET", "/v1/members/card-1")
         assert member[0] == 200 and member[1]["tier"]["value"] == 6_000, member
+        assert call(server, "GET", "/v1/admin/rules", as_="manager")[0] == 200
+        assert_error(call(server, "GET", "/v1/admin/rules"), 403, "forbidden")
+        assert call(server, "GET", "/openapi.json", as_=None)[0] == 200
+        metrics = call(server, "GET", "/metrics", as_="manager", raw=True)[1]
+        assert 'loyalty_receipts_total{endpoint="confirm",outcome="ok"} 1.0' in metrics      # counted once
+        assert 'loyalty_receipts_total{endpoint="confirm",outcome="replayed"} 1.0' in metrics
 
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)
@@ -123,5 +139,37 @@ def test_two_workers_answer_like_one_process_and_survive_a_killed_worker(tmp_pat
         server.kill()
     log = server.log.read_text()
     assert "died (killed by signal 9)" in log and "listens again" in log
+    conn = sqlite3.connect(server.db)
+    audited = conn.execute("SELECT key_id, path, status FROM audit_log ORDER BY id").fetchall()
+    conn.close()
+    assert audited == [("manager", "/v1/admin/rules", 200), ("register-S001", "/v1/admin/rules", 403)]
     assert "stopped with" not in log        # every worker exited 0
     assert "stopped: every answered request is committed" in log
+
+
+def test_workers_exit_when_the_core_is_killed(tmp_path):
+    server = start(tmp_path)
+    try:
+        workers = wait_for_workers(server.proc.pid, 2)
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(p) for p in workers), "orphaned worker processes"
+    finally:
+        server.kill()
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_workers_setting(tmp_path):
+    assert config_from_dict({}).server.workers == 1
+    assert config_from_dict({"server": {"workers": 4}}).server.workers == 4
+    for bad in (0, 65):
+        with pytest.raises(ConfigError, match="server.workers"):
+            config_from_dict({"server": {"workers": bad}})
+    path = tmp_path / "config.yaml"
+    path.write_text("server: {port: 9000}\n")
+    assert load_config(path, environ={"LOYALTY_SERVER__WORKERS": "3"}).server.workers == 3
