@@ -86,7 +86,7 @@ def serve_command(config_path: str) -> int:
                 print("config error: server.port: must be a fixed port when server.workers > 1", file=sys.stderr)
                 return 2
             try:
-                asyncio.run(serve_core(app, config, config_path))
+                asyncio.run(serve_core(app, config))
             except WorkerStartError as e:
                 print(f"not serving: {e}", file=sys.stderr)
                 return 1

@@ -38,7 +38,7 @@ import msgspec
 from aiohttp import web
 
 from server.auth import KeyRing, Principal
-from server.config import Config, load_config
+from server.config import Config
 from server.errors import ApiError, error_answer, error_middleware
 from server.guards import InFlight, TokenBuckets, in_flight_middleware
 from server.keys import BACKEND, CONFIG, IN_FLIGHT, KEYRING, LIMITER, METRICS, PRIVACY, STATE
@@ -220,9 +220,9 @@ class Core:
     async def _audit(self, row: dict) -> Reply:
         try:
             await self.local.audit(row)
-        except Exception as e:
-            log.exception("could not write the audit row for %s %s", row.get("method"), row.get("key_id"))
-            return error_reply(e, "", "audit")
+        except Exception:
+            log.exception("could not write the audit row for %s by %s", row.get("method"), row.get("key_id"))
+            return Reply(500, b"")
         return Reply(204, b"")
 
 
@@ -366,7 +366,7 @@ async def run_worker(config: Config, socket_path: str, workers: int, parent_fd: 
 
 def worker_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m server.workers")
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", required=True, help="the core's decoded config, as JSON")
     parser.add_argument("--socket", required=True)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--of", type=int, required=True)
@@ -378,7 +378,7 @@ def worker_main(argv: list[str]) -> int:
     # the core reloads the program.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    config = load_config(args.config)
+    config = msgspec.json.decode(Path(args.config).read_bytes(), type=Config)
     return asyncio.run(run_worker(config, args.socket, args.of, args.parent_fd))
 
 
@@ -391,8 +391,13 @@ class WorkerStartError(Exception):
 class Supervisor:
     """Starts the workers, starts one again when it dies, stops them all."""
 
-    def __init__(self, config: Config, config_path: str, socket_path: str, core: Core):
-        self.config, self.config_path, self.socket_path, self.core = config, config_path, socket_path, core
+    def __init__(self, config: Config, folder: str, socket_path: str, core: Core):
+        self.config, self.socket_path, self.core = config, socket_path, core
+        # The config exactly as the core decoded it (environment overrides applied), so a
+        # worker started again later serves the same keys and limits even if the file changed.
+        self.config_path = os.path.join(folder, "config.json")
+        with open(os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(msgspec.json.encode(config))
         self.count = config.server.workers
         self.procs: dict[int, subprocess.Popen] = {}
         self._started_at: dict[int, float] = {}
@@ -474,7 +479,7 @@ class Supervisor:
         os.close(self._pipe_write)
 
 
-async def serve_core(app: web.Application, config: Config, config_path: str) -> None:
+async def serve_core(app: web.Application, config: Config) -> None:
     """Like cli.serve, with the HTTP in worker processes: on SIGTERM or SIGINT /readyz answers
     503 for server.drain_seconds, then the workers close their listeners and finish their
     requests, then the database closes after its last commit."""
@@ -490,7 +495,7 @@ async def serve_core(app: web.Application, config: Config, config_path: str) -> 
     try:
         socket_path = os.path.join(folder, "core.sock")
         await core.start(socket_path)
-        supervisor = Supervisor(config, str(Path(config_path).resolve()), socket_path, core)
+        supervisor = Supervisor(config, folder, socket_path, core)
         await supervisor.start()
         log.info("serving on http://%s:%s with %d worker processes", config.server.host, config.server.port,
                  config.server.workers)
