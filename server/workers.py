@@ -39,7 +39,7 @@ from aiohttp import web
 
 from server.auth import KeyRing, Principal
 from server.config import Config
-from server.errors import ApiError, error_answer, error_middleware
+from server.errors import ApiError, HangUp, error_answer, error_middleware
 from server.guards import InFlight, TokenBuckets, in_flight_middleware
 from server.keys import BACKEND, CONFIG, IN_FLIGHT, KEYRING, LIMITER, METRICS, PRIVACY, STATE
 from server.privacy import privacy_from_config
@@ -239,11 +239,6 @@ class CoreUnreachable(Exception):
     pass
 
 
-def unreachable() -> ApiError:
-    return ApiError(503, "unavailable", "the core process is unreachable; a request sent before may or may not "
-                    "have been written: send it again with the same body", headers={"Retry-After": "1"})
-
-
 class RemoteBackend:
     """Sends each call to the core over one connection and waits for its reply."""
 
@@ -266,11 +261,19 @@ class RemoteBackend:
     async def call(self, route: Route, call: Call) -> Reply:
         if not route.core:
             return await route.handler(self.app, call)
-        if route.handler is readyz and self.app[STATE]["draining"]:
-            raise ApiError(503, "unavailable", "starting or draining")
+        if route.handler is readyz:
+            return await self._ready(call)
         body = encode_body(call.body)
         return await self._send(lambda i: CallFrame(i, route.handler.__name__, call.principal, call.path,
                                                     call.query, body))
+
+    async def _ready(self, call: Call) -> Reply:
+        if self.app[STATE]["draining"]:
+            raise ApiError(503, "unavailable", "starting or draining")
+        try:
+            return await self._send(lambda i: CallFrame(i, readyz.__name__, None, call.path, call.query, b""))
+        except HangUp:
+            raise ApiError(503, "unavailable", "the core process is unreachable") from None
 
     async def audit(self, row: dict) -> None:
         reply = await self._send(lambda i: AuditFrame(i, row))
@@ -278,8 +281,9 @@ class RemoteBackend:
             raise RuntimeError(f"the core answered {reply.status}")
 
     async def _send(self, frame) -> Reply:
+        """The core's reply; HangUp when the core went away, before or after it got the call."""
         if self.lost.is_set():
-            raise unreachable()
+            raise HangUp()
         i = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[i] = future
@@ -287,7 +291,7 @@ class RemoteBackend:
             await self._outbox.send(ENCODER.encode(frame(i)))
             return await future
         except (ConnectionError, CoreUnreachable):
-            raise unreachable() from None
+            raise HangUp() from None
         finally:
             self._pending.pop(i, None)
 
