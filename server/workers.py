@@ -227,17 +227,14 @@ class Core:
 
 
 def error_reply(e: Exception, method: str, route: str) -> Reply:
-    answer = error_answer(e, method, route) or error_answer(RuntimeError("a redirect from a service call"),
-                                                            method, route)
+    answer = error_answer(e, method, route)
+    if answer is None:      # a redirect: no service call answers with one
+        answer = error_answer(RuntimeError(f"a redirect from {route}"), method, route)
     status, body, headers = answer
     return Reply(status, body, JSON_TYPE, headers)
 
 
 # ------------------------------------------------------------------ the worker's end
-
-class CoreUnreachable(Exception):
-    pass
-
 
 class RemoteBackend:
     """Sends each call to the core over one connection and waits for its reply."""
@@ -290,7 +287,7 @@ class RemoteBackend:
         try:
             await self._outbox.send(ENCODER.encode(frame(i)))
             return await future
-        except (ConnectionError, CoreUnreachable):
+        except ConnectionError:
             raise HangUp() from None
         finally:
             self._pending.pop(i, None)
@@ -310,7 +307,7 @@ class RemoteBackend:
             self.lost.set()
             for future in self._pending.values():
                 if not future.done():
-                    future.set_exception(CoreUnreachable())
+                    future.set_exception(HangUp())
 
 
 def worker_app(config: Config, backend: RemoteBackend, workers: int) -> web.Application:
