@@ -80,6 +80,8 @@ def serve_command(config_path: str) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     try:
+        if config.server.workers > 1:
+            return serve_with_workers(app, config)
         asyncio.run(serve(app, config))
     except ProgramError as e:
         for problem in e.problems:
@@ -118,6 +120,23 @@ async def serve(app, config) -> None:
     finally:
         await runner.cleanup()
     log.info("stopped: every answered request is committed")
+
+
+def serve_with_workers(app, config) -> int:
+    """server.workers > 1: this process is the core; server/workers.py starts the workers."""
+    import asyncio
+
+    from server.workers import WorkerStartError, serve_core
+    if config.server.port == 0:
+        # Every worker would listen on a port of its own.
+        print("config error: server.port: must be a fixed port when server.workers > 1", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve_core(app, config))
+    except WorkerStartError as e:
+        print(f"not serving: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def rules_check_command(directory: Path) -> int:

@@ -28,6 +28,11 @@ class ApiError(Exception):
         self.headers = headers
 
 
+class HangUp(Exception):
+    """Close the connection without an answer, as a crashed server would: whether the request
+    was carried out is unknown, and the client's retry with the same body settles it."""
+
+
 def unprocessable(code: str, message: str, details: list[dict] | None = None) -> ApiError:
     return ApiError(422, code, message, details)
 
@@ -93,35 +98,58 @@ _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404:
 async def error_middleware(request: web.Request, handler):
     try:
         return await handler(request)
-    except ApiError as e:
-        return error_response(e.status, e.code, e.message, e.details, e.headers)
-    except msgspec.ValidationError as e:
-        v = validation_error(e)
-        return error_response(v.status, v.code, v.message, v.details)
-    except msgspec.DecodeError as e:
-        return error_response(400, "malformed_json", f"the body is not valid JSON: {e}")
-    except Overloaded:
-        # The write queue is full: nothing of this request was written; try again shortly.
-        return overloaded_response("the server is overloaded; nothing was written, retry shortly")
-    except StorageClosed:
-        return error_response(503, "unavailable", "the server is shutting down; retry on another instance",
-                              headers={"Retry-After": "1"})
-    except RuleEngineError:
-        # Evaluation failed before anything was written: the receipt can be sent again as is.
-        log.exception("rule engine failed on %s %s", request.method, _route_name(request))
-        return error_response(503, "rules_unavailable",
-                              "the rule engine failed; nothing was written, retry shortly",
-                              headers={"Retry-After": "1"})
-    except web.HTTPException as e:
-        if e.status < 400:
+    except HangUp:
+        if request.transport is not None:
+            request.transport.abort()
+        return web.Response(status=503)      # never sent: the connection is gone
+    except Exception as e:
+        answer = error_answer(e, request.method, _route_name(request))
+        if answer is None:
             raise
+        status, body, headers = answer
+        return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+def error_answer(e: Exception, method: str, route: str) -> tuple[int, bytes, dict[str, str] | None] | None:
+    """Any exception as (status, body in the one shape, headers); None for a non-error HTTP
+    answer (a redirect) that must propagate. `route` is the route's pattern, for the log."""
+    if isinstance(e, ApiError):
+        return _parts(e.status, e.code, e.message, e.details, e.headers)
+    if isinstance(e, msgspec.ValidationError):
+        v = validation_error(e)
+        return _parts(v.status, v.code, v.message, v.details)
+    if isinstance(e, msgspec.DecodeError):
+        return _parts(400, "malformed_json", f"the body is not valid JSON: {e}")
+    if isinstance(e, Overloaded):
+        # The write queue is full: nothing of this request was written; try again shortly.
+        return _parts(503, "overloaded", "the server is overloaded; nothing was written, retry shortly",
+                      headers=RETRY_SOON)
+    if isinstance(e, StorageClosed):
+        return _parts(503, "unavailable", "the server is shutting down; retry on another instance",
+                      headers=RETRY_SOON)
+    if isinstance(e, RuleEngineError):
+        # Evaluation failed before anything was written: the receipt can be sent again as is.
+        log.error("rule engine failed on %s %s", method, route, exc_info=e)
+        return _parts(503, "rules_unavailable", "the rule engine failed; nothing was written, retry shortly",
+                      headers=RETRY_SOON)
+    if isinstance(e, web.HTTPException):
+        if e.status < 400:
+            return None
         code = _STATUS_CODES.get(e.status, "http_error")
         message = e.reason if e.status != 413 else "the body is larger than the configured limit"
-        return error_response(e.status, code, message, headers=_allow(e))
-    except Exception:  # a bug: log it whole, answer in the one shape, keep serving
-        # The route's pattern, not the path: paths carry card numbers.
-        log.exception("unhandled error on %s %s", request.method, _route_name(request))
-        return error_response(500, "internal_error", "internal error; it has been logged")
+        return _parts(e.status, code, message, headers=_allow(e))
+    # A bug: log it whole, answer in the one shape, keep serving. The route's pattern,
+    # not the path: paths carry card numbers.
+    log.error("unhandled error on %s %s", method, route, exc_info=e)
+    return _parts(500, "internal_error", "internal error; it has been logged")
+
+
+RETRY_SOON = {"Retry-After": "1"}
+
+
+def _parts(status: int, code: str, message: str, details: list[dict] | None = None,
+           headers: dict[str, str] | None = None) -> tuple[int, bytes, dict[str, str] | None]:
+    return status, msgspec.json.encode(error_body(code, message, details)), headers
 
 
 def overloaded_response(message: str) -> web.Response:

@@ -1,5 +1,11 @@
 """The HTTP surface: one table of routes (method, path, roles, body type), thin handlers.
 
+Every route has two halves. The HTTP half (`bind`) authenticates, rate-limits and decodes
+the body into a `Call`; the service half (the handler in the table) turns a Call into a
+`Reply` (status and an encoded body). In one process the first hands the Call straight to
+the second (`LocalBackend`); with server.workers > 1 a worker process runs the HTTP half
+and the core process the service half (server/workers.py), with the same code.
+
 The table is also what /openapi.json is generated from, so the document cannot drift
 from what the server actually accepts.
 """
@@ -11,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import date, datetime, time as dtime
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable, NamedTuple
 
 import msgspec
 from aiohttp import web
@@ -20,14 +26,31 @@ from rules import check_dir
 from server import schema
 from server.auth import Principal, require_role
 from server.errors import ApiError, field_error
-from server.keys import CLOCK, DATABASE, KEYRING, LIMITER, METRICS, PRIVACY, PROGRAMS, SERVICE, STATE
+from server.keys import BACKEND, CLOCK, DATABASE, KEYRING, LIMITER, METRICS, PRIVACY, PROGRAMS, SERVICE, STATE
 from storage import admin_audit
 from storage.ledger import iso
 
 REGISTER, MANAGER, MONITOR = "register", "manager", "monitor"
 JSON_TYPE = "application/json"
-Handler = Callable[..., Awaitable[web.StreamResponse]]
 log = logging.getLogger("loyalty.http")
+
+
+class Call(msgspec.Struct, frozen=True):
+    """One API call without its HTTP: the caller, the path and query parameters, the decoded body."""
+    principal: Principal | None = None
+    path: dict[str, str] = {}
+    query: dict[str, str] = {}
+    body: Any = None
+
+
+class Reply(NamedTuple):
+    status: int
+    body: bytes
+    content_type: str = JSON_TYPE
+    headers: dict[str, str] | None = None
+
+
+Handler = Callable[[web.Application, Call], Awaitable[Reply]]
 
 
 @dataclass(frozen=True)
@@ -39,10 +62,12 @@ class Route:
     body: type | None = None
     summary: str = ""
     ok_status: int = 200
+    # False: needs neither the database nor the service, so a worker process answers it itself.
+    core: bool = True
 
 
-def json_response(data, status: int = 200) -> web.Response:
-    return web.Response(body=schema.ENCODER.encode(data), status=status, content_type=JSON_TYPE)
+def json_reply(data, status: int = 200) -> Reply:
+    return Reply(status, schema.ENCODER.encode(data))
 
 
 # ------------------------------------------------------------------ registers
@@ -50,11 +75,11 @@ def json_response(data, status: int = 200) -> web.Response:
 def counted(endpoint: str):
     """Refused receipt requests are counted by their error code (successes are counted by the service)."""
     def wrap(handler: Handler) -> Handler:
-        async def run(request, principal, body):
+        async def run(app, call: Call) -> Reply:
             try:
-                return await handler(request, principal, body)
+                return await handler(app, call)
             except ApiError as e:
-                request.app[METRICS].receipts.labels(endpoint, e.code).inc()
+                app[METRICS].receipts.labels(endpoint, e.code).inc()
                 raise
         run.__name__ = handler.__name__
         return run
@@ -62,69 +87,69 @@ def counted(endpoint: str):
 
 
 @counted("calculate")
-async def calculate(request, principal: Principal, body: schema.Receipt):
-    return json_response(await request.app[SERVICE].calculate(body, principal))
+async def calculate(app, call: Call) -> Reply:
+    return json_reply(await app[SERVICE].calculate(call.body, call.principal))
 
 
 @counted("confirm")
-async def confirm(request, principal: Principal, body: schema.Receipt):
-    status, result = await request.app[SERVICE].confirm(body, principal)
-    return json_response(result, status)
+async def confirm(app, call: Call) -> Reply:
+    status, result = await app[SERVICE].confirm(call.body, call.principal)
+    return json_reply(result, status)
 
 
 @counted("cancel")
-async def cancel(request, principal: Principal, body=None):
-    m = request.match_info
+async def cancel(app, call: Call) -> Reply:
+    m = call.path
     key = (m["store_id"], m["register_id"], m["receipt_id"])
-    return json_response(await request.app[SERVICE].cancel(key, principal))
+    return json_reply(await app[SERVICE].cancel(key, call.principal))
 
 
 @counted("return")
-async def return_items(request, principal: Principal, body: schema.ReturnRequest):
-    status, result = await request.app[SERVICE].return_items(body, principal)
-    return json_response(result, status)
+async def return_items(app, call: Call) -> Reply:
+    status, result = await app[SERVICE].return_items(call.body, call.principal)
+    return json_reply(result, status)
 
 
 # ------------------------------------------------------------------ members
 
-async def enroll(request, principal: Principal, body: schema.Enrollment):
-    return json_response(await request.app[SERVICE].enroll(body, principal), 201)
+async def enroll(app, call: Call) -> Reply:
+    return json_reply(await app[SERVICE].enroll(call.body, call.principal), 201)
 
 
-async def get_member(request, principal: Principal, body=None):
-    service = request.app[SERVICE]
-    at = parse_moment(request.query.get("at"), "at", service.program().timezone)
-    return json_response(await service.get_member(request.match_info["card"], at))
+async def get_member(app, call: Call) -> Reply:
+    service = app[SERVICE]
+    at = parse_moment(call.query.get("at"), "at", service.program().timezone)
+    return json_reply(await service.get_member(call.path["card"], at))
 
 
-async def patch_member(request, principal: Principal, body: schema.MemberPatch):
-    return json_response(await request.app[SERVICE].patch_member(request.match_info["card"], body))
+async def patch_member(app, call: Call) -> Reply:
+    return json_reply(await app[SERVICE].patch_member(call.path["card"], call.body))
 
 
-async def member_statement(request, principal: Principal, body=None):
-    service = request.app[SERVICE]
+async def member_statement(app, call: Call) -> Reply:
+    service = app[SERVICE]
     tz = service.program().timezone
-    since = parse_moment(request.query.get("from"), "from", tz)
-    until = parse_moment(request.query.get("to"), "to", tz, end_of_day=True)
-    limit = parse_int(request.query.get("limit"), "limit", default=100)
-    return json_response(await service.statement(request.match_info["card"], since, until, limit))
+    since = parse_moment(call.query.get("from"), "from", tz)
+    until = parse_moment(call.query.get("to"), "to", tz, end_of_day=True)
+    limit = parse_int(call.query.get("limit"), "limit", default=100)
+    return json_reply(await service.statement(call.path["card"], since, until, limit))
 
 
 # ------------------------------------------------------------------ admin
 
-async def adjust(request, principal: Principal, body: schema.Adjustment):
-    status, result = await request.app[SERVICE].adjust(body, principal)
-    return json_response(result, status)
+async def adjust(app, call: Call) -> Reply:
+    status, result = await app[SERVICE].adjust(call.body, call.principal)
+    return json_reply(result, status)
 
 
-async def set_tier(request, principal: Principal, body: schema.TierAssignment):
-    return json_response(await request.app[SERVICE].set_tier(request.match_info["card"], body))
+async def set_tier(app, call: Call) -> Reply:
+    return json_reply(await app[SERVICE].set_tier(call.path["card"], call.body))
 
 
-async def rules_info(request, principal: Principal, body=None):
-    holder = request.app[PROGRAMS]
+async def rules_info(app, call: Call) -> Reply:
+    holder = app[PROGRAMS]
     p = holder.current
-    return json_response({
+    return json_reply({
         "version": p.version, "program": {"id": p.id, "name": p.name, "currency": p.currency,
                                           "timezone": p.timezone_name},
         "directory": str(holder.directory),
@@ -136,17 +161,17 @@ async def rules_info(request, principal: Principal, body=None):
     })
 
 
-async def rules_reload(request, principal: Principal, body=None):
-    ok, program, problems = request.app[PROGRAMS].reload(f"api:{principal.key_id}")
+async def rules_reload(app, call: Call) -> Reply:
+    ok, program, problems = app[PROGRAMS].reload(f"api:{call.principal.key_id}")
     if not ok:
         raise rules_invalid(problems, "the program was not loaded; the previous version keeps serving")
-    return json_response({"version": program.version, "last_reload": request.app[PROGRAMS].last_reload})
+    return json_reply({"version": program.version, "last_reload": app[PROGRAMS].last_reload})
 
 
-async def rules_check(request, principal: Principal, body: schema.RulesCheck):
+async def rules_check(app, call: Call) -> Reply:
     folder = Path(tempfile.mkdtemp(prefix="rules-check-"))
     try:
-        for name, text in body.files.items():
+        for name, text in call.body.files.items():
             target = (folder / name).resolve()
             if folder.resolve() not in target.parents or not name.endswith((".yaml", ".yml")):
                 raise field_error(f"files.{name}", "must be a relative path to a .yaml file")
@@ -155,7 +180,7 @@ async def rules_check(request, principal: Principal, body: schema.RulesCheck):
         problems = check_dir(folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return json_response({"ok": not problems, "problems": [str(p) for p in problems]})
+    return json_reply({"ok": not problems, "problems": [str(p) for p in problems]})
 
 
 def rules_invalid(problems, message: str) -> ApiError:
@@ -165,31 +190,30 @@ def rules_invalid(problems, message: str) -> ApiError:
 
 # ------------------------------------------------------------------ operations
 
-async def healthz(request, principal=None, body=None):
-    return json_response({"status": "alive"})
+async def healthz(app, call: Call) -> Reply:
+    return json_reply({"status": "alive"})
 
 
-async def readyz(request, principal=None, body=None):
-    app = request.app
+async def readyz(app, call: Call) -> Reply:
     if app[STATE].get("draining") or not app[STATE].get("started"):
         raise ApiError(503, "unavailable", "starting or draining")
     try:
         await app[DATABASE].write(lambda conn: conn.execute("SELECT 1").fetchone())
     except Exception as e:
         raise ApiError(503, "unavailable", f"database not writable: {e}") from None
-    return json_response({"status": "ready", "rules_version": app[PROGRAMS].current.version})
+    return json_reply({"status": "ready", "rules_version": app[PROGRAMS].current.version})
 
 
-async def metrics(request, principal: Principal, body=None):
+async def metrics(app, call: Call) -> Reply:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-    m = request.app[METRICS]
-    m.write_queue.set(request.app[DATABASE].queue_depth())
-    return web.Response(body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    m = app[METRICS]
+    m.write_queue.set(app[DATABASE].queue_depth())
+    return Reply(200, generate_latest(m.registry), CONTENT_TYPE_LATEST)
 
 
-async def openapi(request, principal=None, body=None):
+async def openapi(app, call: Call) -> Reply:
     from server.openapi import document
-    return json_response(document(ROUTES))
+    return json_reply(document(ROUTES))
 
 
 # ------------------------------------------------------------------ parameters
@@ -243,19 +267,35 @@ ROUTES: list[Route] = [
     Route("GET", "/v1/admin/rules", rules_info, R({MANAGER}), None, "The loaded program"),
     Route("POST", "/v1/admin/rules/reload", rules_reload, R({MANAGER}), None, "Reload the program from disk"),
     Route("POST", "/v1/admin/rules/check", rules_check, R({MANAGER}), schema.RulesCheck,
-          "Validate a program sent as {files: {path: yaml}} without loading it"),
-    Route("GET", "/healthz", healthz, None, None, "Alive"),
+          "Validate a program sent as {files: {path: yaml}} without loading it", core=False),
+    Route("GET", "/healthz", healthz, None, None, "Alive", core=False),
     Route("GET", "/readyz", readyz, None, None, "Program loaded and database writable"),
     Route("GET", "/metrics", metrics, R({MONITOR, MANAGER}), None, "Prometheus metrics"),
-    Route("GET", "/openapi.json", openapi, None, None, "This API as OpenAPI 3"),
+    Route("GET", "/openapi.json", openapi, None, None, "This API as OpenAPI 3", core=False),
 ]
 
 
+ROUTES_BY_NAME = {route.handler.__name__: route for route in ROUTES}
 ADMIN_PREFIX = "/v1/admin/"
 PRINCIPAL = web.RequestKey("principal", Principal)   # the authenticated caller, for the audit log
 
 
-def bind(route: Route) -> Handler:
+class LocalBackend:
+    """Runs the service half in this process: the whole server with one process, the core with several."""
+
+    def __init__(self, app: web.Application):
+        self.app = app
+
+    async def call(self, route: Route, call: Call) -> Reply:
+        return await route.handler(self.app, call)
+
+    async def audit(self, row: dict) -> None:
+        """Appends one admin audit row; the time is this process's clock, the one the ledger uses."""
+        full = {"at": iso(self.app[CLOCK].now()), **row}
+        await self.app[DATABASE].write(lambda conn: admin_audit.append(conn, **full))
+
+
+def bind(route: Route):
     async def handle(request: web.Request) -> web.StreamResponse:
         principal = None
         if route.roles is not None:
@@ -269,9 +309,25 @@ def bind(route: Route) -> Handler:
             if not raw:
                 raise ApiError(400, "malformed_json", "a JSON body is required")
             body = schema.decode(raw, route.body)
-        return await route.handler(request, principal, body)
+        call = Call(principal, dict(request.match_info), first_values(request.query), body)
+        return response(await request.app[BACKEND].call(route, call))
     handle.__name__ = route.handler.__name__
     return handle
+
+
+def first_values(query) -> dict[str, str]:
+    """A repeated query parameter counts with its first value, as request.query.get gives it."""
+    out: dict[str, str] = {}
+    for name, value in query.items():
+        out.setdefault(name, value)
+    return out
+
+
+def response(reply: Reply) -> web.Response:
+    headers = {"Content-Type": reply.content_type}
+    if reply.headers:
+        headers.update(reply.headers)
+    return web.Response(status=reply.status, body=reply.body, headers=headers)
 
 
 @web.middleware
@@ -281,13 +337,17 @@ async def audit_middleware(request: web.Request, handler):
     response = await handler(request)
     principal = request.get(PRINCIPAL)
     if principal is not None and request.path.startswith(ADMIN_PREFIX):
-        await write_audit(request, principal, response.status)
+        row = await audit_row(request, principal, response.status)
+        try:
+            await request.app[BACKEND].audit(row)
+        except Exception:
+            log.exception("could not write the audit row for %s %s by %s", request.method,
+                          request.match_info.route.resource.canonical, principal.key_id)
     return response
 
 
-async def write_audit(request: web.Request, principal: Principal, status: int) -> None:
-    app = request.app
-    privacy = app[PRIVACY]
+async def audit_row(request: web.Request, principal: Principal, status: int) -> dict:
+    privacy = request.app[PRIVACY]
     match = dict(request.match_info)
     if "card" in match:     # the card's HMAC, never the number
         match["card"] = "hmac-" + privacy.card(match["card"])
@@ -296,13 +356,8 @@ async def write_audit(request: web.Request, principal: Principal, status: int) -
         raw = await request.read()
     except web.HTTPException:   # over the size limit: digest what is known
         raw = b""
-    row = dict(at=iso(app[CLOCK].now()), key_id=principal.key_id, method=request.method, path=path,
-               body_digest=privacy.body_digest(raw), status=status)
-    try:
-        await app[DATABASE].write(lambda conn: admin_audit.append(conn, **row))
-    except Exception:
-        log.exception("could not write the audit row for %s %s by %s", request.method,
-                      request.match_info.route.resource.canonical, principal.key_id)
+    return dict(key_id=principal.key_id, method=request.method, path=path,
+                body_digest=privacy.body_digest(raw), status=status)
 
 
 def add_routes(app: web.Application) -> None:
