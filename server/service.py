@@ -25,7 +25,7 @@ from server.errors import ApiError, conflict, field_error, not_found, unprocessa
 from server.metrics import Metrics
 from server.privacy import Privacy
 from server.programs import ProgramHolder
-from server.returns import plan_cancel, plan_return
+from server.returns import pairs_to_store, plan_cancel, plan_return, receipt_lines
 from storage import accounts, ledger
 from storage.db import Database
 from storage.ledger import InsufficientPoints, PostingRef, iso
@@ -360,7 +360,7 @@ class Service:
         result = self._result(program, receipt, member, ev, balance, today)
         result["replayed"] = False
         result_bytes = JSON.encode(result)
-        detail = JSON.encode(receipt_detail(receipt, ev))
+        pairs = pairs_to_store(ev)
         # The rules with a limit are the ones whose usage was read for this receipt.
         limited = [r for r in ev.fired if r in usage] if prepared is not None else []
         rule_dates = {r: program.rule_dates(r, ev.local_date) for r, _ in ev.by_rule}
@@ -389,10 +389,10 @@ class Service:
                     result["balance"] = ledger.balance_of(lots, holds, today).as_json()
                     result["messages"] = self._messages(program, ev, result["balance"], today, member)
                     result_bytes = JSON.encode(result)
-            ledger.insert_receipt(conn, key, body_sha256=fingerprint, member_id=member.id if member else None,
-                                  ts=iso(receipt.ts), local_date=local_date, total=receipt.total,
-                                  rules_version=program.version, body=body, result=result_bytes,
-                                  detail=detail, now=iso(now))
+            ledger.insert_receipt(conn, key, body_sha256=bytes.fromhex(fingerprint),
+                                  member_id=member.id if member else None, ts=iso(receipt.ts), local_date=local_date,
+                                  total=receipt.total, rules_version=program.version, body=body, result=result_bytes,
+                                  detail=pairs, now=iso(now))
         try:
             await self.db.write(write)
         except InsufficientPoints as e:
@@ -471,8 +471,9 @@ class Service:
         stored = ledger.get_receipt(conn, rec_key)
         if stored.status == "cancelled":
             raise unprocessable("receipt_cancelled", "the receipt was cancelled; nothing is left to return")
-        plan = plan_return(msgspec.json.decode(stored.detail), ledger.returned_lines(conn, rec_key),
-                           ledger.receipt_postings(conn, rec_key), req.lines)
+        sold = receipt_lines(*ledger.receipt_detail_parts(conn, rec_key))
+        plan = plan_return(sold, ledger.returned_lines(conn, rec_key), ledger.receipt_postings(conn, rec_key),
+                           req.lines)
         at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
                         receipt=rec_key, ref="/".join(ret_key))
         if stored.member_id is not None:
@@ -631,20 +632,6 @@ def check_lines(lines) -> None:
             raise field_error(f"lines[{i}].qty", f"has more than {QTY_DECIMALS_MAX} decimals or is too large")
 
 
-def receipt_detail(receipt: schema.Receipt, ev) -> dict:
-    """What a later return needs per line: sold qty and amount, points earned per rule, points spent."""
-    lines = {str(line.line_no): {"qty": str(line.qty), "amount": line.amount, "points": 0, "pairs": {},
-                                 "redeemed": 0, "discount": 0} for line in receipt.lines}
-    for rule_id, line_no, points in ev.pairs:
-        if points:
-            entry = lines[str(line_no)]
-            entry["points"] += points
-            entry["pairs"][rule_id] = entry["pairs"].get(rule_id, 0) + points
-    for line_no, points, discount in ev.redeemed_by_line:
-        lines[str(line_no)].update(redeemed=points, discount=discount)
-    return {"lines": lines}
-
-
 def tier_view(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, moment: datetime,
               as_of: str | None = None) -> tuple[dict, int]:
     """The member's tier at `moment` (a manual tier while its date holds, else the level the
@@ -689,9 +676,11 @@ def post_accrual(conn, member_id: int, by_rule, rule_dates: dict, counter: str, 
         if points <= 0:
             continue
         dates = rule_dates[rule_id]
-        if dates not in lots:
-            lots[dates] = ledger.new_lot(conn, member_id, dates[0], dates[1], at.created_at)
-        ledger.post(conn, member_id, lots[dates], "accrual", points, counter, at, rule_id, ledger.lot_dates(*dates))
+        fresh = dates not in lots
+        if fresh:
+            lots[dates] = ledger.new_lot(conn, member_id, dates[0], dates[1], points)
+        ledger.post(conn, member_id, lots[dates], "accrual", points, counter, at, rule_id, ledger.lot_dates(*dates),
+                    counted=fresh)
     if repay:
         for lot_id in lots.values():
             ledger.repay_debts(conn, member_id, lot_id, at)

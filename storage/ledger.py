@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import zlib
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 
@@ -126,14 +127,14 @@ class Lot:
 
 def lots_of(conn: sqlite3.Connection, member_id: int, as_of: str | None = None) -> list[Lot]:
     """The member's lots with points left, as of a moment (postings after it ignored)."""
-    sql = ("SELECT l.id, l.available_from, l.expires_on, SUM(p.points) AS remaining "
-           "FROM lots l JOIN postings p ON p.lot_id = l.id WHERE l.member_id = ? ")
-    args: tuple = (member_id,)
-    if as_of is not None:
-        sql += "AND p.effective_at <= ? "
-        args += (as_of,)
-    sql += "GROUP BY l.id HAVING remaining != 0 ORDER BY l.id"
-    return [Lot(*r) for r in conn.execute(sql, args)]
+    if as_of is None:
+        return [Lot(*r) for r in conn.execute("SELECT id, available_from, expires_on, remaining FROM lots "
+                                              "WHERE member_id = ? AND remaining != 0 ORDER BY id", (member_id,))]
+    # The past is recomputed from postings (lots.remaining is only the present).
+    return [Lot(*r) for r in conn.execute(
+        "SELECT l.id, l.available_from, l.expires_on, SUM(p.points) AS points_then FROM lots l "
+        "JOIN postings p ON p.lot_id = l.id WHERE l.member_id = ? AND p.effective_at <= ? "
+        "GROUP BY l.id HAVING points_then != 0 ORDER BY l.id", (member_id, as_of))]
 
 
 @dataclass
@@ -193,9 +194,10 @@ def lot_dates(available_from: date | str, expires_on: date | str | None) -> tupl
 
 
 def new_lot(conn: sqlite3.Connection, member_id: int, available_from: date | str,
-            expires_on: date | str | None, now: str) -> int:
-    cur = conn.execute("INSERT INTO lots (member_id, available_from, expires_on, created_at) VALUES (?, ?, ?, ?)",
-                       (member_id, *lot_dates(available_from, expires_on), now))
+            expires_on: date | str | None, points: int) -> int:
+    """A lot already counting the `points` its first posting (next, same transaction) brings."""
+    cur = conn.execute("INSERT INTO lots (member_id, available_from, expires_on, remaining) VALUES (?, ?, ?, ?)",
+                       (member_id, *lot_dates(available_from, expires_on), points))
     return cur.lastrowid
 
 
@@ -211,14 +213,16 @@ class PostingRef:
     note: str | None = None
 
 
-GENESIS_HASH = "0" * 64
+GENESIS_HASH = bytes(32)
 _HASHED = msgspec.json.Encoder()
 
 
-def posting_hash(prev_hash: str, row: tuple) -> str:
-    """SHA-256 over the previous posting's hash and this posting's fields, including the
-    dates of its lot, so editing a posting or a lot's dates breaks the chain from there."""
-    return hashlib.sha256(prev_hash.encode() + _HASHED.encode(row)).hexdigest()
+def posting_hash(prev_hash: bytes, row: tuple) -> bytes:
+    """SHA-256 over the previous posting's hash (as hex text) and this posting's fields,
+    including the dates of its lot, so editing a posting or a lot's dates breaks the chain
+    from there. Stored as the 32 raw bytes; hashed as hex text because the chain was
+    defined that way before hashes were stored as bytes (m013), and it must not break."""
+    return hashlib.sha256(prev_hash.hex().encode() + _HASHED.encode(row)).digest()
 
 
 # The order of fields in the hashed row; storage/audit.py recomputes it from the tables.
@@ -228,9 +232,11 @@ HASHED_SELECT = ("p.id, p.member_id, p.lot_id, l.available_from, l.expires_on, p
 
 
 def post(conn: sqlite3.Connection, member_id: int, lot_id: int, kind: str, points: int, counter: str,
-         at: PostingRef, rule_id: str | None = None, lot_dates: tuple[str, str | None] | None = None) -> None:
+         at: PostingRef, rule_id: str | None = None, lot_dates: tuple[str, str | None] | None = None,
+         counted: bool = False) -> None:
     """Append one transfer of `points` from `counter` to the member (negative: the other way).
-    `lot_dates`, when the caller just created the lot, saves reading them back."""
+    `lot_dates`, when the caller knows them, saves reading them back; `counted`: the lot was
+    just created with these points as its remaining (new_lot)."""
     store, register, receipt = at.receipt or (None, None, None)
     last = conn.execute("SELECT id, hash FROM postings ORDER BY id DESC LIMIT 1").fetchone()
     posting_id, prev = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
@@ -244,6 +250,8 @@ def post(conn: sqlite3.Connection, member_id: int, lot_id: int, kind: str, point
                  (posting_id, member_id, lot_id, kind, points, counter, at.effective_at, at.created_at, rule_id,
                   at.rules_version, store, register, receipt, at.ref, at.key_id, at.note,
                   posting_hash(prev, row)))
+    if not counted:
+        conn.execute("UPDATE lots SET remaining = remaining + ? WHERE id = ?", (points, lot_id))
 
 
 def _expired_on(conn: sqlite3.Connection, lot_id: int, day: str) -> bool:
@@ -302,8 +310,9 @@ def spend(conn: sqlite3.Connection, member_id: int, points: int, day: str, kind:
 def credit(conn: sqlite3.Connection, member_id: int, points: int, available_from: date | str,
            expires_on: date | str | None, kind: str, counter: str, at: PostingRef,
            rule_id: str | None = None) -> int:
-    lot_id = new_lot(conn, member_id, available_from, expires_on, at.created_at)
-    post(conn, member_id, lot_id, kind, points, counter, at, rule_id, lot_dates(available_from, expires_on))
+    lot_id = new_lot(conn, member_id, available_from, expires_on, points)
+    post(conn, member_id, lot_id, kind, points, counter, at, rule_id, lot_dates(available_from, expires_on),
+         counted=True)
     repay_debts(conn, member_id, lot_id, at)
     return lot_id
 
@@ -311,12 +320,11 @@ def credit(conn: sqlite3.Connection, member_id: int, points: int, available_from
 def repay_debts(conn: sqlite3.Connection, member_id: int, lot_id: int, at: PostingRef) -> int:
     """New points first pay back what the member owes (a return of points already spent
     leaves a lot below zero): a transfer from the new lot to the one in debt."""
-    debts = conn.execute("SELECT p.lot_id, SUM(p.points) FROM postings p JOIN lots l ON l.id = p.lot_id "
-                         "WHERE l.member_id = ? GROUP BY p.lot_id HAVING SUM(p.points) < 0 ORDER BY p.lot_id",
+    debts = conn.execute("SELECT id, remaining FROM lots WHERE member_id = ? AND remaining < 0 ORDER BY id",
                          (member_id,)).fetchall()
     if not debts:
         return 0
-    left = conn.execute("SELECT SUM(points) FROM postings WHERE lot_id = ?", (lot_id,)).fetchone()[0]
+    left = conn.execute("SELECT remaining FROM lots WHERE id = ?", (lot_id,)).fetchone()[0]
     repaid = 0
     for debt_lot, owed in debts:
         take = min(left, -owed)
@@ -340,9 +348,9 @@ def put_hold(conn: sqlite3.Connection, key: ReceiptKey, member_id: int, points: 
                  "closed_at = NULL", (*key, member_id, points, now, expires_at))
 
 
-def hold_member(conn: sqlite3.Connection, key: ReceiptKey) -> int | None:
-    row = conn.execute("SELECT member_id FROM holds WHERE store_id = ? AND register_id = ? AND receipt_id = ?",
-                       key).fetchone()
+def hold_member(conn: sqlite3.Connection, key: ReceiptKey, open_only: bool = False) -> int | None:
+    row = conn.execute("SELECT member_id FROM holds WHERE store_id = ? AND register_id = ? AND receipt_id = ?"
+                       + (" AND status = 'open'" if open_only else ""), key).fetchone()
     return row[0] if row else None
 
 
@@ -364,23 +372,52 @@ class StoredReceipt:
     member_id: int | None
     status: str
     result: bytes
-    detail: bytes
     local_date: str
 
 
 def get_receipt(conn: sqlite3.Connection, key: ReceiptKey) -> StoredReceipt | None:
-    row = conn.execute("SELECT body_sha256, member_id, status, result, detail, local_date FROM receipts "
+    row = conn.execute("SELECT body_sha256, member_id, status, result, local_date FROM receipts "
                        "WHERE store_id = ? AND register_id = ? AND receipt_id = ?", key).fetchone()
-    return StoredReceipt(key, *row) if row else None
+    if row is None:
+        return None
+    return StoredReceipt(key, digest_hex(row[0]), row[1], row[2], unpack(row[3]), row[4])
 
 
-def insert_receipt(conn: sqlite3.Connection, key: ReceiptKey, *, body_sha256: str, member_id: int | None,
+def receipt_detail_parts(conn: sqlite3.Connection, key: ReceiptKey) -> tuple[bytes, bytes, bytes | None]:
+    """(body, result, detail) as stored for a receipt, unpacked; see schema m013 for detail."""
+    body, result, detail = conn.execute("SELECT body, result, detail FROM receipts WHERE store_id = ? "
+                                        "AND register_id = ? AND receipt_id = ?", key).fetchone()
+    return unpack(body), unpack(result), detail
+
+
+def insert_receipt(conn: sqlite3.Connection, key: ReceiptKey, *, body_sha256: bytes, member_id: int | None,
                    ts: str, local_date: str, total: int, rules_version: str, body: bytes, result: bytes,
-                   detail: bytes, now: str) -> None:
+                   detail: bytes | None, now: str) -> None:
+    """body and result as JSON (stored packed); detail: None or the rule-by-line pairs (m013)."""
     conn.execute("INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, local_date, "
                  "total, rules_version, status, body, result, detail, created_at) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'confirmed', ?, ?, ?, ?)",
-                 (*key, body_sha256, member_id, ts, local_date, total, rules_version, body, result, detail, now))
+                 (*key, body_sha256, member_id, ts, local_date, total, rules_version, pack(body), pack(result),
+                  detail, now))
+
+
+# Stored receipt bodies and answers are JSON (starting with `{`), or zlib streams of it when
+# that is smaller (starting with 0x78): readers take either, so rows written before m013 stay.
+PACK_LEVEL = 1     # level 1: most of the bytes saved for a fraction of the CPU of higher levels
+
+
+def pack(data: bytes) -> bytes:
+    packed = zlib.compress(data, PACK_LEVEL)
+    return packed if len(packed) < len(data) else data
+
+
+def unpack(data: bytes) -> bytes:
+    return zlib.decompress(data) if data[:1] == b"\x78" else data
+
+
+def digest_hex(digest: bytes | str) -> str:
+    """Receipt fingerprints are stored as 32 bytes (m013); compared as hex."""
+    return digest.hex() if isinstance(digest, bytes) else digest
 
 
 def mark_cancelled(conn: sqlite3.Connection, key: ReceiptKey) -> None:
