@@ -230,8 +230,8 @@ def m013_compact_rows(db):
       page and spills the rest of every receipt to overflow pages of its own (a mostly
       empty 4 KB page per receipt). Rows are appended in rowid order; the key is a unique
       index.
-    - receipts.body and .result are JSON, or its zlib stream when smaller (storage/ledger.pack);
-      rows written before stay JSON, which readers take as well.
+    - receipts.body (and .result, should that pay off one day) is JSON or its zlib stream
+      (storage/ledger.pack); rows written before stay JSON, which readers take as well.
     - receipts.detail (what a return needs per line) is derived from body and result
       (server/returns.receipt_lines); it holds NULL, or the (rule, line_no, points) pairs as
       a JSON list when one receipt earned by several rules, or for rows written before this
