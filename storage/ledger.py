@@ -451,15 +451,22 @@ def receipt_counts(conn: sqlite3.Connection, member_id: int, since: str,
     """(confirmed receipts ever, confirmed receipts since, net spend since), as of `until`
     (None: everything recorded, including receipts stamped a little in the future)."""
     until = until or "9999"
-    ever = conn.execute("SELECT COUNT(*) FROM receipts WHERE member_id = ? AND status = 'confirmed' AND ts <= ?",
-                        (member_id, until)).fetchone()[0]
-    count, spend_ = conn.execute("SELECT COUNT(*), COALESCE(SUM(total), 0) FROM receipts WHERE member_id = ? "
-                                 "AND status = 'confirmed' AND ts > ? AND ts <= ?",
-                                 (member_id, since, until)).fetchone()
-    returned = conn.execute("SELECT COALESCE(SUM(rl.amount), 0) FROM return_lines rl JOIN receipts r "
-                            "ON r.store_id = rl.receipt_store AND r.register_id = rl.receipt_register "
-                            "AND r.receipt_id = rl.receipt_id WHERE r.member_id = ? AND r.status = 'confirmed' "
-                            "AND r.ts > ? AND r.ts <= ?", (member_id, since, until)).fetchone()[0]
+    # One pass over the member's entries in receipts_member_counts answers both windows.
+    ever, count, spend_ = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(ts > ?), 0), COALESCE(SUM(CASE WHEN ts > ? THEN total END), 0) "
+        "FROM receipts WHERE member_id = ? AND status = 'confirmed' AND ts <= ?",
+        (since, since, member_id, until)).fetchone()
+    # Starts from the member's returns (returns_member; most members have none), not from
+    # their receipts: that would read each receipt's row, bodies and all, for its key.
+    returned = conn.execute(
+        "SELECT COALESCE(SUM(rl.amount), 0) FROM returns rt "
+        "JOIN receipts r ON r.store_id = rt.receipt_store AND r.register_id = rt.receipt_register "
+        "AND r.receipt_id = rt.receipt_id "
+        "JOIN return_lines rl ON rl.receipt_store = rt.receipt_store AND rl.receipt_register = rt.receipt_register "
+        "AND rl.receipt_id = rt.receipt_id AND rl.return_store = rt.store_id AND rl.return_register = rt.register_id "
+        "AND rl.return_id = rt.return_id "
+        "WHERE rt.member_id = ? AND r.status = 'confirmed' AND r.ts > ? AND r.ts <= ?",
+        (member_id, since, until)).fetchone()[0]
     return ever, count, spend_ - returned
 
 

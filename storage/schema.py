@@ -280,3 +280,10 @@ ALTER TABLE lots ADD COLUMN remaining INTEGER NOT NULL DEFAULT 0;
 UPDATE lots SET remaining = t.points FROM (SELECT lot_id, SUM(points) AS points FROM postings GROUP BY lot_id) AS t
 WHERE t.lot_id = lots.id
 """)
+
+
+@migrations()
+def m014_returns_member(db):
+    # Tier reads subtract a member's returned amounts on every receipt; found from the
+    # member's returns (usually none) instead of from each of their receipts' rows.
+    db.execute("CREATE INDEX IF NOT EXISTS returns_member ON returns(member_id) WHERE member_id IS NOT NULL")
