@@ -130,10 +130,10 @@ def lots_of(conn: sqlite3.Connection, member_id: int, as_of: str | None = None) 
     if as_of is None:
         return [Lot(*r) for r in conn.execute("SELECT id, available_from, expires_on, remaining FROM lots "
                                               "WHERE member_id = ? AND remaining != 0 ORDER BY id", (member_id,))]
-    # The past is recomputed from postings (lots.remaining is only the present).
+    # The past is recomputed from the member's postings (lots.remaining is only the present).
     return [Lot(*r) for r in conn.execute(
-        "SELECT l.id, l.available_from, l.expires_on, SUM(p.points) AS points_then FROM lots l "
-        "JOIN postings p ON p.lot_id = l.id WHERE l.member_id = ? AND p.effective_at <= ? "
+        "SELECT l.id, l.available_from, l.expires_on, SUM(p.points) AS points_then FROM postings p "
+        "JOIN lots l ON l.id = p.lot_id WHERE p.member_id = ? AND p.effective_at <= ? "
         "GROUP BY l.id HAVING points_then != 0 ORDER BY l.id", (member_id, as_of))]
 
 
@@ -320,8 +320,9 @@ def credit(conn: sqlite3.Connection, member_id: int, points: int, available_from
 def repay_debts(conn: sqlite3.Connection, member_id: int, lot_id: int, at: PostingRef) -> int:
     """New points first pay back what the member owes (a return of points already spent
     leaves a lot below zero): a transfer from the new lot to the one in debt."""
-    debts = conn.execute("SELECT id, remaining FROM lots WHERE member_id = ? AND remaining < 0 ORDER BY id",
-                         (member_id,)).fetchall()
+    # `remaining != 0` lets SQLite use lots_live (it does not infer it from `< 0`).
+    debts = conn.execute("SELECT id, remaining FROM lots WHERE member_id = ? AND remaining != 0 AND remaining < 0 "
+                         "ORDER BY id", (member_id,)).fetchall()
     if not debts:
         return 0
     left = conn.execute("SELECT remaining FROM lots WHERE id = ?", (lot_id,)).fetchone()[0]

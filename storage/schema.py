@@ -287,3 +287,31 @@ def m014_returns_member(db):
     # Tier reads subtract a member's returned amounts on every receipt; found from the
     # member's returns (usually none) instead of from each of their receipts' rows.
     db.execute("CREATE INDEX IF NOT EXISTS returns_member ON returns(member_id) WHERE member_id IS NOT NULL")
+
+
+@migrations()
+def m015_hot_lookups(db):
+    """One page per look-up on the receipt path, for databases far larger than memory.
+
+    - cards is keyed by the card's HMAC itself (WITHOUT ROWID): card -> member is one
+      b-tree search instead of an index search and then a table row, and the separate
+      index holding every HMAC a second time is gone.
+    - lots_live covers the member's lots with points left (remaining != 0): balances read
+      that index alone, not one lots row (on a page of its own) per lot. Spent and expired
+      lots leave it. lots_member goes: the past (?at=) is found from postings_member."""
+    _run(db, """
+CREATE TABLE cards_by_card (
+    card TEXT PRIMARY KEY,
+    member_id INTEGER NOT NULL REFERENCES members(id),
+    created_at TEXT NOT NULL,
+    card_last4 TEXT
+) WITHOUT ROWID;
+INSERT INTO cards_by_card (card, member_id, created_at, card_last4)
+SELECT card, member_id, created_at, card_last4 FROM cards ORDER BY card;
+DROP TABLE cards;
+ALTER TABLE cards_by_card RENAME TO cards;
+CREATE INDEX cards_member ON cards(member_id);
+CREATE INDEX cards_unprotected ON cards(card) WHERE card_last4 IS NULL;
+DROP INDEX lots_member;
+CREATE INDEX lots_live ON lots(member_id, id, available_from, expires_on, remaining) WHERE remaining != 0
+""")

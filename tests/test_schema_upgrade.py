@@ -2,7 +2,8 @@
 answers exactly as one that never needed to: replays, returns, balances, audit verify.
 
 The older format is made by turning a fresh database back: hex hashes, a WITHOUT ROWID
-receipts table holding each receipt's per-line detail, lots without remaining points."""
+receipts table holding each receipt's per-line detail, lots without remaining points,
+cards as a rowid table, the indexes as they were."""
 from __future__ import annotations
 
 import re
@@ -55,9 +56,19 @@ DROP TABLE receipts;
 ALTER TABLE receipts_old RENAME TO receipts;
 CREATE INDEX receipts_member ON receipts(member_id, ts);
 CREATE INDEX receipts_member_counts ON receipts(member_id, status, ts, total);
+DROP INDEX lots_live;
+CREATE INDEX lots_member ON lots(member_id);
 ALTER TABLE lots DROP COLUMN remaining;
 ALTER TABLE lots ADD COLUMN created_at TEXT NOT NULL DEFAULT '';
-DELETE FROM _sqlite_migrations WHERE name = 'm013_compact_rows';
+DROP INDEX returns_member;
+CREATE TABLE cards_old (card TEXT PRIMARY KEY, member_id INTEGER NOT NULL REFERENCES members(id),
+    created_at TEXT NOT NULL, card_last4 TEXT);
+INSERT INTO cards_old SELECT card, member_id, created_at, card_last4 FROM cards;
+DROP TABLE cards;
+ALTER TABLE cards_old RENAME TO cards;
+CREATE INDEX cards_member ON cards(member_id);
+CREATE INDEX cards_unprotected ON cards(card) WHERE card_last4 IS NULL;
+DELETE FROM _sqlite_migrations WHERE name IN ('m013_compact_rows', 'm014_returns_member', 'm015_hot_lookups');
 COMMIT;
 """)
     conn.close()
