@@ -741,16 +741,15 @@ def post_accrual(conn, member_id: int, by_rule, rule_dates: dict, counter: str, 
                  repay: bool) -> None:
     """One lot per distinct (activation, expiry) pair, one posting per rule on it; new
     points pay back any debt first (`repay`: the member owed points when read)."""
-    lots: dict[tuple, int] = {}
-    for rule_id, points in by_rule:
-        if points <= 0:
-            continue
-        dates = rule_dates[rule_id]
-        fresh = dates not in lots
-        if fresh:
-            lots[dates] = ledger.new_lot(conn, member_id, dates[0], dates[1], points)
+    earning = [(rule_id, points, rule_dates[rule_id]) for rule_id, points in by_rule if points > 0]
+    totals: dict[tuple, int] = {}
+    for _, points, dates in earning:
+        totals[dates] = totals.get(dates, 0) + points
+    # Each lot is written once with all its points: no update of the lot per rule.
+    lots = {dates: ledger.new_lot(conn, member_id, dates[0], dates[1], total) for dates, total in totals.items()}
+    for rule_id, points, dates in earning:
         ledger.post(conn, member_id, lots[dates], "accrual", points, counter, at, rule_id, ledger.lot_dates(*dates),
-                    counted=fresh)
+                    counted=True)
     if repay:
         for lot_id in lots.values():
             ledger.repay_debts(conn, member_id, lot_id, at)

@@ -211,6 +211,10 @@ class PostingRef:
     ref: str | None = None
     key_id: str | None = None
     note: str | None = None
+    # The last posting written with this ref and conn.total_changes right after it: while
+    # nothing else changed on the connection since, it is still the chain's head and need
+    # not be read back. A ref lives inside one write function, so never across transactions.
+    _head: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
 
 GENESIS_HASH = bytes(32)
@@ -236,22 +240,26 @@ def post(conn: sqlite3.Connection, member_id: int, lot_id: int, kind: str, point
          counted: bool = False) -> None:
     """Append one transfer of `points` from `counter` to the member (negative: the other way).
     `lot_dates`, when the caller knows them, saves reading them back; `counted`: the lot was
-    just created with these points as its remaining (new_lot)."""
+    just created with these points counted in its remaining (new_lot)."""
     store, register, receipt = at.receipt or (None, None, None)
-    last = conn.execute("SELECT id, hash FROM postings ORDER BY id DESC LIMIT 1").fetchone()
+    if at._head is not None and at._head[2] == conn.total_changes:
+        last = at._head
+    else:
+        last = conn.execute("SELECT id, hash FROM postings ORDER BY id DESC LIMIT 1").fetchone()
     posting_id, prev = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
     available_from, expires_on = lot_dates or conn.execute(
         "SELECT available_from, expires_on FROM lots WHERE id = ?", (lot_id,)).fetchone()
     row = (posting_id, member_id, lot_id, available_from, expires_on, kind, points, counter, at.effective_at,
            at.created_at, rule_id, at.rules_version, store, register, receipt, at.ref, at.key_id, at.note)
+    digest = posting_hash(prev, row)
     conn.execute("INSERT INTO postings (id, member_id, lot_id, kind, points, counter_account, effective_at, "
                  "created_at, rule_id, rules_version, store_id, register_id, receipt_id, ref, key_id, note, hash) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                  (posting_id, member_id, lot_id, kind, points, counter, at.effective_at, at.created_at, rule_id,
-                  at.rules_version, store, register, receipt, at.ref, at.key_id, at.note,
-                  posting_hash(prev, row)))
+                  at.rules_version, store, register, receipt, at.ref, at.key_id, at.note, digest))
     if not counted:
         conn.execute("UPDATE lots SET remaining = remaining + ? WHERE id = ?", (points, lot_id))
+    at._head = (posting_id, digest, conn.total_changes)
 
 
 def _expired_on(conn: sqlite3.Connection, lot_id: int, day: str) -> bool:
