@@ -13,9 +13,12 @@ what storage/ledger.py writes:
 - every member got the welcome event: an event_fires row, a lot available at once and
   an ``event`` posting of 100 points;
 - most members have 1 to 4 past receipts (within the last 300 days) with an accrual lot
-  and posting each, so balances, tiers and rule usage are read from real rows. Their
-  stored bodies are small stand-ins (a real confirmed receipt stores its body, result
-  and detail, about 3 KB; the benchmark reports that growth separately).
+  and posting each, so balances, tiers and rule usage are read from real rows. They are
+  stored in the server's format (the body's SHA-256 as 32 bytes, no per-line detail as
+  one rule earned), but the body and the answer are small stand-ins: the answer has the
+  fields audit verify and returns read; the body lists no lines (a return of one of them
+  is refused as a line not on the receipt). A real receipt stores ~0.8 KB of packed body
+  and ~1.1 KB of answer; the benchmark reports that growth separately.
 
 Resumable: each batch of members and all their rows is one transaction, so the highest
 member id says where a stopped run ends; running again continues from there. Rows depend
@@ -26,6 +29,7 @@ and index is appended to in key order, which keeps 14 million members fast to wr
 from __future__ import annotations
 
 import argparse
+import hashlib
 import random
 import sqlite3
 import sys
@@ -33,6 +37,7 @@ import time
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
+import msgspec
 from sqlite_utils import Database as UtilsDatabase
 
 from server.privacy import Privacy
@@ -50,6 +55,9 @@ GENERATED_VERSION = "sha256:generated-history"
 EPOCH = datetime(2026, 11, 23, 0, 0, tzinfo=timezone.utc)  # history is laid out before this day
 KYIV = timezone(timedelta(hours=2))
 STORES = ("S001", "S002", "F001")
+ANSWER = msgspec.json.Encoder()
+STAND_IN_BODY = b'{"lines":[]}'
+STAND_IN_SHA256 = hashlib.sha256(STAND_IN_BODY).digest()
 
 
 def card_of(member_id: int) -> str:
@@ -89,7 +97,7 @@ def batch_rows(first: int, last: int, first_lot: int, seed: int):
         card = card_of(member_id)
         cards.append((PRIVACY.card(card), Privacy.card_last4(card), member_id, at))
         fires.append((member_id, "welcome", "enrolled", at))
-        lots.append((lot_id, member_id, day.isoformat(), (day + timedelta(days=365)).isoformat(), at))
+        lots.append((lot_id, member_id, day.isoformat(), (day + timedelta(days=365)).isoformat(), WELCOME_POINTS))
         postings.append((member_id, lot_id, "event", WELCOME_POINTS, at, at, "welcome", GENERATED_VERSION,
                          None, None, None, "event:welcome:enrolled"))
         lot_id += 1
@@ -100,17 +108,24 @@ def batch_rows(first: int, last: int, first_lot: int, seed: int):
             points = total * 2 // 10_000
             key = (STORES[n % 2], "K01", f"h{member_id:012d}-{n}")
             stamp = iso(ts)
-            answer = ('{"accrued": {"points": %d, "by_rule": [%s]}, "redeemed": {"points": 0}}'
-                      % (points, '{"rule": "base", "points": %d}' % points if points else "")).encode()
-            receipts.append((*key, "0" * 64, member_id, stamp, local.isoformat(), total, GENERATED_VERSION,
-                             b"{}", answer, b'{"lines":{}}', stamp))
+            receipts.append((*key, STAND_IN_SHA256, member_id, stamp, local.isoformat(), total,
+                             GENERATED_VERSION, STAND_IN_BODY, answer_of(points), None, stamp))
             if points:
                 lots.append((lot_id, member_id, (local + timedelta(days=14)).isoformat(),
-                             (local + timedelta(days=365)).isoformat(), stamp))
+                             (local + timedelta(days=365)).isoformat(), points))
                 postings.append((member_id, lot_id, "accrual", points, stamp, stamp, "base", GENERATED_VERSION,
                                  *key, None))
                 lot_id += 1
     return members, cards, fires, lots, postings, receipts, lot_id
+
+
+def answer_of(points: int) -> bytes:
+    """A confirm answer (server/service.py _result) cut to what the server reads back from it:
+    audit verify (points by rule, redeemed points) and a return (points and discount by line,
+    none here: the stand-in body has no lines)."""
+    return ANSWER.encode({"accrued": {"points": points, "by_rule": [{"rule": "base", "points": points}],
+                                      "by_line": []},
+                          "redeemed": {"points": 0, "discount": 0, "by_line": []}})
 
 
 def write_batch(conn: sqlite3.Connection, rows) -> None:
@@ -122,7 +137,7 @@ def write_batch(conn: sqlite3.Connection, rows) -> None:
         conn.executemany("INSERT INTO cards (card, card_last4, member_id, created_at) VALUES (?, ?, ?, ?)", cards)
         conn.executemany("INSERT INTO event_fires (member_id, event_id, occasion, created_at) VALUES (?, ?, ?, ?)",
                          fires)
-        conn.executemany("INSERT INTO lots (id, member_id, available_from, expires_on, created_at) "
+        conn.executemany("INSERT INTO lots (id, member_id, available_from, expires_on, remaining) "
                          "VALUES (?, ?, ?, ?, ?)", lots)
         conn.executemany("INSERT INTO postings (id, member_id, lot_id, kind, points, counter_account, "
                          "effective_at, created_at, rule_id, rules_version, store_id, register_id, receipt_id, ref, "

@@ -204,7 +204,7 @@ STAGES = [
     ("request: msgspec decode", "loop", {"decode"}),
     ("receipt checks", "loop", {"_check_receipt"}),
     ("fingerprint: canonical JSON + sha256", "loop", {"canonical", "sha256"}),
-    ("answer: result, detail, JSON encode", "loop", {"_result", "receipt_detail", "json_reply", "_balance_after"}),
+    ("answer: result, JSON encode", "loop", {"_result", "pairs_to_store", "json_reply", "_balance_after"}),
     ("auth", "loop", {"authenticate"}),
     ("metrics (prometheus_client)", "loop", {"observe", "inc", "labels"}),
     ("hand-offs to reader/writer threads", "loop", {"read", "write", "_submit_read", "_reading"}),

@@ -79,7 +79,9 @@ def write_settlement(rows: list[dict], out_dir: Path, period: str) -> tuple[Path
 def export_ledger(conn: sqlite3.Connection, out, fmt: str, progress=None) -> int:
     """Every posting, oldest first, as CSV or JSON lines; `progress(done, total)` is called per batch."""
     total = conn.execute("SELECT COUNT(*) FROM postings").fetchone()[0]
-    cursor = conn.execute(f"SELECT {', '.join(EXPORT_COLUMNS)} FROM postings ORDER BY id")
+    # Hashes are stored as 32 bytes (storage/schema.py m013) and exported as hex, as before.
+    columns = ", ".join("lower(hex(hash))" if c == "hash" else c for c in EXPORT_COLUMNS)
+    cursor = conn.execute(f"SELECT {columns} FROM postings ORDER BY id")
     writer = csv.writer(out) if fmt == "csv" else None
     if writer:
         writer.writerow(EXPORT_COLUMNS)

@@ -43,6 +43,45 @@ class ReturnPlan:
         return [{"rule": r, "points": p} for r, p in self.by_rule.items() if p]
 
 
+def receipt_lines(body: bytes, result: bytes, stored: bytes | None) -> dict:
+    """What a return needs per line of a confirmed receipt: sold qty and amount, points
+    earned per rule, points spent. Derived from the stored body and answer; `stored` is
+    receipts.detail (storage/schema.py m013): NULL, the pairs, or a whole older detail."""
+    if stored is not None and stored[:1] == b"{":
+        return msgspec.json.decode(stored)
+    answer = msgspec.json.decode(result)
+    lines = {str(line["line_no"]): {"qty": line["qty"], "amount": line["amount"], "points": 0, "pairs": {},
+                                    "redeemed": 0, "discount": 0} for line in msgspec.json.decode(body)["lines"]}
+    pairs = msgspec.json.decode(stored) if stored is not None else _answer_pairs(answer)
+    for rule_id, line_no, points in pairs:
+        entry = lines[str(line_no)]
+        entry["points"] += points
+        entry["pairs"][rule_id] = entry["pairs"].get(rule_id, 0) + points
+    for item in answer["redeemed"]["by_line"]:
+        lines[str(item["line_no"])].update(redeemed=item["points"], discount=item["discount"])
+    return {"lines": lines}
+
+
+def _answer_pairs(answer: dict) -> list[tuple[str, int, int]]:
+    # Only stored without its pairs when at most one rule earned (pairs_to_store).
+    earned = [item["rule"] for item in answer["accrued"]["by_rule"] if item["points"]]
+    if not earned:
+        return []
+    return [(earned[0], item["line_no"], item["points"]) for item in answer["accrued"]["by_line"] if item["points"]]
+
+
+def pairs_to_store(ev) -> bytes | None:
+    """The evaluation's (rule, line_no, points) pairs when the answer alone does not give
+    them back (several rules earned on the receipt), else None: most receipts need no copy."""
+    earned = {rule for rule, points in ev.by_rule if points}
+    if len(earned) <= 1:
+        from_answer = {line_no: points for line_no, points in ev.by_line if points}
+        if {line_no: points for _, line_no, points in ev.pairs} == from_answer and len(ev.pairs) == len(from_answer) \
+                and all(rule in earned for rule, _, _ in ev.pairs):
+            return None
+    return msgspec.json.encode(ev.pairs)
+
+
 def _share(whole: int, done: int, fraction: Fraction, completes: bool) -> int:
     if completes:
         return whole - done

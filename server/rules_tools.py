@@ -22,6 +22,7 @@ import msgspec
 
 from rules import MemberFacts, Program, ProgramError, format_explanation, load_program
 from server.schema import Receipt
+from storage.ledger import unpack
 
 DEFAULT_RECEIPT_NUMBER = 2  # a returning member: first-purchase rules stay out of a replay
 EXPORT_BATCH_ROWS = 2_000
@@ -321,7 +322,7 @@ def export_receipts(conn: sqlite3.Connection, out, first: date | None = None, la
         progress(0, total)
     while rows := cursor.fetchmany(EXPORT_BATCH_ROWS):
         for (body,) in rows:
-            text = body.decode() if isinstance(body, bytes) else body
+            text = unpack(body).decode() if isinstance(body, bytes) else body
             out.write(text.rstrip("\n") + "\n")  # bodies are canonical JSON on one line
         done += len(rows)
         if progress:

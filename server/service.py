@@ -25,12 +25,14 @@ from server.errors import ApiError, conflict, field_error, not_found, unprocessa
 from server.metrics import Metrics
 from server.privacy import Privacy
 from server.programs import ProgramHolder
-from server.returns import plan_cancel, plan_return
+from server.returns import pairs_to_store, plan_cancel, plan_return, receipt_lines
 from storage import accounts, ledger
 from storage.db import Database
 from storage.ledger import InsufficientPoints, PostingRef, iso
 
 FUTURE_TS_TOLERANCE = timedelta(minutes=5)
+UNKNOWN_CARD = object()
+RELEASES_KEPT_MIN = 4_096   # below this many, stale entries are not worth a sweep
 JSON = msgspec.json.Encoder()
 
 
@@ -56,6 +58,13 @@ class Service:
         self.db, self.programs, self.clock, self.metrics = db, programs, clock, metrics
         self.privacy = privacy
         self._member_locks: dict[int, list] = {}
+        # A receipt reads its member before taking the member's lock (one trip to a reader
+        # for everything); it reads again under the lock only if an operation holding that
+        # lock finished meanwhile. Releases are numbered; _released_at keeps each member's
+        # last one for as long as a read that started earlier is still open.
+        self._releases = 0
+        self._released_at: dict[int, int] = {}
+        self._open_reads: dict[int, int] = {}      # release number at start -> reads open
         self._inflight: dict[tuple, asyncio.Future] = {}
         # Points each budgeted rule has issued (net of returns). Reserved synchronously right
         # after evaluation, on the loop's thread, so concurrent receipts can never overshoot
@@ -86,6 +95,29 @@ class Service:
             entry[1] -= 1
             if entry[1] == 0:
                 del self._member_locks[member_id]
+            self._releases += 1
+            if self._open_reads:
+                self._released_at[member_id] = self._releases
+
+    @asynccontextmanager
+    async def early_read(self):
+        """Brackets a read done before taking a member lock; yields a function telling
+        whether a holder of that member's lock finished since the read began."""
+        start = self._releases
+        self._open_reads[start] = self._open_reads.get(start, 0) + 1
+        try:
+            yield lambda member_id: self._released_at.get(member_id, -1) > start
+        finally:
+            left = self._open_reads[start] - 1
+            if left:
+                self._open_reads[start] = left
+            else:
+                del self._open_reads[start]
+                if not self._open_reads:
+                    self._released_at.clear()
+                elif len(self._released_at) > RELEASES_KEPT_MIN:
+                    oldest = min(self._open_reads)
+                    self._released_at = {m: n for m, n in self._released_at.items() if n > oldest}
 
     @asynccontextmanager
     async def single_flight(self, key: tuple):
@@ -160,22 +192,51 @@ class Service:
         if total != receipt.total:
             raise field_error("total", f"must equal the sum of line amounts ({total})")
 
-    async def _prepare(self, receipt: schema.Receipt, program: Program, now: datetime, member):
-        """Reads what the rules need about the member: (member, facts, balance, own hold, usage)."""
-        if member is None:
-            return None
+    def _prepare_in(self, conn, receipt: schema.Receipt, program: Program, now: datetime,
+                    member: ledger.MemberRow) -> tuple:
+        """What the rules need about the member: (member, facts, balance, own hold, usage,
+        whether any hold is open under the receipt's identity)."""
         key = (receipt.store_id, receipt.register_id, receipt.receipt_id)
         windows = program.limit_windows(receipt.ts.astimezone(program.timezone).date())
+        facts = self.member_facts(conn, program, member, now)
+        lots = ledger.lots_of(conn, member.id)
+        holds = ledger.open_holds(conn, member.id, iso(now))
+        balance = ledger.balance_of(lots, holds, self.local_day(program, now))
+        own = sum(h.points for h in holds if h.key == key)
+        hold_open = own > 0 or ledger.hold_member(conn, key, open_only=True) is not None
+        return member, facts, balance, own, ledger.rule_usage(conn, member.id, windows), hold_open
 
-        def read(conn):
-            facts = self.member_facts(conn, program, member, now)
-            lots = ledger.lots_of(conn, member.id)
-            holds = ledger.open_holds(conn, member.id, iso(now))
-            balance = ledger.balance_of(lots, holds, self.local_day(program, now))
-            own = sum(h.points for h in holds if h.key == key)
-            return facts, balance, own, ledger.rule_usage(conn, member.id, windows)
-        facts, balance, own_hold, usage = self.db.read_now(read)
-        return member, facts, balance, own_hold, usage
+    def _receipt_read(self, conn, receipt: schema.Receipt, program: Program, now: datetime,
+                      card: str | None, key: ledger.ReceiptKey | None):
+        """Everything a receipt needs from the database, in one trip to a reader:
+        (the receipt stored under `key` or None, and when there is none, what the rules need
+        about the member; None for an anonymous receipt, UNKNOWN_CARD for a card nobody has)."""
+        if key is not None:
+            stored = ledger.get_receipt(conn, key)
+            if stored is not None:
+                return stored, None
+        if card is None:
+            return None, None
+        member = ledger.member_by_card(conn, card)
+        if member is None:
+            return None, UNKNOWN_CARD
+        return None, self._prepare_in(conn, receipt, program, now, member)
+
+    async def _read_receipt(self, receipt, program, now, card, key=None):
+        stored, prepared = self.db.read_now(lambda c: self._receipt_read(c, receipt, program, now, card, key))
+        if prepared is UNKNOWN_CARD:
+            raise unprocessable("unknown_card", f"card {receipt.card} is not enrolled",
+                                [{"path": "card", "message": "not enrolled"}])
+        return stored, prepared
+
+    async def _fresh(self, receipt, program, now, prepared, changed):
+        """Called under the member's lock: what was read before it, or read again if an
+        operation holding the lock finished since (it may have spent points, used a limit)."""
+        if prepared is None or not changed(prepared[0].id):
+            return prepared
+        member_id = prepared[0].id
+        return self.db.read_now(lambda c: self._prepare_in(c, receipt, program, now,
+                                                             ledger.member_by_id(c, member_id)))
 
     async def _load_budgets(self, program: Program) -> None:
         missing = [r for r in program.budgets if self._budget_used is None or r not in self._budget_used]
@@ -211,7 +272,7 @@ class Service:
         if prepared is None:
             ev = program.evaluate(receipt, None, 0, 0, {})
         else:
-            _, facts, balance, own_hold, usage = prepared
+            _, facts, balance, own_hold, usage, _ = prepared
             ev = program.evaluate(receipt, facts, receipt.redeem_points, balance.available + own_hold, usage,
                                   self._budget_left(program))
         self.metrics.rules_eval.observe(time.perf_counter() - started)
@@ -271,39 +332,46 @@ class Service:
         self._check_receipt(receipt, principal)
         program, now = self.program(), self.clock.now()
         key = (receipt.store_id, receipt.register_id, receipt.receipt_id)
-        member = None if receipt.card is None else await self.find_member(receipt.card)
-        async with self.member_lock(member.id if member else None):
-            prepared = await self._prepare(receipt, program, now, member)
-            await self._load_budgets(program)
-            ev = self._evaluate(program, receipt, prepared)
-            today = self.local_day(program, now)
-            if prepared is None:
-                return {**self._result(program, receipt, None, ev, {}, today), "hold": None}
-            member, _, before, own_hold, _ = prepared
-            held = ev.redeemed_points
-            expires_at = now + timedelta(minutes=program.hold_ttl_minutes)
-            if held or own_hold:
-                def write(conn):
-                    if held:
-                        ledger.put_hold(conn, key, member.id, held, iso(now), iso(expires_at))
-                    else:
-                        ledger.close_hold(conn, key, "released", iso(now))
-                await self.db.write(write)
-            balance = self._balance_after(before, own_hold, ev, today, new_hold=held)
-            result = self._result(program, receipt, member, ev, balance, today)
-            result["hold"] = {"points": held, "expires_at": expires_at.isoformat()} if held else None
+        card = None if receipt.card is None else self.privacy.card(receipt.card)
+        async with self.early_read() as changed:
+            _, prepared = await self._read_receipt(receipt, program, now, card)
+            async with self.member_lock(prepared[0].id if prepared else None):
+                prepared = await self._fresh(receipt, program, now, prepared, changed)
+                result = await self._calculate_locked(program, receipt, key, now, prepared)
         self.metrics.receipts.labels("calculate", "ok").inc()
+        return result
+
+    async def _calculate_locked(self, program, receipt, key, now, prepared) -> dict:
+        await self._load_budgets(program)
+        ev = self._evaluate(program, receipt, prepared)
+        today = self.local_day(program, now)
+        if prepared is None:
+            return {**self._result(program, receipt, None, ev, {}, today), "hold": None}
+        member, _, before, own_hold, _, _ = prepared
+        held = ev.redeemed_points
+        expires_at = now + timedelta(minutes=program.hold_ttl_minutes)
+        if held or own_hold:
+            def write(conn):
+                if held:
+                    ledger.put_hold(conn, key, member.id, held, iso(now), iso(expires_at))
+                else:
+                    ledger.close_hold(conn, key, "released", iso(now))
+            await self.db.write(write)
+        balance = self._balance_after(before, own_hold, ev, today, new_hold=held)
+        result = self._result(program, receipt, member, ev, balance, today)
+        result["hold"] = {"points": held, "expires_at": expires_at.isoformat()} if held else None
         return result
 
     async def confirm(self, receipt: schema.Receipt, principal: Principal) -> tuple[int, dict]:
         self._check_receipt(receipt, principal)
         key = (receipt.store_id, receipt.register_id, receipt.receipt_id)
+        card = None if receipt.card is None else self.privacy.card(receipt.card)
         # Stored and fingerprinted with the card's HMAC in place of the number.
-        body = schema.canonical(receipt if receipt.card is None else
-                                msgspec.structs.replace(receipt, card=self.privacy.card(receipt.card)))
+        body = schema.canonical(receipt if card is None else msgspec.structs.replace(receipt, card=card))
         fingerprint = sha256(body)
-        async with self.single_flight(("receipt", key)):
-            stored = self.db.read_now(lambda c: ledger.get_receipt(c, key))
+        async with self.single_flight(("receipt", key)), self.early_read() as changed:
+            program, now = self.program(), self.clock.now()
+            stored, prepared = await self._read_receipt(receipt, program, now, card, key)
             if stored is not None:
                 try:
                     result = self._replay(stored.body_sha256, fingerprint, stored.result)
@@ -312,7 +380,7 @@ class Service:
                     raise
                 self._count("confirm", 200, result)
                 return 200, result
-            result = await self._confirm_new(receipt, key, body, fingerprint)
+            result = await self._confirm_new(receipt, key, body, fingerprint, program, now, prepared, changed)
         self._count("confirm", 201)
         return 201, result
 
@@ -328,11 +396,12 @@ class Service:
         outcome = "replayed" if status == 200 and result and result.get("replayed") else "ok"
         self.metrics.receipts.labels(endpoint, outcome).inc()
 
-    async def _confirm_new(self, receipt, key, body: bytes, fingerprint: str) -> dict:
-        program, now = self.program(), self.clock.now()
-        member = None if receipt.card is None else await self.find_member(receipt.card)
+    async def _confirm_new(self, receipt, key, body: bytes, fingerprint: str, program, now, prepared,
+                           changed) -> dict:
+        member = prepared[0] if prepared else None
         async with self.member_lock(member.id if member else None):
-            prepared = await self._prepare(receipt, program, now, member)
+            prepared = await self._fresh(receipt, program, now, prepared, changed)
+            member = prepared[0] if prepared else None
             await self._load_budgets(program)
             ev = self._evaluate(program, receipt, prepared)
             self._reserve_budgets(program, ev.by_rule)
@@ -354,13 +423,13 @@ class Service:
         if prepared is None:
             balance = {}
         else:
-            member, facts, before, own_hold, usage = prepared
+            member, facts, before, own_hold, usage, hold_open = prepared
             balance = self._balance_after(before, own_hold, ev, today, confirmed=True)
             other_holds = before.held - own_hold
         result = self._result(program, receipt, member, ev, balance, today)
         result["replayed"] = False
         result_bytes = JSON.encode(result)
-        detail = JSON.encode(receipt_detail(receipt, ev))
+        pairs = pairs_to_store(ev)
         # The rules with a limit are the ones whose usage was read for this receipt.
         limited = [r for r in ev.fired if r in usage] if prepared is not None else []
         rule_dates = {r: program.rule_dates(r, ev.local_date) for r, _ in ev.by_rule}
@@ -370,7 +439,8 @@ class Service:
             if member is not None:
                 at = PostingRef(effective_at=iso(receipt.ts), created_at=iso(now),
                                 rules_version=program.version, receipt=key)
-                ledger.close_hold(conn, key, "consumed", iso(now))
+                if hold_open:
+                    ledger.close_hold(conn, key, "consumed", iso(now))
                 if ev.redeemed_points:
                     ledger.spend(conn, member.id, ev.redeemed_points, today, "redemption",
                                  accounts.redemption_account(partner), at, other_holds)
@@ -389,10 +459,10 @@ class Service:
                     result["balance"] = ledger.balance_of(lots, holds, today).as_json()
                     result["messages"] = self._messages(program, ev, result["balance"], today, member)
                     result_bytes = JSON.encode(result)
-            ledger.insert_receipt(conn, key, body_sha256=fingerprint, member_id=member.id if member else None,
-                                  ts=iso(receipt.ts), local_date=local_date, total=receipt.total,
-                                  rules_version=program.version, body=body, result=result_bytes,
-                                  detail=detail, now=iso(now))
+            ledger.insert_receipt(conn, key, body_sha256=bytes.fromhex(fingerprint),
+                                  member_id=member.id if member else None, ts=iso(receipt.ts), local_date=local_date,
+                                  total=receipt.total, rules_version=program.version, body=body, result=result_bytes,
+                                  detail=pairs, now=iso(now))
         try:
             await self.db.write(write)
         except InsufficientPoints as e:
@@ -471,8 +541,9 @@ class Service:
         stored = ledger.get_receipt(conn, rec_key)
         if stored.status == "cancelled":
             raise unprocessable("receipt_cancelled", "the receipt was cancelled; nothing is left to return")
-        plan = plan_return(msgspec.json.decode(stored.detail), ledger.returned_lines(conn, rec_key),
-                           ledger.receipt_postings(conn, rec_key), req.lines)
+        sold = receipt_lines(*ledger.receipt_detail_parts(conn, rec_key))
+        plan = plan_return(sold, ledger.returned_lines(conn, rec_key), ledger.receipt_postings(conn, rec_key),
+                           req.lines)
         at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
                         receipt=rec_key, ref="/".join(ret_key))
         if stored.member_id is not None:
@@ -631,20 +702,6 @@ def check_lines(lines) -> None:
             raise field_error(f"lines[{i}].qty", f"has more than {QTY_DECIMALS_MAX} decimals or is too large")
 
 
-def receipt_detail(receipt: schema.Receipt, ev) -> dict:
-    """What a later return needs per line: sold qty and amount, points earned per rule, points spent."""
-    lines = {str(line.line_no): {"qty": str(line.qty), "amount": line.amount, "points": 0, "pairs": {},
-                                 "redeemed": 0, "discount": 0} for line in receipt.lines}
-    for rule_id, line_no, points in ev.pairs:
-        if points:
-            entry = lines[str(line_no)]
-            entry["points"] += points
-            entry["pairs"][rule_id] = entry["pairs"].get(rule_id, 0) + points
-    for line_no, points, discount in ev.redeemed_by_line:
-        lines[str(line_no)].update(redeemed=points, discount=discount)
-    return {"lines": lines}
-
-
 def tier_view(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, moment: datetime,
               as_of: str | None = None) -> tuple[dict, int]:
     """The member's tier at `moment` (a manual tier while its date holds, else the level the
@@ -684,14 +741,15 @@ def post_accrual(conn, member_id: int, by_rule, rule_dates: dict, counter: str, 
                  repay: bool) -> None:
     """One lot per distinct (activation, expiry) pair, one posting per rule on it; new
     points pay back any debt first (`repay`: the member owed points when read)."""
-    lots: dict[tuple, int] = {}
-    for rule_id, points in by_rule:
-        if points <= 0:
-            continue
-        dates = rule_dates[rule_id]
-        if dates not in lots:
-            lots[dates] = ledger.new_lot(conn, member_id, dates[0], dates[1], at.created_at)
-        ledger.post(conn, member_id, lots[dates], "accrual", points, counter, at, rule_id, ledger.lot_dates(*dates))
+    earning = [(rule_id, points, rule_dates[rule_id]) for rule_id, points in by_rule if points > 0]
+    totals: dict[tuple, int] = {}
+    for _, points, dates in earning:
+        totals[dates] = totals.get(dates, 0) + points
+    # Each lot is written once with all its points: no update of the lot per rule.
+    lots = {dates: ledger.new_lot(conn, member_id, dates[0], dates[1], total) for dates, total in totals.items()}
+    for rule_id, points, dates in earning:
+        ledger.post(conn, member_id, lots[dates], "accrual", points, counter, at, rule_id, ledger.lot_dates(*dates),
+                    counted=True)
     if repay:
         for lot_id in lots.values():
             ledger.repay_debts(conn, member_id, lot_id, at)

@@ -3,8 +3,9 @@ does not hold.
 
 1. The hash chain: every posting's hash over the previous hash and its own fields
    (and its lot's dates). An edited, inserted or deleted row breaks it from there on.
-2. Balances from postings: a lot below zero is a debt and is only allowed where a
-   return reversed points the member had already spent.
+2. Balances from postings: each lot's kept remaining points equal the sum of its
+   postings; a lot below zero is a debt and is only allowed where a return reversed
+   points the member had already spent.
 3. Receipts: each confirmed receipt's postings match its stored answer; a cancelled
    receipt nets to zero; returns posted what they answered.
 4. Accounts: the members' total equals minus the counter accounts' total (zero sum).
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from storage.ledger import GENESIS_HASH, HASHED_SELECT, posting_hash
+from storage.ledger import GENESIS_HASH, HASHED_SELECT, posting_hash, unpack
 
 PROGRESS_EVERY_ROWS = 100_000
 
@@ -29,7 +30,7 @@ class AuditReport:
     liability: int = 0
     accounts: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
-    chain_head: str = GENESIS_HASH
+    chain_head: str = GENESIS_HASH.hex()
 
     @property
     def ok(self) -> bool:
@@ -64,10 +65,16 @@ def _chain(conn, report: AuditReport) -> None:
         prev = stored
         expected_id += 1
         report.postings += 1
-    report.chain_head = prev
+    report.chain_head = prev.hex()
 
 
 def _lots(conn, report: AuditReport) -> None:
+    for lot_id, member_id, kept, remaining in conn.execute(
+            "SELECT l.id, l.member_id, l.remaining, COALESCE(SUM(p.points), 0) FROM lots l "
+            "LEFT JOIN postings p ON p.lot_id = l.id GROUP BY l.id HAVING l.remaining != COALESCE(SUM(p.points), 0)"):
+        report.problems.append(f"lot {lot_id} of member m_{member_id} says {kept} points remain, "
+                               f"its postings sum to {remaining}")
+        return
     for lot_id, member_id, remaining, reversed_ in conn.execute(
             "SELECT p.lot_id, p.member_id, SUM(p.points), SUM(p.kind = 'reversal') FROM postings p "
             "GROUP BY p.lot_id HAVING SUM(p.points) < 0"):
@@ -95,7 +102,7 @@ def _receipts(conn, report: AuditReport) -> None:
                 return
             continue
         try:
-            answer = msgspec.json.decode(result)
+            answer = msgspec.json.decode(unpack(result))
             answer["accrued"]["by_rule"], answer["accrued"]["points"], answer["redeemed"]["points"]
         except (msgspec.DecodeError, KeyError, TypeError):
             report.problems.append(f"{name}: its stored answer cannot be read")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import zlib
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 
@@ -126,14 +127,14 @@ class Lot:
 
 def lots_of(conn: sqlite3.Connection, member_id: int, as_of: str | None = None) -> list[Lot]:
     """The member's lots with points left, as of a moment (postings after it ignored)."""
-    sql = ("SELECT l.id, l.available_from, l.expires_on, SUM(p.points) AS remaining "
-           "FROM lots l JOIN postings p ON p.lot_id = l.id WHERE l.member_id = ? ")
-    args: tuple = (member_id,)
-    if as_of is not None:
-        sql += "AND p.effective_at <= ? "
-        args += (as_of,)
-    sql += "GROUP BY l.id HAVING remaining != 0 ORDER BY l.id"
-    return [Lot(*r) for r in conn.execute(sql, args)]
+    if as_of is None:
+        return [Lot(*r) for r in conn.execute("SELECT id, available_from, expires_on, remaining FROM lots "
+                                              "WHERE member_id = ? AND remaining != 0 ORDER BY id", (member_id,))]
+    # The past is recomputed from the member's postings (lots.remaining is only the present).
+    return [Lot(*r) for r in conn.execute(
+        "SELECT l.id, l.available_from, l.expires_on, SUM(p.points) AS points_then FROM postings p "
+        "JOIN lots l ON l.id = p.lot_id WHERE p.member_id = ? AND p.effective_at <= ? "
+        "GROUP BY l.id HAVING points_then != 0 ORDER BY l.id", (member_id, as_of))]
 
 
 @dataclass
@@ -193,9 +194,10 @@ def lot_dates(available_from: date | str, expires_on: date | str | None) -> tupl
 
 
 def new_lot(conn: sqlite3.Connection, member_id: int, available_from: date | str,
-            expires_on: date | str | None, now: str) -> int:
-    cur = conn.execute("INSERT INTO lots (member_id, available_from, expires_on, created_at) VALUES (?, ?, ?, ?)",
-                       (member_id, *lot_dates(available_from, expires_on), now))
+            expires_on: date | str | None, points: int) -> int:
+    """A lot already counting the `points` its first posting (next, same transaction) brings."""
+    cur = conn.execute("INSERT INTO lots (member_id, available_from, expires_on, remaining) VALUES (?, ?, ?, ?)",
+                       (member_id, *lot_dates(available_from, expires_on), points))
     return cur.lastrowid
 
 
@@ -209,16 +211,22 @@ class PostingRef:
     ref: str | None = None
     key_id: str | None = None
     note: str | None = None
+    # The last posting written with this ref and conn.total_changes right after it: while
+    # nothing else changed on the connection since, it is still the chain's head and need
+    # not be read back. A ref lives inside one write function, so never across transactions.
+    _head: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
 
-GENESIS_HASH = "0" * 64
+GENESIS_HASH = bytes(32)
 _HASHED = msgspec.json.Encoder()
 
 
-def posting_hash(prev_hash: str, row: tuple) -> str:
-    """SHA-256 over the previous posting's hash and this posting's fields, including the
-    dates of its lot, so editing a posting or a lot's dates breaks the chain from there."""
-    return hashlib.sha256(prev_hash.encode() + _HASHED.encode(row)).hexdigest()
+def posting_hash(prev_hash: bytes, row: tuple) -> bytes:
+    """SHA-256 over the previous posting's hash (as hex text) and this posting's fields,
+    including the dates of its lot, so editing a posting or a lot's dates breaks the chain
+    from there. Stored as the 32 raw bytes; hashed as hex text because the chain was
+    defined that way before hashes were stored as bytes (m013), and it must not break."""
+    return hashlib.sha256(prev_hash.hex().encode() + _HASHED.encode(row)).digest()
 
 
 # The order of fields in the hashed row; storage/audit.py recomputes it from the tables.
@@ -228,22 +236,30 @@ HASHED_SELECT = ("p.id, p.member_id, p.lot_id, l.available_from, l.expires_on, p
 
 
 def post(conn: sqlite3.Connection, member_id: int, lot_id: int, kind: str, points: int, counter: str,
-         at: PostingRef, rule_id: str | None = None, lot_dates: tuple[str, str | None] | None = None) -> None:
+         at: PostingRef, rule_id: str | None = None, lot_dates: tuple[str, str | None] | None = None,
+         counted: bool = False) -> None:
     """Append one transfer of `points` from `counter` to the member (negative: the other way).
-    `lot_dates`, when the caller just created the lot, saves reading them back."""
+    `lot_dates`, when the caller knows them, saves reading them back; `counted`: the lot was
+    just created with these points counted in its remaining (new_lot)."""
     store, register, receipt = at.receipt or (None, None, None)
-    last = conn.execute("SELECT id, hash FROM postings ORDER BY id DESC LIMIT 1").fetchone()
+    if at._head is not None and at._head[2] == conn.total_changes:
+        last = at._head
+    else:
+        last = conn.execute("SELECT id, hash FROM postings ORDER BY id DESC LIMIT 1").fetchone()
     posting_id, prev = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
     available_from, expires_on = lot_dates or conn.execute(
         "SELECT available_from, expires_on FROM lots WHERE id = ?", (lot_id,)).fetchone()
     row = (posting_id, member_id, lot_id, available_from, expires_on, kind, points, counter, at.effective_at,
            at.created_at, rule_id, at.rules_version, store, register, receipt, at.ref, at.key_id, at.note)
+    digest = posting_hash(prev, row)
     conn.execute("INSERT INTO postings (id, member_id, lot_id, kind, points, counter_account, effective_at, "
                  "created_at, rule_id, rules_version, store_id, register_id, receipt_id, ref, key_id, note, hash) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                  (posting_id, member_id, lot_id, kind, points, counter, at.effective_at, at.created_at, rule_id,
-                  at.rules_version, store, register, receipt, at.ref, at.key_id, at.note,
-                  posting_hash(prev, row)))
+                  at.rules_version, store, register, receipt, at.ref, at.key_id, at.note, digest))
+    if not counted:
+        conn.execute("UPDATE lots SET remaining = remaining + ? WHERE id = ?", (points, lot_id))
+    at._head = (posting_id, digest, conn.total_changes)
 
 
 def _expired_on(conn: sqlite3.Connection, lot_id: int, day: str) -> bool:
@@ -302,8 +318,9 @@ def spend(conn: sqlite3.Connection, member_id: int, points: int, day: str, kind:
 def credit(conn: sqlite3.Connection, member_id: int, points: int, available_from: date | str,
            expires_on: date | str | None, kind: str, counter: str, at: PostingRef,
            rule_id: str | None = None) -> int:
-    lot_id = new_lot(conn, member_id, available_from, expires_on, at.created_at)
-    post(conn, member_id, lot_id, kind, points, counter, at, rule_id, lot_dates(available_from, expires_on))
+    lot_id = new_lot(conn, member_id, available_from, expires_on, points)
+    post(conn, member_id, lot_id, kind, points, counter, at, rule_id, lot_dates(available_from, expires_on),
+         counted=True)
     repay_debts(conn, member_id, lot_id, at)
     return lot_id
 
@@ -311,12 +328,12 @@ def credit(conn: sqlite3.Connection, member_id: int, points: int, available_from
 def repay_debts(conn: sqlite3.Connection, member_id: int, lot_id: int, at: PostingRef) -> int:
     """New points first pay back what the member owes (a return of points already spent
     leaves a lot below zero): a transfer from the new lot to the one in debt."""
-    debts = conn.execute("SELECT p.lot_id, SUM(p.points) FROM postings p JOIN lots l ON l.id = p.lot_id "
-                         "WHERE l.member_id = ? GROUP BY p.lot_id HAVING SUM(p.points) < 0 ORDER BY p.lot_id",
-                         (member_id,)).fetchall()
+    # `remaining != 0` lets SQLite use lots_live (it does not infer it from `< 0`).
+    debts = conn.execute("SELECT id, remaining FROM lots WHERE member_id = ? AND remaining != 0 AND remaining < 0 "
+                         "ORDER BY id", (member_id,)).fetchall()
     if not debts:
         return 0
-    left = conn.execute("SELECT SUM(points) FROM postings WHERE lot_id = ?", (lot_id,)).fetchone()[0]
+    left = conn.execute("SELECT remaining FROM lots WHERE id = ?", (lot_id,)).fetchone()[0]
     repaid = 0
     for debt_lot, owed in debts:
         take = min(left, -owed)
@@ -340,9 +357,9 @@ def put_hold(conn: sqlite3.Connection, key: ReceiptKey, member_id: int, points: 
                  "closed_at = NULL", (*key, member_id, points, now, expires_at))
 
 
-def hold_member(conn: sqlite3.Connection, key: ReceiptKey) -> int | None:
-    row = conn.execute("SELECT member_id FROM holds WHERE store_id = ? AND register_id = ? AND receipt_id = ?",
-                       key).fetchone()
+def hold_member(conn: sqlite3.Connection, key: ReceiptKey, open_only: bool = False) -> int | None:
+    row = conn.execute("SELECT member_id FROM holds WHERE store_id = ? AND register_id = ? AND receipt_id = ?"
+                       + (" AND status = 'open'" if open_only else ""), key).fetchone()
     return row[0] if row else None
 
 
@@ -364,23 +381,57 @@ class StoredReceipt:
     member_id: int | None
     status: str
     result: bytes
-    detail: bytes
     local_date: str
 
 
 def get_receipt(conn: sqlite3.Connection, key: ReceiptKey) -> StoredReceipt | None:
-    row = conn.execute("SELECT body_sha256, member_id, status, result, detail, local_date FROM receipts "
+    row = conn.execute("SELECT body_sha256, member_id, status, result, local_date FROM receipts "
                        "WHERE store_id = ? AND register_id = ? AND receipt_id = ?", key).fetchone()
-    return StoredReceipt(key, *row) if row else None
+    if row is None:
+        return None
+    return StoredReceipt(key, digest_hex(row[0]), row[1], row[2], unpack(row[3]), row[4])
 
 
-def insert_receipt(conn: sqlite3.Connection, key: ReceiptKey, *, body_sha256: str, member_id: int | None,
+def receipt_detail_parts(conn: sqlite3.Connection, key: ReceiptKey) -> tuple[bytes, bytes, bytes | None]:
+    """(body, result, detail) as stored for a receipt, unpacked; see schema m013 for detail."""
+    body, result, detail = conn.execute("SELECT body, result, detail FROM receipts WHERE store_id = ? "
+                                        "AND register_id = ? AND receipt_id = ?", key).fetchone()
+    return unpack(body), unpack(result), detail
+
+
+def insert_receipt(conn: sqlite3.Connection, key: ReceiptKey, *, body_sha256: bytes, member_id: int | None,
                    ts: str, local_date: str, total: int, rules_version: str, body: bytes, result: bytes,
-                   detail: bytes, now: str) -> None:
+                   detail: bytes | None, now: str) -> None:
+    """body and result as JSON; detail: None or the rule-by-line pairs (m013). The body is
+    stored packed: it is most of the bytes (2.7 KB of JSON typically, 0.8 KB packed) and
+    is read back only by returns and exports; the answer (1.1 KB, read back on every
+    retry) is not worth another ~25 us of zlib per receipt."""
     conn.execute("INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, local_date, "
                  "total, rules_version, status, body, result, detail, created_at) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'confirmed', ?, ?, ?, ?)",
-                 (*key, body_sha256, member_id, ts, local_date, total, rules_version, body, result, detail, now))
+                 (*key, body_sha256, member_id, ts, local_date, total, rules_version, pack(body), result,
+                  detail, now))
+
+
+# Stored receipt bodies and answers are JSON (starting with `{`), or zlib streams of it when
+# that is smaller (starting with 0x78): readers take either, so rows written before m013 stay.
+# Level 1 saves nearly what level 6 does (body and answer: 1.28 vs 1.17 KB) for less CPU; most
+# of the cost (~25 us for a 2.7 KB body) is setting up the compressor, not compressing.
+PACK_LEVEL = 1
+
+
+def pack(data: bytes) -> bytes:
+    packed = zlib.compress(data, PACK_LEVEL)
+    return packed if len(packed) < len(data) else data
+
+
+def unpack(data: bytes) -> bytes:
+    return zlib.decompress(data) if data[:1] == b"\x78" else data
+
+
+def digest_hex(digest: bytes | str) -> str:
+    """Receipt fingerprints are stored as 32 bytes (m013); compared as hex."""
+    return digest.hex() if isinstance(digest, bytes) else digest
 
 
 def mark_cancelled(conn: sqlite3.Connection, key: ReceiptKey) -> None:
@@ -409,15 +460,22 @@ def receipt_counts(conn: sqlite3.Connection, member_id: int, since: str,
     """(confirmed receipts ever, confirmed receipts since, net spend since), as of `until`
     (None: everything recorded, including receipts stamped a little in the future)."""
     until = until or "9999"
-    ever = conn.execute("SELECT COUNT(*) FROM receipts WHERE member_id = ? AND status = 'confirmed' AND ts <= ?",
-                        (member_id, until)).fetchone()[0]
-    count, spend_ = conn.execute("SELECT COUNT(*), COALESCE(SUM(total), 0) FROM receipts WHERE member_id = ? "
-                                 "AND status = 'confirmed' AND ts > ? AND ts <= ?",
-                                 (member_id, since, until)).fetchone()
-    returned = conn.execute("SELECT COALESCE(SUM(rl.amount), 0) FROM return_lines rl JOIN receipts r "
-                            "ON r.store_id = rl.receipt_store AND r.register_id = rl.receipt_register "
-                            "AND r.receipt_id = rl.receipt_id WHERE r.member_id = ? AND r.status = 'confirmed' "
-                            "AND r.ts > ? AND r.ts <= ?", (member_id, since, until)).fetchone()[0]
+    # One pass over the member's entries in receipts_member_counts answers both windows.
+    ever, count, spend_ = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(ts > ?), 0), COALESCE(SUM(CASE WHEN ts > ? THEN total END), 0) "
+        "FROM receipts WHERE member_id = ? AND status = 'confirmed' AND ts <= ?",
+        (since, since, member_id, until)).fetchone()
+    # Starts from the member's returns (returns_member; most members have none), not from
+    # their receipts: that would read each receipt's row, bodies and all, for its key.
+    returned = conn.execute(
+        "SELECT COALESCE(SUM(rl.amount), 0) FROM returns rt "
+        "JOIN receipts r ON r.store_id = rt.receipt_store AND r.register_id = rt.receipt_register "
+        "AND r.receipt_id = rt.receipt_id "
+        "JOIN return_lines rl ON rl.receipt_store = rt.receipt_store AND rl.receipt_register = rt.receipt_register "
+        "AND rl.receipt_id = rt.receipt_id AND rl.return_store = rt.store_id AND rl.return_register = rt.register_id "
+        "AND rl.return_id = rt.return_id "
+        "WHERE rt.member_id = ? AND r.status = 'confirmed' AND r.ts > ? AND r.ts <= ?",
+        (member_id, since, until)).fetchone()[0]
     return ever, count, spend_ - returned
 
 

@@ -4,7 +4,7 @@ Postings are the ledger: append-only, enforced by triggers; a correction is a ne
 posting. Each posting is a balanced transfer between a member's account and one
 counter account (storage/accounts.py), so the accounts always sum to zero, and it
 carries a SHA-256 chained to the posting before it, so an edited row is detectable. A lot is a parcel of points with one activation date and one expiry date; its
-remaining points are the sum of the postings that name it. Receipts, holds and the
+remaining points are the sum of the postings that name it (kept in lots.remaining since m013). Receipts, holds and the
 counters for rule limits are working state beside the ledger.
 """
 from sqlite_utils.migrations import Migrations
@@ -214,3 +214,104 @@ def m012_receipts_member_counts(db):
     # table, whose rows carry the stored bodies (kilobytes each). This index answers the
     # three queries of ledger.receipt_counts without touching the table.
     db.execute("CREATE INDEX IF NOT EXISTS receipts_member_counts ON receipts(member_id, status, ts, total)")
+
+
+def _unhex(value):
+    return bytes.fromhex(value) if isinstance(value, str) else value
+
+
+@migrations()
+def m013_compact_rows(db):
+    """Fewer bytes per receipt and posting, for databases of many millions of members.
+
+    - postings.hash and receipts.body_sha256 hold the 32 bytes of the digest, not 64 hex
+      characters (the chain is still computed over the hex text: storage/ledger.posting_hash).
+    - receipts is a rowid table: WITHOUT ROWID keeps at most ~1 KB of a row in its b-tree
+      page and spills the rest of every receipt to overflow pages of its own (a mostly
+      empty 4 KB page per receipt). Rows are appended in rowid order; the key is a unique
+      index.
+    - receipts.body (and .result, should that pay off one day) is JSON or its zlib stream
+      (storage/ledger.pack); rows written before stay JSON, which readers take as well.
+    - receipts.detail (what a return needs per line) is derived from body and result
+      (server/returns.receipt_lines); it holds NULL, or the (rule, line_no, points) pairs as
+      a JSON list when one receipt earned by several rules, or for rows written before this
+      migration the whole per-line detail as a JSON object.
+    - receipts_member (member_id, ts) is gone: every query that used it also asks for
+      status = 'confirmed', which receipts_member_counts (member_id, status, ts, total) answers.
+    - lots.remaining is the sum of the lot's postings, kept by storage/ledger.post in the
+      same transaction (audit verify recomputes it), so the balance read on every receipt
+      does not aggregate postings; lots.created_at is gone: it is the created_at of the
+      lot's first posting.
+    Rows are copied as they are (no re-compression), so a large database upgrades at the
+    speed of a table copy."""
+    db.conn.create_function("unhex_digest", 1, _unhex, deterministic=True)
+    _run(db, """
+DROP TRIGGER postings_append_only_update;
+UPDATE postings SET hash = unhex_digest(hash) WHERE typeof(hash) = 'text';
+CREATE TRIGGER postings_append_only_update BEFORE UPDATE ON postings
+BEGIN SELECT RAISE(ABORT, 'postings are append-only: post a correction instead'); END;
+CREATE TABLE receipts_compact (
+    id INTEGER PRIMARY KEY,
+    store_id TEXT NOT NULL,
+    register_id TEXT NOT NULL,
+    receipt_id TEXT NOT NULL,
+    body_sha256 BLOB NOT NULL,
+    member_id INTEGER REFERENCES members(id),
+    ts TEXT NOT NULL,
+    local_date TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    rules_version TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('confirmed', 'cancelled')),
+    body BLOB NOT NULL,
+    result BLOB NOT NULL,
+    detail BLOB,
+    created_at TEXT NOT NULL
+);
+INSERT INTO receipts_compact (store_id, register_id, receipt_id, body_sha256, member_id, ts, local_date, total,
+                              rules_version, status, body, result, detail, created_at)
+SELECT store_id, register_id, receipt_id, unhex_digest(body_sha256), member_id, ts, local_date, total,
+       rules_version, status, body, result, detail, created_at FROM receipts;
+DROP TABLE receipts;
+ALTER TABLE receipts_compact RENAME TO receipts;
+CREATE UNIQUE INDEX receipts_key ON receipts(store_id, register_id, receipt_id);
+CREATE INDEX receipts_member_counts ON receipts(member_id, status, ts, total);
+ALTER TABLE lots DROP COLUMN created_at;
+ALTER TABLE lots ADD COLUMN remaining INTEGER NOT NULL DEFAULT 0;
+UPDATE lots SET remaining = t.points FROM (SELECT lot_id, SUM(points) AS points FROM postings GROUP BY lot_id) AS t
+WHERE t.lot_id = lots.id
+""")
+
+
+@migrations()
+def m014_returns_member(db):
+    # Tier reads subtract a member's returned amounts on every receipt; found from the
+    # member's returns (usually none) instead of from each of their receipts' rows.
+    db.execute("CREATE INDEX IF NOT EXISTS returns_member ON returns(member_id) WHERE member_id IS NOT NULL")
+
+
+@migrations()
+def m015_hot_lookups(db):
+    """One page per look-up on the receipt path, for databases far larger than memory.
+
+    - cards is keyed by the card's HMAC itself (WITHOUT ROWID): card -> member is one
+      b-tree search instead of an index search and then a table row, and the separate
+      index holding every HMAC a second time is gone.
+    - lots_live covers the member's lots with points left (remaining != 0): balances read
+      that index alone, not one lots row (on a page of its own) per lot. Spent and expired
+      lots leave it. lots_member goes: the past (?at=) is found from postings_member."""
+    _run(db, """
+CREATE TABLE cards_by_card (
+    card TEXT PRIMARY KEY,
+    member_id INTEGER NOT NULL REFERENCES members(id),
+    created_at TEXT NOT NULL,
+    card_last4 TEXT
+) WITHOUT ROWID;
+INSERT INTO cards_by_card (card, member_id, created_at, card_last4)
+SELECT card, member_id, created_at, card_last4 FROM cards ORDER BY card;
+DROP TABLE cards;
+ALTER TABLE cards_by_card RENAME TO cards;
+CREATE INDEX cards_member ON cards(member_id);
+CREATE INDEX cards_unprotected ON cards(card) WHERE card_last4 IS NULL;
+DROP INDEX lots_member;
+CREATE INDEX lots_live ON lots(member_id, id, available_from, expires_on, remaining) WHERE remaining != 0
+""")

@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from conftest import KEYS, MARKET, _h
+from storage.ledger import unpack
 
 CYCLES = int(os.environ.get("CRASH_CYCLES", "3"))
 MEMBERS = 12
@@ -183,7 +184,7 @@ async def retry_everything(server: Server, load: Load) -> None:
 
 def check_database(db: Path, load: Load) -> None:
     conn = sqlite3.connect(db)
-    receipts = {r[0]: json.loads(r[1]) for r in conn.execute("SELECT receipt_id, result FROM receipts")}
+    receipts = {r[0]: json.loads(unpack(r[1])) for r in conn.execute("SELECT receipt_id, result FROM receipts")}
     for rid, answer in load.acked.items():
         if rid.startswith("r-"):
             assert rid in receipts, f"acknowledged receipt {rid} is missing"

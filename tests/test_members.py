@@ -68,3 +68,19 @@ async def test_statement_window_and_running_balance(make_api):
     assert st["postings"][0]["key_id"] == "manager"
     _, empty = await api.get("/v1/members/666/statement?to=2026-11-23")
     assert empty["postings"] == []
+
+
+async def test_returned_amounts_no_longer_count_towards_the_tier(make_api):
+    api = await make_api(now="2026-11-24T12:00:05+02:00")
+    await api.post("/v1/members", {"card": "444"})
+    await api.post("/v1/members", {"card": "445"})
+    for card in ("444", "445"):
+        body = receipt(f"T-{card}", [line(1, "grocery", 400000), line(2, "dairy", 200000)], card=card)
+        assert (await api.post("/v1/receipts", body, as_="register"))[0] == 201
+    ret = {"return_id": "RT-1", "store_id": "S001", "register_id": "K01", "lines": [{"line_no": 2, "qty": 1}],
+           "receipt": {"store_id": "S001", "register_id": "K01", "receipt_id": "T-444"}}
+    assert (await api.post("/v1/returns", ret, as_="register"))[0] == 201
+    _, m = await api.get("/v1/members/444")
+    assert m["tier"]["value"] == 400000 and m["tier"]["id"] == "base"
+    _, other = await api.get("/v1/members/445")
+    assert other["tier"]["value"] == 600000 and other["tier"]["id"] == "silver"

@@ -1,0 +1,120 @@
+"""A database written before the compact format (migration m013) upgrades in place and
+answers exactly as one that never needed to: replays, returns, balances, audit verify.
+
+The older format is made by turning a fresh database back: hex hashes, a WITHOUT ROWID
+receipts table holding each receipt's per-line detail, lots without remaining points,
+cards as a rowid table, the indexes as they were."""
+from __future__ import annotations
+
+import re
+import sqlite3
+
+import msgspec
+from aiohttp.test_utils import TestClient, TestServer
+
+from conftest import Api, line, receipt, test_config
+from server.app import create_app
+from server.returns import receipt_lines
+from storage.audit import verify
+from storage.ledger import unpack
+
+NOW = "2026-11-24T12:00:05+02:00"
+RECEIPTS = [
+    receipt("R-1", [line(1, "dairy", 60000, qty=3), line(2, "grocery", 70000)], card="1"),  # several rules
+    receipt("R-2", [line(1, "grocery", 20000, qty=2)], card="1"),                          # one rule
+    receipt("R-3", [line(1, "grocery", 120000)], card="1", redeem=100),
+]
+RETURNS = [("T-1", "R-1", [{"line_no": 1, "qty": 1}]), ("T-2", "R-2", [{"line_no": 1, "qty": 1}])]
+LATER_RETURNS = [("T-3", "R-1", [{"line_no": 1, "qty": 2}, {"line_no": 2, "qty": 1}]),
+                 ("T-4", "R-3", [{"line_no": 1, "qty": 1}])]
+
+
+def _return(rid, rec, lines) -> dict:
+    return {"return_id": rid, "store_id": "S001", "register_id": "K01",
+            "receipt": {"store_id": "S001", "register_id": "K01", "receipt_id": rec}, "lines": lines}
+
+
+def to_older_format(path) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.create_function("unpack", 1, unpack)
+    conn.create_function("old_detail", 3, lambda b, r, d: msgspec.json.encode(receipt_lines(unpack(b), unpack(r), d)))
+    conn.executescript("""
+BEGIN;
+DROP TRIGGER postings_append_only_update;
+UPDATE postings SET hash = lower(hex(hash));
+CREATE TRIGGER postings_append_only_update BEFORE UPDATE ON postings
+BEGIN SELECT RAISE(ABORT, 'postings are append-only: post a correction instead'); END;
+CREATE TABLE receipts_old (
+    store_id TEXT NOT NULL, register_id TEXT NOT NULL, receipt_id TEXT NOT NULL, body_sha256 TEXT NOT NULL,
+    member_id INTEGER REFERENCES members(id), ts TEXT NOT NULL, local_date TEXT NOT NULL, total INTEGER NOT NULL,
+    rules_version TEXT NOT NULL, status TEXT NOT NULL, body BLOB NOT NULL, result BLOB NOT NULL,
+    detail BLOB NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (store_id, register_id, receipt_id)) WITHOUT ROWID;
+INSERT INTO receipts_old SELECT store_id, register_id, receipt_id, lower(hex(body_sha256)), member_id, ts,
+    local_date, total, rules_version, status, unpack(body), unpack(result), old_detail(body, result, detail),
+    created_at FROM receipts;
+DROP TABLE receipts;
+ALTER TABLE receipts_old RENAME TO receipts;
+CREATE INDEX receipts_member ON receipts(member_id, ts);
+CREATE INDEX receipts_member_counts ON receipts(member_id, status, ts, total);
+DROP INDEX lots_live;
+CREATE INDEX lots_member ON lots(member_id);
+ALTER TABLE lots DROP COLUMN remaining;
+ALTER TABLE lots ADD COLUMN created_at TEXT NOT NULL DEFAULT '';
+DROP INDEX returns_member;
+CREATE TABLE cards_old (card TEXT PRIMARY KEY, member_id INTEGER NOT NULL REFERENCES members(id),
+    created_at TEXT NOT NULL, card_last4 TEXT);
+INSERT INTO cards_old SELECT card, member_id, created_at, card_last4 FROM cards;
+DROP TABLE cards;
+ALTER TABLE cards_old RENAME TO cards;
+CREATE INDEX cards_member ON cards(member_id);
+CREATE INDEX cards_unprotected ON cards(card) WHERE card_last4 IS NULL;
+DELETE FROM _sqlite_migrations WHERE name IN ('m013_compact_rows', 'm014_returns_member', 'm015_hot_lookups');
+COMMIT;
+""")
+    conn.close()
+
+
+def without_times(answers: list) -> bytes:
+    # Both runs read a clock that moves on in real time; everything else must be equal.
+    return re.sub(rb'"\d{4}-\d\d-\d\dT[0-9:.+Z-]+"', b'"T"', msgspec.json.encode(answers))
+
+
+async def run(tmp_path, upgrade: bool) -> list:
+    answers = []
+    for phase in (0, 1):
+        app = create_app(test_config(tmp_path, NOW))
+        async with TestClient(TestServer(app)) as client:
+            api = Api(client)
+            if phase == 0:
+                await api.post("/v1/members", {"card": "1"})
+                for body in RECEIPTS:
+                    answers.append(await api.post("/v1/receipts", body, as_="register"))
+                for rid, rec, lines in RETURNS:
+                    answers.append(await api.post("/v1/returns", _return(rid, rec, lines), as_="register"))
+            else:
+                for body in RECEIPTS:
+                    answers.append(await api.post("/v1/receipts", body, as_="register"))
+                for rid, rec, lines in RETURNS + LATER_RETURNS:
+                    answers.append(await api.post("/v1/returns", _return(rid, rec, lines), as_="register"))
+                answers.append(await api.get("/v1/members/1"))
+                answers.append(await api.get("/v1/members/1/statement"))
+        if phase == 0 and upgrade:
+            conn = sqlite3.connect(tmp_path / "loyalty.db")
+            assert conn.execute("SELECT COUNT(*) FROM receipts WHERE detail IS NOT NULL").fetchone()[0] == 1
+            conn.close()
+            to_older_format(tmp_path / "loyalty.db")
+    return answers
+
+
+async def test_older_database_upgrades_and_answers_the_same(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = await run(tmp_path / "a", upgrade=False)
+    upgraded = await run(tmp_path / "b", upgrade=True)
+    assert [s for s, _ in upgraded] == [201] * 5 + [200] * 5 + [201] * 2 + [200] * 2
+    assert without_times(upgraded) == without_times(straight)
+    conn = sqlite3.connect(tmp_path / "b" / "loyalty.db")
+    assert conn.execute("SELECT DISTINCT typeof(hash) FROM postings").fetchall() == [("blob",)]
+    report = verify(conn)
+    assert report.ok, report.problems
+    assert report.receipts == 3
