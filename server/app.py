@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -71,6 +72,10 @@ async def resources(app: web.Application):
     if config.jobs.enabled:
         background.append(asyncio.create_task(
             schedule(db, app[PROGRAMS], app[CLOCK], config.jobs.interval_seconds)))
+    # Everything loaded so far (modules, the program, the rules engine) lives as long as the
+    # process; frozen, a full collection no longer walks it: ~30 ms pauses became p99 latency.
+    gc.collect()
+    gc.freeze()
     app[STATE]["started"] = True
     try:
         yield
