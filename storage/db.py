@@ -3,9 +3,8 @@
 SQLite lets one connection write at a time, so every write goes through the single write
 connection; callers hand it a function and await the result.
 
-With ``synchronous=FULL`` each COMMIT costs an fsync: one receipt per transaction tops
-out near 5,700/s on our hardware, 64 per transaction near 139,000/s
-(notes/performance.md). Everything that queued up while the previous COMMIT was syncing
+With ``synchronous=FULL`` each COMMIT costs an fsync, so one transaction per write caps
+throughput at the disk's sync rate (benchmarks/group_commit.py measures it). Everything that queued up while the previous COMMIT was syncing
 therefore runs as one transaction, each item inside its own SAVEPOINT so a failing item
 is undone alone. Nobody is told "done" before the COMMIT that contains their write has
 returned.
