@@ -100,6 +100,24 @@ def _install_sighup(app: web.Application) -> bool:
         return False
 
 
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT (Ctrl-C)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def wait_then_drain(app: web.Application, stop: asyncio.Event, drain_seconds: float, then: str) -> None:
+    """Once stopped: /readyz answers 503 for drain_seconds while requests are still served,
+    so a load balancer moves away before the listener closes."""
+    await stop.wait()
+    app[STATE]["draining"] = True
+    log.info("stopping: /readyz answers 503; serving %.1fs more, then %s", drain_seconds, then)
+    await asyncio.sleep(drain_seconds)
+
+
 async def start_draining(app: web.Application) -> None:
     app[STATE]["draining"] = True
     log.info("draining: finishing requests in flight")

@@ -95,12 +95,9 @@ async def serve(app, config) -> None:
     """Serve until SIGTERM or SIGINT, then drain: /readyz answers 503 for server.drain_seconds
     while requests are still served, the listener closes, requests in flight finish (up to
     server.shutdown_timeout_seconds) and the database closes after its last commit."""
-    import asyncio
-    import signal
-
     from aiohttp import web
 
-    from server.keys import STATE
+    from server.app import stop_on_signals, wait_then_drain
     log = logging.getLogger("loyalty.server")
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=config.server.shutdown_timeout_seconds)
@@ -108,15 +105,7 @@ async def serve(app, config) -> None:
     try:
         await web.TCPSite(runner, config.server.host, config.server.port).start()
         log.info("serving on http://%s:%s", config.server.host, config.server.port)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        app[STATE]["draining"] = True
-        log.info("stopping: /readyz answers 503; serving %.1fs more, then finishing requests in flight",
-                 config.server.drain_seconds)
-        await asyncio.sleep(config.server.drain_seconds)
+        await wait_then_drain(app, stop_on_signals(), config.server.drain_seconds, "finishing requests in flight")
     finally:
         await runner.cleanup()
     log.info("stopped: every answered request is committed")

@@ -484,15 +484,13 @@ async def serve_core(app: web.Application, config: Config) -> None:
     """Like cli.serve, with the HTTP in worker processes: on SIGTERM or SIGINT /readyz answers
     503 for server.drain_seconds, then the workers close their listeners and finish their
     requests, then the database closes after its last commit."""
+    from server.app import stop_on_signals, wait_then_drain  # the core only: workers need not load the service
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()            # opens the database, loads the program, starts the jobs
     folder = tempfile.mkdtemp(prefix="loyalty-core-")     # mode 0700: only this user reaches the socket
     core = Core(app, request_frame_bytes_max(config))
     supervisor = None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     try:
         socket_path = os.path.join(folder, "core.sock")
         await core.start(socket_path)
@@ -500,11 +498,7 @@ async def serve_core(app: web.Application, config: Config) -> None:
         await supervisor.start()
         log.info("serving on http://%s:%s with %d worker processes", config.server.host, config.server.port,
                  config.server.workers)
-        await stop.wait()
-        app[STATE]["draining"] = True
-        log.info("stopping: /readyz answers 503; serving %.1fs more, then the workers finish requests in flight",
-                 config.server.drain_seconds)
-        await asyncio.sleep(config.server.drain_seconds)
+        await wait_then_drain(app, stop, config.server.drain_seconds, "the workers finish requests in flight")
     finally:
         if supervisor is not None:
             await supervisor.stop(config.server.shutdown_timeout_seconds + STOP_GRACE_SECONDS)
