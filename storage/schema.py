@@ -4,8 +4,9 @@ Postings are the ledger: append-only, enforced by triggers; a correction is a ne
 posting. Each posting is a balanced transfer between a member's account and one
 counter account (storage/accounts.py), so the accounts always sum to zero, and it
 carries a SHA-256 chained to the posting before it, so an edited row is detectable. A lot is a parcel of points with one activation date and one expiry date; its
-remaining points are the sum of the postings that name it (kept in lots.remaining since m013). Receipts, holds and the
-counters for rule limits are working state beside the ledger.
+remaining points are the sum of the postings that name it (kept in lots.remaining since m013), and
+what each rule has issued is the sum of its accrual and reversal postings (kept in rule_totals
+since m016). Receipts, holds and the counters for rule limits are working state beside the ledger.
 """
 from sqlite_utils.migrations import Migrations
 
@@ -314,4 +315,32 @@ CREATE INDEX cards_member ON cards(member_id);
 CREATE INDEX cards_unprotected ON cards(card) WHERE card_last4 IS NULL;
 DROP INDEX lots_member;
 CREATE INDEX lots_live ON lots(member_id, id, available_from, expires_on, remaining) WHERE remaining != 0
+""")
+
+
+@migrations()
+def m016_rule_totals(db):
+    """Points each rule has issued, net of returns, for campaign budgets.
+
+    - rule_totals holds one row per rule: the sum of its accrual and reversal postings.
+      Budgets read it at start-up and after a program reload, one b-tree search per
+      rule, where summing postings by rule_id scans the whole ledger (minutes at
+      millions of members).
+    - An AFTER INSERT trigger on postings keeps it, inside the posting's own
+      transaction, so every writer (receipts, returns, jobs, the CLI, generated data)
+      keeps it right without a Python round-trip per posting. Postings are append-only,
+      so inserts are the only change to follow. audit verify recomputes it.
+    Filling it reads the postings once, at the upgrade."""
+    _run(db, """
+CREATE TABLE rule_totals (
+    rule_id TEXT PRIMARY KEY,
+    points INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO rule_totals (rule_id, points)
+SELECT rule_id, SUM(points) FROM postings
+WHERE rule_id IS NOT NULL AND kind IN ('accrual', 'reversal') GROUP BY rule_id;
+CREATE TRIGGER postings_rule_totals AFTER INSERT ON postings
+WHEN NEW.rule_id IS NOT NULL AND NEW.kind IN ('accrual', 'reversal')
+BEGIN INSERT INTO rule_totals (rule_id, points) VALUES (NEW.rule_id, NEW.points)
+      ON CONFLICT (rule_id) DO UPDATE SET points = points + excluded.points; END
 """)
