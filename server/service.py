@@ -242,11 +242,7 @@ class Service:
         missing = [r for r in program.budgets if self._budget_used is None or r not in self._budget_used]
         if not missing:
             return
-
-        def read(conn):
-            return {r: conn.execute("SELECT COALESCE(SUM(points), 0) FROM postings WHERE rule_id = ? "
-                                    "AND kind IN ('accrual', 'reversal')", (r,)).fetchone()[0] for r in missing}
-        used = await self.db.read(read)
+        used = await self.db.read(lambda conn: ledger.rule_totals(conn, missing))
         self._budget_used = {**(self._budget_used or {}), **{r: p for r, p in used.items()
                                                                if r not in (self._budget_used or {})}}
 

@@ -462,6 +462,14 @@ def rule_usage(conn: sqlite3.Connection, member_id: int, windows: dict[str, tupl
     return usage
 
 
+def rule_totals(conn: sqlite3.Connection, rule_ids: list[str]) -> dict[str, int]:
+    """Points each rule has issued net of returns, as kept by m016's trigger: a rule that
+    never posted has no row and has issued 0."""
+    marks = ", ".join("?" * len(rule_ids))
+    kept = dict(conn.execute(f"SELECT rule_id, points FROM rule_totals WHERE rule_id IN ({marks})", rule_ids))
+    return {r: kept.get(r, 0) for r in rule_ids}
+
+
 def receipt_counts(conn: sqlite3.Connection, member_id: int, since: str,
                    until: str | None = None) -> tuple[int, int, int]:
     """(confirmed receipts ever, confirmed receipts since, net spend since), as of `until`
