@@ -5,7 +5,8 @@ does not hold.
    (and its lot's dates). An edited, inserted or deleted row breaks it from there on.
 2. Balances from postings: each lot's kept remaining points equal the sum of its
    postings; a lot below zero is a debt and is only allowed where a return reversed
-   points the member had already spent.
+   points the member had already spent. Each rule's kept total (rule_totals, what
+   budgets count) equals the sum of its accrual and reversal postings.
 3. Receipts: each confirmed receipt's postings match its stored answer; a cancelled
    receipt nets to zero; returns posted what they answered.
 4. Accounts: the members' total equals minus the counter accounts' total (zero sum).
@@ -39,7 +40,7 @@ class AuditReport:
 
 def verify(conn: sqlite3.Connection, problems_max: int = 20) -> AuditReport:
     report = AuditReport()
-    for check in (_chain, _lots, _receipts, _returns, _accounts):
+    for check in (_chain, _lots, _rule_totals, _receipts, _returns, _accounts):
         check(conn, report)
         if len(report.problems) >= problems_max:
             break
@@ -82,6 +83,22 @@ def _lots(conn, report: AuditReport) -> None:
             report.problems.append(f"lot {lot_id} of member m_{member_id} is overspent ({remaining} points) "
                                    "without a return that explains it")
             return
+
+
+def _rule_totals(conn, report: AuditReport) -> None:
+    # Audit reads the file as it is (read-only, no migrations): a database the server has
+    # not opened since m016 keeps no totals, so none can disagree.
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rule_totals'").fetchone() is None:
+        return
+    # Both sides in one pass: a kept row with no postings, or postings with no kept row,
+    # differ as much as a wrong sum.
+    for rule_id, kept, posted in conn.execute(
+            "SELECT rule_id, SUM(kept), SUM(posted) FROM ("
+            "SELECT rule_id, points AS kept, 0 AS posted FROM rule_totals UNION ALL "
+            "SELECT rule_id, 0, points FROM postings WHERE rule_id IS NOT NULL AND kind IN ('accrual', 'reversal')"
+            ") GROUP BY rule_id HAVING SUM(kept) != SUM(posted) ORDER BY rule_id"):
+        report.problems.append(f"rule {rule_id}: rule_totals says it issued {kept} points, "
+                               f"its accrual and reversal postings sum to {posted}")
 
 
 def _receipts(conn, report: AuditReport) -> None:

@@ -55,6 +55,24 @@ async def test_audit_passes_then_fails_on_a_hand_edit(make_api, tmp_path, capsys
     assert "posting 3" in capsys.readouterr().out
 
 
+async def test_audit_flags_rule_totals_that_differ_from_postings(make_api, tmp_path, capsys):
+    api = await make_api(now=NOW)
+    await activity(api)                                    # accrual by rule, then a return reverses some
+    config = write_config(tmp_path)
+    assert cli(["audit", "verify", "--config", config]) == 0
+    capsys.readouterr()
+
+    conn = sqlite3.connect(tmp_path / "loyalty.db")
+    rule, kept = conn.execute("SELECT rule_id, points FROM rule_totals ORDER BY rule_id LIMIT 1").fetchone()
+    conn.execute("UPDATE rule_totals SET points = points + 7 WHERE rule_id = ?", (rule,))
+    conn.commit()
+    conn.close()
+    assert cli(["audit", "verify", "--config", config]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL rule {rule}: rule_totals says it issued {kept + 7} points" in out
+    assert f"sum to {kept}" in out
+
+
 async def test_accounts_sum_to_zero_and_liability_is_member_balances(make_api, tmp_path):
     api = await make_api(now=NOW)
     await activity(api)
