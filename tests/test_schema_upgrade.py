@@ -3,7 +3,7 @@ answers exactly as one that never needed to: replays, returns, balances, audit v
 
 The older format is made by turning a fresh database back: hex hashes, a WITHOUT ROWID
 receipts table holding each receipt's per-line detail, lots without remaining points,
-cards as a rowid table, the indexes as they were."""
+cards as a rowid table, the indexes as they were, no rule_totals (m016)."""
 from __future__ import annotations
 
 import re
@@ -68,7 +68,10 @@ DROP TABLE cards;
 ALTER TABLE cards_old RENAME TO cards;
 CREATE INDEX cards_member ON cards(member_id);
 CREATE INDEX cards_unprotected ON cards(card) WHERE card_last4 IS NULL;
-DELETE FROM _sqlite_migrations WHERE name IN ('m013_compact_rows', 'm014_returns_member', 'm015_hot_lookups');
+DROP TRIGGER postings_rule_totals;
+DROP TABLE rule_totals;
+DELETE FROM _sqlite_migrations WHERE name IN ('m013_compact_rows', 'm014_returns_member', 'm015_hot_lookups',
+                                              'm016_rule_totals');
 COMMIT;
 """)
     conn.close()
@@ -116,5 +119,6 @@ async def test_older_database_upgrades_and_answers_the_same(tmp_path):
     conn = sqlite3.connect(tmp_path / "b" / "loyalty.db")
     assert conn.execute("SELECT DISTINCT typeof(hash) FROM postings").fetchall() == [("blob",)]
     report = verify(conn)
-    assert report.ok, report.problems
+    assert report.ok, report.problems                   # rule_totals among what it checks
     assert report.receipts == 3
+    assert conn.execute("SELECT COUNT(*) FROM rule_totals").fetchone()[0] >= 2
