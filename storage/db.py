@@ -70,10 +70,10 @@ CHECKPOINT_INTERVAL_S = 1.0
 # receipts spilled dirty pages to the WAL before COMMIT (writes on the event loop) and read
 # the same index pages back in the next batch.
 WRITER_CACHE_MIB = 256
-# A reader's page cache is dropped whenever another connection has committed (WAL), so
-# every batch: its pages come back through pread. Mapped pages cost no system call or copy.
-# Pages the WAL holds are still read; 2 GiB is the most this SQLite build maps.
-READER_MMAP_MIB = 2_048
+# Readers are not memory-mapped (PRAGMA mmap_size): a reader drops its cache whenever
+# another connection has committed, so every batch, and with a mapping it unmaps and maps
+# the file again each time. Measured on the receipt path's read: 250-320 us per read
+# transaction mapped against 120-200 us through pread.
 DEFAULT_CLOSE_TIMEOUT_S = 60.0
 
 
@@ -423,7 +423,6 @@ class Database:
     def _read_connection(self) -> sqlite3.Connection:
         conn = self._connect(self._path.resolve().as_uri() + "?mode=ro", uri=True)
         conn.execute("PRAGMA query_only=ON")
-        conn.execute(f"PRAGMA mmap_size={READER_MMAP_MIB * 1024 * 1024}")
         with self._lock:
             self._reader_conns.append(conn)
         return conn
