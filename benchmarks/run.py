@@ -311,6 +311,28 @@ def db_bytes(db: Path) -> int:
     return sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
 
 
+# Runs add receipts, postings and lots; run on a fresh copy of the generated database so
+# that every run starts from the same one (a 10,000-member database had grown to 1.9 GB
+# over repeated runs, and each run measured a bigger one). Bigger ones are used in place:
+# copying 33 GB would take longer than the benchmark and double the disk it needs; a run
+# adds ~0.4 % to that size.
+COPY_BYTES_MAX = 4 * 1024**3
+
+
+def database_for_runs(generated: Path) -> Path:
+    if db_bytes(generated) > COPY_BYTES_MAX:
+        return generated
+    copy = DATA / f"run-{generated.name}"
+    drop_database(copy)
+    shutil.copyfile(generated, copy)
+    return copy
+
+
+def drop_database(db: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+
+
 # The rowid tables that only grow at their end on the receipt path: their old pages are
 # never read per receipt, so they are left out of the page cache on purpose; so are the
 # indexes of postings and audit_log (appended to, read by reports and audits). The indexes
@@ -384,9 +406,10 @@ def multi_process(templates: Path, workers: list[int], seconds: int, rounds: int
     """Full load on the market program with each worker count, pinned and not pinned. The
     configurations take turns, `rounds` times, and each row is the round with the median
     confirmed receipts/s: the machine's other tenants change the numbers from minute to minute."""
-    db = DATA / f"members-{MULTI_MEMBERS}.db"
+    generated = DATA / f"members-{MULTI_MEMBERS}.db"
+    gen_members.generate(generated, MULTI_MEMBERS)
+    db = database_for_runs(generated)
     log(f"multi-process: {MULTI_MEMBERS:,} members in {db}")
-    gen_members.generate(db, MULTI_MEMBERS)
     market = ROOT / "rules" / "programs" / "market"
     runs: dict[tuple[bool, int], list[dict]] = collections.defaultdict(list)
     for round_no in range(1, rounds + 1):
@@ -397,6 +420,8 @@ def multi_process(templates: Path, workers: list[int], seconds: int, rounds: int
     for (pin, count), results in runs.items():
         results.sort(key=lambda r: r["confirmed_rps"])
         rows.append({"workers": count, "pinned": pin, "full": results[len(results) // 2], "rounds": results})
+    if db != generated:
+        drop_database(db)
     return rows
 
 
@@ -476,20 +501,21 @@ def main() -> int:
     per_count = []
     prof = None
     for members in counts:
-        db = DATA / f"members-{members}.db"
-        log(f"{members:,} members: generating {db} (resumes if stopped)")
+        source = DATA / f"members-{members}.db"
+        log(f"{members:,} members: generating {source} (resumes if stopped)")
         gen_started = time.monotonic()
-        added = gen_members.generate(db, members)
+        added = gen_members.generate(source, members)
         gen_s = time.monotonic() - gen_started
-        # Benchmark runs add receipts to the database, so its size right after generation
-        # is kept beside it; that is the size per million members reported.
-        sidecar = Path(f"{db}.generated.json")
+        # The size right after generation is kept beside the database (runs in place add
+        # to it); that is the size per million members reported.
+        sidecar = Path(f"{source}.generated.json")
         if added or not sidecar.exists():
-            sidecar.write_text(json.dumps({"bytes": db_bytes(db), "seconds": gen_s, "complete": added == members}))
+            sidecar.write_text(json.dumps({"bytes": db_bytes(source), "seconds": gen_s, "complete": added == members}))
         generated = json.loads(sidecar.read_text())
-        entry = {"members": members, "db_bytes": generated["bytes"], "db_bytes_now": db_bytes(db),
-                 "generated": added, "gen_s": gen_s if added else generated["seconds"],
-                 "gen_complete": generated.get("complete", False), "rows": []}
+        db = database_for_runs(source)
+        entry = {"members": members, "db_bytes": generated["bytes"], "generated": added,
+                 "gen_s": gen_s if added else generated["seconds"],
+                 "gen_complete": generated.get("complete", False), "copied": db != source, "rows": []}
         entry["warm_s"] = warm_cache(db)
         log(f"{members:,} members: page cache warmed in {entry['warm_s']:.0f}s"
             + (" (stopped at the limit: partly warm)" if entry["warm_s"] > WARM_SECONDS_MAX else ""))
@@ -508,6 +534,9 @@ def main() -> int:
                     confirmed += prof.get("run", {}).get("ok_receipt", 0)
             row["bytes_per_receipt"] = (db_bytes(db) - before) / confirmed if confirmed else float("nan")
             entry["rows"].append(row)
+        entry["db_bytes_now"] = db_bytes(db)
+        if db != source:
+            drop_database(db)
         per_count.append(entry)
     multi = multi_process(templates, worker_counts, seconds, args.rounds) if worker_counts else []
 
@@ -591,17 +620,18 @@ def report(started, seconds, driver, bare, bare_rss, per_count, prof, made, mult
                                           "rules evaluate µs", "writes per commit", "commit ms",
                                           "bytes per stored receipt"], tablefmt="github"))
     lines += ["", "| members | database after generation | per million members | generated in | "
-              "database now (with the receipts of benchmark runs) | page cache warmed in |",
+              "after this run's receipts | page cache warmed in |",
               "| --- | --- | --- | --- | --- | --- |"]
     for entry in per_count:
         per_m = entry["db_bytes"] / entry["members"] * 1e6
         made_in = f"{entry['gen_s']:.0f} s" + ("" if entry["gen_complete"] else " (resumed)")
         lines.append(f"| {entry['members']:,} | {entry['db_bytes'] / 2**20:,.0f} MiB | {per_m / 2**20:,.0f} MiB | "
-                     f"{made_in} | {entry['db_bytes_now'] / 2**20:,.0f} MiB | {entry.get('warm_s', 0):.0f} s{' (limit: partly warm)' if entry.get('warm_s', 0) > WARM_SECONDS_MAX else ''} |")
+                     f"{made_in} | {entry['db_bytes_now'] / 2**20:,.0f} MiB{'' if entry['copied'] else ' (in place)'} | {entry.get('warm_s', 0):.0f} s{' (limit: partly warm)' if entry.get('warm_s', 0) > WARM_SECONDS_MAX else ''} |")
     lines += ["", "Before each member count's runs every table and index the receipt path looks things up in is read "
               "once (`warm_cache`: all but the receipts, postings and audit_log tables and the indexes of the "
               "latter two), as a server's page cache holds them after a while in production; receipt bodies and "
-              "old postings are not read per receipt."]
+              "old postings are not read per receipt. Each member count runs on a fresh copy of its generated "
+              f"database, except those over {COPY_BYTES_MAX / 2**30:.0f} GiB, which run in place (marked)."]
     if multi:
         lines += ["", "## Multi-process (server.workers)", "", multi_table(multi)]
     if prof:
