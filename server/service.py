@@ -222,14 +222,14 @@ class Service:
             return None, UNKNOWN_CARD
         return None, self._prepare_in(conn, receipt, program, now, member)
 
-    async def _read_receipt(self, receipt, program, now, card, key=None):
+    def _read_receipt(self, receipt, program, now, card, key=None):
         stored, prepared = self.db.read_now(lambda c: self._receipt_read(c, receipt, program, now, card, key))
         if prepared is UNKNOWN_CARD:
             raise unprocessable("unknown_card", f"card {receipt.card} is not enrolled",
                                 [{"path": "card", "message": "not enrolled"}])
         return stored, prepared
 
-    async def _fresh(self, receipt, program, now, prepared, changed):
+    def _fresh(self, receipt, program, now, prepared, changed):
         """Called under the member's lock: what was read before it, or read again if an
         operation holding the lock finished since (it may have spent points, used a limit)."""
         if prepared is None or not changed(prepared[0].id):
@@ -330,9 +330,9 @@ class Service:
         key = (receipt.store_id, receipt.register_id, receipt.receipt_id)
         card = None if receipt.card is None else self.privacy.card(receipt.card)
         async with self.early_read() as changed:
-            _, prepared = await self._read_receipt(receipt, program, now, card)
+            _, prepared = self._read_receipt(receipt, program, now, card)
             async with self.member_lock(prepared[0].id if prepared else None):
-                prepared = await self._fresh(receipt, program, now, prepared, changed)
+                prepared = self._fresh(receipt, program, now, prepared, changed)
                 result = await self._calculate_locked(program, receipt, key, now, prepared)
         self.metrics.receipts.labels("calculate", "ok").inc()
         return result
@@ -367,7 +367,7 @@ class Service:
         fingerprint = sha256(body)
         async with self.single_flight(("receipt", key)), self.early_read() as changed:
             program, now = self.program(), self.clock.now()
-            stored, prepared = await self._read_receipt(receipt, program, now, card, key)
+            stored, prepared = self._read_receipt(receipt, program, now, card, key)
             if stored is not None:
                 try:
                     result = self._replay(stored.body_sha256, fingerprint, stored.result)
@@ -396,7 +396,7 @@ class Service:
                            changed) -> dict:
         member = prepared[0] if prepared else None
         async with self.member_lock(member.id if member else None):
-            prepared = await self._fresh(receipt, program, now, prepared, changed)
+            prepared = self._fresh(receipt, program, now, prepared, changed)
             member = prepared[0] if prepared else None
             await self._load_budgets(program)
             ev = self._evaluate(program, receipt, prepared)
