@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import gen_members, gen_rules, receipts  # noqa: E402
-from benchmarks.run import DATA, ROOT, VENV_BIN, Server, log, measured, server_config, wrk  # noqa: E402
+from benchmarks.run import DATA, ROOT, VENV_BIN, Server, drop_database, log, measured, server_config, wrk  # noqa: E402
 
 
 def export(rev: str) -> Path:
@@ -51,8 +51,7 @@ def main() -> None:
     for label, rev in (("before", args.before), ("after", args.after)):
         tree = export(rev)
         db = DATA / f"ab-{label}.db"
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        drop_database(db)
         shutil.copy(source, db)
         sides[label] = (rev, tree, server_config(DATA / f"ab-{label}.yaml", db, rules_dir.resolve()))
     results: dict[str, list[dict]] = {"before": [], "after": []}
