@@ -1,19 +1,20 @@
 """What the API does, without HTTP: receipts, returns, members, adjustments.
 
-Concurrency: every change to one member's points happens under that member's lock
-(asyncio, one process), so two registers spending the same points are serialized, and
-the debit is re-checked inside the write transaction as a second line of defence.
-Identical requests in flight at the same moment share one execution (single flight);
-later duplicates are answered from the stored result.
+Concurrency: everything that reads a member's points and then changes them (a receipt's
+evaluation and postings, a return, a cancel, an adjustment) runs as one function inside
+the single write connection's transaction (storage.db.Database.write), so operations on
+one member happen one after another by construction: a receipt sees the postings, limits
+and budget use of every receipt written before it, committed or still in the same batch,
+and nothing it decided can go stale before it is written. Identical requests in flight
+at the same moment therefore write once: the second finds the first one's receipt.
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import sqlite3
 import time
-from contextlib import asynccontextmanager
 from datetime import date, datetime, timedelta
+from typing import NamedTuple
 
 import msgspec
 
@@ -31,8 +32,6 @@ from storage.db import Database
 from storage.ledger import InsufficientPoints, PostingRef, iso
 
 FUTURE_TS_TOLERANCE = timedelta(minutes=5)
-UNKNOWN_CARD = object()
-RELEASES_KEPT_MIN = 4_096   # below this many, stale entries are not worth a sweep
 JSON = msgspec.json.Encoder()
 
 
@@ -53,23 +52,20 @@ def ddmmyyyy(day: str) -> str:
     return f"{d}.{m}.{y}"
 
 
+class MemberState(NamedTuple):
+    """What the rules need about a receipt's member, read inside the write transaction."""
+    member: ledger.MemberRow
+    facts: MemberFacts
+    balance: ledger.Balance
+    own_hold: int           # points held for this very receipt (by its calculate)
+    usage: dict[str, int]   # times each limited rule fired within its window
+    hold_open: bool         # a hold under the receipt's identity is open
+
+
 class Service:
     def __init__(self, db: Database, programs: ProgramHolder, clock: Clock, metrics: Metrics, privacy: Privacy):
         self.db, self.programs, self.clock, self.metrics = db, programs, clock, metrics
         self.privacy = privacy
-        self._member_locks: dict[int, list] = {}
-        # A receipt reads its member before taking the member's lock (one trip to a reader
-        # for everything); it reads again under the lock only if an operation holding that
-        # lock finished meanwhile. Releases are numbered; _released_at keeps each member's
-        # last one for as long as a read that started earlier is still open.
-        self._releases = 0
-        self._released_at: dict[int, int] = {}
-        self._open_reads: dict[int, int] = {}      # release number at start -> reads open
-        self._inflight: dict[tuple, asyncio.Future] = {}
-        # Points each budgeted rule has issued (net of returns). Reserved synchronously right
-        # after evaluation, on the loop's thread, so concurrent receipts can never overshoot
-        # a budget; given back when the write fails or points are reversed.
-        self._budget_used: dict[str, int] | None = None
 
     # ------------------------------------------------------------ plumbing
 
@@ -78,59 +74,6 @@ class Service:
 
     def local_day(self, program: Program, moment: datetime) -> str:
         return moment.astimezone(program.timezone).date().isoformat()
-
-    @asynccontextmanager
-    async def member_lock(self, member_id: int | None):
-        if member_id is None:
-            yield
-            return
-        entry = self._member_locks.get(member_id)
-        if entry is None:
-            entry = self._member_locks[member_id] = [asyncio.Lock(), 0]
-        entry[1] += 1
-        try:
-            async with entry[0]:
-                yield
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._member_locks[member_id]
-            self._releases += 1
-            if self._open_reads:
-                self._released_at[member_id] = self._releases
-
-    @asynccontextmanager
-    async def early_read(self):
-        """Brackets a read done before taking a member lock; yields a function telling
-        whether a holder of that member's lock finished since the read began."""
-        start = self._releases
-        self._open_reads[start] = self._open_reads.get(start, 0) + 1
-        try:
-            yield lambda member_id: self._released_at.get(member_id, -1) > start
-        finally:
-            left = self._open_reads[start] - 1
-            if left:
-                self._open_reads[start] = left
-            else:
-                del self._open_reads[start]
-                if not self._open_reads:
-                    self._released_at.clear()
-                elif len(self._released_at) > RELEASES_KEPT_MIN:
-                    oldest = min(self._open_reads)
-                    self._released_at = {m: n for m, n in self._released_at.items() if n > oldest}
-
-    @asynccontextmanager
-    async def single_flight(self, key: tuple):
-        """Requests with the same key run one after another; a waiter then sees the stored result."""
-        while (running := self._inflight.get(key)) is not None:
-            await asyncio.shield(running)
-        done = asyncio.get_running_loop().create_future()
-        self._inflight[key] = done
-        try:
-            yield
-        finally:
-            del self._inflight[key]
-            done.set_result(None)
 
     async def member_by_card(self, card: str) -> ledger.MemberRow | None:
         """Members are found by the HMAC of the card number presented."""
@@ -192,85 +135,43 @@ class Service:
         if total != receipt.total:
             raise field_error("total", f"must equal the sum of line amounts ({total})")
 
-    def _prepare_in(self, conn, receipt: schema.Receipt, program: Program, now: datetime,
-                    member: ledger.MemberRow) -> tuple:
-        """What the rules need about the member: (member, facts, balance, own hold, usage,
-        whether any hold is open under the receipt's identity)."""
+    def _member_state(self, conn, receipt: schema.Receipt, program: Program, now: datetime,
+                      card: str | None) -> MemberState | None:
+        """The receipt's member as the rules need it; None for an anonymous receipt.
+        card: the card number's HMAC."""
+        if card is None:
+            return None
+        member = ledger.member_by_card(conn, card)
+        if member is None:
+            raise unprocessable("unknown_card", f"card {receipt.card} is not enrolled",
+                                [{"path": "card", "message": "not enrolled"}])
         key = (receipt.store_id, receipt.register_id, receipt.receipt_id)
         windows = program.limit_windows(receipt.ts.astimezone(program.timezone).date())
         facts = self.member_facts(conn, program, member, now)
-        lots = ledger.lots_of(conn, member.id)
         holds = ledger.open_holds(conn, member.id, iso(now))
-        balance = ledger.balance_of(lots, holds, self.local_day(program, now))
+        balance = ledger.balance_of(ledger.lots_of(conn, member.id), holds, self.local_day(program, now))
         own = sum(h.points for h in holds if h.key == key)
         hold_open = own > 0 or ledger.hold_member(conn, key, open_only=True) is not None
-        return member, facts, balance, own, ledger.rule_usage(conn, member.id, windows), hold_open
+        return MemberState(member, facts, balance, own, ledger.rule_usage(conn, member.id, windows), hold_open)
 
-    def _receipt_read(self, conn, receipt: schema.Receipt, program: Program, now: datetime,
-                      card: str | None, key: ledger.ReceiptKey | None):
-        """Everything a receipt needs from the database, in one trip to a reader:
-        (the receipt stored under `key` or None, and when there is none, what the rules need
-        about the member; None for an anonymous receipt, UNKNOWN_CARD for a card nobody has)."""
-        if key is not None:
-            stored = ledger.get_receipt(conn, key)
-            if stored is not None:
-                return stored, None
-        if card is None:
-            return None, None
-        member = ledger.member_by_card(conn, card)
-        if member is None:
-            return None, UNKNOWN_CARD
-        return None, self._prepare_in(conn, receipt, program, now, member)
-
-    def _read_receipt(self, receipt, program, now, card, key=None):
-        stored, prepared = self.db.read_now(lambda c: self._receipt_read(c, receipt, program, now, card, key))
-        if prepared is UNKNOWN_CARD:
-            raise unprocessable("unknown_card", f"card {receipt.card} is not enrolled",
-                                [{"path": "card", "message": "not enrolled"}])
-        return stored, prepared
-
-    def _fresh(self, receipt, program, now, prepared, changed):
-        """Called under the member's lock: what was read before it, or read again if an
-        operation holding the lock finished since (it may have spent points, used a limit)."""
-        if prepared is None or not changed(prepared[0].id):
-            return prepared
-        member_id = prepared[0].id
-        return self.db.read_now(lambda c: self._prepare_in(c, receipt, program, now,
-                                                             ledger.member_by_id(c, member_id)))
-
-    async def _load_budgets(self, program: Program) -> None:
-        missing = [r for r in program.budgets if self._budget_used is None or r not in self._budget_used]
-        if not missing:
-            return
-        used = await self.db.read(lambda conn: ledger.rule_totals(conn, missing))
-        self._budget_used = {**(self._budget_used or {}), **{r: p for r, p in used.items()
-                                                               if r not in (self._budget_used or {})}}
-
-    def _budget_left(self, program: Program) -> dict[str, int] | None:
+    @staticmethod
+    def _budget_left(conn, program: Program) -> dict[str, int] | None:
+        """Points each budgeted rule may still issue. rule_totals is kept by a trigger in
+        the postings' own transaction, so it counts every receipt written before this one,
+        committed or not, and a receipt undone by its savepoint takes its points with it."""
         if not program.budgets:
             return None
-        return {r: max(0, cap - self._budget_used.get(r, 0)) for r, cap in program.budgets.items()}
+        used = ledger.rule_totals(conn, list(program.budgets))
+        return {r: max(0, cap - used[r]) for r, cap in program.budgets.items()}
 
-    def _reserve_budgets(self, program: Program, by_rule, sign: int = 1) -> None:
-        if self._budget_used is None:
-            return
-        for rule, points in by_rule:
-            if rule in self._budget_used:
-                self._budget_used[rule] += sign * points
-
-    def _release_budgets(self, reversed_: dict) -> None:
-        """Points taken back by a return or cancel no longer count against budgets."""
-        self.metrics.points_reversed.inc(reversed_["points"])
-        self._reserve_budgets(None, [(x["rule"], x["points"]) for x in reversed_["by_rule"]], -1)
-
-    def _evaluate(self, program: Program, receipt: schema.Receipt, prepared):
+    def _evaluate(self, conn, program: Program, receipt: schema.Receipt, state: MemberState | None):
         started = time.perf_counter()
-        if prepared is None:
+        if state is None:
             ev = program.evaluate(receipt, None, 0, 0, {})
         else:
-            _, facts, balance, own_hold, usage, _ = prepared
-            ev = program.evaluate(receipt, facts, receipt.redeem_points, balance.available + own_hold, usage,
-                                  self._budget_left(program))
+            ev = program.evaluate(receipt, state.facts, receipt.redeem_points,
+                                  state.balance.available + state.own_hold, state.usage,
+                                  self._budget_left(conn, program))
         self.metrics.rules_eval.observe(time.perf_counter() - started)
         if ev.redeem_refusal:
             raise self._refusal(ev.redeem_refusal, program, receipt)
@@ -327,34 +228,29 @@ class Service:
     async def calculate(self, receipt: schema.Receipt, principal: Principal) -> dict:
         self._check_receipt(receipt, principal)
         program, now = self.program(), self.clock.now()
-        key = (receipt.store_id, receipt.register_id, receipt.receipt_id)
         card = None if receipt.card is None else self.privacy.card(receipt.card)
-        async with self.early_read() as changed:
-            _, prepared = self._read_receipt(receipt, program, now, card)
-            async with self.member_lock(prepared[0].id if prepared else None):
-                prepared = self._fresh(receipt, program, now, prepared, changed)
-                result = await self._calculate_locked(program, receipt, key, now, prepared)
+        if card is None:
+            ev = program.evaluate(receipt, None, 0, 0, {})
+            result = {**self._result(program, receipt, None, ev, {}, self.local_day(program, now)), "hold": None}
+        else:
+            result = await self.db.write(lambda conn: self._calculate_in_tx(conn, program, receipt, now, card))
         self.metrics.receipts.labels("calculate", "ok").inc()
         return result
 
-    async def _calculate_locked(self, program, receipt, key, now, prepared) -> dict:
-        await self._load_budgets(program)
-        ev = self._evaluate(program, receipt, prepared)
+    def _calculate_in_tx(self, conn, program: Program, receipt: schema.Receipt, now: datetime, card: str) -> dict:
+        """Holds the points to be redeemed (replacing this receipt's earlier hold) until the confirm."""
+        key = (receipt.store_id, receipt.register_id, receipt.receipt_id)
+        state = self._member_state(conn, receipt, program, now, card)
+        ev = self._evaluate(conn, program, receipt, state)
         today = self.local_day(program, now)
-        if prepared is None:
-            return {**self._result(program, receipt, None, ev, {}, today), "hold": None}
-        member, _, before, own_hold, _, _ = prepared
         held = ev.redeemed_points
         expires_at = now + timedelta(minutes=program.hold_ttl_minutes)
-        if held or own_hold:
-            def write(conn):
-                if held:
-                    ledger.put_hold(conn, key, member.id, held, iso(now), iso(expires_at))
-                else:
-                    ledger.close_hold(conn, key, "released", iso(now))
-            await self.db.write(write)
-        balance = self._balance_after(before, own_hold, ev, today, new_hold=held)
-        result = self._result(program, receipt, member, ev, balance, today)
+        if held:
+            ledger.put_hold(conn, key, state.member.id, held, iso(now), iso(expires_at))
+        elif state.own_hold:
+            ledger.close_hold(conn, key, "released", iso(now))
+        balance = self._balance_after(state.balance, state.own_hold, ev, today, new_hold=held)
+        result = self._result(program, receipt, state.member, ev, balance, today)
         result["hold"] = {"points": held, "expires_at": expires_at.isoformat()} if held else None
         return result
 
@@ -365,24 +261,28 @@ class Service:
         # Stored and fingerprinted with the card's HMAC in place of the number.
         body = schema.canonical(receipt if card is None else msgspec.structs.replace(receipt, card=card))
         fingerprint = sha256(body)
-        async with self.single_flight(("receipt", key)), self.early_read() as changed:
-            program, now = self.program(), self.clock.now()
-            stored, prepared = self._read_receipt(receipt, program, now, card, key)
-            if stored is not None:
-                try:
-                    result = self._replay(stored.body_sha256, fingerprint, stored.result)
-                except ApiError:
-                    self.metrics.receipts.labels("confirm", "conflict").inc()
-                    raise
-                self._count("confirm", 200, result)
-                return 200, result
-            result = await self._confirm_new(receipt, key, body, fingerprint, program, now, prepared, changed)
-        self._count("confirm", 201)
-        return 201, result
+        program, now = self.program(), self.clock.now()
+        try:
+            status, result, ev = await self.db.write(
+                lambda conn: self._confirm_in_tx(conn, program, receipt, key, card, body, fingerprint, now))
+        except InsufficientPoints as e:
+            raise unprocessable("insufficient_points", str(e)) from None
+        except ApiError as e:
+            if e.code == "idempotency_conflict":
+                self.metrics.receipts.labels("confirm", "conflict").inc()
+            raise
+        self._count("confirm", status, result)
+        if ev is not None:
+            for rule, points in ev.by_rule:
+                if points:
+                    self.metrics.points_accrued.labels(rule).inc(points)
+            if ev.redeemed_points:
+                self.metrics.points_redeemed.inc(ev.redeemed_points)
+        return status, result
 
     @staticmethod
     def _replay(stored_sha: str, fingerprint: str, stored_result: bytes) -> dict:
-        # Runs inside write transactions too: no side effects beyond the answer.
+        # Runs inside write transactions: no side effects beyond the answer.
         if stored_sha != fingerprint:
             raise conflict("idempotency_conflict",
                            "this identity was already used with a different body; use a new id")
@@ -392,91 +292,59 @@ class Service:
         outcome = "replayed" if status == 200 and result and result.get("replayed") else "ok"
         self.metrics.receipts.labels(endpoint, outcome).inc()
 
-    async def _confirm_new(self, receipt, key, body: bytes, fingerprint: str, program, now, prepared,
-                           changed) -> dict:
-        member = prepared[0] if prepared else None
-        async with self.member_lock(member.id if member else None):
-            prepared = self._fresh(receipt, program, now, prepared, changed)
-            member = prepared[0] if prepared else None
-            await self._load_budgets(program)
-            ev = self._evaluate(program, receipt, prepared)
-            self._reserve_budgets(program, ev.by_rule)
-            try:
-                result = await self._confirm_write(program, receipt, key, body, fingerprint, member, prepared, ev, now)
-            except BaseException:
-                self._reserve_budgets(program, ev.by_rule, -1)
-                raise
-        for rule, points in ev.by_rule:
-            if points:
-                self.metrics.points_accrued.labels(rule).inc(points)
-        if ev.redeemed_points:
-            self.metrics.points_redeemed.inc(ev.redeemed_points)
-        return result
-
-    async def _confirm_write(self, program, receipt, key, body, fingerprint, member, prepared, ev, now) -> dict:
+    def _confirm_in_tx(self, conn, program: Program, receipt: schema.Receipt, key: ledger.ReceiptKey,
+                       card: str | None, body: bytes, fingerprint: str, now: datetime) -> tuple:
+        """(status, answer, evaluation or None for a replay). Raises ApiError with nothing written."""
+        stored = ledger.get_receipt(conn, key)
+        if stored is not None:
+            return 200, self._replay(stored.body_sha256, fingerprint, stored.result), None
+        state = self._member_state(conn, receipt, program, now, card)
+        ev = self._evaluate(conn, program, receipt, state)
         today = self.local_day(program, now)
-        local_date = str(ev.local_date)
-        if prepared is None:
-            balance = {}
-        else:
-            member, facts, before, own_hold, usage, hold_open = prepared
-            balance = self._balance_after(before, own_hold, ev, today, confirmed=True)
-            other_holds = before.held - own_hold
+        member = state.member if state else None
+        balance = self._balance_after(state.balance, state.own_hold, ev, today, confirmed=True) if state else {}
         result = self._result(program, receipt, member, ev, balance, today)
         result["replayed"] = False
-        result_bytes = JSON.encode(result)
-        pairs = pairs_to_store(ev)
-        # The rules with a limit are the ones whose usage was read for this receipt.
-        limited = [r for r in ev.fired if r in usage] if prepared is not None else []
-        rule_dates = {r: program.rule_dates(r, ev.local_date) for r, _ in ev.by_rule}
-        partner = partner_of(program, receipt.store_id)
+        if state is not None:
+            self._post_receipt(conn, program, receipt, key, state, ev, now, today)
+            if state.balance.owed and ev.accrued_points:
+                # The new points paid back a debt: the balance is no longer a simple sum.
+                holds = ledger.open_holds(conn, member.id, iso(now))
+                result["balance"] = ledger.balance_of(ledger.lots_of(conn, member.id), holds, today).as_json()
+                result["messages"] = self._messages(program, ev, result["balance"], today, member)
+        ledger.insert_receipt(conn, key, body_sha256=bytes.fromhex(fingerprint),
+                              member_id=member.id if member else None, ts=iso(receipt.ts),
+                              local_date=str(ev.local_date), total=receipt.total, rules_version=program.version,
+                              body=body, result=JSON.encode(result), detail=pairs_to_store(ev), now=iso(now))
+        return 201, result, ev
 
-        def write(conn):
-            if member is not None:
-                at = PostingRef(effective_at=iso(receipt.ts), created_at=iso(now),
-                                rules_version=program.version, receipt=key)
-                if hold_open:
-                    ledger.close_hold(conn, key, "consumed", iso(now))
-                if ev.redeemed_points:
-                    ledger.spend(conn, member.id, ev.redeemed_points, today, "redemption",
-                                 accounts.redemption_account(partner), at, other_holds)
-                post_accrual(conn, member.id, ev.by_rule, rule_dates, accounts.issue_account(partner), at,
-                             repay=before.owed > 0)
-                if limited:
-                    ledger.record_rule_fires(conn, member.id, limited, local_date, key)
-                if member.referred_by is not None and facts.receipt_number == 1:
-                    fire_events(conn, program, member.referred_by, "referred_first_purchase",
-                                f"referral:{member.id}", now)
-                if before.owed and ev.accrued_points:
-                    # The new points paid back a debt: the balance is no longer a simple sum.
-                    nonlocal result_bytes
-                    lots = ledger.lots_of(conn, member.id)
-                    holds = ledger.open_holds(conn, member.id, iso(now))
-                    result["balance"] = ledger.balance_of(lots, holds, today).as_json()
-                    result["messages"] = self._messages(program, ev, result["balance"], today, member)
-                    result_bytes = JSON.encode(result)
-            ledger.insert_receipt(conn, key, body_sha256=bytes.fromhex(fingerprint),
-                                  member_id=member.id if member else None, ts=iso(receipt.ts), local_date=local_date,
-                                  total=receipt.total, rules_version=program.version, body=body, result=result_bytes,
-                                  detail=pairs, now=iso(now))
-        try:
-            await self.db.write(write)
-        except InsufficientPoints as e:
-            raise unprocessable("insufficient_points", str(e)) from None
-        return result
+    def _post_receipt(self, conn, program: Program, receipt: schema.Receipt, key: ledger.ReceiptKey,
+                      state: MemberState, ev, now: datetime, today: str) -> None:
+        """The receipt's postings: the redemption, the accrual lots, rule-limit usage, a referral."""
+        member, partner = state.member, partner_of(program, receipt.store_id)
+        at = PostingRef(effective_at=iso(receipt.ts), created_at=iso(now), rules_version=program.version,
+                        receipt=key)
+        if state.hold_open:
+            ledger.close_hold(conn, key, "consumed", iso(now))
+        if ev.redeemed_points:
+            ledger.spend(conn, member.id, ev.redeemed_points, today, "redemption",
+                         accounts.redemption_account(partner), at, state.balance.held - state.own_hold)
+        rule_dates = {r: program.rule_dates(r, ev.local_date) for r, _ in ev.by_rule}
+        post_accrual(conn, member.id, ev.by_rule, rule_dates, accounts.issue_account(partner), at,
+                     repay=state.balance.owed > 0)
+        # The rules with a limit are the ones whose usage was read for this receipt.
+        limited = [r for r in ev.fired if r in state.usage]
+        if limited:
+            ledger.record_rule_fires(conn, member.id, limited, str(ev.local_date), key)
+        if member.referred_by is not None and state.facts.receipt_number == 1:
+            fire_events(conn, program, member.referred_by, "referred_first_purchase", f"referral:{member.id}", now)
 
     async def cancel(self, key: ledger.ReceiptKey, principal: Principal) -> dict:
         require_store(principal, key[0])
-        async with self.single_flight(("receipt", key)):
-            stored = self.db.read_now(lambda c: ledger.get_receipt(c, key))
-            member_id = stored.member_id if stored else None
-            if stored is None:
-                member_id = self.db.read_now(lambda c: ledger.hold_member(c, key))
-            async with self.member_lock(member_id):
-                result = await self.db.write(lambda conn: self._cancel_in_tx(conn, key))
+        result = await self.db.write(lambda conn: self._cancel_in_tx(conn, key))
         self.metrics.receipts.labels("cancel", result["status"]).inc()
         if "reversed" in result:
-            self._release_budgets(result["reversed"])
+            self.metrics.points_reversed.inc(result["reversed"]["points"])
         return result
 
     def _cancel_in_tx(self, conn, key) -> dict:
@@ -517,16 +385,10 @@ class Service:
         rec_key = (req.receipt.store_id, req.receipt.register_id, req.receipt.receipt_id)
         fingerprint = sha256(schema.canonical(req))
         check_lines(req.lines)
-        stored = self.db.read_now(lambda c: ledger.get_receipt(c, rec_key))
-        if stored is None:
-            raise unprocessable("receipt_not_found", "no confirmed receipt with that identity",
-                                [{"path": "receipt", "message": "not found"}])
-        async with self.member_lock(stored.member_id):
-            status, result = await self.db.write(
-                lambda conn: self._return_in_tx(conn, req, ret_key, rec_key, fingerprint))
+        status, result = await self.db.write(lambda conn: self._return_in_tx(conn, req, ret_key, rec_key, fingerprint))
         self._count("return", status, result)
         if status == 201:
-            self._release_budgets(result["reversed"])
+            self.metrics.points_reversed.inc(result["reversed"]["points"])
         return status, result
 
     def _return_in_tx(self, conn, req, ret_key, rec_key, fingerprint) -> tuple[int, dict]:
@@ -535,6 +397,9 @@ class Service:
         if previous is not None:
             return 200, self._replay(previous[0], fingerprint, previous[1])
         stored = ledger.get_receipt(conn, rec_key)
+        if stored is None:
+            raise unprocessable("receipt_not_found", "no confirmed receipt with that identity",
+                                [{"path": "receipt", "message": "not found"}])
         if stored.status == "cancelled":
             raise unprocessable("receipt_cancelled", "the receipt was cancelled; nothing is left to return")
         sold = receipt_lines(*ledger.receipt_detail_parts(conn, rec_key))
@@ -613,8 +478,7 @@ class Service:
             if fresh.phone and fresh.birthday:
                 fire_events(conn, program, member.id, "profile_completed", "profile", now)
             return self.member_view(conn, program, fresh, card=card)
-        async with self.member_lock(member.id):
-            return await self.db.write(write)
+        return await self.db.write(write)
 
     async def get_member(self, card: str, at: datetime | None) -> dict:
         program = self.program()
@@ -642,20 +506,17 @@ class Service:
             ledger.update_member(conn, member.id, {"manual_tier": req.tier,
                                                    "manual_tier_until": req.until.isoformat()}, iso(now))
             return self.member_view(conn, program, ledger.member_by_id(conn, member.id), card=card)
-        async with self.member_lock(member.id):
-            return await self.db.write(write)
+        return await self.db.write(write)
 
     async def adjust(self, req: schema.Adjustment, principal: Principal) -> tuple[int, dict]:
         if req.points == 0:
             raise field_error("points", "must not be 0")
         member = await self.find_member(req.card)
         fingerprint = sha256(schema.canonical(req))
-        async with self.member_lock(member.id):
-            try:
-                return await self.db.write(lambda conn: self._adjust_in_tx(conn, req, member, principal,
-                                                                             fingerprint))
-            except InsufficientPoints as e:
-                raise unprocessable("insufficient_points", str(e)) from None
+        try:
+            return await self.db.write(lambda conn: self._adjust_in_tx(conn, req, member, principal, fingerprint))
+        except InsufficientPoints as e:
+            raise unprocessable("insufficient_points", str(e)) from None
 
     def _adjust_in_tx(self, conn, req, member, principal, fingerprint) -> tuple[int, dict]:
         program, now = self.program(), self.clock.now()

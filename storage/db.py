@@ -318,7 +318,8 @@ class Database:
         """Run fn(conn) in the next group commit; returns once the COMMIT holding it returned.
 
         fn runs on the event loop's thread, between other callbacks, so it must be short
-        (a receipt's postings); with off_loop=True it runs on the writer thread instead,
+        (a receipt: its read, its rules and its postings, well under a millisecond); with
+        off_loop=True it runs on the writer thread instead,
         for functions that take long (a job's batch of hundreds of rows) or block.
 
         fn must not run BEGIN/COMMIT/ROLLBACK (it is refused with "not authorized"); it
