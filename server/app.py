@@ -26,6 +26,7 @@ from server.service import Service
 from server.watcher import watch
 from storage.db import Database
 from storage.personal import protect_existing
+from storage.preload import preload
 from storage.schema import migrations
 
 log = logging.getLogger("loyalty.server")
@@ -59,7 +60,8 @@ async def resources(app: web.Application):
     app[PROGRAMS].load_initial()
     db = Database(config.resolve(config.database.path), migrations=migrations,
                   batch_max=config.database.commit_batch_max, queue_max=config.database.write_queue_max,
-                  readers=config.database.readers, on_commit=app[METRICS].on_commit)
+                  readers=config.database.readers, cache_mib=config.database.cache_mib,
+                  on_commit=app[METRICS].on_commit)
     db.open()
     app[DATABASE] = db
     await db.write(lambda conn: protect_existing(conn, app[PRIVACY]))
@@ -72,6 +74,9 @@ async def resources(app: web.Application):
     if config.jobs.enabled:
         background.append(asyncio.create_task(
             schedule(db, app[PROGRAMS], app[CLOCK], config.jobs.interval_seconds)))
+    if config.database.preload:
+        app[STATE]["preloading"] = True
+        background.append(asyncio.create_task(_preload(app, db)))
     # Everything loaded so far (modules, the program, the rules engine) lives as long as the
     # process; frozen, a full collection no longer walks it: ~30 ms pauses became p99 latency.
     gc.collect()
@@ -88,6 +93,17 @@ async def resources(app: web.Application):
         if hup:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         db.close()
+
+
+async def _preload(app: web.Application, db: Database) -> None:
+    """Receipts are served meanwhile (from the disk); /readyz says ready once it is done."""
+    try:
+        seconds = await preload(db)
+        log.info("cache preloaded in %.1fs", seconds)
+    except Exception:  # noqa: BLE001 - a cold cache is slower, not wrong
+        log.exception("preloading the cache failed; serving with what it holds")
+    finally:
+        app[STATE]["preloading"] = False
 
 
 def _install_sighup(app: web.Application) -> bool:

@@ -197,6 +197,8 @@ async def healthz(app, call: Call) -> Reply:
 async def readyz(app, call: Call) -> Reply:
     if app[STATE].get("draining") or not app[STATE].get("started"):
         raise ApiError(503, "unavailable", "starting or draining")
+    if app[STATE].get("preloading"):
+        raise ApiError(503, "unavailable", "reading the members into the cache (database.preload)")
     try:
         await app[DATABASE].write(lambda conn: conn.execute("SELECT 1").fetchone())
     except Exception as e:
@@ -269,7 +271,7 @@ ROUTES: list[Route] = [
     Route("POST", "/v1/admin/rules/check", rules_check, R({MANAGER}), schema.RulesCheck,
           "Validate a program sent as {files: {path: yaml}} without loading it", core=False),
     Route("GET", "/healthz", healthz, None, None, "Alive", core=False),
-    Route("GET", "/readyz", readyz, None, None, "Program loaded and database writable"),
+    Route("GET", "/readyz", readyz, None, None, "Program loaded, database writable, cache preloaded"),
     Route("GET", "/metrics", metrics, R({MONITOR, MANAGER}), None, "Prometheus metrics"),
     Route("GET", "/openapi.json", openapi, None, None, "This API as OpenAPI 3", core=False),
 ]

@@ -68,8 +68,8 @@ DEFAULT_SYNC_TIMEOUT_S = 60.0
 CHECKPOINT_INTERVAL_S = 1.0
 # The writer's page cache outlives its own commits. At SQLite's default (2 MiB) a batch of
 # receipts spilled dirty pages to the WAL before COMMIT (writes on the event loop) and read
-# the same index pages back in the next batch. A batch dirties a few MiB; 256 MiB showed
-# only as resident memory (peak RSS 59 -> 280 MiB in make bench), not as throughput.
+# the same index pages back in the next batch. Receipts also read their member through it,
+# so a cache as large as the members' hot rows (database.cache_mib) keeps them off the disk.
 WRITER_CACHE_MIB = 64
 # Readers are not memory-mapped (PRAGMA mmap_size): a reader drops its cache whenever
 # another connection has committed, so every batch, and with a mapping it unmaps and maps
@@ -152,16 +152,18 @@ class Database:
         queue_max: int = 10_000,
         readers: int = 2,
         busy_timeout_ms: int = 5_000,
+        cache_mib: int = WRITER_CACHE_MIB,
         on_commit: Callable[[int, float], None] | None = None,
     ) -> None:
-        if batch_max < 1 or queue_max < 1 or readers < 1 or busy_timeout_ms < 0:
-            raise ValueError("batch_max, queue_max and readers must be >= 1, busy_timeout_ms >= 0")
+        if batch_max < 1 or queue_max < 1 or readers < 1 or busy_timeout_ms < 0 or cache_mib < 1:
+            raise ValueError("batch_max, queue_max, readers and cache_mib must be >= 1, busy_timeout_ms >= 0")
         self._path = Path(path)
         self._migrations = migrations
         self._batch_max = batch_max
         self._queue_max = queue_max
         self._readers_max = readers
         self._busy_timeout_ms = busy_timeout_ms
+        self._cache_mib = cache_mib
         self._on_commit = on_commit
 
         self._lock = threading.Lock()
@@ -209,7 +211,7 @@ class Database:
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("PRAGMA foreign_keys=ON")
                 conn.execute("PRAGMA wal_autocheckpoint=0")
-                conn.execute(f"PRAGMA cache_size=-{WRITER_CACHE_MIB * 1024}")
+                conn.execute(f"PRAGMA cache_size=-{self._cache_mib * 1024}")
                 # Each queued write runs in its own SAVEPOINT: the original of every page it
                 # changes goes to the savepoint journal, a temporary file past 64 KiB (a
                 # pwrite per page on the event loop). It is never synced or needed after
