@@ -53,12 +53,14 @@ def main() -> None:
         db = DATA / f"ab-{label}.db"
         drop_database(db)
         shutil.copy(source, db)
-        sides[label] = (rev, tree, server_config(DATA / f"ab-{label}.yaml", db, rules_dir.resolve()))
+        knows_cache = "preload" in (tree / "server" / "config.py").read_text()
+        sides[label] = (rev, tree, server_config(DATA / f"ab-{label}.yaml", db, rules_dir.resolve(),
+                                                 members=args.members, cache=knows_cache))
     results: dict[str, list[dict]] = {"before": [], "after": []}
     for round_no in range(args.rounds):
         for label, (rev, tree, config) in sides.items():
             with Server(f"ab-{label}", [str(VENV_BIN / "python"), "-m", "server.cli", "serve", "--config",
-                                        str(config)], tree=tree) as server:
+                                        str(config)], tree=tree, ready=True) as server:
                 wrk(templates, args.members, 3)
                 result, _ = measured(server, lambda: wrk(templates, args.members, args.duration))
             results[label].append(result)

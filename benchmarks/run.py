@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -65,10 +64,12 @@ def log(message: str) -> None:
 # ------------------------------------------------------------------ servers
 
 class Server:
-    def __init__(self, name: str, argv: list[str], tree: Path = ROOT, pin: bool = True):
-        self.name, self.argv, self.tree, self.pin = name, argv, tree, pin
+    def __init__(self, name: str, argv: list[str], tree: Path = ROOT, pin: bool = True, ready: bool = False):
+        """ready: also wait for /readyz (a loyalty server preloading its cache says 503 until done)."""
+        self.name, self.argv, self.tree, self.pin, self.ready = name, argv, tree, pin, ready
         self.proc: subprocess.Popen | None = None
         self.log_path = DATA / f"server-{name}.log"
+        self.ready_s = 0.0
 
     def __enter__(self) -> "Server":
         env = {**os.environ, "PYTHONPATH": str(self.tree)}
@@ -82,10 +83,27 @@ class Server:
                 raise RuntimeError(f"{self.name} exited at start; see {self.log_path}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/healthz", timeout=1):
-                    return self
+                    break
             except OSError:
                 time.sleep(0.2)
-        raise RuntimeError(f"{self.name} did not answer /healthz; see {self.log_path}")
+        else:
+            raise RuntimeError(f"{self.name} did not answer /healthz; see {self.log_path}")
+        if self.ready:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        started = time.monotonic()
+        while time.monotonic() - started < READY_SECONDS_MAX:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited while starting; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/readyz", timeout=5):
+                    self.ready_s = time.monotonic() - started
+                    return
+            except OSError:     # 503 while preloading (HTTPError is an OSError)
+                time.sleep(0.5)
+        raise RuntimeError(f"{self.name} not ready after {READY_SECONDS_MAX:.0f}s; see {self.log_path}")
 
     def __exit__(self, *exc) -> None:
         assert self.proc is not None
@@ -130,11 +148,27 @@ class Server:
         return float("nan")
 
 
-def server_config(path: Path, db: Path, rules_dir: Path, workers: int = 1) -> Path:
+# The write connection's cache per million members: the b-trees storage/preload.py reads
+# came to 519 MiB per million generated members (dbstat); the rest is room for the pages
+# a run appends (new lots, postings and receipts).
+CACHE_MIB_PER_MILLION_MEMBERS = 640
+CACHE_MIB_MIN = 64
+# Preloading 14 million members reads ~7 GB, much of it in random order on this disk.
+READY_SECONDS_MAX = 3600.0
+
+
+def cache_mib(members: int) -> int:
+    return max(CACHE_MIB_MIN, -(-members * CACHE_MIB_PER_MILLION_MEMBERS // 1_000_000))
+
+
+def server_config(path: Path, db: Path, rules_dir: Path, workers: int = 1, members: int = 10_000,
+                  cache: bool = True) -> Path:
+    """A server whose write connection's cache holds `members` members, read at start
+    (cache=False: a revision from before database.cache_mib, which refuses the keys)."""
     sha = lambda key: hashlib.sha256(key.encode()).hexdigest()  # noqa: E731
     config = {
         "server": {"host": "127.0.0.1", "port": PORT, "max_body_bytes": 1048576, "workers": workers},
-        "database": {"path": str(db)},
+        "database": {"path": str(db), **({"cache_mib": cache_mib(members), "preload": True} if cache else {})},
         "rules": {"dir": str(rules_dir), "watch": False},
         "auth": {"keys": [
             {"id": "bench-register", "sha256": sha(KEY), "role": "register", "stores": ["S001", "S002", "F001"]},
@@ -333,46 +367,6 @@ def drop_database(db: Path) -> None:
         Path(f"{db}{suffix}").unlink(missing_ok=True)
 
 
-# The rowid tables that only grow at their end on the receipt path: their old pages are
-# never read per receipt, so they are left out of the page cache on purpose; so are the
-# indexes of postings and audit_log (appended to, read by reports and audits). The indexes
-# of receipts are read per receipt (the idempotency key, the tier counts).
-COLD_TABLES = {"receipts", "postings", "audit_log"}
-COLD_INDEXED_TABLES = {"postings", "audit_log"}
-# A database far larger than memory on a slow disk would take longer to warm than the
-# whole benchmark: warming stops here and the report says it was partial.
-WARM_SECONDS_MAX = 90.0
-
-
-def warm_cache(db: Path) -> float:
-    """Reads every table and index the receipt path looks things up in, once, so a
-    fresh machine's page cache holds them as a server's would after some time in production;
-    returns the seconds it took. Without it the first minutes at 14 M members measure the disk."""
-    started = time.monotonic()
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    # A scan still running at the limit is interrupted (OperationalError, caught below); SUM(1)
-    # rather than COUNT(*), which walks a whole b-tree in one step the handler cannot stop.
-    conn.set_progress_handler(lambda: time.monotonic() - started > WARM_SECONDS_MAX, 100_000)
-    try:
-        objects = conn.execute("SELECT type, name, tbl_name FROM sqlite_schema "
-                               "WHERE type IN ('table', 'index') AND name NOT LIKE 'sqlite_%'").fetchall()
-        for kind, name, table in objects:
-            if time.monotonic() - started > WARM_SECONDS_MAX:
-                break
-            if kind == "index":
-                sql = None if table in COLD_INDEXED_TABLES else f'SELECT SUM(1) FROM "{table}" INDEXED BY "{name}"'
-            else:
-                sql = None if name in COLD_TABLES else f'SELECT SUM(1) FROM "{name}" NOT INDEXED'
-            try:
-                if sql:
-                    conn.execute(sql).fetchone()
-            except sqlite3.OperationalError:  # interrupted, or a (small) partial index that cannot be named alone
-                pass
-    finally:
-        conn.close()
-    return time.monotonic() - started
-
-
 def server_rows(name: str, server: Server, templates: Path, members: int, seconds: int) -> dict:
     log(f"{name}: warm-up")
     wrk(templates, members, 3)
@@ -426,10 +420,10 @@ def multi_process(templates: Path, workers: list[int], seconds: int, rounds: int
 
 
 def multi_run(templates: Path, db: Path, rules_dir: Path, count: int, pin: bool, seconds: int, round_no: int) -> dict:
-    config = server_config(DATA / f"config-multi-{count}.yaml", db, rules_dir, workers=count)
+    config = server_config(DATA / f"config-multi-{count}.yaml", db, rules_dir, workers=count, members=MULTI_MEMBERS)
     name = f"workers {count}, {'pinned' if pin else 'not pinned'}, round {round_no}"
     with Server(f"multi-{count}-{'pinned' if pin else 'free'}",
-                [str(VENV_BIN / "loyalty"), "serve", "--config", str(config)], pin=pin) as server:
+                [str(VENV_BIN / "loyalty"), "serve", "--config", str(config)], pin=pin, ready=True) as server:
         time.sleep(1)      # the port answers once one worker listens; let them all start
         log(f"{name}: warm-up")
         wrk(templates, MULTI_MEMBERS, 3)
@@ -516,13 +510,14 @@ def main() -> int:
         entry = {"members": members, "db_bytes": generated["bytes"], "generated": added,
                  "gen_s": gen_s if added else generated["seconds"],
                  "gen_complete": generated.get("complete", False), "copied": db != source, "rows": []}
-        entry["warm_s"] = warm_cache(db)
-        log(f"{members:,} members: page cache warmed in {entry['warm_s']:.0f}s"
-            + (" (stopped at the limit: partly warm)" if entry["warm_s"] > WARM_SECONDS_MAX else ""))
         for name, rules_dir in (("market", market), ("300 rules", rules300)):
-            config = server_config(DATA / f"config-{members}-{name.replace(' ', '')}.yaml", db, rules_dir)
+            config = server_config(DATA / f"config-{members}-{name.replace(' ', '')}.yaml", db, rules_dir,
+                                   members=members)
+            log(f"{name}, {members:,} members: starting, preloading {cache_mib(members):,} MiB of cache")
             with Server(f"{members}-{name.replace(' ', '')}",
-                        [str(VENV_BIN / "loyalty"), "serve", "--config", str(config)]) as server:
+                        [str(VENV_BIN / "loyalty"), "serve", "--config", str(config)], ready=True) as server:
+                entry.setdefault("preload_s", server.ready_s)
+                log(f"{name}, {members:,} members: ready after {server.ready_s:.0f}s")
                 before = db_bytes(db)
                 row = server_rows(f"{name}, {members:,} members", server, templates, members, seconds)
                 confirmed = row["full"]["ok_receipt"] + row[0.5]["ok_receipt"] + row[0.9]["ok_receipt"]
@@ -620,18 +615,19 @@ def report(started, seconds, driver, bare, bare_rss, per_count, prof, made, mult
                                           "rules evaluate µs", "writes per commit", "commit ms",
                                           "bytes per stored receipt"], tablefmt="github"))
     lines += ["", "| members | database after generation | per million members | generated in | "
-              "after this run's receipts | page cache warmed in |",
+              "after this run's receipts | cache preloaded in |",
               "| --- | --- | --- | --- | --- | --- |"]
     for entry in per_count:
         per_m = entry["db_bytes"] / entry["members"] * 1e6
         made_in = f"{entry['gen_s']:.0f} s" + ("" if entry["gen_complete"] else " (resumed)")
         lines.append(f"| {entry['members']:,} | {entry['db_bytes'] / 2**20:,.0f} MiB | {per_m / 2**20:,.0f} MiB | "
-                     f"{made_in} | {entry['db_bytes_now'] / 2**20:,.0f} MiB{'' if entry['copied'] else ' (in place)'} | {entry.get('warm_s', 0):.0f} s{' (limit: partly warm)' if entry.get('warm_s', 0) > WARM_SECONDS_MAX else ''} |")
-    lines += ["", "Before each member count's runs every table and index the receipt path looks things up in is read "
-              "once (`warm_cache`: all but the receipts, postings and audit_log tables and the indexes of the "
-              "latter two), as a server's page cache holds them after a while in production; receipt bodies and "
-              "old postings are not read per receipt. Each member count runs on a fresh copy of its generated "
-              f"database, except those over {COPY_BYTES_MAX / 2**30:.0f} GiB, which run in place (marked)."]
+                     f"{made_in} | {entry['db_bytes_now'] / 2**20:,.0f} MiB{'' if entry['copied'] else ' (in place)'} | {entry.get('preload_s', 0):.0f} s |")
+    lines += ["", "Each server holds the receipt path's hot rows in its write connection's page cache "
+              f"(`database.cache_mib`: {CACHE_MIB_PER_MILLION_MEMBERS} MiB per million members, at least "
+              f"{CACHE_MIB_MIN}) and reads them at start (`database.preload`); it is measured once /readyz "
+              "says the preload is done (the first server's wait is in the last column). Each member count runs "
+              f"on a fresh copy of its generated database, except those over {COPY_BYTES_MAX / 2**30:.0f} GiB, "
+              "which run in place (marked)."]
     if multi:
         lines += ["", "## Multi-process (server.workers)", "", multi_table(multi)]
     if prof:
@@ -666,7 +662,7 @@ def report(started, seconds, driver, bare, bare_rss, per_count, prof, made, mult
             table = [[frame, count, f"{count / prof['samples']:.1%}"] for frame, count in prof["by_leaf"]]
             lines.append(tabulate(table, headers=["frame", "samples", "share"], tablefmt="github"))
             lines += ["", "Samples by thread: " + ", ".join(f"{k} {v / prof['samples']:.0%}" for k, v in prof["by_kind"])
-                      + f". Raw stacks: benchmarks/data/profile.raw.txt."]
+                      + ". Raw stacks: benchmarks/data/profile.raw.txt."]
     return "\n".join(lines) + "\n"
 
 
