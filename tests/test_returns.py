@@ -98,24 +98,31 @@ async def test_return_of_unknown_receipt_or_line(make_api):
     assert status == 422 and err["error"]["details"][0]["path"] == "lines[0].line_no"
 
 
-async def test_returns_read_receipt_bodies_packed_either_way(make_api, tmp_path):
-    """Bodies stored before the compact packing (zlib's default window) and after it both
-    serve a return; nothing is rewritten on upgrade."""
+async def test_returns_read_receipt_bodies_packed_any_way(make_api, tmp_path):
+    """Bodies stored as zstd frames (now), as zlib streams with the default or a small
+    window (before) and as plain JSON all serve a return; nothing is rewritten on upgrade."""
     import sqlite3
     import zlib
+
+    from storage.ledger import unpack
 
     api = await make_api(now=NOW)
     await api.post("/v1/members", {"card": CARD})
     lines = [line(n, "grocery", 10000 + n, sku=f"sku-{n}") for n in range(1, 21)]
-    for rid in ("Z-OLD", "Z-NEW"):
+    kinds = ("Z-NEW", "Z-ZLIB", "Z-ZLIB-SMALL", "Z-JSON")
+    for rid in kinds:
         status, res = await api.post("/v1/receipts", receipt(rid, lines, card=CARD, ts="2026-11-28T09:00:00+02:00"),
                                      as_="register")
         assert status == 201, res
     with sqlite3.connect(tmp_path / "loyalty.db") as conn:
         new = conn.execute("SELECT body FROM receipts WHERE receipt_id = 'Z-NEW'").fetchone()[0]
-        assert new[:1] not in (b"{", b"\x78")   # packed, with the small window
-        conn.execute("UPDATE receipts SET body = ? WHERE receipt_id = 'Z-OLD'", (zlib.compress(zlib.decompress(new), 1),))
-    for rid in ("Z-OLD", "Z-NEW"):
+        assert new[:4] == b"\x28\xb5\x2f\xfd"      # a zstd frame
+        body = unpack(new)
+        small = zlib.compressobj(1, zlib.DEFLATED, 12, 4)
+        for rid, stored in (("Z-ZLIB", zlib.compress(body, 6)), ("Z-ZLIB-SMALL", small.compress(body) + small.flush()),
+                            ("Z-JSON", body)):
+            conn.execute("UPDATE receipts SET body = ? WHERE receipt_id = ?", (stored, rid))
+    for rid in kinds:
         ret = {"return_id": f"R-{rid}", "store_id": "S001", "register_id": "K01",
                "receipt": {"store_id": "S001", "register_id": "K01", "receipt_id": rid},
                "lines": [{"line_no": 20, "qty": 1}]}
