@@ -45,17 +45,12 @@ def evaluate(program: Any, receipt: Any, member: MemberFacts | None, redeem_requ
 
 def _read_lines(program: Any, lines: list) -> tuple[list[tuple[bool, bool, tuple[int, ...]]], list[int], list[int]]:
     """Each line's class (see Program.line_class), its line_no and its amount (never negative)."""
-    known = program.line_classes.get
-    classes, line_nos, amounts = [], [], []
-    for line in lines:
-        flags = line.flags
-        key = (line.category, line.sku, line.brand, tuple(flags)) if flags else (line.category, line.sku, line.brand)
-        found = known(key)
-        classes.append(found if found is not None else program.line_class(key))
-        line_nos.append(line.line_no)
-        amount = line.amount
-        amounts.append(amount if amount > 0 else 0)
-    return classes, line_nos, amounts
+    key_of, known, classify = program.line_key, program.line_classes.get, program.line_class
+    classes = [known(key_of(line)) or classify(line) for line in lines]
+    amounts = [line.amount for line in lines]
+    if amounts and min(amounts) < 0:
+        amounts = [max(amount, 0) for amount in amounts]
+    return classes, [line.line_no for line in lines], amounts
 
 
 def _redeem(program: Any, classes: list, line_nos: list[int], amounts: list[int], requested: int,

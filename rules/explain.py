@@ -164,8 +164,7 @@ def _scopes(program: Any, receipt: Any) -> dict[int, list[int]]:
     """rule index -> positions of the earning lines its scope selects."""
     scopes: dict[int, list[int]] = {}
     for position, line in enumerate(receipt.lines):
-        key = (line.category, line.sku, line.brand, tuple(line.flags)) if line.flags else (line.category, line.sku, line.brand)
-        may_earn, _, selected = program.line_class(key)
+        may_earn, _, selected = program.line_class(line)
         if may_earn:
             for index in selected:
                 scopes.setdefault(index, []).append(position)

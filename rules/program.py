@@ -112,7 +112,9 @@ class Program:
         share_num, share_den = self.redemption_max_share.as_integer_ratio()
         self.max_share_ratio = (share_num, share_den)
         self.groups = _groups(rules)
-        self.line_classes: dict[tuple, tuple[bool, bool, tuple[int, ...]]] = {}
+        self.line_classes: dict[Any, tuple[bool, bool, tuple[int, ...]]] = {}
+        self.line_key = _line_key([self.exclusions, self.redemption_exclusions,
+                                   *(rule.scope for rule in rules), *(rule.scope.exclude for rule in rules)])
         self.matcher = Matcher(conditions)
         self._finalizer = weakref.finalize(self, self.matcher.close)
 
@@ -167,11 +169,12 @@ class Program:
     def events_on(self, name: str) -> list[EventRule]:
         return [event for event in self.events if event.on == name]
 
-    def line_class(self, key: tuple) -> tuple[bool, bool, tuple[int, ...]]:
+    def line_class(self, line: Any) -> tuple[bool, bool, tuple[int, ...]]:
         """(may earn, may be paid with points, indexes of the rules whose scope selects it)."""
+        key = self.line_key(line)
         found = self.line_classes.get(key)
         if found is None:
-            found = self._classify(*key)
+            found = self._classify(line.category, line.sku, line.brand, tuple(line.flags))
             if len(self.line_classes) >= MAX_LINE_CLASSES:
                 self.line_classes.clear()
             self.line_classes[key] = found
@@ -187,6 +190,20 @@ class Program:
     def close(self) -> None:
         """Free the engine's rulesets now rather than at garbage collection."""
         self._finalizer()
+
+
+def _line_key(filters: list) -> Any:
+    """What identifies a line's class: only the fields some filter of the program reads,
+    so a program that selects by category alone keeps one class per category rather
+    than one per SKU, and a line's key is its category string, not a new tuple."""
+    skus = any(f.skus for f in filters)
+    brands = any(f.brands for f in filters)
+    flags = any(getattr(f, "flags", None) for f in filters)
+    if skus or brands:
+        return lambda line: (line.category, line.sku, line.brand, tuple(line.flags))
+    if flags:
+        return lambda line: (line.category, tuple(line.flags)) if line.flags else line.category
+    return lambda line: line.category
 
 
 def _groups(rules: list[CompiledRule]) -> dict[str, list[CompiledRule]]:
