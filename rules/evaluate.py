@@ -128,10 +128,14 @@ def _birthday_in(year: int, birthday: date) -> date:
 def _applicable(program: Any, classes: list, earning: list[int], held: Any, usage: dict[str, int],
                 budget_left: dict[str, int] | None) -> list[tuple[Any, list[int]]]:  # fmt: skip
     """Rules that apply, with the line positions in their scope; one per group."""
+    rules = program.rules
+    indexes = program.unconditional
+    if held:
+        of_condition = program.rule_of_condition
+        indexes = sorted(chain(indexes, (of_condition[condition] for condition in held)))
     passing = []
-    for rule in program.rules:
-        if rule.condition is not None and rule.condition not in held:
-            continue
+    for index in indexes:
+        rule = rules[index]
         if rule.limit_count is not None and usage.get(rule.id, 0) >= rule.limit_count:
             continue
         if budget_left is not None and rule.budget and budget_left.get(rule.id, rule.budget) <= 0:
