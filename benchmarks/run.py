@@ -245,8 +245,9 @@ STAGES = [
     ("answer: result, JSON encode", "loop", {"_result", "pairs_to_store", "json_reply", "_balance_after"}),
     ("auth", "loop", {"authenticate"}),
     ("metrics (prometheus_client)", "loop", {"observe", "inc", "labels"}),
-    # The receipt's read runs on the loop (Database.read_now), innermost look-up wins.
-    ("read: BEGIN/ROLLBACK, tier facts", "loop", {"read_now", "_in_read_transaction"}),
+    # The receipt's read runs inside its write function on the loop; innermost look-up wins.
+    ("read: member state, tier facts", "loop", {"_member_state", "member_facts", "tier_view"}),
+    ("read: budgets", "loop", {"_budget_left", "rule_totals"}),
     ("read: receipt already confirmed?", "loop", {"get_receipt"}),
     ("read: card -> member", "loop", {"member_by_card", "member_by_id"}),
     ("read: tier (receipt_counts)", "loop", {"receipt_counts"}),
