@@ -229,8 +229,8 @@ class Service:
         self._check_receipt(receipt, principal)
         program, now = self.program(), self.clock.now()
         card = None if receipt.card is None else self.privacy.card(receipt.card)
-        if card is None:
-            ev = program.evaluate(receipt, None, 0, 0, {})
+        if card is None:     # anonymous: nothing to read or hold
+            ev = self._evaluate(None, program, receipt, None)
             result = {**self._result(program, receipt, None, ev, {}, self.local_day(program, now)), "hold": None}
         else:
             result = await self.db.write(lambda conn: self._calculate_in_tx(conn, program, receipt, now, card))
