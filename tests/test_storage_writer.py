@@ -137,9 +137,53 @@ def test_connection_settings(open_db):
             for name in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
         )
     )
-    assert writer == ("wal", 2, 1, 5_000)
+    # synchronous=NORMAL: the COMMIT writes the WAL, the sync thread fdatasyncs it before
+    # anyone is answered (tests below).
+    assert writer == ("wal", 1, 1, 5_000)
     with pytest.raises(sqlite3.OperationalError):
         db.read_sync(lambda conn: conn.execute("INSERT INTO receipts (note) VALUES ('x')"))
+
+
+class SyncGate:
+    """Holds the sync thread before its fdatasync: commits happen, answers must wait."""
+
+    def __init__(self, db: Database, monkeypatch, fail: BaseException | None = None) -> None:
+        self.entered, self.release, self.calls = threading.Event(), threading.Event(), 0
+        real = db._sync_wal
+
+        def gated() -> None:
+            self.calls += 1
+            self.entered.set()
+            self.release.wait(GATE_TIMEOUT_S)
+            if fail is not None:
+                raise fail
+            real()
+
+        monkeypatch.setattr(db, "_sync_wal", gated)
+
+
+async def test_nobody_is_answered_before_the_wal_is_synced(open_db, monkeypatch):
+    db = open_db()
+    gate = SyncGate(db, monkeypatch)
+    first = asyncio.create_task(db.write(insert_receipt("first")))
+    await wait_until(gate.entered.is_set)
+    # Committed (the connection moved on: a later batch runs and commits meanwhile) ...
+    second = asyncio.create_task(db.write(insert_receipt("second")))
+    await wait_until(lambda: "second" in db.read_now(notes))
+    await asyncio.sleep(0.05)
+    assert not first.done() and not second.done()      # ... but not yet on disk: no answer
+    gate.release.set()
+    assert isinstance(await first, int) and isinstance(await second, int)
+    assert db.read_now(notes) == ["first", "second"]
+    assert gate.calls <= 2                             # the second batch shared a sync or had its own
+
+
+async def test_a_failed_sync_fails_the_writes_it_covered(open_db, monkeypatch):
+    db = open_db()
+    gate = SyncGate(db, monkeypatch, fail=OSError(5, "Input/output error"))
+    gate.release.set()
+    with pytest.raises(OSError, match="Input/output error"):
+        await db.write(insert_receipt("lost?"))
 
 
 async def test_write_is_visible_to_read_and_survives_reopen(open_db):
