@@ -262,7 +262,7 @@ STAGES = [
     ("write: SAVEPOINTs, batch", "loop", {"_loop_turn", "_run_functions", "_run_item"}),
     ("write: postings (hash chain)", "loop", {"post"}),
     ("write: lots", "loop", {"new_lot", "spend"}),
-    ("write: receipt row (zlib)", "loop", {"insert_receipt"}),
+    ("write: receipt row (zstd)", "loop", {"insert_receipt"}),
     ("write: rule fires", "loop", {"record_rule_fires"}),
     ("writer: COMMIT (WAL frames), passing the turn", "writer", {"_commit_and_answer"}),
     ("sync: fdatasync of the WAL, answering", "sync", {"_syncer_main"}),
