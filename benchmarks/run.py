@@ -677,7 +677,7 @@ def report(started, seconds, driver, bare, bare_rss, per_count, prof, made, mult
                                                   "≈ CPU µs/request"], tablefmt="github"))
             lines += ["", "≈ CPU µs/request spreads each thread's measured CPU over its samples. With four threads "
                       "on one core a sample also lands on a thread that is runnable but waiting for the core or "
-                      "the GIL, and the writer's samples include waiting on fsync, so read the column as an "
+                      "the GIL, and the writer's and the sync thread's include waiting for the GIL and for fdatasync, so read the column as an "
                       "estimate; the per-thread totals above are exact."]
             lines += ["", "Top frames (where the samples were, innermost Python frame):", ""]
             table = [[frame, count, f"{count / prof['samples']:.1%}"] for frame, count in prof["by_leaf"]]
