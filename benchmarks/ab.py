@@ -1,11 +1,13 @@
 """Before/after a change, side by side: the real server from two git revisions, in turns.
 
-    PYTHONPATH=. python benchmarks/ab.py BEFORE AFTER [--rules DIR] [--members 10000] [--rounds 3]
+    PYTHONPATH=. python benchmarks/ab.py BEFORE AFTER [--rules DIR] [--members 10000] [--rounds 3] [--rate R]
 
 Each revision's tree is exported with `git archive` into benchmarks/data/ab-REV and run
 with that tree first on PYTHONPATH; each gets its own copy of the same generated member
 database, and the runs alternate (before, after, before, ...) so drift on a shared
-machine hits both alike. Prints confirmed receipts/s and server CPU per request per run.
+machine hits both alike. Prints confirmed receipts/s and server CPU per request per run;
+with --rate, wrk sends on that fixed schedule instead of at full load and the latency
+percentiles are what to compare.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--rate", type=float, default=0, help="requests/s on a fixed schedule (default: full load)")
     args = parser.parse_args()
     DATA.mkdir(parents=True, exist_ok=True)
     rules_dir = args.rules or gen_rules.generate(DATA / "rules300", 300)
@@ -62,13 +65,24 @@ def main() -> None:
             with Server(f"ab-{label}", [str(VENV_BIN / "python"), "-m", "server.cli", "serve", "--config",
                                         str(config)], tree=tree, ready=True) as server:
                 wrk(templates, args.members, 3)
-                result, _ = measured(server, lambda: wrk(templates, args.members, args.duration))
+                result, _ = measured(server, lambda: wrk(templates, args.members, args.duration, rate=args.rate))
             results[label].append(result)
             log(f"round {round_no + 1} {label} ({rev}): {result['confirmed_rps']:,.0f} confirmed/s, "
-                f"{result['cpu_us_per_request']:,.0f} us CPU/request")
-    b = statistics.median(r["confirmed_rps"] for r in results["before"])
-    a = statistics.median(r["confirmed_rps"] for r in results["after"])
-    print(f"median confirmed receipts/s: before {b:,.0f}, after {a:,.0f} ({a / b - 1:+.0%})")
+                f"{result['cpu_us_per_request']:,.0f} us CPU/request, p50 {ms(result, 'p50')} "
+                f"p99 {ms(result, 'p99')} p99.9 {ms(result, 'p999')} ms")
+    for key, unit in (("confirmed_rps", "confirmed receipts/s"), ("cpu_us_per_request", "us CPU/request"),
+                      ("p99", "p99 us")):
+        b = statistics.median(value(r, key) for r in results["before"])
+        a = statistics.median(value(r, key) for r in results["after"])
+        print(f"median {unit}: before {b:,.0f}, after {a:,.0f} ({a / b - 1:+.0%})")
+
+
+def value(result: dict, key: str) -> float:
+    return result["latency_us"][key] if key.startswith("p") else result[key]
+
+
+def ms(result: dict, key: str) -> str:
+    return f"{value(result, key) / 1000:.1f}"
 
 
 if __name__ == "__main__":
