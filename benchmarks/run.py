@@ -258,13 +258,13 @@ STAGES = [
     ("read: tier (receipt_counts)", "loop", {"receipt_counts"}),
     ("read: lots, holds, balance", "loop", {"lots_of", "balance_of", "open_holds", "hold_member"}),
     ("read: rule usage", "loop", {"rule_usage"}),
-    # Write functions run on the loop inside the group-commit transaction; the COMMIT on the writer.
+    # Write functions and their COMMIT run on the loop; the writer thread takes long writes only.
     ("write: SAVEPOINTs, batch", "loop", {"_loop_turn", "_run_functions", "_run_item"}),
     ("write: postings (hash chain)", "loop", {"post"}),
     ("write: lots", "loop", {"new_lot", "spend"}),
     ("write: receipt row (zstd)", "loop", {"insert_receipt"}),
     ("write: rule fires", "loop", {"record_rule_fires"}),
-    ("writer: COMMIT (WAL frames), passing the turn", "writer", {"_commit_and_answer"}),
+    ("write: COMMIT (WAL frames), passing the turn", "loop", {"_commit_and_answer"}),
     ("sync: fdatasync of the WAL, answering", "sync", {"_syncer_main"}),
     ("reader thread (reads off the loop)", "reader", {"_run_read"}),
     ("checkpoint thread", "checkpoint", {"_checkpoint_main"}),
