@@ -27,7 +27,7 @@ fuzz: $(STAMP)
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-300} FUZZ_RANDOM=1 $(VENV)/bin/pytest -q -s tests/test_fuzz_api.py tests/test_fuzz_rules.py
 
 # Throughput and latency of the real server against its ceiling; writes benchmarks/RESULTS.md.
-# BENCH_MEMBERS=10000,1000000 by default; add 14000000 for the full size (generates ~25 GB once).
+# BENCH_MEMBERS=10000,1000000 by default; add 14000000 for the full size (generates ~33 GB once, about an hour).
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	@command -v taskset >/dev/null || { apt-get update -qq && apt-get install -y -qq util-linux; }

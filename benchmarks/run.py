@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/run.py [--members 10000,1000000] [--duration 15]
 
 Environment: BENCH_MEMBERS (comma list, default 10000,1000000; add 14000000 for the
-full-size run, which first generates about 25 GB once, in ~21 minutes), BENCH_DURATION (seconds of each
+full-size run, which first generates about 33 GB once, in about an hour), BENCH_DURATION (seconds of each
 measured run), BENCH_PROFILE=0 to skip the profile.
 
 What runs, side by side in one invocation, on a 2-core machine: every server is pinned to
