@@ -117,7 +117,7 @@ class _Item:
 
 
 class _Done:
-    """A batch whose functions have run: what the writer thread commits and the sync thread answers."""
+    """A batch whose functions have run: what its thread commits and the sync thread answers."""
 
     __slots__ = ("batch", "outcomes", "commit", "started_s")
 
@@ -578,8 +578,7 @@ class Database:
             next_job = self._commit_and_answer(done)
         except BaseException:  # noqa: BLE001 - the turn must move on whatever happened
             log.exception("storage writer: unexpected failure on the event loop")
-            with self._lock:
-                next_job = _RUN if self._turn == _BUSY else None
+            next_job = self._turn_after_failure()
         if next_job is not None:
             self._jobs.put(next_job)
 
@@ -599,12 +598,15 @@ class Database:
                     job = self._commit_and_answer(job if isinstance(job, _Done) else _Done([], [], False, 0.0))
                 except BaseException:  # noqa: BLE001
                     log.exception("storage writer: unexpected failure")
-                    job = None
-                    with self._lock:
-                        if self._turn == _BUSY:
-                            job = _RUN  # still this thread's turn: go on with the queue
+                    job = self._turn_after_failure()
                 if job is None and self._stopped():
                     return
+
+    def _turn_after_failure(self) -> str | None:
+        """_RUN if the failed batch still held the turn (the writer thread goes on with the
+        queue), None if it had already been passed on."""
+        with self._lock:
+            return _RUN if self._turn == _BUSY else None
 
     def _stopped(self) -> bool:
         with self._lock:
