@@ -165,13 +165,14 @@ class Service:
         return {r: max(0, cap - used[r]) for r, cap in program.budgets.items()}
 
     def _evaluate(self, conn, program: Program, receipt: schema.Receipt, state: MemberState | None):
+        # The budgets are a read: outside the time loyalty_rules_evaluation_seconds reports.
+        budget_left = None if state is None else self._budget_left(conn, program)
         started = time.perf_counter()
         if state is None:
             ev = program.evaluate(receipt, None, 0, 0, {})
         else:
             ev = program.evaluate(receipt, state.facts, receipt.redeem_points,
-                                  state.balance.available + state.own_hold, state.usage,
-                                  self._budget_left(conn, program))
+                                  state.balance.available + state.own_hold, state.usage, budget_left)
         self.metrics.rules_eval.observe(time.perf_counter() - started)
         if ev.redeem_refusal:
             raise self._refusal(ev.redeem_refusal, program, receipt)
