@@ -13,18 +13,13 @@ from __future__ import annotations
 import argparse
 import collections
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import gen_members, receipts  # noqa: E402
 from benchmarks.run import (DATA, ROOT, STAGES, VENV_BIN, Server, drop_database, measured,  # noqa: E402
-                            metrics, server_config, summarize_profile, wrk)
-
-PROFILE_RATE_HZ = 250
-
+                            metrics, pyspy_record, server_config, summarize_profile, wrk)
 
 def proc_io(pid: int) -> dict[str, int]:
     with open(f"/proc/{pid}/io") as lines:
@@ -33,11 +28,9 @@ def proc_io(pid: int) -> dict[str, int]:
 
 def run_once(server: Server, templates: Path, members: int, seconds: int, rate: float) -> dict:
     raw = DATA / f"half-load-{int(rate)}.raw.txt"
-    spy = subprocess.Popen([str(VENV_BIN / "py-spy"), "record", "--pid", str(server.proc.pid), "--rate",
-                            str(PROFILE_RATE_HZ), "--duration", str(seconds + 2), "--format", "raw",
-                            "--nonblocking", "--output", str(raw)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1)
+    spy = pyspy_record(server, raw, seconds + 2)
+    if spy is None:
+        raise SystemExit("py-spy is not installed: pip install -r benchmarks/requirements.txt")
     threads0, io0, m0 = server.thread_cpu(), proc_io(server.proc.pid), metrics()
     result, _ = measured(server, lambda: wrk(templates, members, seconds, rate=rate))
     threads1, io1, m1 = server.thread_cpu(), proc_io(server.proc.pid), metrics()

@@ -294,13 +294,9 @@ def thread_kind(stack: list[str]) -> str:
 
 def profile(server: Server, templates: Path, members: int, seconds: int) -> dict:
     out = DATA / "profile.raw.txt"
-    pyspy = shutil.which("py-spy", path=str(VENV_BIN)) or shutil.which("py-spy")
-    if not pyspy:
+    spy = pyspy_record(server, out, seconds)
+    if spy is None:
         return {"error": "py-spy not installed"}
-    spy = subprocess.Popen([pyspy, "record", "--pid", str(server.proc.pid), "--rate", "250", "--duration",
-                            str(seconds), "--format", "raw", "--nonblocking", "--output", str(out)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(1)
     threads_before = server.thread_cpu()
     result, _ = measured(server, lambda: wrk(templates, members, seconds - 2))
     threads_after = server.thread_cpu()
@@ -310,6 +306,19 @@ def profile(server: Server, templates: Path, members: int, seconds: int) -> dict
     if not out.exists():
         return {"error": spy.stderr.read().decode()[-500:]}
     return {**summarize_profile(out), "run": result}
+
+
+def pyspy_record(server: Server, out: Path, seconds: int) -> subprocess.Popen | None:
+    """py-spy sampling the server for `seconds` into `out` (raw stacks), started and given a
+    second to attach; None if py-spy is not installed."""
+    pyspy = shutil.which("py-spy", path=str(VENV_BIN)) or shutil.which("py-spy")
+    if not pyspy:
+        return None
+    spy = subprocess.Popen([pyspy, "record", "--pid", str(server.proc.pid), "--rate", "250", "--duration",
+                            str(seconds), "--format", "raw", "--nonblocking", "--output", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1)
+    return spy
 
 
 def summarize_profile(out: Path) -> dict:
