@@ -1,6 +1,6 @@
 """Every example in docs/ is what the project really accepts (or refuses, when it says so).
 
-Each ```yaml block in docs/rules.md and docs/managers.md carries a marker on the line
+Each ```yaml block in docs/ (rules.md, managers.md, integrators.md) carries a marker on the line
 before it, an HTML comment the rendered page does not show:
 
     <!-- example: program -->             a whole program, one file
@@ -36,7 +36,7 @@ from server import schema
 from server.config import load_config
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-PROGRAM_DOCS = ("rules.md", "managers.md")
+PAGES = ("rules.md", "managers.md", "integrators.md")
 
 # The base a fragment is added to, one section per file so a fragment can replace any of
 # them. Like the shipped market program: stores, a partner, three tiers, a `base` group.
@@ -95,7 +95,7 @@ def parse_blocks(name: str, text: str) -> list[Block]:
 
 
 def yaml_blocks() -> list[Block]:
-    return [block for name in PROGRAM_DOCS for block in blocks(name) if block.lang in ("yaml", "yml")]
+    return [block for name in PAGES for block in blocks(name) if block.lang in ("yaml", "yml")]
 
 
 def write_program(root: Path, files: dict[str, str]) -> Path:
@@ -121,7 +121,7 @@ def problems(folder: Path) -> list[str]:
 
 
 def test_the_pages_exist_and_have_examples():
-    for name in (*PROGRAM_DOCS, "integrators.md"):
+    for name in PAGES:
         assert (DOCS / name).is_file(), f"docs/{name} is missing"
     kinds = {block.marker[1].split()[0] if block.marker[1] else block.marker[0]
              for block in yaml_blocks() if block.marker}
