@@ -78,17 +78,21 @@ def test_export_read_to_the_end_is_whole(loyalty):
     assert [json.loads(row)["id"] for row in done.stdout.splitlines()] == list(range(1, postings + 1))
 
 
-@pytest.mark.parametrize("command", ["audit verify", "partners settle", "rules diff", "rules check"])
+@pytest.mark.parametrize("command", ["audit verify", "partners settle", "rules diff", "rules check",
+                                     "rules explain"])
 def test_commands_writing_to_a_closed_pipe(loyalty, command):
     where, config, argv = loyalty
     receipts = where / "receipts.jsonl"
     if not receipts.exists():
         subprocess.run(argv("export", "receipts", "--config", config, "--out", receipts), cwd=ROOT, check=True,
                        timeout=EXIT_TIMEOUT_S, capture_output=True)
+    one = where / "receipt.json"
+    one.write_text(json.dumps(receipt("E-1", [line(1, "dairy", 12000)], card="1")))
     args = {"audit verify": ["--config", config],
             "partners settle": ["--period", "2026-11", "--config", config, "--out", where / "reports"],
             "rules diff": [MARKET, ROOT / "rules" / "programs" / "cafe", "--receipts", receipts],
-            "rules check": [MARKET]}[command]
+            "rules check": [MARKET],
+            "rules explain": [one, "--config", config]}[command]
     read_end, write_end = os.pipe()
     os.close(read_end)              # nobody will ever read: the first write fails
     try:
