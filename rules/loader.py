@@ -502,6 +502,7 @@ def _settings(specs: dict[str, Any]) -> dict[str, Any]:
         "activation_delay_days": points.activation_delay_days,
         "expiry_days": points.expiry_days,
         "hold_ttl_minutes": holds.ttl_minutes if holds else 15,
+        "returns_cross_store": specs["returns"].cross_store if specs.get("returns") else False,
         "min_points": redemption.min_points if redemption else 0,
         "max_share": redemption.max_share if redemption else Decimal(1),
         "redemption_exclusions": _filter(redemption.exclude if redemption else None),

@@ -113,6 +113,12 @@ class HoldsSpec(Spec, kw_only=True):
     ttl_minutes: Annotated[int, Meta(ge=1, le=24 * 60)] = 15
 
 
+class ReturnsSpec(Spec, kw_only=True):
+    # An addition to rules.md: a receipt may be returned at another store of the chain
+    # (never of another partner); off, only at a store the register's key may use.
+    cross_store: bool = False
+
+
 class LevelSpec(Spec, kw_only=True):
     id: Ident
     from_: Annotated[int, Meta(ge=0)] = field(name="from")
@@ -212,6 +218,7 @@ SETTINGS: dict[str, Any] = {
     "exclusions": LineFilter,
     "redemption": RedemptionSpec,
     "holds": HoldsSpec,
+    "returns": ReturnsSpec,
     "tiers": TiersSpec,
     "stores": Annotated[list[StoreSpec], Meta(max_length=100_000)],
     "partners": Annotated[list[PartnerSpec], Meta(max_length=10_000)],

@@ -92,6 +92,8 @@ class Program:
         self.activation_delay_days: int = settings["activation_delay_days"]
         self.expiry_days: int = settings["expiry_days"]
         self.hold_ttl_minutes: int = settings["hold_ttl_minutes"]
+        # A receipt may be returned at another store without a partner or of the same partner.
+        self.returns_cross_store: bool = settings["returns_cross_store"]
         self.redemption_min_points: int = settings["min_points"]
         self.redemption_max_share: Decimal = settings["max_share"]
         self.tier_metric: str = settings["tier_metric"]

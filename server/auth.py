@@ -32,10 +32,10 @@ class KeyRing:
             k.sha256: (k.sha256, Principal(k.id, k.role, frozenset(k.stores))) for k in keys}
 
     def authenticate(self, header: str | None) -> Principal:
-        if not header or not header.startswith("Bearer "):
+        presented = bearer_credentials(header)
+        if presented is None:
             raise ApiError(401, "unauthorized", "an Authorization: Bearer <key> header is required",
                            headers={"WWW-Authenticate": "Bearer"})
-        presented = header[7:].strip().encode()
         if not presented or len(presented) > KEY_LENGTH_MAX:
             raise ApiError(401, "unauthorized", "unknown key", headers={"WWW-Authenticate": "Bearer"})
         digest = hashlib.sha256(presented).hexdigest()
@@ -45,6 +45,18 @@ class KeyRing:
         if entry is None or not hmac.compare_digest(digest, entry[0]):
             raise ApiError(401, "unauthorized", "unknown key", headers={"WWW-Authenticate": "Bearer"})
         return entry[1]
+
+
+def bearer_credentials(header: str | None) -> bytes | None:
+    """The key of an `Authorization: Bearer <key>` header, or None for another scheme.
+
+    RFC 7235: `credentials = auth-scheme 1*SP token68`, the scheme compared without
+    regard to case, the field value trimmed of optional whitespace (SP, HTAB)."""
+    scheme, _, rest = (header or "").strip(" \t").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    # aiohttp keeps bytes that are not UTF-8 as surrogates; such a key is simply unknown.
+    return rest.lstrip(" ").encode("utf-8", "surrogateescape")
 
 
 def require_role(principal: Principal, roles: frozenset[str]) -> None:

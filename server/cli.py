@@ -6,7 +6,10 @@ import logging
 import sys
 from pathlib import Path
 
+from server.cli_output import quiet_when_reader_goes
 
+
+@quiet_when_reader_goes
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="loyalty", description="Loyalty processing server")
     sub = parser.add_subparsers(dest="command", required=True)

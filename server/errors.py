@@ -37,6 +37,10 @@ def unprocessable(code: str, message: str, details: list[dict] | None = None) ->
     return ApiError(422, code, message, details)
 
 
+def forbidden(message: str, details: list[dict] | None = None) -> ApiError:
+    return ApiError(403, "forbidden", message, details)
+
+
 def not_found(code: str, message: str) -> ApiError:
     return ApiError(404, code, message)
 

@@ -22,7 +22,7 @@ from rules import MemberFacts, Program
 from server import schema
 from server.auth import Principal, require_store
 from server.clock import Clock
-from server.errors import ApiError, conflict, field_error, not_found, unprocessable
+from server.errors import ApiError, conflict, field_error, forbidden, not_found, unprocessable
 from server.metrics import Metrics
 from server.privacy import Privacy
 from server.programs import ProgramHolder
@@ -386,17 +386,20 @@ class Service:
         rec_key = (req.receipt.store_id, req.receipt.register_id, req.receipt.receipt_id)
         fingerprint = sha256(schema.canonical(req))
         check_lines(req.lines)
-        status, result = await self.db.write(lambda conn: self._return_in_tx(conn, req, ret_key, rec_key, fingerprint))
+        status, result = await self.db.write(
+            lambda conn: self._return_in_tx(conn, req, ret_key, rec_key, fingerprint, principal))
         self._count("return", status, result)
         if status == 201:
             self.metrics.points_reversed.inc(result["reversed"]["points"])
         return status, result
 
-    def _return_in_tx(self, conn, req, ret_key, rec_key, fingerprint) -> tuple[int, dict]:
+    def _return_in_tx(self, conn, req, ret_key, rec_key, fingerprint, principal) -> tuple[int, dict]:
         program, now = self.program(), self.clock.now()
         previous = ledger.get_return(conn, ret_key)
         if previous is not None:
             return 200, self._replay(previous[0], fingerprint, previous[1])
+        # Before the receipt is looked up, so a refused key learns nothing about it.
+        check_return_store(program, principal, ret_key[0], rec_key[0])
         stored = ledger.get_receipt(conn, rec_key)
         if stored is None:
             raise unprocessable("receipt_not_found", "no confirmed receipt with that identity",
@@ -604,6 +607,27 @@ def fire_events(conn, program: Program, member_id: int, on: str, occasion: str, 
                         ref=f"event:{event.id}:{occasion}")
         ledger.credit(conn, member_id, event.points, today, expires, "event", accounts.ISSUE_PROGRAM, at,
                       rule_id=event.id)
+
+
+def check_return_store(program: Program, principal: Principal, store_id: str, receipt_store_id: str) -> None:
+    """A receipt is returned at a store its key may use; at another only when the program
+    allows returns across stores, and never across partners, whose settlements differ."""
+    if principal.may_use_store(receipt_store_id):
+        return
+    partner, receipt_partner = partner_of(program, store_id), partner_of(program, receipt_store_id)
+    if program.returns_cross_store and partner == receipt_partner:
+        return
+    if not program.returns_cross_store:
+        why = "not one of this key's stores, and the program does not allow returns across stores"
+    else:
+        why = (f"store {receipt_store_id} is {_owner(receipt_partner)} and store {store_id} is "
+               f"{_owner(partner)}; returns never cross partners")
+    raise forbidden(f"a receipt of store {receipt_store_id} cannot be returned at store {store_id}",
+                    [{"path": "receipt.store_id", "message": why}])
+
+
+def _owner(partner: str | None) -> str:
+    return f"partner {partner}'s" if partner else "the program's own"
 
 
 def partner_of(program: Program, store_id: str) -> str | None:

@@ -678,6 +678,11 @@ class Database:
                 self._rollback_quietly(conn)
                 done.outcomes = [(False, err)] * len(done.batch)
                 done.commit = False
+        if done.commit:
+            # Queued before the turn passes, so the sync thread counts and answers batches
+            # in the order they committed: queued after it, the next batch could commit
+            # and reach the sync thread first.
+            self._syncs.put(done)
         # The connection is free from here on: the next batch may start on a loop while
         # this one waits for the disk.
         next_job, next_loop = self._pass_turn()
@@ -689,9 +694,7 @@ class Database:
                     next_loop.call_soon_threadsafe(self._loop_turn, next_loop)
             except RuntimeError:  # that loop closed before it could be told
                 next_job = self._take_turn_back(next_loop)
-        if done.commit:
-            self._syncs.put(done)
-        else:
+        if not done.commit:
             self._answer(done.batch, done.outcomes)
         return next_job
 
