@@ -73,7 +73,8 @@ def take_serve_lock(database: Path) -> ServeLock:
         # O_CLOEXEC (Python's default too): worker processes must not inherit the lock.
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
-        raise StartupError(f"cannot create the lock file {path}: {reason(e)}") from None
+        raise StartupError(f"cannot open the database {database}: cannot create its lock file {path}: "
+                           f"{reason(e)}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
