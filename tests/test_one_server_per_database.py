@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 
 import pytest
 import requests
@@ -92,3 +93,35 @@ def test_a_server_stopped_cleanly_releases_the_lock(tmp_path):
         assert os.path.exists(tmp_path / "loyalty.db.serve.lock")
     finally:
         again.kill()
+
+
+def test_two_servers_started_at_once_one_serves_the_other_is_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = Server(tmp_path / "a")
+    b = Server(tmp_path / "b", database={"path": str(a.db)})
+    outcomes: dict[str, str] = {}
+
+    def start(name: str, server: Server) -> None:
+        try:
+            server.start()
+            outcomes[name] = "serving"
+        except RuntimeError:
+            outcomes[name] = f"exit {server.proc.wait(10)}"
+
+    threads = [threading.Thread(target=start, args=pair) for pair in (("a", a), ("b", b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert sorted(outcomes.values()) == ["exit 2", "serving"], outcomes
+        loser = b if outcomes["b"] == "exit 2" else a
+        winner = a if loser is b else b
+        out = loser.log.read_text()
+        assert "one server per database file" in out and "database is locked" not in out
+        status, body = post(winner, "/v1/receipts", RECEIPT)
+        assert status == 201, body
+    finally:
+        a.kill()
+        b.kill()
