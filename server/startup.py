@@ -18,6 +18,7 @@ import logging
 import os
 import sqlite3
 import struct
+import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -183,6 +184,8 @@ def lock_holder(database: Path) -> str:
 
 
 def _posix_lock_pid(path: Path, start: int, length: int) -> int | None:
+    if not sys.platform.startswith("linux"):
+        return None  # struct flock is laid out differently elsewhere
     # struct flock on Linux: l_type, l_whence (short), l_start, l_len (off_t), l_pid (pid_t).
     layout = "hhqqi4x"
     try:

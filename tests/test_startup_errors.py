@@ -4,7 +4,9 @@ no traceback."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import subprocess
 
 import pytest
 
@@ -72,3 +74,18 @@ def test_database_without_write_permission(tmp_path):
     (tmp_path / "again").mkdir()
     line = start_fails(Server(tmp_path / "again", database={"path": str(db)}))
     assert line == f"not starting: cannot open the database {db}: permission denied"
+
+
+def test_database_on_a_read_only_file_system(tmp_path):
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    if shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)], capture_output=True).returncode:
+        pytest.skip("mounting a read-only tmpfs needs root (CAP_SYS_ADMIN) and mount(8)")
+    try:
+        db = read_only / "loyalty.db"
+        line = start_fails(Server(tmp_path, database={"path": str(db)}))
+    finally:
+        subprocess.run(["umount", str(read_only)], check=True)
+    assert line == (f"not starting: cannot open the database {db}: cannot create its lock file "
+                    f"{db}.serve.lock: read-only file system")
