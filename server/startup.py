@@ -11,10 +11,8 @@ a second one locking the unlinked file while a third creates and locks a new one
 from __future__ import annotations
 
 import asyncio
-import errno
 import fcntl
 import json
-import logging
 import os
 import sqlite3
 import struct
@@ -23,8 +21,6 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-
-log = logging.getLogger("loyalty.server")
 
 LOCK_SUFFIX = ".serve.lock"
 # How often a start-up waiting for another process's write lock tries again.
@@ -78,14 +74,19 @@ def take_serve_lock(database: Path) -> ServeLock:
                            f"{reason(e)}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        holder = _read_holder(fd) if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
+    except BlockingIOError:
+        holder = _read_holder(fd)
         os.close(fd)
-        if holder is None and e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise StartupError(f"cannot lock {path}: {reason(e)}") from None
         raise StartupError(f"another loyalty server ({holder}) is serving the database {database} "
                            f"(it holds {path}); one server per database file") from None
-    _write_holder(fd)
+    except OSError as e:  # a file system without locks (ENOLCK)
+        os.close(fd)
+        raise StartupError(f"cannot open the database {database}: cannot lock {path}: {reason(e)}") from None
+    try:
+        _write_holder(fd)
+    except OSError as e:
+        os.close(fd)
+        raise StartupError(f"cannot open the database {database}: cannot write {path}: {reason(e)}") from None
     return ServeLock(fd, path)
 
 
@@ -133,7 +134,10 @@ def check_database_file(database: Path) -> None:
 
 
 def is_busy(e: BaseException) -> bool:
-    return isinstance(e, sqlite3.OperationalError) and getattr(e, "sqlite_errorcode", None) in _BUSY_CODES
+    # The low byte is the primary code: SQLITE_BUSY_RECOVERY (another process recovering the
+    # WAL after a crash) is busy too.
+    code = getattr(e, "sqlite_errorcode", None) if isinstance(e, sqlite3.OperationalError) else None
+    return code is not None and code & 0xFF in _BUSY_CODES
 
 
 async def wait_for_write_lock(database: Path, deadline: float, on_wait: Callable[[str], None]) -> None:
