@@ -6,6 +6,7 @@ import contextlib
 import gc
 import logging
 import signal
+import sqlite3
 import time
 
 from aiohttp import web
@@ -23,6 +24,8 @@ from server.privacy import privacy_from_config
 from server.programs import ProgramHolder
 from server.routes import LocalBackend, add_routes, audit_middleware
 from server.service import Service
+from server.startup import (StartupError, check_database_file, is_busy, lock_holder, still_locked,
+                            wait_for_write_lock)
 from server.watcher import watch
 from storage.db import Database
 from storage.personal import protect_existing
@@ -58,13 +61,7 @@ def create_app(config: Config) -> web.Application:
 async def resources(app: web.Application):
     config = app[CONFIG]
     app[PROGRAMS].load_initial()
-    db = Database(config.resolve(config.database.path), migrations=migrations,
-                  batch_max=config.database.commit_batch_max, queue_max=config.database.write_queue_max,
-                  readers=config.database.readers, cache_mib=config.database.cache_mib,
-                  on_commit=app[METRICS].on_commit)
-    db.open()
-    app[DATABASE] = db
-    await db.write(lambda conn: protect_existing(conn, app[PRIVACY]))
+    db = app[DATABASE] = await _open_database(app)
     app[SERVICE] = Service(db, app[PROGRAMS], app[CLOCK], app[METRICS], app[PRIVACY])
     hup = _install_sighup(app)
     watcher = None
@@ -93,6 +90,59 @@ async def resources(app: web.Application):
         if hup:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         db.close()
+
+
+async def _open_database(app: web.Application) -> Database:
+    """Opened, migrated and its old plain card numbers protected. While another process
+    holds the write lock (a `loyalty jobs run`, a sqlite3 shell) this waits up to
+    database.start_wait_seconds; StartupError says in one line why it cannot open."""
+    config = app[CONFIG]
+    path = config.resolve(config.database.path)
+    deadline = time.monotonic() + config.database.start_wait_seconds
+    await asyncio.to_thread(check_database_file, path)
+    waiting = _log_waiting_once(path, config.database.start_wait_seconds)
+    while True:
+        await wait_for_write_lock(path, deadline, waiting)
+        db = await _open_once(app, path)
+        if db is not None:
+            return db
+        # Another process took the write lock between the wait and the migrations.
+        if time.monotonic() >= deadline:
+            raise still_locked(path, lock_holder(path))
+
+
+async def _open_once(app: web.Application, path) -> Database | None:
+    """None when another process holds the write lock."""
+    config = app[CONFIG]
+    db = Database(path, migrations=migrations,
+                  batch_max=config.database.commit_batch_max, queue_max=config.database.write_queue_max,
+                  readers=config.database.readers, cache_mib=config.database.cache_mib,
+                  on_commit=app[METRICS].on_commit)
+    try:
+        try:
+            await asyncio.to_thread(db.open)
+            await db.write(lambda conn: protect_existing(conn, app[PRIVACY]))
+        except BaseException:
+            db.close()
+            raise
+    # RuntimeError: db.open() found a journal mode other than WAL (a file system without it).
+    except (sqlite3.Error, OSError, RuntimeError) as e:
+        if is_busy(e):
+            return None
+        raise StartupError(f"cannot open the database {path}: {e}") from None
+    return db
+
+
+def _log_waiting_once(path, wait_seconds: float):
+    told = False
+
+    def waiting(holder: str) -> None:
+        nonlocal told
+        if not told:
+            told = True
+            log.warning("the database %s is locked by %s; waiting up to %gs for it (database.start_wait_seconds)",
+                        path, holder, wait_seconds)
+    return waiting
 
 
 async def _preload(app: web.Application, db: Database) -> None:

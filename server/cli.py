@@ -70,28 +70,52 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve_command(config_path: str) -> int:
+    """Start-up failures are one line on stderr and exit 2, never a traceback."""
     import asyncio
 
     from rules import ProgramError
     from server.app import create_app
     from server.config import ConfigError, load_config
+    from server.startup import StartupError, take_serve_lock
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(config_path)
         app = create_app(config)
+        # Before the database is opened: a second server must not even run the migrations.
+        lock = take_serve_lock(config.resolve(config.database.path))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    try:
-        if config.server.workers > 1:
-            return serve_with_workers(app, config)
-        asyncio.run(serve(app, config))
-    except ProgramError as e:
-        for problem in e.problems:
-            print(problem, file=sys.stderr)
-        print(f"the program in {config.resolve(config.rules.dir)} does not load; not starting", file=sys.stderr)
+    except StartupError as e:
+        print(f"not starting: {e}", file=sys.stderr)
         return 2
+    # Held until the database is closed; with server.workers > 1 by this, the core process.
+    with lock:
+        try:
+            if config.server.workers > 1:
+                return serve_with_workers(app, config)
+            asyncio.run(serve(app, config))
+        except ProgramError as e:
+            _print_program_problems(config.resolve(config.rules.dir), e.problems)
+            return 2
+        except StartupError as e:
+            print(f"not starting: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            # Only before the server's own SIGINT handler is installed (the start-up wait).
+            print("not starting: interrupted", file=sys.stderr)
+            return 130
     return 0
+
+
+def _print_program_problems(directory: Path, problems: list) -> None:
+    if not directory.is_dir():
+        what = "is not a folder" if directory.exists() else "does not exist"
+        print(f"not starting: the program folder {directory} {what} (rules.dir)", file=sys.stderr)
+        return
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print(f"the program in {directory} does not load; not starting", file=sys.stderr)
 
 
 async def serve(app, config) -> None:

@@ -52,6 +52,8 @@ class DatabaseConfig(Struct, forbid_unknown_fields=True):
     cache_mib: Annotated[int, Meta(ge=2, le=1_048_576)] = 64
     # Read the members' hot rows into that cache at start; /readyz answers 503 until done.
     preload: bool = False
+    # At start, how long to wait while another process holds the database's write lock.
+    start_wait_seconds: Annotated[float, Meta(ge=0, le=3_600)] = 60.0
 
 
 class RulesConfig(Struct, forbid_unknown_fields=True):

@@ -13,6 +13,7 @@ does not hold.
 """
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from dataclasses import dataclass, field
 
@@ -40,11 +41,27 @@ class AuditReport:
 
 def verify(conn: sqlite3.Connection, problems_max: int = 20) -> AuditReport:
     report = AuditReport()
-    for check in (_chain, _lots, _rule_totals, _receipts, _returns, _accounts):
-        check(conn, report)
-        if len(report.problems) >= problems_max:
-            break
+    with _one_snapshot(conn):
+        for check in (_chain, _lots, _rule_totals, _receipts, _returns, _accounts):
+            check(conn, report)
+            if len(report.problems) >= problems_max:
+                break
     return report
+
+
+@contextlib.contextmanager
+def _one_snapshot(conn: sqlite3.Connection):
+    """Every check reads the same moment of the ledger. Beside a serving server, checks
+    reading one after another saw different moments, and the postings committed between
+    two of them made the accounts not sum to zero."""
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        conn.execute("ROLLBACK")
 
 
 def _chain(conn, report: AuditReport) -> None:
