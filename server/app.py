@@ -30,6 +30,7 @@ from storage.preload import preload
 from storage.schema import migrations
 
 log = logging.getLogger("loyalty.server")
+MIB = 1024 * 1024
 
 
 def create_app(config: Config) -> web.Application:
@@ -61,7 +62,11 @@ async def resources(app: web.Application):
     db = Database(config.resolve(config.database.path), migrations=migrations,
                   batch_max=config.database.commit_batch_max, queue_max=config.database.write_queue_max,
                   readers=config.database.readers, cache_mib=config.database.cache_mib,
-                  on_commit=app[METRICS].on_commit)
+                  busy_timeout_ms=round(config.database.busy_wait_seconds * 1000),
+                  wal_checkpoint_bytes=config.database.wal_checkpoint_mib * MIB,
+                  min_free_bytes=config.database.min_free_mib * MIB,
+                  on_commit=app[METRICS].on_commit, on_checkpoint=app[METRICS].on_checkpoint,
+                  on_storage_error=app[METRICS].on_storage_error)
     db.open()
     app[DATABASE] = db
     await db.write(lambda conn: protect_existing(conn, app[PRIVACY]))
