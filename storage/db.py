@@ -270,7 +270,7 @@ class Database:
         self._files: list[FileIdentity] = []
         self._lost: str | None = None            # what happened to the files, once seen
         self._salvaged = False
-        self._commits = 0                        # batches made durable, for the checkpoint thread
+        self._wrote_at_s = 0.0                   # when a commit last wrote: is the server idle?
         self._checkpointer: threading.Thread | None = None
         self._ckpt_conn: sqlite3.Connection | None = None
         # One checkpoint at a time in this process: SQLite would refuse a second one at once.
@@ -584,18 +584,17 @@ class Database:
         return conn
 
     def _checkpoint_main(self) -> None:
-        commits_seen = -1
         while not self._stop_checkpoints.is_set():
-            self._ckpt_wake.wait(CHECKPOINT_INTERVAL_S)
+            woken = self._ckpt_wake.wait(CHECKPOINT_INTERVAL_S)
             self._ckpt_wake.clear()
             if self._stop_checkpoints.is_set():
                 return
-            try:
-                idle = commits_seen == self._commits
-                commits_seen = self._commits
-                self._checkpoint_round(idle)
-            except BaseException:  # noqa: BLE001 - the checkpoints must go on
-                log.exception("storage %s: checkpoint round failed", self._path.name)
+            # While a long reader holds the WAL, wake-ups after each commit wait for the retry.
+            if not woken or self._lost is not None or time.monotonic() >= self._ckpt_retry_at_s:
+                try:
+                    self._checkpoint_round(idle=time.monotonic() - self._wrote_at_s >= CHECKPOINT_INTERVAL_S)
+                except BaseException:  # noqa: BLE001 - the checkpoints must go on
+                    log.exception("storage %s: checkpoint round failed", self._path.name)
             # Woken after every commit while the WAL is over its size: not a round each time.
             self._stop_checkpoints.wait(CHECKPOINT_MIN_GAP_S)
 
@@ -957,9 +956,10 @@ class Database:
         return self._check_files()
 
     def _after_durable(self, group: list[_Done]) -> None:
-        self._commits += len(group)
-        if self._faults.current is not None and any(done.wrote for done in group):
-            self._faults.clear(StorageFull.cause)
+        if any(done.wrote for done in group):
+            self._wrote_at_s = time.monotonic()
+            if self._faults.current is not None:
+                self._faults.clear(StorageFull.cause)
         try:
             if os.fstat(self._wal_fd).st_size > self._wal_checkpoint_bytes:  # type: ignore[arg-type]
                 self._ckpt_wake.set()
@@ -973,9 +973,10 @@ class Database:
 
     # -- storage faults ---------------------------------------------------------
 
-    def _check_files(self) -> StorageLost | None:
+    def _check_files(self, salvage: bool = True) -> StorageLost | None:
         """StorageLost once the database file or its WAL is no longer the one on disk.
-        The first time, copies what the WAL holds into the database file, if that is still ours."""
+        The first time, copies what the WAL holds into the database file, if that is still
+        ours (salvage=False, on the event loop: the checkpoint thread does it)."""
         if self._lost is not None:
             return StorageLost(self._lost)
         for identity in self._files:
@@ -990,7 +991,10 @@ class Database:
                 self._lost = problem
         if first:
             self._faults.record(StorageLost(problem), refused=0)
-            self._salvage()
+            if salvage:
+                self._salvage()
+            else:
+                self._ckpt_wake.set()
         return StorageLost(self._lost)
 
     def _refuse_if_lost(self) -> None:
@@ -1047,7 +1051,7 @@ class Database:
     def fault(self) -> StorageError | None:
         """The storage fault in force: files lost, disk full (or under its minimum), another
         program's lock. Cheap (a few stat calls): for /readyz and /metrics."""
-        lost = self._check_files()
+        lost = self._check_files(salvage=False)
         if lost is not None:
             return lost
         try:
