@@ -651,7 +651,7 @@ class Database:
         self._ckpt_retry_at_s = time.monotonic() + self._ckpt_retry_s
         self._ckpt_retry_s = min(self._ckpt_retry_s * 2, CHECKPOINT_RETRY_MAX_S)
         now_s = time.monotonic()
-        if now_s - self._ckpt_busy_logged_at_s >= _HOOK_ERROR_LOG_INTERVAL_S:
+        if row is not None and now_s - self._ckpt_busy_logged_at_s >= _HOOK_ERROR_LOG_INTERVAL_S:
             self._ckpt_busy_logged_at_s = now_s
             log.warning("storage %s: the WAL (%d MiB) cannot be restarted while a reader uses it (our oldest "
                         "read is %.0fs old; other processes' readers are not seen); retrying",

@@ -255,3 +255,32 @@ def test_full_disk_answers_503_storage_full_and_recovers_when_space_is_freed(tmp
     log = server.log.read_text()
     assert log.count("disk full (") == 1, log[-3000:]
     assert "Traceback" not in log and "internal_error" not in log
+
+
+async def test_replaced_database_file_refuses_writes_and_saves_the_servers_copy(tmp_path):
+    from storage.db import Database, StorageLost
+    from test_storage_writer import insert_receipt, make_migrations, notes
+
+    db = Database(tmp_path / "loyalty.db", migrations=make_migrations())
+    db.open()
+    try:
+        for n in range(5):
+            await db.write(insert_receipt(f"kept-{n}"))
+        stranger = sqlite3.connect(tmp_path / "other.db")
+        stranger.execute("CREATE TABLE t (x)")
+        stranger.close()
+        os.replace(tmp_path / "other.db", tmp_path / "loyalty.db")   # a restore over the live file
+        with pytest.raises(StorageLost, match="replaced"):
+            await db.write(insert_receipt("after"))
+        with pytest.raises(StorageLost):
+            db.read_now(notes)
+        assert isinstance(db.fault(), StorageLost)
+    finally:
+        db.close()
+    saved = list(tmp_path.glob("loyalty.db.saved-*"))
+    assert len(saved) == 1
+    conn = sqlite3.connect(saved[0])
+    conn.row_factory = sqlite3.Row
+    # Every acknowledged write; the refused one too, perhaps (its retry would be a replay).
+    assert notes(conn)[:5] == [f"kept-{n}" for n in range(5)]
+    conn.close()
