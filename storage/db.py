@@ -26,10 +26,12 @@ connection waiting for the disk had left the loop idle for a sixth of the time.
 The WAL is kept short: a checkpoint thread copies it into the database without blocking
 anyone (PASSIVE), and once it holds more than wal_checkpoint_bytes the write connection
 itself, between two batches, finishes the copy and restarts the WAL from its beginning
-(the next commit cuts the file back to that size: journal_size_limit). Under steady
-commits a PASSIVE checkpoint never catches up by itself, and SQLite restarts the WAL only
-when a checkpoint copied every frame. Run on the write connection, the restart keeps its
-page cache, which a RESTART or TRUNCATE by another connection would empty.
+(the next commit cuts the file back to that size: journal_size_limit). SQLite restarts
+the WAL by itself only when a write begins after a checkpoint copied every frame and while
+no reader uses the WAL; under steady load one or the other nearly always fails, and the
+file grew without end. RESTART waits (briefly) for those readers, and new readers leave the
+WAL alone once it is all copied. Run on the write connection, the restart keeps its page
+cache, which a TRUNCATE by another connection would empty.
 
 A full disk, another program's write lock and the database's files deleted or replaced
 under the server fail writes with the typed errors of storage.health; the last is checked
