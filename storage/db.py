@@ -398,6 +398,8 @@ class Database:
                 self._utils.clear()
             for conn in reader_conns:
                 conn.close()
+            # Closing the last connection deletes the WAL: that is no loss to report.
+            self._files = []
             # Closed last: the last connection to go checkpoints the WAL into the main file.
             assert self._conn is not None
             self._conn.close()

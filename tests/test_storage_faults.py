@@ -213,6 +213,9 @@ async def confirm_until_full_then_free(server: Server, filler: Path) -> set[str]
             assert status == 201, body
             acknowledged.add(body["receipt"]["receipt_id"])
         fill(filler)
+        # Nothing written yet, nothing failed: /readyz still sees the disk under its minimum.
+        status, text = await get(session, server, "/readyz")
+        assert status == 503 and '"storage_full"' in text, text
         refused = 0
         for n in range(20, 2000):
             status, body, headers = await confirm(session, server, receipt(n))
