@@ -150,9 +150,10 @@ def error_answer(e: Exception, method: str, route: str) -> tuple[int, bytes, dic
 
 RETRY_SOON = {"Retry-After": "1"}
 
-# Code, Retry-After in seconds and message of each storage fault. Nothing of such a request
-# was kept (a write that reached a deleted file was not acknowledged), so sending the same
-# request again is safe: one that was kept after all answers as a replay.
+# Code, Retry-After in seconds and message of each storage fault. Nothing of a request refused
+# for a full disk or another program's lock was written; one refused for a lost file may be in
+# the copy the server saved of it. Either way the same request sent again is safe: one that
+# was kept answers as a replay.
 _STORAGE: dict[type, tuple[str, int, str]] = {
     StorageFull: ("storage_full", 10, "the database's disk is full; nothing was written, send the same "
                                       "request again later"),
