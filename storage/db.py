@@ -565,6 +565,13 @@ class Database:
         self._reads_started[conn] = time.monotonic()
         try:
             return fn(conn)
+        except sqlite3.Error as err:
+            # Another program's exclusive lock or a lost file can stop reads too: same answer.
+            fault = classify(err, self._disk_low)
+            if isinstance(fault, StorageError):
+                self._faults.record(fault)
+                raise fault from err
+            raise
         finally:
             self._reads_started.pop(conn, None)
             if conn.in_transaction:
