@@ -72,7 +72,7 @@ async def bounded_then_long_reader(server: Server, checkpoint_mib: int) -> None:
     # Generous for a noisy machine; without the write connection's restart it passed 40 MiB in 8 s.
     bound = 8 * checkpoint_mib * MIB
     confirmed, largest = await load(server, 8, 4, counter)
-    assert confirmed > 200, confirmed
+    assert confirmed > 100, confirmed
     assert largest < bound, f"WAL reached {largest} bytes under load (bound {bound})"
 
     reader = sqlite3.connect(server.db, isolation_level=None)
