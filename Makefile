@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 CONFIG ?= config.yaml
 
-.PHONY: serve test check crashtest fuzz clean bench
+.PHONY: serve test check crashtest faulttest fuzz clean bench
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ test: $(STAMP)
 # SIGKILL the server under load many times; `make test` runs a short form of the same test.
 crashtest: $(STAMP)
 	CRASH_CYCLES=$${CRASH_CYCLES:-50} $(VENV)/bin/pytest -q tests/test_crash_safety.py
+
+# Storage faults against the real server, long forms: four clients for 30 s hold the WAL under
+# 64 MiB. `make test` runs the short forms (the full-disk test mounts a tmpfs: root only).
+faulttest: $(STAMP)
+	FAULT_LONG=1 $(VENV)/bin/pytest -q -s tests/test_wal_bounded.py tests/test_storage_faults.py
 
 # Generated requests and programs; `make test` runs FUZZ_EXAMPLES=20 of the same tests.
 fuzz: $(STAMP)

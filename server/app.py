@@ -27,12 +27,13 @@ from server.service import Service
 from server.startup import (StartupError, check_database_file, is_busy, lock_holder, still_locked,
                             wait_for_write_lock)
 from server.watcher import watch
-from storage.db import Database
+from storage.db import Database, StorageBusy, StorageError
 from storage.personal import protect_existing
 from storage.preload import preload
 from storage.schema import migrations
 
 log = logging.getLogger("loyalty.server")
+MIB = 1024 * 1024
 
 
 def create_app(config: Config) -> web.Application:
@@ -117,7 +118,11 @@ async def _open_once(app: web.Application, path) -> Database | None:
     db = Database(path, migrations=migrations,
                   batch_max=config.database.commit_batch_max, queue_max=config.database.write_queue_max,
                   readers=config.database.readers, cache_mib=config.database.cache_mib,
-                  on_commit=app[METRICS].on_commit)
+                  busy_timeout_ms=round(config.database.busy_wait_seconds * 1000),
+                  wal_checkpoint_bytes=config.database.wal_checkpoint_mib * MIB,
+                  min_free_bytes=config.database.min_free_mib * MIB,
+                  on_commit=app[METRICS].on_commit, on_checkpoint=app[METRICS].on_checkpoint,
+                  on_storage_error=app[METRICS].on_storage_error)
     try:
         try:
             await asyncio.to_thread(db.open)
@@ -126,8 +131,9 @@ async def _open_once(app: web.Application, path) -> Database | None:
             db.close()
             raise
     # RuntimeError: db.open() found a journal mode other than WAL (a file system without it).
-    except (sqlite3.Error, OSError, RuntimeError) as e:
-        if is_busy(e):
+    # StorageError: the first write met a full disk or, past database.busy_wait_seconds, a lock.
+    except (sqlite3.Error, OSError, RuntimeError, StorageError) as e:
+        if is_busy(e) or isinstance(e, StorageBusy):
             return None
         raise StartupError(f"cannot open the database {path}: {e}") from None
     return db

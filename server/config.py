@@ -54,6 +54,14 @@ class DatabaseConfig(Struct, forbid_unknown_fields=True):
     preload: bool = False
     # At start, how long to wait while another process holds the database's write lock.
     start_wait_seconds: Annotated[float, Meta(ge=0, le=3_600)] = 60.0
+    # A write waits at most this long (from being queued) for a write lock held by another
+    # program, then answers 503 storage_busy.
+    busy_wait_seconds: Annotated[float, Meta(ge=0, le=60)] = 2.0
+    # Over this size the WAL is copied into the database and restarted from its beginning
+    # between two batches of writes, and the file is cut back to it.
+    wal_checkpoint_mib: Annotated[int, Meta(ge=1, le=4096)] = 32
+    # Below this much free space on the database's disk /readyz answers 503 storage_full.
+    min_free_mib: Annotated[int, Meta(ge=0, le=1_048_576)] = 64
 
 
 class RulesConfig(Struct, forbid_unknown_fields=True):

@@ -14,7 +14,7 @@ import msgspec
 from aiohttp import web
 
 from rules import RuleEngineError
-from storage.db import Overloaded, StorageClosed
+from storage.db import Overloaded, StorageBusy, StorageClosed, StorageError, StorageFull, StorageLost
 
 log = logging.getLogger("loyalty.http")
 
@@ -128,6 +128,10 @@ def error_answer(e: Exception, method: str, route: str) -> tuple[int, bytes, dic
         # The write queue is full: nothing of this request was written; try again shortly.
         return _parts(503, "overloaded", "the server is overloaded; nothing was written, retry shortly",
                       headers=RETRY_SOON)
+    if isinstance(e, StorageError):
+        # Storage logs these itself, once per interval: a traceback per request would flood the log.
+        code, retry_after_s, message = _STORAGE.get(type(e), _STORAGE[StorageError])
+        return _parts(503, code, f"{message} ({e})", headers={"Retry-After": str(retry_after_s)})
     if isinstance(e, StorageClosed):
         return _parts(503, "unavailable", "the server is shutting down; retry on another instance",
                       headers=RETRY_SOON)
@@ -149,6 +153,22 @@ def error_answer(e: Exception, method: str, route: str) -> tuple[int, bytes, dic
 
 
 RETRY_SOON = {"Retry-After": "1"}
+
+# Code, Retry-After in seconds and message of each storage fault. Nothing of a request refused
+# for a full disk or another program's lock was written; one refused for a lost file may be in
+# the copy the server saved of it. Either way the same request sent again is safe: one that
+# was kept answers as a replay.
+_STORAGE: dict[type, tuple[str, int, str]] = {
+    StorageFull: ("storage_full", 10, "the database's disk is full; nothing was written, send the same "
+                                      "request again later"),
+    StorageBusy: ("storage_busy", 2, "another program holds the database's write lock; nothing was "
+                                     "written, send the same request again shortly"),
+    StorageLost: ("storage_lost", 30, "the database's files were deleted or replaced under the server, which "
+                                      "stopped writing until it is restarted; nothing was acknowledged, send "
+                                      "the same request again then"),
+    StorageError: ("storage_error", 5, "the database's storage failed; nothing was written, send the same "
+                                       "request again later"),
+}
 
 
 def _parts(status: int, code: str, message: str, details: list[dict] | None = None,

@@ -6,6 +6,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 LATENCY_BUCKETS_SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 EVAL_BUCKETS_SECONDS = (0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+CHECKPOINT_BUCKETS_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+STORAGE_CAUSES = ("full", "busy", "lost")
 
 
 class Metrics:
@@ -31,6 +33,38 @@ class Metrics:
         self.rules_last_reload_ok = Gauge("loyalty_rules_last_reload_ok",
                                           "1 when the last reload succeeded, 0 when it was refused", registry=r)
 
+        self.wal_bytes = Gauge("loyalty_wal_bytes", "Size of the database's WAL file", registry=r)
+        self.wal_checkpoints = Counter(
+            "loyalty_wal_checkpoints", "WAL checkpoints by mode (passive: checkpoint thread; restart, truncate: "
+            "write connection) and result (done, partial, busy, full, error)", ["mode", "result"], registry=r)
+        self.wal_checkpoint_time = Histogram("loyalty_wal_checkpoint_seconds", "Time of one WAL checkpoint",
+                                             ["mode"], buckets=CHECKPOINT_BUCKETS_SECONDS, registry=r)
+        self.oldest_reader = Gauge(
+            "loyalty_oldest_reader_seconds", "Age of this server's oldest open read transaction, which keeps "
+            "the WAL from being restarted; other processes' readers are not seen", registry=r)
+        self.storage_errors = Counter("loyalty_storage_errors", "Requests refused for a storage fault, by cause "
+                                      "(full, busy, lost)", ["cause"], registry=r)
+        self.storage_fault = Gauge("loyalty_storage_fault", "1 for the storage fault in force (full: also the "
+                                   "disk under database.min_free_mib), 0 for the others", ["cause"], registry=r)
+        for cause in STORAGE_CAUSES:
+            self.storage_errors.labels(cause)
+            self.storage_fault.labels(cause).set(0)
+
     def on_commit(self, batch_size: int, seconds: float) -> None:
         self.commit_batch.observe(batch_size)
         self.commit_time.observe(seconds)
+
+    def on_checkpoint(self, mode: str, result: str, seconds: float) -> None:
+        self.wal_checkpoints.labels(mode, result).inc()
+        self.wal_checkpoint_time.labels(mode).observe(seconds)
+
+    def on_storage_error(self, cause: str, requests: int) -> None:
+        self.storage_errors.labels(cause).inc(requests)
+
+    def observe_storage(self, db) -> None:
+        """The storage gauges, read at scrape time from a storage.db.Database."""
+        self.wal_bytes.set(db.wal_bytes())
+        self.oldest_reader.set(db.oldest_read_seconds())
+        fault = db.fault()
+        for cause in STORAGE_CAUSES:
+            self.storage_fault.labels(cause).set(1 if fault is not None and fault.cause == cause else 0)

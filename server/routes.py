@@ -28,6 +28,7 @@ from server.auth import Principal, require_role
 from server.errors import ApiError, field_error
 from server.keys import BACKEND, CLOCK, DATABASE, KEYRING, LIMITER, METRICS, PRIVACY, PROGRAMS, SERVICE, STATE
 from storage import admin_audit
+from storage.db import Overloaded, StorageClosed, StorageError
 from storage.ledger import iso
 
 REGISTER, MANAGER, MONITOR = "register", "manager", "monitor"
@@ -200,7 +201,9 @@ async def readyz(app, call: Call) -> Reply:
     if app[STATE].get("preloading"):
         raise ApiError(503, "unavailable", "reading the members into the cache (database.preload)")
     try:
-        await app[DATABASE].write(lambda conn: conn.execute("SELECT 1").fetchone())
+        await app[DATABASE].check_ready()
+    except (StorageError, StorageClosed, Overloaded):
+        raise                   # their own codes (server/errors.py)
     except Exception as e:
         raise ApiError(503, "unavailable", f"database not writable: {e}") from None
     return json_reply({"status": "ready", "rules_version": app[PROGRAMS].current.version})
@@ -210,6 +213,7 @@ async def metrics(app, call: Call) -> Reply:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     m = app[METRICS]
     m.write_queue.set(app[DATABASE].queue_depth())
+    m.observe_storage(app[DATABASE])
     return Reply(200, generate_latest(m.registry), CONTENT_TYPE_LATEST)
 
 

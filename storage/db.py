@@ -22,6 +22,21 @@ and only then answers the batch. Nobody is told "done" before the data of their 
 is on disk, and the fsync of one batch overlaps the next batch's work instead of holding
 the connection: with every receipt read, evaluated and written inside its batch, the
 connection waiting for the disk had left the loop idle for a sixth of the time.
+
+The WAL is kept short: a checkpoint thread copies it into the database without blocking
+anyone (PASSIVE), and once it holds more than wal_checkpoint_bytes the write connection
+itself, between two batches, finishes the copy and restarts the WAL from its beginning
+(the next commit cuts the file back to that size: journal_size_limit). SQLite restarts
+the WAL by itself only when a write begins after a checkpoint copied every frame and while
+no reader uses the WAL; under steady load one or the other nearly always fails, and the
+file grew without end. RESTART waits (briefly) for those readers, and new readers leave the
+WAL alone once it is all copied. Run on the write connection, the restart keeps its page
+cache, which a TRUNCATE by another connection would empty.
+
+A full disk, another program's write lock and the database's files deleted or replaced
+under the server fail writes with the typed errors of storage.health; the last is checked
+by the sync thread before it answers, so no write kept only in a deleted file is
+acknowledged.
 """
 
 from __future__ import annotations
@@ -42,6 +57,12 @@ from typing import Any, TypeVar
 
 from sqlite_utils import Database as UtilsDatabase
 from sqlite_utils.migrations import Migrations
+
+from storage.health import (Faults, FileIdentity, StorageBusy, StorageError, StorageFull, StorageLost,
+                            classify, free_bytes)
+
+__all__ = ["Database", "Overloaded", "StorageBusy", "StorageClosed", "StorageError", "StorageFull",
+           "StorageLost", "TransactionLost"]
 
 T = TypeVar("T")
 
@@ -64,8 +85,10 @@ _RELEASE_SQL = f"RELEASE SAVEPOINT {_ITEM_SAVEPOINT} -- storage writer"
 # Who runs the next batch of writes: nobody (nothing queued), an event loop (a callback
 # is scheduled there), or it is being run or committed right now.
 _IDLE, _LOOP_TURN, _BUSY = "idle", "loop", "busy"
-# Writer thread job: take the next batch from the queue and run it on this thread.
+# Writer thread jobs: take the next batch from the queue and run it on this thread; or
+# checkpoint the WAL on the write connection between two batches.
 _RUN = "run"
+_CHECKPOINT = "checkpoint"
 
 # A broken metrics hook would otherwise log once per commit, thousands of times a second.
 _HOOK_ERROR_LOG_INTERVAL_S = 60.0
@@ -75,6 +98,22 @@ DEFAULT_SYNC_TIMEOUT_S = 60.0
 # group of receipts would wait for the WAL to be copied into the database and fsynced. A
 # thread of its own checkpoints instead, this often, without blocking the writer.
 CHECKPOINT_INTERVAL_S = 1.0
+# When the sync thread sees the WAL over its size it wakes the checkpoint thread at once
+# (at ~100 MB/s of WAL a second is too long), but not more often than this.
+CHECKPOINT_MIN_GAP_S = 0.05
+# The write connection's checkpoint holds every write meanwhile, so it waits for readers
+# only this long; a long reader (an export, a backup) makes it give up and try again later,
+# after a pause that doubles up to the maximum while it lasts.
+CHECKPOINT_BUSY_WAIT_MS = 100
+CHECKPOINT_RETRY_S = 1.0
+CHECKPOINT_RETRY_MAX_S = 8.0
+# After the WAL was deleted or replaced, copying what it held into the database may wait
+# this long for our own last batch and readers.
+SALVAGE_BUSY_WAIT_MS = 10_000
+DEFAULT_WAL_CHECKPOINT_BYTES = 32 * 1024 * 1024
+DEFAULT_MIN_FREE_BYTES = 64 * 1024 * 1024
+# /readyz: how long the write probe may take before the answer says why it is waiting.
+READY_TIMEOUT_S = 1.0
 # The writer's page cache outlives its own commits. At SQLite's default (2 MiB) a batch of
 # receipts spilled dirty pages to the WAL before COMMIT (writes on the event loop) and read
 # the same index pages back in the next batch. Receipts also read their member through it,
@@ -85,6 +124,11 @@ WRITER_CACHE_MIB = 64
 # the file again each time. Measured on the receipt path's read: 250-320 us per read
 # transaction mapped against 120-200 us through pread.
 DEFAULT_CLOSE_TIMEOUT_S = 60.0
+
+
+def _probe(conn: sqlite3.Connection) -> None:
+    """A write item that writes nothing: can the write connection take the lock right now?"""
+    conn.execute("SELECT 1").fetchone()
 
 
 class Overloaded(Exception):
@@ -100,7 +144,7 @@ class TransactionLost(Exception):
 
 
 class _Item:
-    __slots__ = ("fn", "loop", "future", "off_loop")
+    __slots__ = ("fn", "loop", "future", "off_loop", "deadline_s")
 
     def __init__(
         self,
@@ -108,8 +152,11 @@ class _Item:
         loop: asyncio.AbstractEventLoop | None,
         future: asyncio.Future | concurrent.futures.Future,
         off_loop: bool = False,
+        busy_wait_s: float = 0.0,
     ) -> None:
         self.fn = fn
+        # Until when it may wait for another program's write lock, counted from being queued.
+        self.deadline_s = time.monotonic() + busy_wait_s
         # None for write_sync callers, who wait on a concurrent.futures.Future.
         self.loop = loop
         self.future = future
@@ -119,7 +166,7 @@ class _Item:
 class _Done:
     """A batch whose functions have run: what its thread commits and the sync thread answers."""
 
-    __slots__ = ("batch", "outcomes", "commit", "started_s")
+    __slots__ = ("batch", "outcomes", "commit", "started_s", "wrote")
 
     def __init__(self, batch: list[_Item], outcomes: list[tuple[bool, Any]], commit: bool,
                  started_s: float) -> None:
@@ -128,6 +175,8 @@ class _Done:
         # False: nothing of the batch is left in an open transaction.
         self.commit = commit
         self.started_s = started_s
+        # Whether its COMMIT had rows to write: only that shows the disk has room again.
+        self.wrote = False
 
 
 def _deliverable(err: BaseException) -> BaseException:
@@ -169,18 +218,31 @@ class Database:
         readers: int = 2,
         busy_timeout_ms: int = 5_000,
         cache_mib: int = WRITER_CACHE_MIB,
+        wal_checkpoint_bytes: int = DEFAULT_WAL_CHECKPOINT_BYTES,
+        min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
         on_commit: Callable[[int, float], None] | None = None,
+        on_checkpoint: Callable[[str, str, float], None] | None = None,
+        on_storage_error: Callable[[str, int], None] | None = None,
     ) -> None:
-        if batch_max < 1 or queue_max < 1 or readers < 1 or busy_timeout_ms < 0 or cache_mib < 1:
-            raise ValueError("batch_max, queue_max, readers and cache_mib must be >= 1, busy_timeout_ms >= 0")
+        """busy_timeout_ms: how long a write may wait for another program's write lock,
+        from the moment it is queued, before it fails with StorageBusy."""
+        if (batch_max < 1 or queue_max < 1 or readers < 1 or busy_timeout_ms < 0 or cache_mib < 1
+                or wal_checkpoint_bytes < 1 or min_free_bytes < 0):
+            raise ValueError("batch_max, queue_max, readers, cache_mib and wal_checkpoint_bytes must be >= 1, "
+                             "busy_timeout_ms and min_free_bytes >= 0")
         self._path = Path(path)
         self._migrations = migrations
         self._batch_max = batch_max
         self._queue_max = queue_max
         self._readers_max = readers
         self._busy_timeout_ms = busy_timeout_ms
+        self._busy_wait_s = busy_timeout_ms / 1000
         self._cache_mib = cache_mib
+        self._wal_checkpoint_bytes = wal_checkpoint_bytes
+        self._min_free_bytes = min_free_bytes
         self._on_commit = on_commit
+        self._on_checkpoint = on_checkpoint
+        self._faults = Faults(self._path.name, on_storage_error)
 
         self._lock = threading.Lock()
         self._not_full = threading.Condition(self._lock)
@@ -189,9 +251,10 @@ class Database:
         self._turn = _IDLE
         self._turn_loop: asyncio.AbstractEventLoop | None = None
         self._jobs: queue.SimpleQueue[_Done | list[_Item] | str] = queue.SimpleQueue()
-        # Whether the write connection waits busy_timeout_ms for a lock held by another
-        # process; on the event loop it must not (see _begin).
-        self._busy_waits = True
+        # The write connection's busy_timeout now; on the event loop it must be 0 (see _begin).
+        self._busy_timeout_now_ms = busy_timeout_ms
+        # Since when a batch has been waiting for another program's write lock (None: none is).
+        self._lock_wait_since_s: float | None = None
         self._state = "new"  # new -> open -> closing -> closed
         self._close_lock = threading.Lock()
 
@@ -200,13 +263,29 @@ class Database:
         # Only whoever runs the current batch reads or sets this; see _authorize.
         self._fn_running = False
         self._hook_error_logged_at = float("-inf")
+        self._changes_seen = 0
 
         # Committed batches waiting for the WAL to reach the disk, for the sync thread.
         self._syncs: queue.SimpleQueue[_Done | None] = queue.SimpleQueue()
         self._syncer: threading.Thread | None = None
         self._wal_fd: int | None = None
+        self._files: list[FileIdentity] = []
+        self._lost: str | None = None            # what happened to the files, once seen
+        self._salvaged = False
+        self._wrote_at_s = 0.0                   # when a commit last wrote: is the server idle?
         self._checkpointer: threading.Thread | None = None
+        self._ckpt_conn: sqlite3.Connection | None = None
+        # One checkpoint at a time in this process: SQLite would refuse a second one at once.
+        self._ckpt_lock = threading.Lock()
+        self._ckpt_wake = threading.Event()
+        self._ckpt_wanted: str | None = None     # a mode for the write connection to run
+        self._ckpt_retry_at_s = 0.0
+        self._ckpt_retry_s = CHECKPOINT_RETRY_S
+        self._ckpt_busy_logged_at_s = float("-inf")
+        self._frame_bytes = 4096 + 24
         self._stop_checkpoints = threading.Event()
+        # Start of each open read transaction of ours, by connection (the oldest holds the WAL).
+        self._reads_started: dict[sqlite3.Connection, float] = {}
         self._reader_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._reader_local = threading.local()
         # read_now()'s connections, one per calling thread (an event loop's thread).
@@ -233,6 +312,8 @@ class Database:
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA foreign_keys=ON")
                 conn.execute("PRAGMA wal_autocheckpoint=0")
+                # The first commit after the WAL was restarted cuts the file back to this size.
+                conn.execute(f"PRAGMA journal_size_limit={int(self._wal_checkpoint_bytes)}")
                 conn.execute(f"PRAGMA cache_size=-{self._cache_mib * 1024}")
                 # Each queued write runs in its own SAVEPOINT: the original of every page it
                 # changes goes to the savepoint journal, a temporary file past 64 KiB (a
@@ -245,9 +326,15 @@ class Database:
                 conn.set_authorizer(self._authorize)
                 # The migrations wrote, so the WAL exists; it lives as long as this connection.
                 self._wal_fd = os.open(self._wal_path(), os.O_RDWR)
+                self._files = [FileIdentity(str(self._path)), FileIdentity(self._wal_path(), self._wal_fd)]
+                self._frame_bytes = conn.execute("PRAGMA page_size").fetchone()[0] + 24
+                self._ckpt_conn = self._checkpoint_connection()
             except BaseException:
                 self._utils.pop(conn, None)
                 conn.close()
+                if self._wal_fd is not None:
+                    os.close(self._wal_fd)
+                    self._wal_fd = None
                 raise
             self._conn = conn
             self._reader_pool = concurrent.futures.ThreadPoolExecutor(
@@ -301,13 +388,18 @@ class Database:
             self._syncer.join(timeout_s)
             self._reader_pool.shutdown(wait=True)
             self._stop_checkpoints.set()
+            self._ckpt_wake.set()
             if self._checkpointer is not None:
                 self._checkpointer.join(timeout_s)
+            if self._ckpt_conn is not None:
+                self._ckpt_conn.close()
             with self._lock:
                 reader_conns, self._reader_conns = self._reader_conns, []
                 self._utils.clear()
             for conn in reader_conns:
                 conn.close()
+            # Closing the last connection deletes the WAL: that is no loss to report.
+            self._files = []
             # Closed last: the last connection to go checkpoints the WAL into the main file.
             assert self._conn is not None
             self._conn.close()
@@ -369,7 +461,7 @@ class Database:
             self._refuse_unless_open()
             if len(self._pending) >= self._queue_max:
                 raise Overloaded(f"{len(self._pending)} writes queued (queue_max={self._queue_max})")
-            self._pending.append(_Item(fn, loop, future, off_loop))
+            self._pending.append(_Item(fn, loop, future, off_loop, self._busy_wait_s))
             self._start_turn(None if off_loop else loop)
         return await future
 
@@ -392,7 +484,7 @@ class Database:
                 if remaining_s <= 0:
                     raise Overloaded(f"write queue stayed full for {timeout_s}s")
                 self._not_full.wait(remaining_s)
-            self._pending.append(_Item(fn, None, future))
+            self._pending.append(_Item(fn, None, future, busy_wait_s=self._busy_wait_s))
             self._start_turn(None)
         return future.result(timeout=max(0.0, deadline - time.monotonic()))
 
@@ -417,6 +509,7 @@ class Database:
         """
         if self._state != "open":
             raise StorageClosed(f"{self._path} is {self._state}")
+        self._refuse_if_lost()
         conn = getattr(self._inline_local, "conn", None)
         if conn is None:
             conn = self._inline_local.conn = self._read_connection()
@@ -453,6 +546,7 @@ class Database:
             raise StorageClosed(f"{self._path} is {self._state}") from err
 
     def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        self._refuse_if_lost()
         conn = getattr(self._reader_local, "conn", None)
         if conn is None:
             conn = self._reader_local.conn = self._read_connection()
@@ -465,29 +559,131 @@ class Database:
             self._reader_conns.append(conn)
         return conn
 
-    @staticmethod
-    def _in_read_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _in_read_transaction(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
         # One transaction per call so several SELECTs in fn agree with each other.
         conn.execute("BEGIN")
+        self._reads_started[conn] = time.monotonic()
         try:
             return fn(conn)
+        except sqlite3.Error as err:
+            # Another program's exclusive lock or a lost file can stop reads too: same answer.
+            fault = classify(err, self._disk_low)
+            if isinstance(fault, StorageError):
+                self._faults.record(fault)
+                raise fault from err
+            raise
         finally:
+            self._reads_started.pop(conn, None)
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
 
-    def _checkpoint_main(self) -> None:
+    def oldest_read_seconds(self) -> float:
+        """Age of the oldest read transaction open on this server's connections (0: none).
+        Other processes' readers are not seen."""
+        # A copy taken in one C call: reader threads add and remove entries meanwhile.
+        starts = list(self._reads_started.values())
+        return max(0.0, time.monotonic() - min(starts)) if starts else 0.0
+
+    # -- checkpoints -------------------------------------------------------------
+
+    def _checkpoint_connection(self) -> sqlite3.Connection:
         conn = self._connect(self._path)
         conn.execute("PRAGMA synchronous=FULL")
-        try:
-            while not self._stop_checkpoints.wait(CHECKPOINT_INTERVAL_S):
+        # Opens the WAL now: should the file be deleted later, this connection still reads
+        # the frames it holds and can copy them into the database (_salvage).
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return conn
+
+    def _checkpoint_main(self) -> None:
+        while not self._stop_checkpoints.is_set():
+            woken = self._ckpt_wake.wait(CHECKPOINT_INTERVAL_S)
+            self._ckpt_wake.clear()
+            if self._stop_checkpoints.is_set():
+                return
+            # While a long reader holds the WAL, wake-ups after each commit wait for the retry.
+            if not woken or self._lost is not None or time.monotonic() >= self._ckpt_retry_at_s:
                 try:
-                    # PASSIVE never blocks the writer or readers; once everything is copied the
-                    # next write starts the WAL from the beginning again by itself.
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                except sqlite3.Error as err:  # busy or locked: the next round tries again
-                    log.debug("checkpoint of %s skipped: %s", self._path, err)
+                    self._checkpoint_round(idle=time.monotonic() - self._wrote_at_s >= CHECKPOINT_INTERVAL_S)
+                except BaseException:  # noqa: BLE001 - the checkpoints must go on
+                    log.exception("storage %s: checkpoint round failed", self._path.name)
+            # Woken after every commit while the WAL is over its size: not a round each time.
+            self._stop_checkpoints.wait(CHECKPOINT_MIN_GAP_S)
+
+    def _checkpoint_round(self, idle: bool) -> None:
+        if self._check_files() is not None:
+            self._salvage()                       # retried until it succeeds
+            return
+        with self._lock:
+            if self._ckpt_wanted is not None:
+                return                            # the write connection is about to do it
+        passive = None
+        if self._ckpt_lock.acquire(blocking=False):
+            try:
+                # PASSIVE never blocks the writer or readers and copies most of the WAL.
+                passive = self._checkpoint(self._ckpt_conn, "PASSIVE")  # type: ignore[arg-type]
+            finally:
+                self._ckpt_lock.release()
+        if time.monotonic() < self._ckpt_retry_at_s:
+            return
+        if idle and self.wal_bytes() > 0:
+            self._want_checkpoint("TRUNCATE")     # nothing is written: give the file back
+        elif passive is not None and passive[1] * self._frame_bytes > self._wal_checkpoint_bytes:
+            self._want_checkpoint("RESTART")
+
+    def _want_checkpoint(self, mode: str) -> None:
+        """Asks for a checkpoint on the write connection at the next turn between batches."""
+        with self._lock:
+            if self._state != "open" or self._ckpt_wanted is not None:
+                return
+            self._ckpt_wanted = mode
+            if self._turn == _IDLE:
+                self._turn, self._turn_loop = _BUSY, None
+                self._jobs.put(_CHECKPOINT)
+
+    def _checkpoint_on_writer(self) -> None:
+        """On the write turn: no batch runs meanwhile, so the WAL can be restarted (RESTART,
+        the next commit cuts the file back) or emptied (TRUNCATE) without emptying the write
+        connection's cache. Waits briefly for readers; a long one makes it retry later."""
+        with self._lock:
+            mode, self._ckpt_wanted = self._ckpt_wanted, None
+        conn = self._conn
+        if mode is None or conn is None or self._lost is not None:
+            return
+        if not self._ckpt_lock.acquire(timeout=CHECKPOINT_BUSY_WAIT_MS / 1000):
+            return
+        try:
+            self._set_busy_timeout(conn, CHECKPOINT_BUSY_WAIT_MS)
+            row = self._checkpoint(conn, mode)
         finally:
-            conn.close()
+            self._ckpt_lock.release()
+        if row is not None and not row[0]:
+            self._ckpt_retry_s, self._ckpt_retry_at_s = CHECKPOINT_RETRY_S, 0.0
+            return
+        self._ckpt_retry_at_s = time.monotonic() + self._ckpt_retry_s
+        self._ckpt_retry_s = min(self._ckpt_retry_s * 2, CHECKPOINT_RETRY_MAX_S)
+        now_s = time.monotonic()
+        if row is not None and now_s - self._ckpt_busy_logged_at_s >= _HOOK_ERROR_LOG_INTERVAL_S:
+            self._ckpt_busy_logged_at_s = now_s
+            log.warning("storage %s: the WAL (%d MiB) cannot be restarted while a reader uses it (our oldest "
+                        "read is %.0fs old; other processes' readers are not seen); retrying",
+                        self._path.name, self.wal_bytes() // (1024 * 1024), self.oldest_read_seconds())
+
+    def _checkpoint(self, conn: sqlite3.Connection, mode: str) -> tuple[int, int, int] | None:
+        """PRAGMA wal_checkpoint(mode): (busy, frames in the WAL, frames copied), None on error."""
+        started_s = time.perf_counter()
+        row: tuple[int, int, int] | None = None
+        try:
+            row = tuple(conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone())  # type: ignore[assignment]
+            result = "busy" if row[0] else ("done" if row[1] == row[2] else "partial")  # type: ignore[index]
+        except sqlite3.Error as err:
+            result = "full" if isinstance(classify(err, self._disk_low), StorageFull) else "error"
+            log.debug("storage %s: %s checkpoint failed: %s", self._path.name, mode, err)
+        if self._on_checkpoint is not None:
+            try:
+                self._on_checkpoint(mode.lower(), result, time.perf_counter() - started_s)
+            except Exception:  # noqa: BLE001 - a metrics hook must not stop checkpoints
+                log.debug("checkpoint hook failed", exc_info=True)
+        return row
 
     # -- helpers -----------------------------------------------------------------
 
@@ -572,7 +768,10 @@ class Database:
                 return
         done = self._run_functions(batch, on_loop=True)
         if done is None:
-            self._jobs.put(batch)  # another process holds the lock: the writer thread waits for it
+            # Another process holds the lock: the writer thread waits for it.
+            if self._lock_wait_since_s is None:
+                self._lock_wait_since_s = time.monotonic()
+            self._jobs.put(batch)
             return
         try:
             next_job = self._commit_and_answer(done)
@@ -589,18 +788,26 @@ class Database:
                 # Every step is guarded: the writer must outlive anything, and once COMMIT
                 # returned nothing may turn a committed write into a reported failure.
                 try:
-                    if job == _RUN:
-                        with self._lock:
-                            job = self._take(on_loop=False) or None
-                    if isinstance(job, list):
-                        job = self._run_functions(job, on_loop=False)
-                    # An empty batch (nothing was queued) still passes the turn on.
-                    job = self._commit_and_answer(job if isinstance(job, _Done) else _Done([], [], False, 0.0))
+                    if job == _CHECKPOINT:
+                        self._checkpoint_on_writer()
+                        job = self._hand_on()
+                    else:
+                        job = self._run_job(job)
                 except BaseException:  # noqa: BLE001
                     log.exception("storage writer: unexpected failure")
                     job = self._turn_after_failure()
                 if job is None and self._stopped():
                     return
+
+    def _run_job(self, job: _Done | list[_Item] | str) -> _Done | str | None:
+        if job == _RUN:
+            with self._lock:
+                job = self._take(on_loop=False) or None  # type: ignore[assignment]
+        done = self._run_functions(job, on_loop=False) if isinstance(job, list) else job
+        if not isinstance(done, _Done):
+            done = None
+        # An empty batch (nothing was queued) still passes the turn on.
+        return self._commit_and_answer(done if done is not None else _Done([], [], False, 0.0))
 
     def _turn_after_failure(self) -> str | None:
         """_RUN if the failed batch still held the turn (the writer thread goes on with the
@@ -617,8 +824,18 @@ class Database:
         conn = self._conn
         assert conn is not None
         started_s = time.perf_counter()
+        if self._lost is not None:
+            return _Done(batch, [(False, StorageLost(self._lost))] * len(batch), False, started_s)
+        # Each item waits for another program's lock at most busy_timeout_ms from being queued.
+        wait_ms = 0 if on_loop else max(0, int((min(i.deadline_s for i in batch) - time.monotonic()) * 1000))
         try:
-            self._begin(conn, wait_if_busy=not on_loop)
+            try:
+                self._begin(conn, wait_ms)
+            finally:
+                if not on_loop:
+                    self._lock_wait_since_s = None
+            if self._faults.current is not None:
+                self._faults.clear(StorageBusy.cause)
             outcomes, commit = self._run_in_transaction(conn, batch)
         except BaseException as err:  # noqa: BLE001
             if on_loop and isinstance(err, sqlite3.OperationalError) and err.sqlite_errorcode == sqlite3.SQLITE_BUSY:
@@ -628,14 +845,19 @@ class Database:
             # BEGIN failed (busy beyond busy_timeout, I/O error): nothing of this batch
             # is durable, so nobody may hear otherwise.
             self._rollback_quietly(conn)
+            if isinstance(err, sqlite3.OperationalError) and err.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+                err = StorageBusy(f"waited {wait_ms / 1000:.1f}s for it")
             return _Done(batch, [(False, _deliverable(err))] * len(batch), False, started_s)
         return _Done(batch, outcomes, commit, started_s)
 
-    def _begin(self, conn: sqlite3.Connection, *, wait_if_busy: bool) -> None:
-        if wait_if_busy != self._busy_waits:
-            conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms) if wait_if_busy else 0}")
-            self._busy_waits = wait_if_busy
+    def _begin(self, conn: sqlite3.Connection, wait_ms: int) -> None:
+        self._set_busy_timeout(conn, wait_ms)
         conn.execute(_BEGIN_SQL)
+
+    def _set_busy_timeout(self, conn: sqlite3.Connection, wait_ms: int) -> None:
+        if wait_ms != self._busy_timeout_now_ms:
+            conn.execute(f"PRAGMA busy_timeout={int(wait_ms)}")
+            self._busy_timeout_now_ms = wait_ms
 
     def _run_in_transaction(self, conn: sqlite3.Connection,
                             batch: list[_Item]) -> tuple[list[tuple[bool, Any]], bool]:
@@ -672,9 +894,11 @@ class Database:
         assert conn is not None
         if done.commit:
             try:
+                done.wrote = conn.total_changes != self._changes_seen
+                self._changes_seen = conn.total_changes
                 conn.execute(_COMMIT_SQL)
             except Exception as err:
-                # Deferred foreign key, I/O error: nothing of this batch is durable.
+                # Deferred foreign key, I/O error, disk full: nothing of this batch is durable.
                 self._rollback_quietly(conn)
                 done.outcomes = [(False, err)] * len(done.batch)
                 done.commit = False
@@ -685,6 +909,13 @@ class Database:
             self._syncs.put(done)
         # The connection is free from here on: the next batch may start on a loop while
         # this one waits for the disk.
+        next_job = self._hand_on()
+        if not done.commit:
+            self._answer(done.batch, done.outcomes)
+        return next_job
+
+    def _hand_on(self) -> str | None:
+        """Passes the write turn on; returns the writer thread's next job if it is its turn."""
         next_job, next_loop = self._pass_turn()
         if next_loop is not None:
             try:
@@ -694,8 +925,6 @@ class Database:
                     next_loop.call_soon_threadsafe(self._loop_turn, next_loop)
             except RuntimeError:  # that loop closed before it could be told
                 next_job = self._take_turn_back(next_loop)
-        if not done.commit:
-            self._answer(done.batch, done.outcomes)
         return next_job
 
     def _syncer_main(self) -> None:
@@ -713,13 +942,9 @@ class Database:
             group = [done for done in group if done is not None]
             if not group:
                 continue
-            failure: BaseException | None = None
-            try:
-                self._sync_wal()
-            except BaseException as err:  # noqa: BLE001 - reported to every caller instead
-                # The pages may not be on disk: nobody may hear their write was kept.
-                log.critical("storage: fdatasync of %s failed: %s", self._wal_path(), err)
-                failure = _deliverable(err)
+            failure = self._make_durable()
+            if failure is None:
+                self._after_durable(group)
             for done in group:
                 try:
                     if failure is None:
@@ -730,17 +955,164 @@ class Database:
                 except BaseException:  # noqa: BLE001 - the sync thread must outlive anything
                     log.exception("storage sync: could not answer a batch of %d", len(done.batch))
 
+    def _make_durable(self) -> BaseException | None:
+        """fdatasync of the WAL, then whether it is still the file SQLite will read after a
+        crash: the failure to answer the group with, or None."""
+        if self._lost is not None:
+            return StorageLost(self._lost)
+        try:
+            self._sync_wal()
+        except BaseException as err:  # noqa: BLE001 - reported to every caller instead
+            # The pages may not be on disk: nobody may hear their write was kept.
+            log.critical("storage: fdatasync of %s failed: %s", self._wal_path(), err)
+            return _deliverable(err)
+        # A deleted or replaced file takes these commits with it at the next crash.
+        return self._check_files()
+
+    def _after_durable(self, group: list[_Done]) -> None:
+        if any(done.wrote for done in group):
+            self._wrote_at_s = time.monotonic()
+            if self._faults.current is not None:
+                self._faults.clear(StorageFull.cause)
+        try:
+            if os.fstat(self._wal_fd).st_size > self._wal_checkpoint_bytes:  # type: ignore[arg-type]
+                self._ckpt_wake.set()
+        except OSError:
+            pass
+
     def _sync_wal(self) -> None:
         fd = self._wal_fd
         assert fd is not None
         os.fdatasync(fd)
 
+    # -- storage faults ---------------------------------------------------------
+
+    def _check_files(self, salvage: bool = True) -> StorageLost | None:
+        """StorageLost once the database file or its WAL is no longer the one on disk.
+        The first time, copies what the WAL holds into the database file, if that is still
+        ours (salvage=False, on the event loop: the checkpoint thread does it)."""
+        if self._lost is not None:
+            return StorageLost(self._lost)
+        for identity in self._files:
+            problem = identity.problem()
+            if problem is not None:
+                break
+        else:
+            return None
+        with self._lock:
+            first = self._lost is None
+            if first:
+                self._lost = problem
+        if first:
+            self._faults.record(StorageLost(problem), refused=0)
+            if salvage:
+                self._salvage()
+            else:
+                self._ckpt_wake.set()
+        return StorageLost(self._lost)
+
+    def _refuse_if_lost(self) -> None:
+        if self._lost is not None:
+            err = StorageLost(self._lost)
+            self._faults.record(err)
+            raise err
+
+    def _salvage(self) -> None:
+        """After a file was lost: every commit so far into a database file that survives a restart."""
+        if self._salvaged:
+            return
+        with self._ckpt_lock:
+            if self._salvaged or self._ckpt_conn is None:
+                return
+            conn = self._ckpt_conn
+            db_lost = self._files[0].problem() is not None
+            try:
+                if db_lost:
+                    target = self._path.with_name(f"{self._path.name}.saved-{time.strftime('%Y%m%dT%H%M%S')}")
+                    copy = sqlite3.connect(target)
+                    try:
+                        conn.backup(copy)
+                    finally:
+                        copy.close()
+                    log.critical("storage %s: the database file was deleted or replaced; the server's copy "
+                                 "of it, with every acknowledged write, is saved as %s", self._path.name, target)
+                else:
+                    conn.execute(f"PRAGMA busy_timeout={SALVAGE_BUSY_WAIT_MS}")
+                    busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
+                    if busy or frames != copied:
+                        log.critical("storage %s: copying the lost WAL into the database stopped at frame %d "
+                                     "of %d; retrying", self._path.name, copied, frames)
+                        return
+                    log.critical("storage %s: the WAL's %d frames are copied into the database file, which "
+                                 "holds every acknowledged write; restart the server", self._path.name, frames)
+                self._salvaged = True
+            except (sqlite3.Error, OSError) as err:
+                log.critical("storage %s: saving the writes of the lost file failed (%s); retrying",
+                             self._path.name, err)
+
+    def check_free_space(self) -> None:
+        """Raises StorageFull while the database's disk has less than min_free_bytes free."""
+        free = free_bytes(self._path.parent)
+        self._faults.clear_full_if_freed(free, self._min_free_bytes)
+        if free is not None and free < self._min_free_bytes:
+            raise StorageFull(f"{free // (1024 * 1024)} MiB free on the database's disk, "
+                              f"under the minimum of {self._min_free_bytes // (1024 * 1024)} MiB")
+
+    def _disk_low(self) -> bool:
+        free = free_bytes(self._path.parent)
+        return free is not None and free < max(self._min_free_bytes, 1024 * 1024)
+
+    def fault(self) -> StorageError | None:
+        """The storage fault in force: files lost, disk full (or under its minimum), another
+        program's lock. Cheap (a few stat calls): for /readyz and /metrics."""
+        lost = self._check_files(salvage=False)
+        if lost is not None:
+            return lost
+        try:
+            self.check_free_space()
+        except StorageFull as err:
+            return err
+        current = self._faults.current
+        if current is None:
+            return None
+        return type(current)(str(current))
+
+    async def check_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """For /readyz: raises the storage fault in force, or whatever keeps a write from
+        taking the write lock within timeout_s."""
+        fault = self.fault()
+        if isinstance(fault, (StorageLost, StorageFull)):
+            if isinstance(fault, StorageLost) and self._salvaged:
+                raise StorageLost(f"{fault}; every acknowledged write is in the database file")
+            raise fault
+        try:
+            await asyncio.wait_for(self.write(_probe), timeout_s)
+        except asyncio.TimeoutError:
+            waiting_since = self._lock_wait_since_s
+            if waiting_since is not None:
+                raise StorageBusy(f"another program has held the write lock for "
+                                  f"{time.monotonic() - waiting_since:.1f}s") from None
+            current = self._faults.current
+            if current is not None:
+                raise type(current)(str(current)) from None
+            raise TimeoutError(f"a write did not get its turn within {timeout_s}s") from None
+
+    def wal_bytes(self) -> int:
+        try:
+            return os.fstat(self._wal_fd).st_size if self._wal_fd is not None else 0
+        except OSError:
+            return 0
+
     def _wal_path(self) -> str:
         return f"{self._path}-wal"
 
     def _pass_turn(self) -> tuple[str | None, asyncio.AbstractEventLoop | None]:
-        """After a batch: the next one goes to the first waiting item's loop, else to this thread (_RUN)."""
+        """After a batch: a checkpoint wanted goes first (_CHECKPOINT, on the writer thread),
+        then the next batch on the first waiting item's loop, else on this thread (_RUN)."""
         with self._lock:
+            if self._ckpt_wanted is not None and self._state == "open":
+                self._turn, self._turn_loop = _BUSY, None
+                return _CHECKPOINT, None
             if not self._pending:
                 self._turn, self._turn_loop = _IDLE, None
                 return None, None
@@ -788,6 +1160,25 @@ class Database:
         except Exception:  # noqa: BLE001
             log.exception("storage writer: ROLLBACK after a failed batch failed")
 
+    def _storage_outcomes(self, outcomes: list[tuple[bool, Any]]) -> list[tuple[bool, Any]]:
+        """Failures that are storage faults become their StorageError, each counted and logged
+        once per interval rather than handed on as a traceback per request."""
+        if all(ok for ok, _ in outcomes):
+            return outcomes
+        mapped: list[tuple[bool, Any]] = []
+        fault: StorageError | None = None
+        refused = 0
+        for ok, value in outcomes:
+            if not ok:
+                value = classify(value, self._disk_low)
+                if isinstance(value, StorageError):
+                    fault, refused = value, refused + 1
+            mapped.append((ok, value))
+        if fault is not None:
+            free = free_bytes(self._path.parent) if isinstance(fault, StorageFull) else None
+            self._faults.record(fault, refused, free)
+        return mapped
+
     def _call_on_commit(self, batch_size: int, seconds: float) -> None:
         # Called before anyone is answered, so a caller that resumes sees its own commit counted.
         if self._on_commit is None:
@@ -805,6 +1196,7 @@ class Database:
         # One wake-up per event loop per batch rather than one per item: each
         # call_soon_threadsafe writes to the loop's self-pipe.
         per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, bool, Any]]] = {}
+        outcomes = self._storage_outcomes(outcomes)
         for item, (ok, value) in zip(batch, outcomes):
             if item.loop is None:
                 future = item.future
