@@ -36,6 +36,9 @@ class ServerConfig(Struct, forbid_unknown_fields=True):
     drain_seconds: Annotated[float, Meta(ge=0, le=300)] = 0.0
     # Requests being handled at once; above it new ones are shed at once with 503.
     requests_in_flight_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 1_024
+    # The same for one key, so one register's stuck or hostile requests leave the others
+    # room. Default: an eighth of requests_in_flight_max.
+    requests_in_flight_per_key_max: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
     # 1: one process does everything. N > 1: N worker processes share the port (HTTP, auth,
     # rate limits, body decoding) and hand each call to one core process, the only writer.
     workers: Annotated[int, Meta(ge=1, le=64)] = 1

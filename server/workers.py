@@ -321,7 +321,7 @@ def worker_app(config: Config, backend: RemoteBackend, workers: int) -> web.Appl
     # Each worker keeps its own buckets: 1/N of the rate each keeps the total at the configured rate.
     app[LIMITER] = TokenBuckets(config.limits.requests_per_second_per_key / workers,
                                 max(1, math.ceil(config.limits.burst / workers)))
-    app[IN_FLIGHT] = InFlight(max(1, math.ceil(config.server.requests_in_flight_max / workers)))
+    app[IN_FLIGHT] = InFlight.from_config(config.server, workers)
     app[BACKEND] = backend
     backend.app = app
     app.on_shutdown.append(_draining)
