@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 CONFIG ?= config.yaml
 
-.PHONY: serve test check crashtest fuzz clean bench
+.PHONY: serve test check crashtest fuzz clean bench faulttest
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ test: $(STAMP)
 # SIGKILL the server under load many times; `make test` runs a short form of the same test.
 crashtest: $(STAMP)
 	CRASH_CYCLES=$${CRASH_CYCLES:-50} $(VENV)/bin/pytest -q tests/test_crash_safety.py
+
+# Faults held for longer; `make test` runs short forms of the same tests.
+FAULT_TESTS_CONNECTIONS := tests/test_connections.py
+faulttest: $(STAMP)
+	FAULT_LONG=1 $(VENV)/bin/pytest -q $(FAULT_TESTS_CONNECTIONS)
 
 # Generated requests and programs; `make test` runs FUZZ_EXAMPLES=20 of the same tests.
 fuzz: $(STAMP)

@@ -31,7 +31,7 @@ from server.listen import ThrottledLog, exception_handler
 from test_crash_safety import NOW, Server
 
 LONG = os.environ.get("FAULT_LONG") == "1"
-SILENT_CONNECTIONS = 3_000 if LONG else 1_100
+SILENT_CONNECTIONS = 1_100
 SILENT_SECONDS = 60.0 if LONG else 4.0
 FILE_LIMIT = 1_024
 ROOT = Path(__file__).parent.parent
@@ -299,8 +299,10 @@ def test_silent_connections_past_the_file_limit_leave_room_for_readyz_and_confir
         server.kill()
     assert alive, server.log.read_text()[-3000:]
     slow = [r for r in results if r[1] not in (200, 201) or r[2] >= 1.0]
-    print(f"{len(results)} calls beside {SILENT_CONNECTIONS} silent connections; slowest "
-          f"{max(r[2] for r in results):.3f}s; log grew {server.log.stat().st_size - log_before} bytes")
+    seconds = sorted(r[2] for r in results)
+    print(f"{len(results)} calls beside {SILENT_CONNECTIONS} silent connections: median "
+          f"{seconds[len(seconds) // 2]:.3f}s, slowest {seconds[-1]:.3f}s; "
+          f"log grew {server.log.stat().st_size - log_before} bytes")
     assert not slow, slow[:10]
     assert server.log.stat().st_size - log_before < 16 * 1024, server.log.read_text()[-3000:]
 
