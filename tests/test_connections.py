@@ -27,6 +27,8 @@ import aiohttp
 import pytest
 
 from conftest import KEYS
+from server.config import ConfigError, config_from_dict
+from server.guards import InFlight
 from server.listen import ThrottledLog, exception_handler
 from test_crash_safety import NOW, Server
 
@@ -322,6 +324,18 @@ def test_resource_errors_are_logged_at_a_bounded_rate(caplog):
         loop.close()
     assert 2 <= len(caplog.records) <= 3, len(caplog.records)
     assert "more like it in the last 10s not logged" in caplog.records[1].getMessage()
+
+
+def test_connection_settings_are_bounded_and_workers_take_their_share():
+    for key, bad in [("header_timeout_seconds", 0), ("body_timeout_seconds", -1), ("keepalive_timeout_seconds", 0),
+                     ("connections_max", 0), ("requests_in_flight_per_key_max", 0), ("header_timeout_seconds", 301)]:
+        with pytest.raises(ConfigError, match=f"server.{key}"):
+            config_from_dict({"server": {key: bad}})
+    server = config_from_dict({"server": {"requests_in_flight_max": 100}}).server
+    assert (InFlight.from_config(server).limit, InFlight.from_config(server).per_key_limit) == (100, 13)
+    assert (InFlight.from_config(server, 4).limit, InFlight.from_config(server, 4).per_key_limit) == (25, 4)
+    explicit = config_from_dict({"server": {"requests_in_flight_per_key_max": 30}}).server
+    assert InFlight.from_config(explicit, 2).per_key_limit == 15
 
 
 # ------------------------------------------------------------------ busy port
