@@ -171,11 +171,14 @@ class Connection(RequestHandler):
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
-        self._body_timer = self._loop.call_later(self._timeouts.body_seconds, self._body_deadline, request)
+        if not request.content.is_eof():        # most bodies came whole with their header: no timer
+            self._body_timer = self._loop.call_later(self._timeouts.body_seconds, self._body_deadline, request)
         try:
             return await super()._handle_request(request, *args)
         finally:
-            self._body_timer.cancel()
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
             self._in_request = False
             if self._body_late:
                 # The rest of that body is not worth waiting for: no lingering read.
@@ -193,6 +196,7 @@ class Connection(RequestHandler):
             self.force_close()
 
     def _body_deadline(self, request: web.BaseRequest) -> None:
+        self._body_timer = None
         if request.content.is_eof():
             return
         self._body_late = True
