@@ -22,10 +22,11 @@ test: $(STAMP)
 crashtest: $(STAMP)
 	CRASH_CYCLES=$${CRASH_CYCLES:-50} $(VENV)/bin/pytest -q tests/test_crash_safety.py
 
-# Storage faults against the real server, long forms: four clients for 30 s hold the WAL under
-# 64 MiB. `make test` runs the short forms (the full-disk test mounts a tmpfs: root only).
+# Faults held for longer against the real server; `make test` runs short forms of the same
+# tests: four clients for 30 s keep the WAL under 64 MiB, 1,100 silent connections for a minute
+# against a 1,024-file server (the full-disk test mounts a tmpfs: root only).
 faulttest: $(STAMP)
-	FAULT_LONG=1 $(VENV)/bin/pytest -q -s tests/test_wal_bounded.py tests/test_storage_faults.py
+	FAULT_LONG=1 $(VENV)/bin/pytest -q -s tests/test_wal_bounded.py tests/test_storage_faults.py tests/test_connections.py
 
 # Generated requests and programs; `make test` runs FUZZ_EXAMPLES=20 of the same tests.
 fuzz: $(STAMP)

@@ -51,7 +51,7 @@ def create_app(config: Config) -> web.Application:
     app[STATE] = {"started": False, "draining": False}
     app[PRIVACY] = privacy
     app[LIMITER] = TokenBuckets(config.limits.requests_per_second_per_key, config.limits.burst)
-    app[IN_FLIGHT] = InFlight(config.server.requests_in_flight_max)
+    app[IN_FLIGHT] = InFlight.from_config(config.server)
     app[BACKEND] = LocalBackend(app)
     app.cleanup_ctx.append(resources)
     app.on_shutdown.append(start_draining)

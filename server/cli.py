@@ -94,7 +94,7 @@ def serve_command(config_path: str) -> int:
         try:
             if config.server.workers > 1:
                 return serve_with_workers(app, config)
-            asyncio.run(serve(app, config))
+            return asyncio.run(serve(app, config))
         except ProgramError as e:
             _print_program_problems(config.resolve(config.rules.dir), e.problems)
             return 2
@@ -105,7 +105,6 @@ def serve_command(config_path: str) -> int:
             # Only before the server's own SIGINT handler is installed (the start-up wait).
             print("not starting: interrupted", file=sys.stderr)
             return 130
-    return 0
 
 
 def _print_program_problems(directory: Path, problems: list) -> None:
@@ -118,40 +117,50 @@ def _print_program_problems(directory: Path, problems: list) -> None:
     print(f"the program in {directory} does not load; not starting", file=sys.stderr)
 
 
-async def serve(app, config) -> None:
+async def serve(app, config) -> int:
     """Serve until SIGTERM or SIGINT, then drain: /readyz answers 503 for server.drain_seconds
     while requests are still served, the listener closes, requests in flight finish (up to
-    server.shutdown_timeout_seconds) and the database closes after its last commit."""
-    from aiohttp import web
-
+    server.shutdown_timeout_seconds) and the database closes after its last commit.
+    2 when the address cannot be listened on (said in one line)."""
     from server.app import stop_on_signals, wait_then_drain
+    from server.listen import CannotListen, Site, new_runner
     log = logging.getLogger("loyalty.server")
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=config.server.shutdown_timeout_seconds)
+    runner = new_runner(app, config.server)
     await runner.setup()
     try:
-        await web.TCPSite(runner, config.server.host, config.server.port).start()
+        try:
+            await Site(runner, config.server, workers=1).start()
+        except CannotListen as e:
+            print(e, file=sys.stderr)
+            return 2
         log.info("serving on http://%s:%s", config.server.host, config.server.port)
         await wait_then_drain(app, stop_on_signals(), config.server.drain_seconds, "finishing requests in flight")
     finally:
         await runner.cleanup()
     log.info("stopped: every answered request is committed")
+    return 0
 
 
 def serve_with_workers(app, config) -> int:
     """server.workers > 1: this process is the core; server/workers.py starts the workers."""
     import asyncio
 
+    from server.listen import CannotListen, check_can_listen
     from server.workers import WorkerStartError, serve_core
     if config.server.port == 0:
         # Every worker would listen on a port of its own.
         print("config error: server.port: must be a fixed port when server.workers > 1", file=sys.stderr)
         return 2
     try:
+        check_can_listen(config.server.host, config.server.port)
+    except CannotListen as e:
+        print(e, file=sys.stderr)
+        return 2
+    try:
         asyncio.run(serve_core(app, config))
     except WorkerStartError as e:
         print(f"not serving: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     return 0
 
 

@@ -36,6 +36,19 @@ class ServerConfig(Struct, forbid_unknown_fields=True):
     drain_seconds: Annotated[float, Meta(ge=0, le=300)] = 0.0
     # Requests being handled at once; above it new ones are shed at once with 503.
     requests_in_flight_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 1_024
+    # The same for one key, so one register's stuck or hostile requests leave the others
+    # room. Default: an eighth of requests_in_flight_max.
+    requests_in_flight_per_key_max: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
+    # A connection must deliver a whole request header this long after it opens, and after
+    # the first byte of each later request on it; otherwise it is closed.
+    header_timeout_seconds: Annotated[float, Meta(gt=0, le=300)] = 2.0
+    # A request's body must have arrived this long after its header (408 and close otherwise).
+    body_timeout_seconds: Annotated[float, Meta(gt=0, le=3_600)] = 10.0
+    # An idle keep-alive connection is closed after this long without a new request.
+    keepalive_timeout_seconds: Annotated[float, Meta(gt=0, le=3_600)] = 60.0
+    # Open connections at once; past it the one that has waited longest for a request
+    # header is closed. Default: what RLIMIT_NOFILE leaves after the database, logs and spares.
+    connections_max: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
     # 1: one process does everything. N > 1: N worker processes share the port (HTTP, auth,
     # rate limits, body decoding) and hand each call to one core process, the only writer.
     workers: Annotated[int, Meta(ge=1, le=64)] = 1

@@ -1,16 +1,21 @@
-"""Abuse and overload guards: a token bucket per key and a cap on requests in flight.
+"""Abuse and overload guards: a token bucket per key and caps on requests in flight, in
+total and per key.
 
-Both answer at once, before any work is done, so a flood costs the server little and
+All answer at once, before any work is done, so a flood costs the server little and
 one register's flood does not slow another register down.
 """
 from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from server.errors import ApiError, overloaded_response
+from server.errors import RETRY_SOON, ApiError, overloaded_response
+
+if TYPE_CHECKING:
+    from server.config import ServerConfig
 
 
 class TokenBuckets:
@@ -48,11 +53,51 @@ class TokenBuckets:
 UNCAPPED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
+# Without server.requests_in_flight_per_key_max, one key may hold this share of the total.
+PER_KEY_SHARE_DEFAULT = 8
+
+
+def share(total: int, workers: int) -> int:
+    """One worker process's part of a limit the config states for the whole server."""
+    return max(1, math.ceil(total / workers))
+
+
 class InFlight:
-    def __init__(self, limit: int):
+    """Requests being handled, in total (counted before auth) and per key (after it)."""
+
+    def __init__(self, limit: int, per_key_limit: int | None = None):
         self.limit = limit
+        self.per_key_limit = per_key_limit or limit
         self.count = 0
         self.shed = 0
+        self.by_key: dict[str, int] = {}        # only keys with requests in flight: bounded by the keys
+
+    @classmethod
+    def from_config(cls, server: ServerConfig, workers: int = 1) -> InFlight:
+        per_key = server.requests_in_flight_per_key_max or share(server.requests_in_flight_max,
+                                                                 PER_KEY_SHARE_DEFAULT)
+        return cls(share(server.requests_in_flight_max, workers), share(per_key, workers))
+
+    def enter_key(self, key: str, path: str) -> str | None:
+        """Takes one of the key's slots (None for the paths never shed); 503 when it has none left."""
+        if path in UNCAPPED_PATHS:
+            return None
+        held = self.by_key.get(key, 0)
+        if held >= self.per_key_limit:
+            self.shed += 1
+            raise ApiError(503, "overloaded", f"{self.per_key_limit} requests of key {key} in flight; "
+                           "retry shortly", headers=dict(RETRY_SOON))
+        self.by_key[key] = held + 1
+        return key
+
+    def leave_key(self, key: str | None) -> None:
+        if key is None:
+            return
+        held = self.by_key[key] - 1
+        if held:
+            self.by_key[key] = held
+        else:
+            del self.by_key[key]
 
 
 def in_flight_middleware(key: web.AppKey):

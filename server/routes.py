@@ -26,7 +26,8 @@ from rules import check_dir
 from server import schema
 from server.auth import Principal, require_role
 from server.errors import ApiError, field_error
-from server.keys import BACKEND, CLOCK, DATABASE, KEYRING, LIMITER, METRICS, PRIVACY, PROGRAMS, SERVICE, STATE
+from server.keys import (BACKEND, CLOCK, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, PRIVACY, PROGRAMS, SERVICE,
+                         STATE)
 from storage import admin_audit
 from storage.db import Overloaded, StorageClosed, StorageError
 from storage.ledger import iso
@@ -304,19 +305,25 @@ class LocalBackend:
 def bind(route: Route):
     async def handle(request: web.Request) -> web.StreamResponse:
         principal = None
+        slot = None
+        in_flight = request.app[IN_FLIGHT]
         if route.roles is not None:
             principal = request.app[KEYRING].authenticate(request.headers.get("Authorization"))
             request[PRINCIPAL] = principal
             request.app[LIMITER].check(principal.key_id)
             require_role(principal, route.roles)
-        body = None
-        if route.body is not None:
-            raw = await request.read()
-            if not raw:
-                raise ApiError(400, "malformed_json", "a JSON body is required")
-            body = schema.decode(raw, route.body)
-        call = Call(principal, dict(request.match_info), first_values(request.query), body)
-        return response(await request.app[BACKEND].call(route, call))
+            slot = in_flight.enter_key(principal.key_id, request.path)
+        try:
+            body = None
+            if route.body is not None:
+                raw = await request.read()
+                if not raw:
+                    raise ApiError(400, "malformed_json", "a JSON body is required")
+                body = schema.decode(raw, route.body)
+            call = Call(principal, dict(request.match_info), first_values(request.query), body)
+            return response(await request.app[BACKEND].call(route, call))
+        finally:
+            in_flight.leave_key(slot)
     handle.__name__ = route.handler.__name__
     return handle
 
@@ -360,7 +367,7 @@ async def audit_row(request: web.Request, principal: Principal, status: int) -> 
     path = str(request.match_info.route.resource.url_for(**match)) if match else request.path
     try:
         raw = await request.read()
-    except web.HTTPException:   # over the size limit: digest what is known
+    except (web.HTTPException, ApiError):   # over the size limit or too late: digest what is known
         raw = b""
     return dict(key_id=principal.key_id, method=request.method, path=path,
                 body_digest=privacy.body_digest(raw), status=status)

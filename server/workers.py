@@ -42,6 +42,7 @@ from server.config import Config
 from server.errors import ApiError, HangUp, error_answer, error_middleware
 from server.guards import InFlight, TokenBuckets, in_flight_middleware
 from server.keys import BACKEND, CONFIG, IN_FLIGHT, KEYRING, LIMITER, METRICS, PRIVACY, STATE
+from server.listen import CannotListen, Site, install_exception_handler, new_runner
 from server.privacy import privacy_from_config
 from server.routes import JSON_TYPE, ROUTES_BY_NAME, Call, LocalBackend, Reply, Route, add_routes, audit_middleware, readyz
 
@@ -62,6 +63,8 @@ RESTART_DELAY_SECONDS_MIN, RESTART_DELAY_SECONDS_MAX = 0.1, 5.0
 WORKER_STABLE_SECONDS = 5.0
 # After shutdown_timeout_seconds a worker still draining is killed after this much more.
 STOP_GRACE_SECONDS = 5.0
+# A worker's exit code when it cannot listen on server.host:port.
+EXIT_CANNOT_LISTEN = 2
 
 
 # ------------------------------------------------------------------ frames
@@ -321,7 +324,7 @@ def worker_app(config: Config, backend: RemoteBackend, workers: int) -> web.Appl
     # Each worker keeps its own buckets: 1/N of the rate each keeps the total at the configured rate.
     app[LIMITER] = TokenBuckets(config.limits.requests_per_second_per_key / workers,
                                 max(1, math.ceil(config.limits.burst / workers)))
-    app[IN_FLIGHT] = InFlight(max(1, math.ceil(config.server.requests_in_flight_max / workers)))
+    app[IN_FLIGHT] = InFlight.from_config(config.server, workers)
     app[BACKEND] = backend
     backend.app = app
     app.on_shutdown.append(_draining)
@@ -347,11 +350,14 @@ async def run_worker(config: Config, socket_path: str, workers: int, parent_fd: 
         shutil.rmtree(os.path.dirname(socket_path), ignore_errors=True)
     loop.add_reader(parent_fd, core_gone)
     app = worker_app(config, backend, workers)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=config.server.shutdown_timeout_seconds)
+    runner = new_runner(app, config.server)
     await runner.setup()
     try:
-        await web.TCPSite(runner, config.server.host, config.server.port, reuse_port=True).start()
+        try:
+            await Site(runner, config.server, workers, reuse_port=True).start()
+        except CannotListen as e:
+            print(e, file=sys.stderr)       # the core checked the port; something took it since
+            return EXIT_CANNOT_LISTEN
         backend.hello()
         waits = [asyncio.create_task(stop.wait()), asyncio.create_task(backend.lost.wait())]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -386,7 +392,9 @@ def worker_main(argv: list[str]) -> int:
 # ------------------------------------------------------------------ the core process
 
 class WorkerStartError(Exception):
-    pass
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class Supervisor:
@@ -416,7 +424,9 @@ class Supervisor:
         while not all(p.pid in self.core.listening for p in self.procs.values()):
             for index, proc in self.procs.items():
                 if proc.poll() is not None:
-                    raise WorkerStartError(f"worker {index} exited with {proc.returncode} before it listened")
+                    # A worker that could not listen said why in its one line; the core exits as one process would.
+                    raise WorkerStartError(f"worker {index} exited with {proc.returncode} before it listened",
+                                           EXIT_CANNOT_LISTEN if proc.returncode == EXIT_CANNOT_LISTEN else 1)
             if time.monotonic() > deadline:
                 raise WorkerStartError(f"the workers did not listen within {WORKER_START_SECONDS_MAX:.0f}s")
             await asyncio.sleep(0.02)
@@ -485,6 +495,7 @@ async def serve_core(app: web.Application, config: Config) -> None:
     503 for server.drain_seconds, then the workers close their listeners and finish their
     requests, then the database closes after its last commit."""
     from server.app import stop_on_signals, wait_then_drain  # the core only: workers need not load the service
+    install_exception_handler()
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()            # opens the database, loads the program, starts the jobs
     folder = tempfile.mkdtemp(prefix="loyalty-core-")     # mode 0700: only this user reaches the socket
