@@ -15,7 +15,7 @@ from datetime import date, datetime, time
 from rules import Program
 from server.service import fire_events
 from storage import accounts, ledger
-from storage.db import Database
+from storage.db import Database, StorageError
 from storage.ledger import PostingRef, iso
 
 log = logging.getLogger("loyalty.jobs")
@@ -89,6 +89,8 @@ async def schedule(db: Database, holder, clock, interval_seconds: float) -> None
             done = await run_all(db, holder.current, clock.now())
             if any(done.values()):
                 log.info("jobs: %s", done)
+        except StorageError as e:   # a full disk or a lock: storage logs the cause itself, once
+            log.warning("lifecycle jobs skipped (%s: %s); retrying in %s s", e.cause, e, interval_seconds)
         except Exception:      # a failed round is retried at the next interval
             log.exception("lifecycle jobs failed; retrying in %s s", interval_seconds)
         await asyncio.sleep(interval_seconds)

@@ -276,7 +276,7 @@ ROUTES: list[Route] = [
     Route("POST", "/v1/admin/rules/check", rules_check, R({MANAGER}), schema.RulesCheck,
           "Validate a program sent as {files: {path: yaml}} without loading it", core=False),
     Route("GET", "/healthz", healthz, None, None, "Alive", core=False),
-    Route("GET", "/readyz", readyz, None, None, "Program loaded, database writable, cache preloaded"),
+    Route("GET", "/readyz", readyz, None, None, "Program loaded, database writable (no storage fault in force: full, busy, lost), cache preloaded"),
     Route("GET", "/metrics", metrics, R({MONITOR, MANAGER}), None, "Prometheus metrics"),
     Route("GET", "/openapi.json", openapi, None, None, "This API as OpenAPI 3", core=False),
 ]
