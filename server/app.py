@@ -24,16 +24,15 @@ from server.privacy import privacy_from_config
 from server.programs import ProgramHolder
 from server.routes import LocalBackend, add_routes, audit_middleware
 from server.service import Service
-from server.startup import (StartupError, check_database_file, is_busy, lock_holder, still_locked,
-                            wait_for_write_lock)
+from server.startup import StartupError, check_database_file, lock_holder, still_locked, wait_for_write_lock
 from server.watcher import watch
 from storage.db import Database, StorageBusy, StorageError
+from storage.health import is_busy
 from storage.personal import protect_existing
 from storage.preload import preload
 from storage.schema import migrations
 
 log = logging.getLogger("loyalty.server")
-MIB = 1024 * 1024
 
 
 def create_app(config: Config) -> web.Application:
@@ -115,14 +114,9 @@ async def _open_database(app: web.Application) -> Database:
 async def _open_once(app: web.Application, path) -> Database | None:
     """None when another process holds the write lock."""
     config = app[CONFIG]
-    db = Database(path, migrations=migrations,
-                  batch_max=config.database.commit_batch_max, queue_max=config.database.write_queue_max,
-                  readers=config.database.readers, cache_mib=config.database.cache_mib,
-                  busy_timeout_ms=round(config.database.busy_wait_seconds * 1000),
-                  wal_checkpoint_bytes=config.database.wal_checkpoint_mib * MIB,
-                  min_free_bytes=config.database.min_free_mib * MIB,
-                  on_commit=app[METRICS].on_commit, on_checkpoint=app[METRICS].on_checkpoint,
-                  on_storage_error=app[METRICS].on_storage_error)
+    db = Database.from_config(config.database, path, migrations=migrations,
+                              on_commit=app[METRICS].on_commit, on_checkpoint=app[METRICS].on_checkpoint,
+                              on_storage_error=app[METRICS].on_storage_error)
     try:
         try:
             await asyncio.to_thread(db.open)

@@ -15,12 +15,12 @@ import fcntl
 import json
 import os
 import sqlite3
-import struct
-import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+
+from storage.health import is_busy, lock_holder_pid, wal_write_lock_holder
 
 LOCK_SUFFIX = ".serve.lock"
 # How often a start-up waiting for another process's write lock tries again.
@@ -28,11 +28,9 @@ START_WAIT_POLL_SECONDS = 0.2
 # What the lock file says about its holder, read back by a refused second server.
 HOLDER_BYTES_MAX = 4096
 COMMAND_LINE_CHARS_MAX = 160
-# Bytes SQLite's unix VFS locks (sqlite3.c, os_unix.c): in WAL mode a writer holds byte 120
-# of the -shm file; in rollback mode the PENDING, RESERVED and SHARED bytes sit at 1 GiB.
-_WAL_WRITE_LOCK_BYTE = 120
+# Bytes SQLite's unix VFS locks (sqlite3.c, os_unix.c) in rollback mode, a database not yet
+# switched to WAL: the PENDING, RESERVED and SHARED bytes at 1 GiB.
 _ROLLBACK_LOCK_START, _ROLLBACK_LOCK_BYTES = 0x40000000, 2 + 510
-_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 class StartupError(Exception):
@@ -63,7 +61,8 @@ class ServeLock:
 
 
 def take_serve_lock(database: Path) -> ServeLock:
-    """Raises StartupError when another server holds the database or the lock file cannot be made."""
+    """Raises StartupError when another server holds the database or the lock file cannot be made.
+    Makes the database's folder: the lock file beside the database is the first file in it."""
     make_folder(database)
     path = lock_path(database)
     try:
@@ -121,8 +120,8 @@ def reason(e: OSError) -> str:
 
 def check_database_file(database: Path) -> None:
     """Raises StartupError naming the cause (permission denied, not a directory, is a
-    directory, read-only file system) where SQLite would only say 'unable to open'."""
-    make_folder(database)
+    directory, read-only file system) where SQLite would only say 'unable to open'. The
+    folder exists already: `serve` made it for the lock file (take_serve_lock)."""
     try:
         os.close(os.open(database, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
     except OSError as e:
@@ -133,22 +132,18 @@ def check_database_file(database: Path) -> None:
         raise StartupError(f"cannot open the database {database}: permission denied (its folder {folder})")
 
 
-def is_busy(e: BaseException) -> bool:
-    # The low byte is the primary code: SQLITE_BUSY_RECOVERY (another process recovering the
-    # WAL after a crash) is busy too.
-    code = getattr(e, "sqlite_errorcode", None) if isinstance(e, sqlite3.OperationalError) else None
-    return code is not None and code & 0xFF in _BUSY_CODES
-
-
 async def wait_for_write_lock(database: Path, deadline: float, on_wait: Callable[[str], None]) -> None:
     """Returns once a write transaction on the file could begin; on_wait(holder) is called
-    while another process holds it; StartupError once the deadline passes. Polls on the
-    event loop, so Ctrl-C stops the wait at once."""
+    once, when another process is first found holding it; StartupError once the deadline
+    passes. Polls on the event loop, so Ctrl-C stops the wait at once."""
+    waited = False
     while not await asyncio.to_thread(_write_lock_free, database):
-        holder = lock_holder(database)
+        # Who holds it costs two opens and a /proc read: only for the two lines that say so.
         if time.monotonic() >= deadline:
-            raise still_locked(database, holder)
-        on_wait(holder)
+            raise still_locked(database, lock_holder(database))
+        if not waited:
+            waited = True
+            on_wait(lock_holder(database))
         await asyncio.sleep(START_WAIT_POLL_SECONDS)
 
 
@@ -175,8 +170,8 @@ def still_locked(database: Path, holder: str) -> StartupError:
 def lock_holder(database: Path) -> str:
     """'pid N (its command line)' of the process holding SQLite's write lock, when the
     kernel says (POSIX locks, Linux); otherwise 'another process'."""
-    pid = (_posix_lock_pid(Path(str(database) + "-shm"), _WAL_WRITE_LOCK_BYTE, 1)
-           or _posix_lock_pid(database, _ROLLBACK_LOCK_START, _ROLLBACK_LOCK_BYTES))
+    pid = (wal_write_lock_holder(database)
+           or lock_holder_pid(database, _ROLLBACK_LOCK_START, _ROLLBACK_LOCK_BYTES))
     if not pid:
         return "another process"
     try:
@@ -185,22 +180,3 @@ def lock_holder(database: Path) -> str:
     except OSError:
         return f"pid {pid}"
     return f"pid {pid} ({command[:COMMAND_LINE_CHARS_MAX]})"
-
-
-def _posix_lock_pid(path: Path, start: int, length: int) -> int | None:
-    if not sys.platform.startswith("linux"):
-        return None  # struct flock is laid out differently elsewhere
-    # struct flock on Linux: l_type, l_whence (short), l_start, l_len (off_t), l_pid (pid_t).
-    layout = "hhqqi4x"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        answer = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(layout, fcntl.F_WRLCK, os.SEEK_SET, start, length, 0))
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    kind, _, _, _, pid = struct.unpack(layout, answer)
-    return pid if kind != fcntl.F_UNLCK and pid > 0 else None

@@ -25,18 +25,22 @@ connection waiting for the disk had left the loop idle for a sixth of the time.
 
 The WAL is kept short: a checkpoint thread copies it into the database without blocking
 anyone (PASSIVE), and once it holds more than wal_checkpoint_bytes the write connection
-itself, between two batches, finishes the copy and restarts the WAL from its beginning
-(the next commit cuts the file back to that size: journal_size_limit). SQLite restarts
-the WAL by itself only when a write begins after a checkpoint copied every frame and while
-no reader uses the WAL; under steady load one or the other nearly always fails, and the
-file grew without end. RESTART waits (briefly) for those readers, and new readers leave the
-WAL alone once it is all copied. Run on the write connection, the restart keeps its page
-cache, which a TRUNCATE by another connection would empty.
+itself, on the write turn between two batches (no batch runs meanwhile), finishes the copy
+and restarts the WAL from its beginning (RESTART; the next commit cuts the file back to
+that size: journal_size_limit). SQLite restarts the WAL by itself only when a write begins
+after a checkpoint copied every frame and while no reader uses the WAL; under steady load
+one or the other nearly always fails, and the file grew without end. RESTART waits
+(briefly) for those readers, and new readers leave the WAL alone once it is all copied.
+When nothing has been written for a second the write turn empties the file (TRUNCATE).
+Run on the write connection, both keep its page cache, which a checkpoint by another
+connection that restarts the WAL would empty.
 
 A full disk, another program's write lock and the database's files deleted or replaced
-under the server fail writes with the typed errors of storage.health; the last is checked
-by the sync thread before it answers, so no write kept only in a deleted file is
-acknowledged.
+under the server fail writes with the typed errors of storage.health. The last is checked
+by the sync thread after each fdatasync, before it answers, so no write kept only in a
+deleted file is acknowledged; the checkpoint thread then salvages: it copies the lost WAL
+into the database file, or a lost database file's content into a copy beside it, and moves
+aside a WAL file a restart would replay over the wrong database.
 """
 
 from __future__ import annotations
@@ -58,8 +62,8 @@ from typing import Any, TypeVar
 from sqlite_utils import Database as UtilsDatabase
 from sqlite_utils.migrations import Migrations
 
-from storage.health import (Faults, FileIdentity, StorageBusy, StorageError, StorageFull, StorageLost,
-                            classify, free_bytes)
+from storage.health import (CAN_SEE_LOCK_HOLDERS, Faults, FileIdentity, StorageBusy, StorageError, StorageFull,
+                            StorageLost, Throttle, classify, free_bytes, is_busy, wal_write_lock_holder)
 
 __all__ = ["Database", "Overloaded", "StorageBusy", "StorageClosed", "StorageError", "StorageFull",
            "StorageLost", "TransactionLost"]
@@ -90,13 +94,11 @@ _IDLE, _LOOP_TURN, _BUSY = "idle", "loop", "busy"
 _RUN = "run"
 _CHECKPOINT = "checkpoint"
 
-# A broken metrics hook would otherwise log once per commit, thousands of times a second.
-_HOOK_ERROR_LOG_INTERVAL_S = 60.0
-
 DEFAULT_SYNC_TIMEOUT_S = 60.0
 # SQLite's automatic checkpoint runs inside the COMMIT that crosses its threshold, so one
 # group of receipts would wait for the WAL to be copied into the database and fsynced. A
-# thread of its own checkpoints instead, this often, without blocking the writer.
+# thread of its own copies it instead, this often (PASSIVE: it blocks nobody); only the
+# RESTART or TRUNCATE it asks for runs on the write turn, between two batches.
 CHECKPOINT_INTERVAL_S = 1.0
 # When the sync thread sees the WAL over its size it wakes the checkpoint thread at once
 # (at ~100 MB/s of WAL a second is too long), but not more often than this.
@@ -110,10 +112,12 @@ CHECKPOINT_RETRY_MAX_S = 8.0
 # After the WAL was deleted or replaced, copying what it held into the database may wait
 # this long for our own last batch and readers.
 SALVAGE_BUSY_WAIT_MS = 10_000
+# A salvage that failed (a full disk, most likely) is tried again after this pause, doubled
+# after each failure up to the maximum: each try of a lost database file writes a whole copy.
+SALVAGE_RETRY_S = 1.0
+SALVAGE_RETRY_MAX_S = 60.0
 DEFAULT_WAL_CHECKPOINT_BYTES = 32 * 1024 * 1024
 DEFAULT_MIN_FREE_BYTES = 64 * 1024 * 1024
-# /readyz: how long the write probe may take before the answer says why it is waiting.
-READY_TIMEOUT_S = 1.0
 # The writer's page cache outlives its own commits. At SQLite's default (2 MiB) a batch of
 # receipts spilled dirty pages to the WAL before COMMIT (writes on the event loop) and read
 # the same index pages back in the next batch. Receipts also read their member through it,
@@ -124,11 +128,6 @@ WRITER_CACHE_MIB = 64
 # the file again each time. Measured on the receipt path's read: 250-320 us per read
 # transaction mapped against 120-200 us through pread.
 DEFAULT_CLOSE_TIMEOUT_S = 60.0
-
-
-def _probe(conn: sqlite3.Connection) -> None:
-    """A write item that writes nothing: can the write connection take the lock right now?"""
-    conn.execute("SELECT 1").fetchone()
 
 
 class Overloaded(Exception):
@@ -223,9 +222,15 @@ class Database:
         on_commit: Callable[[int, float], None] | None = None,
         on_checkpoint: Callable[[str, str, float], None] | None = None,
         on_storage_error: Callable[[str, int], None] | None = None,
+        checkpoints: bool = True,
     ) -> None:
         """busy_timeout_ms: how long a write may wait for another program's write lock,
-        from the moment it is queued, before it fails with StorageBusy."""
+        from the moment it is queued, before it fails with StorageBusy.
+
+        checkpoints=False: no checkpoint thread and no checkpoints on the write turn, for a
+        command run beside a serving server, which owns them; SQLite's own automatic
+        checkpoint bounds the WAL when the command runs alone. A lost file is refused as
+        always but not salvaged (the checkpoint thread does that)."""
         if (batch_max < 1 or queue_max < 1 or readers < 1 or busy_timeout_ms < 0 or cache_mib < 1
                 or wal_checkpoint_bytes < 1 or min_free_bytes < 0):
             raise ValueError("batch_max, queue_max, readers, cache_mib and wal_checkpoint_bytes must be >= 1, "
@@ -242,6 +247,7 @@ class Database:
         self._min_free_bytes = min_free_bytes
         self._on_commit = on_commit
         self._on_checkpoint = on_checkpoint
+        self._checkpoints = checkpoints
         self._faults = Faults(self._path.name, on_storage_error)
 
         self._lock = threading.Lock()
@@ -253,8 +259,6 @@ class Database:
         self._jobs: queue.SimpleQueue[_Done | list[_Item] | str] = queue.SimpleQueue()
         # The write connection's busy_timeout now; on the event loop it must be 0 (see _begin).
         self._busy_timeout_now_ms = busy_timeout_ms
-        # Since when a batch has been waiting for another program's write lock (None: none is).
-        self._lock_wait_since_s: float | None = None
         self._state = "new"  # new -> open -> closing -> closed
         self._close_lock = threading.Lock()
 
@@ -262,16 +266,21 @@ class Database:
         self._writer: threading.Thread | None = None
         # Only whoever runs the current batch reads or sets this; see _authorize.
         self._fn_running = False
-        self._hook_error_logged_at = float("-inf")
+        # A broken metrics hook would otherwise log once per commit, thousands of times a second.
+        self._hook_error_log = Throttle()
         self._changes_seen = 0
 
         # Committed batches waiting for the WAL to reach the disk, for the sync thread.
         self._syncs: queue.SimpleQueue[_Done | None] = queue.SimpleQueue()
         self._syncer: threading.Thread | None = None
         self._wal_fd: int | None = None
-        self._files: list[FileIdentity] = []
+        self._files: list[FileIdentity] = []     # the database file, then its WAL
         self._lost: str | None = None            # what happened to the files, once seen
-        self._salvaged = False
+        self._lost_file: FileIdentity | None = None
+        # Where every acknowledged write is, once the salvage after a loss put it there.
+        self._salvaged_into: str | None = None
+        self._salvage_retry_at_s = 0.0
+        self._salvage_retry_s = SALVAGE_RETRY_S
         self._wrote_at_s = 0.0                   # when a commit last wrote: is the server idle?
         self._checkpointer: threading.Thread | None = None
         self._ckpt_conn: sqlite3.Connection | None = None
@@ -281,7 +290,7 @@ class Database:
         self._ckpt_wanted: str | None = None     # a mode for the write connection to run
         self._ckpt_retry_at_s = 0.0
         self._ckpt_retry_s = CHECKPOINT_RETRY_S
-        self._ckpt_busy_logged_at_s = float("-inf")
+        self._ckpt_busy_log = Throttle()
         self._frame_bytes = 4096 + 24
         self._stop_checkpoints = threading.Event()
         # Start of each open read transaction of ours, by connection (the oldest holds the WAL).
@@ -293,6 +302,19 @@ class Database:
         self._reader_conns: list[sqlite3.Connection] = []
         self._reads_in_flight = 0
         self._utils: dict[sqlite3.Connection, UtilsDatabase] = {}
+
+    @classmethod
+    def from_config(cls, database: Any, path: str | Path, *, migrations: Migrations,
+                    checkpoints: bool = True, **hooks: Any) -> Database:
+        """The Database a config's `database` section (server.config.DatabaseConfig) describes,
+        for the server and for commands alike; hooks: on_commit, on_checkpoint, on_storage_error.
+        A command beside a serving server passes checkpoints=False (see __init__)."""
+        mib = 1024 * 1024
+        return cls(path, migrations=migrations, batch_max=database.commit_batch_max,
+                   queue_max=database.write_queue_max, readers=database.readers, cache_mib=database.cache_mib,
+                   busy_timeout_ms=round(database.busy_wait_seconds * 1000),
+                   wal_checkpoint_bytes=database.wal_checkpoint_mib * mib,
+                   min_free_bytes=database.min_free_mib * mib, checkpoints=checkpoints, **hooks)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -311,7 +333,8 @@ class Database:
                 # anyone is answered (see the module's docstring).
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA foreign_keys=ON")
-                conn.execute("PRAGMA wal_autocheckpoint=0")
+                if self._checkpoints:
+                    conn.execute("PRAGMA wal_autocheckpoint=0")
                 # The first commit after the WAL was restarted cuts the file back to this size.
                 conn.execute(f"PRAGMA journal_size_limit={int(self._wal_checkpoint_bytes)}")
                 conn.execute(f"PRAGMA cache_size=-{self._cache_mib * 1024}")
@@ -326,9 +349,10 @@ class Database:
                 conn.set_authorizer(self._authorize)
                 # The migrations wrote, so the WAL exists; it lives as long as this connection.
                 self._wal_fd = os.open(self._wal_path(), os.O_RDWR)
-                self._files = [FileIdentity(str(self._path)), FileIdentity(self._wal_path(), self._wal_fd)]
+                self._files = [FileIdentity(str(self._path)), FileIdentity(self._wal_path())]
                 self._frame_bytes = conn.execute("PRAGMA page_size").fetchone()[0] + 24
-                self._ckpt_conn = self._checkpoint_connection()
+                if self._checkpoints:
+                    self._ckpt_conn = self._checkpoint_connection()
             except BaseException:
                 self._utils.pop(conn, None)
                 conn.close()
@@ -349,13 +373,15 @@ class Database:
             )
             self._syncer = threading.Thread(
                 target=self._syncer_main, name=f"sqlite-sync-{self._path.name}", daemon=True)
-            self._checkpointer = threading.Thread(
-                target=self._checkpoint_main, name=f"sqlite-checkpoint-{self._path.name}", daemon=True)
+            if self._checkpoints:
+                self._checkpointer = threading.Thread(
+                    target=self._checkpoint_main, name=f"sqlite-checkpoint-{self._path.name}", daemon=True)
             with self._lock:
                 self._state = "open"
             self._writer.start()
             self._syncer.start()
-            self._checkpointer.start()
+            if self._checkpointer is not None:
+                self._checkpointer.start()
 
     def close(self, timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
         """Stop accepting work, commit everything already queued, release the file."""
@@ -389,10 +415,7 @@ class Database:
             self._reader_pool.shutdown(wait=True)
             self._stop_checkpoints.set()
             self._ckpt_wake.set()
-            if self._checkpointer is not None:
-                self._checkpointer.join(timeout_s)
-            if self._ckpt_conn is not None:
-                self._ckpt_conn.close()
+            self._join_checkpointer(timeout_s)
             with self._lock:
                 reader_conns, self._reader_conns = self._reader_conns, []
                 self._utils.clear()
@@ -408,6 +431,23 @@ class Database:
                 self._wal_fd = None
             with self._lock:
                 self._state = "closed"
+
+    def _join_checkpointer(self, timeout_s: float) -> None:
+        """The checkpoint thread closes its own connection as it ends: a salvage may still be
+        copying through it, and closing it under the copy would fail the copy."""
+        if self._checkpointer is None:
+            return
+        if self._lock_held_by_salvage():
+            log.warning("storage %s: closing waits up to %.0fs for the copy of the lost file's writes",
+                        self._path.name, timeout_s)
+        self._checkpointer.join(timeout_s)
+        if self._checkpointer.is_alive():
+            log.critical("storage %s: the copy of the lost file's writes is still running after %.0fs; it "
+                         "goes on while the process lives (a copy cut short is never named .saved-)",
+                         self._path.name, timeout_s)
+
+    def _lock_held_by_salvage(self) -> bool:
+        return self._lost is not None and self._salvaged_into is None and self._ckpt_lock.locked()
 
     def __enter__(self) -> Database:
         self.open()
@@ -443,7 +483,8 @@ class Database:
     # -- writes ------------------------------------------------------------------
 
     async def write(self, fn: Callable[[sqlite3.Connection], T], *, off_loop: bool = False) -> T:
-        """Run fn(conn) in the next group commit; returns once the COMMIT holding it returned.
+        """Run fn(conn) in the next group commit; returns once the WAL holding its COMMIT was
+        fdatasynced and is still the database's WAL on disk (StorageLost otherwise).
 
         fn runs on the event loop's thread, between other callbacks, so it must be short
         (a receipt: its read, its rules and its postings, well under a millisecond); with
@@ -457,6 +498,7 @@ class Database:
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
+        self._refuse_if_lost()
         with self._lock:
             self._refuse_unless_open()
             if len(self._pending) >= self._queue_max:
@@ -473,6 +515,7 @@ class Database:
         On TimeoutError the write may still be committed later.
         """
         self._refuse_blocking_here()
+        self._refuse_if_lost()
         deadline = time.monotonic() + timeout_s
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._lock:
@@ -588,30 +631,42 @@ class Database:
 
     def _checkpoint_connection(self) -> sqlite3.Connection:
         conn = self._connect(self._path)
-        conn.execute("PRAGMA synchronous=FULL")
-        # Opens the WAL now: should the file be deleted later, this connection still reads
-        # the frames it holds and can copy them into the database (_salvage).
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        try:
+            conn.execute("PRAGMA synchronous=FULL")
+            # Opens the WAL now: should the file be deleted later, this connection still reads
+            # the frames it holds and can copy them into the database (_salvage).
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _checkpoint_main(self) -> None:
-        while not self._stop_checkpoints.is_set():
-            woken = self._ckpt_wake.wait(CHECKPOINT_INTERVAL_S)
-            self._ckpt_wake.clear()
-            if self._stop_checkpoints.is_set():
-                return
-            # While a long reader holds the WAL, wake-ups after each commit wait for the retry.
-            if not woken or self._lost is not None or time.monotonic() >= self._ckpt_retry_at_s:
-                try:
-                    self._checkpoint_round(idle=time.monotonic() - self._wrote_at_s >= CHECKPOINT_INTERVAL_S)
-                except BaseException:  # noqa: BLE001 - the checkpoints must go on
-                    log.exception("storage %s: checkpoint round failed", self._path.name)
-            # Woken after every commit while the WAL is over its size: not a round each time.
-            self._stop_checkpoints.wait(CHECKPOINT_MIN_GAP_S)
+        try:
+            while not self._stop_checkpoints.is_set():
+                woken = self._ckpt_wake.wait(CHECKPOINT_INTERVAL_S)
+                self._ckpt_wake.clear()
+                if self._stop_checkpoints.is_set():
+                    return
+                # While a long reader holds the WAL, wake-ups after each commit wait for the retry.
+                if not woken or self._lost is not None or time.monotonic() >= self._ckpt_retry_at_s:
+                    try:
+                        self._checkpoint_round(idle=time.monotonic() - self._wrote_at_s >= CHECKPOINT_INTERVAL_S)
+                    except BaseException:  # noqa: BLE001 - the checkpoints must go on
+                        log.exception("storage %s: checkpoint round failed", self._path.name)
+                # Woken after every commit while the WAL is over its size: not a round each time.
+                self._stop_checkpoints.wait(CHECKPOINT_MIN_GAP_S)
+        finally:
+            if self._lost is not None and self._salvaged_into is None:
+                self._salvage()                   # closing: one last try, whatever the pause
+            with self._ckpt_lock:
+                conn, self._ckpt_conn = self._ckpt_conn, None
+            if conn is not None:
+                conn.close()
 
     def _checkpoint_round(self, idle: bool) -> None:
         if self._check_files() is not None:
-            self._salvage()                       # retried until it succeeds
+            self._salvage_when_due()
             return
         with self._lock:
             if self._ckpt_wanted is not None:
@@ -661,9 +716,7 @@ class Database:
             return
         self._ckpt_retry_at_s = time.monotonic() + self._ckpt_retry_s
         self._ckpt_retry_s = min(self._ckpt_retry_s * 2, CHECKPOINT_RETRY_MAX_S)
-        now_s = time.monotonic()
-        if row is not None and now_s - self._ckpt_busy_logged_at_s >= _HOOK_ERROR_LOG_INTERVAL_S:
-            self._ckpt_busy_logged_at_s = now_s
+        if row is not None and self._ckpt_busy_log.ready():
             log.warning("storage %s: the WAL (%d MiB) cannot be restarted while a reader uses it (our oldest "
                         "read is %.0fs old; other processes' readers are not seen); retrying",
                         self._path.name, self.wal_bytes() // (1024 * 1024), self.oldest_read_seconds())
@@ -769,8 +822,6 @@ class Database:
         done = self._run_functions(batch, on_loop=True)
         if done is None:
             # Another process holds the lock: the writer thread waits for it.
-            if self._lock_wait_since_s is None:
-                self._lock_wait_since_s = time.monotonic()
             self._jobs.put(batch)
             return
         try:
@@ -805,9 +856,8 @@ class Database:
                 job = self._take(on_loop=False) or None  # type: ignore[assignment]
         done = self._run_functions(job, on_loop=False) if isinstance(job, list) else job
         if not isinstance(done, _Done):
-            done = None
-        # An empty batch (nothing was queued) still passes the turn on.
-        return self._commit_and_answer(done if done is not None else _Done([], [], False, 0.0))
+            done = _Done([], [], False, 0.0)      # nothing was queued: the turn still moves on
+        return self._commit_and_answer(done)
 
     def _turn_after_failure(self) -> str | None:
         """_RUN if the failed batch still held the turn (the writer thread goes on with the
@@ -829,23 +879,19 @@ class Database:
         # Each item waits for another program's lock at most busy_timeout_ms from being queued.
         wait_ms = 0 if on_loop else max(0, int((min(i.deadline_s for i in batch) - time.monotonic()) * 1000))
         try:
-            try:
-                self._begin(conn, wait_ms)
-            finally:
-                if not on_loop:
-                    self._lock_wait_since_s = None
+            self._begin(conn, wait_ms)
             if self._faults.current is not None:
                 self._faults.clear(StorageBusy.cause)
             outcomes, commit = self._run_in_transaction(conn, batch)
         except BaseException as err:  # noqa: BLE001
-            if on_loop and isinstance(err, sqlite3.OperationalError) and err.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+            if on_loop and is_busy(err):
                 # Another process holds the write lock: wait for it on the writer thread,
                 # not here, where waiting would stall every request.
                 return None
             # BEGIN failed (busy beyond busy_timeout, I/O error): nothing of this batch
             # is durable, so nobody may hear otherwise.
             self._rollback_quietly(conn)
-            if isinstance(err, sqlite3.OperationalError) and err.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+            if is_busy(err):
                 err = StorageBusy(f"waited {wait_ms / 1000:.1f}s for it")
             return _Done(batch, [(False, _deliverable(err))] * len(batch), False, started_s)
         return _Done(batch, outcomes, commit, started_s)
@@ -958,8 +1004,6 @@ class Database:
     def _make_durable(self) -> BaseException | None:
         """fdatasync of the WAL, then whether it is still the file SQLite will read after a
         crash: the failure to answer the group with, or None."""
-        if self._lost is not None:
-            return StorageLost(self._lost)
         try:
             self._sync_wal()
         except BaseException as err:  # noqa: BLE001 - reported to every caller instead
@@ -974,11 +1018,9 @@ class Database:
             self._wrote_at_s = time.monotonic()
             if self._faults.current is not None:
                 self._faults.clear(StorageFull.cause)
-        try:
-            if os.fstat(self._wal_fd).st_size > self._wal_checkpoint_bytes:  # type: ignore[arg-type]
-                self._ckpt_wake.set()
-        except OSError:
-            pass
+        # The size _check_files' stat of the WAL just saw: no call of its own.
+        if self._files and self._files[1].size > self._wal_checkpoint_bytes:
+            self._ckpt_wake.set()
 
     def _sync_wal(self) -> None:
         fd = self._wal_fd
@@ -987,10 +1029,10 @@ class Database:
 
     # -- storage faults ---------------------------------------------------------
 
-    def _check_files(self, salvage: bool = True) -> StorageLost | None:
-        """StorageLost once the database file or its WAL is no longer the one on disk.
-        The first time, copies what the WAL holds into the database file, if that is still
-        ours (salvage=False, on the event loop: the checkpoint thread does it)."""
+    def _check_files(self) -> StorageLost | None:
+        """StorageLost once the database file or its WAL is no longer the one on disk (two
+        stat calls). The first time, wakes the checkpoint thread to salvage: on this thread
+        (the sync thread, the event loop) a copy of the whole database would hold every answer."""
         if self._lost is not None:
             return StorageLost(self._lost)
         for identity in self._files:
@@ -1002,13 +1044,10 @@ class Database:
         with self._lock:
             first = self._lost is None
             if first:
-                self._lost = problem
+                self._lost, self._lost_file = problem, identity
         if first:
             self._faults.record(StorageLost(problem), refused=0)
-            if salvage:
-                self._salvage()
-            else:
-                self._ckpt_wake.set()
+            self._ckpt_wake.set()
         return StorageLost(self._lost)
 
     def _refuse_if_lost(self) -> None:
@@ -1017,38 +1056,84 @@ class Database:
             self._faults.record(err)
             raise err
 
-    def _salvage(self) -> None:
-        """After a file was lost: every commit so far into a database file that survives a restart."""
-        if self._salvaged:
+    def _salvage_when_due(self) -> None:
+        """On the checkpoint thread, once a file was lost. A failed salvage (a full disk, most
+        likely) is retried after a pause that doubles up to SALVAGE_RETRY_MAX_S."""
+        if self._salvaged_into is not None or time.monotonic() < self._salvage_retry_at_s:
             return
+        if self._salvage():
+            return
+        self._salvage_retry_at_s = time.monotonic() + self._salvage_retry_s
+        self._salvage_retry_s = min(self._salvage_retry_s * 2, SALVAGE_RETRY_MAX_S)
+
+    def _salvage(self) -> bool:
+        """Every commit so far into a database file that survives a restart; True once done."""
         with self._ckpt_lock:
-            if self._salvaged or self._ckpt_conn is None:
-                return
-            conn = self._ckpt_conn
-            db_lost = self._files[0].problem() is not None
+            conn, lost = self._ckpt_conn, self._lost_file
+            if conn is None or lost is None:
+                return False
+            db_lost = lost.path == str(self._path)
             try:
                 if db_lost:
-                    target = self._path.with_name(f"{self._path.name}.saved-{time.strftime('%Y%m%dT%H%M%S')}")
-                    copy = sqlite3.connect(target)
-                    try:
-                        conn.backup(copy)
-                    finally:
-                        copy.close()
-                    log.critical("storage %s: the database file was deleted or replaced; the server's copy "
-                                 "of it, with every acknowledged write, is saved as %s", self._path.name, target)
+                    target = self._save_copy(conn)
+                    where, what = (f"in {target.name}", f"the database file was deleted or replaced; the server's "
+                                   f"copy of it, with every acknowledged write, is saved as {target}")
                 else:
                     conn.execute(f"PRAGMA busy_timeout={SALVAGE_BUSY_WAIT_MS}")
                     busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
                     if busy or frames != copied:
                         log.critical("storage %s: copying the lost WAL into the database stopped at frame %d "
-                                     "of %d; retrying", self._path.name, copied, frames)
-                        return
-                    log.critical("storage %s: the WAL's %d frames are copied into the database file, which "
-                                 "holds every acknowledged write; restart the server", self._path.name, frames)
-                self._salvaged = True
+                                     "of %d; retrying in %.0fs", self._path.name, copied, frames,
+                                     self._salvage_retry_s)
+                        return False
+                    where, what = ("in the database file", f"the WAL's {frames} frames are copied into the "
+                                   "database file, which holds every acknowledged write")
+                moved = self._move_wal_aside(db_lost)
             except (sqlite3.Error, OSError) as err:
-                log.critical("storage %s: saving the writes of the lost file failed (%s); retrying",
-                             self._path.name, err)
+                log.critical("storage %s: saving the writes of the lost file failed (%s); retrying in %.0fs",
+                             self._path.name, err, self._salvage_retry_s)
+                return False
+            log.critical("storage %s: %s%s; restart the server", self._path.name, what, moved)
+            self._salvaged_into = where
+            return True
+
+    def _save_copy(self, conn: sqlite3.Connection) -> Path:
+        """The server's database backed up into a new file beside it. Written under a
+        .partial name and renamed once complete; removed if it fails (the disk is probably
+        the full one), so a retry never leaves another partial copy."""
+        target = self._path.with_name(f"{self._path.name}.saved-{time.strftime('%Y%m%dT%H%M%S')}")
+        partial = target.with_name(f"{target.name}.partial")
+        try:
+            copy = sqlite3.connect(partial)
+            try:
+                conn.backup(copy)
+            finally:
+                copy.close()
+            os.replace(partial, target)
+        except BaseException:
+            for leftover in (partial, Path(f"{partial}-journal")):
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
+            raise
+        return target
+
+    def _move_wal_aside(self, db_lost: bool) -> str:
+        """A WAL file at the database's WAL path is replayed into the database at the next
+        start (after a kill -9 the server never removes it). Once salvaged, the one there
+        belongs to no database a restart would open: another program's (the WAL was
+        replaced), or ours, whose database file is gone (its writes are in the copy). Moved
+        aside, not deleted: it is someone's data. Returns what to add to the log line."""
+        wal = self._wal_path()
+        try:
+            st = os.stat(wal)
+        except FileNotFoundError:
+            return ""
+        ours = self._files[1].is_same(st) if self._files else False
+        if ours and not db_lost:
+            return ""
+        aside = f"{wal}.{'saved' if ours else 'foreign'}-{time.strftime('%Y%m%dT%H%M%S')}"
+        os.rename(wal, aside)
+        return f"; {wal} is moved to {aside} so that a restart does not replay it over the database"
 
     def check_free_space(self) -> None:
         """Raises StorageFull while the database's disk has less than min_free_bytes free."""
@@ -1064,8 +1149,8 @@ class Database:
 
     def fault(self) -> StorageError | None:
         """The storage fault in force: files lost, disk full (or under its minimum), another
-        program's lock. Cheap (a few stat calls): for /readyz and /metrics."""
-        lost = self._check_files(salvage=False)
+        program's lock. Cheap (a few stat calls, never a write): for /readyz and /metrics."""
+        lost = self._check_files()
         if lost is not None:
             return lost
         try:
@@ -1075,27 +1160,29 @@ class Database:
         current = self._faults.current
         if current is None:
             return None
+        if isinstance(current, StorageBusy) and not self._still_busy():
+            return None
         return type(current)(str(current))
 
-    async def check_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        """For /readyz: raises the storage fault in force, or whatever keeps a write from
-        taking the write lock within timeout_s."""
+    def _still_busy(self) -> bool:
+        """Whether another process still holds the write lock a write of ours was refused
+        for. Where the kernel cannot say, the fault stays until a write gets the lock."""
+        if not CAN_SEE_LOCK_HOLDERS or wal_write_lock_holder(self._path) is not None:
+            return True
+        self._faults.clear(StorageBusy.cause)     # released meanwhile: the next write gets it
+        return False
+
+    def check_ready(self) -> None:
+        """For /readyz: raises the storage fault in force, or StorageClosed. Never waits for
+        the write turn: a deep write queue is load, not a fault, and the answer stays quick."""
+        if self._state != "open":
+            raise StorageClosed(f"{self._path} is {self._state}")
         fault = self.fault()
-        if isinstance(fault, (StorageLost, StorageFull)):
-            if isinstance(fault, StorageLost) and self._salvaged:
-                raise StorageLost(f"{fault}; every acknowledged write is in the database file")
-            raise fault
-        try:
-            await asyncio.wait_for(self.write(_probe), timeout_s)
-        except asyncio.TimeoutError:
-            waiting_since = self._lock_wait_since_s
-            if waiting_since is not None:
-                raise StorageBusy(f"another program has held the write lock for "
-                                  f"{time.monotonic() - waiting_since:.1f}s") from None
-            current = self._faults.current
-            if current is not None:
-                raise type(current)(str(current)) from None
-            raise TimeoutError(f"a write did not get its turn within {timeout_s}s") from None
+        if fault is None:
+            return
+        if isinstance(fault, StorageLost) and self._salvaged_into is not None:
+            raise StorageLost(f"{fault}; every acknowledged write is {self._salvaged_into}")
+        raise fault
 
     def wal_bytes(self) -> int:
         try:
@@ -1186,11 +1273,9 @@ class Database:
         try:
             self._on_commit(batch_size, seconds)
         except BaseException:  # noqa: BLE001 - a metrics hook must not fail committed writes
-            now_s = time.monotonic()
-            if now_s - self._hook_error_logged_at >= _HOOK_ERROR_LOG_INTERVAL_S:
-                self._hook_error_logged_at = now_s
-                log.exception("storage writer: on_commit hook raised (logged at most every %ss)",
-                              _HOOK_ERROR_LOG_INTERVAL_S)
+            if self._hook_error_log.ready():
+                log.exception("storage writer: on_commit hook raised (logged at most every %.0fs)",
+                              self._hook_error_log.interval_s)
 
     def _answer(self, batch: list[_Item], outcomes: list[tuple[bool, Any]]) -> None:
         # One wake-up per event loop per batch rather than one per item: each

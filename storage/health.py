@@ -9,9 +9,12 @@ ends, instead of a traceback per request.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import sqlite3
+import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +24,13 @@ log = logging.getLogger("storage.health")
 
 # While a fault lasts, one line this often says how many requests it refused meanwhile.
 FAULT_LOG_INTERVAL_S = 60.0
+# A condition that would log on every commit or checkpoint round is logged at most this often.
+REPEATED_LOG_INTERVAL_S = 60.0
 _MIB = 1024 * 1024
+# The byte SQLite's unix VFS locks (os_unix.c) in the -shm file while a connection writes in WAL mode.
+WAL_WRITE_LOCK_BYTE = 120
+# Only Linux's struct flock is laid out as lock_holder_pid() packs it.
+CAN_SEE_LOCK_HOLDERS = sys.platform.startswith("linux")
 
 
 class StorageError(Exception):
@@ -57,15 +66,26 @@ def free_bytes(path: Path) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def is_busy(err: BaseException) -> bool:
+    """Another connection holds the lock SQLite needed. The low byte is the primary code, so
+    the extended ones count too: SQLITE_BUSY_RECOVERY (another process recovering the WAL
+    after a crash), SQLITE_BUSY_SNAPSHOT, SQLITE_BUSY_TIMEOUT."""
+    return _primary_code(err) == sqlite3.SQLITE_BUSY
+
+
+def _primary_code(err: BaseException) -> int | None:
+    code = getattr(err, "sqlite_errorcode", None) if isinstance(err, sqlite3.Error) else None
+    return code & 0xFF if code is not None else None
+
+
 def classify(err: BaseException, disk_low: Callable[[], bool]) -> BaseException:
     """err as a StorageError when it is one of the storage faults, else err itself."""
     if isinstance(err, StorageError):
         return err
-    code = getattr(err, "sqlite_errorcode", None) if isinstance(err, sqlite3.Error) else None
-    primary = code & 0xFF if code is not None else None
+    primary = _primary_code(err)
     if primary == sqlite3.SQLITE_FULL:
         return _caused(StorageFull("the disk is full"), err)
-    if primary == sqlite3.SQLITE_BUSY:
+    if is_busy(err):
         return _caused(StorageBusy("another program holds the write lock"), err)
     # Growing the -shm file on a full disk fails as an I/O error, not SQLITE_FULL.
     if primary == sqlite3.SQLITE_IOERR and disk_low():
@@ -157,30 +177,76 @@ _NAMES = {StorageFull.cause: "disk full", StorageBusy.cause: "write lock held by
           StorageLost.cause: "database files lost", StorageError.cause: "storage error"}
 
 
-class FileIdentity:
-    """Whether a path still names the file the server opened (same device and inode, still linked)."""
+class Throttle:
+    """ready() is True at most once per interval: for a log line that could otherwise repeat
+    thousands of times a second. Approximate across threads: at worst a line twice."""
 
-    def __init__(self, path: str, fd: int | None = None) -> None:
+    def __init__(self, interval_s: float = REPEATED_LOG_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self._last_s = float("-inf")
+
+    def ready(self) -> bool:
+        now_s = time.monotonic()
+        if now_s - self._last_s < self.interval_s:
+            return False
+        self._last_s = now_s
+        return True
+
+
+class FileIdentity:
+    """Whether a path still names the file the server opened (same device and inode).
+
+    One stat of the path tells both: a deleted file gives ENOENT, one deleted and created
+    again (or renamed over) another inode. The stat's size is kept, so the caller needs no
+    second call for it.
+    """
+
+    def __init__(self, path: str) -> None:
         self.path = path
-        self._fd = fd
-        st = os.fstat(fd) if fd is not None else os.stat(path)
+        st = os.stat(path)
         self._id = (st.st_dev, st.st_ino)
+        self.size = st.st_size                     # as of the last problem() that found none
 
     def problem(self) -> str | None:
         """None while the path is the opened file, else what happened to it."""
         name = os.path.basename(self.path)
-        if self._fd is not None:
-            try:
-                if os.fstat(self._fd).st_nlink == 0:
-                    return f"{name} was deleted"
-            except OSError:
-                return None
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
             return f"{name} was deleted"
         except OSError:
             return None                            # cannot tell (permissions): not evidence of loss
-        if (st.st_dev, st.st_ino) != self._id:
+        if not self.is_same(st):
             return f"{name} was replaced by another file"
+        self.size = st.st_size
         return None
+
+    def is_same(self, st: os.stat_result) -> bool:
+        return (st.st_dev, st.st_ino) == self._id
+
+
+def wal_write_lock_holder(database: Path) -> int | None:
+    """pid of another process writing to database (WAL mode) right now; None when none is,
+    or when the kernel cannot say (see CAN_SEE_LOCK_HOLDERS). Never waits."""
+    return lock_holder_pid(Path(f"{database}-shm"), WAL_WRITE_LOCK_BYTE, 1)
+
+
+def lock_holder_pid(path: Path, start: int, length: int) -> int | None:
+    """pid of another process holding a POSIX lock on path's bytes start..start+length
+    (F_GETLK: this process's own locks never conflict, so they are not seen)."""
+    if not CAN_SEE_LOCK_HOLDERS:
+        return None
+    # struct flock on Linux: l_type, l_whence (short), l_start, l_len (off_t), l_pid (pid_t).
+    layout = "hhqqi4x"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(layout, fcntl.F_WRLCK, os.SEEK_SET, start, length, 0))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    kind, _, _, _, pid = struct.unpack(layout, answer)
+    return pid if kind != fcntl.F_UNLCK and pid > 0 else None

@@ -96,14 +96,17 @@ async def busy_then_released(server: Server) -> None:
         finally:
             other.execute("ROLLBACK")
             other.close()
-        # Released: the same receipts go through now, without a restart.
+        # Released: ready again before any write has taken the lock (a probe writes nothing).
+        status, text = await get(session, server, "/readyz")
+        assert status == 200, text
+        status, text = await get(session, server, "/metrics")
+        assert metric(text, 'loyalty_storage_fault{cause="busy"}') == 0
+        # The same receipts go through now, without a restart.
         for n in range(1, 9):
             status, body, _ = await confirm(session, server, receipt(n))
             assert status == 201, body
         status, text = await get(session, server, "/readyz")
         assert status == 200, text
-        status, text = await get(session, server, "/metrics")
-        assert metric(text, 'loyalty_storage_fault{cause="busy"}') == 0
 
 
 def test_write_lock_held_by_another_program_answers_503_storage_busy_then_recovers(tmp_path):
