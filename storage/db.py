@@ -188,6 +188,15 @@ def _deliverable(err: BaseException) -> BaseException:
     return wrapped
 
 
+def _sync_folder(folder: Path) -> None:
+    # A rename is durable once its folder is synced.
+    fd = os.open(folder, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
@@ -657,12 +666,20 @@ class Database:
                 # Woken after every commit while the WAL is over its size: not a round each time.
                 self._stop_checkpoints.wait(CHECKPOINT_MIN_GAP_S)
         finally:
+            self._checkpoints_end()
+
+    def _checkpoints_end(self) -> None:
+        """Closing: one last salvage, whatever the pause (the files go with the connections),
+        then the checkpoint connection, closed by this thread, which may have been copying."""
+        try:
             if self._lost is not None and self._salvaged_into is None:
-                self._salvage()                   # closing: one last try, whatever the pause
-            with self._ckpt_lock:
-                conn, self._ckpt_conn = self._ckpt_conn, None
-            if conn is not None:
-                conn.close()
+                self._salvage()
+        except BaseException:  # noqa: BLE001 - the connection is closed all the same
+            log.exception("storage %s: the last salvage failed", self._path.name)
+        with self._ckpt_lock:
+            conn, self._ckpt_conn = self._ckpt_conn, None
+        if conn is not None:
+            conn.close()
 
     def _checkpoint_round(self, idle: bool) -> None:
         if self._check_files() is not None:
@@ -1110,6 +1127,7 @@ class Database:
             finally:
                 copy.close()
             os.replace(partial, target)
+            _sync_folder(target.parent)
         except BaseException:
             for leftover in (partial, Path(f"{partial}-journal")):
                 with contextlib.suppress(OSError):
@@ -1133,6 +1151,7 @@ class Database:
             return ""
         aside = f"{wal}.{'saved' if ours else 'foreign'}-{time.strftime('%Y%m%dT%H%M%S')}"
         os.rename(wal, aside)
+        _sync_folder(self._path.parent)
         return f"; {wal} is moved to {aside} so that a restart does not replay it over the database"
 
     def check_free_space(self) -> None:
