@@ -42,8 +42,9 @@ class Metrics:
         self.oldest_reader = Gauge(
             "loyalty_oldest_reader_seconds", "Age of this server's oldest open read transaction, which keeps "
             "the WAL from being restarted; other processes' readers are not seen", registry=r)
-        self.storage_errors = Counter("loyalty_storage_errors", "Requests refused for a storage fault, by cause "
-                                      "(full, busy, lost)", ["cause"], registry=r)
+        self.storage_errors = Counter("loyalty_storage_errors", "Writes and reads refused for a storage fault "
+                                      "(requests and the server's own jobs), by cause (full, busy, lost)",
+                                      ["cause"], registry=r)
         self.storage_fault = Gauge("loyalty_storage_fault", "1 for the storage fault in force (full: also the "
                                    "disk under database.min_free_mib), 0 for the others", ["cause"], registry=r)
         for cause in STORAGE_CAUSES:
