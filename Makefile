@@ -1,7 +1,10 @@
 # Two commands on a fresh machine: `make serve` and `make test`.
 PYTHON ?= python3
 VENV := .venv
+# What serving needs (requirements.txt), then what the tests need on top (requirements-test.txt);
+# each stamp is remade when its file changes, and the test one whenever the serving one is.
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 CONFIG ?= config.yaml
 
 .PHONY: serve test check crashtest faulttest fuzz clean bench
@@ -12,24 +15,28 @@ $(STAMP): requirements.txt pyproject.toml
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-test.txt
+	touch $(TEST_STAMP)
+
 serve: $(STAMP)
 	$(VENV)/bin/loyalty serve --config $(CONFIG)
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(VENV)/bin/pytest -q
 
 # SIGKILL the server under load many times; `make test` runs a short form of the same test.
-crashtest: $(STAMP)
+crashtest: $(TEST_STAMP)
 	CRASH_CYCLES=$${CRASH_CYCLES:-50} $(VENV)/bin/pytest -q tests/test_crash_safety.py
 
 # Faults held for longer against the real server; `make test` runs short forms of the same
 # tests: four clients for 30 s keep the WAL under 64 MiB, 1,100 silent connections for a minute
 # against a 1,024-file server (the full-disk test mounts a tmpfs: root only).
-faulttest: $(STAMP)
+faulttest: $(TEST_STAMP)
 	FAULT_LONG=1 $(VENV)/bin/pytest -q -s tests/test_wal_bounded.py tests/test_storage_faults.py tests/test_connections.py
 
 # Generated requests and programs; `make test` runs FUZZ_EXAMPLES=20 of the same tests.
-fuzz: $(STAMP)
+fuzz: $(TEST_STAMP)
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-300} FUZZ_RANDOM=1 $(VENV)/bin/pytest -q -s tests/test_fuzz_api.py tests/test_fuzz_rules.py
 
 # Throughput and latency of the real server against its ceiling; writes benchmarks/RESULTS.md.

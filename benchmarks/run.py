@@ -15,12 +15,7 @@ comparable even when absolute numbers drift with the machine's other tenants.
 3. per member count, the real server (`loyalty serve`, one process) with the market
    program and with a generated 300-rule program: the most it confirms at full load,
    then fixed-rate runs at 50% and 90% of that for the latency distribution;
-4. py-spy on the real server at full load (market program, largest member count);
-5. multi-process (server.workers, BENCH_WORKERS, default "1,2"): the market program at
-   10,000 members at full load with each worker count, pinned as above and once more
-   with the server not pinned (free to use both cores, which it shares with wrk), taking
-   turns BENCH_ROUNDS times (default 2; the median round is reported).
-   `--only multi` runs this section alone and writes benchmarks/data/multi.md.
+4. py-spy on the real server at full load (market program, largest member count).
 
 Everything it writes goes to benchmarks/data/ (ignored by git) except RESULTS.md. Text
 in RESULTS.md below the line "<!-- notes -->" is kept across runs.
@@ -77,7 +72,7 @@ class Server:
     def __enter__(self) -> "Server":
         env = {**os.environ, "PYTHONPATH": str(self.tree)}
         self.log_file = self.log_path.open("wb")
-        pinning = ["taskset", "-c", SERVER_CPU] if self.pin else []      # worker processes inherit it
+        pinning = ["taskset", "-c", SERVER_CPU] if self.pin else []
         self.proc = subprocess.Popen([*pinning, *self.argv], cwd=self.tree, env=env,
                                      stdout=self.log_file, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
@@ -118,17 +113,10 @@ class Server:
             self.proc.wait()
         self.log_file.close()
 
-    def cpu_seconds(self, children: bool = True) -> float:
-        """The server's CPU time, its worker processes' included (server.workers > 1) unless `children` is False."""
-        total = 0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if stat.parent.name == str(self.proc.pid) or (children and fields[1] == str(self.proc.pid)):
-                total += int(fields[11]) + int(fields[12])
-        return total / os.sysconf("SC_CLK_TCK")
+    def cpu_seconds(self) -> float:
+        """The server's CPU time (utime + stime), all its threads."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def thread_cpu(self) -> dict[str, float]:
         """CPU seconds per thread: the event loop (main), the writer, the sync thread, the
@@ -166,13 +154,13 @@ def cache_mib(members: int) -> int:
     return max(CACHE_MIB_MIN, -(-members * CACHE_MIB_PER_MILLION_MEMBERS // 1_000_000))
 
 
-def server_config(path: Path, db: Path, rules_dir: Path, workers: int = 1, members: int = 10_000,
+def server_config(path: Path, db: Path, rules_dir: Path, members: int = 10_000,
                   cache: bool = True) -> Path:
     """A server whose write connection's cache holds `members` members, read at start
     (cache=False: a revision from before database.cache_mib, which refuses the keys)."""
     sha = lambda key: hashlib.sha256(key.encode()).hexdigest()  # noqa: E731
     config = {
-        "server": {"host": "127.0.0.1", "port": PORT, "max_body_bytes": 1048576, "workers": workers},
+        "server": {"host": "127.0.0.1", "port": PORT, "max_body_bytes": 1048576},
         "database": {"path": str(db), **({"cache_mib": cache_mib(members), "preload": True} if cache else {})},
         "rules": {"dir": str(rules_dir), "watch": False},
         "auth": {"keys": [
@@ -413,78 +401,13 @@ def server_rows(name: str, server: Server, templates: Path, members: int, second
     return row
 
 
-MULTI_MEMBERS = 10_000
-
-
-def multi_process(templates: Path, workers: list[int], seconds: int, rounds: int) -> list[dict]:
-    """Full load on the market program with each worker count, pinned and not pinned. The
-    configurations take turns, `rounds` times, and each row is the round with the median
-    confirmed receipts/s: the machine's other tenants change the numbers from minute to minute."""
-    generated = DATA / f"members-{MULTI_MEMBERS}.db"
-    gen_members.generate(generated, MULTI_MEMBERS)
-    db = database_for_runs(generated)
-    log(f"multi-process: {MULTI_MEMBERS:,} members in {db}")
-    market = ROOT / "rules" / "programs" / "market"
-    runs: dict[tuple[bool, int], list[dict]] = collections.defaultdict(list)
-    for round_no in range(1, rounds + 1):
-        for pin in (True, False):
-            for count in workers:
-                runs[pin, count].append(multi_run(templates, db, market, count, pin, seconds, round_no))
-    rows = []
-    for (pin, count), results in runs.items():
-        results.sort(key=lambda r: r["confirmed_rps"])
-        rows.append({"workers": count, "pinned": pin, "full": results[len(results) // 2], "rounds": results})
-    if db != generated:
-        drop_database(db)
-    return rows
-
-
-def multi_run(templates: Path, db: Path, rules_dir: Path, count: int, pin: bool, seconds: int, round_no: int) -> dict:
-    config = server_config(DATA / f"config-multi-{count}.yaml", db, rules_dir, workers=count, members=MULTI_MEMBERS)
-    name = f"workers {count}, {'pinned' if pin else 'not pinned'}, round {round_no}"
-    with Server(f"multi-{count}-{'pinned' if pin else 'free'}",
-                [str(VENV_BIN / "loyalty"), "serve", "--config", str(config)], pin=pin, ready=True) as server:
-        time.sleep(1)      # the port answers once one worker listens; let them all start
-        log(f"{name}: warm-up")
-        wrk(templates, MULTI_MEMBERS, 3)
-        log(f"{name}: full load {seconds}s")
-        core_before = server.cpu_seconds(children=False)
-        full, _ = measured(server, lambda: wrk(templates, MULTI_MEMBERS, seconds))
-        full["core_cpu_us_per_request"] = ((server.cpu_seconds(children=False) - core_before)
-                                           / max(full["requests"], 1) * 1e6)
-    log(f"{name}: {full['confirmed_rps']:,.0f} confirmed/s, {full['cpu_us_per_request']:,.0f} µs CPU/request")
-    return full
-
-
-def multi_table(rows: list[dict]) -> str:
-    table = [[r["workers"], "core 0 (wrk on core 1)" if r["pinned"] else "none (wrk on core 1)",
-              " / ".join(f"{x['confirmed_rps']:,.0f}" for x in r["rounds"]),
-              f"{r['full']['rps']:,.0f}", f"{r['full']['confirmed_rps']:,.0f}", lat(r["full"]),
-              f"{r['full']['cpu_us_per_request']:.0f}", f"{r['full']['core_cpu_us_per_request']:.0f}",
-              f"{r['full']['cpu_share']:.2f}"] for r in rows]
-    text = tabulate(table, headers=["server.workers", "server pinned to", "confirmed/s of each round, lowest first",
-                                    "requests/s", "confirmed receipts/s",
-                                    "p50 / p99 / p99.9 ms", "server CPU µs/request (all processes)",
-                                    "of which the core (or the one process)", "cores used by the server"],
-                    tablefmt="github")
-    return (text + "\n\nserver.workers 1 is one process; N > 1 is N HTTP worker processes plus the core. "
-            f"Market program, {MULTI_MEMBERS:,} members, full load (32 connections, wrk on core 1 "
-            "in every row); the configurations take turns and each row shows its median round.")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", default=os.environ.get("BENCH_MEMBERS", "10000,1000000"))
     parser.add_argument("--duration", type=int, default=int(os.environ.get("BENCH_DURATION", "15")))
     parser.add_argument("--profile", type=int, default=int(os.environ.get("BENCH_PROFILE", "1")))
-    parser.add_argument("--workers", default=os.environ.get("BENCH_WORKERS", "1,2"),
-                        help="server.workers counts for the multi-process section; empty skips it")
-    parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", "2")),
-                        help="turns of the multi-process configurations (the median is reported)")
-    parser.add_argument("--only", choices=["multi"], help="run one section alone (written to benchmarks/data/)")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
-    worker_counts = [int(x) for x in args.workers.split(",") if x.strip()]
     counts = [int(x.replace("_", "")) for x in args.members.split(",") if x.strip()]
     seconds = args.duration
     DATA.mkdir(parents=True, exist_ok=True)
@@ -496,11 +419,6 @@ def main() -> int:
     market = ROOT / "rules" / "programs" / "market"
     python = str(VENV_BIN / "python")
     log(f"receipt bodies: {made}; 300-rule program in {rules300}")
-    if args.only == "multi":
-        text = multi_table(multi_process(templates, worker_counts, seconds, args.rounds))
-        (DATA / "multi.md").write_text(text + "\n")
-        print(text)
-        return 0
 
     with Server("trivial", [python, str(HERE / "bare_server.py"), str(PORT), "--trivial"]) as server:
         log("driver ceiling: wrk against a trivial responder")
@@ -558,9 +476,8 @@ def main() -> int:
         if db != source:
             drop_database(db)
         per_count.append(entry)
-    multi = multi_process(templates, worker_counts, seconds, args.rounds) if worker_counts else []
 
-    text = report(started, seconds, driver, bare, bare_rss, per_count, prof, made, multi)
+    text = report(started, seconds, driver, bare, bare_rss, per_count, prof, made)
     notes = ""
     if args.out.exists() and NOTES_MARK in args.out.read_text():
         notes = args.out.read_text().split(NOTES_MARK, 1)[1]
@@ -577,7 +494,7 @@ def lat(result: dict) -> str:
     return f"{l['p50'] / 1000:.1f} / {l['p99'] / 1000:.1f} / {l['p999'] / 1000:.1f}"
 
 
-def report(started, seconds, driver, bare, bare_rss, per_count, prof, made, multi) -> str:
+def report(started, seconds, driver, bare, bare_rss, per_count, prof, made) -> str:
     ceiling = bare["confirmed_rps"]
     lines = [
         "# Benchmark results",
@@ -658,8 +575,6 @@ def report(started, seconds, driver, bare, bare_rss, per_count, prof, made, mult
               "says the preload is done (the first server's wait is in the last column). Each member count runs "
               f"on a fresh copy of its generated database, except those over {COPY_BYTES_MAX / 2**30:.0f} GiB, "
               "which run in place (marked)."]
-    if multi:
-        lines += ["", "## Multi-process (server.workers)", "", multi_table(multi)]
     if prof:
         lines += ["", "## Profile of the confirm path", ""]
         if "error" in prof:

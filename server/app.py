@@ -17,12 +17,12 @@ from server.config import Config
 from server.errors import error_middleware
 from server.guards import InFlight, TokenBuckets, in_flight_middleware
 from server.jobs import schedule
-from server.keys import (BACKEND, CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, PRIVACY,
-                         PROGRAMS, SERVICE, STATE)
+from server.keys import (CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, PRIVACY, PROGRAMS,
+                         SERVICE, STATE)
 from server.metrics import Metrics
 from server.privacy import privacy_from_config
 from server.programs import ProgramHolder
-from server.routes import LocalBackend, add_routes, audit_middleware
+from server.routes import add_routes, audit_middleware
 from server.service import Service
 from server.startup import StartupError, check_database_file, lock_holder, still_locked, wait_for_write_lock
 from server.watcher import watch
@@ -51,7 +51,6 @@ def create_app(config: Config) -> web.Application:
     app[PRIVACY] = privacy
     app[LIMITER] = TokenBuckets(config.limits.requests_per_second_per_key, config.limits.burst)
     app[IN_FLIGHT] = InFlight.from_config(config.server)
-    app[BACKEND] = LocalBackend(app)
     app.cleanup_ctx.append(resources)
     app.on_shutdown.append(start_draining)
     add_routes(app)

@@ -89,11 +89,9 @@ def serve_command(config_path: str) -> int:
     except StartupError as e:
         print(f"not starting: {e}", file=sys.stderr)
         return 2
-    # Held until the database is closed; with server.workers > 1 by this, the core process.
+    # Held until the database is closed.
     with lock:
         try:
-            if config.server.workers > 1:
-                return serve_with_workers(app, config)
             return asyncio.run(serve(app, config))
         except ProgramError as e:
             _print_program_problems(config.resolve(config.rules.dir), e.problems)
@@ -129,7 +127,7 @@ async def serve(app, config) -> int:
     await runner.setup()
     try:
         try:
-            await Site(runner, config.server, workers=1).start()
+            await Site(runner, config.server).start()
         except CannotListen as e:
             print(e, file=sys.stderr)
             return 2
@@ -138,29 +136,6 @@ async def serve(app, config) -> int:
     finally:
         await runner.cleanup()
     log.info("stopped: every answered request is committed")
-    return 0
-
-
-def serve_with_workers(app, config) -> int:
-    """server.workers > 1: this process is the core; server/workers.py starts the workers."""
-    import asyncio
-
-    from server.listen import CannotListen, check_can_listen
-    from server.workers import WorkerStartError, serve_core
-    if config.server.port == 0:
-        # Every worker would listen on a port of its own.
-        print("config error: server.port: must be a fixed port when server.workers > 1", file=sys.stderr)
-        return 2
-    try:
-        check_can_listen(config.server.host, config.server.port)
-    except CannotListen as e:
-        print(e, file=sys.stderr)
-        return 2
-    try:
-        asyncio.run(serve_core(app, config))
-    except WorkerStartError as e:
-        print(f"not serving: {e}", file=sys.stderr)
-        return e.exit_code
     return 0
 
 

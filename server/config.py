@@ -49,9 +49,9 @@ class ServerConfig(Struct, forbid_unknown_fields=True):
     # Open connections at once; past it the one that has waited longest for a request
     # header is closed. Default: what RLIMIT_NOFILE leaves after the database, logs and spares.
     connections_max: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
-    # 1: one process does everything. N > 1: N worker processes share the port (HTTP, auth,
-    # rate limits, body decoding) and hand each call to one core process, the only writer.
-    workers: Annotated[int, Meta(ge=1, le=64)] = 1
+    # Only 1: kept so a config that states it still starts; any other value stops start-up
+    # with the reason (RETIRED below).
+    workers: Annotated[int, Meta(ge=1, le=1)] = 1
 
 
 class DatabaseConfig(Struct, forbid_unknown_fields=True):
@@ -191,7 +191,17 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+# Keys that accept one value only: why, in place of msgspec's bound.
+RETIRED = {
+    "server.workers": "must be 1: one process serves, as the database's single writer is the limit "
+                      "(worker processes in front of it served fewer receipts a second, not more); several "
+                      "processes on one database come with the PostgreSQL backend (planned)",
+}
+
+
 def _with_hint(reason: str, key: str) -> str:
+    if key in RETIRED:
+        return RETIRED[key]
     if reason != UNKNOWN_FIELD:
         return reason
     parent, _, leaf = key.rpartition(".")

@@ -28,11 +28,6 @@ class ApiError(Exception):
         self.headers = headers
 
 
-class HangUp(Exception):
-    """Close the connection without an answer, as a crashed server would: whether the request
-    was carried out is unknown, and the client's retry with the same body settles it."""
-
-
 def unprocessable(code: str, message: str, details: list[dict] | None = None) -> ApiError:
     return ApiError(422, code, message, details)
 
@@ -102,10 +97,6 @@ _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404:
 async def error_middleware(request: web.Request, handler):
     try:
         return await handler(request)
-    except HangUp:
-        if request.transport is not None:
-            request.transport.abort()
-        return web.Response(status=503)      # never sent: the connection is gone
     except Exception as e:
         answer = error_answer(e, request.method, _route_name(request))
         if answer is None:

@@ -57,11 +57,6 @@ UNCAPPED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 PER_KEY_SHARE_DEFAULT = 8
 
 
-def share(total: int, workers: int) -> int:
-    """One worker process's part of a limit the config states for the whole server."""
-    return max(1, math.ceil(total / workers))
-
-
 class InFlight:
     """Requests being handled, in total (counted before auth) and per key (after it)."""
 
@@ -73,10 +68,10 @@ class InFlight:
         self.by_key: dict[str, int] = {}        # only keys with requests in flight: bounded by the keys
 
     @classmethod
-    def from_config(cls, server: ServerConfig, workers: int = 1) -> InFlight:
-        per_key = server.requests_in_flight_per_key_max or share(server.requests_in_flight_max,
-                                                                 PER_KEY_SHARE_DEFAULT)
-        return cls(share(server.requests_in_flight_max, workers), share(per_key, workers))
+    def from_config(cls, server: ServerConfig) -> InFlight:
+        per_key = (server.requests_in_flight_per_key_max
+                   or max(1, math.ceil(server.requests_in_flight_max / PER_KEY_SHARE_DEFAULT)))
+        return cls(server.requests_in_flight_max, per_key)
 
     def enter_key(self, key: str, path: str) -> str | None:
         """Takes one of the key's slots (None for the paths never shed); 503 when it has none left."""

@@ -27,5 +27,3 @@ STATE = web.AppKey("state", dict)
 LIMITER = web.AppKey("limiter", "TokenBuckets")
 IN_FLIGHT = web.AppKey("in_flight", "InFlight")
 PRIVACY = web.AppKey("privacy", "Privacy")
-# Where a decoded call is answered: in this process, or in the core process (server.workers > 1).
-BACKEND = web.AppKey("backend", object)

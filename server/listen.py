@@ -1,4 +1,4 @@
-"""The HTTP listener, the same in one process and in each worker process (server.workers > 1).
+"""The HTTP listener: deadlines for each request's header and body, a cap on connections.
 
 aiohttp closes a connection only after `keepalive_timeout` of idleness and bounds neither
 how long a request header nor how long a body may take to arrive. A thousand connections
@@ -33,7 +33,6 @@ from aiohttp.web_protocol import RequestHandler
 
 from server.config import ServerConfig
 from server.errors import ApiError
-from server.guards import share
 
 log = logging.getLogger("loyalty.server")
 
@@ -263,10 +262,9 @@ def install_exception_handler(table: Connections | None = None) -> None:
 class Site(web.TCPSite):
     """TCPSite whose connections are `Connection`s."""
 
-    def __init__(self, runner: web.BaseRunner, config: ServerConfig, workers: int, **kwargs):
+    def __init__(self, runner: web.BaseRunner, config: ServerConfig, **kwargs):
         super().__init__(runner, config.host, config.port, backlog=ACCEPT_BACKLOG, **kwargs)
-        configured = None if config.connections_max is None else share(config.connections_max, workers)
-        self.connections = Connections(configured, open_fds() + FDS_IN_TRANSIT + SPARE_FDS)
+        self.connections = Connections(config.connections_max, open_fds() + FDS_IN_TRANSIT + SPARE_FDS)
         self._timeouts = Timeouts(config.header_timeout_seconds, config.body_timeout_seconds)
 
     def _connection(self) -> Connection:
@@ -296,22 +294,6 @@ def new_runner(app: web.Application, config: ServerConfig) -> web.AppRunner:
     return web.AppRunner(app, access_log=None, handle_signals=False,
                          shutdown_timeout=config.shutdown_timeout_seconds,
                          keepalive_timeout=config.keepalive_timeout_seconds)
-
-
-def check_can_listen(host: str, port: int) -> None:
-    """Binds every address of host:port as the workers will (SO_REUSEPORT) and lets go:
-    a port another program holds is found before any worker starts."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        for family, kind, proto, _, address in infos:
-            with socket.socket(family, kind, proto) as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                s.bind(address)
-    except OSError as e:
-        raise CannotListen(host, port, e) from None
 
 
 def open_fds() -> int:

@@ -1,10 +1,8 @@
 """The HTTP surface: one table of routes (method, path, roles, body type), thin handlers.
 
 Every route has two halves. The HTTP half (`bind`) authenticates, rate-limits and decodes
-the body into a `Call`; the service half (the handler in the table) turns a Call into a
-`Reply` (status and an encoded body). In one process the first hands the Call straight to
-the second (`LocalBackend`); with server.workers > 1 a worker process runs the HTTP half
-and the core process the service half (server/workers.py), with the same code.
+the body into a `Call`; the handler in the table turns a Call into a `Reply` (status and an
+encoded body), so handlers never touch the request and the checks are written once.
 
 The table is also what /openapi.json is generated from, so the document cannot drift
 from what the server actually accepts.
@@ -26,8 +24,7 @@ from rules import check_dir
 from server import schema
 from server.auth import Principal, require_role
 from server.errors import ApiError, field_error
-from server.keys import (BACKEND, CLOCK, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, PRIVACY, PROGRAMS, SERVICE,
-                         STATE)
+from server.keys import CLOCK, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, PRIVACY, PROGRAMS, SERVICE, STATE
 from storage import admin_audit
 from storage.ledger import iso
 
@@ -63,8 +60,6 @@ class Route:
     body: type | None = None
     summary: str = ""
     ok_status: int = 200
-    # False: needs neither the database nor the service, so a worker process answers it itself.
-    core: bool = True
 
 
 def json_reply(data, status: int = 200) -> Reply:
@@ -271,32 +266,16 @@ ROUTES: list[Route] = [
     Route("GET", "/v1/admin/rules", rules_info, R({MANAGER}), None, "The loaded program"),
     Route("POST", "/v1/admin/rules/reload", rules_reload, R({MANAGER}), None, "Reload the program from disk"),
     Route("POST", "/v1/admin/rules/check", rules_check, R({MANAGER}), schema.RulesCheck,
-          "Validate a program sent as {files: {path: yaml}} without loading it", core=False),
-    Route("GET", "/healthz", healthz, None, None, "Alive", core=False),
+          "Validate a program sent as {files: {path: yaml}} without loading it"),
+    Route("GET", "/healthz", healthz, None, None, "Alive"),
     Route("GET", "/readyz", readyz, None, None, "Program loaded, database writable (no storage fault in force: full, busy, lost), cache preloaded"),
     Route("GET", "/metrics", metrics, R({MONITOR, MANAGER}), None, "Prometheus metrics"),
-    Route("GET", "/openapi.json", openapi, None, None, "This API as OpenAPI 3", core=False),
+    Route("GET", "/openapi.json", openapi, None, None, "This API as OpenAPI 3"),
 ]
 
 
-ROUTES_BY_NAME = {route.handler.__name__: route for route in ROUTES}
 ADMIN_PREFIX = "/v1/admin/"
 PRINCIPAL = web.RequestKey("principal", Principal)   # the authenticated caller, for the audit log
-
-
-class LocalBackend:
-    """Runs the service half in this process: the whole server with one process, the core with several."""
-
-    def __init__(self, app: web.Application):
-        self.app = app
-
-    async def call(self, route: Route, call: Call) -> Reply:
-        return await route.handler(self.app, call)
-
-    async def audit(self, row: dict) -> None:
-        """Appends one admin audit row; the time is this process's clock, the one the ledger uses."""
-        full = {"at": iso(self.app[CLOCK].now()), **row}
-        await self.app[DATABASE].write(lambda conn: admin_audit.append(conn, **full))
 
 
 def bind(route: Route):
@@ -318,7 +297,7 @@ def bind(route: Route):
                     raise ApiError(400, "malformed_json", "a JSON body is required")
                 body = schema.decode(raw, route.body)
             call = Call(principal, dict(request.match_info), first_values(request.query), body)
-            return response(await request.app[BACKEND].call(route, call))
+            return response(await route.handler(request.app, call))
         finally:
             in_flight.leave_key(slot)
     handle.__name__ = route.handler.__name__
@@ -349,7 +328,7 @@ async def audit_middleware(request: web.Request, handler):
     if principal is not None and request.path.startswith(ADMIN_PREFIX):
         row = await audit_row(request, principal, response.status)
         try:
-            await request.app[BACKEND].audit(row)
+            await request.app[DATABASE].write(lambda conn: admin_audit.append(conn, **row))
         except Exception:
             log.exception("could not write the audit row for %s %s by %s", request.method,
                           request.match_info.route.resource.canonical, principal.key_id)
@@ -366,7 +345,8 @@ async def audit_row(request: web.Request, principal: Principal, status: int) -> 
         raw = await request.read()
     except (web.HTTPException, ApiError):   # over the size limit or too late: digest what is known
         raw = b""
-    return dict(key_id=principal.key_id, method=request.method, path=path,
+    # The time is the server's clock, the one the ledger uses.
+    return dict(at=iso(request.app[CLOCK].now()), key_id=principal.key_id, method=request.method, path=path,
                 body_digest=privacy.body_digest(raw), status=status)
 
 

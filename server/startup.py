@@ -66,7 +66,8 @@ def take_serve_lock(database: Path) -> ServeLock:
     make_folder(database)
     path = lock_path(database)
     try:
-        # O_CLOEXEC (Python's default too): worker processes must not inherit the lock.
+        # O_CLOEXEC (Python's default too): a program started from the server must not
+        # inherit the lock and hold it after the server is gone.
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
         raise StartupError(f"cannot open the database {database}: cannot create its lock file {path}: "

@@ -188,25 +188,6 @@ def test_never_ending_bodies_of_one_key_leave_the_other_keys_served(strict):
         assert closed, "the connection stayed open after 408"
 
 
-def test_the_deadlines_hold_in_worker_processes(tmp_path):
-    server = Server(tmp_path, server={"workers": 2, "header_timeout_seconds": 1.0, "body_timeout_seconds": 2.0})
-    server.start()
-    try:
-        async def run():
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            silent = await closed_after(reader, 15)
-            writer.close()
-            answers: list = []
-            await asyncio.wait_for(never_ending_body(server.port, KEYS["register"], answers), 15)
-            return silent, answers
-        silent, answers = asyncio.run(run())
-    finally:
-        server.kill()
-    assert silent is not None and silent < 10, silent
-    [(status, code, _, seconds, closed)] = answers
-    assert (status, code, closed) == (408, "request_timeout", True) and seconds < 8, answers
-
-
 # ------------------------------------------------------------------ the file limit
 
 def hold_silent_connections(port: int, count: int, stop, opened) -> None:
@@ -326,28 +307,26 @@ def test_resource_errors_are_logged_at_a_bounded_rate(caplog):
     assert "more like it in the last 10s not logged" in caplog.records[1].getMessage()
 
 
-def test_connection_settings_are_bounded_and_workers_take_their_share():
+def test_connection_settings_are_bounded():
     for key, bad in [("header_timeout_seconds", 0), ("body_timeout_seconds", -1), ("keepalive_timeout_seconds", 0),
                      ("connections_max", 0), ("requests_in_flight_per_key_max", 0), ("header_timeout_seconds", 301)]:
         with pytest.raises(ConfigError, match=f"server.{key}"):
             config_from_dict({"server": {key: bad}})
     server = config_from_dict({"server": {"requests_in_flight_max": 100}}).server
     assert (InFlight.from_config(server).limit, InFlight.from_config(server).per_key_limit) == (100, 13)
-    assert (InFlight.from_config(server, 4).limit, InFlight.from_config(server, 4).per_key_limit) == (25, 4)
     explicit = config_from_dict({"server": {"requests_in_flight_per_key_max": 30}}).server
-    assert InFlight.from_config(explicit, 2).per_key_limit == 15
+    assert InFlight.from_config(explicit).per_key_limit == 30
 
 
 # ------------------------------------------------------------------ busy port
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_a_busy_port_is_one_line_and_exit_code_2(tmp_path, workers):
+def test_a_busy_port_is_one_line_and_exit_code_2(tmp_path):
     import socket
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        server = Server(tmp_path, server={"workers": workers, "port": port})
+        server = Server(tmp_path, server={"port": port})
         done = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--config", str(server.config)],
                               capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 2, done.stderr[-2000:]

@@ -33,11 +33,10 @@ def refused(server: Server) -> str:
     return server.log.read_text()
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_second_server_on_the_same_file_is_refused_and_the_first_serves_on(tmp_path, workers):
+def test_second_server_on_the_same_file_is_refused_and_the_first_serves_on(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    first = Server(tmp_path / "a", server={"workers": workers})
+    first = Server(tmp_path / "a")
     first.start()
     try:
         # Named through a symlink: still the same file, still refused.
@@ -47,7 +46,7 @@ def test_second_server_on_the_same_file_is_refused_and_the_first_serves_on(tmp_p
         out = refused(second)
         assert "Traceback" not in out
         holder = json.loads((tmp_path / "a" / "loyalty.db.serve.lock").read_text())
-        assert holder["pid"] == first.proc.pid          # the core process holds it, not a worker
+        assert holder["pid"] == first.proc.pid
         assert (f"not starting: another loyalty server (pid {first.proc.pid}, started {holder['started']}) "
                 f"is serving the database {linked} (it holds {first.db}.serve.lock)") in out
         assert "one server per database file" in out
