@@ -28,6 +28,7 @@ from server.startup import (StartupError, check_database_file, is_busy, lock_hol
                             wait_for_write_lock)
 from server.watcher import watch
 from storage.db import Database, StorageBusy, StorageError
+from storage.ledger import manual_tiers_outside
 from storage.personal import protect_existing
 from storage.preload import preload
 from storage.schema import migrations
@@ -64,6 +65,8 @@ async def resources(app: web.Application):
     app[PROGRAMS].load_initial()
     db = app[DATABASE] = await _open_database(app)
     app[SERVICE] = Service(db, app[PROGRAMS], app[CLOCK], app[METRICS], app[PRIVACY])
+    app[PROGRAMS].count_lost_tiers(
+        lambda levels, today: db.read_now(lambda conn: manual_tiers_outside(conn, levels, today)))
     hup = _install_sighup(app)
     watcher = None
     if config.rules.watch:

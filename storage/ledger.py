@@ -110,6 +110,15 @@ def update_member(conn: sqlite3.Connection, member_id: int, changes: dict, now: 
     conn.execute(f"UPDATE members SET {sets}, updated_at = ? WHERE id = ?", (*changes.values(), now, member_id))
 
 
+def manual_tiers_outside(conn: sqlite3.Connection, levels: list[str], today: str) -> dict[str, int]:
+    """Members per manual tier, still valid on `today`, that is not one of `levels`. Reads
+    members_manual_tier: only the members with a manual tier, however many members there are."""
+    marks = ", ".join("?" * len(levels))
+    return dict(conn.execute(
+        "SELECT manual_tier, COUNT(*) FROM members INDEXED BY members_manual_tier WHERE manual_tier IS NOT NULL "
+        f"AND manual_tier NOT IN ({marks}) AND manual_tier_until >= ? GROUP BY manual_tier", (*levels, today)))
+
+
 def fire_event_once(conn: sqlite3.Connection, member_id: int, event_id: str, occasion: str, now: str) -> bool:
     """True when this occasion had not fired yet for the member (and records it)."""
     cur = conn.execute("INSERT OR IGNORE INTO event_fires (member_id, event_id, occasion, created_at) "
