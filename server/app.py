@@ -19,10 +19,10 @@ from server.guards import InFlight, TokenBuckets, in_flight_middleware
 from server.jobs import schedule
 from server.keys import (BACKEND, CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, PRIVACY,
                          PROGRAMS, SERVICE, STATE)
-from server.metrics import Metrics
+from server.metrics import Metrics, error_code, status_class
 from server.privacy import privacy_from_config
 from server.programs import ProgramHolder
-from server.routes import LocalBackend, add_routes, audit_middleware
+from server.routes import COUNTED_ENDPOINTS, LocalBackend, add_routes, audit_middleware
 from server.service import Service
 from server.startup import (StartupError, check_database_file, is_busy, lock_holder, still_locked,
                             wait_for_write_lock)
@@ -200,10 +200,21 @@ async def start_draining(app: web.Application) -> None:
 
 @web.middleware
 async def latency_middleware(request: web.Request, handler):
+    """Request latency by route, method and status class, and refused receipt requests by
+    their error code: measured on the answer itself, once per request, whatever refused it
+    (authentication, decoding, the service)."""
     started = time.perf_counter()
+    response = None
     try:
-        return await handler(request)
+        response = await handler(request)
+        return response
     finally:
-        route = request.match_info.route.resource
-        name = route.canonical if route is not None else "unmatched"
-        request.app[METRICS].request_latency.labels(name, request.method).observe(time.perf_counter() - started)
+        route = request.match_info.route
+        name = route.resource.canonical if route.resource is not None else "unmatched"
+        status = response.status if response is not None else 500   # no answer: cancelled or a bug
+        metrics = request.app[METRICS]
+        metrics.request_latency.labels(name, request.method, status_class(status)).observe(
+            time.perf_counter() - started)
+        endpoint = COUNTED_ENDPOINTS.get(route.name)
+        if endpoint is not None and status >= 400:
+            metrics.receipts.labels(endpoint, error_code(getattr(response, "body", None))).inc()

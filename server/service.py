@@ -166,7 +166,10 @@ class Service:
         used = ledger.rule_totals(conn, list(program.budgets))
         return {r: max(0, cap - used[r]) for r, cap in program.budgets.items()}
 
-    def _evaluate(self, conn, program: Program, receipt: schema.Receipt, state: MemberState | None):
+    def _evaluate(self, conn, program: Program, receipt: schema.Receipt, state: MemberState | None,
+                  seconds: list[float]):
+        """seconds: gets the evaluation's time, observed once the transaction is over (a write
+        function may run again when another in its batch ended the transaction)."""
         # The budgets are a read: outside the time loyalty_rules_evaluation_seconds reports.
         budget_left = None if state is None else self._budget_left(conn, program)
         started = time.perf_counter()
@@ -175,7 +178,7 @@ class Service:
         else:
             ev = program.evaluate(receipt, state.facts, receipt.redeem_points,
                                   state.balance.available + state.own_hold, state.usage, budget_left)
-        self.metrics.rules_eval.observe(time.perf_counter() - started)
+        seconds.append(time.perf_counter() - started)
         if ev.redeem_refusal:
             raise self._refusal(ev.redeem_refusal, program, receipt)
         return ev
@@ -234,19 +237,30 @@ class Service:
         self._check_receipt(receipt, principal)
         program, now = self.program(), self.clock.now()
         card = None if receipt.card is None else self.privacy.card(receipt.card)
-        if card is None:     # anonymous: nothing to read or hold
-            ev = self._evaluate(None, program, receipt, None)
-            result = {**self._result(program, receipt, None, ev, {}, self.local_day(program, now)), "hold": None}
-        else:
-            result = await self.db.write(lambda conn: self._calculate_in_tx(conn, program, receipt, now, card))
+        seconds: list[float] = []
+        try:
+            if card is None:     # anonymous: nothing to read or hold
+                ev = self._evaluate(None, program, receipt, None, seconds)
+                result = {**self._result(program, receipt, None, ev, {}, self.local_day(program, now)),
+                          "hold": None}
+            else:
+                result = await self.db.write(
+                    lambda conn: self._calculate_in_tx(conn, program, receipt, now, card, seconds))
+        finally:
+            self._observe_evaluation(seconds)
         self.metrics.receipts.labels("calculate", "ok").inc()
         return result
 
-    def _calculate_in_tx(self, conn, program: Program, receipt: schema.Receipt, now: datetime, card: str) -> dict:
+    def _observe_evaluation(self, seconds: list[float]) -> None:
+        if seconds:     # the last run is the one that counted
+            self.metrics.rules_eval.observe(seconds[-1])
+
+    def _calculate_in_tx(self, conn, program: Program, receipt: schema.Receipt, now: datetime, card: str,
+                         seconds: list[float]) -> dict:
         """Holds the points to be redeemed (replacing this receipt's earlier hold) until the confirm."""
         key = (receipt.store_id, receipt.register_id, receipt.receipt_id)
         state = self._member_state(conn, receipt, program, now, card)
-        ev = self._evaluate(conn, program, receipt, state)
+        ev = self._evaluate(conn, program, receipt, state, seconds)
         today = self.local_day(program, now)
         held = ev.redeemed_points
         expires_at = now + timedelta(minutes=program.hold_ttl_minutes)
@@ -267,15 +281,15 @@ class Service:
         body = schema.canonical(receipt if card is None else msgspec.structs.replace(receipt, card=card))
         fingerprint = sha256(body)
         program, now = self.program(), self.clock.now()
+        seconds: list[float] = []
         try:
             status, result, ev = await self.db.write(
-                lambda conn: self._confirm_in_tx(conn, program, receipt, key, card, body, fingerprint, now))
+                lambda conn: self._confirm_in_tx(conn, program, receipt, key, card, body, fingerprint, now, seconds))
         except InsufficientPoints as e:
             raise unprocessable("insufficient_points", str(e)) from None
-        except ApiError as e:
-            if e.code == "idempotency_conflict":
-                self.metrics.receipts.labels("confirm", "conflict").inc()
-            raise
+        finally:
+            self._observe_evaluation(seconds)
+        # Refusals are counted by their code where the answer is made (server/app.py).
         self._count("confirm", status, result)
         if ev is not None:
             for rule, points in ev.by_rule:
@@ -312,7 +326,7 @@ class Service:
         self.metrics.receipts.labels(endpoint, outcome).inc()
 
     def _confirm_in_tx(self, conn, program: Program, receipt: schema.Receipt, key: ledger.ReceiptKey,
-                       card: str | None, body: bytes, fingerprint: str, now: datetime) -> tuple:
+                       card: str | None, body: bytes, fingerprint: str, now: datetime, seconds: list[float]) -> tuple:
         """(status, answer, evaluation or None for a replay). Raises ApiError with nothing written."""
         stored = ledger.get_receipt(conn, key)
         if stored is not None:
@@ -321,7 +335,7 @@ class Service:
                 answer = self._cancelled_replay(conn, program, answer, stored.member_id, now)
             return 200, answer, None
         state = self._member_state(conn, receipt, program, now, card)
-        ev = self._evaluate(conn, program, receipt, state)
+        ev = self._evaluate(conn, program, receipt, state, seconds)
         today = self.local_day(program, now)
         member = state.member if state else None
         balance = self._balance_after(state.balance, state.own_hold, ev, today, confirmed=True) if state else {}

@@ -43,8 +43,9 @@ from server.errors import ApiError, HangUp, error_answer, error_middleware
 from server.guards import InFlight, TokenBuckets, in_flight_middleware
 from server.keys import BACKEND, CONFIG, IN_FLIGHT, KEYRING, LIMITER, METRICS, PRIVACY, STATE
 from server.listen import CannotListen, Site, install_exception_handler, new_runner
+from server.metrics import error_code, status_class
 from server.privacy import privacy_from_config
-from server.routes import JSON_TYPE, ROUTES_BY_NAME, Call, LocalBackend, Reply, Route, add_routes, audit_middleware, readyz
+from server.routes import COUNTED_ENDPOINTS, JSON_TYPE, ROUTES_BY_NAME, Call, LocalBackend, Reply, Route, add_routes, audit_middleware, readyz
 
 log = logging.getLogger("loyalty.workers")
 
@@ -211,14 +212,21 @@ class Core:
         if route is None:
             return error_reply(ApiError(500, "internal_error", f"no route {frame.route}"), "", "")
         started = time.perf_counter()
+        reply = None
         try:
             body = BODY_DECODERS[route.body].decode(frame.body) if route.body else None
-            return await self.local.call(route, Call(frame.principal, frame.path, frame.query, body))
+            reply = await self.local.call(route, Call(frame.principal, frame.path, frame.query, body))
         except Exception as e:
-            return error_reply(e, route.method, route.path)
+            reply = error_reply(e, route.method, route.path)
         finally:
-            self.app[METRICS].request_latency.labels(route.path, route.method).observe(
+            status = reply.status if reply is not None else 500
+            metrics = self.app[METRICS]
+            metrics.request_latency.labels(route.path, route.method, status_class(status)).observe(
                 time.perf_counter() - started)
+            endpoint = COUNTED_ENDPOINTS.get(route.handler.__name__)
+            if endpoint is not None and status >= 400:
+                metrics.receipts.labels(endpoint, error_code(reply.body if reply else None)).inc()
+        return reply
 
     async def _audit(self, row: dict) -> Reply:
         try:
