@@ -98,3 +98,14 @@ async def test_explain_counts_receipt_number_in_arrival_order_as_the_server_does
     new = facts("R-9", "2026-11-21T12:00:00+02:00")
     assert new.receipt_number == 3 and new.tier == "silver"
     program.close()
+
+
+async def test_a_late_receipt_spends_what_is_available_at_arrival(make_api, tmp_path):
+    api = await setup(make_api, tmp_path)     # the welcome points came after the receipt's ts
+    body = receipt("OLD-3", [line(1, "grocery", 10000)], card=CARD, ts="2026-11-01T12:00:00+02:00", redeem=20)
+    status, res = await api.post("/v1/receipts", body, as_="register")
+    assert status == 201 and res["redeemed"]["points"] == 20
+    # 0.80 at 1 % of what was paid + 7 + 3 = 10, available since 2026-11-15.
+    assert res["accrued"]["points"] == 10 and res["balance"] == {"available": 90, "pending": 0, "held": 0}
+    _, member = await api.get(f"/v1/members/{CARD}")
+    assert member["balance"] == res["balance"]
