@@ -225,7 +225,7 @@ class Service:
         if confirmed:
             available -= ev.redeemed_points
             for available_from, expires_on, points in ev.lots:
-                if expires_on is not None and str(expires_on) <= today:
+                if expired_by(expires_on, today):
                     continue        # a late receipt's points that expired before it arrived
                 if str(available_from) <= today:
                     available += points
