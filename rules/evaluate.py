@@ -70,8 +70,9 @@ def _redeem(program: Any, classes: list, line_nos: list[int], amounts: list[int]
         result.redeem_refusal = "below_min_redemption" if min(requested, cap) < needed else "insufficient_points"
         return []
     discount = applied * program.point_value
-    points = largest_remainder(applied, weights)
-    money = largest_remainder(discount, weights)
+    payable_nos = [line_nos[position] for position in payable]
+    points = split_by_line(applied, weights, payable_nos)
+    money = split_by_line(discount, weights, payable_nos)
     result.redeemed_points, result.discount = applied, discount
     result.redeemed_by_line = [
         (line_nos[position], share, amount)
@@ -259,7 +260,7 @@ def _attribute(program: Any, exact: Exact, line_nos: list[int], earning: list[in
     if left > 0:
         _hand_out(left, fired, exact, shares, line_nos, common)
     if budget_left is not None:
-        _cut_to_budgets(program.rules, fired, exact, shares, budget_left)
+        _cut_to_budgets(program.rules, fired, exact, shares, budget_left, line_nos)
     _fill(program.rules, fired, exact, shares, line_nos, earning, result)
 
 
@@ -288,13 +289,26 @@ def _hand_out(left: int, fired: list[int], exact: Exact, shares: list[list[int]]
 
 
 def _cut_to_budgets(rules: list, fired: list[int], exact: Exact, shares: list[list[int]],
-                    budget_left: dict[str, int]) -> None:  # fmt: skip
+                    budget_left: dict[str, int], line_nos: list[int]) -> None:  # fmt: skip
     # The receipt that would cross a budget gets what is left, spread like the rest.
     for slot, index in enumerate(fired):
         rule = rules[index]
         left = budget_left.get(rule.id) if rule.budget else None
         if left is not None and sum(shares[slot]) > left:
-            shares[slot] = largest_remainder(max(left, 0), exact[index][2])
+            positions = exact[index][1]
+            shares[slot] = split_by_line(max(left, 0), exact[index][2], [line_nos[at] for at in positions])
+
+
+def split_by_line(total: int, weights: list[int], nos: list[int]) -> list[int]:
+    """largest_remainder with ties to the lower line number (`nos`, one per weight), in
+    whatever order the register sent the lines."""
+    if all(a < b for a, b in zip(nos, nos[1:])):
+        return largest_remainder(total, weights)
+    order = sorted(range(len(weights)), key=nos.__getitem__)
+    parts = [0] * len(weights)
+    for at, part in zip(order, largest_remainder(total, [weights[at] for at in order])):
+        parts[at] = part
+    return parts
 
 
 def _fill(rules: list, fired: list[int], exact: Exact, shares: list[list[int]], line_nos: list[int],

@@ -19,15 +19,16 @@ from server.guards import InFlight, TokenBuckets, in_flight_middleware
 from server.jobs import schedule
 from server.keys import (CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, PRIVACY, PROGRAMS,
                          SERVICE, STATE)
-from server.metrics import Metrics
+from server.metrics import Metrics, error_code, status_class
 from server.privacy import privacy_from_config
 from server.programs import ProgramHolder
-from server.routes import add_routes, audit_middleware
+from server.routes import COUNTED_ENDPOINTS, add_routes, audit_middleware
 from server.service import Service
 from server.startup import StartupError, check_database_file, lock_holder, still_locked, wait_for_write_lock
 from server.watcher import watch
 from storage.db import Database, StorageBusy, StorageError
 from storage.health import is_busy
+from storage.ledger import manual_tiers_outside
 from storage.personal import protect_existing
 from storage.preload import preload
 from storage.schema import migrations
@@ -62,6 +63,8 @@ async def resources(app: web.Application):
     app[PROGRAMS].load_initial()
     db = app[DATABASE] = await _open_database(app)
     app[SERVICE] = Service(db, app[PROGRAMS], app[CLOCK], app[METRICS], app[PRIVACY])
+    app[PROGRAMS].count_lost_tiers(
+        lambda levels, today: db.read_now(lambda conn: manual_tiers_outside(conn, levels, today)))
     hup = _install_sighup(app)
     watcher = None
     if config.rules.watch:
@@ -190,10 +193,21 @@ async def start_draining(app: web.Application) -> None:
 
 @web.middleware
 async def latency_middleware(request: web.Request, handler):
+    """Request latency by route, method and status class, and refused receipt requests by
+    their error code: measured on the answer itself, once per request, whatever refused it
+    (authentication, decoding, the service)."""
     started = time.perf_counter()
+    response = None
     try:
-        return await handler(request)
+        response = await handler(request)
+        return response
     finally:
-        route = request.match_info.route.resource
-        name = route.canonical if route is not None else "unmatched"
-        request.app[METRICS].request_latency.labels(name, request.method).observe(time.perf_counter() - started)
+        route = request.match_info.route
+        name = route.resource.canonical if route.resource is not None else "unmatched"
+        status = response.status if response is not None else 500   # no answer: cancelled or a bug
+        metrics = request.app[METRICS]
+        metrics.request_latency.labels(name, request.method, status_class(status)).observe(
+            time.perf_counter() - started)
+        endpoint = COUNTED_ENDPOINTS.get(route.name)
+        if endpoint is not None and status >= 400:
+            metrics.receipts.labels(endpoint, error_code(getattr(response, "body", None))).inc()

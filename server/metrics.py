@@ -1,6 +1,7 @@
 """Prometheus metrics, one registry per application so tests can build many apps."""
 from __future__ import annotations
 
+import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 LATENCY_BUCKETS_SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -15,8 +16,9 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.receipts = Counter("loyalty_receipts", "Receipt requests by endpoint and outcome",
                                 ["endpoint", "outcome"], registry=r)
-        self.request_latency = Histogram("loyalty_request_duration_seconds", "HTTP request latency",
-                                         ["route", "method"], buckets=LATENCY_BUCKETS_SECONDS, registry=r)
+        self.request_latency = Histogram("loyalty_request_duration_seconds", "HTTP request latency by route, "
+                                         "method and status class (2xx, 4xx, 5xx)", ["route", "method", "status"],
+                                         buckets=LATENCY_BUCKETS_SECONDS, registry=r)
         self.points_accrued = Counter("loyalty_points_accrued", "Points accrued by rule", ["rule"], registry=r)
         self.points_redeemed = Counter("loyalty_points_redeemed", "Points redeemed on receipts", registry=r)
         self.points_reversed = Counter("loyalty_points_reversed", "Accrued points reversed by returns and cancels",
@@ -69,3 +71,19 @@ class Metrics:
         fault = db.fault()
         for cause in STORAGE_CAUSES:
             self.storage_fault.labels(cause).set(1 if fault is not None and fault.cause == cause else 0)
+
+
+def status_class(status: int) -> str:
+    """The `status` label of loyalty_request_duration_seconds: 2xx, 4xx, 5xx."""
+    return f"{status // 100}xx"
+
+
+def error_code(body) -> str:
+    """The `code` of an answer in the one error shape; `no_answer` when there was none (the
+    connection was dropped, or the request cancelled)."""
+    if isinstance(body, bytes) and body:
+        try:
+            return msgspec.json.decode(body)["error"]["code"]
+        except (msgspec.DecodeError, KeyError, TypeError):
+            pass
+    return "no_answer"

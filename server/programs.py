@@ -2,13 +2,16 @@
 
 A request takes `holder.current` once and uses that object to the end, so a reload in
 the middle of a receipt never mixes two versions. A program that fails to load is
-refused whole and the previous one keeps serving.
+refused whole and the previous one keeps serving. A program that no longer defines a
+tier some members hold by hand loads, with a warning: those members get their computed
+tier meanwhile.
 """
 from __future__ import annotations
 
 import logging
 import threading
 from pathlib import Path
+from typing import Callable
 
 from rules import Program, ProgramError, load_program
 from server.metrics import Metrics
@@ -24,6 +27,15 @@ class ProgramHolder:
         self._lock = threading.Lock()
         self.current: Program | None = None
         self.last_reload: dict = {}
+        # (tier levels, local date) -> {lost tier: members}; set once the database is open.
+        self._census: Callable[[list[str], str], dict[str, int]] | None = None
+
+    def count_lost_tiers(self, census: Callable[[list[str], str], dict[str, int]]) -> None:
+        """From now on every load counts the members holding a manual tier the program does
+        not define; the current program is counted at once."""
+        self._census = census
+        if self.current is not None:
+            self._warn_lost_tiers(self.current)
 
     def load_initial(self) -> Program:
         """At start-up a broken program stops the server: there is nothing older to keep."""
@@ -60,9 +72,27 @@ class ProgramHolder:
         self._record_ok(trigger, program, changed=True)
         log.info("rules %s loaded from %s (%s)", program.version, self.directory, trigger)
 
+    def _warn_lost_tiers(self, program: Program) -> None:
+        if self._census is None:
+            return
+        today = self._clock.now().astimezone(program.timezone).date().isoformat()
+        try:
+            lost = self._census([level for level, _ in program.tiers], today)
+        except Exception:  # noqa: BLE001 - the program is loaded either way; only the count is missing
+            log.exception("could not count the members holding tiers program %s does not define", program.id)
+            return
+        warnings = [f"{members} member(s) hold manual tier {tier!r}, which program {program.id} does not define: "
+                    f"they get the tier their {program.tier_metric} reaches meanwhile"
+                    for tier, members in sorted(lost.items())]
+        self.last_reload["lost_tiers"] = lost
+        self.last_reload["warnings"] = warnings
+        for warning in warnings:
+            log.warning("rules %s: %s", program.version, warning)
+
     def _record_ok(self, trigger: str, program: Program, changed: bool) -> None:
         self.last_reload = {"at": self._clock.now().isoformat(), "ok": True, "trigger": trigger,
                             "version": program.version, "changed": changed, "errors": []}
         self._metrics.rules_reloads.labels("loaded" if changed else "unchanged").inc()
         self._metrics.rules_last_reload_ok.set(1)
+        self._warn_lost_tiers(program)
 

@@ -68,20 +68,20 @@ def member_from_db(conn: sqlite3.Connection, program: Program, card: str, receip
     from the database.
 
     Tier: as the server computes it at the receipt's moment (a manual tier while valid, else
-    the level reached over the window). receipt_number: confirmed receipts before this one,
-    plus one."""
+    the level reached over the window before ts). receipt_number: as the server counts it,
+    in arrival order: the confirmed receipts that arrived before this one (all of them when
+    it is not stored), plus one."""
     from server.service import tier_view
-    from storage.ledger import from_iso, iso, member_by_card
+    from storage.ledger import from_iso, member_by_card, receipts_confirmed_before
 
     member = member_by_card(conn, card)
     if member is None:
         return None
-    tier = tier_view(conn, program, member, receipt.ts, iso(receipt.ts))[0]["id"]
-    before = conn.execute(
-        "SELECT COUNT(*) FROM receipts WHERE member_id = ? AND status = 'confirmed' AND ts < ? "
-        "AND NOT (store_id = ? AND register_id = ? AND receipt_id = ?)",
-        (member.id, iso(receipt.ts), receipt.store_id, receipt.register_id, receipt.receipt_id),
-    ).fetchone()[0]
+    view, ever = tier_view(conn, program, member, receipt.ts, of_receipt=True)
+    tier = view["id"]
+    before = receipts_confirmed_before(conn, member.id, (receipt.store_id, receipt.register_id, receipt.receipt_id))
+    if before is None:
+        before = ever
     return MemberFacts(
         member_id=member.public_id,
         tier=tier,

@@ -90,8 +90,10 @@ class Service:
     # ------------------------------------------------------------ member facts
 
     def member_facts(self, conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
-                     moment: datetime) -> MemberFacts:
-        tier, ever = tier_view(conn, program, member, moment)
+                     ts: datetime) -> MemberFacts:
+        """As the rules see the member on a receipt stamped `ts`: the tier at ts, the
+        receipt_number in arrival order (this receipt not stored yet)."""
+        tier, ever = tier_view(conn, program, member, ts, of_receipt=True)
         return MemberFacts(
             member_id=member.public_id,
             tier=tier["id"],
@@ -147,7 +149,7 @@ class Service:
                                 [{"path": "card", "message": "not enrolled"}])
         key = (receipt.store_id, receipt.register_id, receipt.receipt_id)
         windows = program.limit_windows(receipt.ts.astimezone(program.timezone).date())
-        facts = self.member_facts(conn, program, member, now)
+        facts = self.member_facts(conn, program, member, receipt.ts)
         holds = ledger.open_holds(conn, member.id, iso(now))
         balance = ledger.balance_of(ledger.lots_of(conn, member.id), holds, self.local_day(program, now))
         own = sum(h.points for h in holds if h.key == key)
@@ -164,7 +166,10 @@ class Service:
         used = ledger.rule_totals(conn, list(program.budgets))
         return {r: max(0, cap - used[r]) for r, cap in program.budgets.items()}
 
-    def _evaluate(self, conn, program: Program, receipt: schema.Receipt, state: MemberState | None):
+    def _evaluate(self, conn, program: Program, receipt: schema.Receipt, state: MemberState | None,
+                  seconds: list[float]):
+        """seconds: gets the evaluation's time, observed once the transaction is over (a write
+        function may run again when another in its batch ended the transaction)."""
         # The budgets are a read: outside the time loyalty_rules_evaluation_seconds reports.
         budget_left = None if state is None else self._budget_left(conn, program)
         started = time.perf_counter()
@@ -173,7 +178,7 @@ class Service:
         else:
             ev = program.evaluate(receipt, state.facts, receipt.redeem_points,
                                   state.balance.available + state.own_hold, state.usage, budget_left)
-        self.metrics.rules_eval.observe(time.perf_counter() - started)
+        seconds.append(time.perf_counter() - started)
         if ev.redeem_refusal:
             raise self._refusal(ev.redeem_refusal, program, receipt)
         return ev
@@ -219,7 +224,9 @@ class Service:
         pending = before.pending
         if confirmed:
             available -= ev.redeemed_points
-            for available_from, _expires, points in ev.lots:
+            for available_from, expires_on, points in ev.lots:
+                if expired_by(expires_on, today):
+                    continue        # a late receipt's points that expired before it arrived
                 if str(available_from) <= today:
                     available += points
                 else:
@@ -230,19 +237,30 @@ class Service:
         self._check_receipt(receipt, principal)
         program, now = self.program(), self.clock.now()
         card = None if receipt.card is None else self.privacy.card(receipt.card)
-        if card is None:     # anonymous: nothing to read or hold
-            ev = self._evaluate(None, program, receipt, None)
-            result = {**self._result(program, receipt, None, ev, {}, self.local_day(program, now)), "hold": None}
-        else:
-            result = await self.db.write(lambda conn: self._calculate_in_tx(conn, program, receipt, now, card))
+        seconds: list[float] = []
+        try:
+            if card is None:     # anonymous: nothing to read or hold
+                ev = self._evaluate(None, program, receipt, None, seconds)
+                result = {**self._result(program, receipt, None, ev, {}, self.local_day(program, now)),
+                          "hold": None}
+            else:
+                result = await self.db.write(
+                    lambda conn: self._calculate_in_tx(conn, program, receipt, now, card, seconds))
+        finally:
+            self._observe_evaluation(seconds)
         self.metrics.receipts.labels("calculate", "ok").inc()
         return result
 
-    def _calculate_in_tx(self, conn, program: Program, receipt: schema.Receipt, now: datetime, card: str) -> dict:
+    def _observe_evaluation(self, seconds: list[float]) -> None:
+        if seconds:     # the last run is the one that counted
+            self.metrics.rules_eval.observe(seconds[-1])
+
+    def _calculate_in_tx(self, conn, program: Program, receipt: schema.Receipt, now: datetime, card: str,
+                         seconds: list[float]) -> dict:
         """Holds the points to be redeemed (replacing this receipt's earlier hold) until the confirm."""
         key = (receipt.store_id, receipt.register_id, receipt.receipt_id)
         state = self._member_state(conn, receipt, program, now, card)
-        ev = self._evaluate(conn, program, receipt, state)
+        ev = self._evaluate(conn, program, receipt, state, seconds)
         today = self.local_day(program, now)
         held = ev.redeemed_points
         expires_at = now + timedelta(minutes=program.hold_ttl_minutes)
@@ -263,15 +281,15 @@ class Service:
         body = schema.canonical(receipt if card is None else msgspec.structs.replace(receipt, card=card))
         fingerprint = sha256(body)
         program, now = self.program(), self.clock.now()
+        seconds: list[float] = []
         try:
             status, result, ev = await self.db.write(
-                lambda conn: self._confirm_in_tx(conn, program, receipt, key, card, body, fingerprint, now))
+                lambda conn: self._confirm_in_tx(conn, program, receipt, key, card, body, fingerprint, now, seconds))
         except InsufficientPoints as e:
             raise unprocessable("insufficient_points", str(e)) from None
-        except ApiError as e:
-            if e.code == "idempotency_conflict":
-                self.metrics.receipts.labels("confirm", "conflict").inc()
-            raise
+        finally:
+            self._observe_evaluation(seconds)
+        # Refusals are counted by their code where the answer is made (server/app.py).
         self._count("confirm", status, result)
         if ev is not None:
             for rule, points in ev.by_rule:
@@ -289,18 +307,35 @@ class Service:
                            "this identity was already used with a different body; use a new id")
         return {**msgspec.json.decode(stored_result), "replayed": True}
 
+    def _cancelled_replay(self, conn, program: Program, answer: dict, member_id: int | None,
+                          now: datetime) -> dict:
+        """The stored answer of a receipt cancelled since, with the member's balance now: the
+        stored balance and messages (points earned, paid with) no longer hold."""
+        answer["cancelled"] = True
+        if member_id is None:
+            return answer
+        today = self.local_day(program, now)
+        holds = ledger.open_holds(conn, member_id, iso(now))
+        balance = ledger.balance_of(ledger.lots_of(conn, member_id), holds, today).as_json()
+        answer["balance"] = balance
+        answer["messages"] = ["Receipt cancelled", f"Balance: {balance['available']} points"]
+        return answer
+
     def _count(self, endpoint: str, status: int, result: dict | None = None) -> None:
         outcome = "replayed" if status == 200 and result and result.get("replayed") else "ok"
         self.metrics.receipts.labels(endpoint, outcome).inc()
 
     def _confirm_in_tx(self, conn, program: Program, receipt: schema.Receipt, key: ledger.ReceiptKey,
-                       card: str | None, body: bytes, fingerprint: str, now: datetime) -> tuple:
+                       card: str | None, body: bytes, fingerprint: str, now: datetime, seconds: list[float]) -> tuple:
         """(status, answer, evaluation or None for a replay). Raises ApiError with nothing written."""
         stored = ledger.get_receipt(conn, key)
         if stored is not None:
-            return 200, self._replay(stored.body_sha256, fingerprint, stored.result), None
+            answer = self._replay(stored.body_sha256, fingerprint, stored.result)
+            if stored.status == "cancelled":
+                answer = self._cancelled_replay(conn, program, answer, stored.member_id, now)
+            return 200, answer, None
         state = self._member_state(conn, receipt, program, now, card)
-        ev = self._evaluate(conn, program, receipt, state)
+        ev = self._evaluate(conn, program, receipt, state, seconds)
         today = self.local_day(program, now)
         member = state.member if state else None
         balance = self._balance_after(state.balance, state.own_hold, ev, today, confirmed=True) if state else {}
@@ -331,8 +366,9 @@ class Service:
             ledger.spend(conn, member.id, ev.redeemed_points, today, "redemption",
                          accounts.redemption_account(partner), at, state.balance.held - state.own_hold)
         rule_dates = {r: program.rule_dates(r, ev.local_date) for r, _ in ev.by_rule}
-        post_accrual(conn, member.id, ev.by_rule, rule_dates, accounts.issue_account(partner), at,
-                     repay=state.balance.owed > 0)
+        lots = post_accrual(conn, member.id, ev.by_rule, rule_dates, accounts.issue_account(partner), at,
+                            today, repay=state.balance.owed > 0)
+        expire_on_arrival(conn, program, member.id, lots, today, now)
         # The rules with a limit are the ones whose usage was read for this receipt.
         limited = [r for r in ev.fired if r in state.usage]
         if limited:
@@ -580,19 +616,41 @@ def _check_qty(qty, path: str) -> None:
 
 
 def tier_view(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, moment: datetime,
-              as_of: str | None = None) -> tuple[dict, int]:
-    """The member's tier at `moment` (a manual tier while its date holds, else the level the
-    program's metric reached over the rolling window), and how many receipts they confirmed."""
+              as_of: str | None = None, of_receipt: bool = False) -> tuple[dict, int]:
+    """The member's tier at `moment`, and how many receipts they confirmed (in arrival order).
+
+    The tier is a manual one while its date holds and the program defines it, else the level
+    the program's metric reached over the rolling window before `moment` (of_receipt: a
+    receipt's own tier, which leaves receipts stamped at its very moment out). `next` and
+    `to_next` follow the tier the member actually has. A manual tier the program no longer
+    defines is ignored (shown under `manual_ignored`): the rules only know their own tiers."""
     today = moment.astimezone(program.timezone).date().isoformat()
     since = iso(moment - timedelta(days=program.tier_window_days))
-    ever, count, spend = ledger.receipt_counts(conn, member.id, since, as_of)
+    until = iso(moment) if of_receipt else as_of
+    ever, count, spend = ledger.receipt_counts(conn, member.id, since, until, until_inclusive=not of_receipt)
     metric = spend if program.tier_metric == "spend" else count
     tier, nxt, to_next = program.tier_for(metric)
     view = {"id": tier, "next": nxt, "to_next": to_next, "metric": program.tier_metric, "value": metric,
             "manual": False}
     if member.manual_tier and member.manual_tier_until and member.manual_tier_until >= today:
-        view.update(id=member.manual_tier, manual=True, until=member.manual_tier_until)
+        levels = [level for level, _ in program.tiers]
+        if member.manual_tier in levels:
+            nxt, to_next = tier_after(program, levels.index(member.manual_tier), metric)
+            view.update(id=member.manual_tier, next=nxt, to_next=to_next, manual=True,
+                        until=member.manual_tier_until)
+        else:
+            view["manual_ignored"] = {"tier": member.manual_tier, "until": member.manual_tier_until,
+                                      "reason": f"not a tier of program {program.id}"}
     return view, ever
+
+
+def tier_after(program: Program, position: int, metric: int) -> tuple[str | None, int | None]:
+    """The level after the one at `position`, and how much metric it still needs (0 when a
+    manual tier below what the metric reached holds the member back)."""
+    if position + 1 >= len(program.tiers):
+        return None, None
+    following, start = program.tiers[position + 1]
+    return following, max(0, start - metric)
 
 
 def fire_events(conn, program: Program, member_id: int, on: str, occasion: str, now: datetime) -> None:
@@ -635,10 +693,11 @@ def partner_of(program: Program, store_id: str) -> str | None:
     return store.partner if store is not None else None
 
 
-def post_accrual(conn, member_id: int, by_rule, rule_dates: dict, counter: str, at: PostingRef,
-                 repay: bool) -> None:
+def post_accrual(conn, member_id: int, by_rule, rule_dates: dict, counter: str, at: PostingRef, today: str,
+                 repay: bool) -> dict[tuple, int]:
     """One lot per distinct (activation, expiry) pair, one posting per rule on it; new
-    points pay back any debt first (`repay`: the member owed points when read)."""
+    points pay back any debt first (`repay`: the member owed points when read), except
+    points that had expired before they arrived. Returns the lots by their dates."""
     earning = [(rule_id, points, rule_dates[rule_id]) for rule_id, points in by_rule if points > 0]
     totals: dict[tuple, int] = {}
     for _, points, dates in earning:
@@ -649,5 +708,27 @@ def post_accrual(conn, member_id: int, by_rule, rule_dates: dict, counter: str, 
         ledger.post(conn, member_id, lots[dates], "accrual", points, counter, at, rule_id, ledger.lot_dates(*dates),
                     counted=True)
     if repay:
-        for lot_id in lots.values():
-            ledger.repay_debts(conn, member_id, lot_id, at)
+        for dates, lot_id in lots.items():
+            if not expired_by(dates[1], today):
+                ledger.repay_debts(conn, member_id, lot_id, at)
+    return lots
+
+
+def expired_by(expires_on, today: str) -> bool:
+    return expires_on is not None and str(expires_on) <= today
+
+
+def expire_on_arrival(conn, program: Program, member_id: int, lots: dict[tuple, int], today: str,
+                      now: datetime) -> None:
+    """A late receipt's points whose expiry date had passed when it arrived are posted, then
+    expire in the same transaction, as the expiry job would have posted them (effective at
+    the first moment of the expiry date), so no answer ever counts them as spendable."""
+    for (_, expires_on), lot_id in lots.items():
+        if not expired_by(expires_on, today):
+            continue
+        points = conn.execute("SELECT remaining FROM lots WHERE id = ?", (lot_id,)).fetchone()[0]
+        conn.execute("UPDATE lots SET expiry_done = 1 WHERE id = ?", (lot_id,))
+        expired_at = datetime.combine(expires_on, datetime.min.time(), program.timezone)
+        at = PostingRef(effective_at=iso(expired_at), created_at=iso(now), rules_version=program.version,
+                        ref=f"expiry:{lot_id}")
+        ledger.post(conn, member_id, lot_id, "expiry", -points, accounts.EXPIRY, at)

@@ -110,6 +110,15 @@ def update_member(conn: sqlite3.Connection, member_id: int, changes: dict, now: 
     conn.execute(f"UPDATE members SET {sets}, updated_at = ? WHERE id = ?", (*changes.values(), now, member_id))
 
 
+def manual_tiers_outside(conn: sqlite3.Connection, levels: list[str], today: str) -> dict[str, int]:
+    """Members per manual tier, still valid on `today`, that is not one of `levels`. Reads
+    members_manual_tier: only the members with a manual tier, however many members there are."""
+    marks = ", ".join("?" * len(levels))
+    return dict(conn.execute(
+        "SELECT manual_tier, COUNT(*) FROM members INDEXED BY members_manual_tier WHERE manual_tier IS NOT NULL "
+        f"AND manual_tier NOT IN ({marks}) AND manual_tier_until >= ? GROUP BY manual_tier", (*levels, today)))
+
+
 def fire_event_once(conn: sqlite3.Connection, member_id: int, event_id: str, occasion: str, now: str) -> bool:
     """True when this occasion had not fired yet for the member (and records it)."""
     cur = conn.execute("INSERT OR IGNORE INTO event_fires (member_id, event_id, occasion, created_at) "
@@ -496,16 +505,22 @@ def rule_totals(conn: sqlite3.Connection, rule_ids: list[str]) -> dict[str, int]
     return {r: kept.get(r, 0) for r in rule_ids}
 
 
-def receipt_counts(conn: sqlite3.Connection, member_id: int, since: str,
-                   until: str | None = None) -> tuple[int, int, int]:
-    """(confirmed receipts ever, confirmed receipts since, net spend since), as of `until`
-    (None: everything recorded, including receipts stamped a little in the future)."""
+def receipt_counts(conn: sqlite3.Connection, member_id: int, since: str, until: str | None = None,
+                   until_inclusive: bool = True) -> tuple[int, int, int]:
+    """(confirmed receipts ever, confirmed receipts with a ts in the window, their net spend).
+    The window is the ts after `since` up to `until` (None: everything recorded, receipts
+    stamped a little in the future included); a receipt's own tier leaves `until` (its ts)
+    out. "Ever" ignores the window: receipts count in the order they arrived, so one that
+    arrives late after others is not a first purchase. Spend is net of every return stored
+    so far."""
     until = until or "9999"
-    # One pass over the member's entries in receipts_member_counts answers both windows.
+    upper = "<=" if until_inclusive else "<"
+    # One pass over the member's entries in receipts_member_counts answers both.
     ever, count, spend_ = conn.execute(
-        "SELECT COUNT(*), COALESCE(SUM(ts > ?), 0), COALESCE(SUM(CASE WHEN ts > ? THEN total END), 0) "
-        "FROM receipts WHERE member_id = ? AND status = 'confirmed' AND ts <= ?",
-        (since, since, member_id, until)).fetchone()
+        f"SELECT COUNT(*), COALESCE(SUM(ts > ? AND ts {upper} ?), 0), "
+        f"COALESCE(SUM(CASE WHEN ts > ? AND ts {upper} ? THEN total END), 0) "
+        "FROM receipts WHERE member_id = ? AND status = 'confirmed'",
+        (since, until, since, until, member_id)).fetchone()
     # Starts from the member's returns (returns_member; most members have none), not from
     # their receipts: that would read each receipt's row, bodies and all, for its key.
     returned = conn.execute(
@@ -515,9 +530,20 @@ def receipt_counts(conn: sqlite3.Connection, member_id: int, since: str,
         "JOIN return_lines rl ON rl.receipt_store = rt.receipt_store AND rl.receipt_register = rt.receipt_register "
         "AND rl.receipt_id = rt.receipt_id AND rl.return_store = rt.store_id AND rl.return_register = rt.register_id "
         "AND rl.return_id = rt.return_id "
-        "WHERE rt.member_id = ? AND r.status = 'confirmed' AND r.ts > ? AND r.ts <= ?",
+        f"WHERE rt.member_id = ? AND r.status = 'confirmed' AND r.ts > ? AND r.ts {upper} ?",
         (member_id, since, until)).fetchone()[0]
     return ever, count, spend_ - returned
+
+
+def receipts_confirmed_before(conn: sqlite3.Connection, member_id: int, key: ReceiptKey) -> int | None:
+    """How many of the member's confirmed receipts arrived before the stored receipt `key`
+    (None when it is not stored): its receipt_number less one."""
+    row = conn.execute("SELECT rowid FROM receipts WHERE store_id = ? AND register_id = ? AND receipt_id = ?",
+                       key).fetchone()
+    if row is None:
+        return None
+    return conn.execute("SELECT COUNT(*) FROM receipts WHERE member_id = ? AND status = 'confirmed' AND rowid < ?",
+                        (member_id, row[0])).fetchone()[0]
 
 
 def receipt_postings(conn: sqlite3.Connection, key: ReceiptKey) -> list[tuple]:

@@ -344,3 +344,11 @@ WHEN NEW.rule_id IS NOT NULL AND NEW.kind IN ('accrual', 'reversal')
 BEGIN INSERT INTO rule_totals (rule_id, points) VALUES (NEW.rule_id, NEW.points)
       ON CONFLICT (rule_id) DO UPDATE SET points = points + excluded.points; END
 """)
+
+
+@migrations()
+def m017_members_manual_tier(db):
+    # A program reload counts the members whose manual tier it no longer defines: read from
+    # the few members with a manual tier, not from every member's row.
+    db.execute("CREATE INDEX IF NOT EXISTS members_manual_tier ON members(manual_tier, manual_tier_until) "
+               "WHERE manual_tier IS NOT NULL")
