@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 import shutil
@@ -470,6 +471,15 @@ def test_rules_check_without_warnings_says_ok(tmp_path, capsys):
         "the rule no longer applies",
         f"{MARKET}: ok, 1 warning(s)",
     ]
+
+
+def test_rules_diff_reads_yml_files_too(tmp_path, capsys):
+    changed = market_with(tmp_path, {"campaigns/bonus.yml": "rules:\n  - {id: bonus, reward: {points: 3}}\n"})
+    receipts = tmp_path / "receipts.jsonl"
+    receipts.write_text(json.dumps(receipt("D-1", [line(1, "bakery", 10000)], card="1")) + "\n")
+    assert main(["rules", "diff", str(MARKET), str(changed), "--receipts", str(receipts), "--json"]) == 0
+    rows = {row["rule"]: row for row in json.loads(capsys.readouterr().out)["rules"]}
+    assert (rows["bonus"]["old"], rows["bonus"]["new"]) == (0, 3)
 
 
 def test_rules_check_refuses_a_today_that_is_not_a_date(capsys):
