@@ -44,6 +44,8 @@ _FLIP = {"eq": "ne", "ne": "eq", "lt": "gte", "gte": "lt", "gt": "lte", "lte": "
 _ENGINE_OP = {"ne": "$neq", "lt": "$lt", "lte": "$lte", "gt": "$gt", "gte": "$gte"}
 _HOURS_RE = re.compile(r"(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})")
 UNKNOWN_DAYS = 100_000  # fact value for an unknown birthday or enrolment: never "within"
+# Condition fields whose values the program defines, with what a warning calls them.
+DEFINED_NAMES = {"tier": "tier", "partner": "partner", "store": "store", "store_tags": "store tag"}
 
 
 class Cmp:
@@ -160,12 +162,18 @@ def period_node(start: date, end: date) -> Node:
 
 
 class WhenCompiler:
-    """Compiles `when` blocks of one program, reporting problems at their marks."""
+    """Compiles `when` blocks of one program, reporting problems at their marks.
 
-    def __init__(self, problems: list[Problem], tiers: set[str] | None, partners: set[str] | None):
+    A name the program does not define (`defined`: condition field -> the ids it
+    defines, None when not known) is a warning, not a problem: such a condition loads
+    and simply never holds, which may be meant (a store listed only later) but usually
+    is a typo.
+    """
+
+    def __init__(self, problems: list[Problem], warnings: list[Problem], defined: dict[str, set[str] | None]):
         self.problems = problems
-        self.tiers = tiers
-        self.partners = partners
+        self.warnings = warnings
+        self.defined = defined
         self.member_tags: dict[str, str] = {}  # tag -> fact field
         self.store_tags: dict[str, str] = {}
         self.doc: Document | None = None
@@ -281,13 +289,16 @@ class WhenCompiler:
 
     def known_text(self, field: str, value: Any, path: Path) -> str | None:
         text = self.scalar_text(value, path)
-        if text is None:
-            return None
-        known = {"tier": self.tiers, "partner": self.partners}.get(field)  # None: unknown, don't judge
-        if known is not None and text not in known:
-            self.fail(path, f"unknown {field} '{text}'{suggest(text, known)}")
-            return None
+        if text is not None:
+            self.warn_if_undefined(field, text, path)
         return text
+
+    def warn_if_undefined(self, field: str, name: str, path: Path) -> None:
+        known = self.defined.get(field)
+        if known is not None and name not in known:
+            assert self.doc is not None
+            message = f"unknown {DEFINED_NAMES[field]} '{name}'{suggest(name, known)}"
+            self.warnings.append(self.doc.problem(path, message, warning=True))
 
     def integer(self, value: Any, path: Path, low: int = -(2**53), high: int = 2**53) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
@@ -384,16 +395,16 @@ class WhenCompiler:
         return Group("or", [Cmp("minute", "gte", start), Cmp("minute", "lt", end)])  # past midnight
 
     def field_tags(self, value: Any, path: Path) -> Node | None:
-        return self.tag_set(value, path, self.member_tags, "t")
+        return self.tag_set("tags", value, path, self.member_tags, "t")  # members' tags come and go
 
     def field_store_tags(self, value: Any, path: Path) -> Node | None:
-        return self.tag_set(value, path, self.store_tags, "s")
+        return self.tag_set("store_tags", value, path, self.store_tags, "s")
 
-    def tag_set(self, value: Any, path: Path, fields: dict[str, str], prefix: str) -> Node | None:
+    def tag_set(self, field: str, value: Any, path: Path, fields: dict[str, str], prefix: str) -> Node | None:
         items = self.listed(value, path)
         if items is None:
             return None
-        names = [self.scalar_text(item, where) for item, where in items]
+        names = [self.known_text(field, item, where) for item, where in items]
         if any(name is None for name in names):
             return None
         for name in names:

@@ -211,7 +211,7 @@ class _WhenReader:
         self.member = member
         store = program.stores.get(receipt.store_id)
         self.store_tags = sorted(store.tags) if store else []
-        self.compiler = WhenCompiler([], None, None)
+        self.compiler = WhenCompiler([], [], {})
         self.compiler.member_tags = dict(program.member_tag_fields)
         self.compiler.store_tags = dict(program.store_tag_fields)
 

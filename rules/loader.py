@@ -1,7 +1,9 @@
 """Loading a program directory: read, validate everything, compile, or refuse whole.
 
 Every problem found is reported (file:line:column: message), not just the first,
-so one reload attempt shows the manager the whole list.
+so one reload attempt shows the manager the whole list. Warnings (a name the program
+does not define, a percent over 100, a period already over, a file that is not read)
+are reported the same way and do not refuse the program: the loaded Program carries them.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from datetime import date, datetime, timezone
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -23,7 +26,9 @@ from .program import CompiledRule, LineFilter, Program, Scope
 from .records import EventRule, Partner, Store
 from .yamlmarks import Document, Path, YamlInt, parse
 
+PROGRAM_SUFFIXES = (".yaml", ".yml")
 MAX_FILES = 200
+MAX_FOLDER_FILES = 1000  # files looked at under a program folder, read or ignored
 MAX_FILE_BYTES = 1024 * 1024
 MAX_TOTAL_BYTES = 32 * 1024 * 1024
 MAX_RULES = 2000
@@ -32,48 +37,85 @@ MAX_DECIMAL_PLACES = 6  # keeps exact denominators small
 MAX_PERCENT = Decimal(1000)
 MAX_PER_UNIT = Decimal(1_000_000)
 MAX_MULTIPLIER = Decimal(100)
+PERCENT_WARNING = Decimal(100)
 
 
-def load_program(directory: pathlib.Path) -> Program:
-    """Load every *.yaml under directory (sorted by relative path) as one program."""
-    files, problems = read_directory(pathlib.Path(directory))
+def load_program(directory: pathlib.Path, now: datetime | date | None = None) -> Program:
+    """Load every *.yaml and *.yml under directory (in relative path order) as one program.
+
+    `now` is the checker's clock for warnings about dates: an instant, or a date taken as
+    the program's local date (default: the system clock).
+    """
+    files, ignored, problems = read_directory(pathlib.Path(directory))
     if problems:
-        raise ProgramError(problems)
-    return load_files(files)
+        raise ProgramError(problems, ignored)
+    return load_files(files, now, ignored)
 
 
-def check_dir(directory: pathlib.Path) -> list[Problem]:
-    """All problems of the program in directory; empty when it would load."""
+def check_dir(directory: pathlib.Path, now: datetime | date | None = None) -> list[Problem]:
+    """Every error and warning of the program in directory, in position order.
+
+    The program would load when none of them is an error (`problem.warning` is False).
+    """
     try:
-        load_program(directory).close()
+        program = load_program(directory, now)
     except ProgramError as err:
-        return err.problems
-    return []
+        return sorted(err.problems + err.warnings)
+    program.close()
+    return list(program.warnings)
 
 
-def check_files(files: Mapping[str, bytes | str]) -> list[Problem]:
+def check_files(files: Mapping[str, bytes | str], now: datetime | date | None = None) -> list[Problem]:
     """Like check_dir for a program held in memory as {relative path: content}."""
     try:
-        load_files(files).close()
+        program = load_files(files, now)
     except ProgramError as err:
-        return err.problems
-    return []
+        return sorted(err.problems + err.warnings)
+    program.close()
+    return list(program.warnings)
 
 
-def read_directory(directory: pathlib.Path) -> tuple[dict[str, bytes], list[Problem]]:
-    """{relative posix path: bytes} of the program's files, within the size limits."""
-    if not directory.is_dir():
-        return {}, [Problem(str(directory), 1, 1, "not a directory")]
-    paths = []
+def is_program_file(name: str) -> bool:
+    return name.endswith(PROGRAM_SUFFIXES)
+
+
+def folder_files(directory: pathlib.Path) -> tuple[list[str], list[str]]:
+    """Relative posix paths of (program files, other files) under directory, in path order.
+
+    Hidden files and folders (.git, editor swap and lock files) and editor backups
+    (`name~`, `#name#`) are skipped without a word: they are never meant as part of the
+    program. Listing stops once more than MAX_FOLDER_FILES have been seen.
+    """
+    program: list[str] = []
+    other: list[str] = []
     for root, dirs, names in os.walk(directory):
-        dirs[:] = sorted(name for name in dirs if not name.startswith("."))  # .git, editors
-        paths.extend(pathlib.Path(root, name) for name in names if name.endswith(".yaml") and not name.startswith("."))
-        if len(paths) > MAX_FILES:
-            return {}, [Problem(str(directory), 1, 1, f"more than {MAX_FILES} .yaml files")]
+        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
+        for name in sorted(names):
+            if name.startswith((".", "#")) or name.endswith("~"):
+                continue
+            relative = pathlib.Path(root, name).relative_to(directory).as_posix()
+            (program if is_program_file(name) else other).append(relative)
+        if len(program) + len(other) > MAX_FOLDER_FILES:
+            break
+    return sorted(program), sorted(other)
+
+
+def read_directory(directory: pathlib.Path) -> tuple[dict[str, bytes], list[Problem], list[Problem]]:
+    """({relative posix path: bytes} of the program's files, warnings for the files not
+    read, problems), within the size limits."""
+    if not directory.is_dir():
+        return {}, [], [Problem(str(directory), 1, 1, "not a directory")]
+    names, others = folder_files(directory)
+    if len(names) + len(others) > MAX_FOLDER_FILES:
+        return {}, [], [Problem(str(directory), 1, 1, f"more than {MAX_FOLDER_FILES} files in the folder")]
+    if len(names) > MAX_FILES:
+        return {}, [], [Problem(str(directory), 1, 1, f"more than {MAX_FILES} .yaml and .yml files")]
+    ignored = [Problem(name, 1, 1, "ignored: only .yaml and .yml files are part of the program", True)
+               for name in others]
     files: dict[str, bytes] = {}
     problems: list[Problem] = []
-    for path in paths:
-        relative = path.relative_to(directory).as_posix()
+    for relative in names:
+        path = directory / relative
         try:
             if path.stat().st_size > MAX_FILE_BYTES:
                 problems.append(Problem(relative, 1, 1, f"file larger than {MAX_FILE_BYTES} bytes"))
@@ -81,24 +123,31 @@ def read_directory(directory: pathlib.Path) -> tuple[dict[str, bytes], list[Prob
             files[relative] = path.read_bytes()
         except OSError as err:
             problems.append(Problem(relative, 1, 1, f"cannot read: {err.strerror or err}"))
-    return files, problems
+    return files, ignored, problems
 
 
-def load_files(files: Mapping[str, bytes | str]) -> Program:
-    """Validate and compile a program given as {relative path: content}; ProgramError if it fails."""
+def load_files(files: Mapping[str, bytes | str], now: datetime | date | None = None,
+               warnings: Iterable[Problem] = ()) -> Program:  # fmt: skip
+    """Validate and compile a program given as {relative path: content}; ProgramError if it fails.
+
+    `warnings` (about files that were not read) are reported with the program's own.
+    """
     contents = {name: (data.encode() if isinstance(data, str) else bytes(data)) for name, data in files.items()}
-    builder = _Builder(contents)
+    builder = _Builder(contents, now or datetime.now(timezone.utc))
+    builder.warnings.extend(warnings)
     program = builder.build()
     if builder.problems:
-        raise ProgramError(sorted(set(builder.problems)))
+        raise ProgramError(sorted(set(builder.problems)), sorted(set(builder.warnings)))
     assert program is not None
     return program
 
 
 class _Builder:
-    def __init__(self, contents: dict[str, bytes]):
+    def __init__(self, contents: dict[str, bytes], now: datetime | date):
         self.contents = dict(sorted(contents.items()))
+        self.now = now
         self.problems: list[Problem] = []
+        self.warnings: list[Problem] = []  # reported, but the program loads
         self.docs: list[Document] = []
         self.settings: dict[str, tuple[Document, Path]] = {}
         self.items: dict[str, list[tuple[Document, Path]]] = {name: [] for name in LISTS}
@@ -109,6 +158,9 @@ class _Builder:
 
     def fail(self, doc: Document, path: Path, message: str, key: bool = False) -> None:
         self.problems.append(doc.problem(path, message, key))
+
+    def warn(self, doc: Document, path: Path, message: str) -> None:
+        self.warnings.append(doc.problem(path, message, warning=True))
 
     def build(self) -> Program | None:
         if not self._within_size_limits():
@@ -262,7 +314,7 @@ class _Builder:
         return found
 
     def _rules(self, specs: dict[str, Any]) -> tuple[list[CompiledRule], list[Node], WhenCompiler]:
-        compiler = WhenCompiler(self.problems, self._known("tiers", specs), self._known("partners", specs))
+        compiler = WhenCompiler(self.problems, self.warnings, self._defined(specs))
         decoded = []
         for position, (doc, path) in enumerate(self.items["rules"]):
             if position == MAX_RULES:
@@ -277,10 +329,11 @@ class _Builder:
         self._check_ids(decoded)
         groups = _group_kinds(spec for _, _, spec in decoded)
         delay = specs["points"].activation_delay_days if specs.get("points") else 0
+        today = self._today(specs)
         rules: list[CompiledRule] = []
         conditions: list[Node] = []
         for doc, path, spec in decoded:
-            self._check_rule(doc, path, spec, groups, delay)
+            self._check_rule(doc, path, spec, groups, delay, today)
             node = self._condition(compiler, doc, path, spec)
             if node is not None:
                 conditions.append(node)
@@ -288,13 +341,33 @@ class _Builder:
             rules.append(self._compile(doc, path, spec, len(rules), condition, specs))
         return rules, conditions, compiler
 
-    def _known(self, section: str, specs: dict[str, Any]) -> set[str] | None:
-        """Tier or partner ids conditions may name; None when the section failed to decode."""
-        if section in self.settings and specs.get(section) is None:
+    def _defined(self, specs: dict[str, Any]) -> dict[str, set[str] | None]:
+        """What the program defines that a condition may name, by condition field.
+
+        None when its section did not decode (it cannot be judged). Segments, once the
+        language has them, are named here as `segment`.
+        """
+        def ids(section: str, found: Any) -> set[str] | None:
+            return None if section in self.settings and specs.get(section) is None else found
+
+        tiers = specs.get("tiers")
+        stores = specs.get("stores") or []
+        return {
+            "tier": ids("tiers", {str(level.id) for level in tiers.levels} if tiers else {"base"}),
+            "partner": ids("partners", {str(partner.id) for partner in specs.get("partners") or []}),
+            "store": ids("stores", {str(store.id) for store in stores}),
+            "store_tags": ids("stores", {str(tag) for store in stores for tag in store.tags}),
+        }
+
+    def _today(self, specs: dict[str, Any]) -> date | None:
+        """The checker's date in the program's timezone; None when that is not known."""
+        if not isinstance(self.now, datetime):
+            return self.now
+        info = specs.get("program")
+        try:
+            return self.now.astimezone(ZoneInfo(info.timezone)).date() if info is not None else None
+        except (ZoneInfoNotFoundError, ValueError):
             return None
-        if section == "tiers":
-            return {str(level.id) for level in specs["tiers"].levels} if specs.get("tiers") else {"base"}
-        return {str(partner.id) for partner in specs.get("partners") or []}
 
     def _check_ids(self, decoded: list[tuple[Document, Path, Any]]) -> None:
         seen: dict[str, tuple[Document, Path]] = {}
@@ -309,10 +382,14 @@ class _Builder:
             else:
                 seen[ident] = (doc, path)
 
-    def _check_rule(self, doc: Document, path: Path, spec: RuleSpec, groups: dict[str, bool], delay: int) -> None:
+    def _check_rule(self, doc: Document, path: Path, spec: RuleSpec, groups: dict[str, bool], delay: int,
+                    today: date | None) -> None:  # fmt: skip
         self._check_reward(doc, path + ("reward",), spec, groups)
         if spec.period is not None and spec.period.to < spec.period.from_:
             self.fail(doc, path + ("period", "to"), f"period ends ({spec.period.to}) before it starts ({spec.period.from_})")
+        elif spec.period is not None and today is not None and spec.period.to < today:
+            message = f"period ended on {spec.period.to}, before today ({today}): the rule no longer applies"
+            self.warn(doc, path + ("period", "to"), message)
         if spec.limit is not None and spec.limit.per_member.per == "period" and spec.period is None:
             self.fail(doc, path + ("limit", "per_member", "per"), "'per: period' needs the rule to have a 'period'")
         if spec.expires_in_days is not None and spec.expires_in_days <= delay:
@@ -333,7 +410,10 @@ class _Builder:
             self.fail(doc, path, f"a reward needs exactly one of: {', '.join(REWARD_KINDS)}{given}")
             return
         if reward.percent is not None:
-            self._check_decimal(doc, path + ("percent",), reward.percent, Decimal(0), MAX_PERCENT, "percent", False)
+            where = path + ("percent",)
+            valid = self._check_decimal(doc, where, reward.percent, Decimal(0), MAX_PERCENT, "percent", False)
+            if valid and reward.percent > PERCENT_WARNING:
+                self.warn(doc, where, f"percent {reward.percent} is over 100: more points than the amount paid is worth")
         if reward.per_unit is not None:
             self._check_decimal(doc, path + ("per_unit",), reward.per_unit, Decimal(0), MAX_PER_UNIT, "per_unit", False)
         if (reward.by is not None) != (reward.multiply is not None):
@@ -417,6 +497,7 @@ class _Builder:
                 events=[_event(spec) for _, _, spec in events],
                 files=[(name, hashlib.sha256(raw).hexdigest()) for name, raw in self.contents.items()],
                 version=_version(self.contents),
+                warnings=sorted(set(self.warnings)),
             )
         except RuleEngineError as err:
             self.problems.append(Problem(self.first_file, 1, 1, str(err)))

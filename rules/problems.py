@@ -1,4 +1,8 @@
-"""Problems found while loading a program, reported with file:line:column."""
+"""Problems found while loading a program, reported with file:line:column.
+
+An error refuses the program; a warning (a value that loads but is probably wrong) is
+reported beside it and the program still loads.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +18,22 @@ class Problem(msgspec.Struct, frozen=True, order=True):
     line: int
     column: int
     message: str
+    warning: bool = False
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.column}: {self.message}"
+        severity = "warning: " if self.warning else ""
+        return f"{self.file}:{self.line}:{self.column}: {severity}{self.message}"
 
 
 class ProgramError(Exception):
-    """A program that does not load; it is refused as a whole."""
+    """A program that does not load; it is refused as a whole.
 
-    def __init__(self, problems: list[Problem]):
+    `warnings` are those found on the way, so a refusal can show them with the errors.
+    """
+
+    def __init__(self, problems: list[Problem], warnings: list[Problem] | None = None):
         self.problems = list(problems)
+        self.warnings = list(warnings or [])
         super().__init__("\n".join(str(p) for p in self.problems))
 
 

@@ -13,6 +13,7 @@ from .conditions import Node
 from .evaluate import evaluate
 from .explain import Explanation, explain
 from .matching import Matcher
+from .problems import Problem
 from .records import EventRule, Evaluation, MemberFacts, Partner, Store
 
 MAX_LINE_CLASSES = 50_000  # distinct (category, sku, brand, flags) remembered per program
@@ -79,9 +80,11 @@ class Program:
 
     def __init__(self, *, settings: dict[str, Any], rules: list[CompiledRule], conditions: list[Node],
                  member_tag_fields: dict[str, str], store_tag_fields: dict[str, str],
-                 events: list[EventRule], files: list[tuple[str, str]], version: str):  # fmt: skip
+                 events: list[EventRule], files: list[tuple[str, str]], version: str,
+                 warnings: list[Problem] | None = None):  # fmt: skip
         self.version = version
         self.files = files
+        self.warnings: list[Problem] = list(warnings or [])  # what `rules check` warns about; it loads
         self.id: str = settings["id"]
         self.name: str = settings["name"]
         self.currency: str = settings["currency"]

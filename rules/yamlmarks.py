@@ -94,9 +94,9 @@ class Document:
                 return found
         return Mark(1, 1)
 
-    def problem(self, path: Path, message: str, key: bool = False) -> Problem:
+    def problem(self, path: Path, message: str, key: bool = False, warning: bool = False) -> Problem:
         line, column = self.mark(path, key)
-        return Problem(self.file, line, column, message)
+        return Problem(self.file, line, column, message, warning)
 
 
 class _Converter:

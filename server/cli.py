@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from datetime import date
 from pathlib import Path
 
 from server.cli_output import quiet_when_reader_goes
@@ -17,8 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", default="config.yaml", help="path to config.yaml")
     rules = sub.add_parser("rules", help="work with rule programs")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
-    check = rules_sub.add_parser("check", help="validate a program folder; prints file:line:column: message")
+    check = rules_sub.add_parser("check", help="validate a program folder; prints file:line:column: [warning: ]message")
     check.add_argument("dir", type=Path)
+    check.add_argument("--today", type=_date, help="judge periods as of this date, YYYY-MM-DD "
+                                                   "(default: today in the program's timezone)")
     explain = rules_sub.add_parser("explain", help="why each rule applied or not on one receipt")
     explain.add_argument("receipt", help="a receipt in the API's JSON shape")
     explain.add_argument("--config", default="config.yaml")
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return serve_command(args.config)
     if args.command == "rules" and args.rules_command == "check":
-        return rules_check_command(args.dir)
+        return rules_check_command(args.dir, args.today)
     if args.command == "rules" or (args.command == "export" and args.export_command == "receipts"):
         from server import rules_tools
         if args.command == "export":
@@ -139,18 +142,29 @@ async def serve(app, config) -> int:
     return 0
 
 
-def rules_check_command(directory: Path) -> int:
+def _date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a date like 2026-11-24") from None
+
+
+def rules_check_command(directory: Path, today: date | None = None) -> int:
+    """Errors and warnings in position order; 1 when any error (the program would be
+    refused), 0 when there are only warnings (it would load)."""
     from rules import check_dir
     if not directory.is_dir():
         print(f"{directory}: not a folder", file=sys.stderr)
         return 2
-    problems = check_dir(directory)
-    for problem in problems:
+    found = check_dir(directory, today)
+    for problem in found:
         print(problem)
-    if problems:
-        print(f"{len(problems)} problem(s)", file=sys.stderr)
+    errors = sum(1 for problem in found if not problem.warning)
+    warnings = f", {len(found) - errors} warning(s)" if len(found) > errors else ""
+    if errors:
+        print(f"{errors} problem(s){warnings}", file=sys.stderr)
         return 1
-    print(f"{directory}: ok")
+    print(f"{directory}: ok{warnings}")
     return 0
 
 

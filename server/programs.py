@@ -2,9 +2,9 @@
 
 A request takes `holder.current` once and uses that object to the end, so a reload in
 the middle of a receipt never mixes two versions. A program that fails to load is
-refused whole and the previous one keeps serving. A program that no longer defines a
-tier some members hold by hand loads, with a warning: those members get their computed
-tier meanwhile.
+refused whole and the previous one keeps serving. Warnings (values that load but are
+probably wrong, members holding a manual tier the program no longer defines) never
+refuse a program; each load logs them and `last_reload` lists them.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from rules import Program, ProgramError, load_program
+from rules import Problem, Program, ProgramError, load_program
 from server.metrics import Metrics
 
 log = logging.getLogger("loyalty.rules")
@@ -39,37 +39,46 @@ class ProgramHolder:
 
     def load_initial(self) -> Program:
         """At start-up a broken program stops the server: there is nothing older to keep."""
-        program = load_program(self.directory)
+        program = self._load()
         self._install(program, "startup")
         return program
+
+    def _load(self) -> Program:
+        # The server's clock judges "a period already over", as it judges receipts.
+        return load_program(self.directory, self._clock.now())
 
     def reload(self, trigger: str) -> tuple[bool, Program | None, list]:
         with self._lock:
             try:
-                program = load_program(self.directory)
+                program = self._load()
             except ProgramError as e:
-                problems = [str(p) for p in e.problems]
-                self.last_reload = {"at": self._clock.now().isoformat(), "ok": False, "trigger": trigger,
-                                    "errors": problems,
-                                    "kept_version": self.current.version if self.current else None}
-                self._metrics.rules_reloads.labels("refused").inc()
-                self._metrics.rules_last_reload_ok.set(0)
-                log.error("rules reload (%s) refused, still serving %s:\n  %s", trigger,
-                          self.current.version if self.current else "nothing", "\n  ".join(problems))
+                self._refused(trigger, e)
                 return False, None, e.problems
             if self.current is not None and program.version == self.current.version:
+                # Same files, but the warnings may differ (a period just ended, a file ignored).
+                self._record_ok(trigger, self.current, changed=False, warnings=program.warnings)
                 program.close()
-                self._record_ok(trigger, self.current, changed=False)
                 return True, self.current, []
             self._install(program, trigger)
             return True, program, []
+
+    def _refused(self, trigger: str, error: ProgramError) -> None:
+        problems = [str(p) for p in error.problems]
+        kept = self.current.version if self.current else None
+        self.last_reload = {"at": self._clock.now().isoformat(), "ok": False, "trigger": trigger,
+                            "errors": problems, "warnings": [str(w) for w in error.warnings],
+                            "kept_version": kept}
+        self._metrics.rules_reloads.labels("refused").inc()
+        self._metrics.rules_last_reload_ok.set(0)
+        log.error("rules reload (%s) refused, still serving %s:\n  %s", trigger, kept or "nothing",
+                  "\n  ".join(problems + [str(w) for w in error.warnings]))
 
     def _install(self, program: Program, trigger: str) -> None:
         # The old program is freed by the garbage collector once the last request that
         # took it has finished (Program frees its engine ruleset when collected).
         self.current = program
         self._metrics.rules_info.info({"version": program.version, "program": program.id})
-        self._record_ok(trigger, program, changed=True)
+        self._record_ok(trigger, program, changed=True, warnings=program.warnings)
         log.info("rules %s loaded from %s (%s)", program.version, self.directory, trigger)
 
     def _warn_lost_tiers(self, program: Program) -> None:
@@ -85,14 +94,18 @@ class ProgramHolder:
                     f"they get the tier their {program.tier_metric} reaches meanwhile"
                     for tier, members in sorted(lost.items())]
         self.last_reload["lost_tiers"] = lost
-        self.last_reload["warnings"] = warnings
+        self.last_reload.setdefault("warnings", []).extend(warnings)
         for warning in warnings:
             log.warning("rules %s: %s", program.version, warning)
 
-    def _record_ok(self, trigger: str, program: Program, changed: bool) -> None:
+    def _record_ok(self, trigger: str, program: Program, changed: bool, warnings: list[Problem]) -> None:
         self.last_reload = {"at": self._clock.now().isoformat(), "ok": True, "trigger": trigger,
-                            "version": program.version, "changed": changed, "errors": []}
+                            "version": program.version, "changed": changed, "errors": [],
+                            "warnings": [str(w) for w in warnings]}
         self._metrics.rules_reloads.labels("loaded" if changed else "unchanged").inc()
         self._metrics.rules_last_reload_ok.set(1)
+        if warnings:
+            log.warning("rules %s (%s): %d warning(s):\n  %s", program.version, trigger, len(warnings),
+                        "\n  ".join(str(w) for w in warnings))
         self._warn_lost_tiers(program)
 

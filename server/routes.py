@@ -158,13 +158,15 @@ async def rules_check(app, call: Call) -> Reply:
         for name, text in call.body.files.items():
             target = (folder / name).resolve()
             if folder.resolve() not in target.parents or not name.endswith((".yaml", ".yml")):
-                raise field_error(f"files.{name}", "must be a relative path to a .yaml file")
+                raise field_error(f"files.{name}", "must be a relative path to a .yaml or .yml file")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text, encoding="utf-8")
-        problems = check_dir(folder)
+        clock = app.get(CLOCK)  # a worker process has none: the system clock judges dates
+        found = check_dir(folder, clock.now() if clock else None)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return json_reply({"ok": not problems, "problems": [str(p) for p in problems]})
+    problems = [str(p) for p in found if not p.warning]
+    return json_reply({"ok": not problems, "problems": problems, "warnings": [str(p) for p in found if p.warning]})
 
 
 def rules_invalid(problems, message: str) -> ApiError:

@@ -1,9 +1,10 @@
 """Reload the program when its files change.
 
-Polls the folder's file list, sizes and modification times; a change is acted on only
-once the folder has stayed the same for a settle period, so an editor still writing
-(or a copy of several files in progress) is not loaded half-way. A program that does not
-load is refused whole by ProgramHolder and the previous one keeps serving.
+Polls the folder's file list (as the loader lists it), sizes and modification times; a
+change is acted on only once the folder has stayed the same for a settle period, so an
+editor still writing (or a copy of several files in progress) is not loaded half-way. A
+program that does not load is refused whole by ProgramHolder and the previous one keeps
+serving.
 """
 from __future__ import annotations
 
@@ -11,19 +12,22 @@ import asyncio
 import logging
 from pathlib import Path
 
-log = logging.getLogger("loyalty.rules")
+from rules.loader import folder_files
 
-FILES_MAX = 1_000
+log = logging.getLogger("loyalty.rules")
 
 
 def signature(directory: Path) -> tuple:
+    """The files the loader looks at, program files and ignored ones alike (an ignored file
+    added or removed changes the reload's warnings); as bounded as the loader's listing."""
+    program, other = folder_files(directory)
     entries = []
-    for path in sorted(directory.rglob("*.yaml"))[:FILES_MAX]:
+    for relative in program + other:
         try:
-            st = path.stat()
+            st = (directory / relative).stat()
         except OSError:          # removed between listing and stat: the next poll sees it
             continue
-        entries.append((str(path.relative_to(directory)), st.st_mtime_ns, st.st_size))
+        entries.append((relative, st.st_mtime_ns, st.st_size))
     return tuple(entries)
 
 

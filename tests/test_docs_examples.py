@@ -10,11 +10,14 @@ before it, an HTML comment the rendered page does not show:
     <!-- example: invalid [PATH] -->      a fragment that `loyalty rules check` refuses:
                                           the ```text block right after it lists exactly
                                           the problems it prints
+    <!-- example: warns [PATH] -->        a fragment that loads with warnings: the ```text
+                                          block right after it lists exactly the warnings
     <!-- example: config -->              part of config.yaml, decoded like start-up does
 
 A yaml block without a marker fails the test, so a new example is always checked. The
 checks go through rules.check_dir, the function `loyalty rules check` calls, on a folder
-written to tmp_path.
+written to tmp_path, as of DOCS_NOW (the pages' examples are dated around it). A program
+or fragment example must load without a warning.
 
 In docs/integrators.md each ```json block is marked `<!-- request: TYPE -->` (decoded
 with server/schema.py's TYPE, as the server decodes that body) or `<!-- answer -->`
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime
 from pathlib import Path
 
 import msgspec
@@ -36,6 +40,7 @@ from server import schema
 from server.config import load_config
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS_NOW = datetime.fromisoformat("2026-11-24T12:00:00+02:00")
 PAGES = ("rules.md", "managers.md", "integrators.md")
 
 # The base a fragment is added to, one section per file so a fragment can replace any of
@@ -47,7 +52,7 @@ BASE = {
         "tiers:\n  metric: spend\n  window_days: 365\n  levels:\n"
         "    - {id: base, from: 0}\n    - {id: silver, from: 500000}\n    - {id: gold, from: 2000000}\n"
     ),
-    "stores.yaml": "stores:\n  - {id: S001, tags: [kyiv]}\n  - {id: S002, tags: [lviv]}\n  - {id: F001, partner: fuelco}\n",
+    "stores.yaml": "stores:\n  - {id: S001, tags: [kyiv]}\n  - {id: S002, tags: [lviv, mall]}\n  - {id: F001, partner: fuelco}\n",
     "partners.yaml": "partners:\n  - {id: fuelco, name: Fuel Co, funding_share: 1.0}\n",
     "everyday.yaml": "rules:\n  - {id: everyday, group: base, reward: {percent: 2}}\n",
 }
@@ -117,7 +122,7 @@ def fragment_program(root: Path, block: Block, argument: str) -> Path:
 
 
 def problems(folder: Path) -> list[str]:
-    return [str(problem) for problem in check_dir(folder)]
+    return [str(problem) for problem in check_dir(folder, DOCS_NOW)]
 
 
 def test_the_pages_exist_and_have_examples():
@@ -125,7 +130,7 @@ def test_the_pages_exist_and_have_examples():
         assert (DOCS / name).is_file(), f"docs/{name} is missing"
     kinds = {block.marker[1].split()[0] if block.marker[1] else block.marker[0]
              for block in yaml_blocks() if block.marker}
-    assert {"program", "fragment", "invalid", "config"} <= kinds
+    assert {"program", "fragment", "invalid", "warns", "config"} <= kinds
 
 
 def test_the_base_program_loads(tmp_path):
@@ -136,7 +141,8 @@ def check_yaml(block: Block, tmp_path: Path) -> None:
     """Fails (AssertionError, or the config's own error) unless the block is what its marker says."""
     assert block.marker is not None and block.marker[0] == "example", (
         f"{block}: a ```yaml block needs a marker on the line above it: <!-- example: program -->, "
-        "<!-- example: fragment -->, <!-- example: invalid --> or <!-- example: config --> "
+        "<!-- example: fragment -->, <!-- example: invalid -->, <!-- example: warns --> or "
+        "<!-- example: config --> "
         "(tests/test_docs_examples.py)")
     kind, _, argument = block.marker[1].partition(" ")
     argument = argument.strip()
@@ -146,12 +152,16 @@ def check_yaml(block: Block, tmp_path: Path) -> None:
     elif kind == "fragment":
         found = problems(fragment_program(tmp_path, block, argument))
         assert found == [], f"{block}: the fragment does not load: {found}"
-    elif kind == "invalid":
+    elif kind in ("invalid", "warns"):
         expected = block.following
         assert expected is not None and expected.lang == "text", (
-            f"{block}: an invalid example is followed by a ```text block with the problems it gets")
+            f"{block}: an {kind} example is followed by a ```text block with what the checker prints")
         found = problems(fragment_program(tmp_path, block, argument))
-        assert found, f"{block}: the example is meant to be refused but it loads"
+        refused = any(": warning: " not in line for line in found)
+        if kind == "invalid":
+            assert refused, f"{block}: the example is meant to be refused but it loads"
+        else:
+            assert found and not refused, f"{block}: the example is meant to load with warnings: {found}"
         assert found == expected.text.splitlines(), f"{block}: the checker says {found}"
     elif kind == "config":
         path = tmp_path / "config.yaml"
@@ -189,6 +199,16 @@ nothing
 rules:
   - {id: extra, reward: {percnt: 5}}
 ```
+
+<!-- example: warns -->
+```yaml
+rules:
+  - {id: extra, reward: {points: 5}}
+```
+
+```text
+nothing
+```
 """
 
 
@@ -196,6 +216,7 @@ rules:
     (0, "needs a marker"),
     (1, "meant to be refused but it loads"),
     (3, "does not load"),
+    (4, "meant to load with warnings"),
 ])
 def test_a_wrong_example_fails(position: int, complaint: str, tmp_path: Path):
     sample = tmp_path / "page.md"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+from datetime import date
 from pathlib import Path
 
 import yaml
@@ -20,6 +21,7 @@ from conftest import MARKET
 from rules import Problem, Program, ProgramError, check_dir, load_program
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "20"))
+TODAY = date(2026, 11, 24)  # one checker's date for both calls: the same warnings
 SETTINGS = dict(deadline=None, database=None, derandomize=not os.environ.get("FUZZ_RANDOM"),
                 suppress_health_check=list(HealthCheck))
 
@@ -92,15 +94,17 @@ def compile_dir(files: dict[str, str]):
             target = Path(tmp) / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text, encoding="utf-8", errors="surrogatepass")
-        problems = check_dir(Path(tmp))
+        problems = check_dir(Path(tmp), TODAY)
         assert isinstance(problems, list) and all(isinstance(p, Problem) for p in problems)
+        errors = [p for p in problems if not p.warning]
         try:
-            program = load_program(Path(tmp))
+            program = load_program(Path(tmp), TODAY)
         except ProgramError as e:
-            assert e.problems
-            assert problems, "check_dir found nothing but load_program refused"
+            assert e.problems and all(not p.warning for p in e.problems)
+            assert errors, "check_dir found no error but load_program refused"
             return
-        assert isinstance(program, Program) and not problems
+        assert isinstance(program, Program) and not errors
+        assert program.warnings == problems
         program.close()
 
 

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import pathlib
+import shutil
 import textwrap
+from datetime import date, datetime
 
 import pytest
+from conftest import line, receipt
+from test_rules_watch import wait_for
 
 import rules
 from rules import Problem, ProgramError, check_dir, check_files, load_files, load_program
+from server.cli import main
 
 MARKET = pathlib.Path(rules.__file__).parent / "programs" / "market"
+TODAY = date(2026, 11, 24)  # the checker's date: the market's November promotion is still on
 
 SETTINGS = """\
 program: {id: shop, name: Shop, currency: UAH, timezone: Europe/Kyiv}
@@ -30,12 +38,12 @@ def write(root: pathlib.Path, files: dict[str, str]) -> pathlib.Path:
     return root
 
 
-def problems_of(files: dict[str, str]) -> list[str]:
-    return [str(problem) for problem in check_files({k: textwrap.dedent(v) for k, v in files.items()})]
+def problems_of(files: dict[str, str], today: date | datetime = TODAY) -> list[str]:
+    return [str(problem) for problem in check_files({k: textwrap.dedent(v) for k, v in files.items()}, today)]
 
 
 def test_shipped_program_has_no_problems():
-    assert check_dir(MARKET) == []
+    assert check_dir(MARKET, TODAY) == []
     program = load_program(MARKET)
     try:
         assert program.id == "market"
@@ -163,7 +171,7 @@ def test_when_problems():
         }
     )
     assert found == [
-        "rules.yaml:3:18: unknown tier 'glod', did you mean 'gold'?",
+        "rules.yaml:3:18: warning: unknown tier 'glod', did you mean 'gold'?",
         "rules.yaml:3:40: unknown weekday 'tuesday', did you mean 'tue'?",
         "rules.yaml:3:57: bad hours '25:00-26:00': expected \"HH:MM-HH:MM\", e.g. \"07:00-10:00\" (end excluded)",
         "rules.yaml:6:20: unknown operator 'gte_', did you mean 'gte'?",
@@ -297,12 +305,290 @@ def test_scalars_keep_their_written_text():
         program.close()
 
 
-def test_hidden_files_and_other_extensions_are_ignored(tmp_path):
-    write(tmp_path, {"program.yaml": SETTINGS, ".#program.yaml": "broken: [", "notes.yml": "x: [", ".git/x.yaml": "["})
-    assert check_dir(tmp_path) == []
+def test_yml_files_are_part_of_the_program_like_yaml_files(tmp_path):
+    write(tmp_path, {
+        "program.yml": SETTINGS,
+        "campaigns/a.yaml": "rules:\n  - {id: first, reward: {points: 1}}\n",
+        "campaigns/b.yml": "rules:\n  - {id: second, reward: {points: 2}}\n",
+    })
+    assert check_dir(tmp_path, TODAY) == []
+    program = load_program(tmp_path)
+    try:
+        assert [name for name, _ in program.files] == ["campaigns/a.yaml", "campaigns/b.yml", "program.yml"]
+        assert [rule["id"] for rule in program.rule_summaries] == ["first", "second"]  # path order
+    finally:
+        program.close()
+    (tmp_path / "campaigns" / "b.yml").write_text("rules:\n  - {id: second, rewrad: {points: 2}}\n")
+    assert [str(p) for p in check_dir(tmp_path, TODAY)] == [
+        "campaigns/b.yml:2:5: missing required key 'reward'",
+        "campaigns/b.yml:2:18: unknown key 'rewrad', did you mean 'reward'?",
+    ]
+
+
+def test_other_files_are_reported_as_ignored_and_hidden_ones_are_not(tmp_path):
+    write(tmp_path, {
+        "program.yaml": SETTINGS,
+        "README.md": "# our program\n",
+        "campaigns/notes.txt": "ideas: [",
+        "campaigns/old.yaml.bak": "rules: [",
+        ".#program.yaml": "broken: [",          # an editor's lock file
+        ".program.yaml.swp": "broken: [",       # vim's swap file
+        "program.yaml~": "broken: [",           # a backup
+        "#program.yaml#": "broken: [",          # an emacs auto-save
+        ".git/x.yaml": "[",
+    })
+    assert [str(p) for p in check_dir(tmp_path, TODAY)] == [
+        "README.md:1:1: warning: ignored: only .yaml and .yml files are part of the program",
+        "campaigns/notes.txt:1:1: warning: ignored: only .yaml and .yml files are part of the program",
+        "campaigns/old.yaml.bak:1:1: warning: ignored: only .yaml and .yml files are part of the program",
+    ]
+    program = load_program(tmp_path, TODAY)
+    try:
+        assert [name for name, _ in program.files] == ["program.yaml"]
+        assert len(program.warnings) == 3
+    finally:
+        program.close()
+
+
+def test_a_folder_with_too_many_files_is_refused(tmp_path):
+    write(tmp_path, {"program.yaml": SETTINGS})
+    for n in range(1001):
+        (tmp_path / f"scan-{n:04}.png").write_bytes(b"")
+    assert [str(p) for p in check_dir(tmp_path, TODAY)] == [f"{tmp_path}:1:1: more than 1000 files in the folder"]
+
+
+WARNED = {
+    "program.yaml": SETTINGS + """\
+stores:
+  - {id: S001, tags: [kyiv]}
+  - {id: S002, tags: [lviv, mall]}
+  - {id: F001, partner: fuelco}
+partners:
+  - {id: fuelco, name: Fuel Co, funding_share: 1.0}
+""",
+    "rules.yaml": """\
+rules:
+  - {id: one-store, when: {store: S0001}, reward: {points: 1}}
+  - {id: not-there, when: {store: {ne: [S001, S9]}}, reward: {points: 1}}
+  - {id: tagged, when: {store_tags: [kyiv, lvov]}, reward: {points: 1}}
+  - {id: platinum, when: {tier: platinum}, reward: {points: 1}}
+  - {id: golden, when: {any: [{tier: glod}, {partner: fulco}]}, reward: {points: 1}}
+  - {id: generous, reward: {percent: 150}}
+  - {id: fair, reward: {percent: 100}}
+  - {id: black-friday, period: {from: "2026-11-27", to: "2026-11-27"}, reward: {points: 1}}
+  - {id: autumn, period: {from: "2026-09-01", to: "2026-11-23"}, reward: {points: 1}}
+""",
+}
+WARNINGS = [
+    "rules.yaml:2:35: warning: unknown store 'S0001', did you mean 'S001'?",
+    "rules.yaml:3:47: warning: unknown store 'S9'",
+    "rules.yaml:4:44: warning: unknown store tag 'lvov', did you mean 'lviv'?",
+    "rules.yaml:5:33: warning: unknown tier 'platinum'",
+    "rules.yaml:6:38: warning: unknown tier 'glod', did you mean 'gold'?",
+    "rules.yaml:6:55: warning: unknown partner 'fulco', did you mean 'fuelco'?",
+    "rules.yaml:7:38: warning: percent 150 is over 100: more points than the amount paid is worth",
+    "rules.yaml:10:51: warning: period ended on 2026-11-23, before today (2026-11-24): the rule no longer applies",
+]
+
+
+def test_each_kind_of_warning_at_the_offending_value():
+    assert problems_of(WARNED) == WARNINGS
+
+
+def test_a_program_with_only_warnings_loads_and_carries_them():
+    program = load_files(WARNED, TODAY)
+    try:
+        assert [str(w) for w in program.warnings] == WARNINGS
+        assert len(program.rules) == 9
+    finally:
+        program.close()
+
+
+def test_warnings_are_listed_with_the_errors_of_a_refused_program():
+    files = dict(WARNED, **{"more.yaml": "rules:\n  - {id: typo, reward: {pionts: 1}}\n"})
+    found = problems_of(files)
+    assert found == ["more.yaml:2:25: unknown key 'pionts', did you mean 'points'?"] + WARNINGS
+    with pytest.raises(ProgramError) as refused:
+        load_files(files, TODAY)
+    assert [str(p) for p in refused.value.problems] == found[:1]
+    assert [str(w) for w in refused.value.warnings] == WARNINGS
+
+
+def test_a_period_is_over_only_after_its_last_local_day():
+    rule = '{id: nov, period: {from: "2026-11-01", to: "2026-11-30"}, reward: {points: 1}}'
+    files = {"program.yaml": SETTINGS, "rules.yaml": f"rules:\n  - {rule}\n"}
+    late_evening_in_kyiv = datetime.fromisoformat("2026-11-30T21:30:00+00:00")   # 23:30 on the 30th
+    after_midnight_in_kyiv = datetime.fromisoformat("2026-11-30T22:30:00+00:00")  # 00:30 on the 1st
+    assert problems_of(files, late_evening_in_kyiv) == []
+    assert problems_of(files, after_midnight_in_kyiv) == [
+        "rules.yaml:2:48: warning: period ended on 2026-11-30, before today (2026-12-01): the rule no longer applies"]
+
+
+def test_without_stores_every_store_named_is_warned_about_and_the_default_tier_is_known():
+    rule = "{id: r, when: {store: S001, store_tags: kyiv, tier: base}, reward: {points: 1}}"
+    files = {"program.yaml": "program: {id: p, currency: UAH, timezone: Europe/Kyiv}\npoints: {value: 100}\n",
+             "rules.yaml": f"rules:\n  - {rule}\n"}
+    assert problems_of(files) == [
+        "rules.yaml:2:27: warning: unknown store 'S001'",
+        "rules.yaml:2:45: warning: unknown store tag 'kyiv'",
+    ]
 
 
 def test_close_is_idempotent():
     program = load_program(MARKET)
     program.close()
     program.close()
+
+
+# `loyalty rules check` ---------------------------------------------------------
+
+IGNORED = "ignored: only .yaml and .yml files are part of the program"
+
+
+def test_rules_check_prints_warnings_and_exits_0_when_there_are_only_warnings(tmp_path, capsys):
+    write(tmp_path, {**WARNED, "notes.txt": "to do\n"})
+    assert main(["rules", "check", str(tmp_path), "--today", "2026-11-24"]) == 0
+    out = capsys.readouterr()
+    assert out.out.splitlines() == [f"notes.txt:1:1: warning: {IGNORED}", *WARNINGS, f"{tmp_path}: ok, 9 warning(s)"]
+    assert out.err == ""
+
+
+def test_rules_check_with_errors_and_warnings_exits_1_and_counts_both(tmp_path, capsys):
+    write(tmp_path, {**WARNED, "more.yml": "rules:\n  - {id: typo, reward: {pionts: 1}}\n"})
+    assert main(["rules", "check", str(tmp_path), "--today", "2026-11-24"]) == 1
+    out = capsys.readouterr()
+    assert out.out.splitlines() == ["more.yml:2:25: unknown key 'pionts', did you mean 'points'?", *WARNINGS]
+    assert out.err == "1 problem(s), 8 warning(s)\n"
+
+
+def test_rules_check_without_warnings_says_ok(tmp_path, capsys):
+    assert main(["rules", "check", str(MARKET), "--today", "2026-11-24"]) == 0
+    assert capsys.readouterr().out == f"{MARKET}: ok\n"
+    # A month later the November promotion is over: a warning, still exit 0.
+    assert main(["rules", "check", str(MARKET), "--today", "2026-12-24"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "campaigns/promos.yaml:6:38: warning: period ended on 2026-11-30, before today (2026-12-24): "
+        "the rule no longer applies",
+        f"{MARKET}: ok, 1 warning(s)",
+    ]
+
+
+def test_rules_diff_reads_yml_files_too(tmp_path, capsys):
+    changed = market_with(tmp_path, {"campaigns/bonus.yml": "rules:\n  - {id: bonus, reward: {points: 3}}\n"})
+    receipts = tmp_path / "receipts.jsonl"
+    receipts.write_text(json.dumps(receipt("D-1", [line(1, "bakery", 10000)], card="1")) + "\n")
+    assert main(["rules", "diff", str(MARKET), str(changed), "--receipts", str(receipts), "--json"]) == 0
+    rows = {row["rule"]: row for row in json.loads(capsys.readouterr().out)["rules"]}
+    assert (rows["bonus"]["old"], rows["bonus"]["new"]) == (0, 3)
+
+
+def test_rules_check_refuses_a_today_that_is_not_a_date(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["rules", "check", str(MARKET), "--today", "24.11.2026"])
+    assert stopped.value.code == 2
+    assert "'24.11.2026' is not a date like 2026-11-24" in capsys.readouterr().err
+
+
+# The server: what it loads, serves and says --------------------------------------
+
+NOW = "2026-11-24T12:00:05+02:00"
+EXTRA = """\
+rules:
+  - {id: lviv-mall, when: {store_tags: lvov}, reward: {points: 50}}
+  - {id: platinum, when: {tier: platinum}, reward: {points: 7}}
+"""
+EXTRA_WARNINGS = [
+    f"NOTES.txt:1:1: warning: {IGNORED}",
+    "campaigns/extra.yml:2:40: warning: unknown store tag 'lvov', did you mean 'lviv'?",
+    "campaigns/extra.yml:3:33: warning: unknown tier 'platinum'",
+]
+
+
+def market_with(tmp_path: pathlib.Path, files: dict[str, str]) -> pathlib.Path:
+    program = tmp_path / "program"
+    shutil.copytree(MARKET, program)
+    return write(program, files)
+
+
+async def test_a_program_with_warnings_loads_serves_and_says_so(make_api, tmp_path, caplog):
+    program = market_with(tmp_path, {"campaigns/extra.yml": EXTRA, "NOTES.txt": "ideas\n"})
+    with caplog.at_level(logging.WARNING, logger="loyalty.rules"):
+        api = await make_api(now=NOW, program_dir=program)
+        status, info = await api.get("/v1/admin/rules")
+    assert status == 200
+    assert "campaigns/extra.yml" in [f["path"] for f in info["files"]]
+    assert {"lviv-mall", "platinum"} <= {r["id"] for r in info["rules"]}
+    assert info["last_reload"]["ok"] is True and info["last_reload"]["warnings"] == EXTRA_WARNINGS
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert all(warning in logged for warning in EXTRA_WARNINGS), logged
+
+    assert (await api.post("/v1/members", {"card": "1"}))[0] == 201
+    status, res = await api.post("/v1/receipts", receipt("W-1", [line(1, "bakery", 10000)], card="1"),
+                                 as_="register")
+    assert status == 201 and res["accrued"]["by_rule"] == [{"rule": "base", "points": 2}]
+    assert res["rules_version"] == info["version"]
+
+
+async def test_reloads_report_warnings_judged_by_the_servers_clock(make_api, tmp_path):
+    program = market_with(tmp_path, {})
+    api = await make_api(now=NOW, program_dir=program)
+    assert (await api.get("/v1/admin/rules"))[1]["last_reload"]["warnings"] == []
+    write(program, {"campaigns/late.yml": """\
+        rules:
+          - {id: early-bird, period: {from: "2026-11-01", to: "2026-11-23"}, reward: {percent: 101}}
+        """})
+    expected = [
+        "campaigns/late.yml:2:55: warning: period ended on 2026-11-23, before today (2026-11-24): "
+        "the rule no longer applies",
+        "campaigns/late.yml:2:88: warning: percent 101 is over 100: more points than the amount paid is worth",
+    ]
+    status, res = await api.post("/v1/admin/rules/reload")
+    assert status == 200 and res["last_reload"]["changed"] is True and res["last_reload"]["warnings"] == expected
+    assert (await api.get("/v1/admin/rules"))[1]["last_reload"]["warnings"] == expected
+
+    (program / "campaigns" / "late.yml").write_text("rules: [\n")
+    status, err = await api.post("/v1/admin/rules/reload")
+    assert status == 422 and err["error"]["code"] == "rules_invalid"
+    write(program, {"campaigns/late.yml": "rules:\n  - {id: late, when: {tier: glod}, reward: {pionts: 1}}\n"})
+    status, err = await api.post("/v1/admin/rules/reload")
+    assert status == 422
+    assert [d["path"] for d in err["error"]["details"]] == ["campaigns/late.yml:2:45"]  # errors only
+    last = (await api.get("/v1/admin/rules"))[1]["last_reload"]
+    assert last["ok"] is False
+    assert last["errors"] == ["campaigns/late.yml:2:45: unknown key 'pionts', did you mean 'points'?"]
+    assert last["warnings"] == ["campaigns/late.yml:2:29: warning: unknown tier 'glod', did you mean 'gold'?"]
+
+
+async def test_check_endpoint_answers_warnings_beside_problems(make_api):
+    api = await make_api(now=NOW)
+    settings = (MARKET / "program.yaml").read_text()
+    warned = "rules:\n  - {id: x, when: {store: S01}, period: {from: 2026-11-01, to: 2026-11-20}, reward: {points: 1}}\n"
+    status, res = await api.post("/v1/admin/rules/check", {"files": {"program.yaml": settings, "rules.yml": warned}})
+    assert status == 200
+    assert res == {"ok": True, "problems": [], "warnings": [
+        "rules.yml:2:27: warning: unknown store 'S01', did you mean 'S001'?",
+        "rules.yml:2:64: warning: period ended on 2026-11-20, before today (2026-11-24): the rule no longer applies",
+    ]}
+    broken = warned + "  - {id: y, rewrad: {points: 1}}\n"
+    status, res = await api.post("/v1/admin/rules/check", {"files": {"program.yaml": settings, "rules.yml": broken}})
+    assert status == 200 and res["ok"] is False
+    assert res["problems"] == ["rules.yml:3:5: missing required key 'reward'",
+                               "rules.yml:3:13: unknown key 'rewrad', did you mean 'reward'?"]
+    assert len(res["warnings"]) == 2
+
+
+async def test_the_watched_folder_reloads_when_a_yml_file_changes(make_api, tmp_path):
+    program = market_with(tmp_path, {})
+    api = await make_api(now=NOW, program_dir=program, rules={"watch": True, "poll_interval_ms": 50, "settle_ms": 100})
+    write(program, {"campaigns/extra.yml": EXTRA})
+
+    async def extra_loaded():
+        return "platinum" in {r["id"] for r in (await api.get("/v1/admin/rules"))[1]["rules"]}
+    assert await wait_for(extra_loaded)
+
+    write(program, {"NOTES.txt": "ideas\n"})  # not part of the program, but the report changes
+
+    async def notes_reported():
+        return (await api.get("/v1/admin/rules"))[1]["last_reload"]["warnings"] == EXTRA_WARNINGS
+    assert await wait_for(notes_reported)
+    assert (await api.get("/v1/admin/rules"))[1]["last_reload"]["changed"] is False

@@ -162,7 +162,7 @@ rules:
 
 
 def problems(files: dict[str, str]) -> list[str]:
-    return [str(problem) for problem in check_files({"program.yaml": SETTINGS, **files})]
+    return [str(problem) for problem in check_files({"program.yaml": SETTINGS, **files}, date(2026, 11, 24))]
 
 
 def test_typos_get_the_nearest_valid_key_at_every_level():
