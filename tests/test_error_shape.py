@@ -42,7 +42,7 @@ async def test_schema_error_names_the_field(make_api):
     status, data = await api.post("/v1/receipts", body, as_="register")
     assert status == 422
     assert_error_shape(data)
-    assert data["error"]["details"] == [{"path": "lines[0].line_no", "message": "must be >= 1"}]
+    assert data["error"]["details"] == [{"path": "lines[0].line_no", "message": "must be at least 1"}]
 
 
 async def test_unknown_field_is_refused(make_api):

@@ -1,0 +1,360 @@
+"""Every way a request body breaks its msgspec type, in words a register's integrator can act on.
+
+msgspec's typed decode is the fast path and stops at the first problem, worded for Python
+programmers (`int`, regular expressions). Only when it fails, `find` walks the same body, decoded
+to plain JSON values, against the same types: msgspec.inspect gives their fields, constraints and
+descriptions, so the Struct definitions stay the one description of a request. A pattern is
+explained by the description attached to it (`Meta(pattern=..., description=...)`), never shown.
+
+`from_error` words one msgspec error the same way: for config files (decoded leniently, one
+problem is enough there) and for the rare body the walk cannot read (nested deeper than msgspec
+decodes to plain values)."""
+from __future__ import annotations
+
+import functools
+import re
+from datetime import date, datetime
+from decimal import Decimal
+
+import msgspec
+import msgspec.inspect as mi
+
+DETAILS_MAX = 50            # details listed in one answer; the message still counts them all
+KEY_SHOWN_MAX = 40          # characters of an offending object key quoted in a message
+UNKNOWN_FIELD = "is not a known field"
+REQUIRED = "is required"
+
+# What a value of each kind must be, by msgspec's name for the kind (its error messages use it).
+KIND_WORDS = {
+    "int": "a whole number", "float": "a number", "decimal": "a number, like 2 or 0.75",
+    "str": "a text", "bool": "true or false", "null": "null", "array": "a list",
+    "object": "an object", "datetime": "a date like 2026-11-24T12:00:00+02:00",
+    "date": "a date like 2026-11-24",
+}
+_KIND_OF = {mi.IntType: "int", mi.FloatType: "float", mi.DecimalType: "decimal", mi.StrType: "str",
+            mi.BoolType: "bool", mi.NoneType: "null", mi.ListType: "array", mi.DictType: "object",
+            mi.StructType: "object", mi.DateTimeType: "datetime", mi.DateType: "date"}
+
+
+class Problems:
+    """The first DETAILS_MAX problems as (path, words), and how many there are in all."""
+
+    def __init__(self) -> None:
+        self.listed: list[tuple[str, str]] = []
+        self.count = 0
+
+    def add(self, path: str, words: str) -> None:
+        self.count += 1
+        if len(self.listed) < DETAILS_MAX:
+            self.listed.append((path or "$", words))
+
+
+def find(value, t: type) -> Problems:
+    """Every problem of `value` (plain JSON values, numbers with a fraction as Decimal) against
+    type `t`, in document order: the first one is the problem msgspec itself stopped at."""
+    found = Problems()
+    _check(value, _info(t), "", found)
+    return found
+
+
+@functools.lru_cache(maxsize=64)
+def _info(t: type):
+    return mi.type_info(t)
+
+
+def _check(value, info, path: str, out: Problems, description: str | None = None) -> None:
+    if isinstance(info, mi.Metadata):
+        description = (info.extra_json_schema or {}).get("description", description)
+        info = info.type
+    check = _CHECKS.get(type(info))
+    if check is not None:       # a kind the request types do not use is left to msgspec's own answer
+        check(value, info, path, out, description)
+
+
+def _int(value, info, path, out, _description) -> None:
+    if type(value) is not int:
+        out.add(path, must_be("int"))
+    else:
+        _bounds(value, info, path, out)
+
+
+def _float(value, info, path, out, _description) -> None:
+    if type(value) not in (int, float, Decimal) or not _finite(value):
+        out.add(path, must_be("float"))
+    else:
+        _bounds(value, info, path, out)
+
+
+def _bounds(value, info, path, out) -> None:
+    for limit, fails, words in ((info.ge, lambda b: value < b, "at least"), (info.gt, lambda b: value <= b, "more than"),
+                                (info.le, lambda b: value > b, "at most"), (info.lt, lambda b: value >= b, "less than")):
+        if limit is not None and fails(limit):
+            out.add(path, f"must be {words} {limit}")
+            return
+
+
+def _str(value, info, path, out, description) -> None:
+    if type(value) is not str:
+        out.add(path, must_be("str"))
+    elif not _length_ok(len(value), info):
+        out.add(path, "must be " + count_words(info.min_length, info.max_length, "character"))
+    elif info.pattern is not None and not _regex(info.pattern).search(value):
+        out.add(path, f"must be {description}" if description else "is not in the form this field takes")
+
+
+def _decimal(value, info, path, out, _description) -> None:
+    if type(value) not in (int, Decimal) and not (type(value) is str and _converts(value, Decimal)):
+        out.add(path, must_be("decimal"))
+
+
+def _bool(value, info, path, out, _description) -> None:
+    if type(value) is not bool:
+        out.add(path, must_be("bool"))
+
+
+def _none(value, info, path, out, _description) -> None:
+    if value is not None:
+        out.add(path, must_be("null"))
+
+
+def _datetime(value, info, path, out, _description) -> None:
+    parsed = _converted(value, datetime) if type(value) is str else None
+    if parsed is None:
+        out.add(path, must_be("datetime"))
+    elif info.tz is not None and (parsed.tzinfo is not None) != info.tz:
+        out.add(path, "must have a UTC offset, like 2026-11-24T12:00:00+02:00" if info.tz
+                else "must have no UTC offset, like 2026-11-24T12:00:00")
+
+
+def _date(value, info, path, out, _description) -> None:
+    if type(value) is not str or _converted(value, date) is None:
+        out.add(path, must_be("date"))
+
+
+def _literal(value, info, path, out, _description) -> None:
+    if not any(type(value) is type(v) and value == v for v in info.values):
+        out.add(path, one_of(info.values))
+
+
+def _enum(value, info, path, out, _description) -> None:
+    values = [m.value for m in info.cls]
+    if not any(type(value) is type(v) and value == v for v in values):
+        out.add(path, one_of(values))
+
+
+def _union(value, info, path, out, description) -> None:
+    types = [t for t in info.types if not isinstance(t, mi.NoneType)]
+    if value is None and len(types) < len(info.types):
+        return
+    if len(types) == 1:         # an optional field: its problems are those of its one type
+        _check(value, types[0], path, out, description)
+        return
+    for t in types:
+        trial = Problems()
+        _check(value, t, path, trial, description)
+        if not trial.count:
+            return
+    kinds = [KIND_WORDS[k] for k in dict.fromkeys(_kind(t) for t in info.types) if k in KIND_WORDS]
+    out.add(path, "must be " + " or ".join(kinds) if kinds else "is not a value this field takes")
+
+
+def _list(value, info, path, out, _description) -> None:
+    if type(value) is not list:
+        out.add(path, must_be("array"))
+        return
+    if not _length_ok(len(value), info):
+        out.add(path, "must have " + count_words(info.min_length, info.max_length, "item"))
+    for i, item in enumerate(value):
+        _check(item, info.item_type, f"{path}[{i}]", out)
+
+
+def _dict(value, info, path, out, _description) -> None:
+    if type(value) is not dict:
+        out.add(path, must_be("object"))
+        return
+    if not _length_ok(len(value), info):
+        out.add(path, "must have " + count_words(info.min_length, info.max_length, "entry", "entries"))
+    for key, item in value.items():
+        trial = Problems()
+        _check(key, info.key_type, path, trial)
+        for _, words in trial.listed:
+            out.add(path, f"key {quoted(key)}: {words}")
+        _check(item, info.value_type, join(path, key), out)
+
+
+def _struct(value, info, path, out, _description) -> None:
+    if type(value) is not dict:
+        out.add(path, must_be("object"))
+        return
+    fields = {f.encode_name: f for f in info.fields}
+    for name, item in value.items():
+        field = fields.get(name)
+        if field is not None:
+            _check(item, field.type, join(path, name), out)
+        elif info.forbid_unknown_fields:
+            out.add(join(path, name), UNKNOWN_FIELD)
+    for field in info.fields:
+        if field.required and field.encode_name not in value:
+            out.add(join(path, field.encode_name), REQUIRED)
+
+
+_CHECKS = {
+    mi.IntType: _int, mi.FloatType: _float, mi.StrType: _str, mi.DecimalType: _decimal, mi.BoolType: _bool,
+    mi.NoneType: _none, mi.DateTimeType: _datetime, mi.DateType: _date, mi.LiteralType: _literal,
+    mi.EnumType: _enum, mi.UnionType: _union, mi.ListType: _list, mi.DictType: _dict, mi.StructType: _struct,
+}
+
+
+def _kind(info) -> str | None:
+    return _KIND_OF.get(type(info.type if isinstance(info, mi.Metadata) else info))
+
+
+def _length_ok(n: int, info) -> bool:
+    return (info.min_length is None or n >= info.min_length) and (info.max_length is None or n <= info.max_length)
+
+
+@functools.lru_cache(maxsize=64)
+def _regex(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
+
+
+def _converted(value, t: type):
+    try:
+        return msgspec.convert(value, t)
+    except msgspec.ValidationError:
+        return None
+
+
+def _converts(value, t: type) -> bool:
+    return _converted(value, t) is not None
+
+
+def _finite(value) -> bool:
+    return not isinstance(value, (float, Decimal)) or value.is_finite()
+
+
+# ------------------------------------------------------------------ words
+
+
+def must_be(kind: str) -> str:
+    return "must be " + KIND_WORDS.get(kind, "another kind of value")
+
+
+def count_words(low: int | None, high: int | None, unit: str, units: str | None = None) -> str:
+    def n(k: int) -> str:
+        return f"{k} {unit if k == 1 else units or unit + 's'}"
+    if low is not None and high is not None:
+        return n(low) if low == high else f"{low} to {n(high)}"
+    return f"at most {n(high)}" if high is not None else f"at least {n(low)}"
+
+
+def one_of(values) -> str:
+    return "must be one of: " + ", ".join(str(v) for v in values)
+
+
+def quoted(key: str) -> str:
+    shown = key if len(key) <= KEY_SHOWN_MAX else key[:KEY_SHOWN_MAX] + "…"
+    return msgspec.json.encode(shown).decode()
+
+
+def join(parent: str, name: str) -> str:
+    return f"{parent}.{name}" if parent else name
+
+
+# ------------------------------------------------------------------ one msgspec error
+
+_AT = re.compile(r"^(.*?)(?: - at (`key` in )?`\$(.*)`)?$", re.S)
+_GOT = re.compile(r"^Expected `([^`]+)`, got `[^`]+`$")
+_BOUND = re.compile(r"^Expected `[^`]+` (>=|>|<=|<) ([^\s,]+)")
+_LEN = re.compile(r"^Expected `(str|array|object)` of length (>=|<=) (\d+)$")
+_BOUND_WORDS = {">=": "at least", ">": "more than", "<=": "at most", "<": "less than"}
+_LEN_UNITS = {"str": ("be", "character", None), "array": ("have", "item", None), "object": ("have", "entry", "entries")}
+_INVALID = {"Invalid RFC3339 encoded datetime": "datetime", "Invalid RFC3339 encoded date": "date",
+            "Invalid decimal string": "decimal"}
+
+
+def from_error(e: msgspec.ValidationError, root: type | None = None) -> Problems:
+    """msgspec's one error as one problem in the same words; `root`, the type that was decoded,
+    lets a broken pattern be explained by its description."""
+    m = _AT.match(str(e))
+    reason, is_key, path = m.group(1), bool(m.group(2)), (m.group(3) or "").lstrip(".")
+    found = Problems()
+    if missing := re.match(r"Object missing required field `([^`]+)`", reason):
+        found.add(join(path, missing.group(1)), REQUIRED)
+    elif unknown := re.match(r"Object contains unknown field `([^`]+)`", reason):
+        found.add(join(path, unknown.group(1)), UNKNOWN_FIELD)
+    else:
+        words = _reason_words(reason, root, path, is_key)
+        found.add(path, f"has a key that is not allowed; keys {words}" if is_key else words)
+    return found
+
+
+def _reason_words(reason: str, root: type | None, path: str, is_key: bool) -> str:
+    if got := _GOT.match(reason):
+        kinds = [KIND_WORDS[k] for k in got.group(1).split(" | ") if k in KIND_WORDS]
+        return "must be " + " or ".join(kinds) if kinds else "is not a value this field takes"
+    if n := _LEN.match(reason):
+        verb, unit, units = _LEN_UNITS[n.group(1)]
+        bound = int(n.group(3))
+        return f"must {verb} " + count_words(bound if n.group(2) == ">=" else None,
+                                             bound if n.group(2) == "<=" else None, unit, units)
+    if b := _BOUND.match(reason):
+        return f"must be {_BOUND_WORDS[b.group(1)]} {b.group(2)}"
+    if reason.startswith("Expected `str` matching regex"):
+        description = _description_at(root, path, is_key) if root is not None else None
+        return f"must be {description}" if description else "is not in the form this field takes"
+    if reason.startswith("Invalid enum value"):
+        values = _values_at(root, path) if root is not None and not is_key else None
+        return one_of(values) if values else "is not one of the values this field takes"
+    if reason.startswith("Expected `datetime` with"):
+        return "must have a UTC offset, like 2026-11-24T12:00:00+02:00"
+    if reason in _INVALID:
+        return must_be(_INVALID[reason])
+    return "is not a value this field takes"
+
+
+_STEP = re.compile(r"\[[^\]]*\]|[^.\[]+")
+
+
+def _type_at(root: type, path: str, is_key: bool):
+    """The type at `path` of `root` (an object's keys when `is_key`), Metadata kept; None when
+    the path leads nowhere."""
+    info = _info(root)
+    for step in _STEP.findall(path):
+        info = _unwrap(info)
+        if isinstance(info, mi.StructType) and not step.startswith("["):
+            info = next((f.type for f in info.fields if f.encode_name == step), None)
+        elif isinstance(info, mi.ListType) and step.startswith("["):
+            info = info.item_type
+        elif isinstance(info, mi.DictType) and step.startswith("["):
+            info = info.value_type
+        else:
+            return None
+    if is_key:
+        info = _unwrap(info)
+        info = info.key_type if isinstance(info, mi.DictType) else None
+    while isinstance(info, mi.UnionType):
+        info = next((t for t in info.types if not isinstance(t, mi.NoneType)), None)
+    return info
+
+
+def _description_at(root: type, path: str, is_key: bool) -> str | None:
+    info = _type_at(root, path, is_key)
+    return (info.extra_json_schema or {}).get("description") if isinstance(info, mi.Metadata) else None
+
+
+def _values_at(root: type, path: str) -> list | None:
+    info = _unwrap(_type_at(root, path, False))
+    if isinstance(info, mi.LiteralType):
+        return list(info.values)
+    return [m.value for m in info.cls] if isinstance(info, mi.EnumType) else None
+
+
+def _unwrap(info):
+    while True:
+        if isinstance(info, mi.Metadata):
+            info = info.type
+        elif isinstance(info, mi.UnionType):
+            info = next((t for t in info.types if not isinstance(t, mi.NoneType)), None)
+        else:
+            return info
