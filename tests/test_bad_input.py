@@ -107,3 +107,49 @@ async def test_rules_check_refuses_unsafe_file_names(make_api, name):
     assert got == 422, data
     assert_error_shape(data)
     assert data["error"]["details"][0]["path"] == "files"
+
+
+# ------------------------------------------------------------ every problem at once
+
+CARD = "7000000000001"
+
+
+async def test_a_receipt_with_three_problems_gets_one_422_listing_them(make_api):
+    api = await make_api(now=NOW)
+    assert (await api.post("/v1/members", {"card": CARD}))[0] == 201
+    good = receipt("B-3", [line(1, "dairy", 1000), line(2, "bakery", 500), line(3, "dairy", 200)], card=CARD)
+    bad = json.loads(json.dumps(good))
+    bad["store_id"] = ""
+    bad["lines"][1]["qty"] = "two"
+    del bad["lines"][2]["sku"]
+    got, data = await api.post("/v1/receipts", bad, as_="register")
+    assert got == 422, data
+    assert_error_shape(data)
+    assert data["error"]["code"] == "validation_error"
+    assert data["error"]["details"] == [
+        {"path": "store_id", "message": "must be 1 to 64 characters"},
+        {"path": "lines[1].qty", "message": "must be a number, like 2 or 0.75"},
+        {"path": "lines[2].sku", "message": "is required"},
+    ]
+    assert data["error"]["message"] == "store_id must be 1 to 64 characters; and 2 more problems"
+    status, member = await api.get(f"/v1/members/{CARD}")
+    assert status == 200 and member["balance"] == {"available": 100, "pending": 0, "held": 0}
+    status, data = await api.post("/v1/receipts", good, as_="register")   # the identity was not taken
+    assert status == 201 and data["replayed"] is False, data
+
+
+async def test_problems_beyond_the_listed_ones_are_counted(make_api):
+    api = await make_api(now=NOW)
+    lines = [line(i, "dairy", 1, qty="x") for i in range(1, 2001)]
+    got, data = await api.post("/v1/receipts", receipt("B-many", lines), as_="register")
+    assert got == 422, data
+    details = data["error"]["details"]
+    assert len(details) == 50 and details[49] == {"path": "lines[49].qty", "message": "must be a number, like 2 or 0.75"}
+    assert data["error"]["message"] == ("lines[0].qty must be a number, like 2 or 0.75; "
+                                        "and 1999 more problems (details lists the first 50)")
+
+
+async def test_a_body_that_stops_being_json_after_its_first_problem_is_malformed(make_api):
+    api = await make_api(now=NOW)
+    got, data = await api.post("/v1/receipts", as_="register", raw=b'{"receipt_id": 5, "store_id": ')
+    assert got == 400 and data["error"]["code"] == "malformed_json", data
