@@ -12,6 +12,7 @@ decodes to plain values)."""
 from __future__ import annotations
 
 import functools
+import operator
 import re
 from datetime import date, datetime
 from decimal import Decimal
@@ -53,7 +54,7 @@ def find(value, t: type) -> Problems:
     """Every problem of `value` (plain JSON values, numbers with a fraction as Decimal) against
     type `t`, in document order: the first one is the problem msgspec itself stopped at."""
     found = Problems()
-    _check(value, _info(t), "", found)
+    _checker(t)(value, "", found)
     return found
 
 
@@ -62,146 +63,206 @@ def _info(t: type):
     return mi.type_info(t)
 
 
-def _check(value, info, path: str, out: Problems, description: str | None = None) -> None:
+@functools.lru_cache(maxsize=64)
+def _checker(t: type):
+    return _compile(_info(t))
+
+
+# A checker is check(value, path, out), made once per type from its msgspec.inspect info, so a
+# refused body costs a walk, not a reading of the types as well.
+
+def _compile(info, description: str | None = None):
     if isinstance(info, mi.Metadata):
-        description = (info.extra_json_schema or {}).get("description", description)
-        info = info.type
-    check = _CHECKS.get(type(info))
-    if check is not None:       # a kind the request types do not use is left to msgspec's own answer
-        check(value, info, path, out, description)
+        return _compile(info.type, (info.extra_json_schema or {}).get("description", description))
+    make = _MAKERS.get(type(info))
+    return _accept if make is None else make(info, description)
 
 
-def _int(value, info, path, out, _description) -> None:
-    if type(value) is not int:
-        out.add(path, must_be("int"))
-    else:
-        _bounds(value, info, path, out)
+def _accept(value, path, out) -> None:
+    """A kind the request types do not use: left to msgspec's own answer."""
 
 
-def _float(value, info, path, out, _description) -> None:
-    if type(value) not in (int, float, Decimal) or not _finite(value):
-        out.add(path, must_be("float"))
-    else:
-        _bounds(value, info, path, out)
+def _int(info, _description):
+    bounds = _bounds(info)
+
+    def check(value, path, out):
+        if type(value) is not int:
+            out.add(path, must_be("int"))
+        else:
+            _check_bounds(value, bounds, path, out)
+    return check
 
 
-def _bounds(value, info, path, out) -> None:
-    for limit, fails, words in ((info.ge, lambda b: value < b, "at least"), (info.gt, lambda b: value <= b, "more than"),
-                                (info.le, lambda b: value > b, "at most"), (info.lt, lambda b: value >= b, "less than")):
-        if limit is not None and fails(limit):
-            out.add(path, f"must be {words} {limit}")
+def _float(info, _description):
+    bounds = _bounds(info)
+
+    def check(value, path, out):
+        if type(value) not in (int, float, Decimal) or not _finite(value):
+            out.add(path, must_be("float"))
+        else:
+            _check_bounds(value, bounds, path, out)
+    return check
+
+
+def _bounds(info) -> list[tuple]:
+    pairs = ((info.ge, operator.lt, "at least"), (info.gt, operator.le, "more than"),
+             (info.le, operator.gt, "at most"), (info.lt, operator.ge, "less than"))
+    return [(limit, fails, f"must be {words} {limit}") for limit, fails, words in pairs if limit is not None]
+
+
+def _check_bounds(value, bounds, path, out) -> None:
+    for limit, fails, words in bounds:
+        if fails(value, limit):
+            out.add(path, words)
             return
 
 
-def _str(value, info, path, out, description) -> None:
-    if type(value) is not str:
-        out.add(path, must_be("str"))
-    elif not _length_ok(len(value), info):
-        out.add(path, "must be " + count_words(info.min_length, info.max_length, "character"))
-    elif info.pattern is not None and not _regex(info.pattern).search(value):
-        out.add(path, f"must be {description}" if description else "is not in the form this field takes")
+def _str(info, description):
+    length = _length_test(info)
+    length_words = "must be " + count_words(info.min_length, info.max_length, "character")
+    pattern = None if info.pattern is None else re.compile(info.pattern)
+    pattern_words = f"must be {description}" if description else "is not in the form this field takes"
+
+    def check(value, path, out):
+        if type(value) is not str:
+            out.add(path, must_be("str"))
+        elif length is not None and not length(len(value)):
+            out.add(path, length_words)
+        elif pattern is not None and not pattern.search(value):
+            out.add(path, pattern_words)
+    return check
 
 
-def _decimal(value, info, path, out, _description) -> None:
-    if type(value) not in (int, Decimal) and not (type(value) is str and _converts(value, Decimal)):
-        out.add(path, must_be("decimal"))
+def _decimal(_info, _description):
+    def check(value, path, out):
+        if type(value) not in (int, Decimal) and not (type(value) is str and _converts(value, Decimal)):
+            out.add(path, must_be("decimal"))
+    return check
 
 
-def _bool(value, info, path, out, _description) -> None:
-    if type(value) is not bool:
-        out.add(path, must_be("bool"))
+def _kind_only(test, kind: str):
+    def make(_info, _description):
+        def check(value, path, out):
+            if not test(value):
+                out.add(path, must_be(kind))
+        return check
+    return make
 
 
-def _none(value, info, path, out, _description) -> None:
-    if value is not None:
-        out.add(path, must_be("null"))
+def _datetime(info, _description):
+    offset_words = ("must have a UTC offset, like 2026-11-24T12:00:00+02:00" if info.tz
+                    else "must have no UTC offset, like 2026-11-24T12:00:00")
+
+    def check(value, path, out):
+        parsed = _converted(value, datetime) if type(value) is str else None
+        if parsed is None:
+            out.add(path, must_be("datetime"))
+        elif info.tz is not None and (parsed.tzinfo is not None) != info.tz:
+            out.add(path, offset_words)
+    return check
 
 
-def _datetime(value, info, path, out, _description) -> None:
-    parsed = _converted(value, datetime) if type(value) is str else None
-    if parsed is None:
-        out.add(path, must_be("datetime"))
-    elif info.tz is not None and (parsed.tzinfo is not None) != info.tz:
-        out.add(path, "must have a UTC offset, like 2026-11-24T12:00:00+02:00" if info.tz
-                else "must have no UTC offset, like 2026-11-24T12:00:00")
+def _choice(values: list):
+    words = one_of(values)
+
+    def check(value, path, out):
+        if not any(type(value) is type(v) and value == v for v in values):
+            out.add(path, words)
+    return check
 
 
-def _date(value, info, path, out, _description) -> None:
-    if type(value) is not str or _converted(value, date) is None:
-        out.add(path, must_be("date"))
-
-
-def _literal(value, info, path, out, _description) -> None:
-    if not any(type(value) is type(v) and value == v for v in info.values):
-        out.add(path, one_of(info.values))
-
-
-def _enum(value, info, path, out, _description) -> None:
-    values = [m.value for m in info.cls]
-    if not any(type(value) is type(v) and value == v for v in values):
-        out.add(path, one_of(values))
-
-
-def _union(value, info, path, out, description) -> None:
+def _union(info, description):
+    nullable = any(isinstance(t, mi.NoneType) for t in info.types)
     types = [t for t in info.types if not isinstance(t, mi.NoneType)]
-    if value is None and len(types) < len(info.types):
-        return
     if len(types) == 1:         # an optional field: its problems are those of its one type
-        _check(value, types[0], path, out, description)
-        return
-    for t in types:
-        trial = Problems()
-        _check(value, t, path, trial, description)
-        if not trial.count:
-            return
+        inner = _compile(types[0], description)
+
+        def optional(value, path, out):
+            if value is not None or not nullable:
+                inner(value, path, out)
+        return optional
+    members = [_compile(t, description) for t in types]
     kinds = [KIND_WORDS[k] for k in dict.fromkeys(_kind(t) for t in info.types) if k in KIND_WORDS]
-    out.add(path, "must be " + " or ".join(kinds) if kinds else "is not a value this field takes")
+    words = "must be " + " or ".join(kinds) if kinds else "is not a value this field takes"
+
+    def check(value, path, out):
+        if value is None and nullable:
+            return
+        for member in members:
+            trial = Problems()
+            member(value, path, trial)
+            if not trial.count:
+                return
+        out.add(path, words)
+    return check
 
 
-def _list(value, info, path, out, _description) -> None:
-    if type(value) is not list:
-        out.add(path, must_be("array"))
-        return
-    if not _length_ok(len(value), info):
-        out.add(path, "must have " + count_words(info.min_length, info.max_length, "item"))
-    for i, item in enumerate(value):
-        _check(item, info.item_type, f"{path}[{i}]", out)
+def _list(info, _description):
+    item = _compile(info.item_type)
+    length = _length_test(info)
+    length_words = "must have " + count_words(info.min_length, info.max_length, "item")
+
+    def check(value, path, out):
+        if type(value) is not list:
+            out.add(path, must_be("array"))
+            return
+        if length is not None and not length(len(value)):
+            out.add(path, length_words)
+        for i, element in enumerate(value):
+            item(element, f"{path}[{i}]", out)
+    return check
 
 
-def _dict(value, info, path, out, _description) -> None:
-    if type(value) is not dict:
-        out.add(path, must_be("object"))
-        return
-    if not _length_ok(len(value), info):
-        out.add(path, "must have " + count_words(info.min_length, info.max_length, "entry", "entries"))
-    for key, item in value.items():
-        trial = Problems()
-        _check(key, info.key_type, path, trial)
-        for _, words in trial.listed:
-            out.add(path, f"key {quoted(key)}: {words}")
-        _check(item, info.value_type, join(path, key), out)
+def _dict(info, _description):
+    key_check, value_check = _compile(info.key_type), _compile(info.value_type)
+    length = _length_test(info)
+    length_words = "must have " + count_words(info.min_length, info.max_length, "entry", "entries")
+
+    def check(value, path, out):
+        if type(value) is not dict:
+            out.add(path, must_be("object"))
+            return
+        if length is not None and not length(len(value)):
+            out.add(path, length_words)
+        for key, element in value.items():
+            trial = Problems()
+            key_check(key, path, trial)
+            for _, words in trial.listed:
+                out.add(path, f"key {quoted(key)}: {words}")
+            value_check(element, join(path, key), out)
+    return check
 
 
-def _struct(value, info, path, out, _description) -> None:
-    if type(value) is not dict:
-        out.add(path, must_be("object"))
-        return
-    fields = {f.encode_name: f for f in info.fields}
-    for name, item in value.items():
-        field = fields.get(name)
-        if field is not None:
-            _check(item, field.type, join(path, name), out)
-        elif info.forbid_unknown_fields:
-            out.add(join(path, name), UNKNOWN_FIELD)
-    for field in info.fields:
-        if field.required and field.encode_name not in value:
-            out.add(join(path, field.encode_name), REQUIRED)
+def _struct(info, _description):
+    fields = {f.encode_name: _compile(f.type) for f in info.fields}
+    required = [f.encode_name for f in info.fields if f.required]
+    cls, forbid = info.cls, info.forbid_unknown_fields
+
+    def check(value, path, out):
+        if type(value) is not dict:
+            out.add(path, must_be("object"))
+            return
+        if _converts(value, cls):      # msgspec's own pass in C: most lines of a refused receipt are fine
+            return
+        for name, element in value.items():
+            field = fields.get(name)
+            if field is not None:
+                field(element, join(path, name), out)
+            elif forbid:
+                out.add(join(path, name), UNKNOWN_FIELD)
+        for name in required:
+            if name not in value:
+                out.add(join(path, name), REQUIRED)
+    return check
 
 
-_CHECKS = {
-    mi.IntType: _int, mi.FloatType: _float, mi.StrType: _str, mi.DecimalType: _decimal, mi.BoolType: _bool,
-    mi.NoneType: _none, mi.DateTimeType: _datetime, mi.DateType: _date, mi.LiteralType: _literal,
-    mi.EnumType: _enum, mi.UnionType: _union, mi.ListType: _list, mi.DictType: _dict, mi.StructType: _struct,
+_MAKERS = {
+    mi.IntType: _int, mi.FloatType: _float, mi.StrType: _str, mi.DecimalType: _decimal,
+    mi.BoolType: _kind_only(lambda v: type(v) is bool, "bool"), mi.NoneType: _kind_only(lambda v: v is None, "null"),
+    mi.DateType: _kind_only(lambda v: type(v) is str and _converts(v, date), "date"),
+    mi.DateTimeType: _datetime, mi.LiteralType: lambda info, _d: _choice(list(info.values)),
+    mi.EnumType: lambda info, _d: _choice([m.value for m in info.cls]), mi.UnionType: _union,
+    mi.ListType: _list, mi.DictType: _dict, mi.StructType: _struct,
 }
 
 
@@ -209,13 +270,11 @@ def _kind(info) -> str | None:
     return _KIND_OF.get(type(info.type if isinstance(info, mi.Metadata) else info))
 
 
-def _length_ok(n: int, info) -> bool:
-    return (info.min_length is None or n >= info.min_length) and (info.max_length is None or n <= info.max_length)
-
-
-@functools.lru_cache(maxsize=64)
-def _regex(pattern: str) -> re.Pattern:
-    return re.compile(pattern)
+def _length_test(info):
+    low, high = info.min_length, info.max_length
+    if low is None and high is None:
+        return None
+    return lambda n: (low is None or n >= low) and (high is None or n <= high)
 
 
 def _converted(value, t: type):
