@@ -72,7 +72,7 @@ def problems_error(found: validation.Problems) -> ApiError:
     message = _sentence(*found.listed[0])
     more = found.count - 1
     if more:
-        message += f"; and {more} more problem{'s' if more > 1 else ''}"
+        message += f"; and {'' if found.complete else 'at least '}{more} more problem{'s' if more > 1 else ''}"
         if found.count > len(found.listed):
             message += f" (details lists the first {len(found.listed)})"
     return unprocessable("validation_error", message, details)

@@ -21,6 +21,9 @@ import msgspec
 import msgspec.inspect as mi
 
 DETAILS_MAX = 50            # details listed in one answer; the message still counts them all
+# The walk runs on the event loop: it stops after this many problems (a 1 MiB body of broken
+# lines would otherwise hold it for over 100 ms; this way about 10, like decoding a valid one).
+COUNTED_MAX = 1_000
 KEY_SHOWN_MAX = 40          # characters of an offending object key quoted in a message
 UNKNOWN_FIELD = "is not a known field"
 REQUIRED = "is required"
@@ -38,23 +41,37 @@ _KIND_OF = {mi.IntType: "int", mi.FloatType: "float", mi.DecimalType: "decimal",
 
 
 class Problems:
-    """The first DETAILS_MAX problems as (path, words), and how many there are in all."""
+    """The first DETAILS_MAX problems as (path, words), and how many there are in all, or
+    `complete` False when the walk stopped at `counted_max` of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, counted_max: int | None = None) -> None:
         self.listed: list[tuple[str, str]] = []
         self.count = 0
+        self.complete = True
+        self.counted_max = counted_max
 
     def add(self, path: str, words: str) -> None:
         self.count += 1
         if len(self.listed) < DETAILS_MAX:
             self.listed.append((path or "$", words))
+        if self.count == self.counted_max:
+            self.complete = False
+            raise _Enough
+
+
+class _Enough(Exception):
+    """Ends a walk that has counted as many problems as it may."""
 
 
 def find(value, t: type) -> Problems:
     """Every problem of `value` (plain JSON values, numbers with a fraction as Decimal) against
-    type `t`, in document order: the first one is the problem msgspec itself stopped at."""
-    found = Problems()
-    _checker(t)(value, "", found)
+    type `t`, in document order: the first one is the problem msgspec itself stopped at. The
+    items of a list past its maximum length are not looked at: the list is refused for its length."""
+    found = Problems(COUNTED_MAX)
+    try:
+        _checker(t)(value, "", found)
+    except _Enough:
+        pass
     return found
 
 
@@ -201,6 +218,7 @@ def _list(info, _description):
     item = _compile(info.item_type)
     length = _length_test(info)
     length_words = "must have " + count_words(info.min_length, info.max_length, "item")
+    walked_max = info.max_length
 
     def check(value, path, out):
         if type(value) is not list:
@@ -208,7 +226,7 @@ def _list(info, _description):
             return
         if length is not None and not length(len(value)):
             out.add(path, length_words)
-        for i, element in enumerate(value):
+        for i, element in enumerate(value if walked_max is None or len(value) <= walked_max else value[:walked_max]):
             item(element, f"{path}[{i}]", out)
     return check
 
