@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -112,6 +114,11 @@ async def test_rules_check_refuses_unsafe_file_names(make_api, name):
 # ------------------------------------------------------------ every problem at once
 
 CARD = "7000000000001"
+INTEGRATORS = Path(__file__).resolve().parent.parent / "docs" / "integrators.md"
+
+
+def documented_answers() -> list:
+    return [json.loads(block) for block in re.findall(r"<!-- answer -->\n```json\n(.*?)```", INTEGRATORS.read_text(), re.S)]
 
 
 async def test_a_receipt_with_three_problems_gets_one_422_listing_them(make_api):
@@ -132,6 +139,7 @@ async def test_a_receipt_with_three_problems_gets_one_422_listing_them(make_api)
         {"path": "lines[2].sku", "message": "is required"},
     ]
     assert data["error"]["message"] == "store_id must be 1 to 64 characters; and 2 more problems"
+    assert data in documented_answers(), "docs/integrators.md shows this answer"
     status, member = await api.get(f"/v1/members/{CARD}")
     assert status == 200 and member["balance"] == {"available": 100, "pending": 0, "held": 0}
     status, data = await api.post("/v1/receipts", good, as_="register")   # the identity was not taken
