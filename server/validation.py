@@ -351,30 +351,39 @@ _INVALID = {"Invalid RFC3339 encoded datetime": "datetime", "Invalid RFC3339 enc
 
 
 def from_error(e: msgspec.ValidationError, root: type | None = None) -> Problems:
-    """msgspec's one error as one problem in the same words; `root`, the type that was decoded,
-    lets a broken pattern be explained by its description."""
+    """msgspec's one error as one problem in the walk's words; `root`, the type that was decoded,
+    lets a pattern be explained by its description and a length be worded with both bounds."""
     m = _AT.match(str(e))
-    reason, is_key, path = m.group(1), bool(m.group(2)), (m.group(3) or "").lstrip(".")
+    # msgspec writes a mapping's value as `[...]`, without its key: the mapping is named instead.
+    reason, is_key, where = m.group(1), bool(m.group(2)), (m.group(3) or "").lstrip(".")
+    path = where.split("[...]")[0]
     found = Problems()
     if missing := re.match(r"Object missing required field `([^`]+)`", reason):
         found.add(join(path, missing.group(1)), REQUIRED)
     elif unknown := re.match(r"Object contains unknown field `([^`]+)`", reason):
         found.add(join(path, unknown.group(1)), UNKNOWN_FIELD)
     else:
-        words = _reason_words(reason, root, path, is_key)
-        found.add(path, f"has a key that is not allowed; keys {words}" if is_key else words)
+        words = _reason_words(reason, root, where, is_key)
+        if is_key:
+            words = f"has a key that is not allowed; keys {words}"
+        elif path != where:
+            words = f"has a value that is not allowed; each value {words}"
+        found.add(path, words)
     return found
 
 
 def _reason_words(reason: str, root: type | None, path: str, is_key: bool) -> str:
-    if got := _GOT.match(reason):
-        kinds = [KIND_WORDS[k] for k in got.group(1).split(" | ") if k in KIND_WORDS]
+    if got := _GOT.match(reason):        # an optional field is left out rather than sent as null
+        kinds = [KIND_WORDS[k] for k in got.group(1).split(" | ") if k in KIND_WORDS and k != "null"]
         return "must be " + " or ".join(kinds) if kinds else "is not a value this field takes"
     if n := _LEN.match(reason):
         verb, unit, units = _LEN_UNITS[n.group(1)]
         bound = int(n.group(3))
-        return f"must {verb} " + count_words(bound if n.group(2) == ">=" else None,
-                                             bound if n.group(2) == "<=" else None, unit, units)
+        low, high = (bound, None) if n.group(2) == ">=" else (None, bound)
+        info = _unwrap(_type_at(root, path, is_key)) if root is not None else None
+        if hasattr(info, "min_length"):     # both bounds, as the walk words them
+            low, high = info.min_length, info.max_length
+        return f"must {verb} " + count_words(low, high, unit, units)
     if b := _BOUND.match(reason):
         return f"must be {_BOUND_WORDS[b.group(1)]} {b.group(2)}"
     if reason.startswith("Expected `str` matching regex"):

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from conftest import line, receipt
+from server import schema, validation
 from test_error_shape import assert_error_shape
 
 NOW = "2026-11-24T12:00:05+02:00"
@@ -163,3 +166,60 @@ async def test_a_body_that_stops_being_json_after_its_first_problem_is_malformed
     api = await make_api(now=NOW)
     got, data = await api.post("/v1/receipts", as_="register", raw=b'{"receipt_id": 5, "store_id": ')
     assert got == 400 and data["error"]["code"] == "malformed_json", data
+
+
+# ------------------------------------------------------------ the walk agrees with msgspec
+
+ODD_VALUES = [None, True, 0, -1, 1, 10**12 + 1, 10**40, 1.5, 1.0, "", "x", "a b", "a/b", "2026-11-24",
+              "2026-11-24T12:00:00", "NaN", "1e5", "x" * 65, [], [1], {}, {"a": 1}]
+VALID = {
+    schema.Receipt: receipt("B-1", [line(1, "dairy", 100, flags=["a"]), line(2, "bakery", 50, qty="0.5")],
+                            card="7000000000001"),
+    schema.ReturnRequest: {"return_id": "R", "store_id": "S", "register_id": "K", "lines": [{"line_no": 1, "qty": "1"}],
+                           "receipt": {"store_id": "S", "register_id": "K", "receipt_id": "B"}},
+    schema.Enrollment: {"card": "1", "phone": "123", "birthday": "1990-01-01", "tags": ["a"], "referred_by": "2"},
+    schema.Adjustment: {"card": "1", "points": -5, "reason": "r", "adjustment_id": "A"},
+    schema.RulesCheck: {"files": {"a.yaml": "x", "b/c.yml": ""}},
+}
+
+
+def spots(value, at=()):
+    yield at
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        yield from spots(child, at + (key,))
+
+
+def mutated(rng: random.Random, body):
+    """The body with one to three values replaced by odd ones, or removed."""
+    for _ in range(rng.randint(1, 3)):
+        at = rng.choice(list(spots(body)))
+        if not at:
+            return rng.choice(ODD_VALUES)
+        parent = body
+        for key in at[:-1]:
+            parent = parent[key]
+        if isinstance(parent, dict) and rng.random() < 0.1:
+            del parent[at[-1]]
+        else:
+            parent[at[-1]] = json.loads(json.dumps(rng.choice(ODD_VALUES)))
+    return body
+
+
+def test_the_walk_finds_a_problem_exactly_when_msgspec_does_and_the_same_first_one():
+    rng = random.Random(14)
+    for _ in range(3_000):
+        t = rng.choice(list(VALID))
+        raw = json.dumps(mutated(rng, json.loads(json.dumps(VALID[t])))).encode()
+        found = validation.find(schema._PLAIN.decode(raw), t)
+        try:
+            schema.DECODERS[t].decode(raw)
+        except msgspec.ValidationError as e:
+            first = validation.from_error(e, t).listed[0]
+            assert found.count, (raw, str(e))
+            if "[...]" not in str(e):       # msgspec does not say which mapping value it was
+                assert found.listed[0][0] == first[0], (raw, str(e))
+            if "[...]" not in str(e) and "`key`" not in str(e):    # nor which key
+                assert found.listed[0][1] == first[1], (raw, str(e))
+        else:
+            assert not found.count, (raw, found.listed)
