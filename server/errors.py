@@ -61,8 +61,8 @@ def error_response(status: int, code: str, message: str, details: list[dict] | N
 
 
 def validation_error(e: msgspec.ValidationError, root: type | None = None) -> ApiError:
-    """One msgspec schema error as a 422 in plain words (see server/validation.py); `root`, the
-    type that was decoded, lets a broken pattern be explained by its description."""
+    """One msgspec schema error (a config file's) as a 422 in the words of server/validation.py;
+    `root`, the type that was decoded, lets a pattern be explained by its description."""
     return problems_error(validation.from_error(e, root))
 
 

@@ -140,8 +140,9 @@ def decode(body: bytes, t: type):
 
 
 def _every_problem(body: bytes, t: type, first: msgspec.ValidationError) -> validation.Problems:
-    """Only for a refused body, so the receipt path keeps msgspec's one typed pass. A body that is
-    not JSON after its first problem raises DecodeError (400), as the typed pass would have."""
+    """Only for a refused body, so the receipt path keeps msgspec's one typed pass. A body that
+    stops being JSON after its first problem raises DecodeError here: 400, as for any body that
+    is not JSON."""
     try:
         plain = _PLAIN.decode(body)
     except RecursionError:      # nested deeper than msgspec decodes to plain values: its one problem
