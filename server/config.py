@@ -23,7 +23,7 @@ ENV_PREFIX = "LOYALTY_"
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
 Positive = Annotated[int, Meta(gt=0)]
-Sha256Hex = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+Sha256Hex = Annotated[str, Meta(pattern="^[0-9a-f]{64}$", description="64 lowercase hexadecimal digits")]
 
 
 class ServerConfig(Struct, forbid_unknown_fields=True):
@@ -164,7 +164,7 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
     try:
         return msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as e:
-        detail = validation_error(e).details[0]
+        detail = validation_error(e, Config).details[0]
         key = detail["path"] if detail["path"] != "$" else "-"
         raise ConfigError(source, key, _with_hint(detail["message"], key)) from None
 

@@ -8,12 +8,13 @@ Domain code raises ApiError with its code; the middleware turns everything else
 from __future__ import annotations
 
 import logging
-import re
 
 import msgspec
 from aiohttp import web
 
 from rules import RuleEngineError
+from server import validation
+from server.validation import UNKNOWN_FIELD  # noqa: F401  (config.py words its hint from it)
 from storage.db import Overloaded, StorageBusy, StorageClosed, StorageError, StorageFull, StorageLost
 
 log = logging.getLogger("loyalty.http")
@@ -54,38 +55,30 @@ def error_response(status: int, code: str, message: str, details: list[dict] | N
                         content_type="application/json", headers=headers)
 
 
-UNKNOWN_FIELD = "is not a known field"
-_AT = re.compile(r"^(.*?)(?: - at (`key` in )?`\$(.*)`)?$", re.S)
-_BOUND = re.compile(r"^Expected `[^`]+` (>=|>|<=|<) ([^\s,]+)(?:, got .*)?$")
-_LEN = re.compile(r"^Expected `[^`]+` of length (>=|<=) (\d+)$")
+def validation_error(e: msgspec.ValidationError, root: type | None = None) -> ApiError:
+    """One msgspec schema error (a config file's) as a 422 in the words of server/validation.py;
+    `root`, the type that was decoded, lets a pattern be explained by its description."""
+    return problems_error(validation.from_error(e, root))
 
 
-def validation_error(e: msgspec.ValidationError) -> ApiError:
-    """A msgspec schema error as a 422 with the offending field's path."""
-    m = _AT.match(str(e))
-    reason, where = m.group(1), (m.group(3) or "")
-    if m.group(2):       # a mapping's key broke the schema, e.g. a file name in rules/check
-        reason = f"has a key that breaks the schema: {reason}"
-    path = where.lstrip(".")
-    missing = re.match(r"Object missing required field `([^`]+)`", reason)
-    unknown = re.match(r"Object contains unknown field `([^`]+)`", reason)
-    if missing:
-        path, reason = _join(path, missing.group(1)), "is required"
-    elif unknown:
-        path, reason = _join(path, unknown.group(1)), UNKNOWN_FIELD
-    elif b := _BOUND.match(reason):
-        reason = f"must be {b.group(1)} {b.group(2)}"
-    elif n := _LEN.match(reason):
-        reason = f"length must be {n.group(1)} {n.group(2)}"
-    return field_error(path or "$", reason)
+def problems_error(found: validation.Problems) -> ApiError:
+    """A 422 listing the problems found; the message names the first and counts the others."""
+    details = [{"path": path, "message": words} for path, words in found.listed]
+    message = _sentence(*found.listed[0])
+    more = found.count - 1
+    if more:
+        message += f"; and {'' if found.complete else 'at least '}{more} more problem{'s' if more > 1 else ''}"
+        if found.count > len(found.listed):
+            message += f" (details lists the first {len(found.listed)})"
+    return unprocessable("validation_error", message, details)
 
 
 def field_error(path: str, reason: str, code: str = "validation_error") -> ApiError:
-    return unprocessable(code, f"{path} {reason}", [{"path": path, "message": reason}])
+    return unprocessable(code, _sentence(path, reason), [{"path": path, "message": reason}])
 
 
-def _join(parent: str, leaf: str) -> str:
-    return f"{parent}.{leaf}" if parent else leaf
+def _sentence(path: str, words: str) -> str:
+    return f"the body {words}" if path == "$" else f"{path} {words}"
 
 
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",

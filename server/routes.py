@@ -220,7 +220,7 @@ def parse_moment(raw: str | None, name: str, tz, end_of_day: bool = False) -> da
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=tz)
     except ValueError:
-        raise field_error(name, "must be a date (2026-12-08) or a datetime with offset") from None
+        raise field_error(name, "must be a date like 2026-12-08 or a moment like 2026-12-08T12:00:00+02:00") from None
     return moment
 
 
@@ -230,7 +230,7 @@ def parse_int(raw: str | None, name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise field_error(name, "must be an integer") from None
+        raise field_error(name, "must be a whole number") from None
 
 
 R = frozenset

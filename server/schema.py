@@ -1,5 +1,7 @@
-"""Request bodies as strict msgspec types; the handlers decode with these and the
-OpenAPI document is generated from them. Decoders are built once."""
+"""Request bodies as strict msgspec types; the handlers decode with these, the OpenAPI document
+is generated from them and a refused body's problems are found with them (server/validation.py).
+Decoders are built once. A pattern carries a description: it is what a refused value is told
+it must be, since a regular expression means nothing to a register's integrator."""
 from __future__ import annotations
 
 from datetime import date, datetime
@@ -9,16 +11,21 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta, Struct
 
+from server import validation
+from server.errors import problems_error
+
 LINES_MAX = 2_000
 MONEY_MAX = 10**12          # minor units; far above any till, far below int64
 POINTS_MAX = 10**12
 QTY_DIGITS_MAX = 18
 
-Id = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[^/\s]+$")]
+Id = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[^/\s]+$",
+                         description="an identifier without slashes or spaces")]
 Text = Annotated[str, Meta(max_length=256)]
 Money = Annotated[int, Meta(ge=0, le=MONEY_MAX)]
 Points = Annotated[int, Meta(ge=-POINTS_MAX, le=POINTS_MAX)]
-Card = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[^/\s]+$")]
+Card = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[^/\s]+$",
+                           description="a card number without slashes or spaces")]
 Tag = Annotated[str, Meta(min_length=1, max_length=64)]
 
 
@@ -93,7 +100,10 @@ class TierAssignment(Struct, forbid_unknown_fields=True):
 
 # Relative paths of plain names: no `..`, no hidden files, no NUL, short enough for any file system.
 _NAME = r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}"
-RulesFileName = Annotated[str, Meta(max_length=400, pattern=rf"^(?:{_NAME}/){{0,7}}{_NAME}\.ya?ml$")]
+RulesFileName = Annotated[str, Meta(
+    max_length=400, pattern=rf"^(?:{_NAME}/){{0,7}}{_NAME}\.ya?ml$",
+    description="a relative path to a .yaml or .yml file: at most 8 names joined by /, each of letters, "
+                "digits, _, - and . and not starting with a dot")]
 
 
 class RulesCheck(Struct, forbid_unknown_fields=True):
@@ -114,11 +124,31 @@ def _encode_other(obj):
 ENCODER = msgspec.json.Encoder(enc_hook=_encode_other)
 
 
+# The second pass keeps every number exact: a fraction is a Decimal, as qty decodes.
+_PLAIN = msgspec.json.Decoder(float_hook=Decimal)
+
+
 def decode(body: bytes, t: type):
+    """The body as a `t`; a body that breaks the schema raises one 422 listing every problem."""
     try:
-        return DECODERS[t].decode(body)
+        try:
+            return DECODERS[t].decode(body)
+        except msgspec.ValidationError as e:
+            raise problems_error(_every_problem(body, t, e)) from None
     except UnicodeDecodeError as e:     # raised by msgspec for invalid UTF-8 inside strings
         raise msgspec.DecodeError(f"not valid UTF-8 at byte {e.start}") from None
+
+
+def _every_problem(body: bytes, t: type, first: msgspec.ValidationError) -> validation.Problems:
+    """Only for a refused body, so the receipt path keeps msgspec's one typed pass. A body that
+    stops being JSON after its first problem raises DecodeError here: 400, as for any body that
+    is not JSON."""
+    try:
+        plain = _PLAIN.decode(body)
+    except RecursionError:      # nested deeper than msgspec decodes to plain values: its one problem
+        return validation.from_error(first, t)
+    found = validation.find(plain, t)
+    return found if found.count else validation.from_error(first, t)
 
 
 def canonical(obj) -> bytes:

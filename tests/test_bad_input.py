@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import json
+import random
+import re
+from pathlib import Path
 
+import msgspec
 import pytest
 
 from conftest import line, receipt
+from server import schema, validation
 from test_error_shape import assert_error_shape
 
 NOW = "2026-11-24T12:00:05+02:00"
@@ -81,7 +86,7 @@ async def test_a_10000_line_receipt_is_refused_clearly(make_api):
     api = await make_api(now=NOW)                  # fits the default body limit; the schema caps lines
     got, data = await api.post("/v1/receipts", as_="register", raw=body)
     assert got == 422
-    assert data["error"]["details"] == [{"path": "lines", "message": "length must be <= 2000"}]
+    assert data["error"]["details"] == [{"path": "lines", "message": "must have 1 to 2000 items"}]
     api = await make_api(now=NOW, server={"max_body_bytes": len(body) // 2})
     got, data = await api.post("/v1/receipts", as_="register", raw=body)
     assert got == 413 and data["error"]["code"] == "body_too_large"
@@ -107,3 +112,114 @@ async def test_rules_check_refuses_unsafe_file_names(make_api, name):
     assert got == 422, data
     assert_error_shape(data)
     assert data["error"]["details"][0]["path"] == "files"
+
+
+# ------------------------------------------------------------ every problem at once
+
+CARD = "7000000000001"
+INTEGRATORS = Path(__file__).resolve().parent.parent / "docs" / "integrators.md"
+
+
+def documented_answers() -> list:
+    return [json.loads(block) for block in re.findall(r"<!-- answer -->\n```json\n(.*?)```", INTEGRATORS.read_text(), re.S)]
+
+
+async def test_a_receipt_with_three_problems_gets_one_422_listing_them(make_api):
+    api = await make_api(now=NOW)
+    assert (await api.post("/v1/members", {"card": CARD}))[0] == 201
+    good = receipt("B-3", [line(1, "dairy", 1000), line(2, "bakery", 500), line(3, "dairy", 200)], card=CARD)
+    bad = json.loads(json.dumps(good))
+    bad["store_id"] = ""
+    bad["lines"][1]["qty"] = "two"
+    del bad["lines"][2]["sku"]
+    got, data = await api.post("/v1/receipts", bad, as_="register")
+    assert got == 422, data
+    assert_error_shape(data)
+    assert data["error"]["code"] == "validation_error"
+    assert data["error"]["details"] == [
+        {"path": "store_id", "message": "must be 1 to 64 characters"},
+        {"path": "lines[1].qty", "message": "must be a number, like 2 or 0.75"},
+        {"path": "lines[2].sku", "message": "is required"},
+    ]
+    assert data["error"]["message"] == "store_id must be 1 to 64 characters; and 2 more problems"
+    assert data in documented_answers(), "docs/integrators.md shows this answer"
+    status, member = await api.get(f"/v1/members/{CARD}")
+    assert status == 200 and member["balance"] == {"available": 100, "pending": 0, "held": 0}
+    status, data = await api.post("/v1/receipts", good, as_="register")   # the identity was not taken
+    assert status == 201 and data["replayed"] is False, data
+
+
+@pytest.mark.parametrize("bad_lines,more", [(600, "599"), (2000, "at least 999")])
+async def test_problems_beyond_the_listed_ones_are_counted(make_api, bad_lines, more):
+    """Details list the first 50; the walk counts up to 1,000 problems, then says "at least"."""
+    api = await make_api(now=NOW)
+    lines = [line(i, "dairy", 1, qty="x") for i in range(1, bad_lines + 1)]
+    got, data = await api.post("/v1/receipts", receipt("B-many", lines), as_="register")
+    assert got == 422, data
+    details = data["error"]["details"]
+    assert len(details) == 50 and details[49] == {"path": "lines[49].qty", "message": "must be a number, like 2 or 0.75"}
+    assert data["error"]["message"] == (f"lines[0].qty must be a number, like 2 or 0.75; "
+                                        f"and {more} more problems (details lists the first 50)")
+
+
+async def test_a_body_that_stops_being_json_after_its_first_problem_is_malformed(make_api):
+    api = await make_api(now=NOW)
+    got, data = await api.post("/v1/receipts", as_="register", raw=b'{"receipt_id": 5, "store_id": ')
+    assert got == 400 and data["error"]["code"] == "malformed_json", data
+
+
+# ------------------------------------------------------------ the walk agrees with msgspec
+
+ODD_VALUES = [None, True, 0, -1, 1, 10**12 + 1, 10**40, 1.5, 1.0, "", "x", "a b", "a/b", "2026-11-24",
+              "2026-11-24T12:00:00", "NaN", "1e5", "x" * 65, [], [1], {}, {"a": 1}]
+VALID = {
+    schema.Receipt: receipt("B-1", [line(1, "dairy", 100, flags=["a"]), line(2, "bakery", 50, qty="0.5")],
+                            card="7000000000001"),
+    schema.ReturnRequest: {"return_id": "R", "store_id": "S", "register_id": "K", "lines": [{"line_no": 1, "qty": "1"}],
+                           "receipt": {"store_id": "S", "register_id": "K", "receipt_id": "B"}},
+    schema.Enrollment: {"card": "1", "phone": "123", "birthday": "1990-01-01", "tags": ["a"], "referred_by": "2"},
+    schema.Adjustment: {"card": "1", "points": -5, "reason": "r", "adjustment_id": "A"},
+    schema.RulesCheck: {"files": {"a.yaml": "x", "b/c.yml": ""}},
+}
+
+
+def spots(value, at=()):
+    yield at
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        yield from spots(child, at + (key,))
+
+
+def mutated(rng: random.Random, body):
+    """The body with one to three values replaced by odd ones, or removed."""
+    for _ in range(rng.randint(1, 3)):
+        at = rng.choice(list(spots(body)))
+        if not at:
+            return rng.choice(ODD_VALUES)
+        parent = body
+        for key in at[:-1]:
+            parent = parent[key]
+        if isinstance(parent, dict) and rng.random() < 0.1:
+            del parent[at[-1]]
+        else:
+            parent[at[-1]] = json.loads(json.dumps(rng.choice(ODD_VALUES)))
+    return body
+
+
+def test_the_walk_finds_a_problem_exactly_when_msgspec_does_and_the_same_first_one():
+    rng = random.Random(14)
+    for _ in range(3_000):
+        t = rng.choice(list(VALID))
+        raw = json.dumps(mutated(rng, json.loads(json.dumps(VALID[t])))).encode()
+        found = validation.find(schema._PLAIN.decode(raw), t)
+        try:
+            schema.DECODERS[t].decode(raw)
+        except msgspec.ValidationError as e:
+            first = validation.from_error(e, t).listed[0]
+            assert found.count, (raw, str(e))
+            if "[...]" not in str(e):       # msgspec does not say which mapping value it was
+                assert found.listed[0][0] == first[0], (raw, str(e))
+            if "[...]" not in str(e) and "`key`" not in str(e):    # nor which key
+                assert found.listed[0][1] == first[1], (raw, str(e))
+        else:
+            assert not found.count, (raw, found.listed)

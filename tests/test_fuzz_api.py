@@ -21,6 +21,7 @@ from schemathesis import GenerationMode
 
 from conftest import KEYS, test_config
 from live import LiveApp
+from test_error_shape import assert_plain
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "20"))
 NOW = "2026-11-24T12:00:05+02:00"
@@ -52,6 +53,8 @@ def check_answer(resp, what: str) -> None:
         assert set(err) == {"code", "message", "details"} and isinstance(err["code"], str) and err["code"]
         assert isinstance(err["message"], str) and isinstance(err["details"], list)
         assert all(set(d) == {"path", "message"} for d in err["details"]), body
+        if err["code"] == "validation_error":
+            assert_plain(err)
 
 
 def roles_of(operation) -> list[str | None]:
