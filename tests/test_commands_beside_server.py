@@ -123,7 +123,7 @@ def test_partners_settle_beside_the_server(serving, tmp_path):
 def test_jobs_run_beside_the_server_then_the_server_writes_on(serving):
     server, _ = serving
     # A year on: every lot of these receipts has expired.
-    done = loyalty("jobs", "run", "--config", str(server.config), "--now", "2028-01-01T03:00:00+02:00")
+    done = loyalty("jobs", "run", "--config", str(server.config), "--now", "2028-01-01T03:00:00+02:00", "--force")
     assert done.returncode == 0, done.stderr
     counts = dict(part.split(": ") for part in done.stdout.strip().split(", "))
     assert int(counts["expired_lots"]) > 0, done.stdout

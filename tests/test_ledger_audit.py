@@ -213,7 +213,7 @@ async def test_export_ledger_csv_and_jsonl(make_api, tmp_path, capsys):
 
 def test_jobs_run_from_the_command_line(tmp_path, capsys):
     config = write_config(tmp_path)
-    assert cli(["jobs", "run", "--config", config, "--now", "2027-12-01T00:00:00+02:00"]) == 0
+    assert cli(["jobs", "run", "--config", config, "--now", "2027-12-01T00:00:00+02:00", "--force"]) == 0
     assert "expired_lots: 0" in capsys.readouterr().out
 
 
