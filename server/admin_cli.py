@@ -179,13 +179,30 @@ def partners_settle(config, conn, period: str, out_dir) -> int:
     except ValueError:
         print(f"--period must look like 2026-11, got {period}", file=sys.stderr)
         return 2
-    csv_path, json_path = write_settlement(rows, out_dir, period)
+    csv_path, json_path = write_settlement(rows, out_dir, period, program.currency)
     for row in rows:
-        print(f"{row['partner']}: issued {row['points_issued']} funded {row['amount_funded']} "
-              f"redeemed {row['points_redeemed']} owed {row['amount_owed']} net {row['net_amount']} "
-              f"{row['currency']}")
+        print(settlement_text(row))
     print(f"wrote {csv_path} and {json_path}")
     return 0
+
+
+def settlement_text(row: dict) -> str:
+    """One partner's settlement for a person: amounts in the currency, and who pays whom."""
+    from server.reports import money_text
+    currency, name = row["currency"], row["name"]
+    net = row["net_to_partner_minor_units"]
+    if net > 0:
+        who = f"positive: the program pays {name} {money_text(net, currency)}"
+    elif net < 0:
+        who = f"negative: {name} pays the program {money_text(-net, currency)}"
+    else:
+        who = "nobody pays: what it funds equals what it is owed"
+    return (f"{row['partner']} ({name}), {row['period']}:\n"
+            f"  issued at its stores: {row['issued_points']} points; it funds {row['funded_points']} of them "
+            f"(share {row['funding_share']}): {money_text(row['funded_minor_units'], currency)}\n"
+            f"  redeemed at its stores: {row['redeemed_points']} points; the program owes it "
+            f"{money_text(row['owed_minor_units'], currency)}\n"
+            f"  net to partner: {money_text(net, currency)} ({who})")
 
 
 def export_ledger(conn, fmt: str, out_path: str | None) -> int:

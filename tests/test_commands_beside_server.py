@@ -115,8 +115,8 @@ def test_partners_settle_beside_the_server(serving, tmp_path):
                    "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
     rows = json.loads((tmp_path / "settlement-2026-11.json").read_text())
-    assert [(r["partner"], r["points_issued"], r["points_redeemed"]) for r in rows] == [("fuelco", issued, 200)]
-    assert f"fuelco: issued {issued} " in done.stdout
+    assert [(r["partner"], r["issued_points"], r["redeemed_points"]) for r in rows] == [("fuelco", issued, 200)]
+    assert f"issued at its stores: {issued} points" in done.stdout
     assert_still_serving(server)
 
 
