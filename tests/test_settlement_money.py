@@ -66,6 +66,18 @@ async def test_the_partner_pays_the_program_for_points_it_funds_and_nobody_spent
     assert table[1][-1] == "-58.00"
 
 
+async def test_a_month_without_partner_activity_settles_to_nobody_paying(make_api, tmp_path, capsys):
+    api = await make_api(now=NOW)
+    await settle(api, tmp_path)
+    capsys.readouterr()
+    out = tmp_path / "reports"
+    argv = ["partners", "settle", "--period", "2026-10", "--config", str(tmp_path / "cli.yaml"), "--out", str(out)]
+    assert await asyncio.to_thread(cli, argv) == 0
+    assert ("  net to partner: 0.00 UAH (nobody pays: what it funds equals what it is owed)\n"
+            in capsys.readouterr().out)
+    assert list(csv.reader((out / "settlement-2026-10.csv").open(newline="")))[1][-4:] == ["0.00", "0", "0.00", "0.00"]
+
+
 async def test_a_currency_without_minor_units_prints_whole_amounts(make_api, tmp_path, capsys):
     program = tmp_path / "program"
     shutil.copytree(MARKET, program)
