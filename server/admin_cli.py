@@ -1,7 +1,8 @@
 """The finance and operations commands: audit verify, jobs run, partners settle, export ledger.
 
 They open the database the config names, next to or instead of a running server: reads
-use their own read-only connection; jobs write through the same single-writer storage."""
+use their own read-only connection; jobs write through the same single-writer storage,
+and a dry run of them rolls back every batch on a connection of its own."""
 from __future__ import annotations
 
 import asyncio

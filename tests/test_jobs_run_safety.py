@@ -17,7 +17,7 @@ import requests
 import yaml
 
 from conftest import KEYS, MARKET, line, receipt
-from server import jobs
+from server import admin_cli, jobs
 from server.cli import main as cli
 from test_crash_safety import NOW as SERVER_NOW, Server
 
@@ -178,6 +178,21 @@ async def test_a_dry_run_writes_nothing_and_previews_exactly_what_the_run_posts(
     assert after[0] - before[0] == MEMBERS + 1 + BIRTHDAY_MEMBERS
     assert after[1] - before[1] == total
     assert await loyalty(["audit", "verify", "--config", config]) == 0
+
+
+async def test_a_dry_run_that_cannot_get_the_write_lock_says_so(make_api, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(admin_cli, "PREVIEW_BUSY_WAIT_SECONDS", 0.2)
+    api = await make_api(now=NOW)
+    await api.post("/v1/members", {"card": "1"})
+    config, db = write_config(tmp_path), tmp_path / "loyalty.db"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")            # a sqlite3 shell in a transaction
+    try:
+        assert await loyalty(["jobs", "run", "--config", config, "--dry-run"]) == 1
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert capsys.readouterr().err == f"{db}: cannot preview the jobs: database is locked\n"
 
 
 @pytest.fixture(scope="module")
