@@ -1,19 +1,26 @@
 """The finance and operations commands: audit verify, jobs run, partners settle, export ledger.
 
 They open the database the config names, next to or instead of a running server: reads
-use their own read-only connection; jobs write through the same single-writer storage."""
+use their own read-only connection; jobs write through the same single-writer storage,
+and a dry run of them rolls back every batch on a connection of its own."""
 from __future__ import annotations
 
 import asyncio
 import sqlite3
 import sys
 from contextlib import closing
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from rules import ProgramError, load_program
+from server.clock import Clock
 from server.config import ConfigError, load_config
 from storage.db import Database
 from storage.schema import migrations
+
+# A `jobs run --now` further than this from the server's clock is refused without --force.
+NOW_DRIFT_MAX = timedelta(days=1)
+# What a dry run waits for the server's write lock per batch (a real run's Database waits as long).
+PREVIEW_BUSY_WAIT_SECONDS = 5
 
 
 def dispatch(args) -> int:
@@ -24,7 +31,7 @@ def dispatch(args) -> int:
         return 2
     db_path = config.resolve(config.database.path)
     if args.command == "jobs":
-        return jobs_run(config, db_path, args.now)
+        return jobs_run(config, db_path, args)
     if not db_path.exists():
         print(f"{db_path}: no database", file=sys.stderr)
         return 2
@@ -60,14 +67,26 @@ def audit_verify(conn) -> int:
     return 0
 
 
-def jobs_run(config, db_path, now_text: str | None) -> int:
-    from server.clock import Clock
+def jobs_run(config, db_path, args) -> int:
     from server.jobs import run_all
-    program = _program(config)
-    now = datetime.fromisoformat(now_text) if now_text else Clock(config.clock.start).now()
-    if now.tzinfo is None:
-        print("--now needs a UTC offset, e.g. 2027-01-01T03:00:00+02:00", file=sys.stderr)
+    try:
+        now, drift, clock = _job_moment(config.clock.start, args.now)
+    except ValueError as e:
+        print(e, file=sys.stderr)
         return 2
+    far = abs(drift) > NOW_DRIFT_MAX
+    if far and not (args.force or args.dry_run):
+        # Expiry posted as of a wrong moment cannot be taken back: the ledger is append-only.
+        print(f"refusing --now {args.now}: it is {_span(drift)} {clock}; lots due by then would expire for "
+              f"good. Check the date, see what it would post with --dry-run, or run it anyway with --force",
+              file=sys.stderr)
+        return 2
+    if args.dry_run:
+        return jobs_preview(config, db_path, now, f"{_span(drift)} {clock}, so running it needs --force" if far
+                            else "")
+    if far:
+        print(f"--force: running as of {args.now}, {_span(drift)} {clock}", file=sys.stderr)
+    program = _program(config)
     db = Database(db_path, migrations=migrations, batch_max=config.database.commit_batch_max)
     db.open()
     try:
@@ -79,6 +98,80 @@ def jobs_run(config, db_path, now_text: str | None) -> int:
     return 0
 
 
+def jobs_preview(config, db_path, now: datetime, far_note: str) -> int:
+    """`jobs run --dry-run`: what the jobs would post, with nothing committed."""
+    from server.jobs import open_for_preview, preview_all
+    if problem := _cannot_preview(db_path):
+        print(problem, file=sys.stderr)
+        return 2
+    program = _program(config)
+    try:
+        with closing(open_for_preview(db_path, PREVIEW_BUSY_WAIT_SECONDS)) as conn:
+            previews = preview_all(conn, program, now)
+    except sqlite3.OperationalError as e:
+        print(f"{db_path}: cannot preview the jobs: {e}", file=sys.stderr)
+        return 1
+    finally:
+        program.close()
+    _print_previews(now, previews, far_note)
+    return 0
+
+
+def _job_moment(start: datetime | None, now_text: str | None) -> tuple[datetime, timedelta, str]:
+    """The moment to run the jobs as of, how far it is from the server's clock, and that clock
+    named ("after the server's clock (the system clock: 2026-12-01T09:00:00+00:00)")."""
+    server_now = Clock(start).now()
+    named = "the server's clock " + (f"(clock.start: {start.isoformat()})" if start is not None
+                                     else f"(the system clock: {server_now.isoformat(timespec='seconds')})")
+    if now_text is None:
+        return server_now, timedelta(0), named
+    try:
+        now = datetime.fromisoformat(now_text)
+    except ValueError:
+        raise ValueError(f"--now must be an ISO date and time with a UTC offset, e.g. "
+                         f"2027-01-01T03:00:00+02:00, got {now_text!r}") from None
+    if now.tzinfo is None:
+        raise ValueError("--now needs a UTC offset, e.g. 2027-01-01T03:00:00+02:00")
+    drift = now - server_now
+    return now, drift, f"{'after' if drift >= timedelta(0) else 'before'} {named}"
+
+
+def _span(drift: timedelta) -> str:
+    """A duration as days and hours (a far --now is days off, not seconds)."""
+    hours = (abs(drift) + timedelta(minutes=30)) // timedelta(hours=1)
+    days, hours = divmod(hours, 24)
+    return f"{days} day{'s' * (days != 1)} and {hours} hour{'s' * (hours != 1)}"
+
+
+def _cannot_preview(db_path) -> str | None:
+    """Why a dry run cannot run on this database without writing to it, if it cannot."""
+    if not db_path.exists():
+        return f"{db_path}: no database"
+    from sqlite_utils import Database as SqliteUtils
+    with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as conn:
+        pending = migrations.pending(SqliteUtils(conn))
+    if pending:
+        return (f"{db_path}: the database needs {len(pending)} schema upgrade(s) first, which a dry run "
+                f"does not write; `loyalty serve` or a `jobs run` applies them")
+    return None
+
+
+def _print_previews(now: datetime, previews, far_note: str) -> None:
+    print(f"dry run as of {now.isoformat()}{f' ({far_note})' if far_note else ''}: nothing was written")
+    for p in previews:
+        if p.job == "released_holds":
+            print(f"{p.job}: {p.rows}, {p.points} held points available again")
+        else:
+            print(f"{p.job}: {p.rows}, {p.postings} postings, {p.points:+d} points")
+        for line in p.lines:
+            print(f"  {line}")
+        if p.lines_left_out:
+            print(f"  ... and {p.lines_left_out} more")
+    postings = sum(p.postings for p in previews)
+    points = sum(p.points for p in previews if p.job != "released_holds")
+    print(f"total: {postings} postings, changing the outstanding liability by {points:+d} points")
+
+
 def partners_settle(config, conn, period: str, out_dir) -> int:
     from server.reports import settle, write_settlement
     program = _program(config)
@@ -87,13 +180,30 @@ def partners_settle(config, conn, period: str, out_dir) -> int:
     except ValueError:
         print(f"--period must look like 2026-11, got {period}", file=sys.stderr)
         return 2
-    csv_path, json_path = write_settlement(rows, out_dir, period)
+    csv_path, json_path = write_settlement(rows, out_dir, period, program.currency)
     for row in rows:
-        print(f"{row['partner']}: issued {row['points_issued']} funded {row['amount_funded']} "
-              f"redeemed {row['points_redeemed']} owed {row['amount_owed']} net {row['net_amount']} "
-              f"{row['currency']}")
+        print(settlement_text(row))
     print(f"wrote {csv_path} and {json_path}")
     return 0
+
+
+def settlement_text(row: dict) -> str:
+    """One partner's settlement for a person: amounts in the currency, and who pays whom."""
+    from server.reports import money_text
+    currency, name = row["currency"], row["name"]
+    net = row["net_to_partner_minor_units"]
+    if net > 0:
+        who = f"positive: the program pays {name} {money_text(net, currency)}"
+    elif net < 0:
+        who = f"negative: {name} pays the program {money_text(-net, currency)}"
+    else:
+        who = "nobody pays: what it funds equals what it is owed"
+    return (f"{row['partner']} ({name}), {row['period']}:\n"
+            f"  issued at its stores: {row['issued_points']} points; it funds {row['funded_points']} of them "
+            f"(share {row['funding_share']}): {money_text(row['funded_minor_units'], currency)}\n"
+            f"  redeemed at its stores: {row['redeemed_points']} points; the program owes it "
+            f"{money_text(row['owed_minor_units'], currency)}\n"
+            f"  net to partner: {money_text(net, currency)} ({who})")
 
 
 def export_ledger(conn, fmt: str, out_path: str | None) -> int:

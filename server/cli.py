@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     jobs = sub.add_parser("jobs", help="lifecycle jobs").add_subparsers(dest="jobs_command", required=True)
     run = jobs.add_parser("run", help="expire lots, release expired holds, birthday events")
     run.add_argument("--config", default="config.yaml")
-    run.add_argument("--now", help="the moment to run them as of (ISO datetime with offset); default: now")
+    run.add_argument("--now", help="the moment to run them as of (ISO datetime with offset); default: the "
+                                   "server's clock (clock.start or the system clock)")
+    run.add_argument("--force", action="store_true", help="run as of a --now more than a day from the server's clock")
+    run.add_argument("--dry-run", action="store_true", help="print what the jobs would post; write nothing")
     partners = sub.add_parser("partners", help="partner reports").add_subparsers(dest="partners_command",
                                                                                   required=True)
     settle = partners.add_parser("settle", help="per-partner settlement for a month, as CSV and JSON")

@@ -5,44 +5,67 @@ transactions, and every step first checks inside its transaction whether it is s
 needed (a lot already expired has nothing left; an event already fired is recorded).
 Activation needs no job: a lot is available from its date on, so `?at=` answers and
 what jobs post always agree.
+
+`preview_all` runs the same jobs, batch by batch, each batch in a transaction that is
+rolled back after reading what it posted: nothing is committed (a server beside it keeps
+its page cache), and the write lock is held no longer than by a real run's batch. Each
+lot's expiry and each member's events touch only that lot or member, so batches
+previewed one by one, each undone, add up to what the real run would post.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
+from dataclasses import dataclass, field
 from datetime import date, datetime, time
+from typing import Callable, NamedTuple
 
 from rules import Program
 from server.service import fire_events
 from storage import accounts, ledger
 from storage.db import Database, StorageError
-from storage.ledger import PostingRef, iso
+from storage.ledger import PostingRef, iso, member_public_id
 
 log = logging.getLogger("loyalty.jobs")
 
 BATCH_ROWS_MAX = 500
+PREVIEW_LINES_MAX = 20      # per job: enough to recognise what it does, short enough to read
+
+# Keyset cursors: each batch starts after the last row of the one before, so a batch
+# whose writes were undone (a preview) is not looked at again.
+LOTS_START = ("", 0)        # (expires_on, lot id)
+MEMBERS_START = 0           # member id
+
+
+class Batch(NamedTuple):
+    rows: int               # rows looked at; fewer than BATCH_ROWS_MAX: the job is done
+    after: object           # the cursor for the next batch
 
 
 async def run_all(db: Database, program: Program, now: datetime) -> dict[str, int]:
     done = {"expired_lots": 0, "released_holds": 0, "birthday_events": 0}
-    for job, key in ((expire_batch, "expired_lots"), (birthday_batch, "birthday_events")):
+    for job, key, start in JOBS:
+        after = start
         while True:
             # Hundreds of rows per call: on the writer thread, not stalling requests on the loop.
-            n = await db.write(lambda conn: job(conn, program, now), off_loop=True)
-            done[key] += n
-            if n < BATCH_ROWS_MAX:
+            batch = await db.write(lambda conn: job(conn, program, now, after), off_loop=True)
+            done[key] += batch.rows
+            after = batch.after
+            if batch.rows < BATCH_ROWS_MAX:
                 break
-    done["released_holds"] = await db.write(lambda conn: release_holds(conn, now), off_loop=True)
+    done["released_holds"] = len(await db.write(lambda conn: release_holds(conn, now), off_loop=True))
     return done
 
 
-def expire_batch(conn, program: Program, now: datetime) -> int:
-    """Post expiry for lots whose expiry date has come; returns how many lots it looked at."""
+def expire_batch(conn, program: Program, now: datetime, after: tuple[str, int] = LOTS_START) -> Batch:
+    """Post expiry for lots whose expiry date has come; counts the lots it looked at."""
     today = now.astimezone(program.timezone).date().isoformat()
     rows = conn.execute(
         "SELECT l.id, l.member_id, l.expires_on, (SELECT SUM(points) FROM postings p WHERE p.lot_id = l.id) "
-        "FROM lots l WHERE l.expiry_done = 0 AND l.expires_on IS NOT NULL AND l.expires_on <= ? LIMIT ?",
-        (today, BATCH_ROWS_MAX)).fetchall()
+        "FROM lots l WHERE l.expiry_done = 0 AND l.expires_on IS NOT NULL AND l.expires_on <= ? "
+        "AND (l.expires_on, l.id) > (?, ?) ORDER BY l.expires_on, l.id LIMIT ?",
+        (today, *after, BATCH_ROWS_MAX)).fetchall()
     conn.executemany("UPDATE lots SET expiry_done = 1 WHERE id = ?", [(r[0],) for r in rows])
     for lot_id, member_id, expires_on, remaining in rows:
         if remaining <= 0:     # spent in full, or a debt (debts do not expire)
@@ -52,18 +75,21 @@ def expire_batch(conn, program: Program, now: datetime) -> int:
         at = PostingRef(effective_at=iso(expired_at), created_at=iso(now), rules_version=program.version,
                         ref=f"expiry:{lot_id}")
         ledger.post(conn, member_id, lot_id, "expiry", -remaining, accounts.EXPIRY, at)
-    return len(rows)
+    return Batch(len(rows), (rows[-1][2], rows[-1][0]) if rows else after)
 
 
-def release_holds(conn, now: datetime) -> int:
+def release_holds(conn, now: datetime) -> list[tuple]:
+    """Releases the open holds that have expired: (member, points, store, register, receipt, expires_at) each."""
     return conn.execute("UPDATE holds SET status = 'released', closed_at = expires_at "
-                        "WHERE status = 'open' AND expires_at <= ?", (iso(now),)).rowcount
+                        "WHERE status = 'open' AND expires_at <= ? "
+                        "RETURNING member_id, points, store_id, register_id, receipt_id, expires_at",
+                        (iso(now),)).fetchall()
 
 
-def birthday_batch(conn, program: Program, now: datetime) -> int:
+def birthday_batch(conn, program: Program, now: datetime, after: int = MEMBERS_START) -> Batch:
     """Members whose birthday is today (program timezone) get the birthday events once a year."""
     if not program.events_on("birthday"):
-        return 0
+        return Batch(0, after)
     today = now.astimezone(program.timezone).date()
     days = [today.strftime("%m-%d")]
     if days[0] == "02-28" and not _leap(today.year):
@@ -71,11 +97,93 @@ def birthday_batch(conn, program: Program, now: datetime) -> int:
     occasion = f"birthday:{today.year}"
     rows = conn.execute(
         f"SELECT id FROM members m WHERE substr(birthday, 6) IN ({','.join('?' * len(days))}) AND NOT EXISTS "
-        "(SELECT 1 FROM event_fires e WHERE e.member_id = m.id AND e.occasion = ?) LIMIT ?",
-        (*days, occasion, BATCH_ROWS_MAX)).fetchall()
+        "(SELECT 1 FROM event_fires e WHERE e.member_id = m.id AND e.occasion = ?) AND m.id > ? "
+        "ORDER BY m.id LIMIT ?",
+        (*days, occasion, after, BATCH_ROWS_MAX)).fetchall()
     for (member_id,) in rows:
         fire_events(conn, program, member_id, "birthday", occasion, now)
-    return len(rows)
+    return Batch(len(rows), rows[-1][0] if rows else after)
+
+
+JOBS = ((expire_batch, "expired_lots", LOTS_START), (birthday_batch, "birthday_events", MEMBERS_START))
+
+
+@dataclass
+class Preview:
+    """What one job would do: counts and totals of all of it, the first lines of it."""
+    job: str                # as run_all names it: expired_lots, birthday_events, released_holds
+    rows: int = 0           # what run_all would count
+    postings: int = 0
+    points: int = 0         # sum of the postings; for holds, the points they release
+    lines: list[str] = field(default_factory=list)
+    lines_left_out: int = 0
+
+    def add(self, line: str) -> None:
+        if len(self.lines) < PREVIEW_LINES_MAX:
+            self.lines.append(line)
+        else:
+            self.lines_left_out += 1
+
+
+def preview_all(conn, program: Program, now: datetime) -> list[Preview]:
+    """What run_all would do as of `now`, on a connection of its own (open_for_preview)."""
+    previews = []
+    for job, key, start in JOBS:
+        preview, after = Preview(key), start
+        while True:
+            batch, posted = _undone(conn, lambda: job(conn, program, now, after))
+            preview.rows += batch.rows
+            _add_postings(preview, posted)
+            after = batch.after
+            if batch.rows < BATCH_ROWS_MAX:
+                break
+        previews.append(preview)
+    released, _ = _undone(conn, lambda: release_holds(conn, now))
+    previews.append(_holds_preview(released))
+    return previews
+
+
+def open_for_preview(path, busy_wait_seconds: float):
+    """A connection to an existing database for preview_all."""
+    conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, isolation_level=None, timeout=busy_wait_seconds)
+    conn.execute("PRAGMA foreign_keys=ON")
+    # Pages changed by a batch stay in memory until it is rolled back, never in the WAL.
+    conn.execute("PRAGMA cache_spill=OFF")
+    return conn
+
+
+def _undone(conn, work: Callable[[], object]) -> tuple[object, list[tuple]]:
+    """work()'s result and the postings it made, read before all it wrote is rolled back."""
+    # IMMEDIATE: the write lock from the start, so a commit by the server cannot come between
+    # this transaction's first read and its first write.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        last = conn.execute("SELECT COALESCE(MAX(id), 0) FROM postings").fetchone()[0]
+        result = work()
+        posted = conn.execute(
+            "SELECT p.member_id, p.lot_id, p.kind, p.points, p.rule_id, l.expires_on FROM postings p "
+            "JOIN lots l ON l.id = p.lot_id WHERE p.id > ? ORDER BY p.id", (last,)).fetchall()
+    finally:
+        conn.execute("ROLLBACK")
+    return result, posted
+
+
+def _add_postings(preview: Preview, posted: list[tuple]) -> None:
+    for member_id, lot_id, kind, points, rule_id, expires_on in posted:
+        preview.postings += 1
+        preview.points += points
+        rule = f", {rule_id}" if rule_id else ""
+        expiry = f" (lot expires_on {expires_on})" if expires_on else ""
+        preview.add(f"{member_public_id(member_id)} lot {lot_id}: {kind} {points:+d} points{rule}{expiry}")
+
+
+def _holds_preview(released: list[tuple]) -> Preview:
+    preview = Preview("released_holds", rows=len(released))
+    for member_id, points, store_id, register_id, receipt_id, expires_at in released:
+        preview.points += points
+        preview.add(f"{member_public_id(member_id)} hold {store_id}/{register_id}/{receipt_id}: "
+                    f"{points} points (expired {expires_at})")
+    return preview
 
 
 def _leap(year: int) -> bool:

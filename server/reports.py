@@ -6,7 +6,6 @@ import sqlite3
 import sys
 from datetime import date, datetime, time
 from decimal import ROUND_HALF_EVEN, Decimal
-from fractions import Fraction
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,24 +29,57 @@ def month_bounds(program: Program, period: str) -> tuple[datetime, datetime]:
     return start, end
 
 
+# ISO 4217 minor units of the currencies that do not have 2 (every other one has 2).
+CURRENCY_DECIMALS = {
+    "BIF": 0, "CLP": 0, "DJF": 0, "GNF": 0, "ISK": 0, "JPY": 0, "KMF": 0, "KRW": 0, "PYG": 0, "RWF": 0,
+    "UGX": 0, "UYI": 0, "VND": 0, "VUV": 0, "XAF": 0, "XOF": 0, "XPF": 0,
+    "BHD": 3, "IQD": 3, "JOD": 3, "KWD": 3, "LYD": 3, "OMR": 3, "TND": 3,
+    "CLF": 4, "UYW": 4,
+}
+
+
+def currency_decimals(currency: str) -> int:
+    return CURRENCY_DECIMALS.get(currency, 2)
+
+
+def money_text(minor_units: int, currency: str) -> str:
+    """Minor units as the currency's amount, exactly: 123450 UAH is "1234.50 UAH", 1234 JPY "1234 JPY"."""
+    return f"{decimal_text(minor_units, currency)} {currency}"
+
+
+def decimal_text(minor_units: int, currency: str) -> str:
+    """"-1234.50": the amount with the currency's decimals, no grouping (for CSV as well)."""
+    decimals = currency_decimals(currency)
+    whole, part = divmod(abs(minor_units), 10 ** decimals)
+    sign = "-" if minor_units < 0 else ""
+    return f"{sign}{whole}.{part:0{decimals}d}" if decimals else f"{sign}{whole}"
+
+
+SETTLEMENT_FIELDS = ("partner", "name", "period", "currency", "currency_decimals", "funding_share", "issued_points",
+                     "funded_points", "funded_minor_units", "redeemed_points", "owed_minor_units",
+                     "net_to_partner_minor_units")
+
+
 def settle(conn: sqlite3.Connection, program: Program, period: str) -> list[dict]:
-    """Per partner: points issued at its stores and the share it funds, points spent at its
-    stores and what the program owes for them, and the net in currency (positive: the
-    program pays the partner). Returns and cancels count in the month they happened."""
+    """Per partner: points issued at its stores and the share of them it funds (it pays the
+    program for those), points spent at its stores and what the program owes it for them,
+    and the net, owed minus funded: positive, the program pays the partner; negative, the
+    partner pays the program. Money in the currency's minor units, exact; every numeric
+    field's name ends in its unit. Returns and cancels count in the month they happened."""
     start, end = month_bounds(program, period)
     out = []
     for partner in sorted(program.partners.values(), key=lambda p: p.id):
         issued = _net(conn, accounts.issue_account(partner.id), start, end)
         redeemed = -_net(conn, accounts.redemption_account(partner.id), start, end)
-        share = Fraction(partner.funding_share)
-        funded_points = Fraction(issued) * share
+        funded_points = issued * partner.funding_share      # Decimal: exact
         funded_money = _minor(funded_points * program.point_value)
         owed_money = redeemed * program.point_value
         out.append({"partner": partner.id, "name": partner.name, "period": period, "currency": program.currency,
-                    "points_issued": issued, "funding_share": str(partner.funding_share),
-                    "points_funded": str(Decimal(funded_points.numerator) / Decimal(funded_points.denominator)),
-                    "amount_funded": funded_money, "points_redeemed": redeemed, "amount_owed": owed_money,
-                    "net_amount": owed_money - funded_money})
+                    "currency_decimals": currency_decimals(program.currency),
+                    "funding_share": str(partner.funding_share),
+                    "issued_points": issued, "funded_points": format(funded_points.normalize(), "f"),
+                    "funded_minor_units": funded_money, "redeemed_points": redeemed,
+                    "owed_minor_units": owed_money, "net_to_partner_minor_units": owed_money - funded_money})
     return out
 
 
@@ -57,22 +89,29 @@ def _net(conn, account: str, start: datetime, end: datetime) -> int:
                         "AND effective_at >= ? AND effective_at < ?", (account, iso(start), iso(end))).fetchone()[0]
 
 
-def _minor(amount: Fraction) -> int:
+def _minor(amount: Decimal) -> int:
     """Money rounds once, half to even, to whole minor units."""
-    d = Decimal(amount.numerator) / Decimal(amount.denominator)
-    return int(d.quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
+    return int(amount.quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
 
 
-def write_settlement(rows: list[dict], out_dir: Path, period: str) -> tuple[Path, Path]:
+def csv_field(field: str, currency: str) -> str:
+    """A spreadsheet's column for a field: money in the currency (funded_uah), not minor units."""
+    return field.removesuffix("minor_units") + currency.lower() if field.endswith("_minor_units") else field
+
+
+def write_settlement(rows: list[dict], out_dir: Path, period: str, currency: str) -> tuple[Path, Path]:
+    """settlement-<period>.json as settle() gives it; settlement-<period>.csv with money as
+    the currency's amount ("1234.50") under columns named after the currency."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"settlement-{period}.json"
     csv_path = out_dir / f"settlement-{period}.csv"
     json_path.write_bytes(msgspec.json.format(msgspec.json.encode(rows)) + b"\n")
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        fields = list(rows[0]) if rows else ["partner"]
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+        writer = csv.writer(f)
+        writer.writerow(csv_field(field, currency) for field in SETTLEMENT_FIELDS)
+        for row in rows:
+            writer.writerow(decimal_text(row[field], currency) if field.endswith("_minor_units") else row[field]
+                            for field in SETTLEMENT_FIELDS)
     return csv_path, json_path
 
 

@@ -154,13 +154,13 @@ async def test_partner_settlement(make_api, tmp_path, capsys):
     assert cli(["partners", "settle", "--period", "2026-11", "--config", config, "--out", str(out)]) == 0
     rows = json.loads((out / "settlement-2026-11.json").read_text())
     assert rows == [{"partner": "fuelco", "name": "Fuel Co", "period": "2026-11", "currency": "UAH",
-                     "points_issued": issued, "funding_share": "1.0", "points_funded": str(issued),
-                     "amount_funded": issued * 100, "points_redeemed": 100, "amount_owed": 10000,
-                     "net_amount": 10000 - issued * 100}]
+                     "currency_decimals": 2, "funding_share": "1.0", "issued_points": issued,
+                     "funded_points": str(issued), "funded_minor_units": issued * 100, "redeemed_points": 100,
+                     "owed_minor_units": 10000, "net_to_partner_minor_units": 10000 - issued * 100}]
     with open(out / "settlement-2026-11.csv") as f:
-        assert next(csv.DictReader(f))["points_issued"] == str(issued)
+        assert next(csv.DictReader(f))["issued_points"] == str(issued)
     assert cli(["partners", "settle", "--period", "2026-10", "--config", config, "--out", str(out)]) == 0
-    assert json.loads((out / "settlement-2026-10.json").read_text())[0]["points_issued"] == 0
+    assert json.loads((out / "settlement-2026-10.json").read_text())[0]["issued_points"] == 0
 
 
 async def test_return_after_spending_leaves_a_debt_that_new_points_repay(make_api, tmp_path):
@@ -213,7 +213,7 @@ async def test_export_ledger_csv_and_jsonl(make_api, tmp_path, capsys):
 
 def test_jobs_run_from_the_command_line(tmp_path, capsys):
     config = write_config(tmp_path)
-    assert cli(["jobs", "run", "--config", config, "--now", "2027-12-01T00:00:00+02:00"]) == 0
+    assert cli(["jobs", "run", "--config", config, "--now", "2027-12-01T00:00:00+02:00", "--force"]) == 0
     assert "expired_lots: 0" in capsys.readouterr().out
 
 

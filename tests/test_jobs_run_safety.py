@@ -1,0 +1,234 @@
+"""`loyalty jobs run` far from the server's clock: refused without --force (expiry cannot be
+taken back), and `--dry-run` prints what it would post while writing nothing, also beside a
+serving server."""
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from conftest import KEYS, MARKET, line, receipt
+from server import admin_cli, jobs
+from server.cli import main as cli
+from test_crash_safety import NOW as SERVER_NOW, Server
+
+ROOT = Path(__file__).resolve().parent.parent
+NOW = "2026-11-24T12:00:05+02:00"
+FAR = "2028-01-01T03:00:00+02:00"       # 402 days and 15 hours after NOW: every lot of NOW has expired
+MEMBERS = 25
+BIRTHDAY_MEMBERS = 3                    # born on 1 January: the birthday event fires at FAR
+
+
+def birthday_program(tmp_path: Path) -> Path:
+    program = tmp_path / "program"
+    shutil.copytree(MARKET, program)
+    (program / "birthday.yaml").write_text(
+        "events:\n  - {id: bday, on: birthday, reward: {points: 70}, expires_in_days: 14}\n")
+    return program
+
+
+def write_config(tmp_path: Path, program: Path = MARKET, clock: str | None = NOW) -> str:
+    cfg = {"database": {"path": str(tmp_path / "loyalty.db")}, "rules": {"dir": str(program), "watch": False}}
+    if clock:
+        cfg["clock"] = {"start": clock}
+    else:
+        cfg["privacy"] = {"hmac_key": "tests-hmac-key-0123456789"}
+    path = tmp_path / "cli.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def state(db: Path) -> tuple:
+    """Everything a job run writes: postings (count, sum, chain head), fired events, open
+    holds, lots marked expired."""
+    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        return conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(points), 0), (SELECT hex(hash) FROM postings ORDER BY id DESC LIMIT 1), "
+            "(SELECT COUNT(*) FROM event_fires), (SELECT COUNT(*) FROM holds WHERE status = 'open'), "
+            "(SELECT COUNT(*) FROM lots WHERE expiry_done = 1) FROM postings").fetchone()
+
+
+def previewed(out: str) -> dict[str, tuple[int, int, int]]:
+    """{job: (rows, postings, points)} from a dry run's output (holds: (holds, 0, points held))."""
+    jobs_ = {m[0]: (int(m[1]), int(m[2]), int(m[3]))
+             for m in re.findall(r"^(\w+): (\d+), (\d+) postings, ([+-]\d+) points$", out, re.M)}
+    holds = re.search(r"^released_holds: (\d+), (\d+) held points available again$", out, re.M)
+    jobs_["released_holds"] = (int(holds[1]), 0, int(holds[2]))
+    return jobs_
+
+
+async def loyalty(argv: list[str]) -> int:
+    """The command line from an async test: it runs an event loop of its own."""
+    return await asyncio.to_thread(cli, argv)
+
+
+def ran(out: str) -> dict[str, int]:
+    return {k: int(v) for k, v in (part.split(": ") for part in out.strip().split(", "))}
+
+
+async def test_a_far_now_is_refused_naming_the_clock_then_runs_with_force(make_api, tmp_path, capsys):
+    api = await make_api(now=NOW)
+    await api.post("/v1/members", {"card": "1"})          # 100 welcome points, expire 2027-11-24
+    config, db = write_config(tmp_path), tmp_path / "loyalty.db"
+    before = state(db)
+    assert await loyalty(["jobs", "run", "--config", config, "--now", FAR]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"refusing --now {FAR}: it is 402 days and 15 hours after the server's clock "
+                          f"(clock.start: {NOW}); lots due by then would expire for good."), err
+    assert "--dry-run" in err and "--force" in err
+    assert state(db) == before
+
+    assert await loyalty(["jobs", "run", "--config", config, "--now", "2026-11-20T00:00:00+02:00"]) == 2
+    assert "it is 4 days and 12 hours before the server's clock" in capsys.readouterr().err
+    assert state(db) == before
+
+    assert await loyalty(["jobs", "run", "--config", config, "--now", FAR, "--force"]) == 0
+    out, err = capsys.readouterr()
+    assert ran(out)["expired_lots"] == 1
+    assert f"--force: running as of {FAR}, 402 days and 15 hours after the server's clock" in err
+    _, member = await api.get("/v1/members/1")
+    assert member["balance"]["available"] == 0
+    _, statement = await api.get("/v1/members/1/statement")
+    assert statement["postings"][0]["kind"] == "expiry" and statement["postings"][0]["points"] == -100
+
+
+def test_without_clock_start_the_system_clock_is_named(tmp_path, capsys):
+    config = write_config(tmp_path, clock=None)
+    assert cli(["jobs", "run", "--config", config, "--now", "2000-01-01T00:00:00+00:00"]) == 2
+    err = capsys.readouterr().err
+    assert "before the server's clock (the system clock: " in err, err
+    assert not (tmp_path / "loyalty.db").exists()          # refused before the database is opened
+
+
+def test_a_now_within_a_day_needs_no_force(tmp_path, capsys):
+    config = write_config(tmp_path)
+    assert cli(["jobs", "run", "--config", config, "--now", "2026-11-25T11:00:00+02:00"]) == 0
+    assert ran(capsys.readouterr().out) == {"expired_lots": 0, "released_holds": 0, "birthday_events": 0}
+
+
+@pytest.mark.parametrize("now, message", [
+    ("tomorrow", "--now must be an ISO date and time with a UTC offset, e.g. 2027-01-01T03:00:00+02:00, "
+                 "got 'tomorrow'"),
+    ("2027-01-01T03:00:00", "--now needs a UTC offset, e.g. 2027-01-01T03:00:00+02:00")])
+def test_a_now_that_is_not_a_moment_is_one_line(tmp_path, capsys, now, message):
+    assert cli(["jobs", "run", "--config", write_config(tmp_path), "--now", now]) == 2
+    assert capsys.readouterr().err == message + "\n"
+
+
+def test_a_dry_run_needs_an_existing_database(tmp_path, capsys):
+    assert cli(["jobs", "run", "--config", write_config(tmp_path), "--dry-run"]) == 2
+    assert capsys.readouterr().err == f"{tmp_path / 'loyalty.db'}: no database\n"
+    assert not (tmp_path / "loyalty.db").exists()
+
+
+async def test_a_dry_run_writes_nothing_and_previews_exactly_what_the_run_posts(make_api, tmp_path, capsys,
+                                                                              monkeypatch):
+    # Batches of 3: the preview's cursor must carry it past batches whose writes were undone.
+    monkeypatch.setattr(jobs, "BATCH_ROWS_MAX", 3)
+    program = birthday_program(tmp_path)
+    api = await make_api(now=NOW, program_dir=program)
+    for n in range(MEMBERS):
+        body = {"card": f"c{n}"} | ({"birthday": "1990-01-01"} if n < BIRTHDAY_MEMBERS else {})
+        assert (await api.post("/v1/members", body))[0] == 201
+    await api.post("/v1/admin/adjustments", {"card": "c0", "points": 500, "reason": "r", "adjustment_id": "a"})
+    _, calc = await api.post("/v1/receipts/calculate", receipt("H-1", [line(1, "grocery", 100000)], card="c0",
+                                                               redeem=50), as_="register")
+    assert calc["hold"]["points"] == 50
+    config, db = write_config(tmp_path, program), tmp_path / "loyalty.db"
+    before = state(db)
+    watch = sqlite3.connect(db)
+    commits_seen = watch.execute("PRAGMA data_version").fetchone()[0]
+
+    assert await loyalty(["jobs", "run", "--config", config, "--now", FAR, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert state(db) == before                              # nothing written, the chain head unchanged
+    # Not even a commit of unchanged pages (it would cost a server beside it its page cache).
+    assert watch.execute("PRAGMA data_version").fetchone()[0] == commits_seen
+    watch.close()
+    assert out.startswith(f"dry run as of {FAR} (402 days and 15 hours after the server's clock (clock.start: "
+                          f"{NOW}), so running it needs --force): nothing was written\n"), out
+    preview = previewed(out)
+    # 25 welcome lots and the adjustment's lot expire (the held points still count as the lot's).
+    assert preview["expired_lots"] == (MEMBERS + 1, MEMBERS + 1, -(MEMBERS * 100 + 500))
+    assert preview["birthday_events"] == (BIRTHDAY_MEMBERS, BIRTHDAY_MEMBERS, BIRTHDAY_MEMBERS * 70)
+    assert preview["released_holds"] == (1, 0, 50)
+    assert "  m_1 lot 1: expiry -100 points (lot expires_on 2027-11-24)\n" in out
+    assert re.search(r"^  m_1 lot \d+: event \+70 points, bday \(lot expires_on 2028-01-15\)$", out, re.M)
+    assert "  m_1 hold S001/K01/H-1: 50 points (expired 2026-11-24T10:15:05" in out
+    shown = re.findall(r"^  m_\d+ lot \d+: expiry", out, re.M)
+    assert len(shown) == jobs.PREVIEW_LINES_MAX
+    assert f"  ... and {MEMBERS + 1 - jobs.PREVIEW_LINES_MAX} more\n" in out
+    total = -(MEMBERS * 100 + 500) + BIRTHDAY_MEMBERS * 70
+    assert out.endswith(f"total: {MEMBERS + 1 + BIRTHDAY_MEMBERS} postings, changing the outstanding liability "
+                        f"by {total:+d} points\n"), out
+
+    assert await loyalty(["jobs", "run", "--config", config, "--now", FAR, "--force"]) == 0
+    assert ran(capsys.readouterr().out) == {job: rows for job, (rows, _, _) in preview.items()}
+    after = state(db)
+    assert after[0] - before[0] == MEMBERS + 1 + BIRTHDAY_MEMBERS
+    assert after[1] - before[1] == total
+    assert await loyalty(["audit", "verify", "--config", config]) == 0
+
+
+async def test_a_dry_run_that_cannot_get_the_write_lock_says_so(make_api, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(admin_cli, "PREVIEW_BUSY_WAIT_SECONDS", 0.2)
+    api = await make_api(now=NOW)
+    await api.post("/v1/members", {"card": "1"})
+    config, db = write_config(tmp_path), tmp_path / "loyalty.db"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")            # a sqlite3 shell in a transaction
+    try:
+        assert await loyalty(["jobs", "run", "--config", config, "--dry-run"]) == 1
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert capsys.readouterr().err == f"{db}: cannot preview the jobs: database is locked\n"
+
+
+@pytest.fixture(scope="module")
+def serving(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dry-run-beside")
+    server = Server(tmp, rules={"dir": str(birthday_program(tmp))})
+    server.start()
+    try:
+        for n in range(3):
+            body = {"card": f"c{n}"} | ({"birthday": "1990-01-01"} if n == 0 else {})
+            post(server, "/v1/members", body)
+        yield server
+    finally:
+        server.kill()
+
+
+def post(server: Server, path: str, body: dict, role: str = "manager") -> dict:
+    resp = requests.post(server.url(path), json=body, headers={"Authorization": f"Bearer {KEYS[role]}"},
+                         timeout=10)
+    assert resp.status_code in (200, 201), resp.text
+    return resp.json()
+
+
+def test_a_dry_run_beside_a_serving_server(serving):
+    server = serving
+    before = state(server.db)
+    done = subprocess.run([sys.executable, "-m", "server.cli", "jobs", "run", "--config", str(server.config),
+                           "--now", FAR, "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"(clock.start: {SERVER_NOW})" in done.stdout
+    assert previewed(done.stdout)["expired_lots"] == (3, 3, -300)
+    assert previewed(done.stdout)["birthday_events"] == (1, 1, 70)
+    assert state(server.db) == before
+    # The server goes on writing, and the ledger it writes on is whole.
+    enrolled = post(server, "/v1/members", {"card": "c-after"})
+    assert enrolled["balance"]["available"] == 100
+    audit = subprocess.run([sys.executable, "-m", "server.cli", "audit", "verify", "--config", str(server.config)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert audit.returncode == 0, audit.stdout
