@@ -87,7 +87,8 @@ def jobs_run(config, db_path, args) -> int:
     if far:
         print(f"--force: running as of {args.now}, {_span(drift)} {clock}", file=sys.stderr)
     program = _program(config)
-    db = Database(db_path, migrations=migrations, batch_max=config.database.commit_batch_max)
+    # Beside a serving server, which checkpoints its WAL; this command must not take that turn.
+    db = Database.from_config(config.database, db_path, migrations=migrations, checkpoints=False)
     db.open()
     try:
         done = asyncio.run(run_all(db, program, now))
