@@ -11,7 +11,7 @@ import time
 
 from aiohttp import web
 
-from server.auth import KeyRing
+from server.auth import KeyRing, keep_keys_fresh, refresh_keys
 from server.clock import Clock
 from server.config import Config
 from server.errors import error_middleware
@@ -28,6 +28,7 @@ from server.startup import StartupError, check_database_file, lock_holder, still
 from server.watcher import watch
 from storage.db import Database, StorageBusy, StorageError
 from storage.health import is_busy
+from storage import api_keys
 from storage.ledger import manual_tiers_outside
 from storage.personal import protect_existing
 from storage.preload import preload
@@ -63,6 +64,7 @@ async def resources(app: web.Application):
     app[PROGRAMS].load_initial()
     db = app[DATABASE] = await _open_database(app)
     app[SERVICE] = Service(db, app[PROGRAMS], app[CLOCK], app[METRICS], app[PRIVACY])
+    await _load_keys(app[KEYRING], db)
     app[PROGRAMS].count_lost_tiers(
         lambda levels, today: db.read_now(lambda conn: manual_tiers_outside(conn, levels, today)))
     hup = _install_sighup(app)
@@ -70,6 +72,8 @@ async def resources(app: web.Application):
     if config.rules.watch:
         watcher = asyncio.create_task(watch(app[PROGRAMS], config.rules.poll_interval_ms, config.rules.settle_ms))
     background = [watcher] if watcher else []
+    background.append(asyncio.create_task(
+        keep_keys_fresh(app[KEYRING], db, config.auth.keys_refresh_seconds)))
     if config.jobs.enabled:
         background.append(asyncio.create_task(
             schedule(db, app[PROGRAMS], app[CLOCK], config.jobs.interval_seconds)))
@@ -92,6 +96,13 @@ async def resources(app: web.Application):
         if hup:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         db.close()
+
+
+async def _load_keys(keyring: KeyRing, db: Database) -> None:
+    """The database's keys before the first request; config.yaml's names for its keys into
+    the database, where the adjustments' records take the name of their key from."""
+    await db.write(lambda conn: api_keys.write_config_names(conn, keyring.config_names))
+    await refresh_keys(keyring, db)
 
 
 async def _open_database(app: web.Application) -> Database:

@@ -1,4 +1,4 @@
-"""`loyalty serve --config PATH`, `loyalty rules check|explain|diff` and the admin commands."""
+"""`loyalty serve --config PATH`, `loyalty rules check|explain|diff`, `loyalty keys` and the admin commands."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     receipts_export.add_argument("--out", help="file to write (default: standard output)")
     receipts_export.add_argument("--from", dest="first", help="first local date, YYYY-MM-DD")
     receipts_export.add_argument("--to", dest="last", help="last local date, YYYY-MM-DD")
+    from server import keys_cli
+    keys_cli.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve_command(args.config)
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.rules_command == "explain":
             return rules_tools.explain_command(args.config, args.receipt, args.card, args.available, args.json)
         return rules_tools.diff_command(args.old, args.new, args.receipts, args.json)
+    if args.command == "keys":
+        return keys_cli.dispatch(args)
     from server import admin_cli
     return admin_cli.dispatch(args)
 

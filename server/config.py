@@ -85,15 +85,30 @@ class RulesConfig(Struct, forbid_unknown_fields=True):
     settle_ms: Annotated[int, Meta(ge=0, le=60_000)] = 500
 
 
+Role = Literal["register", "manager", "support", "monitor"]
+# `loyalty keys add` names its keys `person-<n>` (server/people.py); a config key may not
+# take such an id, so the audit log's key ids always say which key acted.
+ConfigKeyId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^(?!person-[0-9]+$)",
+                                  description="1 to 128 characters, not of the form person-<number>, which "
+                                              "`loyalty keys add` gives its keys")]
+PersonName = Annotated[str, Meta(min_length=1, max_length=128)]
+
+
 class KeyConfig(Struct, forbid_unknown_fields=True):
-    id: Annotated[str, Meta(min_length=1, max_length=128)]
+    id: ConfigKeyId
     sha256: Sha256Hex
-    role: Literal["register", "manager", "monitor"]
-    stores: list[str] = []
+    role: Role
+    stores: Annotated[list[str], Meta(max_length=10_000)] = []
+    # Who holds the key (shown beside its id in the audit log); default: the id.
+    name: PersonName | None = None
 
 
 class AuthConfig(Struct, forbid_unknown_fields=True):
     keys: Annotated[list[KeyConfig], Meta(max_length=100_000)] = []
+    # A support key may adjust a member's points by at most this many, either way.
+    support_adjustment_max_points: Annotated[int, Meta(ge=1, le=1_000_000_000)] = 1_000
+    # Keys added or revoked with `loyalty keys` take effect within this long, without a restart.
+    keys_refresh_seconds: Annotated[float, Meta(ge=0.1, le=300)] = 2.0
 
 
 class JobsConfig(Struct, forbid_unknown_fields=True):

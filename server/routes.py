@@ -22,13 +22,13 @@ from aiohttp import web
 
 from rules import check_dir
 from server import schema
-from server.auth import Principal, require_role
+from server.auth import Principal, require_adjustment_within, require_role
 from server.errors import ApiError, field_error
-from server.keys import CLOCK, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, PRIVACY, PROGRAMS, SERVICE, STATE
+from server.keys import CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, PRIVACY, PROGRAMS, SERVICE, STATE
 from storage import admin_audit
 from storage.ledger import iso
 
-REGISTER, MANAGER, MONITOR = "register", "manager", "monitor"
+REGISTER, MANAGER, SUPPORT, MONITOR = "register", "manager", "support", "monitor"
 JSON_TYPE = "application/json"
 log = logging.getLogger("loyalty.http")
 
@@ -116,14 +116,20 @@ async def member_statement(app, call: Call) -> Reply:
     since = parse_moment(call.query.get("from"), "from", tz)
     until = parse_moment(call.query.get("to"), "to", tz, end_of_day=True)
     limit = parse_int(call.query.get("limit"), "limit", default=100)
-    return json_reply(await service.statement(call.path["card"], since, until, limit))
+    statement = await service.statement(call.path["card"], since, until, limit)
+    keyring = app[KEYRING]
+    for posting in statement["postings"]:
+        posting["key_name"] = keyring.name_of(posting.get("key_id"))
+    return json_reply(statement)
 
 
 # ------------------------------------------------------------------ admin
 
 async def adjust(app, call: Call) -> Reply:
+    require_adjustment_within(call.principal, call.body.points, app[CONFIG].auth.support_adjustment_max_points)
     status, result = await app[SERVICE].adjust(call.body, call.principal)
-    return json_reply(result, status)
+    # A replay answers with the key that made the adjustment, not the one asking again.
+    return json_reply({**result, "key_name": app[KEYRING].name_of(result.get("key_id"))}, status)
 
 
 async def set_tier(app, call: Call) -> Reply:
@@ -244,13 +250,14 @@ ROUTES: list[Route] = [
     Route("POST", "/v1/returns", return_items, R({REGISTER}), schema.ReturnRequest,
           "Return lines of a confirmed receipt: reverses their points and refunds points spent on them", 201),
     Route("POST", "/v1/members", enroll, R({REGISTER, MANAGER}), schema.Enrollment, "Enroll a card", 201),
-    Route("GET", "/v1/members/{card}", get_member, R({REGISTER, MANAGER}), None,
+    Route("GET", "/v1/members/{card}", get_member, R({REGISTER, MANAGER, SUPPORT}), None,
           "Balance, tier and expiring points; ?at= answers as of a date or moment"),
-    Route("PATCH", "/v1/members/{card}", patch_member, R({MANAGER}), schema.MemberPatch, "Update a profile"),
-    Route("GET", "/v1/members/{card}/statement", member_statement, R({MANAGER}), None,
+    Route("PATCH", "/v1/members/{card}", patch_member, R({MANAGER, SUPPORT}), schema.MemberPatch,
+          "Update a profile"),
+    Route("GET", "/v1/members/{card}/statement", member_statement, R({MANAGER, SUPPORT}), None,
           "Postings newest first with running balance; ?from=&to=&limit="),
-    Route("POST", "/v1/admin/adjustments", adjust, R({MANAGER}), schema.Adjustment,
-          "Add or remove points by hand", 201),
+    Route("POST", "/v1/admin/adjustments", adjust, R({MANAGER, SUPPORT}), schema.Adjustment,
+          "Add or remove points by hand (a support key: up to auth.support_adjustment_max_points)", 201),
     Route("PUT", "/v1/admin/members/{card}/tier", set_tier, R({MANAGER}), schema.TierAssignment,
           "Assign a tier manually until a date"),
     Route("GET", "/v1/admin/rules", rules_info, R({MANAGER}), None, "The loaded program"),
@@ -336,8 +343,8 @@ async def audit_row(request: web.Request, principal: Principal, status: int) -> 
     except (web.HTTPException, ApiError):   # over the size limit or too late: digest what is known
         raw = b""
     # The time is the server's clock, the one the ledger uses.
-    return dict(at=iso(request.app[CLOCK].now()), key_id=principal.key_id, method=request.method, path=path,
-                body_digest=privacy.body_digest(raw), status=status)
+    return dict(at=iso(request.app[CLOCK].now()), key_id=principal.key_id, key_name=principal.name,
+                method=request.method, path=path, body_digest=privacy.body_digest(raw), status=status)
 
 
 def add_routes(app: web.Application) -> None:

@@ -3,6 +3,8 @@ ledger's own audit is storage/audit.py).
 
 hash = sha256(previous row's hash + canonical row), the first row chaining to GENESIS, so
 changing, removing or reordering a row breaks every hash after it; verify() finds where.
+Rows name who holds the key (key_name); rows written before names were kept have none, and
+their hash covers the row without it, so they verify as they were written.
 Rows are appended by the single writer thread, so the chain has no forks.
 """
 from __future__ import annotations
@@ -15,20 +17,22 @@ import msgspec
 
 GENESIS = "0" * 64
 _encode = msgspec.json.Encoder().encode
-_COLUMNS = "id, at, key_id, method, path, body_digest, status"
+_COLUMNS = "id, at, key_id, method, path, body_digest, status, key_name"
 
 
 def row_hash(prev_hash: str, row: tuple) -> str:
-    """row: (id, at, key_id, method, path, body_digest, status)."""
-    return hashlib.sha256(prev_hash.encode() + _encode(list(row))).hexdigest()
+    """row: (id, at, key_id, method, path, body_digest, status, key_name); a row without a
+    key_name is hashed as the seven fields it was written with before names were kept."""
+    fields = list(row[:7]) if row[7] is None else list(row)
+    return hashlib.sha256(prev_hash.encode() + _encode(fields)).hexdigest()
 
 
-def append(conn: sqlite3.Connection, *, at: str, key_id: str, method: str, path: str, body_digest: str,
-           status: int) -> int:
+def append(conn: sqlite3.Connection, *, at: str, key_id: str, key_name: str, method: str, path: str,
+           body_digest: str, status: int) -> int:
     last = conn.execute("SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1").fetchone()
     row_id, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
-    row = (row_id, at, key_id, method, path, body_digest, status)
-    conn.execute(f"INSERT INTO audit_log ({_COLUMNS}, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    row = (row_id, at, key_id, method, path, body_digest, status, key_name)
+    conn.execute(f"INSERT INTO audit_log ({_COLUMNS}, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                  (*row, prev, row_hash(prev, row)))
     return row_id
 
@@ -45,7 +49,7 @@ def verify(conn: sqlite3.Connection) -> Verification:
     prev, n = GENESIS, 0
     for r in conn.execute(f"SELECT {_COLUMNS}, prev_hash, hash FROM audit_log ORDER BY id"):
         n += 1
-        row, prev_hash, hash_ = tuple(r[:7]), r[7], r[8]
+        row, prev_hash, hash_ = tuple(r[:8]), r[8], r[9]
         if prev_hash != prev:
             return Verification(False, n, row[0], "prev_hash does not match the previous row's hash")
         if row_hash(prev, row) != hash_:
@@ -56,4 +60,5 @@ def verify(conn: sqlite3.Connection) -> Verification:
 
 def rows(conn: sqlite3.Connection, limit: int = 100) -> list[dict]:
     out = conn.execute(f"SELECT {_COLUMNS}, hash FROM audit_log ORDER BY id DESC LIMIT ?", (limit,))
-    return [dict(zip(("id", "at", "key_id", "method", "path", "body_digest", "status", "hash"), r)) for r in out]
+    names = ("id", "at", "key_id", "method", "path", "body_digest", "status", "key_name", "hash")
+    return [dict(zip(names, r)) for r in out]

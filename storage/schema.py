@@ -352,3 +352,50 @@ def m017_members_manual_tier(db):
     # the few members with a manual tier, not from every member's row.
     db.execute("CREATE INDEX IF NOT EXISTS members_manual_tier ON members(manual_tier, manual_tier_until) "
                "WHERE manual_tier IS NOT NULL")
+
+
+@migrations()
+def m018_person_keys(db):
+    """Keys of people, added with `loyalty keys add` beside the keys of config.yaml.
+
+    - api_keys: one row per key ever added, never deleted; revoking sets revoked_at once. The
+      key itself is never stored, only its SHA-256 (as config.yaml stores its keys). Ids are
+      person-<seq> and never reused, so a key id in the ledger or the audit log names one
+      person for good.
+    - config_key_names: the names config.yaml gives its keys, rewritten at each start, so the
+      records below can name a config key's holder too.
+    - adjustments.key_name: who made the adjustment, copied by a trigger from the key's row
+      when the adjustment is written, so renaming a config key later does not rewrite history.
+    - audit_log.key_name: who made the admin request (storage/admin_audit.py)."""
+    _run(db, """
+CREATE TABLE api_keys (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('register', 'manager', 'support', 'monitor')),
+    stores TEXT NOT NULL DEFAULT '[]',
+    sha256 TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    revoked_at TEXT,
+    revoked_by TEXT
+);
+CREATE TRIGGER api_keys_keep_rows BEFORE DELETE ON api_keys
+BEGIN SELECT RAISE(ABORT, 'keys are revoked, never deleted: loyalty keys revoke ID'); END;
+CREATE TRIGGER api_keys_revoke_only BEFORE UPDATE ON api_keys
+WHEN OLD.revoked_at IS NOT NULL OR NEW.revoked_at IS NULL OR NEW.seq IS NOT OLD.seq OR NEW.id IS NOT OLD.id
+  OR NEW.name IS NOT OLD.name OR NEW.role IS NOT OLD.role OR NEW.stores IS NOT OLD.stores
+  OR NEW.sha256 IS NOT OLD.sha256 OR NEW.created_at IS NOT OLD.created_at OR NEW.created_by IS NOT OLD.created_by
+BEGIN SELECT RAISE(ABORT, 'a key can only be revoked, once'); END;
+CREATE TABLE config_key_names (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL
+) WITHOUT ROWID;
+ALTER TABLE adjustments ADD COLUMN key_name TEXT;
+CREATE TRIGGER adjustments_key_name AFTER INSERT ON adjustments WHEN NEW.key_name IS NULL
+BEGIN UPDATE adjustments SET key_name = COALESCE(
+        (SELECT name FROM api_keys WHERE id = NEW.key_id),
+        (SELECT name FROM config_key_names WHERE id = NEW.key_id))
+      WHERE adjustment_id = NEW.adjustment_id; END;
+ALTER TABLE audit_log ADD COLUMN key_name TEXT
+""")

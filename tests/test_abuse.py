@@ -170,8 +170,8 @@ def test_verify_finds_the_first_changed_row(tmp_path):
     from sqlite_utils import Database as UtilsDatabase
     migrations.apply(UtilsDatabase(conn))
     for i in range(5):
-        admin_audit.append(conn, at=f"2026-11-24T10:00:0{i}.000000Z", key_id="manager", method="POST",
-                     path="/v1/admin/rules/reload", body_digest="0" * 64, status=200)
+        admin_audit.append(conn, at=f"2026-11-24T10:00:0{i}.000000Z", key_id="manager", key_name="Manager",
+                           method="POST", path="/v1/admin/rules/reload", body_digest="0" * 64, status=200)
     assert admin_audit.verify(conn).ok
     # Someone with the file drops the trigger and edits a row: the chain shows where.
     conn.execute("DROP TRIGGER audit_log_append_only_update")
