@@ -54,13 +54,22 @@ class KeyRing:
 
     def use_people(self, rows: list[api_keys.KeyRow], version: tuple[int, int]) -> None:
         """Replaces the database's keys with these rows (revoked ones are named, not accepted)."""
+        self.swap(self.tables_for(rows), version)
+
+    def tables_for(self, rows: list[api_keys.KeyRow]) -> tuple[dict[str, Principal], dict[str, str]]:
+        """The lookup tables with these rows of the database: built apart (on a reader thread
+        when refreshing), so thousands of keys never stall the event loop."""
         by_hash = {r.sha256: Principal(r.id, r.role, frozenset(r.stores), r.name)
                    for r in rows if r.revoked_at is None}
         by_hash.update(self._config)     # a config key is never shadowed by the database
         names = {r.id: r.name for r in rows}
         names.update(self.config_names)
-        # Swapped whole: a request on the event loop sees the old set or the new one.
-        self._by_hash, self._names, self.version = by_hash, names, version
+        return by_hash, names
+
+    def swap(self, tables: tuple[dict[str, Principal], dict[str, str]], version: tuple[int, int]) -> None:
+        # Replaced whole: a request on the event loop sees the old set or the new one.
+        self._by_hash, self._names = tables
+        self.version = version
 
     def lookup(self, presented: bytes | str) -> Principal | None:
         """The key's Principal, or None for a key that is unknown or revoked."""
@@ -100,14 +109,19 @@ async def keep_keys_fresh(keyring: KeyRing, db: Database, interval_seconds: floa
 
 async def refresh_keys(keyring: KeyRing, db: Database) -> bool:
     """True when the keys were read again (they had changed)."""
-    version = await db.read(api_keys.version)
-    if version == keyring.version:
+    def read(conn):
+        # One read transaction: the rows are exactly those of the version.
+        version = api_keys.version(conn)
+        if version == keyring.version:
+            return None
+        rows = api_keys.all_keys(conn)
+        return version, keyring.tables_for(rows), sum(r.revoked_at is not None for r in rows)
+    found = await db.read(read)
+    if found is None:
         return False
-    rows = await db.read(api_keys.all_keys)
-    # Read after the version: a change in between is read now and found again next time.
-    keyring.use_people(rows, version)
-    log.info("keys read from the database: %d in force, %d revoked", sum(r.revoked_at is None for r in rows),
-             sum(r.revoked_at is not None for r in rows))
+    version, tables, revoked = found
+    keyring.swap(tables, version)
+    log.info("keys of people read from the database: %d in force, %d revoked", version[0] - revoked, revoked)
     return True
 
 

@@ -1,0 +1,195 @@
+"""Keys of people: `loyalty keys add` prints a key once and stores its hash; a running server
+accepts it, and refuses it once revoked, within auth.keys_refresh_seconds and without a
+restart; the audit log and the adjustment's record name the person."""
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import KEYS, _h
+from server.auth import KeyRing
+from server.config import ConfigError, config_from_dict
+from storage import admin_audit, api_keys
+from test_crash_safety import Server
+
+ROOT = Path(__file__).resolve().parent.parent
+CARD = "7000000000001"
+# Generous: the server reads the keys every 0.2 s here, on a machine that may be busy.
+CHANGE_SEEN_WITHIN_SECONDS = 20
+
+
+def loyalty(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def call(server: Server, method: str, path: str, key: str, body: dict | None = None) -> requests.Response:
+    return requests.request(method, server.url(path), json=body, headers={"Authorization": f"Bearer {key}"},
+                            timeout=10)
+
+
+def wait_for_status(server: Server, key: str, wanted, path: str = f"/v1/members/{CARD}") -> int:
+    """The status of GET path with key, once it is in `wanted` (or the last one seen)."""
+    deadline = time.monotonic() + CHANGE_SEEN_WITHIN_SECONDS
+    while True:
+        status = call(server, "GET", path, key).status_code
+        if status in wanted or time.monotonic() > deadline:
+            return status
+        time.sleep(0.1)
+
+
+def read_db(server: Server, sql: str) -> list[tuple]:
+    with closing(sqlite3.connect(f"file:{server.db}?mode=ro", uri=True)) as conn:
+        return conn.execute(sql).fetchall()
+
+
+@pytest.fixture
+def server(tmp_path):
+    keys = [{"id": "manager", "sha256": _h(KEYS["manager"]), "role": "manager", "name": "Head office"}]
+    s = Server(tmp_path, auth={"keys": keys, "keys_refresh_seconds": 0.2, "support_adjustment_max_points": 500})
+    s.start()
+    try:
+        yield s
+    finally:
+        s.kill()
+
+
+def test_a_key_added_beside_the_running_server_works_until_revoked(server):
+    assert call(server, "POST", "/v1/members", KEYS["manager"], {"card": CARD}).status_code == 201
+    added = loyalty("keys", "add", "--role", "support", "--name", "Olena Kovalenko", "--config", str(server.config))
+    assert added.returncode == 0, added.stderr
+    key = added.stdout.strip()
+    assert len(key) >= 40 and "\n" not in key
+    assert "person-1" in added.stderr and "shown only now" in added.stderr
+
+    assert wait_for_status(server, key, {200}) == 200
+    adjusted = call(server, "POST", "/v1/admin/adjustments", key,
+                    {"card": CARD, "points": 120, "reason": "broken coffee machine", "adjustment_id": "S-1"})
+    assert adjusted.status_code == 201, adjusted.text
+    assert adjusted.json()["key_id"] == "person-1" and adjusted.json()["key_name"] == "Olena Kovalenko"
+    assert call(server, "GET", "/v1/admin/rules", key).status_code == 403
+
+    # The record of the adjustment and the audit log name her; the key itself is nowhere.
+    assert read_db(server, "SELECT key_id, key_name FROM adjustments") == [("person-1", "Olena Kovalenko")]
+    assert read_db(server, "SELECT key_id, key_name, path, status FROM audit_log ORDER BY id") == [
+        ("person-1", "Olena Kovalenko", "/v1/admin/adjustments", 201),
+        ("person-1", "Olena Kovalenko", "/v1/admin/rules", 403)]
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    assert read_db(server, "SELECT sha256 FROM api_keys") == [(digest,)]
+    for stored in (server.db, server.db.with_name("loyalty.db-wal")):
+        assert not stored.exists() or key.encode() not in stored.read_bytes()
+
+    listed = loyalty("keys", "list", "--config", str(server.config))
+    assert listed.returncode == 0, listed.stderr
+    person = next(line for line in listed.stdout.splitlines() if line.startswith("person-1"))
+    assert "Olena Kovalenko" in person and "support" in person and person.rstrip().endswith("-")
+    assert "Head office" in listed.stdout
+    assert digest[:6] not in listed.stdout and key not in listed.stdout
+
+    revoked = loyalty("keys", "revoke", "person-1", "--by", "security", "--config", str(server.config))
+    assert revoked.returncode == 0, revoked.stderr
+    assert wait_for_status(server, key, {401}) == 401
+    answer = call(server, "GET", f"/v1/members/{CARD}", key)
+    assert answer.json()["error"]["code"] == "unauthorized"
+    # The config's key never stopped working, and the person is still named after revoking.
+    assert call(server, "GET", f"/v1/members/{CARD}", KEYS["manager"]).status_code == 200
+    rows = [json.loads(line) for line in loyalty("keys", "list", "--json", "--config", str(server.config))
+            .stdout.splitlines()]
+    assert [(r["id"], r["name"], r["revoked"] is not None) for r in rows] == [
+        ("manager", "Head office", False), ("person-1", "Olena Kovalenko", True)]
+    statement = call(server, "GET", f"/v1/members/{CARD}/statement", KEYS["manager"]).json()
+    adjustment = next(p for p in statement["postings"] if p["kind"] == "adjustment")
+    assert (adjustment["key_id"], adjustment["key_name"]) == ("person-1", "Olena Kovalenko")
+
+
+def test_a_register_key_of_a_person_is_limited_to_its_stores(server):
+    added = loyalty("keys", "add", "--role", "register", "--name", "Till 7", "--store", "S002",
+                    "--config", str(server.config))
+    assert added.returncode == 0, added.stderr
+    key = added.stdout.strip()
+    assert wait_for_status(server, key, {404}) == 404      # authenticated: the card is not enrolled
+    assert call(server, "POST", "/v1/members", key, {"card": CARD, "store_id": "S002"}).status_code == 201
+    refused = call(server, "POST", "/v1/members", key, {"card": "7000000000002", "store_id": "S001"})
+    assert refused.status_code == 403 and refused.json()["error"]["details"][0]["path"] == "store_id"
+
+
+def test_keys_add_refuses_what_would_make_a_useless_key(tmp_path):
+    server = Server(tmp_path)
+    for args, words in [(["--role", "register", "--name", "Till"], "at least one --store"),
+                        (["--role", "manager", "--name", "Ann", "--store", "S001"], "--store is for register"),
+                        (["--role", "manager", "--name", "   "], "--name must be"),
+                        (["--role", "manager", "--name", "x" * 129], "--name must be")]:
+        done = loyalty("keys", "add", *args, "--config", str(server.config))
+        assert done.returncode == 2 and words in done.stderr and done.stdout == ""
+    revoke_config_key = loyalty("keys", "revoke", "manager", "--config", str(server.config))
+    assert revoke_config_key.returncode == 2 and "remove it there" in revoke_config_key.stderr
+    unknown = loyalty("keys", "revoke", "person-9", "--config", str(server.config))
+    assert unknown.returncode == 1 and "no key person-9" in unknown.stderr
+
+
+def test_a_config_key_may_not_take_the_id_of_a_person():
+    keys = [{"id": "person-3", "sha256": _h("x"), "role": "manager"}]
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"auth": {"keys": keys}})
+    assert e.value.key == "auth.keys[0].id" and "person-<number>" in e.value.reason
+    assert config_from_dict({"auth": {"keys": [{**keys[0], "id": "person-three"}]}}).auth.keys[0].id == "person-three"
+
+
+def test_key_rows_are_revoked_once_and_never_deleted(tmp_path):
+    conn = sqlite3.connect(tmp_path / "k.db", isolation_level=None)
+    from sqlite_utils import Database as UtilsDatabase
+
+    from storage.schema import migrations
+    migrations.apply(UtilsDatabase(conn))
+    first = api_keys.add(conn, name="Ann", role="manager", stores=[], sha256=_h("a"), created_at="t", created_by="me")
+    assert first == "person-1"
+    assert api_keys.revoke(conn, first, at="t2", by="me") and not api_keys.revoke(conn, first, at="t3", by="me")
+    with pytest.raises(sqlite3.IntegrityError, match="revoked, never deleted"):
+        conn.execute("DELETE FROM api_keys")
+    with pytest.raises(sqlite3.IntegrityError, match="only be revoked"):
+        conn.execute("UPDATE api_keys SET revoked_at = NULL")
+    with pytest.raises(sqlite3.IntegrityError, match="only be revoked"):
+        conn.execute("UPDATE api_keys SET name = 'Bob'")
+    assert api_keys.add(conn, name="Bob", role="support", stores=[], sha256=_h("b"), created_at="t",
+                        created_by="me") == "person-2"
+    assert api_keys.version(conn) == (2, 1)
+
+
+def test_the_audit_chain_covers_the_name(tmp_path):
+    conn = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
+    from sqlite_utils import Database as UtilsDatabase
+
+    from storage.schema import migrations
+    migrations.apply(UtilsDatabase(conn))
+    for i in range(3):
+        admin_audit.append(conn, at=f"t{i}", key_id="person-1", key_name="Ann", method="POST",
+                           path="/v1/admin/adjustments", body_digest="0" * 64, status=201)
+    assert admin_audit.verify(conn).ok
+    conn.execute("DROP TRIGGER audit_log_append_only_update")
+    conn.execute("UPDATE audit_log SET key_name = 'Bob' WHERE id = 2")
+    assert admin_audit.verify(conn).first_bad_id == 2
+    conn.execute("UPDATE audit_log SET key_name = NULL WHERE id = 2")
+    assert admin_audit.verify(conn).first_bad_id == 2
+
+
+def test_authentication_reads_no_database_and_revoked_keys_keep_their_name():
+    """The keyring has no database: it is swapped whole by the refresh, so a request's
+    authentication is a dict lookup whatever the number of keys."""
+    ring = KeyRing(config_from_dict({"auth": {"keys": [
+        {"id": "manager", "sha256": _h("m"), "role": "manager"}]}}).auth.keys)
+    rows = [api_keys.KeyRow(f"person-{n}", f"Person {n}", "support", (), _h(f"k{n}"), "t", "me",
+                            "t2" if n == 7 else None, None) for n in range(1, 10_001)]
+    ring.use_people(rows, (10_000, 1))
+    assert ring.lookup("k5").key_id == "person-5" and ring.lookup("k5").name == "Person 5"
+    assert ring.lookup("k7") is None and ring.name_of("person-7") == "Person 7"
+    assert ring.lookup("m").key_id == "manager" and ring.name_of("manager") == "manager"
+    assert ring.lookup("nobody") is None and ring.lookup("") is None
