@@ -10,16 +10,17 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
+import logging
 import secrets
 import sqlite3
 import sys
 from contextlib import closing
 from datetime import datetime, timezone
+from typing import Callable, TypeVar
 
-from server.config import ConfigError, load_config
 from storage import api_keys
-from storage.db import Database
-from storage.schema import migrations
+
+T = TypeVar("T")
 
 ROLES = ("register", "manager", "support", "monitor")
 NAME_LENGTH_MAX = 128
@@ -47,6 +48,7 @@ def add_parser(sub) -> None:
 
 
 def dispatch(args) -> int:
+    from server.config import ConfigError, load_config
     try:
         config = load_config(args.config)
     except ConfigError as e:
@@ -85,23 +87,43 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _writing(config) -> Database:
-    """The database opened for a write beside a serving server (which checkpoints its WAL)."""
-    db = Database.from_config(config.database, config.resolve(config.database.path), migrations=migrations,
-                              checkpoints=False)
-    db.open()
-    return db
+class CannotWrite(Exception):
+    pass
+
+
+def _write(config, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """fn run in one write transaction beside a serving server (which checkpoints its WAL, so
+    this does not); CannotWrite says why in one line (a lock held past database.busy_wait_seconds,
+    a full disk, a path that is not a database)."""
+    from storage.db import Database, StorageBusy, StorageError
+    from storage.schema import migrations
+    # The storage words its faults for a server ("refusing requests with 503"); here the
+    # one line below says what happened.
+    logging.getLogger("storage").setLevel(logging.CRITICAL)
+    path = config.resolve(config.database.path)
+    db = Database.from_config(config.database, path, migrations=migrations, checkpoints=False)
+    try:
+        db.open()
+        return db.write_sync(fn)
+    except StorageBusy:
+        raise CannotWrite(f"{path}: another program held the database's write lock for "
+                          f"{config.database.busy_wait_seconds:g}s (database.busy_wait_seconds); nothing was "
+                          f"written, run it again") from None
+    except (StorageError, sqlite3.Error, OSError, RuntimeError) as e:
+        raise CannotWrite(f"{path}: cannot write: {e}; nothing was written") from None
+    finally:
+        db.close()
 
 
 def add_key(config, name: str, role: str, stores: list[str], by: str) -> int:
     key = secrets.token_urlsafe(KEY_BYTES)
     digest = hashlib.sha256(key.encode()).hexdigest()
-    db = _writing(config)
     try:
-        key_id = db.write_sync(lambda conn: api_keys.add(
+        key_id = _write(config, lambda conn: api_keys.add(
             conn, name=name, role=role, stores=stores, sha256=digest, created_at=_now(), created_by=by))
-    finally:
-        db.close()
+    except CannotWrite as e:
+        print(e, file=sys.stderr)
+        return 1
     # The key alone on standard output, so `KEY=$(loyalty keys add ...)` takes just it.
     print(key)
     where = f" at {', '.join(sorted(stores))}" if stores else ""
@@ -116,12 +138,12 @@ def revoke_key(config, key_id: str, by: str) -> int:
         print(f"{key_id} is a key of the config file (auth.keys): remove it there and restart the server",
               file=sys.stderr)
         return 2
-    db = _writing(config)
     try:
-        done, row = db.write_sync(lambda conn: (api_keys.revoke(conn, key_id, at=_now(), by=by),
-                                                api_keys.get(conn, key_id)))
-    finally:
-        db.close()
+        done, row = _write(config, lambda conn: (api_keys.revoke(conn, key_id, at=_now(), by=by),
+                                                 api_keys.get(conn, key_id)))
+    except CannotWrite as e:
+        print(e, file=sys.stderr)
+        return 1
     if row is None:
         print(f"no key {key_id} (loyalty keys list shows them)", file=sys.stderr)
         return 1

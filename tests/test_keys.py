@@ -193,3 +193,17 @@ def test_authentication_reads_no_database_and_revoked_keys_keep_their_name():
     assert ring.lookup("k7") is None and ring.name_of("person-7") == "Person 7"
     assert ring.lookup("m").key_id == "manager" and ring.name_of("manager") == "manager"
     assert ring.lookup("nobody") is None and ring.lookup("") is None
+
+
+def test_keys_add_while_another_program_holds_the_write_lock_is_one_line(tmp_path):
+    server = Server(tmp_path, database={"path": str(tmp_path / "loyalty.db"), "busy_wait_seconds": 0.2})
+    assert loyalty("keys", "list", "--config", str(server.config)).returncode == 0   # no database yet: fine
+    assert loyalty("keys", "add", "--role", "monitor", "--name", "Grafana", "--config",
+                   str(server.config)).returncode == 0
+    with closing(sqlite3.connect(server.db, isolation_level=None)) as holder:
+        holder.execute("BEGIN IMMEDIATE")
+        done = loyalty("keys", "add", "--role", "manager", "--name", "Ann", "--config", str(server.config))
+        holder.execute("ROLLBACK")
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "held the database's write lock" in done.stderr, done.stderr
+    assert read_db(server, "SELECT id, name FROM api_keys") == [("person-1", "Grafana")]
