@@ -26,9 +26,9 @@ from server.routes import COUNTED_ENDPOINTS, add_routes, audit_middleware
 from server.service import Service
 from server.startup import StartupError, check_database_file, lock_holder, still_locked, wait_for_write_lock
 from server.watcher import watch
+from storage import api_keys
 from storage.db import Database, StorageBusy, StorageError
 from storage.health import is_busy
-from storage import api_keys
 from storage.ledger import manual_tiers_outside
 from storage.personal import protect_existing
 from storage.preload import preload

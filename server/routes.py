@@ -24,7 +24,8 @@ from rules import check_dir
 from server import schema
 from server.auth import Principal, require_adjustment_within, require_role
 from server.errors import ApiError, field_error
-from server.keys import CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, PRIVACY, PROGRAMS, SERVICE, STATE
+from server.keys import (CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, PRIVACY, PROGRAMS, SERVICE,
+                         STATE)
 from storage import admin_audit
 from storage.ledger import iso
 

@@ -62,7 +62,8 @@ async def test_a_support_adjustment_beyond_the_cap_is_403_and_writes_nothing(mak
     assert_error_shape(body)
     assert body["error"]["code"] == "forbidden"
     assert f"at most {CAP} points" in body["error"]["message"] and "manager" in body["error"]["message"]
-    assert body["error"]["details"] == [{"path": "points", "message": f"must be from -{CAP} to {CAP} for a support key"}]
+    assert body["error"]["details"] == [
+        {"path": "points", "message": f"must be from -{CAP} to {CAP} for a support key"}]
     _, member = await api.get(f"/v1/members/{CARD}")
     assert member["balance"]["available"] == 100
     # The same adjustment id is still free: a manager may make it.
