@@ -218,7 +218,7 @@ def test_a_valid_body_is_decoded_in_one_pass(monkeypatch):
     ({"auth": {"keys": [{"id": "a", "sha256": "ABC", "role": "register"}]}}, "auth.keys[0].sha256",
      "must be 64 lowercase hexadecimal digits"),
     ({"auth": {"keys": [{"id": "a", "sha256": "a" * 64, "role": "boss"}]}}, "auth.keys[0].role",
-     "must be one of: manager, monitor, register"),
+     "must be one of: manager, monitor, register, support"),
     ({"server": {"prot": 1}}, "server.prot", "unknown key 'prot', did you mean 'port'?"),
 ])
 def test_config_errors_name_one_key_in_the_same_words(raw, key, reason):
