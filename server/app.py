@@ -64,7 +64,7 @@ async def resources(app: web.Application):
     app[PROGRAMS].load_initial()
     db = app[DATABASE] = await _open_database(app)
     app[SERVICE] = Service(db, app[PROGRAMS], app[CLOCK], app[METRICS], app[PRIVACY])
-    await _load_keys(app[KEYRING], db)
+    await refresh_keys(app[KEYRING], db)     # the database's keys before the first request
     app[PROGRAMS].count_lost_tiers(
         lambda levels, today: db.read_now(lambda conn: manual_tiers_outside(conn, levels, today)))
     hup = _install_sighup(app)
@@ -98,16 +98,9 @@ async def resources(app: web.Application):
         db.close()
 
 
-async def _load_keys(keyring: KeyRing, db: Database) -> None:
-    """The database's keys before the first request; config.yaml's names for its keys into
-    the database, where the adjustments' records take the name of their key from."""
-    await db.write(lambda conn: api_keys.write_config_names(conn, keyring.config_names))
-    await refresh_keys(keyring, db)
-
-
 async def _open_database(app: web.Application) -> Database:
-    """Opened, migrated and its old plain card numbers protected. While another process
-    holds the write lock (a `loyalty jobs run`, a sqlite3 shell) this waits up to
+    """Opened, migrated, and its first write done (_first_write). While another process holds
+    the write lock (a `loyalty jobs run`, a sqlite3 shell) this waits up to
     database.start_wait_seconds; StartupError says in one line why it cannot open."""
     config = app[CONFIG]
     path = config.resolve(config.database.path)
@@ -133,7 +126,7 @@ async def _open_once(app: web.Application, path) -> Database | None:
     try:
         try:
             await asyncio.to_thread(db.open)
-            await db.write(lambda conn: protect_existing(conn, app[PRIVACY]))
+            await db.write(lambda conn: _first_write(conn, app))
         except BaseException:
             db.close()
             raise
@@ -144,6 +137,13 @@ async def _open_once(app: web.Application, path) -> Database | None:
             return None
         raise StartupError(f"cannot open the database {path}: {e}") from None
     return db
+
+
+def _first_write(conn, app: web.Application) -> None:
+    """Old plain card numbers protected, and config.yaml's names for its keys where the
+    adjustments' records take the name of their key from."""
+    protect_existing(conn, app[PRIVACY])
+    api_keys.write_config_names(conn, app[KEYRING].config_names)
 
 
 def _log_waiting_once(path, wait_seconds: float):

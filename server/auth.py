@@ -99,12 +99,19 @@ class KeyRing:
 async def keep_keys_fresh(keyring: KeyRing, db: Database, interval_seconds: float) -> None:
     """Reads the database's keys whenever they changed, every interval_seconds: a key added
     or revoked with `loyalty keys` takes effect within that long, without a restart."""
+    failing = False
     while True:
         await asyncio.sleep(interval_seconds)
         try:
             await refresh_keys(keyring, db)
         except Exception:  # noqa: BLE001 - a storage fault: the keys in force stay, try again
-            log.exception("could not read the keys from the database; the keys in force stay")
+            if not failing:     # once per fault, not every few seconds while it lasts
+                log.exception("could not read the keys from the database; the keys in force stay")
+            failing = True
+        else:
+            if failing:
+                log.info("the keys are read from the database again")
+            failing = False
 
 
 async def refresh_keys(keyring: KeyRing, db: Database) -> bool:

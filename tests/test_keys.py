@@ -3,6 +3,8 @@ accepts it, and refuses it once revoked, within auth.keys_refresh_seconds and wi
 restart; the audit log and the adjustment's record name the person."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -207,3 +209,29 @@ def test_keys_add_while_another_program_holds_the_write_lock_is_one_line(tmp_pat
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "held the database's write lock" in done.stderr, done.stderr
     assert read_db(server, "SELECT id, name FROM api_keys") == [("person-1", "Grafana")]
+
+
+async def test_a_storage_fault_keeps_the_keys_in_force_and_is_logged_once(caplog):
+    from server.auth import keep_keys_fresh
+    from storage.db import StorageBusy
+
+    class LockedDatabase:
+        reads = 0
+
+        async def read(self, fn):
+            self.reads += 1
+            raise StorageBusy("write lock held by another program")
+
+    ring = KeyRing([])
+    ring.use_people([api_keys.KeyRow("person-1", "Ann", "manager", (), _h("a"), "t", "me", None, None)], (1, 0))
+    db = LockedDatabase()
+    task = asyncio.create_task(keep_keys_fresh(ring, db, 0.01))
+    deadline = time.monotonic() + 10
+    while db.reads < 5 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert db.reads >= 5
+    assert ring.lookup("a").name == "Ann"
+    assert [r.levelname for r in caplog.records if r.name == "loyalty.auth"] == ["ERROR"]
