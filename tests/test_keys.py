@@ -235,3 +235,20 @@ async def test_a_storage_fault_keeps_the_keys_in_force_and_is_logged_once(caplog
     assert db.reads >= 5
     assert ring.lookup("a").name == "Ann"
     assert [r.levelname for r in caplog.records if r.name == "loyalty.auth"] == ["ERROR"]
+
+
+async def test_a_request_never_queries_the_keys(make_api, monkeypatch):
+    from server.auth import refresh_keys
+    from server.keys import DATABASE, KEYRING
+    api = await make_api(now="2026-11-24T12:00:05+02:00", auth={"keys_refresh_seconds": 300})
+    app = api.client.server.app
+    await app[DATABASE].write(lambda c: api_keys.add(c, name="Ann", role="monitor", stores=[], sha256=_h("ann-key"),
+                                                     created_at="t", created_by="me"))
+    assert await refresh_keys(app[KEYRING], app[DATABASE])
+    queries = []
+    for name in ("version", "all_keys", "get"):
+        monkeypatch.setattr(api_keys, name, lambda *a, name=name: queries.append(name))
+    for _ in range(50):
+        status, _body = await api.call("GET", "/metrics", as_=None, headers={"Authorization": "Bearer ann-key"})
+        assert status == 200
+    assert queries == []
