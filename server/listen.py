@@ -5,7 +5,8 @@ how long a request header nor how long a body may take to arrive. A thousand con
 that send nothing then hold a thousand file descriptors, accept() fails with EMFILE, and
 nothing is served at all. Here each connection
 - delivers a whole request header within server.header_timeout_seconds of opening, and of
-  the first byte of each later request on a keep-alive connection, or it is closed;
+  the first byte of each later request on a keep-alive connection (of the previous answer
+  when that byte came before it, pipelined or in the same packet), or it is closed;
 - is closed after server.keepalive_timeout_seconds idle between requests;
 - delivers a request's body within server.body_timeout_seconds of its header, or gets
   408 request_timeout and is closed;
@@ -15,8 +16,9 @@ served and accept() never runs out of descriptors.
 
 aiohttp internals used (checked against aiohttp 3.14.5, the version in requirements.txt):
 RequestHandler._handle_request (one call per request, from its header to its answer),
-RequestHandler._messages (requests parsed but not started), web.Server._kwargs and
-_loop (what web.Server.__call__ builds a RequestHandler with).
+RequestHandler._messages (requests parsed but not started), RequestHandler._parser (whose
+feed_eof() on the C parser, and _lines/_tail on the pure-Python one, tell a partial header),
+web.Server._kwargs and _loop (what web.Server.__call__ builds a RequestHandler with).
 """
 from __future__ import annotations
 
@@ -137,12 +139,16 @@ class Connections:
 class Connection(RequestHandler):
     """aiohttp's protocol with a deadline for each request's header and body."""
 
-    __slots__ = ("_table", "_timeouts", "_header_timer", "_body_timer", "_body_late", "_in_request")
+    __slots__ = ("_table", "_timeouts", "_header_timer", "_header_maybe", "_body_timer", "_body_late",
+                 "_in_request")
 
     def __init__(self, table: Connections, timeouts: Timeouts, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._table, self._timeouts = table, timeouts
         self._header_timer: asyncio.TimerHandle | None = None
+        # The header timer runs from an answer, for bytes of the next request that may have come
+        # before it: at its deadline only a partial header closes the connection, not idleness.
+        self._header_maybe = False
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_late = False
         self._in_request = False
@@ -160,7 +166,7 @@ class Connection(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         # The first byte of a later request on a keep-alive connection starts its header's clock.
-        if data and not self._in_request and self._header_timer is None:
+        if data and not self._in_request and (self._header_timer is None or self._header_maybe):
             self._start_header_timer()
         super().data_received(data)
 
@@ -184,15 +190,38 @@ class Connection(RequestHandler):
                 self.force_close()
             else:
                 self._table.idle(self)
+                if request.content.is_eof():    # else aiohttp lingers on the body; its bytes start the timer
+                    # Bytes of the next request that came with or during this one were parsed
+                    # already: no data_received will start their header's clock.
+                    self._start_header_timer(maybe=True)
 
-    def _start_header_timer(self) -> None:
+    def _start_header_timer(self, maybe: bool = False) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_maybe = maybe
         self._header_timer = self._loop.call_later(self._timeouts.header_seconds, self._header_deadline)
 
     def _header_deadline(self) -> None:
         self._header_timer = None
-        if not self._in_request and not self._messages:      # no request parsed and waiting to start
-            self._table.forget(self)
-            self.force_close()
+        if self._in_request or self._messages:       # a request parsed and waiting to start
+            return
+        if self._header_maybe and not self._partial_header():
+            return                                  # idle: the keep-alive timeout applies
+        self._table.forget(self)
+        self.force_close()
+
+    def _partial_header(self) -> bool:
+        """Whether the parser holds part of a request header. Asked only where a yes closes the
+        connection: the C parser's feed_eof() changes its state only when it holds something."""
+        parser = self._parser
+        if parser is None:
+            return False
+        if hasattr(parser, "_lines"):                # aiohttp's pure-Python parser
+            return bool(parser._lines or parser._tail)
+        try:
+            return parser.feed_eof() is not None     # a message made of what it holds
+        except Exception:                            # what it holds is not even that
+            return True
 
     def _body_deadline(self, request: web.BaseRequest) -> None:
         self._body_timer = None

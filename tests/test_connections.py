@@ -1,7 +1,8 @@
 """Connections that send nothing, too slowly or forever: the real server keeps serving.
 
 A connection gets server.header_timeout_seconds for each request's header (from its
-opening, then from the first byte of each later request), server.keepalive_timeout_seconds
+opening, then from the first byte of each later request, or from the previous answer for
+bytes that came with the previous request), server.keepalive_timeout_seconds
 idle between requests and server.body_timeout_seconds for a body (408, then closed).
 Near RLIMIT_NOFILE the connections waiting longest for a header make room for new ones;
 one key cannot take every request slot; a busy port is one line and exit code 2.
@@ -135,6 +136,35 @@ def test_keep_alive_idles_until_its_timeout_and_a_started_header_gets_the_header
     busy_closed, idle_closed, total = asyncio.run(run())
     assert busy_closed is not None and busy_closed < 4.5, busy_closed      # well before keep-alive's 6s
     assert idle_closed is not None and total < 15, (idle_closed, total)
+
+
+def test_a_next_header_parsed_with_the_previous_request_and_stalled_gets_the_header_timeout(strict):
+    """The next request's first bytes came in the previous one's packet: no later byte starts its clock."""
+    get = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    body = json.dumps(receipt("pipelined-then-stalled")).encode()
+    post = (f"POST /v1/receipts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS['register']}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+    async def answers_then_closed(packet: bytes, answers: int, wait: float):
+        reader, writer = await asyncio.open_connection("127.0.0.1", strict.port)
+        writer.write(packet)
+        statuses = [(await read_answer(reader))[0] for _ in range(answers)]
+        closed = await closed_after(reader, wait)
+        writer.close()
+        return statuses, closed
+
+    async def run():
+        return await asyncio.gather(
+            answers_then_closed(get + b"GET /hea", 1, 15),
+            answers_then_closed(post + b"POST /v1/rec", 1, 15),
+            # Two whole requests in one packet: both answered, then idle keep-alive, not the header timeout.
+            answers_then_closed(get + get, 2, 2.5))
+    (get_statuses, get_closed), (post_statuses, post_closed), (both, idle_closed) = asyncio.run(run())
+    assert get_statuses == [200] and post_statuses == [201], (get_statuses, post_statuses)
+    # header_timeout_seconds 1; keep-alive (6s) would have closed them otherwise.
+    assert get_closed is not None and get_closed < 4.5, get_closed
+    assert post_closed is not None and post_closed < 4.5, post_closed
+    assert both == [200, 200] and idle_closed is None, (both, idle_closed)
 
 
 async def never_ending_body(port: int, key: str, answers: list, interval: float = 0.1):
