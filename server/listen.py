@@ -80,19 +80,15 @@ class Timeouts:
 class Connections:
     """Every open connection of one listener; those waiting for a request header, oldest first."""
 
-    def __init__(self, configured_max: int | None, reserved_fds: int):
-        self.configured_max, self.reserved_fds = configured_max, reserved_fds
+    def __init__(self, configured_max: int | None, reserved_fds: int, file_limit: int):
+        """`file_limit`: RLIMIT_NOFILE's soft limit, read once at start rather than two system
+        calls per connection; a limit changed later (prlimit) counts after a restart."""
+        by_fds = CONNECTIONS_UNLIMITED_MAX if file_limit == resource.RLIM_INFINITY else file_limit - reserved_fds
+        self.limit = max(1, by_fds if configured_max is None else min(configured_max, by_fds))
         self.open: set[Connection] = set()
         self.waiting: dict[Connection, None] = {}      # insertion-ordered: the oldest first
         self.closed_for_room = 0
         self._throttle = ThrottledLog()
-
-    def limit(self) -> int:
-        """Read at every new connection, so a limit changed at run time (prlimit) counts at once."""
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        by_fds = CONNECTIONS_UNLIMITED_MAX if soft == resource.RLIM_INFINITY else soft - self.reserved_fds
-        limit = by_fds if self.configured_max is None else min(self.configured_max, by_fds)
-        return max(1, limit)
 
     def opened(self, conn: Connection) -> None:
         """Counted from its protocol's creation, a turn of the loop before connection_made."""
@@ -101,7 +97,7 @@ class Connections:
         self.check()
 
     def check(self) -> None:
-        excess = len(self.open) - self.limit()
+        excess = len(self.open) - self.limit
         if excess > 0:
             self.make_room(excess)
 
@@ -121,7 +117,7 @@ class Connections:
         if victims and self._throttle.allow("room") is not None:
             log.warning("%d connections open, at most %d allowed (server.connections_max, RLIMIT_NOFILE): "
                         "closing the ones waiting longest for a request header (%d so far)",
-                        len(self.open) + len(victims), self.limit(), self.closed_for_room)
+                        len(self.open) + len(victims), self.limit, self.closed_for_room)
         return len(victims)
 
     def busy(self, conn: Connection) -> None:
@@ -293,7 +289,9 @@ class Site(web.TCPSite):
 
     def __init__(self, runner: web.BaseRunner, config: ServerConfig, **kwargs):
         super().__init__(runner, config.host, config.port, backlog=ACCEPT_BACKLOG, **kwargs)
-        self.connections = Connections(config.connections_max, open_fds() + FDS_IN_TRANSIT + SPARE_FDS)
+        self._file_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.connections = Connections(config.connections_max, open_fds() + FDS_IN_TRANSIT + SPARE_FDS,
+                                       self._file_limit)
         self._timeouts = Timeouts(config.header_timeout_seconds, config.body_timeout_seconds)
 
     def _connection(self) -> Connection:
@@ -314,8 +312,8 @@ class Site(web.TCPSite):
             with socket.fromfd(listening.fileno(), listening.family, listening.type) as same:
                 same.listen(LISTEN_QUEUE)       # a duplicate descriptor of the same socket
         install_exception_handler(self.connections)
-        log.info("at most %d connections at once (RLIMIT_NOFILE %s)", self.connections.limit(),
-                 resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        log.info("at most %d connections at once (RLIMIT_NOFILE %s at start; a new limit needs a restart)",
+                 self.connections.limit, self._file_limit)
 
 
 def new_runner(app: web.Application, config: ServerConfig) -> web.AppRunner:
