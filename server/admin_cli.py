@@ -6,6 +6,8 @@ and a dry run of them rolls back every batch on a connection of its own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sqlite3
 import sys
 from contextlib import closing
@@ -15,6 +17,7 @@ from rules import ProgramError, load_program
 from server.clock import Clock
 from server.config import ConfigError, load_config
 from storage.db import Database
+from storage.health import StorageBusy, StorageError, is_busy
 from storage.schema import migrations
 
 # A `jobs run --now` further than this from the server's clock is refused without --force.
@@ -68,7 +71,6 @@ def audit_verify(conn) -> int:
 
 
 def jobs_run(config, db_path, args) -> int:
-    from server.jobs import run_all
     try:
         now, drift, clock = _job_moment(config.clock.start, args.now)
     except ValueError as e:
@@ -87,16 +89,55 @@ def jobs_run(config, db_path, args) -> int:
     if far:
         print(f"--force: running as of {args.now}, {_span(drift)} {clock}", file=sys.stderr)
     program = _program(config)
+    try:
+        with _storage_faults_unlogged():
+            done = _run_jobs(config, db_path, program, now)
+    except (StorageError, sqlite3.OperationalError) as e:
+        line = _why_stopped(e, db_path, config.database.busy_wait_seconds)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        return 1
+    finally:
+        program.close()
+    print(", ".join(f"{k}: {v}" for k, v in done.items()))
+    return 0
+
+
+def _why_stopped(e: Exception, db_path, wait_seconds: float) -> str | None:
+    """One line for a storage fault that stopped the jobs; None for any other error."""
+    if isinstance(e, StorageBusy) or is_busy(e):
+        from server.startup import lock_holder
+        # The jobs are idempotent and commit batch by batch: running them again finishes the work.
+        return (f"jobs run: the database {db_path} is locked by {lock_holder(db_path)} for longer than "
+                f"database.busy_wait_seconds ({wait_seconds:g}s); batches already done stay done, "
+                f"run it again once the lock is released")
+    if isinstance(e, StorageError):
+        return f"jobs run: cannot write to the database {db_path}: {e}"
+    return None
+
+
+def _run_jobs(config, db_path, program, now: datetime) -> dict[str, int]:
+    from server.jobs import run_all
     # Beside a serving server, which checkpoints its WAL; this command must not take that turn.
     db = Database.from_config(config.database, db_path, migrations=migrations, checkpoints=False)
     db.open()
     try:
-        done = asyncio.run(run_all(db, program, now))
+        return asyncio.run(run_all(db, program, now))
     finally:
         db.close()
-        program.close()
-    print(", ".join(f"{k}: {v}" for k, v in done.items()))
-    return 0
+
+
+@contextlib.contextmanager
+def _storage_faults_unlogged():
+    """The storage's fault lines speak of refused requests and 503s, a server's; this command
+    says in its own one line what stopped it."""
+    faults = logging.getLogger("storage.health")
+    before, faults.disabled = faults.disabled, True
+    try:
+        yield
+    finally:
+        faults.disabled = before
 
 
 def jobs_preview(config, db_path, now: datetime, far_note: str) -> int:

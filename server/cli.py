@@ -104,7 +104,7 @@ def serve_command(config_path: str) -> int:
         try:
             return asyncio.run(serve(app, config))
         except ProgramError as e:
-            _print_program_problems(config.resolve(config.rules.dir), e.problems)
+            _print_program_problems(config.resolve(config.rules.dir), e)
             return 2
         except StartupError as e:
             print(f"not starting: {e}", file=sys.stderr)
@@ -115,14 +115,16 @@ def serve_command(config_path: str) -> int:
             return 130
 
 
-def _print_program_problems(directory: Path, problems: list) -> None:
+def _print_program_problems(directory: Path, error) -> None:
+    """As `loyalty rules check` prints them: errors and warnings in position order, one a line."""
     if not directory.is_dir():
         what = "is not a folder" if directory.exists() else "does not exist"
         print(f"not starting: the program folder {directory} {what} (rules.dir)", file=sys.stderr)
         return
-    for problem in problems:
+    for problem in sorted(error.problems + error.warnings):
         print(problem, file=sys.stderr)
-    print(f"the program in {directory} does not load; not starting", file=sys.stderr)
+    print(f"the program in {directory} does not load ({len(error.problems)} problem(s), "
+          f"{len(error.warnings)} warning(s)); not starting", file=sys.stderr)
 
 
 async def serve(app, config) -> int:

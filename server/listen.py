@@ -5,7 +5,8 @@ how long a request header nor how long a body may take to arrive. A thousand con
 that send nothing then hold a thousand file descriptors, accept() fails with EMFILE, and
 nothing is served at all. Here each connection
 - delivers a whole request header within server.header_timeout_seconds of opening, and of
-  the first byte of each later request on a keep-alive connection, or it is closed;
+  the first byte of each later request on a keep-alive connection (of the previous answer
+  when that byte came before it, pipelined or in the same packet), or it is closed;
 - is closed after server.keepalive_timeout_seconds idle between requests;
 - delivers a request's body within server.body_timeout_seconds of its header, or gets
   408 request_timeout and is closed;
@@ -15,8 +16,9 @@ served and accept() never runs out of descriptors.
 
 aiohttp internals used (checked against aiohttp 3.14.5, the version in requirements.txt):
 RequestHandler._handle_request (one call per request, from its header to its answer),
-RequestHandler._messages (requests parsed but not started), web.Server._kwargs and
-_loop (what web.Server.__call__ builds a RequestHandler with).
+RequestHandler._messages (requests parsed but not started), RequestHandler._parser (whose
+feed_eof() on the C parser, and _lines/_tail on the pure-Python one, tell a partial header),
+web.Server._kwargs and _loop (what web.Server.__call__ builds a RequestHandler with).
 """
 from __future__ import annotations
 
@@ -78,19 +80,15 @@ class Timeouts:
 class Connections:
     """Every open connection of one listener; those waiting for a request header, oldest first."""
 
-    def __init__(self, configured_max: int | None, reserved_fds: int):
-        self.configured_max, self.reserved_fds = configured_max, reserved_fds
+    def __init__(self, configured_max: int | None, reserved_fds: int, file_limit: int):
+        """`file_limit`: RLIMIT_NOFILE's soft limit, read once at start rather than two system
+        calls per connection; a limit changed later (prlimit) counts after a restart."""
+        by_fds = CONNECTIONS_UNLIMITED_MAX if file_limit == resource.RLIM_INFINITY else file_limit - reserved_fds
+        self.limit = max(1, by_fds if configured_max is None else min(configured_max, by_fds))
         self.open: set[Connection] = set()
         self.waiting: dict[Connection, None] = {}      # insertion-ordered: the oldest first
         self.closed_for_room = 0
         self._throttle = ThrottledLog()
-
-    def limit(self) -> int:
-        """Read at every new connection, so a limit changed at run time (prlimit) counts at once."""
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        by_fds = CONNECTIONS_UNLIMITED_MAX if soft == resource.RLIM_INFINITY else soft - self.reserved_fds
-        limit = by_fds if self.configured_max is None else min(self.configured_max, by_fds)
-        return max(1, limit)
 
     def opened(self, conn: Connection) -> None:
         """Counted from its protocol's creation, a turn of the loop before connection_made."""
@@ -99,7 +97,7 @@ class Connections:
         self.check()
 
     def check(self) -> None:
-        excess = len(self.open) - self.limit()
+        excess = len(self.open) - self.limit
         if excess > 0:
             self.make_room(excess)
 
@@ -119,7 +117,7 @@ class Connections:
         if victims and self._throttle.allow("room") is not None:
             log.warning("%d connections open, at most %d allowed (server.connections_max, RLIMIT_NOFILE): "
                         "closing the ones waiting longest for a request header (%d so far)",
-                        len(self.open) + len(victims), self.limit(), self.closed_for_room)
+                        len(self.open) + len(victims), self.limit, self.closed_for_room)
         return len(victims)
 
     def busy(self, conn: Connection) -> None:
@@ -137,12 +135,16 @@ class Connections:
 class Connection(RequestHandler):
     """aiohttp's protocol with a deadline for each request's header and body."""
 
-    __slots__ = ("_table", "_timeouts", "_header_timer", "_body_timer", "_body_late", "_in_request")
+    __slots__ = ("_table", "_timeouts", "_header_timer", "_header_maybe", "_body_timer", "_body_late",
+                 "_in_request")
 
     def __init__(self, table: Connections, timeouts: Timeouts, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._table, self._timeouts = table, timeouts
         self._header_timer: asyncio.TimerHandle | None = None
+        # The header timer runs from an answer, for bytes of the next request that may have come
+        # before it: at its deadline only a partial header closes the connection, not idleness.
+        self._header_maybe = False
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_late = False
         self._in_request = False
@@ -160,7 +162,7 @@ class Connection(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         # The first byte of a later request on a keep-alive connection starts its header's clock.
-        if data and not self._in_request and self._header_timer is None:
+        if data and not self._in_request and (self._header_timer is None or self._header_maybe):
             self._start_header_timer()
         super().data_received(data)
 
@@ -184,15 +186,38 @@ class Connection(RequestHandler):
                 self.force_close()
             else:
                 self._table.idle(self)
+                if request.content.is_eof():    # else aiohttp lingers on the body; its bytes start the timer
+                    # Bytes of the next request that came with or during this one were parsed
+                    # already: no data_received will start their header's clock.
+                    self._start_header_timer(maybe=True)
 
-    def _start_header_timer(self) -> None:
+    def _start_header_timer(self, maybe: bool = False) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_maybe = maybe
         self._header_timer = self._loop.call_later(self._timeouts.header_seconds, self._header_deadline)
 
     def _header_deadline(self) -> None:
         self._header_timer = None
-        if not self._in_request and not self._messages:      # no request parsed and waiting to start
-            self._table.forget(self)
-            self.force_close()
+        if self._in_request or self._messages:       # a request parsed and waiting to start
+            return
+        if self._header_maybe and not self._partial_header():
+            return                                  # idle: the keep-alive timeout applies
+        self._table.forget(self)
+        self.force_close()
+
+    def _partial_header(self) -> bool:
+        """Whether the parser holds part of a request header. Asked only where a yes closes the
+        connection: the C parser's feed_eof() changes its state only when it holds something."""
+        parser = self._parser
+        if parser is None:
+            return False
+        if hasattr(parser, "_lines"):                # aiohttp's pure-Python parser
+            return bool(parser._lines or parser._tail)
+        try:
+            return parser.feed_eof() is not None     # a message made of what it holds
+        except Exception:                            # what it holds is not even that
+            return True
 
     def _body_deadline(self, request: web.BaseRequest) -> None:
         self._body_timer = None
@@ -264,7 +289,9 @@ class Site(web.TCPSite):
 
     def __init__(self, runner: web.BaseRunner, config: ServerConfig, **kwargs):
         super().__init__(runner, config.host, config.port, backlog=ACCEPT_BACKLOG, **kwargs)
-        self.connections = Connections(config.connections_max, open_fds() + FDS_IN_TRANSIT + SPARE_FDS)
+        self._file_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.connections = Connections(config.connections_max, open_fds() + FDS_IN_TRANSIT + SPARE_FDS,
+                                       self._file_limit)
         self._timeouts = Timeouts(config.header_timeout_seconds, config.body_timeout_seconds)
 
     def _connection(self) -> Connection:
@@ -285,8 +312,8 @@ class Site(web.TCPSite):
             with socket.fromfd(listening.fileno(), listening.family, listening.type) as same:
                 same.listen(LISTEN_QUEUE)       # a duplicate descriptor of the same socket
         install_exception_handler(self.connections)
-        log.info("at most %d connections at once (RLIMIT_NOFILE %s)", self.connections.limit(),
-                 resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        log.info("at most %d connections at once (RLIMIT_NOFILE %s at start; a new limit needs a restart)",
+                 self.connections.limit, self._file_limit)
 
 
 def new_runner(app: web.Application, config: ServerConfig) -> web.AppRunner:

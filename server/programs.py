@@ -4,7 +4,9 @@ A request takes `holder.current` once and uses that object to the end, so a relo
 the middle of a receipt never mixes two versions. A program that fails to load is
 refused whole and the previous one keeps serving. Warnings (values that load but are
 probably wrong, members holding a manual tier the program no longer defines) never
-refuse a program; each load logs them and `last_reload` lists them.
+refuse a program; each load logs them and `last_reload` lists them. Each problem and
+warning is a log record of its own, `file:line:column: [warning: ]message`, so a log
+reader that keeps lines apart (journald, a collector) keeps each one whole and leveled.
 """
 from __future__ import annotations
 
@@ -70,16 +72,18 @@ class ProgramHolder:
                             "kept_version": kept}
         self._metrics.rules_reloads.labels("refused").inc()
         self._metrics.rules_last_reload_ok.set(0)
-        log.error("rules reload (%s) refused, still serving %s:\n  %s", trigger, kept or "nothing",
-                  "\n  ".join(problems + [str(w) for w in error.warnings]))
+        log.error("rules reload (%s) refused, still serving %s: %d problem(s), %d warning(s):", trigger,
+                  kept or "nothing", len(error.problems), len(error.warnings))
+        for problem in sorted(error.problems + error.warnings):
+            log.log(logging.WARNING if problem.warning else logging.ERROR, "%s", problem)
 
     def _install(self, program: Program, trigger: str) -> None:
         # The old program is freed by the garbage collector once the last request that
         # took it has finished (Program frees its engine ruleset when collected).
         self.current = program
         self._metrics.rules_info.info({"version": program.version, "program": program.id})
-        self._record_ok(trigger, program, changed=True, warnings=program.warnings)
         log.info("rules %s loaded from %s (%s)", program.version, self.directory, trigger)
+        self._record_ok(trigger, program, changed=True, warnings=program.warnings)
 
     def _warn_lost_tiers(self, program: Program) -> None:
         if self._census is None:
@@ -105,7 +109,8 @@ class ProgramHolder:
         self._metrics.rules_reloads.labels("loaded" if changed else "unchanged").inc()
         self._metrics.rules_last_reload_ok.set(1)
         if warnings:
-            log.warning("rules %s (%s): %d warning(s):\n  %s", program.version, trigger, len(warnings),
-                        "\n  ".join(str(w) for w in warnings))
+            log.warning("rules %s (%s): %d warning(s):", program.version, trigger, len(warnings))
+            for warning in warnings:
+                log.warning("%s", warning)
         self._warn_lost_tiers(program)
 

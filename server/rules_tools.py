@@ -15,18 +15,21 @@ import sys
 from collections.abc import Iterable, Iterator
 from contextlib import closing
 from datetime import date
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from rules import MemberFacts, Program, ProgramError, format_explanation, load_program
-from server.schema import Receipt
+from server import validation
+from server.schema import DECODERS, Receipt, every_problem
 from storage.ledger import unpack
 
 DEFAULT_RECEIPT_NUMBER = 2  # a returning member: first-purchase rules stay out of a replay
 EXPORT_BATCH_ROWS = 2_000
-_receipt_decoder = msgspec.json.Decoder(Receipt)
+# A line of receipts as the API reads a body: every fraction exact, as qty decodes.
+_plain_decoder = msgspec.json.Decoder(float_hook=Decimal)
 
 
 class ToolError(Exception):
@@ -41,17 +44,44 @@ def load(directory: str | Path) -> Program:
 
 
 def decode_receipt(data: bytes | dict, where: str) -> Receipt:
-    """One receipt in the API's shape (an optional "member" object is read separately)."""
+    """One receipt in the API's shape (an optional "member" object is read separately). A
+    refused one lists every problem in the words a 422 from the API uses (server/validation.py).
+    `data`: the JSON text, or its plain values with fractions as Decimal (_plain_decoder)."""
     try:
         if isinstance(data, dict):
             receipt = msgspec.convert(data, Receipt)
         else:
-            receipt = _receipt_decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        raise ToolError(f"{where}: not a receipt: {e}") from None
+            receipt = DECODERS[Receipt].decode(data)
+    except msgspec.ValidationError as e:
+        if isinstance(data, dict):
+            found = validation.find(data, Receipt)
+            found = found if found.count else validation.from_error(e, Receipt)
+        else:
+            found = _every_problem_of_text(data, e, where)
+        raise ToolError(_not_a_receipt(where, found)) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise ToolError(f"{where}: not JSON: {e}") from None
     if receipt.ts.tzinfo is None:
-        raise ToolError(f"{where}: ts needs a UTC offset, e.g. 2026-11-24T12:00:00+02:00")
+        found = validation.Problems()
+        found.add("ts", "needs a UTC offset, e.g. 2026-11-24T12:00:00+02:00")
+        raise ToolError(_not_a_receipt(where, found))
     return receipt
+
+
+def _every_problem_of_text(data: bytes, first: msgspec.ValidationError, where: str) -> validation.Problems:
+    try:
+        return every_problem(data, Receipt, first)
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:      # stops being JSON past its first problem
+        raise ToolError(f"{where}: not JSON: {e}") from None
+
+
+def _not_a_receipt(where: str, found: validation.Problems) -> str:
+    """The API's problems as lines: `path words`, as a 422's message says the first one."""
+    lines = [f"{where}: not a receipt ({'' if found.complete else 'at least '}{found.count} problem(s)):"]
+    lines += [f"  {'the receipt' if path == '$' else path} {words}" for path, words in found.listed]
+    if found.count > len(found.listed):
+        lines.append(f"  and {'at least ' if not found.complete else ''}{found.count - len(found.listed)} more")
+    return "\n".join(lines)
 
 
 def default_member(program: Program, member_id: str = "-", **facts: Any) -> MemberFacts:
@@ -207,7 +237,7 @@ def read_receipts(path: str | Path) -> Iterator[tuple[Receipt, dict | None]]:
                 continue
             where = f"{path}:{number}"
             try:
-                data = msgspec.json.decode(raw)
+                data = _plain_decoder.decode(raw)
             except msgspec.DecodeError as e:
                 raise ToolError(f"{where}: not JSON: {e}") from None
             if not isinstance(data, dict):

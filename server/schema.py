@@ -134,15 +134,15 @@ def decode(body: bytes, t: type):
         try:
             return DECODERS[t].decode(body)
         except msgspec.ValidationError as e:
-            raise problems_error(_every_problem(body, t, e)) from None
+            raise problems_error(every_problem(body, t, e)) from None
     except UnicodeDecodeError as e:     # raised by msgspec for invalid UTF-8 inside strings
         raise msgspec.DecodeError(f"not valid UTF-8 at byte {e.start}") from None
 
 
-def _every_problem(body: bytes, t: type, first: msgspec.ValidationError) -> validation.Problems:
-    """Only for a refused body, so the receipt path keeps msgspec's one typed pass. A body that
-    stops being JSON after its first problem raises DecodeError here: 400, as for any body that
-    is not JSON."""
+def every_problem(body: bytes, t: type, first: msgspec.ValidationError) -> validation.Problems:
+    """Only for a refused body (`first`: what the typed decode of `body` as `t` raised), so the
+    receipt path keeps msgspec's one typed pass. A body that stops being JSON after its first
+    problem raises DecodeError here: 400, as for any body that is not JSON."""
     try:
         plain = _PLAIN.decode(body)
     except RecursionError:      # nested deeper than msgspec decodes to plain values: its one problem

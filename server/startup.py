@@ -177,7 +177,8 @@ def lock_holder(database: Path) -> str:
         return "another process"
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            command = f.read(COMMAND_LINE_CHARS_MAX * 4).replace(b"\0", b" ").decode(errors="replace").strip()
+            command = f.read(COMMAND_LINE_CHARS_MAX * 4).replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return f"pid {pid}"
+    command = " ".join(command.split())         # an argument's newlines would break the one line
     return f"pid {pid} ({command[:COMMAND_LINE_CHARS_MAX]})"

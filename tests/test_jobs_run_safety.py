@@ -4,6 +4,7 @@ serving server."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import sqlite3
@@ -232,3 +233,29 @@ def test_a_dry_run_beside_a_serving_server(serving):
     audit = subprocess.run([sys.executable, "-m", "server.cli", "audit", "verify", "--config", str(server.config)],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert audit.returncode == 0, audit.stdout
+
+
+# A fresh file (rollback journal) and one already in WAL mode: SQLite locks each differently.
+@pytest.mark.parametrize("journal_mode", ["delete", "wal"])
+def test_a_run_that_cannot_get_the_write_lock_is_one_line_naming_the_holder(tmp_path, journal_mode):
+    db = tmp_path / "loyalty.db"
+    config = tmp_path / "locked.yaml"
+    config.write_text(yaml.safe_dump({"database": {"path": str(db), "busy_wait_seconds": 0.5},
+                                      "rules": {"dir": str(MARKET), "watch": False}, "clock": {"start": NOW}}))
+    command = [sys.executable, "-m", "server.cli", "jobs", "run", "--config", str(config)]
+    holder = sqlite3.connect(db, isolation_level=None)      # a sqlite3 shell in a transaction
+    holder.execute(f"PRAGMA journal_mode={journal_mode}")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        locked = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert locked.returncode == 1, locked.stderr
+    assert locked.stderr.startswith(f"jobs run: the database {db} is locked by pid {os.getpid()} ("), locked.stderr
+    assert locked.stderr.endswith(" for longer than database.busy_wait_seconds (0.5s); batches already done "
+                                  "stay done, run it again once the lock is released\n"), locked.stderr
+    assert locked.stderr.count("\n") == 1 and locked.stdout == ""
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (again.returncode, again.stdout) == (0, "expired_lots: 0, released_holds: 0, birthday_events: 0\n"), \
+        again.stderr

@@ -217,6 +217,30 @@ async def test_rules_explain_reads_member_facts_from_the_database(make_api, tmp_
     assert "not a receipt" in capsys.readouterr().err
 
 
+async def test_explain_and_diff_refuse_a_bad_receipt_with_the_problems_the_api_lists(make_api, tmp_path, capsys):
+    api = await make_api(now=NOW)
+    bad = receipt("B-1", [line(1, "dairy", 1000, qty=1.5)], store="S 001", colour="red")
+    bad["lines"][0].update(line_no=0, price="10")
+    no_offset = receipt("B-2", [line(1, "dairy", 1000)], ts="2026-11-24T12:00:00")
+    config = write_config(tmp_path)
+    for n, body in enumerate([bad, no_offset]):
+        status, answer = await api.post("/v1/receipts", body, as_="register")
+        assert status == 422, answer
+        expected = [f"  {d['path']} {d['message']}" for d in answer["error"]["details"]]
+        path = tmp_path / f"bad-{n}.json"
+        path.write_text(json.dumps(body))
+        assert main(["rules", "explain", "--config", str(config), str(path)]) == 2
+        assert capsys.readouterr().err.splitlines() == [f"{path}: not a receipt ({len(expected)} problem(s)):",
+                                                       *expected]
+        # diff reads each line of its file the same way
+        jsonl = tmp_path / f"bad-{n}.jsonl"
+        jsonl.write_text(json.dumps(receipt("fine", [line(1, "dairy", 1000)])) + "\n" + json.dumps(body) + "\n")
+        assert main(["rules", "diff", str(MARKET), str(MARKET), "--receipts", str(jsonl)]) == 2
+        assert capsys.readouterr().err.splitlines() == [f"{jsonl}:2: not a receipt ({len(expected)} problem(s)):",
+                                                       *expected]
+    assert len(expected) == 1 and "UTC offset" in expected[0]
+
+
 async def test_export_receipts_writes_the_stored_bodies_and_diff_replays_them(make_api, tmp_path, capsys):
     api = await make_api(now=NOW)
     await api.post("/v1/members", {"card": CARD})
