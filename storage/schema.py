@@ -352,3 +352,15 @@ def m017_members_manual_tier(db):
     # the few members with a manual tier, not from every member's row.
     db.execute("CREATE INDEX IF NOT EXISTS members_manual_tier ON members(manual_tier, manual_tier_until) "
                "WHERE manual_tier IS NOT NULL")
+
+
+@migrations()
+def m018_console(db):
+    """What the manager's console reads and records.
+
+    - receipts_day: a day's receipts in time order (today's count on the dashboard, the
+      receipts of a period replayed by a backtest, page by page) without reading every receipt.
+    - audit_log.detail: what an action was for, in the words of the person who did it (a
+      deploy's reason, an adjustment's); the row's hash covers it when present."""
+    db.execute("CREATE INDEX IF NOT EXISTS receipts_day ON receipts(local_date, ts)")
+    db.execute("ALTER TABLE audit_log ADD COLUMN detail TEXT")
