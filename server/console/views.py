@@ -284,8 +284,11 @@ async def backtest_page(request: web.Request, session: Session, form: dict) -> w
     job = request.app[CONSOLE].backtests.get(request.match_info["id"])
     if job is None:
         raise not_found("not_found", "no such backtest: it finished long ago or the server restarted")
-    refresh = {"Refresh": "1"} if job.state == "running" else None
-    return render(request, "backtest.html", session, headers=refresh, job=job, rows=as_rows(job))
+    # The run's thread sets the report before the state, so a state read first is never ahead of it.
+    state = job.state
+    running = state == "running"
+    return render(request, "backtest.html", session, headers={"Refresh": "1"} if running else None, job=job,
+                  state=state, report=None if running else job.report, rows=[] if running else as_rows(job))
 
 
 @page
