@@ -31,11 +31,13 @@ log = logging.getLogger("loyalty.console")
 MANAGER = "manager"
 DEPLOY_PATH = "/console/program/deploy"
 STATEMENT_ROWS = 50
-# No page loads anything from elsewhere or runs inline script; none may be framed.
+# No page loads anything from elsewhere or runs inline script; none may be framed. The
+# referrer stays on this server (with no-referrer at all, the browser names a form's origin
+# "null", and the origin check below could not tell this console from anywhere else).
 HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
                                "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 
