@@ -167,11 +167,12 @@ async def login(request: web.Request) -> web.Response:
     """A manager key opens a session; the key itself is not kept anywhere."""
     app = request.app
     try:
-        app[LIMITER].check(f"console-login:{request.remote}")
         form = await form_of(request)
         if not same_origin(request) or not token_matches(request.cookies.get(LOGIN_COOKIE, ""), form.get("csrf")):
             raise forbidden("the sign-in form has expired or is not from this server; try again")
         principal = app[KEYRING].authenticate(f"Bearer {form.get('key', '')}")
+        # As on the API, a known key's bucket; an unknown key gets none (the buckets stay bounded).
+        app[LIMITER].check(principal.key_id)
         if principal.role != MANAGER:
             await audit(request, principal, b"", 403)
             raise forbidden(f"a {principal.role} key may not use the console: sign in with a manager key")
