@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 CONFIG ?= config.yaml
 
-.PHONY: serve test check crashtest faulttest fuzz clean bench
+.PHONY: serve test check crashtest faulttest fuzz clean bench console-screenshots
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ faulttest: $(TEST_STAMP)
 # Generated requests and programs; `make test` runs FUZZ_EXAMPLES=20 of the same tests.
 fuzz: $(TEST_STAMP)
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-300} FUZZ_RANDOM=1 $(VENV)/bin/pytest -q -s tests/test_fuzz_api.py tests/test_fuzz_rules.py
+
+# The console's browser test (Debian's chromium), keeping a screenshot of each page in docs/console/.
+console-screenshots: $(TEST_STAMP)
+	CONSOLE_SCREENSHOTS=docs/console $(VENV)/bin/pytest -q tests/test_console_browser.py
 
 # Throughput and latency of the real server against its ceiling; writes benchmarks/RESULTS.md.
 # BENCH_MEMBERS=10000,1000000 by default; add 14000000 for the full size (generates ~33 GB once, about an hour).

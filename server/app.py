@@ -56,6 +56,9 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(resources)
     app.on_shutdown.append(start_draining)
     add_routes(app)
+    if config.console.enabled:
+        from server import console
+        console.setup(app)
     return app
 
 

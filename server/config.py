@@ -131,6 +131,25 @@ class PrivacyConfig(Struct, forbid_unknown_fields=True):
     demo_insecure_hmac_key: Annotated[str, Meta(min_length=16, max_length=1024)] | None = None
 
 
+class ConsoleConfig(Struct, forbid_unknown_fields=True):
+    # The manager's console at /console (server/console/).
+    enabled: bool = True
+    # Signed-in sessions kept at once; one more pushes out the one idle longest.
+    sessions_max: Annotated[int, Meta(ge=1, le=10_000)] = 64
+    # A session unused this long is gone; so is any session this old.
+    idle_timeout_seconds: Annotated[float, Meta(ge=10, le=86_400)] = 900.0
+    session_max_hours: Annotated[float, Meta(gt=0, le=168)] = 12.0
+    # Set when the console is reached through TLS: the browser then sends the cookie over it only.
+    secure_cookie: bool = False
+    # A program file edited in the browser, at most.
+    file_max_bytes: Annotated[int, Meta(ge=1_024, le=4 * 1024 * 1024)] = 256 * 1024
+    # A backtest replays at most this many stored receipts, over at most this many days.
+    backtest_receipts_max: Annotated[int, Meta(ge=1, le=100_000_000)] = 2_000_000
+    backtest_days_max: Annotated[int, Meta(ge=1, le=3_660)] = 400
+    # Finished backtests kept for their pages; the oldest goes first.
+    backtests_kept: Annotated[int, Meta(ge=1, le=100)] = 8
+
+
 class ClockConfig(Struct, forbid_unknown_fields=True):
     # The server's clock starts at this instant and runs forward in real time.
     start: datetime | None = None
@@ -145,6 +164,7 @@ class Config(Struct, forbid_unknown_fields=True):
     jobs: JobsConfig = msgspec.field(default_factory=JobsConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     privacy: PrivacyConfig = msgspec.field(default_factory=PrivacyConfig)
+    console: ConsoleConfig = msgspec.field(default_factory=ConsoleConfig)
     # Folder the relative paths above are resolved against (not a YAML key).
     base_dir: str = "."
 
@@ -202,7 +222,7 @@ def apply_env_overrides(raw: dict, environ) -> None:
 _SECTIONS: dict[str, type] = {
     "": Config, "server": ServerConfig, "database": DatabaseConfig, "rules": RulesConfig,
     "auth": AuthConfig, "clock": ClockConfig, "jobs": JobsConfig, "limits": LimitsConfig,
-    "privacy": PrivacyConfig,
+    "privacy": PrivacyConfig, "console": ConsoleConfig,
 }
 
 

@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from server.auth import KeyRing
     from server.clock import Clock
     from server.config import Config
+    from server.console import Console
     from server.guards import InFlight, TokenBuckets
     from server.metrics import Metrics
     from server.privacy import Privacy
@@ -27,3 +28,4 @@ STATE = web.AppKey("state", dict)
 LIMITER = web.AppKey("limiter", "TokenBuckets")
 IN_FLIGHT = web.AppKey("in_flight", "InFlight")
 PRIVACY = web.AppKey("privacy", "Privacy")
+CONSOLE = web.AppKey("console", "Console")

@@ -20,20 +20,26 @@ _encode = msgspec.json.Encoder().encode
 _COLUMNS = "id, at, key_id, method, path, body_digest, status, key_name"
 
 
-def row_hash(prev_hash: str, row: tuple) -> str:
-    """row: (id, at, key_id, method, path, body_digest, status, key_name); a row without a
-    key_name is hashed as the seven fields it was written with before names were kept."""
+def row_hash(prev_hash: str, row: tuple, detail: str | None = None) -> str:
+    """row: (id, at, key_id, method, path, body_digest, status, key_name). A row without a
+    key_name is hashed as the seven fields it was written with before names were kept; a
+    detail joins the hashed fields only when there is one. Rows written before either
+    column existed verify as before."""
     fields = list(row[:7]) if row[7] is None else list(row)
+    if detail is not None:
+        fields.append(detail)
     return hashlib.sha256(prev_hash.encode() + _encode(fields)).hexdigest()
 
 
-def append(conn: sqlite3.Connection, *, at: str, key_id: str, key_name: str, method: str, path: str,
-           body_digest: str, status: int) -> int:
+def append(conn: sqlite3.Connection, *, at: str, key_id: str, key_name: str | None, method: str, path: str,
+           body_digest: str, status: int, detail: str | None = None) -> int:
+    """key_name: the person behind the key; detail: what the action was for, in its author's
+    words (a deploy's reason)."""
     last = conn.execute("SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1").fetchone()
     row_id, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
     row = (row_id, at, key_id, method, path, body_digest, status, key_name)
-    conn.execute(f"INSERT INTO audit_log ({_COLUMNS}, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                 (*row, prev, row_hash(prev, row)))
+    conn.execute(f"INSERT INTO audit_log ({_COLUMNS}, detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (*row, detail, prev, row_hash(prev, row, detail)))
     return row_id
 
 
@@ -47,18 +53,20 @@ class Verification:
 
 def verify(conn: sqlite3.Connection) -> Verification:
     prev, n = GENESIS, 0
-    for r in conn.execute(f"SELECT {_COLUMNS}, prev_hash, hash FROM audit_log ORDER BY id"):
+    for r in conn.execute(f"SELECT {_COLUMNS}, detail, prev_hash, hash FROM audit_log ORDER BY id"):
         n += 1
-        row, prev_hash, hash_ = tuple(r[:8]), r[8], r[9]
+        row, detail, prev_hash, hash_ = tuple(r[:8]), r[8], r[9], r[10]
         if prev_hash != prev:
             return Verification(False, n, row[0], "prev_hash does not match the previous row's hash")
-        if row_hash(prev, row) != hash_:
+        if row_hash(prev, row, detail) != hash_:
             return Verification(False, n, row[0], "hash does not match the row")
         prev = hash_
     return Verification(True, n)
 
 
-def rows(conn: sqlite3.Connection, limit: int = 100) -> list[dict]:
-    out = conn.execute(f"SELECT {_COLUMNS}, hash FROM audit_log ORDER BY id DESC LIMIT ?", (limit,))
-    names = ("id", "at", "key_id", "method", "path", "body_digest", "status", "key_name", "hash")
+def rows(conn: sqlite3.Connection, limit: int = 100, path: str | None = None) -> list[dict]:
+    """Newest first; path: only the rows of that path."""
+    where, params = ("WHERE path = ?", (path, limit)) if path else ("", (limit,))
+    out = conn.execute(f"SELECT {_COLUMNS}, detail, hash FROM audit_log {where} ORDER BY id DESC LIMIT ?", params)
+    names = ("id", "at", "key_id", "method", "path", "body_digest", "status", "key_name", "detail", "hash")
     return [dict(zip(names, r)) for r in out]

@@ -399,3 +399,15 @@ BEGIN UPDATE adjustments SET key_name = COALESCE(
       WHERE adjustment_id = NEW.adjustment_id; END;
 ALTER TABLE audit_log ADD COLUMN key_name TEXT
 """)
+
+
+@migrations()
+def m019_console(db):
+    """What the manager's console reads and records.
+
+    - receipts_day: a day's receipts in time order (today's count on the dashboard, the
+      receipts of a period replayed by a backtest, page by page) without reading every receipt.
+    - audit_log.detail: what an action was for, in the words of the person who did it (a
+      deploy's reason, an adjustment's); the row's hash covers it when present."""
+    db.execute("CREATE INDEX IF NOT EXISTS receipts_day ON receipts(local_date, ts)")
+    db.execute("ALTER TABLE audit_log ADD COLUMN detail TEXT")
