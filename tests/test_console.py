@@ -332,7 +332,9 @@ async def test_explain_a_pasted_receipt_and_refuse_one_that_is_not(setup):
     assert status == 200
     assert dict(re.findall(r'<tr id="why-([^"]+)" class="([^"]+)">', page))["big-basket"] == "applied"
     status, _, page = await console.post("/console/explain", {"receipt": "{not json"})
-    assert status == 422 and "not a receipt" in page
+    assert status == 422 and "not JSON" in page
+    status, _, page = await console.post("/console/explain", {"receipt": json.dumps({**body, "total": "x"})})
+    assert status == 422 and "not a receipt" in page and "total" in page
 
 
 async def test_member_by_card_and_a_manual_adjustment(setup):
