@@ -336,3 +336,54 @@ def _sync_folder(folder: Path) -> None:
 def _encoded(files: Mapping[str, str]) -> dict[str, bytes]:
     return {name: text.encode("utf-8") for name, text in files.items()}
 
+
+# ---------------------------------------------------------------- loyalty rules export
+
+def export_command(config_path: str, version: str, directory: Path, force: bool) -> int:
+    """`loyalty rules export VERSION DIR`: a recorded version's files into DIR, which must be
+    empty or absent unless --force (then its other .yaml/.yml files are removed, so DIR holds
+    exactly that program). VERSION may be shortened to a unique prefix of its hex digits."""
+    import sys
+
+    from server.config import ConfigError, load_config
+    try:
+        config = load_config(config_path)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    db_path = config.resolve(config.database.path)
+    if not db_path.exists():
+        print(f"{db_path}: no database", file=sys.stderr)
+        return 2
+    with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as conn:
+        found = _recorded(conn, version)
+        if isinstance(found, str):
+            print(found, file=sys.stderr)
+            return 2
+        info = found
+    if directory.exists() and (not directory.is_dir() or (any(directory.iterdir()) and not force)):
+        what = "is not a folder" if not directory.is_dir() else "is not empty (--force replaces its program files)"
+        print(f"{directory} {what}", file=sys.stderr)
+        return 2
+    files = _encoded(info["files"])
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        replace_files(directory, stage_files(directory, files), files)
+    except (OSError, FolderUnwritable) as e:
+        print(f"cannot write {directory}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return 2
+    print(f"{directory}: {len(files)} file(s) of {info['version']} (program {info['program']})")
+    return 0
+
+
+def _recorded(conn: sqlite3.Connection, version: str) -> dict | str:
+    """The version's info, or why it cannot be told apart."""
+    try:
+        candidates = store.matching(conn, version)
+    except sqlite3.OperationalError:            # a database from before versions were recorded
+        candidates = []
+    if not candidates:
+        return f"no program version {version} is recorded"
+    if len(candidates) > 1:
+        return f"{version} names more than one version ({', '.join(candidates)}, ...): give more of it"
+    return store.version_info(conn, candidates[0])
