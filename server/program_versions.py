@@ -35,7 +35,7 @@ from server.keys import CLOCK, DATABASE, PROGRAMS, VERSIONS
 from server.programs import ProgramHolder
 from server.watcher import signature
 from storage import program_versions as store
-from storage.db import Database
+from storage.db import Database, StorageError
 from storage.ledger import iso
 
 log = logging.getLogger("loyalty.rules")
@@ -79,7 +79,15 @@ class ProgramVersions:
             return
         program, files = folder
         self.holder.install(program, "startup")
-        await self._record(program, files, "directory", None, None)
+        try:
+            await self._record(program, files, "directory", None, None)
+        except (StorageError, sqlite3.Error):
+            # It serves either way, like a reload that could not be recorded; a record that is
+            # already there must not replace it at the first poll.
+            log.exception("could not record program %s in the database", program.version)
+            with contextlib.suppress(StorageError, sqlite3.Error):
+                newest = await self.db.read(store.newest_load)
+                self._seen_load = newest[0] if newest else 0
 
     async def _start_recorded(self, folder: ProgramError) -> None:
         def newest(conn: sqlite3.Connection) -> tuple[dict, dict[str, str]] | None:
