@@ -210,7 +210,7 @@ class ProgramVersions:
             # Recorded: from here on it is the program, whatever happens to the folder.
             changed = before is None or before.version != program.version
             if changed:
-                self.holder.install(program, trigger)
+                self.holder.install(program, trigger, "the recorded files" if source == "rollback" else "the request")
             else:
                 program.close()
             answer = {"version": self.holder.current.version, "changed": changed, "load_id": load_id,

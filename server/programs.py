@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Callable
 
 from rules import Problem, Program, ProgramError, load_files
@@ -54,7 +55,7 @@ class ProgramHolder:
             raise ProgramError(problems, ignored)
         return self.compile(files, ignored), files
 
-    def compile(self, files: dict[str, bytes], ignored: list[Problem] = ()) -> Program:
+    def compile(self, files: dict[str, bytes], ignored: Iterable[Problem] = ()) -> Program:
         # The server's clock judges "a period already over", as it judges receipts.
         return load_files(files, self._clock.now(), ignored)
 

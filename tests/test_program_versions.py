@@ -145,6 +145,16 @@ async def test_the_watcher_does_not_read_a_deploy_back_as_a_change(tmp_path):
         assert info["version"] == done["version"] and info["last_reload"]["trigger"] == "deploy:manager"
         assert len(await versions(api)) == 2
 
+        # A change made by hand is a change: loaded and recorded.
+        promos = folder / "campaigns" / "promos.yaml"
+        promos.write_text(promos.read_text().replace("by: 3", "by: 4"))
+        deadline = time.monotonic() + FOLLOW_WAIT_SECONDS
+        while len(loads := await versions(api)) < 3:
+            assert time.monotonic() < deadline, "the watcher did not load and record the edit"
+            await asyncio.sleep(0.05)
+        assert loads[0]["version"] == load_program(folder).version and loads[0]["source"] == "directory"
+        assert (await api.get("/v1/admin/rules"))[1]["version"] == loads[0]["version"]
+
 
 async def test_rollback_serves_a_recorded_version_and_writes_it_back(tmp_path):
     folder = copy_market(tmp_path)
@@ -256,7 +266,7 @@ async def test_export_writes_a_version_back_to_files(tmp_path, capsys):
 async def test_a_second_server_on_the_database_follows_a_deploy(tmp_path):
     db = tmp_path / "shared.db"
     first, second = copy_market(tmp_path, "first"), copy_market(tmp_path, "second")
-    async with Running(config_for(tmp_path / "a", first, db)) as a, Running(config_for(tmp_path / "b", second, db)) as b:
+    async with Running(config_for(tmp_path, first, db)) as a, Running(config_for(tmp_path, second, db)) as b:
         status, done = await a.post("/v1/admin/rules/deploy", {"files": triple_dairy(program_files(first)),
                                                                "reason": "x3"})
         assert status == 200
