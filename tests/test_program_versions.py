@@ -1,23 +1,28 @@
 """Program versions in the database: every program that goes live is recorded; deploy and
 roll back through the API; a broken folder at start serves the newest recorded program;
 `loyalty rules export` writes a version back to files; a second server on the same
-database follows a deploy."""
+database follows a deploy. The broken folder is also restarted on as `loyalty serve`
+(the harness of test_crash_safety), after a kill -9."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 import sqlite3
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from conftest import MARKET, Api, line, receipt, test_config
+from conftest import KEYS, MARKET, Api, line, receipt, test_config
 from rules import ProgramError, load_program
 from server.app import create_app
 from server.cli import main
+from test_crash_safety import Server
 
 NOW = "2026-11-24T12:00:05+02:00"
 FOLLOW_WAIT_SECONDS = 20        # generous: the poll is every 50 ms, the machine may be busy
@@ -281,3 +286,35 @@ async def test_a_second_server_on_the_database_follows_a_deploy(tmp_path):
         assert status == 200 and answer["rules_version"] == done["version"]
         assert load_program(second).version == done["version"]     # its own restart would load it too
         assert len(await versions(b)) == 2                        # following records nothing
+
+
+def test_the_real_server_restarts_on_the_recorded_program_when_its_folder_breaks(tmp_path):
+    folder = copy_market(tmp_path)
+    server = Server(tmp_path, rules={"dir": str(folder), "watch": False})
+
+    def get(path: str) -> tuple[int, dict]:
+        request = urllib.request.Request(server.url(path), headers={"Authorization": f"Bearer {KEYS['manager']}"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    server.start()
+    try:
+        version = get("/v1/admin/rules")[1]["version"]
+    finally:
+        server.kill()       # kill -9: the record was committed before the server served
+    promos = folder / "campaigns" / "promos.yaml"
+    promos.write_text(promos.read_text().replace("reward:", "rewrad:", 1))
+    server.start()
+    try:
+        deadline = time.monotonic() + FOLLOW_WAIT_SECONDS
+        while get("/readyz")[0] != 200:
+            assert time.monotonic() < deadline, server.log.read_text()[-2000:]
+            time.sleep(0.05)
+        info = get("/v1/admin/rules")[1]
+        assert info["version"] == version and info["last_reload"]["ok"] is False
+    finally:
+        server.kill()
+    assert "STARTED ON A RECORDED PROGRAM" in server.log.read_text()
