@@ -11,6 +11,7 @@ import time
 
 from aiohttp import web
 
+from rules import ProgramError
 from server.auth import KeyRing, keep_keys_fresh, refresh_keys
 from server.clock import Clock
 from server.config import Config
@@ -18,9 +19,10 @@ from server.errors import error_middleware
 from server.guards import InFlight, TokenBuckets, in_flight_middleware
 from server.jobs import schedule
 from server.keys import (CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, PRIVACY, PROGRAMS,
-                         SERVICE, STATE)
+                         SERVICE, STATE, VERSIONS)
 from server.metrics import Metrics, error_code, status_class
 from server.privacy import privacy_from_config
+from server.program_versions import ProgramVersions
 from server.programs import ProgramHolder
 from server.routes import COUNTED_ENDPOINTS, add_routes, audit_middleware
 from server.service import Service
@@ -64,8 +66,7 @@ def create_app(config: Config) -> web.Application:
 
 async def resources(app: web.Application):
     config = app[CONFIG]
-    app[PROGRAMS].load_initial()
-    db = app[DATABASE] = await _open_database(app)
+    db, versions = await _open_with_program(app)
     app[SERVICE] = Service(db, app[PROGRAMS], app[CLOCK], app[METRICS], app[PRIVACY])
     await refresh_keys(app[KEYRING], db)     # the database's keys before the first request
     app[PROGRAMS].count_lost_tiers(
@@ -77,6 +78,8 @@ async def resources(app: web.Application):
     background = [watcher] if watcher else []
     background.append(asyncio.create_task(
         keep_keys_fresh(app[KEYRING], db, config.auth.keys_refresh_seconds)))
+    # Another server on the database may record a newer program: follow it, watched folder or not.
+    background.append(asyncio.create_task(versions.follow(config.rules.poll_interval_ms)))
     if config.jobs.enabled:
         background.append(asyncio.create_task(
             schedule(db, app[PROGRAMS], app[CLOCK], config.jobs.interval_seconds)))
@@ -98,7 +101,25 @@ async def resources(app: web.Application):
                 await task
         if hup:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        await versions.close()
         db.close()
+
+
+async def _open_with_program(app: web.Application) -> tuple[Database, ProgramVersions]:
+    """The database and the program to serve: the folder's, recorded; if the folder does not
+    load, the newest recorded one; if there is none, the folder's ProgramError."""
+    try:
+        folder = app[PROGRAMS].load_folder()
+    except ProgramError as e:
+        folder = e
+    db = app[DATABASE] = await _open_database(app)
+    versions = app[VERSIONS] = ProgramVersions(app[PROGRAMS], db, app[CLOCK])
+    try:
+        await versions.start(folder)
+    except BaseException:
+        db.close()
+        raise
+    return db, versions
 
 
 async def _open_database(app: web.Application) -> Database:

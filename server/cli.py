@@ -1,4 +1,5 @@
-"""`loyalty serve --config PATH`, `loyalty rules check|explain|diff`, `loyalty keys` and the admin commands."""
+"""`loyalty serve --config PATH`, `loyalty rules check|explain|diff|export`, `loyalty keys` and the admin
+commands."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     diff.add_argument("new", help="the changed program folder")
     diff.add_argument("--receipts", required=True, help="JSON lines, one receipt each (loyalty export receipts)")
     diff.add_argument("--json", action="store_true", help="print the report as JSON")
+    export_version = rules_sub.add_parser("export", help="write a program version recorded in the database "
+                                                         "into a folder")
+    export_version.add_argument("version", help="sha256:… as GET /v1/admin/rules/versions lists it, or a unique "
+                                                "prefix of its digits")
+    export_version.add_argument("dir", type=Path, help="an empty or new folder")
+    export_version.add_argument("--config", default="config.yaml")
+    export_version.add_argument("--force", action="store_true",
+                                help="write into a folder that is not empty, replacing its .yaml/.yml files")
     audit = sub.add_parser("audit", help="verify the ledger").add_subparsers(dest="audit_command", required=True)
     verify = audit.add_parser("verify", help="recompute the hash chain, balances and receipts; non-zero on a problem")
     verify.add_argument("--config", default="config.yaml")
@@ -66,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         return serve_command(args.config)
     if args.command == "rules" and args.rules_command == "check":
         return rules_check_command(args.dir, args.today)
+    if args.command == "rules" and args.rules_command == "export":
+        from server.program_versions import export_command
+        return export_command(args.config, args.version, args.dir, args.force)
     if args.command == "rules" or (args.command == "export" and args.export_command == "receipts"):
         from server import rules_tools
         if args.command == "export":

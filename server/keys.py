@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from server.guards import InFlight, TokenBuckets
     from server.metrics import Metrics
     from server.privacy import Privacy
+    from server.program_versions import ProgramVersions
     from server.programs import ProgramHolder
     from server.service import Service
     from storage.db import Database
@@ -22,6 +23,7 @@ CLOCK = web.AppKey("clock", "Clock")
 KEYRING = web.AppKey("keyring", "KeyRing")
 METRICS = web.AppKey("metrics", "Metrics")
 PROGRAMS = web.AppKey("programs", "ProgramHolder")
+VERSIONS = web.AppKey("versions", "ProgramVersions")
 DATABASE = web.AppKey("database", "Database")
 SERVICE = web.AppKey("service", "Service")
 STATE = web.AppKey("state", dict)

@@ -7,15 +7,21 @@ probably wrong, members holding a manual tier the program no longer defines) nev
 refuse a program; each load logs them and `last_reload` lists them. Each problem and
 warning is a log record of its own, `file:line:column: [warning: ]message`, so a log
 reader that keeps lines apart (journald, a collector) keeps each one whole and leveled.
+
+The holder only keeps the program in memory. What is recorded in the database, and the
+start on a recorded program when the folder is broken, is server/program_versions.py:
+it sets `on_folder_load`, called with every program this holder loads from the folder.
 """
 from __future__ import annotations
 
 import logging
 import threading
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Callable
 
-from rules import Problem, Program, ProgramError, load_program
+from rules import Problem, Program, ProgramError, load_files
+from rules.loader import read_directory
 from server.metrics import Metrics
 
 log = logging.getLogger("loyalty.rules")
@@ -31,6 +37,11 @@ class ProgramHolder:
         self.last_reload: dict = {}
         # (tier levels, local date) -> {lost tier: members}; set once the database is open.
         self._census: Callable[[list[str], str], dict[str, int]] | None = None
+        # (program, its files, the key that asked or None): a program loaded from the folder.
+        self.on_folder_load: Callable[[Program, dict[str, bytes], str | None], None] | None = None
+        # The folder as the server itself last wrote it (a deploy): the watcher does not
+        # read that back as a change of its own.
+        self.written_signature: tuple | None = None
 
     def count_lost_tiers(self, census: Callable[[list[str], str], dict[str, int]]) -> None:
         """From now on every load counts the members holding a manual tier the program does
@@ -39,20 +50,22 @@ class ProgramHolder:
         if self.current is not None:
             self._warn_lost_tiers(self.current)
 
-    def load_initial(self) -> Program:
-        """At start-up a broken program stops the server: there is nothing older to keep."""
-        program = self._load()
-        self._install(program, "startup")
-        return program
+    def load_folder(self) -> tuple[Program, dict[str, bytes]]:
+        """The folder's program and its files, or ProgramError; nothing is installed."""
+        files, ignored, problems = read_directory(self.directory)
+        if problems:
+            raise ProgramError(problems, ignored)
+        return self.compile(files, ignored), files
 
-    def _load(self) -> Program:
+    def compile(self, files: dict[str, bytes], ignored: Iterable[Problem] = ()) -> Program:
         # The server's clock judges "a period already over", as it judges receipts.
-        return load_program(self.directory, self._clock.now())
+        return load_files(files, self._clock.now(), ignored)
 
-    def reload(self, trigger: str) -> tuple[bool, Program | None, list]:
+    def reload(self, trigger: str, who: str | None = None) -> tuple[bool, Program | None, list]:
+        """Load the folder now; `who` is the key that asked, if one did."""
         with self._lock:
             try:
-                program = self._load()
+                program, files = self.load_folder()
             except ProgramError as e:
                 self._refused(trigger, e)
                 return False, None, e.problems
@@ -61,15 +74,29 @@ class ProgramHolder:
                 self._record_ok(trigger, self.current, changed=False, warnings=program.warnings)
                 program.close()
                 return True, self.current, []
-            self._install(program, trigger)
+            self.install(program, trigger)
+            if self.on_folder_load is not None:
+                self.on_folder_load(program, files, who)
             return True, program, []
 
-    def _refused(self, trigger: str, error: ProgramError) -> None:
+    def serve_recorded(self, program: Program, folder: ProgramError, loaded_at: str) -> None:
+        """At start-up, a folder that does not load: serve the newest recorded program instead,
+        and say so everywhere a refused reload is seen (log, metric, last_reload)."""
+        self.current = program
+        self._metrics.rules_info.info({"version": program.version, "program": program.id})
+        self._refused("startup", folder, f"the database (the program recorded on {loaded_at})")
+        log.warning("STARTED ON A RECORDED PROGRAM: the program folder %s does not load, so the server serves "
+                    "%s, the newest program recorded in the database (loaded %s). Fix the folder; the next "
+                    "change to it is loaded as usual.", self.directory, program.version, loaded_at)
+
+    def _refused(self, trigger: str, error: ProgramError, served_from: str | None = None) -> None:
         problems = [str(p) for p in error.problems]
         kept = self.current.version if self.current else None
         self.last_reload = {"at": self._clock.now().isoformat(), "ok": False, "trigger": trigger,
                             "errors": problems, "warnings": [str(w) for w in error.warnings],
                             "kept_version": kept}
+        if served_from:
+            self.last_reload["served_from"] = served_from
         self._metrics.rules_reloads.labels("refused").inc()
         self._metrics.rules_last_reload_ok.set(0)
         log.error("rules reload (%s) refused, still serving %s: %d problem(s), %d warning(s):", trigger,
@@ -77,13 +104,14 @@ class ProgramHolder:
         for problem in sorted(error.problems + error.warnings):
             log.log(logging.WARNING if problem.warning else logging.ERROR, "%s", problem)
 
-    def _install(self, program: Program, trigger: str) -> None:
+    def install(self, program: Program, trigger: str, source: str | None = None) -> None:
+        """Serve `program` from now on; `source` says where it came from when not the folder."""
         # The old program is freed by the garbage collector once the last request that
         # took it has finished (Program frees its engine ruleset when collected).
         self.current = program
         self._metrics.rules_info.info({"version": program.version, "program": program.id})
-        log.info("rules %s loaded from %s (%s)", program.version, self.directory, trigger)
         self._record_ok(trigger, program, changed=True, warnings=program.warnings)
+        log.info("rules %s loaded from %s (%s)", program.version, source or self.directory, trigger)
 
     def _warn_lost_tiers(self, program: Program) -> None:
         if self._census is None:

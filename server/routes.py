@@ -20,12 +20,12 @@ from typing import Any, Awaitable, Callable, NamedTuple
 import msgspec
 from aiohttp import web
 
-from rules import check_dir
-from server import schema
+from rules import ProgramError, check_dir
+from server import program_versions, schema
 from server.auth import Principal, require_adjustment_within, require_role
-from server.errors import ApiError, field_error
+from server.errors import ApiError, field_error, not_found
 from server.keys import (CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, PRIVACY, PROGRAMS, SERVICE,
-                         STATE)
+                         STATE, VERSIONS)
 from storage import admin_audit
 from storage.ledger import iso
 
@@ -153,10 +153,51 @@ async def rules_info(app, call: Call) -> Reply:
 
 
 async def rules_reload(app, call: Call) -> Reply:
-    ok, program, problems = app[PROGRAMS].reload(f"api:{call.principal.key_id}")
+    who = call.principal.key_id
+    ok, program, problems = app[PROGRAMS].reload(f"api:{who}", who)
     if not ok:
         raise rules_invalid(problems, "the program was not loaded; the previous version keeps serving")
+    await app[VERSIONS].settled()     # recorded before the answer says it is live
     return json_reply({"version": program.version, "last_reload": app[PROGRAMS].last_reload})
+
+
+async def rules_versions(app, call: Call) -> Reply:
+    limit = parse_int(call.query.get("limit"), "limit", default=20)
+    if not 1 <= limit <= program_versions.LIST_LIMIT_MAX:
+        raise field_error("limit", f"must be 1 to {program_versions.LIST_LIMIT_MAX}")
+    before = call.query.get("before")
+    before_id = parse_int(before, "before", default=0) if before is not None else None
+    loads = await app[DATABASE].read(lambda conn: program_versions.list_versions(conn, limit, before_id))
+    return json_reply({"serving": app[PROGRAMS].current.version, "versions": loads})
+
+
+async def rules_version(app, call: Call) -> Reply:
+    version = call.path["version"]
+    try:
+        return json_reply(await app[DATABASE].read(lambda conn: program_versions.version_files(conn, version)))
+    except program_versions.UnknownVersion as e:
+        raise not_found("unknown_version", str(e)) from None
+
+
+async def rules_deploy(app, call: Call) -> Reply:
+    body = call.body
+    return await _put_live(program_versions.deploy(app, body.files, call.principal.key_id, body.reason))
+
+
+async def rules_rollback(app, call: Call) -> Reply:
+    body = call.body
+    return await _put_live(program_versions.rollback(app, body.version, call.principal.key_id, body.reason))
+
+
+async def _put_live(operation) -> Reply:
+    try:
+        return json_reply(await operation)
+    except ProgramError as e:
+        raise rules_invalid(e.problems, "the program was not loaded; the previous version keeps serving") from None
+    except program_versions.UnknownVersion as e:
+        raise not_found("unknown_version", str(e)) from None
+    except program_versions.FolderUnwritable as e:
+        raise ApiError(503, "rules_dir_unwritable", f"{e}; the previous version keeps serving") from None
 
 
 async def rules_check(app, call: Call) -> Reply:
@@ -265,6 +306,14 @@ ROUTES: list[Route] = [
     Route("POST", "/v1/admin/rules/reload", rules_reload, R({MANAGER}), None, "Reload the program from disk"),
     Route("POST", "/v1/admin/rules/check", rules_check, R({MANAGER}), schema.RulesCheck,
           "Validate a program sent as {files: {path: yaml}} without loading it"),
+    Route("GET", "/v1/admin/rules/versions", rules_versions, R({MANAGER}), None,
+          "Each time a program version went live, newest first; ?limit= (1-100, 20) and ?before= (an id)"),
+    Route("GET", "/v1/admin/rules/versions/{version}", rules_version, R({MANAGER}), None,
+          "A recorded program version with its files"),
+    Route("POST", "/v1/admin/rules/deploy", rules_deploy, R({MANAGER}), schema.RulesDeploy,
+          "Put a program sent as {files: {path: yaml}, reason} live: recorded, served and written into rules.dir"),
+    Route("POST", "/v1/admin/rules/rollback", rules_rollback, R({MANAGER}), schema.RulesRollback,
+          "Put a recorded version live again: {version, reason}"),
     Route("GET", "/healthz", healthz, None, None, "Alive"),
     Route("GET", "/readyz", readyz, None, None, "Program loaded, database writable (no storage fault in force: full, busy, lost), cache preloaded"),
     Route("GET", "/metrics", metrics, R({MONITOR, MANAGER}), None, "Prometheus metrics"),

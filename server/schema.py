@@ -106,12 +106,31 @@ RulesFileName = Annotated[str, Meta(
                 "digits, _, - and . and not starting with a dot")]
 
 
+RulesFiles = Annotated[dict[RulesFileName, Annotated[str, Meta(max_length=1024 * 1024)]],
+                       Meta(min_length=1, max_length=200)]
+# Why a program goes live, kept with it in the database: one line to a short paragraph.
+Reason = Annotated[str, Meta(min_length=1, max_length=500)]
+RulesVersion = Annotated[str, Meta(pattern=r"^sha256:[0-9a-f]{64}$",
+                                   description="a program version: sha256: and 64 lowercase hex digits")]
+
+
 class RulesCheck(Struct, forbid_unknown_fields=True):
-    files: Annotated[dict[RulesFileName, Annotated[str, Meta(max_length=1024 * 1024)]], Meta(min_length=1, max_length=200)]
+    files: RulesFiles
+
+
+class RulesDeploy(Struct, forbid_unknown_fields=True):
+    files: RulesFiles
+    reason: Reason
+
+
+class RulesRollback(Struct, forbid_unknown_fields=True):
+    version: RulesVersion
+    reason: Reason
 
 
 DECODERS = {t: msgspec.json.Decoder(t) for t in
-            (Receipt, ReturnRequest, Enrollment, MemberPatch, Adjustment, TierAssignment, RulesCheck)}
+            (Receipt, ReturnRequest, Enrollment, MemberPatch, Adjustment, TierAssignment, RulesCheck,
+             RulesDeploy, RulesRollback)}
 def _encode_other(obj):
     # Program summaries carry str subclasses (ids, names) and exact numbers.
     if isinstance(obj, str):

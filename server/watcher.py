@@ -4,7 +4,7 @@ Polls the folder's file list (as the loader lists it), sizes and modification ti
 change is acted on only once the folder has stayed the same for a settle period, so an
 editor still writing (or a copy of several files in progress) is not loaded half-way. A
 program that does not load is refused whole by ProgramHolder and the previous one keeps
-serving.
+serving. The folder as the server itself wrote it (a deploy, a roll-back) is not a change.
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ async def watch(holder, poll_interval_ms: int, settle_ms: int) -> None:
     while True:
         await asyncio.sleep(poll_interval_ms / 1000)
         current = signature(holder.directory)
-        if current == seen:
+        if current in (seen, holder.written_signature):
+            seen = current
             continue
         while True:      # wait for the writer to finish
             await asyncio.sleep(settle_ms / 1000)
@@ -45,6 +46,8 @@ async def watch(holder, poll_interval_ms: int, settle_ms: int) -> None:
                 break
             current = settled
         seen = current
+        if current == holder.written_signature:
+            continue     # the server wrote it (a deploy): it serves that program already
         # Loading compiles the engine ruleset, which must stay on the loop's thread.
         ok, program, problems = holder.reload("file change")
         if ok:

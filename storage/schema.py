@@ -411,3 +411,40 @@ def m019_console(db):
       deploy's reason, an adjustment's); the row's hash covers it when present."""
     db.execute("CREATE INDEX IF NOT EXISTS receipts_day ON receipts(local_date, ts)")
     db.execute("ALTER TABLE audit_log ADD COLUMN detail TEXT")
+
+
+@migrations()
+def m020_program_versions(db):
+    """Every program that went live, so each server on the database serves the newest and any
+    can go back to an earlier one.
+
+    - program_versions: one row per distinct program (its version hash), with its files as
+      the JSON object {relative path: text}, enough to load it again without its folder.
+    - program_loads: one row each time a version went live (loaded from the folder, deployed,
+      rolled back), who did it and why; the row with the highest id is what is served.
+    Both are append-only like the audit log: history that can be rewritten proves nothing."""
+    _run(db, """
+CREATE TABLE program_versions (
+    version TEXT PRIMARY KEY,
+    program_id TEXT NOT NULL,
+    files BLOB NOT NULL,
+    recorded_at TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE program_loads (
+    id INTEGER PRIMARY KEY,
+    version TEXT NOT NULL REFERENCES program_versions(version),
+    loaded_at TEXT NOT NULL,
+    source TEXT NOT NULL,
+    deployed_by TEXT,
+    reason TEXT
+);
+CREATE INDEX program_loads_version ON program_loads(version, id);
+CREATE TRIGGER program_versions_append_only_update BEFORE UPDATE ON program_versions
+BEGIN SELECT RAISE(ABORT, 'program versions are append-only'); END;
+CREATE TRIGGER program_versions_append_only_delete BEFORE DELETE ON program_versions
+BEGIN SELECT RAISE(ABORT, 'program versions are append-only'); END;
+CREATE TRIGGER program_loads_append_only_update BEFORE UPDATE ON program_loads
+BEGIN SELECT RAISE(ABORT, 'program loads are append-only'); END;
+CREATE TRIGGER program_loads_append_only_delete BEFORE DELETE ON program_loads
+BEGIN SELECT RAISE(ABORT, 'program loads are append-only'); END
+""")

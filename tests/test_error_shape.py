@@ -115,6 +115,16 @@ BAD_BODIES = {
         {"files": {f"f{i}.yaml": "" for i in range(201)}},
         {"files": "program.yaml"},
     ],
+    schema.RulesDeploy: [
+        {"files": {"../a.yaml": "x"}, "reason": ""},
+        {"files": {"program.yaml": "x"}},
+        {"files": {"program.yaml": "x"}, "reason": "r" * 501},
+    ],
+    schema.RulesRollback: [
+        {"version": "latest", "reason": "r"},
+        {"version": "sha256:" + "A" * 64, "reason": ""},
+        {"reason": "r"},
+    ],
 }
 
 

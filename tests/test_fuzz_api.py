@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import Counter
 
 import pytest
@@ -19,7 +20,7 @@ from hypothesis.errors import Unsatisfiable
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from conftest import KEYS, test_config
+from conftest import KEYS, MARKET, test_config
 from live import LiveApp
 from test_error_shape import assert_plain
 
@@ -32,7 +33,10 @@ SENT: Counter = Counter()
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    config = test_config(tmp_path_factory.mktemp("fuzz"), NOW,
+    folder = tmp_path_factory.mktemp("fuzz")
+    # A copy: a generated deploy or roll-back writes into the program folder.
+    program = shutil.copytree(MARKET, folder / "program")
+    config = test_config(folder, NOW, program,
                          limits={"requests_per_second_per_key": 1_000_000, "burst": 1_000_000})
     with LiveApp(config) as app:
         session = requests.Session()
