@@ -1,5 +1,5 @@
-"""`loyalty serve --config PATH`, `loyalty rules check|explain|diff|export`, `loyalty keys` and the admin
-commands."""
+"""`loyalty serve --config PATH`, `loyalty backup`, `loyalty rules check|explain|diff|export`, `loyalty keys`
+and the admin commands."""
 from __future__ import annotations
 
 import argparse
@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     export_version.add_argument("--config", default="config.yaml")
     export_version.add_argument("--force", action="store_true",
                                 help="write into a folder that is not empty, replacing its .yaml/.yml files")
+    backup = sub.add_parser("backup", help="copy the database while the server serves, then verify the copy")
+    backup.add_argument("--out", required=True, help="the file to write (refused if it exists)")
+    backup.add_argument("--config", default="config.yaml")
     audit = sub.add_parser("audit", help="verify the ledger").add_subparsers(dest="audit_command", required=True)
     verify = audit.add_parser("verify", help="recompute the hash chain, balances and receipts; non-zero on a problem")
     verify.add_argument("--config", default="config.yaml")
@@ -73,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve_command(args.config)
+    if args.command == "backup":
+        from server.backup import backup_command
+        return backup_command(args.config, args.out)
     if args.command == "rules" and args.rules_command == "check":
         return rules_check_command(args.dir, args.today)
     if args.command == "rules" and args.rules_command == "export":

@@ -1,7 +1,7 @@
 """Every example in docs/ is what the project really accepts (or refuses, when it says so).
 
-Each ```yaml block in docs/ (rules.md, managers.md, integrators.md) carries a marker on the line
-before it, an HTML comment the rendered page does not show:
+Each ```yaml block in docs/ (rules.md, managers.md, integrators.md, operators.md) carries a
+marker on the line before it, an HTML comment the rendered page does not show:
 
     <!-- example: program -->             a whole program, one file
     <!-- example: fragment [PATH] -->     one more file (default campaigns/example.yaml) of
@@ -41,7 +41,7 @@ from server.config import load_config
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 DOCS_NOW = datetime.fromisoformat("2026-11-24T12:00:00+02:00")
-PAGES = ("rules.md", "managers.md", "integrators.md")
+PAGES = ("rules.md", "managers.md", "integrators.md", "operators.md")
 
 # The base a fragment is added to, one section per file so a fragment can replace any of
 # them. Like the shipped market program: stores, a partner, three tiers, a `base` group.
