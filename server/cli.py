@@ -150,21 +150,24 @@ async def serve(app, config) -> int:
     while requests are still served, the listener closes, requests in flight finish (up to
     server.shutdown_timeout_seconds) and the database closes after its last commit.
     2 when the address cannot be listened on (said in one line)."""
+    from server.access_log import access_logging
     from server.app import stop_on_signals, wait_then_drain
     from server.listen import CannotListen, Site, new_runner
     log = logging.getLogger("loyalty.server")
-    runner = new_runner(app, config.server)
-    await runner.setup()
-    try:
+    with access_logging(config) as access_log:
+        runner = new_runner(app, config.server, **access_log)
+        await runner.setup()
         try:
-            await Site(runner, config.server).start()
-        except CannotListen as e:
-            print(e, file=sys.stderr)
-            return 2
-        log.info("serving on http://%s:%s", config.server.host, config.server.port)
-        await wait_then_drain(app, stop_on_signals(), config.server.drain_seconds, "finishing requests in flight")
-    finally:
-        await runner.cleanup()
+            try:
+                await Site(runner, config.server).start()
+            except CannotListen as e:
+                print(e, file=sys.stderr)
+                return 2
+            log.info("serving on http://%s:%s", config.server.host, config.server.port)
+            await wait_then_drain(app, stop_on_signals(), config.server.drain_seconds,
+                                  "finishing requests in flight")
+        finally:
+            await runner.cleanup()
     log.info("stopped: every answered request is committed")
     return 0
 

@@ -49,6 +49,11 @@ class ServerConfig(Struct, forbid_unknown_fields=True):
     # Open connections at once; past it the one that has waited longest for a request
     # header is closed. Default: what RLIMIT_NOFILE leaves after the database, logs and spares.
     connections_max: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
+    # One line per answered request: `combined` (the Combined Log Format, the key id as its
+    # user) or `json` (JSON lines); card numbers are masked, keys never written.
+    access_log: Literal["off", "combined", "json"] = "off"
+    # The file it is appended to (reopened when rotated); standard output when not set.
+    access_log_path: Annotated[str, Meta(min_length=1, max_length=4_096)] | None = None
     # Only 1: kept so a config that states it still starts; any other value stops start-up
     # with the reason (RETIRED below).
     workers: Annotated[int, Meta(ge=1, le=1)] = 1

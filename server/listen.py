@@ -316,11 +316,11 @@ class Site(web.TCPSite):
                  self.connections.limit, self._file_limit)
 
 
-def new_runner(app: web.Application, config: ServerConfig) -> web.AppRunner:
-    """The app's runner; aiohttp's own keep-alive timer closes idle connections."""
-    return web.AppRunner(app, access_log=None, handle_signals=False,
-                         shutdown_timeout=config.shutdown_timeout_seconds,
-                         keepalive_timeout=config.keepalive_timeout_seconds)
+def new_runner(app: web.Application, config: ServerConfig, **access_log) -> web.AppRunner:
+    """The app's runner; aiohttp's own keep-alive timer closes idle connections. Without
+    `access_log` arguments (server/access_log.py) there is no access log."""
+    return web.AppRunner(app, handle_signals=False, shutdown_timeout=config.shutdown_timeout_seconds,
+                         keepalive_timeout=config.keepalive_timeout_seconds, **({"access_log": None} | access_log))
 
 
 def open_fds() -> int:
