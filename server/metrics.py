@@ -35,6 +35,8 @@ class Metrics:
         self.rules_last_reload_ok = Gauge("loyalty_rules_last_reload_ok",
                                           "1 when the last reload succeeded, 0 when it was refused", registry=r)
 
+        self.ready = Gauge("loyalty_ready", "1 when /readyz would answer 200 (read at scrape time); 0 while "
+                           "starting, preloading, draining or under a storage fault", registry=r)
         self.wal_bytes = Gauge("loyalty_wal_bytes", "Size of the database's WAL file", registry=r)
         self.wal_checkpoints = Counter(
             "loyalty_wal_checkpoints", "WAL checkpoints by mode (passive: checkpoint thread; restart, truncate: "

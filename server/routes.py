@@ -27,6 +27,7 @@ from server.errors import ApiError, field_error, not_found
 from server.keys import (CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, PRIVACY, PROGRAMS, SERVICE,
                          STATE, VERSIONS)
 from storage import admin_audit
+from storage.db import StorageClosed, StorageError
 from storage.ledger import iso
 
 REGISTER, MANAGER, SUPPORT, MONITOR = "register", "manager", "support", "monitor"
@@ -229,6 +230,13 @@ async def healthz(app, call: Call) -> Reply:
 
 
 async def readyz(app, call: Call) -> Reply:
+    check_ready(app)
+    return json_reply({"status": "ready", "rules_version": app[PROGRAMS].current.version,
+                       "write_queue": app[DATABASE].queue_depth()})
+
+
+def check_ready(app) -> None:
+    """What /readyz answers 503 for, raised; loyalty_ready says the same at each scrape."""
     if app[STATE].get("draining") or not app[STATE].get("started"):
         raise ApiError(503, "unavailable", "starting or draining")
     if app[STATE].get("preloading"):
@@ -236,8 +244,6 @@ async def readyz(app, call: Call) -> Reply:
     # A storage fault in force answers 503 with its own code (server/errors.py); a deep
     # write queue is load, not a fault: it is reported, and the answer stays 200.
     app[DATABASE].check_ready()
-    return json_reply({"status": "ready", "rules_version": app[PROGRAMS].current.version,
-                       "write_queue": app[DATABASE].queue_depth()})
 
 
 async def metrics(app, call: Call) -> Reply:
@@ -245,6 +251,11 @@ async def metrics(app, call: Call) -> Reply:
     m = app[METRICS]
     m.write_queue.set(app[DATABASE].queue_depth())
     m.observe_storage(app[DATABASE])
+    try:
+        check_ready(app)
+        m.ready.set(1)
+    except (ApiError, StorageError, StorageClosed):
+        m.ready.set(0)
     return Reply(200, generate_latest(m.registry), CONTENT_TYPE_LATEST)
 
 

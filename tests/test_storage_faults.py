@@ -93,6 +93,7 @@ async def busy_then_released(server: Server) -> None:
             status, text = await get(session, server, "/metrics")
             assert metric(text, 'loyalty_storage_errors_total{cause="busy"}') >= 8
             assert metric(text, 'loyalty_storage_fault{cause="busy"}') == 1
+            assert metric(text, "loyalty_ready") == 0        # what /readyz said
         finally:
             other.execute("ROLLBACK")
             other.close()
@@ -101,6 +102,7 @@ async def busy_then_released(server: Server) -> None:
         assert status == 200, text
         status, text = await get(session, server, "/metrics")
         assert metric(text, 'loyalty_storage_fault{cause="busy"}') == 0
+        assert metric(text, "loyalty_ready") == 1
         # The same receipts go through now, without a restart.
         for n in range(1, 9):
             status, body, _ = await confirm(session, server, receipt(n))
