@@ -13,6 +13,8 @@ marker on the line before it, an HTML comment the rendered page does not show:
     <!-- example: warns [PATH] -->        a fragment that loads with warnings: the ```text
                                           block right after it lists exactly the warnings
     <!-- example: config -->              part of config.yaml, decoded like start-up does
+    <!-- example: prometheus -->          a Prometheus configuration (`promtool check config
+                                          --syntax-only` when promtool is installed)
 
 A yaml block without a marker fails the test, so a new example is always checked. The
 checks go through rules.check_dir, the function `loyalty rules check` calls, on a folder
@@ -27,6 +29,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from datetime import datetime
 from pathlib import Path
 
@@ -167,6 +171,14 @@ def check_yaml(block: Block, tmp_path: Path) -> None:
         path = tmp_path / "config.yaml"
         path.write_text(block.text, encoding="utf-8")
         load_config(path, environ={})
+    elif kind == "prometheus":
+        assert "scrape_configs" in yaml.safe_load(block.text), f"{block}: no scrape_configs"
+        if shutil.which("promtool"):
+            path = tmp_path / "prometheus.yml"
+            path.write_text(block.text, encoding="utf-8")
+            checked = subprocess.run(["promtool", "check", "config", "--syntax-only", str(path)],
+                                     capture_output=True, text=True, timeout=60)
+            assert checked.returncode == 0, f"{block}: {checked.stdout}{checked.stderr}"
     else:
         raise AssertionError(f"{block}: unknown example kind '{kind}'")
 
