@@ -35,6 +35,13 @@ STEP_SLEEP_SECONDS = 0.005
 # How long opening the serving database may wait for its WAL index (SQLITE_BUSY while the
 # server recovers it at start).
 OPEN_WAIT_SECONDS = 10
+# The copy is flushed to disk every this many pages (64 MiB of 4 KiB pages): one flush of
+# a whole large copy at its end held the server's fdatasyncs behind it (a 941 MiB copy:
+# confirms up to 0.3 s, against 0.1-0.17 s flushed in steps).
+SYNC_EVERY_PAGES = 16_384
+# The copy and its checks are background work beside the server: on a busy machine the
+# server's requests get the CPU first.
+NICENESS = 10
 # A progress line on a terminal at most this often.
 PROGRESS_EVERY_SECONDS = 1.0
 
@@ -54,11 +61,13 @@ def backup_command(config_path: str, out: str) -> int:
         return 2
     source = config.resolve(config.database.path)
     target = Path(out)
+    os.nice(NICENESS)
     partial = target.with_name(f"{target.name}.partial")
     started = time.monotonic()
     try:
         _refuse_unusable(source, target)
         pages = copy_database(source, partial, _progress_line() if sys.stderr.isatty() else None)
+        copied = time.monotonic()
         report, integrity = check_copy(partial)
     except BackupFailed as e:
         _remove(partial)
@@ -73,8 +82,9 @@ def backup_command(config_path: str, out: str) -> int:
         return 1
     os.replace(partial, target)
     _sync_folder(target.parent)
-    print(f"backup {target}: {pages} pages ({target.stat().st_size / 2**20:.1f} MiB) in "
-          f"{time.monotonic() - started:.1f}s, verified: quick_check ok, {report.postings} postings chained to "
+    print(f"backup {target}: {pages} pages ({target.stat().st_size / 2**20:.1f} MiB) copied in "
+          f"{copied - started:.1f}s, verified in {time.monotonic() - copied:.1f}s: quick_check ok, "
+          f"{report.postings} postings chained to "
           f"{report.chain_head[:16]}…, {report.receipts} receipts, {report.members} members, "
           f"liability {report.liability} points")
     return 0
@@ -102,7 +112,8 @@ def copy_database(source: Path, partial: Path, progress=None) -> int:
             # The read transaction starts with the first read, not with BEGIN.
             src.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
             pages = src.execute("PRAGMA page_count").fetchone()[0]
-            src.backup(dst, pages=PAGES_PER_STEP, progress=progress, sleep=STEP_SLEEP_SECONDS)
+            with _flushing(partial, progress) as step:
+                src.backup(dst, pages=PAGES_PER_STEP, progress=step, sleep=STEP_SLEEP_SECONDS)
             src.execute("ROLLBACK")
             dst.execute("PRAGMA journal_mode=DELETE")
         finally:
@@ -114,6 +125,25 @@ def copy_database(source: Path, partial: Path, progress=None) -> int:
         _remove(partial)
         raise BackupFailed(f"copying {source} to {partial}: {e}") from None
     return pages
+
+
+@contextlib.contextmanager
+def _flushing(partial: Path, progress):
+    """A backup progress callback that flushes what was copied every SYNC_EVERY_PAGES
+    (through a descriptor of its own: fdatasync flushes the file, whoever wrote it)."""
+    fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
+    synced = [0]
+
+    def step(status: int, remaining: int, total: int) -> None:
+        if total - remaining - synced[0] >= SYNC_EVERY_PAGES:
+            os.fdatasync(fd)
+            synced[0] = total - remaining
+        if progress is not None:
+            progress(status, remaining, total)
+    try:
+        yield step
+    finally:
+        os.close(fd)
 
 
 def check_copy(path: Path) -> tuple[AuditReport, str]:

@@ -105,7 +105,7 @@ def test_backup_while_serving_restores_and_serves(tmp_path):
     finally:
         live.kill()
     assert result.returncode == 0, result.stderr
-    assert "verified: quick_check ok" in result.stdout
+    assert re.search(r"copied in [\d.]+s, verified in [\d.]+s: quick_check ok", result.stdout)
     # The copy is one moment: everything confirmed before the backup, some of what came during it.
     copied = int(re.search(r"(\d+) receipts", result.stdout).group(1))
     assert MEMBERS * 3 <= copied <= MEMBERS * 3 + confirmed_during
