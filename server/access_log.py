@@ -31,6 +31,8 @@ log = logging.getLogger("loyalty.server")
 
 # Lines waiting for the writer thread; past it lines are dropped (and counted).
 QUEUE_LINES_MAX = 10_000
+# At exit, how long the lines still queued may take to be written.
+STOP_WAIT_SECONDS = 5.0
 # A request target or user agent is cut to this many characters in the log.
 FIELD_CHARS_MAX = 1_024
 # Digits kept at the end of a masked card number (answers show as many: card_last4).
@@ -138,10 +140,15 @@ class AccessLogWriter:
         self._thread.start()
 
     def stop(self) -> None:
-        """Writes what is queued, then closes the destination."""
-        self._queue.put(_STOP)
-        self._thread.join()
-        self._handler.close()
+        """Writes what is queued, then closes the destination; gives up after
+        STOP_WAIT_SECONDS (a destination that accepts nothing must not keep the process)."""
+        try:
+            self._queue.put(_STOP, timeout=STOP_WAIT_SECONDS)
+        except queue.Full:
+            return
+        self._thread.join(STOP_WAIT_SECONDS)
+        if not self._thread.is_alive():
+            self._handler.close()
 
     def _main(self) -> None:
         while True:
