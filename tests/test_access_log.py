@@ -1,9 +1,12 @@
 """The access log against the real server: off by default; Combined Log Format or JSON
-lines naming the key id, never a card number or a key; a rotated file is reopened."""
+lines naming the key id, never a card number or a key; a rotated file is reopened. A
+destination slower than the requests loses lines, counted, instead of holding them up."""
 from __future__ import annotations
 
 import json
+import logging
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import pytest
 import requests
 
 from conftest import KEYS
+from server.access_log import AccessLogWriter
 from server.config import ConfigError, config_from_dict
 from test_crash_safety import NOW, Server
 
@@ -130,3 +134,31 @@ def test_an_unknown_format_stops_start_up():
     with pytest.raises(ConfigError) as refused:
         config_from_dict({"server": {"access_log": "apache"}})
     assert refused.value.key == "server.access_log"
+
+
+class SlowDestination(logging.Handler):
+    """Holds the writer in its first line until let go."""
+
+    def __init__(self):
+        super().__init__()
+        self.entered, self.go_on, self.lines = threading.Event(), threading.Event(), []
+
+    def emit(self, record):
+        self.entered.set()
+        self.go_on.wait(10)
+        self.lines.append(record.getMessage())
+
+
+def test_a_slow_destination_drops_lines_and_says_how_many(caplog):
+    destination = SlowDestination()
+    writer = AccessLogWriter(destination, lines_max=2)
+    writer.start()
+    writer.put("line 1")
+    assert destination.entered.wait(10)      # the writer holds line 1; the queue holds two more
+    for n in range(2, 6):
+        writer.put(f"line {n}")               # returns at once, full or not
+    with caplog.at_level(logging.WARNING, logger="loyalty.server"):
+        destination.go_on.set()
+        writer.stop()
+    assert destination.lines == ["line 1", "line 2", "line 3"]
+    assert "access log: 2 line(s) dropped" in caplog.text
