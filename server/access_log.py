@@ -27,6 +27,8 @@ from datetime import datetime, timezone
 import msgspec
 from aiohttp.abc import AbstractAccessLogger
 
+from server.routes import PRINCIPAL
+
 log = logging.getLogger("loyalty.server")
 
 # Lines waiting for the writer thread; past it lines are dropped (and counted).
@@ -66,7 +68,6 @@ def target(request) -> str:
 
 
 def key_id(request) -> str | None:
-    from server.routes import PRINCIPAL
     principal = request.get(PRINCIPAL)
     return principal.key_id if principal is not None else None
 
