@@ -33,6 +33,8 @@ log = logging.getLogger("loyalty.server")
 
 # Lines waiting for the writer thread; past it lines are dropped (and counted).
 QUEUE_LINES_MAX = 10_000
+# A line that cannot be built is logged at most this often.
+FAILURE_LOG_INTERVAL_SECONDS = 60.0
 # At exit, how long the lines still queued may take to be written.
 STOP_WAIT_SECONDS = 5.0
 # A request target or user agent is cut to this many characters in the log.
@@ -108,15 +110,35 @@ def _quoted(value: str | None) -> str:
 
 
 class AccessLogger(AbstractAccessLogger):
-    """What aiohttp calls once per answered request; `logger` is an AccessLogWriter."""
+    """What aiohttp calls once per answered request (one instance per connection);
+    `logger` is an AccessLogWriter."""
 
     def log(self, request, response, time_: float) -> None:
         try:
             line = FORMATS[self.log_format](request, response, time_, time.time())
         except Exception:  # noqa: BLE001 - a line that cannot be built must not fail the answer
-            log.exception("could not build the access log line for %s", getattr(request, "path", "?"))
+            _FAILURES.failed(getattr(request, "path", "?"))
             return
         self.logger.put(line)
+
+
+class _Failures:
+    """A line that cannot be built is logged with its traceback at most once a minute, with
+    how many failed since: the same fault on every request must not flood the log."""
+
+    def __init__(self):
+        self.count, self.logged_at = 0, float("-inf")
+
+    def failed(self, path: str) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.logged_at >= FAILURE_LOG_INTERVAL_SECONDS:
+            log.exception("could not build the access log line for %s (%d line(s) lost since the last "
+                          "such message)", path, self.count)
+            self.count, self.logged_at = 0, now
+
+
+_FAILURES = _Failures()
 
 
 class AccessLogWriter:
