@@ -41,6 +41,7 @@ from storage.ledger import iso
 log = logging.getLogger("loyalty.rules")
 
 LIST_LIMIT_MAX = 100
+LOAD_ID_MAX = 2**63 - 1     # SQLite's largest integer: a larger `before` cannot even be asked
 # last_reload's trigger of a deploy, by where it came from.
 DEPLOY_TRIGGERS = {"api": "deploy", "console": "console"}
 # How long closing waits for records of programs loaded a moment before.

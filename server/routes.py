@@ -169,6 +169,8 @@ async def rules_versions(app, call: Call) -> Reply:
         raise field_error("limit", f"must be 1 to {program_versions.LIST_LIMIT_MAX}")
     before = call.query.get("before")
     before_id = parse_int(before, "before", default=0) if before is not None else None
+    if before_id is not None and not 1 <= before_id <= program_versions.LOAD_ID_MAX:
+        raise field_error("before", "must be the id of a listed version (a positive whole number)")
     loads = await app[DATABASE].read(lambda conn: program_versions.list_versions(conn, limit, before_id))
     return json_reply({"serving": app[PROGRAMS].current.version, "versions": loads})
 

@@ -119,6 +119,13 @@ async def test_deploy_serves_records_audits_and_writes_the_folder(tmp_path):
     assert audit == [("manager", "POST", "/v1/admin/rules/deploy", 200)]
 
 
+async def test_a_page_before_an_impossible_id_is_refused_with_the_field(tmp_path):
+    async with Running(config_for(tmp_path, copy_market(tmp_path))) as api:
+        for before in ("9" * 30, "0", "-5", "x"):
+            status, body = await api.get(f"/v1/admin/rules/versions?before={before}")
+            assert status == 422 and body["error"]["details"][0]["path"] == "before", before
+
+
 async def test_deploys_and_rollbacks_are_audited_with_their_reason(tmp_path):
     folder = copy_market(tmp_path)
     async with Running(config_for(tmp_path, folder)) as api:

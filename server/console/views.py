@@ -229,7 +229,7 @@ async def program_page(request: web.Request, session: Session, form: dict) -> we
     holder = app[PROGRAMS]
     program = holder.current
     before = request.query.get("before")
-    before_id = _positive(before, "before") if before is not None else None
+    before_id = _load_id(before, "before") if before is not None else None
 
     def read(conn):
         actions = []
@@ -247,13 +247,13 @@ async def program_page(request: web.Request, session: Session, form: dict) -> we
                   loads=loads[:VERSIONS_PAGE_ROWS], older=older, paged=before_id is not None)
 
 
-def _positive(raw: str, name: str) -> int:
+def _load_id(raw: str, name: str) -> int:
     try:
         value = int(raw)
     except ValueError:
         value = 0
-    if value < 1:
-        raise field_error(name, "must be a positive whole number")
+    if not 1 <= value <= program_versions.LOAD_ID_MAX:
+        raise field_error(name, "must be the id of a listed version (a positive whole number)")
     return value
 
 
