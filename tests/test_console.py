@@ -13,7 +13,7 @@ import pytest
 from conftest import KEYS, MARKET, _h, line, receipt
 from server.console.sessions import SessionStore
 from server.auth import Principal
-from server.keys import DATABASE, PROGRAMS
+from server.keys import DATABASE, PROGRAMS, VERSIONS
 from storage import admin_audit
 from storage import program_versions as versions_store
 
@@ -308,6 +308,33 @@ async def test_a_console_deploy_is_a_recorded_version_with_who_and_why(setup, tm
     row = re.search(rf'<tr id="load-{newest["id"]}">(.*?)</tr>', page, re.S).group(1)
     assert "deployed from the console" in row and MANAGER_NAME in row and "dairy x3 in December" in row
     assert "serving" in row and "Roll back" not in row
+
+
+async def test_a_console_deploy_keeps_the_other_files_of_the_live_program(setup):
+    """A broken hand edit of another file, not loaded, is not what goes live: the deploy is
+    the program serving with the one edited file changed, and the folder is made to hold it."""
+    api, console = setup
+    app = api.client.server.app
+    program_yaml = app[PROGRAMS].directory / "program.yaml"
+    live_program_yaml = program_yaml.read_text()
+    program_yaml.write_text(live_program_yaml + "\nbroken: [\n")
+    await deploy_from_console(console, app, "dairy x3 in December")
+    assert program_yaml.read_text() == live_program_yaml
+    assert "by: 3" in (app[PROGRAMS].directory / PROMOS).read_text()
+    recorded = await app[DATABASE].read(lambda conn: versions_store.files(conn, app[PROGRAMS].current.version))
+    assert recorded == folder_files(app[PROGRAMS].directory)
+
+
+async def test_a_deploy_made_to_a_program_no_longer_serving_is_refused(setup):
+    from server.program_versions import ProgramChanged
+    api, console = setup
+    app = api.client.server.app
+    serving = app[PROGRAMS].current.version
+    files = {name: raw.encode() for name, raw in folder_files(app[PROGRAMS].directory).items()}
+    files[PROMOS] = files[PROMOS].replace(b"by: 2", b"by: 3")
+    with pytest.raises(ProgramChanged):
+        await app[VERSIONS].put_live(files, "console", "manager", "late", "console:manager", "sha256:" + "0" * 64)
+    assert app[PROGRAMS].current.version == serving and len(await recorded_loads(api)) == 1
 
 
 async def test_another_server_on_the_database_serves_a_console_deploy(setup, tmp_path):
