@@ -530,10 +530,12 @@ async def test_member_by_card_and_a_manual_adjustment(setup):
     assert status == 200 and re.search(r'id="available">125<', page)
     status, _, page = await console.post(location + "/adjust", form)     # the same form again
     assert "Already made" in page and re.search(r'id="available">125<', page)
+    assert f"parking refund <small>(by <span title=\"key manager\">{MANAGER_NAME}</span>)</small>" in page
     _, member = await api.get(f"/v1/members/{CARD}")
     assert member["balance"]["available"] == 125
     audited = await audit_rows(api, location + "/adjust")
     assert len(audited) == 2 and all('"reason":"parking refund"' in row["detail"] for row in audited)
+    assert all(row["key_name"] == MANAGER_NAME for row in audited)
 
 
 async def test_member_by_phone_needs_the_card_to_adjust(setup):

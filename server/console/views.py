@@ -518,6 +518,8 @@ async def _member(request, session: Session, handle: str, error: ApiError | None
         view = service.member_view(conn, program, member, card=value if kind == "card" else None)
         return view, lots_of(conn, member_id), statement(conn, member_id, None, None, STATEMENT_ROWS)
     view, lots, postings = await app[DATABASE].read(read)
+    for posting in postings:    # an adjustment names who made it
+        posting["by"] = app[KEYRING].name_of(posting.get("key_id"))
     day = local_today(app).isoformat()
     context = dict(handle=handle, by_card=kind == "card", view=view, postings=postings, day=day,
                    lots=[{"id": lot.id, "available_from": lot.available_from, "expires_on": lot.expires_on,
