@@ -132,7 +132,11 @@ async def test_deploys_and_rollbacks_are_audited_with_their_reason(tmp_path):
         old = (await api.get("/v1/admin/rules"))[1]["version"]
         files = triple_dairy(program_files(folder))
         assert (await api.post("/v1/admin/rules/deploy", {"files": files, "reason": "dairy week x3"}))[0] == 200
-        assert (await api.post("/v1/admin/rules/rollback", {"version": old, "reason": "back to normal"}))[0] == 200
+        status, done = await api.post("/v1/admin/rules/rollback", {"version": old, "reason": "back to normal"})
+        assert status == 200
+        assert {k: done["last_reload"]["recorded"][k] for k in ("load_id", "source", "by", "reason")} == {
+            "load_id": done["load_id"], "source": "rollback", "by": "manager", "reason": "back to normal"}
+        assert (await api.get("/v1/admin/rules"))[1]["last_reload"]["recorded"]["previous_version"] != old
         status, _ = await api.post("/v1/admin/rules/rollback", {"version": "sha256:" + "0" * 64, "reason": "typo"})
         assert status == 404
     conn = sqlite3.connect(tmp_path / "loyalty.db")
