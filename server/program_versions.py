@@ -189,9 +189,20 @@ class ProgramVersions:
                 self._seen_load = load_id
                 return False
             await self._write_folder_if_other(files)
+            before = self.holder.current
             self.holder.install(program, "database", "the database")
             self._seen_load = load_id
+            self._note_recorded(self.db.read_now(lambda conn: store.loads(conn, 1, load_id + 1)), before)
             return True
+
+    def _note_recorded(self, rows: list[dict], before: Program | None) -> None:
+        """A deploy or roll-back recorded by another server: this one's last reload tells it too."""
+        if rows and rows[0]["source"] != "directory":
+            row = rows[0]
+            self.holder.last_reload["recorded"] = {
+                "load_id": row["id"], "source": row["source"], "by": row["deployed_by"],
+                "by_name": row["deployed_by_name"], "reason": row["reason"],
+                "previous_version": before.version if before else None}
 
     async def _write_folder_if_other(self, files: dict[str, bytes]) -> None:
         """So a restart of this server loads what it serves; a folder it cannot write is logged."""

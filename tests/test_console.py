@@ -359,6 +359,9 @@ async def test_another_server_on_the_database_serves_a_console_deploy(setup, tmp
                                                as_="register")
         assert status == 200 and answer["rules_version"] == deployed
         assert folder_files(other_folder) == folder_files(app[PROGRAMS].directory)
+        recorded = other.server.app[PROGRAMS].last_reload["recorded"]
+        assert (recorded["source"], recorded["by_name"], recorded["reason"]) == (
+            "console", MANAGER_NAME, "dairy x3 in December")
     finally:
         await other.close()
 
