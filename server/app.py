@@ -113,7 +113,7 @@ async def _open_with_program(app: web.Application) -> tuple[Database, ProgramVer
     except ProgramError as e:
         folder = e
     db = app[DATABASE] = await _open_database(app)
-    versions = app[VERSIONS] = ProgramVersions(app[PROGRAMS], db, app[CLOCK])
+    versions = app[VERSIONS] = ProgramVersions(app[PROGRAMS], db, app[CLOCK], app[KEYRING].name_of)
     try:
         await versions.start(folder)
     except BaseException:

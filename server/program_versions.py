@@ -24,7 +24,7 @@ import logging
 import os
 import secrets
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -41,6 +41,9 @@ from storage.ledger import iso
 log = logging.getLogger("loyalty.rules")
 
 LIST_LIMIT_MAX = 100
+LOAD_ID_MAX = 2**63 - 1     # SQLite's largest integer: a larger `before` cannot even be asked
+# last_reload's trigger of a deploy, by where it came from.
+DEPLOY_TRIGGERS = {"api": "deploy", "console": "console"}
 # How long closing waits for records of programs loaded a moment before.
 CLOSE_WAIT_SECONDS = 10
 
@@ -53,6 +56,14 @@ class UnknownVersion(Exception):
         self.version = version
 
 
+class ProgramChanged(Exception):
+    """Another program went live since the caller read the one it changed; nothing changed."""
+
+    def __init__(self, expected: str, serving: str):
+        super().__init__(f"the program serving is {serving}, no longer {expected}, which this change was made to")
+        self.expected, self.serving = expected, serving
+
+
 class FolderUnwritable(Exception):
     """The program's files could not be written into rules.dir; nothing changed."""
 
@@ -60,8 +71,11 @@ class FolderUnwritable(Exception):
 class ProgramVersions:
     """One server's side of the recorded programs: records what it loads, follows what others record."""
 
-    def __init__(self, holder: ProgramHolder, db: Database, clock):
+    def __init__(self, holder: ProgramHolder, db: Database, clock,
+                 name_of: Callable[[str | None], str | None] = lambda key_id: None):
         self.holder, self.db, self.clock = holder, db, clock
+        # Who holds a key (KeyRing.name_of): each load is recorded with the person's name as it is now.
+        self.name_of = name_of
         # Installing a program and recording it are one step for the poller: it must never
         # see a program installed here but not yet recorded, and take it for an old one.
         self._lock = asyncio.Lock()
@@ -134,9 +148,11 @@ class ProgramVersions:
         at = iso(self.clock.now())
         text = {name: bytes(raw).decode("utf-8") for name, raw in files.items()}
 
+        name = self.name_of(who)
+
         def write(conn: sqlite3.Connection) -> int:
             return store.record(conn, version=program.version, program_id=program.id, files=text, at=at,
-                                source=source, deployed_by=who, reason=reason)
+                                source=source, deployed_by=who, deployed_by_name=name, reason=reason)
 
         async with contextlib.nullcontext() if locked else self._lock:
             load_id = await self.db.write(write)
@@ -173,9 +189,20 @@ class ProgramVersions:
                 self._seen_load = load_id
                 return False
             await self._write_folder_if_other(files)
+            before = self.holder.current
             self.holder.install(program, "database", "the database")
             self._seen_load = load_id
+            self._note_recorded(self.db.read_now(lambda conn: store.loads(conn, 1, load_id + 1)), before)
             return True
+
+    def _note_recorded(self, rows: list[dict], before: Program | None) -> None:
+        """A deploy or roll-back recorded by another server: this one's last reload tells it too."""
+        if rows and rows[0]["source"] != "directory":
+            row = rows[0]
+            self.holder.last_reload["recorded"] = {
+                "load_id": row["id"], "source": row["source"], "by": row["deployed_by"],
+                "by_name": row["deployed_by_name"], "reason": row["reason"],
+                "previous_version": before.version if before else None}
 
     async def _write_folder_if_other(self, files: dict[str, bytes]) -> None:
         """So a restart of this server loads what it serves; a folder it cannot write is logged."""
@@ -190,11 +217,15 @@ class ProgramVersions:
     # ------------------------------------------------------------ deploy and roll back
 
     async def put_live(self, files: dict[str, bytes], source: store.Source, who: str, reason: str,
-                       trigger: str) -> dict:
+                       trigger: str, base_version: str | None = None) -> dict:
         """Validate, record, serve and write into the folder. ProgramError, or FolderUnwritable
         while staging the files, leave everything as it was; once recorded, a folder that cannot
-        be written is logged and said in the answer (`folder_error`): the program serves anyway."""
+        be written is logged and said in the answer (`folder_error`): the program serves anyway.
+        base_version: the program these files were edited from; ProgramChanged if another serves."""
         async with self._lock:
+            serving = self.holder.current.version if self.holder.current else None
+            if base_version is not None and serving != base_version:
+                raise ProgramChanged(base_version, serving)
             program = self.holder.compile(files)
             before = self.holder.current
             try:
@@ -212,7 +243,12 @@ class ProgramVersions:
             if changed:
                 self.holder.install(program, trigger, "the recorded files" if source == "rollback" else "the request")
             else:
+                self.holder.unchanged(trigger, program.warnings)
                 program.close()
+            # What the last-reload panels and answers say: this deploy, not just "a load".
+            self.holder.last_reload["recorded"] = {
+                "load_id": load_id, "source": source, "by": who, "by_name": self.name_of(who), "reason": reason,
+                "previous_version": before.version if before else None}
             answer = {"version": self.holder.current.version, "changed": changed, "load_id": load_id,
                       "last_reload": self.holder.last_reload}
             try:
@@ -231,15 +267,18 @@ class ProgramVersions:
 # ---------------------------------------------------------------- the operations
 
 async def deploy(app: web.Application, files: Mapping[str, str], who: str, reason: str,
-                 source: store.Source = "api") -> dict:
-    """Put a program given as {relative path: text} live; `who` is the key id, `reason` why.
-    ProgramError (every problem), FolderUnwritable."""
+                 source: store.Source = "api", base_version: str | None = None) -> dict:
+    """Put a program given as {relative path: text} live; `who` is the key id, `reason` why,
+    `source` where from ("api", "console"). ProgramError (every problem), FolderUnwritable,
+    ProgramChanged (base_version: the program the files were edited from no longer serves)."""
     encoded = {name: text.encode("utf-8") for name, text in files.items()}
-    return await app[VERSIONS].put_live(encoded, source, who, reason, f"deploy:{who}")
+    return await app[VERSIONS].put_live(encoded, source, who, reason, f"{DEPLOY_TRIGGERS[source]}:{who}",
+                                        base_version)
 
 
 async def rollback(app: web.Application, version: str, who: str, reason: str) -> dict:
-    """Put a recorded version live again. UnknownVersion, ProgramError, FolderUnwritable."""
+    """Put a recorded version live again (recorded with source "rollback", whether asked
+    through the API or the console). UnknownVersion, ProgramError, FolderUnwritable."""
     files = await app[DATABASE].read(lambda conn: store.files(conn, version))
     if files is None:
         raise UnknownVersion(version)
@@ -248,8 +287,20 @@ async def rollback(app: web.Application, version: str, who: str, reason: str) ->
 
 def list_versions(conn: sqlite3.Connection, limit: int = 20, before: int | None = None) -> list[dict]:
     """Newest first, each time a version went live: id, version, program, loaded_at, source,
-    deployed_by, reason. `before`: only loads with a smaller id (the next page)."""
+    deployed_by (the key id), deployed_by_name (its holder), reason. `before`: only loads with
+    a smaller id (the next page)."""
     return store.loads(conn, max(1, min(limit, LIST_LIMIT_MAX)), before)
+
+
+async def live_files(app: web.Application) -> dict[str, bytes]:
+    """The files of the program serving now, as recorded; the folder's when it was never
+    recorded (recording at start-up failed), ProgramError when those do not load either."""
+    holder = app[PROGRAMS]
+    version = holder.current.version
+    files = await app[DATABASE].read(lambda conn: store.files(conn, version))
+    if files is not None:
+        return _encoded(files)
+    return holder.load_folder()[1]
 
 
 def version_files(conn: sqlite3.Connection, version: str) -> dict:

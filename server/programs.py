@@ -71,7 +71,7 @@ class ProgramHolder:
                 return False, None, e.problems
             if self.current is not None and program.version == self.current.version:
                 # Same files, but the warnings may differ (a period just ended, a file ignored).
-                self._record_ok(trigger, self.current, changed=False, warnings=program.warnings)
+                self.unchanged(trigger, program.warnings)
                 program.close()
                 return True, self.current, []
             self.install(program, trigger)
@@ -112,6 +112,10 @@ class ProgramHolder:
         self._metrics.rules_info.info({"version": program.version, "program": program.id})
         self._record_ok(trigger, program, changed=True, warnings=program.warnings)
         log.info("rules %s loaded from %s (%s)", program.version, source or self.directory, trigger)
+
+    def unchanged(self, trigger: str, warnings: list[Problem]) -> None:
+        """A load that found the program serving already (a deploy of the same files)."""
+        self._record_ok(trigger, self.current, changed=False, warnings=warnings)
 
     def _warn_lost_tiers(self, program: Program) -> None:
         if self._census is None:

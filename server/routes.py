@@ -62,6 +62,8 @@ class Route:
     body: type | None = None
     summary: str = ""
     ok_status: int = 200
+    # Fields of the body kept in the audit row's detail: what the action was for, in its author's words.
+    audit_detail: tuple[str, ...] = ()
 
 
 def json_reply(data, status: int = 200) -> Reply:
@@ -168,6 +170,8 @@ async def rules_versions(app, call: Call) -> Reply:
         raise field_error("limit", f"must be 1 to {program_versions.LIST_LIMIT_MAX}")
     before = call.query.get("before")
     before_id = parse_int(before, "before", default=0) if before is not None else None
+    if before_id is not None and not 1 <= before_id <= program_versions.LOAD_ID_MAX:
+        raise field_error("before", "must be the id of a listed version (a positive whole number)")
     loads = await app[DATABASE].read(lambda conn: program_versions.list_versions(conn, limit, before_id))
     return json_reply({"serving": app[PROGRAMS].current.version, "versions": loads})
 
@@ -322,9 +326,10 @@ ROUTES: list[Route] = [
     Route("GET", "/v1/admin/rules/versions/{version}", rules_version, R({MANAGER}), None,
           "A recorded program version with its files"),
     Route("POST", "/v1/admin/rules/deploy", rules_deploy, R({MANAGER}), schema.RulesDeploy,
-          "Put a program sent as {files: {path: yaml}, reason} live: recorded, served and written into rules.dir"),
+          "Put a program sent as {files: {path: yaml}, reason} live: recorded, served and written into rules.dir",
+          audit_detail=("reason",)),
     Route("POST", "/v1/admin/rules/rollback", rules_rollback, R({MANAGER}), schema.RulesRollback,
-          "Put a recorded version live again: {version, reason}"),
+          "Put a recorded version live again: {version, reason}", audit_detail=("version", "reason")),
     Route("GET", "/healthz", healthz, None, None, "Alive"),
     Route("GET", "/readyz", readyz, None, None, "Program loaded, database writable (no storage fault in force: full, busy, lost), cache preloaded"),
     Route("GET", "/metrics", metrics, R({MONITOR, MANAGER}), None, "Prometheus metrics"),
@@ -333,6 +338,7 @@ ROUTES: list[Route] = [
 
 
 ADMIN_PREFIX = "/v1/admin/"
+DETAIL_CHARS_MAX = 1000     # per field: a refused body may be any size up to max_body_bytes
 PRINCIPAL = web.RequestKey("principal", Principal)   # the authenticated caller, for the audit log
 
 
@@ -359,6 +365,7 @@ def bind(route: Route):
         finally:
             in_flight.leave_key(slot)
     handle.__name__ = route.handler.__name__
+    handle.route = route    # for the audit middleware
     return handle
 
 
@@ -403,9 +410,26 @@ async def audit_row(request: web.Request, principal: Principal, status: int) -> 
         raw = await request.read()
     except (web.HTTPException, ApiError):   # over the size limit or too late: digest what is known
         raw = b""
+    route = getattr(request.match_info.handler, "route", None)
     # The time is the server's clock, the one the ledger uses.
     return dict(at=iso(request.app[CLOCK].now()), key_id=principal.key_id, key_name=principal.name,
-                method=request.method, path=path, body_digest=privacy.body_digest(raw), status=status)
+                method=request.method, path=path, body_digest=privacy.body_digest(raw), status=status,
+                detail=audit_detail(raw, route.audit_detail) if route else None)
+
+
+def audit_detail(raw: bytes, fields: tuple[str, ...]) -> str | None:
+    """The body's text fields named, as a JSON object (refused requests too: why someone
+    tried is worth keeping); None when there are none or the body is not a JSON object."""
+    if not fields:
+        return None
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    kept = {name: body[name][:DETAIL_CHARS_MAX] for name in fields if isinstance(body.get(name), str)}
+    return msgspec.json.encode(kept).decode() if kept else None
 
 
 def add_routes(app: web.Application) -> None:

@@ -12,22 +12,23 @@ from typing import Literal
 import msgspec
 
 Source = Literal["directory", "api", "console", "rollback"]
-_LOAD_COLUMNS = ("id", "version", "program", "loaded_at", "source", "deployed_by", "reason")
-_LOADS = """SELECT l.id, l.version, v.program_id, l.loaded_at, l.source, l.deployed_by, l.reason
+_LOAD_COLUMNS = ("id", "version", "program", "loaded_at", "source", "deployed_by", "deployed_by_name", "reason")
+_LOADS = """SELECT l.id, l.version, v.program_id, l.loaded_at, l.source, l.deployed_by, l.deployed_by_name, l.reason
             FROM program_loads l JOIN program_versions v USING (version)"""
 
 
 def record(conn: sqlite3.Connection, *, version: str, program_id: str, files: dict[str, str], at: str,
-           source: Source, deployed_by: str | None, reason: str | None) -> int:
-    """The id of the load row that makes `version` the newest. Idempotent: when it is the
-    newest already (a restart, the watcher reading back files a deploy wrote), nothing is added."""
+           source: Source, deployed_by: str | None, reason: str | None, deployed_by_name: str | None = None) -> int:
+    """The id of the load row that makes `version` the newest; deployed_by is the key id,
+    deployed_by_name the person holding it. Idempotent: when it is the newest already (a
+    restart, the watcher reading back files a deploy wrote), nothing is added."""
     newest = newest_load(conn)
     if newest is not None and newest[1] == version:
         return newest[0]
     conn.execute("INSERT OR IGNORE INTO program_versions (version, program_id, files, recorded_at) "
                  "VALUES (?, ?, ?, ?)", (version, program_id, msgspec.json.encode(files), at))
-    cursor = conn.execute("INSERT INTO program_loads (version, loaded_at, source, deployed_by, reason) "
-                          "VALUES (?, ?, ?, ?, ?)", (version, at, source, deployed_by, reason))
+    cursor = conn.execute("INSERT INTO program_loads (version, loaded_at, source, deployed_by, deployed_by_name, "
+                          "reason) VALUES (?, ?, ?, ?, ?, ?)", (version, at, source, deployed_by, deployed_by_name, reason))
     return int(cursor.lastrowid)
 
 

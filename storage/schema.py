@@ -448,3 +448,10 @@ BEGIN SELECT RAISE(ABORT, 'program loads are append-only'); END;
 CREATE TRIGGER program_loads_append_only_delete BEFORE DELETE ON program_loads
 BEGIN SELECT RAISE(ABORT, 'program loads are append-only'); END
 """)
+
+
+@migrations()
+def m021_program_loads_names(db):
+    """program_loads.deployed_by_name: the person behind the key that put a version live, kept
+    as it was then (like adjustments.key_name), so a key renamed later does not rewrite who did it."""
+    db.execute("ALTER TABLE program_loads ADD COLUMN deployed_by_name TEXT")

@@ -2,8 +2,8 @@
 through its chromedriver (nothing is downloaded), loopback only.
 
 Sign in, open the program, make a typo and see the error at its line, fix it, run the
-backtest, deploy, and see the new version serve a receipt; then explain that receipt and
-look its member up. CONSOLE_SCREENSHOTS=DIR (`make console-screenshots`: docs/console) keeps
+backtest, deploy, and see the new version serve a receipt; roll back to the first version
+and see it serve again; then explain that receipt and look its member up. CONSOLE_SCREENSHOTS=DIR (`make console-screenshots`: docs/console) keeps
 a screenshot of each page there.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEYS, MARKET, line, receipt
+from conftest import KEYS, MARKET, _h, line, receipt
 from test_crash_safety import Server
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -32,6 +32,7 @@ from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 CARD = "7000000000001"
+MANAGER_NAME = "Olena Kovalenko"
 PROMOS = "campaigns/promos.yaml"
 WAIT_SECONDS = 30
 
@@ -65,7 +66,9 @@ def browser():
 def server(tmp_path):
     program = tmp_path / "program"
     shutil.copytree(MARKET, program)
-    server = Server(tmp_path, rules={"dir": str(program), "watch": True})
+    keys = [{"id": "register-S001", "sha256": _h(KEYS["register"]), "role": "register", "stores": ["S001"]},
+            {"id": "manager", "sha256": _h(KEYS["manager"]), "role": "manager", "name": MANAGER_NAME}]
+    server = Server(tmp_path, rules={"dir": str(program), "watch": True}, auth={"keys": keys})
     server.start()
     try:
         yield server
@@ -147,13 +150,31 @@ def test_edit_check_backtest_deploy_and_serve(server, browser, tmp_path):
     version_after = browser.find_element(By.ID, "version").text
     assert version_after != version_before
     assert "dairy x3 for the December campaign" in browser.find_element(By.ID, "deploys").text
+    assert "deployed from the console" in browser.find_element(By.ID, "last-reload").text
+    newest = browser.find_element(By.CSS_SELECTOR, "#versions tbody tr")
+    assert "dairy x3 for the December campaign" in newest.text and "serving" in newest.text
+    assert MANAGER_NAME in newest.text
     shots.take("program-deployed")
+    browser.execute_script("document.getElementById('versions-title').scrollIntoView()")
+    shots.take("program-versions")
 
     # The new version serves the next receipt.
     status, answer = api(server, "POST", "/v1/receipts", receipt("000124", [line(1, "dairy", 10000)], card=CARD),
                          KEYS["register"])
     assert status == 201 and answer["rules_version"] == version_after
     assert {r["rule"]: r["points"] for r in answer["accrued"]["by_rule"]}["dairy-x2"] == 4
+
+    # Roll back to the version loaded from the folder, with a reason; it serves again.
+    first = browser.find_element(By.XPATH, f"//table[@id='versions']//tr[.//code[@title='{version_before}']][.//form]")
+    first.find_element(By.NAME, "reason").send_keys("the campaign was postponed", Keys.ENTER)
+    wait(browser, EC.text_to_be_present_in_element((By.ID, "version"), version_before))
+    assert "rolled back" in browser.find_element(By.ID, "last-reload").text
+    assert "the campaign was postponed" in browser.find_element(By.CSS_SELECTOR, "#versions tbody tr").text
+    shots.take("program-rolled-back")
+    status, answer = api(server, "POST", "/v1/receipts/calculate",
+                         receipt("000125", [line(1, "dairy", 10000)], card=CARD), KEYS["register"])
+    assert status == 200 and answer["rules_version"] == version_before
+    assert {r["rule"]: r["points"] for r in answer["accrued"]["by_rule"]}["dairy-x2"] == 2
 
     # Why each rule applied or not, on the stored receipt.
     browser.find_element(By.LINK_TEXT, "Explain a receipt").click()

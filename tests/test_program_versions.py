@@ -119,6 +119,39 @@ async def test_deploy_serves_records_audits_and_writes_the_folder(tmp_path):
     assert audit == [("manager", "POST", "/v1/admin/rules/deploy", 200)]
 
 
+async def test_a_page_before_an_impossible_id_is_refused_with_the_field(tmp_path):
+    async with Running(config_for(tmp_path, copy_market(tmp_path))) as api:
+        for before in ("9" * 30, "0", "-5", "x"):
+            status, body = await api.get(f"/v1/admin/rules/versions?before={before}")
+            assert status == 422 and body["error"]["details"][0]["path"] == "before", before
+
+
+async def test_deploys_and_rollbacks_are_audited_with_their_reason(tmp_path):
+    folder = copy_market(tmp_path)
+    async with Running(config_for(tmp_path, folder)) as api:
+        old = (await api.get("/v1/admin/rules"))[1]["version"]
+        files = triple_dairy(program_files(folder))
+        assert (await api.post("/v1/admin/rules/deploy", {"files": files, "reason": "dairy week x3"}))[0] == 200
+        status, done = await api.post("/v1/admin/rules/rollback", {"version": old, "reason": "back to normal"})
+        assert status == 200
+        assert {k: done["last_reload"]["recorded"][k] for k in ("load_id", "source", "by", "reason")} == {
+            "load_id": done["load_id"], "source": "rollback", "by": "manager", "reason": "back to normal"}
+        assert (await api.get("/v1/admin/rules"))[1]["last_reload"]["recorded"]["previous_version"] != old
+        status, _ = await api.post("/v1/admin/rules/rollback", {"version": "sha256:" + "0" * 64, "reason": "typo"})
+        assert status == 404
+    conn = sqlite3.connect(tmp_path / "loyalty.db")
+    rows = conn.execute("SELECT path, status, key_name, detail FROM audit_log WHERE path LIKE '/v1/admin/rules/%' "
+                        "ORDER BY id").fetchall()
+    assert [(path, status, json.loads(detail)) for path, status, _, detail in rows] == [
+        ("/v1/admin/rules/deploy", 200, {"reason": "dairy week x3"}),
+        ("/v1/admin/rules/rollback", 200, {"version": old, "reason": "back to normal"}),
+        ("/v1/admin/rules/rollback", 404, {"version": "sha256:" + "0" * 64, "reason": "typo"})]
+    newest = conn.execute("SELECT source, deployed_by, deployed_by_name FROM program_loads ORDER BY id DESC").fetchone()
+    assert newest == ("rollback", "manager", "manager")     # a config key without a name is named by its id
+    from storage import admin_audit
+    assert admin_audit.verify(conn).ok
+
+
 async def test_a_deploy_that_does_not_load_changes_nothing(tmp_path):
     folder = copy_market(tmp_path)
     async with Running(config_for(tmp_path, folder)) as api:

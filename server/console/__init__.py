@@ -31,8 +31,9 @@ class Console:
 def templates() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    from server.console import views
+    from server.console import views, words
     env.filters.update(money=views.money_filter, short=views.short_version)
+    env.globals["sources"] = words.LOAD_SOURCES
     return env
 
 

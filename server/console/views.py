@@ -15,12 +15,13 @@ from urllib.parse import urlsplit
 import msgspec
 from aiohttp import web
 
-from server import schema
+from rules import ProgramError
+from server import program_versions, schema
 from server.auth import Principal
 from server.console import program_edit, queries, words
 from server.console.backtest import as_rows
 from server.console.sessions import COOKIE, LOGIN_COOKIE, LOGIN_FORM_SECONDS, Session, remember_lookup, token_matches
-from server.errors import ApiError, error_body, field_error, forbidden, not_found
+from server.errors import ApiError, conflict, error_body, field_error, forbidden, not_found
 from server.keys import CLOCK, CONFIG, CONSOLE, DATABASE, KEYRING, LIMITER, PRIVACY, PROGRAMS, SERVICE
 from server.reports import money_text
 from server.rules_tools import ToolError, decode_receipt, default_member, member_from_db
@@ -30,6 +31,9 @@ from storage.ledger import iso, lots_of, member_by_id, statement
 log = logging.getLogger("loyalty.console")
 MANAGER = "manager"
 DEPLOY_PATH = "/console/program/deploy"
+ROLLBACK_PATH = "/console/program/rollback"
+VERSIONS_PAGE_ROWS = 10
+REASON_CHARS_MAX = 500      # as the API's deploy and rollback (schema.Reason)
 STATEMENT_ROWS = 50
 # No page loads anything from elsewhere or runs inline script; none may be framed. The
 # referrer stays on this server (with no-referrer at all, the browser names a form's origin
@@ -224,18 +228,57 @@ async def program_page(request: web.Request, session: Session, form: dict) -> we
     app = request.app
     holder = app[PROGRAMS]
     program = holder.current
-    deploys = await app[DATABASE].read(lambda conn: admin_audit.rows(conn, 10, DEPLOY_PATH))
-    for row in deploys:
+    before = request.query.get("before")
+    before_id = _load_id(before, "before") if before is not None else None
+
+    def read(conn):
+        actions = []
+        for path in (DEPLOY_PATH, ROLLBACK_PATH):
+            actions += admin_audit.rows(conn, VERSIONS_PAGE_ROWS, path)
+        actions.sort(key=lambda row: row["id"], reverse=True)
+        # One more than a page: whether there is an older page to link to.
+        return actions[:VERSIONS_PAGE_ROWS], program_versions.list_versions(conn, VERSIONS_PAGE_ROWS + 1, before_id)
+    actions, loads = await app[DATABASE].read(read)
+    for row in actions:
         row["detail"] = msgspec.json.decode(row["detail"]) if row["detail"] else {}
+    older = loads[VERSIONS_PAGE_ROWS - 1]["id"] if len(loads) > VERSIONS_PAGE_ROWS else None
     return render(request, "program.html", session, program=program, directory=holder.directory,
-                  groups=words.by_group(program.rule_summaries), reload=holder.last_reload, deploys=deploys)
+                  groups=words.by_group(program.rule_summaries), reload=holder.last_reload, actions=actions,
+                  loads=loads[:VERSIONS_PAGE_ROWS], older=older, paged=before_id is not None)
+
+
+def _load_id(raw: str, name: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= program_versions.LOAD_ID_MAX:
+        raise field_error(name, "must be the id of a listed version (a positive whole number)")
+    return value
+
+
+@page
+async def version_page(request: web.Request, session: Session, form: dict) -> web.Response:
+    """A recorded version's files, as they went live."""
+    version = request.match_info["version"]
+    try:
+        info = await request.app[DATABASE].read(lambda conn: program_versions.version_files(conn, version))
+    except program_versions.UnknownVersion as e:
+        raise not_found("unknown_version", str(e)) from None
+    return render(request, "version.html", session, info=info, serving=request.app[PROGRAMS].current.version)
+
+
+async def live_files(app) -> dict[str, bytes]:
+    try:
+        return await program_versions.live_files(app)
+    except ProgramError as e:
+        raise program_edit.invalid(e.problems) from None
 
 
 @page
 async def edit_page(request: web.Request, session: Session, form: dict) -> web.Response:
-    directory = request.app[PROGRAMS].directory
     name = request.query.get("file", "")
-    text = program_edit.file_text(directory, name)
+    text = program_edit.file_text(await live_files(request.app), name)
     return _editor(request, session, name, text, program_edit.sha256_text(text))
 
 
@@ -255,7 +298,7 @@ async def check(request: web.Request, session: Session, form: dict) -> web.Respo
     """The edited text checked as `loyalty rules check` would: every error and warning with its place."""
     app = request.app
     body = msgspec.json.decode(await request.read(), type=ConsoleCheck)
-    found = program_edit.check(app[PROGRAMS].directory, body.file, body.text, app[CONFIG].console.file_max_bytes,
+    found = program_edit.check(await live_files(app), body.file, body.text, app[CONFIG].console.file_max_bytes,
                                app[CLOCK].now())
     problems = [{"file": p.file, "line": p.line, "column": p.column, "message": p.message, "warning": p.warning}
                 for p in found]
@@ -266,18 +309,18 @@ async def check(request: web.Request, session: Session, form: dict) -> web.Respo
 @page
 async def start_backtest(request: web.Request, session: Session, form: dict) -> web.Response:
     app = request.app
-    directory, max_bytes, now = app[PROGRAMS].directory, app[CONFIG].console.file_max_bytes, app[CLOCK].now()
+    max_bytes, now = app[CONFIG].console.file_max_bytes, app[CLOCK].now()
     name, text, base = form.get("file", ""), form.get("text", ""), form.get("base_sha256", "")
     try:
-        found = program_edit.check(directory, name, text, max_bytes, now)
+        live = await live_files(app)
+        found = program_edit.check(live, name, text, max_bytes, now)
         errors = [p for p in found if not p.warning]
         if errors:
             raise program_edit.invalid(errors)
         job = await app[CONSOLE].backtests.start(
             key_id=session.principal.key_id, file=name, text=text, base_sha256=base,
             first=parse_day(form.get("from"), "from"), last=parse_day(form.get("to"), "to"),
-            old_files=program_edit.program_files(directory),
-            new_files=program_edit.edited(directory, name, text, max_bytes), now=now)
+            old_files=live, new_files=program_edit.edited(live, name, text, max_bytes), now=now)
     except ApiError as e:
         return _editor(request, session, name, text, base, e)
     return see_other(f"/console/backtests/{job.id}")
@@ -297,26 +340,79 @@ async def backtest_page(request: web.Request, session: Session, form: dict) -> w
 
 @page
 async def deploy(request: web.Request, session: Session, form: dict) -> web.Response:
-    """The edit a backtest ran on, written into rules.dir and loaded; recorded in the audit log
-    with who and why, refused or not."""
+    """The edit a backtest ran on, put live through program_versions.deploy: recorded with who
+    and why, served by every server on the database, written into rules.dir. The program's
+    other files stay as they are in the live program. Audited with the reason, refused or not."""
     app = request.app
     job = app[CONSOLE].backtests.get(form.get("backtest", ""))
     if job is None or job.state != "done":
         raise field_error("backtest", "must be a finished backtest of this edit")
     reason = form.get("reason", "").strip()
-    detail = {"reason": reason, "file": job.file, "previous_version": app[PROGRAMS].current.version}
-    try:
-        if not 1 <= len(reason) <= 500:
-            raise field_error("reason", "must be 1 to 500 characters: say why this change goes live")
-        program = program_edit.deploy(app[PROGRAMS], job.file, job.text, job.base_sha256,
-                                      app[CONFIG].console.file_max_bytes, f"console:{session.principal.key_id}",
-                                      app[CLOCK].now())
-    except ApiError as e:
-        await audit(request, session.principal, job.text.encode(), e.status, detail)
-        raise
-    detail["version"] = program.version
-    await audit(request, session.principal, job.text.encode(), 303, detail)
+    serving = app[PROGRAMS].current.version
+    who = session.principal.key_id
+
+    async def put_live() -> dict:
+        _require_reason(reason, "say why this change goes live")
+        live = await live_files(app)
+        program_edit.refuse_if_changed(job.file, job.base_sha256, live, app[PROGRAMS].directory)
+        files = program_edit.edited(live, job.file, job.text, app[CONFIG].console.file_max_bytes)
+        return await program_versions.deploy(app, _texts(files), who, reason, source="console", base_version=serving)
+
+    await _audited_put_live(request, session, job.text.encode(), {"reason": reason, "file": job.file,
+                                                                  "previous_version": serving}, put_live)
     return see_other("/console/program")
+
+
+@page
+async def rollback(request: web.Request, session: Session, form: dict) -> web.Response:
+    """A recorded version live again through program_versions.rollback, audited with the reason."""
+    app = request.app
+    version, reason = form.get("version", ""), form.get("reason", "").strip()
+    detail = {"reason": reason, "version": version, "previous_version": app[PROGRAMS].current.version}
+
+    async def put_live() -> dict:
+        _require_reason(reason, "say why the program goes back to this version")
+        return await program_versions.rollback(app, version, session.principal.key_id, reason)
+
+    await _audited_put_live(request, session, msgspec.json.encode({"version": version, "reason": reason}), detail,
+                            put_live)
+    return see_other("/console/program")
+
+
+def _require_reason(reason: str, why: str) -> None:
+    if not 1 <= len(reason) <= REASON_CHARS_MAX:
+        raise field_error("reason", f"must be 1 to {REASON_CHARS_MAX} characters: {why}")
+
+
+def _texts(files: dict[str, bytes]) -> dict[str, str]:
+    try:
+        return {name: raw.decode("utf-8") for name, raw in files.items()}
+    except UnicodeDecodeError:
+        raise field_error("file", "the live program has a file that is not UTF-8 text") from None
+
+
+async def _audited_put_live(request: web.Request, session: Session, body: bytes, detail: dict, operation) -> dict:
+    """Runs the deploy or roll-back; its domain errors become the answers the API gives them.
+    Audited either way: refused with the status, done with the version and its record."""
+    try:
+        try:
+            answer = await operation()
+        except ProgramError as e:
+            raise program_edit.invalid(e.problems) from None
+        except program_versions.UnknownVersion as e:
+            raise field_error("version", f"is not a recorded program version ({e})", "unknown_version") from None
+        except program_versions.ProgramChanged as e:
+            raise conflict("program_changed", f"{e}; open the file again and redo the change") from None
+        except program_versions.FolderUnwritable as e:
+            raise ApiError(503, "rules_dir_unwritable", f"{e}; the previous version keeps serving") from None
+    except ApiError as e:
+        await audit(request, session.principal, body, e.status, detail)
+        raise
+    detail.update(version=answer["version"], load_id=answer["load_id"], changed=answer["changed"])
+    if "folder_error" in answer:
+        detail["folder_error"] = answer["folder_error"]
+    await audit(request, session.principal, body, 303, detail)
+    return answer
 
 
 # ------------------------------------------------------------------ explain
@@ -422,6 +518,8 @@ async def _member(request, session: Session, handle: str, error: ApiError | None
         view = service.member_view(conn, program, member, card=value if kind == "card" else None)
         return view, lots_of(conn, member_id), statement(conn, member_id, None, None, STATEMENT_ROWS)
     view, lots, postings = await app[DATABASE].read(read)
+    for posting in postings:    # an adjustment names who made it
+        posting["by"] = app[KEYRING].name_of(posting.get("key_id"))
     day = local_today(app).isoformat()
     context = dict(handle=handle, by_card=kind == "card", view=view, postings=postings, day=day,
                    lots=[{"id": lot.id, "available_from": lot.available_from, "expires_on": lot.expires_on,
@@ -479,6 +577,8 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/console/program/backtest", start_backtest)
     r.add_get("/console/backtests/{id}", backtest_page)
     r.add_post(DEPLOY_PATH, deploy)
+    r.add_post(ROLLBACK_PATH, rollback)
+    r.add_get("/console/program/versions/{version}", version_page)
     r.add_get("/console/explain", explain_form)
     r.add_post("/console/explain", explain)
     r.add_get("/console/members", members_form)

@@ -111,3 +111,8 @@ def by_group(summaries: list[dict]) -> list[tuple[str | None, list[dict]]]:
     if None in groups:
         out.append((None, groups[None]))
     return out
+
+
+# How a program version went live (program_loads.source), for the program page and the last-reload panel.
+LOAD_SOURCES = {"directory": "loaded from the folder", "api": "deployed through the API",
+                "console": "deployed from the console", "rollback": "rolled back"}
