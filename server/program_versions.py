@@ -31,7 +31,7 @@ from aiohttp import web
 
 from rules import Program, ProgramError
 from rules.loader import folder_files, read_directory
-from server.keys import CLOCK, DATABASE, PROGRAMS, VERSIONS
+from server.keys import DATABASE, PROGRAMS, VERSIONS
 from server.programs import ProgramHolder
 from server.watcher import signature
 from storage import program_versions as store
