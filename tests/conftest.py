@@ -10,7 +10,10 @@ from server.app import create_app
 from server.config import config_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
-MARKET = ROOT / "rules" / "programs" / "market"
+# The tests' own copies of the shipped programs: a manager who edits rules/programs/ does
+# not change what the tests expect.
+PROGRAMS = ROOT / "tests" / "programs"
+MARKET = PROGRAMS / "market"
 
 TEST_HMAC_KEY = "tests-hmac-key-0123456789"
 KEYS = {

@@ -90,7 +90,7 @@ def test_commands_writing_to_a_closed_pipe(loyalty, command):
     one.write_text(json.dumps(receipt("E-1", [line(1, "dairy", 12000)], card="1")))
     args = {"audit verify": ["--config", config],
             "partners settle": ["--period", "2026-11", "--config", config, "--out", where / "reports"],
-            "rules diff": [MARKET, ROOT / "rules" / "programs" / "cafe", "--receipts", receipts],
+            "rules diff": [MARKET, ROOT / "tests" / "programs" / "cafe", "--receipts", receipts],
             "rules check": [MARKET],
             "rules explain": [one, "--config", config]}[command]
     read_end, write_end = os.pipe()

@@ -14,10 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 
-import rules
 from rules import MemberFacts, largest_remainder, load_files, load_program
 
-MARKET = pathlib.Path(rules.__file__).parent / "programs" / "market"
+MARKET = pathlib.Path(__file__).parent / "programs" / "market"
 
 SETTINGS = """\
 program: {id: t, name: Test, currency: UAH, timezone: Europe/Kyiv}

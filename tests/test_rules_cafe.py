@@ -1,4 +1,4 @@
-"""The shipped cafe program, worked by hand.
+"""The cafe program (the tests' copy of the shipped one, tests/programs/cafe), worked by hand.
 
 Settings that matter below: one point pays 10 grosze (value 10), the receipt's exact
 total is rounded half up, points are available the same day (activation 0) and
@@ -16,11 +16,10 @@ from types import SimpleNamespace
 
 import pytest
 
-import rules
 from rules import MemberFacts, check_dir, load_program
 from server.cli import main
 
-CAFE = pathlib.Path(rules.__file__).parent / "programs" / "cafe"
+CAFE = pathlib.Path(__file__).parent / "programs" / "cafe"
 
 
 def line(no, category, amount, qty="1", sku=None):

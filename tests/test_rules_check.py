@@ -13,11 +13,10 @@ import pytest
 from conftest import line, receipt
 from test_rules_watch import wait_for
 
-import rules
 from rules import Problem, ProgramError, check_dir, check_files, load_files, load_program
 from server.cli import main
 
-MARKET = pathlib.Path(rules.__file__).parent / "programs" / "market"
+MARKET = pathlib.Path(__file__).parent / "programs" / "market"
 TODAY = date(2026, 11, 24)  # the checker's date: the market's November promotion is still on
 
 SETTINGS = """\

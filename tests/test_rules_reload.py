@@ -6,10 +6,9 @@ import pathlib
 
 import pytest
 
-import rules
 from rules import engine, load_program
 
-MARKET = pathlib.Path(rules.__file__).parent / "programs" / "market"
+MARKET = pathlib.Path(__file__).parent / "programs" / "market"
 
 
 @pytest.fixture
