@@ -1,5 +1,5 @@
-"""`loyalty serve --config PATH`, `loyalty backup`, `loyalty rules check|explain|diff|export`, `loyalty keys`
-and the admin commands."""
+"""`loyalty serve --config PATH`, `loyalty backup`, `loyalty rules check|explain|diff|export`, `loyalty keys`,
+`loyalty import` and the admin commands."""
 from __future__ import annotations
 
 import argparse
@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     receipts_export.add_argument("--out", help="file to write (default: standard output)")
     receipts_export.add_argument("--from", dest="first", help="first local date, YYYY-MM-DD")
     receipts_export.add_argument("--to", dest="last", help="last local date, YYYY-MM-DD")
-    from server import keys_cli
+    from server import import_cli, keys_cli
     keys_cli.add_parser(sub)
+    import_cli.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve_command(args.config)
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return rules_tools.diff_command(args.old, args.new, args.receipts, args.json)
     if args.command == "keys":
         return keys_cli.dispatch(args)
+    if args.command == "import":
+        return import_cli.dispatch(args)
     from server import admin_cli
     return admin_cli.dispatch(args)
 

@@ -16,6 +16,7 @@ from rules import RuleEngineError
 from server import validation
 from server.validation import UNKNOWN_FIELD  # noqa: F401  (config.py words its hint from it)
 from storage.db import Overloaded, StorageBusy, StorageClosed, StorageError, StorageFull, StorageLost
+from storage.imports import ImportedReceipt
 
 log = logging.getLogger("loyalty.http")
 
@@ -103,6 +104,8 @@ def error_answer(e: Exception, method: str, route: str) -> tuple[int, bytes, dic
     answer (a redirect) that must propagate. `route` is the route's pattern, for the log."""
     if isinstance(e, ApiError):
         return _parts(e.status, e.code, e.message, e.details, e.headers)
+    if isinstance(e, ImportedReceipt):
+        return _parts(422, "receipt_imported", str(e), [{"path": "receipt", "message": "imported from history"}])
     if isinstance(e, msgspec.ValidationError):
         v = validation_error(e)
         return _parts(v.status, v.code, v.message, v.details)

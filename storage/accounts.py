@@ -9,6 +9,7 @@ redemption:program        points spent at the program's own stores
 redemption:partner:<id>   points spent at a partner's stores; owed to the partner
 expiry                    points that expired unused
 adjustment                points added or removed by hand
+opening                   opening balances brought from a previous program (loyalty import members)
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ ISSUE_PROGRAM = "issue:program"
 REDEMPTION_PROGRAM = "redemption:program"
 EXPIRY = "expiry"
 ADJUSTMENT = "adjustment"
+OPENING = "opening"
 PARTNER_FUNDING_PREFIX = "funding:partner:"
 PARTNER_REDEMPTION_PREFIX = "redemption:partner:"
 

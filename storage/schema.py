@@ -455,3 +455,23 @@ def m021_program_loads_names(db):
     """program_loads.deployed_by_name: the person behind the key that put a version live, kept
     as it was then (like adjustments.key_name), so a key renamed later does not rewrite who did it."""
     db.execute("ALTER TABLE program_loads ADD COLUMN deployed_by_name TEXT")
+
+
+@migrations()
+def m022_imported_receipts(db):
+    """Receipts of the history before the program, brought in by `loyalty import receipts`.
+
+    They are stored in receipts as confirmed (tiers, receipt numbers and every count of a
+    member's receipts take them as they are) with no postings; this table marks them, so a
+    return or a cancel of one is refused (storage/imports.py), and says where each came from."""
+    _run(db, """
+CREATE TABLE imported_receipts (
+    store_id TEXT NOT NULL,
+    register_id TEXT NOT NULL,
+    receipt_id TEXT NOT NULL,
+    imported_at TEXT NOT NULL,
+    source TEXT NOT NULL,
+    line INTEGER NOT NULL,
+    PRIMARY KEY (store_id, register_id, receipt_id)
+) WITHOUT ROWID
+""")

@@ -1,0 +1,176 @@
+"""Writes of `loyalty import members` and `loyalty import receipts`: members with their
+opening balances, and receipts of the history before the program, in batches.
+
+Each batch runs as one write function (storage.db.Database.write_sync) inside the single
+write transaction, so what it finds already there (a card, a receipt identity) cannot be
+added by the server between the look-up and the insert: a rerun skips it.
+
+Opening balances keep the ledger's invariants as every other credit does: a lot holding
+the points, and one posting through storage.ledger.post (the hash chain, lots.remaining)
+from the `opening` counter account, so the accounts still sum to zero.
+
+Imported receipts are stored as confirmed receipts (so tiers, receipt numbers and any
+count of a member's receipts see them) with no postings and no lots, and a row in
+imported_receipts: a return or a cancel of one is refused (refuse_if_imported).
+"""
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+
+from storage import ledger
+from storage.accounts import OPENING
+from storage.ledger import PostingRef, ReceiptKey
+
+# What an imported receipt records as the program that computed it: none did.
+IMPORTED_RULES_VERSION = "imported"
+# SQLite allows 32,766 host parameters per statement; look-ups go in chunks well below that.
+LOOKUP_CHUNK = 500
+
+
+class ImportedReceipt(Exception):
+    """A return or cancel of an imported receipt: it earned and spent nothing here, so there
+    is nothing to take back, and the history it counts for must not change."""
+
+    def __init__(self, key: ReceiptKey, action: str):
+        super().__init__(f"receipt {'/'.join(key)} was imported from the history before the program: "
+                         f"it earned no points here and cannot be {action}")
+        self.key, self.action = key, action
+
+
+@dataclass
+class MemberRow:
+    line: int
+    card: str                   # the card's HMAC
+    card_last4: str
+    phone_hmac: str | None
+    phone_last4: str | None
+    birthday: str | None
+    tags: str                   # JSON list
+    enrolled_at: str            # stored form (storage.ledger.iso)
+    opening_points: int
+    opening_expires_on: str | None
+
+
+@dataclass
+class ReceiptRow:
+    line: int
+    key: ReceiptKey
+    card: str | None            # the card's HMAC
+    fingerprint: bytes
+    ts: str
+    local_date: str
+    total: int
+    body: bytes                 # JSON, card as its HMAC
+    result: bytes
+
+
+def _chunks(items: list, size: int = LOOKUP_CHUNK):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def known_cards(conn: sqlite3.Connection, cards: list[str]) -> dict[str, int]:
+    """card HMAC -> member id, for those of `cards` that are enrolled."""
+    found: dict[str, int] = {}
+    for chunk in _chunks(cards):
+        marks = ", ".join("?" * len(chunk))
+        found.update(conn.execute(f"SELECT card, member_id FROM cards WHERE card IN ({marks})", chunk))
+    return found
+
+
+def insert_members(conn: sqlite3.Connection, rows: list[MemberRow], *, today: str, at: PostingRef) -> list[int]:
+    """Inserts the members whose card is not enrolled yet; returns the lines it skipped.
+    Ids are the next free ones: this is the only writer while the transaction lasts."""
+    there = known_cards(conn, [r.card for r in rows])
+    new = [r for r in rows if r.card not in there]
+    if not new:
+        return [r.line for r in rows]
+    first_member = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM members").fetchone()[0]
+    ids = {r.line: first_member + i for i, r in enumerate(new)}
+    conn.executemany("INSERT INTO members (id, phone_hmac, phone_last4, birthday, tags, enrolled_at, updated_at) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     [(ids[r.line], r.phone_hmac, r.phone_last4, r.birthday, r.tags, r.enrolled_at, at.created_at)
+                      for r in new])
+    conn.executemany("INSERT INTO cards (card, card_last4, member_id, created_at) VALUES (?, ?, ?, ?)",
+                     [(r.card, r.card_last4, ids[r.line], at.created_at) for r in new])
+    _open_balances(conn, [r for r in new if r.opening_points], ids, today, at)
+    return [r.line for r in rows if r.card in there]
+
+
+def _open_balances(conn: sqlite3.Connection, rows: list[MemberRow], ids: dict[int, int], today: str,
+                   at: PostingRef) -> None:
+    """One lot per opening balance, available at once, and its posting from `opening`."""
+    if not rows:
+        return
+    first_lot = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM lots").fetchone()[0]
+    lots = [(first_lot + i, ids[r.line], today, r.opening_expires_on, r.opening_points)
+            for i, r in enumerate(rows)]
+    conn.executemany("INSERT INTO lots (id, member_id, available_from, expires_on, remaining) "
+                     "VALUES (?, ?, ?, ?, ?)", lots)
+    for lot_id, member_id, available_from, expires_on, points in lots:
+        ledger.post(conn, member_id, lot_id, "adjustment", points, OPENING, at,
+                    lot_dates=(available_from, expires_on), counted=True)
+
+
+def stored_receipts(conn: sqlite3.Connection, keys: list[ReceiptKey]) -> dict[ReceiptKey, bytes]:
+    """key -> stored fingerprint, for those of `keys` already stored (imported or not)."""
+    found: dict[ReceiptKey, bytes] = {}
+    for key in keys:
+        row = conn.execute("SELECT body_sha256 FROM receipts WHERE store_id = ? AND register_id = ? "
+                           "AND receipt_id = ?", key).fetchone()
+        if row is not None:
+            found[key] = row[0]
+    return found
+
+
+@dataclass
+class ReceiptsOutcome:
+    added: list[int] = field(default_factory=list)          # lines
+    already: list[int] = field(default_factory=list)        # stored before with the same fingerprint
+    conflicting: list[int] = field(default_factory=list)    # identity taken by another receipt
+    unknown_card: list[int] = field(default_factory=list)
+
+
+def add_receipts(conn: sqlite3.Connection, rows: list[ReceiptRow], *, now: str, source: str) -> ReceiptsOutcome:
+    """Stores the receipts not stored yet whose card (if any) is enrolled."""
+    out = ReceiptsOutcome()
+    members = known_cards(conn, list({r.card for r in rows if r.card}))
+    stored = stored_receipts(conn, [r.key for r in rows])
+    new = []
+    for r in rows:
+        if r.key in stored:
+            (out.already if stored[r.key] == r.fingerprint else out.conflicting).append(r.line)
+        elif r.card is not None and r.card not in members:
+            out.unknown_card.append(r.line)
+        else:
+            new.append(r)
+            out.added.append(r.line)
+    insert_receipts(conn, new, members, now=now, source=source)
+    return out
+
+
+def insert_receipts(conn: sqlite3.Connection, rows: list[ReceiptRow], members: dict[str, int], *, now: str,
+                    source: str) -> None:
+    """Stores receipts as confirmed, marked imported; `members`: card HMAC -> member id."""
+    conn.executemany(
+        "INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, local_date, total, "
+        "rules_version, status, body, result, detail, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'confirmed', ?, ?, NULL, ?)",
+        [(*r.key, r.fingerprint, members[r.card] if r.card else None, r.ts, r.local_date, r.total,
+          IMPORTED_RULES_VERSION, ledger.pack(r.body), r.result, now) for r in rows])
+    conn.executemany("INSERT INTO imported_receipts (store_id, register_id, receipt_id, imported_at, source, line) "
+                     "VALUES (?, ?, ?, ?, ?, ?)", [(*r.key, now, source, r.line) for r in rows])
+
+
+def is_imported(conn: sqlite3.Connection, key: ReceiptKey) -> bool:
+    return conn.execute("SELECT 1 FROM imported_receipts WHERE store_id = ? AND register_id = ? "
+                        "AND receipt_id = ?", key).fetchone() is not None
+
+
+def refuse_if_imported(conn: sqlite3.Connection, key: ReceiptKey, action: str) -> None:
+    """For the return and cancel paths, inside their write transaction: raises
+    ImportedReceipt (a 422 `receipt_imported`, server/errors.py) for an imported receipt.
+    `action`: "returned" or "cancelled", as the refusal says it."""
+    if is_imported(conn, key):
+        raise ImportedReceipt(key, action)

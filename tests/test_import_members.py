@@ -1,0 +1,196 @@
+"""`loyalty import members`: members of a previous program with their opening balances,
+exact in the ledger, idempotent, with every refused row reported by its line."""
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from conftest import KEYS, MARKET, TEST_HMAC_KEY
+from server.cli import main as cli
+from test_crash_safety import Server
+
+NOW = "2026-11-24T12:00:05+02:00"
+HEADER = "card,phone,birthday,tags,opening_points,opening_expires_on,enrolled_on\n"
+
+
+def write_config(tmp_path: Path) -> str:
+    """The server's tests' HMAC key, so the app finds the cards the command imported."""
+    cfg = {"database": {"path": str(tmp_path / "loyalty.db")}, "rules": {"dir": str(MARKET), "watch": False},
+           "clock": {"start": NOW}, "privacy": {"hmac_key": TEST_HMAC_KEY}}
+    path = tmp_path / "cli.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def write_csv(tmp_path: Path, rows: list[str], name: str = "members.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(HEADER + "".join(r + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def ledger_state(db: Path) -> tuple:
+    """Everything an import writes, to compare a database before and after a rerun."""
+    conn = sqlite3.connect(db)
+    try:
+        return tuple(conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()
+                     for t in ("members", "cards", "lots", "postings"))
+    finally:
+        conn.close()
+
+
+async def test_opening_balances_are_exact_expire_on_their_date_and_pass_audit(make_api, tmp_path, capsys):
+    source = write_csv(tmp_path, [
+        "7000000000001,+380 (50) 123-45-67,1990-05-01,vip;staff,1500,2027-06-30,2020-01-15",
+        "7000000000002,,,,0,,",
+        "7000000000003,,,,250,,2025-03-01",
+    ])
+    config = write_config(tmp_path)
+    # A thread of its own: the command waits for its commits, which an event loop must not do.
+    assert await asyncio.to_thread(cli, ["import", "members", "--csv", str(source), "--config", config]) == 0
+    out = capsys.readouterr().out
+    assert "3 members rows: 3 imported, 0 already there, 0 refused" in out
+
+    api = await make_api(now=NOW)
+    status, member = await api.get("/v1/members/7000000000001")
+    assert status == 200
+    assert member["balance"] == {"available": 1500, "pending": 0, "held": 0}
+    assert member["expiring"] == [{"date": "2027-06-30", "points": 1500}]
+    assert member["profile"] == {"phone_last4": "4567", "birthday": "1990-05-01", "tags": ["staff", "vip"]}
+    assert member["enrolled_at"] == "2020-01-14T22:00:00.000000Z"        # the day's start in Kyiv
+    _, before = await api.get("/v1/members/7000000000001?at=2027-06-29")
+    _, on = await api.get("/v1/members/7000000000001?at=2027-06-30")
+    assert before["balance"]["available"] == 1500 and on["balance"]["available"] == 0
+    _, empty = await api.get("/v1/members/7000000000002")
+    assert empty["balance"]["available"] == 0 and empty["expiring"] == []
+    # No expiry date given: the program's expiry_days from the import's day, as an adjustment.
+    _, default = await api.get("/v1/members/7000000000003")
+    assert default["balance"]["available"] == 250
+    assert default["expiring"][0]["date"] > "2026-11-24"
+
+    status, statement = await api.get("/v1/members/7000000000001/statement")
+    assert [(p["points"], p["counter_account"], p["running_balance"]) for p in statement["postings"]] == \
+        [(1500, "opening", 1500)]
+    # Spending the opening balance works like any other points.
+    status, body = await api.post("/v1/admin/adjustments", {"card": "7000000000001", "points": -1000,
+                                                            "reason": "test", "adjustment_id": "a1"})
+    assert status == 201 and body["balance"]["available"] == 500
+
+    assert cli(["audit", "verify", "--config", config]) == 0
+    out = capsys.readouterr().out
+    assert "opening: -1750" in out
+
+
+def test_a_rerun_changes_nothing_and_finishes_a_stopped_run(tmp_path, capsys):
+    rows = [f"70000000{i:05d},,,,{i},2027-12-31," for i in range(1, 301)]
+    config = write_config(tmp_path)
+    # A run that stopped after the first 120 rows (its batches were committed).
+    assert cli(["import", "members", "--csv", str(write_csv(tmp_path, rows[:120], "first.csv")),
+                "--config", config, "--batch-rows", "50"]) == 0
+    source = write_csv(tmp_path, rows)
+    assert cli(["import", "members", "--csv", str(source), "--config", config, "--batch-rows", "50"]) == 0
+    assert "300 members rows: 180 imported, 120 already there, 0 refused" in capsys.readouterr().out
+    done = ledger_state(tmp_path / "loyalty.db")
+    assert len(done[0]) == 300 and len(done[3]) == 300
+    assert sum(p[4] for p in done[3]) == sum(range(1, 301))
+
+    assert cli(["import", "members", "--csv", str(source), "--config", config]) == 0
+    assert "300 members rows: 0 imported, 300 already there, 0 refused" in capsys.readouterr().out
+    assert ledger_state(tmp_path / "loyalty.db") == done
+    assert cli(["audit", "verify", "--config", config]) == 0
+
+
+def test_refused_rows_are_reported_with_their_line_and_reason(tmp_path, capsys):
+    source = write_csv(tmp_path, [
+        "7000000000001,,,,10,2027-01-01,",       # line 2: taken
+        "7000000000002,,1990-13-01,,,,",         # 3
+        "7000000000001,,,,,,",                   # 4: the same card again
+        "7000 0001,,,,,,",                       # 5
+        "7000000000005,,,,12,2026-11-24,",       # 6: expires on the import's day
+        "7000000000006,,,,,,2030-01-01",         # 7
+        "7000000000007,,,,-5,,",                 # 8
+        "7000000000008,,,,",                     # 9: too few fields
+        "7000000000009,12,,,,,",                 # 10: phone too short
+    ])
+    config = write_config(tmp_path)
+    assert cli(["import", "members", "--csv", str(source), "--config", config]) == 1
+    captured = capsys.readouterr()
+    assert "9 members rows: 1 imported, 0 already there, 8 refused" in captured.out
+    assert f"{source}:3: birthday: must be a date" in captured.err
+    with open(tmp_path / "members.refused.csv", newline="") as f:
+        report = list(csv.DictReader(f))
+    assert [(int(r["line"]), r["field"]) for r in report] == [
+        (3, "birthday"), (4, "card"), (5, "card"), (6, "opening_expires_on"), (7, "enrolled_on"),
+        (8, "opening_points"), (9, "$"), (10, "phone")]
+    assert report[1]["reason"] == "repeats line 2"
+    assert report[7]["reason"] == "must be 3 to 32 characters"
+
+    # Fixed rows are taken on the next run; the refused ones are refused again, as JSON this time.
+    assert cli(["import", "members", "--csv", str(source), "--config", config,
+                "--report", str(tmp_path / "refused.json")]) == 1
+    assert len(json.loads((tmp_path / "refused.json").read_text())) == 8
+    conn = sqlite3.connect(tmp_path / "loyalty.db")
+    assert conn.execute("SELECT COUNT(*), SUM(points) FROM postings").fetchone() == (1, 10)
+
+
+def test_a_file_it_cannot_read_stops_it_before_anything_is_written(tmp_path, capsys):
+    config = write_config(tmp_path)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("card,points\n1,2\n")
+    assert cli(["import", "members", "--csv", str(bad), "--config", config]) == 2
+    assert "unknown column 'points'" in capsys.readouterr().err
+    assert cli(["import", "members", "--csv", str(tmp_path / "missing.csv"), "--config", config]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_import_beside_a_serving_server(tmp_path):
+    """The real server keeps answering receipts while the command writes its batches, and
+    serves the imported members' balances without a restart."""
+    server = Server(tmp_path)
+    server.start()
+    try:
+        source = write_csv(tmp_path, [f"80000000{i:05d},,,,{100 + i},2027-12-31," for i in range(2_000)])
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "import", "members", "--csv", str(source),
+                                 "--config", str(server.config), "--batch-rows", "100"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent)
+        statuses = asyncio.run(_receipts_while(server, proc))
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+        assert b"2000 members rows: 2000 imported" in out
+        assert statuses and set(statuses) == {201}
+        member = asyncio.run(_get(server, "/v1/members/8000000001999"))
+        assert member["balance"]["available"] == 2_099
+    finally:
+        server.kill()
+    assert cli(["audit", "verify", "--config", str(server.config)]) == 0
+
+
+async def _receipts_while(server: Server, proc: subprocess.Popen) -> list[int]:
+    headers = {"Authorization": f"Bearer {KEYS['register']}"}
+    statuses = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        deadline = time.monotonic() + 120
+        n = 0
+        while (proc.poll() is None or n < 5) and time.monotonic() < deadline:
+            n += 1
+            body = {"receipt_id": f"live-{n}", "store_id": "S001", "register_id": "K01",
+                    "ts": "2026-11-24T12:00:00+02:00", "total": 1000,
+                    "lines": [{"line_no": 1, "sku": "a", "qty": 1, "price": 1000, "amount": 1000}]}
+            async with session.post(server.url("/v1/receipts"), json=body, headers=headers) as resp:
+                statuses.append(resp.status)
+    return statuses
+
+
+async def _get(server: Server, path: str) -> dict:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(server.url(path), headers={"Authorization": f"Bearer {KEYS['manager']}"}) as resp:
+            assert resp.status == 200
+            return await resp.json()
