@@ -11,9 +11,11 @@ or before), 1 when some were refused or the run was stopped, 2 when it could not
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import json
+import re
 import sqlite3
 import sys
 from dataclasses import dataclass, field
@@ -23,10 +25,12 @@ from typing import Callable, Iterator
 
 import msgspec
 
+from rules import Program, ProgramError, load_program
 from server import schema, validation
 from server.clock import Clock
 from server.config import ConfigError, load_config
 from server.errors import ApiError
+from server.privacy import Privacy, privacy_from_config
 from server.reports import ProgressBar
 from storage import imports
 from storage.db import Database
@@ -44,6 +48,8 @@ LINE_BYTES_MAX = 1024 * 1024
 # Refused rows printed to stderr; the report file has them all.
 REFUSED_SHOWN_MAX = 10
 TAG_SEPARATOR = ";"
+# Only the one form: 20261124 or 2026-W48-2 are dates to Python, and typos to a person.
+ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 MEMBER_COLUMNS = ("card", "phone", "birthday", "tags", "opening_points", "opening_expires_on", "enrolled_on")
 JSON = msgspec.json.Encoder()
 
@@ -56,6 +62,10 @@ class RowRefused(Exception):
 
 class CannotStart(Exception):
     """The input or the configuration cannot be used at all: one line, exit 2."""
+
+
+class Unreadable(Exception):
+    """The file cannot be read on from some line: the run stops there."""
 
 
 @dataclass
@@ -79,8 +89,8 @@ class Tally:
 @dataclass
 class Context:
     """What every row is judged against: the program's calendar and the import's moment."""
-    program: object
-    privacy: object
+    program: Program
+    privacy: Privacy
     now: datetime
 
     @property
@@ -106,7 +116,6 @@ def add_parser(sub) -> None:
 
 
 def _batch_rows(text: str) -> int:
-    import argparse
     try:
         value = int(text)
     except ValueError:
@@ -114,6 +123,14 @@ def _batch_rows(text: str) -> int:
     if not 1 <= value <= BATCH_ROWS_MAX:
         raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {BATCH_ROWS_MAX}, got {text!r}")
     return value
+
+
+class Stopped(Exception):
+    """A storage fault stopped the run; the batches committed before it stay."""
+
+    def __init__(self, line: str, tally: Tally):
+        super().__init__(line)
+        self.line, self.tally = line, tally
 
 
 def dispatch(args) -> int:
@@ -136,17 +153,7 @@ def dispatch(args) -> int:
     return _finish(tally, source, report, args.import_command)
 
 
-class Stopped(Exception):
-    """A storage fault stopped the run; the batches committed before it stay."""
-
-    def __init__(self, line: str, tally: Tally):
-        super().__init__(line)
-        self.line, self.tally = line, tally
-
-
 def run_import(config, kind: str, source: Path, batch_rows: int) -> Tally:
-    from rules import ProgramError, load_program
-    from server.privacy import privacy_from_config
     if not source.is_file():
         raise CannotStart(f"{source}: no such file")
     try:
@@ -228,17 +235,22 @@ class Importer:
     def run(self, source: Path, batch_rows: int, progress: Callable[[int, int], None]) -> None:
         total = count_lines(source)
         batch: list = []
-        line = 0
-        for line, item in self.rows(source):
-            self.tally.rows += 1
-            if self.tally.rows > FILE_ROWS_MAX:
-                raise CannotStart(f"{source} has more than {FILE_ROWS_MAX} rows; split it into several files")
-            if item is not None:
-                batch.append(item)
-            if len(batch) >= batch_rows:
+        try:
+            for line, item in self.rows(source):
+                self.tally.rows += 1
+                if self.tally.rows > FILE_ROWS_MAX:
+                    raise Unreadable(f"{source}:{line}: more than {FILE_ROWS_MAX} rows; split the file, the rows "
+                                     "before this line were taken")
+                if item is not None:
+                    batch.append(item)
+                if len(batch) >= batch_rows:
+                    self.write(batch)
+                    batch = []
+                    progress(line, total)
+        except Unreadable as e:
+            if batch:
                 self.write(batch)
-                batch = []
-                progress(line, total)
+            raise Stopped(str(e), self.tally) from None
         if batch:
             self.write(batch)
         progress(total, total)
@@ -259,10 +271,10 @@ class Importer:
 
 class MemberImport(Importer):
     def rows(self, source: Path) -> Iterator[tuple[int, imports.MemberRow | None]]:
-        with open(source, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = _member_header(next(reader, None), source)
-            for values in reader:
+        with open(source, "rb") as f:
+            reader = csv.reader(_utf8_lines(f))
+            header = _member_header(_next(reader, source), source)
+            while (values := _next(reader, source)) is not None:
                 line = reader.line_num
                 if not any(v.strip() for v in values):
                     continue
@@ -281,15 +293,32 @@ class MemberImport(Importer):
         now = iso(self.ctx.now)
         today = self.ctx.today.isoformat()
         note = "opening balance"
+        profile_events = [event.id for event in self.ctx.program.events_on("profile_completed")]
 
         def fn(conn):
             # A new PostingRef each time: the database may run fn again in a fresh transaction.
             at = PostingRef(effective_at=now, created_at=now, rules_version=self.ctx.program.version,
                             ref="opening", note=note)
-            return imports.insert_members(conn, batch, today=today, at=at)
+            return imports.insert_members(conn, batch, today=today, at=at, profile_events=profile_events)
         skipped = self.db.write_sync(fn)
         self.tally.already += len(skipped)
         self.tally.imported += len(batch) - len(skipped)
+
+
+def _utf8_lines(f) -> Iterator[str]:
+    """Decoded line by line, so bytes that are not UTF-8 are found on their own line; a
+    spreadsheet's byte-order mark before the header is dropped."""
+    for i, raw in enumerate(f):
+        yield raw.decode("utf-8-sig" if i == 0 else "utf-8")
+
+
+def _next(reader, source: Path) -> list[str] | None:
+    """The next row; a file that stops being CSV (or UTF-8) stops the run where it does."""
+    try:
+        return next(reader, None)
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise Unreadable(f"{source}:{reader.line_num + 1}: cannot be read as UTF-8 CSV ({e}); the rows before "
+                         "it were taken, fix the file and run it again") from None
 
 
 def _member_header(header: list[str] | None, source: Path) -> list[str]:
@@ -369,7 +398,9 @@ def _enrolled_at(raw: str | None, ctx: Context) -> str:
 
 def _date(raw: str, column: str) -> date:
     try:
-        return date.fromisoformat(raw) if len(raw) == 10 else date.fromisoformat("invalid")
+        if not ISO_DATE.fullmatch(raw):
+            raise ValueError(raw)
+        return date.fromisoformat(raw)
     except ValueError:
         raise RowRefused(column, f"must be a date like 2026-11-24, got {raw[:40]!r}") from None
 

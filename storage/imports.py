@@ -79,9 +79,14 @@ def known_cards(conn: sqlite3.Connection, cards: list[str]) -> dict[str, int]:
     return found
 
 
-def insert_members(conn: sqlite3.Connection, rows: list[MemberRow], *, today: str, at: PostingRef) -> list[int]:
+def insert_members(conn: sqlite3.Connection, rows: list[MemberRow], *, today: str, at: PostingRef,
+                   profile_events: list[str]) -> list[int]:
     """Inserts the members whose card is not enrolled yet; returns the lines it skipped.
-    Ids are the next free ones: this is the only writer while the transaction lasts."""
+    Ids are the next free ones: this is the only writer while the transaction lasts.
+
+    profile_events: the program's profile_completed events. A member whose phone and birthday
+    both come in completed the profile in the previous program: the events are recorded as
+    fired (without points), or the next change of the profile would pay them."""
     there = known_cards(conn, [r.card for r in rows])
     new = [r for r in rows if r.card not in there]
     if not new:
@@ -95,6 +100,10 @@ def insert_members(conn: sqlite3.Connection, rows: list[MemberRow], *, today: st
     conn.executemany("INSERT INTO cards (card, card_last4, member_id, created_at) VALUES (?, ?, ?, ?)",
                      [(r.card, r.card_last4, ids[r.line], at.created_at) for r in new])
     _open_balances(conn, [r for r in new if r.opening_points], ids, today, at)
+    conn.executemany("INSERT OR IGNORE INTO event_fires (member_id, event_id, occasion, created_at) "
+                     "VALUES (?, ?, 'profile', ?)",
+                     [(ids[r.line], event, at.created_at) for r in new if r.phone_hmac and r.birthday
+                      for event in profile_events])
     return [r.line for r in rows if r.card in there]
 
 

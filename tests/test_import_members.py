@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -194,3 +195,35 @@ async def _get(server: Server, path: str) -> dict:
         async with session.get(server.url(path), headers={"Authorization": f"Bearer {KEYS['manager']}"}) as resp:
             assert resp.status == 200
             return await resp.json()
+
+
+async def test_a_profile_completed_before_pays_no_bonus_later(make_api, tmp_path):
+    program = tmp_path / "program"
+    shutil.copytree(MARKET, program)
+    with open(program / "program.yaml", "a") as f:
+        f.write("  - {id: questionnaire, on: profile_completed, reward: {points: 300}}\n")
+    config = yaml.safe_load(Path(write_config(tmp_path)).read_text())
+    config["rules"]["dir"] = str(program)
+    (tmp_path / "cli.yaml").write_text(yaml.safe_dump(config))
+    source = write_csv(tmp_path, ["7000000000001,+380501234567,1990-05-01,,,,", "7000000000002,+380501234568,,,,,"])
+    assert await asyncio.to_thread(cli, ["import", "members", "--csv", str(source),
+                                         "--config", str(tmp_path / "cli.yaml")]) == 0
+    api = await make_api(now=NOW, program_dir=program)
+    # Completed in the previous program: changing the tags later pays nothing.
+    status, body = await api.patch("/v1/members/7000000000001", {"tags": ["vip"]})
+    assert status == 200 and body["balance"]["available"] == 0
+    # Completed now: the event pays, as for any member.
+    status, body = await api.patch("/v1/members/7000000000002", {"birthday": "1991-02-03"})
+    assert status == 200 and body["balance"]["available"] == 300
+
+
+def test_a_file_that_stops_being_readable_keeps_the_rows_before(tmp_path, capsys):
+    source = tmp_path / "members.csv"
+    source.write_bytes(HEADER.encode() + b"7000000000001,,,,5,,\n7000000000002,,,,6,,\n7000\xff\xfe,,,,,,\n")
+    config = write_config(tmp_path)
+    assert cli(["import", "members", "--csv", str(source), "--config", config]) == 1
+    captured = capsys.readouterr()
+    assert "2 members rows: 2 imported" in captured.out
+    assert f"{source}:4: cannot be read as UTF-8 CSV" in captured.err
+    conn = sqlite3.connect(tmp_path / "loyalty.db")
+    assert conn.execute("SELECT COUNT(*), SUM(points) FROM postings").fetchone() == (2, 11)
