@@ -226,7 +226,6 @@ def count_lines(path: Path) -> int:
 
 class Importer:
     """Reads rows, keeps the first line of each identity, writes full batches."""
-    label = "rows"
 
     def __init__(self, ctx: Context, db: Database, tally: Tally):
         self.ctx, self.db, self.tally = ctx, db, tally
