@@ -26,8 +26,8 @@ from server.errors import ApiError, conflict, field_error, forbidden, not_found,
 from server.metrics import Metrics
 from server.privacy import Privacy
 from server.programs import ProgramHolder
-from server.returns import pairs_to_store, plan_cancel, plan_return, receipt_lines
-from storage import accounts, ledger
+from server.returns import plan_cancel, plan_return
+from storage import accounts, ledger, line_records
 from storage.db import Database
 from storage.ledger import InsufficientPoints, PostingRef, iso
 
@@ -341,8 +341,9 @@ class Service:
         balance = self._balance_after(state.balance, state.own_hold, ev, today, confirmed=True) if state else {}
         result = self._result(program, receipt, member, ev, balance, today)
         result["replayed"] = False
+        lot_of_rule = {}
         if state is not None:
-            self._post_receipt(conn, program, receipt, key, state, ev, now, today)
+            lot_of_rule = self._post_receipt(conn, program, receipt, key, state, ev, now, today)
             if state.balance.owed and ev.accrued_points:
                 # The new points paid back a debt: the balance is no longer a simple sum.
                 holds = ledger.open_holds(conn, member.id, iso(now))
@@ -351,12 +352,16 @@ class Service:
         ledger.insert_receipt(conn, key, body_sha256=bytes.fromhex(fingerprint),
                               member_id=member.id if member else None, ts=iso(receipt.ts),
                               local_date=str(ev.local_date), total=receipt.total, rules_version=program.version,
-                              body=body, result=JSON.encode(result), detail=pairs_to_store(ev), now=iso(now))
+                              body=body, result=JSON.encode(result), now=iso(now),
+                              lines=line_records.encode(line_records.build(
+                                  [(line.line_no, line.qty, line.amount) for line in receipt.lines], ev.pairs,
+                                  ev.redeemed_by_line, lot_of_rule)))
         return 201, result, ev
 
     def _post_receipt(self, conn, program: Program, receipt: schema.Receipt, key: ledger.ReceiptKey,
-                      state: MemberState, ev, now: datetime, today: str) -> None:
-        """The receipt's postings: the redemption, the accrual lots, rule-limit usage, a referral."""
+                      state: MemberState, ev, now: datetime, today: str) -> dict[str, int]:
+        """The receipt's postings: the redemption, the accrual lots, rule-limit usage, a referral.
+        Returns the lot each earning rule's points went to."""
         member, partner = state.member, partner_of(program, receipt.store_id)
         at = PostingRef(effective_at=iso(receipt.ts), created_at=iso(now), rules_version=program.version,
                         receipt=key)
@@ -375,6 +380,7 @@ class Service:
             ledger.record_rule_fires(conn, member.id, limited, str(ev.local_date), key)
         if member.referred_by is not None and state.facts.receipt_number == 1:
             fire_events(conn, program, member.referred_by, "referred_first_purchase", f"referral:{member.id}", now)
+        return {rule: lots[dates] for rule, dates in rule_dates.items() if dates in lots}
 
     async def cancel(self, key: ledger.ReceiptKey, principal: Principal) -> dict:
         require_store(principal, key[0])
@@ -442,9 +448,8 @@ class Service:
                                 [{"path": "receipt", "message": "not found"}])
         if stored.status == "cancelled":
             raise unprocessable("receipt_cancelled", "the receipt was cancelled; nothing is left to return")
-        sold = receipt_lines(*ledger.receipt_detail_parts(conn, rec_key))
-        plan = plan_return(sold, ledger.returned_lines(conn, rec_key), ledger.receipt_postings(conn, rec_key),
-                           req.lines)
+        plan = plan_return(ledger.receipt_line_records(conn, rec_key), ledger.returned_lines(conn, rec_key),
+                           ledger.receipt_postings(conn, rec_key), req.lines)
         at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
                         receipt=rec_key, ref="/".join(ret_key))
         if stored.member_id is not None:

@@ -18,6 +18,7 @@ from datetime import date, datetime, timezone
 import msgspec
 import zstandard
 
+from storage import line_records
 from storage.accounts import EXPIRY, member_account
 
 STATEMENT_ROWS_MAX = 1_000
@@ -408,25 +409,25 @@ def get_receipt(conn: sqlite3.Connection, key: ReceiptKey) -> StoredReceipt | No
     return StoredReceipt(key, digest_hex(row[0]), row[1], row[2], unpack(row[3]), row[4])
 
 
-def receipt_detail_parts(conn: sqlite3.Connection, key: ReceiptKey) -> tuple[bytes, bytes, bytes | None]:
-    """(body, result, detail) as stored for a receipt, unpacked; see schema m013 for detail."""
-    body, result, detail = conn.execute("SELECT body, result, detail FROM receipts WHERE store_id = ? "
-                                        "AND register_id = ? AND receipt_id = ?", key).fetchone()
-    return unpack(body), unpack(result), detail
+def receipt_line_records(conn: sqlite3.Connection, key: ReceiptKey) -> dict[int, line_records.LineRecord]:
+    """What the receipt sold, earned and spent per line, by line number (m018)."""
+    row = conn.execute("SELECT lines FROM receipts WHERE store_id = ? AND register_id = ? AND receipt_id = ?",
+                       key).fetchone()
+    return line_records.decode(row[0])
 
 
 def insert_receipt(conn: sqlite3.Connection, key: ReceiptKey, *, body_sha256: bytes, member_id: int | None,
                    ts: str, local_date: str, total: int, rules_version: str, body: bytes, result: bytes,
-                   detail: bytes | None, now: str) -> None:
-    """body and result as JSON; detail: None or the rule-by-line pairs (m013). The body is
-    stored packed: it is most of the bytes (2.7 KB of JSON typically, 0.8 KB packed) and
-    is read back only by returns and exports; the answer (1.1 KB, read back on every
+                   lines: bytes, now: str) -> None:
+    """body and result as JSON; lines: the encoded line records (storage/line_records.py).
+    The body is stored packed: it is most of the bytes (2.7 KB of JSON typically, 0.8 KB
+    packed) and is read back only by exports; the answer (1.1 KB, read back on every
     retry) is not worth another ~15 us of zlib per receipt."""
     conn.execute("INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, local_date, "
-                 "total, rules_version, status, body, result, detail, created_at) "
+                 "total, rules_version, status, body, result, lines, created_at) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'confirmed', ?, ?, ?, ?)",
                  (*key, body_sha256, member_id, ts, local_date, total, rules_version, pack(body), result,
-                  detail, now))
+                  lines, now))
 
 
 # Stored receipt bodies are JSON (starting with `{`), or a zstd frame of it when that is

@@ -1,6 +1,8 @@
-"""What a return knows about each sold line is no longer stored per receipt: it is derived
-from the stored body and answer (plus the rule-by-line pairs when several rules earned).
-The derivation must give exactly what was stored before, for any receipt."""
+"""Line records: what a confirmed receipt keeps per line for its returns (m018).
+
+Receipts stored before them get theirs from what was stored then (body, answer and the
+detail column as the server wrote it between m013 and m018); for any receipt that must be
+exactly what the server now writes at the confirm."""
 from __future__ import annotations
 
 from datetime import date, datetime
@@ -13,28 +15,26 @@ from hypothesis import strategies as st
 
 from conftest import MARKET
 from rules import MemberFacts, load_program
-from server.returns import pairs_to_store, receipt_lines
 from server.schema import Line, Receipt, canonical
+from storage import line_records
 
 CATEGORIES = ["dairy", "grocery", "bakery", "tobacco", "fuel", "alcohol"]
 
 
-def stored_detail(receipt: Receipt, ev) -> dict:
-    """What a confirmed receipt stored as its detail before the compact format (m013)."""
-    lines = {str(line.line_no): {"qty": str(line.qty), "amount": line.amount, "points": 0, "pairs": {},
-                                 "redeemed": 0, "discount": 0} for line in receipt.lines}
-    for rule_id, line_no, points in ev.pairs:
-        if points:
-            entry = lines[str(line_no)]
-            entry["points"] += points
-            entry["pairs"][rule_id] = entry["pairs"].get(rule_id, 0) + points
-    for line_no, points, discount in ev.redeemed_by_line:
-        lines[str(line_no)].update(redeemed=points, discount=discount)
-    return {"lines": lines}
+def detail_as_stored(ev) -> bytes | None:
+    """receipts.detail as the server wrote it between m013 and m018: the pairs when the
+    answer alone did not give them back."""
+    earned = {rule for rule, points in ev.by_rule if points}
+    if len(earned) <= 1:
+        from_answer = {line_no: points for line_no, points in ev.by_line if points}
+        if {line_no: points for _, line_no, points in ev.pairs} == from_answer and len(ev.pairs) == len(from_answer) \
+                and all(rule in earned for rule, _, _ in ev.pairs):
+            return None
+    return msgspec.json.encode(ev.pairs)
 
 
-def answer(ev) -> bytes:
-    # The parts of server/service.py _result that a return reads.
+def answer_as_stored(ev) -> bytes:
+    # The parts of the stored answer the derivation reads.
     return msgspec.json.encode({
         "accrued": {"points": ev.accrued_points, "by_rule": [{"rule": r, "points": p} for r, p in ev.by_rule],
                     "by_line": [{"line_no": n, "points": p} for n, p in ev.by_line]},
@@ -56,7 +56,7 @@ lines_st = st.lists(st.tuples(st.sampled_from(CATEGORIES), st.integers(1, 400_00
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=lines_st, store=st.sampled_from(["S001", "F001"]), hour=st.sampled_from(["08", "12"]),
        tier=st.sampled_from(["base", "silver", "gold"]), redeem=st.sampled_from([0, 0, 100, 1000]))
-def test_derived_lines_equal_the_stored_detail(market, lines, store, hour, tier, redeem):
+def test_records_derived_from_older_rows_equal_the_ones_written_now(market, lines, store, hour, tier, redeem):
     receipt = Receipt(receipt_id="R-1", store_id=store, register_id="K01",
                       ts=datetime.fromisoformat(f"2026-11-24T{hour}:00:00+02:00"),
                       lines=[Line(line_no=n + 1, sku=f"sku-{n}", qty=Decimal(q), price=a, amount=a, category=c)
@@ -64,4 +64,17 @@ def test_derived_lines_equal_the_stored_detail(market, lines, store, hour, tier,
                       total=sum(a for _, a, _ in lines), card="hmac-of-the-card", redeem_points=redeem)
     facts = MemberFacts(member_id="m_1", tier=tier, enrolled_on=date(2026, 1, 1), receipt_number=3)
     ev = market.evaluate(receipt, facts, redeem, 5_000, {})
-    assert receipt_lines(canonical(receipt), answer(ev), pairs_to_store(ev)) == stored_detail(receipt, ev)
+    lots = {rule: 10 + i for i, (rule, _) in enumerate(ev.by_rule)}
+    written = line_records.build([(ln.line_no, ln.qty, ln.amount) for ln in receipt.lines], ev.pairs,
+                                 ev.redeemed_by_line, lots)
+    derived = line_records.from_stored(canonical(receipt), answer_as_stored(ev), detail_as_stored(ev), lots)
+    assert derived == written
+    assert line_records.decode(line_records.encode(written)) == {ln.line_no: ln for ln in written}
+    assert sum(ln.points for ln in written) == ev.accrued_points
+    assert sum(ln.discount for ln in written) == ev.discount
+
+
+def test_a_record_of_an_unknown_version_is_refused_not_misread():
+    newer = msgspec.msgpack.encode([line_records.VERSION + 1, [[1, "2", 100, [["base", 2, 7, "extra"]], 0, 0]]])
+    with pytest.raises(line_records.UnknownVersion, match="version 2"):
+        line_records.decode(newer)
