@@ -126,7 +126,7 @@ def batch_rows(first: int, last: int, first_lot: int, seed: int):
 
 
 def answer_of(points: int) -> bytes:
-    """A confirm answer (server/service.py _result) cut to what the server reads back from it:
+    """A confirm answer (server/answer.py receipt_answer) cut to what the server reads back from it:
     audit verify (points by rule, redeemed points) and a return (points and discount by line,
     none here: the stand-in body has no lines)."""
     return ANSWER.encode({"accrued": {"points": points, "by_rule": [{"rule": "base", "points": points}],

@@ -11,9 +11,9 @@ if TYPE_CHECKING:
     from server.config import Config
     from server.guards import InFlight, TokenBuckets
     from server.metrics import Metrics
+    from server.ops import Deps
     from server.privacy import Privacy
     from server.programs import ProgramHolder
-    from server.service import Service
     from storage.db import Database
 
 CONFIG = web.AppKey("config", "Config")
@@ -22,7 +22,7 @@ KEYRING = web.AppKey("keyring", "KeyRing")
 METRICS = web.AppKey("metrics", "Metrics")
 PROGRAMS = web.AppKey("programs", "ProgramHolder")
 DATABASE = web.AppKey("database", "Database")
-SERVICE = web.AppKey("service", "Service")
+OPS = web.AppKey("ops", "Deps")
 STATE = web.AppKey("state", dict)
 LIMITER = web.AppKey("limiter", "TokenBuckets")
 IN_FLIGHT = web.AppKey("in_flight", "InFlight")

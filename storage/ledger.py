@@ -313,22 +313,28 @@ def spend(conn: sqlite3.Connection, member_id: int, points: int, day: str, kind:
 
     Re-reads the lots inside the write transaction, so a balance that changed since the
     caller looked can never be overspent."""
-    lots = [lot for lot in lots_of(conn, member_id) if lot.remaining < 0 or lot.state_on(day) == "available"]
-    spendable = sum(lot.remaining for lot in lots) - reserved_by_others
+    drawn = draw(lots_of(conn, member_id), points, day, reserved_by_others)
+    for lot_id, take in drawn:
+        post(conn, member_id, lot_id, kind, -take, counter, at)
+    return drawn
+
+
+def draw(lots: list[Lot], points: int, day: str, reserved_by_others: int = 0) -> list[tuple[int, int]]:
+    """(lot_id, points) to debit from the available lots, soonest expiry first. Raises
+    InsufficientPoints when they do not cover `points` beside what others hold."""
+    usable = [lot for lot in lots if lot.remaining < 0 or lot.state_on(day) == "available"]
+    spendable = sum(lot.remaining for lot in usable) - reserved_by_others
     if points > spendable:
         raise InsufficientPoints(f"{points} points requested, {max(spendable, 0)} available")
-    lots.sort(key=lambda lot: (lot.expires_on is None, lot.expires_on or "", lot.available_from, lot.id))
-    drawn = []
-    left = points
-    for lot in lots:
+    usable.sort(key=lambda lot: (lot.expires_on is None, lot.expires_on or "", lot.available_from, lot.id))
+    drawn, left = [], points
+    for lot in usable:
         if left == 0:
             break
         take = min(lot.remaining, left)
-        if take <= 0:
-            continue
-        post(conn, member_id, lot.id, kind, -take, counter, at)
-        drawn.append((lot.id, take))
-        left -= take
+        if take > 0:
+            drawn.append((lot.id, take))
+            left -= take
     return drawn
 
 
