@@ -1,9 +1,11 @@
-"""The answers to a calculate and a confirm, built from their plan (server/plan.py): the
-numbers a register prints are the ones the ledger got."""
+"""The answers to a calculate, a confirm, a return and a cancel, built from their plans
+(server/plan.py, server/returns.py): the numbers a register prints are the ones the
+ledger got."""
 from __future__ import annotations
 
 from rules import Program
 from server.plan import ReceiptPlan
+from storage.ledger import member_public_id
 
 
 def receipt_ref(key) -> dict:
@@ -58,3 +60,29 @@ def calculate_answer(plan: ReceiptPlan, program: Program) -> dict:
 
 def confirm_answer(plan: ReceiptPlan, program: Program) -> dict:
     return {**receipt_answer(plan, program), "replayed": False}
+
+
+def return_answer(plan, ret_key, rec_key, member_id: int | None) -> dict:
+    """A return's answer from its plan (server/returns.py); the caller adds the balance."""
+    lines = plan.lines.items()
+    return {"return": {"store_id": ret_key[0], "register_id": ret_key[1], "return_id": ret_key[2]},
+            "receipt": receipt_ref(rec_key),
+            "member_id": member_public_id(member_id) if member_id is not None else None,
+            "reversed": {"points": plan.reversed_points, "by_rule": plan.by_rule_json(),
+                         "by_line": [{"line_no": n, "points": ln.points_reversed} for n, ln in lines]},
+            "refunded": {"points": plan.refunded_points, "discount": plan.discount_refunded,
+                         "by_line": [{"line_no": n, "points": ln.points_refunded, "discount": ln.discount_refunded}
+                                     for n, ln in lines]},
+            "amount": sum(ln.amount for ln in plan.lines.values()),
+            "replayed": False}
+
+
+def cancel_answer(key, reversals, refunds) -> dict:
+    """A cancel's answer from what it takes back (server/returns.py plan_cancel)."""
+    by_rule: dict[str, int] = {}
+    for _, rule_id, points, _ in reversals:
+        by_rule[rule_id] = by_rule.get(rule_id, 0) + points
+    return {"receipt": receipt_ref(key), "status": "cancelled", "already": False,
+            "reversed": {"points": sum(r[2] for r in reversals),
+                         "by_rule": [{"rule": r, "points": p} for r, p in by_rule.items()]},
+            "refunded": {"points": sum(r[1] for r in refunds)}}

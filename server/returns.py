@@ -15,6 +15,8 @@ import msgspec
 
 from rules import largest_remainder
 from server.errors import field_error, unprocessable
+from server.plan import Posting
+from storage.accounts import EXPIRY
 from storage.ledger import ReturnedLine
 from storage.line_records import LineRecord
 
@@ -129,3 +131,36 @@ def plan_cancel(postings: Postings) -> tuple[list[tuple[int, str, int, str]], li
     reversals = [(lot, rule, pts, counter) for (lot, rule, counter), pts in earned.items() if pts > 0]
     outstanding = sum(-pts for kind, _, _, _, pts in postings if kind in ("redemption", "refund"))
     return reversals, _refunds(postings, outstanding)
+
+
+@dataclass(frozen=True)
+class LotFacts:
+    """What a take-back needs of a lot it touches: when it expires and how many points its
+    expiry postings have taken from it so far."""
+    expires_on: str | None
+    expired: int
+
+
+def take_back_postings(reversals, refunds, lots: dict[int, LotFacts], today: str) -> list[Posting]:
+    """The postings of a return or a cancel. Points earned on a lot that has expired since
+    are taken from the expiry account, not from the member (who no longer had them); spent
+    points refunded to an expired lot go back expired. Reversals come first, and each sees
+    the expiry postings planned before it, as it would in the ledger."""
+    expired = {lot: facts.expired for lot, facts in lots.items()}
+    out: list[Posting] = []
+    for lot, rule, points, counter in reversals:
+        out.append(Posting("reversal", -points, counter, lot, rule=rule))
+        back = min(points, expired[lot]) if _expired(lots[lot], today) else 0
+        if back > 0:
+            out.append(Posting("expiry", back, EXPIRY, lot))
+            expired[lot] -= back
+    for lot, points, counter in refunds:
+        out.append(Posting("refund", points, counter, lot))
+        if _expired(lots[lot], today):
+            out.append(Posting("expiry", -points, EXPIRY, lot))
+            expired[lot] += points
+    return out
+
+
+def _expired(lot: LotFacts, today: str) -> bool:
+    return lot.expires_on is not None and lot.expires_on <= today

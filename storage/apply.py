@@ -85,3 +85,9 @@ def fire_events(conn: sqlite3.Connection, program, member_id: int, on: str, occa
                         ref=f"event:{event.id}:{occasion}")
         ledger.credit(conn, member_id, event.points, today, expires, "event", accounts.ISSUE_PROGRAM, at,
                       rule_id=event.id)
+
+
+def apply_take_back(conn: sqlite3.Connection, member_id: int, postings, at: PostingRef) -> None:
+    """A return's or a cancel's postings (server/returns.py take_back_postings), as planned."""
+    for p in postings:
+        ledger.post(conn, member_id, p.lot, p.kind, p.points, p.counter, at, p.rule)

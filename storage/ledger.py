@@ -279,32 +279,15 @@ def post(conn: sqlite3.Connection, member_id: int, lot_id: int, kind: str, point
     at._head = (posting_id, digest, conn.total_changes)
 
 
-def _expired_on(conn: sqlite3.Connection, lot_id: int, day: str) -> bool:
-    expires_on = conn.execute("SELECT expires_on FROM lots WHERE id = ?", (lot_id,)).fetchone()[0]
-    return expires_on is not None and expires_on <= day
-
-
-def refund(conn: sqlite3.Connection, member_id: int, lot_id: int, points: int, counter: str, at: PostingRef,
-           day: str) -> None:
-    """Spent points go back to the lot they came from and keep its expiry: to a lot that
-    has already expired they go back expired."""
-    post(conn, member_id, lot_id, "refund", points, counter, at)
-    if _expired_on(conn, lot_id, day):
-        post(conn, member_id, lot_id, "expiry", -points, EXPIRY, at)
-
-
-def reverse(conn: sqlite3.Connection, member_id: int, lot_id: int, points: int, counter: str, at: PostingRef,
-            rule_id: str | None, day: str) -> None:
-    """Takes earned points back. Points of the lot that already expired are taken from the
-    expiry account rather than from the member (who no longer had them)."""
-    post(conn, member_id, lot_id, "reversal", -points, counter, at, rule_id)
-    if not _expired_on(conn, lot_id, day):
-        return
-    expired = -conn.execute("SELECT COALESCE(SUM(points), 0) FROM postings WHERE lot_id = ? AND kind = 'expiry'",
-                            (lot_id,)).fetchone()[0]
-    back = min(points, expired)
-    if back > 0:
-        post(conn, member_id, lot_id, "expiry", back, EXPIRY, at)
+def lot_facts(conn: sqlite3.Connection, lot_ids) -> dict[int, tuple[str | None, int]]:
+    """(expires_on, points its expiry postings took so far) of each lot."""
+    ids = sorted(set(lot_ids))
+    if not ids:
+        return {}
+    marks = ", ".join("?" * len(ids))
+    return {r[0]: (r[1], r[2]) for r in conn.execute(
+        "SELECT l.id, l.expires_on, -COALESCE((SELECT SUM(points) FROM postings p WHERE p.lot_id = l.id "
+        f"AND p.kind = 'expiry'), 0) FROM lots l WHERE l.id IN ({marks})", ids)}
 
 
 def spend(conn: sqlite3.Connection, member_id: int, points: int, day: str, kind: str, counter: str,

@@ -14,16 +14,16 @@ import msgspec
 
 from rules import Program
 from server import schema
-from server.answer import calculate_answer, confirm_answer, receipt_ref
+from server.answer import calculate_answer, cancel_answer, confirm_answer, receipt_ref
 from server.auth import Principal, require_store
 from server.errors import field_error, unprocessable
 from server.member_state import read_member_state
 from server.ops import JSON, Deps, count, replay, sha256
 from server.ops.members import balance_now
 from server.plan import MemberState, evaluate, local_day, plan_calculate, plan_confirm
-from server.returns import plan_cancel
+from server.returns import LotFacts, plan_cancel, take_back_postings
 from storage import ledger
-from storage.apply import apply_calculate, apply_confirm
+from storage.apply import apply_calculate, apply_confirm, apply_take_back
 from storage.ledger import InsufficientPoints, PostingRef, iso
 
 FUTURE_TS_TOLERANCE = timedelta(minutes=5)
@@ -161,22 +161,19 @@ def _cancel_in_tx(deps: Deps, conn, key) -> dict:
     at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version, receipt=key,
                     ref="cancel")
     reversed_, refunded = plan_cancel(ledger.receipt_postings(conn, key))
-    today = local_day(program, now)
-    for lot_id, rule_id, points, counter in reversed_:
-        ledger.reverse(conn, stored.member_id, lot_id, points, counter, at, rule_id, today)
-    for lot_id, points, counter in refunded:
-        ledger.refund(conn, stored.member_id, lot_id, points, counter, at, today)
+    if stored.member_id is not None:
+        apply_take_back(conn, stored.member_id, take_back(conn, reversed_, refunded, local_day(program, now)), at)
     ledger.mark_cancelled(conn, key)
-    by_rule: dict[str, int] = {}
-    for _, rule_id, points, _ in reversed_:
-        by_rule[rule_id] = by_rule.get(rule_id, 0) + points
-    result = {**out, "status": "cancelled", "already": False,
-              "reversed": {"points": sum(r[2] for r in reversed_),
-                           "by_rule": [{"rule": r, "points": p} for r, p in by_rule.items()]},
-              "refunded": {"points": sum(r[1] for r in refunded)}}
+    result = cancel_answer(key, reversed_, refunded)
     if stored.member_id is not None:
         result["balance"] = balance_now(deps, conn, program, stored.member_id)
     return result
+
+
+def take_back(conn, reversals, refunds, today: str) -> list:
+    """The take-back's postings, planned from the facts of the lots it touches."""
+    facts = ledger.lot_facts(conn, [r[0] for r in reversals] + [r[0] for r in refunds])
+    return take_back_postings(reversals, refunds, {lot: LotFacts(*f) for lot, f in facts.items()}, today)
 
 
 QTY_DECIMALS_MAX = 6

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from rules import Program
 from server import schema
-from server.answer import receipt_ref
+from server.answer import return_answer
 from server.auth import Principal, require_store
 from server.errors import forbidden, unprocessable
 from server.ops import JSON, Deps, count, replay, sha256
 from server.ops.members import balance_now
-from server.ops.receipts import check_lines
+from server.ops.receipts import check_lines, take_back
 from server.plan import local_day, partner_of
 from server.returns import plan_return
 from storage import ledger
+from storage.apply import apply_take_back
 from storage.ledger import PostingRef, iso
 
 
@@ -48,23 +49,11 @@ def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint, principa
     at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
                     receipt=rec_key, ref="/".join(ret_key))
     if stored.member_id is not None:
-        today = local_day(program, now)
-        for lot_id, rule_id, points, counter in plan.reversals:
-            ledger.reverse(conn, stored.member_id, lot_id, points, counter, at, rule_id, today)
-        for lot_id, points, counter in plan.refunds:
-            ledger.refund(conn, stored.member_id, lot_id, points, counter, at, today)
+        postings = take_back(conn, plan.reversals, plan.refunds, local_day(program, now))
+        apply_take_back(conn, stored.member_id, postings, at)
     for line_no, line in plan.lines.items():
         ledger.insert_return_line(conn, rec_key, line_no, ret_key, line, iso(now))
-    result = {"return": {"store_id": ret_key[0], "register_id": ret_key[1], "return_id": ret_key[2]},
-              "receipt": receipt_ref(rec_key), "member_id": ledger.member_public_id(stored.member_id)
-              if stored.member_id is not None else None,
-              "reversed": {"points": plan.reversed_points, "by_rule": plan.by_rule_json(),
-                           "by_line": [{"line_no": n, "points": ln.points_reversed} for n, ln in plan.lines.items()]},
-              "refunded": {"points": plan.refunded_points, "discount": plan.discount_refunded,
-                           "by_line": [{"line_no": n, "points": ln.points_refunded,
-                                        "discount": ln.discount_refunded} for n, ln in plan.lines.items()]},
-              "amount": sum(ln.amount for ln in plan.lines.values()),
-              "replayed": False}
+    result = return_answer(plan, ret_key, rec_key, stored.member_id)
     if stored.member_id is not None:
         result["balance"] = balance_now(deps, conn, program, stored.member_id)
     ledger.insert_return(conn, ret_key, rec_key, body_sha256=fingerprint, member_id=stored.member_id,
