@@ -19,7 +19,7 @@ import msgspec
 import zstandard
 
 from storage import line_records
-from storage.accounts import EXPIRY, member_account
+from storage.accounts import member_account
 
 STATEMENT_ROWS_MAX = 1_000
 ISO_CACHE_ENTRIES_MAX = 1_024
