@@ -55,6 +55,7 @@ class Posting:
     rule: str | None = None
     of_receipt: bool = True         # False: effective at `effective_at`, not the receipt's ts, without its key
     effective_at: str | None = None
+    lot_dates: tuple[str, str | None] | None = None     # an existing lot's, as stored
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,8 @@ def plan_confirm(receipt, state: MemberState | None, program: Program, now: date
     if ev.redeemed_points:
         reserved = sum(h.points for h in holds)
         for lot_id, points in draw(list(lots.values()), ev.redeemed_points, today, reserved):
-            plan.postings.append(Posting("redemption", -points, accounts.redemption_account(partner), lot_id))
+            plan.postings.append(Posting("redemption", -points, accounts.redemption_account(partner), lot_id,
+                                         lot_dates=_dates(lots[lot_id])))
             lots[lot_id].remaining -= points
     lot_of_rule = _accrue(plan, program, ev, accounts.issue_account(partner))
     new_remaining = [lot.points for lot in plan.lots]
@@ -176,6 +178,10 @@ def plan_confirm(receipt, state: MemberState | None, program: Program, now: date
               for i, (new, points) in enumerate(zip(plan.lots, new_remaining)) if points]
     plan.balance = balance_of(sorted(after, key=lambda lot: lot.id), holds, today)
     return plan
+
+
+def _dates(lot: Lot) -> tuple[str, str | None]:
+    return lot.available_from, lot.expires_on
 
 
 def _text(day: date | None) -> str | None:
@@ -213,7 +219,7 @@ def _repay(plan: ReceiptPlan, lots: dict[int, Lot], new_remaining: list[int], to
             if take <= 0:
                 break
             plan.postings.append(Posting("repayment", -take, member, at, new_lot=True))
-            plan.postings.append(Posting("repayment", take, member, debt.id))
+            plan.postings.append(Posting("repayment", take, member, debt.id, lot_dates=_dates(debt)))
             new_remaining[at] -= take
             debt.remaining += take
 

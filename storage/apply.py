@@ -1,15 +1,22 @@
-"""Writes what a plan (server/plan.py) decided, inside the write transaction.
+"""Writes what a plan (server/plan.py, server/returns.py) decided, inside the write transaction.
 
 Nothing here decides: the lots, their points and dates, every posting and its amount come
-from the plan. Each write names its member, so it holds as well when members are
-serialized by a row lock per member instead of one writer: a plan reads and writes only
-its own member's rows, the shared counters (rule_totals) are kept by the postings'
-trigger, and the events it fires credit their member through the same functions.
+from the plan. The confirms of one batch are written together (apply_confirms): one
+INSERT for all their lots, one for their postings, one UPDATE of the lots' remaining
+points, one INSERT of their receipt rows.
+
+What a plan reads and writes is its own member's rows, plus two things every member
+shares: the budgets' rule_totals (kept by the postings' trigger, and taken off by the
+planner for plans of the batch not yet applied) and the ledger's order (posting ids, the
+hash chain, lot ids), which follows the one writer. Serializing members by a row lock
+instead would keep the first and need the second from a sequence.
 """
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from storage import accounts, ledger, line_records
 from storage.ledger import PostingRef, iso
@@ -24,44 +31,68 @@ def apply_calculate(conn: sqlite3.Connection, plan, now: datetime) -> None:
         ledger.close_hold(conn, plan.key, "released", iso(now))
 
 
-def apply_confirm(conn: sqlite3.Connection, plan, receipt, program, now: datetime, *, body: bytes,
-                  fingerprint: bytes, answer: bytes) -> None:
-    """The receipt's postings, hold, rule uses and events, then its row with its answer and
-    line records."""
-    lot_ids: list[int] = []
-    if plan.member is not None:
-        lot_ids = _post(conn, plan, receipt, program, now)
-    lines = [_with_lot_ids(line, lot_ids) for line in plan.lines]
-    ledger.insert_receipt(conn, plan.key, body_sha256=fingerprint,
-                          member_id=plan.member.id if plan.member else None, ts=iso(receipt.ts),
-                          local_date=str(plan.evaluation.local_date), total=receipt.total,
-                          rules_version=program.version, body=body, result=answer, now=iso(now),
-                          lines=line_records.encode(lines))
+@dataclass
+class Confirmed:
+    """A confirm's plan with what its receipt row needs, for apply_confirms."""
+    plan: Any
+    receipt: Any
+    program: Any
+    now: datetime
+    body: bytes
+    fingerprint: bytes
+    answer: bytes
+    result: Any = None      # handed back by apply_confirms
 
 
-def _post(conn, plan, receipt, program, now: datetime) -> list[int]:
-    member_id = plan.member.id
-    at = PostingRef(effective_at=iso(receipt.ts), created_at=iso(now), rules_version=program.version,
-                    receipt=plan.key)
-    if plan.hold is not None:
-        ledger.close_hold(conn, plan.key, "consumed", iso(now))
-    lot_ids = [ledger.new_lot(conn, member_id, lot.available_from, lot.expires_on, lot.points) for lot in plan.lots]
-    dates = [ledger.lot_dates(lot.available_from, lot.expires_on) for lot in plan.lots]
+def apply_confirms(conn: sqlite3.Connection, confirms: list[Confirmed]) -> list:
+    """The confirms' holds, lots, postings, rule uses, receipt rows and events, with one
+    statement per table for all of them (their results, in order). The plans were made in
+    this order against the state the earlier ones leave; the postings chain in it."""
+    lots = [(c.plan.member.id, *ledger.lot_dates(lot.available_from, lot.expires_on), lot.points)
+            for c in confirms if c.plan.member is not None for lot in c.plan.lots]
+    lot_ids = iter(ledger.new_lots(conn, lots))
+    postings, holds, expired, fires, receipts = [], [], [], [], []
+    for c in confirms:
+        plan, now = c.plan, iso(c.now)
+        ids = [next(lot_ids) for _ in plan.lots] if plan.member is not None else []
+        if plan.member is not None:
+            postings += _postings(c, ids)
+            holds += [(now, plan.key)] if plan.hold is not None else []
+            expired += [(ids[at],) for at in plan.expired_lots]
+            fires += [(plan.member.id, rule, str(plan.evaluation.local_date), *plan.key) for rule in plan.rule_uses]
+        lines = line_records.encode([_with_lot_ids(line, ids) for line in plan.lines])
+        receipts.append(ledger.receipt_row(
+            plan.key, body_sha256=c.fingerprint, member_id=plan.member.id if plan.member else None,
+            ts=iso(c.receipt.ts), local_date=str(plan.evaluation.local_date), total=c.receipt.total,
+            rules_version=c.program.version, body=c.body, result=c.answer, lines=lines, now=now))
+    ledger.close_holds(conn, holds, "consumed")
+    ledger.append_postings(conn, postings)
+    conn.executemany("UPDATE lots SET expiry_done = 1 WHERE id = ?", expired)
+    ledger.record_fires(conn, fires)
+    ledger.insert_receipts(conn, receipts)
+    for c in confirms:
+        for event in c.plan.events:
+            fire_events(conn, c.program, event.member_id, event.on, event.occasion, c.now)
+    return [c.result for c in confirms]
+
+
+def _postings(c: Confirmed, lot_ids: list[int]) -> list[ledger.NewPosting]:
+    plan, now, version = c.plan, iso(c.now), c.program.version
+    ts = iso(c.receipt.ts)
+    out = []
     for p in plan.postings:
-        lot_id = lot_ids[p.lot] if p.new_lot else p.lot
-        ref = at
-        if not p.of_receipt:
-            ref = PostingRef(effective_at=p.effective_at, created_at=iso(now), rules_version=program.version,
-                             ref=f"{p.kind}:{lot_id}")
-        ledger.post(conn, member_id, lot_id, p.kind, p.points, p.counter, ref, p.rule,
-                    dates[p.lot] if p.new_lot else None, counted=p.kind == "accrual")
-    if plan.expired_lots:
-        conn.executemany("UPDATE lots SET expiry_done = 1 WHERE id = ?", [(lot_ids[i],) for i in plan.expired_lots])
-    if plan.rule_uses:
-        ledger.record_rule_fires(conn, member_id, plan.rule_uses, str(plan.evaluation.local_date), plan.key)
-    for event in plan.events:
-        fire_events(conn, program, event.member_id, event.on, event.occasion, now)
-    return lot_ids
+        if p.new_lot:
+            lot_id, new = lot_ids[p.lot], plan.lots[p.lot]
+            dates = ledger.lot_dates(new.available_from, new.expires_on)
+        else:
+            lot_id, dates = p.lot, p.lot_dates
+        if p.of_receipt:
+            effective, receipt, ref = ts, plan.key, None
+        else:
+            effective, receipt, ref = p.effective_at, None, f"{p.kind}:{lot_id}"
+        out.append(ledger.NewPosting(plan.member.id, lot_id, dates, p.kind, p.points, p.counter, effective, now,
+                                     p.rule, version, receipt, ref, counted=p.kind == "accrual" and p.new_lot))
+    return out
 
 
 def _with_lot_ids(line: line_records.LineRecord, lot_ids: list[int]) -> line_records.LineRecord:

@@ -14,6 +14,7 @@ import threading
 import zlib
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
+from typing import NamedTuple
 
 import msgspec
 import zstandard
@@ -279,6 +280,59 @@ def post(conn: sqlite3.Connection, member_id: int, lot_id: int, kind: str, point
     at._head = (posting_id, digest, conn.total_changes)
 
 
+class NewPosting(NamedTuple):
+    """One posting for append_postings: its lot's dates are given, not read back."""
+    member_id: int
+    lot_id: int
+    lot_dates: tuple[str, str | None]
+    kind: str
+    points: int
+    counter: str
+    effective_at: str
+    created_at: str
+    rule_id: str | None
+    rules_version: str | None
+    receipt: ReceiptKey | None
+    ref: str | None
+    counted: bool       # already counted in its lot's remaining (a new lot's first points)
+
+
+def append_postings(conn: sqlite3.Connection, postings: list[NewPosting]) -> None:
+    """Appends postings in order, chained from the last one: one INSERT for all of them
+    and one UPDATE of lots.remaining for those not already counted."""
+    if not postings:
+        return
+    last = conn.execute("SELECT id, hash FROM postings ORDER BY id DESC LIMIT 1").fetchone()
+    posting_id, prev = last if last else (0, GENESIS_HASH)
+    rows, counts = [], []
+    for p in postings:
+        posting_id += 1
+        store, register, receipt = p.receipt or (None, None, None)
+        prev = posting_hash(prev, (posting_id, p.member_id, p.lot_id, *p.lot_dates, p.kind, p.points, p.counter,
+                                   p.effective_at, p.created_at, p.rule_id, p.rules_version, store, register,
+                                   receipt, p.ref, None, None))
+        rows.append((posting_id, p.member_id, p.lot_id, p.kind, p.points, p.counter, p.effective_at, p.created_at,
+                     p.rule_id, p.rules_version, store, register, receipt, p.ref, prev))
+        if not p.counted:
+            counts.append((p.points, p.lot_id))
+    conn.executemany("INSERT INTO postings (id, member_id, lot_id, kind, points, counter_account, effective_at, "
+                     "created_at, rule_id, rules_version, store_id, register_id, receipt_id, ref, hash) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    conn.executemany("UPDATE lots SET remaining = remaining + ? WHERE id = ?", counts)
+
+
+def new_lots(conn: sqlite3.Connection, lots: list[tuple[int, str, str | None, int]]) -> list[int]:
+    """(member_id, available_from, expires_on, points) each: lots already counting the points
+    their first postings bring, written with one INSERT; returns their ids. The ids follow
+    the highest one, as SQLite would give them: only the one writer adds lots."""
+    if not lots:
+        return []
+    first = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM lots").fetchone()[0]
+    conn.executemany("INSERT INTO lots (id, member_id, available_from, expires_on, remaining) VALUES (?, ?, ?, ?, ?)",
+                     [(first + i, *lot) for i, lot in enumerate(lots)])
+    return list(range(first, first + len(lots)))
+
+
 def lot_facts(conn: sqlite3.Connection, lot_ids) -> dict[int, tuple[str | None, int]]:
     """(expires_on, points its expiry postings took so far) of each lot."""
     ids = sorted(set(lot_ids))
@@ -405,18 +459,26 @@ def receipt_line_records(conn: sqlite3.Connection, key: ReceiptKey) -> dict[int,
     return line_records.decode(row[0])
 
 
-def insert_receipt(conn: sqlite3.Connection, key: ReceiptKey, *, body_sha256: bytes, member_id: int | None,
-                   ts: str, local_date: str, total: int, rules_version: str, body: bytes, result: bytes,
-                   lines: bytes, now: str) -> None:
+def receipt_row(key: ReceiptKey, *, body_sha256: bytes, member_id: int | None, ts: str, local_date: str,
+                total: int, rules_version: str, body: bytes, result: bytes, lines: bytes, now: str) -> tuple:
     """body and result as JSON; lines: the encoded line records (storage/line_records.py).
     The body is stored packed: it is most of the bytes (2.7 KB of JSON typically, 0.8 KB
     packed) and is read back only by exports; the answer (1.1 KB, read back on every
     retry) is not worth another ~15 us of zlib per receipt."""
-    conn.execute("INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, local_date, "
-                 "total, rules_version, status, body, result, lines, created_at) "
-                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'confirmed', ?, ?, ?, ?)",
-                 (*key, body_sha256, member_id, ts, local_date, total, rules_version, pack(body), result,
-                  lines, now))
+    return (*key, body_sha256, member_id, ts, local_date, total, rules_version, pack(body), result, lines, now)
+
+
+def insert_receipts(conn: sqlite3.Connection, rows: list[tuple]) -> None:
+    """Rows made by receipt_row, with one INSERT."""
+    conn.executemany("INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, "
+                     "local_date, total, rules_version, status, body, result, lines, created_at) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'confirmed', ?, ?, ?, ?)", rows)
+
+
+def close_holds(conn: sqlite3.Connection, holds: list[tuple[str, ReceiptKey]], status: str) -> None:
+    """close_hold for many (closed_at, key) whose points nobody needs back, with one UPDATE."""
+    conn.executemany("UPDATE holds SET status = ?, closed_at = ? WHERE store_id = ? AND register_id = ? "
+                     "AND receipt_id = ? AND status = 'open'", [(status, now, *key) for now, key in holds])
 
 
 # Stored receipt bodies are JSON (starting with `{`), or a zstd frame of it when that is
@@ -465,10 +527,10 @@ def mark_cancelled(conn: sqlite3.Connection, key: ReceiptKey) -> None:
     conn.execute("DELETE FROM rule_fires WHERE store_id = ? AND register_id = ? AND receipt_id = ?", key)
 
 
-def record_rule_fires(conn: sqlite3.Connection, member_id: int, rule_ids: list[str], local_date: str,
-                      key: ReceiptKey) -> None:
+def record_fires(conn: sqlite3.Connection, fires: list[tuple]) -> None:
+    """Uses of limited rules: (member_id, rule_id, local_date, *receipt key) each."""
     conn.executemany("INSERT INTO rule_fires (member_id, rule_id, local_date, store_id, register_id, receipt_id) "
-                     "VALUES (?, ?, ?, ?, ?, ?)", [(member_id, r, local_date, *key) for r in rule_ids])
+                     "VALUES (?, ?, ?, ?, ?, ?)", fires)
 
 
 def rule_usage(conn: sqlite3.Connection, member_id: int, windows: dict[str, tuple[date, date]]) -> dict[str, int]:

@@ -1,12 +1,15 @@
 """Receipts: calculate, confirm and cancel.
 
 A calculate or confirm is: read the member once (server/member_state.py) -> plan
-(server/plan.py, no database, no clock) -> apply the plan (storage/apply.py) -> answer
-from the plan (server/answer.py), all inside one write function. A cancel plans from the
+(server/plan.py, no database, no clock) -> answer from the plan (server/answer.py) ->
+apply the plan (storage/apply.py). Confirms are grouped writes (storage.db.Grouped): the
+confirms of one batch are planned one after another, each against the state the earlier
+ones leave, and applied together with one statement per table. A cancel plans from the
 receipt's postings (server/returns.py) and applies through storage/ledger.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from datetime import datetime, timedelta
 
@@ -23,7 +26,8 @@ from server.ops.members import balance_now
 from server.plan import MemberState, evaluate, local_day, plan_calculate, plan_confirm
 from server.returns import LotFacts, plan_cancel, take_back_postings
 from storage import ledger
-from storage.apply import apply_calculate, apply_confirm, apply_take_back
+from storage.apply import Confirmed, apply_calculate, apply_confirms, apply_take_back
+from storage.db import Flush, Grouped, Ready
 from storage.ledger import InsufficientPoints, PostingRef, iso
 
 FUTURE_TS_TOLERANCE = timedelta(minutes=5)
@@ -91,8 +95,8 @@ async def confirm(deps: Deps, receipt: schema.Receipt, principal: Principal) -> 
     program, now = deps.program(), deps.clock.now()
     seconds: list[float] = []
     try:
-        status, result, ev = await deps.db.write(
-            lambda conn: _confirm_in_tx(conn, program, receipt, card, body, fingerprint, now, seconds))
+        status, result, ev = await deps.db.write_grouped(
+            confirm_write(program, receipt, card, body, fingerprint, now, seconds))
     except InsufficientPoints as e:
         raise unprocessable("insufficient_points", str(e)) from None
     finally:
@@ -108,23 +112,55 @@ async def confirm(deps: Deps, receipt: schema.Receipt, principal: Principal) -> 
     return status, result
 
 
-def _confirm_in_tx(conn, program: Program, receipt: schema.Receipt, card: str | None, body: bytes,
-                   fingerprint: str, now: datetime, seconds: list[float]) -> tuple:
-    """(status, answer, evaluation or None for a replay). Raises ApiError with nothing written."""
+def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, body: bytes, fingerprint: str,
+                  now: datetime, seconds: list[float]) -> Grouped:
+    """The confirm as a grouped write: planned against the state the confirms before it in
+    its batch leave, then applied with them (storage/apply.py apply_confirms). Its result is
+    (status, answer, evaluation or None for a replay); a refusal is raised with nothing
+    written."""
     key = (receipt.store_id, receipt.register_id, receipt.receipt_id)
-    stored = ledger.get_receipt(conn, key)
-    if stored is not None:
-        answer = replay(stored.body_sha256, fingerprint, stored.result)
-        if stored.status == "cancelled":
-            answer = _cancelled_replay(conn, program, answer, stored.member_id, now)
-        return 200, answer, None
-    state = read_member_state(conn, receipt, program, now, card)
-    plan = plan_confirm(receipt, state, program, now, _timed(program, receipt, state, local_day(program, now),
-                                                             seconds))
-    answer = confirm_answer(plan, program)
-    apply_confirm(conn, plan, receipt, program, now, body=body, fingerprint=bytes.fromhex(fingerprint),
-                  answer=JSON.encode(answer))
-    return 201, answer, plan.evaluation
+
+    def plan(conn, group: dict):
+        if key in group.setdefault("keys", set()):
+            raise Flush     # the same receipt twice in one batch: the second is a replay
+        stored = ledger.get_receipt(conn, key)
+        if stored is not None:
+            answer = replay(stored.body_sha256, fingerprint, stored.result)
+            if stored.status == "cancelled":
+                answer = _cancelled_replay(conn, program, answer, stored.member_id, now)
+            return Ready((200, answer, None))
+        state = read_member_state(conn, receipt, program, now, card)
+        if state is not None and state.member.id in group.setdefault("members", set()):
+            raise Flush     # its lots, holds, limits and tier depend on a plan not yet applied
+        state = _less_budget(state, group.get("budget_used"))
+        planned = plan_confirm(receipt, state, program, now,
+                               _timed(program, receipt, state, local_day(program, now), seconds))
+        answer = confirm_answer(planned, program)
+        _count_in_group(group, planned, program)
+        return Confirmed(planned, receipt, program, now, body, bytes.fromhex(fingerprint), JSON.encode(answer),
+                         result=(201, answer, planned.evaluation))
+    return Grouped(plan, apply_confirms)
+
+
+def _less_budget(state: MemberState | None, used: dict[str, int] | None) -> MemberState | None:
+    """Budgets are shared by every member: what plans of the batch not yet applied issue
+    is not in rule_totals yet, so it is taken off here."""
+    if state is None or state.budget_left is None or not used:
+        return state
+    left = {rule: max(0, points - used.get(rule, 0)) for rule, points in state.budget_left.items()}
+    return dataclasses.replace(state, budget_left=left)
+
+
+def _count_in_group(group: dict, planned, program: Program) -> None:
+    group.setdefault("keys", set()).add(planned.key)
+    members = group.setdefault("members", set())
+    if planned.member is not None:
+        members.add(planned.member.id)
+    members.update(event.member_id for event in planned.events)
+    used = group.setdefault("budget_used", {})
+    for posting in planned.postings:
+        if posting.kind == "accrual" and posting.rule in program.budgets:
+            used[posting.rule] = used.get(posting.rule, 0) + posting.points
 
 
 def _cancelled_replay(conn, program: Program, answer: dict, member_id: int | None, now: datetime) -> dict:
