@@ -59,7 +59,7 @@ STORES = ("S001", "S002", "F001")
 ANSWER = msgspec.json.Encoder()
 STAND_IN_BODY = b'{"lines":[]}'
 STAND_IN_SHA256 = hashlib.sha256(STAND_IN_BODY).digest()
-STAND_IN_LINES = line_records.encode([])
+STAND_IN_LINES = line_records.encode(line_records.build([], [], [], {}))
 
 
 def card_of(member_id: int) -> str:

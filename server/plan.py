@@ -18,7 +18,7 @@ from rules.records import Evaluation
 from server.errors import ApiError, unprocessable
 from storage import accounts
 from storage.ledger import Balance, Hold, Lot, MemberRow, ReceiptKey, balance_of, draw, iso
-from storage.line_records import LineRecord, build
+from storage.line_records import ReceiptLines, build
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class ReceiptPlan:
     expired_lots: list[int] = field(default_factory=list)   # new lots whose points expired on arrival
     hold: HoldChange | None = None
     rule_uses: list[str] = field(default_factory=list)
-    lines: list[LineRecord] = field(default_factory=list)   # accrual lots as indexes of `lots`
+    lines: ReceiptLines | None = None   # its lots are indexes of `lots` until applied
     events: list[EventFire] = field(default_factory=list)
     balance: Balance | None = None  # the member's balance once the plan is applied
 

@@ -60,7 +60,8 @@ def apply_confirms(conn: sqlite3.Connection, confirms: list[Confirmed]) -> list:
             holds += [(now, plan.key)] if plan.hold is not None else []
             expired += [(ids[at],) for at in plan.expired_lots]
             fires += [(plan.member.id, rule, str(plan.evaluation.local_date), *plan.key) for rule in plan.rule_uses]
-        lines = line_records.encode([_with_lot_ids(line, ids) for line in plan.lines])
+        lines = line_records.encode(line_records.with_lots(plan.lines, {
+            rule: ids[at] for rule, at in plan.lines.lots.items()} if ids else {}))
         receipts.append(ledger.receipt_row(
             plan.key, body_sha256=c.fingerprint, member_id=plan.member.id if plan.member else None,
             ts=iso(c.receipt.ts), local_date=str(plan.evaluation.local_date), total=c.receipt.total,
@@ -93,14 +94,6 @@ def _postings(c: Confirmed, lot_ids: list[int]) -> list[ledger.NewPosting]:
         out.append(ledger.NewPosting(plan.member.id, lot_id, dates, p.kind, p.points, p.counter, effective, now,
                                      p.rule, version, receipt, ref, counted=p.kind == "accrual" and p.new_lot))
     return out
-
-
-def _with_lot_ids(line: line_records.LineRecord, lot_ids: list[int]) -> line_records.LineRecord:
-    if not line.accrued:
-        return line
-    accrued = tuple(line_records.Accrual(a.rule, a.points, lot_ids[a.lot] if lot_ids and a.lot is not None
-                                         else None) for a in line.accrued)
-    return line_records.LineRecord(line.line_no, line.qty, line.amount, accrued, line.redeemed, line.discount)
 
 
 def fire_events(conn: sqlite3.Connection, program, member_id: int, on: str, occasion: str, now: datetime) -> None:

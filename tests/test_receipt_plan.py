@@ -51,8 +51,8 @@ def test_a_redemption_draws_the_soonest_expiring_available_lots_and_the_answer_a
     answer = confirm_answer(plan, market)
     earned = plan.evaluation.accrued_points
     assert answer["balance"] == {"available": 250, "pending": 500 + earned, "held": 0}
-    assert sum(line.redeemed for line in plan.lines) == 250
-    assert sum(line.discount for line in plan.lines) == answer["redeemed"]["discount"] == 25000
+    assert sum(line.redeemed for line in plan.lines.lines) == 250
+    assert sum(line.discount for line in plan.lines.lines) == answer["redeemed"]["discount"] == 25000
     assert [lot.id for lot in state(lots).lots] == [1, 2, 3] and state(lots).lots[1].remaining == 200
 
 
@@ -62,8 +62,9 @@ def test_new_points_go_to_one_lot_per_pair_of_dates_and_the_line_records_name_it
         [("2026-12-08", "2027-11-24", plan.evaluation.accrued_points)]
     accruals = {p.rule: p.points for p in plan.postings if p.kind == "accrual"}
     assert accruals == {r: p for r, p in plan.evaluation.by_rule if p}
-    assert {a.lot for line in plan.lines for a in line.accrued} == {0}
-    assert sum(line.points for line in plan.lines) == plan.evaluation.accrued_points
+    lines = plan.lines.views().values()
+    assert {a.lot for line in lines for a in line.accrued} == {0}
+    assert sum(line.points for line in lines) == plan.evaluation.accrued_points
 
 
 def test_a_debt_is_paid_from_the_new_points_first(market):
@@ -122,5 +123,5 @@ def test_a_first_receipt_fires_the_referrers_event_and_a_confirm_consumes_its_ho
 def test_an_anonymous_receipt_plans_no_ledger_change(market):
     plan = plan_confirm(receipt((60000, 5000)), None, market, NOW)
     assert plan.postings == [] and plan.lots == [] and plan.member is None
-    assert [line.line_no for line in plan.lines] == [1, 2]
+    assert [line.line_no for line in plan.lines.lines] == [1, 2]
     assert confirm_answer(plan, market)["balance"] == {}
