@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
+import msgspec
+
 from rules import MemberFacts, Program
 from rules.records import Evaluation
 from server.errors import ApiError, unprocessable
@@ -21,8 +23,7 @@ from storage.ledger import Balance, Hold, Lot, MemberRow, ReceiptKey, balance_of
 from storage.line_records import ReceiptLines, build
 
 
-@dataclass(frozen=True)
-class MemberState:
+class MemberState(msgspec.Struct, frozen=True):
     """A receipt's member as read once, inside the write transaction."""
     member: MemberRow
     facts: MemberFacts              # as the rules see the member at the receipt's ts
@@ -36,15 +37,13 @@ class MemberState:
         return sum(h.points for h in self.holds if h.key == key)
 
 
-@dataclass(frozen=True)
-class NewLot:
+class NewLot(msgspec.Struct, frozen=True):
     available_from: date
     expires_on: date | None
     points: int                     # what its accruals bring
 
 
-@dataclass(frozen=True)
-class Posting:
+class Posting(msgspec.Struct, frozen=True):
     """One transfer between the member and `counter`. The lot is an existing lot's id, or
     (new_lot) the index of one of the plan's new lots."""
     kind: str
@@ -58,15 +57,13 @@ class Posting:
     lot_dates: tuple[str, str | None] | None = None     # an existing lot's, as stored
 
 
-@dataclass(frozen=True)
-class HoldChange:
+class HoldChange(msgspec.Struct, frozen=True):
     action: str                     # put | consume | release
     points: int = 0
     expires_at: datetime | None = None
 
 
-@dataclass(frozen=True)
-class EventFire:
+class EventFire(msgspec.Struct, frozen=True):
     member_id: int
     on: str
     occasion: str

@@ -9,7 +9,6 @@ receipt's postings (server/returns.py) and applies through storage/ledger.py.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from datetime import datetime, timedelta
 
@@ -148,7 +147,7 @@ def _less_budget(state: MemberState | None, used: dict[str, int] | None) -> Memb
     if state is None or state.budget_left is None or not used:
         return state
     left = {rule: max(0, points - used.get(rule, 0)) for rule, points in state.budget_left.items()}
-    return dataclasses.replace(state, budget_left=left)
+    return msgspec.structs.replace(state, budget_left=left)
 
 
 def _count_in_group(group: dict, planned, program: Program) -> None:
