@@ -318,7 +318,8 @@ def append_postings(conn: sqlite3.Connection, postings: list[NewPosting]) -> Non
     conn.executemany("INSERT INTO postings (id, member_id, lot_id, kind, points, counter_account, effective_at, "
                      "created_at, rule_id, rules_version, store_id, register_id, receipt_id, ref, hash) "
                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-    conn.executemany("UPDATE lots SET remaining = remaining + ? WHERE id = ?", counts)
+    if counts:
+        conn.executemany("UPDATE lots SET remaining = remaining + ? WHERE id = ?", counts)
 
 
 def new_lots(conn: sqlite3.Connection, lots: list[tuple[int, str, str | None, int]]) -> list[int]:
