@@ -14,10 +14,10 @@ what storage/ledger.py writes:
   an ``event`` posting of 100 points;
 - most members have 1 to 4 past receipts (within the last 300 days) with an accrual lot
   and posting each, so balances, tiers and rule usage are read from real rows. They are
-  stored in the server's format (the body's SHA-256 as 32 bytes, no per-line detail as
-  one rule earned), but the body and the answer are small stand-ins: the answer has the
-  fields audit verify and returns read; the body lists no lines (a return of one of them
-  is refused as a line not on the receipt). A real receipt stores ~0.8 KB of packed body
+  stored in the server's format (the body's SHA-256 as 32 bytes, line records), but the
+  body, the answer and the line records are small stand-ins: the answer has the fields
+  audit verify reads; body and line records list no lines (a return of one of them is
+  refused as a line not on the receipt). A real receipt stores ~0.8 KB of packed body
   and ~1.1 KB of answer; the benchmark reports that growth separately.
 
 Resumable: each batch of members and all their rows is one transaction, so the highest
@@ -42,6 +42,7 @@ from sqlite_utils import Database as UtilsDatabase
 
 from server.privacy import Privacy
 from storage.accounts import ISSUE_PROGRAM
+from storage import line_records
 from storage.ledger import GENESIS_HASH, posting_hash
 from storage.schema import migrations
 
@@ -58,6 +59,7 @@ STORES = ("S001", "S002", "F001")
 ANSWER = msgspec.json.Encoder()
 STAND_IN_BODY = b'{"lines":[]}'
 STAND_IN_SHA256 = hashlib.sha256(STAND_IN_BODY).digest()
+STAND_IN_LINES = line_records.encode(line_records.build([], [], [], {}))
 
 
 def card_of(member_id: int) -> str:
@@ -113,7 +115,7 @@ def batch_rows(first: int, last: int, first_lot: int, seed: int):
             key = (STORES[n % 2], "K01", f"h{member_id:012d}-{n}")
             stamp = iso(ts)
             receipts.append((*key, STAND_IN_SHA256, member_id, stamp, local.isoformat(), total,
-                             GENERATED_VERSION, STAND_IN_BODY, answer_of(points), None, stamp))
+                             GENERATED_VERSION, STAND_IN_BODY, answer_of(points), STAND_IN_LINES, stamp))
             if points:
                 lots.append((lot_id, member_id, (local + timedelta(days=14)).isoformat(),
                              (local + timedelta(days=365)).isoformat(), points))
@@ -124,7 +126,7 @@ def batch_rows(first: int, last: int, first_lot: int, seed: int):
 
 
 def answer_of(points: int) -> bytes:
-    """A confirm answer (server/service.py _result) cut to what the server reads back from it:
+    """A confirm answer (server/answer.py receipt_answer) cut to what the server reads back from it:
     audit verify (points by rule, redeemed points) and a return (points and discount by line,
     none here: the stand-in body has no lines)."""
     return ANSWER.encode({"accrued": {"points": points, "by_rule": [{"rule": "base", "points": points}],
@@ -147,7 +149,7 @@ def write_batch(conn: sqlite3.Connection, rows) -> None:
                          "effective_at, created_at, rule_id, rules_version, store_id, register_id, receipt_id, ref, "
                          "hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", chained(conn, lots, postings))
         conn.executemany("INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, "
-                         "local_date, total, rules_version, status, body, result, detail, created_at) "
+                         "local_date, total, rules_version, status, body, result, lines, created_at) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'confirmed', ?, ?, ?, ?)", receipts)
         conn.execute("COMMIT")
     except BaseException:

@@ -18,14 +18,14 @@ from server.config import Config
 from server.errors import error_middleware
 from server.guards import InFlight, TokenBuckets, in_flight_middleware
 from server.jobs import schedule
-from server.keys import (CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, PRIVACY, PROGRAMS,
-                         SERVICE, STATE, VERSIONS)
+from server.keys import (CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, OPS, PRIVACY, PROGRAMS,
+                         STATE, VERSIONS)
 from server.metrics import Metrics, error_code, status_class
 from server.privacy import privacy_from_config
 from server.program_versions import ProgramVersions
 from server.programs import ProgramHolder
+from server.ops import Deps
 from server.routes import COUNTED_ENDPOINTS, add_routes, audit_middleware
-from server.service import Service
 from server.startup import StartupError, check_database_file, lock_holder, still_locked, wait_for_write_lock
 from server.watcher import watch
 from storage import api_keys
@@ -67,7 +67,7 @@ def create_app(config: Config) -> web.Application:
 async def resources(app: web.Application):
     config = app[CONFIG]
     db, versions = await _open_with_program(app)
-    app[SERVICE] = Service(db, app[PROGRAMS], app[CLOCK], app[METRICS], app[PRIVACY])
+    app[OPS] = Deps(db, app[PROGRAMS], app[CLOCK], app[METRICS], app[PRIVACY])
     await refresh_keys(app[KEYRING], db)     # the database's keys before the first request
     app[PROGRAMS].count_lost_tiers(
         lambda levels, today: db.read_now(lambda conn: manual_tiers_outside(conn, levels, today)))
@@ -230,7 +230,7 @@ async def start_draining(app: web.Application) -> None:
 async def latency_middleware(request: web.Request, handler):
     """Request latency by route, method and status class, and refused receipt requests by
     their error code: measured on the answer itself, once per request, whatever refused it
-    (authentication, decoding, the service)."""
+    (authentication, decoding, the operation)."""
     started = time.perf_counter()
     response = None
     try:

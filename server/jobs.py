@@ -22,8 +22,8 @@ from datetime import date, datetime, time
 from typing import Callable, NamedTuple
 
 from rules import Program
-from server.service import fire_events
 from storage import accounts, ledger
+from storage.apply import fire_events
 from storage.db import Database, StorageError
 from storage.ledger import PostingRef, iso, member_public_id
 

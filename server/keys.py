@@ -12,10 +12,10 @@ if TYPE_CHECKING:
     from server.console import Console
     from server.guards import InFlight, TokenBuckets
     from server.metrics import Metrics
+    from server.ops import Deps
     from server.privacy import Privacy
     from server.program_versions import ProgramVersions
     from server.programs import ProgramHolder
-    from server.service import Service
     from storage.db import Database
 
 CONFIG = web.AppKey("config", "Config")
@@ -25,7 +25,7 @@ METRICS = web.AppKey("metrics", "Metrics")
 PROGRAMS = web.AppKey("programs", "ProgramHolder")
 VERSIONS = web.AppKey("versions", "ProgramVersions")
 DATABASE = web.AppKey("database", "Database")
-SERVICE = web.AppKey("service", "Service")
+OPS = web.AppKey("ops", "Deps")
 STATE = web.AppKey("state", dict)
 LIMITER = web.AppKey("limiter", "TokenBuckets")
 IN_FLIGHT = web.AppKey("in_flight", "InFlight")

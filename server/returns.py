@@ -1,4 +1,5 @@
-"""How much a return or a cancel takes back, as plain arithmetic over what was stored.
+"""How much a return or a cancel takes back, as plain arithmetic over what was stored:
+the receipt's line records (storage/line_records.py) and its postings.
 
 rules.md step 5: returning q of a line's qty reverses floor(line points x q / qty) and
 refunds the same share of the points spent on it; the return that completes the line
@@ -14,7 +15,10 @@ import msgspec
 
 from rules import largest_remainder
 from server.errors import field_error, unprocessable
+from server.plan import Posting
+from storage.accounts import EXPIRY
 from storage.ledger import ReturnedLine
+from storage.line_records import LineRecord
 
 # (kind, lot_id, rule_id, counter_account, points), as storage.ledger.receipt_postings gives them
 Postings = list[tuple[str, int, str | None, str, int]]
@@ -43,85 +47,51 @@ class ReturnPlan:
         return [{"rule": r, "points": p} for r, p in self.by_rule.items() if p]
 
 
-def receipt_lines(body: bytes, result: bytes, stored: bytes | None) -> dict:
-    """What a return needs per line of a confirmed receipt: sold qty and amount, points
-    earned per rule, points spent. Derived from the stored body and answer; `stored` is
-    receipts.detail (storage/schema.py m013): NULL, the pairs, or a whole older detail."""
-    if stored is not None and stored[:1] == b"{":
-        return msgspec.json.decode(stored)
-    answer = msgspec.json.decode(result)
-    lines = {str(line["line_no"]): {"qty": line["qty"], "amount": line["amount"], "points": 0, "pairs": {},
-                                    "redeemed": 0, "discount": 0} for line in msgspec.json.decode(body)["lines"]}
-    pairs = msgspec.json.decode(stored) if stored is not None else _answer_pairs(answer)
-    for rule_id, line_no, points in pairs:
-        entry = lines[str(line_no)]
-        entry["points"] += points
-        entry["pairs"][rule_id] = entry["pairs"].get(rule_id, 0) + points
-    for item in answer["redeemed"]["by_line"]:
-        lines[str(item["line_no"])].update(redeemed=item["points"], discount=item["discount"])
-    return {"lines": lines}
-
-
-def _answer_pairs(answer: dict) -> list[tuple[str, int, int]]:
-    # Only stored without its pairs when at most one rule earned (pairs_to_store).
-    earned = [item["rule"] for item in answer["accrued"]["by_rule"] if item["points"]]
-    if not earned:
-        return []
-    return [(earned[0], item["line_no"], item["points"]) for item in answer["accrued"]["by_line"] if item["points"]]
-
-
-def pairs_to_store(ev) -> bytes | None:
-    """The evaluation's (rule, line_no, points) pairs when the answer alone does not give
-    them back (several rules earned on the receipt), else None: most receipts need no copy."""
-    earned = {rule for rule, points in ev.by_rule if points}
-    if len(earned) <= 1:
-        from_answer = {line_no: points for line_no, points in ev.by_line if points}
-        if {line_no: points for _, line_no, points in ev.pairs} == from_answer and len(ev.pairs) == len(from_answer) \
-                and all(rule in earned for rule, _, _ in ev.pairs):
-            return None
-    return msgspec.json.encode(ev.pairs)
-
-
 def _share(whole: int, done: int, fraction: Fraction, completes: bool) -> int:
     if completes:
         return whole - done
     return (whole * fraction.numerator) // fraction.denominator
 
 
-def plan_return(detail: dict, prior: dict[int, list[ReturnedLine]], postings: Postings, lines) -> ReturnPlan:
+def plan_return(sold: dict[int, LineRecord], prior: dict[int, list[ReturnedLine]], postings: Postings,
+                lines) -> ReturnPlan:
+    """sold: the receipt's line records; prior: what earlier returns took per line."""
     plan = ReturnPlan()
+    by_lot: dict[tuple[str, int | None], int] = {}
     for i, req in enumerate(lines):
-        sold_line = detail["lines"].get(str(req.line_no))
+        sold_line = sold.get(req.line_no)
         if sold_line is None:
             raise field_error(f"lines[{i}].line_no", f"line {req.line_no} is not on the receipt")
         before = prior.get(req.line_no, [])
-        sold = Decimal(sold_line["qty"])
         returned = sum((Decimal(b.qty) for b in before), Decimal(0))
-        if returned + req.qty > sold:
+        if returned + req.qty > sold_line.qty:
             raise unprocessable("return_exceeds_sold",
-                                f"line {req.line_no}: {sold - returned} left to return, {req.qty} asked",
-                                [{"path": f"lines[{i}].qty", "message": f"at most {sold - returned}"}])
-        completes = returned + req.qty == sold
-        fraction = Fraction(req.qty) / Fraction(sold)
-        pairs_left = _pairs_left(sold_line["pairs"], before)
-        reversed_ = _share(sold_line["points"], sum(b.points_reversed for b in before), fraction, completes)
+                                f"line {req.line_no}: {sold_line.qty - returned} left to return, {req.qty} asked",
+                                [{"path": f"lines[{i}].qty", "message": f"at most {sold_line.qty - returned}"}])
+        completes = returned + req.qty == sold_line.qty
+        fraction = Fraction(req.qty) / Fraction(sold_line.qty)
+        pairs_left = _pairs_left({a.rule: a.points for a in sold_line.accrued}, before)
+        reversed_ = _share(sold_line.points, sum(b.points_reversed for b in before), fraction, completes)
         shares = (list(pairs_left.values()) if completes
                   else largest_remainder(reversed_, list(pairs_left.values())) if reversed_ else
                   [0] * len(pairs_left))
         by_rule = {r: s for r, s in zip(pairs_left, shares) if s}
+        lot_of = {a.rule: a.lot for a in sold_line.accrued}
         for rule, points in by_rule.items():
             plan.by_rule[rule] = plan.by_rule.get(rule, 0) + points
+            by_lot[(rule, lot_of[rule])] = by_lot.get((rule, lot_of[rule]), 0) + points
         plan.lines[req.line_no] = ReturnedLine(
             qty=str(req.qty),
-            amount=_share(sold_line["amount"], sum(b.amount for b in before), fraction, completes),
+            amount=_share(sold_line.amount, sum(b.amount for b in before), fraction, completes),
             points_reversed=reversed_,
-            points_refunded=_share(sold_line["redeemed"], sum(b.points_refunded for b in before), fraction, completes),
-            discount_refunded=_share(sold_line["discount"], sum(b.discount_refunded for b in before), fraction,
+            points_refunded=_share(sold_line.redeemed, sum(b.points_refunded for b in before), fraction, completes),
+            discount_refunded=_share(sold_line.discount, sum(b.discount_refunded for b in before), fraction,
                                      completes),
             by_rule=msgspec.json.encode(by_rule))
-    accrual_lot = {rule: (lot, counter) for kind, lot, rule, counter, _ in postings if kind == "accrual"}
-    plan.reversals = [(accrual_lot[rule][0], rule, points, accrual_lot[rule][1])
-                      for rule, points in plan.by_rule.items() if points]
+    counter_of = {(lot, rule): counter for kind, lot, rule, counter, _ in postings if kind == "accrual"}
+    # An anonymous receipt's points went to no lot: there is nothing to post.
+    plan.reversals = [(lot, rule, points, counter_of[(lot, rule)])
+                      for (rule, lot), points in by_lot.items() if points and lot is not None]
     plan.refunds = _refunds(postings, plan.refunded_points)
     return plan
 
@@ -161,3 +131,36 @@ def plan_cancel(postings: Postings) -> tuple[list[tuple[int, str, int, str]], li
     reversals = [(lot, rule, pts, counter) for (lot, rule, counter), pts in earned.items() if pts > 0]
     outstanding = sum(-pts for kind, _, _, _, pts in postings if kind in ("redemption", "refund"))
     return reversals, _refunds(postings, outstanding)
+
+
+@dataclass(frozen=True)
+class LotFacts:
+    """What a take-back needs of a lot it touches: when it expires and how many points its
+    expiry postings have taken from it so far."""
+    expires_on: str | None
+    expired: int
+
+
+def take_back_postings(reversals, refunds, lots: dict[int, LotFacts], today: str) -> list[Posting]:
+    """The postings of a return or a cancel. Points earned on a lot that has expired since
+    are taken from the expiry account, not from the member (who no longer had them); spent
+    points refunded to an expired lot go back expired. Reversals come first, and each sees
+    the expiry postings planned before it, as it would in the ledger."""
+    expired = {lot: facts.expired for lot, facts in lots.items()}
+    out: list[Posting] = []
+    for lot, rule, points, counter in reversals:
+        out.append(Posting("reversal", -points, counter, lot, rule=rule))
+        back = min(points, expired[lot]) if _expired(lots[lot], today) else 0
+        if back > 0:
+            out.append(Posting("expiry", back, EXPIRY, lot))
+            expired[lot] -= back
+    for lot, points, counter in refunds:
+        out.append(Posting("refund", points, counter, lot))
+        if _expired(lots[lot], today):
+            out.append(Posting("expiry", -points, EXPIRY, lot))
+            expired[lot] += points
+    return out
+
+
+def _expired(lot: LotFacts, today: str) -> bool:
+    return lot.expires_on is not None and lot.expires_on <= today

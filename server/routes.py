@@ -24,8 +24,9 @@ from rules import ProgramError, check_dir
 from server import program_versions, schema
 from server.auth import Principal, require_adjustment_within, require_role
 from server.errors import ApiError, field_error, not_found
-from server.keys import (CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, PRIVACY, PROGRAMS, SERVICE,
-                         STATE, VERSIONS)
+from server.keys import (CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, OPS, PRIVACY, PROGRAMS, STATE,
+                         VERSIONS)
+from server.ops import adjustments, members, receipts, returns
 from storage import admin_audit
 from storage.db import StorageClosed, StorageError
 from storage.ledger import iso
@@ -73,54 +74,54 @@ def json_reply(data, status: int = 200) -> Reply:
 # ------------------------------------------------------------------ registers
 
 # Receipt requests counted in loyalty_receipts_total, by route name: successes by the
-# service once its transaction is over, refusals (decoding included) by their error code
+# operation once its transaction is over, refusals (decoding included) by their error code
 # where the answer is made (server/app.py), so each request is counted once.
 COUNTED_ENDPOINTS = {"calculate": "calculate", "confirm": "confirm", "cancel": "cancel", "return_items": "return"}
 
 
 async def calculate(app, call: Call) -> Reply:
-    return json_reply(await app[SERVICE].calculate(call.body, call.principal))
+    return json_reply(await receipts.calculate(app[OPS], call.body, call.principal))
 
 
 async def confirm(app, call: Call) -> Reply:
-    status, result = await app[SERVICE].confirm(call.body, call.principal)
+    status, result = await receipts.confirm(app[OPS], call.body, call.principal)
     return json_reply(result, status)
 
 
 async def cancel(app, call: Call) -> Reply:
     m = call.path
     key = (m["store_id"], m["register_id"], m["receipt_id"])
-    return json_reply(await app[SERVICE].cancel(key, call.principal))
+    return json_reply(await receipts.cancel(app[OPS], key, call.principal))
 
 
 async def return_items(app, call: Call) -> Reply:
-    status, result = await app[SERVICE].return_items(call.body, call.principal)
+    status, result = await returns.return_items(app[OPS], call.body, call.principal)
     return json_reply(result, status)
 
 
 # ------------------------------------------------------------------ members
 
 async def enroll(app, call: Call) -> Reply:
-    return json_reply(await app[SERVICE].enroll(call.body, call.principal), 201)
+    return json_reply(await members.enroll(app[OPS], call.body, call.principal), 201)
 
 
 async def get_member(app, call: Call) -> Reply:
-    service = app[SERVICE]
-    at = parse_moment(call.query.get("at"), "at", service.program().timezone)
-    return json_reply(await service.get_member(call.path["card"], at))
+    ops = app[OPS]
+    at = parse_moment(call.query.get("at"), "at", ops.program().timezone)
+    return json_reply(await members.get_member(ops, call.path["card"], at))
 
 
 async def patch_member(app, call: Call) -> Reply:
-    return json_reply(await app[SERVICE].patch_member(call.path["card"], call.body))
+    return json_reply(await members.patch_member(app[OPS], call.path["card"], call.body))
 
 
 async def member_statement(app, call: Call) -> Reply:
-    service = app[SERVICE]
-    tz = service.program().timezone
+    ops = app[OPS]
+    tz = ops.program().timezone
     since = parse_moment(call.query.get("from"), "from", tz)
     until = parse_moment(call.query.get("to"), "to", tz, end_of_day=True)
     limit = parse_int(call.query.get("limit"), "limit", default=100)
-    statement = await service.statement(call.path["card"], since, until, limit)
+    statement = await members.statement(ops, call.path["card"], since, until, limit)
     keyring = app[KEYRING]
     for posting in statement["postings"]:
         posting["key_name"] = keyring.name_of(posting.get("key_id"))
@@ -131,13 +132,13 @@ async def member_statement(app, call: Call) -> Reply:
 
 async def adjust(app, call: Call) -> Reply:
     require_adjustment_within(call.principal, call.body.points, app[CONFIG].auth.support_adjustment_max_points)
-    status, result = await app[SERVICE].adjust(call.body, call.principal)
+    status, result = await adjustments.adjust(app[OPS], call.body, call.principal)
     # A replay answers with the key that made the adjustment, not the one asking again.
     return json_reply({**result, "key_name": app[KEYRING].name_of(result.get("key_id"))}, status)
 
 
 async def set_tier(app, call: Call) -> Reply:
-    return json_reply(await app[SERVICE].set_tier(call.path["card"], call.body))
+    return json_reply(await members.set_tier(app[OPS], call.path["card"], call.body))
 
 
 async def rules_info(app, call: Call) -> Reply:

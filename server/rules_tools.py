@@ -101,7 +101,7 @@ def member_from_db(conn: sqlite3.Connection, program: Program, card: str, receip
     the level reached over the window before ts). receipt_number: as the server counts it,
     in arrival order: the confirmed receipts that arrived before this one (all of them when
     it is not stored), plus one."""
-    from server.service import tier_view
+    from server.member_state import tier_view
     from storage.ledger import from_iso, member_by_card, receipts_confirmed_before
 
     member = member_by_card(conn, card)

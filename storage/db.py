@@ -6,7 +6,11 @@ connection; callers hand it a function and await the result.
 A durable commit costs an fsync, so one transaction per write caps throughput at the
 disk's sync rate (benchmarks/group_commit.py measures it). Everything that queued up
 while the previous batch was committing therefore runs as one transaction, each item
-inside its own SAVEPOINT so a failing item is undone alone.
+inside its own SAVEPOINT so a failing item is undone alone. Grouped writes (Grouped: a
+plan that writes nothing, then an apply) of one kind that follow each other in a batch
+share one SAVEPOINT instead: each is planned, a refused plan having written nothing, and
+their plans are applied together; if that fails, the group is undone and its items run
+one by one in their own savepoints, so a failing item still fails alone.
 
 Write functions run on the event loop's own thread, and so does their COMMIT. Running
 the functions on the writer thread cost more: every statement released and re-took the
@@ -65,7 +69,7 @@ from sqlite_utils.migrations import Migrations
 from storage.health import (CAN_SEE_LOCK_HOLDERS, Faults, FileIdentity, StorageBusy, StorageError, StorageFull,
                             StorageLost, Throttle, classify, free_bytes, is_busy, wal_write_lock_holder)
 
-__all__ = ["Database", "Overloaded", "StorageBusy", "StorageClosed", "StorageError", "StorageFull",
+__all__ = ["Database", "Flush", "Grouped", "Overloaded", "Ready", "StorageBusy", "StorageClosed", "StorageError", "StorageFull",
            "StorageLost", "TransactionLost"]
 
 T = TypeVar("T")
@@ -85,6 +89,10 @@ _ROLLBACK_SQL = "ROLLBACK -- storage writer"
 _SAVEPOINT_SQL = f"SAVEPOINT {_ITEM_SAVEPOINT} -- storage writer"
 _ROLLBACK_TO_SQL = f"ROLLBACK TO SAVEPOINT {_ITEM_SAVEPOINT} -- storage writer"
 _RELEASE_SQL = f"RELEASE SAVEPOINT {_ITEM_SAVEPOINT} -- storage writer"
+_GROUP_SAVEPOINT = "storage_writer_group"
+_GROUP_SAVEPOINT_SQL = f"SAVEPOINT {_GROUP_SAVEPOINT} -- storage writer"
+_GROUP_ROLLBACK_TO_SQL = f"ROLLBACK TO SAVEPOINT {_GROUP_SAVEPOINT} -- storage writer"
+_GROUP_RELEASE_SQL = f"RELEASE SAVEPOINT {_GROUP_SAVEPOINT} -- storage writer"
 
 # Who runs the next batch of writes: nobody (nothing queued), an event loop (a callback
 # is scheduled there), or it is being run or committed right now.
@@ -142,8 +150,45 @@ class TransactionLost(Exception):
     """A write function ended the batch transaction (for example a RAISE(ROLLBACK) trigger)."""
 
 
+class Flush(Exception):
+    """Raised by a grouped write's plan that depends on plans of its group not yet applied
+    (the same member, say): they are applied, then it is planned again."""
+
+
+class Ready:
+    """A grouped write's plan that needs no apply: its result is known (a replay)."""
+
+    __slots__ = ("result",)
+
+    def __init__(self, result: Any) -> None:
+        self.result = result
+
+
+class Grouped:
+    """A write in two halves, so that the writes of one kind in a batch are applied together.
+
+    plan(conn, group) reads and decides without writing; it returns what apply needs, a
+    Ready, or raises Flush. `group` is the planners' own bookkeeping of the plans not yet
+    applied in this batch (which members, which shared counters), emptied after each apply.
+    apply(conn, plans) writes plans planned in order and returns one result per plan.
+    Items with the same apply run as one group: one savepoint, the plans applied with one
+    statement per table. If applying fails, the group is undone and its items run again
+    one by one, each planned and applied in its own savepoint.
+    """
+
+    __slots__ = ("plan", "apply")
+
+    def __init__(self, plan: Callable[[sqlite3.Connection, dict], Any],
+                 apply: Callable[[sqlite3.Connection, list], list]) -> None:
+        self.plan, self.apply = plan, apply
+
+    def alone(self, conn: sqlite3.Connection) -> Any:
+        planned = self.plan(conn, {})
+        return planned.result if isinstance(planned, Ready) else self.apply(conn, [planned])[0]
+
+
 class _Item:
-    __slots__ = ("fn", "loop", "future", "off_loop", "deadline_s")
+    __slots__ = ("fn", "loop", "future", "off_loop", "deadline_s", "grouped")
 
     def __init__(
         self,
@@ -160,6 +205,7 @@ class _Item:
         self.loop = loop
         self.future = future
         self.off_loop = off_loop or loop is None
+        self.grouped: Grouped | None = None
 
 
 class _Done:
@@ -516,6 +562,22 @@ class Database:
             self._start_turn(None if off_loop else loop)
         return await future
 
+    async def write_grouped(self, grouped: Grouped) -> Any:
+        """write() for a write in two halves (Grouped), applied with the others of its kind
+        that share its batch; answered like write() once its group commit is durable."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        self._refuse_if_lost()
+        with self._lock:
+            self._refuse_unless_open()
+            if len(self._pending) >= self._queue_max:
+                raise Overloaded(f"{len(self._pending)} writes queued (queue_max={self._queue_max})")
+            item = _Item(grouped.alone, loop, future, False, self._busy_wait_s)
+            item.grouped = grouped
+            self._pending.append(item)
+            self._start_turn(loop)
+        return await future
+
     def write_sync(
         self, fn: Callable[[sqlite3.Connection], T], *, timeout_s: float = DEFAULT_SYNC_TIMEOUT_S
     ) -> T:
@@ -787,7 +849,7 @@ class Database:
     def _authorize(self, action: int, arg1: str | None, arg2: str | None, *_: object) -> int:
         if self._fn_running and (
             action == sqlite3.SQLITE_TRANSACTION
-            or (action == sqlite3.SQLITE_SAVEPOINT and arg2 == _ITEM_SAVEPOINT)
+            or (action == sqlite3.SQLITE_SAVEPOINT and arg2 in (_ITEM_SAVEPOINT, _GROUP_SAVEPOINT))
         ):
             return sqlite3.SQLITE_DENY
         return sqlite3.SQLITE_OK
@@ -924,32 +986,124 @@ class Database:
 
     def _run_in_transaction(self, conn: sqlite3.Connection,
                             batch: list[_Item]) -> tuple[list[tuple[bool, Any]], bool]:
-        """Runs each item in its savepoint; returns (ok, result or exception) per item and whether to COMMIT."""
+        """Runs each item in its savepoint, or each run of grouped items of one kind in one
+        (_run_group); returns (ok, result or exception) per item and whether to COMMIT."""
         outcomes: list[tuple[bool, Any]] = [(False, None)] * len(batch)
         todo = list(range(len(batch)))
+        grouping = True
         try:
             while True:
                 done_ok: list[int] = []
                 lost_at: int | None = None
-                for position, index in enumerate(todo):
-                    outcomes[index] = self._run_item(conn, batch[index].fn)
+                position = 0
+                while position < len(todo):
+                    run = self._group_run(batch, todo, position) if grouping else 1
+                    indexes = todo[position:position + run]
+                    results = (self._run_group(conn, [batch[i] for i in indexes]) if run > 1
+                               else [self._run_item(conn, batch[indexes[0]].fn)])
+                    for index, outcome in zip(indexes, results):
+                        outcomes[index] = outcome
                     if not conn.in_transaction:
                         lost_at = position
                         break
-                    if outcomes[index][0]:
-                        done_ok.append(index)
+                    done_ok += [index for index, outcome in zip(indexes, results) if outcome[0]]
+                    position += run
                 if lost_at is None:
                     return outcomes, True
-                # That item's failure ended the whole transaction and took the earlier
-                # items' work with it; they run again with those not started yet. Each
-                # round drops the item at fault, so this ends within len(batch) rounds.
-                todo = done_ok + todo[lost_at + 1 :]
+                if todo[lost_at:lost_at + 1] and batch[todo[lost_at]].grouped is not None and grouping:
+                    # Which item of the group ended the transaction is not known: all of
+                    # them run again, one by one this time, and that round finds it.
+                    todo = done_ok + todo[lost_at:]
+                    grouping = False
+                else:
+                    # That item's failure ended the whole transaction and took the earlier
+                    # items' work with it; they run again with those not started yet. Each
+                    # round drops the item at fault, so this ends within len(batch) rounds.
+                    todo = done_ok + todo[lost_at + 1 :]
                 if not todo:
                     return outcomes, False
                 conn.execute(_BEGIN_SQL)
         except Exception as err:
             self._rollback_quietly(conn)
             return [(False, err)] * len(batch), False
+
+    @staticmethod
+    def _group_run(batch: list[_Item], todo: list[int], position: int) -> int:
+        """How many items from `position` on form one group (1: run it alone)."""
+        first = batch[todo[position]].grouped
+        if first is None:
+            return 1
+        run = 1
+        while position + run < len(todo):
+            other = batch[todo[position + run]].grouped
+            if other is None or other.apply != first.apply:
+                break
+            run += 1
+        return run
+
+    def _run_group(self, conn: sqlite3.Connection, items: list[_Item]) -> list[tuple[bool, Any]]:
+        """Plans every item of the group, then applies the plans together, in one savepoint
+        (a plan writes nothing, so a refused one needs no savepoint of its own). A failed
+        apply undoes the group, whose items then run one by one."""
+        conn.execute(_GROUP_SAVEPOINT_SQL)
+        self._fn_running = True
+        try:
+            outcomes = self._plan_and_apply(conn, items)
+        except BaseException:  # noqa: BLE001 - each item runs again alone and gets its own error
+            outcomes = None
+        finally:
+            self._fn_running = False
+        if not conn.in_transaction:
+            return [(False, TransactionLost("a grouped write ended the transaction"))] * len(items)
+        if outcomes is None:
+            conn.execute(_GROUP_ROLLBACK_TO_SQL)
+            conn.execute(_GROUP_RELEASE_SQL)
+            return self._one_by_one(conn, items)
+        conn.execute(_GROUP_RELEASE_SQL)
+        return outcomes
+
+    def _one_by_one(self, conn: sqlite3.Connection, items: list[_Item]) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        for item in items:
+            outcomes.append(self._run_item(conn, item.fn))
+            if not conn.in_transaction:
+                # The caller runs the group again, one by one, in a new transaction.
+                lost = TransactionLost("another write of its group ended the transaction")
+                return outcomes + [(False, lost)] * (len(items) - len(outcomes))
+        return outcomes
+
+    @staticmethod
+    def _plan_and_apply(conn: sqlite3.Connection, items: list[_Item]) -> list[tuple[bool, Any]]:
+        apply = items[0].grouped.apply  # type: ignore[union-attr]
+        outcomes: list[tuple[bool, Any]] = [(False, None)] * len(items)
+        group: dict = {}
+        pending: list[tuple[int, Any]] = []
+
+        def flush() -> None:
+            for (at, _), result in zip(pending, apply(conn, [planned for _, planned in pending])):
+                outcomes[at] = (True, result)
+            pending.clear()
+            group.clear()
+
+        for at, item in enumerate(items):
+            plan = item.grouped.plan  # type: ignore[union-attr]
+            try:
+                try:
+                    planned = plan(conn, group)
+                except Flush:
+                    flush()
+                    planned = plan(conn, group)
+            except Exception as err:  # noqa: BLE001 - a refusal: delivered to its caller
+                if not conn.in_transaction:
+                    raise
+                outcomes[at] = (False, _deliverable(err))
+                continue
+            if isinstance(planned, Ready):
+                outcomes[at] = (True, planned.result)
+            else:
+                pending.append((at, planned))
+        flush()
+        return outcomes
 
     def _commit_and_answer(self, done: _Done) -> _Done | str | None:
         """Returns the next job if the next batch is the writer thread's."""

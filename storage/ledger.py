@@ -14,11 +14,13 @@ import threading
 import zlib
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
+from typing import NamedTuple
 
 import msgspec
 import zstandard
 
-from storage.accounts import EXPIRY, member_account
+from storage import line_records
+from storage.accounts import member_account
 
 STATEMENT_ROWS_MAX = 1_000
 ISO_CACHE_ENTRIES_MAX = 1_024
@@ -278,32 +280,69 @@ def post(conn: sqlite3.Connection, member_id: int, lot_id: int, kind: str, point
     at._head = (posting_id, digest, conn.total_changes)
 
 
-def _expired_on(conn: sqlite3.Connection, lot_id: int, day: str) -> bool:
-    expires_on = conn.execute("SELECT expires_on FROM lots WHERE id = ?", (lot_id,)).fetchone()[0]
-    return expires_on is not None and expires_on <= day
+class NewPosting(NamedTuple):
+    """One posting for append_postings: its lot's dates are given, not read back."""
+    member_id: int
+    lot_id: int
+    lot_dates: tuple[str, str | None]
+    kind: str
+    points: int
+    counter: str
+    effective_at: str
+    created_at: str
+    rule_id: str | None
+    rules_version: str | None
+    receipt: ReceiptKey | None
+    ref: str | None
+    counted: bool       # already counted in its lot's remaining (a new lot's first points)
 
 
-def refund(conn: sqlite3.Connection, member_id: int, lot_id: int, points: int, counter: str, at: PostingRef,
-           day: str) -> None:
-    """Spent points go back to the lot they came from and keep its expiry: to a lot that
-    has already expired they go back expired."""
-    post(conn, member_id, lot_id, "refund", points, counter, at)
-    if _expired_on(conn, lot_id, day):
-        post(conn, member_id, lot_id, "expiry", -points, EXPIRY, at)
-
-
-def reverse(conn: sqlite3.Connection, member_id: int, lot_id: int, points: int, counter: str, at: PostingRef,
-            rule_id: str | None, day: str) -> None:
-    """Takes earned points back. Points of the lot that already expired are taken from the
-    expiry account rather than from the member (who no longer had them)."""
-    post(conn, member_id, lot_id, "reversal", -points, counter, at, rule_id)
-    if not _expired_on(conn, lot_id, day):
+def append_postings(conn: sqlite3.Connection, postings: list[NewPosting]) -> None:
+    """Appends postings in order, chained from the last one: one INSERT for all of them
+    and one UPDATE of lots.remaining for those not already counted."""
+    if not postings:
         return
-    expired = -conn.execute("SELECT COALESCE(SUM(points), 0) FROM postings WHERE lot_id = ? AND kind = 'expiry'",
-                            (lot_id,)).fetchone()[0]
-    back = min(points, expired)
-    if back > 0:
-        post(conn, member_id, lot_id, "expiry", back, EXPIRY, at)
+    last = conn.execute("SELECT id, hash FROM postings ORDER BY id DESC LIMIT 1").fetchone()
+    posting_id, prev = last if last else (0, GENESIS_HASH)
+    rows, counts = [], []
+    for p in postings:
+        posting_id += 1
+        store, register, receipt = p.receipt or (None, None, None)
+        prev = posting_hash(prev, (posting_id, p.member_id, p.lot_id, *p.lot_dates, p.kind, p.points, p.counter,
+                                   p.effective_at, p.created_at, p.rule_id, p.rules_version, store, register,
+                                   receipt, p.ref, None, None))
+        rows.append((posting_id, p.member_id, p.lot_id, p.kind, p.points, p.counter, p.effective_at, p.created_at,
+                     p.rule_id, p.rules_version, store, register, receipt, p.ref, prev))
+        if not p.counted:
+            counts.append((p.points, p.lot_id))
+    conn.executemany("INSERT INTO postings (id, member_id, lot_id, kind, points, counter_account, effective_at, "
+                     "created_at, rule_id, rules_version, store_id, register_id, receipt_id, ref, hash) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    if counts:
+        conn.executemany("UPDATE lots SET remaining = remaining + ? WHERE id = ?", counts)
+
+
+def new_lots(conn: sqlite3.Connection, lots: list[tuple[int, str, str | None, int]]) -> list[int]:
+    """(member_id, available_from, expires_on, points) each: lots already counting the points
+    their first postings bring, written with one INSERT; returns their ids. The ids follow
+    the highest one, as SQLite would give them: only the one writer adds lots."""
+    if not lots:
+        return []
+    first = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM lots").fetchone()[0]
+    conn.executemany("INSERT INTO lots (id, member_id, available_from, expires_on, remaining) VALUES (?, ?, ?, ?, ?)",
+                     [(first + i, *lot) for i, lot in enumerate(lots)])
+    return list(range(first, first + len(lots)))
+
+
+def lot_facts(conn: sqlite3.Connection, lot_ids) -> dict[int, tuple[str | None, int]]:
+    """(expires_on, points its expiry postings took so far) of each lot."""
+    ids = sorted(set(lot_ids))
+    if not ids:
+        return {}
+    marks = ", ".join("?" * len(ids))
+    return {r[0]: (r[1], r[2]) for r in conn.execute(
+        "SELECT l.id, l.expires_on, -COALESCE((SELECT SUM(points) FROM postings p WHERE p.lot_id = l.id "
+        f"AND p.kind = 'expiry'), 0) FROM lots l WHERE l.id IN ({marks})", ids)}
 
 
 def spend(conn: sqlite3.Connection, member_id: int, points: int, day: str, kind: str, counter: str,
@@ -312,22 +351,28 @@ def spend(conn: sqlite3.Connection, member_id: int, points: int, day: str, kind:
 
     Re-reads the lots inside the write transaction, so a balance that changed since the
     caller looked can never be overspent."""
-    lots = [lot for lot in lots_of(conn, member_id) if lot.remaining < 0 or lot.state_on(day) == "available"]
-    spendable = sum(lot.remaining for lot in lots) - reserved_by_others
+    drawn = draw(lots_of(conn, member_id), points, day, reserved_by_others)
+    for lot_id, take in drawn:
+        post(conn, member_id, lot_id, kind, -take, counter, at)
+    return drawn
+
+
+def draw(lots: list[Lot], points: int, day: str, reserved_by_others: int = 0) -> list[tuple[int, int]]:
+    """(lot_id, points) to debit from the available lots, soonest expiry first. Raises
+    InsufficientPoints when they do not cover `points` beside what others hold."""
+    usable = [lot for lot in lots if lot.remaining < 0 or lot.state_on(day) == "available"]
+    spendable = sum(lot.remaining for lot in usable) - reserved_by_others
     if points > spendable:
         raise InsufficientPoints(f"{points} points requested, {max(spendable, 0)} available")
-    lots.sort(key=lambda lot: (lot.expires_on is None, lot.expires_on or "", lot.available_from, lot.id))
-    drawn = []
-    left = points
-    for lot in lots:
+    usable.sort(key=lambda lot: (lot.expires_on is None, lot.expires_on or "", lot.available_from, lot.id))
+    drawn, left = [], points
+    for lot in usable:
         if left == 0:
             break
         take = min(lot.remaining, left)
-        if take <= 0:
-            continue
-        post(conn, member_id, lot.id, kind, -take, counter, at)
-        drawn.append((lot.id, take))
-        left -= take
+        if take > 0:
+            drawn.append((lot.id, take))
+            left -= take
     return drawn
 
 
@@ -408,25 +453,33 @@ def get_receipt(conn: sqlite3.Connection, key: ReceiptKey) -> StoredReceipt | No
     return StoredReceipt(key, digest_hex(row[0]), row[1], row[2], unpack(row[3]), row[4])
 
 
-def receipt_detail_parts(conn: sqlite3.Connection, key: ReceiptKey) -> tuple[bytes, bytes, bytes | None]:
-    """(body, result, detail) as stored for a receipt, unpacked; see schema m013 for detail."""
-    body, result, detail = conn.execute("SELECT body, result, detail FROM receipts WHERE store_id = ? "
-                                        "AND register_id = ? AND receipt_id = ?", key).fetchone()
-    return unpack(body), unpack(result), detail
+def receipt_line_records(conn: sqlite3.Connection, key: ReceiptKey) -> dict[int, line_records.LineRecord]:
+    """What the receipt sold, earned and spent per line, by line number (m023)."""
+    row = conn.execute("SELECT lines FROM receipts WHERE store_id = ? AND register_id = ? AND receipt_id = ?",
+                       key).fetchone()
+    return line_records.decode(row[0])
 
 
-def insert_receipt(conn: sqlite3.Connection, key: ReceiptKey, *, body_sha256: bytes, member_id: int | None,
-                   ts: str, local_date: str, total: int, rules_version: str, body: bytes, result: bytes,
-                   detail: bytes | None, now: str) -> None:
-    """body and result as JSON; detail: None or the rule-by-line pairs (m013). The body is
-    stored packed: it is most of the bytes (2.7 KB of JSON typically, 0.8 KB packed) and
-    is read back only by returns and exports; the answer (1.1 KB, read back on every
+def receipt_row(key: ReceiptKey, *, body_sha256: bytes, member_id: int | None, ts: str, local_date: str,
+                total: int, rules_version: str, body: bytes, result: bytes, lines: bytes, now: str) -> tuple:
+    """body and result as JSON; lines: the encoded line records (storage/line_records.py).
+    The body is stored packed: it is most of the bytes (2.7 KB of JSON typically, 0.8 KB
+    packed) and is read back only by exports; the answer (1.1 KB, read back on every
     retry) is not worth another ~15 us of zlib per receipt."""
-    conn.execute("INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, local_date, "
-                 "total, rules_version, status, body, result, detail, created_at) "
-                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'confirmed', ?, ?, ?, ?)",
-                 (*key, body_sha256, member_id, ts, local_date, total, rules_version, pack(body), result,
-                  detail, now))
+    return (*key, body_sha256, member_id, ts, local_date, total, rules_version, pack(body), result, lines, now)
+
+
+def insert_receipts(conn: sqlite3.Connection, rows: list[tuple]) -> None:
+    """Rows made by receipt_row, with one INSERT."""
+    conn.executemany("INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, "
+                     "local_date, total, rules_version, status, body, result, lines, created_at) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'confirmed', ?, ?, ?, ?)", rows)
+
+
+def close_holds(conn: sqlite3.Connection, holds: list[tuple[str, ReceiptKey]], status: str) -> None:
+    """close_hold for many (closed_at, key) whose points nobody needs back, with one UPDATE."""
+    conn.executemany("UPDATE holds SET status = ?, closed_at = ? WHERE store_id = ? AND register_id = ? "
+                     "AND receipt_id = ? AND status = 'open'", [(status, now, *key) for now, key in holds])
 
 
 # Stored receipt bodies are JSON (starting with `{`), or a zstd frame of it when that is
@@ -475,10 +528,10 @@ def mark_cancelled(conn: sqlite3.Connection, key: ReceiptKey) -> None:
     conn.execute("DELETE FROM rule_fires WHERE store_id = ? AND register_id = ? AND receipt_id = ?", key)
 
 
-def record_rule_fires(conn: sqlite3.Connection, member_id: int, rule_ids: list[str], local_date: str,
-                      key: ReceiptKey) -> None:
+def record_fires(conn: sqlite3.Connection, fires: list[tuple]) -> None:
+    """Uses of limited rules: (member_id, rule_id, local_date, *receipt key) each."""
     conn.executemany("INSERT INTO rule_fires (member_id, rule_id, local_date, store_id, register_id, receipt_id) "
-                     "VALUES (?, ?, ?, ?, ?, ?)", [(member_id, r, local_date, *key) for r in rule_ids])
+                     "VALUES (?, ?, ?, ?, ?, ?)", fires)
 
 
 def rule_usage(conn: sqlite3.Connection, member_id: int, windows: dict[str, tuple[date, date]]) -> dict[str, int]:

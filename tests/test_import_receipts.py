@@ -131,8 +131,6 @@ async def test_imported_receipts_are_refused_by_the_return_and_cancel_check(tmp_
     assert error["details"] == [{"path": "receipt", "message": "imported from history"}]
 
 
-@pytest.mark.xfail(strict=True, reason="the return and cancel paths call storage.imports.refuse_if_imported "
-                                       "once the receipt path's rewrite is merged")
 async def test_an_imported_receipt_cannot_be_returned_or_cancelled(make_api, tmp_path):
     config, source = await members_and_history(tmp_path, [history(1)])
     assert await run("import", "receipts", "--jsonl", str(source), "--config", config) == 0

@@ -2,8 +2,9 @@
 answers exactly as one that never needed to: replays, returns, balances, audit verify.
 
 The older format is made by turning a fresh database back: hex hashes, a WITHOUT ROWID
-receipts table holding each receipt's per-line detail, lots without remaining points,
-cards as a rowid table, the indexes as they were, no rule_totals (m016)."""
+receipts table holding each receipt's per-line detail (and no line records, m023), lots
+without remaining points, cards as a rowid table, the indexes as they were, no rule_totals
+(m016)."""
 from __future__ import annotations
 
 import re
@@ -14,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from conftest import Api, line, receipt, test_config
 from server.app import create_app
-from server.returns import receipt_lines
+from storage import line_records
 from storage.audit import verify
 from storage.ledger import unpack
 
@@ -34,10 +35,17 @@ def _return(rid, rec, lines) -> dict:
             "receipt": {"store_id": "S001", "register_id": "K01", "receipt_id": rec}, "lines": lines}
 
 
+def old_detail(lines: bytes) -> bytes:
+    """A receipt's per-line detail as receipts stored it before m013."""
+    return msgspec.json.encode({"lines": {str(no): {
+        "qty": str(ln.qty), "amount": ln.amount, "points": ln.points, "pairs": {a.rule: a.points for a in ln.accrued},
+        "redeemed": ln.redeemed, "discount": ln.discount} for no, ln in line_records.decode(lines).items()}})
+
+
 def to_older_format(path) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.create_function("unpack", 1, unpack)
-    conn.create_function("old_detail", 3, lambda b, r, d: msgspec.json.encode(receipt_lines(unpack(b), unpack(r), d)))
+    conn.create_function("old_detail", 1, old_detail)
     conn.executescript("""
 BEGIN;
 DROP TRIGGER postings_append_only_update;
@@ -50,7 +58,7 @@ CREATE TABLE receipts_old (
     rules_version TEXT NOT NULL, status TEXT NOT NULL, body BLOB NOT NULL, result BLOB NOT NULL,
     detail BLOB NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (store_id, register_id, receipt_id)) WITHOUT ROWID;
 INSERT INTO receipts_old SELECT store_id, register_id, receipt_id, lower(hex(body_sha256)), member_id, ts,
-    local_date, total, rules_version, status, unpack(body), unpack(result), old_detail(body, result, detail),
+    local_date, total, rules_version, status, unpack(body), unpack(result), old_detail(lines),
     created_at FROM receipts;
 DROP TABLE receipts;
 ALTER TABLE receipts_old RENAME TO receipts;
@@ -71,7 +79,7 @@ CREATE INDEX cards_unprotected ON cards(card) WHERE card_last4 IS NULL;
 DROP TRIGGER postings_rule_totals;
 DROP TABLE rule_totals;
 DELETE FROM _sqlite_migrations WHERE name IN ('m013_compact_rows', 'm014_returns_member', 'm015_hot_lookups',
-                                              'm016_rule_totals');
+                                              'm016_rule_totals', 'm023_line_records');
 COMMIT;
 """)
     conn.close()
@@ -103,7 +111,7 @@ async def run(tmp_path, upgrade: bool) -> list:
                 answers.append(await api.get("/v1/members/1/statement"))
         if phase == 0 and upgrade:
             conn = sqlite3.connect(tmp_path / "loyalty.db")
-            assert conn.execute("SELECT COUNT(*) FROM receipts WHERE detail IS NOT NULL").fetchone()[0] == 1
+            assert conn.execute("SELECT COUNT(*) FROM receipts WHERE lines IS NOT NULL").fetchone()[0] == 3
             conn.close()
             to_older_format(tmp_path / "loyalty.db")
     return answers

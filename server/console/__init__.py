@@ -1,4 +1,4 @@
-"""The loyalty manager's console at /console: server-rendered pages over the same service,
+"""The loyalty manager's console at /console: server-rendered pages over the same operations,
 program holder and database the API uses (server/console/views.py has the routes).
 
 Signing in takes a manager key once; the browser then holds a session cookie

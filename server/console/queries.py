@@ -1,4 +1,4 @@
-"""What the console reads from the database beyond the service's own answers. Each query
+"""What the console reads from the database beyond the operations' own answers. Each query
 is bounded by an index (a day of receipts, a counter account's day of postings, the live
 lots) so a page costs the same on a large member base as on a small one."""
 from __future__ import annotations

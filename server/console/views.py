@@ -1,4 +1,4 @@
-"""The console's pages. Each handler is a page: it reads through the app's service, program
+"""The console's pages. Each handler is a page: it reads through the operations (server/ops/), program
 holder and database (as server/routes.py does) and renders a template.
 
 A refused action is shown on the page in the one error shape (server/errors.py builds it);
@@ -22,7 +22,8 @@ from server.console import program_edit, queries, words
 from server.console.backtest import as_rows
 from server.console.sessions import COOKIE, LOGIN_COOKIE, LOGIN_FORM_SECONDS, Session, remember_lookup, token_matches
 from server.errors import ApiError, conflict, error_body, field_error, forbidden, not_found
-from server.keys import CLOCK, CONFIG, CONSOLE, DATABASE, KEYRING, LIMITER, PRIVACY, PROGRAMS, SERVICE
+from server.ops import adjustments, members
+from server.keys import CLOCK, CONFIG, CONSOLE, DATABASE, KEYRING, LIMITER, OPS, PRIVACY, PROGRAMS
 from server.reports import money_text
 from server.rules_tools import ToolError, decode_receipt, default_member, member_from_db
 from storage import admin_audit
@@ -509,13 +510,13 @@ async def _member(request, session: Session, handle: str, error: ApiError | None
                   adjustment: dict | None = None) -> web.Response:
     app = request.app
     kind, value = _looked_up(session, handle)
-    service, program = app[SERVICE], app[PROGRAMS].current
+    deps, program = app[OPS], app[PROGRAMS].current
     privacy = app[PRIVACY]
 
     def read(conn):
         member_id = queries.card_member(conn, privacy.card(value)) if kind == "card" else int(value)
         member = member_by_id(conn, member_id)
-        view = service.member_view(conn, program, member, card=value if kind == "card" else None)
+        view = members.member_view(deps, conn, program, member, card=value if kind == "card" else None)
         return view, lots_of(conn, member_id), statement(conn, member_id, None, None, STATEMENT_ROWS)
     view, lots, postings = await app[DATABASE].read(read)
     for posting in postings:    # an adjustment names who made it
@@ -532,7 +533,7 @@ async def _member(request, session: Session, handle: str, error: ApiError | None
 
 @page
 async def adjust(request: web.Request, session: Session, form: dict) -> web.Response:
-    """A manual adjustment through the service, as POST /v1/admin/adjustments makes it, audited
+    """A manual adjustment through server/ops/adjustments.py, as POST /v1/admin/adjustments makes it, audited
     with its reason. The form's adjustment id makes a second click a replay, not a second one."""
     app = request.app
     handle = request.match_info["handle"]
@@ -547,7 +548,7 @@ async def adjust(request: web.Request, session: Session, form: dict) -> web.Resp
             if owner != int(value):
                 raise field_error("card", "must be a card of this member")
         req = schema.decode(raw, schema.Adjustment)
-        status, _result = await app[SERVICE].adjust(req, session.principal)
+        status, _result = await adjustments.adjust(app[OPS], req, session.principal)
     except ApiError as e:
         await audit(request, session.principal, raw, e.status, {"reason": form.get("reason", "")})
         return await _member(request, session, handle, e)

@@ -1,0 +1,96 @@
+"""A member as one receipt needs them, read once inside the write transaction: the lots
+with their dates, the holds, the tier facts and the limited rules' uses at the receipt's
+ts, the budgets left (server/plan.py MemberState). Also the tier a member holds at a
+moment, which member views show."""
+from __future__ import annotations
+
+import sqlite3
+from datetime import date, datetime, timedelta
+
+import msgspec
+
+from rules import MemberFacts, Program
+from server.errors import unprocessable
+from server.plan import MemberState, key_of
+from storage import ledger
+from storage.ledger import iso
+
+
+def read_member_state(conn: sqlite3.Connection, receipt, program: Program, now: datetime,
+                      card: str | None) -> MemberState | None:
+    """None for an anonymous receipt. card: the card number's HMAC."""
+    if card is None:
+        return None
+    member = ledger.member_by_card(conn, card)
+    if member is None:
+        raise unprocessable("unknown_card", f"card {receipt.card} is not enrolled",
+                            [{"path": "card", "message": "not enrolled"}])
+    key = key_of(receipt)
+    windows = program.limit_windows(receipt.ts.astimezone(program.timezone).date())
+    holds = ledger.open_holds(conn, member.id, iso(now))
+    hold_open = any(h.key == key and h.points for h in holds) or \
+        ledger.hold_member(conn, key, open_only=True) is not None
+    return MemberState(member, member_facts(conn, program, member, receipt.ts), ledger.lots_of(conn, member.id),
+                       holds, ledger.rule_usage(conn, member.id, windows), budget_left(conn, program), hold_open)
+
+
+def budget_left(conn: sqlite3.Connection, program: Program) -> dict[str, int] | None:
+    """Points each budgeted rule may still issue. rule_totals is kept by a trigger in the
+    postings' own transaction, so it counts every receipt written before this one,
+    committed or not, and a receipt undone by its savepoint takes its points with it."""
+    if not program.budgets:
+        return None
+    used = ledger.rule_totals(conn, list(program.budgets))
+    return {r: max(0, cap - used[r]) for r, cap in program.budgets.items()}
+
+
+def member_facts(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, ts: datetime) -> MemberFacts:
+    """As the rules see the member on a receipt stamped `ts`: the tier at ts, the
+    receipt_number in arrival order (this receipt not stored yet)."""
+    tier, ever = tier_view(conn, program, member, ts, of_receipt=True)
+    return MemberFacts(
+        member_id=member.public_id,
+        tier=tier["id"],
+        tags=frozenset(msgspec.json.decode(member.tags)),
+        birthday=date.fromisoformat(member.birthday) if member.birthday else None,
+        enrolled_on=ledger.from_iso(member.enrolled_at).astimezone(program.timezone).date(),
+        receipt_number=ever + 1,
+    )
+
+
+def tier_view(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, moment: datetime,
+              as_of: str | None = None, of_receipt: bool = False) -> tuple[dict, int]:
+    """The member's tier at `moment`, and how many receipts they confirmed (in arrival order).
+
+    The tier is a manual one while its date holds and the program defines it, else the level
+    the program's metric reached over the rolling window before `moment` (of_receipt: a
+    receipt's own tier, which leaves receipts stamped at its very moment out). `next` and
+    `to_next` follow the tier the member actually has. A manual tier the program no longer
+    defines is ignored (shown under `manual_ignored`): the rules only know their own tiers."""
+    today = moment.astimezone(program.timezone).date().isoformat()
+    since = iso(moment - timedelta(days=program.tier_window_days))
+    until = iso(moment) if of_receipt else as_of
+    ever, count, spend = ledger.receipt_counts(conn, member.id, since, until, until_inclusive=not of_receipt)
+    metric = spend if program.tier_metric == "spend" else count
+    tier, nxt, to_next = program.tier_for(metric)
+    view = {"id": tier, "next": nxt, "to_next": to_next, "metric": program.tier_metric, "value": metric,
+            "manual": False}
+    if member.manual_tier and member.manual_tier_until and member.manual_tier_until >= today:
+        levels = [level for level, _ in program.tiers]
+        if member.manual_tier in levels:
+            nxt, to_next = tier_after(program, levels.index(member.manual_tier), metric)
+            view.update(id=member.manual_tier, next=nxt, to_next=to_next, manual=True,
+                        until=member.manual_tier_until)
+        else:
+            view["manual_ignored"] = {"tier": member.manual_tier, "until": member.manual_tier_until,
+                                      "reason": f"not a tier of program {program.id}"}
+    return view, ever
+
+
+def tier_after(program: Program, position: int, metric: int) -> tuple[str | None, int | None]:
+    """The level after the one at `position`, and how much metric it still needs (0 when a
+    manual tier below what the metric reached holds the member back)."""
+    if position + 1 >= len(program.tiers):
+        return None, None
+    following, start = program.tiers[position + 1]
+    return following, max(0, start - metric)

@@ -1,0 +1,57 @@
+"""The operations the API offers, one module each: receipts (calculate, confirm, cancel),
+returns, members, adjustments. Each is a set of functions over `Deps`, what every
+operation needs from the running server; no object holds them all.
+
+Concurrency: everything that reads a member's points and then changes them (a receipt, a
+return, a cancel, an adjustment) runs as one function inside the single write
+connection's transaction (storage.db.Database.write), so operations on one member happen
+one after another by construction: a receipt sees the postings, limits and budget use of
+every receipt written before it, committed or still in the same batch, and nothing it
+decided can go stale before it is written. Identical requests in flight at the same
+moment therefore write once: the second finds the first one's receipt.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import msgspec
+
+from rules import Program
+from server.clock import Clock
+from server.errors import conflict
+from server.metrics import Metrics
+from server.privacy import Privacy
+from server.programs import ProgramHolder
+from storage.db import Database
+
+JSON = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True)
+class Deps:
+    db: Database
+    programs: ProgramHolder
+    clock: Clock
+    metrics: Metrics
+    privacy: Privacy
+
+    def program(self) -> Program:
+        return self.programs.current
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def replay(stored_sha: str, fingerprint: str, stored_result: bytes) -> dict:
+    """The stored answer of an identical earlier request. Runs inside write transactions:
+    no side effects beyond the answer."""
+    if stored_sha != fingerprint:
+        raise conflict("idempotency_conflict", "this identity was already used with a different body; use a new id")
+    return {**msgspec.json.decode(stored_result), "replayed": True}
+
+
+def count(deps: Deps, endpoint: str, status: int, result: dict | None = None) -> None:
+    outcome = "replayed" if status == 200 and result and result.get("replayed") else "ok"
+    deps.metrics.receipts.labels(endpoint, outcome).inc()

@@ -1,0 +1,46 @@
+"""Adjustments: points added or removed by hand, once per adjustment id."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+from server import schema
+from server.auth import Principal
+from server.errors import field_error, unprocessable
+from server.ops import JSON, Deps, replay, sha256
+from server.ops.members import balance_now, find_member
+from storage import accounts, ledger
+from storage.ledger import InsufficientPoints, PostingRef, iso
+
+
+async def adjust(deps: Deps, req: schema.Adjustment, principal: Principal) -> tuple[int, dict]:
+    if req.points == 0:
+        raise field_error("points", "must not be 0")
+    member = await find_member(deps, req.card)
+    fingerprint = sha256(schema.canonical(req))
+    try:
+        return await deps.db.write(lambda conn: _adjust_in_tx(deps, conn, req, member, principal, fingerprint))
+    except InsufficientPoints as e:
+        raise unprocessable("insufficient_points", str(e)) from None
+
+
+def _adjust_in_tx(deps: Deps, conn, req, member, principal, fingerprint) -> tuple[int, dict]:
+    program, now = deps.program(), deps.clock.now()
+    previous = ledger.get_adjustment(conn, req.adjustment_id)
+    if previous is not None:
+        return 200, replay(previous[0], fingerprint, previous[1])
+    at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
+                    ref=f"adjustment:{req.adjustment_id}", key_id=principal.key_id, note=req.reason)
+    today = now.astimezone(program.timezone).date()
+    if req.points > 0:
+        expires = today + timedelta(days=program.expiry_days) if program.expiry_days else None
+        ledger.credit(conn, member.id, req.points, today, expires, "adjustment", accounts.ADJUSTMENT, at)
+    else:
+        held = sum(h.points for h in ledger.open_holds(conn, member.id, iso(now)))
+        ledger.spend(conn, member.id, -req.points, today.isoformat(), "adjustment", accounts.ADJUSTMENT, at, held)
+    result = {"adjustment_id": req.adjustment_id, "member_id": member.public_id, "points": req.points,
+              "reason": req.reason, "key_id": principal.key_id, "replayed": False,
+              "balance": balance_now(deps, conn, program, member.id)}
+    ledger.insert_adjustment(conn, req.adjustment_id, body_sha256=fingerprint, member_id=member.id,
+                             points=req.points, reason=req.reason, key_id=principal.key_id,
+                             result=JSON.encode(result), now=iso(now))
+    return 201, result

@@ -1,0 +1,136 @@
+"""Members: enrollment, profile changes, the member view and statement, manual tiers."""
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime
+
+import msgspec
+
+from rules import Program
+from server import schema
+from server.auth import Principal, require_store
+from server.errors import conflict, field_error, not_found, unprocessable
+from server.member_state import tier_view
+from server.ops import JSON, Deps
+from server.plan import local_day
+from storage import ledger
+from storage.apply import fire_events
+from storage.ledger import iso
+
+
+async def member_by_card(deps: Deps, card: str) -> ledger.MemberRow | None:
+    """Members are found by the HMAC of the card number presented."""
+    digest = deps.privacy.card(card)
+    return deps.db.read_now(lambda c: ledger.member_by_card(c, digest))
+
+
+async def find_member(deps: Deps, card: str, path: str = "card") -> ledger.MemberRow:
+    member = await member_by_card(deps, card)
+    if member is None:
+        raise unprocessable("unknown_card", f"card {card} is not enrolled", [{"path": path, "message": "not enrolled"}])
+    return member
+
+
+def member_view(deps: Deps, conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
+                at: datetime | None = None, card: str | None = None) -> dict:
+    """card: the number the caller used; only last four digits of the others are known."""
+    moment = at or deps.clock.now()
+    as_of = iso(moment) if at else None
+    lots = ledger.lots_of(conn, member.id, as_of)
+    holds = ledger.open_holds(conn, member.id, iso(moment), live_only=at is None)
+    balance = ledger.balance_of(lots, holds, local_day(program, moment))
+    cards = ledger.member_cards(conn, member.id)
+    return {
+        "card": card, "card_last4": deps.privacy.card_last4(card) if card else None, "cards_last4": cards,
+        "member_id": member.public_id,
+        "tier": tier_view(conn, program, member, moment, as_of)[0],
+        "balance": balance.as_json(),
+        "expiring": [{"date": d, "points": p} for d, p in balance.expiring],
+        "profile": {"phone_last4": member.phone, "birthday": member.birthday,
+                    "tags": msgspec.json.decode(member.tags)},
+        "enrolled_at": member.enrolled_at,
+        "as_of": moment.isoformat(),
+    }
+
+
+def balance_now(deps: Deps, conn: sqlite3.Connection, program: Program, member_id: int) -> dict:
+    return member_view(deps, conn, program, ledger.member_by_id(conn, member_id))["balance"]
+
+
+async def enroll(deps: Deps, req: schema.Enrollment, principal: Principal) -> dict:
+    if principal.role == "register":
+        if req.store_id is None:
+            raise field_error("store_id", "is required when a register enrolls a member")
+        require_store(principal, req.store_id)
+    program, now = deps.program(), deps.clock.now()
+    referrer = await find_member(deps, req.referred_by, "referred_by") if req.referred_by else None
+    privacy = deps.privacy
+
+    def write(conn):
+        try:
+            member_id = ledger.insert_member(
+                conn, card=privacy.card(req.card), card_last4=privacy.card_last4(req.card),
+                phone_hmac=privacy.phone(req.phone) if req.phone else None,
+                phone_last4=privacy.phone_last4(req.phone) if req.phone else None,
+                birthday=req.birthday.isoformat() if req.birthday else None,
+                tags=JSON.encode(sorted(set(req.tags))).decode(), referred_by=referrer.id if referrer else None,
+                store_id=req.store_id, now=iso(now))
+        except sqlite3.IntegrityError:
+            raise conflict("card_already_enrolled", f"card {req.card} is already enrolled") from None
+        fire_events(conn, program, member_id, "enrolled", "enrolled", now)
+        if req.phone and req.birthday:
+            fire_events(conn, program, member_id, "profile_completed", "profile", now)
+        return member_view(deps, conn, program, ledger.member_by_id(conn, member_id), card=req.card)
+    return await deps.db.write(write)
+
+
+async def patch_member(deps: Deps, card: str, patch: schema.MemberPatch) -> dict:
+    member = await find_member(deps, card)
+    program, now = deps.program(), deps.clock.now()
+    changes = {}
+    if patch.phone is not None:
+        changes["phone_hmac"] = deps.privacy.phone(patch.phone)
+        changes["phone_last4"] = deps.privacy.phone_last4(patch.phone)
+    if patch.birthday is not None:
+        changes["birthday"] = patch.birthday.isoformat()
+    if patch.tags is not None:
+        changes["tags"] = JSON.encode(sorted(set(patch.tags))).decode()
+
+    def write(conn):
+        ledger.update_member(conn, member.id, changes, iso(now))
+        fresh = ledger.member_by_id(conn, member.id)
+        if fresh.phone and fresh.birthday:
+            fire_events(conn, program, member.id, "profile_completed", "profile", now)
+        return member_view(deps, conn, program, fresh, card=card)
+    return await deps.db.write(write)
+
+
+async def get_member(deps: Deps, card: str, at: datetime | None) -> dict:
+    program = deps.program()
+    member = await member_by_card(deps, card)
+    if member is None:
+        raise not_found("unknown_card", f"card {card} is not enrolled")
+    return await deps.db.read(lambda c: member_view(deps, c, program, member, at, card=card))
+
+
+async def statement(deps: Deps, card: str, since: datetime | None, until: datetime | None, limit: int) -> dict:
+    member = await member_by_card(deps, card)
+    if member is None:
+        raise not_found("unknown_card", f"card {card} is not enrolled")
+    rows = await deps.db.read(lambda c: ledger.statement(
+        c, member.id, iso(since) if since else None, iso(until) if until else None, limit))
+    return {"card_last4": deps.privacy.card_last4(card), "member_id": member.public_id, "postings": rows}
+
+
+async def set_tier(deps: Deps, card: str, req: schema.TierAssignment) -> dict:
+    program = deps.program()
+    if req.tier not in {t for t, _ in program.tiers}:
+        raise field_error("tier", f"is not a tier of program {program.id}")
+    member = await find_member(deps, card)
+    now = deps.clock.now()
+
+    def write(conn):
+        ledger.update_member(conn, member.id, {"manual_tier": req.tier,
+                                               "manual_tier_until": req.until.isoformat()}, iso(now))
+        return member_view(deps, conn, program, ledger.member_by_id(conn, member.id), card=card)
+    return await deps.db.write(write)

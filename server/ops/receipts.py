@@ -1,0 +1,245 @@
+"""Receipts: calculate, confirm and cancel.
+
+A calculate or confirm is: read the member once (server/member_state.py) -> plan
+(server/plan.py, no database, no clock) -> answer from the plan (server/answer.py) ->
+apply the plan (storage/apply.py). Confirms are grouped writes (storage.db.Grouped): the
+confirms of one batch are planned one after another, each against the state the earlier
+ones leave, and applied together with one statement per table. A cancel plans from the
+receipt's postings (server/returns.py) and applies through storage/ledger.py.
+"""
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta
+
+import msgspec
+
+from rules import Program
+from server import schema
+from server.answer import calculate_answer, cancel_answer, confirm_answer, receipt_ref
+from server.auth import Principal, require_store
+from server.errors import field_error, unprocessable
+from server.member_state import read_member_state
+from server.ops import JSON, Deps, count, replay, sha256
+from server.ops.members import balance_now
+from server.plan import MemberState, evaluate, local_day, plan_calculate, plan_confirm
+from server.returns import LotFacts, plan_cancel, take_back_postings
+from storage import imports, ledger
+from storage.apply import Confirmed, apply_calculate, apply_confirms, apply_take_back
+from storage.db import Flush, Grouped, Ready
+from storage.ledger import InsufficientPoints, PostingRef, iso
+
+FUTURE_TS_TOLERANCE = timedelta(minutes=5)
+
+
+def check_receipt(deps: Deps, receipt: schema.Receipt, principal: Principal) -> None:
+    require_store(principal, receipt.store_id)
+    if receipt.ts.tzinfo is None:
+        raise field_error("ts", "needs a UTC offset, e.g. 2026-11-24T12:00:00+02:00")
+    if receipt.ts - deps.clock.now() > FUTURE_TS_TOLERANCE:
+        raise field_error("ts", "is more than 5 minutes in the future")
+    check_lines(receipt.lines)
+    total = sum(line.amount for line in receipt.lines)
+    if total != receipt.total:
+        raise field_error("total", f"must equal the sum of line amounts ({total})")
+
+
+def _timed(program: Program, receipt, state: MemberState | None, today: str, seconds: list[float]):
+    """seconds: gets the evaluation's time, observed once the transaction is over (a write
+    function may run again when another in its batch ended the transaction)."""
+    started = time.perf_counter()
+    try:
+        return evaluate(program, receipt, state, today)
+    finally:
+        seconds.append(time.perf_counter() - started)
+
+
+def _observe(deps: Deps, seconds: list[float]) -> None:
+    if seconds:     # the last run is the one that counted
+        deps.metrics.rules_eval.observe(seconds[-1])
+
+
+async def calculate(deps: Deps, receipt: schema.Receipt, principal: Principal) -> dict:
+    check_receipt(deps, receipt, principal)
+    program, now = deps.program(), deps.clock.now()
+    card = None if receipt.card is None else deps.privacy.card(receipt.card)
+    seconds: list[float] = []
+    try:
+        if card is None:     # anonymous: nothing to read or hold
+            ev = _timed(program, receipt, None, local_day(program, now), seconds)
+            result = calculate_answer(plan_calculate(receipt, None, program, now, ev), program)
+        else:
+            result = await deps.db.write(lambda conn: _calculate_in_tx(conn, program, receipt, now, card, seconds))
+    finally:
+        _observe(deps, seconds)
+    deps.metrics.receipts.labels("calculate", "ok").inc()
+    return result
+
+
+def _calculate_in_tx(conn, program: Program, receipt: schema.Receipt, now: datetime, card: str,
+                     seconds: list[float]) -> dict:
+    state = read_member_state(conn, receipt, program, now, card)
+    plan = plan_calculate(receipt, state, program, now, _timed(program, receipt, state, local_day(program, now),
+                                                               seconds))
+    apply_calculate(conn, plan, now)
+    return calculate_answer(plan, program)
+
+
+async def confirm(deps: Deps, receipt: schema.Receipt, principal: Principal) -> tuple[int, dict]:
+    check_receipt(deps, receipt, principal)
+    card = None if receipt.card is None else deps.privacy.card(receipt.card)
+    # Stored and fingerprinted with the card's HMAC in place of the number.
+    body = schema.canonical(receipt if card is None else msgspec.structs.replace(receipt, card=card))
+    fingerprint = sha256(body)
+    program, now = deps.program(), deps.clock.now()
+    seconds: list[float] = []
+    try:
+        status, result, ev = await deps.db.write_grouped(
+            confirm_write(program, receipt, card, body, fingerprint, now, seconds))
+    except InsufficientPoints as e:
+        raise unprocessable("insufficient_points", str(e)) from None
+    finally:
+        _observe(deps, seconds)
+    # Refusals are counted by their code where the answer is made (server/app.py).
+    count(deps, "confirm", status, result)
+    if ev is not None:
+        for rule, points in ev.by_rule:
+            if points:
+                deps.metrics.points_accrued.labels(rule).inc(points)
+        if ev.redeemed_points:
+            deps.metrics.points_redeemed.inc(ev.redeemed_points)
+    return status, result
+
+
+def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, body: bytes, fingerprint: str,
+                  now: datetime, seconds: list[float]) -> Grouped:
+    """The confirm as a grouped write: planned against the state the confirms before it in
+    its batch leave, then applied with them (storage/apply.py apply_confirms). Its result is
+    (status, answer, evaluation or None for a replay); a refusal is raised with nothing
+    written."""
+    key = (receipt.store_id, receipt.register_id, receipt.receipt_id)
+
+    def plan(conn, group: dict):
+        if key in group.setdefault("keys", set()):
+            raise Flush     # the same receipt twice in one batch: the second is a replay
+        stored = ledger.get_receipt(conn, key)
+        if stored is not None:
+            answer = replay(stored.body_sha256, fingerprint, stored.result)
+            if stored.status == "cancelled":
+                answer = _cancelled_replay(conn, program, answer, stored.member_id, now)
+            return Ready((200, answer, None))
+        state = read_member_state(conn, receipt, program, now, card)
+        if state is not None and state.member.id in group.setdefault("members", set()):
+            raise Flush     # its lots, holds, limits and tier depend on a plan not yet applied
+        state = _less_budget(state, group.get("budget_used"))
+        planned = plan_confirm(receipt, state, program, now,
+                               _timed(program, receipt, state, local_day(program, now), seconds))
+        answer = confirm_answer(planned, program)
+        _count_in_group(group, planned, program)
+        return Confirmed(planned, receipt, program, now, body, bytes.fromhex(fingerprint), JSON.encode(answer),
+                         result=(201, answer, planned.evaluation))
+    return Grouped(plan, apply_confirms)
+
+
+def _less_budget(state: MemberState | None, used: dict[str, int] | None) -> MemberState | None:
+    """Budgets are shared by every member: what plans of the batch not yet applied issue
+    is not in rule_totals yet, so it is taken off here."""
+    if state is None or state.budget_left is None or not used:
+        return state
+    left = {rule: max(0, points - used.get(rule, 0)) for rule, points in state.budget_left.items()}
+    return msgspec.structs.replace(state, budget_left=left)
+
+
+def _count_in_group(group: dict, planned, program: Program) -> None:
+    group.setdefault("keys", set()).add(planned.key)
+    members = group.setdefault("members", set())
+    if planned.member is not None:
+        members.add(planned.member.id)
+    members.update(event.member_id for event in planned.events)
+    used = group.setdefault("budget_used", {})
+    for posting in planned.postings:
+        if posting.kind == "accrual" and posting.rule in program.budgets:
+            used[posting.rule] = used.get(posting.rule, 0) + posting.points
+
+
+def _cancelled_replay(conn, program: Program, answer: dict, member_id: int | None, now: datetime) -> dict:
+    """The stored answer of a receipt cancelled since, with the member's balance now: the
+    stored balance and messages (points earned, paid with) no longer hold."""
+    answer["cancelled"] = True
+    if member_id is None:
+        return answer
+    holds = ledger.open_holds(conn, member_id, iso(now))
+    balance = ledger.balance_of(ledger.lots_of(conn, member_id), holds, local_day(program, now)).as_json()
+    answer["balance"] = balance
+    answer["messages"] = ["Receipt cancelled", f"Balance: {balance['available']} points"]
+    return answer
+
+
+async def cancel(deps: Deps, key: ledger.ReceiptKey, principal: Principal) -> dict:
+    require_store(principal, key[0])
+    result = await deps.db.write(lambda conn: _cancel_in_tx(deps, conn, key))
+    deps.metrics.receipts.labels("cancel", result["status"]).inc()
+    if "reversed" in result:
+        deps.metrics.points_reversed.inc(result["reversed"]["points"])
+    return result
+
+
+def _cancel_in_tx(deps: Deps, conn, key) -> dict:
+    program, now = deps.program(), deps.clock.now()
+    stored = ledger.get_receipt(conn, key)
+    out = {"receipt": receipt_ref(key)}
+    if stored is None:
+        released = ledger.close_hold(conn, key, "released", iso(now))
+        return {**out, "status": "hold_released" if released else "nothing_to_cancel", "released_points": released}
+    if stored.status == "cancelled":
+        return {**out, "status": "cancelled", "already": True}
+    imports.refuse_if_imported(conn, key, "cancelled")   # history brought in earned nothing to take back
+    at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version, receipt=key,
+                    ref="cancel")
+    reversed_, refunded = plan_cancel(ledger.receipt_postings(conn, key))
+    if stored.member_id is not None:
+        apply_take_back(conn, stored.member_id, take_back(conn, reversed_, refunded, local_day(program, now)), at)
+    ledger.mark_cancelled(conn, key)
+    result = cancel_answer(key, reversed_, refunded)
+    if stored.member_id is not None:
+        result["balance"] = balance_now(deps, conn, program, stored.member_id)
+    return result
+
+
+def take_back(conn, reversals, refunds, today: str) -> list:
+    """The take-back's postings, planned from the facts of the lots it touches."""
+    facts = ledger.lot_facts(conn, [r[0] for r in reversals] + [r[0] for r in refunds])
+    return take_back_postings(reversals, refunds, {lot: LotFacts(*f) for lot, f in facts.items()}, today)
+
+
+QTY_DECIMALS_MAX = 6
+QTY_MAX = 10**9
+# Quantities already found valid, by their exact text ("1.0" and "1" are different
+# entries): a till sells the same few hundred quantities all day, and checking a Decimal
+# through as_tuple() cost ~1.2 us a line, a third of a 34-line receipt's checks.
+QTY_KNOWN_GOOD_MAX = 4_096
+_qty_known_good: set[str] = set()
+
+
+def check_lines(lines) -> None:
+    """Line numbers are unique; quantities positive, finite, at most 6 decimals."""
+    if len({line.line_no for line in lines}) != len(lines):
+        seen = set()
+        for i, line in enumerate(lines):
+            if line.line_no in seen:
+                raise field_error(f"lines[{i}].line_no", f"repeats line_no {line.line_no}")
+            seen.add(line.line_no)
+    for i, line in enumerate(lines):
+        text = str(line.qty)
+        if text not in _qty_known_good:
+            _check_qty(line.qty, f"lines[{i}].qty")
+            if len(_qty_known_good) >= QTY_KNOWN_GOOD_MAX:
+                _qty_known_good.clear()
+            _qty_known_good.add(text)
+
+
+def _check_qty(qty, path: str) -> None:
+    if not qty.is_finite() or qty <= 0:
+        raise field_error(path, "must be > 0")
+    if qty.as_tuple().exponent < -QTY_DECIMALS_MAX or qty > QTY_MAX:
+        raise field_error(path, f"has more than {QTY_DECIMALS_MAX} decimals or is too large")

@@ -1,0 +1,83 @@
+"""Returns: which store may take back which receipt, then the return planned from the
+receipt's line records and postings (server/returns.py) and applied through storage."""
+from __future__ import annotations
+
+from rules import Program
+from server import schema
+from server.answer import return_answer
+from server.auth import Principal, require_store
+from server.errors import forbidden, unprocessable
+from server.ops import JSON, Deps, count, replay, sha256
+from server.ops.members import balance_now
+from server.ops.receipts import check_lines, take_back
+from server.plan import local_day, partner_of
+from server.returns import plan_return
+from storage import imports, ledger
+from storage.apply import apply_take_back
+from storage.ledger import PostingRef, iso
+
+
+async def return_items(deps: Deps, req: schema.ReturnRequest, principal: Principal) -> tuple[int, dict]:
+    require_store(principal, req.store_id)
+    ret_key = (req.store_id, req.register_id, req.return_id)
+    rec_key = (req.receipt.store_id, req.receipt.register_id, req.receipt.receipt_id)
+    fingerprint = sha256(schema.canonical(req))
+    check_lines(req.lines)
+    status, result = await deps.db.write(
+        lambda conn: _return_in_tx(deps, conn, req, ret_key, rec_key, fingerprint, principal))
+    count(deps, "return", status, result)
+    if status == 201:
+        deps.metrics.points_reversed.inc(result["reversed"]["points"])
+    return status, result
+
+
+def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint, principal) -> tuple[int, dict]:
+    program, now = deps.program(), deps.clock.now()
+    previous = ledger.get_return(conn, ret_key)
+    if previous is not None:
+        return 200, replay(previous[0], fingerprint, previous[1])
+    # Before the receipt is looked up, so a refused key learns nothing about it.
+    check_return_store(program, principal, ret_key[0], rec_key[0])
+    stored = ledger.get_receipt(conn, rec_key)
+    if stored is None:
+        raise unprocessable("receipt_not_found", "no confirmed receipt with that identity",
+                            [{"path": "receipt", "message": "not found"}])
+    if stored.status == "cancelled":
+        raise unprocessable("receipt_cancelled", "the receipt was cancelled; nothing is left to return")
+    imports.refuse_if_imported(conn, rec_key, "returned")   # history brought in earned nothing to take back
+    plan = plan_return(ledger.receipt_line_records(conn, rec_key), ledger.returned_lines(conn, rec_key),
+                       ledger.receipt_postings(conn, rec_key), req.lines)
+    at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
+                    receipt=rec_key, ref="/".join(ret_key))
+    if stored.member_id is not None:
+        postings = take_back(conn, plan.reversals, plan.refunds, local_day(program, now))
+        apply_take_back(conn, stored.member_id, postings, at)
+    for line_no, line in plan.lines.items():
+        ledger.insert_return_line(conn, rec_key, line_no, ret_key, line, iso(now))
+    result = return_answer(plan, ret_key, rec_key, stored.member_id)
+    if stored.member_id is not None:
+        result["balance"] = balance_now(deps, conn, program, stored.member_id)
+    ledger.insert_return(conn, ret_key, rec_key, body_sha256=fingerprint, member_id=stored.member_id,
+                         result=JSON.encode(result), now=iso(now))
+    return 201, result
+
+
+def check_return_store(program: Program, principal: Principal, store_id: str, receipt_store_id: str) -> None:
+    """A receipt is returned at a store its key may use; at another only when the program
+    allows returns across stores, and never across partners, whose settlements differ."""
+    if principal.may_use_store(receipt_store_id):
+        return
+    partner, receipt_partner = partner_of(program, store_id), partner_of(program, receipt_store_id)
+    if program.returns_cross_store and partner == receipt_partner:
+        return
+    if not program.returns_cross_store:
+        why = "not one of this key's stores, and the program does not allow returns across stores"
+    else:
+        why = (f"store {receipt_store_id} is {_owner(receipt_partner)} and store {store_id} is "
+               f"{_owner(partner)}; returns never cross partners")
+    raise forbidden(f"a receipt of store {receipt_store_id} cannot be returned at store {store_id}",
+                    [{"path": "receipt.store_id", "message": why}])
+
+
+def _owner(partner: str | None) -> str:
+    return f"partner {partner}'s" if partner else "the program's own"

@@ -1,0 +1,244 @@
+"""What a calculate or a confirm does, decided without touching the database or the clock.
+
+The receipt path is: read the member's state once (server/member_state.py) -> plan it here
+-> apply the plan (storage/apply.py) -> answer from the plan (server/answer.py). A plan
+holds every number the ledger and the answer need, each computed once: the lots with
+their dates and points, every posting (redemption draws, accruals, debt repayment, expiry
+of points that arrived already expired), the hold change, the rule uses, the line records
+and the events it fires. Nothing here reads a connection, the clock or a metric, so it is
+tested with hand-built states (tests/test_receipt_plan.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+
+import msgspec
+
+from rules import MemberFacts, Program
+from rules.records import Evaluation
+from server.errors import ApiError, unprocessable
+from storage import accounts
+from storage.ledger import Balance, Hold, Lot, MemberRow, ReceiptKey, balance_of, draw, iso
+from storage.line_records import ReceiptLines, build
+
+
+class MemberState(msgspec.Struct, frozen=True):
+    """A receipt's member as read once, inside the write transaction."""
+    member: MemberRow
+    facts: MemberFacts              # as the rules see the member at the receipt's ts
+    lots: list[Lot]                 # lots with points left, debts (below zero) included
+    holds: list[Hold]               # holds reserving points now
+    usage: dict[str, int]           # times each limited rule fired within its window at ts
+    budget_left: dict[str, int] | None  # points each budgeted rule may still issue
+    hold_open: bool                 # a hold under this receipt's key is open, even a lapsed one
+
+    def own_hold(self, key: ReceiptKey) -> int:
+        return sum(h.points for h in self.holds if h.key == key)
+
+
+class NewLot(msgspec.Struct, frozen=True):
+    available_from: date
+    expires_on: date | None
+    points: int                     # what its accruals bring
+
+
+class Posting(msgspec.Struct, frozen=True):
+    """One transfer between the member and `counter`. The lot is an existing lot's id, or
+    (new_lot) the index of one of the plan's new lots."""
+    kind: str
+    points: int
+    counter: str
+    lot: int
+    new_lot: bool = False
+    rule: str | None = None
+    of_receipt: bool = True         # False: effective at `effective_at`, not the receipt's ts, without its key
+    effective_at: str | None = None
+    lot_dates: tuple[str, str | None] | None = None     # an existing lot's, as stored
+
+
+class HoldChange(msgspec.Struct, frozen=True):
+    action: str                     # put | consume | release
+    points: int = 0
+    expires_at: datetime | None = None
+
+
+class EventFire(msgspec.Struct, frozen=True):
+    member_id: int
+    on: str
+    occasion: str
+
+
+@dataclass
+class ReceiptPlan:
+    key: ReceiptKey
+    evaluation: Evaluation
+    today: str                      # the program's local date when the receipt arrived
+    member: MemberRow | None = None
+    lots: list[NewLot] = field(default_factory=list)
+    postings: list[Posting] = field(default_factory=list)
+    expired_lots: list[int] = field(default_factory=list)   # new lots whose points expired on arrival
+    hold: HoldChange | None = None
+    rule_uses: list[str] = field(default_factory=list)
+    lines: ReceiptLines | None = None   # its lots are indexes of `lots` until applied
+    events: list[EventFire] = field(default_factory=list)
+    balance: Balance | None = None  # the member's balance once the plan is applied
+
+
+def local_day(program: Program, moment: datetime) -> str:
+    return moment.astimezone(program.timezone).date().isoformat()
+
+
+def evaluate(program: Program, receipt, state: MemberState | None, today: str) -> Evaluation:
+    """The rules on the receipt; a refused redemption is an ApiError."""
+    if state is None:
+        ev = program.evaluate(receipt, None, 0, 0, {})
+    else:
+        own = state.own_hold(key_of(receipt))
+        available = balance_of(state.lots, state.holds, today).available + own
+        ev = program.evaluate(receipt, state.facts, receipt.redeem_points, available, state.usage, state.budget_left)
+    if ev.redeem_refusal:
+        raise refusal(ev.redeem_refusal, program)
+    return ev
+
+
+def key_of(receipt) -> ReceiptKey:
+    return receipt.store_id, receipt.register_id, receipt.receipt_id
+
+
+def refusal(code: str, program: Program) -> ApiError:
+    if code == "below_min_redemption":
+        message = f"at least {program.redemption_min_points} points must be redeemed at once"
+    else:
+        message = "not enough points available for this redemption"
+    return unprocessable(code, message, [{"path": "redeem_points", "message": message}])
+
+
+def plan_calculate(receipt, state: MemberState | None, program: Program, now: datetime,
+                   ev: Evaluation | None = None) -> ReceiptPlan:
+    """A calculate holds the points it would redeem (replacing this receipt's earlier hold)
+    until the confirm. ev: the evaluation when the caller timed it already."""
+    key, today = key_of(receipt), local_day(program, now)
+    ev = ev or evaluate(program, receipt, state, today)
+    plan = ReceiptPlan(key, ev, today)
+    if state is None:
+        return plan
+    plan.member = state.member
+    holds = [h for h in state.holds if h.key != key]
+    if ev.redeemed_points:
+        expires_at = now + timedelta(minutes=program.hold_ttl_minutes)
+        plan.hold = HoldChange("put", ev.redeemed_points, expires_at)
+        holds.append(Hold(key, ev.redeemed_points, iso(expires_at)))
+    elif state.own_hold(key):
+        plan.hold = HoldChange("release")
+    plan.balance = balance_of(state.lots, holds, today)
+    return plan
+
+
+def plan_confirm(receipt, state: MemberState | None, program: Program, now: datetime,
+                 ev: Evaluation | None = None) -> ReceiptPlan:
+    """A confirm: the redemption drawn from the member's lots (soonest expiry first), one
+    new lot per distinct pair of dates its rules give, each rule's accrual on its lot,
+    debts paid back from the new points, points already expired when they arrived expired,
+    the limited rules' uses, a referrer's first-purchase event, the line records."""
+    key, today = key_of(receipt), local_day(program, now)
+    ev = ev or evaluate(program, receipt, state, today)
+    plan = ReceiptPlan(key, ev, today)
+    sold = [(line.line_no, line.qty, line.amount) for line in receipt.lines]
+    if state is None:
+        plan.lines = build(sold, ev.pairs, ev.redeemed_by_line, {})
+        return plan
+    plan.member = state.member
+    partner = partner_of(program, receipt.store_id)
+    lots = {lot.id: Lot(lot.id, lot.available_from, lot.expires_on, lot.remaining) for lot in state.lots}
+    if state.hold_open:
+        plan.hold = HoldChange("consume")
+    holds = [h for h in state.holds if h.key != key]
+    if ev.redeemed_points:
+        reserved = sum(h.points for h in holds)
+        for lot_id, points in draw(list(lots.values()), ev.redeemed_points, today, reserved):
+            plan.postings.append(Posting("redemption", -points, accounts.redemption_account(partner), lot_id,
+                                         lot_dates=_dates(lots[lot_id])))
+            lots[lot_id].remaining -= points
+    lot_of_rule = _accrue(plan, program, ev, accounts.issue_account(partner))
+    new_remaining = [lot.points for lot in plan.lots]
+    if any(lot.remaining < 0 for lot in state.lots):
+        _repay(plan, lots, new_remaining, today)
+    _expire_on_arrival(plan, program, new_remaining, today)
+    plan.rule_uses = [r for r in ev.fired if r in state.usage]
+    if state.member.referred_by is not None and state.facts.receipt_number == 1:
+        plan.events.append(EventFire(state.member.referred_by, "referred_first_purchase",
+                                     f"referral:{state.member.id}"))
+    plan.lines = build(sold, ev.pairs, ev.redeemed_by_line, lot_of_rule)
+    after = [lot for lot in lots.values() if lot.remaining]
+    after += [Lot(-1 - i, str(new.available_from), _text(new.expires_on), points)
+              for i, (new, points) in enumerate(zip(plan.lots, new_remaining)) if points]
+    plan.balance = balance_of(sorted(after, key=lambda lot: lot.id), holds, today)
+    return plan
+
+
+def _dates(lot: Lot) -> tuple[str, str | None]:
+    return lot.available_from, lot.expires_on
+
+
+def _text(day: date | None) -> str | None:
+    return None if day is None else str(day)
+
+
+def _accrue(plan: ReceiptPlan, program: Program, ev: Evaluation, counter: str) -> dict[str, int]:
+    """One new lot per distinct (activation, expiry) pair, written once with all its points,
+    and one accrual per earning rule on it. Returns each earning rule's lot index."""
+    index: dict[tuple, int] = {}
+    lot_of_rule: dict[str, int] = {}
+    earning = [(rule, points) for rule, points in ev.by_rule if points > 0]
+    for rule, points in earning:
+        dates = program.rule_dates(rule, ev.local_date)
+        if dates not in index:
+            index[dates] = len(plan.lots)
+            plan.lots.append(NewLot(dates[0], dates[1], 0))
+        at = index[dates]
+        lot_of_rule[rule] = at
+        plan.lots[at] = NewLot(dates[0], dates[1], plan.lots[at].points + points)
+    for rule, points in earning:
+        plan.postings.append(Posting("accrual", points, counter, lot_of_rule[rule], new_lot=True, rule=rule))
+    return lot_of_rule
+
+
+def _repay(plan: ReceiptPlan, lots: dict[int, Lot], new_remaining: list[int], today: str) -> None:
+    """New points first pay back what the member owes (a return of points already spent
+    leaves a lot below zero), oldest debt first; not points that expired before arriving."""
+    member = accounts.member_account(plan.member.id)
+    for at, new in enumerate(plan.lots):
+        if expired_by(new.expires_on, today):
+            continue
+        for debt in sorted((lot for lot in lots.values() if lot.remaining < 0), key=lambda lot: lot.id):
+            take = min(new_remaining[at], -debt.remaining)
+            if take <= 0:
+                break
+            plan.postings.append(Posting("repayment", -take, member, at, new_lot=True))
+            plan.postings.append(Posting("repayment", take, member, debt.id, lot_dates=_dates(debt)))
+            new_remaining[at] -= take
+            debt.remaining += take
+
+
+def _expire_on_arrival(plan: ReceiptPlan, program: Program, new_remaining: list[int], today: str) -> None:
+    """A late receipt's points whose expiry date had passed when it arrived are posted and
+    expire at once, effective at the first moment of the expiry date as the expiry job
+    would have posted them, so no answer ever counts them as spendable."""
+    for at, new in enumerate(plan.lots):
+        if not expired_by(new.expires_on, today):
+            continue
+        expired_at = datetime.combine(new.expires_on, datetime.min.time(), program.timezone)
+        plan.postings.append(Posting("expiry", -new_remaining[at], accounts.EXPIRY, at, new_lot=True,
+                                     of_receipt=False, effective_at=iso(expired_at)))
+        plan.expired_lots.append(at)
+        new_remaining[at] = 0
+
+
+def expired_by(expires_on, today: str) -> bool:
+    return expires_on is not None and str(expires_on) <= today
+
+
+def partner_of(program: Program, store_id: str) -> str | None:
+    store = program.stores.get(store_id)
+    return store.partner if store is not None else None

@@ -1,0 +1,122 @@
+"""Writes what a plan (server/plan.py, server/returns.py) decided, inside the write transaction.
+
+Nothing here decides: the lots, their points and dates, every posting and its amount come
+from the plan. The confirms of one batch are written together (apply_confirms): one
+INSERT for all their lots, one for their postings, one UPDATE of the lots' remaining
+points, one INSERT of their receipt rows.
+
+What a plan reads and writes is its own member's rows, plus two things every member
+shares: the budgets' rule_totals (kept by the postings' trigger, and taken off by the
+planner for plans of the batch not yet applied) and the ledger's order (posting ids, the
+hash chain, lot ids), which follows the one writer. Serializing members by a row lock
+instead would keep the first and need the second from a sequence.
+"""
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from storage import accounts, ledger, line_records
+from storage.ledger import PostingRef, iso
+
+
+def apply_calculate(conn: sqlite3.Connection, plan, now: datetime) -> None:
+    if plan.hold is None:
+        return
+    if plan.hold.action == "put":
+        ledger.put_hold(conn, plan.key, plan.member.id, plan.hold.points, iso(now), iso(plan.hold.expires_at))
+    else:
+        ledger.close_hold(conn, plan.key, "released", iso(now))
+
+
+@dataclass
+class Confirmed:
+    """A confirm's plan with what its receipt row needs, for apply_confirms."""
+    plan: Any
+    receipt: Any
+    program: Any
+    now: datetime
+    body: bytes
+    fingerprint: bytes
+    answer: bytes
+    result: Any = None      # handed back by apply_confirms
+
+
+def apply_confirms(conn: sqlite3.Connection, confirms: list[Confirmed]) -> list:
+    """The confirms' holds, lots, postings, rule uses, receipt rows and events, with one
+    statement per table for all of them (their results, in order). The plans were made in
+    this order against the state the earlier ones leave; the postings chain in it."""
+    lots = [(c.plan.member.id, *ledger.lot_dates(lot.available_from, lot.expires_on), lot.points)
+            for c in confirms if c.plan.member is not None for lot in c.plan.lots]
+    lot_ids = iter(ledger.new_lots(conn, lots))
+    postings, holds, expired, fires, receipts = [], [], [], [], []
+    for c in confirms:
+        plan, now = c.plan, iso(c.now)
+        ids = [next(lot_ids) for _ in plan.lots] if plan.member is not None else []
+        if plan.member is not None:
+            postings += _postings(c, ids)
+            holds += [(now, plan.key)] if plan.hold is not None else []
+            expired += [(ids[at],) for at in plan.expired_lots]
+            fires += [(plan.member.id, rule, str(plan.evaluation.local_date), *plan.key) for rule in plan.rule_uses]
+        lines = line_records.encode(line_records.with_lots(plan.lines, {
+            rule: ids[at] for rule, at in plan.lines.lots.items()} if ids else {}))
+        receipts.append(ledger.receipt_row(
+            plan.key, body_sha256=c.fingerprint, member_id=plan.member.id if plan.member else None,
+            ts=iso(c.receipt.ts), local_date=str(plan.evaluation.local_date), total=c.receipt.total,
+            rules_version=c.program.version, body=c.body, result=c.answer, lines=lines, now=now))
+    # Most batches at low load hold one receipt without a hold, a late lot or a limited
+    # rule: a statement with nothing to write is not sent.
+    if holds:
+        ledger.close_holds(conn, holds, "consumed")
+    ledger.append_postings(conn, postings)
+    if expired:
+        conn.executemany("UPDATE lots SET expiry_done = 1 WHERE id = ?", expired)
+    if fires:
+        ledger.record_fires(conn, fires)
+    ledger.insert_receipts(conn, receipts)
+    for c in confirms:
+        for event in c.plan.events:
+            fire_events(conn, c.program, event.member_id, event.on, event.occasion, c.now)
+    return [c.result for c in confirms]
+
+
+def _postings(c: Confirmed, lot_ids: list[int]) -> list[ledger.NewPosting]:
+    plan, now, version = c.plan, iso(c.now), c.program.version
+    ts = iso(c.receipt.ts)
+    out = []
+    for p in plan.postings:
+        if p.new_lot:
+            lot_id, new = lot_ids[p.lot], plan.lots[p.lot]
+            dates = ledger.lot_dates(new.available_from, new.expires_on)
+        else:
+            lot_id, dates = p.lot, p.lot_dates
+        if p.of_receipt:
+            effective, receipt, ref = ts, plan.key, None
+        else:
+            effective, receipt, ref = p.effective_at, None, f"{p.kind}:{lot_id}"
+        out.append(ledger.NewPosting(plan.member.id, lot_id, dates, p.kind, p.points, p.counter, effective, now,
+                                     p.rule, version, receipt, ref, counted=p.kind == "accrual" and p.new_lot))
+    return out
+
+
+def fire_events(conn: sqlite3.Connection, program, member_id: int, on: str, occasion: str, now: datetime) -> None:
+    """Credits the program's event rules for `on`, each at most once per member and occasion;
+    the points pay the member's debts first."""
+    today = now.astimezone(program.timezone).date()
+    for event in program.events_on(on):
+        if event.points <= 0 or not ledger.fire_event_once(conn, member_id, event.id, occasion, iso(now)):
+            continue
+        days = event.expires_in_days if event.expires_in_days is not None else program.expiry_days
+        expires = today + timedelta(days=days) if days else None
+        at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
+                        ref=f"event:{event.id}:{occasion}")
+        ledger.credit(conn, member_id, event.points, today, expires, "event", accounts.ISSUE_PROGRAM, at,
+                      rule_id=event.id)
+
+
+def apply_take_back(conn: sqlite3.Connection, member_id: int, postings, at: PostingRef) -> None:
+    """A return's or a cancel's postings (server/returns.py take_back_postings), as planned."""
+    for p in postings:
+        ledger.post(conn, member_id, p.lot, p.kind, p.points, p.counter, at, p.rule)

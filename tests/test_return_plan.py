@@ -1,0 +1,68 @@
+"""Returns and cancels planned from a receipt's line records and postings, without SQLite:
+shares of a line's points, the lots and counter accounts they are taken from, refunds to
+the lots points were spent from, and lots that expired in between."""
+from __future__ import annotations
+
+from decimal import Decimal
+
+import msgspec
+import pytest
+
+from server.errors import ApiError
+from server.returns import LotFacts, plan_cancel, plan_return, take_back_postings
+from server.schema import ReturnLine
+from storage.ledger import ReturnedLine
+from storage.line_records import Accrual, LineRecord
+
+SOLD = {1: LineRecord(1, Decimal(3), 60000, (Accrual("base", 12, 5), Accrual("dairy-x2", 12, 5)), 30, 3000),
+        2: LineRecord(2, Decimal(1), 70000, (Accrual("base", 14, 5), Accrual("promo", 50, 6)), 0, 0)}
+POSTINGS = [("redemption", 2, None, "redemption:program", -20), ("redemption", 3, None, "redemption:program", -10),
+            ("accrual", 5, "base", "issue:program", 26), ("accrual", 5, "dairy-x2", "issue:program", 12),
+            ("accrual", 6, "promo", "funding:partner:fuelco", 50)]
+
+
+def returning(*lines) -> list[ReturnLine]:
+    return [ReturnLine(line_no=n, qty=Decimal(q)) for n, q in lines]
+
+
+def test_a_partial_return_takes_the_lines_share_from_the_lots_the_rules_earned_on():
+    plan = plan_return(SOLD, {}, POSTINGS, returning((1, "1"), (2, "1")))
+    assert plan.lines[1].points_reversed == 8 and plan.lines[2].points_reversed == 64
+    assert plan.by_rule == {"base": 4 + 14, "dairy-x2": 4, "promo": 50}
+    assert plan.reversals == [(5, "base", 18, "issue:program"), (5, "dairy-x2", 4, "issue:program"),
+                              (6, "promo", 50, "funding:partner:fuelco")]
+    assert (plan.lines[1].points_refunded, plan.lines[1].discount_refunded) == (10, 1000)
+    assert plan.refunds == [(3, 10, "redemption:program")]     # the lot drawn last gets its points back first
+
+
+def test_the_return_that_completes_a_line_takes_exactly_what_is_left():
+    before = {1: [ReturnedLine("1", 20000, 8, 10, 1000, msgspec.json.encode({"base": 4, "dairy-x2": 4}))]}
+    plan = plan_return(SOLD, before, POSTINGS, returning((1, "2")))
+    assert plan.lines[1].points_reversed == 16 and plan.by_rule == {"base": 8, "dairy-x2": 8}
+    assert (plan.lines[1].amount, plan.lines[1].points_refunded, plan.lines[1].discount_refunded) == (40000, 20, 2000)
+
+
+def test_more_than_was_sold_is_refused_and_names_the_line():
+    with pytest.raises(ApiError) as refused:
+        plan_return(SOLD, {}, POSTINGS, returning((1, "3.5")))
+    assert refused.value.code == "return_exceeds_sold"
+    assert refused.value.details[0]["path"] == "lines[0].qty"
+
+
+def test_a_cancel_takes_back_everything_still_held():
+    reversals, refunds = plan_cancel(POSTINGS + [("reversal", 5, "base", "issue:program", -6)])
+    assert reversals == [(5, "base", 20, "issue:program"), (5, "dairy-x2", 12, "issue:program"),
+                         (6, "promo", 50, "funding:partner:fuelco")]
+    assert refunds == [(3, 10, "redemption:program"), (2, 20, "redemption:program")]
+
+
+def test_points_of_a_lot_expired_since_come_back_from_the_expiry_account_once():
+    lots = {5: LotFacts("2026-11-01", 30), 3: LotFacts("2026-11-01", 0), 6: LotFacts("2027-11-01", 0)}
+    postings = take_back_postings([(5, "base", 20, "issue:program"), (5, "dairy-x2", 12, "issue:program"),
+                                   (6, "promo", 50, "funding:partner:fuelco")],
+                                  [(3, 10, "redemption:program")], lots, "2026-11-24")
+    assert [(p.kind, p.points, p.lot) for p in postings] == [
+        ("reversal", -20, 5), ("expiry", 20, 5),            # the member no longer had them
+        ("reversal", -12, 5), ("expiry", 10, 5),            # only 30 had expired
+        ("reversal", -50, 6),                               # still live: taken from the member
+        ("refund", 10, 3), ("expiry", -10, 3)]              # refunded to an expired lot: expired again
