@@ -20,7 +20,17 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from .conditions import SEGMENT_WHEN_KEYS, Node, WhenCompiler, fields_required_true, group, period_node
 from .decode import decode_section
 from .engine import RuleEngineError
-from .model import LISTS, REQUIRED_SETTINGS, REWARD_KINDS, SETTINGS, LineFilter as LineFilterSpec, RuleSpec, SegmentSpec
+from .model import (
+    LISTS,
+    MAX_COUPON_CAMPAIGNS,
+    REQUIRED_SETTINGS,
+    REWARD_KINDS,
+    SETTINGS,
+    CouponSpec,
+    LineFilter as LineFilterSpec,
+    RuleSpec,
+    SegmentSpec,
+)
 from .problems import Problem, ProgramError, suggest
 from .program import CompiledRule, LineFilter, Program, Scope
 from .records import CouponCampaign, EventRule, Partner, Store
@@ -157,7 +167,9 @@ class _Builder:
         self.events: list[tuple[Document, Path, Any]] = []
         self.unreadable = False
         self.damaged: set[tuple[str, Path]] = set()  # rules and segments that decoded only after dropping keys
-        self.segment_ids: set[str] | None = set()  # None: a segment did not decode, so names cannot be judged
+        # None: a segment or coupon campaign did not decode, so names cannot be judged.
+        self.segment_ids: set[str] | None = set()
+        self.coupon_ids: set[str] | None = set()
 
     def fail(self, doc: Document, path: Path, message: str, key: bool = False) -> None:
         self.problems.append(doc.problem(path, message, key))
@@ -361,22 +373,35 @@ class _Builder:
     def _coupons(self, specs: dict[str, Any]) -> list[CouponCampaign]:
         today = self._today(specs)
         campaigns: list[CouponCampaign] = []
-        seen: dict[str, Path] = {}
-        for index, spec in enumerate(specs.get("coupons") or []):
-            doc, base = self._at("coupons")
-            path = base + (index,)
+        seen: dict[str, tuple[Document, Path]] = {}
+        for position, (doc, path) in enumerate(self.items["coupons"]):
+            if position == MAX_COUPON_CAMPAIGNS:
+                self.fail(doc, path, f"more than {MAX_COUPON_CAMPAIGNS} coupon campaigns")
+                break
+            spec = decode_section(doc, path, CouponSpec, self.problems)
+            if spec is None:
+                self.coupon_ids = None
+                continue
             if spec.id in seen:
-                line, column = doc.mark(seen[spec.id] + ("id",))
-                self.fail(doc, path + ("id",), f"duplicate coupon campaign '{spec.id}' (first defined at {doc.file}:{line}:{column})")
-            seen.setdefault(spec.id, path)
-            valid = spec.valid
-            if valid is not None and valid.to < valid.from_:
-                self.fail(doc, path + ("valid", "to"), f"'valid' ends ({valid.to}) before it starts ({valid.from_})")
-            elif valid is not None and today is not None and valid.to < today:
-                self.warn(doc, path + ("valid", "to"), f"coupon campaign ended on {valid.to}, before today ({today}): its codes no longer apply")
-            campaigns.append(CouponCampaign(str(spec.id), spec.uses_per_code, valid.from_ if valid else None,
-                                            valid.to if valid else None))  # fmt: skip
+                first_doc, first_path = seen[spec.id]
+                line, column = first_doc.mark(first_path + ("id",))
+                self.fail(doc, path + ("id",), f"duplicate coupon campaign '{spec.id}' (first defined at {first_doc.file}:{line}:{column})")
+            seen.setdefault(spec.id, (doc, path))
+            if self.coupon_ids is not None:
+                self.coupon_ids.add(str(spec.id))
+            self._check_valid(doc, path, spec.valid, today)
+            campaigns.append(CouponCampaign(str(spec.id), spec.uses_per_code, spec.valid.from_ if spec.valid else None,
+                                            spec.valid.to if spec.valid else None))  # fmt: skip
         return campaigns
+
+    def _check_valid(self, doc: Document, path: Path, valid: Any, today: date | None) -> None:
+        if valid is None:
+            return
+        if valid.to < valid.from_:
+            self.fail(doc, path + ("valid", "to"), f"'valid' ends ({valid.to}) before it starts ({valid.from_})")
+        elif today is not None and valid.to < today:
+            message = f"coupon campaign ended on {valid.to}, before today ({today}): its codes no longer apply"
+            self.warn(doc, path + ("valid", "to"), message)
 
     # Events and rules -------------------------------------------------------
 
@@ -436,7 +461,7 @@ class _Builder:
             "store": ids("stores", {str(store.id) for store in stores}),
             "store_tags": ids("stores", {str(tag) for store in stores for tag in store.tags}),
             "segment": ids("segments", self.segment_ids),
-            "coupon": ids("coupons", {str(coupon.id) for coupon in specs.get("coupons") or []}),
+            "coupon": self.coupon_ids,
         }
 
     def _today(self, specs: dict[str, Any]) -> date | None:

@@ -263,7 +263,7 @@ SETTINGS: dict[str, Any] = {
     "stores": Annotated[list[StoreSpec], Meta(max_length=100_000)],
     "partners": Annotated[list[PartnerSpec], Meta(max_length=10_000)],
     "segments": SegmentsSpec,
-    "coupons": Annotated[list[CouponSpec], Meta(max_length=MAX_COUPON_CAMPAIGNS)],
 }
-LISTS: dict[str, Any] = {"rules": RuleSpec, "events": EventSpec}
+# A coupon campaign is a list item, so each campaign's file can define its own.
+LISTS: dict[str, Any] = {"rules": RuleSpec, "events": EventSpec, "coupons": CouponSpec}
 REQUIRED_SETTINGS = ("program", "points")

@@ -241,3 +241,20 @@ def test_coupon_and_personal_problems_at_their_place():
         "c.yaml:18:14: 'holdout' has more than 6 decimal places",
         "c.yaml:20:12: unknown condition 'cupon', did you mean 'coupon'?",
     ]
+
+
+def test_coupon_campaigns_may_be_written_beside_their_rules_in_several_files():
+    xmas = "coupons: [{id: xmas}]\nrules:\n  - {id: xmas-coupon, when: {coupon: xmas}, reward: {points: 200}}\n"
+    spring = "coupons:\n  - {id: spring}\n  - {id: xmas}\nrules:\n  - {id: spring-coupon, when: {coupon: sprng}, reward: {points: 5}}\n"
+    found = [str(p) for p in check_files({"program.yaml": SETTINGS, "campaigns/xmas.yaml": xmas,
+                                          "campaigns/spring.yaml": spring}, TODAY)]  # fmt: skip
+    assert found == [  # files are read in path order: campaigns/spring.yaml first
+        "campaigns/spring.yaml:5:40: warning: unknown coupon campaign 'sprng', did you mean 'spring'?",
+        "campaigns/xmas.yaml:1:16: duplicate coupon campaign 'xmas' (first defined at campaigns/spring.yaml:3:10)",
+    ]
+    program = load_files({"program.yaml": SETTINGS, "campaigns/xmas.yaml": xmas,
+                          "campaigns/spring.yaml": spring.replace("  - {id: xmas}\n", "")}, TODAY)  # fmt: skip
+    try:
+        assert list(program.coupons) == ["spring", "xmas"]
+    finally:
+        program.close()

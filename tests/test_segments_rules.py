@@ -244,3 +244,36 @@ def test_a_segment_the_program_does_not_define_is_a_warning_with_the_nearest():
         assert [str(w) for w in program.warnings] == ["rules.yaml:2:29: warning: unknown segment 'x'"]
     finally:
         program.close()
+
+
+def test_the_engine_and_the_plain_reading_agree_on_every_membership():
+    text = """\
+    segments:
+      define:
+        - {id: a, list: true}
+        - {id: b, list: true}
+        - {id: c, list: true}
+    coupons: [{id: x}, {id: y}]
+    rules:
+      - {id: one, when: {segment: a, coupon: x}, reward: {points: 1}}
+      - {id: two, when: {any: [{segment: [b, c]}, {coupon: y}], not: {segment: a}}, reward: {points: 1}}
+      - {id: three, when: {not: {any: [{segment: c}, {coupon: [x, y]}]}}, reward: {points: 1}}
+      - {id: four, when: {segment: b, tags: [vip], not: {coupon: x}}, reward: {points: 1}}
+    """
+    program = load_files(files(text), TODAY)
+    sale = receipt("2026-12-10T12:00:00+02:00", line(1, "coats", 10000))
+    try:
+        seen = set()
+        for mask in range(2**6):
+            segments = frozenset(name for bit, name in enumerate("abc") if mask >> bit & 1)
+            coupons = {name: f"{name}-1" for bit, name in enumerate("xy") if mask >> (bit + 3) & 1}
+            tags = frozenset({"vip"}) if mask % 3 == 0 else frozenset()
+            who = MemberFacts(member_id="m_1", tier="base", tags=tags, segments=segments, coupons=coupons)
+            explanation = program.explain(sale, who)
+            assert all("rule engine" not in note for item in explanation.rules for note in item.notes), mask
+            fired = tuple(explanation.evaluation.fired)
+            assert fired == tuple(item.id for item in explanation.rules if item.status == "applied")
+            seen.add(fired)
+        assert len(seen) >= 6, "the memberships gave too few different outcomes to mean anything"
+    finally:
+        program.close()
