@@ -119,7 +119,8 @@ def explain(program: Any, receipt: Any, member: MemberFacts | None, redeem_reque
                 item.reasons.append(f"budget used up ({rule.budget} points)")
         if rule.personal:
             item.reasons += _offer_reasons(rule, member)
-        if not item.reasons and rule.holdout is not None and holdout_member(program.id, rule.id, member.member_id, rule.holdout):
+        held_out = rule.holdout is not None and holdout_member(program.id, rule.id, member.member_id, rule.holdout)
+        if held_out and not item.reasons:
             item.reasons.append(_held_out_reason(rule, evaluation))
         if not item.reasons:
             candidates.append(rule)
@@ -376,7 +377,8 @@ def format_explanation(explanation: Explanation, currency: str = "") -> str:
             f"receipt #{member.receipt_number}"
         )
         if member.segments or member.offers or member.coupons:
-            offers = [f"{rule} ({'no budget' if left is None else f'{left} left'})" for rule, left in member.offers.items()]
+            offers = [f"{rule} ({'no budget' if left is None else f'{left} left'})"
+                      for rule, left in member.offers.items()]
             out.append(f"  segments {_listed(sorted(member.segments))}, offers {_listed(offers)}, "
                        f"coupons {_listed([f'{c}: {code}' for c, code in member.coupons.items()])}")
     if ev.redeemed_points:
@@ -399,7 +401,8 @@ def format_explanation(explanation: Explanation, currency: str = "") -> str:
         out.append("points by line: " + ", ".join(f"{line_no}: {points}" for line_no, points in ev.by_line))
     out.append(f"total: {ev.accrued_points} point(s), rounded once ({explanation.rounding})")
     if ev.held_out:
-        out.append("held out (control group): " + ", ".join(f"{rule} would have given {points}" for rule, points in ev.held_out))
+        held = ", ".join(f"{rule} would have given {points}" for rule, points in ev.held_out)
+        out.append(f"held out (control group): {held}")
     if ev.lots:
         for available_from, expires_on, points in ev.lots:
             out.append(f"  {points} available from {available_from}, expire {expires_on or 'never'}")

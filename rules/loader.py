@@ -338,7 +338,8 @@ class _Builder:
                 self.damaged.add((doc.file, path))
             if item.id in seen:
                 line, column = doc.mark(seen[item.id] + ("id",))
-                self.fail(doc, path + ("id",), f"duplicate segment '{item.id}' (first defined at {doc.file}:{line}:{column})")
+                first = f"{doc.file}:{line}:{column}"
+                self.fail(doc, path + ("id",), f"duplicate segment '{item.id}' (first defined at {first})")
             seen.setdefault(item.id, path)
             if self.segment_ids is not None:
                 self.segment_ids.add(str(item.id))
@@ -356,19 +357,23 @@ class _Builder:
             return None
         line = doc.mark(path).line
         if spec.rfm is not None:
-            ranges = {letter: getattr(spec.rfm, letter) for letter in "rfm" if getattr(spec.rfm, letter)}
-            if not ranges and not damaged:
-                self.fail(doc, path + ("rfm",), "'rfm' needs at least one of r, f, m: [low, high] (scores 1 to 5)")
-            for letter, (low, high) in ranges.items():
-                if high < low:
-                    self.fail(doc, path + ("rfm", letter), f"'{letter}' ends ({high}) before it starts ({low})")
-            return Segment(str(spec.id), "rfm", rfm={k: (lo, hi) for k, (lo, hi) in ranges.items()}, file=doc.file, line=line)
+            ranges = self._rfm_ranges(doc, path + ("rfm",), spec.rfm, damaged)
+            return Segment(str(spec.id), "rfm", rfm=ranges, file=doc.file, line=line)
         if spec.when is not None:
             compiler.member_tags = {}  # each segment reads its own tags
             node = compiler.compile(doc, path + ("when",), _raw(doc, path + ("when",)))
             return Segment(str(spec.id), "when", condition=node, tag_fields=dict(compiler.member_tags),
                            file=doc.file, line=line)  # fmt: skip
         return Segment(str(spec.id), "list", file=doc.file, line=line)
+
+    def _rfm_ranges(self, doc: Document, path: Path, spec: Any, damaged: bool) -> dict[str, tuple[int, int]]:
+        ranges = {letter: tuple(getattr(spec, letter)) for letter in "rfm" if getattr(spec, letter)}
+        if not ranges and not damaged:
+            self.fail(doc, path, "'rfm' needs at least one of r, f, m: [low, high] (scores 1 to 5)")
+        for letter, (low, high) in ranges.items():
+            if high < low:
+                self.fail(doc, path + (letter,), f"'{letter}' ends ({high}) before it starts ({low})")
+        return ranges  # type: ignore[return-value]
 
     def _coupons(self, specs: dict[str, Any]) -> list[CouponCampaign]:
         today = self._today(specs)
@@ -385,7 +390,8 @@ class _Builder:
             if spec.id in seen:
                 first_doc, first_path = seen[spec.id]
                 line, column = first_doc.mark(first_path + ("id",))
-                self.fail(doc, path + ("id",), f"duplicate coupon campaign '{spec.id}' (first defined at {first_doc.file}:{line}:{column})")
+                first = f"{first_doc.file}:{line}:{column}"
+                self.fail(doc, path + ("id",), f"duplicate coupon campaign '{spec.id}' (first defined at {first})")
             seen.setdefault(spec.id, (doc, path))
             if self.coupon_ids is not None:
                 self.coupon_ids.add(str(spec.id))

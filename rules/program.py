@@ -171,7 +171,8 @@ class Program:
 
     def held_out_of(self, member_id: str) -> list[str]:
         """The rules with a holdout whose control group the member is in, in definition order."""
-        return [rule_id for rule_id, share in self.holdout_rules.items() if holdout_member(self.id, rule_id, member_id, share)]
+        return [rule_id for rule_id, share in self.holdout_rules.items()
+                if holdout_member(self.id, rule_id, member_id, share)]
 
     def limit_windows(self, local_date: date) -> dict[str, tuple[date, date]]:
         """For each rule with a limit: the inclusive local dates its usage is counted over."""
