@@ -351,6 +351,9 @@ class _Builder:
     def _segment(self, doc: Document, path: Path, spec: Any, compiler: WhenCompiler) -> Segment | None:
         kinds = [kind for kind, given in (("rfm", spec.rfm), ("when", spec.when), ("list", spec.list_)) if given]
         damaged = (doc.file, path) in self.damaged  # a key dropped for a problem already reported
+        if spec.when == {} and not kinds:
+            self.fail(doc, path + ("when",), "'when' is empty: a segment needs at least one condition")
+            return None
         if len(kinds) != 1 and not (damaged and not kinds):
             given = f" ({', '.join(kinds)} given)" if kinds else ""
             self.fail(doc, path, f"a segment needs exactly one of: rfm, when, list: true{given}")

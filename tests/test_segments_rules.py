@@ -206,6 +206,7 @@ def test_segment_problems_at_their_place():
         - {id: staff, list: true}
         - {id: golden, when: {tier: golde, enrolled_days: {gte: 40000}}}
         - {id: nothing, list: false}
+        - {id: empty, when: {}}
     rules:
       - id: lapsed
         when: {days_since_last_purchase: {gt: 90}}
@@ -221,7 +222,8 @@ def test_segment_problems_at_their_place():
         "customers.yaml:8:33: warning: unknown tier 'golde', did you mean 'gold'?",
         "customers.yaml:8:61: 40000 is out of range 0..36500",
         "customers.yaml:9:7: a segment needs exactly one of: rfm, when, list: true",
-        "customers.yaml:12:12: unknown condition 'days_since_last_purchase' ('days_since_last_purchase' is for a "
+        "customers.yaml:10:25: 'when' is empty: a segment needs at least one condition",
+        "customers.yaml:13:12: unknown condition 'days_since_last_purchase' ('days_since_last_purchase' is for a "
         "segment's when: define a segment with it, then use 'segment: <id>')",
     ]
 
