@@ -51,6 +51,13 @@ class Metrics:
                                       ["cause"], registry=r)
         self.storage_fault = Gauge("loyalty_storage_fault", "1 for the storage fault in force (full: also the "
                                    "disk under database.min_free_mib), 0 for the others", ["cause"], registry=r)
+        self.events_backlog = Gauge("loyalty_events_backlog", "Events a webhook still has to receive (pending "
+                                    "deliveries, dead letters not included)", ["webhook"], registry=r)
+        self.webhook_deliveries = Counter("loyalty_webhook_deliveries", "Webhook delivery attempts by result "
+                                          "(delivered, failed: to be retried, dead: retries ran out)",
+                                          ["webhook", "result"], registry=r)
+        self.webhook_dead_letters = Gauge("loyalty_webhook_dead_letters", "Deliveries that ran out of retries "
+                                          "and wait for `loyalty events retry`", ["webhook"], registry=r)
         for cause in STORAGE_CAUSES:
             self.storage_errors.labels(cause)
             self.storage_fault.labels(cause).set(0)

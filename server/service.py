@@ -27,7 +27,8 @@ from server.metrics import Metrics
 from server.privacy import Privacy
 from server.programs import ProgramHolder
 from server.returns import pairs_to_store, plan_cancel, plan_return, receipt_lines
-from storage import accounts, ledger
+from server import webhooks
+from storage import accounts, events, ledger
 from storage.db import Database
 from storage.ledger import InsufficientPoints, PostingRef, iso
 
@@ -352,6 +353,12 @@ class Service:
                               member_id=member.id if member else None, ts=iso(receipt.ts),
                               local_date=str(ev.local_date), total=receipt.total, rules_version=program.version,
                               body=body, result=JSON.encode(result), detail=pairs_to_store(ev), now=iso(now))
+        if member is not None:
+            # EVENTS: receipt.confirmed (and tier.changed), in the receipt's transaction.
+            webhooks.emit_noting_tier(conn, program, member.id, "receipt.confirmed", {
+                "receipt": receipt_ref(key), "ts": iso(receipt.ts), "total": receipt.total,
+                "accrued_points": ev.accrued_points, "redeemed_points": ev.redeemed_points,
+                "rules_version": program.version, "balance": result["balance"]}, now)
         return 201, result, ev
 
     def _post_receipt(self, conn, program: Program, receipt: schema.Receipt, key: ledger.ReceiptKey,
@@ -412,6 +419,10 @@ class Service:
                   "refunded": {"points": sum(r[1] for r in refunded)}}
         if stored.member_id is not None:
             result["balance"] = self.member_view(conn, program, ledger.member_by_id(conn, stored.member_id))["balance"]
+            # EVENTS: receipt.cancelled (and tier.changed), in the cancel's transaction.
+            webhooks.emit_noting_tier(conn, program, stored.member_id, "receipt.cancelled", {
+                "receipt": receipt_ref(key), "reversed_points": result["reversed"]["points"],
+                "refunded_points": result["refunded"]["points"], "balance": result["balance"]}, now)
         return result
 
     # ------------------------------------------------------------ returns
@@ -471,6 +482,12 @@ class Service:
             result["balance"] = self.member_view(conn, program, member)["balance"]
         ledger.insert_return(conn, ret_key, rec_key, body_sha256=fingerprint, member_id=stored.member_id,
                              result=JSON.encode(result), now=iso(now))
+        if stored.member_id is not None:
+            # EVENTS: return.accepted (and tier.changed), in the return's transaction.
+            webhooks.emit_noting_tier(conn, program, stored.member_id, "return.accepted", {
+                "return": result["return"], "receipt": result["receipt"],
+                "reversed_points": plan.reversed_points, "refunded_points": plan.refunded_points,
+                "amount": result["amount"], "balance": result["balance"]}, now)
         return 201, result
 
     # ------------------------------------------------------------ members
@@ -495,6 +512,9 @@ class Service:
             except sqlite3.IntegrityError:
                 raise conflict("card_already_enrolled", f"card {req.card} is already enrolled") from None
             fire_events(conn, program, member_id, "enrolled", "enrolled", now)
+            # EVENTS: member.enrolled, in the enrollment's transaction; a new member's tier is the first level.
+            events.emit(conn, "member.enrolled", member_id, {"store_id": req.store_id,
+                                                             "tier": program.tier_for(0)[0]}, now)
             if req.phone and req.birthday:
                 fire_events(conn, program, member_id, "profile_completed", "profile", now)
             return self.member_view(conn, program, ledger.member_by_id(conn, member_id), card=req.card)
@@ -545,6 +565,8 @@ class Service:
         def write(conn):
             ledger.update_member(conn, member.id, {"manual_tier": req.tier,
                                                    "manual_tier_until": req.until.isoformat()}, iso(now))
+            # EVENTS: tier.changed when the assignment changes the member's tier.
+            webhooks.note_tier(conn, program, member.id, now, "assigned")
             return self.member_view(conn, program, ledger.member_by_id(conn, member.id), card=card)
         return await self.db.write(write)
 

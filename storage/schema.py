@@ -455,3 +455,52 @@ def m021_program_loads_names(db):
     """program_loads.deployed_by_name: the person behind the key that put a version live, kept
     as it was then (like adjustments.key_name), so a key renamed later does not rewrite who did it."""
     db.execute("ALTER TABLE program_loads ADD COLUMN deployed_by_name TEXT")
+
+
+@migrations()
+def m022_events(db):
+    """The outbox of events for webhooks and the warehouse (storage/events.py).
+
+    - events: written in the transaction of the change they announce, so an event exists exactly
+      when its change was committed; once_key makes an event that a job may look at twice (a
+      lot's points.expiring) one row.
+    - event_deliveries: one row per event and webhook that wants it, pending until the receiver
+      answered 2xx (delivered) or retrying ran out (dead); the partial index finds each
+      member's oldest pending event, which is all that may be sent for that member.
+    - event_fanout: per webhook, the last event id already given its delivery rows.
+    - event_member_tiers: the tier last announced per member, to see a tier.changed."""
+    _run(db, """
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    type TEXT NOT NULL,
+    member_id INTEGER NOT NULL,
+    card_last4 TEXT,
+    occurred_at TEXT NOT NULL,
+    data BLOB NOT NULL,
+    once_key TEXT UNIQUE,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX events_created ON events(created_at);
+CREATE TABLE event_deliveries (
+    webhook_id TEXT NOT NULL,
+    event_id INTEGER NOT NULL,
+    member_id INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    first_attempt_at REAL,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    done_at REAL,
+    PRIMARY KEY (webhook_id, event_id)
+) WITHOUT ROWID;
+CREATE INDEX event_deliveries_pending ON event_deliveries(webhook_id, member_id, event_id) WHERE state = 'pending';
+CREATE INDEX event_deliveries_event ON event_deliveries(event_id);
+CREATE TABLE event_fanout (
+    webhook_id TEXT PRIMARY KEY,
+    after_id INTEGER NOT NULL
+);
+CREATE TABLE event_member_tiers (
+    member_id INTEGER PRIMARY KEY,
+    tier TEXT NOT NULL
+)
+""")
