@@ -59,6 +59,7 @@ class Dispatcher:
         self.db, self.events, self.hooks = db, config.events, list(config.webhooks)
         self.metrics, self.clock, self.wall = metrics, clock, wall
         self._metrics_at = self._purge_at = 0.0
+        self._failing: dict[str, int] = {}      # webhook id: failed attempts since it last delivered
 
     async def start(self) -> None:
         """Every webhook's cursor exists before the first request is served, so none misses an event."""
@@ -133,7 +134,20 @@ class Dispatcher:
     def _count(self, outcomes: list[events.Outcome]) -> None:
         for o in outcomes:
             result = {"pending": "failed"}.get(o.state, o.state)
-            self.metrics.webhook_deliveries.labels(o.webhook_id, result).inc()
+            self.metrics.webhook_deliveries.labels(result).inc()
+            self._log_change(o)
+
+    def _log_change(self, o: events.Outcome) -> None:
+        """Once when a webhook starts failing and once when it delivers again, not per attempt."""
+        if o.state == "delivered" and o.webhook_id in self._failing:
+            log.info("webhook %s: delivering again after %d failed attempts", o.webhook_id,
+                     self._failing.pop(o.webhook_id))
+        elif o.state != "delivered":
+            if o.webhook_id not in self._failing:
+                log.warning("webhook %s: delivery failed (%s); retrying from %gs, doubling up to %gs, for %gs",
+                            o.webhook_id, o.error, self.events.retry_initial_seconds,
+                            self.events.retry_max_seconds, self.events.retry_for_seconds)
+            self._failing[o.webhook_id] = self._failing.get(o.webhook_id, 0) + 1
 
     async def _pause(self) -> float:
         """Until the next retry is due, at most the poll interval."""
@@ -157,9 +171,11 @@ class Dispatcher:
         def read(conn):
             return events.counts(conn), {h.id: events.not_fanned_out(conn, h.id) for h in self.hooks}
         counts, unseen = await self.db.read(read)
-        for hook in self.hooks:
-            self.metrics.events_backlog.labels(hook.id).set(counts.get((hook.id, "pending"), 0) + unseen[hook.id])
-            self.metrics.webhook_dead_letters.labels(hook.id).set(counts.get((hook.id, "dead"), 0))
+        configured = {hook.id for hook in self.hooks}     # a webhook removed from the config sends nothing more
+        self.metrics.events_backlog.set(sum(n for (w, state), n in counts.items()
+                                            if state == "pending" and w in configured) + sum(unseen.values()))
+        self.metrics.webhook_dead_letters.set(sum(n for (w, state), n in counts.items()
+                                                  if state == "dead" and w in configured))
 
     async def _purge(self, now: float) -> None:
         days = self.events.retention_days
