@@ -358,7 +358,8 @@ class Service:
             webhooks.emit_noting_tier(conn, program, member.id, "receipt.confirmed", {
                 "receipt": receipt_ref(key), "ts": iso(receipt.ts), "total": receipt.total,
                 "accrued_points": ev.accrued_points, "redeemed_points": ev.redeemed_points,
-                "rules_version": program.version, "balance": result["balance"]}, now)
+                "rules_version": program.version, "balance": result["balance"]}, now,
+                card_last4=self.privacy.card_last4(receipt.card))
         return 201, result, ev
 
     def _post_receipt(self, conn, program: Program, receipt: schema.Receipt, key: ledger.ReceiptKey,

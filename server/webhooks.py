@@ -186,9 +186,9 @@ class Dispatcher:
 
 
 def emit_noting_tier(conn: sqlite3.Connection, program, member_id: int, type_: str, data: dict,
-                     now: datetime) -> None:
+                     now: datetime, card_last4: str | None = None) -> None:
     """Emits the event, then tier.changed if the change moved the member's tier."""
-    events.emit(conn, type_, member_id, data, now)
+    events.emit(conn, type_, member_id, data, now, card_last4=card_last4)
     note_tier(conn, program, member_id, now, type_)
 
 

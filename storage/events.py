@@ -23,13 +23,14 @@ _JSON = msgspec.json.Encoder()
 
 
 def emit(conn: sqlite3.Connection, type_: str, member_id: int, data: dict[str, Any], occurred_at: datetime | str,
-         once_key: str | None = None) -> int | None:
-    """Writes one event in the caller's transaction; its id, or None when `once_key` was already used."""
+         once_key: str | None = None, card_last4: str | None = None) -> int | None:
+    """Writes one event in the caller's transaction; its id, or None when `once_key` was already used.
+    card_last4: of the card the change was made with; by default the member's first card's."""
     if type_ not in TYPES:
         raise ValueError(f"unknown event type {type_!r}")
     at = occurred_at if isinstance(occurred_at, str) else iso(occurred_at)
-    row = conn.execute("SELECT card_last4 FROM cards WHERE member_id = ? ORDER BY created_at LIMIT 1",
-                       (member_id,)).fetchone()
+    row = (card_last4,) if card_last4 is not None else conn.execute(
+        "SELECT card_last4 FROM cards WHERE member_id = ? ORDER BY created_at LIMIT 1", (member_id,)).fetchone()
     if type_ == "member.enrolled":
         # The tier a member starts with, so their first move up is a tier.changed.
         conn.execute("INSERT OR REPLACE INTO event_member_tiers (member_id, tier) VALUES (?, ?)",
@@ -148,15 +149,35 @@ def not_fanned_out(conn: sqlite3.Connection, webhook_id: str) -> int:
 def purge(conn: sqlite3.Connection, before: datetime, before_s: float, limit: int) -> int:
     """Delivered deliveries done before `before_s`, then events written before `before` that no
     webhook still has to send (none pending, none dead) and every webhook has fanned out; at most
-    `limit` of each. How many events went."""
+    `limit` of each, looked at from the oldest. How many events went."""
     conn.execute("DELETE FROM event_deliveries WHERE (webhook_id, event_id) IN (SELECT webhook_id, event_id "
                  "FROM event_deliveries WHERE state = 'delivered' AND done_at < ? LIMIT ?)", (before_s, limit))
+    # Only below the first id written at `before`, so the walk never reads the recent events;
+    # and below the newest event, which stays so that the next id is still one more than it.
+    bound = _first_id_written_at(conn, iso(before))
     cur = conn.execute(
-        "DELETE FROM events WHERE id IN (SELECT e.id FROM events e WHERE e.created_at < ? "
-        "AND e.id <= (SELECT COALESCE(MIN(after_id), e.id) FROM event_fanout) "
+        "DELETE FROM events WHERE id IN (SELECT e.id FROM events e WHERE e.id < ? "
+        "AND e.id < (SELECT MAX(id) FROM events) "
+        "AND e.id <= (SELECT COALESCE(MIN(after_id), e.id) FROM event_fanout) AND e.created_at < ? "
         "AND NOT EXISTS (SELECT 1 FROM event_deliveries d WHERE d.event_id = e.id AND d.state != 'delivered') "
-        "ORDER BY e.id LIMIT ?)", (iso(before), limit))
+        "ORDER BY e.id LIMIT ?)", (bound, iso(before), limit))
     return cur.rowcount
+
+
+def _first_id_written_at(conn: sqlite3.Connection, moment: str) -> int:
+    """The first event id whose created_at is `moment` or later (ids grow with time): a binary
+    search over rowids, as events has no index on created_at (it would cost every receipt)."""
+    lo, hi = conn.execute("SELECT MIN(id), MAX(id) + 1 FROM events").fetchone()
+    if lo is None:
+        return 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        row = conn.execute("SELECT created_at FROM events WHERE id >= ? ORDER BY id LIMIT 1", (mid,)).fetchone()
+        if row is not None and row[0] < moment:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 def retry_dead(conn: sqlite3.Connection, webhook_id: str | None, event_id: int | None) -> int:

@@ -463,7 +463,10 @@ def m022_events(db):
 
     - events: written in the transaction of the change they announce, so an event exists exactly
       when its change was committed; once_key makes an event that a job may look at twice (a
-      lot's points.expiring) one row.
+      lot's points.expiring) one row. Every receipt writes one, so it has no index beyond the
+      rowid and that partial one: ids only grow because the newest event is never deleted
+      (AUTOINCREMENT would cost a write of sqlite_sequence per event), and the retention
+      purge walks ids, as old as created_at.
     - event_deliveries: one row per event and webhook that wants it, pending until the receiver
       answered 2xx (delivered) or retrying ran out (dead); the partial index finds each
       member's oldest pending event, which is all that may be sent for that member.
@@ -471,16 +474,16 @@ def m022_events(db):
     - event_member_tiers: the tier last announced per member, to see a tier.changed."""
     _run(db, """
 CREATE TABLE events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,
     type TEXT NOT NULL,
     member_id INTEGER NOT NULL,
     card_last4 TEXT,
     occurred_at TEXT NOT NULL,
     data BLOB NOT NULL,
-    once_key TEXT UNIQUE,
+    once_key TEXT,
     created_at TEXT NOT NULL
 );
-CREATE INDEX events_created ON events(created_at);
+CREATE UNIQUE INDEX events_once ON events(once_key) WHERE once_key IS NOT NULL;
 CREATE TABLE event_deliveries (
     webhook_id TEXT NOT NULL,
     event_id INTEGER NOT NULL,
