@@ -359,7 +359,7 @@ class Service:
                 "receipt": receipt_ref(key), "ts": iso(receipt.ts), "total": receipt.total,
                 "accrued_points": ev.accrued_points, "redeemed_points": ev.redeemed_points,
                 "rules_version": program.version, "balance": result["balance"]}, now,
-                card_last4=self.privacy.card_last4(receipt.card))
+                card_last4=self.privacy.card_last4(receipt.card), member=member)
         return 201, result, ev
 
     def _post_receipt(self, conn, program: Program, receipt: schema.Receipt, key: ledger.ReceiptKey,

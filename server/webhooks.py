@@ -186,18 +186,21 @@ class Dispatcher:
 
 
 def emit_noting_tier(conn: sqlite3.Connection, program, member_id: int, type_: str, data: dict,
-                     now: datetime, card_last4: str | None = None) -> None:
-    """Emits the event, then tier.changed if the change moved the member's tier."""
+                     now: datetime, card_last4: str | None = None, member=None) -> None:
+    """Emits the event, then tier.changed if the change moved the member's tier. member: the
+    member's row when the caller has it (a receipt does), saving a look-up per receipt."""
     events.emit(conn, type_, member_id, data, now, card_last4=card_last4)
-    note_tier(conn, program, member_id, now, type_)
+    note_tier(conn, program, member_id, now, type_, member)
 
 
-def note_tier(conn: sqlite3.Connection, program, member_id: int, now: datetime, reason: str) -> None:
+def note_tier(conn: sqlite3.Connection, program, member_id: int, now: datetime, reason: str, member=None) -> None:
     """tier.changed when the member's tier as of `now` is not the one last announced."""
     from server.service import tier_view    # the service calls this module inside its transactions
     from storage import ledger
-    tier = tier_view(conn, program, ledger.member_by_id(conn, member_id), now)[0]["id"]
-    events.note_tier(conn, member_id, tier, now, reason)
+    if len(program.tiers) < 2:
+        return                              # one level: nothing to move between
+    row = member if member is not None else ledger.member_by_id(conn, member_id)
+    events.note_tier(conn, member_id, tier_view(conn, program, row, now)[0]["id"], now, reason)
 
 
 def retry_command(config_path: str, webhook_id: str | None, event_id: int | None) -> int:
