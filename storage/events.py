@@ -54,6 +54,14 @@ def note_tier(conn: sqlite3.Connection, member_id: int, tier: str, occurred_at: 
     return emit(conn, "tier.changed", member_id, {"from": row[0], "to": tier, "reason": reason}, occurred_at)
 
 
+def offer_assigned(conn: sqlite3.Connection, member_id: int, offer_id: str, valid_from: str | None,
+                   valid_to: str | None, occurred_at: datetime | str) -> int | None:
+    """offer.assigned, for the code that assigns personal offers to call in its transaction;
+    once per member and offer."""
+    return emit(conn, "offer.assigned", member_id, {"offer_id": offer_id, "from": valid_from, "to": valid_to},
+                occurred_at, once_key=f"offer:{offer_id}:{member_id}")
+
+
 _EVENT_COLUMNS = "e.id, e.type, e.occurred_at, e.member_id, e.card_last4, e.data"
 
 
@@ -141,27 +149,31 @@ def counts(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
         "GROUP BY webhook_id, state")}
 
 
-def not_fanned_out(conn: sqlite3.Connection, webhook_id: str) -> int:
-    return conn.execute("SELECT COUNT(*) FROM events WHERE id > (SELECT after_id FROM event_fanout "
-                        "WHERE webhook_id = ?)", (webhook_id,)).fetchone()[0]
+def not_fanned_out(conn: sqlite3.Connection, webhook_id: str, limit: int = -1) -> int:
+    """Events written after the webhook's cursor (at most `limit`; -1: all)."""
+    return conn.execute("SELECT COUNT(*) FROM (SELECT 1 FROM events WHERE id > (SELECT after_id FROM event_fanout "
+                        "WHERE webhook_id = ?) LIMIT ?)", (webhook_id, limit)).fetchone()[0]
 
 
-def purge(conn: sqlite3.Connection, before: datetime, before_s: float, limit: int) -> int:
-    """Delivered deliveries done before `before_s`, then events written before `before` that no
-    webhook still has to send (none pending, none dead) and every webhook has fanned out; at most
-    `limit` of each, looked at from the oldest. How many events went."""
-    conn.execute("DELETE FROM event_deliveries WHERE (webhook_id, event_id) IN (SELECT webhook_id, event_id "
-                 "FROM event_deliveries WHERE state = 'delivered' AND done_at < ? LIMIT ?)", (before_s, limit))
+def purge(conn: sqlite3.Connection, before: datetime, webhook_ids: list[str], limit: int) -> int:
+    """Deletes up to `limit` events written before `before`, oldest first, that the configured
+    webhooks have all fanned out and none still has to send (pending or dead), with their
+    delivery rows (a webhook removed from the config holds nothing back). How many went."""
+    marks = ",".join("?" * len(webhook_ids))
+    fanned = conn.execute(f"SELECT MIN(after_id) FROM event_fanout WHERE webhook_id IN ({marks})",
+                          webhook_ids).fetchone()[0] if webhook_ids else None
     # Only below the first id written at `before`, so the walk never reads the recent events;
     # and below the newest event, which stays so that the next id is still one more than it.
-    bound = _first_id_written_at(conn, iso(before))
-    cur = conn.execute(
-        "DELETE FROM events WHERE id IN (SELECT e.id FROM events e WHERE e.id < ? "
-        "AND e.id < (SELECT MAX(id) FROM events) "
-        "AND e.id <= (SELECT COALESCE(MIN(after_id), e.id) FROM event_fanout) AND e.created_at < ? "
-        "AND NOT EXISTS (SELECT 1 FROM event_deliveries d WHERE d.event_id = e.id AND d.state != 'delivered') "
-        "ORDER BY e.id LIMIT ?)", (bound, iso(before), limit))
-    return cur.rowcount
+    bound = min(_first_id_written_at(conn, iso(before)), conn.execute("SELECT MAX(id) FROM events").fetchone()[0] or 0)
+    if fanned is not None:
+        bound = min(bound, fanned + 1)
+    ids = [(r[0],) for r in conn.execute(
+        f"SELECT e.id FROM events e WHERE e.id < ? AND e.created_at < ? AND NOT EXISTS (SELECT 1 FROM "
+        f"event_deliveries d WHERE d.event_id = e.id AND d.state != 'delivered' AND d.webhook_id IN ({marks})) "
+        f"ORDER BY e.id LIMIT ?", (bound, iso(before), *webhook_ids, limit))]
+    conn.executemany("DELETE FROM event_deliveries WHERE event_id = ?", ids)
+    conn.executemany("DELETE FROM events WHERE id = ?", ids)
+    return len(ids)
 
 
 def _first_id_written_at(conn: sqlite3.Connection, moment: str) -> int:

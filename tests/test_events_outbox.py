@@ -4,11 +4,15 @@ lot, and a card shows only as its last four digits."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from datetime import datetime, timedelta
 
-from conftest import MARKET, line, receipt, test_config
+import pytest
+
+from conftest import MARKET, ROOT, line, receipt, test_config
 from rules import load_program
+from server.config import ConfigError, config_from_dict
 from server.jobs import run_all
 from storage import events
 from storage.db import Database
@@ -141,8 +145,56 @@ async def test_delivered_events_go_after_the_retention_period(tmp_path):
             events.Outcome("w", 1, "delivered", 1, 1000.0, 1000.0, None, 1000.0),
             events.Outcome("w", 2, "dead", 9, 1000.0, 1000.0, "HTTP 500", 1000.0)]))
         later = now + timedelta(days=31)
-        gone = await db.write(lambda conn: events.purge(conn, later - timedelta(days=30), 1000.0 + 31 * 86_400, 100))
+        await db.write(lambda conn: events.emit(conn, "birthday", 1, {"date": "2026-12-24"}, later))
+        gone = await db.write(lambda conn: events.purge(conn, later - timedelta(days=30), ["w"], 100))
         assert gone == 1
-        assert [e["id"] for e in await db.read(lambda conn: events.page(conn, 0, 10))] == [2]
+        assert [e["id"] for e in await db.read(lambda conn: events.page(conn, 0, 10))] == [2, 3]
+        # A webhook gone from the config holds nothing back; the newest event always stays,
+        # so the next id is still one more than any id a warehouse has seen.
+        gone = await db.write(lambda conn: events.purge(conn, later + timedelta(days=60), [], 100))
+        assert gone == 1
+        assert [e["id"] for e in await db.read(lambda conn: events.page(conn, 0, 10))] == [3]
+        assert await db.read(lambda conn: conn.execute("SELECT COUNT(*) FROM event_deliveries").fetchone()[0]) == 0
+        new_id = await db.write(lambda conn: events.emit(conn, "birthday", 1, {"date": "2027-11-24"}, later))
+        assert new_id == 4
     finally:
         db.close()
+
+
+async def test_an_assigned_offer_is_one_event_per_member_and_offer(tmp_path):
+    config = test_config(tmp_path, NOW)
+    db = Database.from_config(config.database, config.resolve(config.database.path), migrations=migrations)
+    db.open()
+    try:
+        now = datetime.fromisoformat(NOW)
+        await db.write(lambda conn: _member_with_lot(conn, "2027-11-24", now))
+        for _ in range(2):
+            await db.write(lambda conn: events.offer_assigned(conn, 1, "coffee-2for1", "2026-12-01", "2026-12-31", now))
+        page = await db.read(lambda conn: events.page(conn, 0, 10))
+        assert [(e["type"], e["member_id"], e["card_last4"], e["data"]) for e in page] == [
+            ("offer.assigned", "m_1", "4321", {"offer_id": "coffee-2for1", "from": "2026-12-01", "to": "2026-12-31"})]
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("hooks, key, reason", [
+    ([{"id": "a", "url": "http://127.0.0.1:9/x", "secret": "s" * 16, "events": ["receipt.paid"]}],
+     "webhooks[0].events[0]", "must be one of: birthday, member.enrolled"),
+    ([{"id": "a", "url": "http://127.0.0.1:9/x", "secret": "short", "events": ["birthday"]}],
+     "webhooks[0].secret", "16"),
+    ([{"id": "a", "url": "ftp://host/x", "secret": "s" * 16, "events": ["birthday"]}], "webhooks[0].url", "http"),
+    ([{"id": "a", "url": "http://127.0.0.1:9/x", "secret": "s" * 16, "events": ["birthday"]},
+      {"id": "a", "url": "http://127.0.0.1:9/y", "secret": "s" * 16, "events": ["birthday"]}],
+     "webhooks[1].id", "repeats"),
+])
+def test_a_wrong_webhook_stops_start_up_naming_the_key(hooks, key, reason):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"webhooks": hooks})
+    assert e.value.key == key and reason in e.value.reason, e.value
+
+
+def test_the_integrators_page_lists_every_event_type():
+    page = (ROOT / "docs" / "integrators.md").read_text()
+    section = page[page.index("## Events and webhooks"):]
+    listed = re.findall(r"^\| `([a-z.]+)` \|", section, re.M)
+    assert listed == list(events.TYPES)
