@@ -125,7 +125,7 @@ def next_due(conn: sqlite3.Connection, webhook_id: str) -> float | None:
 class Outcome(NamedTuple):
     webhook_id: str
     event_id: int
-    state: str                  # delivered, pending (to retry), dead
+    state: str                  # delivered (the row goes), pending (to retry), dead
     attempts: int
     first_attempt_at: float
     next_attempt_at: float
@@ -134,19 +134,21 @@ class Outcome(NamedTuple):
 
 
 def record(conn: sqlite3.Connection, outcomes: list[Outcome]) -> None:
-    """Only a pending row changes: a retry already recorded by another round is kept as it is."""
+    """A delivered event's row goes (the event itself stays for the retention period), so the
+    table holds only what is still owed: pending and dead. Only a pending row changes."""
+    conn.executemany("DELETE FROM event_deliveries WHERE webhook_id = ? AND event_id = ? AND state = 'pending'",
+                     [(o.webhook_id, o.event_id) for o in outcomes if o.state == "delivered"])
     conn.executemany(
         "UPDATE event_deliveries SET state = ?, attempts = ?, first_attempt_at = ?, next_attempt_at = ?, "
         "last_error = ?, done_at = ? WHERE webhook_id = ? AND event_id = ? AND state = 'pending'",
         [(o.state, o.attempts, o.first_attempt_at, o.next_attempt_at, o.error, o.done_at, o.webhook_id, o.event_id)
-         for o in outcomes])
+         for o in outcomes if o.state != "delivered"])
 
 
 def counts(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
-    """Pending and dead deliveries by (webhook, state); delivered ones are not counted (kept for retention)."""
+    """Pending and dead deliveries by (webhook, state)."""
     return {(w, s): n for w, s, n in conn.execute(
-        "SELECT webhook_id, state, COUNT(*) FROM event_deliveries WHERE state != 'delivered' "
-        "GROUP BY webhook_id, state")}
+        "SELECT webhook_id, state, COUNT(*) FROM event_deliveries GROUP BY webhook_id, state")}
 
 
 def not_fanned_out(conn: sqlite3.Connection, webhook_id: str, limit: int = -1) -> int:
@@ -169,7 +171,7 @@ def purge(conn: sqlite3.Connection, before: datetime, webhook_ids: list[str], li
         bound = min(bound, fanned + 1)
     ids = [(r[0],) for r in conn.execute(
         f"SELECT e.id FROM events e WHERE e.id < ? AND e.created_at < ? AND NOT EXISTS (SELECT 1 FROM "
-        f"event_deliveries d WHERE d.event_id = e.id AND d.state != 'delivered' AND d.webhook_id IN ({marks})) "
+        f"event_deliveries d WHERE d.event_id = e.id AND d.webhook_id IN ({marks})) "
         f"ORDER BY e.id LIMIT ?", (bound, iso(before), *webhook_ids, limit))]
     conn.executemany("DELETE FROM event_deliveries WHERE event_id = ?", ids)
     conn.executemany("DELETE FROM events WHERE id = ?", ids)

@@ -467,9 +467,10 @@ def m022_events(db):
       rowid and that partial one: ids only grow because the newest event is never deleted
       (AUTOINCREMENT would cost a write of sqlite_sequence per event), and the retention
       purge walks ids, as old as created_at.
-    - event_deliveries: one row per event and webhook that wants it, pending until the receiver
-      answered 2xx (delivered) or retrying ran out (dead); the partial index finds each
-      member's oldest pending event, which is all that may be sent for that member.
+    - event_deliveries: what is still owed, one row per event and webhook that wants it: pending
+      until the receiver answered 2xx (then the row goes) or retrying ran out (dead); the
+      partial index finds each member's oldest pending event, all that may be sent for that
+      member. Kept this small, the backlog is counted every second.
     - event_fanout: per webhook, the last event id already given its delivery rows.
     - event_member_tiers: the tier last announced per member, to see a tier.changed."""
     _run(db, """
@@ -488,7 +489,7 @@ CREATE TABLE event_deliveries (
     webhook_id TEXT NOT NULL,
     event_id INTEGER NOT NULL,
     member_id INTEGER NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'dead')),
+    state TEXT NOT NULL CHECK (state IN ('pending', 'dead')),
     attempts INTEGER NOT NULL DEFAULT 0,
     first_attempt_at REAL,
     next_attempt_at REAL NOT NULL,

@@ -149,6 +149,8 @@ async def test_delivered_events_go_after_the_retention_period(tmp_path):
         gone = await db.write(lambda conn: events.purge(conn, later - timedelta(days=30), ["w"], 100))
         assert gone == 1
         assert [e["id"] for e in await db.read(lambda conn: events.page(conn, 0, 10))] == [2, 3]
+        owed = await db.read(lambda conn: [tuple(r) for r in conn.execute("SELECT event_id, state FROM event_deliveries")])
+        assert owed == [(2, "dead")]
         # A webhook gone from the config holds nothing back; the newest event always stays,
         # so the next id is still one more than any id a warehouse has seen.
         gone = await db.write(lambda conn: events.purge(conn, later + timedelta(days=60), [], 100))
