@@ -165,7 +165,7 @@ class Dispatcher:
 
     async def _housekeeping(self) -> None:
         now = self.wall()
-        if now - self._metrics_at >= METRICS_EVERY_SECONDS:
+        if self.hooks and now - self._metrics_at >= METRICS_EVERY_SECONDS:
             self._metrics_at = now
             await self._observe()
         if now - self._purge_at >= PURGE_EVERY_SECONDS:
@@ -184,6 +184,8 @@ class Dispatcher:
 
     async def _purge(self) -> None:
         before: datetime = self.clock.now() - timedelta(days=self.events.retention_days)
+        if not await self.db.read(lambda conn: events.any_written_before(conn, before)):
+            return      # an idle server does not write
         ids = [hook.id for hook in self.hooks]
         while await self.db.write(lambda conn: events.purge(conn, before, ids, PURGE_ROWS_MAX)) >= PURGE_ROWS_MAX:
             pass

@@ -157,6 +157,11 @@ def not_fanned_out(conn: sqlite3.Connection, webhook_id: str, limit: int = -1) -
                         "WHERE webhook_id = ?) LIMIT ?)", (webhook_id, limit)).fetchone()[0]
 
 
+def any_written_before(conn: sqlite3.Connection, before: datetime) -> bool:
+    row = conn.execute("SELECT created_at FROM events ORDER BY id LIMIT 1").fetchone()
+    return row is not None and row[0] < iso(before)
+
+
 def purge(conn: sqlite3.Connection, before: datetime, webhook_ids: list[str], limit: int) -> int:
     """Deletes up to `limit` events written before `before`, oldest first, that the configured
     webhooks have all fanned out and none still has to send (pending or dead), with their
