@@ -28,6 +28,7 @@ from server.ops import Deps
 from server.routes import COUNTED_ENDPOINTS, add_routes, audit_middleware
 from server.startup import StartupError, check_database_file, lock_holder, still_locked, wait_for_write_lock
 from server.watcher import watch
+from server.webhooks import Dispatcher
 from storage import api_keys
 from storage.db import Database, StorageBusy, StorageError
 from storage.health import is_busy
@@ -82,7 +83,11 @@ async def resources(app: web.Application):
     background.append(asyncio.create_task(versions.follow(config.rules.poll_interval_ms)))
     if config.jobs.enabled:
         background.append(asyncio.create_task(
-            schedule(db, app[PROGRAMS], app[CLOCK], config.jobs.interval_seconds)))
+            schedule(db, app[PROGRAMS], app[CLOCK], config.jobs.interval_seconds,
+                     config.events.expiring_days_before)))
+    dispatcher = Dispatcher(db, config, app[METRICS], app[CLOCK])
+    await dispatcher.start()
+    background.append(asyncio.create_task(dispatcher.run()))
     if config.database.preload:
         app[STATE]["preloading"] = True
         background.append(asyncio.create_task(_preload(app, db)))

@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     receipts_export.add_argument("--out", help="file to write (default: standard output)")
     receipts_export.add_argument("--from", dest="first", help="first local date, YYYY-MM-DD")
     receipts_export.add_argument("--to", dest="last", help="last local date, YYYY-MM-DD")
+    events = sub.add_parser("events", help="the events outbox").add_subparsers(dest="events_command", required=True)
+    retry = events.add_parser("retry", help="send the dead letters again (deliveries that ran out of retries)")
+    retry.add_argument("--config", default="config.yaml")
+    retry.add_argument("--webhook", help="only this webhook's (its id)")
+    retry.add_argument("--event", type=int, help="only this event (its id)")
     from server import import_cli, keys_cli
     keys_cli.add_parser(sub)
     import_cli.add_parser(sub)
@@ -96,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         return keys_cli.dispatch(args)
     if args.command == "import":
         return import_cli.dispatch(args)
+    if args.command == "events":
+        from server.webhooks import retry_command
+        return retry_command(args.config, args.webhook, args.event)
     from server import admin_cli
     return admin_cli.dispatch(args)
 

@@ -27,7 +27,7 @@ from server.errors import ApiError, field_error, not_found
 from server.keys import (CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, OPS, PRIVACY, PROGRAMS, STATE,
                          VERSIONS)
 from server.ops import adjustments, members, receipts, returns
-from storage import admin_audit
+from storage import admin_audit, events
 from storage.db import StorageClosed, StorageError
 from storage.ledger import iso
 
@@ -177,6 +177,22 @@ async def rules_versions(app, call: Call) -> Reply:
     return json_reply({"serving": app[PROGRAMS].current.version, "versions": loads})
 
 
+EVENTS_PAGE_MAX = 1_000
+EVENT_ID_MAX = 2**63 - 1
+
+
+async def events_page(app, call: Call) -> Reply:
+    """The outbox as a warehouse pulls it: events after an id, oldest first."""
+    after = parse_int(call.query.get("after"), "after", default=0)
+    if not 0 <= after <= EVENT_ID_MAX:
+        raise field_error("after", "must be 0 or the id of an event")
+    limit = parse_int(call.query.get("limit"), "limit", default=100)
+    if not 1 <= limit <= EVENTS_PAGE_MAX:
+        raise field_error("limit", f"must be 1 to {EVENTS_PAGE_MAX}")
+    rows = await app[DATABASE].read(lambda conn: events.page(conn, after, limit))
+    return json_reply({"events": rows, "next_after": rows[-1]["id"] if rows else after})
+
+
 async def rules_version(app, call: Call) -> Reply:
     version = call.path["version"]
     try:
@@ -318,6 +334,8 @@ ROUTES: list[Route] = [
           "Add or remove points by hand (a support key: up to auth.support_adjustment_max_points)", 201),
     Route("PUT", "/v1/admin/members/{card}/tier", set_tier, R({MANAGER}), schema.TierAssignment,
           "Assign a tier manually until a date"),
+    Route("GET", "/v1/admin/events", events_page, R({MANAGER}), None,
+          "Events after an id, oldest first: ?after= (0) and ?limit= (1-1000, 100); next_after for the next page"),
     Route("GET", "/v1/admin/rules", rules_info, R({MANAGER}), None, "The loaded program"),
     Route("POST", "/v1/admin/rules/reload", rules_reload, R({MANAGER}), None, "Reload the program from disk"),
     Route("POST", "/v1/admin/rules/check", rules_check, R({MANAGER}), schema.RulesCheck,

@@ -503,3 +503,56 @@ UPDATE receipts SET detail = NULL, lines = line_records_of(body, result, detail,
      WHERE p.store_id = receipts.store_id AND p.register_id = receipts.register_id
        AND p.receipt_id = receipts.receipt_id AND p.kind = 'accrual' AND p.rule_id IS NOT NULL))
 """)
+
+
+@migrations()
+def m024_events(db):
+    """The outbox of events for webhooks and the warehouse (storage/events.py).
+
+    - events: written in the transaction of the change they announce, so an event exists exactly
+      when its change was committed; once_key makes an event that a job may look at twice (a
+      lot's points.expiring) one row. Every receipt writes one, so it has no index beyond the
+      rowid and that partial one: ids only grow because the newest event is never deleted
+      (AUTOINCREMENT would cost a write of sqlite_sequence per event), and the retention
+      purge walks ids, as old as created_at.
+    - event_deliveries: what is still owed, one row per event and webhook that wants it: pending
+      until the receiver answered 2xx (then the row goes) or retrying ran out (dead); the
+      partial index finds each member's oldest pending event, all that may be sent for that
+      member. Kept this small, the backlog is counted every second.
+    - event_fanout: per webhook, the last event id already given its delivery rows.
+    - event_member_tiers: the tier last announced per member, to see a tier.changed."""
+    _run(db, """
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY,
+    type TEXT NOT NULL,
+    member_id INTEGER NOT NULL,
+    card_last4 TEXT,
+    occurred_at TEXT NOT NULL,
+    data BLOB NOT NULL,
+    once_key TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE UNIQUE INDEX events_once ON events(once_key) WHERE once_key IS NOT NULL;
+CREATE TABLE event_deliveries (
+    webhook_id TEXT NOT NULL,
+    event_id INTEGER NOT NULL,
+    member_id INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    first_attempt_at REAL,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    done_at REAL,
+    PRIMARY KEY (webhook_id, event_id)
+) WITHOUT ROWID;
+CREATE INDEX event_deliveries_pending ON event_deliveries(webhook_id, member_id, event_id) WHERE state = 'pending';
+CREATE INDEX event_deliveries_event ON event_deliveries(event_id);
+CREATE TABLE event_fanout (
+    webhook_id TEXT PRIMARY KEY,
+    after_id INTEGER NOT NULL
+);
+CREATE TABLE event_member_tiers (
+    member_id INTEGER PRIMARY KEY,
+    tier TEXT NOT NULL
+)
+""")

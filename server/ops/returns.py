@@ -3,7 +3,7 @@ receipt's line records and postings (server/returns.py) and applied through stor
 from __future__ import annotations
 
 from rules import Program
-from server import schema
+from server import schema, webhooks
 from server.answer import return_answer
 from server.auth import Principal, require_store
 from server.errors import forbidden, unprocessable
@@ -59,6 +59,11 @@ def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint, principa
         result["balance"] = balance_now(deps, conn, program, stored.member_id)
     ledger.insert_return(conn, ret_key, rec_key, body_sha256=fingerprint, member_id=stored.member_id,
                          result=JSON.encode(result), now=iso(now))
+    if stored.member_id is not None:
+        webhooks.emit_noting_tier(conn, program, stored.member_id, "return.accepted", {
+            "return": result["return"], "receipt": result["receipt"],
+            "reversed_points": plan.reversed_points, "refunded_points": plan.refunded_points,
+            "amount": result["amount"], "balance": result["balance"]}, now)
     return 201, result
 
 
