@@ -28,10 +28,10 @@ from server.routes import COUNTED_ENDPOINTS, add_routes, audit_middleware
 from server.service import Service
 from server.startup import StartupError, check_database_file, lock_holder, still_locked, wait_for_write_lock
 from server.watcher import watch
-from storage import api_keys
+from storage import api_keys, member_care
 from storage.db import Database, StorageBusy, StorageError
 from storage.health import is_busy
-from storage.ledger import manual_tiers_outside
+from storage.ledger import iso, manual_tiers_outside
 from storage.personal import protect_existing
 from storage.preload import preload
 from storage.schema import migrations
@@ -168,6 +168,7 @@ def _first_write(conn, app: web.Application) -> None:
     adjustments' records take the name of their key from."""
     protect_existing(conn, app[PRIVACY])
     api_keys.write_config_names(conn, app[KEYRING].config_names)
+    member_care.record_key_in_force(conn, app[PRIVACY].key_in_force, iso(app[CLOCK].now()))
 
 
 def _log_waiting_once(path, wait_seconds: float):
