@@ -170,7 +170,7 @@ class RulesRollback(Struct, forbid_unknown_fields=True):
 
 DECODERS = {t: msgspec.json.Decoder(t) for t in
             (Receipt, ReturnRequest, Enrollment, MemberPatch, Adjustment, TierAssignment, RulesCheck,
-             RulesDeploy, RulesRollback)}
+             RulesDeploy, RulesRollback, PhoneSearch, CardReplacement, MemberMerge, Erasure)}
 def _encode_other(obj):
     # Program summaries carry str subclasses (ids, names) and exact numbers.
     if isinstance(obj, str):
