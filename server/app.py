@@ -164,11 +164,14 @@ async def _open_once(app: web.Application, path) -> Database | None:
 
 
 def _first_write(conn, app: web.Application) -> None:
-    """Old plain card numbers protected, and config.yaml's names for its keys where the
-    adjustments' records take the name of their key from."""
+    """Old plain card numbers protected, config.yaml's names for its keys where the
+    adjustments' records take the name of their key from, and the HMAC keys checked against
+    the ones the stored hashes were made with."""
     protect_existing(conn, app[PRIVACY])
     api_keys.write_config_names(conn, app[KEYRING].config_names)
-    member_care.record_key_in_force(conn, app[PRIVACY].key_in_force, iso(app[CLOCK].now()))
+    refused = member_care.record_keys(conn, app[PRIVACY].key_checks(), iso(app[CLOCK].now()))
+    if refused:
+        raise StartupError(refused)
 
 
 def _log_waiting_once(path, wait_seconds: float):

@@ -1,5 +1,5 @@
-"""`loyalty serve --config PATH`, `loyalty backup`, `loyalty rules check|explain|diff|export`, `loyalty keys`
-and the admin commands."""
+"""`loyalty serve --config PATH`, `loyalty backup`, `loyalty rules check|explain|diff|export`, `loyalty keys`,
+`loyalty privacy rotate-key` and the admin commands."""
 from __future__ import annotations
 
 import argparse
@@ -71,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     receipts_export.add_argument("--out", help="file to write (default: standard output)")
     receipts_export.add_argument("--from", dest="first", help="first local date, YYYY-MM-DD")
     receipts_export.add_argument("--to", dest="last", help="last local date, YYYY-MM-DD")
+    privacy = sub.add_parser("privacy", help="card and phone hashes").add_subparsers(dest="privacy_command",
+                                                                                   required=True)
+    rotate = privacy.add_parser("rotate-key", help="wrap every stored card and phone hash in the key in force "
+                                                   "(the last of privacy.hmac_key_rotations), beside the server")
+    rotate.add_argument("--config", default="config.yaml")
+    rotate.add_argument("--batch-rows", type=int, default=1_000, help="rows per transaction (1-10000)")
     from server import keys_cli
     keys_cli.add_parser(sub)
     args = parser.parse_args(argv)
@@ -93,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         return rules_tools.diff_command(args.old, args.new, args.receipts, args.json)
     if args.command == "keys":
         return keys_cli.dispatch(args)
+    if args.command == "privacy":
+        from server.privacy import rotate_key_command
+        return rotate_key_command(args.config, args.batch_rows)
     from server import admin_cli
     return admin_cli.dispatch(args)
 

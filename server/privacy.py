@@ -19,8 +19,15 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import sys
+from datetime import datetime, timezone
 
-from server.config import Config, ConfigError
+from server.config import Config, ConfigError, load_config
+from server.startup import StartupError, take_serve_lock
+from storage import member_care
+from storage.db import Database
+from storage.ledger import iso
+from storage.schema import migrations
 
 log = logging.getLogger("loyalty.privacy")
 
@@ -89,6 +96,13 @@ class Privacy:
         for rotation in range(position, len(self._rotations)):
             stored = self._wrap(kind.encode(), stored, rotation)
         return stored
+
+    def key_checks(self) -> list[tuple[str, str]]:
+        """(id, check value) of each key, in order: an HMAC of a fixed text, which tells two
+        keys apart without giving either back."""
+        keys = [self._first, *(k for _, k in self._rotations)]
+        return [(key_id, hmac.digest(key, b"key check", "sha256").hex()[:32])
+                for key_id, key in zip(self.key_ids, keys)]
 
     def in_force_range(self) -> tuple[str, str] | None:
         """[low, high) holding exactly the hashes under the key in force, when it is a rotation."""
@@ -162,3 +176,100 @@ def _rotations(listed, environ) -> list[tuple[str, bytes]]:
         seen.add(r.id)
         out.append((r.id, key.encode()))
     return out
+
+
+# ---------------------------------------------------------------- loyalty privacy rotate-key
+
+ROTATE_BATCH_ROWS = 1_000       # rows wrapped per write transaction: a few ms of the write lock
+ROTATE_BATCH_ROWS_MAX = 10_000
+
+
+class KeyNotListed(Exception):
+    """Stored hashes under a key privacy does not list: they can be neither found nor wrapped."""
+
+
+def rotate_key_command(config_path: str, batch_rows: int = ROTATE_BATCH_ROWS) -> int:
+    """Wraps every stored card and phone hash up to the key in force, in batches of their own
+    transactions, beside a serving server (or alone). Run again, it goes on where it stopped."""
+    try:
+        config = load_config(config_path)
+        privacy = privacy_from_config(config)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if not 1 <= batch_rows <= ROTATE_BATCH_ROWS_MAX:
+        print(f"--batch-rows must be 1 to {ROTATE_BATCH_ROWS_MAX}", file=sys.stderr)
+        return 2
+    db_path = config.resolve(config.database.path)
+    if not db_path.exists():
+        print(f"{db_path}: no database", file=sys.stderr)
+        return 2
+    try:
+        lock = take_serve_lock(db_path)     # no server: none may start on the old key meanwhile
+    except StartupError:
+        lock = None                         # a server serves: it must already use the key in force
+    try:
+        return _rotate(config, db_path, privacy, batch_rows, alone=lock is not None)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _rotate(config, db_path, privacy: Privacy, batch_rows: int, alone: bool) -> int:
+    db = Database.from_config(config.database, db_path, migrations=migrations, checkpoints=False)
+    db.open()
+    try:
+        refused = _check_keys(db, privacy, alone)
+        if refused:
+            print(refused, flush=True)
+            return 2
+        total = 0
+        for table, column, kind in member_care.REKEYED:
+            total += _rotate_table(db, privacy, table, column, kind, batch_rows)
+        print(f"done: {total} hash(es) wrapped; every card and phone hash is under "
+              f"{_key_name(privacy.key_in_force)}", flush=True)
+        return 0
+    except KeyNotListed as e:
+        print(e, flush=True)
+        return 1
+    finally:
+        db.close()
+
+
+def _check_keys(db, privacy: Privacy, alone: bool) -> str | None:
+    """Why the hashes cannot be wrapped now, or None. Beside a serving server, only once it
+    has taken up the key in force: it would not find the wrapped hashes otherwise."""
+    if alone:
+        now = iso(datetime.now(timezone.utc))
+        return db.write_sync(lambda c: member_care.record_keys(c, privacy.key_checks(), now))
+    recorded = db.read_sync(member_care.recorded_keys)
+    if recorded != privacy.key_checks():
+        return (f"the serving server does not use the keys of this config (in force: "
+                f"{_key_name(recorded[-1][0]) if recorded else 'none recorded'}): restart it with this "
+                "config first, so that it finds the hashes this wraps")
+    return None
+
+
+def _key_name(key_id: str) -> str:
+    return f"key {key_id}" if key_id else "the first key (privacy.hmac_key_env or hmac_key)"
+
+
+def _rotate_table(db, privacy: Privacy, table: str, column: str, kind: str, batch_rows: int) -> int:
+    in_force = privacy.in_force_range()
+    left = db.read_sync(lambda c: member_care.count_stale(c, table, column, in_force))
+    done = 0
+    while left and (wrapped := db.write_sync(lambda c: _rotate_batch(c, privacy, table, column, kind, batch_rows))):
+        done += wrapped
+        print(f"{table}.{column}: {done} of {left} wrapped", flush=True)
+    return done
+
+
+def _rotate_batch(conn, privacy: Privacy, table: str, column: str, kind: str, batch_rows: int) -> int:
+    stale = member_care.stale_hashes(conn, table, column, privacy.in_force_range(), batch_rows)
+    pairs = [(old, privacy.rewrap(kind, old)) for old in stale]
+    lost = [old for old, new in pairs if new is None]
+    if lost:
+        key_id = lost[0][1:lost[0].find(ROTATED_MARK, 1)]
+        raise KeyNotListed(f"{table}.{column}: hashes under key {key_id!r}, which privacy.hmac_key_rotations "
+                           "does not list: list it again (in its place) so they can be found and wrapped")
+    return member_care.rewrap(conn, table, column, pairs)

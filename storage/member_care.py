@@ -227,12 +227,26 @@ def rewrap(conn: sqlite3.Connection, table: str, column: str, pairs: list[tuple[
                for old, new in pairs)
 
 
-def key_in_force(conn: sqlite3.Connection) -> str | None:
-    row = conn.execute("SELECT key_id FROM privacy_key_in_force").fetchone()
-    return row[0] if row else None
+def recorded_keys(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    """(key id, check value) of each HMAC key recorded, in order; the last is in force."""
+    return [(r[0], r[1]) for r in conn.execute("SELECT key_id, check_value FROM privacy_keys ORDER BY position")]
 
 
-def record_key_in_force(conn: sqlite3.Connection, key_id: str, now: str) -> None:
-    conn.execute("INSERT INTO privacy_key_in_force (one, key_id, since) VALUES (1, ?, ?) ON CONFLICT (one) "
-                 "DO UPDATE SET key_id = excluded.key_id, since = excluded.since WHERE key_id != excluded.key_id",
-                 (key_id, now))
+def record_keys(conn: sqlite3.Connection, keys: list[tuple[str, str]], now: str) -> str | None:
+    """Records the keys of `keys` (id, check value; in order) not recorded yet. Returns why
+    they cannot be used on this database, or None: every key recorded must be listed, in its
+    place, because every hash stored is wrapped in all of them."""
+    recorded = recorded_keys(conn)
+    for position, (key_id, check) in enumerate(recorded):
+        name = (f"key {key_id} (privacy.hmac_key_rotations[{position - 1}])" if key_id
+                else "the first key (privacy.hmac_key_env or privacy.hmac_key)")
+        if position >= len(keys) or keys[position][0] != key_id:
+            return (f"the card and phone hashes of this database are wrapped in {name}: without it none can be "
+                    "found; list it again in its place")
+        if keys[position][1] != check:
+            return (f"{name} is not the key this database's card and phone hashes were made with: with it "
+                    "none can be found (a new key is added as a rotation, never put in place of the old one)")
+    conn.executemany("INSERT INTO privacy_keys (position, key_id, check_value, recorded_at) VALUES (?, ?, ?, ?)",
+                     [(position, key_id, check, now) for position, (key_id, check) in enumerate(keys)
+                      if position >= len(recorded)])
+    return None

@@ -478,9 +478,11 @@ def m022_member_care(db):
       The CHECK only loosens, so no row changes: the table's stored SQL is edited in place
       (SQLite's documented procedure for such changes), where rebuilding the table would copy
       every posting.
-    - privacy_key_in_force: the HMAC key the last server started with (its id; "" for the
-      first key), so `loyalty privacy rotate-key` never wraps hashes under a key the serving
-      server does not use yet."""
+    - privacy_keys: each HMAC key the card and phone hashes were made or wrapped with, in
+      order (id "" is the first key), with a check value (an HMAC of a fixed text, which does
+      not give the key back): a server whose keys do not start with these refuses to start,
+      where it used to find no card at all, and `loyalty privacy rotate-key` wraps nothing
+      under a key the serving server has not taken up."""
     _run(db, """
 ALTER TABLE members ADD COLUMN crm_id TEXT;
 ALTER TABLE members ADD COLUMN consent_sms INTEGER NOT NULL DEFAULT 0;
@@ -509,10 +511,11 @@ CREATE TABLE member_merges (
     key_id TEXT NOT NULL,
     created_at TEXT NOT NULL
 ) WITHOUT ROWID;
-CREATE TABLE privacy_key_in_force (
-    one INTEGER PRIMARY KEY CHECK (one = 1),
-    key_id TEXT NOT NULL,
-    since TEXT NOT NULL
+CREATE TABLE privacy_keys (
+    position INTEGER PRIMARY KEY,
+    key_id TEXT NOT NULL UNIQUE,
+    check_value TEXT NOT NULL,
+    recorded_at TEXT NOT NULL
 )
 """)
     _allow_posting_kind(db.conn, "transfer")
