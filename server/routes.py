@@ -131,7 +131,7 @@ async def return_items(app, call: Call) -> Reply:
 async def enroll(app, call: Call) -> Reply:
     # A card out of use is not given to a new member: the register is told what happened to it.
     await member_care.refuse_retired(app, call.body.card, status=409)
-    return json_reply(await app[SERVICE].enroll(call.body, call.principal), 201)
+    return json_reply(await member_care.with_crm(app, await app[SERVICE].enroll(call.body, call.principal)), 201)
 
 
 @explains_retired_cards(_card_in_path)
@@ -176,7 +176,7 @@ async def adjust(app, call: Call) -> Reply:
 
 @explains_retired_cards(_card_in_path)
 async def set_tier(app, call: Call) -> Reply:
-    return json_reply(await app[SERVICE].set_tier(call.path["card"], call.body))
+    return json_reply(await member_care.with_crm(app, await app[SERVICE].set_tier(call.path["card"], call.body)))
 
 
 # ------------------------------------------------------------------ member care
