@@ -42,7 +42,8 @@ def _member(conn, member_id: int, public_id: str, path: str | None = None,
     state = member_care.care_state(conn, member_id)
     if state is None:
         if path:
-            raise unprocessable("unknown_member", f"{public_id} is not a member", [{"path": path, "message": "no such member"}])
+            raise unprocessable("unknown_member", f"{public_id} is not a member",
+                                [{"path": path, "message": "no such member"}])
         raise not_found("unknown_member", f"{public_id} is not a member")
     if usable and state.erased_at:
         raise unprocessable("member_erased", f"{public_id} was erased on {state.erased_at}",
