@@ -217,7 +217,7 @@ async def erase(app, public_id: str, body: schema.Erasure) -> dict:
         state = _member(conn, member_id, public_id, usable=False)
         if state.erased_at:
             return {"member_id": public_id, "erased_at": state.erased_at, "cards_removed": 0,
-                    "receipts_scrubbed": 0, "replayed": True}
+                    "receipts_scrubbed": 0, "members_erased": [], "replayed": True}
         try:
             done = member_care.erase(conn, member_id, now)
         except CareRefused as e:

@@ -22,6 +22,8 @@ PHONE_MATCHES_MAX = 20
 # A care operation on one member runs as one write: a member with more receipts than this
 # would hold every other write while their bodies are rewritten.
 ERASE_RECEIPTS_MAX = 100_000
+# Members merged into one erased with it, at most (a chain of merges, read one level at a time).
+MERGED_MAX = 1_000
 
 
 class CareRefused(Exception):
@@ -165,19 +167,40 @@ def mark_merged(conn: sqlite3.Connection, source: int, target: int, now: str) ->
 
 # ---------------------------------------------------------------- erasure
 
+def with_merged(conn: sqlite3.Connection, member_id: int) -> list[int]:
+    """The member and every member merged into it, directly or through others: one customer."""
+    ids, frontier = [member_id], [member_id]
+    while frontier and len(ids) <= MERGED_MAX:
+        marks = ", ".join("?" * len(frontier))
+        frontier = [r[0] for r in conn.execute(f"SELECT id FROM members WHERE merged_into IN ({marks})", frontier)]
+        ids += frontier
+    return ids[:MERGED_MAX + 1]
+
+
 def erase(conn: sqlite3.Connection, member_id: int, now: str) -> dict:
-    """Personal data gone: card and phone hashes with their last digits, birthday, tags, the
-    CRM's id and consent; the card hash in the member's stored receipt bodies becomes null.
-    The member's id, receipts' amounts and the ledger stay (postings name the member id only)."""
-    receipts = conn.execute("SELECT COUNT(*) FROM receipts WHERE member_id = ?", (member_id,)).fetchone()[0]
+    """Personal data gone, of the member and of the members merged into it (the same
+    customer): card and phone hashes with their last digits, birthday, tags, the CRM's id
+    and consent; the card hash in their stored receipt bodies becomes null. The member ids,
+    receipts' amounts and the ledger stay (postings name the member id only)."""
+    ids = with_merged(conn, member_id)
+    marks = ", ".join("?" * len(ids))
+    receipts = conn.execute(f"SELECT COUNT(*) FROM receipts WHERE member_id IN ({marks})", ids).fetchone()[0]
     if receipts > ERASE_RECEIPTS_MAX:
         raise CareRefused("too_many_receipts", f"the member has {receipts} receipts; erasing more than "
                           f"{ERASE_RECEIPTS_MAX} at once would hold every other write")
+    done = {"cards_removed": 0, "receipts_scrubbed": 0, "members_erased": [f"m_{i}" for i in ids]}
+    for one in ids:
+        for name, count in _erase_one(conn, one, now).items():
+            done[name] += count
+    return done
+
+
+def _erase_one(conn: sqlite3.Connection, member_id: int, now: str) -> dict:
     cards = conn.execute("DELETE FROM cards WHERE member_id = ?", (member_id,)).rowcount
     cards += conn.execute("DELETE FROM retired_cards WHERE member_id = ?", (member_id,)).rowcount
     conn.execute("UPDATE members SET phone = NULL, phone_hmac = NULL, phone_last4 = NULL, birthday = NULL, "
                  "tags = '[]', crm_id = NULL, consent_sms = 0, consent_viber = 0, consent_email = 0, "
-                 "consent_push = 0, consent_updated_at = ?, erased_at = ?, updated_at = ? WHERE id = ?",
+                 "consent_push = 0, consent_updated_at = ?, erased_at = COALESCE(erased_at, ?), updated_at = ? WHERE id = ?",
                  (now, now, now, member_id))
     scrubbed = 0
     for rowid, body in conn.execute("SELECT rowid, body FROM receipts WHERE member_id = ?", (member_id,)).fetchall():

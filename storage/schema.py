@@ -493,6 +493,7 @@ ALTER TABLE members ADD COLUMN consent_updated_at TEXT;
 ALTER TABLE members ADD COLUMN merged_into INTEGER REFERENCES members(id);
 ALTER TABLE members ADD COLUMN erased_at TEXT;
 CREATE UNIQUE INDEX members_crm_id ON members(crm_id) WHERE crm_id IS NOT NULL;
+CREATE INDEX members_merged_into ON members(merged_into) WHERE merged_into IS NOT NULL;
 CREATE TABLE retired_cards (
     card TEXT PRIMARY KEY,
     member_id INTEGER NOT NULL REFERENCES members(id),

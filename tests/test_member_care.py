@@ -232,17 +232,23 @@ async def test_erasure_removes_personal_data_and_keeps_the_ledger(make_api):
                            as_="register"))[0] == 201
     path = f"/v1/admin/members/{member['member_id']}/replace-card"
     assert (await api.post(path, {"new_card": "7000000000062"}))[0] == 201
+    # The same customer's second membership, merged into this one, goes with it.
+    twin = await enroll(api, "7000000000064", phone="+380671112233")
+    assert (await api.post("/v1/admin/members/merge", {"merge_id": "MG-T", "from_member_id": twin["member_id"],
+                                                       "into_member_id": member["member_id"], "reason": "twin"}))[0] == 201
     liability = (await assert_ledger_verifies(api)).liability
     erase = f"/v1/admin/members/{member['member_id']}/erase"
     assert (await as_support(api, "POST", erase, {"reason": "customer asked"}))[0] == 403
 
     status, done = await api.post(erase, {"reason": "customer asked"})
     assert status == 200, done
-    assert done["cards_removed"] == 2 and done["receipts_scrubbed"] == 1
-    for card in ("7000000000061", "7000000000062"):
+    assert done["cards_removed"] == 3 and done["receipts_scrubbed"] == 1
+    assert done["members_erased"] == [member["member_id"], twin["member_id"]]
+    for card in ("7000000000061", "7000000000062", "7000000000064"):
         refused(*await api.get(f"/v1/members/{card}"), 404, "unknown_card")
-    _, found = await api.post("/v1/admin/members/search", {"phone": "+380501234567"})
-    assert found["members"] == []
+    for phone in ("+380501234567", "+380671112233"):
+        _, found = await api.post("/v1/admin/members/search", {"phone": phone})
+        assert found["members"] == []
     member_id = int(member["member_id"][2:])
     row = await db_of(api).read(lambda c: c.execute(
         "SELECT phone_hmac, phone_last4, birthday, tags, crm_id, consent_sms, erased_at FROM members WHERE id = ?",
