@@ -200,7 +200,8 @@ def _erase_one(conn: sqlite3.Connection, member_id: int, now: str) -> dict:
     cards += conn.execute("DELETE FROM retired_cards WHERE member_id = ?", (member_id,)).rowcount
     conn.execute("UPDATE members SET phone = NULL, phone_hmac = NULL, phone_last4 = NULL, birthday = NULL, "
                  "tags = '[]', crm_id = NULL, consent_sms = 0, consent_viber = 0, consent_email = 0, "
-                 "consent_push = 0, consent_updated_at = ?, erased_at = COALESCE(erased_at, ?), updated_at = ? WHERE id = ?",
+                 "consent_push = 0, consent_updated_at = ?, erased_at = COALESCE(erased_at, ?), updated_at = ? "
+                 "WHERE id = ?",
                  (now, now, now, member_id))
     scrubbed = 0
     for rowid, body in conn.execute("SELECT rowid, body FROM receipts WHERE member_id = ?", (member_id,)).fetchall():

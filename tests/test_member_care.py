@@ -234,8 +234,9 @@ async def test_erasure_removes_personal_data_and_keeps_the_ledger(make_api):
     assert (await api.post(path, {"new_card": "7000000000062"}))[0] == 201
     # The same customer's second membership, merged into this one, goes with it.
     twin = await enroll(api, "7000000000064", phone="+380671112233")
-    assert (await api.post("/v1/admin/members/merge", {"merge_id": "MG-T", "from_member_id": twin["member_id"],
-                                                       "into_member_id": member["member_id"], "reason": "twin"}))[0] == 201
+    merge = {"merge_id": "MG-T", "from_member_id": twin["member_id"], "into_member_id": member["member_id"],
+             "reason": "twin"}
+    assert (await api.post("/v1/admin/members/merge", merge))[0] == 201
     liability = (await assert_ledger_verifies(api)).liability
     erase = f"/v1/admin/members/{member['member_id']}/erase"
     assert (await as_support(api, "POST", erase, {"reason": "customer asked"}))[0] == 403
