@@ -1,5 +1,5 @@
 """`loyalty serve --config PATH`, `loyalty backup`, `loyalty rules check|explain|diff|export`, `loyalty keys`,
-`loyalty import` and the admin commands."""
+`loyalty import`, `loyalty privacy rotate-key` and the admin commands."""
 from __future__ import annotations
 
 import argparse
@@ -76,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     retry.add_argument("--config", default="config.yaml")
     retry.add_argument("--webhook", help="only this webhook's (its id)")
     retry.add_argument("--event", type=int, help="only this event (its id)")
+    privacy = sub.add_parser("privacy", help="card and phone hashes").add_subparsers(dest="privacy_command",
+                                                                                   required=True)
+    rotate = privacy.add_parser("rotate-key", help="wrap every stored card and phone hash in the key in force "
+                                                   "(the last of privacy.hmac_key_rotations), beside the server")
+    rotate.add_argument("--config", default="config.yaml")
+    rotate.add_argument("--batch-rows", type=int, default=1_000, help="rows per transaction (1-10000)")
     from server import import_cli, keys_cli
     keys_cli.add_parser(sub)
     import_cli.add_parser(sub)
@@ -104,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "events":
         from server.webhooks import retry_command
         return retry_command(args.config, args.webhook, args.event)
+    if args.command == "privacy":
+        from server.privacy import rotate_key_command
+        return rotate_key_command(args.config, args.batch_rows)
     from server import admin_cli
     return admin_cli.dispatch(args)
 

@@ -128,12 +128,27 @@ class LimitsConfig(Struct, forbid_unknown_fields=True):
     burst: Annotated[int, Meta(ge=1, le=10_000_000)] = 2_000
 
 
+HmacKeyId = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_.-]{0,31}$",
+                                 description="1 to 32 lowercase letters, digits, '_', '.' or '-'")]
+
+
+class HmacKeyRotation(Struct, forbid_unknown_fields=True):
+    """A key that wraps every stored card and phone hash of the key before it (server/privacy.py)."""
+    id: HmacKeyId
+    # The environment variable holding the key, or the key itself (one of the two).
+    key_env: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+    key: Annotated[str, Meta(min_length=16, max_length=1024)] | None = None
+
+
 class PrivacyConfig(Struct, forbid_unknown_fields=True):
     # Card numbers and phones are stored as HMAC-SHA256 under this key (never in the database).
     hmac_key_env: Annotated[str, Meta(min_length=1, max_length=128)] = "LOYALTY_HMAC_KEY"
     hmac_key: Annotated[str, Meta(min_length=16, max_length=1024)] | None = None
     # For demos only: used when neither the environment nor hmac_key gives a key.
     demo_insecure_hmac_key: Annotated[str, Meta(min_length=16, max_length=1024)] | None = None
+    # Key rotations, oldest first; the last is in force. Each wraps the hashes of the key before
+    # it, so every key listed stays needed; `loyalty privacy rotate-key` wraps the stored rows.
+    hmac_key_rotations: Annotated[list[HmacKeyRotation], Meta(max_length=16)] = []
 
 
 class ConsoleConfig(Struct, forbid_unknown_fields=True):

@@ -8,6 +8,8 @@ remaining points are the sum of the postings that name it (kept in lots.remainin
 what each rule has issued is the sum of its accrual and reversal postings (kept in rule_totals
 since m016). Receipts, holds and the counters for rule limits are working state beside the ledger.
 """
+import re
+
 import msgspec
 from sqlite_utils.migrations import Migrations
 
@@ -556,3 +558,81 @@ CREATE TABLE event_member_tiers (
     tier TEXT NOT NULL
 )
 """)
+
+
+# Posting kinds the CHECK of postings allows; m025 adds 'transfer' to it in place.
+_POSTING_KINDS_CHECK = re.compile(r"(kind\s+IN\s*\()([^)]*)\)", re.IGNORECASE)
+
+
+@migrations()
+def m025_member_care(db):
+    """Member care and CRM fields.
+
+    - members: the CRM's own id for the member (crm_id, unique when set), consent per channel
+      (0 until granted), merged_into (the member a merge moved this one's points to) and
+      erased_at (personal data erased on request; the row and its ledger stay).
+    - retired_cards: cards taken out of use by a replacement or a merge, still keyed by their
+      HMAC so a register presenting one is told what happened instead of `unknown_card`.
+      An erasure deletes them with the member's cards.
+    - member_merges: one row per merge, idempotent by its id like adjustments.
+    - postings.kind gains 'transfer': points moved between two members' accounts (a merge).
+      The CHECK only loosens, so no row changes: the table's stored SQL is edited in place
+      (SQLite's documented procedure for such changes), where rebuilding the table would copy
+      every posting.
+    - privacy_keys: each HMAC key the card and phone hashes were made or wrapped with, in
+      order (id "" is the first key), with a check value (an HMAC of a fixed text, which does
+      not give the key back): a server whose keys do not start with these refuses to start,
+      where it used to find no card at all, and `loyalty privacy rotate-key` wraps nothing
+      under a key the serving server has not taken up."""
+    _run(db, """
+ALTER TABLE members ADD COLUMN crm_id TEXT;
+ALTER TABLE members ADD COLUMN consent_sms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE members ADD COLUMN consent_viber INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE members ADD COLUMN consent_email INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE members ADD COLUMN consent_push INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE members ADD COLUMN consent_updated_at TEXT;
+ALTER TABLE members ADD COLUMN merged_into INTEGER REFERENCES members(id);
+ALTER TABLE members ADD COLUMN erased_at TEXT;
+CREATE UNIQUE INDEX members_crm_id ON members(crm_id) WHERE crm_id IS NOT NULL;
+CREATE INDEX members_merged_into ON members(merged_into) WHERE merged_into IS NOT NULL;
+CREATE TABLE retired_cards (
+    card TEXT PRIMARY KEY,
+    member_id INTEGER NOT NULL REFERENCES members(id),
+    card_last4 TEXT,
+    reason TEXT NOT NULL CHECK (reason IN ('replaced', 'merged')),
+    successor TEXT NOT NULL,
+    retired_at TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX retired_cards_member ON retired_cards(member_id);
+CREATE TABLE member_merges (
+    merge_id TEXT PRIMARY KEY,
+    body_sha256 TEXT NOT NULL,
+    from_member INTEGER NOT NULL REFERENCES members(id),
+    into_member INTEGER NOT NULL REFERENCES members(id),
+    result BLOB NOT NULL,
+    key_id TEXT NOT NULL,
+    created_at TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE privacy_keys (
+    position INTEGER PRIMARY KEY,
+    key_id TEXT NOT NULL UNIQUE,
+    check_value TEXT NOT NULL,
+    recorded_at TEXT NOT NULL
+)
+""")
+    _allow_posting_kind(db.conn, "transfer")
+
+
+def _allow_posting_kind(conn, kind: str) -> None:
+    sql = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'postings'").fetchone()[0]
+    match = _POSTING_KINDS_CHECK.search(sql)
+    if match is None or f"'{kind}'" in match.group(2):
+        return
+    widened = sql[:match.end(2)] + f", '{kind}'" + sql[match.end(2):]
+    version = conn.execute("PRAGMA schema_version").fetchone()[0]
+    conn.execute("PRAGMA writable_schema = ON")
+    try:
+        conn.execute("UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = 'postings'", (widened,))
+        conn.execute(f"PRAGMA schema_version = {int(version) + 1}")
+    finally:
+        conn.execute("PRAGMA writable_schema = OFF")
