@@ -1,4 +1,5 @@
-"""Lifecycle jobs: expiry of lots, release of expired holds, birthday events.
+"""Lifecycle jobs: expiry of lots, release of expired holds, birthday events, RFM scores
+(once a local day, server/rfm.py).
 
 Each job is idempotent and safe to stop at any point: work is done in small write
 transactions, and every step first checks inside its transaction whether it is still
@@ -22,6 +23,7 @@ from datetime import date, datetime, time
 from typing import Callable, NamedTuple
 
 from rules import Program
+from server import rfm
 from server.service import fire_events
 from storage import accounts, ledger
 from storage.db import Database, StorageError
@@ -55,6 +57,10 @@ async def run_all(db: Database, program: Program, now: datetime) -> dict[str, in
             if batch.rows < BATCH_ROWS_MAX:
                 break
     done["released_holds"] = len(await db.write(lambda conn: release_holds(conn, now), off_loop=True))
+    window_days = rfm.settings_of(program)
+    if window_days is not None:     # once a local day; reads on a reader, writes in batches
+        scored = await rfm.run(db, window_days, program.timezone, now)
+        done["rfm_members_scored"] = scored.scored if scored else 0
     return done
 
 

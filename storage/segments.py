@@ -1,0 +1,208 @@
+"""RFM scores and segment membership.
+
+RFM (rules.md): among members with at least one confirmed receipt in the `window_days`
+local days up to the job's local date, recency is the days from the last receipt's local
+date to the job's, frequency the receipts, monetary their totals less what was returned of
+them. Each score is 1 + floor(5 x b / n): n members scored, b of them strictly worse.
+Members without a receipt in the window have no scores.
+
+A run reads everything it needs in one read transaction (a reader connection: receipts
+keep being written meanwhile), scores in memory, and writes its rows in batches under its
+own run id; it is marked finished last, so readers always see one whole run (the newest
+finished), never a half-written one. Rows of older runs are deleted afterwards, in batches.
+"""
+from __future__ import annotations
+
+import sqlite3
+from bisect import bisect_left, bisect_right
+from datetime import date, datetime, timedelta
+from typing import NamedTuple
+
+import msgspec
+
+from storage.ledger import iso
+
+WRITE_BATCH_ROWS = 20_000       # one write transaction: tens of ms, receipts go between batches
+DELETE_BATCH_ROWS = 50_000
+WINDOW_DAYS_MAX = 3660
+
+
+class ScoreRange(msgspec.Struct, frozen=True):
+    """Inclusive score bounds, as `r: [4, 5]` in a program."""
+    low: int = 1
+    high: int = 5
+
+    def holds(self, score: int) -> bool:
+        return self.low <= score <= self.high
+
+
+class SegmentDefinition(msgspec.Struct, frozen=True):
+    """One segment of a program: by RFM score ranges (an absent range holds for any
+    score) or an explicit `list` of members."""
+    id: str
+    r: ScoreRange | None = None
+    f: ScoreRange | None = None
+    m: ScoreRange | None = None
+    list: bool = False
+
+    @property
+    def by_rfm(self) -> bool:
+        return not self.list and (self.r or self.f or self.m) is not None
+
+
+class Facts(NamedTuple):
+    member_id: int
+    last_date: str
+    receipts: int
+    spend: int
+
+
+class Score(NamedTuple):
+    member_id: int
+    r: int
+    f: int
+    m: int
+    recency_days: int
+    receipts: int
+    spend: int
+
+
+# ------------------------------------------------------------------ computing
+
+def window_facts(conn: sqlite3.Connection, today: date, window_days: int) -> list[Facts]:
+    """Each member's last receipt date, receipt count and net spend in the window."""
+    start, end = (today - timedelta(days=window_days)).isoformat(), today.isoformat()
+    returned = dict(conn.execute(
+        "SELECT r.member_id, SUM(rl.amount) FROM return_lines rl JOIN receipts r "
+        "ON r.store_id = rl.receipt_store AND r.register_id = rl.receipt_register AND r.receipt_id = rl.receipt_id "
+        "WHERE r.status = 'confirmed' AND r.member_id IS NOT NULL AND r.local_date > ? AND r.local_date <= ? "
+        "GROUP BY r.member_id", (start, end)))
+    rows = conn.execute(
+        "SELECT member_id, MAX(local_date), COUNT(*), SUM(total) FROM receipts "
+        "WHERE status = 'confirmed' AND member_id IS NOT NULL AND local_date > ? AND local_date <= ? "
+        "GROUP BY member_id", (start, end))
+    return [Facts(mid, last, count, spend - returned.get(mid, 0)) for mid, last, count, spend in rows]
+
+
+def _scorer(values: list[int], higher_is_better: bool):
+    """score(v) = 1 + floor(5 x b / n), b = how many values are strictly worse than v."""
+    ordered = sorted(values)
+    n = len(ordered)
+
+    def score(v: int) -> int:
+        worse = bisect_left(ordered, v) if higher_is_better else n - bisect_right(ordered, v)
+        return 1 + 5 * worse // n
+    return score
+
+
+def score_all(facts: list[Facts], today: date) -> list[Score]:
+    if not facts:
+        return []
+    recency = [(today - date.fromisoformat(f.last_date)).days for f in facts]
+    r = _scorer(recency, higher_is_better=False)
+    f = _scorer([x.receipts for x in facts], higher_is_better=True)
+    m = _scorer([x.spend for x in facts], higher_is_better=True)
+    return [Score(x.member_id, r(days), f(x.receipts), m(x.spend), days, x.receipts, x.spend)
+            for x, days in zip(facts, recency)]
+
+
+# ------------------------------------------------------------------ storing a run
+
+def start_run(conn: sqlite3.Connection, today: date, window_days: int, now: datetime) -> int:
+    return conn.execute("INSERT INTO rfm_runs (local_date, window_days, started_at) VALUES (?, ?, ?) RETURNING id",
+                        (today.isoformat(), window_days, iso(now))).fetchone()[0]
+
+
+def write_scores(conn: sqlite3.Connection, run_id: int, scores: list[Score]) -> None:
+    conn.executemany("INSERT INTO rfm_scores (run_id, member_id, r, f, m, recency_days, receipts, spend) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [(run_id, *s) for s in scores])
+
+
+def finish_run(conn: sqlite3.Connection, run_id: int, scored: int, now: datetime) -> None:
+    conn.execute("UPDATE rfm_runs SET finished_at = ?, members_scored = ? WHERE id = ?", (iso(now), scored, run_id))
+
+
+def delete_older_batch(conn: sqlite3.Connection, run_id: int) -> int:
+    """Deletes up to DELETE_BATCH_ROWS score rows of runs before run_id; how many it deleted."""
+    old = conn.execute("SELECT MIN(run_id) FROM rfm_scores WHERE run_id < ?", (run_id,)).fetchone()[0]
+    if old is None:
+        return 0
+    return conn.execute(
+        "DELETE FROM rfm_scores WHERE run_id = ? AND member_id IN "
+        "(SELECT member_id FROM rfm_scores WHERE run_id = ? ORDER BY member_id LIMIT ?)",
+        (old, old, DELETE_BATCH_ROWS)).rowcount
+
+
+def due(conn: sqlite3.Connection, today: date) -> bool:
+    """Scores are recomputed once a local day."""
+    return conn.execute("SELECT 1 FROM rfm_runs WHERE finished_at IS NOT NULL AND local_date = ?",
+                        (today.isoformat(),)).fetchone() is None
+
+
+# ------------------------------------------------------------------ reading
+
+def current_run(conn: sqlite3.Connection) -> int | None:
+    return conn.execute("SELECT MAX(id) FROM rfm_runs WHERE finished_at IS NOT NULL").fetchone()[0]
+
+
+def scores_of(conn: sqlite3.Connection, member_id: int) -> Score | None:
+    """The member's scores from the newest finished run, or None (unscored)."""
+    row = conn.execute(
+        "SELECT member_id, r, f, m, recency_days, receipts, spend FROM rfm_scores "
+        "WHERE run_id = (SELECT MAX(id) FROM rfm_runs WHERE finished_at IS NOT NULL) AND member_id = ?",
+        (member_id,)).fetchone()
+    return Score(*row) if row else None
+
+
+def listed_in(conn: sqlite3.Connection, member_id: int) -> set[str]:
+    return {s for (s,) in conn.execute("SELECT segment_id FROM segment_members WHERE member_id = ?", (member_id,))}
+
+
+def segments_of(conn: sqlite3.Connection, member_id: int, definitions: list[SegmentDefinition]) -> list[str]:
+    """The ids of the segments the member is in now, in the program's order."""
+    score = scores_of(conn, member_id)
+    listed = listed_in(conn, member_id)
+    return [d.id for d in definitions if _holds(d, score, listed)]
+
+
+def _holds(d: SegmentDefinition, score: Score | None, listed: set[str]) -> bool:
+    if d.list:
+        return d.id in listed
+    if score is None or not d.by_rfm:
+        return False
+    return all(rng is None or rng.holds(value) for rng, value in ((d.r, score.r), (d.f, score.f), (d.m, score.m)))
+
+
+def members_of(conn: sqlite3.Connection, d: SegmentDefinition) -> list[int]:
+    """Every member of a segment now (an offer assigned to a segment is resolved with it)."""
+    if d.list:
+        return [mid for (mid,) in conn.execute(
+            "SELECT member_id FROM segment_members WHERE segment_id = ? ORDER BY member_id", (d.id,))]
+    if not d.by_rfm:
+        return []
+    run = current_run(conn)
+    clauses, args = ["run_id = ?"], [run]
+    for column, rng in (("r", d.r), ("f", d.f), ("m", d.m)):
+        if rng is not None:
+            clauses.append(f"{column} BETWEEN ? AND ?")
+            args += [rng.low, rng.high]
+    return [mid for (mid,) in conn.execute(
+        f"SELECT member_id FROM rfm_scores WHERE {' AND '.join(clauses)} ORDER BY member_id", args)]
+
+
+# ------------------------------------------------------------------ list segments
+
+def add_members(conn: sqlite3.Connection, segment_id: str, member_ids: list[int], now: datetime) -> int:
+    conn.executemany("INSERT OR IGNORE INTO segment_members (segment_id, member_id, added_at) VALUES (?, ?, ?)",
+                     [(segment_id, mid, iso(now)) for mid in member_ids])
+    return size(conn, segment_id)
+
+
+def remove_members(conn: sqlite3.Connection, segment_id: str, member_ids: list[int]) -> int:
+    conn.executemany("DELETE FROM segment_members WHERE segment_id = ? AND member_id = ?",
+                     [(segment_id, mid) for mid in member_ids])
+    return size(conn, segment_id)
+
+
+def size(conn: sqlite3.Connection, segment_id: str) -> int:
+    return conn.execute("SELECT COUNT(*) FROM segment_members WHERE segment_id = ?", (segment_id,)).fetchone()[0]
