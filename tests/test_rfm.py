@@ -104,7 +104,7 @@ def test_runs_once_a_local_day_and_a_new_run_replaces_the_old(db):
     got = scores(db)
     assert 5 not in got and got[8] == (5, 1, 5, 0, 1, 500000)
     # The first run's rows are gone; only the newest finished run is kept.
-    left = db.read_sync(lambda conn: conn.execute("SELECT DISTINCT run_id FROM rfm_scores").fetchall())
+    left = db.read_sync(lambda conn: [tuple(r) for r in conn.execute("SELECT DISTINCT run_id FROM rfm_scores")])
     assert left == [(second.run_id,)]
 
 
