@@ -24,7 +24,7 @@ from storage.ledger import iso
 ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"
 CODE_CHARS = 12
 GROUP_CHARS = 4
-CODES_PER_REQUEST_MAX = 10_000       # an API call; the CLI writes larger runs in batches of this size
+WRITE_BATCH_CODES = 5_000            # `loyalty coupons generate`: one write transaction each
 CODE_TEXT_MAX = 64                   # api.md: a receipt's coupon strings are 1 to 64 characters
 
 
