@@ -34,9 +34,8 @@ async def run(db: Database, window_days: int, tz: tzinfo, now: datetime, *, forc
     today = now.astimezone(tz).date()
     if not force and not await db.read(lambda conn: segments.due(conn, today)):
         return None
-    facts = await db.read(lambda conn: segments.window_facts(conn, today, window_days))
-    scores = segments.score_all(facts, today)
-    del facts
+    # Scored on the reader thread too: sorting a million values on the loop would stall requests.
+    scores = await db.read(lambda conn: segments.score_all(segments.window_facts(conn, today, window_days), today))
     run_id = await db.write(lambda conn: segments.start_run(conn, today, window_days, now), off_loop=True)
     step = segments.WRITE_BATCH_ROWS
     for i in range(0, len(scores), step):

@@ -22,8 +22,8 @@ import msgspec
 
 from storage.ledger import iso
 
-WRITE_BATCH_ROWS = 20_000       # one write transaction: tens of ms, receipts go between batches
-DELETE_BATCH_ROWS = 50_000
+WRITE_BATCH_ROWS = 2_000        # one write transaction of a few ms: receipts commit between batches
+DELETE_BATCH_ROWS = 2_000
 WINDOW_DAYS_MAX = 3660
 
 
