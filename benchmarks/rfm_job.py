@@ -59,7 +59,8 @@ def main() -> None:
     finally:
         db.close()
     lat_ms = sorted(x * 1000 for x in lat)
-    print(f"members: {members:,}; scored: {result.scored:,}; rfm job: {result.seconds:.1f} s")
+    print(f"members: {members:,}; scored: {result.scored:,}; rfm job: {result.seconds:.1f} s "
+          f"({result.read_seconds:.1f} s reading and scoring)")
     print(f"writes beside it: {len(lat_ms)}, median {statistics.median(lat_ms):.1f} ms, "
           f"p99 {lat_ms[int(len(lat_ms) * 0.99) - 1]:.1f} ms, max {lat_ms[-1]:.1f} ms")
 

@@ -71,9 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     receipts_export.add_argument("--out", help="file to write (default: standard output)")
     receipts_export.add_argument("--from", dest="first", help="first local date, YYYY-MM-DD")
     receipts_export.add_argument("--to", dest="last", help="last local date, YYYY-MM-DD")
-    from server import keys_cli
+    from server import cvm_cli, keys_cli
     keys_cli.add_parser(sub)
+    cvm_cli.add_parsers(sub)
     args = parser.parse_args(argv)
+    if cvm_cli.handles(args):
+        return cvm_cli.dispatch(args)
     if args.command == "serve":
         return serve_command(args.config)
     if args.command == "backup":

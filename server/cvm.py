@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Callable
 
+import msgspec
 from aiohttp import web
 
 from server import report_campaign, schema
@@ -57,7 +58,7 @@ def definitions(app) -> Definitions:
 
 # ------------------------------------------------------------------ handlers
 
-def _members_of_cards(conn, privacy, cards: list[str]) -> list[int]:
+def members_of_cards(conn, privacy, cards: list[str]) -> list[int]:
     """The members of the cards, or a 422 `unknown_card` naming every card not enrolled."""
     found, missing = [], []
     for i, card in enumerate(cards):
@@ -96,12 +97,20 @@ async def _change_segment(app, call, change) -> "Reply":
     privacy, now = app[PRIVACY], app[CLOCK].now()
 
     def write(conn):
-        return change(conn, d.id, _members_of_cards(conn, privacy, call.body.cards), now)
+        return change(conn, d.id, members_of_cards(conn, privacy, call.body.cards), now)
     size = await app[DATABASE].write(write, off_loop=True)
     return json_reply({"segment": d.id, "members": size})
 
 
-def _check_offer(app, body: schema.OfferAssignment) -> None:
+def offer_digest(body: schema.OfferAssignment) -> str:
+    """The offer's fingerprint: the same cards in another order are the same offer."""
+    cards = sorted(body.cards) if body.cards is not None else None
+    return hashlib.sha256(schema.canonical(msgspec.structs.replace(body, cards=cards))).hexdigest()
+
+
+def check_offer(defs: Definitions, body: schema.OfferAssignment) -> None:
+    """A 422 for an offer that cannot be: dates the wrong way, not one of cards and segment,
+    a rule the program lacks or one that is not personal."""
     problems = Problems()
     if body.to < body.from_:
         problems.add("to", "must not be before from")
@@ -109,28 +118,29 @@ def _check_offer(app, body: schema.OfferAssignment) -> None:
         problems.add("cards", "give either cards or segment, not both and not neither")
     if problems.count:
         raise problems_error(problems)
-    personal = definitions(app).personal.get(body.rule)
+    personal = defs.personal.get(body.rule)
     if personal is None:
-        raise field_error("rule", f"the program has no rule {body.rule}", "unknown_rule")
+        raise field_error("rule", f"is {body.rule}, a rule the program does not have", "unknown_rule")
     if not personal:
-        raise field_error("rule", f"rule {body.rule} is not personal: it applies without an offer",
+        raise field_error("rule", f"is {body.rule}, a rule that is not personal (it applies without an offer)",
                           "rule_not_personal")
 
 
 async def assign_offer(app, call) -> "Reply":
     from server.routes import Reply, json_reply
     body: schema.OfferAssignment = call.body
-    _check_offer(app, body)
+    check_offer(definitions(app), body)
     d = None
     if body.segment is not None:
         d = definitions(app).segment(body.segment)
         if d is None:
-            raise field_error("segment", f"the program defines no segment {body.segment}", "unknown_segment")
-    digest = hashlib.sha256(schema.canonical(body)).hexdigest()
+            raise field_error("segment", f"is {body.segment}, a segment the program does not define",
+                              "unknown_segment")
+    digest = offer_digest(body)
     privacy, now = app[PRIVACY], app[CLOCK].now()
 
     def write(conn):
-        members = segments.members_of(conn, d) if d else _members_of_cards(conn, privacy, body.cards)
+        members = segments.members_of(conn, d) if d else members_of_cards(conn, privacy, body.cards)
         return offers.assign(conn, body.offer_id, body.rule, digest, body.from_, body.to, body.points, members, now)
     try:
         done = await app[DATABASE].write(write, off_loop=True)

@@ -143,6 +143,31 @@ def groups(conn, setting: Setting, rule: CampaignRule, first: date, last: date) 
     return out
 
 
+def weekly(conn, setting: Setting, rule: CampaignRule, first: date, last: date) -> list[tuple[date, float, float]]:
+    """(first day of the week, treated, control) spend per member for each 7 days from `first`,
+    for a chart (floats: drawn, never added up)."""
+    audience = _audience(conn, setting, rule, first, last)
+    sizes = {TREATED: 0, CONTROL: 0}
+    for group in audience.values():
+        sizes[group] += 1
+    weeks = (last - first).days // 7 + 1
+    spend = {TREATED: [0] * weeks, CONTROL: [0] * weeks}
+    for member_id, day, net in _receipts_by_day(conn, first, last):
+        group = audience.get(member_id)
+        if group is not None:
+            spend[group][(date.fromisoformat(day) - first).days // 7] += net
+    return [(first + timedelta(days=7 * w), spend[TREATED][w] / max(1, sizes[TREATED]),
+             spend[CONTROL][w] / max(1, sizes[CONTROL])) for w in range(weeks)]
+
+
+def _receipts_by_day(conn, first: date, last: date):
+    return conn.execute(
+        "SELECT r.member_id, r.local_date, r.total - COALESCE((SELECT SUM(rl.amount) FROM return_lines rl "
+        "WHERE rl.receipt_store = r.store_id AND rl.receipt_register = r.register_id "
+        "AND rl.receipt_id = r.receipt_id), 0) FROM receipts r WHERE r.status = 'confirmed' "
+        "AND r.local_date BETWEEN ? AND ? AND r.member_id IS NOT NULL", (first.isoformat(), last.isoformat()))
+
+
 # ------------------------------------------------------------------ statistics
 
 def _betacf(a: float, b: float, x: float) -> float:

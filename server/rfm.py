@@ -20,6 +20,7 @@ class RfmRun(NamedTuple):
     run_id: int
     scored: int
     seconds: float
+    read_seconds: float         # reading and scoring; the rest is writing and deleting the old run
 
 
 def settings_of(program) -> int | None:
@@ -36,6 +37,7 @@ async def run(db: Database, window_days: int, tz: tzinfo, now: datetime, *, forc
         return None
     # Scored on the reader thread too: sorting a million values on the loop would stall requests.
     scores = await db.read(lambda conn: segments.score_all(segments.window_facts(conn, today, window_days), today))
+    read_seconds = time.monotonic() - started
     run_id = await db.write(lambda conn: segments.start_run(conn, today, window_days, now), off_loop=True)
     step = segments.WRITE_BATCH_ROWS
     for i in range(0, len(scores), step):
@@ -44,6 +46,7 @@ async def run(db: Database, window_days: int, tz: tzinfo, now: datetime, *, forc
     await db.write(lambda conn: segments.finish_run(conn, run_id, len(scores), now), off_loop=True)
     while await db.write(lambda conn: segments.delete_older_batch(conn, run_id), off_loop=True):
         pass
-    done = RfmRun(run_id, len(scores), time.monotonic() - started)
-    log.info("rfm: run %s scored %s members in %.1f s", done.run_id, done.scored, done.seconds)
+    done = RfmRun(run_id, len(scores), time.monotonic() - started, read_seconds)
+    log.info("rfm: run %s scored %s members in %.1f s (%.1f s reading)", done.run_id, done.scored, done.seconds,
+             done.read_seconds)
     return done
