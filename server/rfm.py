@@ -36,7 +36,7 @@ async def run(db: Database, window_days: int, tz: tzinfo, now: datetime, *, forc
     if not force and not await db.read(lambda conn: segments.due(conn, today)):
         return None
     # Scored on the reader thread too: sorting a million values on the loop would stall requests.
-    scores = await db.read(lambda conn: segments.score_all(segments.window_facts(conn, today, window_days), today))
+    scores = await db.read(lambda conn: segments.score_all(segments.window_facts(conn, today, window_days, tz), today))
     read_seconds = time.monotonic() - started
     run_id = await db.write(lambda conn: segments.start_run(conn, today, window_days, now), off_loop=True)
     step = segments.WRITE_BATCH_ROWS

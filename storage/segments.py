@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 from bisect import bisect_left, bisect_right
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, time, timedelta, tzinfo
 from typing import NamedTuple
 
 import msgspec
@@ -52,7 +52,7 @@ class SegmentDefinition(msgspec.Struct, frozen=True):
 
 class Facts(NamedTuple):
     member_id: int
-    last_date: str
+    last_date: date
     receipts: int
     spend: int
 
@@ -69,19 +69,44 @@ class Score(NamedTuple):
 
 # ------------------------------------------------------------------ computing
 
-def window_facts(conn: sqlite3.Connection, today: date, window_days: int) -> list[Facts]:
-    """Each member's last receipt date, receipt count and net spend in the window."""
-    start, end = (today - timedelta(days=window_days)).isoformat(), today.isoformat()
+def window_facts(conn: sqlite3.Connection, today: date, window_days: int, tz: tzinfo) -> list[Facts]:
+    """Each member's last receipt date, receipt count and net spend in the window.
+
+    The window is read by `ts` (UTC, as stored) between the first moments of its first local
+    day and of the day after `today`: the receipts_member_counts index covers that query, so
+    it never reads the receipts' rows (their bodies are most of the database)."""
+    start = iso(datetime.combine(today - timedelta(days=window_days - 1), time.min, tz))
+    end = iso(datetime.combine(today + timedelta(days=1), time.min, tz))
     returned = dict(conn.execute(
         "SELECT r.member_id, SUM(rl.amount) FROM return_lines rl JOIN receipts r "
         "ON r.store_id = rl.receipt_store AND r.register_id = rl.receipt_register AND r.receipt_id = rl.receipt_id "
-        "WHERE r.status = 'confirmed' AND r.member_id IS NOT NULL AND r.local_date > ? AND r.local_date <= ? "
+        "WHERE r.status = 'confirmed' AND r.member_id IS NOT NULL AND r.ts >= ? AND r.ts < ? "
         "GROUP BY r.member_id", (start, end)))
     rows = conn.execute(
-        "SELECT member_id, MAX(local_date), COUNT(*), SUM(total) FROM receipts "
-        "WHERE status = 'confirmed' AND member_id IS NOT NULL AND local_date > ? AND local_date <= ? "
+        "SELECT member_id, MAX(ts), COUNT(*), SUM(total) FROM receipts "
+        "WHERE member_id IS NOT NULL AND status = 'confirmed' AND ts >= ? AND ts < ? "
         "GROUP BY member_id", (start, end))
-    return [Facts(mid, last, count, spend - returned.get(mid, 0)) for mid, last, count, spend in rows]
+    local_day = _local_days(tz)
+    return [Facts(mid, local_day(last), count, spend - returned.get(mid, 0)) for mid, last, count, spend in rows]
+
+
+def _local_days(tz: tzinfo):
+    """ts (as stored) -> its local date, remembering each UTC hour's offset: a million
+    conversions would otherwise be most of the job's time. An hour in which the offset
+    changes (a zone that moves its clocks at a half hour) is converted receipt by receipt."""
+    offsets: dict[str, timedelta | None] = {}
+
+    def local_day(ts: str) -> date:
+        hour = ts[:13]
+        if hour not in offsets:
+            first = datetime.fromisoformat(hour + ":00:00+00:00")
+            before, after = first.astimezone(tz).utcoffset(), (first + timedelta(seconds=3599)).astimezone(tz).utcoffset()
+            offsets[hour] = before if before == after else None
+        offset = offsets[hour]
+        if offset is None:
+            return datetime.fromisoformat(ts).astimezone(tz).date()
+        return (datetime.fromisoformat(ts[:19]) + offset).date()
+    return local_day
 
 
 def _scorer(values: list[int], higher_is_better: bool):
@@ -98,7 +123,7 @@ def _scorer(values: list[int], higher_is_better: bool):
 def score_all(facts: list[Facts], today: date) -> list[Score]:
     if not facts:
         return []
-    recency = [(today - date.fromisoformat(f.last_date)).days for f in facts]
+    recency = [(today - f.last_date).days for f in facts]
     r = _scorer(recency, higher_is_better=False)
     f = _scorer([x.receipts for x in facts], higher_is_better=True)
     m = _scorer([x.spend for x in facts], higher_is_better=True)

@@ -129,3 +129,20 @@ def test_segments_by_rfm_range_and_by_list(db):
     got = db.read_sync(lambda conn: {mid: segments.segments_of(conn, mid, program) for mid in (1, 3, 4, 8)})
     assert got == {1: ["recent"], 3: ["staff"], 4: ["champions"], 8: ["staff"]}
     assert db.read_sync(lambda conn: segments.members_of(conn, recent)) == [1, 2]
+
+
+def test_recency_counts_local_days_across_midnight_and_a_clock_change(db):
+    add_members(db, 2)
+
+    def at(key, member_id, ts):
+        db.write_sync(lambda conn: conn.execute(
+            "INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, local_date, total, "
+            "rules_version, status, body, result, created_at) VALUES ('S001', 'K01', ?, x'00', ?, ?, '', 100, 'v', "
+            "'confirmed', x'7b7d', x'7b7d', ?)", (key, member_id, ts, ts)))
+    # 22:30 UTC on 30 November is 00:30 on 1 December in Kyiv (UTC+2): bought today.
+    at("a", 1, "2026-11-30T22:30:00.000000Z")
+    # 21:30 UTC on 31 July is 00:30 on 1 August in Kyiv (summer time, UTC+3): 122 days before.
+    at("b", 2, "2026-07-31T21:30:00.000000Z")
+    asyncio.run(rfm.run(db, 365, KYIV, NOW))
+    got = scores(db)
+    assert got[1][3] == 0 and got[2][3] == (TODAY - date(2026, 8, 1)).days == 122
