@@ -14,7 +14,6 @@ finished), never a half-written one. Rows of older runs are deleted afterwards, 
 from __future__ import annotations
 
 import sqlite3
-from bisect import bisect_left, bisect_right
 from datetime import date, datetime, time, timedelta, tzinfo
 from typing import NamedTuple
 
@@ -55,6 +54,7 @@ class Facts(NamedTuple):
     last_date: date
     receipts: int
     spend: int
+    spend_worse: int        # members of the window who spent strictly less
 
 
 class Score(NamedTuple):
@@ -77,17 +77,20 @@ def window_facts(conn: sqlite3.Connection, today: date, window_days: int, tz: tz
     it never reads the receipts' rows (their bodies are most of the database)."""
     start = iso(datetime.combine(today - timedelta(days=window_days - 1), time.min, tz))
     end = iso(datetime.combine(today + timedelta(days=1), time.min, tz))
-    returned = dict(conn.execute(
-        "SELECT r.member_id, SUM(rl.amount) FROM return_lines rl JOIN receipts r "
-        "ON r.store_id = rl.receipt_store AND r.register_id = rl.receipt_register AND r.receipt_id = rl.receipt_id "
-        "WHERE r.status = 'confirmed' AND r.member_id IS NOT NULL AND r.ts >= ? AND r.ts < ? "
-        "GROUP BY r.member_id", (start, end)))
+    # Monetary is ranked by SQLite (RANK() - 1: how many spent strictly less) inside its own
+    # step calls, which run without Python's GIL: sorting a million values in Python would
+    # hold it, and stall the event loop, for as long as the sort takes.
     rows = conn.execute(
-        "SELECT member_id, MAX(ts), COUNT(*), SUM(total) FROM receipts "
-        "WHERE member_id IS NOT NULL AND status = 'confirmed' AND ts >= ? AND ts < ? "
-        "GROUP BY member_id", (start, end))
+        "WITH back AS (SELECT r.member_id AS mid, SUM(rl.amount) AS amount FROM return_lines rl JOIN receipts r "
+        "ON r.store_id = rl.receipt_store AND r.register_id = rl.receipt_register AND r.receipt_id = rl.receipt_id "
+        "WHERE r.status = 'confirmed' AND r.member_id IS NOT NULL AND r.ts >= ?1 AND r.ts < ?2 GROUP BY 1), "
+        "facts AS (SELECT member_id AS mid, MAX(ts) AS last, COUNT(*) AS n, SUM(total) AS spend FROM receipts "
+        "WHERE member_id IS NOT NULL AND status = 'confirmed' AND ts >= ?1 AND ts < ?2 GROUP BY member_id) "
+        "SELECT f.mid, f.last, f.n, f.spend - COALESCE(b.amount, 0), "
+        "RANK() OVER (ORDER BY f.spend - COALESCE(b.amount, 0)) - 1 FROM facts f LEFT JOIN back b ON b.mid = f.mid",
+        (start, end))
     local_day = _local_days(tz)
-    return [Facts(mid, local_day(last), count, spend - returned.get(mid, 0)) for mid, last, count, spend in rows]
+    return [Facts(mid, local_day(last), count, spend, less) for mid, last, count, spend, less in rows]
 
 
 def _local_days(tz: tzinfo):
@@ -109,26 +112,29 @@ def _local_days(tz: tzinfo):
     return local_day
 
 
-def _scorer(values: list[int], higher_is_better: bool):
-    """score(v) = 1 + floor(5 x b / n), b = how many values are strictly worse than v."""
-    ordered = sorted(values)
-    n = len(ordered)
-
-    def score(v: int) -> int:
-        worse = bisect_left(ordered, v) if higher_is_better else n - bisect_right(ordered, v)
-        return 1 + 5 * worse // n
-    return score
+def _worse_than(values: list[int], higher_is_better: bool) -> dict[int, int]:
+    """value -> how many of `values` are strictly worse. Counted, not sorted: recency and
+    frequency take few distinct values, and a loop lets other threads run between steps."""
+    counts: dict[int, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    out, seen = {}, 0
+    for v in sorted(counts, reverse=not higher_is_better):
+        out[v] = seen
+        seen += counts[v]
+    return out
 
 
 def score_all(facts: list[Facts], today: date) -> list[Score]:
-    if not facts:
+    """score = 1 + floor(5 x b / n), b = how many members scored are strictly worse."""
+    n = len(facts)
+    if not n:
         return []
     recency = [(today - f.last_date).days for f in facts]
-    r = _scorer(recency, higher_is_better=False)
-    f = _scorer([x.receipts for x in facts], higher_is_better=True)
-    m = _scorer([x.spend for x in facts], higher_is_better=True)
-    return [Score(x.member_id, r(days), f(x.receipts), m(x.spend), days, x.receipts, x.spend)
-            for x, days in zip(facts, recency)]
+    r = _worse_than(recency, higher_is_better=False)
+    f = _worse_than([x.receipts for x in facts], higher_is_better=True)
+    return [Score(x.member_id, 1 + 5 * r[days] // n, 1 + 5 * f[x.receipts] // n, 1 + 5 * x.spend_worse // n, days,
+                  x.receipts, x.spend) for x, days in zip(facts, recency)]
 
 
 # ------------------------------------------------------------------ storing a run
