@@ -30,8 +30,17 @@ TREATED, CONTROL = "treated", "control"
 
 def holdout_member(program_id: str, rule_id: str, member_id: str, h: float | Decimal | Fraction) -> bool:
     """rules.md: in the control group when int(first 8 hex of sha256("<program>:<rule>:<member>"), 16) / 2^32 < h."""
+    return _held(program_id, rule_id, member_id, _limit(h))
+
+
+def _limit(h) -> int:
+    """For a whole number x, x < h x 2^32 exactly when x < this."""
+    return math.ceil(Fraction(str(h)) * 2 ** 32)
+
+
+def _held(program_id: str, rule_id: str, member_id: str, limit: int) -> bool:
     digest = hashlib.sha256(f"{program_id}:{rule_id}:{member_id}".encode()).hexdigest()
-    return Fraction(int(digest[:8], 16), 2 ** 32) < Fraction(str(h))
+    return int(digest[:8], 16) < limit
 
 
 @dataclass(frozen=True)
@@ -73,10 +82,11 @@ class Group:
 def _audience(conn, setting: Setting, rule: CampaignRule, first: date, last: date) -> dict[int, str]:
     end = iso(datetime.combine(last + timedelta(days=1), time.min, setting.timezone))
     out = {}
+    limit = _limit(rule.holdout)
     for (member_id,) in conn.execute("SELECT id FROM members WHERE enrolled_at < ? ORDER BY id", (end,)):
         if rule.in_audience is not None and not rule.in_audience(conn, member_id, first):
             continue
-        held = holdout_member(setting.program_id, rule.id, member_public_id(member_id), rule.holdout)
+        held = _held(setting.program_id, rule.id, member_public_id(member_id), limit)
         out[member_id] = CONTROL if held else TREATED
     return out
 
@@ -91,8 +101,10 @@ def _receipts(conn, rule: CampaignRule, first: date, last: date):
             "WHERE r.status = 'confirmed' AND r.local_date BETWEEN ? AND ? AND r.member_id IS NOT NULL "
             "GROUP BY 1, 2, 3, 4", (first.isoformat(), last.isoformat())):
         returned.setdefault(tuple(key), {})[line_no] = amount
+    # The bodies (most of the database) are read only when a scope needs their lines.
+    body = "body" if rule.in_scope is not None else "NULL"
     for member_id, store, register, receipt_id, total, body in conn.execute(
-            "SELECT member_id, store_id, register_id, receipt_id, total, body FROM receipts "
+            f"SELECT member_id, store_id, register_id, receipt_id, total, {body} FROM receipts "
             "WHERE status = 'confirmed' AND local_date BETWEEN ? AND ? AND member_id IS NOT NULL",
             (first.isoformat(), last.isoformat())):
         key = (store, register, receipt_id)
