@@ -276,7 +276,7 @@ def plot(weeks: list[tuple[date, float, float]], rule_id: str, out: Path) -> int
     ax.plot(days, [w[1] for w in weeks], marker="o", label="treated")
     ax.plot(days, [w[2] for w in weeks], marker="o", label="control")
     ax.set_title(f"{rule_id}: spend per member by week")
-    ax.set_xlabel("week from")
+    ax.set_xlabel("week from (a shorter last week scaled to 7 days)")
     ax.set_ylabel("spend per member (minor units)")
     ax.legend()
     fig.autofmt_xdate()

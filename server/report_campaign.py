@@ -157,7 +157,8 @@ def groups(conn, setting: Setting, rule: CampaignRule, first: date, last: date) 
 
 def weekly(conn, setting: Setting, rule: CampaignRule, first: date, last: date) -> list[tuple[date, float, float]]:
     """(first day of the week, treated, control) spend per member for each 7 days from `first`,
-    for a chart (floats: drawn, never added up)."""
+    for a chart (floats: drawn, never added up); a last week cut short by `last` is scaled
+    to seven days so it compares with the others."""
     audience = _audience(conn, setting, rule, first, last)
     sizes = {TREATED: 0, CONTROL: 0}
     for group in audience.values():
@@ -168,8 +169,14 @@ def weekly(conn, setting: Setting, rule: CampaignRule, first: date, last: date) 
         group = audience.get(member_id)
         if group is not None:
             spend[group][(date.fromisoformat(day) - first).days // 7] += net
-    return [(first + timedelta(days=7 * w), spend[TREATED][w] / max(1, sizes[TREATED]),
-             spend[CONTROL][w] / max(1, sizes[CONTROL])) for w in range(weeks)]
+    out = []
+    for w in range(weeks):
+        start = first + timedelta(days=7 * w)
+        days = (min(start + timedelta(days=6), last) - start).days + 1
+        scale = 7 / days      # a short last week, as 7 days
+        out.append((start, spend[TREATED][w] * scale / max(1, sizes[TREATED]),
+                    spend[CONTROL][w] * scale / max(1, sizes[CONTROL])))
+    return out
 
 
 def _receipts_by_day(conn, first: date, last: date):
