@@ -146,3 +146,20 @@ def test_recency_counts_local_days_across_midnight_and_a_clock_change(db):
     asyncio.run(rfm.run(db, 365, KYIV, NOW))
     got = scores(db)
     assert got[1][3] == 0 and got[2][3] == (TODAY - date(2026, 8, 1)).days == 122
+
+
+def test_the_lifecycle_jobs_score_once_a_local_day_when_the_program_has_rfm(db):
+    import types
+    from conftest import MARKET
+    from rules import load_program
+    from server.jobs import run_all
+    population(db)
+    program = load_program(MARKET)
+    try:
+        assert "rfm_members_scored" not in asyncio.run(run_all(db, program, NOW))    # no segments.rfm: no scores
+        program.segments = types.SimpleNamespace(rfm=types.SimpleNamespace(window_days=365))
+        assert asyncio.run(run_all(db, program, NOW))["rfm_members_scored"] == 5
+        assert asyncio.run(run_all(db, program, NOW))["rfm_members_scored"] == 0       # done today already
+    finally:
+        program.close()
+    assert scores(db)[4][:3] == (2, 5, 5)
