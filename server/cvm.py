@@ -2,14 +2,14 @@
 storage/segments.py, storage/offers.py and storage/coupons.py.
 
 What the program defines (its segments, its coupon campaigns, which rules are personal) is
-read through `app[DEFINITIONS]`, a function of the serving program returning `Definitions`:
-`definitions_of` reads the program's `segments`, `coupons` and rules' `personal` flags.
+read through `app[DEFINITIONS]`, a function of the serving program returning `Definitions`
+(tests give their own): `definitions_of` reads the program's `segments.define`, `coupons`
+and its rules' `personal` and `holdout`.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from datetime import date
 from typing import Callable
 
 import msgspec
@@ -20,7 +20,6 @@ from server.errors import ApiError, conflict, field_error, not_found, problems_e
 from server.keys import CLOCK, DATABASE, PRIVACY, PROGRAMS
 from server.validation import Problems
 from storage import coupons, offers, segments
-
 
 
 @dataclass(frozen=True)
@@ -83,15 +82,15 @@ def _list_segment(app, segment_id: str) -> segments.SegmentDefinition:
     return d
 
 
-async def put_segment_members(app, call) -> "Reply":
+async def put_segment_members(app, call):
     return await _change_segment(app, call, segments.add_members)
 
 
-async def delete_segment_members(app, call) -> "Reply":
+async def delete_segment_members(app, call):
     return await _change_segment(app, call, lambda conn, sid, mids, now: segments.remove_members(conn, sid, mids))
 
 
-async def _change_segment(app, call, change) -> "Reply":
+async def _change_segment(app, call, change):
     from server.routes import json_reply
     d = _list_segment(app, call.path["id"])
     privacy, now = app[PRIVACY], app[CLOCK].now()
@@ -126,8 +125,8 @@ def check_offer(defs: Definitions, body: schema.OfferAssignment) -> None:
                           "rule_not_personal")
 
 
-async def assign_offer(app, call) -> "Reply":
-    from server.routes import Reply, json_reply
+async def assign_offer(app, call):
+    from server.routes import json_reply
     body: schema.OfferAssignment = call.body
     check_offer(definitions(app), body)
     d = None
@@ -150,7 +149,7 @@ async def assign_offer(app, call) -> "Reply":
                       201 if done.created else 200)
 
 
-async def create_coupons(app, call) -> "Reply":
+async def create_coupons(app, call):
     from server.routes import json_reply
     campaign = call.path["campaign"]
     if campaign not in definitions(app).coupons:

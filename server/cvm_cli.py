@@ -5,9 +5,7 @@ through the same single-writer storage in short transactions, so the server keep
 """
 from __future__ import annotations
 
-import asyncio
 import csv
-import hashlib
 import sys
 from datetime import date
 from pathlib import Path

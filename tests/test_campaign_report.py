@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from datetime import date, datetime, timezone
+from datetime import date, timezone
 from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 

@@ -1,6 +1,8 @@
 """List segments, personal offers and coupon codes through the admin API."""
 from __future__ import annotations
 
+from datetime import date
+
 import pytest
 from conftest import Api, test_config
 
@@ -8,7 +10,6 @@ from server import cvm
 from server.app import create_app
 from storage import coupons, offers
 from storage.segments import ScoreRange, SegmentDefinition
-from datetime import date
 
 NOW = "2026-11-24T12:00:05+02:00"
 DEFS = cvm.Definitions(
