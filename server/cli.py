@@ -82,10 +82,13 @@ def main(argv: list[str] | None = None) -> int:
                                                    "(the last of privacy.hmac_key_rotations), beside the server")
     rotate.add_argument("--config", default="config.yaml")
     rotate.add_argument("--batch-rows", type=int, default=1_000, help="rows per transaction (1-10000)")
-    from server import import_cli, keys_cli
+    from server import cvm_cli, import_cli, keys_cli
     keys_cli.add_parser(sub)
     import_cli.add_parser(sub)
+    cvm_cli.add_parsers(sub)     # after import_cli: it adds `import offers` to that command
     args = parser.parse_args(argv)
+    if cvm_cli.handles(args):
+        return cvm_cli.dispatch(args)
     if args.command == "serve":
         return serve_command(args.config)
     if args.command == "backup":

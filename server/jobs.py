@@ -1,5 +1,6 @@
-"""Lifecycle jobs: expiry of lots, release of expired holds, birthday events, and the
-points.expiring, points.expired and birthday events of the outbox (storage/events.py).
+"""Lifecycle jobs: expiry of lots, release of expired holds, birthday events, RFM scores
+(once a local day, server/rfm.py), and the points.expiring, points.expired and birthday
+events of the outbox (storage/events.py).
 
 Each job is idempotent and safe to stop at any point: work is done in small write
 transactions, and every step first checks inside its transaction whether it is still
@@ -23,6 +24,7 @@ from datetime import date, datetime, time, timedelta
 from typing import Callable, NamedTuple
 
 from rules import Program
+from server import rfm
 from storage import accounts, events, ledger
 from storage.apply import fire_events
 from storage.db import Database, StorageError
@@ -58,6 +60,10 @@ async def run_all(db: Database, program: Program, now: datetime,
             if batch.rows < BATCH_ROWS_MAX:
                 break
     done["released_holds"] = len(await db.write(lambda conn: release_holds(conn, now), off_loop=True))
+    window_days = rfm.settings_of(program)
+    if window_days is not None:     # once a local day; reads on a reader, writes in batches
+        scored = await rfm.run(db, window_days, program.timezone, now)
+        done["rfm_members_scored"] = scored.scored if scored else 0
     return done
 
 

@@ -115,6 +115,10 @@ class Privacy:
     def card(self, card: str) -> str:
         return self._mac(b"card", card)
 
+    def coupon(self, code: str) -> str:
+        """code: as storage/coupons.normalize gives it."""
+        return self._mac(b"coupon", code)
+
     def phone(self, phone: str) -> str:
         return self._mac(b"phone", normalize_phone(phone))
 

@@ -22,7 +22,7 @@ import msgspec
 from aiohttp import web
 
 from rules import ProgramError, check_dir
-from server import member_care, program_versions, schema
+from server import cvm, member_care, program_versions, report_campaign, schema
 from server.auth import Principal, require_adjustment_within, require_role
 from server.errors import ApiError, field_error, not_found
 from server.keys import (CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, OPS, PRIVACY, PROGRAMS, STATE,
@@ -425,6 +425,7 @@ ROUTES: list[Route] = [
     Route("GET", "/metrics", metrics, R({MONITOR, MANAGER}), None, "Prometheus metrics"),
     Route("GET", "/openapi.json", openapi, None, None, "This API as OpenAPI 3"),
 ]
+ROUTES += cvm.routes() + report_campaign.routes()
 
 
 ADMIN_PREFIX = "/v1/admin/"

@@ -213,3 +213,32 @@ def every_problem(body: bytes, t: type, first: msgspec.ValidationError) -> valid
 def canonical(obj) -> bytes:
     """The same request, whatever its key order or spacing: the idempotency fingerprint."""
     return ENCODER.encode(obj)
+
+
+# ------------------------------------------------------------------ segments, offers, coupons
+
+CARDS_PER_REQUEST_MAX = 10_000      # larger lists: `loyalty import offers --csv`, or several requests
+COUPONS_PER_REQUEST_MAX = 10_000    # larger runs: `loyalty coupons generate`
+Cards = Annotated[list[Card], Meta(min_length=1, max_length=CARDS_PER_REQUEST_MAX)]
+
+
+class SegmentCards(Struct, forbid_unknown_fields=True):
+    cards: Cards
+
+
+class OfferAssignment(Struct, forbid_unknown_fields=True):
+    offer_id: Id
+    rule: Id
+    from_: date = msgspec.field(name="from")
+    to: date
+    cards: Cards | None = None
+    segment: Id | None = None
+    points: Annotated[int, Meta(ge=1, le=POINTS_MAX)] | None = None
+
+
+class CouponRequest(Struct, forbid_unknown_fields=True):
+    count: Annotated[int, Meta(ge=1, le=COUPONS_PER_REQUEST_MAX)]
+    card: Card | None = None
+
+
+DECODERS.update({t: msgspec.json.Decoder(t) for t in (SegmentCards, OfferAssignment, CouponRequest)})

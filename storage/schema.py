@@ -636,3 +636,101 @@ def _allow_posting_kind(conn, kind: str) -> None:
         conn.execute(f"PRAGMA schema_version = {int(version) + 1}")
     finally:
         conn.execute("PRAGMA writable_schema = OFF")
+
+
+@migrations()
+def m026_segments_offers_coupons(db):
+    """Customer value management: RFM scores, list segments, personal offers, coupon codes.
+
+    - rfm_runs/rfm_scores: each run of the RFM job writes its scores under its own run id
+      and is marked finished last, so a receipt always reads one whole run (the newest
+      finished one) while the next is being written; older runs are deleted afterwards.
+    - segment_members: the members of `list` segments (rfm segments are read from scores).
+    - offers/offer_members: an offer is resolved to its members when it is assigned; each
+      member's row carries the offer's dates and budget; offer_charges say which receipt
+      used how much of it, so a cancel gives it back.
+    - coupon_codes: a code is kept as its HMAC (like cards), with its uses so far;
+      coupon_uses names the receipt that used it, so a cancel or a full return gives it back.
+    - holdout_points: what a rule would have given a member of its control group."""
+    _run(db, """
+CREATE TABLE rfm_runs (
+    id INTEGER PRIMARY KEY,
+    local_date TEXT NOT NULL,
+    window_days INTEGER NOT NULL,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    members_scored INTEGER
+);
+CREATE TABLE rfm_scores (
+    run_id INTEGER NOT NULL,
+    member_id INTEGER NOT NULL,
+    r INTEGER NOT NULL CHECK (r BETWEEN 1 AND 5),
+    f INTEGER NOT NULL CHECK (f BETWEEN 1 AND 5),
+    m INTEGER NOT NULL CHECK (m BETWEEN 1 AND 5),
+    recency_days INTEGER NOT NULL,
+    receipts INTEGER NOT NULL,
+    spend INTEGER NOT NULL,
+    PRIMARY KEY (run_id, member_id)
+) WITHOUT ROWID;
+CREATE TABLE segment_members (
+    segment_id TEXT NOT NULL,
+    member_id INTEGER NOT NULL REFERENCES members(id),
+    added_at TEXT NOT NULL,
+    PRIMARY KEY (segment_id, member_id)
+) WITHOUT ROWID;
+CREATE INDEX segment_members_member ON segment_members(member_id);
+CREATE TABLE offers (
+    offer_id TEXT PRIMARY KEY,
+    rule_id TEXT NOT NULL,
+    body_sha256 TEXT NOT NULL,
+    from_date TEXT NOT NULL,
+    to_date TEXT NOT NULL,
+    points INTEGER,
+    members INTEGER NOT NULL,
+    created_at TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE offer_members (
+    member_id INTEGER NOT NULL REFERENCES members(id),
+    offer_id TEXT NOT NULL REFERENCES offers(offer_id),
+    rule_id TEXT NOT NULL,
+    from_date TEXT NOT NULL,
+    to_date TEXT NOT NULL,
+    points INTEGER,
+    points_used INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (member_id, offer_id)
+) WITHOUT ROWID;
+CREATE TABLE offer_charges (
+    store_id TEXT NOT NULL,
+    register_id TEXT NOT NULL,
+    receipt_id TEXT NOT NULL,
+    member_id INTEGER NOT NULL,
+    offer_id TEXT NOT NULL,
+    points INTEGER NOT NULL,
+    PRIMARY KEY (store_id, register_id, receipt_id, offer_id)
+) WITHOUT ROWID;
+CREATE TABLE coupon_codes (
+    code TEXT PRIMARY KEY,
+    campaign TEXT NOT NULL,
+    card TEXT,
+    uses INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE coupon_uses (
+    store_id TEXT NOT NULL,
+    register_id TEXT NOT NULL,
+    receipt_id TEXT NOT NULL,
+    code TEXT NOT NULL REFERENCES coupon_codes(code),
+    used_at TEXT NOT NULL,
+    PRIMARY KEY (store_id, register_id, receipt_id, code)
+) WITHOUT ROWID;
+CREATE TABLE holdout_points (
+    store_id TEXT NOT NULL,
+    register_id TEXT NOT NULL,
+    receipt_id TEXT NOT NULL,
+    rule_id TEXT NOT NULL,
+    member_id INTEGER NOT NULL,
+    points INTEGER NOT NULL,
+    PRIMARY KEY (store_id, register_id, receipt_id, rule_id)
+) WITHOUT ROWID;
+CREATE INDEX holdout_points_rule ON holdout_points(rule_id, member_id)
+""")

@@ -83,7 +83,8 @@ async def test_support_gets_403_everywhere_else(make_api, route):
     api = await support_api(make_api)
     path = (route.path.replace("{card}", CARD).replace("{store_id}", "S001").replace("{register_id}", "K01")
             .replace("{receipt_id}", "R-1").replace("{version}", "sha256:" + "0" * 64)
-            .replace("{member_id}", "m_1"))
+            .replace("{member_id}", "m_1").replace("{id}", "staff").replace("{campaign}", "xmas")
+            .replace("{rule}", "base"))
     status, body = await as_support(api, route.method, path, {} if route.body else None)
     assert status == 403, body
     assert_error_shape(body)
