@@ -31,9 +31,12 @@ def receipt_answer(plan: ReceiptPlan, program: Program) -> dict:
                "by_line": [{"line_no": n, "points": p} for n, p in ev.by_line]}
     redeemed = {"points": ev.redeemed_points, "discount": ev.discount,
                 "by_line": [{"line_no": n, "points": p, "discount": d} for n, p, d in ev.redeemed_by_line]}
-    return {"receipt": receipt_ref(plan.key), "member_id": member.public_id if member else None,
-            "rules_version": program.version, "accrued": accrued, "redeemed": redeemed,
-            "balance": balance, "messages": messages(plan, program, balance)}
+    out = {"receipt": receipt_ref(plan.key), "member_id": member.public_id if member else None,
+           "rules_version": program.version, "accrued": accrued, "redeemed": redeemed,
+           "balance": balance, "messages": messages(plan, program, balance)}
+    if plan.coupon_statuses is not None:
+        out["coupons"] = [{"code": code, "status": status} for code, status in plan.coupon_statuses]
+    return out
 
 
 def messages(plan: ReceiptPlan, program: Program, balance: dict) -> list[str]:
@@ -43,6 +46,9 @@ def messages(plan: ReceiptPlan, program: Program, balance: dict) -> list[str]:
     out = []
     if ev.redeemed_points:
         out.append(f"Paid with {ev.redeemed_points} points: {money(ev.discount)} {program.currency}")
+    for rule, points in ev.by_rule:
+        if points > 0 and rule in program.personal_rule_ids:   # only an offer lets one fire
+            out.append(f"Personal offer {rule}: {points} points")
     if ev.accrued_points:
         if str(ev.available_from) > plan.today:
             out.append(f"{ev.accrued_points} points will be available from {ddmmyyyy(str(ev.available_from))}")

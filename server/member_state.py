@@ -1,24 +1,27 @@
 """A member as one receipt needs them, read once inside the write transaction: the lots
 with their dates, the holds, the tier facts and the limited rules' uses at the receipt's
-ts, the budgets left (server/plan.py MemberState). Also the tier a member holds at a
-moment, which member views show."""
+ts, the budgets left, the segments, personal offers and the receipt's coupon codes
+(server/plan.py MemberState). Also the tier a member holds at a moment, and the segments
+a member is in, which member views show."""
 from __future__ import annotations
 
 import sqlite3
 from datetime import date, datetime, timedelta
+from typing import Callable
 
 import msgspec
 
-from rules import MemberFacts, Program
+from rules import MemberFacts, Program, SegmentFacts
 from server.errors import unprocessable
 from server.plan import MemberState, key_of
-from storage import ledger
+from storage import coupons, ledger, offers, segments
 from storage.ledger import iso
 
 
 def read_member_state(conn: sqlite3.Connection, receipt, program: Program, now: datetime,
-                      card: str | None) -> MemberState | None:
-    """None for an anonymous receipt. card: the card number's HMAC."""
+                      card: str | None, coupon_mac: Callable[[str], str] | None = None) -> MemberState | None:
+    """None for an anonymous receipt. card: the card number's HMAC. coupon_mac: the HMAC
+    coupon codes are stored under (server/privacy.py), needed when the receipt sends codes."""
     if card is None:
         return None
     member = ledger.member_by_card(conn, card)
@@ -30,8 +33,56 @@ def read_member_state(conn: sqlite3.Connection, receipt, program: Program, now: 
     holds = ledger.open_holds(conn, member.id, iso(now))
     hold_open = any(h.key == key and h.points for h in holds) or \
         ledger.hold_member(conn, key, open_only=True) is not None
-    return MemberState(member, member_facts(conn, program, member, receipt.ts), ledger.lots_of(conn, member.id),
-                       holds, ledger.rule_usage(conn, member.id, windows), budget_left(conn, program), hold_open)
+    facts = member_facts(conn, program, member, receipt.ts)
+    judged, sent = None, getattr(receipt, "coupons", None)
+    if sent:
+        judged = coupons.judge(conn, sent, card, facts_day(program, receipt.ts), program.coupons,
+                               coupon_mac)
+    facts = msgspec.structs.replace(
+        facts, segments=segments_now(conn, program, member, facts.tier, now),
+        offers=offers.offers_for(conn, member.id, facts_day(program, receipt.ts)) if program.personal_rule_ids
+        else {},
+        coupons={campaign: code for campaign, (code, _) in judged.usable.items()} if judged else {})
+    return MemberState(member, facts, ledger.lots_of(conn, member.id), holds,
+                       ledger.rule_usage(conn, member.id, windows), budget_left(conn, program), hold_open, judged)
+
+
+def facts_day(program: Program, moment: datetime) -> date:
+    return moment.astimezone(program.timezone).date()
+
+
+def segments_now(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, tier: str,
+                 now: datetime) -> frozenset[str]:
+    """The segments the member is in at `now` (rules.md: taken as they are when a receipt
+    arrives, whatever its ts): `list` ones as stored, `rfm` ones from the newest finished
+    scoring run, `when` ones computed from the member's facts over the program's window."""
+    if not program.segments:
+        return frozenset()
+    listed = segments.listed_in(conn, member.id) & {s.id for s in program.segments.values() if s.kind == "list"}
+    score = segments.scores_of(conn, member.id)
+    rfm = (score.r, score.f, score.m) if score else None
+    if any(s.kind == "when" for s in program.segments.values()):
+        seg_facts = segment_facts(conn, program, member, tier, now, rfm)
+    else:
+        seg_facts = SegmentFacts(tier=tier, rfm=rfm)
+    return frozenset(listed) | program.computed_segments(seg_facts)
+
+
+def segment_facts(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, tier: str,
+                  now: datetime, rfm: tuple[int, int, int] | None) -> SegmentFacts:
+    """What a `when` segment may know about the member at `now`, over the program's
+    `segments.rfm.window_days` local days up to today (as the daily job counts them)."""
+    today = facts_day(program, now)
+    start = datetime.combine(today - timedelta(days=program.segment_window_days - 1), datetime.min.time(),
+                             program.timezone)
+    _, receipts, spend = ledger.receipt_counts(conn, member.id, iso(start - timedelta(microseconds=1)), iso(now))
+    last = conn.execute("SELECT MAX(ts) FROM receipts WHERE member_id = ? AND status = 'confirmed'",
+                        (member.id,)).fetchone()[0]
+    enrolled = ledger.from_iso(member.enrolled_at).astimezone(program.timezone).date()
+    return SegmentFacts(
+        tier=tier, tags=frozenset(msgspec.json.decode(member.tags)),
+        days_since_last_purchase=(today - facts_day(program, ledger.from_iso(last))).days if last else None,
+        receipts_in_window=receipts, spend_in_window=spend, enrolled_days=(today - enrolled).days, rfm=rfm)
 
 
 def budget_left(conn: sqlite3.Connection, program: Program) -> dict[str, int] | None:

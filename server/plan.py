@@ -18,7 +18,7 @@ import msgspec
 from rules import MemberFacts, Program
 from rules.records import Evaluation
 from server.errors import ApiError, unprocessable
-from storage import accounts
+from storage import accounts, coupons
 from storage.ledger import Balance, Hold, Lot, MemberRow, ReceiptKey, balance_of, draw, iso
 from storage.line_records import ReceiptLines, build
 
@@ -32,6 +32,7 @@ class MemberState(msgspec.Struct, frozen=True):
     usage: dict[str, int]           # times each limited rule fired within its window at ts
     budget_left: dict[str, int] | None  # points each budgeted rule may still issue
     hold_open: bool                 # a hold under this receipt's key is open, even a lapsed one
+    coupons: coupons.Judged | None = None   # the receipt's codes judged at its ts; None: it sent none
 
     def own_hold(self, key: ReceiptKey) -> int:
         return sum(h.points for h in self.holds if h.key == key)
@@ -63,6 +64,12 @@ class HoldChange(msgspec.Struct, frozen=True):
     expires_at: datetime | None = None
 
 
+class CouponUse(msgspec.Struct, frozen=True):
+    campaign: str
+    code_hmac: str
+    uses_per_code: int
+
+
 class EventFire(msgspec.Struct, frozen=True):
     member_id: int
     on: str
@@ -83,6 +90,11 @@ class ReceiptPlan:
     lines: ReceiptLines | None = None   # its lots are indexes of `lots` until applied
     events: list[EventFire] = field(default_factory=list)
     balance: Balance | None = None  # the member's balance once the plan is applied
+    # What the receipt sent as coupons, each with its status for the answer (api.md); None: it sent none.
+    coupon_statuses: list[tuple[str, str]] | None = None
+    coupon_uses: list[CouponUse] = field(default_factory=list)   # one use of each code a fired rule needed
+    offer_charges: list[tuple[str, int]] = field(default_factory=list)  # (personal rule, points it gave)
+    held_out: list[tuple[str, int]] = field(default_factory=list)  # (rule, points a control member was not given)
 
 
 def local_day(program: Program, moment: datetime) -> str:
@@ -121,6 +133,7 @@ def plan_calculate(receipt, state: MemberState | None, program: Program, now: da
     key, today = key_of(receipt), local_day(program, now)
     ev = ev or evaluate(program, receipt, state, today)
     plan = ReceiptPlan(key, ev, today)
+    plan.coupon_statuses = coupon_statuses(receipt, state, ev)
     if state is None:
         return plan
     plan.member = state.member
@@ -144,6 +157,7 @@ def plan_confirm(receipt, state: MemberState | None, program: Program, now: date
     key, today = key_of(receipt), local_day(program, now)
     ev = ev or evaluate(program, receipt, state, today)
     plan = ReceiptPlan(key, ev, today)
+    plan.coupon_statuses = coupon_statuses(receipt, state, ev)
     sold = [(line.line_no, line.qty, line.amount) for line in receipt.lines]
     if state is None:
         plan.lines = build(sold, ev.pairs, ev.redeemed_by_line, {})
@@ -166,6 +180,7 @@ def plan_confirm(receipt, state: MemberState | None, program: Program, now: date
         _repay(plan, lots, new_remaining, today)
     _expire_on_arrival(plan, program, new_remaining, today)
     plan.rule_uses = [r for r in ev.fired if r in state.usage]
+    _customer_value(plan, program, state, ev)
     if state.member.referred_by is not None and state.facts.receipt_number == 1:
         plan.events.append(EventFire(state.member.referred_by, "referred_first_purchase",
                                      f"referral:{state.member.id}"))
@@ -175,6 +190,32 @@ def plan_confirm(receipt, state: MemberState | None, program: Program, now: date
               for i, (new, points) in enumerate(zip(plan.lots, new_remaining)) if points]
     plan.balance = balance_of(sorted(after, key=lambda lot: lot.id), holds, today)
     return plan
+
+
+def coupon_statuses(receipt, state: MemberState | None, ev: Evaluation) -> list[tuple[str, str]] | None:
+    """Each code the receipt sent with its status: a usable code is `applied` when a fired
+    rule needed it, else `not_needed` (it keeps its use). An anonymous receipt earns
+    nothing, so none of its codes is needed."""
+    sent = getattr(receipt, "coupons", None)
+    if not sent:
+        return None
+    if state is None or state.coupons is None:
+        return [(code, "not_needed") for code in sent]
+    used = set(ev.coupons_used.values())
+    return [(code, ("applied" if code in used else "not_needed") if status == coupons.USABLE else status)
+            for code, status in state.coupons.statuses]
+
+
+def _customer_value(plan: ReceiptPlan, program: Program, state: MemberState, ev: Evaluation) -> None:
+    """The coupon uses, personal offer charges and control group records the confirm writes."""
+    if ev.coupons_used:
+        usable = state.coupons.usable
+        plan.coupon_uses = [CouponUse(campaign, usable[campaign][1], program.coupons[campaign].uses_per_code)
+                            for campaign in ev.coupons_used]
+    if state.facts.offers:
+        plan.offer_charges = [(rule, points) for rule, points in ev.by_rule
+                              if points > 0 and rule in state.facts.offers]
+    plan.held_out = list(ev.held_out)
 
 
 def _dates(lot: Lot) -> tuple[str, str | None]:

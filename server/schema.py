@@ -27,6 +27,8 @@ Points = Annotated[int, Meta(ge=-POINTS_MAX, le=POINTS_MAX)]
 Card = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[^/\s]+$",
                            description="a card number without slashes or spaces")]
 Tag = Annotated[str, Meta(min_length=1, max_length=64)]
+CouponText = Annotated[str, Meta(min_length=1, max_length=64)]     # any such text gets a status (api.md)
+COUPONS_PER_RECEIPT_MAX = 32        # a till scans a handful; a longer list is a mistake, not a basket
 
 
 class Line(Struct, forbid_unknown_fields=True):
@@ -50,6 +52,10 @@ class Receipt(Struct, forbid_unknown_fields=True):
     card: Card | None = None
     channel: Annotated[str, Meta(min_length=1, max_length=32)] = "pos"
     redeem_points: Annotated[int, Meta(ge=0, le=POINTS_MAX)] = 0
+    # Unset when not sent, so the canonical body (the idempotency fingerprint) of a receipt
+    # without coupons is what it was before receipts could carry them.
+    coupons: Annotated[list[CouponText], Meta(max_length=COUPONS_PER_RECEIPT_MAX)] | msgspec.UnsetType = \
+        msgspec.UNSET
 
 
 class ReceiptRef(Struct, forbid_unknown_fields=True):

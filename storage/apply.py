@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from storage import accounts, ledger, line_records
+from storage import accounts, coupons, ledger, line_records, offers
 from storage.ledger import PostingRef, iso
 
 
@@ -77,9 +77,33 @@ def apply_confirms(conn: sqlite3.Connection, confirms: list[Confirmed]) -> list:
         ledger.record_fires(conn, fires)
     ledger.insert_receipts(conn, receipts)
     for c in confirms:
+        if c.plan.member is not None:
+            _customer_value(conn, c)
         for event in c.plan.events:
             fire_events(conn, c.program, event.member_id, event.on, event.occasion, c.now)
     return [c.result for c in confirms]
+
+
+class CustomerValueConflict(RuntimeError):
+    """A coupon use or offer budget the plan counted on was gone when applied: the planner
+    reads them in this write transaction and keeps two plans of a batch from sharing one,
+    so this is a fault, and the batch is rolled back rather than give points twice."""
+
+
+def _customer_value(conn: sqlite3.Connection, c: Confirmed) -> None:
+    """The codes' uses, the personal offers' budgets and the control group's records."""
+    plan = c.plan
+    for use in plan.coupon_uses:
+        if not coupons.consume(conn, use.code_hmac, plan.key, use.uses_per_code, c.now):
+            raise CustomerValueConflict(f"coupon of campaign {use.campaign} used up before {plan.key} applied")
+    for rule, points in plan.offer_charges:
+        granted = offers.charge(conn, plan.member.id, rule, plan.evaluation.local_date, points, plan.key)
+        if granted < points:
+            raise CustomerValueConflict(f"offer of rule {rule} has {granted} of {points} points left for {plan.key}")
+    if plan.held_out:
+        conn.executemany("INSERT INTO holdout_points (store_id, register_id, receipt_id, rule_id, member_id, points) "
+                         "VALUES (?, ?, ?, ?, ?, ?)", [(*plan.key, rule, plan.member.id, points)
+                                                       for rule, points in plan.held_out])
 
 
 def _postings(c: Confirmed, lot_ids: list[int]) -> list[ledger.NewPosting]:

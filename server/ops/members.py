@@ -10,10 +10,10 @@ from rules import Program
 from server import schema, webhooks
 from server.auth import Principal, require_store
 from server.errors import conflict, field_error, not_found, unprocessable
-from server.member_state import tier_view
+from server.member_state import segments_now, tier_view
 from server.ops import JSON, Deps
 from server.plan import local_day
-from storage import events, ledger
+from storage import events, ledger, offers, segments
 from storage.apply import fire_events
 from storage.ledger import iso
 
@@ -113,7 +113,21 @@ async def get_member(deps: Deps, card: str, at: datetime | None) -> dict:
     member = await member_by_card(deps, card)
     if member is None:
         raise not_found("unknown_card", f"card {card} is not enrolled")
-    return await deps.db.read(lambda c: member_view(deps, c, program, member, at, card=card))
+    def read(conn):
+        view = member_view(deps, conn, program, member, at, card=card)
+        return {**view, **customer_value_view(conn, program, member, at or deps.clock.now(), view["tier"]["id"])}
+    return await deps.db.read(read)
+
+
+def customer_value_view(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, moment: datetime,
+                        tier: str) -> dict:
+    """The segments the member is in, their RFM scores, their offers not yet over and the
+    rules whose control group they are in (api.md)."""
+    score = segments.scores_of(conn, member.id)
+    return {"segments": sorted(segments_now(conn, program, member, tier, moment)),
+            "rfm": {"r": score.r, "f": score.f, "m": score.m} if score else None,
+            "offers": offers.listed(conn, member.id, moment.astimezone(program.timezone).date()),
+            "held_out_of": program.held_out_of(member.public_id)}
 
 
 async def statement(deps: Deps, card: str, since: datetime | None, until: datetime | None, limit: int) -> dict:

@@ -24,7 +24,7 @@ from server.ops import JSON, Deps, count, replay, sha256
 from server.ops.members import balance_now
 from server.plan import MemberState, evaluate, local_day, plan_calculate, plan_confirm
 from server.returns import LotFacts, plan_cancel, take_back_postings
-from storage import imports, ledger
+from storage import coupons, imports, ledger, offers
 from storage.apply import Confirmed, apply_calculate, apply_confirms, apply_take_back
 from storage.db import Flush, Grouped, Ready
 from storage.ledger import InsufficientPoints, PostingRef, iso
@@ -69,7 +69,8 @@ async def calculate(deps: Deps, receipt: schema.Receipt, principal: Principal) -
             ev = _timed(program, receipt, None, local_day(program, now), seconds)
             result = calculate_answer(plan_calculate(receipt, None, program, now, ev), program)
         else:
-            result = await deps.db.write(lambda conn: _calculate_in_tx(conn, program, receipt, now, card, seconds))
+            result = await deps.db.write(lambda conn: _calculate_in_tx(conn, program, receipt, now, card, seconds,
+                                                                       deps.privacy.coupon))
     finally:
         _observe(deps, seconds)
     deps.metrics.receipts.labels("calculate", "ok").inc()
@@ -77,8 +78,8 @@ async def calculate(deps: Deps, receipt: schema.Receipt, principal: Principal) -
 
 
 def _calculate_in_tx(conn, program: Program, receipt: schema.Receipt, now: datetime, card: str,
-                     seconds: list[float]) -> dict:
-    state = read_member_state(conn, receipt, program, now, card)
+                     seconds: list[float], coupon_mac) -> dict:
+    state = read_member_state(conn, receipt, program, now, card, coupon_mac)
     plan = plan_calculate(receipt, state, program, now, _timed(program, receipt, state, local_day(program, now),
                                                                seconds))
     apply_calculate(conn, plan, now)
@@ -95,7 +96,7 @@ async def confirm(deps: Deps, receipt: schema.Receipt, principal: Principal) -> 
     seconds: list[float] = []
     try:
         status, result, ev = await deps.db.write_grouped(
-            confirm_write(program, receipt, card, body, fingerprint, now, seconds))
+            confirm_write(program, receipt, card, body, fingerprint, now, seconds, deps.privacy.coupon))
     except InsufficientPoints as e:
         raise unprocessable("insufficient_points", str(e)) from None
     finally:
@@ -112,7 +113,7 @@ async def confirm(deps: Deps, receipt: schema.Receipt, principal: Principal) -> 
 
 
 def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, body: bytes, fingerprint: str,
-                  now: datetime, seconds: list[float]) -> Grouped:
+                  now: datetime, seconds: list[float], coupon_mac) -> Grouped:
     """The confirm as a grouped write: planned against the state the confirms before it in
     its batch leave, then applied with them (storage/apply.py apply_confirms). Its result is
     (status, answer, evaluation or None for a replay); a refusal is raised with nothing
@@ -128,9 +129,12 @@ def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, b
             if stored.status == "cancelled":
                 answer = _cancelled_replay(conn, program, answer, stored.member_id, now)
             return Ready((200, answer, None))
-        state = read_member_state(conn, receipt, program, now, card)
+        state = read_member_state(conn, receipt, program, now, card, coupon_mac)
         if state is not None and state.member.id in group.setdefault("members", set()):
-            raise Flush     # its lots, holds, limits and tier depend on a plan not yet applied
+            raise Flush     # its lots, holds, limits, offers and tier depend on a plan not yet applied
+        if state is not None and state.coupons is not None and \
+                not group.setdefault("coupons", set()).isdisjoint(h for _, h in state.coupons.usable.values()):
+            raise Flush     # a code it may use is one a plan not yet applied uses: judged again after it
         state = _less_budget(state, group.get("budget_used"))
         planned = plan_confirm(receipt, state, program, now,
                                _timed(program, receipt, state, local_day(program, now), seconds))
@@ -173,6 +177,7 @@ def _count_in_group(group: dict, planned, program: Program) -> None:
     if planned.member is not None:
         members.add(planned.member.id)
     members.update(event.member_id for event in planned.events)
+    group.setdefault("coupons", set()).update(use.code_hmac for use in planned.coupon_uses)
     used = group.setdefault("budget_used", {})
     for posting in planned.postings:
         if posting.kind == "accrual" and posting.rule in program.budgets:
@@ -216,6 +221,7 @@ def _cancel_in_tx(deps: Deps, conn, key) -> dict:
     reversed_, refunded = plan_cancel(ledger.receipt_postings(conn, key))
     if stored.member_id is not None:
         apply_take_back(conn, stored.member_id, take_back(conn, reversed_, refunded, local_day(program, now)), at)
+        give_back_customer_value(conn, key)
     ledger.mark_cancelled(conn, key)
     result = cancel_answer(key, reversed_, refunded)
     if stored.member_id is not None:
@@ -224,6 +230,13 @@ def _cancel_in_tx(deps: Deps, conn, key) -> dict:
             "receipt": receipt_ref(key), "reversed_points": result["reversed"]["points"],
             "refunded_points": result["refunded"]["points"], "balance": result["balance"]}, now)
     return result
+
+
+def give_back_customer_value(conn, key) -> None:
+    """A cancel, or a return of the whole receipt: the coupon uses and personal offer points
+    it took are the customer's again (rules.md)."""
+    coupons.give_back(conn, key)
+    offers.give_back(conn, key)
 
 
 def take_back(conn, reversals, refunds, today: str) -> list:

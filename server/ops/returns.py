@@ -2,6 +2,8 @@
 receipt's line records and postings (server/returns.py) and applied through storage."""
 from __future__ import annotations
 
+from decimal import Decimal
+
 from rules import Program
 from server import schema, webhooks
 from server.answer import return_answer
@@ -9,7 +11,7 @@ from server.auth import Principal, require_store
 from server.errors import forbidden, unprocessable
 from server.ops import JSON, Deps, count, replay, sha256
 from server.ops.members import balance_now
-from server.ops.receipts import check_lines, take_back
+from server.ops.receipts import check_lines, give_back_customer_value, take_back
 from server.plan import local_day, partner_of
 from server.returns import plan_return
 from storage import imports, ledger
@@ -45,13 +47,15 @@ def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint, principa
     if stored.status == "cancelled":
         raise unprocessable("receipt_cancelled", "the receipt was cancelled; nothing is left to return")
     imports.refuse_if_imported(conn, rec_key, "returned")   # history brought in earned nothing to take back
-    plan = plan_return(ledger.receipt_line_records(conn, rec_key), ledger.returned_lines(conn, rec_key),
-                       ledger.receipt_postings(conn, rec_key), req.lines)
+    sold, prior = ledger.receipt_line_records(conn, rec_key), ledger.returned_lines(conn, rec_key)
+    plan = plan_return(sold, prior, ledger.receipt_postings(conn, rec_key), req.lines)
     at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
                     receipt=rec_key, ref="/".join(ret_key))
     if stored.member_id is not None:
         postings = take_back(conn, plan.reversals, plan.refunds, local_day(program, now))
         apply_take_back(conn, stored.member_id, postings, at)
+        if returns_whole(sold, prior, req.lines):
+            give_back_customer_value(conn, rec_key)
     for line_no, line in plan.lines.items():
         ledger.insert_return_line(conn, rec_key, line_no, ret_key, line, iso(now))
     result = return_answer(plan, ret_key, rec_key, stored.member_id)
@@ -65,6 +69,15 @@ def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint, principa
             "reversed_points": plan.reversed_points, "refunded_points": plan.refunded_points,
             "amount": result["amount"], "balance": result["balance"]}, now)
     return 201, result
+
+
+def returns_whole(sold: dict, prior: dict, lines) -> bool:
+    """Whether, with this return, every unit of every line of the receipt has come back."""
+    now_returned: dict[int, Decimal] = {}
+    for line in lines:
+        now_returned[line.line_no] = now_returned.get(line.line_no, Decimal(0)) + line.qty
+    return all(sum((Decimal(b.qty) for b in prior.get(n, [])), now_returned.get(n, Decimal(0))) >= Decimal(rec.qty)
+               for n, rec in sold.items())
 
 
 def check_return_store(program: Program, principal: Principal, store_id: str, receipt_store_id: str) -> None:
