@@ -1,0 +1,228 @@
+"""Segments, personal offers, coupon codes and control groups on the receipt path, end to
+end through the API: what a register is answered, and what the ledger and the member's
+record say afterwards."""
+from __future__ import annotations
+
+import asyncio
+import textwrap
+
+import pytest
+from conftest import Api, test_config
+
+from test_storage_writer import WriterGate, wait_until
+
+from server.app import create_app
+from server.keys import DATABASE
+
+NOW = "2026-12-10T12:00:00+02:00"
+PROGRAM = """\
+program: {id: boutique, name: Boutique, currency: UAH, timezone: Europe/Kyiv}
+points: {value: 100, rounding: floor, activation_delay_days: 0, expiry_days: 365}
+tiers: {levels: [{id: base, from: 0}]}
+stores: [{id: S001}]
+segments:
+  define:
+    - {id: staff, list: true}
+    - {id: newcomers, when: {enrolled_days: {lt: 30}}}
+coupons:
+  - {id: winter, uses_per_code: 1, valid: {from: "2026-12-01", to: "2026-12-31"}}
+  - {id: spring, uses_per_code: 1, valid: {from: "2027-03-01", to: "2027-03-31"}}
+rules:
+  - id: base
+    reward: {percent: 2}
+  - id: staff-bonus
+    when: {segment: staff}
+    reward: {percent: 10}
+  - id: newcomer-bonus
+    when: {segment: newcomers}
+    scope: {categories: [hats]}
+    reward: {points: 5}
+  - id: winter-coupon
+    when: {coupon: winter}
+    reward: {points: 100}
+  - id: comeback
+    personal: true
+    reward: {points: 30}
+  - id: scarf-week
+    scope: {categories: [scarves]}
+    reward: {percent: 5}
+    holdout: 0.2
+"""
+
+
+@pytest.fixture
+def api(aiohttp_client, tmp_path):
+    async def make(cards=("c1",)) -> Api:
+        program = tmp_path / "program"
+        program.mkdir()
+        (program / "program.yaml").write_text(PROGRAM)
+        app = create_app(test_config(tmp_path, NOW, program_dir=program))
+        a = Api(await aiohttp_client(app))
+        a.app = app
+        for card in cards:
+            assert (await a.post("/v1/members", {"card": card}))[0] == 201
+        return a
+    return make
+
+
+def receipt(rid: str, card: str = "c1", amount: int = 10_000, category: str = "coats", **extra) -> dict:
+    """A one-line receipt at S001: 2 % base on `amount` minor units."""
+    return {"receipt_id": rid, "store_id": "S001", "register_id": "K1", "ts": "2026-12-10T12:00:00+02:00",
+            "card": card, "lines": [{"line_no": 1, "sku": "x", "category": category, "qty": 1, "price": amount,
+                                     "amount": amount}], "total": amount, **extra}
+
+
+async def confirm(a: Api, body: dict) -> dict:
+    status, answer = await a.post("/v1/receipts", body, as_="register")
+    assert status == 201, answer
+    return answer
+
+
+def by_rule(answer: dict) -> dict[str, int]:
+    return {r["rule"]: r["points"] for r in answer["accrued"]["by_rule"]}
+
+
+async def new_code(a: Api, campaign: str = "winter", card: str | None = None) -> str:
+    status, body = await a.post(f"/v1/admin/coupons/{campaign}/codes", {"count": 1, **({"card": card} if card else {})})
+    assert status == 201, body
+    return body["codes"][0]
+
+
+async def rows(a: Api, sql: str, args=()) -> list[tuple]:
+    return await a.app[DATABASE].read(lambda conn: [tuple(r) for r in conn.execute(sql, args)])
+
+
+async def test_list_and_when_segment_rules_apply_while_the_member_is_in_them(api):
+    a = await api()
+    assert by_rule(await confirm(a, receipt("r1"))) == {"base": 2}
+    await a.put("/v1/admin/segments/staff/members", {"cards": ["c1"]})
+    assert by_rule(await confirm(a, receipt("r2"))) == {"base": 2, "staff-bonus": 10}
+    # a newcomer (enrolled today) buying a hat: the `when` segment's rule applies
+    assert by_rule(await confirm(a, receipt("r3", category="hats"))) == {"base": 2, "staff-bonus": 10,
+                                                                         "newcomer-bonus": 5}
+    await a.call("DELETE", "/v1/admin/segments/staff/members", {"cards": ["c1"]})
+    assert by_rule(await confirm(a, receipt("r4"))) == {"base": 2}
+
+
+async def test_personal_offer_gives_its_budget_remainder_then_nothing(api):
+    a = await api(("c1", "c2"))
+    offer = {"offer_id": "o-1", "rule": "comeback", "cards": ["c1"], "from": "2026-12-01", "to": "2026-12-31",
+             "points": 40}
+    assert (await a.post("/v1/admin/offers", offer))[0] == 201
+    first = await confirm(a, receipt("r1"))
+    assert by_rule(first) == {"base": 2, "comeback": 30}
+    assert "Personal offer comeback: 30 points" in first["messages"]
+    assert by_rule(await confirm(a, receipt("r2"))) == {"base": 2, "comeback": 10}     # 40 - 30 left
+    assert by_rule(await confirm(a, receipt("r3"))) == {"base": 2}
+    assert by_rule(await confirm(a, receipt("r4", card="c2"))) == {"base": 2}           # no offer, no rule
+    _, member = await a.get("/v1/members/c1")
+    assert member["offers"] == [{"rule": "comeback", "from": "2026-12-01", "to": "2026-12-31", "points_left": 0}]
+    # a cancel gives the offer back what the receipt took of it
+    assert (await a.post("/v1/receipts/S001/K1/r2/cancel", as_="register"))[0] == 200
+    assert (await a.get("/v1/members/c1"))[1]["offers"][0]["points_left"] == 10
+    assert by_rule(await confirm(a, receipt("r5"))) == {"base": 2, "comeback": 10}
+
+
+async def test_coupon_applied_then_used_then_given_back_by_a_cancel(api):
+    a = await api()
+    code = await new_code(a)
+    status, calc = await a.post("/v1/receipts/calculate", receipt("r1", coupons=[code]), as_="register")
+    assert status == 200 and calc["coupons"] == [{"code": code, "status": "applied"}]   # a calculate uses nothing
+    first = await confirm(a, receipt("r1", coupons=[code, "NO-SUCH-CODE"]))
+    assert by_rule(first) == {"base": 2, "winter-coupon": 100}
+    assert first["coupons"] == [{"code": code, "status": "applied"}, {"code": "NO-SUCH-CODE", "status": "unknown"}]
+    second = await confirm(a, receipt("r2", coupons=[code.lower().replace("-", " ")]))
+    assert by_rule(second) == {"base": 2} and second["coupons"][0]["status"] == "used"
+    assert "coupons" not in await confirm(a, receipt("r3"))     # none sent, none answered
+    assert (await a.post("/v1/receipts/S001/K1/r1/cancel", as_="register"))[0] == 200
+    again = await confirm(a, receipt("r4", coupons=[code]))
+    assert by_rule(again) == {"base": 2, "winter-coupon": 100} and again["coupons"][0]["status"] == "applied"
+    assert await rows(a, "SELECT receipt_id FROM coupon_uses") == [("r4",)]
+
+
+async def test_coupon_statuses_other_card_not_yet_valid_not_needed(api):
+    a = await api(("c1", "c2"))
+    theirs, spring, first, second = (await new_code(a, card="c2"), await new_code(a, "spring"),
+                                     await new_code(a), await new_code(a))
+    answer = await confirm(a, receipt("r1", coupons=[theirs, spring, first, second]))
+    assert [c["status"] for c in answer["coupons"]] == ["other_card", "not_yet_valid", "applied", "not_needed"]
+    assert by_rule(answer) == {"base": 2, "winter-coupon": 100}
+    # the code not needed kept its use
+    assert by_rule(await confirm(a, receipt("r2", coupons=[second]))) == {"base": 2, "winter-coupon": 100}
+
+
+async def test_a_whole_return_gives_the_coupon_back_a_partial_one_does_not(api):
+    a = await api()
+    code = await new_code(a)
+    body = receipt("r1", coupons=[code])
+    body["lines"][0].update(qty=2, amount=20_000, price=10_000)
+    body["total"] = 20_000
+    await confirm(a, body)
+    ref = {"store_id": "S001", "register_id": "K1", "receipt_id": "r1"}
+
+    async def give_back(rid: str):
+        status, answer = await a.post("/v1/returns", {"return_id": rid, "store_id": "S001", "register_id": "K1",
+                                                      "receipt": ref, "lines": [{"line_no": 1, "qty": 1}]},
+                                      as_="register")
+        assert status == 201, answer
+    await give_back("ret-1")
+    assert await rows(a, "SELECT uses FROM coupon_codes") == [(1,)]
+    await give_back("ret-2")
+    assert await rows(a, "SELECT uses FROM coupon_codes") == [(0,)]
+    assert (await confirm(a, receipt("r2", coupons=[code])))["coupons"][0]["status"] == "applied"
+
+
+async def test_twenty_receipts_racing_for_one_single_use_code_one_gets_it(api):
+    cards = [f"c{n}" for n in range(20)]
+    a = await api(cards)
+    code = await new_code(a)
+    # The writer held until all twenty wait, so they are planned as one batch.
+    db, gate = a.app[DATABASE], WriterGate()
+    held = await gate.close_on(db)
+    tasks = [asyncio.create_task(confirm(a, receipt(f"r{n}", card=card, coupons=[code])))
+             for n, card in enumerate(cards)]
+    await wait_until(lambda: db.queue_depth() == len(cards))
+    gate.release.set()
+    await held
+    answers = await asyncio.gather(*tasks)
+    statuses = sorted(answer["coupons"][0]["status"] for answer in answers)
+    assert statuses == ["applied"] + ["used"] * 19
+    assert sum(by_rule(answer).get("winter-coupon", 0) for answer in answers) == 100
+    issued = await rows(a, "SELECT SUM(points) FROM postings WHERE rule_id = 'winter-coupon'")
+    assert issued == [(100,)]
+    assert await rows(a, "SELECT uses FROM coupon_codes") == [(1,)]
+
+
+async def test_control_group_member_gets_nothing_from_the_rule_and_it_is_recorded(api):
+    # sha256("boutique:scarf-week:m_1") puts m_1 in a 20 % control group, m_2 not (test_holdout.py).
+    a = await api(("c1", "c2"))
+    held = await confirm(a, receipt("r1", card="c1", category="scarves"))
+    treated = await confirm(a, receipt("r2", card="c2", category="scarves"))
+    assert by_rule(held) == {"base": 2} and by_rule(treated) == {"base": 2, "scarf-week": 5}
+    assert await rows(a, "SELECT receipt_id, rule_id, member_id, points FROM holdout_points") == [
+        ("r1", "scarf-week", 1, 5)]
+    assert (await a.get("/v1/members/c1"))[1]["held_out_of"] == ["scarf-week"]
+    assert (await a.get("/v1/members/c2"))[1]["held_out_of"] == []
+
+
+async def test_member_answer_lists_segments_rfm_offers_and_control_groups(api):
+    a = await api()
+    await a.put("/v1/admin/segments/staff/members", {"cards": ["c1"]})
+    await a.post("/v1/admin/offers", {"offer_id": "o-1", "rule": "comeback", "cards": ["c1"], "from": "2026-12-01",
+                                      "to": "2026-12-31"})
+    status, member = await a.get("/v1/members/c1")
+    assert status == 200
+    assert member["segments"] == ["newcomers", "staff"]
+    assert member["rfm"] is None        # no scoring run yet
+    assert member["offers"] == [{"rule": "comeback", "from": "2026-12-01", "to": "2026-12-31", "points_left": None}]
+    assert member["held_out_of"] == ["scarf-week"]
+
+
+@pytest.mark.parametrize("coupons, path", [(["x" * 65], "coupons[0]"), ([""], "coupons[0]"), ([7], "coupons[0]"),
+                                           ("ABC", "coupons"), (["A"] * 33, "coupons")])
+async def test_bad_coupon_lists_are_refused_with_their_path(api, coupons, path):
+    a = await api()
+    status, body = await a.post("/v1/receipts", receipt("r1", coupons=coupons), as_="register")
+    assert status == 422 and body["error"]["code"] == "validation_error"
+    assert body["error"]["details"][0]["path"] == path
+    assert await rows(a, "SELECT COUNT(*) FROM receipts") == [(0,)]
