@@ -29,25 +29,31 @@ def read_member_state(conn: sqlite3.Connection, receipt, program: Program, now: 
         raise unprocessable("unknown_card", f"card {receipt.card} is not enrolled",
                             [{"path": "card", "message": "not enrolled"}])
     key = key_of(receipt)
-    windows = program.limit_windows(receipt.ts.astimezone(program.timezone).date())
+    windows = program.limit_windows(local_date_of(program, receipt.ts))
     holds = ledger.open_holds(conn, member.id, iso(now))
     hold_open = any(h.key == key and h.points for h in holds) or \
         ledger.hold_member(conn, key, open_only=True) is not None
-    facts = member_facts(conn, program, member, receipt.ts)
-    judged, sent = None, getattr(receipt, "coupons", None)
-    if sent:
-        judged = coupons.judge(conn, sent, card, facts_day(program, receipt.ts), program.coupons,
-                               coupon_mac)
-    facts = msgspec.structs.replace(
-        facts, segments=segments_now(conn, program, member, facts.tier, now),
-        offers=offers.offers_for(conn, member.id, facts_day(program, receipt.ts)) if program.personal_rule_ids
-        else {},
-        coupons={campaign: code for campaign, (code, _) in judged.usable.items()} if judged else {})
+    facts, judged = customer_value_facts(conn, program, member, receipt, card, coupon_mac, now)
     return MemberState(member, facts, ledger.lots_of(conn, member.id), holds,
                        ledger.rule_usage(conn, member.id, windows), budget_left(conn, program), hold_open, judged)
 
 
-def facts_day(program: Program, moment: datetime) -> date:
+def customer_value_facts(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, receipt,
+                         card: str, coupon_mac, now: datetime) -> tuple[MemberFacts, coupons.Judged | None]:
+    """The member's facts with their segments (as they are at arrival), the offers valid
+    at ts and the receipt's usable codes; with the judgement of every code it sent."""
+    facts = member_facts(conn, program, member, receipt.ts)
+    day = local_date_of(program, receipt.ts)     # offers and coupon campaigns are judged at ts
+    judged, sent = None, getattr(receipt, "coupons", None)
+    if sent:
+        judged = coupons.judge(conn, sent, card, day, program.coupons, coupon_mac)
+    return msgspec.structs.replace(
+        facts, segments=segments_now(conn, program, member, facts.tier, now),
+        offers=offers.offers_for(conn, member.id, day) if program.personal_rule_ids else {},
+        coupons={campaign: code for campaign, (code, _) in judged.usable.items()} if judged else {}), judged
+
+
+def local_date_of(program: Program, moment: datetime) -> date:
     return moment.astimezone(program.timezone).date()
 
 
@@ -72,7 +78,7 @@ def segment_facts(conn: sqlite3.Connection, program: Program, member: ledger.Mem
                   now: datetime, rfm: tuple[int, int, int] | None) -> SegmentFacts:
     """What a `when` segment may know about the member at `now`, over the program's
     `segments.rfm.window_days` local days up to today (as the daily job counts them)."""
-    today = facts_day(program, now)
+    today = local_date_of(program, now)
     start = datetime.combine(today - timedelta(days=program.segment_window_days - 1), datetime.min.time(),
                              program.timezone)
     _, receipts, spend = ledger.receipt_counts(conn, member.id, iso(start - timedelta(microseconds=1)), iso(now))
@@ -81,7 +87,7 @@ def segment_facts(conn: sqlite3.Connection, program: Program, member: ledger.Mem
     enrolled = ledger.from_iso(member.enrolled_at).astimezone(program.timezone).date()
     return SegmentFacts(
         tier=tier, tags=frozenset(msgspec.json.decode(member.tags)),
-        days_since_last_purchase=(today - facts_day(program, ledger.from_iso(last))).days if last else None,
+        days_since_last_purchase=(today - local_date_of(program, ledger.from_iso(last))).days if last else None,
         receipts_in_window=receipts, spend_in_window=spend, enrolled_days=(today - enrolled).days, rfm=rfm)
 
 

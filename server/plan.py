@@ -18,7 +18,8 @@ import msgspec
 from rules import MemberFacts, Program
 from rules.records import Evaluation
 from server.errors import ApiError, unprocessable
-from storage import accounts, coupons
+from storage import accounts
+from storage.coupons import USABLE, Judged
 from storage.ledger import Balance, Hold, Lot, MemberRow, ReceiptKey, balance_of, draw, iso
 from storage.line_records import ReceiptLines, build
 
@@ -32,7 +33,7 @@ class MemberState(msgspec.Struct, frozen=True):
     usage: dict[str, int]           # times each limited rule fired within its window at ts
     budget_left: dict[str, int] | None  # points each budgeted rule may still issue
     hold_open: bool                 # a hold under this receipt's key is open, even a lapsed one
-    coupons: coupons.Judged | None = None   # the receipt's codes judged at its ts; None: it sent none
+    coupons: Judged | None = None   # the receipt's codes judged at its ts; None: it sent none
 
     def own_hold(self, key: ReceiptKey) -> int:
         return sum(h.points for h in self.holds if h.key == key)
@@ -202,7 +203,7 @@ def coupon_statuses(receipt, state: MemberState | None, ev: Evaluation) -> list[
     if state is None or state.coupons is None:
         return [(code, "not_needed") for code in sent]
     used = set(ev.coupons_used.values())
-    return [(code, ("applied" if code in used else "not_needed") if status == coupons.USABLE else status)
+    return [(code, ("applied" if code in used else "not_needed") if status == USABLE else status)
             for code, status in state.coupons.statuses]
 
 

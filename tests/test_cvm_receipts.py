@@ -212,7 +212,7 @@ async def test_member_answer_lists_segments_rfm_offers_and_control_groups(api):
                                       "to": "2026-12-31"})
     status, member = await a.get("/v1/members/c1")
     assert status == 200
-    assert member["segments"] == ["newcomers", "staff"]
+    assert member["segments"] == ["staff", "newcomers"]
     assert member["rfm"] is None        # no scoring run yet
     assert member["offers"] == [{"rule": "comeback", "from": "2026-12-01", "to": "2026-12-31", "points_left": None}]
     assert member["held_out_of"] == ["scarf-week"]

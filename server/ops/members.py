@@ -124,7 +124,8 @@ def customer_value_view(conn: sqlite3.Connection, program: Program, member: ledg
     """The segments the member is in, their RFM scores, their offers not yet over and the
     rules whose control group they are in (api.md)."""
     score = segments.scores_of(conn, member.id)
-    return {"segments": sorted(segments_now(conn, program, member, tier, moment)),
+    member_of = segments_now(conn, program, member, tier, moment)
+    return {"segments": [s for s in program.segments if s in member_of],     # in the program's order
             "rfm": {"r": score.r, "f": score.f, "m": score.m} if score else None,
             "offers": offers.listed(conn, member.id, moment.astimezone(program.timezone).date()),
             "held_out_of": program.held_out_of(member.public_id)}
