@@ -21,9 +21,10 @@ from test_schema_upgrade import without_times
 
 DATA = Path(__file__).parent / "fixtures"
 NOW = "2026-11-24T12:00:05+02:00"
-# Fields member answers gained after the fixture was recorded (the CRM's); the API adds
-# fields freely, so these are compared by their presence, the rest by value.
-ADDED_SINCE = {"crm_id", "consent", "consent_updated_at"}
+# Fields member answers gained after the fixture was recorded (the CRM's, segments, offers
+# and control groups); the API adds fields freely, so these are compared by their presence,
+# the rest by value.
+ADDED_SINCE = {"crm_id", "consent", "consent_updated_at", "segments", "rfm", "offers", "held_out_of"}
 
 
 def as_recorded(answer: list, expected: list) -> list:
