@@ -48,7 +48,23 @@ def definitions_of(program) -> Definitions:
         coupons={c.id: coupons.Campaign(c.id, c.uses_per_code, c.valid_from, c.valid_to)
                  for c in program.coupons.values()},
         personal={r.id: r.personal for r in program.rules},
-        rules={r.id: report_campaign.CampaignRule(r.id, r.holdout) for r in program.rules})
+        rules={r.id: campaign_rule(program, r) for r in program.rules})
+
+
+def campaign_rule(program, rule) -> report_campaign.CampaignRule:
+    """The report's view of a rule: its period (the default report period) and the lines in
+    its scope (after the program's exclusions, as earning sees them). The audience by the
+    rule's member conditions is not derived yet: every member enrolled by `to` counts."""
+    period_from, period_to = rule.period if rule.period else (None, None)
+    return report_campaign.CampaignRule(rule.id, rule.holdout, period_from, period_to,
+                                        in_scope=_scope_test(program.exclusions, rule.scope))
+
+
+def _scope_test(exclusions, scope):
+    def in_scope(line: dict) -> bool:
+        facts = (line.get("category"), line.get("sku", ""), line.get("brand"), tuple(line.get("flags") or ()))
+        return not exclusions.hits(*facts) and scope.selects(*facts)
+    return in_scope
 
 
 DEFINITIONS = web.AppKey("cvm_definitions", Callable)

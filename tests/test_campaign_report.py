@@ -152,3 +152,22 @@ def test_a_known_effect_of_eight_percent_is_found(tmp_path):
     assert abs(got["control"]["members"] / 50_000 - 0.2) < 0.01
     assert low < 0.08 < high
     assert abs(point - 0.08) < 0.02
+
+
+def test_the_report_takes_a_rules_period_and_scope_from_the_program():
+    from conftest import MARKET
+    from rules import load_program
+    program = load_program(MARKET)
+    dairy = cvm.definitions_of(program).rules["dairy-x2"]
+    assert (dairy.period_from, dairy.period_to) == (date(2026, 11, 20), date(2026, 11, 30))
+    assert dairy.in_scope({"category": "dairy", "sku": "4820000000011"})
+    assert not dairy.in_scope({"category": "bakery", "sku": "4820000000028"})
+    base = cvm.definitions_of(program).rules["base"]
+    assert not base.in_scope({"category": "tobacco", "sku": "4820000000099"})   # the program's exclusion
+
+
+def test_the_reports_control_group_is_the_receipt_paths():
+    from rules import holdout_member as receipt_path_holdout
+    for h in ("0.1", "0.25", "0.5"):
+        assert [holdout_member("market", "promo", f"m_{i}", h) for i in range(2_000)] == \
+               [receipt_path_holdout("market", "promo", f"m_{i}", Decimal(h)) for i in range(2_000)]
