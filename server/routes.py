@@ -21,7 +21,7 @@ import msgspec
 from aiohttp import web
 
 from rules import ProgramError, check_dir
-from server import program_versions, schema
+from server import answer_types as A, program_versions, schema
 from server.auth import Principal, require_adjustment_within, require_role
 from server.errors import ApiError, field_error, not_found
 from server.keys import (CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, OPS, PRIVACY, PROGRAMS, STATE,
@@ -62,9 +62,11 @@ class Route:
     roles: frozenset[str] | None      # None: no key needed
     body: type | None = None
     summary: str = ""
-    ok_status: int = 200
     # Fields of the body kept in the audit row's detail: what the action was for, in its author's words.
     audit_detail: tuple[str, ...] = ()
+    # (status, answer type, description) of each success: what /openapi.json says it answers.
+    # None as the type: not JSON. Every route may also answer an error (server/openapi.py).
+    answers: tuple[tuple[int, type | None, str], ...] = ()
 
 
 def json_reply(data, status: int = 200) -> Reply:
@@ -298,43 +300,67 @@ def parse_int(raw: str | None, name: str, default: int) -> int:
 
 
 R = frozenset
+
+
+def ok(answer: type | None, description: str = "OK") -> tuple:
+    return ((200, answer, description),)
+
+
+def created(answer: type, replayed: bool = True) -> tuple:
+    """201 for what was written now; 200 for a retry, answered from what was stored."""
+    if not replayed:
+        return ((201, answer, "Created"),)
+    return ((201, answer, "Created"), (200, answer, "Replayed: the stored answer of the same request"))
+
+
 ROUTES: list[Route] = [
     Route("POST", "/v1/receipts/calculate", calculate, R({REGISTER}), schema.Receipt,
-          "What confirming this receipt would give; holds points to be redeemed"),
+          "What confirming this receipt would give; holds points to be redeemed", answers=ok(A.CalculateAnswer)),
     Route("POST", "/v1/receipts", confirm, R({REGISTER}), schema.Receipt,
-          "Confirm a paid receipt: 201 once the ledger write is on disk; 200 replayed for a retry", 201),
+          "Confirm a paid receipt: 201 once the ledger write is on disk; 200 replayed for a retry",
+          answers=created(A.ConfirmAnswer)),
     Route("POST", "/v1/receipts/{store_id}/{register_id}/{receipt_id}/cancel", cancel, R({REGISTER}), None,
-          "Release a hold or reverse a confirmed receipt entirely"),
+          "Release a hold or reverse a confirmed receipt entirely", answers=ok(A.CancelAnswer)),
     Route("POST", "/v1/returns", return_items, R({REGISTER}), schema.ReturnRequest,
-          "Return lines of a confirmed receipt: reverses their points and refunds points spent on them", 201),
-    Route("POST", "/v1/members", enroll, R({REGISTER, MANAGER}), schema.Enrollment, "Enroll a card", 201),
+          "Return lines of a confirmed receipt: reverses their points and refunds points spent on them",
+          answers=created(A.ReturnAnswer)),
+    Route("POST", "/v1/members", enroll, R({REGISTER, MANAGER}), schema.Enrollment, "Enroll a card",
+          answers=created(A.MemberAnswer, replayed=False)),
     Route("GET", "/v1/members/{card}", get_member, R({REGISTER, MANAGER, SUPPORT}), None,
-          "Balance, tier and expiring points; ?at= answers as of a date or moment"),
+          "Balance, tier and expiring points; ?at= answers as of a date or moment", answers=ok(A.MemberAnswer)),
     Route("PATCH", "/v1/members/{card}", patch_member, R({MANAGER, SUPPORT}), schema.MemberPatch,
-          "Update a profile"),
+          "Update a profile", answers=ok(A.MemberAnswer)),
     Route("GET", "/v1/members/{card}/statement", member_statement, R({MANAGER, SUPPORT}), None,
-          "Postings newest first with running balance; ?from=&to=&limit="),
+          "Postings newest first with running balance; ?from=&to=&limit=", answers=ok(A.StatementAnswer)),
     Route("POST", "/v1/admin/adjustments", adjust, R({MANAGER, SUPPORT}), schema.Adjustment,
-          "Add or remove points by hand (a support key: up to auth.support_adjustment_max_points)", 201),
+          "Add or remove points by hand (a support key: up to auth.support_adjustment_max_points)",
+          answers=created(A.AdjustmentAnswer)),
     Route("PUT", "/v1/admin/members/{card}/tier", set_tier, R({MANAGER}), schema.TierAssignment,
-          "Assign a tier manually until a date"),
-    Route("GET", "/v1/admin/rules", rules_info, R({MANAGER}), None, "The loaded program"),
-    Route("POST", "/v1/admin/rules/reload", rules_reload, R({MANAGER}), None, "Reload the program from disk"),
+          "Assign a tier manually until a date", answers=ok(A.MemberAnswer)),
+    Route("GET", "/v1/admin/rules", rules_info, R({MANAGER}), None, "The loaded program",
+          answers=ok(A.RulesAnswer)),
+    Route("POST", "/v1/admin/rules/reload", rules_reload, R({MANAGER}), None, "Reload the program from disk",
+          answers=ok(A.ReloadAnswer)),
     Route("POST", "/v1/admin/rules/check", rules_check, R({MANAGER}), schema.RulesCheck,
-          "Validate a program sent as {files: {path: yaml}} without loading it"),
+          "Validate a program sent as {files: {path: yaml}} without loading it", answers=ok(A.CheckAnswer)),
     Route("GET", "/v1/admin/rules/versions", rules_versions, R({MANAGER}), None,
-          "Each time a program version went live, newest first; ?limit= (1-100, 20) and ?before= (an id)"),
+          "Each time a program version went live, newest first; ?limit= (1-100, 20) and ?before= (an id)",
+          answers=ok(A.VersionsAnswer)),
     Route("GET", "/v1/admin/rules/versions/{version}", rules_version, R({MANAGER}), None,
-          "A recorded program version with its files"),
+          "A recorded program version with its files", answers=ok(A.VersionAnswer)),
     Route("POST", "/v1/admin/rules/deploy", rules_deploy, R({MANAGER}), schema.RulesDeploy,
           "Put a program sent as {files: {path: yaml}, reason} live: recorded, served and written into rules.dir",
-          audit_detail=("reason",)),
+          audit_detail=("reason",), answers=ok(A.PutLiveAnswer)),
     Route("POST", "/v1/admin/rules/rollback", rules_rollback, R({MANAGER}), schema.RulesRollback,
-          "Put a recorded version live again: {version, reason}", audit_detail=("version", "reason")),
-    Route("GET", "/healthz", healthz, None, None, "Alive"),
-    Route("GET", "/readyz", readyz, None, None, "Program loaded, database writable (no storage fault in force: full, busy, lost), cache preloaded"),
-    Route("GET", "/metrics", metrics, R({MONITOR, MANAGER}), None, "Prometheus metrics"),
-    Route("GET", "/openapi.json", openapi, None, None, "This API as OpenAPI 3"),
+          "Put a recorded version live again: {version, reason}", audit_detail=("version", "reason"),
+          answers=ok(A.PutLiveAnswer)),
+    Route("GET", "/healthz", healthz, None, None, "Alive", answers=ok(A.HealthAnswer)),
+    Route("GET", "/readyz", readyz, None, None,
+          "Program loaded, database writable (no storage fault in force: full, busy, lost), cache preloaded",
+          answers=ok(A.ReadyAnswer)),
+    Route("GET", "/metrics", metrics, R({MONITOR, MANAGER}), None, "Prometheus metrics",
+          answers=ok(None, "Prometheus text")),
+    Route("GET", "/openapi.json", openapi, None, None, "This API as OpenAPI 3", answers=ok(A.OpenApiDocument)),
 ]
 
 
