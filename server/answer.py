@@ -1,15 +1,17 @@
 """The answers to a calculate, a confirm, a return and a cancel, built from their plans
-(server/plan.py, server/returns.py): the numbers a register prints are the ones the
-ledger got."""
+(server/plan.py, server/returns.py) as the types of server/answer_types.py, which the server
+encodes and /openapi.json describes: the numbers a register prints are the ones the ledger
+got, in the shape the document gives."""
 from __future__ import annotations
 
 from rules import Program
+from server import answer_types as A
 from server.plan import ReceiptPlan
 from storage.ledger import member_public_id
 
 
-def receipt_ref(key) -> dict:
-    return {"store_id": key[0], "register_id": key[1], "receipt_id": key[2]}
+def receipt_ref(key) -> A.ReceiptKey:
+    return A.ReceiptKey(key[0], key[1], key[2])
 
 
 def money(minor: int) -> str:
@@ -21,22 +23,23 @@ def ddmmyyyy(day: str) -> str:
     return f"{d}.{m}.{y}"
 
 
-def receipt_answer(plan: ReceiptPlan, program: Program) -> dict:
+def receipt_parts(plan: ReceiptPlan, program: Program) -> tuple:
+    """The fields a calculate and a confirm share, in their order."""
     ev, member = plan.evaluation, plan.member
-    balance = plan.balance.as_json() if plan.balance is not None else {}
-    accrued = {"points": ev.accrued_points,
-               "available_from": str(ev.available_from) if member else None,
-               "expires_on": str(ev.expires_on) if member and ev.expires_on else None,
-               "by_rule": [{"rule": r, "points": p} for r, p in ev.by_rule],
-               "by_line": [{"line_no": n, "points": p} for n, p in ev.by_line]}
-    redeemed = {"points": ev.redeemed_points, "discount": ev.discount,
-                "by_line": [{"line_no": n, "points": p, "discount": d} for n, p, d in ev.redeemed_by_line]}
-    return {"receipt": receipt_ref(plan.key), "member_id": member.public_id if member else None,
-            "rules_version": program.version, "accrued": accrued, "redeemed": redeemed,
-            "balance": balance, "messages": messages(plan, program, balance)}
+    b = plan.balance
+    balance = A.ReceiptBalance(b.available, b.pending, b.held) if b is not None else A.ReceiptBalance()
+    accrued = A.Accrued(ev.accrued_points,
+                        str(ev.available_from) if member else None,
+                        str(ev.expires_on) if member and ev.expires_on else None,
+                        [A.RulePoints(r, p) for r, p in ev.by_rule],
+                        [A.LinePoints(n, p) for n, p in ev.by_line])
+    redeemed = A.Redeemed(ev.redeemed_points, ev.discount,
+                          [A.LineRedeemed(n, p, d) for n, p, d in ev.redeemed_by_line])
+    return (receipt_ref(plan.key), member.public_id if member else None, program.version, accrued, redeemed,
+            balance, messages(plan, program))
 
 
-def messages(plan: ReceiptPlan, program: Program, balance: dict) -> list[str]:
+def messages(plan: ReceiptPlan, program: Program) -> list[str]:
     ev = plan.evaluation
     if plan.member is None:
         return []
@@ -48,18 +51,18 @@ def messages(plan: ReceiptPlan, program: Program, balance: dict) -> list[str]:
             out.append(f"{ev.accrued_points} points will be available from {ddmmyyyy(str(ev.available_from))}")
         else:
             out.append(f"{ev.accrued_points} points earned")
-    out.append(f"Balance: {balance['available']} points")
+    out.append(f"Balance: {plan.balance.available} points")
     return out
 
 
-def calculate_answer(plan: ReceiptPlan, program: Program) -> dict:
+def calculate_answer(plan: ReceiptPlan, program: Program) -> A.CalculateAnswer:
     hold = plan.hold if plan.hold is not None and plan.hold.action == "put" else None
-    return {**receipt_answer(plan, program),
-            "hold": {"points": hold.points, "expires_at": hold.expires_at.isoformat()} if hold else None}
+    return A.CalculateAnswer(*receipt_parts(plan, program),
+                             A.Hold(hold.points, hold.expires_at.isoformat()) if hold else None)
 
 
-def confirm_answer(plan: ReceiptPlan, program: Program) -> dict:
-    return {**receipt_answer(plan, program), "replayed": False}
+def confirm_answer(plan: ReceiptPlan, program: Program) -> A.ConfirmAnswer:
+    return A.ConfirmAnswer(*receipt_parts(plan, program), replayed=False)
 
 
 def return_answer(plan, ret_key, rec_key, member_id: int | None) -> dict:
