@@ -65,27 +65,25 @@ def confirm_answer(plan: ReceiptPlan, program: Program) -> A.ConfirmAnswer:
     return A.ConfirmAnswer(*receipt_parts(plan, program), replayed=False)
 
 
-def return_answer(plan, ret_key, rec_key, member_id: int | None) -> dict:
+def return_answer(plan, ret_key, rec_key, member_id: int | None) -> A.ReturnAnswer:
     """A return's answer from its plan (server/returns.py); the caller adds the balance."""
     lines = plan.lines.items()
-    return {"return": {"store_id": ret_key[0], "register_id": ret_key[1], "return_id": ret_key[2]},
-            "receipt": receipt_ref(rec_key),
-            "member_id": member_public_id(member_id) if member_id is not None else None,
-            "reversed": {"points": plan.reversed_points, "by_rule": plan.by_rule_json(),
-                         "by_line": [{"line_no": n, "points": ln.points_reversed} for n, ln in lines]},
-            "refunded": {"points": plan.refunded_points, "discount": plan.discount_refunded,
-                         "by_line": [{"line_no": n, "points": ln.points_refunded, "discount": ln.discount_refunded}
-                                     for n, ln in lines]},
-            "amount": sum(ln.amount for ln in plan.lines.values()),
-            "replayed": False}
+    return A.ReturnAnswer(
+        A.ReturnKey(ret_key[0], ret_key[1], ret_key[2]), receipt_ref(rec_key),
+        member_public_id(member_id) if member_id is not None else None,
+        A.ReturnReversed(plan.reversed_points, [A.RulePoints(r, p) for r, p in plan.by_rule.items() if p],
+                         [A.LinePoints(n, ln.points_reversed) for n, ln in lines]),
+        A.ReturnRefunded(plan.refunded_points, plan.discount_refunded,
+                         [A.LineRedeemed(n, ln.points_refunded, ln.discount_refunded) for n, ln in lines]),
+        sum(ln.amount for ln in plan.lines.values()), replayed=False)
 
 
-def cancel_answer(key, reversals, refunds) -> dict:
+def cancel_answer(key, reversals, refunds) -> A.CancelAnswer:
     """A cancel's answer from what it takes back (server/returns.py plan_cancel)."""
     by_rule: dict[str, int] = {}
     for _, rule_id, points, _ in reversals:
         by_rule[rule_id] = by_rule.get(rule_id, 0) + points
-    return {"receipt": receipt_ref(key), "status": "cancelled", "already": False,
-            "reversed": {"points": sum(r[2] for r in reversals),
-                         "by_rule": [{"rule": r, "points": p} for r, p in by_rule.items()]},
-            "refunded": {"points": sum(r[1] for r in refunds)}}
+    return A.CancelAnswer(receipt_ref(key), "cancelled", already=False,
+                          reversed=A.ReversedPoints(sum(r[2] for r in reversals),
+                                                    [A.RulePoints(r, p) for r, p in by_rule.items()]),
+                          refunded=A.RefundedPoints(sum(r[1] for r in refunds)))

@@ -9,6 +9,7 @@ import msgspec
 from rules import Program
 from server import schema
 from server.auth import Principal, require_store
+from server.answer_types import Balance
 from server.errors import conflict, field_error, not_found, unprocessable
 from server.member_state import tier_view
 from server.ops import JSON, Deps
@@ -53,8 +54,8 @@ def member_view(deps: Deps, conn: sqlite3.Connection, program: Program, member: 
     }
 
 
-def balance_now(deps: Deps, conn: sqlite3.Connection, program: Program, member_id: int) -> dict:
-    return member_view(deps, conn, program, ledger.member_by_id(conn, member_id))["balance"]
+def balance_now(deps: Deps, conn: sqlite3.Connection, program: Program, member_id: int) -> Balance:
+    return Balance(**member_view(deps, conn, program, ledger.member_by_id(conn, member_id))["balance"])
 
 
 async def enroll(deps: Deps, req: schema.Enrollment, principal: Principal) -> dict:
