@@ -208,7 +208,7 @@ class StatementPosting(Struct):
     lot: int | None
     running_balance: int
     counter_account: str | None
-    key_name: str | None
+    key_name: str | None = None     # the key's holder, named by the route from key_id
 
 
 class StatementAnswer(Struct):

@@ -125,8 +125,8 @@ async def member_statement(app, call: Call) -> Reply:
     limit = parse_int(call.query.get("limit"), "limit", default=100)
     statement = await members.statement(ops, call.path["card"], since, until, limit)
     keyring = app[KEYRING]
-    for posting in statement["postings"]:
-        posting["key_name"] = keyring.name_of(posting.get("key_id"))
+    for posting in statement.postings:
+        posting.key_name = keyring.name_of(posting.key_id)
     return json_reply(statement)
 
 
