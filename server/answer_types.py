@@ -225,7 +225,8 @@ class AdjustmentAnswer(Struct):
     key_id: str
     replayed: bool
     balance: Balance
-    key_name: str | None
+    # The key's holder, named by the route from key_id when answering: unset in the stored answer.
+    key_name: str | None | UnsetType = UNSET
 
 
 # ------------------------------------------------------------------ the program

@@ -136,7 +136,10 @@ async def adjust(app, call: Call) -> Reply:
     require_adjustment_within(call.principal, call.body.points, app[CONFIG].auth.support_adjustment_max_points)
     status, result = await adjustments.adjust(app[OPS], call.body, call.principal)
     # A replay answers with the key that made the adjustment, not the one asking again.
-    return json_reply({**result, "key_name": app[KEYRING].name_of(result.get("key_id"))}, status)
+    if isinstance(result, dict):    # a replay: the stored answer as it was first sent
+        return json_reply({**result, "key_name": app[KEYRING].name_of(result.get("key_id"))}, status)
+    result.key_name = app[KEYRING].name_of(result.key_id)
+    return json_reply(result, status)
 
 
 async def set_tier(app, call: Call) -> Reply:

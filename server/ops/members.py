@@ -112,7 +112,8 @@ async def get_member(deps: Deps, card: str, at: datetime | None) -> MemberAnswer
     return await deps.db.read(lambda c: member_view(deps, c, program, member, at, card=card))
 
 
-async def statement(deps: Deps, card: str, since: datetime | None, until: datetime | None, limit: int) -> StatementAnswer:
+async def statement(deps: Deps, card: str, since: datetime | None, until: datetime | None,
+                    limit: int) -> StatementAnswer:
     member = await member_by_card(deps, card)
     if member is None:
         raise not_found("unknown_card", f"card {card} is not enrolled")
