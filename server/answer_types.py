@@ -1,12 +1,15 @@
 """The answers as msgspec types: what /openapi.json says of each response (server/openapi.py,
-through msgspec.json.schema_components) and, where a presenter builds them, what the server
-encodes, so the document and the bytes come from one type.
+through msgspec.json.schema_components) and what the server encodes, so the document and
+the bytes come from one type.
 
 Field order is the order of the keys in the answers. A field that defaults to UNSET is a
 key an answer may leave out (a cancel that had nothing to reverse has no `reversed`): it is
 not required in the schema and not encoded while unset; a key an answer always has, even
-as null, has no default. Rule details that a program file states
-freely (`when`, `reward`, ...) are plain JSON values: the program decides their shape.
+as null, has no default. Some answers are converted from dicts other parts keep (the tier
+view, the last reload, statement rows): their types forbid unknown fields, so a key added
+to such a dict and not here fails where it is converted (and in tests/test_openapi.py)
+instead of vanishing from the answer. Rule details a program file states freely (`when`,
+`reward`, ...) are plain JSON values: the program decides their shape.
 """
 from __future__ import annotations
 
@@ -155,13 +158,13 @@ class DatedPoints(Struct):
     points: int
 
 
-class ManualIgnored(Struct):
+class ManualIgnored(Struct, forbid_unknown_fields=True):
     tier: str
     until: str
     reason: str
 
 
-class TierView(Struct):
+class TierView(Struct, forbid_unknown_fields=True):
     """`until` with a manual tier in force; `manual_ignored` when the manual tier is one the
     program no longer defines."""
     id: str | None
@@ -193,7 +196,7 @@ class MemberAnswer(Struct):
     as_of: str
 
 
-class StatementPosting(Struct):
+class StatementPosting(Struct, forbid_unknown_fields=True):
     id: int
     kind: str
     points: int
@@ -231,7 +234,7 @@ class AdjustmentAnswer(Struct):
 
 # ------------------------------------------------------------------ the program
 
-class Recorded(Struct):
+class Recorded(Struct, forbid_unknown_fields=True):
     load_id: int
     source: str
     by: str | None
@@ -240,7 +243,7 @@ class Recorded(Struct):
     previous_version: str | None
 
 
-class LastReload(Struct):
+class LastReload(Struct, forbid_unknown_fields=True):
     """A refused load has `errors` and `kept_version`; a load that served, `version` and `changed`."""
     at: str
     ok: bool
@@ -267,7 +270,7 @@ class ProgramFile(Struct):
     sha256: str
 
 
-class RuleSummary(Struct):
+class RuleSummary(Struct, forbid_unknown_fields=True):
     """Where a rule is and what it says; the keys after `reward_kind` are the rule's own, as written."""
     id: str
     group: str | None
@@ -312,7 +315,7 @@ class CheckAnswer(Struct):
     warnings: list[str]
 
 
-class PutLiveAnswer(Struct):
+class PutLiveAnswer(Struct, forbid_unknown_fields=True):
     """`folder_error` when the program serves but its folder could not be written."""
     version: str
     changed: bool
@@ -321,7 +324,7 @@ class PutLiveAnswer(Struct):
     folder_error: str | UnsetType = UNSET
 
 
-class VersionLoad(Struct):
+class VersionLoad(Struct, forbid_unknown_fields=True):
     id: int
     version: str
     program: str
@@ -337,7 +340,7 @@ class VersionsAnswer(Struct):
     versions: list[VersionLoad]
 
 
-class VersionAnswer(Struct):
+class VersionAnswer(Struct, forbid_unknown_fields=True):
     version: str
     program: str
     recorded_at: str

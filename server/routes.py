@@ -149,16 +149,13 @@ async def set_tier(app, call: Call) -> Reply:
 async def rules_info(app, call: Call) -> Reply:
     holder = app[PROGRAMS]
     p = holder.current
-    return json_reply({
-        "version": p.version, "program": {"id": p.id, "name": p.name, "currency": p.currency,
-                                          "timezone": p.timezone_name},
-        "directory": str(holder.directory),
-        "files": [{"path": f, "sha256": h} for f, h in p.files],
-        "rules": p.rule_summaries,
-        "events": [{"id": e.id, "on": e.on, "points": e.points, "expires_in_days": e.expires_in_days}
-                   for e in p.events],
-        "last_reload": holder.last_reload,
-    })
+    return json_reply(A.RulesAnswer(
+        p.version, A.ProgramInfo(p.id, p.name, p.currency, p.timezone_name), str(holder.directory),
+        [A.ProgramFile(f, h) for f, h in p.files],
+        # The summaries and the last reload are the dicts the console shows; converting checks them.
+        msgspec.convert(p.rule_summaries, list[A.RuleSummary]),
+        [A.EventInfo(e.id, e.on, e.points, e.expires_in_days) for e in p.events],
+        msgspec.convert(holder.last_reload, A.LastReload | None)))
 
 
 async def rules_reload(app, call: Call) -> Reply:
@@ -167,7 +164,7 @@ async def rules_reload(app, call: Call) -> Reply:
     if not ok:
         raise rules_invalid(problems, "the program was not loaded; the previous version keeps serving")
     await app[VERSIONS].settled()     # recorded before the answer says it is live
-    return json_reply({"version": program.version, "last_reload": app[PROGRAMS].last_reload})
+    return json_reply(A.ReloadAnswer(program.version, msgspec.convert(app[PROGRAMS].last_reload, A.LastReload)))
 
 
 async def rules_versions(app, call: Call) -> Reply:
@@ -179,13 +176,14 @@ async def rules_versions(app, call: Call) -> Reply:
     if before_id is not None and not 1 <= before_id <= program_versions.LOAD_ID_MAX:
         raise field_error("before", "must be the id of a listed version (a positive whole number)")
     loads = await app[DATABASE].read(lambda conn: program_versions.list_versions(conn, limit, before_id))
-    return json_reply({"serving": app[PROGRAMS].current.version, "versions": loads})
+    return json_reply(A.VersionsAnswer(app[PROGRAMS].current.version, msgspec.convert(loads, list[A.VersionLoad])))
 
 
 async def rules_version(app, call: Call) -> Reply:
     version = call.path["version"]
     try:
-        return json_reply(await app[DATABASE].read(lambda conn: program_versions.version_files(conn, version)))
+        info = await app[DATABASE].read(lambda conn: program_versions.version_files(conn, version))
+        return json_reply(msgspec.convert(info, A.VersionAnswer))
     except program_versions.UnknownVersion as e:
         raise not_found("unknown_version", str(e)) from None
 
@@ -202,7 +200,7 @@ async def rules_rollback(app, call: Call) -> Reply:
 
 async def _put_live(operation) -> Reply:
     try:
-        return json_reply(await operation)
+        return json_reply(msgspec.convert(await operation, A.PutLiveAnswer))
     except ProgramError as e:
         raise rules_invalid(e.problems, "the program was not loaded; the previous version keeps serving") from None
     except program_versions.UnknownVersion as e:
@@ -225,7 +223,7 @@ async def rules_check(app, call: Call) -> Reply:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     problems = [str(p) for p in found if not p.warning]
-    return json_reply({"ok": not problems, "problems": problems, "warnings": [str(p) for p in found if p.warning]})
+    return json_reply(A.CheckAnswer(not problems, problems, [str(p) for p in found if p.warning]))
 
 
 def rules_invalid(problems, message: str) -> ApiError:
@@ -236,13 +234,12 @@ def rules_invalid(problems, message: str) -> ApiError:
 # ------------------------------------------------------------------ operations
 
 async def healthz(app, call: Call) -> Reply:
-    return json_reply({"status": "alive"})
+    return json_reply(A.HealthAnswer("alive"))
 
 
 async def readyz(app, call: Call) -> Reply:
     check_ready(app)
-    return json_reply({"status": "ready", "rules_version": app[PROGRAMS].current.version,
-                       "write_queue": app[DATABASE].queue_depth()})
+    return json_reply(A.ReadyAnswer("ready", app[PROGRAMS].current.version, app[DATABASE].queue_depth()))
 
 
 def check_ready(app) -> None:
