@@ -6,9 +6,11 @@ from .explain import Explanation, RuleExplanation, format_explanation
 from .loader import check_dir, check_files, load_files, load_program
 from .problems import Problem, ProgramError
 from .program import Program
-from .records import EventRule, Evaluation, MemberFacts, Partner, Store
+from .records import CouponCampaign, EventRule, Evaluation, MemberFacts, Partner, SegmentFacts, Store
+from .segments import Segment, holdout_member
 
 __all__ = [
+    "CouponCampaign",
     "Evaluation",
     "EventRule",
     "Explanation",
@@ -19,10 +21,13 @@ __all__ = [
     "ProgramError",
     "RuleEngineError",
     "RuleExplanation",
+    "Segment",
+    "SegmentFacts",
     "Store",
     "check_dir",
     "check_files",
     "format_explanation",
+    "holdout_member",
     "largest_remainder",
     "load_files",
     "load_program",

@@ -24,7 +24,7 @@ MAX_LIST_VALUES = 200
 MAX_GROUPS_PER_RULE = 15
 MAX_PATHS_PER_RULE = 32
 MAX_LEAVES_PER_RULE = 256
-MAX_TAGS = 200  # one boolean fact field per tag; the engine caps an object at 255 fields
+MAX_TAGS = 200  # one boolean fact field per tag, segment or coupon campaign; the engine caps an object at 255 fields
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 TEXT_FIELDS = ("store", "partner", "register", "channel", "tier")
@@ -36,16 +36,32 @@ WHEN_KEYS = TEXT_FIELDS + INT_FIELDS + (
     "store_tags",
     "birthday_within_days",
     "enrolled_within_days",
+    "segment",
+    "coupon",
     "not",
     "any",
 )
+# What the daily job knows of a member, for a segment's `when` (never a receipt's rule:
+# a rule reads them through `segment: <id>`, as the last job run left them).
+MEMBER_INT_FIELDS = ("days_since_last_purchase", "receipts_in_window", "spend_in_window", "enrolled_days")
+SEGMENT_WHEN_KEYS = ("tier", "tags") + MEMBER_INT_FIELDS + ("not", "any")
+MAX_DAYS = 36_500
+# A day count compared with more than this would meet UNKNOWN_DAYS, which stands for "never".
+INT_BOUNDS = {"days_since_last_purchase": (0, MAX_DAYS), "enrolled_days": (0, MAX_DAYS)}
 OPERATORS = ("gt", "gte", "lt", "lte", "ne", "between")
 _FLIP = {"eq": "ne", "ne": "eq", "lt": "gte", "gte": "lt", "gt": "lte", "lte": "gt"}
 _ENGINE_OP = {"ne": "$neq", "lt": "$lt", "lte": "$lte", "gt": "$gt", "gte": "$gte"}
 _HOURS_RE = re.compile(r"(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})")
 UNKNOWN_DAYS = 100_000  # fact value for an unknown birthday or enrolment: never "within"
 # Condition fields whose values the program defines, with what a warning calls them.
-DEFINED_NAMES = {"tier": "tier", "partner": "partner", "store": "store", "store_tags": "store tag"}
+DEFINED_NAMES = {
+    "tier": "tier",
+    "partner": "partner",
+    "store": "store",
+    "store_tags": "store tag",
+    "segment": "segment",
+    "coupon": "coupon campaign",
+}
 
 
 class Cmp:
@@ -153,6 +169,13 @@ def constants(node: Node, into: dict[str, set]) -> None:
             constants(item, into)
 
 
+def fields_required_true(node: Node) -> list[str]:
+    """Fields compared `== True` (a tag, segment or coupon the fact must have), in order."""
+    if isinstance(node, Cmp):
+        return [node.field] if node.op == "eq" and node.value is True else []
+    return [field for item in node.items for field in fields_required_true(item)]
+
+
 def date_number(day: date) -> int:
     return day.year * 10000 + day.month * 100 + day.day
 
@@ -170,12 +193,16 @@ class WhenCompiler:
     is a typo.
     """
 
-    def __init__(self, problems: list[Problem], warnings: list[Problem], defined: dict[str, set[str] | None]):
+    def __init__(self, problems: list[Problem], warnings: list[Problem], defined: dict[str, set[str] | None],
+                 keys: tuple[str, ...] = WHEN_KEYS):  # fmt: skip
         self.problems = problems
         self.warnings = warnings
         self.defined = defined
+        self.keys = keys  # the conditions this kind of block may use
         self.member_tags: dict[str, str] = {}  # tag -> fact field
         self.store_tags: dict[str, str] = {}
+        self.segments: dict[str, str] = {}  # segment id -> fact field
+        self.coupons: dict[str, str] = {}  # coupon campaign id -> fact field
         self.doc: Document | None = None
 
     def compile(self, doc: Document, path: Path, block: dict) -> Node | None:
@@ -215,6 +242,9 @@ class WhenCompiler:
         return group("and", items)  # type: ignore[arg-type]
 
     def entry(self, key: str, value: Any, path: Path, depth: int) -> Node | None:
+        if key not in self.keys:
+            self.fail(path, f"unknown condition '{key}'{suggest(key, self.keys)}{self.hint(key)}", key=True)
+            return None
         if key == "not":
             inner = self.block(value, path, depth + 1)
             return negate(inner) if inner is not None else None
@@ -222,13 +252,16 @@ class WhenCompiler:
             return self.alternatives(value, path, depth)
         if key in TEXT_FIELDS:
             return self.text_field(key, value, path)
-        if key in INT_FIELDS:
+        if key in INT_FIELDS or key in MEMBER_INT_FIELDS:
             return self.int_field(key, value, path)
-        method = getattr(self, "field_" + key, None) if key in WHEN_KEYS else None
-        if method is None:
-            self.fail(path, f"unknown condition '{key}'{suggest(key, WHEN_KEYS)}", key=True)
-            return None
-        return method(value, path)
+        return getattr(self, "field_" + key)(value, path)
+
+    def hint(self, key: str) -> str:
+        if key in MEMBER_INT_FIELDS and key not in self.keys:
+            return f" ('{key}' is for a segment's when: define a segment with it, then use 'segment: <id>')"
+        if key in WHEN_KEYS and key not in self.keys:
+            return f" (a segment's when may use: {', '.join(self.keys)})"
+        return ""
 
     def alternatives(self, value: Any, path: Path, depth: int) -> Node | None:
         if not isinstance(value, list) or not value:
@@ -317,7 +350,7 @@ class WhenCompiler:
         items = self.listed(value, path)
         if items is None:
             return None
-        numbers = [self.integer(item, where) for item, where in items]
+        numbers = [self.integer(item, where, *INT_BOUNDS.get(field, ())) for item, where in items]
         if any(number is None for number in numbers):
             return None
         return group("or", [Cmp(field, "eq", number) for number in numbers])
@@ -329,7 +362,7 @@ class WhenCompiler:
             if op == "between":
                 node = self.between(field, value, where)
             elif op in OPERATORS:
-                number = self.integer(value, where)
+                number = self.integer(value, where, *INT_BOUNDS.get(field, ()))
                 node = None if number is None else Cmp(field, op, number)
             else:
                 self.fail(where, f"unknown operator '{op}'{suggest(op, OPERATORS)}", key=True)
@@ -346,7 +379,8 @@ class WhenCompiler:
         if not isinstance(value, list) or len(value) != 2:
             self.fail(path, "'between' takes two numbers: [low, high]")
             return None
-        low, high = self.integer(value[0], path + (0,)), self.integer(value[1], path + (1,))
+        bounds = INT_BOUNDS.get(field, ())
+        low, high = self.integer(value[0], path + (0,), *bounds), self.integer(value[1], path + (1,), *bounds)
         if low is None or high is None:
             return None
         if high < low:
@@ -400,7 +434,14 @@ class WhenCompiler:
     def field_store_tags(self, value: Any, path: Path) -> Node | None:
         return self.tag_set("store_tags", value, path, self.store_tags, "s")
 
+    def field_segment(self, value: Any, path: Path) -> Node | None:
+        return self.tag_set("segment", value, path, self.segments, "seg")
+
+    def field_coupon(self, value: Any, path: Path) -> Node | None:
+        return self.tag_set("coupon", value, path, self.coupons, "cpn")
+
     def tag_set(self, field: str, value: Any, path: Path, fields: dict[str, str], prefix: str) -> Node | None:
+        """Names the member or receipt has or not, one boolean fact field per name."""
         items = self.listed(value, path)
         if items is None:
             return None
@@ -409,8 +450,8 @@ class WhenCompiler:
             return None
         for name in names:
             if name not in fields:
-                if len(self.member_tags) + len(self.store_tags) >= MAX_TAGS:
-                    self.fail(path, f"more than {MAX_TAGS} different tags in conditions")
+                if len(self.member_tags) + len(self.store_tags) + len(self.segments) + len(self.coupons) >= MAX_TAGS:
+                    self.fail(path, f"more than {MAX_TAGS} different tags, segments and coupon campaigns in conditions")
                     return None
                 fields[name] = f"{prefix}{len(fields)}"  # short engine field names, any tag text
         return group("or", [Cmp(fields[name], "eq", True) for name in names])  # type: ignore[index]

@@ -3,6 +3,12 @@
 Per-rule, per-line points are kept as integer numerators over a per-rule
 denominator, brought to one common denominator only to round the receipt total
 once and attribute the integer back to (rule, line) pairs.
+
+A rule's points may be capped ("caps": what its campaign budget, or the member's
+personal offer of it, may still give): the receipt that reaches a cap gets what is
+left, and a rule with nothing left does not apply. A member in a rule's control
+group is evaluated as if the rule were not applicable; what it would have given
+comes from the same computation with the rule treated.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from math import lcm
 from typing import Any
 
 from .arith import largest_remainder, round_fraction
-from .conditions import UNKNOWN_DAYS, WEEKDAYS
+from .conditions import UNKNOWN_DAYS, WEEKDAYS, holds
 from .records import Evaluation, MemberFacts
+from .segments import holdout_member
 
 # rule index -> (denominator, line positions, numerators over the denominator)
 Exact = dict[int, tuple[int, list[int], list[int]]]
@@ -36,10 +43,18 @@ def evaluate(program: Any, receipt: Any, member: MemberFacts | None, redeem_requ
         return result
     for position, amount in _redeem(program, classes, line_nos, paid, redeem_requested, redeem_available, result):
         paid[position] -= amount
-    held = program.matcher.match(_fact(program, receipt, member, local, day)) if program.matcher.fields else ()
-    chosen = _applicable(program, classes, earning, held, usage, budget_left)
-    exact = _exact_points(chosen, lines, paid)
-    _attribute(program, exact, line_nos, earning, budget_left, result)
+    fact = _fact(program, receipt, member, local, day) if program.matcher.fields else {}
+    held = program.matcher.match(fact) if fact else ()
+    caps = _caps(program, member, budget_left)
+    passing = _passing(program, held, member, usage, caps)
+    control = _control(program, passing, member)
+    treated = [rule for rule in passing if rule.index not in control] if control else passing
+    exact = _exact_points(_choose(classes, earning, treated), lines, paid)
+    _attribute(program, exact, line_nos, earning, caps, result)
+    if control:
+        result.held_out = _would_have(program, classes, line_nos, earning, passing, control, lines, paid, caps, result)
+    if member.coupons and program.coupon_fields and exact:
+        result.coupons_used = _coupons_used(program, exact, fact, member.coupons)
     return result
 
 
@@ -109,6 +124,10 @@ def _fact(program: Any, receipt: Any, member: MemberFacts, local: datetime, day:
         store_tags = store.tags if store else ()
         for tag, field in program.store_tag_fields.items():
             fact[field] = tag in store_tags
+    for segment, field in program.segment_fields.items():
+        fact[field] = segment in member.segments
+    for campaign, field in program.coupon_fields.items():
+        fact[field] = campaign in member.coupons
     return fact
 
 
@@ -126,22 +145,52 @@ def _birthday_in(year: int, birthday: date) -> date:
         return date(year, 2, 28)
 
 
-def _applicable(program: Any, classes: list, earning: list[int], held: Any, usage: dict[str, int],
-                budget_left: dict[str, int] | None) -> list[tuple[Any, list[int]]]:  # fmt: skip
-    """Rules that apply, with the line positions in their scope; one per group."""
+def _caps(program: Any, member: MemberFacts, budget_left: dict[str, int] | None) -> dict[str, int]:
+    """rule id -> the most points it may still give on this receipt (budget, personal offer)."""
+    caps: dict[str, int] = {}
+    if budget_left is not None:
+        for rule_id, budget in program.budgets.items():
+            caps[rule_id] = budget_left.get(rule_id, budget)
+    if member.offers:
+        personal = program.personal_rule_ids
+        for rule_id, left in member.offers.items():
+            if left is not None and rule_id in personal:
+                caps[rule_id] = min(left, caps.get(rule_id, left))
+    return caps
+
+
+def _passing(program: Any, held: Any, member: MemberFacts, usage: dict[str, int], caps: dict[str, int]) -> list:
+    """Rules whose conditions hold and that the member's offers, limits and caps allow."""
     rules = program.rules
     indexes = program.unconditional
     if held:
         of_condition = program.rule_of_condition
         indexes = sorted(chain(indexes, (of_condition[condition] for condition in held)))
+    offers = member.offers
     passing = []
     for index in indexes:
         rule = rules[index]
+        if rule.personal and rule.id not in offers:
+            continue
         if rule.limit_count is not None and usage.get(rule.id, 0) >= rule.limit_count:
             continue
-        if budget_left is not None and rule.budget and budget_left.get(rule.id, rule.budget) <= 0:
+        if caps and caps.get(rule.id, 1) <= 0:
             continue
         passing.append(rule)
+    return passing
+
+
+def _control(program: Any, passing: list, member: MemberFacts) -> set[int]:
+    """Indexes of the passing rules whose control group the member is in."""
+    return {
+        rule.index
+        for rule in passing
+        if rule.holdout is not None and holdout_member(program.id, rule.id, member.member_id, rule.holdout)
+    }
+
+
+def _choose(classes: list, earning: list[int], passing: list) -> list[tuple[Any, list[int]]]:
+    """The rules that apply, with the line positions in their scope; one per group."""
     # Scopes only for the rules whose conditions hold: in a large program most do not,
     # and every line selects every rule without a scope.
     scopes = _scopes(classes, earning, {rule.index for rule in passing})
@@ -157,6 +206,46 @@ def _applicable(program: Any, classes: list, earning: list[int], held: Any, usag
             if current is None or rule.priority > current.priority:  # ties: defined first
                 best[rule.group] = rule
     return [(rule, scope) for rule, scope in candidates if rule.group is None or best[rule.group] is rule]
+
+
+def _would_have(program: Any, classes: list, line_nos: list[int], earning: list[int], passing: list,
+                control: set[int], lines: list, paid: list[int], caps: dict[str, int],
+                result: Evaluation) -> list[tuple[str, int]]:  # fmt: skip
+    """(rule id, points) the control-group rules would have given had the member been treated."""
+    chosen = _choose(classes, earning, passing)
+    if not any(rule.index in control for rule, _ in chosen):
+        return []  # each would have been outranked or had no line anyway
+    exact = _exact_points(chosen, lines, paid)
+    if control.isdisjoint(exact):
+        return []
+    treated = Evaluation(result.local_date, result.available_from, result.expires_on)
+    _attribute(program, exact, line_nos, earning, caps, treated)
+    ids = {program.rules[index].id for index in control}
+    return [(rule_id, points) for rule_id, points in treated.by_rule if rule_id in ids]
+
+
+def _coupons_used(program: Any, exact: Exact, fact: dict[str, Any], coupons: dict[str, str]) -> dict[str, str]:
+    """campaign -> code, for the campaigns the fired rules needed.
+
+    A rule needs the fewest of the receipt's campaigns its condition holds with: a
+    campaign it can do without is dropped, the last named first, so of alternatives
+    (`any: [{coupon: a}, {coupon: b}]`) the one written first is used.
+    """
+    used: set[str] = set()
+    fields = program.coupon_fields
+    for index in sorted(exact):
+        rule = program.rules[index]
+        present = [campaign for campaign in rule.coupons if campaign in coupons]
+        if not present:
+            continue
+        node = program.matcher.conditions[rule.condition]
+        trial = dict(fact)
+        for campaign in reversed(present):
+            trial[fields[campaign]] = False
+            if not holds(node, trial):
+                trial[fields[campaign]] = True
+                used.add(campaign)
+    return {campaign: code for campaign, code in coupons.items() if campaign in used}
 
 
 def _scopes(classes: list, earning: list[int], wanted: set[int]) -> dict[int, list[int]]:
@@ -246,7 +335,7 @@ _REWARDS = {"percent": _percent, "points": _fixed, "per_amount": _per_amount, "p
 
 
 def _attribute(program: Any, exact: Exact, line_nos: list[int], earning: list[int],
-               budget_left: dict[str, int] | None, result: Evaluation) -> None:  # fmt: skip
+               caps: dict[str, int], result: Evaluation) -> None:  # fmt: skip
     """Round the receipt total once and hand the integer back to (rule, line) pairs."""
     fired = sorted(exact)
     common = lcm(*[exact[index][0] for index in fired]) if fired else 1
@@ -259,8 +348,8 @@ def _attribute(program: Any, exact: Exact, line_nos: list[int], earning: list[in
     left = round_fraction(numerator, common, program.rounding) - sum(map(sum, shares))
     if left > 0:
         _hand_out(left, fired, exact, shares, line_nos, common)
-    if budget_left is not None:
-        _cut_to_budgets(program.rules, fired, exact, shares, budget_left, line_nos)
+    if caps:
+        _cut_to_caps(program.rules, fired, exact, shares, caps, line_nos)
     _fill(program.rules, fired, exact, shares, line_nos, earning, result)
 
 
@@ -288,12 +377,12 @@ def _hand_out(left: int, fired: list[int], exact: Exact, shares: list[list[int]]
         shares[slot][at] += 1
 
 
-def _cut_to_budgets(rules: list, fired: list[int], exact: Exact, shares: list[list[int]],
-                    budget_left: dict[str, int], line_nos: list[int]) -> None:  # fmt: skip
-    # The receipt that would cross a budget gets what is left, spread like the rest.
+def _cut_to_caps(rules: list, fired: list[int], exact: Exact, shares: list[list[int]],
+                 caps: dict[str, int], line_nos: list[int]) -> None:  # fmt: skip
+    # The receipt that would cross a budget or an offer gets what is left, spread like the rest.
     for slot, index in enumerate(fired):
         rule = rules[index]
-        left = budget_left.get(rule.id) if rule.budget else None
+        left = caps.get(rule.id)
         if left is not None and sum(shares[slot]) > left:
             positions = exact[index][1]
             shares[slot] = split_by_line(max(left, 0), exact[index][2], [line_nos[at] for at in positions])

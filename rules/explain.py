@@ -27,6 +27,7 @@ from .conditions import (
 )
 from .evaluate import _fact, birthday_distance
 from .records import Evaluation, MemberFacts
+from .segments import holdout_member
 from .yamlmarks import YamlInt
 
 UNLIMITED = 10**15  # "as many points as asked for": the balance is not the question here
@@ -116,6 +117,11 @@ def explain(program: Any, receipt: Any, member: MemberFacts | None, redeem_reque
                 item.notes.append("budget: not checked")
             elif budget_left.get(rule.id, rule.budget) <= 0:
                 item.reasons.append(f"budget used up ({rule.budget} points)")
+        if rule.personal:
+            item.reasons += _offer_reasons(rule, member)
+        held_out = rule.holdout is not None and holdout_member(program.id, rule.id, member.member_id, rule.holdout)
+        if held_out and not item.reasons:
+            item.reasons.append(_held_out_reason(rule, evaluation))
         if not item.reasons:
             candidates.append(rule)
         explained.append(item)
@@ -139,6 +145,11 @@ def explain(program: Any, receipt: Any, member: MemberFacts | None, redeem_reque
             item.by_line = [(line_no, points) for rule_id, line_no, points in evaluation.pairs if rule_id == rule.id]
             if budget_left is not None and rule.budget and item.points >= budget_left.get(rule.id, rule.budget):
                 item.notes.append(f"budget: cut to the {budget_left.get(rule.id, rule.budget)} points left")
+            offer = member.offers.get(rule.id) if rule.personal else None
+            if offer is not None and item.points >= offer:
+                item.notes.append(f"offer: cut to the {offer} points left")
+            item.notes += [f"coupon {campaign}: code {evaluation.coupons_used[campaign]} used"
+                           for campaign in rule.coupons if campaign in evaluation.coupons_used]
         else:
             item.status = NO_POINTS
             item.reasons.append(_why_nothing(rule, scopes[rule.index], paid, winners))
@@ -150,6 +161,21 @@ def explain(program: Any, receipt: Any, member: MemberFacts | None, redeem_reque
             item.notes.append(f"the rule engine finds the conditions {'hold' if by_engine else 'fail'}")
     result.rules = explained
     return result
+
+
+def _offer_reasons(rule: Any, member: MemberFacts) -> list[str]:
+    if rule.id not in member.offers:
+        return ["personal: the member holds no offer of this rule"]
+    left = member.offers[rule.id]
+    if left is not None and left <= 0:
+        return ["personal: the member's offer has no points left"]
+    return []
+
+
+def _held_out_reason(rule: Any, evaluation: Evaluation) -> str:
+    would = dict(evaluation.held_out).get(rule.id)
+    gives = f"would have given {would} point(s)" if would is not None else "would not have applied anyway"
+    return f"holdout: the member is in the control group ({rule.holdout} of members); {gives}"
 
 
 def _full_fact(program: Any, receipt: Any, member: MemberFacts, local, day: date) -> dict[str, Any]:
@@ -214,6 +240,8 @@ class _WhenReader:
         self.compiler = WhenCompiler([], [], {})
         self.compiler.member_tags = dict(program.member_tag_fields)
         self.compiler.store_tags = dict(program.store_tag_fields)
+        self.compiler.segments = dict(program.segment_fields)
+        self.compiler.coupons = dict(program.coupon_fields)
 
     def block(self, block: dict, path: str) -> tuple[bool, list[str]]:
         """(holds, reasons): the failing entries when it fails, every entry when it holds."""
@@ -257,6 +285,12 @@ class _WhenReader:
             return f"{path}: member tags {_listed(have)} {'include' if ok else 'include none of'} {_text(value)}"
         if key == "store_tags":
             return f"{path}: store tags {_listed(self.store_tags)} {'include' if ok else 'include none of'} {_text(value)}"
+        if key == "segment":
+            have = sorted(self.member.segments)
+            return f"{path}: member segments {_listed(have)} {'include' if ok else 'include none of'} {_text(value)}"
+        if key == "coupon":
+            have = sorted(self.member.coupons)
+            return f"{path}: usable coupons of {_listed(have)} {'include' if ok else 'include none of'} {_text(value)}"
         if key == "birthday_within_days":
             days = self.fact["birthday_days"]
             if days >= UNKNOWN_DAYS:
@@ -342,6 +376,11 @@ def format_explanation(explanation: Explanation, currency: str = "") -> str:
             f"birthday {member.birthday or 'unknown'}, enrolled {member.enrolled_on or 'unknown'}, "
             f"receipt #{member.receipt_number}"
         )
+        if member.segments or member.offers or member.coupons:
+            offers = [f"{rule} ({'no budget' if left is None else f'{left} left'})"
+                      for rule, left in member.offers.items()]
+            out.append(f"  segments {_listed(sorted(member.segments))}, offers {_listed(offers)}, "
+                       f"coupons {_listed([f'{c}: {code}' for c, code in member.coupons.items()])}")
     if ev.redeemed_points:
         money = f"{ev.discount // 100}.{ev.discount % 100:02d}"  # minor units, two decimals
         out.append(f"redeemed: {ev.redeemed_points} points, discount {money} {currency}".rstrip())
@@ -361,6 +400,9 @@ def format_explanation(explanation: Explanation, currency: str = "") -> str:
     if ev.by_line:
         out.append("points by line: " + ", ".join(f"{line_no}: {points}" for line_no, points in ev.by_line))
     out.append(f"total: {ev.accrued_points} point(s), rounded once ({explanation.rounding})")
+    if ev.held_out:
+        held = ", ".join(f"{rule} would have given {points}" for rule, points in ev.held_out)
+        out.append(f"held out (control group): {held}")
     if ev.lots:
         for available_from, expires_on, points in ev.lots:
             out.append(f"  {points} available from {available_from}, expire {expires_on or 'never'}")

@@ -17,13 +17,24 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .conditions import Node, WhenCompiler, group, period_node
+from .conditions import SEGMENT_WHEN_KEYS, Node, WhenCompiler, fields_required_true, group, period_node
 from .decode import decode_section
 from .engine import RuleEngineError
-from .model import LISTS, REQUIRED_SETTINGS, REWARD_KINDS, SETTINGS, LineFilter as LineFilterSpec, RuleSpec
+from .model import (
+    LISTS,
+    MAX_COUPON_CAMPAIGNS,
+    REQUIRED_SETTINGS,
+    REWARD_KINDS,
+    SETTINGS,
+    CouponSpec,
+    LineFilter as LineFilterSpec,
+    RuleSpec,
+    SegmentSpec,
+)
 from .problems import Problem, ProgramError, suggest
 from .program import CompiledRule, LineFilter, Program, Scope
-from .records import EventRule, Partner, Store
+from .records import CouponCampaign, EventRule, Partner, Store
+from .segments import Segment
 from .yamlmarks import Document, Path, YamlInt, parse
 
 PROGRAM_SUFFIXES = (".yaml", ".yml")
@@ -37,6 +48,7 @@ MAX_DECIMAL_PLACES = 6  # keeps exact denominators small
 MAX_PERCENT = Decimal(1000)
 MAX_PER_UNIT = Decimal(1_000_000)
 MAX_MULTIPLIER = Decimal(100)
+MAX_HOLDOUT = Decimal("0.5")  # a control group larger than the treated one measures little
 PERCENT_WARNING = Decimal(100)
 
 
@@ -154,7 +166,10 @@ class _Builder:
         self.first_file = next(iter(self.contents), "(program)")
         self.events: list[tuple[Document, Path, Any]] = []
         self.unreadable = False
-        self.damaged: set[tuple[str, Path]] = set()  # rules that decoded only after dropping keys
+        self.damaged: set[tuple[str, Path]] = set()  # rules and segments that decoded only after dropping keys
+        # None: a segment or coupon campaign did not decode, so names cannot be judged.
+        self.segment_ids: set[str] | None = set()
+        self.coupon_ids: set[str] | None = set()
 
     def fail(self, doc: Document, path: Path, message: str, key: bool = False) -> None:
         self.problems.append(doc.problem(path, message, key))
@@ -174,11 +189,13 @@ class _Builder:
                 self.unreadable = True  # its sections are unknown: don't call them missing
             # else an empty document (or a bare `null`): it adds nothing
         specs = self._settings()
+        segments = self._segments(specs)
+        coupons = self._coupons(specs)
         events = self.events = self._events()
         rules, conditions, compiler = self._rules(specs)
         if self.problems or any(specs.get(name) is None for name in REQUIRED_SETTINGS):
             return None
-        return self._program(specs, rules, conditions, compiler, events)
+        return self._program(specs, rules, conditions, compiler, events, segments, coupons)
 
     def _within_size_limits(self) -> bool:
         if len(self.contents) > MAX_FILES:
@@ -300,6 +317,101 @@ class _Builder:
                 message = f"unknown partner '{store.partner}'{suggest(store.partner, partner_ids)}"
                 self.fail(doc, path + (index, "partner"), message + " (add it under 'partners')")
 
+    # Segments and coupon campaigns -------------------------------------------
+
+    def _segments(self, specs: dict[str, Any]) -> list[Segment]:
+        spec = specs.get("segments")
+        if spec is None:
+            return []
+        doc, base = self._at("segments")
+        compiler = WhenCompiler(self.problems, self.warnings, self._defined(specs), SEGMENT_WHEN_KEYS)
+        segments: list[Segment] = []
+        seen: dict[str, Path] = {}
+        for index in range(len(spec.define)):
+            path = base + ("define", index)
+            before = len(self.problems)
+            item = decode_section(doc, path, SegmentSpec, self.problems)
+            if item is None:
+                self.segment_ids = None
+                continue
+            if len(self.problems) > before:
+                self.damaged.add((doc.file, path))
+            if item.id in seen:
+                line, column = doc.mark(seen[item.id] + ("id",))
+                first = f"{doc.file}:{line}:{column}"
+                self.fail(doc, path + ("id",), f"duplicate segment '{item.id}' (first defined at {first})")
+            seen.setdefault(item.id, path)
+            if self.segment_ids is not None:
+                self.segment_ids.add(str(item.id))
+            segment = self._segment(doc, path, item, compiler)
+            if segment is not None:
+                segments.append(segment)
+        return segments
+
+    def _segment(self, doc: Document, path: Path, spec: Any, compiler: WhenCompiler) -> Segment | None:
+        kinds = [kind for kind, given in (("rfm", spec.rfm), ("when", spec.when), ("list", spec.list_)) if given]
+        damaged = (doc.file, path) in self.damaged  # a key dropped for a problem already reported
+        if spec.when == {} and not kinds:
+            self.fail(doc, path + ("when",), "'when' is empty: a segment needs at least one condition")
+            return None
+        if len(kinds) != 1 and not (damaged and not kinds):
+            given = f" ({', '.join(kinds)} given)" if kinds else ""
+            self.fail(doc, path, f"a segment needs exactly one of: rfm, when, list: true{given}")
+            return None
+        line = doc.mark(path).line
+        if spec.rfm is not None:
+            ranges = self._rfm_ranges(doc, path + ("rfm",), spec.rfm, damaged)
+            return Segment(str(spec.id), "rfm", rfm=ranges, file=doc.file, line=line)
+        if spec.when is not None:
+            compiler.member_tags = {}  # each segment reads its own tags
+            node = compiler.compile(doc, path + ("when",), _raw(doc, path + ("when",)))
+            return Segment(str(spec.id), "when", condition=node, tag_fields=dict(compiler.member_tags),
+                           file=doc.file, line=line)  # fmt: skip
+        return Segment(str(spec.id), "list", file=doc.file, line=line)
+
+    def _rfm_ranges(self, doc: Document, path: Path, spec: Any, damaged: bool) -> dict[str, tuple[int, int]]:
+        ranges = {letter: tuple(getattr(spec, letter)) for letter in "rfm" if getattr(spec, letter)}
+        if not ranges and not damaged:
+            self.fail(doc, path, "'rfm' needs at least one of r, f, m: [low, high] (scores 1 to 5)")
+        for letter, (low, high) in ranges.items():
+            if high < low:
+                self.fail(doc, path + (letter,), f"'{letter}' ends ({high}) before it starts ({low})")
+        return ranges  # type: ignore[return-value]
+
+    def _coupons(self, specs: dict[str, Any]) -> list[CouponCampaign]:
+        today = self._today(specs)
+        campaigns: list[CouponCampaign] = []
+        seen: dict[str, tuple[Document, Path]] = {}
+        for position, (doc, path) in enumerate(self.items["coupons"]):
+            if position == MAX_COUPON_CAMPAIGNS:
+                self.fail(doc, path, f"more than {MAX_COUPON_CAMPAIGNS} coupon campaigns")
+                break
+            spec = decode_section(doc, path, CouponSpec, self.problems)
+            if spec is None:
+                self.coupon_ids = None
+                continue
+            if spec.id in seen:
+                first_doc, first_path = seen[spec.id]
+                line, column = first_doc.mark(first_path + ("id",))
+                first = f"{first_doc.file}:{line}:{column}"
+                self.fail(doc, path + ("id",), f"duplicate coupon campaign '{spec.id}' (first defined at {first})")
+            seen.setdefault(spec.id, (doc, path))
+            if self.coupon_ids is not None:
+                self.coupon_ids.add(str(spec.id))
+            self._check_valid(doc, path, spec.valid, today)
+            campaigns.append(CouponCampaign(str(spec.id), spec.uses_per_code, spec.valid.from_ if spec.valid else None,
+                                            spec.valid.to if spec.valid else None))  # fmt: skip
+        return campaigns
+
+    def _check_valid(self, doc: Document, path: Path, valid: Any, today: date | None) -> None:
+        if valid is None:
+            return
+        if valid.to < valid.from_:
+            self.fail(doc, path + ("valid", "to"), f"'valid' ends ({valid.to}) before it starts ({valid.from_})")
+        elif today is not None and valid.to < today:
+            message = f"coupon campaign ended on {valid.to}, before today ({today}): its codes no longer apply"
+            self.warn(doc, path + ("valid", "to"), message)
+
     # Events and rules -------------------------------------------------------
 
     def _events(self) -> list[tuple[Document, Path, Any]]:
@@ -338,14 +450,14 @@ class _Builder:
             if node is not None:
                 conditions.append(node)
             condition = len(conditions) - 1 if node is not None else None
-            rules.append(self._compile(doc, path, spec, len(rules), condition, specs))
+            coupons = _named_coupons(node, compiler.coupons) if node is not None else ()
+            rules.append(self._compile(doc, path, spec, len(rules), condition, specs, coupons))
         return rules, conditions, compiler
 
     def _defined(self, specs: dict[str, Any]) -> dict[str, set[str] | None]:
         """What the program defines that a condition may name, by condition field.
 
-        None when its section did not decode (it cannot be judged). Segments, once the
-        language has them, are named here as `segment`.
+        None when its section did not decode (it cannot be judged).
         """
         def ids(section: str, found: Any) -> set[str] | None:
             return None if section in self.settings and specs.get(section) is None else found
@@ -357,6 +469,8 @@ class _Builder:
             "partner": ids("partners", {str(partner.id) for partner in specs.get("partners") or []}),
             "store": ids("stores", {str(store.id) for store in stores}),
             "store_tags": ids("stores", {str(tag) for store in stores for tag in store.tags}),
+            "segment": ids("segments", self.segment_ids),
+            "coupon": self.coupon_ids,
         }
 
     def _today(self, specs: dict[str, Any]) -> date | None:
@@ -385,6 +499,8 @@ class _Builder:
     def _check_rule(self, doc: Document, path: Path, spec: RuleSpec, groups: dict[str, bool], delay: int,
                     today: date | None) -> None:  # fmt: skip
         self._check_reward(doc, path + ("reward",), spec, groups)
+        if spec.holdout is not None:
+            self._check_decimal(doc, path + ("holdout",), spec.holdout, Decimal(0), MAX_HOLDOUT, "holdout", False)
         if spec.period is not None and spec.period.to < spec.period.from_:
             self.fail(doc, path + ("period", "to"), f"period ends ({spec.period.to}) before it starts ({spec.period.from_})")
         elif spec.period is not None and today is not None and spec.period.to < today:
@@ -445,7 +561,7 @@ class _Builder:
         return group("and", parts) if parts else None
 
     def _compile(self, doc: Document, path: Path, spec: RuleSpec, index: int, condition: int | None,
-                 specs: dict[str, Any]) -> CompiledRule:  # fmt: skip
+                 specs: dict[str, Any], coupons: tuple[str, ...]) -> CompiledRule:  # fmt: skip
         reward = spec.reward
         kind = next((kind for kind in REWARD_KINDS if getattr(reward, kind) is not None), "points")
         value = specs["points"].value if specs.get("points") else 1
@@ -477,6 +593,9 @@ class _Builder:
             limit_per=limit.per if limit else None,
             budget=spec.budget.points if spec.budget else None,
             expires_in_days=spec.expires_in_days,
+            personal=spec.personal,
+            holdout=spec.holdout,
+            coupons=coupons,
             file=doc.file,
             line=doc.mark(path).line,
             summary=_summary(doc, path, spec, kind),
@@ -486,7 +605,8 @@ class _Builder:
     # The program ------------------------------------------------------------
 
     def _program(self, specs: dict[str, Any], rules: list[CompiledRule], conditions: list[Node],
-                 compiler: WhenCompiler, events: list[tuple[Document, Path, Any]]) -> Program | None:  # fmt: skip
+                 compiler: WhenCompiler, events: list[tuple[Document, Path, Any]], segments: list[Segment],
+                 coupons: list[CouponCampaign]) -> Program | None:  # fmt: skip
         try:
             return Program(
                 settings=_settings(specs),
@@ -494,6 +614,10 @@ class _Builder:
                 conditions=conditions,
                 member_tag_fields=dict(compiler.member_tags),
                 store_tag_fields=dict(compiler.store_tags),
+                segment_fields=dict(compiler.segments),
+                coupon_fields=dict(compiler.coupons),
+                segments=segments,
+                coupons=coupons,
                 events=[_event(spec) for _, _, spec in events],
                 files=[(name, hashlib.sha256(raw).hexdigest()) for name, raw in self.contents.items()],
                 version=_version(self.contents),
@@ -511,6 +635,14 @@ def _group_kinds(specs: Any) -> dict[str, bool]:
         if spec.group is not None:
             groups[spec.group] = groups.get(spec.group, False) or spec.reward.multiply is not None
     return groups
+
+
+def _named_coupons(node: Node, fields: dict[str, str]) -> tuple[str, ...]:
+    """The coupon campaigns a condition can need, in the order it names them (negated ones
+    never need a code)."""
+    campaign_of = {field: campaign for campaign, field in fields.items()}
+    named = (campaign_of[field] for field in fields_required_true(node) if field in campaign_of)
+    return tuple(dict.fromkeys(named))
 
 
 def _raw(doc: Document, path: Path) -> Any:
@@ -544,7 +676,7 @@ def _summary(doc: Document, path: Path, spec: RuleSpec, kind: str) -> dict[str, 
         "line": line,
         "reward_kind": kind,
     }
-    for key in ("reward", "when", "period", "scope", "limit", "budget", "expires_in_days"):
+    for key in ("reward", "when", "period", "scope", "limit", "budget", "expires_in_days", "personal", "holdout"):
         if key in raw:
             summary[key] = _plain(raw[key])
     return summary
@@ -591,6 +723,7 @@ def _settings(specs: dict[str, Any]) -> dict[str, Any]:
         "tier_metric": tiers.metric if tiers else "spend",
         "tier_window_days": tiers.window_days if tiers else 365,
         "tiers": [(str(level.id), level.from_) for level in tiers.levels] if tiers else [("base", 0)],
+        "segment_window_days": specs["segments"].rfm.window_days if specs.get("segments") else 365,
         "stores": stores,
         "partners": partners,
     }

@@ -23,6 +23,10 @@ MAX_LEVELS = 50
 MAX_DAYS = 36_500
 MAX_POINTS = 1_000_000_000
 MAX_PRIORITY = 1_000_000
+MAX_SEGMENTS = 500
+MAX_COUPON_CAMPAIGNS = 1_000
+MAX_USES_PER_CODE = 1_000_000
+RFM_SCORES = (1, 5)  # every RFM score is 1 + floor(5 x b / n): 1 to 5
 
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 
@@ -198,6 +202,40 @@ class BudgetSpec(Spec, kw_only=True):
     points: Points
 
 
+RfmScore = Annotated[int, Meta(ge=RFM_SCORES[0], le=RFM_SCORES[1])]
+RfmRange = Annotated[list[RfmScore], Meta(min_length=2, max_length=2)]  # [low, high], both included
+
+
+class RfmRangesSpec(Spec, kw_only=True):
+    r: RfmRange | None = None
+    f: RfmRange | None = None
+    m: RfmRange | None = None
+
+
+class RfmSettingsSpec(Spec, kw_only=True):
+    window_days: PositiveDays = 365
+
+
+class SegmentSpec(Spec, kw_only=True):
+    id: Ident
+    rfm: RfmRangesSpec | None = None
+    when: dict[str, Any] | None = None
+    list_: bool = field(name="list", default=False)
+
+
+class SegmentsSpec(Spec, kw_only=True):
+    rfm: RfmSettingsSpec = field(default_factory=RfmSettingsSpec)
+    # Each entry is decoded on its own (rules/loader.py), so one bad segment leaves the
+    # others checked.
+    define: Annotated[list[Any], Meta(max_length=MAX_SEGMENTS)] = []
+
+
+class CouponSpec(Spec, kw_only=True):
+    id: Ident
+    uses_per_code: Annotated[int, Meta(ge=1, le=MAX_USES_PER_CODE)] = 1
+    valid: PeriodSpec | None = None  # inclusive local dates; none: any day
+
+
 class RuleSpec(Spec, kw_only=True):
     id: Ident
     group: Ident | None = None
@@ -209,6 +247,8 @@ class RuleSpec(Spec, kw_only=True):
     limit: LimitSpec | None = None
     budget: BudgetSpec | None = None
     expires_in_days: PositiveDays | None = None
+    personal: bool = False  # only for members holding an offer of it
+    holdout: Decimal | None = None  # share of members in the control group, 0 < h <= 0.5
 
 
 # Top-level keys that hold settings (each in one file only) and lists (concatenated).
@@ -222,6 +262,8 @@ SETTINGS: dict[str, Any] = {
     "tiers": TiersSpec,
     "stores": Annotated[list[StoreSpec], Meta(max_length=100_000)],
     "partners": Annotated[list[PartnerSpec], Meta(max_length=10_000)],
+    "segments": SegmentsSpec,
 }
-LISTS: dict[str, Any] = {"rules": RuleSpec, "events": EventSpec}
+# A coupon campaign is a list item, so each campaign's file can define its own.
+LISTS: dict[str, Any] = {"rules": RuleSpec, "events": EventSpec, "coupons": CouponSpec}
 REQUIRED_SETTINGS = ("program", "points")

@@ -14,7 +14,8 @@ from .evaluate import evaluate
 from .explain import Explanation, explain
 from .matching import Matcher
 from .problems import Problem
-from .records import EventRule, Evaluation, MemberFacts, Partner, Store
+from .records import CouponCampaign, EventRule, Evaluation, MemberFacts, Partner, SegmentFacts, Store
+from .segments import Segment, holdout_member
 
 MAX_LINE_CLASSES = 50_000  # distinct (category, sku, brand, flags) remembered per program
 
@@ -61,12 +62,17 @@ class Scope:
 
 
 class CompiledRule:
-    """One rule ready to evaluate; reward numbers are integer ratios."""
+    """One rule ready to evaluate; reward numbers are integer ratios.
+
+    personal: applies only to members holding an offer of it. holdout: the share of
+    members in its control group (Decimal, 0 < h <= 0.5), or None. coupons: the coupon
+    campaigns its conditions name (not negated), in the order written.
+    """
 
     __slots__ = (
         "index", "id", "group", "priority", "condition", "period", "scope", "kind",
         "ratio_num", "ratio_den", "points", "every", "multiply", "limit_count", "limit_per",
-        "budget", "expires_in_days", "file", "line", "summary", "when",
+        "budget", "expires_in_days", "personal", "holdout", "coupons", "file", "line", "summary", "when",
     )  # fmt: skip
 
     def __init__(self, **values: Any):
@@ -81,7 +87,9 @@ class Program:
     def __init__(self, *, settings: dict[str, Any], rules: list[CompiledRule], conditions: list[Node],
                  member_tag_fields: dict[str, str], store_tag_fields: dict[str, str],
                  events: list[EventRule], files: list[tuple[str, str]], version: str,
-                 warnings: list[Problem] | None = None):  # fmt: skip
+                 warnings: list[Problem] | None = None, segment_fields: dict[str, str] | None = None,
+                 coupon_fields: dict[str, str] | None = None, segments: list[Segment] | None = None,
+                 coupons: list[CouponCampaign] | None = None):  # fmt: skip
         self.version = version
         self.files = files
         self.warnings: list[Problem] = list(warnings or [])  # what `rules check` warns about; it loads
@@ -118,6 +126,15 @@ class Program:
         self.rule_summaries = [rule.summary for rule in rules]
         self.member_tag_fields = member_tag_fields
         self.store_tag_fields = store_tag_fields
+        self.segment_fields = segment_fields or {}  # segment id -> fact field
+        self.coupon_fields = coupon_fields or {}  # coupon campaign id -> fact field
+        # Segments in definition order; receipts, tier and the RFM scores are counted over
+        # the segment_window_days before the daily job's moment.
+        self.segments: dict[str, Segment] = {segment.id: segment for segment in segments or []}
+        self.segment_window_days: int = settings.get("segment_window_days", 365)
+        self.coupons: dict[str, CouponCampaign] = {coupon.id: coupon for coupon in coupons or []}
+        self.personal_rule_ids = frozenset(rule.id for rule in rules if rule.personal)
+        self.holdout_rules = {rule.id: rule.holdout for rule in rules if rule.holdout is not None}
         share_num, share_den = self.redemption_max_share.as_integer_ratio()
         self.max_share_ratio = (share_num, share_den)
         self.groups = _groups(rules)
@@ -147,6 +164,15 @@ class Program:
         limits and budgets are not checked, and each such rule says so.
         """
         return explain(self, receipt, member, redeem_requested, redeem_available, usage, budget_left)
+
+    def computed_segments(self, facts: SegmentFacts) -> frozenset[str]:
+        """The `rfm` and `when` segments the member is in (`list` segments are stored)."""
+        return frozenset(segment.id for segment in self.segments.values() if segment.holds(facts))
+
+    def held_out_of(self, member_id: str) -> list[str]:
+        """The rules with a holdout whose control group the member is in, in definition order."""
+        return [rule_id for rule_id, share in self.holdout_rules.items()
+                if holdout_member(self.id, rule_id, member_id, share)]
 
     def limit_windows(self, local_date: date) -> dict[str, tuple[date, date]]:
         """For each rule with a limit: the inclusive local dates its usage is counted over."""

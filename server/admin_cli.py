@@ -123,7 +123,7 @@ def _run_jobs(config, db_path, program, now: datetime) -> dict[str, int]:
     db = Database.from_config(config.database, db_path, migrations=migrations, checkpoints=False)
     db.open()
     try:
-        return asyncio.run(run_all(db, program, now))
+        return asyncio.run(run_all(db, program, now, config.events.expiring_days_before))
     finally:
         db.close()
 
@@ -149,7 +149,7 @@ def jobs_preview(config, db_path, now: datetime, far_note: str) -> int:
     program = _program(config)
     try:
         with closing(open_for_preview(db_path, PREVIEW_BUSY_WAIT_SECONDS)) as conn:
-            previews = preview_all(conn, program, now)
+            previews = preview_all(conn, program, now, config.events.expiring_days_before)
     except sqlite3.OperationalError as e:
         print(f"{db_path}: cannot preview the jobs: {e}", file=sys.stderr)
         return 1

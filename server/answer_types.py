@@ -194,6 +194,10 @@ class MemberAnswer(Struct):
     profile: Profile
     enrolled_at: str
     as_of: str
+    # The CRM's fields (server/member_care.py with_crm): on every member answer the routes send.
+    crm_id: str | None | UnsetType = UNSET
+    consent: dict[str, bool] | UnsetType = UNSET
+    consent_updated_at: str | None | UnsetType = UNSET
 
 
 class StatementPosting(Struct, forbid_unknown_fields=True):
@@ -230,6 +234,118 @@ class AdjustmentAnswer(Struct):
     balance: Balance
     # The key's holder, named by the route from key_id when answering: unset in the stored answer.
     key_name: str | None | UnsetType = UNSET
+
+
+# ------------------------------------------------------------------ member care
+
+class FoundMember(Struct, forbid_unknown_fields=True):
+    member_id: str
+    cards_last4: list[str]
+    phone_last4: str | None
+    enrolled_at: str
+    balance: Balance
+    tier: str | None
+    merged_into: str | None
+    crm_id: str | None
+    consent: dict[str, bool]
+    consent_updated_at: str | None
+
+
+class MemberSearchAnswer(Struct):
+    """At most `limit` members with the phone."""
+    members: list[FoundMember]
+    limit: int
+
+
+class CardReplacementAnswer(Struct, forbid_unknown_fields=True):
+    """`replaced_card_last4` is null when the new card was already the member's (a replay)."""
+    member_id: str
+    card_last4: str
+    replaced_card_last4: str | None
+    cards_last4: list[str]
+    replayed: bool
+
+
+class MergeAnswer(Struct, forbid_unknown_fields=True):
+    merge_id: str
+    from_member_id: str
+    into_member_id: str
+    lots_moved: int
+    points_moved: int
+    cards_retired_last4: list[str]
+    key_id: str
+    replayed: bool
+
+
+class ErasureAnswer(Struct, forbid_unknown_fields=True):
+    member_id: str
+    erased_at: str
+    cards_removed: int
+    receipts_scrubbed: int
+    members_erased: list[str]
+    replayed: bool
+
+
+# ------------------------------------------------------------------ events
+
+class Event(Struct, forbid_unknown_fields=True):
+    """`data` is the event type's own (docs/integrators.md lists them)."""
+    id: int
+    type: str
+    occurred_at: str
+    member_id: str | None
+    card_last4: str | None
+    data: dict[str, Any]
+
+
+class EventsAnswer(Struct):
+    events: list[Event]
+    next_after: int
+
+
+# ------------------------------------------------------------------ customer value management
+
+class SegmentSizeAnswer(Struct):
+    segment: str
+    members: int
+
+
+class OfferAnswer(Struct):
+    offer_id: str
+    rule: str
+    members: int
+
+
+class CouponCodesAnswer(Struct):
+    campaign: str
+    codes: list[str]
+
+
+class CampaignGroup(Struct, forbid_unknown_fields=True):
+    members: int
+    buyers: int
+    receipts: int
+    spend: int
+    scope_spend: int
+    points: int
+
+
+class SpendUplift(Struct, forbid_unknown_fields=True):
+    """Spend per member, in minor units; `low` and `high` bound its 95% interval when it can be estimated."""
+    spend_per_member: int
+    low: int | None
+    high: int | None
+
+
+class CampaignReport(Struct, forbid_unknown_fields=True):
+    rule: str
+    from_: str = field(name="from")
+    to: str
+    treated: CampaignGroup
+    control: CampaignGroup
+    uplift: SpendUplift | None      # null when a group has no members to compare
+    incremental_spend: int | None
+    points_cost: int
 
 
 # ------------------------------------------------------------------ the program

@@ -28,10 +28,11 @@ from server.ops import Deps
 from server.routes import COUNTED_ENDPOINTS, add_routes, audit_middleware
 from server.startup import StartupError, check_database_file, lock_holder, still_locked, wait_for_write_lock
 from server.watcher import watch
-from storage import api_keys
+from server.webhooks import Dispatcher
+from storage import api_keys, member_care
 from storage.db import Database, StorageBusy, StorageError
 from storage.health import is_busy
-from storage.ledger import manual_tiers_outside
+from storage.ledger import iso, manual_tiers_outside
 from storage.personal import protect_existing
 from storage.preload import preload
 from storage.schema import migrations
@@ -82,7 +83,11 @@ async def resources(app: web.Application):
     background.append(asyncio.create_task(versions.follow(config.rules.poll_interval_ms)))
     if config.jobs.enabled:
         background.append(asyncio.create_task(
-            schedule(db, app[PROGRAMS], app[CLOCK], config.jobs.interval_seconds)))
+            schedule(db, app[PROGRAMS], app[CLOCK], config.jobs.interval_seconds,
+                     config.events.expiring_days_before)))
+    dispatcher = Dispatcher(db, config, app[METRICS], app[CLOCK])
+    await dispatcher.start()
+    background.append(asyncio.create_task(dispatcher.run()))
     if config.database.preload:
         app[STATE]["preloading"] = True
         background.append(asyncio.create_task(_preload(app, db)))
@@ -164,10 +169,14 @@ async def _open_once(app: web.Application, path) -> Database | None:
 
 
 def _first_write(conn, app: web.Application) -> None:
-    """Old plain card numbers protected, and config.yaml's names for its keys where the
-    adjustments' records take the name of their key from."""
+    """Old plain card numbers protected, config.yaml's names for its keys where the
+    adjustments' records take the name of their key from, and the HMAC keys checked against
+    the ones the stored hashes were made with."""
     protect_existing(conn, app[PRIVACY])
     api_keys.write_config_names(conn, app[KEYRING].config_names)
+    refused = member_care.record_keys(conn, app[PRIVACY].key_checks(), iso(app[CLOCK].now()))
+    if refused:
+        raise StartupError(refused)
 
 
 def _log_waiting_once(path, wait_seconds: float):

@@ -1,5 +1,5 @@
 """`loyalty serve --config PATH`, `loyalty backup`, `loyalty rules check|explain|diff|export`, `loyalty keys`,
-`loyalty import` and the admin commands."""
+`loyalty import`, `loyalty privacy rotate-key` and the admin commands."""
 from __future__ import annotations
 
 import argparse
@@ -71,10 +71,24 @@ def main(argv: list[str] | None = None) -> int:
     receipts_export.add_argument("--out", help="file to write (default: standard output)")
     receipts_export.add_argument("--from", dest="first", help="first local date, YYYY-MM-DD")
     receipts_export.add_argument("--to", dest="last", help="last local date, YYYY-MM-DD")
-    from server import import_cli, keys_cli
+    events = sub.add_parser("events", help="the events outbox").add_subparsers(dest="events_command", required=True)
+    retry = events.add_parser("retry", help="send the dead letters again (deliveries that ran out of retries)")
+    retry.add_argument("--config", default="config.yaml")
+    retry.add_argument("--webhook", help="only this webhook's (its id)")
+    retry.add_argument("--event", type=int, help="only this event (its id)")
+    privacy = sub.add_parser("privacy", help="card and phone hashes").add_subparsers(dest="privacy_command",
+                                                                                   required=True)
+    rotate = privacy.add_parser("rotate-key", help="wrap every stored card and phone hash in the key in force "
+                                                   "(the last of privacy.hmac_key_rotations), beside the server")
+    rotate.add_argument("--config", default="config.yaml")
+    rotate.add_argument("--batch-rows", type=int, default=1_000, help="rows per transaction (1-10000)")
+    from server import cvm_cli, import_cli, keys_cli
     keys_cli.add_parser(sub)
     import_cli.add_parser(sub)
+    cvm_cli.add_parsers(sub)     # after import_cli: it adds `import offers` to that command
     args = parser.parse_args(argv)
+    if cvm_cli.handles(args):
+        return cvm_cli.dispatch(args)
     if args.command == "serve":
         return serve_command(args.config)
     if args.command == "backup":
@@ -96,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         return keys_cli.dispatch(args)
     if args.command == "import":
         return import_cli.dispatch(args)
+    if args.command == "events":
+        from server.webhooks import retry_command
+        return retry_command(args.config, args.webhook, args.event)
+    if args.command == "privacy":
+        from server.privacy import rotate_key_command
+        return rotate_key_command(args.config, args.batch_rows)
     from server import admin_cli
     return admin_cli.dispatch(args)
 

@@ -128,12 +128,27 @@ class LimitsConfig(Struct, forbid_unknown_fields=True):
     burst: Annotated[int, Meta(ge=1, le=10_000_000)] = 2_000
 
 
+HmacKeyId = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_.-]{0,31}$",
+                                 description="1 to 32 lowercase letters, digits, '_', '.' or '-'")]
+
+
+class HmacKeyRotation(Struct, forbid_unknown_fields=True):
+    """A key that wraps every stored card and phone hash of the key before it (server/privacy.py)."""
+    id: HmacKeyId
+    # The environment variable holding the key, or the key itself (one of the two).
+    key_env: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+    key: Annotated[str, Meta(min_length=16, max_length=1024)] | None = None
+
+
 class PrivacyConfig(Struct, forbid_unknown_fields=True):
     # Card numbers and phones are stored as HMAC-SHA256 under this key (never in the database).
     hmac_key_env: Annotated[str, Meta(min_length=1, max_length=128)] = "LOYALTY_HMAC_KEY"
     hmac_key: Annotated[str, Meta(min_length=16, max_length=1024)] | None = None
     # For demos only: used when neither the environment nor hmac_key gives a key.
     demo_insecure_hmac_key: Annotated[str, Meta(min_length=16, max_length=1024)] | None = None
+    # Key rotations, oldest first; the last is in force. Each wraps the hashes of the key before
+    # it, so every key listed stays needed; `loyalty privacy rotate-key` wraps the stored rows.
+    hmac_key_rotations: Annotated[list[HmacKeyRotation], Meta(max_length=16)] = []
 
 
 class ConsoleConfig(Struct, forbid_unknown_fields=True):
@@ -155,6 +170,40 @@ class ConsoleConfig(Struct, forbid_unknown_fields=True):
     backtests_kept: Annotated[int, Meta(ge=1, le=100)] = 8
 
 
+EventType = Literal["member.enrolled", "receipt.confirmed", "receipt.cancelled", "return.accepted", "tier.changed",
+                    "points.expiring", "points.expired", "birthday", "offer.assigned"]
+
+
+class WebhookConfig(Struct, forbid_unknown_fields=True):
+    id: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
+                            description="1 to 64 letters, digits, '_', '.' or '-'")]
+    url: Annotated[str, Meta(min_length=8, max_length=2_048, pattern=r"^https?://",
+                             description="an http:// or https:// URL")]
+    # Signs each body: X-Loyalty-Signature: sha256=<hex HMAC-SHA256 of the body under it>.
+    secret: Annotated[str, Meta(min_length=16, max_length=1_024)]
+    events: Annotated[list[EventType], Meta(min_length=1, max_length=64)]
+
+
+class EventsConfig(Struct, forbid_unknown_fields=True):
+    # Events are kept this long after they were written and delivered (or when no webhook wants them).
+    retention_days: Annotated[int, Meta(ge=1, le=3_650)] = 30
+    # points.expiring is sent this many days before a lot's points expire, once per lot.
+    expiring_days_before: Annotated[int, Meta(ge=1, le=365)] = 7
+    # One delivery (connect, send, answer) at most this long, else it counts as failed.
+    timeout_seconds: Annotated[float, Meta(gt=0, le=120)] = 10.0
+    # Retries wait 1 s, 2, 4 ... up to retry_max_seconds (each with up to 20 % jitter), for
+    # retry_for_seconds from the first attempt; then the delivery is dead (`loyalty events retry`).
+    retry_initial_seconds: Annotated[float, Meta(gt=0, le=3_600)] = 1.0
+    retry_max_seconds: Annotated[float, Meta(gt=0, le=3_600)] = 60.0
+    retry_for_seconds: Annotated[float, Meta(gt=0, le=30 * 86_400)] = 86_400.0
+    # Deliveries in flight at once, over all webhooks.
+    concurrency_max: Annotated[int, Meta(ge=1, le=1_000)] = 16
+    # How often the outbox is looked at when nothing is due.
+    poll_interval_seconds: Annotated[float, Meta(ge=0.01, le=60)] = 0.25
+    # Events taken from the outbox per round and webhook.
+    batch_max: Annotated[int, Meta(ge=1, le=10_000)] = 256
+
+
 class ClockConfig(Struct, forbid_unknown_fields=True):
     # The server's clock starts at this instant and runs forward in real time.
     start: datetime | None = None
@@ -170,6 +219,9 @@ class Config(Struct, forbid_unknown_fields=True):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     privacy: PrivacyConfig = msgspec.field(default_factory=PrivacyConfig)
     console: ConsoleConfig = msgspec.field(default_factory=ConsoleConfig)
+    events: EventsConfig = msgspec.field(default_factory=EventsConfig)
+    # Receivers of events (server/webhooks.py); ids must differ.
+    webhooks: Annotated[list[WebhookConfig], Meta(max_length=100)] = []
     # Folder the relative paths above are resolved against (not a YAML key).
     base_dir: str = "."
 
@@ -202,11 +254,18 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Conf
 
 def config_from_dict(raw: dict, source: str = "<config>") -> Config:
     try:
-        return msgspec.convert(raw, Config, strict=False)
+        config = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as e:
         detail = validation_error(e, Config).details[0]
         key = detail["path"] if detail["path"] != "$" else "-"
         raise ConfigError(source, key, _with_hint(detail["message"], key)) from None
+    seen: set[str] = set()
+    for i, hook in enumerate(config.webhooks):
+        # The id names the webhook's deliveries in the database: two would share them.
+        if hook.id in seen:
+            raise ConfigError(source, f"webhooks[{i}].id", f"repeats the webhook id '{hook.id}'")
+        seen.add(hook.id)
+    return config
 
 
 def apply_env_overrides(raw: dict, environ) -> None:
@@ -227,7 +286,7 @@ def apply_env_overrides(raw: dict, environ) -> None:
 _SECTIONS: dict[str, type] = {
     "": Config, "server": ServerConfig, "database": DatabaseConfig, "rules": RulesConfig,
     "auth": AuthConfig, "clock": ClockConfig, "jobs": JobsConfig, "limits": LimitsConfig,
-    "privacy": PrivacyConfig, "console": ConsoleConfig,
+    "privacy": PrivacyConfig, "console": ConsoleConfig, "events": EventsConfig, "webhooks": WebhookConfig,
 }
 
 

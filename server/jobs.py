@@ -1,4 +1,6 @@
-"""Lifecycle jobs: expiry of lots, release of expired holds, birthday events.
+"""Lifecycle jobs: expiry of lots, release of expired holds, birthday events, RFM scores
+(once a local day, server/rfm.py), and the points.expiring, points.expired and birthday
+events of the outbox (storage/events.py).
 
 Each job is idempotent and safe to stop at any point: work is done in small write
 transactions, and every step first checks inside its transaction whether it is still
@@ -18,11 +20,12 @@ import asyncio
 import logging
 import sqlite3
 from dataclasses import dataclass, field
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timedelta
 from typing import Callable, NamedTuple
 
 from rules import Program
-from storage import accounts, ledger
+from server import rfm
+from storage import accounts, events, ledger
 from storage.apply import fire_events
 from storage.db import Database, StorageError
 from storage.ledger import PostingRef, iso, member_public_id
@@ -36,6 +39,7 @@ PREVIEW_LINES_MAX = 20      # per job: enough to recognise what it does, short e
 # whose writes were undone (a preview) is not looked at again.
 LOTS_START = ("", 0)        # (expires_on, lot id)
 MEMBERS_START = 0           # member id
+EXPIRING_DAYS_BEFORE = 7    # events.expiring_days_before's default
 
 
 class Batch(NamedTuple):
@@ -43,9 +47,10 @@ class Batch(NamedTuple):
     after: object           # the cursor for the next batch
 
 
-async def run_all(db: Database, program: Program, now: datetime) -> dict[str, int]:
-    done = {"expired_lots": 0, "released_holds": 0, "birthday_events": 0}
-    for job, key, start in JOBS:
+async def run_all(db: Database, program: Program, now: datetime,
+                  expiring_days: int = EXPIRING_DAYS_BEFORE) -> dict[str, int]:
+    done = {"expired_lots": 0, "released_holds": 0, "birthday_events": 0, "expiring_lots": 0}
+    for job, key, start in jobs(expiring_days):
         after = start
         while True:
             # Hundreds of rows per call: on the writer thread, not stalling requests on the loop.
@@ -55,6 +60,10 @@ async def run_all(db: Database, program: Program, now: datetime) -> dict[str, in
             if batch.rows < BATCH_ROWS_MAX:
                 break
     done["released_holds"] = len(await db.write(lambda conn: release_holds(conn, now), off_loop=True))
+    window_days = rfm.settings_of(program)
+    if window_days is not None:     # once a local day; reads on a reader, writes in batches
+        scored = await rfm.run(db, window_days, program.timezone, now)
+        done["rfm_members_scored"] = scored.scored if scored else 0
     return done
 
 
@@ -75,6 +84,9 @@ def expire_batch(conn, program: Program, now: datetime, after: tuple[str, int] =
         at = PostingRef(effective_at=iso(expired_at), created_at=iso(now), rules_version=program.version,
                         ref=f"expiry:{lot_id}")
         ledger.post(conn, member_id, lot_id, "expiry", -remaining, accounts.EXPIRY, at)
+        events.emit(conn, "points.expired", member_id, {"lot_id": lot_id, "points": remaining,
+                                                        "expires_on": expires_on}, expired_at,
+                    once_key=f"expired:{lot_id}")
     return Batch(len(rows), (rows[-1][2], rows[-1][0]) if rows else after)
 
 
@@ -102,10 +114,37 @@ def birthday_batch(conn, program: Program, now: datetime, after: int = MEMBERS_S
         (*days, occasion, after, BATCH_ROWS_MAX)).fetchall()
     for (member_id,) in rows:
         fire_events(conn, program, member_id, "birthday", occasion, now)
+        events.emit(conn, "birthday", member_id, {"date": today.isoformat()}, now,
+                    once_key=f"birthday:{today.year}:{member_id}")
     return Batch(len(rows), rows[-1][0] if rows else after)
 
 
+def expiring_batch(conn, program: Program, now: datetime, after: tuple[str, int] = LOTS_START,
+                   days: int = EXPIRING_DAYS_BEFORE) -> Batch:
+    """points.expiring for lots with points left that expire within `days` days, once per lot
+    (the event's once_key); counts the lots it announced."""
+    today = now.astimezone(program.timezone).date()
+    rows = conn.execute(
+        "SELECT l.id, l.member_id, l.expires_on, l.remaining FROM lots l WHERE l.expiry_done = 0 "
+        "AND l.remaining > 0 AND l.expires_on > ? AND l.expires_on <= ? AND (l.expires_on, l.id) > (?, ?) "
+        "AND NOT EXISTS (SELECT 1 FROM events e WHERE e.once_key = 'expiring:' || l.id) "
+        "ORDER BY l.expires_on, l.id LIMIT ?",
+        (today.isoformat(), (today + timedelta(days=days)).isoformat(), *after, BATCH_ROWS_MAX)).fetchall()
+    for lot_id, member_id, expires_on, remaining in rows:
+        events.emit(conn, "points.expiring", member_id, {"lot_id": lot_id, "points": remaining,
+                                                         "expires_on": expires_on}, now,
+                    once_key=f"expiring:{lot_id}")
+    return Batch(len(rows), (rows[-1][2], rows[-1][0]) if rows else after)
+
+
 JOBS = ((expire_batch, "expired_lots", LOTS_START), (birthday_batch, "birthday_events", MEMBERS_START))
+
+
+def jobs(expiring_days: int) -> tuple:
+    """JOBS and the points.expiring announcements, `expiring_days` ahead."""
+    def expiring(conn, program, now, after):
+        return expiring_batch(conn, program, now, after, expiring_days)
+    return JOBS + ((expiring, "expiring_lots", LOTS_START),)
 
 
 @dataclass
@@ -125,10 +164,10 @@ class Preview:
             self.lines_left_out += 1
 
 
-def preview_all(conn, program: Program, now: datetime) -> list[Preview]:
+def preview_all(conn, program: Program, now: datetime, expiring_days: int = EXPIRING_DAYS_BEFORE) -> list[Preview]:
     """What run_all would do as of `now`, on a connection of its own (open_for_preview)."""
     previews = []
-    for job, key, start in JOBS:
+    for job, key, start in jobs(expiring_days):
         preview, after = Preview(key), start
         while True:
             batch, posted = _undone(conn, lambda: job(conn, program, now, after))
@@ -190,11 +229,12 @@ def _leap(year: int) -> bool:
     return year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
 
 
-async def schedule(db: Database, holder, clock, interval_seconds: float) -> None:
+async def schedule(db: Database, holder, clock, interval_seconds: float,
+                   expiring_days: int = EXPIRING_DAYS_BEFORE) -> None:
     """Runs the jobs inside the server, every interval, with the server's clock."""
     while True:
         try:
-            done = await run_all(db, holder.current, clock.now())
+            done = await run_all(db, holder.current, clock.now(), expiring_days)
             if any(done.values()):
                 log.info("jobs: %s", done)
         except StorageError as e:   # a full disk or a lock: storage logs the cause itself, once

@@ -51,6 +51,18 @@ class Metrics:
                                       ["cause"], registry=r)
         self.storage_fault = Gauge("loyalty_storage_fault", "1 for the storage fault in force (full: also the "
                                    "disk under database.min_free_mib), 0 for the others", ["cause"], registry=r)
+        # Over all webhooks (a dead letter is logged with its webhook, retries are counted per
+        # webhook in event_deliveries), so the series exist, at 0, on a server without webhooks too.
+        self.events_backlog = Gauge("loyalty_events_backlog", "Events the webhooks still have to receive (pending "
+                                    "deliveries and events not yet given to them; dead letters not included)",
+                                    registry=r)
+        self.webhook_deliveries = Counter("loyalty_webhook_deliveries", "Webhook delivery attempts by result "
+                                          "(delivered, failed: to be retried, dead: retries ran out)",
+                                          ["result"], registry=r)
+        self.webhook_dead_letters = Gauge("loyalty_webhook_dead_letters", "Deliveries that ran out of retries "
+                                          "and wait for `loyalty events retry`", registry=r)
+        for result in ("delivered", "failed", "dead"):
+            self.webhook_deliveries.labels(result)
         for cause in STORAGE_CAUSES:
             self.storage_errors.labels(cause)
             self.storage_fault.labels(cause).set(0)

@@ -4,14 +4,30 @@ The key comes from the environment (privacy.hmac_key_env, LOYALTY_HMAC_KEY by de
 privacy.hmac_key; it is never written to the database, so a copy of the database alone
 does not give the numbers back, not even by trying every possible card number. Look-ups
 compute the HMAC of the number presented and search for that.
+
+Key rotation. An HMAC cannot be recomputed under a new key without the number, which is
+never stored, so a new key wraps the old hashes instead: under rotation `k2` a card's hash
+is `~k2~` + HMAC(k2, its hash under the key before). The id in front says which key a
+stored hash is under (a bare hash is under the first key); `loyalty privacy rotate-key`
+wraps every stored card and phone hash up to the key in force, beside the serving server.
+Meanwhile look-ups try the hash under the key in force, then under each earlier key. A
+copy of the database together with an earlier key (a leaked one) no longer gives the
+numbers back: every key listed is needed, and none alone is enough.
 """
 from __future__ import annotations
 
 import hmac
 import logging
 import os
+import sys
+from datetime import datetime, timezone
 
-from server.config import Config, ConfigError
+from server.config import Config, ConfigError, load_config
+from server.startup import StartupError, take_serve_lock
+from storage import member_care
+from storage.db import Database
+from storage.ledger import iso
+from storage.schema import migrations
 
 log = logging.getLogger("loyalty.privacy")
 
@@ -20,17 +36,88 @@ log = logging.getLogger("loyalty.privacy")
 TEST_CLOCK_KEY = "test-clock-only-not-a-secret-key"
 
 
+ROTATED_MARK = "~"   # sorts after every hex digit: the hashes under one key are one range of an index
+
+
+class Digest(str):
+    """A hash under the key in force that also carries the hashes of the same number under
+    the earlier keys, newest first (`older`): rows the rotation has not wrapped yet."""
+    older: tuple[str, ...] = ()
+
+
+def candidates(digest: str) -> tuple[str, ...]:
+    """The hashes to look a number up by, the key in force first."""
+    return (digest, *getattr(digest, "older", ()))
+
+
 class Privacy:
-    def __init__(self, key: bytes):
-        if len(key) < 16:
-            raise ValueError("the HMAC key must be at least 16 bytes")
-        self._key = key
+    def __init__(self, key: bytes, rotations: list[tuple[str, bytes]] | tuple = ()):
+        """rotations: (id, key) of each key rotation, oldest first; the last is in force."""
+        for k in (key, *(k for _, k in rotations)):
+            if len(k) < 16:
+                raise ValueError("the HMAC key must be at least 16 bytes")
+        self._first = key
+        self._rotations = list(rotations)
+        self._key = self._rotations[-1][1] if self._rotations else key
+        self.key_ids = ["", *(i for i, _ in self._rotations)]   # "" names the first key
+
+    @property
+    def key_in_force(self) -> str:
+        return self.key_ids[-1]
+
+    def _wrap(self, kind: bytes, digest: str, rotation: int) -> str:
+        key_id, key = self._rotations[rotation]
+        wrapped = hmac.digest(key, kind + b"\0" + digest.encode(), "sha256").hex()
+        return f"{ROTATED_MARK}{key_id}{ROTATED_MARK}{wrapped}"
 
     def _mac(self, kind: bytes, value: str) -> str:
-        return hmac.digest(self._key, kind + b"\0" + value.encode(), "sha256").hex()
+        digest = hmac.digest(self._first, kind + b"\0" + value.encode(), "sha256").hex()
+        if not self._rotations:
+            return digest
+        chain = [digest]
+        for i in range(len(self._rotations)):
+            chain.append(self._wrap(kind, chain[-1], i))
+        out = Digest(chain[-1])
+        out.older = tuple(reversed(chain[:-1]))
+        return out
+
+    def key_of(self, stored: str) -> int | None:
+        """The position in key_ids of the key a stored hash is under; None for a key not listed."""
+        if not stored.startswith(ROTATED_MARK):
+            return 0
+        key_id = stored[1:stored.find(ROTATED_MARK, 1)]
+        return self.key_ids.index(key_id) if key_id and key_id in self.key_ids else None
+
+    def rewrap(self, kind: str, stored: str) -> str | None:
+        """A stored card or phone hash wrapped up to the key in force; None when it is under
+        a key not listed (it cannot be found any more, nor wrapped)."""
+        position = self.key_of(stored)
+        if position is None:
+            return None
+        for rotation in range(position, len(self._rotations)):
+            stored = self._wrap(kind.encode(), stored, rotation)
+        return stored
+
+    def key_checks(self) -> list[tuple[str, str]]:
+        """(id, check value) of each key, in order: an HMAC of a fixed text, which tells two
+        keys apart without giving either back."""
+        keys = [self._first, *(k for _, k in self._rotations)]
+        return [(key_id, hmac.digest(key, b"key check", "sha256").hex()[:32])
+                for key_id, key in zip(self.key_ids, keys)]
+
+    def in_force_range(self) -> tuple[str, str] | None:
+        """[low, high) holding exactly the hashes under the key in force, when it is a rotation."""
+        if not self._rotations:
+            return None
+        key_id = self.key_in_force
+        return f"{ROTATED_MARK}{key_id}{ROTATED_MARK}", f"{ROTATED_MARK}{key_id}\x7f"
 
     def card(self, card: str) -> str:
         return self._mac(b"card", card)
+
+    def coupon(self, code: str) -> str:
+        """code: as storage/coupons.normalize gives it."""
+        return self._mac(b"coupon", code)
 
     def phone(self, phone: str) -> str:
         return self._mac(b"phone", normalize_phone(phone))
@@ -74,4 +161,120 @@ def privacy_from_config(config: Config, environ=None) -> Privacy:
         raise ConfigError("config", "privacy", f"the HMAC key from {source} is shorter than 16 bytes")
     if "demo" in source or "test" in source:
         log.warning("card numbers and phones are protected with %s", source)
-    return Privacy(key.encode())
+    return Privacy(key.encode(), _rotations(p.hmac_key_rotations, environ))
+
+
+def _rotations(listed, environ) -> list[tuple[str, bytes]]:
+    out, seen = [], set()
+    for i, r in enumerate(listed):
+        where = f"privacy.hmac_key_rotations[{i}]"
+        if r.id in seen:
+            raise ConfigError("config", where, f"id {r.id} is listed twice")
+        if (r.key_env is None) == (r.key is None):
+            raise ConfigError("config", where, "give the key in exactly one of key_env and key")
+        key = environ.get(r.key_env) if r.key_env else r.key
+        if not key:
+            raise ConfigError("config", where, f"the environment variable {r.key_env} is not set: without "
+                              f"key {r.id} no card or phone hashed under it can be found")
+        if len(key.encode()) < 16:
+            raise ConfigError("config", where, f"key {r.id} is shorter than 16 bytes")
+        seen.add(r.id)
+        out.append((r.id, key.encode()))
+    return out
+
+
+# ---------------------------------------------------------------- loyalty privacy rotate-key
+
+ROTATE_BATCH_ROWS = 1_000       # rows wrapped per write transaction: a few ms of the write lock
+ROTATE_BATCH_ROWS_MAX = 10_000
+
+
+class KeyNotListed(Exception):
+    """Stored hashes under a key privacy does not list: they can be neither found nor wrapped."""
+
+
+def rotate_key_command(config_path: str, batch_rows: int = ROTATE_BATCH_ROWS) -> int:
+    """Wraps every stored card and phone hash up to the key in force, in batches of their own
+    transactions, beside a serving server (or alone). Run again, it goes on where it stopped."""
+    try:
+        config = load_config(config_path)
+        privacy = privacy_from_config(config)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if not 1 <= batch_rows <= ROTATE_BATCH_ROWS_MAX:
+        print(f"--batch-rows must be 1 to {ROTATE_BATCH_ROWS_MAX}", file=sys.stderr)
+        return 2
+    db_path = config.resolve(config.database.path)
+    if not db_path.exists():
+        print(f"{db_path}: no database", file=sys.stderr)
+        return 2
+    try:
+        lock = take_serve_lock(db_path)     # no server: none may start on the old key meanwhile
+    except StartupError:
+        lock = None                         # a server serves: it must already use the key in force
+    try:
+        return _rotate(config, db_path, privacy, batch_rows, alone=lock is not None)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _rotate(config, db_path, privacy: Privacy, batch_rows: int, alone: bool) -> int:
+    db = Database.from_config(config.database, db_path, migrations=migrations, checkpoints=False)
+    db.open()
+    try:
+        refused = _check_keys(db, privacy, alone)
+        if refused:
+            print(refused, flush=True)
+            return 2
+        total = 0
+        for table, column, kind in member_care.REKEYED:
+            total += _rotate_table(db, privacy, table, column, kind, batch_rows)
+        print(f"done: {total} hash(es) wrapped; every card and phone hash is under "
+              f"{_key_name(privacy.key_in_force)}", flush=True)
+        return 0
+    except KeyNotListed as e:
+        print(e, flush=True)
+        return 1
+    finally:
+        db.close()
+
+
+def _check_keys(db, privacy: Privacy, alone: bool) -> str | None:
+    """Why the hashes cannot be wrapped now, or None. Beside a serving server, only once it
+    has taken up the key in force: it would not find the wrapped hashes otherwise."""
+    if alone:
+        now = iso(datetime.now(timezone.utc))
+        return db.write_sync(lambda c: member_care.record_keys(c, privacy.key_checks(), now))
+    recorded = db.read_sync(member_care.recorded_keys)
+    if recorded != privacy.key_checks():
+        return (f"the serving server does not use the keys of this config (in force: "
+                f"{_key_name(recorded[-1][0]) if recorded else 'none recorded'}): restart it with this "
+                "config first, so that it finds the hashes this wraps")
+    return None
+
+
+def _key_name(key_id: str) -> str:
+    return f"key {key_id}" if key_id else "the first key (privacy.hmac_key_env or hmac_key)"
+
+
+def _rotate_table(db, privacy: Privacy, table: str, column: str, kind: str, batch_rows: int) -> int:
+    in_force = privacy.in_force_range()
+    left = db.read_sync(lambda c: member_care.count_stale(c, table, column, in_force))
+    done = 0
+    while left and (wrapped := db.write_sync(lambda c: _rotate_batch(c, privacy, table, column, kind, batch_rows))):
+        done += wrapped
+        print(f"{table}.{column}: {done} of {left} wrapped", flush=True)
+    return done
+
+
+def _rotate_batch(conn, privacy: Privacy, table: str, column: str, kind: str, batch_rows: int) -> int:
+    stale = member_care.stale_hashes(conn, table, column, privacy.in_force_range(), batch_rows)
+    pairs = [(old, privacy.rewrap(kind, old)) for old in stale]
+    lost = [old for old, new in pairs if new is None]
+    if lost:
+        key_id = lost[0][1:lost[0].find(ROTATED_MARK, 1)]
+        raise KeyNotListed(f"{table}.{column}: hashes under key {key_id!r}, which privacy.hmac_key_rotations "
+                           "does not list: list it again (in its place) so they can be found and wrapped")
+    return member_care.rewrap(conn, table, column, pairs)

@@ -9,6 +9,7 @@ from what the server actually accepts.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import tempfile
@@ -21,13 +22,13 @@ import msgspec
 from aiohttp import web
 
 from rules import ProgramError, check_dir
-from server import answer_types as A, program_versions, schema
+from server import answer_types as A, cvm, member_care, program_versions, report_campaign, schema
 from server.auth import Principal, require_adjustment_within, require_role
 from server.errors import ApiError, field_error, not_found
 from server.keys import (CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, OPS, PRIVACY, PROGRAMS, STATE,
                          VERSIONS)
 from server.ops import adjustments, members, receipts, returns
-from storage import admin_audit
+from storage import admin_audit, events
 from storage.db import StorageClosed, StorageError
 from storage.ledger import iso
 
@@ -73,6 +74,31 @@ def json_reply(data, status: int = 200) -> Reply:
     return Reply(status, schema.ENCODER.encode(data))
 
 
+def explains_retired_cards(card_of: Callable[[Call], str | None]):
+    """`unknown_card` for a card a replacement or a merge took out of use says which instead
+    (card_replaced, card_merged), with the same status."""
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def run(app, call: Call) -> Reply:
+            try:
+                return await handler(app, call)
+            except ApiError as e:
+                card = card_of(call) if e.code == "unknown_card" else None
+                if card:
+                    await member_care.refuse_retired(app, card, e)
+                raise
+        return run
+    return wrap
+
+
+def _card_in_body(call: Call) -> str | None:
+    return getattr(call.body, "card", None)
+
+
+def _card_in_path(call: Call) -> str | None:
+    return call.path.get("card")
+
+
 # ------------------------------------------------------------------ registers
 
 # Receipt requests counted in loyalty_receipts_total, by route name: successes by the
@@ -81,10 +107,12 @@ def json_reply(data, status: int = 200) -> Reply:
 COUNTED_ENDPOINTS = {"calculate": "calculate", "confirm": "confirm", "cancel": "cancel", "return_items": "return"}
 
 
+@explains_retired_cards(_card_in_body)
 async def calculate(app, call: Call) -> Reply:
     return json_reply(await receipts.calculate(app[OPS], call.body, call.principal))
 
 
+@explains_retired_cards(_card_in_body)
 async def confirm(app, call: Call) -> Reply:
     status, result = await receipts.confirm(app[OPS], call.body, call.principal)
     return json_reply(result, status)
@@ -104,19 +132,28 @@ async def return_items(app, call: Call) -> Reply:
 # ------------------------------------------------------------------ members
 
 async def enroll(app, call: Call) -> Reply:
-    return json_reply(await members.enroll(app[OPS], call.body, call.principal), 201)
+    # A card out of use is not given to a new member: the register is told what happened to it.
+    await member_care.refuse_retired(app, call.body.card, status=409)
+    return json_reply(await member_care.with_crm(app, await members.enroll(app[OPS], call.body, call.principal)), 201)
 
 
+@explains_retired_cards(_card_in_path)
 async def get_member(app, call: Call) -> Reply:
     ops = app[OPS]
     at = parse_moment(call.query.get("at"), "at", ops.program().timezone)
-    return json_reply(await members.get_member(ops, call.path["card"], at))
+    return json_reply(await member_care.with_crm(app, await members.get_member(ops, call.path["card"], at)))
 
 
+@explains_retired_cards(_card_in_path)
 async def patch_member(app, call: Call) -> Reply:
-    return json_reply(await members.patch_member(app[OPS], call.path["card"], call.body))
+    # The CRM's fields first: a PATCH refused for its crm_id changes nothing of the profile,
+    # and one whose profile write fails is sent again whole (it sets values, so that is safe).
+    await member_care.set_crm(app, call.path["card"], call.body)
+    answer = await members.patch_member(app[OPS], call.path["card"], call.body)
+    return json_reply(await member_care.with_crm(app, answer))
 
 
+@explains_retired_cards(_card_in_path)
 async def member_statement(app, call: Call) -> Reply:
     ops = app[OPS]
     tz = ops.program().timezone
@@ -132,6 +169,7 @@ async def member_statement(app, call: Call) -> Reply:
 
 # ------------------------------------------------------------------ admin
 
+@explains_retired_cards(_card_in_body)
 async def adjust(app, call: Call) -> Reply:
     require_adjustment_within(call.principal, call.body.points, app[CONFIG].auth.support_adjustment_max_points)
     status, result = await adjustments.adjust(app[OPS], call.body, call.principal)
@@ -142,8 +180,29 @@ async def adjust(app, call: Call) -> Reply:
     return json_reply(result, status)
 
 
+@explains_retired_cards(_card_in_path)
 async def set_tier(app, call: Call) -> Reply:
-    return json_reply(await members.set_tier(app[OPS], call.path["card"], call.body))
+    return json_reply(await member_care.with_crm(app, await members.set_tier(app[OPS], call.path["card"], call.body)))
+
+
+# ------------------------------------------------------------------ member care
+
+async def members_search(app, call: Call) -> Reply:
+    return json_reply(await member_care.find_by_phone(app, call.body))
+
+
+async def replace_card(app, call: Call) -> Reply:
+    status, result = await member_care.replace_card(app, call.path["member_id"], call.body)
+    return json_reply(result, status)
+
+
+async def merge_members(app, call: Call) -> Reply:
+    status, result = await member_care.merge(app, call.body, call.principal)
+    return json_reply(result, status)
+
+
+async def erase_member(app, call: Call) -> Reply:
+    return json_reply(await member_care.erase(app, call.path["member_id"], call.body))
 
 
 async def rules_info(app, call: Call) -> Reply:
@@ -177,6 +236,22 @@ async def rules_versions(app, call: Call) -> Reply:
         raise field_error("before", "must be the id of a listed version (a positive whole number)")
     loads = await app[DATABASE].read(lambda conn: program_versions.list_versions(conn, limit, before_id))
     return json_reply(A.VersionsAnswer(app[PROGRAMS].current.version, msgspec.convert(loads, list[A.VersionLoad])))
+
+
+EVENTS_PAGE_MAX = 1_000
+EVENT_ID_MAX = 2**63 - 1
+
+
+async def events_page(app, call: Call) -> Reply:
+    """The outbox as a warehouse pulls it: events after an id, oldest first."""
+    after = parse_int(call.query.get("after"), "after", default=0)
+    if not 0 <= after <= EVENT_ID_MAX:
+        raise field_error("after", "must be 0 or the id of an event")
+    limit = parse_int(call.query.get("limit"), "limit", default=100)
+    if not 1 <= limit <= EVENTS_PAGE_MAX:
+        raise field_error("limit", f"must be 1 to {EVENTS_PAGE_MAX}")
+    rows = await app[DATABASE].read(lambda conn: events.page(conn, after, limit))
+    return json_reply(A.EventsAnswer(msgspec.convert(rows, list[A.Event]), rows[-1]["id"] if rows else after))
 
 
 async def rules_version(app, call: Call) -> Reply:
@@ -337,6 +412,23 @@ ROUTES: list[Route] = [
           answers=created(A.AdjustmentAnswer)),
     Route("PUT", "/v1/admin/members/{card}/tier", set_tier, R({MANAGER}), schema.TierAssignment,
           "Assign a tier manually until a date", answers=ok(A.MemberAnswer)),
+    Route("GET", "/v1/admin/events", events_page, R({MANAGER}), None,
+          "Events after an id, oldest first: ?after= (0) and ?limit= (1-1000, 100); next_after for the next page",
+          answers=ok(A.EventsAnswer)),
+    Route("POST", "/v1/admin/members/search", members_search, R({MANAGER, SUPPORT}), schema.PhoneSearch,
+          "Members with this phone (found by its HMAC), at most 20: ids, cards' last digits, balance, CRM fields",
+          answers=ok(A.MemberSearchAnswer)),
+    Route("POST", "/v1/admin/members/{member_id}/replace-card", replace_card, R({MANAGER, SUPPORT}),
+          schema.CardReplacement, "Give the member a new card in place of one of theirs; balance, lots and "
+          "history stay with the member, the old card is refused with card_replaced", audit_detail=("reason",),
+          answers=created(A.CardReplacementAnswer)),
+    Route("POST", "/v1/admin/members/merge", merge_members, R({MANAGER}), schema.MemberMerge,
+          "Move every point of one member to another through transfer postings; the first member's cards are "
+          "refused with card_merged; idempotent by merge_id",
+          audit_detail=("merge_id", "from_member_id", "into_member_id", "reason"), answers=created(A.MergeAnswer)),
+    Route("POST", "/v1/admin/members/{member_id}/erase", erase_member, R({MANAGER}), schema.Erasure,
+          "Erase the member's personal data (cards, phone, birthday, tags, CRM fields); the member id and "
+          "ledger stay", audit_detail=("reason",), answers=ok(A.ErasureAnswer)),
     Route("GET", "/v1/admin/rules", rules_info, R({MANAGER}), None, "The loaded program",
           answers=ok(A.RulesAnswer)),
     Route("POST", "/v1/admin/rules/reload", rules_reload, R({MANAGER}), None, "Reload the program from disk",
@@ -362,6 +454,7 @@ ROUTES: list[Route] = [
           answers=ok(None, "Prometheus text")),
     Route("GET", "/openapi.json", openapi, None, None, "This API as OpenAPI 3", answers=ok(A.OpenApiDocument)),
 ]
+ROUTES += cvm.routes() + report_campaign.routes()
 
 
 ADMIN_PREFIX = "/v1/admin/"

@@ -80,10 +80,50 @@ class Enrollment(Struct, forbid_unknown_fields=True):
     store_id: Id | None = None
 
 
+class Consent(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Whether the member allows messages on each channel; a channel not given keeps its value."""
+    sms: bool | None = None
+    viber: bool | None = None
+    email: bool | None = None
+    push: bool | None = None
+
+
+CrmId = Annotated[str, Meta(max_length=64, pattern=r"^[^\s]*$",
+                            description="up to 64 characters without spaces; empty clears it")]
+
+
 class MemberPatch(Struct, forbid_unknown_fields=True, omit_defaults=True):
     phone: Annotated[str, Meta(min_length=3, max_length=32)] | None = None
     birthday: date | None = None
     tags: Annotated[list[Tag], Meta(max_length=64)] | None = None
+    consent: Consent | None = None
+    crm_id: CrmId | None = None
+
+
+MemberId = Annotated[str, Meta(pattern=r"^m_[1-9][0-9]{0,17}$", description="a member id like m_12")]
+Last4 = Annotated[str, Meta(min_length=1, max_length=4)]
+
+
+class PhoneSearch(Struct, forbid_unknown_fields=True):
+    phone: Annotated[str, Meta(min_length=3, max_length=32)]
+
+
+class CardReplacement(Struct, forbid_unknown_fields=True):
+    new_card: Card
+    # Which card it replaces, by its last four digits; needed only when the member has several.
+    old_card_last4: Last4 | None = None
+    reason: Annotated[str, Meta(min_length=1, max_length=500)] | None = None
+
+
+class MemberMerge(Struct, forbid_unknown_fields=True):
+    merge_id: Id
+    from_member_id: MemberId
+    into_member_id: MemberId
+    reason: Annotated[str, Meta(min_length=1, max_length=500)]
+
+
+class Erasure(Struct, forbid_unknown_fields=True):
+    reason: Annotated[str, Meta(min_length=1, max_length=500)]
 
 
 class Adjustment(Struct, forbid_unknown_fields=True):
@@ -130,7 +170,7 @@ class RulesRollback(Struct, forbid_unknown_fields=True):
 
 DECODERS = {t: msgspec.json.Decoder(t) for t in
             (Receipt, ReturnRequest, Enrollment, MemberPatch, Adjustment, TierAssignment, RulesCheck,
-             RulesDeploy, RulesRollback)}
+             RulesDeploy, RulesRollback, PhoneSearch, CardReplacement, MemberMerge, Erasure)}
 def _encode_other(obj):
     # Program summaries carry str subclasses (ids, names) and exact numbers.
     if isinstance(obj, str):
@@ -173,3 +213,32 @@ def every_problem(body: bytes, t: type, first: msgspec.ValidationError) -> valid
 def canonical(obj) -> bytes:
     """The same request, whatever its key order or spacing: the idempotency fingerprint."""
     return ENCODER.encode(obj)
+
+
+# ------------------------------------------------------------------ segments, offers, coupons
+
+CARDS_PER_REQUEST_MAX = 10_000      # larger lists: `loyalty import offers --csv`, or several requests
+COUPONS_PER_REQUEST_MAX = 10_000    # larger runs: `loyalty coupons generate`
+Cards = Annotated[list[Card], Meta(min_length=1, max_length=CARDS_PER_REQUEST_MAX)]
+
+
+class SegmentCards(Struct, forbid_unknown_fields=True):
+    cards: Cards
+
+
+class OfferAssignment(Struct, forbid_unknown_fields=True):
+    offer_id: Id
+    rule: Id
+    from_: date = msgspec.field(name="from")
+    to: date
+    cards: Cards | None = None
+    segment: Id | None = None
+    points: Annotated[int, Meta(ge=1, le=POINTS_MAX)] | None = None
+
+
+class CouponRequest(Struct, forbid_unknown_fields=True):
+    count: Annotated[int, Meta(ge=1, le=COUPONS_PER_REQUEST_MAX)]
+    card: Card | None = None
+
+
+DECODERS.update({t: msgspec.json.Decoder(t) for t in (SegmentCards, OfferAssignment, CouponRequest)})

@@ -5,7 +5,7 @@ does not hold.
    (and its lot's dates). An edited, inserted or deleted row breaks it from there on.
 2. Balances from postings: each lot's kept remaining points equal the sum of its
    postings; a lot below zero is a debt and is only allowed where a return reversed
-   points the member had already spent. Each rule's kept total (rule_totals, what
+   points the member had already spent (or a merge transferred such a debt). Each rule's kept total (rule_totals, what
    budgets count) equals the sum of its accrual and reversal postings.
 3. Receipts: each confirmed receipt's postings match its stored answer; a cancelled
    receipt nets to zero; returns posted what they answered.
@@ -94,9 +94,9 @@ def _lots(conn, report: AuditReport) -> None:
                                f"its postings sum to {remaining}")
         return
     for lot_id, member_id, remaining, reversed_ in conn.execute(
-            "SELECT p.lot_id, p.member_id, SUM(p.points), SUM(p.kind = 'reversal') FROM postings p "
+            "SELECT p.lot_id, p.member_id, SUM(p.points), SUM(p.kind IN ('reversal', 'transfer')) FROM postings p "
             "GROUP BY p.lot_id HAVING SUM(p.points) < 0"):
-        if not reversed_:
+        if not reversed_:     # a transfer brings a debt along from a merged member
             report.problems.append(f"lot {lot_id} of member m_{member_id} is overspent ({remaining} points) "
                                    "without a return that explains it")
             return

@@ -73,10 +73,14 @@ _MEMBER_COLUMNS = "m.id, m.phone_last4, m.birthday, m.tags, m.referred_by, m.enr
 
 
 def member_by_card(conn: sqlite3.Connection, card: str) -> MemberRow | None:
-    """card: the card number's HMAC (server/privacy.py), never the number."""
-    row = conn.execute(f"SELECT {_MEMBER_COLUMNS} FROM cards c JOIN members m ON m.id = c.member_id "
-                       "WHERE c.card = ?", (card,)).fetchone()
-    return MemberRow(*row) if row else None
+    """card: the card number's HMAC (server/privacy.py), never the number; during a key
+    rotation it also carries the number's hashes under earlier keys (`older`), tried next."""
+    for digest in (card, *getattr(card, "older", ())):
+        row = conn.execute(f"SELECT {_MEMBER_COLUMNS} FROM cards c JOIN members m ON m.id = c.member_id "
+                           "WHERE c.card = ?", (digest,)).fetchone()
+        if row:
+            return MemberRow(*row)
+    return None
 
 
 def member_by_id(conn: sqlite3.Connection, member_id: int) -> MemberRow:

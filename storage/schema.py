@@ -8,6 +8,8 @@ remaining points are the sum of the postings that name it (kept in lots.remainin
 what each rule has issued is the sum of its accrual and reversal postings (kept in rule_totals
 since m016). Receipts, holds and the counters for rule limits are working state beside the ledger.
 """
+import re
+
 import msgspec
 from sqlite_utils.migrations import Migrations
 
@@ -502,4 +504,233 @@ UPDATE receipts SET detail = NULL, lines = line_records_of(body, result, detail,
     (SELECT json_group_object(p.rule_id, p.lot_id) FROM postings p
      WHERE p.store_id = receipts.store_id AND p.register_id = receipts.register_id
        AND p.receipt_id = receipts.receipt_id AND p.kind = 'accrual' AND p.rule_id IS NOT NULL))
+""")
+
+
+@migrations()
+def m024_events(db):
+    """The outbox of events for webhooks and the warehouse (storage/events.py).
+
+    - events: written in the transaction of the change they announce, so an event exists exactly
+      when its change was committed; once_key makes an event that a job may look at twice (a
+      lot's points.expiring) one row. Every receipt writes one, so it has no index beyond the
+      rowid and that partial one: ids only grow because the newest event is never deleted
+      (AUTOINCREMENT would cost a write of sqlite_sequence per event), and the retention
+      purge walks ids, as old as created_at.
+    - event_deliveries: what is still owed, one row per event and webhook that wants it: pending
+      until the receiver answered 2xx (then the row goes) or retrying ran out (dead); the
+      partial index finds each member's oldest pending event, all that may be sent for that
+      member. Kept this small, the backlog is counted every second.
+    - event_fanout: per webhook, the last event id already given its delivery rows.
+    - event_member_tiers: the tier last announced per member, to see a tier.changed."""
+    _run(db, """
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY,
+    type TEXT NOT NULL,
+    member_id INTEGER NOT NULL,
+    card_last4 TEXT,
+    occurred_at TEXT NOT NULL,
+    data BLOB NOT NULL,
+    once_key TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE UNIQUE INDEX events_once ON events(once_key) WHERE once_key IS NOT NULL;
+CREATE TABLE event_deliveries (
+    webhook_id TEXT NOT NULL,
+    event_id INTEGER NOT NULL,
+    member_id INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    first_attempt_at REAL,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    done_at REAL,
+    PRIMARY KEY (webhook_id, event_id)
+) WITHOUT ROWID;
+CREATE INDEX event_deliveries_pending ON event_deliveries(webhook_id, member_id, event_id) WHERE state = 'pending';
+CREATE INDEX event_deliveries_event ON event_deliveries(event_id);
+CREATE TABLE event_fanout (
+    webhook_id TEXT PRIMARY KEY,
+    after_id INTEGER NOT NULL
+);
+CREATE TABLE event_member_tiers (
+    member_id INTEGER PRIMARY KEY,
+    tier TEXT NOT NULL
+)
+""")
+
+
+# Posting kinds the CHECK of postings allows; m025 adds 'transfer' to it in place.
+_POSTING_KINDS_CHECK = re.compile(r"(kind\s+IN\s*\()([^)]*)\)", re.IGNORECASE)
+
+
+@migrations()
+def m025_member_care(db):
+    """Member care and CRM fields.
+
+    - members: the CRM's own id for the member (crm_id, unique when set), consent per channel
+      (0 until granted), merged_into (the member a merge moved this one's points to) and
+      erased_at (personal data erased on request; the row and its ledger stay).
+    - retired_cards: cards taken out of use by a replacement or a merge, still keyed by their
+      HMAC so a register presenting one is told what happened instead of `unknown_card`.
+      An erasure deletes them with the member's cards.
+    - member_merges: one row per merge, idempotent by its id like adjustments.
+    - postings.kind gains 'transfer': points moved between two members' accounts (a merge).
+      The CHECK only loosens, so no row changes: the table's stored SQL is edited in place
+      (SQLite's documented procedure for such changes), where rebuilding the table would copy
+      every posting.
+    - privacy_keys: each HMAC key the card and phone hashes were made or wrapped with, in
+      order (id "" is the first key), with a check value (an HMAC of a fixed text, which does
+      not give the key back): a server whose keys do not start with these refuses to start,
+      where it used to find no card at all, and `loyalty privacy rotate-key` wraps nothing
+      under a key the serving server has not taken up."""
+    _run(db, """
+ALTER TABLE members ADD COLUMN crm_id TEXT;
+ALTER TABLE members ADD COLUMN consent_sms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE members ADD COLUMN consent_viber INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE members ADD COLUMN consent_email INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE members ADD COLUMN consent_push INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE members ADD COLUMN consent_updated_at TEXT;
+ALTER TABLE members ADD COLUMN merged_into INTEGER REFERENCES members(id);
+ALTER TABLE members ADD COLUMN erased_at TEXT;
+CREATE UNIQUE INDEX members_crm_id ON members(crm_id) WHERE crm_id IS NOT NULL;
+CREATE INDEX members_merged_into ON members(merged_into) WHERE merged_into IS NOT NULL;
+CREATE TABLE retired_cards (
+    card TEXT PRIMARY KEY,
+    member_id INTEGER NOT NULL REFERENCES members(id),
+    card_last4 TEXT,
+    reason TEXT NOT NULL CHECK (reason IN ('replaced', 'merged')),
+    successor TEXT NOT NULL,
+    retired_at TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX retired_cards_member ON retired_cards(member_id);
+CREATE TABLE member_merges (
+    merge_id TEXT PRIMARY KEY,
+    body_sha256 TEXT NOT NULL,
+    from_member INTEGER NOT NULL REFERENCES members(id),
+    into_member INTEGER NOT NULL REFERENCES members(id),
+    result BLOB NOT NULL,
+    key_id TEXT NOT NULL,
+    created_at TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE privacy_keys (
+    position INTEGER PRIMARY KEY,
+    key_id TEXT NOT NULL UNIQUE,
+    check_value TEXT NOT NULL,
+    recorded_at TEXT NOT NULL
+)
+""")
+    _allow_posting_kind(db.conn, "transfer")
+
+
+def _allow_posting_kind(conn, kind: str) -> None:
+    sql = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'postings'").fetchone()[0]
+    match = _POSTING_KINDS_CHECK.search(sql)
+    if match is None or f"'{kind}'" in match.group(2):
+        return
+    widened = sql[:match.end(2)] + f", '{kind}'" + sql[match.end(2):]
+    version = conn.execute("PRAGMA schema_version").fetchone()[0]
+    conn.execute("PRAGMA writable_schema = ON")
+    try:
+        conn.execute("UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = 'postings'", (widened,))
+        conn.execute(f"PRAGMA schema_version = {int(version) + 1}")
+    finally:
+        conn.execute("PRAGMA writable_schema = OFF")
+
+
+@migrations()
+def m026_segments_offers_coupons(db):
+    """Customer value management: RFM scores, list segments, personal offers, coupon codes.
+
+    - rfm_runs/rfm_scores: each run of the RFM job writes its scores under its own run id
+      and is marked finished last, so a receipt always reads one whole run (the newest
+      finished one) while the next is being written; older runs are deleted afterwards.
+    - segment_members: the members of `list` segments (rfm segments are read from scores).
+    - offers/offer_members: an offer is resolved to its members when it is assigned; each
+      member's row carries the offer's dates and budget; offer_charges say which receipt
+      used how much of it, so a cancel gives it back.
+    - coupon_codes: a code is kept as its HMAC (like cards), with its uses so far;
+      coupon_uses names the receipt that used it, so a cancel or a full return gives it back.
+    - holdout_points: what a rule would have given a member of its control group."""
+    _run(db, """
+CREATE TABLE rfm_runs (
+    id INTEGER PRIMARY KEY,
+    local_date TEXT NOT NULL,
+    window_days INTEGER NOT NULL,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    members_scored INTEGER
+);
+CREATE TABLE rfm_scores (
+    run_id INTEGER NOT NULL,
+    member_id INTEGER NOT NULL,
+    r INTEGER NOT NULL CHECK (r BETWEEN 1 AND 5),
+    f INTEGER NOT NULL CHECK (f BETWEEN 1 AND 5),
+    m INTEGER NOT NULL CHECK (m BETWEEN 1 AND 5),
+    recency_days INTEGER NOT NULL,
+    receipts INTEGER NOT NULL,
+    spend INTEGER NOT NULL,
+    PRIMARY KEY (run_id, member_id)
+) WITHOUT ROWID;
+CREATE TABLE segment_members (
+    segment_id TEXT NOT NULL,
+    member_id INTEGER NOT NULL REFERENCES members(id),
+    added_at TEXT NOT NULL,
+    PRIMARY KEY (segment_id, member_id)
+) WITHOUT ROWID;
+CREATE INDEX segment_members_member ON segment_members(member_id);
+CREATE TABLE offers (
+    offer_id TEXT PRIMARY KEY,
+    rule_id TEXT NOT NULL,
+    body_sha256 TEXT NOT NULL,
+    from_date TEXT NOT NULL,
+    to_date TEXT NOT NULL,
+    points INTEGER,
+    members INTEGER NOT NULL,
+    created_at TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE offer_members (
+    member_id INTEGER NOT NULL REFERENCES members(id),
+    offer_id TEXT NOT NULL REFERENCES offers(offer_id),
+    rule_id TEXT NOT NULL,
+    from_date TEXT NOT NULL,
+    to_date TEXT NOT NULL,
+    points INTEGER,
+    points_used INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (member_id, offer_id)
+) WITHOUT ROWID;
+CREATE TABLE offer_charges (
+    store_id TEXT NOT NULL,
+    register_id TEXT NOT NULL,
+    receipt_id TEXT NOT NULL,
+    member_id INTEGER NOT NULL,
+    offer_id TEXT NOT NULL,
+    points INTEGER NOT NULL,
+    PRIMARY KEY (store_id, register_id, receipt_id, offer_id)
+) WITHOUT ROWID;
+CREATE TABLE coupon_codes (
+    code TEXT PRIMARY KEY,
+    campaign TEXT NOT NULL,
+    card TEXT,
+    uses INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE coupon_uses (
+    store_id TEXT NOT NULL,
+    register_id TEXT NOT NULL,
+    receipt_id TEXT NOT NULL,
+    code TEXT NOT NULL REFERENCES coupon_codes(code),
+    used_at TEXT NOT NULL,
+    PRIMARY KEY (store_id, register_id, receipt_id, code)
+) WITHOUT ROWID;
+CREATE TABLE holdout_points (
+    store_id TEXT NOT NULL,
+    register_id TEXT NOT NULL,
+    receipt_id TEXT NOT NULL,
+    rule_id TEXT NOT NULL,
+    member_id INTEGER NOT NULL,
+    points INTEGER NOT NULL,
+    PRIMARY KEY (store_id, register_id, receipt_id, rule_id)
+) WITHOUT ROWID;
+CREATE INDEX holdout_points_rule ON holdout_points(rule_id, member_id)
 """)

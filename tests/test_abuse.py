@@ -105,7 +105,9 @@ ADMIN = [r for r in ROUTES if r.path.startswith("/v1/admin/")]
 @pytest.mark.parametrize("role", ["register", "monitor"])
 async def test_only_managers_reach_admin_paths(make_api, route, role):
     api = await make_api(now=NOW)
-    path = route.path.replace("{card}", "7000000000001").replace("{version}", "sha256:" + "0" * 64)
+    path = (route.path.replace("{card}", "7000000000001").replace("{version}", "sha256:" + "0" * 64)
+            .replace("{member_id}", "m_1").replace("{id}", "staff").replace("{campaign}", "xmas")
+            .replace("{rule}", "base"))
     status, data = await api.call(route.method, path, {} if route.body else None, as_=role)
     assert status == 403, data
     assert_error_shape(data)

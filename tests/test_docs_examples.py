@@ -239,7 +239,8 @@ def test_a_wrong_example_fails(position: int, complaint: str, tmp_path: Path):
 
 
 REQUEST_TYPES = {name: getattr(schema, name) for name in (
-    "Receipt", "ReturnRequest", "Enrollment", "MemberPatch", "Adjustment", "TierAssignment", "RulesCheck")}
+    "Receipt", "ReturnRequest", "Enrollment", "MemberPatch", "Adjustment", "TierAssignment", "RulesCheck",
+    "PhoneSearch", "CardReplacement", "MemberMerge", "Erasure")}
 
 
 def json_blocks() -> list[Block]:

@@ -125,11 +125,25 @@ BAD_BODIES = {
         {"version": "sha256:" + "A" * 64, "reason": ""},
         {"reason": "r"},
     ],
+    schema.PhoneSearch: [{"phone": "1"}, {}, {"phone": "1" * 33}],
+    schema.CardReplacement: [{"new_card": "1 2", "old_card_last4": "12345"}, {"reason": ""}],
+    schema.MemberMerge: [
+        {"merge_id": "a b", "from_member_id": "12", "into_member_id": "m_0", "reason": ""},
+        {"merge_id": "M-1", "from_member_id": "m_1"},
+    ],
+    schema.Erasure: [{"reason": ""}, {}],
+    schema.SegmentCards: [{"cards": []}, {"cards": ["a b", 7]}, {"cards": ["1"] * 10_001}],
+    schema.OfferAssignment: [
+        {"offer_id": "", "rule": "a/b", "from": "2026-02-30", "to": "soon", "cards": "c1", "points": 0},
+        {"offer_id": "o", "rule": "r", "from": "2026-12-01", "segment": 5},
+    ],
+    schema.CouponRequest: [{"count": 0}, {"count": 10_001, "card": ""}, {"card": CARD}],
 }
 
 
 def request_of(route, body) -> tuple[str, str, dict, str]:
-    path = route.path.replace("{card}", CARD)
+    path = (route.path.replace("{card}", CARD).replace("{member_id}", "m_1").replace("{id}", "staff")
+            .replace("{campaign}", "xmas"))
     return route.method, path, body, "manager" if "manager" in route.roles else "register"
 
 

@@ -34,7 +34,9 @@ WORDS = ["program", "points", "rules", "events", "id", "name", "group", "priorit
          "brands", "exclude_categories", "exclude_flags", "value", "rounding", "activation_delay_days",
          "expiry_days", "exclusions", "flags", "redemption", "max_share", "min_points", "exclude", "holds",
          "ttl_minutes", "tiers", "metric", "window_days", "levels", "stores", "partners", "funding_share",
-         "on", "timezone", "currency", "base", "dairy", "mon", "day", "week", "month"]
+         "on", "timezone", "currency", "base", "dairy", "mon", "day", "week", "month", "segments", "rfm",
+         "define", "list", "r", "f", "m", "segment", "coupons", "coupon", "uses_per_code", "valid", "personal",
+         "holdout", "days_since_last_purchase", "receipts_in_window", "spend_in_window", "enrolled_days"]
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=True),
                     st.sampled_from(WORDS), st.text(max_size=20),

@@ -114,7 +114,8 @@ def test_without_clock_start_the_system_clock_is_named(tmp_path, capsys):
 def test_a_now_within_a_day_needs_no_force(tmp_path, capsys):
     config = write_config(tmp_path)
     assert cli(["jobs", "run", "--config", config, "--now", "2026-11-25T11:00:00+02:00"]) == 0
-    assert ran(capsys.readouterr().out) == {"expired_lots": 0, "released_holds": 0, "birthday_events": 0}
+    assert ran(capsys.readouterr().out) == {"expired_lots": 0, "released_holds": 0, "birthday_events": 0,
+                                            "expiring_lots": 0}
 
 
 @pytest.mark.parametrize("now, message", [
@@ -257,5 +258,6 @@ def test_a_run_that_cannot_get_the_write_lock_is_one_line_naming_the_holder(tmp_
                                   "stay done, run it again once the lock is released\n"), locked.stderr
     assert locked.stderr.count("\n") == 1 and locked.stdout == ""
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert (again.returncode, again.stdout) == (0, "expired_lots: 0, released_holds: 0, birthday_events: 0\n"), \
+    assert (again.returncode, again.stdout) == (0, "expired_lots: 0, released_holds: 0, birthday_events: 0, "
+                                                   "expiring_lots: 0\n"), \
         again.stderr

@@ -21,6 +21,18 @@ from test_schema_upgrade import without_times
 
 DATA = Path(__file__).parent / "fixtures"
 NOW = "2026-11-24T12:00:05+02:00"
+# Fields member answers gained after the fixture was recorded (the CRM's); the API adds
+# fields freely, so these are compared by their presence, the rest by value.
+ADDED_SINCE = {"crm_id", "consent", "consent_updated_at"}
+
+
+def as_recorded(answer: list, expected: list) -> list:
+    status, body = answer
+    if isinstance(body, dict) and isinstance(expected[1], dict):
+        added = body.keys() - expected[1].keys()
+        assert added <= ADDED_SINCE, added
+        body = {k: v for k, v in body.items() if k not in added}
+    return [status, body]
 
 
 async def test_returns_and_cancels_on_an_upgraded_database_answer_as_before(tmp_path):
@@ -40,6 +52,7 @@ async def test_returns_and_cancels_on_an_upgraded_database_answer_as_before(tmp_
             answers.append(list(await api.call(method, path, body, who)))
             expected.append([status, data])
     assert [s for s, _ in answers] == [s for s, _ in expected]
+    answers = [as_recorded(a, e) for a, e in zip(answers, expected)]
     assert without_times(answers) == without_times(expected)
     conn = sqlite3.connect(tmp_path / "loyalty.db")
     assert conn.execute("SELECT COUNT(*), COUNT(lines), COUNT(detail) FROM receipts").fetchone() == (6, 6, 0)

@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import re
 import shutil
+from datetime import date
+from decimal import Decimal
 
 import jsonschema_rs
 import pytest
 
-from conftest import MARKET, line, receipt
+from conftest import MARKET, Api, line, receipt, test_config
+from server import cvm
+from server.app import create_app
+from server.report_campaign import CampaignRule
+from storage import coupons
+from storage.segments import SegmentDefinition
 
 NOW = "2026-11-24T12:00:05+02:00"
 CARD = "7000000000001"
 DRIVEN: set[tuple[str, str, int]] = set()
-DRIVERS = {"receipts", "members", "admin"}
+DRIVERS = {"receipts", "members", "admin", "care", "cvm"}
 RAN: set[str] = set()
 
 
@@ -62,14 +69,33 @@ class Checked:
         DRIVEN.add((method, template, status))
 
 
+async def checking(api) -> Checked:
+    status, doc = await api.get("/openapi.json", as_=None)
+    assert status == 200
+    return Checked(api, doc)
+
+
 @pytest.fixture
 async def checked(make_api, tmp_path):
     folder = tmp_path / "program"
     shutil.copytree(MARKET, folder)
-    api = await make_api(now=NOW, program_dir=folder)
-    status, doc = await api.get("/openapi.json", as_=None)
-    assert status == 200
-    return Checked(api, doc)
+    return await checking(await make_api(now=NOW, program_dir=folder))
+
+
+# A list segment, a coupon campaign, a personal rule and a rule with a control group.
+CVM = cvm.Definitions(
+    segments=[SegmentDefinition("staff", list=True)],
+    coupons={"xmas": coupons.Campaign("xmas", 1, date(2026, 12, 20), date(2026, 12, 31))},
+    personal={"comeback": True},
+    rules={"dairy-x2": CampaignRule("dairy-x2", Decimal("0.5"), date(2026, 11, 20), date(2026, 11, 30),
+                                    in_scope=lambda line: line.get("category") == "dairy")})
+
+
+@pytest.fixture
+async def cvm_checked(aiohttp_client, tmp_path):
+    app = create_app(test_config(tmp_path, NOW))
+    app[cvm.DEFINITIONS] = lambda program: CVM
+    return await checking(Api(await aiohttp_client(app)))
 
 
 async def test_receipt_answers_match_the_document(checked):
@@ -170,6 +196,75 @@ async def test_admin_and_operations_answers_match_the_document(checked, tmp_path
     assert status == 200 and "text/plain" in c.doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert "loyalty_ready" in text
     RAN.add("admin")
+
+
+async def test_member_care_and_events_answers_match_the_document(checked):
+    c = checked
+    _, first = await c.call("POST", "/v1/members", {"card": CARD, "phone": "+380501234567"}, expect=201)
+    _, second = await c.call("POST", "/v1/members", {"card": "7000000000002", "phone": "+380501234567"},
+                             expect=201)
+    _, member = await c.call("PATCH", f"/v1/members/{CARD}", {"crm_id": "CRM-1", "consent": {"sms": True}},
+                             expect=200)
+    assert member["crm_id"] == "CRM-1" and member["consent"]["sms"] is True
+    await c.call("POST", "/v1/receipts", receipt("r1", [line(1, "dairy", 9100)], card="7000000000002"),
+                 "register", 201)
+    _, found = await c.call("POST", "/v1/admin/members/search", {"phone": "+380501234567"}, expect=200)
+    assert [m["member_id"] for m in found["members"]] == [first["member_id"], second["member_id"]]
+    await c.call("POST", "/v1/admin/members/search", {"phone": "1"}, expect=422)
+
+    replace = f"/v1/admin/members/{first['member_id']}/replace-card"
+    _, replaced = await c.call("POST", replace, {"new_card": "7000000000003", "reason": "lost"}, expect=201)
+    assert replaced["replaced_card_last4"] == "0001"
+    await c.call("POST", replace, {"new_card": "7000000000003", "reason": "lost"}, expect=200)
+    await c.call("POST", replace, {"new_card": "7000000000002"}, expect=409)
+
+    merge = {"merge_id": "MG-1", "from_member_id": second["member_id"], "into_member_id": first["member_id"],
+             "reason": "one person"}
+    _, merged = await c.call("POST", "/v1/admin/members/merge", merge, expect=201)
+    assert merged["points_moved"] > 0 and merged["cards_retired_last4"] == ["0002"]
+    _, again = await c.call("POST", "/v1/admin/members/merge", merge, expect=200)
+    assert again == {**merged, "replayed": True}
+    await c.call("POST", "/v1/admin/members/merge", {**merge, "reason": "other"}, expect=409)
+
+    erase = f"/v1/admin/members/{first['member_id']}/erase"
+    _, erased = await c.call("POST", erase, {"reason": "asked to be forgotten"}, expect=200)
+    assert erased["replayed"] is False and erased["cards_removed"] >= 1
+    await c.call("POST", erase, {"reason": "asked to be forgotten"}, expect=200)
+
+    _, page = await c.call("GET", "/v1/admin/events?limit=50", expect=200)
+    assert {"member.enrolled", "receipt.confirmed"} <= {e["type"] for e in page["events"]}
+    await c.call("GET", "/v1/admin/events?limit=0", expect=422)
+    RAN.add("care")
+
+
+async def test_segment_offer_coupon_and_report_answers_match_the_document(cvm_checked):
+    c = cvm_checked
+    for i in range(1, 5):
+        await c.call("POST", "/v1/members", {"card": f"c{i}"}, expect=201)
+        await c.call("POST", "/v1/receipts", receipt(f"R{i}", [line(1, "dairy", 1000 * i)], card=f"c{i}",
+                                                     ts="2026-11-22T12:00:00+02:00"), "register", 201)
+    segment = "/v1/admin/segments/staff/members"
+    _, size = await c.call("PUT", segment, {"cards": ["c1", "c2"]}, expect=200)
+    assert size == {"segment": "staff", "members": 2}
+    await c.call("DELETE", segment, {"cards": ["c1"]}, expect=200)
+    await c.call("PUT", "/v1/admin/segments/nope/members", {"cards": ["c1"]}, expect=404)
+    await c.call("PUT", segment, {"cards": ["c1", "nobody"]}, expect=422)
+
+    offer = {"offer_id": "o-1", "rule": "comeback", "segment": "staff", "from": "2026-12-01", "to": "2026-12-31"}
+    await c.call("POST", "/v1/admin/offers", offer, expect=201)
+    await c.call("POST", "/v1/admin/offers", offer, expect=200)
+    await c.call("POST", "/v1/admin/offers", {**offer, "points": 600}, expect=409)
+
+    _, made = await c.call("POST", "/v1/admin/coupons/xmas/codes", {"count": 2}, expect=201)
+    assert len(set(made["codes"])) == 2
+    await c.call("POST", "/v1/admin/coupons/nope/codes", {"count": 2}, expect=404)
+
+    _, report = await c.call("GET", "/v1/admin/reports/campaigns/dairy-x2?from=2026-11-20&to=2026-11-30",
+                             expect=200)
+    assert report["treated"]["members"] + report["control"]["members"] == 4 and report["uplift"] is not None
+    await c.call("GET", "/v1/admin/reports/campaigns/nope", expect=404)
+    await c.call("GET", "/v1/admin/reports/campaigns/dairy-x2?from=yesterday", expect=422)
+    RAN.add("cvm")
 
 
 def test_every_route_is_driven_to_each_success_it_declares(checked):

@@ -72,7 +72,8 @@ async def test_a_support_adjustment_beyond_the_cap_is_403_and_writes_nothing(mak
 
 
 ALLOWED = {("GET", "/v1/members/{card}"), ("PATCH", "/v1/members/{card}"),
-           ("GET", "/v1/members/{card}/statement"), ("POST", "/v1/admin/adjustments")}
+           ("GET", "/v1/members/{card}/statement"), ("POST", "/v1/admin/adjustments"),
+           ("POST", "/v1/admin/members/search"), ("POST", "/v1/admin/members/{member_id}/replace-card")}
 NO_KEY = {r.path for r in ROUTES if r.roles is None}
 
 
@@ -81,7 +82,9 @@ NO_KEY = {r.path for r in ROUTES if r.roles is None}
 async def test_support_gets_403_everywhere_else(make_api, route):
     api = await support_api(make_api)
     path = (route.path.replace("{card}", CARD).replace("{store_id}", "S001").replace("{register_id}", "K01")
-            .replace("{receipt_id}", "R-1").replace("{version}", "sha256:" + "0" * 64))
+            .replace("{receipt_id}", "R-1").replace("{version}", "sha256:" + "0" * 64)
+            .replace("{member_id}", "m_1").replace("{id}", "staff").replace("{campaign}", "xmas")
+            .replace("{rule}", "base"))
     status, body = await as_support(api, route.method, path, {} if route.body else None)
     assert status == 403, body
     assert_error_shape(body)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 
+from server.privacy import candidates
 from storage.accounts import issue_account, redemption_account
 from storage.ledger import unpack
 
@@ -48,10 +49,16 @@ def stored_body(conn: sqlite3.Connection, store_id: str, register_id: str, recei
 
 
 def members_by_phone(conn: sqlite3.Connection, phone_hmac: str) -> list[int]:
-    return [r[0] for r in conn.execute("SELECT id FROM members WHERE phone_hmac = ? ORDER BY id LIMIT ?",
-                                       (phone_hmac, PHONE_MATCHES_MAX))]
+    """phone_hmac: under the key in force and, during a rotation, the earlier ones (privacy.candidates)."""
+    digests = candidates(phone_hmac)
+    marks = ", ".join("?" * len(digests))
+    return [r[0] for r in conn.execute(f"SELECT id FROM members WHERE phone_hmac IN ({marks}) ORDER BY id LIMIT ?",
+                                       (*digests, PHONE_MATCHES_MAX))]
 
 
 def card_member(conn: sqlite3.Connection, card_hmac: str) -> int | None:
-    row = conn.execute("SELECT member_id FROM cards WHERE card = ?", (card_hmac,)).fetchone()
-    return row[0] if row else None
+    for digest in candidates(card_hmac):
+        row = conn.execute("SELECT member_id FROM cards WHERE card = ?", (digest,)).fetchone()
+        if row:
+            return row[0]
+    return None

@@ -7,7 +7,7 @@ from datetime import datetime
 import msgspec
 
 from rules import Program
-from server import schema
+from server import schema, webhooks
 from server.auth import Principal, require_store
 from server.answer_types import (Balance, DatedPoints, MemberAnswer, Profile, StatementAnswer, StatementPosting,
                                 TierView)
@@ -15,7 +15,7 @@ from server.errors import conflict, field_error, not_found, unprocessable
 from server.member_state import tier_view
 from server.ops import JSON, Deps
 from server.plan import local_day
-from storage import ledger
+from storage import events, ledger
 from storage.apply import fire_events
 from storage.ledger import iso
 
@@ -77,6 +77,9 @@ async def enroll(deps: Deps, req: schema.Enrollment, principal: Principal) -> Me
         except sqlite3.IntegrityError:
             raise conflict("card_already_enrolled", f"card {req.card} is already enrolled") from None
         fire_events(conn, program, member_id, "enrolled", "enrolled", now)
+        # A new member's tier is the first level; tier.changed compares later tiers with it.
+        events.emit(conn, "member.enrolled", member_id, {"store_id": req.store_id,
+                                                         "tier": program.tier_for(0)[0]}, now)
         if req.phone and req.birthday:
             fire_events(conn, program, member_id, "profile_completed", "profile", now)
         return member_view(deps, conn, program, ledger.member_by_id(conn, member_id), card=req.card)
@@ -133,5 +136,6 @@ async def set_tier(deps: Deps, card: str, req: schema.TierAssignment) -> MemberA
     def write(conn):
         ledger.update_member(conn, member.id, {"manual_tier": req.tier,
                                                "manual_tier_until": req.until.isoformat()}, iso(now))
+        webhooks.note_tier(conn, program, member.id, now, "assigned")
         return member_view(deps, conn, program, ledger.member_by_id(conn, member.id), card=card)
     return await deps.db.write(write)

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 import msgspec
 
 from rules import Program
-from server import schema
+from server import schema, webhooks
 from server.answer import calculate_answer, cancel_answer, confirm_answer, receipt_ref
 from server.answer_types import CalculateAnswer, CancelAnswer, ConfirmAnswer
 from server.auth import Principal, require_store
@@ -139,7 +139,24 @@ def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, b
         _count_in_group(group, planned, program)
         return Confirmed(planned, receipt, program, now, body, bytes.fromhex(fingerprint), JSON.encode(answer),
                          result=(201, answer, planned.evaluation))
-    return Grouped(plan, apply_confirms)
+    return Grouped(plan, apply_announced)
+
+
+def apply_announced(conn, confirms: list[Confirmed]) -> list:
+    """apply_confirms, then each member's receipt.confirmed event (and tier.changed), in the
+    same transaction: after the receipt rows, which the tier check counts."""
+    results = apply_confirms(conn, confirms)
+    for c, (status, answer, ev) in zip(confirms, results):
+        member = c.plan.member
+        if member is None:
+            continue
+        receipt = c.receipt
+        webhooks.emit_noting_tier(conn, c.program, member.id, "receipt.confirmed", {
+            "receipt": msgspec.to_builtins(answer.receipt), "ts": iso(receipt.ts), "total": receipt.total,
+            "accrued_points": ev.accrued_points, "redeemed_points": ev.redeemed_points,
+            "rules_version": c.program.version, "balance": msgspec.to_builtins(answer.balance)}, c.now,
+            card_last4=receipt.card[-4:], member=member)
+    return results
 
 
 def _less_budget(state: MemberState | None, used: dict[str, int] | None) -> MemberState | None:
@@ -204,6 +221,9 @@ def _cancel_in_tx(deps: Deps, conn, key) -> CancelAnswer:
     result = cancel_answer(key, reversed_, refunded)
     if stored.member_id is not None:
         result.balance = balance_now(deps, conn, program, stored.member_id)
+        webhooks.emit_noting_tier(conn, program, stored.member_id, "receipt.cancelled", {
+            "receipt": msgspec.to_builtins(receipt_ref(key)), "reversed_points": result.reversed.points,
+            "refunded_points": result.refunded.points, "balance": msgspec.to_builtins(result.balance)}, now)
     return result
 
 

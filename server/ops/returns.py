@@ -2,8 +2,10 @@
 receipt's line records and postings (server/returns.py) and applied through storage."""
 from __future__ import annotations
 
+import msgspec
+
 from rules import Program
-from server import schema
+from server import schema, webhooks
 from server.answer import return_answer
 from server.answer_types import ReturnAnswer
 from server.auth import Principal, require_store
@@ -62,6 +64,11 @@ def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint,
         result.balance = balance_now(deps, conn, program, stored.member_id)
     ledger.insert_return(conn, ret_key, rec_key, body_sha256=fingerprint, member_id=stored.member_id,
                          result=JSON.encode(result), now=iso(now))
+    if stored.member_id is not None:
+        webhooks.emit_noting_tier(conn, program, stored.member_id, "return.accepted", {
+            "return": msgspec.to_builtins(result.return_), "receipt": msgspec.to_builtins(result.receipt),
+            "reversed_points": plan.reversed_points, "refunded_points": plan.refunded_points,
+            "amount": result.amount, "balance": msgspec.to_builtins(result.balance)}, now)
     return 201, result
 
 

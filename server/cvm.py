@@ -1,0 +1,188 @@
+"""Segments, personal offers and coupon codes over HTTP (manager role): thin handlers over
+storage/segments.py, storage/offers.py and storage/coupons.py.
+
+What the program defines (its segments, its coupon campaigns, which rules are personal) is
+read through `app[DEFINITIONS]`, a function of the serving program returning `Definitions`
+(tests give their own): `definitions_of` reads the program's `segments.define`, `coupons`
+and its rules' `personal` and `holdout`.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import msgspec
+from aiohttp import web
+
+from server import answer_types as A, report_campaign, schema
+from server.errors import ApiError, conflict, field_error, not_found, problems_error, unprocessable
+from server.keys import CLOCK, DATABASE, PRIVACY, PROGRAMS
+from server.validation import Problems
+from storage import coupons, offers, segments
+
+
+@dataclass(frozen=True)
+class Definitions:
+    """The program's side of customer value management, in the terms of this module."""
+    segments: list[segments.SegmentDefinition] = field(default_factory=list)
+    coupons: dict[str, coupons.Campaign] = field(default_factory=dict)
+    # rule id -> whether it is `personal: true`; a rule the program does not have is absent.
+    personal: dict[str, bool] = field(default_factory=dict)
+    # Every rule, as the campaign effect report sees it (holdout None: no control group).
+    rules: dict[str, report_campaign.CampaignRule] = field(default_factory=dict)
+
+    def segment(self, segment_id: str) -> segments.SegmentDefinition | None:
+        return next((s for s in self.segments if s.id == segment_id), None)
+
+
+def definitions_of(program) -> Definitions:
+    """What the program defines (rules/program.py), in this module's terms. Segments by a
+    `when` on member facts are the receipt path's (rules' computed_segments), not stored here."""
+    def score_range(bounds):
+        return segments.ScoreRange(*bounds) if bounds else None
+    return Definitions(
+        segments=[segments.SegmentDefinition(s.id, score_range(s.rfm.get("r")), score_range(s.rfm.get("f")),
+                                             score_range(s.rfm.get("m")), list=s.kind == "list")
+                  for s in program.segments.values() if s.kind in ("rfm", "list")],
+        coupons={c.id: coupons.Campaign(c.id, c.uses_per_code, c.valid_from, c.valid_to)
+                 for c in program.coupons.values()},
+        personal={r.id: r.personal for r in program.rules},
+        rules={r.id: report_campaign.CampaignRule(r.id, r.holdout) for r in program.rules})
+
+
+DEFINITIONS = web.AppKey("cvm_definitions", Callable)
+
+
+def definitions(app) -> Definitions:
+    return app.get(DEFINITIONS, definitions_of)(app[PROGRAMS].current)
+
+
+# ------------------------------------------------------------------ handlers
+
+def members_of_cards(conn, privacy, cards: list[str]) -> list[int]:
+    """The members of the cards, or a 422 `unknown_card` naming every card not enrolled."""
+    found, missing = [], []
+    for i, card in enumerate(cards):
+        row = conn.execute("SELECT member_id FROM cards WHERE card = ?", (privacy.card(card),)).fetchone()
+        if row is None:
+            missing.append({"path": f"cards[{i}]", "message": "is not an enrolled card"})
+        else:
+            found.append(row[0])
+    if missing:
+        raise unprocessable("unknown_card", f"{len(missing)} of the cards are not enrolled; nothing was changed",
+                            missing[:100])
+    return found
+
+
+def _list_segment(app, segment_id: str) -> segments.SegmentDefinition:
+    d = definitions(app).segment(segment_id)
+    if d is None:
+        raise not_found("unknown_segment", f"the program defines no segment {segment_id}")
+    if not d.list:
+        raise unprocessable("segment_not_list", f"segment {segment_id} is computed from its definition; "
+                            "only a `list: true` segment takes members")
+    return d
+
+
+async def put_segment_members(app, call):
+    return await _change_segment(app, call, segments.add_members)
+
+
+async def delete_segment_members(app, call):
+    return await _change_segment(app, call, lambda conn, sid, mids, now: segments.remove_members(conn, sid, mids))
+
+
+async def _change_segment(app, call, change):
+    from server.routes import json_reply
+    d = _list_segment(app, call.path["id"])
+    privacy, now = app[PRIVACY], app[CLOCK].now()
+
+    def write(conn):
+        return change(conn, d.id, members_of_cards(conn, privacy, call.body.cards), now)
+    size = await app[DATABASE].write(write, off_loop=True)
+    return json_reply(A.SegmentSizeAnswer(d.id, size))
+
+
+def offer_digest(body: schema.OfferAssignment) -> str:
+    """The offer's fingerprint: the same cards in another order are the same offer."""
+    cards = sorted(body.cards) if body.cards is not None else None
+    return hashlib.sha256(schema.canonical(msgspec.structs.replace(body, cards=cards))).hexdigest()
+
+
+def check_offer(defs: Definitions, body: schema.OfferAssignment) -> None:
+    """A 422 for an offer that cannot be: dates the wrong way, not one of cards and segment,
+    a rule the program lacks or one that is not personal."""
+    problems = Problems()
+    if body.to < body.from_:
+        problems.add("to", "must not be before from")
+    if (body.cards is None) == (body.segment is None):
+        problems.add("cards", "give either cards or segment, not both and not neither")
+    if problems.count:
+        raise problems_error(problems)
+    personal = defs.personal.get(body.rule)
+    if personal is None:
+        raise field_error("rule", f"is {body.rule}, a rule the program does not have", "unknown_rule")
+    if not personal:
+        raise field_error("rule", f"is {body.rule}, a rule that is not personal (it applies without an offer)",
+                          "rule_not_personal")
+
+
+async def assign_offer(app, call):
+    from server.routes import json_reply
+    body: schema.OfferAssignment = call.body
+    check_offer(definitions(app), body)
+    d = None
+    if body.segment is not None:
+        d = definitions(app).segment(body.segment)
+        if d is None:
+            raise field_error("segment", f"is {body.segment}, a segment the program does not define",
+                              "unknown_segment")
+    digest = offer_digest(body)
+    privacy, now = app[PRIVACY], app[CLOCK].now()
+
+    def write(conn):
+        members = segments.members_of(conn, d) if d else members_of_cards(conn, privacy, body.cards)
+        return offers.assign(conn, body.offer_id, body.rule, digest, body.from_, body.to, body.points, members, now)
+    try:
+        done = await app[DATABASE].write(write, off_loop=True)
+    except offers.OfferConflict as e:
+        raise conflict("idempotency_conflict", str(e)) from None
+    return json_reply(A.OfferAnswer(body.offer_id, body.rule, done.members), 201 if done.created else 200)
+
+
+async def create_coupons(app, call):
+    from server.routes import json_reply
+    campaign = call.path["campaign"]
+    if campaign not in definitions(app).coupons:
+        raise not_found("unknown_coupon_campaign", f"the program defines no coupon campaign {campaign}")
+    body: schema.CouponRequest = call.body
+    privacy, now = app[PRIVACY], app[CLOCK].now()
+    card_hmac = privacy.card(body.card) if body.card else None
+    codes = [coupons.new_code() for _ in range(body.count)]
+    taken = await app[DATABASE].write(
+        lambda conn: coupons.add_codes(conn, campaign, codes, card_hmac, privacy.coupon, now), off_loop=True)
+    if taken:   # two draws of 60 random bits met: answer only codes that are the caller's alone
+        raise ApiError(503, "try_again", "a generated code collided with an existing one; nothing was lost, "
+                       "ask again", headers={"Retry-After": "0"})
+    return json_reply(A.CouponCodesAnswer(campaign, codes), 201)
+
+
+def routes():
+    from server.routes import MANAGER, Route, created, ok
+    manager = frozenset({MANAGER})
+    return [
+        Route("PUT", "/v1/admin/segments/{id}/members", put_segment_members, manager, schema.SegmentCards,
+              "Add cards' members to a `list` segment: {cards}; answers its size; idempotent",
+              answers=ok(A.SegmentSizeAnswer)),
+        Route("DELETE", "/v1/admin/segments/{id}/members", delete_segment_members, manager, schema.SegmentCards,
+              "Remove cards' members from a `list` segment: {cards}; answers its size; idempotent",
+              answers=ok(A.SegmentSizeAnswer)),
+        Route("POST", "/v1/admin/offers", assign_offer, manager, schema.OfferAssignment,
+              "Offer a personal rule to cards or to a segment's members now: {offer_id, rule, cards | segment, "
+              "from, to, points?}; 200 when repeated with the same body, 409 with another",
+              answers=created(A.OfferAnswer)),
+        Route("POST", "/v1/admin/coupons/{campaign}/codes", create_coupons, manager, schema.CouponRequest,
+              "New random codes of a coupon campaign: {count, card?}",
+              answers=created(A.CouponCodesAnswer, replayed=False)),
+    ]

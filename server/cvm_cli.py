@@ -1,0 +1,285 @@
+"""`loyalty coupons generate`, `loyalty import offers` and `loyalty report campaign`.
+
+They open the database the config names, beside a serving server or without one; writes go
+through the same single-writer storage in short transactions, so the server keeps serving.
+"""
+from __future__ import annotations
+
+import csv
+import sys
+from datetime import date
+from pathlib import Path
+
+import msgspec
+
+from server import cvm, report_campaign, schema
+from server.errors import ApiError
+from server.reports import ProgressBar
+from storage import coupons, offers
+from storage.db import Database
+from storage.schema import migrations
+
+COUNT_MAX = 10_000_000
+OFFER_COLUMNS = ("offer_id", "rule", "card", "from", "to", "points")
+OFFER_ROWS_MAX = 10_000_000
+
+
+def add_parsers(sub) -> None:
+    gen = sub.add_parser("coupons", help="coupon codes").add_subparsers(dest="coupons_command", required=True)
+    g = gen.add_parser("generate", help="new random codes of a coupon campaign, written to a CSV file")
+    g.add_argument("--campaign", required=True)
+    g.add_argument("--count", required=True, type=_count)
+    g.add_argument("--out", required=True, type=Path, help="a new CSV file: the only copy of the codes")
+    g.add_argument("--card", help="bind every code to this card")
+    g.add_argument("--config", default="config.yaml")
+    imports = sub.choices.get("import") or sub.add_parser("import", help="data from files")
+    kinds = (imports._subparsers._group_actions[0] if imports._subparsers
+             else imports.add_subparsers(dest="import_command", required=True))
+    o = kinds.add_parser("offers", help="personal offers, one card a row")
+    o.add_argument("--csv", required=True, type=Path, dest="source",
+                   help=f"a CSV file with a header row: {', '.join(OFFER_COLUMNS)} (points may be empty)")
+    o.add_argument("--config", default="config.yaml")
+    rep = sub.add_parser("report", help="reports").add_subparsers(dest="report_command", required=True)
+    r = rep.add_parser("campaign", help="the effect of a rule with a control group")
+    r.add_argument("rule")
+    r.add_argument("--from", dest="first", help="first local date (default: the rule's period)")
+    r.add_argument("--to", dest="last", help="last local date (default: the rule's period)")
+    fmt = r.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true")
+    r.add_argument("--plot", type=Path, help="a PNG of spend per member by week for both groups "
+                                             "(needs matplotlib: pip install -r requirements-plot.txt)")
+    r.add_argument("--config", default="config.yaml")
+
+
+def handles(args) -> bool:
+    return args.command in ("coupons", "report") or (args.command == "import" and args.import_command == "offers")
+
+
+def _count(text: str) -> int:
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= COUNT_MAX:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {COUNT_MAX:,}, got {text!r}")
+    return value
+
+
+def dispatch(args) -> int:
+    from server.admin_cli import _program
+    from server.config import ConfigError, load_config
+    from server.privacy import privacy_from_config
+    try:
+        config = load_config(args.config)
+        privacy = privacy_from_config(config)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    db_path = config.resolve(config.database.path)
+    if not db_path.exists():
+        print(f"{db_path}: no database", file=sys.stderr)
+        return 2
+    program = _program(config)
+    try:
+        definitions = cvm.definitions_of(program)
+        db = Database.from_config(config.database, db_path, migrations=migrations, checkpoints=False)
+        db.open()
+        try:
+            if args.command == "coupons":
+                return generate(db, definitions, privacy, args.campaign, args.count, args.out, args.card)
+            if args.command == "import":
+                return import_offers(db, definitions, privacy, args.source)
+            return campaign(db, definitions, program, args)
+        finally:
+            db.close()
+    finally:
+        program.close()
+
+
+# ------------------------------------------------------------------ coupons
+
+def generate(db: Database, definitions: cvm.Definitions, privacy, campaign: str, count: int, out: Path,
+             card: str | None, now=None) -> int:
+    """Writes `count` new codes to `out` (refused if it exists), batch by batch: a code is in
+    the file only once it is stored."""
+    from datetime import datetime, timezone
+    if campaign not in definitions.coupons:
+        print(f"coupons generate: the program defines no coupon campaign {campaign}", file=sys.stderr)
+        return 2
+    try:
+        stream = out.open("x", newline="", encoding="utf-8")
+    except FileExistsError:
+        print(f"coupons generate: {out} exists; codes are never written over", file=sys.stderr)
+        return 2
+    now = now or datetime.now(timezone.utc)
+    card_hmac = privacy.card(card) if card else None
+    bar, done = ProgressBar(f"coupons {campaign}"), 0
+    with stream:
+        writer = csv.writer(stream)
+        writer.writerow(["code", "campaign"])
+        while done < count:
+            codes = [coupons.new_code() for _ in range(min(coupons.WRITE_BATCH_CODES, count - done))]
+            taken = db.write_sync(lambda conn: coupons.add_codes(conn, campaign, codes, card_hmac, privacy.coupon, now))
+            kept = [c for c in codes if c not in set(taken)]
+            writer.writerows([c, campaign] for c in kept)
+            done += len(kept)
+            bar(done, count)
+    print(f"{count} codes of {campaign} written to {out}")
+    return 0
+
+
+# ------------------------------------------------------------------ offers
+
+class OfferRows(msgspec.Struct):
+    rule: str
+    first: str
+    last: str
+    points: str
+    cards: list[str]
+    lines: list[int]
+
+
+def read_offers(source: Path) -> tuple[dict[str, OfferRows], list[str]]:
+    """The CSV's rows grouped by offer_id, and its problems as `file:line: message`."""
+    grouped: dict[str, OfferRows] = {}
+    problems = []
+    with source.open(newline="", encoding="utf-8") as stream:
+        reader = csv.DictReader(stream)
+        missing = [c for c in OFFER_COLUMNS if c not in (reader.fieldnames or []) and c != "points"]
+        if missing:
+            return {}, [f"{source}:1: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}"]
+        for n, row in enumerate(reader, start=2):
+            if n > OFFER_ROWS_MAX + 1:
+                problems.append(f"{source}:{n}: more than {OFFER_ROWS_MAX:,} rows")
+                break
+            key = (row["rule"], row["from"], row["to"], row.get("points") or "")
+            offer = grouped.setdefault(row["offer_id"], OfferRows(*key, [], []))
+            if (offer.rule, offer.first, offer.last, offer.points) != key:
+                problems.append(f"{source}:{n}: offer {row['offer_id']} has another rule, from, to or points "
+                                f"than on line {offer.lines[0]}")
+            offer.cards.append(row["card"])
+            offer.lines.append(n)
+    return grouped, problems
+
+
+def import_offers(db: Database, definitions: cvm.Definitions, privacy, source: Path, now=None) -> int:
+    """Each offer of the file is assigned whole or not at all; one refused offer leaves the others."""
+    from datetime import datetime, timezone
+    grouped, problems = read_offers(source)
+    now = now or datetime.now(timezone.utc)
+    created = repeated = 0
+    for offer_id, rows in grouped.items():
+        try:
+            body = msgspec.convert({"offer_id": offer_id, "rule": rows.rule, "from": rows.first, "to": rows.last,
+                                    "cards": rows.cards, "points": int(rows.points) if rows.points else None},
+                                   schema.OfferAssignment)
+            cvm.check_offer(definitions, body)
+            done = db.write_sync(lambda conn: _assign(conn, privacy, body, now))
+        except (msgspec.ValidationError, ValueError) as e:
+            problems.append(f"{source}:{rows.lines[0]}: offer {offer_id}: {e}")
+            continue
+        except ApiError as e:
+            where = [f"line {rows.lines[int(d['path'][6:-1])]}" for d in e.details if d["path"].startswith("cards[")]
+            problems.append(f"{source}:{rows.lines[0]}: offer {offer_id}: {e.message}"
+                            + (f" ({', '.join(where[:20])})" if where else ""))
+            continue
+        except offers.OfferConflict as e:
+            problems.append(f"{source}:{rows.lines[0]}: {e}")
+            continue
+        created += done.created
+        repeated += not done.created
+    for p in problems:
+        print(p, file=sys.stderr)
+    print(f"offers: {created} assigned, {repeated} already assigned the same, {len(problems)} refused")
+    return 1 if problems else 0
+
+
+def _assign(conn, privacy, body: schema.OfferAssignment, now):
+    members = cvm.members_of_cards(conn, privacy, body.cards)
+    return offers.assign(conn, body.offer_id, body.rule, cvm.offer_digest(body), body.from_, body.to, body.points,
+                         members, now)
+
+
+# ------------------------------------------------------------------ campaign report
+
+def campaign(db: Database, definitions: cvm.Definitions, program, args) -> int:
+    rule = definitions.rules.get(args.rule)
+    if rule is None or rule.holdout is None:
+        why = "has no rule" if rule is None else "has a rule without holdout (no control group):"
+        print(f"report campaign: the program {why} {args.rule}", file=sys.stderr)
+        return 2
+    try:
+        first, last = report_campaign.period_of(rule, args.first, args.last)
+    except ApiError as e:
+        print(f"report campaign: {'; '.join(d['path'] + ' ' + d['message'] for d in e.details)}", file=sys.stderr)
+        return 2
+    setting = report_campaign.setting_of(program)
+    result = db.read_sync(lambda conn: report_campaign.report(conn, setting, rule, first, last), timeout_s=3600)
+    if args.json:
+        sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
+    elif args.csv:
+        write_csv(result, sys.stdout)
+    else:
+        print(text(result, program.currency))
+    if args.plot:
+        weeks = db.read_sync(lambda conn: report_campaign.weekly(conn, setting, rule, first, last), timeout_s=3600)
+        return plot(weeks, rule.id, args.plot)
+    return 0
+
+
+def write_csv(result: dict, stream) -> None:
+    writer = csv.writer(stream)
+    fields = ("members", "buyers", "receipts", "spend", "scope_spend", "points")
+    writer.writerow(["group", *fields])
+    for group in ("treated", "control"):
+        writer.writerow([group, *(result[group][f] for f in fields)])
+    u = result["uplift"] or {}
+    writer.writerow([])
+    writer.writerow(["uplift_spend_per_member", "low", "high", "incremental_spend", "points_cost"])
+    writer.writerow([u.get("spend_per_member"), u.get("low"), u.get("high"), result["incremental_spend"],
+                     result["points_cost"]])
+
+
+def text(result: dict, currency: str) -> str:
+    lines = [f"campaign {result['rule']}, {result['from']} to {result['to']} (money in minor units of {currency})",
+             f"{'':8} {'members':>9} {'buyers':>9} {'receipts':>9} {'spend':>14} {'scope_spend':>14} {'points':>9}"]
+    for group in ("treated", "control"):
+        g = result[group]
+        lines.append(f"{group:8} {g['members']:>9} {g['buyers']:>9} {g['receipts']:>9} {g['spend']:>14} "
+                     f"{g['scope_spend']:>14} {g['points']:>9}")
+    u = result["uplift"]
+    if u is None:
+        lines.append("uplift: not known (a group has no members)")
+    else:
+        interval = (f"95% interval {u['low']} to {u['high']}" if u["low"] is not None
+                    else "no interval (a group has fewer than two members)")
+        lines.append(f"uplift of spend per member: {u['spend_per_member']} ({interval})")
+        lines.append(f"incremental spend: {result['incremental_spend']}; points cost: {result['points_cost']}")
+    return "\n".join(lines)
+
+
+def plot(weeks: list[tuple[date, float, float]], rule_id: str, out: Path) -> int:
+    try:
+        import matplotlib
+    except ImportError:
+        print("report campaign: --plot needs matplotlib: .venv/bin/pip install -r requirements-plot.txt",
+              file=sys.stderr)
+        return 2
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    fig, ax = pyplot.subplots(figsize=(8, 4.5))
+    days = [w[0] for w in weeks]
+    ax.plot(days, [w[1] for w in weeks], marker="o", label="treated")
+    ax.plot(days, [w[2] for w in weeks], marker="o", label="control")
+    ax.set_title(f"{rule_id}: spend per member by week")
+    ax.set_xlabel("week from (a shorter last week scaled to 7 days)")
+    ax.set_ylabel("spend per member (minor units)")
+    ax.legend()
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(out, format="png")
+    pyplot.close(fig)
+    print(f"chart written to {out}")
+    return 0

@@ -1,0 +1,124 @@
+"""Coupon codes: random, unguessable, stored only as their HMAC (like cards), with their uses.
+
+A code is 12 characters of an alphabet without the look-alikes 0/O and 1/I (60 random bits),
+printed as XXXX-XXXX-XXXX; what a register sends is read without case, spaces or dashes.
+Even a campaign of a million codes leaves a guess a chance of about 1 in 10^12.
+
+Using a code is one conditional UPDATE (`uses < uses_per_code`) in the receipt's write
+transaction, so two receipts racing for the last use cannot both get it: SQLite runs one
+write transaction at a time, in this server or in any other process on the database.
+coupon_uses names the receipt that used it, so consuming twice for one receipt counts once
+and a cancel or a full return gives exactly that use back.
+"""
+from __future__ import annotations
+
+import secrets
+import sqlite3
+from datetime import date, datetime
+from typing import Callable, NamedTuple
+
+import msgspec
+
+from storage.ledger import iso
+
+ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"
+CODE_CHARS = 12
+GROUP_CHARS = 4
+WRITE_BATCH_CODES = 5_000            # `loyalty coupons generate`: one write transaction each
+CODE_TEXT_MAX = 64                   # api.md: a receipt's coupon strings are 1 to 64 characters
+
+
+class Campaign(msgspec.Struct, frozen=True):
+    """A coupon campaign of the program: `{id, uses_per_code, valid: {from, to}}` (inclusive local dates)."""
+    id: str
+    uses_per_code: int = 1
+    valid_from: date | None = None
+    valid_to: date | None = None
+
+
+class Judged(NamedTuple):
+    statuses: list[tuple[str, str]]      # (code as sent, status) in the receipt's order
+    usable: dict[str, tuple[str, str]]   # campaign -> (code as sent, its HMAC): the first valid one
+
+
+# A usable code's status until the receipt path knows whether a fired rule needed it:
+# it then answers `applied` or `not_needed` (api.md).
+USABLE = "usable"
+
+
+def new_code() -> str:
+    raw = "".join(secrets.choice(ALPHABET) for _ in range(CODE_CHARS))
+    return "-".join(raw[i:i + GROUP_CHARS] for i in range(0, CODE_CHARS, GROUP_CHARS))
+
+
+def normalize(code: str) -> str:
+    """The code as stored: upper case, without spaces and dashes a person may have typed."""
+    return "".join(ch for ch in code.upper() if ch not in " -")
+
+
+def add_codes(conn: sqlite3.Connection, campaign: str, codes: list[str], card_hmac: str | None,
+              mac: Callable[[str], str], now: datetime) -> list[str]:
+    """Stores the codes; returns those already taken (vanishingly rare: the caller draws new ones)."""
+    taken = []
+    for code in codes:
+        cur = conn.execute("INSERT INTO coupon_codes (code, campaign, card, created_at) VALUES (?, ?, ?, ?) "
+                           "ON CONFLICT (code) DO NOTHING", (mac(normalize(code)), campaign, card_hmac, iso(now)))
+        if cur.rowcount == 0:
+            taken.append(code)
+    return taken
+
+
+def judge(conn: sqlite3.Connection, codes: list[str], card_hmac: str | None, local_date: date,
+          campaigns: dict[str, Campaign], mac: Callable[[str], str]) -> Judged:
+    """Each code's status at the receipt's local date, and the first usable code of each campaign."""
+    statuses, usable = [], {}
+    for code in codes:
+        code_hmac = mac(normalize(code))
+        row = conn.execute("SELECT campaign, card, uses FROM coupon_codes WHERE code = ?", (code_hmac,)).fetchone()
+        status = _status(row, card_hmac, local_date, campaigns)
+        if status == USABLE:
+            if row[0] in usable:
+                status = "not_needed"    # the campaign's first valid code is the one used
+            else:
+                usable[row[0]] = (code, code_hmac)
+        statuses.append((code, status))
+    return Judged(statuses, usable)
+
+
+def _status(row, card_hmac: str | None, local_date: date, campaigns: dict[str, Campaign]) -> str:
+    if row is None or row[0] not in campaigns:
+        return "unknown"
+    campaign, bound_card, uses = row
+    c = campaigns[campaign]
+    if bound_card is not None and bound_card != card_hmac:
+        return "other_card"
+    if c.valid_from is not None and local_date < c.valid_from:
+        return "not_yet_valid"
+    if c.valid_to is not None and local_date > c.valid_to:
+        return "expired"
+    if uses >= c.uses_per_code:
+        return "used"
+    return USABLE
+
+
+def consume(conn: sqlite3.Connection, code_hmac: str, receipt_key: tuple[str, str, str], uses_per_code: int,
+            now: datetime) -> bool:
+    """Takes one use of the code for the receipt, in the caller's write transaction; False
+    when none was left. The same receipt consuming again takes nothing more and answers True."""
+    if conn.execute("SELECT 1 FROM coupon_uses WHERE store_id = ? AND register_id = ? AND receipt_id = ? "
+                    "AND code = ?", (*receipt_key, code_hmac)).fetchone():
+        return True
+    took = conn.execute("UPDATE coupon_codes SET uses = uses + 1 WHERE code = ? AND uses < ?",
+                        (code_hmac, uses_per_code)).rowcount
+    if took:
+        conn.execute("INSERT INTO coupon_uses (store_id, register_id, receipt_id, code, used_at) "
+                     "VALUES (?, ?, ?, ?, ?)", (*receipt_key, code_hmac, iso(now)))
+    return bool(took)
+
+
+def give_back(conn: sqlite3.Connection, receipt_key: tuple[str, str, str]) -> int:
+    """Gives back every use the receipt took (a cancel, a return of the whole receipt); how many."""
+    used = conn.execute("DELETE FROM coupon_uses WHERE store_id = ? AND register_id = ? AND receipt_id = ? "
+                        "RETURNING code", receipt_key).fetchall()
+    conn.executemany("UPDATE coupon_codes SET uses = uses - 1 WHERE code = ? AND uses > 0", [(c[0],) for c in used])
+    return len(used)

@@ -1,0 +1,212 @@
+"""The events outbox: what happened to members, for webhooks and for a warehouse pulling it.
+
+An event is written by `emit` inside the write transaction of the change it announces, so it
+is committed exactly when the change is, and a kill -9 loses neither or both. The dispatcher
+(server/webhooks.py) gives each webhook a delivery row per event it subscribes to
+(`fan_out`), sends each member's oldest pending one (`due`), and records the outcomes
+(`record`). A card appears only as its last four digits, a member only as its public id.
+"""
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import msgspec
+
+from storage.ledger import iso, member_public_id
+
+TYPES = ("member.enrolled", "receipt.confirmed", "receipt.cancelled", "return.accepted", "tier.changed",
+         "points.expiring", "points.expired", "birthday", "offer.assigned")
+
+_JSON = msgspec.json.Encoder()
+
+
+def emit(conn: sqlite3.Connection, type_: str, member_id: int, data: dict[str, Any], occurred_at: datetime | str,
+         once_key: str | None = None, card_last4: str | None = None) -> int | None:
+    """Writes one event in the caller's transaction; its id, or None when `once_key` was already used.
+    card_last4: of the card the change was made with; by default the member's first card's."""
+    if type_ not in TYPES:
+        raise ValueError(f"unknown event type {type_!r}")
+    at = occurred_at if isinstance(occurred_at, str) else iso(occurred_at)
+    row = (card_last4,) if card_last4 is not None else conn.execute(
+        "SELECT card_last4 FROM cards WHERE member_id = ? ORDER BY created_at LIMIT 1", (member_id,)).fetchone()
+    if type_ == "member.enrolled":
+        # The tier a member starts with, so their first move up is a tier.changed.
+        conn.execute("INSERT OR REPLACE INTO event_member_tiers (member_id, tier) VALUES (?, ?)",
+                     (member_id, data["tier"]))
+    cur = conn.execute("INSERT OR IGNORE INTO events (type, member_id, card_last4, occurred_at, data, once_key, "
+                       "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (type_, member_id, row[0] if row else None, at, _JSON.encode(data), once_key, at))
+    return cur.lastrowid if cur.rowcount else None
+
+
+def note_tier(conn: sqlite3.Connection, member_id: int, tier: str, occurred_at: datetime | str,
+              reason: str) -> int | None:
+    """Emits tier.changed when `tier` differs from the one last noted for the member. The first
+    tier noted (at enrollment, or for a member enrolled before events existed) is only recorded."""
+    row = conn.execute("SELECT tier FROM event_member_tiers WHERE member_id = ?", (member_id,)).fetchone()
+    if row is not None and row[0] == tier:
+        return None
+    conn.execute("INSERT OR REPLACE INTO event_member_tiers (member_id, tier) VALUES (?, ?)", (member_id, tier))
+    if row is None:
+        return None
+    return emit(conn, "tier.changed", member_id, {"from": row[0], "to": tier, "reason": reason}, occurred_at)
+
+
+def offer_assigned(conn: sqlite3.Connection, member_id: int, offer_id: str, valid_from: str | None,
+                   valid_to: str | None, occurred_at: datetime | str) -> int | None:
+    """offer.assigned, for the code that assigns personal offers to call in its transaction;
+    once per member and offer."""
+    return emit(conn, "offer.assigned", member_id, {"offer_id": offer_id, "from": valid_from, "to": valid_to},
+                occurred_at, once_key=f"offer:{offer_id}:{member_id}")
+
+
+_EVENT_COLUMNS = "e.id, e.type, e.occurred_at, e.member_id, e.card_last4, e.data"
+
+
+def as_json(row: tuple) -> dict:
+    """The wire form of an event, for a webhook's body and for GET /v1/admin/events."""
+    event_id, type_, occurred_at, member_id, card_last4, data = row[:6]
+    return {"id": event_id, "type": type_, "occurred_at": occurred_at, "member_id": member_public_id(member_id),
+            "card_last4": card_last4, "data": msgspec.json.decode(data)}
+
+
+def page(conn: sqlite3.Connection, after: int, limit: int) -> list[dict]:
+    return [as_json(r) for r in conn.execute(
+        f"SELECT {_EVENT_COLUMNS} FROM events e WHERE e.id > ? ORDER BY e.id LIMIT ?", (after, limit))]
+
+
+def start_fanout(conn: sqlite3.Connection, webhook_id: str) -> None:
+    """A webhook seen for the first time gets the events from now on (a warehouse pulls older ones)."""
+    conn.execute("INSERT OR IGNORE INTO event_fanout (webhook_id, after_id) "
+                 "SELECT ?, COALESCE(MAX(id), 0) FROM events", (webhook_id,))
+
+
+def fan_out(conn: sqlite3.Connection, webhook_id: str, types: list[str], limit: int, now_s: float) -> int:
+    """Delivery rows for the next `limit` events after the webhook's cursor; how many events it passed."""
+    after = conn.execute("SELECT after_id FROM event_fanout WHERE webhook_id = ?", (webhook_id,)).fetchone()[0]
+    last, seen = conn.execute("SELECT MAX(id), COUNT(*) FROM (SELECT id FROM events WHERE id > ? ORDER BY id "
+                              "LIMIT ?)", (after, limit)).fetchone()
+    if not seen:
+        return 0
+    conn.execute(f"INSERT OR IGNORE INTO event_deliveries (webhook_id, event_id, member_id, state, next_attempt_at) "
+                 f"SELECT ?, id, member_id, 'pending', ? FROM events WHERE id > ? AND id <= ? "
+                 f"AND type IN ({','.join('?' * len(types))})", (webhook_id, now_s, after, last, *types))
+    conn.execute("UPDATE event_fanout SET after_id = ? WHERE webhook_id = ?", (last, webhook_id))
+    return seen
+
+
+class Due(NamedTuple):
+    event_id: int
+    attempts: int
+    first_attempt_at: float | None
+    event: dict
+
+
+def due(conn: sqlite3.Connection, webhook_id: str, now_s: float, limit: int) -> list[Due]:
+    """Each member's oldest pending event for the webhook, when its next attempt is due: a later
+    event of a member waits until the one before it was delivered or went dead."""
+    rows = conn.execute(
+        f"SELECT d.event_id, d.attempts, d.first_attempt_at, {_EVENT_COLUMNS} FROM event_deliveries d "
+        "JOIN events e ON e.id = d.event_id "
+        "WHERE d.webhook_id = ? AND d.state = 'pending' AND d.next_attempt_at <= ? AND d.event_id = "
+        "(SELECT MIN(h.event_id) FROM event_deliveries h WHERE h.webhook_id = d.webhook_id "
+        "AND h.member_id = d.member_id AND h.state = 'pending') ORDER BY d.event_id LIMIT ?",
+        (webhook_id, now_s, limit)).fetchall()
+    return [Due(r[0], r[1], r[2], as_json(r[3:])) for r in rows]
+
+
+def next_due(conn: sqlite3.Connection, webhook_id: str) -> float | None:
+    return conn.execute("SELECT MIN(next_attempt_at) FROM event_deliveries WHERE webhook_id = ? "
+                        "AND state = 'pending'", (webhook_id,)).fetchone()[0]
+
+
+class Outcome(NamedTuple):
+    webhook_id: str
+    event_id: int
+    state: str                  # delivered (the row goes), pending (to retry), dead
+    attempts: int
+    first_attempt_at: float
+    next_attempt_at: float
+    error: str | None
+    done_at: float | None
+
+
+def record(conn: sqlite3.Connection, outcomes: list[Outcome]) -> None:
+    """A delivered event's row goes (the event itself stays for the retention period), so the
+    table holds only what is still owed: pending and dead. Only a pending row changes."""
+    conn.executemany("DELETE FROM event_deliveries WHERE webhook_id = ? AND event_id = ? AND state = 'pending'",
+                     [(o.webhook_id, o.event_id) for o in outcomes if o.state == "delivered"])
+    conn.executemany(
+        "UPDATE event_deliveries SET state = ?, attempts = ?, first_attempt_at = ?, next_attempt_at = ?, "
+        "last_error = ?, done_at = ? WHERE webhook_id = ? AND event_id = ? AND state = 'pending'",
+        [(o.state, o.attempts, o.first_attempt_at, o.next_attempt_at, o.error, o.done_at, o.webhook_id, o.event_id)
+         for o in outcomes if o.state != "delivered"])
+
+
+def counts(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
+    """Pending and dead deliveries by (webhook, state)."""
+    return {(w, s): n for w, s, n in conn.execute(
+        "SELECT webhook_id, state, COUNT(*) FROM event_deliveries GROUP BY webhook_id, state")}
+
+
+def not_fanned_out(conn: sqlite3.Connection, webhook_id: str, limit: int = -1) -> int:
+    """Events written after the webhook's cursor (at most `limit`; -1: all)."""
+    return conn.execute("SELECT COUNT(*) FROM (SELECT 1 FROM events WHERE id > (SELECT after_id FROM event_fanout "
+                        "WHERE webhook_id = ?) LIMIT ?)", (webhook_id, limit)).fetchone()[0]
+
+
+def any_written_before(conn: sqlite3.Connection, before: datetime) -> bool:
+    row = conn.execute("SELECT created_at FROM events ORDER BY id LIMIT 1").fetchone()
+    return row is not None and row[0] < iso(before)
+
+
+def purge(conn: sqlite3.Connection, before: datetime, webhook_ids: list[str], limit: int) -> int:
+    """Deletes up to `limit` events written before `before`, oldest first, that the configured
+    webhooks have all fanned out and none still has to send (pending or dead), with their
+    delivery rows (a webhook removed from the config holds nothing back). How many went."""
+    marks = ",".join("?" * len(webhook_ids))
+    fanned = conn.execute(f"SELECT MIN(after_id) FROM event_fanout WHERE webhook_id IN ({marks})",
+                          webhook_ids).fetchone()[0] if webhook_ids else None
+    # Only below the first id written at `before`, so the walk never reads the recent events;
+    # and below the newest event, which stays so that the next id is still one more than it.
+    bound = min(_first_id_written_at(conn, iso(before)), conn.execute("SELECT MAX(id) FROM events").fetchone()[0] or 0)
+    if fanned is not None:
+        bound = min(bound, fanned + 1)
+    ids = [(r[0],) for r in conn.execute(
+        f"SELECT e.id FROM events e WHERE e.id < ? AND e.created_at < ? AND NOT EXISTS (SELECT 1 FROM "
+        f"event_deliveries d WHERE d.event_id = e.id AND d.webhook_id IN ({marks})) "
+        f"ORDER BY e.id LIMIT ?", (bound, iso(before), *webhook_ids, limit))]
+    conn.executemany("DELETE FROM event_deliveries WHERE event_id = ?", ids)
+    conn.executemany("DELETE FROM events WHERE id = ?", ids)
+    return len(ids)
+
+
+def _first_id_written_at(conn: sqlite3.Connection, moment: str) -> int:
+    """The first event id whose created_at is `moment` or later (ids grow with time): a binary
+    search over rowids, as events has no index on created_at (it would cost every receipt)."""
+    lo, hi = conn.execute("SELECT MIN(id), MAX(id) + 1 FROM events").fetchone()
+    if lo is None:
+        return 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        row = conn.execute("SELECT created_at FROM events WHERE id >= ? ORDER BY id LIMIT 1", (mid,)).fetchone()
+        if row is not None and row[0] < moment:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def retry_dead(conn: sqlite3.Connection, webhook_id: str | None, event_id: int | None) -> int:
+    """Dead deliveries back to pending, due at once with a fresh retry period; how many."""
+    where, args = ["state = 'dead'"], []
+    if webhook_id is not None:
+        where.append("webhook_id = ?")
+        args.append(webhook_id)
+    if event_id is not None:
+        where.append("event_id = ?")
+        args.append(event_id)
+    return conn.execute(f"UPDATE event_deliveries SET state = 'pending', attempts = 0, first_attempt_at = NULL, "
+                        f"next_attempt_at = 0, done_at = NULL WHERE {' AND '.join(where)}", args).rowcount

@@ -1,0 +1,276 @@
+"""Member care in SQL: CRM fields, cards taken out of use, merges, erasure and the re-keying
+of stored hashes. Write functions run inside the single writer's transaction
+(storage.db.Database.write), so each operation commits or fails whole.
+
+A merge moves points only through postings (storage.ledger.post): every lot of the member
+absorbed with points left (or owed) is emptied by a `transfer` posting and refilled on the
+surviving member as a new lot with the same dates, the pair's counter accounts naming each
+other, so the hash chain, the lot sums and the zero sum of accounts hold as for any posting.
+"""
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+import msgspec
+
+from storage import ledger
+from storage.accounts import member_account
+
+CHANNELS = ("sms", "viber", "email", "push")
+PHONE_MATCHES_MAX = 20
+# A care operation on one member runs as one write: a member with more receipts than this
+# would hold every other write while their bodies are rewritten.
+ERASE_RECEIPTS_MAX = 100_000
+# Members merged into one erased with it, at most (a chain of merges, read one level at a time).
+MERGED_MAX = 1_000
+
+
+class CareRefused(Exception):
+    """A care operation refused for a reason its caller can act on; `code` names it."""
+
+    def __init__(self, code: str, message: str, path: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.path = code, message, path
+
+
+# ---------------------------------------------------------------- members
+
+@dataclass
+class CareState:
+    id: int
+    crm_id: str | None
+    consent: dict[str, bool]
+    consent_updated_at: str | None
+    merged_into: int | None
+    erased_at: str | None
+
+
+def care_state(conn: sqlite3.Connection, member_id: int) -> CareState | None:
+    row = conn.execute("SELECT id, crm_id, consent_sms, consent_viber, consent_email, consent_push, "
+                       "consent_updated_at, merged_into, erased_at FROM members WHERE id = ?",
+                       (member_id,)).fetchone()
+    if row is None:
+        return None
+    return CareState(row[0], row[1], dict(zip(CHANNELS, map(bool, row[2:6]))), row[6], row[7], row[8])
+
+
+def crm_fields(state: CareState) -> dict:
+    """What the member answer shows of the CRM's fields."""
+    return {"crm_id": state.crm_id, "consent": state.consent, "consent_updated_at": state.consent_updated_at}
+
+
+def set_crm(conn: sqlite3.Connection, member_id: int, crm_id: str | None, consent: dict[str, bool],
+            now: str) -> None:
+    """crm_id: None leaves it, "" clears it; consent: only the channels given change."""
+    sets, values = [], []
+    if crm_id is not None:
+        sets.append("crm_id = ?")
+        values.append(crm_id or None)
+    for channel, granted in consent.items():
+        sets.append(f"consent_{channel} = ?")
+        values.append(int(granted))
+    if consent:
+        sets.append("consent_updated_at = ?")
+        values.append(now)
+    if not sets:
+        return
+    try:
+        conn.execute(f"UPDATE members SET {', '.join(sets)}, updated_at = ? WHERE id = ?", (*values, now, member_id))
+    except sqlite3.IntegrityError:
+        raise CareRefused("crm_id_taken", f"crm_id {crm_id} belongs to another member", "crm_id") from None
+
+
+def members_by_phone(conn: sqlite3.Connection, digests: tuple[str, ...]) -> list[int]:
+    marks = ", ".join("?" * len(digests))
+    return [r[0] for r in conn.execute(f"SELECT id FROM members WHERE phone_hmac IN ({marks}) ORDER BY id LIMIT ?",
+                                       (*digests, PHONE_MATCHES_MAX))]
+
+
+# ---------------------------------------------------------------- cards
+
+def active_cards(conn: sqlite3.Connection, member_id: int) -> list[tuple[str, str]]:
+    """(hash, last four digits) of each card in use, oldest first."""
+    return conn.execute("SELECT card, card_last4 FROM cards WHERE member_id = ? ORDER BY created_at, card",
+                        (member_id,)).fetchall()
+
+
+@dataclass
+class RetiredCard:
+    member_id: int
+    card_last4: str | None
+    reason: str             # replaced | merged
+    successor: str          # the new card's last four digits, or the surviving member's id
+    retired_at: str
+
+
+def retired_card(conn: sqlite3.Connection, digests: tuple[str, ...]) -> RetiredCard | None:
+    for digest in digests:
+        row = conn.execute("SELECT member_id, card_last4, reason, successor, retired_at FROM retired_cards "
+                           "WHERE card = ?", (digest,)).fetchone()
+        if row:
+            return RetiredCard(*row)
+    return None
+
+
+def retire_card(conn: sqlite3.Connection, card: str, member_id: int, reason: str, successor: str, now: str) -> None:
+    """Moves a card out of use: look-ups no longer find it, retired_card() says why."""
+    last4 = conn.execute("DELETE FROM cards WHERE card = ? RETURNING card_last4", (card,)).fetchone()[0]
+    conn.execute("INSERT INTO retired_cards (card, member_id, card_last4, reason, successor, retired_at) "
+                 "VALUES (?, ?, ?, ?, ?, ?)", (card, member_id, last4, reason, successor, now))
+
+
+def add_card(conn: sqlite3.Connection, card: str, card_last4: str, member_id: int, now: str) -> None:
+    conn.execute("INSERT INTO cards (card, card_last4, member_id, created_at) VALUES (?, ?, ?, ?)",
+                 (card, card_last4, member_id, now))
+
+
+# ---------------------------------------------------------------- merges
+
+def get_merge(conn: sqlite3.Connection, merge_id: str) -> tuple[str, bytes] | None:
+    return conn.execute("SELECT body_sha256, result FROM member_merges WHERE merge_id = ?", (merge_id,)).fetchone()
+
+
+def insert_merge(conn: sqlite3.Connection, merge_id: str, *, body_sha256: str, from_member: int, into_member: int,
+                 result: bytes, key_id: str, now: str) -> None:
+    conn.execute("INSERT INTO member_merges (merge_id, body_sha256, from_member, into_member, result, key_id, "
+                 "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 (merge_id, body_sha256, from_member, into_member, result, key_id, now))
+
+
+def move_points(conn: sqlite3.Connection, source: int, target: int, at: ledger.PostingRef) -> tuple[int, int]:
+    """Every lot of `source` with points left or owed goes to `target` as a transfer pair;
+    returns (lots moved, net points moved). Debts move first, so the points that follow
+    repay them (and the target's own debts) as any points credited do."""
+    lots = sorted(ledger.lots_of(conn, source), key=lambda lot: (lot.remaining > 0, lot.id))
+    net = 0
+    for lot in lots:
+        dates = (lot.available_from, lot.expires_on)
+        ledger.post(conn, source, lot.id, "transfer", -lot.remaining, member_account(target), at, lot_dates=dates)
+        moved = ledger.new_lot(conn, target, lot.available_from, lot.expires_on, lot.remaining)
+        ledger.post(conn, target, moved, "transfer", lot.remaining, member_account(source), at, lot_dates=dates,
+                    counted=True)
+        if lot.remaining > 0:
+            ledger.repay_debts(conn, target, moved, at)
+        net += lot.remaining
+    return len(lots), net
+
+
+def release_holds(conn: sqlite3.Connection, member_id: int, now: str) -> int:
+    return conn.execute("UPDATE holds SET status = 'released', closed_at = ? WHERE member_id = ? AND status = 'open'",
+                        (now, member_id)).rowcount
+
+
+def mark_merged(conn: sqlite3.Connection, source: int, target: int, now: str) -> None:
+    conn.execute("UPDATE members SET merged_into = ?, updated_at = ? WHERE id = ?", (target, now, source))
+
+
+# ---------------------------------------------------------------- erasure
+
+def with_merged(conn: sqlite3.Connection, member_id: int) -> list[int]:
+    """The member and every member merged into it, directly or through others: one customer."""
+    ids, frontier = [member_id], [member_id]
+    while frontier and len(ids) <= MERGED_MAX:
+        marks = ", ".join("?" * len(frontier))
+        frontier = [r[0] for r in conn.execute(f"SELECT id FROM members WHERE merged_into IN ({marks})", frontier)]
+        ids += frontier
+    return ids[:MERGED_MAX + 1]
+
+
+def erase(conn: sqlite3.Connection, member_id: int, now: str) -> dict:
+    """Personal data gone, of the member and of the members merged into it (the same
+    customer): card and phone hashes with their last digits, birthday, tags, the CRM's id
+    and consent; the card hash in their stored receipt bodies becomes null. The member ids,
+    receipts' amounts and the ledger stay (postings name the member id only)."""
+    ids = with_merged(conn, member_id)
+    marks = ", ".join("?" * len(ids))
+    receipts = conn.execute(f"SELECT COUNT(*) FROM receipts WHERE member_id IN ({marks})", ids).fetchone()[0]
+    if receipts > ERASE_RECEIPTS_MAX:
+        raise CareRefused("too_many_receipts", f"the member has {receipts} receipts; erasing more than "
+                          f"{ERASE_RECEIPTS_MAX} at once would hold every other write")
+    done = {"cards_removed": 0, "receipts_scrubbed": 0, "members_erased": [f"m_{i}" for i in ids]}
+    for one in ids:
+        for name, count in _erase_one(conn, one, now).items():
+            done[name] += count
+    return done
+
+
+def _erase_one(conn: sqlite3.Connection, member_id: int, now: str) -> dict:
+    cards = conn.execute("DELETE FROM cards WHERE member_id = ?", (member_id,)).rowcount
+    cards += conn.execute("DELETE FROM retired_cards WHERE member_id = ?", (member_id,)).rowcount
+    conn.execute("UPDATE members SET phone = NULL, phone_hmac = NULL, phone_last4 = NULL, birthday = NULL, "
+                 "tags = '[]', crm_id = NULL, consent_sms = 0, consent_viber = 0, consent_email = 0, "
+                 "consent_push = 0, consent_updated_at = ?, erased_at = COALESCE(erased_at, ?), updated_at = ? "
+                 "WHERE id = ?",
+                 (now, now, now, member_id))
+    scrubbed = 0
+    for rowid, body in conn.execute("SELECT rowid, body FROM receipts WHERE member_id = ?", (member_id,)).fetchall():
+        decoded = msgspec.json.decode(ledger.unpack(body))
+        if isinstance(decoded, dict) and decoded.get("card") is not None:
+            decoded["card"] = None
+            conn.execute("UPDATE receipts SET body = ? WHERE rowid = ?",
+                         (ledger.pack(msgspec.json.encode(decoded)), rowid))
+            scrubbed += 1
+    release_holds(conn, member_id, now)
+    return {"cards_removed": cards, "receipts_scrubbed": scrubbed}
+
+
+# ---------------------------------------------------------------- key rotation
+
+# (table, column holding the hash, its kind for the HMAC, the index or key ordering it)
+REKEYED = (("cards", "card", "card"), ("retired_cards", "card", "card"), ("members", "phone_hmac", "phone"))
+
+
+def stale_hashes(conn: sqlite3.Connection, table: str, column: str, in_force: tuple[str, str] | None,
+                 limit: int) -> list[str]:
+    """Up to `limit` stored hashes not under the key in force, read by ranges of the index on
+    the column: the hashes under the key in force are the one range [low, high)."""
+    if in_force is None:
+        return []
+    low, high = in_force
+    rows = conn.execute(f"SELECT {column} FROM {table} WHERE {column} < ? ORDER BY {column} LIMIT ?",
+                        (low, limit)).fetchall()
+    if len(rows) < limit:
+        rows += conn.execute(f"SELECT {column} FROM {table} WHERE {column} >= ? ORDER BY {column} LIMIT ?",
+                             (high, limit - len(rows))).fetchall()
+    return [r[0] for r in rows]
+
+
+def count_stale(conn: sqlite3.Connection, table: str, column: str, in_force: tuple[str, str] | None) -> int:
+    if in_force is None:
+        return 0
+    low, high = in_force
+    return conn.execute(f"SELECT (SELECT COUNT(*) FROM {table} WHERE {column} < ?) + "
+                        f"(SELECT COUNT(*) FROM {table} WHERE {column} >= ?)", (low, high)).fetchone()[0]
+
+
+def rewrap(conn: sqlite3.Connection, table: str, column: str, pairs: list[tuple[str, str]]) -> int:
+    """pairs: (stored hash, the same wrapped up to the key in force). A row changed since it
+    was read (a card retired, a phone changed) simply matches nothing."""
+    return sum(conn.execute(f"UPDATE {table} SET {column} = ? WHERE {column} = ?", (new, old)).rowcount
+               for old, new in pairs)
+
+
+def recorded_keys(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    """(key id, check value) of each HMAC key recorded, in order; the last is in force."""
+    return [(r[0], r[1]) for r in conn.execute("SELECT key_id, check_value FROM privacy_keys ORDER BY position")]
+
+
+def record_keys(conn: sqlite3.Connection, keys: list[tuple[str, str]], now: str) -> str | None:
+    """Records the keys of `keys` (id, check value; in order) not recorded yet. Returns why
+    they cannot be used on this database, or None: every key recorded must be listed, in its
+    place, because every hash stored is wrapped in all of them."""
+    recorded = recorded_keys(conn)
+    for position, (key_id, check) in enumerate(recorded):
+        name = (f"key {key_id} (privacy.hmac_key_rotations[{position - 1}])" if key_id
+                else "the first key (privacy.hmac_key_env or privacy.hmac_key)")
+        if position >= len(keys) or keys[position][0] != key_id:
+            return (f"the card and phone hashes of this database are wrapped in {name}: without it none can be "
+                    "found; list it again in its place")
+        if keys[position][1] != check:
+            return (f"{name} is not the key this database's card and phone hashes were made with: with it "
+                    "none can be found (a new key is added as a rotation, never put in place of the old one)")
+    conn.executemany("INSERT INTO privacy_keys (position, key_id, check_value, recorded_at) VALUES (?, ?, ?, ?)",
+                     [(position, key_id, check, now) for position, (key_id, check) in enumerate(keys)
+                      if position >= len(recorded)])
+    return None

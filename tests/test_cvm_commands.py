@@ -1,0 +1,107 @@
+"""`loyalty coupons generate`, `loyalty import offers` and `loyalty report campaign`, run as functions
+on a database of their own."""
+from __future__ import annotations
+
+import csv
+import io
+import types
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+import msgspec
+import pytest
+
+from server import cvm, cvm_cli
+from server.privacy import Privacy
+from server.report_campaign import CampaignRule
+from storage import coupons, offers
+from storage.db import Database
+from storage.schema import migrations
+
+NOW = datetime(2026, 11, 24, 10, tzinfo=timezone.utc)
+PRIVACY = Privacy(b"tests-cvm-cli-key-0123456789")
+DEFS = cvm.Definitions(coupons={"xmas": coupons.Campaign("xmas", 1)}, personal={"comeback": True, "base": False},
+                       rules={"promo": CampaignRule("promo", Decimal("0.5"), date(2026, 11, 1), date(2026, 11, 14)),
+                              "base": CampaignRule("base", None)})
+
+
+@pytest.fixture
+def db(tmp_path):
+    database = Database(tmp_path / "cli.db", migrations=migrations)
+    database.open()
+
+    def members(conn):
+        conn.executemany("INSERT INTO members (id, tags, enrolled_at, updated_at) VALUES "
+                         "(?, '[]', '2026-01-01T00:00:00.000000Z', '2026-01-01')", [(i,) for i in range(1, 5)])
+        conn.executemany("INSERT INTO cards (card, member_id, created_at, card_last4) VALUES (?, ?, '2026', '0000')",
+                         [(PRIVACY.card(f"c{i}"), i) for i in range(1, 5)])
+    database.write_sync(members)
+    yield database
+    database.close()
+
+
+def test_coupons_generate_writes_stored_codes_once(db, tmp_path, capsys):
+    out = tmp_path / "codes.csv"
+    assert cvm_cli.generate(db, DEFS, PRIVACY, "xmas", 12_345, out, None, NOW) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 12_345 and len({r["code"] for r in rows}) == 12_345 and rows[0]["campaign"] == "xmas"
+    stored = db.read_sync(lambda conn: conn.execute("SELECT COUNT(*) FROM coupon_codes").fetchone()[0])
+    assert stored == 12_345
+    judged = db.read_sync(lambda conn: coupons.judge(conn, [rows[-1]["code"]], None, date(2026, 12, 1), DEFS.coupons,
+                                                     PRIVACY.coupon))
+    assert judged.statuses == [(rows[-1]["code"], coupons.USABLE)]
+    assert cvm_cli.generate(db, DEFS, PRIVACY, "xmas", 1, out, None, NOW) == 2     # never over a file of codes
+    assert cvm_cli.generate(db, DEFS, PRIVACY, "easter", 1, tmp_path / "e.csv", None, NOW) == 2
+    assert "no coupon campaign easter" in capsys.readouterr().err
+
+
+def test_import_offers_assigns_each_offer_whole(db, tmp_path, capsys):
+    source = tmp_path / "offers.csv"
+    source.write_text("offer_id,rule,card,from,to,points\n"
+                      "o1,comeback,c1,2026-12-01,2026-12-31,300\n"
+                      "o1,comeback,c2,2026-12-01,2026-12-31,300\n"
+                      "o2,comeback,c3,2026-12-01,2026-12-31,\n"
+                      "o2,comeback,nobody,2026-12-01,2026-12-31,\n"
+                      "o3,base,c4,2026-12-01,2026-12-31,\n")
+    assert cvm_cli.import_offers(db, DEFS, PRIVACY, source, NOW) == 1
+    out = capsys.readouterr()
+    assert "offers: 1 assigned, 0 already assigned the same, 2 refused" in out.out
+    assert f"{source}:4: offer o2: 1 of the cards are not enrolled; nothing was changed (line 5)" in out.err
+    assert f"{source}:6: offer o3: rule is base, a rule that is not personal (it applies without an offer)" in out.err
+    got = db.read_sync(lambda conn: [offers.offers_for(conn, m, date(2026, 12, 5)) for m in range(1, 5)])
+    assert got == [{"comeback": 300}, {"comeback": 300}, {}, {}]
+    # Run again: the same offer is not assigned twice.
+    assert cvm_cli.import_offers(db, DEFS, PRIVACY, source, NOW) == 1
+    assert "offers: 0 assigned, 1 already assigned the same, 2 refused" in capsys.readouterr().out
+
+
+def test_report_campaign_prints_text_json_csv_and_a_chart(db, tmp_path, capsys):
+    def receipts(conn):
+        conn.executemany("INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, "
+                         "local_date, total, rules_version, status, body, result, created_at) VALUES "
+                         "('S001', 'K01', ?, x'00', ?, ?3 || 'T10:00:00Z', ?3, ?4, 'v', 'confirmed', ?5, x'7b7d', ?3)",
+                         [(f"r{m}-{d}", m, f"2026-11-{d:02d}", 1000 * m, msgspec.json.encode({"lines": []}))
+                          for m in range(1, 5) for d in (2, 9)])
+    db.write_sync(receipts)
+    program = types.SimpleNamespace(id="market", timezone=ZoneInfo("Europe/Kyiv"), point_value=100, currency="UAH")
+
+    def run(**flags):
+        args = types.SimpleNamespace(rule="promo", first=None, last=None, json=False, csv=False, plot=None)
+        vars(args).update(flags)
+        return cvm_cli.campaign(db, DEFS, program, args), capsys.readouterr()
+    status, out = run(json=True)
+    got = msgspec.json.decode(out.out)
+    assert status == 0 and got["treated"]["members"] + got["control"]["members"] == 4
+    assert got["treated"]["receipts"] + got["control"]["receipts"] == 8
+    status, out = run(csv=True)
+    rows = list(csv.reader(io.StringIO(out.out)))
+    assert rows[0] == ["group", "members", "buyers", "receipts", "spend", "scope_spend", "points"]
+    assert [int(x) for x in rows[1][1:]] == [got["treated"][k] for k in rows[0][1:]]
+    status, out = run()
+    assert status == 0 and "campaign promo, 2026-11-01 to 2026-11-14" in out.out and "uplift" in out.out
+    assert run(rule="base")[0] == 2
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (requirements-plot.txt)")
+    chart = tmp_path / "effect.png"
+    status, _ = run(plot=chart)
+    assert status == 0 and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,188 @@
+"""Card and phone hash key rotation: `loyalty privacy rotate-key` wraps every stored hash in
+the new key while the server serves, every card found throughout; a server started without a
+key its hashes were made with refuses to start instead of finding no card."""
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from conftest import KEYS
+from server.config import ConfigError, config_from_dict
+from server.privacy import Privacy, candidates, privacy_from_config
+from test_crash_safety import NOW, Server
+
+FIRST_KEY = "the-first-key-of-these-tests"
+SECOND_KEY = "the-second-key-of-these-tests"
+ROTATED = {"hmac_key": FIRST_KEY, "hmac_key_rotations": [{"id": "k2", "key": SECOND_KEY}]}
+CARDS = [f"70000000{n:05d}" for n in range(40)]
+ROOT = Path(__file__).parent.parent
+
+
+def call(server, method, path, body=None, role="manager"):
+    resp = requests.request(method, server.url(path), json=body, timeout=10,
+                            headers={"Authorization": f"Bearer {KEYS[role]}"})
+    return resp.status_code, resp.json()
+
+
+def rotate(config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server.cli", "privacy", "rotate-key", "--config", str(config),
+                           *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def audit_verify(config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server.cli", "audit", "verify", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def stored_hashes(db: Path) -> list[str]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return [r[0] for r in conn.execute("SELECT card FROM cards UNION ALL SELECT card FROM retired_cards "
+                                           "UNION ALL SELECT phone_hmac FROM members WHERE phone_hmac IS NOT NULL")]
+
+
+class Lookups(threading.Thread):
+    """Looks every card up, and confirms receipts, until stopped; keeps every answer's status."""
+
+    def __init__(self, server):
+        super().__init__(daemon=True)
+        self.server, self.stop, self.statuses, self.n = server, threading.Event(), [], 0
+
+    def run(self):
+        while not self.stop.is_set():
+            card = CARDS[self.n % len(CARDS)]
+            self.statuses.append((card, call(self.server, "GET", f"/v1/members/{card}", role="register")[0]))
+            body = {"receipt_id": f"L-{self.n}", "store_id": "S001", "register_id": "K01", "ts": NOW, "card": card,
+                    "lines": [{"line_no": 1, "sku": "x", "category": "grocery", "qty": 1, "price": 1000,
+                               "amount": 1000}], "total": 1000}
+            self.statuses.append((card, call(self.server, "POST", "/v1/receipts", body, role="register")[0]))
+            self.n += 1
+
+
+def test_rotation_while_serving_finds_every_card_throughout(tmp_path):
+    first = Server(tmp_path, privacy={"hmac_key": FIRST_KEY})
+    first.start()
+    try:
+        for n, card in enumerate(CARDS):
+            fields = {"phone": f"+38050{n:07d}"} if n % 2 else {}
+            assert call(first, "POST", "/v1/members", {"card": card, **fields})[0] == 201
+        assert call(first, "POST", "/v1/admin/members/m_1/replace-card", {"new_card": "7100000000001"})[0] == 201
+        CARDS[0] = "7100000000001"
+        rotated = Server(tmp_path, privacy=ROTATED)     # same database, the key added
+        # Beside a server that has not taken the new key up, nothing is wrapped.
+        refused = rotate(rotated.config)
+        assert refused.returncode == 2 and "restart it with this config first" in refused.stdout
+    finally:
+        first.kill()
+    assert all(not h.startswith("~") for h in stored_hashes(first.db))
+
+    rotated.start()
+    try:
+        lookups = Lookups(rotated)
+        lookups.start()
+        run = rotate(rotated.config, "--batch-rows", "7")
+        assert call(rotated, "POST", "/v1/members", {"card": "7200000000001"})[0] == 201
+        lookups.stop.set()
+        lookups.join(30)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "cards.card: 40 of 40 wrapped" in run.stdout and "members.phone_hmac: 20 of 20" in run.stdout
+        assert lookups.n > 0 and {s for _, s in lookups.statuses} <= {200, 201}, lookups.statuses
+        hashes = stored_hashes(rotated.db)
+        assert len(hashes) == 40 + 1 + 1 + 20 and all(h.startswith("~k2~") for h in hashes)
+        for card in CARDS + ["7200000000001"]:
+            assert call(rotated, "GET", f"/v1/members/{card}", role="register")[0] == 200
+        status, err = call(rotated, "GET", "/v1/members/7000000000000")
+        assert status == 404 and err["error"]["code"] == "card_replaced"
+        status, found = call(rotated, "POST", "/v1/admin/members/search", {"phone": "+380500000003"})
+        assert status == 200 and [m["member_id"] for m in found["members"]] == ["m_4"]
+        again = rotate(rotated.config)
+        assert again.returncode == 0 and "done: 0 hash(es) wrapped" in again.stdout
+    finally:
+        rotated.kill()
+    verified = audit_verify(rotated.config)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+    # Without the first key no hash can be found: the server says so instead of serving.
+    second_only = Server(tmp_path, privacy={"hmac_key": SECOND_KEY})
+    with pytest.raises(RuntimeError, match="the first key .* is not the key this database's card and phone"):
+        second_only.start()
+    assert second_only.proc.wait(10) == 2
+    # Nor without the rotation's key.
+    with pytest.raises(RuntimeError, match=r"wrapped in key k2 .*list it again in its place"):
+        Server(tmp_path, privacy={"hmac_key": FIRST_KEY}).start()
+    rotated_again = Server(tmp_path, privacy=ROTATED)
+    rotated_again.start()
+    try:
+        assert call(rotated_again, "GET", f"/v1/members/{CARDS[5]}", role="register")[0] == 200
+    finally:
+        rotated_again.kill()
+
+
+def test_rotate_key_alone_wraps_everything_and_goes_on_where_it_stopped(tmp_path):
+    server = Server(tmp_path, privacy={"hmac_key": FIRST_KEY})
+    server.start()
+    try:
+        for card in CARDS[:10]:
+            assert call(server, "POST", "/v1/members", {"card": card})[0] == 201
+    finally:
+        server.kill()
+    config = tmp_path / "rotated.yaml"
+    raw = yaml.safe_load(server.config.read_text())
+    raw["privacy"] = ROTATED
+    config.write_text(yaml.safe_dump(raw))
+    with sqlite3.connect(server.db) as conn:     # as if a run had stopped after three rows
+        privacy = Privacy(FIRST_KEY.encode(), [("k2", SECOND_KEY.encode())])
+        for (old,) in conn.execute("SELECT card FROM cards ORDER BY card LIMIT 3").fetchall():
+            conn.execute("UPDATE cards SET card = ? WHERE card = ?", (privacy.rewrap("card", old), old))
+    run = rotate(config)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "cards.card: 7 of 7 wrapped" in run.stdout
+    assert all(h.startswith("~k2~") for h in stored_hashes(server.db))
+
+
+def test_a_hash_under_a_key_no_longer_listed_stops_the_rotation_naming_it(tmp_path):
+    server = Server(tmp_path, privacy={"hmac_key": FIRST_KEY})
+    server.start()
+    try:
+        assert call(server, "POST", "/v1/members", {"card": CARDS[1]})[0] == 201
+    finally:
+        server.kill()
+    with sqlite3.connect(server.db) as conn:
+        conn.execute("UPDATE cards SET card = '~gone~' || card")
+    rotated = Server(tmp_path, privacy=ROTATED)
+    run = rotate(rotated.config)
+    assert run.returncode == 1 and "key 'gone'" in run.stdout
+
+
+def test_a_wrapped_hash_is_the_hash_under_every_key_in_turn():
+    first = Privacy(FIRST_KEY.encode())
+    both = Privacy(FIRST_KEY.encode(), [("k2", SECOND_KEY.encode())])
+    digest = both.card("7000000000001")
+    assert digest.startswith("~k2~") and candidates(digest) == (digest, first.card("7000000000001"))
+    assert both.rewrap("card", first.card("7000000000001")) == digest
+    assert both.rewrap("card", digest) == digest
+    assert both.rewrap("phone", first.phone("+380 50 123 45 67")) == both.phone("380501234567")
+    assert both.rewrap("card", "~other~abc") is None
+    assert candidates(first.card("7000000000001")) == (first.card("7000000000001"),)
+
+
+@pytest.mark.parametrize("rotation, words", [
+    ({"id": "k2"}, "exactly one of key_env and key"),
+    ({"id": "k2", "key": SECOND_KEY, "key_env": "X"}, "exactly one of key_env and key"),
+    ({"id": "k2", "key_env": "LOYALTY_TEST_UNSET_KEY"}, "LOYALTY_TEST_UNSET_KEY is not set"),
+])
+def test_a_rotation_without_its_key_stops_start_up(rotation, words):
+    config = config_from_dict({"privacy": {"hmac_key": FIRST_KEY, "hmac_key_rotations": [rotation]}})
+    with pytest.raises(ConfigError, match=words):
+        privacy_from_config(config, environ={})
+
+
+def test_a_rotation_key_id_is_checked_by_the_config():
+    with pytest.raises(ConfigError, match="hmac_key_rotations"):
+        config_from_dict({"privacy": {"hmac_key_rotations": [{"id": "Has Spaces", "key": SECOND_KEY}]}})

@@ -1,0 +1,114 @@
+"""List segments, personal offers and coupon codes through the admin API."""
+from __future__ import annotations
+
+from datetime import date
+
+import pytest
+from conftest import Api, test_config
+
+from server import cvm
+from server.app import create_app
+from storage import coupons, offers
+from storage.segments import ScoreRange, SegmentDefinition
+
+NOW = "2026-11-24T12:00:05+02:00"
+DEFS = cvm.Definitions(
+    segments=[SegmentDefinition("staff", list=True), SegmentDefinition("champions", f=ScoreRange(4, 5))],
+    coupons={"xmas": coupons.Campaign("xmas", 1, date(2026, 12, 20), date(2026, 12, 31))},
+    personal={"comeback": True, "base": False})
+
+
+@pytest.fixture
+def api(aiohttp_client, tmp_path):
+    async def make() -> Api:
+        app = create_app(test_config(tmp_path, NOW))
+        app[cvm.DEFINITIONS] = lambda program: DEFS
+        a = Api(await aiohttp_client(app))
+        a.app = app
+        for card in ("c1", "c2", "c3"):
+            assert (await a.post("/v1/members", {"card": card}))[0] == 201
+        return a
+    return make
+
+
+async def test_list_segment_members_added_and_removed_idempotently(api):
+    a = await api()
+    status, body = await a.put("/v1/admin/segments/staff/members", {"cards": ["c1", "c2", "c1"]})
+    assert (status, body) == (200, {"segment": "staff", "members": 2})
+    assert (await a.put("/v1/admin/segments/staff/members", {"cards": ["c2"]}))[1]["members"] == 2
+    status, body = await a.call("DELETE", "/v1/admin/segments/staff/members", {"cards": ["c1"]})
+    assert (status, body) == (200, {"segment": "staff", "members": 1})
+    assert (await a.call("DELETE", "/v1/admin/segments/staff/members", {"cards": ["c1"]}))[1]["members"] == 1
+
+
+async def test_segment_refusals(api):
+    a = await api()
+    status, body = await a.put("/v1/admin/segments/staff/members", {"cards": ["c1", "nobody"]})
+    assert status == 422 and body["error"]["code"] == "unknown_card"
+    assert body["error"]["details"] == [{"path": "cards[1]", "message": "is not an enrolled card"}]
+    assert (await a.put("/v1/admin/segments/staff/members", {"cards": ["c1"]}))[1]["members"] == 1
+    status, body = await a.put("/v1/admin/segments/champions/members", {"cards": ["c1"]})
+    assert status == 422 and body["error"]["code"] == "segment_not_list"
+    status, body = await a.put("/v1/admin/segments/nope/members", {"cards": ["c1"]})
+    assert status == 404 and body["error"]["code"] == "unknown_segment"
+    status, body = await a.put("/v1/admin/segments/staff/members", {"cards": []})
+    assert status == 422 and body["error"]["details"][0]["path"] == "cards"
+    status, _ = await a.put("/v1/admin/segments/staff/members", {"cards": ["c1"]}, as_="register")
+    assert status == 403
+
+
+async def test_offer_created_repeated_and_conflicting(api):
+    a = await api()
+    offer = {"offer_id": "o-1", "rule": "comeback", "cards": ["c1", "c2"], "from": "2026-12-01",
+             "to": "2026-12-31", "points": 500}
+    assert await a.post("/v1/admin/offers", offer) == (201, {"offer_id": "o-1", "rule": "comeback", "members": 2})
+    assert await a.post("/v1/admin/offers", offer) == (200, {"offer_id": "o-1", "rule": "comeback", "members": 2})
+    status, body = await a.post("/v1/admin/offers", {**offer, "points": 600})
+    assert status == 409 and body["error"]["code"] == "idempotency_conflict"
+    db = a.app[cvm.DATABASE]
+    got = await db.read(lambda conn: [offers.offers_for(conn, m, date(2026, 12, 5)) for m in (1, 2, 3)])
+    assert got == [{"comeback": 500}, {"comeback": 500}, {}]
+    assert await db.read(lambda conn: offers.offers_for(conn, 1, date(2027, 1, 1))) == {}
+
+
+async def test_offer_to_a_segment_resolves_its_members_now(api):
+    a = await api()
+    await a.put("/v1/admin/segments/staff/members", {"cards": ["c2", "c3"]})
+    body = {"offer_id": "o-staff", "rule": "comeback", "segment": "staff", "from": "2026-12-01", "to": "2026-12-02"}
+    assert (await a.post("/v1/admin/offers", body))[1]["members"] == 2
+    await a.put("/v1/admin/segments/staff/members", {"cards": ["c1"]})     # later members do not get it
+    got = await a.app[cvm.DATABASE].read(lambda conn: [offers.offers_for(conn, m, date(2026, 12, 1)) for m in (1, 2)])
+    assert got == [{}, {"comeback": None}]
+
+
+async def test_offer_refusals(api):
+    a = await api()
+    base = {"offer_id": "o-2", "rule": "comeback", "cards": ["c1"], "from": "2026-12-01", "to": "2026-12-31"}
+    status, body = await a.post("/v1/admin/offers", {**base, "rule": "base"})
+    assert status == 422 and body["error"]["code"] == "rule_not_personal"
+    status, body = await a.post("/v1/admin/offers", {**base, "rule": "nope"})
+    assert status == 422 and body["error"]["code"] == "unknown_rule"
+    status, body = await a.post("/v1/admin/offers", {**base, "segment": "staff"})
+    assert status == 422 and body["error"]["details"][0]["path"] == "cards"
+    status, body = await a.post("/v1/admin/offers", {**base, "to": "2026-11-30"})
+    assert status == 422 and body["error"]["details"] == [{"path": "to", "message": "must not be before from"}]
+    status, body = await a.post("/v1/admin/offers", {**base, "cards": ["zzz"]})
+    assert status == 422 and body["error"]["code"] == "unknown_card"
+    status, body = await a.post("/v1/admin/offers", {**base, "cards": None, "segment": "nope"})
+    assert status == 422 and body["error"]["code"] == "unknown_segment"
+
+
+async def test_coupon_codes_generated_for_a_campaign(api):
+    a = await api()
+    status, body = await a.post("/v1/admin/coupons/xmas/codes", {"count": 50})
+    assert status == 201 and body["campaign"] == "xmas" and len(set(body["codes"])) == 50
+    status, bound = await a.post("/v1/admin/coupons/xmas/codes", {"count": 1, "card": "c1"})
+    privacy = a.app[cvm.PRIVACY]
+    judged = await a.app[cvm.DATABASE].read(lambda conn: coupons.judge(
+        conn, [body["codes"][0], bound["codes"][0]], privacy.card("c2"), date(2026, 12, 24), DEFS.coupons,
+        privacy.coupon))
+    assert [s for _, s in judged.statuses] == [coupons.USABLE, "other_card"]
+    status, err = await a.post("/v1/admin/coupons/easter/codes", {"count": 1})
+    assert status == 404 and err["error"]["code"] == "unknown_coupon_campaign"
+    status, err = await a.post("/v1/admin/coupons/xmas/codes", {"count": 0})
+    assert status == 422 and err["error"]["details"][0]["path"] == "count"

@@ -1,0 +1,253 @@
+"""Webhooks: a local receiver on 127.0.0.1 gets every event at least once, signed, in order per
+member, with no full card number, through a receiver that is down, slow, answers 500 and comes
+back, and through a SIGKILL of the server just after it acknowledged a receipt."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import re
+import sqlite3
+import time
+
+import aiohttp
+import msgspec
+import pytest
+import yaml
+from aiohttp import web
+
+from conftest import KEYS, Api, line, receipt, test_config
+from server import cli
+from server.app import create_app
+from server.config import WebhookConfig
+from storage.events import TYPES
+from test_crash_safety import NOW, Server, free_port
+
+SECRET = "webhook-secret-0123456789"
+CARDS = [f"70000000000{n:02d}" for n in range(4)]
+# Short retries so a test sees many of them; the defaults are 1 s doubling to 60 s for 24 h.
+FAST = {"retry_initial_seconds": 0.05, "retry_max_seconds": 0.3, "poll_interval_seconds": 0.02,
+        "timeout_seconds": 0.5}
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1 whose answer the test sets: ok, fail (500), slow, or down."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.mode = "ok"
+        self.refuse_ids: set[int] = set()
+        self.got: list[dict] = []          # every request received, answered 2xx or not
+        self.delivered: list[dict] = []    # those answered 2xx
+        self.runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        event = json.loads(body)
+        self.got.append({"event": event, "raw": body, "headers": dict(request.headers)})
+        if self.mode == "slow":
+            await asyncio.sleep(2)      # past the sender's timeout: it counts as failed
+        if self.mode == "fail" or event["id"] in self.refuse_ids:
+            return web.Response(status=500)
+        self.delivered.append(event)
+        return web.Response(status=204)
+
+
+def check_signed(receiver: Receiver) -> None:
+    for item in receiver.got:
+        expected = "sha256=" + hmac.new(SECRET.encode(), item["raw"], hashlib.sha256).hexdigest()
+        assert item["headers"]["X-Loyalty-Signature"] == expected
+        assert item["headers"]["X-Loyalty-Event-Id"] == str(item["event"]["id"])
+        for card in CARDS:
+            assert card.encode() not in item["raw"]
+
+
+def check_duplicates_identical(receiver: Receiver) -> None:
+    by_id: dict[int, bytes] = {}
+    for item in receiver.got:
+        assert by_id.setdefault(item["event"]["id"], item["raw"]) == item["raw"]
+
+
+def check_order_per_member(receiver: Receiver) -> None:
+    """Each member's events were first delivered in the order they were written."""
+    first: dict[str, list[int]] = {}
+    seen: set[int] = set()
+    for event in receiver.delivered:
+        if event["id"] not in seen:
+            seen.add(event["id"])
+            first.setdefault(event["member_id"], []).append(event["id"])
+    for ids in first.values():
+        assert ids == sorted(ids), ids
+
+
+@pytest.fixture
+def hooked_api(aiohttp_client, tmp_path):
+    """hooked_api([webhook, ...], events={...}) -> Api on a fresh database, sending to those webhooks."""
+    async def make(hooks: list[dict], **overrides) -> Api:
+        config = test_config(tmp_path, "2026-11-24T12:00:05+02:00", **overrides)
+        config = msgspec.structs.replace(config, webhooks=[msgspec.convert(h, WebhookConfig) for h in hooks])
+        return Api(await aiohttp_client(create_app(config)))
+    return make
+
+
+def hook(receiver: Receiver, events: list[str] | None = None) -> dict:
+    return {"id": "crm", "url": receiver.url, "secret": SECRET,
+            "events": events or list(TYPES)}
+
+
+async def eventually(check, seconds: float = 30) -> None:
+    """Until check() (or the coroutine it returns) is true; generous, the machine is shared."""
+    deadline = time.monotonic() + seconds
+    while True:
+        done = check()
+        if asyncio.iscoroutine(done):
+            done = await done
+        if done:
+            return
+        assert time.monotonic() < deadline, "not within the time allowed"
+        await asyncio.sleep(0.05)
+
+
+async def scripted_day(api, prefix: str = "") -> None:
+    for n, card in enumerate(CARDS):
+        assert (await api.post("/v1/members", {"card": card}))[0] == 201
+        body = receipt(f"{prefix}r{n}", [line(1, "dairy", 600_000 + n)], card=card, ts="2026-11-24T12:00:00+02:00")
+        assert (await api.post("/v1/receipts", body, as_="register"))[0] == 201
+    assert (await api.post("/v1/receipts/S001/K01/r0/cancel", as_="register"))[0] == 200
+    back = {"return_id": f"{prefix}ret1", "store_id": "S001", "register_id": "K01",
+            "receipt": {"store_id": "S001", "register_id": "K01", "receipt_id": f"{prefix}r1"},
+            "lines": [{"line_no": 1, "qty": 1}]}
+    assert (await api.post("/v1/returns", back, as_="register"))[0] == 201
+
+
+async def test_every_event_arrives_signed_in_order_through_500s_slowness_and_an_outage(hooked_api):
+    receiver = Receiver()
+    receiver.mode = "fail"
+    await receiver.start()
+    try:
+        api = await hooked_api([hook(receiver)], events=FAST)
+        await scripted_day(api)
+        await eventually(lambda: len(receiver.got) >= 8)         # answered 500 and retried
+        receiver.mode = "slow"
+        await eventually(lambda: len(receiver.got) >= 12)
+        receiver.mode = "ok"
+        await receiver.stop()                                     # down: connections refused
+        await asyncio.sleep(0.5)
+        await receiver.start()                                    # back
+        written = (await api.get("/v1/admin/events"))[1]["events"]
+        await eventually(lambda: {e["id"] for e in receiver.delivered} >= {e["id"] for e in written})
+        # Four members up to silver; r0 cancelled and r1 returned take two back down.
+        assert [e["type"] for e in written].count("tier.changed") == 6
+        check_signed(receiver)
+        check_duplicates_identical(receiver)
+        check_order_per_member(receiver)
+        await eventually(lambda: _shows(api, "loyalty_events_backlog 0.0"))
+        text = await _metrics(api)
+        failed = re.search(r'^loyalty_webhook_deliveries_total\{result="failed"\} (\S+)$', text, re.M)
+        assert float(failed[1]) >= 8
+    finally:
+        await receiver.stop()
+
+
+async def test_a_dead_letter_does_not_hold_back_later_events_and_retry_sends_it_again(hooked_api, tmp_path):
+    receiver = Receiver()
+    await receiver.start()
+    try:
+        api = await hooked_api([hook(receiver)], events={**FAST, "retry_for_seconds": 0.5})
+        receiver.refuse_ids = {1}             # the member's first event, member.enrolled, always fails
+        await scripted_day(api)
+        written = (await api.get("/v1/admin/events"))[1]["events"]
+        later = {e["id"] for e in written} - {1}
+        await eventually(lambda: {e["id"] for e in receiver.delivered} >= later)
+        await eventually(lambda: _shows(api, 'loyalty_webhook_dead_letters 1.0'))
+        assert 1 not in {e["id"] for e in receiver.delivered}
+        text = await _metrics(api)
+        assert 'loyalty_webhook_deliveries_total{result="dead"} 1.0' in text
+
+        receiver.refuse_ids = set()
+        config = tmp_path / "retry.yaml"
+        config.write_text(yaml.safe_dump({"database": {"path": str(tmp_path / "loyalty.db")},
+                                          "privacy": {"hmac_key": "tests-hmac-key-0123456789"}}))
+        assert cli.main(["events", "retry", "--config", str(config), "--webhook", "crm"]) == 0
+        await eventually(lambda: 1 in {e["id"] for e in receiver.delivered})
+        first = [item for item in receiver.got if item["event"]["id"] == 1]
+        assert len(first) > 1 and len({item["raw"] for item in first}) == 1     # the same event, same id
+        await eventually(lambda: _shows(api, 'loyalty_webhook_dead_letters 0.0'))
+    finally:
+        await receiver.stop()
+
+
+async def _shows(api, sample: str) -> bool:
+    return sample in await _metrics(api)
+
+
+async def _metrics(api) -> str:
+    status, text = await api.get("/metrics")
+    assert status == 200
+    return text
+
+
+async def test_no_event_is_lost_across_a_receiver_outage_and_a_sigkill_after_an_acknowledged_receipt(tmp_path):
+    receiver = Receiver()
+    await receiver.start()
+    server = Server(tmp_path, events=FAST)
+    config = yaml.safe_load(server.config.read_text())
+    config["webhooks"] = [hook(receiver)]
+    server.config.write_text(yaml.safe_dump(config))
+    await asyncio.to_thread(server.start)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for card in CARDS:
+                assert (await _post(session, server, "/v1/members", {"card": card}, "manager"))[0] == 201
+            await eventually(lambda: len({e["id"] for e in receiver.delivered}) >= len(CARDS))
+            await receiver.stop()                             # the receiver goes down
+            acked = []
+            for n in range(6):
+                body = receipt(f"k{n}", [line(1, "dairy", 10_000 + n)], card=CARDS[n % 4], ts=NOW)
+                status, _ = await _post(session, server, "/v1/receipts", body, "register")
+                assert status == 201
+                acked.append(body["receipt_id"])
+            server.kill()                                     # just after the last 201
+            await asyncio.to_thread(server.start)
+            await receiver.start()                            # and the receiver comes back
+            for n in range(6, 8):
+                body = receipt(f"k{n}", [line(1, "grocery", 10_000 + n)], card=CARDS[n % 4], ts=NOW)
+                assert (await _post(session, server, "/v1/receipts", body, "register"))[0] == 201
+                acked.append(body["receipt_id"])
+            written = _events_in(server)
+            await eventually(lambda: {e["id"] for e in receiver.delivered} >= set(written), seconds=60)
+        confirmed = {e["data"]["receipt"]["receipt_id"] for e in receiver.delivered if e["type"] == "receipt.confirmed"}
+        assert confirmed == set(acked)
+        check_signed(receiver)
+        check_duplicates_identical(receiver)
+        check_order_per_member(receiver)
+    finally:
+        server.kill()
+        await receiver.stop()
+
+
+async def _post(session, server: Server, path: str, body: dict, role: str) -> tuple[int, dict]:
+    async with session.post(server.url(path), json=body, headers={"Authorization": f"Bearer {KEYS[role]}"}) as resp:
+        return resp.status, await resp.json()
+
+
+def _events_in(server: Server) -> list[int]:
+    with sqlite3.connect(server.db) as conn:
+        return [r[0] for r in conn.execute("SELECT id FROM events ORDER BY id")]
