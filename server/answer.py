@@ -1,15 +1,19 @@
 """The answers to a calculate, a confirm, a return and a cancel, built from their plans
-(server/plan.py, server/returns.py): the numbers a register prints are the ones the
-ledger got."""
+(server/plan.py, server/returns.py) as the types of server/answer_types.py, which the server
+encodes and /openapi.json describes: the numbers a register prints are the ones the ledger
+got, in the shape the document gives."""
 from __future__ import annotations
 
+from msgspec import UNSET, UnsetType
+
 from rules import Program
+from server import answer_types as A
 from server.plan import ReceiptPlan
 from storage.ledger import member_public_id
 
 
-def receipt_ref(key) -> dict:
-    return {"store_id": key[0], "register_id": key[1], "receipt_id": key[2]}
+def receipt_ref(key) -> A.ReceiptKey:
+    return A.ReceiptKey(key[0], key[1], key[2])
 
 
 def money(minor: int) -> str:
@@ -21,25 +25,23 @@ def ddmmyyyy(day: str) -> str:
     return f"{d}.{m}.{y}"
 
 
-def receipt_answer(plan: ReceiptPlan, program: Program) -> dict:
+def receipt_parts(plan: ReceiptPlan, program: Program) -> tuple:
+    """The fields a calculate and a confirm share, in their order."""
     ev, member = plan.evaluation, plan.member
-    balance = plan.balance.as_json() if plan.balance is not None else {}
-    accrued = {"points": ev.accrued_points,
-               "available_from": str(ev.available_from) if member else None,
-               "expires_on": str(ev.expires_on) if member and ev.expires_on else None,
-               "by_rule": [{"rule": r, "points": p} for r, p in ev.by_rule],
-               "by_line": [{"line_no": n, "points": p} for n, p in ev.by_line]}
-    redeemed = {"points": ev.redeemed_points, "discount": ev.discount,
-                "by_line": [{"line_no": n, "points": p, "discount": d} for n, p, d in ev.redeemed_by_line]}
-    out = {"receipt": receipt_ref(plan.key), "member_id": member.public_id if member else None,
-           "rules_version": program.version, "accrued": accrued, "redeemed": redeemed,
-           "balance": balance, "messages": messages(plan, program, balance)}
-    if plan.coupon_statuses is not None:
-        out["coupons"] = [{"code": code, "status": status} for code, status in plan.coupon_statuses]
-    return out
+    b = plan.balance
+    balance = A.ReceiptBalance(b.available, b.pending, b.held) if b is not None else A.ReceiptBalance()
+    accrued = A.Accrued(ev.accrued_points,
+                        str(ev.available_from) if member else None,
+                        str(ev.expires_on) if member and ev.expires_on else None,
+                        [A.RulePoints(r, p) for r, p in ev.by_rule],
+                        [A.LinePoints(n, p) for n, p in ev.by_line])
+    redeemed = A.Redeemed(ev.redeemed_points, ev.discount,
+                          [A.LineRedeemed(n, p, d) for n, p, d in ev.redeemed_by_line])
+    return (receipt_ref(plan.key), member.public_id if member else None, program.version, accrued, redeemed,
+            balance, messages(plan, program))
 
 
-def messages(plan: ReceiptPlan, program: Program, balance: dict) -> list[str]:
+def messages(plan: ReceiptPlan, program: Program) -> list[str]:
     ev = plan.evaluation
     if plan.member is None:
         return []
@@ -54,41 +56,47 @@ def messages(plan: ReceiptPlan, program: Program, balance: dict) -> list[str]:
             out.append(f"{ev.accrued_points} points will be available from {ddmmyyyy(str(ev.available_from))}")
         else:
             out.append(f"{ev.accrued_points} points earned")
-    out.append(f"Balance: {balance['available']} points")
+    out.append(f"Balance: {plan.balance.available} points")
     return out
 
 
-def calculate_answer(plan: ReceiptPlan, program: Program) -> dict:
+def calculate_answer(plan: ReceiptPlan, program: Program) -> A.CalculateAnswer:
     hold = plan.hold if plan.hold is not None and plan.hold.action == "put" else None
-    return {**receipt_answer(plan, program),
-            "hold": {"points": hold.points, "expires_at": hold.expires_at.isoformat()} if hold else None}
+    return A.CalculateAnswer(*receipt_parts(plan, program),
+                             A.Hold(hold.points, hold.expires_at.isoformat()) if hold else None,
+                             coupons=coupon_statuses(plan))
 
 
-def confirm_answer(plan: ReceiptPlan, program: Program) -> dict:
-    return {**receipt_answer(plan, program), "replayed": False}
+def confirm_answer(plan: ReceiptPlan, program: Program) -> A.ConfirmAnswer:
+    return A.ConfirmAnswer(*receipt_parts(plan, program), replayed=False, coupons=coupon_statuses(plan))
 
 
-def return_answer(plan, ret_key, rec_key, member_id: int | None) -> dict:
+def coupon_statuses(plan: ReceiptPlan) -> list[A.CouponStatus] | UnsetType:
+    """What happened to each code the receipt sent; no `coupons` key when it sent none."""
+    if plan.coupon_statuses is None:
+        return UNSET
+    return [A.CouponStatus(code, status) for code, status in plan.coupon_statuses]
+
+
+def return_answer(plan, ret_key, rec_key, member_id: int | None) -> A.ReturnAnswer:
     """A return's answer from its plan (server/returns.py); the caller adds the balance."""
     lines = plan.lines.items()
-    return {"return": {"store_id": ret_key[0], "register_id": ret_key[1], "return_id": ret_key[2]},
-            "receipt": receipt_ref(rec_key),
-            "member_id": member_public_id(member_id) if member_id is not None else None,
-            "reversed": {"points": plan.reversed_points, "by_rule": plan.by_rule_json(),
-                         "by_line": [{"line_no": n, "points": ln.points_reversed} for n, ln in lines]},
-            "refunded": {"points": plan.refunded_points, "discount": plan.discount_refunded,
-                         "by_line": [{"line_no": n, "points": ln.points_refunded, "discount": ln.discount_refunded}
-                                     for n, ln in lines]},
-            "amount": sum(ln.amount for ln in plan.lines.values()),
-            "replayed": False}
+    return A.ReturnAnswer(
+        A.ReturnKey(ret_key[0], ret_key[1], ret_key[2]), receipt_ref(rec_key),
+        member_public_id(member_id) if member_id is not None else None,
+        A.ReturnReversed(plan.reversed_points, [A.RulePoints(r, p) for r, p in plan.by_rule.items() if p],
+                         [A.LinePoints(n, ln.points_reversed) for n, ln in lines]),
+        A.ReturnRefunded(plan.refunded_points, plan.discount_refunded,
+                         [A.LineRedeemed(n, ln.points_refunded, ln.discount_refunded) for n, ln in lines]),
+        sum(ln.amount for ln in plan.lines.values()), replayed=False)
 
 
-def cancel_answer(key, reversals, refunds) -> dict:
+def cancel_answer(key, reversals, refunds) -> A.CancelAnswer:
     """A cancel's answer from what it takes back (server/returns.py plan_cancel)."""
     by_rule: dict[str, int] = {}
     for _, rule_id, points, _ in reversals:
         by_rule[rule_id] = by_rule.get(rule_id, 0) + points
-    return {"receipt": receipt_ref(key), "status": "cancelled", "already": False,
-            "reversed": {"points": sum(r[2] for r in reversals),
-                         "by_rule": [{"rule": r, "points": p} for r, p in by_rule.items()]},
-            "refunded": {"points": sum(r[1] for r in refunds)}}
+    return A.CancelAnswer(receipt_ref(key), "cancelled", already=False,
+                          reversed=A.ReversedPoints(sum(r[2] for r in reversals),
+                                                    [A.RulePoints(r, p) for r, p in by_rule.items()]),
+                          refunded=A.RefundedPoints(sum(r[1] for r in refunds)))

@@ -15,7 +15,7 @@ from typing import Callable
 import msgspec
 from aiohttp import web
 
-from server import report_campaign, schema
+from server import answer_types as A, report_campaign, schema
 from server.errors import ApiError, conflict, field_error, not_found, problems_error, unprocessable
 from server.keys import CLOCK, DATABASE, PRIVACY, PROGRAMS
 from server.validation import Problems
@@ -117,7 +117,7 @@ async def _change_segment(app, call, change):
     def write(conn):
         return change(conn, d.id, members_of_cards(conn, privacy, call.body.cards), now)
     size = await app[DATABASE].write(write, off_loop=True)
-    return json_reply({"segment": d.id, "members": size})
+    return json_reply(A.SegmentSizeAnswer(d.id, size))
 
 
 def offer_digest(body: schema.OfferAssignment) -> str:
@@ -164,8 +164,7 @@ async def assign_offer(app, call):
         done = await app[DATABASE].write(write, off_loop=True)
     except offers.OfferConflict as e:
         raise conflict("idempotency_conflict", str(e)) from None
-    return json_reply({"offer_id": body.offer_id, "rule": body.rule, "members": done.members},
-                      201 if done.created else 200)
+    return json_reply(A.OfferAnswer(body.offer_id, body.rule, done.members), 201 if done.created else 200)
 
 
 async def create_coupons(app, call):
@@ -182,20 +181,24 @@ async def create_coupons(app, call):
     if taken:   # two draws of 60 random bits met: answer only codes that are the caller's alone
         raise ApiError(503, "try_again", "a generated code collided with an existing one; nothing was lost, "
                        "ask again", headers={"Retry-After": "0"})
-    return json_reply({"campaign": campaign, "codes": codes}, 201)
+    return json_reply(A.CouponCodesAnswer(campaign, codes), 201)
 
 
 def routes():
-    from server.routes import MANAGER, Route
+    from server.routes import MANAGER, Route, created, ok
     manager = frozenset({MANAGER})
     return [
         Route("PUT", "/v1/admin/segments/{id}/members", put_segment_members, manager, schema.SegmentCards,
-              "Add cards' members to a `list` segment: {cards}; answers its size; idempotent"),
+              "Add cards' members to a `list` segment: {cards}; answers its size; idempotent",
+              answers=ok(A.SegmentSizeAnswer)),
         Route("DELETE", "/v1/admin/segments/{id}/members", delete_segment_members, manager, schema.SegmentCards,
-              "Remove cards' members from a `list` segment: {cards}; answers its size; idempotent"),
+              "Remove cards' members from a `list` segment: {cards}; answers its size; idempotent",
+              answers=ok(A.SegmentSizeAnswer)),
         Route("POST", "/v1/admin/offers", assign_offer, manager, schema.OfferAssignment,
               "Offer a personal rule to cards or to a segment's members now: {offer_id, rule, cards | segment, "
-              "from, to, points?}; 200 when repeated with the same body, 409 with another", 201),
+              "from, to, points?}; 200 when repeated with the same body, 409 with another",
+              answers=created(A.OfferAnswer)),
         Route("POST", "/v1/admin/coupons/{campaign}/codes", create_coupons, manager, schema.CouponRequest,
-              "New random codes of a coupon campaign: {count, card?}", 201),
+              "New random codes of a coupon campaign: {count, card?}",
+              answers=created(A.CouponCodesAnswer, replayed=False)),
     ]

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from rules import RuleEngineError
 from server import validation
+from server.answer_types import Error, ErrorBody, ErrorDetail
 from server.validation import UNKNOWN_FIELD  # noqa: F401  (config.py words its hint from it)
 from storage.db import Overloaded, StorageBusy, StorageClosed, StorageError, StorageFull, StorageLost
 from storage.imports import ImportedReceipt
@@ -46,8 +47,9 @@ def conflict(code: str, message: str) -> ApiError:
     return ApiError(409, code, message)
 
 
-def error_body(code: str, message: str, details: list[dict] | None = None) -> dict:
-    return {"error": {"code": code, "message": message, "details": details or []}}
+def error_body(code: str, message: str, details: list[dict] | None = None) -> Error:
+    """The one shape, as the type /openapi.json gives every refusal."""
+    return Error(ErrorBody(code, message, [ErrorDetail(d["path"], d["message"]) for d in details or ()]))
 
 
 def error_response(status: int, code: str, message: str, details: list[dict] | None = None,

@@ -12,7 +12,7 @@ import hashlib
 
 import msgspec
 
-from server import schema
+from server import answer_types as A, schema
 from server.errors import ApiError, conflict, field_error, not_found, unprocessable
 from server.keys import CLOCK, DATABASE, OPS, PRIVACY
 from server.ops import members as member_ops
@@ -73,11 +73,11 @@ async def set_crm(app, card: str, patch: schema.MemberPatch) -> None:
     await app[DATABASE].write(write)
 
 
-async def with_crm(app, answer: dict) -> dict:
+async def with_crm(app, answer: A.MemberAnswer) -> A.MemberAnswer:
     """A member answer with the CRM's id and the consent per channel."""
-    member_id = member_number(answer["member_id"])
+    member_id = member_number(answer.member_id)
     state = await app[DATABASE].read(lambda conn: member_care.care_state(conn, member_id))
-    return {**answer, **member_care.crm_fields(state)} if state else answer
+    return msgspec.structs.replace(answer, **member_care.crm_fields(state)) if state else answer
 
 
 # ---------------------------------------------------------------- cards out of use
@@ -103,7 +103,7 @@ async def refuse_retired(app, card: str, error: ApiError | None = None, status: 
 
 # ---------------------------------------------------------------- search
 
-async def find_by_phone(app, body: schema.PhoneSearch) -> dict:
+async def find_by_phone(app, body: schema.PhoneSearch) -> A.MemberSearchAnswer:
     deps = app[OPS]
     digests = candidates(app[PRIVACY].phone(body.phone))
     program = deps.program()
@@ -113,19 +113,19 @@ async def find_by_phone(app, body: schema.PhoneSearch) -> dict:
         for member_id in member_care.members_by_phone(conn, digests):
             state = member_care.care_state(conn, member_id)
             view = member_ops.member_view(deps, conn, program, ledger.member_by_id(conn, member_id))
-            out.append({"member_id": view["member_id"], "cards_last4": view["cards_last4"],
-                        "phone_last4": view["profile"]["phone_last4"], "enrolled_at": view["enrolled_at"],
-                        "balance": view["balance"], "tier": view["tier"]["id"],
-                        "merged_into": f"m_{state.merged_into}" if state.merged_into else None,
-                        **member_care.crm_fields(state)})
+            out.append(A.FoundMember(
+                member_id=view.member_id, cards_last4=view.cards_last4, phone_last4=view.profile.phone_last4,
+                enrolled_at=view.enrolled_at, balance=view.balance, tier=view.tier.id,
+                merged_into=f"m_{state.merged_into}" if state.merged_into else None,
+                **member_care.crm_fields(state)))
         return out
     members = await app[DATABASE].read(read)
-    return {"members": members, "limit": member_care.PHONE_MATCHES_MAX}
+    return A.MemberSearchAnswer(members, member_care.PHONE_MATCHES_MAX)
 
 
 # ---------------------------------------------------------------- replace a card
 
-async def replace_card(app, public_id: str, body: schema.CardReplacement) -> tuple[int, dict]:
+async def replace_card(app, public_id: str, body: schema.CardReplacement) -> tuple[int, A.CardReplacementAnswer]:
     """The member keeps everything (the member id holds the balance, lots and history);
     only the card changes. Sending the same replacement again answers 200 replayed."""
     member_id = member_number(public_id)
@@ -165,14 +165,15 @@ def _card_to_replace(cards: list[tuple[str, str]], last4: str | None) -> tuple[s
     raise field_error("old_card_last4", f"is needed: the member has {len(cards)} cards (ending {ends})")
 
 
-def _replaced(public_id: str, old_last4: str | None, new_last4: str, conn, replayed: bool = False) -> dict:
-    return {"member_id": public_id, "card_last4": new_last4, "replaced_card_last4": old_last4,
-            "cards_last4": ledger.member_cards(conn, member_number(public_id)), "replayed": replayed}
+def _replaced(public_id: str, old_last4: str | None, new_last4: str, conn,
+              replayed: bool = False) -> A.CardReplacementAnswer:
+    return A.CardReplacementAnswer(public_id, new_last4, old_last4,
+                                   ledger.member_cards(conn, member_number(public_id)), replayed)
 
 
 # ---------------------------------------------------------------- merge
 
-async def merge(app, body: schema.MemberMerge, principal) -> tuple[int, dict]:
+async def merge(app, body: schema.MemberMerge, principal) -> tuple[int, A.MergeAnswer]:
     """Moves the points of `from_member_id` to `into_member_id` through transfer postings and
     takes the first member's cards out of use; idempotent by merge_id."""
     source, target = member_number(body.from_member_id), member_number(body.into_member_id)
@@ -186,7 +187,7 @@ async def merge(app, body: schema.MemberMerge, principal) -> tuple[int, dict]:
         if previous is not None:
             if previous[0] != fingerprint:
                 raise conflict("idempotency_conflict", f"merge {body.merge_id} was made with another body")
-            return 200, {**msgspec.json.decode(previous[1]), "replayed": True}
+            return 200, msgspec.structs.replace(msgspec.json.decode(previous[1], type=A.MergeAnswer), replayed=True)
         _member(conn, source, body.from_member_id, "from_member_id")
         _member(conn, target, body.into_member_id, "into_member_id")
         at = PostingRef(effective_at=iso(now), created_at=iso(now), ref=f"merge:{body.merge_id}",
@@ -197,9 +198,9 @@ async def merge(app, body: schema.MemberMerge, principal) -> tuple[int, dict]:
         for card, _ in cards:
             member_care.retire_card(conn, card, source, "merged", body.into_member_id, iso(now))
         member_care.mark_merged(conn, source, target, iso(now))
-        result = {"merge_id": body.merge_id, "from_member_id": body.from_member_id,
-                  "into_member_id": body.into_member_id, "lots_moved": lots, "points_moved": points,
-                  "cards_retired_last4": [last4 for _, last4 in cards], "key_id": principal.key_id, "replayed": False}
+        result = A.MergeAnswer(body.merge_id, body.from_member_id, body.into_member_id, lots_moved=lots,
+                               points_moved=points, cards_retired_last4=[last4 for _, last4 in cards],
+                               key_id=principal.key_id, replayed=False)
         member_care.insert_merge(conn, body.merge_id, body_sha256=fingerprint, from_member=source,
                                  into_member=target, result=JSON.encode(result), key_id=principal.key_id,
                                  now=iso(now))
@@ -209,7 +210,7 @@ async def merge(app, body: schema.MemberMerge, principal) -> tuple[int, dict]:
 
 # ---------------------------------------------------------------- erase
 
-async def erase(app, public_id: str, body: schema.Erasure) -> dict:
+async def erase(app, public_id: str, body: schema.Erasure) -> A.ErasureAnswer:
     """Erasing twice answers the first erasure's moment, with nothing left to remove."""
     member_id = member_number(public_id)
     now = iso(app[CLOCK].now())
@@ -217,11 +218,11 @@ async def erase(app, public_id: str, body: schema.Erasure) -> dict:
     def write(conn):
         state = _member(conn, member_id, public_id, usable=False)
         if state.erased_at:
-            return {"member_id": public_id, "erased_at": state.erased_at, "cards_removed": 0,
-                    "receipts_scrubbed": 0, "members_erased": [], "replayed": True}
+            return A.ErasureAnswer(public_id, state.erased_at, cards_removed=0, receipts_scrubbed=0,
+                                   members_erased=[], replayed=True)
         try:
             done = member_care.erase(conn, member_id, now)
         except CareRefused as e:
             raise refusal(e) from None
-        return {"member_id": public_id, "erased_at": now, **done, "replayed": False}
+        return A.ErasureAnswer(public_id, now, **done, replayed=False)
     return await app[DATABASE].write(write)

@@ -1,21 +1,24 @@
-"""OpenAPI 3 generated from the route table and the msgspec request types."""
+"""OpenAPI 3 generated from the route table: the msgspec request types each route decodes and
+the answer types (server/answer_types.py) each declares per status, so the document says
+what the server accepts and answers."""
 from __future__ import annotations
 
 import re
 
 import msgspec
 
-ERROR_SCHEMA = {
-    "type": "object", "required": ["error"],
-    "properties": {"error": {"type": "object", "required": ["code", "message", "details"], "properties": {
-        "code": {"type": "string"}, "message": {"type": "string"},
-        "details": {"type": "array", "items": {"type": "object", "properties": {
-            "path": {"type": "string"}, "message": {"type": "string"}}}}}}},
-}
+from server.answer_types import Error
+
+REF = "#/components/schemas/{name}"
 ERROR_STATUSES = {"400": "Malformed JSON", "401": "No key or an unknown key", "403": "Key not allowed here",
                   "404": "Not found", "409": "Conflict", "413": "Body over the configured limit",
                   "422": "Schema or business rule violated", "429": "Rate limited",
                   "503": "Starting, draining or overloaded"}
+# A quantity may be sent as a JSON number (2, 0.5) or as a decimal string ("0.125"): msgspec
+# decodes either into the same Decimal; its own schema names the string form only. Which
+# values are taken (positive, at most 6 decimals) is checked after decoding, so no pattern.
+DECIMAL = {"anyOf": [{"type": "number"},
+                     {"type": "string", "format": "decimal", "description": "a decimal number, e.g. \"0.125\""}]}
 
 _cache: dict[int, dict] = {}
 
@@ -28,23 +31,12 @@ def document(routes) -> dict:
 
 
 def _build(routes) -> dict:
-    bodies = sorted({r.body for r in routes if r.body is not None}, key=lambda t: t.__name__)
-    (schemas_list, components) = msgspec.json.schema_components(bodies, ref_template="#/components/schemas/{name}")
-    components["Error"] = ERROR_SCHEMA
+    types = {r.body for r in routes if r.body is not None} | {Error}
+    types |= {t for r in routes for _, t, _ in r.answers if t is not None}
+    _, components = msgspec.json.schema_components(sorted(types, key=lambda t: t.__name__), ref_template=REF)
     paths: dict[str, dict] = {}
     for r in routes:
-        op = {"summary": r.summary, "operationId": r.handler.__name__,
-              "responses": {str(r.ok_status): {"description": "OK", "content": {
-                  "application/json": {"schema": {"type": "object"}}}}}}
-        if r.path == "/metrics":
-            op["responses"][str(r.ok_status)] = {"description": "Prometheus text",
-                                                 "content": {"text/plain": {"schema": {"type": "string"}}}}
-        if r.ok_status == 201:
-            op["responses"]["200"] = {"description": "Replayed: the stored result of the same request",
-                                      "content": {"application/json": {"schema": {"type": "object"}}}}
-        for status, text in ERROR_STATUSES.items():
-            op["responses"][status] = {"description": text, "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        op = {"summary": r.summary, "operationId": r.handler.__name__, "responses": _responses(r)}
         params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
                   for n in re.findall(r"{(\w+)}", r.path)]
         params += _query_params(r.path, r.method)
@@ -52,7 +44,7 @@ def _build(routes) -> dict:
             op["parameters"] = params
         if r.body is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {
-                "schema": {"$ref": f"#/components/schemas/{r.body.__name__}"}}}}
+                "schema": {"$ref": REF.format(name=r.body.__name__)}}}}
         if r.roles is not None:
             op["security"] = [{"bearer": []}]
             op["description"] = "Roles: " + ", ".join(sorted(r.roles))
@@ -60,8 +52,32 @@ def _build(routes) -> dict:
     return {"openapi": "3.0.3",
             "info": {"title": "Loyalty processing server", "version": "1"},
             "paths": paths,
-            "components": {"schemas": components,
+            "components": {"schemas": _decimals_as_numbers_too(components),
                            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}
+
+
+def _responses(route) -> dict:
+    out = {}
+    for status, answer, description in route.answers:
+        if answer is None:      # not JSON: /metrics
+            out[str(status)] = {"description": description, "content": {"text/plain": {"schema": {"type": "string"}}}}
+        else:
+            out[str(status)] = {"description": description, "content": {"application/json": {
+                "schema": {"$ref": REF.format(name=answer.__name__)}}}}
+    for status, text in ERROR_STATUSES.items():
+        out[status] = {"description": text, "content": {"application/json": {
+            "schema": {"$ref": REF.format(name=Error.__name__)}}}}
+    return out
+
+
+def _decimals_as_numbers_too(node):
+    if isinstance(node, dict):
+        if node.get("type") == "string" and node.get("format") == "decimal":
+            return DECIMAL
+        return {k: _decimals_as_numbers_too(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_decimals_as_numbers_too(v) for v in node]
+    return node
 
 
 def _query_params(path: str, method: str) -> list[dict]:
@@ -71,4 +87,6 @@ def _query_params(path: str, method: str) -> list[dict]:
         return [q("at")]
     if path.endswith("/statement"):
         return [q("from"), q("to"), q("limit", "integer")]
+    if path == "/v1/admin/rules/versions":
+        return [q("limit", "integer"), q("before", "integer")]
     return []

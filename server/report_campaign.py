@@ -326,6 +326,7 @@ async def campaign_report(app, call):
     from server.cvm import definitions
     from server.errors import not_found, unprocessable
     from server.keys import DATABASE, PROGRAMS
+    from server.answer_types import CampaignReport
     from server.routes import json_reply
     rule_id = call.path["rule"]
     rule = definitions(app).rules.get(rule_id)
@@ -336,11 +337,14 @@ async def campaign_report(app, call):
                             "to compare with", [{"path": "rule", "message": "has no holdout"}])
     first, last = period_of(rule, call.query.get("from"), call.query.get("to"))
     setting = setting_of(app[PROGRAMS].current)
-    return json_reply(await app[DATABASE].read(lambda conn: report(conn, setting, rule, first, last)))
+    found = await app[DATABASE].read(lambda conn: report(conn, setting, rule, first, last))
+    return json_reply(msgspec.convert(found, CampaignReport))
 
 
 def routes():
-    from server.routes import MANAGER, Route
+    from server.answer_types import CampaignReport
+    from server.routes import MANAGER, Route, ok
     return [Route("GET", "/v1/admin/reports/campaigns/{rule}", campaign_report, frozenset({MANAGER}), None,
                   "The effect of a rule with a control group: per group members, buyers, receipts, spend, "
-                  "scope_spend, points; the uplift of spend per member with its 95% interval; ?from=&to=")]
+                  "scope_spend, points; the uplift of spend per member with its 95% interval; ?from=&to=",
+                  answers=ok(CampaignReport))]

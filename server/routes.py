@@ -22,7 +22,7 @@ import msgspec
 from aiohttp import web
 
 from rules import ProgramError, check_dir
-from server import cvm, member_care, program_versions, report_campaign, schema
+from server import answer_types as A, cvm, member_care, program_versions, report_campaign, schema
 from server.auth import Principal, require_adjustment_within, require_role
 from server.errors import ApiError, field_error, not_found
 from server.keys import (CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, OPS, PRIVACY, PROGRAMS, STATE,
@@ -63,9 +63,11 @@ class Route:
     roles: frozenset[str] | None      # None: no key needed
     body: type | None = None
     summary: str = ""
-    ok_status: int = 200
     # Fields of the body kept in the audit row's detail: what the action was for, in its author's words.
     audit_detail: tuple[str, ...] = ()
+    # (status, answer type, description) of each success: what /openapi.json says it answers.
+    # None as the type: not JSON. Every route may also answer an error (server/openapi.py).
+    answers: tuple[tuple[int, type | None, str], ...] = ()
 
 
 def json_reply(data, status: int = 200) -> Reply:
@@ -160,8 +162,8 @@ async def member_statement(app, call: Call) -> Reply:
     limit = parse_int(call.query.get("limit"), "limit", default=100)
     statement = await members.statement(ops, call.path["card"], since, until, limit)
     keyring = app[KEYRING]
-    for posting in statement["postings"]:
-        posting["key_name"] = keyring.name_of(posting.get("key_id"))
+    for posting in statement.postings:
+        posting.key_name = keyring.name_of(posting.key_id)
     return json_reply(statement)
 
 
@@ -172,7 +174,10 @@ async def adjust(app, call: Call) -> Reply:
     require_adjustment_within(call.principal, call.body.points, app[CONFIG].auth.support_adjustment_max_points)
     status, result = await adjustments.adjust(app[OPS], call.body, call.principal)
     # A replay answers with the key that made the adjustment, not the one asking again.
-    return json_reply({**result, "key_name": app[KEYRING].name_of(result.get("key_id"))}, status)
+    if isinstance(result, dict):    # a replay: the stored answer as it was first sent
+        return json_reply({**result, "key_name": app[KEYRING].name_of(result.get("key_id"))}, status)
+    result.key_name = app[KEYRING].name_of(result.key_id)
+    return json_reply(result, status)
 
 
 @explains_retired_cards(_card_in_path)
@@ -203,16 +208,13 @@ async def erase_member(app, call: Call) -> Reply:
 async def rules_info(app, call: Call) -> Reply:
     holder = app[PROGRAMS]
     p = holder.current
-    return json_reply({
-        "version": p.version, "program": {"id": p.id, "name": p.name, "currency": p.currency,
-                                          "timezone": p.timezone_name},
-        "directory": str(holder.directory),
-        "files": [{"path": f, "sha256": h} for f, h in p.files],
-        "rules": p.rule_summaries,
-        "events": [{"id": e.id, "on": e.on, "points": e.points, "expires_in_days": e.expires_in_days}
-                   for e in p.events],
-        "last_reload": holder.last_reload,
-    })
+    return json_reply(A.RulesAnswer(
+        p.version, A.ProgramInfo(p.id, p.name, p.currency, p.timezone_name), str(holder.directory),
+        [A.ProgramFile(f, h) for f, h in p.files],
+        # The summaries and the last reload are the dicts the console shows; converting checks them.
+        msgspec.convert(p.rule_summaries, list[A.RuleSummary]),
+        [A.EventInfo(e.id, e.on, e.points, e.expires_in_days) for e in p.events],
+        msgspec.convert(holder.last_reload, A.LastReload | None)))
 
 
 async def rules_reload(app, call: Call) -> Reply:
@@ -221,7 +223,7 @@ async def rules_reload(app, call: Call) -> Reply:
     if not ok:
         raise rules_invalid(problems, "the program was not loaded; the previous version keeps serving")
     await app[VERSIONS].settled()     # recorded before the answer says it is live
-    return json_reply({"version": program.version, "last_reload": app[PROGRAMS].last_reload})
+    return json_reply(A.ReloadAnswer(program.version, msgspec.convert(app[PROGRAMS].last_reload, A.LastReload)))
 
 
 async def rules_versions(app, call: Call) -> Reply:
@@ -233,7 +235,7 @@ async def rules_versions(app, call: Call) -> Reply:
     if before_id is not None and not 1 <= before_id <= program_versions.LOAD_ID_MAX:
         raise field_error("before", "must be the id of a listed version (a positive whole number)")
     loads = await app[DATABASE].read(lambda conn: program_versions.list_versions(conn, limit, before_id))
-    return json_reply({"serving": app[PROGRAMS].current.version, "versions": loads})
+    return json_reply(A.VersionsAnswer(app[PROGRAMS].current.version, msgspec.convert(loads, list[A.VersionLoad])))
 
 
 EVENTS_PAGE_MAX = 1_000
@@ -249,13 +251,14 @@ async def events_page(app, call: Call) -> Reply:
     if not 1 <= limit <= EVENTS_PAGE_MAX:
         raise field_error("limit", f"must be 1 to {EVENTS_PAGE_MAX}")
     rows = await app[DATABASE].read(lambda conn: events.page(conn, after, limit))
-    return json_reply({"events": rows, "next_after": rows[-1]["id"] if rows else after})
+    return json_reply(A.EventsAnswer(msgspec.convert(rows, list[A.Event]), rows[-1]["id"] if rows else after))
 
 
 async def rules_version(app, call: Call) -> Reply:
     version = call.path["version"]
     try:
-        return json_reply(await app[DATABASE].read(lambda conn: program_versions.version_files(conn, version)))
+        info = await app[DATABASE].read(lambda conn: program_versions.version_files(conn, version))
+        return json_reply(msgspec.convert(info, A.VersionAnswer))
     except program_versions.UnknownVersion as e:
         raise not_found("unknown_version", str(e)) from None
 
@@ -272,7 +275,7 @@ async def rules_rollback(app, call: Call) -> Reply:
 
 async def _put_live(operation) -> Reply:
     try:
-        return json_reply(await operation)
+        return json_reply(msgspec.convert(await operation, A.PutLiveAnswer))
     except ProgramError as e:
         raise rules_invalid(e.problems, "the program was not loaded; the previous version keeps serving") from None
     except program_versions.UnknownVersion as e:
@@ -295,7 +298,7 @@ async def rules_check(app, call: Call) -> Reply:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     problems = [str(p) for p in found if not p.warning]
-    return json_reply({"ok": not problems, "problems": problems, "warnings": [str(p) for p in found if p.warning]})
+    return json_reply(A.CheckAnswer(not problems, problems, [str(p) for p in found if p.warning]))
 
 
 def rules_invalid(problems, message: str) -> ApiError:
@@ -306,13 +309,12 @@ def rules_invalid(problems, message: str) -> ApiError:
 # ------------------------------------------------------------------ operations
 
 async def healthz(app, call: Call) -> Reply:
-    return json_reply({"status": "alive"})
+    return json_reply(A.HealthAnswer("alive"))
 
 
 async def readyz(app, call: Call) -> Reply:
     check_ready(app)
-    return json_reply({"status": "ready", "rules_version": app[PROGRAMS].current.version,
-                       "write_queue": app[DATABASE].queue_depth()})
+    return json_reply(A.ReadyAnswer("ready", app[PROGRAMS].current.version, app[DATABASE].queue_depth()))
 
 
 def check_ready(app) -> None:
@@ -373,57 +375,84 @@ def parse_int(raw: str | None, name: str, default: int) -> int:
 
 
 R = frozenset
+
+
+def ok(answer: type | None, description: str = "OK") -> tuple:
+    return ((200, answer, description),)
+
+
+def created(answer: type, replayed: bool = True) -> tuple:
+    """201 for what was written now; 200 for a retry, answered from what was stored."""
+    if not replayed:
+        return ((201, answer, "Created"),)
+    return ((201, answer, "Created"), (200, answer, "Replayed: the stored answer of the same request"))
+
+
 ROUTES: list[Route] = [
     Route("POST", "/v1/receipts/calculate", calculate, R({REGISTER}), schema.Receipt,
-          "What confirming this receipt would give; holds points to be redeemed"),
+          "What confirming this receipt would give; holds points to be redeemed", answers=ok(A.CalculateAnswer)),
     Route("POST", "/v1/receipts", confirm, R({REGISTER}), schema.Receipt,
-          "Confirm a paid receipt: 201 once the ledger write is on disk; 200 replayed for a retry", 201),
+          "Confirm a paid receipt: 201 once the ledger write is on disk; 200 replayed for a retry",
+          answers=created(A.ConfirmAnswer)),
     Route("POST", "/v1/receipts/{store_id}/{register_id}/{receipt_id}/cancel", cancel, R({REGISTER}), None,
-          "Release a hold or reverse a confirmed receipt entirely"),
+          "Release a hold or reverse a confirmed receipt entirely", answers=ok(A.CancelAnswer)),
     Route("POST", "/v1/returns", return_items, R({REGISTER}), schema.ReturnRequest,
-          "Return lines of a confirmed receipt: reverses their points and refunds points spent on them", 201),
-    Route("POST", "/v1/members", enroll, R({REGISTER, MANAGER}), schema.Enrollment, "Enroll a card", 201),
+          "Return lines of a confirmed receipt: reverses their points and refunds points spent on them",
+          answers=created(A.ReturnAnswer)),
+    Route("POST", "/v1/members", enroll, R({REGISTER, MANAGER}), schema.Enrollment, "Enroll a card",
+          answers=created(A.MemberAnswer, replayed=False)),
     Route("GET", "/v1/members/{card}", get_member, R({REGISTER, MANAGER, SUPPORT}), None,
-          "Balance, tier and expiring points; ?at= answers as of a date or moment"),
+          "Balance, tier and expiring points; ?at= answers as of a date or moment", answers=ok(A.MemberAnswer)),
     Route("PATCH", "/v1/members/{card}", patch_member, R({MANAGER, SUPPORT}), schema.MemberPatch,
-          "Update a profile"),
+          "Update a profile", answers=ok(A.MemberAnswer)),
     Route("GET", "/v1/members/{card}/statement", member_statement, R({MANAGER, SUPPORT}), None,
-          "Postings newest first with running balance; ?from=&to=&limit="),
+          "Postings newest first with running balance; ?from=&to=&limit=", answers=ok(A.StatementAnswer)),
     Route("POST", "/v1/admin/adjustments", adjust, R({MANAGER, SUPPORT}), schema.Adjustment,
-          "Add or remove points by hand (a support key: up to auth.support_adjustment_max_points)", 201),
+          "Add or remove points by hand (a support key: up to auth.support_adjustment_max_points)",
+          answers=created(A.AdjustmentAnswer)),
     Route("PUT", "/v1/admin/members/{card}/tier", set_tier, R({MANAGER}), schema.TierAssignment,
-          "Assign a tier manually until a date"),
+          "Assign a tier manually until a date", answers=ok(A.MemberAnswer)),
     Route("GET", "/v1/admin/events", events_page, R({MANAGER}), None,
-          "Events after an id, oldest first: ?after= (0) and ?limit= (1-1000, 100); next_after for the next page"),
+          "Events after an id, oldest first: ?after= (0) and ?limit= (1-1000, 100); next_after for the next page",
+          answers=ok(A.EventsAnswer)),
     Route("POST", "/v1/admin/members/search", members_search, R({MANAGER, SUPPORT}), schema.PhoneSearch,
-          "Members with this phone (found by its HMAC), at most 20: ids, cards' last digits, balance, CRM fields"),
+          "Members with this phone (found by its HMAC), at most 20: ids, cards' last digits, balance, CRM fields",
+          answers=ok(A.MemberSearchAnswer)),
     Route("POST", "/v1/admin/members/{member_id}/replace-card", replace_card, R({MANAGER, SUPPORT}),
           schema.CardReplacement, "Give the member a new card in place of one of theirs; balance, lots and "
-          "history stay with the member, the old card is refused with card_replaced", 201, audit_detail=("reason",)),
+          "history stay with the member, the old card is refused with card_replaced", audit_detail=("reason",),
+          answers=created(A.CardReplacementAnswer)),
     Route("POST", "/v1/admin/members/merge", merge_members, R({MANAGER}), schema.MemberMerge,
           "Move every point of one member to another through transfer postings; the first member's cards are "
-          "refused with card_merged; idempotent by merge_id", 201,
-          audit_detail=("merge_id", "from_member_id", "into_member_id", "reason")),
+          "refused with card_merged; idempotent by merge_id",
+          audit_detail=("merge_id", "from_member_id", "into_member_id", "reason"), answers=created(A.MergeAnswer)),
     Route("POST", "/v1/admin/members/{member_id}/erase", erase_member, R({MANAGER}), schema.Erasure,
           "Erase the member's personal data (cards, phone, birthday, tags, CRM fields); the member id and "
-          "ledger stay", audit_detail=("reason",)),
-    Route("GET", "/v1/admin/rules", rules_info, R({MANAGER}), None, "The loaded program"),
-    Route("POST", "/v1/admin/rules/reload", rules_reload, R({MANAGER}), None, "Reload the program from disk"),
+          "ledger stay", audit_detail=("reason",), answers=ok(A.ErasureAnswer)),
+    Route("GET", "/v1/admin/rules", rules_info, R({MANAGER}), None, "The loaded program",
+          answers=ok(A.RulesAnswer)),
+    Route("POST", "/v1/admin/rules/reload", rules_reload, R({MANAGER}), None, "Reload the program from disk",
+          answers=ok(A.ReloadAnswer)),
     Route("POST", "/v1/admin/rules/check", rules_check, R({MANAGER}), schema.RulesCheck,
-          "Validate a program sent as {files: {path: yaml}} without loading it"),
+          "Validate a program sent as {files: {path: yaml}} without loading it", answers=ok(A.CheckAnswer)),
     Route("GET", "/v1/admin/rules/versions", rules_versions, R({MANAGER}), None,
-          "Each time a program version went live, newest first; ?limit= (1-100, 20) and ?before= (an id)"),
+          "Each time a program version went live, newest first; ?limit= (1-100, 20) and ?before= (an id)",
+          answers=ok(A.VersionsAnswer)),
     Route("GET", "/v1/admin/rules/versions/{version}", rules_version, R({MANAGER}), None,
-          "A recorded program version with its files"),
+          "A recorded program version with its files", answers=ok(A.VersionAnswer)),
     Route("POST", "/v1/admin/rules/deploy", rules_deploy, R({MANAGER}), schema.RulesDeploy,
           "Put a program sent as {files: {path: yaml}, reason} live: recorded, served and written into rules.dir",
-          audit_detail=("reason",)),
+          audit_detail=("reason",), answers=ok(A.PutLiveAnswer)),
     Route("POST", "/v1/admin/rules/rollback", rules_rollback, R({MANAGER}), schema.RulesRollback,
-          "Put a recorded version live again: {version, reason}", audit_detail=("version", "reason")),
-    Route("GET", "/healthz", healthz, None, None, "Alive"),
-    Route("GET", "/readyz", readyz, None, None, "Program loaded, database writable (no storage fault in force: full, busy, lost), cache preloaded"),
-    Route("GET", "/metrics", metrics, R({MONITOR, MANAGER}), None, "Prometheus metrics"),
-    Route("GET", "/openapi.json", openapi, None, None, "This API as OpenAPI 3"),
+          "Put a recorded version live again: {version, reason}", audit_detail=("version", "reason"),
+          answers=ok(A.PutLiveAnswer)),
+    Route("GET", "/healthz", healthz, None, None, "Alive", answers=ok(A.HealthAnswer)),
+    Route("GET", "/readyz", readyz, None, None,
+          "Program loaded, database writable (no storage fault in force: full, busy, lost), cache preloaded",
+          answers=ok(A.ReadyAnswer)),
+    Route("GET", "/metrics", metrics, R({MONITOR, MANAGER}), None, "Prometheus metrics",
+          answers=ok(None, "Prometheus text")),
+    Route("GET", "/openapi.json", openapi, None, None, "This API as OpenAPI 3", answers=ok(A.OpenApiDocument)),
 ]
 ROUTES += cvm.routes() + report_campaign.routes()
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 from datetime import date, datetime
 from decimal import Decimal
 
+import msgspec
 import pytest
 
 from conftest import MARKET
 from rules import MemberFacts, load_program
-from server.answer import calculate_answer, confirm_answer
+from server import answer
 from server.plan import MemberState, plan_calculate, plan_confirm
 from server.schema import Line, Receipt
 from storage.ledger import Hold, InsufficientPoints, Lot, MemberRow, draw
@@ -26,6 +27,15 @@ def market():
     program = load_program(MARKET)
     yield program
     program.close()
+
+
+def confirm_answer(plan, program) -> dict:
+    """The answer as the register reads it."""
+    return msgspec.to_builtins(answer.confirm_answer(plan, program))
+
+
+def calculate_answer(plan, program) -> dict:
+    return msgspec.to_builtins(answer.calculate_answer(plan, program))
 
 
 def receipt(amounts=(60000,), redeem=0, ts="2026-11-24T12:00:00+02:00", category="grocery") -> Receipt:

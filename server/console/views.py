@@ -81,7 +81,7 @@ def render(request: web.Request, template: str, session: Session | None, status:
 def error_page(request: web.Request, session: Session | None, e: ApiError, template: str = "error.html",
                **context) -> web.Response:
     return render(request, template, session, e.status, e.headers, error=error_body(e.code, e.message,
-                                                                                    e.details)["error"], **context)
+                                                                                    e.details).error, **context)
 
 
 def same_origin(request: web.Request) -> bool:

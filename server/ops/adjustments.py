@@ -5,6 +5,7 @@ from datetime import timedelta
 
 from server import schema
 from server.auth import Principal
+from server.answer_types import AdjustmentAnswer
 from server.errors import field_error, unprocessable
 from server.ops import JSON, Deps, replay, sha256
 from server.ops.members import balance_now, find_member
@@ -12,7 +13,7 @@ from storage import accounts, ledger
 from storage.ledger import InsufficientPoints, PostingRef, iso
 
 
-async def adjust(deps: Deps, req: schema.Adjustment, principal: Principal) -> tuple[int, dict]:
+async def adjust(deps: Deps, req: schema.Adjustment, principal: Principal) -> tuple[int, AdjustmentAnswer | dict]:
     if req.points == 0:
         raise field_error("points", "must not be 0")
     member = await find_member(deps, req.card)
@@ -23,7 +24,7 @@ async def adjust(deps: Deps, req: schema.Adjustment, principal: Principal) -> tu
         raise unprocessable("insufficient_points", str(e)) from None
 
 
-def _adjust_in_tx(deps: Deps, conn, req, member, principal, fingerprint) -> tuple[int, dict]:
+def _adjust_in_tx(deps: Deps, conn, req, member, principal, fingerprint) -> tuple[int, AdjustmentAnswer | dict]:
     program, now = deps.program(), deps.clock.now()
     previous = ledger.get_adjustment(conn, req.adjustment_id)
     if previous is not None:
@@ -37,9 +38,8 @@ def _adjust_in_tx(deps: Deps, conn, req, member, principal, fingerprint) -> tupl
     else:
         held = sum(h.points for h in ledger.open_holds(conn, member.id, iso(now)))
         ledger.spend(conn, member.id, -req.points, today.isoformat(), "adjustment", accounts.ADJUSTMENT, at, held)
-    result = {"adjustment_id": req.adjustment_id, "member_id": member.public_id, "points": req.points,
-              "reason": req.reason, "key_id": principal.key_id, "replayed": False,
-              "balance": balance_now(deps, conn, program, member.id)}
+    result = AdjustmentAnswer(req.adjustment_id, member.public_id, req.points, req.reason, principal.key_id,
+                              replayed=False, balance=balance_now(deps, conn, program, member.id))
     ledger.insert_adjustment(conn, req.adjustment_id, body_sha256=fingerprint, member_id=member.id,
                              points=req.points, reason=req.reason, key_id=principal.key_id,
                              result=JSON.encode(result), now=iso(now))

@@ -9,6 +9,8 @@ import msgspec
 from rules import Program
 from server import schema, webhooks
 from server.auth import Principal, require_store
+from server.answer_types import (Balance, DatedPoints, MemberAnswer, MemberOffer, Profile, Rfm, StatementAnswer,
+                                StatementPosting, TierView)
 from server.errors import conflict, field_error, not_found, unprocessable
 from server.member_state import segments_now, tier_view
 from server.ops import JSON, Deps
@@ -32,32 +34,29 @@ async def find_member(deps: Deps, card: str, path: str = "card") -> ledger.Membe
 
 
 def member_view(deps: Deps, conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
-                at: datetime | None = None, card: str | None = None) -> dict:
+                at: datetime | None = None, card: str | None = None) -> MemberAnswer:
     """card: the number the caller used; only last four digits of the others are known."""
     moment = at or deps.clock.now()
     as_of = iso(moment) if at else None
     lots = ledger.lots_of(conn, member.id, as_of)
     holds = ledger.open_holds(conn, member.id, iso(moment), live_only=at is None)
     balance = ledger.balance_of(lots, holds, local_day(program, moment))
-    cards = ledger.member_cards(conn, member.id)
-    return {
-        "card": card, "card_last4": deps.privacy.card_last4(card) if card else None, "cards_last4": cards,
-        "member_id": member.public_id,
-        "tier": tier_view(conn, program, member, moment, as_of)[0],
-        "balance": balance.as_json(),
-        "expiring": [{"date": d, "points": p} for d, p in balance.expiring],
-        "profile": {"phone_last4": member.phone, "birthday": member.birthday,
-                    "tags": msgspec.json.decode(member.tags)},
-        "enrolled_at": member.enrolled_at,
-        "as_of": moment.isoformat(),
-    }
+    return MemberAnswer(
+        card=card, card_last4=deps.privacy.card_last4(card) if card else None,
+        cards_last4=ledger.member_cards(conn, member.id), member_id=member.public_id,
+        # The tier view is the dict the receipt path reads too; its type is checked here.
+        tier=msgspec.convert(tier_view(conn, program, member, moment, as_of)[0], TierView),
+        balance=Balance(balance.available, balance.pending, balance.held),
+        expiring=[DatedPoints(d, p) for d, p in balance.expiring],
+        profile=Profile(member.phone, member.birthday, msgspec.json.decode(member.tags)),
+        enrolled_at=member.enrolled_at, as_of=moment.isoformat())
 
 
-def balance_now(deps: Deps, conn: sqlite3.Connection, program: Program, member_id: int) -> dict:
-    return member_view(deps, conn, program, ledger.member_by_id(conn, member_id))["balance"]
+def balance_now(deps: Deps, conn: sqlite3.Connection, program: Program, member_id: int) -> Balance:
+    return member_view(deps, conn, program, ledger.member_by_id(conn, member_id)).balance
 
 
-async def enroll(deps: Deps, req: schema.Enrollment, principal: Principal) -> dict:
+async def enroll(deps: Deps, req: schema.Enrollment, principal: Principal) -> MemberAnswer:
     if principal.role == "register":
         if req.store_id is None:
             raise field_error("store_id", "is required when a register enrolls a member")
@@ -87,7 +86,7 @@ async def enroll(deps: Deps, req: schema.Enrollment, principal: Principal) -> di
     return await deps.db.write(write)
 
 
-async def patch_member(deps: Deps, card: str, patch: schema.MemberPatch) -> dict:
+async def patch_member(deps: Deps, card: str, patch: schema.MemberPatch) -> MemberAnswer:
     member = await find_member(deps, card)
     program, now = deps.program(), deps.clock.now()
     changes = {}
@@ -108,14 +107,15 @@ async def patch_member(deps: Deps, card: str, patch: schema.MemberPatch) -> dict
     return await deps.db.write(write)
 
 
-async def get_member(deps: Deps, card: str, at: datetime | None) -> dict:
+async def get_member(deps: Deps, card: str, at: datetime | None) -> MemberAnswer:
     program = deps.program()
     member = await member_by_card(deps, card)
     if member is None:
         raise not_found("unknown_card", f"card {card} is not enrolled")
     def read(conn):
         view = member_view(deps, conn, program, member, at, card=card)
-        return {**view, **customer_value_view(conn, program, member, at or deps.clock.now(), view["tier"]["id"])}
+        return msgspec.structs.replace(
+            view, **customer_value_view(conn, program, member, at or deps.clock.now(), view.tier.id))
     return await deps.db.read(read)
 
 
@@ -126,21 +126,24 @@ def customer_value_view(conn: sqlite3.Connection, program: Program, member: ledg
     score = segments.scores_of(conn, member.id)
     member_of = segments_now(conn, program, member, tier, moment)
     return {"segments": [s for s in program.segments if s in member_of],     # in the program's order
-            "rfm": {"r": score.r, "f": score.f, "m": score.m} if score else None,
-            "offers": offers.listed(conn, member.id, moment.astimezone(program.timezone).date()),
+            "rfm": Rfm(score.r, score.f, score.m) if score else None,
+            "offers": msgspec.convert(offers.listed(conn, member.id, moment.astimezone(program.timezone).date()),
+                                      list[MemberOffer]),
             "held_out_of": program.held_out_of(member.public_id)}
 
 
-async def statement(deps: Deps, card: str, since: datetime | None, until: datetime | None, limit: int) -> dict:
+async def statement(deps: Deps, card: str, since: datetime | None, until: datetime | None,
+                    limit: int) -> StatementAnswer:
     member = await member_by_card(deps, card)
     if member is None:
         raise not_found("unknown_card", f"card {card} is not enrolled")
     rows = await deps.db.read(lambda c: ledger.statement(
         c, member.id, iso(since) if since else None, iso(until) if until else None, limit))
-    return {"card_last4": deps.privacy.card_last4(card), "member_id": member.public_id, "postings": rows}
+    return StatementAnswer(deps.privacy.card_last4(card), member.public_id,
+                           msgspec.convert(rows, list[StatementPosting]))
 
 
-async def set_tier(deps: Deps, card: str, req: schema.TierAssignment) -> dict:
+async def set_tier(deps: Deps, card: str, req: schema.TierAssignment) -> MemberAnswer:
     program = deps.program()
     if req.tier not in {t for t, _ in program.tiers}:
         raise field_error("tier", f"is not a tier of program {program.id}")

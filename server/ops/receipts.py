@@ -17,6 +17,7 @@ import msgspec
 from rules import Program
 from server import schema, webhooks
 from server.answer import calculate_answer, cancel_answer, confirm_answer, receipt_ref
+from server.answer_types import CalculateAnswer, CancelAnswer, ConfirmAnswer
 from server.auth import Principal, require_store
 from server.errors import field_error, unprocessable
 from server.member_state import read_member_state
@@ -59,7 +60,7 @@ def _observe(deps: Deps, seconds: list[float]) -> None:
         deps.metrics.rules_eval.observe(seconds[-1])
 
 
-async def calculate(deps: Deps, receipt: schema.Receipt, principal: Principal) -> dict:
+async def calculate(deps: Deps, receipt: schema.Receipt, principal: Principal) -> CalculateAnswer:
     check_receipt(deps, receipt, principal)
     program, now = deps.program(), deps.clock.now()
     card = None if receipt.card is None else deps.privacy.card(receipt.card)
@@ -78,7 +79,7 @@ async def calculate(deps: Deps, receipt: schema.Receipt, principal: Principal) -
 
 
 def _calculate_in_tx(conn, program: Program, receipt: schema.Receipt, now: datetime, card: str,
-                     seconds: list[float], coupon_mac) -> dict:
+                     seconds: list[float], coupon_mac) -> CalculateAnswer:
     state = read_member_state(conn, receipt, program, now, card, coupon_mac)
     plan = plan_calculate(receipt, state, program, now, _timed(program, receipt, state, local_day(program, now),
                                                                seconds))
@@ -86,7 +87,7 @@ def _calculate_in_tx(conn, program: Program, receipt: schema.Receipt, now: datet
     return calculate_answer(plan, program)
 
 
-async def confirm(deps: Deps, receipt: schema.Receipt, principal: Principal) -> tuple[int, dict]:
+async def confirm(deps: Deps, receipt: schema.Receipt, principal: Principal) -> tuple[int, ConfirmAnswer | dict]:
     check_receipt(deps, receipt, principal)
     card = None if receipt.card is None else deps.privacy.card(receipt.card)
     # Stored and fingerprinted with the card's HMAC in place of the number.
@@ -155,9 +156,9 @@ def apply_announced(conn, confirms: list[Confirmed]) -> list:
             continue
         receipt = c.receipt
         webhooks.emit_noting_tier(conn, c.program, member.id, "receipt.confirmed", {
-            "receipt": answer["receipt"], "ts": iso(receipt.ts), "total": receipt.total,
+            "receipt": msgspec.to_builtins(answer.receipt), "ts": iso(receipt.ts), "total": receipt.total,
             "accrued_points": ev.accrued_points, "redeemed_points": ev.redeemed_points,
-            "rules_version": c.program.version, "balance": answer["balance"]}, c.now,
+            "rules_version": c.program.version, "balance": msgspec.to_builtins(answer.balance)}, c.now,
             card_last4=receipt.card[-4:], member=member)
     return results
 
@@ -197,24 +198,24 @@ def _cancelled_replay(conn, program: Program, answer: dict, member_id: int | Non
     return answer
 
 
-async def cancel(deps: Deps, key: ledger.ReceiptKey, principal: Principal) -> dict:
+async def cancel(deps: Deps, key: ledger.ReceiptKey, principal: Principal) -> CancelAnswer:
     require_store(principal, key[0])
     result = await deps.db.write(lambda conn: _cancel_in_tx(deps, conn, key))
-    deps.metrics.receipts.labels("cancel", result["status"]).inc()
-    if "reversed" in result:
-        deps.metrics.points_reversed.inc(result["reversed"]["points"])
+    deps.metrics.receipts.labels("cancel", result.status).inc()
+    if result.reversed is not msgspec.UNSET:
+        deps.metrics.points_reversed.inc(result.reversed.points)
     return result
 
 
-def _cancel_in_tx(deps: Deps, conn, key) -> dict:
+def _cancel_in_tx(deps: Deps, conn, key) -> CancelAnswer:
     program, now = deps.program(), deps.clock.now()
     stored = ledger.get_receipt(conn, key)
-    out = {"receipt": receipt_ref(key)}
     if stored is None:
         released = ledger.close_hold(conn, key, "released", iso(now))
-        return {**out, "status": "hold_released" if released else "nothing_to_cancel", "released_points": released}
+        return CancelAnswer(receipt_ref(key), "hold_released" if released else "nothing_to_cancel",
+                            released_points=released)
     if stored.status == "cancelled":
-        return {**out, "status": "cancelled", "already": True}
+        return CancelAnswer(receipt_ref(key), "cancelled", already=True)
     imports.refuse_if_imported(conn, key, "cancelled")   # history brought in earned nothing to take back
     at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version, receipt=key,
                     ref="cancel")
@@ -225,10 +226,10 @@ def _cancel_in_tx(deps: Deps, conn, key) -> dict:
     ledger.mark_cancelled(conn, key)
     result = cancel_answer(key, reversed_, refunded)
     if stored.member_id is not None:
-        result["balance"] = balance_now(deps, conn, program, stored.member_id)
+        result.balance = balance_now(deps, conn, program, stored.member_id)
         webhooks.emit_noting_tier(conn, program, stored.member_id, "receipt.cancelled", {
-            "receipt": receipt_ref(key), "reversed_points": result["reversed"]["points"],
-            "refunded_points": result["refunded"]["points"], "balance": result["balance"]}, now)
+            "receipt": msgspec.to_builtins(receipt_ref(key)), "reversed_points": result.reversed.points,
+            "refunded_points": result.refunded.points, "balance": msgspec.to_builtins(result.balance)}, now)
     return result
 
 

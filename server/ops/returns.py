@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import msgspec
+
 from rules import Program
 from server import schema, webhooks
 from server.answer import return_answer
+from server.answer_types import ReturnAnswer
 from server.auth import Principal, require_store
 from server.errors import forbidden, unprocessable
 from server.ops import JSON, Deps, count, replay, sha256
@@ -19,7 +22,8 @@ from storage.apply import apply_take_back
 from storage.ledger import PostingRef, iso
 
 
-async def return_items(deps: Deps, req: schema.ReturnRequest, principal: Principal) -> tuple[int, dict]:
+async def return_items(deps: Deps, req: schema.ReturnRequest,
+                       principal: Principal) -> tuple[int, ReturnAnswer | dict]:
     require_store(principal, req.store_id)
     ret_key = (req.store_id, req.register_id, req.return_id)
     rec_key = (req.receipt.store_id, req.receipt.register_id, req.receipt.receipt_id)
@@ -29,11 +33,12 @@ async def return_items(deps: Deps, req: schema.ReturnRequest, principal: Princip
         lambda conn: _return_in_tx(deps, conn, req, ret_key, rec_key, fingerprint, principal))
     count(deps, "return", status, result)
     if status == 201:
-        deps.metrics.points_reversed.inc(result["reversed"]["points"])
+        deps.metrics.points_reversed.inc(result.reversed.points)
     return status, result
 
 
-def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint, principal) -> tuple[int, dict]:
+def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint,
+                  principal) -> tuple[int, ReturnAnswer | dict]:
     program, now = deps.program(), deps.clock.now()
     previous = ledger.get_return(conn, ret_key)
     if previous is not None:
@@ -60,14 +65,14 @@ def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint, principa
         ledger.insert_return_line(conn, rec_key, line_no, ret_key, line, iso(now))
     result = return_answer(plan, ret_key, rec_key, stored.member_id)
     if stored.member_id is not None:
-        result["balance"] = balance_now(deps, conn, program, stored.member_id)
+        result.balance = balance_now(deps, conn, program, stored.member_id)
     ledger.insert_return(conn, ret_key, rec_key, body_sha256=fingerprint, member_id=stored.member_id,
                          result=JSON.encode(result), now=iso(now))
     if stored.member_id is not None:
         webhooks.emit_noting_tier(conn, program, stored.member_id, "return.accepted", {
-            "return": result["return"], "receipt": result["receipt"],
+            "return": msgspec.to_builtins(result.return_), "receipt": msgspec.to_builtins(result.receipt),
             "reversed_points": plan.reversed_points, "refunded_points": plan.refunded_points,
-            "amount": result["amount"], "balance": result["balance"]}, now)
+            "amount": result.amount, "balance": msgspec.to_builtins(result.balance)}, now)
     return 201, result
 
 
