@@ -180,8 +180,9 @@ def with_merged(conn: sqlite3.Connection, member_id: int) -> list[int]:
 def erase(conn: sqlite3.Connection, member_id: int, now: str) -> dict:
     """Personal data gone, of the member and of the members merged into it (the same
     customer): card and phone hashes with their last digits, birthday, tags, the CRM's id
-    and consent; the card hash in their stored receipt bodies becomes null. The member ids,
-    receipts' amounts and the ledger stay (postings name the member id only)."""
+    and consent; the card hash in their stored receipt bodies and the card's last digits in
+    their events become null. The member ids, receipts' amounts and the ledger stay (postings
+    name the member id only)."""
     ids = with_merged(conn, member_id)
     marks = ", ".join("?" * len(ids))
     receipts = conn.execute(f"SELECT COUNT(*) FROM receipts WHERE member_id IN ({marks})", ids).fetchone()[0]
@@ -198,6 +199,8 @@ def erase(conn: sqlite3.Connection, member_id: int, now: str) -> dict:
 def _erase_one(conn: sqlite3.Connection, member_id: int, now: str) -> dict:
     cards = conn.execute("DELETE FROM cards WHERE member_id = ?", (member_id,)).rowcount
     cards += conn.execute("DELETE FROM retired_cards WHERE member_id = ?", (member_id,)).rowcount
+    # Events a webhook or the warehouse has yet to read would still show the card's last digits.
+    conn.execute("UPDATE events SET card_last4 = NULL WHERE member_id = ? AND card_last4 IS NOT NULL", (member_id,))
     conn.execute("UPDATE members SET phone = NULL, phone_hmac = NULL, phone_last4 = NULL, birthday = NULL, "
                  "tags = '[]', crm_id = NULL, consent_sms = 0, consent_viber = 0, consent_email = 0, "
                  "consent_push = 0, consent_updated_at = ?, erased_at = COALESCE(erased_at, ?), updated_at = ? "

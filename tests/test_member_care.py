@@ -262,6 +262,9 @@ async def test_erasure_removes_personal_data_and_keeps_the_ledger(make_api):
     body = await db_of(api).read(lambda c: c.execute("SELECT body FROM receipts WHERE member_id = ?",
                                                      (member_id,)).fetchone()[0])
     assert msgspec.json.decode(ledger.unpack(body))["card"] is None
+    _, stream = await api.get("/v1/admin/events?after=0&limit=1000")
+    mine = [e for e in stream["events"] if e["member_id"] in (member["member_id"], twin["member_id"])]
+    assert mine and all(e["card_last4"] is None for e in mine)
     # The receipt is still there, its answer replayed to the register that sends it again.
     status, replay = await api.post("/v1/receipts", receipt("R-1", [line(1, "grocery", 50000)], card="7000000000061"),
                                     as_="register")
