@@ -9,6 +9,9 @@ import pytest
 from server.app import create_app
 from server.config import config_from_dict
 
+# pg_url: a fresh database of a throwaway PostgreSQL cluster (skips when PostgreSQL is absent).
+from pg_cluster import pg_cluster, pg_url  # noqa: E402,F401
+
 ROOT = Path(__file__).resolve().parent.parent
 # The tests' own copies of the shipped programs: a manager who edits rules/programs/ does
 # not change what the tests expect.
