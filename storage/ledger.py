@@ -154,9 +154,9 @@ def lots_of(conn: sqlite3.Connection, member_id: int, as_of: str | None = None) 
                                               "WHERE member_id = ? AND remaining != 0 ORDER BY id", (member_id,))]
     # The past is recomputed from the member's postings (lots.remaining is only the present).
     return [Lot(*r) for r in conn.execute(
-        "SELECT l.id, l.available_from, l.expires_on, SUM(p.points) AS points_then FROM postings p "
+        "SELECT l.id, l.available_from, l.expires_on, SUM(p.points) FROM postings p "
         "JOIN lots l ON l.id = p.lot_id WHERE p.member_id = ? AND p.effective_at <= ? "
-        "GROUP BY l.id HAVING points_then != 0 ORDER BY l.id", (member_id, as_of))]
+        "GROUP BY l.id HAVING SUM(p.points) != 0 ORDER BY l.id", (member_id, as_of))]
 
 
 @dataclass
@@ -558,7 +558,9 @@ def rule_totals(conn: sqlite3.Connection, rule_ids: list[str]) -> dict[str, int]
     """Points each rule has issued net of returns, as kept by m016's trigger: a rule that
     never posted has no row and has issued 0."""
     marks = ", ".join("?" * len(rule_ids))
-    kept = dict(conn.execute(f"SELECT rule_id, points FROM rule_totals WHERE rule_id IN ({marks})", rule_ids))
+    # Summed: PostgreSQL keeps a rule's total in shards (storage/pg/schema.py), SQLite in one row.
+    kept = dict(conn.execute(f"SELECT rule_id, SUM(points) FROM rule_totals WHERE rule_id IN ({marks}) "
+                             "GROUP BY rule_id", rule_ids))
     return {r: kept.get(r, 0) for r in rule_ids}
 
 
@@ -574,7 +576,7 @@ def receipt_counts(conn: sqlite3.Connection, member_id: int, since: str, until: 
     upper = "<=" if until_inclusive else "<"
     # One pass over the member's entries in receipts_member_counts answers both.
     ever, count, spend_ = conn.execute(
-        f"SELECT COUNT(*), COALESCE(SUM(ts > ? AND ts {upper} ?), 0), "
+        f"SELECT COUNT(*), COALESCE(SUM(CASE WHEN ts > ? AND ts {upper} ? THEN 1 ELSE 0 END), 0), "
         f"COALESCE(SUM(CASE WHEN ts > ? AND ts {upper} ? THEN total END), 0) "
         "FROM receipts WHERE member_id = ? AND status = 'confirmed'",
         (since, until, since, until, member_id)).fetchone()
