@@ -1,0 +1,85 @@
+"""PostgreSQL connections for the storage functions, through psycopg 3's sync API.
+
+The storage functions take a connection and call execute/executemany with `?`
+placeholders, the sqlite3 surface. Connection offers that surface over a psycopg
+connection, so the functions whose SQL both databases accept run on either unchanged; the
+statements that differ have their PostgreSQL form in this package. A write runs in its own
+transaction (transaction()), run again from its start when PostgreSQL refuses it for a
+conflict another transaction caused: a unique key taken meanwhile (the same receipt sent
+to two processes), a deadlock, a serialization failure.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+# A write that lost to another transaction is run again at most this often; a function
+# that keeps failing the same way is a fault, not a race.
+RETRIES_MAX = 3
+# Translated statements kept per connection: the storage functions' SQL is a fixed set,
+# apart from IN lists, whose length varies.
+SQL_CACHE_MAX = 2_048
+# Conflicts that running the write again from its start resolves: it then sees what the
+# other transaction committed (a stored receipt answers as a replay).
+RETRIED = (errors.UniqueViolation, errors.DeadlockDetected, errors.SerializationFailure)
+
+
+def connect(url: str) -> Connection:
+    """A connection for `database.url` (libpq's URL: a Unix socket folder as host=)."""
+    # autocommit: transactions are opened and closed by transaction(), never implicitly
+    # by a first statement, so a read outside one does not hold a snapshot.
+    return Connection(psycopg.connect(url, autocommit=True))
+
+
+class Connection:
+    """execute/executemany with `?` placeholders over a psycopg connection."""
+
+    backend = "postgresql"
+
+    def __init__(self, raw: psycopg.Connection) -> None:
+        self.raw = raw
+        self._sql: dict[str, str] = {}
+
+    def _pg(self, sql: str) -> str:
+        # The project's SQL has no `?` or `%` inside literals, so a plain replace is exact.
+        pg = self._sql.get(sql)
+        if pg is None:
+            pg = sql.replace("%", "%%").replace("?", "%s")
+            if len(self._sql) < SQL_CACHE_MAX:
+                self._sql[sql] = pg
+        return pg
+
+    def execute(self, sql: str, params: Any = ()) -> psycopg.Cursor:
+        cur = self.raw.cursor()
+        # Without parameters psycopg sends the text as it is: no placeholders to translate.
+        cur.execute(self._pg(sql), params) if params else cur.execute(sql)
+        return cur
+
+    def executemany(self, sql: str, rows) -> psycopg.Cursor:
+        cur = self.raw.cursor()
+        cur.executemany(self._pg(sql), list(rows))
+        return cur
+
+    def transaction(self, fn: Callable[[Connection], T], retries: int = RETRIES_MAX) -> T:
+        """fn(self) inside one transaction, committed when it returns; run again from its
+        start after a conflict (RETRIED), so fn must have no effects outside the database."""
+        for attempt in range(retries + 1):
+            try:
+                with self.raw.transaction():
+                    return fn(self)
+            except RETRIED as e:
+                if attempt == retries:
+                    raise
+                log.debug("write conflicted (%s), running it again", type(e).__name__)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self.raw.close()

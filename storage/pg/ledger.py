@@ -1,0 +1,190 @@
+"""The ledger's writes on PostgreSQL, where several transactions write at once.
+
+storage/ledger.py's reads and the writes whose SQL both databases accept (holds, receipt
+rows, rule uses) run here unchanged; what follows the one SQLite writer has its form here:
+
+- A member's row lock orders everything done to the member's points. lock_member takes it
+  first thing in a write, before the member's state is read (READ COMMITTED: every
+  statement after it sees what the transaction that held it committed).
+- Lots and postings get their ids from identity columns at insert.
+- The hash chain is the member's own: each posting carries the member's running number
+  (chain_seq) and a SHA-256 over the member's previous posting's hash and its fields, the
+  same fields as SQLite's chain with chain_seq in the place of the global id. chain_heads
+  keeps each member's last (seq, hash), written under the member's lock, so writers of
+  different members never wait for one chain head. verify_chains recomputes them.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import date
+
+from storage import ledger
+from storage.ledger import GENESIS_HASH, NewPosting, PostingRef, lot_dates, posting_hash
+from storage.pg.connection import Connection
+
+# The fields of postings hashed into a member's chain, in order (ledger.HASHED_SELECT
+# with chain_seq in the place of the id).
+CHAIN_SELECT = ("p.chain_seq, p.member_id, p.lot_id, l.available_from, l.expires_on, p.kind, p.points, "
+                "p.counter_account, p.effective_at, p.created_at, p.rule_id, p.rules_version, p.store_id, "
+                "p.register_id, p.receipt_id, p.ref, p.key_id, p.note")
+
+
+def lock_member(conn: Connection, member_id: int) -> None:
+    conn.execute("SELECT 1 FROM members WHERE id = ? FOR UPDATE", (member_id,))
+
+
+def lock_member_by_card(conn: Connection, card: str) -> int | None:
+    """Locks the member a card (its HMAC, with the older ones of a key rotation) belongs to;
+    their id, or None when no member has it."""
+    for digest in (card, *getattr(card, "older", ())):
+        row = conn.execute("SELECT m.id FROM cards c JOIN members m ON m.id = c.member_id WHERE c.card = ? "
+                           "FOR UPDATE OF m", (digest,)).fetchone()
+        if row:
+            return row[0]
+    return None
+
+
+def insert_member(conn: Connection, *, card: str, card_last4: str, phone_hmac: str | None,
+                  phone_last4: str | None, birthday: str | None, tags: str, referred_by: int | None,
+                  store_id: str | None, now: str) -> int:
+    """ledger.insert_member with the id from the identity column. A card enrolled by another
+    transaction meanwhile fails on the cards' key, and the write runs again and finds it."""
+    member_id = conn.execute(
+        "INSERT INTO members (phone_hmac, phone_last4, birthday, tags, referred_by, enrolled_at, enrolled_store, "
+        "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        (phone_hmac, phone_last4, birthday, tags, referred_by, now, store_id, now)).fetchone()[0]
+    conn.execute("INSERT INTO cards (card, card_last4, member_id, created_at) VALUES (?, ?, ?, ?)",
+                 (card, card_last4, member_id, now))
+    return member_id
+
+
+def fire_event_once(conn: Connection, member_id: int, event_id: str, occasion: str, now: str) -> bool:
+    cur = conn.execute("INSERT INTO event_fires (member_id, event_id, occasion, created_at) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT DO NOTHING", (member_id, event_id, occasion, now))
+    return cur.rowcount == 1
+
+
+def new_lots(conn: Connection, lots: list[tuple[int, str, str | None, int]]) -> list[int]:
+    """(member_id, available_from, expires_on, points) each, counting the points their
+    first postings bring; their ids, in order."""
+    return [conn.execute("INSERT INTO lots (member_id, available_from, expires_on, remaining) VALUES (?, ?, ?, ?) "
+                         "RETURNING id", lot).fetchone()[0] for lot in lots]
+
+
+def append_postings(conn: Connection, postings: list[NewPosting], key_id: str | None = None,
+                    note: str | None = None) -> None:
+    """Appends postings, each chained to its member's previous one, with one INSERT, and
+    counts in lots.remaining those not already counted. The caller holds each member's lock."""
+    if not postings:
+        return
+    members = sorted({p.member_id for p in postings})
+    heads = {m: (0, GENESIS_HASH) for m in members}
+    heads.update({m: (seq, bytes(h)) for m, seq, h in conn.execute(
+        f"SELECT member_id, seq, hash FROM chain_heads WHERE member_id IN ({', '.join('?' * len(members))})",
+        members)})
+    rows, counts = [], defaultdict(int)
+    for p in postings:
+        seq, prev = heads[p.member_id]
+        seq += 1
+        store, register, receipt = p.receipt or (None, None, None)
+        digest = posting_hash(prev, (seq, p.member_id, p.lot_id, *p.lot_dates, p.kind, p.points, p.counter,
+                                     p.effective_at, p.created_at, p.rule_id, p.rules_version, store, register,
+                                     receipt, p.ref, key_id, note))
+        heads[p.member_id] = (seq, digest)
+        rows.append((p.member_id, seq, p.lot_id, p.kind, p.points, p.counter, p.effective_at, p.created_at,
+                     p.rule_id, p.rules_version, store, register, receipt, p.ref, key_id, note, digest))
+        if not p.counted:
+            counts[p.lot_id] += p.points
+    conn.executemany("INSERT INTO postings (member_id, chain_seq, lot_id, kind, points, counter_account, "
+                     "effective_at, created_at, rule_id, rules_version, store_id, register_id, receipt_id, ref, "
+                     "key_id, note, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    conn.executemany("INSERT INTO chain_heads (member_id, seq, hash) VALUES (?, ?, ?) ON CONFLICT (member_id) "
+                     "DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                     [(m, *heads[m]) for m in members])
+    if counts:
+        conn.executemany("UPDATE lots SET remaining = remaining + ? WHERE id = ?",
+                         [(points, lot) for lot, points in counts.items()])
+
+
+def post(conn: Connection, member_id: int, lot_id: int, kind: str, points: int, counter: str, at: PostingRef,
+         rule_id: str | None = None, dates: tuple[str, str | None] | None = None, counted: bool = False) -> None:
+    """ledger.post: one transfer of `points` from `counter` to the member."""
+    dates = dates or tuple(conn.execute("SELECT available_from, expires_on FROM lots WHERE id = ?",
+                                        (lot_id,)).fetchone())
+    append_postings(conn, [NewPosting(member_id, lot_id, dates, kind, points, counter, at.effective_at,
+                                      at.created_at, rule_id, at.rules_version, at.receipt, at.ref, counted)],
+                    key_id=at.key_id, note=at.note)
+
+
+def credit(conn: Connection, member_id: int, points: int, available_from: date | str, expires_on: date | str | None,
+           kind: str, counter: str, at: PostingRef, rule_id: str | None = None) -> int:
+    """ledger.credit: a new lot with the points, which pay the member's debts first."""
+    lot_id = new_lots(conn, [(member_id, *lot_dates(available_from, expires_on), points)])[0]
+    post(conn, member_id, lot_id, kind, points, counter, at, rule_id, lot_dates(available_from, expires_on),
+         counted=True)
+    repay_debts(conn, member_id, lot_id, at)
+    return lot_id
+
+
+def repay_debts(conn: Connection, member_id: int, lot_id: int, at: PostingRef) -> int:
+    """ledger.repay_debts: a transfer from the new lot to each lot in debt, oldest first."""
+    debts = conn.execute("SELECT id, remaining FROM lots WHERE member_id = ? AND remaining < 0 ORDER BY id",
+                         (member_id,)).fetchall()
+    if not debts:
+        return 0
+    left = conn.execute("SELECT remaining FROM lots WHERE id = ?", (lot_id,)).fetchone()[0]
+    repaid = 0
+    for debt_lot, owed in debts:
+        take = min(left, -owed)
+        if take <= 0:
+            break
+        post(conn, member_id, lot_id, "repayment", -take, ledger.member_account(member_id), at)
+        post(conn, member_id, debt_lot, "repayment", take, ledger.member_account(member_id), at)
+        left -= take
+        repaid += take
+    return repaid
+
+
+def verify_chains(conn: Connection, problems_max: int = 20) -> list[str]:
+    """Each member's chain recomputed from its first posting, and its head against
+    chain_heads: the first posting of each member that does not match, in words."""
+    problems: list[str] = []
+    member, prev, seq_expected = None, GENESIS_HASH, 0
+    heads = dict((m, (seq, bytes(h))) for m, seq, h in conn.execute("SELECT member_id, seq, hash FROM chain_heads"))
+    broken: set[int] = set()
+    rows = conn.execute(f"SELECT {CHAIN_SELECT}, p.hash FROM postings p JOIN lots l ON l.id = p.lot_id "
+                        "ORDER BY p.member_id, p.chain_seq")
+    for row in rows:
+        fields, stored = list(row[:-1]), bytes(row[-1])
+        if fields[1] != member:
+            _check_head(member, seq_expected, prev, heads, broken, problems)
+            member, prev, seq_expected = fields[1], GENESIS_HASH, 0
+        seq_expected += 1
+        if member in broken:
+            continue
+        if fields[0] != seq_expected:
+            problems.append(f"member m_{member}: posting {seq_expected} of its chain is missing")
+            broken.add(member)
+        elif posting_hash(prev, tuple(fields)) != stored:
+            problems.append(f"member m_{member}: posting {fields[0]} of its chain does not match its contents "
+                            "or the posting before it")
+            broken.add(member)
+        prev = stored
+        if len(problems) >= problems_max:
+            return problems
+    _check_head(member, seq_expected, prev, heads, broken, problems)
+    for m in sorted(set(heads) - _members_with_postings(conn)):
+        problems.append(f"member m_{m}: chain head at posting {heads[m][0]}, but the member has no postings")
+    return problems[:problems_max]
+
+
+def _check_head(member, seq, last_hash, heads, broken, problems) -> None:
+    if member is None or member in broken:
+        return
+    if heads.get(member) != (seq, last_hash):
+        problems.append(f"member m_{member}: its chain ends at posting {seq}, its recorded head is posting "
+                        f"{heads.get(member, (0,))[0]}")
+
+
+def _members_with_postings(conn: Connection) -> set[int]:
+    return {row[0] for row in conn.execute("SELECT DISTINCT member_id FROM postings")}
