@@ -17,6 +17,7 @@ from server import validation
 from server.answer_types import Error, ErrorBody, ErrorDetail
 from server.validation import UNKNOWN_FIELD  # noqa: F401  (config.py words its hint from it)
 from storage.db import Overloaded, StorageBusy, StorageClosed, StorageError, StorageFull, StorageLost
+from storage.health import StorageUnavailable
 from storage.imports import ImportedReceipt
 
 log = logging.getLogger("loyalty.http")
@@ -155,6 +156,9 @@ _STORAGE: dict[type, tuple[str, int, str]] = {
     StorageLost: ("storage_lost", 30, "the database's files were deleted or replaced under the server, which "
                                       "stopped writing until it is restarted; nothing was acknowledged, send "
                                       "the same request again then"),
+    StorageUnavailable: ("storage_unavailable", 1, "the database cannot be reached (restarting or failing "
+                                                   "over); send the same request again shortly, and one that "
+                                                   "was kept answers as a replay"),
     StorageError: ("storage_error", 5, "the database's storage failed; nothing was written, send the same "
                                        "request again later"),
 }

@@ -57,6 +57,14 @@ class StorageLost(StorageError):
     cause = "lost"
 
 
+class StorageUnavailable(StorageError):
+    """The database server cannot be reached (PostgreSQL restarting or failing over). A
+    write whose COMMIT was under way may have been kept: the same request sent again
+    answers as a replay if it was."""
+
+    cause = "unavailable"
+
+
 def free_bytes(path: Path) -> int | None:
     """Bytes an unprivileged writer may still use on path's file system; None if unknown."""
     try:

@@ -65,11 +65,18 @@ class Cluster:
                 os.chown(path, pg.pw_uid, pg.pw_gid)
         self._run(str(self.bins / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
                   "--no-sync", "-E", "UTF8", "--locale", "C")
+        self.start_server()
+
+    def start_server(self) -> None:
         # fsync stays on: the durability the server promises is measured against a real one.
         options = (f"-k {self.sock} -p {self.port} -c listen_addresses='' "
                    f"-c max_connections={MAX_CONNECTIONS} -c shared_buffers=64MB")
         self._run(str(self.bins / "pg_ctl"), "-D", str(self.data), "-w", "-t", str(COMMAND_TIMEOUT_S),
                   "-l", str(self.root / "postgresql.log"), "-o", options, "start")
+
+    def stop_server(self) -> None:
+        """Stops PostgreSQL as a restart or failover would (fast: open transactions are rolled back)."""
+        self._run(str(self.bins / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def createdb(self) -> str:
         name = f"test{next(self._names)}"

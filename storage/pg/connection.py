@@ -32,11 +32,12 @@ SQL_CACHE_MAX = 2_048
 RETRIED = (errors.UniqueViolation, errors.DeadlockDetected, errors.SerializationFailure)
 
 
-def connect(url: str) -> Connection:
+def connect(url: str, connect_timeout_s: int | None = None) -> Connection:
     """A connection for `database.url` (libpq's URL: a Unix socket folder as host=)."""
     # autocommit: transactions are opened and closed by transaction(), never implicitly
     # by a first statement, so a read outside one does not hold a snapshot.
-    return Connection(psycopg.connect(url, autocommit=True))
+    extra = {} if connect_timeout_s is None else {"connect_timeout": connect_timeout_s}
+    return Connection(psycopg.connect(url, autocommit=True, **extra))
 
 
 class Connection:

@@ -1,0 +1,152 @@
+"""storage.db.Database's interface on PostgreSQL: write, write_grouped, write_sync, read,
+read_sync and close, for functions that take a connection and return.
+
+There is no single writer to batch for: each write is its own transaction, on a worker
+thread with a connection of its own (one per thread, `connections` of them), committed
+before the caller hears of it; PostgreSQL groups concurrent commits into one WAL flush
+itself. A grouped write (storage.db.Grouped) is planned and applied alone: the member's
+row lock does what planning a batch one after another did on SQLite. A read runs in a
+read-only REPEATABLE READ transaction, so all of it sees one snapshot.
+
+A connection that breaks (the server restarted, a failover) fails the write it carried
+with StorageUnavailable (503 storage_unavailable) and is dropped; the thread connects
+again for its next function, at most once per RECONNECT_GAP_S across the threads, so a
+database that is down is not hammered and requests fail fast meanwhile.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import psycopg
+
+from storage.db import Grouped, StorageClosed
+from storage.health import StorageUnavailable
+from storage.pg.connection import Connection, connect
+from storage.pg.schema import migrate
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+CONNECTIONS_DEFAULT = 8
+# After a failed connect, the next attempt waits this long; writes meanwhile fail at once.
+RECONNECT_GAP_S = 1.0
+# libpq's own limit on one connect (a host that does not answer).
+CONNECT_TIMEOUT_S = 5
+DEFAULT_SYNC_TIMEOUT_S = 60.0
+
+
+class PgDatabase:
+    def __init__(self, url: str, *, connections: int = CONNECTIONS_DEFAULT) -> None:
+        self._url = url
+        self._connections = connections
+        self._local = threading.local()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._next_connect_s = 0.0
+        self._open: list[Connection] = []
+        self._state = "new"
+
+    def open(self) -> list[str]:
+        """Connects once (a wrong URL fails here, not at the first request) and applies the
+        migrations the database lacks, taking turns with other processes; their names."""
+        conn = self._connect()
+        try:
+            applied = migrate(conn)
+        finally:
+            conn.close()
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._connections, thread_name_prefix="pg")
+        self._state = "open"
+        return applied
+
+    def close(self) -> None:
+        self._state = "closed"
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            for conn in self._open:
+                try:
+                    conn.close()
+                except psycopg.Error:
+                    pass        # a broken connection is being let go anyway
+            self._open.clear()
+
+    # -- writes and reads ----------------------------------------------------------
+
+    async def write(self, fn: Callable[[Connection], T], *, off_loop: bool = False) -> T:
+        """fn(conn) in its own transaction, committed before this returns. fn may run more
+        than once (a conflict runs it again from its start), so it must have no effects
+        outside the connection. off_loop is accepted for the interface: every write is."""
+        return await asyncio.wrap_future(self._submit(lambda conn: conn.transaction(fn)))
+
+    async def write_grouped(self, grouped: Grouped) -> Any:
+        return await self.write(grouped.alone)
+
+    def write_sync(self, fn: Callable[[Connection], T], *, timeout_s: float = DEFAULT_SYNC_TIMEOUT_S) -> T:
+        return self._submit(lambda conn: conn.transaction(fn)).result(timeout=timeout_s)
+
+    async def read(self, fn: Callable[[Connection], T]) -> T:
+        return await asyncio.wrap_future(self._submit(lambda conn: _snapshot(conn, fn)))
+
+    def read_sync(self, fn: Callable[[Connection], T], *, timeout_s: float = DEFAULT_SYNC_TIMEOUT_S) -> T:
+        return self._submit(lambda conn: _snapshot(conn, fn)).result(timeout=timeout_s)
+
+    # -- the pool's threads ------------------------------------------------------------
+
+    def _submit(self, job: Callable[[Connection], T]) -> concurrent.futures.Future:
+        if self._state != "open" or self._pool is None:
+            raise StorageClosed(f"the PostgreSQL database is {self._state}")
+        return self._pool.submit(self._run, job)
+
+    def _run(self, job: Callable[[Connection], T]) -> T:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.raw.closed:
+            conn = self._local.conn = self._connect()
+        try:
+            return job(conn)
+        except psycopg.OperationalError as e:
+            # The connection broke under the job: its transaction is gone (PostgreSQL rolls
+            # back what was not committed), and so is the connection.
+            if not (conn.raw.broken or conn.raw.closed):
+                raise       # an error of the statement (a cancel, say): the connection is fine
+            self._forget(conn)
+            raise StorageUnavailable(f"the connection to PostgreSQL broke: {_first_line(e)}") from None
+
+    def _connect(self) -> Connection:
+        with self._lock:
+            wait_s = self._next_connect_s - time.monotonic()
+            if wait_s > 0:
+                raise StorageUnavailable(f"PostgreSQL did not answer; trying again in {wait_s:.1f} s")
+            try:
+                conn = connect(self._url, connect_timeout_s=CONNECT_TIMEOUT_S)
+            except psycopg.OperationalError as e:
+                self._next_connect_s = time.monotonic() + RECONNECT_GAP_S
+                raise StorageUnavailable(f"cannot connect to PostgreSQL: {_first_line(e)}") from None
+            self._open.append(conn)
+            return conn
+
+    def _forget(self, conn: Connection) -> None:
+        self._local.conn = None
+        with self._lock:
+            if conn in self._open:
+                self._open.remove(conn)
+        try:
+            conn.close()
+        except psycopg.Error:
+            pass            # already broken
+
+
+def _snapshot(conn: Connection, fn: Callable[[Connection], T]) -> T:
+    with conn.raw.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        return fn(conn)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
