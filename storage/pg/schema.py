@@ -211,9 +211,34 @@ CREATE TABLE event_fires (
 );
 """
 
+# Anchors over the member chains (storage/pg/anchors.py): each lists the heads that moved
+# since the heads' last anchor, and chains to the anchor before it.
+P002_CHAIN_ANCHORS = """
+ALTER TABLE chain_heads ADD COLUMN anchored_seq bigint NOT NULL DEFAULT 0;
+CREATE INDEX chain_heads_unanchored ON chain_heads(member_id) WHERE seq > anchored_seq;
+CREATE TABLE chain_anchors (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at text NOT NULL,
+    prev_hash bytea NOT NULL,
+    hash bytea NOT NULL
+);
+CREATE TABLE chain_anchor_heads (
+    anchor_id bigint NOT NULL REFERENCES chain_anchors(id),
+    member_id bigint NOT NULL,
+    seq bigint NOT NULL,
+    hash bytea NOT NULL,
+    PRIMARY KEY (anchor_id, member_id)
+);
+CREATE TRIGGER chain_anchors_append_only BEFORE UPDATE OR DELETE ON chain_anchors
+    FOR EACH ROW EXECUTE FUNCTION loyalty_refuse('anchors are append-only');
+CREATE TRIGGER chain_anchor_heads_append_only BEFORE UPDATE OR DELETE ON chain_anchor_heads
+    FOR EACH ROW EXECUTE FUNCTION loyalty_refuse('anchors are append-only');
+"""
+
 # (name, script) in order; a name is never reused or changed once released.
 MIGRATIONS: list[tuple[str, str]] = [
     ("p001_receipt_path", P001_RECEIPT_PATH),
+    ("p002_chain_anchors", P002_CHAIN_ANCHORS),
 ]
 
 
