@@ -42,7 +42,7 @@ class AuditReport:
 def verify(conn: sqlite3.Connection, problems_max: int = 20) -> AuditReport:
     report = AuditReport()
     with _one_snapshot(conn):
-        for check in (_chain, _lots, _rule_totals, _receipts, _returns, _accounts):
+        for check in (_chain, *LEDGER_CHECKS):
             check(conn, report)
             if len(report.problems) >= problems_max:
                 break
@@ -94,8 +94,8 @@ def _lots(conn, report: AuditReport) -> None:
                                f"its postings sum to {remaining}")
         return
     for lot_id, member_id, remaining, reversed_ in conn.execute(
-            "SELECT p.lot_id, p.member_id, SUM(p.points), SUM(p.kind IN ('reversal', 'transfer')) FROM postings p "
-            "GROUP BY p.lot_id HAVING SUM(p.points) < 0"):
+            "SELECT p.lot_id, p.member_id, SUM(p.points), SUM(CASE WHEN p.kind IN ('reversal', 'transfer') "
+            "THEN 1 ELSE 0 END) FROM postings p GROUP BY p.lot_id, p.member_id HAVING SUM(p.points) < 0"):
         if not reversed_:     # a transfer brings a debt along from a merged member
             report.problems.append(f"lot {lot_id} of member m_{member_id} is overspent ({remaining} points) "
                                    "without a return that explains it")
@@ -105,7 +105,8 @@ def _lots(conn, report: AuditReport) -> None:
 def _rule_totals(conn, report: AuditReport) -> None:
     # Audit reads the file as it is (read-only, no migrations): a database the server has
     # not opened since m016 keeps no totals, so none can disagree.
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rule_totals'").fetchone() is None:
+    if isinstance(conn, sqlite3.Connection) and conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rule_totals'").fetchone() is None:
         return
     # Both sides in one pass: a kept row with no postings, or postings with no kept row,
     # differ as much as a wrong sum.
@@ -113,7 +114,7 @@ def _rule_totals(conn, report: AuditReport) -> None:
             "SELECT rule_id, SUM(kept), SUM(posted) FROM ("
             "SELECT rule_id, points AS kept, 0 AS posted FROM rule_totals UNION ALL "
             "SELECT rule_id, 0, points FROM postings WHERE rule_id IS NOT NULL AND kind IN ('accrual', 'reversal')"
-            ") GROUP BY rule_id HAVING SUM(kept) != SUM(posted) ORDER BY rule_id"):
+            ") AS sides GROUP BY rule_id HAVING SUM(kept) != SUM(posted) ORDER BY rule_id"):
         report.problems.append(f"rule {rule_id}: rule_totals says it issued {kept} points, "
                                f"its accrual and reversal postings sum to {posted}")
 
@@ -181,3 +182,8 @@ def _accounts(conn, report: AuditReport) -> None:
     if report.liability + sum(report.accounts.values()) != 0:
         report.problems.append(f"accounts do not sum to zero: members {report.liability}, "
                                f"counter accounts {sum(report.accounts.values())}")
+
+
+# The checks that do not depend on how the hash chain is kept, in SQL both databases
+# accept: the PostgreSQL backend runs them after its own chain check (storage/pg/audit.py).
+LEDGER_CHECKS = (_lots, _rule_totals, _receipts, _returns, _accounts)

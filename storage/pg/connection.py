@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors
+from psycopg.types.numeric import NumericLoader
 
 T = TypeVar("T")
 
@@ -32,12 +34,24 @@ SQL_CACHE_MAX = 2_048
 RETRIED = (errors.UniqueViolation, errors.DeadlockDetected, errors.SerializationFailure)
 
 
+class IntegralNumericLoader(NumericLoader):
+    """numeric as int when it has no fraction, else Decimal. The tables hold no numeric
+    column: numeric comes from SUM over bigint (PostgreSQL widens it), and points and
+    amounts must come back as the ints SQLite gives, never as Decimal or float."""
+
+    def load(self, data) -> int | Decimal:
+        value = super().load(data)
+        return int(value) if value == value.to_integral_value() else value
+
+
 def connect(url: str, connect_timeout_s: int | None = None) -> Connection:
     """A connection for `database.url` (libpq's URL: a Unix socket folder as host=)."""
     # autocommit: transactions are opened and closed by transaction(), never implicitly
     # by a first statement, so a read outside one does not hold a snapshot.
     extra = {} if connect_timeout_s is None else {"connect_timeout": connect_timeout_s}
-    return Connection(psycopg.connect(url, autocommit=True, **extra))
+    raw = psycopg.connect(url, autocommit=True, **extra)
+    raw.adapters.register_loader("numeric", IntegralNumericLoader)
+    return Connection(raw)
 
 
 class Connection:
