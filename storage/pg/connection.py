@@ -64,7 +64,9 @@ class Connection:
         self._sql: dict[str, str] = {}
 
     def _pg(self, sql: str) -> str:
-        # The project's SQL has no `?` or `%` inside literals, so a plain replace is exact.
+        # psycopg reads `%` as its placeholder's start, so a literal one (LIKE 'member:%') is
+        # doubled; a `?` inside a literal would be taken for a placeholder, and the storage
+        # functions' SQL has none.
         pg = self._sql.get(sql)
         if pg is None:
             pg = sql.replace("%", "%%").replace("?", "%s")
