@@ -135,11 +135,12 @@ async def asyncpg_worker(conn, todo: list[Receipt]) -> None:
                 await conn.execute(DRAW, spend, 5)
 
 
-async def run_asyncpg(url: str, batches: list[list[Receipt]]) -> None:
+async def run_asyncpg(url: str, batches: list[list[Receipt]], done) -> None:
     import asyncpg
     conns = [await asyncpg.connect(dsn_of(url)) for _ in batches]
     try:
         await asyncio.gather(*(asyncpg_worker(c, b) for c, b in zip(conns, batches)))
+        done()
     finally:
         for c in conns:
             await c.close()
@@ -179,11 +180,12 @@ async def psycopg_async_worker(conn, todo: list[Receipt]) -> None:
                 await cur.execute(pc(DRAW), (spend, 5))
 
 
-async def run_psycopg_async(url: str, batches: list[list[Receipt]]) -> None:
+async def run_psycopg_async(url: str, batches: list[list[Receipt]], done) -> None:
     import psycopg
     conns = [await psycopg.AsyncConnection.connect(url, prepare_threshold=0) for _ in batches]
     try:
         await asyncio.gather(*(psycopg_async_worker(c, b) for c, b in zip(conns, batches)))
+        done()
     finally:
         for c in conns:
             await c.close()
@@ -210,7 +212,7 @@ def psycopg_sync_worker(conn, todo: list[Receipt]) -> None:
                 cur.execute(pc(DRAW), (spend, 5))
 
 
-def run_psycopg_threads(url: str, batches: list[list[Receipt]]) -> None:
+def run_psycopg_threads(url: str, batches: list[list[Receipt]], done) -> None:
     import psycopg
     conns = [psycopg.Connection.connect(url, prepare_threshold=0) for _ in batches]
     try:
@@ -219,6 +221,7 @@ def run_psycopg_threads(url: str, batches: list[list[Receipt]]) -> None:
             t.start()
         for t in threads:
             t.join()
+        done()
     finally:
         for c in conns:
             c.close()
@@ -231,37 +234,36 @@ def dsn_of(url: str) -> str:
     return url
 
 
-def cluster_cpu_s(cluster: Cluster) -> tuple[float, int]:
-    """CPU seconds used so far by the postmaster and every process it started (backends,
-    WAL writer, checkpointer; exited backends are counted by their parent's cutime once it
-    has reaped them), and how many processes it has now."""
-    pid = int((cluster.data / "postmaster.pid").read_text().split()[0])
-    total, children = 0, 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ppid = int(fields[1])
-        if int(entry) == pid:
-            total += sum(int(x) for x in fields[11:15])     # its own and its reaped children's
-        elif ppid == pid:
-            total += int(fields[11]) + int(fields[12])
-            children += 1
-    return total / CLK_TCK, children
+class ClusterCpu:
+    """CPU seconds used by the cluster's processes between start() and stop(), from /proc:
+    the postmaster and its children (backends, WAL writer, checkpointer). stop() is called
+    while the measured connections are open, so their backends are read alive: a backend
+    that has exited shows nowhere until the postmaster reaps it. Processes that came and
+    went in between (an autovacuum worker) are not counted."""
 
+    def __init__(self, cluster: Cluster):
+        self.postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
+        self.before: dict[int, int] = {}
 
-def settled_cpu_s(cluster: Cluster, children: int) -> float:
-    """cluster_cpu_s once the closed connections' backends have exited and been reaped: a
-    backend caught exiting shows in neither its own /proc entry nor its parent's cutime."""
-    deadline = time.monotonic() + 10
-    while True:
-        cpu, now = cluster_cpu_s(cluster)
-        if now <= children or time.monotonic() > deadline:
-            return cpu
-        time.sleep(0.05)
+    def _ticks(self) -> dict[int, int]:
+        out = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue        # exited meanwhile
+            if int(entry) == self.postmaster or int(fields[1]) == self.postmaster:
+                out[int(entry)] = int(fields[11]) + int(fields[12])
+        return out
+
+    def start(self) -> None:
+        self.before = self._ticks()
+
+    def stop(self) -> float:
+        now = self._ticks()
+        return sum(ticks - self.before.get(pid, 0) for pid, ticks in now.items()) / CLK_TCK
 
 
 def seed(url: str) -> None:
@@ -280,21 +282,22 @@ def seed(url: str) -> None:
 
 
 WAYS = {
-    "asyncpg 0.32 (async)": lambda url, b: asyncio.run(run_asyncpg(url, b)),
-    "psycopg 3.3 async": lambda url, b: asyncio.run(run_psycopg_async(url, b)),
+    "asyncpg 0.32 (async)": lambda url, b, done: asyncio.run(run_asyncpg(url, b, done)),
+    "psycopg 3.3 async": lambda url, b, done: asyncio.run(run_psycopg_async(url, b, done)),
     "psycopg 3.3 sync, a thread per connection": run_psycopg_threads,
 }
 
 
 def measure(way, url: str, cluster: Cluster, receipts: list[Receipt], workers: int) -> tuple[float, float, float]:
     batches = [receipts[i::workers] for i in range(workers)]
-    pg0, children = cluster_cpu_s(cluster)
+    meter, pg = ClusterCpu(cluster), []
+    meter.start()
     cpu0, t0 = time.process_time(), time.perf_counter()
-    way(url, batches)
+    way(url, batches, lambda: pg.append(meter.stop()))
     elapsed = time.perf_counter() - t0
-    cpu, pg = time.process_time() - cpu0, settled_cpu_s(cluster, children) - pg0
+    cpu = time.process_time() - cpu0
     n = len(receipts)
-    return n / elapsed, cpu / n * 1e6, pg / n * 1e6
+    return n / elapsed, cpu / n * 1e6, pg[0] / n * 1e6
 
 
 def main() -> None:

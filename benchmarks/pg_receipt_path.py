@@ -26,7 +26,7 @@ import msgspec
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from pg_driver import cluster_cpu_s, settled_cpu_s  # noqa: E402
+from pg_driver import ClusterCpu  # noqa: E402
 
 from rules import load_program  # noqa: E402
 from server import schema  # noqa: E402
@@ -94,15 +94,16 @@ async def run(db: PgDatabase, program, todo, threads: int) -> None:
 def measure(url: str, cluster: Cluster, program, todo, threads: int) -> tuple[float, float, float]:
     db = PgDatabase(url, connections=threads)
     db.open()
+    meter = ClusterCpu(cluster)
     try:
-        pg0, children = cluster_cpu_s(cluster)
+        meter.start()
         cpu0, t0 = time.process_time(), time.perf_counter()
         asyncio.run(run(db, program, todo, threads))
         elapsed = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
+        pg = meter.stop()       # the pool's backends still alive
     finally:
         db.close()
-    pg = settled_cpu_s(cluster, children) - pg0
     return len(todo) / elapsed, cpu / len(todo) * 1e6, pg / len(todo) * 1e6
 
 
