@@ -63,10 +63,21 @@ def _confirm_in_tx(conn: Connection, program: Program, receipt, card, body, fing
 
 def apply_confirm(conn: Connection, c: Confirmed) -> None:
     """storage/apply.py apply_confirms for one confirm: its hold consumed, its lots, its
-    postings chained to its member's, its rule uses, its receipt row, its event points."""
-    plan, now = c.plan, iso(c.now)
-    if plan.coupon_uses or plan.offer_charges or plan.held_out:
+    postings chained to its member's, its rule uses, its receipt row, its event points.
+
+    Sent as one pipeline: the writes after the last read they need (the new lots' ids, the
+    chain head) go out together and are answered at once, where each executemany alone
+    waited for its own answer (benchmarks/RESULTS.md: 19 % less time and 13 % less client
+    CPU a confirm). An error, the receipt's key taken meanwhile among them, is raised when
+    the pipeline ends, inside the transaction, which runs again as it would have."""
+    if c.plan.coupon_uses or c.plan.offer_charges or c.plan.held_out:
         raise Unsupported("coupon uses, personal offers and control groups are not written on PostgreSQL yet")
+    with conn.raw.pipeline():
+        _apply(conn, c)
+
+
+def _apply(conn: Connection, c: Confirmed) -> None:
+    plan, now = c.plan, iso(c.now)
     ids: list[int] = []
     if plan.member is not None:
         ids = pg_ledger.new_lots(conn, [(plan.member.id, *ledger.lot_dates(lot.available_from, lot.expires_on),
