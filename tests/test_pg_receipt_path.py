@@ -244,3 +244,15 @@ def test_postings_are_append_only_and_an_edited_one_breaks_its_members_chain(db,
     assert problems == [f"member m_{member_id}: posting 2 of its chain does not match its contents "
                         "or the posting before it"]
     assert not any(f"m_{other}:" in p for p in problems)
+
+
+def test_a_program_with_parts_not_kept_on_postgresql_yet_is_refused_before_anything_is_written(db, tmp_path):
+    """Segments, personal offers, coupon campaigns and control groups have no tables on
+    PostgreSQL yet: such a program is refused whole, not half-applied."""
+    from test_segments_rules import BOUTIQUE
+    (tmp_path / "program.yaml").write_text(BOUTIQUE)
+    boutique = load_program(tmp_path, NOW)
+    with pytest.raises(pg_receipts.Unsupported, match="segments, personal offers, coupon campaigns, control groups"):
+        confirm(db, boutique, a_receipt("A-1"))
+    assert rows(db, "SELECT COUNT(*) FROM receipts") == [(0,)]
+

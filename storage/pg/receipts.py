@@ -8,12 +8,14 @@ apply the plan. What the one SQLite writer gave for free is explicit here:
   in two processes, run one after the other and the second plans against the first's
   postings, holds and rule uses: no point is spent twice.
 - The receipt's key is the receipts table's unique key. The same receipt sent to two
-  processes at once: both find no stored receipt, the second's insert waits for the first
-  to commit and then fails on the key; Connection.transaction runs it again, and it finds
-  the stored receipt and answers 200, replayed, from it.
+  processes at once: both find no stored receipt, the second waits (at the member's lock,
+  or at the key for a receipt without a card) until the first commits, and its insert
+  then fails on the key; Connection.transaction runs it again, and it finds the stored
+  receipt and answers 200, replayed, from it.
 
-Not yet here: the events outbox (webhooks), coupon uses, personal offers' budgets and the
-control group's records; a plan that needs one is refused with Unsupported, nothing written.
+Not yet here: the events outbox (webhooks), segments, personal offers, coupon campaigns and
+control groups, whose tables the PostgreSQL schema does not have yet; a program that uses
+one is refused with Unsupported before anything is read or written.
 """
 from __future__ import annotations
 
@@ -44,7 +46,17 @@ def confirm(conn: Connection, program: Program, receipt, card: str | None, body:
     return conn.transaction(lambda c: _confirm_in_tx(c, program, receipt, card, body, fingerprint, now, coupon_mac))
 
 
+def supported(program: Program) -> None:
+    """Unsupported when the program needs tables the PostgreSQL schema does not have yet."""
+    missing = [name for name, used in (("segments", program.segments), ("personal offers", program.personal_rule_ids),
+                                       ("coupon campaigns", program.coupons),
+                                       ("control groups", program.holdout_rules)) if used]
+    if missing:
+        raise Unsupported(f"program {program.id} uses {', '.join(missing)}, not kept on PostgreSQL yet")
+
+
 def _confirm_in_tx(conn: Connection, program: Program, receipt, card, body, fingerprint, now, coupon_mac):
+    supported(program)
     stored = ledger.get_receipt(conn, key_of(receipt))
     if stored is not None:
         answer = replay(stored.body_sha256, fingerprint, stored.result)
@@ -70,8 +82,7 @@ def apply_confirm(conn: Connection, c: Confirmed) -> None:
     waited for its own answer (benchmarks/RESULTS.md: 19 % less time and 13 % less client
     CPU a confirm). An error, the receipt's key taken meanwhile among them, is raised when
     the pipeline ends, inside the transaction, which runs again as it would have."""
-    if c.plan.coupon_uses or c.plan.offer_charges or c.plan.held_out:
-        raise Unsupported("coupon uses, personal offers and control groups are not written on PostgreSQL yet")
+    supported(c.program)
     with conn.raw.pipeline():
         _apply(conn, c)
 
@@ -121,6 +132,8 @@ def calculate(conn: Connection, program: Program, receipt, card: str, now: datet
               coupon_mac=None) -> CalculateAnswer:
     """A calculate of a member's receipt: its hold put, moved or released under the
     member's lock, so a hold taken through one process is seen by every other."""
+    supported(program)
+
     def in_tx(c: Connection) -> CalculateAnswer:
         pg_ledger.lock_member_by_card(c, card)
         state = read_member_state(c, receipt, program, now, card, coupon_mac)
