@@ -16,6 +16,7 @@ from server.errors import unprocessable
 from server.plan import MemberState, key_of
 from storage import coupons, ledger, offers, segments
 from storage.ledger import iso
+from storage.member_facts import TierFacts
 
 
 def read_member_state(conn: sqlite3.Connection, receipt, program: Program, now: datetime,
@@ -33,16 +34,18 @@ def read_member_state(conn: sqlite3.Connection, receipt, program: Program, now: 
     holds = ledger.open_holds(conn, member.id, iso(now))
     hold_open = any(h.key == key and h.points for h in holds) or \
         ledger.hold_member(conn, key, open_only=True) is not None
-    facts, judged = customer_value_facts(conn, program, member, receipt, card, coupon_mac, now)
+    facts, judged, tier = customer_value_facts(conn, program, member, receipt, card, coupon_mac, now)
     return MemberState(member, facts, ledger.lots_of(conn, member.id), holds,
-                       ledger.rule_usage(conn, member.id, windows), budget_left(conn, program), hold_open, judged)
+                       ledger.rule_usage(conn, member.id, windows), budget_left(conn, program), hold_open, judged,
+                       tier)
 
 
 def customer_value_facts(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, receipt,
-                         card: str, coupon_mac, now: datetime) -> tuple[MemberFacts, coupons.Judged | None]:
+                         card: str, coupon_mac, now: datetime) -> tuple[MemberFacts, coupons.Judged | None, TierFacts]:
     """The member's facts with their segments (as they are at arrival), the offers valid
-    at ts and the receipt's usable codes; with the judgement of every code it sent."""
-    facts = member_facts(conn, program, member, receipt.ts)
+    at ts and the receipt's usable codes; with the judgement of every code it sent and what
+    the tier was computed from. Reads only: judging a code does not use it."""
+    facts, tier = member_facts(conn, program, member, receipt.ts)
     day = local_date_of(program, receipt.ts)     # offers and coupon campaigns are judged at ts
     judged, sent = None, getattr(receipt, "coupons", None)
     if sent:
@@ -50,7 +53,7 @@ def customer_value_facts(conn: sqlite3.Connection, program: Program, member: led
     return msgspec.structs.replace(
         facts, segments=segments_now(conn, program, member, facts.tier, now),
         offers=offers.offers_for(conn, member.id, day) if program.personal_rule_ids else {},
-        coupons={campaign: code for campaign, (code, _) in judged.usable.items()} if judged else {}), judged
+        coupons={campaign: code for campaign, (code, _) in judged.usable.items()} if judged else {}), judged, tier
 
 
 def local_date_of(program: Program, moment: datetime) -> date:
@@ -101,10 +104,12 @@ def budget_left(conn: sqlite3.Connection, program: Program) -> dict[str, int] | 
     return {r: max(0, cap - used[r]) for r, cap in program.budgets.items()}
 
 
-def member_facts(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, ts: datetime) -> MemberFacts:
+def member_facts(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
+                 ts: datetime) -> tuple[MemberFacts, TierFacts]:
     """As the rules see the member on a receipt stamped `ts`: the tier at ts, the
-    receipt_number in arrival order (this receipt not stored yet)."""
-    tier, ever = tier_view(conn, program, member, ts, of_receipt=True)
+    receipt_number in arrival order (this receipt not stored yet); and the window's totals
+    the tier came from, which the receipt records."""
+    tier, ever, totals = tier_of_receipt(conn, program, member, ts)
     return MemberFacts(
         member_id=member.public_id,
         tier=tier["id"],
@@ -112,7 +117,16 @@ def member_facts(conn: sqlite3.Connection, program: Program, member: ledger.Memb
         birthday=date.fromisoformat(member.birthday) if member.birthday else None,
         enrolled_on=ledger.from_iso(member.enrolled_at).astimezone(program.timezone).date(),
         receipt_number=ever + 1,
-    )
+    ), totals
+
+
+def tier_of_receipt(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
+                    ts: datetime) -> tuple[dict, int, TierFacts]:
+    """tier_view of a receipt stamped `ts`, with the totals of the window it read."""
+    view, ever, count, spend = _tier(conn, program, member, ts, None, True)
+    in_force = view["manual"] or "manual_ignored" in view     # ignored: another program may define it
+    manual = member.manual_tier if in_force else None
+    return view, ever, TierFacts(view["id"], manual, program.tier_window_days, spend, count)
 
 
 def tier_view(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, moment: datetime,
@@ -124,6 +138,13 @@ def tier_view(conn: sqlite3.Connection, program: Program, member: ledger.MemberR
     receipt's own tier, which leaves receipts stamped at its very moment out). `next` and
     `to_next` follow the tier the member actually has. A manual tier the program no longer
     defines is ignored (shown under `manual_ignored`): the rules only know their own tiers."""
+    view, ever, _, _ = _tier(conn, program, member, moment, as_of, of_receipt)
+    return view, ever
+
+
+def _tier(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, moment: datetime,
+          as_of: str | None, of_receipt: bool) -> tuple[dict, int, int, int]:
+    """tier_view's, with the window's receipts and spend."""
     today = moment.astimezone(program.timezone).date().isoformat()
     since = iso(moment - timedelta(days=program.tier_window_days))
     until = iso(moment) if of_receipt else as_of
@@ -141,7 +162,7 @@ def tier_view(conn: sqlite3.Connection, program: Program, member: ledger.MemberR
         else:
             view["manual_ignored"] = {"tier": member.manual_tier, "until": member.manual_tier_until,
                                       "reason": f"not a tier of program {program.id}"}
-    return view, ever
+    return view, ever, count, spend
 
 
 def tier_after(program: Program, position: int, metric: int) -> tuple[str | None, int | None]:

@@ -18,10 +18,11 @@ import msgspec
 from rules import MemberFacts, Program
 from rules.records import Evaluation
 from server.errors import ApiError, unprocessable
-from storage import accounts
+from storage import accounts, member_facts
 from storage.coupons import USABLE, Judged
 from storage.ledger import Balance, Hold, Lot, MemberRow, ReceiptKey, balance_of, draw, iso
 from storage.line_records import ReceiptLines, build
+from storage.member_facts import ReceiptMemberFacts, TierFacts
 
 
 class MemberState(msgspec.Struct, frozen=True):
@@ -34,6 +35,7 @@ class MemberState(msgspec.Struct, frozen=True):
     budget_left: dict[str, int] | None  # points each budgeted rule may still issue
     hold_open: bool                 # a hold under this receipt's key is open, even a lapsed one
     coupons: Judged | None = None   # the receipt's codes judged at its ts; None: it sent none
+    tier: TierFacts | None = None   # what facts.tier was computed from, for the receipt's record
 
     def own_hold(self, key: ReceiptKey) -> int:
         return sum(h.points for h in self.holds if h.key == key)
@@ -96,6 +98,7 @@ class ReceiptPlan:
     coupon_uses: list[CouponUse] = field(default_factory=list)   # one use of each code a fired rule needed
     offer_charges: list[tuple[str, int]] = field(default_factory=list)  # (personal rule, points it gave)
     held_out: list[tuple[str, int]] = field(default_factory=list)  # (rule, points a control member was not given)
+    member_facts: ReceiptMemberFacts | None = None    # what the rules knew of the member, kept with the receipt
 
 
 def local_day(program: Program, moment: datetime) -> str:
@@ -182,6 +185,7 @@ def plan_confirm(receipt, state: MemberState | None, program: Program, now: date
     _expire_on_arrival(plan, program, new_remaining, today)
     plan.rule_uses = [r for r in ev.fired if r in state.usage]
     _customer_value(plan, program, state, ev)
+    plan.member_facts = recorded_facts(state, plan)
     if state.member.referred_by is not None and state.facts.receipt_number == 1:
         plan.events.append(EventFire(state.member.referred_by, "referred_first_purchase",
                                      f"referral:{state.member.id}"))
@@ -217,6 +221,23 @@ def _customer_value(plan: ReceiptPlan, program: Program, state: MemberState, ev:
         plan.offer_charges = [(rule, points) for rule, points in ev.by_rule
                               if points > 0 and rule in state.facts.offers]
     plan.held_out = list(ev.held_out)
+
+
+def recorded_facts(state: MemberState, plan: ReceiptPlan) -> ReceiptMemberFacts | None:
+    """The member as the rules saw them on this receipt, for its backtests. The codes are
+    kept as their campaign and status only: a code is as good as money until used."""
+    facts = state.facts
+    if state.tier is None:
+        return None
+    charged = dict(plan.offer_charges)
+    judged = state.coupons
+    codes = [] if judged is None else [
+        member_facts.CouponFact(campaign, status) for (_, status), campaign in zip(judged.statuses, judged.campaigns)]
+    return ReceiptMemberFacts(
+        member_facts.VERSION, facts.member_id, state.tier, sorted(facts.tags), facts.birthday, facts.enrolled_on,
+        facts.receipt_number, sorted(facts.segments),
+        [member_facts.OfferFact(rule, left, charged.get(rule, 0)) for rule, left in sorted(facts.offers.items())],
+        codes, [member_facts.HeldOut(rule, points) for rule, points in plan.held_out])
 
 
 def _dates(lot: Lot) -> tuple[str, str | None]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from storage import accounts, coupons, ledger, line_records, offers
+from storage import accounts, coupons, ledger, line_records, member_facts, offers
 from storage.ledger import PostingRef, iso
 
 
@@ -76,6 +76,7 @@ def apply_confirms(conn: sqlite3.Connection, confirms: list[Confirmed]) -> list:
     if fires:
         ledger.record_fires(conn, fires)
     ledger.insert_receipts(conn, receipts)
+    member_facts.insert(conn, [(c.plan.key, c.plan.member_facts) for c in confirms if c.plan.member_facts is not None])
     for c in confirms:
         if c.plan.member is not None:
             _customer_value(conn, c)

@@ -39,6 +39,7 @@ class Campaign(msgspec.Struct, frozen=True):
 class Judged(NamedTuple):
     statuses: list[tuple[str, str]]      # (code as sent, status) in the receipt's order
     usable: dict[str, tuple[str, str]]   # campaign -> (code as sent, its HMAC): the first valid one
+    campaigns: list[str | None] = []     # each code's campaign, as statuses; None: not the program's
 
 
 # A usable code's status until the receipt path knows whether a fired rule needed it:
@@ -71,7 +72,7 @@ def add_codes(conn: sqlite3.Connection, campaign: str, codes: list[str], card_hm
 def judge(conn: sqlite3.Connection, codes: list[str], card_hmac: str | None, local_date: date,
           campaigns: dict[str, Campaign], mac: Callable[[str], str]) -> Judged:
     """Each code's status at the receipt's local date, and the first usable code of each campaign."""
-    statuses, usable = [], {}
+    statuses, usable, of_code = [], {}, []
     for code in codes:
         code_hmac = mac(normalize(code))
         row = conn.execute("SELECT campaign, card, uses FROM coupon_codes WHERE code = ?", (code_hmac,)).fetchone()
@@ -82,7 +83,8 @@ def judge(conn: sqlite3.Connection, codes: list[str], card_hmac: str | None, loc
             else:
                 usable[row[0]] = (code, code_hmac)
         statuses.append((code, status))
-    return Judged(statuses, usable)
+        of_code.append(row[0] if row is not None and row[0] in campaigns else None)
+    return Judged(statuses, usable, of_code)
 
 
 def _status(row, card_hmac: str | None, local_date: date, campaigns: dict[str, Campaign]) -> str:

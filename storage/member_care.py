@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from storage import ledger
+from storage import ledger, member_facts
 from storage.accounts import member_account
 
 CHANNELS = ("sms", "viber", "email", "push")
@@ -181,8 +181,8 @@ def erase(conn: sqlite3.Connection, member_id: int, now: str) -> dict:
     """Personal data gone, of the member and of the members merged into it (the same
     customer): card and phone hashes with their last digits, birthday, tags, the CRM's id
     and consent; the card hash in their stored receipt bodies and the card's last digits in
-    their events become null. The member ids, receipts' amounts and the ledger stay (postings
-    name the member id only)."""
+    their events become null, and birthday and tags leave their receipts' member facts. The
+    member ids, receipts' amounts and the ledger stay (postings name the member id only)."""
     ids = with_merged(conn, member_id)
     marks = ", ".join("?" * len(ids))
     receipts = conn.execute(f"SELECT COUNT(*) FROM receipts WHERE member_id IN ({marks})", ids).fetchone()[0]
@@ -214,6 +214,7 @@ def _erase_one(conn: sqlite3.Connection, member_id: int, now: str) -> dict:
             conn.execute("UPDATE receipts SET body = ? WHERE rowid = ?",
                          (ledger.pack(msgspec.json.encode(decoded)), rowid))
             scrubbed += 1
+    member_facts.erase_personal(conn, member_id)
     release_holds(conn, member_id, now)
     return {"cards_removed": cards, "receipts_scrubbed": scrubbed}
 

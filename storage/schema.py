@@ -734,3 +734,20 @@ CREATE TABLE holdout_points (
 ) WITHOUT ROWID;
 CREATE INDEX holdout_points_rule ON holdout_points(rule_id, member_id)
 """)
+
+
+@migrations()
+def m027_receipt_member_facts(db):
+    """receipt_member_facts: what the rules knew about the member of each confirmed receipt
+    (storage/member_facts.py), written in the receipt's transaction, which backtests, `rules
+    diff` and explanations of stored receipts replay it with. A table of its own, beside
+    receipts: only backtests read it, a page at a time by the receipts' key. Receipts
+    confirmed before have no row; nothing from then tells their segments, offers or codes."""
+    db.execute("""
+CREATE TABLE receipt_member_facts (
+    store_id TEXT NOT NULL,
+    register_id TEXT NOT NULL,
+    receipt_id TEXT NOT NULL,
+    facts BLOB NOT NULL,
+    PRIMARY KEY (store_id, register_id, receipt_id)
+) WITHOUT ROWID""")
