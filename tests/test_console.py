@@ -503,7 +503,7 @@ async def test_explain_a_stored_receipt(setup):
     assert outcomes["base"] == "applied" and outcomes["dairy-x2"] == "applied"
     assert outcomes["big-basket"] == "not-applicable"
     assert "when.total: 9100 is not &gt;= 100000" in page
-    assert "Member m_1: tier base" in page
+    assert 'data-source="recorded"' in page and "member m_1, tier base" in page and "receipt #1" in page
 
 
 async def test_explain_a_pasted_receipt_and_refuse_one_that_is_not(setup):
@@ -513,6 +513,7 @@ async def test_explain_a_pasted_receipt_and_refuse_one_that_is_not(setup):
     status, _, page = await console.post("/console/explain", {"receipt": json.dumps(body)})
     assert status == 200
     assert dict(re.findall(r'<tr id="why-([^"]+)" class="([^"]+)">', page))["big-basket"] == "applied"
+    assert 'data-source="now"' in page and "The member as they are now" in page and "receipt #2" in page
     status, _, page = await console.post("/console/explain", {"receipt": "{not json"})
     assert status == 422 and "not JSON" in page
     status, _, page = await console.post("/console/explain", {"receipt": json.dumps({**body, "total": "x"})})

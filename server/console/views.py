@@ -25,8 +25,9 @@ from server.errors import ApiError, conflict, error_body, field_error, forbidden
 from server.ops import adjustments, members
 from server.keys import CLOCK, CONFIG, CONSOLE, DATABASE, KEYRING, LIMITER, OPS, PRIVACY, PROGRAMS
 from server.reports import money_text
+from server.replay_member import facts_for, from_record
 from server.rules_tools import ToolError, decode_receipt, default_member, member_from_db
-from storage import admin_audit
+from storage import admin_audit, member_facts
 from storage.ledger import iso, lots_of, member_by_id, statement
 
 log = logging.getLogger("loyalty.console")
@@ -430,23 +431,34 @@ async def explain(request: web.Request, session: Session, form: dict) -> web.Res
     recent = await app[DATABASE].read(queries.recent_receipts)
     context = dict(recent=recent, receipt_json=form.get("receipt", ""), chosen=form.get("stored", ""), result=None)
     try:
-        receipt, card_hmac = await _receipt_to_explain(app, form)
-        program = app[PROGRAMS].current
-        member = None
-        if card_hmac:
-            member = await app[DATABASE].read(lambda conn: member_from_db(conn, program, card_hmac, receipt))
-        known = member is not None
-        if member is None:
-            member = default_member(program, "-")
-        result = program.explain(receipt, member, receipt.redeem_points, None)
+        receipt, card_hmac, stored = await _receipt_to_explain(app, form)
+        program, now = app[PROGRAMS].current, app[CLOCK].now()
+        member, source = await app[DATABASE].read(
+            lambda conn: _member_to_explain(conn, program, receipt, card_hmac, stored, now, app[PRIVACY].coupon))
+        result = program.explain(receipt, member or default_member(program, "-"), receipt.redeem_points, None)
     except ApiError as e:
         return error_page(request, session, e, "explain.html", **context)
     context["result"] = result
-    return render(request, "explain.html", session, known_member=known, **context)
+    return render(request, "explain.html", session, member_source=source, **context)
+
+
+def _member_to_explain(conn, program, receipt, card_hmac: str | None, stored: tuple | None, now, coupon_mac):
+    """(facts, where they come from): a stored receipt's recorded facts (`recorded`), else
+    the member as they are now (`now`), else none (`unknown`)."""
+    if stored is not None:
+        record = member_facts.read(conn, stored)
+        if record is not None:
+            return facts_for(program, from_record(record), "-"), "recorded"
+    if card_hmac:
+        member = member_from_db(conn, program, card_hmac, receipt, now, coupon_mac)
+        if member is not None:
+            return member, "now"
+    return None, "unknown"
 
 
 async def _receipt_to_explain(app, form: dict):
-    """(receipt, its card's HMAC): a stored receipt (its body carries the HMAC) or pasted JSON."""
+    """(receipt, its card's HMAC, its key when stored): a stored receipt (its body carries
+    the HMAC) or pasted JSON."""
     try:
         if form.get("stored"):
             parts = form["stored"].split("/")
@@ -456,12 +468,12 @@ async def _receipt_to_explain(app, form: dict):
             if body is None:
                 raise field_error("stored", "is not a stored receipt")
             receipt = decode_receipt(body, f"receipt {form['stored']}")
-            return receipt, receipt.card
+            return receipt, receipt.card, tuple(parts)
         raw = form.get("receipt", "").strip()
         if not raw:
             raise field_error("receipt", "paste a receipt's JSON or pick a stored receipt")
         receipt = decode_receipt(raw.encode(), "the pasted receipt")
-        return receipt, app[PRIVACY].card(receipt.card) if receipt.card else None
+        return receipt, app[PRIVACY].card(receipt.card) if receipt.card else None, None
     except ToolError as e:
         raise field_error("stored" if form.get("stored") else "receipt", str(e)) from None
 
