@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import gc
 import pathlib
+from datetime import datetime, timezone
 
 import pytest
+from test_rules_arithmetic import line, receipt
 
-from rules import engine, load_program
+from rules import MemberFacts, engine, load_program
 
 MARKET = pathlib.Path(__file__).parent / "programs" / "market"
 
@@ -69,4 +71,28 @@ def test_memory_stays_flat_over_many_reloads():
     gc.collect()
     # measured: about +60 KiB over 1,000 reloads (benchmarks/rules_reload_memory.py), while a
     # market ruleset never deleted keeps about 140 KiB: 500 of them would be some 70 MiB
+    assert rss_kib() - before < 8 * 1024
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/status").exists(), reason="needs /proc")
+def test_memory_stays_flat_over_programs_that_matched_receipts():
+    """A ruleset that matched a fact holds the engine's session state, which deleting the
+    ruleset alone left behind (about 90 KB each): a backtest or a check compiles, uses and
+    closes programs all day."""
+    sale = receipt("2026-11-24T12:00:00+02:00", line(1, "dairy", 9100))
+    member = MemberFacts(member_id="m_1", tier="base")
+
+    def used_and_closed() -> None:
+        program = load_program(MARKET, datetime(2026, 11, 24, tzinfo=timezone.utc))
+        assert program.evaluate(sale, member, 0, 0, {}, None).accrued_points > 0
+        program.close()
+
+    for _ in range(20):
+        used_and_closed()
+    gc.collect()
+    before = rss_kib()
+    for _ in range(500):
+        used_and_closed()
+    gc.collect()
+    # 500 programs each leaving their sessions behind grew it by some 70 MiB
     assert rss_kib() - before < 8 * 1024
