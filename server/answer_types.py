@@ -511,8 +511,9 @@ class OpenApiComponents(Struct):
 
 
 class OpenApiDocument(Struct):
-    """This API as OpenAPI 3 (its own schema is OpenAPI's, not repeated here)."""
+    """This API as OpenAPI 3.1 (its own schema is OpenAPI's, not repeated here)."""
     openapi: str
+    jsonSchemaDialect: str
     info: OpenApiInfo
     paths: dict[str, dict[str, dict[str, Any]]]
     components: OpenApiComponents

@@ -452,7 +452,7 @@ ROUTES: list[Route] = [
           answers=ok(A.ReadyAnswer)),
     Route("GET", "/metrics", metrics, R({MONITOR, MANAGER}), None, "Prometheus metrics",
           answers=ok(None, "Prometheus text")),
-    Route("GET", "/openapi.json", openapi, None, None, "This API as OpenAPI 3", answers=ok(A.OpenApiDocument)),
+    Route("GET", "/openapi.json", openapi, None, None, "This API as OpenAPI 3.1", answers=ok(A.OpenApiDocument)),
 ]
 ROUTES += cvm.routes() + report_campaign.routes()
 

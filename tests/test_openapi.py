@@ -4,9 +4,12 @@ valid against the schema the document declares for its path, method and status.
 The answers are checked strictly: the test closes every object schema of the document
 (`additionalProperties: false`), so a key the server sends and the document does not
 declare fails as surely as a missing one. jsonschema_rs (already pinned for schemathesis)
-validates."""
+validates, as JSON Schema 2020-12: the document is OpenAPI 3.1, whose schemas are that
+draft's, and it is itself checked against OpenAPI 3.1's own schema (as schemathesis ships
+it)."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from datetime import date
@@ -14,6 +17,7 @@ from decimal import Decimal
 
 import jsonschema_rs
 import pytest
+from schemathesis.specs.openapi.definitions import OPENAPI_31
 
 from conftest import MARKET, Api, line, receipt, test_config
 from server import cvm
@@ -64,7 +68,7 @@ class Checked:
         content = responses[str(status)]["content"]
         assert "application/json" in content, (method, template, status)
         schema = {**content["application/json"]["schema"], "components": self.components}
-        errors = [f"{e.instance_path}: {e.message}" for e in jsonschema_rs.validator_for(schema).iter_errors(data)]
+        errors = [f"{e.instance_path}: {e.message}" for e in jsonschema_rs.Draft202012Validator(schema).iter_errors(data)]
         assert not errors, (method, template, status, errors[:5], data)
         DRIVEN.add((method, template, status))
 
@@ -275,6 +279,19 @@ def test_every_route_is_driven_to_each_success_it_declares(checked):
                 for method, op in methods.items() for status in op["responses"] if status.startswith("2")}
     declared.discard(("GET", "/metrics", 200))   # text, checked on its own
     assert declared - DRIVEN == set()
+
+
+def test_the_document_is_openapi_3_1_with_2020_12_schemas(checked):
+    doc = checked.doc
+    assert (doc["openapi"], doc["jsonSchemaDialect"]) == ("3.1.0", "https://spec.openapis.org/oas/3.1/dialect/base")
+    errors = [f"{e.instance_path}: {e.message}" for e in jsonschema_rs.Draft202012Validator(OPENAPI_31).iter_errors(doc)]
+    assert not errors, errors[:5]
+    for name, schema in doc["components"]["schemas"].items():
+        assert jsonschema_rs.meta.is_valid(schema), name
+    # 3.0's way of saying null is not 3.1's: none of it may be left
+    assert '"nullable"' not in json.dumps(doc)
+    nullable = [name for name, schema in doc["components"]["schemas"].items() if '"null"' in json.dumps(schema)]
+    assert "ConfirmAnswer" in nullable
 
 
 def test_no_response_schema_is_a_bare_object(checked):
