@@ -23,7 +23,8 @@ from conftest import MARKET, Api, line, receipt, test_config
 from server import cvm
 from server.app import create_app
 from server.report_campaign import CampaignRule
-from storage import coupons
+from server.keys import DATABASE
+from storage import coupons, ledger
 from storage.segments import SegmentDefinition
 
 NOW = "2026-11-24T12:00:05+02:00"
@@ -269,6 +270,31 @@ async def test_segment_offer_coupon_and_report_answers_match_the_document(cvm_ch
     await c.call("GET", "/v1/admin/reports/campaigns/nope", expect=404)
     await c.call("GET", "/v1/admin/reports/campaigns/dairy-x2?from=yesterday", expect=422)
     RAN.add("cvm")
+
+
+async def test_replays_answer_the_declared_keys_even_of_answers_stored_by_an_older_server(checked):
+    """A replay is the stored answer decoded into its answer type: a key an older server
+    stored and the document no longer declares is not sent again."""
+    c = checked
+    await c.call("POST", "/v1/members", {"card": CARD}, expect=201)
+    first = receipt("r1", [line(1, "dairy", 9100, qty=2)], card=CARD)
+    await c.call("POST", "/v1/receipts", first, "register", 201)
+    ret = {"return_id": "ret1", "store_id": "S001", "register_id": "K01",
+           "receipt": {"store_id": "S001", "register_id": "K01", "receipt_id": "r1"}, "lines": [{"line_no": 1, "qty": 1}]}
+    await c.call("POST", "/v1/returns", ret, "register", 201)
+    adjustment = {"card": CARD, "points": 300, "reason": "goodwill", "adjustment_id": "a1"}
+    await c.call("POST", "/v1/admin/adjustments", adjustment, expect=201)
+
+    def older(conn) -> None:
+        for table in ("receipts", "returns", "adjustments"):
+            for (result,) in conn.execute(f"SELECT result FROM {table}").fetchall():
+                kept = {**json.loads(ledger.unpack(result)), "detail": {"lines": {}}}
+                conn.execute(f"UPDATE {table} SET result = ? WHERE result = ?", (json.dumps(kept).encode(), result))
+    await c.api.client.server.app[DATABASE].write(older)
+    for method, path, body, as_ in [("POST", "/v1/receipts", first, "register"), ("POST", "/v1/returns", ret, "register"),
+                                    ("POST", "/v1/admin/adjustments", adjustment, "manager")]:
+        _, again = await c.call(method, path, body, as_, 200)
+        assert again["replayed"] is True and "detail" not in again
 
 
 def test_every_route_is_driven_to_each_success_it_declares(checked):

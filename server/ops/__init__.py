@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TypeVar
 
 import msgspec
 
@@ -26,6 +27,7 @@ from server.programs import ProgramHolder
 from storage.db import Database
 
 JSON = msgspec.json.Encoder()
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,14 +46,16 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def replay(stored_sha: str, fingerprint: str, stored_result: bytes) -> dict:
-    """The stored answer of an identical earlier request. Runs inside write transactions:
-    no side effects beyond the answer."""
+def replay(stored_sha: str, fingerprint: str, stored_result: bytes, answer: type[T]) -> T:
+    """The stored answer of an identical earlier request, decoded into its answer type
+    (server/answer_types.py) like every answer the server sends, so a replay says exactly
+    what /openapi.json declares for it. Runs inside write transactions: no side effects
+    beyond the answer."""
     if stored_sha != fingerprint:
         raise conflict("idempotency_conflict", "this identity was already used with a different body; use a new id")
-    return {**msgspec.json.decode(stored_result), "replayed": True}
+    return msgspec.structs.replace(msgspec.json.decode(stored_result, type=answer), replayed=True)
 
 
-def count(deps: Deps, endpoint: str, status: int, result: dict | None = None) -> None:
-    outcome = "replayed" if status == 200 and result and result.get("replayed") else "ok"
+def count(deps: Deps, endpoint: str, status: int, result=None) -> None:
+    outcome = "replayed" if status == 200 and getattr(result, "replayed", False) else "ok"
     deps.metrics.receipts.labels(endpoint, outcome).inc()

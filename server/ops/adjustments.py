@@ -13,7 +13,7 @@ from storage import accounts, ledger
 from storage.ledger import InsufficientPoints, PostingRef, iso
 
 
-async def adjust(deps: Deps, req: schema.Adjustment, principal: Principal) -> tuple[int, AdjustmentAnswer | dict]:
+async def adjust(deps: Deps, req: schema.Adjustment, principal: Principal) -> tuple[int, AdjustmentAnswer]:
     if req.points == 0:
         raise field_error("points", "must not be 0")
     member = await find_member(deps, req.card)
@@ -24,11 +24,11 @@ async def adjust(deps: Deps, req: schema.Adjustment, principal: Principal) -> tu
         raise unprocessable("insufficient_points", str(e)) from None
 
 
-def _adjust_in_tx(deps: Deps, conn, req, member, principal, fingerprint) -> tuple[int, AdjustmentAnswer | dict]:
+def _adjust_in_tx(deps: Deps, conn, req, member, principal, fingerprint) -> tuple[int, AdjustmentAnswer]:
     program, now = deps.program(), deps.clock.now()
     previous = ledger.get_adjustment(conn, req.adjustment_id)
     if previous is not None:
-        return 200, replay(previous[0], fingerprint, previous[1])
+        return 200, replay(previous[0], fingerprint, previous[1], AdjustmentAnswer)
     at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
                     ref=f"adjustment:{req.adjustment_id}", key_id=principal.key_id, note=req.reason)
     today = now.astimezone(program.timezone).date()

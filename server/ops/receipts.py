@@ -17,7 +17,7 @@ import msgspec
 from rules import Program
 from server import schema, webhooks
 from server.answer import calculate_answer, cancel_answer, confirm_answer, receipt_ref
-from server.answer_types import CalculateAnswer, CancelAnswer, ConfirmAnswer
+from server.answer_types import CalculateAnswer, CancelAnswer, ConfirmAnswer, ReceiptBalance
 from server.auth import Principal, require_store
 from server.errors import field_error, unprocessable
 from server.member_state import read_member_state
@@ -87,7 +87,7 @@ def _calculate_in_tx(conn, program: Program, receipt: schema.Receipt, now: datet
     return calculate_answer(plan, program)
 
 
-async def confirm(deps: Deps, receipt: schema.Receipt, principal: Principal) -> tuple[int, ConfirmAnswer | dict]:
+async def confirm(deps: Deps, receipt: schema.Receipt, principal: Principal) -> tuple[int, ConfirmAnswer]:
     check_receipt(deps, receipt, principal)
     card = None if receipt.card is None else deps.privacy.card(receipt.card)
     # Stored and fingerprinted with the card's HMAC in place of the number.
@@ -126,7 +126,7 @@ def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, b
             raise Flush     # the same receipt twice in one batch: the second is a replay
         stored = ledger.get_receipt(conn, key)
         if stored is not None:
-            answer = replay(stored.body_sha256, fingerprint, stored.result)
+            answer = replay(stored.body_sha256, fingerprint, stored.result, ConfirmAnswer)
             if stored.status == "cancelled":
                 answer = _cancelled_replay(conn, program, answer, stored.member_id, now)
             return Ready((200, answer, None))
@@ -185,16 +185,17 @@ def _count_in_group(group: dict, planned, program: Program) -> None:
             used[posting.rule] = used.get(posting.rule, 0) + posting.points
 
 
-def _cancelled_replay(conn, program: Program, answer: dict, member_id: int | None, now: datetime) -> dict:
+def _cancelled_replay(conn, program: Program, answer: ConfirmAnswer, member_id: int | None,
+                      now: datetime) -> ConfirmAnswer:
     """The stored answer of a receipt cancelled since, with the member's balance now: the
     stored balance and messages (points earned, paid with) no longer hold."""
-    answer["cancelled"] = True
+    answer.cancelled = True
     if member_id is None:
         return answer
     holds = ledger.open_holds(conn, member_id, iso(now))
-    balance = ledger.balance_of(ledger.lots_of(conn, member_id), holds, local_day(program, now)).as_json()
-    answer["balance"] = balance
-    answer["messages"] = ["Receipt cancelled", f"Balance: {balance['available']} points"]
+    balance = ledger.balance_of(ledger.lots_of(conn, member_id), holds, local_day(program, now))
+    answer.balance = ReceiptBalance(balance.available, balance.pending, balance.held)
+    answer.messages = ["Receipt cancelled", f"Balance: {balance.available} points"]
     return answer
 
 
