@@ -226,3 +226,17 @@ def test_a_record_of_an_unknown_version_is_refused():
         member_facts.decode(record)
     with closing(sqlite3.connect(":memory:")) as conn:
         assert "SELECT NULL" in member_facts.joined(conn)     # a database not upgraded has no records
+
+
+async def test_rules_explain_of_a_receipt_file_uses_the_member_as_they_are_now(history, tmp_path, capsys):
+    _, program = history
+    config = write_config(tmp_path, program)
+    path = tmp_path / "receipt.json"
+    path.write_text(json.dumps(fruit("P2", "24")))
+    capsys.readouterr()
+    assert main(["rules", "explain", "--config", str(config), str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "the member as they are now" in captured.err
+    assert "segments [staff], offers [comeback (0 left)]" in captured.out
+    assert re.search(r"staff-bonus +applied: 50 point", captured.out)
+    assert re.search(r"comeback +not applicable: personal: the member's offer has no points left", captured.out)
