@@ -4,9 +4,10 @@ The receipt path is: read the member's state once (server/member_state.py) -> pl
 -> apply the plan (storage/apply.py) -> answer from the plan (server/answer.py). A plan
 holds every number the ledger and the answer need, each computed once: the lots with
 their dates and points, every posting (redemption draws, accruals, debt repayment, expiry
-of points that arrived already expired), the hold change, the rule uses, the line records
-and the events it fires. Nothing here reads a connection, the clock or a metric, so it is
-tested with hand-built states (tests/test_receipt_plan.py).
+of points that arrived already expired), the hold change, the rule uses, the line records,
+the member facts the rules read (kept with the receipt for backtests) and the events it
+fires. Nothing here reads a connection, the clock or a metric, so it is tested with
+hand-built states (tests/test_receipt_plan.py).
 """
 from __future__ import annotations
 
@@ -227,7 +228,7 @@ def recorded_facts(state: MemberState, plan: ReceiptPlan) -> ReceiptMemberFacts 
     """The member as the rules saw them on this receipt, for its backtests. The codes are
     kept as their campaign and status only: a code is as good as money until used."""
     facts = state.facts
-    if state.tier is None:
+    if state.tier is None:      # a state not read from the database (tests, benchmarks) has no tier facts
         return None
     charged = dict(plan.offer_charges)
     judged = state.coupons

@@ -69,7 +69,8 @@ class Checked:
         content = responses[str(status)]["content"]
         assert "application/json" in content, (method, template, status)
         schema = {**content["application/json"]["schema"], "components": self.components}
-        errors = [f"{e.instance_path}: {e.message}" for e in jsonschema_rs.Draft202012Validator(schema).iter_errors(data)]
+        validator = jsonschema_rs.Draft202012Validator(schema)
+        errors = [f"{e.instance_path}: {e.message}" for e in validator.iter_errors(data)]
         assert not errors, (method, template, status, errors[:5], data)
         DRIVEN.add((method, template, status))
 
@@ -280,7 +281,8 @@ async def test_replays_answer_the_declared_keys_even_of_answers_stored_by_an_old
     first = receipt("r1", [line(1, "dairy", 9100, qty=2)], card=CARD)
     await c.call("POST", "/v1/receipts", first, "register", 201)
     ret = {"return_id": "ret1", "store_id": "S001", "register_id": "K01",
-           "receipt": {"store_id": "S001", "register_id": "K01", "receipt_id": "r1"}, "lines": [{"line_no": 1, "qty": 1}]}
+           "receipt": {"store_id": "S001", "register_id": "K01", "receipt_id": "r1"},
+           "lines": [{"line_no": 1, "qty": 1}]}
     await c.call("POST", "/v1/returns", ret, "register", 201)
     adjustment = {"card": CARD, "points": 300, "reason": "goodwill", "adjustment_id": "a1"}
     await c.call("POST", "/v1/admin/adjustments", adjustment, expect=201)
@@ -291,7 +293,8 @@ async def test_replays_answer_the_declared_keys_even_of_answers_stored_by_an_old
                 kept = {**json.loads(ledger.unpack(result)), "detail": {"lines": {}}}
                 conn.execute(f"UPDATE {table} SET result = ? WHERE result = ?", (json.dumps(kept).encode(), result))
     await c.api.client.server.app[DATABASE].write(older)
-    for method, path, body, as_ in [("POST", "/v1/receipts", first, "register"), ("POST", "/v1/returns", ret, "register"),
+    for method, path, body, as_ in [("POST", "/v1/receipts", first, "register"),
+                                    ("POST", "/v1/returns", ret, "register"),
                                     ("POST", "/v1/admin/adjustments", adjustment, "manager")]:
         _, again = await c.call(method, path, body, as_, 200)
         assert again["replayed"] is True and "detail" not in again
@@ -310,7 +313,8 @@ def test_every_route_is_driven_to_each_success_it_declares(checked):
 def test_the_document_is_openapi_3_1_with_2020_12_schemas(checked):
     doc = checked.doc
     assert (doc["openapi"], doc["jsonSchemaDialect"]) == ("3.1.0", "https://spec.openapis.org/oas/3.1/dialect/base")
-    errors = [f"{e.instance_path}: {e.message}" for e in jsonschema_rs.Draft202012Validator(OPENAPI_31).iter_errors(doc)]
+    validator = jsonschema_rs.Draft202012Validator(OPENAPI_31)
+    errors = [f"{e.instance_path}: {e.message}" for e in validator.iter_errors(doc)]
     assert not errors, errors[:5]
     for name, schema in doc["components"]["schemas"].items():
         assert jsonschema_rs.meta.is_valid(schema), name

@@ -324,7 +324,8 @@ rules:
         assert rows["first"] == (0, 100)
         assert rows["base"] == (5, 5)
         replay = Replay(new)
-        assert replay.run(decode_receipt(json.loads(lines[0]), "-"), ReplayMember(tier="base")) == {"base": 1, "daily": 10, "launch": 7}
+        first = decode_receipt(json.loads(lines[0]), "-")
+        assert replay.run(first, ReplayMember(tier="base")) == {"base": 1, "daily": 10, "launch": 7}
     finally:
         old.close()
         new.close()
