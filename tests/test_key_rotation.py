@@ -146,6 +146,52 @@ def test_rotate_key_alone_wraps_everything_and_goes_on_where_it_stopped(tmp_path
     assert all(h.startswith("~k2~") for h in stored_hashes(server.db))
 
 
+def sale(receipt_id: str, card: str, amount: int = 1000) -> dict:
+    return {"receipt_id": receipt_id, "store_id": "S001", "register_id": "K01", "ts": NOW, "card": card,
+            "lines": [{"line_no": 1, "sku": "x", "category": "grocery", "qty": 1, "price": amount,
+                       "amount": amount}], "total": amount}
+
+
+def test_a_receipt_confirmed_before_a_rotation_is_replayed_while_it_runs_and_after(tmp_path):
+    first = Server(tmp_path, privacy={"hmac_key": FIRST_KEY})
+    first.start()
+    try:
+        answers = {}
+        for n, card in enumerate(CARDS[:3]):
+            assert call(first, "POST", "/v1/members", {"card": card})[0] == 201
+            status, answers[n] = call(first, "POST", "/v1/receipts", sale(f"R-{n}", card), role="register")
+            assert status == 201
+    finally:
+        first.kill()
+    rotated = Server(tmp_path, privacy=ROTATED)
+    rotated.start()
+    try:
+        # While the rotation runs: some cards wrapped in the new key, others not yet.
+        with sqlite3.connect(rotated.db) as conn:
+            privacy = Privacy(FIRST_KEY.encode(), [("k2", SECOND_KEY.encode())])
+            old = privacy.card(CARDS[0]).older[0]
+            conn.execute("UPDATE cards SET card = ? WHERE card = ?", (privacy.rewrap("card", old), old))
+        for moment in ("while it runs", "after it finished"):
+            for n, card in enumerate(CARDS[:3]):
+                status, again = call(rotated, "POST", "/v1/receipts", sale(f"R-{n}", card), role="register")
+                assert status == 200, (moment, again)
+                assert again == {**answers[n], "replayed": True}, moment
+            # Another body under the same identity is still a conflict, under either key.
+            status, err = call(rotated, "POST", "/v1/receipts", sale("R-0", CARDS[0], 2000), role="register")
+            assert status == 409 and err["error"]["code"] == "idempotency_conflict", moment
+            status, err = call(rotated, "POST", "/v1/receipts", sale("R-1", CARDS[2]), role="register")
+            assert status == 409 and err["error"]["code"] == "idempotency_conflict", moment
+            if moment == "while it runs":
+                run = rotate(rotated.config)
+                assert run.returncode == 0, run.stdout + run.stderr
+        assert all(h.startswith("~k2~") for h in stored_hashes(rotated.db))
+        # A new receipt under the new key is fingerprinted with it, and replays as well.
+        assert call(rotated, "POST", "/v1/receipts", sale("R-new", CARDS[1]), role="register")[0] == 201
+        assert call(rotated, "POST", "/v1/receipts", sale("R-new", CARDS[1]), role="register")[0] == 200
+    finally:
+        rotated.kill()
+
+
 def test_a_hash_under_a_key_no_longer_listed_stops_the_rotation_naming_it(tmp_path):
     server = Server(tmp_path, privacy={"hmac_key": FIRST_KEY})
     server.start()
