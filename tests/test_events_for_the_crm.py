@@ -135,3 +135,25 @@ async def _care_day(api: Api, app) -> None:
     status, body = await api.post("/v1/admin/members/m_1/erase", {"reason": "GDPR request"})
     assert status == 200 and body["members_erased"] == ["m_1", "m_2"]
     assert (await api.post("/v1/admin/members/m_1/erase", {"reason": "again"}))[0] == 200          # no new event
+
+
+async def test_a_confirmed_receipts_event_costs_no_query_for_the_crm_fields(aiohttp_client, tmp_path):
+    """They come with the member row the receipt reads anyway: the only statements that name
+    crm_id are that read and the event's insert."""
+    app = create_app(test_config(tmp_path, NOW))
+    api = Api(await aiohttp_client(app))
+    assert (await api.post("/v1/members", {"card": CARD_A}))[0] == 201
+    assert (await api.call("PATCH", f"/v1/members/{CARD_A}", {"crm_id": "CRM-1", "consent": {"sms": True}}))[0] == 200
+    statements: list[str] = []
+    await app[DATABASE].write(lambda conn: conn.set_trace_callback(statements.append))
+    try:
+        sale = receipt("q1", [line(1, "dairy", 700_000)], card=CARD_A)     # up to silver: tier.changed too
+        assert (await api.post("/v1/receipts", sale, as_="register"))[0] == 201
+    finally:
+        await app[DATABASE].write(lambda conn: conn.set_trace_callback(None))
+    naming = [" ".join(s.split())[:40] for s in statements if "crm_id" in s]
+    assert len(naming) == 3 and naming[0].startswith("SELECT") and all(
+        s.startswith("INSERT OR IGNORE INTO events") for s in naming[1:]), naming
+    events = await pull(api)
+    assert [(e["type"], e["crm_id"]) for e in events[-2:]] == [("receipt.confirmed", "CRM-1"),
+                                                               ("tier.changed", "CRM-1")]
