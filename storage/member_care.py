@@ -181,8 +181,8 @@ def erase(conn: sqlite3.Connection, member_id: int, now: str) -> dict:
     """Personal data gone, of the member and of the members merged into it (the same
     customer): card and phone hashes with their last digits, birthday, tags, the CRM's id
     and consent; the card hash in their stored receipt bodies becomes null, and their events
-    keep what happened but no longer who (storage.events.forget_member). The member ids, receipts' amounts and the ledger stay (postings
-    name the member id only)."""
+    keep what happened but no longer who (storage.events.forget_member). The member ids,
+    receipts' amounts and the ledger stay (postings name the member id only)."""
     ids = with_merged(conn, member_id)
     marks = ", ".join("?" * len(ids))
     receipts = conn.execute(f"SELECT COUNT(*) FROM receipts WHERE member_id IN ({marks})", ids).fetchone()[0]

@@ -109,7 +109,8 @@ async def test_care_events_and_an_erasure_that_leaves_nothing_personal_to_delive
 async def _care_day(api: Api, app) -> None:
     """Two members, a birthday, a card replaced, a merge and an erasure, each checked as it
     is written (before the erasure takes the personal data out of them)."""
-    assert (await api.post("/v1/members", {"card": CARD_A, "phone": "+380501234567", "birthday": "1990-11-24"}))[0] == 201
+    enrolled = {"card": CARD_A, "phone": "+380501234567", "birthday": "1990-11-24"}
+    assert (await api.post("/v1/members", enrolled))[0] == 201
     assert (await api.call("PATCH", f"/v1/members/{CARD_A}", {"crm_id": "CRM-A", "consent": {"sms": True}}))[0] == 200
     assert (await api.post("/v1/members", {"card": CARD_B}))[0] == 201
     assert (await api.call("PATCH", f"/v1/members/{CARD_B}", {"crm_id": "CRM-B", "consent": {"email": True}}))[0] == 200
