@@ -219,6 +219,8 @@ async def erase(app, public_id: str, body: schema.Erasure) -> A.ErasureAnswer:
     """Erasing twice answers the first erasure's moment, with nothing left to remove."""
     member_id = member_number(public_id)
     now = iso(app[CLOCK].now())
+    # The member's events found on a reader first: the write then scans only newer ones.
+    seen = await app[DATABASE].read(lambda conn: events.seen(conn, member_care.with_merged(conn, member_id)))
 
     def write(conn):
         state = _member(conn, member_id, public_id, usable=False)
@@ -226,7 +228,7 @@ async def erase(app, public_id: str, body: schema.Erasure) -> A.ErasureAnswer:
             return A.ErasureAnswer(public_id, state.erased_at, cards_removed=0, receipts_scrubbed=0,
                                    members_erased=[], replayed=True)
         try:
-            done = member_care.erase(conn, member_id, now)
+            done = member_care.erase(conn, member_id, now, seen)
         except CareRefused as e:
             raise refusal(e) from None
         for erased in done["members_erased"]:     # after the erasure: nothing personal left to name

@@ -93,12 +93,38 @@ def offers_assigned(conn: sqlite3.Connection, offer_id: str, rule_id: str, valid
 PERSONAL_DATA = {"birthday": ("date",), "card.replaced": ("old_card_last4", "new_card_last4")}
 
 
-def forget_member(conn: sqlite3.Connection, member_id: int) -> None:
+class Seen(NamedTuple):
+    """The events of some members as a reader saw them before their erasure: events has no
+    index on member_id (every receipt writes one), so finding them is a scan, done here
+    rather than while the erasure holds the writer."""
+    newest: int                         # the newest event id then
+    ids: dict[int, list[int]]           # member id: their event ids up to `newest`
+
+
+def seen(conn: sqlite3.Connection, member_ids: list[int]) -> Seen:
+    newest = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+    found: dict[int, list[int]] = {m: [] for m in member_ids}
+    for event_id, member_id in conn.execute(
+            f"SELECT id, member_id FROM events WHERE id <= ? AND member_id IN ({','.join('?' * len(member_ids))})",
+            (newest, *member_ids)):
+        found[member_id].append(event_id)
+    return Seen(newest, found)
+
+
+def forget_member(conn: sqlite3.Connection, member_id: int, before: Seen | None = None) -> None:
     """An erased member's events keep what happened and no longer who: the card's last digits,
     the CRM's id and the personal fields of their data become null, consent none. A webhook
-    yet to deliver one sends it so; a warehouse pulling it reads it so."""
-    rows = conn.execute("UPDATE events SET card_last4 = NULL, crm_id = NULL, consent = 0 WHERE member_id = ? "
-                        "RETURNING id, type, data", (member_id,)).fetchall()
+    yet to deliver one sends it so; a warehouse pulling it reads it so. before: what a reader
+    found of the member's events; only those written since are looked for here, by id range
+    (without it, every event is read)."""
+    scrub = "UPDATE events SET card_last4 = NULL, crm_id = NULL, consent = 0 WHERE "
+    if before is None or member_id not in before.ids:
+        rows = conn.execute(scrub + "member_id = ? RETURNING id, type, data", (member_id,)).fetchall()
+    else:
+        rows = conn.execute(scrub + "id > ? AND member_id = ? RETURNING id, type, data",
+                            (before.newest, member_id)).fetchall()
+        rows += conn.execute(scrub + "id IN (SELECT value FROM json_each(?)) RETURNING id, type, data",
+                             (_JSON.encode(before.ids[member_id]),)).fetchall()
     for event_id, type_, data in rows:
         if type_ in PERSONAL_DATA:
             fields = msgspec.json.decode(data)

@@ -14,6 +14,7 @@ from server.app import create_app
 from server.config import WebhookConfig
 from server.jobs import run_all
 from server.keys import DATABASE, OPS
+from storage import events as storage_events
 from test_webhooks import FAST, Receiver, check_signed, eventually, hook
 
 NOW = "2026-11-24T12:00:05+02:00"
@@ -158,3 +159,21 @@ async def test_a_confirmed_receipts_event_costs_no_query_for_the_crm_fields(aioh
     events = await pull(api)
     assert [(e["type"], e["crm_id"]) for e in events[-2:]] == [("receipt.confirmed", "CRM-1"),
                                                                ("tier.changed", "CRM-1")]
+
+
+async def test_an_event_written_after_the_erasures_read_is_forgotten_too(make_api):
+    """The erasure finds the member's events on a reader, then, holding the writer, only the
+    events written since: one written in between is scrubbed as well."""
+    api = await make_api(now=NOW)
+    for card in (CARD_A, CARD_B):
+        assert (await api.post("/v1/members", {"card": card}))[0] == 201
+    assert (await api.call("PATCH", f"/v1/members/{CARD_A}", {"crm_id": "CRM-A", "consent": {"sms": True}}))[0] == 200
+    db = api.client.server.app[DATABASE]
+    seen = await db.read(lambda conn: storage_events.seen(conn, [1]))
+    assert (await api.post("/v1/receipts", receipt("late", [line(1, "grocery", 1_000)], card=CARD_A),
+                           as_="register"))[0] == 201
+    await db.write(lambda conn: storage_events.forget_member(conn, 1, seen))
+    events = await pull(api)
+    assert [(e["member_id"], e["type"], e["card_last4"], e["crm_id"]) for e in events] == [
+        ("m_1", "member.enrolled", None, None), ("m_2", "member.enrolled", "0002", None),
+        ("m_1", "receipt.confirmed", None, None)]
