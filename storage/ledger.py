@@ -59,6 +59,9 @@ class MemberRow:
     enrolled_at: str
     manual_tier: str | None
     manual_tier_until: str | None
+    # The CRM's fields, read with the rest so that a receipt's event carries them without a query.
+    crm_id: str | None = None
+    consent: int = 0            # a bit per channel of CONSENT_CHANNELS, in that order
 
     @property
     def public_id(self) -> str:
@@ -69,7 +72,13 @@ def member_public_id(member_id: int) -> str:
     return f"m_{member_id}"
 
 
-_MEMBER_COLUMNS = "m.id, m.phone_last4, m.birthday, m.tags, m.referred_by, m.enrolled_at, m.manual_tier, m.manual_tier_until"
+CONSENT_CHANNELS = ("sms", "viber", "email", "push")
+# The member's consent as one integer, a bit per channel of CONSENT_CHANNELS (sms is 1);
+# SQLite gives << and | one precedence, hence the parentheses.
+CONSENT_BITS = "(m.consent_sms | (m.consent_viber << 1) | (m.consent_email << 2) | (m.consent_push << 3))"
+
+_MEMBER_COLUMNS = ("m.id, m.phone_last4, m.birthday, m.tags, m.referred_by, m.enrolled_at, m.manual_tier, "
+                   f"m.manual_tier_until, m.crm_id, {CONSENT_BITS}")
 
 
 def member_by_card(conn: sqlite3.Connection, card: str) -> MemberRow | None:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import msgspec
 
-from storage import ledger, member_facts
+from storage import events, ledger, member_facts
 from storage.accounts import member_account
 
-CHANNELS = ("sms", "viber", "email", "push")
+CHANNELS = ledger.CONSENT_CHANNELS
 PHONE_MATCHES_MAX = 20
 # A care operation on one member runs as one write: a member with more receipts than this
 # would hold every other write while their bodies are rewritten.
@@ -177,12 +177,14 @@ def with_merged(conn: sqlite3.Connection, member_id: int) -> list[int]:
     return ids[:MERGED_MAX + 1]
 
 
-def erase(conn: sqlite3.Connection, member_id: int, now: str) -> dict:
+def erase(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen | None = None) -> dict:
     """Personal data gone, of the member and of the members merged into it (the same
     customer): card and phone hashes with their last digits, birthday, tags, the CRM's id
-    and consent; the card hash in their stored receipt bodies and the card's last digits in
-    their events become null, and birthday and tags leave their receipts' member facts. The
-    member ids, receipts' amounts and the ledger stay (postings name the member id only)."""
+    and consent; the card hash in their stored receipt bodies becomes null, their events
+    keep what happened but no longer who (storage.events.forget_member), and birthday and
+    tags leave their receipts' member facts. The member ids, receipts' amounts and the
+    ledger stay (postings name the member id only). seen: their events as a reader found
+    them before (storage.events.seen)."""
     ids = with_merged(conn, member_id)
     marks = ", ".join("?" * len(ids))
     receipts = conn.execute(f"SELECT COUNT(*) FROM receipts WHERE member_id IN ({marks})", ids).fetchone()[0]
@@ -191,16 +193,16 @@ def erase(conn: sqlite3.Connection, member_id: int, now: str) -> dict:
                           f"{ERASE_RECEIPTS_MAX} at once would hold every other write")
     done = {"cards_removed": 0, "receipts_scrubbed": 0, "members_erased": [f"m_{i}" for i in ids]}
     for one in ids:
-        for name, count in _erase_one(conn, one, now).items():
+        for name, count in _erase_one(conn, one, now, seen).items():
             done[name] += count
     return done
 
 
-def _erase_one(conn: sqlite3.Connection, member_id: int, now: str) -> dict:
+def _erase_one(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen | None) -> dict:
     cards = conn.execute("DELETE FROM cards WHERE member_id = ?", (member_id,)).rowcount
     cards += conn.execute("DELETE FROM retired_cards WHERE member_id = ?", (member_id,)).rowcount
-    # Events a webhook or the warehouse has yet to read would still show the card's last digits.
-    conn.execute("UPDATE events SET card_last4 = NULL WHERE member_id = ? AND card_last4 IS NOT NULL", (member_id,))
+    # Events a webhook or the warehouse has yet to read would still show who the member was.
+    events.forget_member(conn, member_id, seen)
     conn.execute("UPDATE members SET phone = NULL, phone_hmac = NULL, phone_last4 = NULL, birthday = NULL, "
                  "tags = '[]', crm_id = NULL, consent_sms = 0, consent_viber = 0, consent_email = 0, "
                  "consent_push = 0, consent_updated_at = ?, erased_at = COALESCE(erased_at, ?), updated_at = ? "

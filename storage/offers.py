@@ -11,6 +11,7 @@ import sqlite3
 from datetime import date, datetime
 from typing import NamedTuple
 
+from storage import events
 from storage.ledger import iso
 
 
@@ -25,7 +26,8 @@ class Assigned(NamedTuple):
 
 def assign(conn: sqlite3.Connection, offer_id: str, rule_id: str, body_sha256: str, first: date, last: date,
            points: int | None, member_ids: list[int], now: datetime) -> Assigned:
-    """Records the offer for each member once; a repeat with the same body changes nothing."""
+    """Records the offer for each member once, each with its offer.assigned event; a repeat
+    with the same body changes nothing."""
     row = conn.execute("SELECT body_sha256, members FROM offers WHERE offer_id = ?", (offer_id,)).fetchone()
     if row is not None:
         if row[0] != body_sha256:
@@ -38,6 +40,7 @@ def assign(conn: sqlite3.Connection, offer_id: str, rule_id: str, body_sha256: s
     conn.executemany("INSERT INTO offer_members (member_id, offer_id, rule_id, from_date, to_date, points) "
                      "VALUES (?, ?, ?, ?, ?, ?)",
                      [(mid, offer_id, rule_id, first.isoformat(), last.isoformat(), points) for mid in unique])
+    events.offers_assigned(conn, offer_id, rule_id, first.isoformat(), last.isoformat(), points, unique, now)
     return Assigned(True, len(unique))
 
 

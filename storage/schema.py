@@ -751,3 +751,15 @@ CREATE TABLE receipt_member_facts (
     facts BLOB NOT NULL,
     PRIMARY KEY (store_id, register_id, receipt_id)
 ) WITHOUT ROWID""")
+
+
+@migrations()
+def m029_events_crm(db):
+    """events: the member's crm_id and consent per channel (a bit each, sms = 1, viber = 2,
+    email = 4, push = 8) as they were when the event was written, so a CRM sends each
+    message only where the member allowed it then. NULL consent: an event written before
+    they were kept."""
+    _run(db, """
+ALTER TABLE events ADD COLUMN crm_id TEXT;
+ALTER TABLE events ADD COLUMN consent INTEGER
+""")

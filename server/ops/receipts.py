@@ -24,6 +24,7 @@ from server.member_state import read_member_state
 from server.ops import JSON, Deps, count, replay, sha256
 from server.ops.members import balance_now
 from server.plan import MemberState, evaluate, local_day, plan_calculate, plan_confirm
+from server.privacy import candidates
 from server.returns import LotFacts, plan_cancel, take_back_postings
 from storage import coupons, imports, ledger, offers
 from storage.apply import Confirmed, apply_calculate, apply_confirms, apply_take_back
@@ -126,7 +127,8 @@ def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, b
             raise Flush     # the same receipt twice in one batch: the second is a replay
         stored = ledger.get_receipt(conn, key)
         if stored is not None:
-            answer = replay(stored.body_sha256, fingerprint, stored.result, ConfirmAnswer)
+            answer = replay(stored.body_sha256, as_stored(stored.body_sha256, fingerprint, receipt, card),
+                            stored.result, ConfirmAnswer)
             if stored.status == "cancelled":
                 answer = _cancelled_replay(conn, program, answer, stored.member_id, now)
             return Ready((200, answer, None))
@@ -144,6 +146,21 @@ def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, b
         return Confirmed(planned, receipt, program, now, body, bytes.fromhex(fingerprint), JSON.encode(answer),
                          result=(201, answer, planned.evaluation))
     return Grouped(plan, apply_announced)
+
+
+def as_stored(stored_sha: str, fingerprint: str, receipt: schema.Receipt, card: str | None) -> str:
+    """The body's fingerprint as it was taken when the receipt was stored. A body is
+    fingerprinted with its card's hash under the key then in force, so a receipt confirmed
+    before a card-hash key rotation and sent again after it (or while `privacy rotate-key`
+    runs) is compared under each earlier hash of its card, as look-ups try them; only a
+    retry whose fingerprint differs pays for it."""
+    if stored_sha == fingerprint or card is None:
+        return fingerprint
+    for older in candidates(card)[1:]:
+        earlier = sha256(schema.canonical(msgspec.structs.replace(receipt, card=older)))
+        if earlier == stored_sha:
+            return earlier
+    return fingerprint
 
 
 def apply_announced(conn, confirms: list[Confirmed]) -> list:
