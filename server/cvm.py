@@ -37,14 +37,14 @@ class Definitions:
 
 
 def definitions_of(program) -> Definitions:
-    """What the program defines (rules/program.py), in this module's terms. Segments by a
-    `when` on member facts are the receipt path's (rules' computed_segments), not stored here."""
+    """What the program defines (rules/program.py), in this module's terms."""
     def score_range(bounds):
         return segments.ScoreRange(*bounds) if bounds else None
     return Definitions(
         segments=[segments.SegmentDefinition(s.id, score_range(s.rfm.get("r")), score_range(s.rfm.get("f")),
-                                             score_range(s.rfm.get("m")), list=s.kind == "list")
-                  for s in program.segments.values() if s.kind in ("rfm", "list")],
+                                             score_range(s.rfm.get("m")), list=s.kind == "list",
+                                             when=s.kind == "when")
+                  for s in program.segments.values()],
         coupons={c.id: coupons.Campaign(c.id, c.uses_per_code, c.valid_from, c.valid_to)
                  for c in program.coupons.values()},
         personal={r.id: r.personal for r in program.rules},
@@ -106,7 +106,7 @@ async def put_segment_members(app, call):
 
 
 async def delete_segment_members(app, call):
-    return await _change_segment(app, call, lambda conn, sid, mids, now: segments.remove_members(conn, sid, mids))
+    return await _change_segment(app, call, segments.remove_members)
 
 
 async def _change_segment(app, call, change):
