@@ -131,6 +131,19 @@ def holds(node: Node, fact: dict) -> bool:
     }[node.op]
 
 
+def may_hold(node: Node, fact: dict) -> bool | None:
+    """holds() when only some fields are known: a field missing from fact may hold either
+    way (None), and/or combine by three-valued logic; False means no value of the missing
+    fields makes node hold. `not` is already pushed down to the comparisons, so this is exact."""
+    if isinstance(node, Cmp):
+        return holds(node, fact) if node.field in fact else None
+    results = [may_hold(item, fact) for item in node.items]
+    decided = node.op == "or"          # True decides an `or`, False an `and`
+    if decided in results:
+        return decided
+    return None if None in results else not decided
+
+
 def count_groups(node: Node) -> int:
     if isinstance(node, Cmp):
         return 0

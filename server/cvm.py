@@ -15,7 +15,7 @@ from typing import Callable
 import msgspec
 from aiohttp import web
 
-from server import answer_types as A, report_campaign, schema
+from server import answer_types as A, report_audience, report_campaign, schema
 from server.errors import ApiError, conflict, field_error, not_found, problems_error, unprocessable
 from server.keys import CLOCK, DATABASE, PRIVACY, PROGRAMS
 from server.validation import Problems
@@ -52,11 +52,12 @@ def definitions_of(program) -> Definitions:
 
 
 def campaign_rule(program, rule) -> report_campaign.CampaignRule:
-    """The report's view of a rule: its period (the default report period) and the lines in
-    its scope (after the program's exclusions, as earning sees them). The audience by the
-    rule's member conditions is not derived yet: every member enrolled by `to` counts."""
+    """The report's view of a rule: its period (the default report period), who meets its
+    member conditions on a day (server/report_audience.py) and the lines in its scope (after
+    the program's exclusions, as earning sees them)."""
     period_from, period_to = rule.period if rule.period else (None, None)
     return report_campaign.CampaignRule(rule.id, rule.holdout, period_from, period_to,
+                                        audience_on=report_audience.audience_of(program, rule),
                                         in_scope=_scope_test(program.exclusions, rule.scope))
 
 
