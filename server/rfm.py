@@ -18,6 +18,7 @@ from typing import NamedTuple
 import msgspec
 
 from rules import SegmentFacts
+from rules.segments import member_fact
 from rules.conditions import constants
 from storage import segments
 from storage.db import Database
@@ -103,24 +104,25 @@ def membership(conn: sqlite3.Connection, program, computed: list, facts: list[se
                scores: list[segments.Score], now: datetime) -> dict[str, set[int]]:
     """segment id -> its members at `now`, for each computed segment."""
     out: dict[str, set[int]] = {s.id: set() for s in computed}
-    by_rfm = [s for s in computed if s.kind == "rfm"]
-    for score in scores:
-        member = SegmentFacts(tier="", rfm=(score.r, score.f, score.m))
-        for s in by_rfm:
-            if s.holds(member):
-                out[s.id].add(score.member_id)
-    by_when = [s for s in computed if s.kind == "when"]
+    by_rfm = [(s, out[s.id]) for s in computed if s.kind == "rfm"]
+    if by_rfm:
+        for score in scores:
+            triple = (score.r, score.f, score.m)
+            for s, inside in by_rfm:
+                if s.holds_rfm(triple):
+                    inside.add(score.member_id)
+    by_when = [(s, out[s.id]) for s in computed if s.kind == "when"]
     if by_when:
-        for member_id, member in when_facts(conn, program, by_when, facts, now):
-            for s in by_when:
-                if s.holds(member):
-                    out[s.id].add(member_id)
+        for member_id, base, tags in when_facts(conn, program, [s for s, _ in by_when], facts, now):
+            for s, inside in by_when:
+                if s.holds_fact(base, tags):
+                    inside.add(member_id)
     return out
 
 
 def when_facts(conn: sqlite3.Connection, program, by_when: list, facts: list[segments.Facts], now: datetime):
-    """(member id, SegmentFacts) of every member at `now`, over the program's window, as a
-    `when` segment reads them; the facts no segment reads are left at their defaults."""
+    """(member id, member_fact, tags) of every member at `now`, over the program's window, as
+    a `when` segment reads them; the facts no segment reads are left at their defaults."""
     from server.member_state import tiers_at
     read: dict[str, set] = {}
     for s in by_when:
@@ -134,15 +136,15 @@ def when_facts(conn: sqlite3.Connection, program, by_when: list, facts: list[seg
         older = segments.last_purchases(conn, iso(segments.window_start(today, program.segment_window_days, tz)))
     local_day = segments.local_days(tz)
     with_tags = any(s.tag_fields for s in by_when)
+    no_tags: frozenset[str] = frozenset()
     for m in members:
         f = window.get(m.member_id)
         last = f.last_date if f else (local_day(older[m.member_id]) if m.member_id in older else None)
-        yield m.member_id, SegmentFacts(
-            tier=tiers.get(m.member_id, ""),
-            tags=frozenset(msgspec.json.decode(m.tags)) if with_tags else frozenset(),
-            days_since_last_purchase=_days(today, last),
+        yield m.member_id, member_fact(SegmentFacts(
+            tier=tiers.get(m.member_id, ""), days_since_last_purchase=_days(today, last),
             receipts_in_window=f.receipts if f else 0, spend_in_window=f.spend if f else 0,
-            enrolled_days=_days(today, local_day(m.enrolled_at)))
+            enrolled_days=_days(today, local_day(m.enrolled_at)))), \
+            frozenset(msgspec.json.decode(m.tags)) if with_tags and m.tags != "[]" else no_tags
 
 
 def _days(today: date, day: date | None) -> int | None:
