@@ -121,12 +121,18 @@ def tier_view(conn: sqlite3.Connection, program: Program, member: ledger.MemberR
     return view, ever
 
 
+def tier_since(program: Program, moment: datetime) -> str:
+    """The tier window's exclusive start for a tier at `moment`."""
+    return iso(moment - timedelta(days=program.tier_window_days))
+
+
 def tiers_at(conn: sqlite3.Connection, program: Program, members: list[segments.MemberFacts], moment: datetime,
-             as_of: datetime | None = None) -> dict[int, str]:
+             as_of: datetime | None = None, metrics: dict[int, tuple[int, int]] | None = None) -> dict[int, str]:
     """Each member's tier at `moment`, as tier_view gives it (receipts up to as_of, None:
-    every one recorded), for many members by one pass over the receipts."""
-    since = iso(moment - timedelta(days=program.tier_window_days))
-    metrics = segments.tier_metrics(conn, since, iso(as_of) if as_of else None)
+    every one recorded), for many members by one pass over the receipts (or given its
+    result, segments.tier_metrics)."""
+    if metrics is None:
+        metrics = segments.tier_metrics(conn, tier_since(program, moment), iso(as_of) if as_of else None)
     today = moment.astimezone(program.timezone).date().isoformat()
     levels = {level for level, _ in program.tiers}
     by_spend = program.tier_metric == "spend"

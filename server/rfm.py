@@ -18,8 +18,9 @@ from typing import NamedTuple
 import msgspec
 
 from rules import SegmentFacts
-from rules.segments import member_fact
 from rules.conditions import constants
+from rules.segments import member_fact
+from server.member_state import tier_since, tiers_at
 from storage import segments
 from storage.db import Database
 from storage.ledger import iso
@@ -67,11 +68,15 @@ async def run(db: Database, window_days: int, tz: tzinfo, now: datetime, *, forc
         return None
 
     def read(conn):
-        facts = segments.window_facts(conn, today, window_days, tz)
+        tiers = None
+        if computed and reads(computed, "tier"):
+            facts, tiers = segments.window_and_tier_facts(conn, today, window_days, tz, tier_since(program, now))
+        else:
+            facts = segments.window_facts(conn, today, window_days, tz)
         scores = segments.score_all(facts, today)
         if computed is None:
             return scores, segments.Changes([], [])
-        members = membership(conn, program, computed, facts, scores, now)
+        members = membership(conn, program, computed, facts, scores, now, tiers)
         return scores, segments.changes(members, segments.open_spans(conn))
     # On a reader thread: sorting and evaluating a million members on the loop would stall requests.
     scores, changes = await db.read(read)
@@ -100,9 +105,20 @@ async def _write_batches(db: Database, run_id: int, now: datetime, scores: list,
 
 # ------------------------------------------------------------------ membership
 
+def reads(computed: list, field: str) -> bool:
+    """Whether a `when` segment among them compares that member fact."""
+    compared: dict[str, set] = {}
+    for s in computed:
+        if s.condition is not None:
+            constants(s.condition, compared)
+    return field in compared
+
+
 def membership(conn: sqlite3.Connection, program, computed: list, facts: list[segments.Facts],
-               scores: list[segments.Score], now: datetime) -> dict[str, set[int]]:
-    """segment id -> its members at `now`, for each computed segment."""
+               scores: list[segments.Score], now: datetime,
+               tier_metrics: dict[int, tuple[int, int]] | None = None) -> dict[str, set[int]]:
+    """segment id -> its members at `now`, for each computed segment. tier_metrics: what
+    segments.tier_metrics answers for the tier at `now`, when already read."""
     out: dict[str, set[int]] = {s.id: set() for s in computed}
     by_rfm = [(s, out[s.id]) for s in computed if s.kind == "rfm"]
     if by_rfm:
@@ -113,26 +129,23 @@ def membership(conn: sqlite3.Connection, program, computed: list, facts: list[se
                     inside.add(score.member_id)
     by_when = [(s, out[s.id]) for s in computed if s.kind == "when"]
     if by_when:
-        for member_id, base, tags in when_facts(conn, program, [s for s, _ in by_when], facts, now):
+        for member_id, base, tags in when_facts(conn, program, [s for s, _ in by_when], facts, now, tier_metrics):
             for s, inside in by_when:
                 if s.holds_fact(base, tags):
                     inside.add(member_id)
     return out
 
 
-def when_facts(conn: sqlite3.Connection, program, by_when: list, facts: list[segments.Facts], now: datetime):
+def when_facts(conn: sqlite3.Connection, program, by_when: list, facts: list[segments.Facts], now: datetime,
+               tier_metrics: dict[int, tuple[int, int]] | None = None):
     """(member id, member_fact, tags) of every member at `now`, over the program's window, as
     a `when` segment reads them; the facts no segment reads are left at their defaults."""
-    from server.member_state import tiers_at
-    read: dict[str, set] = {}
-    for s in by_when:
-        constants(s.condition, read)
     tz, today = program.timezone, now.astimezone(program.timezone).date()
     window = {f.member_id: f for f in facts}
     members = segments.member_facts(conn)
-    tiers = tiers_at(conn, program, members, now) if "tier" in read else {}
+    tiers = tiers_at(conn, program, members, now, metrics=tier_metrics) if reads(by_when, "tier") else {}
     older = {}
-    if "days_since_last_purchase" in read:
+    if reads(by_when, "days_since_last_purchase"):
         older = segments.last_purchases(conn, iso(segments.window_start(today, program.segment_window_days, tz)))
     local_day = segments.local_days(tz)
     with_tags = any(s.tag_fields for s in by_when)

@@ -273,3 +273,32 @@ def test_a_database_from_before_segment_spans_keeps_its_list_members(tmp_path, s
             conn, "staff", True, datetime(2026, 11, 2, tzinfo=timezone.utc))) == {2}, "the history stays"
     finally:
         db.close()
+
+
+def test_the_compiled_condition_answers_as_the_plain_reading(shop):
+    from itertools import product
+
+    from rules.conditions import compile_test, holds
+    grid = product(("base", "gold"), (0, 59, 60, 180, 181, 100_000), (0, 1, 2, 3), (0, 49_999, 50_000), (0, 29, 30),
+                   (False, True))
+    for tier, days, receipts, spend, enrolled, staff in grid:
+        for segment in shop.segments.values():
+            if segment.condition is None:
+                continue
+            fact = {"tier": tier, "days_since_last_purchase": days, "receipts_in_window": receipts,
+                    "spend_in_window": spend, "enrolled_days": enrolled,
+                    **{field: staff for field in segment.tag_fields.values()}}
+            assert compile_test(segment.condition)(fact) == holds(segment.condition, fact), (segment.id, fact)
+
+
+def test_one_pass_over_the_receipts_reads_the_window_and_the_tiers_as_two_would(db, shop):
+    from server.member_state import tier_since
+    population(db)
+    bought(db, "2c", 2, "2025-12-20", 7000, returned=2000)      # in the tier window only
+    since = tier_since(shop, NOW)
+    day = date(2026, 12, 1)
+    both = db.read_sync(lambda conn: segments.window_and_tier_facts(conn, day, 180, shop.timezone, since))
+    apart = db.read_sync(lambda conn: (segments.window_facts(conn, day, 180, shop.timezone),
+                                       segments.tier_metrics(conn, since, None)))
+    assert both == apart
+    assert both[1][2] == (3, 115000)
