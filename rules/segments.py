@@ -51,7 +51,8 @@ class Segment:
         if self.kind == "rfm":
             return facts.rfm is not None and self.holds_rfm(facts.rfm)
         if self.kind == "when" and self._test is not None:
-            return self.holds_fact(member_fact(facts), facts.tags)
+            return self.holds_fact(member_fact(facts.tier, facts.days_since_last_purchase, facts.receipts_in_window,
+                                               facts.spend_in_window, facts.enrolled_days), facts.tags)
         return False
 
     def holds_rfm(self, scores: tuple[int, int, int]) -> bool:
@@ -63,7 +64,7 @@ class Segment:
         return True
 
     def holds_fact(self, base: dict[str, Any], tags: frozenset[str]) -> bool:
-        """A `when` segment on member_fact(facts), which the daily job makes once a member
+        """A `when` segment on member_fact(...), which the daily job makes once a member
         for all segments; each segment adds the tags it reads."""
         if self._test is None:
             return False
@@ -73,14 +74,16 @@ class Segment:
         return self._test(fact)
 
 
-def member_fact(facts: SegmentFacts) -> dict[str, Any]:
-    """The fields a `when` segment may read but tags; an unknown day count is longer ago than any written."""
+def member_fact(tier: str, days_since_last_purchase: int | None, receipts_in_window: int, spend_in_window: int,
+                enrolled_days: int | None) -> dict[str, Any]:
+    """The fields a `when` segment may read but tags (SegmentFacts' meanings); an unknown day
+    count is longer ago than any written."""
     return {
-        "tier": facts.tier,
-        "days_since_last_purchase": _days(facts.days_since_last_purchase),
-        "receipts_in_window": facts.receipts_in_window,
-        "spend_in_window": facts.spend_in_window,
-        "enrolled_days": _days(facts.enrolled_days),
+        "tier": tier,
+        "days_since_last_purchase": _days(days_since_last_purchase),
+        "receipts_in_window": receipts_in_window,
+        "spend_in_window": spend_in_window,
+        "enrolled_days": _days(enrolled_days),
     }
 
 

@@ -126,7 +126,7 @@ def tier_since(program: Program, moment: datetime) -> str:
     return iso(moment - timedelta(days=program.tier_window_days))
 
 
-def tiers_at(conn: sqlite3.Connection, program: Program, members: list[segments.MemberFacts], moment: datetime,
+def tiers_at(conn: sqlite3.Connection, program: Program, members: list[segments.MemberRecord], moment: datetime,
              as_of: datetime | None = None, metrics: dict[int, tuple[int, int]] | None = None) -> dict[int, str]:
     """Each member's tier at `moment`, as tier_view gives it (receipts up to as_of, None:
     every one recorded), for many members by one pass over the receipts (or given its

@@ -53,7 +53,7 @@ def member_fields(program, node: Node) -> set[str]:
 def facts_on(conn: sqlite3.Connection, program, fields: set[str], moment: datetime) -> Callable[[int], dict]:
     """member id -> the member-condition fields among `fields`, at `moment`."""
     from server.member_state import tiers_at
-    members = segments.member_facts(conn)
+    members = segments.member_records(conn)
     tiers = tiers_at(conn, program, members, moment, as_of=moment) if "tier" in fields else {}
     tags = {f: t for t, f in program.member_tag_fields.items() if f in fields}
     tagged = {m.member_id: frozenset(msgspec.json.decode(m.tags)) for m in members} if tags else {}

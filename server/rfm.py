@@ -17,7 +17,6 @@ from typing import NamedTuple
 
 import msgspec
 
-from rules import SegmentFacts
 from rules.conditions import constants
 from rules.segments import member_fact
 from server.member_state import tier_since, tiers_at
@@ -142,7 +141,7 @@ def when_facts(conn: sqlite3.Connection, program, by_when: list, facts: list[seg
     a `when` segment reads them; the facts no segment reads are left at their defaults."""
     tz, today = program.timezone, now.astimezone(program.timezone).date()
     window = {f.member_id: f for f in facts}
-    members = segments.member_facts(conn)
+    members = segments.member_records(conn)
     tiers = tiers_at(conn, program, members, now, metrics=tier_metrics) if reads(by_when, "tier") else {}
     older = {}
     if reads(by_when, "days_since_last_purchase"):
@@ -153,10 +152,9 @@ def when_facts(conn: sqlite3.Connection, program, by_when: list, facts: list[seg
     for m in members:
         f = window.get(m.member_id)
         last = f.last_date if f else (local_day(older[m.member_id]) if m.member_id in older else None)
-        yield m.member_id, member_fact(SegmentFacts(
-            tier=tiers.get(m.member_id, ""), days_since_last_purchase=_days(today, last),
-            receipts_in_window=f.receipts if f else 0, spend_in_window=f.spend if f else 0,
-            enrolled_days=_days(today, local_day(m.enrolled_at)))), \
+        yield m.member_id, member_fact(
+            tiers.get(m.member_id, ""), _days(today, last), f.receipts if f else 0, f.spend if f else 0,
+            _days(today, local_day(m.enrolled_at))), \
             frozenset(msgspec.json.decode(m.tags)) if with_tags and m.tags != "[]" else no_tags
 
 

@@ -176,7 +176,7 @@ def score_all(facts: list[Facts], today: date) -> list[Score]:
 
 # ------------------------------------------------------------------ every member's facts, in bulk
 
-class MemberFacts(NamedTuple):
+class MemberRecord(NamedTuple):
     member_id: int
     tags: str                   # JSON list, as stored
     enrolled_at: str
@@ -184,9 +184,9 @@ class MemberFacts(NamedTuple):
     manual_tier_until: str | None
 
 
-def member_facts(conn: sqlite3.Connection) -> list[MemberFacts]:
-    return [MemberFacts(*row) for row in conn.execute(
-        "SELECT id, tags, enrolled_at, manual_tier, manual_tier_until FROM members ORDER BY id")]
+def member_records(conn: sqlite3.Connection) -> list[MemberRecord]:
+    return list(map(MemberRecord._make, conn.execute(
+        "SELECT id, tags, enrolled_at, manual_tier, manual_tier_until FROM members ORDER BY id")))
 
 
 def tier_metrics(conn: sqlite3.Connection, since: str, until: str | None) -> dict[int, tuple[int, int]]:
@@ -273,9 +273,10 @@ class Changes(NamedTuple):
 def changes(members: dict[str, set[int]], before: dict[str, set[int]]) -> Changes:
     """What a run changes: members maps each computed segment to who is in it now."""
     empty: set[int] = set()
+    # In segment and member order, as the spans' indexes are: each batch appends to them.
     return Changes(
-        sorted((sid, mid) for sid, now in members.items() for mid in now - before.get(sid, empty)),
-        sorted((sid, mid) for sid, was in before.items() for mid in was - members.get(sid, empty)))
+        [(sid, mid) for sid in sorted(members) for mid in sorted(members[sid] - before.get(sid, empty))],
+        [(sid, mid) for sid in sorted(before) for mid in sorted(before[sid] - members.get(sid, empty))])
 
 
 def write_changes(conn: sqlite3.Connection, run_id: int, now: datetime, changes: Changes) -> None:
