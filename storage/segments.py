@@ -292,15 +292,21 @@ def write_changes(conn: sqlite3.Connection, run_id: int, now: datetime, changes:
 
 # ------------------------------------------------------------------ reading
 
+# The newest finished run: read backwards from the newest, so a year of daily runs (one row
+# each) costs a receipt one or two rows, not a scan of them all.
+_NEWEST = "SELECT id FROM rfm_runs WHERE finished_at IS NOT NULL ORDER BY id DESC LIMIT 1"
+
+
 def current_run(conn: sqlite3.Connection) -> int | None:
-    return conn.execute("SELECT MAX(id) FROM rfm_runs WHERE finished_at IS NOT NULL").fetchone()[0]
+    row = conn.execute(_NEWEST).fetchone()
+    return row[0] if row else None
 
 
 def scores_of(conn: sqlite3.Connection, member_id: int) -> Score | None:
     """The member's scores from the newest finished run, or None (unscored)."""
     row = conn.execute(
         "SELECT member_id, r, f, m, recency_days, receipts, spend FROM rfm_scores "
-        "WHERE run_id = (SELECT MAX(id) FROM rfm_runs WHERE finished_at IS NOT NULL) AND member_id = ?",
+        f"WHERE run_id = ({_NEWEST}) AND member_id = ?",
         (member_id,)).fetchone()
     return Score(*row) if row else None
 
@@ -310,7 +316,7 @@ def listed_in(conn: sqlite3.Connection, member_id: int) -> set[str]:
 
 
 # A computed segment's spans seen by the newest finished run; a list segment's open ones.
-_CURRENT = ("WITH run AS (SELECT COALESCE(MAX(id), 0) AS id FROM rfm_runs WHERE finished_at IS NOT NULL) "
+_CURRENT = (f"WITH run AS (SELECT COALESCE(({_NEWEST}), 0) AS id) "
             "SELECT {columns} FROM segment_spans, run WHERE {where} AND CASE WHEN from_run IS NULL "
             "THEN valid_to IS NULL ELSE from_run <= run.id AND (to_run IS NULL OR to_run > run.id) END")
 
