@@ -148,7 +148,8 @@ async def main(members: int, per_block: int, rounds: int) -> None:
             holder.current = programs[side]
             await block(deps, n, max(per_block, members), members, None)
             n += max(per_block, members)
-        scored = await rfm.run(app[DATABASE], b.segment_window_days, b.timezone, app[CLOCK].now(), force=True)
+        scored = await rfm.run(app[DATABASE], b.segment_window_days, b.timezone, app[CLOCK].now(), force=True,
+                               program=b)
         codes = await set_up_cvm(app, members, rounds * per_block // 3 + 1)
         # Side "idle": program B for members enrolled after the set-up (in no segment, holding
         # no offer, sending no code): what B's reads cost when none of its rules pays.

@@ -15,7 +15,7 @@ from typing import Callable
 import msgspec
 from aiohttp import web
 
-from server import answer_types as A, report_campaign, schema
+from server import answer_types as A, report_audience, report_campaign, schema
 from server.errors import ApiError, conflict, field_error, not_found, problems_error, unprocessable
 from server.keys import CLOCK, DATABASE, PRIVACY, PROGRAMS
 from server.validation import Problems
@@ -37,14 +37,14 @@ class Definitions:
 
 
 def definitions_of(program) -> Definitions:
-    """What the program defines (rules/program.py), in this module's terms. Segments by a
-    `when` on member facts are the receipt path's (rules' computed_segments), not stored here."""
+    """What the program defines (rules/program.py), in this module's terms."""
     def score_range(bounds):
         return segments.ScoreRange(*bounds) if bounds else None
     return Definitions(
         segments=[segments.SegmentDefinition(s.id, score_range(s.rfm.get("r")), score_range(s.rfm.get("f")),
-                                             score_range(s.rfm.get("m")), list=s.kind == "list")
-                  for s in program.segments.values() if s.kind in ("rfm", "list")],
+                                             score_range(s.rfm.get("m")), list=s.kind == "list",
+                                             when=s.kind == "when")
+                  for s in program.segments.values()],
         coupons={c.id: coupons.Campaign(c.id, c.uses_per_code, c.valid_from, c.valid_to)
                  for c in program.coupons.values()},
         personal={r.id: r.personal for r in program.rules},
@@ -52,11 +52,12 @@ def definitions_of(program) -> Definitions:
 
 
 def campaign_rule(program, rule) -> report_campaign.CampaignRule:
-    """The report's view of a rule: its period (the default report period) and the lines in
-    its scope (after the program's exclusions, as earning sees them). The audience by the
-    rule's member conditions is not derived yet: every member enrolled by `to` counts."""
+    """The report's view of a rule: its period (the default report period), who meets its
+    member conditions on a day (server/report_audience.py) and the lines in its scope (after
+    the program's exclusions, as earning sees them)."""
     period_from, period_to = rule.period if rule.period else (None, None)
     return report_campaign.CampaignRule(rule.id, rule.holdout, period_from, period_to,
+                                        audience_on=report_audience.audience_of(program, rule),
                                         in_scope=_scope_test(program.exclusions, rule.scope))
 
 
@@ -106,7 +107,7 @@ async def put_segment_members(app, call):
 
 
 async def delete_segment_members(app, call):
-    return await _change_segment(app, call, lambda conn, sid, mids, now: segments.remove_members(conn, sid, mids))
+    return await _change_segment(app, call, segments.remove_members)
 
 
 async def _change_segment(app, call, change):

@@ -11,7 +11,7 @@ from typing import Callable
 
 import msgspec
 
-from rules import MemberFacts, Program, SegmentFacts
+from rules import MemberFacts, Program
 from server.errors import unprocessable
 from server.plan import MemberState, key_of
 from storage import coupons, ledger, offers, segments
@@ -51,7 +51,7 @@ def customer_value_facts(conn: sqlite3.Connection, program: Program, member: led
     if sent:
         judged = coupons.judge(conn, sent, card, day, program.coupons, coupon_mac)
     return msgspec.structs.replace(
-        facts, segments=segments_now(conn, program, member, facts.tier, now),
+        facts, segments=segments_now(conn, program, member.id),
         offers=offers.offers_for(conn, member.id, day) if program.personal_rule_ids else {},
         coupons={campaign: code for campaign, (code, _) in judged.usable.items()} if judged else {}), judged, tier
 
@@ -60,38 +60,15 @@ def local_date_of(program: Program, moment: datetime) -> date:
     return moment.astimezone(program.timezone).date()
 
 
-def segments_now(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, tier: str,
-                 now: datetime) -> frozenset[str]:
-    """The segments the member is in at `now` (rules.md: taken as they are when a receipt
-    arrives, whatever its ts): `list` ones as stored, `rfm` ones from the newest finished
-    scoring run, `when` ones computed from the member's facts over the program's window."""
+def segments_now(conn: sqlite3.Connection, program: Program, member_id: int) -> frozenset[str]:
+    """The segments the member is in now (rules.md: taken as they are when a receipt arrives,
+    whatever its ts): `list` ones as stored, `rfm` and `when` ones as the newest finished
+    run of the daily job left them (server/rfm.py), for the segments the program defines."""
     if not program.segments:
         return frozenset()
-    listed = segments.listed_in(conn, member.id) & {s.id for s in program.segments.values() if s.kind == "list"}
-    score = segments.scores_of(conn, member.id)
-    rfm = (score.r, score.f, score.m) if score else None
-    if any(s.kind == "when" for s in program.segments.values()):
-        seg_facts = segment_facts(conn, program, member, tier, now, rfm)
-    else:
-        seg_facts = SegmentFacts(tier=tier, rfm=rfm)
-    return frozenset(listed) | program.computed_segments(seg_facts)
-
-
-def segment_facts(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, tier: str,
-                  now: datetime, rfm: tuple[int, int, int] | None) -> SegmentFacts:
-    """What a `when` segment may know about the member at `now`, over the program's
-    `segments.rfm.window_days` local days up to today (as the daily job counts them)."""
-    today = local_date_of(program, now)
-    start = datetime.combine(today - timedelta(days=program.segment_window_days - 1), datetime.min.time(),
-                             program.timezone)
-    _, receipts, spend = ledger.receipt_counts(conn, member.id, iso(start - timedelta(microseconds=1)), iso(now))
-    last = conn.execute("SELECT MAX(ts) FROM receipts WHERE member_id = ? AND status = 'confirmed'",
-                        (member.id,)).fetchone()[0]
-    enrolled = ledger.from_iso(member.enrolled_at).astimezone(program.timezone).date()
-    return SegmentFacts(
-        tier=tier, tags=frozenset(msgspec.json.decode(member.tags)),
-        days_since_last_purchase=(today - local_date_of(program, ledger.from_iso(last))).days if last else None,
-        receipts_in_window=receipts, spend_in_window=spend, enrolled_days=(today - enrolled).days, rfm=rfm)
+    listed, computed = segments.membership_of(conn, member_id)
+    return frozenset(s.id for s in program.segments.values()
+                     if s.id in (listed if s.kind == "list" else computed))
 
 
 def budget_left(conn: sqlite3.Connection, program: Program) -> dict[str, int] | None:
@@ -163,6 +140,35 @@ def _tier(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, 
             view["manual_ignored"] = {"tier": member.manual_tier, "until": member.manual_tier_until,
                                       "reason": f"not a tier of program {program.id}"}
     return view, ever, count, spend
+
+
+def tier_since(program: Program, moment: datetime) -> str:
+    """The tier window's exclusive start for a tier at `moment`."""
+    return iso(moment - timedelta(days=program.tier_window_days))
+
+
+def tiers_at(conn: sqlite3.Connection, program: Program, members: list[segments.MemberRecord], moment: datetime,
+             as_of: datetime | None = None, metrics: dict[int, tuple[int, int]] | None = None) -> dict[int, str]:
+    """Each member's tier at `moment`, as tier_view gives it (receipts up to as_of, None:
+    every one recorded), for many members by one pass over the receipts (or given its
+    result, segments.tier_metrics)."""
+    if metrics is None:
+        metrics = segments.tier_metrics(conn, tier_since(program, moment), iso(as_of) if as_of else None)
+    today = moment.astimezone(program.timezone).date().isoformat()
+    levels = {level for level, _ in program.tiers}
+    by_spend = program.tier_metric == "spend"
+    computed: dict[int, str] = {}       # metric -> tier: few distinct values
+    out = {}
+    for m in members:
+        if m.manual_tier in levels and m.manual_tier_until and m.manual_tier_until >= today:
+            out[m.member_id] = m.manual_tier
+            continue
+        count, spend = metrics.get(m.member_id, (0, 0))
+        metric = spend if by_spend else count
+        if metric not in computed:
+            computed[metric] = program.tier_for(metric)[0]
+        out[m.member_id] = computed[metric]
+    return out
 
 
 def tier_after(program: Program, position: int, metric: int) -> tuple[str | None, int | None]:

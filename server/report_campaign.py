@@ -1,7 +1,7 @@
 """The campaign effect of a rule with a control group (rules.md, "Campaign effect").
 
 Audience: the members enrolled by `to` who meet the rule's member conditions on `from` (all
-of them when it has none); each is treated or control by the stable holdout assignment. Per
+of them when it has none; server/report_audience.py says who does); each is treated or control by the stable holdout assignment. Per
 group: members, buyers, receipts, spend (net totals of the period's confirmed receipts,
 non-buyers counting zero), scope_spend (the same over the lines in the rule's scope), points
 (issued by the rule to the treated; what it would have given, for the control). The uplift
@@ -50,8 +50,9 @@ class CampaignRule:
     holdout: Decimal | None
     period_from: date | None = None
     period_to: date | None = None
-    # The rule's member conditions (tier, tags, segment, offers) on a day; None: it has none.
-    in_audience: Callable[[object, int, date], bool] | None = None
+    # (conn, day) -> whether a member meets the rule's member conditions (tier, tags, segment,
+    # offers) on that day (server/report_audience.py); None: it has none.
+    audience_on: Callable[[object, date], Callable[[int], bool]] | None = None
     # Whether a receipt line (as the API sends it) is in the rule's scope; None: every line.
     in_scope: Callable[[dict], bool] | None = None
 
@@ -83,8 +84,9 @@ def _audience(conn, setting: Setting, rule: CampaignRule, first: date, last: dat
     end = iso(datetime.combine(last + timedelta(days=1), time.min, setting.timezone))
     out = {}
     limit = _limit(rule.holdout)
+    meets = rule.audience_on(conn, first) if rule.audience_on is not None else None
     for (member_id,) in conn.execute("SELECT id FROM members WHERE enrolled_at < ? ORDER BY id", (end,)):
-        if rule.in_audience is not None and not rule.in_audience(conn, member_id, first):
+        if meets is not None and not meets(member_id):
             continue
         held = _held(setting.program_id, rule.id, member_public_id(member_id), limit)
         out[member_id] = CONTROL if held else TREATED

@@ -106,3 +106,11 @@ def listed(conn: sqlite3.Connection, member_id: int, local_date: date) -> list[d
                         (member_id, local_date.isoformat())).fetchall()
     return [{"rule": rule, "from": first, "to": last, "points_left": None if points is None else points - used}
             for rule, first, last, points, used in rows]
+
+
+def members_offered(conn: sqlite3.Connection, rule_id: str, local_date: date) -> set[int]:
+    """The members holding an offer of the rule whose dates include that local date."""
+    day = local_date.isoformat()
+    return {mid for (mid,) in conn.execute(
+        "SELECT DISTINCT member_id FROM offer_members WHERE rule_id = ? AND from_date <= ? AND to_date >= ?",
+        (rule_id, day, day))}

@@ -753,6 +753,38 @@ CREATE TABLE receipt_member_facts (
 ) WITHOUT ROWID""")
 
 
+def m028_segment_spans(db):
+    """Segment membership with the time it held, for receipts and for reports on past dates.
+
+    - segment_spans: one row per stretch a member was in a segment, from valid_from to
+      valid_to (instants; NULL: still in it). The daily job writes the `rfm` and `when`
+      segments' spans under its run ids (from_run, to_run): a receipt reads the spans the
+      newest finished run leaves open, so a run being written is never half seen. A `list`
+      segment's spans (no run) are written as members are added and removed.
+    - rfm_runs.definitions_sha256: the computed segments a run evaluated; a program that
+      changes them makes the job due again the same day.
+    The `list` members of before start their spans when they were added. The computed
+    segments start empty: the job after the upgrade (the server runs it at start) fills them."""
+    _run(db, """
+CREATE TABLE segment_spans (
+    id INTEGER PRIMARY KEY,
+    segment_id TEXT NOT NULL,
+    member_id INTEGER NOT NULL REFERENCES members(id),
+    valid_from TEXT NOT NULL,
+    valid_to TEXT,
+    from_run INTEGER,
+    to_run INTEGER
+);
+CREATE INDEX segment_spans_member ON segment_spans(member_id);
+CREATE INDEX segment_spans_segment ON segment_spans(segment_id, valid_from);
+CREATE UNIQUE INDEX segment_spans_open ON segment_spans(segment_id, member_id, from_run IS NULL)
+    WHERE valid_to IS NULL;
+ALTER TABLE rfm_runs ADD COLUMN definitions_sha256 TEXT;
+INSERT INTO segment_spans (segment_id, member_id, valid_from)
+    SELECT segment_id, member_id, added_at FROM segment_members ORDER BY member_id
+""")
+
+
 @migrations()
 def m029_events_crm(db):
     """events: the member's crm_id and consent per channel (a bit each, sms = 1, viber = 2,
