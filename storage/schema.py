@@ -753,6 +753,7 @@ CREATE TABLE receipt_member_facts (
 ) WITHOUT ROWID""")
 
 
+@migrations()
 def m028_segment_spans(db):
     """Segment membership with the time it held, for receipts and for reports on past dates.
 
