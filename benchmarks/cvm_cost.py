@@ -170,7 +170,7 @@ async def main(members: int, per_block: int, rounds: int) -> None:
         holder.current = b
         used = await app[DATABASE].read(lambda conn: conn.execute("SELECT COUNT(*) FROM coupon_uses").fetchone()[0])
         by_rule = await app[DATABASE].read(lambda conn: dict(conn.execute(
-            "SELECT rule_id, COUNT(*) FROM postings WHERE rule_id IN "
+            "SELECT rule_id, COUNT(*) FROM posting_rules WHERE rule_id IN "
             "('staff-bonus', 'big-spender-bonus', 'comeback', 'flyer-coupon') GROUP BY rule_id").fetchall()))
     report(sides, scored.scored if scored else 0, by_rule, used, per_block)
     shutil.rmtree(folder)
