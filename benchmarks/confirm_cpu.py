@@ -1,19 +1,26 @@
 """CPU per confirmed receipt of two revisions, side by side, without HTTP or a load driver.
 
     PYTHONPATH=. python benchmarks/confirm_cpu.py BEFORE AFTER [--rounds 5] [--receipts 2000] [--concurrent 32]
+    PYTHONPATH=. python benchmarks/confirm_cpu.py BEFORE AFTER --callgrind --members 50 --receipts 200 --concurrent 10
 
 Each revision's tree (exported as benchmarks/ab.py does) runs in a process of its own that
 enrolls members on a fresh database and confirms receipts through server/ops/receipts.py,
 `--concurrent` at a time so that they share commits as under load; the processes alternate
 (before, after, before, ...). Prints each process's CPU per receipt (all its threads, and
-the event loop's thread alone) and the medians. CPU time, unlike requests/s, hardly moves
-when other processes share the cores, so this separates two revisions on a busy machine
-where benchmarks/ab.py cannot. Both revisions need server/ops (2ec7a2b and later).
+the event loop's thread alone) and the medians. Both revisions need server/ops (2ec7a2b
+and later).
+
+On a machine whose cores other processes share, CPU time per receipt still moves by 20 %
+from run to run. `--callgrind` counts instructions instead (valgrind, about 40 times
+slower): each side runs twice, with 20 receipts and with `--receipts` more, and the
+difference of the two counts over `--receipts` is the instructions per confirmed receipt,
+the same on every run whatever else the machine does.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -90,6 +97,23 @@ def run(tree: Path, members: int, count: int, concurrent: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def instructions(tree: Path, members: int, count: int, concurrent: int) -> float:
+    """Instructions per confirmed receipt: two runs under callgrind, 20 and 20 + count receipts,
+    so that start-up and the warm-up cancel out."""
+    totals = []
+    for receipts in (20, 20 + count):
+        out = subprocess.run(["valgrind", "--tool=callgrind", "--cache-sim=no", "--branch-sim=no",
+                              "--callgrind-out-file=/dev/null", str(VENV_BIN / "python"), "-c", CHILD,
+                              str(members), str(receipts), str(concurrent)],
+                             cwd=tree, env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"},
+                             capture_output=True, text=True, timeout=1800)
+        found = re.search(r"Collected : (\d+)", out.stderr)
+        if out.returncode != 0 or not found:
+            raise SystemExit(f"{tree.name} under valgrind failed:\n{out.stderr[-3000:]}")
+        totals.append(int(found.group(1)))
+    return (totals[1] - totals[0]) / count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before")
@@ -98,8 +122,15 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=1000)
     parser.add_argument("--receipts", type=int, default=2000)
     parser.add_argument("--concurrent", type=int, default=32)
+    parser.add_argument("--callgrind", action="store_true", help="instructions per receipt (needs valgrind)")
     args = parser.parse_args()
     trees = {"before": export(args.before), "after": export(args.after)}
+    if args.callgrind:
+        counted = {side: instructions(tree, args.members, args.receipts, args.concurrent)
+                   for side, tree in trees.items()}
+        print(f"instructions per confirmed receipt: before {counted['before'] / 1e6:.3f} M, "
+              f"after {counted['after'] / 1e6:.3f} M ({counted['after'] / counted['before'] - 1:+.1%})")
+        return
     results: dict[str, list[dict]] = {"before": [], "after": []}
     for round_no in range(args.rounds):
         for side, tree in trees.items():
