@@ -179,7 +179,7 @@ async def main(members: int, per_block: int, rounds: int) -> None:
 def report(sides: dict[str, list[float]], scored: int, by_rule: dict, used: int, per_block: int) -> None:
     cost_a, cost_b, idle = (statistics.median(sides[s]) for s in ("A", "B", "idle"))
     print(f"RFM scored {scored} members; {len(sides['A'])} alternating rounds of {per_block} receipts per side")
-    print(f"B's rules fired (postings): {by_rule}; coupon uses: {used}")
+    print(f"B's rules fired (their rows in posting_rules): {by_rule}; coupon uses: {used}")
     print("A blocks (us):", " ".join(f"{x * 1e6:.0f}" for x in sides["A"]))
     print("B blocks (us):", " ".join(f"{x * 1e6:.0f}" for x in sides["B"]))
     print("idle blocks (us):", " ".join(f"{x * 1e6:.0f}" for x in sides["idle"]))
