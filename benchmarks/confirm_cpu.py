@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -101,16 +103,19 @@ def instructions(tree: Path, members: int, count: int, concurrent: int) -> float
     """Instructions per confirmed receipt: two runs under callgrind, 20 and 20 + count receipts,
     so that start-up and the warm-up cancel out."""
     totals = []
-    for receipts in (20, 20 + count):
-        out = subprocess.run(["valgrind", "--tool=callgrind", "--cache-sim=no", "--branch-sim=no",
-                              "--callgrind-out-file=/dev/null", str(VENV_BIN / "python"), "-c", CHILD,
-                              str(members), str(receipts), str(concurrent)],
-                             cwd=tree, env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"},
-                             capture_output=True, text=True, timeout=1800)
-        found = re.search(r"Collected : (\d+)", out.stderr)
-        if out.returncode != 0 or not found:
-            raise SystemExit(f"{tree.name} under valgrind failed:\n{out.stderr[-3000:]}")
-        totals.append(int(found.group(1)))
+    with tempfile.TemporaryDirectory() as folder:
+        script = Path(folder) / "child.py"
+        script.write_text(CHILD)
+        for receipts in (20, 20 + count):
+            out = subprocess.run(["valgrind", "--tool=callgrind", "--cache-sim=no", "--branch-sim=no",
+                                  f"--callgrind-out-file={folder}/callgrind.out", str(VENV_BIN / "python"),
+                                  str(script), str(members), str(receipts), str(concurrent)],
+                                 cwd=tree, env={**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"},
+                                 capture_output=True, text=True, timeout=1800)
+            found = re.findall(r"Collected : (\d+)", out.stderr)
+            if out.returncode != 0 or len(found) != 1:
+                raise SystemExit(f"{tree.name} under valgrind failed:\n{out.stderr[-3000:]}")
+            totals.append(int(found[0]))
     return (totals[1] - totals[0]) / count
 
 
