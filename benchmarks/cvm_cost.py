@@ -171,7 +171,7 @@ async def main(members: int, per_block: int, rounds: int) -> None:
         holder.current = b
         used = await app[DATABASE].read(lambda conn: conn.execute("SELECT COUNT(*) FROM coupon_uses").fetchone()[0])
         by_rule = await app[DATABASE].read(lambda conn: dict(conn.execute(
-            "SELECT rule_id, COUNT(*) FROM postings WHERE rule_id IN "
+            "SELECT rule_id, COUNT(*) FROM posting_rules WHERE rule_id IN "
             "('staff-bonus', 'big-spender-bonus', 'comeback', 'flyer-coupon') GROUP BY rule_id").fetchall()))
     report(sides, scored.scored if scored else 0, by_rule, used, per_block)
     shutil.rmtree(folder)
@@ -180,7 +180,7 @@ async def main(members: int, per_block: int, rounds: int) -> None:
 def report(sides: dict[str, list[float]], scored: int, by_rule: dict, used: int, per_block: int) -> None:
     cost_a, cost_b, idle = (statistics.median(sides[s]) for s in ("A", "B", "idle"))
     print(f"RFM scored {scored} members; {len(sides['A'])} alternating rounds of {per_block} receipts per side")
-    print(f"B's rules fired (postings): {by_rule}; coupon uses: {used}")
+    print(f"B's rules fired (their rows in posting_rules): {by_rule}; coupon uses: {used}")
     print("A blocks (us):", " ".join(f"{x * 1e6:.0f}" for x in sides["A"]))
     print("B blocks (us):", " ".join(f"{x * 1e6:.0f}" for x in sides["B"]))
     print("idle blocks (us):", " ".join(f"{x * 1e6:.0f}" for x in sides["idle"]))

@@ -56,7 +56,8 @@ class Posting(msgspec.Struct, frozen=True):
     counter: str
     lot: int
     new_lot: bool = False
-    rule: str | None = None
+    rule: str | None = None         # an accrual's: the lot's one earning rule, else None (see rules)
+    rules: tuple[tuple[str, int], ...] = ()     # an accrual's points by rule (posting_rules)
     of_receipt: bool = True         # False: effective at `effective_at`, not the receipt's ts, without its key
     effective_at: str | None = None
     lot_dates: tuple[str, str | None] | None = None     # an existing lot's, as stored
@@ -156,7 +157,7 @@ def plan_calculate(receipt, state: MemberState | None, program: Program, now: da
 def plan_confirm(receipt, state: MemberState | None, program: Program, now: datetime,
                  ev: Evaluation | None = None) -> ReceiptPlan:
     """A confirm: the redemption drawn from the member's lots (soonest expiry first), one
-    new lot per distinct pair of dates its rules give, each rule's accrual on its lot,
+    new lot per distinct pair of dates its rules give, one accrual on each (split by rule),
     debts paid back from the new points, points already expired when they arrived expired,
     the limited rules' uses, a referrer's first-purchase event, the line records."""
     key, today = key_of(receipt), local_day(program, now)
@@ -251,20 +252,26 @@ def _text(day: date | None) -> str | None:
 
 def _accrue(plan: ReceiptPlan, program: Program, ev: Evaluation, counter: str) -> dict[str, int]:
     """One new lot per distinct (activation, expiry) pair, written once with all its points,
-    and one accrual per earning rule on it. Returns each earning rule's lot index."""
+    and one accrual posting on it carrying its split by rule: a posting per rule cost a
+    hash, four index entries and a trigger each. Returns each earning rule's lot index."""
     index: dict[tuple, int] = {}
     lot_of_rule: dict[str, int] = {}
-    earning = [(rule, points) for rule, points in ev.by_rule if points > 0]
-    for rule, points in earning:
+    split: list[list[tuple[str, int]]] = []
+    for rule, points in ev.by_rule:
+        if points <= 0:
+            continue
         dates = program.rule_dates(rule, ev.local_date)
         if dates not in index:
             index[dates] = len(plan.lots)
             plan.lots.append(NewLot(dates[0], dates[1], 0))
+            split.append([])
         at = index[dates]
         lot_of_rule[rule] = at
         plan.lots[at] = NewLot(dates[0], dates[1], plan.lots[at].points + points)
-    for rule, points in earning:
-        plan.postings.append(Posting("accrual", points, counter, lot_of_rule[rule], new_lot=True, rule=rule))
+        split[at].append((rule, points))
+    for at, rules in enumerate(split):
+        plan.postings.append(Posting("accrual", plan.lots[at].points, counter, at, new_lot=True,
+                                     rule=rules[0][0] if len(rules) == 1 else None, rules=tuple(rules)))
     return lot_of_rule
 
 

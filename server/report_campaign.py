@@ -23,7 +23,7 @@ from typing import Callable
 
 import msgspec
 
-from storage.ledger import iso, member_public_id, unpack
+from storage.ledger import BY_RULE_FROM, BY_RULE_ID, BY_RULE_POINTS, iso, member_public_id, unpack
 
 TREATED, CONTROL = "treated", "control"
 
@@ -122,9 +122,11 @@ def _receipts(conn, rule: CampaignRule, first: date, last: date):
 def _points(conn, rule_id: str, first: date, last: date) -> tuple[dict[int, int], dict[int, int]]:
     """Points by member: issued by the rule (net of returns) and what it would have given the held out."""
     period = (first.isoformat(), last.isoformat())
+    # Accruals by rule are their posting_rules split (one accrual posting per lot); reversals
+    # are posted per rule.
     issued = dict(conn.execute(
-        "SELECT p.member_id, SUM(p.points) FROM postings p JOIN receipts r ON r.store_id = p.store_id "
-        "AND r.register_id = p.register_id AND r.receipt_id = p.receipt_id WHERE p.rule_id = ? "
+        f"SELECT p.member_id, SUM({BY_RULE_POINTS}) FROM {BY_RULE_FROM} JOIN receipts r ON r.store_id = p.store_id "
+        f"AND r.register_id = p.register_id AND r.receipt_id = p.receipt_id WHERE {BY_RULE_ID} = ? "
         "AND p.kind IN ('accrual', 'reversal') AND r.status = 'confirmed' AND r.local_date BETWEEN ? AND ? "
         "GROUP BY p.member_id", (rule_id, *period)))
     would = dict(conn.execute(

@@ -2,11 +2,11 @@
 
 Nothing here decides: the lots, their points and dates, every posting and its amount come
 from the plan. The confirms of one batch are written together (apply_confirms): one
-INSERT for all their lots, one for their postings, one UPDATE of the lots' remaining
-points, one INSERT of their receipt rows.
+INSERT for all their lots, one for their postings, one for the accruals' split by rule
+(posting_rules), one UPDATE of the lots' remaining points, one INSERT of their receipt rows.
 
 What a plan reads and writes is its own member's rows, plus two things every member
-shares: the budgets' rule_totals (kept by the postings' trigger, and taken off by the
+shares: the budgets' rule_totals (kept by posting_rules' trigger, and taken off by the
 planner for plans of the batch not yet applied) and the ledger's order (posting ids, the
 hash chain, lot ids), which follows the one writer. Serializing members by a row lock
 instead would keep the first and need the second from a sequence.
@@ -122,7 +122,8 @@ def _postings(c: Confirmed, lot_ids: list[int]) -> list[ledger.NewPosting]:
         else:
             effective, receipt, ref = p.effective_at, None, f"{p.kind}:{lot_id}"
         out.append(ledger.NewPosting(plan.member.id, lot_id, dates, p.kind, p.points, p.counter, effective, now,
-                                     p.rule, version, receipt, ref, counted=p.kind == "accrual" and p.new_lot))
+                                     p.rule, version, receipt, ref, counted=p.kind == "accrual" and p.new_lot,
+                                     rules=p.rules))
     return out
 
 

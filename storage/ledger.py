@@ -308,16 +308,18 @@ class NewPosting(NamedTuple):
     receipt: ReceiptKey | None
     ref: str | None
     counted: bool       # already counted in its lot's remaining (a new lot's first points)
+    rules: tuple[tuple[str, int], ...] = ()     # an accrual's points by rule, for posting_rules
 
 
 def append_postings(conn: sqlite3.Connection, postings: list[NewPosting]) -> None:
-    """Appends postings in order, chained from the last one: one INSERT for all of them
-    and one UPDATE of lots.remaining for those not already counted."""
+    """Appends postings in order, chained from the last one: one INSERT for all of them,
+    one for their accruals' split by rule, and one UPDATE of lots.remaining for those not
+    already counted."""
     if not postings:
         return
     last = conn.execute("SELECT id, hash FROM postings ORDER BY id DESC LIMIT 1").fetchone()
     posting_id, prev = last if last else (0, GENESIS_HASH)
-    rows, counts = [], []
+    rows, counts, split = [], [], []
     for p in postings:
         posting_id += 1
         store, register, receipt = p.receipt or (None, None, None)
@@ -328,9 +330,12 @@ def append_postings(conn: sqlite3.Connection, postings: list[NewPosting]) -> Non
                      p.rule_id, p.rules_version, store, register, receipt, p.ref, prev))
         if not p.counted:
             counts.append((p.points, p.lot_id))
+        split += [(posting_id, rule, points) for rule, points in p.rules]
     conn.executemany("INSERT INTO postings (id, member_id, lot_id, kind, points, counter_account, effective_at, "
                      "created_at, rule_id, rules_version, store_id, register_id, receipt_id, ref, hash) "
                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    if split:
+        conn.executemany("INSERT INTO posting_rules (posting_id, rule_id, points) VALUES (?, ?, ?)", split)
     if counts:
         conn.executemany("UPDATE lots SET remaining = remaining + ? WHERE id = ?", counts)
 
@@ -612,13 +617,21 @@ def receipts_confirmed_before(conn: sqlite3.Connection, member_id: int, key: Rec
                         (member_id, row[0])).fetchone()[0]
 
 
+# A posting by rule: an accrual as its posting_rules split (one row per rule and lot, for
+# receipts of every age since m030), any other posting as it is.
+BY_RULE_FROM = ("postings p LEFT JOIN posting_rules pr ON p.kind = 'accrual' AND pr.posting_id = p.id")
+BY_RULE_ID = "COALESCE(pr.rule_id, p.rule_id)"
+BY_RULE_POINTS = "COALESCE(pr.points, p.points)"
+
+
 def receipt_postings(conn: sqlite3.Connection, key: ReceiptKey) -> list[tuple]:
     """(kind, lot_id, rule_id, counter_account, points) summed per kind, lot, rule and
-    counter account, in first-posting order."""
+    counter account, in first-posting order; accruals by rule."""
     return [r[:5] for r in conn.execute(
-        "SELECT kind, lot_id, rule_id, counter_account, SUM(points), MIN(id) AS first FROM postings "
-        "WHERE store_id = ? AND register_id = ? AND receipt_id = ? "
-        "GROUP BY kind, lot_id, rule_id, counter_account ORDER BY first", key)]
+        f"SELECT p.kind, p.lot_id, {BY_RULE_ID} AS rule, p.counter_account, SUM({BY_RULE_POINTS}), "
+        f"MIN(p.id) AS first FROM {BY_RULE_FROM} "
+        "WHERE p.store_id = ? AND p.register_id = ? AND p.receipt_id = ? "
+        "GROUP BY p.kind, p.lot_id, rule, p.counter_account ORDER BY first, rule", key)]
 
 
 # ---------------------------------------------------------------- returns
@@ -697,4 +710,20 @@ def statement(conn: sqlite3.Connection, member_id: int, since: str | None, until
         if r[9] is not None:
             item["receipt"] = {"store_id": r[7], "register_id": r[8], "receipt_id": r[9]}
         out.append(item)
+    _with_split(conn, [item for item in out if item["kind"] == "accrual"])
     return out
+
+
+def _with_split(conn: sqlite3.Connection, accruals: list[dict]) -> None:
+    """Each accrual says what its receipt earned by rule: an accrual is one posting per
+    lot, and `rule` names only a lot's one earning rule."""
+    if not accruals:
+        return
+    split: dict[int, list[dict]] = {}
+    ids = [item["id"] for item in accruals]
+    for posting_id, rule, points in conn.execute(
+            f"SELECT posting_id, rule_id, points FROM posting_rules WHERE posting_id IN ({', '.join('?' * len(ids))}) "
+            "ORDER BY posting_id, rule_id", ids):
+        split.setdefault(posting_id, []).append({"rule": rule, "points": points})
+    for item in accruals:
+        item["by_rule"] = split.get(item["id"], [])

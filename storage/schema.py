@@ -4,9 +4,10 @@ Postings are the ledger: append-only, enforced by triggers; a correction is a ne
 posting. Each posting is a balanced transfer between a member's account and one
 counter account (storage/accounts.py), so the accounts always sum to zero, and it
 carries a SHA-256 chained to the posting before it, so an edited row is detectable. A lot is a parcel of points with one activation date and one expiry date; its
-remaining points are the sum of the postings that name it (kept in lots.remaining since m013), and
-what each rule has issued is the sum of its accrual and reversal postings (kept in rule_totals
-since m016). Receipts, holds and the counters for rule limits are working state beside the ledger.
+remaining points are the sum of the postings that name it (kept in lots.remaining since m013). A
+receipt's accrual is one posting per lot, split by rule in posting_rules (m030; one posting
+per rule before), and what each rule has issued is its posting_rules points plus its reversal
+postings (kept in rule_totals since m016). Receipts, holds and the counters for rule limits are working state beside the ledger.
 """
 import re
 
@@ -795,4 +796,42 @@ def m029_events_crm(db):
     _run(db, """
 ALTER TABLE events ADD COLUMN crm_id TEXT;
 ALTER TABLE events ADD COLUMN consent INTEGER
+""")
+
+
+@migrations()
+def m030_posting_rules(db):
+    """One accrual posting per lot a receipt fills, its split by rule beside it.
+
+    A receipt used to post one accrual per earning rule, each hashed into the chain, indexed
+    four ways and counted by the rule_totals trigger; with many rules those postings were
+    the largest part of a receipt's write. Now the posting is one per lot (rule_id names
+    the rule only when it is the lot's one earner) and posting_rules holds what each rule
+    put into it, one small row each.
+    - posting_rules: (posting, rule, points), append-only like the postings. Filled here
+      from the per-rule accrual postings written before, so every reader counts a rule's
+      accruals from posting_rules alone, old receipts and new.
+    - rule_totals counts accruals from posting_rules and reversals (still one per rule)
+      from postings, each by its own trigger; the totals themselves do not change."""
+    _run(db, """
+CREATE TABLE posting_rules (
+    posting_id INTEGER NOT NULL,
+    rule_id TEXT NOT NULL,
+    points INTEGER NOT NULL,
+    PRIMARY KEY (posting_id, rule_id)
+) WITHOUT ROWID;
+INSERT INTO posting_rules (posting_id, rule_id, points)
+SELECT id, rule_id, points FROM postings WHERE kind = 'accrual' AND rule_id IS NOT NULL;
+CREATE TRIGGER posting_rules_append_only_update BEFORE UPDATE ON posting_rules
+BEGIN SELECT RAISE(ABORT, 'posting_rules are append-only: post a correction instead'); END;
+CREATE TRIGGER posting_rules_append_only_delete BEFORE DELETE ON posting_rules
+BEGIN SELECT RAISE(ABORT, 'posting_rules are append-only: post a correction instead'); END;
+DROP TRIGGER postings_rule_totals;
+CREATE TRIGGER postings_rule_totals AFTER INSERT ON postings
+WHEN NEW.rule_id IS NOT NULL AND NEW.kind = 'reversal'
+BEGIN INSERT INTO rule_totals (rule_id, points) VALUES (NEW.rule_id, NEW.points)
+      ON CONFLICT (rule_id) DO UPDATE SET points = points + excluded.points; END;
+CREATE TRIGGER posting_rules_rule_totals AFTER INSERT ON posting_rules
+BEGIN INSERT INTO rule_totals (rule_id, points) VALUES (NEW.rule_id, NEW.points)
+      ON CONFLICT (rule_id) DO UPDATE SET points = points + excluded.points; END
 """)

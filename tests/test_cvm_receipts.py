@@ -199,7 +199,7 @@ async def test_twenty_receipts_racing_for_one_single_use_code_one_gets_it(api):
     statuses = sorted(answer["coupons"][0]["status"] for answer in answers)
     assert statuses == ["applied"] + ["used"] * 19
     assert sum(by_rule(answer).get("winter-coupon", 0) for answer in answers) == 100
-    issued = await rows(a, "SELECT SUM(points) FROM postings WHERE rule_id = 'winter-coupon'")
+    issued = await rows(a, "SELECT SUM(points) FROM posting_rules WHERE rule_id = 'winter-coupon'")
     assert issued == [(100,)]
     assert await rows(a, "SELECT uses FROM coupon_codes") == [(1,)]
 

@@ -198,8 +198,9 @@ def _count_in_group(group: dict, planned, program: Program) -> None:
     group.setdefault("coupons", set()).update(use.code_hmac for use in planned.coupon_uses)
     used = group.setdefault("budget_used", {})
     for posting in planned.postings:
-        if posting.kind == "accrual" and posting.rule in program.budgets:
-            used[posting.rule] = used.get(posting.rule, 0) + posting.points
+        for rule, points in posting.rules:
+            if rule in program.budgets:
+                used[rule] = used.get(rule, 0) + points
 
 
 def _cancelled_replay(conn, program: Program, answer: ConfirmAnswer, member_id: int | None,
