@@ -241,8 +241,6 @@ class StatementPosting(Struct, forbid_unknown_fields=True):
     running_balance: int
     counter_account: str | None
     key_name: str | None = None     # the key's holder, named by the route from key_id
-    # An accrual (one posting per lot) by rule: what the receipt earned there, rule by rule.
-    by_rule: list[RulePoints] | UnsetType = UNSET
 
 
 class StatementAnswer(Struct):

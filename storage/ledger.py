@@ -710,20 +710,30 @@ def statement(conn: sqlite3.Connection, member_id: int, since: str | None, until
         if r[9] is not None:
             item["receipt"] = {"store_id": r[7], "register_id": r[8], "receipt_id": r[9]}
         out.append(item)
-    _with_split(conn, [item for item in out if item["kind"] == "accrual"])
-    return out
+    return _by_rule(conn, out)
 
 
-def _with_split(conn: sqlite3.Connection, accruals: list[dict]) -> None:
-    """Each accrual says what its receipt earned by rule: an accrual is one posting per
-    lot, and `rule` names only a lot's one earning rule."""
-    if not accruals:
-        return
-    split: dict[int, list[dict]] = {}
-    ids = [item["id"] for item in accruals]
+def _by_rule(conn: sqlite3.Connection, items: list[dict]) -> list[dict]:
+    """Each entry names its rule: an accrual is one posting per lot, its split by rule in
+    posting_rules, so an accrual several rules earned on is listed once per rule (the same
+    posting id, the rules in reverse name order as the list runs newest first, each with
+    the running balance after it)."""
+    ids = [item["id"] for item in items if item["kind"] == "accrual" and item["rule"] is None]
+    if not ids:
+        return items
+    split: dict[int, list[tuple[str, int]]] = {}
     for posting_id, rule, points in conn.execute(
             f"SELECT posting_id, rule_id, points FROM posting_rules WHERE posting_id IN ({', '.join('?' * len(ids))}) "
-            "ORDER BY posting_id, rule_id", ids):
-        split.setdefault(posting_id, []).append({"rule": rule, "points": points})
-    for item in accruals:
-        item["by_rule"] = split.get(item["id"], [])
+            "ORDER BY posting_id, rule_id DESC", ids):
+        split.setdefault(posting_id, []).append((rule, points))
+    out: list[dict] = []
+    for item in items:
+        parts = split.get(item["id"]) if item["kind"] == "accrual" else None
+        if not parts:
+            out.append(item)
+            continue
+        running = item["running_balance"]
+        for rule, points in parts:
+            out.append(item | {"rule": rule, "points": points, "running_balance": running})
+            running -= points
+    return out
