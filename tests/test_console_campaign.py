@@ -119,7 +119,7 @@ async def test_the_chart_has_one_path_per_group_and_exact_money_labels(history):
     assert [p.get("stroke-dasharray") is None for p in paths] == [True, False]   # solid and dashed
     assert len(svg.findall(f".//{SVG}g[@class='series treated']/{SVG}circle")) == 2     # two weeks
     assert len(svg.findall(f".//{SVG}g[@class='series control']/{SVG}rect")) == 2
-    # Treated: 100.55 UAH a member in the first week, 250.01 in the second; control: 30.00, then 18.33.
+    # Treated: 50.28 UAH a member in the first week, 125.01 in the second; control: 30.00, then 18.33.
     treated = [float(c.get("cy")) for c in svg.findall(f".//{SVG}g[@class='series treated']/{SVG}circle")]
     control = [float(r.get("y")) for r in svg.findall(f".//{SVG}g[@class='series control']/{SVG}rect")]
     assert treated[1] < treated[0] and control[0] < control[1]       # higher spend is drawn higher

@@ -16,8 +16,8 @@ from fractions import Fraction
 from server.reports import money_text
 
 SVG = "http://www.w3.org/2000/svg"
-WIDTH, HEIGHT = 720, 320
-LEFT, RIGHT, TOP, BOTTOM = 110, 20, 20, 70       # room for money ticks and the date labels
+WIDTH, HEIGHT = 720, 340
+LEFT, RIGHT, TOP, BOTTOM = 110, 45, 20, 90       # room for money ticks, dates, and the legend's two lines
 TICKS_MAX = 6
 DATE_LABELS_MAX = 8
 # (group, words, colour, dashes, marker): the words are what the legend and <desc> say.
@@ -94,7 +94,7 @@ def _axes(root, weeks, currency: str, step: int, bottom_tick: int, top_tick: int
         label = ET.SubElement(axes, "text", {"x": _n(x(i)), "y": str(plot_bottom + 18), "text-anchor": "middle",
                                              "stroke": "none"})
         label.text = weeks[i][0].isoformat()
-    ET.SubElement(axes, "text", {"x": _n(LEFT + (WIDTH - LEFT - RIGHT) / 2), "y": str(HEIGHT - 28),
+    ET.SubElement(axes, "text", {"x": _n(LEFT + (WIDTH - LEFT - RIGHT) / 2), "y": str(plot_bottom + 38),
                                  "text-anchor": "middle", "stroke": "none"}).text = \
         "week from (a shorter last week scaled to 7 days)"
     ET.SubElement(axes, "text", {"x": "14", "y": _n(TOP + (plot_bottom - TOP) / 2), "text-anchor": "middle",
@@ -120,7 +120,7 @@ def _series(root, group: str, points: list[tuple[float, float]], colour: str, da
 def _legend(root, report: dict, currency: str) -> None:
     legend = ET.SubElement(root, "g", {"class": "legend", "font-size": "12", "fill": "#1d232a"})
     for index, (group, _words, colour, dashes, marker) in enumerate(SERIES):
-        left, base = LEFT + 10 + index * 300, HEIGHT - 8
+        left, base = LEFT + 10, HEIGHT - 26 + 18 * index
         sample = {"x1": str(left), "x2": str(left + 30), "y1": str(base - 4), "y2": str(base - 4),
                   "stroke": colour, "stroke-width": "2.5"}
         if dashes:
