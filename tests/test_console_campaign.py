@@ -16,6 +16,7 @@ from conftest import KEYS, MARKET, line, receipt
 from test_console import Console
 
 from server.console.chart import weekly_svg
+from server.console.views import effect_words
 from server.reports import money_text
 from server.report_campaign import holdout_member
 
@@ -52,7 +53,8 @@ async def history(make_api, tmp_path):
     for body in sent:
         assert (await api.post("/v1/receipts", body, as_="register"))[0] == 201
     back = {"return_id": "X1", "store_id": "S001", "register_id": "K01",
-            "receipt": {"store_id": "S001", "register_id": "K01", "receipt_id": "R4"}, "lines": [{"line_no": 1, "qty": 1}]}
+            "receipt": {"store_id": "S001", "register_id": "K01", "receipt_id": "R4"},
+            "lines": [{"line_no": 1, "qty": 1}]}
     assert (await api.post("/v1/returns", back, as_="register"))[0] == 201
     console = Console(api.client)
     await console.sign_in()
@@ -151,6 +153,16 @@ def test_labels_stay_exact_whatever_floats_the_series_hold():
     assert ticks == ["-5 JPY", "-4 JPY", "-3 JPY", "-2 JPY", "-1 JPY", "0 JPY"]     # a currency without decimals
 
 
+def test_the_sentence_says_where_the_interval_lies():
+    assert effect_words({"spend_per_member": 500, "low": 1, "high": 999}, "UAH").startswith(
+        "The campaign raised spend per member: the 95 % interval, 0.01 UAH to 9.99 UAH, lies above zero")
+    assert "lies below zero" in effect_words({"spend_per_member": -500, "low": -999, "high": -1}, "UAH")
+    assert effect_words({"spend_per_member": 5, "low": 0, "high": 10}, "JPY").startswith(
+        "No effect shown yet: the 95 % interval, 0 JPY to 10 JPY, includes zero")
+    assert effect_words({"spend_per_member": 5, "low": None, "high": None}, "UAH").startswith("No interval")
+    assert effect_words(None, "UAH").startswith("No uplift")
+
+
 async def test_a_rule_without_holdout_is_said_so(history):
     _api, console = history
     status, html = await console.get("/console/campaigns?rule=base")
@@ -177,8 +189,8 @@ async def test_the_page_is_in_the_navigation_and_the_dashboard_links_each_holdou
     status, html = await console.get("/console")
     assert status == 200
     assert '<a href="/console/campaigns"' in html
-    assert re.search(r'id="campaign-links">\s*<li><a href="/console/campaigns\?rule=dairy-x2">dairy-x2</a>: 50 % held out',
-                     html)
+    link = r'<a href="/console/campaigns\?rule=dairy-x2">dairy-x2</a>: 50 % held out'
+    assert re.search(r'id="campaign-links">\s*<li>' + link, html)
     status, html = await console.get("/console/campaigns")
     assert status == 200 and 'aria-current="page">Campaign effect' in html
     assert '<option value="dairy-x2" >dairy-x2: 50 % held out' in html and "period 2026-11-20 to 2026-11-30" in html

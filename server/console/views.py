@@ -16,9 +16,8 @@ import msgspec
 from aiohttp import web
 
 from rules import ProgramError
-from server import program_versions, schema
+from server import program_versions, report_campaign, schema
 from server.auth import Principal
-from server import report_campaign
 from server.console import chart, program_edit, queries, words
 from server.console.backtest import as_rows
 from server.console.sessions import COOKIE, LOGIN_COOKIE, LOGIN_FORM_SECONDS, Session, remember_lookup, token_matches
@@ -617,8 +616,8 @@ async def campaigns(request: web.Request, session: Session, form: dict) -> web.R
     numbers, from the same functions) with its weekly chart; without ?rule= only the choice."""
     app = request.app
     query = request.query
-    context = dict(rules=_holdout_rules(app, local_today(app)), chosen=query.get("rule", ""), first=query.get("from", ""),
-                   last=query.get("to", ""), result=None, chart=None)
+    context = dict(rules=_holdout_rules(app, local_today(app)), chosen=query.get("rule", ""),
+                   first=query.get("from", ""), last=query.get("to", ""), result=None, chart=None)
     if not context["chosen"]:
         return render(request, "campaigns.html", session, **context)
     try:
