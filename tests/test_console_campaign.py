@@ -27,14 +27,16 @@ REPORT = "/console/campaigns?rule=dairy-x2&from=2026-11-17&to=2026-11-30"
 
 @pytest.fixture
 async def history(make_api, tmp_path):
-    """(api, console): the market program with half of dairy-x2's audience held out, six members,
-    receipts of both groups over two weeks (one partly returned), a manager signed in."""
+    """(api, console): the market program with half of dairy-x2's audience held out (and an eighth
+    of big-basket's, a rule without a period), six members, receipts of both groups over two
+    weeks (one partly returned), a manager signed in."""
     program = tmp_path / "program"
     shutil.copytree(MARKET, program)
     promos = program / "campaigns" / "promos.yaml"
     text = promos.read_text()
-    promos.write_text(text.replace("    scope: {categories: [dairy]}\n",
-                                   "    scope: {categories: [dairy]}\n    holdout: 0.5\n", 1))
+    text = text.replace("    scope: {categories: [dairy]}\n", "    scope: {categories: [dairy]}\n    holdout: 0.5\n", 1)
+    # big-basket has no period: its report needs one given.
+    promos.write_text(text.replace("    reward: {points: 50}\n", "    reward: {points: 50}\n    holdout: 0.125\n", 1))
     api = await make_api(now=NOW, program_dir=program)
     # The stable assignment: m_1 and m_4 treated; m_2, m_3, m_5 and m_6 held out.
     assert [holdout_member("market", "dairy-x2", f"m_{i}", "0.5") for i in range(1, 7)] == \
@@ -173,6 +175,8 @@ async def test_a_rule_without_holdout_is_said_so(history):
     assert status == 404 and "unknown_rule" in html
     status, html = await console.get("/console/campaigns?rule=dairy-x2&from=2026-12-01&to=2026-11-01")
     assert status == 422 and "<code>to</code>: must not be before from" in html
+    status, html = await console.get("/console/campaigns?rule=big-basket")
+    assert status == 422 and "<code>from</code>: is required: the rule has no period" in html
 
 
 async def test_a_program_without_holdout_rules_says_so(make_api):
@@ -191,8 +195,12 @@ async def test_the_page_is_in_the_navigation_and_the_dashboard_links_each_holdou
     assert '<a href="/console/campaigns"' in html
     link = r'<a href="/console/campaigns\?rule=dairy-x2">dairy-x2</a>: 50 % held out'
     assert re.search(r'id="campaign-links">\s*<li>' + link, html)
+    # A rule without a period of its own: the last 28 days up to today.
+    link = '<a href="/console/campaigns?rule=big-basket&amp;from=2026-10-28&amp;to=2026-11-24">big-basket</a>'
+    assert link + ": 12.5 % held out" in html
     status, html = await console.get("/console/campaigns")
     assert status == 200 and 'aria-current="page">Campaign effect' in html
+    assert "big-basket: 12.5 % held out,\nno period (give one)" in html
     assert '<option value="dairy-x2" >dairy-x2: 50 % held out' in html and "period 2026-11-20 to 2026-11-30" in html
     assert "campaign-report" not in html
 
