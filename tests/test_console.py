@@ -172,7 +172,7 @@ async def test_the_check_endpoint_needs_the_token_and_answers_the_error_shape(se
 async def test_every_page_answers_200_for_a_manager(setup):
     api, console = setup
     for path in ("/console", "/console/program", f"/console/program/edit?file={PROMOS}", "/console/explain",
-                 "/console/members"):
+                 "/console/members", "/console/campaigns"):
         status, page = await console.get(path)
         assert status == 200, path
         assert "Content-Security-Policy" in (await api.client.get(path)).headers
@@ -183,7 +183,7 @@ async def test_every_page_answers_200_for_a_manager(setup):
 
 async def test_pages_without_a_session_go_to_sign_in(make_api):
     console = Console((await make_api(now=NOW)).client)
-    for path in ("/console", "/console/program", "/console/members"):
+    for path in ("/console", "/console/program", "/console/members", "/console/campaigns?rule=dairy-x2"):
         status, _ = await console.get(path)
         assert status == 303
 
