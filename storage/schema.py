@@ -8,6 +8,7 @@ remaining points are the sum of the postings that name it (kept in lots.remainin
 what each rule has issued is the sum of its accrual and reversal postings (kept in rule_totals
 since m016). Receipts, holds and the counters for rule limits are working state beside the ledger.
 """
+import hashlib
 import re
 
 import msgspec
@@ -753,6 +754,15 @@ CREATE TABLE receipt_member_facts (
 ) WITHOUT ROWID""")
 
 
+def legacy_fingerprint(*fields) -> str:
+    """What m031 keeps of a fingerprint taken before it of a body with card numbers in it: a
+    digest of the row's own stored fields, which a retry of that row is compared by."""
+    return LEGACY_FINGERPRINT + hashlib.sha256(msgspec.json.encode(list(fields))).hexdigest()
+
+
+LEGACY_FINGERPRINT = "m031:"      # never a hex digit: not a fingerprint taken since
+
+
 @migrations()
 def m029_events_crm(db):
     """events: the member's crm_id and consent per channel (a bit each, sms = 1, viber = 2,
@@ -763,3 +773,23 @@ def m029_events_crm(db):
 ALTER TABLE events ADD COLUMN crm_id TEXT;
 ALTER TABLE events ADD COLUMN consent INTEGER
 """)
+
+
+@migrations()
+def m031_fingerprints_without_cards(db):
+    """adjustments and offers: a fingerprint taken before this was an unkeyed SHA-256 of a
+    body with card numbers in it, which trying every card number with the row's other
+    fields would give back. The card-hash key is never in the database, so the body cannot
+    be fingerprinted again as it is now (its cards replaced by their keyed hashes); each
+    becomes a digest of what the row stores (legacy_fingerprint): an adjustment's id,
+    member, points and reason; an offer's id, rule, dates and points. A retry of such a row
+    is compared by those."""
+    conn = db.conn
+    adjustments = conn.execute("SELECT adjustment_id, member_id, points, reason FROM adjustments "
+                               "WHERE body_sha256 NOT LIKE 'm031:%'").fetchall()
+    conn.executemany("UPDATE adjustments SET body_sha256 = ? WHERE adjustment_id = ?",
+                     [(legacy_fingerprint(a, m, p, r), a) for a, m, p, r in adjustments])
+    offers = conn.execute("SELECT offer_id, rule_id, from_date, to_date, points FROM offers "
+                          "WHERE body_sha256 NOT LIKE 'm031:%'").fetchall()
+    conn.executemany("UPDATE offers SET body_sha256 = ? WHERE offer_id = ?",
+                     [(legacy_fingerprint(o, r, f, t, p), o) for o, r, f, t, p in offers])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Callable, TypeVar
 
 import msgspec
 
@@ -44,6 +44,20 @@ class Deps:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def keyed_fingerprints(body_under: Callable[[int], bytes], keys: int) -> list[str]:
+    """The fingerprints of a body whose card numbers are replaced by their keyed hashes
+    (an unkeyed hash of a card number is guessed back by trying every number): under the
+    key in force first, then under each earlier one, newest first, as a body stored before
+    a rotation (or while `privacy rotate-key` runs) was fingerprinted. body_under(i): the
+    body with each card's i-th hash (server.privacy.candidates)."""
+    return [sha256(body_under(i)) for i in range(keys)]
+
+
+def replay_any(stored_sha: str, fingerprints: list[str], stored_result: bytes, answer: type[T]) -> T:
+    """replay, the request matching when any of its fingerprints is the stored one."""
+    return replay(stored_sha, stored_sha if stored_sha in fingerprints else fingerprints[0], stored_result, answer)
 
 
 def replay(stored_sha: str, fingerprint: str, stored_result: bytes, answer: type[T]) -> T:
