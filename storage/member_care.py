@@ -257,6 +257,18 @@ def rewrap(conn: sqlite3.Connection, table: str, column: str, pairs: list[tuple[
                for old, new in pairs)
 
 
+def receipt_bodies(conn: sqlite3.Connection, after_rowid: int, limit: int) -> list[tuple[int, bytes, bytes]]:
+    """(rowid, body as stored, fingerprint) of up to `limit` receipts with a card after
+    `after_rowid`, in rowid order: a body keeps the card's hash it was confirmed with."""
+    return conn.execute("SELECT rowid, body, body_sha256 FROM receipts WHERE rowid > ? AND member_id IS NOT NULL "
+                        "ORDER BY rowid LIMIT ?", (after_rowid, limit)).fetchall()
+
+
+def rewrite_bodies(conn: sqlite3.Connection, rows: list[tuple[bytes, bytes, int]]) -> None:
+    """rows: (body, fingerprint, rowid) of receipts whose card's hash was wrapped."""
+    conn.executemany("UPDATE receipts SET body = ?, body_sha256 = ? WHERE rowid = ?", rows)
+
+
 def recorded_keys(conn: sqlite3.Connection) -> list[tuple[str, str]]:
     """(key id, check value) of each HMAC key recorded, in order; the last is in force."""
     return [(r[0], r[1]) for r in conn.execute("SELECT key_id, check_value FROM privacy_keys ORDER BY position")]

@@ -783,8 +783,13 @@ def m031_fingerprints_without_cards(db):
     be fingerprinted again as it is now (its cards replaced by their keyed hashes); each
     becomes a digest of what the row stores (legacy_fingerprint): an adjustment's id,
     member, points and reason; an offer's id, rule, dates and points. A retry of such a row
-    is compared by those."""
+    is compared by those.
+
+    Also the indexes `privacy rotate-key` reads coupon codes by: those bound to a card by
+    the card's hash, and the uses of a code by the code."""
     conn = db.conn
+    conn.execute("CREATE INDEX IF NOT EXISTS coupon_codes_card ON coupon_codes(card) WHERE card IS NOT NULL")
+    conn.execute("CREATE INDEX IF NOT EXISTS coupon_uses_code ON coupon_uses(code)")
     adjustments = conn.execute("SELECT adjustment_id, member_id, points, reason FROM adjustments "
                                "WHERE body_sha256 NOT LIKE 'm031:%'").fetchall()
     conn.executemany("UPDATE adjustments SET body_sha256 = ? WHERE adjustment_id = ?",
