@@ -61,8 +61,27 @@ def crm_fields(state: CareState) -> dict:
 
 
 def set_crm(conn: sqlite3.Connection, member_id: int, crm_id: str | None, consent: dict[str, bool],
-            now: str) -> None:
-    """crm_id: None leaves it, "" clears it; consent: only the channels given change."""
+            now: str, imported: bool = False) -> list[str]:
+    """crm_id: None leaves it, "" clears it; consent: only the channels given change. When
+    either changed, member.updated names which (`imported`: by `loyalty import members`),
+    in the caller's transaction, with the member's fields as they now are. What changed."""
+    before = crm_of(conn, member_id)
+    _write_crm(conn, member_id, crm_id, consent, now)
+    after = crm_of(conn, member_id)
+    changed = [name for name, old, new in zip(("crm_id", "consent"), before, after) if old != new]
+    if changed:
+        events.emit(conn, "member.updated", member_id, {"changed": changed, **({"imported": True} if imported else {})},
+                    now, crm=events.Crm(*after))
+    return changed
+
+
+def crm_of(conn: sqlite3.Connection, member_id: int) -> tuple[str | None, int]:
+    return conn.execute(f"SELECT m.crm_id, {ledger.CONSENT_BITS} FROM members m WHERE m.id = ?",
+                        (member_id,)).fetchone()
+
+
+def _write_crm(conn: sqlite3.Connection, member_id: int, crm_id: str | None, consent: dict[str, bool],
+               now: str) -> None:
     sets, values = [], []
     if crm_id is not None:
         sets.append("crm_id = ?")
