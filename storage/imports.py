@@ -122,8 +122,8 @@ def insert_members(conn: sqlite3.Connection, rows: list[MemberRow], *, today: st
     both come in completed the profile in the previous program: the events are recorded as
     fired (without points), or the next change of the profile would pay them."""
     there = known_cards(conn, [r.card for r in rows])
-    skipped = [r.line for r in rows if r.card in there]
     updated, not_updated = _update_crm(conn, [r for r in rows if r.card in there], there, at.created_at)
+    skipped = [r.line for r in rows if r.card in there and r.line not in not_updated]
     taken = _crm_ids_taken(conn, [r.crm_id for r in rows if r.card not in there and r.crm_id is not None])
     new = [r for r in rows if r.card not in there and r.crm_id not in taken]
     refused = [r.line for r in rows if r.card not in there and r.crm_id in taken] + not_updated

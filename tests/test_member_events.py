@@ -60,3 +60,17 @@ async def test_the_api_announces_a_crm_change_once(make_api):
     assert (await api.call("PATCH", "/v1/members/7000000000001", {"tags": ["vip"]}))[0] == 200   # not the CRM's
     updates = [(e["crm_id"], e["consent"]["push"], e["data"]) for e in await pull(api) if e["type"] == "member.updated"]
     assert updates == [(None, True, {"changed": ["consent"]}), ("CRM-9", True, {"changed": ["crm_id"]})]
+
+
+async def test_a_rerun_giving_a_crm_id_another_member_has_is_refused_and_changes_nothing(make_api, tmp_path, capsys):
+    await run_import(tmp_path, "7000000000001,CRM-1,\n7000000000002,CRM-2,\n")
+    source = tmp_path / "again.csv"
+    source.write_text("card,crm_id,consent\n7000000000002,CRM-1,\n", encoding="utf-8")
+    capsys.readouterr()
+    assert await asyncio.to_thread(cli, ["import", "members", "--csv", str(source), "--config",
+                                         write_config(tmp_path)]) == 1
+    assert "1 members rows: 0 imported, 0 already there, 1 refused" in capsys.readouterr().out
+    api = await make_api(now=NOW)
+    assert [e["type"] for e in await pull(api)] == ["member.enrolled", "member.enrolled"]
+    _, member = await api.get("/v1/members/7000000000002")
+    assert member["crm_id"] == "CRM-2"
