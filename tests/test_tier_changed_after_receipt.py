@@ -4,6 +4,9 @@ since its ts, a receipt older than the window, returns. After every confirm the 
 announced is the tier the member's view shows."""
 from __future__ import annotations
 
+import random
+from datetime import datetime, timedelta
+
 from conftest import line, receipt
 
 NOW = "2026-11-24T12:00:05+02:00"      # the market program: silver from 5,000.00 over 365 days
@@ -63,3 +66,20 @@ async def test_a_return_since_lowers_what_the_next_receipt_adds_to(make_api):
     # Stamped before the returned receipt: 1,000.00 net, base; no change announced.
     await confirm(api, "small", "2026-11-24T10:00:00+02:00", 100_000)
     assert await changes(api) == [("base", "silver"), ("silver", "base")]
+
+
+async def test_any_order_of_receipts_and_returns_keeps_the_announced_tier_the_members(make_api):
+    """Seeded: receipts stamped anywhere from 400 days back to 4 minutes ahead, some returned."""
+    rng = random.Random(17)
+    api = await make_api(now=NOW)
+    assert (await api.post("/v1/members", {"card": CARD}))[0] == 201
+    now = datetime.fromisoformat(NOW)
+    for n in range(40):
+        ts = now - timedelta(minutes=rng.randint(-4, 400 * 24 * 60))
+        await confirm(api, f"s{n}", ts.isoformat(), rng.choice((50_000, 150_000, 400_000, 900_000)))
+        if rng.random() < 0.25:
+            ret = {"return_id": f"x{n}", "store_id": "S001", "register_id": "K01",
+                   "receipt": {"store_id": "S001", "register_id": "K01", "receipt_id": f"s{rng.randint(0, n)}"},
+                   "lines": [{"line_no": 1, "qty": 1}]}
+            await api.post("/v1/returns", ret, as_="register")      # 422 when that one was returned already
+    assert len(await changes(api)) >= 2
