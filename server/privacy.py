@@ -199,7 +199,8 @@ class KeyNotListed(Exception):
 
 def rotate_key_command(config_path: str, batch_rows: int = ROTATE_BATCH_ROWS) -> int:
     """Wraps every stored card, phone and coupon code hash (and each receipt body's card hash)
-    up to the key in force, in batches of their own transactions, beside a serving server (or alone). Run again, it goes on where it stopped."""
+    up to the key in force, in batches of their own transactions, beside a serving server (or
+    alone). Run again, it goes on where it stopped."""
     try:
         config = load_config(config_path)
         privacy = privacy_from_config(config)

@@ -37,7 +37,8 @@ def assign(conn: sqlite3.Connection, offer_id: str, rule_id: str, fingerprints: 
     unique = sorted(set(member_ids))
     conn.execute("INSERT INTO offers (offer_id, rule_id, body_sha256, from_date, to_date, points, members, "
                  "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                 (offer_id, rule_id, fingerprints[0], first.isoformat(), last.isoformat(), points, len(unique), iso(now)))
+                 (offer_id, rule_id, fingerprints[0], first.isoformat(), last.isoformat(), points, len(unique),
+                  iso(now)))
     conn.executemany("INSERT INTO offer_members (member_id, offer_id, rule_id, from_date, to_date, points) "
                      "VALUES (?, ?, ?, ?, ?, ?)",
                      [(mid, offer_id, rule_id, first.isoformat(), last.isoformat(), points) for mid in unique])

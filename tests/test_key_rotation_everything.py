@@ -82,7 +82,8 @@ async def test_codes_bodies_and_bound_cards_are_wrapped_and_still_work(aiohttp_c
         assert (await first.post("/v1/members", {"card": card}))[0] == 201
     codes = {}
     for name, card in (("bound", "c1"), ("free", None), ("spare", "c1")):
-        status, body = await first.post("/v1/admin/coupons/winter/codes", {"count": 1, **({"card": card} if card else {})})
+        bound = {"card": card} if card else {}
+        status, body = await first.post("/v1/admin/coupons/winter/codes", {"count": 1, **bound})
         assert status == 201, body
         codes[name] = body["codes"][0]
     assert await statuses(first, sale("r1", "c1", [codes["free"]])) == ["applied"]
