@@ -133,13 +133,12 @@ def offer_fingerprints(privacy, body: schema.OfferAssignment) -> list[str]:
     """The offer's fingerprints (server.ops.keyed_fingerprints): its cards replaced by their
     keyed hashes, sorted, so the same cards in another order are the same offer; last, the
     one m031 left an offer assigned before fingerprints were keyed."""
-    keys = len(privacy.key_ids)
-    if body.cards is None:
-        fingerprints = [hashlib.sha256(schema.canonical(body)).hexdigest()]
+    if body.cards is None:      # no card in it; marked with the key all the same, as rotate-key reads them
+        fingerprints = keyed_fingerprints(lambda i: schema.canonical(body), privacy.key_ids)
     else:
         hashes = [candidates(privacy.card(card)) for card in body.cards]
         fingerprints = keyed_fingerprints(lambda i: schema.canonical(
-            msgspec.structs.replace(body, cards=sorted(h[i] for h in hashes))), keys)
+            msgspec.structs.replace(body, cards=sorted(h[i] for h in hashes))), privacy.key_ids)
     return fingerprints + [legacy_fingerprint(body.offer_id, body.rule, body.from_.isoformat(), body.to.isoformat(),
                                               body.points)]
 

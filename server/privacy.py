@@ -10,7 +10,8 @@ never stored, so a new key wraps the old hashes instead: under rotation `k2` a c
 is `~k2~` + HMAC(k2, its hash under the key before). The id in front says which key a
 stored hash is under (a bare hash is under the first key); `loyalty privacy rotate-key`
 wraps every stored card, phone and coupon code hash up to the key in force, and the card
-hash inside each stored receipt body, beside the serving server.
+hash inside each stored receipt body, beside the serving server; the fingerprints of
+adjustments and offers taken under an earlier key become digests of their rows' fields.
 Meanwhile look-ups try the hash under the key in force, then under each earlier key. A
 copy of the database together with an earlier key (a leaked one) no longer gives the
 numbers back: every key listed is needed, and none alone is enough.
@@ -41,6 +42,11 @@ TEST_CLOCK_KEY = "test-clock-only-not-a-secret-key"
 
 
 ROTATED_MARK = "~"   # sorts after every hex digit: the hashes under one key are one range of an index
+
+
+def marked(digest: str, key_id: str) -> str:
+    """A digest taken under key `key_id` ("" the first key), marked with it as hashes are."""
+    return f"{ROTATED_MARK}{key_id}{ROTATED_MARK}{digest}" if key_id else digest
 
 
 class Digest(str):
@@ -239,6 +245,8 @@ def _rotate(config, db_path, privacy: Privacy, batch_rows: int, alone: bool) -> 
         total += _rotate_table(db, privacy, "coupon_codes", "card", "card", batch_rows)   # codes bound to a card
         total += _rotate_table(db, privacy, "coupon_codes", "code", "coupon", batch_rows, coupons.rewrap_codes)
         total += _rotate_bodies(db, privacy, batch_rows)
+        for table, key, columns in member_care.FINGERPRINTED:
+            total += _rotate_fingerprints(db, privacy, table, key, columns, batch_rows)
         print(f"done: {total} hash(es) wrapped; every card, phone and coupon code hash is under "
               f"{_key_name(privacy.key_in_force)}", flush=True)
         return 0
@@ -323,6 +331,20 @@ def _rotate_bodies_batch(conn, privacy: Privacy, after: int, batch_rows: int) ->
             changed.append((pack(new_body), _fingerprint_again(fingerprint, body, new_body), rowid))
     member_care.rewrite_bodies(conn, changed)
     return rows[-1][0], len(changed)
+
+
+def _rotate_fingerprints(db, privacy: Privacy, table: str, key: str, columns: tuple[str, ...],
+                         batch_rows: int) -> int:
+    """Fingerprints of adjustments or offers taken under an earlier key: a body with a card's
+    hash under that key, which cannot be taken again without the card, so each becomes the
+    digest of its row's fields that m031 made of the unkeyed ones, which a retry is then
+    compared by."""
+    in_force, done = privacy.in_force_range(), 0
+    while in_force and (changed := db.write_sync(
+            lambda c: member_care.fingerprints_to_fields(c, table, key, columns, in_force, batch_rows))):
+        done += changed
+        print(f"{table}.body_sha256: {done} replaced", flush=True)
+    return done
 
 
 def _rekeyed_body(privacy: Privacy, body: bytes) -> bytes | None:

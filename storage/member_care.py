@@ -16,6 +16,7 @@ import msgspec
 
 from storage import events, ledger, member_facts
 from storage.accounts import member_account
+from storage.schema import LEGACY_FINGERPRINT, legacy_fingerprint
 
 CHANNELS = ledger.CONSENT_CHANNELS
 PHONE_MATCHES_MAX = 20
@@ -286,6 +287,23 @@ def receipt_bodies(conn: sqlite3.Connection, after_rowid: int, limit: int) -> li
 def rewrite_bodies(conn: sqlite3.Connection, rows: list[tuple[bytes, bytes, int]]) -> None:
     """rows: (body, fingerprint, rowid) of receipts whose card's hash was wrapped."""
     conn.executemany("UPDATE receipts SET body = ?, body_sha256 = ? WHERE rowid = ?", rows)
+
+
+# (table, its key, the columns of legacy_fingerprint) of the fingerprints of bodies with cards
+FINGERPRINTED = (("adjustments", "adjustment_id", ("adjustment_id", "member_id", "points", "reason")),
+                 ("offers", "offer_id", ("offer_id", "rule_id", "from_date", "to_date", "points")))
+
+
+def fingerprints_to_fields(conn: sqlite3.Connection, table: str, key: str, columns: tuple[str, ...],
+                           in_force: tuple[str, str], limit: int) -> int:
+    """Up to `limit` fingerprints neither under the key in force ([low, high)) nor made of
+    the row's fields already, replaced by legacy_fingerprint of `columns`; how many."""
+    low, high = in_force
+    rows = conn.execute(f"SELECT {', '.join(columns)} FROM {table} WHERE (body_sha256 < ? OR body_sha256 >= ?) "
+                        f"AND body_sha256 NOT LIKE '{LEGACY_FINGERPRINT}%' LIMIT ?", (low, high, limit)).fetchall()
+    conn.executemany(f"UPDATE {table} SET body_sha256 = ? WHERE {key} = ?",
+                     [(legacy_fingerprint(*row), row[columns.index(key)]) for row in rows])
+    return len(rows)
 
 
 def recorded_keys(conn: sqlite3.Connection) -> list[tuple[str, str]]:

@@ -5,13 +5,16 @@ its keyed hash, as receipts are. Retries replay across a card-hash key rotation;
 before (m031) are compared by their stored fields."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import sqlite3
 
 import msgspec
+import yaml
 from conftest import Api, test_config
 
 from server.app import create_app
+from server.privacy import rotate_key_command
 from server.schema import Adjustment, OfferAssignment, canonical
 
 NOW = "2026-12-10T12:00:00+02:00"
@@ -98,6 +101,26 @@ async def test_retries_replay_across_a_key_rotation(aiohttp_client, tmp_path):
     # A new one is fingerprinted under the key in force, and replays too.
     assert (await rotated.post("/v1/admin/adjustments", {**ADJUSTMENT, "adjustment_id": "adj-2"}))[0] == 201
     assert (await rotated.post("/v1/admin/adjustments", {**ADJUSTMENT, "adjustment_id": "adj-2"}))[0] == 200
+    await rotated.client.close()
+
+    # rotate-key leaves no fingerprint taken under the first key: those become their rows' fields.
+    config = tmp_path / "rotated.yaml"
+    config.write_text(yaml.safe_dump({"database": {"path": str(tmp_path / "loyalty.db")},
+                                      "rules": {"dir": str(tmp_path / "program"), "watch": False},
+                                      "clock": {"start": NOW}, "privacy": ROTATED}))
+    assert await asyncio.to_thread(rotate_key_command, str(config)) == 0
+    with sqlite3.connect(tmp_path / "loyalty.db") as conn:
+        kept = dict(conn.execute("SELECT adjustment_id, body_sha256 FROM adjustments"))
+        kept.update(conn.execute("SELECT offer_id, body_sha256 FROM offers"))
+    assert kept["adj-1"].startswith("m031:") and kept["o-1"].startswith("m031:")
+    assert kept["adj-2"].startswith("~k2~")
+    after = await serve(aiohttp_client, tmp_path, ROTATED)
+    for adjustment in (ADJUSTMENT, {**ADJUSTMENT, "adjustment_id": "adj-2"}):
+        status, again = await after.post("/v1/admin/adjustments", adjustment)
+        assert status == 200 and again["replayed"] is True
+        assert (await after.post("/v1/admin/adjustments", {**adjustment, "points": 7}))[0] == 409
+    assert (await after.post("/v1/admin/offers", OFFER))[0] == 200
+    assert (await after.post("/v1/admin/offers", {**OFFER, "to": "2026-12-30"}))[0] == 409
 
 
 async def test_rows_from_before_keyed_fingerprints_lose_the_card_and_still_replay(aiohttp_client, tmp_path):

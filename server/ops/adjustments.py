@@ -23,7 +23,7 @@ async def adjust(deps: Deps, req: schema.Adjustment, principal: Principal) -> tu
     member = await find_member(deps, req.card)
     hashes = candidates(deps.privacy.card(req.card))
     fingerprints = keyed_fingerprints(
-        lambda i: schema.canonical(msgspec.structs.replace(req, card=hashes[i])), len(hashes))
+        lambda i: schema.canonical(msgspec.structs.replace(req, card=hashes[i])), deps.privacy.key_ids)
     # An adjustment stored before fingerprints were keyed is compared by its fields (m031).
     fingerprints.append(legacy_fingerprint(req.adjustment_id, member.id, req.points, req.reason))
     try:
