@@ -18,8 +18,11 @@ from aiohttp import web
 from server import answer_types as A, report_audience, report_campaign, schema
 from server.errors import ApiError, conflict, field_error, not_found, problems_error, unprocessable
 from server.keys import CLOCK, DATABASE, PRIVACY, PROGRAMS
+from server.ops import keyed_fingerprints
+from server.privacy import candidates
 from server.validation import Problems
 from storage import coupons, offers, segments
+from storage.schema import legacy_fingerprint
 
 
 @dataclass(frozen=True)
@@ -78,10 +81,16 @@ def definitions(app) -> Definitions:
 # ------------------------------------------------------------------ handlers
 
 def members_of_cards(conn, privacy, cards: list[str]) -> list[int]:
-    """The members of the cards, or a 422 `unknown_card` naming every card not enrolled."""
+    """The members of the cards, or a 422 `unknown_card` naming every card not enrolled.
+    Each card is looked for under its hash in force, then under the earlier keys' (a card
+    `privacy rotate-key` has not wrapped yet), as every look-up is."""
     found, missing = [], []
     for i, card in enumerate(cards):
-        row = conn.execute("SELECT member_id FROM cards WHERE card = ?", (privacy.card(card),)).fetchone()
+        row = None
+        for digest in candidates(privacy.card(card)):
+            row = conn.execute("SELECT member_id FROM cards WHERE card = ?", (digest,)).fetchone()
+            if row is not None:
+                break
         if row is None:
             missing.append({"path": f"cards[{i}]", "message": "is not an enrolled card"})
         else:
@@ -121,10 +130,18 @@ async def _change_segment(app, call, change):
     return json_reply(A.SegmentSizeAnswer(d.id, size))
 
 
-def offer_digest(body: schema.OfferAssignment) -> str:
-    """The offer's fingerprint: the same cards in another order are the same offer."""
-    cards = sorted(body.cards) if body.cards is not None else None
-    return hashlib.sha256(schema.canonical(msgspec.structs.replace(body, cards=cards))).hexdigest()
+def offer_fingerprints(privacy, body: schema.OfferAssignment) -> list[str]:
+    """The offer's fingerprints (server.ops.keyed_fingerprints): its cards replaced by their
+    keyed hashes, sorted, so the same cards in another order are the same offer; last, the
+    one m031 left an offer assigned before fingerprints were keyed."""
+    if body.cards is None:      # no card in it; marked with the key all the same, as rotate-key reads them
+        fingerprints = keyed_fingerprints(lambda i: schema.canonical(body), privacy.key_ids)
+    else:
+        hashes = [candidates(privacy.card(card)) for card in body.cards]
+        fingerprints = keyed_fingerprints(lambda i: schema.canonical(
+            msgspec.structs.replace(body, cards=sorted(h[i] for h in hashes))), privacy.key_ids)
+    return fingerprints + [legacy_fingerprint(body.offer_id, body.rule, body.from_.isoformat(), body.to.isoformat(),
+                                              body.points)]
 
 
 def check_offer(defs: Definitions, body: schema.OfferAssignment) -> None:
@@ -155,8 +172,8 @@ async def assign_offer(app, call):
         if d is None:
             raise field_error("segment", f"is {body.segment}, a segment the program does not define",
                               "unknown_segment")
-    digest = offer_digest(body)
     privacy, now = app[PRIVACY], app[CLOCK].now()
+    digest = offer_fingerprints(privacy, body)
 
     def write(conn):
         members = segments.members_of(conn, d) if d else members_of_cards(conn, privacy, body.cards)

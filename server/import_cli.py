@@ -301,7 +301,8 @@ class MemberImport(Importer):
             # A new PostingRef each time: the database may run fn again in a fresh transaction.
             at = PostingRef(effective_at=now, created_at=now, rules_version=self.ctx.program.version,
                             ref="opening", note=note)
-            return imports.insert_members(conn, batch, today=today, at=at, profile_events=profile_events)
+            return imports.insert_members(conn, batch, today=today, at=at, profile_events=profile_events,
+                                          first_tier=self.ctx.program.tier_for(0)[0])
         done = self.db.write_sync(fn)
         for line in done.crm_id_taken:
             self.tally.refuse(line, "crm_id", "belongs to another member")

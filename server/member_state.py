@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import date, datetime, timedelta
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import msgspec
 
@@ -34,10 +34,10 @@ def read_member_state(conn: sqlite3.Connection, receipt, program: Program, now: 
     holds = ledger.open_holds(conn, member.id, iso(now))
     hold_open = any(h.key == key and h.points for h in holds) or \
         ledger.hold_member(conn, key, open_only=True) is not None
-    facts, judged, tier = customer_value_facts(conn, program, member, receipt, card, coupon_mac, now)
+    facts, judged, tier, tier_now = _customer_value(conn, program, member, receipt, card, coupon_mac, now)
     return MemberState(member, facts, ledger.lots_of(conn, member.id), holds,
                        ledger.rule_usage(conn, member.id, windows), budget_left(conn, program), hold_open, judged,
-                       tier)
+                       tier, tier_now)
 
 
 def customer_value_facts(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, receipt,
@@ -45,7 +45,13 @@ def customer_value_facts(conn: sqlite3.Connection, program: Program, member: led
     """The member's facts with their segments (as they are at arrival), the offers valid
     at ts and the receipt's usable codes; with the judgement of every code it sent and what
     the tier was computed from. Reads only: judging a code does not use it."""
-    facts, tier = member_facts(conn, program, member, receipt.ts)
+    return _customer_value(conn, program, member, receipt, card, coupon_mac, now)[:3]
+
+
+def _customer_value(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, receipt, card: str,
+                    coupon_mac, now: datetime) -> tuple[MemberFacts, coupons.Judged | None, TierFacts, TierTotals]:
+    """customer_value_facts, with what the member's tier at `now` counts before the receipt."""
+    facts, tier, tier_now = member_facts(conn, program, member, receipt.ts, now)
     day = local_date_of(program, receipt.ts)     # offers and coupon campaigns are judged at ts
     judged, sent = None, getattr(receipt, "coupons", None)
     if sent:
@@ -53,7 +59,8 @@ def customer_value_facts(conn: sqlite3.Connection, program: Program, member: led
     return msgspec.structs.replace(
         facts, segments=segments_now(conn, program, member.id),
         offers=offers.offers_for(conn, member.id, day) if program.personal_rule_ids else {},
-        coupons={campaign: code for campaign, (code, _) in judged.usable.items()} if judged else {}), judged, tier
+        coupons={campaign: code for campaign, (code, _) in judged.usable.items()} if judged else {}), judged, tier, \
+        tier_now
 
 
 def local_date_of(program: Program, moment: datetime) -> date:
@@ -82,11 +89,11 @@ def budget_left(conn: sqlite3.Connection, program: Program) -> dict[str, int] | 
 
 
 def member_facts(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
-                 ts: datetime) -> tuple[MemberFacts, TierFacts]:
+                 ts: datetime, now: datetime) -> tuple[MemberFacts, TierFacts, TierTotals]:
     """As the rules see the member on a receipt stamped `ts`: the tier at ts, the
-    receipt_number in arrival order (this receipt not stored yet); and the window's totals
-    the tier came from, which the receipt records."""
-    tier, ever, totals = tier_of_receipt(conn, program, member, ts)
+    receipt_number in arrival order (this receipt not stored yet); the window's totals
+    the tier came from, which the receipt records; and what the tier at `now` counts."""
+    tier, ever, totals, tier_now = tier_of_receipt(conn, program, member, ts, now)
     return MemberFacts(
         member_id=member.public_id,
         tier=tier["id"],
@@ -94,16 +101,39 @@ def member_facts(conn: sqlite3.Connection, program: Program, member: ledger.Memb
         birthday=date.fromisoformat(member.birthday) if member.birthday else None,
         enrolled_on=ledger.from_iso(member.enrolled_at).astimezone(program.timezone).date(),
         receipt_number=ever + 1,
-    ), totals
+    ), totals, tier_now
+
+
+class TierTotals(NamedTuple):
+    """What a member's tier at a moment counts over the program's window up to it."""
+    receipts: int
+    spend: int                  # net of returns, minor units
 
 
 def tier_of_receipt(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
-                    ts: datetime) -> tuple[dict, int, TierFacts]:
-    """tier_view of a receipt stamped `ts`, with the totals of the window it read."""
-    view, ever, count, spend = _tier(conn, program, member, ts, None, True)
+                    ts: datetime, now: datetime) -> tuple[dict, int, TierFacts, TierTotals]:
+    """tier_view of a receipt stamped `ts`, with the totals of the window it read, and in
+    the same pass what the tier at its arrival `now` counts before it is stored."""
+    window = timedelta(days=program.tier_window_days)
+    ever, count, spend, count_now, spend_now = ledger.tier_counts(conn, member.id, iso(ts - window), iso(ts),
+                                                                  iso(now - window))
+    view = _view(program, member, count, spend, local_date_of(program, ts).isoformat())
     in_force = view["manual"] or "manual_ignored" in view     # ignored: another program may define it
     manual = member.manual_tier if in_force else None
-    return view, ever, TierFacts(view["id"], manual, program.tier_window_days, spend, count)
+    return view, ever, TierFacts(view["id"], manual, program.tier_window_days, spend, count), \
+        TierTotals(count_now, spend_now)
+
+
+def tier_after_receipt(program: Program, member: ledger.MemberRow, before: TierTotals, receipt,
+                       now: datetime) -> str:
+    """The member's tier at `now` once the receipt is stored: what it counted at arrival
+    (tier_of_receipt) plus the receipt itself when its ts is inside the window, which
+    counts receipts stamped up to any time after `now - window`. Exact as long as nothing
+    else changed the member's receipts in between: a batch plans a member once."""
+    receipts, spend = before
+    if iso(receipt.ts) > iso(now - timedelta(days=program.tier_window_days)):
+        receipts, spend = receipts + 1, spend + receipt.total
+    return _view(program, member, receipts, spend, local_date_of(program, now).isoformat())["id"]
 
 
 def tier_view(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, moment: datetime,
@@ -126,6 +156,11 @@ def _tier(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, 
     since = iso(moment - timedelta(days=program.tier_window_days))
     until = iso(moment) if of_receipt else as_of
     ever, count, spend = ledger.receipt_counts(conn, member.id, since, until, until_inclusive=not of_receipt)
+    return _view(program, member, count, spend, today), ever, count, spend
+
+
+def _view(program: Program, member: ledger.MemberRow, count: int, spend: int, today: str) -> dict:
+    """The tier from the window's totals, or the manual tier while it holds on `today`."""
     metric = spend if program.tier_metric == "spend" else count
     tier, nxt, to_next = program.tier_for(metric)
     view = {"id": tier, "next": nxt, "to_next": to_next, "metric": program.tier_metric, "value": metric,
@@ -139,7 +174,7 @@ def _tier(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, 
         else:
             view["manual_ignored"] = {"tier": member.manual_tier, "until": member.manual_tier_until,
                                       "reason": f"not a tier of program {program.id}"}
-    return view, ever, count, spend
+    return view
 
 
 def tier_since(program: Program, moment: datetime) -> str:

@@ -37,6 +37,9 @@ class MemberState(msgspec.Struct, frozen=True):
     hold_open: bool                 # a hold under this receipt's key is open, even a lapsed one
     coupons: Judged | None = None   # the receipt's codes judged at its ts; None: it sent none
     tier: TierFacts | None = None   # what facts.tier was computed from, for the receipt's record
+    # (receipts, net spend) the member's tier at arrival counts before this receipt: the
+    # tier.changed check after it adds the receipt instead of counting again
+    tier_now: tuple[int, int] | None = None
 
     def own_hold(self, key: ReceiptKey) -> int:
         return sum(h.points for h in self.holds if h.key == key)
@@ -101,6 +104,7 @@ class ReceiptPlan:
     offer_charges: list[tuple[str, int]] = field(default_factory=list)  # (personal rule, points it gave)
     held_out: list[tuple[str, int]] = field(default_factory=list)  # (rule, points a control member was not given)
     member_facts: ReceiptMemberFacts | None = None    # what the rules knew of the member, kept with the receipt
+    tier_now: tuple[int, int] | None = None     # MemberState.tier_now
 
 
 def local_day(program: Program, moment: datetime) -> str:
@@ -168,7 +172,7 @@ def plan_confirm(receipt, state: MemberState | None, program: Program, now: date
     if state is None:
         plan.lines = build(sold, ev.pairs, ev.redeemed_by_line, {})
         return plan
-    plan.member = state.member
+    plan.member, plan.tier_now = state.member, state.tier_now
     partner = partner_of(program, receipt.store_id)
     lots = {lot.id: Lot(lot.id, lot.available_from, lot.expires_on, lot.remaining) for lot in state.lots}
     if state.hold_open:

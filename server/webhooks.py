@@ -192,13 +192,17 @@ class Dispatcher:
 
 
 def emit_noting_tier(conn: sqlite3.Connection, program, member_id: int, type_: str, data: dict,
-                     now: datetime, card_last4: str | None = None, member=None) -> None:
+                     now: datetime, card_last4: str | None = None, member=None, tier: str | None = None) -> None:
     """Emits the event, then tier.changed if the change moved the member's tier. member: the
     member's row when the caller has it (a receipt does), saving look-ups per receipt: its
-    tier facts and its CRM fields."""
+    tier facts and its CRM fields. tier: the member's tier at `now` after the change when the
+    caller knows it (a confirm does, from its plan); otherwise it is counted here."""
     crm = events.Crm(member.crm_id, member.consent) if member is not None else None
     events.emit(conn, type_, member_id, data, now, card_last4=card_last4, crm=crm)
-    note_tier(conn, program, member_id, now, type_, member, card_last4)
+    if tier is not None and len(program.tiers) >= 2:
+        events.note_tier(conn, member_id, tier, now, type_, card_last4, crm)
+    elif tier is None:
+        note_tier(conn, program, member_id, now, type_, member, card_last4)
 
 
 def note_tier(conn: sqlite3.Connection, program, member_id: int, now: datetime, reason: str, member=None,

@@ -19,7 +19,7 @@ from storage.ledger import CONSENT_BITS, CONSENT_CHANNELS, iso, member_public_id
 
 TYPES = ("member.enrolled", "receipt.confirmed", "receipt.cancelled", "return.accepted", "tier.changed",
          "points.expiring", "points.expired", "birthday", "offer.assigned", "card.replaced", "member.merged",
-         "member.erased")
+         "member.erased", "member.updated")
 
 _JSON = msgspec.json.Encoder()
 
@@ -87,6 +87,22 @@ def offers_assigned(conn: sqlite3.Connection, offer_id: str, rule_id: str, valid
         f"ORDER BY created_at LIMIT 1), m.crm_id, {CONSENT_BITS}, ?, ?, 'offer:' || ? || ':' || m.id, ? "
         "FROM json_each(?) j JOIN members m ON m.id = j.value ORDER BY m.id",
         (at, data, offer_id, at, _JSON.encode(member_ids))).rowcount
+
+
+def members_imported(conn: sqlite3.Connection, member_ids: list[int], tier: str, occurred_at: datetime | str) -> int:
+    """member.enrolled, marked imported, for each member an import inserted, in its
+    transaction: one statement for the batch. Each starts at `tier`, so a later move is a
+    tier.changed. How many were written."""
+    at = occurred_at if isinstance(occurred_at, str) else iso(occurred_at)
+    ids = _JSON.encode(member_ids)
+    conn.execute("INSERT OR REPLACE INTO event_member_tiers (member_id, tier) SELECT value, ? FROM json_each(?)",
+                 (tier, ids))
+    return conn.execute(
+        "INSERT INTO events (type, member_id, card_last4, crm_id, consent, occurred_at, data, created_at) "
+        "SELECT 'member.enrolled', m.id, (SELECT card_last4 FROM cards WHERE member_id = m.id "
+        f"ORDER BY created_at LIMIT 1), m.crm_id, {CONSENT_BITS}, ?, ?, ? "
+        "FROM json_each(?) j JOIN members m ON m.id = j.value ORDER BY m.id",
+        (at, _JSON.encode({"store_id": None, "tier": tier, "imported": True}), at, ids)).rowcount
 
 
 # Fields of an event's data that tell who the member is; an erasure makes them null.

@@ -19,7 +19,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from storage import ledger
+from storage import events, ledger, member_care
 from storage.accounts import OPENING
 from storage.ledger import CONSENT_CHANNELS, PostingRef, ReceiptKey
 
@@ -107,24 +107,28 @@ def insert_all(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], r
 
 class MembersInserted(NamedTuple):
     skipped: list[int]          # lines whose card is enrolled already
-    crm_id_taken: list[int]     # lines not inserted: their crm_id is another member's
+    crm_id_taken: list[int]     # lines not inserted (or not updated): their crm_id is another member's
+    updated: list[int] = []     # lines of enrolled cards whose crm_id or consent the row changed
 
 
 def insert_members(conn: sqlite3.Connection, rows: list[MemberRow], *, today: str, at: PostingRef,
-                   profile_events: list[str]) -> MembersInserted:
-    """Inserts the members whose card is not enrolled yet and whose crm_id no member has.
-    Ids are the next free ones: this is the only writer while the transaction lasts.
+                   profile_events: list[str], first_tier: str) -> MembersInserted:
+    """Inserts the members whose card is not enrolled yet and whose crm_id no member has,
+    each with its member.enrolled event (imported, at `first_tier`). Ids are the next free
+    ones: this is the only writer while the transaction lasts. A row of a card enrolled
+    already changes nothing but its member's crm_id and consent when it gives other ones.
 
     profile_events: the program's profile_completed events. A member whose phone and birthday
     both come in completed the profile in the previous program: the events are recorded as
     fired (without points), or the next change of the profile would pay them."""
     there = known_cards(conn, [r.card for r in rows])
-    skipped = [r.line for r in rows if r.card in there]
+    updated, not_updated = _update_crm(conn, [r for r in rows if r.card in there], there, at.created_at)
+    skipped = [r.line for r in rows if r.card in there and r.line not in not_updated]
     taken = _crm_ids_taken(conn, [r.crm_id for r in rows if r.card not in there and r.crm_id is not None])
     new = [r for r in rows if r.card not in there and r.crm_id not in taken]
-    refused = [r.line for r in rows if r.card not in there and r.crm_id in taken]
+    refused = [r.line for r in rows if r.card not in there and r.crm_id in taken] + not_updated
     if not new:
-        return MembersInserted(skipped, refused)
+        return MembersInserted(skipped, refused, updated)
     first_member = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM members").fetchone()[0]
     ids = {r.line: first_member + i for i, r in enumerate(new)}
     insert_all(conn, "members", ("id", "phone_hmac", "phone_last4", "birthday", "tags", "enrolled_at", "updated_at",
@@ -138,7 +142,29 @@ def insert_members(conn: sqlite3.Connection, rows: list[MemberRow], *, today: st
     insert_all(conn, "event_fires", ("member_id", "event_id", "occasion", "created_at"),
                [(ids[r.line], event, "profile", at.created_at) for r in new if r.phone_hmac and r.birthday
                 for event in profile_events], verb="INSERT OR IGNORE")
-    return MembersInserted(skipped, refused)
+    events.members_imported(conn, list(ids.values()), first_tier, at.created_at)
+    return MembersInserted(skipped, refused, updated)
+
+
+def _update_crm(conn: sqlite3.Connection, rows: list[MemberRow], there: dict[str, int],
+                now: str) -> tuple[list[int], list[int]]:
+    """The crm_id and consent rows of enrolled cards give, set as PATCH /v1/members sets
+    them (a member.updated when they change); (lines changed, lines refused: crm_id taken)."""
+    changed, refused = [], []
+    for r in rows:
+        if r.crm_id is None and r.consent is None:
+            continue
+        consent = {} if r.consent is None else {c: c in r.consent for c in CONSENT_CHANNELS}
+        crm_id, bits = member_care.crm_of(conn, there[r.card])
+        given = sum(1 << i for i, c in enumerate(CONSENT_CHANNELS) if consent.get(c)) if consent else bits
+        if (r.crm_id or crm_id, given) == (crm_id, bits):
+            continue        # a rerun of the same file changes nothing, not even when consent was given
+        try:
+            if member_care.set_crm(conn, there[r.card], r.crm_id, consent, now, imported=True):
+                changed.append(r.line)
+        except member_care.CareRefused:
+            refused.append(r.line)
+    return changed, refused
 
 
 def _crm_ids_taken(conn: sqlite3.Connection, crm_ids: list[str]) -> set[str]:

@@ -576,6 +576,19 @@ def rule_totals(conn: sqlite3.Connection, rule_ids: list[str]) -> dict[str, int]
     return {r: kept.get(r, 0) for r in rule_ids}
 
 
+# The member's returned lines with their receipts' ts. Starts from the member's returns
+# (returns_member; most members have none), not from their receipts: that would read each
+# receipt's row, bodies and all, for its key.
+_RETURNED_OF_MEMBER = (
+    "FROM returns rt "
+    "JOIN receipts r ON r.store_id = rt.receipt_store AND r.register_id = rt.receipt_register "
+    "AND r.receipt_id = rt.receipt_id "
+    "JOIN return_lines rl ON rl.receipt_store = rt.receipt_store AND rl.receipt_register = rt.receipt_register "
+    "AND rl.receipt_id = rt.receipt_id AND rl.return_store = rt.store_id AND rl.return_register = rt.register_id "
+    "AND rl.return_id = rt.return_id "
+    "WHERE rt.member_id = ? AND r.status = 'confirmed'")
+
+
 def receipt_counts(conn: sqlite3.Connection, member_id: int, since: str, until: str | None = None,
                    until_inclusive: bool = True) -> tuple[int, int, int]:
     """(confirmed receipts ever, confirmed receipts with a ts in the window, their net spend).
@@ -592,18 +605,29 @@ def receipt_counts(conn: sqlite3.Connection, member_id: int, since: str, until: 
         f"COALESCE(SUM(CASE WHEN ts > ? AND ts {upper} ? THEN total END), 0) "
         "FROM receipts WHERE member_id = ? AND status = 'confirmed'",
         (since, until, since, until, member_id)).fetchone()
-    # Starts from the member's returns (returns_member; most members have none), not from
-    # their receipts: that would read each receipt's row, bodies and all, for its key.
     returned = conn.execute(
-        "SELECT COALESCE(SUM(rl.amount), 0) FROM returns rt "
-        "JOIN receipts r ON r.store_id = rt.receipt_store AND r.register_id = rt.receipt_register "
-        "AND r.receipt_id = rt.receipt_id "
-        "JOIN return_lines rl ON rl.receipt_store = rt.receipt_store AND rl.receipt_register = rt.receipt_register "
-        "AND rl.receipt_id = rt.receipt_id AND rl.return_store = rt.store_id AND rl.return_register = rt.register_id "
-        "AND rl.return_id = rt.return_id "
-        f"WHERE rt.member_id = ? AND r.status = 'confirmed' AND r.ts > ? AND r.ts {upper} ?",
+        f"SELECT COALESCE(SUM(rl.amount), 0) {_RETURNED_OF_MEMBER} AND r.ts > ? AND r.ts {upper} ?",
         (member_id, since, until)).fetchone()[0]
     return ever, count, spend_ - returned
+
+
+def tier_counts(conn: sqlite3.Connection, member_id: int, since: str, until: str,
+                since_now: str) -> tuple[int, int, int, int, int]:
+    """receipt_counts of a receipt's own tier (after `since`, before its ts `until`) and, in
+    the same two statements, the confirmed receipts and net spend after `since_now` with no
+    end: what the member's tier at arrival counts, before this receipt is stored. A confirm
+    reads both at once, so the tier.changed check after it counts nothing again."""
+    ever, count, spend_, count_now, spend_now = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(ts > ? AND ts < ?), 0), "
+        "COALESCE(SUM(CASE WHEN ts > ? AND ts < ? THEN total END), 0), COALESCE(SUM(ts > ?), 0), "
+        "COALESCE(SUM(CASE WHEN ts > ? THEN total END), 0) "
+        "FROM receipts WHERE member_id = ? AND status = 'confirmed'",
+        (since, until, since, until, since_now, since_now, member_id)).fetchone()
+    returned, returned_now = conn.execute(
+        "SELECT COALESCE(SUM(CASE WHEN r.ts > ? AND r.ts < ? THEN rl.amount END), 0), "
+        f"COALESCE(SUM(CASE WHEN r.ts > ? THEN rl.amount END), 0) {_RETURNED_OF_MEMBER} AND r.ts > ?",
+        (since, until, since_now, member_id, min(since, since_now))).fetchone()
+    return ever, count, spend_ - returned, count_now, spend_now - returned_now
 
 
 def receipts_confirmed_before(conn: sqlite3.Connection, member_id: int, key: ReceiptKey) -> int | None:

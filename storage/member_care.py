@@ -16,6 +16,7 @@ import msgspec
 
 from storage import events, ledger, member_facts
 from storage.accounts import member_account
+from storage.schema import LEGACY_FINGERPRINT, legacy_fingerprint
 
 CHANNELS = ledger.CONSENT_CHANNELS
 PHONE_MATCHES_MAX = 20
@@ -61,8 +62,27 @@ def crm_fields(state: CareState) -> dict:
 
 
 def set_crm(conn: sqlite3.Connection, member_id: int, crm_id: str | None, consent: dict[str, bool],
-            now: str) -> None:
-    """crm_id: None leaves it, "" clears it; consent: only the channels given change."""
+            now: str, imported: bool = False) -> list[str]:
+    """crm_id: None leaves it, "" clears it; consent: only the channels given change. When
+    either changed, member.updated names which (`imported`: by `loyalty import members`),
+    in the caller's transaction, with the member's fields as they now are. What changed."""
+    before = crm_of(conn, member_id)
+    _write_crm(conn, member_id, crm_id, consent, now)
+    after = crm_of(conn, member_id)
+    changed = [name for name, old, new in zip(("crm_id", "consent"), before, after) if old != new]
+    if changed:
+        events.emit(conn, "member.updated", member_id, {"changed": changed, **({"imported": True} if imported else {})},
+                    now, crm=events.Crm(*after))
+    return changed
+
+
+def crm_of(conn: sqlite3.Connection, member_id: int) -> tuple[str | None, int]:
+    return conn.execute(f"SELECT m.crm_id, {ledger.CONSENT_BITS} FROM members m WHERE m.id = ?",
+                        (member_id,)).fetchone()
+
+
+def _write_crm(conn: sqlite3.Connection, member_id: int, crm_id: str | None, consent: dict[str, bool],
+               now: str) -> None:
     sets, values = [], []
     if crm_id is not None:
         sets.append("crm_id = ?")
@@ -255,6 +275,35 @@ def rewrap(conn: sqlite3.Connection, table: str, column: str, pairs: list[tuple[
     was read (a card retired, a phone changed) simply matches nothing."""
     return sum(conn.execute(f"UPDATE {table} SET {column} = ? WHERE {column} = ?", (new, old)).rowcount
                for old, new in pairs)
+
+
+def receipt_bodies(conn: sqlite3.Connection, after_rowid: int, limit: int) -> list[tuple[int, bytes, bytes]]:
+    """(rowid, body as stored, fingerprint) of up to `limit` receipts with a card after
+    `after_rowid`, in rowid order: a body keeps the card's hash it was confirmed with."""
+    return conn.execute("SELECT rowid, body, body_sha256 FROM receipts WHERE rowid > ? AND member_id IS NOT NULL "
+                        "ORDER BY rowid LIMIT ?", (after_rowid, limit)).fetchall()
+
+
+def rewrite_bodies(conn: sqlite3.Connection, rows: list[tuple[bytes, bytes, int]]) -> None:
+    """rows: (body, fingerprint, rowid) of receipts whose card's hash was wrapped."""
+    conn.executemany("UPDATE receipts SET body = ?, body_sha256 = ? WHERE rowid = ?", rows)
+
+
+# (table, its key, the columns of legacy_fingerprint) of the fingerprints of bodies with cards
+FINGERPRINTED = (("adjustments", "adjustment_id", ("adjustment_id", "member_id", "points", "reason")),
+                 ("offers", "offer_id", ("offer_id", "rule_id", "from_date", "to_date", "points")))
+
+
+def fingerprints_to_fields(conn: sqlite3.Connection, table: str, key: str, columns: tuple[str, ...],
+                           in_force: tuple[str, str], limit: int) -> int:
+    """Up to `limit` fingerprints neither under the key in force ([low, high)) nor made of
+    the row's fields already, replaced by legacy_fingerprint of `columns`; how many."""
+    low, high = in_force
+    rows = conn.execute(f"SELECT {', '.join(columns)} FROM {table} WHERE (body_sha256 < ? OR body_sha256 >= ?) "
+                        f"AND body_sha256 NOT LIKE '{LEGACY_FINGERPRINT}%' LIMIT ?", (low, high, limit)).fetchall()
+    conn.executemany(f"UPDATE {table} SET body_sha256 = ? WHERE {key} = ?",
+                     [(legacy_fingerprint(*row), row[columns.index(key)]) for row in rows])
+    return len(rows)
 
 
 def recorded_keys(conn: sqlite3.Connection) -> list[tuple[str, str]]:

@@ -24,19 +24,21 @@ class Assigned(NamedTuple):
     members: int
 
 
-def assign(conn: sqlite3.Connection, offer_id: str, rule_id: str, body_sha256: str, first: date, last: date,
+def assign(conn: sqlite3.Connection, offer_id: str, rule_id: str, fingerprints: list[str], first: date, last: date,
            points: int | None, member_ids: list[int], now: datetime) -> Assigned:
     """Records the offer for each member once, each with its offer.assigned event; a repeat
-    with the same body changes nothing."""
+    with the same body changes nothing. fingerprints: the body's, the first stored, any of
+    them matching a stored one making it a repeat (server/cvm.py offer_fingerprints)."""
     row = conn.execute("SELECT body_sha256, members FROM offers WHERE offer_id = ?", (offer_id,)).fetchone()
     if row is not None:
-        if row[0] != body_sha256:
+        if row[0] not in fingerprints:
             raise OfferConflict(f"offer {offer_id} was assigned before with another body")
         return Assigned(False, row[1])
     unique = sorted(set(member_ids))
     conn.execute("INSERT INTO offers (offer_id, rule_id, body_sha256, from_date, to_date, points, members, "
                  "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                 (offer_id, rule_id, body_sha256, first.isoformat(), last.isoformat(), points, len(unique), iso(now)))
+                 (offer_id, rule_id, fingerprints[0], first.isoformat(), last.isoformat(), points, len(unique),
+                  iso(now)))
     conn.executemany("INSERT INTO offer_members (member_id, offer_id, rule_id, from_date, to_date, points) "
                      "VALUES (?, ?, ?, ?, ?, ?)",
                      [(mid, offer_id, rule_id, first.isoformat(), last.isoformat(), points) for mid in unique])

@@ -9,6 +9,7 @@ receipt's accrual is one posting per lot, split by rule in posting_rules (m030; 
 per rule before), and what each rule has issued is its posting_rules points plus its reversal
 postings (kept in rule_totals since m016). Receipts, holds and the counters for rule limits are working state beside the ledger.
 """
+import hashlib
 import re
 
 import msgspec
@@ -754,6 +755,15 @@ CREATE TABLE receipt_member_facts (
 ) WITHOUT ROWID""")
 
 
+def legacy_fingerprint(*fields) -> str:
+    """What m031 keeps of a fingerprint taken before it of a body with card numbers in it: a
+    digest of the row's own stored fields, which a retry of that row is compared by."""
+    return LEGACY_FINGERPRINT + hashlib.sha256(msgspec.json.encode(list(fields))).hexdigest()
+
+
+LEGACY_FINGERPRINT = "m031:"      # never a hex digit: not a fingerprint taken since
+
+
 @migrations()
 def m028_segment_spans(db):
     """Segment membership with the time it held, for receipts and for reports on past dates.
@@ -835,3 +845,29 @@ CREATE TRIGGER posting_rules_rule_totals AFTER INSERT ON posting_rules
 BEGIN INSERT INTO rule_totals (rule_id, points) VALUES (NEW.rule_id, NEW.points)
       ON CONFLICT (rule_id) DO UPDATE SET points = points + excluded.points; END
 """)
+""")
+
+
+@migrations()
+def m031_fingerprints_without_cards(db):
+    """adjustments and offers: a fingerprint taken before this was an unkeyed SHA-256 of a
+    body with card numbers in it, which trying every card number with the row's other
+    fields would give back. The card-hash key is never in the database, so the body cannot
+    be fingerprinted again as it is now (its cards replaced by their keyed hashes); each
+    becomes a digest of what the row stores (legacy_fingerprint): an adjustment's id,
+    member, points and reason; an offer's id, rule, dates and points. A retry of such a row
+    is compared by those.
+
+    Also the indexes `privacy rotate-key` reads coupon codes by: those bound to a card by
+    the card's hash, and the uses of a code by the code."""
+    conn = db.conn
+    conn.execute("CREATE INDEX IF NOT EXISTS coupon_codes_card ON coupon_codes(card) WHERE card IS NOT NULL")
+    conn.execute("CREATE INDEX IF NOT EXISTS coupon_uses_code ON coupon_uses(code)")
+    adjustments = conn.execute("SELECT adjustment_id, member_id, points, reason FROM adjustments "
+                               "WHERE body_sha256 NOT LIKE 'm031:%'").fetchall()
+    conn.executemany("UPDATE adjustments SET body_sha256 = ? WHERE adjustment_id = ?",
+                     [(legacy_fingerprint(a, m, p, r), a) for a, m, p, r in adjustments])
+    offers = conn.execute("SELECT offer_id, rule_id, from_date, to_date, points FROM offers "
+                          "WHERE body_sha256 NOT LIKE 'm031:%'").fetchall()
+    conn.executemany("UPDATE offers SET body_sha256 = ? WHERE offer_id = ?",
+                     [(legacy_fingerprint(o, r, f, t, p), o) for o, r, f, t, p in offers])

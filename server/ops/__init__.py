@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Callable, TypeVar
 
 import msgspec
 
@@ -22,7 +22,7 @@ from rules import Program
 from server.clock import Clock
 from server.errors import conflict
 from server.metrics import Metrics
-from server.privacy import Privacy
+from server.privacy import Privacy, marked
 from server.programs import ProgramHolder
 from storage.db import Database
 
@@ -44,6 +44,21 @@ class Deps:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def keyed_fingerprints(body_under: Callable[[int], bytes], key_ids: list[str]) -> list[str]:
+    """The fingerprints of a body whose card numbers are replaced by their keyed hashes
+    (an unkeyed hash of a card number is guessed back by trying every number): under the
+    key in force first, then under each earlier one, newest first, as a body stored before
+    a rotation was fingerprinted. Each is marked with its key's id (server.privacy.marked),
+    so `privacy rotate-key` finds those taken under an earlier key. body_under(i): the body
+    with each card's i-th hash (server.privacy.candidates); key_ids: Privacy.key_ids."""
+    return [marked(sha256(body_under(i)), key_id) for i, key_id in enumerate(reversed(key_ids))]
+
+
+def replay_any(stored_sha: str, fingerprints: list[str], stored_result: bytes, answer: type[T]) -> T:
+    """replay, the request matching when any of its fingerprints is the stored one."""
+    return replay(stored_sha, stored_sha if stored_sha in fingerprints else fingerprints[0], stored_result, answer)
 
 
 def replay(stored_sha: str, fingerprint: str, stored_result: bytes, answer: type[T]) -> T:

@@ -20,7 +20,7 @@ from server.answer import calculate_answer, cancel_answer, confirm_answer, recei
 from server.answer_types import CalculateAnswer, CancelAnswer, ConfirmAnswer, ReceiptBalance
 from server.auth import Principal, require_store
 from server.errors import field_error, unprocessable
-from server.member_state import read_member_state
+from server.member_state import TierTotals, read_member_state, tier_after_receipt
 from server.ops import JSON, Deps, count, replay, sha256
 from server.ops.members import balance_now
 from server.plan import MemberState, evaluate, local_day, plan_calculate, plan_confirm
@@ -165,18 +165,21 @@ def as_stored(stored_sha: str, fingerprint: str, receipt: schema.Receipt, card: 
 
 def apply_announced(conn, confirms: list[Confirmed]) -> list:
     """apply_confirms, then each member's receipt.confirmed event (and tier.changed), in the
-    same transaction: after the receipt rows, which the tier check counts."""
+    same transaction. The tier after the receipt is what its plan read at arrival plus the
+    receipt; a plan without that (a state not read from the database) counts the stored rows."""
     results = apply_confirms(conn, confirms)
     for c, (status, answer, ev) in zip(confirms, results):
         member = c.plan.member
         if member is None:
             continue
         receipt = c.receipt
+        tier = None if c.plan.tier_now is None else \
+            tier_after_receipt(c.program, member, TierTotals(*c.plan.tier_now), receipt, c.now)
         webhooks.emit_noting_tier(conn, c.program, member.id, "receipt.confirmed", {
             "receipt": msgspec.to_builtins(answer.receipt), "ts": iso(receipt.ts), "total": receipt.total,
             "accrued_points": ev.accrued_points, "redeemed_points": ev.redeemed_points,
             "rules_version": c.program.version, "balance": msgspec.to_builtins(answer.balance)}, c.now,
-            card_last4=receipt.card[-4:], member=member)
+            card_last4=receipt.card[-4:], member=member, tier=tier)
     return results
 
 
