@@ -845,7 +845,6 @@ CREATE TRIGGER posting_rules_rule_totals AFTER INSERT ON posting_rules
 BEGIN INSERT INTO rule_totals (rule_id, points) VALUES (NEW.rule_id, NEW.points)
       ON CONFLICT (rule_id) DO UPDATE SET points = points + excluded.points; END
 """)
-""")
 
 
 @migrations()
