@@ -1,6 +1,6 @@
 """What segments, a personal offer and coupon codes cost a confirmed receipt, side by side in one process.
 
-    PYTHONPATH=. python benchmarks/cvm_cost.py [--members 300] [--receipts 200] [--rounds 4]
+    PYTHONPATH=. python benchmarks/cvm_cost.py [--members 300] [--receipts 200] [--rounds 4] [--profile DIR]
 
 Confirms receipts through server/ops/receipts.py (the write path without HTTP) on one database, in
 alternating blocks of four sides:
@@ -31,11 +31,16 @@ Segments, offers and codes are set up through the manager's handlers (server/cvm
 of each side (medians of the blocks) and their differences (B vs A, B vs P, P vs A), which
 are the share of confirmed receipts/s lost at full load. Short alternating blocks on one
 database let drift on a shared machine hit every side alike.
+
+--profile DIR writes a cProfile of each side's measured confirms to DIR/<side>.pstats (read
+them with `python -m pstats`); the profiler inflates the CPU times that run prints, so time
+and profile in separate runs.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import shutil
 import statistics
 import sys
@@ -122,7 +127,8 @@ def receipt(n: int, k: int, members: int, code: str | None = None, card: str = "
 
 
 async def block(deps, start: int, first_k: int, count: int, members: int, codes: list[str] | None,
-                card: str = "card", paying: list[tuple[bool, bool, bool]] | None = None) -> float:
+                card: str = "card", paying: list[tuple[bool, bool, bool]] | None = None,
+                profiler: cProfile.Profile | None = None) -> float:
     """CPU seconds per receipt over `count` confirms, of the event loop's thread: it runs each
     receipt's transaction (the sync thread only waits for the disk). A third of the receipts
     (k divisible by 3) are the ones a code comes with: with `codes` they carry the next one.
@@ -135,9 +141,13 @@ async def block(deps, start: int, first_k: int, count: int, members: int, codes:
         reg = register((*paying[k % members], coded)) if paying else "K01"
         bodies.append(receipt(start + i, k, members, codes.pop() if codes and coded else None, card, reg))
     cpu = time.thread_time()
+    if profiler:
+        profiler.enable()
     for body in bodies:
         status, answer = await receipt_ops.confirm(deps, body, REGISTER)
         assert status == 201, answer
+    if profiler:
+        profiler.disable()
     return (time.thread_time() - cpu) / count
 
 
@@ -163,7 +173,7 @@ async def set_up_cvm(app, members: int, codes_needed: int) -> list[str]:
     return codes
 
 
-async def main(members: int, per_block: int, rounds: int) -> None:
+async def main(members: int, per_block: int, rounds: int, profile: Path | None) -> None:
     folder = Path(tempfile.mkdtemp(prefix="cvm-bench-"))
     program_b = folder / "program"
     shutil.copytree(MARKET, program_b)
@@ -205,6 +215,7 @@ async def main(members: int, per_block: int, rounds: int) -> None:
         mark = await app[DATABASE].read(lambda conn: conn.execute(
             "SELECT COALESCE(MAX(posting_id), 0) FROM posting_rules").fetchone()[0])
         sides: dict[str, list[float]] = {"A": [], "B": [], "P": [], "idle": []}
+        profilers = {side: cProfile.Profile() for side in sides} if profile else {}
         order = list(sides)
         for r in range(rounds):
             # The same receipts for every side in a round; the order turns so that none
@@ -215,7 +226,8 @@ async def main(members: int, per_block: int, rounds: int) -> None:
                 holder.current = programs[side]
                 sides[side].append(await block(deps, n, r * per_block, per_block, members,
                                                codes if side == "B" else None,
-                                               "idle" if side == "idle" else "card", paying))
+                                               "idle" if side == "idle" else "card", paying,
+                                               profilers.get(side)))
                 n += per_block
         holder.current = b
         used = await app[DATABASE].read(lambda conn: conn.execute("SELECT COUNT(*) FROM coupon_uses").fetchone()[0])
@@ -223,6 +235,10 @@ async def main(members: int, per_block: int, rounds: int) -> None:
             "SELECT rule_id, COUNT(*), SUM(points) FROM posting_rules WHERE posting_id > ? GROUP BY rule_id",
             (mark,))})
     report(sides, scored.scored if scored else 0, paid, used, per_block)
+    if profile:
+        profile.mkdir(parents=True, exist_ok=True)
+        for side, profiler in profilers.items():
+            profiler.dump_stats(profile / f"{side}.pstats")
     shutil.rmtree(folder)
 
 
@@ -274,5 +290,6 @@ if __name__ == "__main__":
     parser.add_argument("--members", type=int, default=300)
     parser.add_argument("--receipts", type=int, default=200, help="confirms per block")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--profile", type=Path, help="a folder for each side's cProfile of its confirms")
     args = parser.parse_args()
-    asyncio.run(main(args.members, args.receipts, args.rounds))
+    asyncio.run(main(args.members, args.receipts, args.rounds, args.profile))
