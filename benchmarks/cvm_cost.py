@@ -214,21 +214,8 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None) 
         n += members
         mark = await app[DATABASE].read(lambda conn: conn.execute(
             "SELECT COALESCE(MAX(posting_id), 0) FROM posting_rules").fetchone()[0])
-        sides: dict[str, list[float]] = {"A": [], "B": [], "P": [], "idle": []}
-        profilers = {side: cProfile.Profile() for side in sides} if profile else {}
-        order = list(sides)
-        for r in range(rounds):
-            # The same receipts for every side in a round; the order turns so that none
-            # always meets the members after the others have bought.
-            for side in order[r % len(order):] + order[:r % len(order)]:
-                # What each request reads to take the serving program (no reload: the
-                # programs stay compiled, and the switch costs nothing inside a block).
-                holder.current = programs[side]
-                sides[side].append(await block(deps, n, r * per_block, per_block, members,
-                                               codes if side == "B" else None,
-                                               "idle" if side == "idle" else "card", paying,
-                                               profilers.get(side)))
-                n += per_block
+        sides, profilers = await alternate(deps, holder, programs, n, rounds, per_block, members, codes, paying,
+                                           profile is not None)
         holder.current = b
         used = await app[DATABASE].read(lambda conn: conn.execute("SELECT COUNT(*) FROM coupon_uses").fetchone()[0])
         paid = await app[DATABASE].read(lambda conn: {rule: (count, points) for rule, count, points in conn.execute(
@@ -240,6 +227,26 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None) 
         for side, profiler in profilers.items():
             profiler.dump_stats(profile / f"{side}.pstats")
     shutil.rmtree(folder)
+
+
+async def alternate(deps, holder, programs: dict, n: int, rounds: int, per_block: int, members: int,
+                    codes: list[str], paying: list, profile: bool) -> tuple[dict[str, list[float]], dict]:
+    """The measured rounds: each side's CPU per receipt by block, and its profiler (profile)."""
+    sides: dict[str, list[float]] = {"A": [], "B": [], "P": [], "idle": []}
+    profilers = {side: cProfile.Profile() for side in sides} if profile else {}
+    order = list(sides)
+    for r in range(rounds):
+        # The same receipts for every side in a round; the order turns so that none
+        # always meets the members after the others have bought.
+        for side in order[r % len(order):] + order[:r % len(order)]:
+            # What each request reads to take the serving program (no reload: the
+            # programs stay compiled, and the switch costs nothing inside a block).
+            holder.current = programs[side]
+            sides[side].append(await block(deps, n, r * per_block, per_block, members,
+                                           codes if side == "B" else None,
+                                           "idle" if side == "idle" else "card", paying, profilers.get(side)))
+            n += per_block
+    return sides, profilers
 
 
 async def who_pays(app, members: int) -> list[tuple[bool, bool, bool]]:
