@@ -14,7 +14,6 @@ comeback 400, xmas-coupon 250 and fruit-bonus without a control group.
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import re
@@ -23,7 +22,7 @@ from contextlib import closing
 
 import pytest
 from conftest import receipt
-from test_console import Console
+from test_console import Console, run_backtest
 from test_rules_tools import write_config
 
 from rules import holdout_member
@@ -152,16 +151,7 @@ async def test_the_console_backtest_uses_the_recorded_facts(history):
     console = Console(api.client)
     await console.sign_in()
     text = (program / "rules.yaml").read_text()
-    form = {"file": "rules.yaml", "text": NEW_RULES, "base_sha256": hashlib.sha256(text.encode()).hexdigest(),
-            "from": "2026-11-01", "to": "2026-11-30"}
-    status, location, page = await console.post("/console/program/backtest", form)
-    assert status == 303, page
-    for _ in range(400):
-        _, page = await console.get(location)
-        if 'data-state="running"' not in page:
-            break
-        await asyncio.sleep(0.05)
-    assert 'data-state="done"' in page, page
+    _, page = await run_backtest(console, NEW_RULES, hashlib.sha256(text.encode()).hexdigest(), file="rules.yaml")
     cells = {rule: re.findall(r"<td>([^<]*)</td>", row)
              for rule, row in re.findall(r'<tr id="diff-([^"]+)">(.*?)</tr>', page, re.S)}
     assert {rule: int(c[0]) for rule, c in cells.items()} == OLD

@@ -225,11 +225,14 @@ async def test_the_check_finds_a_typo_at_its_line(setup):
     assert (await response.json())["ok"] is True
 
 
-async def run_backtest(console, text: str, base: str, **period) -> str:
-    form = {"file": PROMOS, "text": text, "base_sha256": base, "from": "2026-11-01", "to": "2026-11-30", **period}
+async def run_backtest(console, text: str, base: str, **form_fields) -> tuple[str, str]:
+    """(job id, its finished page): the edit of `text` backtested over November, or over the
+    period and of the file form_fields give."""
+    form = {"file": PROMOS, "text": text, "base_sha256": base, "from": "2026-11-01", "to": "2026-11-30",
+            **form_fields}
     status, location, page = await console.post("/console/program/backtest", form)
     assert status == 303, page
-    for _ in range(200):
+    for _ in range(400):
         _, page = await console.get(location)
         if 'data-state="running"' not in page:
             break
