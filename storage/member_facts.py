@@ -19,6 +19,8 @@ from datetime import date
 
 import msgspec
 
+from storage import versioned
+
 VERSION = 1
 USABLE = "usable"       # a code's status when it could be used (storage/coupons.py USABLE)
 
@@ -66,30 +68,16 @@ class ReceiptMemberFacts(msgspec.Struct, array_like=True, frozen=True):
         return [c.campaign for c in self.coupons if c.status == USABLE and c.campaign is not None]
 
 
-class UnknownVersion(ValueError):
-    """A row written by a newer server; this one cannot read it."""
-
-
-_encoder = msgspec.msgpack.Encoder()
-
-
-class _Version(msgspec.Struct, array_like=True):
-    version: int        # the first field of every version; the rest is read once it is known
-
-
-_versioned = msgspec.msgpack.Decoder(_Version)
-_v1 = msgspec.msgpack.Decoder(ReceiptMemberFacts)
+UnknownVersion = versioned.UnknownVersion
+_read = versioned.reader(ReceiptMemberFacts, VERSION, "member facts")
 
 
 def encode(record: ReceiptMemberFacts) -> bytes:
-    return _encoder.encode(record)
+    return versioned.encode(record)
 
 
 def decode(data: bytes) -> ReceiptMemberFacts:
-    version = _versioned.decode(data).version
-    if version != VERSION:
-        raise UnknownVersion(f"member facts of version {version}; this server reads version {VERSION}")
-    return _v1.decode(data)
+    return _read(data)
 
 
 def insert(conn: sqlite3.Connection, rows: list[tuple[tuple[str, str, str], ReceiptMemberFacts]]) -> None:
