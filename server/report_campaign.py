@@ -251,8 +251,8 @@ def _variance(g: Group) -> Fraction:
     return Fraction(n * g.sum_squares - g.spend * g.spend, n * (n - 1))
 
 
-def _minor(value: Fraction | Decimal) -> int:
-    """Half-up to a whole minor unit."""
+def minor_units(value: Fraction | Decimal) -> int:
+    """Half-up (halves away from zero) to a whole minor unit."""
     if isinstance(value, Fraction):
         with localcontext() as ctx:
             ctx.prec = 60
@@ -285,13 +285,13 @@ def report(conn, setting: Setting, rule: CampaignRule, first: date, last: date) 
     diff, half = uplift(treated, control)
     spend = None
     if diff is not None:
-        spend = {"spend_per_member": _minor(diff), "low": None, "high": None}
+        spend = {"spend_per_member": minor_units(diff), "low": None, "high": None}
         if half is not None:
             exact = Decimal(diff.numerator) / Decimal(diff.denominator)
-            spend["low"], spend["high"] = _minor(exact - half), _minor(exact + half)
+            spend["low"], spend["high"] = minor_units(exact - half), minor_units(exact + half)
     return {"rule": rule.id, "from": first.isoformat(), "to": last.isoformat(),
             "treated": treated.public(), "control": control.public(), "uplift": spend,
-            "incremental_spend": None if diff is None else _minor(diff * treated.members),
+            "incremental_spend": None if diff is None else minor_units(diff * treated.members),
             "points_cost": treated.points * setting.point_value}
 
 

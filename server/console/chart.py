@@ -13,6 +13,7 @@ import xml.etree.ElementTree as ET
 from datetime import date
 from fractions import Fraction
 
+from server.report_campaign import minor_units
 from server.reports import money_text
 
 SVG = "http://www.w3.org/2000/svg"
@@ -23,12 +24,6 @@ DATE_LABELS_MAX = 8
 # (group, words, colour, dashes, marker): the words are what the legend and <desc> say.
 SERIES = (("treated", "treated (solid line, circles)", "#0b5cad", None, "circle"),
           ("control", "control (dashed line, squares)", "#8a5300", "8 5", "square"))
-
-
-def half_up(value: Fraction) -> int:
-    """To whole minor units, halves away from zero (as the report rounds)."""
-    whole = (2 * abs(value.numerator) + value.denominator) // (2 * value.denominator)
-    return whole if value >= 0 else -whole
 
 
 def per_member(group: dict) -> Fraction | None:
@@ -137,7 +132,7 @@ def _legend(root, report: dict, currency: str) -> None:
 
 def _mean_text(group: dict, currency: str) -> str:
     mean = per_member(group)
-    return "no members" if mean is None else f"{money_text(half_up(mean), currency)} per member over the period"
+    return "no members" if mean is None else f"{money_text(minor_units(mean), currency)} per member over the period"
 
 
 def _description(weeks, report: dict, currency: str) -> str:
