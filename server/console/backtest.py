@@ -25,7 +25,7 @@ from datetime import date
 from pathlib import Path
 
 from rules import ProgramError, load_files
-from server.errors import ApiError, conflict, field_error
+from server.errors import conflict, field_error
 from server.replay_member import from_record
 from server.rules_tools import DiffReport, ToolError, decode_receipt, diff
 from storage import member_facts
