@@ -297,11 +297,6 @@ def write_changes(conn: sqlite3.Connection, run_id: int, now: datetime, changes:
 _NEWEST = "SELECT id FROM rfm_runs WHERE finished_at IS NOT NULL ORDER BY id DESC LIMIT 1"
 
 
-def current_run(conn: sqlite3.Connection) -> int | None:
-    row = conn.execute(_NEWEST).fetchone()
-    return row[0] if row else None
-
-
 def scores_of(conn: sqlite3.Connection, member_id: int) -> Score | None:
     """The member's scores from the newest finished run, or None (unscored)."""
     row = conn.execute(
@@ -309,10 +304,6 @@ def scores_of(conn: sqlite3.Connection, member_id: int) -> Score | None:
         f"WHERE run_id = ({_NEWEST}) AND member_id = ?",
         (member_id,)).fetchone()
     return Score(*row) if row else None
-
-
-def listed_in(conn: sqlite3.Connection, member_id: int) -> set[str]:
-    return {s for (s,) in conn.execute("SELECT segment_id FROM segment_members WHERE member_id = ?", (member_id,))}
 
 
 # A computed segment's spans seen by the newest finished run; a list segment's open ones.
