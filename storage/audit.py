@@ -159,9 +159,7 @@ def _receipts(conn, report: AuditReport) -> None:
              "WHERE p.store_id = ? AND p.register_id = ? AND p.receipt_id = ? GROUP BY 1, 2")
     for store, register, receipt_id, member_id, status, result in rows:
         report.receipts += 1
-        sums: dict[tuple[str, str], int] = {}
-        for k, r, p in conn.execute(query, (store, register, receipt_id)):
-            sums[(k, r)] = p
+        sums = {(k, r): p for k, r, p in conn.execute(query, (store, register, receipt_id))}
         name = f"receipt {store}/{register}/{receipt_id}"
         if status == "cancelled":
             # Expiry and debt repayment postings may carry the receipt too; what it earned and
