@@ -53,6 +53,7 @@ from types import SimpleNamespace
 import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.events_outbox import serving  # noqa: E402
 from rules.loader import read_directory  # noqa: E402
 from server import cvm, rfm, schema  # noqa: E402
 from server.app import create_app  # noqa: E402
@@ -183,7 +184,7 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None) 
                                "clock": {"start": "2026-11-24T12:00:05+02:00"}, "jobs": {"enabled": False},
                                "privacy": {"hmac_key": "bench-hmac-key-0123456789"}})
     app = create_app(config)
-    async with _serving(app):
+    async with serving(app):
         deps, holder = app[OPS], app[PROGRAMS]
         b = holder.current
         files, _, problems = read_directory(MARKET)
@@ -276,20 +277,6 @@ def report(sides: dict[str, list[float]], scored: int, paid: dict, used: int, pe
     for x, y in (("B", "A"), ("B", "P"), ("P", "A")):
         by_round = (100 * (1 - u / v) for u, v in zip(sides[y], sides[x]))
         print(f"fewer receipts/s by round, {x} vs {y} (%):", " ".join(f"{p:.1f}" for p in by_round))
-
-
-class _serving:
-    """The app's start-up and clean-up (cleanup_ctx) without a listener."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __aenter__(self):
-        self.app.freeze()
-        await self.app.startup()
-
-    async def __aexit__(self, *exc):
-        await self.app.cleanup()
 
 
 if __name__ == "__main__":

@@ -121,15 +121,7 @@ def holds(node: Node, fact: dict) -> bool:
     if isinstance(node, Group):
         results = (holds(item, fact) for item in node.items)
         return all(results) if node.op == "and" else any(results)
-    left, right = fact[node.field], node.value
-    return {
-        "eq": left == right,
-        "ne": left != right,
-        "lt": left < right,
-        "lte": left <= right,
-        "gt": left > right,
-        "gte": left >= right,
-    }[node.op]
+    return _COMPARE[node.op](fact[node.field], node.value)
 
 
 _COMPARE = {"eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "lte": operator.le, "gt": operator.gt,

@@ -17,6 +17,7 @@ from typing import Callable
 import msgspec
 
 from rules.conditions import Node, constants, may_hold
+from server.member_state import tiers_at
 from storage import offers, segments
 
 Test = Callable[[int], bool]
@@ -52,7 +53,6 @@ def member_fields(program, node: Node) -> set[str]:
 
 def facts_on(conn: sqlite3.Connection, program, fields: set[str], moment: datetime) -> Callable[[int], dict]:
     """member id -> the member-condition fields among `fields`, at `moment`."""
-    from server.member_state import tiers_at
     members = segments.member_records(conn)
     tiers = tiers_at(conn, program, members, moment, as_of=moment) if "tier" in fields else {}
     tags = {f: t for t, f in program.member_tag_fields.items() if f in fields}

@@ -1,11 +1,12 @@
 """The campaign effect of a rule with a control group (rules.md, "Campaign effect").
 
 Audience: the members enrolled by `to` who meet the rule's member conditions on `from` (all
-of them when it has none; server/report_audience.py says who does); each is treated or control by the stable holdout assignment. Per
-group: members, buyers, receipts, spend (net totals of the period's confirmed receipts,
-non-buyers counting zero), scope_spend (the same over the lines in the rule's scope), points
-(issued by the rule to the treated; what it would have given, for the control). The uplift
-of spend per member is the difference of the means with a Welch–Satterthwaite t interval.
+of them when it has none; server/report_audience.py says who does); each is treated or
+control by the stable holdout assignment. Per group: members, buyers, receipts, spend (net
+totals of the period's confirmed receipts, non-buyers counting zero), scope_spend (the same
+over the lines in the rule's scope), points (issued by the rule to the treated; what it
+would have given, for the control). The uplift of spend per member is the difference of the
+means with a Welch–Satterthwaite t interval.
 
 Sums and means are exact (integers and Fractions); the t quantile is computed in floating
 point (it is a statistic, not money) to far better than a minor unit of any interval this

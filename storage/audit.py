@@ -153,15 +153,13 @@ def _receipts(conn, report: AuditReport) -> None:
     rows = conn.execute("SELECT store_id, register_id, receipt_id, member_id, status, result FROM receipts "
                         "WHERE member_id IS NOT NULL")
     # Accruals by rule: from their split once the database has one (m030), else as posted.
-    by_rule = ((BY_RULE_FROM, BY_RULE_ID, BY_RULE_POINTS) if _has_table(conn, "posting_rules")
-               else ("postings p", "p.rule_id", "p.points"))
-    query = (f"SELECT p.kind, COALESCE({by_rule[1]}, ''), SUM({by_rule[2]}) FROM {by_rule[0]} "
+    source, rule, points = ((BY_RULE_FROM, BY_RULE_ID, BY_RULE_POINTS) if _has_table(conn, "posting_rules")
+                            else ("postings p", "p.rule_id", "p.points"))
+    query = (f"SELECT p.kind, COALESCE({rule}, ''), SUM({points}) FROM {source} "
              "WHERE p.store_id = ? AND p.register_id = ? AND p.receipt_id = ? GROUP BY 1, 2")
     for store, register, receipt_id, member_id, status, result in rows:
         report.receipts += 1
-        sums: dict[tuple[str, str], int] = {}
-        for k, r, p in conn.execute(query, (store, register, receipt_id)):
-            sums[(k, r)] = p
+        sums = {(k, r): p for k, r, p in conn.execute(query, (store, register, receipt_id))}
         name = f"receipt {store}/{register}/{receipt_id}"
         if status == "cancelled":
             # Expiry and debt repayment postings may carry the receipt too; what it earned and

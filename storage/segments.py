@@ -82,8 +82,7 @@ def window_facts(conn: sqlite3.Connection, today: date, window_days: int, tz: tz
     The window is read by `ts` (UTC, as stored) between the first moments of its first local
     day and of the day after `today`: the receipts_member_counts index covers that query, so
     it never reads the receipts' rows (their bodies are most of the database)."""
-    start = iso(window_start(today, window_days, tz))
-    end = iso(datetime.combine(today + timedelta(days=1), time.min, tz))
+    start, end = _window_bounds(today, window_days, tz)
     # Monetary is ranked by SQLite (RANK() - 1: how many spent strictly less) inside its own
     # step calls, which run without Python's GIL: sorting a million values in Python would
     # hold it, and stall the event loop, for as long as the sort takes.
@@ -104,8 +103,7 @@ def window_and_tier_facts(conn: sqlite3.Connection, today: date, window_days: in
                           tier_since: str) -> tuple[list[Facts], dict[int, tuple[int, int]]]:
     """window_facts, and tier_metrics(conn, tier_since, None) with it, from one pass over the
     receipts instead of two (both are most of what the daily job reads)."""
-    start = iso(window_start(today, window_days, tz))
-    end = iso(datetime.combine(today + timedelta(days=1), time.min, tz))
+    start, end = _window_bounds(today, window_days, tz)
     in_window = "ts >= ?1 AND ts < ?2"
     rows = conn.execute(
         "WITH back AS (SELECT r.member_id AS mid, SUM(CASE WHEN r.ts >= ?1 AND r.ts < ?2 THEN rl.amount END) AS w, "
@@ -217,6 +215,11 @@ def window_start(today: date, window_days: int, tz: tzinfo) -> datetime:
     return datetime.combine(today - timedelta(days=window_days - 1), time.min, tz)
 
 
+def _window_bounds(today: date, window_days: int, tz: tzinfo) -> tuple[str, str]:
+    """The window's first moment and the first moment of the day after `today`, as stored."""
+    return iso(window_start(today, window_days, tz)), iso(datetime.combine(today + timedelta(days=1), time.min, tz))
+
+
 # ------------------------------------------------------------------ storing a run
 
 def start_run(conn: sqlite3.Connection, today: date, window_days: int, now: datetime,
@@ -297,11 +300,6 @@ def write_changes(conn: sqlite3.Connection, run_id: int, now: datetime, changes:
 _NEWEST = "SELECT id FROM rfm_runs WHERE finished_at IS NOT NULL ORDER BY id DESC LIMIT 1"
 
 
-def current_run(conn: sqlite3.Connection) -> int | None:
-    row = conn.execute(_NEWEST).fetchone()
-    return row[0] if row else None
-
-
 def scores_of(conn: sqlite3.Connection, member_id: int) -> Score | None:
     """The member's scores from the newest finished run, or None (unscored)."""
     row = conn.execute(
@@ -309,10 +307,6 @@ def scores_of(conn: sqlite3.Connection, member_id: int) -> Score | None:
         f"WHERE run_id = ({_NEWEST}) AND member_id = ?",
         (member_id,)).fetchone()
     return Score(*row) if row else None
-
-
-def listed_in(conn: sqlite3.Connection, member_id: int) -> set[str]:
-    return {s for (s,) in conn.execute("SELECT segment_id FROM segment_members WHERE member_id = ?", (member_id,))}
 
 
 # A computed segment's spans seen by the newest finished run; a list segment's open ones.

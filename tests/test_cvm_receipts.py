@@ -4,7 +4,6 @@ record say afterwards."""
 from __future__ import annotations
 
 import asyncio
-import textwrap
 
 import pytest
 from conftest import Api, test_config
