@@ -145,18 +145,11 @@ def tier_view(conn: sqlite3.Connection, program: Program, member: ledger.MemberR
     receipt's own tier, which leaves receipts stamped at its very moment out). `next` and
     `to_next` follow the tier the member actually has. A manual tier the program no longer
     defines is ignored (shown under `manual_ignored`): the rules only know their own tiers."""
-    view, ever, _, _ = _tier(conn, program, member, moment, as_of, of_receipt)
-    return view, ever
-
-
-def _tier(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, moment: datetime,
-          as_of: str | None, of_receipt: bool) -> tuple[dict, int, int, int]:
-    """tier_view's, with the window's receipts and spend."""
     today = moment.astimezone(program.timezone).date().isoformat()
-    since = iso(moment - timedelta(days=program.tier_window_days))
     until = iso(moment) if of_receipt else as_of
-    ever, count, spend = ledger.receipt_counts(conn, member.id, since, until, until_inclusive=not of_receipt)
-    return _view(program, member, count, spend, today), ever, count, spend
+    ever, count, spend = ledger.receipt_counts(conn, member.id, tier_since(program, moment), until,
+                                               until_inclusive=not of_receipt)
+    return _view(program, member, count, spend, today), ever
 
 
 def _view(program: Program, member: ledger.MemberRow, count: int, spend: int, today: str) -> dict:
