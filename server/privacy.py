@@ -276,8 +276,11 @@ def _key_name(key_id: str) -> str:
 
 
 def _rotate_table(db, privacy: Privacy, table: str, column: str, kind: str, batch_rows: int,
-                  rewrap=member_care.rewrap) -> int:
+                  rewrap=None) -> int:
     """rewrap(conn, pairs): writes each (stored, wrapped) pair; by default in place."""
+    if rewrap is None:
+        def rewrap(conn, pairs):
+            return member_care.rewrap(conn, table, column, pairs)
     in_force = privacy.in_force_range()
     left = db.read_sync(lambda c: member_care.count_stale(c, table, column, in_force))
     done = 0
@@ -291,8 +294,6 @@ def _rotate_table(db, privacy: Privacy, table: str, column: str, kind: str, batc
 def _rotate_batch(conn, privacy: Privacy, table: str, column: str, kind: str, batch_rows: int, rewrap) -> int:
     stale = member_care.stale_hashes(conn, table, column, privacy.in_force_range(), batch_rows)
     pairs = [(old, _wrapped(privacy, kind, old, f"{table}.{column}")) for old in dict.fromkeys(stale)]
-    if rewrap is member_care.rewrap:
-        return rewrap(conn, table, column, pairs)
     return rewrap(conn, pairs)
 
 
