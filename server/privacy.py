@@ -77,8 +77,7 @@ class Privacy:
 
     def _wrap(self, kind: bytes, digest: str, rotation: int) -> str:
         key_id, key = self._rotations[rotation]
-        wrapped = hmac.digest(key, kind + b"\0" + digest.encode(), "sha256").hex()
-        return f"{ROTATED_MARK}{key_id}{ROTATED_MARK}{wrapped}"
+        return marked(hmac.digest(key, kind + b"\0" + digest.encode(), "sha256").hex(), key_id)
 
     def _mac(self, kind: bytes, value: str) -> str:
         digest = hmac.digest(self._first, kind + b"\0" + value.encode(), "sha256").hex()
