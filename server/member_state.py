@@ -80,8 +80,9 @@ def segments_now(conn: sqlite3.Connection, program: Program, member_id: int) -> 
 
 def budget_left(conn: sqlite3.Connection, program: Program) -> dict[str, int] | None:
     """Points each budgeted rule may still issue. rule_totals is kept by triggers in the
-    transaction of the postings and their split by rule (posting_rules), so it counts every receipt written before this one,
-    committed or not, and a receipt undone by its savepoint takes its points with it."""
+    transaction of the postings and their split by rule (posting_rules), so it counts every
+    receipt written before this one, committed or not, and a receipt undone by its savepoint
+    takes its points with it."""
     if not program.budgets:
         return None
     used = ledger.rule_totals(conn, list(program.budgets))
