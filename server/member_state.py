@@ -80,8 +80,9 @@ def segments_now(conn: sqlite3.Connection, program: Program, member_id: int) -> 
 
 def budget_left(conn: sqlite3.Connection, program: Program) -> dict[str, int] | None:
     """Points each budgeted rule may still issue. rule_totals is kept by triggers in the
-    transaction of the postings and their split by rule (posting_rules), so it counts every receipt written before this one,
-    committed or not, and a receipt undone by its savepoint takes its points with it."""
+    transaction of the postings and their split by rule (posting_rules), so it counts every
+    receipt written before this one, committed or not, and a receipt undone by its savepoint
+    takes its points with it."""
     if not program.budgets:
         return None
     used = ledger.rule_totals(conn, list(program.budgets))
@@ -145,18 +146,11 @@ def tier_view(conn: sqlite3.Connection, program: Program, member: ledger.MemberR
     receipt's own tier, which leaves receipts stamped at its very moment out). `next` and
     `to_next` follow the tier the member actually has. A manual tier the program no longer
     defines is ignored (shown under `manual_ignored`): the rules only know their own tiers."""
-    view, ever, _, _ = _tier(conn, program, member, moment, as_of, of_receipt)
-    return view, ever
-
-
-def _tier(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, moment: datetime,
-          as_of: str | None, of_receipt: bool) -> tuple[dict, int, int, int]:
-    """tier_view's, with the window's receipts and spend."""
     today = moment.astimezone(program.timezone).date().isoformat()
-    since = iso(moment - timedelta(days=program.tier_window_days))
     until = iso(moment) if of_receipt else as_of
-    ever, count, spend = ledger.receipt_counts(conn, member.id, since, until, until_inclusive=not of_receipt)
-    return _view(program, member, count, spend, today), ever, count, spend
+    ever, count, spend = ledger.receipt_counts(conn, member.id, tier_since(program, moment), until,
+                                               until_inclusive=not of_receipt)
+    return _view(program, member, count, spend, today), ever
 
 
 def _view(program: Program, member: ledger.MemberRow, count: int, spend: int, today: str) -> dict:

@@ -77,8 +77,7 @@ class Privacy:
 
     def _wrap(self, kind: bytes, digest: str, rotation: int) -> str:
         key_id, key = self._rotations[rotation]
-        wrapped = hmac.digest(key, kind + b"\0" + digest.encode(), "sha256").hex()
-        return f"{ROTATED_MARK}{key_id}{ROTATED_MARK}{wrapped}"
+        return marked(hmac.digest(key, kind + b"\0" + digest.encode(), "sha256").hex(), key_id)
 
     def _mac(self, kind: bytes, value: str) -> str:
         digest = hmac.digest(self._first, kind + b"\0" + value.encode(), "sha256").hex()
@@ -276,8 +275,11 @@ def _key_name(key_id: str) -> str:
 
 
 def _rotate_table(db, privacy: Privacy, table: str, column: str, kind: str, batch_rows: int,
-                  rewrap=member_care.rewrap) -> int:
+                  rewrap=None) -> int:
     """rewrap(conn, pairs): writes each (stored, wrapped) pair; by default in place."""
+    if rewrap is None:
+        def rewrap(conn, pairs):
+            return member_care.rewrap(conn, table, column, pairs)
     in_force = privacy.in_force_range()
     left = db.read_sync(lambda c: member_care.count_stale(c, table, column, in_force))
     done = 0
@@ -291,8 +293,6 @@ def _rotate_table(db, privacy: Privacy, table: str, column: str, kind: str, batc
 def _rotate_batch(conn, privacy: Privacy, table: str, column: str, kind: str, batch_rows: int, rewrap) -> int:
     stale = member_care.stale_hashes(conn, table, column, privacy.in_force_range(), batch_rows)
     pairs = [(old, _wrapped(privacy, kind, old, f"{table}.{column}")) for old in dict.fromkeys(stale)]
-    if rewrap is member_care.rewrap:
-        return rewrap(conn, table, column, pairs)
     return rewrap(conn, pairs)
 
 

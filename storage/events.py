@@ -31,9 +31,10 @@ class Crm(NamedTuple):
     consent: int
 
 
-# The member as an event names them: the first card's last four digits and the CRM's fields.
-_NAMED = ("SELECT (SELECT card_last4 FROM cards WHERE member_id = m.id ORDER BY created_at LIMIT 1), m.crm_id, "
-          f"{CONSENT_BITS} FROM members m WHERE m.id = ?")
+# The member m as an event names them: the first card's last four digits and the CRM's fields.
+_NAMED_COLUMNS = ("(SELECT card_last4 FROM cards WHERE member_id = m.id ORDER BY created_at LIMIT 1), m.crm_id, "
+                  f"{CONSENT_BITS}")
+_NAMED = f"SELECT {_NAMED_COLUMNS} FROM members m WHERE m.id = ?"
 
 
 def emit(conn: sqlite3.Connection, type_: str, member_id: int, data: dict[str, Any], occurred_at: datetime | str,
@@ -83,8 +84,7 @@ def offers_assigned(conn: sqlite3.Connection, offer_id: str, rule_id: str, valid
     data = _JSON.encode({"offer_id": offer_id, "rule": rule_id, "from": valid_from, "to": valid_to, "points": points})
     return conn.execute(
         "INSERT OR IGNORE INTO events (type, member_id, card_last4, crm_id, consent, occurred_at, data, once_key, "
-        "created_at) SELECT 'offer.assigned', m.id, (SELECT card_last4 FROM cards WHERE member_id = m.id "
-        f"ORDER BY created_at LIMIT 1), m.crm_id, {CONSENT_BITS}, ?, ?, 'offer:' || ? || ':' || m.id, ? "
+        f"created_at) SELECT 'offer.assigned', m.id, {_NAMED_COLUMNS}, ?, ?, 'offer:' || ? || ':' || m.id, ? "
         "FROM json_each(?) j JOIN members m ON m.id = j.value ORDER BY m.id",
         (at, data, offer_id, at, _JSON.encode(member_ids))).rowcount
 
@@ -99,8 +99,7 @@ def members_imported(conn: sqlite3.Connection, member_ids: list[int], tier: str,
                  (tier, ids))
     return conn.execute(
         "INSERT INTO events (type, member_id, card_last4, crm_id, consent, occurred_at, data, created_at) "
-        "SELECT 'member.enrolled', m.id, (SELECT card_last4 FROM cards WHERE member_id = m.id "
-        f"ORDER BY created_at LIMIT 1), m.crm_id, {CONSENT_BITS}, ?, ?, ? "
+        f"SELECT 'member.enrolled', m.id, {_NAMED_COLUMNS}, ?, ?, ? "
         "FROM json_each(?) j JOIN members m ON m.id = j.value ORDER BY m.id",
         (at, _JSON.encode({"store_id": None, "tier": tier, "imported": True}), at, ids)).rowcount
 

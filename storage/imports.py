@@ -108,7 +108,6 @@ def insert_all(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], r
 class MembersInserted(NamedTuple):
     skipped: list[int]          # lines whose card is enrolled already
     crm_id_taken: list[int]     # lines not inserted (or not updated): their crm_id is another member's
-    updated: list[int] = []     # lines of enrolled cards whose crm_id or consent the row changed
 
 
 def insert_members(conn: sqlite3.Connection, rows: list[MemberRow], *, today: str, at: PostingRef,
@@ -122,13 +121,13 @@ def insert_members(conn: sqlite3.Connection, rows: list[MemberRow], *, today: st
     both come in completed the profile in the previous program: the events are recorded as
     fired (without points), or the next change of the profile would pay them."""
     there = known_cards(conn, [r.card for r in rows])
-    updated, not_updated = _update_crm(conn, [r for r in rows if r.card in there], there, at.created_at)
+    not_updated = _update_crm(conn, [r for r in rows if r.card in there], there, at.created_at)
     skipped = [r.line for r in rows if r.card in there and r.line not in not_updated]
     taken = _crm_ids_taken(conn, [r.crm_id for r in rows if r.card not in there and r.crm_id is not None])
     new = [r for r in rows if r.card not in there and r.crm_id not in taken]
     refused = [r.line for r in rows if r.card not in there and r.crm_id in taken] + not_updated
     if not new:
-        return MembersInserted(skipped, refused, updated)
+        return MembersInserted(skipped, refused)
     first_member = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM members").fetchone()[0]
     ids = {r.line: first_member + i for i, r in enumerate(new)}
     insert_all(conn, "members", ("id", "phone_hmac", "phone_last4", "birthday", "tags", "enrolled_at", "updated_at",
@@ -143,14 +142,14 @@ def insert_members(conn: sqlite3.Connection, rows: list[MemberRow], *, today: st
                [(ids[r.line], event, "profile", at.created_at) for r in new if r.phone_hmac and r.birthday
                 for event in profile_events], verb="INSERT OR IGNORE")
     events.members_imported(conn, list(ids.values()), first_tier, at.created_at)
-    return MembersInserted(skipped, refused, updated)
+    return MembersInserted(skipped, refused)
 
 
 def _update_crm(conn: sqlite3.Connection, rows: list[MemberRow], there: dict[str, int],
-                now: str) -> tuple[list[int], list[int]]:
+                now: str) -> list[int]:
     """The crm_id and consent rows of enrolled cards give, set as PATCH /v1/members sets
-    them (a member.updated when they change); (lines changed, lines refused: crm_id taken)."""
-    changed, refused = [], []
+    them (a member.updated when they change); the lines refused: crm_id taken."""
+    refused = []
     for r in rows:
         if r.crm_id is None and r.consent is None:
             continue
@@ -160,11 +159,10 @@ def _update_crm(conn: sqlite3.Connection, rows: list[MemberRow], there: dict[str
         if (r.crm_id or crm_id, given) == (crm_id, bits):
             continue        # a rerun of the same file changes nothing, not even when consent was given
         try:
-            if member_care.set_crm(conn, there[r.card], r.crm_id, consent, now, imported=True):
-                changed.append(r.line)
+            member_care.set_crm(conn, there[r.card], r.crm_id, consent, now, imported=True)
         except member_care.CareRefused:
             refused.append(r.line)
-    return changed, refused
+    return refused
 
 
 def _crm_ids_taken(conn: sqlite3.Connection, crm_ids: list[str]) -> set[str]:

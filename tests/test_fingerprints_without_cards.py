@@ -5,22 +5,16 @@ its keyed hash, as receipts are. Retries replay across a card-hash key rotation;
 before (m031) are compared by their stored fields."""
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import sqlite3
 
 import msgspec
-import yaml
-from conftest import Api, test_config
+from conftest import FIRST_PRIVACY, ROTATED_PRIVACY, Api, rotate_keys, serve_program
 
-from server.app import create_app
-from server.privacy import rotate_key_command
 from server.schema import Adjustment, OfferAssignment, canonical
 
 NOW = "2026-12-10T12:00:00+02:00"
 CARD = "7000000000042"
-FIRST = {"hmac_key": "the-first-key-of-these-tests"}
-ROTATED = {**FIRST, "hmac_key_rotations": [{"id": "k2", "key": "the-second-key-of-these-tests"}]}
 PROGRAM = """\
 program: {id: boutique, name: Boutique, currency: UAH, timezone: Europe/Kyiv}
 points: {value: 100, rounding: floor, activation_delay_days: 0, expiry_days: 365}
@@ -38,13 +32,8 @@ OFFER = {"offer_id": "o-1", "rule": "comeback", "cards": [CARD], "from": "2026-1
          "points": 40}
 
 
-async def serve(aiohttp_client, tmp_path, privacy=FIRST) -> Api:
-    program = tmp_path / "program"
-    if not program.exists():
-        program.mkdir()
-        (program / "program.yaml").write_text(PROGRAM)
-    api = Api(await aiohttp_client(create_app(test_config(tmp_path, NOW, program_dir=program, privacy=privacy))))
-    return api
+async def serve(aiohttp_client, tmp_path, privacy=FIRST_PRIVACY) -> Api:
+    return await serve_program(aiohttp_client, tmp_path, NOW, PROGRAM, privacy)
 
 
 def stored(tmp_path) -> tuple[str, str]:
@@ -92,7 +81,7 @@ async def test_retries_replay_across_a_key_rotation(aiohttp_client, tmp_path):
     first = await serve(aiohttp_client, tmp_path)
     await assign_and_adjust(first)
     await first.client.close()
-    rotated = await serve(aiohttp_client, tmp_path, ROTATED)
+    rotated = await serve(aiohttp_client, tmp_path, ROTATED_PRIVACY)
     status, again = await rotated.post("/v1/admin/adjustments", ADJUSTMENT)
     assert status == 200 and again["replayed"] is True
     assert (await rotated.post("/v1/admin/offers", OFFER))[0] == 200
@@ -104,17 +93,13 @@ async def test_retries_replay_across_a_key_rotation(aiohttp_client, tmp_path):
     await rotated.client.close()
 
     # rotate-key leaves no fingerprint taken under the first key: those become their rows' fields.
-    config = tmp_path / "rotated.yaml"
-    config.write_text(yaml.safe_dump({"database": {"path": str(tmp_path / "loyalty.db")},
-                                      "rules": {"dir": str(tmp_path / "program"), "watch": False},
-                                      "clock": {"start": NOW}, "privacy": ROTATED}))
-    assert await asyncio.to_thread(rotate_key_command, str(config)) == 0
+    assert await rotate_keys(tmp_path, NOW) == 0
     with sqlite3.connect(tmp_path / "loyalty.db") as conn:
         kept = dict(conn.execute("SELECT adjustment_id, body_sha256 FROM adjustments"))
         kept.update(conn.execute("SELECT offer_id, body_sha256 FROM offers"))
     assert kept["adj-1"].startswith("m031:") and kept["o-1"].startswith("m031:")
     assert kept["adj-2"].startswith("~k2~")
-    after = await serve(aiohttp_client, tmp_path, ROTATED)
+    after = await serve(aiohttp_client, tmp_path, ROTATED_PRIVACY)
     for adjustment in (ADJUSTMENT, {**ADJUSTMENT, "adjustment_id": "adj-2"}):
         status, again = await after.post("/v1/admin/adjustments", adjustment)
         assert status == 200 and again["replayed"] is True

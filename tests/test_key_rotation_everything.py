@@ -4,20 +4,15 @@ receipt body (whose fingerprint follows). Before it has run, a server with the n
 still finds every code and the card it is bound to."""
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import sqlite3
 
 import yaml
-from conftest import Api, test_config
+from conftest import FIRST_PRIVACY, ROTATED_PRIVACY, Api, rotate_keys, serve_program
 
-from server.app import create_app
-from server.privacy import rotate_key_command
 from storage.ledger import unpack
 
 NOW = "2026-12-10T12:00:00+02:00"
-FIRST = {"hmac_key": "the-first-key-of-these-tests"}
-ROTATED = {**FIRST, "hmac_key_rotations": [{"id": "k2", "key": "the-second-key-of-these-tests"}]}
 PROGRAM = """\
 program: {id: boutique, name: Boutique, currency: UAH, timezone: Europe/Kyiv}
 points: {value: 100, rounding: floor, activation_delay_days: 0, expiry_days: 365}
@@ -35,11 +30,7 @@ rules:
 
 
 async def serve(aiohttp_client, tmp_path, privacy) -> Api:
-    program = tmp_path / "program"
-    if not program.exists():
-        program.mkdir()
-        (program / "program.yaml").write_text(PROGRAM)
-    return Api(await aiohttp_client(create_app(test_config(tmp_path, NOW, program_dir=program, privacy=privacy))))
+    return await serve_program(aiohttp_client, tmp_path, NOW, PROGRAM, privacy)
 
 
 def sale(receipt_id: str, card: str, codes: list[str]) -> dict:
@@ -55,12 +46,7 @@ async def statuses(api: Api, body: dict, expected: int = 201) -> list[str]:
 
 
 async def rotate(tmp_path) -> None:
-    config = tmp_path / "rotated.yaml"
-    config.write_text(yaml.safe_dump({"database": {"path": str(tmp_path / "loyalty.db")},
-                                      "rules": {"dir": str(tmp_path / "program"), "watch": False},
-                                      "clock": {"start": NOW}, "privacy": ROTATED}))
-    # The command's own blocking calls, off the test's event loop, as from a shell.
-    assert await asyncio.to_thread(rotate_key_command, str(config), 2) == 0
+    assert await rotate_keys(tmp_path, NOW, 2) == 0
 
 
 def hashes_left(tmp_path) -> list[str]:
@@ -77,7 +63,7 @@ def hashes_left(tmp_path) -> list[str]:
 
 
 async def test_codes_bodies_and_bound_cards_are_wrapped_and_still_work(aiohttp_client, tmp_path):
-    first = await serve(aiohttp_client, tmp_path, FIRST)
+    first = await serve(aiohttp_client, tmp_path, FIRST_PRIVACY)
     for card in ("c1", "c2"):
         assert (await first.post("/v1/members", {"card": card}))[0] == 201
     codes = {}
@@ -90,7 +76,7 @@ async def test_codes_bodies_and_bound_cards_are_wrapped_and_still_work(aiohttp_c
     await first.client.close()
 
     # The new key in force, nothing wrapped yet: codes and the card a code is bound to are found.
-    before = await serve(aiohttp_client, tmp_path, ROTATED)
+    before = await serve(aiohttp_client, tmp_path, ROTATED_PRIVACY)
     assert await statuses(before, sale("r2", "c2", [codes["bound"]])) == ["other_card"]
     assert await statuses(before, sale("r3", "c1", [codes["bound"]])) == ["applied"]
     await before.client.close()
@@ -99,7 +85,7 @@ async def test_codes_bodies_and_bound_cards_are_wrapped_and_still_work(aiohttp_c
     await rotate(tmp_path)
     assert hashes_left(tmp_path) == []
 
-    after = await serve(aiohttp_client, tmp_path, ROTATED)
+    after = await serve(aiohttp_client, tmp_path, ROTATED_PRIVACY)
     # A receipt confirmed before is a replay, under its wrapped fingerprint.
     status, again = await after.post("/v1/receipts", sale("r1", "c1", [codes["free"]]), as_="register")
     assert status == 200 and again["replayed"] is True
