@@ -31,9 +31,12 @@ crashtest: $(TEST_STAMP)
 
 # Faults held for longer against the real server; `make test` runs short forms of the same
 # tests: four clients for 30 s keep the WAL under 64 MiB, 1,100 silent connections for a minute
-# against a 1,024-file server (the full-disk test mounts a tmpfs: root only).
+# against a 1,024-file server (the full-disk test mounts a tmpfs: root only), the console's
+# memory over 1,000 checks and 1,000 backtests (200 in `make test`), and 100,000 imported
+# members with balances through audit verify and a rerun that changes nothing.
 faulttest: $(TEST_STAMP)
-	FAULT_LONG=1 $(VENV)/bin/pytest -q -s tests/test_wal_bounded.py tests/test_storage_faults.py tests/test_connections.py
+	FAULT_LONG=1 $(VENV)/bin/pytest -q -s tests/test_wal_bounded.py tests/test_storage_faults.py tests/test_connections.py \
+		tests/test_console_memory.py tests/test_import_members.py
 
 # Generated requests and programs; `make test` runs FUZZ_EXAMPLES=20 of the same tests.
 fuzz: $(TEST_STAMP)

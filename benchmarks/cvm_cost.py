@@ -1,9 +1,9 @@
 """What segments, a personal offer and coupon codes cost a confirmed receipt, side by side in one process.
 
-    PYTHONPATH=. python benchmarks/cvm_cost.py [--members 300] [--receipts 200] [--rounds 4]
+    PYTHONPATH=. python benchmarks/cvm_cost.py [--members 300] [--receipts 200] [--rounds 4] [--profile DIR]
 
 Confirms receipts through server/ops/receipts.py (the write path without HTTP) on one database, in
-alternating blocks of three sides:
+alternating blocks of four sides:
 
 - A: rules/programs/market as it is;
 - B: the same plus a `segments:` section (a `list` segment holding a third of the members, an
@@ -11,20 +11,36 @@ alternating blocks of three sides:
   `personal: true` rule whose offer (with a points budget) half of the members hold, and a
   coupon campaign with a rule `when: {coupon: ...}`; every third receipt of B carries a fresh
   single-use code;
+- P: A plus four plain rules, one for each of B's, with B's rewards and a condition on the
+  receipt's register instead of a segment, an offer or a code. Every measured receipt's
+  register_id spells which of B's rules would pay for it (the member on the staff list,
+  holding the offer, in the rfm segment; a code sent), so each plain rule pays on exactly
+  the receipts its B counterpart pays on: B vs P is the CVM machinery itself (reading
+  segments, offers and codes, the offer charge and code use written), P vs A what four
+  more paying rules cost (evaluation, attribution, split rows);
 - idle: program B for members in no segment, holding no offer, sending no code: the reads
   B adds to every receipt, without the postings and writes of the rules that pay.
+
+In a round every side confirms the same cards and totals (only receipt ids, and B's codes,
+differ), in an order that rotates from round to round; the points each rule issued over the
+measured rounds are printed per side (from posting_rules), which shows the pairs paid alike.
 
 Segments, offers and codes are set up through the manager's handlers (server/cvm.py), as
 `PUT /v1/admin/segments/{id}/members`, `POST /v1/admin/offers` and
 `POST /v1/admin/coupons/{campaign}/codes` do. Prints the event loop thread's CPU per receipt
-of each side (medians of the blocks) and their difference, which is the share of confirmed
-receipts/s lost at full load. Short alternating blocks on one database let drift on a shared
-machine hit both alike.
+of each side (medians of the blocks) and their differences (B vs A, B vs P, P vs A), which
+are the share of confirmed receipts/s lost at full load. Short alternating blocks on one
+database let drift on a shared machine hit every side alike.
+
+--profile DIR writes a cProfile of each side's measured confirms to DIR/<side>.pstats (read
+them with `python -m pstats`); the profiler inflates the CPU times that run prints, so time
+and profile in separate runs.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import shutil
 import statistics
 import sys
@@ -37,6 +53,7 @@ from types import SimpleNamespace
 import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.events_outbox import serving  # noqa: E402
 from rules.loader import read_directory  # noqa: E402
 from server import cvm, rfm, schema  # noqa: E402
 from server.app import create_app  # noqa: E402
@@ -75,28 +92,63 @@ rules:
     when: {coupon: flyer}
     reward: {points: 100}
 """
+B_RULES = ("staff-bonus", "big-spender-bonus", "comeback", "flyer-coupon")
+
+# What makes each of B's rules pay, as a bit of the register id the receipts are sent from
+# (see register()): the plain rules of side P read that bit.
+STAFF, OFFER, BIG, CODE = range(4)
+PLAIN_RULES = (("plain-staff", STAFF, "percent: 5"), ("plain-big", BIG, "points: 10"),
+               ("plain-offer", OFFER, "points: 30"), ("plain-coupon", CODE, "points: 100"))
 
 
-def receipt(n: int, members: int, code: str | None = None, card: str = "card") -> schema.Receipt:
-    amount = 1_000 + (n * 7919) % 150_000
+def register(bits: tuple[bool, ...]) -> str:
+    return "K" + "".join("1" if bit else "0" for bit in bits)
+
+
+def plain_file() -> str:
+    """Side P's four rules: B's rewards, each on the registers whose bit says B's rule pays."""
+    every = [tuple(bool(n >> b & 1) for b in range(4)) for n in range(16)]
+    lines = ["rules:"]
+    for rule_id, bit, reward in PLAIN_RULES:
+        ids = ", ".join(register(bits) for bits in every if bits[bit])
+        lines += [f"  - id: {rule_id}", f"    when: {{register: [{ids}]}}", f"    reward: {{{reward}}}"]
+    return "\n".join(lines) + "\n"
+
+
+def receipt(n: int, k: int, members: int, code: str | None = None, card: str = "card",
+            register_id: str = "K01") -> schema.Receipt:
+    """Receipt b{n}: its card and total follow k, so sides given the same k buy alike."""
+    amount = 1_000 + (k * 7919) % 150_000
     coupons = f', "coupons": ["{code}"]' if code else ""
     return schema.decode(
-        f'{{"receipt_id": "b{n}", "store_id": "S001", "register_id": "K01", "ts": "2026-11-24T12:00:00+02:00",'
-        f' "card": "{card}-{n % members}", "lines": [{{"line_no": 1, "sku": "x", "category": "dairy", "qty": 1,'
-        f' "price": {amount}, "amount": {amount}}}], "total": {amount}{coupons}}}'.encode(), schema.Receipt)
+        f'{{"receipt_id": "b{n}", "store_id": "S001", "register_id": "{register_id}",'
+        f' "ts": "2026-11-24T12:00:00+02:00", "card": "{card}-{k % members}", "lines": [{{"line_no": 1,'
+        f' "sku": "x", "category": "dairy", "qty": 1, "price": {amount}, "amount": {amount}}}],'
+        f' "total": {amount}{coupons}}}'.encode(), schema.Receipt)
 
 
-async def block(deps, start: int, count: int, members: int, codes: list[str] | None,
-                card: str = "card") -> float:
+async def block(deps, start: int, first_k: int, count: int, members: int, codes: list[str] | None,
+                card: str = "card", paying: list[tuple[bool, bool, bool]] | None = None,
+                profiler: cProfile.Profile | None = None) -> float:
     """CPU seconds per receipt over `count` confirms, of the event loop's thread: it runs each
-    receipt's transaction (the sync thread only waits for the disk). With `codes`, every
-    third receipt carries the next one."""
-    bodies = [receipt(n, members, codes.pop() if codes and n % 3 == 0 else None, card)
-              for n in range(start, start + count)]
+    receipt's transaction (the sync thread only waits for the disk). A third of the receipts
+    (k divisible by 3) are the ones a code comes with: with `codes` they carry the next one.
+    `paying`, by member: which of B's member conditions hold (staff, offer, rfm segment); the
+    receipts' registers then spell them (register())."""
+    bodies = []
+    for i in range(count):
+        k = first_k + i
+        coded = k % 3 == 0
+        reg = register((*paying[k % members], coded)) if paying else "K01"
+        bodies.append(receipt(start + i, k, members, codes.pop() if codes and coded else None, card, reg))
     cpu = time.thread_time()
+    if profiler:
+        profiler.enable()
     for body in bodies:
         status, answer = await receipt_ops.confirm(deps, body, REGISTER)
         assert status == 201, answer
+    if profiler:
+        profiler.disable()
     return (time.thread_time() - cpu) / count
 
 
@@ -122,7 +174,7 @@ async def set_up_cvm(app, members: int, codes_needed: int) -> list[str]:
     return codes
 
 
-async def main(members: int, per_block: int, rounds: int) -> None:
+async def main(members: int, per_block: int, rounds: int, profile: Path | None) -> None:
     folder = Path(tempfile.mkdtemp(prefix="cvm-bench-"))
     program_b = folder / "program"
     shutil.copytree(MARKET, program_b)
@@ -132,79 +184,99 @@ async def main(members: int, per_block: int, rounds: int) -> None:
                                "clock": {"start": "2026-11-24T12:00:05+02:00"}, "jobs": {"enabled": False},
                                "privacy": {"hmac_key": "bench-hmac-key-0123456789"}})
     app = create_app(config)
-    async with _serving(app):
+    async with serving(app):
         deps, holder = app[OPS], app[PROGRAMS]
         b = holder.current
         files, _, problems = read_directory(MARKET)
         assert not problems, problems
-        a = holder.compile(files)
-        programs = {"A": a, "B": b}
+        programs = {"A": holder.compile(files), "B": b,
+                    "P": holder.compile({**files, "campaigns/plain.yaml": plain_file().encode()})}
         for m in range(members):
             await member_ops.enroll(deps, schema.Enrollment(card=f"card-{m}"), MANAGER)
         n = 0
-        # Warm-up, one block of each: caches, both programs, and every member's first
+        # Warm-up, one block of each: caches, every program, and every member's first
         # receipt so the RFM job has something to score.
-        for side in ("A", "B"):
+        for side in ("A", "B", "P"):
             holder.current = programs[side]
-            await block(deps, n, max(per_block, members), members, None)
+            await block(deps, n, 0, max(per_block, members), members, None)
             n += max(per_block, members)
-        scored = await rfm.run(app[DATABASE], b.segment_window_days, b.timezone, app[CLOCK].now(), force=True)
-        codes = await set_up_cvm(app, members, rounds * per_block // 3 + 1)
+        holder.current = b      # the manager's calls below check B's segments and rules
+        scored = await rfm.run(app[DATABASE], b.segment_window_days, b.timezone, app[CLOCK].now(), force=True,
+                               program=b)
+        codes = await set_up_cvm(app, members, rounds * (per_block // 3 + 1))
+        paying = await who_pays(app, members)
         # Side "idle": program B for members enrolled after the set-up (in no segment, holding
         # no offer, sending no code): what B's reads cost when none of its rules pays.
         for m in range(members):
             await member_ops.enroll(deps, schema.Enrollment(card=f"idle-{m}"), MANAGER)
         programs["idle"] = b
         holder.current = b
-        await block(deps, n, members, members, None, "idle")
+        await block(deps, n, 0, members, members, None, "idle")
         n += members
-        sides: dict[str, list[float]] = {"A": [], "B": [], "idle": []}
-        for _ in range(rounds):
-            for side in sides:
-                # What each request reads to take the serving program (no reload: both
-                # programs stay compiled, and the switch costs nothing inside a block).
-                holder.current = programs[side]
-                sides[side].append(await block(deps, n, per_block, members, codes if side == "B" else None,
-                                               "idle" if side == "idle" else "card"))
-                n += per_block
+        mark = await app[DATABASE].read(lambda conn: conn.execute(
+            "SELECT COALESCE(MAX(posting_id), 0) FROM posting_rules").fetchone()[0])
+        sides, profilers = await alternate(deps, holder, programs, n, rounds, per_block, members, codes, paying,
+                                           profile is not None)
         holder.current = b
         used = await app[DATABASE].read(lambda conn: conn.execute("SELECT COUNT(*) FROM coupon_uses").fetchone()[0])
-        by_rule = await app[DATABASE].read(lambda conn: dict(conn.execute(
-            "SELECT rule_id, COUNT(*) FROM postings WHERE rule_id IN "
-            "('staff-bonus', 'big-spender-bonus', 'comeback', 'flyer-coupon') GROUP BY rule_id").fetchall()))
-    report(sides, scored.scored if scored else 0, by_rule, used, per_block)
+        paid = await app[DATABASE].read(lambda conn: {rule: (count, points) for rule, count, points in conn.execute(
+            "SELECT rule_id, COUNT(*), SUM(points) FROM posting_rules WHERE posting_id > ? GROUP BY rule_id",
+            (mark,))})
+    report(sides, scored.scored if scored else 0, paid, used, per_block)
+    if profile:
+        profile.mkdir(parents=True, exist_ok=True)
+        for side, profiler in profilers.items():
+            profiler.dump_stats(profile / f"{side}.pstats")
     shutil.rmtree(folder)
 
 
-def report(sides: dict[str, list[float]], scored: int, by_rule: dict, used: int, per_block: int) -> None:
-    cost_a, cost_b, idle = (statistics.median(sides[s]) for s in ("A", "B", "idle"))
+async def alternate(deps, holder, programs: dict, n: int, rounds: int, per_block: int, members: int,
+                    codes: list[str], paying: list, profile: bool) -> tuple[dict[str, list[float]], dict]:
+    """The measured rounds: each side's CPU per receipt by block, and its profiler (profile)."""
+    sides: dict[str, list[float]] = {"A": [], "B": [], "P": [], "idle": []}
+    profilers = {side: cProfile.Profile() for side in sides} if profile else {}
+    order = list(sides)
+    for r in range(rounds):
+        # The same receipts for every side in a round; the order turns so that none
+        # always meets the members after the others have bought.
+        for side in order[r % len(order):] + order[:r % len(order)]:
+            # What each request reads to take the serving program (no reload: the
+            # programs stay compiled, and the switch costs nothing inside a block).
+            holder.current = programs[side]
+            sides[side].append(await block(deps, n, r * per_block, per_block, members,
+                                           codes if side == "B" else None,
+                                           "idle" if side == "idle" else "card", paying, profilers.get(side)))
+            n += per_block
+    return sides, profilers
+
+
+async def who_pays(app, members: int) -> list[tuple[bool, bool, bool]]:
+    """By member: on the staff list, holding the offer, in the rfm segment (as set_up_cvm
+    and the RFM run left them)."""
+    deps = app[OPS]
+    ids = [(await member_ops.find_member(deps, f"card-{m}")).id for m in range(members)]
+    big = await app[DATABASE].read(lambda conn: {row[0] for row in conn.execute(
+        "SELECT member_id FROM segment_spans WHERE segment_id = 'big-spenders' AND valid_to IS NULL")})
+    return [(m % 3 == 0, m % 2 == 0, ids[m] in big) for m in range(members)]
+
+
+def report(sides: dict[str, list[float]], scored: int, paid: dict, used: int, per_block: int) -> None:
+    cost = {side: statistics.median(blocks) for side, blocks in sides.items()}
     print(f"RFM scored {scored} members; {len(sides['A'])} alternating rounds of {per_block} receipts per side")
-    print(f"B's rules fired (postings): {by_rule}; coupon uses: {used}")
-    print("A blocks (us):", " ".join(f"{x * 1e6:.0f}" for x in sides["A"]))
-    print("B blocks (us):", " ".join(f"{x * 1e6:.0f}" for x in sides["B"]))
-    print("idle blocks (us):", " ".join(f"{x * 1e6:.0f}" for x in sides["idle"]))
-    print(f"A market:            {cost_a * 1e6:.0f} us CPU/receipt (median)")
-    print(f"B market + CVM:      {cost_b * 1e6:.0f} us CPU/receipt (median)")
-    print(f"cost: {(cost_b - cost_a) * 1e6:.0f} us/receipt, {100 * (cost_b / cost_a - 1):.1f} % more CPU, "
-          f"{100 * (1 - cost_a / cost_b):.1f} % fewer receipts/s at full load")
-    print(f"B's reads alone (idle members): {idle * 1e6:.0f} us CPU/receipt, "
-          f"{100 * (1 - cost_a / idle):.1f} % fewer receipts/s than A")
-    per_round = [100 * (1 - x / y) for x, y in zip(sides["A"], sides["B"])]
-    print("fewer receipts/s by round (%):", " ".join(f"{p:.1f}" for p in per_round))
-
-
-class _serving:
-    """The app's start-up and clean-up (cleanup_ctx) without a listener."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __aenter__(self):
-        self.app.freeze()
-        await self.app.startup()
-
-    async def __aexit__(self, *exc):
-        await self.app.cleanup()
+    print(f"measured rounds, rules paid (receipts, points): coupon uses {used}")
+    for b_rule, (p_rule, _, _) in zip(B_RULES, PLAIN_RULES):
+        print(f"  B {b_rule:18} {paid.get(b_rule, (0, 0))}   P {p_rule:13} {paid.get(p_rule, (0, 0))}")
+    for side, blocks in sides.items():
+        print(f"{side} blocks (us):", " ".join(f"{x * 1e6:.0f}" for x in blocks))
+    names = {"A": "market", "B": "market + CVM", "P": "market + 4 plain rules", "idle": "B, members in nothing"}
+    for side, name in names.items():
+        print(f"{side} {name + ':':26} {cost[side] * 1e6:.0f} us CPU/receipt (median)")
+    for x, y in (("B", "A"), ("B", "P"), ("P", "A"), ("idle", "A")):
+        print(f"{x} vs {y}: {(cost[x] - cost[y]) * 1e6:.0f} us/receipt, {100 * (cost[x] / cost[y] - 1):.1f} % "
+              f"more CPU, {100 * (1 - cost[y] / cost[x]):.1f} % fewer receipts/s at full load")
+    for x, y in (("B", "A"), ("B", "P"), ("P", "A")):
+        by_round = (100 * (1 - u / v) for u, v in zip(sides[y], sides[x]))
+        print(f"fewer receipts/s by round, {x} vs {y} (%):", " ".join(f"{p:.1f}" for p in by_round))
 
 
 if __name__ == "__main__":
@@ -212,5 +284,6 @@ if __name__ == "__main__":
     parser.add_argument("--members", type=int, default=300)
     parser.add_argument("--receipts", type=int, default=200, help="confirms per block")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--profile", type=Path, help="a folder for each side's cProfile of its confirms")
     args = parser.parse_args()
-    asyncio.run(main(args.members, args.receipts, args.rounds))
+    asyncio.run(main(args.members, args.receipts, args.rounds, args.profile))

@@ -57,7 +57,7 @@ async def main(members: int, per_block: int, rounds: int) -> None:
                                "clock": {"start": "2026-11-24T12:00:05+02:00"}, "jobs": {"enabled": False},
                                "privacy": {"hmac_key": "bench-hmac-key-0123456789"}})
     app = create_app(config)
-    async with _serving(app):
+    async with serving(app):
         deps = app[OPS]
         for m in range(members):
             await member_ops.enroll(deps, schema.Enrollment(card=f"card-{m}"), MANAGER)
@@ -87,7 +87,7 @@ async def main(members: int, per_block: int, rounds: int) -> None:
           f"{100 * (1 - off / on):.1f} % fewer receipts/s at full load")
 
 
-class _serving:
+class serving:
     """The app's start-up and clean-up (cleanup_ctx) without a listener."""
 
     def __init__(self, app):

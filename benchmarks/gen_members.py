@@ -13,7 +13,7 @@ what storage/ledger.py writes:
 - every member got the welcome event: an event_fires row, a lot available at once and
   an ``event`` posting of 100 points;
 - most members have 1 to 4 past receipts (within the last 300 days) with an accrual lot
-  and posting each, so balances, tiers and rule usage are read from real rows. They are
+  and posting each (and its split by rule, posting_rules), so balances, tiers and rule usage are read from real rows. They are
   stored in the server's format (the body's SHA-256 as 32 bytes, line records), but the
   body, the answer and the line records are small stand-ins: the answer has the fields
   audit verify reads; body and line records list no lines (a return of one of them is
@@ -145,9 +145,13 @@ def write_batch(conn: sqlite3.Connection, rows) -> None:
                          fires)
         conn.executemany("INSERT INTO lots (id, member_id, available_from, expires_on, remaining) "
                          "VALUES (?, ?, ?, ?, ?)", lots)
+        written = chained(conn, lots, postings)
         conn.executemany("INSERT INTO postings (id, member_id, lot_id, kind, points, counter_account, "
                          "effective_at, created_at, rule_id, rules_version, store_id, register_id, receipt_id, ref, "
-                         "hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", chained(conn, lots, postings))
+                         "hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", written)
+        if has_posting_rules(conn):     # m030: an accrual's split by rule (here its one rule)
+            conn.executemany("INSERT INTO posting_rules (posting_id, rule_id, points) VALUES (?, ?, ?)",
+                             [(row[0], row[8], row[4]) for row in written if row[3] == "accrual"])
         conn.executemany("INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, "
                          "local_date, total, rules_version, status, body, result, lines, created_at) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'confirmed', ?, ?, ?, ?)", receipts)
@@ -155,6 +159,10 @@ def write_batch(conn: sqlite3.Connection, rows) -> None:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def has_posting_rules(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'posting_rules'").fetchone() is not None
 
 
 def chained(conn: sqlite3.Connection, lots: list, postings: list) -> list:

@@ -7,10 +7,11 @@ only ever sees and/or over plain comparisons on fields that every fact carries.
 
 from __future__ import annotations
 
+import operator
 import re
 from datetime import date
 from decimal import Decimal
-from typing import Any
+from typing import Any, Callable
 
 from .model import type_word as _word
 from .problems import Problem, suggest
@@ -120,15 +121,47 @@ def holds(node: Node, fact: dict) -> bool:
     if isinstance(node, Group):
         results = (holds(item, fact) for item in node.items)
         return all(results) if node.op == "and" else any(results)
-    left, right = fact[node.field], node.value
-    return {
-        "eq": left == right,
-        "ne": left != right,
-        "lt": left < right,
-        "lte": left <= right,
-        "gt": left > right,
-        "gte": left >= right,
-    }[node.op]
+    return _COMPARE[node.op](fact[node.field], node.value)
+
+
+_COMPARE = {"eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "lte": operator.le, "gt": operator.gt,
+            "gte": operator.ge}
+
+
+def compile_test(node: Node) -> Callable[[dict], bool]:
+    """holds(node, fact) as one function of fact, for a condition asked of a million facts
+    (the daily job's segments): no dispatch on the operator per comparison."""
+    if isinstance(node, Cmp):
+        field, compare, value = node.field, _COMPARE[node.op], node.value
+        return lambda fact: compare(fact[field], value)
+    tests = tuple(compile_test(item) for item in node.items)
+    if node.op == "and":
+        def every(fact: dict) -> bool:
+            for test in tests:
+                if not test(fact):
+                    return False
+            return True
+        return every
+
+    def some(fact: dict) -> bool:
+        for test in tests:
+            if test(fact):
+                return True
+        return False
+    return some
+
+
+def may_hold(node: Node, fact: dict) -> bool | None:
+    """holds() when only some fields are known: a field missing from fact may hold either
+    way (None), and/or combine by three-valued logic; False means no value of the missing
+    fields makes node hold. `not` is already pushed down to the comparisons, so this is exact."""
+    if isinstance(node, Cmp):
+        return holds(node, fact) if node.field in fact else None
+    results = [may_hold(item, fact) for item in node.items]
+    decided = node.op == "or"          # True decides an `or`, False an `and`
+    if decided in results:
+        return decided
+    return None if None in results else not decided
 
 
 def count_groups(node: Node) -> int:

@@ -15,11 +15,21 @@ Measured behaviour this module is built around (durable-rules 2.0.28):
   bounded in rules and in how many matches one fact can make;
 - identical facts are deduplicated by the engine: each fact carries a counter;
 - retracting the fact after reading the actions keeps the engine's state empty;
-- `delete_ruleset` frees a ruleset (memory stays flat over create/delete cycles).
+- `delete_ruleset` frees a ruleset but not the session state the first assert
+  creates in it (about 90 KB stay behind per ruleset that had matched a fact), and
+  `delete_state`, which would free it, frees fields it never initialized and crashes
+  the process now and then. So a closed program's rulesets are not deleted: they go
+  back to a pool by their source text, empty (every fact is retracted), and the next
+  program with the same conditions (a reload, a check, a backtest of an edit that left
+  most chunks alone) takes them instead of creating new ones. The pool is bounded;
+  what it drops is deleted and leaves its session state behind, so memory stays flat
+  while programs repeat and grows by at most that much per dropped ruleset when
+  more than POOLED_RULESETS_MAX distinct chunks cycle.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import threading
 
@@ -29,8 +39,15 @@ import msgspec
 MAX_RULES_PER_RULESET = 48
 MAX_MATCHES_PER_RULESET = 48  # the engine fails above 64 per fact
 MAX_RULESETS = 200
+POOLED_RULESETS_MAX = 1024  # about 90 KB each once they matched a fact
 _FACT_COUNTER_FIELD = "rcpt"
 _names = itertools.count()
+# Facts are deduplicated by the engine: one counter for every engine, since pooled
+# rulesets pass from one engine to the next.
+_fact_counter = itertools.count(1)
+_pool_lock = threading.Lock()
+_pool: collections.OrderedDict[str, list[int]] = collections.OrderedDict()  # source -> free handles
+_pooled = 0
 _encode = msgspec.json.Encoder().encode  # one canonical encoding for rules and facts
 
 
@@ -47,7 +64,6 @@ class Engine:
 
     def __init__(self, conditions: list[dict], weights: list[int]):
         self._lock = threading.Lock()
-        self._counter = itertools.count(1)
         self._chunks = _chunk(weights)
         if len(self._chunks) > MAX_RULESETS:
             raise RuleEngineError(f"too many conditions: {len(self._chunks)} rulesets, at most {MAX_RULESETS}")
@@ -56,7 +72,7 @@ class Engine:
         self._closed = False
         try:
             for source in self._sources:
-                self._handles.append(_create(source))
+                self._handles.append(_take(source))
         except RuleEngineError:
             self.close()
             raise
@@ -67,7 +83,7 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise RuleEngineError("the rule engine has been closed")
-            fact[_FACT_COUNTER_FIELD] = next(self._counter)
+            fact[_FACT_COUNTER_FIELD] = next(_fact_counter)
             text = _encode(fact).decode()
             for position, handle in enumerate(self._handles):
                 try:
@@ -78,13 +94,13 @@ class Engine:
         return fired
 
     def close(self) -> None:
-        """Free the rulesets; safe to call more than once."""
+        """Give the rulesets back to the pool; safe to call more than once."""
         with self._lock:
             self._closed = True
             handles, self._handles = self._handles, [None] * len(self._handles)
-        for handle in handles:
+        for source, handle in zip(self._sources, handles):
             if handle is not None:
-                _delete(handle)
+                _give_back(source, handle)
 
     def _rebuild(self, position: int) -> None:
         # A failed call may leave a half-matched fact behind; a fresh ruleset is clean.
@@ -121,6 +137,37 @@ def _create(source: str) -> int:
         return _engine.create_ruleset(f"loyalty{next(_names)}", source)
     except _engine.error as err:
         raise RuleEngineError(f"the rule engine refused the conditions: {err}") from err
+
+
+def _take(source: str) -> int:
+    """A free ruleset compiled from source, from the pool or new."""
+    global _pooled
+    with _pool_lock:
+        free = _pool.get(source)
+        if free:
+            _pooled -= 1
+            handle = free.pop()
+            if not free:
+                del _pool[source]
+            return handle
+    return _create(source)
+
+
+def _give_back(source: str, handle: int) -> None:
+    global _pooled
+    dropped: list[int] = []
+    with _pool_lock:
+        _pool.setdefault(source, []).append(handle)
+        _pool.move_to_end(source)
+        _pooled += 1
+        while _pooled > POOLED_RULESETS_MAX:
+            oldest, free = next(iter(_pool.items()))
+            dropped.append(free.pop(0))
+            _pooled -= 1
+            if not free:
+                del _pool[oldest]
+    for old in dropped:
+        _delete(old)
 
 
 def _delete(handle: int) -> None:

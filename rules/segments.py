@@ -12,7 +12,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
-from .conditions import UNKNOWN_DAYS, Node, holds
+from .conditions import UNKNOWN_DAYS, Node, compile_test
 from .records import SegmentFacts
 
 _HASH_SPACE = 2**32  # the first 8 hex digits of the digest
@@ -32,7 +32,7 @@ def holdout_member(program_id: str, rule_id: str, member_id: str, holdout: Decim
 class Segment:
     """One `segments.define` entry. kind: `rfm`, `when` or `list` (members kept by the API)."""
 
-    __slots__ = ("id", "kind", "rfm", "condition", "tag_fields", "file", "line")
+    __slots__ = ("id", "kind", "rfm", "condition", "tag_fields", "file", "line", "_test")
 
     def __init__(self, id: str, kind: str, rfm: dict[str, tuple[int, int]] | None = None,
                  condition: Node | None = None, tag_fields: dict[str, str] | None = None,
@@ -41,6 +41,7 @@ class Segment:
         self.rfm = rfm or {}  # score letter -> (low, high), both included
         self.condition = condition
         self.tag_fields = tag_fields or {}  # tag -> the condition's fact field
+        self._test = compile_test(condition) if condition is not None else None
 
     def __repr__(self) -> str:
         return f"Segment({self.id!r}, {self.kind!r})"
@@ -48,27 +49,42 @@ class Segment:
     def holds(self, facts: SegmentFacts) -> bool:
         """Whether the member belongs (a `list` segment: never computed, always False)."""
         if self.kind == "rfm":
-            return facts.rfm is not None and all(
-                low <= score <= high
-                for letter, score in zip("rfm", facts.rfm)
-                for low, high in [self.rfm.get(letter, (1, 5))]
-            )
-        if self.kind == "when" and self.condition is not None:
-            return holds(self.condition, self.fact(facts))
+            return facts.rfm is not None and self.holds_rfm(facts.rfm)
+        if self.kind == "when" and self._test is not None:
+            return self.holds_fact(member_fact(facts.tier, facts.days_since_last_purchase, facts.receipts_in_window,
+                                               facts.spend_in_window, facts.enrolled_days), facts.tags)
         return False
 
-    def fact(self, facts: SegmentFacts) -> dict[str, Any]:
-        """The fields the condition reads; an unknown day count is longer ago than any written."""
-        fact: dict[str, Any] = {
-            "tier": facts.tier,
-            "days_since_last_purchase": _days(facts.days_since_last_purchase),
-            "receipts_in_window": facts.receipts_in_window,
-            "spend_in_window": facts.spend_in_window,
-            "enrolled_days": _days(facts.enrolled_days),
-        }
-        for tag, field in self.tag_fields.items():
-            fact[field] = tag in facts.tags
-        return fact
+    def holds_rfm(self, scores: tuple[int, int, int]) -> bool:
+        """An `rfm` segment: every range given holds for its score."""
+        for letter, score in zip("rfm", scores):
+            bounds = self.rfm.get(letter)
+            if bounds is not None and not bounds[0] <= score <= bounds[1]:
+                return False
+        return True
+
+    def holds_fact(self, base: dict[str, Any], tags: frozenset[str]) -> bool:
+        """A `when` segment on member_fact(...), which the daily job makes once a member
+        for all segments; each segment adds the tags it reads."""
+        if self._test is None:
+            return False
+        fact = base
+        if self.tag_fields:
+            fact = {**base, **{field: tag in tags for tag, field in self.tag_fields.items()}}
+        return self._test(fact)
+
+
+def member_fact(tier: str, days_since_last_purchase: int | None, receipts_in_window: int, spend_in_window: int,
+                enrolled_days: int | None) -> dict[str, Any]:
+    """The fields a `when` segment may read but tags (SegmentFacts' meanings); an unknown day
+    count is longer ago than any written."""
+    return {
+        "tier": tier,
+        "days_since_last_purchase": _days(days_since_last_purchase),
+        "receipts_in_window": receipts_in_window,
+        "spend_in_window": spend_in_window,
+        "enrolled_days": _days(enrolled_days),
+    }
 
 
 def _days(days: int | None) -> int:

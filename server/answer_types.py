@@ -314,12 +314,15 @@ class ErasureAnswer(Struct, forbid_unknown_fields=True):
 # ------------------------------------------------------------------ events
 
 class Event(Struct, forbid_unknown_fields=True):
-    """`data` is the event type's own (docs/integrators.md lists them)."""
+    """`data` is the event type's own (docs/integrators.md lists them). crm_id and consent:
+    the member's as of the event; consent null for an event written before it was kept."""
     id: int
     type: str
     occurred_at: str
     member_id: str | None
     card_last4: str | None
+    crm_id: str | None
+    consent: dict[str, bool] | None
     data: dict[str, Any]
 
 
@@ -511,8 +514,9 @@ class OpenApiComponents(Struct):
 
 
 class OpenApiDocument(Struct):
-    """This API as OpenAPI 3 (its own schema is OpenAPI's, not repeated here)."""
+    """This API as OpenAPI 3.1 (its own schema is OpenAPI's, not repeated here)."""
     openapi: str
+    jsonSchemaDialect: str
     info: OpenApiInfo
     paths: dict[str, dict[str, dict[str, Any]]]
     components: OpenApiComponents

@@ -177,6 +177,9 @@ async def serve(app, config) -> int:
     from server.app import stop_on_signals, wait_then_drain
     from server.listen import CannotListen, Site, new_runner
     log = logging.getLogger("loyalty.server")
+    # Before anything listens: a SIGTERM that arrives while the server starts (a supervisor
+    # restarting it at once) then drains and stops cleanly instead of killing the process.
+    stop = stop_on_signals()
     with access_logging(config) as access_log:
         runner = new_runner(app, config.server, **access_log)
         await runner.setup()
@@ -187,7 +190,7 @@ async def serve(app, config) -> int:
                 print(e, file=sys.stderr)
                 return 2
             log.info("serving on http://%s:%s", config.server.host, config.server.port)
-            await wait_then_drain(app, stop_on_signals(), config.server.drain_seconds,
+            await wait_then_drain(app, stop, config.server.drain_seconds,
                                   "finishing requests in flight")
         finally:
             await runner.cleanup()

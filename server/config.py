@@ -171,7 +171,8 @@ class ConsoleConfig(Struct, forbid_unknown_fields=True):
 
 
 EventType = Literal["member.enrolled", "receipt.confirmed", "receipt.cancelled", "return.accepted", "tier.changed",
-                    "points.expiring", "points.expired", "birthday", "offer.assigned"]
+                    "points.expiring", "points.expired", "birthday", "offer.assigned", "card.replaced",
+                    "member.merged", "member.erased", "member.updated"]
 
 
 class WebhookConfig(Struct, forbid_unknown_fields=True):

@@ -15,11 +15,14 @@ from typing import Callable
 import msgspec
 from aiohttp import web
 
-from server import answer_types as A, report_campaign, schema
+from server import answer_types as A, report_audience, report_campaign, schema
 from server.errors import ApiError, conflict, field_error, not_found, problems_error, unprocessable
 from server.keys import CLOCK, DATABASE, PRIVACY, PROGRAMS
+from server.ops import keyed_fingerprints
+from server.privacy import candidates
 from server.validation import Problems
 from storage import coupons, offers, segments
+from storage.schema import legacy_fingerprint
 
 
 @dataclass(frozen=True)
@@ -37,14 +40,14 @@ class Definitions:
 
 
 def definitions_of(program) -> Definitions:
-    """What the program defines (rules/program.py), in this module's terms. Segments by a
-    `when` on member facts are the receipt path's (rules' computed_segments), not stored here."""
+    """What the program defines (rules/program.py), in this module's terms."""
     def score_range(bounds):
         return segments.ScoreRange(*bounds) if bounds else None
     return Definitions(
         segments=[segments.SegmentDefinition(s.id, score_range(s.rfm.get("r")), score_range(s.rfm.get("f")),
-                                             score_range(s.rfm.get("m")), list=s.kind == "list")
-                  for s in program.segments.values() if s.kind in ("rfm", "list")],
+                                             score_range(s.rfm.get("m")), list=s.kind == "list",
+                                             when=s.kind == "when")
+                  for s in program.segments.values()],
         coupons={c.id: coupons.Campaign(c.id, c.uses_per_code, c.valid_from, c.valid_to)
                  for c in program.coupons.values()},
         personal={r.id: r.personal for r in program.rules},
@@ -52,11 +55,12 @@ def definitions_of(program) -> Definitions:
 
 
 def campaign_rule(program, rule) -> report_campaign.CampaignRule:
-    """The report's view of a rule: its period (the default report period) and the lines in
-    its scope (after the program's exclusions, as earning sees them). The audience by the
-    rule's member conditions is not derived yet: every member enrolled by `to` counts."""
+    """The report's view of a rule: its period (the default report period), who meets its
+    member conditions on a day (server/report_audience.py) and the lines in its scope (after
+    the program's exclusions, as earning sees them)."""
     period_from, period_to = rule.period if rule.period else (None, None)
     return report_campaign.CampaignRule(rule.id, rule.holdout, period_from, period_to,
+                                        audience_on=report_audience.audience_of(program, rule),
                                         in_scope=_scope_test(program.exclusions, rule.scope))
 
 
@@ -77,10 +81,16 @@ def definitions(app) -> Definitions:
 # ------------------------------------------------------------------ handlers
 
 def members_of_cards(conn, privacy, cards: list[str]) -> list[int]:
-    """The members of the cards, or a 422 `unknown_card` naming every card not enrolled."""
+    """The members of the cards, or a 422 `unknown_card` naming every card not enrolled.
+    Each card is looked for under its hash in force, then under the earlier keys' (a card
+    `privacy rotate-key` has not wrapped yet), as every look-up is."""
     found, missing = [], []
     for i, card in enumerate(cards):
-        row = conn.execute("SELECT member_id FROM cards WHERE card = ?", (privacy.card(card),)).fetchone()
+        row = None
+        for digest in candidates(privacy.card(card)):
+            row = conn.execute("SELECT member_id FROM cards WHERE card = ?", (digest,)).fetchone()
+            if row is not None:
+                break
         if row is None:
             missing.append({"path": f"cards[{i}]", "message": "is not an enrolled card"})
         else:
@@ -106,7 +116,7 @@ async def put_segment_members(app, call):
 
 
 async def delete_segment_members(app, call):
-    return await _change_segment(app, call, lambda conn, sid, mids, now: segments.remove_members(conn, sid, mids))
+    return await _change_segment(app, call, segments.remove_members)
 
 
 async def _change_segment(app, call, change):
@@ -120,10 +130,18 @@ async def _change_segment(app, call, change):
     return json_reply(A.SegmentSizeAnswer(d.id, size))
 
 
-def offer_digest(body: schema.OfferAssignment) -> str:
-    """The offer's fingerprint: the same cards in another order are the same offer."""
-    cards = sorted(body.cards) if body.cards is not None else None
-    return hashlib.sha256(schema.canonical(msgspec.structs.replace(body, cards=cards))).hexdigest()
+def offer_fingerprints(privacy, body: schema.OfferAssignment) -> list[str]:
+    """The offer's fingerprints (server.ops.keyed_fingerprints): its cards replaced by their
+    keyed hashes, sorted, so the same cards in another order are the same offer; last, the
+    one m031 left an offer assigned before fingerprints were keyed."""
+    if body.cards is None:      # no card in it; marked with the key all the same, as rotate-key reads them
+        fingerprints = keyed_fingerprints(lambda i: schema.canonical(body), privacy.key_ids)
+    else:
+        hashes = [candidates(privacy.card(card)) for card in body.cards]
+        fingerprints = keyed_fingerprints(lambda i: schema.canonical(
+            msgspec.structs.replace(body, cards=sorted(h[i] for h in hashes))), privacy.key_ids)
+    return fingerprints + [legacy_fingerprint(body.offer_id, body.rule, body.from_.isoformat(), body.to.isoformat(),
+                                              body.points)]
 
 
 def check_offer(defs: Definitions, body: schema.OfferAssignment) -> None:
@@ -154,8 +172,8 @@ async def assign_offer(app, call):
         if d is None:
             raise field_error("segment", f"is {body.segment}, a segment the program does not define",
                               "unknown_segment")
-    digest = offer_digest(body)
     privacy, now = app[PRIVACY], app[CLOCK].now()
+    digest = offer_fingerprints(privacy, body)
 
     def write(conn):
         members = segments.members_of(conn, d) if d else members_of_cards(conn, privacy, body.cards)

@@ -198,8 +198,8 @@ def import_offers(db: Database, definitions: cvm.Definitions, privacy, source: P
 
 def _assign(conn, privacy, body: schema.OfferAssignment, now):
     members = cvm.members_of_cards(conn, privacy, body.cards)
-    return offers.assign(conn, body.offer_id, body.rule, cvm.offer_digest(body), body.from_, body.to, body.points,
-                         members, now)
+    return offers.assign(conn, body.offer_id, body.rule, cvm.offer_fingerprints(privacy, body), body.from_, body.to,
+                         body.points, members, now)
 
 
 # ------------------------------------------------------------------ campaign report

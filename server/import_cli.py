@@ -35,7 +35,7 @@ from server.reports import ProgressBar
 from storage import imports
 from storage.db import Database
 from storage.health import StorageBusy, StorageError, is_busy
-from storage.ledger import PostingRef, iso
+from storage.ledger import CONSENT_CHANNELS, PostingRef, iso
 from storage.schema import migrations
 
 BATCH_ROWS_DEFAULT = 1_000
@@ -50,7 +50,8 @@ REFUSED_SHOWN_MAX = 10
 TAG_SEPARATOR = ";"
 # Only the one form: 20261124 or 2026-W48-2 are dates to Python, and typos to a person.
 ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
-MEMBER_COLUMNS = ("card", "phone", "birthday", "tags", "opening_points", "opening_expires_on", "enrolled_on")
+MEMBER_COLUMNS = ("card", "phone", "birthday", "tags", "opening_points", "opening_expires_on", "enrolled_on",
+                  "crm_id", "consent")
 JSON = msgspec.json.Encoder()
 
 
@@ -282,6 +283,8 @@ class MemberImport(Importer):
                         raise RowRefused("$", f"has {len(values)} fields, the header {len(header)}")
                     row = member_row(dict(zip(header, values)), line, self.ctx)
                     self.repeated(row.card, line, "card")
+                    if row.crm_id is not None:
+                        self.repeated(("crm_id", row.crm_id), line, "crm_id")
                 except RowRefused as e:
                     self.tally.refuse(line, e.field, e.reason)
                     yield line, None
@@ -298,10 +301,13 @@ class MemberImport(Importer):
             # A new PostingRef each time: the database may run fn again in a fresh transaction.
             at = PostingRef(effective_at=now, created_at=now, rules_version=self.ctx.program.version,
                             ref="opening", note=note)
-            return imports.insert_members(conn, batch, today=today, at=at, profile_events=profile_events)
-        skipped = self.db.write_sync(fn)
-        self.tally.already += len(skipped)
-        self.tally.imported += len(batch) - len(skipped)
+            return imports.insert_members(conn, batch, today=today, at=at, profile_events=profile_events,
+                                          first_tier=self.ctx.program.tier_for(0)[0])
+        done = self.db.write_sync(fn)
+        for line in done.crm_id_taken:
+            self.tally.refuse(line, "crm_id", "belongs to another member")
+        self.tally.already += len(done.skipped)
+        self.tally.imported += len(batch) - len(done.skipped) - len(done.crm_id_taken)
 
 
 def _utf8_lines(f) -> Iterator[str]:
@@ -353,6 +359,7 @@ def member_row(values: dict[str, str], line: int, ctx: Context) -> imports.Membe
         path, words = found.listed[0] if found.listed else ("$", "is not a valid member")
         raise RowRefused(path.split("[")[0], words) from None
     points, expires_on = _opening(text, ctx)
+    crm_id, consent = _crm(text)
     privacy = ctx.privacy
     return imports.MemberRow(
         line=line, card=privacy.card(member.card), card_last4=privacy.card_last4(member.card),
@@ -361,7 +368,26 @@ def member_row(values: dict[str, str], line: int, ctx: Context) -> imports.Membe
         birthday=member.birthday.isoformat() if member.birthday else None,
         tags=JSON.encode(sorted(set(member.tags))).decode(),
         enrolled_at=_enrolled_at(text.get("enrolled_on"), ctx), opening_points=points,
-        opening_expires_on=expires_on)
+        opening_expires_on=expires_on, crm_id=crm_id, consent=consent)
+
+
+def _crm(text: dict[str, str]) -> tuple[str | None, frozenset[str] | None]:
+    """The CRM's id for the member and the channels they consented to (`sms;email`), checked
+    as PATCH /v1/members checks them; consent None when the column is empty (none given)."""
+    crm_id = text.get("crm_id")
+    if crm_id is not None:
+        try:
+            msgspec.convert({"crm_id": crm_id}, schema.MemberPatch)
+        except msgspec.ValidationError:
+            raise RowRefused("crm_id", "must be up to 64 characters without spaces") from None
+    if "consent" not in text:
+        return crm_id, None
+    channels = [c.strip().lower() for c in text["consent"].split(TAG_SEPARATOR) if c.strip()]
+    unknown = [c for c in channels if c not in CONSENT_CHANNELS]
+    if unknown:
+        raise RowRefused("consent", f"{unknown[0][:20]!r} is not a channel: list some of "
+                                    f"{', '.join(CONSENT_CHANNELS)} separated by {TAG_SEPARATOR}")
+    return crm_id, frozenset(channels)
 
 
 def _opening(text: dict[str, str], ctx: Context) -> tuple[int, str | None]:
@@ -462,9 +488,11 @@ def receipt_row(raw: bytes, line: int, ctx: Context) -> imports.ReceiptRow:
     body = schema.canonical(receipt if card is None else msgspec.structs.replace(receipt, card=card))
     key = (receipt.store_id, receipt.register_id, receipt.receipt_id)
     local_date = receipt.ts.astimezone(ctx.program.timezone).date().isoformat()
+    earlier = tuple(imported_fingerprint(schema.canonical(msgspec.structs.replace(receipt, card=older)))
+                    for older in getattr(card, "older", ()))
     return imports.ReceiptRow(line=line, key=key, card=card, fingerprint=imported_fingerprint(body),
                               ts=iso(receipt.ts), local_date=local_date, total=receipt.total, body=body,
-                              result=imported_answer(key))
+                              result=imported_answer(key), earlier_fingerprints=earlier)
 
 
 def _check_history(receipt: schema.Receipt, ctx: Context) -> None:

@@ -1,5 +1,5 @@
-"""Lifecycle jobs: expiry of lots, release of expired holds, birthday events, RFM scores
-(once a local day, server/rfm.py), and the points.expiring, points.expired and birthday
+"""Lifecycle jobs: expiry of lots, release of expired holds, birthday events, RFM scores and
+the `rfm` and `when` segments (once a local day, server/rfm.py), and the points.expiring, points.expired and birthday
 events of the outbox (storage/events.py).
 
 Each job is idempotent and safe to stop at any point: work is done in small write
@@ -62,7 +62,7 @@ async def run_all(db: Database, program: Program, now: datetime,
     done["released_holds"] = len(await db.write(lambda conn: release_holds(conn, now), off_loop=True))
     window_days = rfm.settings_of(program)
     if window_days is not None:     # once a local day; reads on a reader, writes in batches
-        scored = await rfm.run(db, window_days, program.timezone, now)
+        scored = await rfm.run(db, window_days, program.timezone, now, program=program)
         done["rfm_members_scored"] = scored.scored if scored else 0
     return done
 

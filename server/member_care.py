@@ -17,7 +17,7 @@ from server.errors import ApiError, conflict, field_error, not_found, unprocessa
 from server.keys import CLOCK, DATABASE, OPS, PRIVACY
 from server.ops import members as member_ops
 from server.privacy import candidates
-from storage import ledger, member_care
+from storage import events, ledger, member_care
 from storage.ledger import PostingRef, iso
 from storage.member_care import CareRefused
 
@@ -142,6 +142,8 @@ async def replace_card(app, public_id: str, body: schema.CardReplacement) -> tup
         old, old_last4 = _card_to_replace(cards, body.old_card_last4)
         member_care.retire_card(conn, old, member_id, "replaced", new_last4, now)
         member_care.add_card(conn, new, new_last4, member_id, now)
+        events.emit(conn, "card.replaced", member_id, {"old_card_last4": old_last4, "new_card_last4": new_last4},
+                    now, card_last4=new_last4)
         return 201, _replaced(public_id, old_last4, new_last4, conn)
     return await app[DATABASE].write(write)
 
@@ -198,6 +200,9 @@ async def merge(app, body: schema.MemberMerge, principal) -> tuple[int, A.MergeA
         for card, _ in cards:
             member_care.retire_card(conn, card, source, "merged", body.into_member_id, iso(now))
         member_care.mark_merged(conn, source, target, iso(now))
+        events.emit(conn, "member.merged", source, {"merge_id": body.merge_id, "into_member_id": body.into_member_id,
+                                                    "lots_moved": lots, "points_moved": points},
+                    now, card_last4=cards[0][1] if cards else None)
         result = A.MergeAnswer(body.merge_id, body.from_member_id, body.into_member_id, lots_moved=lots,
                                points_moved=points, cards_retired_last4=[last4 for _, last4 in cards],
                                key_id=principal.key_id, replayed=False)
@@ -214,6 +219,8 @@ async def erase(app, public_id: str, body: schema.Erasure) -> A.ErasureAnswer:
     """Erasing twice answers the first erasure's moment, with nothing left to remove."""
     member_id = member_number(public_id)
     now = iso(app[CLOCK].now())
+    # The member's events found on a reader first: the write then scans only newer ones.
+    seen = await app[DATABASE].read(lambda conn: events.seen(conn, member_care.with_merged(conn, member_id)))
 
     def write(conn):
         state = _member(conn, member_id, public_id, usable=False)
@@ -221,8 +228,11 @@ async def erase(app, public_id: str, body: schema.Erasure) -> A.ErasureAnswer:
             return A.ErasureAnswer(public_id, state.erased_at, cards_removed=0, receipts_scrubbed=0,
                                    members_erased=[], replayed=True)
         try:
-            done = member_care.erase(conn, member_id, now)
+            done = member_care.erase(conn, member_id, now, seen)
         except CareRefused as e:
             raise refusal(e) from None
+        for erased in done["members_erased"]:     # after the erasure: nothing personal left to name
+            events.emit(conn, "member.erased", member_number(erased), {"members_erased": done["members_erased"]},
+                        now)
         return A.ErasureAnswer(public_id, now, **done, replayed=False)
     return await app[DATABASE].write(write)

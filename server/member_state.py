@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import date, datetime, timedelta
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import msgspec
 
-from rules import MemberFacts, Program, SegmentFacts
+from rules import MemberFacts, Program
 from server.errors import unprocessable
 from server.plan import MemberState, key_of
 from storage import coupons, ledger, offers, segments
 from storage.ledger import iso
+from storage.member_facts import TierFacts
 
 
 def read_member_state(conn: sqlite3.Connection, receipt, program: Program, now: datetime,
@@ -33,78 +34,67 @@ def read_member_state(conn: sqlite3.Connection, receipt, program: Program, now: 
     holds = ledger.open_holds(conn, member.id, iso(now))
     hold_open = any(h.key == key and h.points for h in holds) or \
         ledger.hold_member(conn, key, open_only=True) is not None
-    facts, judged = customer_value_facts(conn, program, member, receipt, card, coupon_mac, now)
+    facts, judged, tier, tier_now = _customer_value(conn, program, member, receipt, card, coupon_mac, now)
     return MemberState(member, facts, ledger.lots_of(conn, member.id), holds,
-                       ledger.rule_usage(conn, member.id, windows), budget_left(conn, program), hold_open, judged)
+                       ledger.rule_usage(conn, member.id, windows), budget_left(conn, program), hold_open, judged,
+                       tier, tier_now)
 
 
 def customer_value_facts(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, receipt,
-                         card: str, coupon_mac, now: datetime) -> tuple[MemberFacts, coupons.Judged | None]:
+                         card: str, coupon_mac, now: datetime) -> tuple[MemberFacts, coupons.Judged | None, TierFacts]:
     """The member's facts with their segments (as they are at arrival), the offers valid
-    at ts and the receipt's usable codes; with the judgement of every code it sent."""
-    facts = member_facts(conn, program, member, receipt.ts)
+    at ts and the receipt's usable codes; with the judgement of every code it sent and what
+    the tier was computed from. Reads only: judging a code does not use it."""
+    return _customer_value(conn, program, member, receipt, card, coupon_mac, now)[:3]
+
+
+def _customer_value(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, receipt, card: str,
+                    coupon_mac, now: datetime) -> tuple[MemberFacts, coupons.Judged | None, TierFacts, TierTotals]:
+    """customer_value_facts, with what the member's tier at `now` counts before the receipt."""
+    facts, tier, tier_now = member_facts(conn, program, member, receipt.ts, now)
     day = local_date_of(program, receipt.ts)     # offers and coupon campaigns are judged at ts
     judged, sent = None, getattr(receipt, "coupons", None)
     if sent:
         judged = coupons.judge(conn, sent, card, day, program.coupons, coupon_mac)
     return msgspec.structs.replace(
-        facts, segments=segments_now(conn, program, member, facts.tier, now),
+        facts, segments=segments_now(conn, program, member.id),
         offers=offers.offers_for(conn, member.id, day) if program.personal_rule_ids else {},
-        coupons={campaign: code for campaign, (code, _) in judged.usable.items()} if judged else {}), judged
+        coupons={campaign: code for campaign, (code, _) in judged.usable.items()} if judged else {}), judged, tier, \
+        tier_now
 
 
 def local_date_of(program: Program, moment: datetime) -> date:
     return moment.astimezone(program.timezone).date()
 
 
-def segments_now(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, tier: str,
-                 now: datetime) -> frozenset[str]:
-    """The segments the member is in at `now` (rules.md: taken as they are when a receipt
-    arrives, whatever its ts): `list` ones as stored, `rfm` ones from the newest finished
-    scoring run, `when` ones computed from the member's facts over the program's window."""
+def segments_now(conn: sqlite3.Connection, program: Program, member_id: int) -> frozenset[str]:
+    """The segments the member is in now (rules.md: taken as they are when a receipt arrives,
+    whatever its ts): `list` ones as stored, `rfm` and `when` ones as the newest finished
+    run of the daily job left them (server/rfm.py), for the segments the program defines."""
     if not program.segments:
         return frozenset()
-    listed = segments.listed_in(conn, member.id) & {s.id for s in program.segments.values() if s.kind == "list"}
-    score = segments.scores_of(conn, member.id)
-    rfm = (score.r, score.f, score.m) if score else None
-    if any(s.kind == "when" for s in program.segments.values()):
-        seg_facts = segment_facts(conn, program, member, tier, now, rfm)
-    else:
-        seg_facts = SegmentFacts(tier=tier, rfm=rfm)
-    return frozenset(listed) | program.computed_segments(seg_facts)
-
-
-def segment_facts(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, tier: str,
-                  now: datetime, rfm: tuple[int, int, int] | None) -> SegmentFacts:
-    """What a `when` segment may know about the member at `now`, over the program's
-    `segments.rfm.window_days` local days up to today (as the daily job counts them)."""
-    today = local_date_of(program, now)
-    start = datetime.combine(today - timedelta(days=program.segment_window_days - 1), datetime.min.time(),
-                             program.timezone)
-    _, receipts, spend = ledger.receipt_counts(conn, member.id, iso(start - timedelta(microseconds=1)), iso(now))
-    last = conn.execute("SELECT MAX(ts) FROM receipts WHERE member_id = ? AND status = 'confirmed'",
-                        (member.id,)).fetchone()[0]
-    enrolled = ledger.from_iso(member.enrolled_at).astimezone(program.timezone).date()
-    return SegmentFacts(
-        tier=tier, tags=frozenset(msgspec.json.decode(member.tags)),
-        days_since_last_purchase=(today - local_date_of(program, ledger.from_iso(last))).days if last else None,
-        receipts_in_window=receipts, spend_in_window=spend, enrolled_days=(today - enrolled).days, rfm=rfm)
+    listed, computed = segments.membership_of(conn, member_id)
+    return frozenset(s.id for s in program.segments.values()
+                     if s.id in (listed if s.kind == "list" else computed))
 
 
 def budget_left(conn: sqlite3.Connection, program: Program) -> dict[str, int] | None:
-    """Points each budgeted rule may still issue. rule_totals is kept by a trigger in the
-    postings' own transaction, so it counts every receipt written before this one,
-    committed or not, and a receipt undone by its savepoint takes its points with it."""
+    """Points each budgeted rule may still issue. rule_totals is kept by triggers in the
+    transaction of the postings and their split by rule (posting_rules), so it counts every
+    receipt written before this one, committed or not, and a receipt undone by its savepoint
+    takes its points with it."""
     if not program.budgets:
         return None
     used = ledger.rule_totals(conn, list(program.budgets))
     return {r: max(0, cap - used[r]) for r, cap in program.budgets.items()}
 
 
-def member_facts(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, ts: datetime) -> MemberFacts:
+def member_facts(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
+                 ts: datetime, now: datetime) -> tuple[MemberFacts, TierFacts, TierTotals]:
     """As the rules see the member on a receipt stamped `ts`: the tier at ts, the
-    receipt_number in arrival order (this receipt not stored yet)."""
-    tier, ever = tier_view(conn, program, member, ts, of_receipt=True)
+    receipt_number in arrival order (this receipt not stored yet); the window's totals
+    the tier came from, which the receipt records; and what the tier at `now` counts."""
+    tier, ever, totals, tier_now = tier_of_receipt(conn, program, member, ts, now)
     return MemberFacts(
         member_id=member.public_id,
         tier=tier["id"],
@@ -112,7 +102,39 @@ def member_facts(conn: sqlite3.Connection, program: Program, member: ledger.Memb
         birthday=date.fromisoformat(member.birthday) if member.birthday else None,
         enrolled_on=ledger.from_iso(member.enrolled_at).astimezone(program.timezone).date(),
         receipt_number=ever + 1,
-    )
+    ), totals, tier_now
+
+
+class TierTotals(NamedTuple):
+    """What a member's tier at a moment counts over the program's window up to it."""
+    receipts: int
+    spend: int                  # net of returns, minor units
+
+
+def tier_of_receipt(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
+                    ts: datetime, now: datetime) -> tuple[dict, int, TierFacts, TierTotals]:
+    """tier_view of a receipt stamped `ts`, with the totals of the window it read, and in
+    the same pass what the tier at its arrival `now` counts before it is stored."""
+    window = timedelta(days=program.tier_window_days)
+    ever, count, spend, count_now, spend_now = ledger.tier_counts(conn, member.id, iso(ts - window), iso(ts),
+                                                                  iso(now - window))
+    view = _view(program, member, count, spend, local_date_of(program, ts).isoformat())
+    in_force = view["manual"] or "manual_ignored" in view     # ignored: another program may define it
+    manual = member.manual_tier if in_force else None
+    return view, ever, TierFacts(view["id"], manual, program.tier_window_days, spend, count), \
+        TierTotals(count_now, spend_now)
+
+
+def tier_after_receipt(program: Program, member: ledger.MemberRow, before: TierTotals, receipt,
+                       now: datetime) -> str:
+    """The member's tier at `now` once the receipt is stored: what it counted at arrival
+    (tier_of_receipt) plus the receipt itself when its ts is inside the window, which
+    counts receipts stamped up to any time after `now - window`. Exact as long as nothing
+    else changed the member's receipts in between: a batch plans a member once."""
+    receipts, spend = before
+    if iso(receipt.ts) > iso(now - timedelta(days=program.tier_window_days)):
+        receipts, spend = receipts + 1, spend + receipt.total
+    return _view(program, member, receipts, spend, local_date_of(program, now).isoformat())["id"]
 
 
 def tier_view(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, moment: datetime,
@@ -125,9 +147,14 @@ def tier_view(conn: sqlite3.Connection, program: Program, member: ledger.MemberR
     `to_next` follow the tier the member actually has. A manual tier the program no longer
     defines is ignored (shown under `manual_ignored`): the rules only know their own tiers."""
     today = moment.astimezone(program.timezone).date().isoformat()
-    since = iso(moment - timedelta(days=program.tier_window_days))
     until = iso(moment) if of_receipt else as_of
-    ever, count, spend = ledger.receipt_counts(conn, member.id, since, until, until_inclusive=not of_receipt)
+    ever, count, spend = ledger.receipt_counts(conn, member.id, tier_since(program, moment), until,
+                                               until_inclusive=not of_receipt)
+    return _view(program, member, count, spend, today), ever
+
+
+def _view(program: Program, member: ledger.MemberRow, count: int, spend: int, today: str) -> dict:
+    """The tier from the window's totals, or the manual tier while it holds on `today`."""
     metric = spend if program.tier_metric == "spend" else count
     tier, nxt, to_next = program.tier_for(metric)
     view = {"id": tier, "next": nxt, "to_next": to_next, "metric": program.tier_metric, "value": metric,
@@ -141,7 +168,36 @@ def tier_view(conn: sqlite3.Connection, program: Program, member: ledger.MemberR
         else:
             view["manual_ignored"] = {"tier": member.manual_tier, "until": member.manual_tier_until,
                                       "reason": f"not a tier of program {program.id}"}
-    return view, ever
+    return view
+
+
+def tier_since(program: Program, moment: datetime) -> str:
+    """The tier window's exclusive start for a tier at `moment`."""
+    return iso(moment - timedelta(days=program.tier_window_days))
+
+
+def tiers_at(conn: sqlite3.Connection, program: Program, members: list[segments.MemberRecord], moment: datetime,
+             as_of: datetime | None = None, metrics: dict[int, tuple[int, int]] | None = None) -> dict[int, str]:
+    """Each member's tier at `moment`, as tier_view gives it (receipts up to as_of, None:
+    every one recorded), for many members by one pass over the receipts (or given its
+    result, segments.tier_metrics)."""
+    if metrics is None:
+        metrics = segments.tier_metrics(conn, tier_since(program, moment), iso(as_of) if as_of else None)
+    today = moment.astimezone(program.timezone).date().isoformat()
+    levels = {level for level, _ in program.tiers}
+    by_spend = program.tier_metric == "spend"
+    computed: dict[int, str] = {}       # metric -> tier: few distinct values
+    out = {}
+    for m in members:
+        if m.manual_tier in levels and m.manual_tier_until and m.manual_tier_until >= today:
+            out[m.member_id] = m.manual_tier
+            continue
+        count, spend = metrics.get(m.member_id, (0, 0))
+        metric = spend if by_spend else count
+        if metric not in computed:
+            computed[metric] = program.tier_for(metric)[0]
+        out[m.member_id] = computed[metric]
+    return out
 
 
 def tier_after(program: Program, position: int, metric: int) -> tuple[str | None, int | None]:

@@ -1,6 +1,10 @@
-"""OpenAPI 3 generated from the route table: the msgspec request types each route decodes and
+"""OpenAPI 3.1 generated from the route table: the msgspec request types each route decodes and
 the answer types (server/answer_types.py) each declares per status, so the document says
-what the server accepts and answers."""
+what the server accepts and answers.
+
+3.1, because its schemas are JSON Schema 2020-12 as msgspec writes them: a field that may
+be null is `anyOf: [..., {"type": "null"}]` (or `type: [..., "null"]`), which 3.0's
+schema objects (`nullable: true`) do not have."""
 from __future__ import annotations
 
 import re
@@ -9,6 +13,8 @@ import msgspec
 
 from server.answer_types import Error
 
+OPENAPI_VERSION = "3.1.0"
+SCHEMA_DIALECT = "https://spec.openapis.org/oas/3.1/dialect/base"     # JSON Schema 2020-12 with OpenAPI's vocabulary
 REF = "#/components/schemas/{name}"
 ERROR_STATUSES = {"400": "Malformed JSON", "401": "No key or an unknown key", "403": "Key not allowed here",
                   "404": "Not found", "409": "Conflict", "413": "Body over the configured limit",
@@ -49,7 +55,7 @@ def _build(routes) -> dict:
             op["security"] = [{"bearer": []}]
             op["description"] = "Roles: " + ", ".join(sorted(r.roles))
         paths.setdefault(r.path, {})[r.method.lower()] = op
-    return {"openapi": "3.0.3",
+    return {"openapi": OPENAPI_VERSION, "jsonSchemaDialect": SCHEMA_DIALECT,
             "info": {"title": "Loyalty processing server", "version": "1"},
             "paths": paths,
             "components": {"schemas": _decimals_as_numbers_too(components),

@@ -4,9 +4,10 @@ The receipt path is: read the member's state once (server/member_state.py) -> pl
 -> apply the plan (storage/apply.py) -> answer from the plan (server/answer.py). A plan
 holds every number the ledger and the answer need, each computed once: the lots with
 their dates and points, every posting (redemption draws, accruals, debt repayment, expiry
-of points that arrived already expired), the hold change, the rule uses, the line records
-and the events it fires. Nothing here reads a connection, the clock or a metric, so it is
-tested with hand-built states (tests/test_receipt_plan.py).
+of points that arrived already expired), the hold change, the rule uses, the line records,
+the member facts the rules read (kept with the receipt for backtests) and the events it
+fires. Nothing here reads a connection, the clock or a metric, so it is tested with
+hand-built states (tests/test_receipt_plan.py).
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ import msgspec
 from rules import MemberFacts, Program
 from rules.records import Evaluation
 from server.errors import ApiError, unprocessable
-from storage import accounts
+from storage import accounts, member_facts
 from storage.coupons import USABLE, Judged
 from storage.ledger import Balance, Hold, Lot, MemberRow, ReceiptKey, balance_of, draw, iso
 from storage.line_records import ReceiptLines, build
+from storage.member_facts import ReceiptMemberFacts, TierFacts
 
 
 class MemberState(msgspec.Struct, frozen=True):
@@ -34,6 +36,10 @@ class MemberState(msgspec.Struct, frozen=True):
     budget_left: dict[str, int] | None  # points each budgeted rule may still issue
     hold_open: bool                 # a hold under this receipt's key is open, even a lapsed one
     coupons: Judged | None = None   # the receipt's codes judged at its ts; None: it sent none
+    tier: TierFacts | None = None   # what facts.tier was computed from, for the receipt's record
+    # (receipts, net spend) the member's tier at arrival counts before this receipt: the
+    # tier.changed check after it adds the receipt instead of counting again
+    tier_now: tuple[int, int] | None = None
 
     def own_hold(self, key: ReceiptKey) -> int:
         return sum(h.points for h in self.holds if h.key == key)
@@ -53,7 +59,8 @@ class Posting(msgspec.Struct, frozen=True):
     counter: str
     lot: int
     new_lot: bool = False
-    rule: str | None = None
+    rule: str | None = None         # an accrual's: the lot's one earning rule, else None (see rules)
+    rules: tuple[tuple[str, int], ...] = ()     # an accrual's points by rule (posting_rules)
     of_receipt: bool = True         # False: effective at `effective_at`, not the receipt's ts, without its key
     effective_at: str | None = None
     lot_dates: tuple[str, str | None] | None = None     # an existing lot's, as stored
@@ -96,6 +103,8 @@ class ReceiptPlan:
     coupon_uses: list[CouponUse] = field(default_factory=list)   # one use of each code a fired rule needed
     offer_charges: list[tuple[str, int]] = field(default_factory=list)  # (personal rule, points it gave)
     held_out: list[tuple[str, int]] = field(default_factory=list)  # (rule, points a control member was not given)
+    member_facts: ReceiptMemberFacts | None = None    # what the rules knew of the member, kept with the receipt
+    tier_now: tuple[int, int] | None = None     # MemberState.tier_now
 
 
 def local_day(program: Program, moment: datetime) -> str:
@@ -152,7 +161,7 @@ def plan_calculate(receipt, state: MemberState | None, program: Program, now: da
 def plan_confirm(receipt, state: MemberState | None, program: Program, now: datetime,
                  ev: Evaluation | None = None) -> ReceiptPlan:
     """A confirm: the redemption drawn from the member's lots (soonest expiry first), one
-    new lot per distinct pair of dates its rules give, each rule's accrual on its lot,
+    new lot per distinct pair of dates its rules give, one accrual on each (split by rule),
     debts paid back from the new points, points already expired when they arrived expired,
     the limited rules' uses, a referrer's first-purchase event, the line records."""
     key, today = key_of(receipt), local_day(program, now)
@@ -163,7 +172,7 @@ def plan_confirm(receipt, state: MemberState | None, program: Program, now: date
     if state is None:
         plan.lines = build(sold, ev.pairs, ev.redeemed_by_line, {})
         return plan
-    plan.member = state.member
+    plan.member, plan.tier_now = state.member, state.tier_now
     partner = partner_of(program, receipt.store_id)
     lots = {lot.id: Lot(lot.id, lot.available_from, lot.expires_on, lot.remaining) for lot in state.lots}
     if state.hold_open:
@@ -182,6 +191,7 @@ def plan_confirm(receipt, state: MemberState | None, program: Program, now: date
     _expire_on_arrival(plan, program, new_remaining, today)
     plan.rule_uses = [r for r in ev.fired if r in state.usage]
     _customer_value(plan, program, state, ev)
+    plan.member_facts = recorded_facts(state, plan)
     if state.member.referred_by is not None and state.facts.receipt_number == 1:
         plan.events.append(EventFire(state.member.referred_by, "referred_first_purchase",
                                      f"referral:{state.member.id}"))
@@ -219,6 +229,23 @@ def _customer_value(plan: ReceiptPlan, program: Program, state: MemberState, ev:
     plan.held_out = list(ev.held_out)
 
 
+def recorded_facts(state: MemberState, plan: ReceiptPlan) -> ReceiptMemberFacts | None:
+    """The member as the rules saw them on this receipt, for its backtests. The codes are
+    kept as their campaign and status only: a code is as good as money until used."""
+    facts = state.facts
+    if state.tier is None:      # a state not read from the database (tests, benchmarks) has no tier facts
+        return None
+    charged = dict(plan.offer_charges)
+    judged = state.coupons
+    codes = [] if judged is None else [
+        member_facts.CouponFact(campaign, status) for (_, status), campaign in zip(judged.statuses, judged.campaigns)]
+    return ReceiptMemberFacts(
+        member_facts.VERSION, facts.member_id, state.tier, sorted(facts.tags), facts.birthday, facts.enrolled_on,
+        facts.receipt_number, sorted(facts.segments),
+        [member_facts.OfferFact(rule, left, charged.get(rule, 0)) for rule, left in sorted(facts.offers.items())],
+        codes, [member_facts.HeldOut(rule, points) for rule, points in plan.held_out])
+
+
 def _dates(lot: Lot) -> tuple[str, str | None]:
     return lot.available_from, lot.expires_on
 
@@ -229,20 +256,26 @@ def _text(day: date | None) -> str | None:
 
 def _accrue(plan: ReceiptPlan, program: Program, ev: Evaluation, counter: str) -> dict[str, int]:
     """One new lot per distinct (activation, expiry) pair, written once with all its points,
-    and one accrual per earning rule on it. Returns each earning rule's lot index."""
+    and one accrual posting on it carrying its split by rule: a posting per rule cost a
+    hash, four index entries and a trigger each. Returns each earning rule's lot index."""
     index: dict[tuple, int] = {}
     lot_of_rule: dict[str, int] = {}
-    earning = [(rule, points) for rule, points in ev.by_rule if points > 0]
-    for rule, points in earning:
+    split: list[list[tuple[str, int]]] = []
+    for rule, points in ev.by_rule:
+        if points <= 0:
+            continue
         dates = program.rule_dates(rule, ev.local_date)
         if dates not in index:
             index[dates] = len(plan.lots)
             plan.lots.append(NewLot(dates[0], dates[1], 0))
+            split.append([])
         at = index[dates]
         lot_of_rule[rule] = at
         plan.lots[at] = NewLot(dates[0], dates[1], plan.lots[at].points + points)
-    for rule, points in earning:
-        plan.postings.append(Posting("accrual", points, counter, lot_of_rule[rule], new_lot=True, rule=rule))
+        split[at].append((rule, points))
+    for at, rules in enumerate(split):
+        plan.postings.append(Posting("accrual", plan.lots[at].points, counter, at, new_lot=True,
+                                     rule=rules[0][0] if len(rules) == 1 else None, rules=tuple(rules)))
     return lot_of_rule
 
 

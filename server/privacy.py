@@ -9,24 +9,29 @@ Key rotation. An HMAC cannot be recomputed under a new key without the number, w
 never stored, so a new key wraps the old hashes instead: under rotation `k2` a card's hash
 is `~k2~` + HMAC(k2, its hash under the key before). The id in front says which key a
 stored hash is under (a bare hash is under the first key); `loyalty privacy rotate-key`
-wraps every stored card and phone hash up to the key in force, beside the serving server.
+wraps every stored card, phone and coupon code hash up to the key in force, and the card
+hash inside each stored receipt body, beside the serving server; the fingerprints of
+adjustments and offers taken under an earlier key become digests of their rows' fields.
 Meanwhile look-ups try the hash under the key in force, then under each earlier key. A
 copy of the database together with an earlier key (a leaked one) no longer gives the
 numbers back: every key listed is needed, and none alone is enough.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
 import sys
 from datetime import datetime, timezone
 
+import msgspec
+
 from server.config import Config, ConfigError, load_config
 from server.startup import StartupError, take_serve_lock
-from storage import member_care
+from storage import coupons, member_care
 from storage.db import Database
-from storage.ledger import iso
+from storage.ledger import digest_hex, iso, pack, unpack
 from storage.schema import migrations
 
 log = logging.getLogger("loyalty.privacy")
@@ -37,6 +42,11 @@ TEST_CLOCK_KEY = "test-clock-only-not-a-secret-key"
 
 
 ROTATED_MARK = "~"   # sorts after every hex digit: the hashes under one key are one range of an index
+
+
+def marked(digest: str, key_id: str) -> str:
+    """A digest taken under key `key_id` ("" the first key), marked with it as hashes are."""
+    return f"{ROTATED_MARK}{key_id}{ROTATED_MARK}{digest}" if key_id else digest
 
 
 class Digest(str):
@@ -67,8 +77,7 @@ class Privacy:
 
     def _wrap(self, kind: bytes, digest: str, rotation: int) -> str:
         key_id, key = self._rotations[rotation]
-        wrapped = hmac.digest(key, kind + b"\0" + digest.encode(), "sha256").hex()
-        return f"{ROTATED_MARK}{key_id}{ROTATED_MARK}{wrapped}"
+        return marked(hmac.digest(key, kind + b"\0" + digest.encode(), "sha256").hex(), key_id)
 
     def _mac(self, kind: bytes, value: str) -> str:
         digest = hmac.digest(self._first, kind + b"\0" + value.encode(), "sha256").hex()
@@ -194,8 +203,9 @@ class KeyNotListed(Exception):
 
 
 def rotate_key_command(config_path: str, batch_rows: int = ROTATE_BATCH_ROWS) -> int:
-    """Wraps every stored card and phone hash up to the key in force, in batches of their own
-    transactions, beside a serving server (or alone). Run again, it goes on where it stopped."""
+    """Wraps every stored card, phone and coupon code hash (and each receipt body's card hash)
+    up to the key in force, in batches of their own transactions, beside a serving server (or
+    alone). Run again, it goes on where it stopped."""
     try:
         config = load_config(config_path)
         privacy = privacy_from_config(config)
@@ -231,7 +241,12 @@ def _rotate(config, db_path, privacy: Privacy, batch_rows: int, alone: bool) -> 
         total = 0
         for table, column, kind in member_care.REKEYED:
             total += _rotate_table(db, privacy, table, column, kind, batch_rows)
-        print(f"done: {total} hash(es) wrapped; every card and phone hash is under "
+        total += _rotate_table(db, privacy, "coupon_codes", "card", "card", batch_rows)   # codes bound to a card
+        total += _rotate_table(db, privacy, "coupon_codes", "code", "coupon", batch_rows, coupons.rewrap_codes)
+        total += _rotate_bodies(db, privacy, batch_rows)
+        for table, key, columns in member_care.FINGERPRINTED:
+            total += _rotate_fingerprints(db, privacy, table, key, columns, batch_rows)
+        print(f"done: {total} hash(es) wrapped; every card, phone and coupon code hash is under "
               f"{_key_name(privacy.key_in_force)}", flush=True)
         return 0
     except KeyNotListed as e:
@@ -259,22 +274,98 @@ def _key_name(key_id: str) -> str:
     return f"key {key_id}" if key_id else "the first key (privacy.hmac_key_env or hmac_key)"
 
 
-def _rotate_table(db, privacy: Privacy, table: str, column: str, kind: str, batch_rows: int) -> int:
+def _rotate_table(db, privacy: Privacy, table: str, column: str, kind: str, batch_rows: int,
+                  rewrap=None) -> int:
+    """rewrap(conn, pairs): writes each (stored, wrapped) pair; by default in place."""
+    if rewrap is None:
+        def rewrap(conn, pairs):
+            return member_care.rewrap(conn, table, column, pairs)
     in_force = privacy.in_force_range()
     left = db.read_sync(lambda c: member_care.count_stale(c, table, column, in_force))
     done = 0
-    while left and (wrapped := db.write_sync(lambda c: _rotate_batch(c, privacy, table, column, kind, batch_rows))):
+    while left and (wrapped := db.write_sync(lambda c: _rotate_batch(c, privacy, table, column, kind, batch_rows,
+                                                                      rewrap))):
         done += wrapped
         print(f"{table}.{column}: {done} of {left} wrapped", flush=True)
     return done
 
 
-def _rotate_batch(conn, privacy: Privacy, table: str, column: str, kind: str, batch_rows: int) -> int:
+def _rotate_batch(conn, privacy: Privacy, table: str, column: str, kind: str, batch_rows: int, rewrap) -> int:
     stale = member_care.stale_hashes(conn, table, column, privacy.in_force_range(), batch_rows)
-    pairs = [(old, privacy.rewrap(kind, old)) for old in stale]
-    lost = [old for old, new in pairs if new is None]
-    if lost:
-        key_id = lost[0][1:lost[0].find(ROTATED_MARK, 1)]
-        raise KeyNotListed(f"{table}.{column}: hashes under key {key_id!r}, which privacy.hmac_key_rotations "
+    pairs = [(old, _wrapped(privacy, kind, old, f"{table}.{column}")) for old in dict.fromkeys(stale)]
+    return rewrap(conn, pairs)
+
+
+def _wrapped(privacy: Privacy, kind: str, stored: str, where: str) -> str:
+    new = privacy.rewrap(kind, stored)
+    if new is None:
+        key_id = stored[1:stored.find(ROTATED_MARK, 1)]
+        raise KeyNotListed(f"{where}: hashes under key {key_id!r}, which privacy.hmac_key_rotations "
                            "does not list: list it again (in its place) so they can be found and wrapped")
-    return member_care.rewrap(conn, table, column, pairs)
+    return new
+
+
+def _rotate_bodies(db, privacy: Privacy, batch_rows: int) -> int:
+    """Each stored receipt body's card hash wrapped like the card's, its fingerprint taken
+    again from the new body (a retry is then compared under the key in force first). Bodies
+    are not indexed by the hash in them, so every receipt with a card is read, a batch of
+    rows at a time in rowid order; a run again reads them all again and rewrites none twice."""
+    after, done = 0, 0
+    while (batch := db.write_sync(lambda c: _rotate_bodies_batch(c, privacy, after, batch_rows))) is not None:
+        after, wrapped = batch
+        if wrapped:
+            done += wrapped
+            print(f"receipts.body: {done} wrapped", flush=True)
+    return done
+
+
+def _rotate_bodies_batch(conn, privacy: Privacy, after: int, batch_rows: int) -> tuple[int, int] | None:
+    rows = member_care.receipt_bodies(conn, after, batch_rows)
+    if not rows:
+        return None
+    changed = []
+    for rowid, packed, fingerprint in rows:
+        body = unpack(packed)
+        new_body = _rekeyed_body(privacy, body)
+        if new_body is not None:
+            changed.append((pack(new_body), _fingerprint_again(fingerprint, body, new_body), rowid))
+    member_care.rewrite_bodies(conn, changed)
+    return rows[-1][0], len(changed)
+
+
+def _rotate_fingerprints(db, privacy: Privacy, table: str, key: str, columns: tuple[str, ...],
+                         batch_rows: int) -> int:
+    """Fingerprints of adjustments or offers taken under an earlier key: a body with a card's
+    hash under that key, which cannot be taken again without the card, so each becomes the
+    digest of its row's fields that m031 made of the unkeyed ones, which a retry is then
+    compared by."""
+    in_force, done = privacy.in_force_range(), 0
+    while in_force and (changed := db.write_sync(
+            lambda c: member_care.fingerprints_to_fields(c, table, key, columns, in_force, batch_rows))):
+        done += changed
+        print(f"{table}.body_sha256: {done} replaced", flush=True)
+    return done
+
+
+def _rekeyed_body(privacy: Privacy, body: bytes) -> bytes | None:
+    """The canonical body (server/schema.py canonical) with its card's hash wrapped up to the
+    key in force; None when it is under that key already or has no card."""
+    card = msgspec.json.decode(body).get("card")
+    if card is None or privacy.key_of(card) == len(privacy.key_ids) - 1:
+        return None
+    field = b'"card":' + msgspec.json.encode(card)
+    return body.replace(field, b'"card":' + msgspec.json.encode(_wrapped(privacy, "card", card, "receipts.body")), 1)
+
+
+def _fingerprint_again(stored: bytes | str, body: bytes, new_body: bytes) -> bytes | str:
+    """The fingerprint of the new body taken as the stored one was taken from the old body:
+    a confirm's (its SHA-256) or an import's (server/import_cli.py imported_fingerprint)."""
+    from server.import_cli import imported_fingerprint
+    old = digest_hex(stored)
+    if old == hashlib.sha256(body).hexdigest():
+        new = hashlib.sha256(new_body).digest()
+    elif old == imported_fingerprint(body).hex():
+        new = imported_fingerprint(new_body)
+    else:
+        return stored       # taken some other way: kept (a retry of it is compared under every key's hash)
+    return new if isinstance(stored, bytes) else new.hex()

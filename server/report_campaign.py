@@ -1,11 +1,12 @@
 """The campaign effect of a rule with a control group (rules.md, "Campaign effect").
 
 Audience: the members enrolled by `to` who meet the rule's member conditions on `from` (all
-of them when it has none); each is treated or control by the stable holdout assignment. Per
-group: members, buyers, receipts, spend (net totals of the period's confirmed receipts,
-non-buyers counting zero), scope_spend (the same over the lines in the rule's scope), points
-(issued by the rule to the treated; what it would have given, for the control). The uplift
-of spend per member is the difference of the means with a Welch–Satterthwaite t interval.
+of them when it has none; server/report_audience.py says who does); each is treated or
+control by the stable holdout assignment. Per group: members, buyers, receipts, spend (net
+totals of the period's confirmed receipts, non-buyers counting zero), scope_spend (the same
+over the lines in the rule's scope), points (issued by the rule to the treated; what it
+would have given, for the control). The uplift of spend per member is the difference of the
+means with a Welch–Satterthwaite t interval.
 
 Sums and means are exact (integers and Fractions); the t quantile is computed in floating
 point (it is a statistic, not money) to far better than a minor unit of any interval this
@@ -23,7 +24,7 @@ from typing import Callable
 
 import msgspec
 
-from storage.ledger import iso, member_public_id, unpack
+from storage.ledger import BY_RULE_FROM, BY_RULE_ID, BY_RULE_POINTS, iso, member_public_id, unpack
 
 TREATED, CONTROL = "treated", "control"
 
@@ -50,8 +51,9 @@ class CampaignRule:
     holdout: Decimal | None
     period_from: date | None = None
     period_to: date | None = None
-    # The rule's member conditions (tier, tags, segment, offers) on a day; None: it has none.
-    in_audience: Callable[[object, int, date], bool] | None = None
+    # (conn, day) -> whether a member meets the rule's member conditions (tier, tags, segment,
+    # offers) on that day (server/report_audience.py); None: it has none.
+    audience_on: Callable[[object, date], Callable[[int], bool]] | None = None
     # Whether a receipt line (as the API sends it) is in the rule's scope; None: every line.
     in_scope: Callable[[dict], bool] | None = None
 
@@ -83,8 +85,9 @@ def _audience(conn, setting: Setting, rule: CampaignRule, first: date, last: dat
     end = iso(datetime.combine(last + timedelta(days=1), time.min, setting.timezone))
     out = {}
     limit = _limit(rule.holdout)
+    meets = rule.audience_on(conn, first) if rule.audience_on is not None else None
     for (member_id,) in conn.execute("SELECT id FROM members WHERE enrolled_at < ? ORDER BY id", (end,)):
-        if rule.in_audience is not None and not rule.in_audience(conn, member_id, first):
+        if meets is not None and not meets(member_id):
             continue
         held = _held(setting.program_id, rule.id, member_public_id(member_id), limit)
         out[member_id] = CONTROL if held else TREATED
@@ -120,9 +123,11 @@ def _receipts(conn, rule: CampaignRule, first: date, last: date):
 def _points(conn, rule_id: str, first: date, last: date) -> tuple[dict[int, int], dict[int, int]]:
     """Points by member: issued by the rule (net of returns) and what it would have given the held out."""
     period = (first.isoformat(), last.isoformat())
+    # Accruals by rule are their posting_rules split (one accrual posting per lot); reversals
+    # are posted per rule.
     issued = dict(conn.execute(
-        "SELECT p.member_id, SUM(p.points) FROM postings p JOIN receipts r ON r.store_id = p.store_id "
-        "AND r.register_id = p.register_id AND r.receipt_id = p.receipt_id WHERE p.rule_id = ? "
+        f"SELECT p.member_id, SUM({BY_RULE_POINTS}) FROM {BY_RULE_FROM} JOIN receipts r ON r.store_id = p.store_id "
+        f"AND r.register_id = p.register_id AND r.receipt_id = p.receipt_id WHERE {BY_RULE_ID} = ? "
         "AND p.kind IN ('accrual', 'reversal') AND r.status = 'confirmed' AND r.local_date BETWEEN ? AND ? "
         "GROUP BY p.member_id", (rule_id, *period)))
     would = dict(conn.execute(
@@ -247,8 +252,8 @@ def _variance(g: Group) -> Fraction:
     return Fraction(n * g.sum_squares - g.spend * g.spend, n * (n - 1))
 
 
-def _minor(value: Fraction | Decimal) -> int:
-    """Half-up to a whole minor unit."""
+def minor_units(value: Fraction | Decimal) -> int:
+    """Half-up (halves away from zero) to a whole minor unit."""
     if isinstance(value, Fraction):
         with localcontext() as ctx:
             ctx.prec = 60
@@ -281,13 +286,13 @@ def report(conn, setting: Setting, rule: CampaignRule, first: date, last: date) 
     diff, half = uplift(treated, control)
     spend = None
     if diff is not None:
-        spend = {"spend_per_member": _minor(diff), "low": None, "high": None}
+        spend = {"spend_per_member": minor_units(diff), "low": None, "high": None}
         if half is not None:
             exact = Decimal(diff.numerator) / Decimal(diff.denominator)
-            spend["low"], spend["high"] = _minor(exact - half), _minor(exact + half)
+            spend["low"], spend["high"] = minor_units(exact - half), minor_units(exact + half)
     return {"rule": rule.id, "from": first.isoformat(), "to": last.isoformat(),
             "treated": treated.public(), "control": control.public(), "uplift": spend,
-            "incremental_spend": None if diff is None else _minor(diff * treated.members),
+            "incremental_spend": None if diff is None else minor_units(diff * treated.members),
             "points_cost": treated.points * setting.point_value}
 
 

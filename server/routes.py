@@ -173,9 +173,7 @@ async def member_statement(app, call: Call) -> Reply:
 async def adjust(app, call: Call) -> Reply:
     require_adjustment_within(call.principal, call.body.points, app[CONFIG].auth.support_adjustment_max_points)
     status, result = await adjustments.adjust(app[OPS], call.body, call.principal)
-    # A replay answers with the key that made the adjustment, not the one asking again.
-    if isinstance(result, dict):    # a replay: the stored answer as it was first sent
-        return json_reply({**result, "key_name": app[KEYRING].name_of(result.get("key_id"))}, status)
+    # A replay names the key that made the adjustment, not the one asking again.
     result.key_name = app[KEYRING].name_of(result.key_id)
     return json_reply(result, status)
 
@@ -452,7 +450,7 @@ ROUTES: list[Route] = [
           answers=ok(A.ReadyAnswer)),
     Route("GET", "/metrics", metrics, R({MONITOR, MANAGER}), None, "Prometheus metrics",
           answers=ok(None, "Prometheus text")),
-    Route("GET", "/openapi.json", openapi, None, None, "This API as OpenAPI 3", answers=ok(A.OpenApiDocument)),
+    Route("GET", "/openapi.json", openapi, None, None, "This API as OpenAPI 3.1", answers=ok(A.OpenApiDocument)),
 ]
 ROUTES += cvm.routes() + report_campaign.routes()
 

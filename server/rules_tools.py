@@ -14,7 +14,7 @@ import sqlite3
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import closing
-from datetime import date
+from datetime import date, datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,11 @@ import msgspec
 
 from rules import MemberFacts, Program, ProgramError, format_explanation, load_program
 from server import validation
+from server.replay_member import OfferDrift, ReplayMember, facts_for, from_record
 from server.schema import DECODERS, Receipt, every_problem
+from storage import member_facts
 from storage.ledger import unpack
 
-DEFAULT_RECEIPT_NUMBER = 2  # a returning member: first-purchase rules stay out of a replay
 EXPORT_BATCH_ROWS = 2_000
 # A line of receipts as the API reads a body: every fraction exact, as qty decodes.
 _plain_decoder = msgspec.json.Decoder(float_hook=Decimal)
@@ -84,42 +85,39 @@ def _not_a_receipt(where: str, found: validation.Problems) -> str:
     return "\n".join(lines)
 
 
-def default_member(program: Program, member_id: str = "-", **facts: Any) -> MemberFacts:
-    """A returning base-tier member with no tags: what a replay assumes when facts are missing."""
-    facts.setdefault("tier", program.tiers[0][0])
-    facts.setdefault("receipt_number", DEFAULT_RECEIPT_NUMBER)
-    return MemberFacts(member_id=member_id, **facts)
+def default_member(program: Program, member_id: str = "-") -> MemberFacts:
+    """A returning member of the program's first tier without tags, segments, offers or
+    coupons: what a replay assumes when the receipt's member is not known."""
+    return facts_for(program, None, member_id)
 
 
 # ------------------------------------------------------------------ explain
 
-def member_from_db(conn: sqlite3.Connection, program: Program, card: str, receipt: Receipt) -> MemberFacts | None:
-    """The facts the rules see for card (its HMAC, server/privacy.py) at the receipt's moment, read
-    from the database.
+def member_from_db(conn: sqlite3.Connection, program: Program, card: str, receipt: Receipt,
+                   now: datetime | None = None, coupon_mac=None) -> MemberFacts | None:
+    """The facts the rules see for card (its HMAC, server/privacy.py) on this receipt, read
+    from the database as the member is now: what a receipt sent now would get.
 
     Tier: as the server computes it at the receipt's moment (a manual tier while valid, else
     the level reached over the window before ts). receipt_number: as the server counts it,
     in arrival order: the confirmed receipts that arrived before this one (all of them when
-    it is not stored), plus one."""
-    from server.member_state import tier_view
-    from storage.ledger import from_iso, member_by_card, receipts_confirmed_before
+    it is not stored), plus one. Segments as they are at `now`, the offers valid at ts, and
+    the receipt's coupon codes judged at ts without using them (coupon_mac: the key codes
+    are stored under; without it the codes are not judged)."""
+    from server.member_state import customer_value_facts
+    from storage.ledger import member_by_card, receipts_confirmed_before
 
     member = member_by_card(conn, card)
     if member is None:
         return None
-    view, ever = tier_view(conn, program, member, receipt.ts, of_receipt=True)
-    tier = view["id"]
+    if coupon_mac is None and receipt.coupons:
+        receipt = msgspec.structs.replace(receipt, coupons=msgspec.UNSET)
+    facts, _, _ = customer_value_facts(conn, program, member, receipt, card, coupon_mac,
+                                       now or datetime.now(timezone.utc))
     before = receipts_confirmed_before(conn, member.id, (receipt.store_id, receipt.register_id, receipt.receipt_id))
     if before is None:
-        before = ever
-    return MemberFacts(
-        member_id=member.public_id,
-        tier=tier,
-        tags=frozenset(msgspec.json.decode(member.tags)),
-        birthday=date.fromisoformat(member.birthday) if member.birthday else None,
-        enrolled_on=from_iso(member.enrolled_at).astimezone(program.timezone).date(),
-        receipt_number=before + 1,
-    )
+        return facts
+    return msgspec.structs.replace(facts, receipt_number=before + 1)
 
 
 def explain_command(config_path: str, receipt_path: str, card: str | None, available: int | None,
@@ -147,12 +145,16 @@ def explain_command(config_path: str, receipt_path: str, card: str | None, avail
         if card and db_path.exists():
             from server.privacy import privacy_from_config
             try:
-                card_key = privacy_from_config(config).card(card)    # members are found by the card's HMAC
+                privacy = privacy_from_config(config)
+                card_key = privacy.card(card)    # members are found by the card's HMAC
             except ConfigError as e:
                 raise ToolError(f"config error: {e}") from None
             with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as conn:
-                member = member_from_db(conn, program, card_key, receipt)
-            if member is None:
+                member = member_from_db(conn, program, card_key, receipt, _now(config), privacy.coupon)
+            if member is not None:
+                print("the member as they are now: segments now, offers and coupon codes at the receipt's moment "
+                      "(codes judged, not used)", file=sys.stderr)
+            else:
                 print(f"card {card} is not enrolled in {db_path}: explaining for a returning base-tier member",
                       file=sys.stderr)
         elif card:
@@ -175,6 +177,12 @@ def explain_command(config_path: str, receipt_path: str, card: str | None, avail
         program.close()
 
 
+def _now(config) -> datetime:
+    """The server's clock: `clock.start` when the config sets one (tests, demos)."""
+    from server.clock import Clock
+    return Clock(config.clock.start).now()
+
+
 # ------------------------------------------------------------------ diff
 
 class RuleTotals(msgspec.Struct):
@@ -191,46 +199,57 @@ class RuleTotals(msgspec.Struct):
 
 class Replay:
     """One program replaying receipts in order, counting limits and budgets as it goes
-    (from the first receipt of the file: history before it is not known)."""
+    (from the first receipt replayed: history before it is not known), each member as
+    recorded with their receipt (server/replay_member.py)."""
 
     def __init__(self, program: Program):
         self.program = program
-        self.fires: dict[tuple[str, str], list[date]] = {}  # (card, rule) -> local dates it fired
+        self.fires: dict[tuple[str, str], list[date]] = {}  # (member, rule) -> local dates it fired
         self.issued: dict[str, int] = {}  # budgeted rule -> points issued so far
+        self.offers = OfferDrift()
 
-    def run(self, receipt: Receipt, facts: dict | None) -> dict[str, int]:
+    def run(self, receipt: Receipt, member: ReplayMember | None) -> dict[str, int]:
         program = self.program
-        if receipt.card is None:
+        who = member.member_id if member is not None and member.member_id else receipt.card
+        if who is None:
             return {}  # anonymous receipts earn nothing, as at the server
-        member = default_member(program, receipt.card, **(facts or {}))
+        facts = facts_for(program, member, who, self.offers.left(who, member) if member is not None else None)
         day = receipt.ts.astimezone(program.timezone).date()
         usage = {}
         for rule_id, (first, last) in program.limit_windows(day).items():
-            dates = self.fires.get((receipt.card, rule_id), ())
+            dates = self.fires.get((who, rule_id), ())
             usage[rule_id] = sum(1 for fired in dates if first <= fired <= last)
         budget_left = {rule_id: budget - self.issued.get(rule_id, 0) for rule_id, budget in program.budgets.items()}
-        ev = program.evaluate(receipt, member, receipt.redeem_points, 10**15, usage, budget_left)
+        ev = program.evaluate(receipt, facts, receipt.redeem_points, 10**15, usage, budget_left)
         for rule_id in ev.fired:
             if rule_id in program.limited_rule_ids:
-                self.fires.setdefault((receipt.card, rule_id), []).append(day)
+                self.fires.setdefault((who, rule_id), []).append(day)
         points = dict(ev.by_rule)
         for rule_id in program.budgets:
             self.issued[rule_id] = self.issued.get(rule_id, 0) + points.get(rule_id, 0)
+        if member is not None:
+            self.offers.given(who, member, points)
         return points
 
 
 class DiffReport(msgspec.Struct):
     receipts: int
-    anonymous: int
+    anonymous: int          # without a card or a recorded member: they earn nothing
+    without_member_facts: int   # with a card but no member facts: replayed as a returning first-tier member
     changed: int  # receipts whose total points differ
     rules: list[RuleTotals]
     old_total: int
     new_total: int
 
 
-def read_receipts(path: str | Path) -> Iterator[tuple[Receipt, dict | None]]:
-    """Each line: a receipt in the API's shape, optionally with "member": {tier, tags, birthday,
-    enrolled_on, receipt_number}; blank lines are skipped."""
+_member_decoder = msgspec.json.Decoder(ReplayMember)
+_member_json = msgspec.json.Encoder().encode
+
+
+def read_receipts(path: str | Path) -> Iterator[tuple[Receipt, ReplayMember | None]]:
+    """Each line: a receipt in the API's shape, optionally with "member": the facts
+    `export receipts` writes (server/replay_member.py ReplayMember), any of them; blank
+    lines are skipped."""
     with open(path, "rb") as stream:
         for number, raw in enumerate(stream, 1):
             if not raw.strip():
@@ -242,43 +261,33 @@ def read_receipts(path: str | Path) -> Iterator[tuple[Receipt, dict | None]]:
                 raise ToolError(f"{where}: not JSON: {e}") from None
             if not isinstance(data, dict):
                 raise ToolError(f"{where}: expected a receipt object")
-            facts = _facts(data.pop("member", None), where)
-            yield decode_receipt(data, where), facts
+            member = _member(data.pop("member", None), where)
+            yield decode_receipt(data, where), member
 
 
-def _facts(facts: Any, where: str) -> dict | None:
+def _member(facts: Any, where: str) -> ReplayMember | None:
     if facts is None:
         return None
-    known = {"tier", "tags", "birthday", "enrolled_on", "receipt_number"}
-    if not isinstance(facts, dict) or set(facts) - known:
-        raise ToolError(f"{where}: 'member' may hold only {', '.join(sorted(known))}")
-    out = dict(facts)
     try:
-        if "tags" in out:
-            out["tags"] = frozenset(out["tags"])
-        for key in ("birthday", "enrolled_on"):
-            if out.get(key) is not None:
-                out[key] = date.fromisoformat(out[key])
-        if "receipt_number" in out and (not isinstance(out["receipt_number"], int) or out["receipt_number"] < 1):
-            raise ValueError("receipt_number must be a whole number >= 1")
-    except (TypeError, ValueError) as e:
+        return _member_decoder.decode(msgspec.json.encode(facts))
+    except msgspec.ValidationError as e:
         raise ToolError(f"{where}: member: {e}") from None
-    return out
 
 
-def diff(old: Program, new: Program, receipts: Iterable[tuple[Receipt, dict | None]]) -> DiffReport:
+def diff(old: Program, new: Program, receipts: Iterable[tuple[Receipt, ReplayMember | None]]) -> DiffReport:
     """Replays receipts through both programs; per rule the points each issues."""
     replays = (Replay(old), Replay(new))
     totals: dict[str, RuleTotals] = {}
     for rule in [*old.rules, *new.rules]:
         totals.setdefault(rule.id, RuleTotals(rule.id))
-    count = anonymous = changed = 0
-    for receipt, facts in receipts:
+    count = anonymous = unknown = changed = 0
+    for receipt, member in receipts:
         count += 1
-        if receipt.card is None:
+        if receipt.card is None and member is None:
             anonymous += 1
             continue
-        before, after = (replay.run(receipt, facts) for replay in replays)
+        unknown += member is None
+        before, after = (replay.run(receipt, member) for replay in replays)
         for rule_id, points in before.items():
             totals[rule_id].old += points
             totals[rule_id].old_receipts += 1
@@ -287,7 +296,7 @@ def diff(old: Program, new: Program, receipts: Iterable[tuple[Receipt, dict | No
             totals[rule_id].new_receipts += 1
         changed += sum(before.values()) != sum(after.values())
     rows = list(totals.values())
-    return DiffReport(count, anonymous, changed, rows, sum(r.old for r in rows), sum(r.new for r in rows))
+    return DiffReport(count, anonymous, unknown, changed, rows, sum(r.old for r in rows), sum(r.new for r in rows))
 
 
 def format_diff(report: DiffReport, old_name: str, new_name: str) -> str:
@@ -296,6 +305,8 @@ def format_diff(report: DiffReport, old_name: str, new_name: str) -> str:
     out = [
         f"{report.receipts} receipt(s) replayed ({report.anonymous} without a card earn nothing), "
         f"{report.changed} with a different total; old: {old_name}, new: {new_name}",
+        f"{report.without_member_facts} receipt(s) without recorded member facts (confirmed before they were "
+        "recorded) replayed as a returning first-tier member without segments, offers or coupons",
         head,
     ]
     for row in report.rules:
@@ -334,7 +345,8 @@ def diff_command(old_dir: str, new_dir: str, receipts_path: str, as_json: bool) 
 
 def export_receipts(conn: sqlite3.Connection, out, first: date | None = None, last: date | None = None,
                     progress=None) -> int:
-    """The stored bodies of confirmed receipts, oldest first, one JSON object a line.
+    """The stored bodies of confirmed receipts, oldest first, one JSON object a line, each
+    with the member facts recorded with it as "member" (server/replay_member.py).
     first/last: inclusive local dates of the receipts."""
     where, params = ["status = 'confirmed'"], []
     if first is not None:
@@ -345,15 +357,17 @@ def export_receipts(conn: sqlite3.Connection, out, first: date | None = None, la
         params.append(last.isoformat())
     condition = " AND ".join(where)
     total = conn.execute(f"SELECT COUNT(*) FROM receipts WHERE {condition}", params).fetchone()[0]
-    cursor = conn.execute(f"SELECT body FROM receipts WHERE {condition} ORDER BY ts, store_id, register_id, "
-                          "receipt_id", params)
+    cursor = conn.execute(f"SELECT body, {member_facts.COLUMN} FROM receipts r {member_facts.joined(conn)} "
+                          f"WHERE {condition} ORDER BY r.ts, r.store_id, r.register_id, r.receipt_id", params)
     done = 0
     if progress:
         progress(0, total)
     while rows := cursor.fetchmany(EXPORT_BATCH_ROWS):
-        for (body,) in rows:
-            text = unpack(body).decode() if isinstance(body, bytes) else body
-            out.write(text.rstrip("\n") + "\n")  # bodies are canonical JSON on one line
+        for body, facts in rows:
+            text = (unpack(body).decode() if isinstance(body, bytes) else body).rstrip("\n")
+            if facts is not None:     # bodies are canonical JSON objects on one line
+                text = f'{text[:-1]},"member":{_member_json(from_record(member_facts.decode(facts))).decode()}}}'
+            out.write(text + "\n")
         done += len(rows)
         if progress:
             progress(done, total)

@@ -192,21 +192,28 @@ class Dispatcher:
 
 
 def emit_noting_tier(conn: sqlite3.Connection, program, member_id: int, type_: str, data: dict,
-                     now: datetime, card_last4: str | None = None, member=None) -> None:
+                     now: datetime, card_last4: str | None = None, member=None, tier: str | None = None) -> None:
     """Emits the event, then tier.changed if the change moved the member's tier. member: the
-    member's row when the caller has it (a receipt does), saving a look-up per receipt."""
-    events.emit(conn, type_, member_id, data, now, card_last4=card_last4)
-    note_tier(conn, program, member_id, now, type_, member)
+    member's row when the caller has it (a receipt does), saving look-ups per receipt: its
+    tier facts and its CRM fields. tier: the member's tier at `now` after the change when the
+    caller knows it (a confirm does, from its plan); otherwise it is counted here."""
+    crm = events.Crm(member.crm_id, member.consent) if member is not None else None
+    events.emit(conn, type_, member_id, data, now, card_last4=card_last4, crm=crm)
+    note_tier(conn, program, member_id, now, type_, member, card_last4, tier)
 
 
-def note_tier(conn: sqlite3.Connection, program, member_id: int, now: datetime, reason: str, member=None) -> None:
-    """tier.changed when the member's tier as of `now` is not the one last announced."""
+def note_tier(conn: sqlite3.Connection, program, member_id: int, now: datetime, reason: str, member=None,
+              card_last4: str | None = None, tier: str | None = None) -> None:
+    """tier.changed when the member's tier as of `now` (tier: when the caller knows it) is
+    not the one last announced."""
     from server.member_state import tier_view    # the operations call this module inside their transactions
     from storage import ledger
     if len(program.tiers) < 2:
         return                              # one level: nothing to move between
     row = member if member is not None else ledger.member_by_id(conn, member_id)
-    events.note_tier(conn, member_id, tier_view(conn, program, row, now)[0]["id"], now, reason)
+    if tier is None:
+        tier = tier_view(conn, program, row, now)[0]["id"]
+    events.note_tier(conn, member_id, tier, now, reason, card_last4, events.Crm(row.crm_id, row.consent))
 
 
 def retry_command(config_path: str, webhook_id: str | None, event_id: int | None) -> int:

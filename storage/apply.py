@@ -2,11 +2,11 @@
 
 Nothing here decides: the lots, their points and dates, every posting and its amount come
 from the plan. The confirms of one batch are written together (apply_confirms): one
-INSERT for all their lots, one for their postings, one UPDATE of the lots' remaining
-points, one INSERT of their receipt rows.
+INSERT for all their lots, one for their postings, one for the accruals' split by rule
+(posting_rules), one UPDATE of the lots' remaining points, one INSERT of their receipt rows.
 
 What a plan reads and writes is its own member's rows, plus two things every member
-shares: the budgets' rule_totals (kept by the postings' trigger, and taken off by the
+shares: the budgets' rule_totals (kept by posting_rules' trigger, and taken off by the
 planner for plans of the batch not yet applied) and the ledger's order (posting ids, the
 hash chain, lot ids), which follows the one writer. Serializing members by a row lock
 instead would keep the first and need the second from a sequence.
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from storage import accounts, coupons, ledger, line_records, offers
+from storage import accounts, coupons, ledger, line_records, member_facts, offers
 from storage.ledger import PostingRef, iso
 
 
@@ -76,6 +76,7 @@ def apply_confirms(conn: sqlite3.Connection, confirms: list[Confirmed]) -> list:
     if fires:
         ledger.record_fires(conn, fires)
     ledger.insert_receipts(conn, receipts)
+    member_facts.insert(conn, [(c.plan.key, c.plan.member_facts) for c in confirms if c.plan.member_facts is not None])
     for c in confirms:
         if c.plan.member is not None:
             _customer_value(conn, c)
@@ -121,7 +122,8 @@ def _postings(c: Confirmed, lot_ids: list[int]) -> list[ledger.NewPosting]:
         else:
             effective, receipt, ref = p.effective_at, None, f"{p.kind}:{lot_id}"
         out.append(ledger.NewPosting(plan.member.id, lot_id, dates, p.kind, p.points, p.counter, effective, now,
-                                     p.rule, version, receipt, ref, counted=p.kind == "accrual" and p.new_lot))
+                                     p.rule, version, receipt, ref, counted=p.kind == "accrual" and p.new_lot,
+                                     rules=p.rules))
     return out
 
 

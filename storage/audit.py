@@ -5,8 +5,10 @@ does not hold.
    (and its lot's dates). An edited, inserted or deleted row breaks it from there on.
 2. Balances from postings: each lot's kept remaining points equal the sum of its
    postings; a lot below zero is a debt and is only allowed where a return reversed
-   points the member had already spent (or a merge transferred such a debt). Each rule's kept total (rule_totals, what
-   budgets count) equals the sum of its accrual and reversal postings.
+   points the member had already spent (or a merge transferred such a debt). Each accrual
+   posting's split by rule (posting_rules, m030) sums to its points, and each rule's kept
+   total (rule_totals, what budgets count) equals its accruals by rule plus its reversal
+   postings.
 3. Receipts: each confirmed receipt's postings match its stored answer; a cancelled
    receipt nets to zero; returns posted what they answered.
 4. Accounts: the members' total equals minus the counter accounts' total (zero sum).
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from storage.ledger import GENESIS_HASH, HASHED_SELECT, posting_hash, unpack
+from storage.ledger import BY_RULE_FROM, BY_RULE_ID, BY_RULE_POINTS, GENESIS_HASH, HASHED_SELECT, posting_hash, unpack
 
 PROGRESS_EVERY_ROWS = 100_000
 
@@ -102,31 +104,65 @@ def _lots(conn, report: AuditReport) -> None:
             return
 
 
+def _has_table(conn, name: str) -> bool:
+    if not isinstance(conn, sqlite3.Connection):
+        return conn.execute("SELECT 1 FROM information_schema.tables WHERE table_name = ?",
+                            (name,)).fetchone() is not None
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
+
+
 def _rule_totals(conn, report: AuditReport) -> None:
     # Audit reads the file as it is (read-only, no migrations): a database the server has
-    # not opened since m016 keeps no totals, so none can disagree.
-    if isinstance(conn, sqlite3.Connection) and conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rule_totals'").fetchone() is None:
+    # not opened since m016 keeps no totals, so none can disagree; one not opened since
+    # m030 has its accruals by rule in the postings themselves.
+    if not _has_table(conn, "rule_totals"):
         return
+    if _has_table(conn, "posting_rules"):
+        if not _splits(conn, report):
+            return
+        posted = ("SELECT rule_id, 0, points FROM posting_rules UNION ALL "
+                  "SELECT rule_id, 0, points FROM postings WHERE rule_id IS NOT NULL AND kind = 'reversal'")
+    else:
+        posted = "SELECT rule_id, 0, points FROM postings WHERE rule_id IS NOT NULL AND kind IN ('accrual', 'reversal')"
     # Both sides in one pass: a kept row with no postings, or postings with no kept row,
     # differ as much as a wrong sum.
-    for rule_id, kept, posted in conn.execute(
+    for rule_id, kept, total in conn.execute(
             "SELECT rule_id, SUM(kept), SUM(posted) FROM ("
-            "SELECT rule_id, points AS kept, 0 AS posted FROM rule_totals UNION ALL "
-            "SELECT rule_id, 0, points FROM postings WHERE rule_id IS NOT NULL AND kind IN ('accrual', 'reversal')"
+            f"SELECT rule_id, points AS kept, 0 AS posted FROM rule_totals UNION ALL {posted}"
             ") AS sides GROUP BY rule_id HAVING SUM(kept) != SUM(posted) ORDER BY rule_id"):
         report.problems.append(f"rule {rule_id}: rule_totals says it issued {kept} points, "
-                               f"its accrual and reversal postings sum to {posted}")
+                               f"its accrual and reversal postings sum to {total}")
+
+
+def _splits(conn, report: AuditReport) -> bool:
+    """Every accrual posting's split by rule sums to its points, and every split row
+    belongs to an accrual posting."""
+    for posting_id, points, split in conn.execute(
+            "SELECT p.id, p.points, COALESCE(SUM(pr.points), 0) FROM postings p "
+            "LEFT JOIN posting_rules pr ON pr.posting_id = p.id WHERE p.kind = 'accrual' "
+            "GROUP BY p.id HAVING COALESCE(SUM(pr.points), 0) != p.points ORDER BY p.id LIMIT 1"):
+        report.problems.append(f"posting {posting_id}: accrual of {points} points, its split by rule "
+                               f"(posting_rules) sums to {split}")
+        return False
+    for posting_id, rule_id in conn.execute(
+            "SELECT pr.posting_id, pr.rule_id FROM posting_rules pr LEFT JOIN postings p ON p.id = pr.posting_id "
+            "WHERE p.id IS NULL OR p.kind != 'accrual' ORDER BY pr.posting_id LIMIT 1"):
+        report.problems.append(f"posting {posting_id}: split row for rule {rule_id} without an accrual posting")
+        return False
+    return True
 
 
 def _receipts(conn, report: AuditReport) -> None:
     rows = conn.execute("SELECT store_id, register_id, receipt_id, member_id, status, result FROM receipts "
                         "WHERE member_id IS NOT NULL")
+    # Accruals by rule: from their split once the database has one (m030), else as posted.
+    source, rule, points = ((BY_RULE_FROM, BY_RULE_ID, BY_RULE_POINTS) if _has_table(conn, "posting_rules")
+                            else ("postings p", "p.rule_id", "p.points"))
+    query = (f"SELECT p.kind, COALESCE({rule}, ''), SUM({points}) FROM {source} "
+             "WHERE p.store_id = ? AND p.register_id = ? AND p.receipt_id = ? GROUP BY 1, 2")
     for store, register, receipt_id, member_id, status, result in rows:
         report.receipts += 1
-        sums = dict(((k, r), p) for k, r, p in conn.execute(
-            "SELECT kind, COALESCE(rule_id, ''), SUM(points) FROM postings WHERE store_id = ? AND register_id = ? "
-            "AND receipt_id = ? GROUP BY kind, rule_id", (store, register, receipt_id)))
+        sums = {(k, r): p for k, r, p in conn.execute(query, (store, register, receipt_id))}
         name = f"receipt {store}/{register}/{receipt_id}"
         if status == "cancelled":
             # Expiry and debt repayment postings may carry the receipt too; what it earned and

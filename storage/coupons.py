@@ -39,6 +39,7 @@ class Campaign(msgspec.Struct, frozen=True):
 class Judged(NamedTuple):
     statuses: list[tuple[str, str]]      # (code as sent, status) in the receipt's order
     usable: dict[str, tuple[str, str]]   # campaign -> (code as sent, its HMAC): the first valid one
+    campaigns: list[str | None] = []     # each code's campaign, as statuses; None: not the program's
 
 
 # A usable code's status until the receipt path knows whether a fired rule needed it:
@@ -71,10 +72,9 @@ def add_codes(conn: sqlite3.Connection, campaign: str, codes: list[str], card_hm
 def judge(conn: sqlite3.Connection, codes: list[str], card_hmac: str | None, local_date: date,
           campaigns: dict[str, Campaign], mac: Callable[[str], str]) -> Judged:
     """Each code's status at the receipt's local date, and the first usable code of each campaign."""
-    statuses, usable = [], {}
+    statuses, usable, of_code = [], {}, []
     for code in codes:
-        code_hmac = mac(normalize(code))
-        row = conn.execute("SELECT campaign, card, uses FROM coupon_codes WHERE code = ?", (code_hmac,)).fetchone()
+        code_hmac, row = _stored(conn, mac(normalize(code)))
         status = _status(row, card_hmac, local_date, campaigns)
         if status == USABLE:
             if row[0] in usable:
@@ -82,7 +82,18 @@ def judge(conn: sqlite3.Connection, codes: list[str], card_hmac: str | None, loc
             else:
                 usable[row[0]] = (code, code_hmac)
         statuses.append((code, status))
-    return Judged(statuses, usable)
+        of_code.append(row[0] if row is not None and row[0] in campaigns else None)
+    return Judged(statuses, usable, of_code)
+
+
+def _stored(conn: sqlite3.Connection, code_hmac: str) -> tuple[str, tuple | None]:
+    """The code's row and the hash it is stored under: under the key in force, else under an
+    earlier one (`older`, server/privacy.py) while `privacy rotate-key` has not wrapped it."""
+    for digest in (code_hmac, *getattr(code_hmac, "older", ())):
+        row = conn.execute("SELECT campaign, card, uses FROM coupon_codes WHERE code = ?", (digest,)).fetchone()
+        if row is not None:
+            return digest, row
+    return code_hmac, None
 
 
 def _status(row, card_hmac: str | None, local_date: date, campaigns: dict[str, Campaign]) -> str:
@@ -90,7 +101,7 @@ def _status(row, card_hmac: str | None, local_date: date, campaigns: dict[str, C
         return "unknown"
     campaign, bound_card, uses = row
     c = campaigns[campaign]
-    if bound_card is not None and bound_card != card_hmac:
+    if bound_card is not None and bound_card not in (card_hmac, *getattr(card_hmac, "older", ())):
         return "other_card"
     if c.valid_from is not None and local_date < c.valid_from:
         return "not_yet_valid"
@@ -122,3 +133,17 @@ def give_back(conn: sqlite3.Connection, receipt_key: tuple[str, str, str]) -> in
                         "RETURNING code", receipt_key).fetchall()
     conn.executemany("UPDATE coupon_codes SET uses = uses - 1 WHERE code = ? AND uses > 0", [(c[0],) for c in used])
     return len(used)
+
+
+def rewrap_codes(conn: sqlite3.Connection, pairs: list[tuple[str, str]]) -> int:
+    """pairs: (stored code hash, the same wrapped up to the key in force). The code is the
+    key coupon_uses refer to, so each moves to a new row its uses follow, in the caller's
+    transaction; a code gone since it was read matches nothing."""
+    moved = 0
+    for old, new in pairs:
+        moved += conn.execute("INSERT INTO coupon_codes (code, campaign, card, uses, created_at) "
+                              "SELECT ?, campaign, card, uses, created_at FROM coupon_codes WHERE code = ?",
+                              (new, old)).rowcount
+        conn.execute("UPDATE coupon_uses SET code = ? WHERE code = ?", (new, old))
+        conn.execute("DELETE FROM coupon_codes WHERE code = ?", (old,))
+    return moved

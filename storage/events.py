@@ -4,7 +4,8 @@ An event is written by `emit` inside the write transaction of the change it anno
 is committed exactly when the change is, and a kill -9 loses neither or both. The dispatcher
 (server/webhooks.py) gives each webhook a delivery row per event it subscribes to
 (`fan_out`), sends each member's oldest pending one (`due`), and records the outcomes
-(`record`). A card appears only as its last four digits, a member only as its public id.
+(`record`). A card appears only as its last four digits, a member only as its public id,
+with the CRM's id and consent per channel as they were when the event was written.
 """
 from __future__ import annotations
 
@@ -14,62 +15,155 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from storage.ledger import iso, member_public_id
+from storage.ledger import CONSENT_BITS, CONSENT_CHANNELS, iso, member_public_id
 
 TYPES = ("member.enrolled", "receipt.confirmed", "receipt.cancelled", "return.accepted", "tier.changed",
-         "points.expiring", "points.expired", "birthday", "offer.assigned")
+         "points.expiring", "points.expired", "birthday", "offer.assigned", "card.replaced", "member.merged",
+         "member.erased", "member.updated")
 
 _JSON = msgspec.json.Encoder()
 
 
+class Crm(NamedTuple):
+    """The member's CRM fields as of an event: its id in the CRM and the consent bits
+    (storage.ledger.CONSENT_CHANNELS, a bit each)."""
+    crm_id: str | None
+    consent: int
+
+
+# The member m as an event names them: the first card's last four digits and the CRM's fields.
+_NAMED_COLUMNS = ("(SELECT card_last4 FROM cards WHERE member_id = m.id ORDER BY created_at LIMIT 1), m.crm_id, "
+                  f"{CONSENT_BITS}")
+_NAMED = f"SELECT {_NAMED_COLUMNS} FROM members m WHERE m.id = ?"
+
+
 def emit(conn: sqlite3.Connection, type_: str, member_id: int, data: dict[str, Any], occurred_at: datetime | str,
-         once_key: str | None = None, card_last4: str | None = None) -> int | None:
+         once_key: str | None = None, card_last4: str | None = None, crm: Crm | None = None) -> int | None:
     """Writes one event in the caller's transaction; its id, or None when `once_key` was already used.
-    card_last4: of the card the change was made with; by default the member's first card's."""
+    card_last4: of the card the change was made with; by default the member's first card's.
+    crm: the member's CRM fields when the caller read them with the member (a receipt does);
+    otherwise read here, in the same query as the card."""
     if type_ not in TYPES:
         raise ValueError(f"unknown event type {type_!r}")
     at = occurred_at if isinstance(occurred_at, str) else iso(occurred_at)
-    row = (card_last4,) if card_last4 is not None else conn.execute(
-        "SELECT card_last4 FROM cards WHERE member_id = ? ORDER BY created_at LIMIT 1", (member_id,)).fetchone()
+    if card_last4 is None or crm is None:
+        first_card, crm_id, consent = conn.execute(_NAMED, (member_id,)).fetchone() or (None, None, 0)
+        card_last4 = first_card if card_last4 is None else card_last4
+        crm = crm or Crm(crm_id, consent)
     if type_ == "member.enrolled":
         # The tier a member starts with, so their first move up is a tier.changed.
         conn.execute("INSERT OR REPLACE INTO event_member_tiers (member_id, tier) VALUES (?, ?)",
                      (member_id, data["tier"]))
-    cur = conn.execute("INSERT OR IGNORE INTO events (type, member_id, card_last4, occurred_at, data, once_key, "
-                       "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (type_, member_id, row[0] if row else None, at, _JSON.encode(data), once_key, at))
+    cur = conn.execute("INSERT OR IGNORE INTO events (type, member_id, card_last4, crm_id, consent, occurred_at, "
+                       "data, once_key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (type_, member_id, card_last4, crm.crm_id, crm.consent, at, _JSON.encode(data), once_key, at))
     return cur.lastrowid if cur.rowcount else None
 
 
 def note_tier(conn: sqlite3.Connection, member_id: int, tier: str, occurred_at: datetime | str,
-              reason: str) -> int | None:
+              reason: str, card_last4: str | None = None, crm: Crm | None = None) -> int | None:
     """Emits tier.changed when `tier` differs from the one last noted for the member. The first
-    tier noted (at enrollment, or for a member enrolled before events existed) is only recorded."""
+    tier noted (at enrollment, or for a member enrolled before events existed) is only recorded.
+    card_last4, crm: as emit takes them."""
     row = conn.execute("SELECT tier FROM event_member_tiers WHERE member_id = ?", (member_id,)).fetchone()
     if row is not None and row[0] == tier:
         return None
     conn.execute("INSERT OR REPLACE INTO event_member_tiers (member_id, tier) VALUES (?, ?)", (member_id, tier))
     if row is None:
         return None
-    return emit(conn, "tier.changed", member_id, {"from": row[0], "to": tier, "reason": reason}, occurred_at)
+    return emit(conn, "tier.changed", member_id, {"from": row[0], "to": tier, "reason": reason}, occurred_at,
+                card_last4=card_last4, crm=crm)
 
 
-def offer_assigned(conn: sqlite3.Connection, member_id: int, offer_id: str, valid_from: str | None,
-                   valid_to: str | None, occurred_at: datetime | str) -> int | None:
-    """offer.assigned, for the code that assigns personal offers to call in its transaction;
-    once per member and offer."""
-    return emit(conn, "offer.assigned", member_id, {"offer_id": offer_id, "from": valid_from, "to": valid_to},
-                occurred_at, once_key=f"offer:{offer_id}:{member_id}")
+def offers_assigned(conn: sqlite3.Connection, offer_id: str, rule_id: str, valid_from: str, valid_to: str,
+                    points: int | None, member_ids: list[int], occurred_at: datetime | str) -> int:
+    """offer.assigned for each member given the offer, in the assignment's transaction: one
+    statement for them all (a segment may hold a million members); once per member and offer.
+    How many were written."""
+    at = occurred_at if isinstance(occurred_at, str) else iso(occurred_at)
+    data = _JSON.encode({"offer_id": offer_id, "rule": rule_id, "from": valid_from, "to": valid_to, "points": points})
+    return conn.execute(
+        "INSERT OR IGNORE INTO events (type, member_id, card_last4, crm_id, consent, occurred_at, data, once_key, "
+        f"created_at) SELECT 'offer.assigned', m.id, {_NAMED_COLUMNS}, ?, ?, 'offer:' || ? || ':' || m.id, ? "
+        "FROM json_each(?) j JOIN members m ON m.id = j.value ORDER BY m.id",
+        (at, data, offer_id, at, _JSON.encode(member_ids))).rowcount
 
 
-_EVENT_COLUMNS = "e.id, e.type, e.occurred_at, e.member_id, e.card_last4, e.data"
+def members_imported(conn: sqlite3.Connection, member_ids: list[int], tier: str, occurred_at: datetime | str) -> int:
+    """member.enrolled, marked imported, for each member an import inserted, in its
+    transaction: one statement for the batch. Each starts at `tier`, so a later move is a
+    tier.changed. How many were written."""
+    at = occurred_at if isinstance(occurred_at, str) else iso(occurred_at)
+    ids = _JSON.encode(member_ids)
+    conn.execute("INSERT OR REPLACE INTO event_member_tiers (member_id, tier) SELECT value, ? FROM json_each(?)",
+                 (tier, ids))
+    return conn.execute(
+        "INSERT INTO events (type, member_id, card_last4, crm_id, consent, occurred_at, data, created_at) "
+        f"SELECT 'member.enrolled', m.id, {_NAMED_COLUMNS}, ?, ?, ? "
+        "FROM json_each(?) j JOIN members m ON m.id = j.value ORDER BY m.id",
+        (at, _JSON.encode({"store_id": None, "tier": tier, "imported": True}), at, ids)).rowcount
+
+
+# Fields of an event's data that tell who the member is; an erasure makes them null.
+PERSONAL_DATA = {"birthday": ("date",), "card.replaced": ("old_card_last4", "new_card_last4")}
+
+
+class Seen(NamedTuple):
+    """The events of some members as a reader saw them before their erasure: events has no
+    index on member_id (every receipt writes one), so finding them is a scan, done here
+    rather than while the erasure holds the writer."""
+    newest: int                         # the newest event id then
+    ids: dict[int, list[int]]           # member id: their event ids up to `newest`
+
+
+def seen(conn: sqlite3.Connection, member_ids: list[int]) -> Seen:
+    newest = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+    found: dict[int, list[int]] = {m: [] for m in member_ids}
+    for event_id, member_id in conn.execute(
+            f"SELECT id, member_id FROM events WHERE id <= ? AND member_id IN ({','.join('?' * len(member_ids))})",
+            (newest, *member_ids)):
+        found[member_id].append(event_id)
+    return Seen(newest, found)
+
+
+def forget_member(conn: sqlite3.Connection, member_id: int, before: Seen | None = None) -> None:
+    """An erased member's events keep what happened and no longer who: the card's last digits,
+    the CRM's id and the personal fields of their data become null, consent none. A webhook
+    yet to deliver one sends it so; a warehouse pulling it reads it so. before: what a reader
+    found of the member's events; only those written since are looked for here, by id range
+    (without it, every event is read)."""
+    scrub = "UPDATE events SET card_last4 = NULL, crm_id = NULL, consent = 0 WHERE "
+    if before is None or member_id not in before.ids:
+        rows = conn.execute(scrub + "member_id = ? RETURNING id, type, data", (member_id,)).fetchall()
+    else:
+        rows = conn.execute(scrub + "id > ? AND member_id = ? RETURNING id, type, data",
+                            (before.newest, member_id)).fetchall()
+        rows += conn.execute(scrub + "id IN (SELECT value FROM json_each(?)) RETURNING id, type, data",
+                             (_JSON.encode(before.ids[member_id]),)).fetchall()
+    for event_id, type_, data in rows:
+        if type_ in PERSONAL_DATA:
+            fields = msgspec.json.decode(data)
+            fields.update(dict.fromkeys(PERSONAL_DATA[type_]))
+            conn.execute("UPDATE events SET data = ? WHERE id = ?", (_JSON.encode(fields), event_id))
+
+
+_EVENT_COLUMNS = "e.id, e.type, e.occurred_at, e.member_id, e.card_last4, e.data, e.crm_id, e.consent"
 
 
 def as_json(row: tuple) -> dict:
-    """The wire form of an event, for a webhook's body and for GET /v1/admin/events."""
-    event_id, type_, occurred_at, member_id, card_last4, data = row[:6]
+    """The wire form of an event, for a webhook's body and for GET /v1/admin/events: the
+    envelope, then the member's CRM fields as of the event, then the type's data."""
+    event_id, type_, occurred_at, member_id, card_last4, data, crm_id, consent = row[:8]
     return {"id": event_id, "type": type_, "occurred_at": occurred_at, "member_id": member_public_id(member_id),
-            "card_last4": card_last4, "data": msgspec.json.decode(data)}
+            "card_last4": card_last4, "crm_id": crm_id, "consent": consent_json(consent),
+            "data": msgspec.json.decode(data)}
+
+
+def consent_json(bits: int | None) -> dict[str, bool] | None:
+    """None for an event written before consent was kept with events."""
+    if bits is None:
+        return None
+    return {channel: bool(bits >> i & 1) for i, channel in enumerate(CONSENT_CHANNELS)}
 
 
 def page(conn: sqlite3.Connection, after: int, limit: int) -> list[dict]:

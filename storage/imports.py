@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from storage import ledger
+from storage import events, ledger, member_care
 from storage.accounts import OPENING
-from storage.ledger import PostingRef, ReceiptKey
+from storage.ledger import CONSENT_CHANNELS, PostingRef, ReceiptKey
 
 # What an imported receipt records as the program that computed it: none did.
 IMPORTED_RULES_VERSION = "imported"
@@ -50,6 +51,8 @@ class MemberRow:
     enrolled_at: str            # stored form (storage.ledger.iso)
     opening_points: int
     opening_expires_on: str | None
+    crm_id: str | None = None
+    consent: frozenset[str] | None = None     # the channels consented to; None: not given
 
 
 @dataclass
@@ -63,6 +66,9 @@ class ReceiptRow:
     total: int
     body: bytes                 # JSON, card as its HMAC
     result: bytes
+    # The fingerprints of the same body with the card's hashes under earlier keys: stored by a
+    # run before a key rotation, they are the same receipt.
+    earlier_fingerprints: tuple[bytes, ...] = ()
 
 
 def _chunks(items: list, size: int = LOOKUP_CHUNK):
@@ -71,11 +77,15 @@ def _chunks(items: list, size: int = LOOKUP_CHUNK):
 
 
 def known_cards(conn: sqlite3.Connection, cards: list[str]) -> dict[str, int]:
-    """card HMAC -> member id, for those of `cards` that are enrolled."""
+    """card HMAC -> member id, for those of `cards` that are enrolled. A card is also found
+    under its hashes under earlier keys (`older`, server/privacy.py) that a key rotation has
+    not wrapped yet, so a rerun during or before `privacy rotate-key` enrolls no card twice."""
+    asked = {digest: card for card in cards for digest in (card, *getattr(card, "older", ()))}
     found: dict[str, int] = {}
-    for chunk in _chunks(cards):
+    for chunk in _chunks(list(asked)):
         marks = ", ".join("?" * len(chunk))
-        found.update(conn.execute(f"SELECT card, member_id FROM cards WHERE card IN ({marks})", chunk))
+        found.update((asked[digest], member_id) for digest, member_id in
+                     conn.execute(f"SELECT card, member_id FROM cards WHERE card IN ({marks})", chunk))
     return found
 
 
@@ -95,30 +105,72 @@ def insert_all(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], r
     conn.execute(f"DELETE FROM temp.import_{table}")
 
 
+class MembersInserted(NamedTuple):
+    skipped: list[int]          # lines whose card is enrolled already
+    crm_id_taken: list[int]     # lines not inserted (or not updated): their crm_id is another member's
+
+
 def insert_members(conn: sqlite3.Connection, rows: list[MemberRow], *, today: str, at: PostingRef,
-                   profile_events: list[str]) -> list[int]:
-    """Inserts the members whose card is not enrolled yet; returns the lines it skipped.
-    Ids are the next free ones: this is the only writer while the transaction lasts.
+                   profile_events: list[str], first_tier: str) -> MembersInserted:
+    """Inserts the members whose card is not enrolled yet and whose crm_id no member has,
+    each with its member.enrolled event (imported, at `first_tier`). Ids are the next free
+    ones: this is the only writer while the transaction lasts. A row of a card enrolled
+    already changes nothing but its member's crm_id and consent when it gives other ones.
 
     profile_events: the program's profile_completed events. A member whose phone and birthday
     both come in completed the profile in the previous program: the events are recorded as
     fired (without points), or the next change of the profile would pay them."""
     there = known_cards(conn, [r.card for r in rows])
-    new = [r for r in rows if r.card not in there]
+    not_updated = _update_crm(conn, [r for r in rows if r.card in there], there, at.created_at)
+    skipped = [r.line for r in rows if r.card in there and r.line not in not_updated]
+    taken = _crm_ids_taken(conn, [r.crm_id for r in rows if r.card not in there and r.crm_id is not None])
+    new = [r for r in rows if r.card not in there and r.crm_id not in taken]
+    refused = [r.line for r in rows if r.card not in there and r.crm_id in taken] + not_updated
     if not new:
-        return [r.line for r in rows]
+        return MembersInserted(skipped, refused)
     first_member = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM members").fetchone()[0]
     ids = {r.line: first_member + i for i, r in enumerate(new)}
-    insert_all(conn, "members", ("id", "phone_hmac", "phone_last4", "birthday", "tags", "enrolled_at", "updated_at"),
-               [(ids[r.line], r.phone_hmac, r.phone_last4, r.birthday, r.tags, r.enrolled_at, at.created_at)
-                for r in new])
+    insert_all(conn, "members", ("id", "phone_hmac", "phone_last4", "birthday", "tags", "enrolled_at", "updated_at",
+                                 "crm_id", *(f"consent_{c}" for c in CONSENT_CHANNELS), "consent_updated_at"),
+               [(ids[r.line], r.phone_hmac, r.phone_last4, r.birthday, r.tags, r.enrolled_at, at.created_at,
+                 r.crm_id, *(int(c in (r.consent or ())) for c in CONSENT_CHANNELS),
+                 at.created_at if r.consent is not None else None) for r in new])
     insert_all(conn, "cards", ("card", "card_last4", "member_id", "created_at"),
                [(r.card, r.card_last4, ids[r.line], at.created_at) for r in new])
     _open_balances(conn, [r for r in new if r.opening_points], ids, today, at)
     insert_all(conn, "event_fires", ("member_id", "event_id", "occasion", "created_at"),
                [(ids[r.line], event, "profile", at.created_at) for r in new if r.phone_hmac and r.birthday
                 for event in profile_events], verb="INSERT OR IGNORE")
-    return [r.line for r in rows if r.card in there]
+    events.members_imported(conn, list(ids.values()), first_tier, at.created_at)
+    return MembersInserted(skipped, refused)
+
+
+def _update_crm(conn: sqlite3.Connection, rows: list[MemberRow], there: dict[str, int],
+                now: str) -> list[int]:
+    """The crm_id and consent rows of enrolled cards give, set as PATCH /v1/members sets
+    them (a member.updated when they change); the lines refused: crm_id taken."""
+    refused = []
+    for r in rows:
+        if r.crm_id is None and r.consent is None:
+            continue
+        consent = {} if r.consent is None else {c: c in r.consent for c in CONSENT_CHANNELS}
+        crm_id, bits = member_care.crm_of(conn, there[r.card])
+        given = sum(1 << i for i, c in enumerate(CONSENT_CHANNELS) if consent.get(c)) if consent else bits
+        if (r.crm_id or crm_id, given) == (crm_id, bits):
+            continue        # a rerun of the same file changes nothing, not even when consent was given
+        try:
+            member_care.set_crm(conn, there[r.card], r.crm_id, consent, now, imported=True)
+        except member_care.CareRefused:
+            refused.append(r.line)
+    return refused
+
+
+def _crm_ids_taken(conn: sqlite3.Connection, crm_ids: list[str]) -> set[str]:
+    taken: set[str] = set()
+    for chunk in _chunks(crm_ids):
+        marks = ", ".join("?" * len(chunk))
+        taken.update(r[0] for r in conn.execute(f"SELECT crm_id FROM members WHERE crm_id IN ({marks})", chunk))
+    return taken
 
 
 POSTING_COLUMNS = ("id", "member_id", "lot_id", "kind", "points", "counter_account", "effective_at", "created_at",
@@ -184,7 +236,8 @@ def add_receipts(conn: sqlite3.Connection, rows: list[ReceiptRow], *, now: str, 
     new = []
     for r in rows:
         if r.key in stored:
-            (out.already if stored[r.key] == r.fingerprint else out.conflicting).append(r.line)
+            same = stored[r.key] == r.fingerprint or stored[r.key] in r.earlier_fingerprints
+            (out.already if same else out.conflicting).append(r.line)
         elif r.card is not None and r.card not in members:
             out.unknown_card.append(r.line)
         else:

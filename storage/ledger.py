@@ -59,6 +59,9 @@ class MemberRow:
     enrolled_at: str
     manual_tier: str | None
     manual_tier_until: str | None
+    # The CRM's fields, read with the rest so that a receipt's event carries them without a query.
+    crm_id: str | None = None
+    consent: int = 0            # a bit per channel of CONSENT_CHANNELS, in that order
 
     @property
     def public_id(self) -> str:
@@ -69,7 +72,13 @@ def member_public_id(member_id: int) -> str:
     return f"m_{member_id}"
 
 
-_MEMBER_COLUMNS = "m.id, m.phone_last4, m.birthday, m.tags, m.referred_by, m.enrolled_at, m.manual_tier, m.manual_tier_until"
+CONSENT_CHANNELS = ("sms", "viber", "email", "push")
+# The member's consent as one integer, a bit per channel of CONSENT_CHANNELS (sms is 1);
+# SQLite gives << and | one precedence, hence the parentheses.
+CONSENT_BITS = "(m.consent_sms | (m.consent_viber << 1) | (m.consent_email << 2) | (m.consent_push << 3))"
+
+_MEMBER_COLUMNS = ("m.id, m.phone_last4, m.birthday, m.tags, m.referred_by, m.enrolled_at, m.manual_tier, "
+                   f"m.manual_tier_until, m.crm_id, {CONSENT_BITS}")
 
 
 def member_by_card(conn: sqlite3.Connection, card: str) -> MemberRow | None:
@@ -299,16 +308,18 @@ class NewPosting(NamedTuple):
     receipt: ReceiptKey | None
     ref: str | None
     counted: bool       # already counted in its lot's remaining (a new lot's first points)
+    rules: tuple[tuple[str, int], ...] = ()     # an accrual's points by rule, for posting_rules
 
 
 def append_postings(conn: sqlite3.Connection, postings: list[NewPosting]) -> None:
-    """Appends postings in order, chained from the last one: one INSERT for all of them
-    and one UPDATE of lots.remaining for those not already counted."""
+    """Appends postings in order, chained from the last one: one INSERT for all of them,
+    one for their accruals' split by rule, and one UPDATE of lots.remaining for those not
+    already counted."""
     if not postings:
         return
     last = conn.execute("SELECT id, hash FROM postings ORDER BY id DESC LIMIT 1").fetchone()
     posting_id, prev = last if last else (0, GENESIS_HASH)
-    rows, counts = [], []
+    rows, counts, split = [], [], []
     for p in postings:
         posting_id += 1
         store, register, receipt = p.receipt or (None, None, None)
@@ -319,9 +330,12 @@ def append_postings(conn: sqlite3.Connection, postings: list[NewPosting]) -> Non
                      p.rule_id, p.rules_version, store, register, receipt, p.ref, prev))
         if not p.counted:
             counts.append((p.points, p.lot_id))
+        split += [(posting_id, rule, points) for rule, points in p.rules]
     conn.executemany("INSERT INTO postings (id, member_id, lot_id, kind, points, counter_account, effective_at, "
                      "created_at, rule_id, rules_version, store_id, register_id, receipt_id, ref, hash) "
                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    if split:
+        conn.executemany("INSERT INTO posting_rules (posting_id, rule_id, points) VALUES (?, ?, ?)", split)
     if counts:
         conn.executemany("UPDATE lots SET remaining = remaining + ? WHERE id = ?", counts)
 
@@ -564,6 +578,19 @@ def rule_totals(conn: sqlite3.Connection, rule_ids: list[str]) -> dict[str, int]
     return {r: kept.get(r, 0) for r in rule_ids}
 
 
+# The member's returned lines with their receipts' ts. Starts from the member's returns
+# (returns_member; most members have none), not from their receipts: that would read each
+# receipt's row, bodies and all, for its key.
+_RETURNED_OF_MEMBER = (
+    "FROM returns rt "
+    "JOIN receipts r ON r.store_id = rt.receipt_store AND r.register_id = rt.receipt_register "
+    "AND r.receipt_id = rt.receipt_id "
+    "JOIN return_lines rl ON rl.receipt_store = rt.receipt_store AND rl.receipt_register = rt.receipt_register "
+    "AND rl.receipt_id = rt.receipt_id AND rl.return_store = rt.store_id AND rl.return_register = rt.register_id "
+    "AND rl.return_id = rt.return_id "
+    "WHERE rt.member_id = ? AND r.status = 'confirmed'")
+
+
 def receipt_counts(conn: sqlite3.Connection, member_id: int, since: str, until: str | None = None,
                    until_inclusive: bool = True) -> tuple[int, int, int]:
     """(confirmed receipts ever, confirmed receipts with a ts in the window, their net spend).
@@ -580,18 +607,29 @@ def receipt_counts(conn: sqlite3.Connection, member_id: int, since: str, until: 
         f"COALESCE(SUM(CASE WHEN ts > ? AND ts {upper} ? THEN total END), 0) "
         "FROM receipts WHERE member_id = ? AND status = 'confirmed'",
         (since, until, since, until, member_id)).fetchone()
-    # Starts from the member's returns (returns_member; most members have none), not from
-    # their receipts: that would read each receipt's row, bodies and all, for its key.
     returned = conn.execute(
-        "SELECT COALESCE(SUM(rl.amount), 0) FROM returns rt "
-        "JOIN receipts r ON r.store_id = rt.receipt_store AND r.register_id = rt.receipt_register "
-        "AND r.receipt_id = rt.receipt_id "
-        "JOIN return_lines rl ON rl.receipt_store = rt.receipt_store AND rl.receipt_register = rt.receipt_register "
-        "AND rl.receipt_id = rt.receipt_id AND rl.return_store = rt.store_id AND rl.return_register = rt.register_id "
-        "AND rl.return_id = rt.return_id "
-        f"WHERE rt.member_id = ? AND r.status = 'confirmed' AND r.ts > ? AND r.ts {upper} ?",
+        f"SELECT COALESCE(SUM(rl.amount), 0) {_RETURNED_OF_MEMBER} AND r.ts > ? AND r.ts {upper} ?",
         (member_id, since, until)).fetchone()[0]
     return ever, count, spend_ - returned
+
+
+def tier_counts(conn: sqlite3.Connection, member_id: int, since: str, until: str,
+                since_now: str) -> tuple[int, int, int, int, int]:
+    """receipt_counts of a receipt's own tier (after `since`, before its ts `until`) and, in
+    the same two statements, the confirmed receipts and net spend after `since_now` with no
+    end: what the member's tier at arrival counts, before this receipt is stored. A confirm
+    reads both at once, so the tier.changed check after it counts nothing again."""
+    ever, count, spend_, count_now, spend_now = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(ts > ? AND ts < ?), 0), "
+        "COALESCE(SUM(CASE WHEN ts > ? AND ts < ? THEN total END), 0), COALESCE(SUM(ts > ?), 0), "
+        "COALESCE(SUM(CASE WHEN ts > ? THEN total END), 0) "
+        "FROM receipts WHERE member_id = ? AND status = 'confirmed'",
+        (since, until, since, until, since_now, since_now, member_id)).fetchone()
+    returned, returned_now = conn.execute(
+        "SELECT COALESCE(SUM(CASE WHEN r.ts > ? AND r.ts < ? THEN rl.amount END), 0), "
+        f"COALESCE(SUM(CASE WHEN r.ts > ? THEN rl.amount END), 0) {_RETURNED_OF_MEMBER} AND r.ts > ?",
+        (since, until, since_now, member_id, min(since, since_now))).fetchone()
+    return ever, count, spend_ - returned, count_now, spend_now - returned_now
 
 
 def receipts_confirmed_before(conn: sqlite3.Connection, member_id: int, key: ReceiptKey) -> int | None:
@@ -605,13 +643,21 @@ def receipts_confirmed_before(conn: sqlite3.Connection, member_id: int, key: Rec
                         (member_id, row[0])).fetchone()[0]
 
 
+# A posting by rule: an accrual as its posting_rules split (one row per rule and lot, for
+# receipts of every age since m030), any other posting as it is.
+BY_RULE_FROM = ("postings p LEFT JOIN posting_rules pr ON p.kind = 'accrual' AND pr.posting_id = p.id")
+BY_RULE_ID = "COALESCE(pr.rule_id, p.rule_id)"
+BY_RULE_POINTS = "COALESCE(pr.points, p.points)"
+
+
 def receipt_postings(conn: sqlite3.Connection, key: ReceiptKey) -> list[tuple]:
     """(kind, lot_id, rule_id, counter_account, points) summed per kind, lot, rule and
-    counter account, in first-posting order."""
+    counter account, in first-posting order; accruals by rule."""
     return [r[:5] for r in conn.execute(
-        "SELECT kind, lot_id, rule_id, counter_account, SUM(points), MIN(id) AS first FROM postings "
-        "WHERE store_id = ? AND register_id = ? AND receipt_id = ? "
-        "GROUP BY kind, lot_id, rule_id, counter_account ORDER BY first", key)]
+        f"SELECT p.kind, p.lot_id, {BY_RULE_ID} AS rule, p.counter_account, SUM({BY_RULE_POINTS}), "
+        f"MIN(p.id) AS first FROM {BY_RULE_FROM} "
+        "WHERE p.store_id = ? AND p.register_id = ? AND p.receipt_id = ? "
+        "GROUP BY p.kind, p.lot_id, rule, p.counter_account ORDER BY first, rule", key)]
 
 
 # ---------------------------------------------------------------- returns
@@ -690,4 +736,30 @@ def statement(conn: sqlite3.Connection, member_id: int, since: str | None, until
         if r[9] is not None:
             item["receipt"] = {"store_id": r[7], "register_id": r[8], "receipt_id": r[9]}
         out.append(item)
+    return _by_rule(conn, out)
+
+
+def _by_rule(conn: sqlite3.Connection, items: list[dict]) -> list[dict]:
+    """Each entry names its rule: an accrual is one posting per lot, its split by rule in
+    posting_rules, so an accrual several rules earned on is listed once per rule (the same
+    posting id, the rules in reverse name order as the list runs newest first, each with
+    the running balance after it)."""
+    ids = [item["id"] for item in items if item["kind"] == "accrual" and item["rule"] is None]
+    if not ids:
+        return items
+    split: dict[int, list[tuple[str, int]]] = {}
+    for posting_id, rule, points in conn.execute(
+            f"SELECT posting_id, rule_id, points FROM posting_rules WHERE posting_id IN ({', '.join('?' * len(ids))}) "
+            "ORDER BY posting_id, rule_id DESC", ids):
+        split.setdefault(posting_id, []).append((rule, points))
+    out: list[dict] = []
+    for item in items:
+        parts = split.get(item["id"]) if item["kind"] == "accrual" else None
+        if not parts:
+            out.append(item)
+            continue
+        running = item["running_balance"]
+        for rule, points in parts:
+            out.append(item | {"rule": rule, "points": points, "running_balance": running})
+            running -= points
     return out

@@ -14,6 +14,8 @@ from decimal import Decimal
 
 import msgspec
 
+from storage import versioned
+
 VERSION = 1
 
 
@@ -63,29 +65,17 @@ class LineRecord(msgspec.Struct, frozen=True):
         return sum(a.points for a in self.accrued)
 
 
-class UnknownVersion(ValueError):
-    """A row written by a newer server; this one cannot read it."""
-
-
-_encoder = msgspec.msgpack.Encoder()
-class _Version(msgspec.Struct, array_like=True):
-    version: int        # the first field of every version; the rest is read once it is known
-
-
-_versioned = msgspec.msgpack.Decoder(_Version)
-_v1 = msgspec.msgpack.Decoder(ReceiptLines)
+UnknownVersion = versioned.UnknownVersion
+_read = versioned.reader(ReceiptLines, VERSION, "line records")
 
 
 def encode(record: ReceiptLines) -> bytes:
-    return _encoder.encode(record)
+    return versioned.encode(record)
 
 
 def decode(data: bytes) -> dict[int, LineRecord]:
     """The records by line number."""
-    version = _versioned.decode(data).version
-    if version != VERSION:
-        raise UnknownVersion(f"line records of version {version}; this server reads version {VERSION}")
-    return _v1.decode(data).views()
+    return _read(data).views()
 
 
 def build(sold: list[tuple[int, Decimal, int]], pairs: list[tuple[str, int, int]], redeemed_by_line,

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import msgspec
 
-from storage import ledger
+from storage import events, ledger, member_facts
 from storage.accounts import member_account
+from storage.schema import LEGACY_FINGERPRINT, legacy_fingerprint
 
-CHANNELS = ("sms", "viber", "email", "push")
+CHANNELS = ledger.CONSENT_CHANNELS
 PHONE_MATCHES_MAX = 20
 # A care operation on one member runs as one write: a member with more receipts than this
 # would hold every other write while their bodies are rewritten.
@@ -61,8 +62,27 @@ def crm_fields(state: CareState) -> dict:
 
 
 def set_crm(conn: sqlite3.Connection, member_id: int, crm_id: str | None, consent: dict[str, bool],
-            now: str) -> None:
-    """crm_id: None leaves it, "" clears it; consent: only the channels given change."""
+            now: str, imported: bool = False) -> list[str]:
+    """crm_id: None leaves it, "" clears it; consent: only the channels given change. When
+    either changed, member.updated names which (`imported`: by `loyalty import members`),
+    in the caller's transaction, with the member's fields as they now are. What changed."""
+    before = crm_of(conn, member_id)
+    _write_crm(conn, member_id, crm_id, consent, now)
+    after = crm_of(conn, member_id)
+    changed = [name for name, old, new in zip(("crm_id", "consent"), before, after) if old != new]
+    if changed:
+        events.emit(conn, "member.updated", member_id, {"changed": changed, **({"imported": True} if imported else {})},
+                    now, crm=events.Crm(*after))
+    return changed
+
+
+def crm_of(conn: sqlite3.Connection, member_id: int) -> tuple[str | None, int]:
+    return conn.execute(f"SELECT m.crm_id, {ledger.CONSENT_BITS} FROM members m WHERE m.id = ?",
+                        (member_id,)).fetchone()
+
+
+def _write_crm(conn: sqlite3.Connection, member_id: int, crm_id: str | None, consent: dict[str, bool],
+               now: str) -> None:
     sets, values = [], []
     if crm_id is not None:
         sets.append("crm_id = ?")
@@ -177,12 +197,14 @@ def with_merged(conn: sqlite3.Connection, member_id: int) -> list[int]:
     return ids[:MERGED_MAX + 1]
 
 
-def erase(conn: sqlite3.Connection, member_id: int, now: str) -> dict:
+def erase(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen | None = None) -> dict:
     """Personal data gone, of the member and of the members merged into it (the same
     customer): card and phone hashes with their last digits, birthday, tags, the CRM's id
-    and consent; the card hash in their stored receipt bodies and the card's last digits in
-    their events become null. The member ids, receipts' amounts and the ledger stay (postings
-    name the member id only)."""
+    and consent; the card hash in their stored receipt bodies becomes null, their events
+    keep what happened but no longer who (storage.events.forget_member), and birthday and
+    tags leave their receipts' member facts. The member ids, receipts' amounts and the
+    ledger stay (postings name the member id only). seen: their events as a reader found
+    them before (storage.events.seen)."""
     ids = with_merged(conn, member_id)
     marks = ", ".join("?" * len(ids))
     receipts = conn.execute(f"SELECT COUNT(*) FROM receipts WHERE member_id IN ({marks})", ids).fetchone()[0]
@@ -191,16 +213,16 @@ def erase(conn: sqlite3.Connection, member_id: int, now: str) -> dict:
                           f"{ERASE_RECEIPTS_MAX} at once would hold every other write")
     done = {"cards_removed": 0, "receipts_scrubbed": 0, "members_erased": [f"m_{i}" for i in ids]}
     for one in ids:
-        for name, count in _erase_one(conn, one, now).items():
+        for name, count in _erase_one(conn, one, now, seen).items():
             done[name] += count
     return done
 
 
-def _erase_one(conn: sqlite3.Connection, member_id: int, now: str) -> dict:
+def _erase_one(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen | None) -> dict:
     cards = conn.execute("DELETE FROM cards WHERE member_id = ?", (member_id,)).rowcount
     cards += conn.execute("DELETE FROM retired_cards WHERE member_id = ?", (member_id,)).rowcount
-    # Events a webhook or the warehouse has yet to read would still show the card's last digits.
-    conn.execute("UPDATE events SET card_last4 = NULL WHERE member_id = ? AND card_last4 IS NOT NULL", (member_id,))
+    # Events a webhook or the warehouse has yet to read would still show who the member was.
+    events.forget_member(conn, member_id, seen)
     conn.execute("UPDATE members SET phone = NULL, phone_hmac = NULL, phone_last4 = NULL, birthday = NULL, "
                  "tags = '[]', crm_id = NULL, consent_sms = 0, consent_viber = 0, consent_email = 0, "
                  "consent_push = 0, consent_updated_at = ?, erased_at = COALESCE(erased_at, ?), updated_at = ? "
@@ -214,6 +236,7 @@ def _erase_one(conn: sqlite3.Connection, member_id: int, now: str) -> dict:
             conn.execute("UPDATE receipts SET body = ? WHERE rowid = ?",
                          (ledger.pack(msgspec.json.encode(decoded)), rowid))
             scrubbed += 1
+    member_facts.erase_personal(conn, member_id)
     release_holds(conn, member_id, now)
     return {"cards_removed": cards, "receipts_scrubbed": scrubbed}
 
@@ -252,6 +275,35 @@ def rewrap(conn: sqlite3.Connection, table: str, column: str, pairs: list[tuple[
     was read (a card retired, a phone changed) simply matches nothing."""
     return sum(conn.execute(f"UPDATE {table} SET {column} = ? WHERE {column} = ?", (new, old)).rowcount
                for old, new in pairs)
+
+
+def receipt_bodies(conn: sqlite3.Connection, after_rowid: int, limit: int) -> list[tuple[int, bytes, bytes]]:
+    """(rowid, body as stored, fingerprint) of up to `limit` receipts with a card after
+    `after_rowid`, in rowid order: a body keeps the card's hash it was confirmed with."""
+    return conn.execute("SELECT rowid, body, body_sha256 FROM receipts WHERE rowid > ? AND member_id IS NOT NULL "
+                        "ORDER BY rowid LIMIT ?", (after_rowid, limit)).fetchall()
+
+
+def rewrite_bodies(conn: sqlite3.Connection, rows: list[tuple[bytes, bytes, int]]) -> None:
+    """rows: (body, fingerprint, rowid) of receipts whose card's hash was wrapped."""
+    conn.executemany("UPDATE receipts SET body = ?, body_sha256 = ? WHERE rowid = ?", rows)
+
+
+# (table, its key, the columns of legacy_fingerprint) of the fingerprints of bodies with cards
+FINGERPRINTED = (("adjustments", "adjustment_id", ("adjustment_id", "member_id", "points", "reason")),
+                 ("offers", "offer_id", ("offer_id", "rule_id", "from_date", "to_date", "points")))
+
+
+def fingerprints_to_fields(conn: sqlite3.Connection, table: str, key: str, columns: tuple[str, ...],
+                           in_force: tuple[str, str], limit: int) -> int:
+    """Up to `limit` fingerprints neither under the key in force ([low, high)) nor made of
+    the row's fields already, replaced by legacy_fingerprint of `columns`; how many."""
+    low, high = in_force
+    rows = conn.execute(f"SELECT {', '.join(columns)} FROM {table} WHERE (body_sha256 < ? OR body_sha256 >= ?) "
+                        f"AND body_sha256 NOT LIKE '{LEGACY_FINGERPRINT}%' LIMIT ?", (low, high, limit)).fetchall()
+    conn.executemany(f"UPDATE {table} SET body_sha256 = ? WHERE {key} = ?",
+                     [(legacy_fingerprint(*row), row[columns.index(key)]) for row in rows])
+    return len(rows)
 
 
 def recorded_keys(conn: sqlite3.Connection) -> list[tuple[str, str]]:

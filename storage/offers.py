@@ -11,6 +11,7 @@ import sqlite3
 from datetime import date, datetime
 from typing import NamedTuple
 
+from storage import events
 from storage.ledger import iso
 
 
@@ -23,21 +24,25 @@ class Assigned(NamedTuple):
     members: int
 
 
-def assign(conn: sqlite3.Connection, offer_id: str, rule_id: str, body_sha256: str, first: date, last: date,
+def assign(conn: sqlite3.Connection, offer_id: str, rule_id: str, fingerprints: list[str], first: date, last: date,
            points: int | None, member_ids: list[int], now: datetime) -> Assigned:
-    """Records the offer for each member once; a repeat with the same body changes nothing."""
+    """Records the offer for each member once, each with its offer.assigned event; a repeat
+    with the same body changes nothing. fingerprints: the body's, the first stored, any of
+    them matching a stored one making it a repeat (server/cvm.py offer_fingerprints)."""
     row = conn.execute("SELECT body_sha256, members FROM offers WHERE offer_id = ?", (offer_id,)).fetchone()
     if row is not None:
-        if row[0] != body_sha256:
+        if row[0] not in fingerprints:
             raise OfferConflict(f"offer {offer_id} was assigned before with another body")
         return Assigned(False, row[1])
     unique = sorted(set(member_ids))
     conn.execute("INSERT INTO offers (offer_id, rule_id, body_sha256, from_date, to_date, points, members, "
                  "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                 (offer_id, rule_id, body_sha256, first.isoformat(), last.isoformat(), points, len(unique), iso(now)))
+                 (offer_id, rule_id, fingerprints[0], first.isoformat(), last.isoformat(), points, len(unique),
+                  iso(now)))
     conn.executemany("INSERT INTO offer_members (member_id, offer_id, rule_id, from_date, to_date, points) "
                      "VALUES (?, ?, ?, ?, ?, ?)",
                      [(mid, offer_id, rule_id, first.isoformat(), last.isoformat(), points) for mid in unique])
+    events.offers_assigned(conn, offer_id, rule_id, first.isoformat(), last.isoformat(), points, unique, now)
     return Assigned(True, len(unique))
 
 
@@ -103,3 +108,11 @@ def listed(conn: sqlite3.Connection, member_id: int, local_date: date) -> list[d
                         (member_id, local_date.isoformat())).fetchall()
     return [{"rule": rule, "from": first, "to": last, "points_left": None if points is None else points - used}
             for rule, first, last, points, used in rows]
+
+
+def members_offered(conn: sqlite3.Connection, rule_id: str, local_date: date) -> set[int]:
+    """The members holding an offer of the rule whose dates include that local date."""
+    day = local_date.isoformat()
+    return {mid for (mid,) in conn.execute(
+        "SELECT DISTINCT member_id FROM offer_members WHERE rule_id = ? AND from_date <= ? AND to_date >= ?",
+        (rule_id, day, day))}

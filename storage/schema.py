@@ -4,10 +4,12 @@ Postings are the ledger: append-only, enforced by triggers; a correction is a ne
 posting. Each posting is a balanced transfer between a member's account and one
 counter account (storage/accounts.py), so the accounts always sum to zero, and it
 carries a SHA-256 chained to the posting before it, so an edited row is detectable. A lot is a parcel of points with one activation date and one expiry date; its
-remaining points are the sum of the postings that name it (kept in lots.remaining since m013), and
-what each rule has issued is the sum of its accrual and reversal postings (kept in rule_totals
-since m016). Receipts, holds and the counters for rule limits are working state beside the ledger.
+remaining points are the sum of the postings that name it (kept in lots.remaining since m013). A
+receipt's accrual is one posting per lot, split by rule in posting_rules (m030; one posting
+per rule before), and what each rule has issued is its posting_rules points plus its reversal
+postings (kept in rule_totals since m016). Receipts, holds and the counters for rule limits are working state beside the ledger.
 """
+import hashlib
 import re
 
 import msgspec
@@ -734,3 +736,137 @@ CREATE TABLE holdout_points (
 ) WITHOUT ROWID;
 CREATE INDEX holdout_points_rule ON holdout_points(rule_id, member_id)
 """)
+
+
+@migrations()
+def m027_receipt_member_facts(db):
+    """receipt_member_facts: what the rules knew about the member of each confirmed receipt
+    (storage/member_facts.py), written in the receipt's transaction, which backtests, `rules
+    diff` and explanations of stored receipts replay it with. A table of its own, beside
+    receipts: only backtests read it, a page at a time by the receipts' key. Receipts
+    confirmed before have no row; nothing from then tells their segments, offers or codes."""
+    db.execute("""
+CREATE TABLE receipt_member_facts (
+    store_id TEXT NOT NULL,
+    register_id TEXT NOT NULL,
+    receipt_id TEXT NOT NULL,
+    facts BLOB NOT NULL,
+    PRIMARY KEY (store_id, register_id, receipt_id)
+) WITHOUT ROWID""")
+
+
+def legacy_fingerprint(*fields) -> str:
+    """What m031 keeps of a fingerprint taken before it of a body with card numbers in it: a
+    digest of the row's own stored fields, which a retry of that row is compared by."""
+    return LEGACY_FINGERPRINT + hashlib.sha256(msgspec.json.encode(list(fields))).hexdigest()
+
+
+LEGACY_FINGERPRINT = "m031:"      # never a hex digit: not a fingerprint taken since
+
+
+@migrations()
+def m028_segment_spans(db):
+    """Segment membership with the time it held, for receipts and for reports on past dates.
+
+    - segment_spans: one row per stretch a member was in a segment, from valid_from to
+      valid_to (instants; NULL: still in it). The daily job writes the `rfm` and `when`
+      segments' spans under its run ids (from_run, to_run): a receipt reads the spans the
+      newest finished run leaves open, so a run being written is never half seen. A `list`
+      segment's spans (no run) are written as members are added and removed.
+    - rfm_runs.definitions_sha256: the computed segments a run evaluated; a program that
+      changes them makes the job due again the same day.
+    The `list` members of before start their spans when they were added. The computed
+    segments start empty: the job after the upgrade (the server runs it at start) fills them."""
+    _run(db, """
+CREATE TABLE segment_spans (
+    id INTEGER PRIMARY KEY,
+    segment_id TEXT NOT NULL,
+    member_id INTEGER NOT NULL REFERENCES members(id),
+    valid_from TEXT NOT NULL,
+    valid_to TEXT,
+    from_run INTEGER,
+    to_run INTEGER
+);
+CREATE INDEX segment_spans_member ON segment_spans(member_id);
+CREATE INDEX segment_spans_segment ON segment_spans(segment_id, valid_from);
+CREATE UNIQUE INDEX segment_spans_open ON segment_spans(segment_id, member_id, from_run IS NULL)
+    WHERE valid_to IS NULL;
+ALTER TABLE rfm_runs ADD COLUMN definitions_sha256 TEXT;
+INSERT INTO segment_spans (segment_id, member_id, valid_from)
+    SELECT segment_id, member_id, added_at FROM segment_members ORDER BY member_id
+""")
+
+
+@migrations()
+def m029_events_crm(db):
+    """events: the member's crm_id and consent per channel (a bit each, sms = 1, viber = 2,
+    email = 4, push = 8) as they were when the event was written, so a CRM sends each
+    message only where the member allowed it then. NULL consent: an event written before
+    they were kept."""
+    _run(db, """
+ALTER TABLE events ADD COLUMN crm_id TEXT;
+ALTER TABLE events ADD COLUMN consent INTEGER
+""")
+
+
+@migrations()
+def m030_posting_rules(db):
+    """One accrual posting per lot a receipt fills, its split by rule beside it.
+
+    A receipt used to post one accrual per earning rule, each hashed into the chain, indexed
+    four ways and counted by the rule_totals trigger; with many rules those postings were
+    the largest part of a receipt's write. Now the posting is one per lot (rule_id names
+    the rule only when it is the lot's one earner) and posting_rules holds what each rule
+    put into it, one small row each.
+    - posting_rules: (posting, rule, points), append-only like the postings. Filled here
+      from the per-rule accrual postings written before, so every reader counts a rule's
+      accruals from posting_rules alone, old receipts and new.
+    - rule_totals counts accruals from posting_rules and reversals (still one per rule)
+      from postings, each by its own trigger; the totals themselves do not change."""
+    _run(db, """
+CREATE TABLE posting_rules (
+    posting_id INTEGER NOT NULL,
+    rule_id TEXT NOT NULL,
+    points INTEGER NOT NULL,
+    PRIMARY KEY (posting_id, rule_id)
+) WITHOUT ROWID;
+INSERT INTO posting_rules (posting_id, rule_id, points)
+SELECT id, rule_id, points FROM postings WHERE kind = 'accrual' AND rule_id IS NOT NULL;
+CREATE TRIGGER posting_rules_append_only_update BEFORE UPDATE ON posting_rules
+BEGIN SELECT RAISE(ABORT, 'posting_rules are append-only: post a correction instead'); END;
+CREATE TRIGGER posting_rules_append_only_delete BEFORE DELETE ON posting_rules
+BEGIN SELECT RAISE(ABORT, 'posting_rules are append-only: post a correction instead'); END;
+DROP TRIGGER postings_rule_totals;
+CREATE TRIGGER postings_rule_totals AFTER INSERT ON postings
+WHEN NEW.rule_id IS NOT NULL AND NEW.kind = 'reversal'
+BEGIN INSERT INTO rule_totals (rule_id, points) VALUES (NEW.rule_id, NEW.points)
+      ON CONFLICT (rule_id) DO UPDATE SET points = points + excluded.points; END;
+CREATE TRIGGER posting_rules_rule_totals AFTER INSERT ON posting_rules
+BEGIN INSERT INTO rule_totals (rule_id, points) VALUES (NEW.rule_id, NEW.points)
+      ON CONFLICT (rule_id) DO UPDATE SET points = points + excluded.points; END
+""")
+
+
+@migrations()
+def m031_fingerprints_without_cards(db):
+    """adjustments and offers: a fingerprint taken before this was an unkeyed SHA-256 of a
+    body with card numbers in it, which trying every card number with the row's other
+    fields would give back. The card-hash key is never in the database, so the body cannot
+    be fingerprinted again as it is now (its cards replaced by their keyed hashes); each
+    becomes a digest of what the row stores (legacy_fingerprint): an adjustment's id,
+    member, points and reason; an offer's id, rule, dates and points. A retry of such a row
+    is compared by those.
+
+    Also the indexes `privacy rotate-key` reads coupon codes by: those bound to a card by
+    the card's hash, and the uses of a code by the code."""
+    conn = db.conn
+    conn.execute("CREATE INDEX IF NOT EXISTS coupon_codes_card ON coupon_codes(card) WHERE card IS NOT NULL")
+    conn.execute("CREATE INDEX IF NOT EXISTS coupon_uses_code ON coupon_uses(code)")
+    adjustments = conn.execute("SELECT adjustment_id, member_id, points, reason FROM adjustments "
+                               "WHERE body_sha256 NOT LIKE 'm031:%'").fetchall()
+    conn.executemany("UPDATE adjustments SET body_sha256 = ? WHERE adjustment_id = ?",
+                     [(legacy_fingerprint(a, m, p, r), a) for a, m, p, r in adjustments])
+    offers = conn.execute("SELECT offer_id, rule_id, from_date, to_date, points FROM offers "
+                          "WHERE body_sha256 NOT LIKE 'm031:%'").fetchall()
+    conn.executemany("UPDATE offers SET body_sha256 = ? WHERE offer_id = ?",
+                     [(legacy_fingerprint(o, r, f, t, p), o) for o, r, f, t, p in offers])

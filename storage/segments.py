@@ -10,6 +10,12 @@ A run reads everything it needs in one read transaction (a reader connection: re
 keep being written meanwhile), scores in memory, and writes its rows in batches under its
 own run id; it is marked finished last, so readers always see one whole run (the newest
 finished), never a half-written one. Rows of older runs are deleted afterwards, in batches.
+
+Membership of the computed (`rfm` and `when`) segments is what a run decided, kept as spans
+(segment_spans, m028): a run writes only what changed since the spans it found open,
+opening and closing them under its run id; a reader takes the spans open at the newest
+finished run. Spans are never deleted, so who was in a segment at a past moment can be
+answered (the campaign report's audience). A `list` segment's spans follow the API.
 """
 from __future__ import annotations
 
@@ -37,16 +43,17 @@ class ScoreRange(msgspec.Struct, frozen=True):
 
 class SegmentDefinition(msgspec.Struct, frozen=True):
     """One segment of a program: by RFM score ranges (an absent range holds for any
-    score) or an explicit `list` of members."""
+    score), an explicit `list` of members, or (`when`) a condition the daily job evaluates."""
     id: str
     r: ScoreRange | None = None
     f: ScoreRange | None = None
     m: ScoreRange | None = None
     list: bool = False
+    when: bool = False
 
     @property
     def by_rfm(self) -> bool:
-        return not self.list and (self.r or self.f or self.m) is not None
+        return not self.list and not self.when and (self.r or self.f or self.m) is not None
 
 
 class Facts(NamedTuple):
@@ -75,8 +82,7 @@ def window_facts(conn: sqlite3.Connection, today: date, window_days: int, tz: tz
     The window is read by `ts` (UTC, as stored) between the first moments of its first local
     day and of the day after `today`: the receipts_member_counts index covers that query, so
     it never reads the receipts' rows (their bodies are most of the database)."""
-    start = iso(datetime.combine(today - timedelta(days=window_days - 1), time.min, tz))
-    end = iso(datetime.combine(today + timedelta(days=1), time.min, tz))
+    start, end = _window_bounds(today, window_days, tz)
     # Monetary is ranked by SQLite (RANK() - 1: how many spent strictly less) inside its own
     # step calls, which run without Python's GIL: sorting a million values in Python would
     # hold it, and stall the event loop, for as long as the sort takes.
@@ -89,12 +95,41 @@ def window_facts(conn: sqlite3.Connection, today: date, window_days: int, tz: tz
         "SELECT f.mid, f.last, f.n, f.spend - COALESCE(b.amount, 0), "
         "RANK() OVER (ORDER BY f.spend - COALESCE(b.amount, 0)) - 1 FROM facts f LEFT JOIN back b ON b.mid = f.mid",
         (start, end))
-    local_day = _local_days(tz)
+    local_day = local_days(tz)
     return [Facts(mid, local_day(last), count, spend, less) for mid, last, count, spend, less in rows]
 
 
-def _local_days(tz: tzinfo):
-    """ts (as stored) -> its local date, remembering each UTC hour's offset: a million
+def window_and_tier_facts(conn: sqlite3.Connection, today: date, window_days: int, tz: tzinfo,
+                          tier_since: str) -> tuple[list[Facts], dict[int, tuple[int, int]]]:
+    """window_facts, and tier_metrics(conn, tier_since, None) with it, from one pass over the
+    receipts instead of two (both are most of what the daily job reads)."""
+    start, end = _window_bounds(today, window_days, tz)
+    in_window = "ts >= ?1 AND ts < ?2"
+    rows = conn.execute(
+        "WITH back AS (SELECT r.member_id AS mid, SUM(CASE WHEN r.ts >= ?1 AND r.ts < ?2 THEN rl.amount END) AS w, "
+        "SUM(CASE WHEN r.ts > ?3 THEN rl.amount END) AS t FROM return_lines rl JOIN receipts r "
+        "ON r.store_id = rl.receipt_store AND r.register_id = rl.receipt_register AND r.receipt_id = rl.receipt_id "
+        "WHERE r.status = 'confirmed' AND r.member_id IS NOT NULL AND r.ts >= MIN(?1, ?3) GROUP BY 1), "
+        f"facts AS (SELECT member_id AS mid, MAX(CASE WHEN {in_window} THEN ts END) AS last, "
+        f"SUM({in_window}) AS n, SUM(CASE WHEN {in_window} THEN total END) AS spend, "
+        "SUM(ts > ?3) AS tier_n, SUM(CASE WHEN ts > ?3 THEN total END) AS tier_spend FROM receipts "
+        "WHERE member_id IS NOT NULL AND status = 'confirmed' AND ts >= MIN(?1, ?3) GROUP BY member_id) "
+        "SELECT f.mid, f.last, f.n, f.spend - COALESCE(b.w, 0), "
+        "RANK() OVER (PARTITION BY f.n > 0 ORDER BY f.spend - COALESCE(b.w, 0)) - 1, "
+        "f.tier_n, COALESCE(f.tier_spend, 0) - COALESCE(b.t, 0) FROM facts f LEFT JOIN back b ON b.mid = f.mid",
+        (start, end, tier_since))
+    local_day = local_days(tz)
+    facts, tiers = [], {}
+    for mid, last, count, spend, less, tier_count, tier_spend in rows:
+        if count:
+            facts.append(Facts(mid, local_day(last), count, spend, less))
+        if tier_count:
+            tiers[mid] = (tier_count, tier_spend)
+    return facts, tiers
+
+
+def local_days(tz: tzinfo):
+    """A stored instant (a receipt's ts, enrolled_at) -> its local date, remembering each UTC hour's offset: a million
     conversions would otherwise be most of the job's time. An hour in which the offset
     changes (a zone that moves its clocks at a half hour) is converted receipt by receipt."""
     offsets: dict[str, timedelta | None] = {}
@@ -137,11 +172,61 @@ def score_all(facts: list[Facts], today: date) -> list[Score]:
                   x.receipts, x.spend) for x, days in zip(facts, recency)]
 
 
+# ------------------------------------------------------------------ every member's facts, in bulk
+
+class MemberRecord(NamedTuple):
+    member_id: int
+    tags: str                   # JSON list, as stored
+    enrolled_at: str
+    manual_tier: str | None
+    manual_tier_until: str | None
+
+
+def member_records(conn: sqlite3.Connection) -> list[MemberRecord]:
+    return list(map(MemberRecord._make, conn.execute(
+        "SELECT id, tags, enrolled_at, manual_tier, manual_tier_until FROM members ORDER BY id")))
+
+
+def tier_metrics(conn: sqlite3.Connection, since: str, until: str | None) -> dict[int, tuple[int, int]]:
+    """member -> (confirmed receipts with a ts after since up to until, included; their
+    totals less every return of them stored so far), for every member with one: what
+    ledger.receipt_counts answers for one member, by one pass of receipts_member_counts."""
+    until = until or "9999"
+    out = {mid: (n, spend) for mid, n, spend in conn.execute(
+        "SELECT member_id, COUNT(*), SUM(total) FROM receipts WHERE member_id IS NOT NULL "
+        "AND status = 'confirmed' AND ts > ? AND ts <= ? GROUP BY member_id", (since, until))}
+    for mid, amount in conn.execute(
+            "SELECT r.member_id, SUM(rl.amount) FROM return_lines rl JOIN receipts r ON r.store_id = rl.receipt_store "
+            "AND r.register_id = rl.receipt_register AND r.receipt_id = rl.receipt_id WHERE r.status = 'confirmed' "
+            "AND r.member_id IS NOT NULL AND r.ts > ? AND r.ts <= ? GROUP BY 1", (since, until)):
+        n, spend = out[mid]
+        out[mid] = (n, spend - amount)
+    return out
+
+
+def last_purchases(conn: sqlite3.Connection, before: str) -> dict[int, str]:
+    """member -> the ts of their last confirmed receipt, for those whose last one is before `before`."""
+    return dict(conn.execute(
+        "SELECT member_id, MAX(ts) AS last FROM receipts WHERE member_id IS NOT NULL AND status = 'confirmed' "
+        "GROUP BY member_id HAVING last < ?", (before,)))
+
+
+def window_start(today: date, window_days: int, tz: tzinfo) -> datetime:
+    return datetime.combine(today - timedelta(days=window_days - 1), time.min, tz)
+
+
+def _window_bounds(today: date, window_days: int, tz: tzinfo) -> tuple[str, str]:
+    """The window's first moment and the first moment of the day after `today`, as stored."""
+    return iso(window_start(today, window_days, tz)), iso(datetime.combine(today + timedelta(days=1), time.min, tz))
+
+
 # ------------------------------------------------------------------ storing a run
 
-def start_run(conn: sqlite3.Connection, today: date, window_days: int, now: datetime) -> int:
-    return conn.execute("INSERT INTO rfm_runs (local_date, window_days, started_at) VALUES (?, ?, ?) RETURNING id",
-                        (today.isoformat(), window_days, iso(now))).fetchone()[0]
+def start_run(conn: sqlite3.Connection, today: date, window_days: int, now: datetime,
+              definitions_sha256: str | None = None) -> int:
+    return conn.execute("INSERT INTO rfm_runs (local_date, window_days, started_at, definitions_sha256) "
+                        "VALUES (?, ?, ?, ?) RETURNING id",
+                        (today.isoformat(), window_days, iso(now), definitions_sha256)).fetchone()[0]
 
 
 def write_scores(conn: sqlite3.Connection, run_id: int, scores: list[Score]) -> None:
@@ -164,44 +249,79 @@ def delete_older_batch(conn: sqlite3.Connection, run_id: int) -> int:
         (old, old, DELETE_BATCH_ROWS)).rowcount
 
 
-def due(conn: sqlite3.Connection, today: date) -> bool:
-    """Scores are recomputed once a local day."""
-    return conn.execute("SELECT 1 FROM rfm_runs WHERE finished_at IS NOT NULL AND local_date = ?",
-                        (today.isoformat(),)).fetchone() is None
+def due(conn: sqlite3.Connection, today: date, definitions_sha256: str | None = None) -> bool:
+    """Scores and segments are recomputed once a local day, and again when the computed
+    segments' definitions (definitions_sha256, None: only scores) are not the last run's."""
+    return conn.execute("SELECT 1 FROM rfm_runs WHERE finished_at IS NOT NULL AND local_date = ? "
+                        "AND (?2 IS NULL OR definitions_sha256 = ?2)",
+                        (today.isoformat(), definitions_sha256)).fetchone() is None
+
+
+# ------------------------------------------------------------------ computed membership
+
+def open_spans(conn: sqlite3.Connection) -> dict[str, set[int]]:
+    """segment id -> its members as the runs so far left them (spans no run closed yet)."""
+    out: dict[str, set[int]] = {}
+    for segment_id, member_id in conn.execute(
+            "SELECT segment_id, member_id FROM segment_spans WHERE from_run IS NOT NULL AND valid_to IS NULL"):
+        out.setdefault(segment_id, set()).add(member_id)
+    return out
+
+
+class Changes(NamedTuple):
+    opened: list[tuple[str, int]]       # (segment id, member id) entering
+    closed: list[tuple[str, int]]       # leaving, a segment no longer defined included
+
+
+def changes(members: dict[str, set[int]], before: dict[str, set[int]]) -> Changes:
+    """What a run changes: members maps each computed segment to who is in it now."""
+    empty: set[int] = set()
+    # In segment and member order, as the spans' indexes are: each batch appends to them.
+    return Changes(
+        [(sid, mid) for sid in sorted(members) for mid in sorted(members[sid] - before.get(sid, empty))],
+        [(sid, mid) for sid in sorted(before) for mid in sorted(before[sid] - members.get(sid, empty))])
+
+
+def write_changes(conn: sqlite3.Connection, run_id: int, now: datetime, changes: Changes) -> None:
+    """One batch of a run's openings and closings (the same member may be in two batches)."""
+    at = iso(now)
+    conn.executemany("UPDATE segment_spans SET valid_to = ?, to_run = ? WHERE segment_id = ? AND member_id = ? "
+                     "AND from_run IS NOT NULL AND valid_to IS NULL",
+                     [(at, run_id, sid, mid) for sid, mid in changes.closed])
+    # OR IGNORE: a span another run (the server's and `loyalty jobs run` at once) opened already.
+    conn.executemany("INSERT OR IGNORE INTO segment_spans (segment_id, member_id, valid_from, from_run) "
+                     "VALUES (?, ?, ?, ?)", [(sid, mid, at, run_id) for sid, mid in changes.opened])
 
 
 # ------------------------------------------------------------------ reading
 
-def current_run(conn: sqlite3.Connection) -> int | None:
-    return conn.execute("SELECT MAX(id) FROM rfm_runs WHERE finished_at IS NOT NULL").fetchone()[0]
+# The newest finished run: read backwards from the newest, so a year of daily runs (one row
+# each) costs a receipt one or two rows, not a scan of them all.
+_NEWEST = "SELECT id FROM rfm_runs WHERE finished_at IS NOT NULL ORDER BY id DESC LIMIT 1"
 
 
 def scores_of(conn: sqlite3.Connection, member_id: int) -> Score | None:
     """The member's scores from the newest finished run, or None (unscored)."""
     row = conn.execute(
         "SELECT member_id, r, f, m, recency_days, receipts, spend FROM rfm_scores "
-        "WHERE run_id = (SELECT MAX(id) FROM rfm_runs WHERE finished_at IS NOT NULL) AND member_id = ?",
+        f"WHERE run_id = ({_NEWEST}) AND member_id = ?",
         (member_id,)).fetchone()
     return Score(*row) if row else None
 
 
-def listed_in(conn: sqlite3.Connection, member_id: int) -> set[str]:
-    return {s for (s,) in conn.execute("SELECT segment_id FROM segment_members WHERE member_id = ?", (member_id,))}
+# A computed segment's spans seen by the newest finished run; a list segment's open ones.
+_CURRENT = (f"WITH run AS (SELECT COALESCE(({_NEWEST}), 0) AS id) "
+            "SELECT {columns} FROM segment_spans, run WHERE {where} AND CASE WHEN from_run IS NULL "
+            "THEN valid_to IS NULL ELSE from_run <= run.id AND (to_run IS NULL OR to_run > run.id) END")
 
 
-def segments_of(conn: sqlite3.Connection, member_id: int, definitions: list[SegmentDefinition]) -> list[str]:
-    """The ids of the segments the member is in now, in the program's order."""
-    score = scores_of(conn, member_id)
-    listed = listed_in(conn, member_id)
-    return [d.id for d in definitions if _holds(d, score, listed)]
-
-
-def _holds(d: SegmentDefinition, score: Score | None, listed: set[str]) -> bool:
-    if d.list:
-        return d.id in listed
-    if score is None or not d.by_rfm:
-        return False
-    return all(rng is None or rng.holds(value) for rng, value in ((d.r, score.r), (d.f, score.f), (d.m, score.m)))
+def membership_of(conn: sqlite3.Connection, member_id: int) -> tuple[set[str], set[str]]:
+    """(list segments, computed segments) the member is in now: one read of its spans."""
+    listed, computed = set(), set()
+    for segment_id, by_list in conn.execute(
+            _CURRENT.format(columns="segment_id, from_run IS NULL", where="member_id = ?"), (member_id,)):
+        (listed if by_list else computed).add(segment_id)
+    return listed, computed
 
 
 def members_of(conn: sqlite3.Connection, d: SegmentDefinition) -> list[int]:
@@ -209,29 +329,34 @@ def members_of(conn: sqlite3.Connection, d: SegmentDefinition) -> list[int]:
     if d.list:
         return [mid for (mid,) in conn.execute(
             "SELECT member_id FROM segment_members WHERE segment_id = ? ORDER BY member_id", (d.id,))]
-    if not d.by_rfm:
-        return []
-    run = current_run(conn)
-    clauses, args = ["run_id = ?"], [run]
-    for column, rng in (("r", d.r), ("f", d.f), ("m", d.m)):
-        if rng is not None:
-            clauses.append(f"{column} BETWEEN ? AND ?")
-            args += [rng.low, rng.high]
-    return [mid for (mid,) in conn.execute(
-        f"SELECT member_id FROM rfm_scores WHERE {' AND '.join(clauses)} ORDER BY member_id", args)]
+    return sorted(mid for (mid,) in conn.execute(
+        _CURRENT.format(columns="member_id", where="segment_id = ? AND from_run IS NOT NULL"), (d.id,)))
+
+
+def members_at(conn: sqlite3.Connection, segment_id: str, by_list: bool, moment: datetime) -> set[int]:
+    """Who was in a segment at a moment, by its spans (a computed one: as the last run before
+    that moment left it; a list one: as the API had left it)."""
+    at = iso(moment)
+    return {mid for (mid,) in conn.execute(
+        "SELECT member_id FROM segment_spans WHERE segment_id = ? AND (from_run IS NULL) = ? "
+        "AND valid_from <= ? AND (valid_to IS NULL OR valid_to > ?)", (segment_id, by_list, at, at))}
 
 
 # ------------------------------------------------------------------ list segments
 
 def add_members(conn: sqlite3.Connection, segment_id: str, member_ids: list[int], now: datetime) -> int:
-    conn.executemany("INSERT OR IGNORE INTO segment_members (segment_id, member_id, added_at) VALUES (?, ?, ?)",
-                     [(segment_id, mid, iso(now)) for mid in member_ids])
+    rows = [(segment_id, mid, iso(now)) for mid in member_ids]
+    conn.executemany("INSERT OR IGNORE INTO segment_members (segment_id, member_id, added_at) VALUES (?, ?, ?)", rows)
+    # OR IGNORE: a member already in keeps the span that began when they were added.
+    conn.executemany("INSERT OR IGNORE INTO segment_spans (segment_id, member_id, valid_from) VALUES (?, ?, ?)", rows)
     return size(conn, segment_id)
 
 
-def remove_members(conn: sqlite3.Connection, segment_id: str, member_ids: list[int]) -> int:
-    conn.executemany("DELETE FROM segment_members WHERE segment_id = ? AND member_id = ?",
-                     [(segment_id, mid) for mid in member_ids])
+def remove_members(conn: sqlite3.Connection, segment_id: str, member_ids: list[int], now: datetime) -> int:
+    rows = [(segment_id, mid) for mid in member_ids]
+    conn.executemany("DELETE FROM segment_members WHERE segment_id = ? AND member_id = ?", rows)
+    conn.executemany("UPDATE segment_spans SET valid_to = ? WHERE segment_id = ? AND member_id = ? "
+                     "AND from_run IS NULL AND valid_to IS NULL", [(iso(now), *row) for row in rows])
     return size(conn, segment_id)
 
 

@@ -1,13 +1,16 @@
 """Test fixtures: the app built from its factory with a test config and a temporary database."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from server.app import create_app
 from server.config import config_from_dict
+from server.privacy import rotate_key_command
 
 # pg_url: a fresh database of a throwaway PostgreSQL cluster (skips when PostgreSQL is absent).
 from pg_cluster import pg_cluster, pg_url  # noqa: E402,F401
@@ -90,6 +93,32 @@ class Api:
 
     async def patch(self, path, body, as_="manager"):
         return await self.call("PATCH", path, body, as_)
+
+
+# Two privacy sections for tests of `privacy rotate-key`: the first key alone, then with k2 in force.
+FIRST_PRIVACY = {"hmac_key": "the-first-key-of-these-tests"}
+ROTATED_PRIVACY = {**FIRST_PRIVACY, "hmac_key_rotations": [{"id": "k2", "key": "the-second-key-of-these-tests"}]}
+
+
+async def serve_program(aiohttp_client, tmp_path: Path, now: str, program_yaml: str, privacy: dict) -> Api:
+    """An Api on tmp_path's database with the program tmp_path/program, written from
+    program_yaml the first time; a later call serves the same database again."""
+    program = tmp_path / "program"
+    if not program.exists():
+        program.mkdir()
+        (program / "program.yaml").write_text(program_yaml)
+    return Api(await aiohttp_client(create_app(test_config(tmp_path, now, program_dir=program, privacy=privacy))))
+
+
+async def rotate_keys(tmp_path: Path, now: str, *args) -> int:
+    """`privacy rotate-key` up to ROTATED_PRIVACY on serve_program's database (args: the
+    command's after the config path), its blocking calls off the test's event loop as from
+    a shell."""
+    config = tmp_path / "rotated.yaml"
+    config.write_text(yaml.safe_dump({"database": {"path": str(tmp_path / "loyalty.db")},
+                                      "rules": {"dir": str(tmp_path / "program"), "watch": False},
+                                      "clock": {"start": now}, "privacy": ROTATED_PRIVACY}))
+    return await asyncio.to_thread(rotate_key_command, str(config), *args)
 
 
 @pytest.fixture

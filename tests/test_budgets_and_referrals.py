@@ -6,6 +6,7 @@ import shutil
 import sqlite3
 
 from conftest import MARKET, line, receipt
+from per_rule_postings import to_per_rule_postings
 from storage.audit import verify
 
 NOW = "2026-11-24T12:00:05+02:00"
@@ -109,7 +110,8 @@ async def test_budget_totals_survive_a_restart_and_the_cap_holds(make_api, tmp_p
 
 
 def to_before_rule_totals(path) -> None:
-    """The database as a server without m016 left it: postings only."""
+    """The database as a server without m016 left it: postings only, one accrual per rule."""
+    to_per_rule_postings(path)
     conn = sqlite3.connect(path, isolation_level=None)
     conn.executescript("""
 BEGIN;

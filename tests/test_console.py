@@ -172,7 +172,7 @@ async def test_the_check_endpoint_needs_the_token_and_answers_the_error_shape(se
 async def test_every_page_answers_200_for_a_manager(setup):
     api, console = setup
     for path in ("/console", "/console/program", f"/console/program/edit?file={PROMOS}", "/console/explain",
-                 "/console/members"):
+                 "/console/members", "/console/campaigns"):
         status, page = await console.get(path)
         assert status == 200, path
         assert "Content-Security-Policy" in (await api.client.get(path)).headers
@@ -183,7 +183,7 @@ async def test_every_page_answers_200_for_a_manager(setup):
 
 async def test_pages_without_a_session_go_to_sign_in(make_api):
     console = Console((await make_api(now=NOW)).client)
-    for path in ("/console", "/console/program", "/console/members"):
+    for path in ("/console", "/console/program", "/console/members", "/console/campaigns?rule=dairy-x2"):
         status, _ = await console.get(path)
         assert status == 303
 
@@ -225,11 +225,14 @@ async def test_the_check_finds_a_typo_at_its_line(setup):
     assert (await response.json())["ok"] is True
 
 
-async def run_backtest(console, text: str, base: str, **period) -> str:
-    form = {"file": PROMOS, "text": text, "base_sha256": base, "from": "2026-11-01", "to": "2026-11-30", **period}
+async def run_backtest(console, text: str, base: str, **form_fields) -> tuple[str, str]:
+    """(job id, its finished page): the edit of `text` backtested over November, or over the
+    period and of the file form_fields give."""
+    form = {"file": PROMOS, "text": text, "base_sha256": base, "from": "2026-11-01", "to": "2026-11-30",
+            **form_fields}
     status, location, page = await console.post("/console/program/backtest", form)
     assert status == 303, page
-    for _ in range(200):
+    for _ in range(400):
         _, page = await console.get(location)
         if 'data-state="running"' not in page:
             break
@@ -503,7 +506,7 @@ async def test_explain_a_stored_receipt(setup):
     assert outcomes["base"] == "applied" and outcomes["dairy-x2"] == "applied"
     assert outcomes["big-basket"] == "not-applicable"
     assert "when.total: 9100 is not &gt;= 100000" in page
-    assert "Member m_1: tier base" in page
+    assert 'data-source="recorded"' in page and "member m_1, tier base" in page and "receipt #1" in page
 
 
 async def test_explain_a_pasted_receipt_and_refuse_one_that_is_not(setup):
@@ -513,6 +516,7 @@ async def test_explain_a_pasted_receipt_and_refuse_one_that_is_not(setup):
     status, _, page = await console.post("/console/explain", {"receipt": json.dumps(body)})
     assert status == 200
     assert dict(re.findall(r'<tr id="why-([^"]+)" class="([^"]+)">', page))["big-basket"] == "applied"
+    assert 'data-source="now"' in page and "The member as they are now" in page and "receipt #2" in page
     status, _, page = await console.post("/console/explain", {"receipt": "{not json"})
     assert status == 422 and "not JSON" in page
     status, _, page = await console.post("/console/explain", {"receipt": json.dumps({**body, "total": "x"})})

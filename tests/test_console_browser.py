@@ -3,8 +3,10 @@ through its chromedriver (nothing is downloaded), loopback only.
 
 Sign in, open the program, make a typo and see the error at its line, fix it, run the
 backtest, deploy, and see the new version serve a receipt; roll back to the first version
-and see it serve again; then explain that receipt and look its member up. CONSOLE_SCREENSHOTS=DIR (`make console-screenshots`: docs/console) keeps
-a screenshot of each page there.
+and see it serve again; then explain that receipt and look its member up. On a program with
+a control group: the campaign effect page from the dashboard, with its chart.
+CONSOLE_SCREENSHOTS=DIR (`make console-screenshots`: docs/console) keeps a screenshot of each
+page there.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import KEYS, MARKET, _h, line, receipt
+from server.report_campaign import holdout_member
 from test_crash_safety import Server
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -62,10 +65,15 @@ def browser():
         driver.quit()
 
 
-@pytest.fixture
-def server(tmp_path):
+def serve(tmp_path, holdout: bool = False):
+    """The real server on a copy of the market program (dairy-x2 with half its audience held out
+    when `holdout`)."""
     program = tmp_path / "program"
     shutil.copytree(MARKET, program)
+    if holdout:
+        promos = program / PROMOS
+        promos.write_text(promos.read_text().replace("    scope: {categories: [dairy]}\n",
+                                                     "    scope: {categories: [dairy]}\n    holdout: 0.5\n", 1))
     keys = [{"id": "register-S001", "sha256": _h(KEYS["register"]), "role": "register", "stores": ["S001"]},
             {"id": "manager", "sha256": _h(KEYS["manager"]), "role": "manager", "name": MANAGER_NAME}]
     server = Server(tmp_path, rules={"dir": str(program), "watch": True}, auth={"keys": keys})
@@ -74,6 +82,16 @@ def server(tmp_path):
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture
+def server(tmp_path):
+    yield from serve(tmp_path)
+
+
+@pytest.fixture
+def holdout_server(tmp_path):
+    yield from serve(tmp_path, holdout=True)
 
 
 class Shots:
@@ -200,3 +218,41 @@ def test_edit_check_backtest_deploy_and_serve(server, browser, tmp_path):
     wait(browser, EC.url_to_be(server.url("/console/login")))
     browser.get(server.url("/console"))
     assert browser.current_url == server.url("/console/login")
+
+
+def test_campaign_effect_from_the_dashboard(holdout_server, browser, tmp_path):
+    server = holdout_server
+    shots = Shots(browser, Path(os.environ.get("CONSOLE_SCREENSHOTS") or tmp_path / "shots"))
+    # Sixteen members over four weeks of November; the treated ones (dairy-x2 not held out) spend more.
+    for i in range(1, 17):
+        card = f"70000000001{i:02d}"
+        assert api(server, "POST", "/v1/members", {"card": card}, KEYS["manager"])[0] == 201
+        treated = not holdout_member("market", "dairy-x2", f"m_{i}", "0.5")
+        for week in range(4):
+            ts = f"2026-11-{1 + 7 * week + i % 3:02d}T11:00:00+02:00"
+            dairy = 4000 + 100 * (i % 4) + 900 * week + (3000 if treated else 0)
+            status, _ = api(server, "POST", "/v1/receipts", receipt(
+                f"c{i}-{week}", [line(1, "dairy", dairy), line(2, "bakery", 2000 + 150 * i)], card=card, ts=ts),
+                KEYS["register"])
+            assert status == 201
+
+    browser.get(server.url("/console/login"))
+    browser.find_element(By.ID, "key").send_keys(KEYS["manager"], Keys.ENTER)
+    wait(browser, EC.url_to_be(server.url("/console")))
+    browser.find_element(By.LINK_TEXT, "dairy-x2").click()        # the dashboard's link: the rule's own period
+    wait(browser, EC.presence_of_element_located((By.ID, "campaign-report")))
+    assert "2026-11-20 to 2026-11-30" in browser.find_element(By.ID, "report-title").text
+
+    # The whole month instead, with the keyboard from the form.
+    browser.execute_script("document.getElementById('from').value = '2026-11-01';"
+                           "document.getElementById('to').value = '2026-11-28';")
+    browser.find_element(By.ID, "show-report").send_keys(Keys.ENTER)
+    wait(browser, EC.text_to_be_present_in_element((By.ID, "report-title"), "2026-11-01 to 2026-11-28"))
+    treated = browser.find_element(By.ID, "group-treated").text
+    assert treated.startswith("treated") and "UAH" in treated
+    chart = browser.find_element(By.CSS_SELECTOR, "#campaign-chart svg")
+    assert chart.size["width"] > 300 and chart.size["height"] > 100
+    assert len(chart.find_elements(By.TAG_NAME, "path")) == 2
+    assert browser.find_element(By.ID, "verdict").text.startswith("The campaign raised spend per member")
+    browser.set_window_size(1280, 1500)
+    shots.take("campaign-effect")

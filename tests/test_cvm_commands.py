@@ -15,7 +15,7 @@ import pytest
 from server import cvm, cvm_cli
 from server.privacy import Privacy
 from server.report_campaign import CampaignRule
-from storage import coupons, offers
+from storage import coupons, events, offers
 from storage.db import Database
 from storage.schema import migrations
 
@@ -71,9 +71,14 @@ def test_import_offers_assigns_each_offer_whole(db, tmp_path, capsys):
     assert f"{source}:6: offer o3: rule is base, a rule that is not personal (it applies without an offer)" in out.err
     got = db.read_sync(lambda conn: [offers.offers_for(conn, m, date(2026, 12, 5)) for m in range(1, 5)])
     assert got == [{"comeback": 300}, {"comeback": 300}, {}, {}]
+    # Each member given an offer has its offer.assigned; the refused offers wrote none.
+    assigned = [(e["member_id"], e["data"]) for e in db.read_sync(lambda conn: events.page(conn, 0, 100))]
+    assert assigned == [(m, {"offer_id": "o1", "rule": "comeback", "from": "2026-12-01", "to": "2026-12-31",
+                             "points": 300}) for m in ("m_1", "m_2")]
     # Run again: the same offer is not assigned twice.
     assert cvm_cli.import_offers(db, DEFS, PRIVACY, source, NOW) == 1
     assert "offers: 0 assigned, 1 already assigned the same, 2 refused" in capsys.readouterr().out
+    assert len(db.read_sync(lambda conn: events.page(conn, 0, 100))) == 2
 
 
 def test_report_campaign_prints_text_json_csv_and_a_chart(db, tmp_path, capsys):

@@ -4,15 +4,15 @@ record say afterwards."""
 from __future__ import annotations
 
 import asyncio
-import textwrap
 
 import pytest
 from conftest import Api, test_config
 
 from test_storage_writer import WriterGate, wait_until
 
+from server import rfm
 from server.app import create_app
-from server.keys import DATABASE
+from server.keys import CLOCK, DATABASE, PROGRAMS
 
 NOW = "2026-12-10T12:00:00+02:00"
 PROGRAM = """\
@@ -56,7 +56,8 @@ def api(aiohttp_client, tmp_path):
         program = tmp_path / "program"
         program.mkdir()
         (program / "program.yaml").write_text(PROGRAM)
-        app = create_app(test_config(tmp_path, NOW, program_dir=program))
+        # The daily job runs when a test says (segment_job), not on the server's schedule.
+        app = create_app(test_config(tmp_path, NOW, program_dir=program, jobs={"enabled": False}))
         a = Api(await aiohttp_client(app))
         a.app = app
         for card in cards:
@@ -88,6 +89,13 @@ async def new_code(a: Api, campaign: str = "winter", card: str | None = None) ->
     return body["codes"][0]
 
 
+async def segment_job(a: Api) -> None:
+    """The daily job's segment run, now: who is in the `when` segments."""
+    program = a.app[PROGRAMS].current
+    await rfm.run(a.app[DATABASE], program.segment_window_days, program.timezone, a.app[CLOCK].now(), force=True,
+                  program=program)
+
+
 async def rows(a: Api, sql: str, args=()) -> list[tuple]:
     return await a.app[DATABASE].read(lambda conn: [tuple(r) for r in conn.execute(sql, args)])
 
@@ -97,7 +105,9 @@ async def test_list_and_when_segment_rules_apply_while_the_member_is_in_them(api
     assert by_rule(await confirm(a, receipt("r1"))) == {"base": 2}
     await a.put("/v1/admin/segments/staff/members", {"cards": ["c1"]})
     assert by_rule(await confirm(a, receipt("r2"))) == {"base": 2, "staff-bonus": 10}
-    # a newcomer (enrolled today) buying a hat: the `when` segment's rule applies
+    # a newcomer (enrolled today) buying a hat: the `when` segment's rule applies once the job saw them
+    assert by_rule(await confirm(a, receipt("r3-before-the-job", category="hats"))) == {"base": 2, "staff-bonus": 10}
+    await segment_job(a)
     assert by_rule(await confirm(a, receipt("r3", category="hats"))) == {"base": 2, "staff-bonus": 10,
                                                                          "newcomer-bonus": 5}
     await a.call("DELETE", "/v1/admin/segments/staff/members", {"cards": ["c1"]})
@@ -188,7 +198,7 @@ async def test_twenty_receipts_racing_for_one_single_use_code_one_gets_it(api):
     statuses = sorted(answer["coupons"][0]["status"] for answer in answers)
     assert statuses == ["applied"] + ["used"] * 19
     assert sum(by_rule(answer).get("winter-coupon", 0) for answer in answers) == 100
-    issued = await rows(a, "SELECT SUM(points) FROM postings WHERE rule_id = 'winter-coupon'")
+    issued = await rows(a, "SELECT SUM(points) FROM posting_rules WHERE rule_id = 'winter-coupon'")
     assert issued == [(100,)]
     assert await rows(a, "SELECT uses FROM coupon_codes") == [(1,)]
 
@@ -208,6 +218,7 @@ async def test_control_group_member_gets_nothing_from_the_rule_and_it_is_recorde
 async def test_member_answer_lists_segments_rfm_offers_and_control_groups(api):
     a = await api()
     await a.put("/v1/admin/segments/staff/members", {"cards": ["c1"]})
+    await segment_job(a)
     await a.post("/v1/admin/offers", {"offer_id": "o-1", "rule": "comeback", "cards": ["c1"], "from": "2026-12-01",
                                       "to": "2026-12-31"})
     status, member = await a.get("/v1/members/c1")

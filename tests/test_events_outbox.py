@@ -171,17 +171,20 @@ async def test_an_assigned_offer_is_one_event_per_member_and_offer(tmp_path):
         now = datetime.fromisoformat(NOW)
         await db.write(lambda conn: _member_with_lot(conn, "2027-11-24", now))
         for _ in range(2):
-            await db.write(lambda conn: events.offer_assigned(conn, 1, "coffee-2for1", "2026-12-01", "2026-12-31", now))
+            written = await db.write(lambda conn: events.offers_assigned(
+                conn, "coffee-2for1", "coffee", "2026-12-01", "2026-12-31", 500, [1], now))
+        assert written == 0
         page = await db.read(lambda conn: events.page(conn, 0, 10))
         assert [(e["type"], e["member_id"], e["card_last4"], e["data"]) for e in page] == [
-            ("offer.assigned", "m_1", "4321", {"offer_id": "coffee-2for1", "from": "2026-12-01", "to": "2026-12-31"})]
+            ("offer.assigned", "m_1", "4321", {"offer_id": "coffee-2for1", "rule": "coffee", "from": "2026-12-01",
+                                               "to": "2026-12-31", "points": 500})]
     finally:
         db.close()
 
 
 @pytest.mark.parametrize("hooks, key, reason", [
     ([{"id": "a", "url": "http://127.0.0.1:9/x", "secret": "s" * 16, "events": ["receipt.paid"]}],
-     "webhooks[0].events[0]", "must be one of: birthday, member.enrolled"),
+     "webhooks[0].events[0]", "must be one of: birthday, card.replaced, member.enrolled"),
     ([{"id": "a", "url": "http://127.0.0.1:9/x", "secret": "short", "events": ["birthday"]}],
      "webhooks[0].secret", "16"),
     ([{"id": "a", "url": "ftp://host/x", "secret": "s" * 16, "events": ["birthday"]}], "webhooks[0].url", "http"),

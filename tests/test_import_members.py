@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -107,6 +108,61 @@ def test_a_rerun_changes_nothing_and_finishes_a_stopped_run(tmp_path, capsys):
     assert "300 members rows: 0 imported, 300 already there, 0 refused" in capsys.readouterr().out
     assert ledger_state(tmp_path / "loyalty.db") == done
     assert cli(["audit", "verify", "--config", config]) == 0
+
+
+async def test_the_crms_id_and_consent_come_in_with_the_members_and_reach_their_events(make_api, tmp_path, capsys):
+    source = tmp_path / "crm.csv"
+    source.write_text("card,crm_id,consent,opening_points\n"
+                      "7000000000001,CRM-1,sms;email,100\n"
+                      "7000000000002,CRM-2,,\n"
+                      "7000000000003,CRM-1,,\n"            # line 4: the id of line 2 again
+                      "7000000000004,CRM 4,,\n"            # 5: a space
+                      "7000000000005,,fax,\n"              # 6: not a channel
+                      "7000000000006,CRM-TAKEN,,\n")       # 7: another member's, found at the write
+    config = write_config(tmp_path)
+    api = await make_api(now=NOW)
+    assert (await api.post("/v1/members", {"card": "7000000000099"}))[0] == 201
+    assert (await api.call("PATCH", "/v1/members/7000000000099", {"crm_id": "CRM-TAKEN"}))[0] == 200
+    assert await asyncio.to_thread(cli, ["import", "members", "--csv", str(source), "--config", config]) == 1
+    assert "6 members rows: 2 imported, 0 already there, 4 refused" in capsys.readouterr().out
+    with open(tmp_path / "crm.refused.csv", newline="") as f:
+        assert [(int(r["line"]), r["field"]) for r in csv.DictReader(f)] == [
+            (4, "crm_id"), (5, "crm_id"), (6, "consent"), (7, "crm_id")]
+
+    _, first = await api.get("/v1/members/7000000000001")
+    assert (first["crm_id"], first["consent"]) == ("CRM-1", {"sms": True, "viber": False, "email": True,
+                                                              "push": False})
+    assert first["consent_updated_at"] is not None
+    _, second = await api.get("/v1/members/7000000000002")
+    assert (second["crm_id"], second["consent_updated_at"]) == ("CRM-2", None)
+    assert not any(second["consent"].values())
+    # The member's next event carries them.
+    sale = {"receipt_id": "c1", "store_id": "S001", "register_id": "K01", "ts": "2026-11-24T12:00:00+02:00",
+            "card": "7000000000001", "lines": [{"line_no": 1, "sku": "x", "category": "grocery", "qty": 1,
+                                                "price": 1000, "amount": 1000}], "total": 1000}
+    assert (await api.post("/v1/receipts", sale, as_="register"))[0] == 201
+    _, pulled = await api.get("/v1/admin/events")
+    confirmed = pulled["events"][-1]
+    assert (confirmed["type"], confirmed["crm_id"], confirmed["consent"]["email"]) == ("receipt.confirmed", "CRM-1",
+                                                                                       True)
+
+
+def test_many_members_with_balances_pass_audit_and_a_rerun_changes_nothing(tmp_path, capsys):
+    """100,000 members under `make faulttest` (FAULT_LONG=1), 2,000 in `make test`."""
+    count = 100_000 if os.environ.get("FAULT_LONG") else 2_000
+    source = tmp_path / "many.csv"
+    with source.open("w") as f:
+        f.write("card,phone,opening_points,opening_expires_on,crm_id,consent\n")
+        f.writelines(f"7{i:012d},+38050{i:07d},{1 + i % 5_000},2027-12-31,CRM-{i},sms\n" for i in range(count))
+    config = write_config(tmp_path)
+    assert cli(["import", "members", "--csv", str(source), "--config", config, "--batch-rows", "5000"]) == 0
+    assert f"{count} members rows: {count} imported, 0 already there, 0 refused" in capsys.readouterr().out
+    done = ledger_state(tmp_path / "loyalty.db")
+    assert len(done[0]) == count and sum(p[4] for p in done[3]) == sum(1 + i % 5_000 for i in range(count))
+    assert cli(["audit", "verify", "--config", config]) == 0
+    assert cli(["import", "members", "--csv", str(source), "--config", config]) == 0
+    assert f"{count} members rows: 0 imported, {count} already there, 0 refused" in capsys.readouterr().out
+    assert ledger_state(tmp_path / "loyalty.db") == done
 
 
 def test_refused_rows_are_reported_with_their_line_and_reason(tmp_path, capsys):

@@ -3,6 +3,7 @@ the new key while the server serves, every card found throughout; a server start
 key its hashes were made with refuses to start instead of finding no card."""
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import KEYS
+from conftest import KEYS, MARKET
 from server.config import ConfigError, config_from_dict
 from server.privacy import Privacy, candidates, privacy_from_config
 from test_crash_safety import NOW, Server
@@ -146,6 +147,52 @@ def test_rotate_key_alone_wraps_everything_and_goes_on_where_it_stopped(tmp_path
     assert all(h.startswith("~k2~") for h in stored_hashes(server.db))
 
 
+def sale(receipt_id: str, card: str, amount: int = 1000) -> dict:
+    return {"receipt_id": receipt_id, "store_id": "S001", "register_id": "K01", "ts": NOW, "card": card,
+            "lines": [{"line_no": 1, "sku": "x", "category": "grocery", "qty": 1, "price": amount,
+                       "amount": amount}], "total": amount}
+
+
+def test_a_receipt_confirmed_before_a_rotation_is_replayed_while_it_runs_and_after(tmp_path):
+    first = Server(tmp_path, privacy={"hmac_key": FIRST_KEY})
+    first.start()
+    try:
+        answers = {}
+        for n, card in enumerate(CARDS[:3]):
+            assert call(first, "POST", "/v1/members", {"card": card})[0] == 201
+            status, answers[n] = call(first, "POST", "/v1/receipts", sale(f"R-{n}", card), role="register")
+            assert status == 201
+    finally:
+        first.kill()
+    rotated = Server(tmp_path, privacy=ROTATED)
+    rotated.start()
+    try:
+        # While the rotation runs: some cards wrapped in the new key, others not yet.
+        with sqlite3.connect(rotated.db) as conn:
+            privacy = Privacy(FIRST_KEY.encode(), [("k2", SECOND_KEY.encode())])
+            old = privacy.card(CARDS[0]).older[0]
+            conn.execute("UPDATE cards SET card = ? WHERE card = ?", (privacy.rewrap("card", old), old))
+        for moment in ("while it runs", "after it finished"):
+            for n, card in enumerate(CARDS[:3]):
+                status, again = call(rotated, "POST", "/v1/receipts", sale(f"R-{n}", card), role="register")
+                assert status == 200, (moment, again)
+                assert again == {**answers[n], "replayed": True}, moment
+            # Another body under the same identity is still a conflict, under either key.
+            status, err = call(rotated, "POST", "/v1/receipts", sale("R-0", CARDS[0], 2000), role="register")
+            assert status == 409 and err["error"]["code"] == "idempotency_conflict", moment
+            status, err = call(rotated, "POST", "/v1/receipts", sale("R-1", CARDS[2]), role="register")
+            assert status == 409 and err["error"]["code"] == "idempotency_conflict", moment
+            if moment == "while it runs":
+                run = rotate(rotated.config)
+                assert run.returncode == 0, run.stdout + run.stderr
+        assert all(h.startswith("~k2~") for h in stored_hashes(rotated.db))
+        # A new receipt under the new key is fingerprinted with it, and replays as well.
+        assert call(rotated, "POST", "/v1/receipts", sale("R-new", CARDS[1]), role="register")[0] == 201
+        assert call(rotated, "POST", "/v1/receipts", sale("R-new", CARDS[1]), role="register")[0] == 200
+    finally:
+        rotated.kill()
+
+
 def test_a_hash_under_a_key_no_longer_listed_stops_the_rotation_naming_it(tmp_path):
     server = Server(tmp_path, privacy={"hmac_key": FIRST_KEY})
     server.start()
@@ -186,3 +233,35 @@ def test_a_rotation_without_its_key_stops_start_up(rotation, words):
 def test_a_rotation_key_id_is_checked_by_the_config():
     with pytest.raises(ConfigError, match="hmac_key_rotations"):
         config_from_dict({"privacy": {"hmac_key_rotations": [{"id": "Has Spaces", "key": SECOND_KEY}]}})
+
+
+def test_an_import_run_again_after_a_rotation_changes_nothing(tmp_path, capsys):
+    from server.cli import main as cli
+    from test_import_members import ledger_state
+    members = tmp_path / "members.csv"
+    members.write_text("card,opening_points\n" + "".join(f"{card},{n + 1}\n" for n, card in enumerate(CARDS[:5])))
+    history = tmp_path / "history.jsonl"
+    history.write_text("".join(json.dumps({**sale(f"H-{n}", card), "ts": "2026-11-01T12:00:00+02:00"}) + "\n"
+                               for n, card in enumerate(CARDS[:5])))
+    configs = {}
+    for name, privacy in (("first", {"hmac_key": FIRST_KEY}), ("rotated", ROTATED)):
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump({
+            "database": {"path": str(tmp_path / "loyalty.db")}, "rules": {"dir": str(MARKET), "watch": False},
+            "clock": {"start": NOW}, "privacy": privacy}))
+    for command in (["members", "--csv", str(members)], ["receipts", "--jsonl", str(history)]):
+        assert cli(["import", *command, "--config", str(configs["first"])]) == 0
+    done = ledger_state(tmp_path / "loyalty.db")
+    capsys.readouterr()
+    for moment in ("before the hashes are wrapped", "after"):
+        assert cli(["import", "members", "--csv", str(members), "--config", str(configs["rotated"])]) == 0, moment
+        assert cli(["import", "receipts", "--jsonl", str(history), "--config", str(configs["rotated"])]) == 0, moment
+        out = capsys.readouterr().out
+        assert "5 members rows: 0 imported, 5 already there, 0 refused" in out, (moment, out)
+        assert "5 receipts rows: 0 imported, 5 already there, 0 refused" in out, (moment, out)
+        if moment != "after":
+            assert rotate(configs["rotated"]).returncode == 0
+    hashes = stored_hashes(tmp_path / "loyalty.db")
+    assert len(hashes) == 5 and all(h.startswith("~k2~") for h in hashes)
+    after = ledger_state(tmp_path / "loyalty.db")
+    assert (after[0], after[2], after[3]) == (done[0], done[2], done[3])    # only the cards' hashes are wrapped

@@ -4,9 +4,12 @@ valid against the schema the document declares for its path, method and status.
 The answers are checked strictly: the test closes every object schema of the document
 (`additionalProperties: false`), so a key the server sends and the document does not
 declare fails as surely as a missing one. jsonschema_rs (already pinned for schemathesis)
-validates."""
+validates, as JSON Schema 2020-12: the document is OpenAPI 3.1, whose schemas are that
+draft's, and it is itself checked against OpenAPI 3.1's own schema (as schemathesis ships
+it)."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from datetime import date
@@ -14,12 +17,14 @@ from decimal import Decimal
 
 import jsonschema_rs
 import pytest
+from schemathesis.specs.openapi.definitions import OPENAPI_31
 
 from conftest import MARKET, Api, line, receipt, test_config
 from server import cvm
 from server.app import create_app
 from server.report_campaign import CampaignRule
-from storage import coupons
+from server.keys import DATABASE
+from storage import coupons, ledger
 from storage.segments import SegmentDefinition
 
 NOW = "2026-11-24T12:00:05+02:00"
@@ -64,7 +69,8 @@ class Checked:
         content = responses[str(status)]["content"]
         assert "application/json" in content, (method, template, status)
         schema = {**content["application/json"]["schema"], "components": self.components}
-        errors = [f"{e.instance_path}: {e.message}" for e in jsonschema_rs.validator_for(schema).iter_errors(data)]
+        validator = jsonschema_rs.Draft202012Validator(schema)
+        errors = [f"{e.instance_path}: {e.message}" for e in validator.iter_errors(data)]
         assert not errors, (method, template, status, errors[:5], data)
         DRIVEN.add((method, template, status))
 
@@ -267,6 +273,33 @@ async def test_segment_offer_coupon_and_report_answers_match_the_document(cvm_ch
     RAN.add("cvm")
 
 
+async def test_replays_answer_the_declared_keys_even_of_answers_stored_by_an_older_server(checked):
+    """A replay is the stored answer decoded into its answer type: a key an older server
+    stored and the document no longer declares is not sent again."""
+    c = checked
+    await c.call("POST", "/v1/members", {"card": CARD}, expect=201)
+    first = receipt("r1", [line(1, "dairy", 9100, qty=2)], card=CARD)
+    await c.call("POST", "/v1/receipts", first, "register", 201)
+    ret = {"return_id": "ret1", "store_id": "S001", "register_id": "K01",
+           "receipt": {"store_id": "S001", "register_id": "K01", "receipt_id": "r1"},
+           "lines": [{"line_no": 1, "qty": 1}]}
+    await c.call("POST", "/v1/returns", ret, "register", 201)
+    adjustment = {"card": CARD, "points": 300, "reason": "goodwill", "adjustment_id": "a1"}
+    await c.call("POST", "/v1/admin/adjustments", adjustment, expect=201)
+
+    def older(conn) -> None:
+        for table in ("receipts", "returns", "adjustments"):
+            for (result,) in conn.execute(f"SELECT result FROM {table}").fetchall():
+                kept = {**json.loads(ledger.unpack(result)), "detail": {"lines": {}}}
+                conn.execute(f"UPDATE {table} SET result = ? WHERE result = ?", (json.dumps(kept).encode(), result))
+    await c.api.client.server.app[DATABASE].write(older)
+    for method, path, body, as_ in [("POST", "/v1/receipts", first, "register"),
+                                    ("POST", "/v1/returns", ret, "register"),
+                                    ("POST", "/v1/admin/adjustments", adjustment, "manager")]:
+        _, again = await c.call(method, path, body, as_, 200)
+        assert again["replayed"] is True and "detail" not in again
+
+
 def test_every_route_is_driven_to_each_success_it_declares(checked):
     """Fails when a route is added to the table and the tests above do not check its answers."""
     if DRIVERS - RAN:
@@ -275,6 +308,20 @@ def test_every_route_is_driven_to_each_success_it_declares(checked):
                 for method, op in methods.items() for status in op["responses"] if status.startswith("2")}
     declared.discard(("GET", "/metrics", 200))   # text, checked on its own
     assert declared - DRIVEN == set()
+
+
+def test_the_document_is_openapi_3_1_with_2020_12_schemas(checked):
+    doc = checked.doc
+    assert (doc["openapi"], doc["jsonSchemaDialect"]) == ("3.1.0", "https://spec.openapis.org/oas/3.1/dialect/base")
+    validator = jsonschema_rs.Draft202012Validator(OPENAPI_31)
+    errors = [f"{e.instance_path}: {e.message}" for e in validator.iter_errors(doc)]
+    assert not errors, errors[:5]
+    for name, schema in doc["components"]["schemas"].items():
+        assert jsonschema_rs.meta.is_valid(schema), name
+    # 3.0's way of saying null is not 3.1's: none of it may be left
+    assert '"nullable"' not in json.dumps(doc)
+    nullable = [name for name, schema in doc["components"]["schemas"].items() if '"null"' in json.dumps(schema)]
+    assert "ConfirmAnswer" in nullable
 
 
 def test_no_response_schema_is_a_bare_object(checked):

@@ -41,6 +41,10 @@ async def test_ledger_postings_carry_rule_and_version(make_api):
     status, st = await api.get(f"/v1/members/{CARD}/statement")
     assert status == 200
     accruals = [p for p in st["postings"] if p["kind"] == "accrual"]
+    # The receipt's one lot is one posting; the statement lists it once per rule that earned.
+    assert len({p["id"] for p in accruals}) == 1
+    assert {p["rule"]: p["points"] for p in accruals} == \
+        {item["rule"]: item["points"] for item in res["accrued"]["by_rule"] if item["points"]}
     assert {p["rule"] for p in accruals} == {"base", "dairy-x2"}
     assert all(p["rules_version"] == res["rules_version"] for p in accruals)
     assert all(p["receipt"] == {"store_id": "S001", "register_id": "K01", "receipt_id": "A-2"} for p in accruals)

@@ -118,16 +118,39 @@ def test_an_unfinished_run_is_never_read(db):
     assert got[1][:3] == (4, 3, 3) and first.scored == 5
 
 
-def test_segments_by_rfm_range_and_by_list(db):
+SHOP = """\
+program: {id: shop, name: Shop, currency: UAH, timezone: Europe/Kyiv}
+points: {value: 100, rounding: floor, activation_delay_days: 0, expiry_days: 365}
+tiers: {levels: [{id: base, from: 0}]}
+stores: [{id: S001}]
+segments:
+  rfm: {window_days: 365}
+  define:
+    - {id: champions, rfm: {f: [4, 5], m: [4, 5]}}
+    - {id: recent, rfm: {r: [4, 5]}}
+    - {id: staff, list: true}
+rules:
+  - {id: base, reward: {percent: 2}}
+"""
+
+
+@pytest.fixture
+def shop():
+    from rules import load_files
+    program = load_files({"program.yaml": SHOP}, TODAY)
+    yield program
+    program.close()
+
+
+def test_segments_by_rfm_range_and_by_list(db, shop):
+    from server.member_state import segments_now
     population(db)
-    asyncio.run(rfm.run(db, 365, KYIV, NOW))
-    champions = segments.SegmentDefinition("champions", f=segments.ScoreRange(4, 5), m=segments.ScoreRange(4, 5))
-    recent = segments.SegmentDefinition("recent", r=segments.ScoreRange(4, 5))
-    staff = segments.SegmentDefinition("staff", list=True)
+    done = asyncio.run(rfm.run(db, 365, KYIV, NOW, program=shop))
+    assert (done.opened, done.closed) == (3, 0)
     db.write_sync(lambda conn: segments.add_members(conn, "staff", [3, 8], NOW))
-    program = [champions, recent, staff]
-    got = db.read_sync(lambda conn: {mid: segments.segments_of(conn, mid, program) for mid in (1, 3, 4, 8)})
+    got = db.read_sync(lambda conn: {mid: sorted(segments_now(conn, shop, mid)) for mid in (1, 3, 4, 8)})
     assert got == {1: ["recent"], 3: ["staff"], 4: ["champions"], 8: ["staff"]}
+    recent = segments.SegmentDefinition("recent", r=segments.ScoreRange(4, 5))
     assert db.read_sync(lambda conn: segments.members_of(conn, recent)) == [1, 2]
 
 
@@ -148,18 +171,16 @@ def test_recency_counts_local_days_across_midnight_and_a_clock_change(db):
     assert got[1][3] == 0 and got[2][3] == (TODAY - date(2026, 8, 1)).days == 122
 
 
-def test_the_lifecycle_jobs_score_once_a_local_day_when_the_program_has_rfm(db):
-    import types
+def test_the_lifecycle_jobs_score_once_a_local_day_when_the_program_has_rfm(db, shop):
     from conftest import MARKET
     from rules import load_program
     from server.jobs import run_all
     population(db)
-    program = load_program(MARKET)
+    market = load_program(MARKET)
     try:
-        assert "rfm_members_scored" not in asyncio.run(run_all(db, program, NOW))    # no segments.rfm: no scores
-        program.segments = types.SimpleNamespace(rfm=types.SimpleNamespace(window_days=365))
-        assert asyncio.run(run_all(db, program, NOW))["rfm_members_scored"] == 5
-        assert asyncio.run(run_all(db, program, NOW))["rfm_members_scored"] == 0       # done today already
+        assert "rfm_members_scored" not in asyncio.run(run_all(db, market, NOW))    # no segments: no scores
     finally:
-        program.close()
+        market.close()
+    assert asyncio.run(run_all(db, shop, NOW))["rfm_members_scored"] == 5
+    assert asyncio.run(run_all(db, shop, NOW))["rfm_members_scored"] == 0       # done today already
     assert scores(db)[4][:3] == (2, 5, 5)

@@ -18,6 +18,7 @@ from conftest import MARKET, TEST_HMAC_KEY, line, receipt
 
 from rules import MemberFacts, format_explanation, load_files, load_program
 from server.cli import main
+from server.replay_member import ReplayMember
 from server.rules_tools import Replay, decode_receipt, diff, export_receipts, read_receipts
 from server.schema import Receipt
 
@@ -257,6 +258,10 @@ async def test_export_receipts_writes_the_stored_bodies_and_diff_replays_them(ma
     assert "3 receipts exported" in capsys.readouterr().err
     exported = [json.loads(text) for text in out.read_text().splitlines()]
     assert [item["receipt_id"] for item in exported] == ["X-1", "X-2", "X-3"]
+    # Each receipt of a member with the facts recorded with it; X-2 is the member's second receipt.
+    members = [item.pop("member", None) for item in exported]
+    assert [m and (m["member_id"], m["tier"], m.get("receipt_number", 2)) for m in members] == \
+        [("m_1", "base", 1), ("m_1", "base", 2), None]
     # Exports carry the card's HMAC, never the number (the same card keeps the same HMAC).
     card_hmac = hmac.new(TEST_HMAC_KEY.encode(), b"card\0" + CARD.encode(), hashlib.sha256).hexdigest()
     assert [item.get("card") for item in exported] == [card_hmac, card_hmac, None]
@@ -284,6 +289,7 @@ async def test_export_receipts_writes_the_stored_bodies_and_diff_replays_them(ma
     assert (rows["dairy-x2"]["old"], rows["dairy-x2"]["new"]) == (1, 2)
     assert (rows["big-basket"]["old"], rows["big-basket"]["new"]) == (50, 50)
     assert (report["receipts"], report["anonymous"], report["changed"]) == (3, 1, 2)
+    assert report["without_member_facts"] == 0
     assert (report["old_total"], report["new_total"]) == (83, 100)
     assert main(["rules", "diff", str(MARKET), str(changed), "--receipts", str(out)]) == 0
     text = capsys.readouterr().out
@@ -318,7 +324,8 @@ rules:
         assert rows["first"] == (0, 100)
         assert rows["base"] == (5, 5)
         replay = Replay(new)
-        assert replay.run(decode_receipt(json.loads(lines[0]), "-"), {"tier": "base"}) == {"base": 1, "daily": 10, "launch": 7}
+        first = decode_receipt(json.loads(lines[0]), "-")
+        assert replay.run(first, ReplayMember(tier="base")) == {"base": 1, "daily": 10, "launch": 7}
     finally:
         old.close()
         new.close()

@@ -4,7 +4,7 @@ answers exactly as one that never needed to: replays, returns, balances, audit v
 The older format is made by turning a fresh database back: hex hashes, a WITHOUT ROWID
 receipts table holding each receipt's per-line detail (and no line records, m023), lots
 without remaining points, cards as a rowid table, the indexes as they were, no rule_totals
-(m016)."""
+(m016), one accrual posting per rule (m030; the run it is compared with starts from those too)."""
 from __future__ import annotations
 
 import re
@@ -14,6 +14,7 @@ import msgspec
 from aiohttp.test_utils import TestClient, TestServer
 
 from conftest import Api, line, receipt, test_config
+from per_rule_postings import to_per_rule_postings
 from server.app import create_app
 from storage import line_records
 from storage.audit import verify
@@ -109,6 +110,9 @@ async def run(tmp_path, upgrade: bool) -> list:
                     answers.append(await api.post("/v1/returns", _return(rid, rec, lines), as_="register"))
                 answers.append(await api.get("/v1/members/1"))
                 answers.append(await api.get("/v1/members/1/statement"))
+        # Both start from per-rule accrual postings (before m030), which the older format had.
+        if phase == 0:
+            to_per_rule_postings(tmp_path / "loyalty.db")
         if phase == 0 and upgrade:
             conn = sqlite3.connect(tmp_path / "loyalty.db")
             assert conn.execute("SELECT COUNT(*) FROM receipts WHERE lines IS NOT NULL").fetchone()[0] == 3

@@ -69,6 +69,18 @@ async def test_offer_created_repeated_and_conflicting(api):
     got = await db.read(lambda conn: [offers.offers_for(conn, m, date(2026, 12, 5)) for m in (1, 2, 3)])
     assert got == [{"comeback": 500}, {"comeback": 500}, {}]
     assert await db.read(lambda conn: offers.offers_for(conn, 1, date(2027, 1, 1))) == {}
+    # One offer.assigned per member given it, written with the assignment: none for the repeat
+    # nor for the refused body.
+    assigned = await offer_events(a)
+    assert [(e["member_id"], e["card_last4"], e["data"]) for e in assigned] == [
+        (m, c, {"offer_id": "o-1", "rule": "comeback", "from": "2026-12-01", "to": "2026-12-31", "points": 500})
+        for m, c in (("m_1", "c1"), ("m_2", "c2"))]
+
+
+async def offer_events(a: Api) -> list[dict]:
+    status, body = await a.get("/v1/admin/events?limit=1000")
+    assert status == 200, body
+    return [e for e in body["events"] if e["type"] == "offer.assigned"]
 
 
 async def test_offer_to_a_segment_resolves_its_members_now(api):
@@ -79,6 +91,9 @@ async def test_offer_to_a_segment_resolves_its_members_now(api):
     await a.put("/v1/admin/segments/staff/members", {"cards": ["c1"]})     # later members do not get it
     got = await a.app[cvm.DATABASE].read(lambda conn: [offers.offers_for(conn, m, date(2026, 12, 1)) for m in (1, 2)])
     assert got == [{}, {"comeback": None}]
+    assigned = await offer_events(a)
+    assert [(e["member_id"], e["data"]["offer_id"], e["data"]["points"]) for e in assigned] == [
+        ("m_2", "o-staff", None), ("m_3", "o-staff", None)]
 
 
 async def test_offer_refusals(api):

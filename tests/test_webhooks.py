@@ -8,7 +8,10 @@ import hashlib
 import hmac
 import json
 import re
+import shutil
 import sqlite3
+import subprocess
+import sys
 import time
 
 import aiohttp
@@ -17,7 +20,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from conftest import KEYS, Api, line, receipt, test_config
+from conftest import KEYS, PROGRAMS, ROOT, Api, line, receipt, test_config
 from server import cli
 from server.app import create_app
 from server.config import WebhookConfig
@@ -204,38 +207,95 @@ async def _metrics(api) -> str:
     return text
 
 
-async def test_no_event_is_lost_across_a_receiver_outage_and_a_sigkill_after_an_acknowledged_receipt(tmp_path):
+def _events_in(server: Server) -> list[int]:
+    with sqlite3.connect(server.db) as conn:
+        return [r[0] for r in conn.execute("SELECT id FROM events ORDER BY id")]
+
+
+# The test program's additions for a day with every event type: a birthday gift, a personal rule.
+DAY_CAMPAIGNS = """
+events:
+  - {id: birthday-gift, on: birthday, reward: {points: 10}}
+rules:
+  - id: comeback
+    personal: true
+    reward: {points: 30}
+"""
+NEW_CARD, PHONE = "7100000000001", "+380501234567"
+
+
+async def test_every_event_of_a_scripted_day_arrives_through_an_outage_and_a_sigkill(tmp_path):
+    """Every event type, at least once, signed, with no card number or phone, in order per
+    member; the receiver down from mid-morning and the server SIGKILLed just after a 201."""
+    program = tmp_path / "program"
+    shutil.copytree(PROGRAMS / "market", program)
+    (program / "campaigns" / "day.yaml").write_text(DAY_CAMPAIGNS)
     receiver = Receiver()
     await receiver.start()
-    server = Server(tmp_path, events=FAST)
+    server = Server(tmp_path, events=FAST, rules={"dir": str(program), "watch": False},
+                    jobs={"interval_seconds": 0.2})
     config = yaml.safe_load(server.config.read_text())
     config["webhooks"] = [hook(receiver)]
     server.config.write_text(yaml.safe_dump(config))
     await asyncio.to_thread(server.start)
     try:
         async with aiohttp.ClientSession() as session:
-            for card in CARDS:
-                assert (await _post(session, server, "/v1/members", {"card": card}, "manager"))[0] == 201
-            await eventually(lambda: len({e["id"] for e in receiver.delivered}) >= len(CARDS))
-            await receiver.stop()                             # the receiver goes down
+            async def call(path, body, role="manager", method="POST") -> int:
+                async with session.request(method, server.url(path), json=body,
+                                           headers={"Authorization": f"Bearer {KEYS[role]}"}) as resp:
+                    return resp.status
             acked = []
-            for n in range(6):
-                body = receipt(f"k{n}", [line(1, "dairy", 10_000 + n)], card=CARDS[n % 4], ts=NOW)
-                status, _ = await _post(session, server, "/v1/receipts", body, "register")
-                assert status == 201
-                acked.append(body["receipt_id"])
-            server.kill()                                     # just after the last 201
+
+            async def sale(receipt_id: str, card: str, amount: int) -> None:
+                body = receipt(receipt_id, [line(1, "dairy", amount)], card=card, ts=NOW)
+                assert await call("/v1/receipts", body, "register") == 201
+                acked.append(receipt_id)
+
+            # Morning: enrolments (one has a birthday today), the CRM's fields, a personal offer.
+            assert await call("/v1/members", {"card": CARDS[0], "phone": PHONE, "birthday": "1990-11-24"}) == 201
+            for card in CARDS[1:]:
+                assert await call("/v1/members", {"card": card}) == 201
+            crm = {"crm_id": "CRM-1", "consent": {"sms": True}}
+            assert await call(f"/v1/members/{CARDS[0]}", crm, method="PATCH") == 200
+            offer = {"offer_id": "o1", "rule": "comeback", "cards": CARDS[:2], "from": "2026-11-24", "to": "2026-11-30"}
+            assert await call("/v1/admin/offers", offer) == 201
+            await eventually(lambda: "birthday" in _types_in(server))         # the server's own jobs
+            await eventually(lambda: {e["id"] for e in receiver.delivered} >= set(_events_in(server)))
+            # The receiver goes down for the rest of the morning.
+            await receiver.stop()
+            for n, card in enumerate(CARDS):
+                await sale(f"d{n}", card, 600_000 + n)                         # up to silver
+            assert await call("/v1/receipts/S001/K01/d0/cancel", None, "register") == 200
+            back = {"return_id": "ret1", "store_id": "S001", "register_id": "K01",
+                    "receipt": {"store_id": "S001", "register_id": "K01", "receipt_id": "d1"},
+                    "lines": [{"line_no": 1, "qty": 1}]}
+            assert await call("/v1/returns", back, "register") == 201
+            assert await call("/v1/admin/members/m_3/replace-card", {"new_card": NEW_CARD}) == 201
+            merge = {"merge_id": "MG-1", "from_member_id": "m_4", "into_member_id": "m_3", "reason": "one customer"}
+            assert await call("/v1/admin/members/merge", merge) == 201
+            await sale("d9", CARDS[1], 5_000)
+            server.kill()                                                     # just after that 201
             await asyncio.to_thread(server.start)
-            await receiver.start()                            # and the receiver comes back
-            for n in range(6, 8):
-                body = receipt(f"k{n}", [line(1, "grocery", 10_000 + n)], card=CARDS[n % 4], ts=NOW)
-                assert (await _post(session, server, "/v1/receipts", body, "register"))[0] == 201
-                acked.append(body["receipt_id"])
-            written = _events_in(server)
-            await eventually(lambda: {e["id"] for e in receiver.delivered} >= set(written), seconds=60)
+            await receiver.start()                                            # and the receiver is back
+            await sale("d10", NEW_CARD, 7_000)
+            # A year on, the points expire: the jobs announce it a few days before, then expire them.
+            for moment in ("2027-11-20T03:00:00+02:00", "2027-11-25T03:00:00+02:00"):
+                run = await asyncio.to_thread(subprocess.run, [
+                    sys.executable, "-m", "server.cli", "jobs", "run", "--config", str(server.config),
+                    "--now", moment, "--force"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+                assert run.returncode == 0, run.stdout + run.stderr
+            await eventually(lambda: {e["id"] for e in receiver.delivered} >= set(_events_in(server)), seconds=60)
+            # Evening: an erasure, once everything before it is delivered and recorded, so any
+            # event sent again is sent with the body it had.
+            await eventually(lambda: _owed(server) == 0, seconds=60)
+            assert await call("/v1/admin/members/m_2/erase", {"reason": "asked"}) == 200
+            await eventually(lambda: {e["id"] for e in receiver.delivered} >= set(_events_in(server)), seconds=60)
+        assert {e["type"] for e in receiver.delivered} == set(TYPES)
         confirmed = {e["data"]["receipt"]["receipt_id"] for e in receiver.delivered if e["type"] == "receipt.confirmed"}
         assert confirmed == set(acked)
         check_signed(receiver)
+        for item in receiver.got:
+            assert NEW_CARD.encode() not in item["raw"] and PHONE[1:].encode() not in item["raw"]
         check_duplicates_identical(receiver)
         check_order_per_member(receiver)
     finally:
@@ -243,11 +303,11 @@ async def test_no_event_is_lost_across_a_receiver_outage_and_a_sigkill_after_an_
         await receiver.stop()
 
 
-async def _post(session, server: Server, path: str, body: dict, role: str) -> tuple[int, dict]:
-    async with session.post(server.url(path), json=body, headers={"Authorization": f"Bearer {KEYS[role]}"}) as resp:
-        return resp.status, await resp.json()
-
-
-def _events_in(server: Server) -> list[int]:
+def _types_in(server: Server) -> set[str]:
     with sqlite3.connect(server.db) as conn:
-        return [r[0] for r in conn.execute("SELECT id FROM events ORDER BY id")]
+        return {r[0] for r in conn.execute("SELECT DISTINCT type FROM events")}
+
+
+def _owed(server: Server) -> int:
+    with sqlite3.connect(server.db) as conn:
+        return conn.execute("SELECT COUNT(*) FROM event_deliveries").fetchone()[0]

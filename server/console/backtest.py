@@ -25,8 +25,10 @@ from datetime import date
 from pathlib import Path
 
 from rules import ProgramError, load_files
-from server.errors import ApiError, conflict, field_error
+from server.errors import conflict, field_error
+from server.replay_member import from_record
 from server.rules_tools import DiffReport, ToolError, decode_receipt, diff
+from storage import member_facts
 from storage.ledger import unpack
 
 log = logging.getLogger("loyalty.console")
@@ -62,21 +64,26 @@ def count_receipts(conn: sqlite3.Connection, first: date, last: date) -> int:
 
 
 def stored_receipts(conn: sqlite3.Connection, first: date, last: date, job: Backtest) -> Iterator:
-    """The confirmed receipts of the period in time order as (Receipt, None), a page per read
-    (keyset on the receipts_day index), counting job.done; stops when job.stop is set."""
+    """The confirmed receipts of the period in time order, each with the member facts
+    recorded with it (None before they were), a page per read (keyset on the receipts_day
+    index), counting job.done; stops when job.stop is set."""
     after = (first.isoformat(), "", "", "", "")
+    join = member_facts.joined(conn)
     while not job.stop.is_set():
         rows = conn.execute(
-            "SELECT local_date, ts, store_id, register_id, receipt_id, body FROM receipts "
-            "WHERE (local_date, ts, store_id, register_id, receipt_id) > (?, ?, ?, ?, ?) AND local_date <= ? "
-            "AND status = 'confirmed' ORDER BY local_date, ts, store_id, register_id, receipt_id LIMIT ?",
+            f"SELECT r.local_date, r.ts, r.store_id, r.register_id, r.receipt_id, r.body, {member_facts.COLUMN} "
+            f"FROM receipts r {join} "
+            "WHERE (r.local_date, r.ts, r.store_id, r.register_id, r.receipt_id) > (?, ?, ?, ?, ?) "
+            "AND r.local_date <= ? AND r.status = 'confirmed' "
+            "ORDER BY r.local_date, r.ts, r.store_id, r.register_id, r.receipt_id LIMIT ?",
             (*after, last.isoformat(), PAGE_ROWS)).fetchall()
         if not rows:
             return
         for row in rows:
-            body = row[5]
+            body, facts = row[5], row[6]
             where = f"receipt {row[2]}/{row[3]}/{row[4]}"
-            yield decode_receipt(unpack(body) if isinstance(body, bytes) else body.encode(), where), None
+            receipt = decode_receipt(unpack(body) if isinstance(body, bytes) else body.encode(), where)
+            yield receipt, None if facts is None else from_record(member_facts.decode(facts))
             job.done += 1
         after = tuple(rows[-1][:5])
 
@@ -139,7 +146,7 @@ class Backtests:
                 report = diff(old, new, stored_receipts(conn, job.first, job.last, job))
             job.report = report
             job.state = "cancelled" if job.stop.is_set() else "done"
-        except (ProgramError, ToolError, sqlite3.Error) as e:
+        except (ProgramError, ToolError, sqlite3.Error, member_facts.UnknownVersion) as e:
             job.error, job.state = str(e), "failed"
         except Exception as e:  # noqa: BLE001 - shown on the page and logged; the server goes on
             log.exception("backtest %s failed", job.id)

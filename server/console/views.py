@@ -10,23 +10,25 @@ import logging
 import secrets
 from datetime import date, datetime, time as dtime, timedelta
 from functools import wraps
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import msgspec
 from aiohttp import web
 
 from rules import ProgramError
-from server import program_versions, schema
+from server import program_versions, report_campaign, schema
 from server.auth import Principal
-from server.console import program_edit, queries, words
+from server.console import chart, program_edit, queries, words
 from server.console.backtest import as_rows
 from server.console.sessions import COOKIE, LOGIN_COOKIE, LOGIN_FORM_SECONDS, Session, remember_lookup, token_matches
-from server.errors import ApiError, conflict, error_body, field_error, forbidden, not_found
+from server.cvm import definitions
+from server.errors import ApiError, conflict, error_body, field_error, forbidden, not_found, unprocessable
 from server.ops import adjustments, members
 from server.keys import CLOCK, CONFIG, CONSOLE, DATABASE, KEYRING, LIMITER, OPS, PRIVACY, PROGRAMS
 from server.reports import money_text
+from server.replay_member import facts_for, from_record
 from server.rules_tools import ToolError, decode_receipt, default_member, member_from_db
-from storage import admin_audit
+from storage import admin_audit, member_facts
 from storage.ledger import iso, lots_of, member_by_id, statement
 
 log = logging.getLogger("loyalty.console")
@@ -36,6 +38,8 @@ ROLLBACK_PATH = "/console/program/rollback"
 VERSIONS_PAGE_ROWS = 10
 REASON_CHARS_MAX = 500      # as the API's deploy and rollback (schema.Reason)
 STATEMENT_ROWS = 50
+# The dashboard's link for a rule without a period of its own: its effect over these last days.
+CAMPAIGN_RECENT_DAYS = 28
 # No page loads anything from elsewhere or runs inline script; none may be framed. The
 # referrer stays on this server (with no-referrer at all, the browser names a form's origin
 # "null", and the origin check below could not tell this console from anywhere else).
@@ -219,7 +223,8 @@ async def dashboard(request: web.Request, session: Session, form: dict) -> web.R
     numbers = await app[DATABASE].read(lambda conn: queries.today(
         conn, program.partners, day.isoformat(), iso(start), iso(start + timedelta(days=1))))
     return render(request, "dashboard.html", session, day=day, numbers=numbers, program=program,
-                  point_value=program.point_value, reload=app[PROGRAMS].last_reload)
+                  point_value=program.point_value, reload=app[PROGRAMS].last_reload,
+                  campaigns=_holdout_rules(app, day), recent_days=CAMPAIGN_RECENT_DAYS)
 
 
 # ------------------------------------------------------------------ the program
@@ -430,23 +435,34 @@ async def explain(request: web.Request, session: Session, form: dict) -> web.Res
     recent = await app[DATABASE].read(queries.recent_receipts)
     context = dict(recent=recent, receipt_json=form.get("receipt", ""), chosen=form.get("stored", ""), result=None)
     try:
-        receipt, card_hmac = await _receipt_to_explain(app, form)
-        program = app[PROGRAMS].current
-        member = None
-        if card_hmac:
-            member = await app[DATABASE].read(lambda conn: member_from_db(conn, program, card_hmac, receipt))
-        known = member is not None
-        if member is None:
-            member = default_member(program, "-")
-        result = program.explain(receipt, member, receipt.redeem_points, None)
+        receipt, card_hmac, stored = await _receipt_to_explain(app, form)
+        program, now = app[PROGRAMS].current, app[CLOCK].now()
+        member, source = await app[DATABASE].read(
+            lambda conn: _member_to_explain(conn, program, receipt, card_hmac, stored, now, app[PRIVACY].coupon))
+        result = program.explain(receipt, member or default_member(program, "-"), receipt.redeem_points, None)
     except ApiError as e:
         return error_page(request, session, e, "explain.html", **context)
     context["result"] = result
-    return render(request, "explain.html", session, known_member=known, **context)
+    return render(request, "explain.html", session, member_source=source, **context)
+
+
+def _member_to_explain(conn, program, receipt, card_hmac: str | None, stored: tuple | None, now, coupon_mac):
+    """(facts, where they come from): a stored receipt's recorded facts (`recorded`), else
+    the member as they are now (`now`), else none (`unknown`)."""
+    if stored is not None:
+        record = member_facts.read(conn, stored)
+        if record is not None:
+            return facts_for(program, from_record(record), "-"), "recorded"
+    if card_hmac:
+        member = member_from_db(conn, program, card_hmac, receipt, now, coupon_mac)
+        if member is not None:
+            return member, "now"
+    return None, "unknown"
 
 
 async def _receipt_to_explain(app, form: dict):
-    """(receipt, its card's HMAC): a stored receipt (its body carries the HMAC) or pasted JSON."""
+    """(receipt, its card's HMAC, its key when stored): a stored receipt (its body carries
+    the HMAC) or pasted JSON."""
     try:
         if form.get("stored"):
             parts = form["stored"].split("/")
@@ -456,12 +472,12 @@ async def _receipt_to_explain(app, form: dict):
             if body is None:
                 raise field_error("stored", "is not a stored receipt")
             receipt = decode_receipt(body, f"receipt {form['stored']}")
-            return receipt, receipt.card
+            return receipt, receipt.card, tuple(parts)
         raw = form.get("receipt", "").strip()
         if not raw:
             raise field_error("receipt", "paste a receipt's JSON or pick a stored receipt")
         receipt = decode_receipt(raw.encode(), "the pasted receipt")
-        return receipt, app[PRIVACY].card(receipt.card) if receipt.card else None
+        return receipt, app[PRIVACY].card(receipt.card) if receipt.card else None, None
     except ToolError as e:
         raise field_error("stored" if form.get("stored") else "receipt", str(e)) from None
 
@@ -563,6 +579,81 @@ def _points(raw: str | None) -> int | str:
         return raw or ""      # decoding refuses it with the schema's own words
 
 
+# ------------------------------------------------------------------ campaign effect
+
+def _holdout_rules(app, today: date) -> list[dict]:
+    """The live program's rules with a control group, in the program's order: id, share held
+    out, period, and the address of the latest report (its own period, else the last days)."""
+    out = []
+    for rule in definitions(app).rules.values():
+        if rule.holdout is None:
+            continue
+        period = (rule.period_from, rule.period_to) if rule.period_from and rule.period_to else None
+        latest = f"/console/campaigns?rule={quote(rule.id)}"
+        if period is None:
+            first = today - timedelta(days=CAMPAIGN_RECENT_DAYS - 1)
+            latest += f"&from={first.isoformat()}&to={today.isoformat()}"
+        share = f"{rule.holdout * 100:f}"
+        out.append({"id": rule.id, "percent": share.rstrip("0").rstrip(".") if "." in share else share,
+                    "period": period, "latest": latest})
+    return out
+
+
+def _campaign_rule(app, rule_id: str) -> report_campaign.CampaignRule:
+    """The rule the report is asked for, refused as the API refuses it (404, 422)."""
+    rule = definitions(app).rules.get(rule_id)
+    if rule is None:
+        raise not_found("unknown_rule", f"the program has no rule {rule_id}")
+    if rule.holdout is None:
+        raise unprocessable("rule_without_holdout", f"rule {rule_id} has no holdout: it has no control group "
+                            "to compare with", [{"path": "rule", "message": "has no holdout"}])
+    return rule
+
+
+@page
+async def campaigns(request: web.Request, session: Session, form: dict) -> web.Response:
+    """The campaign effect of a rule with a holdout (GET /v1/admin/reports/campaigns/{rule}'s
+    numbers, from the same functions) with its weekly chart; without ?rule= only the choice."""
+    app = request.app
+    query = request.query
+    context = dict(rules=_holdout_rules(app, local_today(app)), chosen=query.get("rule", ""),
+                   first=query.get("from", ""), last=query.get("to", ""), result=None, chart=None)
+    if not context["chosen"]:
+        return render(request, "campaigns.html", session, **context)
+    try:
+        rule = _campaign_rule(app, context["chosen"])
+        first, last = report_campaign.period_of(rule, query.get("from"), query.get("to"))
+        setting = report_campaign.setting_of(app[PROGRAMS].current)
+        # One snapshot for both, so the chart's groups are the table's.
+        result, weeks = await app[DATABASE].read(lambda conn: (
+            report_campaign.report(conn, setting, rule, first, last),
+            report_campaign.weekly(conn, setting, rule, first, last)))
+    except ApiError as e:
+        return error_page(request, session, e, "campaigns.html", **context)
+    currency = app[PROGRAMS].current.currency
+    svg = chart.weekly_svg(weeks, result, currency, f"{rule.id}: spend per member by week, {first} to {last}")
+    return render(request, "campaigns.html", session, **{
+        **context, "first": first.isoformat(), "last": last.isoformat(), "result": result,
+        "chart": svg, "verdict": effect_words(result["uplift"], currency)})
+
+
+def effect_words(uplift: dict | None, currency: str) -> str:
+    """Whether the 95 % interval of the uplift excludes zero, in plain words."""
+    if uplift is None:
+        return "No uplift: a group has no members in this period."
+    if uplift["low"] is None:
+        return "No interval: a group has fewer than two members, so chance cannot be told from an effect."
+    interval = f"{money_text(uplift['low'], currency)} to {money_text(uplift['high'], currency)}"
+    if uplift["low"] > 0:
+        return (f"The campaign raised spend per member: the 95 % interval, {interval}, lies above zero, "
+                "so chance alone is unlikely to explain the difference.")
+    if uplift["high"] < 0:
+        return (f"The treated members spent less per member: the 95 % interval, {interval}, lies below zero, "
+                "so chance alone is unlikely to explain the difference.")
+    return (f"No effect shown yet: the 95 % interval, {interval}, includes zero. Wait for more receipts "
+            "rather than read the single estimate.")
+
+
 # ------------------------------------------------------------------ routes
 
 def add_routes(app: web.Application) -> None:
@@ -582,6 +673,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/console/program/versions/{version}", version_page)
     r.add_get("/console/explain", explain_form)
     r.add_post("/console/explain", explain)
+    r.add_get("/console/campaigns", campaigns)
     r.add_get("/console/members", members_form)
     r.add_post("/console/members", member_lookup)
     r.add_get("/console/members/{handle}", member_page)

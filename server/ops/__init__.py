@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import msgspec
 
@@ -21,11 +22,12 @@ from rules import Program
 from server.clock import Clock
 from server.errors import conflict
 from server.metrics import Metrics
-from server.privacy import Privacy
+from server.privacy import Privacy, marked
 from server.programs import ProgramHolder
 from storage.db import Database
 
 JSON = msgspec.json.Encoder()
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,14 +46,31 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def replay(stored_sha: str, fingerprint: str, stored_result: bytes) -> dict:
-    """The stored answer of an identical earlier request. Runs inside write transactions:
-    no side effects beyond the answer."""
+def keyed_fingerprints(body_under: Callable[[int], bytes], key_ids: list[str]) -> list[str]:
+    """The fingerprints of a body whose card numbers are replaced by their keyed hashes
+    (an unkeyed hash of a card number is guessed back by trying every number): under the
+    key in force first, then under each earlier one, newest first, as a body stored before
+    a rotation was fingerprinted. Each is marked with its key's id (server.privacy.marked),
+    so `privacy rotate-key` finds those taken under an earlier key. body_under(i): the body
+    with each card's i-th hash (server.privacy.candidates); key_ids: Privacy.key_ids."""
+    return [marked(sha256(body_under(i)), key_id) for i, key_id in enumerate(reversed(key_ids))]
+
+
+def replay_any(stored_sha: str, fingerprints: list[str], stored_result: bytes, answer: type[T]) -> T:
+    """replay, the request matching when any of its fingerprints is the stored one."""
+    return replay(stored_sha, stored_sha if stored_sha in fingerprints else fingerprints[0], stored_result, answer)
+
+
+def replay(stored_sha: str, fingerprint: str, stored_result: bytes, answer: type[T]) -> T:
+    """The stored answer of an identical earlier request, decoded into its answer type
+    (server/answer_types.py) like every answer the server sends, so a replay says exactly
+    what /openapi.json declares for it. Runs inside write transactions: no side effects
+    beyond the answer."""
     if stored_sha != fingerprint:
         raise conflict("idempotency_conflict", "this identity was already used with a different body; use a new id")
-    return {**msgspec.json.decode(stored_result), "replayed": True}
+    return msgspec.structs.replace(msgspec.json.decode(stored_result, type=answer), replayed=True)
 
 
-def count(deps: Deps, endpoint: str, status: int, result: dict | None = None) -> None:
-    outcome = "replayed" if status == 200 and result and result.get("replayed") else "ok"
+def count(deps: Deps, endpoint: str, status: int, result=None) -> None:
+    outcome = "replayed" if status == 200 and getattr(result, "replayed", False) else "ok"
     deps.metrics.receipts.labels(endpoint, outcome).inc()

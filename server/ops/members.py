@@ -115,16 +115,16 @@ async def get_member(deps: Deps, card: str, at: datetime | None) -> MemberAnswer
     def read(conn):
         view = member_view(deps, conn, program, member, at, card=card)
         return msgspec.structs.replace(
-            view, **customer_value_view(conn, program, member, at or deps.clock.now(), view.tier.id))
+            view, **customer_value_view(conn, program, member, at or deps.clock.now()))
     return await deps.db.read(read)
 
 
-def customer_value_view(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, moment: datetime,
-                        tier: str) -> dict:
+def customer_value_view(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
+                        moment: datetime) -> dict:
     """The segments the member is in, their RFM scores, their offers not yet over and the
     rules whose control group they are in (api.md)."""
     score = segments.scores_of(conn, member.id)
-    member_of = segments_now(conn, program, member, tier, moment)
+    member_of = segments_now(conn, program, member.id)
     return {"segments": [s for s in program.segments if s in member_of],     # in the program's order
             "rfm": Rfm(score.r, score.f, score.m) if score else None,
             "offers": msgspec.convert(offers.listed(conn, member.id, moment.astimezone(program.timezone).date()),

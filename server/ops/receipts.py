@@ -17,13 +17,14 @@ import msgspec
 from rules import Program
 from server import schema, webhooks
 from server.answer import calculate_answer, cancel_answer, confirm_answer, receipt_ref
-from server.answer_types import CalculateAnswer, CancelAnswer, ConfirmAnswer
+from server.answer_types import CalculateAnswer, CancelAnswer, ConfirmAnswer, ReceiptBalance
 from server.auth import Principal, require_store
 from server.errors import field_error, unprocessable
-from server.member_state import read_member_state
+from server.member_state import TierTotals, read_member_state, tier_after_receipt
 from server.ops import JSON, Deps, count, replay, sha256
 from server.ops.members import balance_now
 from server.plan import MemberState, evaluate, local_day, plan_calculate, plan_confirm
+from server.privacy import candidates
 from server.returns import LotFacts, plan_cancel, take_back_postings
 from storage import coupons, imports, ledger, offers
 from storage.apply import Confirmed, apply_calculate, apply_confirms, apply_take_back
@@ -87,7 +88,7 @@ def _calculate_in_tx(conn, program: Program, receipt: schema.Receipt, now: datet
     return calculate_answer(plan, program)
 
 
-async def confirm(deps: Deps, receipt: schema.Receipt, principal: Principal) -> tuple[int, ConfirmAnswer | dict]:
+async def confirm(deps: Deps, receipt: schema.Receipt, principal: Principal) -> tuple[int, ConfirmAnswer]:
     check_receipt(deps, receipt, principal)
     card = None if receipt.card is None else deps.privacy.card(receipt.card)
     # Stored and fingerprinted with the card's HMAC in place of the number.
@@ -126,7 +127,8 @@ def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, b
             raise Flush     # the same receipt twice in one batch: the second is a replay
         stored = ledger.get_receipt(conn, key)
         if stored is not None:
-            answer = replay(stored.body_sha256, fingerprint, stored.result)
+            answer = replay(stored.body_sha256, as_stored(stored.body_sha256, fingerprint, receipt, card),
+                            stored.result, ConfirmAnswer)
             if stored.status == "cancelled":
                 answer = _cancelled_replay(conn, program, answer, stored.member_id, now)
             return Ready((200, answer, None))
@@ -146,20 +148,38 @@ def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, b
     return Grouped(plan, apply_announced)
 
 
+def as_stored(stored_sha: str, fingerprint: str, receipt: schema.Receipt, card: str | None) -> str:
+    """The body's fingerprint as it was taken when the receipt was stored. A body is
+    fingerprinted with its card's hash under the key then in force, so a receipt confirmed
+    before a card-hash key rotation and sent again after it (or while `privacy rotate-key`
+    runs) is compared under each earlier hash of its card, as look-ups try them; only a
+    retry whose fingerprint differs pays for it."""
+    if stored_sha == fingerprint or card is None:
+        return fingerprint
+    for older in candidates(card)[1:]:
+        earlier = sha256(schema.canonical(msgspec.structs.replace(receipt, card=older)))
+        if earlier == stored_sha:
+            return earlier
+    return fingerprint
+
+
 def apply_announced(conn, confirms: list[Confirmed]) -> list:
     """apply_confirms, then each member's receipt.confirmed event (and tier.changed), in the
-    same transaction: after the receipt rows, which the tier check counts."""
+    same transaction. The tier after the receipt is what its plan read at arrival plus the
+    receipt; a plan without that (a state not read from the database) counts the stored rows."""
     results = apply_confirms(conn, confirms)
     for c, (status, answer, ev) in zip(confirms, results):
         member = c.plan.member
         if member is None:
             continue
         receipt = c.receipt
+        tier = None if c.plan.tier_now is None else \
+            tier_after_receipt(c.program, member, TierTotals(*c.plan.tier_now), receipt, c.now)
         webhooks.emit_noting_tier(conn, c.program, member.id, "receipt.confirmed", {
             "receipt": msgspec.to_builtins(answer.receipt), "ts": iso(receipt.ts), "total": receipt.total,
             "accrued_points": ev.accrued_points, "redeemed_points": ev.redeemed_points,
             "rules_version": c.program.version, "balance": msgspec.to_builtins(answer.balance)}, c.now,
-            card_last4=receipt.card[-4:], member=member)
+            card_last4=receipt.card[-4:], member=member, tier=tier)
     return results
 
 
@@ -181,20 +201,22 @@ def _count_in_group(group: dict, planned, program: Program) -> None:
     group.setdefault("coupons", set()).update(use.code_hmac for use in planned.coupon_uses)
     used = group.setdefault("budget_used", {})
     for posting in planned.postings:
-        if posting.kind == "accrual" and posting.rule in program.budgets:
-            used[posting.rule] = used.get(posting.rule, 0) + posting.points
+        for rule, points in posting.rules:
+            if rule in program.budgets:
+                used[rule] = used.get(rule, 0) + points
 
 
-def _cancelled_replay(conn, program: Program, answer: dict, member_id: int | None, now: datetime) -> dict:
+def _cancelled_replay(conn, program: Program, answer: ConfirmAnswer, member_id: int | None,
+                      now: datetime) -> ConfirmAnswer:
     """The stored answer of a receipt cancelled since, with the member's balance now: the
     stored balance and messages (points earned, paid with) no longer hold."""
-    answer["cancelled"] = True
+    answer.cancelled = True
     if member_id is None:
         return answer
     holds = ledger.open_holds(conn, member_id, iso(now))
-    balance = ledger.balance_of(ledger.lots_of(conn, member_id), holds, local_day(program, now)).as_json()
-    answer["balance"] = balance
-    answer["messages"] = ["Receipt cancelled", f"Balance: {balance['available']} points"]
+    balance = ledger.balance_of(ledger.lots_of(conn, member_id), holds, local_day(program, now))
+    answer.balance = ReceiptBalance(balance.available, balance.pending, balance.held)
+    answer.messages = ["Receipt cancelled", f"Balance: {balance.available} points"]
     return answer
 
 

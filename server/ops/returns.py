@@ -23,7 +23,7 @@ from storage.ledger import PostingRef, iso
 
 
 async def return_items(deps: Deps, req: schema.ReturnRequest,
-                       principal: Principal) -> tuple[int, ReturnAnswer | dict]:
+                       principal: Principal) -> tuple[int, ReturnAnswer]:
     require_store(principal, req.store_id)
     ret_key = (req.store_id, req.register_id, req.return_id)
     rec_key = (req.receipt.store_id, req.receipt.register_id, req.receipt.receipt_id)
@@ -38,11 +38,11 @@ async def return_items(deps: Deps, req: schema.ReturnRequest,
 
 
 def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint,
-                  principal) -> tuple[int, ReturnAnswer | dict]:
+                  principal) -> tuple[int, ReturnAnswer]:
     program, now = deps.program(), deps.clock.now()
     previous = ledger.get_return(conn, ret_key)
     if previous is not None:
-        return 200, replay(previous[0], fingerprint, previous[1])
+        return 200, replay(previous[0], fingerprint, previous[1], ReturnAnswer)
     # Before the receipt is looked up, so a refused key learns nothing about it.
     check_return_store(program, principal, ret_key[0], rec_key[0])
     stored = ledger.get_receipt(conn, rec_key)

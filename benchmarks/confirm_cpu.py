@@ -1,0 +1,157 @@
+"""CPU per confirmed receipt of two revisions, side by side, without HTTP or a load driver.
+
+    PYTHONPATH=. python benchmarks/confirm_cpu.py BEFORE AFTER [--rounds 5] [--receipts 2000] [--concurrent 32]
+    PYTHONPATH=. python benchmarks/confirm_cpu.py BEFORE AFTER --callgrind --members 50 --receipts 200 --concurrent 10
+
+Each revision's tree (exported as benchmarks/ab.py does) runs in a process of its own that
+enrolls members on a fresh database and confirms receipts through server/ops/receipts.py,
+`--concurrent` at a time so that they share commits as under load; the processes alternate
+(before, after, before, ...). Prints each process's CPU per receipt (all its threads, and
+the event loop's thread alone) and the medians. Both revisions need server/ops (2ec7a2b
+and later).
+
+On a machine whose cores other processes share, CPU time per receipt still moves by 20 %
+from run to run. `--callgrind` counts instructions instead (valgrind, about 40 times
+slower): each side runs twice, with 20 receipts and with `--receipts` more, and the
+difference of the two counts over `--receipts` is the instructions per confirmed receipt,
+the same on every run whatever else the machine does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.ab import export  # noqa: E402
+from benchmarks.run import VENV_BIN  # noqa: E402
+
+CATEGORIES = ("dairy", "bakery", "grocery", "dairy", "fuel", "grocery", "alcohol", "dairy", "bakery", "grocery")
+
+# Runs inside the revision's tree: prints {"process_us": ..., "loop_us": ...} per receipt.
+CHILD = r"""
+import asyncio, json, sys, tempfile, time
+from pathlib import Path
+from server import schema
+from server.app import create_app
+from server.auth import Principal
+from server.config import config_from_dict
+from server.keys import OPS
+from server.ops import members as member_ops, receipts as receipt_ops
+
+members, count, concurrent = (int(a) for a in sys.argv[1:4])
+REGISTER = Principal("bench", "register", frozenset({"S001"}))
+MANAGER = Principal("bench-manager", "manager", frozenset())
+CATEGORIES = %r
+
+def receipt(n):
+    lines = ", ".join(
+        f'{{"line_no": {i + 1}, "sku": "s{i}", "category": "{CATEGORIES[(n + i) %% 10]}", "qty": 1, '
+        f'"price": {500 + (n * 7919 + i * 104729) %% 20000}, "amount": {500 + (n * 7919 + i * 104729) %% 20000}}}'
+        for i in range(10))
+    total = sum(500 + (n * 7919 + i * 104729) %% 20000 for i in range(10))
+    return schema.decode(
+        f'{{"receipt_id": "b{n}", "store_id": "S001", "register_id": "K01", "ts": "2026-11-24T12:00:00+02:00", '
+        f'"card": "card-{n %% members}", "lines": [{lines}], "total": {total}}}'.encode(), schema.Receipt)
+
+async def confirm_all(deps, bodies):
+    for at in range(0, len(bodies), concurrent):
+        done = await asyncio.gather(*(receipt_ops.confirm(deps, b, REGISTER) for b in bodies[at:at + concurrent]))
+        assert all(status == 201 for status, _ in done), done
+
+async def main():
+    folder = Path(tempfile.mkdtemp(prefix="confirm-cpu-"))
+    app = create_app(config_from_dict({
+        "database": {"path": str(folder / "bench.db")}, "rules": {"dir": "rules/programs/market", "watch": False},
+        "clock": {"start": "2026-11-24T12:00:05+02:00"}, "jobs": {"enabled": False},
+        "privacy": {"hmac_key": "bench-hmac-key-0123456789"}}))
+    app.freeze()
+    await app.startup()         # start-up and clean-up without a listener
+    try:
+        deps = app[OPS]
+        for m in range(members):
+            await member_ops.enroll(deps, schema.Enrollment(card=f"card-{m}"), MANAGER)
+        await confirm_all(deps, [receipt(n) for n in range(members)])          # warm-up
+        bodies = [receipt(n) for n in range(members, members + count)]
+        cpu, loop = time.process_time(), time.thread_time()
+        await confirm_all(deps, bodies)
+        print(json.dumps({"process_us": (time.process_time() - cpu) / count * 1e6,
+                          "loop_us": (time.thread_time() - loop) / count * 1e6}))
+    finally:
+        await app.cleanup()
+
+asyncio.run(main())
+""" % (CATEGORIES,)
+
+
+def run(tree: Path, members: int, count: int, concurrent: int) -> dict:
+    out = subprocess.run([str(VENV_BIN / "python"), "-c", CHILD, str(members), str(count), str(concurrent)],
+                         cwd=tree, env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise SystemExit(f"{tree.name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def instructions(tree: Path, members: int, count: int, concurrent: int) -> float:
+    """Instructions per confirmed receipt: two runs under callgrind, 20 and 20 + count receipts,
+    so that start-up and the warm-up cancel out."""
+    # Compiled first: the first run in a freshly exported tree would otherwise count the
+    # compiling of every module, which the second does not repeat.
+    subprocess.run([str(VENV_BIN / "python"), "-m", "compileall", "-q", str(tree)], check=True,
+                   capture_output=True)
+    totals = []
+    with tempfile.TemporaryDirectory() as folder:
+        script = Path(folder) / "child.py"
+        script.write_text(CHILD)
+        for receipts in (20, 20 + count):
+            out = subprocess.run(["valgrind", "--tool=callgrind", "--cache-sim=no", "--branch-sim=no",
+                                  f"--callgrind-out-file={folder}/callgrind.out", str(VENV_BIN / "python"),
+                                  str(script), str(members), str(receipts), str(concurrent)],
+                                 cwd=tree, env={**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"},
+                                 capture_output=True, text=True, timeout=1800)
+            found = re.findall(r"Collected : (\d+)", out.stderr)
+            if out.returncode != 0 or len(found) != 1:
+                raise SystemExit(f"{tree.name} under valgrind failed:\n{out.stderr[-3000:]}")
+            totals.append(int(found[0]))
+    return (totals[1] - totals[0]) / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("before")
+    parser.add_argument("after")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--members", type=int, default=1000)
+    parser.add_argument("--receipts", type=int, default=2000)
+    parser.add_argument("--concurrent", type=int, default=32)
+    parser.add_argument("--callgrind", action="store_true", help="instructions per receipt (needs valgrind)")
+    args = parser.parse_args()
+    trees = {"before": export(args.before), "after": export(args.after)}
+    if args.callgrind:
+        counted = {side: instructions(tree, args.members, args.receipts, args.concurrent)
+                   for side, tree in trees.items()}
+        print(f"instructions per confirmed receipt: before {counted['before'] / 1e6:.3f} M, "
+              f"after {counted['after'] / 1e6:.3f} M ({counted['after'] / counted['before'] - 1:+.1%})")
+        return
+    results: dict[str, list[dict]] = {"before": [], "after": []}
+    for round_no in range(args.rounds):
+        for side, tree in trees.items():
+            result = run(tree, args.members, args.receipts, args.concurrent)
+            results[side].append(result)
+            print(f"round {round_no + 1} {side} ({tree.name}): {result['process_us']:,.0f} us CPU/receipt, "
+                  f"event loop thread {result['loop_us']:,.0f}", flush=True)
+    for key, name in (("process_us", "us CPU/receipt"), ("loop_us", "us CPU/receipt, loop thread")):
+        b = statistics.median(r[key] for r in results["before"])
+        a = statistics.median(r[key] for r in results["after"])
+        print(f"median {name}: before {b:,.0f}, after {a:,.0f} ({a / b - 1:+.1%})")
+
+
+if __name__ == "__main__":
+    main()

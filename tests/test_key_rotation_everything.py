@@ -1,0 +1,98 @@
+"""`privacy rotate-key` leaves nothing under an earlier key: besides cards and phones it
+wraps coupon codes, the cards codes are bound to, and the card hash inside every stored
+receipt body (whose fingerprint follows). Before it has run, a server with the new key
+still finds every code and the card it is bound to."""
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+
+import yaml
+from conftest import FIRST_PRIVACY, ROTATED_PRIVACY, Api, rotate_keys, serve_program
+
+from storage.ledger import unpack
+
+NOW = "2026-12-10T12:00:00+02:00"
+PROGRAM = """\
+program: {id: boutique, name: Boutique, currency: UAH, timezone: Europe/Kyiv}
+points: {value: 100, rounding: floor, activation_delay_days: 0, expiry_days: 365}
+tiers: {levels: [{id: base, from: 0}]}
+stores: [{id: S001}]
+coupons:
+  - {id: winter, uses_per_code: 1, valid: {from: "2026-12-01", to: "2026-12-31"}}
+rules:
+  - id: base
+    reward: {percent: 2}
+  - id: winter-coupon
+    when: {coupon: winter}
+    reward: {points: 100}
+"""
+
+
+async def serve(aiohttp_client, tmp_path, privacy) -> Api:
+    return await serve_program(aiohttp_client, tmp_path, NOW, PROGRAM, privacy)
+
+
+def sale(receipt_id: str, card: str, codes: list[str]) -> dict:
+    return {"receipt_id": receipt_id, "store_id": "S001", "register_id": "K1", "ts": NOW, "card": card,
+            "coupons": codes, "lines": [{"line_no": 1, "sku": "x", "category": "coats", "qty": 1, "price": 10_000,
+                                         "amount": 10_000}], "total": 10_000}
+
+
+async def statuses(api: Api, body: dict, expected: int = 201) -> list[str]:
+    status, answer = await api.post("/v1/receipts", body, as_="register")
+    assert status == expected, answer
+    return [c["status"] for c in answer["coupons"]]
+
+
+async def rotate(tmp_path) -> None:
+    assert await rotate_keys(tmp_path, NOW, 2) == 0
+
+
+def hashes_left(tmp_path) -> list[str]:
+    """Every stored hash of a card or code not under key k2."""
+    with sqlite3.connect(tmp_path / "loyalty.db") as conn:
+        stored = [r[0] for r in conn.execute(
+            "SELECT card FROM cards UNION ALL SELECT code FROM coupon_codes UNION ALL "
+            "SELECT card FROM coupon_codes WHERE card IS NOT NULL UNION ALL SELECT code FROM coupon_uses")]
+        bodies = [unpack(r[0]) for r in conn.execute("SELECT body FROM receipts WHERE member_id IS NOT NULL")]
+        for (body, fingerprint) in conn.execute("SELECT body, body_sha256 FROM receipts"):
+            assert hashlib.sha256(unpack(body)).digest() == fingerprint
+    stored += [yaml.safe_load(body)["card"] for body in bodies]
+    return [h for h in stored if not h.startswith("~k2~")]
+
+
+async def test_codes_bodies_and_bound_cards_are_wrapped_and_still_work(aiohttp_client, tmp_path):
+    first = await serve(aiohttp_client, tmp_path, FIRST_PRIVACY)
+    for card in ("c1", "c2"):
+        assert (await first.post("/v1/members", {"card": card}))[0] == 201
+    codes = {}
+    for name, card in (("bound", "c1"), ("free", None), ("spare", "c1")):
+        bound = {"card": card} if card else {}
+        status, body = await first.post("/v1/admin/coupons/winter/codes", {"count": 1, **bound})
+        assert status == 201, body
+        codes[name] = body["codes"][0]
+    assert await statuses(first, sale("r1", "c1", [codes["free"]])) == ["applied"]
+    await first.client.close()
+
+    # The new key in force, nothing wrapped yet: codes and the card a code is bound to are found.
+    before = await serve(aiohttp_client, tmp_path, ROTATED_PRIVACY)
+    assert await statuses(before, sale("r2", "c2", [codes["bound"]])) == ["other_card"]
+    assert await statuses(before, sale("r3", "c1", [codes["bound"]])) == ["applied"]
+    await before.client.close()
+    assert hashes_left(tmp_path)
+
+    await rotate(tmp_path)
+    assert hashes_left(tmp_path) == []
+
+    after = await serve(aiohttp_client, tmp_path, ROTATED_PRIVACY)
+    # A receipt confirmed before is a replay, under its wrapped fingerprint.
+    status, again = await after.post("/v1/receipts", sale("r1", "c1", [codes["free"]]), as_="register")
+    assert status == 200 and again["replayed"] is True
+    assert (await after.post("/v1/receipts", sale("r1", "c1", []), as_="register"))[0] == 409
+    # The code's use moved with it: used, until a cancel gives it back.
+    assert await statuses(after, sale("r4", "c2", [codes["free"]])) == ["used"]
+    assert (await after.post("/v1/receipts/S001/K1/r1/cancel", as_="register"))[0] == 200
+    assert await statuses(after, sale("r5", "c2", [codes["free"]])) == ["applied"]
+    assert await statuses(after, sale("r6", "c2", [codes["spare"]])) == ["other_card"]
+    assert await statuses(after, sale("r7", "c1", [codes["spare"]])) == ["applied"]
