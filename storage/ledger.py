@@ -620,8 +620,9 @@ def tier_counts(conn: sqlite3.Connection, member_id: int, since: str, until: str
     end: what the member's tier at arrival counts, before this receipt is stored. A confirm
     reads both at once, so the tier.changed check after it counts nothing again."""
     ever, count, spend_, count_now, spend_now = conn.execute(
-        "SELECT COUNT(*), COALESCE(SUM(ts > ? AND ts < ?), 0), "
-        "COALESCE(SUM(CASE WHEN ts > ? AND ts < ? THEN total END), 0), COALESCE(SUM(ts > ?), 0), "
+        "SELECT COUNT(*), COALESCE(SUM(CASE WHEN ts > ? AND ts < ? THEN 1 ELSE 0 END), 0), "
+        "COALESCE(SUM(CASE WHEN ts > ? AND ts < ? THEN total END), 0), "
+        "COALESCE(SUM(CASE WHEN ts > ? THEN 1 ELSE 0 END), 0), "
         "COALESCE(SUM(CASE WHEN ts > ? THEN total END), 0) "
         "FROM receipts WHERE member_id = ? AND status = 'confirmed'",
         (since, until, since, until, since_now, since_now, member_id)).fetchone()
