@@ -61,6 +61,12 @@ class ServerConfig(Struct, forbid_unknown_fields=True):
 
 class DatabaseConfig(Struct, forbid_unknown_fields=True):
     path: str = "data/loyalty.db"
+    # PostgreSQL instead of the SQLite file at `path` (docs/postgresql.md): libpq's URL, the
+    # password from PGPASSWORD or ~/.pgpass, never from here. Several servers may share it.
+    url: Annotated[str, Meta(pattern=r"^postgres(ql)?://", max_length=4_096,
+                             description="a libpq URL starting postgresql://")] | None = None
+    # On PostgreSQL: connections each server process keeps, one per worker thread.
+    connections: Annotated[int, Meta(ge=1, le=64)] = 8
     commit_batch_max: Annotated[int, Meta(ge=1, le=10_000)] = 256
     write_queue_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
     readers: Annotated[int, Meta(ge=1, le=64)] = 2
@@ -260,6 +266,10 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
         detail = validation_error(e, Config).details[0]
         key = detail["path"] if detail["path"] != "$" else "-"
         raise ConfigError(source, key, _with_hint(detail["message"], key)) from None
+    database = raw.get("database")
+    if isinstance(database, dict) and database.get("url") is not None and database.get("path") is not None:
+        # Which one a server opened would depend on reading this file carefully: refuse both.
+        raise ConfigError(source, "database", "has both path (SQLite) and url (PostgreSQL); keep the one to use")
     seen: set[str] = set()
     for i, hook in enumerate(config.webhooks):
         # The id names the webhook's deliveries in the database: two would share them.
