@@ -52,12 +52,17 @@ def emit(conn: sqlite3.Connection, type_: str, member_id: int, data: dict[str, A
         crm = crm or Crm(crm_id, consent)
     if type_ == "member.enrolled":
         # The tier a member starts with, so their first move up is a tier.changed.
-        conn.execute("INSERT OR REPLACE INTO event_member_tiers (member_id, tier) VALUES (?, ?)",
-                     (member_id, data["tier"]))
-    cur = conn.execute("INSERT OR IGNORE INTO events (type, member_id, card_last4, crm_id, consent, occurred_at, "
-                       "data, once_key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (type_, member_id, card_last4, crm.crm_id, crm.consent, at, _JSON.encode(data), once_key, at))
-    return cur.lastrowid if cur.rowcount else None
+        _note_tier_row(conn, member_id, data["tier"])
+    row = conn.execute("INSERT INTO events (type, member_id, card_last4, crm_id, consent, occurred_at, data, "
+                       "once_key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
+                       (type_, member_id, card_last4, crm.crm_id, crm.consent, at, _JSON.encode(data), once_key,
+                        at)).fetchone()
+    return row[0] if row else None
+
+
+def _note_tier_row(conn: sqlite3.Connection, member_id: int, tier: str) -> None:
+    conn.execute("INSERT INTO event_member_tiers (member_id, tier) VALUES (?, ?) "
+                 "ON CONFLICT (member_id) DO UPDATE SET tier = excluded.tier", (member_id, tier))
 
 
 def note_tier(conn: sqlite3.Connection, member_id: int, tier: str, occurred_at: datetime | str,
@@ -68,7 +73,7 @@ def note_tier(conn: sqlite3.Connection, member_id: int, tier: str, occurred_at: 
     row = conn.execute("SELECT tier FROM event_member_tiers WHERE member_id = ?", (member_id,)).fetchone()
     if row is not None and row[0] == tier:
         return None
-    conn.execute("INSERT OR REPLACE INTO event_member_tiers (member_id, tier) VALUES (?, ?)", (member_id, tier))
+    _note_tier_row(conn, member_id, tier)
     if row is None:
         return None
     return emit(conn, "tier.changed", member_id, {"from": row[0], "to": tier, "reason": reason}, occurred_at,
@@ -173,20 +178,22 @@ def page(conn: sqlite3.Connection, after: int, limit: int) -> list[dict]:
 
 def start_fanout(conn: sqlite3.Connection, webhook_id: str) -> None:
     """A webhook seen for the first time gets the events from now on (a warehouse pulls older ones)."""
-    conn.execute("INSERT OR IGNORE INTO event_fanout (webhook_id, after_id) "
-                 "SELECT ?, COALESCE(MAX(id), 0) FROM events", (webhook_id,))
+    conn.execute("INSERT INTO event_fanout (webhook_id, after_id) "
+                 # WHERE true: SQLite would read the ON of an upsert after a bare FROM as a join's.
+                 "SELECT ?, COALESCE(MAX(id), 0) FROM events WHERE true ON CONFLICT DO NOTHING", (webhook_id,))
 
 
 def fan_out(conn: sqlite3.Connection, webhook_id: str, types: list[str], limit: int, now_s: float) -> int:
     """Delivery rows for the next `limit` events after the webhook's cursor; how many events it passed."""
     after = conn.execute("SELECT after_id FROM event_fanout WHERE webhook_id = ?", (webhook_id,)).fetchone()[0]
     last, seen = conn.execute("SELECT MAX(id), COUNT(*) FROM (SELECT id FROM events WHERE id > ? ORDER BY id "
-                              "LIMIT ?)", (after, limit)).fetchone()
+                              "LIMIT ?) AS e", (after, limit)).fetchone()
     if not seen:
         return 0
-    conn.execute(f"INSERT OR IGNORE INTO event_deliveries (webhook_id, event_id, member_id, state, next_attempt_at) "
+    conn.execute(f"INSERT INTO event_deliveries (webhook_id, event_id, member_id, state, next_attempt_at) "
                  f"SELECT ?, id, member_id, 'pending', ? FROM events WHERE id > ? AND id <= ? "
-                 f"AND type IN ({','.join('?' * len(types))})", (webhook_id, now_s, after, last, *types))
+                 f"AND type IN ({','.join('?' * len(types))}) ON CONFLICT DO NOTHING",
+                 (webhook_id, now_s, after, last, *types))
     conn.execute("UPDATE event_fanout SET after_id = ? WHERE webhook_id = ?", (last, webhook_id))
     return seen
 

@@ -25,11 +25,11 @@ def record(conn: sqlite3.Connection, *, version: str, program_id: str, files: di
     newest = newest_load(conn)
     if newest is not None and newest[1] == version:
         return newest[0]
-    conn.execute("INSERT OR IGNORE INTO program_versions (version, program_id, files, recorded_at) "
-                 "VALUES (?, ?, ?, ?)", (version, program_id, msgspec.json.encode(files), at))
-    cursor = conn.execute("INSERT INTO program_loads (version, loaded_at, source, deployed_by, deployed_by_name, "
-                          "reason) VALUES (?, ?, ?, ?, ?, ?)", (version, at, source, deployed_by, deployed_by_name, reason))
-    return int(cursor.lastrowid)
+    conn.execute("INSERT INTO program_versions (version, program_id, files, recorded_at) "
+                 "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", (version, program_id, msgspec.json.encode(files), at))
+    return int(conn.execute("INSERT INTO program_loads (version, loaded_at, source, deployed_by, deployed_by_name, "
+                            "reason) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                            (version, at, source, deployed_by, deployed_by_name, reason)).fetchone()[0])
 
 
 def newest_load(conn: sqlite3.Connection) -> tuple[int, str] | None:
