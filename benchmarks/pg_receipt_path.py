@@ -31,8 +31,9 @@ from pg_driver import ClusterCpu  # noqa: E402
 from rules import load_program  # noqa: E402
 from server import schema  # noqa: E402
 from server.ops import sha256  # noqa: E402
-from storage.pg import ledger as pg_ledger  # noqa: E402
-from storage.pg import receipts as pg_receipts  # noqa: E402
+from server.ops.receipts import confirm_write  # noqa: E402
+from storage import ledger  # noqa: E402
+from storage.apply import fire_events  # noqa: E402
 from storage.pg.connection import connect  # noqa: E402
 from storage.pg.database import PgDatabase  # noqa: E402
 
@@ -54,10 +55,10 @@ def enroll_all(url: str, program) -> None:
 
     def in_tx(c):
         for n in range(MEMBERS):
-            member_id = pg_ledger.insert_member(c, card=card(n), card_last4=f"{n:04d}"[-4:], phone_hmac=None,
-                                                phone_last4=None, birthday=None, tags="[]", referred_by=None,
-                                                store_id="S001", now="2026-11-01T10:00:00.000000Z")
-            pg_receipts.fire_events(c, program, member_id, "enrolled", "enrolled", START - timedelta(days=20))
+            member_id = ledger.insert_member(c, card=card(n), card_last4=f"{n:04d}"[-4:], phone_hmac=None,
+                                             phone_last4=None, birthday=None, tags="[]", referred_by=None,
+                                             store_id="S001", now="2026-11-01T10:00:00.000000Z")
+            fire_events(c, program, member_id, "enrolled", "enrolled", START - timedelta(days=20))
     try:
         conn.transaction(in_tx)
     finally:
@@ -87,7 +88,7 @@ async def run(db: PgDatabase, program, todo, threads: int) -> None:
 
     async def one(r, holder, body):
         async with gate:
-            await db.write(lambda c: pg_receipts._confirm_in_tx(c, program, r, holder, body, sha256(body), now, None))
+            await db.write_grouped(confirm_write(program, r, holder, body, sha256(body), now, [], None))
     await asyncio.gather(*(one(*item) for item in todo))
 
 

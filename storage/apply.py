@@ -20,6 +20,7 @@ from typing import Any
 
 from storage import accounts, coupons, ledger, line_records, member_facts, offers
 from storage.ledger import PostingRef, iso
+from storage.sql import WriteConflict
 
 
 def apply_calculate(conn: sqlite3.Connection, plan, now: datetime) -> None:
@@ -85,10 +86,11 @@ def apply_confirms(conn: sqlite3.Connection, confirms: list[Confirmed]) -> list:
     return [c.result for c in confirms]
 
 
-class CustomerValueConflict(RuntimeError):
-    """A coupon use or offer budget the plan counted on was gone when applied: the planner
-    reads them in this write transaction and keeps two plans of a batch from sharing one,
-    so this is a fault, and the batch is rolled back rather than give points twice."""
+class CustomerValueConflict(WriteConflict):
+    """A coupon use or offer budget the plan counted on was gone when applied. On SQLite the
+    planner reads them in this write transaction and keeps two plans of a batch from sharing
+    one, so this is a fault, and the batch is rolled back rather than give points twice; on
+    PostgreSQL another process used them meanwhile, and the write runs again."""
 
 
 def _customer_value(conn: sqlite3.Connection, c: Confirmed) -> None:

@@ -1,6 +1,9 @@
-"""Queries and writes on the ledger. Every function takes a sqlite3 connection: the
-read functions run on a reader thread, the write functions inside the writer thread's
-transaction (storage.db.Database.write), so a group of them commits or fails together.
+"""Queries and writes on the ledger. Every function takes a connection: the read functions
+run on a reader thread, the write functions inside the writer thread's transaction
+(storage.db.Database.write), so a group of them commits or fails together. The same
+functions run on PostgreSQL (storage/pg/): where several processes write at once, the
+member's row lock (lock_member) orders what the one SQLite writer ordered, and postings
+chain per member (storage/pg/ledger.py); the few functions concerned choose by backend.
 
 Times are stored as UTC ISO strings of one fixed width so that text order is time order;
 lot dates are the program's local calendar dates (YYYY-MM-DD).
@@ -21,8 +24,11 @@ import zstandard
 
 from storage import line_records
 from storage.accounts import member_account
+from storage.sql import is_postgresql
 
 STATEMENT_ROWS_MAX = 1_000
+# pg_advisory_xact_lock's first key for a budgeted rule's lock ('budg' as a number), fixed for good.
+BUDGET_LOCK_CLASS = 0x62756467
 ISO_CACHE_ENTRIES_MAX = 1_024
 
 
@@ -92,6 +98,24 @@ def member_by_card(conn: sqlite3.Connection, card: str) -> MemberRow | None:
     return None
 
 
+def lock_member(conn, member_id: int) -> bool:
+    """Before a write reads the member's points to change them. SQLite's one writer runs
+    writes one after another already; on PostgreSQL the member's row lock makes writes of
+    one member, in any process, wait for each other. Whether it locked (and may have
+    waited: what was read before it may have changed meanwhile)."""
+    if not is_postgresql(conn):
+        return False
+    conn.execute("SELECT 1 FROM members WHERE id = ? FOR UPDATE", (member_id,))
+    return True
+
+
+def lock_member_of_card(conn, card: str) -> None:
+    """lock_member for the member a card (its HMAC, and its older ones) belongs to, if any."""
+    if is_postgresql(conn):
+        from storage.pg import ledger as pg
+        pg.lock_member_by_card(conn, card)
+
+
 def member_by_id(conn: sqlite3.Connection, member_id: int) -> MemberRow:
     return MemberRow(*conn.execute(f"SELECT {_MEMBER_COLUMNS} FROM members m WHERE m.id = ?",
                                    (member_id,)).fetchone())
@@ -107,10 +131,9 @@ def insert_member(conn: sqlite3.Connection, *, card: str, card_last4: str, phone
                   phone_last4: str | None, birthday: str | None, tags: str, referred_by: int | None,
                   store_id: str | None, now: str) -> int:
     """card and phone_hmac are HMACs (server/privacy.py); the numbers themselves are never stored."""
-    cur = conn.execute("INSERT INTO members (phone_hmac, phone_last4, birthday, tags, referred_by, enrolled_at, "
-                       "enrolled_store, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       (phone_hmac, phone_last4, birthday, tags, referred_by, now, store_id, now))
-    member_id = cur.lastrowid
+    member_id = conn.execute("INSERT INTO members (phone_hmac, phone_last4, birthday, tags, referred_by, "
+                             "enrolled_at, enrolled_store, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                             (phone_hmac, phone_last4, birthday, tags, referred_by, now, store_id, now)).fetchone()[0]
     conn.execute("INSERT INTO cards (card, card_last4, member_id, created_at) VALUES (?, ?, ?, ?)",
                  (card, card_last4, member_id, now))
     return member_id
@@ -129,15 +152,17 @@ def manual_tiers_outside(conn: sqlite3.Connection, levels: list[str], today: str
     """Members per manual tier, still valid on `today`, that is not one of `levels`. Reads
     members_manual_tier: only the members with a manual tier, however many members there are."""
     marks = ", ".join("?" * len(levels))
+    # SQLite's planner would otherwise scan members; PostgreSQL's picks the partial index itself.
+    index = "" if is_postgresql(conn) else " INDEXED BY members_manual_tier"
     return dict(conn.execute(
-        "SELECT manual_tier, COUNT(*) FROM members INDEXED BY members_manual_tier WHERE manual_tier IS NOT NULL "
+        f"SELECT manual_tier, COUNT(*) FROM members{index} WHERE manual_tier IS NOT NULL "
         f"AND manual_tier NOT IN ({marks}) AND manual_tier_until >= ? GROUP BY manual_tier", (*levels, today)))
 
 
 def fire_event_once(conn: sqlite3.Connection, member_id: int, event_id: str, occasion: str, now: str) -> bool:
     """True when this occasion had not fired yet for the member (and records it)."""
-    cur = conn.execute("INSERT OR IGNORE INTO event_fires (member_id, event_id, occasion, created_at) "
-                       "VALUES (?, ?, ?, ?)", (member_id, event_id, occasion, now))
+    cur = conn.execute("INSERT INTO event_fires (member_id, event_id, occasion, created_at) "
+                       "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", (member_id, event_id, occasion, now))
     return cur.rowcount == 1
 
 
@@ -227,9 +252,8 @@ def lot_dates(available_from: date | str, expires_on: date | str | None) -> tupl
 def new_lot(conn: sqlite3.Connection, member_id: int, available_from: date | str,
             expires_on: date | str | None, points: int) -> int:
     """A lot already counting the `points` its first posting (next, same transaction) brings."""
-    cur = conn.execute("INSERT INTO lots (member_id, available_from, expires_on, remaining) VALUES (?, ?, ?, ?)",
-                       (member_id, *lot_dates(available_from, expires_on), points))
-    return cur.lastrowid
+    return conn.execute("INSERT INTO lots (member_id, available_from, expires_on, remaining) VALUES (?, ?, ?, ?) "
+                        "RETURNING id", (member_id, *lot_dates(available_from, expires_on), points)).fetchone()[0]
 
 
 @dataclass
@@ -272,6 +296,9 @@ def post(conn: sqlite3.Connection, member_id: int, lot_id: int, kind: str, point
     """Append one transfer of `points` from `counter` to the member (negative: the other way).
     `lot_dates`, when the caller knows them, saves reading them back; `counted`: the lot was
     just created with these points counted in its remaining (new_lot)."""
+    if is_postgresql(conn):     # the member's own chain
+        from storage.pg import ledger as pg
+        return pg.post(conn, member_id, lot_id, kind, points, counter, at, rule_id, lot_dates, counted)
     store, register, receipt = at.receipt or (None, None, None)
     if at._head is not None and at._head[2] == conn.total_changes:
         last = at._head
@@ -317,6 +344,9 @@ def append_postings(conn: sqlite3.Connection, postings: list[NewPosting]) -> Non
     already counted."""
     if not postings:
         return
+    if is_postgresql(conn):     # each member's own chain
+        from storage.pg import ledger as pg
+        return pg.append_postings(conn, postings)
     last = conn.execute("SELECT id, hash FROM postings ORDER BY id DESC LIMIT 1").fetchone()
     posting_id, prev = last if last else (0, GENESIS_HASH)
     rows, counts, split = [], [], []
@@ -346,6 +376,9 @@ def new_lots(conn: sqlite3.Connection, lots: list[tuple[int, str, str | None, in
     the highest one, as SQLite would give them: only the one writer adds lots."""
     if not lots:
         return []
+    if is_postgresql(conn):     # several writers: the ids come from the identity column
+        from storage.pg import ledger as pg
+        return pg.new_lots(conn, lots)
     first = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM lots").fetchone()[0]
     conn.executemany("INSERT INTO lots (id, member_id, available_from, expires_on, remaining) VALUES (?, ?, ?, ?, ?)",
                      [(first + i, *lot) for i, lot in enumerate(lots)])
@@ -572,6 +605,12 @@ def rule_totals(conn: sqlite3.Connection, rule_ids: list[str]) -> dict[str, int]
     """Points each rule has issued net of returns, as kept by m016's trigger: a rule that
     never posted has no row and has issued 0."""
     marks = ", ".join("?" * len(rule_ids))
+    if is_postgresql(conn):
+        # A budget is shared by every member: a receipt reads what is left, and issues from
+        # it, holding the rule's lock until it commits, so processes never overspend it.
+        # SQLite's one writer reads it in the order of the writes already.
+        conn.executemany("SELECT pg_advisory_xact_lock(?, hashtext(?))",
+                         [(BUDGET_LOCK_CLASS, rule) for rule in sorted(rule_ids)])
     # Summed: PostgreSQL keeps a rule's total in shards (storage/pg/schema.py), SQLite in one row.
     kept = dict(conn.execute(f"SELECT rule_id, SUM(points) FROM rule_totals WHERE rule_id IN ({marks}) "
                              "GROUP BY rule_id", rule_ids))
@@ -727,7 +766,7 @@ def statement(conn: sqlite3.Connection, member_id: int, since: str | None, until
         "SELECT * FROM (SELECT id, kind, points, effective_at, created_at, rule_id, rules_version, store_id, "
         "register_id, receipt_id, ref, key_id, note, lot_id, SUM(points) OVER (ORDER BY id) AS running, "
         "counter_account "
-        "FROM postings WHERE member_id = ?) WHERE effective_at >= ? AND effective_at < ? "
+        "FROM postings WHERE member_id = ?) AS p WHERE effective_at >= ? AND effective_at < ? "
         "ORDER BY id DESC LIMIT ?", (member_id, since or "", until or "9999", limit))
     out = []
     for r in rows:

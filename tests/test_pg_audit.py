@@ -62,7 +62,7 @@ def test_a_lots_remaining_points_edited_by_hand_are_named(db, program):
 
 def test_a_rules_total_edited_by_hand_is_named(db, program):
     written(db, program)
-    base = rows(db, "SELECT SUM(points) FROM postings WHERE rule_id = 'base'")[0][0]
+    base = rows(db, "SELECT SUM(points) FROM posting_rules WHERE rule_id = 'base'")[0][0]
     conn = connect(db)
     try:
         conn.execute("UPDATE rule_totals SET points = points + 5 WHERE rule_id = 'base' AND shard = "

@@ -37,6 +37,7 @@ def _adjust_in_tx(deps: Deps, conn, req, member, principal, fingerprints) -> tup
     previous = ledger.get_adjustment(conn, req.adjustment_id)
     if previous is not None:
         return 200, replay_any(previous[0], fingerprints, previous[1], AdjustmentAnswer)
+    ledger.lock_member(conn, member.id)
     at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
                     ref=f"adjustment:{req.adjustment_id}", key_id=principal.key_id, note=req.reason)
     today = now.astimezone(program.timezone).date()

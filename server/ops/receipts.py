@@ -81,6 +81,7 @@ async def calculate(deps: Deps, receipt: schema.Receipt, principal: Principal) -
 
 def _calculate_in_tx(conn, program: Program, receipt: schema.Receipt, now: datetime, card: str,
                      seconds: list[float], coupon_mac) -> CalculateAnswer:
+    ledger.lock_member_of_card(conn, card)      # its hold is seen by the member's next write
     state = read_member_state(conn, receipt, program, now, card, coupon_mac)
     plan = plan_calculate(receipt, state, program, now, _timed(program, receipt, state, local_day(program, now),
                                                                seconds))
@@ -132,6 +133,11 @@ def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, b
             if stored.status == "cancelled":
                 answer = _cancelled_replay(conn, program, answer, stored.member_id, now)
             return Ready((200, answer, None))
+        if card is not None:
+            # Several processes (PostgreSQL): the member's other writes wait, or are waited
+            # for; the same receipt sent to two then fails on the receipt's key, and runs
+            # again as a replay.
+            ledger.lock_member_of_card(conn, card)
         state = read_member_state(conn, receipt, program, now, card, coupon_mac)
         if state is not None and state.member.id in group.setdefault("members", set()):
             raise Flush     # its lots, holds, limits, offers and tier depend on a plan not yet applied
@@ -232,6 +238,8 @@ async def cancel(deps: Deps, key: ledger.ReceiptKey, principal: Principal) -> Ca
 def _cancel_in_tx(deps: Deps, conn, key) -> CancelAnswer:
     program, now = deps.program(), deps.clock.now()
     stored = ledger.get_receipt(conn, key)
+    if stored is not None and stored.member_id is not None and ledger.lock_member(conn, stored.member_id):
+        stored = ledger.get_receipt(conn, key)      # as the member's writes before this one left it
     if stored is None:
         released = ledger.close_hold(conn, key, "released", iso(now))
         return CancelAnswer(receipt_ref(key), "hold_released" if released else "nothing_to_cancel",

@@ -19,6 +19,8 @@ import psycopg
 from psycopg import errors
 from psycopg.types.numeric import NumericLoader
 
+from storage.sql import WriteConflict
+
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ RETRIES_MAX = 3
 SQL_CACHE_MAX = 2_048
 # Conflicts that running the write again from its start resolves: it then sees what the
 # other transaction committed (a stored receipt answers as a replay).
-RETRIED = (errors.UniqueViolation, errors.DeadlockDetected, errors.SerializationFailure)
+RETRIED = (errors.UniqueViolation, errors.DeadlockDetected, errors.SerializationFailure, WriteConflict)
 
 
 class IntegralNumericLoader(NumericLoader):

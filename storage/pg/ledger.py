@@ -1,7 +1,6 @@
-"""The ledger's writes on PostgreSQL, where several transactions write at once.
-
-storage/ledger.py's reads and the writes whose SQL both databases accept (holds, receipt
-rows, rule uses) run here unchanged; what follows the one SQLite writer has its form here:
+"""The ledger's writes on PostgreSQL that differ from SQLite's, where several transactions
+write at once. storage/ledger.py calls these for a PostgreSQL connection (new_lots,
+append_postings, post); everything else it runs as it is.
 
 - A member's row lock orders everything done to the member's points. lock_member takes it
   first thing in a write, before the member's state is read (READ COMMITTED: every
@@ -16,10 +15,8 @@ rows, rule uses) run here unchanged; what follows the one SQLite writer has its 
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import date
 
-from storage import ledger
-from storage.ledger import GENESIS_HASH, NewPosting, PostingRef, lot_dates, posting_hash
+from storage.ledger import GENESIS_HASH, NewPosting, PostingRef, posting_hash
 from storage.pg.connection import Connection
 
 # The fields of postings hashed into a member's chain, in order (ledger.HASHED_SELECT
@@ -44,26 +41,6 @@ def lock_member_by_card(conn: Connection, card: str) -> int | None:
     return None
 
 
-def insert_member(conn: Connection, *, card: str, card_last4: str, phone_hmac: str | None,
-                  phone_last4: str | None, birthday: str | None, tags: str, referred_by: int | None,
-                  store_id: str | None, now: str) -> int:
-    """ledger.insert_member with the id from the identity column. A card enrolled by another
-    transaction meanwhile fails on the cards' key, and the write runs again and finds it."""
-    member_id = conn.execute(
-        "INSERT INTO members (phone_hmac, phone_last4, birthday, tags, referred_by, enrolled_at, enrolled_store, "
-        "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-        (phone_hmac, phone_last4, birthday, tags, referred_by, now, store_id, now)).fetchone()[0]
-    conn.execute("INSERT INTO cards (card, card_last4, member_id, created_at) VALUES (?, ?, ?, ?)",
-                 (card, card_last4, member_id, now))
-    return member_id
-
-
-def fire_event_once(conn: Connection, member_id: int, event_id: str, occasion: str, now: str) -> bool:
-    cur = conn.execute("INSERT INTO event_fires (member_id, event_id, occasion, created_at) VALUES (?, ?, ?, ?) "
-                       "ON CONFLICT DO NOTHING", (member_id, event_id, occasion, now))
-    return cur.rowcount == 1
-
-
 def new_lots(conn: Connection, lots: list[tuple[int, str, str | None, int]]) -> list[int]:
     """(member_id, available_from, expires_on, points) each, counting the points their
     first postings bring; their ids, in order."""
@@ -73,16 +50,17 @@ def new_lots(conn: Connection, lots: list[tuple[int, str, str | None, int]]) -> 
 
 def append_postings(conn: Connection, postings: list[NewPosting], key_id: str | None = None,
                     note: str | None = None) -> None:
-    """Appends postings, each chained to its member's previous one, with one INSERT, and
-    counts in lots.remaining those not already counted. The caller holds each member's lock."""
-    if not postings:
-        return
+    """Appends postings, each chained to its member's previous one, with one INSERT, their
+    accruals' split by rule (posting_rules), and counts in lots.remaining those not already
+    counted. Each member's lock is taken first (again, for a caller that holds it: a
+    no-op), in the order of their ids, so two writers never deadlock on them."""
     members = sorted({p.member_id for p in postings})
+    marks = ", ".join("?" * len(members))
+    conn.execute(f"SELECT 1 FROM members WHERE id IN ({marks}) ORDER BY id FOR UPDATE", members)
     heads = {m: (0, GENESIS_HASH) for m in members}
     heads.update({m: (seq, bytes(h)) for m, seq, h in conn.execute(
-        f"SELECT member_id, seq, hash FROM chain_heads WHERE member_id IN ({', '.join('?' * len(members))})",
-        members)})
-    rows, counts = [], defaultdict(int)
+        f"SELECT member_id, seq, hash FROM chain_heads WHERE member_id IN ({marks})", members)})
+    rows, counts, split = [], defaultdict(int), []
     for p in postings:
         seq, prev = heads[p.member_id]
         seq += 1
@@ -95,9 +73,13 @@ def append_postings(conn: Connection, postings: list[NewPosting], key_id: str | 
                      p.rule_id, p.rules_version, store, register, receipt, p.ref, key_id, note, digest))
         if not p.counted:
             counts[p.lot_id] += p.points
+        split += [(rule, points, p.member_id, seq) for rule, points in p.rules]
     conn.executemany("INSERT INTO postings (member_id, chain_seq, lot_id, kind, points, counter_account, "
                      "effective_at, created_at, rule_id, rules_version, store_id, register_id, receipt_id, ref, "
                      "key_id, note, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    if split:       # the posting's id is the identity column's: found by its place in its member's chain
+        conn.executemany("INSERT INTO posting_rules (posting_id, rule_id, points) SELECT id, ?, ? FROM postings "
+                         "WHERE member_id = ? AND chain_seq = ?", split)
     conn.executemany("INSERT INTO chain_heads (member_id, seq, hash) VALUES (?, ?, ?) ON CONFLICT (member_id) "
                      "DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
                      [(m, *heads[m]) for m in members])
@@ -114,35 +96,6 @@ def post(conn: Connection, member_id: int, lot_id: int, kind: str, points: int, 
     append_postings(conn, [NewPosting(member_id, lot_id, dates, kind, points, counter, at.effective_at,
                                       at.created_at, rule_id, at.rules_version, at.receipt, at.ref, counted)],
                     key_id=at.key_id, note=at.note)
-
-
-def credit(conn: Connection, member_id: int, points: int, available_from: date | str, expires_on: date | str | None,
-           kind: str, counter: str, at: PostingRef, rule_id: str | None = None) -> int:
-    """ledger.credit: a new lot with the points, which pay the member's debts first."""
-    lot_id = new_lots(conn, [(member_id, *lot_dates(available_from, expires_on), points)])[0]
-    post(conn, member_id, lot_id, kind, points, counter, at, rule_id, lot_dates(available_from, expires_on),
-         counted=True)
-    repay_debts(conn, member_id, lot_id, at)
-    return lot_id
-
-
-def repay_debts(conn: Connection, member_id: int, lot_id: int, at: PostingRef) -> int:
-    """ledger.repay_debts: a transfer from the new lot to each lot in debt, oldest first."""
-    debts = conn.execute("SELECT id, remaining FROM lots WHERE member_id = ? AND remaining < 0 ORDER BY id",
-                         (member_id,)).fetchall()
-    if not debts:
-        return 0
-    left = conn.execute("SELECT remaining FROM lots WHERE id = ?", (lot_id,)).fetchone()[0]
-    repaid = 0
-    for debt_lot, owed in debts:
-        take = min(left, -owed)
-        if take <= 0:
-            break
-        post(conn, member_id, lot_id, "repayment", -take, ledger.member_account(member_id), at)
-        post(conn, member_id, debt_lot, "repayment", take, ledger.member_account(member_id), at)
-        left -= take
-        repaid += take
-    return repaid
 
 
 def verify_chains(conn: Connection, problems_max: int = 20) -> list[str]:

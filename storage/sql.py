@@ -1,0 +1,31 @@
+"""What the storage functions ask of a connection when the two databases differ.
+
+The functions take a connection and run the same SQL on SQLite (sqlite3) and PostgreSQL
+(storage/pg/connection.py, `?` placeholders too). Where one statement cannot serve both,
+the one function concerned asks is_postgresql(conn) and chooses; a unique key or foreign
+key refused is recognised by is_integrity_error whichever driver raised it.
+"""
+from __future__ import annotations
+
+import sqlite3
+
+import psycopg
+
+# Both drivers' errors for a constraint refused (a unique key taken, a foreign key missing).
+INTEGRITY_ERRORS: tuple[type[Exception], ...] = (sqlite3.IntegrityError, psycopg.errors.IntegrityError)
+
+
+class WriteConflict(Exception):
+    """A write found that another transaction took what its plan counted on (a coupon use,
+    an offer's points) between its read and its write. With several writers (PostgreSQL)
+    the write runs again from its start and plans against what the other one left; with
+    SQLite's one writer it is a fault."""
+
+
+def is_postgresql(conn) -> bool:
+    """Whether conn is a PostgreSQL connection (storage.pg.connection.Connection)."""
+    return getattr(conn, "backend", None) == "postgresql"
+
+
+def is_integrity_error(error: BaseException) -> bool:
+    return isinstance(error, INTEGRITY_ERRORS)
