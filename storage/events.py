@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from storage.ledger import CONSENT_BITS, CONSENT_CHANNELS, iso, member_public_id
+from storage.sql import json_ids
 
 TYPES = ("member.enrolled", "receipt.confirmed", "receipt.cancelled", "return.accepted", "tier.changed",
          "points.expiring", "points.expired", "birthday", "offer.assigned", "card.replaced", "member.merged",
@@ -88,9 +89,10 @@ def offers_assigned(conn: sqlite3.Connection, offer_id: str, rule_id: str, valid
     at = occurred_at if isinstance(occurred_at, str) else iso(occurred_at)
     data = _JSON.encode({"offer_id": offer_id, "rule": rule_id, "from": valid_from, "to": valid_to, "points": points})
     return conn.execute(
-        "INSERT OR IGNORE INTO events (type, member_id, card_last4, crm_id, consent, occurred_at, data, once_key, "
+        "INSERT INTO events (type, member_id, card_last4, crm_id, consent, occurred_at, data, once_key, "
         f"created_at) SELECT 'offer.assigned', m.id, {_NAMED_COLUMNS}, ?, ?, 'offer:' || ? || ':' || m.id, ? "
-        "FROM json_each(?) j JOIN members m ON m.id = j.value ORDER BY m.id",
+        # WHERE true: SQLite would read the ON of an upsert after a bare FROM as a join's.
+        f"FROM {json_ids(conn)} j JOIN members m ON m.id = j.value WHERE true ORDER BY m.id ON CONFLICT DO NOTHING",
         (at, data, offer_id, at, _JSON.encode(member_ids))).rowcount
 
 
@@ -100,12 +102,12 @@ def members_imported(conn: sqlite3.Connection, member_ids: list[int], tier: str,
     tier.changed. How many were written."""
     at = occurred_at if isinstance(occurred_at, str) else iso(occurred_at)
     ids = _JSON.encode(member_ids)
-    conn.execute("INSERT OR REPLACE INTO event_member_tiers (member_id, tier) SELECT value, ? FROM json_each(?)",
-                 (tier, ids))
+    conn.execute(f"INSERT INTO event_member_tiers (member_id, tier) SELECT j.value, ? FROM {json_ids(conn)} j "
+                 "WHERE true ON CONFLICT (member_id) DO UPDATE SET tier = excluded.tier", (tier, ids))
     return conn.execute(
         "INSERT INTO events (type, member_id, card_last4, crm_id, consent, occurred_at, data, created_at) "
         f"SELECT 'member.enrolled', m.id, {_NAMED_COLUMNS}, ?, ?, ? "
-        "FROM json_each(?) j JOIN members m ON m.id = j.value ORDER BY m.id",
+        f"FROM {json_ids(conn)} j JOIN members m ON m.id = j.value ORDER BY m.id",
         (at, _JSON.encode({"store_id": None, "tier": tier, "imported": True}), at, ids)).rowcount
 
 
@@ -143,7 +145,7 @@ def forget_member(conn: sqlite3.Connection, member_id: int, before: Seen | None 
     else:
         rows = conn.execute(scrub + "id > ? AND member_id = ? RETURNING id, type, data",
                             (before.newest, member_id)).fetchall()
-        rows += conn.execute(scrub + "id IN (SELECT value FROM json_each(?)) RETURNING id, type, data",
+        rows += conn.execute(scrub + f"id IN (SELECT value FROM {json_ids(conn)} j) RETURNING id, type, data",
                              (_JSON.encode(before.ids[member_id]),)).fetchall()
     for event_id, type_, data in rows:
         if type_ in PERSONAL_DATA:

@@ -24,7 +24,7 @@ import zstandard
 
 from storage import line_records
 from storage.accounts import member_account
-from storage.sql import is_postgresql
+from storage.sql import arrival, is_postgresql
 
 STATEMENT_ROWS_MAX = 1_000
 # pg_advisory_xact_lock's first key for a budgeted rule's lock ('budg' as a number), fixed for good.
@@ -675,11 +675,12 @@ def tier_counts(conn: sqlite3.Connection, member_id: int, since: str, until: str
 def receipts_confirmed_before(conn: sqlite3.Connection, member_id: int, key: ReceiptKey) -> int | None:
     """How many of the member's confirmed receipts arrived before the stored receipt `key`
     (None when it is not stored): its receipt_number less one."""
-    row = conn.execute("SELECT rowid FROM receipts WHERE store_id = ? AND register_id = ? AND receipt_id = ?",
+    order = arrival(conn)
+    row = conn.execute(f"SELECT {order} FROM receipts WHERE store_id = ? AND register_id = ? AND receipt_id = ?",
                        key).fetchone()
     if row is None:
         return None
-    return conn.execute("SELECT COUNT(*) FROM receipts WHERE member_id = ? AND status = 'confirmed' AND rowid < ?",
+    return conn.execute(f"SELECT COUNT(*) FROM receipts WHERE member_id = ? AND status = 'confirmed' AND {order} < ?",
                         (member_id, row[0])).fetchone()[0]
 
 
@@ -714,9 +715,12 @@ class ReturnedLine:
 
 def returned_lines(conn: sqlite3.Connection, key: ReceiptKey) -> dict[int, list[ReturnedLine]]:
     out: dict[int, list[ReturnedLine]] = {}
+    # Returns of one receipt are written one after another under its member's lock, so on
+    # PostgreSQL, whose return_lines has no row number, their time orders them.
+    order = "created_at, return_store, return_register, return_id" if is_postgresql(conn) else "rowid"
     for row in conn.execute("SELECT line_no, qty, amount, points_reversed, points_refunded, discount_refunded, "
                             "by_rule FROM return_lines WHERE receipt_store = ? AND receipt_register = ? "
-                            "AND receipt_id = ? ORDER BY rowid", key):
+                            f"AND receipt_id = ? ORDER BY {order}", key):
         out.setdefault(row[0], []).append(ReturnedLine(*row[1:]))
     return out
 

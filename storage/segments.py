@@ -89,12 +89,12 @@ def window_facts(conn: sqlite3.Connection, today: date, window_days: int, tz: tz
     rows = conn.execute(
         "WITH back AS (SELECT r.member_id AS mid, SUM(rl.amount) AS amount FROM return_lines rl JOIN receipts r "
         "ON r.store_id = rl.receipt_store AND r.register_id = rl.receipt_register AND r.receipt_id = rl.receipt_id "
-        "WHERE r.status = 'confirmed' AND r.member_id IS NOT NULL AND r.ts >= ?1 AND r.ts < ?2 GROUP BY 1), "
+        "WHERE r.status = 'confirmed' AND r.member_id IS NOT NULL AND r.ts >= ? AND r.ts < ? GROUP BY 1), "
         "facts AS (SELECT member_id AS mid, MAX(ts) AS last, COUNT(*) AS n, SUM(total) AS spend FROM receipts "
-        "WHERE member_id IS NOT NULL AND status = 'confirmed' AND ts >= ?1 AND ts < ?2 GROUP BY member_id) "
+        "WHERE member_id IS NOT NULL AND status = 'confirmed' AND ts >= ? AND ts < ? GROUP BY member_id) "
         "SELECT f.mid, f.last, f.n, f.spend - COALESCE(b.amount, 0), "
         "RANK() OVER (ORDER BY f.spend - COALESCE(b.amount, 0)) - 1 FROM facts f LEFT JOIN back b ON b.mid = f.mid",
-        (start, end))
+        (start, end, start, end))
     local_day = local_days(tz)
     return [Facts(mid, local_day(last), count, spend, less) for mid, last, count, spend, less in rows]
 
@@ -104,20 +104,22 @@ def window_and_tier_facts(conn: sqlite3.Connection, today: date, window_days: in
     """window_facts, and tier_metrics(conn, tier_since, None) with it, from one pass over the
     receipts instead of two (both are most of what the daily job reads)."""
     start, end = _window_bounds(today, window_days, tz)
-    in_window = "ts >= ?1 AND ts < ?2"
+    low = min(start, tier_since)        # both ISO text: the earlier of the two
+    # Plain `?` each time, in order (PostgreSQL's driver numbers them itself), counts with CASE.
+    in_window = "ts >= ? AND ts < ?"
     rows = conn.execute(
-        "WITH back AS (SELECT r.member_id AS mid, SUM(CASE WHEN r.ts >= ?1 AND r.ts < ?2 THEN rl.amount END) AS w, "
-        "SUM(CASE WHEN r.ts > ?3 THEN rl.amount END) AS t FROM return_lines rl JOIN receipts r "
+        "WITH back AS (SELECT r.member_id AS mid, SUM(CASE WHEN r.ts >= ? AND r.ts < ? THEN rl.amount END) AS w, "
+        "SUM(CASE WHEN r.ts > ? THEN rl.amount END) AS t FROM return_lines rl JOIN receipts r "
         "ON r.store_id = rl.receipt_store AND r.register_id = rl.receipt_register AND r.receipt_id = rl.receipt_id "
-        "WHERE r.status = 'confirmed' AND r.member_id IS NOT NULL AND r.ts >= MIN(?1, ?3) GROUP BY 1), "
+        "WHERE r.status = 'confirmed' AND r.member_id IS NOT NULL AND r.ts >= ? GROUP BY 1), "
         f"facts AS (SELECT member_id AS mid, MAX(CASE WHEN {in_window} THEN ts END) AS last, "
-        f"SUM({in_window}) AS n, SUM(CASE WHEN {in_window} THEN total END) AS spend, "
-        "SUM(ts > ?3) AS tier_n, SUM(CASE WHEN ts > ?3 THEN total END) AS tier_spend FROM receipts "
-        "WHERE member_id IS NOT NULL AND status = 'confirmed' AND ts >= MIN(?1, ?3) GROUP BY member_id) "
+        f"SUM(CASE WHEN {in_window} THEN 1 ELSE 0 END) AS n, SUM(CASE WHEN {in_window} THEN total END) AS spend, "
+        "SUM(CASE WHEN ts > ? THEN 1 ELSE 0 END) AS tier_n, SUM(CASE WHEN ts > ? THEN total END) AS tier_spend "
+        "FROM receipts WHERE member_id IS NOT NULL AND status = 'confirmed' AND ts >= ? GROUP BY member_id) "
         "SELECT f.mid, f.last, f.n, f.spend - COALESCE(b.w, 0), "
         "RANK() OVER (PARTITION BY f.n > 0 ORDER BY f.spend - COALESCE(b.w, 0)) - 1, "
         "f.tier_n, COALESCE(f.tier_spend, 0) - COALESCE(b.t, 0) FROM facts f LEFT JOIN back b ON b.mid = f.mid",
-        (start, end, tier_since))
+        (start, end, tier_since, low, start, end, start, end, start, end, tier_since, tier_since, low))
     local_day = local_days(tz)
     facts, tiers = [], {}
     for mid, last, count, spend, less, tier_count, tier_spend in rows:
@@ -252,9 +254,10 @@ def delete_older_batch(conn: sqlite3.Connection, run_id: int) -> int:
 def due(conn: sqlite3.Connection, today: date, definitions_sha256: str | None = None) -> bool:
     """Scores and segments are recomputed once a local day, and again when the computed
     segments' definitions (definitions_sha256, None: only scores) are not the last run's."""
-    return conn.execute("SELECT 1 FROM rfm_runs WHERE finished_at IS NOT NULL AND local_date = ? "
-                        "AND (?2 IS NULL OR definitions_sha256 = ?2)",
-                        (today.isoformat(), definitions_sha256)).fetchone() is None
+    same = "" if definitions_sha256 is None else " AND definitions_sha256 = ?"
+    return conn.execute("SELECT 1 FROM rfm_runs WHERE finished_at IS NOT NULL AND local_date = ?" + same,
+                        (today.isoformat(),) + (() if definitions_sha256 is None else (definitions_sha256,))
+                        ).fetchone() is None
 
 
 # ------------------------------------------------------------------ computed membership
@@ -288,9 +291,9 @@ def write_changes(conn: sqlite3.Connection, run_id: int, now: datetime, changes:
     conn.executemany("UPDATE segment_spans SET valid_to = ?, to_run = ? WHERE segment_id = ? AND member_id = ? "
                      "AND from_run IS NOT NULL AND valid_to IS NULL",
                      [(at, run_id, sid, mid) for sid, mid in changes.closed])
-    # OR IGNORE: a span another run (the server's and `loyalty jobs run` at once) opened already.
-    conn.executemany("INSERT OR IGNORE INTO segment_spans (segment_id, member_id, valid_from, from_run) "
-                     "VALUES (?, ?, ?, ?)", [(sid, mid, at, run_id) for sid, mid in changes.opened])
+    # DO NOTHING: a span another run (the server's and `loyalty jobs run` at once) opened already.
+    conn.executemany("INSERT INTO segment_spans (segment_id, member_id, valid_from, from_run) "
+                     "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", [(sid, mid, at, run_id) for sid, mid in changes.opened])
 
 
 # ------------------------------------------------------------------ reading
@@ -346,9 +349,11 @@ def members_at(conn: sqlite3.Connection, segment_id: str, by_list: bool, moment:
 
 def add_members(conn: sqlite3.Connection, segment_id: str, member_ids: list[int], now: datetime) -> int:
     rows = [(segment_id, mid, iso(now)) for mid in member_ids]
-    conn.executemany("INSERT OR IGNORE INTO segment_members (segment_id, member_id, added_at) VALUES (?, ?, ?)", rows)
-    # OR IGNORE: a member already in keeps the span that began when they were added.
-    conn.executemany("INSERT OR IGNORE INTO segment_spans (segment_id, member_id, valid_from) VALUES (?, ?, ?)", rows)
+    conn.executemany("INSERT INTO segment_members (segment_id, member_id, added_at) VALUES (?, ?, ?) "
+                     "ON CONFLICT DO NOTHING", rows)
+    # DO NOTHING: a member already in keeps the span that began when they were added.
+    conn.executemany("INSERT INTO segment_spans (segment_id, member_id, valid_from) VALUES (?, ?, ?) "
+                     "ON CONFLICT DO NOTHING", rows)
     return size(conn, segment_id)
 
 

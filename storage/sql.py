@@ -27,5 +27,19 @@ def is_postgresql(conn) -> bool:
     return getattr(conn, "backend", None) == "postgresql"
 
 
+def arrival(conn) -> str:
+    """The column that numbers a table's rows in the order they were written: SQLite's rowid;
+    on PostgreSQL the identity column `id` the tables numbered that way have there."""
+    return "id" if is_postgresql(conn) else "rowid"
+
+
+def json_ids(conn) -> str:
+    """A FROM item of the integers of a JSON array bound to one `?` (a million member ids in
+    one parameter), its column named `value`: SQLite's json_each, PostgreSQL's elements."""
+    if is_postgresql(conn):
+        return "(SELECT CAST(value AS bigint) AS value FROM json_array_elements_text(CAST(? AS json)) AS value)"
+    return "json_each(?)"
+
+
 def is_integrity_error(error: BaseException) -> bool:
     return isinstance(error, INTEGRITY_ERRORS)
