@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import time
 
+import psycopg
 from aiohttp import web
 
 from rules import ProgramError
@@ -32,6 +33,7 @@ from server.webhooks import Dispatcher
 from storage import api_keys, member_care
 from storage.db import Database, StorageBusy, StorageError
 from storage.health import is_busy
+from storage.pg.database import PgDatabase
 from storage.ledger import iso, manual_tiers_outside
 from storage.personal import protect_existing
 from storage.preload import preload
@@ -88,7 +90,7 @@ async def resources(app: web.Application):
     dispatcher = Dispatcher(db, config, app[METRICS], app[CLOCK])
     await dispatcher.start()
     background.append(asyncio.create_task(dispatcher.run()))
-    if config.database.preload:
+    if config.database.preload and db.backend == "sqlite":     # PostgreSQL keeps its own cache
         app[STATE]["preloading"] = True
         background.append(asyncio.create_task(_preload(app, db)))
     # Everything loaded so far (modules, the program, the rules engine) lives as long as the
@@ -127,11 +129,13 @@ async def _open_with_program(app: web.Application) -> tuple[Database, ProgramVer
     return db, versions
 
 
-async def _open_database(app: web.Application) -> Database:
+async def _open_database(app: web.Application) -> Database | PgDatabase:
     """Opened, migrated, and its first write done (_first_write). While another process holds
     the write lock (a `loyalty jobs run`, a sqlite3 shell) this waits up to
     database.start_wait_seconds; StartupError says in one line why it cannot open."""
     config = app[CONFIG]
+    if config.database.url is not None:
+        return await _open_postgresql(app)
     path = config.resolve(config.database.path)
     deadline = time.monotonic() + config.database.start_wait_seconds
     await asyncio.to_thread(check_database_file, path)
@@ -165,6 +169,22 @@ async def _open_once(app: web.Application, path) -> Database | None:
         if is_busy(e) or isinstance(e, StorageBusy):
             return None
         raise StartupError(f"cannot open the database {path}: {e}") from None
+    return db
+
+
+async def _open_postgresql(app: web.Application) -> PgDatabase:
+    """Opened and migrated (processes starting together take turns on the migrations'
+    advisory lock), and its first write done. Several servers may share the database."""
+    db = PgDatabase.from_config(app[CONFIG].database)
+    try:
+        try:
+            await asyncio.to_thread(db.open)
+            await db.write(lambda conn: _first_write(conn, app))
+        except BaseException:
+            db.close()
+            raise
+    except (psycopg.Error, StorageError) as e:
+        raise StartupError(f"cannot open the PostgreSQL database: {e}") from None
     return db
 
 

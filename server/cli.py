@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from datetime import date
@@ -133,7 +134,9 @@ def serve_command(config_path: str) -> int:
         config = load_config(config_path)
         app = create_app(config)
         # Before the database is opened: a second server must not even run the migrations.
-        lock = take_serve_lock(config.resolve(config.database.path))
+        # PostgreSQL is shared by design: its servers take turns on row and advisory locks.
+        lock = take_serve_lock(config.resolve(config.database.path)) if config.database.url is None \
+            else contextlib.nullcontext()
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -231,9 +231,13 @@ def _leap(year: int) -> bool:
 
 async def schedule(db: Database, holder, clock, interval_seconds: float,
                    expiring_days: int = EXPIRING_DAYS_BEFORE) -> None:
-    """Runs the jobs inside the server, every interval, with the server's clock."""
+    """Runs the jobs inside the server, every interval, with the server's clock; in one
+    server at a time where several share a database (db.runs_jobs)."""
     while True:
         try:
+            if not await asyncio.to_thread(db.runs_jobs):
+                await asyncio.sleep(interval_seconds)
+                continue
             done = await run_all(db, holder.current, clock.now(), expiring_days)
             if any(done.values()):
                 log.info("jobs: %s", done)

@@ -79,8 +79,10 @@ class Metrics:
         self.storage_errors.labels(cause).inc(requests)
 
     def observe_storage(self, db) -> None:
-        """The storage gauges, read at scrape time from a storage.db.Database."""
-        self.wal_bytes.set(db.wal_bytes())
+        """The storage gauges, read at scrape time from the database (storage.db.Database,
+        or storage.pg.database.PgDatabase, whose WAL is PostgreSQL's own)."""
+        if db.backend == "sqlite":
+            self.wal_bytes.set(db.wal_bytes())
         self.oldest_reader.set(db.oldest_read_seconds())
         fault = db.fault()
         for cause in STORAGE_CAUSES:

@@ -262,6 +262,8 @@ def _settle_async(entries: list[tuple[asyncio.Future, bool, Any]]) -> None:
 
 
 class Database:
+    # What the server asks to tell the two databases apart (storage/pg/database.py).
+    backend = "sqlite"
     def __init__(
         self,
         path: str | Path,
@@ -1344,6 +1346,10 @@ class Database:
             return True
         self._faults.clear(StorageBusy.cause)     # released meanwhile: the next write gets it
         return False
+
+    def runs_jobs(self) -> bool:
+        """The background jobs run in the one server on the file (its serve lock)."""
+        return True
 
     def check_ready(self) -> None:
         """For /readyz: raises the storage fault in force, or StorageClosed. Never waits for

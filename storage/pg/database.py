@@ -11,7 +11,13 @@ read-only REPEATABLE READ transaction, so all of it sees one snapshot.
 A connection that breaks (the server restarted, a failover) fails the write it carried
 with StorageUnavailable (503 storage_unavailable) and is dropped; the thread connects
 again for its next function, at most once per RECONNECT_GAP_S across the threads, so a
-database that is down is not hammered and requests fail fast meanwhile.
+database that is down is not hammered and requests fail fast meanwhile. /readyz says
+storage_unavailable from a failed connect until one succeeds.
+
+What the SQLite Database has for its file (the WAL, checkpoints, the salvage of a lost
+file, free disk space, preloading its page cache, backups) PostgreSQL does itself; the
+server asks `backend` and skips those here. The background jobs run in one process of
+all those sharing the database: runs_jobs() says whether this one holds the jobs' lock.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import psycopg
 from storage.db import Grouped, StorageClosed
 from storage.health import StorageUnavailable
 from storage.pg.connection import Connection, connect
+from storage.pg.leader import JobsLock
 from storage.pg.schema import migrate
 
 T = TypeVar("T")
@@ -42,7 +49,14 @@ CONNECT_TIMEOUT_S = 5
 DEFAULT_SYNC_TIMEOUT_S = 60.0
 
 
+# read_now runs on the event loop's thread (program_versions' follow, a tier count at
+# start): one short query, which waits at most this long for a connection's answer.
+READ_NOW_TIMEOUT_S = 5.0
+
+
 class PgDatabase:
+    backend = "postgresql"
+
     def __init__(self, url: str, *, connections: int = CONNECTIONS_DEFAULT) -> None:
         self._url = url
         self._connections = connections
@@ -52,6 +66,15 @@ class PgDatabase:
         self._next_connect_s = 0.0
         self._open: list[Connection] = []
         self._state = "new"
+        self._fault: StorageUnavailable | None = None
+        self._busy = 0                  # functions submitted and not finished
+        self._reads: dict[int, float] = {}      # thread id: when its read transaction began
+        self._jobs = JobsLock(url)
+
+    @classmethod
+    def from_config(cls, database: Any) -> PgDatabase:
+        """For config.yaml's `database` section (server/config.py DatabaseConfig)."""
+        return cls(database.url, connections=database.connections)
 
     def open(self) -> list[str]:
         """Connects once (a wrong URL fails here, not at the first request) and applies the
@@ -65,8 +88,11 @@ class PgDatabase:
         self._state = "open"
         return applied
 
-    def close(self) -> None:
+    def close(self, timeout_s: float | None = None) -> None:
+        """Waits for the functions submitted to finish (timeout_s is the SQLite Database's
+        bound on its checkpoint; a transaction here ends with its statement's answer)."""
         self._state = "closed"
+        self._jobs.release()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
@@ -76,6 +102,42 @@ class PgDatabase:
                 except psycopg.Error:
                     pass        # a broken connection is being let go anyway
             self._open.clear()
+
+    def __enter__(self) -> PgDatabase:
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- what the server asks of any database ---------------------------------------
+
+    def queue_depth(self) -> int:
+        """Writes and reads submitted and not yet finished (/readyz's write_queue)."""
+        return self._busy
+
+    def oldest_read_seconds(self) -> float:
+        started = list(self._reads.values())
+        return time.monotonic() - min(started) if started else 0.0
+
+    def fault(self) -> StorageUnavailable | None:
+        """storage_unavailable from a failed connect until a connect succeeds."""
+        return self._fault
+
+    def check_ready(self) -> None:
+        if self._state != "open":
+            raise StorageClosed(f"the PostgreSQL database is {self._state}")
+        if self._fault is not None:
+            raise StorageUnavailable(str(self._fault))
+
+    def runs_jobs(self) -> bool:
+        """Whether this process runs the background jobs now (storage/pg/leader.py): of
+        the processes sharing the database, the one holding the jobs' lock."""
+        return self._jobs.holds()
+
+    def read_now(self, fn: Callable[[Connection], T]) -> T:
+        """read_sync, for the few callers on the event loop's thread that cannot await."""
+        return self.read_sync(fn, timeout_s=READ_NOW_TIMEOUT_S)
 
     # -- writes and reads ----------------------------------------------------------
 
@@ -92,17 +154,33 @@ class PgDatabase:
         return self._submit(lambda conn: conn.transaction(fn)).result(timeout=timeout_s)
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
-        return await asyncio.wrap_future(self._submit(lambda conn: _snapshot(conn, fn)))
+        return await asyncio.wrap_future(self._submit(lambda conn: self._snapshot(conn, fn)))
 
     def read_sync(self, fn: Callable[[Connection], T], *, timeout_s: float = DEFAULT_SYNC_TIMEOUT_S) -> T:
-        return self._submit(lambda conn: _snapshot(conn, fn)).result(timeout=timeout_s)
+        return self._submit(lambda conn: self._snapshot(conn, fn)).result(timeout=timeout_s)
+
+    def _snapshot(self, conn: Connection, fn: Callable[[Connection], T]) -> T:
+        me = threading.get_ident()
+        self._reads[me] = time.monotonic()
+        try:
+            return _snapshot(conn, fn)
+        finally:
+            self._reads.pop(me, None)
 
     # -- the pool's threads ------------------------------------------------------------
 
     def _submit(self, job: Callable[[Connection], T]) -> concurrent.futures.Future:
         if self._state != "open" or self._pool is None:
             raise StorageClosed(f"the PostgreSQL database is {self._state}")
-        return self._pool.submit(self._run, job)
+        with self._lock:
+            self._busy += 1
+        future = self._pool.submit(self._run, job)
+        future.add_done_callback(self._finished)
+        return future
+
+    def _finished(self, _: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._busy -= 1
 
     def _run(self, job: Callable[[Connection], T]) -> T:
         conn = getattr(self._local, "conn", None)
@@ -127,7 +205,9 @@ class PgDatabase:
                 conn = connect(self._url, connect_timeout_s=CONNECT_TIMEOUT_S)
             except psycopg.OperationalError as e:
                 self._next_connect_s = time.monotonic() + RECONNECT_GAP_S
-                raise StorageUnavailable(f"cannot connect to PostgreSQL: {_first_line(e)}") from None
+                self._fault = StorageUnavailable(f"cannot connect to PostgreSQL: {_first_line(e)}")
+                raise StorageUnavailable(str(self._fault)) from None
+            self._fault = None
             self._open.append(conn)
             return conn
 
