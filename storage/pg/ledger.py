@@ -73,8 +73,9 @@ def new_lots(conn: Connection, lots: list[tuple[int, str, str | None, int]]) -> 
 
 def append_postings(conn: Connection, postings: list[NewPosting], key_id: str | None = None,
                     note: str | None = None) -> None:
-    """Appends postings, each chained to its member's previous one, with one INSERT, and
-    counts in lots.remaining those not already counted. The caller holds each member's lock."""
+    """Appends postings, each chained to its member's previous one, with one INSERT, their
+    accruals' split by rule with another, and counts in lots.remaining those not already
+    counted. The caller holds each member's lock."""
     if not postings:
         return
     members = sorted({p.member_id for p in postings})
@@ -95,15 +96,30 @@ def append_postings(conn: Connection, postings: list[NewPosting], key_id: str | 
                      p.rule_id, p.rules_version, store, register, receipt, p.ref, key_id, note, digest))
         if not p.counted:
             counts[p.lot_id] += p.points
-    conn.executemany("INSERT INTO postings (member_id, chain_seq, lot_id, kind, points, counter_account, "
-                     "effective_at, created_at, rule_id, rules_version, store_id, register_id, receipt_id, ref, "
-                     "key_id, note, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    ids = _insert_postings(conn, rows)
+    split = [(posting_id, rule, points) for posting_id, p in zip(ids, postings) for rule, points in p.rules]
+    if split:
+        conn.executemany("INSERT INTO posting_rules (posting_id, rule_id, points) VALUES (?, ?, ?)", split)
     conn.executemany("INSERT INTO chain_heads (member_id, seq, hash) VALUES (?, ?, ?) ON CONFLICT (member_id) "
                      "DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
                      [(m, *heads[m]) for m in members])
     if counts:
         conn.executemany("UPDATE lots SET remaining = remaining + ? WHERE id = ?",
                          [(points, lot) for lot, points in counts.items()])
+
+
+def _insert_postings(conn: Connection, rows: list[tuple]) -> list[int]:
+    """The postings' ids from their identity column, in the rows' order: their accruals'
+    split by rule (posting_rules) names them."""
+    cur = conn.raw.cursor()
+    cur.executemany("INSERT INTO postings (member_id, chain_seq, lot_id, kind, points, counter_account, effective_at, "
+                    "created_at, rule_id, rules_version, store_id, register_id, receipt_id, ref, key_id, note, hash) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                    rows, returning=True)
+    ids = []
+    for _ in cur.results():
+        ids.append(cur.fetchone()[0])
+    return ids
 
 
 def post(conn: Connection, member_id: int, lot_id: int, kind: str, points: int, counter: str, at: PostingRef,
