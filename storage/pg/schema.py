@@ -1,19 +1,22 @@
 """The PostgreSQL schema as ordered migrations, applied once each, by one process at a time.
 
 Processes that start together take turns on an advisory lock: the first applies what is
-missing, each migration in its own transaction with its row in _loyalty_migrations, and
-the others then find nothing to do. Migrations only add (a rolling upgrade runs the
-previous version beside the new one, docs/postgresql.md).
+missing, each migration in its own transaction with its row in _loyalty_migrations (or,
+for indexes on tables that hold rows, built CONCURRENTLY outside one), and the others then
+find nothing to do. Migrations only add (a rolling upgrade runs the previous version beside
+the new one, docs/postgresql.md).
 
-The tables are SQLite's (storage/schema.py) with the same columns, so the storage
-functions' reads run on both; dates stay ISO 8601 text, points and amounts are bigint,
-blobs bytea. What differs:
-- ids come from identity columns (several writers), not from MAX(id) + 1 (one writer);
+The tables are SQLite's (storage/schema.py) with the same columns in the same order, so the
+storage functions' statements run on both; dates stay ISO 8601 text, points and amounts
+are bigint, blobs bytea. SQLITE_TWINS maps each SQLite migration to the migrations here
+that answer it, and tests/test_pg_schema_parity.py holds the two schemas to each other
+apart from INTENDED_DIFFERENCES, chiefly:
 - every posting carries its member's running number (chain_seq) and chains to the
   member's previous posting; chain_heads keeps each member's last one (storage/pg/ledger.py);
 - rule_totals is kept per rule and shard (the member's id modulo RULE_TOTAL_SHARDS), so a
-  rule every receipt pays (`base`) is not one row every transaction waits for;
-- append-only tables refuse UPDATE, DELETE and TRUNCATE with a trigger function.
+  rule every receipt pays (`base`) is not one row every transaction waits for.
+Ids come from identity columns (several writers) where SQLite's come from the rowid or
+MAX(id) + 1 (one writer); append-only tables refuse TRUNCATE too.
 """
 from __future__ import annotations
 
