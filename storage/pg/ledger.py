@@ -54,13 +54,15 @@ def append_postings(conn: Connection, postings: list[NewPosting], key_id: str | 
     accruals' split by rule (posting_rules), and counts in lots.remaining those not already
     counted. Each member's lock is taken first (again, for a caller that holds it: a
     no-op), in the order of their ids, so two writers never deadlock on them."""
+    if not postings:
+        return
     members = sorted({p.member_id for p in postings})
     marks = ", ".join("?" * len(members))
     conn.execute(f"SELECT 1 FROM members WHERE id IN ({marks}) ORDER BY id FOR UPDATE", members)
     heads = {m: (0, GENESIS_HASH) for m in members}
     heads.update({m: (seq, bytes(h)) for m, seq, h in conn.execute(
         f"SELECT member_id, seq, hash FROM chain_heads WHERE member_id IN ({marks})", members)})
-    rows, counts, split = [], defaultdict(int), []
+    rows, counts = [], defaultdict(int)
     for p in postings:
         seq, prev = heads[p.member_id]
         seq += 1
@@ -73,19 +75,30 @@ def append_postings(conn: Connection, postings: list[NewPosting], key_id: str | 
                      p.rule_id, p.rules_version, store, register, receipt, p.ref, key_id, note, digest))
         if not p.counted:
             counts[p.lot_id] += p.points
-        split += [(rule, points, p.member_id, seq) for rule, points in p.rules]
-    conn.executemany("INSERT INTO postings (member_id, chain_seq, lot_id, kind, points, counter_account, "
-                     "effective_at, created_at, rule_id, rules_version, store_id, register_id, receipt_id, ref, "
-                     "key_id, note, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-    if split:       # the posting's id is the identity column's: found by its place in its member's chain
-        conn.executemany("INSERT INTO posting_rules (posting_id, rule_id, points) SELECT id, ?, ? FROM postings "
-                         "WHERE member_id = ? AND chain_seq = ?", split)
+    ids = _insert_postings(conn, rows)
+    split = [(posting_id, rule, points) for posting_id, p in zip(ids, postings) for rule, points in p.rules]
+    if split:
+        conn.executemany("INSERT INTO posting_rules (posting_id, rule_id, points) VALUES (?, ?, ?)", split)
     conn.executemany("INSERT INTO chain_heads (member_id, seq, hash) VALUES (?, ?, ?) ON CONFLICT (member_id) "
                      "DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
                      [(m, *heads[m]) for m in members])
     if counts:
         conn.executemany("UPDATE lots SET remaining = remaining + ? WHERE id = ?",
                          [(points, lot) for lot, points in counts.items()])
+
+
+def _insert_postings(conn: Connection, rows: list[tuple]) -> list[int]:
+    """The postings' ids from their identity column, in the rows' order: their accruals'
+    split by rule (posting_rules) names them."""
+    cur = conn.raw.cursor()
+    cur.executemany("INSERT INTO postings (member_id, chain_seq, lot_id, kind, points, counter_account, effective_at, "
+                    "created_at, rule_id, rules_version, store_id, register_id, receipt_id, ref, key_id, note, hash) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                    rows, returning=True)
+    ids = []
+    for _ in cur.results():
+        ids.append(cur.fetchone()[0])
+    return ids
 
 
 def post(conn: Connection, member_id: int, lot_id: int, kind: str, points: int, counter: str, at: PostingRef,
