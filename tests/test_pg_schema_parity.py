@@ -125,7 +125,7 @@ def test_a_changed_column_is_named_with_the_migration_that_made_it(pg):
 
 
 def test_postgresql_refuses_what_sqlites_guards_refuse(pg):
-    member = pg.transaction(lambda c: pg_ledger.insert_member(
+    member = pg.transaction(lambda c: sqlite_ledger.insert_member(
         c, card="hmac-1", card_last4="0001", phone_hmac=None, phone_last4=None, birthday=None, tags="[]",
         referred_by=None, store_id="S001", now="2026-11-01T10:00:00.000000Z"))
     pg.execute("INSERT INTO api_keys (id, name, role, sha256, created_at, created_by) "
@@ -162,7 +162,7 @@ def test_the_same_postings_leave_the_same_rule_totals_on_both(pg):
         write(lite, lambda c: sqlite_ledger.insert_member(c, **member_args),
               lambda c, m: sqlite_ledger.new_lots(c, [(m, "2026-11-01", "2027-11-01", 7)])[0],
               sqlite_ledger.append_postings)
-    pg.transaction(lambda c: write(c, lambda c: pg_ledger.insert_member(c, **member_args),
+    pg.transaction(lambda c: write(c, lambda c: sqlite_ledger.insert_member(c, **member_args),
                                    lambda c, m: pg_ledger.new_lots(c, [(m, "2026-11-01", "2027-11-01", 7)])[0],
                                    pg_ledger.append_postings))
     totals = "SELECT rule_id, SUM(points) FROM rule_totals GROUP BY rule_id ORDER BY rule_id"
