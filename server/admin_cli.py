@@ -1,8 +1,9 @@
 """The finance and operations commands: audit verify, jobs run, partners settle, export ledger.
 
 They open the database the config names, next to or instead of a running server: reads
-use their own read-only connection; jobs write through the same single-writer storage,
-and a dry run of them rolls back every batch on a connection of its own."""
+use their own read-only connection (on PostgreSQL a read-only snapshot); jobs write
+through the same storage as the server, and a dry run of them rolls back every batch on a
+connection of its own."""
 from __future__ import annotations
 
 import asyncio
@@ -10,6 +11,8 @@ import contextlib
 import logging
 import sqlite3
 import sys
+
+import psycopg
 from contextlib import closing
 from datetime import datetime, timedelta
 
@@ -24,6 +27,17 @@ from storage.schema import migrations
 NOW_DRIFT_MAX = timedelta(days=1)
 # What a dry run waits for the server's write lock per batch (a real run's Database waits as long).
 PREVIEW_BUSY_WAIT_SECONDS = 5
+PG_CONNECT_TIMEOUT_S = 10
+
+
+class _PostgreSQL:
+    """Where the commands name the database's file, on PostgreSQL (database.url)."""
+
+    def __str__(self) -> str:
+        return "on PostgreSQL (database.url)"
+
+
+POSTGRESQL = _PostgreSQL()
 
 
 def dispatch(args) -> int:
@@ -32,6 +46,8 @@ def dispatch(args) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if config.database.url is not None:
+        return _on_postgresql(config, args)
     db_path = config.resolve(config.database.path)
     if args.command == "jobs":
         return jobs_run(config, db_path, args)
@@ -44,6 +60,25 @@ def dispatch(args) -> int:
         if args.command == "partners":
             return partners_settle(config, conn, args.period, args.out)
         return export_ledger(conn, args.format, args.out)
+
+
+def _on_postgresql(config, args) -> int:
+    """dispatch for `database.url`: the same commands on one snapshot of PostgreSQL."""
+    from storage.pg.connection import connect
+    from storage.pg.database import read_only
+    if args.command == "jobs":
+        return jobs_run(config, POSTGRESQL, args)
+    try:
+        conn = connect(config.database.url, connect_timeout_s=PG_CONNECT_TIMEOUT_S)
+    except psycopg.OperationalError as e:
+        print(f"cannot connect to PostgreSQL (database.url): {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    with closing(conn):
+        if args.command == "audit":
+            return audit_verify(conn)       # takes its own snapshot
+        if args.command == "partners":
+            return read_only(conn, lambda c: partners_settle(config, c, args.period, args.out))
+        return read_only(conn, lambda c: export_ledger(c, args.format, args.out))
 
 
 def _program(config):
@@ -84,6 +119,10 @@ def jobs_run(config, db_path, args) -> int:
               file=sys.stderr)
         return 2
     if args.dry_run:
+        if db_path is POSTGRESQL:
+            print("jobs run --dry-run: not available on PostgreSQL yet; nothing was read or written",
+                  file=sys.stderr)
+            return 2
         return jobs_preview(config, db_path, now, f"{_span(drift)} {clock}, so running it needs --force" if far
                             else "")
     if far:
@@ -92,7 +131,7 @@ def jobs_run(config, db_path, args) -> int:
     try:
         with _storage_faults_unlogged():
             done = _run_jobs(config, db_path, program, now)
-    except (StorageError, sqlite3.OperationalError) as e:
+    except (StorageError, sqlite3.OperationalError, psycopg.OperationalError) as e:
         line = _why_stopped(e, db_path, config.database.busy_wait_seconds)
         if line is None:
             raise
@@ -112,15 +151,18 @@ def _why_stopped(e: Exception, db_path, wait_seconds: float) -> str | None:
         return (f"jobs run: the database {db_path} is locked by {lock_holder(db_path)} for longer than "
                 f"database.busy_wait_seconds ({wait_seconds:g}s); batches already done stay done, "
                 f"run it again once the lock is released")
-    if isinstance(e, StorageError):
+    if isinstance(e, (StorageError, psycopg.OperationalError)):
         return f"jobs run: cannot write to the database {db_path}: {e}"
     return None
 
 
 def _run_jobs(config, db_path, program, now: datetime) -> dict[str, int]:
     from server.jobs import run_all
-    # Beside a serving server, which checkpoints its WAL; this command must not take that turn.
-    db = Database.from_config(config.database, db_path, migrations=migrations, checkpoints=False)
+    from storage.pg.database import PgDatabase
+    if db_path is POSTGRESQL:
+        db = PgDatabase.from_config(config.database)
+    else:   # beside a serving server, which checkpoints its WAL; this command must not take that turn
+        db = Database.from_config(config.database, db_path, migrations=migrations, checkpoints=False)
     db.open()
     try:
         return asyncio.run(run_all(db, program, now, config.events.expiring_days_before))

@@ -29,6 +29,7 @@ from storage import accounts, events, ledger
 from storage.apply import fire_events
 from storage.db import Database, StorageError
 from storage.ledger import PostingRef, iso, member_public_id
+from storage.pg import anchors
 
 log = logging.getLogger("loyalty.jobs")
 
@@ -60,6 +61,8 @@ async def run_all(db: Database, program: Program, now: datetime,
             if batch.rows < BATCH_ROWS_MAX:
                 break
     done["released_holds"] = len(await db.write(lambda conn: release_holds(conn, now), off_loop=True))
+    if db.backend == "postgresql":      # the anchors over the members' chains (storage/pg/anchors.py)
+        done["anchored_heads"] = await db.write(lambda conn: anchors.write_anchors(conn, now))
     window_days = rfm.settings_of(program)
     if window_days is not None:     # once a local day; reads on a reader, writes in batches
         scored = await rfm.run(db, window_days, program.timezone, now, program=program)
@@ -77,6 +80,9 @@ def expire_batch(conn, program: Program, now: datetime, after: tuple[str, int] =
         (today, *after, BATCH_ROWS_MAX)).fetchall()
     conn.executemany("UPDATE lots SET expiry_done = 1 WHERE id = ?", [(r[0],) for r in rows])
     for lot_id, member_id, expires_on, remaining in rows:
+        if ledger.lock_member(conn, member_id):
+            # Several writers (PostgreSQL): a receipt may have spent from it since it was read.
+            remaining = conn.execute("SELECT SUM(points) FROM postings WHERE lot_id = ?", (lot_id,)).fetchone()[0]
         if remaining <= 0:     # spent in full, or a debt (debts do not expire)
             continue
         # The points are gone from the first moment of the expiry date, local time.

@@ -14,6 +14,7 @@ import msgspec
 from rules import Program
 from storage import accounts
 from storage.ledger import iso
+from storage.sql import is_postgresql
 
 EXPORT_COLUMNS = ("id", "member_id", "lot_id", "kind", "points", "counter_account", "effective_at", "created_at",
                   "rule_id", "rules_version", "store_id", "register_id", "receipt_id", "ref", "key_id", "note",
@@ -119,7 +120,8 @@ def export_ledger(conn: sqlite3.Connection, out, fmt: str, progress=None) -> int
     """Every posting, oldest first, as CSV or JSON lines; `progress(done, total)` is called per batch."""
     total = conn.execute("SELECT COUNT(*) FROM postings").fetchone()[0]
     # Hashes are stored as 32 bytes (storage/schema.py m013) and exported as hex, as before.
-    columns = ", ".join("lower(hex(hash))" if c == "hash" else c for c in EXPORT_COLUMNS)
+    hex_hash = "encode(hash, 'hex')" if is_postgresql(conn) else "lower(hex(hash))"
+    columns = ", ".join(hex_hash if c == "hash" else c for c in EXPORT_COLUMNS)
     cursor = conn.execute(f"SELECT {columns} FROM postings ORDER BY id")
     writer = csv.writer(out) if fmt == "csv" else None
     if writer:

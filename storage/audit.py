@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from storage.ledger import BY_RULE_FROM, BY_RULE_ID, BY_RULE_POINTS, GENESIS_HASH, HASHED_SELECT, posting_hash, unpack
+from storage.sql import is_postgresql
 
 PROGRESS_EVERY_ROWS = 100_000
 
@@ -42,6 +43,9 @@ class AuditReport:
 
 
 def verify(conn: sqlite3.Connection, problems_max: int = 20) -> AuditReport:
+    if is_postgresql(conn):     # each member's chain and the anchors over them
+        from storage.pg.audit import verify as verify_postgresql
+        return verify_postgresql(conn, problems_max)
     report = AuditReport()
     with _one_snapshot(conn):
         for check in (_chain, *LEDGER_CHECKS):

@@ -222,6 +222,11 @@ class PgDatabase:
             pass            # already broken
 
 
+def read_only(conn: Connection, fn: Callable[[Connection], T]) -> T:
+    """fn(conn) in a read-only transaction that sees one snapshot throughout."""
+    return _snapshot(conn, fn)
+
+
 def _snapshot(conn: Connection, fn: Callable[[Connection], T]) -> T:
     with conn.raw.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
