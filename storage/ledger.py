@@ -201,12 +201,18 @@ class Hold:
 
 
 def open_holds(conn: sqlite3.Connection, member_id: int, moment: str, live_only: bool = True) -> list[Hold]:
-    """Holds that reserve points at `moment`."""
-    rows = conn.execute(
-        "SELECT store_id, register_id, receipt_id, points, expires_at FROM holds WHERE member_id = ? "
-        "AND created_at <= ? AND expires_at > ? AND (closed_at IS NULL OR closed_at > ?)"
-        + (" AND status = 'open'" if live_only else ""),
-        (member_id, moment, moment, moment))
+    """Holds that reserve points at `moment`: live_only, the ones open now (whenever they
+    were stamped: servers sharing a database each stamp with their own clock, and a hold
+    another one put a moment ago may carry a time a little after this one's `moment`);
+    otherwise the ones that were open at that past moment."""
+    if live_only:
+        rows = conn.execute("SELECT store_id, register_id, receipt_id, points, expires_at FROM holds "
+                            "WHERE member_id = ? AND status = 'open' AND expires_at > ?", (member_id, moment))
+    else:
+        rows = conn.execute(
+            "SELECT store_id, register_id, receipt_id, points, expires_at FROM holds WHERE member_id = ? "
+            "AND created_at <= ? AND expires_at > ? AND (closed_at IS NULL OR closed_at > ?)",
+            (member_id, moment, moment, moment))
     return [Hold((r[0], r[1], r[2]), r[3], r[4]) for r in rows]
 
 
