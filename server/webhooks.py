@@ -85,7 +85,10 @@ class Dispatcher:
                 await asyncio.sleep(pause)
 
     async def round(self, session: aiohttp.ClientSession, gate: asyncio.Semaphore) -> float:
-        """One round; returns how long to wait before the next one."""
+        """One round; returns how long to wait before the next one. Where several servers
+        share the database, only the one running the jobs delivers (in order per member)."""
+        if not await asyncio.to_thread(self.db.runs_jobs):
+            return self.events.poll_interval_seconds
         now = self.wall()
         # Looked at on a reader first: an idle server does not write (nor fsync) every poll.
         if self.hooks and await self.db.read(self._behind):

@@ -10,6 +10,8 @@ import json
 import sqlite3
 from dataclasses import dataclass
 
+from storage.sql import is_postgresql
+
 ID_PREFIX = "person-"
 _COLUMNS = "id, name, role, stores, sha256, created_at, created_by, revoked_at, revoked_by"
 
@@ -33,9 +35,13 @@ def _row(r) -> KeyRow:
 
 def add(conn: sqlite3.Connection, *, name: str, role: str, stores: list[str], sha256: str, created_at: str,
         created_by: str) -> str:
-    """The new key's id, person-<seq>: seq is never reused (AUTOINCREMENT, rows never deleted)."""
-    last = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'api_keys'").fetchone()
-    seq = (last[0] if last else 0) + 1
+    """The new key's id, person-<seq>: seq is never reused (AUTOINCREMENT, rows never deleted;
+    on PostgreSQL its identity column's sequence)."""
+    if is_postgresql(conn):
+        seq = conn.execute("SELECT nextval(pg_get_serial_sequence('api_keys', 'seq'))").fetchone()[0]
+    else:
+        last = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'api_keys'").fetchone()
+        seq = (last[0] if last else 0) + 1
     key_id = f"{ID_PREFIX}{seq}"
     conn.execute(f"INSERT INTO api_keys (seq, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
                  (seq, key_id, name, role, json.dumps(sorted(stores)), sha256, created_at, created_by))

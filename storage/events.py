@@ -256,8 +256,9 @@ def counts(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
 
 def not_fanned_out(conn: sqlite3.Connection, webhook_id: str, limit: int = -1) -> int:
     """Events written after the webhook's cursor (at most `limit`; -1: all)."""
+    bound, args = (" LIMIT ?", (webhook_id, limit)) if limit >= 0 else ("", (webhook_id,))
     return conn.execute("SELECT COUNT(*) FROM (SELECT 1 FROM events WHERE id > (SELECT after_id FROM event_fanout "
-                        "WHERE webhook_id = ?) LIMIT ?)", (webhook_id, limit)).fetchone()[0]
+                        f"WHERE webhook_id = ?){bound}) AS e", args).fetchone()[0]
 
 
 def any_written_before(conn: sqlite3.Connection, before: datetime) -> bool:

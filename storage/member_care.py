@@ -17,6 +17,7 @@ import msgspec
 from storage import events, ledger, member_facts
 from storage.accounts import member_account
 from storage.schema import LEGACY_FINGERPRINT, legacy_fingerprint
+from storage.sql import INTEGRITY_ERRORS, arrival
 
 CHANNELS = ledger.CONSENT_CHANNELS
 PHONE_MATCHES_MAX = 20
@@ -97,7 +98,7 @@ def _write_crm(conn: sqlite3.Connection, member_id: int, crm_id: str | None, con
         return
     try:
         conn.execute(f"UPDATE members SET {', '.join(sets)}, updated_at = ? WHERE id = ?", (*values, now, member_id))
-    except sqlite3.IntegrityError:
+    except INTEGRITY_ERRORS:
         raise CareRefused("crm_id_taken", f"crm_id {crm_id} belongs to another member", "crm_id") from None
 
 
@@ -229,11 +230,13 @@ def _erase_one(conn: sqlite3.Connection, member_id: int, now: str, seen: events.
                  "WHERE id = ?",
                  (now, now, now, member_id))
     scrubbed = 0
-    for rowid, body in conn.execute("SELECT rowid, body FROM receipts WHERE member_id = ?", (member_id,)).fetchall():
+    row_id = arrival(conn)
+    for rowid, body in conn.execute(f"SELECT {row_id}, body FROM receipts WHERE member_id = ?",
+                                    (member_id,)).fetchall():
         decoded = msgspec.json.decode(ledger.unpack(body))
         if isinstance(decoded, dict) and decoded.get("card") is not None:
             decoded["card"] = None
-            conn.execute("UPDATE receipts SET body = ? WHERE rowid = ?",
+            conn.execute(f"UPDATE receipts SET body = ? WHERE {row_id} = ?",
                          (ledger.pack(msgspec.json.encode(decoded)), rowid))
             scrubbed += 1
     member_facts.erase_personal(conn, member_id)
@@ -280,13 +283,14 @@ def rewrap(conn: sqlite3.Connection, table: str, column: str, pairs: list[tuple[
 def receipt_bodies(conn: sqlite3.Connection, after_rowid: int, limit: int) -> list[tuple[int, bytes, bytes]]:
     """(rowid, body as stored, fingerprint) of up to `limit` receipts with a card after
     `after_rowid`, in rowid order: a body keeps the card's hash it was confirmed with."""
-    return conn.execute("SELECT rowid, body, body_sha256 FROM receipts WHERE rowid > ? AND member_id IS NOT NULL "
-                        "ORDER BY rowid LIMIT ?", (after_rowid, limit)).fetchall()
+    row_id = arrival(conn)
+    return conn.execute(f"SELECT {row_id}, body, body_sha256 FROM receipts WHERE {row_id} > ? "
+                        f"AND member_id IS NOT NULL ORDER BY {row_id} LIMIT ?", (after_rowid, limit)).fetchall()
 
 
 def rewrite_bodies(conn: sqlite3.Connection, rows: list[tuple[bytes, bytes, int]]) -> None:
     """rows: (body, fingerprint, rowid) of receipts whose card's hash was wrapped."""
-    conn.executemany("UPDATE receipts SET body = ?, body_sha256 = ? WHERE rowid = ?", rows)
+    conn.executemany(f"UPDATE receipts SET body = ?, body_sha256 = ? WHERE {arrival(conn)} = ?", rows)
 
 
 # (table, its key, the columns of legacy_fingerprint) of the fingerprints of bodies with cards

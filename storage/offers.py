@@ -86,7 +86,8 @@ def charge(conn: sqlite3.Connection, member_id: int, rule_id: str, local_date: d
         conn.execute("UPDATE offer_members SET points_used = points_used + ? WHERE member_id = ? AND offer_id = ?",
                      (take, member_id, offer_id))
         conn.execute("INSERT INTO offer_charges (store_id, register_id, receipt_id, member_id, offer_id, points) "
-                     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET points = points + excluded.points",
+                     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (store_id, register_id, receipt_id, offer_id) "
+                     "DO UPDATE SET points = points + excluded.points",
                      (*receipt_key, member_id, offer_id, take))
         granted += take
     return granted

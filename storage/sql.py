@@ -34,10 +34,12 @@ def arrival(conn) -> str:
 
 
 def json_ids(conn) -> str:
-    """A FROM item of the integers of a JSON array bound to one `?` (a million member ids in
-    one parameter), its column named `value`: SQLite's json_each, PostgreSQL's elements."""
+    """A FROM item of the integers of a JSON array bound to one `?` as its UTF-8 bytes (as
+    msgspec encodes it; a million member ids in one parameter), its column named `value`:
+    SQLite's json_each, PostgreSQL's elements of the text the bytes decode to."""
     if is_postgresql(conn):
-        return "(SELECT CAST(value AS bigint) AS value FROM json_array_elements_text(CAST(? AS json)) AS value)"
+        return ("(SELECT CAST(value AS bigint) AS value "
+                "FROM json_array_elements_text(CAST(convert_from(?, 'UTF8') AS json)) AS value)")
     return "json_each(?)"
 
 

@@ -167,7 +167,7 @@ async def test_a_confirmed_receipts_event_costs_no_query_for_the_crm_fields(aioh
         await app[DATABASE].write(lambda conn: conn.set_trace_callback(None))
     naming = [" ".join(s.split())[:40] for s in statements if "crm_id" in s]
     assert len(naming) == 3 and naming[0].startswith("SELECT") and all(
-        s.startswith("INSERT OR IGNORE INTO events") for s in naming[1:]), naming
+        s.startswith("INSERT INTO events") for s in naming[1:]), naming
     events = await pull(api)
     assert [(e["type"], e["crm_id"]) for e in events[-2:]] == [("receipt.confirmed", "CRM-1"),
                                                                ("tier.changed", "CRM-1")]

@@ -7,6 +7,7 @@ nothing is fetched from elsewhere, and the pages forbid it (Content-Security-Pol
 """
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,11 +48,20 @@ def setup(app: web.Application) -> None:
               for name, kind in (("console.js", "text/javascript"), ("console.css", "text/css"))}
     app[CONSOLE] = Console(
         SessionStore(settings.sessions_max, settings.idle_timeout_seconds, settings.session_max_hours * 3600),
-        Backtests(config.resolve(config.database.path), settings.backtests_kept, settings.backtest_receipts_max,
+        Backtests(read_connector(config), settings.backtests_kept, settings.backtest_receipts_max,
                   settings.backtest_days_max),
         templates(), static)
     app.on_cleanup.append(_close)
     views.add_routes(app)
+
+
+def read_connector(config):
+    """A function that opens a connection to read the stored receipts with, beside the server."""
+    if config.database.url is not None:
+        from storage.pg.connection import connect
+        return lambda: connect(config.database.url)
+    path = config.resolve(config.database.path)
+    return lambda: sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
 
 
 async def _close(app: web.Application) -> None:

@@ -18,11 +18,13 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import date
-from pathlib import Path
+from typing import Any
+
+import psycopg
 
 from rules import ProgramError, load_files
 from server.errors import conflict, field_error
@@ -89,8 +91,9 @@ def stored_receipts(conn: sqlite3.Connection, first: date, last: date, job: Back
 
 
 class Backtests:
-    def __init__(self, db_path: Path, kept: int, receipts_max: int, days_max: int):
-        self._db_path = db_path
+    def __init__(self, connect: Callable[[], Any], kept: int, receipts_max: int, days_max: int):
+        """connect: a read-only connection to the database, for one backtest's thread."""
+        self._connect = connect
         self._kept = kept
         self._receipts_max = receipts_max
         self._days_max = days_max
@@ -128,9 +131,6 @@ class Backtests:
         while len(self._jobs) > self._kept and finished:
             del self._jobs[finished.pop(0)]
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(f"file:{self._db_path}?mode=ro", uri=True, check_same_thread=False)
-
     def _count(self, first: date, last: date) -> int:
         with closing(self._connect()) as conn:
             return count_receipts(conn, first, last)
@@ -146,7 +146,7 @@ class Backtests:
                 report = diff(old, new, stored_receipts(conn, job.first, job.last, job))
             job.report = report
             job.state = "cancelled" if job.stop.is_set() else "done"
-        except (ProgramError, ToolError, sqlite3.Error, member_facts.UnknownVersion) as e:
+        except (ProgramError, ToolError, sqlite3.Error, psycopg.Error, member_facts.UnknownVersion) as e:
             job.error, job.state = str(e), "failed"
         except Exception as e:  # noqa: BLE001 - shown on the page and logged; the server goes on
             log.exception("backtest %s failed", job.id)

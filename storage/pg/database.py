@@ -49,6 +49,9 @@ CONNECT_TIMEOUT_S = 5
 DEFAULT_SYNC_TIMEOUT_S = 60.0
 
 
+# The webhooks' dispatcher asks whether this process runs the jobs every poll (0.25 s): the
+# lock is asked about at most this often.
+JOBS_CHECK_GAP_S = 1.0
 # read_now runs on the event loop's thread (program_versions' follow, a tier count at
 # start): one short query, which waits at most this long for a connection's answer.
 READ_NOW_TIMEOUT_S = 5.0
@@ -70,6 +73,8 @@ class PgDatabase:
         self._busy = 0                  # functions submitted and not finished
         self._reads: dict[int, float] = {}      # thread id: when its read transaction began
         self._jobs = JobsLock(url)
+        self._jobs_turn = threading.Lock()
+        self._runs_jobs, self._jobs_checked_at = False, -JOBS_CHECK_GAP_S
 
     @classmethod
     def from_config(cls, database: Any) -> PgDatabase:
@@ -92,7 +97,8 @@ class PgDatabase:
         """Waits for the functions submitted to finish (timeout_s is the SQLite Database's
         bound on its checkpoint; a transaction here ends with its statement's answer)."""
         self._state = "closed"
-        self._jobs.release()
+        with self._jobs_turn:
+            self._jobs.release()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
@@ -131,9 +137,14 @@ class PgDatabase:
             raise StorageUnavailable(str(self._fault))
 
     def runs_jobs(self) -> bool:
-        """Whether this process runs the background jobs now (storage/pg/leader.py): of
-        the processes sharing the database, the one holding the jobs' lock."""
-        return self._jobs.holds()
+        """Whether this process runs the background jobs (and delivers the webhooks) now
+        (storage/pg/leader.py): of the processes sharing the database, the one holding the
+        jobs' lock. Asked from several threads: the lock's connection is used by one at a time."""
+        with self._jobs_turn:
+            now = time.monotonic()
+            if now - self._jobs_checked_at >= JOBS_CHECK_GAP_S:
+                self._runs_jobs, self._jobs_checked_at = self._jobs.holds(), now
+            return self._runs_jobs
 
     def read_now(self, fn: Callable[[Connection], T]) -> T:
         """read_sync, for the few callers on the event loop's thread that cannot await."""
