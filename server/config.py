@@ -304,8 +304,8 @@ _SECTIONS: dict[str, type] = {
 # Keys that accept one value only: why, in place of msgspec's bound.
 RETIRED = {
     "server.workers": "must be 1: one process serves, as the database's single writer is the limit "
-                      "(worker processes in front of it served fewer receipts a second, not more); several "
-                      "processes on one database come with the PostgreSQL backend (planned)",
+                      "(worker processes in front of it served fewer receipts a second, not more); for several "
+                      "processes, run several `loyalty serve` on a PostgreSQL database (database.url)",
 }
 
 

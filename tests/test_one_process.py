@@ -22,7 +22,7 @@ RECEIPT = {"receipt_id": "one-process-1", "store_id": "S001", "register_id": "K0
 
 def hint_is_right(line: str) -> None:
     assert "server.workers: must be 1: one process serves" in line, line
-    assert "single writer is the limit" in line and "PostgreSQL backend (planned)" in line, line
+    assert "single writer is the limit" in line and "on a PostgreSQL database (database.url)" in line, line
 
 
 def test_workers_above_one_stops_start_up_with_the_reason(tmp_path):
