@@ -13,11 +13,11 @@ from pathlib import Path
 import msgspec
 
 from server import cvm, report_campaign, schema
+from server.databases import for_command
 from server.errors import ApiError
 from server.reports import ProgressBar
 from storage import coupons, offers
 from storage.db import Database
-from storage.schema import migrations
 
 COUNT_MAX = 10_000_000
 OFFER_COLUMNS = ("offer_id", "rule", "card", "from", "to", "points")
@@ -78,13 +78,13 @@ def dispatch(args) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     db_path = config.resolve(config.database.path)
-    if not db_path.exists():
+    if config.database.url is None and not db_path.exists():
         print(f"{db_path}: no database", file=sys.stderr)
         return 2
     program = _program(config)
     try:
         definitions = cvm.definitions_of(program)
-        db = Database.from_config(config.database, db_path, migrations=migrations, checkpoints=False)
+        db = for_command(config)
         db.open()
         try:
             if args.command == "coupons":

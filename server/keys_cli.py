@@ -18,6 +18,8 @@ from contextlib import closing
 from datetime import datetime, timezone
 from typing import Callable, TypeVar
 
+import psycopg
+
 from storage import api_keys
 
 T = TypeVar("T")
@@ -95,13 +97,13 @@ def _write(config, fn: Callable[[sqlite3.Connection], T]) -> T:
     """fn run in one write transaction beside a serving server (which checkpoints its WAL, so
     this does not); CannotWrite says why in one line (a lock held past database.busy_wait_seconds,
     a full disk, a path that is not a database)."""
-    from storage.db import Database, StorageBusy, StorageError
-    from storage.schema import migrations
+    from server.databases import for_command
+    from storage.db import StorageBusy, StorageError
     # The storage words its faults for a server ("refusing requests with 503"); here the
     # one line below says what happened.
     logging.getLogger("storage").setLevel(logging.CRITICAL)
-    path = config.resolve(config.database.path)
-    db = Database.from_config(config.database, path, migrations=migrations, checkpoints=False)
+    path = config.database.url or config.resolve(config.database.path)
+    db = for_command(config)
     try:
         db.open()
         return db.write_sync(fn)
@@ -109,7 +111,7 @@ def _write(config, fn: Callable[[sqlite3.Connection], T]) -> T:
         raise CannotWrite(f"{path}: another program held the database's write lock for "
                           f"{config.database.busy_wait_seconds:g}s (database.busy_wait_seconds); nothing was "
                           f"written, run it again") from None
-    except (StorageError, sqlite3.Error, OSError, RuntimeError) as e:
+    except (StorageError, sqlite3.Error, psycopg.Error, OSError, RuntimeError) as e:
         raise CannotWrite(f"{path}: cannot write: {e}; nothing was written") from None
     finally:
         db.close()
@@ -175,6 +177,10 @@ def list_keys(config, as_json: bool) -> int:
 
 def _people(config) -> list[api_keys.KeyRow]:
     """The database's keys; none when there is no database or it predates keys of people."""
+    if config.database.url is not None:
+        from server.databases import for_command
+        with for_command(config) as db:
+            return db.read_sync(api_keys.all_keys)
     path = config.resolve(config.database.path)
     if not path.exists():
         return []
