@@ -119,10 +119,6 @@ def jobs_run(config, db_path, args) -> int:
               file=sys.stderr)
         return 2
     if args.dry_run:
-        if db_path is POSTGRESQL:
-            print("jobs run --dry-run: not available on PostgreSQL yet; nothing was read or written",
-                  file=sys.stderr)
-            return 2
         return jobs_preview(config, db_path, now, f"{_span(drift)} {clock}, so running it needs --force" if far
                             else "")
     if far:
@@ -185,14 +181,16 @@ def _storage_faults_unlogged():
 def jobs_preview(config, db_path, now: datetime, far_note: str) -> int:
     """`jobs run --dry-run`: what the jobs would post, with nothing committed."""
     from server.jobs import open_for_preview, preview_all
-    if problem := _cannot_preview(db_path):
+    from storage.pg.connection import connect
+    if db_path is not POSTGRESQL and (problem := _cannot_preview(db_path)):
         print(problem, file=sys.stderr)
         return 2
     program = _program(config)
     try:
-        with closing(open_for_preview(db_path, PREVIEW_BUSY_WAIT_SECONDS)) as conn:
+        with closing(connect(config.database.url, connect_timeout_s=PG_CONNECT_TIMEOUT_S) if db_path is POSTGRESQL
+                     else open_for_preview(db_path, PREVIEW_BUSY_WAIT_SECONDS)) as conn:
             previews = preview_all(conn, program, now, config.events.expiring_days_before)
-    except sqlite3.OperationalError as e:
+    except (sqlite3.OperationalError, psycopg.OperationalError) as e:
         print(f"{db_path}: cannot preview the jobs: {e}", file=sys.stderr)
         return 1
     finally:

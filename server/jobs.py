@@ -30,6 +30,7 @@ from storage.apply import fire_events
 from storage.db import Database, StorageError
 from storage.ledger import PostingRef, iso, member_public_id
 from storage.pg import anchors
+from storage.sql import is_postgresql
 
 log = logging.getLogger("loyalty.jobs")
 
@@ -200,8 +201,9 @@ def open_for_preview(path, busy_wait_seconds: float):
 def _undone(conn, work: Callable[[], object]) -> tuple[object, list[tuple]]:
     """work()'s result and the postings it made, read before all it wrote is rolled back."""
     # IMMEDIATE: the write lock from the start, so a commit by the server cannot come between
-    # this transaction's first read and its first write.
-    conn.execute("BEGIN IMMEDIATE")
+    # this transaction's first read and its first write. PostgreSQL: one snapshot throughout,
+    # so what the servers commit meanwhile is not read as this batch's postings.
+    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ" if is_postgresql(conn) else "BEGIN IMMEDIATE")
     try:
         last = conn.execute("SELECT COALESCE(MAX(id), 0) FROM postings").fetchone()[0]
         result = work()
