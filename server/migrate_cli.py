@@ -69,16 +69,12 @@ def sqlite_to_postgres(source: Path, url: str, now: datetime | None = None) -> i
 
 def _to_postgres(lite: sqlite3.Connection, source: Path, url: str, now: datetime) -> int:
     from storage.pg.connection import connect
-    from storage.pg.schema import MigrationsBusy, migrate
     try:
         pg = connect(url)
     except psycopg.Error as e:
         return _refuse(f"cannot connect to the PostgreSQL database: {str(e).strip()}")
     try:
-        migrate(pg)
         return _copy(lite, source, pg, now)
-    except MigrationsBusy as e:
-        return _refuse(str(e))
     finally:
         pg.close()
 
@@ -86,6 +82,7 @@ def _to_postgres(lite: sqlite3.Connection, source: Path, url: str, now: datetime
 def _copy(lite: sqlite3.Connection, source: Path, pg, now: datetime) -> int:
     from storage import audit
     from storage.pg import copy
+    from storage.pg.schema import MigrationsBusy, migrate
     lite.execute("BEGIN")       # one snapshot: what is verified is what is copied
     try:
         source_report = audit.verify(lite)
@@ -93,9 +90,10 @@ def _copy(lite: sqlite3.Connection, source: Path, pg, now: datetime) -> int:
         if not source_report.ok:
             print("not copying: the SQLite ledger does not verify, and the copy would chain its rows anew")
             return 1
+        migrate(pg)
         copy.check_ready(lite, pg)
         target_report = pg.transaction(lambda c: _copy_and_check(lite, c, now, source_report), retries=0)
-    except copy.CopyRefused as e:
+    except (copy.CopyRefused, MigrationsBusy) as e:
         return _refuse(str(e))
     except _Rejected as e:
         _print_report(f"PostgreSQL {pg.raw.info.dbname}", e.report)

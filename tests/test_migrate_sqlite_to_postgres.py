@@ -14,6 +14,7 @@ import asyncio
 import sqlite3
 
 import pytest
+import sqlite_utils
 from conftest import Api, serve_program
 
 from server.cli import main
@@ -21,6 +22,7 @@ from server.startup import take_serve_lock
 from storage.pg import copy as pg_copy
 from storage.pg.audit import verify as pg_verify
 from storage.pg.connection import connect
+from storage.schema import migrations
 
 NOW = "2026-12-10T12:00:00+02:00"
 PRIVACY = {"hmac_key": "the-key-of-the-migration-tests"}
@@ -46,6 +48,7 @@ rules:
 # Every table the copy writes, compared row for row by count (the chain and total tables
 # are PostgreSQL's own, checked by audit verify).
 BALANCES = "SELECT member_id, SUM(points) FROM postings GROUP BY member_id ORDER BY member_id"
+NO_TABLES = "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'public'"
 RULE_TOTALS = "SELECT rule_id, SUM(points) FROM rule_totals GROUP BY rule_id HAVING SUM(points) <> 0 ORDER BY rule_id"
 
 
@@ -109,6 +112,8 @@ def counts(rows) -> dict[str, int]:
     return {t: rows(f"SELECT COUNT(*) FROM {t}")[0][0] for t in COPIED}
 
 
+# Tables the shop above writes rows to, compared by count (the chain and total tables are
+# PostgreSQL's own, checked by its audit).
 COPIED = ("members", "cards", "lots", "postings", "posting_rules", "receipts", "returns", "return_lines",
           "adjustments", "coupon_codes", "coupon_uses", "event_fires", "rule_fires", "events", "program_versions",
           "program_loads", "audit_log", "privacy_keys", "receipt_member_facts")
@@ -158,7 +163,7 @@ async def test_a_serving_server_is_refused(aiohttp_client, tmp_path, pg_url, cap
     with take_serve_lock(tmp_path / "loyalty.db"):
         assert await moved(tmp_path, pg_url) == 2
     assert "another loyalty server" in capsys.readouterr().err
-    assert pg_rows(pg_url, "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'public'") == [(0,)]
+    assert pg_rows(pg_url, NO_TABLES) == [(0,)]
 
 
 async def test_a_sqlite_ledger_edited_by_hand_is_not_copied(aiohttp_client, tmp_path, pg_url, capsys):
@@ -170,7 +175,18 @@ async def test_a_sqlite_ledger_edited_by_hand_is_not_copied(aiohttp_client, tmp_
     assert await moved(tmp_path, pg_url) == 1
     out = capsys.readouterr().out
     assert "FAIL posting 1: hash does not match" in out and "not copying" in out
-    assert pg_rows(pg_url, "SELECT COUNT(*) FROM postings") == [(0,)]
+    assert pg_rows(pg_url, NO_TABLES) == [(0,)]
+
+
+def test_a_sqlite_database_an_older_version_wrote_is_refused(tmp_path, pg_url, capsys):
+    """Its shape is not this version's: the server migrates it at start, the copy does not."""
+    db = sqlite_utils.Database(tmp_path / "loyalty.db")
+    migrations.apply(db, stop_before="m031_fingerprints_without_cards")
+    db.close()
+    assert main(["migrate", "sqlite-to-postgres", "--from", str(tmp_path / "loyalty.db"), "--to", pg_url]) == 2
+    err = capsys.readouterr().err
+    assert "the two schemas differ (index coupon_codes_card on coupon_codes (card) partial: only on PostgreSQL" in err
+    assert "open the SQLite database with this version's server once" in err
 
 
 async def test_a_copy_that_does_not_verify_is_not_committed(aiohttp_client, tmp_path, pg_url, capsys, monkeypatch):
