@@ -1,5 +1,5 @@
 """`loyalty migrate sqlite-to-postgres`: a SQLite installation made through the API (members,
-receipts, one paid with points, a return, a cancel, a coupon, an adjustment) copied into an
+receipts, one paid with points, a return, a cancel, a coupon, an adjustment, a merge) copied into an
 empty PostgreSQL database, whose balances, rule totals and rows are then SQLite's, its
 member chains and anchors verifying. A target that is not empty, a serving server, a
 SQLite ledger edited by hand and a copy that does not verify are refused, the target left
@@ -67,8 +67,11 @@ def sale(receipt_id: str, card: str, amount: int, codes: tuple[str, ...] = (), r
 async def a_shop(aiohttp_client, tmp_path) -> None:
     """The installation to move, made through the API, then stopped."""
     api: Api = await serve_program(aiohttp_client, tmp_path, NOW, PROGRAM, PRIVACY)
-    for card in ("c1", "c2", "c3"):
-        assert (await api.post("/v1/members", {"card": card}))[0] == 201
+    ids = {}
+    for card in ("c1", "c2", "c3", "c4"):
+        status, member = await api.post("/v1/members", {"card": card})
+        assert status == 201, member
+        ids[card] = member["member_id"]
     status, body = await api.post("/v1/admin/coupons/winter/codes", {"count": 1})
     assert status == 201, body
     answers = []
@@ -87,6 +90,10 @@ async def a_shop(aiohttp_client, tmp_path) -> None:
     status, adjusted = await api.post("/v1/admin/adjustments", {"card": "c2", "adjustment_id": "goodwill-1",
                                                                  "points": 25, "reason": "a late delivery"})
     assert status == 201, adjusted
+    # Into a member enrolled later: the copied row names a member after it.
+    status, merged = await api.post("/v1/admin/members/merge", {
+        "merge_id": "mg-1", "from_member_id": ids["c1"], "into_member_id": ids["c4"], "reason": "two cards"})
+    assert status == 201 and merged["points_moved"] > 0, merged
     await api.client.close()
 
 
@@ -116,7 +123,7 @@ def counts(rows) -> dict[str, int]:
 # PostgreSQL's own, checked by its audit).
 COPIED = ("members", "cards", "lots", "postings", "posting_rules", "receipts", "returns", "return_lines",
           "adjustments", "coupon_codes", "coupon_uses", "event_fires", "rule_fires", "events", "program_versions",
-          "program_loads", "audit_log", "privacy_keys", "receipt_member_facts")
+          "program_loads", "audit_log", "privacy_keys", "receipt_member_facts", "member_merges", "retired_cards")
 
 
 async def test_an_installation_made_through_the_api_moves_with_its_balances(aiohttp_client, tmp_path, pg_url,

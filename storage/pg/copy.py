@@ -137,6 +137,8 @@ def _batches(cursor):
 
 def _stream(pg: Connection, table: str, columns: list[str], rows, progress: Progress) -> int:
     count = 0
+    # One COPY per table: foreign keys are checked at the end of the statement, so a member
+    # merged into one enrolled after it goes in with the rest.
     with pg.raw.cursor().copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
         for row in rows:
             copy.write_row(row)
