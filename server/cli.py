@@ -1,5 +1,5 @@
 """`loyalty serve --config PATH`, `loyalty backup`, `loyalty rules check|explain|diff|export`, `loyalty keys`,
-`loyalty import`, `loyalty privacy rotate-key` and the admin commands."""
+`loyalty import`, `loyalty migrate`, `loyalty privacy rotate-key` and the admin commands."""
 from __future__ import annotations
 
 import argparse
@@ -83,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                                                    "(the last of privacy.hmac_key_rotations), beside the server")
     rotate.add_argument("--config", default="config.yaml")
     rotate.add_argument("--batch-rows", type=int, default=1_000, help="rows per transaction (1-10000)")
-    from server import cvm_cli, import_cli, keys_cli
+    from server import cvm_cli, import_cli, keys_cli, migrate_cli
     keys_cli.add_parser(sub)
     import_cli.add_parser(sub)
+    migrate_cli.add_parser(sub)
     cvm_cli.add_parsers(sub)     # after import_cli: it adds `import offers` to that command
     args = parser.parse_args(argv)
     if cvm_cli.handles(args):
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         return keys_cli.dispatch(args)
     if args.command == "import":
         return import_cli.dispatch(args)
+    if args.command == "migrate":
+        return migrate_cli.dispatch(args)
     if args.command == "events":
         from server.webhooks import retry_command
         return retry_command(args.config, args.webhook, args.event)

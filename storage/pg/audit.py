@@ -10,22 +10,27 @@ from storage.pg.ledger import verify_chains
 
 
 def verify(conn: Connection, problems_max: int = 20) -> AuditReport:
-    report = AuditReport()
-
     def in_snapshot(c: Connection) -> AuditReport:
         # Every check reads the same moment, as on SQLite, while servers keep writing.
         c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        report.postings = c.execute("SELECT COUNT(*) FROM postings").fetchone()[0]
-        report.problems += verify_chains(c, problems_max)
-        if len(report.problems) < problems_max:
-            report.problems += anchors.verify(c, problems_max - len(report.problems))
-        for check in LEDGER_CHECKS:
-            if len(report.problems) >= problems_max:
-                break
-            check(c, report)
-        report.chain_head = _anchor_head(c)
-        return report
+        return check(c, problems_max)
     return conn.transaction(in_snapshot, retries=0)
+
+
+def check(conn: Connection, problems_max: int = 20) -> AuditReport:
+    """verify's checks in the caller's transaction: `migrate sqlite-to-postgres` checks its
+    copy before committing it."""
+    report = AuditReport()
+    report.postings = conn.execute("SELECT COUNT(*) FROM postings").fetchone()[0]
+    report.problems += verify_chains(conn, problems_max)
+    if len(report.problems) < problems_max:
+        report.problems += anchors.verify(conn, problems_max - len(report.problems))
+    for ledger_check in LEDGER_CHECKS:
+        if len(report.problems) >= problems_max:
+            break
+        ledger_check(conn, report)
+    report.chain_head = _anchor_head(conn)
+    return report
 
 
 def _anchor_head(conn: Connection) -> str:

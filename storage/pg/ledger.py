@@ -90,15 +90,13 @@ def append_postings(conn: Connection, postings: list[NewPosting], key_id: str | 
 def _insert_postings(conn: Connection, rows: list[tuple]) -> list[int]:
     """The postings' ids from their identity column, in the rows' order: their accruals'
     split by rule (posting_rules) names them."""
+    # psycopg's cursor and placeholders: Connection.executemany gives no row back per row.
     cur = conn.raw.cursor()
     cur.executemany("INSERT INTO postings (member_id, chain_seq, lot_id, kind, points, counter_account, effective_at, "
                     "created_at, rule_id, rules_version, store_id, register_id, receipt_id, ref, key_id, note, hash) "
                     "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
                     rows, returning=True)
-    ids = []
-    for _ in cur.results():
-        ids.append(cur.fetchone()[0])
-    return ids
+    return [cur.fetchone()[0] for _ in cur.results()]
 
 
 def post(conn: Connection, member_id: int, lot_id: int, kind: str, points: int, counter: str, at: PostingRef,

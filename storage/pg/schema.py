@@ -694,7 +694,7 @@ def _take_turn(conn: Connection, wait_seconds: float) -> None:
     while not conn.execute("SELECT pg_try_advisory_lock(?)", (MIGRATIONS_LOCK_KEY,)).fetchone()[0]:
         if time.monotonic() >= deadline:
             raise MigrationsBusy(f"another process ({_turn_holder(conn)}) has been migrating the database for "
-                                 f"more than {wait_seconds:g} s; not starting")
+                                 f"more than {wait_seconds:g} s")
         time.sleep(LOCK_POLL_SECONDS)
 
 
