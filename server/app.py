@@ -34,6 +34,7 @@ from storage import api_keys, member_care
 from storage.db import Database, StorageBusy, StorageError
 from storage.health import is_busy
 from storage.pg.database import PgDatabase
+from storage.pg.schema import MigrationsBusy
 from storage.ledger import iso, manual_tiers_outside
 from storage.personal import protect_existing
 from storage.preload import preload
@@ -183,7 +184,7 @@ async def _open_postgresql(app: web.Application) -> PgDatabase:
         except BaseException:
             db.close()
             raise
-    except (psycopg.Error, StorageError) as e:
+    except (psycopg.Error, StorageError, MigrationsBusy) as e:
         raise StartupError(f"cannot open the PostgreSQL database: {e}") from None
     return db
 

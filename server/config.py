@@ -76,7 +76,8 @@ class DatabaseConfig(Struct, forbid_unknown_fields=True):
     cache_mib: Annotated[int, Meta(ge=2, le=1_048_576)] = 64
     # Read the members' hot rows into that cache at start; /readyz answers 503 until done.
     preload: bool = False
-    # At start, how long to wait while another process holds the database's write lock.
+    # At start, how long to wait while another process holds the database's write lock (on
+    # PostgreSQL: while another process applies the migrations).
     start_wait_seconds: Annotated[float, Meta(ge=0, le=3_600)] = 60.0
     # A write waits at most this long (from being queued) for a write lock held by another
     # program, then answers 503 storage_busy.

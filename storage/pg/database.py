@@ -35,7 +35,7 @@ from storage.db import Grouped, StorageClosed
 from storage.health import StorageUnavailable
 from storage.pg.connection import Connection, connect
 from storage.pg.leader import JobsLock
-from storage.pg.schema import migrate
+from storage.pg.schema import MIGRATIONS_WAIT_SECONDS, migrate
 
 T = TypeVar("T")
 
@@ -60,9 +60,11 @@ READ_NOW_TIMEOUT_S = 5.0
 class PgDatabase:
     backend = "postgresql"
 
-    def __init__(self, url: str, *, connections: int = CONNECTIONS_DEFAULT) -> None:
+    def __init__(self, url: str, *, connections: int = CONNECTIONS_DEFAULT,
+                 migrations_wait_s: float = MIGRATIONS_WAIT_SECONDS) -> None:
         self._url = url
         self._connections = connections
+        self._migrations_wait_s = migrations_wait_s
         self._local = threading.local()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -79,14 +81,16 @@ class PgDatabase:
     @classmethod
     def from_config(cls, database: Any) -> PgDatabase:
         """For config.yaml's `database` section (server/config.py DatabaseConfig)."""
-        return cls(database.url, connections=database.connections)
+        return cls(database.url, connections=database.connections,
+                   migrations_wait_s=database.start_wait_seconds)
 
     def open(self) -> list[str]:
         """Connects once (a wrong URL fails here, not at the first request) and applies the
-        migrations the database lacks, taking turns with other processes; their names."""
+        migrations the database lacks, taking turns with other processes; their names.
+        MigrationsBusy when another process keeps the turn past migrations_wait_s."""
         conn = self._connect()
         try:
-            applied = migrate(conn)
+            applied = migrate(conn, self._migrations_wait_s)
         finally:
             conn.close()
         self._pool = concurrent.futures.ThreadPoolExecutor(self._connections, thread_name_prefix="pg")
