@@ -8,8 +8,10 @@ INSERT for all their lots, one for their postings, one for the accruals' split b
 What a plan reads and writes is its own member's rows, plus two things every member
 shares: the budgets' rule_totals (kept by posting_rules' trigger, and taken off by the
 planner for plans of the batch not yet applied) and the ledger's order (posting ids, the
-hash chain, lot ids), which follows the one writer. Serializing members by a row lock
-instead would keep the first and need the second from a sequence.
+hash chain, lot ids), which follows the one writer. On PostgreSQL a plan is applied alone
+in its own transaction: the member's row lock serializes its member, a budgeted rule's
+total is read under the rule's lock, and the ids and each member's chain come from
+storage/pg/ledger.py.
 """
 from __future__ import annotations
 

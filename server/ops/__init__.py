@@ -9,6 +9,11 @@ one after another by construction: a receipt sees the postings, limits and budge
 every receipt written before it, committed or still in the same batch, and nothing it
 decided can go stale before it is written. Identical requests in flight at the same
 moment therefore write once: the second finds the first one's receipt.
+
+On PostgreSQL (several server processes, each write a transaction of its own) the same
+functions first take the member's row lock (storage.ledger.lock_member), which orders the
+member's writes across processes as the one writer does here; identical requests in two
+processes meet at the receipt's unique key, and the loser runs again as a replay.
 """
 from __future__ import annotations
 
