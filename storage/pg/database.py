@@ -52,9 +52,9 @@ DEFAULT_SYNC_TIMEOUT_S = 60.0
 # The webhooks' dispatcher asks whether this process runs the jobs every poll (0.25 s): the
 # lock is asked about at most this often.
 JOBS_CHECK_GAP_S = 1.0
-# read_now runs on the event loop's thread (program_versions' follow, a tier count at
-# start): one short query, which waits at most this long for a connection's answer.
-READ_NOW_TIMEOUT_S = 5.0
+# read_now runs on the event loop's thread (a member looked up by card, program_versions'
+# follow): its statements are stopped by PostgreSQL after this long.
+READ_NOW_TIMEOUT_MS = 5_000
 
 
 class PgDatabase:
@@ -151,8 +151,16 @@ class PgDatabase:
             return self._runs_jobs
 
     def read_now(self, fn: Callable[[Connection], T]) -> T:
-        """read_sync, for the few callers on the event loop's thread that cannot await."""
-        return self.read_sync(fn, timeout_s=READ_NOW_TIMEOUT_S)
+        """fn(conn) in the calling thread (the event loop's), on its own connection, in one
+        read-only snapshot: for short indexed reads, where waiting for a pool thread behind
+        the writes would cost more than the read."""
+        if self._state != "open":
+            raise StorageClosed(f"the PostgreSQL database is {self._state}")
+
+        def bounded(conn: Connection) -> T:
+            conn.execute(f"SET LOCAL statement_timeout = {READ_NOW_TIMEOUT_MS}")
+            return fn(conn)
+        return self._run(lambda conn: self._snapshot(conn, bounded))
 
     # -- writes and reads ----------------------------------------------------------
 
