@@ -1,9 +1,14 @@
 """The database a command opens beside the serving servers, from config.yaml's `database`."""
 from __future__ import annotations
 
+import sqlite3
+
 from storage.db import Database
 from storage.pg.database import PgDatabase
 from storage.schema import migrations
+
+# A command's connect to PostgreSQL gives up after this long (libpq's connect_timeout).
+CONNECT_TIMEOUT_S = 10
 
 
 def for_command(config) -> Database | PgDatabase:
@@ -14,3 +19,22 @@ def for_command(config) -> Database | PgDatabase:
         return PgDatabase.from_config(config.database)
     return Database.from_config(config.database, config.resolve(config.database.path), migrations=migrations,
                                 checkpoints=False)
+
+
+def read_connection(config, *, any_thread: bool = False):
+    """A connection for a command's reads beside the serving servers: PostgreSQL for
+    `database.url`, else the SQLite file read-only; None when that file does not exist.
+    any_thread: the SQLite connection may be used from a thread other than its maker's."""
+    if config.database.url is not None:
+        from storage.pg.connection import connect
+        return connect(config.database.url, connect_timeout_s=CONNECT_TIMEOUT_S)
+    path = config.resolve(config.database.path)
+    if not path.exists():
+        return None
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=not any_thread)
+
+
+def described(config) -> str:
+    """The database as a command's messages name it (a URL may carry what is not to be shown)."""
+    return "the PostgreSQL database (database.url)" if config.database.url is not None \
+        else str(config.resolve(config.database.path))

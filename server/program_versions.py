@@ -410,11 +410,12 @@ def export_command(config_path: str, version: str, directory: Path, force: bool)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    db_path = config.resolve(config.database.path)
-    if not db_path.exists():
-        print(f"{db_path}: no database", file=sys.stderr)
+    from server.databases import described, read_connection
+    conn = read_connection(config)
+    if conn is None:
+        print(f"{described(config)}: no database", file=sys.stderr)
         return 2
-    with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as conn:
+    with contextlib.closing(conn):
         found = _recorded(conn, version)
         if isinstance(found, str):
             print(found, file=sys.stderr)

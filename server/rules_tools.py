@@ -23,6 +23,7 @@ import msgspec
 
 from rules import MemberFacts, Program, ProgramError, format_explanation, load_program
 from server import validation
+from server.databases import described, read_connection
 from server.replay_member import OfferDrift, ReplayMember, facts_for, from_record
 from server.schema import DECODERS, Receipt, every_problem
 from storage import member_facts
@@ -141,15 +142,16 @@ def explain_command(config_path: str, receipt_path: str, card: str | None, avail
         receipt = decode_receipt(raw, receipt_path)
         card = card or receipt.card
         member = None
-        db_path = config.resolve(config.database.path)
-        if card and db_path.exists():
+        db_path = described(config)
+        conn = read_connection(config) if card else None
+        if conn is not None:
             from server.privacy import privacy_from_config
-            try:
-                privacy = privacy_from_config(config)
-                card_key = privacy.card(card)    # members are found by the card's HMAC
-            except ConfigError as e:
-                raise ToolError(f"config error: {e}") from None
-            with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as conn:
+            with closing(conn):
+                try:
+                    privacy = privacy_from_config(config)
+                    card_key = privacy.card(card)    # members are found by the card's HMAC
+                except ConfigError as e:
+                    raise ToolError(f"config error: {e}") from None
                 member = member_from_db(conn, program, card_key, receipt, _now(config), privacy.coupon)
             if member is not None:
                 print("the member as they are now: segments now, offers and coupon codes at the receipt's moment "
@@ -389,11 +391,11 @@ def export_receipts_command(config_path: str, out_path: str | None, first: str |
     except ValueError as e:
         print(f"--from/--to must be dates (YYYY-MM-DD): {e}", file=sys.stderr)
         return 2
-    db_path = config.resolve(config.database.path)
-    if not db_path.exists():
-        print(f"{db_path}: no database", file=sys.stderr)
+    conn = read_connection(config)
+    if conn is None:
+        print(f"{described(config)}: no database", file=sys.stderr)
         return 2
-    with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as conn:
+    with closing(conn):
         with output(out_path) as stream:
             count = export_receipts(conn, stream, first_day, last_day, export_bar("exporting receipts", out_path))
     print(f"{count} receipts exported", file=sys.stderr)

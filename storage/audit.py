@@ -109,7 +109,7 @@ def _lots(conn, report: AuditReport) -> None:
 
 
 def _has_table(conn, name: str) -> bool:
-    if not isinstance(conn, sqlite3.Connection):
+    if is_postgresql(conn):
         return conn.execute("SELECT 1 FROM information_schema.tables WHERE table_name = ?",
                             (name,)).fetchone() is not None
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None

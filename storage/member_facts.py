@@ -20,6 +20,7 @@ from datetime import date
 import msgspec
 
 from storage import versioned
+from storage.sql import is_postgresql
 
 VERSION = 1
 USABLE = "usable"       # a code's status when it could be used (storage/coupons.py USABLE)
@@ -93,8 +94,10 @@ COLUMN = "f.facts"
 
 def joined(conn: sqlite3.Connection) -> str:
     """The join for COLUMN; a database not upgraded yet (a tool run before the server was
-    restarted on a new version) has no records, and every receipt reads NULL."""
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'receipt_member_facts'").fetchone():
+    restarted on a new version) has no records, and every receipt reads NULL. PostgreSQL's
+    schema has had the table from its start."""
+    if is_postgresql(conn) or \
+            conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'receipt_member_facts'").fetchone():
         return ("LEFT JOIN receipt_member_facts f ON f.store_id = r.store_id AND f.register_id = r.register_id "
                 "AND f.receipt_id = r.receipt_id")
     return "LEFT JOIN (SELECT NULL AS facts) f ON 0"

@@ -7,7 +7,6 @@ nothing is fetched from elsewhere, and the pages forbid it (Content-Security-Pol
 """
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import jinja2
 from aiohttp import web
 
 from server.console.backtest import Backtests
+from server.databases import read_connection
 from server.console.sessions import SessionStore
 from server.keys import CONFIG, CONSOLE
 
@@ -57,11 +57,7 @@ def setup(app: web.Application) -> None:
 
 def read_connector(config):
     """A function that opens a connection to read the stored receipts with, beside the server."""
-    if config.database.url is not None:
-        from storage.pg.connection import connect
-        return lambda: connect(config.database.url)
-    path = config.resolve(config.database.path)
-    return lambda: sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    return lambda: read_connection(config, any_thread=True)
 
 
 async def _close(app: web.Application) -> None:
