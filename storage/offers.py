@@ -87,7 +87,7 @@ def charge(conn: sqlite3.Connection, member_id: int, rule_id: str, local_date: d
                      (take, member_id, offer_id))
         conn.execute("INSERT INTO offer_charges (store_id, register_id, receipt_id, member_id, offer_id, points) "
                      "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (store_id, register_id, receipt_id, offer_id) "
-                     "DO UPDATE SET points = points + excluded.points",
+                     "DO UPDATE SET points = offer_charges.points + excluded.points",
                      (*receipt_key, member_id, offer_id, take))
         granted += take
     return granted
