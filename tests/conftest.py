@@ -12,8 +12,9 @@ from server.app import create_app
 from server.config import config_from_dict
 from server.privacy import rotate_key_command
 
-# pg_url: a fresh database of a throwaway PostgreSQL cluster (skips when PostgreSQL is absent).
-from pg_cluster import pg_cluster, pg_url  # noqa: E402,F401
+# pg_url: a fresh database of a throwaway PostgreSQL cluster (skips when PostgreSQL is absent);
+# pg_pair: a primary with a synchronous streaming standby, for failover.
+from pg_cluster import pg_cluster, pg_pair, pg_url  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tests' own copies of the shipped programs: a manager who edits rules/programs/ does

@@ -13,8 +13,10 @@ import itertools
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -43,8 +45,10 @@ def _free_port() -> int:
 class Cluster:
     """One cluster: start(), url(createdb()), stop(). As root its files belong to `postgres`."""
 
-    def __init__(self, bins: Path):
+    def __init__(self, bins: Path, settings: dict[str, str] | None = None):
         self.bins = bins
+        # Server settings beyond the defaults below (replication's, for a primary).
+        self.settings = dict(settings or {})
         self.root = Path(tempfile.mkdtemp(prefix="loyalty-pg-"))
         self.data, self.sock = self.root / "data", self.root / "sock"
         self.port = _free_port()
@@ -71,6 +75,7 @@ class Cluster:
         # fsync stays on: the durability the server promises is measured against a real one.
         options = (f"-k {self.sock} -p {self.port} -c listen_addresses='' "
                    f"-c max_connections={MAX_CONNECTIONS} -c shared_buffers=64MB")
+        options += "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self._run(str(self.bins / "pg_ctl"), "-D", str(self.data), "-w", "-t", str(COMMAND_TIMEOUT_S),
                   "-l", str(self.root / "postgresql.log"), "-o", options, "start")
 
@@ -88,6 +93,12 @@ class Cluster:
         """The form `database.url` takes (the socket folder and port as query parameters)."""
         return f"postgresql://postgres@/{name}?host={self.sock}&port={self.port}"
 
+    def kill(self) -> None:
+        """SIGKILL to the postmaster, as a host that dies would: nothing is flushed or
+        handed over; its backends notice and exit."""
+        pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
+
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
             try:
@@ -97,9 +108,61 @@ class Cluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def pg_cluster():
-    """The session's cluster, started at the first test that needs it."""
+class ReplicatedPair:
+    """A primary and a streaming standby, the standby synchronous: the primary acknowledges
+    a COMMIT only once the standby has flushed it, so a failover after a kill loses
+    nothing that was acknowledged. url() names both hosts with target_session_attrs, as an
+    installation's `database.url` would."""
+
+    def __init__(self, bins: Path):
+        self.primary = Cluster(bins, {"wal_level": "replica", "max_wal_senders": "4"})
+        self.standby = Cluster(bins, {"hot_standby": "on"})
+
+    def start(self, database: str = "loyalty") -> None:
+        self.primary.start()
+        self.primary._run(str(self.primary.bins / "createdb"), "-h", str(self.primary.sock), "-p",
+                          str(self.primary.port), "-U", "postgres", database, as_owner=False)
+        self.database = database
+        self.standby.sock.mkdir()
+        if self.standby._as_pg:
+            pg = pwd.getpwnam("postgres")
+            for path in (self.standby.root, self.standby.sock):
+                os.chown(path, pg.pw_uid, pg.pw_gid)
+        # -R writes primary_conninfo and standby.signal: the copy starts as a streaming standby.
+        self.standby._run(str(self.standby.bins / "pg_basebackup"), "-h", str(self.primary.sock), "-p",
+                          str(self.primary.port), "-U", "postgres", "-D", str(self.standby.data), "-R",
+                          "-X", "stream", "--checkpoint=fast", "--no-sync")
+        self.standby.start_server()
+        # Synchronous only now: before a standby streams, every COMMIT (createdb's too) would
+        # wait for one.
+        self._psql("ALTER SYSTEM SET synchronous_standby_names = '*'")
+        self._psql("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + COMMAND_TIMEOUT_S
+        while self._psql("SELECT sync_state FROM pg_stat_replication") != "sync":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the standby did not become synchronous")
+            time.sleep(0.1)
+
+    def _psql(self, sql: str) -> str:
+        done = subprocess.run([str(self.primary.bins / "psql"), "-h", str(self.primary.sock), "-p",
+                               str(self.primary.port), "-U", "postgres", "-d", "postgres", "-At", "-c", sql],
+                              capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=True)
+        return done.stdout.strip()
+
+    def url(self) -> str:
+        return (f"postgresql://postgres@/{self.database}?host={self.primary.sock},{self.standby.sock}"
+                f"&port={self.primary.port},{self.standby.port}&target_session_attrs=read-write")
+
+    def promote(self) -> None:
+        self.standby._run(str(self.standby.bins / "pg_ctl"), "-D", str(self.standby.data), "-w",
+                          "-t", str(COMMAND_TIMEOUT_S), "promote")
+
+    def stop(self) -> None:
+        self.standby.stop()
+        self.primary.stop()
+
+
+def _bins_or_skip() -> Path:
     bins = bin_dir()
     if bins is None:
         pytest.skip(f"PostgreSQL is not installed (no initdb under {BIN_GLOB}; apt-get install postgresql)")
@@ -108,7 +171,24 @@ def pg_cluster():
             pwd.getpwnam("postgres")
         except KeyError:
             pytest.skip("running as root and there is no `postgres` user to run initdb as")
-    cluster = Cluster(bins)
+    return bins
+
+
+@pytest.fixture
+def pg_pair():
+    """A primary with a synchronous streaming standby, for failover tests."""
+    pair = ReplicatedPair(_bins_or_skip())
+    try:
+        pair.start()
+        yield pair
+    finally:
+        pair.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """The session's cluster, started at the first test that needs it."""
+    cluster = Cluster(_bins_or_skip())
     try:
         cluster.start()
         yield cluster
