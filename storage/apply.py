@@ -6,8 +6,8 @@ INSERT for all their lots, one for their postings, one for the accruals' split b
 (posting_rules), one UPDATE of the lots' remaining points, one INSERT of their receipt rows.
 
 What a plan reads and writes is its own member's rows, plus two things every member
-shares: the budgets' rule_totals (kept by posting_rules' trigger, and taken off by the
-planner for plans of the batch not yet applied) and the ledger's order (posting ids, the
+shares: the budgets' rule_totals (added to once per batch by append_postings, and taken
+off by the planner for plans of the batch not yet applied) and the ledger's order (posting ids, the
 hash chain, lot ids), which follows the one writer. Serializing members by a row lock
 instead would keep the first and need the second from a sequence.
 """
