@@ -870,3 +870,17 @@ def m031_fingerprints_without_cards(db):
                           "WHERE body_sha256 NOT LIKE 'm031:%'").fetchall()
     conn.executemany("UPDATE offers SET body_sha256 = ? WHERE offer_id = ?",
                      [(legacy_fingerprint(o, r, f, t, p), o) for o, r, f, t, p in offers])
+
+
+@migrations()
+def m033_segment_spans_current(db):
+    """A receipt reads its member's segments from the spans a reader takes as current (a list
+    segment's open ones; a computed one's open, or closed by a run not finished yet), not from
+    every span the member ever had (storage/segments.py current_spans).
+    segment_spans_member_current is keyed by member, then to_run and valid_to, so each kind is
+    one seek, and carries from_run and segment_id, so the rows come from the index alone. It
+    replaces segment_spans_member (member_id alone), a prefix of it."""
+    _run(db, """
+CREATE INDEX segment_spans_member_current ON segment_spans(member_id, to_run, valid_to, from_run, segment_id);
+DROP INDEX segment_spans_member
+""")
