@@ -91,7 +91,9 @@ def segments_in(program: Program, listed: set[str], computed: set[str]) -> froze
     """The program's segments among the member's stored ones (list and computed)."""
     if not (listed or computed):
         return frozenset()
-    return frozenset(s.id for s in program.segments.values() if s.id in (listed if s.kind == "list" else computed))
+    defined = program.segments
+    return frozenset([*(s for s in listed if s in defined and defined[s].kind == "list"),
+                      *(s for s in computed if s in defined and defined[s].kind != "list")])
 
 
 def budget_left(conn: sqlite3.Connection, program: Program) -> dict[str, int] | None:

@@ -21,7 +21,7 @@ from storage.coupons import StoredCode
 _SEGMENTS = segments.current_spans("'s', segment_id, NULL, from_run, NULL, NULL", guard="? = 1 AND ")
 _OFFERS = ("SELECT 'o', offer_id, rule_id, points, points_used, to_date FROM offer_members "
            f"WHERE ? = 1 AND {offers.VALID}")
-_BASE = f"WITH run AS ({segments.NEWEST_RUN}) {_SEGMENTS} UNION ALL {_OFFERS}"
+_BASE = f"{_SEGMENTS} UNION ALL {_OFFERS}"
 
 
 class Rows(NamedTuple):
@@ -56,9 +56,12 @@ def read(conn: sqlite3.Connection, member_id: int, with_segments: bool, offers_o
             with_segments, member_id, with_segments, member_id, offers_on is not None, member_id, day, day,
             *code_hashes)):
         if kind == "s":
-            (listed if number is None else computed).add(text)
+            if number is None:
+                listed.add(text)
+            else:
+                computed.add(text)
         elif kind == "o":
             valid.append(offers.OfferRow(text, other, number, used, last))
         else:
             codes[text] = StoredCode(other, last, number)
-    return Rows(listed, computed, offers.in_budget_order(valid), codes)
+    return Rows(listed, computed, offers.in_budget_order(valid) if len(valid) > 1 else valid, codes)

@@ -309,29 +309,25 @@ def scores_of(conn: sqlite3.Connection, member_id: int) -> Score | None:
     return Score(*row) if row else None
 
 
-# The newest finished run's id, 0 before the first: what a reader takes computed segments from.
-NEWEST_RUN = f"SELECT COALESCE(({_NEWEST}), 0) AS id"
-
-
 def current_spans(columns: str, guard: str = "") -> str:
     """SQL of a member's spans a reader takes as current, as `columns` (bound: the member's id
-    twice, each after what `guard` binds; a CTE `run` of NEWEST_RUN comes with it): a list
-    segment's open ones, and a computed segment's the newest finished run saw, i.e. opened
-    by it or before and not closed by then (open, or closed by a run still writing). A
-    computed span gets valid_to and to_run together, so both kinds of open span have neither:
+    twice, each after what `guard` binds): a list segment's open ones, and a computed
+    segment's the newest finished run saw, i.e. opened by it or before and not closed by then
+    (open, or closed by a run still writing); none before a run has finished. A computed span
+    gets valid_to and to_run together, so both kinds of open span have neither:
     segment_spans_member_current (m033) finds each kind with one seek and reads them from the
     index alone, however many spans the member had before. Built once, at import."""
-    return (f"SELECT {columns} FROM segment_spans, run WHERE {guard}member_id = ? AND to_run IS NULL "
-            "AND valid_to IS NULL AND (from_run IS NULL OR from_run <= run.id) "
-            f"UNION ALL SELECT {columns} FROM segment_spans, run WHERE {guard}member_id = ? AND to_run > run.id "
-            "AND from_run <= run.id")
+    return (f"SELECT {columns} FROM segment_spans WHERE {guard}member_id = ? AND to_run IS NULL "
+            f"AND valid_to IS NULL AND (from_run IS NULL OR from_run <= ({_NEWEST})) "
+            f"UNION ALL SELECT {columns} FROM segment_spans WHERE {guard}member_id = ? AND to_run > ({_NEWEST}) "
+            f"AND from_run <= ({_NEWEST})")
 
 
-_MEMBERSHIP = f"WITH run AS ({NEWEST_RUN}) {current_spans('segment_id, from_run')}"
+_MEMBERSHIP = current_spans("segment_id, from_run")
 
 # A computed segment's members as the newest finished run left them (segment id).
-_MEMBERS_NOW = (f"WITH run AS ({NEWEST_RUN}) SELECT member_id FROM segment_spans, run WHERE segment_id = ? "
-                "AND from_run IS NOT NULL AND from_run <= run.id AND (to_run IS NULL OR to_run > run.id)")
+_MEMBERS_NOW = ("SELECT member_id FROM segment_spans WHERE segment_id = ? AND from_run IS NOT NULL "
+                f"AND from_run <= ({_NEWEST}) AND (to_run IS NULL OR to_run > ({_NEWEST}))")
 
 
 def membership_of(conn: sqlite3.Connection, member_id: int) -> tuple[set[str], set[str]]:
