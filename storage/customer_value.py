@@ -51,9 +51,11 @@ def read(conn: sqlite3.Connection, member_id: int, with_segments: bool, offers_o
     if not (with_segments or offers_on or code_hashes):
         return NOTHING
     day = offers_on.isoformat() if offers_on else ""
+    # The flags as integers: PostgreSQL compares no boolean with 1.
+    segments_wanted, offers_wanted = int(with_segments), int(offers_on is not None)
     listed, computed, valid, codes = set(), set(), [], {}
     for kind, text, other, number, used, last in conn.execute(_statement(len(code_hashes)), (
-            with_segments, member_id, with_segments, member_id, offers_on is not None, member_id, day, day,
+            segments_wanted, member_id, segments_wanted, member_id, offers_wanted, member_id, day, day,
             *code_hashes)):
         if kind == "s":
             if number is None:
