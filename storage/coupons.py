@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
-from functools import lru_cache
 from datetime import date, datetime
+from functools import lru_cache
 from typing import Callable, NamedTuple
 
 import msgspec
