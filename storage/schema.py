@@ -883,3 +883,17 @@ def m032_rule_totals_per_batch(db):
 DROP TRIGGER IF EXISTS posting_rules_rule_totals;
 DROP TRIGGER IF EXISTS postings_rule_totals
 """)
+
+
+@migrations()
+def m033_segment_spans_current(db):
+    """A receipt reads its member's segments from the spans a reader takes as current (a list
+    segment's open ones; a computed one's open, or closed by a run not finished yet), not from
+    every span the member ever had (storage/segments.py current_spans).
+    segment_spans_member_current is keyed by member, then to_run and valid_to, so each kind is
+    one seek, and carries from_run and segment_id, so the rows come from the index alone. It
+    replaces segment_spans_member (member_id alone), a prefix of it."""
+    _run(db, """
+CREATE INDEX segment_spans_member_current ON segment_spans(member_id, to_run, valid_to, from_run, segment_id);
+DROP INDEX segment_spans_member
+""")
