@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/confirm_cpu.py BEFORE AFTER [--rounds 5] [--receipts 2000] [--concurrent 32]
     PYTHONPATH=. python benchmarks/confirm_cpu.py BEFORE AFTER --callgrind --members 50 --receipts 200 --concurrent 10
+    PYTHONPATH=. python benchmarks/confirm_cpu.py BEFORE AFTER --callgrind --http --members 50 --receipts 200 --concurrent 10
 
 Each revision's tree (exported as benchmarks/ab.py does) runs in a process of its own that
 enrolls members on a fresh database and confirms receipts through server/ops/receipts.py,
@@ -14,18 +15,26 @@ On a machine whose cores other processes share, CPU time per receipt still moves
 from run to run. `--callgrind` counts instructions instead (valgrind, about 40 times
 slower): each side runs twice, with 20 receipts and with `--receipts` more, and the
 difference of the two counts over `--receipts` is the instructions per confirmed receipt,
-the same on every run whatever else the machine does.
+the same on every run whatever else the machine does. `--callgrind --http` counts the real
+server instead (`loyalty serve` under valgrind, the receipts sent over HTTP by this
+process): the receipt path plus aiohttp, the middlewares, decoding and the answer.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import hashlib
+import http.client
 import json
 import os
 import re
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -123,6 +132,94 @@ def instructions(tree: Path, members: int, count: int, concurrent: int) -> float
     return (totals[1] - totals[0]) / count
 
 
+def http_instructions(tree: Path, members: int, count: int, concurrent: int) -> float:
+    """Instructions per confirmed receipt of `loyalty serve` itself, HTTP included: two runs
+    under callgrind as instructions() does, the receipts sent over `concurrent` keep-alive
+    connections by this process (not counted)."""
+    subprocess.run([str(VENV_BIN / "python"), "-m", "compileall", "-q", str(tree)], check=True,
+                   capture_output=True)
+    totals = []
+    for receipts in (20, 20 + count):
+        with tempfile.TemporaryDirectory() as folder:
+            totals.append(_served(tree, Path(folder), members, receipts, concurrent))
+    return (totals[1] - totals[0]) / count
+
+
+def _served(tree: Path, folder: Path, members: int, receipts: int, concurrent: int) -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sha = lambda key: hashlib.sha256(key.encode()).hexdigest()  # noqa: E731
+    config = folder / "config.yaml"
+    config.write_text(json.dumps({     # JSON is YAML
+        "server": {"host": "127.0.0.1", "port": port},
+        "database": {"path": str(folder / "bench.db")},
+        "rules": {"dir": str(tree.resolve() / "rules/programs/market"), "watch": False},
+        "clock": {"start": "2026-11-24T12:00:05+02:00"}, "jobs": {"enabled": False},
+        "privacy": {"hmac_key": "bench-hmac-key-0123456789"},
+        "limits": {"requests_per_second_per_key": 1_000_000, "burst": 10_000_000},
+        "auth": {"keys": [{"id": "bench", "sha256": sha("bench-register"), "role": "register", "stores": ["S001"]},
+                          {"id": "bench-manager", "sha256": sha("bench-manager"), "role": "manager"}]}}))
+    server = subprocess.Popen(["valgrind", "--tool=callgrind", "--cache-sim=no", "--branch-sim=no",
+                               f"--callgrind-out-file={folder}/callgrind.out", str(VENV_BIN / "python"), "-m",
+                               "server.cli", "serve", "--config", str(config)],
+                              cwd=tree, env={**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_ready(port, server)
+        _send(port, "bench-manager", [("/v1/members", {"card": f"card-{m}"}) for m in range(members)], 1)
+        _send(port, "bench-register", [("/v1/receipts", _receipt(n, members)) for n in range(members)], concurrent)
+        _send(port, "bench-register", [("/v1/receipts", _receipt(n, members))
+                                       for n in range(members, members + receipts)], concurrent)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=600)
+    found = re.findall(r"Collected : (\d+)", err)
+    if len(found) != 1:
+        raise SystemExit(f"{tree.name} served under valgrind failed:\n{err[-3000:]}")
+    return int(found[0])
+
+
+def _receipt(n: int, members: int) -> dict:
+    amounts = [500 + (n * 7919 + i * 104729) % 20000 for i in range(10)]
+    return {"receipt_id": f"b{n}", "store_id": "S001", "register_id": "K01", "ts": "2026-11-24T12:00:00+02:00",
+            "card": f"card-{n % members}", "total": sum(amounts),
+            "lines": [{"line_no": i + 1, "sku": f"s{i}", "category": CATEGORIES[(n + i) % 10], "qty": 1,
+                       "price": amount, "amount": amount} for i, amount in enumerate(amounts)]}
+
+
+def _wait_ready(port: int, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited: {server.stderr.read()[-3000:]}")
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.request("GET", "/readyz")
+            if connection.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise SystemExit("the server was not ready within 600 s")
+
+
+def _send(port: int, key: str, requests: list[tuple[str, dict]], connections: int) -> None:
+    """Each connection sends its share one after another, answers checked (2xx)."""
+    def send(share: list[tuple[str, dict]]) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        for path, body in share:
+            connection.request("POST", path, json.dumps(body), {"Authorization": f"Bearer {key}",
+                                                                "Content-Type": "application/json"})
+            answer = connection.getresponse()
+            text = answer.read()
+            if answer.status >= 300:
+                raise RuntimeError(f"{path} answered {answer.status}: {text[:300]!r}")
+        connection.close()
+    with concurrent.futures.ThreadPoolExecutor(connections) as pool:
+        list(pool.map(send, [requests[at::connections] for at in range(connections)]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before")
@@ -132,11 +229,12 @@ def main() -> None:
     parser.add_argument("--receipts", type=int, default=2000)
     parser.add_argument("--concurrent", type=int, default=32)
     parser.add_argument("--callgrind", action="store_true", help="instructions per receipt (needs valgrind)")
+    parser.add_argument("--http", action="store_true", help="with --callgrind: of `loyalty serve`, HTTP included")
     args = parser.parse_args()
     trees = {"before": export(args.before), "after": export(args.after)}
     if args.callgrind:
-        counted = {side: instructions(tree, args.members, args.receipts, args.concurrent)
-                   for side, tree in trees.items()}
+        count = http_instructions if args.http else instructions
+        counted = {side: count(tree, args.members, args.receipts, args.concurrent) for side, tree in trees.items()}
         print(f"instructions per confirmed receipt: before {counted['before'] / 1e6:.3f} M, "
               f"after {counted['after'] / 1e6:.3f} M ({counted['after'] / counted['before'] - 1:+.1%})")
         return

@@ -34,7 +34,10 @@ database let drift on a shared machine hit every side alike.
 
 --profile DIR writes a cProfile of each side's measured confirms to DIR/<side>.pstats (read
 them with `python -m pstats`); the profiler inflates the CPU times that run prints, so time
-and profile in separate runs.
+and profile in separate runs. --statements counts the SQL statements each side's measured
+confirms run on the write connection (each row of an executemany, BEGIN, SAVEPOINT and COMMIT
+included) and prints them per receipt; its callback costs each statement a Python call, so
+time without it too.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ import asyncio
 import cProfile
 import shutil
 import statistics
+from collections import Counter
 import sys
 import tempfile
 import time
@@ -127,6 +131,18 @@ def receipt(n: int, k: int, members: int, code: str | None = None, card: str = "
         f' "total": {amount}{coupons}}}'.encode(), schema.Receipt)
 
 
+class Statements:
+    """The write connection's trace callback: statements run while a side is measured."""
+
+    def __init__(self) -> None:
+        self.side: str | None = None
+        self.counts: Counter[str] = Counter()
+
+    def __call__(self, sql: str) -> None:
+        if self.side is not None:
+            self.counts[self.side] += 1
+
+
 async def block(deps, start: int, first_k: int, count: int, members: int, codes: list[str] | None,
                 card: str = "card", paying: list[tuple[bool, bool, bool]] | None = None,
                 profiler: cProfile.Profile | None = None) -> float:
@@ -174,7 +190,7 @@ async def set_up_cvm(app, members: int, codes_needed: int) -> list[str]:
     return codes
 
 
-async def main(members: int, per_block: int, rounds: int, profile: Path | None) -> None:
+async def main(members: int, per_block: int, rounds: int, profile: Path | None, count: bool) -> None:
     folder = Path(tempfile.mkdtemp(prefix="cvm-bench-"))
     program_b = folder / "program"
     shutil.copytree(MARKET, program_b)
@@ -215,14 +231,19 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None) 
         n += members
         mark = await app[DATABASE].read(lambda conn: conn.execute(
             "SELECT COALESCE(MAX(posting_id), 0) FROM posting_rules").fetchone()[0])
+        statements = Statements() if count else None
+        if statements:
+            await app[DATABASE].write(lambda conn: conn.set_trace_callback(statements))
         sides, profilers = await alternate(deps, holder, programs, n, rounds, per_block, members, codes, paying,
-                                           profile is not None)
+                                           profile is not None, statements)
+        if statements:
+            await app[DATABASE].write(lambda conn: conn.set_trace_callback(None))
         holder.current = b
         used = await app[DATABASE].read(lambda conn: conn.execute("SELECT COUNT(*) FROM coupon_uses").fetchone()[0])
         paid = await app[DATABASE].read(lambda conn: {rule: (count, points) for rule, count, points in conn.execute(
             "SELECT rule_id, COUNT(*), SUM(points) FROM posting_rules WHERE posting_id > ? GROUP BY rule_id",
             (mark,))})
-    report(sides, scored.scored if scored else 0, paid, used, per_block)
+    report(sides, scored.scored if scored else 0, paid, used, per_block, statements)
     if profile:
         profile.mkdir(parents=True, exist_ok=True)
         for side, profiler in profilers.items():
@@ -231,10 +252,14 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None) 
 
 
 async def alternate(deps, holder, programs: dict, n: int, rounds: int, per_block: int, members: int,
-                    codes: list[str], paying: list, profile: bool) -> tuple[dict[str, list[float]], dict]:
-    """The measured rounds: each side's CPU per receipt by block, and its profiler (profile)."""
+                    codes: list[str], paying: list, profile: bool,
+                    statements: Statements | None) -> tuple[dict[str, list[float]], dict]:
+    """The measured rounds: each side's CPU per receipt by block, and its profiler (profile);
+    statements, when given, counts each side's."""
     sides: dict[str, list[float]] = {"A": [], "B": [], "P": [], "idle": []}
-    profilers = {side: cProfile.Profile() for side in sides} if profile else {}
+    # The event loop thread's CPU clock, as the timings: other processes on the machine, and
+    # the loop waiting for the sync thread, do not count.
+    profilers = {side: cProfile.Profile(time.thread_time) for side in sides} if profile else {}
     order = list(sides)
     for r in range(rounds):
         # The same receipts for every side in a round; the order turns so that none
@@ -243,10 +268,14 @@ async def alternate(deps, holder, programs: dict, n: int, rounds: int, per_block
             # What each request reads to take the serving program (no reload: the
             # programs stay compiled, and the switch costs nothing inside a block).
             holder.current = programs[side]
+            if statements:
+                statements.side = side
             sides[side].append(await block(deps, n, r * per_block, per_block, members,
                                            codes if side == "B" else None,
                                            "idle" if side == "idle" else "card", paying, profilers.get(side)))
             n += per_block
+            if statements:
+                statements.side = None
     return sides, profilers
 
 
@@ -260,7 +289,8 @@ async def who_pays(app, members: int) -> list[tuple[bool, bool, bool]]:
     return [(m % 3 == 0, m % 2 == 0, ids[m] in big) for m in range(members)]
 
 
-def report(sides: dict[str, list[float]], scored: int, paid: dict, used: int, per_block: int) -> None:
+def report(sides: dict[str, list[float]], scored: int, paid: dict, used: int, per_block: int,
+           statements: Statements | None) -> None:
     cost = {side: statistics.median(blocks) for side, blocks in sides.items()}
     print(f"RFM scored {scored} members; {len(sides['A'])} alternating rounds of {per_block} receipts per side")
     print(f"measured rounds, rules paid (receipts, points): coupon uses {used}")
@@ -277,6 +307,11 @@ def report(sides: dict[str, list[float]], scored: int, paid: dict, used: int, pe
     for x, y in (("B", "A"), ("B", "P"), ("P", "A")):
         by_round = (100 * (1 - u / v) for u, v in zip(sides[y], sides[x]))
         print(f"fewer receipts/s by round, {x} vs {y} (%):", " ".join(f"{p:.1f}" for p in by_round))
+    if statements:
+        receipts = {side: len(blocks) * per_block for side, blocks in sides.items()}
+        per = {side: statements.counts[side] / receipts[side] for side in sides}
+        print("SQL statements per receipt:", ", ".join(f"{side} {per[side]:.2f}" for side in sides),
+              f"(B - P {per['B'] - per['P']:.2f}, B - A {per['B'] - per['A']:.2f})")
 
 
 if __name__ == "__main__":
@@ -285,5 +320,6 @@ if __name__ == "__main__":
     parser.add_argument("--receipts", type=int, default=200, help="confirms per block")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--profile", type=Path, help="a folder for each side's cProfile of its confirms")
+    parser.add_argument("--statements", action="store_true", help="count each side's SQL statements per receipt")
     args = parser.parse_args()
-    asyncio.run(main(args.members, args.receipts, args.rounds, args.profile))
+    asyncio.run(main(args.members, args.receipts, args.rounds, args.profile, args.statements))

@@ -43,7 +43,7 @@ from sqlite_utils import Database as UtilsDatabase
 from server.privacy import Privacy
 from storage.accounts import ISSUE_PROGRAM
 from storage import line_records
-from storage.ledger import GENESIS_HASH, posting_hash
+from storage.ledger import GENESIS_HASH, add_rule_totals, posting_hash
 from storage.schema import migrations
 
 BENCH_HMAC_KEY = "bench-only-hmac-key-0123456789"
@@ -150,8 +150,13 @@ def write_batch(conn: sqlite3.Connection, rows) -> None:
                          "effective_at, created_at, rule_id, rules_version, store_id, register_id, receipt_id, ref, "
                          "hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", written)
         if has_posting_rules(conn):     # m030: an accrual's split by rule (here its one rule)
-            conn.executemany("INSERT INTO posting_rules (posting_id, rule_id, points) VALUES (?, ?, ?)",
-                             [(row[0], row[8], row[4]) for row in written if row[3] == "accrual"])
+            split = [(row[0], row[8], row[4]) for row in written if row[3] == "accrual"]
+            conn.executemany("INSERT INTO posting_rules (posting_id, rule_id, points) VALUES (?, ?, ?)", split)
+            if not has_trigger(conn, "posting_rules_rule_totals"):     # m032: the writer keeps the totals
+                by_rule: dict[str, int] = {}
+                for _, rule, points in split:
+                    by_rule[rule] = by_rule.get(rule, 0) + points
+                add_rule_totals(conn, by_rule)
         conn.executemany("INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, "
                          "local_date, total, rules_version, status, body, result, lines, created_at) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'confirmed', ?, ?, ?, ?)", receipts)
@@ -163,6 +168,10 @@ def write_batch(conn: sqlite3.Connection, rows) -> None:
 
 def has_posting_rules(conn: sqlite3.Connection) -> bool:
     return conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'posting_rules'").fetchone() is not None
+
+
+def has_trigger(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = ?", (name,)).fetchone() is not None
 
 
 def chained(conn: sqlite3.Connection, lots: list, postings: list) -> list:

@@ -271,8 +271,8 @@ async def latency_middleware(request: web.Request, handler):
         name = route.resource.canonical if route.resource is not None else "unmatched"
         status = response.status if response is not None else 500   # no answer: cancelled or a bug
         metrics = request.app[METRICS]
-        metrics.request_latency.labels(name, request.method, status_class(status)).observe(
+        metrics.request_latency_of(name, request.method, status_class(status)).observe(
             time.perf_counter() - started)
         endpoint = COUNTED_ENDPOINTS.get(route.name)
         if endpoint is not None and status >= 400:
-            metrics.receipts.labels(endpoint, error_code(getattr(response, "body", None))).inc()
+            metrics.receipts_of(endpoint, error_code(getattr(response, "body", None))).inc()

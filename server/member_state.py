@@ -14,7 +14,7 @@ import msgspec
 from rules import MemberFacts, Program
 from server.errors import unprocessable
 from server.plan import MemberState, key_of
-from storage import coupons, ledger, offers, segments
+from storage import coupons, customer_value, ledger, offers, segments
 from storage.ledger import iso
 from storage.member_facts import TierFacts
 
@@ -34,10 +34,10 @@ def read_member_state(conn: sqlite3.Connection, receipt, program: Program, now: 
     holds = ledger.open_holds(conn, member.id, iso(now))
     hold_open = any(h.key == key and h.points for h in holds) or \
         ledger.hold_member(conn, key, open_only=True) is not None
-    facts, judged, tier, tier_now = _customer_value(conn, program, member, receipt, card, coupon_mac, now)
-    return MemberState(member, facts, ledger.lots_of(conn, member.id), holds,
-                       ledger.rule_usage(conn, member.id, windows), budget_left(conn, program), hold_open, judged,
-                       tier, tier_now)
+    value = _customer_value(conn, program, member, receipt, card, coupon_mac, now)
+    return MemberState(member, value.facts, ledger.lots_of(conn, member.id), holds,
+                       ledger.rule_usage(conn, member.id, windows), budget_left(conn, program), hold_open,
+                       value.judged, value.tier, value.tier_now, value.offers)
 
 
 def customer_value_facts(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, receipt,
@@ -45,22 +45,33 @@ def customer_value_facts(conn: sqlite3.Connection, program: Program, member: led
     """The member's facts with their segments (as they are at arrival), the offers valid
     at ts and the receipt's usable codes; with the judgement of every code it sent and what
     the tier was computed from. Reads only: judging a code does not use it."""
-    return _customer_value(conn, program, member, receipt, card, coupon_mac, now)[:3]
+    value = _customer_value(conn, program, member, receipt, card, coupon_mac, now)
+    return value.facts, value.judged, value.tier
+
+
+class CustomerValue(NamedTuple):
+    facts: MemberFacts
+    judged: coupons.Judged | None
+    tier: TierFacts
+    tier_now: TierTotals                # what the member's tier at `now` counts before the receipt
+    offers: list[offers.OfferRow]       # valid at ts, which a confirm charges without reading them again
 
 
 def _customer_value(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, receipt, card: str,
-                    coupon_mac, now: datetime) -> tuple[MemberFacts, coupons.Judged | None, TierFacts, TierTotals]:
-    """customer_value_facts, with what the member's tier at `now` counts before the receipt."""
+                    coupon_mac, now: datetime) -> CustomerValue:
+    """customer_value_facts, with what the member's tier at `now` counts and their offer rows:
+    segments, offers and the codes' rows in one statement (storage/customer_value.py)."""
     facts, tier, tier_now = member_facts(conn, program, member, receipt.ts, now)
     day = local_date_of(program, receipt.ts)     # offers and coupon campaigns are judged at ts
-    judged, sent = None, getattr(receipt, "coupons", None)
-    if sent:
-        judged = coupons.judge(conn, sent, card, day, program.coupons, coupon_mac)
-    return msgspec.structs.replace(
-        facts, segments=segments_now(conn, program, member.id),
-        offers=offers.offers_for(conn, member.id, day) if program.personal_rule_ids else {},
-        coupons={campaign: code for campaign, (code, _) in judged.usable.items()} if judged else {}), judged, tier, \
-        tier_now
+    sent = getattr(receipt, "coupons", None)
+    hashes = coupons.hashes(sent, coupon_mac) if sent else []
+    rows = customer_value.read(conn, member.id, bool(program.segments), day if program.personal_rule_ids else None,
+                               [digest for digests in hashes for digest in digests])
+    judged = coupons.judged(sent, hashes, rows.codes, card, day, program.coupons) if sent else None
+    facts = msgspec.structs.replace(
+        facts, segments=segments_in(program, rows.listed, rows.computed), offers=offers.left_by_rule(rows.offers),
+        coupons={campaign: code for campaign, (code, _) in judged.usable.items()} if judged else {})
+    return CustomerValue(facts, judged, tier, tier_now, rows.offers)
 
 
 def local_date_of(program: Program, moment: datetime) -> date:
@@ -73,9 +84,16 @@ def segments_now(conn: sqlite3.Connection, program: Program, member_id: int) -> 
     run of the daily job left them (server/rfm.py), for the segments the program defines."""
     if not program.segments:
         return frozenset()
-    listed, computed = segments.membership_of(conn, member_id)
-    return frozenset(s.id for s in program.segments.values()
-                     if s.id in (listed if s.kind == "list" else computed))
+    return segments_in(program, *segments.membership_of(conn, member_id))
+
+
+def segments_in(program: Program, listed: set[str], computed: set[str]) -> frozenset[str]:
+    """The program's segments among the member's stored ones (list and computed)."""
+    if not (listed or computed):
+        return frozenset()
+    defined = program.segments
+    return frozenset([*(s for s in listed if s in defined and defined[s].kind == "list"),
+                      *(s for s in computed if s in defined and defined[s].kind != "list")])
 
 
 def budget_left(conn: sqlite3.Connection, program: Program) -> dict[str, int] | None:

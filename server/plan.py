@@ -19,11 +19,12 @@ import msgspec
 from rules import MemberFacts, Program
 from rules.records import Evaluation
 from server.errors import ApiError, unprocessable
-from storage import accounts, member_facts
+from storage import accounts, member_facts, offers
 from storage.coupons import USABLE, Judged
 from storage.ledger import Balance, Hold, Lot, MemberRow, ReceiptKey, balance_of, draw, iso
 from storage.line_records import ReceiptLines, build
 from storage.member_facts import ReceiptMemberFacts, TierFacts
+from storage.offers import OfferRow
 
 
 class MemberState(msgspec.Struct, frozen=True):
@@ -40,6 +41,7 @@ class MemberState(msgspec.Struct, frozen=True):
     # (receipts, net spend) the member's tier at arrival counts before this receipt: the
     # tier.changed check after it adds the receipt instead of counting again
     tier_now: tuple[int, int] | None = None
+    offer_rows: list[OfferRow] = []     # the offers behind facts.offers, which a confirm charges
 
     def own_hold(self, key: ReceiptKey) -> int:
         return sum(h.points for h in self.holds if h.key == key)
@@ -78,6 +80,15 @@ class CouponUse(msgspec.Struct, frozen=True):
     uses_per_code: int
 
 
+class OfferCharge(msgspec.Struct, frozen=True):
+    """What a personal rule gave, charged to the member's offers of it: `takes` is what each
+    budget gives (offer id, points), the one ending first first (storage/offers.py takes);
+    None when an offer of the rule has no budget, which nothing is charged to."""
+    rule: str
+    points: int
+    takes: tuple[tuple[str, int], ...] | None
+
+
 class EventFire(msgspec.Struct, frozen=True):
     member_id: int
     on: str
@@ -101,7 +112,7 @@ class ReceiptPlan:
     # What the receipt sent as coupons, each with its status for the answer (api.md); None: it sent none.
     coupon_statuses: list[tuple[str, str]] | None = None
     coupon_uses: list[CouponUse] = field(default_factory=list)   # one use of each code a fired rule needed
-    offer_charges: list[tuple[str, int]] = field(default_factory=list)  # (personal rule, points it gave)
+    offer_charges: list[OfferCharge] = field(default_factory=list)
     held_out: list[tuple[str, int]] = field(default_factory=list)  # (rule, points a control member was not given)
     member_facts: ReceiptMemberFacts | None = None    # what the rules knew of the member, kept with the receipt
     tier_now: tuple[int, int] | None = None     # MemberState.tier_now
@@ -224,8 +235,8 @@ def _customer_value(plan: ReceiptPlan, program: Program, state: MemberState, ev:
         plan.coupon_uses = [CouponUse(campaign, usable[campaign][1], program.coupons[campaign].uses_per_code)
                             for campaign in ev.coupons_used]
     if state.facts.offers:
-        plan.offer_charges = [(rule, points) for rule, points in ev.by_rule
-                              if points > 0 and rule in state.facts.offers]
+        plan.offer_charges = [OfferCharge(rule, points, offers.takes(state.offer_rows, rule, points))
+                              for rule, points in ev.by_rule if points > 0 and rule in state.facts.offers]
     plan.held_out = list(ev.held_out)
 
 
@@ -235,7 +246,7 @@ def recorded_facts(state: MemberState, plan: ReceiptPlan) -> ReceiptMemberFacts 
     facts = state.facts
     if state.tier is None:      # a state not read from the database (tests, benchmarks) has no tier facts
         return None
-    charged = dict(plan.offer_charges)
+    charged = {charge.rule: charge.points for charge in plan.offer_charges}
     judged = state.coupons
     codes = [] if judged is None else [
         member_facts.CouponFact(campaign, status) for (_, status), campaign in zip(judged.statuses, judged.campaigns)]

@@ -3,15 +3,16 @@
 Nothing here decides: the lots, their points and dates, every posting and its amount come
 from the plan. The confirms of one batch are written together (apply_confirms): one
 INSERT for all their lots, one for their postings, one for the accruals' split by rule
-(posting_rules), one UPDATE of the lots' remaining points, one INSERT of their receipt rows.
+(posting_rules), one UPDATE of the lots' remaining points, one INSERT of their receipt rows;
+their coupon uses and personal offer charges likewise, from the rows their plans read.
 
 What a plan reads and writes is its own member's rows, plus two things every member
-shares: the budgets' rule_totals (kept by posting_rules' trigger, and taken off by the
-planner for plans of the batch not yet applied) and the ledger's order (posting ids, the
-hash chain, lot ids), which follows the one writer. On PostgreSQL a plan is applied alone
-in its own transaction: the member's row lock serializes its member, a budgeted rule's
-total is read under the rule's lock, and the ids and each member's chain come from
-storage/pg/ledger.py.
+shares: the budgets' rule_totals (added to once per batch by append_postings, and taken
+off by the planner for plans of the batch not yet applied) and the ledger's order (posting
+ids, the hash chain, lot ids), which follows the one writer. On PostgreSQL a plan is
+applied alone in its own transaction: the member's row lock serializes its member, a
+budgeted rule's total is read under the rule's lock, and the ids and each member's chain
+come from storage/pg/ledger.py.
 """
 from __future__ import annotations
 
@@ -80,9 +81,8 @@ def apply_confirms(conn: sqlite3.Connection, confirms: list[Confirmed]) -> list:
         ledger.record_fires(conn, fires)
     ledger.insert_receipts(conn, receipts)
     member_facts.insert(conn, [(c.plan.key, c.plan.member_facts) for c in confirms if c.plan.member_facts is not None])
+    _customer_value(conn, [c for c in confirms if c.plan.member is not None])
     for c in confirms:
-        if c.plan.member is not None:
-            _customer_value(conn, c)
         for event in c.plan.events:
             fire_events(conn, c.program, event.member_id, event.on, event.occasion, c.now)
     return [c.result for c in confirms]
@@ -95,20 +95,32 @@ class CustomerValueConflict(WriteConflict):
     PostgreSQL another process used them meanwhile, and the write runs again."""
 
 
-def _customer_value(conn: sqlite3.Connection, c: Confirmed) -> None:
-    """The codes' uses, the personal offers' budgets and the control group's records."""
-    plan = c.plan
-    for use in plan.coupon_uses:
-        if not coupons.consume(conn, use.code_hmac, plan.key, use.uses_per_code, c.now):
-            raise CustomerValueConflict(f"coupon of campaign {use.campaign} used up before {plan.key} applied")
-    for rule, points in plan.offer_charges:
-        granted = offers.charge(conn, plan.member.id, rule, plan.evaluation.local_date, points, plan.key)
-        if granted < points:
-            raise CustomerValueConflict(f"offer of rule {rule} has {granted} of {points} points left for {plan.key}")
-    if plan.held_out:
+def _customer_value(conn: sqlite3.Connection, confirms: list[Confirmed]) -> None:
+    """The codes' uses, the personal offers' budgets and the control group's records, one
+    statement of each kind for the batch, from what the plans read (nothing is read again)."""
+    uses = [coupons.CodeUse(c.plan.key, use.code_hmac, use.uses_per_code, iso(c.now)) for c in confirms
+            for use in c.plan.coupon_uses]
+    if uses and not coupons.use_codes(conn, uses):
+        raise CustomerValueConflict(f"a coupon was used up before {[use.receipt_key for use in uses]} applied")
+    charges = [offers.Charge(c.plan.key, c.plan.member.id, offer_id, points) for c in confirms
+               for charge in c.plan.offer_charges for offer_id, points in _takes(c, charge)]
+    if charges and not offers.charge(conn, charges):
+        raise CustomerValueConflict(f"an offer budget had less left than {[c.receipt_key for c in charges]} took")
+    held_out = [(*c.plan.key, rule, c.plan.member.id, points) for c in confirms for rule, points in c.plan.held_out]
+    if held_out:
         conn.executemany("INSERT INTO holdout_points (store_id, register_id, receipt_id, rule_id, member_id, points) "
-                         "VALUES (?, ?, ?, ?, ?, ?)", [(*plan.key, rule, plan.member.id, points)
-                                                       for rule, points in plan.held_out])
+                         "VALUES (?, ?, ?, ?, ?, ?)", held_out)
+
+
+def _takes(c: Confirmed, charge) -> tuple[tuple[str, int], ...]:
+    """What the offer budgets give of a personal rule's points: all of them, as the rule was
+    capped at what the budgets the plan read had left."""
+    if charge.takes is None:
+        return ()
+    if sum(points for _, points in charge.takes) != charge.points:
+        raise CustomerValueConflict(f"offers of rule {charge.rule} give {charge.takes} of {charge.points} points "
+                                    f"for {c.plan.key}")
+    return charge.takes
 
 
 def _postings(c: Confirmed, lot_ids: list[int]) -> list[ledger.NewPosting]:

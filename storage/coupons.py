@@ -7,14 +7,16 @@ Even a campaign of a million codes leaves a guess a chance of about 1 in 10^12.
 Using a code is one conditional UPDATE (`uses < uses_per_code`) in the receipt's write
 transaction, so two receipts racing for the last use cannot both get it: SQLite runs one
 write transaction at a time, in this server or in any other process on the database.
-coupon_uses names the receipt that used it, so consuming twice for one receipt counts once
-and a cancel or a full return gives exactly that use back.
+coupon_uses names the receipt that used it (its key refuses a second use of a code by one
+receipt), so a cancel or a full return gives exactly that use back. A batch of confirms
+uses its codes with one statement of each kind (use_codes).
 """
 from __future__ import annotations
 
 import secrets
 import sqlite3
 from datetime import date, datetime
+from functools import lru_cache
 from typing import Callable, NamedTuple
 
 import msgspec
@@ -54,7 +56,7 @@ def new_code() -> str:
 
 def normalize(code: str) -> str:
     """The code as stored: upper case, without spaces and dashes a person may have typed."""
-    return "".join(ch for ch in code.upper() if ch not in " -")
+    return code.upper().replace(" ", "").replace("-", "")
 
 
 def add_codes(conn: sqlite3.Connection, campaign: str, codes: list[str], card_hmac: str | None,
@@ -69,62 +71,93 @@ def add_codes(conn: sqlite3.Connection, campaign: str, codes: list[str], card_hm
     return taken
 
 
+class StoredCode(NamedTuple):
+    campaign: str
+    card: str | None        # the card's HMAC a code is bound to
+    uses: int
+
+
+def hashes(codes: list[str], mac: Callable[[str], str]) -> list[tuple[str, ...]]:
+    """Each code's hash under the key in force, then under earlier ones (`older`,
+    server/privacy.py) while `privacy rotate-key` has not wrapped it: the ones it may be stored under."""
+    return [(digest, *getattr(digest, "older", ())) for digest in (mac(normalize(code)) for code in codes)]
+
+
+@lru_cache(maxsize=64)
+def stored_rows_sql(count: int) -> str:
+    """The rows of `count` code hashes, as (hash, campaign, uses, card): built once per count."""
+    return f"SELECT code, campaign, uses, card FROM coupon_codes WHERE code IN ({', '.join('?' * count)})"
+
+
+def stored(conn: sqlite3.Connection, candidates: list[tuple[str, ...]]) -> dict[str, StoredCode]:
+    """The stored rows of the codes, by hash, in one statement."""
+    flat = [digest for digests in candidates for digest in digests]
+    return {code: StoredCode(campaign, card, uses)
+            for code, campaign, uses, card in conn.execute(stored_rows_sql(len(flat)), flat)}
+
+
 def judge(conn: sqlite3.Connection, codes: list[str], card_hmac: str | None, local_date: date,
           campaigns: dict[str, Campaign], mac: Callable[[str], str]) -> Judged:
     """Each code's status at the receipt's local date, and the first usable code of each campaign."""
+    candidates = hashes(codes, mac)
+    return judged(codes, candidates, stored(conn, candidates), card_hmac, local_date, campaigns)
+
+
+def judged(codes: list[str], candidates: list[tuple[str, ...]], rows: dict[str, StoredCode], card_hmac: str | None,
+           local_date: date, campaigns: dict[str, Campaign]) -> Judged:
+    """judge, from the codes' hashes (hashes()) and the rows stored under them (stored())."""
     statuses, usable, of_code = [], {}, []
-    for code in codes:
-        code_hmac, row = _stored(conn, mac(normalize(code)))
+    for code, digests in zip(codes, candidates):
+        code_hmac = next((d for d in digests if d in rows), digests[0])
+        row = rows.get(code_hmac)
         status = _status(row, card_hmac, local_date, campaigns)
         if status == USABLE:
-            if row[0] in usable:
+            if row.campaign in usable:
                 status = "not_needed"    # the campaign's first valid code is the one used
             else:
-                usable[row[0]] = (code, code_hmac)
+                usable[row.campaign] = (code, code_hmac)
         statuses.append((code, status))
-        of_code.append(row[0] if row is not None and row[0] in campaigns else None)
+        of_code.append(row.campaign if row is not None and row.campaign in campaigns else None)
     return Judged(statuses, usable, of_code)
 
 
-def _stored(conn: sqlite3.Connection, code_hmac: str) -> tuple[str, tuple | None]:
-    """The code's row and the hash it is stored under: under the key in force, else under an
-    earlier one (`older`, server/privacy.py) while `privacy rotate-key` has not wrapped it."""
-    for digest in (code_hmac, *getattr(code_hmac, "older", ())):
-        row = conn.execute("SELECT campaign, card, uses FROM coupon_codes WHERE code = ?", (digest,)).fetchone()
-        if row is not None:
-            return digest, row
-    return code_hmac, None
-
-
-def _status(row, card_hmac: str | None, local_date: date, campaigns: dict[str, Campaign]) -> str:
-    if row is None or row[0] not in campaigns:
+def _status(row: StoredCode | None, card_hmac: str | None, local_date: date, campaigns: dict[str, Campaign]) -> str:
+    if row is None or row.campaign not in campaigns:
         return "unknown"
-    campaign, bound_card, uses = row
-    c = campaigns[campaign]
-    if bound_card is not None and bound_card not in (card_hmac, *getattr(card_hmac, "older", ())):
+    c = campaigns[row.campaign]
+    if row.card is not None and row.card not in (card_hmac, *getattr(card_hmac, "older", ())):
         return "other_card"
     if c.valid_from is not None and local_date < c.valid_from:
         return "not_yet_valid"
     if c.valid_to is not None and local_date > c.valid_to:
         return "expired"
-    if uses >= c.uses_per_code:
+    if row.uses >= c.uses_per_code:
         return "used"
     return USABLE
 
 
-def consume(conn: sqlite3.Connection, code_hmac: str, receipt_key: tuple[str, str, str], uses_per_code: int,
-            now: datetime) -> bool:
-    """Takes one use of the code for the receipt, in the caller's write transaction; False
-    when none was left. The same receipt consuming again takes nothing more and answers True."""
-    if conn.execute("SELECT 1 FROM coupon_uses WHERE store_id = ? AND register_id = ? AND receipt_id = ? "
-                    "AND code = ?", (*receipt_key, code_hmac)).fetchone():
+class CodeUse(NamedTuple):
+    receipt_key: tuple[str, str, str]
+    code_hmac: str              # as stored
+    uses_per_code: int
+    used_at: str                # as stored (ledger.iso)
+
+
+def use_codes(conn: sqlite3.Connection, uses: list[CodeUse]) -> bool:
+    """Takes one use of each code for its receipt, in the caller's write transaction, with
+    one statement of each kind for all of them. False when a code had no use left: then
+    nothing was recorded, and the uses taken of the others are the caller's to roll back
+    (the receipt path's savepoint does). A second use of a code by one receipt is refused
+    by coupon_uses' key (sqlite3.IntegrityError)."""
+    if not uses:
         return True
-    took = conn.execute("UPDATE coupon_codes SET uses = uses + 1 WHERE code = ? AND uses < ?",
-                        (code_hmac, uses_per_code)).rowcount
-    if took:
-        conn.execute("INSERT INTO coupon_uses (store_id, register_id, receipt_id, code, used_at) "
-                     "VALUES (?, ?, ?, ?, ?)", (*receipt_key, code_hmac, iso(now)))
-    return bool(took)
+    took = conn.executemany("UPDATE coupon_codes SET uses = uses + 1 WHERE code = ? AND uses < ?",
+                            [(use.code_hmac, use.uses_per_code) for use in uses]).rowcount
+    if took < len(uses):
+        return False
+    conn.executemany("INSERT INTO coupon_uses (store_id, register_id, receipt_id, code, used_at) "
+                     "VALUES (?, ?, ?, ?, ?)", [(*use.receipt_key, use.code_hmac, use.used_at) for use in uses])
+    return True
 
 
 def give_back(conn: sqlite3.Connection, receipt_key: tuple[str, str, str]) -> int:

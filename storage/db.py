@@ -8,9 +8,10 @@ disk's sync rate (benchmarks/group_commit.py measures it). Everything that queue
 while the previous batch was committing therefore runs as one transaction, each item
 inside its own SAVEPOINT so a failing item is undone alone. Grouped writes (Grouped: a
 plan that writes nothing, then an apply) of one kind that follow each other in a batch
-share one SAVEPOINT instead: each is planned, a refused plan having written nothing, and
-their plans are applied together; if that fails, the group is undone and its items run
-one by one in their own savepoints, so a failing item still fails alone.
+share one SAVEPOINT instead, or none when they begin the transaction: each is planned, a
+refused plan having written nothing, and their plans are applied together; if that fails,
+the group is undone and its items run one by one in their own savepoints, so a failing
+item still fails alone.
 
 Write functions run on the event loop's own thread, and so does their COMMIT. Running
 the functions on the writer thread cost more: every statement released and re-took the
@@ -999,9 +1000,9 @@ class Database:
                 lost_at: int | None = None
                 position = 0
                 while position < len(todo):
-                    run = self._group_run(batch, todo, position) if grouping else 1
-                    indexes = todo[position:position + run]
-                    results = (self._run_group(conn, [batch[i] for i in indexes]) if run > 1
+                    run = self._group_run(batch, todo, position) if grouping else 0
+                    indexes = todo[position:position + max(run, 1)]
+                    results = (self._run_group(conn, [batch[i] for i in indexes], first=position == 0) if run
                                else [self._run_item(conn, batch[indexes[0]].fn)])
                     for index, outcome in zip(indexes, results):
                         outcomes[index] = outcome
@@ -1009,12 +1010,13 @@ class Database:
                         lost_at = position
                         break
                     done_ok += [index for index, outcome in zip(indexes, results) if outcome[0]]
-                    position += run
+                    position += len(indexes)
                 if lost_at is None:
                     return outcomes, True
                 if todo[lost_at:lost_at + 1] and batch[todo[lost_at]].grouped is not None and grouping:
-                    # Which item of the group ended the transaction is not known: all of
-                    # them run again, one by one this time, and that round finds it.
+                    # Which item of the group ended the transaction (or failed its apply,
+                    # a group that began it) is not known: all of them run again, one by
+                    # one this time, and that round finds it.
                     todo = done_ok + todo[lost_at:]
                     grouping = False
                 else:
@@ -1031,10 +1033,11 @@ class Database:
 
     @staticmethod
     def _group_run(batch: list[_Item], todo: list[int], position: int) -> int:
-        """How many items from `position` on form one group (1: run it alone)."""
+        """How many grouped items from `position` on form one group (0: not grouped, run it
+        alone in its savepoint)."""
         first = batch[todo[position]].grouped
         if first is None:
-            return 1
+            return 0
         run = 1
         while position + run < len(todo):
             other = batch[todo[position + run]].grouped
@@ -1043,11 +1046,17 @@ class Database:
             run += 1
         return run
 
-    def _run_group(self, conn: sqlite3.Connection, items: list[_Item]) -> list[tuple[bool, Any]]:
+    def _run_group(self, conn: sqlite3.Connection, items: list[_Item], first: bool) -> list[tuple[bool, Any]]:
         """Plans every item of the group, then applies the plans together, in one savepoint
         (a plan writes nothing, so a refused one needs no savepoint of its own). A failed
-        apply undoes the group, whose items then run one by one."""
-        conn.execute(_GROUP_SAVEPOINT_SQL)
+        apply undoes the group, whose items then run one by one.
+
+        A group that begins the transaction (`first`, nearly every batch of confirms) takes
+        no savepoint: while one is open SQLite copies every page the apply changes into the
+        savepoint journal first. A failed apply then rolls the whole transaction back, which
+        held nothing else, and the caller runs the items one by one in a new one."""
+        if not first:
+            conn.execute(_GROUP_SAVEPOINT_SQL)
         self._fn_running = True
         try:
             outcomes = self._plan_and_apply(conn, items)
@@ -1057,11 +1066,15 @@ class Database:
             self._fn_running = False
         if not conn.in_transaction:
             return [(False, TransactionLost("a grouped write ended the transaction"))] * len(items)
+        if outcomes is None and first:
+            self._rollback_quietly(conn)
+            return [(False, TransactionLost("its group's apply failed"))] * len(items)
         if outcomes is None:
             conn.execute(_GROUP_ROLLBACK_TO_SQL)
             conn.execute(_GROUP_RELEASE_SQL)
             return self._one_by_one(conn, items)
-        conn.execute(_GROUP_RELEASE_SQL)
+        if not first:
+            conn.execute(_GROUP_RELEASE_SQL)
         return outcomes
 
     def _one_by_one(self, conn: sqlite3.Connection, items: list[_Item]) -> list[tuple[bool, Any]]:

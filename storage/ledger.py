@@ -323,6 +323,8 @@ def post(conn: sqlite3.Connection, member_id: int, lot_id: int, kind: str, point
                   at.rules_version, store, register, receipt, at.ref, at.key_id, at.note, digest))
     if not counted:
         conn.execute("UPDATE lots SET remaining = remaining + ? WHERE id = ?", (points, lot_id))
+    if rule_id is not None and kind == "reversal":
+        add_rule_totals(conn, {rule_id: points})
     at._head = (posting_id, digest, conn.total_changes)
 
 
@@ -346,8 +348,8 @@ class NewPosting(NamedTuple):
 
 def append_postings(conn: sqlite3.Connection, postings: list[NewPosting]) -> None:
     """Appends postings in order, chained from the last one: one INSERT for all of them,
-    one for their accruals' split by rule, and one UPDATE of lots.remaining for those not
-    already counted."""
+    one for their accruals' split by rule, one UPDATE of lots.remaining for those not
+    already counted, and one upsert of rule_totals."""
     if not postings:
         return
     if is_postgresql(conn):     # each member's own chain
@@ -355,7 +357,7 @@ def append_postings(conn: sqlite3.Connection, postings: list[NewPosting]) -> Non
         return pg.append_postings(conn, postings)
     last = conn.execute("SELECT id, hash FROM postings ORDER BY id DESC LIMIT 1").fetchone()
     posting_id, prev = last if last else (0, GENESIS_HASH)
-    rows, counts, split = [], [], []
+    rows, counts, split, by_rule = [], [], [], {}
     for p in postings:
         posting_id += 1
         store, register, receipt = p.receipt or (None, None, None)
@@ -366,7 +368,11 @@ def append_postings(conn: sqlite3.Connection, postings: list[NewPosting]) -> Non
                      p.rule_id, p.rules_version, store, register, receipt, p.ref, prev))
         if not p.counted:
             counts.append((p.points, p.lot_id))
-        split += [(posting_id, rule, points) for rule, points in p.rules]
+        for rule, points in p.rules:
+            split.append((posting_id, rule, points))
+            by_rule[rule] = by_rule.get(rule, 0) + points
+        if p.rule_id is not None and p.kind == "reversal":
+            by_rule[p.rule_id] = by_rule.get(p.rule_id, 0) + p.points
     conn.executemany("INSERT INTO postings (id, member_id, lot_id, kind, points, counter_account, effective_at, "
                      "created_at, rule_id, rules_version, store_id, register_id, receipt_id, ref, hash) "
                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
@@ -374,6 +380,16 @@ def append_postings(conn: sqlite3.Connection, postings: list[NewPosting]) -> Non
         conn.executemany("INSERT INTO posting_rules (posting_id, rule_id, points) VALUES (?, ?, ?)", split)
     if counts:
         conn.executemany("UPDATE lots SET remaining = remaining + ? WHERE id = ?", counts)
+    add_rule_totals(conn, by_rule)
+
+
+def add_rule_totals(conn: sqlite3.Connection, by_rule: dict[str, int]) -> None:
+    """What each rule issued (accruals by their split, reversals) added to rule_totals, in
+    the postings' transaction. Done here, once per call, by the only two functions that
+    write postings (m032): a trigger per row cost the confirm path a statement per split row."""
+    if by_rule:
+        conn.executemany("INSERT INTO rule_totals (rule_id, points) VALUES (?, ?) "
+                         "ON CONFLICT (rule_id) DO UPDATE SET points = points + excluded.points", by_rule.items())
 
 
 def new_lots(conn: sqlite3.Connection, lots: list[tuple[int, str, str | None, int]]) -> list[int]:
@@ -608,7 +624,7 @@ def rule_usage(conn: sqlite3.Connection, member_id: int, windows: dict[str, tupl
 
 
 def rule_totals(conn: sqlite3.Connection, rule_ids: list[str]) -> dict[str, int]:
-    """Points each rule has issued net of returns, as kept by m016's trigger: a rule that
+    """Points each rule has issued net of returns, as kept by add_rule_totals: a rule that
     never posted has no row and has issued 0."""
     marks = ", ".join("?" * len(rule_ids))
     if is_postgresql(conn):

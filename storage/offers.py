@@ -2,7 +2,8 @@
 
 An offer is resolved to its members when it is assigned (a segment's members as they are
 then) and recorded per member with its dates and its own points budget. A receipt charges
-that budget with what the rule gives (the receipt that would cross it gets the remainder);
+that budget with what the rule gives (the receipt that would cross it gets the remainder),
+from the offer rows its member's read found (takes), without reading them again;
 offer_charges keep which receipt took how much, so a cancel gives exactly that back.
 """
 from __future__ import annotations
@@ -46,51 +47,88 @@ def assign(conn: sqlite3.Connection, offer_id: str, rule_id: str, fingerprints: 
     return Assigned(True, len(unique))
 
 
-def _valid(conn: sqlite3.Connection, member_id: int, local_date: date, rule_id: str | None = None):
+class OfferRow(NamedTuple):
+    """A member's offer as a receipt reads it."""
+    offer_id: str
+    rule_id: str
+    points: int | None      # the member's budget; None: none
+    used: int
+    to_date: str
+
+
+# A member's offers valid on a local date (member id, the date twice); storage/customer_value.py
+# reads them in the statement that reads the receipt's segments and codes too.
+VALID = "member_id = ? AND from_date <= ? AND to_date >= ?"
+_VALID_ROWS = f"SELECT offer_id, rule_id, points, points_used, to_date FROM offer_members WHERE {VALID}"
+
+
+def valid(conn: sqlite3.Connection, member_id: int, local_date: date) -> list[OfferRow]:
+    """The member's offers valid that day, the budget that ends first first."""
     day = local_date.isoformat()
-    sql = ("SELECT offer_id, rule_id, points, points_used FROM offer_members WHERE member_id = ? "
-           "AND from_date <= ? AND to_date >= ?")
-    args: list = [member_id, day, day]
-    if rule_id is not None:
-        sql += " AND rule_id = ?"
-        args.append(rule_id)
-    return conn.execute(sql + " ORDER BY to_date, offer_id", args).fetchall()
+    return in_budget_order(map(OfferRow._make, conn.execute(_VALID_ROWS, (member_id, day, day))))
+
+
+def in_budget_order(rows) -> list[OfferRow]:
+    """The budget that ends first is used first (ties: by offer id)."""
+    return sorted(rows, key=lambda row: (row.to_date, row.offer_id))
 
 
 def offers_for(conn: sqlite3.Connection, member_id: int, local_date: date) -> dict[str, int | None]:
-    """{rule id: points left for the member, or None for no budget} of the offers valid that day.
-    Several offers of one rule add up; one of them without a budget makes it unbudgeted."""
+    """{rule id: points left for the member, or None for no budget} of the offers valid that day."""
+    return left_by_rule(valid(conn, member_id, local_date))
+
+
+def left_by_rule(rows: list[OfferRow]) -> dict[str, int | None]:
+    """{rule id: points left, or None for no budget}. Several offers of one rule add up; one
+    of them without a budget makes it unbudgeted."""
     out: dict[str, int | None] = {}
-    for _, rule_id, points, used in _valid(conn, member_id, local_date):
-        if rule_id in out and out[rule_id] is None:
+    for row in rows:
+        if row.rule_id in out and out[row.rule_id] is None:
             continue
-        out[rule_id] = None if points is None else out.get(rule_id, 0) + max(0, points - used)
+        out[row.rule_id] = None if row.points is None else out.get(row.rule_id, 0) + max(0, row.points - row.used)
     return out
 
 
-def charge(conn: sqlite3.Connection, member_id: int, rule_id: str, local_date: date, points: int,
-           receipt_key: tuple[str, str, str]) -> int:
-    """Charges the member's offers of the rule with `points` for the receipt, in the caller's
-    write transaction; returns the points the offers allow (0 when none is valid). The
-    budget that ends first is used first."""
-    rows = _valid(conn, member_id, local_date, rule_id)
-    if not rows:
-        return 0
-    if any(p is None for _, _, p, _ in rows):
-        return points
-    granted = 0
-    for offer_id, _, budget, used in rows:
-        take = min(points - granted, budget - used)
-        if take <= 0:
-            continue
-        conn.execute("UPDATE offer_members SET points_used = points_used + ? WHERE member_id = ? AND offer_id = ?",
-                     (take, member_id, offer_id))
-        conn.execute("INSERT INTO offer_charges (store_id, register_id, receipt_id, member_id, offer_id, points) "
-                     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (store_id, register_id, receipt_id, offer_id) "
-                     "DO UPDATE SET points = offer_charges.points + excluded.points",
-                     (*receipt_key, member_id, offer_id, take))
-        granted += take
-    return granted
+def takes(rows: list[OfferRow], rule_id: str, points: int) -> tuple[tuple[str, int], ...] | None:
+    """What each of the member's budgets of the rule gives of `points` (offer id, points), in
+    budget order (rows as valid() gives them), up to what they have left: the receipt that
+    would cross a budget gets the remainder. None when an offer of the rule has no budget:
+    nothing is charged then."""
+    mine = [row for row in rows if row.rule_id == rule_id]
+    if any(row.points is None for row in mine):
+        return None
+    out, granted = [], 0
+    for row in mine:
+        take = min(points - granted, row.points - row.used)
+        if take > 0:
+            out.append((row.offer_id, take))
+            granted += take
+    return tuple(out)
+
+
+class Charge(NamedTuple):
+    receipt_key: tuple[str, str, str]
+    member_id: int
+    offer_id: str
+    points: int
+
+
+def charge(conn: sqlite3.Connection, charges: list[Charge]) -> bool:
+    """Charges each offer's budget with its points for its receipt (takes() decided them), in
+    the caller's write transaction, with one statement of each kind for all of them. False
+    when a budget no longer had that much left: then nothing was recorded, and what the
+    others took is the caller's to roll back (the receipt path's savepoint does)."""
+    if not charges:
+        return True
+    took = conn.executemany(
+        "UPDATE offer_members SET points_used = points_used + ? WHERE member_id = ? AND offer_id = ? "
+        "AND points_used + ? <= points", [(c.points, c.member_id, c.offer_id, c.points) for c in charges]).rowcount
+    if took < len(charges):
+        return False
+    conn.executemany("INSERT INTO offer_charges (store_id, register_id, receipt_id, member_id, offer_id, points) "
+                     "VALUES (?, ?, ?, ?, ?, ?)", [(*c.receipt_key, c.member_id, c.offer_id, c.points)
+                                                   for c in charges])
+    return True
 
 
 def give_back(conn: sqlite3.Connection, receipt_key: tuple[str, str, str]) -> int:

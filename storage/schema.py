@@ -7,7 +7,8 @@ carries a SHA-256 chained to the posting before it, so an edited row is detectab
 remaining points are the sum of the postings that name it (kept in lots.remaining since m013). A
 receipt's accrual is one posting per lot, split by rule in posting_rules (m030; one posting
 per rule before), and what each rule has issued is its posting_rules points plus its reversal
-postings (kept in rule_totals since m016). Receipts, holds and the counters for rule limits are working state beside the ledger.
+postings (kept in rule_totals since m016; by triggers until m032, since by storage/ledger.py's
+posting writers once per batch). Receipts, holds and the counters for rule limits are working state beside the ledger.
 """
 import hashlib
 import re
@@ -870,3 +871,29 @@ def m031_fingerprints_without_cards(db):
                           "WHERE body_sha256 NOT LIKE 'm031:%'").fetchall()
     conn.executemany("UPDATE offers SET body_sha256 = ? WHERE offer_id = ?",
                      [(legacy_fingerprint(o, r, f, t, p), o) for o, r, f, t, p in offers])
+
+
+@migrations()
+def m032_rule_totals_per_batch(db):
+    """rule_totals is kept by storage/ledger.py (add_rule_totals), which writes every posting
+    and split row, instead of triggers: a trigger ran an upsert per posting_rules row (and
+    its WHEN per posting), and a batch of confirms now sums by rule and upserts each rule
+    once. The totals themselves do not change; audit verify still recomputes them."""
+    _run(db, """
+DROP TRIGGER IF EXISTS posting_rules_rule_totals;
+DROP TRIGGER IF EXISTS postings_rule_totals
+""")
+
+
+@migrations()
+def m033_segment_spans_current(db):
+    """A receipt reads its member's segments from the spans a reader takes as current (a list
+    segment's open ones; a computed one's open, or closed by a run not finished yet), not from
+    every span the member ever had (storage/segments.py current_spans).
+    segment_spans_member_current is keyed by member, then to_run and valid_to, so each kind is
+    one seek, and carries from_run and segment_id, so the rows come from the index alone. It
+    replaces segment_spans_member (member_id alone), a prefix of it."""
+    _run(db, """
+CREATE INDEX segment_spans_member_current ON segment_spans(member_id, to_run, valid_to, from_run, segment_id);
+DROP INDEX segment_spans_member
+""")

@@ -312,18 +312,37 @@ def scores_of(conn: sqlite3.Connection, member_id: int) -> Score | None:
     return Score(*row) if row else None
 
 
-# A computed segment's spans seen by the newest finished run; a list segment's open ones.
-_CURRENT = (f"WITH run AS (SELECT COALESCE(({_NEWEST}), 0) AS id) "
-            "SELECT {columns} FROM segment_spans, run WHERE {where} AND CASE WHEN from_run IS NULL "
-            "THEN valid_to IS NULL ELSE from_run <= run.id AND (to_run IS NULL OR to_run > run.id) END")
+def current_spans(columns: str, guard: str = "") -> str:
+    """SQL of a member's spans a reader takes as current, as `columns` (bound: the member's id
+    twice, each after what `guard` binds): a list segment's open ones, and a computed
+    segment's the newest finished run saw, i.e. opened by it or before and not closed by then
+    (open, or closed by a run still writing); none before a run has finished. A computed span
+    gets valid_to and to_run together, so both kinds of open span have neither:
+    segment_spans_member_current (m033) finds each kind with one seek and reads them from the
+    index alone, however many spans the member had before. Built once, at import."""
+    return (f"SELECT {columns} FROM segment_spans WHERE {guard}member_id = ? AND to_run IS NULL "
+            f"AND valid_to IS NULL AND (from_run IS NULL OR from_run <= ({_NEWEST})) "
+            f"UNION ALL SELECT {columns} FROM segment_spans WHERE {guard}member_id = ? AND to_run > ({_NEWEST}) "
+            f"AND from_run <= ({_NEWEST})")
+
+
+_MEMBERSHIP = current_spans("segment_id, from_run")
+
+# A computed segment's members as the newest finished run left them (segment id).
+_MEMBERS_NOW = ("SELECT member_id FROM segment_spans WHERE segment_id = ? AND from_run IS NOT NULL "
+                f"AND from_run <= ({_NEWEST}) AND (to_run IS NULL OR to_run > ({_NEWEST}))")
 
 
 def membership_of(conn: sqlite3.Connection, member_id: int) -> tuple[set[str], set[str]]:
-    """(list segments, computed segments) the member is in now: one read of its spans."""
+    """(list segments, computed segments) the member is in now: one read of its current spans."""
+    return memberships(conn.execute(_MEMBERSHIP, (member_id, member_id)))
+
+
+def memberships(rows) -> tuple[set[str], set[str]]:
+    """(list segments, computed segments) from current_spans' (segment id, from_run)."""
     listed, computed = set(), set()
-    for segment_id, by_list in conn.execute(
-            _CURRENT.format(columns="segment_id, from_run IS NULL", where="member_id = ?"), (member_id,)):
-        (listed if by_list else computed).add(segment_id)
+    for segment_id, from_run in rows:
+        (listed if from_run is None else computed).add(segment_id)
     return listed, computed
 
 
@@ -332,8 +351,7 @@ def members_of(conn: sqlite3.Connection, d: SegmentDefinition) -> list[int]:
     if d.list:
         return [mid for (mid,) in conn.execute(
             "SELECT member_id FROM segment_members WHERE segment_id = ? ORDER BY member_id", (d.id,))]
-    return sorted(mid for (mid,) in conn.execute(
-        _CURRENT.format(columns="member_id", where="segment_id = ? AND from_run IS NOT NULL"), (d.id,)))
+    return sorted(mid for (mid,) in conn.execute(_MEMBERS_NOW, (d.id,)))
 
 
 def members_at(conn: sqlite3.Connection, segment_id: str, by_list: bool, moment: datetime) -> set[int]:

@@ -3,7 +3,8 @@ rule, no posting_rules. Tests that rebuild older databases from a fresh one star
 
 Every accrual posting is replaced by one posting per rule of its split, the ledger is
 renumbered and its hash chain recomputed as the server of that time wrote it; rule_totals
-keeps its sums (the same points, counted per rule) under m016's trigger."""
+keeps its sums (the same points, counted per rule) under m016's trigger, which m032 drops
+again once the server upgrades it."""
 from __future__ import annotations
 
 import sqlite3
@@ -21,8 +22,8 @@ def to_per_rule_postings(path) -> None:
         rows = _per_rule(conn)
         _run(conn, """
 DROP TRIGGER postings_append_only_delete;
-DROP TRIGGER postings_rule_totals;
-DROP TRIGGER posting_rules_rule_totals;
+DROP TRIGGER IF EXISTS postings_rule_totals;
+DROP TRIGGER IF EXISTS posting_rules_rule_totals;
 DELETE FROM postings;
 DROP TABLE posting_rules;
 """)
@@ -39,7 +40,7 @@ CREATE TRIGGER postings_rule_totals AFTER INSERT ON postings
 WHEN NEW.rule_id IS NOT NULL AND NEW.kind IN ('accrual', 'reversal')
 BEGIN INSERT INTO rule_totals (rule_id, points) VALUES (NEW.rule_id, NEW.points)
       ON CONFLICT (rule_id) DO UPDATE SET points = points + excluded.points; END;
-DELETE FROM _sqlite_migrations WHERE name = 'm030_posting_rules'
+DELETE FROM _sqlite_migrations WHERE name IN ('m030_posting_rules', 'm032_rule_totals_per_batch')
 """)
         conn.execute("COMMIT")
     finally:

@@ -12,6 +12,7 @@ import pytest
 from server.privacy import Privacy
 from storage import coupons
 from storage.db import Database
+from storage.ledger import iso
 from storage.schema import migrations
 
 NOW = datetime(2026, 12, 21, 10, tzinfo=timezone.utc)
@@ -34,6 +35,10 @@ def add(db, campaign: str, count: int, card: str | None = None) -> list[str]:
     card_hmac = PRIVACY.card(card) if card else None
     assert db.write_sync(lambda conn: coupons.add_codes(conn, campaign, codes, card_hmac, PRIVACY.coupon, NOW)) == []
     return codes
+
+
+def use(conn, code_hmac: str, receipt: tuple[str, str, str], uses_per_code: int) -> bool:
+    return coupons.use_codes(conn, [coupons.CodeUse(receipt, code_hmac, uses_per_code, iso(NOW))])
 
 
 def judge(db, codes, card=None, day=date(2026, 12, 21)):
@@ -64,15 +69,17 @@ def test_used_up_and_given_back(db):
     code = add(db, "twice", 1)[0]
     h = PRIVACY.coupon(coupons.normalize(code))
     first, second, third = ("S001", "K01", "1"), ("S001", "K01", "2"), ("S001", "K01", "3")
-    assert db.write_sync(lambda conn: coupons.consume(conn, h, first, 2, NOW))
-    assert db.write_sync(lambda conn: coupons.consume(conn, h, first, 2, NOW))    # the same receipt: once
-    assert db.write_sync(lambda conn: coupons.consume(conn, h, second, 2, NOW))
+    assert db.write_sync(lambda conn: use(conn, h, first, 2))
+    with pytest.raises(sqlite3.IntegrityError):     # the same receipt: once, and the write is undone
+        db.write_sync(lambda conn: use(conn, h, first, 2))
+    assert judge(db, [code]).statuses == [(code, coupons.USABLE)]
+    assert db.write_sync(lambda conn: use(conn, h, second, 2))
     assert judge(db, [code]).statuses == [(code, "used")]
-    assert not db.write_sync(lambda conn: coupons.consume(conn, h, third, 2, NOW))
+    assert not db.write_sync(lambda conn: use(conn, h, third, 2))
     assert db.write_sync(lambda conn: coupons.give_back(conn, first)) == 1
     assert db.write_sync(lambda conn: coupons.give_back(conn, first)) == 0
     assert judge(db, [code]).statuses == [(code, coupons.USABLE)]
-    assert db.write_sync(lambda conn: coupons.consume(conn, h, third, 2, NOW))
+    assert db.write_sync(lambda conn: use(conn, h, third, 2))
 
 
 def test_twenty_receipts_racing_for_a_single_use_code_one_wins(db, tmp_path):
@@ -87,7 +94,7 @@ def test_twenty_receipts_racing_for_a_single_use_code_one_wins(db, tmp_path):
         try:
             start.wait(timeout=30)
             conn.execute("BEGIN IMMEDIATE")
-            results[i] = coupons.consume(conn, h, ("S001", "K01", f"r{i}"), 1, NOW)
+            results[i] = use(conn, h, ("S001", "K01", f"r{i}"), 1)
             conn.execute("COMMIT")
         finally:
             conn.close()
@@ -108,6 +115,6 @@ def test_twenty_concurrent_writes_of_the_server_one_wins(db):
     h = PRIVACY.coupon(coupons.normalize(code))
 
     async def race():
-        return await asyncio.gather(*(db.write(lambda conn, i=i: coupons.consume(conn, h, ("S001", "K01", f"w{i}"),
-                                                                                   1, NOW)) for i in range(20)))
+        return await asyncio.gather(*(db.write(lambda conn, i=i: use(conn, h, ("S001", "K01", f"w{i}"), 1))
+                                      for i in range(20)))
     assert sorted(asyncio.run(race())) == [False] * 19 + [True]

@@ -77,6 +77,46 @@ async def test_a_failed_apply_undoes_the_group_and_each_item_runs_alone(open_db)
     assert await db.read(notes) == ["a", "poison-apply", "b"]   # the undone group left nothing
 
 
+async def test_a_failed_apply_after_another_write_of_its_batch_keeps_that_write(open_db):
+    """A group that does not begin the transaction is undone alone (its savepoint): the plain
+    write before it in the batch stays, and a refusal after it still fails alone."""
+    db, kinds = open_db(), Notes()
+    gate = WriterGate()
+    held = await gate.close_on(db)
+    plain = asyncio.create_task(db.write(lambda conn: conn.execute("INSERT INTO receipts (note) VALUES ('w')")
+                                         .rowcount))
+    await wait_until(lambda: db.queue_depth() == 1)
+    grouped = [asyncio.create_task(db.write_grouped(kinds.write(n))) for n in ("a", "poison-apply", "b")]
+    await wait_until(lambda: db.queue_depth() == 4)
+    gate.release.set()
+    await held
+    assert await plain == 1
+    assert await asyncio.gather(*grouped) == ["ok a", "ok poison-apply", "ok b"]
+    assert kinds.applied == [["a", "poison-apply", "b"], ["a"], ["poison-apply"], ["b"]]
+    assert await db.read(notes) == ["w", "a", "poison-apply", "b"]
+
+
+async def test_a_group_that_begins_its_transaction_takes_no_savepoint(open_db):
+    """While a savepoint is open SQLite copies each page a write changes into its journal
+    first: a batch of confirms alone in its transaction is applied without one."""
+    db, kinds = open_db(), Notes()
+    statements: list[str] = []
+    await db.write(lambda conn: conn.set_trace_callback(statements.append))
+    try:
+        results = await queued_behind_a_gate(db, [kinds.write(n) for n in ("a", "b")])
+        alone = await db.write_grouped(kinds.write("c"))
+    finally:
+        await db.write(lambda conn: conn.set_trace_callback(None))
+    assert results == ["ok a", "ok b"] and alone == "ok c"
+    assert kinds.applied == [["a", "b"], ["c"]]
+    inserts = [at for at, s in enumerate(statements) if s.startswith("INSERT INTO receipts")]
+    assert {statements[at][-4:-1] for at in inserts} == {"'a'", "'b'", "'c'"}
+    applying = statements[inserts[0]:inserts[-1] + 1]
+    assert "COMMIT -- storage writer" in applying             # two batches: the group, then "c" alone
+    assert not [s for s in applying if "SAVEPOINT" in s]
+    assert not [s for s in statements if "storage_writer_group" in s]
+
+
 async def test_an_item_that_ends_the_transaction_fails_alone_and_the_rest_of_its_group_is_kept(open_db):
     db, kinds = open_db(), Notes()
     results = await queued_behind_a_gate(db, [kinds.write(n) for n in ("a", "poison", "b")])

@@ -30,7 +30,14 @@ def assign(db, offer_id, points, first="2026-12-01", last="2026-12-31", members=
 
 
 def charge(db, points, receipt, day=DEC, member=1):
-    return db.write_sync(lambda conn: offers.charge(conn, member, "comeback", day, points, ("S001", "K01", receipt)))
+    """As a confirm does: what the member's offers valid that day give, then charged; the points granted."""
+    def charge_in(conn):
+        takes = offers.takes(offers.valid(conn, member, day), "comeback", points)
+        if takes is None:
+            return points
+        assert offers.charge(conn, [offers.Charge(("S001", "K01", receipt), member, o, p) for o, p in takes])
+        return sum(p for _, p in takes)
+    return db.write_sync(charge_in)
 
 
 def left(db, day=DEC, member=1):

@@ -78,4 +78,4 @@ def replay(stored_sha: str, fingerprint: str, stored_result: bytes, answer: type
 
 def count(deps: Deps, endpoint: str, status: int, result=None) -> None:
     outcome = "replayed" if status == 200 and getattr(result, "replayed", False) else "ok"
-    deps.metrics.receipts.labels(endpoint, outcome).inc()
+    deps.metrics.receipts_of(endpoint, outcome).inc()

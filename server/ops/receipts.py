@@ -75,7 +75,7 @@ async def calculate(deps: Deps, receipt: schema.Receipt, principal: Principal) -
                                                                        deps.privacy.coupon))
     finally:
         _observe(deps, seconds)
-    deps.metrics.receipts.labels("calculate", "ok").inc()
+    deps.metrics.receipts_of("calculate", "ok").inc()
     return result
 
 
@@ -109,7 +109,7 @@ async def confirm(deps: Deps, receipt: schema.Receipt, principal: Principal) -> 
     if ev is not None:
         for rule, points in ev.by_rule:
             if points:
-                deps.metrics.points_accrued.labels(rule).inc(points)
+                deps.metrics.points_accrued_of(rule).inc(points)
         if ev.redeemed_points:
             deps.metrics.points_redeemed.inc(ev.redeemed_points)
     return status, result
@@ -229,7 +229,7 @@ def _cancelled_replay(conn, program: Program, answer: ConfirmAnswer, member_id: 
 async def cancel(deps: Deps, key: ledger.ReceiptKey, principal: Principal) -> CancelAnswer:
     require_store(principal, key[0])
     result = await deps.db.write(lambda conn: _cancel_in_tx(deps, conn, key))
-    deps.metrics.receipts.labels("cancel", result.status).inc()
+    deps.metrics.receipts_of("cancel", result.status).inc()
     if result.reversed is not msgspec.UNSET:
         deps.metrics.points_reversed.inc(result.reversed.points)
     return result
