@@ -206,8 +206,9 @@ def test_an_index_build_that_was_interrupted_is_built_again(pg_url, monkeypatch)
     """CREATE INDEX CONCURRENTLY that fails leaves an invalid index; the next start drops
     it and builds it again."""
     conn = connect(pg_url)
+    lookups = [name for name, _ in MIGRATIONS].index("p008_lookups")    # builds members_crm_id
     try:
-        monkeypatch.setattr(pg_schema, "MIGRATIONS", MIGRATIONS[:-1])
+        monkeypatch.setattr(pg_schema, "MIGRATIONS", MIGRATIONS[:lookups])
         migrate(conn)
         for crm in ("crm-1", "crm-1"):
             conn.execute("INSERT INTO members (crm_id, enrolled_at, updated_at) VALUES (?, 't', 't')", (crm,))
@@ -215,7 +216,7 @@ def test_an_index_build_that_was_interrupted_is_built_again(pg_url, monkeypatch)
             conn.execute("CREATE UNIQUE INDEX CONCURRENTLY members_crm_id ON members(crm_id) WHERE crm_id IS NOT NULL")
         conn.execute("DELETE FROM members WHERE id = (SELECT MAX(id) FROM members)")
         monkeypatch.setattr(pg_schema, "MIGRATIONS", MIGRATIONS)
-        assert migrate(conn) == [MIGRATIONS[-1].name]
+        assert migrate(conn) == [name for name, _ in MIGRATIONS[lookups:]]
         assert conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = 'members_crm_id'::regclass"
                             ).fetchone() == (True,)
     finally:

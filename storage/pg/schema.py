@@ -583,6 +583,14 @@ P008_LOOKUPS = Concurrently((
     ("receipts_day", "CREATE INDEX CONCURRENTLY receipts_day ON receipts(local_date, ts)"),
 ))
 
+# SQLite's m033: a receipt reads its member's current segment spans through one seek. The
+# index it replaces on SQLite stays here (a previous version still running reads through
+# it; migrations here only add).
+P010_SEGMENT_SPANS_CURRENT = Concurrently((
+    ("segment_spans_member_current", "CREATE INDEX CONCURRENTLY segment_spans_member_current ON "
+                                     "segment_spans(member_id, to_run, valid_to, from_run, segment_id)"),
+))
+
 # In order; a name is never reused or changed once released, and each only adds
 # (docs/postgresql.md, "Schema changes and rolling upgrades").
 MIGRATIONS: list[Migration] = [
@@ -594,6 +602,7 @@ MIGRATIONS: list[Migration] = [
     Migration("p006_events", P006_EVENTS),
     Migration("p007_segments_offers_coupons", P007_SEGMENTS_OFFERS_COUPONS),
     Migration("p008_lookups", P008_LOOKUPS),
+    Migration("p010_segment_spans_current", P010_SEGMENT_SPANS_CURRENT),
 ]
 
 # Each SQLite migration (storage/schema.py) and the PostgreSQL migrations that give its
@@ -624,6 +633,9 @@ SQLITE_TWINS: dict[str, tuple[str, ...]] = {
     "m029_events_crm": ("p006_events",),
     "m030_posting_rules": ("p004_posting_rules",),
     "m031_fingerprints_without_cards": ("p007_segments_offers_coupons",),
+    # Drops SQLite's rule_totals triggers; PostgreSQL keeps its own (INTENDED_DIFFERENCES).
+    "m032_rule_totals_per_batch": (),
+    "m033_segment_spans_current": ("p010_segment_spans_current",),
 }
 
 
@@ -656,6 +668,15 @@ INTENDED_DIFFERENCES: dict[str, str] = {
     # member's id modulo it), which readers sum; SQLite's one writer needs one row.
     "column rule_totals.shard: only on PostgreSQL": "a rule's total in shards by member",
     "primary key of rule_totals: SQLite (rule_id), PostgreSQL (rule_id, shard)": "a rule's total in shards by member",
+    # SQLite's m032 moved rule_totals' upkeep from triggers into the one writer's batch
+    # (storage/ledger.py add_rule_totals). Here postings are written by storage/pg/ledger.py,
+    # one receipt a transaction, and the triggers stay: dropping them would leave a previous
+    # version still running beside this one uncounted.
+    "insert trigger of posting_rules on INSERT: only on PostgreSQL": "rule_totals kept by trigger, in shards",
+    "insert trigger of postings on INSERT: only on PostgreSQL": "rule_totals' reversals kept by trigger, in shards",
+    # SQLite's m033 replaced it by segment_spans_member_current, of which it is a prefix;
+    # migrations here only add, so it stays for a previous version's reads.
+    "index segment_spans_member on segment_spans (member_id): only on PostgreSQL": "migrations here only add",
 }
 
 
