@@ -18,7 +18,10 @@ from typing import NamedTuple
 from storage import offers, segments
 from storage.coupons import StoredCode
 
-_SEGMENTS = segments.current_spans("'s', segment_id, NULL, from_run, NULL, NULL", guard="? = 1 AND ")
+# The first part's NULLs are typed: PostgreSQL takes a UNION's column types from its first
+# SELECT, and an untyped NULL there is text, which the offers' integers do not match.
+_SEGMENTS = segments.current_spans("'s', segment_id, CAST(NULL AS TEXT), from_run, CAST(NULL AS INTEGER), "
+                                   "CAST(NULL AS TEXT)", guard="? = 1 AND ")
 _OFFERS = ("SELECT 'o', offer_id, rule_id, points, points_used, to_date FROM offer_members "
            f"WHERE ? = 1 AND {offers.VALID}")
 _BASE = f"{_SEGMENTS} UNION ALL {_OFFERS}"
