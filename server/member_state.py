@@ -97,10 +97,10 @@ def segments_in(program: Program, listed: set[str], computed: set[str]) -> froze
 
 
 def budget_left(conn: sqlite3.Connection, program: Program) -> dict[str, int] | None:
-    """Points each budgeted rule may still issue. rule_totals is kept by triggers in the
-    transaction of the postings and their split by rule (posting_rules), so it counts every
-    receipt written before this one, committed or not, and a receipt undone by its savepoint
-    takes its points with it."""
+    """Points each budgeted rule may still issue. rule_totals is added to in the transaction
+    that writes the postings and their split by rule (storage/ledger.py add_rule_totals), so
+    it counts every receipt written before this one, committed or not, and a receipt whose
+    write is rolled back takes its points with it."""
     if not program.budgets:
         return None
     used = ledger.rule_totals(conn, list(program.budgets))
