@@ -207,7 +207,8 @@ def test_an_index_build_that_was_interrupted_is_built_again(pg_url, monkeypatch)
     it and builds it again."""
     conn = connect(pg_url)
     try:
-        monkeypatch.setattr(pg_schema, "MIGRATIONS", MIGRATIONS[:-1])
+        lookups = [name for name, _ in MIGRATIONS].index("p008_lookups")
+        monkeypatch.setattr(pg_schema, "MIGRATIONS", MIGRATIONS[:lookups])
         migrate(conn)
         for crm in ("crm-1", "crm-1"):
             conn.execute("INSERT INTO members (crm_id, enrolled_at, updated_at) VALUES (?, 't', 't')", (crm,))
@@ -215,7 +216,7 @@ def test_an_index_build_that_was_interrupted_is_built_again(pg_url, monkeypatch)
             conn.execute("CREATE UNIQUE INDEX CONCURRENTLY members_crm_id ON members(crm_id) WHERE crm_id IS NOT NULL")
         conn.execute("DELETE FROM members WHERE id = (SELECT MAX(id) FROM members)")
         monkeypatch.setattr(pg_schema, "MIGRATIONS", MIGRATIONS)
-        assert migrate(conn) == [MIGRATIONS[-1].name]
+        assert migrate(conn) == [name for name, _ in MIGRATIONS[lookups:]]
         assert conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = 'members_crm_id'::regclass"
                             ).fetchone() == (True,)
     finally:
