@@ -234,8 +234,9 @@ def _fan_out_queue(conn, hooks: list[Hook], limit: int, now_s: float) -> int:
     ids = _JSON.encode(claimed)
     for hook in hooks:
         conn.execute(f"INSERT INTO event_deliveries (webhook_id, event_id, member_id, state, next_attempt_at) "
-                     f"SELECT ?, e.id, e.member_id, 'pending', ? FROM {json_ids(conn)} j JOIN events e ON e.id = j.value "
-                     f"WHERE e.type IN ({','.join('?' * len(hook.types))}) ON CONFLICT DO NOTHING",
+                     f"SELECT ?, e.id, e.member_id, 'pending', ? FROM {json_ids(conn)} j "
+                     f"JOIN events e ON e.id = j.value WHERE e.type IN ({','.join('?' * len(hook.types))}) "
+                     "ON CONFLICT DO NOTHING",
                      (hook.webhook_id, now_s, ids, *hook.types))
     return len(claimed)
 
