@@ -9,6 +9,11 @@ with the same X-Loyalty-Event-Id. A failed delivery is retried after 1 s, 2, 4 .
 events.retry_max_seconds, with jitter, for events.retry_for_seconds; then it is dead: a dead
 letter no longer holds back that member's later events, counts in loyalty_webhook_dead_letters
 and goes again with `loyalty events retry`.
+
+Each member's pending deliveries go in id order. On SQLite that is the order the events were
+written in. On PostgreSQL, where several writers commit out of id order, the fan-out takes each
+event once it is committed (storage/events.py fan_out), so an event whose transaction committed
+after a later-numbered one had already been sent is sent after it: late, never skipped.
 """
 from __future__ import annotations
 
@@ -91,7 +96,8 @@ class Dispatcher:
             return self.events.poll_interval_seconds
         now = self.wall()
         # Looked at on a reader first: an idle server does not write (nor fsync) every poll.
-        if self.hooks and await self.db.read(self._behind):
+        ids = [hook.id for hook in self.hooks]
+        if await self.db.read(lambda conn: events.fan_out_owed(conn, ids)):
             await self.db.write(lambda conn: self._fan_out(conn, now))
         work = await self.db.read(lambda conn: {h.id: events.due(conn, h.id, now, self.events.batch_max)
                                                 for h in self.hooks}) if self.hooks else {}
@@ -103,13 +109,9 @@ class Dispatcher:
         await self._housekeeping()
         return 0.0 if outcomes else await self._pause()
 
-    def _behind(self, conn: sqlite3.Connection) -> bool:
-        """Whether an event was written after some webhook's cursor."""
-        return any(events.not_fanned_out(conn, hook.id, limit=1) for hook in self.hooks)
-
     def _fan_out(self, conn: sqlite3.Connection, now: float) -> None:
-        for hook in self.hooks:
-            events.fan_out(conn, hook.id, hook.events, self.events.batch_max * 4, now)
+        hooks = [events.Hook(hook.id, hook.events) for hook in self.hooks]
+        events.fan_out(conn, hooks, self.events.batch_max * 4, now)
 
     async def _deliver(self, session, gate, hook: WebhookConfig, item: events.Due) -> events.Outcome:
         body = _JSON.encode(item.event)

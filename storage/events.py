@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from storage.ledger import CONSENT_BITS, CONSENT_CHANNELS, iso, member_public_id
-from storage.sql import json_ids
+from storage.sql import is_postgresql, json_ids
 
 TYPES = ("member.enrolled", "receipt.confirmed", "receipt.cancelled", "return.accepted", "tier.changed",
          "points.expiring", "points.expired", "birthday", "offer.assigned", "card.replaced", "member.merged",
@@ -179,25 +179,66 @@ def page(conn: sqlite3.Connection, after: int, limit: int) -> list[dict]:
 
 
 def start_fanout(conn: sqlite3.Connection, webhook_id: str) -> None:
-    """A webhook seen for the first time gets the events from now on (a warehouse pulls older ones)."""
+    """A webhook seen for the first time gets the events from now on (a warehouse pulls older
+    ones). SQLite: its cursor starts at the newest event. PostgreSQL keeps no cursor: a webhook
+    gets what the queue hands the fan-out from the first round it is configured in."""
+    if is_postgresql(conn):
+        return
     conn.execute("INSERT INTO event_fanout (webhook_id, after_id) "
                  # WHERE true: SQLite would read the ON of an upsert after a bare FROM as a join's.
                  "SELECT ?, COALESCE(MAX(id), 0) FROM events WHERE true ON CONFLICT DO NOTHING", (webhook_id,))
 
 
-def fan_out(conn: sqlite3.Connection, webhook_id: str, types: list[str], limit: int, now_s: float) -> int:
-    """Delivery rows for the next `limit` events after the webhook's cursor; how many events it passed."""
-    after = conn.execute("SELECT after_id FROM event_fanout WHERE webhook_id = ?", (webhook_id,)).fetchone()[0]
+class Hook(NamedTuple):
+    webhook_id: str
+    types: list[str]        # the event types it subscribes to
+
+
+def fan_out(conn: sqlite3.Connection, hooks: list[Hook], limit: int, now_s: float) -> int:
+    """Delivery rows, for each webhook subscribed to its type, of up to `limit` events not
+    fanned out yet; how many events it passed (at most `limit` per webhook on SQLite).
+
+    SQLite commits events in id order (one writer), so a cursor per webhook is exact and
+    costs its receipts nothing. PostgreSQL's writers commit out of id order: an event may
+    commit after one with a higher id was fanned out, so there each event is a row of
+    event_fanout_pending, written with it (p009's trigger), claimed here and deleted."""
+    if is_postgresql(conn):
+        return _fan_out_queue(conn, hooks, limit, now_s)
+    return sum(_fan_out_cursor(conn, hook, limit, now_s) for hook in hooks)
+
+
+def _fan_out_cursor(conn: sqlite3.Connection, hook: Hook, limit: int, now_s: float) -> int:
+    after = conn.execute("SELECT after_id FROM event_fanout WHERE webhook_id = ?", (hook.webhook_id,)).fetchone()[0]
     last, seen = conn.execute("SELECT MAX(id), COUNT(*) FROM (SELECT id FROM events WHERE id > ? ORDER BY id "
                               "LIMIT ?) AS e", (after, limit)).fetchone()
     if not seen:
         return 0
     conn.execute(f"INSERT INTO event_deliveries (webhook_id, event_id, member_id, state, next_attempt_at) "
                  f"SELECT ?, id, member_id, 'pending', ? FROM events WHERE id > ? AND id <= ? "
-                 f"AND type IN ({','.join('?' * len(types))}) ON CONFLICT DO NOTHING",
-                 (webhook_id, now_s, after, last, *types))
-    conn.execute("UPDATE event_fanout SET after_id = ? WHERE webhook_id = ?", (last, webhook_id))
+                 f"AND type IN ({','.join('?' * len(hook.types))}) ON CONFLICT DO NOTHING",
+                 (hook.webhook_id, now_s, after, last, *hook.types))
+    conn.execute("UPDATE event_fanout SET after_id = ? WHERE webhook_id = ?", (last, hook.webhook_id))
     return seen
+
+
+def _fan_out_queue(conn, hooks: list[Hook], limit: int, now_s: float) -> int:
+    # SKIP LOCKED: a second process fanning out at the same moment (the jobs' lock changing
+    # hands) takes other rows rather than waiting. A queue row not committed yet is not seen,
+    # and is taken by a later round once it is. With no webhook configured the rows are
+    # taken all the same, so the queue stays short and its events may be purged.
+    claimed = [r[0] for r in conn.execute(
+        "DELETE FROM event_fanout_pending WHERE event_id IN (SELECT event_id FROM event_fanout_pending "
+        "ORDER BY event_id LIMIT ? FOR UPDATE SKIP LOCKED) RETURNING event_id", (limit,))]
+    if not claimed:
+        return 0
+    ids = _JSON.encode(claimed)
+    for hook in hooks:
+        conn.execute(f"INSERT INTO event_deliveries (webhook_id, event_id, member_id, state, next_attempt_at) "
+                     f"SELECT ?, e.id, e.member_id, 'pending', ? FROM {json_ids(conn)} j "
+                     f"JOIN events e ON e.id = j.value WHERE e.type IN ({','.join('?' * len(hook.types))}) "
+                     "ON CONFLICT DO NOTHING",
+                     (hook.webhook_id, now_s, ids, *hook.types))
+    return len(claimed)
 
 
 class Due(NamedTuple):
@@ -254,11 +295,32 @@ def counts(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
         "SELECT webhook_id, state, COUNT(*) FROM event_deliveries GROUP BY webhook_id, state")}
 
 
+def queue_after_cursors(conn) -> int:
+    """PostgreSQL: the fan-out's queue for events copied from a SQLite database (whose rows
+    went in with the queue's trigger off): every event after the lowest webhook cursor, which
+    SQLite had not fanned out to every webhook yet. A webhook further along may get some of
+    them a second time, which delivery at least once allows. How many were queued."""
+    return conn.execute("INSERT INTO event_fanout_pending (event_id) SELECT id FROM events "
+                        "WHERE id > (SELECT MIN(after_id) FROM event_fanout) ON CONFLICT DO NOTHING").rowcount
+
+
 def not_fanned_out(conn: sqlite3.Connection, webhook_id: str, limit: int = -1) -> int:
-    """Events written after the webhook's cursor (at most `limit`; -1: all)."""
-    bound, args = (" LIMIT ?", (webhook_id, limit)) if limit >= 0 else ("", (webhook_id,))
+    """Events the webhook has not been given delivery rows for yet (at most `limit`; -1: all):
+    after its cursor on SQLite, in the fan-out's queue on PostgreSQL."""
+    bound, args = (" LIMIT ?", (limit,)) if limit >= 0 else ("", ())
+    if is_postgresql(conn):
+        return conn.execute(f"SELECT COUNT(*) FROM (SELECT 1 FROM event_fanout_pending{bound}) AS q",
+                            args).fetchone()[0]
     return conn.execute("SELECT COUNT(*) FROM (SELECT 1 FROM events WHERE id > (SELECT after_id FROM event_fanout "
-                        f"WHERE webhook_id = ?){bound}) AS e", args).fetchone()[0]
+                        f"WHERE webhook_id = ?){bound}) AS e", (webhook_id, *args)).fetchone()[0]
+
+
+def fan_out_owed(conn: sqlite3.Connection, webhook_ids: list[str]) -> bool:
+    """Whether the fan-out has anything to do: an event after some webhook's cursor (SQLite),
+    any event in the queue (PostgreSQL, where it is emptied with no webhook configured too)."""
+    if is_postgresql(conn):
+        return conn.execute("SELECT EXISTS (SELECT 1 FROM event_fanout_pending)").fetchone()[0]
+    return any(not_fanned_out(conn, w, limit=1) for w in webhook_ids)
 
 
 def any_written_before(conn: sqlite3.Connection, before: datetime) -> bool:
@@ -268,20 +330,25 @@ def any_written_before(conn: sqlite3.Connection, before: datetime) -> bool:
 
 def purge(conn: sqlite3.Connection, before: datetime, webhook_ids: list[str], limit: int) -> int:
     """Deletes up to `limit` events written before `before`, oldest first, that the configured
-    webhooks have all fanned out and none still has to send (pending or dead), with their
-    delivery rows (a webhook removed from the config holds nothing back). How many went."""
+    webhooks have all fanned out (past every cursor on SQLite, out of the queue on PostgreSQL)
+    and none still has to send (pending or dead), with their delivery rows (a webhook removed
+    from the config holds nothing back). How many went."""
     marks = ",".join("?" * len(webhook_ids))
+    queued = is_postgresql(conn)
     fanned = conn.execute(f"SELECT MIN(after_id) FROM event_fanout WHERE webhook_id IN ({marks})",
-                          webhook_ids).fetchone()[0] if webhook_ids else None
+                          webhook_ids).fetchone()[0] if webhook_ids and not queued else None
     # Only below the first id written at `before`, so the walk never reads the recent events;
     # and below the newest event, which stays so that the next id is still one more than it.
     bound = min(_first_id_written_at(conn, iso(before)), conn.execute("SELECT MAX(id) FROM events").fetchone()[0] or 0)
     if fanned is not None:
         bound = min(bound, fanned + 1)
-    ids = [(r[0],) for r in conn.execute(
-        f"SELECT e.id FROM events e WHERE e.id < ? AND e.created_at < ? AND NOT EXISTS (SELECT 1 FROM "
-        f"event_deliveries d WHERE d.event_id = e.id AND d.webhook_id IN ({marks})) "
-        f"ORDER BY e.id LIMIT ?", (bound, iso(before), *webhook_ids, limit))]
+    # PostgreSQL refuses an empty IN list (no webhook configured): then nothing is owed.
+    owed = (f" AND NOT EXISTS (SELECT 1 FROM event_deliveries d WHERE d.event_id = e.id "
+            f"AND d.webhook_id IN ({marks}))") if webhook_ids else ""
+    if queued:
+        owed += " AND NOT EXISTS (SELECT 1 FROM event_fanout_pending q WHERE q.event_id = e.id)"
+    ids = [(r[0],) for r in conn.execute(f"SELECT e.id FROM events e WHERE e.id < ? AND e.created_at < ?{owed} "
+                                         "ORDER BY e.id LIMIT ?", (bound, iso(before), *webhook_ids, limit))]
     conn.executemany("DELETE FROM event_deliveries WHERE event_id = ?", ids)
     conn.executemany("DELETE FROM events WHERE id = ?", ids)
     return len(ids)

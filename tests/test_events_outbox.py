@@ -139,7 +139,7 @@ async def test_delivered_events_go_after_the_retention_period(tmp_path):
         await db.write(lambda conn: [events.start_fanout(conn, "w"),
                                      events.emit(conn, "birthday", 1, {"date": "2026-11-24"}, now),
                                      events.emit(conn, "birthday", 1, {"date": "2026-11-25"}, now),
-                                     events.fan_out(conn, "w", ["birthday"], 10, 1000.0)])
+                                     events.fan_out(conn, [events.Hook("w", ["birthday"])], 10, 1000.0)])
         # The first delivered, the second dead: only a delivered event may go.
         await db.write(lambda conn: events.record(conn, [
             events.Outcome("w", 1, "delivered", 1, 1000.0, 1000.0, None, 1000.0),

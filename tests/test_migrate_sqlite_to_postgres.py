@@ -157,6 +157,18 @@ async def test_an_installation_made_through_the_api_moves_with_its_balances(aioh
         conn.close()
 
 
+async def test_events_a_webhook_was_still_owed_are_owed_on_postgresql(aiohttp_client, tmp_path, pg_url, capsys):
+    """SQLite's webhook cursors become PostgreSQL's fan-out queue: whatever the furthest
+    behind of them had not passed is queued, nothing before it."""
+    await a_shop(aiohttp_client, tmp_path)
+    with sqlite3.connect(tmp_path / "loyalty.db") as conn:
+        conn.execute("INSERT INTO event_fanout (webhook_id, after_id) VALUES ('crm', 5), ('warehouse', 3)")
+    assert await moved(tmp_path, pg_url) == 0
+    owed = lite_rows(tmp_path, "SELECT id FROM events WHERE id > 3 ORDER BY id")
+    assert owed and owed[0] == (4,)
+    assert pg_rows(pg_url, "SELECT event_id FROM event_fanout_pending ORDER BY event_id") == owed
+
+
 async def test_a_target_that_is_not_empty_is_refused(aiohttp_client, tmp_path, pg_url, capsys):
     await a_shop(aiohttp_client, tmp_path)
     assert await moved(tmp_path, pg_url) == 0

@@ -9,7 +9,8 @@ stays bounded whatever the size. What PostgreSQL keeps its own way is made from 
   member's previous posting, from SQLite's postings in id order (the order they were
   written in); chain_heads holds each member's last, and anchors then list every head;
 - rule_totals are summed by rule and shard from the split by rule and the reversals, as
-  the triggers would have kept them.
+  the triggers would have kept them;
+- the events SQLite had not fanned out to the webhooks yet are queued for the fan-out.
 The tables' own triggers are off while their rows are copied (a copied adjustment keeps
 the key_name it was written with, the totals are summed once instead of row by row), on
 again before the transaction ends. Identity columns continue after the highest id copied.
@@ -20,6 +21,7 @@ import sqlite3
 from collections.abc import Callable
 from datetime import datetime
 
+from storage import events
 from storage.ledger import GENESIS_HASH, HASHED_SELECT, posting_hash
 from storage.pg import anchors, parity
 from storage.pg.connection import Connection
@@ -71,6 +73,7 @@ def copy_all(lite: sqlite3.Connection, pg: Connection, now: datetime, progress: 
     for table in tables:
         pg.execute(f"ALTER TABLE {table} ENABLE TRIGGER USER")
     _sum_rule_totals(pg)
+    events.queue_after_cursors(pg)
     _continue_identities(lite, pg, tables)
     pg.execute("INSERT INTO chain_heads (member_id, seq, hash) SELECT DISTINCT ON (member_id) member_id, chain_seq, "
                "hash FROM postings ORDER BY member_id, chain_seq DESC")

@@ -583,6 +583,29 @@ P008_LOOKUPS = Concurrently((
     ("receipts_day", "CREATE INDEX CONCURRENTLY receipts_day ON receipts(local_date, ts)"),
 ))
 
+# The events' fan-out to webhooks as a queue: a row per event, written by a trigger in the
+# event's own transaction (every writer of events, an older version's during a rolling
+# upgrade too), claimed by the fan-out FOR UPDATE SKIP LOCKED and deleted once fanned out
+# (storage/events.py). Several writers commit events out of id order, so SQLite's cursor
+# (event_fanout.after_id) could pass an event committed late; a queue row is visible exactly
+# when its event is. One trigger call per statement: an offer assigned to a million members
+# queues them in one INSERT. The events a cursor had not passed yet are queued here; the
+# trigger, made first, holds off other writers of events until this commits.
+P009_EVENT_FANOUT_QUEUE = """
+CREATE TABLE event_fanout_pending (
+    event_id bigint PRIMARY KEY
+);
+CREATE FUNCTION event_fanout_queue() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO event_fanout_pending (event_id) SELECT id FROM new_events;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER events_fanout_queue AFTER INSERT ON events REFERENCING NEW TABLE AS new_events
+    FOR EACH STATEMENT EXECUTE FUNCTION event_fanout_queue();
+INSERT INTO event_fanout_pending (event_id)
+    SELECT id FROM events WHERE id > (SELECT MIN(after_id) FROM event_fanout);
+"""
+
 # SQLite's m033: a receipt reads its member's current segment spans through one seek. The
 # index it replaces on SQLite stays here (a previous version still running reads through
 # it; migrations here only add).
@@ -602,6 +625,7 @@ MIGRATIONS: list[Migration] = [
     Migration("p006_events", P006_EVENTS),
     Migration("p007_segments_offers_coupons", P007_SEGMENTS_OFFERS_COUPONS),
     Migration("p008_lookups", P008_LOOKUPS),
+    Migration("p009_event_fanout_queue", P009_EVENT_FANOUT_QUEUE),
     Migration("p010_segment_spans_current", P010_SEGMENT_SPANS_CURRENT),
 ]
 
@@ -677,6 +701,12 @@ INTENDED_DIFFERENCES: dict[str, str] = {
     # SQLite's m033 replaced it by segment_spans_member_current, of which it is a prefix;
     # migrations here only add, so it stays for a previous version's reads.
     "index segment_spans_member on segment_spans (member_id): only on PostgreSQL": "migrations here only add",
+    # Several writers commit events out of id order, so a cursor over ids (event_fanout,
+    # SQLite's one writer commits them in order) would pass an event committed late.
+    "table event_fanout_pending: only on PostgreSQL": "the events not fanned out to the webhooks yet, a row each, "
+                                                      "written with the event and deleted when fanned out",
+    "insert trigger of events on INSERT: only on PostgreSQL": "queues each event written for the fan-out "
+                                                              "(event_fanout_pending), in the event's transaction",
 }
 
 
