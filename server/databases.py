@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sqlite3
 
+import psycopg
+
 from storage.db import Database
 from storage.health import StorageUnavailable
 from storage.pg.database import PgDatabase
@@ -39,6 +41,18 @@ def open_existing(config) -> CommandDatabase:
     except (StorageUnavailable, MigrationsBusy) as e:     # PostgreSQL not answering, or its migrations' turn held
         raise CannotOpen(f"{e} (database.url)") from None
     return db
+
+
+def read_existing(config):
+    """read_connection; CannotOpen (`<file>: no database`, PostgreSQL not answering) when
+    there is none to read."""
+    try:
+        conn = read_connection(config)
+    except psycopg.OperationalError as e:
+        raise CannotOpen(f"cannot connect to PostgreSQL (database.url): {str(e).strip().splitlines()[0]}") from None
+    if conn is None:
+        raise CannotOpen(f"{described(config)}: no database")
+    return conn
 
 
 def for_command(config) -> CommandDatabase:

@@ -29,7 +29,7 @@ import psycopg
 from rules import Program, ProgramError, load_program
 from server import databases, schema, validation
 from server.clock import Clock
-from server.config import ConfigError, load_config
+from server.config import ConfigError
 from server.errors import ApiError
 from server.privacy import Privacy, privacy_from_config
 from server.reports import ProgressBar
@@ -137,9 +137,9 @@ def dispatch(args) -> int:
     source = Path(args.source)
     report = Path(args.report) if args.report else source.with_name(source.stem + ".refused.csv")
     try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        config = databases.config_for_command(args.config)
+    except databases.CannotOpen as e:
+        print(e, file=sys.stderr)
         return 2
     try:
         tally = run_import(config, args.import_command, source, args.batch_rows)
