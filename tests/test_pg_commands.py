@@ -174,3 +174,31 @@ def test_a_command_without_postgresql_says_so_in_one_line(tmp_path, capsys):
     assert cli(["events", "retry", "--config", config]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cannot connect to PostgreSQL: ") and "(database.url)" in err and err.count("\n") == 1
+
+
+def test_rotate_key_finds_the_stale_hashes_whatever_the_database_collation(pg_url):
+    """A database created for people's text (here ICU's en-US) orders `~k2~...` among the hex
+    digits and ignores `\\x7f`: the hashes still to wrap are found by their bytes all the same."""
+    from server.privacy import Privacy
+    from storage import member_care
+    from storage.pg.database import PgDatabase
+
+    db = PgDatabase.from_config(DatabaseConfig(url=pg_url))
+    db.open()
+    try:
+        privacy = Privacy(b"the-first-key-of-these-tests", [("k2", b"the-second-key-of-these-tests")])
+        stale = ["0" * 64, "a" * 64, "f" * 64]
+        wrapped = [privacy.rewrap("card", "1" * 64), privacy.rewrap("card", "b" * 64)]
+
+        def setup(conn):
+            conn.execute('ALTER TABLE cards ALTER COLUMN card TYPE text COLLATE "en-US-x-icu"')
+            member = conn.execute("INSERT INTO members (enrolled_at, updated_at) VALUES ('x', 'x') RETURNING id")
+            member_id = member.fetchone()[0]
+            conn.executemany("INSERT INTO cards (card, card_last4, member_id, created_at) VALUES (?, '0000', ?, 'x')",
+                             [(card, member_id) for card in stale + wrapped])
+        db.write_sync(setup)
+        in_force = privacy.in_force_range()
+        assert db.read_sync(lambda c: member_care.count_stale(c, "cards", "card", in_force)) == len(stale)
+        assert db.read_sync(lambda c: member_care.stale_hashes(c, "cards", "card", in_force, 10)) == stale
+    finally:
+        db.close()
