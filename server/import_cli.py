@@ -36,6 +36,7 @@ from server.reports import ProgressBar
 from storage import imports
 from storage.health import StorageBusy, StorageError, is_busy
 from storage.ledger import CONSENT_CHANNELS, PostingRef, iso
+from storage.pg.schema import MigrationsBusy
 
 BATCH_ROWS_DEFAULT = 1_000
 BATCH_ROWS_MAX = 10_000
@@ -171,7 +172,7 @@ def run_import(config, kind: str, source: Path, batch_rows: int) -> Tally:
         db.open()
         importer = MemberImport(ctx, db, tally) if kind == "members" else ReceiptImport(ctx, db, tally, source)
         importer.run(source, batch_rows, ProgressBar(f"importing {kind}"))
-    except (StorageError, sqlite3.OperationalError, psycopg.Error) as e:
+    except (StorageError, sqlite3.OperationalError, psycopg.Error, MigrationsBusy) as e:
         raise Stopped(_why_stopped(e, config), tally) from None
     finally:
         db.close()
