@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 
 from rules import ProgramError, load_program
 from server.clock import Clock
-from server.config import ConfigError, load_config
+from server.databases import CannotOpen, config_for_command
 from storage.db import Database
 from storage.health import StorageBusy, StorageError, is_busy
 from storage.schema import migrations
@@ -42,9 +42,9 @@ POSTGRESQL = _PostgreSQL()
 
 def dispatch(args) -> int:
     try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        config = config_for_command(args.config)
+    except CannotOpen as e:
+        print(e, file=sys.stderr)
         return 2
     if config.database.url is not None:
         return _on_postgresql(config, args)

@@ -46,18 +46,26 @@ NICENESS = 10
 PROGRESS_EVERY_SECONDS = 1.0
 
 
+# A copy of a PostgreSQL database is PostgreSQL's own tools' work (docs/postgresql.md).
+POSTGRESQL_REFUSED = ("backup: database.url is PostgreSQL, which this command does not copy: use pg_basebackup "
+                      "(with WAL archiving) or pg_dump, and a standby (docs/postgresql.md, Backups)")
+
+
 class BackupFailed(Exception):
     """The copy could not be made; the message is the one line to print."""
 
 
 def backup_command(config_path: str, out: str) -> int:
     """0 with one line saying what was verified; 1 when the copy fails a check (kept as
-    FILE.unverified); 2 when it cannot be made."""
-    from server.config import ConfigError, load_config
+    FILE.unverified); 2 when it cannot be made, or the database is PostgreSQL's."""
+    from server.databases import CannotOpen, config_for_command
     try:
-        config = load_config(config_path)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        config = config_for_command(config_path)
+    except CannotOpen as e:
+        print(e, file=sys.stderr)
+        return 2
+    if config.database.url is not None:
+        print(POSTGRESQL_REFUSED, file=sys.stderr)
         return 2
     source = config.resolve(config.database.path)
     target = Path(out)

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         return migrate_cli.dispatch(args)
     if args.command == "events":
-        from server.webhooks import retry_command
+        from server.events_cli import retry_command
         return retry_command(args.config, args.webhook, args.event)
     if args.command == "privacy":
         from server.privacy import rotate_key_command

@@ -13,7 +13,7 @@ from pathlib import Path
 import msgspec
 
 from server import cvm, report_campaign, schema
-from server.databases import for_command
+from server.databases import CannotOpen, open_existing
 from server.errors import ApiError
 from server.reports import ProgressBar
 from storage import coupons, offers
@@ -77,15 +77,14 @@ def dispatch(args) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    db_path = config.resolve(config.database.path)
-    if config.database.url is None and not db_path.exists():
-        print(f"{db_path}: no database", file=sys.stderr)
-        return 2
     program = _program(config)
     try:
         definitions = cvm.definitions_of(program)
-        db = for_command(config)
-        db.open()
+        try:
+            db = open_existing(config)
+        except CannotOpen as e:
+            print(e, file=sys.stderr)
+            return 2
         try:
             if args.command == "coupons":
                 return generate(db, definitions, privacy, args.campaign, args.count, args.out, args.card)

@@ -3,15 +3,59 @@ from __future__ import annotations
 
 import sqlite3
 
+import psycopg
+
 from storage.db import Database
+from storage.health import StorageUnavailable
 from storage.pg.database import PgDatabase
+from storage.pg.schema import MigrationsBusy
 from storage.schema import migrations
 
 # A command's connect to PostgreSQL gives up after this long (libpq's connect_timeout).
 CONNECT_TIMEOUT_S = 10
 
+CommandDatabase = Database | PgDatabase
 
-def for_command(config) -> Database | PgDatabase:
+
+class CannotOpen(Exception):
+    """A command's config or database cannot be used: the one line to print, exit 2."""
+
+
+def config_for_command(config_path: str):
+    """config.yaml loaded; CannotOpen with `config error: ...` when it does not load."""
+    from server.config import ConfigError, load_config
+    try:
+        return load_config(config_path)
+    except ConfigError as e:
+        raise CannotOpen(f"config error: {e}") from None
+
+
+def open_existing(config) -> CommandDatabase:
+    """for_command opened; CannotOpen (`<file>: no database`) when SQLite's file is not
+    there, which a command that changes stored rows must not create empty."""
+    if config.database.url is None and not config.resolve(config.database.path).exists():
+        raise CannotOpen(f"{described(config)}: no database")
+    db = for_command(config)
+    try:
+        db.open()
+    except (StorageUnavailable, MigrationsBusy) as e:     # PostgreSQL not answering, or its migrations' turn held
+        raise CannotOpen(f"{e} (database.url)") from None
+    return db
+
+
+def read_existing(config):
+    """read_connection; CannotOpen (`<file>: no database`, PostgreSQL not answering) when
+    there is none to read."""
+    try:
+        conn = read_connection(config)
+    except psycopg.OperationalError as e:
+        raise CannotOpen(f"cannot connect to PostgreSQL (database.url): {str(e).strip().splitlines()[0]}") from None
+    if conn is None:
+        raise CannotOpen(f"{described(config)}: no database")
+    return conn
+
+
+def for_command(config) -> CommandDatabase:
     """PostgreSQL for `database.url`; else the SQLite file at `database.path`, without
     checkpoints (a serving server checkpoints its WAL; a command must not take that turn).
     Not opened yet."""

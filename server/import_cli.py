@@ -24,19 +24,19 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import msgspec
+import psycopg
 
 from rules import Program, ProgramError, load_program
-from server import schema, validation
+from server import databases, schema, validation
 from server.clock import Clock
-from server.config import ConfigError, load_config
+from server.config import ConfigError
 from server.errors import ApiError
 from server.privacy import Privacy, privacy_from_config
 from server.reports import ProgressBar
 from storage import imports
-from storage.db import Database
 from storage.health import StorageBusy, StorageError, is_busy
 from storage.ledger import CONSENT_CHANNELS, PostingRef, iso
-from storage.schema import migrations
+from storage.pg.schema import MigrationsBusy
 
 BATCH_ROWS_DEFAULT = 1_000
 BATCH_ROWS_MAX = 10_000
@@ -138,9 +138,9 @@ def dispatch(args) -> int:
     source = Path(args.source)
     report = Path(args.report) if args.report else source.with_name(source.stem + ".refused.csv")
     try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        config = databases.config_for_command(args.config)
+    except databases.CannotOpen as e:
+        print(e, file=sys.stderr)
         return 2
     try:
         tally = run_import(config, args.import_command, source, args.batch_rows)
@@ -166,29 +166,30 @@ def run_import(config, kind: str, source: Path, batch_rows: int) -> Tally:
     except ProgramError as e:
         raise CannotStart(f"the program in {config.rules.dir} does not load: {e.problems[0]}") from None
     ctx = Context(program, privacy, Clock(config.clock.start).now())
-    db_path = config.resolve(config.database.path)
-    # Beside a serving server, which checkpoints its WAL; this command must not take that turn.
-    db = Database.from_config(config.database, db_path, migrations=migrations, checkpoints=False)
+    db = databases.for_command(config)
     tally = Tally()
     try:
         db.open()
         importer = MemberImport(ctx, db, tally) if kind == "members" else ReceiptImport(ctx, db, tally, source)
         importer.run(source, batch_rows, ProgressBar(f"importing {kind}"))
-    except (StorageError, sqlite3.OperationalError) as e:
-        raise Stopped(_why_stopped(e, db_path, config.database.busy_wait_seconds), tally) from None
+    except (StorageError, sqlite3.OperationalError, psycopg.Error, MigrationsBusy) as e:
+        raise Stopped(_why_stopped(e, config), tally) from None
     finally:
         db.close()
         program.close()
     return tally
 
 
-def _why_stopped(e: Exception, db_path, wait_seconds: float) -> str:
+def _why_stopped(e: Exception, config) -> str:
+    where = databases.described(config)
     if isinstance(e, StorageBusy) or is_busy(e):
         from server.startup import lock_holder
+        db_path = config.resolve(config.database.path)
         return (f"import stopped: the database {db_path} is locked by {lock_holder(db_path)} for longer than "
-                f"database.busy_wait_seconds ({wait_seconds:g}s); the batches already written stay, "
-                f"run the same import again once the lock is released")
-    return f"import stopped: cannot write to the database {db_path}: {e}"
+                f"database.busy_wait_seconds ({config.database.busy_wait_seconds:g}s); the batches already "
+                f"written stay, run the same import again once the lock is released")
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"import stopped: cannot write to {where}: {first_line}; the batches already written stay"
 
 
 def _finish(tally: Tally, source: Path, report: Path, kind: str) -> int:
@@ -228,7 +229,7 @@ def count_lines(path: Path) -> int:
 class Importer:
     """Reads rows, keeps the first line of each identity, writes full batches."""
 
-    def __init__(self, ctx: Context, db: Database, tally: Tally):
+    def __init__(self, ctx: Context, db: databases.CommandDatabase, tally: Tally):
         self.ctx, self.db, self.tally = ctx, db, tally
         self.first_line: dict = {}
 
@@ -433,7 +434,7 @@ def _date(raw: str, column: str) -> date:
 # ---------------------------------------------------------------- receipts
 
 class ReceiptImport(Importer):
-    def __init__(self, ctx: Context, db: Database, tally: Tally, source: Path):
+    def __init__(self, ctx: Context, db: databases.CommandDatabase, tally: Tally, source: Path):
         super().__init__(ctx, db, tally)
         self.source = source.name
 

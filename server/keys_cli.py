@@ -50,11 +50,11 @@ def add_parser(sub) -> None:
 
 
 def dispatch(args) -> int:
-    from server.config import ConfigError, load_config
+    from server.databases import CannotOpen, config_for_command
     try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        config = config_for_command(args.config)
+    except CannotOpen as e:
+        print(e, file=sys.stderr)
         return 2
     if args.keys_command == "list":
         return list_keys(config, args.json)

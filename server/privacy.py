@@ -27,12 +27,10 @@ from datetime import datetime, timezone
 
 import msgspec
 
-from server.config import Config, ConfigError, load_config
+from server.config import Config, ConfigError
 from server.startup import StartupError, take_serve_lock
 from storage import coupons, member_care
-from storage.db import Database
 from storage.ledger import digest_hex, iso, pack, unpack
-from storage.schema import migrations
 
 log = logging.getLogger("loyalty.privacy")
 
@@ -204,35 +202,43 @@ class KeyNotListed(Exception):
 
 def rotate_key_command(config_path: str, batch_rows: int = ROTATE_BATCH_ROWS) -> int:
     """Wraps every stored card, phone and coupon code hash (and each receipt body's card hash)
-    up to the key in force, in batches of their own transactions, beside a serving server (or
-    alone). Run again, it goes on where it stopped."""
+    up to the key in force, in batches of their own transactions, beside the serving servers
+    (or alone). Run again, it goes on where it stopped."""
+    from server import databases
     try:
-        config = load_config(config_path)
+        config = databases.config_for_command(config_path)
         privacy = privacy_from_config(config)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except databases.CannotOpen as e:
+        print(e, file=sys.stderr)
+        return 2
     if not 1 <= batch_rows <= ROTATE_BATCH_ROWS_MAX:
         print(f"--batch-rows must be 1 to {ROTATE_BATCH_ROWS_MAX}", file=sys.stderr)
         return 2
-    db_path = config.resolve(config.database.path)
-    if not db_path.exists():
-        print(f"{db_path}: no database", file=sys.stderr)
+    lock = None
+    if config.database.url is None and config.resolve(config.database.path).exists():
+        try:
+            lock = take_serve_lock(config.resolve(config.database.path))   # none may start on the old key meanwhile
+        except StartupError:
+            pass                            # a server serves: it must already use the key in force
+    # PostgreSQL's servers share the database and take no such lock: one of them, started
+    # on this config, must have recorded its keys (_check_keys), as beside a SQLite server.
+    try:
+        db = databases.open_existing(config)
+    except databases.CannotOpen as e:
+        print(e, file=sys.stderr)
         return 2
     try:
-        lock = take_serve_lock(db_path)     # no server: none may start on the old key meanwhile
-    except StartupError:
-        lock = None                         # a server serves: it must already use the key in force
-    try:
-        return _rotate(config, db_path, privacy, batch_rows, alone=lock is not None)
+        return _rotate(db, privacy, batch_rows, alone=lock is not None)
     finally:
+        db.close()
         if lock is not None:
             lock.release()
 
 
-def _rotate(config, db_path, privacy: Privacy, batch_rows: int, alone: bool) -> int:
-    db = Database.from_config(config.database, db_path, migrations=migrations, checkpoints=False)
-    db.open()
+def _rotate(db, privacy: Privacy, batch_rows: int, alone: bool) -> int:
     try:
         refused = _check_keys(db, privacy, alone)
         if refused:
@@ -252,8 +258,6 @@ def _rotate(config, db_path, privacy: Privacy, batch_rows: int, alone: bool) -> 
     except KeyNotListed as e:
         print(e, flush=True)
         return 1
-    finally:
-        db.close()
 
 
 def _check_keys(db, privacy: Privacy, alone: bool) -> str | None:

@@ -404,16 +404,11 @@ def export_command(config_path: str, version: str, directory: Path, force: bool)
     exactly that program). VERSION may be shortened to a unique prefix of its hex digits."""
     import sys
 
-    from server.config import ConfigError, load_config
+    from server.databases import CannotOpen, config_for_command, read_existing
     try:
-        config = load_config(config_path)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    from server.databases import described, read_connection
-    conn = read_connection(config)
-    if conn is None:
-        print(f"{described(config)}: no database", file=sys.stderr)
+        conn = read_existing(config_for_command(config_path))
+    except CannotOpen as e:
+        print(e, file=sys.stderr)
         return 2
     with contextlib.closing(conn):
         found = _recorded(conn, version)

@@ -23,7 +23,7 @@ import msgspec
 
 from rules import MemberFacts, Program, ProgramError, format_explanation, load_program
 from server import validation
-from server.databases import described, read_connection
+from server.databases import CannotOpen, config_for_command, described, read_connection, read_existing
 from server.replay_member import OfferDrift, ReplayMember, facts_for, from_record
 from server.schema import DECODERS, Receipt, every_problem
 from storage import member_facts
@@ -377,23 +377,18 @@ def export_receipts(conn: sqlite3.Connection, out, first: date | None = None, la
 
 
 def export_receipts_command(config_path: str, out_path: str | None, first: str | None, last: str | None) -> int:
-    from server.config import ConfigError, load_config
     from server.reports import export_bar, output
 
     try:
-        config = load_config(config_path)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    try:
+        config = config_for_command(config_path)
         first_day = date.fromisoformat(first) if first else None
         last_day = date.fromisoformat(last) if last else None
+        conn = read_existing(config)
+    except CannotOpen as e:
+        print(e, file=sys.stderr)
+        return 2
     except ValueError as e:
         print(f"--from/--to must be dates (YYYY-MM-DD): {e}", file=sys.stderr)
-        return 2
-    conn = read_connection(config)
-    if conn is None:
-        print(f"{described(config)}: no database", file=sys.stderr)
         return 2
     with closing(conn):
         with output(out_path) as stream:

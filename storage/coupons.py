@@ -22,6 +22,7 @@ from typing import Callable, NamedTuple
 import msgspec
 
 from storage.ledger import iso
+from storage.sql import is_postgresql
 
 ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"
 CODE_CHARS = 12
@@ -171,9 +172,12 @@ def give_back(conn: sqlite3.Connection, receipt_key: tuple[str, str, str]) -> in
 def rewrap_codes(conn: sqlite3.Connection, pairs: list[tuple[str, str]]) -> int:
     """pairs: (stored code hash, the same wrapped up to the key in force). The code is the
     key coupon_uses refer to, so each moves to a new row its uses follow, in the caller's
-    transaction; a code gone since it was read matches nothing."""
+    transaction; a code gone since it was read matches nothing. On PostgreSQL the code's row
+    is locked before it is copied, so a use another process counts meanwhile is not lost."""
     moved = 0
     for old, new in pairs:
+        if is_postgresql(conn):
+            conn.execute("SELECT 1 FROM coupon_codes WHERE code = ? FOR UPDATE", (old,))
         moved += conn.execute("INSERT INTO coupon_codes (code, campaign, card, uses, created_at) "
                               "SELECT ?, campaign, card, uses, created_at FROM coupon_codes WHERE code = ?",
                               (new, old)).rowcount

@@ -3,11 +3,14 @@ opening balances, and receipts of the history before the program, in batches.
 
 Each batch runs as one write function (storage.db.Database.write_sync) inside the single
 write transaction, so what it finds already there (a card, a receipt identity) cannot be
-added by the server between the look-up and the insert: a rerun skips it.
+added by the server between the look-up and the insert: a rerun skips it. On PostgreSQL a
+card or receipt identity another process adds meanwhile fails the insert on its key, and
+the batch runs again from its start, finding it there.
 
 Opening balances keep the ledger's invariants as every other credit does: a lot holding
 the points and one posting from the `opening` counter account (so the accounts still sum
-to zero), chained by storage.ledger.posting_hash to the posting before it.
+to zero), chained by storage.ledger.posting_hash to the posting before it (on PostgreSQL,
+to the member's previous posting: a new member's first).
 
 Imported receipts are stored as confirmed receipts (so tiers, receipt numbers and any
 count of a member's receipts see them) with no postings and no lots, and a row in
@@ -21,7 +24,8 @@ from typing import NamedTuple
 
 from storage import events, ledger, member_care
 from storage.accounts import OPENING
-from storage.ledger import CONSENT_CHANNELS, PostingRef, ReceiptKey
+from storage.ledger import CONSENT_CHANNELS, NewPosting, PostingRef, ReceiptKey
+from storage.sql import is_postgresql
 
 # What an imported receipt records as the program that computed it: none did.
 IMPORTED_RULES_VERSION = "imported"
@@ -90,18 +94,24 @@ def known_cards(conn: sqlite3.Connection, cards: list[str]) -> dict[str, int]:
 
 
 def insert_all(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], rows: list[tuple],
-               verb: str = "INSERT") -> None:
-    """`rows` into `table` with one statement. The storage runs each write function in a
-    savepoint, and every statement inside it costs as much again as the pages the
-    savepoint has changed so far (SQLite walks its sub-journal to end the statement): row by
-    row, a batch of 1,000 members took ~280 ms, staged in a temporary table and copied in
-    one INSERT ... SELECT ~30 ms, and the cost no longer grows with the database."""
+               ignore: bool = False) -> None:
+    """`rows` into `table` with one statement; ignore: rows whose key is taken are left out.
+    SQLite runs each write function in a savepoint, and every statement inside it costs as
+    much again as the pages the savepoint has changed so far (SQLite walks its sub-journal
+    to end the statement): row by row, a batch of 1,000 members took ~280 ms, staged in a
+    temporary table and copied in one INSERT ... SELECT ~30 ms, and the cost no longer grows
+    with the database. PostgreSQL has no such cost: psycopg sends the rows in one pipeline."""
     if not rows:
         return
     names = ", ".join(columns)
+    conflict = " ON CONFLICT DO NOTHING" if ignore else ""
+    if is_postgresql(conn):
+        conn.executemany(f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(columns))}){conflict}", rows)
+        return
     conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS import_{table} AS SELECT {names} FROM main.{table} WHERE 0")
     conn.executemany(f"INSERT INTO temp.import_{table} ({names}) VALUES ({', '.join('?' * len(columns))})", rows)
-    conn.execute(f"{verb} INTO main.{table} ({names}) SELECT {names} FROM temp.import_{table}")
+    # WHERE true: SQLite would read ON CONFLICT after a bare FROM as a join's constraint.
+    conn.execute(f"INSERT INTO main.{table} ({names}) SELECT {names} FROM temp.import_{table} WHERE true{conflict}")
     conn.execute(f"DELETE FROM temp.import_{table}")
 
 
@@ -114,8 +124,8 @@ def insert_members(conn: sqlite3.Connection, rows: list[MemberRow], *, today: st
                    profile_events: list[str], first_tier: str) -> MembersInserted:
     """Inserts the members whose card is not enrolled yet and whose crm_id no member has,
     each with its member.enrolled event (imported, at `first_tier`). Ids are the next free
-    ones: this is the only writer while the transaction lasts. A row of a card enrolled
-    already changes nothing but its member's crm_id and consent when it gives other ones.
+    ones (_new_member_ids). A row of a card enrolled already changes nothing but its
+    member's crm_id and consent when it gives other ones.
 
     profile_events: the program's profile_completed events. A member whose phone and birthday
     both come in completed the profile in the previous program: the events are recorded as
@@ -128,8 +138,7 @@ def insert_members(conn: sqlite3.Connection, rows: list[MemberRow], *, today: st
     refused = [r.line for r in rows if r.card not in there and r.crm_id in taken] + not_updated
     if not new:
         return MembersInserted(skipped, refused)
-    first_member = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM members").fetchone()[0]
-    ids = {r.line: first_member + i for i, r in enumerate(new)}
+    ids = dict(zip((r.line for r in new), _new_member_ids(conn, len(new))))
     insert_all(conn, "members", ("id", "phone_hmac", "phone_last4", "birthday", "tags", "enrolled_at", "updated_at",
                                  "crm_id", *(f"consent_{c}" for c in CONSENT_CHANNELS), "consent_updated_at"),
                [(ids[r.line], r.phone_hmac, r.phone_last4, r.birthday, r.tags, r.enrolled_at, at.created_at,
@@ -140,16 +149,29 @@ def insert_members(conn: sqlite3.Connection, rows: list[MemberRow], *, today: st
     _open_balances(conn, [r for r in new if r.opening_points], ids, today, at)
     insert_all(conn, "event_fires", ("member_id", "event_id", "occasion", "created_at"),
                [(ids[r.line], event, "profile", at.created_at) for r in new if r.phone_hmac and r.birthday
-                for event in profile_events], verb="INSERT OR IGNORE")
+                for event in profile_events], ignore=True)
     events.members_imported(conn, list(ids.values()), first_tier, at.created_at)
     return MembersInserted(skipped, refused)
+
+
+def _new_member_ids(conn: sqlite3.Connection, count: int) -> list[int]:
+    """Ids for `count` new members. SQLite's follow the highest one: the one writer adds
+    members while the transaction lasts. PostgreSQL's come from the identity column's
+    sequence, which the server's enrollments in other processes draw from too."""
+    if is_postgresql(conn):
+        return [r[0] for r in conn.execute("SELECT nextval(pg_get_serial_sequence('members', 'id')) "
+                                           "FROM generate_series(1, ?)", (count,))]
+    first = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM members").fetchone()[0]
+    return list(range(first, first + count))
 
 
 def _update_crm(conn: sqlite3.Connection, rows: list[MemberRow], there: dict[str, int],
                 now: str) -> list[int]:
     """The crm_id and consent rows of enrolled cards give, set as PATCH /v1/members sets
-    them (a member.updated when they change); the lines refused: crm_id taken."""
+    them (a member.updated when they change); the lines refused: crm_id taken. The members
+    are locked first (in id order), then read."""
     refused = []
+    ledger.lock_members(conn, [there[r.card] for r in rows if r.crm_id is not None or r.consent is not None])
     for r in rows:
         if r.crm_id is None and r.consent is None:
             continue
@@ -184,11 +206,24 @@ def _open_balances(conn: sqlite3.Connection, rows: list[MemberRow], ids: dict[in
     from `opening` (as storage.ledger.credit writes a lot, without its per-row statements)."""
     if not rows:
         return
+    if is_postgresql(conn):
+        return _open_balances_pg(conn, rows, ids, today, at)
     first_lot = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM lots").fetchone()[0]
     lots = [(first_lot + i, ids[r.line], today, r.opening_expires_on, r.opening_points)
             for i, r in enumerate(rows)]
     insert_all(conn, "lots", ("id", "member_id", "available_from", "expires_on", "remaining"), lots)
     insert_all(conn, "postings", POSTING_COLUMNS, _chained(conn, lots, at))
+
+
+def _open_balances_pg(conn, rows: list[MemberRow], ids: dict[int, int], today: str, at: PostingRef) -> None:
+    """PostgreSQL's: lots numbered by their identity column, each posting the first of its
+    member's chain (storage/pg/ledger.py), the note and key kept as SQLite's hash them."""
+    from storage.pg import ledger as pg
+    lot_ids = ledger.new_lots(conn, [(ids[r.line], today, r.opening_expires_on, r.opening_points) for r in rows])
+    pg.append_postings(conn, [NewPosting(ids[r.line], lot_id, (today, r.opening_expires_on), "adjustment",
+                                         r.opening_points, OPENING, at.effective_at, at.created_at, None,
+                                         at.rules_version, None, at.ref, counted=True)
+                              for r, lot_id in zip(rows, lot_ids)], key_id=at.key_id, note=at.note)
 
 
 def _chained(conn: sqlite3.Connection, lots: list[tuple], at: PostingRef) -> list[tuple]:
@@ -229,9 +264,11 @@ class ReceiptsOutcome:
 
 
 def add_receipts(conn: sqlite3.Connection, rows: list[ReceiptRow], *, now: str, source: str) -> ReceiptsOutcome:
-    """Stores the receipts not stored yet whose card (if any) is enrolled."""
+    """Stores the receipts not stored yet whose card (if any) is enrolled. Their members are
+    locked first (in id order): a receipt counts for the member's tier and receipt numbers."""
     out = ReceiptsOutcome()
     members = known_cards(conn, list({r.card for r in rows if r.card}))
+    ledger.lock_members(conn, list(members.values()))
     stored = stored_receipts(conn, [r.key for r in rows])
     new = []
     for r in rows:

@@ -109,6 +109,16 @@ def lock_member(conn, member_id: int) -> bool:
     return True
 
 
+def lock_members(conn, member_ids) -> None:
+    """lock_member for several members, in the order of their ids (as merges and the
+    postings take them), so two writers locking some of the same members never deadlock."""
+    ids = sorted(set(member_ids))
+    if not ids or not is_postgresql(conn):
+        return
+    marks = ", ".join("?" * len(ids))
+    conn.execute(f"SELECT 1 FROM members WHERE id IN ({marks}) ORDER BY id FOR UPDATE", ids)
+
+
 def lock_member_of_card(conn, card: str) -> None:
     """lock_member for the member a card (its HMAC, and its older ones) belongs to, if any."""
     if is_postgresql(conn):

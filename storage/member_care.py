@@ -17,7 +17,7 @@ import msgspec
 from storage import events, ledger, member_facts
 from storage.accounts import member_account
 from storage.schema import LEGACY_FINGERPRINT, legacy_fingerprint
-from storage.sql import INTEGRITY_ERRORS, arrival
+from storage.sql import INTEGRITY_ERRORS, arrival, byte_order, is_postgresql
 
 CHANNELS = ledger.CONSENT_CHANNELS
 PHONE_MATCHES_MAX = 20
@@ -257,10 +257,11 @@ def stale_hashes(conn: sqlite3.Connection, table: str, column: str, in_force: tu
     if in_force is None:
         return []
     low, high = in_force
-    rows = conn.execute(f"SELECT {column} FROM {table} WHERE {column} < ? ORDER BY {column} LIMIT ?",
+    hashed = f"{column}{byte_order(conn)}"
+    rows = conn.execute(f"SELECT {column} FROM {table} WHERE {hashed} < ? ORDER BY {hashed} LIMIT ?",
                         (low, limit)).fetchall()
     if len(rows) < limit:
-        rows += conn.execute(f"SELECT {column} FROM {table} WHERE {column} >= ? ORDER BY {column} LIMIT ?",
+        rows += conn.execute(f"SELECT {column} FROM {table} WHERE {hashed} >= ? ORDER BY {hashed} LIMIT ?",
                              (high, limit - len(rows))).fetchall()
     return [r[0] for r in rows]
 
@@ -269,21 +270,33 @@ def count_stale(conn: sqlite3.Connection, table: str, column: str, in_force: tup
     if in_force is None:
         return 0
     low, high = in_force
-    return conn.execute(f"SELECT (SELECT COUNT(*) FROM {table} WHERE {column} < ?) + "
-                        f"(SELECT COUNT(*) FROM {table} WHERE {column} >= ?)", (low, high)).fetchone()[0]
+    hashed = f"{column}{byte_order(conn)}"
+    return conn.execute(f"SELECT (SELECT COUNT(*) FROM {table} WHERE {hashed} < ?) + "
+                        f"(SELECT COUNT(*) FROM {table} WHERE {hashed} >= ?)", (low, high)).fetchone()[0]
 
 
 def rewrap(conn: sqlite3.Connection, table: str, column: str, pairs: list[tuple[str, str]]) -> int:
     """pairs: (stored hash, the same wrapped up to the key in force). A row changed since it
-    was read (a card retired, a phone changed) simply matches nothing."""
+    was read (a card retired, a phone changed) simply matches nothing. Members' rows are
+    locked first in id order, as every writer of several members takes them."""
+    if table == "members" and is_postgresql(conn) and pairs:
+        marks = ", ".join("?" * len(pairs))
+        ledger.lock_members(conn, [r[0] for r in conn.execute(
+            f"SELECT id FROM members WHERE {column} IN ({marks})", [old for old, _ in pairs])])
     return sum(conn.execute(f"UPDATE {table} SET {column} = ? WHERE {column} = ?", (new, old)).rowcount
                for old, new in pairs)
 
 
 def receipt_bodies(conn: sqlite3.Connection, after_rowid: int, limit: int) -> list[tuple[int, bytes, bytes]]:
     """(rowid, body as stored, fingerprint) of up to `limit` receipts with a card after
-    `after_rowid`, in rowid order: a body keeps the card's hash it was confirmed with."""
+    `after_rowid`, in rowid order: a body keeps the card's hash it was confirmed with. On
+    PostgreSQL their members are locked first (in id order) and the bodies read after: an
+    erasure that scrubbed one meanwhile is then seen, never written back over."""
     row_id = arrival(conn)
+    if is_postgresql(conn):
+        ledger.lock_members(conn, [r[0] for r in conn.execute(
+            "SELECT DISTINCT member_id FROM (SELECT member_id FROM receipts WHERE id > ? AND member_id IS NOT NULL "
+            "ORDER BY id LIMIT ?) AS batch", (after_rowid, limit))])
     return conn.execute(f"SELECT {row_id}, body, body_sha256 FROM receipts WHERE {row_id} > ? "
                         f"AND member_id IS NOT NULL ORDER BY {row_id} LIMIT ?", (after_rowid, limit)).fetchall()
 

@@ -43,5 +43,13 @@ def json_ids(conn) -> str:
     return "json_each(?)"
 
 
+def byte_order(conn) -> str:
+    """What follows a text column so that it compares and sorts by its bytes, as Python's
+    str and SQLite do: PostgreSQL's database collation (en_US.UTF-8, say) orders text for
+    people and would put a hash range out of order. (Then the column's index serves only a
+    database created with the C collation.)"""
+    return ' COLLATE "C"' if is_postgresql(conn) else ""
+
+
 def is_integrity_error(error: BaseException) -> bool:
     return isinstance(error, INTEGRITY_ERRORS)

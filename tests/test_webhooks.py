@@ -188,7 +188,8 @@ async def test_a_dead_letter_does_not_hold_back_later_events_and_retry_sends_it_
         config = tmp_path / "retry.yaml"
         config.write_text(yaml.safe_dump({"database": {"path": str(tmp_path / "loyalty.db")},
                                           "privacy": {"hmac_key": "tests-hmac-key-0123456789"}}))
-        assert cli.main(["events", "retry", "--config", str(config), "--webhook", "crm"]) == 0
+        # Off the loop, as from a shell: the command waits for its commit.
+        assert await asyncio.to_thread(cli.main, ["events", "retry", "--config", str(config), "--webhook", "crm"]) == 0
         await eventually(lambda: 1 in {e["id"] for e in receiver.delivered})
         first = [item for item in receiver.got if item["event"]["id"] == 1]
         assert len(first) > 1 and len({item["raw"] for item in first}) == 1     # the same event, same id
