@@ -23,16 +23,14 @@ import hmac
 import logging
 import random
 import sqlite3
-import sys
 import time
-from contextlib import closing
 from datetime import datetime, timedelta
 from typing import Callable
 
 import aiohttp
 import msgspec
 
-from server.config import Config, ConfigError, WebhookConfig, load_config
+from server.config import Config, WebhookConfig
 from server.metrics import Metrics
 from storage import events
 from storage.db import Database, StorageError
@@ -220,27 +218,3 @@ def note_tier(conn: sqlite3.Connection, program, member_id: int, now: datetime, 
         tier = tier_view(conn, program, row, now)[0]["id"]
     events.note_tier(conn, member_id, tier, now, reason, card_last4, events.Crm(row.crm_id, row.consent))
 
-
-def retry_command(config_path: str, webhook_id: str | None, event_id: int | None) -> int:
-    """`loyalty events retry`: dead deliveries pending again; a serving server sends them within
-    events.poll_interval_seconds, in event order per member, with a fresh retry period."""
-    try:
-        config = load_config(config_path)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    path = config.resolve(config.database.path)
-    if not path.exists():
-        print(f"{path}: no database", file=sys.stderr)
-        return 2
-    try:
-        with closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True, isolation_level=None,
-                                     timeout=config.database.busy_wait_seconds)) as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            count = events.retry_dead(conn, webhook_id, event_id)
-            conn.execute("COMMIT")
-    except sqlite3.OperationalError as e:
-        print(f"{path}: cannot queue the dead letters again: {e}", file=sys.stderr)
-        return 1
-    print(f"{count} dead deliver{'y' if count == 1 else 'ies'} queued again")
-    return 0
