@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
+from psycopg import pq
 
 from storage.db import Grouped, StorageClosed
 from storage.health import StorageUnavailable
@@ -230,7 +231,7 @@ class PgDatabase:
             except psycopg.OperationalError as e:
                 # The connection broke under the job: its transaction is gone (PostgreSQL
                 # rolls back what was not committed), and so is the connection.
-                if not (conn.raw.broken or conn.raw.closed):
+                if not _unusable(conn):
                     raise       # an error of the statement (a cancel, say): the connection is fine
                 self._forget(conn)
                 if self._local.committing or attempt + 1 == BROKEN_RUNS_MAX:
@@ -262,6 +263,14 @@ class PgDatabase:
             conn.close()
         except psycopg.Error:
             pass            # already broken
+
+
+def _unusable(conn: Connection) -> bool:
+    """Broken, or not back to idle after its transaction ended: an executemany (a pipeline)
+    cut off with the connection leaves psycopg busy in the pipeline without marking the
+    connection broken, and every later statement on it fails."""
+    raw = conn.raw
+    return raw.broken or raw.closed or raw.info.transaction_status != pq.TransactionStatus.IDLE
 
 
 def read_only(conn: Connection, fn: Callable[[Connection], T]) -> T:
