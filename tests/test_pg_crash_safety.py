@@ -232,9 +232,11 @@ def test_postgresql_restarted_under_load_answers_503_then_serves_and_loses_nothi
             server.kill()
 
 
-def wait_ready(servers: list[Server]) -> None:
+def wait_ready(servers: list[Server], statuses: list[int] | None = None) -> None:
+    """Until each server's /readyz answers its status in `statuses` (200 by default)."""
+    wanted = statuses or [200] * len(servers)
     deadline = time.monotonic() + DELIVER_DEADLINE_S
-    while (ready := [asyncio.run(readiness(server)) for server in servers]) != [200] * len(servers):
+    while (ready := [asyncio.run(readiness(server)) for server in servers]) != wanted:
         assert time.monotonic() < deadline, ready
         time.sleep(0.2)
 
@@ -287,9 +289,12 @@ def test_the_first_receipts_after_postgresql_restarted_are_written(tmp_path, own
                 return await asyncio.gather(*(one(i) for i in range(4 * TILLS)))
         assert {status for status, _ in asyncio.run(confirm_at_once("before"))} == {201}
         own_cluster.stop_server("fast")
+        # No request comes meanwhile: the servers' own reads (the keys' refresh every 2 s)
+        # find the database gone.
+        wait_ready(servers, [503] * len(servers))
         own_cluster.start_server()
-        # Ready again: a connect has succeeded since (the keys' refresh tries every 2 s), and
-        # the connections opened before the restart are still in the pools.
+        # Ready again: a connect has succeeded since, and the connections opened before the
+        # restart are still in the pools.
         wait_ready(servers)
         refused = [answer for status, answer in asyncio.run(confirm_at_once("after")) if status != 201]
         assert not refused, refused
