@@ -79,9 +79,10 @@ class Cluster:
         self._run(str(self.bins / "pg_ctl"), "-D", str(self.data), "-w", "-t", str(COMMAND_TIMEOUT_S),
                   "-l", str(self.root / "postgresql.log"), "-o", options, "start")
 
-    def stop_server(self) -> None:
-        """Stops PostgreSQL as a restart or failover would (fast: open transactions are rolled back)."""
-        self._run(str(self.bins / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+    def stop_server(self, mode: str = "fast") -> None:
+        """Stops PostgreSQL as a restart or failover would: fast rolls open transactions back
+        and shuts down cleanly; immediate quits at once, as a crash, and recovers at start."""
+        self._run(str(self.bins / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
 
     def createdb(self) -> str:
         name = f"test{next(self._names)}"

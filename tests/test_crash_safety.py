@@ -184,7 +184,16 @@ async def retry_everything(server: Server, load: Load) -> None:
 
 def check_database(db: Path, load: Load) -> None:
     conn = sqlite3.connect(db)
-    receipts = {r[0]: json.loads(unpack(r[1])) for r in conn.execute("SELECT receipt_id, result FROM receipts")}
+    try:
+        check_ledger(conn, load)
+    finally:
+        conn.close()
+
+
+def check_ledger(conn, load: Load) -> None:
+    """What was acknowledged is stored once, with the postings its answer gave. `conn` is
+    sqlite3's or storage.pg.connection's: the SQL is what both accept."""
+    receipts = {r[0]: json.loads(stored(r[1])) for r in conn.execute("SELECT receipt_id, result FROM receipts")}
     for rid, answer in load.acked.items():
         if rid.startswith("r-"):
             assert rid in receipts, f"acknowledged receipt {rid} is missing"
@@ -208,7 +217,7 @@ def check_database(db: Path, load: Load) -> None:
         assert posted == points, rid
     for ref, result in conn.execute("SELECT store_id || '/' || register_id || '/' || return_id, result "
                                     "FROM returns"):
-        answer = json.loads(result)
+        answer = json.loads(stored(result))
         reversed_ = conn.execute("SELECT COALESCE(SUM(points), 0) FROM postings WHERE ref = ? AND kind = 'reversal'",
                                  (ref,)).fetchone()[0]
         refunded = conn.execute("SELECT COALESCE(SUM(points), 0) FROM postings WHERE ref = ? AND kind = 'refund'",
@@ -216,9 +225,14 @@ def check_database(db: Path, load: Load) -> None:
         assert -reversed_ == answer["reversed"]["points"] and refunded == answer["refunded"]["points"], ref
     negative = conn.execute("SELECT COUNT(*) FROM (SELECT lot_id, SUM(points) s FROM postings "
                             "WHERE kind IN ('accrual','adjustment','event','redemption','refund') "
-                            "GROUP BY lot_id HAVING s < 0)").fetchone()[0]
+                            "GROUP BY lot_id HAVING SUM(points) < 0) overspent").fetchone()[0]
     assert negative == 0, "a lot was overspent"
-    conn.close()
+
+
+def stored(result: str | bytes) -> str | bytes:
+    """A stored answer as JSON: SQLite keeps a return's as text, PostgreSQL as bytea, and a
+    receipt's may be packed on either."""
+    return result if isinstance(result, str) else unpack(bytes(result))
 
 
 def test_sigkill_under_load_loses_and_doubles_nothing(tmp_path):

@@ -8,10 +8,13 @@ itself. A grouped write (storage.db.Grouped) is planned and applied alone: the m
 row lock does what planning a batch one after another did on SQLite. A read runs in a
 read-only REPEATABLE READ transaction, so all of it sees one snapshot.
 
-A connection that breaks (the server restarted, a failover) fails the write it carried
-with StorageUnavailable (503 storage_unavailable) and is dropped; the thread connects
-again for its next function, at most once per RECONNECT_GAP_S across the threads, so a
-database that is down is not hammered and requests fail fast meanwhile. /readyz says
+A connection found broken (the server restarted, a failover) is dropped and the function
+runs once more on a new one, unless its COMMIT had been sent: that one may have committed,
+so it fails with StorageUnavailable (503 storage_unavailable) and the client's retry finds
+it or writes it. Connections idle in the pool since the database restarted are all broken,
+and the first function on each would otherwise be refused with the database back. A
+thread connects at most once per RECONNECT_GAP_S across the threads, so a database that
+is down is not hammered and requests fail fast meanwhile. /readyz says
 storage_unavailable from a failed connect until one succeeds.
 
 What the SQLite Database has for its file (the WAL, checkpoints, the salvage of a lost
@@ -30,6 +33,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
+from psycopg import pq
 
 from storage.db import Grouped, StorageClosed
 from storage.health import StorageUnavailable
@@ -44,6 +48,9 @@ log = logging.getLogger(__name__)
 CONNECTIONS_DEFAULT = 8
 # After a failed connect, the next attempt waits this long; writes meanwhile fail at once.
 RECONNECT_GAP_S = 1.0
+# A function whose connection broke before its COMMIT runs on a new one; a second break
+# means the database is going away, not that the connection was an old one.
+BROKEN_RUNS_MAX = 2
 # libpq's own limit on one connect (a host that does not answer).
 CONNECT_TIMEOUT_S = 5
 DEFAULT_SYNC_TIMEOUT_S = 60.0
@@ -166,15 +173,23 @@ class PgDatabase:
 
     async def write(self, fn: Callable[[Connection], T], *, off_loop: bool = False) -> T:
         """fn(conn) in its own transaction, committed before this returns. fn may run more
-        than once (a conflict runs it again from its start), so it must have no effects
-        outside the connection. off_loop is accepted for the interface: every write is."""
-        return await asyncio.wrap_future(self._submit(lambda conn: conn.transaction(fn)))
+        than once (a conflict or a connection found broken runs it again from its start),
+        so it must have no effects outside the connection. off_loop is accepted for the
+        interface: every write is."""
+        return await asyncio.wrap_future(self._submit(self._transaction(fn)))
 
     async def write_grouped(self, grouped: Grouped) -> Any:
         return await self.write(grouped.alone)
 
     def write_sync(self, fn: Callable[[Connection], T], *, timeout_s: float = DEFAULT_SYNC_TIMEOUT_S) -> T:
-        return self._submit(lambda conn: conn.transaction(fn)).result(timeout=timeout_s)
+        return self._submit(self._transaction(fn)).result(timeout=timeout_s)
+
+    def _transaction(self, fn: Callable[[Connection], T]) -> Callable[[Connection], T]:
+        def until_commit(conn: Connection) -> T:
+            result = fn(conn)
+            self._local.committing = True       # a break from here on may follow the COMMIT
+            return result
+        return lambda conn: conn.transaction(until_commit)
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
         return await asyncio.wrap_future(self._submit(lambda conn: self._snapshot(conn, fn)))
@@ -206,18 +221,23 @@ class PgDatabase:
             self._busy -= 1
 
     def _run(self, job: Callable[[Connection], T]) -> T:
-        conn = getattr(self._local, "conn", None)
-        if conn is None or conn.raw.closed:
-            conn = self._local.conn = self._connect()
-        try:
-            return job(conn)
-        except psycopg.OperationalError as e:
-            # The connection broke under the job: its transaction is gone (PostgreSQL rolls
-            # back what was not committed), and so is the connection.
-            if not (conn.raw.broken or conn.raw.closed):
-                raise       # an error of the statement (a cancel, say): the connection is fine
-            self._forget(conn)
-            raise StorageUnavailable(f"the connection to PostgreSQL broke: {_first_line(e)}") from None
+        for attempt in range(BROKEN_RUNS_MAX):
+            conn = getattr(self._local, "conn", None)
+            if conn is None or conn.raw.closed:
+                conn = self._local.conn = self._connect()
+            self._local.committing = False
+            try:
+                return job(conn)
+            except psycopg.OperationalError as e:
+                # The connection broke under the job: its transaction is gone (PostgreSQL
+                # rolls back what was not committed), and so is the connection.
+                if not _unusable(conn):
+                    raise       # an error of the statement (a cancel, say): the connection is fine
+                self._forget(conn)
+                if self._local.committing or attempt + 1 == BROKEN_RUNS_MAX:
+                    raise StorageUnavailable(f"the connection to PostgreSQL broke: {_first_line(e)}") from None
+                log.info("a connection to PostgreSQL was found broken (%s); running on a new one", _first_line(e))
+        raise AssertionError("unreachable")
 
     def _connect(self) -> Connection:
         with self._lock:
@@ -243,6 +263,14 @@ class PgDatabase:
             conn.close()
         except psycopg.Error:
             pass            # already broken
+
+
+def _unusable(conn: Connection) -> bool:
+    """Broken, or not back to idle after its transaction ended: an executemany (a pipeline)
+    cut off with the connection leaves psycopg busy in the pipeline without marking the
+    connection broken, and every later statement on it fails."""
+    raw = conn.raw
+    return raw.broken or raw.closed or raw.info.transaction_status != pq.TransactionStatus.IDLE
 
 
 def read_only(conn: Connection, fn: Callable[[Connection], T]) -> T:
