@@ -8,6 +8,7 @@ it take the `pg_url` fixture, which skips them with the reason when the binaries
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import os
@@ -163,7 +164,7 @@ class ReplicatedPair:
         self.primary.stop()
 
 
-def _bins_or_skip() -> Path:
+def bins_or_skip() -> Path:
     bins = bin_dir()
     if bins is None:
         pytest.skip(f"PostgreSQL is not installed (no initdb under {BIN_GLOB}; apt-get install postgresql)")
@@ -175,26 +176,28 @@ def _bins_or_skip() -> Path:
     return bins
 
 
-@pytest.fixture
-def pg_pair():
-    """A primary with a synchronous streaming standby, for failover tests."""
-    pair = ReplicatedPair(_bins_or_skip())
-    try:
-        pair.start()
-        yield pair
-    finally:
-        pair.stop()
-
-
-@pytest.fixture(scope="session")
-def pg_cluster():
-    """The session's cluster, started at the first test that needs it."""
-    cluster = Cluster(_bins_or_skip())
+@contextlib.contextmanager
+def running(cluster: Cluster | ReplicatedPair):
+    """The cluster (or pair) started, and stopped with its files gone afterwards."""
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def pg_pair():
+    """A primary with a synchronous streaming standby, for failover tests."""
+    with running(ReplicatedPair(bins_or_skip())) as pair:
+        yield pair
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """The session's cluster, started at the first test that needs it."""
+    with running(Cluster(bins_or_skip())) as cluster:
+        yield cluster
 
 
 @pytest.fixture

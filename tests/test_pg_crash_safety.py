@@ -26,7 +26,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import KEYS, line, receipt
-from pg_cluster import Cluster, _bins_or_skip
+from pg_cluster import Cluster, bins_or_skip, running
 from test_crash_safety import MEMBERS, Load, Server, check_ledger, enroll, retry_everything
 from test_pg_serving import on_postgresql
 
@@ -188,12 +188,8 @@ def test_sigkill_of_one_of_two_servers_under_load_loses_and_doubles_nothing(tmp_
 @pytest.fixture
 def own_cluster():
     """A cluster of the test's own: restarting the session's would disturb the other tests."""
-    cluster = Cluster(_bins_or_skip())
-    try:
-        cluster.start()
+    with running(Cluster(bins_or_skip())) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 async def readiness(server: Server) -> int:
