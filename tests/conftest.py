@@ -101,14 +101,21 @@ FIRST_PRIVACY = {"hmac_key": "the-first-key-of-these-tests"}
 ROTATED_PRIVACY = {**FIRST_PRIVACY, "hmac_key_rotations": [{"id": "k2", "key": "the-second-key-of-these-tests"}]}
 
 
-async def serve_program(aiohttp_client, tmp_path: Path, now: str, program_yaml: str, privacy: dict) -> Api:
+async def serve_program(aiohttp_client, tmp_path: Path, now: str, program_yaml: str, privacy: dict | None = None,
+                        **overrides) -> Api:
     """An Api on tmp_path's database with the program tmp_path/program, written from
-    program_yaml the first time; a later call serves the same database again."""
+    program_yaml the first time; a later call serves the same database again. Its app is
+    `api.app`; overrides are test_config's."""
     program = tmp_path / "program"
     if not program.exists():
         program.mkdir()
         (program / "program.yaml").write_text(program_yaml)
-    return Api(await aiohttp_client(create_app(test_config(tmp_path, now, program_dir=program, privacy=privacy))))
+    if privacy is not None:
+        overrides["privacy"] = privacy
+    app = create_app(test_config(tmp_path, now, program_dir=program, **overrides))
+    api = Api(await aiohttp_client(app))
+    api.app = app
+    return api
 
 
 async def rotate_keys(tmp_path: Path, now: str, *args) -> int:

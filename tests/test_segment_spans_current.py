@@ -9,10 +9,9 @@ import sqlite3
 from datetime import date, datetime, timedelta, timezone
 
 import pytest
-from conftest import Api, test_config
+from conftest import Api, serve_program
 
 from server import rfm
-from server.app import create_app
 from server.keys import CLOCK, DATABASE, PROGRAMS
 from storage import customer_value, segments
 from storage.db import Database
@@ -38,13 +37,8 @@ rules:
 @pytest.fixture
 def api(aiohttp_client, tmp_path):
     async def make() -> Api:
-        program = tmp_path / "program"
-        program.mkdir()
-        (program / "program.yaml").write_text(PROGRAM)
-        app = create_app(test_config(tmp_path, "2026-12-10T12:00:00+02:00", program_dir=program,
-                                     jobs={"enabled": False}))
-        a = Api(await aiohttp_client(app))
-        a.app = app
+        a = await serve_program(aiohttp_client, tmp_path, "2026-12-10T12:00:00+02:00", PROGRAM,
+                                jobs={"enabled": False})
         for card in ("c1", "c2"):
             assert (await a.post("/v1/members", {"card": card}))[0] == 201
         return a

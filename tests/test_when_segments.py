@@ -8,11 +8,10 @@ import sqlite3
 from datetime import date, datetime, timezone
 
 import pytest
-from conftest import Api, test_config
+from conftest import Api, serve_program
 
 from rules import load_files
 from server import rfm
-from server.app import create_app
 from server.jobs import run_all
 from server.keys import CLOCK, DATABASE, PROGRAMS
 from server.member_state import segments_now
@@ -197,13 +196,7 @@ rules:
 @pytest.fixture
 def api(aiohttp_client, tmp_path):
     async def make() -> Api:
-        program = tmp_path / "program"
-        program.mkdir()
-        (program / "program.yaml").write_text(BIG)
-        app = create_app(test_config(tmp_path, "2026-12-10T12:00:00+02:00", program_dir=program,
-                                     jobs={"enabled": False}))
-        a = Api(await aiohttp_client(app))
-        a.app = app
+        a = await serve_program(aiohttp_client, tmp_path, "2026-12-10T12:00:00+02:00", BIG, jobs={"enabled": False})
         assert (await a.post("/v1/members", {"card": "c1"}))[0] == 201
         return a
     return make
