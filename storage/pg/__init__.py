@@ -1,5 +1,6 @@
-"""The PostgreSQL backend (docs/postgresql.md), being built: its connections, its schema and
-the receipt path's writes. The rules, the plans and the answers are the SQLite backend's;
-what differs is here: row locks per member instead of the one writer, ids from identity
-columns, a hash chain per member, idempotency by the receipts' key.
+"""The PostgreSQL backend (docs/postgresql.md): its connections and the storage interface over
+a pool of them, its schema and the parity check against SQLite's, what its ledger writes
+differently (ids from identity columns, a hash chain per member with anchors), audit, the
+jobs' lock and the copy from SQLite. The operations, rules, plans and answers are the same
+code as on SQLite; the storage functions choose through storage/sql.py where the two differ.
 """
