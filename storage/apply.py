@@ -7,8 +7,8 @@ INSERT for all their lots, one for their postings, one for the accruals' split b
 their coupon uses and personal offer charges likewise, from the rows their plans read.
 
 What a plan reads and writes is its own member's rows, plus two things every member
-shares: the budgets' rule_totals (added to once per batch by append_postings, and taken
-off by the planner for plans of the batch not yet applied) and the ledger's order (posting
+shares: the budgets' rule_totals (added to once per batch by append_postings; on
+PostgreSQL by its triggers, in shards; taken off by the planner for plans of the batch not yet applied) and the ledger's order (posting
 ids, the hash chain, lot ids), which follows the one writer. On PostgreSQL a plan is
 applied alone in its own transaction: the member's row lock serializes its member, a
 budgeted rule's total is read under the rule's lock, and the ids and each member's chain
