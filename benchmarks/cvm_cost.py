@@ -37,7 +37,11 @@ them with `python -m pstats`); the profiler inflates the CPU times that run prin
 and profile in separate runs. --statements counts the SQL statements each side's measured
 confirms run on the write connection (each row of an executemany, BEGIN, SAVEPOINT and COMMIT
 included) and prints them per receipt; its callback costs each statement a Python call, so
-time without it too.
+time without it too. --phases times the parts of each side's confirms (the member's state read,
+the one read of segments, offers and codes, the codes hashed and judged, evaluation, plan,
+apply, the uses and charges written, commit) by the event loop thread's CPU clock around each
+call, and prints their means per receipt: no profiler, but each timed call pays two clock
+reads (a few µs on a VM), so compare sides, not absolute values, and time without it too.
 """
 from __future__ import annotations
 
@@ -64,7 +68,9 @@ from server.app import create_app  # noqa: E402
 from server.auth import Principal  # noqa: E402
 from server.config import config_from_dict  # noqa: E402
 from server.keys import CLOCK, DATABASE, OPS, PROGRAMS  # noqa: E402
+from server import member_state  # noqa: E402
 from server.ops import members as member_ops, receipts as receipt_ops  # noqa: E402
+from storage import apply as storage_apply, coupons, customer_value, db as storage_db  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKET = ROOT / "rules/programs/market"
@@ -143,6 +149,51 @@ class Statements:
             self.counts[self.side] += 1
 
 
+class Phases:
+    """Event loop thread CPU inside chosen functions, by side: each is replaced, while
+    installed, by a wrapper that reads the thread's CPU clock around the call. Nested parts
+    (indented) are inside the ones above them."""
+
+    PARTS = (("transaction", storage_db.Database, "_run_in_transaction"),
+             ("member state read", receipt_ops, "read_member_state"),
+             ("  segments, offers, codes", member_state, "_customer_value"),
+             ("    the one read", customer_value, "read"),
+             ("    codes hashed", coupons, "hashes"),
+             ("    codes judged", coupons, "judged"),
+             ("evaluation", receipt_ops, "_timed"),
+             ("plan", receipt_ops, "plan_confirm"),
+             ("apply", receipt_ops, "apply_confirms"),
+             ("  uses and charges", storage_apply, "_customer_value"),
+             ("commit", storage_db.Database, "_commit_and_answer"))
+
+    def __init__(self) -> None:
+        self.side: str | None = None
+        self.ns: dict[str, Counter[str]] = {}
+        self._saved: list[tuple[object, str, object]] = []
+
+    def install(self) -> None:
+        for label, owner, name in self.PARTS:
+            original = getattr(owner, name)
+            self._saved.append((owner, name, original))
+            setattr(owner, name, self._timed(label, original))
+
+    def remove(self) -> None:
+        for owner, name, original in reversed(self._saved):
+            setattr(owner, name, original)
+        self._saved.clear()
+
+    def _timed(self, label: str, original):
+        def timed(*args, **kwargs):
+            if self.side is None:
+                return original(*args, **kwargs)
+            started = time.thread_time_ns()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.ns.setdefault(self.side, Counter())[label] += time.thread_time_ns() - started
+        return timed
+
+
 async def block(deps, start: int, first_k: int, count: int, members: int, codes: list[str] | None,
                 card: str = "card", paying: list[tuple[bool, bool, bool]] | None = None,
                 profiler: cProfile.Profile | None = None) -> float:
@@ -190,7 +241,8 @@ async def set_up_cvm(app, members: int, codes_needed: int) -> list[str]:
     return codes
 
 
-async def main(members: int, per_block: int, rounds: int, profile: Path | None, count: bool) -> None:
+async def main(members: int, per_block: int, rounds: int, profile: Path | None, count: bool,
+               timed: bool = False) -> None:
     folder = Path(tempfile.mkdtemp(prefix="cvm-bench-"))
     program_b = folder / "program"
     shutil.copytree(MARKET, program_b)
@@ -234,8 +286,15 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None, 
         statements = Statements() if count else None
         if statements:
             await app[DATABASE].write(lambda conn: conn.set_trace_callback(statements))
-        sides, profilers = await alternate(deps, holder, programs, n, rounds, per_block, members, codes, paying,
-                                           profile is not None, statements)
+        phases = Phases() if timed else None
+        if phases:
+            phases.install()
+        try:
+            sides, profilers = await alternate(deps, holder, programs, n, rounds, per_block, members, codes, paying,
+                                               profile is not None, statements, phases)
+        finally:
+            if phases:
+                phases.remove()
         if statements:
             await app[DATABASE].write(lambda conn: conn.set_trace_callback(None))
         holder.current = b
@@ -243,7 +302,7 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None, 
         paid = await app[DATABASE].read(lambda conn: {rule: (count, points) for rule, count, points in conn.execute(
             "SELECT rule_id, COUNT(*), SUM(points) FROM posting_rules WHERE posting_id > ? GROUP BY rule_id",
             (mark,))})
-    report(sides, scored.scored if scored else 0, paid, used, per_block, statements)
+    report(sides, scored.scored if scored else 0, paid, used, per_block, statements, phases)
     if profile:
         profile.mkdir(parents=True, exist_ok=True)
         for side, profiler in profilers.items():
@@ -253,9 +312,10 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None, 
 
 async def alternate(deps, holder, programs: dict, n: int, rounds: int, per_block: int, members: int,
                     codes: list[str], paying: list, profile: bool,
-                    statements: Statements | None) -> tuple[dict[str, list[float]], dict]:
+                    statements: Statements | None,
+                    phases: Phases | None = None) -> tuple[dict[str, list[float]], dict]:
     """The measured rounds: each side's CPU per receipt by block, and its profiler (profile);
-    statements, when given, counts each side's."""
+    statements, when given, counts each side's, and phases times their parts."""
     sides: dict[str, list[float]] = {"A": [], "B": [], "P": [], "idle": []}
     # The event loop thread's CPU clock, as the timings: other processes on the machine, and
     # the loop waiting for the sync thread, do not count.
@@ -270,12 +330,16 @@ async def alternate(deps, holder, programs: dict, n: int, rounds: int, per_block
             holder.current = programs[side]
             if statements:
                 statements.side = side
+            if phases:
+                phases.side = side
             sides[side].append(await block(deps, n, r * per_block, per_block, members,
                                            codes if side == "B" else None,
                                            "idle" if side == "idle" else "card", paying, profilers.get(side)))
             n += per_block
             if statements:
                 statements.side = None
+            if phases:
+                phases.side = None
     return sides, profilers
 
 
@@ -290,7 +354,7 @@ async def who_pays(app, members: int) -> list[tuple[bool, bool, bool]]:
 
 
 def report(sides: dict[str, list[float]], scored: int, paid: dict, used: int, per_block: int,
-           statements: Statements | None) -> None:
+           statements: Statements | None, phases: Phases | None = None) -> None:
     cost = {side: statistics.median(blocks) for side, blocks in sides.items()}
     print(f"RFM scored {scored} members; {len(sides['A'])} alternating rounds of {per_block} receipts per side")
     print(f"measured rounds, rules paid (receipts, points): coupon uses {used}")
@@ -312,6 +376,13 @@ def report(sides: dict[str, list[float]], scored: int, paid: dict, used: int, pe
         per = {side: statements.counts[side] / receipts[side] for side in sides}
         print("SQL statements per receipt:", ", ".join(f"{side} {per[side]:.2f}" for side in sides),
               f"(B - P {per['B'] - per['P']:.2f}, B - A {per['B'] - per['A']:.2f})")
+    if phases:
+        receipts = {side: len(blocks) * per_block for side, blocks in sides.items()}
+        print(f"{'us CPU/receipt (mean)':28}" + "".join(f"{side:>8}" for side in sides) + "   B - P   B - A")
+        for label, _, _ in Phases.PARTS:
+            us = {side: phases.ns.get(side, Counter())[label] / receipts[side] / 1e3 for side in sides}
+            print(f"{label:28}" + "".join(f"{us[side]:8.1f}" for side in sides)
+                  + f"{us['B'] - us['P']:8.1f}{us['B'] - us['A']:8.1f}")
 
 
 if __name__ == "__main__":
@@ -321,5 +392,6 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--profile", type=Path, help="a folder for each side's cProfile of its confirms")
     parser.add_argument("--statements", action="store_true", help="count each side's SQL statements per receipt")
+    parser.add_argument("--phases", action="store_true", help="time the parts of each side's confirms")
     args = parser.parse_args()
-    asyncio.run(main(args.members, args.receipts, args.rounds, args.profile, args.statements))
+    asyncio.run(main(args.members, args.receipts, args.rounds, args.profile, args.statements, args.phases))
