@@ -190,7 +190,9 @@ def page(conn: sqlite3.Connection, after: int, limit: int, upto: int | None = No
 
 # How long a pull waits on PostgreSQL for the transactions writing events to end. Writers
 # that come meanwhile queue behind the pull's lock, so this is also the longest a receipt
-# waits for a pull; a receipt's transaction ends in milliseconds.
+# waits for a pull; a receipt's transaction ends in milliseconds. Well under PostgreSQL's
+# deadlock_timeout (1 s): a writer holding the lock shared that waits for a writer queued
+# behind the pull (a member's row) is freed by the pull giving up, not by a deadlock error.
 SETTLE_WAIT_MS = 100
 
 
