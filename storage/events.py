@@ -206,12 +206,18 @@ class Settled:
     moment, when every id handed out so far belongs to a transaction that has ended, and
     reads the sequence. While a transaction writing events runs longer than SETTLE_WAIT_MS
     (an import, an offer to a segment) the id this process settled last serves: settled
-    stays settled, so it only grows. A rolled-back id is settled like any other, a hole
-    that blocks nothing."""
+    stays settled, so it only grows; a page below it needs no settling (`known`). A
+    rolled-back id is settled like any other, a hole that blocks nothing."""
 
     def __init__(self) -> None:
         self._id = 0
         self._lock = threading.Lock()
+
+    @property
+    def known(self) -> int:
+        """The id settled last, without asking PostgreSQL."""
+        with self._lock:
+            return self._id
 
     def settle(self, conn) -> int:
         """The settled id, settled anew when the writers let go in time. In a transaction

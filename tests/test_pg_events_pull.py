@@ -2,7 +2,8 @@
 where several writers take event ids in one order and commit in another: an event that
 commits after a later-numbered one is still handed out, on a later page; no page hands
 out an id at or below a `next_after` already answered; a rolled-back id blocks nothing;
-a pull waiting for the writers in flight holds up no receipt for long.
+a pull waiting for the writers in flight holds up no receipt for long, and a warehouse
+catching up below the id settled before holds up none.
 
 The interleavings are made certain, not hoped for: one connection holds its event's
 transaction open while another commits a later one and the pull is made. Each test gets an
@@ -123,6 +124,24 @@ async def test_a_pull_waits_for_a_long_transaction_only_briefly_and_so_does_a_re
     assert page == ([first], first)
     slow.execute("COMMIT")
     assert await pull(api, first) == (sorted([lower, written]), max(lower, written))
+
+
+async def test_a_warehouse_catching_up_below_the_settled_id_makes_no_writer_wait(api, conns, monkeypatch):
+    """Only a page that reaches the id settled last settles anew (the moment every writer
+    of events waits for): the pages below it are read as they are."""
+    conn = conns()
+    written = [conn.transaction(lambda c: birthday(c, "2026-11-24")) for _ in range(10)]
+    assert await pull(api, 0, limit=100) == (written, written[-1])
+    settling = []
+    settled_now = events.settled_now
+    monkeypatch.setattr(events, "settled_now", lambda c: settling.append(1) or settled_now(c))
+    after, handed = 0, []
+    for _ in range(3):
+        ids, after = await pull(api, after, limit=3)
+        handed += ids
+    assert handed == written[:9] and settling == []
+    assert await pull(api, after, limit=3) == (written[9:], written[9])
+    assert settling == [1]
 
 
 def write_events(conn, committed: list[int], seed: int) -> None:
