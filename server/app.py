@@ -31,8 +31,8 @@ from server.startup import StartupError, check_database_file, lock_holder, still
 from server.watcher import watch
 from server.webhooks import Dispatcher
 from storage import api_keys, member_care
-from storage.events import Settled
 from storage.db import Database, StorageBusy, StorageError
+from storage.events import Settled
 from storage.health import is_busy
 from storage.pg.database import PgDatabase
 from storage.pg.schema import MigrationsBusy
