@@ -19,8 +19,8 @@ from server.config import Config
 from server.errors import error_middleware
 from server.guards import InFlight, TokenBuckets, in_flight_middleware
 from server.jobs import schedule
-from server.keys import (CLOCK, CONFIG, DATABASE, IN_FLIGHT, KEYRING, LIMITER, METRICS, OPS, PRIVACY, PROGRAMS,
-                         STATE, VERSIONS)
+from server.keys import (CLOCK, CONFIG, DATABASE, EVENTS_SETTLED, IN_FLIGHT, KEYRING, LIMITER, METRICS, OPS, PRIVACY,
+                         PROGRAMS, STATE, VERSIONS)
 from server.metrics import Metrics, error_code, status_class
 from server.privacy import privacy_from_config
 from server.program_versions import ProgramVersions
@@ -32,6 +32,7 @@ from server.watcher import watch
 from server.webhooks import Dispatcher
 from storage import api_keys, member_care
 from storage.db import Database, StorageBusy, StorageError
+from storage.events import Settled
 from storage.health import is_busy
 from storage.pg.database import PgDatabase
 from storage.pg.schema import MigrationsBusy
@@ -59,6 +60,7 @@ def create_app(config: Config) -> web.Application:
     app[PRIVACY] = privacy
     app[LIMITER] = TokenBuckets(config.limits.requests_per_second_per_key, config.limits.burst)
     app[IN_FLIGHT] = InFlight.from_config(config.server)
+    app[EVENTS_SETTLED] = Settled()
     app.cleanup_ctx.append(resources)
     app.on_shutdown.append(start_draining)
     add_routes(app)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from server.program_versions import ProgramVersions
     from server.programs import ProgramHolder
     from storage.db import Database
+    from storage.events import Settled
 
 CONFIG = web.AppKey("config", "Config")
 CLOCK = web.AppKey("clock", "Clock")
@@ -27,6 +28,7 @@ VERSIONS = web.AppKey("versions", "ProgramVersions")
 DATABASE = web.AppKey("database", "Database")
 OPS = web.AppKey("ops", "Deps")
 STATE = web.AppKey("state", dict)
+EVENTS_SETTLED = web.AppKey("events_settled", "Settled")
 LIMITER = web.AppKey("limiter", "TokenBuckets")
 IN_FLIGHT = web.AppKey("in_flight", "InFlight")
 PRIVACY = web.AppKey("privacy", "Privacy")

@@ -10,12 +10,15 @@ with the CRM's id and consent per channel as they were when the event was writte
 from __future__ import annotations
 
 import sqlite3
+import threading
 from datetime import datetime
 from typing import Any, NamedTuple
 
 import msgspec
+import psycopg
 
 from storage.ledger import CONSENT_BITS, CONSENT_CHANNELS, iso, member_public_id
+from storage.pg.schema import EVENTS_WRITERS_LOCK_KEY
 from storage.sql import is_postgresql, json_ids
 
 TYPES = ("member.enrolled", "receipt.confirmed", "receipt.cancelled", "return.accepted", "tier.changed",
@@ -173,9 +176,71 @@ def consent_json(bits: int | None) -> dict[str, bool] | None:
     return {channel: bool(bits >> i & 1) for i, channel in enumerate(CONSENT_CHANNELS)}
 
 
-def page(conn: sqlite3.Connection, after: int, limit: int) -> list[dict]:
+def page(conn: sqlite3.Connection, after: int, limit: int, upto: int | None = None) -> list[dict]:
+    """The events after the id, oldest first. upto: the highest id to hand out, on
+    PostgreSQL the settled one (Settled), read in a snapshot taken after it was settled;
+    None on SQLite, whose one writer commits events in id order."""
+    if upto is None:
+        return [as_json(r) for r in conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events e WHERE e.id > ? ORDER BY e.id LIMIT ?", (after, limit))]
     return [as_json(r) for r in conn.execute(
-        f"SELECT {_EVENT_COLUMNS} FROM events e WHERE e.id > ? ORDER BY e.id LIMIT ?", (after, limit))]
+        f"SELECT {_EVENT_COLUMNS} FROM events e WHERE e.id > ? AND e.id <= ? ORDER BY e.id LIMIT ?",
+        (after, upto, limit))]
+
+
+# How long a pull waits on PostgreSQL for the transactions writing events to end. Writers
+# that come meanwhile queue behind the pull's lock, so this is also the longest a receipt
+# waits for a pull; a receipt's transaction ends in milliseconds. Well under PostgreSQL's
+# deadlock_timeout (1 s): a writer holding the lock shared that waits for a writer queued
+# behind the pull (a member's row) is freed by the pull giving up, not by a deadlock error.
+SETTLE_WAIT_MS = 100
+
+
+class Settled:
+    """On PostgreSQL the highest event id below which no transaction can still commit an
+    event: a pull hands out no id above it, so a warehouse's bookmark never passes an event
+    that commits late (several writers take ids in one order and commit in another).
+
+    Every statement writing events holds the writers' lock shared from before its ids are
+    taken to its transaction's end (p011's trigger); settle() holds it exclusive for a
+    moment, when every id handed out so far belongs to a transaction that has ended, and
+    reads the sequence. While a transaction writing events runs longer than SETTLE_WAIT_MS
+    (an import, an offer to a segment) the id this process settled last serves: settled
+    stays settled, so it only grows; a page below it needs no settling (`known`). A
+    rolled-back id is settled like any other, a hole that blocks nothing."""
+
+    def __init__(self) -> None:
+        self._id = 0
+        self._lock = threading.Lock()
+
+    @property
+    def known(self) -> int:
+        """The id settled last, without asking PostgreSQL."""
+        with self._lock:
+            return self._id
+
+    def settle(self, conn) -> int:
+        """The settled id, settled anew when the writers let go in time. In a transaction
+        of its own: a snapshot taken before it waited would miss what committed meanwhile."""
+        now = settled_now(conn)
+        with self._lock:
+            self._id = max(self._id, now or 0)
+            return self._id
+
+
+def settled_now(conn) -> int | None:
+    """The newest event id handed out, once no transaction writing events is left running;
+    None when some still were after SETTLE_WAIT_MS."""
+    try:
+        with conn.raw.transaction():        # a savepoint: a lock not had in time leaves the rest usable
+            conn.execute(f"SET LOCAL lock_timeout = {SETTLE_WAIT_MS}")
+            conn.execute("SELECT pg_advisory_xact_lock(?)", (EVENTS_WRITERS_LOCK_KEY,))
+    except psycopg.errors.LockNotAvailable:
+        return None
+    # Held until this transaction ends, a moment from now: no writer is between its id and
+    # its commit, and the next one's ids come after this value.
+    return conn.execute("SELECT COALESCE(pg_sequence_last_value(pg_get_serial_sequence('events', 'id')), 0)"
+                        ).fetchone()[0]
 
 
 def start_fanout(conn: sqlite3.Connection, webhook_id: str) -> None:

@@ -614,6 +614,26 @@ P010_SEGMENT_SPANS_CURRENT = Concurrently((
                                      "segment_spans(member_id, to_run, valid_to, from_run, segment_id)"),
 ))
 
+# Settled event ids for the events' pull (storage/events.py, settled_now): every statement
+# that writes events takes this lock shared before its rows take their ids (a BEFORE
+# STATEMENT trigger fires before the first row's default is evaluated) and holds it to the
+# end of its transaction. A reader that gets it exclusive for a moment knows that every id
+# the sequence had handed out by then belongs to a transaction that has ended, so no event
+# can still appear at or below it. A trigger rather than the storage functions: every
+# writer of events takes it, a previous version's during a rolling upgrade too. Relies on
+# the identity's sequence handing out ids one at a time (CACHE 1, p006's default): ids a
+# session had cached before the lock would be taken after it.
+EVENTS_WRITERS_LOCK_KEY = 0x6576656E7473       # 'events' as a number, fixed for good
+P011_EVENTS_SETTLED = f"""
+CREATE FUNCTION events_writers_lock() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared({EVENTS_WRITERS_LOCK_KEY});
+    RETURN NULL;
+END $$;
+CREATE TRIGGER events_writers_lock BEFORE INSERT ON events
+    FOR EACH STATEMENT EXECUTE FUNCTION events_writers_lock();
+"""
+
 # In order; a name is never reused or changed once released, and each only adds
 # (docs/postgresql.md, "Schema changes and rolling upgrades").
 MIGRATIONS: list[Migration] = [
@@ -627,6 +647,7 @@ MIGRATIONS: list[Migration] = [
     Migration("p008_lookups", P008_LOOKUPS),
     Migration("p009_event_fanout_queue", P009_EVENT_FANOUT_QUEUE),
     Migration("p010_segment_spans_current", P010_SEGMENT_SPANS_CURRENT),
+    Migration("p011_events_settled", P011_EVENTS_SETTLED),
 ]
 
 # Each SQLite migration (storage/schema.py) and the PostgreSQL migrations that give its
@@ -705,8 +726,11 @@ INTENDED_DIFFERENCES: dict[str, str] = {
     # SQLite's one writer commits them in order) would pass an event committed late.
     "table event_fanout_pending: only on PostgreSQL": "the events not fanned out to the webhooks yet, a row each, "
                                                       "written with the event and deleted when fanned out",
+    # p011's trigger on events is one more of the same kind: its writers' lock, so the pull
+    # hands out only ids no transaction can still commit below (storage/events.py).
     "insert trigger of events on INSERT: only on PostgreSQL": "queues each event written for the fan-out "
-                                                              "(event_fanout_pending), in the event's transaction",
+                                                              "(event_fanout_pending), in the event's transaction; "
+                                                              "takes the writers' lock the pull settles ids with",
 }
 
 
