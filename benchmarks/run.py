@@ -23,7 +23,8 @@ comparable even when absolute numbers drift with the machine's other tenants.
    confirmed receipts/s, p50/p99, and CPU µs per confirmed receipt of each server process
    and of PostgreSQL (every process of the cluster, from /proc). A few minutes.
 
-Everything it writes goes to benchmarks/data/ (ignored by git) except RESULTS.md. Text
+Everything it writes goes to benchmarks/data/ (ignored by git; BENCH_DATA to put it
+elsewhere) except RESULTS.md. Text
 in RESULTS.md below the line "<!-- notes -->" is kept across runs.
 """
 from __future__ import annotations
@@ -49,7 +50,8 @@ from tabulate import tabulate
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = ROOT / "benchmarks"
-DATA = HERE / "data"
+# BENCH_DATA: elsewhere (the benchmark's smoke test runs it in a temporary folder).
+DATA = Path(os.environ.get("BENCH_DATA", HERE / "data"))
 VENV_BIN = Path(sys.executable).parent
 SERVER_CPU, DRIVER_CPU = "0", "1"
 KEY, MONITOR_KEY = "bench-register-key", "bench-monitor-key"
@@ -417,7 +419,7 @@ def pg_comparison(templates: Path, rules_dir: Path, members: int, seconds: int, 
                        for name, database, port in (("sqlite", db, PORT), ("pg-a", url, PORT + 1),
                                                     ("pg-b", url, PORT + 2))]
             for server in servers:
-                wrk(templates, members, 3, port=server.port)
+                wrk(templates, members, min(3, seconds), port=server.port)
             meter = ClusterCpu(cluster)
             sqlite, pg_a, pg_b = servers
             shapes = dict(zip(PG_SHAPES, (
@@ -539,14 +541,14 @@ def main() -> int:
 
     templates = DATA / "receipts.txt"
     made = receipts.generate(templates)
-    rules300 = gen_rules.generate(DATA / "rules300", 300, started.date())
     market = ROOT / "rules" / "programs" / "market"
-    python = str(VENV_BIN / "python")
-    log(f"receipt bodies: {made}; 300-rule program in {rules300}")
     if args.pg_only:
         print("\n".join(pg_section(pg_comparison(templates, market, args.pg_members, seconds, args.pg_rounds),
                                    seconds)))
         return 0
+    rules300 = gen_rules.generate(DATA / "rules300", 300, started.date())
+    python = str(VENV_BIN / "python")
+    log(f"receipt bodies: {made}; 300-rule program in {rules300}")
 
     with Server("trivial", [python, str(HERE / "bare_server.py"), str(PORT), "--trivial"]) as server:
         log("driver ceiling: wrk against a trivial responder")
