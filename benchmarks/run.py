@@ -385,8 +385,8 @@ def summarize_profile(out: Path) -> dict:
 
 # ------------------------------------------------------------------ PostgreSQL beside SQLite
 
-# The market program at the smallest member count keeps the copy into PostgreSQL (about 20 s
-# for 10,000 members) and the rounds within a few minutes; the CPU per receipt compared does
+# The market program at the smallest member count keeps the copy into PostgreSQL (about half
+# a minute for 10,000 members) and the rounds within a few minutes; the CPU per receipt compared does
 # not depend on the member count while everything fits in memory.
 PG_MEMBERS = 10_000
 PG_ROUNDS = 3
@@ -407,11 +407,11 @@ def pg_comparison(templates: Path, rules_dir: Path, members: int, seconds: int, 
     db = DATA / f"pg-sqlite-{source.name}"
     drop_database(db)
     shutil.copyfile(source, db)
-    started = time.monotonic()
     try:
         with running(Cluster(bins)) as cluster, contextlib.ExitStack() as stack:
             url = cluster.url(cluster.createdb())
             log(f"PostgreSQL: copying {members:,} members from {db.name} (loyalty migrate sqlite-to-postgres)")
+            started = time.monotonic()
             subprocess.run([str(VENV_BIN / "loyalty"), "migrate", "sqlite-to-postgres", "--from", str(db), "--to", url],
                            check=True, capture_output=True)
             copied_s = time.monotonic() - started
@@ -777,7 +777,8 @@ def pg_section(comparison: dict, seconds: int) -> list[str]:
               "receipts confirmed in all (the unknown cards, refused redemptions and returns, about 8 % of requests, "
               "are paid out of it); PostgreSQL's is the postmaster's and its children's, read while the servers' "
               "connections are open. The latency is closed-loop (queueing); with two processes, that of the slower "
-              "driver. On 2 shared cores the throughput of more processes is noise; the CPU per receipt is not."]
+              "driver. On 2 shared cores the throughput of more processes is noise; compare the CPU per receipt, "
+              "between the rows of one run (it too grows with the machine's load)."]
     return lines
 
 
