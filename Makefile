@@ -48,7 +48,8 @@ fuzz: $(TEST_STAMP)
 console-screenshots: $(TEST_STAMP)
 	CONSOLE_SCREENSHOTS=docs/console $(VENV)/bin/pytest -q tests/test_console_browser.py
 
-# Throughput and latency of the real server against its ceiling; writes benchmarks/RESULTS.md.
+# Throughput and latency of the real server against its ceiling, and on PostgreSQL beside
+# SQLite (BENCH_PG=0 skips that); writes benchmarks/RESULTS.md.
 # BENCH_MEMBERS=10000,1000000 by default; add 14000000 for the full size (generates ~33 GB once, about an hour).
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }

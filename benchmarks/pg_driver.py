@@ -22,9 +22,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import os
+import itertools
 import random
-import statistics
 import sys
 import threading
 import time
@@ -32,10 +31,11 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from pg_cluster import Cluster, bin_dir  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pg_cluster import Cluster, bin_dir, running  # noqa: E402
+from pg_rounds import ClusterCpu, alternate, medians  # noqa: E402
 
 MEMBERS = 10_000
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 SCHEMA = """
 CREATE TABLE members (id bigserial PRIMARY KEY, card_hmac text UNIQUE NOT NULL, tags text NOT NULL,
@@ -234,38 +234,6 @@ def dsn_of(url: str) -> str:
     return url
 
 
-class ClusterCpu:
-    """CPU seconds used by the cluster's processes between start() and stop(), from /proc:
-    the postmaster and its children (backends, WAL writer, checkpointer). stop() is called
-    while the measured connections are open, so their backends are read alive: a backend
-    that has exited shows nowhere until the postmaster reaps it. Processes that came and
-    went in between (an autovacuum worker) are not counted."""
-
-    def __init__(self, cluster: Cluster):
-        self.postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
-        self.before: dict[int, int] = {}
-
-    def _ticks(self) -> dict[int, int]:
-        out = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue        # exited meanwhile
-            if int(entry) == self.postmaster or int(fields[1]) == self.postmaster:
-                out[int(entry)] = int(fields[11]) + int(fields[12])
-        return out
-
-    def start(self) -> None:
-        self.before = self._ticks()
-
-    def stop(self) -> float:
-        now = self._ticks()
-        return sum(ticks - self.before.get(pid, 0) for pid, ticks in now.items()) / CLK_TCK
-
-
 def seed(url: str) -> None:
     import psycopg
     with psycopg.connect(url, autocommit=True) as conn:
@@ -308,30 +276,25 @@ def main() -> None:
     args = ap.parse_args()
     if bin_dir() is None:
         sys.exit("PostgreSQL is not installed (apt-get install postgresql)")
-    cluster = Cluster(bin_dir())
-    cluster.start()
-    try:
+    with running(Cluster(bin_dir())) as cluster:
         url = cluster.url(cluster.createdb())
         seed(url)
-        rnd = random.Random(7)
-        results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in WAYS}
-        n = 0
-        for _ in range(args.rounds):
-            for name, way in WAYS.items():
-                receipts = [Receipt(n + i, rnd) for i in range(args.receipts)]
-                n += args.receipts
-                results[name].append(measure(way, url, cluster, receipts, args.workers))
-                print(f"  {name}: {results[name][-1][0]:,.0f} receipts/s, client {results[name][-1][1]:.0f} µs, "
-                      f"PostgreSQL {results[name][-1][2]:.0f} µs", flush=True)
+        rnd, numbers = random.Random(7), itertools.count()
+
+        def way_run(way):
+            return lambda: measure(way, url, cluster, [Receipt(next(numbers), rnd) for _ in range(args.receipts)],
+                                   args.workers)
+
+        results = alternate({name: way_run(way) for name, way in WAYS.items()}, args.rounds,
+                            lambda name, r: print(f"  {name}: {r[0]:,.0f} receipts/s, client {r[1]:.0f} µs, "
+                                                  f"PostgreSQL {r[2]:.0f} µs", flush=True))
         print(f"\n{args.receipts} receipts x {args.rounds} rounds, {args.workers} connections, "
               f"{MEMBERS:,} members; medians\n")
         print("| driver | receipts/s | client CPU µs/receipt | PostgreSQL CPU µs/receipt |")
         print("| --- | ---: | ---: | ---: |")
         for name, rows in results.items():
-            rate, client, pg = (statistics.median(col) for col in zip(*rows))
+            rate, client, pg = medians(rows)
             print(f"| {name} | {rate:,.0f} | {client:.0f} | {pg:.0f} |")
-    finally:
-        cluster.stop()
 
 
 if __name__ == "__main__":

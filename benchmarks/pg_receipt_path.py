@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import random
-import statistics
 import sys
 import time
 from datetime import datetime, timedelta
@@ -26,7 +26,7 @@ import msgspec
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from pg_driver import ClusterCpu  # noqa: E402
+from pg_rounds import ClusterCpu, alternate, medians  # noqa: E402
 
 from rules import load_program  # noqa: E402
 from server import schema  # noqa: E402
@@ -38,7 +38,7 @@ from storage.pg.connection import connect  # noqa: E402
 from storage.pg.database import PgDatabase  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
-from pg_cluster import Cluster, bin_dir  # noqa: E402
+from pg_cluster import Cluster, bin_dir, running  # noqa: E402
 
 MEMBERS = 2_000
 PROGRAM = ROOT / "tests" / "programs" / "market"
@@ -116,30 +116,24 @@ def main() -> None:
     if bin_dir() is None:
         sys.exit("PostgreSQL is not installed (apt-get install postgresql)")
     program = load_program(PROGRAM, START)
-    cluster = Cluster(bin_dir())
-    cluster.start()
-    try:
+    with running(Cluster(bin_dir())) as cluster:
         url = cluster.url(cluster.createdb())
         PgDatabase(url).open()      # migrations
         enroll_all(url, program)
-        rnd, n = random.Random(11), 0
-        results: dict[int, list] = {1: [], 4: [], 8: []}
-        for _ in range(args.rounds):
-            for threads in results:
-                todo = receipts(n, args.receipts, rnd)
-                n += args.receipts
-                results[threads].append(measure(url, cluster, program, todo, threads))
-                rate, client, pg = results[threads][-1]
-                print(f"  {threads} threads: {rate:,.0f} confirms/s, client {client:.0f} µs, PostgreSQL {pg:.0f} µs",
-                      flush=True)
+        rnd, numbers = random.Random(11), itertools.count(step=args.receipts)
+
+        def threads_run(threads: int):
+            return lambda: measure(url, cluster, program, receipts(next(numbers), args.receipts, rnd), threads)
+
+        results = alternate({threads: threads_run(threads) for threads in (1, 4, 8)}, args.rounds,
+                            lambda threads, r: print(f"  {threads} threads: {r[0]:,.0f} confirms/s, client "
+                                                     f"{r[1]:.0f} µs, PostgreSQL {r[2]:.0f} µs", flush=True))
         print(f"\n{args.receipts} confirms x {args.rounds} rounds, {MEMBERS:,} members; medians\n")
         print("| threads | confirms/s | client CPU µs/confirm | PostgreSQL CPU µs/confirm |")
         print("| ---: | ---: | ---: | ---: |")
         for threads, rows in results.items():
-            rate, client, pg = (statistics.median(col) for col in zip(*rows))
+            rate, client, pg = medians(rows)
             print(f"| {threads} | {rate:,.0f} | {client:.0f} | {pg:.0f} |")
-    finally:
-        cluster.stop()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """`make bench`: the servers, the load, the table and benchmarks/RESULTS.md in one run.
 
-    PYTHONPATH=. python benchmarks/run.py [--members 10000,1000000] [--duration 15]
+    PYTHONPATH=. python benchmarks/run.py [--members 10000,1000000] [--duration 15] [--pg-only]
 
 Environment: BENCH_MEMBERS (comma list, default 10000,1000000; add 14000000 for the
 full-size run, which first generates about 33 GB once, in about an hour), BENCH_DURATION (seconds of each
-measured run), BENCH_PROFILE=0 to skip the profile.
+measured run), BENCH_PROFILE=0 to skip the profile, BENCH_PG=0 to skip the PostgreSQL rows
+(BENCH_PG_MEMBERS, default 10000, and BENCH_PG_ROUNDS, default 3, size them).
 
 What runs, side by side in one invocation, on a 2-core machine: every server is pinned to
 core 0 and wrk to core 1 (one thread, 32 connections), so ratios between rows are
@@ -15,21 +16,29 @@ comparable even when absolute numbers drift with the machine's other tenants.
 3. per member count, the real server (`loyalty serve`, one process) with the market
    program and with a generated 300-rule program: the most it confirms at full load,
    then fixed-rate runs at 50% and 90% of that for the latency distribution;
-4. py-spy on the real server at full load (market program, largest member count).
+4. py-spy on the real server at full load (market program, largest member count);
+5. PostgreSQL beside SQLite (without PostgreSQL installed, a line saying so): the market
+   program on SQLite with one server process, on PostgreSQL with one and with two on one
+   database (wrk against each), full load, the three in turns for BENCH_PG_ROUNDS rounds:
+   confirmed receipts/s, p50/p99, and CPU µs per confirmed receipt of each server process
+   and of PostgreSQL (every process of the cluster, from /proc). A few minutes.
 
-Everything it writes goes to benchmarks/data/ (ignored by git) except RESULTS.md. Text
+Everything it writes goes to benchmarks/data/ (ignored by git; BENCH_DATA to put it
+elsewhere) except RESULTS.md. Text
 in RESULTS.md below the line "<!-- notes -->" is kept across runs.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -41,7 +50,8 @@ from tabulate import tabulate
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = ROOT / "benchmarks"
-DATA = HERE / "data"
+# BENCH_DATA: elsewhere (the benchmark's smoke test runs it in a temporary folder).
+DATA = Path(os.environ.get("BENCH_DATA", HERE / "data"))
 VENV_BIN = Path(sys.executable).parent
 SERVER_CPU, DRIVER_CPU = "0", "1"
 KEY, MONITOR_KEY = "bench-register-key", "bench-monitor-key"
@@ -49,7 +59,10 @@ PORT = int(os.environ.get("BENCH_PORT", "18090"))
 NOTES_MARK = "<!-- notes -->"
 
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 from benchmarks import gen_members, gen_rules, receipts  # noqa: E402
+from benchmarks.pg_rounds import ClusterCpu, alternate, medians  # noqa: E402
+from pg_cluster import BIN_GLOB, Cluster, bin_dir, running  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -62,9 +75,10 @@ THREAD_KINDS = ("loop", "writer", "sync", "checkpoint")
 
 
 class Server:
-    def __init__(self, name: str, argv: list[str], tree: Path = ROOT, pin: bool = True, ready: bool = False):
+    def __init__(self, name: str, argv: list[str], tree: Path = ROOT, pin: bool = True, ready: bool = False,
+                 port: int = PORT):
         """ready: also wait for /readyz (a loyalty server preloading its cache says 503 until done)."""
-        self.name, self.argv, self.tree, self.pin, self.ready = name, argv, tree, pin, ready
+        self.name, self.argv, self.tree, self.pin, self.ready, self.port = name, argv, tree, pin, ready, port
         self.proc: subprocess.Popen | None = None
         self.log_path = DATA / f"server-{name}.log"
         self.ready_s = 0.0
@@ -80,7 +94,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited at start; see {self.log_path}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/healthz", timeout=1):
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1):
                     break
             except OSError:
                 time.sleep(0.2)
@@ -96,7 +110,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited while starting; see {self.log_path}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/readyz", timeout=5):
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=5):
                     self.ready_s = time.monotonic() - started
                     return
             except OSError:     # 503 while preloading (HTTPError is an OSError)
@@ -154,14 +168,19 @@ def cache_mib(members: int) -> int:
     return max(CACHE_MIB_MIN, -(-members * CACHE_MIB_PER_MILLION_MEMBERS // 1_000_000))
 
 
-def server_config(path: Path, db: Path, rules_dir: Path, members: int = 10_000,
-                  cache: bool = True) -> Path:
+def server_config(path: Path, db: Path | str, rules_dir: Path, members: int = 10_000,
+                  cache: bool = True, port: int = PORT) -> Path:
     """A server whose write connection's cache holds `members` members, read at start
-    (cache=False: a revision from before database.cache_mib, which refuses the keys)."""
+    (cache=False: a revision from before database.cache_mib, which refuses the keys). db is
+    the SQLite file, or a PostgreSQL URL (database.url, whose server has no such cache)."""
     sha = lambda key: hashlib.sha256(key.encode()).hexdigest()  # noqa: E731
+    if isinstance(db, str):
+        database = {"url": db}
+    else:
+        database = {"path": str(db), **({"cache_mib": cache_mib(members), "preload": True} if cache else {})}
     config = {
-        "server": {"host": "127.0.0.1", "port": PORT, "max_body_bytes": 1048576},
-        "database": {"path": str(db), **({"cache_mib": cache_mib(members), "preload": True} if cache else {})},
+        "server": {"host": "127.0.0.1", "port": port, "max_body_bytes": 1048576},
+        "database": database,
         "rules": {"dir": str(rules_dir), "watch": False},
         "auth": {"keys": [
             {"id": "bench-register", "sha256": sha(KEY), "role": "register", "stores": ["S001", "S002", "F001"]},
@@ -198,13 +217,26 @@ def metrics() -> dict[str, float]:
 RUN_NO = [0]
 
 
-def wrk(templates: Path, members: int, seconds: float, rate: float = 0, connections: int = 32) -> dict:
+def wrk(templates: Path, members: int, seconds: float, rate: float = 0, connections: int = 32,
+        port: int = PORT) -> dict:
+    return wrk_result(wrk_start(templates, members, seconds, rate, connections, port))
+
+
+def wrk_start(templates: Path, members: int, seconds: float, rate: float = 0, connections: int = 32,
+              port: int = PORT) -> subprocess.Popen:
+    """wrk under way against the server on `port`; wrk_result() waits for its numbers."""
     RUN_NO[0] += 1
     tag = f"b{int(time.time())}x{RUN_NO[0]}"
     argv = ["taskset", "-c", DRIVER_CPU, "wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s", "--timeout", "10s",
-            "-s", str(HERE / "load.lua"), f"http://127.0.0.1:{PORT}", "--", str(templates), str(members), tag, KEY,
+            "-s", str(HERE / "load.lua"), f"http://127.0.0.1:{port}", "--", str(templates), str(members), tag, KEY,
             str(rate)]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wrk_result(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate()
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, proc.args, out, err)
     for line in out.splitlines():
         if line.startswith("BENCH_JSON "):
             result = json.loads(line[len("BENCH_JSON "):])
@@ -351,6 +383,100 @@ def summarize_profile(out: Path) -> dict:
             "by_kind": by_kind.most_common()}
 
 
+# ------------------------------------------------------------------ PostgreSQL beside SQLite
+
+# The market program at the smallest member count keeps the copy into PostgreSQL (about half
+# a minute for 10,000 members) and the rounds within a few minutes; the CPU per receipt compared does
+# not depend on the member count while everything fits in memory.
+PG_MEMBERS = 10_000
+PG_ROUNDS = 3
+PG_SHAPES = ("SQLite, one process", "PostgreSQL, one process", "PostgreSQL, two processes")
+
+
+def pg_comparison(templates: Path, rules_dir: Path, members: int, seconds: int, rounds: int) -> dict:
+    """SQLite with one server process, PostgreSQL with one and with two on one database, at
+    full load, the three taking turns round by round. PostgreSQL is a throwaway cluster
+    (tests/pg_cluster.py: fsync and synchronous_commit on, as installed) filled with the
+    generated members through `loyalty migrate sqlite-to-postgres`; the SQLite server runs on
+    the copy that went over."""
+    bins = bin_dir()
+    if bins is None:
+        return {"skipped": f"PostgreSQL is not installed (no initdb under {BIN_GLOB})"}
+    source = DATA / f"members-{members}.db"
+    gen_members.generate(source, members)
+    db = DATA / f"pg-sqlite-{source.name}"
+    drop_database(db)
+    shutil.copyfile(source, db)
+    try:
+        with running(Cluster(bins)) as cluster, contextlib.ExitStack() as stack:
+            url = cluster.url(cluster.createdb())
+            log(f"PostgreSQL: copying {members:,} members from {db.name} (loyalty migrate sqlite-to-postgres)")
+            started = time.monotonic()
+            subprocess.run([str(VENV_BIN / "loyalty"), "migrate", "sqlite-to-postgres", "--from", str(db), "--to", url],
+                           check=True, capture_output=True)
+            copied_s = time.monotonic() - started
+            analyze(url)
+            servers = [stack.enter_context(compared_server(name, database, port, rules_dir, members))
+                       for name, database, port in (("sqlite", db, PORT), ("pg-a", url, PORT + 1),
+                                                    ("pg-b", url, PORT + 2))]
+            for server in servers:
+                wrk(templates, members, min(3, seconds), port=server.port)
+            meter = ClusterCpu(cluster)
+            sqlite, pg_a, pg_b = servers
+            shapes = dict(zip(PG_SHAPES, (
+                lambda: side_by_side([sqlite], None, templates, members, seconds),
+                lambda: side_by_side([pg_a], meter, templates, members, seconds),
+                lambda: side_by_side([pg_a, pg_b], meter, templates, members, seconds))))
+            results = alternate(shapes, rounds, lambda name, r: log(
+                f"{name}: {r['confirmed_rps']:,.0f} confirmed/s, CPU µs/receipt servers "
+                f"{' + '.join(f'{us:,.0f}' for us in r['server_us'])}, PostgreSQL {r['pg_us'] or 0:,.0f}, "
+                f"load {r['load']:.1f}"))
+    finally:
+        drop_database(db)
+    return {"members": members, "rounds": rounds, "copied_s": copied_s, "results": results,
+            "postgresql": bins.parent.name}
+
+
+def analyze(url: str) -> None:
+    """Planner statistics for the copied tables, as after any bulk load: the copy leaves
+    none, and until autovacuum's first analyze (a minute or more) a receipt's reads were
+    planned without them; a first round measured then confirmed 8 receipts/s, the next 116."""
+    import psycopg
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("ANALYZE")
+
+
+def compared_server(name: str, database: Path | str, port: int, rules_dir: Path, members: int) -> Server:
+    """A `loyalty serve` of the comparison, on the SQLite file or the PostgreSQL URL `database`."""
+    config = server_config(DATA / f"config-compare-{name}.yaml", database, rules_dir, members=members, port=port)
+    return Server(f"compare-{name}", [str(VENV_BIN / "loyalty"), "serve", "--config", str(config)],
+                  ready=True, port=port)
+
+
+def side_by_side(servers: list[Server], meter: ClusterCpu | None, templates: Path, members: int,
+                 seconds: int) -> dict:
+    """One measured run: the 32 connections split evenly over the servers, one wrk each, all
+    at once; the CPU of each server and of the cluster per receipt confirmed in all."""
+    before = [server.cpu_seconds() for server in servers]
+    if meter:
+        meter.start()
+    runs = [wrk_result(proc) for proc in [wrk_start(templates, members, seconds, connections=32 // len(servers),
+                                                    port=server.port) for server in servers]]
+    pg_cpu = meter.stop() if meter else None
+    cpu = [server.cpu_seconds() - b for server, b in zip(servers, before)]
+    confirmed = max(sum(r["ok_receipt"] for r in runs), 1)
+    return {
+        "confirmed_rps": sum(r["confirmed_rps"] for r in runs),
+        # Two drivers' distributions do not merge from their percentiles: the slower one's.
+        "p50_ms": max(r["latency_us"]["p50"] for r in runs) / 1000,
+        "p99_ms": max(r["latency_us"]["p99"] for r in runs) / 1000,
+        "server_us": [c / confirmed * 1e6 for c in cpu],
+        "pg_us": pg_cpu / confirmed * 1e6 if meter else None,
+        "failed": sum(r["other"] + r["errors"]["timeout"] + r["errors"]["connect"] for r in runs),
+        "load": os.getloadavg()[0],
+    }
+
+
 # ------------------------------------------------------------------ the run
 
 def db_bytes(db: Path) -> int:
@@ -411,6 +537,12 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=int(os.environ.get("BENCH_DURATION", "15")))
     parser.add_argument("--profile", type=int, default=int(os.environ.get("BENCH_PROFILE", "1")))
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--pg", type=int, default=int(os.environ.get("BENCH_PG", "1")),
+                        help="0: no PostgreSQL rows")
+    parser.add_argument("--pg-members", type=int, default=int(os.environ.get("BENCH_PG_MEMBERS", PG_MEMBERS)))
+    parser.add_argument("--pg-rounds", type=int, default=int(os.environ.get("BENCH_PG_ROUNDS", PG_ROUNDS)))
+    parser.add_argument("--pg-only", action="store_true",
+                        help="only the PostgreSQL comparison, printed; RESULTS.md is left as it is")
     args = parser.parse_args()
     counts = [int(x.replace("_", "")) for x in args.members.split(",") if x.strip()]
     seconds = args.duration
@@ -419,8 +551,12 @@ def main() -> int:
 
     templates = DATA / "receipts.txt"
     made = receipts.generate(templates)
-    rules300 = gen_rules.generate(DATA / "rules300", 300, started.date())
     market = ROOT / "rules" / "programs" / "market"
+    if args.pg_only:
+        print("\n".join(pg_section(pg_comparison(templates, market, args.pg_members, seconds, args.pg_rounds),
+                                   seconds)))
+        return 0
+    rules300 = gen_rules.generate(DATA / "rules300", 300, started.date())
     python = str(VENV_BIN / "python")
     log(f"receipt bodies: {made}; 300-rule program in {rules300}")
 
@@ -481,7 +617,9 @@ def main() -> int:
             drop_database(db)
         per_count.append(entry)
 
-    text = report(started, seconds, driver, bare, bare_rss, per_count, prof, made)
+    comparison = (pg_comparison(templates, market, args.pg_members, seconds, args.pg_rounds) if args.pg
+                  else {"skipped": "BENCH_PG=0"})
+    text = report(started, seconds, driver, bare, bare_rss, per_count, prof, made, comparison)
     notes = ""
     if args.out.exists() and NOTES_MARK in args.out.read_text():
         notes = args.out.read_text().split(NOTES_MARK, 1)[1]
@@ -498,7 +636,7 @@ def lat(result: dict) -> str:
     return f"{l['p50'] / 1000:.1f} / {l['p99'] / 1000:.1f} / {l['p999'] / 1000:.1f}"
 
 
-def report(started, seconds, driver, bare, bare_rss, per_count, prof, made) -> str:
+def report(started, seconds, driver, bare, bare_rss, per_count, prof, made, comparison) -> str:
     ceiling = bare["confirmed_rps"]
     lines = [
         "# Benchmark results",
@@ -579,6 +717,7 @@ def report(started, seconds, driver, bare, bare_rss, per_count, prof, made) -> s
               "says the preload is done (the first server's wait is in the last column). Each member count runs "
               f"on a fresh copy of its generated database, except those over {COPY_BYTES_MAX / 2**30:.0f} GiB, "
               "which run in place (marked)."]
+    lines += pg_section(comparison, seconds)
     if prof:
         lines += ["", "## Profile of the confirm path", ""]
         if "error" in prof:
@@ -613,6 +752,44 @@ def report(started, seconds, driver, bare, bare_rss, per_count, prof, made) -> s
             lines += ["", "Samples by thread: " + ", ".join(f"{k} {v / prof['samples']:.0%}" for k, v in prof["by_kind"])
                       + ". Raw stacks: benchmarks/data/profile.raw.txt."]
     return "\n".join(lines) + "\n"
+
+
+def pg_section(comparison: dict, seconds: int) -> list[str]:
+    lines = ["", "## PostgreSQL beside SQLite", ""]
+    if "skipped" in comparison:
+        return lines + [f"Not run: {comparison['skipped']}."]
+    results = comparison["results"]
+    loads = [r["load"] for rows in results.values() for r in rows]
+    lines += [
+        f"The market program, {comparison['members']:,} members (copied into PostgreSQL by `loyalty migrate "
+        f"sqlite-to-postgres` in {comparison['copied_s']:.0f} s), {comparison['rounds']} rounds in which the three "
+        f"take turns, {seconds} s each at full load: 32 connections, one wrk of 32 against one process or one of 16 "
+        f"against each of two. Servers pinned to core {SERVER_CPU} (two processes share it), wrk to core "
+        f"{DRIVER_CPU}, PostgreSQL {comparison['postgresql']} not pinned (a throwaway cluster: fsync and "
+        "synchronous_commit on, shared_buffers 64 MB); each PostgreSQL server keeps `database.connections` 8. "
+        f"Medians of the rounds; the 1-minute load average after the runs was {min(loads):.1f} to {max(loads):.1f} "
+        f"(median {statistics.median(loads):.1f}).", ""]
+    table = []
+    for name, rows in results.items():
+        confirmed = [r["confirmed_rps"] for r in rows]
+        p50, p99 = medians((r["p50_ms"], r["p99_ms"]) for r in rows)
+        per_server = medians(tuple(r["server_us"]) for r in rows)
+        pg_us = None if rows[0]["pg_us"] is None else statistics.median(r["pg_us"] for r in rows)
+        total = statistics.median(sum(r["server_us"]) + (r["pg_us"] or 0) for r in rows)
+        table.append([name, f"{statistics.median(confirmed):,.0f}", f"{min(confirmed):,.0f} / {max(confirmed):,.0f}",
+                      f"{p50:.1f} / {p99:.1f}", " + ".join(f"{us:,.0f}" for us in per_server),
+                      "-" if pg_us is None else f"{pg_us:,.0f}", f"{total:,.0f}", sum(r["failed"] for r in rows)])
+    lines.append(tabulate(table, headers=["database, server processes", "confirmed receipts/s",
+                                          "lowest / highest round", "p50 / p99 ms",
+                                          "CPU µs per confirmed receipt: each server process", "PostgreSQL",
+                                          "in all", "other/errors"], tablefmt="github"))
+    lines += ["", "CPU per confirmed receipt is each process's utime + stime (/proc) over the run divided by the "
+              "receipts confirmed in all (the unknown cards, refused redemptions and returns, about 8 % of requests, "
+              "are paid out of it); PostgreSQL's is the postmaster's and its children's, read while the servers' "
+              "connections are open. The latency is closed-loop (queueing); with two processes, that of the slower "
+              "driver. On 2 shared cores the throughput of more processes is noise; compare the CPU per receipt, "
+              "between the rows of one run (it too grows with the machine's load)."]
+    return lines
 
 
 if __name__ == "__main__":

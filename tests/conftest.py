@@ -12,9 +12,7 @@ from server.app import create_app
 from server.config import config_from_dict
 from server.privacy import rotate_key_command
 
-# pg_url: a fresh database of a throwaway PostgreSQL cluster (skips when PostgreSQL is absent);
-# pg_pair: a primary with a synchronous streaming standby, for failover.
-from pg_cluster import pg_cluster, pg_pair, pg_url  # noqa: E402,F401
+from pg_cluster import Cluster, ReplicatedPair, bins_or_skip, running
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tests' own copies of the shipped programs: a manager who edits rules/programs/ does
@@ -30,6 +28,29 @@ KEYS = {
     "manager": "test-manager",
     "monitor": "test-monitor",
 }
+
+
+# The throwaway PostgreSQL clusters of tests/pg_cluster.py, skipping with the reason when
+# PostgreSQL is absent.
+
+@pytest.fixture
+def pg_pair():
+    """A primary with a synchronous streaming standby, for failover tests."""
+    with running(ReplicatedPair(bins_or_skip())) as pair:
+        yield pair
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """The session's cluster, started at the first test that needs it."""
+    with running(Cluster(bins_or_skip())) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_url(pg_cluster) -> str:
+    """A fresh, empty database of the session's cluster, as a `database.url`."""
+    return pg_cluster.url(pg_cluster.createdb())
 
 
 def _h(key: str) -> str:

@@ -1,10 +1,12 @@
-"""A throwaway PostgreSQL cluster for tests: initdb and pg_ctl in a temporary folder, a Unix
-socket only (nothing listens on TCP), a fresh database per test.
+"""A throwaway PostgreSQL cluster for tests and benchmarks: initdb and pg_ctl in a temporary
+folder, a Unix socket only (nothing listens on TCP), a fresh database per test.
 
 initdb refuses to run as root, so as root the cluster runs as the `postgres` user that
 Debian's postgresql package creates (runuser); as anyone else, as that user. Tests that need
-it take the `pg_url` fixture, which skips them with the reason when the binaries are absent
-(`.ci/run` installs Debian's postgresql).
+it take the `pg_url` fixture (tests/conftest.py), which skips them with the reason when the
+binaries are absent (`.ci/run` installs Debian's postgresql). Nothing here imports pytest at
+import time: `make bench` (benchmarks/run.py) starts its cluster from here without the test
+requirements.
 """
 from __future__ import annotations
 
@@ -19,8 +21,6 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-
-import pytest
 
 # Debian's layout: /usr/lib/postgresql/<major>/bin; the newest major wins.
 BIN_GLOB = "/usr/lib/postgresql/*/bin"
@@ -165,6 +165,7 @@ class ReplicatedPair:
 
 
 def bins_or_skip() -> Path:
+    import pytest
     bins = bin_dir()
     if bins is None:
         pytest.skip(f"PostgreSQL is not installed (no initdb under {BIN_GLOB}; apt-get install postgresql)")
@@ -184,23 +185,3 @@ def running(cluster: Cluster | ReplicatedPair):
         yield cluster
     finally:
         cluster.stop()
-
-
-@pytest.fixture
-def pg_pair():
-    """A primary with a synchronous streaming standby, for failover tests."""
-    with running(ReplicatedPair(bins_or_skip())) as pair:
-        yield pair
-
-
-@pytest.fixture(scope="session")
-def pg_cluster():
-    """The session's cluster, started at the first test that needs it."""
-    with running(Cluster(bins_or_skip())) as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def pg_url(pg_cluster) -> str:
-    """A fresh, empty database of the session's cluster, as a `database.url`."""
-    return pg_cluster.url(pg_cluster.createdb())
