@@ -71,7 +71,7 @@ def read_connection(config, *, any_thread: bool = False):
     any_thread: the SQLite connection may be used from a thread other than its maker's."""
     if config.database.url is not None:
         from storage.pg.connection import connect
-        return connect(config.database.url, connect_timeout_s=CONNECT_TIMEOUT_S)
+        return connect(config.database.url, connect_timeout_s=CONNECT_TIMEOUT_S, retries=config.database.retries)
     path = config.resolve(config.database.path)
     if not path.exists():
         return None

@@ -37,7 +37,7 @@ from psycopg import pq
 
 from storage.db import Grouped, StorageClosed
 from storage.health import StorageUnavailable
-from storage.pg.connection import Connection, connect
+from storage.pg.connection import RETRIES_DEFAULT, Connection, connect
 from storage.pg.leader import JobsLock
 from storage.pg.schema import MIGRATIONS_WAIT_SECONDS, migrate
 
@@ -67,10 +67,11 @@ READ_NOW_TIMEOUT_MS = 5_000
 class PgDatabase:
     backend = "postgresql"
 
-    def __init__(self, url: str, *, connections: int = CONNECTIONS_DEFAULT,
+    def __init__(self, url: str, *, connections: int = CONNECTIONS_DEFAULT, retries: int = RETRIES_DEFAULT,
                  migrations_wait_s: float = MIGRATIONS_WAIT_SECONDS) -> None:
         self._url = url
         self._connections = connections
+        self._retries = retries
         self._migrations_wait_s = migrations_wait_s
         self._local = threading.local()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -88,7 +89,7 @@ class PgDatabase:
     @classmethod
     def from_config(cls, database: Any) -> PgDatabase:
         """For config.yaml's `database` section (server/config.py DatabaseConfig)."""
-        return cls(database.url, connections=database.connections,
+        return cls(database.url, connections=database.connections, retries=database.retries,
                    migrations_wait_s=database.start_wait_seconds)
 
     def open(self) -> list[str]:
@@ -245,7 +246,7 @@ class PgDatabase:
             if wait_s > 0:
                 raise StorageUnavailable(f"PostgreSQL did not answer; trying again in {wait_s:.1f} s")
             try:
-                conn = connect(self._url, connect_timeout_s=CONNECT_TIMEOUT_S)
+                conn = connect(self._url, connect_timeout_s=CONNECT_TIMEOUT_S, retries=self._retries)
             except psycopg.OperationalError as e:
                 self._next_connect_s = time.monotonic() + RECONNECT_GAP_S
                 self._fault = StorageUnavailable(f"cannot connect to PostgreSQL: {_first_line(e)}")
