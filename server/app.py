@@ -176,7 +176,8 @@ async def _open_once(app: web.Application, path) -> Database | None:
 async def _open_postgresql(app: web.Application) -> PgDatabase:
     """Opened and migrated (processes starting together take turns on the migrations'
     advisory lock), and its first write done. Several servers may share the database."""
-    db = PgDatabase.from_config(app[CONFIG].database)
+    db = PgDatabase.from_config(app[CONFIG].database, on_commit=app[METRICS].on_commit,
+                                on_storage_error=app[METRICS].on_storage_error)
     try:
         try:
             await asyncio.to_thread(db.open)

@@ -182,7 +182,8 @@ class Faults:
 
 
 _NAMES = {StorageFull.cause: "disk full", StorageBusy.cause: "write lock held by another program",
-          StorageLost.cause: "database files lost", StorageError.cause: "storage error"}
+          StorageLost.cause: "database files lost", StorageUnavailable.cause: "database not answering",
+          StorageError.cause: "storage error"}
 
 
 class Throttle:

@@ -15,7 +15,10 @@ it or writes it. Connections idle in the pool since the database restarted are a
 and the first function on each would otherwise be refused with the database back. A
 thread connects at most once per RECONNECT_GAP_S across the threads, so a database that
 is down is not hammered and requests fail fast meanwhile. /readyz says
-storage_unavailable from a failed connect until one succeeds.
+storage_unavailable from a refused function (a failed connect, a connection that broke)
+until a connect or a function succeeds again: storage.health's Faults logs it and counts
+what it refused, as for SQLite's faults, through the same hooks (on_storage_error, and
+on_commit for each write committed).
 
 What the SQLite Database has for its file (the WAL, checkpoints, the salvage of a lost
 file, free disk space, preloading its page cache, backups) PostgreSQL does itself; the
@@ -36,7 +39,7 @@ import psycopg
 from psycopg import pq
 
 from storage.db import Grouped, StorageClosed
-from storage.health import StorageUnavailable
+from storage.health import Faults, StorageUnavailable
 from storage.pg.connection import RETRIES_DEFAULT, Connection, connect
 from storage.pg.leader import JobsLock
 from storage.pg.schema import MIGRATIONS_WAIT_SECONDS, migrate
@@ -68,7 +71,9 @@ class PgDatabase:
     backend = "postgresql"
 
     def __init__(self, url: str, *, connections: int = CONNECTIONS_DEFAULT, retries: int = RETRIES_DEFAULT,
-                 migrations_wait_s: float = MIGRATIONS_WAIT_SECONDS) -> None:
+                 migrations_wait_s: float = MIGRATIONS_WAIT_SECONDS,
+                 on_commit: Callable[[int, float], None] | None = None,
+                 on_storage_error: Callable[[str, int], None] | None = None) -> None:
         self._url = url
         self._connections = connections
         self._retries = retries
@@ -79,7 +84,8 @@ class PgDatabase:
         self._next_connect_s = 0.0
         self._open: list[Connection] = []
         self._state = "new"
-        self._fault: StorageUnavailable | None = None
+        self._faults = Faults("PostgreSQL", on_storage_error)
+        self._on_commit = on_commit
         self._busy = 0                  # functions submitted and not finished
         self._reads: dict[int, float] = {}      # thread id: when its read transaction began
         self._jobs = JobsLock(url)
@@ -87,10 +93,11 @@ class PgDatabase:
         self._runs_jobs, self._jobs_checked_at = False, -JOBS_CHECK_GAP_S
 
     @classmethod
-    def from_config(cls, database: Any) -> PgDatabase:
-        """For config.yaml's `database` section (server/config.py DatabaseConfig)."""
+    def from_config(cls, database: Any, **hooks: Callable[..., None] | None) -> PgDatabase:
+        """For config.yaml's `database` section (server/config.py DatabaseConfig); hooks:
+        on_commit, on_storage_error (the server's metrics)."""
         return cls(database.url, connections=database.connections, retries=database.retries,
-                   migrations_wait_s=database.start_wait_seconds)
+                   migrations_wait_s=database.start_wait_seconds, **hooks)
 
     def open(self) -> list[str]:
         """Connects once (a wrong URL fails here, not at the first request) and applies the
@@ -139,14 +146,15 @@ class PgDatabase:
         return time.monotonic() - min(started) if started else 0.0
 
     def fault(self) -> StorageUnavailable | None:
-        """storage_unavailable from a failed connect until a connect succeeds."""
-        return self._fault
+        """storage_unavailable from a refused function until a connect or a function succeeds."""
+        return self._faults.current
 
     def check_ready(self) -> None:
         if self._state != "open":
             raise StorageClosed(f"the PostgreSQL database is {self._state}")
-        if self._fault is not None:
-            raise StorageUnavailable(str(self._fault))
+        fault = self._faults.current
+        if fault is not None:
+            raise StorageUnavailable(str(fault))
 
     def runs_jobs(self) -> bool:
         """Whether this process runs the background jobs (and delivers the webhooks) now
@@ -190,7 +198,22 @@ class PgDatabase:
             result = fn(conn)
             self._local.committing = True       # a break from here on may follow the COMMIT
             return result
-        return lambda conn: conn.transaction(until_commit)
+
+        def committed(conn: Connection) -> T:
+            started_s = time.perf_counter()
+            result = conn.transaction(until_commit)
+            self._committed(time.perf_counter() - started_s)
+            return result
+        return committed
+
+    def _committed(self, seconds: float) -> None:
+        # One write per transaction: PostgreSQL, not the server, groups the commits' flushes.
+        if self._on_commit is None:
+            return
+        try:
+            self._on_commit(1, seconds)
+        except Exception:  # noqa: BLE001 - a metrics hook must not fail a committed write
+            log.debug("on_commit hook failed", exc_info=True)
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
         return await asyncio.wrap_future(self._submit(lambda conn: self._snapshot(conn, fn)))
@@ -222,6 +245,18 @@ class PgDatabase:
             self._busy -= 1
 
     def _run(self, job: Callable[[Connection], T]) -> T:
+        """job(conn) on this thread's connection; a StorageUnavailable it ends with is the
+        fault in force (logged, counted) until a connect or a job succeeds."""
+        try:
+            result = self._run_connected(job)
+        except StorageUnavailable as e:
+            self._faults.record(e)
+            raise
+        if self._faults.current is not None:
+            self._faults.clear(StorageUnavailable.cause)
+        return result
+
+    def _run_connected(self, job: Callable[[Connection], T]) -> T:
         for attempt in range(BROKEN_RUNS_MAX):
             conn = getattr(self._local, "conn", None)
             if conn is None or conn.raw.closed:
@@ -249,11 +284,11 @@ class PgDatabase:
                 conn = connect(self._url, connect_timeout_s=CONNECT_TIMEOUT_S, retries=self._retries)
             except psycopg.OperationalError as e:
                 self._next_connect_s = time.monotonic() + RECONNECT_GAP_S
-                self._fault = StorageUnavailable(f"cannot connect to PostgreSQL: {_first_line(e)}")
-                raise StorageUnavailable(str(self._fault)) from None
-            self._fault = None
+                raise StorageUnavailable(f"cannot connect to PostgreSQL: {_first_line(e)}") from None
             self._open.append(conn)
-            return conn
+        if self._faults.current is not None:
+            self._faults.clear(StorageUnavailable.cause)
+        return conn
 
     def _forget(self, conn: Connection) -> None:
         self._local.conn = None
