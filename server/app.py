@@ -74,7 +74,7 @@ async def resources(app: web.Application):
     app[OPS] = Deps(db, app[PROGRAMS], app[CLOCK], app[METRICS], app[PRIVACY])
     await refresh_keys(app[KEYRING], db)     # the database's keys before the first request
     app[PROGRAMS].count_lost_tiers(
-        lambda levels, today: db.read_now(lambda conn: manual_tiers_outside(conn, levels, today)))
+        lambda levels, today: db.lookup(lambda conn: manual_tiers_outside(conn, levels, today)))
     hup = _install_sighup(app)
     watcher = None
     if config.rules.watch:

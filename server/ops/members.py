@@ -24,7 +24,7 @@ from storage.sql import INTEGRITY_ERRORS
 async def member_by_card(deps: Deps, card: str) -> ledger.MemberRow | None:
     """Members are found by the HMAC of the card number presented."""
     digest = deps.privacy.card(card)
-    return deps.db.read_now(lambda c: ledger.member_by_card(c, digest))
+    return await deps.db.lookup(lambda c: ledger.member_by_card(c, digest))
 
 
 async def find_member(deps: Deps, card: str, path: str = "card") -> ledger.MemberRow:

@@ -1,5 +1,7 @@
 """storage.db.Database's interface on PostgreSQL: write, write_grouped, write_sync, read,
-read_sync and close, for functions that take a connection and return.
+lookup, read_sync and close, for functions that take a connection and return. Each runs on
+a pool thread, never on the event loop's: a host that does not answer holds up the request
+that waits for it, not every request (there is no read_now()).
 
 There is no single writer to batch for: each write is its own transaction, on a worker
 thread with a connection of its own (one per thread, `connections` of them), committed
@@ -62,9 +64,6 @@ DEFAULT_SYNC_TIMEOUT_S = 60.0
 # The webhooks' dispatcher asks whether this process runs the jobs every poll (0.25 s): the
 # lock is asked about at most this often.
 JOBS_CHECK_GAP_S = 1.0
-# read_now runs on the event loop's thread (a member looked up by card, program_versions'
-# follow): its statements are stopped by PostgreSQL after this long.
-READ_NOW_TIMEOUT_MS = 5_000
 
 
 class PgDatabase:
@@ -166,18 +165,6 @@ class PgDatabase:
                 self._runs_jobs, self._jobs_checked_at = self._jobs.holds(), now
             return self._runs_jobs
 
-    def read_now(self, fn: Callable[[Connection], T]) -> T:
-        """fn(conn) in the calling thread (the event loop's), on its own connection, in one
-        read-only snapshot: for short indexed reads, where waiting for a pool thread behind
-        the writes would cost more than the read."""
-        if self._state != "open":
-            raise StorageClosed(f"the PostgreSQL database is {self._state}")
-
-        def bounded(conn: Connection) -> T:
-            conn.execute(f"SET LOCAL statement_timeout = {READ_NOW_TIMEOUT_MS}")
-            return fn(conn)
-        return self._run(lambda conn: self._snapshot(conn, bounded))
-
     # -- writes and reads ----------------------------------------------------------
 
     async def write(self, fn: Callable[[Connection], T], *, off_loop: bool = False) -> T:
@@ -217,6 +204,13 @@ class PgDatabase:
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
         return await asyncio.wrap_future(self._submit(lambda conn: self._snapshot(conn, fn)))
+
+    async def lookup(self, fn: Callable[[Connection], T]) -> T:
+        """A short indexed read for a request (a member by card): read(). There is no
+        read_now() here: a statement, or a connect, on the event loop's thread would stop
+        every request for as long as a host that does not answer takes (libpq's connect
+        timeout, TCP's for a statement)."""
+        return await self.read(fn)
 
     def read_sync(self, fn: Callable[[Connection], T], *, timeout_s: float = DEFAULT_SYNC_TIMEOUT_S) -> T:
         return self._submit(lambda conn: self._snapshot(conn, fn)).result(timeout=timeout_s)
