@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from typing import NamedTuple
 
+from storage.health import MigrationsBusy
 from storage.pg.connection import Connection
 
 # pg_advisory_lock's key for migrations: 'loyalty' as a number, fixed for good.
@@ -708,10 +709,6 @@ INTENDED_DIFFERENCES: dict[str, str] = {
     "insert trigger of events on INSERT: only on PostgreSQL": "queues each event written for the fan-out "
                                                               "(event_fanout_pending), in the event's transaction",
 }
-
-
-class MigrationsBusy(RuntimeError):
-    """Another process held the migrations' lock for longer than the wait allowed."""
 
 
 def migrate(conn: Connection, wait_seconds: float = MIGRATIONS_WAIT_SECONDS) -> list[str]:
