@@ -51,8 +51,8 @@ class Metrics:
                                        registry=r)
         self.rules_eval = Histogram("loyalty_rules_evaluation_seconds", "Time to evaluate one receipt",
                                     buckets=EVAL_BUCKETS_SECONDS, registry=r)
-        self.commit_batch = Histogram("loyalty_ledger_commit_batch_size", "Writes per ledger transaction (1 on PostgreSQL, "
-                                      "which groups commits itself)",
+        self.commit_batch = Histogram("loyalty_ledger_commit_batch_size", "Writes per ledger transaction "
+                                      "(1 on PostgreSQL, which groups commits itself)",
                                       buckets=BATCH_BUCKETS, registry=r)
         self.commit_time = Histogram("loyalty_ledger_commit_seconds", "Time of one ledger transaction incl. fsync "
                                      "(on PostgreSQL: one write, its conflicts' tries included)",
