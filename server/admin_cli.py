@@ -11,8 +11,6 @@ import contextlib
 import logging
 import sqlite3
 import sys
-
-import psycopg
 from contextlib import closing
 from datetime import datetime, timedelta
 
@@ -22,6 +20,7 @@ from server.databases import CannotOpen, config_for_command
 from storage.db import Database
 from storage.health import StorageBusy, StorageError, is_busy
 from storage.schema import migrations
+from storage.sql import unreachable_errors
 
 # A `jobs run --now` further than this from the server's clock is refused without --force.
 NOW_DRIFT_MAX = timedelta(days=1)
@@ -70,7 +69,7 @@ def _on_postgresql(config, args) -> int:
         return jobs_run(config, POSTGRESQL, args)
     try:
         conn = connect(config.database.url, connect_timeout_s=PG_CONNECT_TIMEOUT_S)
-    except psycopg.OperationalError as e:
+    except unreachable_errors() as e:
         print(f"cannot connect to PostgreSQL (database.url): {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     with closing(conn):
@@ -127,7 +126,7 @@ def jobs_run(config, db_path, args) -> int:
     try:
         with _storage_faults_unlogged():
             done = _run_jobs(config, db_path, program, now)
-    except (StorageError, sqlite3.OperationalError, psycopg.OperationalError) as e:
+    except (StorageError, *unreachable_errors()) as e:
         line = _why_stopped(e, db_path, config.database.busy_wait_seconds)
         if line is None:
             raise
@@ -147,7 +146,7 @@ def _why_stopped(e: Exception, db_path, wait_seconds: float) -> str | None:
         return (f"jobs run: the database {db_path} is locked by {lock_holder(db_path)} for longer than "
                 f"database.busy_wait_seconds ({wait_seconds:g}s); batches already done stay done, "
                 f"run it again once the lock is released")
-    if isinstance(e, (StorageError, psycopg.OperationalError)):
+    if isinstance(e, (StorageError, *unreachable_errors())):
         return f"jobs run: cannot write to the database {db_path}: {e}"
     return None
 
@@ -190,7 +189,7 @@ def jobs_preview(config, db_path, now: datetime, far_note: str) -> int:
         with closing(connect(config.database.url, connect_timeout_s=PG_CONNECT_TIMEOUT_S) if db_path is POSTGRESQL
                      else open_for_preview(db_path, PREVIEW_BUSY_WAIT_SECONDS)) as conn:
             previews = preview_all(conn, program, now, config.events.expiring_days_before)
-    except (sqlite3.OperationalError, psycopg.OperationalError) as e:
+    except unreachable_errors() as e:
         print(f"{db_path}: cannot preview the jobs: {e}", file=sys.stderr)
         return 1
     finally:

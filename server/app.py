@@ -8,8 +8,8 @@ import logging
 import signal
 import sqlite3
 import time
+from typing import TYPE_CHECKING
 
-import psycopg
 from aiohttp import web
 
 from rules import ProgramError
@@ -33,13 +33,15 @@ from server.webhooks import Dispatcher
 from storage import api_keys, member_care
 from storage.db import Database, StorageBusy, StorageError
 from storage.events import Settled
-from storage.health import is_busy
-from storage.pg.database import PgDatabase
-from storage.pg.schema import MigrationsBusy
+from storage.health import MigrationsBusy, is_busy
 from storage.ledger import iso, manual_tiers_outside
 from storage.personal import protect_existing
 from storage.preload import preload
 from storage.schema import migrations
+from storage.sql import database_errors
+
+if TYPE_CHECKING:
+    from storage.pg.database import PgDatabase
 
 log = logging.getLogger("loyalty.server")
 
@@ -76,7 +78,7 @@ async def resources(app: web.Application):
     app[OPS] = Deps(db, app[PROGRAMS], app[CLOCK], app[METRICS], app[PRIVACY])
     await refresh_keys(app[KEYRING], db)     # the database's keys before the first request
     app[PROGRAMS].count_lost_tiers(
-        lambda levels, today: db.read_now(lambda conn: manual_tiers_outside(conn, levels, today)))
+        lambda levels, today: db.lookup(lambda conn: manual_tiers_outside(conn, levels, today)))
     hup = _install_sighup(app)
     watcher = None
     if config.rules.watch:
@@ -178,7 +180,9 @@ async def _open_once(app: web.Application, path) -> Database | None:
 async def _open_postgresql(app: web.Application) -> PgDatabase:
     """Opened and migrated (processes starting together take turns on the migrations'
     advisory lock), and its first write done. Several servers may share the database."""
-    db = PgDatabase.from_config(app[CONFIG].database)
+    from storage.pg.database import PgDatabase      # psycopg: imported only for PostgreSQL
+    db = PgDatabase.from_config(app[CONFIG].database, on_commit=app[METRICS].on_commit,
+                                on_storage_error=app[METRICS].on_storage_error)
     try:
         try:
             await asyncio.to_thread(db.open)
@@ -186,7 +190,7 @@ async def _open_postgresql(app: web.Application) -> PgDatabase:
         except BaseException:
             db.close()
             raise
-    except (psycopg.Error, StorageError, MigrationsBusy) as e:
+    except (*database_errors(), StorageError, MigrationsBusy) as e:
         raise StartupError(f"cannot open the PostgreSQL database: {e}") from None
     return db
 

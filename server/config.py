@@ -67,6 +67,10 @@ class DatabaseConfig(Struct, forbid_unknown_fields=True):
                              description="a libpq URL starting postgresql://")] | None = None
     # On PostgreSQL: connections each server process keeps, one per worker thread.
     connections: Annotated[int, Meta(ge=1, le=64)] = 8
+    # On PostgreSQL: a write refused for a conflict with another transaction (a unique key
+    # taken meanwhile, a deadlock, a serialization failure) runs again from its start at
+    # most this often; 0 runs it once. More than a few means a fault, not a race.
+    retries: Annotated[int, Meta(ge=0, le=20)] = 3
     commit_batch_max: Annotated[int, Meta(ge=1, le=10_000)] = 256
     write_queue_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
     readers: Annotated[int, Meta(ge=1, le=64)] = 2

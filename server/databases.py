@@ -2,19 +2,21 @@
 from __future__ import annotations
 
 import sqlite3
-
-import psycopg
+from typing import TYPE_CHECKING, Union
 
 from storage.db import Database
-from storage.health import StorageUnavailable
-from storage.pg.database import PgDatabase
-from storage.pg.schema import MigrationsBusy
+from storage.health import MigrationsBusy, StorageUnavailable
 from storage.schema import migrations
+from storage.sql import unreachable_errors
+
+if TYPE_CHECKING:
+    from storage.pg.database import PgDatabase
 
 # A command's connect to PostgreSQL gives up after this long (libpq's connect_timeout).
 CONNECT_TIMEOUT_S = 10
 
-CommandDatabase = Database | PgDatabase
+# A name, not a union of classes: PgDatabase (and psycopg) is imported only for a `database.url`.
+CommandDatabase = Union[Database, "PgDatabase"]
 
 
 class CannotOpen(Exception):
@@ -48,7 +50,7 @@ def read_existing(config):
     there is none to read."""
     try:
         conn = read_connection(config)
-    except psycopg.OperationalError as e:
+    except unreachable_errors() as e:
         raise CannotOpen(f"cannot connect to PostgreSQL (database.url): {str(e).strip().splitlines()[0]}") from None
     if conn is None:
         raise CannotOpen(f"{described(config)}: no database")
@@ -60,6 +62,7 @@ def for_command(config) -> CommandDatabase:
     checkpoints (a serving server checkpoints its WAL; a command must not take that turn).
     Not opened yet."""
     if config.database.url is not None:
+        from storage.pg.database import PgDatabase
         return PgDatabase.from_config(config.database)
     return Database.from_config(config.database, config.resolve(config.database.path), migrations=migrations,
                                 checkpoints=False)
@@ -71,7 +74,7 @@ def read_connection(config, *, any_thread: bool = False):
     any_thread: the SQLite connection may be used from a thread other than its maker's."""
     if config.database.url is not None:
         from storage.pg.connection import connect
-        return connect(config.database.url, connect_timeout_s=CONNECT_TIMEOUT_S)
+        return connect(config.database.url, connect_timeout_s=CONNECT_TIMEOUT_S, retries=config.database.retries)
     path = config.resolve(config.database.path)
     if not path.exists():
         return None

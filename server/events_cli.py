@@ -2,14 +2,12 @@
 names (SQLite's file or PostgreSQL), beside the serving servers."""
 from __future__ import annotations
 
-import sqlite3
 import sys
-
-import psycopg
 
 from server import databases
 from storage import events
 from storage.health import StorageError
+from storage.sql import database_errors
 
 
 def retry_command(config_path: str, webhook_id: str | None, event_id: int | None) -> int:
@@ -23,7 +21,7 @@ def retry_command(config_path: str, webhook_id: str | None, event_id: int | None
         return 2
     try:
         count = db.write_sync(lambda conn: events.retry_dead(conn, webhook_id, event_id))
-    except (StorageError, sqlite3.Error, psycopg.Error) as e:
+    except (StorageError, *database_errors()) as e:
         print(f"cannot queue the dead letters again: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 1
     finally:

@@ -16,7 +16,6 @@ import csv
 import hashlib
 import json
 import re
-import sqlite3
 import sys
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import msgspec
-import psycopg
 
 from rules import Program, ProgramError, load_program
 from server import databases, schema, validation
@@ -34,9 +32,9 @@ from server.errors import ApiError
 from server.privacy import Privacy, privacy_from_config
 from server.reports import ProgressBar
 from storage import imports
-from storage.health import StorageBusy, StorageError, is_busy
+from storage.health import MigrationsBusy, StorageBusy, StorageError, is_busy
 from storage.ledger import CONSENT_CHANNELS, PostingRef, iso
-from storage.pg.schema import MigrationsBusy
+from storage.sql import unreachable_errors
 
 BATCH_ROWS_DEFAULT = 1_000
 BATCH_ROWS_MAX = 10_000
@@ -172,7 +170,7 @@ def run_import(config, kind: str, source: Path, batch_rows: int) -> Tally:
         db.open()
         importer = MemberImport(ctx, db, tally) if kind == "members" else ReceiptImport(ctx, db, tally, source)
         importer.run(source, batch_rows, ProgressBar(f"importing {kind}"))
-    except (StorageError, sqlite3.OperationalError, psycopg.Error, MigrationsBusy) as e:
+    except (StorageError, *unreachable_errors(), MigrationsBusy) as e:
         raise Stopped(_why_stopped(e, config), tally) from None
     finally:
         db.close()

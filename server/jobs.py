@@ -29,7 +29,6 @@ from storage import accounts, events, ledger
 from storage.apply import fire_events
 from storage.db import Database, StorageError
 from storage.ledger import PostingRef, iso, member_public_id
-from storage.pg import anchors
 from storage.sql import is_postgresql
 
 log = logging.getLogger("loyalty.jobs")
@@ -63,6 +62,7 @@ async def run_all(db: Database, program: Program, now: datetime,
                 break
     done["released_holds"] = len(await db.write(lambda conn: release_holds(conn, now), off_loop=True))
     if db.backend == "postgresql":      # the anchors over the members' chains (storage/pg/anchors.py)
+        from storage.pg import anchors
         done["anchored_heads"] = await db.write(lambda conn: anchors.write_anchors(conn, now))
     window_days = rfm.settings_of(program)
     if window_days is not None:     # once a local day; reads on a reader, writes in batches

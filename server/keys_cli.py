@@ -18,9 +18,8 @@ from contextlib import closing
 from datetime import datetime, timezone
 from typing import Callable, TypeVar
 
-import psycopg
-
 from storage import api_keys
+from storage.sql import database_errors
 
 T = TypeVar("T")
 
@@ -111,7 +110,7 @@ def _write(config, fn: Callable[[sqlite3.Connection], T]) -> T:
         raise CannotWrite(f"{path}: another program held the database's write lock for "
                           f"{config.database.busy_wait_seconds:g}s (database.busy_wait_seconds); nothing was "
                           f"written, run it again") from None
-    except (StorageError, sqlite3.Error, psycopg.Error, OSError, RuntimeError) as e:
+    except (StorageError, *database_errors(), OSError, RuntimeError) as e:
         raise CannotWrite(f"{path}: cannot write: {e}; nothing was written") from None
     finally:
         db.close()

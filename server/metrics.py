@@ -8,7 +8,8 @@ LATENCY_BUCKETS_SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 
 EVAL_BUCKETS_SECONDS = (0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 CHECKPOINT_BUCKETS_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-STORAGE_CAUSES = ("full", "busy", "lost")
+# unavailable: PostgreSQL not answering; SQLite's faults are the other three.
+STORAGE_CAUSES = ("full", "busy", "lost", "unavailable")
 # Label values a Children remembers before it starts again: routes x methods x statuses,
 # endpoints x outcomes and the program's rules stay far below it.
 CHILDREN_MAX = 4_096
@@ -50,9 +51,11 @@ class Metrics:
                                        registry=r)
         self.rules_eval = Histogram("loyalty_rules_evaluation_seconds", "Time to evaluate one receipt",
                                     buckets=EVAL_BUCKETS_SECONDS, registry=r)
-        self.commit_batch = Histogram("loyalty_ledger_commit_batch_size", "Writes per ledger transaction",
+        self.commit_batch = Histogram("loyalty_ledger_commit_batch_size", "Writes per ledger transaction "
+                                      "(1 on PostgreSQL, which groups commits itself)",
                                       buckets=BATCH_BUCKETS, registry=r)
-        self.commit_time = Histogram("loyalty_ledger_commit_seconds", "Time of one ledger transaction incl. fsync",
+        self.commit_time = Histogram("loyalty_ledger_commit_seconds", "Time of one ledger transaction incl. fsync "
+                                     "(on PostgreSQL: one write, its conflicts' tries included)",
                                      buckets=LATENCY_BUCKETS_SECONDS, registry=r)
         self.write_queue = Gauge("loyalty_ledger_write_queue_depth", "Writes waiting for the writer", registry=r)
         self.rules_info = Info("loyalty_rules", "The loaded rules program", registry=r)
@@ -72,7 +75,8 @@ class Metrics:
             "loyalty_oldest_reader_seconds", "Age of this server's oldest open read transaction, which keeps "
             "the WAL from being restarted; other processes' readers are not seen", registry=r)
         self.storage_errors = Counter("loyalty_storage_errors", "Writes and reads refused for a storage fault "
-                                      "(requests and the server's own jobs), by cause (full, busy, lost)",
+                                      "(requests and the server's own jobs), by cause (full, busy, lost; "
+                                      "unavailable: PostgreSQL not answering)",
                                       ["cause"], registry=r)
         self.storage_fault = Gauge("loyalty_storage_fault", "1 for the storage fault in force (full: also the "
                                    "disk under database.min_free_mib), 0 for the others", ["cause"], registry=r)

@@ -19,9 +19,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-import psycopg
-
 from storage.audit import AuditReport
+from storage.sql import database_errors
 
 
 class _Rejected(Exception):
@@ -71,7 +70,7 @@ def _to_postgres(lite: sqlite3.Connection, source: Path, url: str, now: datetime
     from storage.pg.connection import connect
     try:
         pg = connect(url)
-    except psycopg.Error as e:
+    except database_errors() as e:
         return _refuse(f"cannot connect to the PostgreSQL database: {str(e).strip()}")
     try:
         return _copy(lite, source, pg, now)

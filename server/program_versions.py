@@ -173,14 +173,14 @@ class ProgramVersions:
     async def catch_up(self) -> bool:
         """Load the newest recorded program if another server recorded it; True if one was installed."""
         async with self._lock:
-            newest = self.db.read_now(store.newest_load)
+            newest = await self.db.lookup(store.newest_load)
             if newest is None or newest[0] <= self._seen_load:
                 return False
             load_id, version = newest
             if self.holder.current is not None and version == self.holder.current.version:
                 self._seen_load = load_id
                 return False
-            files = _encoded(self.db.read_now(lambda conn: store.files(conn, version)))
+            files = _encoded(await self.db.lookup(lambda conn: store.files(conn, version)))
             try:
                 program = self.holder.compile(files)
             except ProgramError as e:
@@ -192,7 +192,7 @@ class ProgramVersions:
             before = self.holder.current
             self.holder.install(program, "database", "the database")
             self._seen_load = load_id
-            self._note_recorded(self.db.read_now(lambda conn: store.loads(conn, 1, load_id + 1)), before)
+            self._note_recorded(await self.db.lookup(lambda conn: store.loads(conn, 1, load_id + 1)), before)
             return True
 
     def _note_recorded(self, rows: list[dict], before: Program | None) -> None:

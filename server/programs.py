@@ -14,11 +14,12 @@ it sets `on_folder_load`, called with every program this holder loads from the f
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from pathlib import Path
 from collections.abc import Iterable
-from typing import Callable
+from typing import Awaitable, Callable
 
 from rules import Problem, Program, ProgramError, load_files
 from rules.loader import read_directory
@@ -36,16 +37,19 @@ class ProgramHolder:
         self.current: Program | None = None
         self.last_reload: dict = {}
         # (tier levels, local date) -> {lost tier: members}; set once the database is open.
-        self._census: Callable[[list[str], str], dict[str, int]] | None = None
+        # Awaited, never run on the loop's thread: on PostgreSQL it goes over the network.
+        self._census: Callable[[list[str], str], Awaitable[dict[str, int]]] | None = None
+        self._counting: set[asyncio.Task] = set()
         # (program, its files, the key that asked or None): a program loaded from the folder.
         self.on_folder_load: Callable[[Program, dict[str, bytes], str | None], None] | None = None
         # The folder as the server itself last wrote it (a deploy): the watcher does not
         # read that back as a change of its own.
         self.written_signature: tuple | None = None
 
-    def count_lost_tiers(self, census: Callable[[list[str], str], dict[str, int]]) -> None:
+    def count_lost_tiers(self, census: Callable[[list[str], str], Awaitable[dict[str, int]]]) -> None:
         """From now on every load counts the members holding a manual tier the program does
-        not define; the current program is counted at once."""
+        not define, into its last_reload once counted (lost_tiers_counted()); the current
+        program is counted at once. Called on the event loop."""
         self._census = census
         if self.current is not None:
             self._warn_lost_tiers(self.current)
@@ -117,22 +121,39 @@ class ProgramHolder:
         """A load that found the program serving already (a deploy of the same files)."""
         self._record_ok(trigger, self.current, changed=False, warnings=warnings)
 
+    async def lost_tiers_counted(self) -> None:
+        """Until the loads so far have their lost tiers in their last_reload (a reload's answer)."""
+        if self._counting:
+            await asyncio.gather(*self._counting, return_exceptions=True)
+
     def _warn_lost_tiers(self, program: Program) -> None:
         if self._census is None:
             return
         today = self._clock.now().astimezone(program.timezone).date().isoformat()
+        counted = self._census([level for level, _ in program.tiers], today)
+        # What the count's answer names, taken now: the program may be closed by then.
+        about = (program.id, program.version, program.tier_metric)
+        task = asyncio.ensure_future(self._note_lost_tiers(counted, about, self.last_reload))
+        self._counting.add(task)
+        task.add_done_callback(self._counting.discard)
+
+    async def _note_lost_tiers(self, counted: Awaitable[dict[str, int]], about: tuple[str, str, str],
+                               record: dict) -> None:
+        """Into `record`, the last_reload of the load that installed the program: a later
+        load's has counts of its own."""
+        program_id, version, metric = about
         try:
-            lost = self._census([level for level, _ in program.tiers], today)
+            lost = await counted
         except Exception:  # noqa: BLE001 - the program is loaded either way; only the count is missing
-            log.exception("could not count the members holding tiers program %s does not define", program.id)
+            log.exception("could not count the members holding tiers program %s does not define", program_id)
             return
-        warnings = [f"{members} member(s) hold manual tier {tier!r}, which program {program.id} does not define: "
-                    f"they get the tier their {program.tier_metric} reaches meanwhile"
+        warnings = [f"{members} member(s) hold manual tier {tier!r}, which program {program_id} does not define: "
+                    f"they get the tier their {metric} reaches meanwhile"
                     for tier, members in sorted(lost.items())]
-        self.last_reload["lost_tiers"] = lost
-        self.last_reload.setdefault("warnings", []).extend(warnings)
+        record["lost_tiers"] = lost
+        record.setdefault("warnings", []).extend(warnings)
         for warning in warnings:
-            log.warning("rules %s: %s", program.version, warning)
+            log.warning("rules %s: %s", version, warning)
 
     def _record_ok(self, trigger: str, program: Program, changed: bool, warnings: list[Problem]) -> None:
         self.last_reload = {"at": self._clock.now().isoformat(), "ok": True, "trigger": trigger,

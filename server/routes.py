@@ -221,6 +221,7 @@ async def rules_reload(app, call: Call) -> Reply:
     if not ok:
         raise rules_invalid(problems, "the program was not loaded; the previous version keeps serving")
     await app[VERSIONS].settled()     # recorded before the answer says it is live
+    await app[PROGRAMS].lost_tiers_counted()
     return json_reply(A.ReloadAnswer(program.version, msgspec.convert(app[PROGRAMS].last_reload, A.LastReload)))
 
 

@@ -616,6 +616,12 @@ class Database:
         with self._reading():
             return await asyncio.wrap_future(self._submit_read(fn))
 
+    async def lookup(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A short indexed read for a request (a member by card): read_now(), here on the
+        loop. The interface both databases offer for it: PostgreSQL's goes over the network
+        and runs on a pool thread."""
+        return self.read_now(fn)
+
     def read_now(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run fn(conn) in the calling thread, inside one read transaction (one snapshot).
 

@@ -15,10 +15,8 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 import msgspec
-import psycopg
 
 from storage.ledger import CONSENT_BITS, CONSENT_CHANNELS, iso, member_public_id
-from storage.pg.schema import EVENTS_WRITERS_LOCK_KEY
 from storage.sql import is_postgresql, json_ids
 
 TYPES = ("member.enrolled", "receipt.confirmed", "receipt.cancelled", "return.accepted", "tier.changed",
@@ -230,7 +228,11 @@ class Settled:
 
 def settled_now(conn) -> int | None:
     """The newest event id handed out, once no transaction writing events is left running;
-    None when some still were after SETTLE_WAIT_MS."""
+    None when some still were after SETTLE_WAIT_MS. PostgreSQL only: its driver is imported
+    here, so that SQLite never loads it."""
+    import psycopg
+
+    from storage.pg.schema import EVENTS_WRITERS_LOCK_KEY
     try:
         with conn.raw.transaction():        # a savepoint: a lock not had in time leaves the rest usable
             conn.execute(f"SET LOCAL lock_timeout = {SETTLE_WAIT_MS}")

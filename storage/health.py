@@ -57,6 +57,11 @@ class StorageLost(StorageError):
     cause = "lost"
 
 
+class MigrationsBusy(RuntimeError):
+    """Another process held PostgreSQL's migrations' lock for longer than the wait allowed
+    (here, not in storage/pg, so that catching it imports no driver)."""
+
+
 class StorageUnavailable(StorageError):
     """The database server cannot be reached (PostgreSQL restarting or failing over). A
     write whose COMMIT was under way may have been kept: the same request sent again
@@ -182,7 +187,8 @@ class Faults:
 
 
 _NAMES = {StorageFull.cause: "disk full", StorageBusy.cause: "write lock held by another program",
-          StorageLost.cause: "database files lost", StorageError.cause: "storage error"}
+          StorageLost.cause: "database files lost", StorageUnavailable.cause: "database not answering",
+          StorageError.cause: "storage error"}
 
 
 class Throttle:

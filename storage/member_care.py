@@ -17,7 +17,7 @@ import msgspec
 from storage import events, ledger, member_facts
 from storage.accounts import member_account
 from storage.schema import LEGACY_FINGERPRINT, legacy_fingerprint
-from storage.sql import INTEGRITY_ERRORS, arrival, byte_order, is_postgresql
+from storage.sql import arrival, byte_order, integrity_errors, is_postgresql
 
 CHANNELS = ledger.CONSENT_CHANNELS
 PHONE_MATCHES_MAX = 20
@@ -98,7 +98,7 @@ def _write_crm(conn: sqlite3.Connection, member_id: int, crm_id: str | None, con
         return
     try:
         conn.execute(f"UPDATE members SET {', '.join(sets)}, updated_at = ? WHERE id = ?", (*values, now, member_id))
-    except INTEGRITY_ERRORS:
+    except integrity_errors():
         raise CareRefused("crm_id_taken", f"crm_id {crm_id} belongs to another member", "crm_id") from None
 
 

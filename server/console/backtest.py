@@ -24,14 +24,13 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
-import psycopg
-
 from rules import ProgramError, load_files
 from server.errors import conflict, field_error
 from server.replay_member import from_record
 from server.rules_tools import DiffReport, ToolError, decode_receipt, diff
 from storage import member_facts
 from storage.ledger import unpack
+from storage.sql import database_errors
 
 log = logging.getLogger("loyalty.console")
 PAGE_ROWS = 500
@@ -146,7 +145,7 @@ class Backtests:
                 report = diff(old, new, stored_receipts(conn, job.first, job.last, job))
             job.report = report
             job.state = "cancelled" if job.stop.is_set() else "done"
-        except (ProgramError, ToolError, sqlite3.Error, psycopg.Error, member_facts.UnknownVersion) as e:
+        except (ProgramError, ToolError, *database_errors(), member_facts.UnknownVersion) as e:
             job.error, job.state = str(e), "failed"
         except Exception as e:  # noqa: BLE001 - shown on the page and logged; the server goes on
             log.exception("backtest %s failed", job.id)

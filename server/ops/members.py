@@ -18,13 +18,13 @@ from server.plan import local_day
 from storage import events, ledger, offers, segments
 from storage.apply import fire_events
 from storage.ledger import iso
-from storage.sql import INTEGRITY_ERRORS
+from storage.sql import integrity_errors
 
 
 async def member_by_card(deps: Deps, card: str) -> ledger.MemberRow | None:
     """Members are found by the HMAC of the card number presented."""
     digest = deps.privacy.card(card)
-    return deps.db.read_now(lambda c: ledger.member_by_card(c, digest))
+    return await deps.db.lookup(lambda c: ledger.member_by_card(c, digest))
 
 
 async def find_member(deps: Deps, card: str, path: str = "card") -> ledger.MemberRow:
@@ -75,7 +75,7 @@ async def enroll(deps: Deps, req: schema.Enrollment, principal: Principal) -> Me
                 birthday=req.birthday.isoformat() if req.birthday else None,
                 tags=JSON.encode(sorted(set(req.tags))).decode(), referred_by=referrer.id if referrer else None,
                 store_id=req.store_id, now=iso(now))
-        except INTEGRITY_ERRORS:
+        except integrity_errors():
             raise conflict("card_already_enrolled", f"card {req.card} is already enrolled") from None
         fire_events(conn, program, member_id, "enrolled", "enrolled", now)
         # A new member's tier is the first level; tier.changed compares later tiers with it.

@@ -25,9 +25,9 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-# A write that lost to another transaction is run again at most this often; a function
-# that keeps failing the same way is a fault, not a race.
-RETRIES_MAX = 3
+# A write that lost to another transaction is run again at most this often (config.yaml's
+# `database.retries`); a function that keeps failing the same way is a fault, not a race.
+RETRIES_DEFAULT = 3
 # Translated statements kept per connection: the storage functions' SQL is a fixed set,
 # apart from IN lists, whose length varies.
 SQL_CACHE_MAX = 2_048
@@ -46,14 +46,15 @@ class IntegralNumericLoader(NumericLoader):
         return int(value) if value == value.to_integral_value() else value
 
 
-def connect(url: str, connect_timeout_s: int | None = None) -> Connection:
-    """A connection for `database.url` (libpq's URL: a Unix socket folder as host=)."""
+def connect(url: str, connect_timeout_s: int | None = None, retries: int = RETRIES_DEFAULT) -> Connection:
+    """A connection for `database.url` (libpq's URL: a Unix socket folder as host=); its
+    transactions run again at most `retries` times after a conflict."""
     # autocommit: transactions are opened and closed by transaction(), never implicitly
     # by a first statement, so a read outside one does not hold a snapshot.
     extra = {} if connect_timeout_s is None else {"connect_timeout": connect_timeout_s}
     raw = psycopg.connect(url, autocommit=True, **extra)
     raw.adapters.register_loader("numeric", IntegralNumericLoader)
-    return Connection(raw)
+    return Connection(raw, retries)
 
 
 class Connection:
@@ -61,8 +62,9 @@ class Connection:
 
     backend = "postgresql"
 
-    def __init__(self, raw: psycopg.Connection) -> None:
+    def __init__(self, raw: psycopg.Connection, retries: int = RETRIES_DEFAULT) -> None:
         self.raw = raw
+        self.retries = retries
         self._sql: dict[str, str] = {}
 
     def _pg(self, sql: str) -> str:
@@ -87,9 +89,12 @@ class Connection:
         cur.executemany(self._pg(sql), list(rows))
         return cur
 
-    def transaction(self, fn: Callable[[Connection], T], retries: int = RETRIES_MAX) -> T:
+    def transaction(self, fn: Callable[[Connection], T], retries: int | None = None) -> T:
         """fn(self) inside one transaction, committed when it returns; run again from its
-        start after a conflict (RETRIED), so fn must have no effects outside the database."""
+        start after a conflict (RETRIED), at most `retries` times (default: the
+        connection's), so fn must have no effects outside the database. 0: one try."""
+        if retries is None:
+            retries = self.retries
         for attempt in range(retries + 1):
             try:
                 with self.raw.transaction():

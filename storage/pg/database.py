@@ -1,5 +1,7 @@
 """storage.db.Database's interface on PostgreSQL: write, write_grouped, write_sync, read,
-read_sync and close, for functions that take a connection and return.
+lookup, read_sync and close, for functions that take a connection and return. Each runs on
+a pool thread, never on the event loop's: a host that does not answer holds up the request
+that waits for it, not every request (there is no read_now()).
 
 There is no single writer to batch for: each write is its own transaction, on a worker
 thread with a connection of its own (one per thread, `connections` of them), committed
@@ -15,7 +17,10 @@ it or writes it. Connections idle in the pool since the database restarted are a
 and the first function on each would otherwise be refused with the database back. A
 thread connects at most once per RECONNECT_GAP_S across the threads, so a database that
 is down is not hammered and requests fail fast meanwhile. /readyz says
-storage_unavailable from a failed connect until one succeeds.
+storage_unavailable from a refused function (a failed connect, a connection that broke)
+until a connect or a function succeeds again: storage.health's Faults logs it and counts
+what it refused, as for SQLite's faults, through the same hooks (on_storage_error, and
+on_commit for each write committed).
 
 What the SQLite Database has for its file (the WAL, checkpoints, the salvage of a lost
 file, free disk space, preloading its page cache, backups) PostgreSQL does itself; the
@@ -36,8 +41,8 @@ import psycopg
 from psycopg import pq
 
 from storage.db import Grouped, StorageClosed
-from storage.health import StorageUnavailable
-from storage.pg.connection import Connection, connect
+from storage.health import Faults, StorageUnavailable
+from storage.pg.connection import RETRIES_DEFAULT, Connection, connect
 from storage.pg.leader import JobsLock
 from storage.pg.schema import MIGRATIONS_WAIT_SECONDS, migrate
 
@@ -59,18 +64,18 @@ DEFAULT_SYNC_TIMEOUT_S = 60.0
 # The webhooks' dispatcher asks whether this process runs the jobs every poll (0.25 s): the
 # lock is asked about at most this often.
 JOBS_CHECK_GAP_S = 1.0
-# read_now runs on the event loop's thread (a member looked up by card, program_versions'
-# follow): its statements are stopped by PostgreSQL after this long.
-READ_NOW_TIMEOUT_MS = 5_000
 
 
 class PgDatabase:
     backend = "postgresql"
 
-    def __init__(self, url: str, *, connections: int = CONNECTIONS_DEFAULT,
-                 migrations_wait_s: float = MIGRATIONS_WAIT_SECONDS) -> None:
+    def __init__(self, url: str, *, connections: int = CONNECTIONS_DEFAULT, retries: int = RETRIES_DEFAULT,
+                 migrations_wait_s: float = MIGRATIONS_WAIT_SECONDS,
+                 on_commit: Callable[[int, float], None] | None = None,
+                 on_storage_error: Callable[[str, int], None] | None = None) -> None:
         self._url = url
         self._connections = connections
+        self._retries = retries
         self._migrations_wait_s = migrations_wait_s
         self._local = threading.local()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -78,7 +83,8 @@ class PgDatabase:
         self._next_connect_s = 0.0
         self._open: list[Connection] = []
         self._state = "new"
-        self._fault: StorageUnavailable | None = None
+        self._faults = Faults("PostgreSQL", on_storage_error)
+        self._on_commit = on_commit
         self._busy = 0                  # functions submitted and not finished
         self._reads: dict[int, float] = {}      # thread id: when its read transaction began
         self._jobs = JobsLock(url)
@@ -86,10 +92,11 @@ class PgDatabase:
         self._runs_jobs, self._jobs_checked_at = False, -JOBS_CHECK_GAP_S
 
     @classmethod
-    def from_config(cls, database: Any) -> PgDatabase:
-        """For config.yaml's `database` section (server/config.py DatabaseConfig)."""
-        return cls(database.url, connections=database.connections,
-                   migrations_wait_s=database.start_wait_seconds)
+    def from_config(cls, database: Any, **hooks: Callable[..., None] | None) -> PgDatabase:
+        """For config.yaml's `database` section (server/config.py DatabaseConfig); hooks:
+        on_commit, on_storage_error (the server's metrics)."""
+        return cls(database.url, connections=database.connections, retries=database.retries,
+                   migrations_wait_s=database.start_wait_seconds, **hooks)
 
     def open(self) -> list[str]:
         """Connects once (a wrong URL fails here, not at the first request) and applies the
@@ -138,14 +145,15 @@ class PgDatabase:
         return time.monotonic() - min(started) if started else 0.0
 
     def fault(self) -> StorageUnavailable | None:
-        """storage_unavailable from a failed connect until a connect succeeds."""
-        return self._fault
+        """storage_unavailable from a refused function until a connect or a function succeeds."""
+        return self._faults.current
 
     def check_ready(self) -> None:
         if self._state != "open":
             raise StorageClosed(f"the PostgreSQL database is {self._state}")
-        if self._fault is not None:
-            raise StorageUnavailable(str(self._fault))
+        fault = self._faults.current
+        if fault is not None:
+            raise StorageUnavailable(str(fault))
 
     def runs_jobs(self) -> bool:
         """Whether this process runs the background jobs (and delivers the webhooks) now
@@ -156,18 +164,6 @@ class PgDatabase:
             if now - self._jobs_checked_at >= JOBS_CHECK_GAP_S:
                 self._runs_jobs, self._jobs_checked_at = self._jobs.holds(), now
             return self._runs_jobs
-
-    def read_now(self, fn: Callable[[Connection], T]) -> T:
-        """fn(conn) in the calling thread (the event loop's), on its own connection, in one
-        read-only snapshot: for short indexed reads, where waiting for a pool thread behind
-        the writes would cost more than the read."""
-        if self._state != "open":
-            raise StorageClosed(f"the PostgreSQL database is {self._state}")
-
-        def bounded(conn: Connection) -> T:
-            conn.execute(f"SET LOCAL statement_timeout = {READ_NOW_TIMEOUT_MS}")
-            return fn(conn)
-        return self._run(lambda conn: self._snapshot(conn, bounded))
 
     # -- writes and reads ----------------------------------------------------------
 
@@ -189,10 +185,32 @@ class PgDatabase:
             result = fn(conn)
             self._local.committing = True       # a break from here on may follow the COMMIT
             return result
-        return lambda conn: conn.transaction(until_commit)
+
+        def committed(conn: Connection) -> T:
+            started_s = time.perf_counter()
+            result = conn.transaction(until_commit)
+            self._committed(time.perf_counter() - started_s)
+            return result
+        return committed
+
+    def _committed(self, seconds: float) -> None:
+        # One write per transaction: PostgreSQL, not the server, groups the commits' flushes.
+        if self._on_commit is None:
+            return
+        try:
+            self._on_commit(1, seconds)
+        except Exception:  # noqa: BLE001 - a metrics hook must not fail a committed write
+            log.debug("on_commit hook failed", exc_info=True)
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
         return await asyncio.wrap_future(self._submit(lambda conn: self._snapshot(conn, fn)))
+
+    async def lookup(self, fn: Callable[[Connection], T]) -> T:
+        """A short indexed read for a request (a member by card): read(). There is no
+        read_now() here: a statement, or a connect, on the event loop's thread would stop
+        every request for as long as a host that does not answer takes (libpq's connect
+        timeout, TCP's for a statement)."""
+        return await self.read(fn)
 
     def read_sync(self, fn: Callable[[Connection], T], *, timeout_s: float = DEFAULT_SYNC_TIMEOUT_S) -> T:
         return self._submit(lambda conn: self._snapshot(conn, fn)).result(timeout=timeout_s)
@@ -221,6 +239,18 @@ class PgDatabase:
             self._busy -= 1
 
     def _run(self, job: Callable[[Connection], T]) -> T:
+        """job(conn) on this thread's connection; a StorageUnavailable it ends with is the
+        fault in force (logged, counted) until a connect or a job succeeds."""
+        try:
+            result = self._run_connected(job)
+        except StorageUnavailable as e:
+            self._faults.record(e)
+            raise
+        if self._faults.current is not None:
+            self._faults.clear(StorageUnavailable.cause)
+        return result
+
+    def _run_connected(self, job: Callable[[Connection], T]) -> T:
         for attempt in range(BROKEN_RUNS_MAX):
             conn = getattr(self._local, "conn", None)
             if conn is None or conn.raw.closed:
@@ -245,14 +275,14 @@ class PgDatabase:
             if wait_s > 0:
                 raise StorageUnavailable(f"PostgreSQL did not answer; trying again in {wait_s:.1f} s")
             try:
-                conn = connect(self._url, connect_timeout_s=CONNECT_TIMEOUT_S)
+                conn = connect(self._url, connect_timeout_s=CONNECT_TIMEOUT_S, retries=self._retries)
             except psycopg.OperationalError as e:
                 self._next_connect_s = time.monotonic() + RECONNECT_GAP_S
-                self._fault = StorageUnavailable(f"cannot connect to PostgreSQL: {_first_line(e)}")
-                raise StorageUnavailable(str(self._fault)) from None
-            self._fault = None
+                raise StorageUnavailable(f"cannot connect to PostgreSQL: {_first_line(e)}") from None
             self._open.append(conn)
-            return conn
+        if self._faults.current is not None:
+            self._faults.clear(StorageUnavailable.cause)
+        return conn
 
     def _forget(self, conn: Connection) -> None:
         self._local.conn = None

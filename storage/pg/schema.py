@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from typing import NamedTuple
 
+from storage.health import MigrationsBusy
 from storage.pg.connection import Connection
 
 # pg_advisory_lock's key for migrations: 'loyalty' as a number, fixed for good.
@@ -732,10 +733,6 @@ INTENDED_DIFFERENCES: dict[str, str] = {
                                                               "(event_fanout_pending), in the event's transaction; "
                                                               "takes the writers' lock the pull settles ids with",
 }
-
-
-class MigrationsBusy(RuntimeError):
-    """Another process held the migrations' lock for longer than the wait allowed."""
 
 
 def migrate(conn: Connection, wait_seconds: float = MIGRATIONS_WAIT_SECONDS) -> list[str]:
