@@ -135,12 +135,17 @@ class Connections:
 class Connection(RequestHandler):
     """aiohttp's protocol with a deadline for each request's header and body."""
 
-    __slots__ = ("_table", "_timeouts", "_header_timer", "_header_maybe", "_body_timer", "_body_late",
-                 "_in_request")
+    __slots__ = ("_table", "_timeouts", "_header_timer", "_header_at", "_header_maybe", "_body_timer",
+                 "_body_late", "_in_request")
 
     def __init__(self, table: Connections, timeouts: Timeouts, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._table, self._timeouts = table, timeouts
+        # The header's deadline (loop time), None while no header is awaited. Its timer is not
+        # re-armed when the deadline moves: a keep-alive connection moves it twice a request
+        # (after the answer, at the next request's first byte), and a call_later with a cancel
+        # each time cost more than one timer that, firing early, re-arms for what is left.
+        self._header_at: float | None = None
         self._header_timer: asyncio.TimerHandle | None = None
         # The header timer runs from an answer, for bytes of the next request that may have come
         # before it: at its deadline only a partial header closes the connection, not idleness.
@@ -162,16 +167,14 @@ class Connection(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         # The first byte of a later request on a keep-alive connection starts its header's clock.
-        if data and not self._in_request and (self._header_timer is None or self._header_maybe):
+        if data and not self._in_request and (self._header_at is None or self._header_maybe):
             self._start_header_timer()
         super().data_received(data)
 
     async def _handle_request(self, request: web.BaseRequest, *args):
         self._in_request = True
         self._table.busy(self)
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        self._header_at = None          # its timer, if it fires before the next header, does nothing
         if not request.content.is_eof():        # most bodies came whole with their header: no timer
             self._body_timer = self._loop.call_later(self._timeouts.body_seconds, self._body_deadline, request)
         try:
@@ -192,13 +195,20 @@ class Connection(RequestHandler):
                     self._start_header_timer(maybe=True)
 
     def _start_header_timer(self, maybe: bool = False) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
         self._header_maybe = maybe
-        self._header_timer = self._loop.call_later(self._timeouts.header_seconds, self._header_deadline)
+        self._header_at = self._loop.time() + self._timeouts.header_seconds
+        if self._header_timer is None:      # else it fires no later than this deadline, and re-arms
+            self._header_timer = self._loop.call_later(self._timeouts.header_seconds, self._header_deadline)
 
     def _header_deadline(self) -> None:
         self._header_timer = None
+        if self._header_at is None:                  # no header awaited since it was armed
+            return
+        left = self._header_at - self._loop.time()
+        if left > 0:                                 # the deadline moved since it was armed
+            self._header_timer = self._loop.call_later(left, self._header_deadline)
+            return
+        self._header_at = None
         if self._in_request or self._messages:       # a request parsed and waiting to start
             return
         if self._header_maybe and not self._partial_header():
@@ -235,6 +245,7 @@ class Connection(RequestHandler):
             if timer is not None:
                 timer.cancel()
         self._header_timer = self._body_timer = None
+        self._header_at = None
 
 
 class ThrottledLog:
