@@ -14,6 +14,12 @@ and the listener keeps at most `connections_max` connections open: one more clos
 connection that has waited longest for a request header, so a new connection is always
 served and accept() never runs out of descriptors.
 
+The server runs on uvloop (server/cli.py), whose listener is libuv's: an accept() that runs
+out of descriptors anyway (something else in the process holds them) does not reach the
+event loop's exception handler as it does on asyncio's loop; libuv accepts and closes the
+waiting connections with a descriptor it keeps in reserve, and the listener goes on. The
+handler below still makes room where a loop reports it (asyncio's own).
+
 aiohttp internals used (checked against aiohttp 3.14.5, the version in requirements.txt):
 RequestHandler._handle_request (one call per request, from its header to its answer),
 RequestHandler._messages (requests parsed but not started), RequestHandler._parser (whose
