@@ -72,7 +72,7 @@ def receipt(n):
 async def confirm_all(deps, bodies):
     for at in range(0, len(bodies), concurrent):
         done = await asyncio.gather(*(receipt_ops.confirm(deps, b, REGISTER) for b in bodies[at:at + concurrent]))
-        assert all(status == 201 for status, _ in done), done
+        assert all(answered[0] == 201 for answered in done), done
 
 async def main():
     folder = Path(tempfile.mkdtemp(prefix="confirm-cpu-"))

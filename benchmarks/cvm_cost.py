@@ -212,7 +212,7 @@ async def block(deps, start: int, first_k: int, count: int, members: int, codes:
     if profiler:
         profiler.enable()
     for body in bodies:
-        status, answer = await receipt_ops.confirm(deps, body, REGISTER)
+        status, answer, _ = await receipt_ops.confirm(deps, body, REGISTER)
         assert status == 201, answer
     if profiler:
         profiler.disable()

@@ -45,7 +45,7 @@ async def block(deps, start: int, count: int, members: int) -> float:
     bodies = [receipt(n, members) for n in range(start, start + count)]
     cpu = time.thread_time()
     for body in bodies:
-        status, _ = await receipt_ops.confirm(deps, body, REGISTER)
+        status, _, _ = await receipt_ops.confirm(deps, body, REGISTER)
         assert status == 201
     return (time.thread_time() - cpu) / count
 

@@ -14,6 +14,12 @@ and the listener keeps at most `connections_max` connections open: one more clos
 connection that has waited longest for a request header, so a new connection is always
 served and accept() never runs out of descriptors.
 
+The server runs on uvloop (server/cli.py), whose listener is libuv's: an accept() that runs
+out of descriptors anyway (something else in the process holds them) does not reach the
+event loop's exception handler as it does on asyncio's loop; libuv accepts and closes the
+waiting connections with a descriptor it keeps in reserve, and the listener goes on. The
+handler below still makes room where a loop reports it (asyncio's own).
+
 aiohttp internals used (checked against aiohttp 3.14.5, the version in requirements.txt):
 RequestHandler._handle_request (one call per request, from its header to its answer),
 RequestHandler._messages (requests parsed but not started), RequestHandler._parser (whose
@@ -135,12 +141,17 @@ class Connections:
 class Connection(RequestHandler):
     """aiohttp's protocol with a deadline for each request's header and body."""
 
-    __slots__ = ("_table", "_timeouts", "_header_timer", "_header_maybe", "_body_timer", "_body_late",
-                 "_in_request")
+    __slots__ = ("_table", "_timeouts", "_header_timer", "_header_at", "_header_maybe", "_body_timer",
+                 "_body_late", "_in_request")
 
     def __init__(self, table: Connections, timeouts: Timeouts, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._table, self._timeouts = table, timeouts
+        # The header's deadline (loop time), None while no header is awaited. Its timer is not
+        # re-armed when the deadline moves: a keep-alive connection moves it twice a request
+        # (after the answer, at the next request's first byte), and a call_later with a cancel
+        # each time cost more than one timer that, firing early, re-arms for what is left.
+        self._header_at: float | None = None
         self._header_timer: asyncio.TimerHandle | None = None
         # The header timer runs from an answer, for bytes of the next request that may have come
         # before it: at its deadline only a partial header closes the connection, not idleness.
@@ -162,16 +173,14 @@ class Connection(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         # The first byte of a later request on a keep-alive connection starts its header's clock.
-        if data and not self._in_request and (self._header_timer is None or self._header_maybe):
+        if data and not self._in_request and (self._header_at is None or self._header_maybe):
             self._start_header_timer()
         super().data_received(data)
 
     async def _handle_request(self, request: web.BaseRequest, *args):
         self._in_request = True
         self._table.busy(self)
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        self._header_at = None          # its timer, if it fires before the next header, does nothing
         if not request.content.is_eof():        # most bodies came whole with their header: no timer
             self._body_timer = self._loop.call_later(self._timeouts.body_seconds, self._body_deadline, request)
         try:
@@ -192,13 +201,20 @@ class Connection(RequestHandler):
                     self._start_header_timer(maybe=True)
 
     def _start_header_timer(self, maybe: bool = False) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
         self._header_maybe = maybe
-        self._header_timer = self._loop.call_later(self._timeouts.header_seconds, self._header_deadline)
+        self._header_at = self._loop.time() + self._timeouts.header_seconds
+        if self._header_timer is None:      # else it fires no later than this deadline, and re-arms
+            self._header_timer = self._loop.call_later(self._timeouts.header_seconds, self._header_deadline)
 
     def _header_deadline(self) -> None:
         self._header_timer = None
+        if self._header_at is None:                  # no header awaited since it was armed
+            return
+        left = self._header_at - self._loop.time()
+        if left > 0:                                 # the deadline moved since it was armed
+            self._header_timer = self._loop.call_later(left, self._header_deadline)
+            return
+        self._header_at = None
         if self._in_request or self._messages:       # a request parsed and waiting to start
             return
         if self._header_maybe and not self._partial_header():
@@ -235,6 +251,7 @@ class Connection(RequestHandler):
             if timer is not None:
                 timer.cancel()
         self._header_timer = self._body_timer = None
+        self._header_at = None
 
 
 class ThrottledLog:

@@ -114,8 +114,8 @@ async def calculate(app, call: Call) -> Reply:
 
 @explains_retired_cards(_card_in_body)
 async def confirm(app, call: Call) -> Reply:
-    status, result = await receipts.confirm(app[OPS], call.body, call.principal)
-    return json_reply(result, status)
+    status, result, encoded = await receipts.confirm(app[OPS], call.body, call.principal)
+    return json_reply(result, status) if encoded is None else Reply(status, encoded)
 
 
 async def cancel(app, call: Call) -> Reply:

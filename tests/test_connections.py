@@ -169,6 +169,26 @@ def test_a_next_header_parsed_with_the_previous_request_and_stalled_gets_the_hea
     assert both == [200, 200] and idle_closed is None, (both, idle_closed)
 
 
+def test_a_busy_keep_alive_connection_outlives_its_first_header_deadline_then_a_stall_is_cut_off(strict):
+    """Requests on one connection for three header timeouts: the deadline each one moves is the
+    one that counts, not the first armed; a header that then stalls still gets the timeout."""
+    async def run():
+        reader, writer = await asyncio.open_connection("127.0.0.1", strict.port)
+        started = time.monotonic()
+        statuses = []
+        while time.monotonic() - started < 3.0:     # header_timeout_seconds is 1
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            statuses.append((await read_answer(reader))[0])
+            await asyncio.sleep(0.3)
+        writer.write(b"GET /hea")
+        closed = await closed_after(reader, 15)
+        writer.close()
+        return statuses, closed
+    statuses, closed = asyncio.run(run())
+    assert len(statuses) >= 5 and set(statuses) == {200}, statuses
+    assert closed is not None and closed < 6, closed      # well before keep-alive's 10s
+
+
 async def never_ending_body(port: int, key: str, answers: list, interval: float = 0.1):
     """POSTs a chunked receipt that never ends; records (status, code, retry_after, seconds, closed)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

@@ -89,7 +89,10 @@ def _calculate_in_tx(conn, program: Program, receipt: schema.Receipt, now: datet
     return calculate_answer(plan, program)
 
 
-async def confirm(deps: Deps, receipt: schema.Receipt, principal: Principal) -> tuple[int, ConfirmAnswer]:
+async def confirm(deps: Deps, receipt: schema.Receipt,
+                  principal: Principal) -> tuple[int, ConfirmAnswer, bytes | None]:
+    """(status, answer, the answer as JSON when it was encoded to be stored, else None). A new
+    receipt's answer is encoded once, as its row stores it: the HTTP body is the same bytes."""
     check_receipt(deps, receipt, principal)
     card = None if receipt.card is None else deps.privacy.card(receipt.card)
     # Stored and fingerprinted with the card's HMAC in place of the number.
@@ -98,7 +101,7 @@ async def confirm(deps: Deps, receipt: schema.Receipt, principal: Principal) -> 
     program, now = deps.program(), deps.clock.now()
     seconds: list[float] = []
     try:
-        status, result, ev = await deps.db.write_grouped(
+        status, result, ev, encoded = await deps.db.write_grouped(
             confirm_write(program, receipt, card, body, fingerprint, now, seconds, deps.privacy.coupon))
     except InsufficientPoints as e:
         raise unprocessable("insufficient_points", str(e)) from None
@@ -112,15 +115,15 @@ async def confirm(deps: Deps, receipt: schema.Receipt, principal: Principal) -> 
                 deps.metrics.points_accrued_of(rule).inc(points)
         if ev.redeemed_points:
             deps.metrics.points_redeemed.inc(ev.redeemed_points)
-    return status, result
+    return status, result, encoded
 
 
 def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, body: bytes, fingerprint: str,
                   now: datetime, seconds: list[float], coupon_mac) -> Grouped:
     """The confirm as a grouped write: planned against the state the confirms before it in
     its batch leave, then applied with them (storage/apply.py apply_confirms). Its result is
-    (status, answer, evaluation or None for a replay); a refusal is raised with nothing
-    written."""
+    (status, answer, evaluation, the answer as stored); the last two None for a replay; a
+    refusal is raised with nothing written."""
     key = (receipt.store_id, receipt.register_id, receipt.receipt_id)
 
     def plan(conn, group: dict):
@@ -132,7 +135,7 @@ def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, b
                             stored.result, ConfirmAnswer)
             if stored.status == "cancelled":
                 answer = _cancelled_replay(conn, program, answer, stored.member_id, now)
-            return Ready((200, answer, None))
+            return Ready((200, answer, None, None))
         if card is not None:
             # Several processes (PostgreSQL): the member's other writes wait, or are waited
             # for; the same receipt sent to two then fails on the receipt's key, and runs
@@ -149,8 +152,9 @@ def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, b
                                _timed(program, receipt, state, local_day(program, now), seconds))
         answer = confirm_answer(planned, program)
         _count_in_group(group, planned, program)
-        return Confirmed(planned, receipt, program, now, body, bytes.fromhex(fingerprint), JSON.encode(answer),
-                         result=(201, answer, planned.evaluation))
+        encoded = JSON.encode(answer)
+        return Confirmed(planned, receipt, program, now, body, bytes.fromhex(fingerprint), encoded,
+                         result=(201, answer, planned.evaluation, encoded))
     return Grouped(plan, apply_announced)
 
 
@@ -174,7 +178,7 @@ def apply_announced(conn, confirms: list[Confirmed]) -> list:
     same transaction. The tier after the receipt is what its plan read at arrival plus the
     receipt; a plan without that (a state not read from the database) counts the stored rows."""
     results = apply_confirms(conn, confirms)
-    for c, (status, answer, ev) in zip(confirms, results):
+    for c, (status, answer, ev, _) in zip(confirms, results):
         member = c.plan.member
         if member is None:
             continue
