@@ -19,6 +19,7 @@ import psycopg
 
 from pg_cluster import Cluster, bin_dir
 from storage.pg.connection import Connection
+from storage.sql import is_postgresql
 
 BACKENDS = ("sqlite", "postgresql")
 BACKEND = os.environ.get("LOYALTY_TEST_BACKEND", "sqlite")
@@ -97,20 +98,19 @@ def database_name(path: Path | str) -> str:
     return "t_" + hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32]
 
 
-def database_section(tmp_path: Path, name: str = "loyalty.db") -> dict:
-    """config.yaml's `database` section for the test's database tmp_path / name."""
-    path = Path(tmp_path) / name
+def database_section(path: Path) -> dict:
+    """config.yaml's `database` section for the test's database at the SQLite path `path`
+    (tmp_path / "loyalty.db")."""
     if POSTGRESQL:
         return {"url": SESSION.url_for(path)}
     return {"path": str(path)}
 
 
-def connect(tmp_path: Path, name: str = "loyalty.db"):
-    """A connection to the test's database tmp_path / name to read (or, in a test playing an
+def connect(path: Path):
+    """A connection to the test's database at `path` (as database_section) to read (or, in a test playing an
     attacker, change) its rows: sqlite3's, or storage.pg.connection's, which takes the same
     `?` SQL. Both commit with commit() and end with close(); PostgreSQL's runs each statement
     in its own transaction."""
-    path = Path(tmp_path) / name
     if POSTGRESQL:
         from storage.pg.connection import connect as pg_connect
         return _TestConnection(pg_connect(SESSION.url_for(path)).raw)
@@ -129,3 +129,32 @@ class _TestConnection(Connection):
 
     def __exit__(self, *exc_info: object) -> None:
         pass
+
+
+def storage_database(path: Path):
+    """storage's database object (not opened) for the test's database at `path`: the SQLite
+    Database with every migration, or PgDatabase, whose open() finds them applied."""
+    if POSTGRESQL:
+        from storage.pg.database import PgDatabase
+        return PgDatabase(SESSION.url_for(path))
+    from storage.db import Database
+    from storage.schema import migrations
+    return Database(path, migrations=migrations)
+
+
+def tamper(conn, table: str, sql: str, params=()) -> None:
+    """Runs sql (an UPDATE or DELETE of `table`) as an attacker with write access to the
+    database would, past its append-only guard, and commits: on SQLite by dropping the
+    table's update and delete triggers; on PostgreSQL by turning this session's triggers off
+    (session_replication_role = replica, which a superuser may), the schema left as it was."""
+    if is_postgresql(conn):
+        conn.execute("SET session_replication_role = replica")
+        try:
+            conn.execute(sql, params)
+        finally:
+            conn.execute("SET session_replication_role = DEFAULT")
+        return
+    conn.execute(f"DROP TRIGGER IF EXISTS {table}_append_only_update")
+    conn.execute(f"DROP TRIGGER IF EXISTS {table}_append_only_delete")
+    conn.execute(sql, params)
+    conn.commit()

@@ -16,7 +16,7 @@ from server.privacy import rotate_key_command
 # pg_pair: a primary with a synchronous streaming standby, for failover.
 from pg_cluster import pg_cluster, pg_pair, pg_url  # noqa: E402,F401
 # database_section / connect: the test's database on the backend LOYALTY_TEST_BACKEND names.
-from backend import POSTGRESQL, SESSION, connect, database_section  # noqa: E402,F401
+from backend import POSTGRESQL, SESSION, connect, database_section, storage_database, tamper  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tests' own copies of the shipped programs: a manager who edits rules/programs/ does
@@ -92,7 +92,7 @@ def _h(key: str) -> str:
 def test_config(tmp_path: Path, now: str | None = None, program_dir: Path = MARKET, **overrides):
     raw = {
         "server": {"host": "127.0.0.1", "port": 0},
-        "database": database_section(tmp_path),
+        "database": database_section(tmp_path / "loyalty.db"),
         "rules": {"dir": str(program_dir), "watch": False},
         "privacy": {"hmac_key": TEST_HMAC_KEY},
         "auth": {"keys": [
@@ -176,7 +176,7 @@ async def rotate_keys(tmp_path: Path, now: str, *args) -> int:
     command's after the config path), its blocking calls off the test's event loop as from
     a shell."""
     config = tmp_path / "rotated.yaml"
-    config.write_text(yaml.safe_dump({"database": database_section(tmp_path),
+    config.write_text(yaml.safe_dump({"database": database_section(tmp_path / "loyalty.db"),
                                       "rules": {"dir": str(tmp_path / "program"), "watch": False},
                                       "clock": {"start": now}, "privacy": ROTATED_PRIVACY}))
     return await asyncio.to_thread(rotate_key_command, str(config), *args)

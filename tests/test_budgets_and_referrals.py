@@ -5,7 +5,7 @@ import asyncio
 import shutil
 import sqlite3
 
-from conftest import MARKET, line, receipt
+from conftest import MARKET, connect, line, receipt
 from per_rule_postings import to_per_rule_postings
 from storage.audit import verify
 
@@ -86,7 +86,7 @@ async def use_up_budget_then_cancel_one(make_api, tmp_path):
 
 
 def launch_total(tmp_path) -> int:
-    conn = sqlite3.connect(tmp_path / "loyalty.db")
+    conn = connect(tmp_path / "loyalty.db")
     try:
         kept = conn.execute("SELECT points FROM rule_totals WHERE rule_id = 'launch'").fetchone()[0]
         assert verify(conn).ok

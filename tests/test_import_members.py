@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from conftest import KEYS, MARKET, TEST_HMAC_KEY
+from conftest import KEYS, MARKET, TEST_HMAC_KEY, connect, database_section
 from server.cli import main as cli
 from test_crash_safety import Server
 
@@ -26,7 +25,7 @@ HEADER = "card,phone,birthday,tags,opening_points,opening_expires_on,enrolled_on
 
 def write_config(tmp_path: Path) -> str:
     """The server's tests' HMAC key, so the app finds the cards the command imported."""
-    cfg = {"database": {"path": str(tmp_path / "loyalty.db")}, "rules": {"dir": str(MARKET), "watch": False},
+    cfg = {"database": database_section(tmp_path / "loyalty.db"), "rules": {"dir": str(MARKET), "watch": False},
            "clock": {"start": NOW}, "privacy": {"hmac_key": TEST_HMAC_KEY}}
     path = tmp_path / "cli.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -41,7 +40,7 @@ def write_csv(tmp_path: Path, rows: list[str], name: str = "members.csv") -> Pat
 
 def ledger_state(db: Path) -> tuple:
     """Everything an import writes, to compare a database before and after a rerun."""
-    conn = sqlite3.connect(db)
+    conn = connect(db)
     try:
         return tuple(conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()
                      for t in ("members", "cards", "lots", "postings"))
@@ -194,7 +193,7 @@ def test_refused_rows_are_reported_with_their_line_and_reason(tmp_path, capsys):
     assert cli(["import", "members", "--csv", str(source), "--config", config,
                 "--report", str(tmp_path / "refused.json")]) == 1
     assert len(json.loads((tmp_path / "refused.json").read_text())) == 8
-    conn = sqlite3.connect(tmp_path / "loyalty.db")
+    conn = connect(tmp_path / "loyalty.db")
     assert conn.execute("SELECT COUNT(*), SUM(points) FROM postings").fetchone() == (1, 10)
 
 
@@ -281,5 +280,5 @@ def test_a_file_that_stops_being_readable_keeps_the_rows_before(tmp_path, capsys
     captured = capsys.readouterr()
     assert "2 members rows: 2 imported" in captured.out
     assert f"{source}:4: cannot be read as UTF-8 CSV" in captured.err
-    conn = sqlite3.connect(tmp_path / "loyalty.db")
+    conn = connect(tmp_path / "loyalty.db")
     assert conn.execute("SELECT COUNT(*), SUM(points) FROM postings").fetchone() == (2, 11)

@@ -17,7 +17,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import KEYS, MARKET, line, receipt
+from conftest import KEYS, MARKET, connect, database_section, line, receipt
 from server import admin_cli, jobs
 from server.cli import main as cli
 from test_crash_safety import NOW as SERVER_NOW, Server
@@ -38,7 +38,7 @@ def birthday_program(tmp_path: Path) -> Path:
 
 
 def write_config(tmp_path: Path, program: Path = MARKET, clock: str | None = NOW) -> str:
-    cfg = {"database": {"path": str(tmp_path / "loyalty.db")}, "rules": {"dir": str(program), "watch": False}}
+    cfg = {"database": database_section(tmp_path / "loyalty.db"), "rules": {"dir": str(program), "watch": False}}
     if clock:
         cfg["clock"] = {"start": clock}
     else:
@@ -51,7 +51,7 @@ def write_config(tmp_path: Path, program: Path = MARKET, clock: str | None = NOW
 def state(db: Path) -> tuple:
     """Everything a job run writes: postings (count, sum, chain head), fired events, open
     holds, lots marked expired."""
-    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+    with closing(connect(db)) as conn:
         return conn.execute(
             "SELECT COUNT(*), COALESCE(SUM(points), 0), (SELECT hex(hash) FROM postings ORDER BY id DESC LIMIT 1), "
             "(SELECT COUNT(*) FROM event_fires), (SELECT COUNT(*) FROM holds WHERE status = 'open'), "
@@ -148,7 +148,7 @@ async def test_a_dry_run_writes_nothing_and_previews_exactly_what_the_run_posts(
     assert calc["hold"]["points"] == 50
     config, db = write_config(tmp_path, program), tmp_path / "loyalty.db"
     before = state(db)
-    watch = sqlite3.connect(db)
+    watch = connect(db)
     commits_seen = watch.execute("PRAGMA data_version").fetchone()[0]
 
     assert await loyalty(["jobs", "run", "--config", config, "--now", FAR, "--dry-run"]) == 0
@@ -241,7 +241,7 @@ def test_a_dry_run_beside_a_serving_server(serving):
 def test_a_run_that_cannot_get_the_write_lock_is_one_line_naming_the_holder(tmp_path, journal_mode):
     db = tmp_path / "loyalty.db"
     config = tmp_path / "locked.yaml"
-    config.write_text(yaml.safe_dump({"database": {"path": str(db), "busy_wait_seconds": 0.5},
+    config.write_text(yaml.safe_dump({"database": {**database_section(db), "busy_wait_seconds": 0.5},
                                       "rules": {"dir": str(MARKET), "watch": False}, "clock": {"start": NOW}}))
     command = [sys.executable, "-m", "server.cli", "jobs", "run", "--config", str(config)]
     holder = sqlite3.connect(db, isolation_level=None)      # a sqlite3 shell in a transaction

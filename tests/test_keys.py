@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import KEYS, _h
+from conftest import KEYS, _h, connect, database_section
 from server.auth import KeyRing
 from server.config import ConfigError, config_from_dict
 from storage import admin_audit, api_keys
@@ -50,7 +50,7 @@ def wait_for_status(server: Server, key: str, wanted, path: str = f"/v1/members/
 
 
 def read_db(server: Server, sql: str) -> list[tuple]:
-    with closing(sqlite3.connect(f"file:{server.db}?mode=ro", uri=True)) as conn:
+    with closing(connect(server.db)) as conn:
         return conn.execute(sql).fetchall()
 
 
@@ -198,7 +198,7 @@ def test_authentication_reads_no_database_and_revoked_keys_keep_their_name():
 
 
 def test_keys_add_while_another_program_holds_the_write_lock_is_one_line(tmp_path):
-    server = Server(tmp_path, database={"path": str(tmp_path / "loyalty.db"), "busy_wait_seconds": 0.2})
+    server = Server(tmp_path, database={**database_section(tmp_path / "loyalty.db"), "busy_wait_seconds": 0.2})
     assert loyalty("keys", "list", "--config", str(server.config)).returncode == 0   # no database yet: fine
     assert loyalty("keys", "add", "--role", "monitor", "--name", "Grafana", "--config",
                    str(server.config)).returncode == 0

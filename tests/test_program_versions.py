@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 import shutil
-import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from conftest import KEYS, MARKET, Api, line, receipt, test_config
+from conftest import KEYS, MARKET, Api, connect, database_section, line, receipt, test_config
 from rules import ProgramError, load_program
 from server.app import create_app
 from server.cli import main
@@ -62,7 +61,7 @@ class Running:
 
 
 def config_for(tmp_path: Path, folder: Path, db: Path | None = None, **rules):
-    database = {"path": str(db)} if db is not None else {}
+    database = database_section(db) if db is not None else {}
     return test_config(tmp_path, NOW, folder, rules={"poll_interval_ms": 50, **rules}, database=database)
 
 
@@ -114,7 +113,7 @@ async def test_deploy_serves_records_audits_and_writes_the_folder(tmp_path):
         newest = (await versions(api))[0]
         assert (newest["version"], newest["source"], newest["deployed_by"], newest["reason"]) == (
             new, "api", "manager", "dairy week x3")
-    audit = sqlite3.connect(tmp_path / "loyalty.db").execute(
+    audit = connect(tmp_path / "loyalty.db").execute(
         "SELECT key_id, method, path, status FROM audit_log WHERE path = '/v1/admin/rules/deploy'").fetchall()
     assert audit == [("manager", "POST", "/v1/admin/rules/deploy", 200)]
 
@@ -139,7 +138,7 @@ async def test_deploys_and_rollbacks_are_audited_with_their_reason(tmp_path):
         assert (await api.get("/v1/admin/rules"))[1]["last_reload"]["recorded"]["previous_version"] != old
         status, _ = await api.post("/v1/admin/rules/rollback", {"version": "sha256:" + "0" * 64, "reason": "typo"})
         assert status == 404
-    conn = sqlite3.connect(tmp_path / "loyalty.db")
+    conn = connect(tmp_path / "loyalty.db")
     rows = conn.execute("SELECT path, status, key_name, detail FROM audit_log WHERE path LIKE '/v1/admin/rules/%' "
                         "ORDER BY id").fetchall()
     assert [(path, status, json.loads(detail)) for path, status, _, detail in rows] == [

@@ -7,14 +7,13 @@ import io
 import json
 import random
 import shutil
-import sqlite3
 from contextlib import closing
 from datetime import date
 from pathlib import Path
 
 import msgspec
 import pytest
-from conftest import MARKET, TEST_HMAC_KEY, line, receipt
+from conftest import MARKET, TEST_HMAC_KEY, connect, line, receipt
 
 from rules import MemberFacts, format_explanation, load_files, load_program
 from server.cli import main
@@ -270,7 +269,7 @@ async def test_export_receipts_writes_the_stored_bodies_and_diff_replays_them(ma
     assert main(["export", "receipts", "--config", str(config), "--from", "2026-11-23", "--to", "2026-11-23"]) == 0
     assert [json.loads(t)["receipt_id"] for t in capsys.readouterr().out.splitlines()] == ["X-2"]
     calls = []
-    with closing(sqlite3.connect(f"file:{tmp_path / 'loyalty.db'}?mode=ro", uri=True)) as conn:
+    with closing(connect(tmp_path / "loyalty.db")) as conn:
         assert export_receipts(conn, io.StringIO(), date(2026, 11, 23), None, lambda *done: calls.append(done)) == 2
     assert calls == [(0, 2), (2, 2)]
 
