@@ -158,3 +158,17 @@ def tamper(conn, table: str, sql: str, params=()) -> None:
     conn.execute(f"DROP TRIGGER IF EXISTS {table}_append_only_delete")
     conn.execute(sql, params)
     conn.commit()
+
+
+def migrated_connection(path: Path):
+    """connect()'s connection to a new database at `path` with every migration applied and
+    each statement committed on its own (SQLite's autocommit), for tests of the storage
+    functions that need no server."""
+    if POSTGRESQL:
+        return connect(path)
+    from sqlite_utils import Database as UtilsDatabase
+
+    from storage.schema import migrations
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrations.apply(UtilsDatabase(conn))
+    return conn

@@ -16,7 +16,8 @@ from server.privacy import rotate_key_command
 # pg_pair: a primary with a synchronous streaming standby, for failover.
 from pg_cluster import pg_cluster, pg_pair, pg_url  # noqa: E402,F401
 # database_section / connect: the test's database on the backend LOYALTY_TEST_BACKEND names.
-from backend import POSTGRESQL, SESSION, connect, database_section, storage_database, tamper  # noqa: E402,F401
+from backend import (POSTGRESQL, SESSION, connect, database_section, migrated_connection, storage_database,  # noqa: E402,F401
+                     tamper)
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tests' own copies of the shipped programs: a manager who edits rules/programs/ does
