@@ -20,6 +20,7 @@ import yaml
 from conftest import KEYS, MARKET, connect, database_section, line, receipt
 from server import admin_cli, jobs
 from server.cli import main as cli
+from storage.sql import is_postgresql
 from test_crash_safety import NOW as SERVER_NOW, Server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,6 +134,13 @@ def test_a_dry_run_needs_an_existing_database(tmp_path, capsys):
     assert not (tmp_path / "loyalty.db").exists()
 
 
+def commits(conn) -> int | None:
+    """How many transactions other connections have committed to SQLite's file (a commit,
+    even of unchanged pages, costs a server beside it its page cache); None on PostgreSQL,
+    whose servers keep their cache through others' commits."""
+    return None if is_postgresql(conn) else conn.execute("PRAGMA data_version").fetchone()[0]
+
+
 async def test_a_dry_run_writes_nothing_and_previews_exactly_what_the_run_posts(make_api, tmp_path, capsys,
                                                                               monkeypatch):
     # Batches of 3: the preview's cursor must carry it past batches whose writes were undone.
@@ -149,13 +157,13 @@ async def test_a_dry_run_writes_nothing_and_previews_exactly_what_the_run_posts(
     config, db = write_config(tmp_path, program), tmp_path / "loyalty.db"
     before = state(db)
     watch = connect(db)
-    commits_seen = watch.execute("PRAGMA data_version").fetchone()[0]
+    commits_seen = commits(watch)
 
     assert await loyalty(["jobs", "run", "--config", config, "--now", FAR, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert state(db) == before                              # nothing written, the chain head unchanged
     # Not even a commit of unchanged pages (it would cost a server beside it its page cache).
-    assert watch.execute("PRAGMA data_version").fetchone()[0] == commits_seen
+    assert commits(watch) == commits_seen
     watch.close()
     assert out.startswith(f"dry run as of {FAR} (402 days and 15 hours after the server's clock (clock.start: "
                           f"{NOW}), so running it needs --force): nothing was written\n"), out
@@ -182,6 +190,7 @@ async def test_a_dry_run_writes_nothing_and_previews_exactly_what_the_run_posts(
     assert await loyalty(["audit", "verify", "--config", config]) == 0
 
 
+@pytest.mark.sqlite_only(reason="SQLite's write lock held by a sqlite3 shell")
 async def test_a_dry_run_that_cannot_get_the_write_lock_says_so(make_api, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(admin_cli, "PREVIEW_BUSY_WAIT_SECONDS", 0.2)
     api = await make_api(now=NOW)
@@ -238,6 +247,7 @@ def test_a_dry_run_beside_a_serving_server(serving):
 
 # A fresh file (rollback journal) and one already in WAL mode: SQLite locks each differently.
 @pytest.mark.parametrize("journal_mode", ["delete", "wal"])
+@pytest.mark.sqlite_only(reason="SQLite's write lock held by a sqlite3 shell, in either journal mode")
 def test_a_run_that_cannot_get_the_write_lock_is_one_line_naming_the_holder(tmp_path, journal_mode):
     db = tmp_path / "loyalty.db"
     config = tmp_path / "locked.yaml"

@@ -15,9 +15,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
-from conftest import KEYS, MARKET, Api, connect, database_section, line, receipt, test_config
+from conftest import KEYS, MARKET, TEST_HMAC_KEY, Api, connect, database_section, line, receipt, test_config
 from rules import ProgramError, load_program
 from server.app import create_app
 from server.cli import main
@@ -280,8 +281,8 @@ async def test_export_writes_a_version_back_to_files(tmp_path, capsys):
         status, done = await api.post("/v1/admin/rules/deploy", {"files": triple_dairy(program_files(folder)),
                                                                  "reason": "x3"})
     config_file = tmp_path / "config.yaml"
-    config_file.write_text(f"database: {{path: {tmp_path / 'loyalty.db'}}}\nrules: {{dir: {folder}}}\n"
-                           f"privacy: {{hmac_key: tests-hmac-key-0123456789}}\n")
+    config_file.write_text(yaml.safe_dump({"database": database_section(tmp_path / "loyalty.db"),
+                                           "rules": {"dir": str(folder)}, "privacy": {"hmac_key": TEST_HMAC_KEY}}))
     out = tmp_path / "exported"
     assert main(["rules", "export", old, str(out), "--config", str(config_file)]) == 0
     assert main(["rules", "check", str(out), "--today", "2026-11-24"]) == 0

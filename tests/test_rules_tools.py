@@ -13,7 +13,8 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from conftest import MARKET, TEST_HMAC_KEY, connect, line, receipt
+import yaml
+from conftest import MARKET, TEST_HMAC_KEY, connect, database_section, line, receipt
 
 from rules import MemberFacts, format_explanation, load_files, load_program
 from server.cli import main
@@ -175,8 +176,9 @@ def test_explanation_agrees_with_evaluate_and_the_engine_on_many_receipts(market
 
 def write_config(tmp_path: Path, program_dir: Path = MARKET) -> Path:
     path = tmp_path / "config.yaml"
-    path.write_text(f"database: {{path: {tmp_path / 'loyalty.db'}}}\nrules: {{dir: {program_dir}, watch: false}}\n"
-                    f"privacy: {{hmac_key: {TEST_HMAC_KEY}}}\n")
+    path.write_text(yaml.safe_dump({"database": database_section(tmp_path / "loyalty.db"),
+                                    "rules": {"dir": str(program_dir), "watch": False},
+                                    "privacy": {"hmac_key": TEST_HMAC_KEY}}))
     return path
 
 
