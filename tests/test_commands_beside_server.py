@@ -136,6 +136,7 @@ def test_jobs_run_beside_the_server_then_the_server_writes_on(serving):
 
 
 
+@pytest.mark.sqlite_only(reason="watches one SQLite read transaction's statements (set_trace_callback)")
 def test_audit_verify_sees_one_moment_while_the_server_commits(serving):
     """The server commits a receipt in the middle of the audit (after it summed the members'
     postings, before the counter accounts'): the audit still sums to zero, because all its

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 
 import msgspec
+import pytest
+
 from conftest import FIRST_PRIVACY, ROTATED_PRIVACY, Api, connect, rotate_keys, serve_program
 
 from server.schema import Adjustment, OfferAssignment, canonical
@@ -107,6 +109,7 @@ async def test_retries_replay_across_a_key_rotation(aiohttp_client, tmp_path):
     assert (await after.post("/v1/admin/offers", {**OFFER, "to": "2026-12-30"}))[0] == 409
 
 
+@pytest.mark.sqlite_only(reason="upgrades an SQLite file written before m031")
 async def test_rows_from_before_keyed_fingerprints_lose_the_card_and_still_replay(aiohttp_client, tmp_path):
     api = await serve(aiohttp_client, tmp_path)
     await assign_and_adjust(api)
