@@ -39,7 +39,9 @@ KEYS = {
 # the SQLite pass or cannot mean anything there:
 # - no_database: a test file that opens no database (the rule language, config parsing);
 # - sqlite_only(reason): a test whose point is SQLite's file, skipped with its reason;
-# - test_pg_*.py: start clusters of their own and run on PostgreSQL in every pass.
+# - test_pg_*.py and tests taking pg_url, pg_cluster or pg_pair: start clusters of their own
+#   and run on PostgreSQL in every pass.
+OWN_CLUSTER = {"pg_url", "pg_cluster", "pg_pair"}
 MARKERS = ("no_database: opens no database; run in the SQLite pass only",
            "sqlite_only(reason): about SQLite's file; skipped in the PostgreSQL pass with the reason")
 
@@ -55,7 +57,8 @@ def pytest_collection_modifyitems(config, items):
     absent = SESSION.absent_reason()
     kept, left_out = [], []
     for item in items:
-        if item.get_closest_marker("no_database") or item.path.name.startswith("test_pg_"):
+        if item.get_closest_marker("no_database") or item.path.name.startswith("test_pg_") \
+                or OWN_CLUSTER.intersection(getattr(item, "fixturenames", ())):
             left_out.append(item)
             continue
         sqlite_only = item.get_closest_marker("sqlite_only")
