@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 CONFIG ?= config.yaml
 
-.PHONY: serve test check crashtest faulttest fuzz clean bench console-screenshots
+.PHONY: serve test test-postgresql check crashtest faulttest fuzz clean bench console-screenshots
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ serve: $(STAMP)
 
 test: $(TEST_STAMP)
 	$(VENV)/bin/pytest -q
+
+# The suite again on PostgreSQL: one throwaway cluster (tests/backend.py), a fresh database
+# per test; tests about SQLite's file are skipped with their reason, and those that open no
+# database or start clusters of their own (test_pg_*) are left out (they ran in `make test`).
+test-postgresql: $(TEST_STAMP)
+	LOYALTY_TEST_BACKEND=postgresql $(VENV)/bin/pytest -q
 
 # SIGKILL the server under load many times, on SQLite and (one of two servers) on PostgreSQL,
 # whose restart and failover tests run too (skipped without PostgreSQL); `make test` runs a

@@ -209,8 +209,8 @@ def tier_metrics(conn: sqlite3.Connection, since: str, until: str | None) -> dic
 def last_purchases(conn: sqlite3.Connection, before: str) -> dict[int, str]:
     """member -> the ts of their last confirmed receipt, for those whose last one is before `before`."""
     return dict(conn.execute(
-        "SELECT member_id, MAX(ts) AS last FROM receipts WHERE member_id IS NOT NULL AND status = 'confirmed' "
-        "GROUP BY member_id HAVING last < ?", (before,)))
+        "SELECT member_id, MAX(ts) FROM receipts WHERE member_id IS NOT NULL AND status = 'confirmed' "
+        "GROUP BY member_id HAVING MAX(ts) < ?", (before,)))
 
 
 def window_start(today: date, window_days: int, tz: tzinfo) -> datetime:

@@ -13,6 +13,9 @@ from server.config import config_from_dict
 from server.privacy import rotate_key_command
 
 from pg_cluster import Cluster, ReplicatedPair, bins_or_skip, running
+# database_section / connect: the test's database on the backend LOYALTY_TEST_BACKEND names.
+from backend import (POSTGRESQL, SESSION, connect, database_section, migrated_connection, storage_database,  # noqa: E402,F401
+                     tamper)
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tests' own copies of the shipped programs: a manager who edits rules/programs/ does
@@ -53,6 +56,60 @@ def pg_url(pg_cluster) -> str:
     return pg_cluster.url(pg_cluster.createdb())
 
 
+# The PostgreSQL pass (LOYALTY_TEST_BACKEND=postgresql) leaves out what would only repeat
+# the SQLite pass or cannot mean anything there:
+# - no_database: a test file that opens no database (the rule language, config parsing);
+# - sqlite_only(reason): a test whose point is SQLite's file, skipped with its reason;
+# - test_pg_*.py and tests taking pg_url, pg_cluster or pg_pair: start clusters of their own
+#   and run on PostgreSQL in every pass.
+OWN_CLUSTER = {"pg_url", "pg_cluster", "pg_pair"}
+MARKERS = ("no_database: opens no database; run in the SQLite pass only",
+           "sqlite_only(reason): about SQLite's file; skipped in the PostgreSQL pass with the reason")
+
+
+def pytest_configure(config):
+    for marker in MARKERS:
+        config.addinivalue_line("markers", marker)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not POSTGRESQL:
+        return
+    absent = SESSION.absent_reason()
+    kept, left_out = [], []
+    for item in items:
+        if item.get_closest_marker("no_database") or item.path.name.startswith("test_pg_") \
+                or OWN_CLUSTER.intersection(getattr(item, "fixturenames", ())):
+            left_out.append(item)
+            continue
+        sqlite_only = item.get_closest_marker("sqlite_only")
+        if sqlite_only:
+            item.add_marker(pytest.mark.skip(reason="SQLite only: " + sqlite_only.kwargs.get(
+                "reason", sqlite_only.args[0] if sqlite_only.args else "")))
+        elif absent:
+            item.add_marker(pytest.mark.skip(reason=absent))
+        kept.append(item)
+    config.hook.pytest_deselected(items=left_out)
+    items[:] = kept
+
+
+@pytest.fixture(autouse=True)
+def _test_databases():
+    """On PostgreSQL, the databases a test made are dropped at its end."""
+    if not POSTGRESQL:
+        yield
+        return
+    SESSION.test_started()
+    try:
+        yield
+    finally:
+        SESSION.test_ended()
+
+
+def pytest_sessionfinish(session):
+    SESSION.stop()
+
+
 def _h(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -60,7 +117,7 @@ def _h(key: str) -> str:
 def test_config(tmp_path: Path, now: str | None = None, program_dir: Path = MARKET, **overrides):
     raw = {
         "server": {"host": "127.0.0.1", "port": 0},
-        "database": {"path": str(tmp_path / "loyalty.db")},
+        "database": database_section(tmp_path / "loyalty.db"),
         "rules": {"dir": str(program_dir), "watch": False},
         "privacy": {"hmac_key": TEST_HMAC_KEY},
         "auth": {"keys": [
@@ -144,7 +201,7 @@ async def rotate_keys(tmp_path: Path, now: str, *args) -> int:
     command's after the config path), its blocking calls off the test's event loop as from
     a shell."""
     config = tmp_path / "rotated.yaml"
-    config.write_text(yaml.safe_dump({"database": {"path": str(tmp_path / "loyalty.db")},
+    config.write_text(yaml.safe_dump({"database": database_section(tmp_path / "loyalty.db"),
                                       "rules": {"dir": str(tmp_path / "program"), "watch": False},
                                       "clock": {"start": now}, "privacy": ROTATED_PRIVACY}))
     return await asyncio.to_thread(rotate_key_command, str(config), *args)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import sqlite3
 import time
 
 import pytest
 
-from conftest import line, receipt
+from conftest import line, migrated_connection, receipt, tamper
 from server.keys import DATABASE
 from server.routes import ROUTES
 from storage import admin_audit
+from storage.sql import INTEGRITY_ERRORS
 from test_error_shape import assert_error_shape
 
 NOW = "2026-11-24T12:00:05+02:00"
@@ -150,14 +150,14 @@ async def test_every_admin_action_is_audited_in_a_hash_chain(make_api):
     assert check.ok and check.rows == 5
 
     # Append-only: the triggers refuse changes.
-    def tamper(conn):
+    def edit(conn):
         conn.execute("UPDATE audit_log SET key_id = 'someone' WHERE id = 1")
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-        await db.write(tamper)
+    with pytest.raises(INTEGRITY_ERRORS, match="append-only"):
+        await db.write(edit)
 
     def remove(conn):
         conn.execute("DELETE FROM audit_log WHERE id = 2")
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+    with pytest.raises(INTEGRITY_ERRORS, match="append-only"):
         await db.write(remove)
 
 
@@ -167,21 +167,16 @@ def api_body(body: dict) -> bytes:
 
 
 def test_verify_finds_the_first_changed_row(tmp_path):
-    conn = sqlite3.connect(tmp_path / "a.db")
-    from storage.schema import migrations
-    from sqlite_utils import Database as UtilsDatabase
-    migrations.apply(UtilsDatabase(conn))
+    conn = migrated_connection(tmp_path / "a.db")
     for i in range(5):
         admin_audit.append(conn, at=f"2026-11-24T10:00:0{i}.000000Z", key_id="manager", key_name="Manager",
                            method="POST", path="/v1/admin/rules/reload", body_digest="0" * 64, status=200)
     assert admin_audit.verify(conn).ok
-    # Someone with the file drops the trigger and edits a row: the chain shows where.
-    conn.execute("DROP TRIGGER audit_log_append_only_update")
-    conn.execute("UPDATE audit_log SET key_id = 'intruder' WHERE id = 3")
+    # Someone with write access gets past the guard and edits a row: the chain shows where.
+    tamper(conn, "audit_log", "UPDATE audit_log SET key_id = 'intruder' WHERE id = 3")
     result = admin_audit.verify(conn)
     assert not result.ok and result.first_bad_id == 3
-    conn.execute("UPDATE audit_log SET key_id = 'manager' WHERE id = 3")
-    conn.execute("DROP TRIGGER audit_log_append_only_delete")
-    conn.execute("DELETE FROM audit_log WHERE id = 2")
+    tamper(conn, "audit_log", "UPDATE audit_log SET key_id = 'manager' WHERE id = 3")
+    tamper(conn, "audit_log", "DELETE FROM audit_log WHERE id = 2")
     result = admin_audit.verify(conn)
     assert not result.ok and result.first_bad_id == 3

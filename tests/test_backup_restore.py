@@ -12,10 +12,14 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 import yaml
 
 from conftest import KEYS
 from test_crash_safety import NOW, Server
+
+pytestmark = pytest.mark.sqlite_only(reason="backup and restore of the SQLite file"
+                                     " (PostgreSQL's are pg_dump's, docs/postgresql.md)")
 
 ROOT = Path(__file__).resolve().parent.parent
 MEMBERS = 6

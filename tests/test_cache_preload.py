@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from storage import preload
+import pytest
+
 from conftest import line, receipt
+from storage import preload
+
+pytestmark = pytest.mark.sqlite_only(reason="preloads SQLite's page cache; PostgreSQL keeps its own (server/app.py)")
 
 NOW = "2026-11-24T12:00:05+02:00"
 CARDS = [f"70000000000{n:02d}" for n in range(1, 8)]

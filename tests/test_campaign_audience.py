@@ -9,12 +9,11 @@ from datetime import date, datetime, timezone
 import msgspec
 import pytest
 
+from conftest import storage_database
 from rules import load_files
 from server import cvm, report_campaign, rfm
 from server.report_campaign import holdout_member
 from storage import offers, segments
-from storage.db import Database
-from storage.schema import migrations
 
 FROM, TO = date(2026, 11, 10), date(2026, 11, 30)
 SHOP = """\
@@ -52,7 +51,7 @@ def shop():
 
 @pytest.fixture
 def history(tmp_path, shop):
-    db = Database(tmp_path / "audience.db", migrations=migrations)
+    db = storage_database(tmp_path / "audience.db")
     db.open()
 
     def write(sql, *args):
@@ -66,8 +65,8 @@ def history(tmp_path, shop):
     def bought(key, mid, day, total):
         body = msgspec.json.encode({"lines": [{"line_no": 1, "sku": "x", "category": "coats", "amount": total}]})
         write("INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, local_date, "
-              "total, rules_version, status, body, result, created_at) VALUES ('S001', 'K01', ?, x'00', ?, ?, ?, "
-              "?, 'v', 'confirmed', ?, x'7b7d', ?)", key, mid, f"{day}T10:00:00.000000Z", day, total, body,
+              "total, rules_version, status, body, result, created_at) VALUES ('S001', 'K01', ?, ?, ?, ?, ?, "
+              "?, 'v', 'confirmed', ?, ?, ?)", key, b"\0", mid, f"{day}T10:00:00.000000Z", day, total, body, b"{}",
               f"{day}T10:00:00.000000Z")
 
     for mid in range(1, 7):

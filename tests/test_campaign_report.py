@@ -10,14 +10,12 @@ from fractions import Fraction
 
 import msgspec
 import pytest
-from conftest import Api, line, receipt, test_config
+from conftest import Api, line, receipt, storage_database, test_config
 
 from server import cvm, report_campaign
 from server.app import create_app
 from server.report_campaign import CampaignRule, Setting, holdout_member, t_quantile
-from storage.db import Database
 from storage.ledger import member_public_id
-from storage.schema import migrations
 
 NOW = "2026-11-24T12:00:05+02:00"
 DAIRY = CampaignRule("dairy-x2", Decimal("0.5"), date(2026, 11, 20), date(2026, 11, 30),
@@ -131,7 +129,7 @@ def test_a_known_effect_of_eight_percent_is_found(tmp_path):
             spend = rng.randrange(1_000, 40_000)
             spend = spend * 108 // 100 if treated else spend
             receipts.append((f"r{mid}-{n}", mid, f"2026-11-{1 + rng.randrange(30):02d}", spend, body))
-    db = Database(tmp_path / "effect.db", migrations=migrations)
+    db = storage_database(tmp_path / "effect.db")
     db.open()
     try:
         def write(conn):
@@ -139,8 +137,9 @@ def test_a_known_effect_of_eight_percent_is_found(tmp_path):
                              "(?, '[]', '2026-01-01T00:00:00.000000Z', '2026-01-01')", members)
             conn.executemany("INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, "
                              "local_date, total, rules_version, status, body, result, created_at) VALUES "
-                             "('S001', 'K01', ?, x'00', ?, ?3 || 'T10:00:00Z', ?3, ?4, 'v', 'confirmed', ?5, x'7b7d', "
-                             "?3)", receipts)
+                             "('S001', 'K01', ?, ?, ?, ?, ?, ?, 'v', 'confirmed', ?, ?, ?)",
+                             [(key, b"\0", mid, f"{day}T10:00:00Z", day, total, body, b"{}", day)
+                              for key, mid, day, total, body in receipts])
         db.write_sync(write)
         got = db.read_sync(lambda conn: report_campaign.report(conn, setting, rule, rule.period_from, rule.period_to))
     finally:

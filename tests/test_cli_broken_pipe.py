@@ -4,7 +4,6 @@ traceback and no "Exception ignored" at interpreter exit."""
 import asyncio
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
-from conftest import MARKET, ROOT, Api, line, receipt, test_config
+from conftest import MARKET, ROOT, Api, connect, database_section, line, receipt, test_config
 from server.app import create_app
 from server.cli_output import BROKEN_PIPE_STATUS
 
@@ -41,7 +40,7 @@ def loyalty(tmp_path_factory):
     where = tmp_path_factory.mktemp("broken_pipe")
     asyncio.run(_fill(test_config(where, NOW)))
     config = where / "cli.yaml"
-    config.write_text(yaml.safe_dump({"database": {"path": str(where / "loyalty.db")},
+    config.write_text(yaml.safe_dump({"database": database_section(where / "loyalty.db"),
                                       "rules": {"dir": str(MARKET), "watch": False}, "clock": {"start": NOW}}))
 
     def argv(*args: str) -> list[str]:
@@ -73,7 +72,7 @@ def test_export_read_to_the_end_is_whole(loyalty):
                           capture_output=True, timeout=EXIT_TIMEOUT_S)
     assert done.returncode == 0, done.stderr
     assert len(done.stdout) > 2 * PIPE_BUFFER_BYTES
-    with sqlite3.connect(where / "loyalty.db") as conn:
+    with connect(where / "loyalty.db") as conn:
         postings = conn.execute("SELECT COUNT(*) FROM postings").fetchone()[0]
     assert [json.loads(row)["id"] for row in done.stdout.splitlines()] == list(range(1, postings + 1))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 from contextlib import closing
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import KEYS, _h
+from conftest import KEYS, _h, connect
 from test_crash_safety import NOW, Server
 from storage.audit import verify
 
@@ -63,7 +62,7 @@ def serving(tmp_path_factory):
 
 def ledger(server: Server) -> tuple[int, int]:
     """(postings, outstanding liability) read straight from the file."""
-    with closing(sqlite3.connect(f"file:{server.db}?mode=ro", uri=True)) as conn:
+    with closing(connect(server.db)) as conn:
         return conn.execute("SELECT COUNT(*), SUM(points) FROM postings").fetchone()
 
 
@@ -137,6 +136,7 @@ def test_jobs_run_beside_the_server_then_the_server_writes_on(serving):
 
 
 
+@pytest.mark.sqlite_only(reason="watches one SQLite read transaction's statements (set_trace_callback)")
 def test_audit_verify_sees_one_moment_while_the_server_commits(serving):
     """The server commits a receipt in the middle of the audit (after it summed the members'
     postings, before the counter accounts'): the audit still sums to zero, because all its
@@ -149,7 +149,7 @@ def test_audit_verify_sees_one_moment_while_the_server_commits(serving):
         if statement.startswith("SELECT COUNT(*) FROM members") and not posted:
             posted.append(post(server, "/v1/receipts", receipt(300 + len(posted), "S001", CARDS[2]), "register"))
 
-    with closing(sqlite3.connect(f"file:{server.db}?mode=ro", uri=True)) as conn:
+    with closing(connect(server.db)) as conn:
         conn.set_trace_callback(commit_in_the_middle)
         report = verify(conn)
     assert posted and posted[0]["accrued"]["points"] > 0

@@ -5,6 +5,8 @@ import pytest
 
 from server.config import ConfigError, load_config
 
+pytestmark = pytest.mark.no_database
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

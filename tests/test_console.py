@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from conftest import KEYS, MARKET, _h, line, receipt
+from conftest import KEYS, MARKET, _h, line, migrated_connection, receipt, tamper
 from server.console.sessions import SessionStore
 from server.auth import Principal
 from server.keys import DATABASE, PROGRAMS, VERSIONS
@@ -588,17 +588,12 @@ def test_sessions_end_when_idle_and_the_store_is_bounded():
 
 
 def test_a_changed_deploy_reason_breaks_the_audit_chain(tmp_path):
-    import sqlite3
-    from sqlite_utils import Database as UtilsDatabase
-    from storage.schema import migrations
-    conn = sqlite3.connect(tmp_path / "a.db")
-    migrations.apply(UtilsDatabase(conn))
+    conn = migrated_connection(tmp_path / "a.db")
     row = dict(key_id="manager", key_name="Manager", method="POST", body_digest="0" * 64, status=303)
     admin_audit.append(conn, at="2026-11-24T10:00:00.000000Z", path="/v1/admin/rules/reload", **row)
     admin_audit.append(conn, at="2026-11-24T10:00:01.000000Z", path="/console/program/deploy",
                        detail='{"reason":"dairy x3"}', **row)
     assert admin_audit.verify(conn).ok
-    conn.execute("DROP TRIGGER audit_log_append_only_update")
-    conn.execute("""UPDATE audit_log SET detail = '{"reason":"approved by the board"}' WHERE id = 2""")
+    tamper(conn, "audit_log", """UPDATE audit_log SET detail = '{"reason":"approved by the board"}' WHERE id = 2""")
     result = admin_audit.verify(conn)
     assert not result.ok and result.first_bad_id == 2

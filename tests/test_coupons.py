@@ -9,11 +9,11 @@ from datetime import date, datetime, timezone
 
 import pytest
 
+from conftest import POSTGRESQL, connect, storage_database
 from server.privacy import Privacy
 from storage import coupons
-from storage.db import Database
 from storage.ledger import iso
-from storage.schema import migrations
+from storage.sql import INTEGRITY_ERRORS
 
 NOW = datetime(2026, 12, 21, 10, tzinfo=timezone.utc)
 PRIVACY = Privacy(b"tests-coupon-key-0123456789")
@@ -24,7 +24,7 @@ CAMPAIGNS = {"xmas": XMAS, "twice": TWICE}
 
 @pytest.fixture
 def db(tmp_path):
-    database = Database(tmp_path / "coupons.db", migrations=migrations)
+    database = storage_database(tmp_path / "coupons.db")
     database.open()
     yield database
     database.close()
@@ -70,7 +70,7 @@ def test_used_up_and_given_back(db):
     h = PRIVACY.coupon(coupons.normalize(code))
     first, second, third = ("S001", "K01", "1"), ("S001", "K01", "2"), ("S001", "K01", "3")
     assert db.write_sync(lambda conn: use(conn, h, first, 2))
-    with pytest.raises(sqlite3.IntegrityError):     # the same receipt: once, and the write is undone
+    with pytest.raises(INTEGRITY_ERRORS):     # the same receipt: once, and the write is undone
         db.write_sync(lambda conn: use(conn, h, first, 2))
     assert judge(db, [code]).statuses == [(code, coupons.USABLE)]
     assert db.write_sync(lambda conn: use(conn, h, second, 2))
@@ -84,12 +84,21 @@ def test_used_up_and_given_back(db):
 
 def test_twenty_receipts_racing_for_a_single_use_code_one_wins(db, tmp_path):
     """Each racer is a connection of its own, as another server or a command on the same
-    database would be: SQLite's write lock is what keeps the use single."""
+    database would be: SQLite's write lock is what keeps the use single, on PostgreSQL the
+    row lock of the code's UPDATE."""
     code = add(db, "xmas", 1)[0]
     h = PRIVACY.coupon(coupons.normalize(code))
     start, results = threading.Barrier(20), [None] * 20
 
     def racer(i: int) -> None:
+        if POSTGRESQL:
+            conn = connect(tmp_path / "coupons.db")
+            try:
+                start.wait(timeout=30)
+                results[i] = conn.transaction(lambda c: use(c, h, ("S001", "K01", f"r{i}"), 1))
+            finally:
+                conn.close()
+            return
         conn = sqlite3.connect(db.path, isolation_level=None, timeout=30)
         try:
             start.wait(timeout=30)

@@ -16,7 +16,6 @@ import os
 import random
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import aiohttp
 import pytest
 import yaml
 
-from conftest import KEYS, MARKET, _h
+from conftest import KEYS, MARKET, _h, connect, database_section
 from storage.ledger import unpack
 
 CYCLES = int(os.environ.get("CRASH_CYCLES", "3"))
@@ -42,7 +41,8 @@ def free_port() -> int:
 
 
 class Server:
-    """`loyalty serve` as a child process; `extra` sets more config sections."""
+    """`loyalty serve` as a child process; `extra` sets more config sections. Its database is
+    `db`, the SQLite file, or on PostgreSQL the database conftest's database_section maps it to."""
 
     def __init__(self, tmp: Path, **extra):
         self.port = free_port()
@@ -51,7 +51,7 @@ class Server:
         self.log = tmp / "server.log"
         config = {
             "server": {"host": "127.0.0.1", "port": self.port},
-            "database": {"path": str(self.db)},
+            "database": database_section(self.db),
             "rules": {"dir": str(MARKET), "watch": False},
             "clock": {"start": NOW},
             "auth": {"keys": [
@@ -183,7 +183,7 @@ async def retry_everything(server: Server, load: Load) -> None:
 
 
 def check_database(db: Path, load: Load) -> None:
-    conn = sqlite3.connect(db)
+    conn = connect(db)
     try:
         check_ledger(conn, load)
     finally:

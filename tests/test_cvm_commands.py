@@ -12,12 +12,11 @@ from zoneinfo import ZoneInfo
 import msgspec
 import pytest
 
+from conftest import storage_database
 from server import cvm, cvm_cli
 from server.privacy import Privacy
 from server.report_campaign import CampaignRule
 from storage import coupons, events, offers
-from storage.db import Database
-from storage.schema import migrations
 
 NOW = datetime(2026, 11, 24, 10, tzinfo=timezone.utc)
 PRIVACY = Privacy(b"tests-cvm-cli-key-0123456789")
@@ -28,7 +27,7 @@ DEFS = cvm.Definitions(coupons={"xmas": coupons.Campaign("xmas", 1)}, personal={
 
 @pytest.fixture
 def db(tmp_path):
-    database = Database(tmp_path / "cli.db", migrations=migrations)
+    database = storage_database(tmp_path / "cli.db")
     database.open()
 
     def members(conn):
@@ -85,8 +84,9 @@ def test_report_campaign_prints_text_json_csv_and_a_chart(db, tmp_path, capsys):
     def receipts(conn):
         conn.executemany("INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, "
                          "local_date, total, rules_version, status, body, result, created_at) VALUES "
-                         "('S001', 'K01', ?, x'00', ?, ?3 || 'T10:00:00Z', ?3, ?4, 'v', 'confirmed', ?5, x'7b7d', ?3)",
-                         [(f"r{m}-{d}", m, f"2026-11-{d:02d}", 1000 * m, msgspec.json.encode({"lines": []}))
+                         "('S001', 'K01', ?, ?, ?, ?, ?, ?, 'v', 'confirmed', ?, ?, ?)",
+                         [(f"r{m}-{d}", b"\0", m, f"2026-11-{d:02d}T10:00:00Z", f"2026-11-{d:02d}", 1000 * m,
+                           msgspec.json.encode({"lines": []}), b"{}", f"2026-11-{d:02d}")
                           for m in range(1, 5) for d in (2, 9)])
     db.write_sync(receipts)
     program = types.SimpleNamespace(id="market", timezone=ZoneInfo("Europe/Kyiv"), point_value=100, currency="UAH")

@@ -15,6 +15,8 @@ from server.config import config_from_dict
 from storage.db import Database
 from test_storage_writer import insert_receipt, make_migrations, notes
 
+pytestmark = pytest.mark.sqlite_only(reason="storage.db.Database's settings and SQLite's write-lock wait at start")
+
 MIB = 1024 * 1024
 
 

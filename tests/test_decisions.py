@@ -1,10 +1,9 @@
 """The contract's decisions (rules.md, "Decisions where the text above left a choice"),
 each end to end: HTTP in, exact numbers out, the ledger afterwards. Late receipts, the
 tier at ts and receipt_number have their own file (test_late_receipts.py)."""
-import sqlite3
 from datetime import datetime
 
-from conftest import line, receipt
+from conftest import connect, line, receipt
 from decision_program import NOW, points_of, write_program
 from server.keys import CLOCK
 from storage.audit import verify
@@ -52,7 +51,7 @@ async def give_back(api, return_id: str, receipt_id: str, lines: list) -> dict:
 
 
 def audit_ok(tmp_path) -> None:
-    with sqlite3.connect(tmp_path / "loyalty.db") as conn:
+    with connect(tmp_path / "loyalty.db") as conn:
         report = verify(conn)
     assert report.ok, report.problems
 

@@ -43,6 +43,8 @@ from rules.model import SETTINGS
 from server import schema
 from server.config import load_config
 
+pytestmark = pytest.mark.no_database
+
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 DOCS_NOW = datetime.fromisoformat("2026-11-24T12:00:00+02:00")
 PAGES = ("rules.md", "managers.md", "integrators.md", "operators.md")

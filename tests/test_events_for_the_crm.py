@@ -8,6 +8,7 @@ import json
 from datetime import datetime
 
 import msgspec
+import pytest
 
 from conftest import PROGRAMS, Api, line, receipt, test_config
 from server.app import create_app
@@ -151,6 +152,7 @@ async def _care_day(api: Api, app) -> None:
     assert (await api.post("/v1/admin/members/m_1/erase", {"reason": "again"}))[0] == 200          # no new event
 
 
+@pytest.mark.sqlite_only(reason="counts the statements through SQLite's set_trace_callback")
 async def test_a_confirmed_receipts_event_costs_no_query_for_the_crm_fields(aiohttp_client, tmp_path):
     """They come with the member row the receipt reads anyway: the only statements that name
     crm_id are that read and the event's insert."""

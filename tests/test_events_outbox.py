@@ -13,10 +13,9 @@ import pytest
 from conftest import MARKET, ROOT, line, receipt, test_config
 from rules import load_program
 from server.config import ConfigError, config_from_dict
+from server.databases import for_command
 from server.jobs import run_all
 from storage import events
-from storage.db import Database
-from storage.schema import migrations
 
 NOW = "2026-11-24T12:00:05+02:00"
 CARD = "7000000000001"
@@ -96,7 +95,7 @@ async def test_the_pull_refuses_bad_parameters_in_the_error_shape(make_api):
 async def test_expiring_points_are_announced_once_per_lot_then_expired(tmp_path):
     config = test_config(tmp_path, NOW)
     program = load_program(MARKET)
-    db = Database.from_config(config.database, config.resolve(config.database.path), migrations=migrations)
+    db = for_command(config)
     db.open()
     try:
         now = datetime.fromisoformat(NOW)
@@ -131,7 +130,7 @@ def _member_with_lot(conn: sqlite3.Connection, expires_on: str, now: datetime) -
 
 async def test_delivered_events_go_after_the_retention_period(tmp_path):
     config = test_config(tmp_path, NOW)
-    db = Database.from_config(config.database, config.resolve(config.database.path), migrations=migrations)
+    db = for_command(config)
     db.open()
     try:
         now = datetime.fromisoformat(NOW)
@@ -165,7 +164,7 @@ async def test_delivered_events_go_after_the_retention_period(tmp_path):
 
 async def test_an_assigned_offer_is_one_event_per_member_and_offer(tmp_path):
     config = test_config(tmp_path, NOW)
-    db = Database.from_config(config.database, config.resolve(config.database.path), migrations=migrations)
+    db = for_command(config)
     db.open()
     try:
         now = datetime.fromisoformat(NOW)

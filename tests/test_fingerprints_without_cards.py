@@ -6,10 +6,11 @@ before (m031) are compared by their stored fields."""
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 
 import msgspec
-from conftest import FIRST_PRIVACY, ROTATED_PRIVACY, Api, rotate_keys, serve_program
+import pytest
+
+from conftest import FIRST_PRIVACY, ROTATED_PRIVACY, Api, connect, rotate_keys, serve_program
 
 from server.schema import Adjustment, OfferAssignment, canonical
 
@@ -37,7 +38,7 @@ async def serve(aiohttp_client, tmp_path, privacy=FIRST_PRIVACY) -> Api:
 
 
 def stored(tmp_path) -> tuple[str, str]:
-    with sqlite3.connect(tmp_path / "loyalty.db") as conn:
+    with connect(tmp_path / "loyalty.db") as conn:
         return (conn.execute("SELECT body_sha256 FROM adjustments").fetchone()[0],
                 conn.execute("SELECT body_sha256 FROM offers").fetchone()[0])
 
@@ -94,7 +95,7 @@ async def test_retries_replay_across_a_key_rotation(aiohttp_client, tmp_path):
 
     # rotate-key leaves no fingerprint taken under the first key: those become their rows' fields.
     assert await rotate_keys(tmp_path, NOW) == 0
-    with sqlite3.connect(tmp_path / "loyalty.db") as conn:
+    with connect(tmp_path / "loyalty.db") as conn:
         kept = dict(conn.execute("SELECT adjustment_id, body_sha256 FROM adjustments"))
         kept.update(conn.execute("SELECT offer_id, body_sha256 FROM offers"))
     assert kept["adj-1"].startswith("m031:") and kept["o-1"].startswith("m031:")
@@ -108,12 +109,13 @@ async def test_retries_replay_across_a_key_rotation(aiohttp_client, tmp_path):
     assert (await after.post("/v1/admin/offers", {**OFFER, "to": "2026-12-30"}))[0] == 409
 
 
+@pytest.mark.sqlite_only(reason="upgrades an SQLite file written before m031")
 async def test_rows_from_before_keyed_fingerprints_lose_the_card_and_still_replay(aiohttp_client, tmp_path):
     api = await serve(aiohttp_client, tmp_path)
     await assign_and_adjust(api)
     await api.client.close()
     # As a database from before m031 holds them: the plain SHA-256 of the body, card and all.
-    with sqlite3.connect(tmp_path / "loyalty.db") as conn:
+    with connect(tmp_path / "loyalty.db") as conn:
         conn.execute("UPDATE adjustments SET body_sha256 = ?", (plain(ADJUSTMENT, Adjustment),))
         conn.execute("UPDATE offers SET body_sha256 = ?", (plain(OFFER, OfferAssignment),))
         conn.execute("DELETE FROM _sqlite_migrations WHERE name = 'm031_fingerprints_without_cards'")

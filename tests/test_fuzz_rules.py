@@ -13,12 +13,15 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import MARKET
 from rules import Problem, Program, ProgramError, check_dir, load_program
+
+pytestmark = pytest.mark.no_database
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "20"))
 TODAY = date(2026, 11, 24)  # one checker's date for both calls: the same warnings

@@ -7,10 +7,15 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 
+import pytest
+
 from conftest import line, receipt
 from storage.audit import verify
 from storage.db import Flush, Grouped, Ready
 from test_storage_writer import WriterGate, notes, open_db, wait_until  # noqa: F401 - open_db is a fixture
+
+pytestmark = pytest.mark.sqlite_only(reason="group commit of SQLite's one writer (storage.db.Grouped);"
+                                     " PostgreSQL writes each request in its own transaction")
 
 NOW = "2026-11-24T12:00:05+02:00"
 

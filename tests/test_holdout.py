@@ -19,6 +19,8 @@ from test_rules_arithmetic import line, receipt
 from rules import MemberFacts, load_files
 from rules.segments import holdout_member
 
+pytestmark = pytest.mark.no_database
+
 SETTINGS = """\
 program: {id: boutique, name: Boutique, currency: UAH, timezone: Europe/Kyiv}
 points: {value: 100, rounding: floor, activation_delay_days: 0, expiry_days: 365}

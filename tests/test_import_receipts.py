@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
-import sqlite3
 
 import msgspec
 import pytest
 
-from conftest import line, receipt
+from conftest import connect, line, receipt
 from server.cli import main as cli
 from server.errors import error_answer
 from storage import imports
@@ -52,7 +51,7 @@ async def test_imported_receipts_move_the_tier_and_earn_nothing(make_api, tmp_pa
     assert member["balance"] == {"available": 0, "pending": 0, "held": 0}
     _, other = await api.get("/v1/members/7000000000002")
     assert other["tier"]["id"] == "base"
-    conn = sqlite3.connect(tmp_path / "loyalty.db")
+    conn = connect(tmp_path / "loyalty.db")
     assert conn.execute("SELECT COUNT(*) FROM postings WHERE receipt_id IS NOT NULL").fetchone() == (0,)
 
     # A new receipt is computed with the tier the history reached.
@@ -70,7 +69,7 @@ async def test_a_rerun_changes_nothing(tmp_path, capsys):
                                                + [history(99, card=None)])
     assert await run("import", "receipts", "--jsonl", str(source), "--config", config, "--batch-rows", "7") == 0
     capsys.readouterr()
-    conn = sqlite3.connect(tmp_path / "loyalty.db")
+    conn = connect(tmp_path / "loyalty.db")
     stored = conn.execute("SELECT * FROM receipts ORDER BY id").fetchall()
     marks = conn.execute("SELECT * FROM imported_receipts").fetchall()
     before = ledger_state(tmp_path / "loyalty.db")
@@ -119,7 +118,7 @@ async def test_a_register_sending_an_imported_identity_gets_a_conflict(make_api,
 async def test_imported_receipts_are_refused_by_the_return_and_cancel_check(tmp_path):
     config, source = await members_and_history(tmp_path, [history(1)])
     assert await run("import", "receipts", "--jsonl", str(source), "--config", config) == 0
-    conn = sqlite3.connect(tmp_path / "loyalty.db")
+    conn = connect(tmp_path / "loyalty.db")
     imports.refuse_if_imported(conn, ("S001", "OLD", "H-2"), "returned")          # not imported: no error
     with pytest.raises(imports.ImportedReceipt) as refused:
         imports.refuse_if_imported(conn, ("S001", "OLD", "H-1"), "returned")

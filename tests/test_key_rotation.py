@@ -4,7 +4,6 @@ key its hashes were made with refuses to start instead of finding no card."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import KEYS, MARKET
+from conftest import KEYS, MARKET, connect, database_section
 from server.config import ConfigError, config_from_dict
 from server.privacy import Privacy, candidates, privacy_from_config
 from test_crash_safety import NOW, Server
@@ -32,6 +31,11 @@ def call(server, method, path, body=None, role="manager"):
     return resp.status_code, resp.json()
 
 
+# Rotating with no server running: SQLite's serve lock tells the command it is alone.
+ALONE = ("rotates alone, which only SQLite's serve lock can tell; on PostgreSQL a server started on the new "
+         "config records its keys first (server/privacy.py)")
+
+
 def rotate(config: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "server.cli", "privacy", "rotate-key", "--config", str(config),
                            *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -43,7 +47,7 @@ def audit_verify(config: Path) -> subprocess.CompletedProcess:
 
 
 def stored_hashes(db: Path) -> list[str]:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+    with connect(db) as conn:
         return [r[0] for r in conn.execute("SELECT card FROM cards UNION ALL SELECT card FROM retired_cards "
                                            "UNION ALL SELECT phone_hmac FROM members WHERE phone_hmac IS NOT NULL")]
 
@@ -125,6 +129,7 @@ def test_rotation_while_serving_finds_every_card_throughout(tmp_path):
         rotated_again.kill()
 
 
+@pytest.mark.sqlite_only(reason=ALONE)
 def test_rotate_key_alone_wraps_everything_and_goes_on_where_it_stopped(tmp_path):
     server = Server(tmp_path, privacy={"hmac_key": FIRST_KEY})
     server.start()
@@ -137,7 +142,7 @@ def test_rotate_key_alone_wraps_everything_and_goes_on_where_it_stopped(tmp_path
     raw = yaml.safe_load(server.config.read_text())
     raw["privacy"] = ROTATED
     config.write_text(yaml.safe_dump(raw))
-    with sqlite3.connect(server.db) as conn:     # as if a run had stopped after three rows
+    with connect(server.db) as conn:     # as if a run had stopped after three rows
         privacy = Privacy(FIRST_KEY.encode(), [("k2", SECOND_KEY.encode())])
         for (old,) in conn.execute("SELECT card FROM cards ORDER BY card LIMIT 3").fetchall():
             conn.execute("UPDATE cards SET card = ? WHERE card = ?", (privacy.rewrap("card", old), old))
@@ -168,7 +173,7 @@ def test_a_receipt_confirmed_before_a_rotation_is_replayed_while_it_runs_and_aft
     rotated.start()
     try:
         # While the rotation runs: some cards wrapped in the new key, others not yet.
-        with sqlite3.connect(rotated.db) as conn:
+        with connect(rotated.db) as conn:
             privacy = Privacy(FIRST_KEY.encode(), [("k2", SECOND_KEY.encode())])
             old = privacy.card(CARDS[0]).older[0]
             conn.execute("UPDATE cards SET card = ? WHERE card = ?", (privacy.rewrap("card", old), old))
@@ -193,6 +198,7 @@ def test_a_receipt_confirmed_before_a_rotation_is_replayed_while_it_runs_and_aft
         rotated.kill()
 
 
+@pytest.mark.sqlite_only(reason=ALONE)
 def test_a_hash_under_a_key_no_longer_listed_stops_the_rotation_naming_it(tmp_path):
     server = Server(tmp_path, privacy={"hmac_key": FIRST_KEY})
     server.start()
@@ -200,7 +206,7 @@ def test_a_hash_under_a_key_no_longer_listed_stops_the_rotation_naming_it(tmp_pa
         assert call(server, "POST", "/v1/members", {"card": CARDS[1]})[0] == 201
     finally:
         server.kill()
-    with sqlite3.connect(server.db) as conn:
+    with connect(server.db) as conn:
         conn.execute("UPDATE cards SET card = '~gone~' || card")
     rotated = Server(tmp_path, privacy=ROTATED)
     run = rotate(rotated.config)
@@ -235,6 +241,7 @@ def test_a_rotation_key_id_is_checked_by_the_config():
         config_from_dict({"privacy": {"hmac_key_rotations": [{"id": "Has Spaces", "key": SECOND_KEY}]}})
 
 
+@pytest.mark.sqlite_only(reason=ALONE)
 def test_an_import_run_again_after_a_rotation_changes_nothing(tmp_path, capsys):
     from server.cli import main as cli
     from test_import_members import ledger_state
@@ -247,7 +254,7 @@ def test_an_import_run_again_after_a_rotation_changes_nothing(tmp_path, capsys):
     for name, privacy in (("first", {"hmac_key": FIRST_KEY}), ("rotated", ROTATED)):
         configs[name] = tmp_path / f"{name}.yaml"
         configs[name].write_text(yaml.safe_dump({
-            "database": {"path": str(tmp_path / "loyalty.db")}, "rules": {"dir": str(MARKET), "watch": False},
+            "database": database_section(tmp_path / "loyalty.db"), "rules": {"dir": str(MARKET), "watch": False},
             "clock": {"start": NOW}, "privacy": privacy}))
     for command in (["members", "--csv", str(members)], ["receipts", "--jsonl", str(history)]):
         assert cli(["import", *command, "--config", str(configs["first"])]) == 0

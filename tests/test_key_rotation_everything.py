@@ -5,10 +5,9 @@ still finds every code and the card it is bound to."""
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 
 import yaml
-from conftest import FIRST_PRIVACY, ROTATED_PRIVACY, Api, rotate_keys, serve_program
+from conftest import FIRST_PRIVACY, ROTATED_PRIVACY, Api, connect, rotate_keys, serve_program
 
 from storage.ledger import unpack
 
@@ -51,7 +50,7 @@ async def rotate(tmp_path) -> None:
 
 def hashes_left(tmp_path) -> list[str]:
     """Every stored hash of a card or code not under key k2."""
-    with sqlite3.connect(tmp_path / "loyalty.db") as conn:
+    with connect(tmp_path / "loyalty.db") as conn:
         stored = [r[0] for r in conn.execute(
             "SELECT card FROM cards UNION ALL SELECT code FROM coupon_codes UNION ALL "
             "SELECT card FROM coupon_codes WHERE card IS NOT NULL UNION ALL SELECT code FROM coupon_uses")]

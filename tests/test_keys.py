@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import KEYS, _h
+from conftest import KEYS, _h, connect, database_section, migrated_connection, tamper
 from server.auth import KeyRing
 from server.config import ConfigError, config_from_dict
 from storage import admin_audit, api_keys
+from storage.sql import INTEGRITY_ERRORS
 from test_crash_safety import Server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +51,7 @@ def wait_for_status(server: Server, key: str, wanted, path: str = f"/v1/members/
 
 
 def read_db(server: Server, sql: str) -> list[tuple]:
-    with closing(sqlite3.connect(f"file:{server.db}?mode=ro", uri=True)) as conn:
+    with closing(connect(server.db)) as conn:
         return conn.execute(sql).fetchall()
 
 
@@ -147,19 +148,15 @@ def test_a_config_key_may_not_take_the_id_of_a_person():
 
 
 def test_key_rows_are_revoked_once_and_never_deleted(tmp_path):
-    conn = sqlite3.connect(tmp_path / "k.db", isolation_level=None)
-    from sqlite_utils import Database as UtilsDatabase
-
-    from storage.schema import migrations
-    migrations.apply(UtilsDatabase(conn))
+    conn = migrated_connection(tmp_path / "k.db")
     first = api_keys.add(conn, name="Ann", role="manager", stores=[], sha256=_h("a"), created_at="t", created_by="me")
     assert first == "person-1"
     assert api_keys.revoke(conn, first, at="t2", by="me") and not api_keys.revoke(conn, first, at="t3", by="me")
-    with pytest.raises(sqlite3.IntegrityError, match="revoked, never deleted"):
+    with pytest.raises(INTEGRITY_ERRORS, match="revoked, never deleted"):
         conn.execute("DELETE FROM api_keys")
-    with pytest.raises(sqlite3.IntegrityError, match="only be revoked"):
+    with pytest.raises(INTEGRITY_ERRORS, match="only be revoked"):
         conn.execute("UPDATE api_keys SET revoked_at = NULL")
-    with pytest.raises(sqlite3.IntegrityError, match="only be revoked"):
+    with pytest.raises(INTEGRITY_ERRORS, match="only be revoked"):
         conn.execute("UPDATE api_keys SET name = 'Bob'")
     assert api_keys.add(conn, name="Bob", role="support", stores=[], sha256=_h("b"), created_at="t",
                         created_by="me") == "person-2"
@@ -167,19 +164,14 @@ def test_key_rows_are_revoked_once_and_never_deleted(tmp_path):
 
 
 def test_the_audit_chain_covers_the_name(tmp_path):
-    conn = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
-    from sqlite_utils import Database as UtilsDatabase
-
-    from storage.schema import migrations
-    migrations.apply(UtilsDatabase(conn))
+    conn = migrated_connection(tmp_path / "a.db")
     for i in range(3):
         admin_audit.append(conn, at=f"t{i}", key_id="person-1", key_name="Ann", method="POST",
                            path="/v1/admin/adjustments", body_digest="0" * 64, status=201)
     assert admin_audit.verify(conn).ok
-    conn.execute("DROP TRIGGER audit_log_append_only_update")
-    conn.execute("UPDATE audit_log SET key_name = 'Bob' WHERE id = 2")
+    tamper(conn, "audit_log", "UPDATE audit_log SET key_name = 'Bob' WHERE id = 2")
     assert admin_audit.verify(conn).first_bad_id == 2
-    conn.execute("UPDATE audit_log SET key_name = NULL WHERE id = 2")
+    tamper(conn, "audit_log", "UPDATE audit_log SET key_name = NULL WHERE id = 2")
     assert admin_audit.verify(conn).first_bad_id == 2
 
 
@@ -197,8 +189,9 @@ def test_authentication_reads_no_database_and_revoked_keys_keep_their_name():
     assert ring.lookup("nobody") is None and ring.lookup("") is None
 
 
+@pytest.mark.sqlite_only(reason="SQLite's write lock held by a sqlite3 shell")
 def test_keys_add_while_another_program_holds_the_write_lock_is_one_line(tmp_path):
-    server = Server(tmp_path, database={"path": str(tmp_path / "loyalty.db"), "busy_wait_seconds": 0.2})
+    server = Server(tmp_path, database={**database_section(tmp_path / "loyalty.db"), "busy_wait_seconds": 0.2})
     assert loyalty("keys", "list", "--config", str(server.config)).returncode == 0   # no database yet: fine
     assert loyalty("keys", "add", "--role", "monitor", "--name", "Grafana", "--config",
                    str(server.config)).returncode == 0

@@ -2,9 +2,8 @@
 the balance in the answer is the balance at arrival; points already expired at arrival are
 posted and expire at once; receipt_number counts in arrival order (rules.md, Decisions)."""
 import json
-import sqlite3
 
-from conftest import TEST_HMAC_KEY, line, receipt
+from conftest import TEST_HMAC_KEY, connect, line, receipt
 from decision_program import NOW, points_of, write_program
 from rules import load_program
 from server.privacy import Privacy
@@ -49,7 +48,7 @@ async def test_points_expired_before_arrival_are_posted_expired_and_not_in_the_b
     assert res["accrued"]["points"] == 5 and res["balance"] == {"available": 105, "pending": 0, "held": 0}
     _, member = await api.get(f"/v1/members/{CARD}")
     assert member["balance"] == res["balance"]
-    with sqlite3.connect(tmp_path / "loyalty.db") as conn:
+    with connect(tmp_path / "loyalty.db") as conn:
         assert verify(conn).ok
 
 
@@ -89,7 +88,7 @@ async def test_explain_counts_receipt_number_in_arrival_order_as_the_server_does
 
     def facts(receipt_id: str, ts: str):
         body = receipt(receipt_id, [line(1, "grocery", 10000)], card=CARD, ts=ts)
-        with sqlite3.connect(tmp_path / "loyalty.db") as conn:
+        with connect(tmp_path / "loyalty.db") as conn:
             return member_from_db(conn, program, digest, decode(json.dumps(body).encode(), Receipt))
     stored_late = facts("R-2", "2026-11-10T12:00:00+02:00")
     assert stored_late.receipt_number == 2 and stored_late.tier == "base"

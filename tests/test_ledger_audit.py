@@ -4,13 +4,13 @@ import csv
 import io
 import json
 import shutil
-import sqlite3
 from datetime import datetime
 
 import pytest
 import yaml
 
-from conftest import MARKET, line, receipt, test_config
+from conftest import MARKET, connect, database_section, line, receipt, tamper, test_config
+from storage.sql import INTEGRITY_ERRORS
 from server.cli import main as cli
 from server.keys import CLOCK, DATABASE, PROGRAMS
 from server.jobs import run_all
@@ -19,7 +19,7 @@ NOW = "2026-11-24T12:00:05+02:00"
 
 
 def write_config(tmp_path, program_dir=MARKET):
-    cfg = {"database": {"path": str(tmp_path / "loyalty.db")}, "rules": {"dir": str(program_dir), "watch": False},
+    cfg = {"database": database_section(tmp_path / "loyalty.db"), "rules": {"dir": str(program_dir), "watch": False},
            "clock": {"start": NOW}}
     path = tmp_path / "cli.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -44,12 +44,10 @@ async def test_audit_passes_then_fails_on_a_hand_edit(make_api, tmp_path, capsys
     out = capsys.readouterr().out
     assert "ok:" in out and "outstanding liability" in out
 
-    conn = sqlite3.connect(tmp_path / "loyalty.db")
-    with pytest.raises(sqlite3.IntegrityError):
+    conn = connect(tmp_path / "loyalty.db")
+    with pytest.raises(INTEGRITY_ERRORS):
         conn.execute("UPDATE postings SET points = points + 1 WHERE id = 3")
-    conn.execute("DROP TRIGGER postings_append_only_update")
-    conn.execute("UPDATE postings SET points = points + 1 WHERE id = 3")
-    conn.commit()
+    tamper(conn, "postings", "UPDATE postings SET points = points + 1 WHERE id = 3")
     conn.close()
     assert cli(["audit", "verify", "--config", config]) == 1
     assert "posting 3" in capsys.readouterr().out
@@ -62,7 +60,7 @@ async def test_audit_flags_rule_totals_that_differ_from_postings(make_api, tmp_p
     assert cli(["audit", "verify", "--config", config]) == 0
     capsys.readouterr()
 
-    conn = sqlite3.connect(tmp_path / "loyalty.db")
+    conn = connect(tmp_path / "loyalty.db")
     rule, kept = conn.execute("SELECT rule_id, points FROM rule_totals ORDER BY rule_id LIMIT 1").fetchone()
     conn.execute("UPDATE rule_totals SET points = points + 7 WHERE rule_id = ?", (rule,))
     conn.commit()
@@ -77,7 +75,7 @@ async def test_accounts_sum_to_zero_and_liability_is_member_balances(make_api, t
     api = await make_api(now=NOW)
     await activity(api)
     await api.post("/v1/members", {"card": "2"})
-    conn = sqlite3.connect(tmp_path / "loyalty.db")
+    conn = connect(tmp_path / "loyalty.db")
     liability = conn.execute("SELECT SUM(points) FROM postings").fetchone()[0]
     counters = conn.execute("SELECT SUM(-points) FROM postings").fetchone()[0]
     assert liability + counters == 0
@@ -202,7 +200,7 @@ async def test_export_ledger_csv_and_jsonl(make_api, tmp_path, capsys):
     target = tmp_path / "ledger.csv"
     assert cli(["export", "ledger", "--format", "csv", "--config", config, "--out", str(target)]) == 0
     rows = list(csv.DictReader(io.StringIO(target.read_text())))
-    conn = sqlite3.connect(tmp_path / "loyalty.db")
+    conn = connect(tmp_path / "loyalty.db")
     assert len(rows) == conn.execute("SELECT COUNT(*) FROM postings").fetchone()[0]
     assert rows[0]["hash"] and rows[0]["counter_account"]
     target = tmp_path / "ledger.jsonl"

@@ -6,10 +6,9 @@ SCENARIO_OPS sets the length (default short for `make test`)."""
 import os
 import random
 import shutil
-import sqlite3
 from datetime import datetime, timedelta
 
-from conftest import MARKET, line, receipt
+from conftest import MARKET, connect, line, receipt
 from server.jobs import run_all
 from server.keys import CLOCK, DATABASE, PROGRAMS
 from storage.audit import verify
@@ -76,7 +75,7 @@ async def test_randomized_months_end_balanced(make_api, tmp_path):
             assert status in (201, 422), r
     await run_all(app[DATABASE], app[PROGRAMS].current, app[CLOCK].now())
 
-    conn = sqlite3.connect(f"file:{tmp_path / 'loyalty.db'}?mode=ro", uri=True)
+    conn = connect(tmp_path / "loyalty.db")
     report = verify(conn)
     assert report.ok, report.problems
     assert report.postings > OPS

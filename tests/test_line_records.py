@@ -18,6 +18,8 @@ from rules import MemberFacts, load_program
 from server.schema import Line, Receipt, canonical
 from storage import line_records
 
+pytestmark = pytest.mark.no_database
+
 CATEGORIES = ["dairy", "grocery", "bakery", "tobacco", "fuel", "alcohol"]
 
 

@@ -13,11 +13,14 @@ import sqlite3
 from pathlib import Path
 
 from aiohttp.test_utils import TestClient, TestServer
+import pytest
 
 from conftest import Api, test_config
 from server.app import create_app
 from storage.audit import verify
 from test_schema_upgrade import without_times
+
+pytestmark = pytest.mark.sqlite_only(reason="upgrade of an SQLite file dumped before m023")
 
 DATA = Path(__file__).parent / "fixtures"
 NOW = "2026-11-24T12:00:05+02:00"

@@ -5,9 +5,8 @@ from datetime import date, datetime, timezone
 
 import pytest
 
+from conftest import storage_database
 from storage import offers
-from storage.db import Database
-from storage.schema import migrations
 
 NOW = datetime(2026, 11, 24, 10, tzinfo=timezone.utc)
 DEC = date(2026, 12, 10)
@@ -15,7 +14,7 @@ DEC = date(2026, 12, 10)
 
 @pytest.fixture
 def db(tmp_path):
-    database = Database(tmp_path / "offers.db", migrations=migrations)
+    database = storage_database(tmp_path / "offers.db")
     database.open()
     database.write_sync(lambda conn: conn.executemany(
         "INSERT INTO members (id, tags, enrolled_at, updated_at) VALUES (?, '[]', '2026-01-01', '2026-01-01')",

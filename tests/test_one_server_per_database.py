@@ -14,6 +14,9 @@ import requests
 from conftest import KEYS
 from test_crash_safety import Server
 
+pytestmark = pytest.mark.sqlite_only(reason="the lock file beside SQLite's database that allows one server;"
+                                     " on PostgreSQL several serve")
+
 RECEIPT = {"receipt_id": "one-1", "store_id": "S001", "register_id": "K01", "ts": "2026-11-24T12:00:00+02:00",
            "lines": [{"line_no": 1, "sku": "x", "category": "dairy", "qty": 1, "price": 5000, "amount": 5000}],
            "total": 5000}

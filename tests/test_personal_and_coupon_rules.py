@@ -12,6 +12,8 @@ from test_segments_rules import BOUTIQUE
 
 from rules import CouponCampaign, MemberFacts, check_files, load_files
 
+pytestmark = pytest.mark.no_database
+
 TODAY = date(2026, 11, 24)
 
 SETTINGS = """\

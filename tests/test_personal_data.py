@@ -7,10 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import requests
 import yaml
 
-from conftest import KEYS, MARKET, _h
+from conftest import KEYS, MARKET, _h, connect, database_section
 from test_crash_safety import NOW, Server
 
 CARD = "7000000012345"
@@ -26,6 +27,7 @@ def call(server, method, path, role, body=None):
     return resp.status_code, resp.json()
 
 
+@pytest.mark.sqlite_only(reason="reads the bytes of SQLite's database file and its WAL")
 def test_no_card_or_phone_number_on_disk(tmp_path):
     server = Server(tmp_path, privacy={"hmac_key": "a-test-key-for-personal-data"})
     server.start()
@@ -68,7 +70,7 @@ def test_no_card_or_phone_number_on_disk(tmp_path):
 def test_start_up_without_a_key_stops_with_a_clear_message(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
-        "server": {"port": 0}, "database": {"path": str(tmp_path / "x.db")},
+        "server": {"port": 0}, "database": database_section(tmp_path / "x.db"),
         "rules": {"dir": str(MARKET), "watch": False},
         "auth": {"keys": [{"id": "manager", "sha256": _h("k"), "role": "manager"}]}}))
     env = {k: v for k, v in os.environ.items() if k != "LOYALTY_HMAC_KEY"}
@@ -91,6 +93,7 @@ def test_the_key_comes_from_the_environment_first():
     assert a.phone("+380 50 123 45 67") == a.phone("380501234567")
 
 
+@pytest.mark.sqlite_only(reason="upgrades an SQLite file written before the HMAC columns")
 async def test_rows_from_before_are_converted_at_start_up(tmp_path):
     """A database written before the HMAC columns: numbers are replaced at the next start."""
     import sqlite3

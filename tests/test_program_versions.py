@@ -9,16 +9,16 @@ import asyncio
 import json
 import logging
 import shutil
-import sqlite3
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
-from conftest import KEYS, MARKET, Api, line, receipt, test_config
+from conftest import KEYS, MARKET, TEST_HMAC_KEY, Api, connect, database_section, line, receipt, test_config
 from rules import ProgramError, load_program
 from server.app import create_app
 from server.cli import main
@@ -62,7 +62,7 @@ class Running:
 
 
 def config_for(tmp_path: Path, folder: Path, db: Path | None = None, **rules):
-    database = {"path": str(db)} if db is not None else {}
+    database = database_section(db) if db is not None else {}
     return test_config(tmp_path, NOW, folder, rules={"poll_interval_ms": 50, **rules}, database=database)
 
 
@@ -114,7 +114,7 @@ async def test_deploy_serves_records_audits_and_writes_the_folder(tmp_path):
         newest = (await versions(api))[0]
         assert (newest["version"], newest["source"], newest["deployed_by"], newest["reason"]) == (
             new, "api", "manager", "dairy week x3")
-    audit = sqlite3.connect(tmp_path / "loyalty.db").execute(
+    audit = connect(tmp_path / "loyalty.db").execute(
         "SELECT key_id, method, path, status FROM audit_log WHERE path = '/v1/admin/rules/deploy'").fetchall()
     assert audit == [("manager", "POST", "/v1/admin/rules/deploy", 200)]
 
@@ -139,7 +139,7 @@ async def test_deploys_and_rollbacks_are_audited_with_their_reason(tmp_path):
         assert (await api.get("/v1/admin/rules"))[1]["last_reload"]["recorded"]["previous_version"] != old
         status, _ = await api.post("/v1/admin/rules/rollback", {"version": "sha256:" + "0" * 64, "reason": "typo"})
         assert status == 404
-    conn = sqlite3.connect(tmp_path / "loyalty.db")
+    conn = connect(tmp_path / "loyalty.db")
     rows = conn.execute("SELECT path, status, key_name, detail FROM audit_log WHERE path LIKE '/v1/admin/rules/%' "
                         "ORDER BY id").fetchall()
     assert [(path, status, json.loads(detail)) for path, status, _, detail in rows] == [
@@ -281,8 +281,8 @@ async def test_export_writes_a_version_back_to_files(tmp_path, capsys):
         status, done = await api.post("/v1/admin/rules/deploy", {"files": triple_dairy(program_files(folder)),
                                                                  "reason": "x3"})
     config_file = tmp_path / "config.yaml"
-    config_file.write_text(f"database: {{path: {tmp_path / 'loyalty.db'}}}\nrules: {{dir: {folder}}}\n"
-                           f"privacy: {{hmac_key: tests-hmac-key-0123456789}}\n")
+    config_file.write_text(yaml.safe_dump({"database": database_section(tmp_path / "loyalty.db"),
+                                           "rules": {"dir": str(folder)}, "privacy": {"hmac_key": TEST_HMAC_KEY}}))
     out = tmp_path / "exported"
     assert main(["rules", "export", old, str(out), "--config", str(config_file)]) == 0
     assert main(["rules", "check", str(out), "--today", "2026-11-24"]) == 0

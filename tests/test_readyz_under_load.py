@@ -9,9 +9,14 @@ import asyncio
 import sqlite3
 import time
 
+import pytest
+
 from server.keys import DATABASE
 from storage.db import StorageBusy
 from test_storage_writer import WriterGate, insert_receipt, notes, open_db  # noqa: F401 - open_db is a fixture
+
+pytestmark = pytest.mark.sqlite_only(reason="the write turn and busy codes of SQLite's one write connection "
+                                     "(storage/db.py)")
 
 NOW = "2026-11-24T12:00:05+02:00"
 QUEUED = 500

@@ -18,6 +18,8 @@ from server.plan import MemberState, plan_calculate, plan_confirm
 from server.schema import Line, Receipt
 from storage.ledger import Hold, InsufficientPoints, Lot, MemberRow, draw
 
+pytestmark = pytest.mark.no_database
+
 NOW = datetime.fromisoformat("2026-11-24T12:00:05+02:00")
 KEY = ("S001", "K01", "R-1")
 

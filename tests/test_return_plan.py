@@ -14,6 +14,8 @@ from server.schema import ReturnLine
 from storage.ledger import ReturnedLine
 from storage.line_records import Accrual, LineRecord
 
+pytestmark = pytest.mark.no_database
+
 SOLD = {1: LineRecord(1, Decimal(3), 60000, (Accrual("base", 12, 5), Accrual("dairy-x2", 12, 5)), 30, 3000),
         2: LineRecord(2, Decimal(1), 70000, (Accrual("base", 14, 5), Accrual("promo", 50, 6)), 0, 0)}
 POSTINGS = [("redemption", 2, None, "redemption:program", -20), ("redemption", 3, None, "redemption:program", -10),

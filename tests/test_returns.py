@@ -1,5 +1,5 @@
 """Returns and cancels: accrual reversed, spent points refunded, never more than sold."""
-from conftest import line, receipt
+from conftest import connect, line, receipt
 
 CARD = "7000000000002"
 NOW = "2026-11-28T09:00:05+02:00"
@@ -101,7 +101,6 @@ async def test_return_of_unknown_receipt_or_line(make_api):
 async def test_returns_read_receipt_bodies_packed_any_way(make_api, tmp_path):
     """Bodies stored as zstd frames (now), as zlib streams with the default or a small
     window (before) and as plain JSON all serve a return; nothing is rewritten on upgrade."""
-    import sqlite3
     import zlib
 
     from storage.ledger import unpack
@@ -114,7 +113,7 @@ async def test_returns_read_receipt_bodies_packed_any_way(make_api, tmp_path):
         status, res = await api.post("/v1/receipts", receipt(rid, lines, card=CARD, ts="2026-11-28T09:00:00+02:00"),
                                      as_="register")
         assert status == 201, res
-    with sqlite3.connect(tmp_path / "loyalty.db") as conn:
+    with connect(tmp_path / "loyalty.db") as conn:
         new = conn.execute("SELECT body FROM receipts WHERE receipt_id = 'Z-NEW'").fetchone()[0]
         assert new[:4] == b"\x28\xb5\x2f\xfd"      # a zstd frame
         body = unpack(new)

@@ -7,10 +7,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from conftest import storage_database
 from server import rfm
 from storage import segments
 from storage.db import Database
-from storage.schema import migrations
 
 KYIV = ZoneInfo("Europe/Kyiv")
 # 23:30 UTC on 2026-11-30 is already 2026-12-01 in Kyiv: recency counts local days.
@@ -20,7 +20,7 @@ TODAY = date(2026, 12, 1)
 
 @pytest.fixture
 def db(tmp_path):
-    database = Database(tmp_path / "rfm.db", migrations=migrations)
+    database = storage_database(tmp_path / "rfm.db")
     database.open()
     yield database
     database.close()
@@ -37,15 +37,15 @@ def add_receipt(db: Database, key: str, member_id: int, local_date: str, total: 
     def write(conn):
         conn.execute(
             "INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, local_date, total, "
-            "rules_version, status, body, result, created_at) VALUES ('S001', 'K01', ?, x'00', ?, ?, ?, ?, 'v', ?, "
-            "x'7b7d', x'7b7d', ?)", (key, member_id, f"{local_date}T10:00:00.000000Z", local_date, total, status,
-                                     f"{local_date}T10:00:00.000000Z"))
+            "rules_version, status, body, result, created_at) VALUES ('S001', 'K01', ?, ?, ?, ?, ?, ?, 'v', ?, "
+            "?, ?, ?)", (key, b"\0", member_id, f"{local_date}T10:00:00.000000Z", local_date, total, status,
+                         b"{}", b"{}", f"{local_date}T10:00:00.000000Z"))
         if returned:
             conn.execute(
                 "INSERT INTO return_lines (receipt_store, receipt_register, receipt_id, line_no, return_store, "
                 "return_register, return_id, qty, amount, points_reversed, points_refunded, discount_refunded, "
-                "by_rule, created_at) VALUES ('S001', 'K01', ?, 1, 'S001', 'K01', ?, '1', ?, 0, 0, 0, x'5b5d', ?)",
-                (key, "R" + key, returned, f"{local_date}T11:00:00.000000Z"))
+                "by_rule, created_at) VALUES ('S001', 'K01', ?, 1, 'S001', 'K01', ?, '1', ?, 0, 0, 0, ?, ?)",
+                (key, "R" + key, returned, b"[]", f"{local_date}T11:00:00.000000Z"))
     db.write_sync(write)
 
 
@@ -160,8 +160,8 @@ def test_recency_counts_local_days_across_midnight_and_a_clock_change(db):
     def at(key, member_id, ts):
         db.write_sync(lambda conn: conn.execute(
             "INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, local_date, total, "
-            "rules_version, status, body, result, created_at) VALUES ('S001', 'K01', ?, x'00', ?, ?, '', 100, 'v', "
-            "'confirmed', x'7b7d', x'7b7d', ?)", (key, member_id, ts, ts)))
+            "rules_version, status, body, result, created_at) VALUES ('S001', 'K01', ?, ?, ?, ?, '', 100, 'v', "
+            "'confirmed', ?, ?, ?)", (key, b"\0", member_id, ts, b"{}", b"{}", ts)))
     # 22:30 UTC on 30 November is 00:30 on 1 December in Kyiv (UTC+2): bought today.
     at("a", 1, "2026-11-30T22:30:00.000000Z")
     # 21:30 UTC on 31 July is 00:30 on 1 August in Kyiv (summer time, UTC+3): 122 days before.

@@ -5,9 +5,14 @@ cancels and returns keep them equal to the ledger."""
 import asyncio
 import sqlite3
 
+import pytest
+
 from conftest import line, receipt
 from storage.audit import verify
 from test_budgets_and_referrals import api_with_extra, buy, cancel, launch_points
+
+pytestmark = pytest.mark.sqlite_only(reason="rule_totals kept per batch by SQLite's one writer and its upgrade from m031's triggers;"
+                                     " PostgreSQL keeps them by trigger (tests/test_pg_receipt_path.py)")
 
 M030_TRIGGERS = """
 CREATE TRIGGER postings_rule_totals AFTER INSERT ON postings

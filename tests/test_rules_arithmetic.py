@@ -16,6 +16,8 @@ import pytest
 
 from rules import MemberFacts, largest_remainder, load_files, load_program
 
+pytestmark = pytest.mark.no_database
+
 MARKET = pathlib.Path(__file__).parent / "programs" / "market"
 
 SETTINGS = """\

@@ -17,6 +17,8 @@ from rules.conditions import Cmp, Group, group, holds, max_paths, negate, to_eng
 from rules.engine import Engine
 from rules.matching import Matcher
 
+pytestmark = pytest.mark.no_database
+
 FIELDS = {
     "store": ["S001", "S002", "F001", "Київ \"центр\""],
     "tier": ["base", "silver", "gold"],

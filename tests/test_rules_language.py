@@ -15,6 +15,8 @@ import pytest
 
 from rules import MemberFacts, check_files, load_files
 
+pytestmark = pytest.mark.no_database
+
 SETTINGS = """\
 program: {id: t, name: Test, currency: EUR, timezone: Europe/Berlin}
 points: {value: 100, rounding: floor, activation_delay_days: 7, expiry_days: 365}

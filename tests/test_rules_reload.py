@@ -10,6 +10,8 @@ from test_rules_arithmetic import line, receipt
 
 from rules import MemberFacts, engine, load_program
 
+pytestmark = pytest.mark.no_database
+
 MARKET = pathlib.Path(__file__).parent / "programs" / "market"
 
 

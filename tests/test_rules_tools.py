@@ -7,14 +7,14 @@ import io
 import json
 import random
 import shutil
-import sqlite3
 from contextlib import closing
 from datetime import date
 from pathlib import Path
 
 import msgspec
 import pytest
-from conftest import MARKET, TEST_HMAC_KEY, line, receipt
+import yaml
+from conftest import MARKET, TEST_HMAC_KEY, connect, database_section, line, receipt
 
 from rules import MemberFacts, format_explanation, load_files, load_program
 from server.cli import main
@@ -176,8 +176,9 @@ def test_explanation_agrees_with_evaluate_and_the_engine_on_many_receipts(market
 
 def write_config(tmp_path: Path, program_dir: Path = MARKET) -> Path:
     path = tmp_path / "config.yaml"
-    path.write_text(f"database: {{path: {tmp_path / 'loyalty.db'}}}\nrules: {{dir: {program_dir}, watch: false}}\n"
-                    f"privacy: {{hmac_key: {TEST_HMAC_KEY}}}\n")
+    path.write_text(yaml.safe_dump({"database": database_section(tmp_path / "loyalty.db"),
+                                    "rules": {"dir": str(program_dir), "watch": False},
+                                    "privacy": {"hmac_key": TEST_HMAC_KEY}}))
     return path
 
 
@@ -270,7 +271,7 @@ async def test_export_receipts_writes_the_stored_bodies_and_diff_replays_them(ma
     assert main(["export", "receipts", "--config", str(config), "--from", "2026-11-23", "--to", "2026-11-23"]) == 0
     assert [json.loads(t)["receipt_id"] for t in capsys.readouterr().out.splitlines()] == ["X-2"]
     calls = []
-    with closing(sqlite3.connect(f"file:{tmp_path / 'loyalty.db'}?mode=ro", uri=True)) as conn:
+    with closing(connect(tmp_path / "loyalty.db")) as conn:
         assert export_receipts(conn, io.StringIO(), date(2026, 11, 23), None, lambda *done: calls.append(done)) == 2
     assert calls == [(0, 2), (2, 2)]
 

@@ -12,6 +12,7 @@ import sqlite3
 
 import msgspec
 from aiohttp.test_utils import TestClient, TestServer
+import pytest
 
 from conftest import Api, line, receipt, test_config
 from per_rule_postings import to_per_rule_postings
@@ -19,6 +20,8 @@ from server.app import create_app
 from storage import line_records
 from storage.audit import verify
 from storage.ledger import unpack
+
+pytestmark = pytest.mark.sqlite_only(reason="upgrades of old SQLite files")
 
 NOW = "2026-11-24T12:00:05+02:00"
 RECEIPTS = [

@@ -9,7 +9,7 @@ import sqlite3
 from datetime import date, datetime, timedelta, timezone
 
 import pytest
-from conftest import Api, serve_program
+from conftest import Api, serve_program, storage_database
 
 from server import rfm
 from server.keys import CLOCK, DATABASE, PROGRAMS
@@ -97,7 +97,7 @@ async def test_a_receipt_takes_segments_from_the_last_finished_run_while_the_nex
 
 @pytest.fixture
 def db(tmp_path):
-    database = Database(tmp_path / "spans.db", migrations=migrations)
+    database = storage_database(tmp_path / "spans.db")
     database.open()
     database.write_sync(lambda conn: conn.executemany(
         "INSERT INTO members (id, tags, enrolled_at, updated_at) VALUES (?, '[]', '2026-01-01', '2026-01-01')",
@@ -138,6 +138,7 @@ def steps_of_the_read(db: Database, member_id: int) -> tuple[set[str], int]:
     return db.read_sync(read)
 
 
+@pytest.mark.sqlite_only(reason="counts the steps of SQLite's virtual machine (set_progress_handler)")
 def test_a_long_history_of_spans_costs_the_receipts_read_nothing_more(db):
     on_and_off(db, 1, 1, stay=True)
     on_and_off(db, 2, 500, stay=True)

@@ -14,7 +14,10 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
+
+pytestmark = pytest.mark.no_database
 
 ROOT = Path(__file__).resolve().parent.parent
 OWN_PACKAGES = ("server", "rules", "storage")

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import yaml
 
-from conftest import MARKET, line, receipt
+from conftest import MARKET, database_section, line, receipt
 from server.cli import main as cli
 from server.reports import money_text
 
@@ -29,7 +29,7 @@ async def settle(api, tmp_path, program=MARKET, redeem: int = 0) -> tuple[str, l
     status, r = await api.post("/v1/receipts", fuel, as_="fuel")
     assert status == 201, r
     config = tmp_path / "cli.yaml"
-    config.write_text(yaml.safe_dump({"database": {"path": str(tmp_path / "loyalty.db")}, "clock": {"start": NOW},
+    config.write_text(yaml.safe_dump({"database": database_section(tmp_path / "loyalty.db"), "clock": {"start": NOW},
                                       "rules": {"dir": str(program), "watch": False}}))
     out = tmp_path / "reports"
     argv = ["partners", "settle", "--period", "2026-11", "--config", str(config), "--out", str(out)]

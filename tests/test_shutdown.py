@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sqlite3
 import time
 
 import aiohttp
 
-from conftest import KEYS
+from conftest import KEYS, connect
 from test_crash_safety import NOW, Server
 
 WORKERS = 24
@@ -84,7 +83,7 @@ def test_sigterm_finishes_and_commits_requests_in_flight(tmp_path):
     assert 503 in readiness[1:], readiness          # draining is visible to a load balancer
     assert set(answered.values()) <= {201}, answered
     assert len(answered) > before                   # work went on being answered after SIGTERM
-    conn = sqlite3.connect(server.db)
+    conn = connect(server.db)
     stored = {r[0] for r in conn.execute("SELECT receipt_id FROM receipts")}
     lost = [rid for rid in answered if rid not in stored]
     assert not lost, f"answered but not committed: {lost}"

@@ -12,6 +12,8 @@ import pytest
 
 from test_crash_safety import Server
 
+pytestmark = pytest.mark.sqlite_only(reason="unusable SQLite paths and the lock file beside the database")
+
 
 def start_fails(server: Server) -> str:
     """The server's only line of output once it exited 2."""

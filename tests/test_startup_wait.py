@@ -14,6 +14,8 @@ import requests
 from conftest import KEYS
 from test_crash_safety import NOW, Server
 
+pytestmark = pytest.mark.sqlite_only(reason="the wait for SQLite's write lock held by another process at start")
+
 RECEIPT = {"receipt_id": "w-1", "store_id": "S001", "register_id": "K01", "ts": NOW,
            "lines": [{"line_no": 1, "sku": "x", "category": "dairy", "qty": 1, "price": 5000, "amount": 5000}],
            "total": 5000}

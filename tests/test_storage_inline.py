@@ -11,6 +11,8 @@ import pytest
 from storage.db import StorageClosed
 from test_storage_writer import insert_receipt, notes, open_db  # noqa: F401 - open_db is a fixture
 
+pytestmark = pytest.mark.sqlite_only(reason="storage/db.py's inline writes on SQLite's one write connection")
+
 
 async def test_read_now_sees_acknowledged_writes_in_the_calling_thread(open_db):
     db = open_db()

@@ -21,6 +21,8 @@ from storage.db import Database, StorageLost
 from test_storage_faults import fill, small_disk
 from test_storage_writer import insert_receipt, make_migrations, notes
 
+pytestmark = pytest.mark.sqlite_only(reason="salvage of a damaged SQLite file")
+
 WAIT_S = 20.0
 
 

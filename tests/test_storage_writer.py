@@ -17,6 +17,9 @@ from sqlite_utils.migrations import Migrations
 
 from storage.db import Database, Overloaded, StorageClosed, TransactionLost
 
+pytestmark = pytest.mark.sqlite_only(reason="the SQLite write connection's group commit, queue and "
+                                     "checkpoints (storage/db.py)")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GATE_TIMEOUT_S = 10.0
 WAIT_TIMEOUT_S = 10.0

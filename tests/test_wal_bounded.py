@@ -18,6 +18,8 @@ import pytest
 from test_crash_safety import Server
 from test_storage_faults import confirm, enroll, get, metric, receipt, session_for_tests
 
+pytestmark = pytest.mark.sqlite_only(reason="the size of SQLite's WAL file")
+
 LONG = bool(os.environ.get("FAULT_LONG"))
 MIB = 1024 * 1024
 

@@ -9,7 +9,6 @@ import hmac
 import json
 import re
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from conftest import KEYS, PROGRAMS, ROOT, Api, line, receipt, test_config
+from conftest import KEYS, PROGRAMS, ROOT, Api, connect, database_section, line, receipt, test_config
 from server import cli
 from server.app import create_app
 from server.config import WebhookConfig
@@ -186,7 +185,7 @@ async def test_a_dead_letter_does_not_hold_back_later_events_and_retry_sends_it_
 
         receiver.refuse_ids = set()
         config = tmp_path / "retry.yaml"
-        config.write_text(yaml.safe_dump({"database": {"path": str(tmp_path / "loyalty.db")},
+        config.write_text(yaml.safe_dump({"database": database_section(tmp_path / "loyalty.db"),
                                           "privacy": {"hmac_key": "tests-hmac-key-0123456789"}}))
         # Off the loop, as from a shell: the command waits for its commit.
         assert await asyncio.to_thread(cli.main, ["events", "retry", "--config", str(config), "--webhook", "crm"]) == 0
@@ -209,7 +208,7 @@ async def _metrics(api) -> str:
 
 
 def _events_in(server: Server) -> list[int]:
-    with sqlite3.connect(server.db) as conn:
+    with connect(server.db) as conn:
         return [r[0] for r in conn.execute("SELECT id FROM events ORDER BY id")]
 
 
@@ -305,10 +304,10 @@ async def test_every_event_of_a_scripted_day_arrives_through_an_outage_and_a_sig
 
 
 def _types_in(server: Server) -> set[str]:
-    with sqlite3.connect(server.db) as conn:
+    with connect(server.db) as conn:
         return {r[0] for r in conn.execute("SELECT DISTINCT type FROM events")}
 
 
 def _owed(server: Server) -> int:
-    with sqlite3.connect(server.db) as conn:
+    with connect(server.db) as conn:
         return conn.execute("SELECT COUNT(*) FROM event_deliveries").fetchone()[0]

@@ -8,7 +8,7 @@ import sqlite3
 from datetime import date, datetime, timezone
 
 import pytest
-from conftest import Api, serve_program
+from conftest import Api, serve_program, storage_database
 
 from rules import load_files
 from server import rfm
@@ -42,7 +42,7 @@ rules:
 
 @pytest.fixture
 def db(tmp_path):
-    database = Database(tmp_path / "segments.db", migrations=migrations)
+    database = storage_database(tmp_path / "segments.db")
     database.open()
     yield database
     database.close()
@@ -66,15 +66,15 @@ def bought(db: Database, key: str, mid: int, day: str, total: int, returned: int
     def write(conn):
         conn.execute(
             "INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, local_date, total, "
-            "rules_version, status, body, result, created_at) VALUES ('S001', 'K01', ?, x'00', ?, ?, ?, ?, 'v', "
-            "'confirmed', x'7b7d', x'7b7d', ?)", (key, mid, f"{day}T10:00:00.000000Z", day, total,
-                                                   f"{day}T10:00:00.000000Z"))
+            "rules_version, status, body, result, created_at) VALUES ('S001', 'K01', ?, ?, ?, ?, ?, ?, 'v', "
+            "'confirmed', ?, ?, ?)", (key, b"\0", mid, f"{day}T10:00:00.000000Z", day, total, b"{}", b"{}",
+                                      f"{day}T10:00:00.000000Z"))
         if returned:
             conn.execute(
                 "INSERT INTO return_lines (receipt_store, receipt_register, receipt_id, line_no, return_store, "
                 "return_register, return_id, qty, amount, points_reversed, points_refunded, discount_refunded, "
-                "by_rule, created_at) VALUES ('S001', 'K01', ?, 1, 'S001', 'K01', ?, '1', ?, 0, 0, 0, x'5b5d', ?)",
-                (key, "R" + key, returned, f"{day}T11:00:00.000000Z"))
+                "by_rule, created_at) VALUES ('S001', 'K01', ?, 1, 'S001', 'K01', ?, '1', ?, 0, 0, 0, ?, ?)",
+                (key, "R" + key, returned, b"[]", f"{day}T11:00:00.000000Z"))
     db.write_sync(write)
 
 
