@@ -13,6 +13,8 @@ import pytest
 from conftest import KEYS
 from test_crash_safety import NOW, Server
 
+pytestmark = pytest.mark.sqlite_only(reason="that serving SQLite leaves PostgreSQL's driver unloaded")
+
 ROOT = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 120     # generous: the machine is shared
 
