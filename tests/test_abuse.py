@@ -12,7 +12,7 @@ from conftest import line, migrated_connection, receipt, tamper
 from server.keys import DATABASE
 from server.routes import ROUTES
 from storage import admin_audit
-from storage.sql import INTEGRITY_ERRORS
+from storage.sql import integrity_errors
 from test_error_shape import assert_error_shape
 
 NOW = "2026-11-24T12:00:05+02:00"
@@ -152,12 +152,12 @@ async def test_every_admin_action_is_audited_in_a_hash_chain(make_api):
     # Append-only: the triggers refuse changes.
     def edit(conn):
         conn.execute("UPDATE audit_log SET key_id = 'someone' WHERE id = 1")
-    with pytest.raises(INTEGRITY_ERRORS, match="append-only"):
+    with pytest.raises(integrity_errors(), match="append-only"):
         await db.write(edit)
 
     def remove(conn):
         conn.execute("DELETE FROM audit_log WHERE id = 2")
-    with pytest.raises(INTEGRITY_ERRORS, match="append-only"):
+    with pytest.raises(integrity_errors(), match="append-only"):
         await db.write(remove)
 
 

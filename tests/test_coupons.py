@@ -13,7 +13,7 @@ from conftest import POSTGRESQL, connect, storage_database
 from server.privacy import Privacy
 from storage import coupons
 from storage.ledger import iso
-from storage.sql import INTEGRITY_ERRORS
+from storage.sql import integrity_errors
 
 NOW = datetime(2026, 12, 21, 10, tzinfo=timezone.utc)
 PRIVACY = Privacy(b"tests-coupon-key-0123456789")
@@ -70,7 +70,7 @@ def test_used_up_and_given_back(db):
     h = PRIVACY.coupon(coupons.normalize(code))
     first, second, third = ("S001", "K01", "1"), ("S001", "K01", "2"), ("S001", "K01", "3")
     assert db.write_sync(lambda conn: use(conn, h, first, 2))
-    with pytest.raises(INTEGRITY_ERRORS):     # the same receipt: once, and the write is undone
+    with pytest.raises(integrity_errors()):     # the same receipt: once, and the write is undone
         db.write_sync(lambda conn: use(conn, h, first, 2))
     assert judge(db, [code]).statuses == [(code, coupons.USABLE)]
     assert db.write_sync(lambda conn: use(conn, h, second, 2))

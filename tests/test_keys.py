@@ -21,7 +21,7 @@ from conftest import KEYS, _h, connect, database_section, migrated_connection, t
 from server.auth import KeyRing
 from server.config import ConfigError, config_from_dict
 from storage import admin_audit, api_keys
-from storage.sql import INTEGRITY_ERRORS
+from storage.sql import integrity_errors
 from test_crash_safety import Server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,11 +152,11 @@ def test_key_rows_are_revoked_once_and_never_deleted(tmp_path):
     first = api_keys.add(conn, name="Ann", role="manager", stores=[], sha256=_h("a"), created_at="t", created_by="me")
     assert first == "person-1"
     assert api_keys.revoke(conn, first, at="t2", by="me") and not api_keys.revoke(conn, first, at="t3", by="me")
-    with pytest.raises(INTEGRITY_ERRORS, match="revoked, never deleted"):
+    with pytest.raises(integrity_errors(), match="revoked, never deleted"):
         conn.execute("DELETE FROM api_keys")
-    with pytest.raises(INTEGRITY_ERRORS, match="only be revoked"):
+    with pytest.raises(integrity_errors(), match="only be revoked"):
         conn.execute("UPDATE api_keys SET revoked_at = NULL")
-    with pytest.raises(INTEGRITY_ERRORS, match="only be revoked"):
+    with pytest.raises(integrity_errors(), match="only be revoked"):
         conn.execute("UPDATE api_keys SET name = 'Bob'")
     assert api_keys.add(conn, name="Bob", role="support", stores=[], sha256=_h("b"), created_at="t",
                         created_by="me") == "person-2"

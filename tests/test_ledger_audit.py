@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import MARKET, connect, database_section, line, receipt, tamper, test_config
-from storage.sql import INTEGRITY_ERRORS
+from storage.sql import integrity_errors
 from server.cli import main as cli
 from server.keys import CLOCK, DATABASE, PROGRAMS
 from server.jobs import run_all
@@ -45,7 +45,7 @@ async def test_audit_passes_then_fails_on_a_hand_edit(make_api, tmp_path, capsys
     assert "ok:" in out and "outstanding liability" in out
 
     conn = connect(tmp_path / "loyalty.db")
-    with pytest.raises(INTEGRITY_ERRORS):
+    with pytest.raises(integrity_errors()):
         conn.execute("UPDATE postings SET points = points + 1 WHERE id = 3")
     tamper(conn, "postings", "UPDATE postings SET points = points + 1 WHERE id = 3")
     conn.close()
