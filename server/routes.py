@@ -238,7 +238,6 @@ async def rules_versions(app, call: Call) -> Reply:
 
 
 EVENTS_PAGE_MAX = 1_000
-EVENT_ID_MAX = 2**63 - 1
 
 
 async def events_page(app, call: Call) -> Reply:
@@ -246,7 +245,7 @@ async def events_page(app, call: Call) -> Reply:
     only up to the settled id (events.Settled), read after it was settled, so `next_after`
     never passes an event that is still to commit."""
     after = parse_int(call.query.get("after"), "after", default=0)
-    if not 0 <= after <= EVENT_ID_MAX:
+    if not 0 <= after <= events.ID_MAX:
         raise field_error("after", "must be 0 or the id of an event")
     limit = parse_int(call.query.get("limit"), "limit", default=100)
     if not 1 <= limit <= EVENTS_PAGE_MAX:

@@ -155,6 +155,8 @@ def forget_member(conn: sqlite3.Connection, member_id: int, before: Seen | None 
             conn.execute("UPDATE events SET data = ? WHERE id = ?", (_JSON.encode(fields), event_id))
 
 
+# The largest id either database can hold (a signed 64-bit integer).
+ID_MAX = 2**63 - 1
 _EVENT_COLUMNS = "e.id, e.type, e.occurred_at, e.member_id, e.card_last4, e.data, e.crm_id, e.consent"
 
 
@@ -174,13 +176,10 @@ def consent_json(bits: int | None) -> dict[str, bool] | None:
     return {channel: bool(bits >> i & 1) for i, channel in enumerate(CONSENT_CHANNELS)}
 
 
-def page(conn: sqlite3.Connection, after: int, limit: int, upto: int | None = None) -> list[dict]:
-    """The events after the id, oldest first. upto: the highest id to hand out, on
-    PostgreSQL the settled one (Settled), read in a snapshot taken after it was settled;
-    None on SQLite, whose one writer commits events in id order."""
-    if upto is None:
-        return [as_json(r) for r in conn.execute(
-            f"SELECT {_EVENT_COLUMNS} FROM events e WHERE e.id > ? ORDER BY e.id LIMIT ?", (after, limit))]
+def page(conn: sqlite3.Connection, after: int, limit: int, upto: int = ID_MAX) -> list[dict]:
+    """The events after the id, oldest first, none above upto: on PostgreSQL the settled id
+    (Settled), read in a snapshot taken after it was settled; SQLite's one writer commits
+    events in id order, and its pages reach the newest."""
     return [as_json(r) for r in conn.execute(
         f"SELECT {_EVENT_COLUMNS} FROM events e WHERE e.id > ? AND e.id <= ? ORDER BY e.id LIMIT ?",
         (after, upto, limit))]
