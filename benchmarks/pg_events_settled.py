@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
-from pg_cluster import Cluster, bin_dir  # noqa: E402
-from pg_driver import ClusterCpu  # noqa: E402
+from pg_cluster import Cluster, bin_dir, running  # noqa: E402
+from pg_rounds import ClusterCpu, alternate  # noqa: E402
 
 from storage import events  # noqa: E402
 from storage.pg.connection import connect  # noqa: E402
@@ -121,6 +121,13 @@ def measure(url: str, cluster: Cluster, mode: str, args) -> tuple[float, float, 
     return done / elapsed, pg_s / done * 1e6, latencies, settle_s, len(gave_up)
 
 
+def progress(mode: str, result) -> None:
+    rate, pg, lat, settle, gave_up = result
+    print(f"  {mode}: {rate:,.0f} tx/s, PostgreSQL {pg:.0f} µs/tx, latency p50 {ms(lat, 0.5)} p99 {ms(lat, 0.99)} "
+          f"max {ms(lat, 1)} ms; settle p50 {ms(settle, 0.5)} max {ms(settle, 1)} ms, gave up {gave_up}/{len(settle)}",
+          flush=True)
+
+
 def ms(values: list[float], q: float) -> str:
     if not values:
         return "-"
@@ -138,23 +145,13 @@ def main() -> None:
     args = ap.parse_args()
     if bin_dir() is None:
         sys.exit("PostgreSQL is not installed (apt-get install postgresql)")
-    cluster = Cluster(bin_dir())
-    cluster.start()
-    try:
+    with running(Cluster(bin_dir())) as cluster:
         url = cluster.url(cluster.createdb())
         PgDatabase(url).open()      # migrations
-        inserts: dict[bool, list[float]] = {False: [], True: []}
-        for _ in range(args.rounds):
-            for on in inserts:
-                inserts[on].append(statement_us(url, on, args.transactions * 10))
-        rows: dict[str, list] = {mode: [] for mode in MODES}
-        for _ in range(args.rounds):
-            for mode in MODES:
-                rows[mode].append(measure(url, cluster, mode, args))
-                rate, pg, lat, settle, gave_up = rows[mode][-1]
-                print(f"  {mode}: {rate:,.0f} tx/s, PostgreSQL {pg:.0f} µs/tx, latency p50 {ms(lat, 0.5)} "
-                      f"p99 {ms(lat, 0.99)} max {ms(lat, 1)} ms; settle p50 {ms(settle, 0.5)} max {ms(settle, 1)} "
-                      f"ms, gave up {gave_up}/{len(settle)}", flush=True)
+        inserts = alternate({on: (lambda on=on: statement_us(url, on, args.transactions * 10)) for on in (False, True)},
+                            args.rounds)
+        rows = alternate({mode: (lambda mode=mode: measure(url, cluster, mode, args)) for mode in MODES}, args.rounds,
+                         each=progress)
         print(f"\nAn event's INSERT statement inside PostgreSQL, {args.transactions * 10} in one transaction, median of "
               f"{args.rounds}: lock off {statistics.median(inserts[False]):.0f} µs, "
               f"lock on {statistics.median(inserts[True]):.0f} µs")
@@ -170,9 +167,6 @@ def main() -> None:
             settle = [ms(sum((r[3] for r in results), []), q) for q in (0.5, 1)]
             print(f"| {mode} | {rate:,.0f} | {pg:.0f} | {cols[0]:.1f} | {cols[1]:.1f} | {cols[2]:.1f} | "
                   f"{settle[0]} | {settle[1]} |")
-    finally:
-        cluster.stop()
-
 
 if __name__ == "__main__":
     main()
