@@ -56,6 +56,16 @@ def pg_url(pg_cluster) -> str:
     return pg_cluster.url(pg_cluster.createdb())
 
 
+@pytest.fixture
+def pg_database(pg_url):
+    """That database opened (migrated) as the server opens it, with two connections."""
+    from storage.pg.database import PgDatabase
+    db = PgDatabase(pg_url, connections=2)
+    db.open()
+    yield db
+    db.close()
+
+
 # The PostgreSQL pass (LOYALTY_TEST_BACKEND=postgresql) leaves out what would only repeat
 # the SQLite pass or cannot mean anything there:
 # - no_database: a test file that opens no database (the rule language, config parsing);

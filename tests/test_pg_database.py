@@ -1,4 +1,4 @@
-"""The PostgreSQL backend's Database (storage/pg/database.py): a write is committed before its
+"""The PostgreSQL backend's Database (storage/pg/pg_database.py): a write is committed before its
 caller hears of it, a failing one leaves nothing, and while PostgreSQL is down (a restart, a
 failover) writes fail with 503 storage_unavailable until it is back, when they work again
 without restarting the server."""
@@ -13,17 +13,9 @@ import pytest
 from server.errors import error_answer
 from storage.db import Grouped, Ready
 from storage.health import StorageUnavailable
-from storage.pg.database import RECONNECT_GAP_S, PgDatabase
+from storage.pg.database import RECONNECT_GAP_S
 
 BACK_WITHIN_S = 30      # generous: the machine is shared
-
-
-@pytest.fixture
-def database(pg_url):
-    db = PgDatabase(pg_url, connections=2)
-    db.open()
-    yield db
-    db.close()
 
 
 def put(conn, value: str) -> int:
@@ -35,25 +27,25 @@ def names(conn) -> list[str]:
     return [r[0] for r in conn.execute("SELECT event_id FROM event_fires ORDER BY event_id")]
 
 
-async def test_a_write_is_committed_and_a_failing_one_leaves_nothing(database):
-    assert await database.write(lambda conn: put(conn, "a")) == 1
+async def test_a_write_is_committed_and_a_failing_one_leaves_nothing(pg_database):
+    assert await pg_database.write(lambda conn: put(conn, "a")) == 1
 
     def fails(conn):
         put(conn, "b")
         raise ValueError("refused after writing")
     with pytest.raises(ValueError):
-        await database.write(fails)
-    assert await database.read(names) == ["a"]
-    assert database.read_sync(names) == ["a"]
-    assert await database.write_grouped(Grouped(lambda conn, group: Ready("known"), lambda conn, plans: [])) == "known"
+        await pg_database.write(fails)
+    assert await pg_database.read(names) == ["a"]
+    assert pg_database.read_sync(names) == ["a"]
+    assert await pg_database.write_grouped(Grouped(lambda conn, group: Ready("known"), lambda conn, plans: [])) == "known"
 
 
-async def test_while_postgresql_is_down_writes_answer_storage_unavailable_then_work_again(database, pg_cluster):
-    await database.write(lambda conn: put(conn, "before"))
+async def test_while_postgresql_is_down_writes_answer_storage_unavailable_then_work_again(pg_database, pg_cluster):
+    await pg_database.write(lambda conn: put(conn, "before"))
     pg_cluster.stop_server()
     try:
         with pytest.raises(StorageUnavailable) as refused:
-            await database.write(lambda conn: put(conn, "while down"))
+            await pg_database.write(lambda conn: put(conn, "while down"))
         status, body, headers = error_answer(refused.value, "POST", "confirm")
         assert status == 503 and headers == {"Retry-After": "1"}
         assert msgspec.json.decode(body)["error"]["code"] == "storage_unavailable"
@@ -62,9 +54,9 @@ async def test_while_postgresql_is_down_writes_answer_storage_unavailable_then_w
     deadline = time.monotonic() + BACK_WITHIN_S
     while True:
         try:
-            await database.write(lambda conn: put(conn, "after"))
+            await pg_database.write(lambda conn: put(conn, "after"))
             break
         except StorageUnavailable:
             assert time.monotonic() < deadline, "writes did not work again after PostgreSQL came back"
             await asyncio.sleep(RECONNECT_GAP_S / 4)
-    assert await database.read(names) == ["after", "before"]
+    assert await pg_database.read(names) == ["after", "before"]

@@ -46,14 +46,6 @@ async def receiver():
     await r.stop()
 
 
-@pytest.fixture
-def database(pg_url):
-    db = PgDatabase(pg_url, connections=2)
-    db.open()
-    yield db
-    db.close()
-
-
 def dispatcher(db: PgDatabase, receiver: Receiver | None, tmp_path) -> Dispatcher:
     config = test_config(tmp_path, "2026-11-24T12:00:05+02:00")
     hooks = [] if receiver is None else [msgspec.convert(
@@ -86,9 +78,9 @@ def queued(url: str) -> list[int]:
         conn.close()
 
 
-async def test_an_event_committed_after_a_later_one_was_sent_is_still_delivered(database, receiver, pg_url,
+async def test_an_event_committed_after_a_later_one_was_sent_is_still_delivered(pg_database, receiver, pg_url,
                                                                                  tmp_path):
-    d = dispatcher(database, receiver, tmp_path)
+    d = dispatcher(pg_database, receiver, tmp_path)
     await d.start()
     slow, quick = connect(pg_url), connect(pg_url)
     try:
@@ -107,11 +99,11 @@ async def test_an_event_committed_after_a_later_one_was_sent_is_still_delivered(
                                                                           (lower, "2026-11-24")]
     check_signed(receiver)
     assert queued(pg_url) == []
-    assert await database.read(lambda c: c.execute("SELECT COUNT(*) FROM event_deliveries").fetchone()[0]) == 0
+    assert await pg_database.read(lambda c: c.execute("SELECT COUNT(*) FROM event_deliveries").fetchone()[0]) == 0
 
 
-async def test_a_rolled_back_event_leaves_nothing_to_fan_out(database, receiver, pg_url, tmp_path):
-    d = dispatcher(database, receiver, tmp_path)
+async def test_a_rolled_back_event_leaves_nothing_to_fan_out(pg_database, receiver, pg_url, tmp_path):
+    d = dispatcher(pg_database, receiver, tmp_path)
     await d.start()
     conn = connect(pg_url)
     try:
@@ -127,11 +119,11 @@ async def test_a_rolled_back_event_leaves_nothing_to_fan_out(database, receiver,
     assert queued(pg_url) == []
 
 
-async def test_with_no_webhook_the_queue_is_emptied_so_events_can_go(database, pg_url, tmp_path):
+async def test_with_no_webhook_the_queue_is_emptied_so_events_can_go(pg_database, pg_url, tmp_path):
     """An installation without webhooks must not keep a queue row per event for ever."""
-    d = dispatcher(database, None, tmp_path)
+    d = dispatcher(pg_database, None, tmp_path)
     await d.start()
-    await database.write(lambda c: [birthday(c, "2026-11-24"), birthday(c, "2026-11-25")])
+    await pg_database.write(lambda c: [birthday(c, "2026-11-24"), birthday(c, "2026-11-25")])
     await rounds_until(d, lambda: queued(pg_url) == [])
 
 
