@@ -142,6 +142,13 @@ def storage_database(path: Path):
     return Database(path, migrations=migrations)
 
 
+def add_members(db, count: int) -> None:
+    """Members 1 to count, bare rows (no card, no lots), through db.write_sync."""
+    db.write_sync(lambda conn: conn.executemany(
+        "INSERT INTO members (id, tags, enrolled_at, updated_at) VALUES (?, '[]', '2026-01-01', '2026-01-01')",
+        [(i,) for i in range(1, count + 1)]))
+
+
 def tamper(conn, table: str, sql: str, params=()) -> None:
     """Runs sql (an UPDATE or DELETE of `table`) as an attacker with write access to the
     database would, past its append-only guard, and commits: on SQLite by dropping the

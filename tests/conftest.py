@@ -14,8 +14,8 @@ from server.privacy import rotate_key_command
 
 from pg_cluster import Cluster, ReplicatedPair, bins_or_skip, running
 # database_section / connect: the test's database on the backend LOYALTY_TEST_BACKEND names.
-from backend import (POSTGRESQL, SESSION, connect, database_section, migrated_connection, storage_database,  # noqa: E402,F401
-                     tamper)
+from backend import (POSTGRESQL, SESSION, add_members, connect, database_section, migrated_connection,  # noqa: E402,F401
+                     storage_database, tamper)
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tests' own copies of the shipped programs: a manager who edits rules/programs/ does

@@ -5,7 +5,7 @@ from datetime import date, datetime, timezone
 
 import pytest
 
-from conftest import storage_database
+from conftest import add_members, storage_database
 from storage import offers
 
 NOW = datetime(2026, 11, 24, 10, tzinfo=timezone.utc)
@@ -16,9 +16,7 @@ DEC = date(2026, 12, 10)
 def db(tmp_path):
     database = storage_database(tmp_path / "offers.db")
     database.open()
-    database.write_sync(lambda conn: conn.executemany(
-        "INSERT INTO members (id, tags, enrolled_at, updated_at) VALUES (?, '[]', '2026-01-01', '2026-01-01')",
-        [(1,), (2,)]))
+    add_members(database, 2)
     yield database
     database.close()
 

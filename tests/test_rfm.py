@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from conftest import storage_database
+from conftest import add_members, storage_database
 from server import rfm
 from storage import segments
 from storage.db import Database
@@ -24,12 +24,6 @@ def db(tmp_path):
     database.open()
     yield database
     database.close()
-
-
-def add_members(db: Database, count: int) -> None:
-    db.write_sync(lambda conn: conn.executemany(
-        "INSERT INTO members (id, tags, enrolled_at, updated_at) VALUES (?, '[]', '2026-01-01', '2026-01-01')",
-        [(i,) for i in range(1, count + 1)]))
 
 
 def add_receipt(db: Database, key: str, member_id: int, local_date: str, total: int,

@@ -9,7 +9,7 @@ import sqlite3
 from datetime import date, datetime, timedelta, timezone
 
 import pytest
-from conftest import Api, serve_program, storage_database
+from conftest import Api, add_members, serve_program, storage_database
 
 from server import rfm
 from server.keys import CLOCK, DATABASE, PROGRAMS
@@ -99,9 +99,7 @@ async def test_a_receipt_takes_segments_from_the_last_finished_run_while_the_nex
 def db(tmp_path):
     database = storage_database(tmp_path / "spans.db")
     database.open()
-    database.write_sync(lambda conn: conn.executemany(
-        "INSERT INTO members (id, tags, enrolled_at, updated_at) VALUES (?, '[]', '2026-01-01', '2026-01-01')",
-        [(1,), (2,)]))
+    add_members(database, 2)
     yield database
     database.close()
 
@@ -170,9 +168,7 @@ def test_a_database_from_before_the_index_gets_it_and_reads_the_same(tmp_path):
     path = tmp_path / "old.db"
     db = Database(path, migrations=migrations)
     db.open()
-    db.write_sync(lambda conn: conn.executemany(
-        "INSERT INTO members (id, tags, enrolled_at, updated_at) VALUES (?, '[]', '2026-01-01', '2026-01-01')",
-        [(1,), (2,), (3,)]))
+    add_members(db, 3)
     on_and_off(db, 1, 3, stay=True)
     on_and_off(db, 2, 3, stay=False)
 
