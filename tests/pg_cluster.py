@@ -48,8 +48,9 @@ class Cluster:
 
     def __init__(self, bins: Path, settings: dict[str, str] | None = None):
         self.bins = bins
-        # Server settings beyond the defaults below (replication's, for a primary).
-        self.settings = dict(settings or {})
+        # Server settings over the defaults (replication's for a primary; the suite's pass
+        # its own max_connections and no fsync).
+        self.settings = {"max_connections": str(MAX_CONNECTIONS), "shared_buffers": "64MB", **(settings or {})}
         self.root = Path(tempfile.mkdtemp(prefix="loyalty-pg-"))
         self.data, self.sock = self.root / "data", self.root / "sock"
         self.port = _free_port()
@@ -73,9 +74,9 @@ class Cluster:
         self.start_server()
 
     def start_server(self) -> None:
-        # fsync stays on: the durability the server promises is measured against a real one.
-        options = (f"-k {self.sock} -p {self.port} -c listen_addresses='' "
-                   f"-c max_connections={MAX_CONNECTIONS} -c shared_buffers=64MB")
+        # fsync stays on unless settings say otherwise: the durability the server promises is
+        # measured against a real one.
+        options = f"-k {self.sock} -p {self.port} -c listen_addresses=''"
         options += "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self._run(str(self.bins / "pg_ctl"), "-D", str(self.data), "-w", "-t", str(COMMAND_TIMEOUT_S),
                   "-l", str(self.root / "postgresql.log"), "-o", options, "start")
