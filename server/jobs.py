@@ -75,15 +75,15 @@ def expire_batch(conn, program: Program, now: datetime, after: tuple[str, int] =
     """Post expiry for lots whose expiry date has come; counts the lots it looked at."""
     today = now.astimezone(program.timezone).date().isoformat()
     rows = conn.execute(
-        "SELECT l.id, l.member_id, l.expires_on, (SELECT SUM(points) FROM postings p WHERE p.lot_id = l.id) "
-        "FROM lots l WHERE l.expiry_done = 0 AND l.expires_on IS NOT NULL AND l.expires_on <= ? "
-        "AND (l.expires_on, l.id) > (?, ?) ORDER BY l.expires_on, l.id LIMIT ?",
+        "SELECT l.id, l.member_id, l.expires_on, l.remaining FROM lots l WHERE l.expiry_done = 0 "
+        "AND l.expires_on IS NOT NULL AND l.expires_on <= ? AND (l.expires_on, l.id) > (?, ?) "
+        "ORDER BY l.expires_on, l.id LIMIT ?",
         (today, *after, BATCH_ROWS_MAX)).fetchall()
     conn.executemany("UPDATE lots SET expiry_done = 1 WHERE id = ?", [(r[0],) for r in rows])
     for lot_id, member_id, expires_on, remaining in rows:
         if ledger.lock_member(conn, member_id):
             # Several writers (PostgreSQL): a receipt may have spent from it since it was read.
-            remaining = conn.execute("SELECT SUM(points) FROM postings WHERE lot_id = ?", (lot_id,)).fetchone()[0]
+            remaining = conn.execute("SELECT remaining FROM lots WHERE id = ?", (lot_id,)).fetchone()[0]
         if remaining <= 0:     # spent in full, or a debt (debts do not expire)
             continue
         # The points are gone from the first moment of the expiry date, local time.

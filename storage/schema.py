@@ -897,3 +897,17 @@ def m033_segment_spans_current(db):
 CREATE INDEX segment_spans_member_current ON segment_spans(member_id, to_run, valid_to, from_run, segment_id);
 DROP INDEX segment_spans_member
 """)
+
+
+@migrations()
+def m035_postings_lot_expiry(db):
+    """postings_lot (every posting by its lot) goes: each index a receipt's posting goes into
+    is one more B-tree page its COMMIT writes to the WAL, and what was read through it is
+    answered otherwise. The expiry job reads a lot's points left from lots.remaining (exact,
+    kept by every posting writer and checked by audit verify); a return reads what expiry
+    took from a lot from postings_lot_expiry, which holds the expiry postings alone, which
+    receipts never write. A balance at a past moment goes through postings_member as before."""
+    _run(db, """
+CREATE INDEX postings_lot_expiry ON postings(lot_id) WHERE kind = 'expiry';
+DROP INDEX postings_lot
+""")

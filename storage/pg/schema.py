@@ -682,6 +682,9 @@ SQLITE_TWINS: dict[str, tuple[str, ...]] = {
     # Drops SQLite's rule_totals triggers; PostgreSQL keeps its own (INTENDED_DIFFERENCES).
     "m032_rule_totals_per_batch": (),
     "m033_segment_spans_current": ("p010_segment_spans_current",),
+    # Drops SQLite's postings_lot; PostgreSQL keeps it, which answers what the partial index
+    # that replaces it does (INTENDED_DIFFERENCES).
+    "m035_postings_lot_expiry": (),
 }
 
 
@@ -723,6 +726,11 @@ INTENDED_DIFFERENCES: dict[str, str] = {
     # SQLite's m033 replaced it by segment_spans_member_current, of which it is a prefix;
     # migrations here only add, so it stays for a previous version's reads.
     "index segment_spans_member on segment_spans (member_id): only on PostgreSQL": "migrations here only add",
+    # SQLite's m035 dropped it (one B-tree page less in a receipt's COMMIT) for the partial
+    # index below; migrations here only add, and it answers what that one does.
+    "index postings_lot on postings (lot_id): only on PostgreSQL": "migrations here only add",
+    "index postings_lot_expiry on postings (lot_id) partial: only on SQLite":
+        "postings_lot, which PostgreSQL keeps, finds a lot's expiry postings",
     # Several writers commit events out of id order, so a cursor over ids (event_fanout,
     # SQLite's one writer commits them in order) would pass an event committed late.
     "table event_fanout_pending: only on PostgreSQL": "the events not fanned out to the webhooks yet, a row each, "

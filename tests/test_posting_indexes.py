@@ -1,0 +1,112 @@
+"""A receipt's postings go into fewer indexes (m035): postings_lot is gone, as each index a
+posting goes into is one more B-tree page a commit writes to the WAL. What was read through
+it is answered otherwise: the expiry job takes a lot's points left from lots.remaining, a
+return what expiry took from a lot from the partial index of expiry postings, audit verify
+sums the postings by lot in one pass. A database from before upgrades and answers the same."""
+import sqlite3
+from datetime import datetime
+
+import pytest
+
+from conftest import line, receipt
+from server.jobs import run_all
+from server.keys import CLOCK, DATABASE, PROGRAMS
+from storage import ledger
+from storage.audit import verify
+
+pytestmark = pytest.mark.sqlite_only(reason="SQLite's indexes of postings and their upgrade; PostgreSQL keeps "
+                                     "postings_lot (storage/pg/schema.py INTENDED_DIFFERENCES)")
+
+NOW = "2026-11-24T12:00:05+02:00"
+RECEIPT = {"store_id": "S001", "register_id": "K01", "receipt_id": "E-1"}
+
+
+def to_before_m035(path) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript("""
+        BEGIN;
+        DROP INDEX postings_lot_expiry;
+        CREATE INDEX postings_lot ON postings(lot_id);
+        DELETE FROM _sqlite_migrations WHERE name = 'm035_postings_lot_expiry';
+        COMMIT;
+    """)
+    conn.close()
+
+
+def posting_indexes(path) -> set[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return {name for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'postings' AND sql IS NOT NULL")}
+    finally:
+        conn.close()
+
+
+def audited(path) -> list[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return verify(conn).problems
+    finally:
+        conn.close()
+
+
+async def test_an_older_database_upgrades_then_expires_and_refunds_by_what_lots_keep(make_api, tmp_path):
+    db = tmp_path / "loyalty.db"
+    api = await make_api(now=NOW)
+    await api.post("/v1/members", {"card": "1"})          # 100 welcome points, expire 2027-11-24
+    status, bought = await api.post("/v1/receipts", receipt("E-1", [line(1, "grocery", 100000)], card="1",
+                                                            redeem=60), as_="register")
+    assert status == 201 and bought["redeemed"]["points"] == 60
+    await api.client.close()
+    to_before_m035(db)
+    assert "postings_lot" in posting_indexes(db)
+
+    api = await make_api(now=NOW)               # m035 runs at start
+    assert posting_indexes(db) == {"postings_member", "postings_counter", "postings_receipt", "postings_lot_expiry"}
+    app = api.client.app
+    app[CLOCK].set(datetime.fromisoformat("2027-11-25T10:00:00+02:00"))
+    done = await run_all(app[DATABASE], app[PROGRAMS].current, app[CLOCK].now())
+    assert done["expired_lots"] >= 1
+    _, statement = await api.get("/v1/members/1/statement")
+    expired = [p["points"] for p in statement["postings"] if p["kind"] == "expiry"]
+    assert -40 in expired                                   # what the welcome lot had left, not its 100
+    _, before = await api.get("/v1/members/1")
+
+    # The 60 points paid with go back to the welcome lot, which expired meanwhile: they are
+    # expired at once, and the balance does not move.
+    status, returned = await api.post("/v1/returns", {"return_id": "late", **{k: v for k, v in RECEIPT.items()
+                                                                              if k != "receipt_id"},
+                                                      "receipt": RECEIPT, "lines": [{"line_no": 1, "qty": 1}]},
+                                      as_="register")
+    assert status == 201 and returned["refunded"]["points"] == 60
+    _, after = await api.get("/v1/members/1")
+    assert after["balance"]["available"] == before["balance"]["available"]
+    await api.client.close()
+    assert audited(db) == []
+
+
+def test_a_returns_expiry_facts_come_from_expiry_postings_alone(tmp_path):
+    """lot_facts reads the partial index, which no receipt writes, and sums expiry only."""
+    from storage.schema import migrations
+    import sqlite_utils
+    conn = sqlite_utils.Database(sqlite3.connect(tmp_path / "plan.db")).conn
+    migrations.apply(sqlite_utils.Database(conn))
+    plan = [row[3] for row in conn.execute(
+        "EXPLAIN QUERY PLAN SELECT l.id, l.expires_on, -COALESCE((SELECT SUM(points) FROM postings p "
+        "WHERE p.lot_id = l.id AND p.kind = 'expiry'), 0) FROM lots l WHERE l.id IN (?)", (1,))]
+    assert any("postings_lot_expiry" in step for step in plan), plan
+    assert ledger.lot_facts(conn, [1]) == {}
+    conn.close()
+
+
+async def test_audit_verify_names_a_lot_whose_kept_points_disagree_with_its_postings(make_api, tmp_path):
+    db = tmp_path / "loyalty.db"
+    api = await make_api(now=NOW)
+    await api.post("/v1/members", {"card": "1"})
+    await api.client.close()
+    assert audited(db) == []
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("UPDATE lots SET remaining = remaining + 1")
+    conn.close()
+    problems = audited(db)
+    assert len(problems) == 1 and "says 101 points remain, its postings sum to 100" in problems[0], problems
