@@ -359,7 +359,8 @@ def export_receipts(conn: sqlite3.Connection, out, first: date | None = None, la
         params.append(last.isoformat())
     condition = " AND ".join(where)
     total = conn.execute(f"SELECT COUNT(*) FROM receipts WHERE {condition}", params).fetchone()[0]
-    cursor = conn.execute(f"SELECT body, {member_facts.COLUMN} FROM receipts r {member_facts.joined(conn)} "
+    facts_column, facts_join = member_facts.source(conn)
+    cursor = conn.execute(f"SELECT body, {facts_column} FROM receipts r {facts_join} "
                           f"WHERE {condition} ORDER BY r.ts, r.store_id, r.register_id, r.receipt_id", params)
     done = 0
     if progress:

@@ -3,7 +3,8 @@
 Nothing here decides: the lots, their points and dates, every posting and its amount come
 from the plan. The confirms of one batch are written together (apply_confirms): one
 INSERT for all their lots, one for their postings, one for the accruals' split by rule
-(posting_rules), one UPDATE of the lots' remaining points, one INSERT of their receipt rows;
+(posting_rules), one UPDATE of the lots' remaining points, one INSERT of their receipt rows
+(each with its line records and member facts);
 their coupon uses and personal offer charges likewise, from the rows their plans read.
 
 What a plan reads and writes is its own member's rows, plus two things every member
@@ -69,7 +70,8 @@ def apply_confirms(conn: sqlite3.Connection, confirms: list[Confirmed]) -> list:
         receipts.append(ledger.receipt_row(
             plan.key, body_sha256=c.fingerprint, member_id=plan.member.id if plan.member else None,
             ts=iso(c.receipt.ts), local_date=str(plan.evaluation.local_date), total=c.receipt.total,
-            rules_version=c.program.version, body=c.body, result=c.answer, lines=lines, now=now))
+            rules_version=c.program.version, body=c.body, result=c.answer, lines=lines,
+            member_facts=None if plan.member_facts is None else member_facts.encode(plan.member_facts), now=now))
     # Most batches at low load hold one receipt without a hold, a late lot or a limited
     # rule: a statement with nothing to write is not sent.
     if holds:
@@ -80,7 +82,6 @@ def apply_confirms(conn: sqlite3.Connection, confirms: list[Confirmed]) -> list:
     if fires:
         ledger.record_fires(conn, fires)
     ledger.insert_receipts(conn, receipts)
-    member_facts.insert(conn, [(c.plan.key, c.plan.member_facts) for c in confirms if c.plan.member_facts is not None])
     _customer_value(conn, [c for c in confirms if c.plan.member is not None])
     for c in confirms:
         for event in c.plan.events:

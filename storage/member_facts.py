@@ -1,7 +1,8 @@
 """What the rules knew about the member behind a confirmed receipt, kept with it.
 
-Written with the receipt (receipt_member_facts, m027) from the same plan its postings come
-from, so a backtest, `rules diff` and the explanation of a stored receipt replay it with
+Written in the receipt's own row (receipts.member_facts, m036; receipt_member_facts, from
+m027 until then, which PostgreSQL keeps for the receipts of that time) from the same plan
+its postings come from, so a backtest, `rules diff` and the explanation of a stored receipt replay it with
 the member as the server saw them at arrival, not as a member without segments, offers or
 coupons: the tier and the window totals it was computed from, tags, birthday, enrolment,
 the receipt's number, the segments, the personal offers with the points they had left and
@@ -81,48 +82,47 @@ def decode(data: bytes) -> ReceiptMemberFacts:
     return _read(data)
 
 
-def insert(conn: sqlite3.Connection, rows: list[tuple[tuple[str, str, str], ReceiptMemberFacts]]) -> None:
-    """In the receipts' own write transaction."""
-    if rows:
-        conn.executemany("INSERT INTO receipt_member_facts (store_id, register_id, receipt_id, facts) "
-                         "VALUES (?, ?, ?, ?)", [(*key, encode(record)) for key, record in rows])
+def source(conn: sqlite3.Connection) -> tuple[str, str]:
+    """What a read of receipts (aliased r) selects for each one's record (NULL when it has
+    none) and the join that needs. On PostgreSQL the receipts confirmed before p013 have
+    theirs in receipt_member_facts. A SQLite database not upgraded yet (a tool run before
+    the server was restarted on a new version) has them there too, or none before m027."""
+    if is_postgresql(conn):
+        return "COALESCE(r.member_facts, f.facts)", _OLD_TABLE
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'receipt_member_facts'").fetchone():
+        return "f.facts", _OLD_TABLE
+    if any(row[1] == "member_facts" for row in conn.execute("PRAGMA table_info(receipts)")):
+        return "r.member_facts", ""
+    return "NULL", ""
 
 
-# What a read of receipts (aliased r) selects and joins to get each one's record, or NULL.
-COLUMN = "f.facts"
-
-
-def joined(conn: sqlite3.Connection) -> str:
-    """The join for COLUMN; a database not upgraded yet (a tool run before the server was
-    restarted on a new version) has no records, and every receipt reads NULL. PostgreSQL's
-    schema has had the table from its start."""
-    if is_postgresql(conn) or \
-            conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'receipt_member_facts'").fetchone():
-        return ("LEFT JOIN receipt_member_facts f ON f.store_id = r.store_id AND f.register_id = r.register_id "
-                "AND f.receipt_id = r.receipt_id")
-    return "LEFT JOIN (SELECT NULL AS facts) f ON 0"
+_OLD_TABLE = ("LEFT JOIN receipt_member_facts f ON f.store_id = r.store_id AND f.register_id = r.register_id "
+              "AND f.receipt_id = r.receipt_id")
 
 
 def read(conn: sqlite3.Connection, key: tuple[str, str, str]) -> ReceiptMemberFacts | None:
-    row = conn.execute("SELECT facts FROM receipt_member_facts WHERE store_id = ? AND register_id = ? "
-                       "AND receipt_id = ?", key).fetchone()
-    return None if row is None else decode(row[0])
+    column, join = source(conn)
+    row = conn.execute(f"SELECT {column} FROM receipts r {join} WHERE r.store_id = ? AND r.register_id = ? "
+                       "AND r.receipt_id = ?", key).fetchone()
+    return None if row is None or row[0] is None else decode(row[0])
 
 
 def erase_personal(conn: sqlite3.Connection, member_id: int) -> int:
     """An erased member's birthday and tags leave the records of their receipts too (the
     rest is about the program, not the person); how many records changed."""
-    rows = conn.execute(
-        "SELECT f.store_id, f.register_id, f.receipt_id, f.facts FROM receipts r JOIN receipt_member_facts f "
-        "ON f.store_id = r.store_id AND f.register_id = r.register_id AND f.receipt_id = r.receipt_id "
-        "WHERE r.member_id = ?", (member_id,)).fetchall()
+    column, join = source(conn)
+    rows = conn.execute(f"SELECT r.store_id, r.register_id, r.receipt_id, {column} FROM receipts r {join} "
+                        f"WHERE r.member_id = ? AND {column} IS NOT NULL", (member_id,)).fetchall()
     changed = 0
     for store_id, register_id, receipt_id, data in rows:
         record = decode(data)
         if record.birthday is None and not record.tags:
             continue
-        conn.execute("UPDATE receipt_member_facts SET facts = ? WHERE store_id = ? AND register_id = ? "
-                     "AND receipt_id = ?", (encode(msgspec.structs.replace(record, birthday=None, tags=[])),
-                                            store_id, register_id, receipt_id))
+        erased = (encode(msgspec.structs.replace(record, birthday=None, tags=[])), store_id, register_id, receipt_id)
+        conn.execute("UPDATE receipts SET member_facts = ? WHERE store_id = ? AND register_id = ? "
+                     "AND receipt_id = ?", erased)
+        if join:    # the copy from before, kept beside on PostgreSQL, goes as well
+            conn.execute("UPDATE receipt_member_facts SET facts = ? WHERE store_id = ? AND register_id = ? "
+                         "AND receipt_id = ?", erased)
         changed += 1
     return changed

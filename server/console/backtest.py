@@ -69,10 +69,10 @@ def stored_receipts(conn: sqlite3.Connection, first: date, last: date, job: Back
     recorded with it (None before they were), a page per read (keyset on the receipts_day
     index), counting job.done; stops when job.stop is set."""
     after = (first.isoformat(), "", "", "", "")
-    join = member_facts.joined(conn)
+    column, join = member_facts.source(conn)
     while not job.stop.is_set():
         rows = conn.execute(
-            f"SELECT r.local_date, r.ts, r.store_id, r.register_id, r.receipt_id, r.body, {member_facts.COLUMN} "
+            f"SELECT r.local_date, r.ts, r.store_id, r.register_id, r.receipt_id, r.body, {column} "
             f"FROM receipts r {join} "
             "WHERE (r.local_date, r.ts, r.store_id, r.register_id, r.receipt_id) > (?, ?, ?, ?, ?) "
             "AND r.local_date <= ? AND r.status = 'confirmed' "

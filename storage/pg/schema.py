@@ -637,6 +637,13 @@ CREATE TRIGGER events_writers_lock BEFORE INSERT ON events
 
 # In order; a name is never reused or changed once released, and each only adds
 # (docs/postgresql.md, "Schema changes and rolling upgrades").
+# SQLite's m036: a receipt's member facts are written in its row. receipt_member_facts stays
+# (migrations here only add) with the facts of receipts confirmed before, which readers
+# take when the row has none (storage/member_facts.py).
+P013_MEMBER_FACTS_IN_RECEIPTS = """
+ALTER TABLE receipts ADD COLUMN member_facts bytea
+"""
+
 MIGRATIONS: list[Migration] = [
     Migration("p001_receipt_path", P001_RECEIPT_PATH),
     Migration("p002_chain_anchors", P002_CHAIN_ANCHORS),
@@ -649,6 +656,7 @@ MIGRATIONS: list[Migration] = [
     Migration("p009_event_fanout_queue", P009_EVENT_FANOUT_QUEUE),
     Migration("p010_segment_spans_current", P010_SEGMENT_SPANS_CURRENT),
     Migration("p011_events_settled", P011_EVENTS_SETTLED),
+    Migration("p013_member_facts_in_receipts", P013_MEMBER_FACTS_IN_RECEIPTS),
 ]
 
 # Each SQLite migration (storage/schema.py) and the PostgreSQL migrations that give its
@@ -685,6 +693,7 @@ SQLITE_TWINS: dict[str, tuple[str, ...]] = {
     # Drops SQLite's postings_lot; PostgreSQL keeps it, which answers what the partial index
     # that replaces it does (INTENDED_DIFFERENCES).
     "m035_postings_lot_expiry": (),
+    "m036_member_facts_in_receipts": ("p013_member_facts_in_receipts",),
 }
 
 
@@ -731,6 +740,10 @@ INTENDED_DIFFERENCES: dict[str, str] = {
     "index postings_lot on postings (lot_id): only on PostgreSQL": "migrations here only add",
     "index postings_lot_expiry on postings (lot_id) partial: only on SQLite":
         "postings_lot, which PostgreSQL keeps, finds a lot's expiry postings",
+    # SQLite's m036 moved a receipt's member facts into its row and dropped the table;
+    # here it stays for the receipts confirmed before p013 (migrations here only add).
+    "table receipt_member_facts: only on PostgreSQL": "the member facts of receipts confirmed before p013, "
+                                                      "read where receipts.member_facts is NULL",
     # Several writers commit events out of id order, so a cursor over ids (event_fanout,
     # SQLite's one writer commits them in order) would pass an event committed late.
     "table event_fanout_pending: only on PostgreSQL": "the events not fanned out to the webhooks yet, a row each, "
