@@ -43,7 +43,9 @@ REGISTER = Principal("bench", "register", frozenset({"S001"}))
 MANAGER = Principal("bench-manager", "manager", frozenset())
 CATEGORIES = %r
 # Receipts come from this many registers in turn, each numbering its own: the indexes keyed
-# by a receipt's identity take them at as many places, as a store's tills do.
+# by a receipt's identity take them at as many places, as a store's tills do. Their members
+# follow no order (7919 is prime to any member count that is not a multiple of it), so the
+# indexes keyed by member take each receipt at a place of its own, as in a shop.
 REGISTERS = 16
 
 def receipt(n):
@@ -55,7 +57,7 @@ def receipt(n):
     return schema.decode(
         f'{{"receipt_id": "{n // REGISTERS:06d}", "store_id": "S001", "register_id": "K{n %% REGISTERS:02d}", '
         f'"ts": "2026-11-24T12:00:00+02:00", '
-        f'"card": "card-{n %% members}", "lines": [{lines}], "total": {total}}}'.encode(), schema.Receipt)
+        f'"card": "card-{n * 7919 %% members}", "lines": [{lines}], "total": {total}}}'.encode(), schema.Receipt)
 
 async def in_groups(calls, size):
     for at in range(0, len(calls), size):
