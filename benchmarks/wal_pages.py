@@ -8,9 +8,9 @@ the receipts of its commit. Each revision's tree (exported as benchmarks/ab.py d
 in a process of its own: it enrolls the members, confirms a receipt for each of them
 (warm-up: every member has a lot and a receipt), then confirms `--receipts` more,
 `--concurrent` at a time (so that many share a commit; from 16 registers in turn), with
-checkpoints held off; the
-frames the WAL gained meanwhile are read from the file and attributed to their page's owner
-with SQLite's dbstat. Prints frames per receipt by owner, and WAL bytes per receipt.
+checkpoints held off; the frames the WAL gained meanwhile are read from the file and
+attributed to their page's owner with SQLite's dbstat. Prints frames per receipt by owner,
+and WAL bytes per receipt.
 """
 from __future__ import annotations
 
