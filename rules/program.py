@@ -123,6 +123,8 @@ class Program:
         self.rule_of_condition = {rule.condition: rule.index for rule in rules if rule.condition is not None}
         self.limited_rule_ids = frozenset(rule.id for rule in rules if rule.limit_per is not None)
         self._by_id = {rule.id: rule for rule in rules}
+        # The rules whose points expire by their own `expires_in_days`, not the program's.
+        self.rule_expiry_days = {rule.id: rule.expires_in_days for rule in rules if rule.expires_in_days is not None}
         self.rule_summaries = [rule.summary for rule in rules]
         self.member_tag_fields = member_tag_fields
         self.store_tag_fields = store_tag_fields
