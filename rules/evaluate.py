@@ -179,6 +179,8 @@ def _passing(program: Any, held: Any, member: MemberFacts, usage: dict[str, int]
 
 def _control(program: Any, passing: list, member: MemberFacts) -> set[int]:
     """Indexes of the passing rules whose control group the member is in."""
+    if not program.holdout_rules:
+        return set()
     return {
         rule.index
         for rule in passing
@@ -268,10 +270,11 @@ def _scopes(classes: list, earning: list[int], wanted: set[int]) -> dict[int, li
 
 def _exact_points(chosen: list[tuple[Any, list[int]]], lines: list, paid: list[int]) -> Exact:
     exact: Exact = {}
-    winners = {rule.group: rule.index for rule, _ in chosen if rule.group is not None}
     # Multiply rules read what their group's winner gave, so they come last.
     multiplying = [pair for pair in chosen if pair[0].kind == "multiply"]
+    winners: dict[str, int] = {}
     if multiplying:
+        winners = {rule.group: rule.index for rule, _ in chosen if rule.group is not None}
         chosen = [pair for pair in chosen if pair[0].kind != "multiply"] + multiplying
     for rule, scope in chosen:
         if rule.kind == "multiply":

@@ -12,7 +12,8 @@ hand-built states (tests/test_receipt_plan.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, tzinfo
+from functools import lru_cache
 
 import msgspec
 
@@ -119,7 +120,19 @@ class ReceiptPlan:
 
 
 def local_day(program: Program, moment: datetime) -> str:
-    return moment.astimezone(program.timezone).date().isoformat()
+    return local_date(program, moment).isoformat()
+
+
+def local_date(program: Program, moment: datetime) -> date:
+    """moment's date in the program's timezone. A receipt asks it of its ts and of its
+    arrival several times (limits, tier, offers, the plan, the tier after it): remembered,
+    since converting costs several times a look-up."""
+    return _local_date(moment, program.timezone)
+
+
+@lru_cache(maxsize=256)
+def _local_date(moment: datetime, zone: tzinfo) -> date:
+    return moment.astimezone(zone).date()  # equal moments are the same instant: the same date
 
 
 def evaluate(program: Program, receipt, state: MemberState | None, today: str) -> Evaluation:
@@ -196,8 +209,9 @@ def plan_confirm(receipt, state: MemberState | None, program: Program, now: date
                 accounts.redemption_account(partner))
     lot_of_rule = _accrue(plan, program, ev, accounts.issue_account(partner))
     new_remaining = [lot.points for lot in plan.lots]
-    if any(lot.remaining < 0 for lot in state.lots):
-        changed.update((lot.id, _copy(lot)) for lot in state.lots if lot.remaining < 0)  # draw never takes a debt
+    debts = [lot for lot in state.lots if lot.remaining < 0]
+    if debts:
+        changed.update((lot.id, _copy(lot)) for lot in debts)  # draw never takes from a debt
         _repay(plan, changed, new_remaining, today)
     _expire_on_arrival(plan, program, new_remaining, today)
     plan.rule_uses = [r for r in ev.fired if r in state.usage]

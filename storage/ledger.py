@@ -260,7 +260,7 @@ def balance_of(lots: list[Lot], holds: list[Hold], day: str) -> Balance:
             pending += remaining
         if expires and remaining:
             by_date[expires] = by_date.get(expires, 0) + remaining
-    held = sum(h.points for h in holds)
+    held = sum([h.points for h in holds])
     return Balance(available - held, pending, held, sorted(by_date.items()), owed)
 
 
