@@ -140,8 +140,9 @@ def evaluate(program: Program, receipt, state: MemberState | None, today: str) -
     if state is None:
         ev = program.evaluate(receipt, None, 0, 0, {})
     else:
-        own = state.own_hold(key_of(receipt))
-        available = balance_of(state.lots, state.holds, today).available + own
+        # What the member may spend matters only to a redemption: most receipts ask none.
+        available = 0 if not receipt.redeem_points else \
+            balance_of(state.lots, state.holds, today).available + state.own_hold(key_of(receipt))
         ev = program.evaluate(receipt, state.facts, receipt.redeem_points, available, state.usage, state.budget_left)
     if ev.redeem_refusal:
         raise refusal(ev.redeem_refusal, program)
