@@ -240,7 +240,7 @@ class Balance:
 
 def balance_of(lots: list[Lot], holds: list[Hold], day: str) -> Balance:
     """The balance on `day` of lots in any order. Each lot's state is read inline, not
-    through Lot.state_on: a receipt counts its member's every lot twice (before and after)."""
+    through Lot.state_on: every receipt counts its member's every lot for its answer."""
     available = pending = owed = 0
     by_date: dict[str, int] = {}
     for lot in lots:
