@@ -161,15 +161,12 @@ def _caps(program: Any, member: MemberFacts, budget_left: dict[str, int] | None)
 
 def _passing(program: Any, held: Any, member: MemberFacts, usage: dict[str, int], caps: dict[str, int]) -> list:
     """Rules whose conditions hold and that the member's offers, limits and caps allow."""
-    rules = program.rules
-    indexes = program.unconditional
-    if held:
-        of_condition = program.rule_of_condition
-        indexes = sorted(chain(indexes, (of_condition[condition] for condition in held)))
+    candidates, restricted = program.candidates(held)
+    if not restricted:
+        return list(candidates)
     offers = member.offers
     passing = []
-    for index in indexes:
-        rule = rules[index]
+    for rule in candidates:
         if rule.personal and rule.id not in offers:
             continue
         if rule.limit_count is not None and usage.get(rule.id, 0) >= rule.limit_count:
@@ -182,6 +179,8 @@ def _passing(program: Any, held: Any, member: MemberFacts, usage: dict[str, int]
 
 def _control(program: Any, passing: list, member: MemberFacts) -> set[int]:
     """Indexes of the passing rules whose control group the member is in."""
+    if not program.holdout_rules:
+        return set()
     return {
         rule.index
         for rule in passing
@@ -194,17 +193,15 @@ def _choose(classes: list, earning: list[int], passing: list) -> list[tuple[Any,
     # Scopes only for the rules whose conditions hold: in a large program most do not,
     # and every line selects every rule without a scope.
     scopes = _scopes(classes, earning, {rule.index for rule in passing})
-    candidates = []
-    for rule in passing:
-        scope = scopes.get(rule.index)
-        if scope is not None:
-            candidates.append((rule, scope))
+    candidates = [(rule, scopes[rule.index]) for rule in passing if rule.index in scopes]
     best: dict[str, Any] = {}
     for rule, _ in candidates:
         if rule.group is not None:
             current = best.get(rule.group)
             if current is None or rule.priority > current.priority:  # ties: defined first
                 best[rule.group] = rule
+    if not best:
+        return candidates
     return [(rule, scope) for rule, scope in candidates if rule.group is None or best[rule.group] is rule]
 
 
@@ -273,9 +270,13 @@ def _scopes(classes: list, earning: list[int], wanted: set[int]) -> dict[int, li
 
 def _exact_points(chosen: list[tuple[Any, list[int]]], lines: list, paid: list[int]) -> Exact:
     exact: Exact = {}
-    winners = {rule.group: rule.index for rule, _ in chosen if rule.group is not None}
     # Multiply rules read what their group's winner gave, so they come last.
-    for rule, scope in sorted(chosen, key=lambda pair: pair[0].kind == "multiply"):
+    multiplying = [pair for pair in chosen if pair[0].kind == "multiply"]
+    winners: dict[str, int] = {}
+    if multiplying:
+        winners = {rule.group: rule.index for rule, _ in chosen if rule.group is not None}
+        chosen = [pair for pair in chosen if pair[0].kind != "multiply"] + multiplying
+    for rule, scope in chosen:
         if rule.kind == "multiply":
             points = _multiplied(rule, scope, exact.get(winners.get(rule.multiply, -1)))
         else:
@@ -406,26 +407,30 @@ def _fill(rules: list, fired: list[int], exact: Exact, shares: list[list[int]], 
     lots: dict[date | None, int] = {}
     pairs: list[tuple[str, int, int]] = []
     by_rule = []
+    usual = result.expires_on
     for index, rule_shares in zip(fired, shares):
         rule = rules[index]
-        positions = exact[index][1]
-        for position, share in zip(positions, rule_shares):
-            per_line[position] += share
         rule_id = rule.id
-        pairs += [(rule_id, line_nos[at], share) for at, share in zip(positions, rule_shares) if share]
-        rule_total = sum(rule_shares)
+        rule_total = 0
+        for position, share in zip(exact[index][1], rule_shares):
+            if share:  # never negative; a pair without a point is not listed
+                per_line[position] += share
+                pairs.append((rule_id, line_nos[position], share))
+                rule_total += share
         by_rule.append((rule_id, rule_total))
-        expires = result.expires_on
-        if rule.expires_in_days is not None:
-            expires = result.local_date + timedelta(days=rule.expires_in_days)
         if rule_total:
+            days = rule.expires_in_days
+            expires = usual if days is None else result.local_date + timedelta(days=days)
             lots[expires] = lots.get(expires, 0) + rule_total
     result.pairs = pairs
     result.by_rule = by_rule
     result.fired = [rule_id for rule_id, _ in by_rule]
     result.by_line = [(line_nos[position], per_line[position]) for position in earning]
-    result.accrued_points = sum(points for _, points in by_rule)
-    result.lots = [
-        (result.available_from, expires, points)
-        for expires, points in sorted(lots.items(), key=lambda item: (item[0] is None, item[0] or date.min))
-    ]
+    result.accrued_points = sum(lots.values())
+    available_from = result.available_from
+    result.lots = [(available_from, expires, points)
+                   for expires, points in (sorted(lots.items(), key=_by_expiry) if len(lots) > 1 else lots.items())]
+
+
+def _by_expiry(item: tuple[date | None, int]) -> tuple[bool, date]:
+    return item[0] is None, item[0] or date.min

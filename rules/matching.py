@@ -44,7 +44,7 @@ class Matcher:
         for node in conditions:
             constants(node, values)
         self.fields: tuple[str, ...] = tuple(sorted(values))
-        self._classifiers = [_classifier(field, values[field]) for field in self.fields]
+        self._classifiers = tuple((field, _classifier(field, values[field])) for field in self.fields)
         self._engine = Engine(engine_conditions, weights) if engine_conditions else None
         self._cache: dict[tuple, frozenset[int]] = {}
         self._cache_entries = cache_entries
@@ -53,7 +53,7 @@ class Matcher:
     def match(self, fact: dict[str, Any]) -> frozenset[int]:
         if self._engine is None:
             return frozenset()
-        key = tuple(classify(fact[field]) for field, classify in zip(self.fields, self._classifiers))
+        key = tuple([classify(fact[field]) for field, classify in self._classifiers])
         found = self._cache.get(key)
         if found is None:
             found = self.ask_engine(fact)

@@ -18,6 +18,7 @@ from .records import CouponCampaign, EventRule, Evaluation, MemberFacts, Partner
 from .segments import Segment, holdout_member
 
 MAX_LINE_CLASSES = 50_000  # distinct (category, sku, brand, flags) remembered per program
+MAX_CANDIDATE_SETS = 4096  # distinct sets of held conditions remembered per program (the matcher's cache size)
 
 
 class LineFilter:
@@ -121,8 +122,14 @@ class Program:
         # by the conditions that hold (one condition per rule), not a pass over every rule.
         self.unconditional = tuple(rule.index for rule in rules if rule.condition is None)
         self.rule_of_condition = {rule.condition: rule.index for rule in rules if rule.condition is not None}
+        # Rules a member's offers, limits, budget or offer caps may stop: the others pass once their conditions hold.
+        self.restricted = frozenset(rule.index for rule in rules
+                                    if rule.personal or rule.limit_count is not None or rule.budget)
+        self._candidates: dict[Any, tuple[tuple[CompiledRule, ...], bool]] = {}
         self.limited_rule_ids = frozenset(rule.id for rule in rules if rule.limit_per is not None)
         self._by_id = {rule.id: rule for rule in rules}
+        # The rules whose points expire by their own `expires_in_days`, not the program's.
+        self.rule_expiry_days = {rule.id: rule.expires_in_days for rule in rules if rule.expires_in_days is not None}
         self.rule_summaries = [rule.summary for rule in rules]
         self.member_tag_fields = member_tag_fields
         self.store_tag_fields = store_tag_fields
@@ -173,6 +180,20 @@ class Program:
         """The rules with a holdout whose control group the member is in, in definition order."""
         return [rule_id for rule_id, share in self.holdout_rules.items()
                 if holdout_member(self.id, rule_id, member_id, share)]
+
+    def candidates(self, held: Any) -> tuple[tuple[CompiledRule, ...], bool]:
+        """The rules to look at when the conditions `held` hold (the matcher's answer), in
+        definition order: those without a condition and those of the held conditions; with
+        whether any of them is restricted. Remembered per answer: the matcher gives the
+        same few sets to receipt after receipt, and sorting them again cost every receipt."""
+        found = self._candidates.get(held)
+        if found is None:
+            indexes = sorted([*self.unconditional, *(self.rule_of_condition[condition] for condition in held)])
+            found = tuple(self.rules[index] for index in indexes), not self.restricted.isdisjoint(indexes)
+            if len(self._candidates) >= MAX_CANDIDATE_SETS:
+                self._candidates.clear()
+            self._candidates[held] = found
+        return found
 
     def limit_windows(self, local_date: date) -> dict[str, tuple[date, date]]:
         """For each rule with a limit: the inclusive local dates its usage is counted over."""

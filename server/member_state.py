@@ -13,7 +13,7 @@ import msgspec
 
 from rules import MemberFacts, Program
 from server.errors import unprocessable
-from server.plan import MemberState, key_of
+from server.plan import MemberState, key_of, local_date
 from storage import coupons, customer_value, ledger, offers, segments
 from storage.ledger import iso
 from storage.member_facts import TierFacts
@@ -75,7 +75,7 @@ def _customer_value(conn: sqlite3.Connection, program: Program, member: ledger.M
 
 
 def local_date_of(program: Program, moment: datetime) -> date:
-    return moment.astimezone(program.timezone).date()
+    return local_date(program, moment)
 
 
 def segments_now(conn: sqlite3.Connection, program: Program, member_id: int) -> frozenset[str]:

@@ -12,7 +12,8 @@ hand-built states (tests/test_receipt_plan.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, tzinfo
+from functools import lru_cache
 
 import msgspec
 
@@ -119,7 +120,19 @@ class ReceiptPlan:
 
 
 def local_day(program: Program, moment: datetime) -> str:
-    return moment.astimezone(program.timezone).date().isoformat()
+    return local_date(program, moment).isoformat()
+
+
+def local_date(program: Program, moment: datetime) -> date:
+    """moment's date in the program's timezone. A receipt asks it of its ts and of its
+    arrival several times (limits, tier, offers, the plan, the tier after it): remembered,
+    since converting costs several times a look-up."""
+    return _local_date(moment, program.timezone)
+
+
+@lru_cache(maxsize=256)
+def _local_date(moment: datetime, zone: tzinfo) -> date:
+    return moment.astimezone(zone).date()  # equal moments are the same instant: the same date
 
 
 def evaluate(program: Program, receipt, state: MemberState | None, today: str) -> Evaluation:
@@ -127,8 +140,9 @@ def evaluate(program: Program, receipt, state: MemberState | None, today: str) -
     if state is None:
         ev = program.evaluate(receipt, None, 0, 0, {})
     else:
-        own = state.own_hold(key_of(receipt))
-        available = balance_of(state.lots, state.holds, today).available + own
+        # What the member may spend matters only to a redemption: most receipts ask none.
+        available = 0 if not receipt.redeem_points else \
+            balance_of(state.lots, state.holds, today).available + state.own_hold(key_of(receipt))
         ev = program.evaluate(receipt, state.facts, receipt.redeem_points, available, state.usage, state.budget_left)
     if ev.redeem_refusal:
         raise refusal(ev.redeem_refusal, program)
@@ -185,20 +199,21 @@ def plan_confirm(receipt, state: MemberState | None, program: Program, now: date
         return plan
     plan.member, plan.tier_now = state.member, state.tier_now
     partner = partner_of(program, receipt.store_id)
-    lots = {lot.id: Lot(lot.id, lot.available_from, lot.expires_on, lot.remaining) for lot in state.lots}
     if state.hold_open:
         plan.hold = HoldChange("consume")
     holds = [h for h in state.holds if h.key != key]
+    # Copies of the member's lots this receipt draws from or repays, by id; the others are
+    # the state's own, which nothing here changes: copying every lot cost more than the rest.
+    changed: dict[int, Lot] = {}
     if ev.redeemed_points:
-        reserved = sum(h.points for h in holds)
-        for lot_id, points in draw(list(lots.values()), ev.redeemed_points, today, reserved):
-            plan.postings.append(Posting("redemption", -points, accounts.redemption_account(partner), lot_id,
-                                         lot_dates=_dates(lots[lot_id])))
-            lots[lot_id].remaining -= points
+        _redeem(plan, state.lots, changed, ev.redeemed_points, today, sum(h.points for h in holds),
+                accounts.redemption_account(partner))
     lot_of_rule = _accrue(plan, program, ev, accounts.issue_account(partner))
     new_remaining = [lot.points for lot in plan.lots]
-    if any(lot.remaining < 0 for lot in state.lots):
-        _repay(plan, lots, new_remaining, today)
+    debts = [lot for lot in state.lots if lot.remaining < 0]
+    if debts:
+        changed.update((lot.id, _copy(lot)) for lot in debts)  # draw never takes from a debt
+        _repay(plan, changed, new_remaining, today)
     _expire_on_arrival(plan, program, new_remaining, today)
     plan.rule_uses = [r for r in ev.fired if r in state.usage]
     _customer_value(plan, program, state, ev)
@@ -207,11 +222,23 @@ def plan_confirm(receipt, state: MemberState | None, program: Program, now: date
         plan.events.append(EventFire(state.member.referred_by, "referred_first_purchase",
                                      f"referral:{state.member.id}"))
     plan.lines = build(sold, ev.pairs, ev.redeemed_by_line, lot_of_rule)
-    after = [lot for lot in lots.values() if lot.remaining]
+    after = [lot for lot in (changed.get(lot.id, lot) for lot in state.lots) if lot.remaining] if changed \
+        else [lot for lot in state.lots if lot.remaining]
     after += [Lot(-1 - i, str(new.available_from), _text(new.expires_on), points)
               for i, (new, points) in enumerate(zip(plan.lots, new_remaining)) if points]
-    plan.balance = balance_of(sorted(after, key=lambda lot: lot.id), holds, today)
+    plan.balance = balance_of(after, holds, today)
     return plan
+
+
+def _redeem(plan: ReceiptPlan, lots: list[Lot], changed: dict[int, Lot], points: int, today: str, reserved: int,
+            counter: str) -> None:
+    """The redemption drawn from the member's lots (soonest expiry first), each lot drawn
+    from copied into `changed` with what it keeps."""
+    by_id = {lot.id: lot for lot in lots}
+    for lot_id, taken in draw(lots, points, today, reserved):
+        lot = by_id[lot_id]
+        plan.postings.append(Posting("redemption", -taken, counter, lot_id, lot_dates=_dates(lot)))
+        changed[lot_id] = Lot(lot.id, lot.available_from, lot.expires_on, lot.remaining - taken)
 
 
 def coupon_statuses(receipt, state: MemberState | None, ev: Evaluation) -> list[tuple[str, str]] | None:
@@ -261,6 +288,10 @@ def _dates(lot: Lot) -> tuple[str, str | None]:
     return lot.available_from, lot.expires_on
 
 
+def _copy(lot: Lot) -> Lot:
+    return Lot(lot.id, lot.available_from, lot.expires_on, lot.remaining)
+
+
 def _text(day: date | None) -> str | None:
     return None if day is None else str(day)
 
@@ -269,24 +300,26 @@ def _accrue(plan: ReceiptPlan, program: Program, ev: Evaluation, counter: str) -
     """One new lot per distinct (activation, expiry) pair, written once with all its points,
     and one accrual posting on it carrying its split by rule: a posting per rule cost a
     hash, four index entries and a trigger each. Returns each earning rule's lot index."""
+    usual = (ev.available_from, ev.expires_on)   # program.rule_dates of a rule without its own expiry
+    own_expiry = program.rule_expiry_days
     index: dict[tuple, int] = {}
     lot_of_rule: dict[str, int] = {}
     split: list[list[tuple[str, int]]] = []
     for rule, points in ev.by_rule:
         if points <= 0:
             continue
-        dates = program.rule_dates(rule, ev.local_date)
-        if dates not in index:
-            index[dates] = len(plan.lots)
-            plan.lots.append(NewLot(dates[0], dates[1], 0))
+        dates = program.rule_dates(rule, ev.local_date) if rule in own_expiry else usual
+        at = index.get(dates)
+        if at is None:
+            at = index[dates] = len(plan.lots) + len(split)
             split.append([])
-        at = index[dates]
         lot_of_rule[rule] = at
-        plan.lots[at] = NewLot(dates[0], dates[1], plan.lots[at].points + points)
-        split[at].append((rule, points))
-    for at, rules in enumerate(split):
-        plan.postings.append(Posting("accrual", plan.lots[at].points, counter, at, new_lot=True,
+        split[at - len(plan.lots)].append((rule, points))
+    for (available_from, expires_on), rules in zip(index, split):
+        points = sum(points for _, points in rules)
+        plan.postings.append(Posting("accrual", points, counter, len(plan.lots), new_lot=True,
                                      rule=rules[0][0] if len(rules) == 1 else None, rules=tuple(rules)))
+        plan.lots.append(NewLot(available_from, expires_on, points))
     return lot_of_rule
 
 

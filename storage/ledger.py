@@ -178,7 +178,7 @@ def fire_event_once(conn: sqlite3.Connection, member_id: int, event_id: str, occ
 
 # ---------------------------------------------------------------- lots and balances
 
-@dataclass
+@dataclass(slots=True)
 class Lot:
     id: int
     available_from: str
@@ -239,25 +239,29 @@ class Balance:
 
 
 def balance_of(lots: list[Lot], holds: list[Hold], day: str) -> Balance:
-    b = Balance()
+    """The balance on `day` of lots in any order. Each lot's state is read inline, not
+    through Lot.state_on: every receipt counts its member's every lot for its answer."""
+    available = pending = owed = 0
     by_date: dict[str, int] = {}
     for lot in lots:
-        state = lot.state_on(day)
-        if lot.remaining < 0:
+        remaining = lot.remaining
+        if remaining < 0:
             # A debt (a return of points already spent) is owed until repaid: it neither
             # waits for activation nor expires.
-            b.owed -= lot.remaining
-            state = "available"
-        if state == "available":
-            b.available += lot.remaining
-        elif state == "pending":
-            b.pending += lot.remaining
-        if state != "expired" and lot.expires_on and lot.remaining > 0:
-            by_date[lot.expires_on] = by_date.get(lot.expires_on, 0) + lot.remaining
-    b.held = sum(h.points for h in holds)
-    b.available -= b.held
-    b.expiring = sorted(by_date.items())
-    return b
+            owed -= remaining
+            available += remaining
+            continue
+        expires = lot.expires_on
+        if expires is not None and expires <= day:
+            continue
+        if lot.available_from <= day:
+            available += remaining
+        else:
+            pending += remaining
+        if expires and remaining:
+            by_date[expires] = by_date.get(expires, 0) + remaining
+    held = sum([h.points for h in holds])
+    return Balance(available - held, pending, held, sorted(by_date.items()), owed)
 
 
 def lot_dates(available_from: date | str, expires_on: date | str | None) -> tuple[str, str | None]:
