@@ -897,3 +897,33 @@ def m033_segment_spans_current(db):
 CREATE INDEX segment_spans_member_current ON segment_spans(member_id, to_run, valid_to, from_run, segment_id);
 DROP INDEX segment_spans_member
 """)
+
+
+@migrations()
+def m034_segments_generation(db):
+    """segments_generation: one row whose value every write of segment_spans or rfm_runs
+    (a run started, finished or removed) replaces, by trigger, with a random one. A server
+    keeps members' segments in memory under the value it read with the member's row
+    (storage/segments.py MembershipCache): another value means some membership may have
+    changed, whichever connection or process wrote it, and what it kept is dropped. Random,
+    not counted: a value read inside a transaction that was then rolled back never becomes
+    current again, so nothing kept under it can be served later."""
+    _run(db, """
+CREATE TABLE segments_generation (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    value INTEGER NOT NULL
+);
+INSERT INTO segments_generation (id, value) VALUES (1, random());
+CREATE TRIGGER segment_spans_generation_insert AFTER INSERT ON segment_spans
+BEGIN UPDATE segments_generation SET value = random(); END;
+CREATE TRIGGER segment_spans_generation_update AFTER UPDATE ON segment_spans
+BEGIN UPDATE segments_generation SET value = random(); END;
+CREATE TRIGGER segment_spans_generation_delete AFTER DELETE ON segment_spans
+BEGIN UPDATE segments_generation SET value = random(); END;
+CREATE TRIGGER rfm_runs_generation_insert AFTER INSERT ON rfm_runs
+BEGIN UPDATE segments_generation SET value = random(); END;
+CREATE TRIGGER rfm_runs_generation_update AFTER UPDATE ON rfm_runs
+BEGIN UPDATE segments_generation SET value = random(); END;
+CREATE TRIGGER rfm_runs_generation_delete AFTER DELETE ON rfm_runs
+BEGIN UPDATE segments_generation SET value = random(); END
+""")

@@ -635,6 +635,34 @@ CREATE TRIGGER events_writers_lock BEFORE INSERT ON events
     FOR EACH STATEMENT EXECUTE FUNCTION events_writers_lock();
 """
 
+# SQLite's m034: a value every transaction that writes segment_spans or rfm_runs replaces with
+# a random one, which servers keep members' segments in memory under (storage/segments.py
+# MembershipCache). Once per transaction, not per row: the daily job writes spans a row per
+# statement (executemany), and an UPDATE of the one row per span would pile up a version of
+# it per span until the batch commits. A reader sees only committed transactions, so one new
+# value per transaction is a new value for everything it wrote; a savepoint rolled back takes
+# its flag with it (set_config local), so a later write of the transaction sets a value again.
+# A previous version still running during a rolling upgrade changes it too.
+P012_SEGMENTS_GENERATION = """
+CREATE TABLE segments_generation (
+    id bigint PRIMARY KEY CHECK (id = 1),
+    value bigint NOT NULL
+);
+CREATE FUNCTION segments_generation_new() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('loyalty.segments_generation_new', true) IS DISTINCT FROM 'set' THEN
+        UPDATE segments_generation SET value = (random() * 9.2e18)::bigint;
+        PERFORM set_config('loyalty.segments_generation_new', 'set', true);
+    END IF;
+    RETURN NULL;
+END $$;
+INSERT INTO segments_generation (id, value) VALUES (1, (random() * 9.2e18)::bigint);
+CREATE TRIGGER segment_spans_generation AFTER INSERT OR UPDATE OR DELETE ON segment_spans
+    FOR EACH STATEMENT EXECUTE FUNCTION segments_generation_new();
+CREATE TRIGGER rfm_runs_generation AFTER INSERT OR UPDATE OR DELETE ON rfm_runs
+    FOR EACH STATEMENT EXECUTE FUNCTION segments_generation_new();
+"""
+
 # In order; a name is never reused or changed once released, and each only adds
 # (docs/postgresql.md, "Schema changes and rolling upgrades").
 MIGRATIONS: list[Migration] = [
@@ -649,6 +677,7 @@ MIGRATIONS: list[Migration] = [
     Migration("p009_event_fanout_queue", P009_EVENT_FANOUT_QUEUE),
     Migration("p010_segment_spans_current", P010_SEGMENT_SPANS_CURRENT),
     Migration("p011_events_settled", P011_EVENTS_SETTLED),
+    Migration("p012_segments_generation", P012_SEGMENTS_GENERATION),
 ]
 
 # Each SQLite migration (storage/schema.py) and the PostgreSQL migrations that give its
@@ -682,6 +711,7 @@ SQLITE_TWINS: dict[str, tuple[str, ...]] = {
     # Drops SQLite's rule_totals triggers; PostgreSQL keeps its own (INTENDED_DIFFERENCES).
     "m032_rule_totals_per_batch": (),
     "m033_segment_spans_current": ("p010_segment_spans_current",),
+    "m034_segments_generation": ("p012_segments_generation",),
 }
 
 
