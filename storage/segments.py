@@ -20,6 +20,8 @@ answered (the campaign report's audience). A `list` segment's spans follow the A
 from __future__ import annotations
 
 import sqlite3
+import threading
+from collections import OrderedDict
 from datetime import date, datetime, time, timedelta, tzinfo
 from typing import NamedTuple
 
@@ -344,6 +346,70 @@ def memberships(rows) -> tuple[set[str], set[str]]:
     for segment_id, from_run in rows:
         (listed if from_run is None else computed).add(segment_id)
     return listed, computed
+
+
+# ------------------------------------------------------------------ membership kept in memory
+
+Membership = tuple[frozenset[str], frozenset[str]]      # (list segments, computed segments)
+CACHE_MEMBERS = 500_000         # ~125 bytes a member kept (README, "Segments kept in memory")
+
+
+class MembershipCache:
+    """Members' current spans (membership_of) kept in memory under the segments_generation
+    (m034) they were read with: a receipt whose member's row carries the same generation
+    reads no spans. Every write of spans or runs, by any connection or process, gives the
+    generation a new random value, and the first read that sees another value drops
+    everything kept. So an entry holds what the database held at (or after, on PostgreSQL,
+    where the spans are read by a later statement) the generation it is kept under, and is
+    served only while that generation is current.
+
+    At most max_members members, the least recently read evicted first (O(1) each). Equal
+    memberships are shared, so an entry costs its key and two slots, whatever its segments.
+    A lock makes it safe for PostgreSQL's worker threads; a thread that read an older
+    generation than another only costs both misses, never a wrong answer."""
+
+    def __init__(self, max_members: int = CACHE_MEMBERS) -> None:
+        self.max_members = max_members
+        self._generation: int | None = None
+        self._members: OrderedDict[int, Membership] = OrderedDict()
+        self._shared: dict[Membership, Membership] = {}
+        self._lock = threading.Lock()
+
+    def get(self, generation: int | None, member_id: int) -> Membership | None:
+        if generation is None or not self.max_members:
+            return None
+        with self._lock:
+            if generation != self._generation:
+                self._drop(generation)
+                return None
+            found = self._members.get(member_id)
+            if found is not None:
+                self._members.move_to_end(member_id)
+            return found
+
+    def put(self, generation: int | None, member_id: int, listed: set[str], computed: set[str]) -> None:
+        """What the member's spans read, after `generation` was read, said."""
+        if generation is None or not self.max_members:
+            return
+        membership = (frozenset(listed), frozenset(computed))
+        with self._lock:
+            if generation != self._generation:
+                return      # read under a generation another thread has replaced since, or not yet seen
+            if len(self._shared) >= self.max_members:
+                self._shared.clear()            # only sharing is lost: entries keep their own
+            membership = self._shared.setdefault(membership, membership)
+            self._members[member_id] = membership
+            self._members.move_to_end(member_id)
+            if len(self._members) > self.max_members:
+                self._members.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def _drop(self, generation: int) -> None:
+        self._generation = generation
+        self._members = OrderedDict()
+        self._shared = {}
 
 
 def members_of(conn: sqlite3.Connection, d: SegmentDefinition) -> list[int]:
