@@ -907,23 +907,32 @@ def m034_segments_generation(db):
     (storage/segments.py MembershipCache): another value means some membership may have
     changed, whichever connection or process wrote it, and what it kept is dropped. Random,
     not counted: a value read inside a transaction that was then rolled back never becomes
-    current again, so nothing kept under it can be served later."""
+    current again, so nothing kept under it can be served later. No row until the first such
+    write (none kept meanwhile): a new database stays empty, as `migrate sqlite-to-postgres`
+    wants its target."""
     _run(db, """
 CREATE TABLE segments_generation (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     value INTEGER NOT NULL
 );
-INSERT INTO segments_generation (id, value) VALUES (1, random());
+INSERT INTO segments_generation (id, value) SELECT 1, random()
+    WHERE EXISTS (SELECT 1 FROM segment_spans) OR EXISTS (SELECT 1 FROM rfm_runs);
 CREATE TRIGGER segment_spans_generation_insert AFTER INSERT ON segment_spans
-BEGIN UPDATE segments_generation SET value = random(); END;
+BEGIN INSERT INTO segments_generation (id, value) VALUES (1, random())
+    ON CONFLICT (id) DO UPDATE SET value = excluded.value; END;
 CREATE TRIGGER segment_spans_generation_update AFTER UPDATE ON segment_spans
-BEGIN UPDATE segments_generation SET value = random(); END;
+BEGIN INSERT INTO segments_generation (id, value) VALUES (1, random())
+    ON CONFLICT (id) DO UPDATE SET value = excluded.value; END;
 CREATE TRIGGER segment_spans_generation_delete AFTER DELETE ON segment_spans
-BEGIN UPDATE segments_generation SET value = random(); END;
+BEGIN INSERT INTO segments_generation (id, value) VALUES (1, random())
+    ON CONFLICT (id) DO UPDATE SET value = excluded.value; END;
 CREATE TRIGGER rfm_runs_generation_insert AFTER INSERT ON rfm_runs
-BEGIN UPDATE segments_generation SET value = random(); END;
+BEGIN INSERT INTO segments_generation (id, value) VALUES (1, random())
+    ON CONFLICT (id) DO UPDATE SET value = excluded.value; END;
 CREATE TRIGGER rfm_runs_generation_update AFTER UPDATE ON rfm_runs
-BEGIN UPDATE segments_generation SET value = random(); END;
+BEGIN INSERT INTO segments_generation (id, value) VALUES (1, random())
+    ON CONFLICT (id) DO UPDATE SET value = excluded.value; END;
 CREATE TRIGGER rfm_runs_generation_delete AFTER DELETE ON rfm_runs
-BEGIN UPDATE segments_generation SET value = random(); END
+BEGIN INSERT INTO segments_generation (id, value) VALUES (1, random())
+    ON CONFLICT (id) DO UPDATE SET value = excluded.value; END
 """)

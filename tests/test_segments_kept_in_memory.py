@@ -77,6 +77,7 @@ async def daily_job(a: Api) -> None:
 async def test_a_list_segment_put_and_removal_are_paid_as_they_are_by_the_next_receipt(api):
     a = await api()
     assert await paid(a, "c1", "r1") == []
+    assert len(a.app[OPS].segments) == 0, "no span or run written yet: no generation to keep segments under"
     await staff(a, "PUT", "c1")
     assert await paid(a, "c1", "r2") == ["staff-bonus"]
     assert await paid(a, "c1", "r3") == ["staff-bonus"], "kept in memory: still in"
@@ -245,11 +246,12 @@ async def test_a_database_from_before_the_generation_keeps_its_segments_and_foll
     """)
     conn.close()
     a = await serve_program(aiohttp_client, tmp_path, NOW, PROGRAM, jobs={"enabled": False})
+    rows = await a.app[DATABASE].read(lambda c: c.execute("SELECT COUNT(*) FROM segments_generation").fetchone())
+    assert tuple(rows) == (1,), "a database with spans starts with a generation"
     assert await paid(a, "c1", "r1") == ["staff-bonus"]
     assert await paid(a, "c1", "r2") == ["staff-bonus"]
+    assert len(a.app[OPS].segments) == 1
     await staff(a, "PUT", "c2")
     await staff(a, "DELETE", "c1")
     assert await paid(a, "c1", "r3") == []
     assert await paid(a, "c2", "r4") == ["staff-bonus"]
-    rows = await a.app[DATABASE].read(lambda c: c.execute("SELECT COUNT(*) FROM segments_generation").fetchone())
-    assert tuple(rows) == (1,)

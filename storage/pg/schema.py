@@ -642,7 +642,8 @@ CREATE TRIGGER events_writers_lock BEFORE INSERT ON events
 # it per span until the batch commits. A reader sees only committed transactions, so one new
 # value per transaction is a new value for everything it wrote; a savepoint rolled back takes
 # its flag with it (set_config local), so a later write of the transaction sets a value again.
-# A previous version still running during a rolling upgrade changes it too.
+# A previous version still running during a rolling upgrade changes it too. No row until the
+# first such write (as m034): a new database stays empty for `migrate sqlite-to-postgres`.
 P012_SEGMENTS_GENERATION = """
 CREATE TABLE segments_generation (
     id bigint PRIMARY KEY CHECK (id = 1),
@@ -651,12 +652,14 @@ CREATE TABLE segments_generation (
 CREATE FUNCTION segments_generation_new() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF current_setting('loyalty.segments_generation_new', true) IS DISTINCT FROM 'set' THEN
-        UPDATE segments_generation SET value = (random() * 9.2e18)::bigint;
+        INSERT INTO segments_generation (id, value) VALUES (1, (random() * 9.2e18)::bigint)
+            ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value;
         PERFORM set_config('loyalty.segments_generation_new', 'set', true);
     END IF;
     RETURN NULL;
 END $$;
-INSERT INTO segments_generation (id, value) VALUES (1, (random() * 9.2e18)::bigint);
+INSERT INTO segments_generation (id, value) SELECT 1, (random() * 9.2e18)::bigint
+    WHERE EXISTS (SELECT 1 FROM segment_spans) OR EXISTS (SELECT 1 FROM rfm_runs);
 CREATE TRIGGER segment_spans_generation AFTER INSERT OR UPDATE OR DELETE ON segment_spans
     FOR EACH STATEMENT EXECUTE FUNCTION segments_generation_new();
 CREATE TRIGGER rfm_runs_generation AFTER INSERT OR UPDATE OR DELETE ON rfm_runs
