@@ -11,6 +11,7 @@ from datetime import timedelta
 import msgspec
 import pytest
 import yaml
+from backend import POSTGRESQL
 from conftest import Api, database_section, serve_program, storage_database, test_config
 
 from server import rfm
@@ -105,6 +106,43 @@ async def test_the_daily_job_between_two_receipts_changes_which_rule_pays(api):
     assert await paid(a, "c1", "r5") == ["big-bonus"], "until the job runs again"
     await daily_job(a)
     assert await paid(a, "c1", "r6") == []
+
+
+async def test_a_run_still_writing_leaves_the_kept_segments_and_its_finish_drops_them(api):
+    a = await api()
+    assert await paid(a, "c1", "r1", 60000) == [] and await paid(a, "c2", "r2") == []
+    await daily_job(a)
+    assert await paid(a, "c1", "r3") == ["big-bonus"] and await paid(a, "c2", "r4") == []
+    before = await generation(a)
+    run_id = await half_a_run(a, spend=("c2", 60000))
+    assert await paid(a, "c1", "r6") == ["big-bonus"] and await paid(a, "c2", "r7") == []
+    if not POSTGRESQL:      # PostgreSQL sets it once for every transaction that writes spans
+        assert await generation(a) == before, "the run's spans are not seen yet: what was kept stays"
+    await a.app[DATABASE].write(lambda conn: segments.finish_run(conn, run_id, 0, a.app[CLOCK].now()))
+    assert await generation(a) != before
+    assert await paid(a, "c2", "r8") == ["big-bonus"]
+    assert await paid(a, "c1", "r9") == ["big-bonus"]
+
+
+async def generation(a: Api) -> int:
+    row = await a.app[DATABASE].read(lambda conn: conn.execute("SELECT value FROM segments_generation").fetchone())
+    return row[0]
+
+
+async def half_a_run(a: Api, spend: tuple[str, int]) -> int:
+    """A receipt of `spend` (card, amount), then the daily job's changes written under a run
+    that has not finished (still writing); its id."""
+    assert await paid(a, spend[0], "r5", spend[1]) == []
+    program, db = a.app[PROGRAMS].current, a.app[DATABASE]
+    now = a.app[CLOCK].now()
+    changes = await db.read(lambda conn: segments.changes(
+        rfm.membership(conn, program, rfm.computed_segments(program), segments.window_facts(
+            conn, now.astimezone(program.timezone).date(), program.segment_window_days, program.timezone), [], now),
+        segments.open_spans(conn)))
+    assert changes.opened
+    run_id = await db.write(lambda conn: segments.start_run(conn, now.date(), program.segment_window_days, now))
+    await db.write(lambda conn: segments.write_changes(conn, run_id, now, changes))
+    return run_id
 
 
 @pytest.mark.sqlite_only(reason="traces the statements of SQLite's one write connection")
