@@ -899,33 +899,26 @@ DROP INDEX segment_spans_member
 """)
 
 
-# A run's row changes what readers see only by being (or no longer being) a finished one.
-# A span's write that no reader can see yet (the daily job's, opening or closing spans under
-# its run before it has finished) leaves the generation alone: what readers take as current
-# (storage/segments.py current_spans) is the same before and after it. Only SQLite's one
-# writer makes that safe to decide inside the write: the newest finished run cannot change
-# before the write commits. NEW.from_run > that run: a span opened by a run not finished.
-_NEWEST_FINISHED = "COALESCE((SELECT id FROM rfm_runs WHERE finished_at IS NOT NULL ORDER BY id DESC LIMIT 1), 0)"
-_UNSEEN_CLOSING = ("OLD.from_run IS NOT NULL AND OLD.from_run IS NEW.from_run AND OLD.segment_id IS NEW.segment_id "
-                   "AND OLD.member_id IS NEW.member_id AND OLD.to_run IS NULL AND OLD.valid_to IS NULL "
-                   f"AND NEW.to_run IS NOT NULL AND NEW.to_run > {_NEWEST_FINISHED}")
-_NEW_GENERATION = ("BEGIN INSERT INTO segments_generation (id, value) VALUES (1, random())\n"
-                   "    ON CONFLICT (id) DO UPDATE SET value = excluded.value; END")
+# A trigger's body: segments_generation's row, with a new random value (m034).
+NEW_GENERATION = ("BEGIN INSERT INTO segments_generation (id, value) VALUES (1, random())\n"
+                  "    ON CONFLICT (id) DO UPDATE SET value = excluded.value; END")
 
 
 @migrations()
 def m034_segments_generation(db):
-    """segments_generation: one row whose value every write of segment_spans or rfm_runs
-    that changes what readers take as current (a list segment's member added or removed, a
-    run finished, spans written by a run older than the newest finished one) replaces, by
-    trigger, with a random one. A server keeps members' segments in
-    memory under the value it read with the member's row (storage/segments.py
-    MembershipCache): another value means some membership may have changed, whichever
-    connection or process wrote it, and what it kept is dropped. Random, not counted: a
-    value read inside a transaction that was then rolled back never becomes current again,
-    so nothing kept under it can be served later. No row until the first such write (none
-    kept meanwhile): a new database stays empty, as `migrate sqlite-to-postgres` wants its
-    target."""
+    """segments_generation: one row whose value is replaced by a random one whenever what
+    readers take as current segment membership may change: by trigger when a run's row
+    becomes (or stops being) a finished one, and by storage/segments.py's span writers (a
+    list segment's members added or removed, spans of a run older than the newest finished
+    one). Not by trigger on segment_spans: any trigger there makes SQLite keep a statement
+    journal for each row the daily job writes (its first run on 200,000 members took some
+    40 % more CPU). A server keeps members' segments in memory under the value it read with
+    the member's row (storage/segments.py MembershipCache): another value means some
+    membership may have changed, whichever connection or process wrote it, and what it kept
+    is dropped. Random, not counted: a value read inside a transaction that was then rolled
+    back never becomes current again, so nothing kept under it can be served later. No row
+    until the first such write (none kept meanwhile): a new database stays empty, as
+    `migrate sqlite-to-postgres` wants its target."""
     _run(db, f"""
 CREATE TABLE segments_generation (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -933,18 +926,12 @@ CREATE TABLE segments_generation (
 );
 INSERT INTO segments_generation (id, value) SELECT 1, random()
     WHERE EXISTS (SELECT 1 FROM segment_spans) OR EXISTS (SELECT 1 FROM rfm_runs);
-CREATE TRIGGER segment_spans_generation_insert AFTER INSERT ON segment_spans
-    WHEN NEW.from_run IS NULL OR NEW.from_run <= {_NEWEST_FINISHED}
-{_NEW_GENERATION};
-CREATE TRIGGER segment_spans_generation_update AFTER UPDATE ON segment_spans WHEN NOT ({_UNSEEN_CLOSING})
-{_NEW_GENERATION};
-CREATE TRIGGER segment_spans_generation_delete AFTER DELETE ON segment_spans
-{_NEW_GENERATION};
 CREATE TRIGGER rfm_runs_generation_insert AFTER INSERT ON rfm_runs WHEN NEW.finished_at IS NOT NULL
-{_NEW_GENERATION};
+{NEW_GENERATION};
 CREATE TRIGGER rfm_runs_generation_update AFTER UPDATE ON rfm_runs
     WHEN OLD.finished_at IS NOT NEW.finished_at OR OLD.id IS NOT NEW.id
-{_NEW_GENERATION};
+{NEW_GENERATION};
 CREATE TRIGGER rfm_runs_generation_delete AFTER DELETE ON rfm_runs WHEN OLD.finished_at IS NOT NULL
-{_NEW_GENERATION}
+{NEW_GENERATION}
 """)
+

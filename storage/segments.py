@@ -28,6 +28,7 @@ from typing import NamedTuple
 import msgspec
 
 from storage.ledger import iso
+from storage.sql import is_postgresql
 
 WRITE_BATCH_ROWS = 2_000        # one write transaction of a few ms: receipts commit between batches
 DELETE_BATCH_ROWS = 2_000
@@ -288,7 +289,8 @@ def changes(members: dict[str, set[int]], before: dict[str, set[int]]) -> Change
 
 
 def write_changes(conn: sqlite3.Connection, run_id: int, now: datetime, changes: Changes) -> None:
-    """One batch of a run's openings and closings (the same member may be in two batches)."""
+    """One batch of a run's openings and closings (the same member may be in two batches).
+    Readers see them once the run has finished, unless a newer run finished first."""
     at = iso(now)
     conn.executemany("UPDATE segment_spans SET valid_to = ?, to_run = ? WHERE segment_id = ? AND member_id = ? "
                      "AND from_run IS NOT NULL AND valid_to IS NULL",
@@ -296,6 +298,20 @@ def write_changes(conn: sqlite3.Connection, run_id: int, now: datetime, changes:
     # DO NOTHING: a span another run (the server's and `loyalty jobs run` at once) opened already.
     conn.executemany("INSERT INTO segment_spans (segment_id, member_id, valid_from, from_run) "
                      "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", [(sid, mid, at, run_id) for sid, mid in changes.opened])
+    if (changes.closed or changes.opened) and run_id <= (conn.execute(_NEWEST).fetchone() or (run_id + 1,))[0]:
+        new_generation(conn)
+
+
+def new_generation(conn: sqlite3.Connection) -> None:
+    """After a write of spans readers see at once: segments_generation (m034) gets a new
+    random value in the writer's transaction, so what servers keep of members' segments
+    (MembershipCache) is dropped at their next read after it commits. Every writer of spans
+    is in this module. PostgreSQL's triggers (p012) do it for every transaction that writes
+    spans, a previous version's during a rolling upgrade too; SQLite's would cost the daily
+    job a statement journal per span (m034)."""
+    if not is_postgresql(conn):
+        conn.execute("INSERT INTO segments_generation (id, value) VALUES (1, random()) "
+                     "ON CONFLICT (id) DO UPDATE SET value = excluded.value")
 
 
 # ------------------------------------------------------------------ reading
@@ -438,6 +454,8 @@ def add_members(conn: sqlite3.Connection, segment_id: str, member_ids: list[int]
     # DO NOTHING: a member already in keeps the span that began when they were added.
     conn.executemany("INSERT INTO segment_spans (segment_id, member_id, valid_from) VALUES (?, ?, ?) "
                      "ON CONFLICT DO NOTHING", rows)
+    if rows:
+        new_generation(conn)
     return size(conn, segment_id)
 
 
@@ -446,6 +464,8 @@ def remove_members(conn: sqlite3.Connection, segment_id: str, member_ids: list[i
     conn.executemany("DELETE FROM segment_members WHERE segment_id = ? AND member_id = ?", rows)
     conn.executemany("UPDATE segment_spans SET valid_to = ? WHERE segment_id = ? AND member_id = ? "
                      "AND from_run IS NULL AND valid_to IS NULL", [(iso(now), *row) for row in rows])
+    if rows:
+        new_generation(conn)
     return size(conn, segment_id)
 
 

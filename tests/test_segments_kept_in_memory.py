@@ -5,8 +5,10 @@ connection, process or server, and a rolled-back batch are each seen by the next
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 from datetime import timedelta
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -276,9 +278,7 @@ async def test_a_database_from_before_the_generation_keeps_its_segments_and_foll
     await before.client.close()
     conn = sqlite3.connect(tmp_path / "loyalty.db", isolation_level=None)
     conn.executescript("""
-        DROP TABLE segments_generation;
-        DROP TRIGGER segment_spans_generation_insert; DROP TRIGGER segment_spans_generation_update;
-        DROP TRIGGER segment_spans_generation_delete; DROP TRIGGER rfm_runs_generation_insert;
+        DROP TABLE segments_generation; DROP TRIGGER rfm_runs_generation_insert;
         DROP TRIGGER rfm_runs_generation_update; DROP TRIGGER rfm_runs_generation_delete;
         DELETE FROM _sqlite_migrations WHERE name = 'm034_segments_generation';
     """)
@@ -293,3 +293,22 @@ async def test_a_database_from_before_the_generation_keeps_its_segments_and_foll
     await staff(a, "DELETE", "c1")
     assert await paid(a, "c1", "r3") == []
     assert await paid(a, "c2", "r4") == ["staff-bonus"]
+
+
+# ------------------------------------------------------------------ every writer of spans
+
+
+def test_every_write_of_spans_is_one_that_sets_a_new_generation():
+    """SQLite has no trigger on segment_spans (m034): its writers in storage/segments.py set
+    the generation, so a statement writing spans anywhere else would leave kept segments
+    stale on SQLite."""
+    root = Path(__file__).resolve().parent.parent
+    writes = re.compile(r"(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+segment_spans\b", re.I)
+    found = {str(path.relative_to(root)) for folder in ("server", "storage", "rules")
+             for path in (root / folder).rglob("*.py") if writes.search(path.read_text())}
+    assert found == {"storage/segments.py", "storage/schema.py"}      # schema: m028 fills it from the lists
+    functions = re.split(r"^def ", (root / "storage" / "segments.py").read_text(), flags=re.M)[1:]
+    writers = [f for f in functions if writes.search(f)]
+    assert len(writers) == 3        # write_changes, add_members, remove_members
+    for function in writers:
+        assert "new_generation(conn)" in function, function.split("(")[0]
