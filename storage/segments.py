@@ -298,7 +298,8 @@ def write_changes(conn: sqlite3.Connection, run_id: int, now: datetime, changes:
     # DO NOTHING: a span another run (the server's and `loyalty jobs run` at once) opened already.
     conn.executemany("INSERT INTO segment_spans (segment_id, member_id, valid_from, from_run) "
                      "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", [(sid, mid, at, run_id) for sid, mid in changes.opened])
-    if (changes.closed or changes.opened) and run_id <= (conn.execute(_NEWEST).fetchone() or (run_id + 1,))[0]:
+    newest = conn.execute(_NEWEST).fetchone() if changes.closed or changes.opened else None
+    if newest is not None and run_id <= newest[0]:
         new_generation(conn)
 
 

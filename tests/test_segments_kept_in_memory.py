@@ -126,6 +126,19 @@ async def test_a_run_still_writing_leaves_the_kept_segments_and_its_finish_drops
     assert await paid(a, "c1", "r9") == ["big-bonus"]
 
 
+async def test_spans_a_run_writes_after_a_newer_run_finished_are_seen_by_the_next_receipt(api):
+    """The server's job and `loyalty jobs run` at once: the older run's spans are current as
+    soon as they are written."""
+    a = await api()
+    c1, db, now = await member_id(a, "c1"), a.app[DATABASE], a.app[CLOCK].now()
+    older = await db.write(lambda conn: segments.start_run(conn, now.date(), 365, now))
+    newer = await db.write(lambda conn: segments.start_run(conn, now.date(), 365, now))
+    await db.write(lambda conn: segments.finish_run(conn, newer, 0, now))
+    assert await paid(a, "c1", "r1") == [] and await paid(a, "c1", "r2") == []
+    await db.write(lambda conn: segments.write_changes(conn, older, now, segments.Changes([("big", c1)], [])))
+    assert await paid(a, "c1", "r3") == ["big-bonus"]
+
+
 async def generation(a: Api) -> int:
     row = await a.app[DATABASE].read(lambda conn: conn.execute("SELECT value FROM segments_generation").fetchone())
     return row[0]
