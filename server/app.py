@@ -38,6 +38,7 @@ from storage.ledger import iso, manual_tiers_outside
 from storage.personal import protect_existing
 from storage.preload import preload
 from storage.schema import migrations
+from storage.segments import MembershipCache
 from storage.sql import database_errors
 
 if TYPE_CHECKING:
@@ -75,7 +76,8 @@ def create_app(config: Config) -> web.Application:
 async def resources(app: web.Application):
     config = app[CONFIG]
     db, versions = await _open_with_program(app)
-    app[OPS] = Deps(db, app[PROGRAMS], app[CLOCK], app[METRICS], app[PRIVACY])
+    app[OPS] = Deps(db, app[PROGRAMS], app[CLOCK], app[METRICS], app[PRIVACY],
+                    MembershipCache(config.database.segments_cache_members))
     await refresh_keys(app[KEYRING], db)     # the database's keys before the first request
     app[PROGRAMS].count_lost_tiers(
         lambda levels, today: db.lookup(lambda conn: manual_tiers_outside(conn, levels, today)))

@@ -78,6 +78,9 @@ class DatabaseConfig(Struct, forbid_unknown_fields=True):
     # sized to the member base (~600 MiB per million members) the receipt path never waits
     # on the disk; it is process memory and shows in the server's RSS.
     cache_mib: Annotated[int, Meta(ge=2, le=1_048_576)] = 64
+    # Members whose segments the receipt path keeps in memory (~125 bytes each when full),
+    # so their receipts read no spans until a segment or the daily job changes; 0: none kept.
+    segments_cache_members: Annotated[int, Meta(ge=0, le=100_000_000)] = 500_000
     # Read the members' hot rows into that cache at start; /readyz answers 503 until done.
     preload: bool = False
     # At start, how long to wait while another process holds the database's write lock (on

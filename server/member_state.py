@@ -20,9 +20,11 @@ from storage.member_facts import TierFacts
 
 
 def read_member_state(conn: sqlite3.Connection, receipt, program: Program, now: datetime,
-                      card: str | None, coupon_mac: Callable[[str], str] | None = None) -> MemberState | None:
+                      card: str | None, coupon_mac: Callable[[str], str] | None = None,
+                      kept: segments.MembershipCache | None = None) -> MemberState | None:
     """None for an anonymous receipt. card: the card number's HMAC. coupon_mac: the HMAC
-    coupon codes are stored under (server/privacy.py), needed when the receipt sends codes."""
+    coupon codes are stored under (server/privacy.py), needed when the receipt sends codes.
+    kept: members' segments kept in memory, read instead of their spans when current."""
     if card is None:
         return None
     member = ledger.member_by_card(conn, card)
@@ -34,7 +36,7 @@ def read_member_state(conn: sqlite3.Connection, receipt, program: Program, now: 
     holds = ledger.open_holds(conn, member.id, iso(now))
     hold_open = any(h.key == key and h.points for h in holds) or \
         ledger.hold_member(conn, key, open_only=True) is not None
-    value = _customer_value(conn, program, member, receipt, card, coupon_mac, now)
+    value = _customer_value(conn, program, member, receipt, card, coupon_mac, now, kept)
     return MemberState(member, value.facts, ledger.lots_of(conn, member.id), holds,
                        ledger.rule_usage(conn, member.id, windows), budget_left(conn, program), hold_open,
                        value.judged, value.tier, value.tier_now, value.offers)
@@ -58,18 +60,26 @@ class CustomerValue(NamedTuple):
 
 
 def _customer_value(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, receipt, card: str,
-                    coupon_mac, now: datetime) -> CustomerValue:
+                    coupon_mac, now: datetime, kept: segments.MembershipCache | None = None) -> CustomerValue:
     """customer_value_facts, with what the member's tier at `now` counts and their offer rows:
-    segments, offers and the codes' rows in one statement (storage/customer_value.py)."""
+    segments (unless kept in memory), offers and the codes' rows in one statement
+    (storage/customer_value.py)."""
     facts, tier, tier_now = member_facts(conn, program, member, receipt.ts, now)
     day = local_date_of(program, receipt.ts)     # offers and coupon campaigns are judged at ts
     sent = getattr(receipt, "coupons", None)
     hashes = coupons.hashes(sent, coupon_mac) if sent else []
-    rows = customer_value.read(conn, member.id, bool(program.segments), day if program.personal_rule_ids else None,
+    kept = kept if program.segments else None
+    membership = None if kept is None else kept.get(member.segments_generation, member.id)
+    rows = customer_value.read(conn, member.id, bool(program.segments) and membership is None,
+                               day if program.personal_rule_ids else None,
                                [digest for digests in hashes for digest in digests])
+    if membership is None:
+        membership = rows.listed, rows.computed
+        if kept is not None:
+            kept.put(member.segments_generation, member.id, *membership)
     judged = coupons.judged(sent, hashes, rows.codes, card, day, program.coupons) if sent else None
     facts = msgspec.structs.replace(
-        facts, segments=segments_in(program, rows.listed, rows.computed), offers=offers.left_by_rule(rows.offers),
+        facts, segments=segments_in(program, *membership), offers=offers.left_by_rule(rows.offers),
         coupons={campaign: code for campaign, (code, _) in judged.usable.items()} if judged else {})
     return CustomerValue(facts, judged, tier, tier_now, rows.offers)
 

@@ -4,7 +4,8 @@ the stored rows of the coupon codes the receipt sent.
 
 Each part is a SELECT of typed rows, (kind, text, text, integer, integer, text), joined by
 UNION ALL, so one round trip reads all three (a part the receipt does not need is switched
-off by its bound flag, which both SQLite and PostgreSQL test once, before any row). The
+off by its bound flag, which both SQLite and PostgreSQL test once, before any row: the
+segments are, for a member whose segments the server keeps in memory). The
 conditions are the ones storage/segments.py, storage/offers.py and storage/coupons.py
 read each on its own; the text is built once per number of code hashes.
 """

@@ -68,6 +68,10 @@ class MemberRow:
     # The CRM's fields, read with the rest so that a receipt's event carries them without a query.
     crm_id: str | None = None
     consent: int = 0            # a bit per channel of CONSENT_CHANNELS, in that order
+    # segments_generation (m034) as this same statement saw it: read before the member's
+    # spans, so spans read after it are as new as it or newer (PostgreSQL's statements each
+    # take their own snapshot), the key a server's kept segments are valid under.
+    segments_generation: int | None = None
 
     @property
     def public_id(self) -> str:
@@ -84,7 +88,7 @@ CONSENT_CHANNELS = ("sms", "viber", "email", "push")
 CONSENT_BITS = "(m.consent_sms | (m.consent_viber << 1) | (m.consent_email << 2) | (m.consent_push << 3))"
 
 _MEMBER_COLUMNS = ("m.id, m.phone_last4, m.birthday, m.tags, m.referred_by, m.enrolled_at, m.manual_tier, "
-                   f"m.manual_tier_until, m.crm_id, {CONSENT_BITS}")
+                   f"m.manual_tier_until, m.crm_id, {CONSENT_BITS}, (SELECT value FROM segments_generation)")
 
 
 def member_by_card(conn: sqlite3.Connection, card: str) -> MemberRow | None:

@@ -899,6 +899,42 @@ DROP INDEX segment_spans_member
 """)
 
 
+# A trigger's body: segments_generation's row, with a new random value (m034).
+NEW_GENERATION = ("BEGIN INSERT INTO segments_generation (id, value) VALUES (1, random())\n"
+                  "    ON CONFLICT (id) DO UPDATE SET value = excluded.value; END")
+
+
+@migrations()
+def m034_segments_generation(db):
+    """segments_generation: one row whose value is replaced by a random one whenever what
+    readers take as current segment membership may change: by trigger when a run's row
+    becomes (or stops being) a finished one, and by storage/segments.py's span writers (a
+    list segment's members added or removed, spans of a run older than the newest finished
+    one). Not by trigger on segment_spans: any trigger there makes SQLite keep a statement
+    journal for each row the daily job writes (its first run on 200,000 members took some
+    40 % more CPU). A server keeps members' segments in memory under the value it read with
+    the member's row (storage/segments.py MembershipCache): another value means some
+    membership may have changed, whichever connection or process wrote it, and what it kept
+    is dropped. Random, not counted: a value read inside a transaction that was then rolled
+    back never becomes current again, so nothing kept under it can be served later. No row
+    until the first such write (none kept meanwhile): a new database stays empty, as
+    `migrate sqlite-to-postgres` wants its target."""
+    _run(db, f"""
+CREATE TABLE segments_generation (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    value INTEGER NOT NULL
+);
+INSERT INTO segments_generation (id, value) SELECT 1, random()
+    WHERE EXISTS (SELECT 1 FROM segment_spans) OR EXISTS (SELECT 1 FROM rfm_runs);
+CREATE TRIGGER rfm_runs_generation_insert AFTER INSERT ON rfm_runs WHEN NEW.finished_at IS NOT NULL
+{NEW_GENERATION};
+CREATE TRIGGER rfm_runs_generation_update AFTER UPDATE ON rfm_runs
+    WHEN OLD.finished_at IS NOT NEW.finished_at OR OLD.id IS NOT NEW.id
+{NEW_GENERATION};
+CREATE TRIGGER rfm_runs_generation_delete AFTER DELETE ON rfm_runs WHEN OLD.finished_at IS NOT NULL
+{NEW_GENERATION}
+""")
+
 @migrations()
 def m035_postings_lot_expiry(db):
     """postings_lot (every posting by its lot) goes: each index a receipt's posting goes into

@@ -20,12 +20,15 @@ answered (the campaign report's audience). A `list` segment's spans follow the A
 from __future__ import annotations
 
 import sqlite3
+import threading
+from collections import OrderedDict
 from datetime import date, datetime, time, timedelta, tzinfo
 from typing import NamedTuple
 
 import msgspec
 
 from storage.ledger import iso
+from storage.sql import is_postgresql
 
 WRITE_BATCH_ROWS = 2_000        # one write transaction of a few ms: receipts commit between batches
 DELETE_BATCH_ROWS = 2_000
@@ -286,7 +289,8 @@ def changes(members: dict[str, set[int]], before: dict[str, set[int]]) -> Change
 
 
 def write_changes(conn: sqlite3.Connection, run_id: int, now: datetime, changes: Changes) -> None:
-    """One batch of a run's openings and closings (the same member may be in two batches)."""
+    """One batch of a run's openings and closings (the same member may be in two batches).
+    Readers see them once the run has finished, unless a newer run finished first."""
     at = iso(now)
     conn.executemany("UPDATE segment_spans SET valid_to = ?, to_run = ? WHERE segment_id = ? AND member_id = ? "
                      "AND from_run IS NOT NULL AND valid_to IS NULL",
@@ -294,6 +298,21 @@ def write_changes(conn: sqlite3.Connection, run_id: int, now: datetime, changes:
     # DO NOTHING: a span another run (the server's and `loyalty jobs run` at once) opened already.
     conn.executemany("INSERT INTO segment_spans (segment_id, member_id, valid_from, from_run) "
                      "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", [(sid, mid, at, run_id) for sid, mid in changes.opened])
+    newest = conn.execute(_NEWEST).fetchone() if changes.closed or changes.opened else None
+    if newest is not None and run_id <= newest[0]:
+        new_generation(conn)
+
+
+def new_generation(conn: sqlite3.Connection) -> None:
+    """After a write of spans readers see at once: segments_generation (m034) gets a new
+    random value in the writer's transaction, so what servers keep of members' segments
+    (MembershipCache) is dropped at their next read after it commits. Every writer of spans
+    is in this module. PostgreSQL's triggers (p012) do it for every transaction that writes
+    spans, a previous version's during a rolling upgrade too; SQLite's would cost the daily
+    job a statement journal per span (m034)."""
+    if not is_postgresql(conn):
+        conn.execute("INSERT INTO segments_generation (id, value) VALUES (1, random()) "
+                     "ON CONFLICT (id) DO UPDATE SET value = excluded.value")
 
 
 # ------------------------------------------------------------------ reading
@@ -346,6 +365,70 @@ def memberships(rows) -> tuple[set[str], set[str]]:
     return listed, computed
 
 
+# ------------------------------------------------------------------ membership kept in memory
+
+Membership = tuple[frozenset[str], frozenset[str]]      # (list segments, computed segments)
+CACHE_MEMBERS = 500_000         # ~125 bytes a member kept (README, "Segments kept in memory")
+
+
+class MembershipCache:
+    """Members' current spans (membership_of) kept in memory under the segments_generation
+    (m034) they were read with: a receipt whose member's row carries the same generation
+    reads no spans. Every write of spans or runs, by any connection or process, gives the
+    generation a new random value, and the first read that sees another value drops
+    everything kept. So an entry holds what the database held at (or after, on PostgreSQL,
+    where the spans are read by a later statement) the generation it is kept under, and is
+    served only while that generation is current.
+
+    At most max_members members, the least recently read evicted first (O(1) each). Equal
+    memberships are shared, so an entry costs its key and two slots, whatever its segments.
+    A lock makes it safe for PostgreSQL's worker threads; a thread that read an older
+    generation than another only costs both misses, never a wrong answer."""
+
+    def __init__(self, max_members: int = CACHE_MEMBERS) -> None:
+        self.max_members = max_members
+        self._generation: int | None = None
+        self._members: OrderedDict[int, Membership] = OrderedDict()
+        self._shared: dict[Membership, Membership] = {}
+        self._lock = threading.Lock()
+
+    def get(self, generation: int | None, member_id: int) -> Membership | None:
+        if generation is None or not self.max_members:
+            return None
+        with self._lock:
+            if generation != self._generation:
+                self._drop(generation)
+                return None
+            found = self._members.get(member_id)
+            if found is not None:
+                self._members.move_to_end(member_id)
+            return found
+
+    def put(self, generation: int | None, member_id: int, listed: set[str], computed: set[str]) -> None:
+        """What the member's spans read, after `generation` was read, said."""
+        if generation is None or not self.max_members:
+            return
+        membership = (frozenset(listed), frozenset(computed))
+        with self._lock:
+            if generation != self._generation:
+                return      # read under a generation another thread has replaced since, or not yet seen
+            if len(self._shared) >= self.max_members:
+                self._shared.clear()            # only sharing is lost: entries keep their own
+            membership = self._shared.setdefault(membership, membership)
+            self._members[member_id] = membership
+            self._members.move_to_end(member_id)
+            if len(self._members) > self.max_members:
+                self._members.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def _drop(self, generation: int) -> None:
+        self._generation = generation
+        self._members = OrderedDict()
+        self._shared = {}
+
+
 def members_of(conn: sqlite3.Connection, d: SegmentDefinition) -> list[int]:
     """Every member of a segment now (an offer assigned to a segment is resolved with it)."""
     if d.list:
@@ -372,6 +455,8 @@ def add_members(conn: sqlite3.Connection, segment_id: str, member_ids: list[int]
     # DO NOTHING: a member already in keeps the span that began when they were added.
     conn.executemany("INSERT INTO segment_spans (segment_id, member_id, valid_from) VALUES (?, ?, ?) "
                      "ON CONFLICT DO NOTHING", rows)
+    if rows:
+        new_generation(conn)
     return size(conn, segment_id)
 
 
@@ -380,6 +465,8 @@ def remove_members(conn: sqlite3.Connection, segment_id: str, member_ids: list[i
     conn.executemany("DELETE FROM segment_members WHERE segment_id = ? AND member_id = ?", rows)
     conn.executemany("UPDATE segment_spans SET valid_to = ? WHERE segment_id = ? AND member_id = ? "
                      "AND from_run IS NULL AND valid_to IS NULL", [(iso(now), *row) for row in rows])
+    if rows:
+        new_generation(conn)
     return size(conn, segment_id)
 
 

@@ -18,7 +18,7 @@ processes meet at the receipt's unique key, and the loser runs again as a replay
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 import msgspec
@@ -30,6 +30,7 @@ from server.metrics import Metrics
 from server.privacy import Privacy, marked
 from server.programs import ProgramHolder
 from storage.db import Database
+from storage.segments import MembershipCache
 
 JSON = msgspec.json.Encoder()
 T = TypeVar("T")
@@ -42,6 +43,8 @@ class Deps:
     clock: Clock
     metrics: Metrics
     privacy: Privacy
+    # Members' segments as the receipt path last read them (storage/segments.py).
+    segments: MembershipCache = field(default_factory=MembershipCache)
 
     def program(self) -> Program:
         return self.programs.current

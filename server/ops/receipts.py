@@ -30,6 +30,7 @@ from storage import coupons, imports, ledger, offers
 from storage.apply import Confirmed, apply_calculate, apply_confirms, apply_take_back
 from storage.db import Flush, Grouped, Ready
 from storage.ledger import InsufficientPoints, PostingRef, iso
+from storage.segments import MembershipCache
 
 FUTURE_TS_TOLERANCE = timedelta(minutes=5)
 
@@ -72,7 +73,7 @@ async def calculate(deps: Deps, receipt: schema.Receipt, principal: Principal) -
             result = calculate_answer(plan_calculate(receipt, None, program, now, ev), program)
         else:
             result = await deps.db.write(lambda conn: _calculate_in_tx(conn, program, receipt, now, card, seconds,
-                                                                       deps.privacy.coupon))
+                                                                       deps.privacy.coupon, deps.segments))
     finally:
         _observe(deps, seconds)
     deps.metrics.receipts_of("calculate", "ok").inc()
@@ -80,9 +81,9 @@ async def calculate(deps: Deps, receipt: schema.Receipt, principal: Principal) -
 
 
 def _calculate_in_tx(conn, program: Program, receipt: schema.Receipt, now: datetime, card: str,
-                     seconds: list[float], coupon_mac) -> CalculateAnswer:
+                     seconds: list[float], coupon_mac, kept: MembershipCache | None = None) -> CalculateAnswer:
     ledger.lock_member_of_card(conn, card)      # its hold is seen by the member's next write
-    state = read_member_state(conn, receipt, program, now, card, coupon_mac)
+    state = read_member_state(conn, receipt, program, now, card, coupon_mac, kept)
     plan = plan_calculate(receipt, state, program, now, _timed(program, receipt, state, local_day(program, now),
                                                                seconds))
     apply_calculate(conn, plan, now)
@@ -102,7 +103,7 @@ async def confirm(deps: Deps, receipt: schema.Receipt,
     seconds: list[float] = []
     try:
         status, result, ev, encoded = await deps.db.write_grouped(
-            confirm_write(program, receipt, card, body, fingerprint, now, seconds, deps.privacy.coupon))
+            confirm_write(program, receipt, card, body, fingerprint, now, seconds, deps.privacy.coupon, deps.segments))
     except InsufficientPoints as e:
         raise unprocessable("insufficient_points", str(e)) from None
     finally:
@@ -119,11 +120,12 @@ async def confirm(deps: Deps, receipt: schema.Receipt,
 
 
 def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, body: bytes, fingerprint: str,
-                  now: datetime, seconds: list[float], coupon_mac) -> Grouped:
+                  now: datetime, seconds: list[float], coupon_mac,
+                  kept: MembershipCache | None = None) -> Grouped:
     """The confirm as a grouped write: planned against the state the confirms before it in
     its batch leave, then applied with them (storage/apply.py apply_confirms). Its result is
     (status, answer, evaluation, the answer as stored); the last two None for a replay; a
-    refusal is raised with nothing written."""
+    refusal is raised with nothing written. kept: members' segments kept in memory."""
     key = (receipt.store_id, receipt.register_id, receipt.receipt_id)
 
     def plan(conn, group: dict):
@@ -141,7 +143,7 @@ def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, b
             # for; the same receipt sent to two then fails on the receipt's key, and runs
             # again as a replay.
             ledger.lock_member_of_card(conn, card)
-        state = read_member_state(conn, receipt, program, now, card, coupon_mac)
+        state = read_member_state(conn, receipt, program, now, card, coupon_mac, kept)
         if state is not None and state.member.id in group.setdefault("members", set()):
             raise Flush     # its lots, holds, limits, offers and tier depend on a plan not yet applied
         if state is not None and state.coupons is not None and \

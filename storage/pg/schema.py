@@ -635,6 +635,37 @@ CREATE TRIGGER events_writers_lock BEFORE INSERT ON events
     FOR EACH STATEMENT EXECUTE FUNCTION events_writers_lock();
 """
 
+# SQLite's m034: a value every transaction that writes segment_spans or rfm_runs replaces with
+# a random one, which servers keep members' segments in memory under (storage/segments.py
+# MembershipCache). Once per transaction, not per row: the daily job writes spans a row per
+# statement (executemany), and an UPDATE of the one row per span would pile up a version of
+# it per span until the batch commits. A reader sees only committed transactions, so one new
+# value per transaction is a new value for everything it wrote; a savepoint rolled back takes
+# its flag with it (set_config local), so a later write of the transaction sets a value again.
+# A previous version still running during a rolling upgrade changes it too. No row until the
+# first such write (as m034): a new database stays empty for `migrate sqlite-to-postgres`.
+P012_SEGMENTS_GENERATION = """
+CREATE TABLE segments_generation (
+    id bigint PRIMARY KEY CHECK (id = 1),
+    value bigint NOT NULL
+);
+CREATE FUNCTION segments_generation_new() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('loyalty.segments_generation_new', true) IS DISTINCT FROM 'set' THEN
+        INSERT INTO segments_generation (id, value) VALUES (1, (random() * 9.2e18)::bigint)
+            ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value;
+        PERFORM set_config('loyalty.segments_generation_new', 'set', true);
+    END IF;
+    RETURN NULL;
+END $$;
+INSERT INTO segments_generation (id, value) SELECT 1, (random() * 9.2e18)::bigint
+    WHERE EXISTS (SELECT 1 FROM segment_spans) OR EXISTS (SELECT 1 FROM rfm_runs);
+CREATE TRIGGER segment_spans_generation AFTER INSERT OR UPDATE OR DELETE ON segment_spans
+    FOR EACH STATEMENT EXECUTE FUNCTION segments_generation_new();
+CREATE TRIGGER rfm_runs_generation AFTER INSERT OR UPDATE OR DELETE ON rfm_runs
+    FOR EACH STATEMENT EXECUTE FUNCTION segments_generation_new();
+"""
+
 # In order; a name is never reused or changed once released, and each only adds
 # (docs/postgresql.md, "Schema changes and rolling upgrades").
 # SQLite's m036: a receipt's member facts are written in its row. receipt_member_facts stays
@@ -656,6 +687,7 @@ MIGRATIONS: list[Migration] = [
     Migration("p009_event_fanout_queue", P009_EVENT_FANOUT_QUEUE),
     Migration("p010_segment_spans_current", P010_SEGMENT_SPANS_CURRENT),
     Migration("p011_events_settled", P011_EVENTS_SETTLED),
+    Migration("p012_segments_generation", P012_SEGMENTS_GENERATION),
     Migration("p013_member_facts_in_receipts", P013_MEMBER_FACTS_IN_RECEIPTS),
 ]
 
@@ -690,6 +722,7 @@ SQLITE_TWINS: dict[str, tuple[str, ...]] = {
     # Drops SQLite's rule_totals triggers; PostgreSQL keeps its own (INTENDED_DIFFERENCES).
     "m032_rule_totals_per_batch": (),
     "m033_segment_spans_current": ("p010_segment_spans_current",),
+    "m034_segments_generation": ("p012_segments_generation",),
     # Drops SQLite's postings_lot; PostgreSQL keeps it, which answers what the partial index
     # that replaces it does (INTENDED_DIFFERENCES).
     "m035_postings_lot_expiry": (),
@@ -748,6 +781,14 @@ INTENDED_DIFFERENCES: dict[str, str] = {
     # SQLite's one writer commits them in order) would pass an event committed late.
     "table event_fanout_pending: only on PostgreSQL": "the events not fanned out to the webhooks yet, a row each, "
                                                       "written with the event and deleted when fanned out",
+    # SQLite's span writers set the segments' generation themselves (storage/segments.py
+    # new_generation): a trigger there costs the daily job a statement journal per row.
+    "insert trigger of segment_spans on DELETE: only on PostgreSQL": "segments_generation set by every "
+                                                                     "transaction writing spans, any version's",
+    "insert trigger of segment_spans on INSERT: only on PostgreSQL": "segments_generation set by every "
+                                                                     "transaction writing spans, any version's",
+    "insert trigger of segment_spans on UPDATE: only on PostgreSQL": "segments_generation set by every "
+                                                                     "transaction writing spans, any version's",
     # p011's trigger on events is one more of the same kind: its writers' lock, so the pull
     # hands out only ids no transaction can still commit below (storage/events.py).
     "insert trigger of events on INSERT: only on PostgreSQL": "queues each event written for the fan-out "
