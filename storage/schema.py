@@ -935,6 +935,7 @@ CREATE TRIGGER rfm_runs_generation_delete AFTER DELETE ON rfm_runs WHEN OLD.fini
 {NEW_GENERATION}
 """)
 
+
 @migrations()
 def m035_postings_lot_expiry(db):
     """postings_lot (every posting by its lot) goes: each index a receipt's posting goes into
