@@ -23,23 +23,10 @@ from server.config import DatabaseConfig
 from server.keys import CLOCK, DATABASE, OPS, PROGRAMS
 from storage import segments
 from storage.db import Database
+from test_segment_spans_current import PROGRAM
 from test_storage_writer import WriterGate, wait_until
 
 NOW = "2026-12-10T12:00:00+02:00"
-PROGRAM = """\
-program: {id: shop, name: Shop, currency: UAH, timezone: Europe/Kyiv}
-points: {value: 100, rounding: floor, activation_delay_days: 0, expiry_days: 365}
-tiers: {levels: [{id: base, from: 0}]}
-stores: [{id: S001}]
-segments:
-  define:
-    - {id: big, when: {spend_in_window: {gte: 50000}}}
-    - {id: staff, list: true}
-rules:
-  - {id: base, reward: {percent: 2}}
-  - {id: big-bonus, when: {segment: big}, reward: {points: 100}}
-  - {id: staff-bonus, when: {segment: staff}, reward: {points: 7}}
-"""
 
 
 async def enrolled(a: Api, *cards: str) -> Api:
