@@ -99,10 +99,12 @@ asyncio.run(main())
 """ % (CATEGORIES,)
 
 
-def run(tree: Path, members: int, count: int, concurrent: int) -> dict:
-    out = subprocess.run([str(VENV_BIN / "python"), "-c", CHILD, str(members), str(count), str(concurrent)],
+def run(tree: Path, members: int, count: int, concurrent: int, child: str = CHILD,
+        timeout_seconds: int = 900) -> dict:
+    """The last line `child` (this file's CHILD unless given) prints, as JSON, run in `tree`."""
+    out = subprocess.run([str(VENV_BIN / "python"), "-c", child, str(members), str(count), str(concurrent)],
                          cwd=tree, env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"},
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True, timeout=timeout_seconds)
     if out.returncode != 0:
         raise SystemExit(f"{tree.name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

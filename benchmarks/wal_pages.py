@@ -15,15 +15,13 @@ and WAL bytes per receipt.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.ab import export  # noqa: E402
+from benchmarks import confirm_cpu  # noqa: E402
 from benchmarks.confirm_cpu import CATEGORIES  # noqa: E402
-from benchmarks.run import VENV_BIN  # noqa: E402
 
 # Runs inside the revision's tree: prints {"frames": {owner: n}, "bytes": n, "commits": n}.
 CHILD = r"""
@@ -113,12 +111,7 @@ asyncio.run(main())
 
 
 def run(tree: Path, members: int, count: int, concurrent: int) -> dict:
-    out = subprocess.run([str(VENV_BIN / "python"), "-c", CHILD, str(members), str(count), str(concurrent)],
-                         cwd=tree, env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"},
-                         capture_output=True, text=True, timeout=1800)
-    if out.returncode != 0:
-        raise SystemExit(f"{tree.name} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return confirm_cpu.run(tree, members, count, concurrent, child=CHILD, timeout_seconds=1800)
 
 
 def main() -> None:
