@@ -29,6 +29,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver): "
            "apt-get install -y chromium chromium-driver")
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
@@ -103,8 +104,22 @@ class Shots:
         assert self.driver.save_screenshot(str(self.folder / f"{name}.png"))
 
 
+# chromedriver reports an element the page replaced between finding it and reading it as an
+# "unhandled inspector error", not as a stale element; the next poll finds the new one.
+REPLACED_NODE = ("Node with given id does not belong to the document", "No node with given id found")
+
+
 def wait(driver, condition):
-    return WebDriverWait(driver, WAIT_SECONDS).until(condition)
+    def polled(d):
+        try:
+            return condition(d)
+        except StaleElementReferenceException:
+            return False
+        except WebDriverException as e:
+            if any(text in (e.msg or "") for text in REPLACED_NODE):
+                return False
+            raise
+    return WebDriverWait(driver, WAIT_SECONDS).until(polled)
 
 
 def replace_text(area, text: str) -> None:
