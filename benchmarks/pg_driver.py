@@ -32,8 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pg_cluster import Cluster, bin_dir, running  # noqa: E402
-from pg_rounds import ClusterCpu, alternate, medians  # noqa: E402
+from pg_cluster import Cluster  # noqa: E402
+from pg_rounds import ClusterCpu, alternate, medians, throwaway_database  # noqa: E402
 
 MEMBERS = 10_000
 
@@ -274,10 +274,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    if bin_dir() is None:
-        sys.exit("PostgreSQL is not installed (apt-get install postgresql)")
-    with running(Cluster(bin_dir())) as cluster:
-        url = cluster.url(cluster.createdb())
+    with throwaway_database() as (cluster, url):
         seed(url)
         rnd, numbers = random.Random(7), itertools.count()
 

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
-from pg_cluster import Cluster, bin_dir, running  # noqa: E402
-from pg_rounds import ClusterCpu, alternate  # noqa: E402
+from pg_cluster import Cluster  # noqa: E402
+from pg_rounds import ClusterCpu, alternate, throwaway_database  # noqa: E402
 
 from storage import events  # noqa: E402
 from storage.pg.connection import connect  # noqa: E402
@@ -143,10 +143,7 @@ def main() -> None:
     ap.add_argument("--hold-ms", type=float, default=2.0, help="the rest of a transaction after its event")
     ap.add_argument("--pull-gap-ms", type=float, default=50.0)
     args = ap.parse_args()
-    if bin_dir() is None:
-        sys.exit("PostgreSQL is not installed (apt-get install postgresql)")
-    with running(Cluster(bin_dir())) as cluster:
-        url = cluster.url(cluster.createdb())
+    with throwaway_database() as (cluster, url):
         PgDatabase(url).open()      # migrations
         inserts = alternate({on: (lambda on=on: statement_us(url, on, args.transactions * 10)) for on in (False, True)},
                             args.rounds)

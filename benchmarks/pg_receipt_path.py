@@ -26,7 +26,7 @@ import msgspec
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from pg_rounds import ClusterCpu, alternate, medians  # noqa: E402
+from pg_rounds import ClusterCpu, alternate, medians, throwaway_database  # noqa: E402
 
 from rules import load_program  # noqa: E402
 from server import schema  # noqa: E402
@@ -38,7 +38,7 @@ from storage.pg.connection import connect  # noqa: E402
 from storage.pg.database import PgDatabase  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
-from pg_cluster import Cluster, bin_dir, running  # noqa: E402
+from pg_cluster import Cluster  # noqa: E402
 
 MEMBERS = 2_000
 PROGRAM = ROOT / "tests" / "programs" / "market"
@@ -113,11 +113,8 @@ def main() -> None:
     ap.add_argument("--receipts", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    if bin_dir() is None:
-        sys.exit("PostgreSQL is not installed (apt-get install postgresql)")
     program = load_program(PROGRAM, START)
-    with running(Cluster(bin_dir())) as cluster:
-        url = cluster.url(cluster.createdb())
+    with throwaway_database() as (cluster, url):
         PgDatabase(url).open()      # migrations
         enroll_all(url, program)
         rnd, numbers = random.Random(11), itertools.count(step=args.receipts)

@@ -10,14 +10,25 @@ from __future__ import annotations
 import os
 import statistics
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from pg_cluster import Cluster  # noqa: E402
+from pg_cluster import Cluster, bin_dir, running  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 Result = TypeVar("Result")
+
+
+@contextmanager
+def throwaway_database() -> Iterator[tuple[Cluster, str]]:
+    """(cluster, url of an empty database on it), the cluster gone afterwards; the benchmark
+    exits with the package to install when PostgreSQL is absent."""
+    if bin_dir() is None:
+        sys.exit("PostgreSQL is not installed (apt-get install postgresql)")
+    with running(Cluster(bin_dir())) as cluster:
+        yield cluster, cluster.url(cluster.createdb())
 
 
 def alternate(ways: dict[str, Callable[[], Result]], rounds: int,
