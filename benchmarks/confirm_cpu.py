@@ -117,21 +117,25 @@ def instructions(tree: Path, members: int, count: int, concurrent: int) -> float
     # compiling of every module, which the second does not repeat.
     subprocess.run([str(VENV_BIN / "python"), "-m", "compileall", "-q", str(tree)], check=True,
                    capture_output=True)
-    totals = []
     with tempfile.TemporaryDirectory() as folder:
         script = Path(folder) / "child.py"
         script.write_text(CHILD)
-        for receipts in (20, 20 + count):
-            out = subprocess.run(["valgrind", "--tool=callgrind", "--cache-sim=no", "--branch-sim=no",
-                                  f"--callgrind-out-file={folder}/callgrind.out", str(VENV_BIN / "python"),
-                                  str(script), str(members), str(receipts), str(concurrent)],
-                                 cwd=tree, env={**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"},
-                                 capture_output=True, text=True, timeout=1800)
-            found = re.findall(r"Collected : (\d+)", out.stderr)
-            if out.returncode != 0 or len(found) != 1:
-                raise SystemExit(f"{tree.name} under valgrind failed:\n{out.stderr[-3000:]}")
-            totals.append(int(found[0]))
+        totals = [callgrind_total(tree, [str(VENV_BIN / "python"), str(script), str(members), str(receipts),
+                                         str(concurrent)]) for receipts in (20, 20 + count)]
     return (totals[1] - totals[0]) / count
+
+
+def callgrind_total(tree: Path, argv: list[str]) -> int:
+    """The instructions `argv` runs in `tree`, counted by callgrind (hash seed fixed)."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = subprocess.run(["valgrind", "--tool=callgrind", "--cache-sim=no", "--branch-sim=no",
+                              f"--callgrind-out-file={folder}/callgrind.out", *argv],
+                             cwd=tree, env={**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"},
+                             capture_output=True, text=True, timeout=1800)
+    found = re.findall(r"Collected : (\d+)", out.stderr)
+    if out.returncode != 0 or len(found) != 1:
+        raise SystemExit(f"{tree.name} under valgrind failed:\n{out.stderr[-3000:]}")
+    return int(found[0])
 
 
 def http_instructions(tree: Path, members: int, count: int, concurrent: int) -> float:

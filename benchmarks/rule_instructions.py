@@ -16,14 +16,12 @@ is what the four rules add to evaluation and plan.
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import confirm_cpu  # noqa: E402
 from benchmarks.cvm_cost import plain_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,18 +80,9 @@ run(count)
 
 
 def instructions(tree: Path, side: str, receipts: int, evaluate_only: bool, extra: Path) -> float:
-    totals = []
-    with tempfile.TemporaryDirectory() as folder:
-        for count in (RECEIPTS_BEFORE, RECEIPTS_BEFORE + receipts):
-            out = subprocess.run(["valgrind", "--tool=callgrind", "--cache-sim=no", "--branch-sim=no",
-                                  f"--callgrind-out-file={folder}/callgrind.out", sys.executable, "-c", CHILD, side,
-                                  str(count), "1" if evaluate_only else "0", str(extra)],
-                                 cwd=tree, env={**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"},
-                                 capture_output=True, text=True, timeout=1800)
-            found = re.findall(r"Collected : (\d+)", out.stderr)
-            if out.returncode != 0 or len(found) != 1:
-                raise SystemExit(f"{tree} side {side} under valgrind failed:\n{out.stderr[-3000:]}")
-            totals.append(int(found[0]))
+    totals = [confirm_cpu.callgrind_total(tree, [sys.executable, "-c", CHILD, side, str(count),
+                                                 "1" if evaluate_only else "0", str(extra)])
+              for count in (RECEIPTS_BEFORE, RECEIPTS_BEFORE + receipts)]
     return (totals[1] - totals[0]) / receipts
 
 
