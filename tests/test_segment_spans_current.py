@@ -55,15 +55,20 @@ async def bonuses(a: Api, card: str, rid: str, amount: int = 10000) -> list[str]
     return sorted(r["rule"] for r in answer["accrued"]["by_rule"] if r["rule"] != "base")
 
 
-async def half_a_run(a: Api) -> int:
-    """The daily job's changes written under a run that has not finished (killed half-way,
-    or still writing); its id."""
-    program, db = a.app[PROGRAMS].current, a.app[DATABASE]
-    now = a.app[CLOCK].now()
-    changes = await db.read(lambda conn: segments.changes(
+async def job_changes(a: Api) -> segments.Changes:
+    """The spans the daily job would open and close now."""
+    program, now = a.app[PROGRAMS].current, a.app[CLOCK].now()
+    return await a.app[DATABASE].read(lambda conn: segments.changes(
         rfm.membership(conn, program, rfm.computed_segments(program), segments.window_facts(
             conn, now.astimezone(program.timezone).date(), program.segment_window_days, program.timezone), [], now),
         segments.open_spans(conn)))
+
+
+async def half_a_run(a: Api, changes: segments.Changes | None = None) -> int:
+    """The daily job's changes (job_changes unless given) written under a run that has not
+    finished (killed half-way, or still writing); its id."""
+    changes = changes if changes is not None else await job_changes(a)
+    program, db, now = a.app[PROGRAMS].current, a.app[DATABASE], a.app[CLOCK].now()
     run_id = await db.write(lambda conn: segments.start_run(conn, now.date(), program.segment_window_days, now))
     await db.write(lambda conn: segments.write_changes(conn, run_id, now, changes))
     return run_id

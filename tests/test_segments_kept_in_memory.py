@@ -23,7 +23,8 @@ from server.config import DatabaseConfig
 from server.keys import CLOCK, DATABASE, OPS, PROGRAMS
 from storage import segments
 from storage.db import Database
-from test_segment_spans_current import PROGRAM
+from test_segment_spans_current import PROGRAM, job_changes
+from test_segment_spans_current import half_a_run as unfinished_run
 from test_storage_writer import WriterGate, wait_until
 
 NOW = "2026-12-10T12:00:00+02:00"
@@ -135,16 +136,9 @@ async def half_a_run(a: Api, spend: tuple[str, int]) -> int:
     """A receipt of `spend` (card, amount), then the daily job's changes written under a run
     that has not finished (still writing); its id."""
     assert await paid(a, spend[0], "r5", spend[1]) == []
-    program, db = a.app[PROGRAMS].current, a.app[DATABASE]
-    now = a.app[CLOCK].now()
-    changes = await db.read(lambda conn: segments.changes(
-        rfm.membership(conn, program, rfm.computed_segments(program), segments.window_facts(
-            conn, now.astimezone(program.timezone).date(), program.segment_window_days, program.timezone), [], now),
-        segments.open_spans(conn)))
+    changes = await job_changes(a)
     assert changes.opened
-    run_id = await db.write(lambda conn: segments.start_run(conn, now.date(), program.segment_window_days, now))
-    await db.write(lambda conn: segments.write_changes(conn, run_id, now, changes))
-    return run_id
+    return await unfinished_run(a, changes)
 
 
 @pytest.mark.sqlite_only(reason="traces the statements of SQLite's one write connection")
