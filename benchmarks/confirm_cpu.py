@@ -43,6 +43,19 @@ from benchmarks.run import VENV_BIN  # noqa: E402
 
 CATEGORIES = ("dairy", "bakery", "grocery", "dairy", "fuel", "grocery", "alcohol", "dairy", "bakery", "grocery")
 
+# The ten lines of a benchmark receipt, as the child scripts (this file's, wal_pages.py's) define them.
+RECEIPT_LINES = r'''
+CATEGORIES = %r
+
+def receipt_lines(n):
+    """Ten lines (JSON text) over CATEGORIES, their amounts varied by n, and their total."""
+    amounts = [500 + (n * 7919 + i * 104729) %% 20000 for i in range(10)]
+    lines = ", ".join(
+        f'{{"line_no": {i + 1}, "sku": "s{i}", "category": "{CATEGORIES[(n + i) %% 10]}", "qty": 1, '
+        f'"price": {amount}, "amount": {amount}}}' for i, amount in enumerate(amounts))
+    return lines, sum(amounts)
+''' % (CATEGORIES,)
+
 # Runs inside the revision's tree: prints {"process_us": ..., "loop_us": ...} per receipt.
 CHILD = r"""
 import asyncio, json, sys, tempfile, time
@@ -57,14 +70,10 @@ from server.ops import members as member_ops, receipts as receipt_ops
 members, count, concurrent = (int(a) for a in sys.argv[1:4])
 REGISTER = Principal("bench", "register", frozenset({"S001"}))
 MANAGER = Principal("bench-manager", "manager", frozenset())
-CATEGORIES = %r
+%s
 
 def receipt(n):
-    lines = ", ".join(
-        f'{{"line_no": {i + 1}, "sku": "s{i}", "category": "{CATEGORIES[(n + i) %% 10]}", "qty": 1, '
-        f'"price": {500 + (n * 7919 + i * 104729) %% 20000}, "amount": {500 + (n * 7919 + i * 104729) %% 20000}}}'
-        for i in range(10))
-    total = sum(500 + (n * 7919 + i * 104729) %% 20000 for i in range(10))
+    lines, total = receipt_lines(n)
     return schema.decode(
         f'{{"receipt_id": "b{n}", "store_id": "S001", "register_id": "K01", "ts": "2026-11-24T12:00:00+02:00", '
         f'"card": "card-{n %% members}", "lines": [{lines}], "total": {total}}}'.encode(), schema.Receipt)
@@ -96,7 +105,7 @@ async def main():
         await app.cleanup()
 
 asyncio.run(main())
-""" % (CATEGORIES,)
+""" % (RECEIPT_LINES,)
 
 
 def run(tree: Path, members: int, count: int, concurrent: int, child: str = CHILD,

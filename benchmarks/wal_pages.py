@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.ab import export  # noqa: E402
 from benchmarks import confirm_cpu  # noqa: E402
-from benchmarks.confirm_cpu import CATEGORIES  # noqa: E402
+from benchmarks.confirm_cpu import RECEIPT_LINES  # noqa: E402
 
 # Runs inside the revision's tree: prints {"frames": {owner: n}, "bytes": n, "commits": n}.
 CHILD = r"""
@@ -39,7 +39,7 @@ from server.ops import members as member_ops, receipts as receipt_ops
 members, count, concurrent = (int(a) for a in sys.argv[1:4])
 REGISTER = Principal("bench", "register", frozenset({"S001"}))
 MANAGER = Principal("bench-manager", "manager", frozenset())
-CATEGORIES = %r
+%s
 # Receipts come from this many registers in turn, each numbering its own: the indexes keyed
 # by a receipt's identity take them at as many places, as a store's tills do. Their members
 # follow no order (7919 is prime to any member count that is not a multiple of it), so the
@@ -47,11 +47,7 @@ CATEGORIES = %r
 REGISTERS = 16
 
 def receipt(n):
-    lines = ", ".join(
-        f'{{"line_no": {i + 1}, "sku": "s{i}", "category": "{CATEGORIES[(n + i) %% 10]}", "qty": 1, '
-        f'"price": {500 + (n * 7919 + i * 104729) %% 20000}, "amount": {500 + (n * 7919 + i * 104729) %% 20000}}}'
-        for i in range(10))
-    total = sum(500 + (n * 7919 + i * 104729) %% 20000 for i in range(10))
+    lines, total = receipt_lines(n)
     return schema.decode(
         f'{{"receipt_id": "{n // REGISTERS:06d}", "store_id": "S001", "register_id": "K{n %% REGISTERS:02d}", '
         f'"ts": "2026-11-24T12:00:00+02:00", '
@@ -107,7 +103,7 @@ async def main():
         await app.cleanup()
 
 asyncio.run(main())
-""" % (CATEGORIES,)
+""" % (RECEIPT_LINES,)
 
 
 def run(tree: Path, members: int, count: int, concurrent: int) -> dict:
