@@ -22,6 +22,7 @@ from server.ops import keyed_fingerprints
 from server.privacy import candidates
 from server.validation import Problems
 from storage import coupons, offers, segments
+from storage.ledger import card_match
 from storage.schema import legacy_fingerprint
 
 
@@ -82,15 +83,12 @@ def definitions(app) -> Definitions:
 
 def members_of_cards(conn, privacy, cards: list[str]) -> list[int]:
     """The members of the cards, or a 422 `unknown_card` naming every card not enrolled.
-    Each card is looked for under its hash in force, then under the earlier keys' (a card
-    `privacy rotate-key` has not wrapped yet), as every look-up is."""
+    Each card is looked for under its hash in force and the earlier keys' (a card
+    `privacy rotate-key` has not wrapped yet) in one statement, as every look-up is."""
     found, missing = [], []
     for i, card in enumerate(cards):
-        row = None
-        for digest in candidates(privacy.card(card)):
-            row = conn.execute("SELECT member_id FROM cards WHERE card = ?", (digest,)).fetchone()
-            if row is not None:
-                break
+        match, digests = card_match(privacy.card(card))
+        row = conn.execute(f"SELECT c.member_id FROM cards c WHERE {match} LIMIT 1", digests).fetchone()
         if row is None:
             missing.append({"path": f"cards[{i}]", "message": "is not an enrolled card"})
         else:

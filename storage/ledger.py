@@ -93,13 +93,23 @@ _MEMBER_COLUMNS = ("m.id, m.phone_last4, m.birthday, m.tags, m.referred_by, m.en
 
 def member_by_card(conn: sqlite3.Connection, card: str) -> MemberRow | None:
     """card: the card number's HMAC (server/privacy.py), never the number; during a key
-    rotation it also carries the number's hashes under earlier keys (`older`), tried next."""
-    for digest in (card, *getattr(card, "older", ())):
-        row = conn.execute(f"SELECT {_MEMBER_COLUMNS} FROM cards c JOIN members m ON m.id = c.member_id "
-                           "WHERE c.card = ?", (digest,)).fetchone()
-        if row:
-            return MemberRow(*row)
-    return None
+    rotation it also carries the number's hashes under earlier keys (`older`)."""
+    match, digests = card_match(card)
+    row = conn.execute(f"SELECT {_MEMBER_COLUMNS} FROM cards c JOIN members m ON m.id = c.member_id "
+                       f"WHERE {match} LIMIT 1", digests).fetchone()
+    return MemberRow(*row) if row else None
+
+
+def card_match(card: str) -> tuple[str, tuple[str, ...]]:
+    """The condition on `c.card` that finds a card under any of its hashes (the key in force
+    and, during a rotation, the `older` ones), and its parameters. One statement for all of
+    them: on PostgreSQL each statement reads its own snapshot, so a rotation that wraps the
+    card between a look-up for the new hash and one for the old would find it under neither.
+    A card is stored under one hash at a time, so at most one row matches."""
+    digests = (card, *getattr(card, "older", ()))
+    if len(digests) == 1:
+        return "c.card = ?", digests
+    return f"c.card IN ({', '.join('?' * len(digests))})", digests
 
 
 def lock_member(conn, member_id: int) -> bool:

@@ -7,7 +7,7 @@ import sqlite3
 
 from server.privacy import candidates
 from storage.accounts import issue_account, redemption_account
-from storage.ledger import unpack
+from storage.ledger import card_match, unpack
 
 RECENT_RECEIPTS = 20
 PHONE_MATCHES_MAX = 20
@@ -57,8 +57,6 @@ def members_by_phone(conn: sqlite3.Connection, phone_hmac: str) -> list[int]:
 
 
 def card_member(conn: sqlite3.Connection, card_hmac: str) -> int | None:
-    for digest in candidates(card_hmac):
-        row = conn.execute("SELECT member_id FROM cards WHERE card = ?", (digest,)).fetchone()
-        if row:
-            return row[0]
-    return None
+    match, digests = card_match(card_hmac)
+    row = conn.execute(f"SELECT c.member_id FROM cards c WHERE {match} LIMIT 1", digests).fetchone()
+    return row[0] if row else None

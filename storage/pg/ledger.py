@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from storage.ledger import GENESIS_HASH, NewPosting, PostingRef, posting_hash
+from storage.ledger import GENESIS_HASH, NewPosting, PostingRef, card_match, posting_hash
 from storage.pg.connection import Connection
 
 # The fields of postings hashed into a member's chain, in order (ledger.HASHED_SELECT
@@ -32,13 +32,11 @@ def lock_member(conn: Connection, member_id: int) -> None:
 
 def lock_member_by_card(conn: Connection, card: str) -> int | None:
     """Locks the member a card (its HMAC, with the older ones of a key rotation) belongs to;
-    their id, or None when no member has it."""
-    for digest in (card, *getattr(card, "older", ())):
-        row = conn.execute("SELECT m.id FROM cards c JOIN members m ON m.id = c.member_id WHERE c.card = ? "
-                           "FOR UPDATE OF m", (digest,)).fetchone()
-        if row:
-            return row[0]
-    return None
+    their id, or None when no member has it. One statement for every hash (ledger.card_match)."""
+    match, digests = card_match(card)
+    row = conn.execute(f"SELECT m.id FROM cards c JOIN members m ON m.id = c.member_id WHERE {match} "
+                       "LIMIT 1 FOR UPDATE OF m", digests).fetchone()
+    return row[0] if row else None
 
 
 def new_lots(conn: Connection, lots: list[tuple[int, str, str | None, int]]) -> list[int]:
