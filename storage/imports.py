@@ -84,12 +84,13 @@ def known_cards(conn: sqlite3.Connection, cards: list[str]) -> dict[str, int]:
     """card HMAC -> member id, for those of `cards` that are enrolled. A card is also found
     under its hashes under earlier keys (`older`, server/privacy.py) that a key rotation has
     not wrapped yet, so a rerun during or before `privacy rotate-key` enrolls no card twice."""
-    asked = {digest: card for card in cards for digest in (card, *getattr(card, "older", ()))}
     found: dict[str, int] = {}
-    for chunk in _chunks(list(asked)):
-        marks = ", ".join("?" * len(chunk))
+    # A card's hashes stay in one statement, for the reason storage.ledger.card_match gives.
+    for chunk in _chunks(cards):
+        asked = {digest: card for card in chunk for digest in (card, *getattr(card, "older", ()))}
+        marks = ", ".join("?" * len(asked))
         found.update((asked[digest], member_id) for digest, member_id in
-                     conn.execute(f"SELECT card, member_id FROM cards WHERE card IN ({marks})", chunk))
+                     conn.execute(f"SELECT card, member_id FROM cards WHERE card IN ({marks})", list(asked)))
     return found
 
 
