@@ -1,7 +1,7 @@
 """A member as one receipt needs them, read once inside the write transaction: the lots
-with their dates, the holds, the tier facts and the limited rules' uses at the receipt's
-ts, the budgets left, the segments, personal offers and the receipt's coupon codes
-(server/plan.py MemberState). Also the tier a member holds at a moment, and the segments
+with their dates (or, for a receipt that neither redeems nor repays, their totals), the
+holds, the tier facts and the limited rules' uses at the receipt's ts, the budgets left,
+the segments, personal offers and the receipt's coupon codes (server/plan.py MemberState). Also the tier a member holds at a moment, and the segments
 a member is in, which member views show."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import msgspec
 
 from rules import MemberFacts, Program
 from server.errors import unprocessable
-from server.plan import MemberState, key_of, local_date
+from server.plan import MemberState, key_of, local_date, local_day
 from storage import coupons, customer_value, ledger, offers, segments
 from storage.ledger import iso
 from storage.member_facts import TierFacts
@@ -37,9 +37,20 @@ def read_member_state(conn: sqlite3.Connection, receipt, program: Program, now: 
     hold_open = any(h.key == key and h.points for h in holds) or \
         ledger.hold_member(conn, key, open_only=True) is not None
     value = _customer_value(conn, program, member, receipt, card, coupon_mac, now, kept)
-    return MemberState(member, value.facts, ledger.lots_of(conn, member.id), holds,
+    lots, totals = _lots(conn, member.id, receipt, local_day(program, now))
+    return MemberState(member, value.facts, lots, holds,
                        ledger.rule_usage(conn, member.id, windows), budget_left(conn, program), hold_open,
-                       value.judged, value.tier, value.tier_now, value.offers)
+                       value.judged, value.tier, value.tier_now, value.offers, totals)
+
+
+def _lots(conn, member_id: int, receipt, today: str) -> tuple[list[ledger.Lot] | None, ledger.LotTotals | None]:
+    """The member's lots when the receipt redeems (it draws from them) or a debt must be
+    repaid from its points; otherwise only their totals at arrival, whose cost does not
+    grow with the member's history."""
+    if receipt.redeem_points:
+        return ledger.lots_of(conn, member_id), None
+    totals = ledger.lot_totals(conn, member_id, today)
+    return (ledger.lots_of(conn, member_id), None) if totals.debts else (None, totals)
 
 
 def customer_value_facts(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, receipt,

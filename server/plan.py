@@ -22,7 +22,7 @@ from rules.records import Evaluation
 from server.errors import ApiError, unprocessable
 from storage import accounts, member_facts, offers
 from storage.coupons import USABLE, Judged
-from storage.ledger import Balance, Hold, Lot, MemberRow, ReceiptKey, balance_of, draw, iso
+from storage.ledger import Balance, Hold, Lot, LotTotals, MemberRow, ReceiptKey, balance_of, draw, iso
 from storage.line_records import ReceiptLines, build
 from storage.member_facts import ReceiptMemberFacts, TierFacts
 from storage.offers import OfferRow
@@ -32,7 +32,8 @@ class MemberState(msgspec.Struct, frozen=True):
     """A receipt's member as read once, inside the write transaction."""
     member: MemberRow
     facts: MemberFacts              # as the rules see the member at the receipt's ts
-    lots: list[Lot]                 # lots with points left, debts (below zero) included
+    lots: list[Lot] | None          # lots with points left, debts (below zero) included; None: only their
+    #                                 totals were read (lot_totals), for a receipt that neither redeems nor repays
     holds: list[Hold]               # holds reserving points now
     usage: dict[str, int]           # times each limited rule fired within its window at ts
     budget_left: dict[str, int] | None  # points each budgeted rule may still issue
@@ -43,6 +44,7 @@ class MemberState(msgspec.Struct, frozen=True):
     # tier.changed check after it adds the receipt instead of counting again
     tier_now: tuple[int, int] | None = None
     offer_rows: list[OfferRow] = []     # the offers behind facts.offers, which a confirm charges
+    lot_totals: LotTotals | None = None     # the lots summed at arrival, when `lots` were not read
 
     def own_hold(self, key: ReceiptKey) -> int:
         return sum(h.points for h in self.holds if h.key == key)
@@ -142,7 +144,7 @@ def evaluate(program: Program, receipt, state: MemberState | None, today: str) -
     else:
         # What the member may spend matters only to a redemption: most receipts ask none.
         available = 0 if not receipt.redeem_points else \
-            balance_of(state.lots, state.holds, today).available + state.own_hold(key_of(receipt))
+            balance_of(lots_read(state), state.holds, today).available + state.own_hold(key_of(receipt))
         ev = program.evaluate(receipt, state.facts, receipt.redeem_points, available, state.usage, state.budget_left)
     if ev.redeem_refusal:
         raise refusal(ev.redeem_refusal, program)
@@ -179,7 +181,8 @@ def plan_calculate(receipt, state: MemberState | None, program: Program, now: da
         holds.append(Hold(key, ev.redeemed_points, iso(expires_at)))
     elif state.own_hold(key):
         plan.hold = HoldChange("release")
-    plan.balance = balance_of(state.lots, holds, today)
+    plan.balance = balance_of(state.lots, holds, today) if state.lots is not None else \
+        with_totals(balance_of([], holds, today), state.lot_totals)
     return plan
 
 
@@ -206,11 +209,11 @@ def plan_confirm(receipt, state: MemberState | None, program: Program, now: date
     # the state's own, which nothing here changes: copying every lot cost more than the rest.
     changed: dict[int, Lot] = {}
     if ev.redeemed_points:
-        _redeem(plan, state.lots, changed, ev.redeemed_points, today, sum(h.points for h in holds),
+        _redeem(plan, lots_read(state), changed, ev.redeemed_points, today, sum(h.points for h in holds),
                 accounts.redemption_account(partner))
     lot_of_rule = _accrue(plan, program, ev, accounts.issue_account(partner))
     new_remaining = [lot.points for lot in plan.lots]
-    debts = [lot for lot in state.lots if lot.remaining < 0]
+    debts = [lot for lot in state.lots or () if lot.remaining < 0]   # totals alone: the member has none
     if debts:
         changed.update((lot.id, _copy(lot)) for lot in debts)  # draw never takes from a debt
         _repay(plan, changed, new_remaining, today)
@@ -222,12 +225,32 @@ def plan_confirm(receipt, state: MemberState | None, program: Program, now: date
         plan.events.append(EventFire(state.member.referred_by, "referred_first_purchase",
                                      f"referral:{state.member.id}"))
     plan.lines = build(sold, ev.pairs, ev.redeemed_by_line, lot_of_rule)
+    new = [Lot(-1 - i, str(lot.available_from), _text(lot.expires_on), points)
+           for i, (lot, points) in enumerate(zip(plan.lots, new_remaining)) if points]
+    if state.lots is None:      # nothing drawn or repaid: the lots read as totals are as they were
+        plan.balance = with_totals(balance_of(new, holds, today), state.lot_totals)
+        return plan
     after = [lot for lot in (changed.get(lot.id, lot) for lot in state.lots) if lot.remaining] if changed \
         else [lot for lot in state.lots if lot.remaining]
-    after += [Lot(-1 - i, str(new.available_from), _text(new.expires_on), points)
-              for i, (new, points) in enumerate(zip(plan.lots, new_remaining)) if points]
-    plan.balance = balance_of(after, holds, today)
+    plan.balance = balance_of(after + new, holds, today)
     return plan
+
+
+def lots_read(state: MemberState) -> list[Lot]:
+    """The member's lots, which a redemption draws from: read_member_state reads them for a
+    receipt that asks to redeem, and only their totals otherwise."""
+    if state.lots is None:
+        raise RuntimeError("a redemption was planned against lot totals: its member's lots were not read")
+    return state.lots
+
+
+def with_totals(balance: Balance, totals: LotTotals) -> Balance:
+    """`balance` (of the lots a receipt adds, and the holds) with the member's other lots
+    counted from their totals. Their dates were not read, so `expiring` is left empty: no
+    receipt answer shows it. `owed` is the new lots' (none): totals are read only for a
+    member without debts."""
+    return Balance(balance.available + totals.available, balance.pending + totals.pending, balance.held,
+                   [], balance.owed)
 
 
 def _redeem(plan: ReceiptPlan, lots: list[Lot], changed: dict[int, Lot], points: int, today: str, reserved: int,

@@ -217,6 +217,30 @@ def lots_of(conn: sqlite3.Connection, member_id: int, as_of: str | None = None) 
         "GROUP BY l.id HAVING SUM(p.points) != 0 ORDER BY l.id", (member_id, as_of))]
 
 
+class LotTotals(NamedTuple):
+    """A member's lots summed on a day as balance_of counts them, without a row per lot: a
+    regular customer holds a lot per shopping day, and reading each one cost a receipt more
+    than the rest of its member's state. Enough for a receipt that neither redeems nor
+    repays a debt (`debts` says whether one must be repaid: then the lots are read)."""
+    available: int      # available on the day, debts (below zero) counted against it
+    pending: int        # not yet available on the day
+    debts: int          # how many lots are below zero
+
+
+# SUM ... FILTER: one pass over the member's live lots (lots_live covers every column read).
+_LOT_TOTALS_SQL = (
+    "SELECT COALESCE(SUM(remaining) FILTER (WHERE remaining < 0 OR available_from <= ?), 0), "
+    "COALESCE(SUM(remaining) FILTER (WHERE remaining > 0 AND available_from > ?), 0), "
+    "COUNT(*) FILTER (WHERE remaining < 0) FROM lots WHERE member_id = ? AND remaining != 0 "
+    "AND (remaining < 0 OR expires_on IS NULL OR expires_on > ?)")
+
+
+def lot_totals(conn: sqlite3.Connection, member_id: int, day: str) -> LotTotals:
+    """balance_of(lots_of(member), [], day)'s available and pending, and the debts' count."""
+    available, pending, debts = conn.execute(_LOT_TOTALS_SQL, (day, day, member_id, day)).fetchone()
+    return LotTotals(int(available), int(pending), int(debts))     # PostgreSQL sums bigints as numeric
+
+
 @dataclass
 class Hold:
     key: ReceiptKey
