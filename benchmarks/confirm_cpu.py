@@ -18,6 +18,10 @@ difference of the two counts over `--receipts` is the instructions per confirmed
 the same on every run whatever else the machine does. `--callgrind --http` counts the real
 server instead (`loyalty serve` under valgrind, the receipts sent over HTTP by this
 process): the receipt path plus aiohttp, the middlewares, decoding and the answer.
+
+`--history H` has every member confirm H receipts before the measured ones, so that each
+holds a lot per receipt as a regular customer does (one per shopping day): what a receipt
+costs as its member's history grows.
 """
 from __future__ import annotations
 
@@ -68,6 +72,7 @@ from server.keys import OPS
 from server.ops import members as member_ops, receipts as receipt_ops
 
 members, count, concurrent = (int(a) for a in sys.argv[1:4])
+history = int(sys.argv[4]) if len(sys.argv) > 4 else 0   # receipts each member had before, a lot each
 REGISTER = Principal("bench", "register", frozenset({"S001"}))
 MANAGER = Principal("bench-manager", "manager", frozenset())
 %s
@@ -95,8 +100,9 @@ async def main():
         deps = app[OPS]
         for m in range(members):
             await member_ops.enroll(deps, schema.Enrollment(card=f"card-{m}"), MANAGER)
-        await confirm_all(deps, [receipt(n) for n in range(members)])          # warm-up
-        bodies = [receipt(n) for n in range(members, members + count)]
+        await confirm_all(deps, [receipt(n) for n in range(members * (1 + history))])    # history, warm-up
+        first = members * (1 + history)
+        bodies = [receipt(n) for n in range(first, first + count)]
         cpu, loop = time.process_time(), time.thread_time()
         await confirm_all(deps, bodies)
         print(json.dumps({"process_us": (time.process_time() - cpu) / count * 1e6,
@@ -109,9 +115,10 @@ asyncio.run(main())
 
 
 def run(tree: Path, members: int, count: int, concurrent: int, child: str = CHILD,
-        timeout_seconds: int = 900) -> dict:
+        timeout_seconds: int = 900, history: int = 0) -> dict:
     """The last line `child` (this file's CHILD unless given) prints, as JSON, run in `tree`."""
-    out = subprocess.run([str(VENV_BIN / "python"), "-c", child, str(members), str(count), str(concurrent)],
+    out = subprocess.run([str(VENV_BIN / "python"), "-c", child, str(members), str(count), str(concurrent),
+                          str(history)],
                          cwd=tree, env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"},
                          capture_output=True, text=True, timeout=timeout_seconds)
     if out.returncode != 0:
@@ -119,7 +126,7 @@ def run(tree: Path, members: int, count: int, concurrent: int, child: str = CHIL
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def instructions(tree: Path, members: int, count: int, concurrent: int) -> float:
+def instructions(tree: Path, members: int, count: int, concurrent: int, history: int = 0) -> float:
     """Instructions per confirmed receipt: two runs under callgrind, 20 and 20 + count receipts,
     so that start-up and the warm-up cancel out."""
     # Compiled first: the first run in a freshly exported tree would otherwise count the
@@ -130,7 +137,7 @@ def instructions(tree: Path, members: int, count: int, concurrent: int) -> float
         script = Path(folder) / "child.py"
         script.write_text(CHILD)
         totals = [callgrind_total(tree, [str(VENV_BIN / "python"), str(script), str(members), str(receipts),
-                                         str(concurrent)]) for receipts in (20, 20 + count)]
+                                         str(concurrent), str(history)]) for receipts in (20, 20 + count)]
     return (totals[1] - totals[0]) / count
 
 
@@ -245,18 +252,24 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=32)
     parser.add_argument("--callgrind", action="store_true", help="instructions per receipt (needs valgrind)")
     parser.add_argument("--http", action="store_true", help="with --callgrind: of `loyalty serve`, HTTP included")
+    parser.add_argument("--history", type=int, default=0,
+                        help="receipts each member confirmed before the measured ones (a lot each); not with --http")
     args = parser.parse_args()
     trees = {"before": export(args.before), "after": export(args.after)}
     if args.callgrind:
-        count = http_instructions if args.http else instructions
-        counted = {side: count(tree, args.members, args.receipts, args.concurrent) for side, tree in trees.items()}
+        if args.http:
+            counted = {side: http_instructions(tree, args.members, args.receipts, args.concurrent)
+                       for side, tree in trees.items()}
+        else:
+            counted = {side: instructions(tree, args.members, args.receipts, args.concurrent, args.history)
+                       for side, tree in trees.items()}
         print(f"instructions per confirmed receipt: before {counted['before'] / 1e6:.3f} M, "
               f"after {counted['after'] / 1e6:.3f} M ({counted['after'] / counted['before'] - 1:+.1%})")
         return
     results: dict[str, list[dict]] = {"before": [], "after": []}
     for round_no in range(args.rounds):
         for side, tree in trees.items():
-            result = run(tree, args.members, args.receipts, args.concurrent)
+            result = run(tree, args.members, args.receipts, args.concurrent, history=args.history)
             results[side].append(result)
             print(f"round {round_no + 1} {side} ({tree.name}): {result['process_us']:,.0f} us CPU/receipt, "
                   f"event loop thread {result['loop_us']:,.0f}", flush=True)
