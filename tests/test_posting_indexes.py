@@ -1,21 +1,23 @@
-"""A receipt's postings go into fewer indexes (m035): postings_lot is gone, as each index a
+"""A receipt's postings go into fewer indexes. m035: postings_lot is gone, as each index a
 posting goes into is one more B-tree page a commit writes to the WAL. What was read through
 it is answered otherwise: the expiry job takes a lot's points left from lots.remaining, a
 return what expiry took from a lot from the partial index of expiry postings, audit verify
-sums the postings by lot in one pass. A database from before upgrades and answers the same."""
+sums the postings by lot in one pass. A database from before upgrades and answers the same.
+audit verify sums a receipt's postings by receipt in one pass too."""
 import sqlite3
 from datetime import datetime
 
+import msgspec
 import pytest
 
-from conftest import line, receipt
+from conftest import connect, line, receipt
 from server.jobs import run_all
 from server.keys import CLOCK, DATABASE, PROGRAMS
 from storage import ledger
 from storage.audit import verify
 
-pytestmark = pytest.mark.sqlite_only(reason="SQLite's indexes of postings and their upgrade; PostgreSQL keeps "
-                                     "postings_lot (storage/pg/schema.py INTENDED_DIFFERENCES)")
+SQLITE_ONLY = pytest.mark.sqlite_only(reason="SQLite's indexes of postings and their upgrade; PostgreSQL keeps "
+                                      "postings_lot (storage/pg/schema.py INTENDED_DIFFERENCES)")
 
 NOW = "2026-11-24T12:00:05+02:00"
 RECEIPT = {"store_id": "S001", "register_id": "K01", "receipt_id": "E-1"}
@@ -50,6 +52,7 @@ def audited(path) -> list[str]:
         conn.close()
 
 
+@SQLITE_ONLY
 async def test_an_older_database_upgrades_then_expires_and_refunds_by_what_lots_keep(make_api, tmp_path):
     db = tmp_path / "loyalty.db"
     api = await make_api(now=NOW)
@@ -85,6 +88,7 @@ async def test_an_older_database_upgrades_then_expires_and_refunds_by_what_lots_
     assert audited(db) == []
 
 
+@SQLITE_ONLY
 def test_a_returns_expiry_facts_come_from_expiry_postings_alone(tmp_path):
     """lot_facts reads the partial index, which no receipt writes, and sums expiry only."""
     from storage.schema import migrations
@@ -99,6 +103,7 @@ def test_a_returns_expiry_facts_come_from_expiry_postings_alone(tmp_path):
     conn.close()
 
 
+@SQLITE_ONLY
 async def test_audit_verify_names_a_lot_whose_kept_points_disagree_with_its_postings(make_api, tmp_path):
     db = tmp_path / "loyalty.db"
     api = await make_api(now=NOW)
@@ -110,3 +115,86 @@ async def test_audit_verify_names_a_lot_whose_kept_points_disagree_with_its_post
     conn.close()
     problems = audited(db)
     assert len(problems) == 1 and "says 101 points remain, its postings sum to 100" in problems[0], problems
+
+
+# One gold member's three receipts, two of them with the same receipt id from two
+# registers, so that only the receipt's whole identity tells their postings apart.
+RETURNS_NOW = "2026-11-28T09:00:05+02:00"
+CARD = "7000000000002"
+FIRST, SAME_ID, OTHER = ("S001", "K01", "B-1"), ("S001", "K02", "B-1"), ("S001", "K01", "B-2")
+
+
+def basket(key, redeem=0) -> dict:
+    return receipt(key[2], [line(1, "alcohol", 30000, sku="wine-1"), line(2, "dairy", 20000, sku="cheese-1"),
+                            line(3, "grocery", 50000, sku="coffee-1")],
+                   card=CARD, ts="2026-11-28T09:00:00+02:00", store=key[0], register=key[1], redeem=redeem)
+
+
+async def three_receipts(api) -> dict:
+    """The gold member with 5,000 points (100 welcome, 4,900 adjusted) and their three
+    receipts' answers, by key."""
+    assert (await api.post("/v1/members", {"card": CARD}))[0] == 201
+    assert (await api.put(f"/v1/admin/members/{CARD}/tier", {"tier": "gold", "until": "2027-12-31"}))[0] == 200
+    assert (await api.post("/v1/admin/adjustments", {"card": CARD, "points": 4900, "reason": "migration",
+                                                     "adjustment_id": "adj-1"}))[0] == 201
+    answers = {}
+    for key, redeem in ((FIRST, 1000), (SAME_ID, 500), (OTHER, 0)):
+        status, answers[key] = await api.post("/v1/receipts", basket(key, redeem), as_="register")
+        assert status == 201, answers[key]
+    return answers
+
+
+@SQLITE_ONLY
+async def test_audit_verify_reads_the_receipts_postings_in_one_pass(make_api, tmp_path):
+    """As many statements for three receipts as for one: not a look-up per receipt."""
+    db = tmp_path / "loyalty.db"
+    api = await make_api(now=RETURNS_NOW)
+    await three_receipts(api)
+    await api.client.close()
+
+    def statements_of_verify() -> int:
+        conn, statements = sqlite3.connect(db), []
+        conn.set_trace_callback(statements.append)
+        try:
+            assert verify(conn).problems == []
+        finally:
+            conn.close()
+        return len(statements)
+
+    three = statements_of_verify()
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("UPDATE receipts SET member_id = NULL WHERE receipt_id = 'B-2' OR register_id = 'K02'")
+    conn.close()
+    assert statements_of_verify() == three
+
+
+async def test_audit_verify_names_a_receipt_whose_postings_do_not_match_its_answer(make_api, tmp_path):
+    """The one of two receipts with the same receipt id from two registers whose stored
+    answer claims a point more for a rule than its postings hold."""
+    db = tmp_path / "loyalty.db"
+    api = await make_api(now=RETURNS_NOW)
+    answers = await three_receipts(api)
+    await api.client.close()
+
+    def audit() -> list[str]:
+        conn = connect(db)
+        try:
+            return verify(conn).problems
+        finally:
+            conn.close()
+
+    assert audit() == []
+    first = answers[SAME_ID]["accrued"]["by_rule"][0]
+    conn = connect(db)
+    try:
+        (stored,), = conn.execute("SELECT result FROM receipts WHERE store_id = ? AND register_id = ? "
+                                  "AND receipt_id = ?", SAME_ID).fetchall()
+        answer = msgspec.json.decode(ledger.unpack(bytes(stored)))
+        answer["accrued"]["by_rule"][0]["points"] += 1
+        conn.execute("UPDATE receipts SET result = ? WHERE store_id = ? AND register_id = ? AND receipt_id = ?",
+                     (msgspec.json.encode(answer), *SAME_ID))
+        conn.commit()
+    finally:
+        conn.close()
+    assert audit() == [f"receipt S001/K02/B-1: rule {first['rule']} posted {first['points']} "
+                       f"but the receipt answered {first['points'] + 1}"]
