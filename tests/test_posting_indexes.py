@@ -2,8 +2,9 @@
 posting goes into is one more B-tree page a commit writes to the WAL. What was read through
 it is answered otherwise: the expiry job takes a lot's points left from lots.remaining, a
 return what expiry took from a lot from the partial index of expiry postings, audit verify
-sums the postings by lot in one pass. A database from before upgrades and answers the same.
-audit verify sums a receipt's postings by receipt in one pass too."""
+sums the postings by lot in one pass. m037: postings_receipt is gone too; a cancel and a
+return find a receipt's postings among its member's (postings_member), audit verify sums
+them by receipt in one pass. A database from before upgrades and answers the same."""
 import sqlite3
 from datetime import datetime
 
@@ -17,7 +18,7 @@ from storage import ledger
 from storage.audit import verify
 
 SQLITE_ONLY = pytest.mark.sqlite_only(reason="SQLite's indexes of postings and their upgrade; PostgreSQL keeps "
-                                      "postings_lot (storage/pg/schema.py INTENDED_DIFFERENCES)")
+                                      "postings_lot and postings_receipt (storage/pg/schema.py INTENDED_DIFFERENCES)")
 
 NOW = "2026-11-24T12:00:05+02:00"
 RECEIPT = {"store_id": "S001", "register_id": "K01", "receipt_id": "E-1"}
@@ -65,7 +66,7 @@ async def test_an_older_database_upgrades_then_expires_and_refunds_by_what_lots_
     assert "postings_lot" in posting_indexes(db)
 
     api = await make_api(now=NOW)               # m035 runs at start
-    assert posting_indexes(db) == {"postings_member", "postings_counter", "postings_receipt", "postings_lot_expiry"}
+    assert posting_indexes(db) == {"postings_member", "postings_counter", "postings_lot_expiry"}
     app = api.client.app
     app[CLOCK].set(datetime.fromisoformat("2027-11-25T10:00:00+02:00"))
     done = await run_all(app[DATABASE], app[PROGRAMS].current, app[CLOCK].now())
@@ -117,11 +118,22 @@ async def test_audit_verify_names_a_lot_whose_kept_points_disagree_with_its_post
     assert len(problems) == 1 and "says 101 points remain, its postings sum to 100" in problems[0], problems
 
 
-# One gold member's three receipts, two of them with the same receipt id from two
-# registers, so that only the receipt's whole identity tells their postings apart.
+# m037's scenario: one gold member's three receipts, two of them with the same receipt id
+# from two registers, so that only the receipt's whole identity tells their postings apart.
 RETURNS_NOW = "2026-11-28T09:00:05+02:00"
 CARD = "7000000000002"
 FIRST, SAME_ID, OTHER = ("S001", "K01", "B-1"), ("S001", "K02", "B-1"), ("S001", "K01", "B-2")
+
+
+def to_before_m037(path) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript("""
+        BEGIN;
+        CREATE INDEX postings_receipt ON postings(store_id, register_id, receipt_id) WHERE receipt_id IS NOT NULL;
+        DELETE FROM _sqlite_migrations WHERE name = 'm037_postings_receipt';
+        COMMIT;
+    """)
+    conn.close()
 
 
 def basket(key, redeem=0) -> dict:
@@ -142,6 +154,90 @@ async def three_receipts(api) -> dict:
         status, answers[key] = await api.post("/v1/receipts", basket(key, redeem), as_="register")
         assert status == 201, answers[key]
     return answers
+
+
+def by_kind(path, key) -> dict[str, int]:
+    """What the ledger holds for one receipt, summed by kind."""
+    conn = sqlite3.connect(path)
+    try:
+        return dict(conn.execute("SELECT kind, SUM(points) FROM postings WHERE store_id = ? AND register_id = ? "
+                                 "AND receipt_id = ? GROUP BY kind", key))
+    finally:
+        conn.close()
+
+
+def line_points(answer: dict, part: str, line_no: int) -> int:
+    return sum(x["points"] for x in answer[part]["by_line"] if x["line_no"] == line_no)
+
+
+@SQLITE_ONLY
+async def test_an_older_database_upgrades_then_cancels_and_returns_what_each_receipt_posted(make_api, tmp_path):
+    db = tmp_path / "loyalty.db"
+    api = await make_api(now=RETURNS_NOW)
+    answers = await three_receipts(api)
+    assert answers[FIRST]["accrued"]["points"] == 87 and answers[FIRST]["redeemed"]["points"] == 350
+    await api.client.close()
+    to_before_m037(db)
+    assert "postings_receipt" in posting_indexes(db)
+    before = {key: by_kind(db, key) for key in answers}
+
+    api = await make_api(now=RETURNS_NOW)       # m037 runs at start
+    assert posting_indexes(db) == {"postings_member", "postings_counter", "postings_lot_expiry"}
+    status, cancelled = await api.post("/v1/receipts/S001/K01/B-1/cancel", as_="register")
+    assert status == 200 and cancelled["status"] == "cancelled"
+    assert cancelled["reversed"]["points"] == 87 and cancelled["refunded"]["points"] == 350
+    status, returned = await api.post("/v1/returns", {
+        "return_id": "RET-1", "store_id": "S001", "register_id": "K02",
+        "receipt": dict(zip(("store_id", "register_id", "receipt_id"), SAME_ID)),
+        "lines": [{"line_no": 3, "qty": 1}]}, as_="register")
+    assert status == 201, returned
+    same_id = answers[SAME_ID]
+    assert returned["reversed"]["points"] == line_points(same_id, "accrued", 3) > 0
+    assert returned["refunded"]["points"] == line_points(same_id, "redeemed", 3) > 0
+    _, member = await api.get(f"/v1/members/{CARD}")
+    await api.client.close()
+
+    # The ledger afterwards: the cancelled receipt nets to zero, the returned one lost its
+    # line 3 alone, and the member's third receipt is as it was.
+    assert by_kind(db, FIRST) == {**before[FIRST], "reversal": -87, "refund": 350}
+    assert by_kind(db, SAME_ID) == {**before[SAME_ID], "reversal": -returned["reversed"]["points"],
+                                    "refund": returned["refunded"]["points"]}
+    assert by_kind(db, OTHER) == before[OTHER]
+    earned = sum(a["accrued"]["points"] for a in answers.values()) - 87 - returned["reversed"]["points"]
+    spent = sum(a["redeemed"]["points"] for a in answers.values()) - 350 - returned["refunded"]["points"]
+    assert member["balance"]["available"] + member["balance"]["pending"] == 100 + 4900 + earned - spent
+    assert audited(db) == []
+
+
+@SQLITE_ONLY
+async def test_a_cancel_and_a_return_find_a_receipts_postings_among_its_members(make_api, tmp_path):
+    """No index finds postings by receipt: each statement that reads a receipt's postings
+    searches postings_member, none scans postings."""
+    db = tmp_path / "loyalty.db"
+    api = await make_api(now=RETURNS_NOW)
+    await three_receipts(api)
+    database, statements = api.client.app[DATABASE], []
+    await database.write(lambda conn: conn.set_trace_callback(statements.append))
+    try:
+        assert (await api.post("/v1/receipts/S001/K01/B-1/cancel", as_="register"))[0] == 200
+        assert (await api.post("/v1/returns", {
+            "return_id": "RET-1", "store_id": "S001", "register_id": "K02",
+            "receipt": dict(zip(("store_id", "register_id", "receipt_id"), SAME_ID)),
+            "lines": [{"line_no": 3, "qty": 1}]}, as_="register"))[0] == 201
+    finally:
+        await database.write(lambda conn: conn.set_trace_callback(None))
+    await api.client.close()
+    by_receipt = [s for s in statements if s.lstrip().startswith("SELECT") and "FROM postings" in s
+                  and "p.receipt_id = " in s]
+    assert len(by_receipt) == 2, statements                  # the cancel's and the return's
+    conn = sqlite3.connect(db)
+    try:
+        for statement in by_receipt:
+            plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statement)]
+            assert any(step.startswith("SEARCH p USING INDEX postings_member (member_id=?)") for step in plan), plan
+            assert not any(step.startswith("SCAN") for step in plan), plan
+    finally:
+        conn.close()
 
 
 @SQLITE_ONLY
