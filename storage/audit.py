@@ -16,13 +16,14 @@ does not hold.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sqlite3
 from dataclasses import dataclass, field
 
 import msgspec
 
 from storage.ledger import BY_RULE_FROM, BY_RULE_ID, BY_RULE_POINTS, GENESIS_HASH, HASHED_SELECT, posting_hash, unpack
-from storage.sql import is_postgresql
+from storage.sql import byte_order, is_postgresql
 
 PROGRESS_EVERY_ROWS = 100_000
 
@@ -159,44 +160,81 @@ def _splits(conn, report: AuditReport) -> bool:
 
 
 def _receipts(conn, report: AuditReport) -> None:
-    rows = conn.execute("SELECT store_id, register_id, receipt_id, member_id, status, result FROM receipts "
-                        "WHERE member_id IS NOT NULL")
-    # Accruals by rule: from their split once the database has one (m030), else as posted.
-    source, rule, points = ((BY_RULE_FROM, BY_RULE_ID, BY_RULE_POINTS) if _has_table(conn, "posting_rules")
-                            else ("postings p", "p.rule_id", "p.points"))
-    query = (f"SELECT p.kind, COALESCE({rule}, ''), SUM({points}) FROM {source} "
-             "WHERE p.store_id = ? AND p.register_id = ? AND p.receipt_id = ? GROUP BY 1, 2")
-    for store, register, receipt_id, member_id, status, result in rows:
+    # Receipts and postings both in byte order of the identity, the order in which Python
+    # compares the keys (_SumsByReceipt.take).
+    order = byte_order(conn)
+    receipts = conn.execute("SELECT store_id, register_id, receipt_id, member_id, status, result FROM receipts "
+                            f"WHERE member_id IS NOT NULL ORDER BY store_id{order}, register_id{order}, "
+                            f"receipt_id{order}")
+    sums = _SumsByReceipt(conn, order)
+    for store, register, receipt_id, member_id, status, result in receipts:
         report.receipts += 1
-        sums = {(k, r): p for k, r, p in conn.execute(query, (store, register, receipt_id))}
-        name = f"receipt {store}/{register}/{receipt_id}"
-        if status == "cancelled":
-            # Expiry and debt repayment postings may carry the receipt too; what it earned and
-            # spent must net to zero.
-            net = sum(p for (k, _), p in sums.items() if k in ("accrual", "reversal", "redemption", "refund"))
-            if net != 0:
-                report.problems.append(f"{name}: cancelled but what it earned and spent nets to {net}")
-                return
-            continue
-        try:
-            answer = msgspec.json.decode(unpack(result))
-            answer["accrued"]["by_rule"], answer["accrued"]["points"], answer["redeemed"]["points"]
-        except (msgspec.DecodeError, KeyError, TypeError):
-            report.problems.append(f"{name}: its stored answer cannot be read")
+        problem = _receipt_problem(status, result, sums.take((store, register, receipt_id, member_id)))
+        if problem:
+            report.problems.append(f"receipt {store}/{register}/{receipt_id}: {problem}")
             return
-        for item in answer["accrued"]["by_rule"]:
-            if sums.get(("accrual", item["rule"]), 0) != item["points"]:
-                report.problems.append(f"{name}: rule {item['rule']} posted {sums.get(('accrual', item['rule']), 0)} "
-                                       f"but the receipt answered {item['points']}")
-                return
-        posted = sum(p for (k, _), p in sums.items() if k == "accrual")
-        if posted != answer["accrued"]["points"]:
-            report.problems.append(f"{name}: accrual postings {posted} != answered {answer['accrued']['points']}")
-            return
-        spent = -sum(p for (k, _), p in sums.items() if k == "redemption")
-        if spent != answer["redeemed"]["points"]:
-            report.problems.append(f"{name}: redemption postings {spent} != answered {answer['redeemed']['points']}")
-            return
+
+
+class _SumsByReceipt:
+    """Every receipt's postings summed by kind and rule (accruals by rule), in one pass over
+    postings in order of the receipt's identity, as the receipts are read. On SQLite no index
+    finds a receipt's postings since m037, and a look-up per receipt among its member's
+    postings would read a member's history once per receipt of theirs. Matched by member
+    too, as a cancel and a return find them (storage.ledger.receipt_postings)."""
+
+    def __init__(self, conn, order: str):
+        source, rule, points = _by_rule(conn)
+        rows = conn.execute(
+            f"SELECT p.store_id, p.register_id, p.receipt_id, p.member_id, p.kind, COALESCE({rule}, ''), "
+            f"SUM({points}) FROM {source} "
+            "WHERE p.store_id IS NOT NULL AND p.register_id IS NOT NULL AND p.receipt_id IS NOT NULL "
+            f"GROUP BY p.store_id, p.register_id, p.receipt_id, p.member_id, p.kind, COALESCE({rule}, '') "
+            f"ORDER BY p.store_id{order}, p.register_id{order}, p.receipt_id{order}, p.member_id")
+        self._groups = itertools.groupby(rows, key=lambda row: row[:4])
+        self._next = next(self._groups, None)
+
+    def take(self, key: tuple) -> dict[tuple[str, str], int]:
+        """(kind, rule) -> points of the receipt `key` (its identity and member); keys come in
+        the postings' order. Postings of an identity no receipt of that member has are passed."""
+        while self._next is not None and self._next[0] < key:
+            self._next = next(self._groups, None)
+        if self._next is None or self._next[0] != key:
+            return {}
+        found = {(row[4], row[5]): row[6] for row in self._next[1]}
+        self._next = next(self._groups, None)
+        return found
+
+
+def _by_rule(conn) -> tuple[str, str, str]:
+    """Accruals by rule: from their split once the database has one (m030), else as posted."""
+    if _has_table(conn, "posting_rules"):
+        return BY_RULE_FROM, BY_RULE_ID, BY_RULE_POINTS
+    return "postings p", "p.rule_id", "p.points"
+
+
+def _receipt_problem(status: str, result: bytes, sums: dict[tuple[str, str], int]) -> str | None:
+    """What is wrong with one receipt's postings (kind, rule) -> points against its row."""
+    if status == "cancelled":
+        # Expiry and debt repayment postings may carry the receipt too; what it earned and
+        # spent must net to zero.
+        net = sum(p for (k, _), p in sums.items() if k in ("accrual", "reversal", "redemption", "refund"))
+        return f"cancelled but what it earned and spent nets to {net}" if net != 0 else None
+    try:
+        answer = msgspec.json.decode(unpack(result))
+        answer["accrued"]["by_rule"], answer["accrued"]["points"], answer["redeemed"]["points"]
+    except (msgspec.DecodeError, KeyError, TypeError):
+        return "its stored answer cannot be read"
+    for item in answer["accrued"]["by_rule"]:
+        if sums.get(("accrual", item["rule"]), 0) != item["points"]:
+            return (f"rule {item['rule']} posted {sums.get(('accrual', item['rule']), 0)} "
+                    f"but the receipt answered {item['points']}")
+    posted = sum(p for (k, _), p in sums.items() if k == "accrual")
+    if posted != answer["accrued"]["points"]:
+        return f"accrual postings {posted} != answered {answer['accrued']['points']}"
+    spent = -sum(p for (k, _), p in sums.items() if k == "redemption")
+    if spent != answer["redeemed"]["points"]:
+        return f"redemption postings {spent} != answered {answer['redeemed']['points']}"
+    return None
 
 
 def _returns(conn, report: AuditReport) -> None:

@@ -768,14 +768,19 @@ BY_RULE_ID = "COALESCE(pr.rule_id, p.rule_id)"
 BY_RULE_POINTS = "COALESCE(pr.points, p.points)"
 
 
-def receipt_postings(conn: sqlite3.Connection, key: ReceiptKey) -> list[tuple]:
+def receipt_postings(conn: sqlite3.Connection, key: ReceiptKey, member_id: int | None) -> list[tuple]:
     """(kind, lot_id, rule_id, counter_account, points) summed per kind, lot, rule and
-    counter account, in first-posting order; accruals by rule."""
+    counter account, in first-posting order; accruals by rule. member_id: the receipt's
+    (its receipts row's). Every posting that carries a receipt's key is its member's, and
+    SQLite, which has no index by receipt since m037, finds them among the member's
+    postings (postings_member). An anonymous receipt (None) posted nothing."""
+    if member_id is None:
+        return []
     return [r[:5] for r in conn.execute(
         f"SELECT p.kind, p.lot_id, {BY_RULE_ID} AS rule, p.counter_account, SUM({BY_RULE_POINTS}), "
         f"MIN(p.id) AS first FROM {BY_RULE_FROM} "
-        "WHERE p.store_id = ? AND p.register_id = ? AND p.receipt_id = ? "
-        "GROUP BY p.kind, p.lot_id, rule, p.counter_account ORDER BY first, rule", key)]
+        "WHERE p.member_id = ? AND p.store_id = ? AND p.register_id = ? AND p.receipt_id = ? "
+        "GROUP BY p.kind, p.lot_id, rule, p.counter_account ORDER BY first, rule", (member_id, *key))]
 
 
 # ---------------------------------------------------------------- returns

@@ -963,3 +963,15 @@ UPDATE receipts SET member_facts = f.facts FROM receipt_member_facts AS f
 WHERE f.store_id = receipts.store_id AND f.register_id = receipts.register_id AND f.receipt_id = receipts.receipt_id;
 DROP TABLE receipt_member_facts
 """)
+
+
+@migrations()
+def m037_postings_receipt(db):
+    """postings_receipt (a receipt's postings by its identity) goes: each register numbers
+    its own receipts, so every receipt's postings went into it at a place of their own, a
+    B-tree page (some 4 KiB of WAL) in every COMMIT even when ten receipts shared it. Every
+    posting that carries a receipt's identity is its receipts row's member's (the receipt's
+    own, and its cancel's and returns'), so a cancel and a return find a receipt's postings
+    among its member's (postings_member); audit verify sums the postings by receipt in one
+    pass. The campaign report's join of postings to receipts never used it."""
+    _run(db, "DROP INDEX postings_receipt")

@@ -255,7 +255,7 @@ def _cancel_in_tx(deps: Deps, conn, key) -> CancelAnswer:
     imports.refuse_if_imported(conn, key, "cancelled")   # history brought in earned nothing to take back
     at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version, receipt=key,
                     ref="cancel")
-    reversed_, refunded = plan_cancel(ledger.receipt_postings(conn, key))
+    reversed_, refunded = plan_cancel(ledger.receipt_postings(conn, key, stored.member_id))
     if stored.member_id is not None:
         apply_take_back(conn, stored.member_id, take_back(conn, reversed_, refunded, local_day(program, now)), at)
         give_back_customer_value(conn, key)

@@ -55,7 +55,7 @@ def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint,
         raise unprocessable("receipt_cancelled", "the receipt was cancelled; nothing is left to return")
     imports.refuse_if_imported(conn, rec_key, "returned")   # history brought in earned nothing to take back
     sold, prior = ledger.receipt_line_records(conn, rec_key), ledger.returned_lines(conn, rec_key)
-    plan = plan_return(sold, prior, ledger.receipt_postings(conn, rec_key), req.lines)
+    plan = plan_return(sold, prior, ledger.receipt_postings(conn, rec_key, stored.member_id), req.lines)
     at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
                     receipt=rec_key, ref="/".join(ret_key))
     if stored.member_id is not None:

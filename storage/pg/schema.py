@@ -727,6 +727,8 @@ SQLITE_TWINS: dict[str, tuple[str, ...]] = {
     # that replaces it does (INTENDED_DIFFERENCES).
     "m035_postings_lot_expiry": (),
     "m036_member_facts_in_receipts": ("p013_member_facts_in_receipts",),
+    # Drops SQLite's postings_receipt; PostgreSQL keeps it (INTENDED_DIFFERENCES).
+    "m037_postings_receipt": (),
 }
 
 
@@ -773,6 +775,11 @@ INTENDED_DIFFERENCES: dict[str, str] = {
     "index postings_lot on postings (lot_id): only on PostgreSQL": "migrations here only add",
     "index postings_lot_expiry on postings (lot_id) partial: only on SQLite":
         "postings_lot, which PostgreSQL keeps, finds a lot's expiry postings",
+    # SQLite's m037 dropped it (one B-tree page less in a receipt's COMMIT): there a receipt's
+    # postings are found among its member's. Migrations here only add, and it serves the same
+    # statements here.
+    "index postings_receipt on postings (store_id, register_id, receipt_id) partial: only on PostgreSQL":
+        "migrations here only add",
     # SQLite's m036 moved a receipt's member facts into its row and dropped the table;
     # here it stays for the receipts confirmed before p013 (migrations here only add).
     "table receipt_member_facts: only on PostgreSQL": "the member facts of receipts confirmed before p013, "
