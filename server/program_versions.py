@@ -189,10 +189,13 @@ class ProgramVersions:
                 self._seen_load = load_id
                 return False
             await self._write_folder_if_other(files)
+            # Read before installing: nothing may run between the install and its note, or a
+            # request could see the new program with a last reload that does not say who deployed it.
+            recorded = await self.db.lookup(lambda conn: store.loads(conn, 1, load_id + 1))
             before = self.holder.current
             self.holder.install(program, "database", "the database")
             self._seen_load = load_id
-            self._note_recorded(await self.db.lookup(lambda conn: store.loads(conn, 1, load_id + 1)), before)
+            self._note_recorded(recorded, before)
             return True
 
     def _note_recorded(self, rows: list[dict], before: Program | None) -> None:
