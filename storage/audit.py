@@ -179,7 +179,8 @@ def _receipts(conn, report: AuditReport) -> None:
 class _InOrder:
     """The rows of a query sorted by their first `width` columns, grouped by them and handed
     out as the caller reads another query sorted by the same key: a merge of two sorted
-    reads, so that neither side is looked up per row nor held in memory."""
+    reads, so that neither side is looked up per row nor kept in a dict by key. (SQLite's
+    rows stream as they are read; psycopg's cursor holds a statement's whole result.)"""
 
     def __init__(self, rows, width: int):
         self._groups = itertools.groupby(rows, key=lambda row: tuple(row[:width]))
@@ -246,14 +247,20 @@ def _receipt_problem(status: str, result: bytes, sums: dict[tuple[str, str], int
 
 
 def _returns(conn, report: AuditReport) -> None:
-    for ret_store, ret_register, ret_id, member_id, result in conn.execute(
-            "SELECT store_id, register_id, return_id, member_id, result FROM returns WHERE member_id IS NOT NULL"):
-        ref = f"{ret_store}/{ret_register}/{ret_id}"
+    # A return's postings carry its identity as their ref, which no index on either backend
+    # holds: returns and the postings summed by ref are both read in byte order of the ref
+    # and merged (_InOrder), one pass over postings instead of a scan of them per return.
+    order = byte_order(conn)
+    ref = "store_id || '/' || register_id || '/' || return_id"
+    returns = conn.execute(f"SELECT {ref}, result FROM returns WHERE member_id IS NOT NULL ORDER BY ({ref}){order}")
+    sums = _InOrder(conn.execute(
+        "SELECT ref, SUM(CASE WHEN kind = 'reversal' THEN -points ELSE 0 END), "
+        "SUM(CASE WHEN kind = 'refund' THEN points ELSE 0 END) FROM postings "
+        f"WHERE ref IS NOT NULL AND kind IN ('reversal', 'refund') GROUP BY ref ORDER BY ref{order}"), 1)
+    for ref, result in returns:
+        found = sums.take((ref,))
+        reversed_, refunded = found[0][1:] if found else (0, 0)
         answer = msgspec.json.decode(result)
-        reversed_, refunded = conn.execute(
-            "SELECT COALESCE(SUM(CASE WHEN kind = 'reversal' THEN -points END), 0), "
-            "COALESCE(SUM(CASE WHEN kind = 'refund' THEN points END), 0) FROM postings WHERE ref = ?",
-            (ref,)).fetchone()
         if reversed_ != answer["reversed"]["points"] or refunded != answer["refunded"]["points"]:
             report.problems.append(f"return {ref}: postings reverse {reversed_} and refund {refunded}, "
                                    f"the return answered {answer['reversed']['points']} and "
