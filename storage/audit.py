@@ -161,48 +161,57 @@ def _splits(conn, report: AuditReport) -> bool:
 
 def _receipts(conn, report: AuditReport) -> None:
     # Receipts and postings both in byte order of the identity, the order in which Python
-    # compares the keys (_SumsByReceipt.take).
+    # compares the keys (_InOrder.take).
     order = byte_order(conn)
     receipts = conn.execute("SELECT store_id, register_id, receipt_id, member_id, status, result FROM receipts "
                             f"WHERE member_id IS NOT NULL ORDER BY store_id{order}, register_id{order}, "
                             f"receipt_id{order}")
-    sums = _SumsByReceipt(conn, order)
+    sums = _sums_by_receipt(conn, order)
     for store, register, receipt_id, member_id, status, result in receipts:
         report.receipts += 1
-        problem = _receipt_problem(status, result, sums.take((store, register, receipt_id, member_id)))
+        found = sums.take((store, register, receipt_id, member_id))
+        problem = _receipt_problem(status, result, {(row[4], row[5]): row[6] for row in found})
         if problem:
             report.problems.append(f"receipt {store}/{register}/{receipt_id}: {problem}")
             return
 
 
-class _SumsByReceipt:
-    """Every receipt's postings summed by kind and rule (accruals by rule), in one pass over
-    postings in order of the receipt's identity, as the receipts are read. On SQLite no index
-    finds a receipt's postings since m037, and a look-up per receipt among its member's
-    postings would read a member's history once per receipt of theirs. Matched by member
-    too, as a cancel and a return find them (storage.ledger.receipt_postings)."""
+class _InOrder:
+    """The rows of a query sorted by their first `width` columns, grouped by them and handed
+    out as the caller reads another query sorted by the same key: a merge of two sorted
+    reads, so that neither side is looked up per row nor kept in a dict by key. (SQLite's
+    rows stream as they are read; psycopg's cursor holds a statement's whole result.)"""
 
-    def __init__(self, conn, order: str):
-        source, rule, points = _by_rule(conn)
-        rows = conn.execute(
-            f"SELECT p.store_id, p.register_id, p.receipt_id, p.member_id, p.kind, COALESCE({rule}, ''), "
-            f"SUM({points}) FROM {source} "
-            "WHERE p.store_id IS NOT NULL AND p.register_id IS NOT NULL AND p.receipt_id IS NOT NULL "
-            f"GROUP BY p.store_id, p.register_id, p.receipt_id, p.member_id, p.kind, COALESCE({rule}, '') "
-            f"ORDER BY p.store_id{order}, p.register_id{order}, p.receipt_id{order}, p.member_id")
-        self._groups = itertools.groupby(rows, key=lambda row: row[:4])
+    def __init__(self, rows, width: int):
+        self._groups = itertools.groupby(rows, key=lambda row: tuple(row[:width]))
         self._next = next(self._groups, None)
 
-    def take(self, key: tuple) -> dict[tuple[str, str], int]:
-        """(kind, rule) -> points of the receipt `key` (its identity and member); keys come in
-        the postings' order. Postings of an identity no receipt of that member has are passed."""
+    def take(self, key: tuple) -> list[tuple]:
+        """The rows of `key` ([] when there are none); keys come in the rows' order. Rows of
+        a key never asked for are passed."""
         while self._next is not None and self._next[0] < key:
             self._next = next(self._groups, None)
         if self._next is None or self._next[0] != key:
-            return {}
-        found = {(row[4], row[5]): row[6] for row in self._next[1]}
+            return []
+        found = list(self._next[1])
         self._next = next(self._groups, None)
         return found
+
+
+def _sums_by_receipt(conn, order: str) -> _InOrder:
+    """Every receipt's postings summed by kind and rule (accruals by rule), in one pass over
+    postings in order of the receipt's identity and member, the rows of a receipt (its
+    identity, member, kind, rule, points). On SQLite no index finds a receipt's postings
+    since m037, and a look-up per receipt among its member's postings would read a member's
+    history once per receipt of theirs. Matched by member too, as a cancel and a return find
+    them (storage.ledger.receipt_postings)."""
+    source, rule, points = _by_rule(conn)
+    return _InOrder(conn.execute(
+        f"SELECT p.store_id, p.register_id, p.receipt_id, p.member_id, p.kind, COALESCE({rule}, ''), "
+        f"SUM({points}) FROM {source} "
+        "WHERE p.store_id IS NOT NULL AND p.register_id IS NOT NULL AND p.receipt_id IS NOT NULL "
+        f"GROUP BY p.store_id, p.register_id, p.receipt_id, p.member_id, p.kind, COALESCE({rule}, '') "
+        f"ORDER BY p.store_id{order}, p.register_id{order}, p.receipt_id{order}, p.member_id"), 4)
 
 
 def _by_rule(conn) -> tuple[str, str, str]:
@@ -238,14 +247,20 @@ def _receipt_problem(status: str, result: bytes, sums: dict[tuple[str, str], int
 
 
 def _returns(conn, report: AuditReport) -> None:
-    for ret_store, ret_register, ret_id, member_id, result in conn.execute(
-            "SELECT store_id, register_id, return_id, member_id, result FROM returns WHERE member_id IS NOT NULL"):
-        ref = f"{ret_store}/{ret_register}/{ret_id}"
+    # A return's postings carry its identity as their ref, which no index on either backend
+    # holds: returns and the postings summed by ref are both read in byte order of the ref
+    # and merged (_InOrder), one pass over postings instead of a scan of them per return.
+    order = byte_order(conn)
+    ref = "store_id || '/' || register_id || '/' || return_id"
+    returns = conn.execute(f"SELECT {ref}, result FROM returns WHERE member_id IS NOT NULL ORDER BY ({ref}){order}")
+    sums = _InOrder(conn.execute(
+        "SELECT ref, SUM(CASE WHEN kind = 'reversal' THEN -points ELSE 0 END), "
+        "SUM(CASE WHEN kind = 'refund' THEN points ELSE 0 END) FROM postings "
+        f"WHERE ref IS NOT NULL AND kind IN ('reversal', 'refund') GROUP BY ref ORDER BY ref{order}"), 1)
+    for ref, result in returns:
+        found = sums.take((ref,))
+        reversed_, refunded = found[0][1:] if found else (0, 0)
         answer = msgspec.json.decode(result)
-        reversed_, refunded = conn.execute(
-            "SELECT COALESCE(SUM(CASE WHEN kind = 'reversal' THEN -points END), 0), "
-            "COALESCE(SUM(CASE WHEN kind = 'refund' THEN points END), 0) FROM postings WHERE ref = ?",
-            (ref,)).fetchone()
         if reversed_ != answer["reversed"]["points"] or refunded != answer["refunded"]["points"]:
             report.problems.append(f"return {ref}: postings reverse {reversed_} and refund {refunded}, "
                                    f"the return answered {answer['reversed']['points']} and "

@@ -6,10 +6,12 @@ import json
 import shutil
 from datetime import datetime
 
+import msgspec
 import pytest
 import yaml
 
-from conftest import MARKET, connect, database_section, line, receipt, tamper, test_config
+from conftest import MARKET, POSTGRESQL, connect, database_section, line, receipt, tamper, test_config
+from storage.audit import verify
 from storage.sql import integrity_errors
 from server.cli import main as cli
 from server.keys import CLOCK, DATABASE, PROGRAMS
@@ -69,6 +71,80 @@ async def test_audit_flags_rule_totals_that_differ_from_postings(make_api, tmp_p
     out = capsys.readouterr().out
     assert f"FAIL rule {rule}: rule_totals says it issued {kept + 7} points" in out
     assert f"sum to {kept}" in out
+
+
+RETURNED = ("S001", "K01", "X1")
+
+
+async def three_returns(api) -> dict[tuple[str, str, str], dict]:
+    """Three returns whose identities joined by slashes sort otherwise than field by field
+    (S001/K01-B/X1 before S001/K01/X0), each refunding points paid with, beside a cancelled
+    receipt's reversal and refund: their answers by identity."""
+    await api.post("/v1/members", {"card": "1"})
+    await api.post("/v1/admin/adjustments", {"card": "1", "points": 500, "reason": "r", "adjustment_id": "a1"})
+    for receipt_id in ("R-1", "R-2", "R-3"):
+        lines = [line(1, "dairy", 50000), line(2, "grocery", 60000)]
+        status, _ = await api.post("/v1/receipts", receipt(receipt_id, lines, card="1", redeem=100), as_="register")
+        assert status == 201
+    assert (await api.post("/v1/receipts/S001/K01/R-3/cancel", as_="register"))[0] == 200
+    answers = {}
+    for (store, register, return_id), (receipt_id, line_no) in {
+            ("S001", "K01", "X1"): ("R-1", 1), ("S001", "K01-B", "X1"): ("R-1", 2),
+            ("S001", "K01", "X0"): ("R-2", 2)}.items():
+        status, answers[store, register, return_id] = await api.post("/v1/returns", {
+            "return_id": return_id, "store_id": store, "register_id": register,
+            "receipt": {"store_id": "S001", "register_id": "K01", "receipt_id": receipt_id},
+            "lines": [{"line_no": line_no, "qty": 1}]}, as_="register")
+        assert status == 201 and answers[store, register, return_id]["refunded"]["points"] > 0
+    return answers
+
+
+def audited(path) -> tuple[list[str], list[str]]:
+    """audit verify's problems and the statements it ran."""
+    conn, statements = connect(path), []
+    if POSTGRESQL:
+        execute = conn.execute
+        conn.execute = lambda sql, params=(): (statements.append(sql), execute(sql, params))[1]
+    else:
+        conn.set_trace_callback(statements.append)
+    try:
+        return verify(conn).problems, statements
+    finally:
+        conn.close()
+
+
+async def test_audit_names_a_return_whose_postings_do_not_match_its_answer(make_api, tmp_path):
+    api = await make_api(now=NOW)
+    answers = await three_returns(api)
+    assert audited(tmp_path / "loyalty.db")[0] == []
+
+    answer = answers[RETURNED]
+    conn = connect(tmp_path / "loyalty.db")
+    (stored,), = conn.execute("SELECT result FROM returns WHERE store_id = ? AND register_id = ? AND return_id = ?",
+                              RETURNED).fetchall()
+    claimed = msgspec.json.decode(bytes(stored))
+    claimed["refunded"]["points"] += 1
+    tamper(conn, "returns", "UPDATE returns SET result = ? WHERE store_id = ? AND register_id = ? AND return_id = ?",
+           (msgspec.json.encode(claimed), *RETURNED))
+    conn.close()
+    reversed_, refunded = answer["reversed"]["points"], answer["refunded"]["points"]
+    assert audited(tmp_path / "loyalty.db")[0] == [
+        f"return S001/K01/X1: postings reverse {reversed_} and refund {refunded}, the return answered "
+        f"{reversed_} and {refunded + 1}"]
+
+
+async def test_audit_reads_the_returns_postings_in_one_pass(make_api, tmp_path):
+    """As many statements for three returns as for one: no scan of postings per return, as
+    no index finds postings by their ref."""
+    api = await make_api(now=NOW)
+    await three_returns(api)
+    problems, statements = audited(tmp_path / "loyalty.db")
+    assert problems == []
+    conn = connect(tmp_path / "loyalty.db")
+    tamper(conn, "returns", "UPDATE returns SET member_id = NULL WHERE return_id = 'X1'")
+    conn.close()
+    problems, fewer_returns = audited(tmp_path / "loyalty.db")
+    assert problems == [] and len(fewer_returns) == len(statements)
 
 
 async def test_accounts_sum_to_zero_and_liability_is_member_balances(make_api, tmp_path):
