@@ -22,7 +22,7 @@ from server.ops import keyed_fingerprints
 from server.privacy import candidates
 from server.validation import Problems
 from storage import coupons, offers, segments
-from storage.ledger import card_match
+from storage.ledger import member_id_of_card
 from storage.schema import legacy_fingerprint
 
 
@@ -87,12 +87,11 @@ def members_of_cards(conn, privacy, cards: list[str]) -> list[int]:
     `privacy rotate-key` has not wrapped yet) in one statement, as every look-up is."""
     found, missing = [], []
     for i, card in enumerate(cards):
-        match, digests = card_match(privacy.card(card))
-        row = conn.execute(f"SELECT c.member_id FROM cards c WHERE {match} LIMIT 1", digests).fetchone()
-        if row is None:
+        member_id = member_id_of_card(conn, privacy.card(card))
+        if member_id is None:
             missing.append({"path": f"cards[{i}]", "message": "is not an enrolled card"})
         else:
-            found.append(row[0])
+            found.append(member_id)
     if missing:
         raise unprocessable("unknown_card", f"{len(missing)} of the cards are not enrolled; nothing was changed",
                             missing[:100])

@@ -85,8 +85,8 @@ async def with_crm(app, answer: A.MemberAnswer) -> A.MemberAnswer:
 async def refuse_retired(app, card: str, error: ApiError | None = None, status: int | None = None) -> None:
     """Raises the reason a retired card is refused (keeping the status of `error`, or
     `status`); returns when the card was never retired."""
-    digests = candidates(app[PRIVACY].card(card))
-    retired = await app[DATABASE].read(lambda conn: member_care.retired_card(conn, digests))
+    digest = app[PRIVACY].card(card)
+    retired = await app[DATABASE].read(lambda conn: member_care.retired_card(conn, digest))
     if retired is None:
         return
     if retired.reason == "replaced":
@@ -152,7 +152,7 @@ def _check_new_card(conn, new: str, number: str) -> None:
     if ledger.member_by_card(conn, new) is not None:
         raise ApiError(409, "card_already_enrolled", f"card {number} is already enrolled",
                        [{"path": "new_card", "message": "already enrolled"}])
-    if member_care.retired_card(conn, candidates(new)) is not None:
+    if member_care.retired_card(conn, new) is not None:
         raise ApiError(409, "card_retired", f"card {number} was taken out of use and cannot be given again",
                        [{"path": "new_card", "message": "taken out of use"}])
 

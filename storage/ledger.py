@@ -100,6 +100,13 @@ def member_by_card(conn: sqlite3.Connection, card: str) -> MemberRow | None:
     return MemberRow(*row) if row else None
 
 
+def member_id_of_card(conn: sqlite3.Connection, card: str) -> int | None:
+    """The id of the member a card (its HMAC, with its older ones) belongs to, None when none does."""
+    match, digests = card_match(card)
+    row = conn.execute(f"SELECT c.member_id FROM cards c WHERE {match} LIMIT 1", digests).fetchone()
+    return row[0] if row else None
+
+
 def card_match(card: str) -> tuple[str, tuple[str, ...]]:
     """The condition on `c.card` that finds a card under any of its hashes (the key in force
     and, during a rotation, the `older` ones), and its parameters. One statement for all of

@@ -125,12 +125,11 @@ class RetiredCard:
     retired_at: str
 
 
-def retired_card(conn: sqlite3.Connection, digests: tuple[str, ...]) -> RetiredCard | None:
-    """digests: the card's hashes (privacy.candidates), looked for in one statement, as
-    ledger.card_match says why."""
-    marks = ", ".join("?" * len(digests))
-    row = conn.execute("SELECT member_id, card_last4, reason, successor, retired_at FROM retired_cards "
-                       f"WHERE card IN ({marks}) LIMIT 1", digests).fetchone()
+def retired_card(conn: sqlite3.Connection, card: str) -> RetiredCard | None:
+    """card: the card number's HMAC, with its older ones during a key rotation (ledger.card_match)."""
+    match, digests = ledger.card_match(card)
+    row = conn.execute("SELECT member_id, card_last4, reason, successor, retired_at FROM retired_cards c "
+                       f"WHERE {match} LIMIT 1", digests).fetchone()
     return RetiredCard(*row) if row else None
 
 

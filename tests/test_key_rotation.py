@@ -15,7 +15,6 @@ import yaml
 
 from conftest import KEYS, MARKET, connect, database_section, migrated_connection
 from server.config import ConfigError, config_from_dict
-from server.console.queries import card_member
 from server.cvm import members_of_cards
 from server.privacy import Digest, Privacy, candidates, marked, privacy_from_config
 from storage import ledger, member_care
@@ -327,12 +326,12 @@ def test_a_card_wrapped_while_it_is_looked_up_is_found(tmp_path, look_up):
             from storage.pg.ledger import lock_member_by_card
             assert lock_member_by_card(racing, card) == member_id
         elif look_up == "console":
-            assert card_member(racing, card) == member_id
+            assert ledger.member_id_of_card(racing, card) == member_id
         elif look_up == "segment_list":
             privacy = type("P", (), {"card": staticmethod(lambda number: card)})
             assert members_of_cards(racing, privacy, ["7000000000001"]) == [member_id]
         else:
-            found = member_care.retired_card(racing, candidates(card))
+            found = member_care.retired_card(racing, card)
             assert found is not None and found.member_id == member_id
     finally:
         conn.close()

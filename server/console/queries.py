@@ -7,7 +7,7 @@ import sqlite3
 
 from server.privacy import candidates
 from storage.accounts import issue_account, redemption_account
-from storage.ledger import card_match, unpack
+from storage.ledger import unpack
 
 RECENT_RECEIPTS = 20
 PHONE_MATCHES_MAX = 20
@@ -54,9 +54,3 @@ def members_by_phone(conn: sqlite3.Connection, phone_hmac: str) -> list[int]:
     marks = ", ".join("?" * len(digests))
     return [r[0] for r in conn.execute(f"SELECT id FROM members WHERE phone_hmac IN ({marks}) ORDER BY id LIMIT ?",
                                        (*digests, PHONE_MATCHES_MAX))]
-
-
-def card_member(conn: sqlite3.Connection, card_hmac: str) -> int | None:
-    match, digests = card_match(card_hmac)
-    row = conn.execute(f"SELECT c.member_id FROM cards c WHERE {match} LIMIT 1", digests).fetchone()
-    return row[0] if row else None

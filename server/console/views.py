@@ -29,7 +29,7 @@ from server.reports import money_text
 from server.replay_member import facts_for, from_record
 from server.rules_tools import ToolError, decode_receipt, default_member, member_from_db
 from storage import admin_audit, member_facts
-from storage.ledger import iso, lots_of, member_by_id, statement
+from storage.ledger import iso, lots_of, member_by_id, member_id_of_card, statement
 
 log = logging.getLogger("loyalty.console")
 MANAGER = "manager"
@@ -495,7 +495,7 @@ async def member_lookup(request: web.Request, session: Session, form: dict) -> w
     app = request.app
     card, phone = form.get("card", "").strip(), form.get("phone", "").strip()
     if card:
-        member_id = await app[DATABASE].read(lambda conn: queries.card_member(conn, app[PRIVACY].card(card)))
+        member_id = await app[DATABASE].read(lambda conn: member_id_of_card(conn, app[PRIVACY].card(card)))
         if member_id is None:
             raise ApiError(404, "unknown_card", f"card {card} is not enrolled", [{"path": "card", "message": "not enrolled"}])
         return see_other(f"/console/members/{remember_lookup(session, 'card', card)}")
@@ -530,7 +530,7 @@ async def _member(request, session: Session, handle: str, error: ApiError | None
     privacy = app[PRIVACY]
 
     def read(conn):
-        member_id = queries.card_member(conn, privacy.card(value)) if kind == "card" else int(value)
+        member_id = member_id_of_card(conn, privacy.card(value)) if kind == "card" else int(value)
         member = member_by_id(conn, member_id)
         view = members.member_view(deps, conn, program, member, card=value if kind == "card" else None)
         return view, lots_of(conn, member_id), statement(conn, member_id, None, None, STATEMENT_ROWS)
@@ -560,7 +560,7 @@ async def adjust(request: web.Request, session: Session, form: dict) -> web.Resp
                                "adjustment_id": "console-" + form.get("adjustment_id", "")})
     try:
         if kind != "card":
-            owner = await app[DATABASE].read(lambda conn: queries.card_member(conn, app[PRIVACY].card(card)))
+            owner = await app[DATABASE].read(lambda conn: member_id_of_card(conn, app[PRIVACY].card(card)))
             if owner != int(value):
                 raise field_error("card", "must be a card of this member")
         req = schema.decode(raw, schema.Adjustment)
