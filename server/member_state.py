@@ -1,8 +1,9 @@
 """A member as one receipt needs them, read once inside the write transaction: the lots
 with their dates (or, for a receipt that neither redeems nor repays, their totals), the
 holds, the tier facts and the limited rules' uses at the receipt's ts, the budgets left,
-the segments, personal offers and the receipt's coupon codes (server/plan.py MemberState). Also the tier a member holds at a moment, and the segments
-a member is in, which member views show."""
+the segments, personal offers and the receipt's coupon codes (server/plan.py
+MemberState). Also the tier a member holds at a moment, and the segments a member is in,
+which member views show."""
 from __future__ import annotations
 
 import sqlite3

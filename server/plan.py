@@ -181,8 +181,7 @@ def plan_calculate(receipt, state: MemberState | None, program: Program, now: da
         holds.append(Hold(key, ev.redeemed_points, iso(expires_at)))
     elif state.own_hold(key):
         plan.hold = HoldChange("release")
-    plan.balance = balance_of(state.lots, holds, today) if state.lots is not None else \
-        with_totals(balance_of([], holds, today), state.lot_totals)
+    plan.balance = member_balance(state, holds, today)
     return plan
 
 
@@ -227,13 +226,20 @@ def plan_confirm(receipt, state: MemberState | None, program: Program, now: date
     plan.lines = build(sold, ev.pairs, ev.redeemed_by_line, lot_of_rule)
     new = [Lot(-1 - i, str(lot.available_from), _text(lot.expires_on), points)
            for i, (lot, points) in enumerate(zip(plan.lots, new_remaining)) if points]
-    if state.lots is None:      # nothing drawn or repaid: the lots read as totals are as they were
-        plan.balance = with_totals(balance_of(new, holds, today), state.lot_totals)
-        return plan
-    after = [lot for lot in (changed.get(lot.id, lot) for lot in state.lots) if lot.remaining] if changed \
-        else [lot for lot in state.lots if lot.remaining]
-    plan.balance = balance_of(after + new, holds, today)
+    plan.balance = member_balance(state, holds, today, new, changed)
     return plan
+
+
+def member_balance(state: MemberState, holds: list[Hold], today: str, new: list[Lot] | None = None,
+                   changed: dict[int, Lot] | None = None) -> Balance:
+    """The member's balance on `today` with the receipt's `new` lots and the `changed`
+    copies of the lots it drew from or repaid. When only the totals were read nothing was
+    drawn or repaid, so the totals are as they were."""
+    new = new or []
+    if state.lots is None:
+        return with_totals(balance_of(new, holds, today), state.lot_totals)
+    lots = [changed.get(lot.id, lot) for lot in state.lots] if changed else state.lots
+    return balance_of(lots + new, holds, today)    # a lot drawn to zero counts nothing
 
 
 def lots_read(state: MemberState) -> list[Lot]:

@@ -13,7 +13,7 @@ from conftest import MARKET, line, migrated_connection
 from conftest import receipt as receipt_json
 from rules import load_program
 from server import answer
-from server.plan import plan_calculate, plan_confirm, with_totals
+from server.plan import MemberState, plan_calculate, plan_confirm, with_totals
 from storage import ledger
 from storage.ledger import Lot, balance_of, lot_totals
 from test_late_receipts import confirm, setup
@@ -66,7 +66,7 @@ LOTS = [(1, "2026-01-01", "2027-06-01", 300), (2, "2026-01-01", "2026-11-24", 20
         (3, "2026-12-01", "2026-12-31", 500), (4, "2025-11-01", None, 40)]             # 3 pending
 
 
-def from_totals(lots) -> object:
+def from_totals(lots) -> MemberState:
     """The member of `state(lots)` as read_member_state reads it for a receipt that does not redeem."""
     read = state(lots)
     kept = balance_of(read.lots, [], DAY)
