@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from storage.ledger import BY_RULE_FROM, BY_RULE_ID, BY_RULE_POINTS, GENESIS_HASH, HASHED_SELECT, posting_hash, unpack
-from storage.sql import byte_order, is_postgresql
+from storage.sql import byte_order, is_postgresql, stream
 
 PROGRESS_EVERY_ROWS = 100_000
 
@@ -163,9 +163,9 @@ def _receipts(conn, report: AuditReport) -> None:
     # Receipts and postings both in byte order of the identity, the order in which Python
     # compares the keys (_InOrder.take).
     order = byte_order(conn)
-    receipts = conn.execute("SELECT store_id, register_id, receipt_id, member_id, status, result FROM receipts "
-                            f"WHERE member_id IS NOT NULL ORDER BY store_id{order}, register_id{order}, "
-                            f"receipt_id{order}")
+    receipts = stream(conn, "SELECT store_id, register_id, receipt_id, member_id, status, result FROM receipts "
+                      f"WHERE member_id IS NOT NULL ORDER BY store_id{order}, register_id{order}, "
+                      f"receipt_id{order}")
     sums = _sums_by_receipt(conn, order)
     for store, register, receipt_id, member_id, status, result in receipts:
         report.receipts += 1
@@ -179,8 +179,8 @@ def _receipts(conn, report: AuditReport) -> None:
 class _InOrder:
     """The rows of a query sorted by their first `width` columns, grouped by them and handed
     out as the caller reads another query sorted by the same key: a merge of two sorted
-    reads, so that neither side is looked up per row nor kept in a dict by key. (SQLite's
-    rows stream as they are read; psycopg's cursor holds a statement's whole result.)"""
+    reads, so that neither side is looked up per row nor kept in a dict by key. Both reads
+    stream (storage.sql.stream), so neither is held whole in memory either."""
 
     def __init__(self, rows, width: int):
         self._groups = itertools.groupby(rows, key=lambda row: tuple(row[:width]))
@@ -206,8 +206,8 @@ def _sums_by_receipt(conn, order: str) -> _InOrder:
     history once per receipt of theirs. Matched by member too, as a cancel and a return find
     them (storage.ledger.receipt_postings)."""
     source, rule, points = _by_rule(conn)
-    return _InOrder(conn.execute(
-        f"SELECT p.store_id, p.register_id, p.receipt_id, p.member_id, p.kind, COALESCE({rule}, ''), "
+    return _InOrder(stream(
+        conn, f"SELECT p.store_id, p.register_id, p.receipt_id, p.member_id, p.kind, COALESCE({rule}, ''), "
         f"SUM({points}) FROM {source} "
         "WHERE p.store_id IS NOT NULL AND p.register_id IS NOT NULL AND p.receipt_id IS NOT NULL "
         f"GROUP BY p.store_id, p.register_id, p.receipt_id, p.member_id, p.kind, COALESCE({rule}, '') "
@@ -252,9 +252,9 @@ def _returns(conn, report: AuditReport) -> None:
     # and merged (_InOrder), one pass over postings instead of a scan of them per return.
     order = byte_order(conn)
     ref = "store_id || '/' || register_id || '/' || return_id"
-    returns = conn.execute(f"SELECT {ref}, result FROM returns WHERE member_id IS NOT NULL ORDER BY ({ref}){order}")
-    sums = _InOrder(conn.execute(
-        "SELECT ref, SUM(CASE WHEN kind = 'reversal' THEN -points ELSE 0 END), "
+    returns = stream(conn, f"SELECT {ref}, result FROM returns WHERE member_id IS NOT NULL ORDER BY ({ref}){order}")
+    sums = _InOrder(stream(
+        conn, "SELECT ref, SUM(CASE WHEN kind = 'reversal' THEN -points ELSE 0 END), "
         "SUM(CASE WHEN kind = 'refund' THEN points ELSE 0 END) FROM postings "
         f"WHERE ref IS NOT NULL AND kind IN ('reversal', 'refund') GROUP BY ref ORDER BY ref{order}"), 1)
     for ref, result in returns:

@@ -52,6 +52,15 @@ def is_postgresql(conn) -> bool:
     return getattr(conn, "backend", None) == "postgresql"
 
 
+def stream(conn, sql: str, params=()):
+    """The rows of a read as they come, for reads of a whole table: sqlite3 steps the
+    statement as rows are taken; on PostgreSQL a server-side cursor fetches them in
+    chunks (storage.pg.connection.Connection.stream) instead of the whole result at once."""
+    if is_postgresql(conn):
+        return conn.stream(sql, params)
+    return conn.execute(sql, params)
+
+
 def arrival(conn) -> str:
     """The column that numbers a table's rows in the order they were written: SQLite's rowid;
     on PostgreSQL the identity column `id` the tables numbered that way have there."""

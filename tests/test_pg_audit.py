@@ -1,13 +1,17 @@
 """`audit verify` on PostgreSQL (storage/pg/audit.py): a ledger the receipt path wrote
 verifies, with the same liability and accounts as SQLite reports them, and a kept number
-edited by hand (a lot's remaining points, a rule's total) is named."""
+edited by hand (a lot's remaining points, a rule's total) is named. Its reads of whole
+tables come a chunk at a time, so that the audit of a large program fits in memory."""
 from __future__ import annotations
 
 from datetime import datetime
 
+import psycopg
+import pytest
 from test_pg_receipt_path import REDEEM, a_receipt, confirm, db, enroll, program, rows, to_dict  # noqa: F401
 
 from storage.pg import anchors
+from storage.pg import connection as pg_connection
 from storage.pg.audit import verify
 from storage.pg.connection import connect
 
@@ -71,3 +75,42 @@ def test_a_rules_total_edited_by_hand_is_named(db, program):
         conn.close()
     assert audited(db).problems == [f"rule base: rule_totals says it issued {base + 5} points, its accrual and "
                                     f"reversal postings sum to {base}"]
+
+
+def test_the_audit_reads_whole_tables_a_few_rows_at_a_time(db, program, monkeypatch):
+    # One row per fetch: every merge of two streamed reads (chains with their heads,
+    # receipts with their postings) crosses a fetch between any two rows.
+    monkeypatch.setattr(pg_connection, "STREAM_ROWS", 1)
+    member_id, earned = written(db, program)
+    report = audited(db)
+    assert report.problems == [] and report.receipts == 2 and report.liability == 200 + earned - REDEEM
+    conn = connect(db)
+    try:
+        conn.execute("ALTER TABLE postings DISABLE TRIGGER USER")   # the append-only guard
+        conn.execute("UPDATE postings SET points = points + 1 WHERE id = (SELECT MAX(id) FROM postings "
+                     "WHERE member_id = ?)", (member_id,))
+        conn.execute("ALTER TABLE postings ENABLE TRIGGER USER")
+    finally:
+        conn.close()
+    assert any(problem.startswith(f"member m_{member_id}: posting ") and "does not match" in problem
+               for problem in audited(db).problems)
+
+
+def test_a_streamed_read_hands_out_rows_before_its_statement_has_finished(db, monkeypatch):
+    # 10 / (5 - g) fails at g = 5: a read held whole fails before giving any row.
+    monkeypatch.setattr(pg_connection, "STREAM_ROWS", 2)
+    sql = "SELECT 10 / (5 - g) FROM generate_series(1, 10) AS g"
+    conn = connect(db)
+    try:
+        got = []
+
+        def read(c):
+            for row in c.stream(sql):
+                got.append(row[0])
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.transaction(read, retries=0)
+        assert got[:2] == [2, 3]
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute(sql)
+    finally:
+        conn.close()

@@ -11,12 +11,12 @@ to two processes), a deadlock, a serialization failure.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg import errors
+from psycopg import errors, pq
 from psycopg.types.numeric import NumericLoader
 
 from storage.sql import WriteConflict
@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 # A write that lost to another transaction is run again at most this often (config.yaml's
 # `database.retries`); a function that keeps failing the same way is a fault, not a race.
 RETRIES_DEFAULT = 3
+# Rows a streamed read (Connection.stream) fetches per round trip: enough that the trips
+# cost little beside the rows, few enough that a read of every posting holds a few MB.
+STREAM_ROWS = 10_000
 # Translated statements kept per connection: the storage functions' SQL is a fixed set,
 # apart from IN lists, whose length varies.
 SQL_CACHE_MAX = 2_048
@@ -66,6 +69,7 @@ class Connection:
         self.raw = raw
         self.retries = retries
         self._sql: dict[str, str] = {}
+        self._streams = 0
 
     def _pg(self, sql: str) -> str:
         # psycopg reads `%` as its placeholder's start, so a literal one (LIKE 'member:%') is
@@ -83,6 +87,19 @@ class Connection:
         # Without parameters psycopg sends the text as it is: no placeholders to translate.
         cur.execute(self._pg(sql), params) if params else cur.execute(sql)
         return cur
+
+    def stream(self, sql: str, params: Any = ()) -> Iterator[tuple]:
+        """The rows of a read fetched STREAM_ROWS at a time through a server-side cursor,
+        where execute() holds the statement's whole result in this process: for the reads
+        of a whole table (`audit verify`'s). Outside a transaction a cursor would not
+        outlive its statement, so there it is execute()."""
+        if self.raw.info.transaction_status == pq.TransactionStatus.IDLE:
+            return iter(self.execute(sql, params))
+        self._streams += 1
+        cur = self.raw.cursor(name=f"stream_{self._streams}")
+        cur.itersize = STREAM_ROWS
+        cur.execute(self._pg(sql), params) if params else cur.execute(sql)
+        return iter(cur)
 
     def executemany(self, sql: str, rows) -> psycopg.Cursor:
         cur = self.raw.cursor()

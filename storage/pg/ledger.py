@@ -14,6 +14,7 @@ append_postings, post); everything else it runs as it is.
 """
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 
 from storage.ledger import GENESIS_HASH, NewPosting, PostingRef, card_match, posting_hash
@@ -109,44 +110,51 @@ def post(conn: Connection, member_id: int, lot_id: int, kind: str, points: int, 
 
 def verify_chains(conn: Connection, problems_max: int = 20) -> list[str]:
     """Each member's chain recomputed from its first posting, and its head against
-    chain_heads: the first posting of each member that does not match, in words."""
+    chain_heads: the first posting of each member that does not match, in words. Postings
+    and heads are both read in member order and merged as they stream in, so that no
+    read of either is held whole in memory (a head or a posting per member of the program)."""
     problems: list[str] = []
-    member, prev, seq_expected = None, GENESIS_HASH, 0
-    heads = dict((m, (seq, bytes(h))) for m, seq, h in conn.execute("SELECT member_id, seq, hash FROM chain_heads"))
-    broken: set[int] = set()
-    rows = conn.execute(f"SELECT {CHAIN_SELECT}, p.hash FROM postings p JOIN lots l ON l.id = p.lot_id "
-                        "ORDER BY p.member_id, p.chain_seq")
-    for row in rows:
-        fields, stored = list(row[:-1]), bytes(row[-1])
-        if fields[1] != member:
-            _check_head(member, seq_expected, prev, heads, broken, problems)
-            member, prev, seq_expected = fields[1], GENESIS_HASH, 0
-        seq_expected += 1
-        if member in broken:
-            continue
-        if fields[0] != seq_expected:
-            problems.append(f"member m_{member}: posting {seq_expected} of its chain is missing")
-            broken.add(member)
-        elif posting_hash(prev, tuple(fields)) != stored:
-            problems.append(f"member m_{member}: posting {fields[0]} of its chain does not match its contents "
-                            "or the posting before it")
-            broken.add(member)
-        prev = stored
+    heads = conn.stream("SELECT member_id, seq, hash FROM chain_heads ORDER BY member_id")
+    head = next(heads, None)
+    postings = conn.stream(f"SELECT {CHAIN_SELECT}, p.hash FROM postings p JOIN lots l ON l.id = p.lot_id "
+                           "ORDER BY p.member_id, p.chain_seq")
+    for member, rows in itertools.groupby(postings, key=lambda row: row[1]):
+        while head is not None and head[0] < member:
+            problems.append(_head_without_postings(head))
+            head = next(heads, None)
+        recorded = None
+        if head is not None and head[0] == member:
+            recorded, head = (head[1], bytes(head[2])), next(heads, None)
+        problem = _chain_problem(member, rows, recorded)
+        if problem is not None:
+            problems.append(problem)
         if len(problems) >= problems_max:
-            return problems
-    _check_head(member, seq_expected, prev, heads, broken, problems)
-    for m in sorted(set(heads) - _members_with_postings(conn)):
-        problems.append(f"member m_{m}: chain head at posting {heads[m][0]}, but the member has no postings")
+            return problems[:problems_max]
+    while head is not None and len(problems) < problems_max:
+        problems.append(_head_without_postings(head))
+        head = next(heads, None)
     return problems[:problems_max]
 
 
-def _check_head(member, seq, last_hash, heads, broken, problems) -> None:
-    if member is None or member in broken:
-        return
-    if heads.get(member) != (seq, last_hash):
-        problems.append(f"member m_{member}: its chain ends at posting {seq}, its recorded head is posting "
-                        f"{heads.get(member, (0,))[0]}")
+def _chain_problem(member: int, rows, recorded: tuple[int, bytes] | None) -> str | None:
+    """What is wrong with one member's chain (its postings in chain order) and its recorded
+    head (seq, hash), in words; None when nothing is."""
+    prev, seq = GENESIS_HASH, 0
+    for row in rows:
+        fields, stored = list(row[:-1]), bytes(row[-1])
+        seq += 1
+        if fields[0] != seq:
+            return f"member m_{member}: posting {seq} of its chain is missing"
+        if posting_hash(prev, tuple(fields)) != stored:
+            return (f"member m_{member}: posting {fields[0]} of its chain does not match its contents "
+                    "or the posting before it")
+        prev = stored
+    if recorded != (seq, prev):
+        return (f"member m_{member}: its chain ends at posting {seq}, its recorded head is posting "
+                f"{recorded[0] if recorded else 0}")
+    return None
 
 
-def _members_with_postings(conn: Connection) -> set[int]:
-    return {row[0] for row in conn.execute("SELECT DISTINCT member_id FROM postings")}
+def _head_without_postings(head) -> str:
+    member, seq, _ = head
+    return f"member m_{member}: chain head at posting {seq}, but the member has no postings"
