@@ -29,7 +29,7 @@ the connection: with every receipt read, evaluated and written inside its batch,
 connection waiting for the disk had left the loop idle for a sixth of the time.
 
 The WAL is kept short: a checkpoint thread copies it into the database without blocking
-anyone (PASSIVE), and once it holds more than wal_checkpoint_bytes the write connection
+anyone (PASSIVE) and syncs the database file after each copy, and once it holds more than wal_checkpoint_bytes the write connection
 itself, on the write turn between two batches (no batch runs meanwhile), finishes the copy
 and restarts the WAL from its beginning (RESTART; the next commit cuts the file back to
 that size: journal_size_limit). SQLite restarts the WAL by itself only when a write begins
