@@ -16,14 +16,14 @@ from rules import RuleEngineError
 from server import validation
 from server.answer_types import Error, ErrorBody, ErrorDetail
 from server.validation import UNKNOWN_FIELD  # noqa: F401  (config.py words its hint from it)
-from storage.db import Overloaded, StorageBusy, StorageClosed, StorageError, StorageFull, StorageLost
+from storage.db import Overloaded, Refusal, StorageBusy, StorageClosed, StorageError, StorageFull, StorageLost
 from storage.health import StorageUnavailable
 from storage.imports import ImportedReceipt
 
 log = logging.getLogger("loyalty.http")
 
 
-class ApiError(Exception):
+class ApiError(Refusal):
     def __init__(self, status: int, code: str, message: str, details: list[dict] | None = None,
                  headers: dict[str, str] | None = None):
         super().__init__(message)

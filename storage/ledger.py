@@ -24,6 +24,7 @@ import zstandard
 
 from storage import line_records
 from storage.accounts import member_account
+from storage.db import Refusal
 from storage.sql import arrival, is_postgresql
 
 STATEMENT_ROWS_MAX = 1_000
@@ -32,7 +33,7 @@ BUDGET_LOCK_CLASS = 0x62756467
 ISO_CACHE_ENTRIES_MAX = 1_024
 
 
-class InsufficientPoints(Exception):
+class InsufficientPoints(Refusal):
     """Raised inside a write when the member's lots cannot cover a debit."""
 
 

@@ -1,0 +1,286 @@
+"""What the slow requests at a fixed rate had around them: each request's time in the server
+beside the garbage collections, write batches, COMMITs, fdatasyncs, checkpoints and loop lag
+that overlapped it.
+
+    PYTHONPATH=. python benchmarks/tail_probe.py [--rate 450] [--members 10000] [--seconds 20] [--tree DIR]
+
+One server (market program), pinned like `make bench`, run through this file's --serve mode,
+which installs the probes in the server's own process before it starts: gc.callbacks (each
+collection's generation, duration and thread), wrappers around storage.db.Database's write
+turn, COMMIT, fdatasync, answers and checkpoints, the request middleware, and a timer that
+measures the event loop's lag every LAG_PROBE_INTERVAL_S. --tree runs another checkout's
+server (its storage.db must have the same private method names; a missing one is skipped).
+
+Prints wrk's latency (end to end, what a register sees), the server's own per-request time,
+and for the requests at and above the server's p99 how much of each kind of event they
+overlapped, against the same for all requests.
+
+TAIL_PROBE_GARBAGE=1 keeps what the cyclic collector finds (gc.DEBUG_SAVEALL: run it short)
+and writes its most common types and frames into benchmarks/data/tail-LABEL.json ("garbage");
+with TAIL_PROBE_GARBAGE_ONLY=1 too, without the other probes (their frames join the cycles).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LAG_PROBE_INTERVAL_S = 0.005
+
+
+# ------------------------------------------------------------------ in the server's process
+
+def install_probes(events: dict[str, list]) -> None:
+    """Wraps what the server does into lists of (start_s, seconds, detail...) in `events`."""
+    import gc
+
+    import server.app as app_module
+    from storage import db as db_module
+
+    clock = time.perf_counter
+    gc_started: dict[int, float] = {}
+
+    def on_gc(phase: str, info: dict) -> None:
+        ident = threading.get_ident()
+        if phase == "start":
+            gc_started[ident] = clock()
+        elif ident in gc_started:
+            start = gc_started.pop(ident)
+            end = clock()
+            # After a full collection, how many objects it walked (a list of them: only then).
+            walked = len(gc.get_objects(2)) if info["generation"] == 2 else 0
+            events["gc"].append((start, end - start, info["generation"], info["collected"],
+                                 threading.current_thread().name, walked, gc.get_freeze_count()))
+
+    gc.callbacks.append(on_gc)
+
+    def timed(cls: type, name: str, kind: str, detail=None) -> None:
+        original = getattr(cls, name, None)
+        if original is None:
+            print(f"tail_probe: {cls.__name__}.{name} not found, not probed", file=sys.stderr)
+            return
+
+        def wrapper(self, *args, **kwargs):
+            start = clock()
+            result = None
+            try:
+                result = original(self, *args, **kwargs)
+                return result
+            finally:
+                extra = detail(self, args, result) if detail else ()
+                events[kind].append((start, clock() - start, *extra))
+
+        setattr(cls, name, wrapper)
+
+    Database = db_module.Database
+    timed(Database, "_loop_turn", "loop_turn")
+    timed(Database, "_run_functions", "run_functions", lambda self, args, _: (len(args[0]),))
+    timed(Database, "_commit_and_answer", "commit", lambda self, args, _: (len(args[0].batch),))
+    timed(Database, "_sync_wal", "fdatasync")
+    timed(Database, "_answer", "answer", lambda self, args, _: (len(args[0]), threading.current_thread().name))
+    timed(Database, "_checkpoint", "checkpoint", lambda self, args, row: (args[1], threading.current_thread().name, row))
+    timed(Database, "_checkpoint_on_writer", "checkpoint_on_writer")
+
+    original_middleware = app_module.latency_middleware
+    lag_started = []
+
+    from aiohttp import web
+
+    @web.middleware
+    async def probe_middleware(request, handler):
+        if not lag_started:
+            lag_started.append(True)
+            import asyncio
+            asyncio.get_running_loop().create_task(lag_probe(events))
+        start = clock()
+        try:
+            return await original_middleware(request, handler)
+        finally:
+            events["request"].append((start, clock() - start, request.path))
+
+    app_module.latency_middleware = probe_middleware
+
+
+async def lag_probe(events: dict[str, list]) -> None:
+    import asyncio
+    while True:
+        start = time.perf_counter()
+        await asyncio.sleep(LAG_PROBE_INTERVAL_S)
+        late = time.perf_counter() - start - LAG_PROBE_INTERVAL_S
+        events["lag"].append((start + LAG_PROBE_INTERVAL_S, max(late, 0.0)))
+
+
+def serve(config: str, out: str) -> int:
+    events: dict[str, list] = {kind: [] for kind in (
+        "gc", "loop_turn", "run_functions", "commit", "fdatasync", "answer", "checkpoint",
+        "checkpoint_on_writer", "request", "lag")}
+    if not os.environ.get("TAIL_PROBE_GARBAGE_ONLY"):
+        install_probes(events)
+    import gc
+    if os.environ.get("TAIL_PROBE_GARBAGE"):
+        gc.set_debug(gc.DEBUG_SAVEALL)       # what the collections found: kept, to be counted
+    from server.cli import main
+    try:
+        return main(["serve", "--config", config])
+    finally:
+        events["garbage"] = garbage_types(gc.garbage)
+        Path(out).write_text(json.dumps(events))
+
+
+def garbage_types(garbage: list) -> list:
+    """The cyclic garbage's most common types, with an example of what holds each cycle."""
+    import collections
+    counts = collections.Counter(type(o).__qualname__ + ":" + getattr(type(o), "__module__", "") for o in garbage)
+    out = [[name, n] for name, n in counts.most_common(40)]
+    frames = collections.Counter(f"{o.f_code.co_filename}:{o.f_code.co_name}" for o in garbage
+                                 if type(o).__name__ == "frame")
+    return out + [["frame " + name, n] for name, n in frames.most_common(30)]
+
+
+# ------------------------------------------------------------------ the driver
+
+def analyse(events: dict[str, list], first: float, last: float) -> dict:
+    """first, last: the measured run's span (perf_counter is CLOCK_MONOTONIC, one clock for
+    every process), so the warm-up run before it is left out."""
+    events = {kind: [tuple(e) for e in spans if first <= e[0] <= last]
+              for kind, spans in events.items() if kind != "garbage"}
+    requests = events["request"]
+    durations = sorted(r[1] for r in requests)
+    p99 = durations[int(len(durations) * 0.99)]
+    slow = [r for r in requests if r[1] >= p99]
+    out = {"requests": len(requests), "server_ms": {q: pct(durations, f) * 1000 for q, f in
+                                                    (("p50", 0.5), ("p99", 0.99), ("p999", 0.999))}}
+    gcs = events["gc"]
+    out["gc"] = {f"gen{gen}": summary([g[1] for g in gcs if g[2] == gen]) for gen in (0, 1, 2)}
+    out["gc_threads"] = sorted({g[4] for g in gcs})
+    out["gen2_walked_objects"] = [g[5] for g in gcs if g[2] == 2 and len(g) > 5]
+    out["frozen_objects"] = max((g[6] for g in gcs if len(g) > 6), default=0)
+    for kind in ("loop_turn", "commit", "fdatasync", "checkpoint", "checkpoint_on_writer", "answer"):
+        out[kind] = summary([e[1] for e in events[kind]])
+    turns = events["run_functions"]
+    out["items_per_batch"] = statistics.mean(e[2] for e in turns) if turns else 0
+    out["answers_per_s"] = len(events["answer"]) / (last - first)
+    out["lag_ms"] = summary([e[1] for e in events["lag"]])
+    out["slow"] = overlaps(slow, events, gcs)
+    out["all"] = overlaps(requests, events, gcs)
+    return out
+
+
+def overlaps(requests: list, events: dict[str, list], gcs: list) -> dict:
+    """Per request, the mean ms of each kind of event inside its span, and the share of the
+    requests that overlapped at least one (gen 2 collections; checkpoints; fdatasyncs > 5 ms)."""
+    kinds = {
+        "gc gen0/1 (ms)": [g for g in gcs if g[2] < 2],
+        "gc gen2 (ms)": [g for g in gcs if g[2] == 2],
+        "loop turns: write batches on the loop (ms)": events["loop_turn"],
+        "fdatasync (ms)": events["fdatasync"],
+        "checkpoint on the write turn (ms)": events["checkpoint_on_writer"],
+        "checkpoint, any (ms)": events["checkpoint"],
+    }
+    out: dict = {}
+    for name, spans in kinds.items():
+        spans = sorted(spans)
+        total, hit = 0.0, 0
+        for start, seconds, *_ in requests:
+            inside = overlap(spans, start, start + seconds)
+            total += inside
+            hit += inside > 0
+        out[name] = round(total / len(requests) * 1000, 3)
+        out[name.replace("(ms)", "share overlapped")] = round(hit / len(requests), 3)
+    lags = sorted(events["lag"])
+    out["max loop lag inside (ms, mean)"] = round(statistics.mean(
+        max((lag for at, lag in window(lags, s, s + d)), default=0.0) for s, d, *_ in requests) * 1000, 3)
+    out["request ms (mean)"] = round(statistics.mean(r[1] for r in requests) * 1000, 3)
+    return out
+
+
+def overlap(spans: list, start: float, end: float) -> float:
+    import bisect
+    total = 0.0
+    at = max(bisect.bisect_left(spans, (start - 1.0,)), 0)
+    for span in spans[at:]:
+        if span[0] > end:
+            break
+        total += max(0.0, min(end, span[0] + span[1]) - max(start, span[0]))
+    return total
+
+
+def window(points: list, start: float, end: float):
+    import bisect
+    at = bisect.bisect_left(points, (start,))
+    for point in points[at:]:
+        if point[0] > end:
+            break
+        yield point
+
+
+def summary(values: list[float]) -> dict:
+    if not values:
+        return {"count": 0}
+    values = sorted(values)
+    return {"count": len(values), "mean_ms": round(statistics.mean(values) * 1000, 3),
+            "p99_ms": round(pct(values, 0.99) * 1000, 3), "max_ms": round(values[-1] * 1000, 3),
+            "total_ms": round(sum(values) * 1000, 1)}
+
+
+def pct(values: list[float], fraction: float) -> float:
+    return values[min(int(len(values) * fraction), len(values) - 1)]
+
+
+def run(tree: Path, rate: float, members: int, seconds: int, label: str) -> dict:
+    sys.path.insert(0, str(HERE.parent))
+    from benchmarks import gen_members, receipts
+    from benchmarks.run import DATA, ROOT, VENV_BIN, Server, drop_database, measured, server_config, wrk
+    DATA.mkdir(parents=True, exist_ok=True)
+    templates = DATA / "receipts.txt"
+    receipts.generate(templates)
+    source = DATA / f"members-{members}.db"
+    gen_members.generate(source, members)
+    db = DATA / f"tail-{label}.db"
+    drop_database(db)
+    shutil.copy(source, db)
+    config = server_config(DATA / f"tail-{label}.yaml", db, tree / "rules" / "programs" / "market", members=members)
+    out = DATA / f"tail-{label}.json"
+    argv = [str(VENV_BIN / "python"), str(HERE / "tail_probe.py"), "--serve", str(config), str(out)]
+    with Server(f"tail-{label}", argv, tree=tree, ready=True) as server:
+        wrk(templates, members, 3)
+        threads0 = server.thread_cpu()
+        first = time.perf_counter()
+        result, _ = measured(server, lambda: wrk(templates, members, seconds, rate=rate))
+        last = time.perf_counter()
+        threads1 = server.thread_cpu()
+    n = max(result["requests"], 1)
+    (DATA / f"tail-{label}.span").write_text(f"{first} {last}")
+    analysis = analyse(json.loads(out.read_text()), first, last)
+    analysis["wrk_ms"] = {q: result["latency_us"][q] / 1000 for q in ("p50", "p99", "p999")}
+    analysis["rps"] = result["rps"]
+    analysis["cpu_us_per_request"] = result["cpu_us_per_request"]
+    analysis["thread_cpu_us"] = {k: round((threads1[k] - threads0.get(k, 0)) / n * 1e6) for k in threads1}
+    return analysis
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--serve":
+        raise SystemExit(serve(sys.argv[2], sys.argv[3]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=450)
+    parser.add_argument("--members", type=int, default=10_000)
+    parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--tree", type=Path, default=HERE.parent)
+    parser.add_argument("--label", default="probe")
+    args = parser.parse_args()
+    print(f"load average before: {os.getloadavg()}")
+    result = run(args.tree.resolve(), args.rate, args.members, args.seconds, args.label)
+    print(json.dumps(result, indent=1))
+    print(f"load average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
