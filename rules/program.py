@@ -139,6 +139,10 @@ class Program:
         # the segment_window_days before the daily job's moment.
         self.segments: dict[str, Segment] = {segment.id: segment for segment in segments or []}
         self.segment_window_days: int = settings.get("segment_window_days", 365)
+        # A member's stored segments count only as the kind the program defines them: kept
+        # as sets so that each receipt takes its own by two intersections.
+        self.list_segment_ids = frozenset(s.id for s in self.segments.values() if s.kind == "list")
+        self.computed_segment_ids = frozenset(s.id for s in self.segments.values() if s.kind != "list")
         self.coupons: dict[str, CouponCampaign] = {coupon.id: coupon for coupon in coupons or []}
         self.personal_rule_ids = frozenset(rule.id for rule in rules if rule.personal)
         self.holdout_rules = {rule.id: rule.holdout for rule in rules if rule.holdout is not None}
