@@ -1,6 +1,7 @@
 """What segments, a personal offer and coupon codes cost a confirmed receipt, side by side in one process.
 
     PYTHONPATH=. python benchmarks/cvm_cost.py [--members 300] [--receipts 200] [--rounds 4] [--profile DIR]
+    PYTHONPATH=. python benchmarks/cvm_cost.py --callgrind [--tree DIR ...] [--members 150] [--receipts 150] [--out DIR]
 
 Confirms receipts through server/ops/receipts.py (the write path without HTTP) on one database, in
 alternating blocks of four sides:
@@ -42,6 +43,15 @@ the one read of segments, offers and codes, the codes hashed and judged, evaluat
 apply, the uses and charges written, commit) by the event loop thread's CPU clock around each
 call, and prints their means per receipt: no profiler, but each timed call pays two clock
 reads (a few µs on a VM), so compare sides, not absolute values, and time without it too.
+
+--callgrind counts instructions instead of timing (valgrind; CPU times on a shared machine move
+by more than a few µs a receipt): for each tree (default this one; `--tree` a `git archive`
+copy of another revision, run with this file) and each side, a process does the set-up above
+and then confirms 30 receipts of that side alone, another 30 + --receipts; the difference of
+the event loop thread's instructions over --receipts is one receipt's, the same on every run.
+Prints each side's instructions per receipt and B vs A, B vs P, P vs A, idle vs A as fewer
+receipts/s computed from them. The callgrind.out files stay in --out (compare two sides'
+inclusive costs per function with `callgrind_annotate --inclusive=yes`).
 """
 from __future__ import annotations
 
