@@ -267,10 +267,19 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None, 
     program_b = folder / "program"
     shutil.copytree(MARKET, program_b)
     (program_b / "campaigns" / "cvm.yaml").write_text(CVM_FILE)
-    config = config_from_dict({"database": {"path": str(folder / "bench.db")},
-                               "rules": {"dir": str(program_b), "watch": False},
-                               "clock": {"start": "2026-11-24T12:00:05+02:00"}, "jobs": {"enabled": False},
-                               "privacy": {"hmac_key": "bench-hmac-key-0123456789"}})
+    settings = {"database": {"path": str(folder / "bench.db")},
+                "rules": {"dir": str(program_b), "watch": False},
+                "clock": {"start": "2026-11-24T12:00:05+02:00"}, "jobs": {"enabled": False},
+                "privacy": {"hmac_key": "bench-hmac-key-0123456789"}}
+    if counted:
+        # The server's polls (a program recorded by another server, keys, events to deliver)
+        # run on the event loop by the wall clock, which valgrind stretches by a factor that
+        # follows the machine's load: at their defaults they put 100 k and more instructions
+        # a receipt into one run and not another. Counted runs poll as seldom as allowed.
+        settings["rules"]["poll_interval_ms"] = 60_000
+        settings["auth"] = {"keys_refresh_seconds": 300}
+        settings["events"] = {"poll_interval_seconds": 60}
+    config = config_from_dict(settings)
     app = create_app(config)
     async with serving(app):
         deps, holder = app[OPS], app[PROGRAMS]
