@@ -359,19 +359,22 @@ def codes_needed(per_block: int, rounds: int, counted: bool) -> int:
     return rounds * (per_block // 3 + 1)
 
 
-def count_instructions(trees: list[Path], members: int, receipts: int, out: Path, jobs: int) -> None:
+def count_instructions(trees: list[Path], members: int, receipts: int, out: Path, jobs: int,
+                       sides: tuple[str, ...] = SIDES) -> None:
     """Instructions per receipt of each side in each tree: two runs of a side under callgrind,
     COUNTED_FEW and COUNTED_FEW + `receipts` receipts after the same set-up, the difference
     over `receipts`. The callgrind.out files stay in out/<tree>/<side>-<receipts>.out-<thread>
     (-01: the event loop's)."""
-    runs = [(tree, side, few) for tree in trees for side in SIDES for few in (COUNTED_FEW, COUNTED_FEW + receipts)]
+    runs = [(tree, side, few) for side in sides for tree in trees for few in (COUNTED_FEW, COUNTED_FEW + receipts)]
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         totals = dict(zip(runs, pool.map(lambda run: callgrind_side(*run, members, receipts, out), runs)))
     for tree in trees:
         per = {side: (totals[tree, side, COUNTED_FEW + receipts] - totals[tree, side, COUNTED_FEW]) / receipts
-               for side in SIDES}
-        print(f"{tree}: instructions per receipt, " + ", ".join(f"{side} {per[side]:,.0f}" for side in SIDES))
+               for side in sides}
+        print(f"{tree}: instructions per receipt, " + ", ".join(f"{side} {per[side]:,.0f}" for side in sides))
         for x, y in (("B", "A"), ("B", "P"), ("P", "A"), ("idle", "A")):
+            if x not in per or y not in per:
+                continue
             print(f"  {x} vs {y}: {per[x] - per[y]:+,.0f} instructions/receipt, "
                   f"{100 * (1 - per[y] / per[x]):.1f} % fewer receipts/s at full load")
 
@@ -487,6 +490,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "cvm-callgrind",
                         help="with --callgrind: where the callgrind.out files stay")
     parser.add_argument("--jobs", type=int, default=2, help="with --callgrind: valgrind runs at a time")
+    parser.add_argument("--sides", default=",".join(SIDES), help="with --callgrind: the sides to count (A,B,P,idle)")
     parser.add_argument("--counted-side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--counted", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -495,7 +499,7 @@ if __name__ == "__main__":
         for tree in trees:
             subprocess.run([sys.executable, "-m", "compileall", "-q", "-x", r"/\.venv/", str(tree)], check=True,
                            capture_output=True)
-        count_instructions(trees, args.members, args.receipts, args.out, args.jobs)
+        count_instructions(trees, args.members, args.receipts, args.out, args.jobs, tuple(args.sides.split(",")))
     else:
         counted = (args.counted_side, args.counted) if args.counted_side else None
         asyncio.run(main(args.members, args.receipts, args.rounds, args.profile, args.statements, args.phases,
