@@ -1,7 +1,8 @@
 """What segments, a personal offer and coupon codes cost a confirmed receipt, side by side in one process.
 
     PYTHONPATH=. python benchmarks/cvm_cost.py [--members 300] [--receipts 200] [--rounds 4] [--profile DIR]
-    PYTHONPATH=. python benchmarks/cvm_cost.py --callgrind [--tree DIR ...] [--members 150] [--receipts 150] [--out DIR]
+    PYTHONPATH=. python benchmarks/cvm_cost.py --callgrind [--tree DIR ...] [--sides A,B,P,idle] [--jobs 2] [--out DIR]
+        [--members 120 --receipts 120: RESULTS.md's; the timed defaults take about twice as long]
 
 Confirms receipts through server/ops/receipts.py (the write path without HTTP) on one database, in
 alternating blocks of four sides:
@@ -48,7 +49,9 @@ reads (a few µs on a VM), so compare sides, not absolute values, and time witho
 by more than a few µs a receipt): for each tree (default this one; `--tree` a `git archive`
 copy of another revision, run with this file) and each side, a process does the set-up above
 and then confirms 30 receipts of that side alone, another 30 + --receipts; the difference of
-the event loop thread's instructions over --receipts is one receipt's, the same on every run.
+the event loop thread's instructions over --receipts is one receipt's, which other processes
+on the machine do not move (other threads are counted apart, and the counted runs poll as
+seldom as the config allows; a spread of about 1 % between runs is not excluded).
 Prints each side's instructions per receipt and B vs A, B vs P, P vs A, idle vs A as fewer
 receipts/s computed from them. The callgrind.out files stay in --out (compare two sides'
 inclusive costs per function with `callgrind_annotate --inclusive=yes`).
