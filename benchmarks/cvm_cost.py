@@ -1,6 +1,8 @@
 """What segments, a personal offer and coupon codes cost a confirmed receipt, side by side in one process.
 
     PYTHONPATH=. python benchmarks/cvm_cost.py [--members 300] [--receipts 200] [--rounds 4] [--profile DIR]
+    PYTHONPATH=. python benchmarks/cvm_cost.py --callgrind [--tree DIR ...] [--sides A,B,P,idle] [--jobs 2] [--out DIR]
+        [--members 120 --receipts 120: RESULTS.md's; the timed defaults take about twice as long]
 
 Confirms receipts through server/ops/receipts.py (the write path without HTTP) on one database, in
 alternating blocks of four sides:
@@ -42,14 +44,29 @@ the one read of segments, offers and codes, the codes hashed and judged, evaluat
 apply, the uses and charges written, commit) by the event loop thread's CPU clock around each
 call, and prints their means per receipt: no profiler, but each timed call pays two clock
 reads (a few µs on a VM), so compare sides, not absolute values, and time without it too.
+
+--callgrind counts instructions instead of timing (valgrind; CPU times on a shared machine move
+by more than a few µs a receipt): for each tree (default this one; `--tree` a `git archive`
+copy of another revision, run with this file) and each side, a process does the set-up above
+and then confirms 30 receipts of that side alone, another 30 + --receipts; the difference of
+the event loop thread's instructions over --receipts is one receipt's, which other processes
+on the machine do not move (other threads are counted apart, and the counted runs poll as
+seldom as the config allows; a spread of about 1 % between runs is not excluded).
+Prints each side's instructions per receipt and B vs A, B vs P, P vs A, idle vs A as fewer
+receipts/s computed from them. The callgrind.out files stay in --out (compare two sides'
+inclusive costs per function with `callgrind_annotate --inclusive=yes`).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import cProfile
+import os
+import re
 import shutil
 import statistics
+import subprocess
 from collections import Counter
 import sys
 import tempfile
@@ -60,7 +77,10 @@ from types import SimpleNamespace
 
 import msgspec
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# --callgrind runs this file inside other source trees (revisions exported to compare): the
+# tree it measures is the one it imports from and takes the market program of.
+ROOT = Path(os.environ.get("CVM_COST_TREE") or Path(__file__).resolve().parent.parent)
+sys.path.insert(0, str(ROOT))
 from benchmarks.events_outbox import serving  # noqa: E402
 from rules.loader import read_directory  # noqa: E402
 from server import cvm, rfm, schema  # noqa: E402
@@ -72,11 +92,12 @@ from server import member_state  # noqa: E402
 from server.ops import members as member_ops, receipts as receipt_ops  # noqa: E402
 from storage import apply as storage_apply, coupons, customer_value, db as storage_db  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 MARKET = ROOT / "rules/programs/market"
 REGISTER = Principal("bench", "register", frozenset({"S001"}))
 MANAGER = Principal("bench-manager", "manager", frozenset())
 CODES_PER_REQUEST = 10_000      # the handler's own limit (schema.COUPONS_PER_REQUEST_MAX)
+COUNTED_FEW = 30                # receipts of --callgrind's first run; its second adds --receipts
+SIDES = ("A", "B", "P", "idle")
 
 # Added to the market program for side B; the rewards are small so that earning stays
 # as it is otherwise (same tiers, same postings but for the added rules').
@@ -242,15 +263,26 @@ async def set_up_cvm(app, members: int, codes_needed: int) -> list[str]:
 
 
 async def main(members: int, per_block: int, rounds: int, profile: Path | None, count: bool,
-               timed: bool = False) -> None:
+               timed: bool = False, counted: tuple[str, int] | None = None) -> None:
+    """The measured rounds and their report; with `counted` (side, receipts), after the same
+    set-up, only that many receipts of that side, for callgrind to count (no report)."""
     folder = Path(tempfile.mkdtemp(prefix="cvm-bench-"))
     program_b = folder / "program"
     shutil.copytree(MARKET, program_b)
     (program_b / "campaigns" / "cvm.yaml").write_text(CVM_FILE)
-    config = config_from_dict({"database": {"path": str(folder / "bench.db")},
-                               "rules": {"dir": str(program_b), "watch": False},
-                               "clock": {"start": "2026-11-24T12:00:05+02:00"}, "jobs": {"enabled": False},
-                               "privacy": {"hmac_key": "bench-hmac-key-0123456789"}})
+    settings = {"database": {"path": str(folder / "bench.db")},
+                "rules": {"dir": str(program_b), "watch": False},
+                "clock": {"start": "2026-11-24T12:00:05+02:00"}, "jobs": {"enabled": False},
+                "privacy": {"hmac_key": "bench-hmac-key-0123456789"}}
+    if counted:
+        # The server's polls (a program recorded by another server, keys, events to deliver)
+        # run on the event loop by the wall clock, which valgrind stretches by a factor that
+        # follows the machine's load: at their defaults they put 100 k and more instructions
+        # a receipt into one run and not another. Counted runs poll as seldom as allowed.
+        settings["rules"]["poll_interval_ms"] = 60_000
+        settings["auth"] = {"keys_refresh_seconds": 300}
+        settings["events"] = {"poll_interval_seconds": 60}
+    config = config_from_dict(settings)
     app = create_app(config)
     async with serving(app):
         deps, holder = app[OPS], app[PROGRAMS]
@@ -271,7 +303,7 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None, 
         holder.current = b      # the manager's calls below check B's segments and rules
         scored = await rfm.run(app[DATABASE], b.segment_window_days, b.timezone, app[CLOCK].now(), force=True,
                                program=b)
-        codes = await set_up_cvm(app, members, rounds * (per_block // 3 + 1))
+        codes = await set_up_cvm(app, members, codes_needed(per_block, rounds, counted is not None))
         paying = await who_pays(app, members)
         # Side "idle": program B for members enrolled after the set-up (in no segment, holding
         # no offer, sending no code): what B's reads cost when none of its rules pays.
@@ -281,27 +313,39 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None, 
         holder.current = b
         await block(deps, n, 0, members, members, None, "idle")
         n += members
-        mark = await app[DATABASE].read(lambda conn: conn.execute(
-            "SELECT COALESCE(MAX(posting_id), 0) FROM posting_rules").fetchone()[0])
-        statements = Statements() if count else None
-        if statements:
-            await app[DATABASE].write(lambda conn: conn.set_trace_callback(statements))
-        phases = Phases() if timed else None
-        if phases:
-            phases.install()
-        try:
-            sides, profilers = await alternate(deps, holder, programs, n, rounds, per_block, members, codes, paying,
-                                               profile is not None, statements, phases)
-        finally:
+        if counted:
+            side, receipts = counted
+            holder.current = programs[side]
+            await block(deps, n, 0, receipts, members, codes if side == "B" else None,
+                        "idle" if side == "idle" else "card", paying)
+        else:
+            # The measured rounds.
+            mark = await app[DATABASE].read(lambda conn: conn.execute(
+                "SELECT COALESCE(MAX(posting_id), 0) FROM posting_rules").fetchone()[0])
+            statements = Statements() if count else None
+            if statements:
+                await app[DATABASE].write(lambda conn: conn.set_trace_callback(statements))
+            phases = Phases() if timed else None
             if phases:
-                phases.remove()
-        if statements:
-            await app[DATABASE].write(lambda conn: conn.set_trace_callback(None))
-        holder.current = b
-        used = await app[DATABASE].read(lambda conn: conn.execute("SELECT COUNT(*) FROM coupon_uses").fetchone()[0])
-        paid = await app[DATABASE].read(lambda conn: {rule: (count, points) for rule, count, points in conn.execute(
-            "SELECT rule_id, COUNT(*), SUM(points) FROM posting_rules WHERE posting_id > ? GROUP BY rule_id",
-            (mark,))})
+                phases.install()
+            try:
+                sides, profilers = await alternate(deps, holder, programs, n, rounds, per_block, members, codes,
+                                                   paying, profile is not None, statements, phases)
+            finally:
+                if phases:
+                    phases.remove()
+            if statements:
+                await app[DATABASE].write(lambda conn: conn.set_trace_callback(None))
+            holder.current = b
+            used = await app[DATABASE].read(
+                lambda conn: conn.execute("SELECT COUNT(*) FROM coupon_uses").fetchone()[0])
+            paid = await app[DATABASE].read(lambda conn: {
+                rule: (count, points) for rule, count, points in conn.execute(
+                    "SELECT rule_id, COUNT(*), SUM(points) FROM posting_rules WHERE posting_id > ? GROUP BY rule_id",
+                    (mark,))})
+    if counted:
+        shutil.rmtree(folder)
+        return
     report(sides, scored.scored if scored else 0, paid, used, per_block, statements, phases)
     if profile:
         profile.mkdir(parents=True, exist_ok=True)
@@ -310,13 +354,62 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None, 
     shutil.rmtree(folder)
 
 
+def codes_needed(per_block: int, rounds: int, counted: bool) -> int:
+    """Codes to create: one for every third receipt of B's blocks, or of --callgrind's larger
+    run (both of its runs create as many, so that the set-up cancels out)."""
+    if counted:
+        return (COUNTED_FEW + per_block) // 3 + 1
+    return rounds * (per_block // 3 + 1)
+
+
+def count_instructions(trees: list[Path], members: int, receipts: int, out: Path, jobs: int,
+                       sides: tuple[str, ...] = SIDES) -> None:
+    """Instructions per receipt of each side in each tree: two runs of a side under callgrind,
+    COUNTED_FEW and COUNTED_FEW + `receipts` receipts after the same set-up, the difference
+    over `receipts`. The callgrind.out files stay in out/<tree>/<side>-<receipts>.out-<thread>
+    (-01: the event loop's)."""
+    runs = [(tree, side, few) for side in sides for tree in trees for few in (COUNTED_FEW, COUNTED_FEW + receipts)]
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        totals = dict(zip(runs, pool.map(lambda run: callgrind_side(*run, members, receipts, out), runs)))
+    for tree in trees:
+        per = {side: (totals[tree, side, COUNTED_FEW + receipts] - totals[tree, side, COUNTED_FEW]) / receipts
+               for side in sides}
+        print(f"{tree}: instructions per receipt, " + ", ".join(f"{side} {per[side]:,.0f}" for side in sides))
+        for x, y in (("B", "A"), ("B", "P"), ("P", "A"), ("idle", "A")):
+            if x not in per or y not in per:
+                continue
+            print(f"  {x} vs {y}: {per[x] - per[y]:+,.0f} instructions/receipt, "
+                  f"{100 * (1 - per[y] / per[x]):.1f} % fewer receipts/s at full load")
+
+
+def callgrind_side(tree: Path, side: str, count: int, members: int, per_block: int, out: Path) -> int:
+    """The instructions of the event loop's thread (the one the CPU times count: it runs every
+    receipt's transaction) in a process that sets up as main() does, then confirms `count`
+    receipts of `side` (hash seed fixed, bytecode compiled beforehand). Threads are counted
+    apart: the checkpoint thread's work follows the wall clock, which valgrind stretches."""
+    folder = out / tree.name
+    folder.mkdir(parents=True, exist_ok=True)
+    name = folder / f"{side}-{count}.out"
+    argv = ["valgrind", "--tool=callgrind", "--cache-sim=no", "--branch-sim=no", "--separate-threads=yes",
+            f"--callgrind-out-file={name}", sys.executable, str(Path(__file__).resolve()),
+            "--members", str(members), "--receipts", str(per_block), "--counted-side", side, "--counted", str(count)]
+    done = subprocess.run(argv, cwd=tree, capture_output=True, text=True, timeout=3600,
+                          env={**os.environ, "PYTHONPATH": str(tree), "CVM_COST_TREE": str(tree),
+                               "PYTHONHASHSEED": "0"})
+    main_thread = Path(f"{name}-01")
+    found = re.findall(r"^summary: (\d+)$", main_thread.read_text(), re.M) if main_thread.exists() else []
+    if done.returncode != 0 or len(found) != 1:
+        raise SystemExit(f"{tree} {side} {count} under valgrind failed:\n{done.stderr[-3000:]}")
+    return int(found[0])
+
+
 async def alternate(deps, holder, programs: dict, n: int, rounds: int, per_block: int, members: int,
                     codes: list[str], paying: list, profile: bool,
                     statements: Statements | None,
                     phases: Phases | None = None) -> tuple[dict[str, list[float]], dict]:
     """The measured rounds: each side's CPU per receipt by block, and its profiler (profile);
     statements, when given, counts each side's, and phases times their parts."""
-    sides: dict[str, list[float]] = {"A": [], "B": [], "P": [], "idle": []}
+    sides: dict[str, list[float]] = {side: [] for side in SIDES}
     # The event loop thread's CPU clock, as the timings: other processes on the machine, and
     # the loop waiting for the sync thread, do not count.
     profilers = {side: cProfile.Profile(time.thread_time) for side in sides} if profile else {}
@@ -393,5 +486,24 @@ if __name__ == "__main__":
     parser.add_argument("--profile", type=Path, help="a folder for each side's cProfile of its confirms")
     parser.add_argument("--statements", action="store_true", help="count each side's SQL statements per receipt")
     parser.add_argument("--phases", action="store_true", help="time the parts of each side's confirms")
+    parser.add_argument("--callgrind", action="store_true",
+                        help="count instructions per receipt of each side instead (valgrind)")
+    parser.add_argument("--tree", type=Path, action="append",
+                        help="with --callgrind: a source tree to count (repeatable; default this one)")
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "cvm-callgrind",
+                        help="with --callgrind: where the callgrind.out files stay")
+    parser.add_argument("--jobs", type=int, default=2, help="with --callgrind: valgrind runs at a time")
+    parser.add_argument("--sides", default=",".join(SIDES), help="with --callgrind: the sides to count (A,B,P,idle)")
+    parser.add_argument("--counted-side", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--counted", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    asyncio.run(main(args.members, args.receipts, args.rounds, args.profile, args.statements, args.phases))
+    if args.callgrind:
+        trees = [tree.resolve() for tree in args.tree or [ROOT]]
+        for tree in trees:
+            subprocess.run([sys.executable, "-m", "compileall", "-q", "-x", r"/\.venv/", str(tree)], check=True,
+                           capture_output=True)
+        count_instructions(trees, args.members, args.receipts, args.out, args.jobs, tuple(args.sides.split(",")))
+    else:
+        counted = (args.counted_side, args.counted) if args.counted_side else None
+        asyncio.run(main(args.members, args.receipts, args.rounds, args.profile, args.statements, args.phases,
+                         counted=counted))

@@ -160,21 +160,22 @@ def _caps(program: Any, member: MemberFacts, budget_left: dict[str, int] | None)
 
 
 def _passing(program: Any, held: Any, member: MemberFacts, usage: dict[str, int], caps: dict[str, int]) -> list:
-    """Rules whose conditions hold and that the member's offers, limits and caps allow."""
+    """Rules whose conditions hold and that the member's offers, limits and caps allow. Only
+    the restricted candidates can be stopped (caps are budgets' and personal rules'), so
+    only they are checked."""
     candidates, restricted = program.candidates(held)
     if not restricted:
         return list(candidates)
     offers = member.offers
-    passing = []
-    for rule in candidates:
-        if rule.personal and rule.id not in offers:
-            continue
-        if rule.limit_count is not None and usage.get(rule.id, 0) >= rule.limit_count:
-            continue
-        if caps and caps.get(rule.id, 1) <= 0:
-            continue
-        passing.append(rule)
-    return passing
+    stopped = set()
+    for rule in restricted:
+        if (rule.personal and rule.id not in offers) or \
+                (rule.limit_count is not None and usage.get(rule.id, 0) >= rule.limit_count) or \
+                (caps and caps.get(rule.id, 1) <= 0):
+            stopped.add(rule.index)
+    if not stopped:
+        return list(candidates)
+    return [rule for rule in candidates if rule.index not in stopped]
 
 
 def _control(program: Any, passing: list, member: MemberFacts) -> set[int]:
@@ -230,7 +231,7 @@ def _coupons_used(program: Any, exact: Exact, fact: dict[str, Any], coupons: dic
     """
     used: set[str] = set()
     fields = program.coupon_fields
-    for index in sorted(exact):
+    for index in sorted(program.coupon_rule_indexes.intersection(exact)):
         rule = program.rules[index]
         present = [campaign for campaign in rule.coupons if campaign in coupons]
         if not present:

@@ -125,7 +125,7 @@ class Program:
         # Rules a member's offers, limits, budget or offer caps may stop: the others pass once their conditions hold.
         self.restricted = frozenset(rule.index for rule in rules
                                     if rule.personal or rule.limit_count is not None or rule.budget)
-        self._candidates: dict[Any, tuple[tuple[CompiledRule, ...], bool]] = {}
+        self._candidates: dict[Any, tuple[tuple[CompiledRule, ...], tuple[CompiledRule, ...]]] = {}
         self.limited_rule_ids = frozenset(rule.id for rule in rules if rule.limit_per is not None)
         self._by_id = {rule.id: rule for rule in rules}
         # The rules whose points expire by their own `expires_in_days`, not the program's.
@@ -139,8 +139,14 @@ class Program:
         # the segment_window_days before the daily job's moment.
         self.segments: dict[str, Segment] = {segment.id: segment for segment in segments or []}
         self.segment_window_days: int = settings.get("segment_window_days", 365)
+        # A member's stored segments count only as the kind the program defines them: kept
+        # as sets so that each receipt takes its own by two intersections.
+        self.list_segment_ids = frozenset(s.id for s in self.segments.values() if s.kind == "list")
+        self.computed_segment_ids = frozenset(s.id for s in self.segments.values() if s.kind != "list")
         self.coupons: dict[str, CouponCampaign] = {coupon.id: coupon for coupon in coupons or []}
         self.personal_rule_ids = frozenset(rule.id for rule in rules if rule.personal)
+        # The rules whose conditions name a coupon campaign: only they may need a code.
+        self.coupon_rule_indexes = frozenset(rule.index for rule in rules if rule.coupons)
         self.holdout_rules = {rule.id: rule.holdout for rule in rules if rule.holdout is not None}
         share_num, share_den = self.redemption_max_share.as_integer_ratio()
         self.max_share_ratio = (share_num, share_den)
@@ -181,15 +187,18 @@ class Program:
         return [rule_id for rule_id, share in self.holdout_rules.items()
                 if holdout_member(self.id, rule_id, member_id, share)]
 
-    def candidates(self, held: Any) -> tuple[tuple[CompiledRule, ...], bool]:
+    def candidates(self, held: Any) -> tuple[tuple[CompiledRule, ...], tuple[CompiledRule, ...]]:
         """The rules to look at when the conditions `held` hold (the matcher's answer), in
         definition order: those without a condition and those of the held conditions; with
-        whether any of them is restricted. Remembered per answer: the matcher gives the
-        same few sets to receipt after receipt, and sorting them again cost every receipt."""
+        those of them that are restricted, the only ones a receipt must check (an
+        unconditional personal rule is a candidate of every receipt, the others are not
+        checked for it). Remembered per answer: the matcher gives the same few sets to
+        receipt after receipt, and sorting them again cost every receipt."""
         found = self._candidates.get(held)
         if found is None:
             indexes = sorted([*self.unconditional, *(self.rule_of_condition[condition] for condition in held)])
-            found = tuple(self.rules[index] for index in indexes), not self.restricted.isdisjoint(indexes)
+            rules = tuple(self.rules[index] for index in indexes)
+            found = rules, tuple(rule for rule in rules if rule.index in self.restricted)
             if len(self._candidates) >= MAX_CANDIDATE_SETS:
                 self._candidates.clear()
             self._candidates[held] = found

@@ -113,9 +113,7 @@ def segments_in(program: Program, listed: set[str], computed: set[str]) -> froze
     """The program's segments among the member's stored ones (list and computed)."""
     if not (listed or computed):
         return frozenset()
-    defined = program.segments
-    return frozenset([*(s for s in listed if s in defined and defined[s].kind == "list"),
-                      *(s for s in computed if s in defined and defined[s].kind != "list")])
+    return program.list_segment_ids.intersection(listed) | program.computed_segment_ids.intersection(computed)
 
 
 def budget_left(conn: sqlite3.Connection, program: Program) -> dict[str, int] | None:

@@ -94,11 +94,12 @@ def takes(rows: list[OfferRow], rule_id: str, points: int) -> tuple[tuple[str, i
     budget order (rows as valid() gives them), up to what they have left: the receipt that
     would cross a budget gets the remainder. None when an offer of the rule has no budget:
     nothing is charged then."""
-    mine = [row for row in rows if row.rule_id == rule_id]
-    if any(row.points is None for row in mine):
-        return None
     out, granted = [], 0
-    for row in mine:
+    for row in rows:
+        if row.rule_id != rule_id:
+            continue
+        if row.points is None:
+            return None
         take = min(points - granted, row.points - row.used)
         if take > 0:
             out.append((row.offer_id, take))

@@ -306,3 +306,16 @@ def test_every_write_of_spans_is_one_that_sets_a_new_generation():
     assert len(writers) == 3        # write_changes, add_members, remove_members
     for function in writers:
         assert "new_generation(conn)" in function, function.split("(")[0]
+
+
+async def test_a_member_on_a_list_is_not_in_a_computed_segment_the_program_now_gives_that_id(api):
+    """A stored span counts only as the kind the serving program defines its segment: once
+    `staff` is computed (here: a spend no member reaches), the list kept for it pays nothing."""
+    a = await api()
+    await staff(a, "PUT", "c1")
+    assert await paid(a, "c1", "r1") == ["staff-bonus"]
+    holder = a.app[PROGRAMS]
+    computed = PROGRAM.replace("{id: staff, list: true}", "{id: staff, when: {spend_in_window: {gte: 999999999}}}")
+    holder.current = holder.compile({"program.yaml": computed.encode()})
+    assert await paid(a, "c1", "r2") == [], "kept in memory as a list member of staff"
+    assert await paid(a, "c2", "r3") == []
