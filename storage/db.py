@@ -29,14 +29,15 @@ the connection: with every receipt read, evaluated and written inside its batch,
 connection waiting for the disk had left the loop idle for a sixth of the time.
 
 The WAL is kept short: a checkpoint thread copies it into the database without blocking
-anyone (PASSIVE) and syncs the database file after each copy, and once it holds more than wal_checkpoint_bytes the write connection
-itself, on the write turn between two batches (no batch runs meanwhile), finishes the copy
-and restarts the WAL from its beginning (RESTART; the next commit cuts the file back to
-that size: journal_size_limit). SQLite restarts the WAL by itself only when a write begins
-after a checkpoint copied every frame and while no reader uses the WAL; under steady load
-one or the other nearly always fails, and the file grew without end. RESTART waits
-(briefly) for those readers, and new readers leave the WAL alone once it is all copied.
-When nothing has been written for a second the write turn empties the file (TRUNCATE).
+anyone (PASSIVE) and syncs the database file after each copy, and once it holds more than
+wal_checkpoint_bytes the write connection itself, on the write turn between two batches
+(no batch runs meanwhile), finishes the copy and restarts the WAL from its beginning
+(RESTART; the next commit cuts the file back to that size: journal_size_limit). SQLite
+restarts the WAL by itself only when a write begins after a checkpoint copied every frame
+and while no reader uses the WAL; under steady load one or the other nearly always fails,
+and the file grew without end. RESTART waits (briefly) for those readers, and new
+readers leave the WAL alone once it is all copied. When nothing has been written for a
+second the write turn empties the file (TRUNCATE).
 Run on the write connection, both keep its page cache, which a checkpoint by another
 connection that restarts the WAL would empty.
 
@@ -813,9 +814,9 @@ class Database:
 
         SQLite syncs the database file only when a checkpoint finds it copied up to the WAL's
         current end, which under load a commit during the copy has always moved: the pages
-        a PASSIVE copied stayed dirty until the RESTART on the write turn,
-        whose fdatasync then wrote tens of MB while every write waited (10-30 ms a RESTART at
-        450 receipts/s, the slowest 1 % of requests). Synced here, off the write turn, the
+        a PASSIVE copied stayed dirty until the RESTART on the write turn, whose fdatasync
+        then wrote tens of MB while every write waited (10-30 ms a RESTART at 450
+        receipts/s, the slowest 1 % of requests). Synced here, off the write turn, the
         RESTART's own sync finds only the pages committed since. Only ever an extra sync:
         should it fail, the RESTART's sync fails the same way and is reported there."""
         if self._db_fd is None:
