@@ -161,7 +161,7 @@ def _splits(conn, report: AuditReport) -> bool:
 
 def _receipts(conn, report: AuditReport) -> None:
     # Receipts and postings both in byte order of the identity, the order in which Python
-    # compares the keys (_InOrder.take).
+    # compares the keys (InOrder.take).
     order = byte_order(conn)
     receipts = stream(conn, "SELECT store_id, register_id, receipt_id, member_id, status, result FROM receipts "
                       f"WHERE member_id IS NOT NULL ORDER BY store_id{order}, register_id{order}, "
@@ -176,7 +176,7 @@ def _receipts(conn, report: AuditReport) -> None:
             return
 
 
-class _InOrder:
+class InOrder:
     """The rows of a query sorted by their first `width` columns, grouped by them and handed
     out as the caller reads another query sorted by the same key: a merge of two sorted
     reads, so that neither side is looked up per row nor kept in a dict by key. Both reads
@@ -198,7 +198,7 @@ class _InOrder:
         return found
 
 
-def _sums_by_receipt(conn, order: str) -> _InOrder:
+def _sums_by_receipt(conn, order: str) -> InOrder:
     """Every receipt's postings summed by kind and rule (accruals by rule), in one pass over
     postings in order of the receipt's identity and member, the rows of a receipt (its
     identity, member, kind, rule, points). On SQLite no index finds a receipt's postings
@@ -206,7 +206,7 @@ def _sums_by_receipt(conn, order: str) -> _InOrder:
     history once per receipt of theirs. Matched by member too, as a cancel and a return find
     them (storage.ledger.receipt_postings)."""
     source, rule, points = _by_rule(conn)
-    return _InOrder(stream(
+    return InOrder(stream(
         conn, f"SELECT p.store_id, p.register_id, p.receipt_id, p.member_id, p.kind, COALESCE({rule}, ''), "
         f"SUM({points}) FROM {source} "
         "WHERE p.store_id IS NOT NULL AND p.register_id IS NOT NULL AND p.receipt_id IS NOT NULL "
@@ -249,11 +249,11 @@ def _receipt_problem(status: str, result: bytes, sums: dict[tuple[str, str], int
 def _returns(conn, report: AuditReport) -> None:
     # A return's postings carry its identity as their ref, which no index on either backend
     # holds: returns and the postings summed by ref are both read in byte order of the ref
-    # and merged (_InOrder), one pass over postings instead of a scan of them per return.
+    # and merged (InOrder), one pass over postings instead of a scan of them per return.
     order = byte_order(conn)
     ref = "store_id || '/' || register_id || '/' || return_id"
     returns = stream(conn, f"SELECT {ref}, result FROM returns WHERE member_id IS NOT NULL ORDER BY ({ref}){order}")
-    sums = _InOrder(stream(
+    sums = InOrder(stream(
         conn, "SELECT ref, SUM(CASE WHEN kind = 'reversal' THEN -points ELSE 0 END), "
         "SUM(CASE WHEN kind = 'refund' THEN points ELSE 0 END) FROM postings "
         f"WHERE ref IS NOT NULL AND kind IN ('reversal', 'refund') GROUP BY ref ORDER BY ref{order}"), 1)

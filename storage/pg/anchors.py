@@ -17,11 +17,11 @@ transaction-level advisory lock, so several processes may try at once.
 from __future__ import annotations
 
 import hashlib
-import itertools
 from datetime import datetime
 
 import msgspec
 
+from storage.audit import InOrder
 from storage.ledger import GENESIS_HASH, iso
 from storage.pg.connection import Connection
 
@@ -81,16 +81,11 @@ def verify(conn: Connection, problems_max: int = 20) -> list[str]:
     prev = GENESIS_HASH
     # Anchors and their heads in one ordered read each, merged as they stream in: one
     # anchor a minute makes half a million a year, too many for a statement each.
-    listed = itertools.groupby(conn.stream("SELECT anchor_id, member_id, seq, hash FROM chain_anchor_heads "
-                                           "ORDER BY anchor_id, member_id"), key=lambda row: row[0])
-    group = next(listed, None)
+    listed = InOrder(conn.stream("SELECT anchor_id, member_id, seq, hash FROM chain_anchor_heads "
+                                 "ORDER BY anchor_id, member_id"), 1)
     for anchor_id, created_at, prev_hash, stored in conn.stream(
             "SELECT id, created_at, prev_hash, hash FROM chain_anchors ORDER BY id"):
-        while group is not None and group[0] < anchor_id:
-            group = next(listed, None)
-        heads: list[tuple[int, int, bytes]] = []
-        if group is not None and group[0] == anchor_id:
-            heads, group = [(m, seq, bytes(h)) for _, m, seq, h in group[1]], next(listed, None)
+        heads = [(m, seq, bytes(h)) for _, m, seq, h in listed.take((anchor_id,))]
         if bytes(prev_hash) != prev or anchor_hash(prev, created_at, heads) != bytes(stored):
             problems.append(f"anchor {anchor_id}: does not match its heads or the anchor before it")
         prev = bytes(stored)
