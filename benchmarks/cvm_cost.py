@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/cvm_cost.py [--members 300] [--receipts 200] [--rounds 4] [--profile DIR]
     PYTHONPATH=. python benchmarks/cvm_cost.py --callgrind [--tree DIR ...] [--sides A,B,P,idle] [--jobs 2] [--out DIR]
         [--members 120 --receipts 120: RESULTS.md's; the timed defaults take about twice as long]
+        [--driver-receipts | --http CONNECTIONS]
 
 Confirms receipts through server/ops/receipts.py (the write path without HTTP) on one database, in
 alternating blocks of four sides:
@@ -55,6 +56,18 @@ seldom as the config allows; a spread of about 1 % between runs is not excluded)
 Prints each side's instructions per receipt and B vs A, B vs P, P vs A, idle vs A as fewer
 receipts/s computed from them. The callgrind.out files stay in --out (compare two sides'
 inclusive costs per function with `callgrind_annotate --inclusive=yes`).
+
+The receipts are one-line ones unless --driver-receipts: then they are the load driver's
+(benchmarks/receipts.py, 5 to 35 lines, 20 on average, from its catalogue and seed, over its
+three stores), as `make bench` and benchmarks/ab.py send them, each drawn from its k as the
+one-line ones are. --http CONNECTIONS (with --callgrind) measures what confirmed receipts/s
+at full load measure: the counted receipts, the load driver's, go to the app served as `loyalty
+serve` serves it (its runner and site, on uvloop) over that many keep-alive connections, sent
+by threads of the same process (counted apart from the event loop's), so that they share
+commits as under load, and HTTP, the middlewares, decoding and the answer are counted with
+the receipt path. Before them, the counted side confirms as many of the same receipts in the
+process: a long run sends the driver's 2,000 templates over and over, so the rules' class
+cache holds what they need, as it does here.
 """
 from __future__ import annotations
 
@@ -62,8 +75,12 @@ import argparse
 import asyncio
 import concurrent.futures
 import cProfile
+import hashlib
+import http.client
 import os
+import random
 import re
+import socket
 import shutil
 import statistics
 import subprocess
@@ -71,7 +88,7 @@ from collections import Counter
 import sys
 import tempfile
 import time
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -81,6 +98,7 @@ import msgspec
 # tree it measures is the one it imports from and takes the market program of.
 ROOT = Path(os.environ.get("CVM_COST_TREE") or Path(__file__).resolve().parent.parent)
 sys.path.insert(0, str(ROOT))
+from benchmarks import receipts as bench_receipts  # noqa: E402
 from benchmarks.events_outbox import serving  # noqa: E402
 from rules.loader import read_directory  # noqa: E402
 from server import cvm, rfm, schema  # noqa: E402
@@ -88,15 +106,21 @@ from server.app import create_app  # noqa: E402
 from server.auth import Principal  # noqa: E402
 from server.config import config_from_dict  # noqa: E402
 from server.keys import CLOCK, DATABASE, OPS, PROGRAMS  # noqa: E402
+from server.listen import Site, new_runner  # noqa: E402
 from server import member_state  # noqa: E402
 from server.ops import members as member_ops, receipts as receipt_ops  # noqa: E402
 from storage import apply as storage_apply, coupons, customer_value, db as storage_db  # noqa: E402
 
 MARKET = ROOT / "rules/programs/market"
-REGISTER = Principal("bench", "register", frozenset({"S001"}))
+REGISTER = Principal("bench", "register", frozenset({"S001", "S002", "F001"}))
 MANAGER = Principal("bench-manager", "manager", frozenset())
 CODES_PER_REQUEST = 10_000      # the handler's own limit (schema.COUPONS_PER_REQUEST_MAX)
 COUNTED_FEW = 30                # receipts of --callgrind's first run; its second adds --receipts
+CLOCK_START = "2026-11-24T12:00:05+02:00"
+HTTP_KEY = "bench-register"     # --http: the register's API key
+# --http: the load driver's receipts (benchmarks/receipts.py), from its catalogue and seed.
+BENCH_ITEMS = bench_receipts.catalogue(random.Random(5))
+BENCH_ENCODER = msgspec.json.Encoder(decimal_format="number")
 SIDES = ("A", "B", "P", "idle")
 
 # Added to the market program for side B; the rewards are small so that earning stays
@@ -217,18 +241,21 @@ class Phases:
 
 async def block(deps, start: int, first_k: int, count: int, members: int, codes: list[str] | None,
                 card: str = "card", paying: list[tuple[bool, bool, bool]] | None = None,
-                profiler: cProfile.Profile | None = None) -> float:
+                profiler: cProfile.Profile | None = None, driver: bool = False) -> float:
     """CPU seconds per receipt over `count` confirms, of the event loop's thread: it runs each
     receipt's transaction (the sync thread only waits for the disk). A third of the receipts
     (k divisible by 3) are the ones a code comes with: with `codes` they carry the next one.
     `paying`, by member: which of B's member conditions hold (staff, offer, rfm segment); the
-    receipts' registers then spell them (register())."""
+    receipts' registers then spell them (register()). driver: the load driver's receipts
+    (bench_body()) instead of one-line ones."""
     bodies = []
     for i in range(count):
         k = first_k + i
         coded = k % 3 == 0
         reg = register((*paying[k % members], coded)) if paying else "K01"
-        bodies.append(receipt(start + i, k, members, codes.pop() if codes and coded else None, card, reg))
+        code = codes.pop() if codes and coded else None
+        bodies.append(schema.decode(bench_body(start + i, k, members, code, card, reg), schema.Receipt) if driver
+                      else receipt(start + i, k, members, code, card, reg))
     cpu = time.thread_time()
     if profiler:
         profiler.enable()
@@ -238,6 +265,67 @@ async def block(deps, start: int, first_k: int, count: int, members: int, codes:
     if profiler:
         profiler.disable()
     return (time.thread_time() - cpu) / count
+
+
+def bench_body(n: int, k: int, members: int, code: str | None, card: str, register_id: str) -> bytes:
+    """Receipt b{n} as the load driver sends it (benchmarks/receipts.py: 5 to 35 lines from its
+    catalogue, three stores): drawn from k, so sides given the same k buy alike."""
+    now = datetime.fromisoformat(CLOCK_START)
+    body = bench_receipts.receipt(random.Random(k), BENCH_ITEMS, "m", now)
+    body.update(receipt_id=f"b{n}", card=f"{card}-{k % members}", register_id=register_id)
+    if code:
+        body["coupons"] = [code]
+    return BENCH_ENCODER.encode(body)
+
+
+async def http_block(port: int, start: int, first_k: int, count: int, members: int, codes: list[str] | None,
+                     card: str, paying: list[tuple[bool, bool, bool]], connections: int) -> None:
+    """block()'s receipts, the load driver's instead of one-line ones, sent to the app over HTTP
+    on `connections` keep-alive connections by threads of this process (counted apart)."""
+    bodies = []
+    for i in range(count):
+        k = first_k + i
+        coded = k % 3 == 0
+        code = codes.pop() if codes and coded else None
+        bodies.append(bench_body(start + i, k, members, code, card, register((*paying[k % members], coded))))
+    await asyncio.get_running_loop().run_in_executor(None, send, port, bodies, connections)
+
+
+def send(port: int, bodies: list[bytes], connections: int) -> None:
+    """Each connection sends its share one after another; every answer must be 201."""
+    def share(part: list[bytes]) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        for body in part:
+            connection.request("POST", "/v1/receipts", body, {"Authorization": f"Bearer {HTTP_KEY}",
+                                                              "Content-Type": "application/json"})
+            answer = connection.getresponse()
+            text = answer.read()
+            if answer.status != 201:
+                raise RuntimeError(f"/v1/receipts answered {answer.status}: {text[:300]!r}")
+        connection.close()
+    with concurrent.futures.ThreadPoolExecutor(connections) as pool:
+        list(pool.map(share, [bodies[at::connections] for at in range(connections)]))
+
+
+class listening:
+    """The app served as `loyalty serve` serves it (its runner and site), on config's port."""
+
+    def __init__(self, app, config):
+        self.app, self.config = app, config
+
+    async def __aenter__(self):
+        self.runner = new_runner(self.app, self.config.server)
+        await self.runner.setup()
+        await Site(self.runner, self.config.server).start()
+
+    async def __aexit__(self, *exc):
+        await self.runner.cleanup()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 async def manage(app, handler, path: dict, body) -> dict:
@@ -263,16 +351,19 @@ async def set_up_cvm(app, members: int, codes_needed: int) -> list[str]:
 
 
 async def main(members: int, per_block: int, rounds: int, profile: Path | None, count: bool,
-               timed: bool = False, counted: tuple[str, int] | None = None) -> None:
+               timed: bool = False, counted: tuple[str, int] | None = None, http_connections: int = 0,
+               driver: bool = False) -> None:
     """The measured rounds and their report; with `counted` (side, receipts), after the same
-    set-up, only that many receipts of that side, for callgrind to count (no report)."""
+    set-up, only that many receipts of that side, for callgrind to count (no report), sent
+    over HTTP on `http_connections` connections when that is not 0. driver: the measured
+    receipts are the load driver's (always so over HTTP), else one-line ones."""
     folder = Path(tempfile.mkdtemp(prefix="cvm-bench-"))
     program_b = folder / "program"
     shutil.copytree(MARKET, program_b)
     (program_b / "campaigns" / "cvm.yaml").write_text(CVM_FILE)
     settings = {"database": {"path": str(folder / "bench.db")},
                 "rules": {"dir": str(program_b), "watch": False},
-                "clock": {"start": "2026-11-24T12:00:05+02:00"}, "jobs": {"enabled": False},
+                "clock": {"start": CLOCK_START}, "jobs": {"enabled": False},
                 "privacy": {"hmac_key": "bench-hmac-key-0123456789"}}
     if counted:
         # The server's polls (a program recorded by another server, keys, events to deliver)
@@ -282,9 +373,16 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None, 
         settings["rules"]["poll_interval_ms"] = 60_000
         settings["auth"] = {"keys_refresh_seconds": 300}
         settings["events"] = {"poll_interval_seconds": 60}
+    port = free_port() if http_connections else 0
+    if port:
+        sha = hashlib.sha256(HTTP_KEY.encode()).hexdigest()
+        settings["server"] = {"host": "127.0.0.1", "port": port}
+        settings["auth"]["keys"] = [{"id": "bench", "sha256": sha, "role": "register",
+                                     "stores": ["S001", "S002", "F001"]}]
+        settings["limits"] = {"requests_per_second_per_key": 1_000_000, "burst": 10_000_000}
     config = config_from_dict(settings)
     app = create_app(config)
-    async with serving(app):
+    async with listening(app, config) if port else serving(app):
         deps, holder = app[OPS], app[PROGRAMS]
         b = holder.current
         files, _, problems = read_directory(MARKET)
@@ -316,8 +414,19 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None, 
         if counted:
             side, receipts = counted
             holder.current = programs[side]
-            await block(deps, n, 0, receipts, members, codes if side == "B" else None,
-                        "idle" if side == "idle" else "card", paying)
+            card = "idle" if side == "idle" else "card"
+            if driver:
+                # A long run sends the driver's 2,000 templates over and over, so the rules'
+                # class cache (rules/matching.py) holds what its receipts need: so here.
+                await block(deps, n, 0, COUNTED_FEW + per_block, members, codes if side == "B" else None, card,
+                            paying, driver=True)
+                n += COUNTED_FEW + per_block
+            if port:
+                await http_block(port, n, 0, receipts, members, codes if side == "B" else None, card, paying,
+                                 http_connections)
+            else:
+                await block(deps, n, 0, receipts, members, codes if side == "B" else None, card, paying,
+                            driver=driver)
         else:
             # The measured rounds.
             mark = await app[DATABASE].read(lambda conn: conn.execute(
@@ -330,7 +439,7 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None, 
                 phases.install()
             try:
                 sides, profilers = await alternate(deps, holder, programs, n, rounds, per_block, members, codes,
-                                                   paying, profile is not None, statements, phases)
+                                                   paying, profile is not None, statements, phases, driver)
             finally:
                 if phases:
                     phases.remove()
@@ -356,21 +465,25 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None, 
 
 def codes_needed(per_block: int, rounds: int, counted: bool) -> int:
     """Codes to create: one for every third receipt of B's blocks, or of --callgrind's larger
-    run (both of its runs create as many, so that the set-up cancels out)."""
-    if counted:
-        return (COUNTED_FEW + per_block) // 3 + 1
+    run and its warm-up (both of its runs create as many, so that the set-up cancels out)."""
+    if counted:   # and as many for the warm-up of the load driver's receipts
+        return 2 * ((COUNTED_FEW + per_block) // 3 + 1)
     return rounds * (per_block // 3 + 1)
 
 
 def count_instructions(trees: list[Path], members: int, receipts: int, out: Path, jobs: int,
-                       sides: tuple[str, ...] = SIDES) -> None:
+                       sides: tuple[str, ...] = SIDES, http_connections: int = 0, driver: bool = False) -> None:
     """Instructions per receipt of each side in each tree: two runs of a side under callgrind,
     COUNTED_FEW and COUNTED_FEW + `receipts` receipts after the same set-up, the difference
     over `receipts`. The callgrind.out files stay in out/<tree>/<side>-<receipts>.out-<thread>
-    (-01: the event loop's)."""
+    (-01: the event loop's). http_connections: the receipts go over HTTP (see --http); driver:
+    the load driver's receipts (always so over HTTP)."""
     runs = [(tree, side, few) for side in sides for tree in trees for few in (COUNTED_FEW, COUNTED_FEW + receipts)]
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        totals = dict(zip(runs, pool.map(lambda run: callgrind_side(*run, members, receipts, out), runs)))
+        totals = dict(zip(runs, pool.map(
+            lambda run: callgrind_side(*run, members, receipts, out, http_connections, driver), runs)))
+    print(f"the load driver's receipts over HTTP, {http_connections} connections" if http_connections
+          else ("the load driver's" if driver else "one-line") + " receipts confirmed in the process, one at a time")
     for tree in trees:
         per = {side: (totals[tree, side, COUNTED_FEW + receipts] - totals[tree, side, COUNTED_FEW]) / receipts
                for side in sides}
@@ -382,17 +495,19 @@ def count_instructions(trees: list[Path], members: int, receipts: int, out: Path
                   f"{100 * (1 - per[y] / per[x]):.1f} % fewer receipts/s at full load")
 
 
-def callgrind_side(tree: Path, side: str, count: int, members: int, per_block: int, out: Path) -> int:
+def callgrind_side(tree: Path, side: str, count: int, members: int, per_block: int, out: Path,
+                   http_connections: int = 0, driver: bool = False) -> int:
     """The instructions of the event loop's thread (the one the CPU times count: it runs every
     receipt's transaction) in a process that sets up as main() does, then confirms `count`
     receipts of `side` (hash seed fixed, bytecode compiled beforehand). Threads are counted
     apart: the checkpoint thread's work follows the wall clock, which valgrind stretches."""
-    folder = out / tree.name
+    folder = out / tree.name / (f"http{http_connections}" if http_connections else "driver" if driver else "")
     folder.mkdir(parents=True, exist_ok=True)
     name = folder / f"{side}-{count}.out"
     argv = ["valgrind", "--tool=callgrind", "--cache-sim=no", "--branch-sim=no", "--separate-threads=yes",
             f"--callgrind-out-file={name}", sys.executable, str(Path(__file__).resolve()),
-            "--members", str(members), "--receipts", str(per_block), "--counted-side", side, "--counted", str(count)]
+            "--members", str(members), "--receipts", str(per_block), "--counted-side", side, "--counted", str(count),
+            "--http", str(http_connections), *(["--driver-receipts"] if driver else [])]
     done = subprocess.run(argv, cwd=tree, capture_output=True, text=True, timeout=3600,
                           env={**os.environ, "PYTHONPATH": str(tree), "CVM_COST_TREE": str(tree),
                                "PYTHONHASHSEED": "0"})
@@ -406,7 +521,7 @@ def callgrind_side(tree: Path, side: str, count: int, members: int, per_block: i
 async def alternate(deps, holder, programs: dict, n: int, rounds: int, per_block: int, members: int,
                     codes: list[str], paying: list, profile: bool,
                     statements: Statements | None,
-                    phases: Phases | None = None) -> tuple[dict[str, list[float]], dict]:
+                    phases: Phases | None = None, driver: bool = False) -> tuple[dict[str, list[float]], dict]:
     """The measured rounds: each side's CPU per receipt by block, and its profiler (profile);
     statements, when given, counts each side's, and phases times their parts."""
     sides: dict[str, list[float]] = {side: [] for side in SIDES}
@@ -427,7 +542,8 @@ async def alternate(deps, holder, programs: dict, n: int, rounds: int, per_block
                 phases.side = side
             sides[side].append(await block(deps, n, r * per_block, per_block, members,
                                            codes if side == "B" else None,
-                                           "idle" if side == "idle" else "card", paying, profilers.get(side)))
+                                           "idle" if side == "idle" else "card", paying, profilers.get(side),
+                                           driver))
             n += per_block
             if statements:
                 statements.side = None
@@ -494,6 +610,10 @@ if __name__ == "__main__":
                         help="with --callgrind: where the callgrind.out files stay")
     parser.add_argument("--jobs", type=int, default=2, help="with --callgrind: valgrind runs at a time")
     parser.add_argument("--sides", default=",".join(SIDES), help="with --callgrind: the sides to count (A,B,P,idle)")
+    parser.add_argument("--driver-receipts", action="store_true",
+                        help="measure the load driver's receipts (benchmarks/receipts.py) instead of one-line ones")
+    parser.add_argument("--http", type=int, default=0, metavar="CONNECTIONS",
+                        help="with --callgrind: send the load driver's receipts over HTTP on this many connections")
     parser.add_argument("--counted-side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--counted", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -502,8 +622,16 @@ if __name__ == "__main__":
         for tree in trees:
             subprocess.run([sys.executable, "-m", "compileall", "-q", "-x", r"/\.venv/", str(tree)], check=True,
                            capture_output=True)
-        count_instructions(trees, args.members, args.receipts, args.out, args.jobs, tuple(args.sides.split(",")))
+        count_instructions(trees, args.members, args.receipts, args.out, args.jobs, tuple(args.sides.split(",")),
+                           args.http, args.driver_receipts)
+    elif args.http and not args.counted_side:
+        parser.error("--http counts instructions: use it with --callgrind")
     else:
         counted = (args.counted_side, args.counted) if args.counted_side else None
-        asyncio.run(main(args.members, args.receipts, args.rounds, args.profile, args.statements, args.phases,
-                         counted=counted))
+        run = main(args.members, args.receipts, args.rounds, args.profile, args.statements, args.phases,
+                   counted=counted, http_connections=args.http, driver=args.driver_receipts or bool(args.http))
+        if args.http:
+            import uvloop
+            uvloop.run(run)     # the loop `loyalty serve` runs on
+        else:
+            asyncio.run(run)
