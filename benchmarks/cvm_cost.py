@@ -248,14 +248,9 @@ async def block(deps, start: int, first_k: int, count: int, members: int, codes:
     `paying`, by member: which of B's member conditions hold (staff, offer, rfm segment); the
     receipts' registers then spell them (register()). driver: the load driver's receipts
     (bench_body()) instead of one-line ones."""
-    bodies = []
-    for i in range(count):
-        k = first_k + i
-        coded = k % 3 == 0
-        reg = register((*paying[k % members], coded)) if paying else "K01"
-        code = codes.pop() if codes and coded else None
-        bodies.append(schema.decode(bench_body(start + i, k, members, code, card, reg), schema.Receipt) if driver
-                      else receipt(start + i, k, members, code, card, reg))
+    bodies = [schema.decode(bench_body(n, k, members, code, card, reg), schema.Receipt) if driver
+              else receipt(n, k, members, code, card, reg)
+              for n, k, code, reg in drawn(start, first_k, count, members, codes, paying)]
     cpu = time.thread_time()
     if profiler:
         profiler.enable()
@@ -265,6 +260,16 @@ async def block(deps, start: int, first_k: int, count: int, members: int, codes:
     if profiler:
         profiler.disable()
     return (time.thread_time() - cpu) / count
+
+
+def drawn(start: int, first_k: int, count: int, members: int, codes: list[str] | None,
+          paying: list[tuple[bool, bool, bool]] | None):
+    """(n, k, code, register) of each receipt of a block (see block())."""
+    for i in range(count):
+        k = first_k + i
+        coded = k % 3 == 0
+        yield (start + i, k, codes.pop() if codes and coded else None,
+               register((*paying[k % members], coded)) if paying else "K01")
 
 
 def bench_body(n: int, k: int, members: int, code: str | None, card: str, register_id: str) -> bytes:
@@ -282,12 +287,8 @@ async def http_block(port: int, start: int, first_k: int, count: int, members: i
                      card: str, paying: list[tuple[bool, bool, bool]], connections: int) -> None:
     """block()'s receipts, the load driver's instead of one-line ones, sent to the app over HTTP
     on `connections` keep-alive connections by threads of this process (counted apart)."""
-    bodies = []
-    for i in range(count):
-        k = first_k + i
-        coded = k % 3 == 0
-        code = codes.pop() if codes and coded else None
-        bodies.append(bench_body(start + i, k, members, code, card, register((*paying[k % members], coded))))
+    bodies = [bench_body(n, k, members, code, card, reg)
+              for n, k, code, reg in drawn(start, first_k, count, members, codes, paying)]
     await asyncio.get_running_loop().run_in_executor(None, send, port, bodies, connections)
 
 
