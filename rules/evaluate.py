@@ -58,7 +58,7 @@ def evaluate(program: Any, receipt: Any, member: MemberFacts | None, redeem_requ
     return result
 
 
-def _read_lines(program: Any, lines: list) -> tuple[list[tuple[bool, bool, tuple[int, ...]]], list[int], list[int]]:
+def _read_lines(program: Any, lines: list) -> tuple[list[tuple[bool, bool, frozenset[int]]], list[int], list[int]]:
     """Each line's class (see Program.line_class), its line_no and its amount (never negative)."""
     key_of, known, classify = program.line_key, program.line_classes.get, program.line_class
     classes = [known(key_of(line)) or classify(line) for line in lines]
@@ -248,7 +248,7 @@ def _coupons_used(program: Any, exact: Exact, fact: dict[str, Any], coupons: dic
 
 def _scopes(classes: list, earning: list[int], wanted: set[int]) -> dict[int, list[int]]:
     """rule index -> positions of the lines its scope selects, in receipt order (wanted rules only)."""
-    alike: dict[tuple, list[int]] = {}  # lines of one class share the same rules
+    alike: dict[frozenset[int], list[int]] = {}  # lines of one class share the same rules
     for position in earning:
         found = alike.get(classes[position][2])
         if found is None:
