@@ -168,9 +168,7 @@ def http_instructions(tree: Path, members: int, count: int, concurrent: int) -> 
 
 
 def _served(tree: Path, folder: Path, members: int, receipts: int, concurrent: int) -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     sha = lambda key: hashlib.sha256(key.encode()).hexdigest()  # noqa: E731
     config = folder / "config.yaml"
     config.write_text(json.dumps({     # JSON is YAML
@@ -189,9 +187,9 @@ def _served(tree: Path, folder: Path, members: int, receipts: int, concurrent: i
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _wait_ready(port, server)
-        _send(port, "bench-manager", [("/v1/members", {"card": f"card-{m}"}) for m in range(members)], 1)
-        _send(port, "bench-register", [("/v1/receipts", _receipt(n, members)) for n in range(members)], concurrent)
-        _send(port, "bench-register", [("/v1/receipts", _receipt(n, members))
+        send(port, "bench-manager", [("/v1/members", {"card": f"card-{m}"}) for m in range(members)], 1)
+        send(port, "bench-register", [("/v1/receipts", _receipt(n, members)) for n in range(members)], concurrent)
+        send(port, "bench-register", [("/v1/receipts", _receipt(n, members))
                                        for n in range(members, members + receipts)], concurrent)
     finally:
         server.send_signal(signal.SIGTERM)
@@ -226,20 +224,28 @@ def _wait_ready(port: int, server: subprocess.Popen) -> None:
     raise SystemExit("the server was not ready within 600 s")
 
 
-def _send(port: int, key: str, requests: list[tuple[str, dict]], connections: int) -> None:
-    """Each connection sends its share one after another, answers checked (2xx)."""
-    def send(share: list[tuple[str, dict]]) -> None:
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def send(port: int, key: str, requests: list[tuple[str, dict | bytes]], connections: int) -> None:
+    """POSTs each (path, body: a dict, or JSON already encoded) with `key`, on `connections`
+    keep-alive connections, each sending its share one after another; answers checked (2xx)."""
+    def share_of(share: list[tuple[str, dict | bytes]]) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
         for path, body in share:
-            connection.request("POST", path, json.dumps(body), {"Authorization": f"Bearer {key}",
-                                                                "Content-Type": "application/json"})
+            encoded = body if isinstance(body, bytes) else json.dumps(body)
+            connection.request("POST", path, encoded, {"Authorization": f"Bearer {key}",
+                                                       "Content-Type": "application/json"})
             answer = connection.getresponse()
             text = answer.read()
             if answer.status >= 300:
                 raise RuntimeError(f"{path} answered {answer.status}: {text[:300]!r}")
         connection.close()
     with concurrent.futures.ThreadPoolExecutor(connections) as pool:
-        list(pool.map(send, [requests[at::connections] for at in range(connections)]))
+        list(pool.map(share_of, [requests[at::connections] for at in range(connections)]))
 
 
 def main() -> None:

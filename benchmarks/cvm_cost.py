@@ -76,11 +76,9 @@ import asyncio
 import concurrent.futures
 import cProfile
 import hashlib
-import http.client
 import os
 import random
 import re
-import socket
 import shutil
 import statistics
 import subprocess
@@ -99,6 +97,7 @@ import msgspec
 ROOT = Path(os.environ.get("CVM_COST_TREE") or Path(__file__).resolve().parent.parent)
 sys.path.insert(0, str(ROOT))
 from benchmarks import receipts as bench_receipts  # noqa: E402
+from benchmarks.confirm_cpu import free_port, send  # noqa: E402
 from benchmarks.events_outbox import serving  # noqa: E402
 from rules.loader import read_directory  # noqa: E402
 from server import cvm, rfm, schema  # noqa: E402
@@ -118,7 +117,8 @@ CODES_PER_REQUEST = 10_000      # the handler's own limit (schema.COUPONS_PER_RE
 COUNTED_FEW = 30                # receipts of --callgrind's first run; its second adds --receipts
 CLOCK_START = "2026-11-24T12:00:05+02:00"
 HTTP_KEY = "bench-register"     # --http: the register's API key
-# --http: the load driver's receipts (benchmarks/receipts.py), from its catalogue and seed.
+# --driver-receipts and --http: the load driver's receipts (benchmarks/receipts.py), from
+# its catalogue and seed.
 BENCH_ITEMS = bench_receipts.catalogue(random.Random(5))
 BENCH_ENCODER = msgspec.json.Encoder(decimal_format="number")
 SIDES = ("A", "B", "P", "idle")
@@ -287,25 +287,9 @@ async def http_block(port: int, start: int, first_k: int, count: int, members: i
                      card: str, paying: list[tuple[bool, bool, bool]], connections: int) -> None:
     """block()'s receipts, the load driver's instead of one-line ones, sent to the app over HTTP
     on `connections` keep-alive connections by threads of this process (counted apart)."""
-    bodies = [bench_body(n, k, members, code, card, reg)
-              for n, k, code, reg in drawn(start, first_k, count, members, codes, paying)]
-    await asyncio.get_running_loop().run_in_executor(None, send, port, bodies, connections)
-
-
-def send(port: int, bodies: list[bytes], connections: int) -> None:
-    """Each connection sends its share one after another; every answer must be 201."""
-    def share(part: list[bytes]) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-        for body in part:
-            connection.request("POST", "/v1/receipts", body, {"Authorization": f"Bearer {HTTP_KEY}",
-                                                              "Content-Type": "application/json"})
-            answer = connection.getresponse()
-            text = answer.read()
-            if answer.status != 201:
-                raise RuntimeError(f"/v1/receipts answered {answer.status}: {text[:300]!r}")
-        connection.close()
-    with concurrent.futures.ThreadPoolExecutor(connections) as pool:
-        list(pool.map(share, [bodies[at::connections] for at in range(connections)]))
+    requests = [("/v1/receipts", bench_body(n, k, members, code, card, reg))
+                for n, k, code, reg in drawn(start, first_k, count, members, codes, paying)]
+    await asyncio.get_running_loop().run_in_executor(None, send, port, HTTP_KEY, requests, connections)
 
 
 class listening:
@@ -321,12 +305,6 @@ class listening:
 
     async def __aexit__(self, *exc):
         await self.runner.cleanup()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def manage(app, handler, path: dict, body) -> dict:
