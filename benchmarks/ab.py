@@ -10,9 +10,8 @@ with --rate, wrk sends on that fixed schedule instead of at full load and the la
 percentiles are what to compare.
 
 Each round starts each server afresh and warms it with 3 s at full load, so a run measures
-the first seconds after a start too: the pages that burst wrote are still being copied and
-synced into the database file. --together keeps both servers up for the whole run (on two
-ports, pinned to the same core, only one under load at a time): each is warmed once and
+the first seconds after a start too. --together keeps both servers up for the whole run (on
+two ports, pinned to the same core, only one under load at a time): each is warmed once and
 then given one unmeasured run at the measured rate, and the rounds alternate between them,
 which measures a server that has been running, as a till meets it.
 """
