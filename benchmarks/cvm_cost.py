@@ -67,7 +67,8 @@ by threads of the same process (counted apart from the event loop's), so that th
 commits as under load, and HTTP, the middlewares, decoding and the answer are counted with
 the receipt path. Before them, the counted side confirms as many of the same receipts in the
 process: a long run sends the driver's 2,000 templates over and over, so the rules' class
-cache holds what they need, as it does here.
+cache holds what they need, as it does here. --http measures source trees from 35b69b7 on
+(it sends with their benchmarks/confirm_cpu.py).
 """
 from __future__ import annotations
 
@@ -97,7 +98,6 @@ import msgspec
 ROOT = Path(os.environ.get("CVM_COST_TREE") or Path(__file__).resolve().parent.parent)
 sys.path.insert(0, str(ROOT))
 from benchmarks import receipts as bench_receipts  # noqa: E402
-from benchmarks.confirm_cpu import free_port, send  # noqa: E402
 from benchmarks.events_outbox import serving  # noqa: E402
 from rules.loader import read_directory  # noqa: E402
 from server import cvm, rfm, schema  # noqa: E402
@@ -289,6 +289,9 @@ async def http_block(port: int, start: int, first_k: int, count: int, members: i
     on `connections` keep-alive connections by threads of this process (counted apart)."""
     requests = [("/v1/receipts", bench_body(n, k, members, code, card, reg))
                 for n, k, code, reg in drawn(start, first_k, count, members, codes, paying)]
+    # Imported here: the source trees --callgrind measures import this file's benchmarks from
+    # themselves, and only trees from this revision on have confirm_cpu's sender.
+    from benchmarks.confirm_cpu import send
     await asyncio.get_running_loop().run_in_executor(None, send, port, HTTP_KEY, requests, connections)
 
 
@@ -352,8 +355,10 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None, 
         settings["rules"]["poll_interval_ms"] = 60_000
         settings["auth"] = {"keys_refresh_seconds": 300}
         settings["events"] = {"poll_interval_seconds": 60}
-    port = free_port() if http_connections else 0
-    if port:
+    port = 0
+    if http_connections:
+        from benchmarks.confirm_cpu import free_port     # here, as send in http_block()
+        port = free_port()
         sha = hashlib.sha256(HTTP_KEY.encode()).hexdigest()
         settings["server"] = {"host": "127.0.0.1", "port": port}
         settings["auth"]["keys"] = [{"id": "bench", "sha256": sha, "role": "register",
