@@ -5,7 +5,7 @@
         [--members 120 --receipts 120: RESULTS.md's; the timed defaults take about twice as long]
         [--driver-receipts | --http CONNECTIONS]
 
-Confirms receipts through server/ops/receipts.py (the write path without HTTP) on one database, in
+Confirms receipts through server/ops/receipts.py (the write path without HTTP; see --http) on one database, in
 alternating blocks of four sides:
 
 - A: rules/programs/market as it is;
