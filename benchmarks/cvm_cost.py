@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/cvm_cost.py [--members 300] [--receipts 200] [--rounds 4] [--profile DIR]
     PYTHONPATH=. python benchmarks/cvm_cost.py --callgrind [--tree DIR ...] [--sides A,B,P,idle] [--jobs 2] [--out DIR]
         [--members 120 --receipts 120: RESULTS.md's; the timed defaults take about twice as long]
-        [--driver-receipts | --http CONNECTIONS]
+        [--driver-receipts | --http CONNECTIONS] [--segment staff|big-spenders]
 
 Confirms receipts through server/ops/receipts.py (the write path without HTTP; see --http) on one database, in
 alternating blocks of four sides:
@@ -13,14 +13,15 @@ alternating blocks of four sides:
   `rfm` segment scored by the daily job), a rule `when: {segment: ...}` for each, a
   `personal: true` rule whose offer (with a points budget) half of the members hold, and a
   coupon campaign with a rule `when: {coupon: ...}`; every third receipt of B carries a fresh
-  single-use code;
-- P: A plus four plain rules, one for each of B's, with B's rewards and a condition on the
-  receipt's register instead of a segment, an offer or a code. Every measured receipt's
-  register_id spells which of B's rules would pay for it (the member on the staff list,
-  holding the offer, in the rfm segment; a code sent), so each plain rule pays on exactly
-  the receipts its B counterpart pays on: B vs P is the CVM machinery itself (reading
+  single-use code. With --segment B defines only that one of its two segments, and its rule:
+  the benchmark program with one segment, one personal offer and one coupon campaign;
+- P: A plus four plain rules (three with --segment), one for each of B's, with B's rewards
+  and a condition on the receipt's register instead of a segment, an offer or a code. Every
+  measured receipt's register_id spells which of B's rules would pay for it (the member on
+  the staff list, holding the offer, in the rfm segment; a code sent), so each plain rule
+  pays on exactly the receipts its B counterpart pays on: B vs P is the CVM machinery itself (reading
   segments, offers and codes, the offer charge and code use written), P vs A what four
-  more paying rules cost (evaluation, attribution, split rows);
+  (or three) more paying rules cost (evaluation, attribution, split rows);
 - idle: program B for members in no segment, holding no offer, sending no code: the reads
   B adds to every receipt, without the postings and writes of the rules that pay.
 
@@ -124,47 +125,57 @@ BENCH_ENCODER = msgspec.json.Encoder(decimal_format="number")
 SIDES = ("A", "B", "P", "idle")
 
 # Added to the market program for side B; the rewards are small so that earning stays
-# as it is otherwise (same tiers, same postings but for the added rules').
-CVM_FILE = """\
-segments:
-  rfm: {window_days: 365}
-  define:
-    - {id: staff, list: true}
-    - {id: big-spenders, rfm: {m: [3, 5]}}
+# as it is otherwise (same tiers, same postings but for the added rules'). SEGMENTS are B's
+# two segments, each with its rule; --segment keeps one of them, for a program with one segment.
+SEGMENTS = {"staff": ("{id: staff, list: true}", "staff-bonus", "{percent: 5}"),
+            "big-spenders": ("{id: big-spenders, rfm: {m: [3, 5]}}", "big-spender-bonus", "{points: 10}")}
+CVM_REST = """\
 coupons:
   - {id: flyer, uses_per_code: 1}
 rules:
-  - id: staff-bonus
-    when: {segment: staff}
-    reward: {percent: 5}
-  - id: big-spender-bonus
-    when: {segment: big-spenders}
-    reward: {points: 10}
-  - id: comeback
+%s  - id: comeback
     personal: true
     reward: {points: 30}
   - id: flyer-coupon
     when: {coupon: flyer}
     reward: {points: 100}
 """
-B_RULES = ("staff-bonus", "big-spender-bonus", "comeback", "flyer-coupon")
+
+
+def cvm_file(segments: tuple[str, ...]) -> str:
+    """Side B's campaign file with these of SEGMENTS (each with its rule)."""
+    defined = "".join(f"    - {SEGMENTS[s][0]}\n" for s in segments)
+    rules = "".join(f"  - id: {SEGMENTS[s][1]}\n    when: {{segment: {s}}}\n    reward: {SEGMENTS[s][2]}\n"
+                    for s in segments)
+    return "segments:\n  rfm: {window_days: 365}\n  define:\n" + defined + CVM_REST % rules
+
+
+def b_rules(segments: tuple[str, ...]) -> tuple[str, ...]:
+    return (*(SEGMENTS[s][1] for s in segments), "comeback", "flyer-coupon")
+
 
 # What makes each of B's rules pay, as a bit of the register id the receipts are sent from
-# (see register()): the plain rules of side P read that bit.
+# (see register()): the plain rules of side P read that bit (a segment's bit stays in the
+# register id when --segment leaves its rule out, so every run sends the same receipts).
 STAFF, OFFER, BIG, CODE = range(4)
-PLAIN_RULES = (("plain-staff", STAFF, "percent: 5"), ("plain-big", BIG, "points: 10"),
-               ("plain-offer", OFFER, "points: 30"), ("plain-coupon", CODE, "points: 100"))
+PLAIN_RULES = {"staff": ("plain-staff", STAFF, "percent: 5"), "big-spenders": ("plain-big", BIG, "points: 10"),
+               "offer": ("plain-offer", OFFER, "points: 30"), "coupon": ("plain-coupon", CODE, "points: 100")}
+
+
+def plain_rules(segments: tuple[str, ...]) -> list[tuple[str, int, str]]:
+    """Side P's rules, in b_rules()' order."""
+    return [PLAIN_RULES[part] for part in (*segments, "offer", "coupon")]
 
 
 def register(bits: tuple[bool, ...]) -> str:
     return "K" + "".join("1" if bit else "0" for bit in bits)
 
 
-def plain_file() -> str:
-    """Side P's four rules: B's rewards, each on the registers whose bit says B's rule pays."""
+def plain_file(segments: tuple[str, ...] = tuple(SEGMENTS)) -> str:
+    """Side P's rules: B's rewards, each on the registers whose bit says B's rule pays."""
     every = [tuple(bool(n >> b & 1) for b in range(4)) for n in range(16)]
     lines = ["rules:"]
-    for rule_id, bit, reward in PLAIN_RULES:
+    for rule_id, bit, reward in plain_rules(segments):
         ids = ", ".join(register(bits) for bits in every if bits[bit])
         lines += [f"  - id: {rule_id}", f"    when: {{register: [{ids}]}}", f"    reward: {{{reward}}}"]
     return "\n".join(lines) + "\n"
@@ -317,10 +328,11 @@ async def manage(app, handler, path: dict, body) -> dict:
     return msgspec.json.decode(reply.body)
 
 
-async def set_up_cvm(app, members: int, codes_needed: int) -> list[str]:
-    """The staff list, the offer and the codes (program B serving); returns the codes."""
+async def set_up_cvm(app, members: int, codes_needed: int, segments: tuple[str, ...]) -> list[str]:
+    """The staff list (when B has it), the offer and the codes (program B serving); returns the codes."""
     cards = [f"card-{m}" for m in range(members)]
-    await manage(app, cvm.put_segment_members, {"id": "staff"}, schema.SegmentCards(cards=cards[::3]))
+    if "staff" in segments:
+        await manage(app, cvm.put_segment_members, {"id": "staff"}, schema.SegmentCards(cards=cards[::3]))
     await manage(app, cvm.assign_offer, {}, schema.OfferAssignment(
         offer_id="bench-comeback", rule="comeback", cards=cards[::2], points=1_000_000,
         from_=date(2026, 11, 1), to=date(2026, 12, 31)))
@@ -334,15 +346,16 @@ async def set_up_cvm(app, members: int, codes_needed: int) -> list[str]:
 
 async def main(members: int, per_block: int, rounds: int, profile: Path | None, count: bool,
                timed: bool = False, counted: tuple[str, int] | None = None, http_connections: int = 0,
-               driver: bool = False) -> None:
+               driver: bool = False, segments: tuple[str, ...] = tuple(SEGMENTS)) -> None:
     """The measured rounds and their report; with `counted` (side, receipts), after the same
     set-up, only that many receipts of that side, for callgrind to count (no report), sent
     over HTTP on `http_connections` connections when that is not 0. driver: the measured
-    receipts are the load driver's (always so over HTTP), else one-line ones."""
+    receipts are the load driver's (always so over HTTP), else one-line ones; segments: those of
+    SEGMENTS that B has."""
     folder = Path(tempfile.mkdtemp(prefix="cvm-bench-"))
     program_b = folder / "program"
     shutil.copytree(MARKET, program_b)
-    (program_b / "campaigns" / "cvm.yaml").write_text(CVM_FILE)
+    (program_b / "campaigns" / "cvm.yaml").write_text(cvm_file(segments))
     settings = {"database": {"path": str(folder / "bench.db")},
                 "rules": {"dir": str(program_b), "watch": False},
                 "clock": {"start": CLOCK_START}, "jobs": {"enabled": False},
@@ -372,7 +385,7 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None, 
         files, _, problems = read_directory(MARKET)
         assert not problems, problems
         programs = {"A": holder.compile(files), "B": b,
-                    "P": holder.compile({**files, "campaigns/plain.yaml": plain_file().encode()})}
+                    "P": holder.compile({**files, "campaigns/plain.yaml": plain_file(segments).encode()})}
         for m in range(members):
             await member_ops.enroll(deps, schema.Enrollment(card=f"card-{m}"), MANAGER)
         n = 0
@@ -385,7 +398,8 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None, 
         holder.current = b      # the manager's calls below check B's segments and rules
         scored = await rfm.run(app[DATABASE], b.segment_window_days, b.timezone, app[CLOCK].now(), force=True,
                                program=b)
-        codes = await set_up_cvm(app, members, codes_needed(per_block, rounds, counted is not None))
+        codes = await set_up_cvm(app, members, codes_needed(per_block, rounds, counted is not None),
+                                 segments)
         paying = await who_pays(app, members)
         # Side "idle": program B for members enrolled after the set-up (in no segment, holding
         # no offer, sending no code): what B's reads cost when none of its rules pays.
@@ -439,7 +453,7 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None, 
     if counted:
         shutil.rmtree(folder)
         return
-    report(sides, scored.scored if scored else 0, paid, used, per_block, statements, phases)
+    report(sides, scored.scored if scored else 0, paid, used, per_block, statements, phases, segments)
     if profile:
         profile.mkdir(parents=True, exist_ok=True)
         for side, profiler in profilers.items():
@@ -456,18 +470,20 @@ def codes_needed(per_block: int, rounds: int, counted: bool) -> int:
 
 
 def count_instructions(trees: list[Path], members: int, receipts: int, out: Path, jobs: int,
-                       sides: tuple[str, ...] = SIDES, http_connections: int = 0, driver: bool = False) -> None:
+                       sides: tuple[str, ...] = SIDES, http_connections: int = 0, driver: bool = False,
+                       segments: tuple[str, ...] = tuple(SEGMENTS)) -> None:
     """Instructions per receipt of each side in each tree: two runs of a side under callgrind,
     COUNTED_FEW and COUNTED_FEW + `receipts` receipts after the same set-up, the difference
     over `receipts`. The callgrind.out files stay in out/<tree>/<side>-<receipts>.out-<thread>
     (-01: the event loop's). http_connections: the receipts go over HTTP (see --http); driver:
-    the load driver's receipts (always so over HTTP)."""
+    the load driver's receipts (always so over HTTP); segments: B's (see --segment)."""
     runs = [(tree, side, few) for side in sides for tree in trees for few in (COUNTED_FEW, COUNTED_FEW + receipts)]
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         totals = dict(zip(runs, pool.map(
-            lambda run: callgrind_side(*run, members, receipts, out, http_connections, driver), runs)))
+            lambda run: callgrind_side(*run, members, receipts, out, http_connections, driver, segments), runs)))
     print(f"the load driver's receipts over HTTP, {http_connections} connections" if http_connections
           else ("the load driver's" if driver else "one-line") + " receipts confirmed in the process, one at a time")
+    print("B's segments:", ", ".join(segments))
     for tree in trees:
         per = {side: (totals[tree, side, COUNTED_FEW + receipts] - totals[tree, side, COUNTED_FEW]) / receipts
                for side in sides}
@@ -480,18 +496,21 @@ def count_instructions(trees: list[Path], members: int, receipts: int, out: Path
 
 
 def callgrind_side(tree: Path, side: str, count: int, members: int, per_block: int, out: Path,
-                   http_connections: int = 0, driver: bool = False) -> int:
+                   http_connections: int = 0, driver: bool = False,
+                   segments: tuple[str, ...] = tuple(SEGMENTS)) -> int:
     """The instructions of the event loop's thread (the one the CPU times count: it runs every
     receipt's transaction) in a process that sets up as main() does, then confirms `count`
     receipts of `side` (hash seed fixed, bytecode compiled beforehand). Threads are counted
     apart: the checkpoint thread's work follows the wall clock, which valgrind stretches."""
     folder = out / tree.name / (f"http{http_connections}" if http_connections else "driver" if driver else "")
+    one = ["--segment", segments[0]] if len(segments) == 1 else []
+    folder = folder / segments[0] if one else folder
     folder.mkdir(parents=True, exist_ok=True)
     name = folder / f"{side}-{count}.out"
     argv = ["valgrind", "--tool=callgrind", "--cache-sim=no", "--branch-sim=no", "--separate-threads=yes",
             f"--callgrind-out-file={name}", sys.executable, str(Path(__file__).resolve()),
             "--members", str(members), "--receipts", str(per_block), "--counted-side", side, "--counted", str(count),
-            "--http", str(http_connections), *(["--driver-receipts"] if driver else [])]
+            "--http", str(http_connections), *(["--driver-receipts"] if driver else []), *one]
     done = subprocess.run(argv, cwd=tree, capture_output=True, text=True, timeout=3600,
                           env={**os.environ, "PYTHONPATH": str(tree), "CVM_COST_TREE": str(tree),
                                "PYTHONHASHSEED": "0"})
@@ -547,15 +566,17 @@ async def who_pays(app, members: int) -> list[tuple[bool, bool, bool]]:
 
 
 def report(sides: dict[str, list[float]], scored: int, paid: dict, used: int, per_block: int,
-           statements: Statements | None, phases: Phases | None = None) -> None:
+           statements: Statements | None, phases: Phases | None = None,
+           segments: tuple[str, ...] = tuple(SEGMENTS)) -> None:
     cost = {side: statistics.median(blocks) for side, blocks in sides.items()}
     print(f"RFM scored {scored} members; {len(sides['A'])} alternating rounds of {per_block} receipts per side")
     print(f"measured rounds, rules paid (receipts, points): coupon uses {used}")
-    for b_rule, (p_rule, _, _) in zip(B_RULES, PLAIN_RULES):
+    for b_rule, (p_rule, _, _) in zip(b_rules(segments), plain_rules(segments)):
         print(f"  B {b_rule:18} {paid.get(b_rule, (0, 0))}   P {p_rule:13} {paid.get(p_rule, (0, 0))}")
     for side, blocks in sides.items():
         print(f"{side} blocks (us):", " ".join(f"{x * 1e6:.0f}" for x in blocks))
-    names = {"A": "market", "B": "market + CVM", "P": "market + 4 plain rules", "idle": "B, members in nothing"}
+    names = {"A": "market", "B": "market + CVM", "P": f"market + {len(segments) + 2} plain rules",
+             "idle": "B, members in nothing"}
     for side, name in names.items():
         print(f"{side} {name + ':':26} {cost[side] * 1e6:.0f} us CPU/receipt (median)")
     for x, y in (("B", "A"), ("B", "P"), ("P", "A"), ("idle", "A")):
@@ -598,22 +619,26 @@ if __name__ == "__main__":
                         help="measure the load driver's receipts (benchmarks/receipts.py) instead of one-line ones")
     parser.add_argument("--http", type=int, default=0, metavar="CONNECTIONS",
                         help="with --callgrind: send the load driver's receipts over HTTP on this many connections")
+    parser.add_argument("--segment", choices=tuple(SEGMENTS),
+                        help="B defines this one of its two segments (and its rule) only; P's plain rules follow")
     parser.add_argument("--counted-side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--counted", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    segments = (args.segment,) if args.segment else tuple(SEGMENTS)
     if args.callgrind:
         trees = [tree.resolve() for tree in args.tree or [ROOT]]
         for tree in trees:
             subprocess.run([sys.executable, "-m", "compileall", "-q", "-x", r"/\.venv/", str(tree)], check=True,
                            capture_output=True)
         count_instructions(trees, args.members, args.receipts, args.out, args.jobs, tuple(args.sides.split(",")),
-                           args.http, args.driver_receipts)
+                           args.http, args.driver_receipts, segments)
     elif args.http and not args.counted_side:
         parser.error("--http counts instructions: use it with --callgrind")
     else:
         counted = (args.counted_side, args.counted) if args.counted_side else None
         run = main(args.members, args.receipts, args.rounds, args.profile, args.statements, args.phases,
-                   counted=counted, http_connections=args.http, driver=args.driver_receipts or bool(args.http))
+                   counted=counted, http_connections=args.http, driver=args.driver_receipts or bool(args.http),
+                   segments=segments)
         if args.http:
             import uvloop
             uvloop.run(run)     # the loop `loyalty serve` runs on
