@@ -429,6 +429,8 @@ class RuleSummary(Struct, forbid_unknown_fields=True):
     limit: Any | UnsetType = UNSET
     budget: Any | UnsetType = UNSET
     expires_in_days: int | UnsetType = UNSET
+    personal: Any | UnsetType = UNSET
+    holdout: Any | UnsetType = UNSET
 
 
 class EventInfo(Struct):

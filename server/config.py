@@ -261,6 +261,8 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Conf
         raise ConfigError(str(path), "-", f"not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(str(path), "-", "expected a mapping at the top level")
+    # A section whose every key is commented out is null in YAML: it means its defaults.
+    raw = {section: value for section, value in raw.items() if value is not None}
     raw.pop("base_dir", None)
     apply_env_overrides(raw, os.environ if environ is None else environ)
     raw["base_dir"] = str(path.resolve().parent)

@@ -112,7 +112,7 @@ class ReceiptPlan:
     lines: ReceiptLines | None = None   # its lots are indexes of `lots` until applied
     events: list[EventFire] = field(default_factory=list)
     balance: Balance | None = None  # the member's balance once the plan is applied
-    # What the receipt sent as coupons, each with its status for the answer (api.md); None: it sent none.
+    # What the receipt sent as coupons, each with its status for the answer (docs/integrators.md); None: it sent none.
     coupon_statuses: list[tuple[str, str]] | None = None
     coupon_uses: list[CouponUse] = field(default_factory=list)   # one use of each code a fired rule needed
     offer_charges: list[OfferCharge] = field(default_factory=list)

@@ -27,7 +27,7 @@ Points = Annotated[int, Meta(ge=-POINTS_MAX, le=POINTS_MAX)]
 Card = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[^/\s]+$",
                            description="a card number without slashes or spaces")]
 Tag = Annotated[str, Meta(min_length=1, max_length=64)]
-CouponText = Annotated[str, Meta(min_length=1, max_length=64)]     # any such text gets a status (api.md)
+CouponText = Annotated[str, Meta(min_length=1, max_length=64)]     # any such text gets a status (docs/integrators.md)
 COUPONS_PER_RECEIPT_MAX = 32        # a till scans a handful; a longer list is a mistake, not a basket
 
 

@@ -28,7 +28,7 @@ ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"
 CODE_CHARS = 12
 GROUP_CHARS = 4
 WRITE_BATCH_CODES = 5_000            # `loyalty coupons generate`: one write transaction each
-CODE_TEXT_MAX = 64                   # api.md: a receipt's coupon strings are 1 to 64 characters
+CODE_TEXT_MAX = 64                   # docs/integrators.md: a receipt's coupon strings are 1 to 64 characters
 
 
 class Campaign(msgspec.Struct, frozen=True):
@@ -46,7 +46,7 @@ class Judged(NamedTuple):
 
 
 # A usable code's status until the receipt path knows whether a fired rule needed it:
-# it then answers `applied` or `not_needed` (api.md).
+# it then answers `applied` or `not_needed` (docs/integrators.md).
 USABLE = "usable"
 
 

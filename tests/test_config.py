@@ -18,6 +18,16 @@ def test_shipped_config_loads_and_resolves_paths():
     assert {k.role for k in cfg.auth.keys} == {"register", "manager", "monitor"}
 
 
+def test_a_section_with_every_key_commented_out_takes_its_defaults(tmp_path):
+    # As the README says for real cards: the demo key's line removed from the shipped file.
+    path = tmp_path / "config.yaml"
+    shipped = (ROOT / "config.yaml").read_text()
+    path.write_text("\n".join(line for line in shipped.splitlines() if "demo_insecure_hmac_key:" not in line))
+    cfg = load_config(path, environ={})
+    assert cfg.privacy.demo_insecure_hmac_key is None
+    assert cfg.privacy.hmac_key_env == "LOYALTY_HMAC_KEY"
+
+
 def test_unknown_key_stops_startup_with_a_hint(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("server: {prot: 9000}\n")

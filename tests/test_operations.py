@@ -66,3 +66,19 @@ async def test_rules_check_endpoint(make_api):
     status, res = await api.post("/v1/admin/rules/check", {"files": files})
     assert status == 200 and res["ok"] is False
     assert any(p.startswith("rules.yaml:3:5:") for p in res["problems"]), res
+
+
+async def test_rules_endpoint_lists_personal_and_held_out_rules_as_written(make_api, tmp_path):
+    program = tmp_path / "program"
+    shutil.copytree(MARKET, program)
+    (program / "campaigns" / "cvm.yaml").write_text(
+        "rules:\n"
+        "  - {id: comeback, personal: true, reward: {points: 300}}\n"
+        "  - {id: coffee-test, scope: {categories: [coffee]}, reward: {percent: 10}, holdout: 0.1}\n")
+    api = await make_api(now=NOW, program_dir=program)
+    status, info = await api.get("/v1/admin/rules")
+    assert status == 200, info
+    rules = {r["id"]: r for r in info["rules"]}
+    assert rules["comeback"]["personal"] is True
+    assert rules["coffee-test"]["holdout"] == "0.1"
+    assert "personal" not in rules["base"] and "holdout" not in rules["base"]

@@ -123,7 +123,7 @@ async def get_member(deps: Deps, card: str, at: datetime | None) -> MemberAnswer
 def customer_value_view(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
                         moment: datetime) -> dict:
     """The segments the member is in, their RFM scores, their offers not yet over and the
-    rules whose control group they are in (api.md)."""
+    rules whose control group they are in (docs/integrators.md)."""
     score = segments.scores_of(conn, member.id)
     member_of = segments_now(conn, program, member.id)
     return {"segments": [s for s in program.segments if s in member_of],     # in the program's order
