@@ -75,7 +75,7 @@ class DatabaseConfig(Struct, forbid_unknown_fields=True):
     write_queue_max: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
     readers: Annotated[int, Meta(ge=1, le=64)] = 2
     # The write connection's page cache. Every receipt is read and written through it, so
-    # sized to the member base (~600 MiB per million members) the receipt path never waits
+    # sized to the member base (~520 MiB per million members, README) the receipt path never waits
     # on the disk; it is process memory and shows in the server's RSS.
     cache_mib: Annotated[int, Meta(ge=2, le=1_048_576)] = 64
     # Members whose segments the receipt path keeps in memory (~125 bytes each when full),
@@ -131,7 +131,8 @@ class AuthConfig(Struct, forbid_unknown_fields=True):
 
 
 class JobsConfig(Struct, forbid_unknown_fields=True):
-    # Expiry, release of expired holds and birthday events run inside the server this often.
+    # Expiry, release of expired holds, birthday events and (once a local day) RFM scores and
+    # segments run inside the server this often; on PostgreSQL each round also writes an anchor.
     enabled: bool = True
     interval_seconds: Annotated[float, Meta(ge=0.05, le=86_400)] = 60.0
 
