@@ -166,6 +166,25 @@ async def test_coupon_statuses_other_card_not_yet_valid_not_needed(api):
     assert by_rule(await confirm(a, receipt("r2", coupons=[second]))) == {"base": 2, "winter-coupon": 100}
 
 
+async def test_a_code_bound_to_a_card_follows_the_member_to_a_new_card_and_through_a_merge(api):
+    a = await api(("c1", "c2"))
+    replaced, merged = await new_code(a, card="c1"), await new_code(a, card="c2")
+    status, answer = await a.post("/v1/admin/members/m_1/replace-card", {"new_card": "c1-new"})
+    assert status == 201, answer
+    status, answer = await a.post("/v1/admin/members/merge", {"merge_id": "mg-1", "from_member_id": "m_2",
+                                                              "into_member_id": "m_1", "reason": "one customer"})
+    assert status == 201, answer
+    answer = await confirm(a, receipt("r1", card="c1-new", coupons=[replaced]))
+    assert answer["coupons"] == [{"code": replaced, "status": "applied"}]
+    assert by_rule(answer) == {"base": 2, "winter-coupon": 100}
+    answer = await confirm(a, receipt("r2", card="c1-new", coupons=[merged]))
+    assert answer["coupons"] == [{"code": merged, "status": "applied"}]
+    assert (await a.post("/v1/members", {"card": "c3"}))[0] == 201
+    # still bound: another member's card cannot use them
+    spare = await new_code(a, card="c1-new")
+    assert (await confirm(a, receipt("r3", card="c3", coupons=[spare])))["coupons"][0]["status"] == "other_card"
+
+
 async def test_a_whole_return_gives_the_coupon_back_a_partial_one_does_not(api):
     a = await api()
     code = await new_code(a)
