@@ -9,6 +9,7 @@ replacement or a merge is refused wherever it is presented, with a code saying w
 from __future__ import annotations
 
 import hashlib
+import secrets
 
 import msgspec
 
@@ -226,6 +227,7 @@ async def erase(app, public_id: str, body: schema.Erasure) -> A.ErasureAnswer:
     now = iso(app[CLOCK].now())
     # The member's events found on a reader first: the write then scans only newer ones.
     seen = await app[DATABASE].read(lambda conn: events.seen(conn, member_care.with_merged(conn, member_id)))
+    nobodys_card = app[PRIVACY].card(secrets.token_hex(16))
 
     def write(conn):
         state = _member(conn, member_id, public_id, usable=False)
@@ -233,7 +235,7 @@ async def erase(app, public_id: str, body: schema.Erasure) -> A.ErasureAnswer:
             return A.ErasureAnswer(public_id, state.erased_at, cards_removed=0, receipts_scrubbed=0,
                                    members_erased=[], replayed=True)
         try:
-            done = member_care.erase(conn, member_id, now, seen)
+            done = member_care.erase(conn, member_id, now, seen, nobodys_card)
         except CareRefused as e:
             raise refusal(e) from None
         for erased in done["members_erased"]:     # after the erasure: nothing personal left to name

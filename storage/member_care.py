@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from storage import events, ledger, member_facts
+from storage import coupons, events, ledger, member_facts
 from storage.accounts import member_account
 from storage.schema import LEGACY_FINGERPRINT, legacy_fingerprint
 from storage.sql import arrival, byte_order, integrity_errors, is_postgresql
@@ -197,14 +197,16 @@ def with_merged(conn: sqlite3.Connection, member_id: int) -> list[int]:
     return ids[:MERGED_MAX + 1]
 
 
-def erase(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen | None = None) -> dict:
+def erase(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen | None,
+          nobodys_card: str) -> dict:
     """Personal data gone, of the member and of the members merged into it (the same
     customer): card and phone hashes with their last digits, birthday, tags, the CRM's id
     and consent; the card hash in their stored receipt bodies becomes null, their events
     keep what happened but no longer who (storage.events.forget_member), and birthday and
     tags leave their receipts' member facts. The member ids, receipts' amounts and the
     ledger stay (postings name the member id only). seen: their events as a reader found
-    them before (storage.events.seen)."""
+    them before (storage.events.seen). nobodys_card: the hash of a card no one has, which the
+    coupon codes bound to their cards are bound to instead, so they stay nobody else's."""
     ids = with_merged(conn, member_id)
     marks = ", ".join("?" * len(ids))
     receipts = conn.execute(f"SELECT COUNT(*) FROM receipts WHERE member_id IN ({marks})", ids).fetchone()[0]
@@ -213,12 +215,16 @@ def erase(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen 
                           f"{ERASE_RECEIPTS_MAX} at once would hold every other write")
     done = {"cards_removed": 0, "receipts_scrubbed": 0, "members_erased": [f"m_{i}" for i in ids]}
     for one in ids:
-        for name, count in _erase_one(conn, one, now, seen).items():
+        for name, count in _erase_one(conn, one, now, seen, nobodys_card).items():
             done[name] += count
     return done
 
 
-def _erase_one(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen | None) -> dict:
+def _erase_one(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen | None,
+               nobodys_card: str) -> dict:
+    for (card,) in conn.execute("SELECT card FROM cards WHERE member_id = ? UNION ALL "
+                                "SELECT card FROM retired_cards WHERE member_id = ?", (member_id, member_id)).fetchall():
+        coupons.rebind_codes(conn, card, nobodys_card)
     cards = conn.execute("DELETE FROM cards WHERE member_id = ?", (member_id,)).rowcount
     cards += conn.execute("DELETE FROM retired_cards WHERE member_id = ?", (member_id,)).rowcount
     # Events a webhook or the warehouse has yet to read would still show who the member was.

@@ -185,6 +185,18 @@ async def test_a_code_bound_to_a_card_follows_the_member_to_a_new_card_and_throu
     assert (await confirm(a, receipt("r3", card="c3", coupons=[spare])))["coupons"][0]["status"] == "other_card"
 
 
+async def test_an_erasure_leaves_no_hash_of_the_card_a_code_was_bound_to(api):
+    a = await api(("c1",))
+    code = await new_code(a, card="c1")
+    card_hashes = await rows(a, "SELECT card FROM cards")
+    status, answer = await a.post("/v1/admin/members/m_1/erase", {"reason": "asked to"})
+    assert status == 200, answer
+    assert await rows(a, "SELECT card FROM coupon_codes WHERE card = ?", card_hashes[0]) == []
+    # the card enrolled afresh is someone else: the code is not theirs
+    assert (await a.post("/v1/members", {"card": "c1"}))[0] == 201
+    assert (await confirm(a, receipt("r1", coupons=[code])))["coupons"][0]["status"] == "other_card"
+
+
 async def test_a_whole_return_gives_the_coupon_back_a_partial_one_does_not(api):
     a = await api()
     code = await new_code(a)
