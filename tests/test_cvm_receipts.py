@@ -270,6 +270,18 @@ async def test_member_answer_lists_segments_rfm_offers_and_control_groups(api):
     assert member["held_out_of"] == ["scarf-week"]
 
 
+async def test_the_member_answer_lists_no_offer_of_a_rule_the_program_no_longer_has(api):
+    a = await api()
+    assert (await a.post("/v1/admin/offers", {"offer_id": "o-1", "rule": "comeback", "cards": ["c1"],
+                                              "from": "2026-12-01", "to": "2026-12-31"}))[0] == 201
+    program = a.app[PROGRAMS].directory / "program.yaml"
+    program.write_text(PROGRAM.replace("  - id: comeback\n    personal: true\n    reward: {points: 30}\n", ""))
+    status, reload = await a.post("/v1/admin/rules/reload")
+    assert status == 200, reload
+    assert by_rule(await confirm(a, receipt("r1"))) == {"base": 2}      # the offer gives nothing now
+    assert (await a.get("/v1/members/c1"))[1]["offers"] == []
+
+
 @pytest.mark.parametrize("coupons, path", [(["x" * 65], "coupons[0]"), ([""], "coupons[0]"), ([7], "coupons[0]"),
                                            ("ABC", "coupons"), (["A"] * 33, "coupons")])
 async def test_bad_coupon_lists_are_refused_with_their_path(api, coupons, path):
