@@ -176,6 +176,35 @@ def move_points(conn: sqlite3.Connection, source: int, target: int, at: ledger.P
     return len(lots), net
 
 
+def survivor(conn: sqlite3.Connection, member_id: int) -> int | None:
+    """The member a merged member's points went to, through any chain of merges; None for a
+    member not merged."""
+    found = None
+    for _ in range(MERGED_MAX):
+        row = conn.execute("SELECT merged_into FROM members WHERE id = ?", (member_id,)).fetchone()
+        if row is None or row[0] is None:
+            break
+        found = member_id = row[0]
+    return found
+
+
+def follow_merge(conn: sqlite3.Connection, member_id: int, at: ledger.PostingRef) -> None:
+    """After a return or a cancel of a merged member's receipt: what it took back (a debt) or
+    refunded went onto the merged member's lots, which no points reach any more; it moves on
+    to the member its points went to, as the merge moved them, and a debt is paid from the
+    lot with its dates there (where the merge put the receipt's points) while it has any."""
+    heir = survivor(conn, member_id)
+    if heir is None:
+        return
+    ledger.lock_member(conn, heir)
+    owed = {(lot.available_from, lot.expires_on) for lot in ledger.lots_of(conn, member_id) if lot.remaining < 0}
+    moved = ledger.PostingRef(at.effective_at, at.created_at, ref=f"merged:m_{heir}")
+    move_points(conn, member_id, heir, moved)
+    for lot in ledger.lots_of(conn, heir):
+        if lot.remaining > 0 and (lot.available_from, lot.expires_on) in owed:
+            ledger.repay_debts(conn, heir, lot.id, moved)
+
+
 def release_holds(conn: sqlite3.Connection, member_id: int, now: str) -> int:
     return conn.execute("UPDATE holds SET status = 'released', closed_at = ? WHERE member_id = ? AND status = 'open'",
                         (now, member_id)).rowcount
