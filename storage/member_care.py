@@ -191,18 +191,33 @@ def survivor(conn: sqlite3.Connection, member_id: int) -> int | None:
 def follow_merge(conn: sqlite3.Connection, member_id: int, at: ledger.PostingRef) -> None:
     """After a return or a cancel of a merged member's receipt: what it took back (a debt) or
     refunded went onto the merged member's lots, which no points reach any more; it moves on
-    to the member its points went to, as the merge moved them, and a debt is paid from the
-    lot with its dates there (where the merge put the receipt's points) while it has any."""
+    to the member its points went to, as the merge moved them. What it took back comes first
+    from that member's lots with the same dates (where the merge put the receipt's points)."""
     heir = survivor(conn, member_id)
     if heir is None:
         return
     ledger.lock_member(conn, heir)
-    owed = {(lot.available_from, lot.expires_on) for lot in ledger.lots_of(conn, member_id) if lot.remaining < 0}
     moved = ledger.PostingRef(at.effective_at, at.created_at, ref=f"merged:m_{heir}")
+    _take_back_from_heir(conn, member_id, heir, moved)
     move_points(conn, member_id, heir, moved)
-    for lot in ledger.lots_of(conn, heir):
-        if lot.remaining > 0 and (lot.available_from, lot.expires_on) in owed:
-            ledger.repay_debts(conn, heir, lot.id, moved)
+
+
+def _take_back_from_heir(conn: sqlite3.Connection, member_id: int, heir: int, at: ledger.PostingRef) -> None:
+    """Each lot of the merged member below zero is refilled, by a transfer pair, from the
+    heir's lots of the same dates while they have points left."""
+    left = {lot.id: lot for lot in ledger.lots_of(conn, heir) if lot.remaining > 0}
+    for debt in ledger.lots_of(conn, member_id):
+        owed = -debt.remaining
+        for lot in left.values():
+            if owed <= 0:
+                break
+            if (lot.available_from, lot.expires_on) != (debt.available_from, debt.expires_on) or lot.remaining <= 0:
+                continue
+            take = min(owed, lot.remaining)
+            ledger.post(conn, heir, lot.id, "transfer", -take, member_account(member_id), at)
+            ledger.post(conn, member_id, debt.id, "transfer", take, member_account(heir), at)
+            lot.remaining -= take
+            owed -= take
 
 
 def release_holds(conn: sqlite3.Connection, member_id: int, now: str) -> int:
