@@ -266,8 +266,9 @@ def erase(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen 
 
 def _erase_one(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen | None,
                nobodys_card: str) -> dict:
-    for (card,) in conn.execute("SELECT card FROM cards WHERE member_id = ? UNION ALL "
-                                "SELECT card FROM retired_cards WHERE member_id = ?", (member_id, member_id)).fetchall():
+    cards = conn.execute("SELECT card FROM cards WHERE member_id = ? UNION ALL "
+                         "SELECT card FROM retired_cards WHERE member_id = ?", (member_id, member_id)).fetchall()
+    for (card,) in cards:
         coupons.rebind_codes(conn, card, nobodys_card)
     cards = conn.execute("DELETE FROM cards WHERE member_id = ?", (member_id,)).rowcount
     cards += conn.execute("DELETE FROM retired_cards WHERE member_id = ?", (member_id,)).rowcount
