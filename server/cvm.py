@@ -15,7 +15,7 @@ from typing import Callable
 import msgspec
 from aiohttp import web
 
-from server import answer_types as A, report_audience, report_campaign, schema
+from server import answer_types as A, member_care, report_audience, report_campaign, schema
 from server.errors import ApiError, conflict, field_error, not_found, problems_error, unprocessable
 from server.keys import CLOCK, DATABASE, PRIVACY, PROGRAMS
 from server.ops import keyed_fingerprints
@@ -188,6 +188,8 @@ async def create_coupons(app, call):
     if campaign not in definitions(app).coupons:
         raise not_found("unknown_coupon_campaign", f"the program defines no coupon campaign {campaign}")
     body: schema.CouponRequest = call.body
+    if body.card:   # a card taken out of use can never present them: say which card to use
+        await member_care.refuse_retired(app, body.card)
     privacy, now = app[PRIVACY], app[CLOCK].now()
     card_hmac = privacy.card(body.card) if body.card else None
     codes = [coupons.new_code() for _ in range(body.count)]

@@ -9,6 +9,7 @@ replacement or a merge is refused wherever it is presented, with a code saying w
 from __future__ import annotations
 
 import hashlib
+import secrets
 
 import msgspec
 
@@ -17,7 +18,7 @@ from server.errors import ApiError, conflict, field_error, not_found, unprocessa
 from server.keys import CLOCK, DATABASE, OPS, PRIVACY
 from server.ops import members as member_ops
 from server.privacy import candidates
-from storage import events, ledger, member_care
+from storage import coupons, events, ledger, member_care
 from storage.ledger import PostingRef, iso
 from storage.member_care import CareRefused
 
@@ -142,6 +143,7 @@ async def replace_card(app, public_id: str, body: schema.CardReplacement) -> tup
         old, old_last4 = _card_to_replace(cards, body.old_card_last4)
         member_care.retire_card(conn, old, member_id, "replaced", new_last4, now)
         member_care.add_card(conn, new, new_last4, member_id, now)
+        coupons.rebind_codes(conn, old, new)
         events.emit(conn, "card.replaced", member_id, {"old_card_last4": old_last4, "new_card_last4": new_last4},
                     now, card_last4=new_last4)
         return 201, _replaced(public_id, old_last4, new_last4, conn)
@@ -177,7 +179,8 @@ def _replaced(public_id: str, old_last4: str | None, new_last4: str, conn,
 
 async def merge(app, body: schema.MemberMerge, principal) -> tuple[int, A.MergeAnswer]:
     """Moves the points of `from_member_id` to `into_member_id` through transfer postings and
-    takes the first member's cards out of use; idempotent by merge_id."""
+    takes the first member's cards out of use (the codes bound to them go to the second
+    member's first card); idempotent by merge_id."""
     source, target = member_number(body.from_member_id), member_number(body.into_member_id)
     if source == target:
         raise field_error("into_member_id", "must be another member than from_member_id")
@@ -197,8 +200,11 @@ async def merge(app, body: schema.MemberMerge, principal) -> tuple[int, A.MergeA
         lots, points = member_care.move_points(conn, source, target, at)
         member_care.release_holds(conn, source, iso(now))
         cards = member_care.active_cards(conn, source)
+        heir = member_care.active_cards(conn, target)[:1]
         for card, _ in cards:
             member_care.retire_card(conn, card, source, "merged", body.into_member_id, iso(now))
+            for successor, _ in heir:
+                coupons.rebind_codes(conn, card, successor)
         member_care.mark_merged(conn, source, target, iso(now))
         events.emit(conn, "member.merged", source, {"merge_id": body.merge_id, "into_member_id": body.into_member_id,
                                                     "lots_moved": lots, "points_moved": points},
@@ -221,6 +227,7 @@ async def erase(app, public_id: str, body: schema.Erasure) -> A.ErasureAnswer:
     now = iso(app[CLOCK].now())
     # The member's events found on a reader first: the write then scans only newer ones.
     seen = await app[DATABASE].read(lambda conn: events.seen(conn, member_care.with_merged(conn, member_id)))
+    nobodys_card = app[PRIVACY].card(secrets.token_hex(16))
 
     def write(conn):
         state = _member(conn, member_id, public_id, usable=False)
@@ -228,7 +235,7 @@ async def erase(app, public_id: str, body: schema.Erasure) -> A.ErasureAnswer:
             return A.ErasureAnswer(public_id, state.erased_at, cards_removed=0, receipts_scrubbed=0,
                                    members_erased=[], replayed=True)
         try:
-            done = member_care.erase(conn, member_id, now, seen)
+            done = member_care.erase(conn, member_id, now, seen, nobodys_card)
         except CareRefused as e:
             raise refusal(e) from None
         for erased in done["members_erased"]:     # after the erasure: nothing personal left to name

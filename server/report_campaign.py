@@ -301,7 +301,7 @@ def report(conn, setting: Setting, rule: CampaignRule, first: date, last: date) 
 def period_of(rule: CampaignRule, first: str | None, last: str | None) -> tuple[date, date]:
     """?from=&to= (local dates), each defaulting to the rule's period; a 422 naming the field otherwise."""
     from server.errors import field_error, problems_error
-    from server.validation import Problems
+    from server.validation import DAY_EARLIEST, DAY_LATEST, DAY_RANGE, Problems
     problems, days = Problems(), {}
     for name, raw, default in (("from", first, rule.period_from), ("to", last, rule.period_to)):
         try:
@@ -311,6 +311,8 @@ def period_of(rule: CampaignRule, first: str | None, last: str | None) -> tuple[
             continue
         if days[name] is None:
             problems.add(name, "is required: the rule has no period")
+        elif not DAY_EARLIEST <= days[name] <= DAY_LATEST:
+            problems.add(name, DAY_RANGE)
     if problems.count:
         raise problems_error(problems)
     if days["to"] < days["from"]:

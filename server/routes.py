@@ -28,6 +28,7 @@ from server.errors import ApiError, field_error, not_found
 from server.keys import (CLOCK, CONFIG, DATABASE, EVENTS_SETTLED, IN_FLIGHT, KEYRING, LIMITER, METRICS, OPS, PRIVACY,
                          PROGRAMS, STATE, VERSIONS)
 from server.ops import adjustments, members, receipts, returns
+from server.validation import DAY_EARLIEST, DAY_LATEST, DAY_RANGE
 from storage import admin_audit, events
 from storage.db import StorageClosed, StorageError
 from storage.ledger import iso
@@ -378,6 +379,8 @@ def parse_moment(raw: str | None, name: str, tz, end_of_day: bool = False) -> da
                 moment = moment.replace(tzinfo=tz)
     except ValueError:
         raise field_error(name, "must be a date like 2026-12-08 or a moment like 2026-12-08T12:00:00+02:00") from None
+    if not DAY_EARLIEST <= moment.date() <= DAY_LATEST:
+        raise field_error(name, DAY_RANGE)
     return moment
 
 

@@ -25,6 +25,12 @@ DETAILS_MAX = 50            # details listed in one answer; the message still co
 # lines would otherwise hold it for over 100 ms; this way about 10, like decoding a valid one).
 COUNTED_MAX = 1_000
 KEY_SHOWN_MAX = 40          # characters of an offending object key quoted in a message
+# The days a request may name (a receipt's ts, a look-up's moment, a report's period): far
+# wider than any sale, and far enough inside Python's years 1 to 9999 that the instant of such
+# a local day, and a window or an expiry of up to 36,500 days counted from it, are still dates.
+DAY_EARLIEST = date(1900, 1, 1)
+DAY_LATEST = date(9000, 12, 31)
+DAY_RANGE = f"must be from {DAY_EARLIEST} to {DAY_LATEST}"
 UNKNOWN_FIELD = "is not a known field"
 REQUIRED = "is required"
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from storage import accounts, coupons, ledger, line_records, member_facts, offers
+from storage import accounts, coupons, ledger, line_records, member_care, member_facts, offers
 from storage.ledger import PostingRef, iso
 from storage.sql import WriteConflict
 
@@ -160,6 +160,8 @@ def fire_events(conn: sqlite3.Connection, program, member_id: int, on: str, occa
 
 
 def apply_take_back(conn: sqlite3.Connection, member_id: int, postings, at: PostingRef) -> None:
-    """A return's or a cancel's postings (server/returns.py take_back_postings), as planned."""
+    """A return's or a cancel's postings (server/returns.py take_back_postings), as planned;
+    for a merged member's receipt they then follow its points to the member it was merged into."""
     for p in postings:
         ledger.post(conn, member_id, p.lot, p.kind, p.points, p.counter, at, p.rule)
+    member_care.follow_merge(conn, member_id, at)

@@ -72,6 +72,13 @@ def add_codes(conn: sqlite3.Connection, campaign: str, codes: list[str], card_hm
     return taken
 
 
+def rebind_codes(conn: sqlite3.Connection, old_card: str, new_card: str) -> None:
+    """Codes bound to a card taken out of use go to the card taking its place (a replacement's
+    new card, a merge's surviving member's card): they were given to the customer, and the
+    old card can never present them again."""
+    conn.execute("UPDATE coupon_codes SET card = ? WHERE card = ?", (new_card, old_card))
+
+
 class StoredCode(NamedTuple):
     campaign: str
     card: str | None        # the card's HMAC a code is bound to

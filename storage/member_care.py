@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from storage import events, ledger, member_facts
+from storage import coupons, events, ledger, member_facts
 from storage.accounts import member_account
 from storage.schema import LEGACY_FINGERPRINT, legacy_fingerprint
 from storage.sql import arrival, byte_order, integrity_errors, is_postgresql
@@ -176,6 +176,50 @@ def move_points(conn: sqlite3.Connection, source: int, target: int, at: ledger.P
     return len(lots), net
 
 
+def survivor(conn: sqlite3.Connection, member_id: int) -> int | None:
+    """The member a merged member's points went to, through any chain of merges; None for a
+    member not merged."""
+    found = None
+    for _ in range(MERGED_MAX):
+        row = conn.execute("SELECT merged_into FROM members WHERE id = ?", (member_id,)).fetchone()
+        if row is None or row[0] is None:
+            break
+        found = member_id = row[0]
+    return found
+
+
+def follow_merge(conn: sqlite3.Connection, member_id: int, at: ledger.PostingRef) -> None:
+    """After a return or a cancel of a merged member's receipt: what it took back (a debt) or
+    refunded went onto the merged member's lots, which no points reach any more; it moves on
+    to the member its points went to, as the merge moved them. What it took back comes first
+    from that member's lots with the same dates (where the merge put the receipt's points)."""
+    heir = survivor(conn, member_id)
+    if heir is None:
+        return
+    ledger.lock_member(conn, heir)
+    moved = ledger.PostingRef(at.effective_at, at.created_at, ref=f"merged:m_{heir}")
+    _take_back_from_heir(conn, member_id, heir, moved)
+    move_points(conn, member_id, heir, moved)
+
+
+def _take_back_from_heir(conn: sqlite3.Connection, member_id: int, heir: int, at: ledger.PostingRef) -> None:
+    """Each lot of the merged member below zero is refilled, by a transfer pair, from the
+    heir's lots of the same dates while they have points left."""
+    left = {lot.id: lot for lot in ledger.lots_of(conn, heir) if lot.remaining > 0}
+    for debt in ledger.lots_of(conn, member_id):
+        owed = -debt.remaining
+        for lot in left.values():
+            if owed <= 0:
+                break
+            if (lot.available_from, lot.expires_on) != (debt.available_from, debt.expires_on) or lot.remaining <= 0:
+                continue
+            take = min(owed, lot.remaining)
+            ledger.post(conn, heir, lot.id, "transfer", -take, member_account(member_id), at)
+            ledger.post(conn, member_id, debt.id, "transfer", take, member_account(heir), at)
+            lot.remaining -= take
+            owed -= take
+
+
 def release_holds(conn: sqlite3.Connection, member_id: int, now: str) -> int:
     return conn.execute("UPDATE holds SET status = 'released', closed_at = ? WHERE member_id = ? AND status = 'open'",
                         (now, member_id)).rowcount
@@ -197,14 +241,16 @@ def with_merged(conn: sqlite3.Connection, member_id: int) -> list[int]:
     return ids[:MERGED_MAX + 1]
 
 
-def erase(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen | None = None) -> dict:
+def erase(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen | None,
+          nobodys_card: str) -> dict:
     """Personal data gone, of the member and of the members merged into it (the same
     customer): card and phone hashes with their last digits, birthday, tags, the CRM's id
     and consent; the card hash in their stored receipt bodies becomes null, their events
     keep what happened but no longer who (storage.events.forget_member), and birthday and
     tags leave their receipts' member facts. The member ids, receipts' amounts and the
     ledger stay (postings name the member id only). seen: their events as a reader found
-    them before (storage.events.seen)."""
+    them before (storage.events.seen). nobodys_card: the hash of a card no one has, which the
+    coupon codes bound to their cards are bound to instead, so they stay nobody else's."""
     ids = with_merged(conn, member_id)
     marks = ", ".join("?" * len(ids))
     receipts = conn.execute(f"SELECT COUNT(*) FROM receipts WHERE member_id IN ({marks})", ids).fetchone()[0]
@@ -213,12 +259,17 @@ def erase(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen 
                           f"{ERASE_RECEIPTS_MAX} at once would hold every other write")
     done = {"cards_removed": 0, "receipts_scrubbed": 0, "members_erased": [f"m_{i}" for i in ids]}
     for one in ids:
-        for name, count in _erase_one(conn, one, now, seen).items():
+        for name, count in _erase_one(conn, one, now, seen, nobodys_card).items():
             done[name] += count
     return done
 
 
-def _erase_one(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen | None) -> dict:
+def _erase_one(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen | None,
+               nobodys_card: str) -> dict:
+    cards = conn.execute("SELECT card FROM cards WHERE member_id = ? UNION ALL "
+                         "SELECT card FROM retired_cards WHERE member_id = ?", (member_id, member_id)).fetchall()
+    for (card,) in cards:
+        coupons.rebind_codes(conn, card, nobodys_card)
     cards = conn.execute("DELETE FROM cards WHERE member_id = ?", (member_id,)).rowcount
     cards += conn.execute("DELETE FROM retired_cards WHERE member_id = ?", (member_id,)).rowcount
     # Events a webhook or the warehouse has yet to read would still show who the member was.

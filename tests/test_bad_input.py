@@ -69,6 +69,29 @@ async def test_bad_receipts_answer_a_clear_4xx(make_api, name, raw, status, code
         assert data["error"]["details"][0]["path"] == path, data
 
 
+# Days at the ends of what a date can be: as a moment of the program's day they leave the
+# representable instants, and a window or an expiry counted from them leaves the years.
+EDGE_MOMENTS = ["0001-01-01", "0001-01-01T00:00:00+02:00", "9999-12-31T23:59:59-12:00"]
+
+
+@pytest.mark.parametrize("moment", EDGE_MOMENTS)
+async def test_moments_at_the_ends_of_the_calendar_are_refused_clearly(make_api, moment):
+    api = await make_api(now=NOW)
+    assert (await api.post("/v1/members", {"card": "7000000000001"}))[0] == 201
+    for path, name in [(f"/v1/members/7000000000001?at={moment}", "at"),
+                       (f"/v1/members/7000000000001/statement?from={moment}", "from"),
+                       (f"/v1/members/7000000000001/statement?to={moment}", "to")]:
+        got, data = await api.get(path.replace("+", "%2B"))
+        assert got == 422, (path, data)
+        assert_error_shape(data)
+        assert data["error"]["details"][0]["path"] == name, data
+    got, data = await api.post("/v1/receipts", receipt("B-1", [line(1, "dairy", 1000)], card="7000000000001",
+                                                       ts="0001-01-01T12:00:00Z"), as_="register")
+    assert got == 422 and data["error"]["details"][0]["path"] == "ts", data
+    _, member = await api.get("/v1/members/7000000000001")
+    assert member["balance"] == {"available": 100, "pending": 0, "held": 0}
+
+
 async def test_a_10_mb_body_is_413(make_api):
     api = await make_api(now=NOW)
     got, data = await api.post("/v1/receipts", as_="register", raw=b" " * (10 * 1024 * 1024))

@@ -96,6 +96,10 @@ async def test_report_refusals(api):
     status, body = await a.get("/v1/admin/reports/campaigns/dairy-x2?from=yesterday")
     assert status == 422 and body["error"]["details"][0]["path"] == "from"
     assert (await a.get("/v1/admin/reports/campaigns/dairy-x2", as_="register"))[0] == 403
+    # the day after `to`, and the days before `from`, must still be dates
+    for first, last, path in [("2026-11-20", "9999-12-31", "to"), ("0001-01-01", "2026-11-30", "from")]:
+        status, body = await a.get(f"/v1/admin/reports/campaigns/dairy-x2?from={first}&to={last}")
+        assert status == 422 and [d["path"] for d in body["error"]["details"]] == [path], body
 
 
 def _t_cdf_by_integration(t: float, df: float) -> float:

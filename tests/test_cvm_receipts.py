@@ -166,6 +166,37 @@ async def test_coupon_statuses_other_card_not_yet_valid_not_needed(api):
     assert by_rule(await confirm(a, receipt("r2", coupons=[second]))) == {"base": 2, "winter-coupon": 100}
 
 
+async def test_a_code_bound_to_a_card_follows_the_member_to_a_new_card_and_through_a_merge(api):
+    a = await api(("c1", "c2"))
+    replaced, merged = await new_code(a, card="c1"), await new_code(a, card="c2")
+    status, answer = await a.post("/v1/admin/members/m_1/replace-card", {"new_card": "c1-new"})
+    assert status == 201, answer
+    status, answer = await a.post("/v1/admin/members/merge", {"merge_id": "mg-1", "from_member_id": "m_2",
+                                                              "into_member_id": "m_1", "reason": "one customer"})
+    assert status == 201, answer
+    answer = await confirm(a, receipt("r1", card="c1-new", coupons=[replaced]))
+    assert answer["coupons"] == [{"code": replaced, "status": "applied"}]
+    assert by_rule(answer) == {"base": 2, "winter-coupon": 100}
+    answer = await confirm(a, receipt("r2", card="c1-new", coupons=[merged]))
+    assert answer["coupons"] == [{"code": merged, "status": "applied"}]
+    assert (await a.post("/v1/members", {"card": "c3"}))[0] == 201
+    # still bound: another member's card cannot use them
+    spare = await new_code(a, card="c1-new")
+    assert (await confirm(a, receipt("r3", card="c3", coupons=[spare])))["coupons"][0]["status"] == "other_card"
+
+
+async def test_an_erasure_leaves_no_hash_of_the_card_a_code_was_bound_to(api):
+    a = await api(("c1",))
+    code = await new_code(a, card="c1")
+    card_hashes = await rows(a, "SELECT card FROM cards")
+    status, answer = await a.post("/v1/admin/members/m_1/erase", {"reason": "asked to"})
+    assert status == 200, answer
+    assert await rows(a, "SELECT card FROM coupon_codes WHERE card = ?", card_hashes[0]) == []
+    # the card enrolled afresh is someone else: the code is not theirs
+    assert (await a.post("/v1/members", {"card": "c1"}))[0] == 201
+    assert (await confirm(a, receipt("r1", coupons=[code])))["coupons"][0]["status"] == "other_card"
+
+
 async def test_a_whole_return_gives_the_coupon_back_a_partial_one_does_not(api):
     a = await api()
     code = await new_code(a)
@@ -237,6 +268,18 @@ async def test_member_answer_lists_segments_rfm_offers_and_control_groups(api):
     assert member["rfm"] is None        # no scoring run yet
     assert member["offers"] == [{"rule": "comeback", "from": "2026-12-01", "to": "2026-12-31", "points_left": None}]
     assert member["held_out_of"] == ["scarf-week"]
+
+
+async def test_the_member_answer_lists_no_offer_of_a_rule_the_program_no_longer_has(api):
+    a = await api()
+    assert (await a.post("/v1/admin/offers", {"offer_id": "o-1", "rule": "comeback", "cards": ["c1"],
+                                              "from": "2026-12-01", "to": "2026-12-31"}))[0] == 201
+    program = a.app[PROGRAMS].directory / "program.yaml"
+    program.write_text(PROGRAM.replace("  - id: comeback\n    personal: true\n    reward: {points: 30}\n", ""))
+    status, reload = await a.post("/v1/admin/rules/reload")
+    assert status == 200, reload
+    assert by_rule(await confirm(a, receipt("r1"))) == {"base": 2}      # the offer gives nothing now
+    assert (await a.get("/v1/members/c1"))[1]["offers"] == []
 
 
 @pytest.mark.parametrize("coupons, path", [(["x" * 65], "coupons[0]"), ([""], "coupons[0]"), ([7], "coupons[0]"),

@@ -224,6 +224,33 @@ async def test_a_merge_carries_a_debt_along_and_the_ledger_still_verifies(make_a
     await assert_ledger_verifies(api)
 
 
+async def test_a_return_and_a_cancel_of_a_merged_members_receipt_take_back_from_where_its_points_went(make_api):
+    api = await care_api(make_api)
+    old = await enroll(api, "7000000000061")
+    keep = await enroll(api, "7000000000062")
+    sale = receipt("R-M", [line(1, "grocery", 50000, qty=2, price=25000)], card="7000000000061", redeem=40)
+    assert (await api.post("/v1/receipts", sale, as_="register"))[0] == 201        # 9 points, pending; 40 spent
+    merge = {"merge_id": "MG-R", "from_member_id": old["member_id"], "into_member_id": keep["member_id"],
+             "reason": "one customer"}
+    assert (await api.post("/v1/admin/members/merge", merge))[0] == 201
+    _, kept = await api.get("/v1/members/7000000000062")
+    assert kept["balance"] == {"available": 160, "pending": 9, "held": 0}
+    ref = {"store_id": "S001", "register_id": "K01", "receipt_id": "R-M"}
+    status, back = await api.post("/v1/returns", {"return_id": "RT-M", "store_id": "S001", "register_id": "K01",
+                                                  "receipt": ref, "lines": [{"line_no": 1, "qty": 1}]},
+                                  as_="register")
+    assert status == 201 and (back["reversed"]["points"], back["refunded"]["points"]) == (4, 20), back
+    _, kept = await api.get("/v1/members/7000000000062")
+    assert kept["balance"] == {"available": 180, "pending": 5, "held": 0}
+    assert (await api.post("/v1/receipts/S001/K01/R-M/cancel", as_="register"))[0] == 200
+    _, kept = await api.get("/v1/members/7000000000062")
+    assert kept["balance"] == {"available": 200, "pending": 0, "held": 0}
+    source = int(old["member_id"][2:])
+    left = await db_of(api).read(lambda conn: [lot.remaining for lot in ledger.lots_of(conn, source)])
+    assert not any(left)        # nothing owed or left behind on the member merged away
+    await assert_ledger_verifies(api)
+
+
 async def test_erasure_removes_personal_data_and_keeps_the_ledger(make_api):
     api = await care_api(make_api)
     member = await enroll(api, "7000000000061", phone="+380501234567", birthday="1990-05-17", tags=["vip"])

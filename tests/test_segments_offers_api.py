@@ -127,3 +127,14 @@ async def test_coupon_codes_generated_for_a_campaign(api):
     assert status == 404 and err["error"]["code"] == "unknown_coupon_campaign"
     status, err = await a.post("/v1/admin/coupons/xmas/codes", {"count": 0})
     assert status == 422 and err["error"]["details"][0]["path"] == "count"
+
+
+async def test_no_codes_are_bound_to_a_card_taken_out_of_use(api):
+    a = await api()
+    assert (await a.post("/v1/admin/members/m_1/replace-card", {"new_card": "c1-new"}))[0] == 201
+    status, err = await a.post("/v1/admin/coupons/xmas/codes", {"count": 1, "card": "c1"})
+    assert status == 422 and err["error"]["code"] == "card_replaced", err
+    assert err["error"]["details"][0]["path"] == "card"
+    stored = await a.app[cvm.DATABASE].read(lambda conn: conn.execute("SELECT COUNT(*) FROM coupon_codes").fetchone())
+    assert stored[0] == 0
+    assert (await a.post("/v1/admin/coupons/xmas/codes", {"count": 1, "card": "c1-new"}))[0] == 201

@@ -123,13 +123,16 @@ async def get_member(deps: Deps, card: str, at: datetime | None) -> MemberAnswer
 def customer_value_view(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
                         moment: datetime) -> dict:
     """The segments the member is in, their RFM scores, their offers not yet over and the
-    rules whose control group they are in (docs/integrators.md)."""
+    rules whose control group they are in (docs/integrators.md). Like the segments, the
+    offers are only the program's: an offer of a rule it no longer has (or no longer
+    personal) gives nothing."""
     score = segments.scores_of(conn, member.id)
     member_of = segments_now(conn, program, member.id)
+    day = moment.astimezone(program.timezone).date()
+    offered = [o for o in offers.listed(conn, member.id, day) if o["rule"] in program.personal_rule_ids]
     return {"segments": [s for s in program.segments if s in member_of],     # in the program's order
             "rfm": Rfm(score.r, score.f, score.m) if score else None,
-            "offers": msgspec.convert(offers.listed(conn, member.id, moment.astimezone(program.timezone).date()),
-                                      list[MemberOffer]),
+            "offers": msgspec.convert(offered, list[MemberOffer]),
             "held_out_of": program.held_out_of(member.public_id)}
 
 

@@ -26,6 +26,7 @@ from server.ops.members import balance_now
 from server.plan import MemberState, evaluate, local_day, plan_calculate, plan_confirm
 from server.privacy import candidates
 from server.returns import LotFacts, plan_cancel, take_back_postings
+from server.validation import DAY_EARLIEST, DAY_LATEST, DAY_RANGE
 from storage import coupons, imports, ledger, offers
 from storage.apply import Confirmed, apply_calculate, apply_confirms, apply_take_back
 from storage.db import Flush, Grouped, Ready
@@ -39,6 +40,8 @@ def check_receipt(deps: Deps, receipt: schema.Receipt, principal: Principal) -> 
     require_store(principal, receipt.store_id)
     if receipt.ts.tzinfo is None:
         raise field_error("ts", "needs a UTC offset, e.g. 2026-11-24T12:00:00+02:00")
+    if not DAY_EARLIEST <= receipt.ts.date() <= DAY_LATEST:
+        raise field_error("ts", DAY_RANGE)
     if receipt.ts - deps.clock.now() > FUTURE_TS_TOLERANCE:
         raise field_error("ts", "is more than 5 minutes in the future")
     check_lines(receipt.lines)
