@@ -15,6 +15,7 @@ import msgspec
 from server import cvm, report_campaign, schema
 from server.databases import CannotOpen, open_existing
 from server.errors import ApiError
+from server.interrupt import INTERRUPTED_STATUS, stop_between_batches
 from server.reports import ProgressBar
 from storage import coupons, offers
 from storage.db import Database
@@ -112,13 +113,20 @@ def generate(db: Database, definitions: cvm.Definitions, privacy, campaign: str,
     except FileExistsError:
         print(f"coupons generate: {out} exists; codes are never written over", file=sys.stderr)
         return 2
+    except OSError as e:     # no such folder, a folder's name, no permission: before any code is made
+        print(f"coupons generate: cannot create {out}: {e.strerror}; nothing was generated", file=sys.stderr)
+        return 2
     now = now or datetime.now(timezone.utc)
     card_hmac = privacy.card(card) if card else None
     bar, done = ProgressBar(f"coupons {campaign}"), 0
-    with stream:
+    with stream, stop_between_batches() as stop:
         writer = csv.writer(stream)
         writer.writerow(["code", "campaign"])
         while done < count:
+            if stop.requested:
+                print(f"coupons generate: interrupted: {done} of {count} codes of {campaign} stored and written "
+                      f"to {out}; no others were made", file=sys.stderr)
+                return INTERRUPTED_STATUS
             codes = [coupons.new_code() for _ in range(min(coupons.WRITE_BATCH_CODES, count - done))]
             taken = db.write_sync(lambda conn: coupons.add_codes(conn, campaign, codes, card_hmac, privacy.coupon, now))
             kept = [c for c in codes if c not in set(taken)]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import signal
 import types
 from datetime import date, datetime, timezone
 from decimal import Decimal
@@ -53,6 +55,37 @@ def test_coupons_generate_writes_stored_codes_once(db, tmp_path, capsys):
     assert cvm_cli.generate(db, DEFS, PRIVACY, "xmas", 1, out, None, NOW) == 2     # never over a file of codes
     assert cvm_cli.generate(db, DEFS, PRIVACY, "easter", 1, tmp_path / "e.csv", None, NOW) == 2
     assert "no coupon campaign easter" in capsys.readouterr().err
+
+
+def test_coupons_generate_into_a_folder_that_is_not_there_makes_no_code(db, tmp_path, capsys):
+    out = tmp_path / "no-such-folder" / "codes.csv"
+    assert cvm_cli.generate(db, DEFS, PRIVACY, "xmas", 10, out, None, NOW) == 2
+    assert capsys.readouterr().err == (f"coupons generate: cannot create {out}: No such file or directory; "
+                                       "nothing was generated\n")
+    assert db.read_sync(lambda conn: conn.execute("SELECT COUNT(*) FROM coupon_codes").fetchone()[0]) == 0
+
+
+def test_coupons_generate_stopped_by_ctrl_c_keeps_file_and_database_alike(db, tmp_path, capsys, monkeypatch):
+    add_codes = coupons.add_codes
+
+    def ctrl_c_during_the_first_batch(conn, *args):
+        if not conn.execute("SELECT COUNT(*) FROM coupon_codes").fetchone()[0]:
+            os.kill(os.getpid(), signal.SIGINT)
+        return add_codes(conn, *args)
+    monkeypatch.setattr(coupons, "add_codes", ctrl_c_during_the_first_batch)
+    out = tmp_path / "codes.csv"
+    assert cvm_cli.generate(db, DEFS, PRIVACY, "xmas", 3 * coupons.WRITE_BATCH_CODES, out, None, NOW) == 130
+    batch = coupons.WRITE_BATCH_CODES
+    assert capsys.readouterr().err == (f"coupons generate: interrupted: {batch} of {3 * batch} codes of xmas stored "
+                                       f"and written to {out}; no others were made\n")
+    written = {r["code"] for r in csv.DictReader(out.open())}
+    assert len(written) == batch
+    stored = db.read_sync(lambda conn: conn.execute("SELECT COUNT(*) FROM coupon_codes").fetchone()[0])
+    assert stored == batch
+    code = sorted(written)[0]
+    judged = db.read_sync(lambda conn: coupons.judge(conn, [code], None, date(2026, 12, 1), DEFS.coupons,
+                                                     PRIVACY.coupon))
+    assert judged.statuses == [(code, coupons.USABLE)]
 
 
 def test_import_offers_assigns_each_offer_whole(db, tmp_path, capsys):
