@@ -174,7 +174,14 @@ def read_offers(source: Path) -> tuple[dict[str, OfferRows], list[str]]:
 def import_offers(db: Database, definitions: cvm.Definitions, privacy, source: Path, now=None) -> int:
     """Each offer of the file is assigned whole or not at all; one refused offer leaves the others."""
     from datetime import datetime, timezone
-    grouped, problems = read_offers(source)
+    try:
+        grouped, problems = read_offers(source)
+    except OSError as e:
+        print(f"import offers: cannot read {source}: {e.strerror}; nothing was assigned", file=sys.stderr)
+        return 2
+    except (UnicodeDecodeError, csv.Error) as e:
+        print(f"import offers: {source} is not UTF-8 CSV ({e}); nothing was assigned", file=sys.stderr)
+        return 2
     now = now or datetime.now(timezone.utc)
     created = repeated = 0
     for offer_id, rows in grouped.items():

@@ -113,6 +113,19 @@ def test_import_offers_assigns_each_offer_whole(db, tmp_path, capsys):
     assert len(db.read_sync(lambda conn: events.page(conn, 0, 100))) == 2
 
 
+def test_import_offers_from_a_file_it_cannot_read_is_one_line(db, tmp_path, capsys):
+    missing, latin1 = tmp_path / "missing.csv", tmp_path / "latin1.csv"
+    latin1.write_bytes("offer_id,rule,card,from,to,points\no1,comeback,c1,2026-12-01,2026-12-31,caf\xe9\n"
+                       .encode("latin-1"))
+    for source in (missing, tmp_path, latin1):
+        assert cvm_cli.import_offers(db, DEFS, PRIVACY, source, NOW) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"import offers: cannot read {missing}: No such file or directory; nothing was assigned"
+    assert err[1] == f"import offers: cannot read {tmp_path}: Is a directory; nothing was assigned"
+    assert err[2].startswith(f"import offers: {latin1} is not UTF-8 CSV (") and len(err) == 3
+    assert db.read_sync(lambda conn: offers.offers_for(conn, 1, date(2026, 12, 5))) == {}
+
+
 def test_report_campaign_prints_text_json_csv_and_a_chart(db, tmp_path, capsys):
     def receipts(conn):
         conn.executemany("INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, "
