@@ -288,8 +288,12 @@ def settlement_text(row: dict) -> str:
 
 
 def export_ledger(conn, fmt: str, out_path: str | None) -> int:
-    from server.reports import export_bar, export_ledger as export, output
-    with output(out_path) as stream:
-        count = export(conn, stream, fmt, export_bar("exporting ledger", out_path))
+    from server.reports import CannotWrite, export_bar, export_ledger as export, output
+    try:
+        with output(out_path) as stream:
+            count = export(conn, stream, fmt, export_bar("exporting ledger", out_path))
+    except CannotWrite as e:
+        print(f"export ledger: {e}", file=sys.stderr)
+        return 2
     print(f"{count} postings exported", file=sys.stderr)
     return 0

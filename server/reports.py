@@ -158,10 +158,17 @@ class ProgressBar:
         self.stream.flush()
 
 
+class CannotWrite(Exception):
+    """The export's file cannot be created (no such folder, no permission): nothing was exported."""
+
+
 @contextmanager
 def output(path: str | None):
     """A file to write an export to, or standard output; closed or flushed afterwards."""
-    stream = open(path, "w", newline="", encoding="utf-8") if path else sys.stdout
+    try:
+        stream = open(path, "w", newline="", encoding="utf-8") if path else sys.stdout
+    except OSError as e:
+        raise CannotWrite(f"cannot write {path}: {e.strerror}; nothing was exported") from None
     try:
         yield stream
     finally:

@@ -283,6 +283,11 @@ async def test_export_ledger_csv_and_jsonl(make_api, tmp_path, capsys):
     assert cli(["export", "ledger", "--format", "jsonl", "--config", config, "--out", str(target)]) == 0
     lines = [json.loads(x) for x in target.read_text().splitlines()]
     assert sum(x["points"] for x in lines) == conn.execute("SELECT SUM(points) FROM postings").fetchone()[0]
+    capsys.readouterr()
+    nowhere = tmp_path / "no-such-folder" / "ledger.csv"
+    assert cli(["export", "ledger", "--config", config, "--out", str(nowhere)]) == 2
+    assert capsys.readouterr().err == \
+        f"export ledger: cannot write {nowhere}: No such file or directory; nothing was exported\n"
 
 
 def test_jobs_run_from_the_command_line(tmp_path, capsys):
