@@ -16,6 +16,7 @@ import argparse
 import csv
 import hashlib
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -147,6 +148,7 @@ def dispatch(args) -> int:
         print(e, file=sys.stderr)
         return 2
     try:
+        _check_report_path(report)
         tally = run_import(config, args.import_command, source, args.batch_rows)
     except CannotStart as e:
         print(f"import {args.import_command}: {e}", file=sys.stderr)
@@ -156,6 +158,21 @@ def dispatch(args) -> int:
         print(e.line, file=sys.stderr)
         return e.status
     return _finish(tally, source, report, args.import_command)
+
+
+def _check_report_path(report: Path) -> None:
+    """Before any row is written: the report is written after the last batch, too late to
+    refuse the run then."""
+    folder = report.parent
+    if report.is_dir():
+        why = "is a folder"
+    elif not folder.is_dir():
+        why = f"is in {folder}, which {'is not a folder' if folder.exists() else 'does not exist'}"
+    elif not os.access(folder, os.W_OK):
+        why = f"cannot be written in {folder}"
+    else:
+        return
+    raise CannotStart(f"the report {report} {why} (--report); nothing was imported")
 
 
 def run_import(config, kind: str, source: Path, batch_rows: int) -> Tally:

@@ -112,6 +112,17 @@ def test_a_rerun_changes_nothing_and_finishes_a_stopped_run(tmp_path, capsys):
     assert cli(["audit", "verify", "--config", config]) == 0
 
 
+def test_a_report_that_cannot_be_written_stops_the_run_before_any_row(tmp_path, capsys):
+    source, config = write_csv(tmp_path, ["7000000000001,,,,100,2027-12-31,", "7000000000002,,,,x,,"]), \
+        write_config(tmp_path)
+    nowhere = tmp_path / "no-such-folder" / "refused.csv"
+    for report, why in ((nowhere, f"is in {nowhere.parent}, which does not exist"), (tmp_path, "is a folder")):
+        assert cli(["import", "members", "--csv", str(source), "--config", config, "--report", str(report)]) == 2
+        assert capsys.readouterr().err == (f"import members: the report {report} {why} (--report); "
+                                           "nothing was imported\n")
+    assert not (tmp_path / "loyalty.db").exists() or ledger_state(tmp_path / "loyalty.db")[0] == []
+
+
 def test_ctrl_c_stops_after_the_batch_in_flight_and_says_where(tmp_path, capsys, monkeypatch):
     from storage import imports
     insert_members = imports.insert_members
