@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 
 from rules import ProgramError, load_program
 from server.clock import Clock
+from server.interrupt import INTERRUPTED_STATUS, stop_between_batches
 from server.databases import CannotOpen, config_for_command
 from storage.db import Database
 from storage.health import StorageBusy, StorageError, is_busy
@@ -122,10 +123,15 @@ def jobs_run(config, db_path, args) -> int:
                             else "")
     if far:
         print(f"--force: running as of {args.now}, {_span(drift)} {clock}", file=sys.stderr)
+    from server.jobs import Interrupted
     program = _program(config)
     try:
-        with _storage_faults_unlogged():
-            done = _run_jobs(config, db_path, program, now)
+        with _storage_faults_unlogged(), stop_between_batches() as stop:
+            done = _run_jobs(config, db_path, program, now, lambda: stop.requested)
+    except Interrupted as e:
+        print(f"jobs run: interrupted (Ctrl-C) after {_done_text(e.done)}; these batches stay done, "
+              f"run it again to finish", file=sys.stderr)
+        return INTERRUPTED_STATUS
     except (StorageError, *unreachable_errors()) as e:
         line = _why_stopped(e, db_path, config.database.busy_wait_seconds)
         if line is None:
@@ -134,8 +140,12 @@ def jobs_run(config, db_path, args) -> int:
         return 1
     finally:
         program.close()
-    print(", ".join(f"{k}: {v}" for k, v in done.items()))
+    print(_done_text(done))
     return 0
+
+
+def _done_text(done: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in done.items())
 
 
 def _why_stopped(e: Exception, db_path, wait_seconds: float) -> str | None:
@@ -151,7 +161,7 @@ def _why_stopped(e: Exception, db_path, wait_seconds: float) -> str | None:
     return None
 
 
-def _run_jobs(config, db_path, program, now: datetime) -> dict[str, int]:
+def _run_jobs(config, db_path, program, now: datetime, stop) -> dict[str, int]:
     from server.jobs import run_all
     from storage.pg.database import PgDatabase
     if db_path is POSTGRESQL:
@@ -160,7 +170,7 @@ def _run_jobs(config, db_path, program, now: datetime) -> dict[str, int]:
         db = Database.from_config(config.database, db_path, migrations=migrations, checkpoints=False)
     db.open()
     try:
-        return asyncio.run(run_all(db, program, now, config.events.expiring_days_before))
+        return asyncio.run(run_all(db, program, now, config.events.expiring_days_before, stop))
     finally:
         db.close()
 
