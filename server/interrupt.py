@@ -38,3 +38,23 @@ def stop_between_batches() -> Iterator[StopRequest]:
         yield request
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+class Interrupted(Exception):
+    """Ctrl-C was pressed: raised before the next batch is written, never during one."""
+
+
+class StopBeforeWrites:
+    """A database whose write_sync raises Interrupted once Ctrl-C was pressed, so a command
+    whose loops write batch after batch stops between two of them."""
+
+    def __init__(self, db, stop: StopRequest) -> None:
+        self._db, self._stop = db, stop
+
+    def write_sync(self, fn, *args, **kwargs):
+        if self._stop.requested:
+            raise Interrupted
+        return self._db.write_sync(fn, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._db, name)
