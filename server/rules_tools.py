@@ -378,7 +378,8 @@ def export_receipts(conn: sqlite3.Connection, out, first: date | None = None, la
 
 
 def export_receipts_command(config_path: str, out_path: str | None, first: str | None, last: str | None) -> int:
-    from server.reports import CannotWrite, export_bar, output
+    from server.interrupt import INTERRUPTED_STATUS
+    from server.reports import CannotWrite, ExportInterrupted, export_bar, output
 
     try:
         config = config_for_command(config_path)
@@ -402,5 +403,8 @@ def export_receipts_command(config_path: str, out_path: str | None, first: str |
         except CannotWrite as e:
             print(f"export receipts: {e}", file=sys.stderr)
             return 2
+        except ExportInterrupted as e:
+            print(f"export receipts: {e}", file=sys.stderr)
+            return INTERRUPTED_STATUS
     print(f"{count} receipts exported", file=sys.stderr)
     return 0
