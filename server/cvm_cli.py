@@ -19,6 +19,8 @@ from server.interrupt import INTERRUPTED_STATUS, stop_between_batches
 from server.reports import ProgressBar
 from storage import coupons, offers
 from storage.db import Database
+from storage.health import StorageBusy, StorageError, is_busy
+from storage.sql import unreachable_errors
 
 COUNT_MAX = 10_000_000
 OFFER_COLUMNS = ("offer_id", "rule", "card", "from", "to", "points")
@@ -69,7 +71,7 @@ def _count(text: str) -> int:
 
 
 def dispatch(args) -> int:
-    from server.admin_cli import _program
+    from server.admin_cli import _program, _storage_faults_unlogged
     from server.config import ConfigError, load_config
     from server.privacy import privacy_from_config
     try:
@@ -87,15 +89,39 @@ def dispatch(args) -> int:
             print(e, file=sys.stderr)
             return 2
         try:
-            if args.command == "coupons":
-                return generate(db, definitions, privacy, args.campaign, args.count, args.out, args.card)
-            if args.command == "import":
-                return import_offers(db, definitions, privacy, args.source)
-            return campaign(db, definitions, program, args)
+            with _storage_faults_unlogged():
+                if args.command == "coupons":
+                    return generate(db, definitions, privacy, args.campaign, args.count, args.out, args.card)
+                if args.command == "import":
+                    return import_offers(db, definitions, privacy, args.source)
+                return campaign(db, definitions, program, args)
+        except Stopped as e:
+            command = "coupons generate" if args.command == "coupons" else "import offers"
+            print(f"{command}: {_fault_line(e.fault, config)}; {e.done}", file=sys.stderr)
+            return 1
         finally:
             db.close()
     finally:
         program.close()
+
+
+class Stopped(Exception):
+    """A storage fault (the write lock held too long, a full disk) stopped a command half way."""
+
+    def __init__(self, done: str, fault: Exception):
+        super().__init__(done)
+        self.done, self.fault = done, fault
+
+
+def _fault_line(e: Exception, config) -> str:
+    from server import databases
+    if isinstance(e, StorageBusy) or is_busy(e):
+        from server.startup import lock_holder
+        path = config.resolve(config.database.path)
+        return (f"the database {path} is locked by {lock_holder(path)} for longer than "
+                f"database.busy_wait_seconds ({config.database.busy_wait_seconds:g}s)")
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"cannot write to {databases.described(config)}: {first_line}"
 
 
 # ------------------------------------------------------------------ coupons
@@ -128,7 +154,15 @@ def generate(db: Database, definitions: cvm.Definitions, privacy, campaign: str,
                       f"to {out}; no others were made", file=sys.stderr)
                 return INTERRUPTED_STATUS
             codes = [coupons.new_code() for _ in range(min(coupons.WRITE_BATCH_CODES, count - done))]
-            taken = db.write_sync(lambda conn: coupons.add_codes(conn, campaign, codes, card_hmac, privacy.coupon, now))
+            try:
+                taken = db.write_sync(lambda conn: coupons.add_codes(conn, campaign, codes, card_hmac,
+                                                                     privacy.coupon, now))
+            except (StorageError, *unreachable_errors()) as e:
+                if done:
+                    raise Stopped(f"{done} of {count} codes of {campaign} stored and written to {out}; no others "
+                                  "were made", e) from None
+                out.unlink()        # a file of no codes would only stop the same command run again
+                raise Stopped("nothing was generated", e) from None
             kept = [c for c in codes if c not in set(taken)]
             writer.writerows([c, campaign] for c in kept)
             done += len(kept)
@@ -191,6 +225,10 @@ def import_offers(db: Database, definitions: cvm.Definitions, privacy, source: P
                                    schema.OfferAssignment)
             cvm.check_offer(definitions, body)
             done = db.write_sync(lambda conn: _assign(conn, privacy, body, now))
+        except (StorageError, *unreachable_errors()) as e:
+            _print_offers_summary(problems, created, repeated)
+            raise Stopped(f"offer {offer_id} (line {rows.lines[0]}) and those after it were not assigned; "
+                          "run it again: an offer assigned already is not assigned twice", e) from None
         except (msgspec.ValidationError, ValueError) as e:
             problems.append(f"{source}:{rows.lines[0]}: offer {offer_id}: {e}")
             continue
@@ -204,10 +242,14 @@ def import_offers(db: Database, definitions: cvm.Definitions, privacy, source: P
             continue
         created += done.created
         repeated += not done.created
+    _print_offers_summary(problems, created, repeated)
+    return 1 if problems else 0
+
+
+def _print_offers_summary(problems: list[str], created: int, repeated: int) -> None:
     for p in problems:
         print(p, file=sys.stderr)
     print(f"offers: {created} assigned, {repeated} already assigned the same, {len(problems)} refused")
-    return 1 if problems else 0
 
 
 def _assign(conn, privacy, body: schema.OfferAssignment, now):

@@ -19,6 +19,7 @@ from server import cvm, cvm_cli
 from server.privacy import Privacy
 from server.report_campaign import CampaignRule
 from storage import coupons, events, offers
+from storage.health import StorageBusy
 
 NOW = datetime(2026, 11, 24, 10, tzinfo=timezone.utc)
 PRIVACY = Privacy(b"tests-cvm-cli-key-0123456789")
@@ -86,6 +87,47 @@ def test_coupons_generate_stopped_by_ctrl_c_keeps_file_and_database_alike(db, tm
     judged = db.read_sync(lambda conn: coupons.judge(conn, [code], None, date(2026, 12, 1), DEFS.coupons,
                                                      PRIVACY.coupon))
     assert judged.statuses == [(code, coupons.USABLE)]
+
+
+def test_coupons_generate_stopped_by_a_locked_database_says_what_the_file_holds(db, tmp_path, monkeypatch):
+    write_sync, writes = db.write_sync, []
+
+    def locked_from_the_second_batch(fn, *args, **kwargs):
+        writes.append(fn)
+        if len(writes) > 1:
+            raise StorageBusy("waited 2.0s for it")
+        return write_sync(fn, *args, **kwargs)
+    monkeypatch.setattr(db, "write_sync", locked_from_the_second_batch)
+    batch, out = coupons.WRITE_BATCH_CODES, tmp_path / "codes.csv"
+    with pytest.raises(cvm_cli.Stopped) as stopped:
+        cvm_cli.generate(db, DEFS, PRIVACY, "xmas", 2 * batch, out, None, NOW)
+    assert stopped.value.done == f"{batch} of {2 * batch} codes of xmas stored and written to {out}; no others were made"
+    assert len(list(csv.DictReader(out.open()))) == batch
+    assert write_sync(lambda conn: conn.execute("SELECT COUNT(*) FROM coupon_codes").fetchone()[0]) == batch
+    # Locked from the first batch: no file of no codes is left in the way of running it again.
+    writes.append(None)
+    with pytest.raises(cvm_cli.Stopped) as stopped:
+        cvm_cli.generate(db, DEFS, PRIVACY, "xmas", 10, tmp_path / "more.csv", None, NOW)
+    assert stopped.value.done == "nothing was generated" and not (tmp_path / "more.csv").exists()
+
+
+def test_import_offers_stopped_by_a_locked_database_keeps_the_offers_before(db, tmp_path, capsys, monkeypatch):
+    source = tmp_path / "offers.csv"
+    source.write_text("offer_id,rule,card,from,to,points\n"
+                      "o1,comeback,c1,2026-12-01,2026-12-31,\n"
+                      "o2,comeback,c2,2026-12-01,2026-12-31,\n")
+    write_sync = db.write_sync
+
+    def locked_from_the_second_offer(fn, *args, **kwargs):
+        if db.read_sync(lambda conn: offers.offers_for(conn, 1, date(2026, 12, 5))):
+            raise StorageBusy("waited 2.0s for it")
+        return write_sync(fn, *args, **kwargs)
+    monkeypatch.setattr(db, "write_sync", locked_from_the_second_offer)
+    with pytest.raises(cvm_cli.Stopped) as stopped:
+        cvm_cli.import_offers(db, DEFS, PRIVACY, source, NOW)
+    assert stopped.value.done == ("offer o2 (line 3) and those after it were not assigned; run it again: an offer "
+                                  "assigned already is not assigned twice")
+    assert capsys.readouterr().out == "offers: 1 assigned, 0 already assigned the same, 0 refused\n"
 
 
 def test_import_offers_assigns_each_offer_whole(db, tmp_path, capsys):
