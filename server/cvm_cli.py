@@ -218,30 +218,38 @@ def import_offers(db: Database, definitions: cvm.Definitions, privacy, source: P
         return 2
     now = now or datetime.now(timezone.utc)
     created = repeated = 0
-    for offer_id, rows in grouped.items():
-        try:
-            body = msgspec.convert({"offer_id": offer_id, "rule": rows.rule, "from": rows.first, "to": rows.last,
-                                    "cards": rows.cards, "points": int(rows.points) if rows.points else None},
-                                   schema.OfferAssignment)
-            cvm.check_offer(definitions, body)
-            done = db.write_sync(lambda conn: _assign(conn, privacy, body, now))
-        except (StorageError, *unreachable_errors()) as e:
-            _print_offers_summary(problems, created, repeated)
-            raise Stopped(f"offer {offer_id} (line {rows.lines[0]}) and those after it were not assigned; "
-                          "run it again: an offer assigned already is not assigned twice", e) from None
-        except (msgspec.ValidationError, ValueError) as e:
-            problems.append(f"{source}:{rows.lines[0]}: offer {offer_id}: {e}")
-            continue
-        except ApiError as e:
-            where = [f"line {rows.lines[int(d['path'][6:-1])]}" for d in e.details if d["path"].startswith("cards[")]
-            problems.append(f"{source}:{rows.lines[0]}: offer {offer_id}: {e.message}"
-                            + (f" ({', '.join(where[:20])})" if where else ""))
-            continue
-        except offers.OfferConflict as e:
-            problems.append(f"{source}:{rows.lines[0]}: {e}")
-            continue
-        created += done.created
-        repeated += not done.created
+    with stop_between_batches() as stop:
+        for offer_id, rows in grouped.items():
+            if stop.requested:
+                _print_offers_summary(problems, created, repeated)
+                print(f"import offers: interrupted (Ctrl-C): offer {offer_id} (line {rows.lines[0]}) and those "
+                      "after it were not assigned; run it again: an offer assigned already is not assigned twice",
+                      file=sys.stderr)
+                return INTERRUPTED_STATUS
+            try:
+                body = msgspec.convert({"offer_id": offer_id, "rule": rows.rule, "from": rows.first, "to": rows.last,
+                                        "cards": rows.cards, "points": int(rows.points) if rows.points else None},
+                                       schema.OfferAssignment)
+                cvm.check_offer(definitions, body)
+                done = db.write_sync(lambda conn: _assign(conn, privacy, body, now))
+            except (StorageError, *unreachable_errors()) as e:
+                _print_offers_summary(problems, created, repeated)
+                raise Stopped(f"offer {offer_id} (line {rows.lines[0]}) and those after it were not assigned; "
+                              "run it again: an offer assigned already is not assigned twice", e) from None
+            except (msgspec.ValidationError, ValueError) as e:
+                problems.append(f"{source}:{rows.lines[0]}: offer {offer_id}: {e}")
+                continue
+            except ApiError as e:
+                where = [f"line {rows.lines[int(d['path'][6:-1])]}" for d in e.details
+                         if d["path"].startswith("cards[")]
+                problems.append(f"{source}:{rows.lines[0]}: offer {offer_id}: {e.message}"
+                                + (f" ({', '.join(where[:20])})" if where else ""))
+                continue
+            except offers.OfferConflict as e:
+                problems.append(f"{source}:{rows.lines[0]}: {e}")
+                continue
+            created += done.created
+            repeated += not done.created
     _print_offers_summary(problems, created, repeated)
     return 1 if problems else 0
 

@@ -168,6 +168,26 @@ def test_import_offers_from_a_file_it_cannot_read_is_one_line(db, tmp_path, caps
     assert db.read_sync(lambda conn: offers.offers_for(conn, 1, date(2026, 12, 5))) == {}
 
 
+def test_import_offers_stopped_by_ctrl_c_finishes_the_offer_in_flight(db, tmp_path, capsys, monkeypatch):
+    source = tmp_path / "offers.csv"
+    source.write_text("offer_id,rule,card,from,to,points\n"
+                      "o1,comeback,c1,2026-12-01,2026-12-31,\n"
+                      "o2,comeback,c2,2026-12-01,2026-12-31,\n")
+    assign = offers.assign
+
+    def ctrl_c_during_the_first_offer(conn, *args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return assign(conn, *args)
+    monkeypatch.setattr(offers, "assign", ctrl_c_during_the_first_offer)
+    assert cvm_cli.import_offers(db, DEFS, PRIVACY, source, NOW) == 130
+    out = capsys.readouterr()
+    assert out.out == "offers: 1 assigned, 0 already assigned the same, 0 refused\n"
+    assert out.err == ("import offers: interrupted (Ctrl-C): offer o2 (line 3) and those after it were not assigned; "
+                       "run it again: an offer assigned already is not assigned twice\n")
+    got = db.read_sync(lambda conn: [offers.offers_for(conn, m, date(2026, 12, 5)) for m in (1, 2)])
+    assert got == [{"comeback": None}, {}]
+
+
 def test_report_campaign_prints_text_json_csv_and_a_chart(db, tmp_path, capsys):
     def receipts(conn):
         conn.executemany("INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, "
