@@ -157,6 +157,7 @@ def test_rotate_key_alone_wraps_everything_and_goes_on_where_it_stopped(tmp_path
     assert all(h.startswith("~k2~") for h in stored_hashes(server.db))
 
 
+@pytest.mark.sqlite_only(reason=ALONE)
 def test_ctrl_c_stops_the_rotation_between_batches_and_a_run_again_finishes_it(tmp_path, capsys, monkeypatch):
     from server.cli import main as cli
     members = tmp_path / "members.csv"
