@@ -115,7 +115,7 @@ class Stopped(Exception):
 
 def _fault_line(e: Exception, config) -> str:
     from server import databases
-    if isinstance(e, StorageBusy) or is_busy(e):
+    if config.database.url is None and (isinstance(e, StorageBusy) or is_busy(e)):   # SQLite's write lock
         from server.startup import lock_holder
         path = config.resolve(config.database.path)
         return (f"the database {path} is locked by {lock_holder(path)} for longer than "
