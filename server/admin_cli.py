@@ -271,7 +271,12 @@ def partners_settle(config, conn, period: str, out_dir) -> int:
     except ValueError:
         print(f"--period must look like 2026-11, got {period}", file=sys.stderr)
         return 2
-    csv_path, json_path = write_settlement(rows, out_dir, period, program.currency)
+    try:
+        csv_path, json_path = write_settlement(rows, out_dir, period, program.currency)
+    except OSError as e:     # --out names a file, or a folder that cannot be written
+        why = "it is a file, not a folder" if out_dir.is_file() else e.strerror
+        print(f"partners settle: cannot write the settlement into {out_dir}: {why}", file=sys.stderr)
+        return 2
     for row in rows:
         print(settlement_text(row))
     print(f"wrote {csv_path} and {json_path}")
