@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 
 from rules import ProgramError, load_program
 from server.clock import Clock
+from server.interrupt import INTERRUPTED_STATUS, stop_between_batches
 from server.databases import CannotOpen, config_for_command
 from storage.db import Database
 from storage.health import StorageBusy, StorageError, is_busy
@@ -122,10 +123,15 @@ def jobs_run(config, db_path, args) -> int:
                             else "")
     if far:
         print(f"--force: running as of {args.now}, {_span(drift)} {clock}", file=sys.stderr)
+    from server.jobs import Interrupted
     program = _program(config)
     try:
-        with _storage_faults_unlogged():
-            done = _run_jobs(config, db_path, program, now)
+        with _storage_faults_unlogged(), stop_between_batches() as stop:
+            done = _run_jobs(config, db_path, program, now, lambda: stop.requested)
+    except Interrupted as e:
+        print(f"jobs run: interrupted (Ctrl-C) after {_done_text(e.done)}; these batches stay done, "
+              f"run it again to finish", file=sys.stderr)
+        return INTERRUPTED_STATUS
     except (StorageError, *unreachable_errors()) as e:
         line = _why_stopped(e, db_path, config.database.busy_wait_seconds)
         if line is None:
@@ -134,8 +140,12 @@ def jobs_run(config, db_path, args) -> int:
         return 1
     finally:
         program.close()
-    print(", ".join(f"{k}: {v}" for k, v in done.items()))
+    print(_done_text(done))
     return 0
+
+
+def _done_text(done: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in done.items())
 
 
 def _why_stopped(e: Exception, db_path, wait_seconds: float) -> str | None:
@@ -151,7 +161,7 @@ def _why_stopped(e: Exception, db_path, wait_seconds: float) -> str | None:
     return None
 
 
-def _run_jobs(config, db_path, program, now: datetime) -> dict[str, int]:
+def _run_jobs(config, db_path, program, now: datetime, stop) -> dict[str, int]:
     from server.jobs import run_all
     from storage.pg.database import PgDatabase
     if db_path is POSTGRESQL:
@@ -160,7 +170,7 @@ def _run_jobs(config, db_path, program, now: datetime) -> dict[str, int]:
         db = Database.from_config(config.database, db_path, migrations=migrations, checkpoints=False)
     db.open()
     try:
-        return asyncio.run(run_all(db, program, now, config.events.expiring_days_before))
+        return asyncio.run(run_all(db, program, now, config.events.expiring_days_before, stop))
     finally:
         db.close()
 
@@ -261,7 +271,12 @@ def partners_settle(config, conn, period: str, out_dir) -> int:
     except ValueError:
         print(f"--period must look like 2026-11, got {period}", file=sys.stderr)
         return 2
-    csv_path, json_path = write_settlement(rows, out_dir, period, program.currency)
+    try:
+        csv_path, json_path = write_settlement(rows, out_dir, period, program.currency)
+    except OSError as e:     # --out names a file, or a folder that cannot be written
+        why = "it is a file, not a folder" if out_dir.is_file() else e.strerror
+        print(f"partners settle: cannot write the settlement into {out_dir}: {why}", file=sys.stderr)
+        return 2
     for row in rows:
         print(settlement_text(row))
     print(f"wrote {csv_path} and {json_path}")
@@ -288,8 +303,16 @@ def settlement_text(row: dict) -> str:
 
 
 def export_ledger(conn, fmt: str, out_path: str | None) -> int:
-    from server.reports import export_bar, export_ledger as export, output
-    with output(out_path) as stream:
-        count = export(conn, stream, fmt, export_bar("exporting ledger", out_path))
+    from server.interrupt import INTERRUPTED_STATUS
+    from server.reports import CannotWrite, ExportInterrupted, export_bar, export_ledger as export, output
+    try:
+        with output(out_path) as stream:
+            count = export(conn, stream, fmt, export_bar("exporting ledger", out_path))
+    except CannotWrite as e:
+        print(f"export ledger: {e}", file=sys.stderr)
+        return 2
+    except ExportInterrupted as e:
+        print(f"export ledger: {e}", file=sys.stderr)
+        return INTERRUPTED_STATUS
     print(f"{count} postings exported", file=sys.stderr)
     return 0

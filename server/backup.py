@@ -57,7 +57,8 @@ class BackupFailed(Exception):
 
 def backup_command(config_path: str, out: str) -> int:
     """0 with one line saying what was verified; 1 when the copy fails a check (kept as
-    FILE.unverified); 2 when it cannot be made, or the database is PostgreSQL's."""
+    FILE.unverified); 2 when it cannot be made, or the database is PostgreSQL's; 130 after
+    Ctrl-C, with no file left."""
     from server.databases import CannotOpen, config_for_command
     try:
         config = config_for_command(config_path)
@@ -81,6 +82,10 @@ def backup_command(config_path: str, out: str) -> int:
         _remove(partial)
         print(f"backup failed: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        _remove(partial)
+        print(f"backup interrupted (Ctrl-C): no backup was made ({partial.name} removed)", file=sys.stderr)
+        return 130
     if integrity != "ok" or not report.ok:
         kept = target.with_name(f"{target.name}.unverified")
         os.replace(partial, kept)

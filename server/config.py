@@ -252,6 +252,15 @@ class ConfigError(Exception):
         super().__init__(f"{source}: {key}: {reason}")
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line (PyYAML's own message spans several, quoting the text): the problem and where."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(e).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+
+
 def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Config:
     path = Path(path)
     try:
@@ -259,7 +268,7 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Conf
     except OSError as e:
         raise ConfigError(str(path), "-", f"cannot read: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(str(path), "-", f"not valid YAML: {e}") from None
+        raise ConfigError(str(path), "-", f"not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(str(path), "-", "expected a mapping at the top level")
     # A section whose every key is commented out is null in YAML: it means its defaults.

@@ -15,9 +15,12 @@ import msgspec
 from server import cvm, report_campaign, schema
 from server.databases import CannotOpen, open_existing
 from server.errors import ApiError
+from server.interrupt import INTERRUPTED_STATUS, stop_between_batches
 from server.reports import ProgressBar
 from storage import coupons, offers
 from storage.db import Database
+from storage.health import StorageBusy, StorageError, is_busy
+from storage.sql import unreachable_errors
 
 COUNT_MAX = 10_000_000
 OFFER_COLUMNS = ("offer_id", "rule", "card", "from", "to", "points")
@@ -68,7 +71,7 @@ def _count(text: str) -> int:
 
 
 def dispatch(args) -> int:
-    from server.admin_cli import _program
+    from server.admin_cli import _program, _storage_faults_unlogged
     from server.config import ConfigError, load_config
     from server.privacy import privacy_from_config
     try:
@@ -86,15 +89,39 @@ def dispatch(args) -> int:
             print(e, file=sys.stderr)
             return 2
         try:
-            if args.command == "coupons":
-                return generate(db, definitions, privacy, args.campaign, args.count, args.out, args.card)
-            if args.command == "import":
-                return import_offers(db, definitions, privacy, args.source)
-            return campaign(db, definitions, program, args)
+            with _storage_faults_unlogged():
+                if args.command == "coupons":
+                    return generate(db, definitions, privacy, args.campaign, args.count, args.out, args.card)
+                if args.command == "import":
+                    return import_offers(db, definitions, privacy, args.source)
+                return campaign(db, definitions, program, args)
+        except Stopped as e:
+            command = "coupons generate" if args.command == "coupons" else "import offers"
+            print(f"{command}: {_fault_line(e.fault, config)}; {e.done}", file=sys.stderr)
+            return 1
         finally:
             db.close()
     finally:
         program.close()
+
+
+class Stopped(Exception):
+    """A storage fault (the write lock held too long, a full disk) stopped a command half way."""
+
+    def __init__(self, done: str, fault: Exception):
+        super().__init__(done)
+        self.done, self.fault = done, fault
+
+
+def _fault_line(e: Exception, config) -> str:
+    from server import databases
+    if config.database.url is None and (isinstance(e, StorageBusy) or is_busy(e)):   # SQLite's write lock
+        from server.startup import lock_holder
+        path = config.resolve(config.database.path)
+        return (f"the database {path} is locked by {lock_holder(path)} for longer than "
+                f"database.busy_wait_seconds ({config.database.busy_wait_seconds:g}s)")
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"cannot write to {databases.described(config)}: {first_line}"
 
 
 # ------------------------------------------------------------------ coupons
@@ -112,15 +139,30 @@ def generate(db: Database, definitions: cvm.Definitions, privacy, campaign: str,
     except FileExistsError:
         print(f"coupons generate: {out} exists; codes are never written over", file=sys.stderr)
         return 2
+    except OSError as e:     # no such folder, a folder's name, no permission: before any code is made
+        print(f"coupons generate: cannot create {out}: {e.strerror}; nothing was generated", file=sys.stderr)
+        return 2
     now = now or datetime.now(timezone.utc)
     card_hmac = privacy.card(card) if card else None
     bar, done = ProgressBar(f"coupons {campaign}"), 0
-    with stream:
+    with stream, stop_between_batches() as stop:
         writer = csv.writer(stream)
         writer.writerow(["code", "campaign"])
         while done < count:
+            if stop.requested:
+                print(f"coupons generate: interrupted: {done} of {count} codes of {campaign} stored and written "
+                      f"to {out}; no others were made", file=sys.stderr)
+                return INTERRUPTED_STATUS
             codes = [coupons.new_code() for _ in range(min(coupons.WRITE_BATCH_CODES, count - done))]
-            taken = db.write_sync(lambda conn: coupons.add_codes(conn, campaign, codes, card_hmac, privacy.coupon, now))
+            try:
+                taken = db.write_sync(lambda conn: coupons.add_codes(conn, campaign, codes, card_hmac,
+                                                                     privacy.coupon, now))
+            except (StorageError, *unreachable_errors()) as e:
+                if done:
+                    raise Stopped(f"{done} of {count} codes of {campaign} stored and written to {out}; no others "
+                                  "were made", e) from None
+                out.unlink()        # a file of no codes would only stop the same command run again
+                raise Stopped("nothing was generated", e) from None
             kept = [c for c in codes if c not in set(taken)]
             writer.writerows([c, campaign] for c in kept)
             done += len(kept)
@@ -166,33 +208,56 @@ def read_offers(source: Path) -> tuple[dict[str, OfferRows], list[str]]:
 def import_offers(db: Database, definitions: cvm.Definitions, privacy, source: Path, now=None) -> int:
     """Each offer of the file is assigned whole or not at all; one refused offer leaves the others."""
     from datetime import datetime, timezone
-    grouped, problems = read_offers(source)
+    try:
+        grouped, problems = read_offers(source)
+    except OSError as e:
+        print(f"import offers: cannot read {source}: {e.strerror}; nothing was assigned", file=sys.stderr)
+        return 2
+    except (UnicodeDecodeError, csv.Error) as e:
+        print(f"import offers: {source} is not UTF-8 CSV ({e}); nothing was assigned", file=sys.stderr)
+        return 2
     now = now or datetime.now(timezone.utc)
     created = repeated = 0
-    for offer_id, rows in grouped.items():
-        try:
-            body = msgspec.convert({"offer_id": offer_id, "rule": rows.rule, "from": rows.first, "to": rows.last,
-                                    "cards": rows.cards, "points": int(rows.points) if rows.points else None},
-                                   schema.OfferAssignment)
-            cvm.check_offer(definitions, body)
-            done = db.write_sync(lambda conn: _assign(conn, privacy, body, now))
-        except (msgspec.ValidationError, ValueError) as e:
-            problems.append(f"{source}:{rows.lines[0]}: offer {offer_id}: {e}")
-            continue
-        except ApiError as e:
-            where = [f"line {rows.lines[int(d['path'][6:-1])]}" for d in e.details if d["path"].startswith("cards[")]
-            problems.append(f"{source}:{rows.lines[0]}: offer {offer_id}: {e.message}"
-                            + (f" ({', '.join(where[:20])})" if where else ""))
-            continue
-        except offers.OfferConflict as e:
-            problems.append(f"{source}:{rows.lines[0]}: {e}")
-            continue
-        created += done.created
-        repeated += not done.created
+    with stop_between_batches() as stop:
+        for offer_id, rows in grouped.items():
+            if stop.requested:
+                _print_offers_summary(problems, created, repeated)
+                print(f"import offers: interrupted (Ctrl-C): offer {offer_id} (line {rows.lines[0]}) and those "
+                      "after it were not assigned; run it again: an offer assigned already is not assigned twice",
+                      file=sys.stderr)
+                return INTERRUPTED_STATUS
+            try:
+                body = msgspec.convert({"offer_id": offer_id, "rule": rows.rule, "from": rows.first, "to": rows.last,
+                                        "cards": rows.cards, "points": int(rows.points) if rows.points else None},
+                                       schema.OfferAssignment)
+                cvm.check_offer(definitions, body)
+                done = db.write_sync(lambda conn: _assign(conn, privacy, body, now))
+            except (StorageError, *unreachable_errors()) as e:
+                _print_offers_summary(problems, created, repeated)
+                raise Stopped(f"offer {offer_id} (line {rows.lines[0]}) and those after it were not assigned; "
+                              "run it again: an offer assigned already is not assigned twice", e) from None
+            except (msgspec.ValidationError, ValueError) as e:
+                problems.append(f"{source}:{rows.lines[0]}: offer {offer_id}: {e}")
+                continue
+            except ApiError as e:
+                where = [f"line {rows.lines[int(d['path'][6:-1])]}" for d in e.details
+                         if d["path"].startswith("cards[")]
+                problems.append(f"{source}:{rows.lines[0]}: offer {offer_id}: {e.message}"
+                                + (f" ({', '.join(where[:20])})" if where else ""))
+                continue
+            except offers.OfferConflict as e:
+                problems.append(f"{source}:{rows.lines[0]}: {e}")
+                continue
+            created += done.created
+            repeated += not done.created
+    _print_offers_summary(problems, created, repeated)
+    return 1 if problems else 0
+
+
+def _print_offers_summary(problems: list[str], created: int, repeated: int) -> None:
     for p in problems:
         print(p, file=sys.stderr)
     print(f"offers: {created} assigned, {repeated} already assigned the same, {len(problems)} refused")
-    return 1 if problems else 0
 
 
 def _assign(conn, privacy, body: schema.OfferAssignment, now):

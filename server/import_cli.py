@@ -7,7 +7,8 @@ meanwhile wait for one batch at most. A row whose card (members) or receipt iden
 (receipts) is already stored is skipped: a rerun changes nothing, and a run that stopped
 half way is finished by running it again. Every refused row is written to a report with
 its line number and reason; the exit status is 0 when every row was taken (imported now
-or before), 1 when some were refused or the run was stopped, 2 when it could not start.
+or before), 1 when some were refused or the run was stopped, 2 when it could not start,
+130 when Ctrl-C stopped it (after the batch being written).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import argparse
 import csv
 import hashlib
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from server import databases, schema, validation
 from server.clock import Clock
 from server.config import ConfigError
 from server.errors import ApiError
+from server.interrupt import INTERRUPTED_STATUS, stop_between_batches
 from server.privacy import Privacy, privacy_from_config
 from server.reports import ProgressBar
 from storage import imports
@@ -65,6 +68,10 @@ class CannotStart(Exception):
 
 class Unreadable(Exception):
     """The file cannot be read on from some line: the run stops there."""
+
+
+class Interrupted(Unreadable):
+    """Ctrl-C: the run stops after the row being read, as at a line it cannot read."""
 
 
 @dataclass
@@ -125,11 +132,11 @@ def _batch_rows(text: str) -> int:
 
 
 class Stopped(Exception):
-    """A storage fault stopped the run; the batches committed before it stay."""
+    """A storage fault or Ctrl-C stopped the run; the batches committed before it stay."""
 
-    def __init__(self, line: str, tally: Tally):
+    def __init__(self, line: str, tally: Tally, status: int = 1):
         super().__init__(line)
-        self.line, self.tally = line, tally
+        self.line, self.tally, self.status = line, tally, status
 
 
 def dispatch(args) -> int:
@@ -141,6 +148,7 @@ def dispatch(args) -> int:
         print(e, file=sys.stderr)
         return 2
     try:
+        _check_report_path(report)
         tally = run_import(config, args.import_command, source, args.batch_rows)
     except CannotStart as e:
         print(f"import {args.import_command}: {e}", file=sys.stderr)
@@ -148,8 +156,23 @@ def dispatch(args) -> int:
     except Stopped as e:
         _finish(e.tally, source, report, args.import_command)
         print(e.line, file=sys.stderr)
-        return 1
+        return e.status
     return _finish(tally, source, report, args.import_command)
+
+
+def _check_report_path(report: Path) -> None:
+    """Before any row is written: the report is written after the last batch, too late to
+    refuse the run then."""
+    folder = report.parent
+    if report.is_dir():
+        why = "is a folder"
+    elif not folder.is_dir():
+        why = f"is in {folder}, which {'is not a folder' if folder.exists() else 'does not exist'}"
+    elif not os.access(folder, os.W_OK):
+        why = f"cannot be written in {folder}"
+    else:
+        return
+    raise CannotStart(f"the report {report} {why} (--report); nothing was imported")
 
 
 def run_import(config, kind: str, source: Path, batch_rows: int) -> Tally:
@@ -235,21 +258,25 @@ class Importer:
         total = count_lines(source)
         batch: list = []
         try:
-            for line, item in self.rows(source):
-                self.tally.rows += 1
-                if self.tally.rows > FILE_ROWS_MAX:
-                    raise Unreadable(f"{source}:{line}: more than {FILE_ROWS_MAX} rows; split the file, the rows "
-                                     "before this line were taken")
-                if item is not None:
-                    batch.append(item)
-                if len(batch) >= batch_rows:
-                    self.write(batch)
-                    batch = []
-                    progress(line, total)
+            with stop_between_batches() as stop:
+                for line, item in self.rows(source):
+                    self.tally.rows += 1
+                    if self.tally.rows > FILE_ROWS_MAX:
+                        raise Unreadable(f"{source}:{line}: more than {FILE_ROWS_MAX} rows; split the file, the rows "
+                                         "before this line were taken")
+                    if item is not None:
+                        batch.append(item)
+                    if len(batch) >= batch_rows:
+                        self.write(batch)
+                        batch = []
+                        progress(line, total)
+                    if stop.requested:
+                        raise Interrupted(f"{source}:{line}: interrupted (Ctrl-C) after this line; the rows up to "
+                                          "it were taken, run the same import again to finish it")
         except Unreadable as e:
             if batch:
                 self.write(batch)
-            raise Stopped(str(e), self.tally) from None
+            raise Stopped(str(e), self.tally, INTERRUPTED_STATUS if isinstance(e, Interrupted) else 1) from None
         if batch:
             self.write(batch)
         progress(total, total)

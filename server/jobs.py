@@ -48,8 +48,18 @@ class Batch(NamedTuple):
     after: object           # the cursor for the next batch
 
 
+class Interrupted(Exception):
+    """Stopped between two batches (`loyalty jobs run` and Ctrl-C): what was done until then."""
+
+    def __init__(self, done: dict[str, int]):
+        super().__init__(done)
+        self.done = done
+
+
 async def run_all(db: Database, program: Program, now: datetime,
-                  expiring_days: int = EXPIRING_DAYS_BEFORE) -> dict[str, int]:
+                  expiring_days: int = EXPIRING_DAYS_BEFORE,
+                  stop: Callable[[], bool] = lambda: False) -> dict[str, int]:
+    """Interrupted when stop() holds after a batch: the batches before it stay committed."""
     done = {"expired_lots": 0, "released_holds": 0, "birthday_events": 0, "expiring_lots": 0}
     for job, key, start in jobs(expiring_days):
         after = start
@@ -58,6 +68,8 @@ async def run_all(db: Database, program: Program, now: datetime,
             batch = await db.write(lambda conn: job(conn, program, now, after), off_loop=True)
             done[key] += batch.rows
             after = batch.after
+            if stop():
+                raise Interrupted(done)
             if batch.rows < BATCH_ROWS_MAX:
                 break
     done["released_holds"] = len(await db.write(lambda conn: release_holds(conn, now), off_loop=True))

@@ -239,6 +239,17 @@ def rotate_key_command(config_path: str, batch_rows: int = ROTATE_BATCH_ROWS) ->
 
 
 def _rotate(db, privacy: Privacy, batch_rows: int, alone: bool) -> int:
+    from server.interrupt import INTERRUPTED_STATUS, Interrupted, StopBeforeWrites, stop_between_batches
+    try:
+        with stop_between_batches() as stop:
+            return _rotate_all(StopBeforeWrites(db, stop), privacy, batch_rows, alone)
+    except Interrupted:
+        print("interrupted (Ctrl-C): the hashes counted above are wrapped; run it again, it goes on where it "
+              "stopped", file=sys.stderr)
+        return INTERRUPTED_STATUS
+
+
+def _rotate_all(db, privacy: Privacy, batch_rows: int, alone: bool) -> int:
     try:
         refused = _check_keys(db, privacy, alone)
         if refused:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import sqlite3
 import sys
 from datetime import date, datetime, time
@@ -158,12 +159,31 @@ class ProgressBar:
         self.stream.flush()
 
 
+class CannotWrite(Exception):
+    """The export's file cannot be created (no such folder, no permission): nothing was exported."""
+
+
+class ExportInterrupted(Exception):
+    """Ctrl-C while exporting: no part of an export is left looking whole."""
+
+
 @contextmanager
 def output(path: str | None):
     """A file to write an export to, or standard output; closed or flushed afterwards."""
-    stream = open(path, "w", newline="", encoding="utf-8") if path else sys.stdout
+    try:
+        stream = open(path, "w", newline="", encoding="utf-8") if path else sys.stdout
+    except OSError as e:
+        raise CannotWrite(f"cannot write {path}: {e.strerror}; nothing was exported") from None
     try:
         yield stream
+    except KeyboardInterrupt:
+        # A file cut short reads like a whole export (a ledger that seems to sum right): removed.
+        if not path:
+            raise ExportInterrupted("interrupted (Ctrl-C): what was written is only part of it") from None
+        stream.close()
+        os.unlink(path)
+        raise ExportInterrupted(f"interrupted (Ctrl-C): {path} was removed, as it held only part of it; "
+                                "nothing was exported") from None
     finally:
         stream.close() if path else stream.flush()
 

@@ -378,7 +378,8 @@ def export_receipts(conn: sqlite3.Connection, out, first: date | None = None, la
 
 
 def export_receipts_command(config_path: str, out_path: str | None, first: str | None, last: str | None) -> int:
-    from server.reports import export_bar, output
+    from server.interrupt import INTERRUPTED_STATUS
+    from server.reports import CannotWrite, ExportInterrupted, export_bar, output
 
     try:
         config = config_for_command(config_path)
@@ -391,8 +392,19 @@ def export_receipts_command(config_path: str, out_path: str | None, first: str |
     except ValueError as e:
         print(f"--from/--to must be dates (YYYY-MM-DD): {e}", file=sys.stderr)
         return 2
+    if first_day and last_day and last_day < first_day:
+        conn.close()
+        print(f"export receipts: --to {last_day} is before --from {first_day}; nothing was exported", file=sys.stderr)
+        return 2
     with closing(conn):
-        with output(out_path) as stream:
-            count = export_receipts(conn, stream, first_day, last_day, export_bar("exporting receipts", out_path))
+        try:
+            with output(out_path) as stream:
+                count = export_receipts(conn, stream, first_day, last_day, export_bar("exporting receipts", out_path))
+        except CannotWrite as e:
+            print(f"export receipts: {e}", file=sys.stderr)
+            return 2
+        except ExportInterrupted as e:
+            print(f"export receipts: {e}", file=sys.stderr)
+            return INTERRUPTED_STATUS
     print(f"{count} receipts exported", file=sys.stderr)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -154,6 +155,24 @@ def test_backup_refuses_an_existing_file_and_leaves_it(tmp_path):
     assert result.returncode == 2
     assert "already exists" in result.stderr
     assert out.read_bytes() == b"yesterday's backup"
+
+
+def test_ctrl_c_during_a_backup_leaves_no_file_and_says_so(tmp_path, capsys, monkeypatch):
+    from server import backup
+    from server.cli import main as cli
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"database": {"path": str(tmp_path / "loyalty.db")}}))
+    sqlite3.connect(tmp_path / "loyalty.db").close()
+
+    def ctrl_c_half_way(source, partial, progress=None):
+        partial.write_bytes(b"the first pages")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(backup, "copy_database", ctrl_c_half_way)
+    monkeypatch.setattr(os, "nice", lambda increment: 0)      # not the test run's own priority
+    out = tmp_path / "backup.db"
+    assert cli(["backup", "--config", str(config), "--out", str(out)]) == 130
+    assert capsys.readouterr().err == "backup interrupted (Ctrl-C): no backup was made (backup.db.partial removed)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "loyalty.db"]
 
 
 def test_a_copy_failing_audit_is_kept_aside_not_under_the_name(tmp_path):

@@ -38,6 +38,15 @@ def test_unknown_key_stops_startup_with_a_hint(tmp_path):
     assert str(path) in str(e.value)
 
 
+def test_a_file_that_is_not_yaml_is_one_line_naming_where(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("server:\n  port: 9000\n  host: [127.0.0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, environ={})
+    assert str(e.value) == (f"{path}: -: not valid YAML: expected ',' or ']', but got '<stream end>' "
+                            "at line 4, column 1")
+
+
 def test_wrong_type_names_the_key(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("server: {port: eighty}\n")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import signal
 import types
 from datetime import date, datetime, timezone
 from decimal import Decimal
@@ -17,6 +19,7 @@ from server import cvm, cvm_cli
 from server.privacy import Privacy
 from server.report_campaign import CampaignRule
 from storage import coupons, events, offers
+from storage.health import StorageBusy
 
 NOW = datetime(2026, 11, 24, 10, tzinfo=timezone.utc)
 PRIVACY = Privacy(b"tests-cvm-cli-key-0123456789")
@@ -55,6 +58,78 @@ def test_coupons_generate_writes_stored_codes_once(db, tmp_path, capsys):
     assert "no coupon campaign easter" in capsys.readouterr().err
 
 
+def test_coupons_generate_into_a_folder_that_is_not_there_makes_no_code(db, tmp_path, capsys):
+    out = tmp_path / "no-such-folder" / "codes.csv"
+    assert cvm_cli.generate(db, DEFS, PRIVACY, "xmas", 10, out, None, NOW) == 2
+    assert capsys.readouterr().err == (f"coupons generate: cannot create {out}: No such file or directory; "
+                                       "nothing was generated\n")
+    assert db.read_sync(lambda conn: conn.execute("SELECT COUNT(*) FROM coupon_codes").fetchone()[0]) == 0
+
+
+def test_coupons_generate_stopped_by_ctrl_c_keeps_file_and_database_alike(db, tmp_path, capsys, monkeypatch):
+    add_codes = coupons.add_codes
+
+    def ctrl_c_during_the_first_batch(conn, *args):
+        if not conn.execute("SELECT COUNT(*) FROM coupon_codes").fetchone()[0]:
+            os.kill(os.getpid(), signal.SIGINT)
+        return add_codes(conn, *args)
+    monkeypatch.setattr(coupons, "add_codes", ctrl_c_during_the_first_batch)
+    out = tmp_path / "codes.csv"
+    assert cvm_cli.generate(db, DEFS, PRIVACY, "xmas", 3 * coupons.WRITE_BATCH_CODES, out, None, NOW) == 130
+    batch = coupons.WRITE_BATCH_CODES
+    assert capsys.readouterr().err == (f"coupons generate: interrupted: {batch} of {3 * batch} codes of xmas stored "
+                                       f"and written to {out}; no others were made\n")
+    written = {r["code"] for r in csv.DictReader(out.open())}
+    assert len(written) == batch
+    stored = db.read_sync(lambda conn: conn.execute("SELECT COUNT(*) FROM coupon_codes").fetchone()[0])
+    assert stored == batch
+    code = sorted(written)[0]
+    judged = db.read_sync(lambda conn: coupons.judge(conn, [code], None, date(2026, 12, 1), DEFS.coupons,
+                                                     PRIVACY.coupon))
+    assert judged.statuses == [(code, coupons.USABLE)]
+
+
+def test_coupons_generate_stopped_by_a_locked_database_says_what_the_file_holds(db, tmp_path, monkeypatch):
+    write_sync, writes = db.write_sync, []
+
+    def locked_from_the_second_batch(fn, *args, **kwargs):
+        writes.append(fn)
+        if len(writes) > 1:
+            raise StorageBusy("waited 2.0s for it")
+        return write_sync(fn, *args, **kwargs)
+    monkeypatch.setattr(db, "write_sync", locked_from_the_second_batch)
+    batch, out = coupons.WRITE_BATCH_CODES, tmp_path / "codes.csv"
+    with pytest.raises(cvm_cli.Stopped) as stopped:
+        cvm_cli.generate(db, DEFS, PRIVACY, "xmas", 2 * batch, out, None, NOW)
+    assert stopped.value.done == f"{batch} of {2 * batch} codes of xmas stored and written to {out}; no others were made"
+    assert len(list(csv.DictReader(out.open()))) == batch
+    assert write_sync(lambda conn: conn.execute("SELECT COUNT(*) FROM coupon_codes").fetchone()[0]) == batch
+    # Locked from the first batch: no file of no codes is left in the way of running it again.
+    writes.append(None)
+    with pytest.raises(cvm_cli.Stopped) as stopped:
+        cvm_cli.generate(db, DEFS, PRIVACY, "xmas", 10, tmp_path / "more.csv", None, NOW)
+    assert stopped.value.done == "nothing was generated" and not (tmp_path / "more.csv").exists()
+
+
+def test_import_offers_stopped_by_a_locked_database_keeps_the_offers_before(db, tmp_path, capsys, monkeypatch):
+    source = tmp_path / "offers.csv"
+    source.write_text("offer_id,rule,card,from,to,points\n"
+                      "o1,comeback,c1,2026-12-01,2026-12-31,\n"
+                      "o2,comeback,c2,2026-12-01,2026-12-31,\n")
+    write_sync = db.write_sync
+
+    def locked_from_the_second_offer(fn, *args, **kwargs):
+        if db.read_sync(lambda conn: offers.offers_for(conn, 1, date(2026, 12, 5))):
+            raise StorageBusy("waited 2.0s for it")
+        return write_sync(fn, *args, **kwargs)
+    monkeypatch.setattr(db, "write_sync", locked_from_the_second_offer)
+    with pytest.raises(cvm_cli.Stopped) as stopped:
+        cvm_cli.import_offers(db, DEFS, PRIVACY, source, NOW)
+    assert stopped.value.done == ("offer o2 (line 3) and those after it were not assigned; run it again: an offer "
+                                  "assigned already is not assigned twice")
+    assert capsys.readouterr().out == "offers: 1 assigned, 0 already assigned the same, 0 refused\n"
+
+
 def test_import_offers_assigns_each_offer_whole(db, tmp_path, capsys):
     source = tmp_path / "offers.csv"
     source.write_text("offer_id,rule,card,from,to,points\n"
@@ -78,6 +153,39 @@ def test_import_offers_assigns_each_offer_whole(db, tmp_path, capsys):
     assert cvm_cli.import_offers(db, DEFS, PRIVACY, source, NOW) == 1
     assert "offers: 0 assigned, 1 already assigned the same, 2 refused" in capsys.readouterr().out
     assert len(db.read_sync(lambda conn: events.page(conn, 0, 100))) == 2
+
+
+def test_import_offers_from_a_file_it_cannot_read_is_one_line(db, tmp_path, capsys):
+    missing, latin1 = tmp_path / "missing.csv", tmp_path / "latin1.csv"
+    latin1.write_bytes("offer_id,rule,card,from,to,points\no1,comeback,c1,2026-12-01,2026-12-31,caf\xe9\n"
+                       .encode("latin-1"))
+    for source in (missing, tmp_path, latin1):
+        assert cvm_cli.import_offers(db, DEFS, PRIVACY, source, NOW) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"import offers: cannot read {missing}: No such file or directory; nothing was assigned"
+    assert err[1] == f"import offers: cannot read {tmp_path}: Is a directory; nothing was assigned"
+    assert err[2].startswith(f"import offers: {latin1} is not UTF-8 CSV (") and len(err) == 3
+    assert db.read_sync(lambda conn: offers.offers_for(conn, 1, date(2026, 12, 5))) == {}
+
+
+def test_import_offers_stopped_by_ctrl_c_finishes_the_offer_in_flight(db, tmp_path, capsys, monkeypatch):
+    source = tmp_path / "offers.csv"
+    source.write_text("offer_id,rule,card,from,to,points\n"
+                      "o1,comeback,c1,2026-12-01,2026-12-31,\n"
+                      "o2,comeback,c2,2026-12-01,2026-12-31,\n")
+    assign = offers.assign
+
+    def ctrl_c_during_the_first_offer(conn, *args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return assign(conn, *args)
+    monkeypatch.setattr(offers, "assign", ctrl_c_during_the_first_offer)
+    assert cvm_cli.import_offers(db, DEFS, PRIVACY, source, NOW) == 130
+    out = capsys.readouterr()
+    assert out.out == "offers: 1 assigned, 0 already assigned the same, 0 refused\n"
+    assert out.err == ("import offers: interrupted (Ctrl-C): offer o2 (line 3) and those after it were not assigned; "
+                       "run it again: an offer assigned already is not assigned twice\n")
+    got = db.read_sync(lambda conn: [offers.offers_for(conn, m, date(2026, 12, 5)) for m in (1, 2)])
+    assert got == [{"comeback": None}, {}]
 
 
 def test_report_campaign_prints_text_json_csv_and_a_chart(db, tmp_path, capsys):

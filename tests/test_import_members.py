@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -108,6 +109,40 @@ def test_a_rerun_changes_nothing_and_finishes_a_stopped_run(tmp_path, capsys):
     assert cli(["import", "members", "--csv", str(source), "--config", config]) == 0
     assert "300 members rows: 0 imported, 300 already there, 0 refused" in capsys.readouterr().out
     assert ledger_state(tmp_path / "loyalty.db") == done
+    assert cli(["audit", "verify", "--config", config]) == 0
+
+
+def test_a_report_that_cannot_be_written_stops_the_run_before_any_row(tmp_path, capsys):
+    source, config = write_csv(tmp_path, ["7000000000001,,,,100,2027-12-31,", "7000000000002,,,,x,,"]), \
+        write_config(tmp_path)
+    nowhere = tmp_path / "no-such-folder" / "refused.csv"
+    for report, why in ((nowhere, f"is in {nowhere.parent}, which does not exist"), (tmp_path, "is a folder")):
+        assert cli(["import", "members", "--csv", str(source), "--config", config, "--report", str(report)]) == 2
+        assert capsys.readouterr().err == (f"import members: the report {report} {why} (--report); "
+                                           "nothing was imported\n")
+    assert not (tmp_path / "loyalty.db").exists() or ledger_state(tmp_path / "loyalty.db")[0] == []
+
+
+def test_ctrl_c_stops_after_the_batch_in_flight_and_says_where(tmp_path, capsys, monkeypatch):
+    from storage import imports
+    insert_members = imports.insert_members
+
+    def ctrl_c_during_the_first_batch(conn, batch, **kwargs):
+        if not conn.execute("SELECT COUNT(*) FROM members").fetchone()[0]:
+            os.kill(os.getpid(), signal.SIGINT)
+        return insert_members(conn, batch, **kwargs)
+    monkeypatch.setattr(imports, "insert_members", ctrl_c_during_the_first_batch)
+    rows = [f"70000000{i:05d},,,,{i},2027-12-31," for i in range(1, 301)]
+    source, config = write_csv(tmp_path, rows), write_config(tmp_path)
+    assert cli(["import", "members", "--csv", str(source), "--config", config, "--batch-rows", "50"]) == 130
+    out = capsys.readouterr()
+    assert f"{source}: 50 members rows: 50 imported, 0 already there, 0 refused" in out.out
+    assert out.err.splitlines()[-1] == (f"{source}:51: interrupted (Ctrl-C) after this line; the rows up to it "
+                                        "were taken, run the same import again to finish it")
+    assert len(ledger_state(tmp_path / "loyalty.db")[0]) == 50
+    monkeypatch.undo()
+    assert cli(["import", "members", "--csv", str(source), "--config", config, "--batch-rows", "50"]) == 0
+    assert "300 members rows: 250 imported, 50 already there, 0 refused" in capsys.readouterr().out
     assert cli(["audit", "verify", "--config", config]) == 0
 
 

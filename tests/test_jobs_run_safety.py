@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -132,6 +133,34 @@ def test_a_now_within_a_day_needs_no_force(tmp_path, capsys):
 def test_a_now_that_is_not_a_moment_is_one_line(tmp_path, capsys, now, message):
     assert cli(["jobs", "run", "--config", write_config(tmp_path), "--now", now]) == 2
     assert capsys.readouterr().err == message + "\n"
+
+
+def test_ctrl_c_stops_after_the_batch_in_flight_saying_what_was_done(tmp_path, capsys, monkeypatch):
+    config, db = write_config(tmp_path), tmp_path / "loyalty.db"
+    members = tmp_path / "members.csv"
+    members.write_text("card,opening_points,opening_expires_on\n" +
+                       "".join(f"70000000{i:05d},{i},2027-06-30\n" for i in range(1, MEMBERS + 1)))
+    assert cli(["import", "members", "--csv", str(members), "--config", config]) == 0
+    expire = jobs.JOBS[0][0]
+
+    def ctrl_c_during_the_first_batch(conn, *args):
+        if not conn.execute("SELECT COUNT(*) FROM lots WHERE expiry_done = 1").fetchone()[0]:
+            os.kill(os.getpid(), signal.SIGINT)
+        return expire(conn, *args)
+    monkeypatch.setattr(jobs, "BATCH_ROWS_MAX", 10)
+    monkeypatch.setattr(jobs, "JOBS", ((ctrl_c_during_the_first_batch, *jobs.JOBS[0][1:]), *jobs.JOBS[1:]))
+    capsys.readouterr()
+    assert cli(["jobs", "run", "--config", config, "--now", FAR, "--force"]) == 130
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines()[-1] == (
+        "jobs run: interrupted (Ctrl-C) after expired_lots: 10, released_holds: 0, birthday_events: 0, "
+        "expiring_lots: 0; these batches stay done, run it again to finish")
+    assert state(db)[5] == 10
+    monkeypatch.undo()
+    assert cli(["jobs", "run", "--config", config, "--now", FAR, "--force"]) == 0
+    assert ran(capsys.readouterr().out)["expired_lots"] == MEMBERS - 10
+    assert state(db)[5] == MEMBERS
+    assert cli(["audit", "verify", "--config", config]) == 0
 
 
 @pytest.mark.sqlite_only(reason="a missing SQLite file; a PostgreSQL database is made by its administrator")

@@ -4,6 +4,8 @@ key its hashes were made with refuses to start instead of finding no card."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -153,6 +155,38 @@ def test_rotate_key_alone_wraps_everything_and_goes_on_where_it_stopped(tmp_path
     assert run.returncode == 0, run.stdout + run.stderr
     assert "cards.card: 7 of 7 wrapped" in run.stdout
     assert all(h.startswith("~k2~") for h in stored_hashes(server.db))
+
+
+@pytest.mark.sqlite_only(reason=ALONE)
+def test_ctrl_c_stops_the_rotation_between_batches_and_a_run_again_finishes_it(tmp_path, capsys, monkeypatch):
+    from server.cli import main as cli
+    members = tmp_path / "members.csv"
+    members.write_text("card\n" + "".join(f"{card}\n" for card in CARDS[:5]))
+    configs = {}
+    for name, privacy in (("first", {"hmac_key": FIRST_KEY}), ("rotated", ROTATED)):
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump({
+            "database": database_section(tmp_path / "loyalty.db"), "rules": {"dir": str(MARKET), "watch": False},
+            "clock": {"start": NOW}, "privacy": privacy}))
+    assert cli(["import", "members", "--csv", str(members), "--config", str(configs["first"])]) == 0
+    rewrap = member_care.rewrap
+
+    def ctrl_c_during_the_first_batch(conn, table, column, pairs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return rewrap(conn, table, column, pairs)
+    monkeypatch.setattr(member_care, "rewrap", ctrl_c_during_the_first_batch)
+    capsys.readouterr()
+    rotate_key = ["privacy", "rotate-key", "--config", str(configs["rotated"]), "--batch-rows", "2"]
+    assert cli(rotate_key) == 130
+    out, err = capsys.readouterr()
+    assert out == "cards.card: 2 of 5 wrapped\n"
+    assert err.splitlines()[-1] == ("interrupted (Ctrl-C): the hashes counted above are wrapped; run it again, "
+                                    "it goes on where it stopped")
+    assert sorted(h.startswith("~k2~") for h in stored_hashes(tmp_path / "loyalty.db")) == [False] * 3 + [True] * 2
+    monkeypatch.undo()
+    assert cli(rotate_key) == 0
+    assert "cards.card: 3 of 3 wrapped" in capsys.readouterr().out
+    assert all(h.startswith("~k2~") for h in stored_hashes(tmp_path / "loyalty.db"))
 
 
 def sale(receipt_id: str, card: str, amount: int = 1000) -> dict:

@@ -283,6 +283,29 @@ async def test_export_ledger_csv_and_jsonl(make_api, tmp_path, capsys):
     assert cli(["export", "ledger", "--format", "jsonl", "--config", config, "--out", str(target)]) == 0
     lines = [json.loads(x) for x in target.read_text().splitlines()]
     assert sum(x["points"] for x in lines) == conn.execute("SELECT SUM(points) FROM postings").fetchone()[0]
+    capsys.readouterr()
+    nowhere = tmp_path / "no-such-folder" / "ledger.csv"
+    assert cli(["export", "ledger", "--config", config, "--out", str(nowhere)]) == 2
+    assert capsys.readouterr().err == \
+        f"export ledger: cannot write {nowhere}: No such file or directory; nothing was exported\n"
+
+
+
+def test_an_export_stopped_by_ctrl_c_leaves_no_file_that_looks_whole(tmp_path, capsys, monkeypatch):
+    from server import reports
+    config = write_config(tmp_path)
+    assert cli(["jobs", "run", "--config", config]) == 0        # the database, with no postings
+
+    def ctrl_c_half_way(conn, stream, fmt, bar):
+        stream.write("id,member_id,points\n1,m_1,100\n")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(reports, "export_ledger", ctrl_c_half_way)
+    capsys.readouterr()
+    target = tmp_path / "ledger.csv"
+    assert cli(["export", "ledger", "--config", config, "--out", str(target)]) == 130
+    assert capsys.readouterr().err == (f"export ledger: interrupted (Ctrl-C): {target} was removed, as it held "
+                                       "only part of it; nothing was exported\n")
+    assert not target.exists()
 
 
 def test_jobs_run_from_the_command_line(tmp_path, capsys):

@@ -270,6 +270,14 @@ async def test_export_receipts_writes_the_stored_bodies_and_diff_replays_them(ma
         [as_receipt({**body, "card": card_hmac} if "card" in body else body) for body in bodies]
     assert main(["export", "receipts", "--config", str(config), "--from", "2026-11-23", "--to", "2026-11-23"]) == 0
     assert [json.loads(t)["receipt_id"] for t in capsys.readouterr().out.splitlines()] == ["X-2"]
+    # Dates out of order, or a file in a folder that is not there: one line, nothing written.
+    assert main(["export", "receipts", "--config", str(config), "--from", "2026-11-24", "--to", "2026-11-22"]) == 2
+    nowhere = tmp_path / "no-such-folder" / "receipts.jsonl"
+    assert main(["export", "receipts", "--config", str(config), "--out", str(nowhere)]) == 2
+    out_err = capsys.readouterr()
+    assert out_err.out == "" and out_err.err.splitlines() == [
+        "export receipts: --to 2026-11-22 is before --from 2026-11-24; nothing was exported",
+        f"export receipts: cannot write {nowhere}: No such file or directory; nothing was exported"]
     calls = []
     with closing(connect(tmp_path / "loyalty.db")) as conn:
         assert export_receipts(conn, io.StringIO(), date(2026, 11, 23), None, lambda *done: calls.append(done)) == 2

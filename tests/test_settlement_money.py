@@ -78,6 +78,18 @@ async def test_a_month_without_partner_activity_settles_to_nobody_paying(make_ap
     assert list(csv.reader((out / "settlement-2026-10.csv").open(newline="")))[1][-4:] == ["0.00", "0", "0.00", "0.00"]
 
 
+async def test_an_out_that_is_a_file_is_one_line(make_api, tmp_path, capsys):
+    api = await make_api(now=NOW)
+    await settle(api, tmp_path)
+    capsys.readouterr()
+    out = tmp_path / "reports.txt"
+    out.write_text("not a folder")
+    argv = ["partners", "settle", "--period", "2026-11", "--config", str(tmp_path / "cli.yaml"), "--out", str(out)]
+    assert await asyncio.to_thread(cli, argv) == 2
+    assert capsys.readouterr().err == f"partners settle: cannot write the settlement into {out}: it is a file, not a folder\n"
+    assert out.read_text() == "not a folder"
+
+
 async def test_a_currency_without_minor_units_prints_whole_amounts(make_api, tmp_path, capsys):
     program = tmp_path / "program"
     shutil.copytree(MARKET, program)
