@@ -303,16 +303,6 @@ def settlement_text(row: dict) -> str:
 
 
 def export_ledger(conn, fmt: str, out_path: str | None) -> int:
-    from server.interrupt import INTERRUPTED_STATUS
-    from server.reports import CannotWrite, ExportInterrupted, export_bar, export_ledger as export, output
-    try:
-        with output(out_path) as stream:
-            count = export(conn, stream, fmt, export_bar("exporting ledger", out_path))
-    except CannotWrite as e:
-        print(f"export ledger: {e}", file=sys.stderr)
-        return 2
-    except ExportInterrupted as e:
-        print(f"export ledger: {e}", file=sys.stderr)
-        return INTERRUPTED_STATUS
-    print(f"{count} postings exported", file=sys.stderr)
-    return 0
+    from server.reports import export_bar, export_ledger as export, export_to
+    bar = export_bar("exporting ledger", out_path)
+    return export_to("export ledger", out_path, "postings", lambda stream: export(conn, stream, fmt, bar))

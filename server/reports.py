@@ -188,6 +188,23 @@ def output(path: str | None):
         stream.close() if path else stream.flush()
 
 
+def export_to(command: str, path: str | None, noun: str, write) -> int:
+    """Runs write(stream) into `path` (standard output when None) as `command` and returns its
+    exit status: how many `noun` it exported said on stderr, or why nothing was."""
+    from server.interrupt import INTERRUPTED_STATUS
+    try:
+        with output(path) as stream:
+            count = write(stream)
+    except CannotWrite as e:
+        print(f"{command}: {e}", file=sys.stderr)
+        return 2
+    except ExportInterrupted as e:
+        print(f"{command}: {e}", file=sys.stderr)
+        return INTERRUPTED_STATUS
+    print(f"{count} {noun} exported", file=sys.stderr)
+    return 0
+
+
 def export_bar(label: str, path: str | None) -> "ProgressBar":
     """A progress bar on a terminal's stderr, but never amid exported lines on that terminal."""
     bar = ProgressBar(label)

@@ -378,8 +378,7 @@ def export_receipts(conn: sqlite3.Connection, out, first: date | None = None, la
 
 
 def export_receipts_command(config_path: str, out_path: str | None, first: str | None, last: str | None) -> int:
-    from server.interrupt import INTERRUPTED_STATUS
-    from server.reports import CannotWrite, ExportInterrupted, export_bar, output
+    from server.reports import export_bar, export_to
 
     try:
         config = config_for_command(config_path)
@@ -396,15 +395,7 @@ def export_receipts_command(config_path: str, out_path: str | None, first: str |
         conn.close()
         print(f"export receipts: --to {last_day} is before --from {first_day}; nothing was exported", file=sys.stderr)
         return 2
+    bar = export_bar("exporting receipts", out_path)
     with closing(conn):
-        try:
-            with output(out_path) as stream:
-                count = export_receipts(conn, stream, first_day, last_day, export_bar("exporting receipts", out_path))
-        except CannotWrite as e:
-            print(f"export receipts: {e}", file=sys.stderr)
-            return 2
-        except ExportInterrupted as e:
-            print(f"export receipts: {e}", file=sys.stderr)
-            return INTERRUPTED_STATUS
-    print(f"{count} receipts exported", file=sys.stderr)
-    return 0
+        return export_to("export receipts", out_path, "receipts",
+                         lambda stream: export_receipts(conn, stream, first_day, last_day, bar))

@@ -111,11 +111,17 @@ def test_coupons_generate_stopped_by_a_locked_database_says_what_the_file_holds(
     assert stopped.value.done == "nothing was generated" and not (tmp_path / "more.csv").exists()
 
 
-def test_import_offers_stopped_by_a_locked_database_keeps_the_offers_before(db, tmp_path, capsys, monkeypatch):
-    source = tmp_path / "offers.csv"
+def two_offers(folder):
+    """An offers file of two offers, one card each."""
+    source = folder / "offers.csv"
     source.write_text("offer_id,rule,card,from,to,points\n"
                       "o1,comeback,c1,2026-12-01,2026-12-31,\n"
                       "o2,comeback,c2,2026-12-01,2026-12-31,\n")
+    return source
+
+
+def test_import_offers_stopped_by_a_locked_database_keeps_the_offers_before(db, tmp_path, capsys, monkeypatch):
+    source = two_offers(tmp_path)
     write_sync = db.write_sync
 
     def locked_from_the_second_offer(fn, *args, **kwargs):
@@ -169,10 +175,7 @@ def test_import_offers_from_a_file_it_cannot_read_is_one_line(db, tmp_path, caps
 
 
 def test_import_offers_stopped_by_ctrl_c_finishes_the_offer_in_flight(db, tmp_path, capsys, monkeypatch):
-    source = tmp_path / "offers.csv"
-    source.write_text("offer_id,rule,card,from,to,points\n"
-                      "o1,comeback,c1,2026-12-01,2026-12-31,\n"
-                      "o2,comeback,c2,2026-12-01,2026-12-31,\n")
+    source = two_offers(tmp_path)
     assign = offers.assign
 
     def ctrl_c_during_the_first_offer(conn, *args):
