@@ -157,17 +157,23 @@ def test_rotate_key_alone_wraps_everything_and_goes_on_where_it_stopped(tmp_path
     assert all(h.startswith("~k2~") for h in stored_hashes(server.db))
 
 
+def first_and_rotated(folder) -> dict:
+    """Two configs of one database: under the first key, and rotated from it."""
+    configs = {}
+    for name, privacy in (("first", {"hmac_key": FIRST_KEY}), ("rotated", ROTATED)):
+        configs[name] = folder / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump({
+            "database": database_section(folder / "loyalty.db"), "rules": {"dir": str(MARKET), "watch": False},
+            "clock": {"start": NOW}, "privacy": privacy}))
+    return configs
+
+
 @pytest.mark.sqlite_only(reason=ALONE)
 def test_ctrl_c_stops_the_rotation_between_batches_and_a_run_again_finishes_it(tmp_path, capsys, monkeypatch):
     from server.cli import main as cli
     members = tmp_path / "members.csv"
     members.write_text("card\n" + "".join(f"{card}\n" for card in CARDS[:5]))
-    configs = {}
-    for name, privacy in (("first", {"hmac_key": FIRST_KEY}), ("rotated", ROTATED)):
-        configs[name] = tmp_path / f"{name}.yaml"
-        configs[name].write_text(yaml.safe_dump({
-            "database": database_section(tmp_path / "loyalty.db"), "rules": {"dir": str(MARKET), "watch": False},
-            "clock": {"start": NOW}, "privacy": privacy}))
+    configs = first_and_rotated(tmp_path)
     assert cli(["import", "members", "--csv", str(members), "--config", str(configs["first"])]) == 0
     rewrap = member_care.rewrap
 
@@ -287,12 +293,7 @@ def test_an_import_run_again_after_a_rotation_changes_nothing(tmp_path, capsys):
     history = tmp_path / "history.jsonl"
     history.write_text("".join(json.dumps({**sale(f"H-{n}", card), "ts": "2026-11-01T12:00:00+02:00"}) + "\n"
                                for n, card in enumerate(CARDS[:5])))
-    configs = {}
-    for name, privacy in (("first", {"hmac_key": FIRST_KEY}), ("rotated", ROTATED)):
-        configs[name] = tmp_path / f"{name}.yaml"
-        configs[name].write_text(yaml.safe_dump({
-            "database": database_section(tmp_path / "loyalty.db"), "rules": {"dir": str(MARKET), "watch": False},
-            "clock": {"start": NOW}, "privacy": privacy}))
+    configs = first_and_rotated(tmp_path)
     for command in (["members", "--csv", str(members)], ["receipts", "--jsonl", str(history)]):
         assert cli(["import", *command, "--config", str(configs["first"])]) == 0
     done = ledger_state(tmp_path / "loyalty.db")
