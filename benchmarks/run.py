@@ -473,8 +473,20 @@ def side_by_side(servers: list[Server], meter: ClusterCpu | None, templates: Pat
         "server_us": [c / confirmed * 1e6 for c in cpu],
         "pg_us": pg_cpu / confirmed * 1e6 if meter else None,
         "failed": sum(r["other"] + r["errors"]["timeout"] + r["errors"]["connect"] for r in runs),
+        "failed_by": failed_by(runs),
         "load": os.getloadavg()[0],
     }
+
+
+def failed_by(runs: list[dict]) -> dict[str, int]:
+    """What the failed requests of wrk runs were: each status but the expected ones (201,
+    200, 422; a 422 counted among "other" is not told apart here) and wrk's own errors."""
+    found: collections.Counter = collections.Counter()
+    for r in runs:
+        found.update({f"status {code}": n for code, n in r["statuses"].items()
+                      if str(code) not in ("200", "201", "422")})
+        found.update({f"wrk {kind}": n for kind, n in r["errors"].items() if kind in ("timeout", "connect") and n})
+    return dict(found)
 
 
 # ------------------------------------------------------------------ the run
@@ -783,6 +795,13 @@ def pg_section(comparison: dict, seconds: int) -> list[str]:
                                           "lowest / highest round", "p50 / p99 ms",
                                           "CPU µs per confirmed receipt: each server process", "PostgreSQL",
                                           "in all", "other/errors"], tablefmt="github"))
+    for name, rows in results.items():
+        failed: collections.Counter = collections.Counter()
+        for r in rows:
+            failed.update(r.get("failed_by", {}))
+        if failed:
+            lines += ["", f"Failed requests of {name}: " + ", ".join(f"{k} × {n}" for k, n in sorted(failed.items()))
+                      + "."]
     lines += ["", "CPU per confirmed receipt is each process's utime + stime (/proc) over the run divided by the "
               "receipts confirmed in all (the unknown cards, refused redemptions and returns, about 8 % of requests, "
               "are paid out of it); PostgreSQL's is the postmaster's and its children's, read while the servers' "
