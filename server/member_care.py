@@ -18,7 +18,7 @@ from server.errors import ApiError, conflict, field_error, not_found, unprocessa
 from server.keys import CLOCK, DATABASE, OPS, PRIVACY
 from server.ops import members as member_ops
 from server.privacy import candidates
-from storage import coupons, events, ledger, member_care
+from storage import coupons, events, ledger, member_care, segments
 from storage.ledger import PostingRef, iso
 from storage.member_care import CareRefused
 
@@ -178,9 +178,10 @@ def _replaced(public_id: str, old_last4: str | None, new_last4: str, conn,
 # ---------------------------------------------------------------- merge
 
 async def merge(app, body: schema.MemberMerge, principal) -> tuple[int, A.MergeAnswer]:
-    """Moves the points of `from_member_id` to `into_member_id` through transfer postings and
-    takes the first member's cards out of use (the codes bound to them go to the second
-    member's first card); idempotent by merge_id."""
+    """Moves the points of `from_member_id` to `into_member_id` through transfer postings, its
+    personal offers and list segments with them, and takes the first member's cards out of
+    use (the codes bound to them go to the second member's first card); one transaction,
+    idempotent by merge_id."""
     source, target = member_number(body.from_member_id), member_number(body.into_member_id)
     if source == target:
         raise field_error("into_member_id", "must be another member than from_member_id")
@@ -193,11 +194,14 @@ async def merge(app, body: schema.MemberMerge, principal) -> tuple[int, A.MergeA
             if previous[0] != fingerprint:
                 raise conflict("idempotency_conflict", f"merge {body.merge_id} was made with another body")
             return 200, msgspec.structs.replace(msgspec.json.decode(previous[1], type=A.MergeAnswer), replayed=True)
+        ledger.lock_members(conn, [source, target])    # their receipts wait: offers and segments move too
         _member(conn, source, body.from_member_id, "from_member_id")
         _member(conn, target, body.into_member_id, "into_member_id")
         at = PostingRef(effective_at=iso(now), created_at=iso(now), ref=f"merge:{body.merge_id}",
                         key_id=principal.key_id, note=body.reason)
         lots, points = member_care.move_points(conn, source, target, at)
+        member_care.move_offers(conn, source, target)
+        segments.take_over_lists(conn, source, target, now)
         member_care.release_holds(conn, source, iso(now))
         cards = member_care.active_cards(conn, source)
         heir = member_care.active_cards(conn, target)[:1]

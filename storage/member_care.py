@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from storage import coupons, events, ledger, member_facts
+from storage import coupons, events, ledger, member_facts, offers
 from storage.accounts import member_account
 from storage.schema import LEGACY_FINGERPRINT, legacy_fingerprint
 from storage.sql import arrival, byte_order, integrity_errors, is_postgresql
@@ -174,6 +174,11 @@ def move_points(conn: sqlite3.Connection, source: int, target: int, at: ledger.P
             ledger.repay_debts(conn, target, moved, at)
         net += lot.remaining
     return len(lots), net
+
+
+def move_offers(conn: sqlite3.Connection, source: int, target: int) -> int:
+    """The personal offers of `source` go to `target` (storage.offers.take_over); how many."""
+    return offers.take_over(conn, source, target, {m: with_merged(conn, m) for m in (source, target)})
 
 
 def survivor(conn: sqlite3.Connection, member_id: int) -> int | None:
