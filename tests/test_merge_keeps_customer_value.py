@@ -133,3 +133,31 @@ async def test_the_survivor_joins_the_list_segments_of_the_member_merged_away(ai
     status, body = await api.put("/v1/admin/segments/staff/members", {"cards": ["c2"]})
     assert status == 200 and body["members"] == 1
     await assert_ledger_verifies(api)
+
+
+async def test_a_return_and_a_cancel_of_the_merged_members_receipt_answer_the_survivors_balance(
+        aiohttp_client, tmp_path):
+    api = await serve(aiohttp_client, tmp_path)
+    await confirm(api, sale("r1", "c1", 20_000))                 # 4 points for c1
+    await confirm(api, sale("r2", "c2", 50_000))                 # 10 points for c2
+    await merge(api, "MG-1", "c1", "c2")
+    _, keep = await api.get("/v1/members/c2")
+    assert keep["balance"] == {"available": 14, "pending": 0, "held": 0}
+    ref = {"store_id": "S001", "register_id": "K1", "receipt_id": "r1"}
+    status, back = await api.post("/v1/returns", {"return_id": "t1", "store_id": "S001", "register_id": "K1",
+                                                  "receipt": ref, "lines": [{"line_no": 1, "qty": 1}]},
+                                  as_="register")
+    assert status == 201 and back["reversed"]["points"] == 4, back
+    assert back["member_id"] == keep["member_id"]
+    assert back["balance"] == {"available": 10, "pending": 0, "held": 0}
+    status, cancelled = await api.post("/v1/receipts/S001/K1/r1/cancel", as_="register")
+    assert status == 200 and cancelled["balance"] == {"available": 10, "pending": 0, "held": 0}, cancelled
+    # Sent again after the cancel: the stored answer with the balance now, the survivor's.
+    status, again = await api.post("/v1/receipts", sale("r1", "c1", 20_000), as_="register")
+    assert status == 200 and again["cancelled"] is True and again["balance"]["available"] == 10, again
+    _, stream = await api.get("/v1/admin/events?after=0&limit=100")
+    told = {e["type"]: (e["member_id"], e["data"]["balance"]) for e in stream["events"]
+            if e["type"] in ("return.accepted", "receipt.cancelled")}
+    assert told == {kind: (keep["member_id"], {"available": 10, "pending": 0, "held": 0})
+                    for kind in ("return.accepted", "receipt.cancelled")}
+    await assert_ledger_verifies(api)
