@@ -143,7 +143,7 @@ async def replace_card(app, public_id: str, body: schema.CardReplacement) -> tup
         old, old_last4 = _card_to_replace(cards, body.old_card_last4)
         member_care.retire_card(conn, old, member_id, "replaced", new_last4, now)
         member_care.add_card(conn, new, new_last4, member_id, now)
-        coupons.rebind_codes(conn, old, new)
+        coupons.rebind_codes(conn, privacy.forms("card", old), new)
         events.emit(conn, "card.replaced", member_id, {"old_card_last4": old_last4, "new_card_last4": new_last4},
                     now, card_last4=new_last4)
         return 201, _replaced(public_id, old_last4, new_last4, conn)
@@ -186,7 +186,7 @@ async def merge(app, body: schema.MemberMerge, principal) -> tuple[int, A.MergeA
     if source == target:
         raise field_error("into_member_id", "must be another member than from_member_id")
     fingerprint = hashlib.sha256(schema.canonical(body)).hexdigest()
-    now = app[CLOCK].now()
+    now, privacy = app[CLOCK].now(), app[PRIVACY]
 
     def write(conn):
         previous = member_care.get_merge(conn, body.merge_id)
@@ -204,11 +204,11 @@ async def merge(app, body: schema.MemberMerge, principal) -> tuple[int, A.MergeA
         segments.take_over_lists(conn, source, target, now)
         member_care.release_holds(conn, source, iso(now))
         cards = member_care.active_cards(conn, source)
-        heir = member_care.active_cards(conn, target)[:1]
+        heir = [privacy.rewrap("card", card) or card for card, _ in member_care.active_cards(conn, target)[:1]]
         for card, _ in cards:
             member_care.retire_card(conn, card, source, "merged", body.into_member_id, iso(now))
-            for successor, _ in heir:
-                coupons.rebind_codes(conn, card, successor)
+            for successor in heir:
+                coupons.rebind_codes(conn, privacy.forms("card", card), successor)
         member_care.mark_merged(conn, source, target, iso(now))
         events.emit(conn, "member.merged", source, {"merge_id": body.merge_id, "into_member_id": body.into_member_id,
                                                     "lots_moved": lots, "points_moved": points},
@@ -239,7 +239,8 @@ async def erase(app, public_id: str, body: schema.Erasure) -> A.ErasureAnswer:
             return A.ErasureAnswer(public_id, state.erased_at, cards_removed=0, receipts_scrubbed=0,
                                    members_erased=[], replayed=True)
         try:
-            done = member_care.erase(conn, member_id, now, seen, nobodys_card)
+            done = member_care.erase(conn, member_id, now, seen, nobodys_card,
+                                     lambda card: app[PRIVACY].forms("card", card))
         except CareRefused as e:
             raise refusal(e) from None
         for erased in done["members_erased"]:     # after the erasure: nothing personal left to name
