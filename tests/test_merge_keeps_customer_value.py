@@ -1,7 +1,8 @@
 """A merge of two members who are one customer keeps what customer value management gave
 either of them: the personal offers (budgets and use as they were, one offer where both held
 it, never more budget than either had), the list segments, and the cancels and returns of the
-member merged away answered with the balance of the member that now holds its points."""
+member merged away answered with the balance of the member that now holds its points, and the
+reward for a friend it referred."""
 from __future__ import annotations
 
 from conftest import Api, test_config
@@ -19,6 +20,8 @@ stores: [{id: S001}]
 segments:
   define:
     - {id: staff, list: true}
+events:
+  - {id: referral, on: referred_first_purchase, reward: {points: 500}}
 rules:
   - id: base
     reward: {percent: 2}
@@ -160,4 +163,17 @@ async def test_a_return_and_a_cancel_of_the_merged_members_receipt_answer_the_su
             if e["type"] in ("return.accepted", "receipt.cancelled")}
     assert told == {kind: (keep["member_id"], {"available": 10, "pending": 0, "held": 0})
                     for kind in ("return.accepted", "receipt.cancelled")}
+    await assert_ledger_verifies(api)
+
+
+async def test_a_referral_by_the_member_merged_away_rewards_the_survivor(aiohttp_client, tmp_path):
+    api = await serve(aiohttp_client, tmp_path)
+    status, friend = await api.post("/v1/members", {"card": "c3", "referred_by": "c1"})
+    assert status == 201, friend
+    await merge(api, "MG-1", "c1", "c2")
+    await confirm(api, sale("r1", "c3"))                            # the friend's first purchase
+    _, keep = await api.get("/v1/members/c2")
+    assert keep["balance"] == {"available": 500, "pending": 0, "held": 0}
+    _, statement = await api.get("/v1/members/c2/statement")
+    assert [p["rule"] for p in statement["postings"]] == ["referral"], statement
     await assert_ledger_verifies(api)
