@@ -1,7 +1,9 @@
 """`privacy rotate-key` leaves nothing under an earlier key: besides cards and phones it
 wraps coupon codes, the cards codes are bound to, and the card hash inside every stored
 receipt body (whose fingerprint follows). Before it has run, a server with the new key
-still finds every code and the card it is bound to."""
+still finds every code and the card it is bound to; codes bound to a card replaced, merged or
+erased before or while it runs end bound, under the new key, to the card that took its place
+(or to no one's)."""
 from __future__ import annotations
 
 import asyncio

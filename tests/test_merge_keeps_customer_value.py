@@ -9,7 +9,7 @@ from conftest import Api, test_config
 
 from server.app import create_app
 from server.keys import DATABASE
-from storage import audit
+from storage import admin_audit, audit
 
 NOW = "2026-12-10T12:00:00+02:00"
 PROGRAM = """\
@@ -83,6 +83,7 @@ async def points_left(api: Api, card: str) -> dict[str, int | None]:
 async def assert_ledger_verifies(api: Api) -> None:
     report = await api.app[DATABASE].read(audit.verify)
     assert report.ok, report.problems
+    assert (await api.app[DATABASE].read(admin_audit.verify)).ok
 
 
 async def test_offers_go_to_the_surviving_member_and_one_held_by_both_keeps_the_larger_budget_left(
