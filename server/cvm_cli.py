@@ -240,8 +240,10 @@ def import_offers(db: Database, definitions: cvm.Definitions, privacy, source: P
                 problems.append(f"{source}:{rows.lines[0]}: offer {offer_id}: {e}")
                 continue
             except ApiError as e:
-                where = [f"line {rows.lines[int(d['path'][6:-1])]}" for d in e.details
-                         if d["path"].startswith("cards[")]
+                # a card out of use also says which card to use instead
+                where = [f"line {rows.lines[int(d['path'][6:-1])]}"
+                         + ("" if d["message"] == cvm.NOT_ENROLLED else f": {d['message']}")
+                         for d in e.details if d["path"].startswith("cards[")]
                 problems.append(f"{source}:{rows.lines[0]}: offer {offer_id}: {e.message}"
                                 + (f" ({', '.join(where[:20])})" if where else ""))
                 continue
