@@ -253,7 +253,7 @@ def _rotate_all(db, privacy: Privacy, batch_rows: int, alone: bool) -> int:
     try:
         refused = _check_keys(db, privacy, alone)
         if refused:
-            print(refused, flush=True)
+            print(refused, file=sys.stderr, flush=True)
             return 2
         total = 0
         for table, column, kind in member_care.REKEYED:

@@ -120,6 +120,16 @@ def two_offers(folder):
     return source
 
 
+def test_coupons_generate_refuses_a_card_that_is_no_card(db, tmp_path, capsys):
+    out = tmp_path / "codes.csv"
+    for card in ("", "70 01", "x" * 65):
+        assert cvm_cli.generate(db, DEFS, PRIVACY, "xmas", 3, out, card, NOW) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("coupons generate: --card must be a card number"), err
+    assert not out.exists()
+    assert db.read_sync(lambda conn: conn.execute("SELECT COUNT(*) FROM coupon_codes").fetchone()[0]) == 0
+
+
 def test_import_offers_stopped_by_a_locked_database_keeps_the_offers_before(db, tmp_path, capsys, monkeypatch):
     source = two_offers(tmp_path)
     write_sync = db.write_sync
