@@ -32,13 +32,28 @@ def receipt_parts(plan: ReceiptPlan, program: Program) -> tuple:
     balance = A.ReceiptBalance(b.available, b.pending, b.held) if b is not None else A.ReceiptBalance()
     accrued = A.Accrued(ev.accrued_points,
                         str(ev.available_from) if member else None,
-                        str(ev.expires_on) if member and ev.expires_on else None,
+                        first_expiry(plan) if member else None,
                         [A.RulePoints(r, p) for r, p in ev.by_rule],
                         [A.LinePoints(n, p) for n, p in ev.by_line])
     redeemed = A.Redeemed(ev.redeemed_points, ev.discount,
                           [A.LineRedeemed(n, p, d) for n, p, d in ev.redeemed_by_line])
     return (receipt_ref(plan.key), member.public_id if member else None, program.version, accrued, redeemed,
             balance, messages(plan, program))
+
+
+def first_expiry(plan: ReceiptPlan) -> str | None:
+    """`accrued.expires_on`: the earliest date any of the receipt's points expire. A rule with
+    its own `expires_in_days` puts its points in a lot of their own, so one receipt's points
+    may expire on several dates; the member's `expiring` list shows each. The dates are the
+    plan's own lots (a confirm's, as written to the ledger) or, for a calculate, which writes
+    none, the evaluation's that they are made from. No points: the program's date; points
+    that never expire: null."""
+    ev = plan.evaluation
+    dates = [lot.expires_on for lot in plan.lots] if plan.lots else [expires for _, expires, _ in ev.lots]
+    if not dates:
+        return str(ev.expires_on) if ev.expires_on else None
+    expiring = [day for day in dates if day is not None]
+    return str(min(expiring)) if expiring else None
 
 
 def messages(plan: ReceiptPlan, program: Program) -> list[str]:

@@ -23,6 +23,7 @@ from server.privacy import candidates
 from server.validation import Problems
 from storage import coupons, offers, segments
 from storage.ledger import member_id_of_card
+from storage.member_care import RetiredCard, retired_card
 from storage.schema import legacy_fingerprint
 
 
@@ -81,21 +82,52 @@ def definitions(app) -> Definitions:
 
 # ------------------------------------------------------------------ handlers
 
+# Cards a refused request lists in `details`, in the order sent; the message counts them all.
+REFUSED_CARDS_LISTED_MAX = 100
+NOT_ENROLLED = "is not an enrolled card"
+RETIRED_CODES = {"replaced": "card_replaced", "merged": "card_merged"}
+
+
 def members_of_cards(conn, privacy, cards: list[str]) -> list[int]:
-    """The members of the cards, or a 422 `unknown_card` naming every card not enrolled.
-    Each card is looked for under its hash in force and the earlier keys' (a card
-    `privacy rotate-key` has not wrapped yet) in one statement, as every look-up is."""
-    found, missing = [], []
+    """The members of the cards, or a 422 naming every card that has none: not enrolled, or
+    taken out of use by a replacement or a merge (which says the card to use instead, as a
+    single card's call does). Each card is looked for under its hash in force and the
+    earlier keys' (a card `privacy rotate-key` has not wrapped yet) in one statement, as
+    every look-up is."""
+    found, refused = [], []
     for i, card in enumerate(cards):
-        member_id = member_id_of_card(conn, privacy.card(card))
+        digest = privacy.card(card)
+        member_id = member_id_of_card(conn, digest)
         if member_id is None:
-            missing.append({"path": f"cards[{i}]", "message": "is not an enrolled card"})
+            refused.append((i, card, retired_card(conn, digest)))
         else:
             found.append(member_id)
-    if missing:
-        raise unprocessable("unknown_card", f"{len(missing)} of the cards are not enrolled; nothing was changed",
-                            missing[:100])
+    if refused:
+        raise cards_refused(refused)
     return found
+
+
+def cards_refused(refused: list[tuple[int, str, RetiredCard | None]]) -> ApiError:
+    """The code is the first refused card's (in the order sent): `unknown_card`,
+    `card_replaced` or `card_merged`; `details` says what happened to each."""
+    first = refused[0][2]
+    code = "unknown_card" if first is None else RETIRED_CODES[first.reason]
+    retired = sum(r is not None for _, _, r in refused)
+    message = (f"{len(refused)} of the cards are not enrolled; nothing was changed" if not retired else
+               f"{len(refused)} of the cards have no member ({len(refused) - retired} not enrolled, {retired} "
+               "taken out of use by a replacement or a merge: details name the card to use); nothing was changed")
+    return unprocessable(code, message, [{"path": f"cards[{i}]", "message": _why_refused(card, r)}
+                                         for i, card, r in refused[:REFUSED_CARDS_LISTED_MAX]])
+
+
+def _why_refused(card: str, retired: RetiredCard | None) -> str:
+    if retired is None:
+        return NOT_ENROLLED
+    if retired.reason == "replaced":
+        return (f"card {card} was replaced on {retired.retired_at[:10]} by the card ending {retired.successor}: "
+                "use that card")
+    return (f"card {card} belonged to m_{retired.member_id}, merged into {retired.successor} on "
+            f"{retired.retired_at[:10]}: use that member's card")
 
 
 def _list_segment(app, segment_id: str) -> segments.SegmentDefinition:

@@ -134,6 +134,9 @@ def generate(db: Database, definitions: cvm.Definitions, privacy, campaign: str,
     if campaign not in definitions.coupons:
         print(f"coupons generate: the program defines no coupon campaign {campaign}", file=sys.stderr)
         return 2
+    if card is not None and (problem := _card_problem(card)):
+        print(f"coupons generate: --card {problem}; nothing was generated", file=sys.stderr)
+        return 2
     try:
         stream = out.open("x", newline="", encoding="utf-8")
     except FileExistsError:
@@ -169,6 +172,16 @@ def generate(db: Database, definitions: cvm.Definitions, privacy, campaign: str,
             bar(done, count)
     print(f"{count} codes of {campaign} written to {out}")
     return 0
+
+
+def _card_problem(card: str) -> str | None:
+    """Why --card is no card the API would take (an empty one would make codes bound to no
+    card, usable with any); None when it is one."""
+    try:
+        msgspec.convert(card, schema.Card)
+    except msgspec.ValidationError:
+        return f"must be a card number of 1 to 64 characters without slashes or spaces, got {card!r}"
+    return None
 
 
 # ------------------------------------------------------------------ offers
@@ -240,8 +253,10 @@ def import_offers(db: Database, definitions: cvm.Definitions, privacy, source: P
                 problems.append(f"{source}:{rows.lines[0]}: offer {offer_id}: {e}")
                 continue
             except ApiError as e:
-                where = [f"line {rows.lines[int(d['path'][6:-1])]}" for d in e.details
-                         if d["path"].startswith("cards[")]
+                # a card out of use also says which card to use instead
+                where = [f"line {rows.lines[int(d['path'][6:-1])]}"
+                         + ("" if d["message"] == cvm.NOT_ENROLLED else f": {d['message']}")
+                         for d in e.details if d["path"].startswith("cards[")]
                 problems.append(f"{source}:{rows.lines[0]}: offer {offer_id}: {e.message}"
                                 + (f" ({', '.join(where[:20])})" if where else ""))
                 continue

@@ -58,10 +58,13 @@ def dispatch(args) -> int:
     if args.keys_command == "list":
         return list_keys(config, args.json)
     if args.keys_command == "add":
-        if problem := _add_problem(args.name, args.role, args.stores):
+        if problem := _add_problem(args.name, args.role, args.stores) or _no_database(config):
             print(problem, file=sys.stderr)
             return 2
         return add_key(config, args.name.strip(), args.role, args.stores, args.by or _os_user())
+    if problem := _no_database(config):
+        print(problem.replace("no key was added", "nothing was revoked"), file=sys.stderr)
+        return 2
     return revoke_key(config, args.id, args.by or _os_user())
 
 
@@ -73,6 +76,16 @@ def _add_problem(name: str, role: str, stores: list[str]) -> str | None:
         return "a register key needs at least one --store"
     if role != "register" and stores:
         return f"--store is for register keys; a {role} key is not limited to stores"
+    return None
+
+
+def _no_database(config) -> str | None:
+    """Why a key cannot be added to SQLite's file: it is not there (a mistyped path or
+    config would get a new empty database holding nothing but the key; the server makes the
+    database when it first starts). PostgreSQL's database is found when it is opened."""
+    if config.database.url is None and not config.resolve(config.database.path).exists():
+        from server.databases import described
+        return f"{described(config)}: no database (start the server once to make it); no key was added"
     return None
 
 

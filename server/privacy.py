@@ -289,7 +289,7 @@ def _rotate_all(db, privacy: Privacy, batch_rows: int, alone: bool) -> int:
     try:
         refused = _check_keys(db, privacy, alone)
         if refused:
-            print(refused, flush=True)
+            print(refused, file=sys.stderr, flush=True)
             return 2
         # The cards codes are bound to first: a card taken out of use meanwhile takes its codes
         # along by the card's stored hash wrapped up to the key in force (Privacy.forms),

@@ -2,11 +2,12 @@
 
 Audience: the members enrolled by `to` who meet the rule's member conditions on `from` (all
 of them when it has none; server/report_audience.py says who does); each is treated or
-control by the stable holdout assignment. Per group: members, buyers, receipts, spend (net
+control by the stable holdout assignment. A member merged away counts as the member it went
+to; an erased member not at all (Audience). Per group: members, buyers, receipts, spend (net
 totals of the period's confirmed receipts, non-buyers counting zero), scope_spend (the same
 over the lines in the rule's scope), points (issued by the rule to the treated; what it
-would have given, for the control). The uplift of spend per member is the difference of the
-means with a Welch–Satterthwaite t interval.
+would have given, for the control; both net of returns). The uplift of spend per member is
+the difference of the means with a Welch–Satterthwaite t interval.
 
 Sums and means are exact (integers and Fractions); the t quantile is computed in floating
 point (it is a statistic, not money) to far better than a minor unit of any interval this
@@ -81,21 +82,53 @@ class Group:
 
 # ------------------------------------------------------------------ reading
 
-def _audience(conn, setting: Setting, rule: CampaignRule, first: date, last: date) -> dict[int, str]:
+@dataclass
+class Audience:
+    """Who the report counts: each member in it with their group, and whose history is whose.
+    A member merged away is no member of its own: its receipts and points are the customer's,
+    counted for the member they went to (through any chain of merges). An erased member has
+    no one left to compare: it and its history count nowhere."""
+    groups: dict[int, str]           # member id -> TREATED | CONTROL
+    owner: dict[int, int]            # member id (a merged-away one too) -> the member counted for its history
+
+    def group_of(self, member_id: int) -> tuple[int, str] | None:
+        counted = self.owner.get(member_id)
+        return None if counted is None else (counted, self.groups[counted])
+
+
+def _audience(conn, setting: Setting, rule: CampaignRule, first: date, last: date) -> Audience:
     end = iso(datetime.combine(last + timedelta(days=1), time.min, setting.timezone))
-    out = {}
     limit = _limit(rule.holdout)
     meets = rule.audience_on(conn, first) if rule.audience_on is not None else None
-    for (member_id,) in conn.execute("SELECT id FROM members WHERE enrolled_at < ? ORDER BY id", (end,)):
-        if meets is not None and not meets(member_id):
+    groups, merged = {}, {}
+    for member_id, enrolled_at, merged_into, erased_at in conn.execute(
+            "SELECT id, enrolled_at, merged_into, erased_at FROM members ORDER BY id"):
+        if merged_into is not None:
+            merged[member_id] = merged_into
+            continue
+        if erased_at is not None or enrolled_at >= end or (meets is not None and not meets(member_id)):
             continue
         held = _held(setting.program_id, rule.id, member_public_id(member_id), limit)
-        out[member_id] = CONTROL if held else TREATED
-    return out
+        groups[member_id] = CONTROL if held else TREATED
+    owner = {member_id: member_id for member_id in groups}
+    for member_id in merged:
+        heir = _survivor(merged, member_id)
+        if heir in groups:
+            owner[member_id] = heir
+    return Audience(groups, owner)
+
+
+def _survivor(merged: dict[int, int], member_id: int) -> int:
+    seen = set()
+    while member_id in merged and member_id not in seen:    # a cycle is no merge the server makes
+        seen.add(member_id)
+        member_id = merged[member_id]
+    return member_id
 
 
 def _receipts(conn, rule: CampaignRule, first: date, last: date):
-    """(member, receipt key, net total, net scope spend) of each confirmed receipt of the period."""
+    """(member, receipt key, net total, net scope spend, scope spend as sold) of each
+    confirmed receipt of the period."""
     returned: dict[tuple, dict[int, int]] = {}
     for *key, line_no, amount in conn.execute(
             "SELECT rl.receipt_store, rl.receipt_register, rl.receipt_id, rl.line_no, SUM(rl.amount) "
@@ -113,15 +146,17 @@ def _receipts(conn, rule: CampaignRule, first: date, last: date):
         key = (store, register, receipt_id)
         back = returned.get(key, {})
         if rule.in_scope is None:
-            scope = total - sum(back.values())
+            sold, scope = total, total - sum(back.values())
         else:
-            scope = sum(line["amount"] - back.get(line["line_no"], 0)
-                        for line in msgspec.json.decode(unpack(body))["lines"] if rule.in_scope(line))
-        yield member_id, key, total - sum(back.values()), scope
+            lines = [line for line in msgspec.json.decode(unpack(body))["lines"] if rule.in_scope(line)]
+            sold = sum(line["amount"] for line in lines)
+            scope = sold - sum(back.get(line["line_no"], 0) for line in lines)
+        yield member_id, key, total - sum(back.values()), scope, sold
 
 
-def _points(conn, rule_id: str, first: date, last: date) -> tuple[dict[int, int], dict[int, int]]:
-    """Points by member: issued by the rule (net of returns) and what it would have given the held out."""
+def _points(conn, rule_id: str, first: date, last: date) -> tuple[dict[int, int], dict[tuple, int]]:
+    """Points issued by the rule by member (net of returns), and what it would have given
+    the held out by receipt (as the receipt recorded it, before any return)."""
     period = (first.isoformat(), last.isoformat())
     # Accruals by rule are their posting_rules split (one accrual posting per lot); reversals
     # are posted per rule.
@@ -130,33 +165,50 @@ def _points(conn, rule_id: str, first: date, last: date) -> tuple[dict[int, int]
         f"AND r.register_id = p.register_id AND r.receipt_id = p.receipt_id WHERE {BY_RULE_ID} = ? "
         "AND p.kind IN ('accrual', 'reversal') AND r.status = 'confirmed' AND r.local_date BETWEEN ? AND ? "
         "GROUP BY p.member_id", (rule_id, *period)))
-    would = dict(conn.execute(
-        "SELECT h.member_id, SUM(h.points) FROM holdout_points h JOIN receipts r ON r.store_id = h.store_id "
-        "AND r.register_id = h.register_id AND r.receipt_id = h.receipt_id WHERE h.rule_id = ? "
-        "AND r.status = 'confirmed' AND r.local_date BETWEEN ? AND ? GROUP BY h.member_id", (rule_id, *period)))
+    would = {(store, register, receipt_id): points for store, register, receipt_id, points in conn.execute(
+        "SELECT h.store_id, h.register_id, h.receipt_id, h.points FROM holdout_points h JOIN receipts r "
+        "ON r.store_id = h.store_id AND r.register_id = h.register_id AND r.receipt_id = h.receipt_id "
+        "WHERE h.rule_id = ? AND r.status = 'confirmed' AND r.local_date BETWEEN ? AND ?", (rule_id, *period))}
     return issued, would
+
+
+def kept_after_returns(points: int, scope_sold: int, scope_kept: int) -> int:
+    """What a control member's would-be points are once returns took back part of the
+    receipt: a return takes the returned share of the lines in the rule's scope, rounded
+    down as a return's reversal is (rules.md step 5), so a whole return takes them all. The
+    receipt keeps only its total, not what each line would have had, so the share is of the
+    scope's amount."""
+    if scope_sold <= 0 or scope_kept >= scope_sold:
+        return points
+    return points - points * (scope_sold - max(scope_kept, 0)) // scope_sold
 
 
 def groups(conn, setting: Setting, rule: CampaignRule, first: date, last: date) -> dict[str, Group]:
     audience = _audience(conn, setting, rule, first, last)
+    issued, would = _points(conn, rule.id, first, last)
     spend: dict[int, int] = {}
     out = {TREATED: Group(), CONTROL: Group()}
-    for member_id, _, net, scope in _receipts(conn, rule, first, last):
-        group = audience.get(member_id)
-        if group is None:
+    for member_id, key, net, scope, sold in _receipts(conn, rule, first, last):
+        counted = audience.group_of(member_id)
+        if counted is None:
             continue
+        member, group = counted
         out[group].receipts += 1
         out[group].scope_spend += scope
-        spend[member_id] = spend.get(member_id, 0) + net
-    issued, would = _points(conn, rule.id, first, last)
-    for member_id, group in audience.items():
+        spend[member] = spend.get(member, 0) + net
+        if group == CONTROL and key in would:
+            out[group].points += kept_after_returns(would[key], sold, scope)
+    for member_id, points in issued.items():
+        counted = audience.group_of(member_id)
+        if counted is not None and counted[1] == TREATED:
+            out[TREATED].points += points
+    for member_id, group in audience.groups.items():
         g = out[group]
         g.members += 1
         value = spend.get(member_id, 0)
         g.buyers += member_id in spend
         g.spend += value
         g.sum_squares += value * value
-        g.points += (issued if group == TREATED else would).get(member_id, 0)
     return out
 
 
@@ -166,14 +218,14 @@ def weekly(conn, setting: Setting, rule: CampaignRule, first: date, last: date) 
     to seven days so it compares with the others."""
     audience = _audience(conn, setting, rule, first, last)
     sizes = {TREATED: 0, CONTROL: 0}
-    for group in audience.values():
+    for group in audience.groups.values():
         sizes[group] += 1
     weeks = (last - first).days // 7 + 1
     spend = {TREATED: [0] * weeks, CONTROL: [0] * weeks}
     for member_id, day, net in _receipts_by_day(conn, first, last):
-        group = audience.get(member_id)
-        if group is not None:
-            spend[group][(date.fromisoformat(day) - first).days // 7] += net
+        counted = audience.group_of(member_id)
+        if counted is not None:
+            spend[counted[1]][(date.fromisoformat(day) - first).days // 7] += net
     out = []
     for w in range(weeks):
         start = first + timedelta(days=7 * w)

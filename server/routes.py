@@ -132,8 +132,14 @@ async def return_items(app, call: Call) -> Reply:
 
 # ------------------------------------------------------------------ members
 
+def _referrer_in_body(call: Call) -> str | None:
+    return getattr(call.body, "referred_by", None)
+
+
+@explains_retired_cards(_referrer_in_body)
 async def enroll(app, call: Call) -> Reply:
     # A card out of use is not given to a new member: the register is told what happened to it.
+    # A referrer's card out of use is refused like any card presented (422), saying which instead.
     await member_care.refuse_retired(app, call.body.card, status=409)
     return json_reply(await member_care.with_crm(app, await members.enroll(app[OPS], call.body, call.principal)), 201)
 

@@ -125,6 +125,9 @@ def explain_command(config_path: str, receipt_path: str, card: str | None, avail
                     as_json: bool = False) -> int:
     from server.config import ConfigError, load_config
 
+    if available is not None and available < 0:    # a balance below zero is a debt, which spends nothing
+        print(f"--available must be 0 or more points, not {available}", file=sys.stderr)
+        return 2
     try:
         config = load_config(config_path)
         program = load(config.resolve(config.rules.dir))

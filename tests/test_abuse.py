@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
 
 import pytest
 
@@ -22,34 +21,33 @@ def db_of(api):
     return api.client.server.app[DATABASE]
 
 
-async def test_one_registers_flood_neither_slows_nor_refuses_another(make_api):
+async def test_one_registers_flood_is_refused_and_never_refuses_another(make_api):
     api = await make_api(now=NOW, limits={"requests_per_second_per_key": 20, "burst": 10})
 
     async def flood(n):
         return await api.post("/v1/receipts/calculate", receipt(f"F-{n}", [line(1, "dairy", 100)]),
                               as_="register")
 
-    async def other(n):
-        started = time.perf_counter()
-        status, _ = await api.post("/v1/receipts/calculate",
-                                   receipt(f"O-{n}", [line(1, "dairy", 100)], store="S002"), as_="register2")
-        return status, time.perf_counter() - started
-
     async def paced_other():
         out = []
-        for n in range(8):           # 8 requests over ~0.4 s: inside S002's own budget
-            out.append(await other(n))
+        for n in range(8):           # interleaved with the flood, inside S002's own budget
+            out.append(await api.post("/v1/receipts/calculate",
+                                      receipt(f"O-{n}", [line(1, "dairy", 100)], store="S002"), as_="register2"))
             await asyncio.sleep(0.05)
         return out
 
     flooded, others = await asyncio.gather(asyncio.gather(*(flood(n) for n in range(200))), paced_other())
     statuses = [s for s, _ in flooded]
-    assert statuses.count(200) >= 10 and statuses.count(429) >= 150, statuses
-    limited = next(body for s, body in flooded if s == 429)
-    assert_error_shape(limited)
-    assert limited["error"]["code"] == "rate_limited"
+    assert set(statuses) == {200, 429} and statuses.count(429) >= 150, statuses
+    for status, body in flooded:
+        if status == 429:
+            assert_error_shape(body)
+            assert body["error"]["code"] == "rate_limited"
+        else:                        # what got through is answered in full
+            assert body["receipt"]["receipt_id"].startswith("F-") and body["accrued"]["points"] == 0
+    # The other register's key has a budget of its own: each request answered, in full.
     assert [s for s, _ in others] == [200] * 8
-    assert max(t for _, t in others) < 0.5
+    assert [body["receipt"]["receipt_id"] for _, body in others] == [f"O-{n}" for n in range(8)]
 
 
 async def test_429_carries_retry_after(make_api):

@@ -4,6 +4,7 @@ report and audit verify count rules from the split; a database whose receipts po
 accrual per rule upgrades and keeps verifying, returning and cancelling."""
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from conftest import Api, connect, line, receipt, tamper, test_config
+from conftest import MARKET, Api, connect, line, receipt, tamper, test_config
 from server.app import create_app
 from storage.audit import verify
 
@@ -126,3 +127,34 @@ async def test_per_rule_postings_upgrade_to_their_split_and_keep_their_totals(tm
     report = verify(conn)
     assert report.ok, report.problems
 
+
+
+FLASH = "rules:\n  - {id: flash, reward: {points: 7}, expires_in_days: 30}\n"
+
+
+async def test_the_answer_gives_the_earliest_date_the_receipts_points_expire(make_api, tmp_path):
+    program = tmp_path / "program"
+    shutil.copytree(MARKET, program)
+    (program / "flash.yaml").write_text(FLASH)     # 7 points in a lot of their own, a month
+    api = await make_api(now=NOW, program_dir=program)
+    await api.post("/v1/members", {"card": "1"})
+    sale = receipt("R-F", [line(1, "grocery", 10000)], card="1")
+    status, calculated = await api.post("/v1/receipts/calculate", sale, as_="register")
+    assert status == 200
+    status, confirmed = await api.post("/v1/receipts", sale, as_="register")
+    assert status == 201
+    for answer in (calculated, confirmed):
+        assert answer["accrued"]["points"] == 9      # 2 of base (a year), 7 of flash (30 days)
+        assert answer["accrued"]["expires_on"] == "2026-12-24"
+    _, member = await api.get("/v1/members/1")
+    assert {"date": "2026-12-24", "points": 7} in member["expiring"]
+    assert {"date": "2027-11-24", "points": 102} in member["expiring"]   # base's and the welcome points
+
+
+async def test_points_of_the_programs_expiry_alone_answer_its_date(make_api):
+    api = await make_api(now=NOW)
+    await api.post("/v1/members", {"card": "1"})
+    status, answer = await api.post("/v1/receipts", receipt("R-B", [line(1, "grocery", 10000)], card="1"),
+                                    as_="register")
+    assert status == 201 and answer["accrued"]["points"] == 2
+    assert answer["accrued"]["expires_on"] == "2027-11-24"

@@ -98,7 +98,7 @@ def history(tmp_path, shop):
 def audience(db, shop, rule_id) -> dict[int, str]:
     rule = cvm.definitions_of(shop).rules[rule_id]
     setting = report_campaign.setting_of(shop)
-    return db.read_sync(lambda conn: report_campaign._audience(conn, setting, rule, FROM, TO))
+    return db.read_sync(lambda conn: report_campaign._audience(conn, setting, rule, FROM, TO).groups)
 
 
 @pytest.mark.parametrize("rule_id, members", [

@@ -71,9 +71,10 @@ async def test_report_on_a_hand_made_history(api):
     # each of their dairy receipts 1 point (2 % of the dairy again, rounded with the base's 2 %).
     assert got["treated"] == {"members": 2, "buyers": 2, "receipts": 3, "spend": 35000, "scope_spend": 11000,
                               "points": 2}
-    # Control: m_2 8,000 of dairy less 4,000 returned, m_3 12,000 of bakery, m_5 and m_6 nothing in the period.
+    # Control: m_2 8,000 of dairy less 4,000 returned, m_3 12,000 of bakery, m_5 and m_6 nothing in the period;
+    # the 2 points the rule would have given m_2 lose the returned half, as a treated member's would.
     assert got["control"] == {"members": 4, "buyers": 2, "receipts": 2, "spend": 16000, "scope_spend": 4000,
-                              "points": 2}
+                              "points": 1}
     # Means 17,500 and 4,000; variances 312,500,000 (n=2) and 32,000,000 (n=4).
     se2 = Fraction(312_500_000, 2) + Fraction(32_000_000, 4)
     df = se2 ** 2 / (Fraction(312_500_000, 2) ** 2 / 1 + Fraction(32_000_000, 4) ** 2 / 3)
@@ -83,6 +84,51 @@ async def test_report_on_a_hand_made_history(api):
     assert (got["rule"], got["from"], got["to"]) == ("dairy-x2", "2026-11-20", "2026-11-30")
     # Without from and to the rule's own period is the report's.
     assert (await a.get("/v1/admin/reports/campaigns/dairy-x2"))[1] == got
+
+
+async def test_merged_members_count_for_the_survivor_and_erased_ones_not_at_all(api):
+    a = await api()
+    # Treated: m_1, m_4, m_8; control: m_2, m_3, m_5, m_6, m_7 (the stable assignment).
+    assert [holdout_member("market", "dairy-x2", f"m_{i}", "0.5") for i in range(1, 9)] == \
+        [False, True, True, False, True, True, True, False]
+    for i in range(1, 9):
+        assert (await a.post("/v1/members", {"card": f"c{i}"}))[0] == 201
+    ts = "2026-11-22T12:00:00+02:00"
+    sent = [
+        receipt("R1", [line(1, "dairy", 10000)], card="c1", ts=ts),
+        receipt("R2", [line(1, "dairy", 5000)], card="c4", ts=ts),        # m_4, merged into m_1 below
+        receipt("R3", [{**line(1, "dairy", 10000), "qty": 2, "price": 5000}], card="c2", ts=ts),   # half returned
+        receipt("R4", [line(1, "dairy", 3000)], card="c3", ts=ts),        # cancelled below
+        receipt("R5", [line(1, "bakery", 12000)], card="c5", ts=ts),
+        receipt("R6", [line(1, "dairy", 4000)], card="c6", ts=ts),        # m_6, merged into m_5 below
+        receipt("R7", [line(1, "dairy", 7000)], card="c7", ts=ts),        # m_7, erased below
+    ]
+    for body in sent:
+        assert (await a.post("/v1/receipts", body, as_="register"))[0] == 201
+    # What the rule would have given the control members, as the receipt path records it.
+    await a.app[cvm.DATABASE].write(lambda conn: conn.executemany(
+        "INSERT INTO holdout_points VALUES ('S001', 'K01', ?, 'dairy-x2', ?, ?)",
+        [("R3", 2, 4), ("R4", 3, 3), ("R6", 6, 1), ("R7", 7, 9)]))
+    assert (await a.post("/v1/receipts/S001/K01/R4/cancel", as_="register"))[0] == 200
+    ret = {"return_id": "X1", "store_id": "S001", "register_id": "K01",
+           "receipt": {"store_id": "S001", "register_id": "K01", "receipt_id": "R3"}, "lines": [{"line_no": 1, "qty": 1}]}
+    assert (await a.post("/v1/returns", ret, as_="register"))[0] == 201
+    for merge_id, away, into in (("MG-1", "m_4", "m_1"), ("MG-2", "m_6", "m_5")):
+        merge = {"merge_id": merge_id, "from_member_id": away, "into_member_id": into, "reason": "one customer"}
+        assert (await a.post("/v1/admin/members/merge", merge))[0] == 201
+    assert (await a.post("/v1/admin/members/m_7/erase", {"reason": "customer asked"}))[0] == 200
+
+    status, got = await a.get("/v1/admin/reports/campaigns/dairy-x2?from=2026-11-20&to=2026-11-30")
+    assert status == 200, got
+    # Treated: m_1 with m_4's receipt (10,000 and 5,000 of dairy; the rule gave 2 and 1 points), m_8 nothing.
+    assert got["treated"] == {"members": 2, "buyers": 1, "receipts": 2, "spend": 15000, "scope_spend": 15000,
+                              "points": 3}
+    # Control: m_2 10,000 less 5,000 returned (4 points would have been 2 after it), m_3 only a cancelled
+    # receipt, m_5 12,000 of bakery with m_6's 4,000 of dairy (1 point); m_7 was erased: not counted at all.
+    assert got["control"] == {"members": 3, "buyers": 2, "receipts": 3, "spend": 21000, "scope_spend": 9000,
+                              "points": 3}
+    assert got["uplift"]["spend_per_member"] == 500 and got["incremental_spend"] == 1000     # 7,500 - 7,000
+    assert got["points_cost"] == 300
 
 
 async def test_report_refusals(api):

@@ -18,7 +18,7 @@ from conftest import storage_database
 from server import cvm, cvm_cli
 from server.privacy import Privacy
 from server.report_campaign import CampaignRule
-from storage import coupons, events, offers
+from storage import coupons, events, member_care, offers
 from storage.health import StorageBusy
 
 NOW = datetime(2026, 11, 24, 10, tzinfo=timezone.utc)
@@ -120,6 +120,16 @@ def two_offers(folder):
     return source
 
 
+def test_coupons_generate_refuses_a_card_that_is_no_card(db, tmp_path, capsys):
+    out = tmp_path / "codes.csv"
+    for card in ("", "70 01", "x" * 65):
+        assert cvm_cli.generate(db, DEFS, PRIVACY, "xmas", 3, out, card, NOW) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("coupons generate: --card must be a card number"), err
+    assert not out.exists()
+    assert db.read_sync(lambda conn: conn.execute("SELECT COUNT(*) FROM coupon_codes").fetchone()[0]) == 0
+
+
 def test_import_offers_stopped_by_a_locked_database_keeps_the_offers_before(db, tmp_path, capsys, monkeypatch):
     source = two_offers(tmp_path)
     write_sync = db.write_sync
@@ -134,6 +144,22 @@ def test_import_offers_stopped_by_a_locked_database_keeps_the_offers_before(db, 
     assert stopped.value.done == ("offer o2 (line 3) and those after it were not assigned; run it again: an offer "
                                   "assigned already is not assigned twice")
     assert capsys.readouterr().out == "offers: 1 assigned, 0 already assigned the same, 0 refused\n"
+
+
+def test_import_offers_names_the_card_to_use_for_a_replaced_one(db, tmp_path, capsys):
+    def replace_c3(conn):
+        member_care.retire_card(conn, PRIVACY.card("c3"), 3, "replaced", "0033", "2026-11-20T10:00:00.000000Z")
+        member_care.add_card(conn, PRIVACY.card("c3-new"), "0033", 3, "2026-11-20T10:00:00.000000Z")
+    db.write_sync(replace_c3)
+    source = tmp_path / "offers.csv"
+    source.write_text("offer_id,rule,card,from,to,points\n"
+                      "o2,comeback,c2,2026-12-01,2026-12-31,\n"
+                      "o2,comeback,c3,2026-12-01,2026-12-31,\n")
+    assert cvm_cli.import_offers(db, DEFS, PRIVACY, source, NOW) == 1
+    err = capsys.readouterr().err
+    assert f"{source}:2: offer o2: 1 of the cards have no member (0 not enrolled, 1 taken out of use" in err
+    assert "(line 3: card c3 was replaced on 2026-11-20 by the card ending 0033: use that card)" in err
+    assert db.read_sync(lambda conn: offers.offers_for(conn, 2, date(2026, 12, 5))) == {}
 
 
 def test_import_offers_assigns_each_offer_whole(db, tmp_path, capsys):

@@ -87,7 +87,8 @@ def test_rotation_while_serving_finds_every_card_throughout(tmp_path):
         rotated = Server(tmp_path, privacy=ROTATED)     # same database, the key added
         # Beside a server that has not taken the new key up, nothing is wrapped.
         refused = rotate(rotated.config)
-        assert refused.returncode == 2 and "restart it with this config first" in refused.stdout
+        assert refused.returncode == 2 and "restart it with this config first" in refused.stderr
+        assert "restart it" not in refused.stdout     # a refusal is an error: on stderr
     finally:
         first.kill()
     assert all(not h.startswith("~") for h in stored_hashes(first.db))

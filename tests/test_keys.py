@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import KEYS, _h, connect, database_section, migrated_connection, tamper
+from conftest import KEYS, _h, connect, database_section, migrated_connection, storage_database, tamper
 from server.auth import KeyRing
 from server.config import ConfigError, config_from_dict
 from storage import admin_audit, api_keys
@@ -125,8 +125,16 @@ def test_a_register_key_of_a_person_is_limited_to_its_stores(server):
     assert refused.status_code == 403 and refused.json()["error"]["details"][0]["path"] == "store_id"
 
 
+def made(server: Server) -> Server:
+    """server with its database made, as its first start makes it."""
+    db = storage_database(server.db)
+    db.open()
+    db.close()
+    return server
+
+
 def test_keys_add_refuses_what_would_make_a_useless_key(tmp_path):
-    server = Server(tmp_path)
+    server = made(Server(tmp_path))
     for args, words in [(["--role", "register", "--name", "Till"], "at least one --store"),
                         (["--role", "manager", "--name", "Ann", "--store", "S001"], "--store is for register"),
                         (["--role", "manager", "--name", "   "], "--name must be"),
@@ -137,6 +145,17 @@ def test_keys_add_refuses_what_would_make_a_useless_key(tmp_path):
     assert revoke_config_key.returncode == 2 and "remove it there" in revoke_config_key.stderr
     unknown = loyalty("keys", "revoke", "person-9", "--config", str(server.config))
     assert unknown.returncode == 1 and "no key person-9" in unknown.stderr
+
+
+@pytest.mark.sqlite_only(reason="a missing file is SQLite's; PostgreSQL's database is made by its operator")
+def test_keys_add_and_revoke_make_no_database_file(tmp_path):
+    server = Server(tmp_path)
+    added = loyalty("keys", "add", "--role", "monitor", "--name", "Grafana", "--config", str(server.config))
+    assert added.returncode == 2 and added.stdout == ""
+    assert added.stderr == f"{server.db}: no database (start the server once to make it); no key was added\n"
+    revoked = loyalty("keys", "revoke", "person-1", "--config", str(server.config))
+    assert revoked.returncode == 2 and revoked.stderr.count("\n") == 1 and "nothing was revoked" in revoked.stderr
+    assert not server.db.exists()
 
 
 def test_a_config_key_may_not_take_the_id_of_a_person():
@@ -193,6 +212,7 @@ def test_authentication_reads_no_database_and_revoked_keys_keep_their_name():
 def test_keys_add_while_another_program_holds_the_write_lock_is_one_line(tmp_path):
     server = Server(tmp_path, database={**database_section(tmp_path / "loyalty.db"), "busy_wait_seconds": 0.2})
     assert loyalty("keys", "list", "--config", str(server.config)).returncode == 0   # no database yet: fine
+    made(server)
     assert loyalty("keys", "add", "--role", "monitor", "--name", "Grafana", "--config",
                    str(server.config)).returncode == 0
     with closing(sqlite3.connect(server.db, isolation_level=None)) as holder:

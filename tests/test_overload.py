@@ -1,18 +1,21 @@
-"""Overload: a flood against a server with a tiny write queue and in-flight cap is shed at
-once with 503 overloaded (never another 5xx), memory stays flat, and it recovers."""
+"""Overload: a flood against a server with a tiny write queue and in-flight cap is shed with
+503 overloaded (never another 5xx) and loses nothing: every receipt answered 201 is stored,
+every one shed wrote nothing and goes through when sent again; memory stays flat, and it
+recovers. How quickly it sheds is the benchmarks' to measure, not a test's."""
 from __future__ import annotations
 
 import asyncio
-import statistics
-import time
+from contextlib import closing
 
 import aiohttp
 
-from conftest import KEYS
+from conftest import KEYS, connect
 from test_crash_safety import NOW, Server
+from test_error_shape import assert_error_shape
 
 CLIENTS = 200
 ROUNDS = 6
+RESENT_AT_ONCE = 1          # a register sending its shed receipts again, one after another
 
 
 def rss_kib(pid: int) -> int:
@@ -29,19 +32,20 @@ def receipt(n: int) -> dict:
             "lines": lines, "total": 1000}
 
 
-async def flood(server: Server, first: int) -> list[tuple[int, float, dict, str | None]]:
+async def flood(server: Server, numbers, at_once: int | None = None) -> list[tuple[int, int, dict, str | None]]:
+    """(receipt number, status, body, Retry-After) of each receipt confirmed, all at once
+    unless at_once limits how many are in flight."""
     out = []
     headers = {"Authorization": f"Bearer {KEYS['register']}"}
+    gate = asyncio.Semaphore(at_once or len(numbers))
 
     async def one(session, n):
-        started = time.perf_counter()
-        async with session.post(server.url("/v1/receipts"), json=receipt(n), headers=headers) as resp:
-            body = await resp.json()
-            out.append((resp.status, time.perf_counter() - started, body, resp.headers.get("Retry-After")))
+        async with gate, session.post(server.url("/v1/receipts"), json=receipt(n), headers=headers) as resp:
+            out.append((n, resp.status, await resp.json(), resp.headers.get("Retry-After")))
 
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
-        await asyncio.gather(*(one(session, first + n) for n in range(CLIENTS)))
+        await asyncio.gather(*(one(session, n) for n in numbers))
     return out
 
 
@@ -52,31 +56,40 @@ async def single(server: Server, path: str, body: dict | None, role: str) -> int
             return resp.status
 
 
-def test_flood_is_shed_quickly_and_the_server_recovers(tmp_path):
+def stored_receipts(server: Server) -> set[str]:
+    with closing(connect(server.db)) as conn:
+        return {r[0] for r in conn.execute("SELECT receipt_id FROM receipts WHERE status = 'confirmed'")}
+
+
+def test_a_flood_is_shed_without_losing_a_receipt_and_the_server_recovers(tmp_path):
     server = Server(tmp_path, server={"requests_in_flight_max": 16}, database={"write_queue_max": 2})
     server.start()
     try:
         assert asyncio.run(single(server, "/v1/members", {"card": "card-1"}, "manager")) == 201
-        asyncio.run(flood(server, 10_000))              # warm up: imports, caches, pools
+        answers = asyncio.run(flood(server, range(10_000, 10_000 + CLIENTS)))   # warm up: imports, caches, pools
         rss_before = rss_kib(server.proc.pid)
-        answers = []
         for r in range(ROUNDS):
-            answers += asyncio.run(flood(server, r * CLIENTS))
+            answers += asyncio.run(flood(server, range(r * CLIENTS, (r + 1) * CLIENTS)))
         rss_after = rss_kib(server.proc.pid)
 
-        statuses = {s for s, *_ in answers}
-        print(f"{len(answers)} requests: {sum(s == 201 for s, *_ in answers)} written, "
-              f"{sum(s == 503 for s, *_ in answers)} shed; RSS {rss_before} -> {rss_after} KiB")
+        statuses = {s for _, s, *_ in answers}
+        written = {f"ov-{n}" for n, s, *_ in answers if s == 201}
+        shed = [(n, body, retry) for n, s, body, retry in answers if s == 503]
+        print(f"{len(answers)} requests: {len(written)} written, {len(shed)} shed; "
+              f"RSS {rss_before} -> {rss_after} KiB")
         assert statuses <= {201, 503}, statuses
-        shed = [(t, body, retry) for s, t, body, retry in answers if s == 503]
         assert len(shed) > len(answers) // 4, "the flood was not shed"
-        assert {body["error"]["code"] for _, body, _ in shed} == {"overloaded"}
-        assert all(retry == "1" for _, _, retry in shed)
-        assert statistics.median(t for t, _, _ in shed) < 0.5
+        for _, body, retry in shed:
+            assert_error_shape(body)
+            assert body["error"]["code"] == "overloaded" and retry == "1"
+        # Every receipt acknowledged is stored; none shed is.
+        assert stored_receipts(server) == written
         assert rss_after - rss_before < 50 * 1024, (rss_before, rss_after)
 
-        # Recovered: a single request goes through and the server is ready.
-        assert asyncio.run(single(server, "/v1/receipts", receipt(99_999), "register")) == 201
+        # Recovered: what was shed goes through when sent again, and the server is ready.
+        again = asyncio.run(flood(server, [n for n, _, _ in shed], at_once=RESENT_AT_ONCE))
+        assert sorted(s for _, s, *_ in again) == [201] * len(shed)
+        assert stored_receipts(server) == {receipt(n)["receipt_id"] for n, *_ in answers}
         assert asyncio.run(single(server, "/readyz", None, "register")) == 200
     finally:
         server.kill()

@@ -210,6 +210,9 @@ async def test_rules_explain_reads_member_facts_from_the_database(make_api, tmp_
     assert "redemption refused: insufficient_points" in capsys.readouterr().out
     assert main(["rules", "explain", "--config", str(config), str(receipt_file)]) == 0
     assert "redeemed: 20 points, discount 20.00 UAH" in capsys.readouterr().out
+    assert main(["rules", "explain", "--config", str(config), str(receipt_file), "--available", "-5"]) == 2
+    refused = capsys.readouterr()
+    assert refused.err == "--available must be 0 or more points, not -5\n" and refused.out == ""
     assert main(["rules", "explain", "--config", str(config), str(receipt_file), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["evaluation"]["redeemed_points"] == 20 and data["member"]["tier"] == "gold"

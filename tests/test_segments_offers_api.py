@@ -138,3 +138,52 @@ async def test_no_codes_are_bound_to_a_card_taken_out_of_use(api):
     stored = await a.app[cvm.DATABASE].read(lambda conn: conn.execute("SELECT COUNT(*) FROM coupon_codes").fetchone())
     assert stored[0] == 0
     assert (await a.post("/v1/admin/coupons/xmas/codes", {"count": 1, "card": "c1-new"}))[0] == 201
+
+
+async def cards_taken_out_of_use(a: Api) -> None:
+    """c1 replaced by c1-new; c2's member merged into c3's."""
+    assert (await a.post("/v1/admin/members/m_1/replace-card", {"new_card": "c1-new"}))[0] == 201
+    merge = {"merge_id": "MG-1", "from_member_id": "m_2", "into_member_id": "m_3", "reason": "one person"}
+    assert (await a.post("/v1/admin/members/merge", merge))[0] == 201
+
+
+async def test_segment_calls_say_which_cards_a_replacement_or_a_merge_took_out_of_use(api):
+    a = await api()
+    await cards_taken_out_of_use(a)
+    for method in ("PUT", "DELETE"):
+        status, body = await a.call(method, "/v1/admin/segments/staff/members", {"cards": ["c3", "c1"]})
+        assert status == 422 and body["error"]["code"] == "card_replaced", body
+        [replaced] = body["error"]["details"]
+        assert replaced["path"] == "cards[1]" and "replaced" in replaced["message"] and "use that card" in replaced["message"]
+    status, body = await a.put("/v1/admin/segments/staff/members", {"cards": ["c2", "nobody", "c1"]})
+    assert status == 422 and body["error"]["code"] == "card_merged"
+    assert [(d["path"], d["message"].split(" ")[-1]) for d in body["error"]["details"]] == [
+        ("cards[0]", "card"), ("cards[1]", "card"), ("cards[2]", "card")]
+    assert "merged into m_3" in body["error"]["details"][0]["message"]
+    assert body["error"]["details"][1]["message"] == "is not an enrolled card"
+    assert "replaced" in body["error"]["details"][2]["message"]
+    # nothing was changed: the segment is still empty
+    assert (await a.put("/v1/admin/segments/staff/members", {"cards": ["c3"]}))[1]["members"] == 1
+
+
+async def test_an_offer_to_a_card_out_of_use_says_which_card_to_use_and_assigns_nothing(api):
+    a = await api()
+    await cards_taken_out_of_use(a)
+    offer = {"offer_id": "o-9", "rule": "comeback", "cards": ["c2"], "from": "2026-12-01", "to": "2026-12-31"}
+    status, body = await a.post("/v1/admin/offers", offer)
+    assert status == 422 and body["error"]["code"] == "card_merged"
+    assert body["error"]["details"][0]["path"] == "cards[0]" and "m_3" in body["error"]["details"][0]["message"]
+    status, body = await a.post("/v1/admin/offers", {**offer, "cards": ["c3"]})
+    assert (status, body["members"]) == (201, 1)     # the refused one left no offer behind
+
+
+async def test_a_referrer_card_out_of_use_is_refused_naming_the_card_to_use(api):
+    a = await api()
+    await cards_taken_out_of_use(a)
+    for referrer, code in (("c1", "card_replaced"), ("c2", "card_merged")):
+        status, body = await a.post("/v1/members", {"card": "c9", "referred_by": referrer})
+        assert status == 422 and body["error"]["code"] == code, body
+        assert body["error"]["details"][0]["path"] == "referred_by"
+    status, body = await a.get("/v1/members/c9")
+    assert status == 404 and body["error"]["code"] == "unknown_card"     # nothing was enrolled
+    assert (await a.post("/v1/members", {"card": "c9", "referred_by": "c1-new"}))[0] == 201
