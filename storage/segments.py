@@ -331,17 +331,17 @@ def scores_of(conn: sqlite3.Connection, member_id: int) -> Score | None:
     return Score(*row) if row else None
 
 
-def current_spans(columns: str, guard: str = "") -> str:
+def current_spans(columns: str) -> str:
     """SQL of a member's spans a reader takes as current, as `columns` (bound: the member's id
-    twice, each after what `guard` binds): a list segment's open ones, and a computed
+    twice): a list segment's open ones, and a computed
     segment's the newest finished run saw, i.e. opened by it or before and not closed by then
     (open, or closed by a run still writing); none before a run has finished. A computed span
     gets valid_to and to_run together, so both kinds of open span have neither:
     segment_spans_member_current (m033) finds each kind with one seek and reads them from the
     index alone, however many spans the member had before. Built once, at import."""
-    return (f"SELECT {columns} FROM segment_spans WHERE {guard}member_id = ? AND to_run IS NULL "
+    return (f"SELECT {columns} FROM segment_spans WHERE member_id = ? AND to_run IS NULL "
             f"AND valid_to IS NULL AND (from_run IS NULL OR from_run <= ({_NEWEST})) "
-            f"UNION ALL SELECT {columns} FROM segment_spans WHERE {guard}member_id = ? AND to_run > ({_NEWEST}) "
+            f"UNION ALL SELECT {columns} FROM segment_spans WHERE member_id = ? AND to_run > ({_NEWEST}) "
             f"AND from_run <= ({_NEWEST})")
 
 
