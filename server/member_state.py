@@ -18,6 +18,7 @@ from server.plan import MemberState, key_of, local_date, local_day
 from storage import coupons, customer_value, ledger, offers, segments
 from storage.ledger import iso
 from storage.member_facts import TierFacts
+from storage.sql import is_postgresql
 
 
 def read_member_state(conn: sqlite3.Connection, receipt, program: Program, now: datetime,
@@ -25,7 +26,8 @@ def read_member_state(conn: sqlite3.Connection, receipt, program: Program, now: 
                       kept: segments.MembershipCache | None = None) -> MemberState | None:
     """None for an anonymous receipt. card: the card number's HMAC. coupon_mac: the HMAC
     coupon codes are stored under (server/privacy.py), needed when the receipt sends codes.
-    kept: members' segments kept in memory, read instead of their spans when current."""
+    kept: members' segments kept in memory, read instead of their spans when current, and
+    the members known to hold no offer on a day, whose offers are then not read."""
     if card is None:
         return None
     member = ledger.member_by_card(conn, card)
@@ -74,26 +76,39 @@ class CustomerValue(NamedTuple):
 def _customer_value(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, receipt, card: str,
                     coupon_mac, now: datetime, kept: segments.MembershipCache | None = None) -> CustomerValue:
     """customer_value_facts, with what the member's tier at `now` counts and their offer rows:
-    segments (unless kept in memory), offers and the codes' rows in one statement
-    (storage/customer_value.py)."""
+    segments (unless kept in memory), offers (unless the member is known to hold none that
+    day) and the codes' rows in one statement (storage/customer_value.py)."""
     facts, tier, tier_now = member_facts(conn, program, member, receipt.ts, now)
     day = local_date_of(program, receipt.ts)     # offers and coupon campaigns are judged at ts
     sent = getattr(receipt, "coupons", None)
     hashes = coupons.hashes(sent, coupon_mac) if sent else []
-    kept = kept if program.segments else None
-    membership = None if kept is None else kept.get(member.segments_generation, member.id)
-    rows = customer_value.read(conn, member.id, bool(program.segments) and membership is None,
-                               day if program.personal_rule_ids else None,
+    generation = member.segments_generation
+    membership = kept.get(generation, member.id) if kept is not None and program.segments else None
+    offers_on = _offers_on(conn, program, member, day, kept)
+    rows = customer_value.read(conn, member.id, bool(program.segments) and membership is None, offers_on,
                                [digest for digests in hashes for digest in digests])
     if membership is None:
         membership = rows.listed, rows.computed
-        if kept is not None:
-            kept.put(member.segments_generation, member.id, *membership)
+        if kept is not None and program.segments:
+            kept.put(generation, member.id, *membership)
+    if offers_on is not None and not rows.offers and kept is not None and not is_postgresql(conn):
+        kept.put_offerless(generation, member.id, day)
     judged = coupons.judged(sent, hashes, rows.codes, card, day, program.coupons) if sent else None
     facts = msgspec.structs.replace(
         facts, segments=segments_in(program, *membership), offers=offers.left_by_rule(rows.offers),
         coupons={campaign: code for campaign, (code, _) in judged.usable.items()} if judged else {})
     return CustomerValue(facts, judged, tier, tier_now, rows.offers)
+
+
+def _offers_on(conn, program: Program, member: ledger.MemberRow, day: date,
+               kept: segments.MembershipCache | None) -> date | None:
+    """The day the member's offers are to be read for; None when the program has no personal
+    rule, or (on SQLite) the member was read holding none that day under the current generation."""
+    if not program.personal_rule_ids:
+        return None
+    if kept is not None and not is_postgresql(conn) and kept.offerless(member.segments_generation, member.id, day):
+        return None
+    return day
 
 
 def local_date_of(program: Program, moment: datetime) -> date:

@@ -12,7 +12,7 @@ import sqlite3
 from datetime import date, datetime
 from typing import NamedTuple
 
-from storage import events
+from storage import events, segments
 from storage.ledger import iso
 
 
@@ -27,7 +27,8 @@ class Assigned(NamedTuple):
 
 def assign(conn: sqlite3.Connection, offer_id: str, rule_id: str, fingerprints: list[str], first: date, last: date,
            points: int | None, member_ids: list[int], now: datetime) -> Assigned:
-    """Records the offer for each member once, each with its offer.assigned event; a repeat
+    """Records the offer for each member once, each with its offer.assigned event, and a new
+    segments generation (what servers keep of members without offers is dropped); a repeat
     with the same body changes nothing. fingerprints: the body's, the first stored, any of
     them matching a stored one making it a repeat (server/cvm.py offer_fingerprints)."""
     row = conn.execute("SELECT body_sha256, members FROM offers WHERE offer_id = ?", (offer_id,)).fetchone()
@@ -44,6 +45,7 @@ def assign(conn: sqlite3.Connection, offer_id: str, rule_id: str, fingerprints: 
                      "VALUES (?, ?, ?, ?, ?, ?)",
                      [(mid, offer_id, rule_id, first.isoformat(), last.isoformat(), points) for mid in unique])
     events.offers_assigned(conn, offer_id, rule_id, first.isoformat(), last.isoformat(), points, unique, now)
+    segments.new_generation(conn)   # servers forget the members they read holding no offer
     return Assigned(True, len(unique))
 
 

@@ -304,10 +304,10 @@ def write_changes(conn: sqlite3.Connection, run_id: int, now: datetime, changes:
 
 
 def new_generation(conn: sqlite3.Connection) -> None:
-    """After a write of spans readers see at once: segments_generation (m034) gets a new
-    random value in the writer's transaction, so what servers keep of members' segments
-    (MembershipCache) is dropped at their next read after it commits. Every writer of spans
-    is in this module. PostgreSQL's triggers (p012) do it for every transaction that writes
+    """After a write of spans readers see at once, or of offers assigned (storage/offers.py):
+    segments_generation (m034) gets a new random value in the writer's transaction, so what
+    servers keep of members' segments and of the members holding no offer (MembershipCache)
+    is dropped at their next read after it commits. Every writer of spans is in this module. PostgreSQL's triggers (p012) do it for every transaction that writes
     spans, a previous version's during a rolling upgrade too; SQLite's would cost the daily
     job a statement journal per span (m034)."""
     if not is_postgresql(conn):
@@ -383,13 +383,21 @@ class MembershipCache:
     At most max_members members, the least recently read evicted first (O(1) each). Equal
     memberships are shared, so an entry costs its key and two slots, whatever its segments.
     A lock makes it safe for PostgreSQL's worker threads; a thread that read an older
-    generation than another only costs both misses, never a wrong answer."""
+    generation than another only costs both misses, never a wrong answer.
+
+    Also, on SQLite, the members read holding no personal offer valid on a local date (half
+    a program's members may hold none, and the read of a receipt that needs nothing else is
+    then not made): an offer is assigned only by storage/offers.py assign, which gives the
+    generation a new value in its transaction. Not on PostgreSQL, where a previous version's
+    assignment during a rolling upgrade would not. At most max_members of them; a full set is
+    emptied at once."""
 
     def __init__(self, max_members: int = CACHE_MEMBERS) -> None:
         self.max_members = max_members
         self._generation: int | None = None
         self._members: OrderedDict[int, Membership] = OrderedDict()
         self._shared: dict[Membership, Membership] = {}
+        self._offerless: dict[int, date] = {}     # member id -> the day they held no offer on
         self._lock = threading.Lock()
 
     def get(self, generation: int | None, member_id: int) -> Membership | None:
@@ -420,6 +428,27 @@ class MembershipCache:
             if len(self._members) > self.max_members:
                 self._members.popitem(last=False)
 
+    def offerless(self, generation: int | None, member_id: int, day: date) -> bool:
+        """Whether the member held no offer valid on `day` when last read, under `generation`."""
+        if generation is None or not self.max_members:
+            return False
+        with self._lock:
+            if generation != self._generation:
+                self._drop(generation)
+                return False
+            return self._offerless.get(member_id) == day
+
+    def put_offerless(self, generation: int | None, member_id: int, day: date) -> None:
+        """The member's offers valid on `day`, read after `generation` was read, were none."""
+        if generation is None or not self.max_members:
+            return
+        with self._lock:
+            if generation != self._generation:
+                return
+            if len(self._offerless) >= self.max_members:
+                self._offerless.clear()
+            self._offerless[member_id] = day
+
     def __len__(self) -> int:
         return len(self._members)
 
@@ -427,6 +456,7 @@ class MembershipCache:
         self._generation = generation
         self._members = OrderedDict()
         self._shared = {}
+        self._offerless = {}
 
 
 def members_of(conn: sqlite3.Connection, d: SegmentDefinition) -> list[int]:
