@@ -83,32 +83,26 @@ def _customer_value(conn: sqlite3.Connection, program: Program, member: ledger.M
     sent = getattr(receipt, "coupons", None)
     hashes = coupons.hashes(sent, coupon_mac) if sent else []
     generation = member.segments_generation
-    membership = kept.get(generation, member.id) if kept is not None and program.segments else None
-    offers_on = _offers_on(conn, program, member, day, kept)
+    # Members without offers are kept on SQLite only (storage/segments.py MembershipCache).
+    offerless_kept = kept is not None and bool(program.personal_rule_ids) and not is_postgresql(conn)
+    membership, offerless = (None, False) if kept is None else \
+        kept.look_up(generation, member.id, day if offerless_kept else None)
+    if not program.segments:
+        membership = None
+    offers_on = day if program.personal_rule_ids and not offerless else None
     rows = customer_value.read(conn, member.id, bool(program.segments) and membership is None, offers_on,
                                [digest for digests in hashes for digest in digests])
     if membership is None:
         membership = rows.listed, rows.computed
         if kept is not None and program.segments:
             kept.put(generation, member.id, *membership)
-    if offers_on is not None and not rows.offers and kept is not None and not is_postgresql(conn):
+    if offers_on is not None and offerless_kept and not rows.offers:
         kept.put_offerless(generation, member.id, day)
     judged = coupons.judged(sent, hashes, rows.codes, card, day, program.coupons) if sent else None
     facts = msgspec.structs.replace(
         facts, segments=segments_in(program, *membership), offers=offers.left_by_rule(rows.offers),
         coupons={campaign: code for campaign, (code, _) in judged.usable.items()} if judged else {})
     return CustomerValue(facts, judged, tier, tier_now, rows.offers)
-
-
-def _offers_on(conn, program: Program, member: ledger.MemberRow, day: date,
-               kept: segments.MembershipCache | None) -> date | None:
-    """The day the member's offers are to be read for; None when the program has no personal
-    rule, or (on SQLite) the member was read holding none that day under the current generation."""
-    if not program.personal_rule_ids:
-        return None
-    if kept is not None and not is_postgresql(conn) and kept.offerless(member.segments_generation, member.id, day):
-        return None
-    return day
 
 
 def local_date_of(program: Program, moment: datetime) -> date:

@@ -400,17 +400,20 @@ class MembershipCache:
         self._offerless: dict[int, date] = {}     # member id -> the day they held no offer on
         self._lock = threading.Lock()
 
-    def get(self, generation: int | None, member_id: int) -> Membership | None:
+    def look_up(self, generation: int | None, member_id: int,
+                day: date | None = None) -> tuple[Membership | None, bool]:
+        """The member's kept segments (None: not kept), and whether they were read holding no
+        offer valid on `day`, both under `generation`: one call, one lock, per receipt."""
         if generation is None or not self.max_members:
-            return None
+            return None, False
         with self._lock:
             if generation != self._generation:
                 self._drop(generation)
-                return None
+                return None, False
             found = self._members.get(member_id)
             if found is not None:
                 self._members.move_to_end(member_id)
-            return found
+            return found, day is not None and self._offerless.get(member_id) == day
 
     def put(self, generation: int | None, member_id: int, listed: set[str], computed: set[str]) -> None:
         """What the member's spans read, after `generation` was read, said."""
@@ -427,16 +430,6 @@ class MembershipCache:
             self._members.move_to_end(member_id)
             if len(self._members) > self.max_members:
                 self._members.popitem(last=False)
-
-    def offerless(self, generation: int | None, member_id: int, day: date) -> bool:
-        """Whether the member held no offer valid on `day` when last read, under `generation`."""
-        if generation is None or not self.max_members:
-            return False
-        with self._lock:
-            if generation != self._generation:
-                self._drop(generation)
-                return False
-            return self._offerless.get(member_id) == day
 
     def put_offerless(self, generation: int | None, member_id: int, day: date) -> None:
         """The member's offers valid on `day`, read after `generation` was read, were none."""
