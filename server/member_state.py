@@ -18,7 +18,6 @@ from server.plan import MemberState, key_of, local_date, local_day
 from storage import coupons, customer_value, ledger, offers, segments
 from storage.ledger import iso
 from storage.member_facts import TierFacts
-from storage.sql import is_postgresql
 
 
 def read_member_state(conn: sqlite3.Connection, receipt, program: Program, now: datetime,
@@ -83,8 +82,7 @@ def _customer_value(conn: sqlite3.Connection, program: Program, member: ledger.M
     sent = getattr(receipt, "coupons", None)
     hashes = coupons.hashes(sent, coupon_mac) if sent else []
     generation = member.segments_generation
-    # Members without offers are kept on SQLite only (storage/segments.py MembershipCache).
-    offerless_kept = kept is not None and bool(program.personal_rule_ids) and not is_postgresql(conn)
+    offerless_kept = kept is not None and kept.keeps_offerless and bool(program.personal_rule_ids)
     membership, offerless = (None, False) if kept is None else \
         kept.look_up(generation, member.id, day if offerless_kept else None)
     if not program.segments:

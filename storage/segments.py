@@ -392,8 +392,10 @@ class MembershipCache:
     assignment during a rolling upgrade would not. At most max_members of them; a full set is
     emptied at once."""
 
-    def __init__(self, max_members: int = CACHE_MEMBERS) -> None:
+    def __init__(self, max_members: int = CACHE_MEMBERS, offerless: bool = False) -> None:
+        """offerless: keep the members read holding no offer too (on SQLite only, above)."""
         self.max_members = max_members
+        self.keeps_offerless = offerless
         self._generation: int | None = None
         self._members: OrderedDict[int, Membership] = OrderedDict()
         self._shared: dict[Membership, Membership] = {}
@@ -413,7 +415,7 @@ class MembershipCache:
             found = self._members.get(member_id)
             if found is not None:
                 self._members.move_to_end(member_id)
-            return found, day is not None and self._offerless.get(member_id) == day
+            return found, day is not None and self.keeps_offerless and self._offerless.get(member_id) == day
 
     def put(self, generation: int | None, member_id: int, listed: set[str], computed: set[str]) -> None:
         """What the member's spans read, after `generation` was read, said."""
@@ -433,7 +435,7 @@ class MembershipCache:
 
     def put_offerless(self, generation: int | None, member_id: int, day: date) -> None:
         """The member's offers valid on `day`, read after `generation` was read, were none."""
-        if generation is None or not self.max_members:
+        if generation is None or not self.max_members or not self.keeps_offerless:
             return
         with self._lock:
             if generation != self._generation:
