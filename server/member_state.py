@@ -83,8 +83,8 @@ def _customer_value(conn: sqlite3.Connection, program: Program, member: ledger.M
     hashes = coupons.hashes(sent, coupon_mac) if sent else []
     generation = member.segments_generation
     offerless_kept = kept is not None and kept.keeps_offerless and bool(program.personal_rule_ids)
-    membership, offerless = (None, False) if kept is None else \
-        kept.look_up(generation, member.id, day if offerless_kept else None)
+    membership, offerless = kept.look_up(generation, member.id, day if offerless_kept else None) \
+        if kept is not None and (program.segments or offerless_kept) else (None, False)
     if not program.segments:
         membership = None
     offers_on = day if program.personal_rule_ids and not offerless else None
