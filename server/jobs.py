@@ -118,7 +118,8 @@ def release_holds(conn, now: datetime) -> list[tuple]:
 
 
 def birthday_batch(conn, program: Program, now: datetime, after: int = MEMBERS_START) -> Batch:
-    """Members whose birthday is today (program timezone) get the birthday events once a year."""
+    """Members whose birthday is today (program timezone) get the birthday events once a year;
+    a member merged into another is left out: no card reaches its points any more."""
     if not program.events_on("birthday"):
         return Batch(0, after)
     today = now.astimezone(program.timezone).date()
@@ -127,7 +128,8 @@ def birthday_batch(conn, program: Program, now: datetime, after: int = MEMBERS_S
         days.append("02-29")
     occasion = f"birthday:{today.year}"
     rows = conn.execute(
-        f"SELECT id FROM members m WHERE substr(birthday, 6) IN ({','.join('?' * len(days))}) AND NOT EXISTS "
+        f"SELECT id FROM members m WHERE substr(birthday, 6) IN ({','.join('?' * len(days))}) "
+        "AND m.merged_into IS NULL AND NOT EXISTS "
         "(SELECT 1 FROM event_fires e WHERE e.member_id = m.id AND e.occasion = ?) AND m.id > ? "
         "ORDER BY m.id LIMIT ?",
         (*days, occasion, after, BATCH_ROWS_MAX)).fetchall()

@@ -18,7 +18,7 @@ from server.errors import ApiError, conflict, field_error, not_found, unprocessa
 from server.keys import CLOCK, DATABASE, OPS, PRIVACY
 from server.ops import members as member_ops
 from server.privacy import candidates
-from storage import coupons, events, ledger, member_care
+from storage import coupons, events, ledger, member_care, segments
 from storage.ledger import PostingRef, iso
 from storage.member_care import CareRefused
 
@@ -143,7 +143,7 @@ async def replace_card(app, public_id: str, body: schema.CardReplacement) -> tup
         old, old_last4 = _card_to_replace(cards, body.old_card_last4)
         member_care.retire_card(conn, old, member_id, "replaced", new_last4, now)
         member_care.add_card(conn, new, new_last4, member_id, now)
-        coupons.rebind_codes(conn, old, new)
+        coupons.rebind_codes(conn, privacy.forms("card", old), new)
         events.emit(conn, "card.replaced", member_id, {"old_card_last4": old_last4, "new_card_last4": new_last4},
                     now, card_last4=new_last4)
         return 201, _replaced(public_id, old_last4, new_last4, conn)
@@ -178,14 +178,15 @@ def _replaced(public_id: str, old_last4: str | None, new_last4: str, conn,
 # ---------------------------------------------------------------- merge
 
 async def merge(app, body: schema.MemberMerge, principal) -> tuple[int, A.MergeAnswer]:
-    """Moves the points of `from_member_id` to `into_member_id` through transfer postings and
-    takes the first member's cards out of use (the codes bound to them go to the second
-    member's first card); idempotent by merge_id."""
+    """Moves the points of `from_member_id` to `into_member_id` through transfer postings, its
+    personal offers and list segments with them, and takes the first member's cards out of
+    use (the codes bound to them go to the second member's first card); one transaction,
+    idempotent by merge_id."""
     source, target = member_number(body.from_member_id), member_number(body.into_member_id)
     if source == target:
         raise field_error("into_member_id", "must be another member than from_member_id")
     fingerprint = hashlib.sha256(schema.canonical(body)).hexdigest()
-    now = app[CLOCK].now()
+    now, privacy = app[CLOCK].now(), app[PRIVACY]
 
     def write(conn):
         previous = member_care.get_merge(conn, body.merge_id)
@@ -193,18 +194,21 @@ async def merge(app, body: schema.MemberMerge, principal) -> tuple[int, A.MergeA
             if previous[0] != fingerprint:
                 raise conflict("idempotency_conflict", f"merge {body.merge_id} was made with another body")
             return 200, msgspec.structs.replace(msgspec.json.decode(previous[1], type=A.MergeAnswer), replayed=True)
+        ledger.lock_members(conn, [source, target])    # their receipts wait: offers and segments move too
         _member(conn, source, body.from_member_id, "from_member_id")
         _member(conn, target, body.into_member_id, "into_member_id")
         at = PostingRef(effective_at=iso(now), created_at=iso(now), ref=f"merge:{body.merge_id}",
                         key_id=principal.key_id, note=body.reason)
         lots, points = member_care.move_points(conn, source, target, at)
+        member_care.move_offers(conn, source, target)
+        segments.take_over_lists(conn, source, target, now)
         member_care.release_holds(conn, source, iso(now))
         cards = member_care.active_cards(conn, source)
-        heir = member_care.active_cards(conn, target)[:1]
+        heir = [privacy.rewrap("card", card) or card for card, _ in member_care.active_cards(conn, target)[:1]]
         for card, _ in cards:
             member_care.retire_card(conn, card, source, "merged", body.into_member_id, iso(now))
-            for successor, _ in heir:
-                coupons.rebind_codes(conn, card, successor)
+            for successor in heir:
+                coupons.rebind_codes(conn, privacy.forms("card", card), successor)
         member_care.mark_merged(conn, source, target, iso(now))
         events.emit(conn, "member.merged", source, {"merge_id": body.merge_id, "into_member_id": body.into_member_id,
                                                     "lots_moved": lots, "points_moved": points},
@@ -235,7 +239,8 @@ async def erase(app, public_id: str, body: schema.Erasure) -> A.ErasureAnswer:
             return A.ErasureAnswer(public_id, state.erased_at, cards_removed=0, receipts_scrubbed=0,
                                    members_erased=[], replayed=True)
         try:
-            done = member_care.erase(conn, member_id, now, seen, nobodys_card)
+            done = member_care.erase(conn, member_id, now, seen, nobodys_card,
+                                     lambda card: app[PRIVACY].forms("card", card))
         except CareRefused as e:
             raise refusal(e) from None
         for erased in done["members_erased"]:     # after the erasure: nothing personal left to name

@@ -98,12 +98,23 @@ class Privacy:
     def rewrap(self, kind: str, stored: str) -> str | None:
         """A stored card or phone hash wrapped up to the key in force; None when it is under
         a key not listed (it cannot be found any more, nor wrapped)."""
+        if self.key_of(stored) is None:
+            return None
+        return self.forms(kind, stored)[-1]
+
+    def forms(self, kind: str, stored: str) -> tuple[str, ...]:
+        """A stored card or phone hash and the same wrapped under each later key, the key in
+        force last: every hash of the same number a row written since may hold (what is
+        written is under the key in force; `rotate-key` wraps coupon codes' cards before the
+        cards, so no row holds a hash under an earlier key than the card's row). Only the
+        stored hash for one under a key not listed."""
         position = self.key_of(stored)
         if position is None:
-            return None
+            return (stored,)
+        chain = [stored]
         for rotation in range(position, len(self._rotations)):
-            stored = self._wrap(kind.encode(), stored, rotation)
-        return stored
+            chain.append(self._wrap(kind.encode(), chain[-1], rotation))
+        return tuple(chain)
 
     def key_checks(self) -> list[tuple[str, str]]:
         """(id, check value) of each key, in order: an HMAC of a fixed text, which tells two
@@ -255,10 +266,12 @@ def _rotate_all(db, privacy: Privacy, batch_rows: int, alone: bool) -> int:
         if refused:
             print(refused, flush=True)
             return 2
-        total = 0
+        # The cards codes are bound to first: a card taken out of use meanwhile takes its codes
+        # along by the card's stored hash wrapped up to the key in force (Privacy.forms),
+        # which a code's card under an earlier key than the card's row would not match.
+        total = _rotate_table(db, privacy, "coupon_codes", "card", "card", batch_rows)
         for table, column, kind in member_care.REKEYED:
             total += _rotate_table(db, privacy, table, column, kind, batch_rows)
-        total += _rotate_table(db, privacy, "coupon_codes", "card", "card", batch_rows)   # codes bound to a card
         total += _rotate_table(db, privacy, "coupon_codes", "code", "coupon", batch_rows, coupons.rewrap_codes)
         total += _rotate_bodies(db, privacy, batch_rows)
         for table, key, columns in member_care.FINGERPRINTED:

@@ -85,7 +85,10 @@ def apply_confirms(conn: sqlite3.Connection, confirms: list[Confirmed]) -> list:
     _customer_value(conn, [c for c in confirms if c.plan.member is not None])
     for c in confirms:
         for event in c.plan.events:
-            fire_events(conn, c.program, event.member_id, event.on, event.occasion, c.now)
+            # A referrer merged into another member since: no card reaches it, its points went
+            # to that member, and so does its reward (once per occasion there).
+            member_id = member_care.survivor(conn, event.member_id) or event.member_id
+            fire_events(conn, c.program, member_id, event.on, event.occasion, c.now)
     return [c.result for c in confirms]
 
 

@@ -72,11 +72,14 @@ def add_codes(conn: sqlite3.Connection, campaign: str, codes: list[str], card_hm
     return taken
 
 
-def rebind_codes(conn: sqlite3.Connection, old_card: str, new_card: str) -> None:
+def rebind_codes(conn: sqlite3.Connection, old_card: tuple[str, ...], new_card: str) -> None:
     """Codes bound to a card taken out of use go to the card taking its place (a replacement's
     new card, a merge's surviving member's card): they were given to the customer, and the
-    old card can never present them again."""
-    conn.execute("UPDATE coupon_codes SET card = ? WHERE card = ?", (new_card, old_card))
+    old card can never present them again. old_card: every hash of the old card a code may
+    be bound under during a key rotation (server/privacy.py Privacy.forms); new_card: a hash
+    under the key in force, so that nothing written stays under an earlier key alone."""
+    marks = ", ".join("?" * len(old_card))
+    conn.execute(f"UPDATE coupon_codes SET card = ? WHERE card IN ({marks})", (new_card, *old_card))
 
 
 class StoredCode(NamedTuple):

@@ -10,11 +10,12 @@ other, so the hash chain, the lot sums and the zero sum of accounts hold as for 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
 
-from storage import coupons, events, ledger, member_facts
+from storage import coupons, events, ledger, member_facts, offers
 from storage.accounts import member_account
 from storage.schema import LEGACY_FINGERPRINT, legacy_fingerprint
 from storage.sql import arrival, byte_order, integrity_errors, is_postgresql
@@ -176,6 +177,11 @@ def move_points(conn: sqlite3.Connection, source: int, target: int, at: ledger.P
     return len(lots), net
 
 
+def move_offers(conn: sqlite3.Connection, source: int, target: int) -> int:
+    """The personal offers of `source` go to `target` (storage.offers.take_over); how many."""
+    return offers.take_over(conn, source, target, {m: with_merged(conn, m) for m in (source, target)})
+
+
 def survivor(conn: sqlite3.Connection, member_id: int) -> int | None:
     """The member a merged member's points went to, through any chain of merges; None for a
     member not merged."""
@@ -242,15 +248,17 @@ def with_merged(conn: sqlite3.Connection, member_id: int) -> list[int]:
 
 
 def erase(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen | None,
-          nobodys_card: str) -> dict:
+          nobodys_card: str, card_forms: Callable[[str], tuple[str, ...]]) -> dict:
     """Personal data gone, of the member and of the members merged into it (the same
     customer): card and phone hashes with their last digits, birthday, tags, the CRM's id
     and consent; the card hash in their stored receipt bodies becomes null, their events
     keep what happened but no longer who (storage.events.forget_member), and birthday and
     tags leave their receipts' member facts. The member ids, receipts' amounts and the
     ledger stay (postings name the member id only). seen: their events as a reader found
-    them before (storage.events.seen). nobodys_card: the hash of a card no one has, which the
-    coupon codes bound to their cards are bound to instead, so they stay nobody else's."""
+    them before (storage.events.seen). nobodys_card: the hash (under the key in force) of a
+    card no one has, which the coupon codes bound to their cards are bound to instead, so they
+    stay nobody else's, even if a card is enrolled afresh; card_forms: a stored card hash ->
+    every hash of that card a code may be bound under (server/privacy.py Privacy.forms)."""
     ids = with_merged(conn, member_id)
     marks = ", ".join("?" * len(ids))
     receipts = conn.execute(f"SELECT COUNT(*) FROM receipts WHERE member_id IN ({marks})", ids).fetchone()[0]
@@ -259,17 +267,17 @@ def erase(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen 
                           f"{ERASE_RECEIPTS_MAX} at once would hold every other write")
     done = {"cards_removed": 0, "receipts_scrubbed": 0, "members_erased": [f"m_{i}" for i in ids]}
     for one in ids:
-        for name, count in _erase_one(conn, one, now, seen, nobodys_card).items():
+        for name, count in _erase_one(conn, one, now, seen, nobodys_card, card_forms).items():
             done[name] += count
     return done
 
 
 def _erase_one(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen | None,
-               nobodys_card: str) -> dict:
+               nobodys_card: str, card_forms: Callable[[str], tuple[str, ...]]) -> dict:
     cards = conn.execute("SELECT card FROM cards WHERE member_id = ? UNION ALL "
                          "SELECT card FROM retired_cards WHERE member_id = ?", (member_id, member_id)).fetchall()
     for (card,) in cards:
-        coupons.rebind_codes(conn, card, nobodys_card)
+        coupons.rebind_codes(conn, card_forms(card), nobodys_card)
     cards = conn.execute("DELETE FROM cards WHERE member_id = ?", (member_id,)).rowcount
     cards += conn.execute("DELETE FROM retired_cards WHERE member_id = ?", (member_id,)).rowcount
     # Events a webhook or the warehouse has yet to read would still show who the member was.

@@ -158,3 +158,66 @@ def members_offered(conn: sqlite3.Connection, rule_id: str, local_date: date) ->
     return {mid for (mid,) in conn.execute(
         "SELECT DISTINCT member_id FROM offer_members WHERE rule_id = ? AND from_date <= ? AND to_date >= ?",
         (rule_id, day, day))}
+
+
+class Held(NamedTuple):
+    """A member's row of one offer, as a merge compares two of them."""
+    from_date: str
+    to_date: str
+    points: int | None
+    used: int
+
+    def left(self) -> tuple[bool, int]:
+        """Orders budgets by what is left of them: none (no budget) above any number."""
+        return (True, 0) if self.points is None else (False, self.points - self.used)
+
+
+def held_by(conn: sqlite3.Connection, member_id: int) -> dict[str, Held]:
+    return {row[0]: Held(*row[1:]) for row in conn.execute(
+        "SELECT offer_id, from_date, to_date, points, points_used FROM offer_members WHERE member_id = ?",
+        (member_id,))}
+
+
+def take_over(conn: sqlite3.Connection, source: int, target: int, charged_by: dict[int, list[int]]) -> int:
+    """A merge of `source` into `target`: the target gets every offer the source holds that it
+    does not, with its dates, budget and use as they were. An offer both hold stays one, the
+    target's, with the later `to` and the larger of the two points left: never their sum, or
+    the merge would make budget neither membership had. Each receipt's charge keeps naming
+    the row holding the budget it took from, so a cancel gives back to it: the charges of a
+    moved or kept budget go with it to the target, those of the budget not kept stay with the
+    source, whose row goes (a cancel of them then gives back to nothing). charged_by: member
+    -> the members whose receipts may carry its charges (itself and those merged into it).
+    How many offers the target got or kept from the source."""
+    theirs = held_by(conn, target)
+    taken = 0
+    for offer_id, mine in held_by(conn, source).items():
+        held = theirs.get(offer_id)
+        if held is None:
+            conn.execute("UPDATE offer_members SET member_id = ? WHERE member_id = ? AND offer_id = ?",
+                         (target, source, offer_id))
+            _recharge(conn, offer_id, source, target, charged_by[source])
+            taken += 1
+            continue
+        if mine.left() > held.left():
+            conn.execute("UPDATE offer_members SET points = ?, points_used = ? WHERE member_id = ? AND offer_id = ?",
+                         (mine.points, mine.used, target, offer_id))
+            _recharge(conn, offer_id, target, source, charged_by[target])
+            _recharge(conn, offer_id, source, target, charged_by[source])
+            taken += 1
+        conn.execute("UPDATE offer_members SET from_date = ?, to_date = ? WHERE member_id = ? AND offer_id = ?",
+                     (min(mine.from_date, held.from_date), max(mine.to_date, held.to_date), target, offer_id))
+        conn.execute("DELETE FROM offer_members WHERE member_id = ? AND offer_id = ?", (source, offer_id))
+    return taken
+
+
+def _recharge(conn: sqlite3.Connection, offer_id: str, old: int, new: int, owners: list[int]) -> None:
+    """The charges of the offer naming member `old` name `new` instead. They are found through
+    their receipts (receipts_member_counts), `owners`' receipts: offer_charges has no index
+    by member, and a scan of it would hold every other write meanwhile."""
+    marks = ", ".join("?" * len(owners))
+    keys = conn.execute(
+        "SELECT c.store_id, c.register_id, c.receipt_id FROM receipts r JOIN offer_charges c "
+        "ON c.store_id = r.store_id AND c.register_id = r.register_id AND c.receipt_id = r.receipt_id "
+        f"WHERE r.member_id IN ({marks}) AND c.offer_id = ? AND c.member_id = ?", (*owners, offer_id, old)).fetchall()
+    conn.executemany("UPDATE offer_charges SET member_id = ? WHERE store_id = ? AND register_id = ? "
+                     "AND receipt_id = ? AND offer_id = ?", [(new, *key, offer_id) for key in keys])

@@ -474,7 +474,30 @@ def members_at(conn: sqlite3.Connection, segment_id: str, by_list: bool, moment:
 # ------------------------------------------------------------------ list segments
 
 def add_members(conn: sqlite3.Connection, segment_id: str, member_ids: list[int], now: datetime) -> int:
-    rows = [(segment_id, mid, iso(now)) for mid in member_ids]
+    _join(conn, [(segment_id, mid) for mid in member_ids], now)
+    return size(conn, segment_id)
+
+
+def remove_members(conn: sqlite3.Connection, segment_id: str, member_ids: list[int], now: datetime) -> int:
+    _leave(conn, [(segment_id, mid) for mid in member_ids], now)
+    return size(conn, segment_id)
+
+
+def take_over_lists(conn: sqlite3.Connection, source: int, target: int, now: datetime) -> list[str]:
+    """A merge of `source` into `target`: the target joins every list segment the source is
+    on, and the source leaves them (no card reaches it any more: a segment counts the
+    customer once, and an offer to the segment goes to the member who can use it). The
+    computed segments are the daily job's to recompute. The list segments it joined."""
+    listed = [sid for (sid,) in conn.execute(
+        "SELECT segment_id FROM segment_members WHERE member_id = ? ORDER BY segment_id", (source,))]
+    _join(conn, [(sid, target) for sid in listed], now)
+    _leave(conn, [(sid, source) for sid in listed], now)
+    return listed
+
+
+def _join(conn: sqlite3.Connection, pairs: list[tuple[str, int]], now: datetime) -> None:
+    """(segment id, member id) pairs of list segments."""
+    rows = [(sid, mid, iso(now)) for sid, mid in pairs]
     conn.executemany("INSERT INTO segment_members (segment_id, member_id, added_at) VALUES (?, ?, ?) "
                      "ON CONFLICT DO NOTHING", rows)
     # DO NOTHING: a member already in keeps the span that began when they were added.
@@ -482,17 +505,14 @@ def add_members(conn: sqlite3.Connection, segment_id: str, member_ids: list[int]
                      "ON CONFLICT DO NOTHING", rows)
     if rows:
         new_generation(conn)
-    return size(conn, segment_id)
 
 
-def remove_members(conn: sqlite3.Connection, segment_id: str, member_ids: list[int], now: datetime) -> int:
-    rows = [(segment_id, mid) for mid in member_ids]
-    conn.executemany("DELETE FROM segment_members WHERE segment_id = ? AND member_id = ?", rows)
+def _leave(conn: sqlite3.Connection, pairs: list[tuple[str, int]], now: datetime) -> None:
+    conn.executemany("DELETE FROM segment_members WHERE segment_id = ? AND member_id = ?", pairs)
     conn.executemany("UPDATE segment_spans SET valid_to = ? WHERE segment_id = ? AND member_id = ? "
-                     "AND from_run IS NULL AND valid_to IS NULL", [(iso(now), *row) for row in rows])
-    if rows:
+                     "AND from_run IS NULL AND valid_to IS NULL", [(iso(now), *pair) for pair in pairs])
+    if pairs:
         new_generation(conn)
-    return size(conn, segment_id)
 
 
 def size(conn: sqlite3.Connection, segment_id: str) -> int:

@@ -215,6 +215,30 @@ async def test_birthday_event_once_a_year(make_api, tmp_path):
     assert {"date": "2026-12-02", "points": 70} in m["expiring"]
 
 
+
+async def test_a_member_merged_away_gets_no_birthday_gift(make_api, tmp_path):
+    """Its cards are out of use: points given to it would reach nobody. The member that stays
+    celebrates its own birthday, if it has one."""
+    program = tmp_path / "program"
+    shutil.copytree(MARKET, program)
+    (program / "events.yaml").write_text("events:\n  - {id: bday, on: birthday, reward: {points: 70}}\n")
+    api = await make_api(now=NOW, program_dir=program)
+    _, away = await api.post("/v1/members", {"card": "1", "birthday": "1990-11-25"})
+    _, keep = await api.post("/v1/members", {"card": "2"})
+    status, done = await api.post("/v1/admin/members/merge", {
+        "merge_id": "MG-B", "from_member_id": away["member_id"], "into_member_id": keep["member_id"],
+        "reason": "one customer, two cards"})
+    assert status == 201, done
+    _, before = await api.get("/v1/members/2")
+    app = api.client.app
+    app[CLOCK].set(datetime.fromisoformat("2026-11-25T08:00:00+02:00"))
+    done = await run_all(app[DATABASE], app[PROGRAMS].current, app[CLOCK].now())
+    assert done["birthday_events"] == 0
+    _, kept = await api.get("/v1/members/2")
+    assert kept["balance"] == before["balance"]
+    report = await app[DATABASE].read(verify)
+    assert report.ok and report.liability == before["balance"]["available"], report.problems
+
 async def test_partner_settlement(make_api, tmp_path, capsys):
     api = await make_api(now=NOW)
     await api.post("/v1/members", {"card": "1"})

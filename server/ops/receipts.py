@@ -27,7 +27,7 @@ from server.plan import MemberState, evaluate, local_day, plan_calculate, plan_c
 from server.privacy import candidates
 from server.returns import LotFacts, plan_cancel, take_back_postings
 from server.validation import DAY_EARLIEST, DAY_LATEST, DAY_RANGE
-from storage import coupons, imports, ledger, offers
+from storage import coupons, imports, ledger, member_care, offers
 from storage.apply import Confirmed, apply_calculate, apply_confirms, apply_take_back
 from storage.db import Flush, Grouped, Ready
 from storage.ledger import InsufficientPoints, PostingRef, iso
@@ -223,11 +223,13 @@ def _count_in_group(group: dict, planned, program: Program) -> None:
 
 def _cancelled_replay(conn, program: Program, answer: ConfirmAnswer, member_id: int | None,
                       now: datetime) -> ConfirmAnswer:
-    """The stored answer of a receipt cancelled since, with the member's balance now: the
-    stored balance and messages (points earned, paid with) no longer hold."""
+    """The stored answer of a receipt cancelled since, with the balance now of the member
+    holding its points: the stored balance and messages (points earned, paid with) no
+    longer hold."""
     answer.cancelled = True
     if member_id is None:
         return answer
+    member_id = points_holder(conn, member_id)
     holds = ledger.open_holds(conn, member_id, iso(now))
     balance = ledger.balance_of(ledger.lots_of(conn, member_id), holds, local_day(program, now))
     answer.balance = ReceiptBalance(balance.available, balance.pending, balance.held)
@@ -265,11 +267,18 @@ def _cancel_in_tx(deps: Deps, conn, key) -> CancelAnswer:
     ledger.mark_cancelled(conn, key)
     result = cancel_answer(key, reversed_, refunded)
     if stored.member_id is not None:
-        result.balance = balance_now(deps, conn, program, stored.member_id)
-        webhooks.emit_noting_tier(conn, program, stored.member_id, "receipt.cancelled", {
+        holder = points_holder(conn, stored.member_id)
+        result.balance = balance_now(deps, conn, program, holder)
+        webhooks.emit_noting_tier(conn, program, holder, "receipt.cancelled", {
             "receipt": msgspec.to_builtins(receipt_ref(key)), "reversed_points": result.reversed.points,
             "refunded_points": result.refunded.points, "balance": msgspec.to_builtins(result.balance)}, now)
     return result
+
+
+def points_holder(conn, member_id: int) -> int:
+    """The member whose balance a take-back of the member's receipt changed: the member it
+    was merged into, where its points went (storage.member_care.follow_merge), or itself."""
+    return member_care.survivor(conn, member_id) or member_id
 
 
 def give_back_customer_value(conn, key) -> None:

@@ -14,7 +14,7 @@ from server.auth import Principal, require_store
 from server.errors import forbidden, unprocessable
 from server.ops import JSON, Deps, count, replay, sha256
 from server.ops.members import balance_now
-from server.ops.receipts import check_lines, give_back_customer_value, take_back
+from server.ops.receipts import check_lines, give_back_customer_value, points_holder, take_back
 from server.plan import local_day, partner_of
 from server.returns import plan_return
 from storage import imports, ledger
@@ -65,13 +65,14 @@ def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint,
             give_back_customer_value(conn, rec_key)
     for line_no, line in plan.lines.items():
         ledger.insert_return_line(conn, rec_key, line_no, ret_key, line, iso(now))
-    result = return_answer(plan, ret_key, rec_key, stored.member_id)
-    if stored.member_id is not None:
-        result.balance = balance_now(deps, conn, program, stored.member_id)
+    holder = None if stored.member_id is None else points_holder(conn, stored.member_id)
+    result = return_answer(plan, ret_key, rec_key, holder)
+    if holder is not None:
+        result.balance = balance_now(deps, conn, program, holder)
     ledger.insert_return(conn, ret_key, rec_key, body_sha256=fingerprint, member_id=stored.member_id,
                          result=JSON.encode(result), now=iso(now))
-    if stored.member_id is not None:
-        webhooks.emit_noting_tier(conn, program, stored.member_id, "return.accepted", {
+    if holder is not None:
+        webhooks.emit_noting_tier(conn, program, holder, "return.accepted", {
             "return": msgspec.to_builtins(result.return_), "receipt": msgspec.to_builtins(result.receipt),
             "reversed_points": plan.reversed_points, "refunded_points": plan.refunded_points,
             "amount": result.amount, "balance": msgspec.to_builtins(result.balance)}, now)
