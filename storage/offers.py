@@ -188,9 +188,11 @@ def take_over(conn: sqlite3.Connection, source: int, target: int, charged_by: di
     source, whose row goes (a cancel of them then gives back to nothing). charged_by: member
     -> the members whose receipts may carry its charges (itself and those merged into it).
     How many offers the target got or kept from the source."""
-    theirs = held_by(conn, target)
+    theirs, held_by_source = held_by(conn, target), held_by(conn, source)
+    if held_by_source:
+        segments.new_generation(conn)   # servers forget the target if they read it holding no offer
     taken = 0
-    for offer_id, mine in held_by(conn, source).items():
+    for offer_id, mine in held_by_source.items():
         held = theirs.get(offer_id)
         if held is None:
             conn.execute("UPDATE offer_members SET member_id = ? WHERE member_id = ? AND offer_id = ?",

@@ -304,7 +304,7 @@ def write_changes(conn: sqlite3.Connection, run_id: int, now: datetime, changes:
 
 
 def new_generation(conn: sqlite3.Connection) -> None:
-    """After a write of spans readers see at once, or of offers assigned (storage/offers.py):
+    """After a write of spans readers see at once, or of offers given (storage/offers.py):
     segments_generation (m034) gets a new random value in the writer's transaction, so what
     servers keep of members' segments and of the members holding no offer (MembershipCache)
     is dropped at their next read after it commits. Every writer of spans is in this module. PostgreSQL's triggers (p012) do it for every transaction that writes
@@ -387,8 +387,8 @@ class MembershipCache:
 
     Also, on SQLite, the members read holding no personal offer valid on a local date (half
     a program's members may hold none, and the read of a receipt that needs nothing else is
-    then not made): an offer is assigned only by storage/offers.py assign, which gives the
-    generation a new value in its transaction. Not on PostgreSQL, where a previous version's
+    then not made): a member gets an offer only from storage/offers.py, by assign or by a
+    merge's take_over, each of which gives the generation a new value in its transaction. Not on PostgreSQL, where a previous version's
     assignment during a rolling upgrade would not. At most max_members of them; a full set is
     emptied at once."""
 

@@ -1,7 +1,7 @@
 """On SQLite a server remembers the members it read holding no personal offer valid on a day
 (storage/segments.py MembershipCache), so their receipts that send no code read neither
 offers nor anything else of customer value; an offer assigned afterwards, through the API or
-by another connection, is paid by the member's next receipt."""
+by another connection, or carried to them by a merge, is paid by the member's next receipt."""
 from __future__ import annotations
 
 import asyncio
@@ -113,3 +113,15 @@ async def test_holding_none_on_one_day_says_nothing_of_another(api):
     assert await paid(a, "c2", "r1") == [], "the offer ended yesterday"
     assert await paid(a, "c2", "r2", ts="2026-12-09T18:00:00+02:00") == ["comeback"]
     assert await paid(a, "c2", "r3") == []
+
+
+async def test_an_offer_a_merge_carries_to_the_survivor_is_paid_by_its_next_receipt(api):
+    a = await api()
+    assert (await a.post("/v1/members", {"card": "c3"}))[0] == 201
+    assert (await offer(a, "o-3", "c3"))[0] == 201     # c3 is on no list: only its offer moves
+    assert await paid(a, "c2", "r1") == [] and await paid(a, "c2", "r2") == []
+    ids = [(await a.get(f"/v1/members/{card}"))[1]["member_id"] for card in ("c3", "c2")]
+    status, body = await a.post("/v1/admin/members/merge", {"merge_id": "MG-1", "from_member_id": ids[0],
+                                                            "into_member_id": ids[1], "reason": "one customer"})
+    assert status == 201, body
+    assert await paid(a, "c2", "r3") == ["comeback"]
