@@ -237,18 +237,12 @@ def _coupons_used(program: Any, exact: Exact, fact: dict[str, Any], coupons: dic
         if not present:
             continue
         node = program.matcher.conditions[rule.condition]
-        dropped = []    # tried on the fact itself, then put back: no copy of it per rule
-        try:
-            for campaign in reversed(present):
-                fact[fields[campaign]] = False
-                if holds(node, fact):
-                    dropped.append(campaign)
-                else:
-                    fact[fields[campaign]] = True
-                    used.add(campaign)
-        finally:
-            for campaign in dropped:
-                fact[fields[campaign]] = True
+        trial = dict(fact)
+        for campaign in reversed(present):
+            trial[fields[campaign]] = False
+            if not holds(node, trial):
+                trial[fields[campaign]] = True
+                used.add(campaign)
     return {campaign: code for campaign, code in coupons.items() if campaign in used}
 
 

@@ -83,8 +83,7 @@ async def resources(app: web.Application):
     config = app[CONFIG]
     db, versions = await _open_with_program(app)
     app[OPS] = Deps(db, app[PROGRAMS], app[CLOCK], app[METRICS], app[PRIVACY],
-                    MembershipCache(config.database.segments_cache_members,
-                                    offerless=config.database.url is None))   # SQLite: see MembershipCache
+                    MembershipCache(config.database.segments_cache_members))
     await refresh_keys(app[KEYRING], db)     # the database's keys before the first request
     app[PROGRAMS].count_lost_tiers(
         lambda levels, today: db.lookup(lambda conn: manual_tiers_outside(conn, levels, today)))

@@ -25,8 +25,7 @@ def read_member_state(conn: sqlite3.Connection, receipt, program: Program, now: 
                       kept: segments.MembershipCache | None = None) -> MemberState | None:
     """None for an anonymous receipt. card: the card number's HMAC. coupon_mac: the HMAC
     coupon codes are stored under (server/privacy.py), needed when the receipt sends codes.
-    kept: members' segments kept in memory, read instead of their spans when current, and
-    the members known to hold no offer on a day, whose offers are then not read."""
+    kept: members' segments kept in memory, read instead of their spans when current."""
     if card is None:
         return None
     member = ledger.member_by_card(conn, card)
@@ -75,27 +74,21 @@ class CustomerValue(NamedTuple):
 def _customer_value(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, receipt, card: str,
                     coupon_mac, now: datetime, kept: segments.MembershipCache | None = None) -> CustomerValue:
     """customer_value_facts, with what the member's tier at `now` counts and their offer rows:
-    segments (unless kept in memory), offers (unless the member is known to hold none that
-    day) and the codes' rows in one statement (storage/customer_value.py)."""
+    segments (unless kept in memory), offers and the codes' rows in one statement
+    (storage/customer_value.py)."""
     facts, tier, tier_now = member_facts(conn, program, member, receipt.ts, now)
     day = local_date_of(program, receipt.ts)     # offers and coupon campaigns are judged at ts
     sent = getattr(receipt, "coupons", None)
     hashes = coupons.hashes(sent, coupon_mac) if sent else []
-    generation = member.segments_generation
-    offerless_kept = kept is not None and kept.keeps_offerless and bool(program.personal_rule_ids)
-    membership, offerless = kept.look_up(generation, member.id, day if offerless_kept else None) \
-        if kept is not None and (program.segments or offerless_kept) else (None, False)
-    if not program.segments:
-        membership = None
-    offers_on = day if program.personal_rule_ids and not offerless else None
-    rows = customer_value.read(conn, member.id, bool(program.segments) and membership is None, offers_on,
+    kept = kept if program.segments else None
+    membership = None if kept is None else kept.get(member.segments_generation, member.id)
+    rows = customer_value.read(conn, member.id, bool(program.segments) and membership is None,
+                               day if program.personal_rule_ids else None,
                                [digest for digests in hashes for digest in digests])
     if membership is None:
         membership = rows.listed, rows.computed
-        if kept is not None and program.segments:
-            kept.put(generation, member.id, *membership)
-    if offers_on is not None and offerless_kept and not rows.offers:
-        kept.put_offerless(generation, member.id, day)
+        if kept is not None:
+            kept.put(member.segments_generation, member.id, *membership)
     judged = coupons.judged(sent, hashes, rows.codes, card, day, program.coupons) if sent else None
     facts = msgspec.structs.replace(
         facts, segments=segments_in(program, *membership), offers=offers.left_by_rule(rows.offers),

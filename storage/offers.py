@@ -12,7 +12,7 @@ import sqlite3
 from datetime import date, datetime
 from typing import NamedTuple
 
-from storage import events, segments
+from storage import events
 from storage.ledger import iso
 
 
@@ -27,8 +27,7 @@ class Assigned(NamedTuple):
 
 def assign(conn: sqlite3.Connection, offer_id: str, rule_id: str, fingerprints: list[str], first: date, last: date,
            points: int | None, member_ids: list[int], now: datetime) -> Assigned:
-    """Records the offer for each member once, each with its offer.assigned event, and a new
-    segments generation (what servers keep of members without offers is dropped); a repeat
+    """Records the offer for each member once, each with its offer.assigned event; a repeat
     with the same body changes nothing. fingerprints: the body's, the first stored, any of
     them matching a stored one making it a repeat (server/cvm.py offer_fingerprints)."""
     row = conn.execute("SELECT body_sha256, members FROM offers WHERE offer_id = ?", (offer_id,)).fetchone()
@@ -45,7 +44,6 @@ def assign(conn: sqlite3.Connection, offer_id: str, rule_id: str, fingerprints: 
                      "VALUES (?, ?, ?, ?, ?, ?)",
                      [(mid, offer_id, rule_id, first.isoformat(), last.isoformat(), points) for mid in unique])
     events.offers_assigned(conn, offer_id, rule_id, first.isoformat(), last.isoformat(), points, unique, now)
-    segments.new_generation(conn)   # servers forget the members they read holding no offer
     return Assigned(True, len(unique))
 
 
@@ -188,11 +186,9 @@ def take_over(conn: sqlite3.Connection, source: int, target: int, charged_by: di
     source, whose row goes (a cancel of them then gives back to nothing). charged_by: member
     -> the members whose receipts may carry its charges (itself and those merged into it).
     How many offers the target got or kept from the source."""
-    theirs, held_by_source = held_by(conn, target), held_by(conn, source)
-    if held_by_source:
-        segments.new_generation(conn)   # servers forget the target if they read it holding no offer
+    theirs = held_by(conn, target)
     taken = 0
-    for offer_id, mine in held_by_source.items():
+    for offer_id, mine in held_by(conn, source).items():
         held = theirs.get(offer_id)
         if held is None:
             conn.execute("UPDATE offer_members SET member_id = ? WHERE member_id = ? AND offer_id = ?",

@@ -304,10 +304,10 @@ def write_changes(conn: sqlite3.Connection, run_id: int, now: datetime, changes:
 
 
 def new_generation(conn: sqlite3.Connection) -> None:
-    """After a write of spans readers see at once, or of offers given (storage/offers.py):
-    segments_generation (m034) gets a new random value in the writer's transaction, so what
-    servers keep of members' segments and of the members holding no offer (MembershipCache)
-    is dropped at their next read after it commits. Every writer of spans is in this module. PostgreSQL's triggers (p012) do it for every transaction that writes
+    """After a write of spans readers see at once: segments_generation (m034) gets a new
+    random value in the writer's transaction, so what servers keep of members' segments
+    (MembershipCache) is dropped at their next read after it commits. Every writer of spans
+    is in this module. PostgreSQL's triggers (p012) do it for every transaction that writes
     spans, a previous version's during a rolling upgrade too; SQLite's would cost the daily
     job a statement journal per span (m034)."""
     if not is_postgresql(conn):
@@ -331,17 +331,17 @@ def scores_of(conn: sqlite3.Connection, member_id: int) -> Score | None:
     return Score(*row) if row else None
 
 
-def current_spans(columns: str) -> str:
+def current_spans(columns: str, guard: str = "") -> str:
     """SQL of a member's spans a reader takes as current, as `columns` (bound: the member's id
-    twice): a list segment's open ones, and a computed
+    twice, each after what `guard` binds): a list segment's open ones, and a computed
     segment's the newest finished run saw, i.e. opened by it or before and not closed by then
     (open, or closed by a run still writing); none before a run has finished. A computed span
     gets valid_to and to_run together, so both kinds of open span have neither:
     segment_spans_member_current (m033) finds each kind with one seek and reads them from the
     index alone, however many spans the member had before. Built once, at import."""
-    return (f"SELECT {columns} FROM segment_spans WHERE member_id = ? AND to_run IS NULL "
+    return (f"SELECT {columns} FROM segment_spans WHERE {guard}member_id = ? AND to_run IS NULL "
             f"AND valid_to IS NULL AND (from_run IS NULL OR from_run <= ({_NEWEST})) "
-            f"UNION ALL SELECT {columns} FROM segment_spans WHERE member_id = ? AND to_run > ({_NEWEST}) "
+            f"UNION ALL SELECT {columns} FROM segment_spans WHERE {guard}member_id = ? AND to_run > ({_NEWEST}) "
             f"AND from_run <= ({_NEWEST})")
 
 
@@ -383,39 +383,26 @@ class MembershipCache:
     At most max_members members, the least recently read evicted first (O(1) each). Equal
     memberships are shared, so an entry costs its key and two slots, whatever its segments.
     A lock makes it safe for PostgreSQL's worker threads; a thread that read an older
-    generation than another only costs both misses, never a wrong answer.
+    generation than another only costs both misses, never a wrong answer."""
 
-    Also, on SQLite, the members read holding no personal offer valid on a local date (half
-    a program's members may hold none, and the read of a receipt that needs nothing else is
-    then not made): a member gets an offer only from storage/offers.py, by assign or by a
-    merge's take_over, each of which gives the generation a new value in its transaction. Not on PostgreSQL, where a previous version's
-    assignment during a rolling upgrade would not. At most max_members of them; a full set is
-    emptied at once."""
-
-    def __init__(self, max_members: int = CACHE_MEMBERS, offerless: bool = False) -> None:
-        """offerless: keep the members read holding no offer too (on SQLite only, above)."""
+    def __init__(self, max_members: int = CACHE_MEMBERS) -> None:
         self.max_members = max_members
-        self.keeps_offerless = offerless
         self._generation: int | None = None
         self._members: OrderedDict[int, Membership] = OrderedDict()
         self._shared: dict[Membership, Membership] = {}
-        self._offerless: dict[int, date] = {}     # member id -> the day they held no offer on
         self._lock = threading.Lock()
 
-    def look_up(self, generation: int | None, member_id: int,
-                day: date | None = None) -> tuple[Membership | None, bool]:
-        """The member's kept segments (None: not kept), and whether they were read holding no
-        offer valid on `day`, both under `generation`: one call, one lock, per receipt."""
+    def get(self, generation: int | None, member_id: int) -> Membership | None:
         if generation is None or not self.max_members:
-            return None, False
+            return None
         with self._lock:
             if generation != self._generation:
                 self._drop(generation)
-                return None, False
+                return None
             found = self._members.get(member_id)
             if found is not None:
                 self._members.move_to_end(member_id)
-            return found, day is not None and self.keeps_offerless and self._offerless.get(member_id) == day
+            return found
 
     def put(self, generation: int | None, member_id: int, listed: set[str], computed: set[str]) -> None:
         """What the member's spans read, after `generation` was read, said."""
@@ -433,17 +420,6 @@ class MembershipCache:
             if len(self._members) > self.max_members:
                 self._members.popitem(last=False)
 
-    def put_offerless(self, generation: int | None, member_id: int, day: date) -> None:
-        """The member's offers valid on `day`, read after `generation` was read, were none."""
-        if generation is None or not self.max_members or not self.keeps_offerless:
-            return
-        with self._lock:
-            if generation != self._generation:
-                return
-            if len(self._offerless) >= self.max_members:
-                self._offerless.clear()
-            self._offerless[member_id] = day
-
     def __len__(self) -> int:
         return len(self._members)
 
@@ -451,7 +427,6 @@ class MembershipCache:
         self._generation = generation
         self._members = OrderedDict()
         self._shared = {}
-        self._offerless = {}
 
 
 def members_of(conn: sqlite3.Connection, d: SegmentDefinition) -> list[int]:
