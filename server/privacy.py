@@ -305,7 +305,7 @@ def _rotate_all(db, privacy: Privacy, batch_rows: int, alone: bool) -> int:
               f"{_key_name(privacy.key_in_force)}", flush=True)
         return 0
     except KeyNotListed as e:
-        print(e, flush=True)
+        print(e, file=sys.stderr, flush=True)
         return 1
 
 

@@ -254,7 +254,7 @@ def test_a_hash_under_a_key_no_longer_listed_stops_the_rotation_naming_it(tmp_pa
         conn.execute("UPDATE cards SET card = '~gone~' || card")
     rotated = Server(tmp_path, privacy=ROTATED)
     run = rotate(rotated.config)
-    assert run.returncode == 1 and "key 'gone'" in run.stdout
+    assert run.returncode == 1 and "key 'gone'" in run.stderr
 
 
 def test_a_wrapped_hash_is_the_hash_under_every_key_in_turn():
