@@ -265,10 +265,17 @@ class ReceiptsOutcome:
 
 
 def add_receipts(conn: sqlite3.Connection, rows: list[ReceiptRow], *, now: str, source: str) -> ReceiptsOutcome:
-    """Stores the receipts not stored yet whose card (if any) is enrolled. Their members are
-    locked first (in id order): a receipt counts for the member's tier and receipt numbers."""
+    """Stores the receipts not stored yet whose card (if any) is enrolled or was taken out of
+    use by a replacement or a merge: history bought with such a card is its member's, as the
+    receipts it confirmed before. Their members are locked first (in id order): a receipt
+    counts for the member's tier and receipt numbers."""
     out = ReceiptsOutcome()
-    members = known_cards(conn, list({r.card for r in rows if r.card}))
+    cards = list({r.card for r in rows if r.card})
+    members = known_cards(conn, cards)
+    for card in cards:
+        retired = None if card in members else member_care.retired_card(conn, card)
+        if retired is not None:
+            members[card] = retired.member_id
     ledger.lock_members(conn, list(members.values()))
     stored = stored_receipts(conn, [r.key for r in rows])
     new = []

@@ -141,3 +141,17 @@ async def test_an_imported_receipt_cannot_be_returned_or_cancelled(make_api, tmp
     assert status == 422 and body["error"]["code"] == "receipt_imported"
     status, body = await api.post("/v1/receipts/S001/OLD/H-1/cancel", as_="register")
     assert status == 422 and body["error"]["code"] == "receipt_imported"
+
+
+async def test_history_of_a_replaced_card_is_its_members(make_api, tmp_path, capsys):
+    config, source = await members_and_history(tmp_path, [history(n, day=n) for n in range(1, 7)])
+    api = await make_api(now=NOW)
+    _, member = await api.get("/v1/members/7000000000001")
+    status, done = await api.post(f"/v1/admin/members/{member['member_id']}/replace-card",
+                                  {"new_card": "7000000000077", "reason": "card lost"})
+    assert status == 201, done
+    assert await run("import", "receipts", "--jsonl", str(source), "--config", config) == 0
+    assert "6 receipts rows: 6 imported, 0 already there, 0 refused" in capsys.readouterr().out
+    _, member = await api.get("/v1/members/7000000000077")
+    assert member["tier"]["id"] == "silver" and member["tier"]["value"] == 600_000
+    assert await run("audit", "verify", "--config", config) == 0
