@@ -87,8 +87,8 @@ def apply_confirms(conn: sqlite3.Connection, confirms: list[Confirmed]) -> list:
         for event in c.plan.events:
             # A referrer merged into another member since: no card reaches it, its points went
             # to that member, and so does its reward (once per occasion there).
-            member_id = member_care.survivor(conn, event.member_id) or event.member_id
-            fire_events(conn, c.program, member_id, event.on, event.occasion, c.now)
+            fire_events(conn, c.program, member_care.points_holder(conn, event.member_id), event.on,
+                        event.occasion, c.now)
     return [c.result for c in confirms]
 
 

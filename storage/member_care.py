@@ -194,6 +194,12 @@ def survivor(conn: sqlite3.Connection, member_id: int) -> int | None:
     return found
 
 
+def points_holder(conn: sqlite3.Connection, member_id: int) -> int:
+    """The member whose balance holds what `member_id` earns or is owed: the member it was
+    merged into, through any chain of merges (where its points went), or itself."""
+    return survivor(conn, member_id) or member_id
+
+
 def follow_merge(conn: sqlite3.Connection, member_id: int, at: ledger.PostingRef) -> None:
     """After a return or a cancel of a merged member's receipt: what it took back (a debt) or
     refunded went onto the merged member's lots, which no points reach any more; it moves on

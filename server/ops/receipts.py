@@ -229,7 +229,7 @@ def _cancelled_replay(conn, program: Program, answer: ConfirmAnswer, member_id: 
     answer.cancelled = True
     if member_id is None:
         return answer
-    member_id = points_holder(conn, member_id)
+    member_id = member_care.points_holder(conn, member_id)
     holds = ledger.open_holds(conn, member_id, iso(now))
     balance = ledger.balance_of(ledger.lots_of(conn, member_id), holds, local_day(program, now))
     answer.balance = ReceiptBalance(balance.available, balance.pending, balance.held)
@@ -267,18 +267,12 @@ def _cancel_in_tx(deps: Deps, conn, key) -> CancelAnswer:
     ledger.mark_cancelled(conn, key)
     result = cancel_answer(key, reversed_, refunded)
     if stored.member_id is not None:
-        holder = points_holder(conn, stored.member_id)
+        holder = member_care.points_holder(conn, stored.member_id)
         result.balance = balance_now(deps, conn, program, holder)
         webhooks.emit_noting_tier(conn, program, holder, "receipt.cancelled", {
             "receipt": msgspec.to_builtins(receipt_ref(key)), "reversed_points": result.reversed.points,
             "refunded_points": result.refunded.points, "balance": msgspec.to_builtins(result.balance)}, now)
     return result
-
-
-def points_holder(conn, member_id: int) -> int:
-    """The member whose balance a take-back of the member's receipt changed: the member it
-    was merged into, where its points went (storage.member_care.follow_merge), or itself."""
-    return member_care.survivor(conn, member_id) or member_id
 
 
 def give_back_customer_value(conn, key) -> None:

@@ -14,10 +14,10 @@ from server.auth import Principal, require_store
 from server.errors import forbidden, unprocessable
 from server.ops import JSON, Deps, count, replay, sha256
 from server.ops.members import balance_now
-from server.ops.receipts import check_lines, give_back_customer_value, points_holder, take_back
+from server.ops.receipts import check_lines, give_back_customer_value, take_back
 from server.plan import local_day, partner_of
 from server.returns import plan_return
-from storage import imports, ledger
+from storage import imports, ledger, member_care
 from storage.apply import apply_take_back
 from storage.ledger import PostingRef, iso
 
@@ -65,7 +65,7 @@ def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint,
             give_back_customer_value(conn, rec_key)
     for line_no, line in plan.lines.items():
         ledger.insert_return_line(conn, rec_key, line_no, ret_key, line, iso(now))
-    holder = None if stored.member_id is None else points_holder(conn, stored.member_id)
+    holder = None if stored.member_id is None else member_care.points_holder(conn, stored.member_id)
     result = return_answer(plan, ret_key, rec_key, holder)
     if holder is not None:
         result.balance = balance_now(deps, conn, program, holder)
