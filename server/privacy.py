@@ -19,7 +19,6 @@ numbers back: every key listed is needed, and none alone is enough.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import os
 import sys
@@ -92,7 +91,6 @@ class Privacy:
         self._first = KeyedSha256(key)
         self._rotations = [(key_id, KeyedSha256(k)) for key_id, k in rotations]
         self._key = self._rotations[-1][1] if self._rotations else self._first
-        self._raw_keys = [key, *(k for _, k in rotations)]
         self.key_ids = ["", *(i for i, _ in self._rotations)]   # "" names the first key
 
     @property
@@ -145,8 +143,8 @@ class Privacy:
     def key_checks(self) -> list[tuple[str, str]]:
         """(id, check value) of each key, in order: an HMAC of a fixed text, which tells two
         keys apart without giving either back."""
-        return [(key_id, hmac.digest(key, b"key check", "sha256").hex()[:32])
-                for key_id, key in zip(self.key_ids, self._raw_keys)]
+        keys = [self._first, *(k for _, k in self._rotations)]
+        return [(key_id, key.digest(b"key check").hex()[:32]) for key_id, key in zip(self.key_ids, keys)]
 
     def in_force_range(self) -> tuple[str, str] | None:
         """[low, high) holding exactly the hashes under the key in force, when it is a rotation."""
