@@ -58,12 +58,12 @@ def dispatch(args) -> int:
     if args.keys_command == "list":
         return list_keys(config, args.json)
     if args.keys_command == "add":
-        if problem := _add_problem(args.name, args.role, args.stores) or _no_database(config):
+        if problem := _add_problem(args.name, args.role, args.stores) or _no_database(config, "no key was added"):
             print(problem, file=sys.stderr)
             return 2
         return add_key(config, args.name.strip(), args.role, args.stores, args.by or _os_user())
-    if problem := _no_database(config):
-        print(problem.replace("no key was added", "nothing was revoked"), file=sys.stderr)
+    if problem := _no_database(config, "nothing was revoked"):
+        print(problem, file=sys.stderr)
         return 2
     return revoke_key(config, args.id, args.by or _os_user())
 
@@ -79,13 +79,14 @@ def _add_problem(name: str, role: str, stores: list[str]) -> str | None:
     return None
 
 
-def _no_database(config) -> str | None:
-    """Why a key cannot be added to SQLite's file: it is not there (a mistyped path or
-    config would get a new empty database holding nothing but the key; the server makes the
-    database when it first starts). PostgreSQL's database is found when it is opened."""
+def _no_database(config, outcome: str) -> str | None:
+    """Why a key cannot be added to or revoked in SQLite's file: it is not there (a mistyped
+    path or config would get a new empty database holding nothing but the key; the server
+    makes the database when it first starts). PostgreSQL's database is found when it is
+    opened. outcome: what the refusal left undone, said last."""
     if config.database.url is None and not config.resolve(config.database.path).exists():
         from server.databases import described
-        return f"{described(config)}: no database (start the server once to make it); no key was added"
+        return f"{described(config)}: no database (start the server once to make it); {outcome}"
     return None
 
 
