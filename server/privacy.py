@@ -9,8 +9,9 @@ Key rotation. An HMAC cannot be recomputed under a new key without the number, w
 never stored, so a new key wraps the old hashes instead: under rotation `k2` a card's hash
 is `~k2~` + HMAC(k2, its hash under the key before). The id in front says which key a
 stored hash is under (a bare hash is under the first key); `loyalty privacy rotate-key`
-wraps every stored card, phone and coupon code hash up to the key in force, and the card
-hash inside each stored receipt body, beside the serving server; the fingerprints of
+wraps every stored card, phone and coupon code hash up to the key in force, the card
+hash inside each stored receipt body and the hashes of the codes a receipt's row keeps it
+used (storage/receipt_takes.py), beside the serving server; the fingerprints of
 adjustments and offers taken under an earlier key become digests of their rows' fields.
 Meanwhile look-ups try the hash under the key in force, then under each earlier key. A
 copy of the database together with an earlier key (a leaked one) no longer gives the
@@ -28,7 +29,7 @@ import msgspec
 
 from server.config import Config, ConfigError
 from server.startup import StartupError, take_serve_lock
-from storage import coupons, member_care
+from storage import coupons, member_care, receipt_takes
 from storage.ledger import digest_hex, iso, pack, unpack
 
 log = logging.getLogger("loyalty.privacy")
@@ -358,15 +359,16 @@ def _wrapped(privacy: Privacy, kind: str, stored: str, where: str) -> str:
 
 def _rotate_bodies(db, privacy: Privacy, batch_rows: int) -> int:
     """Each stored receipt body's card hash wrapped like the card's, its fingerprint taken
-    again from the new body (a retry is then compared under the key in force first). Bodies
-    are not indexed by the hash in them, so every receipt with a card is read, a batch of
-    rows at a time in rowid order; a run again reads them all again and rewrites none twice."""
+    again from the new body (a retry is then compared under the key in force first), and
+    the codes' hashes its takes keep wrapped like the codes'. Bodies are not indexed by the
+    hash in them, so every receipt with a card is read, a batch of rows at a time in rowid
+    order; a run again reads them all again and rewrites none twice."""
     after, done = 0, 0
     while (batch := db.write_sync(lambda c: _rotate_bodies_batch(c, privacy, after, batch_rows))) is not None:
         after, wrapped = batch
         if wrapped:
             done += wrapped
-            print(f"receipts.body: {done} wrapped", flush=True)
+            print(f"receipts.body and takes: {done} wrapped", flush=True)
     return done
 
 
@@ -374,14 +376,29 @@ def _rotate_bodies_batch(conn, privacy: Privacy, after: int, batch_rows: int) ->
     rows = member_care.receipt_bodies(conn, after, batch_rows)
     if not rows:
         return None
-    changed = []
-    for rowid, packed, fingerprint in rows:
+    changed, recorded = [], []
+    for rowid, packed, fingerprint, used in rows:
         body = unpack(packed)
         new_body = _rekeyed_body(privacy, body)
         if new_body is not None:
             changed.append((pack(new_body), _fingerprint_again(fingerprint, body, new_body), rowid))
+        new_takes = _rekeyed_takes(privacy, used)
+        if new_takes is not None:
+            recorded.append((new_takes, rowid))
     member_care.rewrite_bodies(conn, changed)
-    return rows[-1][0], len(changed)
+    member_care.rewrite_takes(conn, recorded)
+    return rows[-1][0], len(changed) + len(recorded)
+
+
+def _rekeyed_takes(privacy: Privacy, stored: bytes | None) -> bytes | None:
+    """A receipt's takes (storage/receipt_takes.py) with its codes' hashes wrapped up to the key in
+    force, as their rows are; None when there is nothing to wrap."""
+    record = receipt_takes.decode(stored)
+    last = len(privacy.key_ids) - 1
+    if all(privacy.key_of(code) == last for code in record.codes):
+        return None
+    return receipt_takes.encode([_wrapped(privacy, "coupon", code, "receipts.takes") for code in record.codes],
+                        record.charges)
 
 
 def _rotate_fingerprints(db, privacy: Privacy, table: str, key: str, columns: tuple[str, ...],

@@ -5,7 +5,8 @@ from the plan. The confirms of one batch are written together (apply_confirms): 
 INSERT for all their lots, one for their postings, one for the accruals' split by rule
 (posting_rules), one UPDATE of the lots' remaining points, one INSERT of their receipt rows
 (each with its line records and member facts);
-their coupon uses and personal offer charges likewise, from the rows their plans read.
+their coupon uses and personal offer charges likewise, from the rows their plans read (what
+each receipt took is kept in its row, storage/receipt_takes.py; on PostgreSQL in rows of their own).
 
 What a plan reads and writes is its own member's rows, plus two things every member
 shares: the budgets' rule_totals (added to once per batch by append_postings; on
@@ -22,9 +23,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from storage import accounts, coupons, ledger, line_records, member_care, member_facts, offers
+from storage import accounts, coupons, ledger, line_records, member_care, member_facts, offers, receipt_takes
 from storage.ledger import PostingRef, iso
-from storage.sql import WriteConflict
+from storage.sql import WriteConflict, is_postgresql
 
 
 def apply_calculate(conn: sqlite3.Connection, plan, now: datetime) -> None:
@@ -57,7 +58,9 @@ def apply_confirms(conn: sqlite3.Connection, confirms: list[Confirmed]) -> list:
             for c in confirms if c.plan.member is not None for lot in c.plan.lots]
     lot_ids = iter(ledger.new_lots(conn, lots))
     postings, holds, expired, fires, receipts = [], [], [], [], []
-    for c in confirms:
+    taken = [_taken(c) for c in confirms]
+    in_rows = is_postgresql(conn)   # uses and charges as rows of their own there (storage/receipt_takes.py)
+    for c, (uses, charges) in zip(confirms, taken):
         plan, now = c.plan, iso(c.now)
         ids = [next(lot_ids) for _ in plan.lots] if plan.member is not None else []
         if plan.member is not None:
@@ -71,7 +74,8 @@ def apply_confirms(conn: sqlite3.Connection, confirms: list[Confirmed]) -> list:
             plan.key, body_sha256=c.fingerprint, member_id=plan.member.id if plan.member else None,
             ts=iso(c.receipt.ts), local_date=str(plan.evaluation.local_date), total=c.receipt.total,
             rules_version=c.program.version, body=c.body, result=c.answer, lines=lines,
-            member_facts=None if plan.member_facts is None else member_facts.encode(plan.member_facts), now=now))
+            member_facts=None if plan.member_facts is None else member_facts.encode(plan.member_facts),
+            takes=None if in_rows else _kept(uses, charges), now=now))
     # Most batches at low load hold one receipt without a hold, a late lot or a limited
     # rule: a statement with nothing to write is not sent.
     if holds:
@@ -82,7 +86,7 @@ def apply_confirms(conn: sqlite3.Connection, confirms: list[Confirmed]) -> list:
     if fires:
         ledger.record_fires(conn, fires)
     ledger.insert_receipts(conn, receipts)
-    _customer_value(conn, [c for c in confirms if c.plan.member is not None])
+    _customer_value(conn, confirms, taken, in_rows)
     for c in confirms:
         for event in c.plan.events:
             # A referrer merged into another member since: no card reaches it, its points went
@@ -99,18 +103,35 @@ class CustomerValueConflict(WriteConflict):
     PostgreSQL another process used them meanwhile, and the write runs again."""
 
 
-def _customer_value(conn: sqlite3.Connection, confirms: list[Confirmed]) -> None:
+def _taken(c: Confirmed) -> tuple[list[coupons.CodeUse], list[offers.Charge]]:
+    """The code uses and offer charges the confirm's plan counted on (what its member's read found)."""
+    plan = c.plan
+    if plan.member is None:
+        return [], []
+    uses = [coupons.CodeUse(plan.key, use.code_hmac, use.uses_per_code, iso(c.now)) for use in plan.coupon_uses]
+    charges = [offers.Charge(plan.key, plan.member.id, offer_id, points) for charge in plan.offer_charges
+               for offer_id, points in _takes(c, charge)]
+    return uses, charges
+
+
+def _kept(uses: list[coupons.CodeUse], charges: list[offers.Charge]) -> bytes | None:
+    """What the receipt's row keeps of its uses and charges (storage/receipt_takes.py)."""
+    return receipt_takes.encode([str(use.code_hmac) for use in uses], [(c.offer_id, c.points) for c in charges])
+
+
+def _customer_value(conn: sqlite3.Connection, confirms: list[Confirmed],
+                    taken: list[tuple[list[coupons.CodeUse], list[offers.Charge]]], in_rows: bool) -> None:
     """The codes' uses, the personal offers' budgets and the control group's records, one
-    statement of each kind for the batch, from what the plans read (nothing is read again)."""
-    uses = [coupons.CodeUse(c.plan.key, use.code_hmac, use.uses_per_code, iso(c.now)) for c in confirms
-            for use in c.plan.coupon_uses]
-    if uses and not coupons.use_codes(conn, uses):
+    statement of each kind for the batch, from what the plans read (nothing is read again).
+    in_rows: each use and charge is also a row of its own (else the receipt's row keeps them)."""
+    uses = [use for u, _ in taken for use in u]
+    if uses and not coupons.use_codes(conn, uses, in_rows):
         raise CustomerValueConflict(f"a coupon was used up before {[use.receipt_key for use in uses]} applied")
-    charges = [offers.Charge(c.plan.key, c.plan.member.id, offer_id, points) for c in confirms
-               for charge in c.plan.offer_charges for offer_id, points in _takes(c, charge)]
-    if charges and not offers.charge(conn, charges):
+    charges = [charge for _, ch in taken for charge in ch]
+    if charges and not offers.charge(conn, charges, in_rows):
         raise CustomerValueConflict(f"an offer budget had less left than {[c.receipt_key for c in charges]} took")
-    held_out = [(*c.plan.key, rule, c.plan.member.id, points) for c in confirms for rule, points in c.plan.held_out]
+    held_out = [(*c.plan.key, rule, c.plan.member.id, points) for c in confirms if c.plan.member is not None
+                for rule, points in c.plan.held_out]
     if held_out:
         conn.executemany("INSERT INTO holdout_points (store_id, register_id, receipt_id, rule_id, member_id, points) "
                          "VALUES (?, ?, ?, ?, ?, ?)", held_out)

@@ -6,10 +6,11 @@ Even a campaign of a million codes leaves a guess a chance of about 1 in 10^12.
 
 Using a code is one conditional UPDATE (`uses < uses_per_code`) in the receipt's write
 transaction, so two receipts racing for the last use cannot both get it: SQLite runs one
-write transaction at a time, in this server or in any other process on the database.
-coupon_uses names the receipt that used it (its key refuses a second use of a code by one
-receipt), so a cancel or a full return gives exactly that use back. A batch of confirms
-uses its codes with one statement of each kind (use_codes).
+write transaction at a time, in this server or in any other process on the database. The
+receipt's row keeps the codes it used (storage/receipt_takes.py; on PostgreSQL, and for receipts
+confirmed before m038, a coupon_uses row names the receipt), so a cancel or a full return
+gives exactly those uses back. A batch of confirms uses its codes with one statement of
+each kind (use_codes).
 """
 from __future__ import annotations
 
@@ -154,29 +155,39 @@ class CodeUse(NamedTuple):
     used_at: str                # as stored (ledger.iso)
 
 
-def use_codes(conn: sqlite3.Connection, uses: list[CodeUse]) -> bool:
+def use_codes(conn: sqlite3.Connection, uses: list[CodeUse], in_rows: bool) -> bool:
     """Takes one use of each code for its receipt, in the caller's write transaction, with
     one statement of each kind for all of them. False when a code had no use left: then
     nothing was recorded, and the uses taken of the others are the caller's to roll back
-    (the receipt path's savepoint does). A second use of a code by one receipt is refused
-    by coupon_uses' key (sqlite3.IntegrityError)."""
+    (the receipt path's savepoint does). in_rows: each use is also a coupon_uses row (whose
+    key refuses a second use of a code by one receipt: sqlite3.IntegrityError); otherwise
+    the receipt's row keeps them (storage/receipt_takes.py)."""
     if not uses:
         return True
     took = conn.executemany("UPDATE coupon_codes SET uses = uses + 1 WHERE code = ? AND uses < ?",
                             [(use.code_hmac, use.uses_per_code) for use in uses]).rowcount
     if took < len(uses):
         return False
-    conn.executemany("INSERT INTO coupon_uses (store_id, register_id, receipt_id, code, used_at) "
-                     "VALUES (?, ?, ?, ?, ?)", [(*use.receipt_key, use.code_hmac, use.used_at) for use in uses])
+    if in_rows:
+        conn.executemany("INSERT INTO coupon_uses (store_id, register_id, receipt_id, code, used_at) "
+                         "VALUES (?, ?, ?, ?, ?)", [(*use.receipt_key, use.code_hmac, use.used_at) for use in uses])
     return True
 
 
-def give_back(conn: sqlite3.Connection, receipt_key: tuple[str, str, str]) -> int:
-    """Gives back every use the receipt took (a cancel, a return of the whole receipt); how many."""
+def give_back(conn: sqlite3.Connection, receipt_key: tuple[str, str, str], recorded: list[str],
+              forms: Callable[[str], tuple[str, ...]]) -> int:
+    """Gives back every use the receipt took (a cancel, a return of the whole receipt); how
+    many. recorded: the hashes its row kept (storage/receipt_takes.py), as stored when used; forms: a
+    hash and the same wrapped under each later key (server/privacy.py Privacy.forms), since
+    `privacy rotate-key` may have moved the code's row to another hash since."""
     used = conn.execute("DELETE FROM coupon_uses WHERE store_id = ? AND register_id = ? AND receipt_id = ? "
                         "RETURNING code", receipt_key).fetchall()
-    conn.executemany("UPDATE coupon_codes SET uses = uses - 1 WHERE code = ? AND uses > 0", [(c[0],) for c in used])
-    return len(used)
+    conn.executemany("UPDATE coupon_codes SET uses = uses - 1 WHERE code = ? AND uses > 0", used)
+    for code in recorded:       # the code's row is under one of its forms
+        candidates = forms(code)
+        conn.execute(f"UPDATE coupon_codes SET uses = uses - 1 WHERE code IN ({', '.join('?' * len(candidates))}) "
+                     "AND uses > 0", candidates)
+    return len(used) + len(recorded)
 
 
 def rewrap_codes(conn: sqlite3.Connection, pairs: list[tuple[str, str]]) -> int:

@@ -595,21 +595,22 @@ def receipt_line_records(conn: sqlite3.Connection, key: ReceiptKey) -> dict[int,
 
 def receipt_row(key: ReceiptKey, *, body_sha256: bytes, member_id: int | None, ts: str, local_date: str,
                 total: int, rules_version: str, body: bytes, result: bytes, lines: bytes, member_facts: bytes | None,
-                now: str) -> tuple:
+                takes: bytes | None, now: str) -> tuple:
     """body and result as JSON; lines: the encoded line records (storage/line_records.py);
-    member_facts: the encoded member facts (storage/member_facts.py), None for an anonymous receipt.
+    member_facts: the encoded member facts (storage/member_facts.py), None for an anonymous receipt;
+    takes: what it took of coupon codes and offer budgets (storage/receipt_takes.py), None for nothing.
     The body is stored packed: it is most of the bytes (2.7 KB of JSON typically, 0.8 KB
     packed) and is read back only by exports; the answer (1.1 KB, read back on every
     retry) is not worth another ~15 us of zlib per receipt."""
     return (*key, body_sha256, member_id, ts, local_date, total, rules_version, pack(body), result, lines,
-            member_facts, now)
+            member_facts, takes, now)
 
 
 def insert_receipts(conn: sqlite3.Connection, rows: list[tuple]) -> None:
     """Rows made by receipt_row, with one INSERT."""
     conn.executemany("INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, "
-                     "local_date, total, rules_version, status, body, result, lines, member_facts, created_at) "
-                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'confirmed', ?, ?, ?, ?, ?)", rows)
+                     "local_date, total, rules_version, status, body, result, lines, member_facts, takes, created_at) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'confirmed', ?, ?, ?, ?, ?, ?)", rows)
 
 
 def close_holds(conn: sqlite3.Connection, holds: list[tuple[str, ReceiptKey]], status: str) -> None:

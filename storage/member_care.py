@@ -351,9 +351,11 @@ def rewrap(conn: sqlite3.Connection, table: str, column: str, pairs: list[tuple[
                for old, new in pairs)
 
 
-def receipt_bodies(conn: sqlite3.Connection, after_rowid: int, limit: int) -> list[tuple[int, bytes, bytes]]:
-    """(rowid, body as stored, fingerprint) of up to `limit` receipts with a card after
-    `after_rowid`, in rowid order: a body keeps the card's hash it was confirmed with. On
+def receipt_bodies(conn: sqlite3.Connection, after_rowid: int,
+                   limit: int) -> list[tuple[int, bytes, bytes, bytes | None]]:
+    """(rowid, body as stored, fingerprint, takes) of up to `limit` receipts with a card after
+    `after_rowid`, in rowid order: a body keeps the card's hash it was confirmed with, and
+    its takes (storage/receipt_takes.py) the hashes of the codes it used. On
     PostgreSQL their members are locked first (in id order) and the bodies read after: an
     erasure that scrubbed one meanwhile is then seen, never written back over."""
     row_id = arrival(conn)
@@ -361,13 +363,18 @@ def receipt_bodies(conn: sqlite3.Connection, after_rowid: int, limit: int) -> li
         ledger.lock_members(conn, [r[0] for r in conn.execute(
             "SELECT DISTINCT member_id FROM (SELECT member_id FROM receipts WHERE id > ? AND member_id IS NOT NULL "
             "ORDER BY id LIMIT ?) AS batch", (after_rowid, limit))])
-    return conn.execute(f"SELECT {row_id}, body, body_sha256 FROM receipts WHERE {row_id} > ? "
+    return conn.execute(f"SELECT {row_id}, body, body_sha256, takes FROM receipts WHERE {row_id} > ? "
                         f"AND member_id IS NOT NULL ORDER BY {row_id} LIMIT ?", (after_rowid, limit)).fetchall()
 
 
 def rewrite_bodies(conn: sqlite3.Connection, rows: list[tuple[bytes, bytes, int]]) -> None:
     """rows: (body, fingerprint, rowid) of receipts whose card's hash was wrapped."""
     conn.executemany(f"UPDATE receipts SET body = ?, body_sha256 = ? WHERE {arrival(conn)} = ?", rows)
+
+
+def rewrite_takes(conn: sqlite3.Connection, rows: list[tuple[bytes, int]]) -> None:
+    """rows: (takes, rowid) of receipts whose codes' hashes were wrapped."""
+    conn.executemany(f"UPDATE receipts SET takes = ? WHERE {arrival(conn)} = ?", rows)
 
 
 # (table, its key, the columns of legacy_fingerprint) of the fingerprints of bodies with cards

@@ -3,8 +3,10 @@
 An offer is resolved to its members when it is assigned (a segment's members as they are
 then) and recorded per member with its dates and its own points budget. A receipt charges
 that budget with what the rule gives (the receipt that would cross it gets the remainder),
-from the offer rows its member's read found (takes), without reading them again;
-offer_charges keep which receipt took how much, so a cancel gives exactly that back.
+from the offer rows its member's read found (takes), without reading them again. The
+receipt's row keeps which budget it took how much of (storage/receipt_takes.py; on PostgreSQL,
+and for receipts confirmed before m038, offer_charges rows do), so a cancel gives exactly
+that back.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import sqlite3
 from datetime import date, datetime
 from typing import NamedTuple
 
-from storage import events
+from storage import events, receipt_takes
 from storage.ledger import iso
 
 
@@ -114,11 +116,12 @@ class Charge(NamedTuple):
     points: int
 
 
-def charge(conn: sqlite3.Connection, charges: list[Charge]) -> bool:
+def charge(conn: sqlite3.Connection, charges: list[Charge], in_rows: bool) -> bool:
     """Charges each offer's budget with its points for its receipt (takes() decided them), in
     the caller's write transaction, with one statement of each kind for all of them. False
     when a budget no longer had that much left: then nothing was recorded, and what the
-    others took is the caller's to roll back (the receipt path's savepoint does)."""
+    others took is the caller's to roll back (the receipt path's savepoint does). in_rows:
+    each charge is also an offer_charges row; otherwise the receipt's row keeps them."""
     if not charges:
         return True
     took = conn.executemany(
@@ -126,16 +129,22 @@ def charge(conn: sqlite3.Connection, charges: list[Charge]) -> bool:
         "AND points_used + ? <= points", [(c.points, c.member_id, c.offer_id, c.points) for c in charges]).rowcount
     if took < len(charges):
         return False
-    conn.executemany("INSERT INTO offer_charges (store_id, register_id, receipt_id, member_id, offer_id, points) "
-                     "VALUES (?, ?, ?, ?, ?, ?)", [(*c.receipt_key, c.member_id, c.offer_id, c.points)
-                                                   for c in charges])
+    if in_rows:
+        conn.executemany("INSERT INTO offer_charges (store_id, register_id, receipt_id, member_id, offer_id, points) "
+                         "VALUES (?, ?, ?, ?, ?, ?)", [(*c.receipt_key, c.member_id, c.offer_id, c.points)
+                                                       for c in charges])
     return True
 
 
-def give_back(conn: sqlite3.Connection, receipt_key: tuple[str, str, str]) -> int:
-    """Returns to each offer budget what the receipt took of it (a cancel); the points given back."""
+def give_back(conn: sqlite3.Connection, receipt_key: tuple[str, str, str], recorded: list[tuple[str, int]],
+              holder: int) -> int:
+    """Returns to each offer budget what the receipt took of it (a cancel); the points given
+    back. recorded: the (offer id, points) its row kept (storage/receipt_takes.py), which go to the
+    budgets of `holder`, the member holding the receipt's member's points (itself, or the
+    member a merge moved them to, with its offers: take_over)."""
     rows = conn.execute("DELETE FROM offer_charges WHERE store_id = ? AND register_id = ? AND receipt_id = ? "
                         "RETURNING member_id, offer_id, points", receipt_key).fetchall()
+    rows += [(holder, offer_id, points) for offer_id, points in recorded]
     conn.executemany("UPDATE offer_members SET points_used = points_used - ? WHERE member_id = ? AND offer_id = ?",
                      [(points, mid, offer_id) for mid, offer_id, points in rows])
     return sum(r[2] for r in rows)
@@ -183,7 +192,10 @@ def take_over(conn: sqlite3.Connection, source: int, target: int, charged_by: di
     the merge would make budget neither membership had. Each receipt's charge keeps naming
     the row holding the budget it took from, so a cancel gives back to it: the charges of a
     moved or kept budget go with it to the target, those of the budget not kept stay with the
-    source, whose row goes (a cancel of them then gives back to nothing). charged_by: member
+    source, whose row goes (a cancel of them then gives back to nothing). A charge kept in
+    its receipt's row (storage/receipt_takes.py) goes to the budget of the member holding the
+    receipt's member's points, which is where a moved budget goes; of an offer both hold,
+    such charges become rows first (_charges_to_rows). charged_by: member
     -> the members whose receipts may carry its charges (itself and those merged into it).
     How many offers the target got or kept from the source."""
     theirs = held_by(conn, target)
@@ -196,6 +208,7 @@ def take_over(conn: sqlite3.Connection, source: int, target: int, charged_by: di
             _recharge(conn, offer_id, source, target, charged_by[source])
             taken += 1
             continue
+        _charges_to_rows(conn, offer_id, source, target, charged_by)
         if mine.left() > held.left():
             conn.execute("UPDATE offer_members SET points = ?, points_used = ? WHERE member_id = ? AND offer_id = ?",
                          (mine.points, mine.used, target, offer_id))
@@ -206,6 +219,22 @@ def take_over(conn: sqlite3.Connection, source: int, target: int, charged_by: di
                      (min(mine.from_date, held.from_date), max(mine.to_date, held.to_date), target, offer_id))
         conn.execute("DELETE FROM offer_members WHERE member_id = ? AND offer_id = ?", (source, offer_id))
     return taken
+
+
+def _charges_to_rows(conn: sqlite3.Connection, offer_id: str, source: int, target: int,
+                     charged_by: dict[int, list[int]]) -> None:
+    """An offer both members hold: what their receipts' rows keep of it (storage/receipt_takes.py)
+    becomes offer_charges rows naming the member whose budget each took, so that a charge
+    follows its budget (_recharge) or stays with the one not kept, as rows do. A record
+    alone would give back to whichever budget the surviving member holds."""
+    for member in (source, target):
+        for key, _, record in receipt_takes.of_members(conn, charged_by[member]):
+            mine = [(offer, points) for offer, points in record.charges if offer == offer_id]
+            if not mine:
+                continue
+            conn.executemany("INSERT INTO offer_charges (store_id, register_id, receipt_id, member_id, offer_id, "
+                             "points) VALUES (?, ?, ?, ?, ?, ?)", [(*key, member, *c) for c in mine])
+            receipt_takes.rewrite(conn, key, record.without_offer(offer_id))
 
 
 def _recharge(conn: sqlite3.Connection, offer_id: str, old: int, new: int, owners: list[int]) -> None:

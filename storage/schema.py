@@ -975,3 +975,14 @@ def m037_postings_receipt(db):
     among its member's (postings_member); audit verify sums the postings by receipt in one
     pass. The campaign report's join of postings to receipts never used it."""
     _run(db, "DROP INDEX postings_receipt")
+
+
+@migrations()
+def m038_takes_in_receipts(db):
+    """What a receipt took of coupon codes and personal offer budgets is written in its
+    receipts row (receipts.takes, storage/receipt_takes.py) instead of a row of coupon_uses (and
+    its index by code) and one of offer_charges, each keyed by the receipt's identity: a
+    B-tree page of its own in every COMMIT (three for a receipt with a code and an offer),
+    even when ten receipts shared it. The rows of receipts confirmed before stay where they
+    are, and a give-back takes from both."""
+    _run(db, "ALTER TABLE receipts ADD COLUMN takes BLOB")

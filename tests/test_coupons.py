@@ -38,7 +38,8 @@ def add(db, campaign: str, count: int, card: str | None = None) -> list[str]:
 
 
 def use(conn, code_hmac: str, receipt: tuple[str, str, str], uses_per_code: int) -> bool:
-    return coupons.use_codes(conn, [coupons.CodeUse(receipt, code_hmac, uses_per_code, iso(NOW))])
+    """As a receipt on PostgreSQL, or confirmed before m038, used it: with a row of its own."""
+    return coupons.use_codes(conn, [coupons.CodeUse(receipt, code_hmac, uses_per_code, iso(NOW))], True)
 
 
 def judge(db, codes, card=None, day=date(2026, 12, 21)):
@@ -76,10 +77,27 @@ def test_used_up_and_given_back(db):
     assert db.write_sync(lambda conn: use(conn, h, second, 2))
     assert judge(db, [code]).statuses == [(code, "used")]
     assert not db.write_sync(lambda conn: use(conn, h, third, 2))
-    assert db.write_sync(lambda conn: coupons.give_back(conn, first)) == 1
-    assert db.write_sync(lambda conn: coupons.give_back(conn, first)) == 0
+    assert db.write_sync(lambda conn: coupons.give_back(conn, first, [], lambda code: (code,))) == 1
+    assert db.write_sync(lambda conn: coupons.give_back(conn, first, [], lambda code: (code,))) == 0
     assert judge(db, [code]).statuses == [(code, coupons.USABLE)]
     assert db.write_sync(lambda conn: use(conn, h, third, 2))
+
+
+def test_a_use_kept_in_the_receipts_row_goes_back_to_the_code_where_its_row_moved(db):
+    """The receipt's row keeps the hash the code was used under (storage/receipt_takes.py);
+    `privacy rotate-key` may since have moved the code's row to a later form of it."""
+    code = add(db, "twice", 1)[0]
+    used_under, moved_to = PRIVACY.coupon(coupons.normalize(code)), "~k2~wrapped"
+    key = ("S001", "K01", "1")
+
+    def use_then_rotate(conn):
+        assert coupons.use_codes(conn, [coupons.CodeUse(key, used_under, 2, iso(NOW))], False)
+        assert coupons.rewrap_codes(conn, [(used_under, moved_to)]) == 1
+    db.write_sync(use_then_rotate)
+    assert db.write_sync(lambda conn: coupons.give_back(conn, key, [used_under],
+                                                        lambda h: (h, moved_to))) == 1
+    assert db.read_sync(lambda conn: [tuple(r) for r in conn.execute("SELECT code, uses FROM coupon_codes")]) == [
+        (moved_to, 0)]
 
 
 def test_twenty_receipts_racing_for_a_single_use_code_one_wins(db, tmp_path):

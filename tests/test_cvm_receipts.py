@@ -15,6 +15,7 @@ from server import rfm
 from server.app import create_app
 from server.config import DatabaseConfig
 from server.keys import CLOCK, DATABASE, PROGRAMS
+from storage import receipt_takes
 
 NOW = "2026-12-10T12:00:00+02:00"
 PROGRAM = """\
@@ -105,6 +106,14 @@ async def rows(a: Api, sql: str, args=()) -> list[tuple]:
     return await a.app[DATABASE].read(lambda conn: [tuple(r) for r in conn.execute(sql, args)])
 
 
+async def code_uses(a: Api) -> list[str]:
+    """The receipts holding a use of a code: kept in their rows on SQLite (storage/receipt_takes.py),
+    as rows of coupon_uses on PostgreSQL."""
+    kept = [receipt_id for receipt_id, record in await rows(a, "SELECT receipt_id, takes FROM receipts")
+            for _ in receipt_takes.decode(record).codes]
+    return sorted(kept + [receipt_id for (receipt_id,) in await rows(a, "SELECT receipt_id FROM coupon_uses")])
+
+
 async def test_list_and_when_segment_rules_apply_while_the_member_is_in_them(api):
     a = await api()
     assert by_rule(await confirm(a, receipt("r1"))) == {"base": 2}
@@ -152,7 +161,7 @@ async def test_coupon_applied_then_used_then_given_back_by_a_cancel(api):
     assert (await a.post("/v1/receipts/S001/K1/r1/cancel", as_="register"))[0] == 200
     again = await confirm(a, receipt("r4", coupons=[code]))
     assert by_rule(again) == {"base": 2, "winter-coupon": 100} and again["coupons"][0]["status"] == "applied"
-    assert await rows(a, "SELECT receipt_id FROM coupon_uses") == [("r4",)]
+    assert await code_uses(a) == ["r4"]
 
 
 async def test_coupon_statuses_other_card_not_yet_valid_not_needed(api):
@@ -216,6 +225,27 @@ async def test_a_whole_return_gives_the_coupon_back_a_partial_one_does_not(api):
     await give_back("ret-2")
     assert await rows(a, "SELECT uses FROM coupon_codes") == [(0,)]
     assert (await confirm(a, receipt("r2", coupons=[code])))["coupons"][0]["status"] == "applied"
+
+
+async def test_a_cancel_after_a_whole_return_gives_nothing_back_twice(api):
+    a = await api()
+    code = await new_code(a)
+    offer = {"offer_id": "back-once", "rule": "comeback", "from": "2026-12-01", "to": "2026-12-31", "cards": ["c1"],
+             "points": 40}
+    assert (await a.post("/v1/admin/offers", offer))[0] == 201
+    assert by_rule(await confirm(a, receipt("r1", coupons=[code]))) == {"base": 2, "winter-coupon": 100, "comeback": 30}
+    status, answer = await a.post("/v1/returns", {
+        "return_id": "ret-1", "store_id": "S001", "register_id": "K1",
+        "receipt": {"store_id": "S001", "register_id": "K1", "receipt_id": "r1"}, "lines": [{"line_no": 1, "qty": 1}]},
+        as_="register")
+    assert status == 201, answer
+    assert (await a.get("/v1/members/c1"))[1]["offers"][0]["points_left"] == 40
+    assert (await confirm(a, receipt("r2", coupons=[code])))["coupons"][0]["status"] == "applied"
+    assert (await a.post("/v1/receipts/S001/K1/r1/cancel", as_="register"))[0] == 200
+    # r1 gave back its code and its 30 points once, with the return: r2's use and charge stand
+    assert (await a.get("/v1/members/c1"))[1]["offers"][0]["points_left"] == 10
+    assert (await confirm(a, receipt("r3", coupons=[code])))["coupons"][0]["status"] == "used"
+    assert await code_uses(a) == ["r2"]
 
 
 async def test_twenty_receipts_racing_for_one_single_use_code_one_gets_it(api):

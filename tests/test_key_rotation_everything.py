@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import FIRST_PRIVACY, ROTATED_PRIVACY, Api, connect, rotate_keys, serve_program
 
-from storage import member_care
+from storage import member_care, receipt_takes
 from storage.ledger import unpack
 
 NOW = "2026-12-10T12:00:00+02:00"
@@ -59,6 +59,8 @@ def hashes_left(tmp_path) -> list[str]:
         stored = [r[0] for r in conn.execute(
             "SELECT card FROM cards UNION ALL SELECT code FROM coupon_codes UNION ALL "
             "SELECT card FROM coupon_codes WHERE card IS NOT NULL UNION ALL SELECT code FROM coupon_uses")]
+        stored += [code for (record,) in conn.execute("SELECT takes FROM receipts WHERE takes IS NOT NULL")
+                   for code in receipt_takes.decode(record).codes]
         bodies = [unpack(r[0]) for r in conn.execute("SELECT body FROM receipts WHERE member_id IS NOT NULL")]
         for (body, fingerprint) in conn.execute("SELECT body, body_sha256 FROM receipts"):
             assert hashlib.sha256(unpack(body)).digest() == fingerprint

@@ -32,7 +32,7 @@ def charge(db, points, receipt, day=DEC, member=1):
         takes = offers.takes(offers.valid(conn, member, day), "comeback", points)
         if takes is None:
             return points
-        assert offers.charge(conn, [offers.Charge(("S001", "K01", receipt), member, o, p) for o, p in takes])
+        assert offers.charge(conn, [offers.Charge(("S001", "K01", receipt), member, o, p) for o, p in takes], True)
         return sum(p for _, p in takes)
     return db.write_sync(charge_in)
 
@@ -46,9 +46,9 @@ def test_budget_charged_to_its_end_then_given_back_by_a_cancel(db):
     assert charge(db, 300, "r1") == 300 and left(db) == {"comeback": 200}
     assert charge(db, 300, "r2") == 200 and left(db) == {"comeback": 0}       # the remainder, not more
     assert charge(db, 300, "r3") == 0
-    assert db.write_sync(lambda conn: offers.give_back(conn, ("S001", "K01", "r2"))) == 200
+    assert db.write_sync(lambda conn: offers.give_back(conn, ("S001", "K01", "r2"), [], 1)) == 200
     assert left(db) == {"comeback": 200}
-    assert db.write_sync(lambda conn: offers.give_back(conn, ("S001", "K01", "r2"))) == 0
+    assert db.write_sync(lambda conn: offers.give_back(conn, ("S001", "K01", "r2"), [], 1)) == 0
 
 
 def test_offers_outside_their_dates_or_of_others_are_not_charged(db):

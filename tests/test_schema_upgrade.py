@@ -83,7 +83,7 @@ CREATE INDEX cards_unprotected ON cards(card) WHERE card_last4 IS NULL;
 DROP TRIGGER postings_rule_totals;
 DROP TABLE rule_totals;
 DELETE FROM _sqlite_migrations WHERE name IN ('m013_compact_rows', 'm014_returns_member', 'm015_hot_lookups',
-                                              'm016_rule_totals', 'm023_line_records');
+                                              'm016_rule_totals', 'm023_line_records', 'm038_takes_in_receipts');
 COMMIT;
 """)
     conn.close()

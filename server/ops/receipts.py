@@ -27,7 +27,7 @@ from server.plan import MemberState, evaluate, local_day, plan_calculate, plan_c
 from server.privacy import candidates
 from server.returns import LotFacts, plan_cancel, take_back_postings
 from server.validation import DAY_EARLIEST, DAY_LATEST, DAY_RANGE
-from storage import coupons, imports, ledger, member_care, offers
+from storage import coupons, imports, ledger, member_care, offers, receipt_takes
 from storage.apply import Confirmed, apply_calculate, apply_confirms, apply_take_back
 from storage.db import Flush, Grouped, Ready
 from storage.ledger import InsufficientPoints, PostingRef, iso
@@ -263,7 +263,7 @@ def _cancel_in_tx(deps: Deps, conn, key) -> CancelAnswer:
     reversed_, refunded = plan_cancel(ledger.receipt_postings(conn, key, stored.member_id))
     if stored.member_id is not None:
         apply_take_back(conn, stored.member_id, take_back(conn, reversed_, refunded, local_day(program, now)), at)
-        give_back_customer_value(conn, key)
+        give_back_customer_value(deps, conn, key, stored.member_id)
     ledger.mark_cancelled(conn, key)
     result = cancel_answer(key, reversed_, refunded)
     if stored.member_id is not None:
@@ -275,11 +275,13 @@ def _cancel_in_tx(deps: Deps, conn, key) -> CancelAnswer:
     return result
 
 
-def give_back_customer_value(conn, key) -> None:
+def give_back_customer_value(deps: Deps, conn, key, member_id: int) -> None:
     """A cancel, or a return of the whole receipt: the coupon uses and personal offer points
-    it took are the customer's again (rules.md)."""
-    coupons.give_back(conn, key)
-    offers.give_back(conn, key)
+    it took are the customer's again (rules.md), those its row kept (storage/receipt_takes.py) and
+    those in rows of their own alike."""
+    record = receipt_takes.take_out(conn, key)
+    coupons.give_back(conn, key, record.codes, lambda code: deps.privacy.forms("coupon", code))
+    offers.give_back(conn, key, record.charges, member_care.points_holder(conn, member_id))
 
 
 def take_back(conn, reversals, refunds, today: str) -> list:

@@ -62,7 +62,7 @@ def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint,
         postings = take_back(conn, plan.reversals, plan.refunds, local_day(program, now))
         apply_take_back(conn, stored.member_id, postings, at)
         if returns_whole(sold, prior, req.lines):
-            give_back_customer_value(conn, rec_key)
+            give_back_customer_value(deps, conn, rec_key, stored.member_id)
     for line_no, line in plan.lines.items():
         ledger.insert_return_line(conn, rec_key, line_no, ret_key, line, iso(now))
     holder = None if stored.member_id is None else member_care.points_holder(conn, stored.member_id)

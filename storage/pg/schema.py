@@ -675,6 +675,14 @@ P013_MEMBER_FACTS_IN_RECEIPTS = """
 ALTER TABLE receipts ADD COLUMN member_facts bytea
 """
 
+# SQLite's m038: a receipt's coupon uses and offer charges may be kept in its row
+# (storage/receipt_takes.py). Here they stay rows of coupon_uses and offer_charges, which a previous
+# version running beside this one gives back from, so the column stays NULL unless
+# `migrate sqlite-to-postgres` copied a SQLite receipt's record into it.
+P014_TAKES_IN_RECEIPTS = """
+ALTER TABLE receipts ADD COLUMN takes bytea
+"""
+
 MIGRATIONS: list[Migration] = [
     Migration("p001_receipt_path", P001_RECEIPT_PATH),
     Migration("p002_chain_anchors", P002_CHAIN_ANCHORS),
@@ -689,6 +697,7 @@ MIGRATIONS: list[Migration] = [
     Migration("p011_events_settled", P011_EVENTS_SETTLED),
     Migration("p012_segments_generation", P012_SEGMENTS_GENERATION),
     Migration("p013_member_facts_in_receipts", P013_MEMBER_FACTS_IN_RECEIPTS),
+    Migration("p014_takes_in_receipts", P014_TAKES_IN_RECEIPTS),
 ]
 
 # Each SQLite migration (storage/schema.py) and the PostgreSQL migrations that give its
@@ -729,6 +738,7 @@ SQLITE_TWINS: dict[str, tuple[str, ...]] = {
     "m036_member_facts_in_receipts": ("p013_member_facts_in_receipts",),
     # Drops SQLite's postings_receipt; PostgreSQL keeps it (INTENDED_DIFFERENCES).
     "m037_postings_receipt": (),
+    "m038_takes_in_receipts": ("p014_takes_in_receipts",),
 }
 
 
