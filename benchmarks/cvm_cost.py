@@ -444,8 +444,9 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None, 
             if statements:
                 await app[DATABASE].write(lambda conn: conn.set_trace_callback(None))
             holder.current = b
+            # The codes' counters: where each use is recorded moved (m038), what they count did not.
             used = await app[DATABASE].read(
-                lambda conn: conn.execute("SELECT COUNT(*) FROM coupon_uses").fetchone()[0])
+                lambda conn: conn.execute("SELECT COALESCE(SUM(uses), 0) FROM coupon_codes").fetchone()[0])
             paid = await app[DATABASE].read(lambda conn: {
                 rule: (count, points) for rule, count, points in conn.execute(
                     "SELECT rule_id, COUNT(*), SUM(points) FROM posting_rules WHERE posting_id > ? GROUP BY rule_id",

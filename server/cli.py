@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     retry.add_argument("--event", type=int, help="only this event (its id)")
     privacy = sub.add_parser("privacy", help="card and phone hashes").add_subparsers(dest="privacy_command",
                                                                                    required=True)
-    rotate = privacy.add_parser("rotate-key", help="wrap every stored card and phone hash in the key in force "
-                                                   "(the last of privacy.hmac_key_rotations), beside the server")
+    rotate = privacy.add_parser("rotate-key", help="wrap every stored card, phone and coupon code hash in the key "
+                                                   "in force (the last of privacy.hmac_key_rotations), beside the "
+                                                   "server")
     rotate.add_argument("--config", default="config.yaml")
     rotate.add_argument("--batch-rows", type=int, default=1_000, help="rows per transaction (1-10000)")
     from server import cvm_cli, import_cli, keys_cli, migrate_cli

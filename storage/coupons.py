@@ -193,7 +193,9 @@ def give_back(conn: sqlite3.Connection, receipt_key: tuple[str, str, str], recor
 def rewrap_codes(conn: sqlite3.Connection, pairs: list[tuple[str, str]]) -> int:
     """pairs: (stored code hash, the same wrapped up to the key in force). The code is the
     key coupon_uses refer to, so each moves to a new row its uses follow, in the caller's
-    transaction; a code gone since it was read matches nothing. On PostgreSQL the code's row
+    transaction; a code gone since it was read matches nothing. A receipt's row keeps the
+    hash it used the code under (storage/receipt_takes.py): give_back finds the code under
+    that hash's later forms until `rotate-key` wraps the receipts' records too, after the codes. On PostgreSQL the code's row
     is locked before it is copied, so a use another process counts meanwhile is not lost."""
     moved = 0
     for old, new in pairs:

@@ -14,7 +14,7 @@ import sqlite3
 from datetime import date, datetime
 from typing import NamedTuple
 
-from storage import events, receipt_takes
+from storage import events, ledger, receipt_takes
 from storage.ledger import iso
 
 
@@ -226,7 +226,12 @@ def _charges_to_rows(conn: sqlite3.Connection, offer_id: str, source: int, targe
     """An offer both members hold: what their receipts' rows keep of it (storage/receipt_takes.py)
     becomes offer_charges rows naming the member whose budget each took, so that a charge
     follows its budget (_recharge) or stays with the one not kept, as rows do. A record
-    alone would give back to whichever budget the surviving member holds."""
+    alone would give back to whichever budget the surviving member holds. On PostgreSQL the
+    members whose receipts these are are locked first: a return, a cancel or `privacy
+    rotate-key` rewriting one of those records meanwhile would otherwise be written over
+    (their locks are taken out of id order after the merge's two: a deadlock is retried).
+    SQLite's one writer runs them one after another."""
+    ledger.lock_members(conn, charged_by[source] + charged_by[target])
     for member in (source, target):
         for key, _, record in receipt_takes.of_members(conn, charged_by[member]):
             mine = [(offer, points) for offer, points in record.charges if offer == offer_id]

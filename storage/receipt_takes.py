@@ -13,9 +13,14 @@ receipts from taking the last use or the last points.
 
 On PostgreSQL uses and charges are still written as rows (a previous version running
 beside this one during a rolling upgrade gives back from them), and no record; receipts
-confirmed before m038 have rows too. A give-back takes from both: a receipt's takes are
-in one of the two places, never in both (storage/offers.py take_over moves a record's
-charges to rows where a merge needs them there).
+confirmed before m038 have rows too. A give-back takes from both: each use and each charge
+is in one of the two places, never in both (storage/offers.py take_over moves a record's
+charges of an offer to rows where a merge needs them there, and takes them out of the
+record).
+
+Until a server of this version, or later, has given them back, a receipt's takes in its row
+are found by no earlier version: a SQLite database is served by one version at a time, and
+PostgreSQL has records only where `migrate sqlite-to-postgres` copied them.
 
 Stored as msgpack (Takes), its first field a version: a reader refuses a version it does
 not know rather than misreading it. Version 1 is the only one so far.

@@ -144,6 +144,8 @@ async def test_an_installation_made_through_the_api_moves_with_its_balances(aioh
     assert counts(lambda sql: pg_rows(pg_url, sql)) == counts(lambda sql: lite_rows(tmp_path, sql))
     facts = "SELECT receipt_id, member_facts FROM receipts WHERE member_facts IS NOT NULL ORDER BY receipt_id"
     assert pg_rows(pg_url, facts) == lite_rows(tmp_path, facts) != []
+    taken = "SELECT receipt_id, takes FROM receipts WHERE takes IS NOT NULL ORDER BY receipt_id"   # the code's use
+    assert pg_rows(pg_url, taken) == lite_rows(tmp_path, taken) != []
     # The planner has statistics at once, not after autovacuum's first pass.
     analyzed = "SELECT COUNT(DISTINCT tablename) FROM pg_stats WHERE tablename IN ('members', 'postings', 'lots')"
     assert pg_rows(pg_url, analyzed) == [(3,)]
