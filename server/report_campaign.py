@@ -1,7 +1,8 @@
 """The campaign effect of a rule with a control group (rules.md, "Campaign effect").
 
-Audience: the members enrolled by `to` who meet the rule's member conditions on `from` (all
-of them when it has none; server/report_audience.py says who does); each is treated or
+Audience: the members enrolled by `to` (a member others were merged into, since the first
+of them) who meet the rule's member conditions on `from` (all of them when it has none;
+server/report_audience.py says who does); each is treated or
 control by the stable holdout assignment. A member merged away counts as the member it went
 to; an erased member not at all (Audience). Per group: members, buyers, receipts, spend (net
 totals of the period's confirmed receipts, non-buyers counting zero), scope_spend (the same
@@ -100,13 +101,17 @@ def _audience(conn, setting: Setting, rule: CampaignRule, first: date, last: dat
     end = iso(datetime.combine(last + timedelta(days=1), time.min, setting.timezone))
     limit = _limit(rule.holdout)
     meets = rule.audience_on(conn, first) if rule.audience_on is not None else None
-    groups, merged = {}, {}
-    for member_id, enrolled_at, merged_into, erased_at in conn.execute(
-            "SELECT id, enrolled_at, merged_into, erased_at FROM members ORDER BY id"):
-        if merged_into is not None:
-            merged[member_id] = merged_into
-            continue
-        if erased_at is not None or enrolled_at >= end or (meets is not None and not meets(member_id)):
+    rows = conn.execute("SELECT id, enrolled_at, merged_into, erased_at FROM members ORDER BY id").fetchall()
+    merged = {member_id: merged_into for member_id, _, merged_into, _ in rows if merged_into is not None}
+    # A customer is enrolled since the first of the memberships merged into one.
+    since: dict[int, str] = {}
+    for member_id, enrolled_at, _, _ in rows:
+        heir = _survivor(merged, member_id)
+        since[heir] = min(since.get(heir, enrolled_at), enrolled_at)
+    groups = {}
+    for member_id, _, merged_into, erased_at in rows:
+        if merged_into is not None or erased_at is not None or since[member_id] >= end or \
+                (meets is not None and not meets(member_id)):
             continue
         held = _held(setting.program_id, rule.id, member_public_id(member_id), limit)
         groups[member_id] = CONTROL if held else TREATED

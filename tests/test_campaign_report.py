@@ -131,6 +131,27 @@ async def test_merged_members_count_for_the_survivor_and_erased_ones_not_at_all(
     assert got["points_cost"] == 300
 
 
+async def test_a_customer_enrolled_by_to_under_a_card_merged_away_since_is_counted(api):
+    a = await api()
+    # m_1 treated, m_2 and m_3 control (the stable assignment); the clock enrols them on
+    # 2026-11-24, after the report's `to`, and m_2 and m_3 are put back to November 1st.
+    for i in range(1, 4):
+        assert (await a.post("/v1/members", {"card": f"c{i}"}))[0] == 201
+    await a.app[cvm.DATABASE].write(lambda conn: conn.execute(
+        "UPDATE members SET enrolled_at = '2026-11-01T00:00:00.000000Z' WHERE id IN (2, 3)"))
+    body = receipt("R1", [line(1, "dairy", 10000)], card="c2", ts="2026-11-22T12:00:00+02:00")
+    assert (await a.post("/v1/receipts", body, as_="register"))[0] == 201
+    merge = {"merge_id": "MG-1", "from_member_id": "m_2", "into_member_id": "m_1", "reason": "one customer"}
+    assert (await a.post("/v1/admin/members/merge", merge))[0] == 201
+
+    status, got = await a.get("/v1/admin/reports/campaigns/dairy-x2?from=2026-11-20&to=2026-11-23")
+    assert status == 200, got
+    # m_1 is the customer m_2 was since November 1st: in the audience, with m_2's receipt.
+    assert got["treated"] == {"members": 1, "buyers": 1, "receipts": 1, "spend": 10000, "scope_spend": 10000,
+                              "points": 2}
+    assert got["control"]["members"] == 1
+
+
 async def test_report_refusals(api):
     a = await api()
     status, body = await a.get("/v1/admin/reports/campaigns/base?from=2026-11-20&to=2026-11-30")
