@@ -18,9 +18,9 @@ is in one of the two places, never in both (storage/offers.py take_over moves a 
 charges of an offer to rows where a merge needs them there, and takes them out of the
 record).
 
-Until a server of this version, or later, has given them back, a receipt's takes in its row
-are found by no earlier version: a SQLite database is served by one version at a time, and
-PostgreSQL has records only where `migrate sqlite-to-postgres` copied them.
+A version before m038 does not read the record: a database served by one again would give
+nothing back for the receipts that keep one. On PostgreSQL only receipts `migrate
+sqlite-to-postgres` copied keep one.
 
 Stored as msgpack (Takes), its first field a version: a reader refuses a version it does
 not know rather than misreading it. Version 1 is the only one so far.
