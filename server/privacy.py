@@ -368,7 +368,7 @@ def _rotate_bodies(db, privacy: Privacy, batch_rows: int) -> int:
         after, wrapped = batch
         if wrapped:
             done += wrapped
-            print(f"receipts.body and takes: {done} wrapped", flush=True)
+            print(f"receipts (bodies, codes used): {done} wrapped", flush=True)
     return done
 
 
@@ -387,7 +387,7 @@ def _rotate_bodies_batch(conn, privacy: Privacy, after: int, batch_rows: int) ->
             recorded.append((new_takes, rowid))
     member_care.rewrite_bodies(conn, changed)
     member_care.rewrite_takes(conn, recorded)
-    return rows[-1][0], len(changed) + len(recorded)
+    return rows[-1][0], len({row[-1] for row in changed} | {row[-1] for row in recorded})   # receipts rewritten
 
 
 def _rekeyed_takes(privacy: Privacy, stored: bytes | None) -> bytes | None:
