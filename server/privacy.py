@@ -398,7 +398,7 @@ def _rekeyed_takes(privacy: Privacy, stored: bytes | None) -> bytes | None:
     if all(privacy.key_of(code) == last for code in record.codes):
         return None
     return receipt_takes.encode([_wrapped(privacy, "coupon", code, "receipts.takes") for code in record.codes],
-                        record.charges)
+                                record.charges)
 
 
 def _rotate_fingerprints(db, privacy: Privacy, table: str, key: str, columns: tuple[str, ...],

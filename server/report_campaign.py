@@ -2,9 +2,9 @@
 
 Audience: the members enrolled by `to` (a member others were merged into, since the first
 of them) who meet the rule's member conditions on `from` (all of them when it has none;
-server/report_audience.py says who does); each is treated or
-control by the stable holdout assignment. A member merged away counts as the member it went
-to; an erased member not at all (Audience). Per group: members, buyers, receipts, spend (net
+server/report_audience.py says who does); each is treated or control by the stable holdout
+assignment. A member merged away counts as the member it went to; an erased member not at
+all (Audience). Per group: members, buyers, receipts, spend (net
 totals of the period's confirmed receipts, non-buyers counting zero), scope_spend (the same
 over the lines in the rule's scope), points (issued by the rule to the treated; what it
 would have given, for the control; both net of returns). The uplift of spend per member is
@@ -103,10 +103,11 @@ def _audience(conn, setting: Setting, rule: CampaignRule, first: date, last: dat
     meets = rule.audience_on(conn, first) if rule.audience_on is not None else None
     rows = conn.execute("SELECT id, enrolled_at, merged_into, erased_at FROM members ORDER BY id").fetchall()
     merged = {member_id: merged_into for member_id, _, merged_into, _ in rows if merged_into is not None}
+    heirs = {member_id: _survivor(merged, member_id) for member_id in merged}
     # A customer is enrolled since the first of the memberships merged into one.
     since: dict[int, str] = {}
     for member_id, enrolled_at, _, _ in rows:
-        heir = _survivor(merged, member_id)
+        heir = heirs.get(member_id, member_id)
         since[heir] = min(since.get(heir, enrolled_at), enrolled_at)
     groups = {}
     for member_id, _, merged_into, erased_at in rows:
@@ -116,8 +117,7 @@ def _audience(conn, setting: Setting, rule: CampaignRule, first: date, last: dat
         held = _held(setting.program_id, rule.id, member_public_id(member_id), limit)
         groups[member_id] = CONTROL if held else TREATED
     owner = {member_id: member_id for member_id in groups}
-    for member_id in merged:
-        heir = _survivor(merged, member_id)
+    for member_id, heir in heirs.items():
         if heir in groups:
             owner[member_id] = heir
     return Audience(groups, owner)

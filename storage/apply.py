@@ -5,8 +5,9 @@ from the plan. The confirms of one batch are written together (apply_confirms): 
 INSERT for all their lots, one for their postings, one for the accruals' split by rule
 (posting_rules), one UPDATE of the lots' remaining points, one INSERT of their receipt rows
 (each with its line records and member facts);
-their coupon uses and personal offer charges likewise, from the rows their plans read (what
-each receipt took is kept in its row, storage/receipt_takes.py; on PostgreSQL in rows of their own).
+their coupon uses and personal offer charges likewise, from the rows their plans read
+(what each receipt took is kept in its row, storage/receipt_takes.py; on PostgreSQL in rows
+of their own).
 
 What a plan reads and writes is its own member's rows, plus two things every member
 shares: the budgets' rule_totals (added to once per batch by append_postings; on

@@ -177,9 +177,9 @@ def use_codes(conn: sqlite3.Connection, uses: list[CodeUse], in_rows: bool) -> b
 def give_back(conn: sqlite3.Connection, receipt_key: tuple[str, str, str], recorded: list[str],
               forms: Callable[[str], tuple[str, ...]]) -> int:
     """Gives back every use the receipt took (a cancel, a return of the whole receipt); how
-    many. recorded: the hashes its row kept (storage/receipt_takes.py), as stored when used; forms: a
-    hash and the same wrapped under each later key (server/privacy.py Privacy.forms), since
-    `privacy rotate-key` may have moved the code's row to another hash since."""
+    many. recorded: the hashes its row kept (storage/receipt_takes.py), as stored when used;
+    forms: a hash and the same wrapped under each later key (server/privacy.py
+    Privacy.forms), since `privacy rotate-key` may have moved the code's row meanwhile."""
     used = conn.execute("DELETE FROM coupon_uses WHERE store_id = ? AND register_id = ? AND receipt_id = ? "
                         "RETURNING code", receipt_key).fetchall()
     conn.executemany("UPDATE coupon_codes SET uses = uses - 1 WHERE code = ? AND uses > 0", used)
@@ -195,8 +195,9 @@ def rewrap_codes(conn: sqlite3.Connection, pairs: list[tuple[str, str]]) -> int:
     key coupon_uses refer to, so each moves to a new row its uses follow, in the caller's
     transaction; a code gone since it was read matches nothing. A receipt's row keeps the
     hash it used the code under (storage/receipt_takes.py): give_back finds the code under
-    that hash's later forms until `rotate-key` wraps the receipts' records too, after the codes. On PostgreSQL the code's row
-    is locked before it is copied, so a use another process counts meanwhile is not lost."""
+    that hash's later forms until `rotate-key` wraps the receipts' records too, after the
+    codes. On PostgreSQL the code's row is locked before it is copied, so a use another
+    process counts meanwhile is not lost."""
     moved = 0
     for old, new in pairs:
         if is_postgresql(conn):

@@ -233,7 +233,7 @@ def _charges_to_rows(conn: sqlite3.Connection, offer_id: str, source: int, targe
     SQLite's one writer runs them one after another."""
     ledger.lock_members(conn, charged_by[source] + charged_by[target])
     for member in (source, target):
-        for key, _, record in receipt_takes.of_members(conn, charged_by[member]):
+        for key, record in receipt_takes.of_members(conn, charged_by[member]):
             mine = [(offer, points) for offer, points in record.charges if offer == offer_id]
             if not mine:
                 continue

@@ -44,9 +44,6 @@ class Takes(msgspec.Struct, array_like=True, frozen=True):
     def without_offer(self, offer_id: str) -> Takes:
         return Takes(self.version, self.codes, [c for c in self.charges if c[0] != offer_id])
 
-    def __bool__(self) -> bool:
-        return bool(self.codes or self.charges)
-
 
 UnknownVersion = versioned.UnknownVersion
 _read = versioned.reader(Takes, VERSION, "coupon and offer takes")
@@ -77,12 +74,12 @@ def take_out(conn: sqlite3.Connection, receipt_key: tuple[str, str, str]) -> Tak
     return decode(row[0])
 
 
-def of_members(conn: sqlite3.Connection, member_ids: list[int]) -> list[tuple[tuple[str, str, str], int, Takes]]:
-    """(receipt key, member id, record) of the members' receipts that keep one."""
+def of_members(conn: sqlite3.Connection, member_ids: list[int]) -> list[tuple[tuple[str, str, str], Takes]]:
+    """(receipt key, record) of the members' receipts that keep one."""
     marks = ", ".join("?" * len(member_ids))
-    rows = conn.execute("SELECT store_id, register_id, receipt_id, member_id, takes FROM receipts "
+    rows = conn.execute("SELECT store_id, register_id, receipt_id, takes FROM receipts "
                         f"WHERE member_id IN ({marks}) AND takes IS NOT NULL", member_ids).fetchall()
-    return [((store, register, receipt), member_id, decode(data)) for store, register, receipt, member_id, data in rows]
+    return [((store, register, receipt), decode(data)) for store, register, receipt, data in rows]
 
 
 def rewrite(conn: sqlite3.Connection, receipt_key: tuple[str, str, str], record: Takes) -> None:

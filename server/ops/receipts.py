@@ -261,13 +261,13 @@ def _cancel_in_tx(deps: Deps, conn, key) -> CancelAnswer:
     at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version, receipt=key,
                     ref="cancel")
     reversed_, refunded = plan_cancel(ledger.receipt_postings(conn, key, stored.member_id))
-    if stored.member_id is not None:
+    holder = None if stored.member_id is None else member_care.points_holder(conn, stored.member_id)
+    if holder is not None:
         apply_take_back(conn, stored.member_id, take_back(conn, reversed_, refunded, local_day(program, now)), at)
-        give_back_customer_value(deps, conn, key, stored.member_id)
+        give_back_customer_value(deps, conn, key, holder)
     ledger.mark_cancelled(conn, key)
     result = cancel_answer(key, reversed_, refunded)
-    if stored.member_id is not None:
-        holder = member_care.points_holder(conn, stored.member_id)
+    if holder is not None:
         result.balance = balance_now(deps, conn, program, holder)
         webhooks.emit_noting_tier(conn, program, holder, "receipt.cancelled", {
             "receipt": msgspec.to_builtins(receipt_ref(key)), "reversed_points": result.reversed.points,
@@ -275,13 +275,14 @@ def _cancel_in_tx(deps: Deps, conn, key) -> CancelAnswer:
     return result
 
 
-def give_back_customer_value(deps: Deps, conn, key, member_id: int) -> None:
+def give_back_customer_value(deps: Deps, conn, key, holder: int) -> None:
     """A cancel, or a return of the whole receipt: the coupon uses and personal offer points
-    it took are the customer's again (rules.md), those its row kept (storage/receipt_takes.py) and
-    those in rows of their own alike."""
+    it took are the customer's again (rules.md), those its row kept (storage/receipt_takes.py)
+    and those in rows of their own alike. holder: the member holding the receipt's member's
+    points (member_care.points_holder), whose offers a merge made the ones charged."""
     record = receipt_takes.take_out(conn, key)
     coupons.give_back(conn, key, record.codes, lambda code: deps.privacy.forms("coupon", code))
-    offers.give_back(conn, key, record.charges, member_care.points_holder(conn, member_id))
+    offers.give_back(conn, key, record.charges, holder)
 
 
 def take_back(conn, reversals, refunds, today: str) -> list:

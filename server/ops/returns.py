@@ -58,14 +58,14 @@ def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint,
     plan = plan_return(sold, prior, ledger.receipt_postings(conn, rec_key, stored.member_id), req.lines)
     at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
                     receipt=rec_key, ref="/".join(ret_key))
-    if stored.member_id is not None:
+    holder = None if stored.member_id is None else member_care.points_holder(conn, stored.member_id)
+    if holder is not None:
         postings = take_back(conn, plan.reversals, plan.refunds, local_day(program, now))
         apply_take_back(conn, stored.member_id, postings, at)
         if returns_whole(sold, prior, req.lines):
-            give_back_customer_value(deps, conn, rec_key, stored.member_id)
+            give_back_customer_value(deps, conn, rec_key, holder)
     for line_no, line in plan.lines.items():
         ledger.insert_return_line(conn, rec_key, line_no, ret_key, line, iso(now))
-    holder = None if stored.member_id is None else member_care.points_holder(conn, stored.member_id)
     result = return_answer(plan, ret_key, rec_key, holder)
     if holder is not None:
         result.balance = balance_now(deps, conn, program, holder)
