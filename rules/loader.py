@@ -506,8 +506,6 @@ class _Builder:
         elif spec.period is not None and today is not None and spec.period.to < today:
             message = f"period ended on {spec.period.to}, before today ({today}): the rule no longer applies"
             self.warn(doc, path + ("period", "to"), message)
-        if spec.limit is not None and spec.limit.per_member.per == "period" and spec.period is None:
-            self.fail(doc, path + ("limit", "per_member", "per"), "'per: period' needs the rule to have a 'period'")
         if spec.expires_in_days is not None and spec.expires_in_days <= delay:
             self.fail(
                 doc,

@@ -21,6 +21,10 @@ MAX_LINE_CLASSES = 50_000  # distinct (category, sku, brand, flags) remembered p
 MAX_CANDIDATE_SETS = 4096  # distinct sets of held conditions remembered per program (the matcher's cache size)
 
 
+# The window of `per: period` for a rule without a period (ledger.rule_usage compares ISO dates).
+ALL_TIME = (date.min, date.max)
+
+
 class LineFilter:
     """Which lines a set of categories/skus/brands/flags selects or excludes."""
 
@@ -290,4 +294,5 @@ def _window(rule: CompiledRule, day: date) -> tuple[date, date]:
     if rule.limit_per == "month":
         last = calendar.monthrange(day.year, day.month)[1]
         return day.replace(day=1), day.replace(day=last)
-    return rule.period
+    # per: period. A rule without a period is in force for good, so every use it ever had counts.
+    return rule.period or ALL_TIME

@@ -216,7 +216,6 @@ def test_reward_limit_and_multiply_problems():
         "rules.yaml:11:13: a reward needs exactly one of: percent, points, per_unit, per_amount, multiply (percent, points given)",
         "rules.yaml:13:13: a reward needs exactly one of: percent, points, per_unit, per_amount, multiply",
         "rules.yaml:15:30: 'multiply: <group>' and 'by: <factor>' go together",
-        "rules.yaml:17:41: 'per: period' needs the rule to have a 'period'",
         "rules.yaml:20:22: 'expires_in_days' must be >= 1",
     ]
 
