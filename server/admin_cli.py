@@ -170,7 +170,8 @@ def _run_jobs(config, db_path, program, now: datetime, stop) -> dict[str, int]:
         db = Database.from_config(config.database, db_path, migrations=migrations, checkpoints=False)
     db.open()
     try:
-        return asyncio.run(run_all(db, program, now, config.events.expiring_days_before, stop))
+        # Asked for by a person: the segments are recomputed even if the server did today's run.
+        return asyncio.run(run_all(db, program, now, config.events.expiring_days_before, stop, rescore=True))
     finally:
         db.close()
 

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--config", default="config.yaml")
     jobs = sub.add_parser("jobs", help="lifecycle jobs").add_subparsers(dest="jobs_command", required=True)
     run = jobs.add_parser("run", help="expire lots, release expired holds, birthday events, RFM scores and "
-                                      "segments (once a local day)")
+                                      "segments (recomputed at each run)")
     run.add_argument("--config", default="config.yaml")
     run.add_argument("--now", help="the moment to run them as of (ISO datetime with offset); default: the "
                                    "server's clock (clock.start or the system clock)")

@@ -58,8 +58,10 @@ class Interrupted(Exception):
 
 async def run_all(db: Database, program: Program, now: datetime,
                   expiring_days: int = EXPIRING_DAYS_BEFORE,
-                  stop: Callable[[], bool] = lambda: False) -> dict[str, int]:
-    """Interrupted when stop() holds after a batch: the batches before it stay committed."""
+                  stop: Callable[[], bool] = lambda: False, rescore: bool = False) -> dict[str, int]:
+    """Interrupted when stop() holds after a batch: the batches before it stay committed.
+    rescore: recompute the RFM scores and segments even if today's run was done (`loyalty
+    jobs run`, which a person asks for); the server's own look does them once a local day."""
     done = {"expired_lots": 0, "released_holds": 0, "birthday_events": 0, "expiring_lots": 0}
     for job, key, start in jobs(expiring_days):
         after = start
@@ -77,8 +79,8 @@ async def run_all(db: Database, program: Program, now: datetime,
         from storage.pg import anchors
         done["anchored_heads"] = await db.write(lambda conn: anchors.write_anchors(conn, now))
     window_days = rfm.settings_of(program)
-    if window_days is not None:     # once a local day; reads on a reader, writes in batches
-        scored = await rfm.run(db, window_days, program.timezone, now, program=program)
+    if window_days is not None:     # once a local day unless rescore; reads on a reader, writes in batches
+        scored = await rfm.run(db, window_days, program.timezone, now, force=rescore, program=program)
         done["rfm_members_scored"] = scored.scored if scored else 0
     return done
 

@@ -195,6 +195,18 @@ async def test_loyalty_jobs_run_from_the_command_line_is_seen_by_the_servers_nex
     assert await paid(a, "c1", "r3") == ["big-bonus"]
 
 
+async def test_every_loyalty_jobs_run_recomputes_the_segments_even_the_same_day(api, tmp_path):
+    a = await api()
+    config = tmp_path / "cli.yaml"
+    config.write_text(yaml.safe_dump({"database": database_section(tmp_path / "loyalty.db"),
+                                      "rules": {"dir": str(tmp_path / "program"), "watch": False},
+                                      "clock": {"start": NOW}}))
+    assert await asyncio.to_thread(cli, ["jobs", "run", "--config", str(config), "--now", NOW]) == 0
+    assert await paid(a, "c1", "r1", 60000) == []     # today's run found nobody big
+    assert await asyncio.to_thread(cli, ["jobs", "run", "--config", str(config), "--now", NOW]) == 0
+    assert await paid(a, "c1", "r2") == ["big-bonus"]
+
+
 async def test_two_servers_on_one_postgresql_database_see_each_others_segment_writes(aiohttp_client, tmp_path,
                                                                                         pg_url):
     program = tmp_path / "program"
