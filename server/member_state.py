@@ -54,6 +54,15 @@ def _lots(conn, member_id: int, receipt, today: str) -> tuple[list[ledger.Lot] |
     return (ledger.lots_of(conn, member_id), None) if totals.debts else (None, totals)
 
 
+def judge_codes(conn: sqlite3.Connection, receipt, program: Program, coupon_mac) -> coupons.Judged | None:
+    """The codes of a receipt without a card judged at its ts, so that the answer says why
+    each does not apply (None: it sent none). Reads only."""
+    sent = getattr(receipt, "coupons", None)
+    if not sent:
+        return None
+    return coupons.judge(conn, sent, None, local_date_of(program, receipt.ts), program.coupons, coupon_mac)
+
+
 def customer_value_facts(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, receipt,
                          card: str, coupon_mac, now: datetime) -> tuple[MemberFacts, coupons.Judged | None, TierFacts]:
     """The member's facts with their segments (as they are at arrival), the offers valid

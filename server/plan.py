@@ -164,13 +164,14 @@ def refusal(code: str, program: Program) -> ApiError:
 
 
 def plan_calculate(receipt, state: MemberState | None, program: Program, now: datetime,
-                   ev: Evaluation | None = None) -> ReceiptPlan:
+                   ev: Evaluation | None = None, codes: Judged | None = None) -> ReceiptPlan:
     """A calculate holds the points it would redeem (replacing this receipt's earlier hold)
-    until the confirm. ev: the evaluation when the caller timed it already."""
+    until the confirm. ev: the evaluation when the caller timed it already; codes: the codes
+    of a receipt without a card, judged (coupon_statuses)."""
     key, today = key_of(receipt), local_day(program, now)
     ev = ev or evaluate(program, receipt, state, today)
     plan = ReceiptPlan(key, ev, today)
-    plan.coupon_statuses = coupon_statuses(receipt, state, ev)
+    plan.coupon_statuses = coupon_statuses(receipt, state, ev, codes)
     if state is None:
         return plan
     plan.member = state.member
@@ -186,15 +187,16 @@ def plan_calculate(receipt, state: MemberState | None, program: Program, now: da
 
 
 def plan_confirm(receipt, state: MemberState | None, program: Program, now: datetime,
-                 ev: Evaluation | None = None) -> ReceiptPlan:
+                 ev: Evaluation | None = None, codes: Judged | None = None) -> ReceiptPlan:
     """A confirm: the redemption drawn from the member's lots (soonest expiry first), one
     new lot per distinct pair of dates its rules give, one accrual on each (split by rule),
     debts paid back from the new points, points already expired when they arrived expired,
-    the limited rules' uses, a referrer's first-purchase event, the line records."""
+    the limited rules' uses, a referrer's first-purchase event, the line records. codes: as
+    plan_calculate's."""
     key, today = key_of(receipt), local_day(program, now)
     ev = ev or evaluate(program, receipt, state, today)
     plan = ReceiptPlan(key, ev, today)
-    plan.coupon_statuses = coupon_statuses(receipt, state, ev)
+    plan.coupon_statuses = coupon_statuses(receipt, state, ev, codes)
     sold = [(line.line_no, line.qty, line.amount) for line in receipt.lines]
     if state is None:
         plan.lines = build(sold, ev.pairs, ev.redeemed_by_line, {})
@@ -270,18 +272,21 @@ def _redeem(plan: ReceiptPlan, lots: list[Lot], changed: dict[int, Lot], points:
         changed[lot_id] = Lot(lot.id, lot.available_from, lot.expires_on, lot.remaining - taken)
 
 
-def coupon_statuses(receipt, state: MemberState | None, ev: Evaluation) -> list[tuple[str, str]] | None:
+def coupon_statuses(receipt, state: MemberState | None, ev: Evaluation,
+                    codes: Judged | None = None) -> list[tuple[str, str]] | None:
     """Each code the receipt sent with its status: a usable code is `applied` when a fired
-    rule needed it, else `not_needed` (it keeps its use). An anonymous receipt earns
-    nothing, so none of its codes is needed."""
+    rule needed it, else `not_needed` (it keeps its use); the others say why they do not
+    apply (unknown, used, expired, ...). A receipt without a card earns nothing, so none of
+    its codes is needed: `codes` are its codes judged (server/member_state.py judge_codes)."""
     sent = getattr(receipt, "coupons", None)
     if not sent:
         return None
-    if state is None or state.coupons is None:
+    judged = state.coupons if state is not None else codes
+    if judged is None:      # not judged (a state built by hand): nothing says a code is not usable
         return [(code, "not_needed") for code in sent]
     used = set(ev.coupons_used.values())
     return [(code, ("applied" if code in used else "not_needed") if status == USABLE else status)
-            for code, status in state.coupons.statuses]
+            for code, status in judged.statuses]
 
 
 def _customer_value(plan: ReceiptPlan, program: Program, state: MemberState, ev: Evaluation) -> None:

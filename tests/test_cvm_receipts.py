@@ -175,6 +175,23 @@ async def test_coupon_statuses_other_card_not_yet_valid_not_needed(api):
     assert by_rule(await confirm(a, receipt("r2", coupons=[second]))) == {"base": 2, "winter-coupon": 100}
 
 
+async def test_a_receipt_without_a_card_says_why_each_code_does_not_apply_and_uses_none(api):
+    a = await api()
+    used, theirs, spring, fresh = (await new_code(a), await new_code(a, card="c1"), await new_code(a, "spring"),
+                                   await new_code(a))
+    assert by_rule(await confirm(a, receipt("r1", coupons=[used]))) == {"base": 2, "winter-coupon": 100}
+    codes = [used, theirs, spring, "NO-SUCH-CODE", fresh]
+    expected = [{"code": used, "status": "used"}, {"code": theirs, "status": "other_card"},
+                {"code": spring, "status": "not_yet_valid"}, {"code": "NO-SUCH-CODE", "status": "unknown"},
+                {"code": fresh, "status": "not_needed"}]       # it earns nothing, so no code is needed
+    cardless = {k: v for k, v in receipt("r2", coupons=codes).items() if k != "card"}
+    status, calc = await a.post("/v1/receipts/calculate", cardless, as_="register")
+    assert status == 200 and calc["coupons"] == expected
+    answer = await confirm(a, cardless)
+    assert answer["coupons"] == expected and answer["accrued"]["points"] == 0
+    assert by_rule(await confirm(a, receipt("r3", coupons=[fresh]))) == {"base": 2, "winter-coupon": 100}
+
+
 async def test_a_code_bound_to_a_card_follows_the_member_to_a_new_card_and_through_a_merge(api):
     a = await api(("c1", "c2"))
     replaced, merged = await new_code(a, card="c1"), await new_code(a, card="c2")

@@ -20,7 +20,7 @@ from server.answer import calculate_answer, cancel_answer, confirm_answer, recei
 from server.answer_types import CalculateAnswer, CancelAnswer, ConfirmAnswer, ReceiptBalance
 from server.auth import Principal, require_store
 from server.errors import field_error, unprocessable
-from server.member_state import TierTotals, read_member_state, tier_after_receipt
+from server.member_state import TierTotals, judge_codes, read_member_state, tier_after_receipt
 from server.ops import JSON, Deps, count, replay, sha256
 from server.ops.members import balance_now
 from server.plan import MemberState, evaluate, local_day, plan_calculate, plan_confirm
@@ -71,9 +71,11 @@ async def calculate(deps: Deps, receipt: schema.Receipt, principal: Principal) -
     card = None if receipt.card is None else deps.privacy.card(receipt.card)
     seconds: list[float] = []
     try:
-        if card is None:     # anonymous: nothing to read or hold
+        if card is None:     # anonymous: nothing to read or hold but the codes it sent
+            codes = None if not receipt.coupons else \
+                await deps.db.read(lambda conn: judge_codes(conn, receipt, program, deps.privacy.coupon))
             ev = _timed(program, receipt, None, local_day(program, now), seconds)
-            result = calculate_answer(plan_calculate(receipt, None, program, now, ev), program)
+            result = calculate_answer(plan_calculate(receipt, None, program, now, ev, codes), program)
         else:
             result = await deps.db.write(lambda conn: _calculate_in_tx(conn, program, receipt, now, card, seconds,
                                                                        deps.privacy.coupon, deps.segments))
@@ -149,12 +151,14 @@ def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, b
         state = read_member_state(conn, receipt, program, now, card, coupon_mac, kept)
         if state is not None and state.member.id in group.setdefault("members", set()):
             raise Flush     # its lots, holds, limits, offers and tier depend on a plan not yet applied
-        if state is not None and state.coupons is not None and \
-                not group.setdefault("coupons", set()).isdisjoint(h for _, h in state.coupons.usable.values()):
+        codes = judge_codes(conn, receipt, program, coupon_mac) if state is None else None   # a cardless receipt's
+        judged = state.coupons if state is not None else codes
+        if judged is not None and \
+                not group.setdefault("coupons", set()).isdisjoint(h for _, h in judged.usable.values()):
             raise Flush     # a code it may use is one a plan not yet applied uses: judged again after it
         state = _less_budget(state, group.get("budget_used"))
         planned = plan_confirm(receipt, state, program, now,
-                               _timed(program, receipt, state, local_day(program, now), seconds))
+                               _timed(program, receipt, state, local_day(program, now), seconds), codes)
         answer = confirm_answer(planned, program)
         _count_in_group(group, planned, program)
         encoded = JSON.encode(answer)
