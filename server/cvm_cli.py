@@ -286,8 +286,10 @@ def _assign(conn, privacy, body: schema.OfferAssignment, now):
 def campaign(db: Database, definitions: cvm.Definitions, program, args) -> int:
     rule = definitions.rules.get(args.rule)
     if rule is None or rule.holdout is None:
-        why = "has no rule" if rule is None else "has a rule without holdout (no control group):"
-        print(f"report campaign: the program {why} {args.rule}", file=sys.stderr)
+        # In the API's words (rule_without_holdout), naming the rule first.
+        why = (f"the program has no rule {args.rule}" if rule is None else
+               f"rule {args.rule} has no holdout: it has no control group to compare with")
+        print(f"report campaign: {why}", file=sys.stderr)
         return 2
     try:
         first, last = report_campaign.period_of(rule, args.first, args.last)
