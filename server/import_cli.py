@@ -148,6 +148,9 @@ def dispatch(args) -> int:
         print(e, file=sys.stderr)
         return 2
     try:
+        # The input first: a mistyped path would otherwise be reported as its report's folder.
+        if not source.is_file():
+            raise CannotStart(f"{source}: no such file")
         _check_report_path(report)
         tally = run_import(config, args.import_command, source, args.batch_rows)
     except CannotStart as e:
@@ -176,8 +179,6 @@ def _check_report_path(report: Path) -> None:
 
 
 def run_import(config, kind: str, source: Path, batch_rows: int) -> Tally:
-    if not source.is_file():
-        raise CannotStart(f"{source}: no such file")
     try:
         privacy = privacy_from_config(config)
     except ConfigError as e:
