@@ -105,7 +105,7 @@ class RulesConfig(Struct, forbid_unknown_fields=True):
 
 
 Role = Literal["register", "manager", "support", "monitor"]
-# `loyalty keys add` names its keys `person-<n>` (server/people.py); a config key may not
+# `loyalty keys add` names its keys `person-<n>` (storage/api_keys.py); a config key may not
 # take such an id, so the audit log's key ids always say which key acted.
 ConfigKeyId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^(?!person-[0-9]+$)",
                                   description="1 to 128 characters, not of the form person-<number>, which "
