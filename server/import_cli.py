@@ -32,7 +32,7 @@ from server.clock import Clock
 from server.config import ConfigError
 from server.errors import ApiError
 from server.interrupt import INTERRUPTED_STATUS, stop_between_batches
-from server.privacy import Privacy, privacy_from_config
+from server.privacy import Privacy, command_keys_problem, privacy_from_config
 from server.reports import ProgressBar
 from storage import imports
 from storage.health import MigrationsBusy, StorageBusy, StorageError, is_busy
@@ -192,6 +192,8 @@ def run_import(config, kind: str, source: Path, batch_rows: int) -> Tally:
     tally = Tally()
     try:
         db.open()
+        if refused := db.read_sync(lambda conn: command_keys_problem(conn, privacy)):
+            raise CannotStart(f"{refused}; nothing was imported")
         importer = MemberImport(ctx, db, tally) if kind == "members" else ReceiptImport(ctx, db, tally, source)
         importer.run(source, batch_rows, ProgressBar(f"importing {kind}"))
     except (StorageError, *unreachable_errors(), MigrationsBusy) as e:
