@@ -108,6 +108,8 @@ def _refuse_unusable(source: Path, target: Path) -> None:
         raise BackupFailed(f"{source}: no database (database.path)")
     if target.exists():
         raise BackupFailed(f"{target} already exists; remove it or choose another name")
+    if not target.parent.exists():
+        raise BackupFailed(f"{target.parent} does not exist (backup makes no folders)")
     if not target.parent.is_dir():
         raise BackupFailed(f"{target.parent} is not a folder")
 
@@ -183,6 +185,7 @@ def _progress_line():
 
 
 def _remove(partial: Path) -> None:
+    # NotADirectoryError: --out under a file, refused before anything was written.
     for leftover in (partial, Path(f"{partial}-journal")):
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             os.unlink(leftover)

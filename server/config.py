@@ -105,7 +105,7 @@ class RulesConfig(Struct, forbid_unknown_fields=True):
 
 
 Role = Literal["register", "manager", "support", "monitor"]
-# `loyalty keys add` names its keys `person-<n>` (server/people.py); a config key may not
+# `loyalty keys add` names its keys `person-<n>` (storage/api_keys.py); a config key may not
 # take such an id, so the audit log's key ids always say which key acted.
 ConfigKeyId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^(?!person-[0-9]+$)",
                                   description="1 to 128 characters, not of the form person-<number>, which "
@@ -281,7 +281,7 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Conf
 
 def config_from_dict(raw: dict, source: str = "<config>") -> Config:
     try:
-        config = msgspec.convert(raw, Config, strict=False)
+        config = msgspec.convert(_yaml_switches(raw), Config, strict=False)
     except msgspec.ValidationError as e:
         detail = validation_error(e, Config).details[0]
         key = detail["path"] if detail["path"] != "$" else "-"
@@ -297,6 +297,15 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
             raise ConfigError(source, f"webhooks[{i}].id", f"repeats the webhook id '{hook.id}'")
         seen.add(hook.id)
     return config
+
+
+def _yaml_switches(raw: dict) -> dict:
+    """YAML reads a bare `off` (or `no`, `false`) as false and `on` as true: server.access_log
+    written so means its word, so `access_log: off` is off and `on` is refused naming the choices."""
+    server = raw.get("server")
+    if isinstance(server, dict) and isinstance(server.get("access_log"), bool):
+        return {**raw, "server": {**server, "access_log": "on" if server["access_log"] else "off"}}
+    return raw
 
 
 def apply_env_overrides(raw: dict, environ) -> None:

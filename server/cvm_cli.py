@@ -73,7 +73,7 @@ def _count(text: str) -> int:
 def dispatch(args) -> int:
     from server.admin_cli import _program, _storage_faults_unlogged
     from server.config import ConfigError, load_config
-    from server.privacy import privacy_from_config
+    from server.privacy import command_keys_problem, privacy_from_config
     try:
         config = load_config(args.config)
         privacy = privacy_from_config(config)
@@ -90,19 +90,25 @@ def dispatch(args) -> int:
             return 2
         try:
             with _storage_faults_unlogged():
+                if args.command in ("coupons", "import") and (
+                        refused := db.read_sync(lambda conn: command_keys_problem(conn, privacy))):
+                    print(f"{_NAMES[args.command]}: {refused}; nothing was written", file=sys.stderr)
+                    return 2
                 if args.command == "coupons":
                     return generate(db, definitions, privacy, args.campaign, args.count, args.out, args.card)
                 if args.command == "import":
                     return import_offers(db, definitions, privacy, args.source)
                 return campaign(db, definitions, program, args)
         except Stopped as e:
-            command = "coupons generate" if args.command == "coupons" else "import offers"
-            print(f"{command}: {_fault_line(e.fault, config)}; {e.done}", file=sys.stderr)
+            print(f"{_NAMES[args.command]}: {_fault_line(e.fault, config)}; {e.done}", file=sys.stderr)
             return 1
         finally:
             db.close()
     finally:
         program.close()
+
+
+_NAMES = {"coupons": "coupons generate", "import": "import offers"}
 
 
 class Stopped(Exception):
@@ -286,8 +292,10 @@ def _assign(conn, privacy, body: schema.OfferAssignment, now):
 def campaign(db: Database, definitions: cvm.Definitions, program, args) -> int:
     rule = definitions.rules.get(args.rule)
     if rule is None or rule.holdout is None:
-        why = "has no rule" if rule is None else "has a rule without holdout (no control group):"
-        print(f"report campaign: the program {why} {args.rule}", file=sys.stderr)
+        # In the API's words (rule_without_holdout), naming the rule first.
+        why = (f"the program has no rule {args.rule}" if rule is None else
+               f"rule {args.rule} has no holdout: it has no control group to compare with")
+        print(f"report campaign: {why}", file=sys.stderr)
         return 2
     try:
         first, last = report_campaign.period_of(rule, args.first, args.last)

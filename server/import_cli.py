@@ -32,7 +32,7 @@ from server.clock import Clock
 from server.config import ConfigError
 from server.errors import ApiError
 from server.interrupt import INTERRUPTED_STATUS, stop_between_batches
-from server.privacy import Privacy, privacy_from_config
+from server.privacy import Privacy, command_keys_problem, privacy_from_config
 from server.reports import ProgressBar
 from storage import imports
 from storage.health import MigrationsBusy, StorageBusy, StorageError, is_busy
@@ -148,6 +148,9 @@ def dispatch(args) -> int:
         print(e, file=sys.stderr)
         return 2
     try:
+        # The input first: a mistyped path would otherwise be reported as its report's folder.
+        if not source.is_file():
+            raise CannotStart(f"{source}: no such file")
         _check_report_path(report)
         tally = run_import(config, args.import_command, source, args.batch_rows)
     except CannotStart as e:
@@ -176,8 +179,6 @@ def _check_report_path(report: Path) -> None:
 
 
 def run_import(config, kind: str, source: Path, batch_rows: int) -> Tally:
-    if not source.is_file():
-        raise CannotStart(f"{source}: no such file")
     try:
         privacy = privacy_from_config(config)
     except ConfigError as e:
@@ -191,6 +192,8 @@ def run_import(config, kind: str, source: Path, batch_rows: int) -> Tally:
     tally = Tally()
     try:
         db.open()
+        if refused := db.read_sync(lambda conn: command_keys_problem(conn, privacy)):
+            raise CannotStart(f"{refused}; nothing was imported")
         importer = MemberImport(ctx, db, tally) if kind == "members" else ReceiptImport(ctx, db, tally, source)
         importer.run(source, batch_rows, ProgressBar(f"importing {kind}"))
     except (StorageError, *unreachable_errors(), MigrationsBusy) as e:

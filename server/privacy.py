@@ -322,6 +322,23 @@ def _check_keys(db, privacy: Privacy, alone: bool) -> str | None:
     return None
 
 
+def command_keys_problem(conn, privacy: Privacy) -> str | None:
+    """Why a command may not hash cards, phones or codes with this config's keys on this
+    database, or None. The server records its keys at start (record_keys); a command must use
+    exactly those: without one of them it would not find a stored card and would enrol it
+    again, and with one the server has not taken up its hashes would be ones no server finds.
+    A database no server has started on yet has none recorded and is not judged."""
+    recorded = member_care.recorded_keys(conn)
+    if not recorded:
+        return None
+    if refused := member_care.keys_problem(recorded, privacy.key_checks()):
+        return refused
+    if len(privacy.key_checks()) > len(recorded):
+        return (f"{_key_name(privacy.key_in_force)} is not in use on this database yet: restart the server "
+                "with this config first, so that it finds the hashes made under it")
+    return None
+
+
 def _key_name(key_id: str) -> str:
     return f"key {key_id}" if key_id else "the first key (privacy.hmac_key_env or hmac_key)"
 

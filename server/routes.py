@@ -31,7 +31,7 @@ from server.ops import adjustments, members, receipts, returns
 from server.validation import DAY_EARLIEST, DAY_LATEST, DAY_RANGE
 from storage import admin_audit, events
 from storage.db import StorageClosed, StorageError
-from storage.ledger import iso
+from storage.ledger import STATEMENT_ROWS_MAX, iso
 
 REGISTER, MANAGER, SUPPORT, MONITOR = "register", "manager", "support", "monitor"
 JSON_TYPE = "application/json"
@@ -167,6 +167,10 @@ async def member_statement(app, call: Call) -> Reply:
     since = parse_moment(call.query.get("from"), "from", tz)
     until = parse_moment(call.query.get("to"), "to", tz, end_of_day=True)
     limit = parse_int(call.query.get("limit"), "limit", default=100)
+    # Refused like the other pages' limits: a 0 or 5000 quietly served as 1 or 1000 rows
+    # would look like a member with fewer postings than they have.
+    if not 1 <= limit <= STATEMENT_ROWS_MAX:
+        raise field_error("limit", f"must be 1 to {STATEMENT_ROWS_MAX}")
     statement = await members.statement(ops, call.path["card"], since, until, limit)
     keyring = app[KEYRING]
     for posting in statement.postings:
@@ -431,7 +435,8 @@ ROUTES: list[Route] = [
     Route("PATCH", "/v1/members/{card}", patch_member, R({MANAGER, SUPPORT}), schema.MemberPatch,
           "Update a profile", answers=ok(A.MemberAnswer)),
     Route("GET", "/v1/members/{card}/statement", member_statement, R({MANAGER, SUPPORT}), None,
-          "Postings newest first with running balance; ?from=&to=&limit=", answers=ok(A.StatementAnswer)),
+          "Postings newest first with running balance; ?from=&to= (a local date or a moment with offset) "
+          "and ?limit= (1-1000, 100)", answers=ok(A.StatementAnswer)),
     Route("POST", "/v1/admin/adjustments", adjust, R({MANAGER, SUPPORT}), schema.Adjustment,
           "Add or remove points by hand (a support key: up to auth.support_adjustment_max_points)",
           answers=created(A.AdjustmentAnswer)),

@@ -148,13 +148,16 @@ def explain_command(config_path: str, receipt_path: str, card: str | None, avail
         db_path = described(config)
         conn = read_connection(config) if card else None
         if conn is not None:
-            from server.privacy import privacy_from_config
+            from server.privacy import command_keys_problem, privacy_from_config
             with closing(conn):
                 try:
                     privacy = privacy_from_config(config)
                     card_key = privacy.card(card)    # members are found by the card's HMAC
                 except ConfigError as e:
                     raise ToolError(f"config error: {e}") from None
+                # Under keys other than the server's no card is found: say so, not "not enrolled".
+                if refused := command_keys_problem(conn, privacy):
+                    raise ToolError(f"rules explain: {refused}")
                 member = member_from_db(conn, program, card_key, receipt, _now(config), privacy.coupon)
             if member is not None:
                 print("the member as they are now: segments now, offers and coupon codes at the receipt's moment "

@@ -399,11 +399,10 @@ def recorded_keys(conn: sqlite3.Connection) -> list[tuple[str, str]]:
     return [(r[0], r[1]) for r in conn.execute("SELECT key_id, check_value FROM privacy_keys ORDER BY position")]
 
 
-def record_keys(conn: sqlite3.Connection, keys: list[tuple[str, str]], now: str) -> str | None:
-    """Records the keys of `keys` (id, check value; in order) not recorded yet. Returns why
-    they cannot be used on this database, or None: every key recorded must be listed, in its
-    place, because every hash stored is wrapped in all of them."""
-    recorded = recorded_keys(conn)
+def keys_problem(recorded: list[tuple[str, str]], keys: list[tuple[str, str]]) -> str | None:
+    """Why `keys` (id, check value; in order) cannot find the hashes made under `recorded`, or
+    None: every key recorded must be listed, in its place, because every hash stored is
+    wrapped in all of them."""
     for position, (key_id, check) in enumerate(recorded):
         name = (f"key {key_id} (privacy.hmac_key_rotations[{position - 1}])" if key_id
                 else "the first key (privacy.hmac_key_env or privacy.hmac_key)")
@@ -413,6 +412,15 @@ def record_keys(conn: sqlite3.Connection, keys: list[tuple[str, str]], now: str)
         if keys[position][1] != check:
             return (f"{name} is not the key this database's card and phone hashes were made with: with it "
                     "none can be found (a new key is added as a rotation, never put in place of the old one)")
+    return None
+
+
+def record_keys(conn: sqlite3.Connection, keys: list[tuple[str, str]], now: str) -> str | None:
+    """Records the keys of `keys` (id, check value; in order) not recorded yet. Returns why
+    they cannot be used on this database (keys_problem), or None."""
+    recorded = recorded_keys(conn)
+    if refused := keys_problem(recorded, keys):
+        return refused
     conn.executemany("INSERT INTO privacy_keys (position, key_id, check_value, recorded_at) VALUES (?, ?, ?, ?)",
                      [(position, key_id, check, now) for position, (key_id, check) in enumerate(keys)
                       if position >= len(recorded)])

@@ -136,6 +136,20 @@ def test_an_unknown_format_stops_start_up():
     assert refused.value.key == "server.access_log"
 
 
+def test_off_written_plainly_in_the_config_is_off(tmp_path):
+    """YAML reads a bare `off` as false: the config says off, so it is off, not a type error."""
+    from server.config import load_config
+    path = tmp_path / "config.yaml"
+    path.write_text("server:\n  access_log: off\n")
+    assert load_config(path, environ={}).server.access_log == "off"
+    path.write_text("server: {}\n")
+    assert load_config(path, environ={"LOYALTY_SERVER__ACCESS_LOG": "off"}).server.access_log == "off"
+    path.write_text("server:\n  access_log: on\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, environ={})
+    assert refused.value.key == "server.access_log" and "combined" in refused.value.reason
+
+
 class SlowDestination(logging.Handler):
     """Holds the writer in its first line until let go."""
 

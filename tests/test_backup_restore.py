@@ -157,6 +157,22 @@ def test_backup_refuses_an_existing_file_and_leaves_it(tmp_path):
     assert out.read_bytes() == b"yesterday's backup"
 
 
+def test_backup_into_a_missing_folder_says_it_is_missing(tmp_path, capsys, monkeypatch):
+    """backup makes no folders; the line says the folder is not there rather than that it
+    is something else."""
+    from server.cli import main as cli
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"database": {"path": str(tmp_path / "loyalty.db")}}))
+    sqlite3.connect(tmp_path / "loyalty.db").close()
+    monkeypatch.setattr(os, "nice", lambda increment: 0)      # not the test run's own priority
+    assert cli(["backup", "--config", str(config), "--out", str(tmp_path / "backups" / "b.db")]) == 2
+    assert capsys.readouterr().err == (f"backup failed: {tmp_path / 'backups'} does not exist "
+                                       "(backup makes no folders)\n")
+    (tmp_path / "backups").write_text("a file")
+    assert cli(["backup", "--config", str(config), "--out", str(tmp_path / "backups" / "b.db")]) == 2
+    assert capsys.readouterr().err == f"backup failed: {tmp_path / 'backups'} is not a folder\n"
+
+
 def test_ctrl_c_during_a_backup_leaves_no_file_and_says_so(tmp_path, capsys, monkeypatch):
     from server import backup
     from server.cli import main as cli

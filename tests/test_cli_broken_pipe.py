@@ -11,7 +11,7 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
-from conftest import MARKET, ROOT, Api, connect, database_section, line, receipt, test_config
+from conftest import MARKET, ROOT, TEST_HMAC_KEY, Api, connect, database_section, line, receipt, test_config
 from server.app import create_app
 from server.cli_output import BROKEN_PIPE_STATUS
 
@@ -40,8 +40,10 @@ def loyalty(tmp_path_factory):
     where = tmp_path_factory.mktemp("broken_pipe")
     asyncio.run(_fill(test_config(where, NOW)))
     config = where / "cli.yaml"
+    # The server's HMAC key: the commands use the keys the database's hashes were made with.
     config.write_text(yaml.safe_dump({"database": database_section(where / "loyalty.db"),
-                                      "rules": {"dir": str(MARKET), "watch": False}, "clock": {"start": NOW}}))
+                                      "rules": {"dir": str(MARKET), "watch": False}, "clock": {"start": NOW},
+                                      "privacy": {"hmac_key": TEST_HMAC_KEY}}))
 
     def argv(*args: str) -> list[str]:
         return [sys.executable, "-m", "server.cli", *(str(a) for a in args)]

@@ -247,3 +247,13 @@ def test_report_campaign_prints_text_json_csv_and_a_chart(db, tmp_path, capsys):
     chart = tmp_path / "effect.png"
     status, _ = run(plot=chart)
     assert status == 0 and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_campaign_says_which_rule_has_no_control_group(db, capsys):
+    program = types.SimpleNamespace(id="market", timezone=ZoneInfo("Europe/Kyiv"), point_value=100, currency="UAH")
+
+    def run(rule):
+        args = types.SimpleNamespace(rule=rule, first=None, last=None, json=False, csv=False, plot=None)
+        return cvm_cli.campaign(db, DEFS, program, args), capsys.readouterr().err
+    assert run("base") == (2, "report campaign: rule base has no holdout: it has no control group to compare with\n")
+    assert run("nope") == (2, "report campaign: the program has no rule nope\n")

@@ -242,6 +242,10 @@ def test_a_file_it_cannot_read_stops_it_before_anything_is_written(tmp_path, cap
     assert "unknown column 'points'" in capsys.readouterr().err
     assert cli(["import", "members", "--csv", str(tmp_path / "missing.csv"), "--config", config]) == 2
     assert "no such file" in capsys.readouterr().err
+    # A file in a folder that is not there is missing itself, before its report's folder is.
+    missing = tmp_path / "exports" / "members.csv"
+    assert cli(["import", "members", "--csv", str(missing), "--config", config]) == 2
+    assert capsys.readouterr().err == f"import members: {missing}: no such file\n"
 
 
 def test_import_beside_a_serving_server(tmp_path):

@@ -371,3 +371,38 @@ def test_a_card_wrapped_while_it_is_looked_up_is_found(tmp_path, look_up):
             assert found is not None and found.member_id == member_id
     finally:
         conn.close()
+
+
+def test_commands_under_other_keys_than_the_servers_refuse_and_enrol_no_card_twice(tmp_path, capsys):
+    """A command run with a config that lacks a key the stored hashes are wrapped in would
+    not find an enrolled card and would enrol it a second time; one with a key no server has
+    taken up would store hashes no server finds. Both are refused, as the server refuses to
+    start, and nothing is written."""
+    from server.cli import main as cli
+    members = tmp_path / "members.csv"
+    members.write_text("card,opening_points\n" + "".join(f"{card},10\n" for card in CARDS[:3]))
+    configs = first_and_rotated(tmp_path)
+    assert cli(["import", "members", "--csv", str(members), "--config", str(configs["rotated"])]) == 0
+    with connect(tmp_path / "loyalty.db") as conn:    # what the server records at its start
+        rotated = Privacy(FIRST_KEY.encode(), [("k2", SECOND_KEY.encode())])
+        assert member_care.record_keys(conn, rotated.key_checks(), NOW) is None
+        conn.commit()
+    third = tmp_path / "third.yaml"
+    raw = yaml.safe_load(configs["rotated"].read_text())
+    raw["privacy"]["hmac_key_rotations"].append({"id": "k3", "key": "the-third-key-of-these-tests"})
+    third.write_text(yaml.safe_dump(raw))
+    receipt = tmp_path / "receipt.json"
+    receipt.write_text(json.dumps(sale("E-1", CARDS[0])))
+    capsys.readouterr()
+    for config, why in ((configs["first"], "wrapped in key k2"), (third, "key k3 is not in use on this database yet")):
+        assert cli(["import", "members", "--csv", str(members), "--config", str(config)]) == 2
+        assert why in capsys.readouterr().err
+        assert cli(["coupons", "generate", "--campaign", "xmas", "--count", "1", "--out", str(tmp_path / "c.csv"),
+                    "--config", str(config)]) == 2
+        assert why in capsys.readouterr().err and not (tmp_path / "c.csv").exists()
+        assert cli(["rules", "explain", str(receipt), "--config", str(config)]) == 2
+        assert why in capsys.readouterr().err
+    with connect(tmp_path / "loyalty.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM members").fetchone()[0] == 3
+    assert cli(["import", "members", "--csv", str(members), "--config", str(configs["rotated"])]) == 0
+    assert "3 members rows: 0 imported, 3 already there" in capsys.readouterr().out

@@ -55,6 +55,22 @@ async def test_audit_passes_then_fails_on_a_hand_edit(make_api, tmp_path, capsys
     assert "posting 3" in capsys.readouterr().out
 
 
+async def test_audit_checks_the_admin_audit_log_chain_too(make_api, tmp_path, capsys):
+    """The README promises the admin actions' log shows a row changed by hand: the command
+    an operator runs says so, naming the row."""
+    api = await make_api(now=NOW)
+    await activity(api)                                    # the adjustment is an admin action
+    await api.post("/v1/admin/rules/reload")
+    config = write_config(tmp_path)
+    assert cli(["audit", "verify", "--config", config]) == 0
+    assert "admin audit log: 2 rows chained" in capsys.readouterr().out
+    conn = connect(tmp_path / "loyalty.db")
+    tamper(conn, "audit_log", "UPDATE audit_log SET key_id = 'intruder' WHERE id = 2")
+    conn.close()
+    assert cli(["audit", "verify", "--config", config]) == 1
+    assert "FAIL admin audit log: row 2: hash does not match the row" in capsys.readouterr().out
+
+
 async def test_audit_flags_rule_totals_that_differ_from_postings(make_api, tmp_path, capsys):
     api = await make_api(now=NOW)
     await activity(api)                                    # accrual by rule, then a return reverses some

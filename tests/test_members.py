@@ -70,6 +70,20 @@ async def test_statement_window_and_running_balance(make_api):
     assert empty["postings"] == []
 
 
+async def test_statement_limit_out_of_range_is_refused_not_stretched(make_api):
+    api = await make_api(now=NOW)
+    await api.post("/v1/members", {"card": "667"})
+    await api.post("/v1/admin/adjustments", {"card": "667", "points": 50, "reason": "r", "adjustment_id": "a1"})
+    for limit in ("0", "-1", "1001"):
+        status, err = await api.get(f"/v1/members/667/statement?limit={limit}")
+        assert status == 422, (limit, err)
+        assert err["error"]["details"] == [{"path": "limit", "message": "must be 1 to 1000"}]
+    status, st = await api.get("/v1/members/667/statement?limit=1")
+    assert status == 200 and [p["kind"] for p in st["postings"]] == ["adjustment"]
+    status, st = await api.get("/v1/members/667/statement?limit=1000")
+    assert status == 200 and len(st["postings"]) == 2
+
+
 async def test_returned_amounts_no_longer_count_towards_the_tier(make_api):
     api = await make_api(now="2026-11-24T12:00:05+02:00")
     await api.post("/v1/members", {"card": "444"})

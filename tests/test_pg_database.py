@@ -1,4 +1,4 @@
-"""The PostgreSQL backend's Database (storage/pg/pg_database.py): a write is committed before its
+"""The PostgreSQL backend's Database (storage/pg/database.py): a write is committed before its
 caller hears of it, a failing one leaves nothing, and while PostgreSQL is down (a restart, a
 failover) writes fail with 503 storage_unavailable until it is back, when they work again
 without restarting the server."""
