@@ -213,7 +213,38 @@ def every_problem(body: bytes, t: type, first: msgspec.ValidationError) -> valid
     except RecursionError:      # nested deeper than msgspec decodes to plain values: its one problem
         return validation.from_error(first, t)
     found = validation.find(plain, t)
-    return found if found.count else validation.from_error(first, t)
+    if not found.count:
+        return validation.from_error(first, t)
+    also = LINE_CHECKS.get(t)
+    if also is not None and isinstance(plain, dict) and found.complete:
+        try:
+            also(plain, found)
+        except validation.Enough:
+            pass
+    return found
+
+
+def line_value_problems(plain: dict, found: validation.Problems) -> None:
+    """What server/ops/receipts.py checks on a decoded body's lines (positive quantities,
+    unique line numbers, the total), read from a refused body's plain values: its one 422
+    names these problems beside the type problems. Values of a wrong type were named already."""
+    lines = plain.get("lines")
+    if not isinstance(lines, list) or not 1 <= len(lines) <= LINES_MAX:
+        return
+    seen = set()
+    for i, line in enumerate(lines):
+        if not isinstance(line, dict):
+            continue
+        no, qty = line.get("line_no"), line.get("qty")
+        if type(no) is int and no in seen:
+            found.add(f"lines[{i}].line_no", f"repeats line_no {no}")
+        seen.add(no)
+        if type(qty) in (int, Decimal) and not qty > 0:
+            found.add(f"lines[{i}].qty", "must be > 0")
+    amounts = [line.get("amount") if isinstance(line, dict) else None for line in lines]
+    total = plain.get("total")
+    if type(total) is int and all(type(a) is int for a in amounts) and sum(amounts) != total:
+        found.add("total", f"must equal the sum of line amounts ({sum(amounts)})")
 
 
 def canonical(obj) -> bytes:
@@ -248,3 +279,4 @@ class CouponRequest(Struct, forbid_unknown_fields=True):
 
 
 DECODERS.update({t: msgspec.json.Decoder(t) for t in (SegmentCards, OfferAssignment, CouponRequest)})
+LINE_CHECKS = {Receipt: line_value_problems, ReturnRequest: line_value_problems}

@@ -19,14 +19,14 @@ from server import schema, webhooks
 from server.answer import calculate_answer, cancel_answer, confirm_answer, receipt_ref
 from server.answer_types import CalculateAnswer, CancelAnswer, ConfirmAnswer, ReceiptBalance
 from server.auth import Principal, require_store
-from server.errors import field_error, unprocessable
+from server.errors import problems_error, unprocessable
 from server.member_state import TierTotals, judge_codes, read_member_state, tier_after_receipt
 from server.ops import JSON, Deps, count, replay, sha256
 from server.ops.members import balance_now
 from server.plan import MemberState, evaluate, local_day, plan_calculate, plan_confirm
 from server.privacy import candidates
 from server.returns import LotFacts, plan_cancel, take_back_postings
-from server.validation import DAY_EARLIEST, DAY_LATEST, DAY_RANGE
+from server.validation import DAY_EARLIEST, DAY_LATEST, DAY_RANGE, Problems
 from storage import coupons, imports, ledger, member_care, offers, receipt_takes
 from storage.apply import Confirmed, apply_calculate, apply_confirms, apply_take_back
 from storage.db import Flush, Grouped, Ready
@@ -37,17 +37,21 @@ FUTURE_TS_TOLERANCE = timedelta(minutes=5)
 
 
 def check_receipt(deps: Deps, receipt: schema.Receipt, principal: Principal) -> None:
+    """One 422 naming every problem of a well-typed receipt, as for a mistyped one."""
     require_store(principal, receipt.store_id)
+    found = Problems()
     if receipt.ts.tzinfo is None:
-        raise field_error("ts", "needs a UTC offset, e.g. 2026-11-24T12:00:00+02:00")
-    if not DAY_EARLIEST <= receipt.ts.date() <= DAY_LATEST:
-        raise field_error("ts", DAY_RANGE)
-    if receipt.ts - deps.clock.now() > FUTURE_TS_TOLERANCE:
-        raise field_error("ts", "is more than 5 minutes in the future")
-    check_lines(receipt.lines)
+        found.add("ts", "needs a UTC offset, e.g. 2026-11-24T12:00:00+02:00")
+    elif not DAY_EARLIEST <= receipt.ts.date() <= DAY_LATEST:
+        found.add("ts", DAY_RANGE)
+    elif receipt.ts - deps.clock.now() > FUTURE_TS_TOLERANCE:
+        found.add("ts", "is more than 5 minutes in the future")
+    line_problems(receipt.lines, found)
     total = sum(line.amount for line in receipt.lines)
     if total != receipt.total:
-        raise field_error("total", f"must equal the sum of line amounts ({total})")
+        found.add("total", f"must equal the sum of line amounts ({total})")
+    if found.count:
+        raise problems_error(found)
 
 
 def _timed(program: Program, receipt, state: MemberState | None, today: str, seconds: list[float]):
@@ -305,24 +309,35 @@ _qty_known_good: set[str] = set()
 
 
 def check_lines(lines) -> None:
-    """Line numbers are unique; quantities positive, finite, at most 6 decimals."""
+    """Line numbers are unique; quantities positive, finite, at most 6 decimals: one 422
+    naming every line that breaks this."""
+    found = Problems()
+    line_problems(lines, found)
+    if found.count:
+        raise problems_error(found)
+
+
+def line_problems(lines, found: Problems) -> None:
     if len({line.line_no for line in lines}) != len(lines):
         seen = set()
         for i, line in enumerate(lines):
             if line.line_no in seen:
-                raise field_error(f"lines[{i}].line_no", f"repeats line_no {line.line_no}")
+                found.add(f"lines[{i}].line_no", f"repeats line_no {line.line_no}")
             seen.add(line.line_no)
     for i, line in enumerate(lines):
         text = str(line.qty)
         if text not in _qty_known_good:
-            _check_qty(line.qty, f"lines[{i}].qty")
-            if len(_qty_known_good) >= QTY_KNOWN_GOOD_MAX:
-                _qty_known_good.clear()
-            _qty_known_good.add(text)
+            if not _qty_problem(line.qty, f"lines[{i}].qty", found):
+                if len(_qty_known_good) >= QTY_KNOWN_GOOD_MAX:
+                    _qty_known_good.clear()
+                _qty_known_good.add(text)
 
 
-def _check_qty(qty, path: str) -> None:
+def _qty_problem(qty, path: str, found: Problems) -> bool:
     if not qty.is_finite() or qty <= 0:
-        raise field_error(path, "must be > 0")
+        found.add(path, "must be > 0")
+        return True
     if qty.as_tuple().exponent < -QTY_DECIMALS_MAX or qty > QTY_MAX:
-        raise field_error(path, f"has more than {QTY_DECIMALS_MAX} decimals or is too large")
+        found.add(path, f"has more than {QTY_DECIMALS_MAX} decimals or is too large")
+        return True
+    return False
