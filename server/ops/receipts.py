@@ -91,6 +91,11 @@ async def calculate(deps: Deps, receipt: schema.Receipt, principal: Principal) -
 
 def _calculate_in_tx(conn, program: Program, receipt: schema.Receipt, now: datetime, card: str,
                      seconds: list[float], coupon_mac, kept: MembershipCache | None = None) -> CalculateAnswer:
+    stored = stored_answer(conn, program, receipt, card, now)
+    if stored is not None:
+        return CalculateAnswer(stored.receipt, stored.member_id, stored.rules_version, stored.accrued,
+                               stored.redeemed, stored.balance, stored.messages, None, coupons=stored.coupons,
+                               replayed=True, cancelled=stored.cancelled)
     ledger.lock_member_of_card(conn, card)      # its hold is seen by the member's next write
     state = read_member_state(conn, receipt, program, now, card, coupon_mac, kept)
     plan = plan_calculate(receipt, state, program, now, _timed(program, receipt, state, local_day(program, now),
@@ -140,12 +145,8 @@ def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, b
     def plan(conn, group: dict):
         if key in group.setdefault("keys", set()):
             raise Flush     # the same receipt twice in one batch: the second is a replay
-        stored = ledger.get_receipt(conn, key)
-        if stored is not None:
-            answer = replay(stored.body_sha256, as_stored(stored.body_sha256, fingerprint, receipt, card),
-                            stored.result, ConfirmAnswer)
-            if stored.status == "cancelled":
-                answer = _cancelled_replay(conn, program, answer, stored.member_id, now)
+        answer = stored_answer(conn, program, receipt, card, now, fingerprint)
+        if answer is not None:
             return Ready((200, answer, None, None))
         if card is not None:
             # Several processes (PostgreSQL): the member's other writes wait, or are waited
@@ -169,6 +170,24 @@ def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, b
         return Confirmed(planned, receipt, program, now, body, bytes.fromhex(fingerprint), encoded,
                          result=(201, answer, planned.evaluation, encoded))
     return Grouped(plan, apply_announced)
+
+
+def stored_answer(conn, program: Program, receipt: schema.Receipt, card: str | None, now: datetime,
+                  fingerprint: str | None = None) -> ConfirmAnswer | None:
+    """What a confirm of a receipt already stored answers: its stored result replayed (once
+    cancelled, with the balance now), or 409 for another body; None for a new receipt. A
+    calculate answers it too, and holds nothing: a confirm would never take that hold."""
+    stored = ledger.get_receipt(conn, (receipt.store_id, receipt.register_id, receipt.receipt_id))
+    if stored is None:
+        return None
+    if fingerprint is None:
+        fingerprint = sha256(schema.canonical(receipt if card is None else
+                                              msgspec.structs.replace(receipt, card=card)))
+    answer = replay(stored.body_sha256, as_stored(stored.body_sha256, fingerprint, receipt, card),
+                    stored.result, ConfirmAnswer)
+    if stored.status == "cancelled":
+        answer = _cancelled_replay(conn, program, answer, stored.member_id, now)
+    return answer
 
 
 def as_stored(stored_sha: str, fingerprint: str, receipt: schema.Receipt, card: str | None) -> str:
