@@ -72,6 +72,17 @@ async def test_calculating_a_confirmed_receipt_again_answers_its_result_and_hold
     assert after["balance"] == {"available": 1000, "pending": 0, "held": 0}
 
 
+async def test_calculating_a_confirmed_receipt_without_a_card_answers_its_result(make_api):
+    api = await make_api(now=NOW)
+    body = receipt("A-1", [line(1, "dairy", 10000)], ts="2026-11-25T18:00:00+02:00")
+    status, confirmed = await api.post("/v1/receipts", body, as_="register")
+    assert status == 201 and confirmed["member_id"] is None
+    status, again = await api.post("/v1/receipts/calculate", body, as_="register")
+    assert status == 200 and again["replayed"] is True and again["hold"] is None, again
+    status, err = await api.post("/v1/receipts/calculate", dict(body, channel="web"), as_="register")
+    assert status == 409 and err["error"]["code"] == "idempotency_conflict"
+
+
 async def test_adjustment_replay_and_conflict(make_api):
     api = await make_api(now=NOW)
     await member_with_1000(api)

@@ -75,7 +75,10 @@ async def calculate(deps: Deps, receipt: schema.Receipt, principal: Principal) -
     card = None if receipt.card is None else deps.privacy.card(receipt.card)
     seconds: list[float] = []
     try:
-        if card is None:     # anonymous: nothing to read or hold but the codes it sent
+        if card is None:     # anonymous: nothing to read or hold but its stored answer and its codes
+            stored = await deps.db.read(lambda conn: stored_answer(conn, program, receipt, None, now))
+            if stored is not None:
+                return as_calculate(stored)
             codes = None if not receipt.coupons else \
                 await deps.db.read(lambda conn: judge_codes(conn, receipt, program, deps.privacy.coupon))
             ev = _timed(program, receipt, None, local_day(program, now), seconds)
@@ -93,9 +96,7 @@ def _calculate_in_tx(conn, program: Program, receipt: schema.Receipt, now: datet
                      seconds: list[float], coupon_mac, kept: MembershipCache | None = None) -> CalculateAnswer:
     stored = stored_answer(conn, program, receipt, card, now)
     if stored is not None:
-        return CalculateAnswer(stored.receipt, stored.member_id, stored.rules_version, stored.accrued,
-                               stored.redeemed, stored.balance, stored.messages, None, coupons=stored.coupons,
-                               replayed=True, cancelled=stored.cancelled)
+        return as_calculate(stored)
     ledger.lock_member_of_card(conn, card)      # its hold is seen by the member's next write
     state = read_member_state(conn, receipt, program, now, card, coupon_mac, kept)
     plan = plan_calculate(receipt, state, program, now, _timed(program, receipt, state, local_day(program, now),
@@ -188,6 +189,13 @@ def stored_answer(conn, program: Program, receipt: schema.Receipt, card: str | N
     if stored.status == "cancelled":
         answer = _cancelled_replay(conn, program, answer, stored.member_id, now)
     return answer
+
+
+def as_calculate(stored: ConfirmAnswer) -> CalculateAnswer:
+    """A receipt already confirmed, calculated again: its stored answer, holding nothing."""
+    return CalculateAnswer(stored.receipt, stored.member_id, stored.rules_version, stored.accrued,
+                           stored.redeemed, stored.balance, stored.messages, None, coupons=stored.coupons,
+                           replayed=True, cancelled=stored.cancelled)
 
 
 def as_stored(stored_sha: str, fingerprint: str, receipt: schema.Receipt, card: str | None) -> str:
