@@ -78,17 +78,18 @@ async def calculate(deps: Deps, receipt: schema.Receipt, principal: Principal) -
         if card is None:     # anonymous: nothing to read or hold but its stored answer and its codes
             stored = await deps.db.read(lambda conn: stored_answer(conn, program, receipt, None, now))
             if stored is not None:
-                return as_calculate(stored)
-            codes = None if not receipt.coupons else \
-                await deps.db.read(lambda conn: judge_codes(conn, receipt, program, deps.privacy.coupon))
-            ev = _timed(program, receipt, None, local_day(program, now), seconds)
-            result = calculate_answer(plan_calculate(receipt, None, program, now, ev, codes), program)
+                result = as_calculate(stored)
+            else:
+                codes = None if not receipt.coupons else \
+                    await deps.db.read(lambda conn: judge_codes(conn, receipt, program, deps.privacy.coupon))
+                ev = _timed(program, receipt, None, local_day(program, now), seconds)
+                result = calculate_answer(plan_calculate(receipt, None, program, now, ev, codes), program)
         else:
             result = await deps.db.write(lambda conn: _calculate_in_tx(conn, program, receipt, now, card, seconds,
                                                                        deps.privacy.coupon, deps.segments))
     finally:
         _observe(deps, seconds)
-    deps.metrics.receipts_of("calculate", "ok").inc()
+    count(deps, "calculate", 200, result)     # `replayed` for a receipt already confirmed
     return result
 
 
