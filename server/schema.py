@@ -39,7 +39,11 @@ class Line(Struct, forbid_unknown_fields=True):
     amount: Money
     category: Annotated[str, Meta(max_length=64)] | None = None
     brand: Annotated[str, Meta(max_length=64)] | None = None
-    flags: Annotated[list[Tag], Meta(max_length=32)] = []
+    flags: Annotated[list[Tag], Meta(max_length=32)] | None = []
+
+    def __post_init__(self):
+        if self.flags is None:      # null is "not given", as for every optional field
+            self.flags = []
 
 
 class Receipt(Struct, forbid_unknown_fields=True):
@@ -50,12 +54,22 @@ class Receipt(Struct, forbid_unknown_fields=True):
     lines: Annotated[list[Line], Meta(min_length=1, max_length=LINES_MAX)]
     total: Money
     card: Card | None = None
-    channel: Annotated[str, Meta(min_length=1, max_length=32)] = "pos"
-    redeem_points: Annotated[int, Meta(ge=0, le=POINTS_MAX)] = 0
+    channel: Annotated[str, Meta(min_length=1, max_length=32)] | None = "pos"
+    redeem_points: Annotated[int, Meta(ge=0, le=POINTS_MAX)] | None = 0
     # Unset when not sent, so the canonical body (the idempotency fingerprint) of a receipt
     # without coupons is what it was before receipts could carry them.
-    coupons: Annotated[list[CouponText], Meta(max_length=COUPONS_PER_RECEIPT_MAX)] | msgspec.UnsetType = \
+    coupons: Annotated[list[CouponText], Meta(max_length=COUPONS_PER_RECEIPT_MAX)] | None | msgspec.UnsetType = \
         msgspec.UNSET
+
+    def __post_init__(self):
+        """An optional field sent as null is not given: the same receipt, and the same
+        fingerprint, as without it."""
+        if self.channel is None:
+            self.channel = "pos"
+        if self.redeem_points is None:
+            self.redeem_points = 0
+        if self.coupons is None:
+            self.coupons = msgspec.UNSET
 
 
 class ReceiptRef(Struct, forbid_unknown_fields=True):
@@ -81,9 +95,13 @@ class Enrollment(Struct, forbid_unknown_fields=True):
     card: Card
     phone: Annotated[str, Meta(min_length=3, max_length=32)] | None = None
     birthday: date | None = None
-    tags: Annotated[list[Tag], Meta(max_length=64)] = []
+    tags: Annotated[list[Tag], Meta(max_length=64)] | None = []
     referred_by: Card | None = None
     store_id: Id | None = None
+
+    def __post_init__(self):
+        if self.tags is None:       # null is "not given", as for every optional field
+            self.tags = []
 
 
 class Consent(Struct, forbid_unknown_fields=True, omit_defaults=True):
