@@ -132,3 +132,11 @@ async def test_optional_fields_sent_as_null_count_as_not_sent(make_api):
     assert status == 201 and first["accrued"]["points"] == 3 and "coupons" not in first, first
     status, again = await api.post("/v1/receipts", plain, as_="register")   # the same receipt
     assert status == 200 and again["replayed"] is True, again
+
+
+async def test_the_printed_lines_say_point_for_one_point(make_api):
+    api = await make_api(now=NOW)
+    await api.post("/v1/members", {"card": CARD})
+    status, res = await api.post("/v1/receipts", receipt("P-1", [line(1, "bakery", 5000)], card=CARD), as_="register")
+    assert status == 201 and res["accrued"]["points"] == 1, res
+    assert res["messages"] == ["1 point will be available from 08.12.2026", "Balance: 100 points"]

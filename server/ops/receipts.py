@@ -16,7 +16,7 @@ import msgspec
 
 from rules import Program
 from server import schema, webhooks
-from server.answer import calculate_answer, cancel_answer, confirm_answer, receipt_ref
+from server.answer import calculate_answer, cancel_answer, confirm_answer, points_words, receipt_ref
 from server.answer_types import CalculateAnswer, CancelAnswer, ConfirmAnswer, ReceiptBalance
 from server.auth import Principal, require_store
 from server.errors import problems_error, unprocessable
@@ -269,7 +269,7 @@ def _cancelled_replay(conn, program: Program, answer: ConfirmAnswer, member_id: 
     holds = ledger.open_holds(conn, member_id, iso(now))
     balance = ledger.balance_of(ledger.lots_of(conn, member_id), holds, local_day(program, now))
     answer.balance = ReceiptBalance(balance.available, balance.pending, balance.held)
-    answer.messages = ["Receipt cancelled", f"Balance: {balance.available} points"]
+    answer.messages = ["Receipt cancelled", f"Balance: {points_words(balance.available)}"]
     return answer
 
 
