@@ -56,22 +56,27 @@ def first_expiry(plan: ReceiptPlan) -> str | None:
     return str(min(expiring)) if expiring else None
 
 
+def points_words(n: int) -> str:
+    """"1 point", "2 points": the lines are printed on the customer's receipt."""
+    return f"{n} point" if abs(n) == 1 else f"{n} points"
+
+
 def messages(plan: ReceiptPlan, program: Program) -> list[str]:
     ev = plan.evaluation
     if plan.member is None:
         return []
     out = []
     if ev.redeemed_points:
-        out.append(f"Paid with {ev.redeemed_points} points: {money(ev.discount)} {program.currency}")
+        out.append(f"Paid with {points_words(ev.redeemed_points)}: {money(ev.discount)} {program.currency}")
     for rule, points in ev.by_rule:
         if points > 0 and rule in program.personal_rule_ids:   # only an offer lets one fire
-            out.append(f"Personal offer {rule}: {points} points")
+            out.append(f"Personal offer {rule}: {points_words(points)}")
     if ev.accrued_points:
         if str(ev.available_from) > plan.today:
-            out.append(f"{ev.accrued_points} points will be available from {ddmmyyyy(str(ev.available_from))}")
+            out.append(f"{points_words(ev.accrued_points)} will be available from {ddmmyyyy(str(ev.available_from))}")
         else:
-            out.append(f"{ev.accrued_points} points earned")
-    out.append(f"Balance: {plan.balance.available} points")
+            out.append(f"{points_words(ev.accrued_points)} earned")
+    out.append(f"Balance: {points_words(plan.balance.available)}")
     return out
 
 

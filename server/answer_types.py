@@ -91,6 +91,9 @@ class CalculateAnswer(Struct):
     messages: list[str]
     hold: Hold | None
     coupons: list[CouponStatus] | UnsetType = UNSET     # when the receipt sent codes
+    # A receipt already confirmed: its stored answer, as a confirm sent again gets it.
+    replayed: bool | UnsetType = UNSET
+    cancelled: bool | UnsetType = UNSET
 
 
 class ConfirmAnswer(Struct):

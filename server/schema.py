@@ -39,7 +39,11 @@ class Line(Struct, forbid_unknown_fields=True):
     amount: Money
     category: Annotated[str, Meta(max_length=64)] | None = None
     brand: Annotated[str, Meta(max_length=64)] | None = None
-    flags: Annotated[list[Tag], Meta(max_length=32)] = []
+    flags: Annotated[list[Tag], Meta(max_length=32)] | None = []
+
+    def __post_init__(self):
+        if self.flags is None:      # null is "not given", as for every optional field
+            self.flags = []
 
 
 class Receipt(Struct, forbid_unknown_fields=True):
@@ -50,12 +54,22 @@ class Receipt(Struct, forbid_unknown_fields=True):
     lines: Annotated[list[Line], Meta(min_length=1, max_length=LINES_MAX)]
     total: Money
     card: Card | None = None
-    channel: Annotated[str, Meta(min_length=1, max_length=32)] = "pos"
-    redeem_points: Annotated[int, Meta(ge=0, le=POINTS_MAX)] = 0
+    channel: Annotated[str, Meta(min_length=1, max_length=32)] | None = "pos"
+    redeem_points: Annotated[int, Meta(ge=0, le=POINTS_MAX)] | None = 0
     # Unset when not sent, so the canonical body (the idempotency fingerprint) of a receipt
     # without coupons is what it was before receipts could carry them.
-    coupons: Annotated[list[CouponText], Meta(max_length=COUPONS_PER_RECEIPT_MAX)] | msgspec.UnsetType = \
+    coupons: Annotated[list[CouponText], Meta(max_length=COUPONS_PER_RECEIPT_MAX)] | None | msgspec.UnsetType = \
         msgspec.UNSET
+
+    def __post_init__(self):
+        """An optional field sent as null is not given: the same receipt, and the same
+        fingerprint, as without it."""
+        if self.channel is None:
+            self.channel = "pos"
+        if self.redeem_points is None:
+            self.redeem_points = 0
+        if self.coupons is None:
+            self.coupons = msgspec.UNSET
 
 
 class ReceiptRef(Struct, forbid_unknown_fields=True):
@@ -81,9 +95,13 @@ class Enrollment(Struct, forbid_unknown_fields=True):
     card: Card
     phone: Annotated[str, Meta(min_length=3, max_length=32)] | None = None
     birthday: date | None = None
-    tags: Annotated[list[Tag], Meta(max_length=64)] = []
+    tags: Annotated[list[Tag], Meta(max_length=64)] | None = []
     referred_by: Card | None = None
     store_id: Id | None = None
+
+    def __post_init__(self):
+        if self.tags is None:       # null is "not given", as for every optional field
+            self.tags = []
 
 
 class Consent(Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -213,7 +231,38 @@ def every_problem(body: bytes, t: type, first: msgspec.ValidationError) -> valid
     except RecursionError:      # nested deeper than msgspec decodes to plain values: its one problem
         return validation.from_error(first, t)
     found = validation.find(plain, t)
-    return found if found.count else validation.from_error(first, t)
+    if not found.count:
+        return validation.from_error(first, t)
+    also = LINE_CHECKS.get(t)
+    if also is not None and isinstance(plain, dict) and found.complete:
+        try:
+            also(plain, found)
+        except validation.Enough:
+            pass
+    return found
+
+
+def line_value_problems(plain: dict, found: validation.Problems) -> None:
+    """What server/ops/receipts.py checks on a decoded body's lines (positive quantities,
+    unique line numbers, the total), read from a refused body's plain values: its one 422
+    names these problems beside the type problems. Values of a wrong type were named already."""
+    lines = plain.get("lines")
+    if not isinstance(lines, list) or not 1 <= len(lines) <= LINES_MAX:
+        return
+    seen = set()
+    for i, line in enumerate(lines):
+        if not isinstance(line, dict):
+            continue
+        no, qty = line.get("line_no"), line.get("qty")
+        if type(no) is int and no in seen:
+            found.add(f"lines[{i}].line_no", f"repeats line_no {no}")
+        seen.add(no)
+        if type(qty) in (int, Decimal) and not qty > 0:
+            found.add(f"lines[{i}].qty", "must be > 0")
+    amounts = [line.get("amount") if isinstance(line, dict) else None for line in lines]
+    total = plain.get("total")
+    if type(total) is int and all(type(a) is int for a in amounts) and sum(amounts) != total:
+        found.add("total", f"must equal the sum of line amounts ({sum(amounts)})")
 
 
 def canonical(obj) -> bytes:
@@ -248,3 +297,4 @@ class CouponRequest(Struct, forbid_unknown_fields=True):
 
 
 DECODERS.update({t: msgspec.json.Decoder(t) for t in (SegmentCards, OfferAssignment, CouponRequest)})
+LINE_CHECKS = {Receipt: line_value_problems, ReturnRequest: line_value_problems}

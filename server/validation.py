@@ -62,11 +62,11 @@ class Problems:
             self.listed.append((path or "$", words))
         if self.count == self.counted_max:
             self.complete = False
-            raise _Enough
+            raise Enough
 
 
-class _Enough(Exception):
-    """Ends a walk that has counted as many problems as it may."""
+class Enough(Exception):
+    """Ends a walk (or a further check adding to its Problems) that has counted as many problems as it may."""
 
 
 def find(value, t: type) -> Problems:
@@ -76,7 +76,7 @@ def find(value, t: type) -> Problems:
     found = Problems(COUNTED_MAX)
     try:
         _checker(t)(value, "", found)
-    except _Enough:
+    except Enough:
         pass
     return found
 

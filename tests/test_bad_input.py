@@ -172,6 +172,27 @@ async def test_a_receipt_with_three_problems_gets_one_422_listing_them(make_api)
     assert status == 201 and data["replayed"] is False, data
 
 
+async def test_quantities_line_numbers_and_total_are_listed_with_every_other_problem(make_api):
+    api = await make_api(now=NOW)
+    assert (await api.post("/v1/members", {"card": CARD}))[0] == 201
+    lines = [line(1, "dairy", 1000, qty=0), line(1, "bakery", 500, qty=-1), line(3, "dairy", 200)]
+    wrong = {"path": "lines[0].qty", "message": "must be > 0"}, \
+        {"path": "lines[1].line_no", "message": "repeats line_no 1"}, \
+        {"path": "lines[1].qty", "message": "must be > 0"}, \
+        {"path": "total", "message": "must equal the sum of line amounts (1700)"}
+    well_typed = receipt("B-4", lines, card=CARD, total=1600)
+    got, data = await api.post("/v1/receipts", well_typed, as_="register")
+    assert got == 422 and data["error"]["code"] == "validation_error", data
+    assert sorted(data["error"]["details"], key=str) == sorted(wrong, key=str)
+    mistyped = dict(well_typed, redeem_points="ten")
+    got, data = await api.post("/v1/receipts/calculate", mistyped, as_="register")
+    assert got == 422 and data["error"]["code"] == "validation_error", data
+    assert data["error"]["details"][0] == {"path": "redeem_points", "message": "must be a whole number"}
+    assert sorted(data["error"]["details"][1:], key=str) == sorted(wrong, key=str)
+    status, member = await api.get(f"/v1/members/{CARD}")
+    assert status == 200 and member["balance"] == {"available": 100, "pending": 0, "held": 0}
+
+
 @pytest.mark.parametrize("bad_lines,more", [(600, "599"), (2000, "at least 999")])
 async def test_problems_beyond_the_listed_ones_are_counted(make_api, bad_lines, more):
     """Details list the first 50; the walk counts up to 1,000 problems, then says "at least"."""

@@ -52,6 +52,37 @@ async def test_holds_retries_conflicts_and_cancel(make_api):
     assert m["balance"] == {"available": 400, "held": 0, "pending": 78}
 
 
+async def test_calculating_a_confirmed_receipt_again_answers_its_result_and_holds_nothing(make_api):
+    api = await make_api(now=NOW)
+    await member_with_1000(api)
+    ra = tv("C-1", "K01", "2026-11-25T18:00:00+02:00")
+    status, confirmed = await api.post("/v1/receipts", ra, as_="register")
+    assert status == 201 and confirmed["redeemed"]["points"] == 600
+    status, again = await api.post("/v1/receipts/calculate", ra, as_="register")
+    assert status == 200 and again["hold"] is None and again["replayed"] is True, again
+    assert again["redeemed"] == confirmed["redeemed"] and again["accrued"] == confirmed["accrued"]
+    _, member = await api.get(f"/v1/members/{CARD}")
+    assert member["balance"] == {"available": 400, "pending": 78, "held": 0}
+    other = tv("C-1", "K01", "2026-11-25T18:00:00+02:00", redeem=300)
+    status, err = await api.post("/v1/receipts/calculate", other, as_="register")
+    assert status == 409 and err["error"]["code"] == "idempotency_conflict"
+    assert (await api.post("/v1/receipts/S001/K01/C-1/cancel", as_="register"))[0] == 200
+    status, after = await api.post("/v1/receipts/calculate", ra, as_="register")
+    assert status == 200 and after["hold"] is None and after["cancelled"] is True, after
+    assert after["balance"] == {"available": 1000, "pending": 0, "held": 0}
+
+
+async def test_calculating_a_confirmed_receipt_without_a_card_answers_its_result(make_api):
+    api = await make_api(now=NOW)
+    body = receipt("A-1", [line(1, "dairy", 10000)], ts="2026-11-25T18:00:00+02:00")
+    status, confirmed = await api.post("/v1/receipts", body, as_="register")
+    assert status == 201 and confirmed["member_id"] is None
+    status, again = await api.post("/v1/receipts/calculate", body, as_="register")
+    assert status == 200 and again["replayed"] is True and again["hold"] is None, again
+    status, err = await api.post("/v1/receipts/calculate", dict(body, channel="web"), as_="register")
+    assert status == 409 and err["error"]["code"] == "idempotency_conflict"
+
+
 async def test_adjustment_replay_and_conflict(make_api):
     api = await make_api(now=NOW)
     await member_with_1000(api)

@@ -24,6 +24,14 @@ async def test_register_enrolls_only_at_its_store(make_api):
     assert status == 200 and m["card"] == "222"
 
 
+async def test_register_enrolls_at_its_only_store_without_naming_it(make_api):
+    api = await make_api(now=NOW)
+    status, m = await api.post("/v1/members", {"card": "223"}, as_="register")
+    assert status == 201 and m["card"] == "223" and m["balance"]["available"] == 100
+    status, err = await api.post("/v1/members", {"card": "223"}, as_="register")
+    assert status == 409 and err["error"]["code"] == "card_already_enrolled"
+
+
 async def test_manual_tier_shown_and_expires(make_api):
     api = await make_api(now=NOW)
     await api.post("/v1/members", {"card": "333"})

@@ -149,7 +149,7 @@ async def test_member_answers_match_the_document(checked):
     c = checked
     await c.call("POST", "/v1/members", {"card": CARD, "birthday": "1990-05-01", "tags": ["staff"]}, expect=201)
     await c.call("POST", "/v1/members", {"card": CARD}, expect=409)
-    await c.call("POST", "/v1/members", {"card": "7000000000002"}, "register", 422)   # no store_id
+    await c.call("POST", "/v1/members", {"card": "7000000000002", "tags": "staff"}, "register", 422)   # tags: a list
     await c.call("GET", f"/v1/members/{CARD}", as_="register", expect=200)
     await c.call("GET", f"/v1/members/{CARD}?at=2026-11-24", expect=200)
     await c.call("GET", "/v1/members/7999", expect=404)

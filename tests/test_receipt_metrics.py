@@ -29,16 +29,21 @@ async def test_each_refusal_is_counted_once_under_its_endpoint_and_code(make_api
     assert (await api.post("/v1/receipts", {**body, "receipt_id": 5}, as_="register"))[0] == 422
     assert (await api.post("/v1/receipts/calculate", {"lines": []}, as_="register"))[0] == 422
     assert (await api.post("/v1/receipts", body, as_="register2"))[0] == 403
+    assert (await api.post("/v1/receipts/calculate", body, as_="register"))[0] == 200    # confirmed: replayed
+    anonymous = receipt("R-2", [line(1, "dairy", 10000)])
+    assert (await api.post("/v1/receipts", anonymous, as_="register"))[0] == 201
+    assert (await api.post("/v1/receipts/calculate", anonymous, as_="register"))[0] == 200
 
     _, text = await api.get("/metrics", as_="monitor")
     counted = {m.group(1): float(m.group(2)) for m in
                re.finditer(r'^loyalty_receipts_total\{endpoint="confirm",outcome="([^"]+)"\} (\S+)$', text, re.M)}
-    assert counted == {"ok": 1.0, "replayed": 1.0, "idempotency_conflict": 1.0, "malformed_json": 1.0,
+    assert counted == {"ok": 2.0, "replayed": 1.0, "idempotency_conflict": 1.0, "malformed_json": 1.0,
                        "validation_error": 1.0, "forbidden": 1.0}
     assert sample(text, "loyalty_receipts_total", endpoint="calculate", outcome="validation_error") == 1.0
+    assert sample(text, "loyalty_receipts_total", endpoint="calculate", outcome="replayed") == 2.0
 
     duration = "loyalty_request_duration_seconds_count"
-    assert sample(text, duration, route="/v1/receipts", method="POST", status="2xx") == 2.0
+    assert sample(text, duration, route="/v1/receipts", method="POST", status="2xx") == 3.0
     assert sample(text, duration, route="/v1/receipts", method="POST", status="4xx") == 4.0
     assert sample(text, duration, route="/v1/members", method="POST", status="2xx") == 1.0
-    assert sample(text, "loyalty_rules_evaluation_seconds_count") == 1.0     # replays and refusals evaluate nothing
+    assert sample(text, "loyalty_rules_evaluation_seconds_count") == 2.0     # replays and refusals evaluate nothing

@@ -119,3 +119,24 @@ async def test_fuel_partner_per_litre(make_api):
     # base 2% of 900.00 = 18, fuel 1 point per litre = 40.5 -> 58.5 floored to 58
     assert res["accrued"]["points"] == 58
     assert res["accrued"]["by_rule"] == [{"rule": "base", "points": 18}, {"rule": "fuel", "points": 40}]
+
+
+async def test_optional_fields_sent_as_null_count_as_not_sent(make_api):
+    api = await make_api(now=NOW)
+    status, member = await api.post("/v1/members", {"card": CARD, "phone": None, "tags": None, "referred_by": None})
+    assert status == 201 and member["profile"]["tags"] == [], member
+    plain = receipt("N-1", [line(1, "dairy", 9100)], card=CARD)
+    nulls = dict(plain, channel=None, redeem_points=None, coupons=None,
+                 lines=[dict(plain["lines"][0], flags=None, brand=None)])
+    status, first = await api.post("/v1/receipts", nulls, as_="register")
+    assert status == 201 and first["accrued"]["points"] == 3 and "coupons" not in first, first
+    status, again = await api.post("/v1/receipts", plain, as_="register")   # the same receipt
+    assert status == 200 and again["replayed"] is True, again
+
+
+async def test_the_printed_lines_say_point_for_one_point(make_api):
+    api = await make_api(now=NOW)
+    await api.post("/v1/members", {"card": CARD})
+    status, res = await api.post("/v1/receipts", receipt("P-1", [line(1, "bakery", 5000)], card=CARD), as_="register")
+    assert status == 201 and res["accrued"]["points"] == 1, res
+    assert res["messages"] == ["1 point will be available from 08.12.2026", "Balance: 100 points"]

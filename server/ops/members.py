@@ -57,11 +57,20 @@ def balance_now(deps: Deps, conn: sqlite3.Connection, program: Program, member_i
     return member_view(deps, conn, program, ledger.member_by_id(conn, member_id)).balance
 
 
+def enrolling_store(principal: Principal, store_id: str | None) -> str:
+    """The store a register enrolls at: the one it names, or its only store when it names
+    none (the contract's enrollment body has no store); a key of several stores must say."""
+    if store_id is None:
+        if len(principal.stores) != 1:
+            raise field_error("store_id", "is required when a register key serves several stores")
+        (store_id,) = principal.stores
+    require_store(principal, store_id)
+    return store_id
+
+
 async def enroll(deps: Deps, req: schema.Enrollment, principal: Principal) -> MemberAnswer:
     if principal.role == "register":
-        if req.store_id is None:
-            raise field_error("store_id", "is required when a register enrolls a member")
-        require_store(principal, req.store_id)
+        req = msgspec.structs.replace(req, store_id=enrolling_store(principal, req.store_id))
     program, now = deps.program(), deps.clock.now()
     referrer = await find_member(deps, req.referred_by, "referred_by") if req.referred_by else None
     privacy = deps.privacy

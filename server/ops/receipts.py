@@ -16,17 +16,17 @@ import msgspec
 
 from rules import Program
 from server import schema, webhooks
-from server.answer import calculate_answer, cancel_answer, confirm_answer, receipt_ref
+from server.answer import calculate_answer, cancel_answer, confirm_answer, points_words, receipt_ref
 from server.answer_types import CalculateAnswer, CancelAnswer, ConfirmAnswer, ReceiptBalance
 from server.auth import Principal, require_store
-from server.errors import field_error, unprocessable
+from server.errors import problems_error, unprocessable
 from server.member_state import TierTotals, judge_codes, read_member_state, tier_after_receipt
 from server.ops import JSON, Deps, count, replay, sha256
 from server.ops.members import balance_now
 from server.plan import MemberState, evaluate, local_day, plan_calculate, plan_confirm
 from server.privacy import candidates
 from server.returns import LotFacts, plan_cancel, take_back_postings
-from server.validation import DAY_EARLIEST, DAY_LATEST, DAY_RANGE
+from server.validation import DAY_EARLIEST, DAY_LATEST, DAY_RANGE, Problems
 from storage import coupons, imports, ledger, member_care, offers, receipt_takes
 from storage.apply import Confirmed, apply_calculate, apply_confirms, apply_take_back
 from storage.db import Flush, Grouped, Ready
@@ -37,17 +37,21 @@ FUTURE_TS_TOLERANCE = timedelta(minutes=5)
 
 
 def check_receipt(deps: Deps, receipt: schema.Receipt, principal: Principal) -> None:
+    """One 422 naming every problem of a well-typed receipt, as for a mistyped one."""
     require_store(principal, receipt.store_id)
+    found = Problems()
     if receipt.ts.tzinfo is None:
-        raise field_error("ts", "needs a UTC offset, e.g. 2026-11-24T12:00:00+02:00")
-    if not DAY_EARLIEST <= receipt.ts.date() <= DAY_LATEST:
-        raise field_error("ts", DAY_RANGE)
-    if receipt.ts - deps.clock.now() > FUTURE_TS_TOLERANCE:
-        raise field_error("ts", "is more than 5 minutes in the future")
-    check_lines(receipt.lines)
+        found.add("ts", "needs a UTC offset, e.g. 2026-11-24T12:00:00+02:00")
+    elif not DAY_EARLIEST <= receipt.ts.date() <= DAY_LATEST:
+        found.add("ts", DAY_RANGE)
+    elif receipt.ts - deps.clock.now() > FUTURE_TS_TOLERANCE:
+        found.add("ts", "is more than 5 minutes in the future")
+    line_problems(receipt.lines, found)
     total = sum(line.amount for line in receipt.lines)
     if total != receipt.total:
-        raise field_error("total", f"must equal the sum of line amounts ({total})")
+        found.add("total", f"must equal the sum of line amounts ({total})")
+    if found.count:
+        raise problems_error(found)
 
 
 def _timed(program: Program, receipt, state: MemberState | None, today: str, seconds: list[float]):
@@ -71,22 +75,29 @@ async def calculate(deps: Deps, receipt: schema.Receipt, principal: Principal) -
     card = None if receipt.card is None else deps.privacy.card(receipt.card)
     seconds: list[float] = []
     try:
-        if card is None:     # anonymous: nothing to read or hold but the codes it sent
-            codes = None if not receipt.coupons else \
-                await deps.db.read(lambda conn: judge_codes(conn, receipt, program, deps.privacy.coupon))
-            ev = _timed(program, receipt, None, local_day(program, now), seconds)
-            result = calculate_answer(plan_calculate(receipt, None, program, now, ev, codes), program)
+        if card is None:     # anonymous: nothing to read or hold but its stored answer and its codes
+            stored = await deps.db.read(lambda conn: stored_answer(conn, program, receipt, None, now))
+            if stored is not None:
+                result = as_calculate(stored)
+            else:
+                codes = None if not receipt.coupons else \
+                    await deps.db.read(lambda conn: judge_codes(conn, receipt, program, deps.privacy.coupon))
+                ev = _timed(program, receipt, None, local_day(program, now), seconds)
+                result = calculate_answer(plan_calculate(receipt, None, program, now, ev, codes), program)
         else:
             result = await deps.db.write(lambda conn: _calculate_in_tx(conn, program, receipt, now, card, seconds,
                                                                        deps.privacy.coupon, deps.segments))
     finally:
         _observe(deps, seconds)
-    deps.metrics.receipts_of("calculate", "ok").inc()
+    count(deps, "calculate", 200, result)     # `replayed` for a receipt already confirmed
     return result
 
 
 def _calculate_in_tx(conn, program: Program, receipt: schema.Receipt, now: datetime, card: str,
                      seconds: list[float], coupon_mac, kept: MembershipCache | None = None) -> CalculateAnswer:
+    stored = stored_answer(conn, program, receipt, card, now)
+    if stored is not None:
+        return as_calculate(stored)
     ledger.lock_member_of_card(conn, card)      # its hold is seen by the member's next write
     state = read_member_state(conn, receipt, program, now, card, coupon_mac, kept)
     plan = plan_calculate(receipt, state, program, now, _timed(program, receipt, state, local_day(program, now),
@@ -136,12 +147,8 @@ def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, b
     def plan(conn, group: dict):
         if key in group.setdefault("keys", set()):
             raise Flush     # the same receipt twice in one batch: the second is a replay
-        stored = ledger.get_receipt(conn, key)
-        if stored is not None:
-            answer = replay(stored.body_sha256, as_stored(stored.body_sha256, fingerprint, receipt, card),
-                            stored.result, ConfirmAnswer)
-            if stored.status == "cancelled":
-                answer = _cancelled_replay(conn, program, answer, stored.member_id, now)
+        answer = stored_answer(conn, program, receipt, card, now, fingerprint)
+        if answer is not None:
             return Ready((200, answer, None, None))
         if card is not None:
             # Several processes (PostgreSQL): the member's other writes wait, or are waited
@@ -165,6 +172,31 @@ def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, b
         return Confirmed(planned, receipt, program, now, body, bytes.fromhex(fingerprint), encoded,
                          result=(201, answer, planned.evaluation, encoded))
     return Grouped(plan, apply_announced)
+
+
+def stored_answer(conn, program: Program, receipt: schema.Receipt, card: str | None, now: datetime,
+                  fingerprint: str | None = None) -> ConfirmAnswer | None:
+    """What a confirm of a receipt already stored answers: its stored result replayed (once
+    cancelled, with the balance now), or 409 for another body; None for a new receipt. A
+    calculate answers it too, and holds nothing: a confirm would never take that hold."""
+    stored = ledger.get_receipt(conn, (receipt.store_id, receipt.register_id, receipt.receipt_id))
+    if stored is None:
+        return None
+    if fingerprint is None:
+        fingerprint = sha256(schema.canonical(receipt if card is None else
+                                              msgspec.structs.replace(receipt, card=card)))
+    answer = replay(stored.body_sha256, as_stored(stored.body_sha256, fingerprint, receipt, card),
+                    stored.result, ConfirmAnswer)
+    if stored.status == "cancelled":
+        answer = _cancelled_replay(conn, program, answer, stored.member_id, now)
+    return answer
+
+
+def as_calculate(stored: ConfirmAnswer) -> CalculateAnswer:
+    """A receipt already confirmed, calculated again: its stored answer, holding nothing."""
+    return CalculateAnswer(stored.receipt, stored.member_id, stored.rules_version, stored.accrued,
+                           stored.redeemed, stored.balance, stored.messages, None, coupons=stored.coupons,
+                           replayed=True, cancelled=stored.cancelled)
 
 
 def as_stored(stored_sha: str, fingerprint: str, receipt: schema.Receipt, card: str | None) -> str:
@@ -237,7 +269,7 @@ def _cancelled_replay(conn, program: Program, answer: ConfirmAnswer, member_id: 
     holds = ledger.open_holds(conn, member_id, iso(now))
     balance = ledger.balance_of(ledger.lots_of(conn, member_id), holds, local_day(program, now))
     answer.balance = ReceiptBalance(balance.available, balance.pending, balance.held)
-    answer.messages = ["Receipt cancelled", f"Balance: {balance.available} points"]
+    answer.messages = ["Receipt cancelled", f"Balance: {points_words(balance.available)}"]
     return answer
 
 
@@ -305,24 +337,35 @@ _qty_known_good: set[str] = set()
 
 
 def check_lines(lines) -> None:
-    """Line numbers are unique; quantities positive, finite, at most 6 decimals."""
+    """Line numbers are unique; quantities positive, finite, at most 6 decimals: one 422
+    naming every line that breaks this."""
+    found = Problems()
+    line_problems(lines, found)
+    if found.count:
+        raise problems_error(found)
+
+
+def line_problems(lines, found: Problems) -> None:
     if len({line.line_no for line in lines}) != len(lines):
         seen = set()
         for i, line in enumerate(lines):
             if line.line_no in seen:
-                raise field_error(f"lines[{i}].line_no", f"repeats line_no {line.line_no}")
+                found.add(f"lines[{i}].line_no", f"repeats line_no {line.line_no}")
             seen.add(line.line_no)
     for i, line in enumerate(lines):
         text = str(line.qty)
         if text not in _qty_known_good:
-            _check_qty(line.qty, f"lines[{i}].qty")
-            if len(_qty_known_good) >= QTY_KNOWN_GOOD_MAX:
-                _qty_known_good.clear()
-            _qty_known_good.add(text)
+            if not _qty_problem(line.qty, f"lines[{i}].qty", found):
+                if len(_qty_known_good) >= QTY_KNOWN_GOOD_MAX:
+                    _qty_known_good.clear()
+                _qty_known_good.add(text)
 
 
-def _check_qty(qty, path: str) -> None:
+def _qty_problem(qty, path: str, found: Problems) -> bool:
     if not qty.is_finite() or qty <= 0:
-        raise field_error(path, "must be > 0")
+        found.add(path, "must be > 0")
+        return True
     if qty.as_tuple().exponent < -QTY_DECIMALS_MAX or qty > QTY_MAX:
-        raise field_error(path, f"has more than {QTY_DECIMALS_MAX} decimals or is too large")
+        found.add(path, f"has more than {QTY_DECIMALS_MAX} decimals or is too large")
+        return True
+    return False
