@@ -25,7 +25,7 @@ from rules import MemberFacts, Program, ProgramError, format_explanation, load_p
 from server import validation
 from server.databases import CannotOpen, config_for_command, described, read_connection, read_existing
 from server.replay_member import OfferDrift, ReplayMember, facts_for, from_record
-from server.schema import DECODERS, Receipt, every_problem
+from server.schema import DECODERS, Receipt, every_problem, nulls_unsent
 from storage import member_facts
 from storage.ledger import unpack
 
@@ -54,6 +54,7 @@ def decode_receipt(data: bytes | dict, where: str) -> Receipt:
             receipt = msgspec.convert(data, Receipt)
         else:
             receipt = DECODERS[Receipt].decode(data)
+        nulls_unsent(receipt)
     except msgspec.ValidationError as e:
         if isinstance(data, dict):
             found = validation.find(data, Receipt)
