@@ -254,9 +254,10 @@ def line_value_problems(plain: dict, found: validation.Problems) -> None:
         if not isinstance(line, dict):
             continue
         no, qty = line.get("line_no"), line.get("qty")
-        if type(no) is int and no in seen:
-            found.add(f"lines[{i}].line_no", f"repeats line_no {no}")
-        seen.add(no)
+        if type(no) is int:     # any other type (a list, an object) was named already
+            if no in seen:
+                found.add(f"lines[{i}].line_no", f"repeats line_no {no}")
+            seen.add(no)
         if type(qty) in (int, Decimal) and not qty > 0:
             found.add(f"lines[{i}].qty", "must be > 0")
     amounts = [line.get("amount") if isinstance(line, dict) else None for line in lines]
