@@ -569,12 +569,13 @@ async def audit_row(request: web.Request, principal: Principal, status: int) -> 
 
 def audit_detail(raw: bytes, fields: tuple[str, ...]) -> str | None:
     """The body's text fields named, as a JSON object (refused requests too: why someone
-    tried is worth keeping); None when there are none or the body is not a JSON object."""
+    tried is worth keeping); None when there are none or the body is not a JSON object, or
+    one nested too deep to read (the request still gets its own answer)."""
     if not fields:
         return None
     try:
         body = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     if not isinstance(body, dict):
         return None
