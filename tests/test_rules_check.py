@@ -6,6 +6,8 @@ import json
 import logging
 import pathlib
 import shutil
+import subprocess
+import sys
 import textwrap
 from datetime import date, datetime
 
@@ -281,6 +283,17 @@ def test_alias_bomb_is_refused():
     for name, previous in zip("bcdefg", "abcdef"):
         bomb += f"{name}: &{name} [" + ",".join([f"*{previous}"] * 10) + "]\n"
     assert problems_of({"a.yaml": bomb}) == ["a.yaml:1:1: file expands to more than 200000 values (aliases?)"]
+
+
+def test_a_file_nested_fifty_thousand_levels_deep_is_a_problem_not_a_crash(tmp_path):
+    """The server reads a watched folder, and POST /v1/admin/rules/check a manager's files,
+    in its own process: such a file overflowed the C stack of the YAML parser and killed it.
+    Run apart, so a crash is this test's failure only."""
+    deep = "rules: " + "[" * 50_000 + "]" * 50_000 + "\n"
+    write(tmp_path, {"program.yaml": SETTINGS, "deep.yaml": deep})
+    done = subprocess.run([sys.executable, "-m", "server.cli", "rules", "check", str(tmp_path)],
+                          capture_output=True, text=True, cwd=MARKET.parent.parent.parent, timeout=120)
+    assert (done.returncode, done.stdout) == (1, "deep.yaml:1:48: nested more than 40 levels deep\n"), done.stderr
 
 
 def test_scalars_keep_their_written_text():
