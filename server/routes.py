@@ -504,6 +504,9 @@ def bind(route: Route):
             require_role(principal, route.roles)
             slot = in_flight.enter_key(principal.key_id, request.path)
         try:
+            for name, value in request.match_info.items():
+                if "\0" in value:      # %00: refused as in a body (server/schema.py)
+                    raise field_error(name, schema.NUL_WORDS)
             body = None
             if route.body is not None:
                 raw = await request.read()

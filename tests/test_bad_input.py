@@ -270,3 +270,31 @@ def test_the_walk_finds_a_problem_exactly_when_msgspec_does_and_the_same_first_o
                 assert found.listed[0][1] == first[1], (raw, str(e))
         else:
             assert not found.count, (raw, found.listed)
+
+
+async def test_a_nul_character_in_any_text_is_refused_naming_each_and_writes_nothing(make_api):
+    """PostgreSQL's text cannot hold NUL (the insert failed: 500); SQLite kept ids and cards
+    no register can type. Refused on both, in a body or in the path."""
+    api = await make_api(now=NOW)
+    assert (await api.post("/v1/members", {"card": CARD}))[0] == 201
+    body = receipt("B-\u0000", [{**line(1, "dairy", 1000), "sku": "a\u0000", "flags": ["\u0000"]}], card=CARD)
+    for path in ("/v1/receipts/calculate", "/v1/receipts"):
+        got, data = await api.post(path, body, as_="register")
+        assert got == 422, data
+        assert_error_shape(data)
+        assert [d["path"] for d in data["error"]["details"]] == ["receipt_id", "lines[0].sku", "lines[0].flags[0]"]
+        assert data["error"]["details"][0]["message"] == "must not contain the NUL character (\\u0000)"
+    got, data = await api.post("/v1/members", {"card": "7000\u00009", "tags": ["vip\u0000"]})
+    assert got == 422 and [d["path"] for d in data["error"]["details"]] == ["card", "tags[0]"], data
+    got, data = await api.post("/v1/admin/adjustments", {"card": CARD, "points": 5, "reason": "\u0000",
+                                                         "adjustment_id": "A-1"})
+    assert got == 422 and data["error"]["details"][0]["path"] == "reason", data
+    got, data = await api.post("/v1/receipts/S001/K01/B-%00/cancel", None, as_="register")
+    assert got == 422 and data["error"]["details"][0]["path"] == "receipt_id", data
+    # A backslash before u0000 is text like any other.
+    got, data = await api.post("/v1/receipts", receipt("B-2", [line(1, "dairy", 100000, sku="a\\u0000")], card=CARD),
+                               as_="register")
+    assert got == 201, data
+    status, statement = await api.get(f"/v1/members/{CARD}/statement")
+    assert status == 200
+    assert {p["receipt"]["receipt_id"] for p in statement["postings"] if p.get("receipt")} == {"B-2"}, statement
