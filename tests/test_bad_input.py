@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from conftest import line, receipt
+from conftest import MARKET, line, receipt
 from server import schema, validation
 from test_error_shape import assert_error_shape
 
@@ -138,6 +139,23 @@ async def test_rules_check_refuses_unsafe_file_names(make_api, name):
     assert got == 422, data
     assert_error_shape(data)
     assert data["error"]["details"][0]["path"] == "files"
+
+
+@pytest.mark.parametrize("path", ["/v1/admin/rules/check", "/v1/admin/rules/deploy"])
+async def test_a_file_named_as_the_folder_of_another_is_refused_and_nothing_changes(make_api, tmp_path, path):
+    folder = tmp_path / "program"
+    shutil.copytree(MARKET, folder)
+    before = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+    api = await make_api(now=NOW, program_dir=folder)
+    files = {p.relative_to(folder).as_posix(): p.read_text() for p in folder.rglob("*.yaml")}
+    files.update({"campaigns/x.yaml": "rules: []\n", "campaigns/x.yaml/y.yaml": "rules: []\n"})
+    body = {"files": files, "reason": "two at once"} if path.endswith("deploy") else {"files": files}
+    got, data = await api.post(path, body)
+    assert got == 422, data
+    assert_error_shape(data)
+    assert data["error"]["details"] == [{"path": "files.campaigns/x.yaml/y.yaml",
+                                         "message": "is inside campaigns/x.yaml, which is a file of the program too"}]
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == before
 
 
 # ------------------------------------------------------------ every problem at once
