@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import stat
 from collections.abc import Iterable, Mapping
 from datetime import date, datetime, timezone
 from decimal import Decimal
@@ -127,15 +128,29 @@ def read_directory(directory: pathlib.Path) -> tuple[dict[str, bytes], list[Prob
     files: dict[str, bytes] = {}
     problems: list[Problem] = []
     for relative in names:
-        path = directory / relative
         try:
-            if path.stat().st_size > MAX_FILE_BYTES:
-                problems.append(Problem(relative, 1, 1, f"file larger than {MAX_FILE_BYTES} bytes"))
-                continue
-            files[relative] = path.read_bytes()
+            data = _read_file(directory / relative)
         except OSError as err:
             problems.append(Problem(relative, 1, 1, f"cannot read: {err.strerror or err}"))
+            continue
+        if data is None:
+            problems.append(Problem(relative, 1, 1, "not a regular file (a named pipe or a device)"))
+        elif len(data) > MAX_FILE_BYTES:
+            problems.append(Problem(relative, 1, 1, f"file larger than {MAX_FILE_BYTES} bytes"))
+        else:
+            files[relative] = data
     return files, ignored, problems
+
+
+def _read_file(path: pathlib.Path) -> bytes | None:
+    """Its bytes, at most one past MAX_FILE_BYTES; None when it is not a regular file. Opened
+    without waiting: opening a named pipe waits for a writer, and the server reloads on its
+    event loop, so every request would wait with it; a device such as /dev/zero never ends."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return stream.read(MAX_FILE_BYTES + 1)
 
 
 def load_files(files: Mapping[str, bytes | str], now: datetime | date | None = None,

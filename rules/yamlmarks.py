@@ -206,6 +206,9 @@ def parse(file: str, raw: bytes) -> tuple[Document, list[Problem]]:
         column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
         return doc, [Problem(file, line, column, "not valid UTF-8 text")]
     try:
+        deep = _too_deep(text)
+        if deep is not None:
+            return doc, [Problem(file, deep.line, deep.column, f"nested more than {MAX_DEPTH} levels deep")]
         root = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as err:
         return doc, [_syntax_problem(file, err)]
@@ -222,6 +225,27 @@ def parse(file: str, raw: bytes) -> tuple[Document, list[Problem]]:
     except _TooBig:
         return doc, [Problem(file, 1, 1, f"file expands to more than {MAX_NODES_PER_FILE} values (aliases?)")]
     return doc, problems
+
+
+def _too_deep(text: str) -> Mark | None:
+    """Where a collection first nests deeper than the converter accepts, found in the parser's
+    events before composing: libyaml's composer recurses in C once per level, so some tens of
+    thousands of levels overflow the stack and kill the process (no RecursionError to catch),
+    while its parser keeps its own stack on the heap. A file this finds is one the converter
+    would refuse with the same words."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, _OPENS):
+            depth += 1
+            if depth > MAX_DEPTH + 1:       # the root collection is the converter's depth 0
+                return Mark(event.start_mark.line + 1, event.start_mark.column + 1)
+        elif isinstance(event, _CLOSES):
+            depth -= 1
+    return None
+
+
+_OPENS = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
+_CLOSES = (yaml.SequenceEndEvent, yaml.MappingEndEvent)
 
 
 def _syntax_problem(file: str, err: yaml.MarkedYAMLError) -> Problem:

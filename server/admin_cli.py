@@ -18,6 +18,7 @@ from rules import ProgramError, load_program
 from server.clock import Clock
 from server.interrupt import INTERRUPTED_STATUS, stop_between_batches
 from server.databases import CannotOpen, config_for_command
+from server.validation import DAY_EARLIEST, DAY_LATEST, DAY_RANGE
 from storage.db import Database
 from storage.health import StorageBusy, StorageError, is_busy
 from storage.schema import migrations
@@ -230,6 +231,9 @@ def _job_moment(start: datetime | None, now_text: str | None) -> tuple[datetime,
                          f"2027-01-01T03:00:00+02:00, got {now_text!r}") from None
     if now.tzinfo is None:
         raise ValueError("--now needs a UTC offset, e.g. 2027-01-01T03:00:00+02:00")
+    if not DAY_EARLIEST <= now.date() <= DAY_LATEST:
+        # Further out, the day in the program's timezone may not be a date at all.
+        raise ValueError(f"--now {DAY_RANGE}, got {now_text!r}")
     drift = now - server_now
     return now, drift, f"{'after' if drift >= timedelta(0) else 'before'} {named}"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import sqlite3
 import sys
 from datetime import date
 from pathlib import Path
@@ -91,6 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     migrate_cli.add_parser(sub)
     cvm_cli.add_parsers(sub)     # after import_cli: it adds `import offers` to that command
     args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except sqlite3.DatabaseError as e:
+        # database.path names a folder or a file that is not SQLite's, or its disk fails
+        # under the command: one line, as a config error is, and no traceback.
+        print(f"loyalty {args.command}: the SQLite database (database.path) cannot be used: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    from server import cvm_cli, import_cli, keys_cli, migrate_cli
     if cvm_cli.handles(args):
         return cvm_cli.dispatch(args)
     if args.command == "serve":

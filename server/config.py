@@ -267,8 +267,12 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Conf
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as e:
         raise ConfigError(str(path), "-", f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), "-", f"not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(str(path), "-", f"not valid YAML: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise ConfigError(str(path), "-", "not a configuration: nested too deeply to read") from None
     if not isinstance(raw, dict):
         raise ConfigError(str(path), "-", "expected a mapping at the top level")
     # A section whose every key is commented out is null in YAML: it means its defaults.

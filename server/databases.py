@@ -51,7 +51,10 @@ def read_existing(config):
     try:
         conn = read_connection(config)
     except unreachable_errors() as e:
-        raise CannotOpen(f"cannot connect to PostgreSQL (database.url): {str(e).strip().splitlines()[0]}") from None
+        first_line = str(e).strip().splitlines()[0]
+        if config.database.url is None:     # SQLite's file: a folder, say, where it should be
+            raise CannotOpen(f"{described(config)}: cannot open the database: {first_line}") from None
+        raise CannotOpen(f"cannot connect to PostgreSQL (database.url): {first_line}") from None
     if conn is None:
         raise CannotOpen(f"{described(config)}: no database")
     return conn

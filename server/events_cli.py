@@ -14,6 +14,9 @@ def retry_command(config_path: str, webhook_id: str | None, event_id: int | None
     """Dead deliveries pending again, in one write transaction; a serving server sends them
     within events.poll_interval_seconds, in event order per member, with a fresh retry
     period. 2 when the config or the database cannot be used, 1 when the write failed."""
+    if event_id is not None and not 1 <= event_id <= events.ID_MAX:
+        print(f"--event must be the id of an event, 1 to {events.ID_MAX}", file=sys.stderr)
+        return 2
     try:
         db = databases.open_existing(databases.config_for_command(config_path))
     except databases.CannotOpen as e:

@@ -150,7 +150,8 @@ def dispatch(args) -> int:
     try:
         # The input first: a mistyped path would otherwise be reported as its report's folder.
         if not source.is_file():
-            raise CannotStart(f"{source}: no such file")
+            what = "a folder" if source.is_dir() else "not a regular file" if source.exists() else "no such file"
+            raise CannotStart(f"{source}: {what}")
         _check_report_path(report)
         tally = run_import(config, args.import_command, source, args.batch_rows)
     except CannotStart as e:

@@ -40,7 +40,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from server.config import ServerConfig
-from server.errors import ApiError
+from server.errors import ApiError, error_response
 
 log = logging.getLogger("loyalty.server")
 
@@ -160,6 +160,22 @@ class Connection(RequestHandler):
         self._body_late = False
         self._in_request = False
         table.opened(self)
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """What aiohttp answers by itself (a request it cannot parse: a header line or URL over
+        8 KiB, a bad Content-Length or chunk), in the one error shape rather than plain text."""
+        super().handle_error(request, status, exc, message)      # logs it; raises if an answer was begun
+        if status >= 500:
+            code, words = "internal_error", "internal error; it has been logged"
+        else:
+            code = "bad_request" if status == 400 else "http_error"
+            # aiohttp's reason without the bytes it quotes: a URL may carry a card number.
+            reason = (message or "").strip().split(":")[0].strip()
+            words = "the request is not valid HTTP" + (f": {reason}" if reason else "")
+        response = error_response(status, code, words)
+        response.force_close()
+        return response
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

@@ -292,6 +292,7 @@ async def rules_version(app, call: Call) -> Reply:
 
 async def rules_deploy(app, call: Call) -> Reply:
     body = call.body
+    refuse_folder_clashes(body.files)
     return await _put_live(program_versions.deploy(app, body.files, call.principal.key_id, body.reason))
 
 
@@ -311,7 +312,20 @@ async def _put_live(operation) -> Reply:
         raise ApiError(503, "rules_dir_unwritable", f"{e}; the previous version keeps serving") from None
 
 
+def refuse_folder_clashes(files: dict[str, str]) -> None:
+    """A name that is also the folder of another ("a.yaml" and "a.yaml/b.yaml") cannot be
+    written: 422 naming the file inside, before anything is written."""
+    names = set(files)
+    for name in sorted(names):
+        parts = name.split("/")
+        for end in range(1, len(parts)):
+            folder = "/".join(parts[:end])
+            if folder in names:
+                raise field_error(f"files.{name}", f"is inside {folder}, which is a file of the program too")
+
+
 async def rules_check(app, call: Call) -> Reply:
+    refuse_folder_clashes(call.body.files)
     folder = Path(tempfile.mkdtemp(prefix="rules-check-"))
     try:
         for name, text in call.body.files.items():
@@ -504,6 +518,9 @@ def bind(route: Route):
             require_role(principal, route.roles)
             slot = in_flight.enter_key(principal.key_id, request.path)
         try:
+            for name, value in request.match_info.items():
+                if "\0" in value:      # %00: refused as in a body (server/schema.py)
+                    raise field_error(name, schema.NUL_WORDS)
             body = None
             if route.body is not None:
                 raw = await request.read()
@@ -569,12 +586,13 @@ async def audit_row(request: web.Request, principal: Principal, status: int) -> 
 
 def audit_detail(raw: bytes, fields: tuple[str, ...]) -> str | None:
     """The body's text fields named, as a JSON object (refused requests too: why someone
-    tried is worth keeping); None when there are none or the body is not a JSON object."""
+    tried is worth keeping); None when there are none or the body is not a JSON object, or
+    one nested too deep to read (the request still gets its own answer)."""
     if not fields:
         return None
     try:
         body = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     if not isinstance(body, dict):
         return None

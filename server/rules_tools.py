@@ -268,6 +268,9 @@ def read_receipts(path: str | Path) -> Iterator[tuple[Receipt, ReplayMember | No
                 data = _plain_decoder.decode(raw)
             except msgspec.DecodeError as e:
                 raise ToolError(f"{where}: not JSON: {e}") from None
+            except RecursionError:
+                raise ToolError(f"{where}: expected a receipt object, found values nested too deeply to read") \
+                    from None
             if not isinstance(data, dict):
                 raise ToolError(f"{where}: expected a receipt object")
             member = _member(data.pop("member", None), where)

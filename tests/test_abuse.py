@@ -159,6 +159,19 @@ async def test_every_admin_action_is_audited_in_a_hash_chain(make_api):
         await db.write(remove)
 
 
+@pytest.mark.parametrize("role,status", [("manager", 422), ("register", 403)])
+async def test_a_deeply_nested_admin_body_is_answered_and_audited(make_api, role, status):
+    """The audit row keeps a refused body's reason: a body too deep to read has none, and
+    still gets its answer and its row."""
+    api = await make_api(now=NOW)
+    raw = b'{"reason": "x", "merge_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    got, data = await api.call("POST", "/v1/admin/members/merge", as_=role, raw=raw)
+    assert got == status, data
+    assert_error_shape(data)
+    rows = await db_of(api).read(lambda c: admin_audit.rows(c))
+    assert [(r["path"], r["status"], r["detail"]) for r in rows] == [("/v1/admin/members/merge", status, None)]
+
+
 def api_body(body: dict) -> bytes:
     import json
     return json.dumps(body).encode()

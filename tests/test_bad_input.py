@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from conftest import line, receipt
+from conftest import MARKET, line, receipt
 from server import schema, validation
 from test_error_shape import assert_error_shape
 
@@ -47,6 +48,9 @@ CASES = [
      "validation_error", "lines[0].price"),
     ("duplicate line numbers", encode(raw_receipt(lines=[line(1, "dairy", 100), line(1, "bakery", 100)], total=200)),
      422, "validation_error", "lines[1].line_no"),
+    ("line number a list", encode(raw_receipt(lines=[{**line(1, "dairy", 1000), "line_no": [1]},
+                                                      {**line(2, "bakery", 500), "line_no": {"a": 1}}])), 422,
+     "validation_error", "lines[0].line_no"),
     ("total does not add up", encode(raw_receipt(total=1501)), 422, "validation_error", "total"),
     ("float money", encode(raw_receipt(lines=[line(1, "dairy", 1.5)], total=1.5)), 422, "validation_error",
      "lines[0].price"),
@@ -135,6 +139,23 @@ async def test_rules_check_refuses_unsafe_file_names(make_api, name):
     assert got == 422, data
     assert_error_shape(data)
     assert data["error"]["details"][0]["path"] == "files"
+
+
+@pytest.mark.parametrize("path", ["/v1/admin/rules/check", "/v1/admin/rules/deploy"])
+async def test_a_file_named_as_the_folder_of_another_is_refused_and_nothing_changes(make_api, tmp_path, path):
+    folder = tmp_path / "program"
+    shutil.copytree(MARKET, folder)
+    before = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+    api = await make_api(now=NOW, program_dir=folder)
+    files = {p.relative_to(folder).as_posix(): p.read_text() for p in folder.rglob("*.yaml")}
+    files.update({"campaigns/x.yaml": "rules: []\n", "campaigns/x.yaml/y.yaml": "rules: []\n"})
+    body = {"files": files, "reason": "two at once"} if path.endswith("deploy") else {"files": files}
+    got, data = await api.post(path, body)
+    assert got == 422, data
+    assert_error_shape(data)
+    assert data["error"]["details"] == [{"path": "files.campaigns/x.yaml/y.yaml",
+                                         "message": "is inside campaigns/x.yaml, which is a file of the program too"}]
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == before
 
 
 # ------------------------------------------------------------ every problem at once
@@ -267,3 +288,31 @@ def test_the_walk_finds_a_problem_exactly_when_msgspec_does_and_the_same_first_o
                 assert found.listed[0][1] == first[1], (raw, str(e))
         else:
             assert not found.count, (raw, found.listed)
+
+
+async def test_a_nul_character_in_any_text_is_refused_naming_each_and_writes_nothing(make_api):
+    """PostgreSQL's text cannot hold NUL (the insert failed: 500); SQLite kept ids and cards
+    no register can type. Refused on both, in a body or in the path."""
+    api = await make_api(now=NOW)
+    assert (await api.post("/v1/members", {"card": CARD}))[0] == 201
+    body = receipt("B-\u0000", [{**line(1, "dairy", 1000), "sku": "a\u0000", "flags": ["\u0000"]}], card=CARD)
+    for path in ("/v1/receipts/calculate", "/v1/receipts"):
+        got, data = await api.post(path, body, as_="register")
+        assert got == 422, data
+        assert_error_shape(data)
+        assert [d["path"] for d in data["error"]["details"]] == ["receipt_id", "lines[0].sku", "lines[0].flags[0]"]
+        assert data["error"]["details"][0]["message"] == "must not contain the NUL character (\\u0000)"
+    got, data = await api.post("/v1/members", {"card": "7000\u00009", "tags": ["vip\u0000"]})
+    assert got == 422 and [d["path"] for d in data["error"]["details"]] == ["card", "tags[0]"], data
+    got, data = await api.post("/v1/admin/adjustments", {"card": CARD, "points": 5, "reason": "\u0000",
+                                                         "adjustment_id": "A-1"})
+    assert got == 422 and data["error"]["details"][0]["path"] == "reason", data
+    got, data = await api.post("/v1/receipts/S001/K01/B-%00/cancel", None, as_="register")
+    assert got == 422 and data["error"]["details"][0]["path"] == "receipt_id", data
+    # A backslash before u0000 is text like any other.
+    got, data = await api.post("/v1/receipts", receipt("B-2", [line(1, "dairy", 100000, sku="a\\u0000")], card=CARD),
+                               as_="register")
+    assert got == 201, data
+    status, statement = await api.get(f"/v1/members/{CARD}/statement")
+    assert status == 200
+    assert {p["receipt"]["receipt_id"] for p in statement["postings"] if p.get("receipt")} == {"B-2"}, statement

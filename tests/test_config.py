@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from server.cli import main
 from server.config import ConfigError, load_config
 
 pytestmark = pytest.mark.no_database
@@ -45,6 +46,17 @@ def test_a_file_that_is_not_yaml_is_one_line_naming_where(tmp_path):
         load_config(path, environ={})
     assert str(e.value) == (f"{path}: -: not valid YAML: expected ',' or ']', but got '<stream end>' "
                             "at line 4, column 1")
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"server:\n  host: \xff\xfe\n", "not UTF-8 text (byte 16)"),
+    (b"server: " + b"[" * 30_000 + b"]" * 30_000 + b"\n", "not a configuration: nested too deeply to read"),
+], ids=["latin-1 bytes", "nested 30000 deep"])
+def test_a_file_that_cannot_be_read_as_yaml_is_one_line_not_a_traceback(tmp_path, capsys, content, reason):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    assert main(["serve", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == f"config error: {path}: -: {reason}\n"
 
 
 def test_wrong_type_names_the_key(tmp_path):

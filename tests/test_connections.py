@@ -400,3 +400,25 @@ def test_a_busy_port_is_one_line_and_exit_code_2(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"cannot listen on 127.0.0.1:{port}: address already in use\n" in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ requests that are not HTTP
+
+@pytest.mark.parametrize("request_bytes,reason", [
+    (b"GET /v1/members/" + b"7" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", "Got more than 8190 bytes when reading"),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Note: " + b"a" * 9000 + b"\r\n\r\n", "Got more than 8190 bytes when reading"),
+    (b"POST /v1/receipts HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", "Invalid character in Content-Length"),
+    (b"BR@KEN /healthz HTTP/1.1\r\nHost: x\r\n\r\n", "Invalid method encountered"),
+], ids=["URL over 8 KiB", "header over 8 KiB", "negative Content-Length", "bad method"])
+def test_a_request_aiohttp_cannot_parse_is_answered_in_the_error_shape(strict, request_bytes, reason):
+    async def run():
+        reader, writer = await asyncio.open_connection("127.0.0.1", strict.port)
+        writer.write(request_bytes)
+        answer = await read_answer(reader)
+        writer.close()
+        return answer
+    status, headers, body = asyncio.run(run())
+    assert (status, headers["content-type"]) == (400, "application/json"), body
+    assert json.loads(body) == {"error": {"code": "bad_request", "details": [],
+                                          "message": f"the request is not valid HTTP: {reason}"}}
+    assert b"7777" not in body      # the URL (a card number) is not quoted back

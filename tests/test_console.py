@@ -159,6 +159,17 @@ async def test_a_form_without_the_csrf_token_changes_nothing(setup):
     assert member["balance"]["available"] == 100
 
 
+@pytest.mark.parametrize("body,content_type", [
+    (b"card=\xff\xfe", "application/x-www-form-urlencoded"),
+    (b"--x\r\n\r\n--x--\r\n", "multipart/form-data; boundary=x")], ids=["not UTF-8", "a part without a name"])
+async def test_a_form_no_browser_sends_is_refused_as_a_page(setup, body, content_type):
+    api, console = setup
+    response = await api.client.post("/console/members", data=body, headers={"Content-Type": content_type},
+                                     allow_redirects=False)
+    assert response.status == 400
+    assert "the form could not be read" in await response.text()
+
+
 async def test_the_check_endpoint_needs_the_token_and_answers_the_error_shape(setup):
     api, console = setup
     response = await api.client.post("/console/program/check", json={"file": PROMOS, "text": "rules: []\n"})

@@ -246,6 +246,11 @@ def test_a_file_it_cannot_read_stops_it_before_anything_is_written(tmp_path, cap
     missing = tmp_path / "exports" / "members.csv"
     assert cli(["import", "members", "--csv", str(missing), "--config", config]) == 2
     assert capsys.readouterr().err == f"import members: {missing}: no such file\n"
+    # There, but not a file of rows: said as it is.
+    assert cli(["import", "members", "--csv", str(tmp_path), "--config", config]) == 2
+    assert capsys.readouterr().err == f"import members: {tmp_path}: a folder\n"
+    assert cli(["import", "members", "--csv", "/dev/null", "--config", config]) == 2
+    assert capsys.readouterr().err == "import members: /dev/null: not a regular file\n"
 
 
 def test_import_beside_a_serving_server(tmp_path):

@@ -129,9 +129,12 @@ def test_a_now_within_a_day_needs_no_force(tmp_path, capsys):
 @pytest.mark.parametrize("now, message", [
     ("tomorrow", "--now must be an ISO date and time with a UTC offset, e.g. 2027-01-01T03:00:00+02:00, "
                  "got 'tomorrow'"),
-    ("2027-01-01T03:00:00", "--now needs a UTC offset, e.g. 2027-01-01T03:00:00+02:00")])
+    ("2027-01-01T03:00:00", "--now needs a UTC offset, e.g. 2027-01-01T03:00:00+02:00"),
+    # The program's day of such a moment is not a date; even --force cannot run there.
+    ("9999-12-31T23:59:59-12:00", "--now must be from 1900-01-01 to 9000-12-31, got '9999-12-31T23:59:59-12:00'"),
+    ("0001-01-01T00:00:00+14:00", "--now must be from 1900-01-01 to 9000-12-31, got '0001-01-01T00:00:00+14:00'")])
 def test_a_now_that_is_not_a_moment_is_one_line(tmp_path, capsys, now, message):
-    assert cli(["jobs", "run", "--config", write_config(tmp_path), "--now", now]) == 2
+    assert cli(["jobs", "run", "--config", write_config(tmp_path), "--now", now, "--force"]) == 2
     assert capsys.readouterr().err == message + "\n"
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import textwrap
 from datetime import date, datetime
 
@@ -281,6 +284,30 @@ def test_alias_bomb_is_refused():
     for name, previous in zip("bcdefg", "abcdef"):
         bomb += f"{name}: &{name} [" + ",".join([f"*{previous}"] * 10) + "]\n"
     assert problems_of({"a.yaml": bomb}) == ["a.yaml:1:1: file expands to more than 200000 values (aliases?)"]
+
+
+def test_a_file_nested_fifty_thousand_levels_deep_is_a_problem_not_a_crash(tmp_path):
+    """The server reads a watched folder, and POST /v1/admin/rules/check a manager's files,
+    in its own process: such a file overflowed the C stack of the YAML parser and killed it.
+    Run apart, so a crash is this test's failure only."""
+    deep = "rules: " + "[" * 50_000 + "]" * 50_000 + "\n"
+    write(tmp_path, {"program.yaml": SETTINGS, "deep.yaml": deep})
+    done = subprocess.run([sys.executable, "-m", "server.cli", "rules", "check", str(tmp_path)],
+                          capture_output=True, text=True, cwd=MARKET.parent.parent.parent, timeout=120)
+    assert (done.returncode, done.stdout) == (1, "deep.yaml:1:48: nested more than 40 levels deep\n"), done.stderr
+
+
+def test_a_named_pipe_or_a_device_among_the_files_is_a_problem_not_a_wait(tmp_path):
+    """Opening a named pipe waits for a writer, and the server reloads on its event loop:
+    every request waited with it. /dev/zero never ends. Run apart, so a wait fails this test."""
+    write(tmp_path, {"program.yaml": SETTINGS})
+    os.mkfifo(tmp_path / "pipe.yaml")
+    (tmp_path / "zero.yaml").symlink_to("/dev/zero")
+    done = subprocess.run([sys.executable, "-m", "server.cli", "rules", "check", str(tmp_path)],
+                          capture_output=True, text=True, cwd=MARKET.parent.parent.parent, timeout=60)
+    assert (done.returncode, done.stdout.splitlines()) == (1, [
+        "pipe.yaml:1:1: not a regular file (a named pipe or a device)",
+        "zero.yaml:1:1: not a regular file (a named pipe or a device)"]), done.stderr
 
 
 def test_scalars_keep_their_written_text():

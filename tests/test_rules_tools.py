@@ -310,6 +310,13 @@ async def test_export_receipts_writes_the_stored_bodies_and_diff_replays_them(ma
     assert "does not load" in capsys.readouterr().err
 
 
+def test_diff_of_a_line_nested_too_deeply_to_read_is_one_line(tmp_path, capsys):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(receipt("D-1", [line(1, "x", 100)])) + "\n" + "[" * 100_000 + "\n")
+    assert main(["rules", "diff", str(MARKET), str(MARKET), "--receipts", str(path)]) == 2
+    assert capsys.readouterr().err == f"{path}:2: expected a receipt object, found values nested too deeply to read\n"
+
+
 def test_diff_counts_limits_and_budgets_from_the_first_receipt(tmp_path):
     settings = "program: {id: t, currency: UAH, timezone: UTC}\npoints: {value: 100}\n"
     old = load_files({"p.yaml": settings, "r.yaml": "rules:\n  - {id: base, reward: {percent: 1}}\n"})

@@ -1,6 +1,6 @@
 """Start-up failures an operator meets (an unusable database path, a lock file that cannot be
 made, a missing program folder) are one line naming the path and the reason, and exit 2:
-no traceback."""
+no traceback. So are the other commands' on a database path they cannot use."""
 from __future__ import annotations
 
 import os
@@ -91,3 +91,29 @@ def test_database_on_a_read_only_file_system(tmp_path):
         subprocess.run(["umount", str(read_only)], check=True)
     assert line == (f"not starting: cannot open the database {db}: cannot create its lock file "
                     f"{db}.serve.lock: read-only file system")
+
+
+COMMANDS = [["audit", "verify"], ["partners", "settle", "--period", "2026-11"], ["export", "ledger"],
+            ["export", "receipts"], ["events", "retry"], ["keys", "list"], ["jobs", "run"],
+            ["privacy", "rotate-key"], ["report", "campaign", "base"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+@pytest.mark.parametrize("kind", ["a folder", "not SQLite"])
+def test_commands_on_an_unusable_database_say_so_in_one_line(tmp_path, capsys, command, kind):
+    from conftest import MARKET, TEST_HMAC_KEY
+    from server.cli import main
+    db = tmp_path / "loyalty.db"
+    if kind == "a folder":
+        db.mkdir()
+    else:
+        db.write_bytes(b"this is not SQLite " * 1000)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"database: {{path: {db}}}\nrules: {{dir: {MARKET}}}\n"
+                      f"privacy: {{demo_insecure_hmac_key: {TEST_HMAC_KEY}}}\n")
+    assert main([*command, "--config", str(config)]) in (1, 2)     # jobs run: 1, as for any write refused
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.endswith(("disk I/O error", "unable to open database file", "file is not a database")), last
+    assert "cannot" in last and (str(db) in last or "(database.path)" in last), last
+    if kind == "not SQLite":
+        assert db.read_bytes() == b"this is not SQLite " * 1000

@@ -197,6 +197,17 @@ async def test_a_dead_letter_does_not_hold_back_later_events_and_retry_sends_it_
         await receiver.stop()
 
 
+@pytest.mark.parametrize("event", [0, 2**63])
+async def test_retry_of_an_event_id_no_event_can_have_is_one_line(make_api, tmp_path, capsys, event):
+    await make_api()        # the database, made as the server makes it
+    config = tmp_path / "retry.yaml"
+    config.write_text(yaml.safe_dump({"database": database_section(tmp_path / "loyalty.db"),
+                                      "privacy": {"hmac_key": "tests-hmac-key-0123456789"}}))
+    argv = ["events", "retry", "--config", str(config), "--event", str(event)]
+    assert await asyncio.to_thread(cli.main, argv) == 2
+    assert capsys.readouterr().err == "--event must be the id of an event, 1 to 9223372036854775807\n"
+
+
 async def _shows(api, sample: str) -> bool:
     return sample in await _metrics(api)
 

@@ -97,7 +97,11 @@ def same_origin(request: web.Request) -> bool:
 
 
 async def form_of(request: web.Request) -> dict[str, str]:
-    form = await request.post()
+    """The posted fields; 400 for a body no browser sends (not UTF-8, a part without a name)."""
+    try:
+        form = await request.post()
+    except ValueError as e:     # UnicodeDecodeError is one
+        raise ApiError(400, "bad_request", f"the form could not be read: {e}") from None
     return {name: value for name, value in form.items() if isinstance(value, str)}
 
 
