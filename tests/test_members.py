@@ -45,6 +45,18 @@ async def test_manual_tier_shown_and_expires(make_api):
     assert status == 422
 
 
+async def test_a_manual_tier_ends_early_with_an_until_before_today(make_api):
+    api = await make_api(now=NOW)
+    await api.post("/v1/members", {"card": "334"})
+    status, m = await api.put("/v1/admin/members/334/tier", {"tier": "gold", "until": "2026-12-31"})
+    assert status == 200 and m["tier"]["id"] == "gold" and m["tier"]["manual"] is True
+    # No other call takes a manual tier away: an `until` already past ends it now.
+    status, m = await api.put("/v1/admin/members/334/tier", {"tier": "gold", "until": "2026-01-01"})
+    assert status == 200 and m["tier"]["id"] == "base" and not m["tier"].get("manual"), m["tier"]
+    _, again = await api.get("/v1/members/334")
+    assert again["tier"]["id"] == "base"
+
+
 async def test_spend_moves_the_member_up_a_tier(make_api):
     api = await make_api(now=NOW)
     await api.post("/v1/members", {"card": "444"})
