@@ -83,6 +83,8 @@ def _redeem(program: Any, classes: list, line_nos: list[int], amounts: list[int]
     if applied < needed:
         # The request or the receipt is too small, or else the balance is what is short.
         result.redeem_refusal = "below_min_redemption" if min(requested, cap) < needed else "insufficient_points"
+        if requested >= needed > cap:
+            result.redeem_most = cap
         return []
     discount = applied * program.point_value
     payable_nos = [line_nos[position] for position in payable]

@@ -92,6 +92,9 @@ class Evaluation(msgspec.Struct):
     discount: int = 0
     redeemed_by_line: list[tuple[int, int, int]] = []  # (line_no, points, discount)
     redeem_refusal: str | None = None  # below_min_redemption | insufficient_points
+    # With below_min_redemption: the most the receipt lets be paid with points, when that and
+    # not the request is what falls short (so the refusal can say which it was).
+    redeem_most: int | None = None
     accrued_points: int = 0
     pairs: list[tuple[str, int, int]] = []  # (rule_id, line_no, points), points != 0
     by_rule: list[tuple[str, int]] = []  # fired rules in definition order

@@ -147,7 +147,7 @@ def evaluate(program: Program, receipt, state: MemberState | None, today: str) -
             balance_of(lots_read(state), state.holds, today).available + state.own_hold(key_of(receipt))
         ev = program.evaluate(receipt, state.facts, receipt.redeem_points, available, state.usage, state.budget_left)
     if ev.redeem_refusal:
-        raise refusal(ev.redeem_refusal, program)
+        raise refusal(ev.redeem_refusal, program, ev.redeem_most)
     return ev
 
 
@@ -155,8 +155,13 @@ def key_of(receipt) -> ReceiptKey:
     return receipt.store_id, receipt.register_id, receipt.receipt_id
 
 
-def refusal(code: str, program: Program) -> ApiError:
-    if code == "below_min_redemption":
+def refusal(code: str, program: Program, most: int | None = None) -> ApiError:
+    """most: the most the receipt lets be paid with points, when that (not the request) is
+    below the minimum: the register should not ask for more points, it cannot."""
+    if code == "below_min_redemption" and most is not None:
+        message = (f"this receipt may be paid with at most {most} points (its lines that points may pay for), "
+                   f"fewer than the {program.redemption_min_points} that must be redeemed at once")
+    elif code == "below_min_redemption":
         message = f"at least {program.redemption_min_points} points must be redeemed at once"
     else:
         message = "not enough points available for this redemption"

@@ -465,15 +465,17 @@ def test_redemption_refusals(make):
     sale = receipt(TUESDAY_NOON, line(1, "grocery", 100000))
     below_request = program.evaluate(sale, member(), 5, 1000, {})
     assert (below_request.redeem_refusal, below_request.redeemed_points) == ("below_min_redemption", 0)
+    assert below_request.redeem_most is None    # the request was what fell short
     assert below_request.accrued_points == 10  # a refused redemption still earns on the full amount
     small = program.evaluate(receipt(TUESDAY_NOON, line(1, "grocery", 1500)), member(), 100, 1000, {})
     assert small.redeem_refusal == "below_min_redemption"  # half of 15.00 is 7 points < 10
+    assert small.redeem_most == 7       # the receipt, not the request, fell short
     poor = program.evaluate(sale, member(), 100, 9, {})
     assert poor.redeem_refusal == "insufficient_points"
     partial = program.evaluate(sale, member(), 100, 40, {})
     assert (partial.redeem_refusal, partial.redeemed_points) == (None, 40)
     alcohol_only = program.evaluate(receipt(TUESDAY_NOON, line(1, "alcohol", 100000)), member(), 100, 1000, {})
-    assert alcohol_only.redeem_refusal == "below_min_redemption"
+    assert (alcohol_only.redeem_refusal, alcohol_only.redeem_most) == ("below_min_redemption", 0)
 
 
 def test_discount_and_points_split_exactly_over_lines(make):
