@@ -75,13 +75,12 @@ async def calculate(deps: Deps, receipt: schema.Receipt, principal: Principal) -
     card = None if receipt.card is None else deps.privacy.card(receipt.card)
     seconds: list[float] = []
     try:
-        if card is None:     # anonymous: nothing to read or hold but its stored answer and its codes
-            stored = await deps.db.read(lambda conn: stored_answer(conn, program, receipt, None, now))
+        if card is None:     # anonymous: nothing to hold; its stored answer or its codes, in one read
+            stored, codes = await deps.db.read(
+                lambda conn: _stored_or_codes(conn, program, receipt, now, deps.privacy.coupon))
             if stored is not None:
                 result = as_calculate(stored)
             else:
-                codes = None if not receipt.coupons else \
-                    await deps.db.read(lambda conn: judge_codes(conn, receipt, program, deps.privacy.coupon))
                 ev = _timed(program, receipt, None, local_day(program, now), seconds)
                 result = calculate_answer(plan_calculate(receipt, None, program, now, ev, codes), program)
         else:
@@ -91,6 +90,13 @@ async def calculate(deps: Deps, receipt: schema.Receipt, principal: Principal) -
         _observe(deps, seconds)
     count(deps, "calculate", 200, result)     # `replayed` for a receipt already confirmed
     return result
+
+
+def _stored_or_codes(conn, program: Program, receipt: schema.Receipt, now: datetime,
+                     coupon_mac) -> tuple[ConfirmAnswer | None, coupons.Judged | None]:
+    """A receipt without a card: its stored answer when it was confirmed, else its codes judged."""
+    stored = stored_answer(conn, program, receipt, None, now)
+    return (stored, None) if stored is not None else (None, judge_codes(conn, receipt, program, coupon_mac))
 
 
 def _calculate_in_tx(conn, program: Program, receipt: schema.Receipt, now: datetime, card: str,
