@@ -5,6 +5,8 @@ change is acted on only once the folder has stayed the same for a settle period,
 editor still writing (or a copy of several files in progress) is not loaded half-way. A
 program that does not load is refused whole by ProgramHolder and the previous one keeps
 serving. The folder as the server itself wrote it (a deploy, a roll-back) is not a change.
+A link that points to nothing is seen by the link itself, so adding one is a change (which
+the loader refuses, naming it).
 """
 from __future__ import annotations
 
@@ -23,9 +25,17 @@ def signature(directory: Path) -> tuple:
     program, other = folder_files(directory)
     entries = []
     for relative in program + other:
+        path = directory / relative
         try:
-            st = (directory / relative).stat()
-        except OSError:          # removed between listing and stat: the next poll sees it
+            st = path.stat()
+        except OSError:
+            # A link to nothing (or to what cannot be looked at) is listed by the loader, which
+            # refuses it: seen here by the link itself. Gone altogether: the next poll sees it.
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            entries.append((relative, "unresolved", st.st_mtime_ns))
             continue
         entries.append((relative, st.st_mtime_ns, st.st_size))
     return tuple(entries)

@@ -45,3 +45,39 @@ async def test_file_change_reloads_and_broken_edit_is_refused(make_api, tmp_path
     _, res = await api.post("/v1/receipts", receipt("W-2", [line(1, "bakery", 10000)], card="1",
                                                     ts="2026-11-24T12:00:01+02:00"), as_="register")
     assert res["rules_version"] == second and res["accrued"]["points"] == 4
+
+
+async def watched_api(make_api, tmp_path):
+    program = tmp_path / "program"
+    shutil.copytree(MARKET, program)
+    api = await make_api(now=NOW, program_dir=program,
+                         rules={"watch": True, "poll_interval_ms": 50, "settle_ms": 100})
+    return api, program
+
+
+async def last_reload(api) -> dict:
+    return (await api.get("/v1/admin/rules"))[1]["last_reload"]
+
+
+async def test_a_link_to_nothing_named_yaml_is_refused_and_the_old_program_keeps_serving(make_api, tmp_path):
+    api, program = await watched_api(make_api, tmp_path)
+    first = (await api.get("/v1/admin/rules"))[1]["version"]
+    link = program / "campaigns" / "december.yaml"
+    link.symlink_to(tmp_path / "nowhere.yaml")
+
+    async def refused():
+        return (await last_reload(api))["ok"] is False
+    assert await wait_for(refused), "the watcher did not notice the link"
+    info = (await api.get("/v1/admin/rules"))[1]
+    assert info["version"] == first and info["last_reload"]["kept_version"] == first
+    assert info["last_reload"]["errors"] == [
+        f"campaigns/december.yaml:1:1: cannot read: a symbolic link to {tmp_path / 'nowhere.yaml'}, "
+        "which does not exist"]
+
+    # The file it names appears: a change too, loaded.
+    (tmp_path / "nowhere.yaml").write_text("rules: []\n")
+
+    async def loaded():
+        return (await last_reload(api))["ok"] is True
+    assert await wait_for(loaded)
+    assert (await api.get("/v1/admin/rules"))[1]["version"] != first
