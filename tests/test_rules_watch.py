@@ -3,6 +3,8 @@ import asyncio
 import shutil
 
 from conftest import MARKET, line, receipt
+from server import watcher
+from server.keys import PROGRAMS
 
 NOW = "2026-11-24T12:00:05+02:00"
 
@@ -81,3 +83,63 @@ async def test_a_link_to_nothing_named_yaml_is_refused_and_the_old_program_keeps
         return (await last_reload(api))["ok"] is True
     assert await wait_for(loaded)
     assert (await api.get("/v1/admin/rules"))[1]["version"] != first
+
+
+async def test_a_reload_that_raises_is_reported_and_the_watcher_keeps_watching(make_api, tmp_path, monkeypatch,
+                                                                               caplog):
+    api, program = await watched_api(make_api, tmp_path)
+    first = (await api.get("/v1/admin/rules"))[1]["version"]
+    holder = api.client.server.app[PROGRAMS]
+
+    def fails(trigger, who=None):
+        raise RuntimeError("the machine hiccuped")
+    monkeypatch.setattr(holder, "reload", fails)
+    base = program / "campaigns" / "base.yaml"
+    base.write_text(base.read_text().replace("percent: 2", "percent: 4", 1))
+
+    async def failed():
+        return (await last_reload(api))["ok"] is False
+    assert await wait_for(failed), "the failed reload was not reported"
+    info = (await api.get("/v1/admin/rules"))[1]
+    assert info["version"] == first
+    assert info["last_reload"]["errors"] == ["the reload failed: RuntimeError: the machine hiccuped"]
+    metrics = (await api.get("/metrics"))[1]
+    assert 'loyalty_rules_reloads_total{result="failed"} 1.0' in metrics
+    assert "loyalty_rules_last_reload_ok 0.0" in metrics
+    said = [r for r in caplog.records if r.name == "loyalty.rules" and "failed" in r.getMessage()]
+    assert [r.getMessage() for r in said] == [
+        f"rules reload (file change) failed, still serving {first}: RuntimeError: the machine hiccuped"]
+
+    # The next change is still picked up.
+    monkeypatch.undo()
+    base.write_text(base.read_text().replace("percent: 4", "percent: 5", 1))
+
+    async def changed():
+        return (await api.get("/v1/admin/rules"))[1]["version"] != first
+    assert await wait_for(changed), "the watcher stopped after the failed reload"
+    assert (await last_reload(api))["ok"] is True
+
+
+async def test_a_look_at_the_folder_that_keeps_failing_is_said_once_and_watching_goes_on(make_api, tmp_path,
+                                                                                         monkeypatch, caplog):
+    api, program = await watched_api(make_api, tmp_path)
+    first = (await api.get("/v1/admin/rules"))[1]["version"]
+
+    def fails(directory):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(watcher, "signature", fails)
+
+    async def failed():
+        return (await last_reload(api))["ok"] is False
+    assert await wait_for(failed)
+    await asyncio.sleep(0.5)        # some ten polls more, failing the same way
+    said = [r for r in caplog.records if r.name == "loyalty.rules" and "failed" in r.getMessage()]
+    assert len(said) == 1 and "OSError: [Errno 5] Input/output error" in said[0].getMessage()
+
+    monkeypatch.undo()
+    base = program / "campaigns" / "base.yaml"
+    base.write_text(base.read_text().replace("percent: 2", "percent: 4", 1))
+
+    async def changed():
+        return (await api.get("/v1/admin/rules"))[1]["version"] != first
+    assert await wait_for(changed), "the watcher stopped after the failed looks"
