@@ -131,7 +131,7 @@ def read_directory(directory: pathlib.Path) -> tuple[dict[str, bytes], list[Prob
         try:
             data = _read_file(directory / relative)
         except OSError as err:
-            problems.append(Problem(relative, 1, 1, f"cannot read: {err.strerror or err}"))
+            problems.append(Problem(relative, 1, 1, _unreadable(directory / relative, err)))
             continue
         if data is None:
             problems.append(Problem(relative, 1, 1, "not a regular file (a named pipe or a device)"))
@@ -140,6 +140,16 @@ def read_directory(directory: pathlib.Path) -> tuple[dict[str, bytes], list[Prob
         else:
             files[relative] = data
     return files, ignored, problems
+
+
+def _unreadable(path: pathlib.Path, err: OSError) -> str:
+    # "No such file" of a file the listing just found is a link to nothing: say where it points.
+    if isinstance(err, FileNotFoundError) and path.is_symlink():
+        try:
+            return f"cannot read: a symbolic link to {os.readlink(path)}, which does not exist"
+        except OSError:
+            pass
+    return f"cannot read: {err.strerror or err}"
 
 
 def _read_file(path: pathlib.Path) -> bytes | None:

@@ -81,6 +81,14 @@ def field_error(path: str, reason: str, code: str = "validation_error") -> ApiEr
     return unprocessable(code, _sentence(path, reason), [{"path": path, "message": reason}])
 
 
+def folder_clash(name: str, reason: str) -> ApiError:
+    """A program file the served folder has a folder in the way of, or a file above (a
+    program_versions.FolderClash): sending it again cannot help, so not the 503 of a folder
+    that could not be written."""
+    return unprocessable("rules_dir_clash", f"{name} {reason}; nothing was changed, the previous version keeps "
+                                            "serving", [{"path": f"files.{name}", "message": reason}])
+
+
 def _sentence(path: str, words: str) -> str:
     return f"the body {words}" if path == "$" else f"{path} {words}"
 

@@ -388,6 +388,8 @@ def member_row(values: dict[str, str], line: int, ctx: Context) -> imports.Membe
         found = validation.find(plain, schema.Enrollment)
         path, words = found.listed[0] if found.listed else ("$", "is not a valid member")
         raise RowRefused(path.split("[")[0], words) from None
+    if member.birthday and (problem := schema.birthday_problem(member.birthday, ctx.today)):
+        raise RowRefused("birthday", problem)
     points, expires_on = _opening(text, ctx)
     crm_id, consent = _crm(text)
     privacy = ctx.privacy

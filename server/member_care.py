@@ -128,7 +128,8 @@ async def find_by_phone(app, body: schema.PhoneSearch) -> A.MemberSearchAnswer:
 
 async def replace_card(app, public_id: str, body: schema.CardReplacement) -> tuple[int, A.CardReplacementAnswer]:
     """The member keeps everything (the member id holds the balance, lots and history);
-    only the card changes. Sending the same replacement again answers 200 replayed."""
+    only the card changes. Sending the same replacement again answers 200 replayed; a card
+    the member already had otherwise (itself, another of theirs) replaces nothing: 422 on new_card."""
     member_id = member_number(public_id)
     privacy, now = app[PRIVACY], iso(app[CLOCK].now())
     new = privacy.card(body.new_card)
@@ -137,7 +138,12 @@ async def replace_card(app, public_id: str, body: schema.CardReplacement) -> tup
     def write(conn):
         _member(conn, member_id, public_id)
         cards = member_care.active_cards(conn, member_id)
-        if any(card in candidates(new) for card, _ in cards):
+        own = [card for card, _ in cards if card in candidates(new)]
+        if own:
+            replaced = member_care.replaced_by(conn, member_id, own[0])
+            if replaced is None or body.old_card_last4 not in (None, replaced[0]):
+                raise field_error("new_card", f"is already this member's card ending {new_last4}: a replacement "
+                                              "needs a card the member does not have")
             return 200, _replaced(public_id, None, new_last4, conn, replayed=True)
         _check_new_card(conn, new, body.new_card)
         old, old_last4 = _card_to_replace(cards, body.old_card_last4)

@@ -61,7 +61,8 @@ class Metrics:
         self.rules_info = Info("loyalty_rules", "The loaded rules program", registry=r)
         self.rules_reloads = Counter("loyalty_rules_reloads", "Program reloads by result", ["result"], registry=r)
         self.rules_last_reload_ok = Gauge("loyalty_rules_last_reload_ok",
-                                          "1 when the last reload succeeded, 0 when it was refused", registry=r)
+                                          "1 when the last reload succeeded, 0 when it was refused or failed",
+                                          registry=r)
 
         self.ready = Gauge("loyalty_ready", "1 when /readyz would answer 200 (read at scrape time); 0 while "
                            "starting, preloading, draining or under a storage fault", registry=r)

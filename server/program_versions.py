@@ -68,6 +68,15 @@ class FolderUnwritable(Exception):
     """The program's files could not be written into rules.dir; nothing changed."""
 
 
+class FolderClash(FolderUnwritable):
+    """A file of the program where rules.dir has a folder, or inside what it has as a file:
+    no retry can write it, so it is the caller's to resolve; nothing changed."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{name} {reason}")
+        self.name, self.reason = name, reason
+
+
 class ProgramVersions:
     """One server's side of the recorded programs: records what it loads, follows what others record."""
 
@@ -328,8 +337,11 @@ async def _stage(directory: Path, files: dict[str, bytes]) -> list[tuple[Path, P
 
 def stage_files(directory: Path, files: dict[str, bytes]) -> list[tuple[Path, Path]]:
     """Each file written and flushed to disk under a hidden name beside its target (hidden:
-    the loader and the watcher skip it); [(temporary, target)]. FolderUnwritable, nothing left."""
+    the loader and the watcher skip it); [(temporary, target)]. FolderUnwritable, nothing left;
+    FolderClash, before anything is written."""
     targets = {name: _inside(directory, name) for name in sorted(files)}
+    for name in targets:
+        _refuse_clash(directory, name)
     staged: list[tuple[Path, Path]] = []
     try:
         for name, target in targets.items():
@@ -374,6 +386,22 @@ def _inside(directory: Path, name: str) -> Path:
     if directory.resolve() not in target.parents or name.startswith(".") or "/." in name:
         raise FolderUnwritable(f"{name!r} is not a relative path inside {directory}")
     return directory / name
+
+
+def _refuse_clash(directory: Path, name: str) -> None:
+    # Found before anything is written: renaming over a folder fails only after the files
+    # before it in the list were already renamed, which would leave the folder half-way.
+    parts = name.split("/")
+    for end in range(1, len(parts)):
+        ancestor = "/".join(parts[:end])
+        path = directory / ancestor
+        if not os.path.lexists(path):
+            return
+        if not path.is_dir():
+            raise FolderClash(name, f"is inside {ancestor}, which is a file in {directory}, not a folder")
+    target = directory / name
+    if target.is_dir() and not target.is_symlink():     # a link is replaced, not what it names
+        raise FolderClash(name, f"is a folder in {directory}, which a file of the program cannot replace")
 
 
 def _discard(staged: list[tuple[Path, Path]]) -> None:

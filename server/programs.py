@@ -108,6 +108,17 @@ class ProgramHolder:
         for problem in sorted(error.problems + error.warnings):
             log.log(logging.WARNING if problem.warning else logging.ERROR, "%s", problem)
 
+    def reload_failed(self, trigger: str, error: Exception) -> None:
+        """A reload that raised instead of loading or refusing (a bug, a fault of the machine):
+        said everywhere a refused one is, with the reason, in one log line."""
+        reason = " ".join(f"{type(error).__name__}: {error}".split()).removesuffix(":")
+        kept = self.current.version if self.current else None
+        self.last_reload = {"at": self._clock.now().isoformat(), "ok": False, "trigger": trigger,
+                            "errors": [f"the reload failed: {reason}"], "warnings": [], "kept_version": kept}
+        self._metrics.rules_reloads.labels("failed").inc()
+        self._metrics.rules_last_reload_ok.set(0)
+        log.error("rules reload (%s) failed, still serving %s: %s", trigger, kept or "nothing", reason)
+
     def install(self, program: Program, trigger: str, source: str | None = None) -> None:
         """Serve `program` from now on; `source` says where it came from when not the folder."""
         # The old program is freed by the garbage collector once the last request that

@@ -24,7 +24,7 @@ from aiohttp import web
 from rules import ProgramError, check_dir
 from server import answer_types as A, cvm, member_care, program_versions, report_campaign, schema
 from server.auth import Principal, require_adjustment_within, require_role
-from server.errors import ApiError, field_error, not_found
+from server.errors import ApiError, field_error, folder_clash, not_found
 from server.keys import (CLOCK, CONFIG, DATABASE, EVENTS_SETTLED, IN_FLIGHT, KEYRING, LIMITER, METRICS, OPS, PRIVACY,
                          PROGRAMS, STATE, VERSIONS)
 from server.ops import adjustments, members, receipts, returns
@@ -308,6 +308,8 @@ async def _put_live(operation) -> Reply:
         raise rules_invalid(e.problems, "the program was not loaded; the previous version keeps serving") from None
     except program_versions.UnknownVersion as e:
         raise not_found("unknown_version", str(e)) from None
+    except program_versions.FolderClash as e:
+        raise folder_clash(e.name, e.reason) from None
     except program_versions.FolderUnwritable as e:
         raise ApiError(503, "rules_dir_unwritable", f"{e}; the previous version keeps serving") from None
 

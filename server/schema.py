@@ -77,6 +77,18 @@ class ReturnRequest(Struct, forbid_unknown_fields=True):
     lines: Annotated[list[ReturnLine], Meta(min_length=1, max_length=LINES_MAX)]
 
 
+BIRTHDAY_EARLIEST = date(1900, 1, 1)
+
+
+def birthday_problem(birthday: date, today: date) -> str | None:
+    """Why a birthday cannot be a member's (before 1900 or not yet come: a typo, or a
+    placeholder such as 0001-01-01 that would pay birthday gifts to no one's birthday);
+    None when it can be. `today` is the program's local day by the server's clock."""
+    if BIRTHDAY_EARLIEST <= birthday <= today:
+        return None
+    return f"must be a day from {BIRTHDAY_EARLIEST} to today ({today}), got {birthday}"
+
+
 class Enrollment(Struct, forbid_unknown_fields=True):
     card: Card
     phone: Annotated[str, Meta(min_length=3, max_length=32)] | None = None

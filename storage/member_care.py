@@ -141,6 +141,15 @@ def retire_card(conn: sqlite3.Connection, card: str, member_id: int, reason: str
                  "VALUES (?, ?, ?, ?, ?, ?)", (card, member_id, last4, reason, successor, now))
 
 
+def replaced_by(conn: sqlite3.Connection, member_id: int, card: str) -> tuple[str | None] | None:
+    """(the last four digits of the card it replaced,) when `card` (a card in use of the
+    member, its stored hash) came to the member by a replacement; None when it came by
+    enrolment or an import. A replacement retires the old card at the moment it adds the new."""
+    return conn.execute("SELECT r.card_last4 FROM cards c JOIN retired_cards r ON r.member_id = c.member_id "
+                        "AND r.reason = 'replaced' AND r.successor = c.card_last4 AND r.retired_at = c.created_at "
+                        "WHERE c.card = ? AND c.member_id = ? LIMIT 1", (card, member_id)).fetchone()
+
+
 def add_card(conn: sqlite3.Connection, card: str, card_last4: str, member_id: int, now: str) -> None:
     conn.execute("INSERT INTO cards (card, card_last4, member_id, created_at) VALUES (?, ?, ?, ?)",
                  (card, card_last4, member_id, now))

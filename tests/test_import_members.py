@@ -212,26 +212,35 @@ def test_refused_rows_are_reported_with_their_line_and_reason(tmp_path, capsys):
         "7000000000007,,,,-5,,",                 # 8
         "7000000000008,,,,",                     # 9: too few fields
         "7000000000009,12,,,,,",                 # 10: phone too short
+        "7000000000010,,0001-01-01,,,,",         # 11: before 1900
+        "7000000000011,,2026-11-25,,,,",         # 12: after the import's day
+        "7000000000012,,1900-01-01,,,,",         # 13: taken
+        "7000000000013,,2026-11-24,,,,",         # 14: born on the import's day: taken
     ])
     config = write_config(tmp_path)
     assert cli(["import", "members", "--csv", str(source), "--config", config]) == 1
     captured = capsys.readouterr()
-    assert "9 members rows: 1 imported, 0 already there, 8 refused" in captured.out
+    assert "13 members rows: 3 imported, 0 already there, 10 refused" in captured.out
     assert f"{source}:3: birthday: must be a date" in captured.err
     with open(tmp_path / "members.refused.csv", newline="") as f:
         report = list(csv.DictReader(f))
     assert [(int(r["line"]), r["field"]) for r in report] == [
         (3, "birthday"), (4, "card"), (5, "card"), (6, "opening_expires_on"), (7, "enrolled_on"),
-        (8, "opening_points"), (9, "$"), (10, "phone")]
+        (8, "opening_points"), (9, "$"), (10, "phone"), (11, "birthday"), (12, "birthday")]
     assert report[1]["reason"] == "repeats line 2"
     assert report[7]["reason"] == "must be 3 to 32 characters"
+    assert [r["reason"] for r in report[8:]] == [
+        "must be a day from 1900-01-01 to today (2026-11-24), got 0001-01-01",
+        "must be a day from 1900-01-01 to today (2026-11-24), got 2026-11-25"]
 
     # Fixed rows are taken on the next run; the refused ones are refused again, as JSON this time.
     assert cli(["import", "members", "--csv", str(source), "--config", config,
                 "--report", str(tmp_path / "refused.json")]) == 1
-    assert len(json.loads((tmp_path / "refused.json").read_text())) == 8
+    assert len(json.loads((tmp_path / "refused.json").read_text())) == 10
     conn = connect(tmp_path / "loyalty.db")
     assert conn.execute("SELECT COUNT(*), SUM(points) FROM postings").fetchone() == (1, 10)
+    assert conn.execute("SELECT birthday FROM members ORDER BY id").fetchall() == [
+        (None,), ("1900-01-01",), ("2026-11-24",)]
 
 
 def test_a_file_it_cannot_read_stops_it_before_anything_is_written(tmp_path, capsys):

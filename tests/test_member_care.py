@@ -6,7 +6,7 @@ from __future__ import annotations
 import msgspec
 
 from conftest import KEYS, _h, line, receipt
-from server.keys import DATABASE
+from server.keys import DATABASE, PRIVACY
 from storage import admin_audit, audit, ledger
 from storage.accounts import ADJUSTMENT
 from storage.ledger import PostingRef
@@ -141,6 +141,44 @@ async def test_a_replaced_card_is_refused_and_the_new_one_has_everything(make_ap
             404, "unknown_member")
     await assert_ledger_verifies(api)
     assert ("desk-1", "POST", path, 201) in await audited(api)
+
+
+async def test_a_card_cannot_replace_itself_but_a_real_replacement_sent_again_is_a_replay(make_api):
+    api = await care_api(make_api)
+    member = await enroll(api, "7000000000041")
+    path = f"/v1/admin/members/{member['member_id']}/replace-card"
+
+    async def replacements() -> int:
+        return (await db_of(api).read(lambda c: c.execute(
+            "SELECT count(*) FROM events WHERE type = 'card.replaced'").fetchone()))[0]
+
+    err = refused(*await as_support(api, "POST", path, {"new_card": "7000000000041", "reason": "lost"}),
+                  422, "validation_error")
+    assert err["details"][0]["path"] == "new_card" and "already this member's card ending 0041" in err["message"]
+    refused(*await api.post(path, {"new_card": "7000000000041", "old_card_last4": "0041"}), 422, "validation_error")
+    status, still = await api.get("/v1/members/7000000000041")
+    assert status == 200 and still["cards_last4"] == ["0041"] and await replacements() == 0
+
+    # A real replacement sent again, with or without the card it replaced, stays a replay.
+    status, done = await api.post(path, {"new_card": "7000000000042", "old_card_last4": "0041"})
+    assert status == 201 and done["replaced_card_last4"] == "0041", done
+    for body in ({"new_card": "7000000000042"}, {"new_card": "7000000000042", "old_card_last4": "0041"}):
+        status, again = await api.post(path, body)
+        assert status == 200 and again["replayed"] is True and again["cards_last4"] == ["0042"], again
+    # The new card naming itself as the old one was never asked: refused, not a replay.
+    err = refused(*await api.post(path, {"new_card": "7000000000042", "old_card_last4": "0042"}),
+                  422, "validation_error")
+    assert err["details"][0]["path"] == "new_card"
+    # Nor is another card the member already had.
+    await db_of(api).write(lambda c: c.execute(
+        "INSERT INTO cards (card, card_last4, member_id, created_at) VALUES (?, '0043', ?, 'z')",
+        (api.client.server.app[PRIVACY].card("7000000000043"), int(member["member_id"][2:]))))
+    err = refused(*await api.post(path, {"new_card": "7000000000043", "old_card_last4": "0042"}),
+                  422, "validation_error")
+    assert err["details"][0]["path"] == "new_card"
+    _, now_ = await api.get("/v1/members/7000000000042")
+    assert now_["cards_last4"] == ["0042", "0043"] and await replacements() == 1
+    await assert_ledger_verifies(api)
 
 
 async def test_which_card_is_replaced_must_be_said_when_the_member_has_several(make_api):

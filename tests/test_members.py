@@ -77,6 +77,25 @@ async def test_patch_profile(make_api):
     assert status == 422 and err["error"]["code"] == "unknown_card"
 
 
+async def test_a_birthday_before_1900_or_after_today_is_refused_naming_the_field(make_api):
+    # Just past midnight in Kyiv, the day before in UTC: "today" is the program's local day.
+    api = await make_api(now="2026-11-25T00:30:00+02:00")
+    for birthday in ("0001-01-01", "1899-12-31", "9999-12-31", "2026-11-26"):
+        status, err = await api.post("/v1/members", {"card": "600", "birthday": birthday})
+        assert status == 422 and err["error"]["code"] == "validation_error", (birthday, err)
+        assert err["error"]["details"] == [{"path": "birthday", "message": f"must be a day from 1900-01-01 to "
+                                                                          f"today (2026-11-25), got {birthday}"}]
+    assert (await api.get("/v1/members/600"))[0] == 404
+    status, m = await api.post("/v1/members", {"card": "600", "birthday": "1900-01-01"})
+    assert status == 201 and m["profile"]["birthday"] == "1900-01-01"
+    for birthday in ("0001-01-01", "2026-11-26"):
+        status, err = await api.patch("/v1/members/600", {"birthday": birthday})
+        assert status == 422 and err["error"]["details"][0]["path"] == "birthday", err
+    status, m = await api.patch("/v1/members/600", {"birthday": "2026-11-25"})    # born today
+    assert status == 200 and m["profile"]["birthday"] == "2026-11-25"
+    assert (await api.get("/v1/members/600"))[1]["profile"]["birthday"] == "2026-11-25"
+
+
 async def test_statement_window_and_running_balance(make_api):
     api = await make_api(now=NOW)
     await api.post("/v1/members", {"card": "666"})

@@ -172,6 +172,51 @@ async def test_a_deploy_that_does_not_load_changes_nothing(tmp_path):
         assert status == 403
 
 
+def folder_tree(folder: Path) -> dict[str, bytes | None]:
+    """Everything in the folder, hidden files included: None for a folder."""
+    return {p.relative_to(folder).as_posix(): None if p.is_dir() else p.read_bytes() for p in folder.rglob("*")}
+
+
+async def test_a_deploy_that_clashes_with_the_folder_is_refused_and_changes_nothing(tmp_path):
+    # The folder has campaigns/promos.yaml as a file; the deploy needs it as a folder.
+    folder = copy_market(tmp_path)
+    async with Running(config_for(tmp_path, folder)) as api:
+        old = (await api.get("/v1/admin/rules"))[1]["version"]
+        before = folder_tree(folder)
+        files = triple_dairy(program_files(folder))
+        files["campaigns/promos.yaml/november.yaml"] = files.pop("campaigns/promos.yaml")
+        status, err = await api.post("/v1/admin/rules/deploy", {"files": files, "reason": "promos by month"})
+        assert status == 422, err
+        assert err["error"]["code"] == "rules_dir_clash"
+        assert err["error"]["details"] == [{"path": "files.campaigns/promos.yaml/november.yaml",
+                                            "message": f"is inside campaigns/promos.yaml, which is a file in "
+                                                       f"{folder}, not a folder"}]
+        assert folder_tree(folder) == before
+        assert (await api.get("/v1/admin/rules"))[1]["version"] == old and len(await versions(api)) == 1
+
+
+async def test_a_deploy_of_a_file_where_the_folder_has_a_folder_is_refused_and_changes_nothing(tmp_path):
+    folder = copy_market(tmp_path)
+    promos = folder / "campaigns" / "promos.yaml"
+    text = promos.read_text()
+    promos.unlink()
+    promos.mkdir()
+    (promos / "november.yaml").write_text(text)
+    async with Running(config_for(tmp_path, folder)) as api:
+        old = (await api.get("/v1/admin/rules"))[1]["version"]
+        before = folder_tree(folder)
+        # campaigns/base.yaml sorts before the clash: it must not be renamed into place either.
+        files = triple_dairy(program_files(MARKET))
+        files["campaigns/base.yaml"] += "\n"
+        status, err = await api.post("/v1/admin/rules/deploy", {"files": files, "reason": "promos in one file"})
+        assert status == 422, err
+        assert err["error"]["code"] == "rules_dir_clash"
+        assert err["error"]["details"][0]["path"] == "files.campaigns/promos.yaml"
+        assert "is a folder in" in err["error"]["message"]
+        assert folder_tree(folder) == before
+        assert (await api.get("/v1/admin/rules"))[1]["version"] == old and len(await versions(api)) == 1
+
+
 async def test_the_watcher_does_not_read_a_deploy_back_as_a_change(tmp_path):
     folder = copy_market(tmp_path)
     async with Running(config_for(tmp_path, folder, watch=True, settle_ms=50)) as api:
@@ -299,6 +344,16 @@ async def test_export_writes_a_version_back_to_files(tmp_path, capsys):
 
     assert main(["rules", "export", "sha256:" + "0" * 64, str(tmp_path / "none"), "--config", str(config_file)]) == 2
     assert "no program version" in capsys.readouterr().err
+
+    # A folder where the version has a file (or a file above one): refused before anything is written.
+    (out / "campaigns" / "promos.yaml").unlink()
+    (out / "campaigns" / "promos.yaml").mkdir()
+    (out / "campaigns" / "promos.yaml" / "kept.txt").write_text("notes")
+    before = folder_tree(out)
+    assert main(["rules", "export", old, str(out), "--config", str(config_file), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "campaigns/promos.yaml is a folder in" in err and len(err.strip().splitlines()) == 1
+    assert folder_tree(out) == before
 
 
 async def test_a_second_server_on_the_database_follows_a_deploy(tmp_path):

@@ -310,6 +310,13 @@ def test_a_named_pipe_or_a_device_among_the_files_is_a_problem_not_a_wait(tmp_pa
         "zero.yaml:1:1: not a regular file (a named pipe or a device)"]), done.stderr
 
 
+def test_a_link_to_nothing_among_the_files_is_a_problem_saying_where_it_points(tmp_path):
+    write(tmp_path, {"program.yaml": SETTINGS})
+    (tmp_path / "gone.yaml").symlink_to("releases/old/gone.yaml")
+    assert [str(p) for p in check_dir(tmp_path, TODAY)] == [
+        "gone.yaml:1:1: cannot read: a symbolic link to releases/old/gone.yaml, which does not exist"]
+
+
 def test_scalars_keep_their_written_text():
     program = load_files(
         {

@@ -22,7 +22,7 @@ from server.console import chart, program_edit, queries, words
 from server.console.backtest import as_rows
 from server.console.sessions import COOKIE, LOGIN_COOKIE, LOGIN_FORM_SECONDS, Session, remember_lookup, token_matches
 from server.cvm import definitions
-from server.errors import ApiError, conflict, error_body, field_error, forbidden, not_found, unprocessable
+from server.errors import ApiError, conflict, error_body, field_error, folder_clash, forbidden, not_found, unprocessable
 from server.ops import adjustments, members
 from server.keys import CLOCK, CONFIG, CONSOLE, DATABASE, KEYRING, LIMITER, OPS, PRIVACY, PROGRAMS
 from server.reports import money_text
@@ -413,6 +413,8 @@ async def _audited_put_live(request: web.Request, session: Session, body: bytes,
             raise field_error("version", f"is not a recorded program version ({e})", "unknown_version") from None
         except program_versions.ProgramChanged as e:
             raise conflict("program_changed", f"{e}; open the file again and redo the change") from None
+        except program_versions.FolderClash as e:
+            raise folder_clash(e.name, e.reason) from None
         except program_versions.FolderUnwritable as e:
             raise ApiError(503, "rules_dir_unwritable", f"{e}; the previous version keeps serving") from None
     except ApiError as e:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sqlite3
-from datetime import datetime
+from datetime import date, datetime
 
 import msgspec
 
@@ -14,7 +14,7 @@ from server.answer_types import (Balance, DatedPoints, MemberAnswer, MemberOffer
 from server.errors import conflict, field_error, not_found, unprocessable
 from server.member_state import segments_now, tier_view
 from server.ops import JSON, Deps
-from server.plan import local_day
+from server.plan import local_date, local_day
 from storage import events, ledger, offers, segments
 from storage.apply import fire_events
 from storage.ledger import iso
@@ -68,10 +68,16 @@ def enrolling_store(principal: Principal, store_id: str | None) -> str:
     return store_id
 
 
+def refuse_birthday(birthday: date | None, program: Program, now: datetime) -> None:
+    if birthday is not None and (problem := schema.birthday_problem(birthday, local_date(program, now))):
+        raise field_error("birthday", problem)
+
+
 async def enroll(deps: Deps, req: schema.Enrollment, principal: Principal) -> MemberAnswer:
     if principal.role == "register":
         req = msgspec.structs.replace(req, store_id=enrolling_store(principal, req.store_id))
     program, now = deps.program(), deps.clock.now()
+    refuse_birthday(req.birthday, program, now)
     referrer = await find_member(deps, req.referred_by, "referred_by") if req.referred_by else None
     privacy = deps.privacy
 
@@ -97,8 +103,9 @@ async def enroll(deps: Deps, req: schema.Enrollment, principal: Principal) -> Me
 
 
 async def patch_member(deps: Deps, card: str, patch: schema.MemberPatch) -> MemberAnswer:
-    member = await find_member(deps, card)
     program, now = deps.program(), deps.clock.now()
+    refuse_birthday(patch.birthday, program, now)
+    member = await find_member(deps, card)
     changes = {}
     if patch.phone is not None:
         changes["phone_hmac"] = deps.privacy.phone(patch.phone)
