@@ -245,11 +245,17 @@ async def _preload(app: web.Application, db: Database) -> None:
 def _install_sighup(app: web.Application) -> bool:
     """SIGHUP reloads the program, as daemons conventionally do."""
     try:
-        asyncio.get_running_loop().add_signal_handler(
-            signal.SIGHUP, lambda: app[PROGRAMS].reload("SIGHUP"))
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reload_on_signal, app[PROGRAMS])
         return True
     except (NotImplementedError, RuntimeError, ValueError):
         return False
+
+
+def _reload_on_signal(holder) -> None:
+    try:
+        holder.reload("SIGHUP")
+    except Exception as e:  # noqa: BLE001 - else only the loop's traceback says it, and no metric or last_reload
+        holder.reload_failed("SIGHUP", e)
 
 
 def stop_on_signals() -> asyncio.Event:

@@ -1,5 +1,7 @@
 """Editing the program folder reloads it; a broken edit is refused and the old program keeps serving."""
 import asyncio
+import os
+import signal
 import shutil
 
 from conftest import MARKET, line, receipt
@@ -143,3 +145,33 @@ async def test_a_look_at_the_folder_that_keeps_failing_is_said_once_and_watching
     async def changed():
         return (await api.get("/v1/admin/rules"))[1]["version"] != first
     assert await wait_for(changed), "the watcher stopped after the failed looks"
+
+
+async def test_a_sighup_reload_that_raises_is_reported_and_the_next_sighup_loads(make_api, tmp_path, monkeypatch):
+    program = tmp_path / "program"
+    shutil.copytree(MARKET, program)
+    api = await make_api(now=NOW, program_dir=program)
+    first = (await api.get("/v1/admin/rules"))[1]["version"]
+    holder = api.client.server.app[PROGRAMS]
+    reload = holder.reload
+
+    def fails(trigger, who=None):
+        raise OSError("Input/output error")
+    monkeypatch.setattr(holder, "reload", fails)
+    base = program / "campaigns" / "base.yaml"
+    base.write_text(base.read_text().replace("percent: 2", "percent: 4", 1))
+    os.kill(os.getpid(), signal.SIGHUP)
+
+    async def failed():
+        return (await last_reload(api))["ok"] is False
+    assert await wait_for(failed), "the failed SIGHUP reload was not reported"
+    said = await last_reload(api)
+    assert (said["trigger"], said["errors"]) == ("SIGHUP", ["the reload failed: OSError: Input/output error"])
+    assert 'loyalty_rules_reloads_total{result="failed"} 1.0' in (await api.get("/metrics"))[1]
+
+    monkeypatch.setattr(holder, "reload", reload)
+    os.kill(os.getpid(), signal.SIGHUP)
+
+    async def changed():
+        return (await api.get("/v1/admin/rules"))[1]["version"] != first
+    assert await wait_for(changed), "the next SIGHUP did not reload"
