@@ -38,6 +38,11 @@ def _adjust_in_tx(deps: Deps, conn, req, member, principal, fingerprints) -> tup
     if previous is not None:
         return 200, replay_any(previous[0], fingerprints, previous[1], AdjustmentAnswer)
     ledger.lock_member(conn, member.id)
+    if ledger.member_by_card(conn, deps.privacy.card(req.card)) is None:
+        # A merge or a card replacement committed between the look-up and this write: the
+        # points would go to a member no card reaches. Refused as the card is now.
+        raise unprocessable("unknown_card", f"card {req.card} is not enrolled",
+                            [{"path": "card", "message": "not enrolled"}])
     at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
                     ref=f"adjustment:{req.adjustment_id}", key_id=principal.key_id, note=req.reason)
     today = now.astimezone(program.timezone).date()
