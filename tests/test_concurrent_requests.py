@@ -5,8 +5,12 @@ as several servers' would, and the member's row lock orders them."""
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 
-from conftest import line, receipt
+import pytest
+from conftest import KEYS, line, receipt
+from test_crash_safety import Server
 
 NOW = "2026-11-28T09:00:05+02:00"
 TS = "2026-11-28T09:00:00+02:00"
@@ -170,3 +174,82 @@ async def test_an_adjustment_racing_a_merge_reaches_the_points_of_the_member_the
     assert as_ == 201 or (as_, adjusted["error"]["code"]) == (422, "card_merged"), adjusted
     kept = await balance(api, OTHER)
     assert kept["available"] == 100 + (50 if as_ == 201 else 0)
+
+
+# ---------------------------------------------------------------- connections that fail midway
+
+def http_request(path: str, body: dict | None, key: str, length: int | None = None) -> bytes:
+    data = b"" if body is None else json.dumps(body).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data) if length is None else length}\r\n\r\n")
+    return head.encode() + data
+
+
+def answers_on(sock: socket.socket, count: int) -> list[tuple[int, dict]]:
+    """`count` answers read off one connection, in order."""
+    reader = sock.makefile("rb")
+    out = []
+    for _ in range(count):
+        status = int(reader.readline().split()[1])
+        length = 0
+        while (header := reader.readline()) not in (b"\r\n", b""):
+            name, _, value = header.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        out.append((status, json.loads(reader.read(length))))
+    return out
+
+
+def call(server: Server, path: str, body: dict | None, key: str = KEYS["register"]) -> tuple[int, dict]:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(http_request(path, body, key))
+        return answers_on(sock, 1)[0]
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = Server(tmp_path)
+    s.start()
+    try:
+        yield s
+    finally:
+        s.kill()
+
+
+def test_a_confirm_whose_client_went_away_is_written_whole_or_not_at_all(server):
+    assert call(server, "/v1/members", {"card": CARD}, KEYS["manager"])[0] == 201
+    bodies = [receipt(f"GONE-{n}", [line(1, "grocery", 50000 + n)], card=CARD, ts="2026-11-24T12:00:00+02:00",
+                      register=f"K{n:02d}") for n in range(AT_ONCE)]
+    for body in bodies:     # sent, then the connection dropped before any answer
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+            sock.sendall(http_request("/v1/receipts", body, KEYS["register"]))
+    retried = [call(server, "/v1/receipts", body) for body in bodies]
+    assert all(status == 201 or (status, answer["replayed"]) == (200, True) for status, answer in retried), retried
+    earned = sum(answer["accrued"]["points"] for _, answer in retried)
+    assert retried[-1][1]["balance"]["pending"] == earned      # each receipt's points once
+
+
+def test_a_body_cut_short_writes_nothing_and_the_server_goes_on(server):
+    assert call(server, "/v1/members", {"card": CARD}, KEYS["manager"])[0] == 201
+    body = receipt("CUT-1", [line(1, "grocery", 50000)], card=CARD, ts="2026-11-24T12:00:00+02:00")
+    whole = http_request("/v1/receipts", body, KEYS["register"])
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(whole[:-20])           # the header says more than comes
+        sock.shutdown(socket.SHUT_WR)
+        rest = sock.recv(65536)
+    assert rest == b"" or rest.startswith(b"HTTP/1.1 4"), rest
+    status, answer = call(server, "/v1/receipts", body)
+    assert status == 201, answer            # the first never counted
+
+
+def test_many_requests_pipelined_on_one_connection_are_answered_in_order(server):
+    assert call(server, "/v1/members", {"card": CARD}, KEYS["manager"])[0] == 201
+    bodies = [receipt(f"KA-{n}", [line(1, "grocery", 10000)], card=CARD, ts="2026-11-24T12:00:00+02:00")
+              for n in range(40)]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(b"".join(http_request("/v1/receipts", body, KEYS["register"]) for body in bodies))
+        answers = answers_on(sock, len(bodies))
+    assert [(status, answer["receipt"]["receipt_id"]) for status, answer in answers] == \
+        [(201, body["receipt_id"]) for body in bodies]
+    pending = [answer["balance"]["pending"] for _, answer in answers]
+    assert pending == sorted(pending) and len(set(pending)) == len(pending)     # each saw the one before
