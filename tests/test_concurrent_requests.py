@@ -12,6 +12,9 @@ import pytest
 from conftest import KEYS, line, receipt
 from test_crash_safety import Server
 
+from server.keys import DATABASE
+from storage import audit
+
 NOW = "2026-11-28T09:00:05+02:00"
 TS = "2026-11-28T09:00:00+02:00"
 CARD = "7000000000061"
@@ -253,3 +256,55 @@ def test_many_requests_pipelined_on_one_connection_are_answered_in_order(server)
         [(201, body["receipt_id"]) for body in bodies]
     pending = [answer["balance"]["pending"] for _, answer in answers]
     assert pending == sorted(pending) and len(set(pending)) == len(pending)     # each saw the one before
+
+
+# ---------------------------------------------------------------- member care racing receipts
+
+def redeeming(receipt_id: str, card: str, register: str, redeem: int = 300) -> dict:
+    return receipt(receipt_id, [line(1, "grocery", 100000)], card=card, ts=TS, register=register, redeem=redeem)
+
+
+def spent_and_earned(answers) -> tuple[int, int]:
+    done = [r for s, r in answers if s == 201]
+    return sum(r["redeemed"]["points"] for r in done), sum(r["accrued"]["points"] for r in done)
+
+
+async def test_a_merge_racing_receipts_on_both_cards_moves_every_point_once(make_api):
+    api = await make_api(now=NOW)
+    old = await member_with(api, CARD, 1000)
+    keep = await member_with(api, OTHER, 500)
+    merge = {"merge_id": "MG-1", "from_member_id": old["member_id"], "into_member_id": keep["member_id"],
+             "reason": "one customer"}
+    calls = [api.post("/v1/admin/members/merge", merge)]
+    calls += [api.post("/v1/receipts", redeeming(f"R-{n}", CARD if n % 2 else OTHER, f"K{n:02d}"), as_="register")
+              for n in range(AT_ONCE)]
+    (ms, merged), *answers = await asyncio.gather(*calls)
+    assert ms == 201, merged
+    for (status, answer), n in zip(answers, range(AT_ONCE)):
+        assert status == 201 or (status, answer["error"]["code"]) in \
+            ((422, "card_merged" if n % 2 else "insufficient_points"), (422, "insufficient_points")), answer
+    spent, earned = spent_and_earned(answers)
+    assert spent <= 1500
+    assert await balance(api, OTHER) == {"available": 1500 - spent, "pending": earned, "held": 0}
+    await ledger_verifies(api)
+
+
+async def test_a_card_replacement_racing_receipts_on_the_old_and_new_card(make_api):
+    api = await make_api(now=NOW)
+    member = await member_with(api, CARD, 1000)
+    calls = [api.post(f"/v1/admin/members/{member['member_id']}/replace-card", {"new_card": OTHER})]
+    calls += [api.post("/v1/receipts", redeeming(f"R-{n}", CARD if n % 2 else OTHER, f"K{n:02d}"), as_="register")
+              for n in range(AT_ONCE)]
+    (rs, replaced), *answers = await asyncio.gather(*calls)
+    assert rs == 201, replaced
+    for (status, answer), n in zip(answers, range(AT_ONCE)):
+        assert status == 201 or (status, answer["error"]["code"]) in \
+            ((422, "card_replaced" if n % 2 else "unknown_card"), (422, "insufficient_points")), answer
+    spent, earned = spent_and_earned(answers)
+    assert await balance(api, OTHER) == {"available": 1000 - spent, "pending": earned, "held": 0}
+    await ledger_verifies(api)
+
+
+async def ledger_verifies(api) -> None:
+    report = await api.client.server.app[DATABASE].read(audit.verify)
+    assert report.ok, report.problems
