@@ -123,6 +123,19 @@ async def test_a_cancel_racing_the_confirm_of_its_receipt_leaves_it_wholly_one_o
         assert after == {"available": 500, "pending": confirmed["accrued"]["points"], "held": 0}
 
 
+async def test_a_calculate_racing_the_confirm_of_its_receipt_leaves_no_hold_behind(make_api):
+    api = await make_api(now=NOW)
+    await member_with(api, CARD, 1000)
+    body = three_lines("B-1", redeem=500)
+    answers = await asyncio.gather(*(api.post("/v1/receipts" if n == 0 else "/v1/receipts/calculate", body,
+                                              as_="register") for n in range(AT_ONCE)))
+    assert answers[0][0] == 201 and all(s == 200 for s, _ in answers[1:]), answers
+    # A calculate after the confirm answers its result and holds nothing: the confirm took
+    # the only hold there was, and no register will confirm the receipt again to take another.
+    assert (await balance(api, CARD))["held"] == 0
+    assert all(r["hold"] is None and r["replayed"] for _, r in answers[1:] if r.get("replayed"))
+
+
 async def test_calculating_one_receipt_at_once_holds_its_points_once(make_api):
     api = await make_api(now=NOW)
     await member_with(api, CARD, 1000)

@@ -101,10 +101,13 @@ def _stored_or_codes(conn, program: Program, receipt: schema.Receipt, now: datet
 
 def _calculate_in_tx(conn, program: Program, receipt: schema.Receipt, now: datetime, card: str,
                      seconds: list[float], coupon_mac, kept: MembershipCache | None = None) -> CalculateAnswer:
+    # The member's lock first (PostgreSQL): its hold is seen by the member's next write, and
+    # a confirm of this receipt that committed while this waited is read below, so no hold
+    # is put for a receipt already confirmed (no confirm would ever take it).
+    ledger.lock_member_of_card(conn, card)
     stored = stored_answer(conn, program, receipt, card, now)
     if stored is not None:
         return as_calculate(stored)
-    ledger.lock_member_of_card(conn, card)      # its hold is seen by the member's next write
     state = read_member_state(conn, receipt, program, now, card, coupon_mac, kept)
     plan = plan_calculate(receipt, state, program, now, _timed(program, receipt, state, local_day(program, now),
                                                                seconds))
