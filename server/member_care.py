@@ -189,12 +189,15 @@ async def merge(app, body: schema.MemberMerge, principal) -> tuple[int, A.MergeA
     now, privacy = app[CLOCK].now(), app[PRIVACY]
 
     def write(conn):
+        # Their receipts wait: offers and segments move too. Taken before the merge is looked
+        # for, so the same merge sent twice at once finds the first one's row and answers it,
+        # rather than finding the member merged.
+        ledger.lock_members(conn, [source, target])
         previous = member_care.get_merge(conn, body.merge_id)
         if previous is not None:
             if previous[0] != fingerprint:
                 raise conflict("idempotency_conflict", f"merge {body.merge_id} was made with another body")
             return 200, msgspec.structs.replace(msgspec.json.decode(previous[1], type=A.MergeAnswer), replayed=True)
-        ledger.lock_members(conn, [source, target])    # their receipts wait: offers and segments move too
         _member(conn, source, body.from_member_id, "from_member_id")
         _member(conn, target, body.into_member_id, "into_member_id")
         at = PostingRef(effective_at=iso(now), created_at=iso(now), ref=f"merge:{body.merge_id}",

@@ -176,6 +176,26 @@ async def test_adjustments_racing_redemptions_never_spend_a_point_twice(make_api
     assert (await balance(api, CARD))["available"] == 1000 - spent
 
 
+async def test_the_same_adjustment_sent_at_once_is_written_once_and_replayed(make_api):
+    api = await make_api(now=NOW)
+    await member_with(api, CARD, 1000)
+    body = {"card": CARD, "points": -800, "reason": "r", "adjustment_id": "A-1"}
+    answers = await asyncio.gather(*(api.post("/v1/admin/adjustments", body) for _ in range(AT_ONCE)))
+    assert sorted(s for s, _ in answers) == [200] * (AT_ONCE - 1) + [201], answers
+    assert (await balance(api, CARD))["available"] == 200
+
+
+async def test_the_same_merge_sent_at_once_is_made_once_and_replayed(make_api):
+    api = await make_api(now=NOW)
+    old = await member_with(api, CARD, 1000)
+    keep = await member_with(api, OTHER, 100)
+    merge = {"merge_id": "MG-1", "from_member_id": old["member_id"], "into_member_id": keep["member_id"],
+             "reason": "one customer"}
+    answers = await asyncio.gather(*(api.post("/v1/admin/members/merge", merge) for _ in range(AT_ONCE)))
+    assert sorted(s for s, _ in answers) == [200] * (AT_ONCE - 1) + [201], answers
+    assert (await balance(api, OTHER))["available"] == 1100
+
+
 async def test_an_adjustment_racing_a_merge_reaches_the_points_of_the_member_they_went_to(make_api):
     api = await make_api(now=NOW)
     old = await member_with(api, CARD, 100)

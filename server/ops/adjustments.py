@@ -35,9 +35,12 @@ async def adjust(deps: Deps, req: schema.Adjustment, principal: Principal) -> tu
 def _adjust_in_tx(deps: Deps, conn, req, member, principal, fingerprints) -> tuple[int, AdjustmentAnswer]:
     program, now = deps.program(), deps.clock.now()
     previous = ledger.get_adjustment(conn, req.adjustment_id)
+    if previous is None and ledger.lock_member(conn, member.id):
+        # The same adjustment sent twice at once: the copy that waited here finds the first
+        # one's row, rather than spending again and being refused for the points it spent.
+        previous = ledger.get_adjustment(conn, req.adjustment_id)
     if previous is not None:
         return 200, replay_any(previous[0], fingerprints, previous[1], AdjustmentAnswer)
-    ledger.lock_member(conn, member.id)
     if ledger.member_by_card(conn, deps.privacy.card(req.card)) is None:
         # A merge or a card replacement committed between the look-up and this write: the
         # points would go to a member no card reaches. Refused as the card is now.
