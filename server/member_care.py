@@ -135,6 +135,10 @@ async def replace_card(app, public_id: str, body: schema.CardReplacement) -> tup
     new_last4 = privacy.card_last4(body.new_card)
 
     def write(conn):
+        # Its cards are read under the member's lock (PostgreSQL): the same replacement sent
+        # twice at once finds the new card in use and answers as a replay, rather than
+        # retiring a card the first one already retired.
+        ledger.lock_member(conn, member_id)
         _member(conn, member_id, public_id)
         cards = member_care.active_cards(conn, member_id)
         if any(card in candidates(new) for card, _ in cards):

@@ -196,6 +196,22 @@ async def test_the_same_merge_sent_at_once_is_made_once_and_replayed(make_api):
     assert (await balance(api, OTHER))["available"] == 1100
 
 
+async def test_the_same_card_replacement_sent_at_once_is_made_once_and_replayed(make_api):
+    api = await make_api(now=NOW)
+    member = await member_with(api, CARD, 1000)
+    path = f"/v1/admin/members/{member['member_id']}/replace-card"
+    answers = await asyncio.gather(*(api.post(path, {"new_card": OTHER}) for _ in range(AT_ONCE)))
+    assert sorted(s for s, _ in answers) == [200] * (AT_ONCE - 1) + [201], answers
+    assert (await balance(api, OTHER))["available"] == 1000
+
+
+async def test_the_same_enrollment_sent_at_once_enrolls_once(make_api):
+    api = await make_api(now=NOW)
+    answers = await asyncio.gather(*(api.post("/v1/members", {"card": CARD}) for _ in range(AT_ONCE)))
+    assert sorted(s for s, _ in answers) == [201] + [409] * (AT_ONCE - 1), answers
+    assert (await balance(api, CARD))["available"] == WELCOME     # welcomed once
+
+
 async def test_an_adjustment_racing_a_merge_reaches_the_points_of_the_member_they_went_to(make_api):
     api = await make_api(now=NOW)
     old = await member_with(api, CARD, 100)
