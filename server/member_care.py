@@ -241,6 +241,10 @@ async def erase(app, public_id: str, body: schema.Erasure) -> A.ErasureAnswer:
     nobodys_card = app[PRIVACY].card(secrets.token_hex(16))
 
     def write(conn):
+        # Under the lock of each member erased (PostgreSQL): the same erasure sent twice at
+        # once answers the copy that waited with the first one's moment, as a repeat, and a
+        # receipt of the member runs wholly before it or finds the card unknown.
+        ledger.lock_members(conn, member_care.with_merged(conn, member_id))
         state = _member(conn, member_id, public_id, usable=False)
         if state.erased_at:
             return A.ErasureAnswer(public_id, state.erased_at, cards_removed=0, receipts_scrubbed=0,

@@ -212,6 +212,20 @@ async def test_the_same_enrollment_sent_at_once_enrolls_once(make_api):
     assert (await balance(api, CARD))["available"] == WELCOME     # welcomed once
 
 
+async def test_the_same_erasure_sent_at_once_erases_once_while_receipts_come(make_api):
+    api = await make_api(now=NOW)
+    member = await member_with(api, CARD, 1000)
+    path = f"/v1/admin/members/{member['member_id']}/erase"
+    calls = [api.post(path, {"reason": "asked"}) for _ in range(3)]
+    calls += [api.post("/v1/receipts", redeeming(f"R-{n}", CARD, f"K{n:02d}"), as_="register") for n in range(3)]
+    answers = await asyncio.gather(*calls)
+    erasures, receipts = answers[:3], answers[3:]
+    assert [s for s, _ in erasures] == [200] * 3, erasures
+    assert sorted(r["replayed"] for _, r in erasures) == [False, True, True], erasures
+    assert all(s == 201 or (s, r["error"]["code"]) == (422, "unknown_card") for s, r in receipts), receipts
+    await ledger_verifies(api)
+
+
 async def test_an_adjustment_racing_a_merge_reaches_the_points_of_the_member_they_went_to(make_api):
     api = await make_api(now=NOW)
     old = await member_with(api, CARD, 100)
