@@ -366,3 +366,19 @@ async def test_receipts_of_one_member_at_once_never_take_more_than_the_offer_bud
     assert given == [0, 0, 0, 10, 30, 30, 30][1:], given      # 100 in 30s, then the 10 left
     _, member = await a.get("/v1/members/c1")
     assert [o["points_left"] for o in member["offers"]] == [0]
+
+
+async def test_the_same_offer_sent_at_once_is_made_once(api):
+    a = await api(("c1", "c2"))
+    offer = {"offer_id": "o-1", "rule": "comeback", "cards": ["c1", "c2"], "from": "2026-12-01", "to": "2026-12-31",
+             "points": 40}
+    answers = await asyncio.gather(*(a.post("/v1/admin/offers", offer) for _ in range(6)))
+    assert sorted(s for s, _ in answers) == [200] * 5 + [201], answers
+    assert all(body == {"offer_id": "o-1", "rule": "comeback", "members": 2} for _, body in answers), answers
+
+
+async def test_the_same_list_segment_change_sent_at_once_answers_one_size(api):
+    a = await api(("c1", "c2"))
+    answers = await asyncio.gather(*(a.put("/v1/admin/segments/staff/members", {"cards": ["c1", "c2"]})
+                                     for _ in range(6)))
+    assert answers == [(200, {"segment": "staff", "members": 2})] * 6, answers

@@ -179,3 +179,13 @@ async def test_a_confirm_with_another_body_than_its_calculate_consumes_the_hold_
     assert status == 201 and confirmed["redeemed"]["points"] == 200, confirmed
     assert (await api.get(f"/v1/members/{CARD}"))[1]["balance"]["held"] == 0
     assert confirmed["balance"]["available"] == 800
+
+
+async def test_calculating_a_receipt_again_counts_its_own_hold_as_its_own(make_api):
+    api = await make_api(now=NOW)
+    await member_with_1000(api)
+    body = tv("C-1", "K01", "2026-11-25T18:00:00+02:00", redeem=800)
+    assert (await api.post("/v1/receipts/calculate", body, as_="register"))[1]["hold"]["points"] == 800
+    status, again = await api.post("/v1/receipts/calculate", {**body, "redeem_points": 900}, as_="register")
+    assert status == 200 and again["hold"]["points"] == 900, again
+    assert again["balance"] == {"available": 100, "pending": 0, "held": 900}
