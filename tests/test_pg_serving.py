@@ -207,6 +207,23 @@ def test_servers_sharing_a_database_never_overspend_a_member_nor_a_budget(tmp_pa
         status, confirmed = post(servers[-1], "/v1/receipts", held, KEYS["register"])
         assert status == 201 and confirmed["redeemed"]["points"] == 400, confirmed
         assert confirmed["balance"]["available"] == 1000 - 400 - spent
+        # One receipt's line returned through every server at once, six times under one return
+        # id and twice under another: one return, its copies replayed, the other refused.
+        returns = [{"return_id": return_id, "store_id": "S001", "register_id": "K99",
+                    "receipt": {"store_id": "S001", "register_id": "K99", "receipt_id": "H-1"},
+                    "lines": [{"line_no": 1, "qty": 1}]} for return_id in ["RET-1"] * 6 + ["RET-2"] * 2]
+
+        async def return_all() -> list[tuple[int, dict]]:
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEYS['register']}"}) as session:
+                async def send(n: int, body: dict) -> tuple[int, dict]:
+                    async with session.post(servers[n % SERVERS].url("/v1/returns"), json=body) as answer:
+                        return answer.status, await answer.json()
+                return await asyncio.gather(*(send(n, body) for n, body in enumerate(returns)))
+        returned = asyncio.run(return_all())
+        outcomes = sorted((status, body["return"]["return_id"] if status < 300 else body["error"]["code"])
+                          for status, body in returned)
+        assert outcomes in ([(200, "RET-1")] * 5 + [(201, "RET-1")] + [(422, "return_exceeds_sold")] * 2,
+                            [(201, "RET-2")] + [(422, "return_exceeds_sold")] * 7), returned
     finally:
         for server in servers:
             server.kill()
