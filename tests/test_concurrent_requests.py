@@ -11,6 +11,7 @@ import socket
 import pytest
 from conftest import KEYS, line, receipt
 from test_crash_safety import Server
+from test_storage_writer import WriterGate, wait_until
 
 from server.keys import DATABASE
 from storage import audit
@@ -371,3 +372,27 @@ async def test_a_card_replacement_racing_receipts_on_the_old_and_new_card(make_a
 async def ledger_verifies(api) -> None:
     report = await api.client.server.app[DATABASE].read(audit.verify)
     assert report.ok, report.problems
+
+
+@pytest.mark.sqlite_only
+async def test_an_adjustment_looked_up_before_a_merge_queued_ahead_of_it_is_refused(make_api):
+    """SQLite's one writer, held while a merge and then an adjustment queue behind it: the
+    adjustment looked its card up before the merge was written, and is written after it."""
+    api = await make_api(now=NOW)
+    old = await member_with(api, CARD, 100)
+    keep = await member_with(api, OTHER, 0)
+    db = api.client.server.app[DATABASE]
+    gate = WriterGate()
+    held = await gate.close_on(db)
+    merge = asyncio.create_task(api.post("/v1/admin/members/merge", {
+        "merge_id": "MG-1", "from_member_id": old["member_id"], "into_member_id": keep["member_id"], "reason": "r"}))
+    await wait_until(lambda: db.queue_depth() == 1)
+    adjustment = asyncio.create_task(api.post("/v1/admin/adjustments", {"card": CARD, "points": 50, "reason": "r",
+                                                                        "adjustment_id": "A-1"}))
+    await wait_until(lambda: db.queue_depth() == 2)
+    gate.release.set()
+    await held
+    assert (await merge)[0] == 201
+    status, refused = await adjustment
+    assert (status, refused["error"]["code"]) == (422, "card_merged"), refused
+    assert await balance(api, OTHER) == {"available": 100, "pending": 0, "held": 0}
