@@ -374,7 +374,7 @@ async def ledger_verifies(api) -> None:
     assert report.ok, report.problems
 
 
-@pytest.mark.sqlite_only
+@pytest.mark.sqlite_only(reason="holds SQLite's one writer; the same race on PostgreSQL is the test above")
 async def test_an_adjustment_looked_up_before_a_merge_queued_ahead_of_it_is_refused(make_api):
     """SQLite's one writer, held while a merge and then an adjustment queue behind it: the
     adjustment looked its card up before the merge was written, and is written after it."""
