@@ -374,10 +374,20 @@ async def ledger_verifies(api) -> None:
     assert report.ok, report.problems
 
 
-@pytest.mark.sqlite_only(reason="holds SQLite's one writer; the same race on PostgreSQL is the test above")
-async def test_an_adjustment_looked_up_before_a_merge_queued_ahead_of_it_is_refused(make_api):
-    """SQLite's one writer, held while a merge and then an adjustment queue behind it: the
-    adjustment looked its card up before the merge was written, and is written after it."""
+# Writes that find their member by card before they begin: each, written after a merge of
+# that member it did not see, is refused as the card now is.
+AFTER_A_LOOK_UP = {
+    "adjustment": ("POST", "/v1/admin/adjustments", {"card": CARD, "points": 50, "reason": "r", "adjustment_id": "A-1"}),
+    "profile": ("PATCH", f"/v1/members/{CARD}", {"phone": "+380501234567", "birthday": "1990-05-01"}),
+    "tier": ("PUT", f"/v1/admin/members/{CARD}/tier", {"tier": "gold", "until": "2027-12-31"}),
+}
+
+
+@pytest.mark.sqlite_only(reason="holds SQLite's one writer; on PostgreSQL a merge and an adjustment race above")
+@pytest.mark.parametrize("write", AFTER_A_LOOK_UP)
+async def test_a_write_that_looked_its_card_up_before_a_merge_queued_ahead_of_it_is_refused(make_api, write):
+    """SQLite's one writer, held while a merge and then the write queue behind it: the
+    write looked its card up before the merge was written, and is written after it."""
     api = await make_api(now=NOW)
     old = await member_with(api, CARD, 100)
     keep = await member_with(api, OTHER, 0)
@@ -387,12 +397,12 @@ async def test_an_adjustment_looked_up_before_a_merge_queued_ahead_of_it_is_refu
     merge = asyncio.create_task(api.post("/v1/admin/members/merge", {
         "merge_id": "MG-1", "from_member_id": old["member_id"], "into_member_id": keep["member_id"], "reason": "r"}))
     await wait_until(lambda: db.queue_depth() == 1)
-    adjustment = asyncio.create_task(api.post("/v1/admin/adjustments", {"card": CARD, "points": 50, "reason": "r",
-                                                                        "adjustment_id": "A-1"}))
+    method, path, body = AFTER_A_LOOK_UP[write]
+    late = asyncio.create_task(api.call(method, path, body))
     await wait_until(lambda: db.queue_depth() == 2)
     gate.release.set()
     await held
     assert (await merge)[0] == 201
-    status, refused = await adjustment
+    status, refused = await late
     assert (status, refused["error"]["code"]) == (422, "card_merged"), refused
     assert await balance(api, OTHER) == {"available": 100, "pending": 0, "held": 0}

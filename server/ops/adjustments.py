@@ -10,7 +10,7 @@ from server.auth import Principal
 from server.answer_types import AdjustmentAnswer
 from server.errors import field_error, unprocessable
 from server.ops import JSON, Deps, keyed_fingerprints, replay_any
-from server.ops.members import balance_now, find_member
+from server.ops.members import balance_now, find_member, refuse_if_card_moved
 from server.privacy import candidates
 from storage import accounts, ledger
 from storage.ledger import InsufficientPoints, PostingRef, iso
@@ -41,11 +41,7 @@ def _adjust_in_tx(deps: Deps, conn, req, member, principal, fingerprints) -> tup
         previous = ledger.get_adjustment(conn, req.adjustment_id)
     if previous is not None:
         return 200, replay_any(previous[0], fingerprints, previous[1], AdjustmentAnswer)
-    if ledger.member_by_card(conn, deps.privacy.card(req.card)) is None:
-        # A merge or a card replacement committed between the look-up and this write: the
-        # points would go to a member no card reaches. Refused as the card is now.
-        raise unprocessable("unknown_card", f"card {req.card} is not enrolled",
-                            [{"path": "card", "message": "not enrolled"}])
+    refuse_if_card_moved(conn, deps, req.card, member)     # the points would reach no card
     at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
                     ref=f"adjustment:{req.adjustment_id}", key_id=principal.key_id, note=req.reason)
     today = now.astimezone(program.timezone).date()
