@@ -51,8 +51,9 @@ async def balance(api, card: str) -> dict:
 
 
 def three_lines(receipt_id: str, card: str | None = CARD, redeem: int = 0) -> dict:
-    return receipt(receipt_id, [line(1, "grocery", 30000, qty=3, sku="coffee-1"), line(2, "dairy", 20000, sku="cheese-1"),
-                                line(3, "grocery", 50000, sku="tea-1")], card=card, ts=TS, redeem=redeem)
+    return receipt(receipt_id, [line(1, "grocery", 30000, qty=3, sku="coffee-1"),
+                                line(2, "dairy", 20000, sku="cheese-1"), line(3, "grocery", 50000, sku="tea-1")],
+                   card=card, ts=TS, redeem=redeem)
 
 
 # ---------------------------------------------------------------- returns
@@ -377,7 +378,8 @@ async def ledger_verifies(api) -> None:
 # Writes that find their member by card before they begin: each, written after a merge of
 # that member it did not see, is refused as the card now is.
 AFTER_A_LOOK_UP = {
-    "adjustment": ("POST", "/v1/admin/adjustments", {"card": CARD, "points": 50, "reason": "r", "adjustment_id": "A-1"}),
+    "adjustment": ("POST", "/v1/admin/adjustments",
+                   {"card": CARD, "points": 50, "reason": "r", "adjustment_id": "A-1"}),
     "profile": ("PATCH", f"/v1/members/{CARD}", {"phone": "+380501234567", "birthday": "1990-05-01"}),
     "tier": ("PUT", f"/v1/admin/members/{CARD}/tier", {"tier": "gold", "until": "2027-12-31"}),
 }
