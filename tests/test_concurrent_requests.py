@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
 
 import pytest
-from conftest import KEYS, line, receipt
+from conftest import KEYS, MARKET, line, receipt
 from test_crash_safety import Server
 from test_storage_writer import WriterGate, wait_until
 
@@ -373,6 +374,28 @@ async def test_a_card_replacement_racing_receipts_on_the_old_and_new_card(make_a
 async def ledger_verifies(api) -> None:
     report = await api.client.server.app[DATABASE].read(audit.verify)
     assert report.ok, report.problems
+
+
+PROFILE_POINTS = "events:\n  - {id: profile-bonus, on: profile_completed, reward: {points: 50}}\n"
+
+
+async def test_a_completed_profile_racing_a_merge_pays_the_member_the_points_went_to(make_api, tmp_path):
+    program = tmp_path / "program"
+    shutil.copytree(MARKET, program)
+    (program / "profile.yaml").write_text(PROFILE_POINTS)
+    api = await make_api(now=NOW, program_dir=program)
+    old = await member_with(api, CARD, 100)
+    keep = await member_with(api, OTHER, 100)
+    merge = {"merge_id": "MG-1", "from_member_id": old["member_id"], "into_member_id": keep["member_id"],
+             "reason": "one customer"}
+    answers = await asyncio.gather(
+        api.post("/v1/admin/members/merge", merge),
+        *(api.patch(f"/v1/members/{CARD}", {"phone": "+380501234567", "birthday": "1990-05-01"}) for _ in range(3)))
+    assert answers[0][0] == 201, answers[0]
+    patched = [s for s, _ in answers[1:]]
+    assert all(s == 200 or (s, r["error"]["code"]) == (422, "card_merged") for s, r in answers[1:]), answers
+    # Completed before the merge: its 50 points went along; after it: refused, nothing paid.
+    assert (await balance(api, OTHER))["available"] == 200 + (50 if 200 in patched else 0)
 
 
 # Writes that find their member by card before they begin: each, written after a merge of
