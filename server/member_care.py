@@ -136,6 +136,10 @@ async def replace_card(app, public_id: str, body: schema.CardReplacement) -> tup
     new_last4 = privacy.card_last4(body.new_card)
 
     def write(conn):
+        # Its cards are read under the member's lock (PostgreSQL): the same replacement sent
+        # twice at once finds the new card in use and answers as a replay, rather than
+        # retiring a card the first one already retired.
+        ledger.lock_member(conn, member_id)
         _member(conn, member_id, public_id)
         cards = member_care.active_cards(conn, member_id)
         own = [card for card, _ in cards if card in candidates(new)]
@@ -195,12 +199,15 @@ async def merge(app, body: schema.MemberMerge, principal) -> tuple[int, A.MergeA
     now, privacy = app[CLOCK].now(), app[PRIVACY]
 
     def write(conn):
+        # Their receipts wait: offers and segments move too. Taken before the merge is looked
+        # for, so the same merge sent twice at once finds the first one's row and answers it,
+        # rather than finding the member merged.
+        ledger.lock_members(conn, [source, target])
         previous = member_care.get_merge(conn, body.merge_id)
         if previous is not None:
             if previous[0] != fingerprint:
                 raise conflict("idempotency_conflict", f"merge {body.merge_id} was made with another body")
             return 200, msgspec.structs.replace(msgspec.json.decode(previous[1], type=A.MergeAnswer), replayed=True)
-        ledger.lock_members(conn, [source, target])    # their receipts wait: offers and segments move too
         _member(conn, source, body.from_member_id, "from_member_id")
         _member(conn, target, body.into_member_id, "into_member_id")
         at = PostingRef(effective_at=iso(now), created_at=iso(now), ref=f"merge:{body.merge_id}",
@@ -240,6 +247,10 @@ async def erase(app, public_id: str, body: schema.Erasure) -> A.ErasureAnswer:
     nobodys_card = app[PRIVACY].card(secrets.token_hex(16))
 
     def write(conn):
+        # Under the lock of each member erased (PostgreSQL): the same erasure sent twice at
+        # once answers the copy that waited with the first one's moment, as a repeat, and a
+        # receipt of the member runs wholly before it or finds the card unknown.
+        ledger.lock_members(conn, member_care.with_merged(conn, member_id))
         state = _member(conn, member_id, public_id, usable=False)
         if state.erased_at:
             return A.ErasureAnswer(public_id, state.erased_at, cards_removed=0, receipts_scrubbed=0,

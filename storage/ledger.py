@@ -141,6 +141,20 @@ def lock_members(conn, member_ids) -> None:
     conn.execute(f"SELECT 1 FROM members WHERE id IN ({marks}) ORDER BY id FOR UPDATE", ids)
 
 
+def lock_receipt(conn, key: ReceiptKey, member_id: int | None) -> bool:
+    """Before a return or a cancel reads what is left of a confirmed receipt: on PostgreSQL
+    its member's lock (lock_member, taken first as every write of the member takes it), then
+    the receipt's row, so that the returns and the cancel of one receipt, in any process and
+    with or without a card, run one after another, each seeing what the one before wrote.
+    Whether it locked (what was read before it may have changed meanwhile)."""
+    if not is_postgresql(conn):
+        return False
+    if member_id is not None:
+        lock_member(conn, member_id)
+    conn.execute("SELECT 1 FROM receipts WHERE store_id = ? AND register_id = ? AND receipt_id = ? FOR UPDATE", key)
+    return True
+
+
 def lock_member_of_card(conn, card: str) -> None:
     """lock_member for the member a card (its HMAC, and its older ones) belongs to, if any."""
     if is_postgresql(conn):

@@ -337,3 +337,48 @@ async def test_bad_coupon_lists_are_refused_with_their_path(api, coupons, path):
     assert status == 422 and body["error"]["code"] == "validation_error"
     assert body["error"]["details"][0]["path"] == path
     assert await rows(a, "SELECT COUNT(*) FROM receipts") == [(0,)]
+
+
+async def test_a_code_given_back_by_a_cancel_racing_a_new_use_is_used_at_most_once(api):
+    a = await api(("c1", "c2", "c3"))
+    code = await new_code(a)
+    assert (await confirm(a, receipt("r1", card="c1", coupons=[code])))["coupons"][0]["status"] == "applied"
+    (cs, cancel), (rs, second) = await asyncio.gather(
+        a.post("/v1/receipts/S001/K1/r1/cancel", as_="register"),
+        a.post("/v1/receipts", receipt("r2", card="c2", coupons=[code]), as_="register"))
+    assert (cs, cancel["status"], rs) == (200, "cancelled", 201), (cancel, second)
+    # The cancel came first and the code was free again, or came after and r2 found it used.
+    status = second["coupons"][0]["status"]
+    assert status in ("applied", "used")
+    assert await code_uses(a) == (["r2"] if status == "applied" else [])
+    third = await confirm(a, receipt("r3", card="c3", coupons=[code]))
+    assert third["coupons"][0]["status"] == ("used" if status == "applied" else "applied")
+    assert await rows(a, "SELECT uses FROM coupon_codes") == [(1,)]
+
+
+async def test_receipts_of_one_member_at_once_never_take_more_than_the_offer_budget(api):
+    a = await api(("c1",))
+    offer = {"offer_id": "o-1", "rule": "comeback", "cards": ["c1"], "from": "2026-12-01", "to": "2026-12-31",
+             "points": 100}
+    assert (await a.post("/v1/admin/offers", offer))[0] == 201
+    answers = await asyncio.gather(*(confirm(a, receipt(f"r{n}")) for n in range(6)))
+    given = sorted(by_rule(answer).get("comeback", 0) for answer in answers)
+    assert given == [0, 0, 0, 10, 30, 30, 30][1:], given      # 100 in 30s, then the 10 left
+    _, member = await a.get("/v1/members/c1")
+    assert [o["points_left"] for o in member["offers"]] == [0]
+
+
+async def test_the_same_offer_sent_at_once_is_made_once(api):
+    a = await api(("c1", "c2"))
+    offer = {"offer_id": "o-1", "rule": "comeback", "cards": ["c1", "c2"], "from": "2026-12-01", "to": "2026-12-31",
+             "points": 40}
+    answers = await asyncio.gather(*(a.post("/v1/admin/offers", offer) for _ in range(6)))
+    assert sorted(s for s, _ in answers) == [200] * 5 + [201], answers
+    assert all(body == {"offer_id": "o-1", "rule": "comeback", "members": 2} for _, body in answers), answers
+
+
+async def test_the_same_list_segment_change_sent_at_once_answers_one_size(api):
+    a = await api(("c1", "c2"))
+    answers = await asyncio.gather(*(a.put("/v1/admin/segments/staff/members", {"cards": ["c1", "c2"]})
+                                     for _ in range(6)))
+    assert answers == [(200, {"segment": "staff", "members": 2})] * 6, answers

@@ -1,7 +1,11 @@
 """Retries, conflicting bodies, holds between two registers, and concurrent requests."""
 import asyncio
+from datetime import datetime, timedelta
 
-from conftest import line, receipt
+from conftest import Api, line, receipt, test_config
+
+from server.app import create_app
+from server.keys import CLOCK
 
 CARD = "7000000000003"
 NOW = "2026-11-25T18:00:00+02:00"
@@ -139,3 +143,49 @@ async def test_concurrent_receipts_of_one_member_each_see_the_one_before(make_ap
     assert len(set(pending)) == 6                                # each saw the points of the ones before
     _, m = await api.get(f"/v1/members/{CARD}")
     assert m["balance"]["pending"] == pending[-1]
+
+
+async def api_with_clock(aiohttp_client, tmp_path):
+    app = create_app(test_config(tmp_path, NOW))
+    api = Api(await aiohttp_client(app))
+    return api, app[CLOCK]
+
+
+async def test_a_hold_expired_before_its_confirm_gives_way_to_other_registers(aiohttp_client, tmp_path):
+    api, clock = await api_with_clock(aiohttp_client, tmp_path)
+    await member_with_1000(api)
+    ra = tv("C-1", "K01", "2026-11-25T18:00:00+02:00", redeem=600)
+    status, calc = await api.post("/v1/receipts/calculate", ra, as_="register")
+    assert status == 200 and calc["hold"]["points"] == 600
+    clock.set(datetime.fromisoformat(calc["hold"]["expires_at"]) + timedelta(seconds=1))
+    assert (await api.get(f"/v1/members/{CARD}"))[1]["balance"] == {"available": 1000, "pending": 0, "held": 0}
+    # Another register spends what the hold no longer keeps; the late confirm pays with what is left.
+    status, other = await api.post("/v1/receipts", tv("C-2", "K02", "2026-11-25T18:00:30+02:00", redeem=700),
+                                   as_="register")
+    assert status == 201 and other["redeemed"]["points"] == 700, other
+    status, late = await api.post("/v1/receipts", ra, as_="register")
+    assert status == 201 and late["redeemed"]["points"] == 300, late
+    assert late["balance"]["available"] == 0 and late["balance"]["held"] == 0
+
+
+async def test_a_confirm_with_another_body_than_its_calculate_consumes_the_hold_and_pays_what_it_asks(make_api):
+    api = await make_api(now=NOW)
+    await member_with_1000(api)
+    status, calc = await api.post("/v1/receipts/calculate", tv("C-1", "K01", "2026-11-25T18:00:00+02:00", redeem=600),
+                                  as_="register")
+    assert status == 200 and calc["hold"]["points"] == 600
+    status, confirmed = await api.post("/v1/receipts", tv("C-1", "K01", "2026-11-25T18:00:00+02:00", redeem=200),
+                                       as_="register")
+    assert status == 201 and confirmed["redeemed"]["points"] == 200, confirmed
+    assert (await api.get(f"/v1/members/{CARD}"))[1]["balance"]["held"] == 0
+    assert confirmed["balance"]["available"] == 800
+
+
+async def test_calculating_a_receipt_again_counts_its_own_hold_as_its_own(make_api):
+    api = await make_api(now=NOW)
+    await member_with_1000(api)
+    body = tv("C-1", "K01", "2026-11-25T18:00:00+02:00", redeem=800)
+    assert (await api.post("/v1/receipts/calculate", body, as_="register"))[1]["hold"]["points"] == 800
+    status, again = await api.post("/v1/receipts/calculate", {**body, "redeem_points": 900}, as_="register")
+    assert status == 200 and again["hold"]["points"] == 900, again
+    assert again["balance"] == {"available": 100, "pending": 0, "held": 900}

@@ -6,7 +6,9 @@ saying why, without PostgreSQL.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -14,10 +16,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 import msgspec
 import pytest
 import yaml
-from conftest import KEYS, Api, line, receipt, test_config
+from conftest import KEYS, MARKET, Api, line, receipt, test_config
 from test_crash_safety import NOW, Server
 
 from server.app import create_app
@@ -148,3 +151,82 @@ def test_the_same_receipt_sent_to_two_servers_at_once_is_written_once(tmp_path, 
                             str(servers[0].config)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert audit.returncode == 0, audit.stdout + audit.stderr
     assert "ok: " in audit.stdout
+
+
+BUDGETED = """
+rules:
+  - id: launch
+    reward: {points: 30}
+    budget: {points: 50}
+"""
+SERVERS = 3
+
+
+def test_servers_sharing_a_database_never_overspend_a_member_nor_a_budget(tmp_path, pg_url):
+    """Redemptions of one member and receipts of many members firing a budgeted rule, at once
+    over three servers, with a hold one of them took: the member's points are spent at most
+    once, the hold is kept for its receipt, and the budget is never exceeded."""
+    program = tmp_path / "program"
+    shutil.copytree(MARKET, program)
+    (program / "launch.yaml").write_text(BUDGETED)
+    servers = []
+    for name in "abc"[:SERVERS]:
+        (tmp_path / name).mkdir()
+        servers.append(on_postgresql(Server(tmp_path / name, rules={"dir": str(program), "watch": False}), pg_url))
+    try:
+        for server in servers:
+            server.start()
+        assert post(servers[0], "/v1/members", {"card": CARD}, KEYS["manager"])[0] == 201
+        assert post(servers[1], "/v1/admin/adjustments", {"card": CARD, "points": 900, "reason": "r",
+                                                          "adjustment_id": "A-1"}, KEYS["manager"])[0] == 201
+        for n in range(6):
+            assert post(servers[n % SERVERS], "/v1/members", {"card": f"70000000001{n:02d}"}, KEYS["manager"])[0] == 201
+        held = receipt("H-1", [line(1, "grocery", 100000)], card=CARD, redeem=400, register="K99")
+        status, calc = post(servers[0], "/v1/receipts/calculate", held, KEYS["register"])
+        assert status == 200 and calc["hold"]["points"] == 400, calc
+        bodies = [receipt(f"R-{n}", [line(1, "grocery", 100000)], card=CARD, redeem=300, register=f"K{n:02d}")
+                  for n in range(6)]
+        bodies += [receipt(f"O-{n}", [line(1, "bakery", 1000)], card=f"70000000001{n:02d}", register=f"K{n:02d}")
+                   for n in range(6)]
+
+        async def send_all() -> list[tuple[int, dict]]:
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEYS['register']}"}) as session:
+                async def send(n: int, body: dict) -> tuple[int, dict]:
+                    async with session.post(servers[n % SERVERS].url("/v1/receipts"), json=body) as answer:
+                        return answer.status, await answer.json()
+                return await asyncio.gather(*(send(n, body) for n, body in enumerate(bodies)))
+        answers = asyncio.run(send_all())
+        assert all(status in (201, 422) for status, _ in answers), answers
+        assert all(body["error"]["code"] == "insufficient_points" for status, body in answers if status == 422)
+        spent = sum(body["redeemed"]["points"] for status, body in answers if status == 201)
+        assert spent <= 1000 - 400, answers
+        launch = sum(r["points"] for status, body in answers if status == 201
+                     for r in body["accrued"]["by_rule"] if r["rule"] == "launch")
+        assert launch == 50, answers
+        # The hold taken through the first server is kept for its receipt, confirmed through the last.
+        status, confirmed = post(servers[-1], "/v1/receipts", held, KEYS["register"])
+        assert status == 201 and confirmed["redeemed"]["points"] == 400, confirmed
+        assert confirmed["balance"]["available"] == 1000 - 400 - spent
+        # One receipt's line returned through every server at once, six times under one return
+        # id and twice under another: one return, its copies replayed, the other refused.
+        returns = [{"return_id": return_id, "store_id": "S001", "register_id": "K99",
+                    "receipt": {"store_id": "S001", "register_id": "K99", "receipt_id": "H-1"},
+                    "lines": [{"line_no": 1, "qty": 1}]} for return_id in ["RET-1"] * 6 + ["RET-2"] * 2]
+
+        async def return_all() -> list[tuple[int, dict]]:
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEYS['register']}"}) as session:
+                async def send(n: int, body: dict) -> tuple[int, dict]:
+                    async with session.post(servers[n % SERVERS].url("/v1/returns"), json=body) as answer:
+                        return answer.status, await answer.json()
+                return await asyncio.gather(*(send(n, body) for n, body in enumerate(returns)))
+        returned = asyncio.run(return_all())
+        outcomes = sorted((status, body["return"]["return_id"] if status < 300 else body["error"]["code"])
+                          for status, body in returned)
+        assert outcomes in ([(200, "RET-1")] * 5 + [(201, "RET-1")] + [(422, "return_exceeds_sold")] * 2,
+                            [(201, "RET-2")] + [(422, "return_exceeds_sold")] * 7), returned
+    finally:
+        for server in servers:
+            server.kill()
+    audit = subprocess.run([sys.executable, "-m", "server.cli", "audit", "verify", "--config",
+                            str(servers[0].config)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert audit.returncode == 0, audit.stdout + audit.stderr

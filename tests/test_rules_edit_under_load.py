@@ -5,6 +5,8 @@ import shutil
 
 from conftest import MARKET, line, receipt
 
+from server.keys import DATABASE
+
 NOW = "2026-11-24T12:00:05+02:00"
 
 
@@ -51,3 +53,9 @@ async def test_editing_while_confirming(make_api, tmp_path):
         by_version.setdefault(r["rules_version"], set()).add(base_points)
     assert len(by_version) >= 2                     # the edits were picked up while receipts flowed
     assert all(len(points) == 1 and points <= {2, 4} for points in by_version.values())
+    # What was written says the same version as the answer: the receipt's row and its postings.
+    written = await api.client.server.app[DATABASE].read(lambda conn: conn.execute(
+        "SELECT r.receipt_id, r.rules_version, p.rules_version FROM receipts r JOIN postings p "
+        "ON p.store_id = r.store_id AND p.register_id = r.register_id AND p.receipt_id = r.receipt_id").fetchall())
+    answered = {r["receipt"]["receipt_id"]: r["rules_version"] for _, r in answers}
+    assert written and all(answered[rid] == row == posting for rid, row, posting in written)

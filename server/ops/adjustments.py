@@ -10,7 +10,7 @@ from server.auth import Principal
 from server.answer_types import AdjustmentAnswer
 from server.errors import field_error, unprocessable
 from server.ops import JSON, Deps, keyed_fingerprints, replay_any
-from server.ops.members import balance_now, find_member
+from server.ops.members import balance_now, find_member, refuse_if_card_moved
 from server.privacy import candidates
 from storage import accounts, ledger
 from storage.ledger import InsufficientPoints, PostingRef, iso
@@ -35,9 +35,13 @@ async def adjust(deps: Deps, req: schema.Adjustment, principal: Principal) -> tu
 def _adjust_in_tx(deps: Deps, conn, req, member, principal, fingerprints) -> tuple[int, AdjustmentAnswer]:
     program, now = deps.program(), deps.clock.now()
     previous = ledger.get_adjustment(conn, req.adjustment_id)
+    if previous is None and ledger.lock_member(conn, member.id):
+        # The same adjustment sent twice at once: the copy that waited here finds the first
+        # one's row, rather than spending again and being refused for the points it spent.
+        previous = ledger.get_adjustment(conn, req.adjustment_id)
     if previous is not None:
         return 200, replay_any(previous[0], fingerprints, previous[1], AdjustmentAnswer)
-    ledger.lock_member(conn, member.id)
+    refuse_if_card_moved(conn, deps, req.card, member)     # the points would reach no card
     at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
                     ref=f"adjustment:{req.adjustment_id}", key_id=principal.key_id, note=req.reason)
     today = now.astimezone(program.timezone).date()

@@ -34,6 +34,17 @@ async def find_member(deps: Deps, card: str, path: str = "card") -> ledger.Membe
     return member
 
 
+def refuse_if_card_moved(conn: sqlite3.Connection, deps: Deps, card: str, member: ledger.MemberRow,
+                         path: str = "card") -> None:
+    """For a write whose member was found by card before it began, under the member's lock
+    (ledger.lock_member): a merge or a card replacement committed in between is refused as
+    the card is now (unknown_card, which the routes explain as card_merged or
+    card_replaced), never written to a member that no card reaches any more."""
+    found = ledger.member_by_card(conn, deps.privacy.card(card))
+    if found is None or found.id != member.id:
+        raise unprocessable("unknown_card", f"card {card} is not enrolled", [{"path": path, "message": "not enrolled"}])
+
+
 def member_view(deps: Deps, conn: sqlite3.Connection, program: Program, member: ledger.MemberRow,
                 at: datetime | None = None, card: str | None = None) -> MemberAnswer:
     """card: the number the caller used; only last four digits of the others are known."""
@@ -116,6 +127,8 @@ async def patch_member(deps: Deps, card: str, patch: schema.MemberPatch) -> Memb
         changes["tags"] = JSON.encode(sorted(set(patch.tags))).decode()
 
     def write(conn):
+        ledger.lock_member(conn, member.id)     # a merge waiting for it, or waited for, is seen below
+        refuse_if_card_moved(conn, deps, card, member)      # a profile completed would credit a merged member
         ledger.update_member(conn, member.id, changes, iso(now))
         fresh = ledger.member_by_id(conn, member.id)
         if fresh.phone and fresh.birthday:
@@ -171,6 +184,8 @@ async def set_tier(deps: Deps, card: str, req: schema.TierAssignment) -> MemberA
     now = deps.clock.now()
 
     def write(conn):
+        ledger.lock_member(conn, member.id)
+        refuse_if_card_moved(conn, deps, card, member)
         ledger.update_member(conn, member.id, {"manual_tier": req.tier,
                                                "manual_tier_until": req.until.isoformat()}, iso(now))
         webhooks.note_tier(conn, program, member.id, now, "assigned")

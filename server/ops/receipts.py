@@ -101,10 +101,13 @@ def _stored_or_codes(conn, program: Program, receipt: schema.Receipt, now: datet
 
 def _calculate_in_tx(conn, program: Program, receipt: schema.Receipt, now: datetime, card: str,
                      seconds: list[float], coupon_mac, kept: MembershipCache | None = None) -> CalculateAnswer:
+    # The member's lock first (PostgreSQL): its hold is seen by the member's next write, and
+    # a confirm of this receipt that committed while this waited is read below, so no hold
+    # is put for a receipt already confirmed (no confirm would ever take it).
+    ledger.lock_member_of_card(conn, card)
     stored = stored_answer(conn, program, receipt, card, now)
     if stored is not None:
         return as_calculate(stored)
-    ledger.lock_member_of_card(conn, card)      # its hold is seen by the member's next write
     state = read_member_state(conn, receipt, program, now, card, coupon_mac, kept)
     plan = plan_calculate(receipt, state, program, now, _timed(program, receipt, state, local_day(program, now),
                                                                seconds))
@@ -291,8 +294,8 @@ async def cancel(deps: Deps, key: ledger.ReceiptKey, principal: Principal) -> Ca
 def _cancel_in_tx(deps: Deps, conn, key) -> CancelAnswer:
     program, now = deps.program(), deps.clock.now()
     stored = ledger.get_receipt(conn, key)
-    if stored is not None and stored.member_id is not None and ledger.lock_member(conn, stored.member_id):
-        stored = ledger.get_receipt(conn, key)      # as the member's writes before this one left it
+    if stored is not None and ledger.lock_receipt(conn, key, stored.member_id):
+        stored = ledger.get_receipt(conn, key)      # as the member's writes and the receipt's returns left it
     if stored is None:
         released = ledger.close_hold(conn, key, "released", iso(now))
         return CancelAnswer(receipt_ref(key), "hold_released" if released else "nothing_to_cancel",
