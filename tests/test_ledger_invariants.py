@@ -242,6 +242,32 @@ class LedgerMachine(RuleBasedStateMachine):
         rec = Receipt(key=key, body=body)
         self.calculated.append(rec)
 
+    @precondition(lambda self: any(rec.body["card"] in self.cards for rec in self.calculated))
+    @rule(data=st.data(), redeem=st.sampled_from([0, 10, 40, 100000]), drop=st.booleans())
+    def recalculate(self, data, redeem, drop):
+        """The basket or the points asked change at the till: the calculate again replaces its hold."""
+        rec = data.draw(st.sampled_from([rec for rec in self.calculated if rec.body["card"] in self.cards]))
+        lines = rec.body["lines"][:-1] if drop and len(rec.body["lines"]) > 1 else rec.body["lines"]
+        body = {**rec.body, "lines": lines, "total": sum(ln["amount"] for ln in lines), "redeem_points": redeem}
+        if not redeem:
+            del body["redeem_points"]
+        before = self.member(body["card"])["balance"]
+        hold = self.holds.get(rec.key)
+        own = hold[1] if hold and hold[2] > self.now else 0
+        status, r = self.call("POST", "/v1/receipts/calculate", body, as_=REGISTER[body["store_id"]])
+        if status == 422:            # refused: the hold it had stays
+            self.refused_redemption(r, body, before, own)
+            return
+        assert status == 200, r
+        self.check_result(r, body, before, own)
+        held = r["hold"]["points"] if r.get("hold") else 0
+        assert held == r["redeemed"]["points"], r
+        if held:
+            self.holds[rec.key] = (self.cards[body["card"]], held, self.now + timedelta(minutes=HOLD_MINUTES))
+        else:
+            self.holds.pop(rec.key, None)
+        rec.body = body
+
     def check_result(self, r: dict, body: dict, before: dict, own_hold: int = 0) -> None:
         """A calculate's or confirm's answer: its parts sum, and it spends no more than there was."""
         accrued, redeemed = r["accrued"], r["redeemed"]
