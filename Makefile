@@ -46,9 +46,12 @@ faulttest: $(TEST_STAMP)
 	FAULT_LONG=1 $(VENV)/bin/pytest -q -s tests/test_wal_bounded.py tests/test_storage_faults.py tests/test_connections.py \
 		tests/test_console_memory.py tests/test_import_members.py
 
-# Generated requests and programs; `make test` runs FUZZ_EXAMPLES=20 of the same tests.
+# Generated requests and programs, and random sequences of valid operations with the books
+# checked after each; `make test` runs FUZZ_EXAMPLES=20 and LEDGER_EXAMPLES=8 of the same tests.
+# LOYALTY_TEST_BACKEND=postgresql make fuzz runs them on PostgreSQL.
 fuzz: $(TEST_STAMP)
-	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-300} FUZZ_RANDOM=1 $(VENV)/bin/pytest -q -s tests/test_fuzz_api.py tests/test_fuzz_rules.py
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-300} LEDGER_EXAMPLES=$${LEDGER_EXAMPLES:-300} LEDGER_STEPS=$${LEDGER_STEPS:-60} \
+		FUZZ_RANDOM=1 $(VENV)/bin/pytest -q -s tests/test_fuzz_api.py tests/test_fuzz_rules.py tests/test_ledger_invariants.py
 
 # The console's browser test (Debian's chromium), keeping a screenshot of each page in docs/console/.
 console-screenshots: $(TEST_STAMP)

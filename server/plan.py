@@ -22,7 +22,7 @@ from rules.records import Evaluation
 from server.errors import ApiError, unprocessable
 from storage import accounts, member_facts, offers
 from storage.coupons import USABLE, Judged
-from storage.ledger import Balance, Hold, Lot, LotTotals, MemberRow, ReceiptKey, balance_of, draw, iso
+from storage.ledger import Balance, Hold, Lot, LotTotals, MemberRow, ReceiptKey, after_holds, balance_of, draw, iso
 from storage.line_records import ReceiptLines, build
 from storage.member_facts import ReceiptMemberFacts, TierFacts
 from storage.offers import OfferRow
@@ -143,8 +143,10 @@ def evaluate(program: Program, receipt, state: MemberState | None, today: str) -
         ev = program.evaluate(receipt, None, 0, 0, {})
     else:
         # What the member may spend matters only to a redemption: most receipts ask none.
+        # Its own hold is what it may spend again; the others' holds are reserved from it.
+        key = key_of(receipt)
         available = 0 if not receipt.redeem_points else \
-            balance_of(lots_read(state), state.holds, today).available + state.own_hold(key_of(receipt))
+            balance_of(lots_read(state), [h for h in state.holds if h.key != key], today).available
         ev = program.evaluate(receipt, state.facts, receipt.redeem_points, available, state.usage, state.budget_left)
     if ev.redeem_refusal:
         raise refusal(ev.redeem_refusal, program, ev.redeem_most)
@@ -244,7 +246,7 @@ def member_balance(state: MemberState, holds: list[Hold], today: str, new: list[
     drawn or repaid, so the totals are as they were."""
     new = new or []
     if state.lots is None:
-        return with_totals(balance_of(new, holds, today), state.lot_totals)
+        return with_totals(balance_of(new, [], today), state.lot_totals, holds)
     lots = [changed.get(lot.id, lot) for lot in state.lots] if changed else state.lots
     return balance_of(lots + new, holds, today)    # a lot drawn to zero counts nothing
 
@@ -257,13 +259,13 @@ def lots_read(state: MemberState) -> list[Lot]:
     return state.lots
 
 
-def with_totals(balance: Balance, totals: LotTotals) -> Balance:
-    """`balance` (of the lots a receipt adds, and the holds) with the member's other lots
-    counted from their totals. Their dates were not read, so `expiring` is left empty: no
-    receipt answer shows it. `owed` is the new lots' (none): totals are read only for a
-    member without debts."""
-    return Balance(balance.available + totals.available, balance.pending + totals.pending, balance.held,
-                   [], balance.owed)
+def with_totals(balance: Balance, totals: LotTotals, holds: list[Hold]) -> Balance:
+    """`balance` (of the lots a receipt adds) with the member's other lots counted from
+    their totals, then the holds reserving from them all. Their dates were not read, so
+    `expiring` is left empty: no receipt answer shows it. `owed` is the new lots' (none):
+    totals are read only for a member without debts."""
+    available, held = after_holds(balance.available + totals.available, holds)
+    return Balance(available, balance.pending + totals.pending, held, [], balance.owed)
 
 
 def _redeem(plan: ReceiptPlan, lots: list[Lot], changed: dict[int, Lot], points: int, today: str, reserved: int,

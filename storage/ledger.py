@@ -320,8 +320,17 @@ def balance_of(lots: list[Lot], holds: list[Hold], day: str) -> Balance:
             pending += remaining
         if expires and remaining:
             by_date[expires] = by_date.get(expires, 0) + remaining
-    held = sum([h.points for h in holds])
-    return Balance(available - held, pending, held, sorted(by_date.items()), owed)
+    available, held = after_holds(available, holds)
+    return Balance(available, pending, held, sorted(by_date.items()), owed)
+
+
+def after_holds(available: int, holds: list[Hold]) -> tuple[int, int]:
+    """(available, held) once the open holds reserve their points out of `available` (the
+    points spendable now, a debt counted against them). A hold reserves points that are
+    there: when they expire under it, or a return takes them back, it holds what is left,
+    and only a debt takes `available` below zero."""
+    held = min(sum([h.points for h in holds]), max(available, 0))
+    return available - held, held
 
 
 def lot_dates(available_from: date | str, expires_on: date | str | None) -> tuple[str, str | None]:

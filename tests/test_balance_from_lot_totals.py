@@ -102,7 +102,7 @@ def test_a_redemption_planned_against_totals_is_refused_not_drawn_from_nothing(m
 def test_totals_add_to_the_new_lots_and_keep_the_holds():
     new = [Lot(-1, "2026-12-08", "2027-11-24", 15)]
     hold = ledger.Hold(("S001", "K02", "R-9"), 30, "2026-11-24T10:20:00.000000Z")
-    counted = with_totals(balance_of(new, [hold], DAY), ledger.LotTotals(340, 500, 0))
+    counted = with_totals(balance_of(new, [], DAY), ledger.LotTotals(340, 500, 0), [hold])
     assert (counted.available, counted.pending, counted.held) == (340 - 30, 515, 30)
 
 

@@ -189,3 +189,49 @@ async def test_calculating_a_receipt_again_counts_its_own_hold_as_its_own(make_a
     status, again = await api.post("/v1/receipts/calculate", {**body, "redeem_points": 900}, as_="register")
     assert status == 200 and again["hold"]["points"] == 900, again
     assert again["balance"] == {"available": 100, "pending": 0, "held": 900}
+
+
+async def test_a_hold_on_points_that_expire_under_it_holds_nothing(make_api):
+    """Calculated at 23:58, the welcome points expire at midnight while the hold is open:
+    the member owes nothing, so nothing shows below zero, and the confirm finds no points."""
+    from datetime import datetime
+    from server.keys import CLOCK
+    api = await make_api(now="2026-11-24T12:00:05+02:00")
+    await api.post("/v1/members", {"card": CARD})              # 100 points, gone from 2027-11-24
+    api.client.app[CLOCK].set(datetime.fromisoformat("2027-11-23T23:58:00+02:00"))
+    body = receipt("E-1", [line(1, "grocery", 30000)], card=CARD, ts="2027-11-23T23:57:00+02:00", redeem=50)
+    status, r = await api.post("/v1/receipts/calculate", body, as_="register")
+    assert status == 200 and r["balance"] == {"available": 50, "pending": 0, "held": 50}
+    api.client.app[CLOCK].set(datetime.fromisoformat("2027-11-24T00:02:00+02:00"))
+    _, m = await api.get(f"/v1/members/{CARD}")
+    assert m["balance"] == {"available": 0, "pending": 0, "held": 0}
+    status, r = await api.post("/v1/receipts", body, as_="register")
+    assert status == 422 and r["error"]["code"] == "insufficient_points", r
+    status, r = await api.post("/v1/receipts", {**body, "redeem_points": 0}, as_="register")
+    assert status == 201 and r["balance"] == {"available": 0, "pending": 6, "held": 0}, r
+
+
+async def test_a_return_under_a_hold_leaves_the_hold_what_is_left(make_api):
+    """Points a return takes back were only held, not spent: the hold shrinks to what is
+    left instead of the member's available points going below zero."""
+    from datetime import datetime
+    from server.keys import CLOCK
+    api = await make_api(now="2026-11-24T12:00:05+02:00")
+    await api.post("/v1/members", {"card": CARD})
+    sale = receipt("S-1", [line(1, "grocery", 500000)], card=CARD, ts="2026-11-24T12:00:00+02:00")
+    status, r = await api.post("/v1/receipts", sale, as_="register")
+    assert status == 201 and r["accrued"]["points"] == 150           # 2% of 5,000.00 and big-basket's 50
+    api.client.app[CLOCK].set(datetime.fromisoformat("2026-12-09T12:00:00+02:00"))   # active from 12-08
+    body = receipt("S-2", [line(1, "grocery", 100000)], card=CARD, ts="2026-12-09T11:59:00+02:00", redeem=250)
+    status, r = await api.post("/v1/receipts/calculate", body, as_="register")
+    assert status == 200 and r["balance"] == {"available": 0, "pending": 0, "held": 250}, r
+    status, r = await api.post("/v1/returns", {"return_id": "X-1", "store_id": "S001", "register_id": "K01",
+                                               "receipt": {"store_id": "S001", "register_id": "K01",
+                                                           "receipt_id": "S-1"},
+                                               "lines": [{"line_no": 1, "qty": 1}]}, as_="register")
+    assert status == 201 and r["reversed"]["points"] == 150
+    assert r["balance"] == {"available": 0, "pending": 0, "held": 100}, r
+    _, m = await api.get(f"/v1/members/{CARD}")
+    assert m["balance"] == {"available": 0, "pending": 0, "held": 100}
+    status, r = await api.post("/v1/receipts", body, as_="register")
+    assert status == 201 and r["redeemed"]["points"] == 100, r
