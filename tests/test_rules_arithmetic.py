@@ -230,6 +230,23 @@ def test_fixed_points_spread_by_paid_amount(make):
     assert result.pairs == [("gift", 1, 5), ("gift", 2, 3), ("gift", 3, 2)]  # 5, 2.5, 2.5
 
 
+def test_fixed_points_of_several_rules_on_the_same_lines_each_spread_by_paid_amount(make):
+    program = make(
+        """\
+        rules:
+          - {id: gift, reward: {points: 10}}
+          - {id: dairy-gift, scope: {categories: [dairy]}, reward: {points: 6}}
+          - {id: more, reward: {points: 4}}
+        """.replace("        ", "")
+    )
+    sale = receipt(TUESDAY_NOON, line(1, "grocery", 20000), line(2, "dairy", 10000), line(3, "grocery", 10000))
+    result = program.evaluate(sale, member(), 0, 0, {})
+    # gift 5, 2.5, 2.5; more 2, 1, 1; dairy-gift 6: the one point left goes to gift's line 2
+    assert result.pairs == [("gift", 1, 5), ("gift", 2, 3), ("gift", 3, 2), ("dairy-gift", 2, 6),
+                            ("more", 1, 2), ("more", 2, 1), ("more", 3, 1)]
+    assert result.by_line == [(1, 7), (2, 10), (3, 3)]
+
+
 def test_per_amount_counts_full_steps_of_the_paid_amount(make):
     program = make("rules:\n  - {id: steps, reward: {per_amount: {every: 10000, points: 5}}}\n")
     sale = receipt(TUESDAY_NOON, line(1, "grocery", 15000), line(2, "grocery", 10000))
