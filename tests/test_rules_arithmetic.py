@@ -201,6 +201,25 @@ def test_line_order_on_receipt_does_not_change_tie_break(make):
     assert result.by_line == [(7, 0), (3, 1), (5, 0)]
 
 
+@pytest.mark.parametrize("order", [(1, 2, 3), (3, 1, 2), (2, 3, 1)])
+def test_points_left_go_to_the_largest_remainders_then_earlier_rule_and_lower_line(make, order):
+    program = make(
+        """\
+        rules:
+          - {id: a, reward: {percent: 1}}
+          - {id: b, reward: {percent: 1}}
+        """.replace("        ", "")
+    )
+    # each rule: 0.5, 1.5 and 0.25 on lines 1 to 3; 4.5 rounds to 4, floors give 2, and the
+    # two left tie at 0.5 on four pairs: rule a's, lines 1 and 2, in whatever order sent
+    amounts = {1: 5000, 2: 15000, 3: 2500}
+    sale = receipt(TUESDAY_NOON, *(line(n, "grocery", amounts[n]) for n in order))
+    result = program.evaluate(sale, member(), 0, 0, {})
+    assert result.by_rule == [("a", 3), ("b", 1)]
+    assert sorted(result.pairs) == [("a", 1, 1), ("a", 2, 2), ("b", 2, 1)]
+    assert sorted(result.by_line) == [(1, 1), (2, 3), (3, 0)]
+
+
 # Reward kinds ---------------------------------------------------------------
 
 
@@ -209,6 +228,23 @@ def test_fixed_points_spread_by_paid_amount(make):
     sale = receipt(TUESDAY_NOON, line(1, "grocery", 20000), line(2, "grocery", 10000), line(3, "grocery", 10000))
     result = program.evaluate(sale, member(), 0, 0, {})
     assert result.pairs == [("gift", 1, 5), ("gift", 2, 3), ("gift", 3, 2)]  # 5, 2.5, 2.5
+
+
+def test_fixed_points_of_several_rules_on_the_same_lines_each_spread_by_paid_amount(make):
+    program = make(
+        """\
+        rules:
+          - {id: gift, reward: {points: 10}}
+          - {id: dairy-gift, scope: {categories: [dairy]}, reward: {points: 6}}
+          - {id: more, reward: {points: 4}}
+        """.replace("        ", "")
+    )
+    sale = receipt(TUESDAY_NOON, line(1, "grocery", 20000), line(2, "dairy", 10000), line(3, "grocery", 10000))
+    result = program.evaluate(sale, member(), 0, 0, {})
+    # gift 5, 2.5, 2.5; more 2, 1, 1; dairy-gift 6: the one point left goes to gift's line 2
+    assert result.pairs == [("gift", 1, 5), ("gift", 2, 3), ("gift", 3, 2), ("dairy-gift", 2, 6),
+                            ("more", 1, 2), ("more", 2, 1), ("more", 3, 1)]
+    assert result.by_line == [(1, 7), (2, 10), (3, 3)]
 
 
 def test_per_amount_counts_full_steps_of_the_paid_amount(make):
