@@ -189,13 +189,7 @@ def test_servers_sharing_a_database_never_overspend_a_member_nor_a_budget(tmp_pa
         bodies += [receipt(f"O-{n}", [line(1, "bakery", 1000)], card=f"70000000001{n:02d}", register=f"K{n:02d}")
                    for n in range(6)]
 
-        async def send_all() -> list[tuple[int, dict]]:
-            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEYS['register']}"}) as session:
-                async def send(n: int, body: dict) -> tuple[int, dict]:
-                    async with session.post(servers[n % SERVERS].url("/v1/receipts"), json=body) as answer:
-                        return answer.status, await answer.json()
-                return await asyncio.gather(*(send(n, body) for n, body in enumerate(bodies)))
-        answers = asyncio.run(send_all())
+        answers = asyncio.run(at_once(servers, "/v1/receipts", bodies))
         assert all(status in (201, 422) for status, _ in answers), answers
         assert all(body["error"]["code"] == "insufficient_points" for status, body in answers if status == 422)
         spent = sum(body["redeemed"]["points"] for status, body in answers if status == 201)
@@ -212,14 +206,7 @@ def test_servers_sharing_a_database_never_overspend_a_member_nor_a_budget(tmp_pa
         returns = [{"return_id": return_id, "store_id": "S001", "register_id": "K99",
                     "receipt": {"store_id": "S001", "register_id": "K99", "receipt_id": "H-1"},
                     "lines": [{"line_no": 1, "qty": 1}]} for return_id in ["RET-1"] * 6 + ["RET-2"] * 2]
-
-        async def return_all() -> list[tuple[int, dict]]:
-            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEYS['register']}"}) as session:
-                async def send(n: int, body: dict) -> tuple[int, dict]:
-                    async with session.post(servers[n % SERVERS].url("/v1/returns"), json=body) as answer:
-                        return answer.status, await answer.json()
-                return await asyncio.gather(*(send(n, body) for n, body in enumerate(returns)))
-        returned = asyncio.run(return_all())
+        returned = asyncio.run(at_once(servers, "/v1/returns", returns))
         outcomes = sorted((status, body["return"]["return_id"] if status < 300 else body["error"]["code"])
                           for status, body in returned)
         assert outcomes in ([(200, "RET-1")] * 5 + [(201, "RET-1")] + [(422, "return_exceeds_sold")] * 2,
@@ -230,3 +217,12 @@ def test_servers_sharing_a_database_never_overspend_a_member_nor_a_budget(tmp_pa
     audit = subprocess.run([sys.executable, "-m", "server.cli", "audit", "verify", "--config",
                             str(servers[0].config)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+async def at_once(servers, path: str, bodies: list[dict]) -> list[tuple[int, dict]]:
+    """Each body posted to `path` at the same time, through the servers in turn, as registers."""
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEYS['register']}"}) as session:
+        async def send(n: int, body: dict) -> tuple[int, dict]:
+            async with session.post(servers[n % len(servers)].url(path), json=body) as answer:
+                return answer.status, await answer.json()
+        return await asyncio.gather(*(send(n, body) for n, body in enumerate(bodies)))
