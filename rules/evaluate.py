@@ -274,7 +274,7 @@ def _scopes(classes: list, earning: list[int], wanted: set[int]) -> dict[int, li
             else:
                 positions.sort()
     else:
-        for index, positions in scopes.items():
+        for index in scopes:
             scopes[index] = earning   # one class: every wanted rule has all its lines
     return scopes
 

@@ -388,12 +388,16 @@ def _inside(directory: Path, name: str) -> Path:
     return directory / name
 
 
+def folders_above(name: str) -> list[str]:
+    """The folders a program file's name puts it in, outermost first ("a/b/c.yaml": "a", "a/b")."""
+    parts = name.split("/")
+    return ["/".join(parts[:end]) for end in range(1, len(parts))]
+
+
 def _refuse_clash(directory: Path, name: str) -> None:
     # Found before anything is written: renaming over a folder fails only after the files
     # before it in the list were already renamed, which would leave the folder half-way.
-    parts = name.split("/")
-    for end in range(1, len(parts)):
-        ancestor = "/".join(parts[:end])
+    for ancestor in folders_above(name):
         path = directory / ancestor
         if not os.path.lexists(path):
             return

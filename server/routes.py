@@ -319,9 +319,7 @@ def refuse_folder_clashes(files: dict[str, str]) -> None:
     written: 422 naming the file inside, before anything is written."""
     names = set(files)
     for name in sorted(names):
-        parts = name.split("/")
-        for end in range(1, len(parts)):
-            folder = "/".join(parts[:end])
+        for folder in program_versions.folders_above(name):
             if folder in names:
                 raise field_error(f"files.{name}", f"is inside {folder}, which is a file of the program too")
 
