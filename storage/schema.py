@@ -986,3 +986,16 @@ def m038_takes_in_receipts(db):
     even when ten receipts shared it. The rows of receipts confirmed before stay where they
     are, and a give-back takes from both."""
     _run(db, "ALTER TABLE receipts ADD COLUMN takes BLOB")
+
+
+@migrations()
+def m039_stranded_customer_value(db):
+    """Merges and card replacements made before they carried customer value along left
+    personal offers and list-segment memberships on members merged away, and coupon codes
+    bound to cards taken out of use; each goes where today's merge or replacement puts it
+    (storage/stranded.py). Those rules are the live code's own, not a copy frozen here: a
+    second set of them could only come to disagree with what merges do from now on."""
+    from datetime import datetime, timezone
+
+    from storage import stranded        # here: it imports storage.member_care, which imports this module
+    stranded.repair(db.conn, datetime.now(timezone.utc))

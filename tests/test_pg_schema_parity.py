@@ -245,6 +245,8 @@ def test_postgresql_migrations_only_add():
         if isinstance(step, Concurrently):
             assert all("CONCURRENTLY" in statement for _, statement in step.indexes), name
             continue
+        if callable(step):      # a repair of rows: the schema test above holds it to changing no shape
+            continue
         removals = {(name, found) for found in forbidden.findall(step)}
         assert removals <= set(REMOVALS_ALLOWED), f"{name} takes away: {sorted(removals - set(REMOVALS_ALLOWED))}"
         for column in re.findall(r"ADD\s+COLUMN\s+([^,;]+)", step, re.IGNORECASE):

@@ -21,8 +21,11 @@ MAX(id) + 1 (one writer); append-only tables refuse TRUNCATE too.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import NamedTuple
 
+from storage import stranded
 from storage.health import MigrationsBusy
 from storage.pg.connection import Connection
 
@@ -42,9 +45,10 @@ class Concurrently(NamedTuple):
 
 
 class Migration(NamedTuple):
-    """A name and its step: a script run in one transaction, or indexes built concurrently."""
+    """A name and its step: a script run in one transaction, indexes built concurrently, or a
+    repair of rows that SQL alone cannot express, run in one transaction on the connection."""
     name: str
-    step: str | Concurrently
+    step: str | Concurrently | Callable[[Connection], None]
 
 P001_RECEIPT_PATH = f"""
 CREATE FUNCTION loyalty_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -683,6 +687,15 @@ P014_TAKES_IN_RECEIPTS = """
 ALTER TABLE receipts ADD COLUMN takes bytea
 """
 
+
+def p015_stranded_customer_value(conn: Connection) -> None:
+    """SQLite's m039: personal offers, list-segment memberships and coupon codes that merges
+    and replacements made before they carried them along left behind go where today's do
+    (storage/stranded.py). A previous version still serving during a rolling upgrade leaves
+    its own merges as it always did."""
+    stranded.repair(conn, datetime.now(timezone.utc))
+
+
 MIGRATIONS: list[Migration] = [
     Migration("p001_receipt_path", P001_RECEIPT_PATH),
     Migration("p002_chain_anchors", P002_CHAIN_ANCHORS),
@@ -698,6 +711,7 @@ MIGRATIONS: list[Migration] = [
     Migration("p012_segments_generation", P012_SEGMENTS_GENERATION),
     Migration("p013_member_facts_in_receipts", P013_MEMBER_FACTS_IN_RECEIPTS),
     Migration("p014_takes_in_receipts", P014_TAKES_IN_RECEIPTS),
+    Migration("p015_stranded_customer_value", p015_stranded_customer_value),
 ]
 
 # Each SQLite migration (storage/schema.py) and the PostgreSQL migrations that give its
@@ -739,6 +753,8 @@ SQLITE_TWINS: dict[str, tuple[str, ...]] = {
     # Drops SQLite's postings_receipt; PostgreSQL keeps it (INTENDED_DIFFERENCES).
     "m037_postings_receipt": (),
     "m038_takes_in_receipts": ("p014_takes_in_receipts",),
+    # Rows only: no table, column or index changes.
+    "m039_stranded_customer_value": ("p015_stranded_customer_value",),
 }
 
 
@@ -829,6 +845,8 @@ def migrate(conn: Connection, wait_seconds: float = MIGRATIONS_WAIT_SECONDS) -> 
                 continue
             if isinstance(step, Concurrently):
                 _build_concurrently(conn, name, step)
+            elif callable(step):
+                conn.transaction(lambda c, name=name, repair=step: _repair(c, name, repair), retries=0)
             else:
                 conn.transaction(lambda c, name=name, script=step: _apply(c, name, script), retries=0)
             applied.append(name)
@@ -863,6 +881,11 @@ def _turn_holder(conn: Connection) -> str:
 def _apply(conn: Connection, name: str, script: str) -> None:
     # One round trip for the whole script: psycopg sends a text without parameters as it is.
     conn.execute(script)
+    conn.execute("INSERT INTO _loyalty_migrations (name) VALUES (?)", (name,))
+
+
+def _repair(conn: Connection, name: str, repair: Callable[[Connection], None]) -> None:
+    repair(conn)
     conn.execute("INSERT INTO _loyalty_migrations (name) VALUES (?)", (name,))
 
 
