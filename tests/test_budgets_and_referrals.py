@@ -1,6 +1,6 @@
 """Campaign budgets hold under concurrent receipts and across restarts (the issued points
 are kept in rule_totals, also in a database upgraded to it); a referral pays the
-referrer once."""
+referrer once, and a cancel or a whole return of the friend's first purchase takes it back."""
 import asyncio
 import shutil
 import sqlite3
@@ -304,5 +304,24 @@ async def test_a_merged_away_referrer_loses_the_referral_from_the_member_it_went
     await friend_buys_again(api, "F-2", 1)
     assert await available(api, "keeper") == 100 + 100 + 500
     assert (await cancel(api, "F-2"))[0] == 200
+    assert await available(api, "keeper") == 100 + 100
+    await verified(api)
+
+
+async def test_a_referrer_merged_away_before_the_purchase_was_paid_through_the_member_kept(make_api, tmp_path):
+    api = await api_with_extra(make_api, tmp_path)
+    for card in ("referrer", "keeper"):
+        await api.post("/v1/members", {"card": card})
+    await api.post("/v1/members", {"card": "friend", "referred_by": "referrer"})
+    _, referrer = await api.get("/v1/members/referrer")
+    _, keeper = await api.get("/v1/members/keeper")
+    status, _ = await api.post("/v1/admin/members/merge", {
+        "merge_id": "MG-1", "from_member_id": referrer["member_id"], "into_member_id": keeper["member_id"],
+        "reason": "one customer"})
+    assert status == 201
+    await friend_buys_again(api, "F-1", 0)
+    assert await available(api, "keeper") == 100 + 100 + 500
+    status, _ = await a_return(api, "RET-1", 2)
+    assert status == 201
     assert await available(api, "keeper") == 100 + 100
     await verified(api)
