@@ -48,9 +48,10 @@ class Referral:
 
 
 def referral_of(conn: sqlite3.Connection, referee_id: int | None, key: ledger.ReceiptKey) -> Referral | None:
-    """None when the receipt's member was referred by nobody. Locks (PostgreSQL) the members
-    the reward may have been paid to before reading their postings: a merge of the referrer
-    moving its points meanwhile is then seen whole or not at all."""
+    """key: a confirmed receipt of the referee. None when nobody referred them, or no reward
+    was paid for them (or a cancel took it back). Locks (PostgreSQL) the members the reward
+    may have been paid to before reading their postings: a merge of the referrer moving its
+    points meanwhile is then seen whole or not at all."""
     if referee_id is None:
         return None
     row = conn.execute("SELECT referred_by FROM members WHERE id = ?", (referee_id,)).fetchone()
@@ -62,6 +63,8 @@ def referral_of(conn: sqlite3.Connection, referee_id: int | None, key: ledger.Re
     fires = [(m, e) for m, e in conn.execute(
         f"SELECT member_id, event_id FROM event_fires WHERE occasion = ? AND member_id IN ({marks}) "
         "ORDER BY member_id, event_id", (occasion(referee_id), *chain))]
+    if not fires:
+        return None
     rewards = []
     for member_id, event_id in fires:
         ref = reward_ref(event_id, referee_id)
@@ -73,10 +76,7 @@ def referral_of(conn: sqlite3.Connection, referee_id: int | None, key: ledger.Re
     before = ledger.receipts_confirmed_before(conn, referee_id, key)
     standing = conn.execute("SELECT COUNT(*) FROM receipts WHERE member_id = ? AND status = 'confirmed'",
                             (referee_id,)).fetchone()[0]
-    mine = conn.execute("SELECT status = 'confirmed' FROM receipts WHERE store_id = ? AND register_id = ? "
-                        "AND receipt_id = ?", key).fetchone()
-    return Referral(fires, [Reward(*r, *facts[r[3]]) for r in rewards], before == 0,
-                    standing - (1 if mine and mine[0] else 0) > 0)
+    return Referral(fires, [Reward(*r, *facts[r[3]]) for r in rewards], before == 0, standing > 1)
 
 
 def merged_chain(conn: sqlite3.Connection, member_id: int) -> list[int]:
