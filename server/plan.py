@@ -20,7 +20,7 @@ import msgspec
 from rules import MemberFacts, Program
 from rules.records import Evaluation
 from server.errors import ApiError, unprocessable
-from storage import accounts, member_facts, offers
+from storage import accounts, member_facts, offers, referrals
 from storage.coupons import USABLE, Judged
 from storage.ledger import Balance, Hold, Lot, LotTotals, MemberRow, ReceiptKey, after_holds, balance_of, draw, iso
 from storage.line_records import ReceiptLines, build
@@ -231,7 +231,7 @@ def plan_confirm(receipt, state: MemberState | None, program: Program, now: date
     plan.member_facts = recorded_facts(state, plan)
     if state.member.referred_by is not None and state.facts.receipt_number == 1:
         plan.events.append(EventFire(state.member.referred_by, "referred_first_purchase",
-                                     f"referral:{state.member.id}"))
+                                     referrals.occasion(state.member.id)))
     plan.lines = build(sold, ev.pairs, ev.redeemed_by_line, lot_of_rule)
     new = [Lot(-1 - i, str(lot.available_from), _text(lot.expires_on), points)
            for i, (lot, points) in enumerate(zip(plan.lots, new_remaining)) if points]

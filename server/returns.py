@@ -164,3 +164,38 @@ def take_back_postings(reversals, refunds, lots: dict[int, LotFacts], today: str
 
 def _expired(lot: LotFacts, today: str) -> bool:
     return lot.expires_on is not None and lot.expires_on <= today
+
+
+@dataclass
+class ReferralTakeBack:
+    """What a cancel or a whole return of a referee's first purchase takes back of the
+    referral reward it paid: postings per (member it was paid to, the reward's ref), and
+    the fires of the occasion forgotten, so that the referee's next first purchase pays again."""
+    referee_id: int
+    postings: list[tuple[int, str, list[Posting]]] = field(default_factory=list)
+    forget: list[tuple[int, str]] = field(default_factory=list)    # (member it fired for, event id)
+
+    def by_member(self) -> dict[int, int]:
+        """Points taken back, by the member they were paid to."""
+        out: dict[int, int] = {}
+        for member_id, _, postings in self.postings:
+            out[member_id] = out.get(member_id, 0) - sum(p.points for p in postings if p.kind == "reversal")
+        return out
+
+
+def plan_referral_take_back(referral, referee_id: int | None, cancel: bool, today: str) -> ReferralTakeBack | None:
+    """referral: storage.referrals.Referral of the receipt's member, None for one nobody
+    referred. The reward belongs to the referee's first purchase: a cancel of it takes the
+    reward back (expired points from the expiry account, as a return does) unless another
+    receipt of the referee stands, which is then the first purchase and keeps it; a cancel
+    makes the next receipt a first purchase, so the occasion is forgotten. A return of the
+    whole of it takes the reward back but leaves receipt_number, and the occasion, as they
+    are. Nothing is taken twice: a reward taken back gives no points any more."""
+    if referral is None or not referral.first_purchase or (cancel and referral.others):
+        return None
+    plan = ReferralTakeBack(referee_id, forget=list(referral.fires) if cancel else [])
+    for reward in referral.rewards:
+        postings = take_back_postings([(reward.lot_id, None, reward.points, reward.counter)], [],
+                                      {reward.lot_id: LotFacts(reward.expires_on, reward.expired)}, today)
+        plan.postings.append((reward.member_id, reward.ref, postings))
+    return plan if plan.postings or plan.forget else None

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from storage import accounts, coupons, ledger, line_records, member_care, member_facts, offers, receipt_takes
+from storage import accounts, coupons, ledger, line_records, member_care, member_facts, offers, receipt_takes, referrals
 from storage.ledger import PostingRef, iso
 from storage.sql import WriteConflict, is_postgresql
 
@@ -190,3 +190,20 @@ def apply_take_back(conn: sqlite3.Connection, member_id: int, postings, at: Post
     for p in postings:
         ledger.post(conn, member_id, p.lot, p.kind, p.points, p.counter, at, p.rule)
     member_care.follow_merge(conn, member_id, at)
+
+
+def apply_referral_take_back(conn: sqlite3.Connection, plan, at: PostingRef) -> list[dict]:
+    """A referral reward taken back (server/returns.py plan_referral_take_back): each as a
+    take-back of its own, under the reward's ref, on the member it was paid to and on to the
+    member its points went to since. What each member holding the points lost, for the event
+    that announces it."""
+    taken = []
+    for member_id, ref, postings in plan.postings:
+        apply_take_back(conn, member_id, postings, PostingRef(at.effective_at, at.created_at, at.rules_version,
+                                                              ref=ref))
+    for member_id, points in plan.by_member().items():
+        taken.append({"member_id": ledger.member_public_id(member_care.points_holder(conn, member_id)),
+                      "points": points})
+    if plan.forget:
+        referrals.forget(conn, plan.forget, plan.referee_id)
+    return taken

@@ -235,8 +235,19 @@ def lots_of(conn: sqlite3.Connection, member_id: int, as_of: str | None = None) 
     # The past is recomputed from the member's postings (lots.remaining is only the present).
     return [Lot(*r) for r in conn.execute(
         "SELECT l.id, l.available_from, l.expires_on, SUM(p.points) FROM postings p "
-        "JOIN lots l ON l.id = p.lot_id WHERE p.member_id = ? AND p.effective_at <= ? "
+        f"JOIN lots l ON l.id = p.lot_id WHERE p.member_id = ? AND {_MOVED_AT} <= ? "
         "GROUP BY l.id HAVING SUM(p.points) != 0 ORDER BY l.id", (member_id, as_of))]
+
+
+# When a posting counts in a balance at a past moment. A receipt's postings are effective at
+# its ts, which is right for what it earned (a late receipt's points are dated by the
+# purchase, rules.md), but a redemption spends, and a repayment moves, points the member
+# had when the receipt arrived (rules.md: "redemption spends what is available at
+# arrival"): dated at a late receipt's ts they would spend points credited only between its
+# ts and its arrival, and a balance between the two would show a debt the member never had.
+# They count from when they were written; the stored effective_at stays as it is.
+_MOVED_AT = ("CASE WHEN p.kind IN ('redemption', 'repayment') AND p.created_at > p.effective_at "
+             "THEN p.created_at ELSE p.effective_at END")
 
 
 class LotTotals(NamedTuple):

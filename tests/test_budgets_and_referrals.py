@@ -1,6 +1,6 @@
 """Campaign budgets hold under concurrent receipts and across restarts (the issued points
 are kept in rule_totals, also in a database upgraded to it); a referral pays the
-referrer once."""
+referrer once, and a cancel or a whole return of the friend's first purchase takes it back."""
 import asyncio
 import shutil
 import sqlite3
@@ -150,3 +150,178 @@ async def test_referrer_earns_once_on_the_first_purchase(make_api, tmp_path):
                                                ts=f"2026-11-24T12:00:0{n}+02:00"), as_="register")
     _, m = await api.get("/v1/members/referrer")
     assert m["balance"]["available"] == 100 + 500
+
+
+# ---------------------------------------------------------------- a referral taken back
+
+FRIEND_BUYS = [line(1, "bakery", 1000, qty=2)]
+
+
+async def referral_paid(make_api, tmp_path, referrer: str = "referrer"):
+    """A friend referred by `referrer` whose first purchase F-1 paid the referrer's 500 points."""
+    api = await api_with_extra(make_api, tmp_path)
+    if referrer == "referrer":
+        await api.post("/v1/members", {"card": "referrer"})
+    status, _ = await api.post("/v1/members", {"card": "friend", "referred_by": referrer})
+    assert status == 201
+    status, _ = await api.post("/v1/receipts", receipt("F-1", FRIEND_BUYS, card="friend"), as_="register")
+    assert status == 201
+    return api
+
+
+async def available(api, card: str) -> int:
+    status, member = await api.get(f"/v1/members/{card}")
+    assert status == 200, member
+    return member["balance"]["available"]
+
+
+async def friend_buys_again(api, receipt_id: str, second: int) -> None:
+    body = receipt(receipt_id, FRIEND_BUYS, card="friend", ts=f"2026-11-24T12:00:{second:02d}+02:00")
+    assert (await api.post("/v1/receipts", body, as_="register"))[0] == 201
+
+
+async def a_return(api, return_id: str, qty: int, receipt_id: str = "F-1"):
+    return await api.post("/v1/returns", {
+        "return_id": return_id, "store_id": "S001", "register_id": "K01",
+        "receipt": {"store_id": "S001", "register_id": "K01", "receipt_id": receipt_id},
+        "lines": [{"line_no": 1, "qty": qty}]}, as_="register")
+
+
+async def events_of(api, kind: str) -> list[dict]:
+    status, page = await api.get("/v1/admin/events?after=0&limit=1000")
+    assert status == 200, page
+    return [e for e in page["events"] if e["type"] == kind]
+
+
+async def verified(api) -> None:
+    from server.keys import DATABASE
+    report = await api.client.server.app[DATABASE].read(verify)
+    assert report.ok, report.problems
+
+
+async def test_a_cancelled_first_purchase_takes_the_referral_back_and_the_next_pays_it_again(make_api, tmp_path):
+    api = await referral_paid(make_api, tmp_path)
+    assert await available(api, "referrer") == 100 + 500
+    _, friend = await api.get("/v1/members/friend")
+    status, cancelled = await cancel(api, "F-1")
+    assert status == 200 and cancelled["status"] == "cancelled"
+    assert await available(api, "referrer") == 100
+
+    _, statement = await api.get("/v1/members/referrer/statement")
+    newest, paid = statement["postings"][:2]
+    ref = f"event:referral:referral:{friend['member_id'].removeprefix('m_')}"
+    assert (newest["kind"], newest["points"], newest["ref"], newest["running_balance"]) == ("reversal", -500, ref, 100)
+    assert (paid["kind"], paid["points"], paid["ref"], paid["rule"]) == ("event", 500, ref, "referral")
+    assert newest["lot"] == paid["lot"] and newest["receipt"] is None
+    # The friend's CRM event says whose points went.
+    (event,) = await events_of(api, "receipt.cancelled")
+    _, referrer = await api.get("/v1/members/referrer")
+    assert event["data"]["referral_reversed"] == [{"member_id": referrer["member_id"], "points": 500}]
+
+    # Sent again, the cancel takes nothing more.
+    status, again = await cancel(api, "F-1")
+    assert status == 200 and again["already"] is True
+    assert await available(api, "referrer") == 100
+
+    # The next receipt is the friend's first purchase again: the referral pays once more.
+    await friend_buys_again(api, "F-2", 1)
+    assert await available(api, "referrer") == 100 + 500
+    await friend_buys_again(api, "F-3", 2)
+    assert await available(api, "referrer") == 100 + 500
+    await verified(api)
+
+
+async def test_a_cancel_while_a_later_receipt_of_the_friend_stands_leaves_the_referral(make_api, tmp_path):
+    """The later receipt is the friend's first purchase now: it keeps the reward, and a
+    cancel of it then takes the reward back."""
+    api = await referral_paid(make_api, tmp_path)
+    await friend_buys_again(api, "F-2", 1)
+    assert (await cancel(api, "F-1"))[0] == 200
+    assert await available(api, "referrer") == 100 + 500
+    assert (await cancel(api, "F-2"))[0] == 200
+    assert await available(api, "referrer") == 100
+    await friend_buys_again(api, "F-3", 2)
+    assert await available(api, "referrer") == 100 + 500
+    await verified(api)
+
+
+async def test_a_whole_return_in_two_parts_takes_the_referral_back_once(make_api, tmp_path):
+    api = await referral_paid(make_api, tmp_path)
+    status, _ = await a_return(api, "RET-1", 1)
+    assert status == 201
+    assert await available(api, "referrer") == 100 + 500        # a part of the receipt takes nothing
+    (partial,) = await events_of(api, "return.accepted")
+    assert partial["data"]["referral_reversed"] == []
+    status, _ = await a_return(api, "RET-2", 1)
+    assert status == 201
+    assert await available(api, "referrer") == 100
+    status, replay = await a_return(api, "RET-2", 1)
+    assert status == 200 and replay["replayed"] is True
+    assert await available(api, "referrer") == 100
+    _, referrer = await api.get("/v1/members/referrer")
+    whole = (await events_of(api, "return.accepted"))[-1]
+    assert whole["data"]["referral_reversed"] == [{"member_id": referrer["member_id"], "points": 500}]
+    # A return leaves receipt_number as it was: the next receipt is no first purchase.
+    await friend_buys_again(api, "F-2", 1)
+    assert await available(api, "referrer") == 100
+    # A cancel of the returned receipt takes nothing twice (and F-2 is the first purchase now).
+    assert (await cancel(api, "F-1"))[0] == 200
+    assert await available(api, "referrer") == 100
+    await verified(api)
+
+
+async def test_a_referrer_who_spent_the_points_owes_them_after_the_cancel(make_api, tmp_path):
+    api = await referral_paid(make_api, tmp_path)
+    status, spent = await api.post("/v1/receipts", receipt("R-1", [line(1, "bakery", 120000)], card="referrer",
+                                                           redeem=550), as_="register")
+    assert status == 201 and spent["redeemed"]["points"] == 550
+    assert await available(api, "referrer") == 50
+    assert (await cancel(api, "F-1"))[0] == 200
+    assert await available(api, "referrer") == 50 - 500                   # a debt
+    # The next points credited repay it first.
+    status, _ = await api.post("/v1/admin/adjustments", {"card": "referrer", "points": 600, "reason": "goodwill",
+                                                         "adjustment_id": "ADJ-1"})
+    assert status == 201
+    assert await available(api, "referrer") == 150
+    await verified(api)
+
+
+async def test_a_merged_away_referrer_loses_the_referral_from_the_member_it_went_to(make_api, tmp_path):
+    api = await referral_paid(make_api, tmp_path)
+    await api.post("/v1/members", {"card": "keeper"})
+    _, referrer = await api.get("/v1/members/referrer")
+    _, keeper = await api.get("/v1/members/keeper")
+    status, merged = await api.post("/v1/admin/members/merge", {
+        "merge_id": "MG-1", "from_member_id": referrer["member_id"], "into_member_id": keeper["member_id"],
+        "reason": "one customer"})
+    assert status == 201, merged
+    assert await available(api, "keeper") == 100 + 100 + 500
+    assert (await cancel(api, "F-1"))[0] == 200
+    assert await available(api, "keeper") == 100 + 100
+    (event,) = await events_of(api, "receipt.cancelled")
+    assert event["data"]["referral_reversed"] == [{"member_id": keeper["member_id"], "points": 500}]
+    # The next first purchase pays the member that stays.
+    await friend_buys_again(api, "F-2", 1)
+    assert await available(api, "keeper") == 100 + 100 + 500
+    assert (await cancel(api, "F-2"))[0] == 200
+    assert await available(api, "keeper") == 100 + 100
+    await verified(api)
+
+
+async def test_a_referrer_merged_away_before_the_purchase_was_paid_through_the_member_kept(make_api, tmp_path):
+    api = await api_with_extra(make_api, tmp_path)
+    for card in ("referrer", "keeper"):
+        await api.post("/v1/members", {"card": card})
+    await api.post("/v1/members", {"card": "friend", "referred_by": "referrer"})
+    _, referrer = await api.get("/v1/members/referrer")
+    _, keeper = await api.get("/v1/members/keeper")
+    status, _ = await api.post("/v1/admin/members/merge", {
+        "merge_id": "MG-1", "from_member_id": referrer["member_id"], "into_member_id": keeper["member_id"],
+        "reason": "one customer"})
+    assert status == 201
+    await friend_buys_again(api, "F-1", 0)
+    assert await available(api, "keeper") == 100 + 100 + 500
+    status, _ = await a_return(api, "RET-1", 2)
+    assert status == 201
+    assert await available(api, "keeper") == 100 + 100
+    await verified(api)

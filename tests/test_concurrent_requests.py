@@ -405,6 +405,8 @@ AFTER_A_LOOK_UP = {
                    {"card": CARD, "points": 50, "reason": "r", "adjustment_id": "A-1"}),
     "profile": ("PATCH", f"/v1/members/{CARD}", {"phone": "+380501234567", "birthday": "1990-05-01"}),
     "tier": ("PUT", f"/v1/admin/members/{CARD}/tier", {"tier": "gold", "until": "2027-12-31"}),
+    # Else the new member's referrer would be the member merged away, which no card reaches.
+    "enrolment referred by it": ("POST", "/v1/members", {"card": "7000000000063", "referred_by": CARD}),
 }
 
 

@@ -108,3 +108,58 @@ async def test_a_late_receipt_spends_what_is_available_at_arrival(make_api, tmp_
     assert res["accrued"]["points"] == 10 and res["balance"] == {"available": 90, "pending": 0, "held": 0}
     _, member = await api.get(f"/v1/members/{CARD}")
     assert member["balance"] == res["balance"]
+
+
+async def test_a_balance_at_a_past_moment_never_spends_points_a_late_receipt_spent_on_arrival(make_api, tmp_path):
+    """A register offline since yesterday evening sends a receipt that pays with points the
+    member was only given today: `?at=` before they were given shows nothing spent (the
+    points left the balance when the receipt arrived), not a negative balance."""
+    api = await setup(make_api, tmp_path)
+    status, _ = await api.post("/v1/admin/adjustments", {"card": CARD, "points": 400, "reason": "goodwill",
+                                                         "adjustment_id": "ADJ-1"})
+    assert status == 201
+    body = receipt("LATE-1", [line(1, "grocery", 60000)], card=CARD, ts="2026-11-23T18:00:00+02:00", redeem=300)
+    status, res = await api.post("/v1/receipts", body, as_="register")
+    assert status == 201 and res["redeemed"]["points"] == 300, res
+    earned = res["accrued"]["points"]
+    assert res["balance"] == {"available": 200, "pending": earned, "held": 0}
+
+    _, before = await api.get(f"/v1/members/{CARD}?at=2026-11-24")
+    assert before["balance"] == {"available": 0, "pending": earned, "held": 0}   # its purchase is dated at ts
+    _, after = await api.get(f"/v1/members/{CARD}?at=2026-11-25")
+    assert after["balance"] == res["balance"]
+    _, st = await api.get(f"/v1/members/{CARD}/statement")
+    spent = [p for p in st["postings"] if p["kind"] == "redemption"]
+    assert sum(p["points"] for p in spent) == -300 and {p["at"] for p in spent} == {"2026-11-23T16:00:00.000000Z"}
+    with connect(tmp_path / "loyalty.db") as conn:
+        assert verify(conn).ok
+
+
+REFERRAL = "events:\n  - {id: referral, on: referred_first_purchase, reward: {points: 500}}\n"
+
+
+async def test_a_balance_at_a_past_moment_repays_a_debt_from_a_late_receipt_only_once_it_arrived(make_api, tmp_path):
+    """A member owes points from today (a referral taken back after they spent it); a sale of
+    theirs from 1 November arrives now and its points repay the debt. On 20 November the
+    sale's points were available and nothing was owed yet."""
+    program = write_program(tmp_path / "program")
+    (program / "referral.yaml").write_text(REFERRAL)
+    api = await make_api(now=NOW, program_dir=program)
+    await api.post("/v1/members", {"card": CARD})
+    await api.post("/v1/members", {"card": "friend", "referred_by": CARD})
+    first = receipt("F-1", [line(1, "grocery", 1000)], card="friend", ts=NOW)
+    assert (await api.post("/v1/receipts", first, as_="register"))[0] == 201
+    spend = receipt("S-1", [line(1, "grocery", 120000)], card=CARD, ts=NOW, redeem=550)
+    assert (await api.post("/v1/receipts", spend, as_="register"))[0] == 201
+    assert (await api.post("/v1/receipts/S001/K01/F-1/cancel", as_="register"))[0] == 200
+    _, member = await api.get(f"/v1/members/{CARD}")
+    assert member["balance"]["available"] == 50 - 500
+
+    late = await confirm(api, "LATE-1", "2026-11-01T12:00:00+02:00", 100000)
+    assert late["accrued"]["available_from"] == "2026-11-15"
+    _, then = await api.get(f"/v1/members/{CARD}?at=2026-11-20")
+    assert then["balance"] == {"available": late["accrued"]["points"], "pending": 0, "held": 0}
+    _, now = await api.get(f"/v1/members/{CARD}?at=2026-11-25")
+    assert now["balance"] == late["balance"]
+    with connect(tmp_path / "loyalty.db") as conn:
+        assert verify(conn).ok

@@ -1,15 +1,19 @@
 """Returns and cancels planned from a receipt's line records and postings, without SQLite:
 shares of a line's points, the lots and counter accounts they are taken from, refunds to
-the lots points were spent from, and lots that expired in between."""
+the lots points were spent from, lots that expired in between, and the referral reward
+a cancel or a whole return of a first purchase takes back."""
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal
 
 import msgspec
 import pytest
 
 from server.errors import ApiError
-from server.returns import LotFacts, plan_cancel, plan_return, take_back_postings
+from server.plan import Posting
+from server.returns import LotFacts, plan_cancel, plan_referral_take_back, plan_return, take_back_postings
+from storage.referrals import Referral, Reward
 from server.schema import ReturnLine
 from storage.ledger import ReturnedLine
 from storage.line_records import Accrual, LineRecord
@@ -68,3 +72,29 @@ def test_points_of_a_lot_expired_since_come_back_from_the_expiry_account_once():
         ("reversal", -12, 5), ("expiry", 10, 5),            # only 30 had expired
         ("reversal", -50, 6),                               # still live: taken from the member
         ("refund", 10, 3), ("expiry", -10, 3)]              # refunded to an expired lot: expired again
+
+
+REWARD = Reward(member_id=4, event_id="referral", ref="event:referral:referral:9", lot_id=40,
+                counter="issue:program", points=500, expires_on="2026-12-01", expired=0)
+
+
+def test_a_referral_is_taken_back_by_a_cancel_or_a_whole_return_of_the_first_purchase_only():
+    first = Referral(fires=[(4, "referral")], rewards=[REWARD], first_purchase=True, others=False)
+    cancel = plan_referral_take_back(first, 9, True, "2026-11-24")
+    assert cancel.postings == [(4, REWARD.ref, [Posting("reversal", -500, "issue:program", 40)])]
+    assert cancel.forget == [(4, "referral")] and cancel.by_member() == {4: 500}
+    returned = plan_referral_take_back(first, 9, False, "2026-11-24")
+    assert returned.postings == cancel.postings and returned.forget == []      # receipt_number stays
+    # A later receipt stands: it is the first purchase now and keeps the reward.
+    assert plan_referral_take_back(Referral([(4, "referral")], [REWARD], True, True), 9, True, "2026-11-24") is None
+    assert plan_referral_take_back(Referral([(4, "referral")], [REWARD], False, False), 9, True, "2026-11-24") is None
+    # Taken back already (nothing outstanding): a cancel still lets the next purchase pay again.
+    again = plan_referral_take_back(Referral([(4, "referral")], [], True, False), 9, True, "2026-11-24")
+    assert again.postings == [] and again.forget == [(4, "referral")]
+
+
+def test_a_referral_whose_points_expired_is_taken_from_the_expiry_account():
+    expired = Referral([(4, "referral")], [dataclasses.replace(REWARD, expired=500)], True, False)
+    plan = plan_referral_take_back(expired, 9, False, "2026-12-02")
+    assert plan.postings[0][2] == [Posting("reversal", -500, "issue:program", 40),
+                                   Posting("expiry", 500, "expiry", 40)]

@@ -93,6 +93,11 @@ async def enroll(deps: Deps, req: schema.Enrollment, principal: Principal) -> Me
     privacy = deps.privacy
 
     def write(conn):
+        if referrer is not None:
+            # Found before the write: a merge of the referrer committed in between would
+            # record the member merged away, which no card reaches, as the referrer.
+            ledger.lock_member(conn, referrer.id)
+            refuse_if_card_moved(conn, deps, req.referred_by, referrer, "referred_by")
         try:
             member_id = ledger.insert_member(
                 conn, card=privacy.card(req.card), card_last4=privacy.card_last4(req.card),

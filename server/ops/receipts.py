@@ -25,10 +25,10 @@ from server.ops import JSON, Deps, count, replay, sha256
 from server.ops.members import balance_now
 from server.plan import MemberState, evaluate, local_day, plan_calculate, plan_confirm
 from server.privacy import candidates
-from server.returns import LotFacts, plan_cancel, take_back_postings
+from server.returns import LotFacts, plan_cancel, plan_referral_take_back, take_back_postings
 from server.validation import DAY_EARLIEST, DAY_LATEST, DAY_RANGE, Problems
-from storage import coupons, imports, ledger, member_care, offers, receipt_takes
-from storage.apply import Confirmed, apply_calculate, apply_confirms, apply_take_back
+from storage import coupons, imports, ledger, member_care, offers, receipt_takes, referrals
+from storage.apply import Confirmed, apply_calculate, apply_confirms, apply_referral_take_back, apply_take_back
 from storage.db import Flush, Grouped, Ready
 from storage.ledger import InsufficientPoints, PostingRef, iso
 from storage.segments import MembershipCache
@@ -305,18 +305,23 @@ def _cancel_in_tx(deps: Deps, conn, key) -> CancelAnswer:
     imports.refuse_if_imported(conn, key, "cancelled")   # history brought in earned nothing to take back
     at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version, receipt=key,
                     ref="cancel")
+    today = local_day(program, now)
     reversed_, refunded = plan_cancel(ledger.receipt_postings(conn, key, stored.member_id))
+    referral = plan_referral_take_back(referrals.referral_of(conn, stored.member_id, key), stored.member_id,
+                                       True, today)
     holder = None if stored.member_id is None else member_care.points_holder(conn, stored.member_id)
     if holder is not None:
-        apply_take_back(conn, stored.member_id, take_back(conn, reversed_, refunded, local_day(program, now)), at)
+        apply_take_back(conn, stored.member_id, take_back(conn, reversed_, refunded, today), at)
         give_back_customer_value(deps, conn, key, holder)
+    referral_reversed = [] if referral is None else apply_referral_take_back(conn, referral, at)
     ledger.mark_cancelled(conn, key)
     result = cancel_answer(key, reversed_, refunded)
     if holder is not None:
         result.balance = balance_now(deps, conn, program, holder)
         webhooks.emit_noting_tier(conn, program, holder, "receipt.cancelled", {
             "receipt": msgspec.to_builtins(receipt_ref(key)), "reversed_points": result.reversed.points,
-            "refunded_points": result.refunded.points, "balance": msgspec.to_builtins(result.balance)}, now)
+            "refunded_points": result.refunded.points, "balance": msgspec.to_builtins(result.balance),
+            "referral_reversed": referral_reversed}, now)
     return result
 
 

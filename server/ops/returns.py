@@ -16,9 +16,9 @@ from server.ops import JSON, Deps, count, replay, sha256
 from server.ops.members import balance_now
 from server.ops.receipts import check_lines, give_back_customer_value, take_back
 from server.plan import local_day, partner_of
-from server.returns import plan_return
-from storage import imports, ledger, member_care
-from storage.apply import apply_take_back
+from server.returns import plan_referral_take_back, plan_return
+from storage import imports, ledger, member_care, referrals
+from storage.apply import apply_referral_take_back, apply_take_back
 from storage.ledger import PostingRef, iso
 
 
@@ -64,11 +64,14 @@ def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint,
     at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
                     receipt=rec_key, ref="/".join(ret_key))
     holder = None if stored.member_id is None else member_care.points_holder(conn, stored.member_id)
+    whole, today = returns_whole(sold, prior, req.lines), local_day(program, now)
+    referral = None if not whole else plan_referral_take_back(
+        referrals.referral_of(conn, stored.member_id, rec_key), stored.member_id, False, today)
     if holder is not None:
-        postings = take_back(conn, plan.reversals, plan.refunds, local_day(program, now))
-        apply_take_back(conn, stored.member_id, postings, at)
-        if returns_whole(sold, prior, req.lines):
+        apply_take_back(conn, stored.member_id, take_back(conn, plan.reversals, plan.refunds, today), at)
+        if whole:
             give_back_customer_value(deps, conn, rec_key, holder)
+    referral_reversed = [] if referral is None else apply_referral_take_back(conn, referral, at)
     for line_no, line in plan.lines.items():
         ledger.insert_return_line(conn, rec_key, line_no, ret_key, line, iso(now))
     result = return_answer(plan, ret_key, rec_key, holder)
@@ -80,7 +83,8 @@ def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint,
         webhooks.emit_noting_tier(conn, program, holder, "return.accepted", {
             "return": msgspec.to_builtins(result.return_), "receipt": msgspec.to_builtins(result.receipt),
             "reversed_points": plan.reversed_points, "refunded_points": plan.refunded_points,
-            "amount": result.amount, "balance": msgspec.to_builtins(result.balance)}, now)
+            "amount": result.amount, "balance": msgspec.to_builtins(result.balance),
+            "referral_reversed": referral_reversed}, now)
     return 201, result
 
 
