@@ -116,10 +116,10 @@ CHECKPOINT_INTERVAL_S = 1.0
 # wal_checkpoint_bytes, passes every few ms, each only when no batch is being written, try to
 # catch up with it: each copies just the frames since the last, and one that reaches the
 # WAL's end before the next commit lets that commit start the WAL again from its beginning
-# (SQLite does so at a write once every frame is copied and no reader uses them). At a few
-# receipts a commit that happens within a few passes, and the write turn's RESTART, which
-# every write waits for, is left for when the WAL passes its size anyway (back-to-back
-# commits, a long reader). More frequent passes cost CPU on the server's core: each page
+# (SQLite does so at a write once every frame is copied and no reader uses them). At one or
+# two receipts a commit (450 a second) one of some four passes does, and the write turn's
+# RESTART, which every write waits for, is left for when the WAL passes its size anyway
+# (back-to-back commits, a long reader). More frequent passes cost CPU on the server's core: each page
 # is copied once per pass that finds it changed (benchmarks/RESULTS.md, "The WAL started
 # again by itself").
 CHECKPOINT_PASS_S = 0.5
@@ -786,8 +786,7 @@ class Database:
                 # While a long reader holds the WAL, wake-ups after each commit wait for the retry.
                 if not woken or self._lost is not None or time.monotonic() >= self._ckpt_retry_at_s:
                     try:
-                        self._checkpoint_round(idle=time.monotonic() - self._wrote_at_s >= CHECKPOINT_INTERVAL_S,
-                                               catch_up=catch_up and not woken)
+                        self._checkpoint_round(idle=not self._writing(), catch_up=catch_up and not woken)
                     except BaseException:  # noqa: BLE001 - the checkpoints must go on
                         log.exception("storage %s: checkpoint round failed", self._path.name)
                 if woken:
@@ -842,7 +841,7 @@ class Database:
         return time.monotonic() - self._wrote_at_s < CHECKPOINT_INTERVAL_S
 
     def _catching_up(self) -> bool:
-        """Whether the next passes try to catch up with the WAL (CHECKPOINT_PASS_S)."""
+        """Whether the next passes try to catch up with the WAL (CHECKPOINT_CATCH_UP_S)."""
         return (self._writing() and self._lost is None
                 and self._ckpt_frames * self._frame_bytes >= self._wal_checkpoint_bytes * CHECKPOINT_CATCH_UP_SHARE)
 
