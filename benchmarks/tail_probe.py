@@ -89,6 +89,16 @@ def install_probes(events: dict[str, list]) -> None:
     timed(Database, "_checkpoint", "checkpoint", lambda self, args, row: (args[1], threading.current_thread().name, row))
     timed(Database, "_checkpoint_on_writer", "checkpoint_on_writer")
 
+    # When the loop runs the answers the sync thread handed it (call_soon_threadsafe looks
+    # the function up by name at each call).
+    original_settle = db_module._settle_async
+
+    def settle(entries):
+        events["settle"].append((clock(), 0.0, len(entries)))
+        return original_settle(entries)
+
+    db_module._settle_async = settle
+
     original_middleware = app_module.latency_middleware
     lag_started = []
 
@@ -121,7 +131,7 @@ async def lag_probe(events: dict[str, list]) -> None:
 def serve(config: str, out: str) -> int:
     events: dict[str, list] = {kind: [] for kind in (
         "gc", "loop_turn", "run_functions", "commit", "fdatasync", "answer", "checkpoint",
-        "checkpoint_on_writer", "request", "lag")}
+        "checkpoint_on_writer", "request", "lag", "settle")}
     if not os.environ.get("TAIL_PROBE_GARBAGE_ONLY"):
         install_probes(events)
     import gc
@@ -175,9 +185,35 @@ def analyse(events: dict[str, list], first: float, last: float) -> dict:
     out["items_per_batch"] = statistics.mean(e[2] for e in turns) if turns else 0
     out["answers_per_s"] = len(events["answer"]) / (last - first)
     out["lag_ms"] = summary([e[1] for e in events["lag"]])
+    out.update(hand_offs(events))
     out["slow"] = overlaps(slow, events, gcs)
     out["all"] = overlaps(requests, events, gcs)
     return out
+
+
+def hand_offs(events: dict[str, list]) -> dict:
+    """What the two hand-offs of a batch cost it in waiting: from the end of its COMMIT to the
+    start of its fdatasync, counted only when the sync thread had nothing to do (no fdatasync
+    running, so it was waiting for this one), and from the end of the sync thread's answer to
+    the loop running it."""
+    import bisect
+    syncs = sorted((e[0], e[0] + e[1]) for e in events["fdatasync"])
+    starts = [start for start, _ in syncs]
+    to_sync = []
+    for start, seconds, *_ in events["commit"]:
+        end = start + seconds
+        at = bisect.bisect_left(starts, end)
+        if at == len(starts) or (at > 0 and syncs[at - 1][1] > end):
+            continue                      # the sync thread was busy: the batch waited for the disk
+        to_sync.append(starts[at] - end)
+    answers = sorted(e[0] + e[1] for e in events["answer"] if len(e) > 3 and str(e[3]).startswith("sqlite-sync"))
+    settles = sorted(e[0] for e in events["settle"])
+    to_loop = []
+    for end in answers:
+        at = bisect.bisect_left(settles, end)
+        if at < len(settles):
+            to_loop.append(settles[at] - end)
+    return {"hand_off_to_sync": summary(to_sync), "hand_off_to_loop": summary(to_loop)}
 
 
 def overlaps(requests: list, events: dict[str, list], gcs: list) -> dict:
