@@ -69,13 +69,14 @@ def install_probes(events: dict[str, list]) -> None:
 
         def wrapper(self, *args, **kwargs):
             start = clock()
+            cpu = time.thread_time()
             result = None
             try:
                 result = original(self, *args, **kwargs)
                 return result
             finally:
                 extra = detail(self, args, result) if detail else ()
-                events[kind].append((start, clock() - start, *extra))
+                events[kind].append((start, clock() - start, *extra, time.thread_time() - cpu))
 
         setattr(cls, name, wrapper)
 
@@ -87,6 +88,16 @@ def install_probes(events: dict[str, list]) -> None:
     timed(Database, "_answer", "answer", lambda self, args, _: (len(args[0]), threading.current_thread().name))
     timed(Database, "_checkpoint", "checkpoint", lambda self, args, row: (args[1], threading.current_thread().name, row))
     timed(Database, "_checkpoint_on_writer", "checkpoint_on_writer")
+
+    # When the loop runs the answers the sync thread handed it (call_soon_threadsafe looks
+    # the function up by name at each call).
+    original_settle = db_module._settle_async
+
+    def settle(entries):
+        events["settle"].append((clock(), 0.0, len(entries)))
+        return original_settle(entries)
+
+    db_module._settle_async = settle
 
     original_middleware = app_module.latency_middleware
     lag_started = []
@@ -120,7 +131,7 @@ async def lag_probe(events: dict[str, list]) -> None:
 def serve(config: str, out: str) -> int:
     events: dict[str, list] = {kind: [] for kind in (
         "gc", "loop_turn", "run_functions", "commit", "fdatasync", "answer", "checkpoint",
-        "checkpoint_on_writer", "request", "lag")}
+        "checkpoint_on_writer", "request", "lag", "settle")}
     if not os.environ.get("TAIL_PROBE_GARBAGE_ONLY"):
         install_probes(events)
     import gc
@@ -164,13 +175,45 @@ def analyse(events: dict[str, list], first: float, last: float) -> dict:
     out["frozen_objects"] = max((g[6] for g in gcs if len(g) > 6), default=0)
     for kind in ("loop_turn", "commit", "fdatasync", "checkpoint", "checkpoint_on_writer", "answer"):
         out[kind] = summary([e[1] for e in events[kind]])
+    for mode in sorted({e[2] for e in events["checkpoint"] if len(e) > 2}):
+        spans = [e for e in events["checkpoint"] if len(e) > 2 and e[2] == mode]
+        out[f"checkpoint {mode}"] = summary([e[1] for e in spans])
+        # CPU of the thread that ran them (the copying), per request served.
+        out[f"checkpoint {mode}"]["cpu_us_per_request"] = round(
+            sum(e[-1] for e in spans) / max(len(requests), 1) * 1e6, 1)
     turns = events["run_functions"]
     out["items_per_batch"] = statistics.mean(e[2] for e in turns) if turns else 0
     out["answers_per_s"] = len(events["answer"]) / (last - first)
     out["lag_ms"] = summary([e[1] for e in events["lag"]])
+    out.update(hand_offs(events))
     out["slow"] = overlaps(slow, events, gcs)
     out["all"] = overlaps(requests, events, gcs)
     return out
+
+
+def hand_offs(events: dict[str, list]) -> dict:
+    """What the two hand-offs of a batch cost it in waiting: from the end of its COMMIT to the
+    start of its fdatasync, counted only when the sync thread had nothing to do (no fdatasync
+    running, so it was waiting for this one), and from the end of the sync thread's answer to
+    the loop running it."""
+    import bisect
+    syncs = sorted((e[0], e[0] + e[1]) for e in events["fdatasync"])
+    starts = [start for start, _ in syncs]
+    to_sync = []
+    for start, seconds, *_ in events["commit"]:
+        end = start + seconds
+        at = bisect.bisect_left(starts, end)
+        if at == len(starts) or (at > 0 and syncs[at - 1][1] > end):
+            continue                      # the sync thread was busy: the batch waited for the disk
+        to_sync.append(starts[at] - end)
+    answers = sorted(e[0] + e[1] for e in events["answer"] if len(e) > 3 and str(e[3]).startswith("sqlite-sync"))
+    settles = sorted(e[0] for e in events["settle"])
+    to_loop = []
+    for end in answers:
+        at = bisect.bisect_left(settles, end)
+        if at < len(settles):
+            to_loop.append(settles[at] - end)
+    return {"hand_off_to_sync": summary(to_sync), "hand_off_to_loop": summary(to_loop)}
 
 
 def overlaps(requests: list, events: dict[str, list], gcs: list) -> dict:
@@ -234,6 +277,17 @@ def pct(values: list[float], fraction: float) -> float:
     return values[min(int(len(values) * fraction), len(values) - 1)]
 
 
+def wal_resets(db: Path) -> int:
+    """The WAL header's checkpoint sequence number: SQLite counts one more each time the WAL
+    starts again from its beginning, after a RESTART or TRUNCATE or by itself at a write."""
+    try:
+        with open(f"{db}-wal", "rb") as wal:
+            header = wal.read(16)
+    except FileNotFoundError:
+        return 0
+    return int.from_bytes(header[12:16], "big") if len(header) == 16 else 0
+
+
 def run(tree: Path, rate: float, members: int, seconds: int, label: str) -> dict:
     sys.path.insert(0, str(HERE.parent))
     from benchmarks import gen_members, receipts
@@ -252,15 +306,21 @@ def run(tree: Path, rate: float, members: int, seconds: int, label: str) -> dict
     with Server(f"tail-{label}", argv, tree=tree, ready=True) as server:
         wrk(templates, members, 3)
         threads0 = server.thread_cpu()
+        resets0 = wal_resets(db)
         first = time.perf_counter()
         result, _ = measured(server, lambda: wrk(templates, members, seconds, rate=rate))
         last = time.perf_counter()
+        resets1 = wal_resets(db)
         threads1 = server.thread_cpu()
     n = max(result["requests"], 1)
     (DATA / f"tail-{label}.span").write_text(f"{first} {last}")
     analysis = analyse(json.loads(out.read_text()), first, last)
     analysis["wrk_ms"] = {q: result["latency_us"][q] / 1000 for q in ("p50", "p99", "p999")}
     analysis["rps"] = result["rps"]
+    # Those the write turn's RESTART did not make: the WAL started again by itself.
+    restarts = analysis.get("checkpoint RESTART", {}).get("count", 0)
+    analysis["wal_resets"] = {"all": resets1 - resets0, "by_restart": restarts,
+                              "by_itself": resets1 - resets0 - restarts}
     analysis["cpu_us_per_request"] = result["cpu_us_per_request"]
     analysis["thread_cpu_us"] = {k: round((threads1[k] - threads0.get(k, 0)) / n * 1e6) for k in threads1}
     return analysis

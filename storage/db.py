@@ -29,15 +29,17 @@ the connection: with every receipt read, evaluated and written inside its batch,
 connection waiting for the disk had left the loop idle for a sixth of the time.
 
 The WAL is kept short: a checkpoint thread copies it into the database without blocking
-anyone (PASSIVE) and syncs the database file after each copy, and once it holds more than
-wal_checkpoint_bytes the write connection itself, on the write turn between two batches
-(no batch runs meanwhile), finishes the copy and restarts the WAL from its beginning
-(RESTART; the next commit cuts the file back to that size: journal_size_limit). SQLite
-restarts the WAL by itself only when a write begins after a checkpoint copied every frame
-and while no reader uses the WAL; under steady load one or the other nearly always fails,
-and the file grew without end. RESTART waits (briefly) for those readers, and new
-readers leave the WAL alone once it is all copied. When nothing has been written for a
-second the write turn empties the file (TRUNCATE).
+anyone (PASSIVE) and syncs the database file after each copy. SQLite restarts the WAL by
+itself only when a write begins after a checkpoint copied every frame and while no reader
+uses the WAL; a copy of half a second of frames nearly never ends before the next commit,
+so once the WAL holds a quarter of wal_checkpoint_bytes the thread tries to catch up with
+short passes while no batch is being written, until one ends first. Should the WAL
+still pass wal_checkpoint_bytes (commits back to back, a long reader), the write
+connection itself, on the write turn between two batches (no batch runs meanwhile),
+finishes the copy and restarts the WAL from its beginning (RESTART; the next commit cuts
+the file back to that size: journal_size_limit). RESTART waits (briefly) for readers, and
+new readers leave the WAL alone once it is all copied. When nothing has been written for
+a second the write turn empties the file (TRUNCATE).
 Run on the write connection, both keep its page cache, which a checkpoint by another
 connection that restarts the WAL would empty.
 
@@ -110,6 +112,19 @@ DEFAULT_SYNC_TIMEOUT_S = 60.0
 # thread of its own copies it instead, this often (PASSIVE: it blocks nobody); only the
 # RESTART or TRUNCATE it asks for runs on the write turn, between two batches.
 CHECKPOINT_INTERVAL_S = 1.0
+# While commits come, a PASSIVE every half second instead. Once the WAL holds a quarter of
+# wal_checkpoint_bytes, passes every few ms, each only when no batch is being written, try to
+# catch up with it: each copies just the frames since the last, and one that reaches the
+# WAL's end before the next commit lets that commit start the WAL again from its beginning
+# (SQLite does so at a write once every frame is copied and no reader uses them). At one or
+# two receipts a commit (450 a second) one of some four passes does, and the write turn's
+# RESTART, which every write waits for, is left for when the WAL passes its size anyway
+# (back-to-back commits, a long reader). More frequent passes cost CPU on the server's core: each page
+# is copied once per pass that finds it changed (benchmarks/RESULTS.md, "The WAL started
+# again by itself").
+CHECKPOINT_PASS_S = 0.5
+CHECKPOINT_CATCH_UP_S = 0.005
+CHECKPOINT_CATCH_UP_SHARE = 0.25
 # When the sync thread sees the WAL over its size it wakes the checkpoint thread at once
 # (at ~100 MB/s of WAL a second is too long), but not more often than this.
 CHECKPOINT_MIN_GAP_S = 0.05
@@ -368,6 +383,8 @@ class Database:
         self._ckpt_retry_at_s = 0.0
         self._ckpt_retry_s = CHECKPOINT_RETRY_S
         self._ckpt_busy_log = Throttle()
+        self._ckpt_backfilled = 0                # frames copied as of the last PASSIVE
+        self._ckpt_frames = 0                    # frames in the WAL as of the last PASSIVE
         self._frame_bytes = 4096 + 24
         self._stop_checkpoints = threading.Event()
         # Start of each open read transaction of ours, by connection (the oldest holds the WAL).
@@ -758,18 +775,23 @@ class Database:
     def _checkpoint_main(self) -> None:
         try:
             while not self._stop_checkpoints.is_set():
-                woken = self._ckpt_wake.wait(CHECKPOINT_INTERVAL_S)
+                catch_up = self._catching_up()
+                woken = self._ckpt_wake.wait(self._pass_interval(catch_up))
                 self._ckpt_wake.clear()
                 if self._stop_checkpoints.is_set():
                     return
+                # A batch being written commits during the pass, so the pass could not catch up.
+                if catch_up and not woken and not self._writer_idle():
+                    continue
                 # While a long reader holds the WAL, wake-ups after each commit wait for the retry.
                 if not woken or self._lost is not None or time.monotonic() >= self._ckpt_retry_at_s:
                     try:
-                        self._checkpoint_round(idle=time.monotonic() - self._wrote_at_s >= CHECKPOINT_INTERVAL_S)
+                        self._checkpoint_round(idle=not self._writing(), catch_up=catch_up and not woken)
                     except BaseException:  # noqa: BLE001 - the checkpoints must go on
                         log.exception("storage %s: checkpoint round failed", self._path.name)
-                # Woken after every commit while the WAL is over its size: not a round each time.
-                self._stop_checkpoints.wait(CHECKPOINT_MIN_GAP_S)
+                if woken:
+                    # Woken after every commit while the WAL is over its size: not a round each time.
+                    self._stop_checkpoints.wait(CHECKPOINT_MIN_GAP_S)
         finally:
             self._checkpoints_end()
 
@@ -786,7 +808,7 @@ class Database:
         if conn is not None:
             conn.close()
 
-    def _checkpoint_round(self, idle: bool) -> None:
+    def _checkpoint_round(self, idle: bool, catch_up: bool = False) -> None:
         if self._check_files() is not None:
             self._salvage_when_due()
             return
@@ -800,14 +822,37 @@ class Database:
                 passive = self._checkpoint(self._ckpt_conn, "PASSIVE")  # type: ignore[arg-type]
             finally:
                 self._ckpt_lock.release()
-        if passive is not None and passive[2] > 0:
+        # The third column counts the frames copied since the WAL began again: a pass copied
+        # something when it moved. A pass trying to catch up leaves its few pages to the sync
+        # SQLite makes once one reaches the WAL's end: a sync of its own each time would
+        # double the fdatasyncs of those passes, beside the WAL's after every commit.
+        if passive is not None and not catch_up and passive[2] > 0 and passive[2] != self._ckpt_backfilled:
             self._flush_copied_pages()
+        if passive is not None:
+            self._ckpt_backfilled, self._ckpt_frames = passive[2], passive[1]
         if time.monotonic() < self._ckpt_retry_at_s:
             return
         if idle and self.wal_bytes() > 0:
             self._want_checkpoint("TRUNCATE")     # nothing is written: give the file back
         elif passive is not None and passive[1] * self._frame_bytes > self._wal_checkpoint_bytes:
             self._want_checkpoint("RESTART")
+
+    def _writing(self) -> bool:
+        return time.monotonic() - self._wrote_at_s < CHECKPOINT_INTERVAL_S
+
+    def _catching_up(self) -> bool:
+        """Whether the next passes try to catch up with the WAL (CHECKPOINT_CATCH_UP_S)."""
+        return (self._writing() and self._lost is None
+                and self._ckpt_frames * self._frame_bytes >= self._wal_checkpoint_bytes * CHECKPOINT_CATCH_UP_SHARE)
+
+    def _pass_interval(self, catch_up: bool) -> float:
+        if catch_up:
+            return CHECKPOINT_CATCH_UP_S
+        return CHECKPOINT_PASS_S if self._writing() else CHECKPOINT_INTERVAL_S
+
+    def _writer_idle(self) -> bool:
+        with self._lock:
+            return self._turn == _IDLE and not self._pending
 
     def _flush_copied_pages(self) -> None:
         """fdatasync of the database file after a PASSIVE that copied frames.

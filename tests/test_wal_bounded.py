@@ -1,5 +1,6 @@
 """Under steady confirms the WAL file stays bounded; a long reader lets it grow, and once the
 reader ends it shrinks again; /metrics shows its size, the checkpoints and the oldest reader.
+Under light load the WAL starts again by itself, without the write turn's RESTART.
 
 `make test` runs a short form with a small database.wal_checkpoint_mib; `make faulttest`
 (FAULT_LONG=1) runs four clients for 30 s at the default size and holds the WAL under 64 MiB.
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from storage.db import Database
 from test_crash_safety import Server
 from test_storage_faults import confirm, enroll, get, metric, receipt, session_for_tests
+from test_storage_writer import insert_receipt, make_migrations
 
 pytestmark = pytest.mark.sqlite_only(reason="the size of SQLite's WAL file")
 
@@ -154,3 +157,42 @@ def test_wal_stays_under_64_mib_for_30_seconds_of_four_clients(tmp_path):
         server.kill()
     print(f"\n{confirmed} receipts in 30 s, largest WAL {largest / MIB:.1f} MiB")
     assert largest < 64 * MIB, largest
+
+
+def wal_generation(db: Path) -> int:
+    """The WAL header's checkpoint sequence: one more each time the WAL starts from its beginning."""
+    with open(f"{db}-wal", "rb") as wal:
+        return int.from_bytes(wal.read(16)[12:16], "big")
+
+
+async def light_writes(db: Database, seconds: float, largest: list[int]) -> int:
+    """A write every few ms, a page or two of WAL each (about 1 MiB a second); returns how many."""
+    stop, count = time.monotonic() + seconds, 0
+    while time.monotonic() < stop:
+        await db.write(insert_receipt("x" * 3000))
+        count += 1
+        largest[0] = max(largest[0], wal_size(db.path))
+        await asyncio.sleep(0.006)
+    return count
+
+
+def test_light_load_starts_the_wal_again_without_making_writes_wait(tmp_path):
+    # 1 MiB of WAL is under a second of these writes: copied once a second, the WAL reached
+    # it, and the write turn's RESTART held the next writes meanwhile.
+    checkpoints: list[tuple[str, str]] = []
+    db = Database(tmp_path / "loyalty.db", migrations=make_migrations(), wal_checkpoint_bytes=MIB,
+                  on_checkpoint=lambda mode, result, _: checkpoints.append((mode, result)))
+    db.open()
+    largest = [0]
+    try:
+        asyncio.run(light_writes(db, 0.2, largest))
+        first = wal_generation(db.path)
+        written = asyncio.run(light_writes(db, 4, largest))
+        started_again = wal_generation(db.path) - first
+    finally:
+        db.close()
+    restarts = sum(1 for mode, _ in checkpoints if mode == "restart")
+    assert written > 300, written
+    assert started_again >= 3, (started_again, restarts)
+    assert restarts <= started_again // 4, (started_again, restarts)
+    assert largest[0] <= 2 * MIB, largest[0]
