@@ -246,9 +246,11 @@ def import_offers(db: Database, definitions: cvm.Definitions, privacy, source: P
                       file=sys.stderr)
                 return INTERRUPTED_STATUS
             try:
-                body = msgspec.convert({"offer_id": offer_id, "rule": rows.rule, "from": rows.first, "to": rows.last,
-                                        "cards": rows.cards, "points": int(rows.points) if rows.points else None},
-                                       schema.OfferAssignment)
+                # Through the API's own decoder, so a bad cell is refused in the API's words
+                # ("from must be a date like 2026-11-24"), not msgspec's.
+                body = schema.decode(schema.ENCODER.encode(
+                    {"offer_id": offer_id, "rule": rows.rule, "from": rows.first, "to": rows.last,
+                     "cards": rows.cards, "points": _points_cell(rows.points)}), schema.OfferAssignment)
                 cvm.check_offer(definitions, body)
                 done = db.write_sync(lambda conn: _assign(conn, privacy, body, now))
             except (StorageError, *unreachable_errors()) as e:
@@ -259,12 +261,7 @@ def import_offers(db: Database, definitions: cvm.Definitions, privacy, source: P
                 problems.append(f"{source}:{rows.lines[0]}: offer {offer_id}: {e}")
                 continue
             except ApiError as e:
-                # a card out of use also says which card to use instead
-                where = [f"line {rows.lines[int(d['path'][6:-1])]}"
-                         + ("" if d["message"] == cvm.NOT_ENROLLED else f": {d['message']}")
-                         for d in e.details if d["path"].startswith("cards[")]
-                problems.append(f"{source}:{rows.lines[0]}: offer {offer_id}: {e.message}"
-                                + (f" ({', '.join(where[:20])})" if where else ""))
+                problems.append(f"{source}:{rows.lines[0]}: offer {offer_id}: {_offer_refused(e, rows)}")
                 continue
             except offers.OfferConflict as e:
                 problems.append(f"{source}:{rows.lines[0]}: {e}")
@@ -273,6 +270,30 @@ def import_offers(db: Database, definitions: cvm.Definitions, privacy, source: P
             repeated += not done.created
     _print_offers_summary(problems, created, repeated)
     return 1 if problems else 0
+
+
+def _offer_refused(e: ApiError, rows: OfferRows) -> str:
+    """Why an offer of the file was refused, with the file's line of each card in question."""
+    if e.code == "validation_error":    # every cell in question, a card by its line
+        return "; ".join(f"card on line {rows.lines[int(d['path'][6:-1])]} {d['message']}"
+                         if d["path"].startswith("cards[") else f"{d['path']} {d['message']}" for d in e.details)
+    # a card out of use also says which card to use instead
+    where = [f"line {rows.lines[int(d['path'][6:-1])]}"
+             + ("" if d["message"] == cvm.NOT_ENROLLED else f": {d['message']}")
+             for d in e.details if d["path"].startswith("cards[")]
+    return e.message + (f" ({', '.join(where[:20])})" if where else "")
+
+
+def _points_cell(text: str) -> int | str | None:
+    """An empty cell is no budget; a whole number is one; anything else is left as written for
+    the decoder to refuse as not a whole number."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def _print_offers_summary(problems: list[str], created: int, repeated: int) -> None:
