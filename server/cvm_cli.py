@@ -138,7 +138,7 @@ def generate(db: Database, definitions: cvm.Definitions, privacy, campaign: str,
     the file only once it is stored."""
     from datetime import datetime, timezone
     if campaign not in definitions.coupons:
-        print(f"coupons generate: the program defines no coupon campaign {campaign}", file=sys.stderr)
+        print(f"coupons generate: {cvm.no_such('coupon campaign', campaign, definitions.coupons)}", file=sys.stderr)
         return 2
     if card is not None and (problem := _card_problem(card)):
         print(f"coupons generate: --card {problem}; nothing was generated", file=sys.stderr)
@@ -314,7 +314,7 @@ def campaign(db: Database, definitions: cvm.Definitions, program, args) -> int:
     rule = definitions.rules.get(args.rule)
     if rule is None or rule.holdout is None:
         # In the API's words (rule_without_holdout), naming the rule first.
-        why = (f"the program has no rule {args.rule}" if rule is None else
+        why = (cvm.no_such("rule", args.rule, definitions.rules) if rule is None else
                f"rule {args.rule} has no holdout: it has no control group to compare with")
         print(f"report campaign: {why}", file=sys.stderr)
         return 2

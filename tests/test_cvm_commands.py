@@ -277,3 +277,4 @@ def test_report_campaign_says_which_rule_has_no_control_group(db, capsys):
         return cvm_cli.campaign(db, DEFS, program, args), capsys.readouterr().err
     assert run("base") == (2, "report campaign: rule base has no holdout: it has no control group to compare with\n")
     assert run("nope") == (2, "report campaign: the program has no rule nope\n")
+    assert run("prom") == (2, "report campaign: the program has no rule prom, did you mean 'promo'?\n")

@@ -21,7 +21,7 @@ from server.auth import Principal
 from server.console import chart, program_edit, queries, words
 from server.console.backtest import as_rows
 from server.console.sessions import COOKIE, LOGIN_COOKIE, LOGIN_FORM_SECONDS, Session, remember_lookup, token_matches
-from server.cvm import definitions
+from server.cvm import definitions, no_such
 from server.errors import ApiError, conflict, error_body, field_error, folder_clash, forbidden, not_found, unprocessable
 from server.ops import adjustments, members
 from server.keys import CLOCK, CONFIG, CONSOLE, DATABASE, KEYRING, LIMITER, OPS, PRIVACY, PROGRAMS
@@ -609,7 +609,7 @@ def _campaign_rule(app, rule_id: str) -> report_campaign.CampaignRule:
     """The rule the report is asked for, refused as the API refuses it (404, 422)."""
     rule = definitions(app).rules.get(rule_id)
     if rule is None:
-        raise not_found("unknown_rule", f"the program has no rule {rule_id}")
+        raise not_found("unknown_rule", no_such("rule", rule_id, definitions(app).rules))
     if rule.holdout is None:
         raise unprocessable("rule_without_holdout", f"rule {rule_id} has no holdout: it has no control group "
                             "to compare with", [{"path": "rule", "message": "has no holdout"}])
