@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import html
 import re
 import shutil
 
@@ -468,6 +469,10 @@ async def test_a_deploy_over_a_file_changed_meanwhile_is_refused_and_audited(set
     path.write_text(changed_by_hand)
     status, _, page = await console.post("/console/program/deploy", {"backtest": job, "reason": "too late"})
     assert status == 409 and "program_changed" in page
+    # The edit is on the refusal, to be copied before the file is opened again.
+    kept = re.search(r'<textarea id="kept-edit"[^>]*>(.*?)</textarea>', page, re.S)
+    assert kept and html.unescape(kept.group(1)) == text.replace("by: 2", "by: 3")
+    assert f'href="/console/program/edit?file={PROMOS}" id="edit-again"' in page
     assert path.read_text() == changed_by_hand
     [audited] = await audit_rows(api, "/console/program/deploy")
     assert audited["status"] == 409 and '"reason":"too late"' in audited["detail"]

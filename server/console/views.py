@@ -368,8 +368,11 @@ async def deploy(request: web.Request, session: Session, form: dict) -> web.Resp
         files = program_edit.edited(live, job.file, job.text, app[CONFIG].console.file_max_bytes)
         return await program_versions.deploy(app, _texts(files), who, reason, source="console", base_version=serving)
 
-    await _audited_put_live(request, session, job.text.encode(), {"reason": reason, "file": job.file,
-                                                                  "previous_version": serving}, put_live)
+    try:
+        await _audited_put_live(request, session, job.text.encode(), {"reason": reason, "file": job.file,
+                                                                      "previous_version": serving}, put_live)
+    except ApiError as e:   # the refusal keeps the edit on the page: it is the only copy of it
+        return error_page(request, session, e, kept_edit={"file": job.file, "text": job.text})
     return see_other("/console/program")
 
 
