@@ -310,6 +310,17 @@ async def test_export_receipts_writes_the_stored_bodies_and_diff_replays_them(ma
     assert "does not load" in capsys.readouterr().err
 
 
+def test_rules_explain_without_a_member_names_the_programs_own_first_tier(tmp_path, capsys):
+    config = write_config(tmp_path, MARKET.parent / "cafe")
+    receipt_file = tmp_path / "receipt.json"
+    receipt_file.write_text(json.dumps(receipt("C-1", [line(1, "coffee", 1200)])))
+    assert main(["rules", "explain", "--config", str(config), str(receipt_file)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.endswith("the receipt has no card (it would earn nothing): explaining for a returning "
+                                 "member of the first tier, regular\n")
+    assert "tier regular" in captured.out
+
+
 def test_diff_of_a_line_nested_too_deeply_to_read_is_one_line(tmp_path, capsys):
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps(receipt("D-1", [line(1, "x", 100)])) + "\n" + "[" * 100_000 + "\n")
