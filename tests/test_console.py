@@ -546,6 +546,8 @@ async def test_member_by_card_and_a_manual_adjustment(setup):
     _, page = await console.get(location)
     assert re.search(r'id="available">100<', page) and re.search(r'id="pending">3<', page)
     assert re.search(r'id="tier">base<', page)
+    # The way to silver (5,000.00 UAH) in money: 91.00 UAH spent so far.
+    assert re.search(r'id="to-next">4909\.00 UAH more spend to silver<', page)
     assert "2026-12-08" in page     # the receipt's lot: available 14 days after its date
     adjustment_id = re.search(r'name="adjustment_id" value="([^"]+)"', page).group(1)
     form = {"points": "25", "reason": "parking refund", "adjustment_id": adjustment_id}
