@@ -123,9 +123,10 @@ class ProgramHolder:
         """Serve `program` from now on; `source` says where it came from when not the folder."""
         # The old program is freed by the garbage collector once the last request that
         # took it has finished (Program frees its engine ruleset when collected).
-        self.current = program
+        previous, self.current = self.current, program
         self._metrics.rules_info.info({"version": program.version, "program": program.id})
-        self._record_ok(trigger, program, changed=True, warnings=program.warnings)
+        self._record_ok(trigger, program, changed=True,
+                        warnings=[*program.warnings, *identity_changes(previous, program)])
         log.info("rules %s loaded from %s (%s)", program.version, source or self.directory, trigger)
 
     def unchanged(self, trigger: str, warnings: list[Problem]) -> None:
@@ -166,7 +167,7 @@ class ProgramHolder:
         for warning in warnings:
             log.warning("rules %s: %s", version, warning)
 
-    def _record_ok(self, trigger: str, program: Program, changed: bool, warnings: list[Problem]) -> None:
+    def _record_ok(self, trigger: str, program: Program, changed: bool, warnings: list[Problem | str]) -> None:
         self.last_reload = {"at": self._clock.now().isoformat(), "ok": True, "trigger": trigger,
                             "version": program.version, "changed": changed, "errors": [],
                             "warnings": [str(w) for w in warnings]}
@@ -178,3 +179,20 @@ class ProgramHolder:
                 log.warning("%s", warning)
         self._warn_lost_tiers(program)
 
+
+def identity_changes(previous: Program | None, program: Program) -> list[str]:
+    """Warnings for a program that is not the same program as the one it replaces: the
+    wrong folder deployed, most likely. A new id draws every control group anew (they are
+    drawn from it) and a new currency reads every amount already stored in another money;
+    neither refuses the program, but a manager must see it at once, and roll back."""
+    if previous is None:
+        return []
+    changes = []
+    if program.id != previous.id:
+        changes.append(f"program id is now {program.id!r}, was {previous.id!r}: every holdout's control group "
+                       "is drawn anew; if this is not the program meant, roll back")
+    if program.currency != previous.currency:
+        changes.append(f"currency is now {program.currency}, was {previous.currency}: amounts already stored "
+                       f"(receipts, returns, tier spend) were in {previous.currency}; if this is not the program "
+                       "meant, roll back")
+    return changes
