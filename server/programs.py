@@ -126,7 +126,7 @@ class ProgramHolder:
         previous, self.current = self.current, program
         self._metrics.rules_info.info({"version": program.version, "program": program.id})
         self._record_ok(trigger, program, changed=True,
-                        warnings=[*program.warnings, *identity_changes(previous, program)])
+                        warnings=[*program.warnings, *replacement_warnings(previous, program)])
         log.info("rules %s loaded from %s (%s)", program.version, source or self.directory, trigger)
 
     def unchanged(self, trigger: str, warnings: list[Problem]) -> None:
@@ -180,11 +180,13 @@ class ProgramHolder:
         self._warn_lost_tiers(program)
 
 
-def identity_changes(previous: Program | None, program: Program) -> list[str]:
-    """Warnings for a program that is not the same program as the one it replaces: the
-    wrong folder deployed, most likely. A new id draws every control group anew (they are
-    drawn from it) and a new currency reads every amount already stored in another money;
-    neither refuses the program, but a manager must see it at once, and roll back."""
+def replacement_warnings(previous: Program | None, program: Program) -> list[str]:
+    """Warnings about what the program changes in the one it replaces that no check of its
+    files can see. Another id or currency is most likely the wrong folder deployed: a new id
+    draws every control group anew (they are drawn from it), a new currency reads every
+    amount already stored in another money. A rule that keeps its id but gets another holdout
+    share moves members between its groups, so its campaign effect would compare groups
+    some of whose receipts were served under the other share. None refuses the program."""
     if previous is None:
         return []
     changes = []
@@ -195,4 +197,12 @@ def identity_changes(previous: Program | None, program: Program) -> list[str]:
         changes.append(f"currency is now {program.currency}, was {previous.currency}: amounts already stored "
                        f"(receipts, returns, tier spend) were in {previous.currency}; if this is not the program "
                        "meant, roll back")
+    if program.id == previous.id:   # another id redraws every group: said above
+        rules_before = {rule.id for rule in previous.rules}
+        for rule_id, share in program.holdout_rules.items():
+            before = previous.holdout_rules.get(rule_id)
+            if rule_id in rules_before and before != share:
+                changes.append(f"rule {rule_id}: holdout is now {share}, was {before or 'none'}: members move "
+                               "between its groups, so its campaign effect over receipts served before compares "
+                               "groups they were not in; to measure a new share, give the rule a new id")
     return changes

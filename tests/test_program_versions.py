@@ -139,6 +139,28 @@ async def test_a_deploy_of_another_program_warns_that_it_is_another_program(tmp_
         assert status == 200 and not [w for w in done["last_reload"]["warnings"] if " is now " in w]
 
 
+async def test_a_rule_whose_holdout_share_changes_warns_that_its_groups_move(tmp_path):
+    def with_holdout(files: dict[str, str], share: str) -> dict[str, str]:
+        changed = dict(files)
+        changed["campaigns/promos.yaml"] = changed["campaigns/promos.yaml"].replace(
+            "    scope: {categories: [dairy]}\n", f"    scope: {{categories: [dairy]}}\n    holdout: {share}\n", 1)
+        return changed
+    folder = copy_market(tmp_path)
+    async with Running(config_for(tmp_path, folder)) as api:
+        files = program_files(folder)
+        for share, before in (("0.5", "none"), ("0.2", "0.5")):
+            status, done = await api.post("/v1/admin/rules/deploy", {"files": with_holdout(files, share),
+                                                                     "reason": f"holdout {share}"})
+            assert status == 200 and done["last_reload"]["warnings"][-1] == (
+                f"rule dairy-x2: holdout is now {share}, was {before}: members move between its groups, so its "
+                "campaign effect over receipts served before compares groups they were not in; to measure a new "
+                "share, give the rule a new id")
+        # Another change that keeps the share says nothing of it.
+        changed = with_holdout(triple_dairy(files), "0.2")
+        status, done = await api.post("/v1/admin/rules/deploy", {"files": changed, "reason": "dairy x3"})
+        assert status == 200 and not [w for w in done["last_reload"]["warnings"] if "holdout is now" in w]
+
+
 async def test_a_page_before_an_impossible_id_is_refused_with_the_field(tmp_path):
     async with Running(config_for(tmp_path, copy_market(tmp_path))) as api:
         for before in ("9" * 30, "0", "-5", "x"):
