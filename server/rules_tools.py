@@ -282,8 +282,11 @@ def _member(facts: Any, where: str) -> ReplayMember | None:
         return None
     try:
         return _member_decoder.decode(msgspec.json.encode(facts))
-    except msgspec.ValidationError as e:
-        raise ToolError(f"{where}: member: {e}") from None
+    except msgspec.ValidationError as e:     # in the API's words, every problem: the line may be written by hand
+        found = validation.find(facts, ReplayMember)
+        found = found if found.count else validation.from_error(e, ReplayMember)
+        raise ToolError(f"{where}: member: " + "; ".join(f"{'the member' if path == '$' else path} {words}"
+                                                         for path, words in found.listed)) from None
 
 
 def diff(old: Program, new: Program, receipts: Iterable[tuple[Receipt, ReplayMember | None]]) -> DiffReport:
