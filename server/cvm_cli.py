@@ -323,6 +323,12 @@ def campaign(db: Database, definitions: cvm.Definitions, program, args) -> int:
     except ApiError as e:
         print(f"report campaign: {'; '.join(d['path'] + ' ' + d['message'] for d in e.details)}", file=sys.stderr)
         return 2
+    # Before the report, not after it: a report printed and then a failure reads as neither.
+    matplotlib = _matplotlib() if args.plot else None
+    if args.plot and matplotlib is None:
+        print("report campaign: --plot needs matplotlib: .venv/bin/pip install -r requirements-plot.txt; "
+              "nothing was reported", file=sys.stderr)
+        return 2
     setting = report_campaign.setting_of(program)
     result = db.read_sync(lambda conn: report_campaign.report(conn, setting, rule, first, last), timeout_s=3600)
     if args.json:
@@ -333,7 +339,7 @@ def campaign(db: Database, definitions: cvm.Definitions, program, args) -> int:
         print(text(result, program.currency))
     if args.plot:
         weeks = db.read_sync(lambda conn: report_campaign.weekly(conn, setting, rule, first, last), timeout_s=3600)
-        return plot(weeks, rule.id, args.plot)
+        return plot(matplotlib, weeks, rule.id, args.plot)
     return 0
 
 
@@ -368,13 +374,16 @@ def text(result: dict, currency: str) -> str:
     return "\n".join(lines)
 
 
-def plot(weeks: list[tuple[date, float, float]], rule_id: str, out: Path) -> int:
+def _matplotlib():
+    """matplotlib, which serving does not install (requirements-plot.txt), or None."""
     try:
         import matplotlib
     except ImportError:
-        print("report campaign: --plot needs matplotlib: .venv/bin/pip install -r requirements-plot.txt",
-              file=sys.stderr)
-        return 2
+        return None
+    return matplotlib
+
+
+def plot(matplotlib, weeks: list[tuple[date, float, float]], rule_id: str, out: Path) -> int:
     matplotlib.use("Agg")
     from matplotlib import pyplot
     fig, ax = pyplot.subplots(figsize=(8, 4.5))

@@ -6,6 +6,7 @@ import csv
 import io
 import os
 import signal
+import sys
 import types
 from datetime import date, datetime, timezone
 from decimal import Decimal
@@ -267,6 +268,18 @@ def test_report_campaign_prints_text_json_csv_and_a_chart(db, tmp_path, capsys):
     chart = tmp_path / "effect.png"
     status, _ = run(plot=chart)
     assert status == 0 and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_campaign_without_matplotlib_refuses_the_plot_before_reporting(db, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # as on a serving machine: not installed
+    program = types.SimpleNamespace(id="market", timezone=ZoneInfo("Europe/Kyiv"), point_value=100, currency="UAH")
+    chart = tmp_path / "effect.png"
+    args = types.SimpleNamespace(rule="promo", first=None, last=None, json=False, csv=False, plot=chart)
+    assert cvm_cli.campaign(db, DEFS, program, args) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and not chart.exists()
+    assert out.err == ("report campaign: --plot needs matplotlib: .venv/bin/pip install -r requirements-plot.txt; "
+                       "nothing was reported\n")
 
 
 def test_report_campaign_says_which_rule_has_no_control_group(db, capsys):
