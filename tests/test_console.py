@@ -476,6 +476,8 @@ async def test_a_deploy_over_a_file_changed_meanwhile_is_refused_and_audited(set
     assert path.read_text() == changed_by_hand
     [audited] = await audit_rows(api, "/console/program/deploy")
     assert audited["status"] == 409 and '"reason":"too late"' in audited["detail"]
+    _, page = await console.get("/console/program")     # the list of console deploys says why
+    assert "refused (409 <code>program_changed</code>)" in page
 
 
 async def test_a_deploy_needs_a_reason(setup):

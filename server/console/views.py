@@ -421,7 +421,8 @@ async def _audited_put_live(request: web.Request, session: Session, body: bytes,
         except program_versions.FolderUnwritable as e:
             raise ApiError(503, "rules_dir_unwritable", f"{e}; the previous version keeps serving") from None
     except ApiError as e:
-        await audit(request, session.principal, body, e.status, detail)
+        # Why, for the program page's list of deploys: a bare status tells a manager nothing.
+        await audit(request, session.principal, body, e.status, {**detail, "refused": e.code})
         raise
     detail.update(version=answer["version"], load_id=answer["load_id"], changed=answer["changed"])
     if "folder_error" in answer:
