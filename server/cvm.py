@@ -21,6 +21,7 @@ from server.keys import CLOCK, DATABASE, PRIVACY, PROGRAMS
 from server.ops import keyed_fingerprints
 from server.privacy import candidates
 from server.validation import Problems
+from rules.problems import suggest
 from storage import coupons, offers, segments
 from storage.ledger import member_id_of_card
 from storage.member_care import RetiredCard, retired_card
@@ -39,6 +40,14 @@ class Definitions:
 
     def segment(self, segment_id: str) -> segments.SegmentDefinition | None:
         return next((s for s in self.segments if s.id == segment_id), None)
+
+
+def no_such(kind: str, name: str, known) -> str:
+    """A name the program does not define, with the nearest one it does: a manager's typo
+    ("staf") is answered with the name meant, as `loyalty rules check` answers it."""
+    if kind == "rule":
+        return f"the program has no rule {name}{suggest(name, known)}"
+    return f"the program defines no {kind} {name}{suggest(name, known)}"
 
 
 def definitions_of(program) -> Definitions:
@@ -133,7 +142,7 @@ def _why_refused(card: str, retired: RetiredCard | None) -> str:
 def _list_segment(app, segment_id: str) -> segments.SegmentDefinition:
     d = definitions(app).segment(segment_id)
     if d is None:
-        raise not_found("unknown_segment", f"the program defines no segment {segment_id}")
+        raise not_found("unknown_segment", no_such("segment", segment_id, (s.id for s in definitions(app).segments)))
     if not d.list:
         raise unprocessable("segment_not_list", f"segment {segment_id} is computed from its definition; "
                             "only a `list: true` segment takes members")
@@ -185,7 +194,8 @@ def check_offer(defs: Definitions, body: schema.OfferAssignment) -> None:
         raise problems_error(problems)
     personal = defs.personal.get(body.rule)
     if personal is None:
-        raise field_error("rule", f"is {body.rule}, a rule the program does not have", "unknown_rule")
+        raise field_error("rule", f"is {body.rule}, a rule the program does not have{suggest(body.rule, defs.personal)}",
+                          "unknown_rule")
     if not personal:
         raise field_error("rule", f"is {body.rule}, a rule that is not personal (it applies without an offer)",
                           "rule_not_personal")
@@ -199,8 +209,8 @@ async def assign_offer(app, call):
     if body.segment is not None:
         d = definitions(app).segment(body.segment)
         if d is None:
-            raise field_error("segment", f"is {body.segment}, a segment the program does not define",
-                              "unknown_segment")
+            raise field_error("segment", f"is {body.segment}, a segment the program does not define"
+                              + suggest(body.segment, (s.id for s in definitions(app).segments)), "unknown_segment")
     privacy, now = app[PRIVACY], app[CLOCK].now()
     digest = offer_fingerprints(privacy, body)
 
@@ -218,7 +228,7 @@ async def create_coupons(app, call):
     from server.routes import json_reply
     campaign = call.path["campaign"]
     if campaign not in definitions(app).coupons:
-        raise not_found("unknown_coupon_campaign", f"the program defines no coupon campaign {campaign}")
+        raise not_found("unknown_coupon_campaign", no_such("coupon campaign", campaign, definitions(app).coupons))
     body: schema.CouponRequest = call.body
     if body.card:   # a card taken out of use can never present them: say which card to use
         await member_care.refuse_retired(app, body.card)

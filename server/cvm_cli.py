@@ -138,7 +138,7 @@ def generate(db: Database, definitions: cvm.Definitions, privacy, campaign: str,
     the file only once it is stored."""
     from datetime import datetime, timezone
     if campaign not in definitions.coupons:
-        print(f"coupons generate: the program defines no coupon campaign {campaign}", file=sys.stderr)
+        print(f"coupons generate: {cvm.no_such('coupon campaign', campaign, definitions.coupons)}", file=sys.stderr)
         return 2
     if card is not None and (problem := _card_problem(card)):
         print(f"coupons generate: --card {problem}; nothing was generated", file=sys.stderr)
@@ -246,9 +246,11 @@ def import_offers(db: Database, definitions: cvm.Definitions, privacy, source: P
                       file=sys.stderr)
                 return INTERRUPTED_STATUS
             try:
-                body = msgspec.convert({"offer_id": offer_id, "rule": rows.rule, "from": rows.first, "to": rows.last,
-                                        "cards": rows.cards, "points": int(rows.points) if rows.points else None},
-                                       schema.OfferAssignment)
+                # Through the API's own decoder, so a bad cell is refused in the API's words
+                # ("from must be a date like 2026-11-24"), not msgspec's.
+                body = schema.decode(schema.ENCODER.encode(
+                    {"offer_id": offer_id, "rule": rows.rule, "from": rows.first, "to": rows.last,
+                     "cards": rows.cards, "points": _points_cell(rows.points)}), schema.OfferAssignment)
                 cvm.check_offer(definitions, body)
                 done = db.write_sync(lambda conn: _assign(conn, privacy, body, now))
             except (StorageError, *unreachable_errors()) as e:
@@ -259,12 +261,7 @@ def import_offers(db: Database, definitions: cvm.Definitions, privacy, source: P
                 problems.append(f"{source}:{rows.lines[0]}: offer {offer_id}: {e}")
                 continue
             except ApiError as e:
-                # a card out of use also says which card to use instead
-                where = [f"line {rows.lines[int(d['path'][6:-1])]}"
-                         + ("" if d["message"] == cvm.NOT_ENROLLED else f": {d['message']}")
-                         for d in e.details if d["path"].startswith("cards[")]
-                problems.append(f"{source}:{rows.lines[0]}: offer {offer_id}: {e.message}"
-                                + (f" ({', '.join(where[:20])})" if where else ""))
+                problems.append(f"{source}:{rows.lines[0]}: offer {offer_id}: {_offer_refused(e, rows)}")
                 continue
             except offers.OfferConflict as e:
                 problems.append(f"{source}:{rows.lines[0]}: {e}")
@@ -273,6 +270,30 @@ def import_offers(db: Database, definitions: cvm.Definitions, privacy, source: P
             repeated += not done.created
     _print_offers_summary(problems, created, repeated)
     return 1 if problems else 0
+
+
+def _offer_refused(e: ApiError, rows: OfferRows) -> str:
+    """Why an offer of the file was refused, with the file's line of each card in question."""
+    if e.code == "validation_error":    # every cell in question, a card by its line
+        return "; ".join(f"card on line {rows.lines[int(d['path'][6:-1])]} {d['message']}"
+                         if d["path"].startswith("cards[") else f"{d['path']} {d['message']}" for d in e.details)
+    # a card out of use also says which card to use instead
+    where = [f"line {rows.lines[int(d['path'][6:-1])]}"
+             + ("" if d["message"] == cvm.NOT_ENROLLED else f": {d['message']}")
+             for d in e.details if d["path"].startswith("cards[")]
+    return e.message + (f" ({', '.join(where[:20])})" if where else "")
+
+
+def _points_cell(text: str) -> int | str | None:
+    """An empty cell is no budget; a whole number is one; anything else is left as written for
+    the decoder to refuse as not a whole number."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def _print_offers_summary(problems: list[str], created: int, repeated: int) -> None:
@@ -293,7 +314,7 @@ def campaign(db: Database, definitions: cvm.Definitions, program, args) -> int:
     rule = definitions.rules.get(args.rule)
     if rule is None or rule.holdout is None:
         # In the API's words (rule_without_holdout), naming the rule first.
-        why = (f"the program has no rule {args.rule}" if rule is None else
+        why = (cvm.no_such("rule", args.rule, definitions.rules) if rule is None else
                f"rule {args.rule} has no holdout: it has no control group to compare with")
         print(f"report campaign: {why}", file=sys.stderr)
         return 2
@@ -301,6 +322,12 @@ def campaign(db: Database, definitions: cvm.Definitions, program, args) -> int:
         first, last = report_campaign.period_of(rule, args.first, args.last)
     except ApiError as e:
         print(f"report campaign: {'; '.join(d['path'] + ' ' + d['message'] for d in e.details)}", file=sys.stderr)
+        return 2
+    # Before the report, not after it: a report printed and then a failure reads as neither.
+    matplotlib = _matplotlib() if args.plot else None
+    if args.plot and matplotlib is None:
+        print("report campaign: --plot needs matplotlib: .venv/bin/pip install -r requirements-plot.txt; "
+              "nothing was reported", file=sys.stderr)
         return 2
     setting = report_campaign.setting_of(program)
     result = db.read_sync(lambda conn: report_campaign.report(conn, setting, rule, first, last), timeout_s=3600)
@@ -312,7 +339,7 @@ def campaign(db: Database, definitions: cvm.Definitions, program, args) -> int:
         print(text(result, program.currency))
     if args.plot:
         weeks = db.read_sync(lambda conn: report_campaign.weekly(conn, setting, rule, first, last), timeout_s=3600)
-        return plot(weeks, rule.id, args.plot)
+        return plot(matplotlib, weeks, rule.id, args.plot)
     return 0
 
 
@@ -347,13 +374,16 @@ def text(result: dict, currency: str) -> str:
     return "\n".join(lines)
 
 
-def plot(weeks: list[tuple[date, float, float]], rule_id: str, out: Path) -> int:
+def _matplotlib():
+    """matplotlib, which serving does not install (requirements-plot.txt), or None."""
     try:
         import matplotlib
     except ImportError:
-        print("report campaign: --plot needs matplotlib: .venv/bin/pip install -r requirements-plot.txt",
-              file=sys.stderr)
-        return 2
+        return None
+    return matplotlib
+
+
+def plot(matplotlib, weeks: list[tuple[date, float, float]], rule_id: str, out: Path) -> int:
     matplotlib.use("Agg")
     from matplotlib import pyplot
     fig, ax = pyplot.subplots(figsize=(8, 4.5))

@@ -123,9 +123,10 @@ class ProgramHolder:
         """Serve `program` from now on; `source` says where it came from when not the folder."""
         # The old program is freed by the garbage collector once the last request that
         # took it has finished (Program frees its engine ruleset when collected).
-        self.current = program
+        previous, self.current = self.current, program
         self._metrics.rules_info.info({"version": program.version, "program": program.id})
-        self._record_ok(trigger, program, changed=True, warnings=program.warnings)
+        self._record_ok(trigger, program, changed=True,
+                        warnings=[*program.warnings, *replacement_warnings(previous, program)])
         log.info("rules %s loaded from %s (%s)", program.version, source or self.directory, trigger)
 
     def unchanged(self, trigger: str, warnings: list[Problem]) -> None:
@@ -166,7 +167,7 @@ class ProgramHolder:
         for warning in warnings:
             log.warning("rules %s: %s", version, warning)
 
-    def _record_ok(self, trigger: str, program: Program, changed: bool, warnings: list[Problem]) -> None:
+    def _record_ok(self, trigger: str, program: Program, changed: bool, warnings: list[Problem | str]) -> None:
         self.last_reload = {"at": self._clock.now().isoformat(), "ok": True, "trigger": trigger,
                             "version": program.version, "changed": changed, "errors": [],
                             "warnings": [str(w) for w in warnings]}
@@ -178,3 +179,30 @@ class ProgramHolder:
                 log.warning("%s", warning)
         self._warn_lost_tiers(program)
 
+
+def replacement_warnings(previous: Program | None, program: Program) -> list[str]:
+    """Warnings about what the program changes in the one it replaces that no check of its
+    files can see. Another id or currency is most likely the wrong folder deployed: a new id
+    draws every control group anew (they are drawn from it), a new currency reads every
+    amount already stored in another money. A rule that keeps its id but gets another holdout
+    share moves members between its groups, so its campaign effect would compare groups
+    some of whose receipts were served under the other share. None refuses the program."""
+    if previous is None:
+        return []
+    changes = []
+    if program.id != previous.id:
+        changes.append(f"program id is now {program.id!r}, was {previous.id!r}: every holdout's control group "
+                       "is drawn anew; if this is not the program meant, roll back")
+    if program.currency != previous.currency:
+        changes.append(f"currency is now {program.currency}, was {previous.currency}: amounts already stored "
+                       f"(receipts, returns, tier spend) were in {previous.currency}; if this is not the program "
+                       "meant, roll back")
+    if program.id == previous.id:   # another id redraws every group: said above
+        rules_before = {rule.id for rule in previous.rules}
+        for rule_id, share in program.holdout_rules.items():
+            before = previous.holdout_rules.get(rule_id)
+            if rule_id in rules_before and before != share:
+                changes.append(f"rule {rule_id}: holdout is now {share}, was {before or 'none'}: members move "
+                               "between its groups, so its campaign effect over receipts served before compares "
+                               "groups they were not in; to measure a new share, give the rule a new id")
+    return changes

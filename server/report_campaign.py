@@ -387,7 +387,7 @@ def setting_of(program) -> Setting:
 
 
 async def campaign_report(app, call):
-    from server.cvm import definitions
+    from server.cvm import definitions, no_such
     from server.errors import not_found, unprocessable
     from server.keys import DATABASE, PROGRAMS
     from server.answer_types import CampaignReport
@@ -395,7 +395,7 @@ async def campaign_report(app, call):
     rule_id = call.path["rule"]
     rule = definitions(app).rules.get(rule_id)
     if rule is None:
-        raise not_found("unknown_rule", f"the program has no rule {rule_id}")
+        raise not_found("unknown_rule", no_such("rule", rule_id, definitions(app).rules))
     if rule.holdout is None:
         raise unprocessable("rule_without_holdout", f"rule {rule_id} has no holdout: it has no control group "
                             "to compare with", [{"path": "rule", "message": "has no holdout"}])

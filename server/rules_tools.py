@@ -147,6 +147,8 @@ def explain_command(config_path: str, receipt_path: str, card: str | None, avail
         card = card or receipt.card
         member = None
         db_path = described(config)
+        # The program's own first tier, as the explanation below prints it ("regular" in the cafe).
+        returning = f"a returning member of the first tier, {program.tiers[0][0]}"
         conn = read_connection(config) if card else None
         if conn is not None:
             from server.privacy import command_keys_problem, privacy_from_config
@@ -164,13 +166,11 @@ def explain_command(config_path: str, receipt_path: str, card: str | None, avail
                 print("the member as they are now: segments now, offers and coupon codes at the receipt's moment "
                       "(codes judged, not used)", file=sys.stderr)
             else:
-                print(f"card {card} is not enrolled in {db_path}: explaining for a returning base-tier member",
-                      file=sys.stderr)
+                print(f"card {card} is not enrolled in {db_path}: explaining for {returning}", file=sys.stderr)
         elif card:
-            print(f"{db_path}: no database: explaining for a returning base-tier member", file=sys.stderr)
+            print(f"{db_path}: no database: explaining for {returning}", file=sys.stderr)
         else:
-            print("the receipt has no card (it would earn nothing): explaining for a returning base-tier member",
-                  file=sys.stderr)
+            print(f"the receipt has no card (it would earn nothing): explaining for {returning}", file=sys.stderr)
         if member is None:
             member = default_member(program, card or "-")
         explanation = program.explain(receipt, member, receipt.redeem_points, available)
@@ -282,8 +282,11 @@ def _member(facts: Any, where: str) -> ReplayMember | None:
         return None
     try:
         return _member_decoder.decode(msgspec.json.encode(facts))
-    except msgspec.ValidationError as e:
-        raise ToolError(f"{where}: member: {e}") from None
+    except msgspec.ValidationError as e:     # in the API's words, every problem: the line may be written by hand
+        found = validation.find(facts, ReplayMember)
+        found = found if found.count else validation.from_error(e, ReplayMember)
+        raise ToolError(f"{where}: member: " + "; ".join(f"{'the member' if path == '$' else path} {words}"
+                                                         for path, words in found.listed)) from None
 
 
 def diff(old: Program, new: Program, receipts: Iterable[tuple[Receipt, ReplayMember | None]]) -> DiffReport:

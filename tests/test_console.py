@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import html
 import re
 import shutil
 
@@ -468,9 +469,15 @@ async def test_a_deploy_over_a_file_changed_meanwhile_is_refused_and_audited(set
     path.write_text(changed_by_hand)
     status, _, page = await console.post("/console/program/deploy", {"backtest": job, "reason": "too late"})
     assert status == 409 and "program_changed" in page
+    # The edit is on the refusal, to be copied before the file is opened again.
+    kept = re.search(r'<textarea id="kept-edit"[^>]*>(.*?)</textarea>', page, re.S)
+    assert kept and html.unescape(kept.group(1)) == text.replace("by: 2", "by: 3")
+    assert f'href="/console/program/edit?file={PROMOS}" id="edit-again"' in page
     assert path.read_text() == changed_by_hand
     [audited] = await audit_rows(api, "/console/program/deploy")
     assert audited["status"] == 409 and '"reason":"too late"' in audited["detail"]
+    _, page = await console.get("/console/program")     # the list of console deploys says why
+    assert "refused (409 <code>program_changed</code>)" in page
 
 
 async def test_a_deploy_needs_a_reason(setup):
@@ -541,6 +548,8 @@ async def test_member_by_card_and_a_manual_adjustment(setup):
     _, page = await console.get(location)
     assert re.search(r'id="available">100<', page) and re.search(r'id="pending">3<', page)
     assert re.search(r'id="tier">base<', page)
+    # The way to silver (5,000.00 UAH) in money: 91.00 UAH spent so far.
+    assert re.search(r'id="to-next">4909\.00 UAH more spend to silver<', page)
     assert "2026-12-08" in page     # the receipt's lot: available 14 days after its date
     adjustment_id = re.search(r'name="adjustment_id" value="([^"]+)"', page).group(1)
     form = {"points": "25", "reason": "parking refund", "adjustment_id": adjustment_id}

@@ -6,6 +6,7 @@ import csv
 import io
 import os
 import signal
+import sys
 import types
 from datetime import date, datetime, timezone
 from decimal import Decimal
@@ -187,6 +188,26 @@ def test_import_offers_assigns_each_offer_whole(db, tmp_path, capsys):
     assert len(db.read_sync(lambda conn: events.page(conn, 0, 100))) == 2
 
 
+def test_import_offers_says_which_cell_is_wrong_in_words_a_manager_reads(db, tmp_path, capsys):
+    source = tmp_path / "offers.csv"
+    source.write_text("offer_id,rule,card,from,to,points\n"
+                      "o1,comeback,c1,01.12.2026,2026-12-31,\n"
+                      "o2,comeback,c2,2026-12-01,2026-12-31,1.5\n"
+                      "o3,comeback,c3\n"
+                      "o4,comeback,,2026-12-01,2026-12-31,\n"
+                      "o5,comeback,c4,2026-12-01,2026-12-31, 50\n")
+    assert cvm_cli.import_offers(db, DEFS, PRIVACY, source, NOW) == 1
+    out = capsys.readouterr()
+    assert out.err.splitlines() == [
+        f"{source}:2: offer o1: from must be a date like 2026-11-24",
+        f"{source}:3: offer o2: points must be a whole number",
+        f"{source}:4: offer o3: from must be a date like 2026-11-24; to must be a date like 2026-11-24",
+        f"{source}:5: offer o4: card on line 5 must be 1 to 64 characters"]
+    assert "offers: 1 assigned, 0 already assigned the same, 4 refused" in out.out
+    got = db.read_sync(lambda conn: [offers.offers_for(conn, m, date(2026, 12, 5)) for m in range(1, 5)])
+    assert got == [{}, {}, {}, {"comeback": 50}]
+
+
 def test_import_offers_from_a_file_it_cannot_read_is_one_line(db, tmp_path, capsys):
     missing, latin1 = tmp_path / "missing.csv", tmp_path / "latin1.csv"
     latin1.write_bytes("offer_id,rule,card,from,to,points\no1,comeback,c1,2026-12-01,2026-12-31,caf\xe9\n"
@@ -249,6 +270,18 @@ def test_report_campaign_prints_text_json_csv_and_a_chart(db, tmp_path, capsys):
     assert status == 0 and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_campaign_without_matplotlib_refuses_the_plot_before_reporting(db, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # as on a serving machine: not installed
+    program = types.SimpleNamespace(id="market", timezone=ZoneInfo("Europe/Kyiv"), point_value=100, currency="UAH")
+    chart = tmp_path / "effect.png"
+    args = types.SimpleNamespace(rule="promo", first=None, last=None, json=False, csv=False, plot=chart)
+    assert cvm_cli.campaign(db, DEFS, program, args) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and not chart.exists()
+    assert out.err == ("report campaign: --plot needs matplotlib: .venv/bin/pip install -r requirements-plot.txt; "
+                       "nothing was reported\n")
+
+
 def test_report_campaign_says_which_rule_has_no_control_group(db, capsys):
     program = types.SimpleNamespace(id="market", timezone=ZoneInfo("Europe/Kyiv"), point_value=100, currency="UAH")
 
@@ -257,3 +290,4 @@ def test_report_campaign_says_which_rule_has_no_control_group(db, capsys):
         return cvm_cli.campaign(db, DEFS, program, args), capsys.readouterr().err
     assert run("base") == (2, "report campaign: rule base has no holdout: it has no control group to compare with\n")
     assert run("nope") == (2, "report campaign: the program has no rule nope\n")
+    assert run("prom") == (2, "report campaign: the program has no rule prom, did you mean 'promo'?\n")

@@ -119,6 +119,48 @@ async def test_deploy_serves_records_audits_and_writes_the_folder(tmp_path):
     assert audit == [("manager", "POST", "/v1/admin/rules/deploy", 200)]
 
 
+async def test_a_deploy_of_another_program_warns_that_it_is_another_program(tmp_path):
+    folder = copy_market(tmp_path)
+    async with Running(config_for(tmp_path, folder)) as api:
+        cafe = program_files(MARKET.parent / "cafe")
+        status, done = await api.post("/v1/admin/rules/deploy", {"files": cafe, "reason": "the wrong folder"})
+        assert status == 200 and done["changed"] is True
+        expected = ["program id is now 'cafe', was 'market': every holdout's control group is drawn anew; if this "
+                    "is not the program meant, roll back",
+                    "currency is now PLN, was UAH: amounts already stored (receipts, returns, tier spend) were in "
+                    "UAH; if this is not the program meant, roll back"]
+        assert done["last_reload"]["warnings"][-2:] == expected
+        assert (await api.get("/v1/admin/rules"))[1]["last_reload"]["warnings"][-2:] == expected
+        status, done = await api.post("/v1/admin/rules/deploy", {"files": program_files(MARKET), "reason": "back"})
+        assert status == 200 and "program id is now 'market', was 'cafe'" in " ".join(done["last_reload"]["warnings"])
+        # The same program changed is no other program: no such warning.
+        status, done = await api.post("/v1/admin/rules/deploy", {"files": triple_dairy(program_files(MARKET)),
+                                                                 "reason": "dairy x3"})
+        assert status == 200 and not [w for w in done["last_reload"]["warnings"] if " is now " in w]
+
+
+async def test_a_rule_whose_holdout_share_changes_warns_that_its_groups_move(tmp_path):
+    def with_holdout(files: dict[str, str], share: str) -> dict[str, str]:
+        changed = dict(files)
+        changed["campaigns/promos.yaml"] = changed["campaigns/promos.yaml"].replace(
+            "    scope: {categories: [dairy]}\n", f"    scope: {{categories: [dairy]}}\n    holdout: {share}\n", 1)
+        return changed
+    folder = copy_market(tmp_path)
+    async with Running(config_for(tmp_path, folder)) as api:
+        files = program_files(folder)
+        for share, before in (("0.5", "none"), ("0.2", "0.5")):
+            status, done = await api.post("/v1/admin/rules/deploy", {"files": with_holdout(files, share),
+                                                                     "reason": f"holdout {share}"})
+            assert status == 200 and done["last_reload"]["warnings"][-1] == (
+                f"rule dairy-x2: holdout is now {share}, was {before}: members move between its groups, so its "
+                "campaign effect over receipts served before compares groups they were not in; to measure a new "
+                "share, give the rule a new id")
+        # Another change that keeps the share says nothing of it.
+        changed = with_holdout(triple_dairy(files), "0.2")
+        status, done = await api.post("/v1/admin/rules/deploy", {"files": changed, "reason": "dairy x3"})
+        assert status == 200 and not [w for w in done["last_reload"]["warnings"] if "holdout is now" in w]
+
+
 async def test_a_page_before_an_impossible_id_is_refused_with_the_field(tmp_path):
     async with Running(config_for(tmp_path, copy_market(tmp_path))) as api:
         for before in ("9" * 30, "0", "-5", "x"):

@@ -310,6 +310,30 @@ async def test_export_receipts_writes_the_stored_bodies_and_diff_replays_them(ma
     assert "does not load" in capsys.readouterr().err
 
 
+def test_rules_explain_without_a_member_names_the_programs_own_first_tier(tmp_path, capsys):
+    config = write_config(tmp_path, MARKET.parent / "cafe")
+    receipt_file = tmp_path / "receipt.json"
+    receipt_file.write_text(json.dumps(receipt("C-1", [line(1, "coffee", 1200)])))
+    assert main(["rules", "explain", "--config", str(config), str(receipt_file)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.endswith("the receipt has no card (it would earn nothing): explaining for a returning "
+                                 "member of the first tier, regular\n")
+    assert "tier regular" in captured.out
+
+
+def test_diff_of_member_facts_written_by_hand_says_what_is_wrong_in_the_apis_words(tmp_path, capsys):
+    path = tmp_path / "r.jsonl"
+    body = receipt("D-1", [line(1, "dairy", 9100)], card="c1")
+    for member, said in (({"tierr": "gold"}, "tierr is not a known field"),
+                         ({"birthday": "17.05.1990", "receipt_number": 0},
+                          "birthday must be a date like 2026-11-24; receipt_number must be at least 1"),
+                         ({"offers": [{"rule": "comeback", "points_left": "all"}]},
+                          "offers[0].points_left must be a whole number")):
+        path.write_text(json.dumps({**body, "member": member}) + "\n")
+        assert main(["rules", "diff", str(MARKET), str(MARKET), "--receipts", str(path)]) == 2
+        assert capsys.readouterr().err == f"{path}:1: member: {said}\n"
+
+
 def test_diff_of_a_line_nested_too_deeply_to_read_is_one_line(tmp_path, capsys):
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps(receipt("D-1", [line(1, "x", 100)])) + "\n" + "[" * 100_000 + "\n")

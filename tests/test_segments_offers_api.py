@@ -113,6 +113,24 @@ async def test_offer_refusals(api):
     assert status == 422 and body["error"]["code"] == "unknown_segment"
 
 
+async def test_a_misspelt_segment_rule_or_campaign_is_answered_with_the_name_meant(api):
+    a = await api()
+    status, body = await a.put("/v1/admin/segments/staf/members", {"cards": ["c1"]})
+    assert (status, body["error"]["message"]) == (404, "the program defines no segment staf, did you mean 'staff'?")
+    offer = {"offer_id": "o-3", "rule": "comeback", "segment": "staff", "from": "2026-12-01", "to": "2026-12-31"}
+    status, body = await a.post("/v1/admin/offers", {**offer, "rule": "comebak"})
+    assert (status, body["error"]["details"]) == (422, [
+        {"path": "rule", "message": "is comebak, a rule the program does not have, did you mean 'comeback'?"}])
+    status, body = await a.post("/v1/admin/offers", {**offer, "segment": "staf"})
+    assert (status, body["error"]["details"]) == (422, [
+        {"path": "segment", "message": "is staf, a segment the program does not define, did you mean 'staff'?"}])
+    status, body = await a.post("/v1/admin/coupons/xmass/codes", {"count": 1})
+    assert (status, body["error"]["message"]) == (404, "the program defines no coupon campaign xmass, did you mean "
+                                                       "'xmas'?")
+    status, body = await a.post("/v1/admin/coupons/easter/codes", {"count": 1})     # nothing near: no guess
+    assert body["error"]["message"] == "the program defines no coupon campaign easter"
+
+
 async def test_coupon_codes_generated_for_a_campaign(api):
     a = await api()
     status, body = await a.post("/v1/admin/coupons/xmas/codes", {"count": 50})

@@ -21,7 +21,7 @@ from server.auth import Principal
 from server.console import chart, program_edit, queries, words
 from server.console.backtest import as_rows
 from server.console.sessions import COOKIE, LOGIN_COOKIE, LOGIN_FORM_SECONDS, Session, remember_lookup, token_matches
-from server.cvm import definitions
+from server.cvm import definitions, no_such
 from server.errors import ApiError, conflict, error_body, field_error, folder_clash, forbidden, not_found, unprocessable
 from server.ops import adjustments, members
 from server.keys import CLOCK, CONFIG, CONSOLE, DATABASE, KEYRING, LIMITER, OPS, PRIVACY, PROGRAMS
@@ -368,8 +368,11 @@ async def deploy(request: web.Request, session: Session, form: dict) -> web.Resp
         files = program_edit.edited(live, job.file, job.text, app[CONFIG].console.file_max_bytes)
         return await program_versions.deploy(app, _texts(files), who, reason, source="console", base_version=serving)
 
-    await _audited_put_live(request, session, job.text.encode(), {"reason": reason, "file": job.file,
-                                                                  "previous_version": serving}, put_live)
+    try:
+        await _audited_put_live(request, session, job.text.encode(), {"reason": reason, "file": job.file,
+                                                                      "previous_version": serving}, put_live)
+    except ApiError as e:   # the refusal keeps the edit on the page: it is the only copy of it
+        return error_page(request, session, e, kept_edit={"file": job.file, "text": job.text})
     return see_other("/console/program")
 
 
@@ -418,7 +421,8 @@ async def _audited_put_live(request: web.Request, session: Session, body: bytes,
         except program_versions.FolderUnwritable as e:
             raise ApiError(503, "rules_dir_unwritable", f"{e}; the previous version keeps serving") from None
     except ApiError as e:
-        await audit(request, session.principal, body, e.status, detail)
+        # Why, for the program page's list of deploys: a bare status tells a manager nothing.
+        await audit(request, session.principal, body, e.status, {**detail, "refused": e.code})
         raise
     detail.update(version=answer["version"], load_id=answer["load_id"], changed=answer["changed"])
     if "folder_error" in answer:
@@ -609,7 +613,7 @@ def _campaign_rule(app, rule_id: str) -> report_campaign.CampaignRule:
     """The rule the report is asked for, refused as the API refuses it (404, 422)."""
     rule = definitions(app).rules.get(rule_id)
     if rule is None:
-        raise not_found("unknown_rule", f"the program has no rule {rule_id}")
+        raise not_found("unknown_rule", no_such("rule", rule_id, definitions(app).rules))
     if rule.holdout is None:
         raise unprocessable("rule_without_holdout", f"rule {rule_id} has no holdout: it has no control group "
                             "to compare with", [{"path": "rule", "message": "has no holdout"}])
