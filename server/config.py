@@ -278,9 +278,17 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Conf
     # A section whose every key is commented out is null in YAML: it means its defaults.
     raw = {section: value for section, value in raw.items() if value is not None}
     raw.pop("base_dir", None)
-    apply_env_overrides(raw, os.environ if environ is None else environ)
+    from_env = apply_env_overrides(raw, os.environ if environ is None else environ)
     raw["base_dir"] = str(path.resolve().parent)
-    return config_from_dict(raw, source=str(path))
+    try:
+        return config_from_dict(raw, source=str(path))
+    except ConfigError as e:
+        # A value the environment set is not in the file the message names: say where it came from,
+        # or the operator reads a correct config.yaml and finds nothing to fix.
+        name = from_env.get(e.key)
+        if name is None:
+            raise
+        raise ConfigError(e.source, e.key, f"{e.reason} (set by the environment variable {name})") from None
 
 
 def config_from_dict(raw: dict, source: str = "<config>") -> Config:
@@ -312,8 +320,10 @@ def _yaml_switches(raw: dict) -> dict:
     return raw
 
 
-def apply_env_overrides(raw: dict, environ) -> None:
-    """LOYALTY_A__B=v sets raw[a][b] = v, the value parsed as a YAML scalar."""
+def apply_env_overrides(raw: dict, environ) -> dict[str, str]:
+    """LOYALTY_A__B=v sets raw[a][b] = v, the value parsed as a YAML scalar. Returns the keys set
+    (`a.b`) with the variable that set each."""
+    applied: dict[str, str] = {}
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
@@ -324,7 +334,13 @@ def apply_env_overrides(raw: dict, environ) -> None:
             if not isinstance(child, dict):
                 child = node[part] = {}
             node = child
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"environment variable {name}", ".".join(parts),
+                              f"not a YAML value: {_yaml_problem(e)}") from None
+        applied[".".join(parts)] = name
+    return applied
 
 
 _SECTIONS: dict[str, type] = {

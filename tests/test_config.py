@@ -74,3 +74,26 @@ def test_environment_overrides(tmp_path):
     assert cfg.server.port == 9000 and cfg.rules.watch is False
     with pytest.raises(ConfigError):
         load_config(path, environ={"LOYALTY_SERVER__PORTS": "1"})
+
+
+def test_a_bad_value_from_the_environment_names_the_variable_not_only_the_file(tmp_path, capsys):
+    # config.yaml says port 8080: a message naming only the file sends the operator to a file with nothing wrong.
+    path = tmp_path / "config.yaml"
+    path.write_text("server: {port: 8080}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, environ={"LOYALTY_SERVER__PORT": "eighty"})
+    assert str(e.value) == (f"{path}: server.port: must be a whole number "
+                            "(set by the environment variable LOYALTY_SERVER__PORT)")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, environ={"LOYALTY_SERVER__PROT": "1"})
+    assert e.value.key == "server.prot" and e.value.reason.endswith("(set by the environment variable "
+                                                                    "LOYALTY_SERVER__PROT)")
+    # A value that is not YAML at all is one line too, not a traceback.
+    with pytest.raises(ConfigError) as e:
+        load_config(path, environ={"LOYALTY_SERVER__PORT": "["})
+    assert str(e.value).startswith("environment variable LOYALTY_SERVER__PORT: server.port: not a YAML value: ")
+    # A bad value in the file itself says nothing of the environment.
+    path.write_text("server: {port: eighty}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, environ={"LOYALTY_RULES__WATCH": "false"})
+    assert "environment" not in str(e.value)
