@@ -76,15 +76,22 @@ class Dispatcher:
         connector = aiohttp.TCPConnector(limit=self.events.concurrency_max)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             gate = asyncio.Semaphore(self.events.concurrency_max)
+            paused = False
             while True:
                 try:
                     pause = await self.round(session, gate)
                 except StorageError as e:    # storage logs the fault itself
-                    log.warning("event delivery paused (%s: %s)", e.cause, e)
+                    if not paused:          # once per fault, not every few seconds while it lasts
+                        log.warning("event delivery paused (%s: %s)", e.cause, e)
+                    paused = True
                     pause = self.events.poll_interval_seconds * 4
                 except Exception:  # noqa: BLE001 - a failed round is tried again, never ends delivery
                     log.exception("event delivery round failed")
                     pause = self.events.poll_interval_seconds * 4
+                else:
+                    if paused:
+                        log.info("event delivery resumed")
+                    paused = False
                 await asyncio.sleep(pause)
 
     async def round(self, session: aiohttp.ClientSession, gate: asyncio.Semaphore) -> float:
