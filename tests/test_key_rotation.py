@@ -406,3 +406,29 @@ def test_commands_under_other_keys_than_the_servers_refuse_and_enrol_no_card_twi
         assert conn.execute("SELECT COUNT(*) FROM members").fetchone()[0] == 3
     assert cli(["import", "members", "--csv", str(members), "--config", str(configs["rotated"])]) == 0
     assert "3 members rows: 0 imported, 3 already there" in capsys.readouterr().out
+
+
+def test_a_card_enrolled_under_the_first_key_is_not_enrolled_again_before_the_rotation_wraps_it(tmp_path):
+    # A register enrolling a customer's card again after the restart on the new key: one member,
+    # and a rotation that can still wrap every card.
+    first = Server(tmp_path, privacy={"hmac_key": FIRST_KEY})
+    first.start()
+    try:
+        assert call(first, "POST", "/v1/members", {"card": "7300000000001"})[0] == 201
+    finally:
+        first.kill()
+    rotated = Server(tmp_path, privacy=ROTATED)
+    rotated.start()
+    try:
+        status, err = call(rotated, "POST", "/v1/members", {"card": "7300000000001"}, role="register")
+        assert status == 409 and err["error"]["code"] == "card_already_enrolled", err
+        assert call(rotated, "POST", "/v1/members", {"card": "7300000000002"})[0] == 201
+        assert call(rotated, "POST", "/v1/members", {"card": "7300000000002"})[0] == 409
+        run = rotate(rotated.config)
+        assert run.returncode == 0 and "done: 1 hash(es) wrapped" in run.stdout, run.stdout + run.stderr
+        status, err = call(rotated, "POST", "/v1/members", {"card": "7300000000001"})
+        assert status == 409 and err["error"]["code"] == "card_already_enrolled", err
+    finally:
+        rotated.kill()
+    with connect(rotated.db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM members").fetchone()[0] == 2
