@@ -302,6 +302,10 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
     if isinstance(database, dict) and database.get("url") is not None and database.get("path") is not None:
         # Which one a server opened would depend on reading this file carefully: refuse both.
         raise ConfigError(source, "database", "has both path (SQLite) and url (PostgreSQL); keep the one to use")
+    if config.database.url is not None and (problem := _url_problem(config.database.url)):
+        # Read here, once: otherwise each command meets it in its own way (serve in one line,
+        # audit verify and jobs run with a traceback).
+        raise ConfigError(source, "database.url", f"not a libpq connection URL: {problem}")
     seen: set[str] = set()
     for i, hook in enumerate(config.webhooks):
         # The id names the webhook's deliveries in the database: two would share them.
@@ -309,6 +313,18 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
             raise ConfigError(source, f"webhooks[{i}].id", f"repeats the webhook id '{hook.id}'")
         seen.add(hook.id)
     return config
+
+
+def _url_problem(url: str) -> str | None:
+    try:
+        from psycopg.conninfo import conninfo_to_dict     # psycopg: imported only for PostgreSQL
+    except ImportError:
+        return None
+    try:
+        conninfo_to_dict(url)
+    except Exception as e:  # noqa: BLE001 - psycopg's ProgrammingError, whatever libpq's parser says
+        return " ".join(str(e).split())
+    return None
 
 
 def _yaml_switches(raw: dict) -> dict:
