@@ -27,13 +27,14 @@ from server.program_versions import ProgramVersions
 from server.programs import ProgramHolder
 from server.ops import Deps
 from server.routes import COUNTED_ENDPOINTS, add_routes, audit_middleware
-from server.startup import StartupError, check_database_file, lock_holder, still_locked, wait_for_write_lock
+from server.startup import (DatabaseUnreachable, StartupError, check_database_file, lock_holder, still_locked,
+                            wait_for_write_lock)
 from server.watcher import watch
 from server.webhooks import Dispatcher
 from storage import api_keys, member_care
 from storage.db import Database, StorageBusy, StorageError
 from storage.events import Settled
-from storage.health import MigrationsBusy, is_busy
+from storage.health import MigrationsBusy, StorageUnavailable, is_busy
 from storage.ledger import iso, manual_tiers_outside
 from storage.personal import protect_existing
 from storage.preload import preload
@@ -203,6 +204,8 @@ async def _open_postgresql(app: web.Application) -> PgDatabase:
         except BaseException:
             db.close()
             raise
+    except StorageUnavailable as e:
+        raise DatabaseUnreachable(f"cannot open the PostgreSQL database: {e}") from None
     except (*database_errors(), StorageError, MigrationsBusy) as e:
         raise StartupError(f"cannot open the PostgreSQL database: {e}") from None
     return db

@@ -139,7 +139,8 @@ def _dispatch(args) -> int:
 
 
 def serve_command(config_path: str) -> int:
-    """Start-up failures are one line on stderr and exit 2, never a traceback."""
+    """Start-up failures are one line on stderr and exit 2 (75 when PostgreSQL did not answer,
+    which a later start may find), never a traceback."""
     import uvloop
 
     from rules import ProgramError
@@ -171,7 +172,7 @@ def serve_command(config_path: str) -> int:
             return 2
         except StartupError as e:
             print(f"not starting: {e}", file=sys.stderr)
-            return 2
+            return e.exit_status
         except KeyboardInterrupt:
             # Only before the server's own SIGINT handler is installed (the start-up wait).
             print("not starting: interrupted", file=sys.stderr)
