@@ -172,7 +172,7 @@ async def _open_database(app: web.Application) -> Database | PgDatabase:
 async def _open_once(app: web.Application, path) -> Database | None:
     """None when another process holds the write lock."""
     config = app[CONFIG]
-    db = Database.from_config(config.database, path, migrations=migrations,
+    db = Database.from_config(config.database, path, migrations=_Logged(migrations),
                               on_commit=app[METRICS].on_commit, on_checkpoint=app[METRICS].on_checkpoint,
                               on_storage_error=app[METRICS].on_storage_error)
     try:
@@ -191,6 +191,26 @@ async def _open_once(app: web.Application, path) -> Database | None:
     return db
 
 
+class _Logged:
+    """SQLite's migrations, saying in the log which ones an upgrade applied: the one trace of
+    it an operator has, beside the schema itself."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def apply(self, db) -> None:
+        pending = [m.name for m in self.inner.pending(db)]
+        started = time.monotonic()
+        self.inner.apply(db)
+        _log_applied(pending, time.monotonic() - started)
+
+
+def _log_applied(names: list[str], seconds: float) -> None:
+    if names:
+        span = names[0] if len(names) == 1 else f"{names[0]} to {names[-1]}"
+        log.info("database schema upgraded: %d migration(s) applied (%s) in %.1f s", len(names), span, seconds)
+
+
 async def _open_postgresql(app: web.Application) -> PgDatabase:
     """Opened and migrated (processes starting together take turns on the migrations'
     advisory lock), and its first write done. Several servers may share the database."""
@@ -199,7 +219,9 @@ async def _open_postgresql(app: web.Application) -> PgDatabase:
                                 on_storage_error=app[METRICS].on_storage_error)
     try:
         try:
-            await asyncio.to_thread(db.open)
+            started = time.monotonic()
+            applied = await asyncio.to_thread(db.open)
+            _log_applied(applied, time.monotonic() - started)
             await db.write(lambda conn: _first_write(conn, app))
         except BaseException:
             db.close()
