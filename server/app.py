@@ -191,14 +191,26 @@ async def _open_once(app: web.Application, path) -> Database | None:
     return db
 
 
+class NewerDatabase(RuntimeError):
+    """The SQLite file holds migrations of a newer version than this one."""
+
+
 class _Logged:
     """SQLite's migrations, saying in the log which ones an upgrade applied: the one trace of
-    it an operator has, beside the schema itself."""
+    it an operator has, beside the schema itself. A file a newer version upgraded is refused:
+    SQLite's migrations are not all additions (m032 moved rule_totals from triggers to the
+    writers), so an earlier version serving it writes rows `audit verify` then fails."""
 
     def __init__(self, inner):
         self.inner = inner
 
     def apply(self, db) -> None:
+        known = {m.name for m in self.inner._migrations}
+        unknown = [m.name for m in self.inner.applied(db) if m.name not in known]
+        if unknown:
+            raise NewerDatabase(f"a newer version of the server upgraded it (migration(s) {', '.join(unknown)}, "
+                                "which this version does not know); start that version again, or restore the "
+                                "backup taken before the upgrade")
         pending = [m.name for m in self.inner.pending(db)]
         started = time.monotonic()
         self.inner.apply(db)

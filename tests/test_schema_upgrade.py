@@ -160,3 +160,22 @@ async def test_the_log_says_which_migrations_an_upgrade_applied(tmp_path, caplog
                 "m039_stranded_customer_value) in "), upgraded
         else:
             assert upgraded == []                   # a start with nothing to apply says nothing of it
+
+
+async def test_a_database_a_newer_version_upgraded_is_refused_in_one_line(tmp_path):
+    import sqlite_utils
+
+    from server.startup import StartupError
+    from storage.schema import migrations
+    db = sqlite_utils.Database(tmp_path / "loyalty.db")
+    migrations.apply(db)
+    db["_sqlite_migrations"].insert({"migration_set": "loyalty", "name": "m999_from_a_newer_version",
+                                     "applied_at": "2027-01-01 00:00:00+00:00"})
+    db.close()
+    server = TestServer(create_app(test_config(tmp_path, now=NOW)))
+    with pytest.raises(StartupError) as e:
+        await server.start_server()
+    await server.close()
+    assert str(e.value) == (f"cannot open the database {tmp_path / 'loyalty.db'}: a newer version of the server "
+                            "upgraded it (migration(s) m999_from_a_newer_version, which this version does not know); "
+                            "start that version again, or restore the backup taken before the upgrade")
