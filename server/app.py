@@ -172,7 +172,7 @@ async def _open_database(app: web.Application) -> Database | PgDatabase:
 async def _open_once(app: web.Application, path) -> Database | None:
     """None when another process holds the write lock."""
     config = app[CONFIG]
-    db = Database.from_config(config.database, path, migrations=_Logged(migrations),
+    db = Database.from_config(config.database, path, migrations=_Checked(migrations),
                               on_commit=app[METRICS].on_commit, on_checkpoint=app[METRICS].on_checkpoint,
                               on_storage_error=app[METRICS].on_storage_error)
     try:
@@ -195,7 +195,7 @@ class NewerDatabase(RuntimeError):
     """The SQLite file holds migrations of a newer version than this one."""
 
 
-class _Logged:
+class _Checked:
     """SQLite's migrations, saying in the log which ones an upgrade applied: the one trace of
     it an operator has, beside the schema itself. A file a newer version upgraded is refused:
     SQLite's migrations are not all additions (m032 moved rule_totals from triggers to the
