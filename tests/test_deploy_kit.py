@@ -212,3 +212,5 @@ def test_a_postgresql_that_does_not_answer_at_start_is_restarted_by_systemd(tmp_
     settings = unit_settings()
     assert settings["Restart"] == ["on-failure"]
     assert str(done.returncode) not in settings["RestartPreventExitStatus"][0].split()
+    # Failing at once, it would hit systemd's default start limit (5 in 10 s) and stay down.
+    assert settings["StartLimitIntervalSec"] == ["0"]
