@@ -208,7 +208,8 @@ def jobs_preview(config, db_path, now: datetime, far_note: str) -> int:
                      else open_for_preview(db_path, PREVIEW_BUSY_WAIT_SECONDS)) as conn:
             previews = preview_all(conn, program, now, config.events.expiring_days_before)
     except unreachable_errors() as e:
-        print(f"{db_path}: cannot preview the jobs: {e}", file=sys.stderr)
+        # libpq's message goes on with a hint on a line of its own: the first says what happened.
+        print(f"{db_path}: cannot preview the jobs: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 1
     finally:
         program.close()

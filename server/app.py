@@ -27,13 +27,14 @@ from server.program_versions import ProgramVersions
 from server.programs import ProgramHolder
 from server.ops import Deps
 from server.routes import COUNTED_ENDPOINTS, add_routes, audit_middleware
-from server.startup import StartupError, check_database_file, lock_holder, still_locked, wait_for_write_lock
+from server.startup import (DatabaseUnreachable, StartupError, check_database_file, lock_holder, still_locked,
+                            wait_for_write_lock)
 from server.watcher import watch
 from server.webhooks import Dispatcher
 from storage import api_keys, member_care
 from storage.db import Database, StorageBusy, StorageError
 from storage.events import Settled
-from storage.health import MigrationsBusy, is_busy
+from storage.health import MigrationsBusy, StorageUnavailable, is_busy
 from storage.ledger import iso, manual_tiers_outside
 from storage.personal import protect_existing
 from storage.preload import preload
@@ -171,7 +172,7 @@ async def _open_database(app: web.Application) -> Database | PgDatabase:
 async def _open_once(app: web.Application, path) -> Database | None:
     """None when another process holds the write lock."""
     config = app[CONFIG]
-    db = Database.from_config(config.database, path, migrations=migrations,
+    db = Database.from_config(config.database, path, migrations=_Checked(migrations),
                               on_commit=app[METRICS].on_commit, on_checkpoint=app[METRICS].on_checkpoint,
                               on_storage_error=app[METRICS].on_storage_error)
     try:
@@ -190,6 +191,38 @@ async def _open_once(app: web.Application, path) -> Database | None:
     return db
 
 
+class NewerDatabase(RuntimeError):
+    """The SQLite file holds migrations of a newer version than this one."""
+
+
+class _Checked:
+    """SQLite's migrations, saying in the log which ones an upgrade applied: the one trace of
+    it an operator has, beside the schema itself. A file a newer version upgraded is refused:
+    SQLite's migrations are not all additions (m032 moved rule_totals from triggers to the
+    writers), so an earlier version serving it writes rows `audit verify` then fails."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def apply(self, db) -> None:
+        known = {m.name for m in self.inner._migrations}
+        unknown = [m.name for m in self.inner.applied(db) if m.name not in known]
+        if unknown:
+            raise NewerDatabase(f"a newer version of the server upgraded it (migration(s) {', '.join(unknown)}, "
+                                "which this version does not know); start that version again, or restore the "
+                                "backup taken before the upgrade")
+        pending = [m.name for m in self.inner.pending(db)]
+        started = time.monotonic()
+        self.inner.apply(db)
+        _log_applied(pending, time.monotonic() - started)
+
+
+def _log_applied(names: list[str], seconds: float) -> None:
+    if names:
+        span = names[0] if len(names) == 1 else f"{names[0]} to {names[-1]}"
+        log.info("database schema upgraded: %d migration(s) applied (%s) in %.1f s", len(names), span, seconds)
+
+
 async def _open_postgresql(app: web.Application) -> PgDatabase:
     """Opened and migrated (processes starting together take turns on the migrations'
     advisory lock), and its first write done. Several servers may share the database."""
@@ -198,11 +231,15 @@ async def _open_postgresql(app: web.Application) -> PgDatabase:
                                 on_storage_error=app[METRICS].on_storage_error)
     try:
         try:
-            await asyncio.to_thread(db.open)
+            started = time.monotonic()
+            applied = await asyncio.to_thread(db.open)
+            _log_applied(applied, time.monotonic() - started)
             await db.write(lambda conn: _first_write(conn, app))
         except BaseException:
             db.close()
             raise
+    except StorageUnavailable as e:
+        raise DatabaseUnreachable(f"cannot open the PostgreSQL database: {e}") from None
     except (*database_errors(), StorageError, MigrationsBusy) as e:
         raise StartupError(f"cannot open the PostgreSQL database: {e}") from None
     return db

@@ -97,8 +97,31 @@ def main(argv: list[str] | None = None) -> int:
     except sqlite3.DatabaseError as e:
         # database.path names a folder or a file that is not SQLite's, or its disk fails
         # under the command: one line, as a config error is, and no traceback.
-        print(f"loyalty {args.command}: the SQLite database (database.path) cannot be used: {e}", file=sys.stderr)
+        print(f"loyalty {args.command}: the SQLite database (database.path) cannot be used: {e}"
+              f"{_foreign_wal_hint(args, e)}", file=sys.stderr)
         return 2
+
+
+def _foreign_wal_hint(args, error: sqlite3.DatabaseError) -> str:
+    """A malformed database with a WAL beside it is, nearly always, a file copied over the
+    database (a restore) with the WAL of the one before left there, which SQLite reads as
+    this file's: say so, since nothing in SQLite's words points there."""
+    if "malformed" not in str(error) or not getattr(args, "config", None):
+        return ""
+    from server.config import ConfigError, load_config
+    try:
+        config = load_config(args.config)
+    except ConfigError:
+        return ""
+    if config.database.url is not None:
+        return ""
+    wal = Path(f"{config.resolve(config.database.path)}-wal")
+    with contextlib.suppress(OSError):
+        if wal.stat().st_size > 0:
+            return (f"; {wal} ({wal.stat().st_size} bytes) is read as part of it: if the database file was "
+                    "copied in (a restore), that WAL is the previous file's, to be moved aside with the -shm "
+                    "before the copy (docs/operators.md, Restore)")
+    return ""
 
 
 def _dispatch(args) -> int:
@@ -139,7 +162,8 @@ def _dispatch(args) -> int:
 
 
 def serve_command(config_path: str) -> int:
-    """Start-up failures are one line on stderr and exit 2, never a traceback."""
+    """Start-up failures are one line on stderr and exit 2 (75 when PostgreSQL did not answer,
+    which a later start may find), never a traceback."""
     import uvloop
 
     from rules import ProgramError
@@ -171,7 +195,7 @@ def serve_command(config_path: str) -> int:
             return 2
         except StartupError as e:
             print(f"not starting: {e}", file=sys.stderr)
-            return 2
+            return e.exit_status
         except KeyboardInterrupt:
             # Only before the server's own SIGINT handler is installed (the start-up wait).
             print("not starting: interrupted", file=sys.stderr)

@@ -278,9 +278,17 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Conf
     # A section whose every key is commented out is null in YAML: it means its defaults.
     raw = {section: value for section, value in raw.items() if value is not None}
     raw.pop("base_dir", None)
-    apply_env_overrides(raw, os.environ if environ is None else environ)
+    from_env = apply_env_overrides(raw, os.environ if environ is None else environ)
     raw["base_dir"] = str(path.resolve().parent)
-    return config_from_dict(raw, source=str(path))
+    try:
+        return config_from_dict(raw, source=str(path))
+    except ConfigError as e:
+        # A value the environment set is not in the file the message names: say where it came from,
+        # or the operator reads a correct config.yaml and finds nothing to fix.
+        name = from_env.get(e.key)
+        if name is None:
+            raise
+        raise ConfigError(e.source, e.key, f"{e.reason} (set by the environment variable {name})") from None
 
 
 def config_from_dict(raw: dict, source: str = "<config>") -> Config:
@@ -294,6 +302,10 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
     if isinstance(database, dict) and database.get("url") is not None and database.get("path") is not None:
         # Which one a server opened would depend on reading this file carefully: refuse both.
         raise ConfigError(source, "database", "has both path (SQLite) and url (PostgreSQL); keep the one to use")
+    if config.database.url is not None and (problem := _url_problem(config.database.url)):
+        # Read here, once: otherwise each command meets it in its own way (serve in one line,
+        # audit verify and jobs run with a traceback).
+        raise ConfigError(source, "database.url", f"not a libpq connection URL: {problem}")
     seen: set[str] = set()
     for i, hook in enumerate(config.webhooks):
         # The id names the webhook's deliveries in the database: two would share them.
@@ -301,6 +313,18 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
             raise ConfigError(source, f"webhooks[{i}].id", f"repeats the webhook id '{hook.id}'")
         seen.add(hook.id)
     return config
+
+
+def _url_problem(url: str) -> str | None:
+    try:
+        from psycopg.conninfo import conninfo_to_dict     # psycopg: imported only for PostgreSQL
+    except ImportError:
+        return None
+    try:
+        conninfo_to_dict(url)
+    except Exception as e:  # noqa: BLE001 - psycopg's ProgrammingError, whatever libpq's parser says
+        return " ".join(str(e).split())
+    return None
 
 
 def _yaml_switches(raw: dict) -> dict:
@@ -312,8 +336,10 @@ def _yaml_switches(raw: dict) -> dict:
     return raw
 
 
-def apply_env_overrides(raw: dict, environ) -> None:
-    """LOYALTY_A__B=v sets raw[a][b] = v, the value parsed as a YAML scalar."""
+def apply_env_overrides(raw: dict, environ) -> dict[str, str]:
+    """LOYALTY_A__B=v sets raw[a][b] = v, the value parsed as a YAML scalar. Returns the keys set
+    (`a.b`) with the variable that set each."""
+    applied: dict[str, str] = {}
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
@@ -324,7 +350,13 @@ def apply_env_overrides(raw: dict, environ) -> None:
             if not isinstance(child, dict):
                 child = node[part] = {}
             node = child
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"environment variable {name}", ".".join(parts),
+                              f"not a YAML value: {_yaml_problem(e)}") from None
+        applied[".".join(parts)] = name
+    return applied
 
 
 _SECTIONS: dict[str, type] = {

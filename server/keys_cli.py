@@ -171,10 +171,16 @@ def revoke_key(config, key_id: str, by: str) -> int:
 
 
 def list_keys(config, as_json: bool) -> int:
+    from server.databases import CannotOpen
+    try:
+        people = _people(config)
+    except CannotOpen as e:
+        print(e, file=sys.stderr)
+        return 2
     rows = [{"id": k.id, "name": k.name or k.id, "role": k.role, "stores": sorted(k.stores),
              "created": "config", "created_by": "config", "revoked": None} for k in config.auth.keys]
     rows += [{"id": r.id, "name": r.name, "role": r.role, "stores": list(r.stores), "created": r.created_at,
-              "created_by": r.created_by, "revoked": r.revoked_at} for r in _people(config)]
+              "created_by": r.created_by, "revoked": r.revoked_at} for r in people]
     if as_json:
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))
@@ -191,9 +197,12 @@ def list_keys(config, as_json: bool) -> int:
 def _people(config) -> list[api_keys.KeyRow]:
     """The database's keys; none when there is no database or it predates keys of people."""
     if config.database.url is not None:
-        from server.databases import for_command
-        with for_command(config) as db:
+        from server.databases import open_existing
+        db = open_existing(config)      # CannotOpen, in one line, when PostgreSQL does not answer
+        try:
             return db.read_sync(api_keys.all_keys)
+        finally:
+            db.close()
     path = config.resolve(config.database.path)
     if not path.exists():
         return []

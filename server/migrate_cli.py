@@ -71,7 +71,8 @@ def _to_postgres(lite: sqlite3.Connection, source: Path, url: str, now: datetime
     try:
         pg = connect(url)
     except database_errors() as e:
-        return _refuse(f"cannot connect to the PostgreSQL database: {str(e).strip()}")
+        # libpq adds a hint on a line of its own: the first says what happened, in the one line.
+        return _refuse(f"cannot connect to the PostgreSQL database: {str(e).strip().splitlines()[0]}")
     try:
         return _copy(lite, source, pg, now)
     finally:

@@ -31,6 +31,7 @@ from server.config import Config, ConfigError
 from server.startup import StartupError, take_serve_lock
 from storage import coupons, member_care, receipt_takes
 from storage.ledger import digest_hex, iso, pack, unpack
+from storage.sql import integrity_errors
 
 log = logging.getLogger("loyalty.privacy")
 
@@ -352,11 +353,40 @@ def _rotate_table(db, privacy: Privacy, table: str, column: str, kind: str, batc
     in_force = privacy.in_force_range()
     left = db.read_sync(lambda c: member_care.count_stale(c, table, column, in_force))
     done = 0
-    while left and (wrapped := db.write_sync(lambda c: _rotate_batch(c, privacy, table, column, kind, batch_rows,
-                                                                      rewrap))):
+    while left:
+        try:
+            wrapped = db.write_sync(lambda c: _rotate_batch(c, privacy, table, column, kind, batch_rows, rewrap))
+        except integrity_errors():
+            raise KeyNotListed(_already_wrapped(db, privacy, table, column, kind, batch_rows)) from None
+        if not wrapped:
+            break
         done += wrapped
         print(f"{table}.{column}: {done} of {left} wrapped", flush=True)
     return done
+
+
+def _already_wrapped(db, privacy: Privacy, table: str, column: str, kind: str, batch_rows: int) -> str:
+    """Why a batch could not be wrapped: the wrapped hash is stored already, which only a card
+    enrolled again under the new key while its row was still under an earlier one makes (as
+    versions before this one allowed). Names both members, so that they can be merged."""
+    def read(conn):
+        stale = member_care.stale_hashes(conn, table, column, privacy.in_force_range(), batch_rows)
+        if table not in ("cards", "retired_cards"):
+            return []
+        pairs = []
+        for old in dict.fromkeys(stale):
+            new = _wrapped(privacy, kind, old, f"{table}.{column}")
+            row = conn.execute(f"SELECT (SELECT member_id FROM {table} WHERE {column} = ?), "
+                               f"(SELECT member_id FROM {table} WHERE {column} = ?)", (old, new)).fetchone()
+            if row[1] is not None:
+                pairs.append(f"m_{row[0]} (under the earlier key) and m_{row[1]}")
+        return pairs
+    pairs = db.read_sync(read)
+    if not pairs:
+        return f"{table}.{column}: a wrapped hash is stored already; nothing of this batch was written"
+    return (f"{table}.{column}: the same card is stored under an earlier key and under the key in force, enrolled "
+            f"twice during the rotation: {'; '.join(pairs[:10])}{' ...' if len(pairs) > 10 else ''}. Merge the "
+            "second member of each pair into the first (POST /v1/admin/members/merge), then run this again")
 
 
 def _rotate_batch(conn, privacy: Privacy, table: str, column: str, kind: str, batch_rows: int, rewrap) -> int:

@@ -172,12 +172,21 @@ class ProgramVersions:
 
     async def follow(self, poll_interval_ms: int) -> None:
         """Poll for a program another server recorded; runs until cancelled."""
+        failing = False
         while True:
             await asyncio.sleep(poll_interval_ms / 1000)
             try:
                 await self.catch_up()
             except Exception:  # noqa: BLE001 - a storage fault is logged where it happens; try again
-                log.exception("could not look for a newer recorded program")
+                # Once per fault: a traceback every poll (each second) while it lasts buries the
+                # storage's own lines that say what to do.
+                if not failing:
+                    log.exception("could not look for a newer recorded program; still serving the one in force")
+                failing = True
+            else:
+                if failing:
+                    log.info("looking for newer recorded programs again")
+                failing = False
 
     async def catch_up(self) -> bool:
         """Load the newest recorded program if another server recorded it; True if one was installed."""

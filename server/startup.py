@@ -36,6 +36,16 @@ _ROLLBACK_LOCK_START, _ROLLBACK_LOCK_BYTES = 0x40000000, 2 + 510
 class StartupError(Exception):
     """The server cannot start; the message is the one line the operator sees."""
 
+    exit_status = 2
+
+
+class DatabaseUnreachable(StartupError):
+    """PostgreSQL did not answer at start: a restart a little later may well find it (a host
+    booting before its database, a failover), so this is not the exit status that tells
+    systemd a restart cannot help (RestartPreventExitStatus=2)."""
+
+    exit_status = 75    # EX_TEMPFAIL: try again later
+
 
 def lock_path(database: Path) -> Path:
     # Resolved, so a symlink or another spelling of the same path finds the same lock.

@@ -63,6 +63,7 @@ class Dispatcher:
         self.metrics, self.clock, self.wall = metrics, clock, wall
         self._metrics_at = self._purge_at = 0.0
         self._failing: dict[str, int] = {}      # webhook id: failed attempts since it last delivered
+        self._read_database = False             # whether the last round got past the jobs' lock
 
     async def start(self) -> None:
         """Every webhook's cursor exists before the first request is served, so none misses an event."""
@@ -76,22 +77,33 @@ class Dispatcher:
         connector = aiohttp.TCPConnector(limit=self.events.concurrency_max)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             gate = asyncio.Semaphore(self.events.concurrency_max)
+            paused = False
             while True:
                 try:
                     pause = await self.round(session, gate)
                 except StorageError as e:    # storage logs the fault itself
-                    log.warning("event delivery paused (%s: %s)", e.cause, e)
+                    if not paused:          # once per fault, not every few seconds while it lasts
+                        log.warning("event delivery paused (%s: %s)", e.cause, e)
+                    paused = True
                     pause = self.events.poll_interval_seconds * 4
                 except Exception:  # noqa: BLE001 - a failed round is tried again, never ends delivery
                     log.exception("event delivery round failed")
                     pause = self.events.poll_interval_seconds * 4
+                else:
+                    # A round of a process that does not hold the jobs' lock reads nothing: on
+                    # PostgreSQL still down, it would say resumed too early.
+                    if paused and self._read_database:
+                        log.info("event delivery resumed")
+                        paused = False
                 await asyncio.sleep(pause)
 
     async def round(self, session: aiohttp.ClientSession, gate: asyncio.Semaphore) -> float:
         """One round; returns how long to wait before the next one. Where several servers
         share the database, only the one running the jobs delivers (in order per member)."""
+        self._read_database = False
         if not await asyncio.to_thread(self.db.runs_jobs):
             return self.events.poll_interval_seconds
+        self._read_database = True
         now = self.wall()
         # Looked at on a reader first: an idle server does not write (nor fsync) every poll.
         ids = [hook.id for hook in self.hooks]

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from server.cli import main
-from server.config import ConfigError, load_config
+from server.config import ConfigError, config_from_dict, load_config
 
 pytestmark = pytest.mark.no_database
 
@@ -74,3 +74,42 @@ def test_environment_overrides(tmp_path):
     assert cfg.server.port == 9000 and cfg.rules.watch is False
     with pytest.raises(ConfigError):
         load_config(path, environ={"LOYALTY_SERVER__PORTS": "1"})
+
+
+def test_a_bad_value_from_the_environment_names_the_variable_not_only_the_file(tmp_path, capsys):
+    # config.yaml says port 8080: a message naming only the file sends the operator to a file with nothing wrong.
+    path = tmp_path / "config.yaml"
+    path.write_text("server: {port: 8080}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, environ={"LOYALTY_SERVER__PORT": "eighty"})
+    assert str(e.value) == (f"{path}: server.port: must be a whole number "
+                            "(set by the environment variable LOYALTY_SERVER__PORT)")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, environ={"LOYALTY_SERVER__PROT": "1"})
+    assert e.value.key == "server.prot" and e.value.reason.endswith("(set by the environment variable "
+                                                                    "LOYALTY_SERVER__PROT)")
+    # A value that is not YAML at all is one line too, not a traceback.
+    with pytest.raises(ConfigError) as e:
+        load_config(path, environ={"LOYALTY_SERVER__PORT": "["})
+    assert str(e.value).startswith("environment variable LOYALTY_SERVER__PORT: server.port: not a YAML value: ")
+    # A bad value in the file itself says nothing of the environment.
+    path.write_text("server: {port: eighty}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, environ={"LOYALTY_RULES__WATCH": "false"})
+    assert "environment" not in str(e.value)
+
+
+@pytest.mark.parametrize("command", [["serve"], ["audit", "verify"], ["jobs", "run"], ["export", "ledger"]])
+def test_a_database_url_libpq_cannot_read_is_one_config_line_for_every_command(tmp_path, capsys, command):
+    path = tmp_path / "config.yaml"
+    path.write_text('database: {url: "postgresql://loyalty@/loyalty?host=/run/postgresql  port=5432"}\n'
+                    "privacy: {hmac_key: a-key-of-sixteen-chars}\n")
+    assert main([*command, "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"config error: {path}: database.url: not a libpq connection URL: "), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_database_url_libpq_reads_is_taken():
+    cfg = config_from_dict({"database": {"url": "postgresql://loyalty@db1.example/loyalty?host=/run/postgresql&port=5432"}})
+    assert cfg.database.url.endswith("port=5432")

@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,25 @@ def test_systemd_unit_verifies_and_is_well_confined(tmp_path):
     security = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=yes", "--threshold=20", str(unit)],
                               capture_output=True, text=True, timeout=60)
     assert security.returncode == 0, security.stdout[-3000:] + security.stderr
+
+
+def test_a_postgresql_that_does_not_answer_at_start_is_restarted_by_systemd(tmp_path):
+    # A host that boots before its database, or a failover under way: systemd must try again,
+    # which it does not for RestartPreventExitStatus (a refused config, a missing program).
+    pytest.importorskip("psycopg")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "server": {"port": 1},
+        "database": {"url": f"postgresql://loyalty@/loyalty?host={tmp_path / 'no-socket-here'}&port=5432"},
+        "rules": {"dir": str(ROOT / "rules" / "programs" / "market")},
+        "privacy": {"hmac_key": "a-key-of-sixteen-chars"}}))
+    done = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--config", str(config)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.stderr.startswith("not starting: cannot open the PostgreSQL database: cannot connect"), done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.returncode == 75
+    settings = unit_settings()
+    assert settings["Restart"] == ["on-failure"]
+    assert str(done.returncode) not in settings["RestartPreventExitStatus"][0].split()
+    # Failing at once, it would hit systemd's default start limit (5 in 10 s) and stay down.
+    assert settings["StartLimitIntervalSec"] == ["0"]

@@ -312,3 +312,14 @@ def test_a_run_that_cannot_get_the_write_lock_is_one_line_naming_the_holder(tmp_
     assert (again.returncode, again.stdout) == (0, "expired_lots: 0, released_holds: 0, birthday_events: 0, "
                                                    "expiring_lots: 0\n"), \
         again.stderr
+
+
+def test_a_dry_run_against_a_postgresql_that_does_not_answer_is_one_line(tmp_path, capsys):
+    pytest.importorskip("psycopg")
+    path = tmp_path / "cli.yaml"
+    path.write_text(yaml.safe_dump({
+        "database": {"url": f"postgresql://loyalty@/loyalty?host={tmp_path / 'no-socket'}&port=5432"},
+        "rules": {"dir": str(MARKET), "watch": False}, "clock": {"start": NOW}}))
+    assert cli(["jobs", "run", "--config", str(path), "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("on PostgreSQL (database.url): cannot preview the jobs: connection") and err.count("\n") == 1, err

@@ -406,3 +406,62 @@ def test_commands_under_other_keys_than_the_servers_refuse_and_enrol_no_card_twi
         assert conn.execute("SELECT COUNT(*) FROM members").fetchone()[0] == 3
     assert cli(["import", "members", "--csv", str(members), "--config", str(configs["rotated"])]) == 0
     assert "3 members rows: 0 imported, 3 already there" in capsys.readouterr().out
+
+
+def test_a_card_enrolled_under_the_first_key_is_not_enrolled_again_before_the_rotation_wraps_it(tmp_path):
+    # A register enrolling a customer's card again after the restart on the new key: one member,
+    # and a rotation that can still wrap every card.
+    first = Server(tmp_path, privacy={"hmac_key": FIRST_KEY})
+    first.start()
+    try:
+        assert call(first, "POST", "/v1/members", {"card": "7300000000001"})[0] == 201
+    finally:
+        first.kill()
+    rotated = Server(tmp_path, privacy=ROTATED)
+    rotated.start()
+    try:
+        status, err = call(rotated, "POST", "/v1/members", {"card": "7300000000001"}, role="register")
+        assert status == 409 and err["error"]["code"] == "card_already_enrolled", err
+        assert call(rotated, "POST", "/v1/members", {"card": "7300000000002"})[0] == 201
+        assert call(rotated, "POST", "/v1/members", {"card": "7300000000002"})[0] == 409
+        run = rotate(rotated.config)
+        assert run.returncode == 0 and "done: 1 hash(es) wrapped" in run.stdout, run.stdout + run.stderr
+        status, err = call(rotated, "POST", "/v1/members", {"card": "7300000000001"})
+        assert status == 409 and err["error"]["code"] == "card_already_enrolled", err
+    finally:
+        rotated.kill()
+    with connect(rotated.db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM members").fetchone()[0] == 2
+
+
+def test_a_card_enrolled_twice_by_an_earlier_version_stops_the_rotation_naming_both_members(tmp_path):
+    # Versions before enrolled a card again under the new key while its row was under the first:
+    # the rotation cannot keep both hashes, and says which members to merge before running again.
+    first = Server(tmp_path, privacy={"hmac_key": FIRST_KEY})
+    first.start()
+    try:
+        assert call(first, "POST", "/v1/members", {"card": "7300000000001"})[0] == 201
+        assert call(first, "POST", "/v1/members", {"card": "7300000000009"})[0] == 201
+    finally:
+        first.kill()
+    rotated = Server(tmp_path, privacy=ROTATED)
+    rotated.start()
+    try:
+        assert call(rotated, "POST", "/v1/members", {"card": "7300000000002"})[0] == 201     # m_3
+        with connect(rotated.db) as conn:   # m_3's card made the second hash of m_1's, as those versions did
+            conn.execute("UPDATE cards SET card = ? WHERE member_id = 3",
+                         (Privacy(FIRST_KEY.encode(), [("k2", SECOND_KEY.encode())]).card("7300000000001"),))
+            conn.commit()
+        run = rotate(rotated.config)
+        assert run.returncode == 1, run.stdout + run.stderr
+        assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+        assert "cards.card: the same card is stored under an earlier key and under the key in force" in run.stderr
+        assert "m_1 (under the earlier key) and m_3" in run.stderr and "/v1/admin/members/merge" in run.stderr
+        merged = call(rotated, "POST", "/v1/admin/members/merge", {"merge_id": "twice", "from_member_id": "m_3",
+                                                                   "into_member_id": "m_1", "reason": "enrolled twice"})
+        assert merged[0] == 201, merged
+        run = rotate(rotated.config)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert call(rotated, "GET", "/v1/members/7300000000001")[1]["member_id"] == "m_1"
+    finally:
+        rotated.kill()

@@ -265,3 +265,16 @@ async def test_a_request_never_queries_the_keys(make_api, monkeypatch):
         status, _body = await api.call("GET", "/metrics", as_=None, headers={"Authorization": "Bearer ann-key"})
         assert status == 200
     assert queries == []
+
+
+def test_keys_against_a_postgresql_that_does_not_answer_is_one_line(tmp_path):
+    pytest.importorskip("psycopg")
+    config = tmp_path / "config.yaml"
+    config.write_text(f'database: {{url: "postgresql://loyalty@/loyalty?host={tmp_path / "no-socket"}&port=5432"}}\n')
+    listed = loyalty("keys", "list", "--config", str(config))
+    assert listed.returncode == 2 and listed.stdout == "", listed.stdout
+    assert listed.stderr.startswith("cannot connect to PostgreSQL") and listed.stderr.count("\n") == 1, listed.stderr
+    for command in (["add", "--role", "monitor", "--name", "Grafana"], ["revoke", "person-1"]):
+        done = loyalty("keys", *command, "--config", str(config))
+        assert done.returncode == 1 and done.stdout == "" and done.stderr.count("\n") == 1, done.stderr
+        assert "cannot connect to PostgreSQL" in done.stderr and "nothing was written" in done.stderr

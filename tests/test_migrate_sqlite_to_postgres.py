@@ -231,12 +231,14 @@ async def test_a_copy_that_does_not_verify_is_not_committed(aiohttp_client, tmp_
     assert await moved(tmp_path, pg_url) == 0
 
 
-@pytest.mark.parametrize("where", ["source", "target"])
+@pytest.mark.parametrize("where", ["source", "target", "no server"])
 async def test_a_database_that_cannot_be_reached_is_one_line(tmp_path, pg_url, capsys, where):
     source = tmp_path / "missing.db" if where == "source" else tmp_path / "loyalty.db"
-    if where == "target":
+    if where != "source":
         sqlite3.connect(source).close()
-    url = pg_url if where == "source" else pg_url.replace("/test", "/no_such_database_")
+    url = {"source": pg_url, "target": pg_url.replace("/test", "/no_such_database_"),
+           # libpq's answer when nothing listens has a hint on a second line
+           "no server": f"postgresql://loyalty@/loyalty?host={tmp_path / 'no-socket'}&port=5432"}[where]
     status = await asyncio.to_thread(main, ["migrate", "sqlite-to-postgres", "--from", str(source), "--to", url])
     err = capsys.readouterr().err
     assert status == 2 and err.startswith("not copying: ") and err.count("\n") == 1, err

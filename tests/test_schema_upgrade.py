@@ -137,3 +137,45 @@ async def test_older_database_upgrades_and_answers_the_same(tmp_path):
     assert report.ok, report.problems                   # rule_totals among what it checks
     assert report.receipts == 3
     assert conn.execute("SELECT COUNT(*) FROM rule_totals").fetchone()[0] >= 2
+
+
+async def test_the_log_says_which_migrations_an_upgrade_applied(tmp_path, caplog):
+    import logging
+
+    import sqlite_utils
+
+    from storage.schema import migrations
+    db = sqlite_utils.Database(tmp_path / "loyalty.db")
+    migrations.apply(db, stop_before="m038_takes_in_receipts")      # a database two versions behind
+    db.close()
+    for upgrade in (True, False):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="loyalty.server"):
+            async with TestClient(TestServer(create_app(test_config(tmp_path, now=NOW)))) as client:
+                assert (await client.get("/readyz")).status == 200
+        upgraded = [r.getMessage() for r in caplog.records if "schema upgraded" in r.getMessage()]
+        if upgrade:
+            assert len(upgraded) == 1 and upgraded[0].startswith(
+                "database schema upgraded: 2 migration(s) applied (m038_takes_in_receipts to "
+                "m039_stranded_customer_value) in "), upgraded
+        else:
+            assert upgraded == []                   # a start with nothing to apply says nothing of it
+
+
+async def test_a_database_a_newer_version_upgraded_is_refused_in_one_line(tmp_path):
+    import sqlite_utils
+
+    from server.startup import StartupError
+    from storage.schema import migrations
+    db = sqlite_utils.Database(tmp_path / "loyalty.db")
+    migrations.apply(db)
+    db["_sqlite_migrations"].insert({"migration_set": "loyalty", "name": "m999_from_a_newer_version",
+                                     "applied_at": "2027-01-01 00:00:00+00:00"})
+    db.close()
+    server = TestServer(create_app(test_config(tmp_path, now=NOW)))
+    with pytest.raises(StartupError) as e:
+        await server.start_server()
+    await server.close()
+    assert str(e.value) == (f"cannot open the database {tmp_path / 'loyalty.db'}: a newer version of the server "
+                            "upgraded it (migration(s) m999_from_a_newer_version, which this version does not know); "
+                            "start that version again, or restore the backup taken before the upgrade")

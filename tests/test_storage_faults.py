@@ -294,3 +294,29 @@ async def test_replaced_database_file_refuses_writes_and_saves_the_servers_copy(
     # Every acknowledged write; the refused one too, perhaps (its retry would be a replay).
     assert notes(conn)[:5] == [f"kept-{n}" for n in range(5)]
     conn.close()
+
+
+def test_a_lasting_fault_is_logged_once_not_by_every_poll(tmp_path):
+    # A restore copied over the live file: the server stops until restarted. Its log must still
+    # show the storage's lines that say what to do, not a traceback every poll while it waits.
+    server = Server(tmp_path, jobs={"enabled": False}, rules={"poll_interval_ms": 50},
+                    events={"poll_interval_seconds": 0.05})
+    server.start()
+    try:
+        async def replace_and_wait() -> None:
+            async with session_for_tests() as session:
+                await enroll(session, server)
+                stranger = sqlite3.connect(tmp_path / "other.db")
+                stranger.execute("CREATE TABLE t (x)")
+                stranger.close()
+                os.replace(tmp_path / "other.db", server.db)
+                status, text = await get(session, server, "/readyz")
+                assert status == 503 and '"storage_lost"' in text, text
+                await asyncio.sleep(3)              # some sixty polls of the program, fifteen of the events
+        asyncio.run(replace_and_wait())
+    finally:
+        server.kill()
+    log = server.log.read_text()
+    assert log.count("could not look for a newer recorded program") == 1, log[-3000:]
+    assert log.count("event delivery paused") == 1, log[-3000:]
+    assert log.count("Traceback") <= 2, log[-3000:]       # the program's poll and the keys', once each

@@ -98,9 +98,14 @@ async def enroll(deps: Deps, req: schema.Enrollment, principal: Principal) -> Me
             # record the member merged away, which no card reaches, as the referrer.
             ledger.lock_member(conn, referrer.id)
             refuse_if_card_moved(conn, deps, req.referred_by, referrer, "referred_by")
+        card = privacy.card(req.card)
+        # The table's key refuses the card under the key in force only: during a key rotation one
+        # still stored under an earlier key would be enrolled again, as a second, empty member.
+        if getattr(card, "older", ()) and ledger.member_id_of_card(conn, card) is not None:
+            raise conflict("card_already_enrolled", f"card {req.card} is already enrolled")
         try:
             member_id = ledger.insert_member(
-                conn, card=privacy.card(req.card), card_last4=privacy.card_last4(req.card),
+                conn, card=card, card_last4=privacy.card_last4(req.card),
                 phone_hmac=privacy.phone(req.phone) if req.phone else None,
                 phone_last4=privacy.phone_last4(req.phone) if req.phone else None,
                 birthday=req.birthday.isoformat() if req.birthday else None,
