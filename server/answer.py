@@ -9,7 +9,7 @@ from msgspec import UNSET, UnsetType
 from rules import Program
 from server import answer_types as A
 from server.plan import ReceiptPlan
-from storage.ledger import member_public_id
+from storage.ledger import day_text, member_public_id
 
 
 def receipt_ref(key) -> A.ReceiptKey:
@@ -31,7 +31,7 @@ def receipt_parts(plan: ReceiptPlan, program: Program) -> tuple:
     b = plan.balance
     balance = A.ReceiptBalance(b.available, b.pending, b.held) if b is not None else A.ReceiptBalance()
     accrued = A.Accrued(ev.accrued_points,
-                        str(ev.available_from) if member else None,
+                        day_text(ev.available_from) if member else None,
                         first_expiry(plan) if member else None,
                         [A.RulePoints(r, p) for r, p in ev.by_rule],
                         [A.LinePoints(n, p) for n, p in ev.by_line])
@@ -51,9 +51,9 @@ def first_expiry(plan: ReceiptPlan) -> str | None:
     ev = plan.evaluation
     dates = [lot.expires_on for lot in plan.lots] if plan.lots else [expires for _, expires, _ in ev.lots]
     if not dates:
-        return str(ev.expires_on) if ev.expires_on else None
+        return day_text(ev.expires_on) if ev.expires_on else None
     expiring = [day for day in dates if day is not None]
-    return str(min(expiring)) if expiring else None
+    return day_text(min(expiring)) if expiring else None
 
 
 def points_words(n: int) -> str:
@@ -72,8 +72,9 @@ def messages(plan: ReceiptPlan, program: Program) -> list[str]:
         if points > 0 and rule in program.personal_rule_ids:   # only an offer lets one fire
             out.append(f"Personal offer {rule}: {points_words(points)}")
     if ev.accrued_points:
-        if str(ev.available_from) > plan.today:
-            out.append(f"{points_words(ev.accrued_points)} will be available from {ddmmyyyy(str(ev.available_from))}")
+        if day_text(ev.available_from) > plan.today:
+            out.append(f"{points_words(ev.accrued_points)} will be available from "
+                       f"{ddmmyyyy(day_text(ev.available_from))}")
         else:
             out.append(f"{points_words(ev.accrued_points)} earned")
     out.append(f"Balance: {points_words(plan.balance.available)}")

@@ -165,7 +165,7 @@ def tier_of_receipt(conn: sqlite3.Connection, program: Program, member: ledger.M
     window = timedelta(days=program.tier_window_days)
     ever, count, spend, count_now, spend_now = ledger.tier_counts(conn, member.id, iso(ts - window), iso(ts),
                                                                   iso(now - window))
-    view = _view(program, member, count, spend, local_date_of(program, ts).isoformat())
+    view = _view(program, member, count, spend, local_day(program, ts))
     in_force = view["manual"] or "manual_ignored" in view     # ignored: another program may define it
     manual = member.manual_tier if in_force else None
     return view, ever, TierFacts(view["id"], manual, program.tier_window_days, spend, count), \
@@ -181,7 +181,7 @@ def tier_after_receipt(program: Program, member: ledger.MemberRow, before: TierT
     receipts, spend = before
     if iso(receipt.ts) > iso(now - timedelta(days=program.tier_window_days)):
         receipts, spend = receipts + 1, spend + receipt.total
-    return _view(program, member, receipts, spend, local_date_of(program, now).isoformat())["id"]
+    return _view(program, member, receipts, spend, local_day(program, now))["id"]
 
 
 def tier_view(conn: sqlite3.Connection, program: Program, member: ledger.MemberRow, moment: datetime,

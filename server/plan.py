@@ -22,7 +22,8 @@ from rules.records import Evaluation
 from server.errors import ApiError, unprocessable
 from storage import accounts, member_facts, offers, referrals
 from storage.coupons import USABLE, Judged
-from storage.ledger import Balance, Hold, Lot, LotTotals, MemberRow, ReceiptKey, after_holds, balance_of, draw, iso
+from storage.ledger import (Balance, Hold, Lot, LotTotals, MemberRow, ReceiptKey, after_holds, balance_of, day_text,
+                            draw, iso)
 from storage.line_records import ReceiptLines, build
 from storage.member_facts import ReceiptMemberFacts, TierFacts
 from storage.offers import OfferRow
@@ -122,7 +123,7 @@ class ReceiptPlan:
 
 
 def local_day(program: Program, moment: datetime) -> str:
-    return local_date(program, moment).isoformat()
+    return _local_day(moment, program.timezone)
 
 
 def local_date(program: Program, moment: datetime) -> date:
@@ -135,6 +136,12 @@ def local_date(program: Program, moment: datetime) -> date:
 @lru_cache(maxsize=256)
 def _local_date(moment: datetime, zone: tzinfo) -> date:
     return moment.astimezone(zone).date()  # equal moments are the same instant: the same date
+
+
+@lru_cache(maxsize=256)
+def _local_day(moment: datetime, zone: tzinfo) -> str:
+    # Remembered as text too: a date's isoformat() costs more than the look-up of the date.
+    return day_text(_local_date(moment, zone))
 
 
 def evaluate(program: Program, receipt, state: MemberState | None, today: str) -> Evaluation:
@@ -233,7 +240,7 @@ def plan_confirm(receipt, state: MemberState | None, program: Program, now: date
         plan.events.append(EventFire(state.member.referred_by, "referred_first_purchase",
                                      referrals.occasion(state.member.id)))
     plan.lines = build(sold, ev.pairs, ev.redeemed_by_line, lot_of_rule)
-    new = [Lot(-1 - i, str(lot.available_from), _text(lot.expires_on), points)
+    new = [Lot(-1 - i, day_text(lot.available_from), _text(lot.expires_on), points)
            for i, (lot, points) in enumerate(zip(plan.lots, new_remaining)) if points]
     plan.balance = member_balance(state, holds, today, new, changed)
     return plan
@@ -334,7 +341,7 @@ def _copy(lot: Lot) -> Lot:
 
 
 def _text(day: date | None) -> str | None:
-    return None if day is None else str(day)
+    return None if day is None else day_text(day)
 
 
 def _accrue(plan: ReceiptPlan, program: Program, ev: Evaluation, counter: str) -> dict[str, int]:
@@ -396,7 +403,7 @@ def _expire_on_arrival(plan: ReceiptPlan, program: Program, new_remaining: list[
 
 
 def expired_by(expires_on, today: str) -> bool:
-    return expires_on is not None and str(expires_on) <= today
+    return expires_on is not None and day_text(expires_on) <= today
 
 
 def partner_of(program: Program, store_id: str) -> str | None:

@@ -32,7 +32,8 @@ import msgspec
 
 from server.config import Config, WebhookConfig
 from server.metrics import Metrics
-from storage import events
+from server.member_state import tier_view
+from storage import events, ledger
 from storage.db import Database, StorageError
 
 log = logging.getLogger("loyalty.webhooks")
@@ -221,8 +222,6 @@ def note_tier(conn: sqlite3.Connection, program, member_id: int, now: datetime, 
               card_last4: str | None = None, tier: str | None = None) -> None:
     """tier.changed when the member's tier as of `now` (tier: when the caller knows it) is
     not the one last announced."""
-    from server.member_state import tier_view    # the operations call this module inside their transactions
-    from storage import ledger
     if len(program.tiers) < 2:
         return                              # one level: nothing to move between
     row = member if member is not None else ledger.member_by_id(conn, member_id)

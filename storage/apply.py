@@ -68,12 +68,13 @@ def apply_confirms(conn: sqlite3.Connection, confirms: list[Confirmed]) -> list:
             postings += _postings(c, ids)
             holds += [(now, plan.key)] if plan.hold is not None else []
             expired += [(ids[at],) for at in plan.expired_lots]
-            fires += [(plan.member.id, rule, str(plan.evaluation.local_date), *plan.key) for rule in plan.rule_uses]
+            fires += [(plan.member.id, rule, ledger.day_text(plan.evaluation.local_date), *plan.key)
+                      for rule in plan.rule_uses]
         lines = line_records.encode(line_records.with_lots(plan.lines, {
             rule: ids[at] for rule, at in plan.lines.lots.items()} if ids else {}))
         receipts.append(ledger.receipt_row(
             plan.key, body_sha256=c.fingerprint, member_id=plan.member.id if plan.member else None,
-            ts=iso(c.receipt.ts), local_date=str(plan.evaluation.local_date), total=c.receipt.total,
+            ts=iso(c.receipt.ts), local_date=ledger.day_text(plan.evaluation.local_date), total=c.receipt.total,
             rules_version=c.program.version, body=c.body, result=c.answer, lines=lines,
             member_facts=None if plan.member_facts is None else member_facts.encode(plan.member_facts),
             takes=None if in_rows else _kept(uses, charges), now=now))

@@ -5,7 +5,7 @@ to look at per set of held conditions, and a moment's local date is remembered p
 each must give what computing afresh gives."""
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 
 import msgspec
@@ -17,6 +17,7 @@ from rules import program as program_module
 from rules.loader import load_files, read_directory
 from server.plan import MemberState, plan_calculate, plan_confirm
 from server.schema import Line, Receipt
+from storage import ledger
 from storage.ledger import Hold, Lot, MemberRow
 
 pytestmark = pytest.mark.no_database
@@ -106,3 +107,18 @@ def test_receipts_evaluate_alike_when_the_rules_remembered_per_held_set_are_drop
             ("base-silver", "dairy-x2", "morning"), ("base-gold", "dairy-x2"), ("base-gold", "dairy-x2", "morning")}
     finally:
         program.close()
+
+
+def test_dates_and_moments_are_written_as_before_when_their_texts_are_kept(monkeypatch):
+    # Texts kept by date (and stored text passed through) are the dates' own; the set kept
+    # is emptied when full, so a long-running server holds a bounded number.
+    monkeypatch.setattr(ledger, "_day_texts", {})
+    monkeypatch.setattr(ledger, "DAY_TEXTS_MAX", 3)
+    days = [date(2026, 11, 24), date(1, 1, 1), date(9999, 12, 31), "2027-11-24", date(2026, 11, 25)]
+    for day in days * 2:
+        assert ledger.day_text(day) == str(day)
+        assert len(ledger._day_texts) <= 3
+    # Timestamps in the stored form, every field padded, whatever the offset they came with.
+    assert ledger.iso(datetime(5, 1, 2, 3, 4, 5, tzinfo=timezone.utc)) == "0005-01-02T03:04:05.000000Z"
+    assert ledger.iso(datetime(2026, 11, 24, 0, 30, 0, 7, tzinfo=timezone(timedelta(hours=2)))) == \
+        "2026-11-23T22:30:00.000007Z"
