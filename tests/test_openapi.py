@@ -14,6 +14,7 @@ import re
 import shutil
 from datetime import date
 from decimal import Decimal
+from pathlib import Path
 
 import jsonschema_rs
 import pytest
@@ -60,7 +61,17 @@ class Checked:
         if expect is not None:
             assert status == expect, (method, path, status, data)
         self.check(method, path.split("?")[0], status, data)
+        self.check_query(method, path)
         return status, data
+
+    def check_query(self, method: str, path: str) -> None:
+        """A query parameter the server reads is one the document declares for the route."""
+        path, _, query = path.partition("?")
+        template = next(t for rx, t in self.templates if rx.match(path))
+        declared = {p["name"] for p in self.doc["paths"][template][method.lower()].get("parameters", [])
+                    if p["in"] == "query"}
+        sent = {pair.split("=", 1)[0] for pair in query.split("&") if pair}
+        assert sent <= declared, f"{method} {template} reads {sorted(sent - declared)}, which the document does not list"
 
     def check(self, method: str, path: str, status: int, data) -> None:
         template = next(t for rx, t in self.templates if rx.match(path))
@@ -322,6 +333,19 @@ def test_the_document_is_openapi_3_1_with_2020_12_schemas(checked):
     assert '"nullable"' not in json.dumps(doc)
     nullable = [name for name, schema in doc["components"]["schemas"].items() if '"null"' in json.dumps(schema)]
     assert "ConfirmAnswer" in nullable
+
+
+def test_every_status_of_the_integrators_error_table_is_declared(checked):
+    """A client generated from the document knows every refusal docs/integrators.md lists."""
+    doc_text = (Path(__file__).parent.parent / "docs" / "integrators.md").read_text()
+    table = doc_text[doc_text.index("| status | code |"):]
+    table = table[:table.index("\n\n")]
+    statuses = {s for row in table.splitlines()[2:] for s in re.findall(r"\d{3}", row.split("|")[1])}
+    statuses.discard("405")     # a method the path does not have: no operation to declare it on
+    assert {"408", "500"} <= statuses
+    for path, methods in checked.doc["paths"].items():
+        for method, op in methods.items():
+            assert statuses <= set(op["responses"]), (method, path, sorted(statuses - set(op["responses"])))
 
 
 def test_no_response_schema_is_a_bare_object(checked):
