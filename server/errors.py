@@ -103,6 +103,12 @@ async def error_middleware(request: web.Request, handler):
     try:
         return await handler(request)
     except Exception as e:
+        if isinstance(e, web.HTTPRequestEntityTooLarge):
+            # The register must split the body: it needs the limit to know by how much.
+            from server.keys import CONFIG
+            limit = request.app[CONFIG].server.max_body_bytes
+            e = ApiError(413, "body_too_large", f"the body is larger than the limit of {limit} bytes "
+                                                "(server.max_body_bytes)")
         answer = error_answer(e, request.method, _route_name(request))
         if answer is None:
             raise

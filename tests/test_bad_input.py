@@ -117,6 +117,8 @@ async def test_a_10000_line_receipt_is_refused_clearly(make_api):
     api = await make_api(now=NOW, server={"max_body_bytes": len(body) // 2})
     got, data = await api.post("/v1/receipts", as_="register", raw=body)
     assert got == 413 and data["error"]["code"] == "body_too_large"
+    assert data["error"]["message"] == (f"the body is larger than the limit of {len(body) // 2} bytes "
+                                        "(server.max_body_bytes)")
 
 
 @pytest.mark.parametrize("qty", ["1e999999999", "1E+30", "0.0000001", "NaN", "-1"])
