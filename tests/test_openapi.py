@@ -20,7 +20,7 @@ import jsonschema_rs
 import pytest
 from schemathesis.specs.openapi.definitions import OPENAPI_31
 
-from conftest import MARKET, Api, line, receipt, test_config
+from conftest import KEYS, MARKET, Api, line, receipt, test_config
 from server import cvm
 from server.app import create_app
 from server.report_campaign import CampaignRule
@@ -376,3 +376,16 @@ def test_qty_is_a_number_or_a_decimal_string(checked):
     validator = jsonschema_rs.validator_for(receipt_schema)
     assert validator.is_valid(receipt("r", [line(1, "dairy", 100, qty=2), line(2, "dairy", 100, qty="0.125")]))
     assert not validator.is_valid(receipt("r", [line(1, "dairy", 100, qty=[1])]))
+
+
+async def test_a_refusal_to_wait_declares_and_carries_retry_after(make_api):
+    """A client generated from the document knows how long to wait after a 429 or 503."""
+    api = await make_api(now=NOW, limits={"requests_per_second_per_key": 1, "burst": 1})
+    _, doc = await api.get("/openapi.json", as_=None)
+    for status in ("429", "503"):
+        declared = doc["paths"]["/v1/receipts"]["post"]["responses"][status]["headers"]["Retry-After"]
+        assert declared["schema"]["type"] == "integer"
+    answers = [await api.client.get(f"/v1/members/{CARD}", headers={"Authorization": f"Bearer {KEYS['manager']}"})
+               for _ in range(2)]
+    assert [a.status for a in answers] == [404, 429]
+    assert int(answers[1].headers["Retry-After"]) >= 1
