@@ -286,7 +286,7 @@ class MemberSearchAnswer(Struct):
 
 
 class CardReplacementAnswer(Struct, forbid_unknown_fields=True):
-    """`replaced_card_last4` is null when the new card was already the member's (a replay)."""
+    """A replay answers the card the replacement took out of use, as the first answer did."""
     member_id: str
     card_last4: str
     replaced_card_last4: str | None

@@ -103,6 +103,12 @@ async def error_middleware(request: web.Request, handler):
     try:
         return await handler(request)
     except Exception as e:
+        if isinstance(e, web.HTTPRequestEntityTooLarge):
+            # The register must split the body: it needs the limit to know by how much.
+            from server.keys import CONFIG
+            limit = request.app[CONFIG].server.max_body_bytes
+            e = ApiError(413, "body_too_large", f"the body is larger than the limit of {limit} bytes "
+                                                "(server.max_body_bytes)")
         answer = error_answer(e, request.method, _route_name(request))
         if answer is None:
             raise
@@ -142,8 +148,11 @@ def error_answer(e: Exception, method: str, route: str) -> tuple[int, bytes, dic
         if e.status < 400:
             return None
         code = _STATUS_CODES.get(e.status, "http_error")
-        message = e.reason if e.status != 413 else "the body is larger than the configured limit"
-        return _parts(e.status, code, message, headers=_allow(e))
+        message = _HTTP_MESSAGES.get(e.status, e.reason)
+        allow = _allow(e)
+        if allow:
+            message = f"{method} is not a method of this path; it takes {allow['Allow'].replace(',', ', ')}"
+        return _parts(e.status, code, message, headers=allow)
     # A bug: log it whole, answer in the one shape, keep serving. The route's pattern,
     # not the path: paths carry card numbers.
     log.error("unhandled error on %s %s", method, route, exc_info=e)
@@ -151,6 +160,10 @@ def error_answer(e: Exception, method: str, route: str) -> tuple[int, bytes, dic
 
 
 RETRY_SOON = {"Retry-After": "1"}
+
+# aiohttp's reasons ("Not Found") do not tell an integrator which kind of 404 it met: a
+# path the API does not have is told apart from an unknown card.
+_HTTP_MESSAGES = {404: "no such path; /openapi.json lists the API's paths"}
 
 # Code, Retry-After in seconds and message of each storage fault. Nothing of a request refused
 # for a full disk or another program's lock was written; one refused for a lost file may be in

@@ -165,14 +165,19 @@ class Connection(RequestHandler):
                      message: str | None = None) -> web.StreamResponse:
         """What aiohttp answers by itself (a request it cannot parse: a header line or URL over
         8 KiB, a bad Content-Length or chunk), in the one error shape rather than plain text."""
-        super().handle_error(request, status, exc, message)      # logs it; raises if an answer was begun
         if status >= 500:
+            super().handle_error(request, status, exc, message)  # logs it; raises if an answer was begun
             code, words = "internal_error", "internal error; it has been logged"
         else:
+            if request.writer.output_size > 0:
+                raise ConnectionError("an answer was begun; the connection is closed without another")
             code = "bad_request" if status == 400 else "http_error"
             # aiohttp's reason without the bytes it quotes: a URL may carry a card number.
             reason = (message or "").strip().split(":")[0].strip()
             words = "the request is not valid HTTP" + (f": {reason}" if reason else "")
+            # The client's mistake, not the server's: one line, never aiohttp's traceback
+            # quoting the URL or header it could not read.
+            log.info("%s from %s", words, request.remote)
         response = error_response(status, code, words)
         response.force_close()
         return response

@@ -148,7 +148,8 @@ async def replace_card(app, public_id: str, body: schema.CardReplacement) -> tup
             if replaced is None or body.old_card_last4 not in (None, replaced[0]):
                 raise field_error("new_card", f"is already this member's card ending {new_last4}: a replacement "
                                               "needs a card the member does not have")
-            return 200, _replaced(public_id, None, new_last4, conn, replayed=True)
+            # The register or desk that resends after a timeout learns which card went, as the first answer said.
+            return 200, _replaced(public_id, replaced[0], new_last4, conn, replayed=True)
         _check_new_card(conn, new, body.new_card)
         old, old_last4 = _card_to_replace(cards, body.old_card_last4)
         member_care.retire_card(conn, old, member_id, "replaced", new_last4, now)

@@ -16,10 +16,17 @@ from server.answer_types import Error
 OPENAPI_VERSION = "3.1.0"
 SCHEMA_DIALECT = "https://spec.openapis.org/oas/3.1/dialect/base"     # JSON Schema 2020-12 with OpenAPI's vocabulary
 REF = "#/components/schemas/{name}"
-ERROR_STATUSES = {"400": "Malformed JSON", "401": "No key or an unknown key", "403": "Key not allowed here",
-                  "404": "Not found", "409": "Conflict", "413": "Body over the configured limit",
+ERROR_STATUSES = {"400": "Malformed JSON, or not valid HTTP", "401": "No key or an unknown key",
+                  "403": "Key not allowed here", "404": "Not found", "408": "The body did not arrive in time",
+                  "409": "Conflict", "413": "Body over the configured limit",
                   "422": "Schema or business rule violated", "429": "Rate limited",
-                  "503": "Starting, draining or overloaded"}
+                  "500": "A bug on the server; resending the same body is safe",
+                  "503": "Starting, draining, overloaded or a storage fault"}
+# How long a client waits before sending the same body again (docs/integrators.md, Errors).
+RETRY_AFTER_STATUSES = ("429", "503")
+# Not required: /readyz's 503 is for load balancers, which route by it rather than wait.
+RETRY_AFTER = {"description": "whole seconds to wait before sending the same body again",
+               "schema": {"type": "integer", "minimum": 0}}
 # A quantity may be sent as a JSON number (2, 0.5) or as a decimal string ("0.125"): msgspec
 # decodes either into the same Decimal; its own schema names the string form only. Which
 # values are taken (positive, at most 6 decimals) is checked after decoding, so no pattern.
@@ -73,6 +80,8 @@ def _responses(route) -> dict:
     for status, text in ERROR_STATUSES.items():
         out[status] = {"description": text, "content": {"application/json": {
             "schema": {"$ref": REF.format(name=Error.__name__)}}}}
+        if status in RETRY_AFTER_STATUSES:
+            out[status]["headers"] = {"Retry-After": RETRY_AFTER}
     return out
 
 
@@ -95,4 +104,8 @@ def _query_params(path: str, method: str) -> list[dict]:
         return [q("from"), q("to"), q("limit", "integer")]
     if path == "/v1/admin/rules/versions":
         return [q("limit", "integer"), q("before", "integer")]
+    if path == "/v1/admin/events":
+        return [q("after", "integer"), q("limit", "integer")]
+    if path == "/v1/admin/reports/campaigns/{rule}":
+        return [q("from"), q("to")]
     return []

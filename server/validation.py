@@ -38,7 +38,7 @@ REQUIRED = "is required"
 KIND_WORDS = {
     "int": "a whole number", "float": "a number", "decimal": "a number, like 2 or 0.75",
     "str": "a text", "bool": "true or false", "null": "null", "array": "a list",
-    "object": "an object", "datetime": "a date like 2026-11-24T12:00:00+02:00",
+    "object": "an object", "datetime": "a date and time like 2026-11-24T12:00:00+02:00",
     "date": "a date like 2026-11-24",
 }
 _KIND_OF = {mi.IntType: "int", mi.FloatType: "float", mi.DecimalType: "decimal", mi.StrType: "str",

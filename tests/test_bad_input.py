@@ -117,6 +117,8 @@ async def test_a_10000_line_receipt_is_refused_clearly(make_api):
     api = await make_api(now=NOW, server={"max_body_bytes": len(body) // 2})
     got, data = await api.post("/v1/receipts", as_="register", raw=body)
     assert got == 413 and data["error"]["code"] == "body_too_large"
+    assert data["error"]["message"] == (f"the body is larger than the limit of {len(body) // 2} bytes "
+                                        "(server.max_body_bytes)")
 
 
 @pytest.mark.parametrize("qty", ["1e999999999", "1E+30", "0.0000001", "NaN", "-1"])
@@ -316,3 +318,11 @@ async def test_a_nul_character_in_any_text_is_refused_naming_each_and_writes_not
     status, statement = await api.get(f"/v1/members/{CARD}/statement")
     assert status == 200
     assert {p["receipt"]["receipt_id"] for p in statement["postings"] if p.get("receipt")} == {"B-2"}, statement
+
+
+async def test_a_ts_without_its_time_says_a_time_is_wanted(make_api):
+    api = await make_api(now=NOW)
+    got, data = await api.post("/v1/receipts", receipt("T-1", [line(1, "dairy", 100)], ts="2026-11-24"),
+                               as_="register")
+    assert got == 422 and data["error"]["details"] == [
+        {"path": "ts", "message": "must be a date and time like 2026-11-24T12:00:00+02:00"}]

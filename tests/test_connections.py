@@ -422,3 +422,8 @@ def test_a_request_aiohttp_cannot_parse_is_answered_in_the_error_shape(strict, r
     assert json.loads(body) == {"error": {"code": "bad_request", "details": [],
                                           "message": f"the request is not valid HTTP: {reason}"}}
     assert b"7777" not in body      # the URL (a card number) is not quoted back
+    # Nor logged: the client's mistake is one line of the log, without a traceback.
+    time.sleep(0.2)
+    logged = strict.log.read_text()
+    assert f"the request is not valid HTTP: {reason} from 127.0.0.1" in logged, logged[-2000:]
+    assert "Traceback" not in logged and "7777" not in logged, logged[-2000:]

@@ -35,6 +35,15 @@ async def test_errors_have_one_shape(make_api, method, path, body, as_, raw, sta
     assert_error_shape(data)
 
 
+async def test_a_wrong_path_or_method_says_so_apart_from_an_unknown_card(make_api):
+    api = await make_api(now=NOW)
+    got, data = await api.get("/v1/member/7000000000001", as_="register")
+    assert got == 404 and data["error"] == {"code": "not_found", "details": [],
+                                            "message": "no such path; /openapi.json lists the API's paths"}
+    got, data = await api.call("GET", "/v1/receipts", as_="register")
+    assert got == 405 and data["error"]["message"] == "GET is not a method of this path; it takes POST"
+
+
 async def test_schema_error_names_the_field(make_api):
     api = await make_api(now=NOW)
     body = receipt("E-1", [line(1, "dairy", 100)])

@@ -74,6 +74,11 @@ async def test_calculating_a_confirmed_receipt_again_answers_its_result_and_hold
     status, after = await api.post("/v1/receipts/calculate", ra, as_="register")
     assert status == 200 and after["hold"] is None and after["cancelled"] is True, after
     assert after["balance"] == {"available": 1000, "pending": 0, "held": 0}
+    # The void sent again (its first answer lost) says so, with the balance to print.
+    status, again = await api.post("/v1/receipts/S001/K01/C-1/cancel", as_="register")
+    assert status == 200 and again == {"receipt": {"store_id": "S001", "register_id": "K01", "receipt_id": "C-1"},
+                                       "status": "cancelled", "already": True,
+                                       "balance": {"available": 1000, "pending": 0, "held": 0}}, again
 
 
 async def test_calculating_a_confirmed_receipt_without_a_card_answers_its_result(make_api):

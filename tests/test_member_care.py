@@ -118,7 +118,7 @@ async def test_a_replaced_card_is_refused_and_the_new_one_has_everything(make_ap
     assert status == 201, done
     assert done["card_last4"] == "0099" and done["replaced_card_last4"] == "0021" and done["cards_last4"] == ["0099"]
     status, again = await as_support(api, "POST", path, {"new_card": "7000000000099", "reason": "card lost"})
-    assert status == 200 and again["replayed"] is True
+    assert status == 200 and again == {**done, "replayed": True}
 
     _, now_ = await api.get("/v1/members/7000000000099")
     assert now_["member_id"] == member["member_id"]
@@ -164,7 +164,7 @@ async def test_a_card_cannot_replace_itself_but_a_real_replacement_sent_again_is
     assert status == 201 and done["replaced_card_last4"] == "0041", done
     for body in ({"new_card": "7000000000042"}, {"new_card": "7000000000042", "old_card_last4": "0041"}):
         status, again = await api.post(path, body)
-        assert status == 200 and again["replayed"] is True and again["cards_last4"] == ["0042"], again
+        assert status == 200 and again == {**done, "replayed": True}, again
     # The new card naming itself as the old one was never asked: refused, not a replay.
     err = refused(*await api.post(path, {"new_card": "7000000000042", "old_card_last4": "0042"}),
                   422, "validation_error")

@@ -137,3 +137,16 @@ async def test_returned_amounts_no_longer_count_towards_the_tier(make_api):
     assert m["tier"]["value"] == 400000 and m["tier"]["id"] == "base"
     _, other = await api.get("/v1/members/445")
     assert other["tier"]["value"] == 600000 and other["tier"]["id"] == "silver"
+
+
+async def test_a_moment_without_offset_is_local_time_and_an_unescaped_plus_is_an_offset(make_api):
+    """As docs/integrators.md says of ?at=: what a curl user types in a URL works as meant."""
+    api = await make_api(now=NOW)
+    await api.post("/v1/members", {"card": "667"})
+    for at in ("2026-11-24T12:01:00%2B02:00", "2026-11-24T12:01:00+02:00", "2026-11-24T12:01:00"):
+        status, member = await api.get(f"/v1/members/667?at={at}")
+        assert status == 200 and member["as_of"] == "2026-11-24T12:01:00+02:00", member
+        assert member["balance"]["available"] == 100
+    # 11:00 in Kyiv is before the enrolment; 11:00 UTC would be after it.
+    _, before = await api.get("/v1/members/667?at=2026-11-24T11:00:00")
+    assert before["as_of"] == "2026-11-24T11:00:00+02:00" and before["balance"]["available"] == 0

@@ -14,12 +14,13 @@ import re
 import shutil
 from datetime import date
 from decimal import Decimal
+from pathlib import Path
 
 import jsonschema_rs
 import pytest
 from schemathesis.specs.openapi.definitions import OPENAPI_31
 
-from conftest import MARKET, Api, line, receipt, test_config
+from conftest import KEYS, MARKET, Api, line, receipt, test_config
 from server import cvm
 from server.app import create_app
 from server.report_campaign import CampaignRule
@@ -60,7 +61,17 @@ class Checked:
         if expect is not None:
             assert status == expect, (method, path, status, data)
         self.check(method, path.split("?")[0], status, data)
+        self.check_query(method, path)
         return status, data
+
+    def check_query(self, method: str, path: str) -> None:
+        """A query parameter the server reads is one the document declares for the route."""
+        path, _, query = path.partition("?")
+        template = next(t for rx, t in self.templates if rx.match(path))
+        declared = {p["name"] for p in self.doc["paths"][template][method.lower()].get("parameters", [])
+                    if p["in"] == "query"}
+        sent = {pair.split("=", 1)[0] for pair in query.split("&") if pair}
+        assert sent <= declared, f"{method} {template} reads {sorted(sent - declared)}, which the document does not list"
 
     def check(self, method: str, path: str, status: int, data) -> None:
         template = next(t for rx, t in self.templates if rx.match(path))
@@ -324,6 +335,19 @@ def test_the_document_is_openapi_3_1_with_2020_12_schemas(checked):
     assert "ConfirmAnswer" in nullable
 
 
+def test_every_status_of_the_integrators_error_table_is_declared(checked):
+    """A client generated from the document knows every refusal docs/integrators.md lists."""
+    doc_text = (Path(__file__).parent.parent / "docs" / "integrators.md").read_text()
+    table = doc_text[doc_text.index("| status | code |"):]
+    table = table[:table.index("\n\n")]
+    statuses = {s for row in table.splitlines()[2:] for s in re.findall(r"\d{3}", row.split("|")[1])}
+    statuses.discard("405")     # a method the path does not have: no operation to declare it on
+    assert {"408", "500"} <= statuses
+    for path, methods in checked.doc["paths"].items():
+        for method, op in methods.items():
+            assert statuses <= set(op["responses"]), (method, path, sorted(statuses - set(op["responses"])))
+
+
 def test_no_response_schema_is_a_bare_object(checked):
     doc, schemas = checked.doc, checked.doc["components"]["schemas"]
     for path, methods in doc["paths"].items():
@@ -352,3 +376,16 @@ def test_qty_is_a_number_or_a_decimal_string(checked):
     validator = jsonschema_rs.validator_for(receipt_schema)
     assert validator.is_valid(receipt("r", [line(1, "dairy", 100, qty=2), line(2, "dairy", 100, qty="0.125")]))
     assert not validator.is_valid(receipt("r", [line(1, "dairy", 100, qty=[1])]))
+
+
+async def test_a_refusal_to_wait_declares_and_carries_retry_after(make_api):
+    """A client generated from the document knows how long to wait after a 429 or 503."""
+    api = await make_api(now=NOW, limits={"requests_per_second_per_key": 1, "burst": 1})
+    _, doc = await api.get("/openapi.json", as_=None)
+    for status in ("429", "503"):
+        declared = doc["paths"]["/v1/receipts"]["post"]["responses"][status]["headers"]["Retry-After"]
+        assert declared["schema"]["type"] == "integer"
+    answers = [await api.client.get(f"/v1/members/{CARD}", headers={"Authorization": f"Bearer {KEYS['manager']}"})
+               for _ in range(2)]
+    assert [a.status for a in answers] == [404, 429]
+    assert int(answers[1].headers["Retry-After"]) >= 1

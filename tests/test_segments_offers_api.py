@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import date
 
 import pytest
-from conftest import Api, test_config
+from conftest import KEYS, Api, test_config
 
 from server import cvm
 from server.app import create_app
@@ -145,6 +145,20 @@ async def test_coupon_codes_generated_for_a_campaign(api):
     assert status == 404 and err["error"]["code"] == "unknown_coupon_campaign"
     status, err = await a.post("/v1/admin/coupons/xmas/codes", {"count": 0})
     assert status == 422 and err["error"]["details"][0]["path"] == "count"
+
+
+async def test_a_drawn_code_meeting_a_stored_one_answers_try_again(api, monkeypatch):
+    a = await api()
+    _, first = await a.post("/v1/admin/coupons/xmas/codes", {"count": 1})
+    drawn = iter([first["codes"][0], coupons.new_code()])
+    monkeypatch.setattr(coupons, "new_code", lambda: next(drawn))
+    resp = await a.client.post("/v1/admin/coupons/xmas/codes", json={"count": 2},
+                               headers={"Authorization": f"Bearer {KEYS['manager']}"})
+    body = await resp.json()
+    assert resp.status == 503 and body["error"]["code"] == "try_again" and resp.headers["Retry-After"] == "0"
+    monkeypatch.undo()
+    status, again = await a.post("/v1/admin/coupons/xmas/codes", {"count": 2})
+    assert status == 201 and len(set(again["codes"])) == 2 and first["codes"][0] not in again["codes"]
 
 
 async def test_no_codes_are_bound_to_a_card_taken_out_of_use(api):

@@ -302,7 +302,11 @@ def _cancel_in_tx(deps: Deps, conn, key) -> CancelAnswer:
         return CancelAnswer(receipt_ref(key), "hold_released" if released else "nothing_to_cancel",
                             released_points=released)
     if stored.status == "cancelled":
-        return CancelAnswer(receipt_ref(key), "cancelled", already=True)
+        # A till resending a void after a timeout still has a balance to print.
+        again = CancelAnswer(receipt_ref(key), "cancelled", already=True)
+        if stored.member_id is not None:
+            again.balance = balance_now(deps, conn, program, member_care.points_holder(conn, stored.member_id))
+        return again
     imports.refuse_if_imported(conn, key, "cancelled")   # history brought in earned nothing to take back
     at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version, receipt=key,
                     ref="cancel")
