@@ -207,14 +207,28 @@ def jobs_preview(config, db_path, now: datetime, far_note: str) -> int:
         with closing(connect(config.database.url, connect_timeout_s=PG_CONNECT_TIMEOUT_S) if db_path is POSTGRESQL
                      else open_for_preview(db_path, PREVIEW_BUSY_WAIT_SECONDS)) as conn:
             previews = preview_all(conn, program, now, config.events.expiring_days_before)
+        segments_note = _segments_note(program)
     except unreachable_errors() as e:
         # libpq's message goes on with a hint on a line of its own: the first says what happened.
         print(f"{db_path}: cannot preview the jobs: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 1
     finally:
         program.close()
-    _print_previews(now, previews, far_note)
+    _print_previews(now, previews, far_note, segments_note)
     return 0
+
+
+def _segments_note(program) -> str:
+    """What a real run would do with the RFM scores and computed segments, which a dry run
+    does not compute: scoring every member costs as much as the run itself."""
+    from server import rfm
+    window_days = rfm.settings_of(program)
+    if window_days is None:
+        return ""
+    computed = [s.id for s in rfm.computed_segments(program)]
+    decided = f" and decides {len(computed)} segment(s) ({', '.join(computed)})" if computed else ""
+    return (f"rfm: a run scores every member with a confirmed receipt in the last {window_days} days"
+            f"{decided}; the dry run does not compute them")
 
 
 def _job_moment(start: datetime | None, now_text: str | None) -> tuple[datetime, timedelta, str]:
@@ -259,7 +273,7 @@ def _cannot_preview(db_path) -> str | None:
     return None
 
 
-def _print_previews(now: datetime, previews, far_note: str) -> None:
+def _print_previews(now: datetime, previews, far_note: str, segments_note: str = "") -> None:
     print(f"dry run as of {now.isoformat()}{f' ({far_note})' if far_note else ''}: nothing was written")
     for p in previews:
         if p.job == "released_holds":
@@ -272,6 +286,8 @@ def _print_previews(now: datetime, previews, far_note: str) -> None:
             print(f"  ... and {p.lines_left_out} more")
     postings = sum(p.postings for p in previews)
     points = sum(p.points for p in previews if p.job != "released_holds")
+    if segments_note:
+        print(segments_note)
     print(f"total: {postings} postings, changing the outstanding liability by {points:+d} points")
 
 

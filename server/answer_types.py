@@ -345,11 +345,14 @@ class OfferAnswer(Struct):
     offer_id: str
     rule: str
     members: int
+    # What looks odd but is taken (server/cvm.py offer_warnings): late receipts are judged at their ts.
+    warnings: list[str] = []
 
 
 class CouponCodesAnswer(Struct):
     campaign: str
     codes: list[str]
+    warnings: list[str] = []    # as OfferAnswer's: a campaign that has ended
 
 
 class CampaignGroup(Struct, forbid_unknown_fields=True):

@@ -246,10 +246,13 @@ class Config(Struct, forbid_unknown_fields=True):
         return p if p.is_absolute() else Path(self.base_dir) / p
 
 
+WHOLE_FILE = ""     # the key of a problem with the file itself, which no key names
+
+
 class ConfigError(Exception):
     def __init__(self, source: str, key: str, reason: str):
         self.source, self.key, self.reason = source, key, reason
-        super().__init__(f"{source}: {key}: {reason}")
+        super().__init__(f"{source}: {key}: {reason}" if key else f"{source}: {reason}")
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -266,15 +269,15 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Conf
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as e:
-        raise ConfigError(str(path), "-", f"cannot read: {e.strerror}") from None
+        raise ConfigError(str(path), WHOLE_FILE, f"cannot read: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(str(path), "-", f"not UTF-8 text (byte {e.start})") from None
+        raise ConfigError(str(path), WHOLE_FILE, f"not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(str(path), "-", f"not valid YAML: {_yaml_problem(e)}") from None
+        raise ConfigError(str(path), WHOLE_FILE, f"not valid YAML: {_yaml_problem(e)}") from None
     except RecursionError:
-        raise ConfigError(str(path), "-", "not a configuration: nested too deeply to read") from None
+        raise ConfigError(str(path), WHOLE_FILE, "not a configuration: nested too deeply to read") from None
     if not isinstance(raw, dict):
-        raise ConfigError(str(path), "-", "expected a mapping at the top level")
+        raise ConfigError(str(path), WHOLE_FILE, "expected a mapping at the top level")
     # A section whose every key is commented out is null in YAML: it means its defaults.
     raw = {section: value for section, value in raw.items() if value is not None}
     raw.pop("base_dir", None)
@@ -296,7 +299,7 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
         config = msgspec.convert(_yaml_switches(raw), Config, strict=False)
     except msgspec.ValidationError as e:
         detail = validation_error(e, Config).details[0]
-        key = detail["path"] if detail["path"] != "$" else "-"
+        key = detail["path"] if detail["path"] != "$" else WHOLE_FILE
         raise ConfigError(source, key, _with_hint(detail["message"], key)) from None
     database = raw.get("database")
     if isinstance(database, dict) and database.get("url") is not None and database.get("path") is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Callable
 
 import msgspec
@@ -201,6 +202,45 @@ def check_offer(defs: Definitions, body: schema.OfferAssignment) -> None:
                           "rule_not_personal")
 
 
+def offer_warnings(body: schema.OfferAssignment, rule: report_campaign.CampaignRule | None,
+                   today: date) -> list[str]:
+    """What is odd about an offer that is taken all the same: a receipt sent late is judged
+    at its ts, so dates already past, or outside the rule's period, are not refused."""
+    found = []
+    if body.to < today:
+        found.append(f"the offer ends {body.to}, before today ({today}): it applies only to receipts "
+                     "dated up to then")
+    if rule is None or rule.period_from is None or rule.period_to is None:
+        return found
+    start, end = rule.period_from, rule.period_to
+    if end < body.from_:
+        found.append(f"the rule's period ends {end}, before the offer starts ({body.from_}): the offer "
+                     "never applies")
+    elif start > body.to:
+        found.append(f"the rule's period starts {start}, after the offer ends ({body.to}): the offer "
+                     "never applies")
+    else:
+        if body.from_ < start:
+            found.append(f"the offer starts {body.from_}, before the rule's period ({start}): it applies "
+                         f"from {start}")
+        if body.to > end:
+            found.append(f"the offer ends {body.to}, after the rule's period ({end}): it applies up to {end}")
+    return found
+
+
+def coupon_warnings(campaign: coupons.Campaign, today: date) -> list[str]:
+    """As offer_warnings: codes of a campaign that has ended are made all the same."""
+    if campaign.valid_to is not None and campaign.valid_to < today:
+        return [f"the campaign's codes are valid until {campaign.valid_to}, before today ({today}): they "
+                "apply only to receipts dated up to then"]
+    return []
+
+
+def _today(app, now) -> date:
+    """The program's local date: offers' and campaigns' dates are local dates."""
+    return now.astimezone(app[PROGRAMS].current.timezone).date()
+
+
 async def assign_offer(app, call):
     from server.routes import json_reply
     body: schema.OfferAssignment = call.body
@@ -221,7 +261,9 @@ async def assign_offer(app, call):
         done = await app[DATABASE].write(write, off_loop=True)
     except offers.OfferConflict as e:
         raise conflict("idempotency_conflict", str(e)) from None
-    return json_reply(A.OfferAnswer(body.offer_id, body.rule, done.members), 201 if done.created else 200)
+    warnings = offer_warnings(body, definitions(app).rules.get(body.rule), _today(app, now))
+    return json_reply(A.OfferAnswer(body.offer_id, body.rule, done.members, warnings),
+                      201 if done.created else 200)
 
 
 async def create_coupons(app, call):
@@ -240,7 +282,8 @@ async def create_coupons(app, call):
     if taken:   # two draws of 60 random bits met: answer only codes that are the caller's alone
         raise ApiError(503, "try_again", "a generated code collided with an existing one; nothing was lost, "
                        "ask again", headers={"Retry-After": "0"})
-    return json_reply(A.CouponCodesAnswer(campaign, codes), 201)
+    warnings = coupon_warnings(definitions(app).coupons[campaign], _today(app, now))
+    return json_reply(A.CouponCodesAnswer(campaign, codes, warnings), 201)
 
 
 def routes():

@@ -95,9 +95,10 @@ def dispatch(args) -> int:
                     print(f"{_NAMES[args.command]}: {refused}; nothing was written", file=sys.stderr)
                     return 2
                 if args.command == "coupons":
-                    return generate(db, definitions, privacy, args.campaign, args.count, args.out, args.card)
+                    return generate(db, definitions, privacy, args.campaign, args.count, args.out, args.card,
+                                    tz=program.timezone)
                 if args.command == "import":
-                    return import_offers(db, definitions, privacy, args.source)
+                    return import_offers(db, definitions, privacy, args.source, tz=program.timezone)
                 return campaign(db, definitions, program, args)
         except Stopped as e:
             print(f"{_NAMES[args.command]}: {_fault_line(e.fault, config)}; {e.done}", file=sys.stderr)
@@ -133,9 +134,10 @@ def _fault_line(e: Exception, config) -> str:
 # ------------------------------------------------------------------ coupons
 
 def generate(db: Database, definitions: cvm.Definitions, privacy, campaign: str, count: int, out: Path,
-             card: str | None, now=None) -> int:
+             card: str | None, now=None, tz=None) -> int:
     """Writes `count` new codes to `out` (refused if it exists), batch by batch: a code is in
-    the file only once it is stored."""
+    the file only once it is stored. tz: the program's, whose local date the campaign's
+    `valid` is in."""
     from datetime import datetime, timezone
     if campaign not in definitions.coupons:
         print(f"coupons generate: {cvm.no_such('coupon campaign', campaign, definitions.coupons)}", file=sys.stderr)
@@ -176,6 +178,8 @@ def generate(db: Database, definitions: cvm.Definitions, privacy, campaign: str,
             writer.writerows([c, campaign] for c in kept)
             done += len(kept)
             bar(done, count)
+    for warning in cvm.coupon_warnings(definitions.coupons[campaign], now.astimezone(tz or timezone.utc).date()):
+        print(f"coupons generate: warning: {warning}", file=sys.stderr)
     print(f"{count} codes of {campaign} written to {out}")
     return 0
 
@@ -224,8 +228,9 @@ def read_offers(source: Path) -> tuple[dict[str, OfferRows], list[str]]:
     return grouped, problems
 
 
-def import_offers(db: Database, definitions: cvm.Definitions, privacy, source: Path, now=None) -> int:
-    """Each offer of the file is assigned whole or not at all; one refused offer leaves the others."""
+def import_offers(db: Database, definitions: cvm.Definitions, privacy, source: Path, now=None, tz=None) -> int:
+    """Each offer of the file is assigned whole or not at all; one refused offer leaves the others.
+    tz: the program's, whose local dates the offers' are."""
     from datetime import datetime, timezone
     try:
         grouped, problems = read_offers(source)
@@ -237,10 +242,11 @@ def import_offers(db: Database, definitions: cvm.Definitions, privacy, source: P
         return 2
     now = now or datetime.now(timezone.utc)
     created = repeated = 0
+    warnings: list[str] = []    # taken all the same: a receipt sent late is judged at its ts
     with stop_between_batches() as stop:
         for offer_id, rows in grouped.items():
             if stop.requested:
-                _print_offers_summary(problems, created, repeated)
+                _print_offers_summary(problems, created, repeated, warnings)
                 print(f"import offers: interrupted (Ctrl-C): offer {offer_id} (line {rows.lines[0]}) and those "
                       "after it were not assigned; run it again: an offer assigned already is not assigned twice",
                       file=sys.stderr)
@@ -254,7 +260,7 @@ def import_offers(db: Database, definitions: cvm.Definitions, privacy, source: P
                 cvm.check_offer(definitions, body)
                 done = db.write_sync(lambda conn: _assign(conn, privacy, body, now))
             except (StorageError, *unreachable_errors()) as e:
-                _print_offers_summary(problems, created, repeated)
+                _print_offers_summary(problems, created, repeated, warnings)
                 raise Stopped(f"offer {offer_id} (line {rows.lines[0]}) and those after it were not assigned; "
                               "run it again: an offer assigned already is not assigned twice", e) from None
             except (msgspec.ValidationError, ValueError) as e:
@@ -268,7 +274,10 @@ def import_offers(db: Database, definitions: cvm.Definitions, privacy, source: P
                 continue
             created += done.created
             repeated += not done.created
-    _print_offers_summary(problems, created, repeated)
+            today = now.astimezone(tz or timezone.utc).date()
+            warnings += [f"{source}:{rows.lines[0]}: offer {offer_id}: warning: {w}"
+                         for w in cvm.offer_warnings(body, definitions.rules.get(body.rule), today)]
+    _print_offers_summary(problems, created, repeated, warnings)
     return 1 if problems else 0
 
 
@@ -296,8 +305,8 @@ def _points_cell(text: str) -> int | str | None:
         return text
 
 
-def _print_offers_summary(problems: list[str], created: int, repeated: int) -> None:
-    for p in problems:
+def _print_offers_summary(problems: list[str], created: int, repeated: int, warnings: list[str]) -> None:
+    for p in problems + warnings:
         print(p, file=sys.stderr)
     print(f"offers: {created} assigned, {repeated} already assigned the same, {len(problems)} refused")
 

@@ -4,8 +4,9 @@ and the purchase history of a previous program, beside a serving server or alone
 Rows are checked as the API checks an enrollment or a receipt, then written in batches of
 `--batch-rows`, each its own short transaction (storage/imports.py), so receipts arriving
 meanwhile wait for one batch at most. A row whose card (members) or receipt identity
-(receipts) is already stored is skipped: a rerun changes nothing, and a run that stopped
-half way is finished by running it again. Every refused row is written to a report with
+(receipts) is already stored is skipped, but for a member's changed CRM fields (counted as
+updated): a rerun changes nothing, and a run that stopped half way is finished by running
+it again. Every refused row is written to a report with
 its line number and reason; the exit status is 0 when every row was taken (imported now
 or before), 1 when some were refused or the run was stopped, 2 when it could not start,
 130 when Ctrl-C stopped it (after the batch being written).
@@ -86,6 +87,7 @@ class Tally:
     rows: int = 0
     imported: int = 0
     already: int = 0
+    updated: int = 0        # members: rows of enrolled cards that changed their CRM fields
     refused: list[Refusal] = field(default_factory=list)
 
     def refuse(self, line: int, field_path: str, reason: str) -> None:
@@ -224,7 +226,9 @@ def _finish(tally: Tally, source: Path, report: Path, kind: str) -> int:
         print(f"{source}:{r.line}: {r.field}: {r.reason}", file=sys.stderr)
     if len(tally.refused) > REFUSED_SHOWN_MAX:
         print(f"... and {len(tally.refused) - REFUSED_SHOWN_MAX} more refused rows in {report}", file=sys.stderr)
-    print(f"{source}: {tally.rows} {kind} rows: {tally.imported} imported, {tally.already} already there, "
+    # Receipts are never changed by a rerun; a member's CRM fields are, and that is not "already there".
+    updated = f"{tally.updated} updated, " if kind == "members" else ""
+    print(f"{source}: {tally.rows} {kind} rows: {tally.imported} imported, {updated}{tally.already} already there, "
           f"{len(tally.refused)} refused (report: {report})")
     return 1 if tally.refused else 0
 
@@ -337,7 +341,8 @@ class MemberImport(Importer):
         for line in done.crm_id_taken:
             self.tally.refuse(line, "crm_id", "belongs to another member")
         self.tally.already += len(done.skipped)
-        self.tally.imported += len(batch) - len(done.skipped) - len(done.crm_id_taken)
+        self.tally.updated += len(done.updated)
+        self.tally.imported += len(batch) - len(done.skipped) - len(done.updated) - len(done.crm_id_taken)
 
 
 def _utf8_lines(f) -> Iterator[str]:

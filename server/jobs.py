@@ -82,6 +82,10 @@ async def run_all(db: Database, program: Program, now: datetime,
     if window_days is not None:     # once a local day unless rescore; reads on a reader, writes in batches
         scored = await rfm.run(db, window_days, program.timezone, now, force=rescore, program=program)
         done["rfm_members_scored"] = scored.scored if scored else 0
+        # What the run renewed, so a person running it sees the segments were decided again.
+        done["segments_decided"] = len(rfm.computed_segments(program)) if scored else 0
+        done["segment_memberships_begun"] = scored.opened if scored else 0
+        done["segment_memberships_ended"] = scored.closed if scored else 0
     return done
 
 

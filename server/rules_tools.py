@@ -166,13 +166,15 @@ def explain_command(config_path: str, receipt_path: str, card: str | None, avail
                 print("the member as they are now: segments now, offers and coupon codes at the receipt's moment "
                       "(codes judged, not used)", file=sys.stderr)
             else:
-                print(f"card {card} is not enrolled in {db_path}: explaining for {returning}", file=sys.stderr)
+                # Cut to its last four digits, as everywhere else the product shows a card.
+                print(f"card ending {privacy.card_last4(card)} is not enrolled in {db_path}: explaining for {returning}",
+                      file=sys.stderr)
         elif card:
             print(f"{db_path}: no database: explaining for {returning}", file=sys.stderr)
         else:
             print(f"the receipt has no card (it would earn nothing): explaining for {returning}", file=sys.stderr)
         if member is None:
-            member = default_member(program, card or "-")
+            member = default_member(program)    # not the card: the output would show its full number
         explanation = program.explain(receipt, member, receipt.redeem_points, available)
         if as_json:
             print(msgspec.json.encode(explanation).decode())

@@ -117,8 +117,9 @@ def insert_all(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], r
 
 
 class MembersInserted(NamedTuple):
-    skipped: list[int]          # lines whose card is enrolled already
+    skipped: list[int]          # lines whose card is enrolled already, with nothing to change
     crm_id_taken: list[int]     # lines not inserted (or not updated): their crm_id is another member's
+    updated: list[int] = []     # lines of enrolled cards that set their member's crm_id or consent
 
 
 def insert_members(conn: sqlite3.Connection, rows: list[MemberRow], *, today: str, at: PostingRef,
@@ -132,13 +133,13 @@ def insert_members(conn: sqlite3.Connection, rows: list[MemberRow], *, today: st
     both come in completed the profile in the previous program: the events are recorded as
     fired (without points), or the next change of the profile would pay them."""
     there = known_cards(conn, [r.card for r in rows])
-    not_updated = _update_crm(conn, [r for r in rows if r.card in there], there, at.created_at)
-    skipped = [r.line for r in rows if r.card in there and r.line not in not_updated]
+    updated, not_updated = _update_crm(conn, [r for r in rows if r.card in there], there, at.created_at)
+    skipped = [r.line for r in rows if r.card in there and r.line not in not_updated and r.line not in updated]
     taken = _crm_ids_taken(conn, [r.crm_id for r in rows if r.card not in there and r.crm_id is not None])
     new = [r for r in rows if r.card not in there and r.crm_id not in taken]
     refused = [r.line for r in rows if r.card not in there and r.crm_id in taken] + not_updated
     if not new:
-        return MembersInserted(skipped, refused)
+        return MembersInserted(skipped, refused, updated)
     ids = dict(zip((r.line for r in new), _new_member_ids(conn, len(new))))
     insert_all(conn, "members", ("id", "phone_hmac", "phone_last4", "birthday", "tags", "enrolled_at", "updated_at",
                                  "crm_id", *(f"consent_{c}" for c in CONSENT_CHANNELS), "consent_updated_at"),
@@ -152,7 +153,7 @@ def insert_members(conn: sqlite3.Connection, rows: list[MemberRow], *, today: st
                [(ids[r.line], event, "profile", at.created_at) for r in new if r.phone_hmac and r.birthday
                 for event in profile_events], ignore=True)
     events.members_imported(conn, list(ids.values()), first_tier, at.created_at)
-    return MembersInserted(skipped, refused)
+    return MembersInserted(skipped, refused, updated)
 
 
 def _new_member_ids(conn: sqlite3.Connection, count: int) -> list[int]:
@@ -167,11 +168,11 @@ def _new_member_ids(conn: sqlite3.Connection, count: int) -> list[int]:
 
 
 def _update_crm(conn: sqlite3.Connection, rows: list[MemberRow], there: dict[str, int],
-                now: str) -> list[int]:
+                now: str) -> tuple[list[int], list[int]]:
     """The crm_id and consent rows of enrolled cards give, set as PATCH /v1/members sets
-    them (a member.updated when they change); the lines refused: crm_id taken. The members
-    are locked first (in id order), then read."""
-    refused = []
+    them (a member.updated when they change); the lines that changed their member and the
+    lines refused (crm_id taken). The members are locked first (in id order), then read."""
+    updated, refused = [], []
     ledger.lock_members(conn, [there[r.card] for r in rows if r.crm_id is not None or r.consent is not None])
     for r in rows:
         if r.crm_id is None and r.consent is None:
@@ -185,7 +186,9 @@ def _update_crm(conn: sqlite3.Connection, rows: list[MemberRow], there: dict[str
             member_care.set_crm(conn, there[r.card], r.crm_id, consent, now, imported=True)
         except member_care.CareRefused:
             refused.append(r.line)
-    return refused
+        else:
+            updated.append(r.line)
+    return updated, refused
 
 
 def _crm_ids_taken(conn: sqlite3.Connection, crm_ids: list[str]) -> set[str]:

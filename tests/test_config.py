@@ -44,7 +44,7 @@ def test_a_file_that_is_not_yaml_is_one_line_naming_where(tmp_path):
     path.write_text("server:\n  port: 9000\n  host: [127.0.0.1\n")
     with pytest.raises(ConfigError) as e:
         load_config(path, environ={})
-    assert str(e.value) == (f"{path}: -: not valid YAML: expected ',' or ']', but got '<stream end>' "
+    assert str(e.value) == (f"{path}: not valid YAML: expected ',' or ']', but got '<stream end>' "
                             "at line 4, column 1")
 
 
@@ -56,7 +56,7 @@ def test_a_file_that_cannot_be_read_as_yaml_is_one_line_not_a_traceback(tmp_path
     path = tmp_path / "config.yaml"
     path.write_bytes(content)
     assert main(["serve", "--config", str(path)]) == 2
-    assert capsys.readouterr().err == f"config error: {path}: -: {reason}\n"
+    assert capsys.readouterr().err == f"config error: {path}: {reason}\n"
 
 
 def test_wrong_type_names_the_key(tmp_path):
@@ -113,3 +113,15 @@ def test_a_database_url_libpq_cannot_read_is_one_config_line_for_every_command(t
 def test_a_database_url_libpq_reads_is_taken():
     cfg = config_from_dict({"database": {"url": "postgresql://loyalty@db1.example/loyalty?host=/run/postgresql&port=5432"}})
     assert cfg.database.url.endswith("port=5432")
+
+
+@pytest.mark.parametrize("content,reason", [
+    (None, "cannot read: No such file or directory"),
+    (b"- a list\n", "expected a mapping at the top level"),
+], ids=["missing", "a list"])
+def test_a_problem_with_the_whole_file_names_the_file_and_no_key(tmp_path, capsys, content, reason):
+    path = tmp_path / "config.yaml"
+    if content is not None:
+        path.write_bytes(content)
+    assert main(["serve", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == f"config error: {path}: {reason}\n"

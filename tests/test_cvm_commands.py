@@ -291,3 +291,28 @@ def test_report_campaign_says_which_rule_has_no_control_group(db, capsys):
     assert run("base") == (2, "report campaign: rule base has no holdout: it has no control group to compare with\n")
     assert run("nope") == (2, "report campaign: the program has no rule nope\n")
     assert run("prom") == (2, "report campaign: the program has no rule prom, did you mean 'promo'?\n")
+
+
+def test_offers_and_codes_with_dates_already_past_are_taken_with_a_warning(db, tmp_path, capsys):
+    """A receipt sent late is judged at its ts: the dates are taken, and what is odd is said."""
+    defs = cvm.Definitions(coupons={"autumn": coupons.Campaign("autumn", 1, None, date(2026, 11, 1))},
+                           personal={"comeback": True},
+                           rules={"comeback": CampaignRule("comeback", None, date(2026, 11, 1), date(2026, 11, 30))})
+    source = tmp_path / "offers.csv"
+    source.write_text("offer_id,rule,card,from,to,points\n"
+                      "o1,comeback,c1,2026-10-01,2026-10-31,\n"
+                      "o2,comeback,c2,2026-11-24,2026-11-30,\n")
+    kyiv = ZoneInfo("Europe/Kyiv")
+    assert cvm_cli.import_offers(db, defs, PRIVACY, source, NOW, tz=kyiv) == 0
+    out = capsys.readouterr()
+    assert out.out == "offers: 2 assigned, 0 already assigned the same, 0 refused\n"
+    assert out.err == (
+        f"{source}:2: offer o1: warning: the offer ends 2026-10-31, before today (2026-11-24): it applies only to "
+        "receipts dated up to then\n"
+        f"{source}:2: offer o1: warning: the rule's period starts 2026-11-01, after the offer ends (2026-10-31): "
+        "the offer never applies\n")
+    assert cvm_cli.generate(db, defs, PRIVACY, "autumn", 2, tmp_path / "codes.csv", None, NOW, tz=kyiv) == 0
+    out = capsys.readouterr()
+    assert out.out == f"2 codes of autumn written to {tmp_path / 'codes.csv'}\n"
+    assert out.err == ("coupons generate: warning: the campaign's codes are valid until 2026-11-01, before today "
+                       "(2026-11-24): they apply only to receipts dated up to then\n")

@@ -374,7 +374,7 @@ async def test_the_same_offer_sent_at_once_is_made_once(api):
              "points": 40}
     answers = await asyncio.gather(*(a.post("/v1/admin/offers", offer) for _ in range(6)))
     assert sorted(s for s, _ in answers) == [200] * 5 + [201], answers
-    assert all(body == {"offer_id": "o-1", "rule": "comeback", "members": 2} for _, body in answers), answers
+    assert all(body == {"offer_id": "o-1", "rule": "comeback", "members": 2, "warnings": []} for _, body in answers), answers
 
 
 async def test_the_same_list_segment_change_sent_at_once_answers_one_size(api):

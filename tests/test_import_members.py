@@ -61,7 +61,7 @@ async def test_opening_balances_are_exact_expire_on_their_date_and_pass_audit(ma
     # A thread of its own: the command waits for its commits, which an event loop must not do.
     assert await asyncio.to_thread(cli, ["import", "members", "--csv", str(source), "--config", config]) == 0
     out = capsys.readouterr().out
-    assert "3 members rows: 3 imported, 0 already there, 0 refused" in out
+    assert "3 members rows: 3 imported, 0 updated, 0 already there, 0 refused" in out
 
     api = await make_api(now=NOW)
     status, member = await api.get("/v1/members/7000000000001")
@@ -101,13 +101,13 @@ def test_a_rerun_changes_nothing_and_finishes_a_stopped_run(tmp_path, capsys):
                 "--config", config, "--batch-rows", "50"]) == 0
     source = write_csv(tmp_path, rows)
     assert cli(["import", "members", "--csv", str(source), "--config", config, "--batch-rows", "50"]) == 0
-    assert "300 members rows: 180 imported, 120 already there, 0 refused" in capsys.readouterr().out
+    assert "300 members rows: 180 imported, 0 updated, 120 already there, 0 refused" in capsys.readouterr().out
     done = ledger_state(tmp_path / "loyalty.db")
     assert len(done[0]) == 300 and len(done[3]) == 300
     assert sum(p[0] for p in done[3]) == sum(range(1, 301))
 
     assert cli(["import", "members", "--csv", str(source), "--config", config]) == 0
-    assert "300 members rows: 0 imported, 300 already there, 0 refused" in capsys.readouterr().out
+    assert "300 members rows: 0 imported, 0 updated, 300 already there, 0 refused" in capsys.readouterr().out
     assert ledger_state(tmp_path / "loyalty.db") == done
     assert cli(["audit", "verify", "--config", config]) == 0
 
@@ -136,13 +136,13 @@ def test_ctrl_c_stops_after_the_batch_in_flight_and_says_where(tmp_path, capsys,
     source, config = write_csv(tmp_path, rows), write_config(tmp_path)
     assert cli(["import", "members", "--csv", str(source), "--config", config, "--batch-rows", "50"]) == 130
     out = capsys.readouterr()
-    assert f"{source}: 50 members rows: 50 imported, 0 already there, 0 refused" in out.out
+    assert f"{source}: 50 members rows: 50 imported, 0 updated, 0 already there, 0 refused" in out.out
     assert out.err.splitlines()[-1] == (f"{source}:51: interrupted (Ctrl-C) after this line; the rows up to it "
                                         "were taken, run the same import again to finish it")
     assert len(ledger_state(tmp_path / "loyalty.db")[0]) == 50
     monkeypatch.undo()
     assert cli(["import", "members", "--csv", str(source), "--config", config, "--batch-rows", "50"]) == 0
-    assert "300 members rows: 250 imported, 50 already there, 0 refused" in capsys.readouterr().out
+    assert "300 members rows: 250 imported, 0 updated, 50 already there, 0 refused" in capsys.readouterr().out
     assert cli(["audit", "verify", "--config", config]) == 0
 
 
@@ -160,7 +160,7 @@ async def test_the_crms_id_and_consent_come_in_with_the_members_and_reach_their_
     assert (await api.post("/v1/members", {"card": "7000000000099"}))[0] == 201
     assert (await api.call("PATCH", "/v1/members/7000000000099", {"crm_id": "CRM-TAKEN"}))[0] == 200
     assert await asyncio.to_thread(cli, ["import", "members", "--csv", str(source), "--config", config]) == 1
-    assert "6 members rows: 2 imported, 0 already there, 4 refused" in capsys.readouterr().out
+    assert "6 members rows: 2 imported, 0 updated, 0 already there, 4 refused" in capsys.readouterr().out
     with open(tmp_path / "crm.refused.csv", newline="") as f:
         assert [(int(r["line"]), r["field"]) for r in csv.DictReader(f)] == [
             (4, "crm_id"), (5, "crm_id"), (6, "consent"), (7, "crm_id")]
@@ -192,12 +192,12 @@ def test_many_members_with_balances_pass_audit_and_a_rerun_changes_nothing(tmp_p
         f.writelines(f"7{i:012d},+38050{i:07d},{1 + i % 5_000},2027-12-31,CRM-{i},sms\n" for i in range(count))
     config = write_config(tmp_path)
     assert cli(["import", "members", "--csv", str(source), "--config", config, "--batch-rows", "5000"]) == 0
-    assert f"{count} members rows: {count} imported, 0 already there, 0 refused" in capsys.readouterr().out
+    assert f"{count} members rows: {count} imported, 0 updated, 0 already there, 0 refused" in capsys.readouterr().out
     done = ledger_state(tmp_path / "loyalty.db")
     assert len(done[0]) == count and sum(p[0] for p in done[3]) == sum(1 + i % 5_000 for i in range(count))
     assert cli(["audit", "verify", "--config", config]) == 0
     assert cli(["import", "members", "--csv", str(source), "--config", config]) == 0
-    assert f"{count} members rows: 0 imported, {count} already there, 0 refused" in capsys.readouterr().out
+    assert f"{count} members rows: 0 imported, 0 updated, {count} already there, 0 refused" in capsys.readouterr().out
     assert ledger_state(tmp_path / "loyalty.db") == done
 
 
@@ -220,7 +220,7 @@ def test_refused_rows_are_reported_with_their_line_and_reason(tmp_path, capsys):
     config = write_config(tmp_path)
     assert cli(["import", "members", "--csv", str(source), "--config", config]) == 1
     captured = capsys.readouterr()
-    assert "13 members rows: 3 imported, 0 already there, 10 refused" in captured.out
+    assert "13 members rows: 3 imported, 0 updated, 0 already there, 10 refused" in captured.out
     assert f"{source}:3: birthday: must be a date" in captured.err
     with open(tmp_path / "members.refused.csv", newline="") as f:
         report = list(csv.DictReader(f))

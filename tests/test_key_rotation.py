@@ -303,7 +303,7 @@ def test_an_import_run_again_after_a_rotation_changes_nothing(tmp_path, capsys):
         assert cli(["import", "members", "--csv", str(members), "--config", str(configs["rotated"])]) == 0, moment
         assert cli(["import", "receipts", "--jsonl", str(history), "--config", str(configs["rotated"])]) == 0, moment
         out = capsys.readouterr().out
-        assert "5 members rows: 0 imported, 5 already there, 0 refused" in out, (moment, out)
+        assert "5 members rows: 0 imported, 0 updated, 5 already there, 0 refused" in out, (moment, out)
         assert "5 receipts rows: 0 imported, 5 already there, 0 refused" in out, (moment, out)
         if moment != "after":
             assert rotate(configs["rotated"]).returncode == 0
@@ -405,7 +405,7 @@ def test_commands_under_other_keys_than_the_servers_refuse_and_enrol_no_card_twi
     with connect(tmp_path / "loyalty.db") as conn:
         assert conn.execute("SELECT COUNT(*) FROM members").fetchone()[0] == 3
     assert cli(["import", "members", "--csv", str(members), "--config", str(configs["rotated"])]) == 0
-    assert "3 members rows: 0 imported, 3 already there" in capsys.readouterr().out
+    assert "3 members rows: 0 imported, 0 updated, 3 already there" in capsys.readouterr().out
 
 
 def test_a_card_enrolled_under_the_first_key_is_not_enrolled_again_before_the_rotation_wraps_it(tmp_path):

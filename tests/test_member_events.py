@@ -26,8 +26,10 @@ async def run_import(tmp_path, rows: str) -> None:
                                          write_config(tmp_path)]) == 0
 
 
-async def test_imported_members_are_enrolled_events_and_a_rerun_announces_what_it_changed(make_api, tmp_path):
+async def test_imported_members_are_enrolled_events_and_a_rerun_announces_what_it_changed(make_api, tmp_path,
+                                                                                          capsys):
     await run_import(tmp_path, "7000000000001,CRM-1,sms;email\n7000000000002,,\n")
+    assert "2 members rows: 2 imported, 0 updated, 0 already there, 0 refused" in capsys.readouterr().out
     api = await make_api(now=NOW)
     enrolled = await pull(api)
     assert [(e["type"], e["member_id"], e["card_last4"], e["crm_id"]) for e in enrolled] == [
@@ -36,8 +38,11 @@ async def test_imported_members_are_enrolled_events_and_a_rerun_announces_what_i
     assert enrolled[0]["consent"] == {**NO_CONSENT, "sms": True, "email": True}
 
     await run_import(tmp_path, "7000000000001,CRM-1,sms;email\n7000000000002,,\n")     # the same: nothing
+    assert "2 members rows: 0 imported, 0 updated, 2 already there, 0 refused" in capsys.readouterr().out
     assert len(await pull(api)) == 2
     await run_import(tmp_path, "7000000000001,CRM-1,email\n7000000000002,CRM-2,\n")
+    # Changed by the rerun: counted as updated, not as already there.
+    assert "2 members rows: 0 imported, 2 updated, 0 already there, 0 refused" in capsys.readouterr().out
     updated = (await pull(api))[2:]
     assert [(e["type"], e["member_id"], e["crm_id"], e["consent"], e["data"]) for e in updated] == [
         ("member.updated", "m_1", "CRM-1", {**NO_CONSENT, "email": True}, {"changed": ["consent"], "imported": True}),
@@ -69,7 +74,7 @@ async def test_a_rerun_giving_a_crm_id_another_member_has_is_refused_and_changes
     capsys.readouterr()
     assert await asyncio.to_thread(cli, ["import", "members", "--csv", str(source), "--config",
                                          write_config(tmp_path)]) == 1
-    assert "1 members rows: 0 imported, 0 already there, 1 refused" in capsys.readouterr().out
+    assert "1 members rows: 0 imported, 0 updated, 0 already there, 1 refused" in capsys.readouterr().out
     api = await make_api(now=NOW)
     assert [e["type"] for e in await pull(api)] == ["member.enrolled", "member.enrolled"]
     _, member = await api.get("/v1/members/7000000000002")

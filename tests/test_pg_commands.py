@@ -67,10 +67,10 @@ async def test_import_members_then_a_rerun_changes_nothing(aiohttp_client, tmp_p
                                   "7000000000003,,,,250,,2025-03-01"])
     config = write_config(tmp_path, pg_url)
     assert await run("import", "members", "--csv", str(source), "--config", config) == 0
-    assert "3 imported, 0 already there, 0 refused" in capsys.readouterr().out
+    assert "3 imported, 0 updated, 0 already there, 0 refused" in capsys.readouterr().out
     before = rows(pg_url, *IMPORTED_TABLES)
     assert await run("import", "members", "--csv", str(source), "--config", config, "--batch-rows", "2") == 0
-    assert "0 imported, 3 already there, 0 refused" in capsys.readouterr().out
+    assert "0 imported, 0 updated, 3 already there, 0 refused" in capsys.readouterr().out
     assert rows(pg_url, *IMPORTED_TABLES) == before
     report = audited(pg_url)
     assert report.problems == [] and report.liability == 1750

@@ -200,10 +200,18 @@ async def test_rules_explain_reads_member_facts_from_the_database(make_api, tmp_
     assert "dairy-x2     applied: 4 point(s) (line 1: 4)" in out
     assert "total: 10 point(s), rounded once (floor)" in out
     # an explicit card that is not enrolled: a returning base member, said on stderr
-    assert main(["rules", "explain", "--config", str(config), str(receipt_file), "--card", "999"]) == 0
+    # an explicit card that is not enrolled: a returning base member, said on stderr, and the
+    # card shown by its last four digits only, in text and in JSON
+    assert main(["rules", "explain", "--config", str(config), str(receipt_file), "--card", "7000000000099"]) == 0
     captured = capsys.readouterr()
-    assert "card 999 is not enrolled" in captured.err
-    assert "member 999: tier base, tags [], birthday unknown, enrolled unknown, receipt #2" in captured.out
+    assert "card ending 0099 is not enrolled" in captured.err
+    assert "member -: tier base, tags [], birthday unknown, enrolled unknown, receipt #2" in captured.out
+    assert "7000000000099" not in captured.out + captured.err
+    assert main(["rules", "explain", "--config", str(config), str(receipt_file), "--card", "7000000000099",
+                 "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["member"]["member_id"] == "-"
+    assert "7000000000099" not in captured.out + captured.err
     # a redemption is applied as requested unless --available says otherwise
     receipt_file.write_text(json.dumps({**body, "redeem_points": 20}))
     assert main(["rules", "explain", "--config", str(config), str(receipt_file), "--available", "5"]) == 0

@@ -1,12 +1,13 @@
 """List segments, personal offers and coupon codes through the admin API."""
 from __future__ import annotations
 
+import dataclasses
 from datetime import date
 
 import pytest
 from conftest import KEYS, Api, test_config
 
-from server import cvm
+from server import cvm, report_campaign
 from server.app import create_app
 from storage import coupons, offers
 from storage.segments import ScoreRange, SegmentDefinition
@@ -20,9 +21,9 @@ DEFS = cvm.Definitions(
 
 @pytest.fixture
 def api(aiohttp_client, tmp_path):
-    async def make() -> Api:
+    async def make(defs: cvm.Definitions = DEFS) -> Api:
         app = create_app(test_config(tmp_path, NOW))
-        app[cvm.DEFINITIONS] = lambda program: DEFS
+        app[cvm.DEFINITIONS] = lambda program: defs
         a = Api(await aiohttp_client(app))
         a.app = app
         for card in ("c1", "c2", "c3"):
@@ -61,8 +62,10 @@ async def test_offer_created_repeated_and_conflicting(api):
     a = await api()
     offer = {"offer_id": "o-1", "rule": "comeback", "cards": ["c1", "c2"], "from": "2026-12-01",
              "to": "2026-12-31", "points": 500}
-    assert await a.post("/v1/admin/offers", offer) == (201, {"offer_id": "o-1", "rule": "comeback", "members": 2})
-    assert await a.post("/v1/admin/offers", offer) == (200, {"offer_id": "o-1", "rule": "comeback", "members": 2})
+    assert await a.post("/v1/admin/offers", offer) == (201, {"offer_id": "o-1", "rule": "comeback", "members": 2,
+                                                             "warnings": []})
+    assert await a.post("/v1/admin/offers", offer) == (200, {"offer_id": "o-1", "rule": "comeback", "members": 2,
+                                                             "warnings": []})
     status, body = await a.post("/v1/admin/offers", {**offer, "points": 600})
     assert status == 409 and body["error"]["code"] == "idempotency_conflict"
     db = a.app[cvm.DATABASE]
@@ -219,3 +222,37 @@ async def test_a_referrer_card_out_of_use_is_refused_naming_the_card_to_use(api)
     status, body = await a.get("/v1/members/c9")
     assert status == 404 and body["error"]["code"] == "unknown_card"     # nothing was enrolled
     assert (await a.post("/v1/members", {"card": "c9", "referred_by": "c1-new"}))[0] == 201
+
+
+async def test_an_offer_or_codes_with_dates_already_past_are_taken_with_warnings(api):
+    """Not refused: a receipt sent late is judged at its ts, when they were valid."""
+    periods = {"comeback": report_campaign.CampaignRule("comeback", None, date(2026, 11, 1), date(2026, 11, 30))}
+    a = await api(dataclasses.replace(
+        DEFS, rules=periods, coupons={**DEFS.coupons, "autumn": coupons.Campaign("autumn", 1, None, date(2026, 11, 1))}))
+    offer = {"offer_id": "o-past", "rule": "comeback", "cards": ["c1"], "from": "2026-10-01", "to": "2026-10-31"}
+    status, body = await a.post("/v1/admin/offers", offer)
+    assert (status, body["members"]) == (201, 1)
+    assert body["warnings"] == [
+        "the offer ends 2026-10-31, before today (2026-11-24): it applies only to receipts dated up to then",
+        "the rule's period starts 2026-11-01, after the offer ends (2026-10-31): the offer never applies"]
+    status, body = await a.post("/v1/admin/offers", {**offer, "offer_id": "o-late", "from": "2026-12-01",
+                                                     "to": "2026-12-31"})
+    assert status == 201 and body["warnings"] == [
+        "the rule's period ends 2026-11-30, before the offer starts (2026-12-01): the offer never applies"]
+    status, body = await a.post("/v1/admin/offers", {**offer, "offer_id": "o-wide", "from": "2026-11-20",
+                                                     "to": "2026-12-10"})
+    assert status == 201 and body["warnings"] == [
+        "the offer ends 2026-12-10, after the rule's period (2026-11-30): it applies up to 2026-11-30"]
+    status, body = await a.post("/v1/admin/offers", {**offer, "offer_id": "o-fine", "from": "2026-11-24",
+                                                     "to": "2026-11-30"})
+    assert (status, body["warnings"]) == (201, [])
+    # the warnings are said again when the same offer is sent again
+    status, body = await a.post("/v1/admin/offers", offer)
+    assert status == 200 and len(body["warnings"]) == 2
+
+    status, body = await a.post("/v1/admin/coupons/autumn/codes", {"count": 2})
+    assert status == 201 and len(body["codes"]) == 2
+    assert body["warnings"] == ["the campaign's codes are valid until 2026-11-01, before today (2026-11-24): they "
+                                "apply only to receipts dated up to then"]
+    status, body = await a.post("/v1/admin/coupons/xmas/codes", {"count": 1})
+    assert (status, body["warnings"]) == (201, [])

@@ -295,3 +295,29 @@ def test_one_pass_over_the_receipts_reads_the_window_and_the_tiers_as_two_would(
                                        segments.tier_metrics(conn, since, None)))
     assert both == apart
     assert both[1][2] == (3, 115000)
+
+
+def test_jobs_run_says_how_many_members_it_scored_and_which_segments_it_renewed(db, tmp_path, capsys):
+    import yaml
+    from conftest import database_section
+    from server.cli import main
+    population(db)
+    program = tmp_path / "shop"
+    program.mkdir()
+    (program / "program.yaml").write_text(SHOP)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"database": database_section(tmp_path / "segments.db"),
+                                      "rules": {"dir": str(program), "watch": False},
+                                      "clock": {"start": NOW.isoformat()}}))
+    assert main(["jobs", "run", "--config", str(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert ("rfm: a run scores every member with a confirmed receipt in the last 180 days and decides 4 "
+            "segment(s) (lapsing, gold-regulars, big, newcomers); the dry run does not compute them\n") in out
+    assert main(["jobs", "run", "--config", str(config)]) == 0
+    # lapsing 1 and 6, gold-regulars 2 and 7, big 2 and 3, newcomers 4
+    assert capsys.readouterr().out.endswith(
+        "rfm_members_scored: 4, segments_decided: 4, segment_memberships_begun: 7, segment_memberships_ended: 0\n")
+    # asked for again the same day: decided again, nothing changed
+    assert main(["jobs", "run", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.endswith(
+        "rfm_members_scored: 4, segments_decided: 4, segment_memberships_begun: 0, segment_memberships_ended: 0\n")
