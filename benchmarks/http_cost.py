@@ -40,9 +40,10 @@ import os
 import re
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from pathlib import Path
+
+import call_stages  # beside this script, which is run as one
 
 ROOT = Path(__file__).resolve().parent.parent
 FEW = 30
@@ -276,22 +277,8 @@ uvloop.run(main())
 
 
 def extension(folder: Path) -> None:
-    """http_cost_stages: s0000, s0001, ... each calling its first argument with the rest, each
-    through a C function of its own (stage0000, ...), which callgrind counts apart."""
-    parts = ["#define PY_SSIZE_T_CLEAN", "#include <Python.h>"]
-    for i in range(STAGES):
-        parts.append(f"static PyObject *__attribute__((noinline)) stage{i:04d}(PyObject *self, PyObject *const *args, "
-                     f"Py_ssize_t n, PyObject *kw) {{ return PyObject_Vectorcall(args[0], args + 1, n - 1, kw); }}")
-    parts.append("static PyMethodDef M[] = {" + "".join(
-        f'{{"s{i:04d}", (PyCFunction)(void (*)(void))stage{i:04d}, METH_FASTCALL | METH_KEYWORDS, ""}}, '
-        for i in range(STAGES)) + "{NULL, NULL, 0, NULL}};")
-    parts.append('static struct PyModuleDef D = {PyModuleDef_HEAD_INIT, "http_cost_stages", NULL, -1, M};')
-    parts.append("PyMODINIT_FUNC PyInit_http_cost_stages(void) { return PyModule_Create(&D); }")
-    source = folder / "http_cost_stages.c"
-    source.write_text("\n".join(parts) + "\n")
-    target = folder / ("http_cost_stages" + sysconfig.get_config_var("EXT_SUFFIX"))
-    subprocess.run(["cc", "-O1", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}", str(source),
-                    "-o", str(target)], check=True)
+    """http_cost_stages: s0000, s0001, ... (benchmarks/call_stages.py)."""
+    call_stages.build(folder, "http_cost_stages", STAGES, 4)
 
 
 def child(tree: Path, mode: str, counted: int, connections: int, members: int, folder: Path,

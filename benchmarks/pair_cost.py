@@ -27,9 +27,10 @@ import os
 import re
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from pathlib import Path
+
+import call_stages  # beside this script, which is run as one
 
 ROOT = Path(__file__).resolve().parent.parent
 FEW, MANY = 40, 240
@@ -149,23 +150,8 @@ for i in range(count):
 
 
 def extension(folder: Path) -> None:
-    """pair_cost_stages: s00, s01, ... each calling its first argument with the rest, each
-    through a C function of its own (stage00, ...), which callgrind counts apart."""
-    parts = ["#define PY_SSIZE_T_CLEAN", "#include <Python.h>"]
-    count = len(FUNCTIONS) + 1
-    for i in range(count):
-        parts.append(f"static PyObject *__attribute__((noinline)) stage{i:02d}(PyObject *self, PyObject *const *args, "
-                     f"Py_ssize_t n, PyObject *kw) {{ return PyObject_Vectorcall(args[0], args + 1, n - 1, kw); }}")
-    parts.append("static PyMethodDef M[] = {" + "".join(
-        f'{{"s{i:02d}", (PyCFunction)(void (*)(void))stage{i:02d}, METH_FASTCALL | METH_KEYWORDS, ""}}, '
-        for i in range(count)) + "{NULL, NULL, 0, NULL}};")
-    parts.append('static struct PyModuleDef D = {PyModuleDef_HEAD_INIT, "pair_cost_stages", NULL, -1, M};')
-    parts.append("PyMODINIT_FUNC PyInit_pair_cost_stages(void) { return PyModule_Create(&D); }")
-    source = folder / "pair_cost_stages.c"
-    source.write_text("\n".join(parts) + "\n")
-    target = folder / ("pair_cost_stages" + sysconfig.get_config_var("EXT_SUFFIX"))
-    subprocess.run(["cc", "-O1", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}", str(source),
-                    "-o", str(target)], check=True)
+    """pair_cost_stages: s00, s01, ... (benchmarks/call_stages.py)."""
+    call_stages.build(folder, "pair_cost_stages", len(FUNCTIONS) + 1, 2)
 
 
 def child(tree: Path, side: str, count: int, mode: str, ext: Path, out: Path | None) -> str:
