@@ -163,10 +163,18 @@ async def enroll(server: Server) -> None:
                        "manager")
 
 
-async def retry_everything(server: Server, load: Load) -> None:
+async def retry_everything(server: Server, load: Load, unavailable_s: float = 0.0) -> None:
+    """unavailable_s: how long a request answered 503 `storage_unavailable` is sent again,
+    after its Retry-After, as a till does (a server whose database just came back may still
+    be waiting out its reconnect back-off); 0: such an answer fails the test."""
     async with aiohttp.ClientSession() as session:
         for rid, (path, body, role) in list(load.sent.items()):
+            deadline = time.monotonic() + unavailable_s
             status, answer = await send(session, server, path, body, role)
+            while (status == 503 and answer["error"]["code"] == "storage_unavailable"
+                   and time.monotonic() < deadline):
+                await asyncio.sleep(0.5)
+                status, answer = await send(session, server, path, body, role)
             if rid in load.acked:
                 assert status == 200 and answer.get("replayed") is True, (rid, status, answer)
                 strip = {"replayed", "balance"}
