@@ -8,6 +8,7 @@ import msgspec
 
 from rules import Program
 from server import schema, webhooks
+from server.privacy import candidates
 from server.auth import Principal, require_store
 from server.answer_types import (Balance, DatedPoints, MemberAnswer, MemberOffer, Profile, Rfm, StatementAnswer,
                                 StatementPosting, TierView)
@@ -101,7 +102,7 @@ async def enroll(deps: Deps, req: schema.Enrollment, principal: Principal) -> Me
         card = privacy.card(req.card)
         # The table's key refuses the card under the key in force only: during a key rotation one
         # still stored under an earlier key would be enrolled again, as a second, empty member.
-        if getattr(card, "older", ()) and ledger.member_id_of_card(conn, card) is not None:
+        if len(candidates(card)) > 1 and ledger.member_id_of_card(conn, card) is not None:
             raise conflict("card_already_enrolled", f"card {req.card} is already enrolled")
         try:
             member_id = ledger.insert_member(
