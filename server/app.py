@@ -205,6 +205,7 @@ class _Checked:
         self.inner = inner
 
     def apply(self, db) -> None:
+        # sqlite-utils lists only pending and applied migrations publicly, not those it knows.
         known = {m.name for m in self.inner._migrations}
         unknown = [m.name for m in self.inner.applied(db) if m.name not in known]
         if unknown:
