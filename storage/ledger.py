@@ -172,11 +172,15 @@ def lock_receipt(conn, key: ReceiptKey, member_id: int | None) -> bool:
     return True
 
 
-def lock_member_of_card(conn, card: str) -> None:
-    """lock_member for the member a card (its HMAC, and its older ones) belongs to, if any."""
+def lock_member_of_card(conn, card: str) -> int | None:
+    """lock_member for the member a card (its HMAC, and its older ones) belongs to, if any;
+    the id of the member locked (None: none was, and always on SQLite). A card enrolled or
+    given to a member by a replacement that commits right after this finds no one here but
+    is found by the next statement: the caller then locks the member it read and reads again."""
     if is_postgresql(conn):
         from storage.pg import ledger as pg
-        pg.lock_member_by_card(conn, card)
+        return pg.lock_member_by_card(conn, card)
+    return None
 
 
 def member_by_id(conn: sqlite3.Connection, member_id: int) -> MemberRow:

@@ -10,6 +10,7 @@ import shutil
 import socket
 
 import pytest
+from backend import POSTGRESQL, connect
 from conftest import KEYS, MARKET, line, receipt
 from test_crash_safety import Server
 from test_storage_writer import WriterGate, wait_until
@@ -439,3 +440,45 @@ async def test_a_write_that_looked_its_card_up_before_a_merge_queued_ahead_of_it
     status, refused = await late
     assert (status, refused["error"]["code"]) == (422, "card_merged"), refused
     assert await balance(api, OTHER) == {"available": 100, "pending": 0, "held": 0}
+
+
+@pytest.mark.skipif(not POSTGRESQL, reason="members are locked by row only on PostgreSQL; SQLite's one writer "
+                                           "orders every write")
+async def test_a_receipt_whose_card_arrives_just_after_its_lock_was_looked_for_reads_under_the_members_lock(
+        make_api, tmp_path, monkeypatch):
+    """A receipt on a card that an enrolment or a replacement commits between the receipt's
+    look-up for the member's lock (no one has the card yet) and its read of the member (the
+    card is there) plans from what it read under the member's lock, not beside the member's
+    other writes: in a race of receipts with a replacement, one redeemed from a lot another
+    was spending and a once-a-day reward was given twice."""
+    from server.ops import receipts as ops
+    api = await make_api(now=NOW)
+    await member_with(api, CARD, 1000)
+    real_read, looked_for, reads_locked = ops.read_member_state, [], []
+
+    def card_not_there_yet(conn, card):
+        looked_for.append(card)
+        return None
+
+    def read(conn, *args, **kwargs):
+        state = real_read(conn, *args, **kwargs)
+        reads_locked.append(state is not None and locked_by_another(tmp_path / "loyalty.db", state.member.id))
+        return state
+
+    monkeypatch.setattr(ops.ledger, "lock_member_of_card", card_not_there_yet)
+    monkeypatch.setattr(ops, "read_member_state", read)
+    status, sold = await api.post("/v1/receipts", redeeming("R-1", CARD, "K01"), as_="register")
+    assert status == 201 and sold["redeemed"]["points"] == 300, sold
+    assert looked_for and reads_locked[-1] is True, reads_locked
+    assert await balance(api, CARD) == {"available": 700, "pending": sold["accrued"]["points"], "held": 0}
+
+
+def locked_by_another(path, member_id: int) -> bool:
+    """Whether a transaction holds the member's row lock, asked from a connection of its own."""
+    import psycopg
+    with connect(path) as other:
+        try:
+            other.execute("SELECT 1 FROM members WHERE id = ? FOR UPDATE NOWAIT", (member_id,))
+        except psycopg.errors.LockNotAvailable:
+            return True
+    return False

@@ -19,7 +19,7 @@ from server import schema, webhooks
 from server.answer import calculate_answer, cancel_answer, confirm_answer, points_words, receipt_ref
 from server.answer_types import CalculateAnswer, CancelAnswer, ConfirmAnswer, ReceiptBalance
 from server.auth import Principal, require_store
-from server.errors import problems_error, unprocessable
+from server.errors import ApiError, problems_error, unprocessable
 from server.member_state import TierTotals, judge_codes, read_member_state, tier_after_receipt
 from server.ops import JSON, Deps, count, replay, sha256
 from server.ops.members import balance_now
@@ -32,6 +32,7 @@ from storage.apply import Confirmed, apply_calculate, apply_confirms, apply_refe
 from storage.db import Flush, Grouped, Ready
 from storage.ledger import InsufficientPoints, PostingRef, iso
 from storage.segments import MembershipCache
+from storage.sql import is_postgresql
 
 FUTURE_TS_TOLERANCE = timedelta(minutes=5)
 
@@ -105,11 +106,11 @@ def _calculate_in_tx(conn, program: Program, receipt: schema.Receipt, now: datet
     # The member's lock first (PostgreSQL): its hold is seen by the member's next write, and
     # a confirm of this receipt that committed while this waited is read below, so no hold
     # is put for a receipt already confirmed (no confirm would ever take it).
-    ledger.lock_member_of_card(conn, card)
+    locked = ledger.lock_member_of_card(conn, card)
     stored = stored_answer(conn, program, receipt, card, now)
     if stored is not None:
         return as_calculate(stored)
-    state = read_member_state(conn, receipt, program, now, card, coupon_mac, kept)
+    state = _locked_member_state(conn, locked, receipt, program, now, card, coupon_mac, kept)
     plan = plan_calculate(receipt, state, program, now, _timed(program, receipt, state, local_day(program, now),
                                                                seconds))
     apply_calculate(conn, plan, now)
@@ -160,12 +161,10 @@ def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, b
         answer = stored_answer(conn, program, receipt, card, now, fingerprint)
         if answer is not None:
             return Ready((200, answer, None, None))
-        if card is not None:
-            # Several processes (PostgreSQL): the member's other writes wait, or are waited
-            # for; the same receipt sent to two then fails on the receipt's key, and runs
-            # again as a replay.
-            ledger.lock_member_of_card(conn, card)
-        state = read_member_state(conn, receipt, program, now, card, coupon_mac, kept)
+        # Several processes (PostgreSQL): the member's other writes wait, or are waited for;
+        # the same receipt sent to two then fails on the receipt's key, and runs again as a replay.
+        locked = None if card is None else ledger.lock_member_of_card(conn, card)
+        state = _locked_member_state(conn, locked, receipt, program, now, card, coupon_mac, kept)
         if state is not None and state.member.id in group.setdefault("members", set()):
             raise Flush     # its lots, holds, limits, offers and tier depend on a plan not yet applied
         codes = judge_codes(conn, receipt, program, coupon_mac) if state is None else None   # a cardless receipt's
@@ -182,6 +181,32 @@ def confirm_write(program: Program, receipt: schema.Receipt, card: str | None, b
         return Confirmed(planned, receipt, program, now, body, bytes.fromhex(fingerprint), encoded,
                          result=(201, answer, planned.evaluation, encoded))
     return Grouped(plan, apply_announced)
+
+
+# How many times a receipt reads its member again because the card moved under it: each
+# time needs another enrolment, replacement or merge of that card committed meanwhile.
+CARD_MOVES_MAX = 4
+
+
+def _locked_member_state(conn, locked: int | None, receipt: schema.Receipt, program: Program, now: datetime,
+                         card: str | None, coupon_mac, kept: MembershipCache | None):
+    """read_member_state under the lock of the member it reads (PostgreSQL). locked: the
+    member lock_member_of_card took, if any. A card enrolled or given by a replacement just
+    after that lock found no one belongs to a member whose lock this transaction does not
+    hold: a plan read from it would race the member's other writes (a redemption drawn from
+    a lot another receipt is spending, a daily limit given twice). So that member is locked
+    and read again."""
+    state = read_member_state(conn, receipt, program, now, card, coupon_mac, kept)
+    if not is_postgresql(conn):
+        return state
+    for _ in range(CARD_MOVES_MAX):
+        if state is None or state.member.id == locked:
+            return state
+        locked = state.member.id
+        ledger.lock_member(conn, locked)
+        state = read_member_state(conn, receipt, program, now, card, coupon_mac, kept)
+    raise ApiError(503, "try_again", "the card changed members while the receipt was read; nothing was written, "
+                   "send it again", headers={"Retry-After": "0"})
 
 
 def stored_answer(conn, program: Program, receipt: schema.Receipt, card: str | None, now: datetime,
