@@ -43,8 +43,10 @@ from storage.ledger import iso
 
 log = logging.getLogger("loyalty.reports")
 
-# Versions whose rules were read, newest use last; a version's rules are a few hundred bytes.
-VERSIONS_REMEMBERED = 1024
+# Versions whose rules were read, newest use last: a dictionary of the rule ids, each naming
+# a definition shared with the versions that define the rule alike.
+VERSIONS_REMEMBERED = 4096
+INTERNED_MAX = 65536
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,8 @@ class _Remembered:
     def __init__(self):
         self._lock = threading.Lock()
         self._by_version: OrderedDict[str, dict[str, Definition] | None] = OrderedDict()
+        # Most versions change a rule or two: the others' definitions are kept once, not once a version.
+        self._interned: dict[Definition, Definition] = {}
 
     def get(self, conn, version: str) -> dict[str, Definition] | None:
         with self._lock:
@@ -112,9 +116,13 @@ class _Remembered:
         if program is not None:
             program.close()
         with self._lock:
+            if found is not None:
+                found = {rule_id: self._interned.setdefault(d, d) for rule_id, d in found.items()}
             self._by_version[version] = found
             while len(self._by_version) > VERSIONS_REMEMBERED:
                 self._by_version.popitem(last=False)
+            if len(self._interned) > INTERNED_MAX:
+                self._interned.clear()      # only sharing is lost: each version keeps its own
         return found
 
 
