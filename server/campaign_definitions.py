@@ -3,7 +3,7 @@
 A campaign is mostly measured once it has ended, often after its rule was taken out of the
 program. Every program that went live is stored (storage/program_versions.py), so the
 report reads the rule from the stored versions as well as from the live program: the
-definition in force during the report's period (rules.md, "Campaign effect").
+definition in force during the report's period (docs/managers.md, "After a campaign").
 
 Over the loads of the stored versions, oldest first, each load is in force from its
 `loaded_at` until the next one. What the report's numbers depend on is the rule's
@@ -12,8 +12,7 @@ and receipt conditions (`when`, `personal`) and its scope. Consecutive loads tha
 the rule alike are one span; a load without the rule is a span without a definition. For a
 period (local dates):
 - the definitions of the spans in force during it must all be the same one, or it is
-  refused (422 `rule_redefined`): the two groups of one period were drawn by one definition
-  or the numbers mean nothing;
+  refused (422 `rule_redefined`): groups drawn by two definitions compare nothing;
 - when no span with the rule is in force during it, the last one in force before it (the
   weeks after a campaign ended), else the first one after it;
 - the version the definition is read from is the latest load of that span.
