@@ -380,6 +380,11 @@ class CampaignReport(Struct, forbid_unknown_fields=True):
     uplift: SpendUplift | None      # null when a group has no members to compare
     incremental_spend: int | None
     points_cost: int
+    # The program version whose definition of the rule the report used (null: none is stored),
+    # whether the live program still defines the rule so, and, when it does not, a note saying so.
+    rules_version: str | None
+    live: bool
+    warnings: list[str]
 
 
 # ------------------------------------------------------------------ the program

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import msgspec
 
-from server import cvm, report_campaign, schema
+from server import campaign_definitions, cvm, report_campaign, schema
 from server.databases import CannotOpen, open_existing
 from server.errors import ApiError
 from server.interrupt import INTERRUPTED_STATUS, stop_between_batches
@@ -320,17 +320,15 @@ def _assign(conn, privacy, body: schema.OfferAssignment, now):
 # ------------------------------------------------------------------ campaign report
 
 def campaign(db: Database, definitions: cvm.Definitions, program, args) -> int:
-    rule = definitions.rules.get(args.rule)
-    if rule is None or rule.holdout is None:
-        # In the API's words (rule_without_holdout), naming the rule first.
-        why = (cvm.no_such("rule", args.rule, definitions.rules) if rule is None else
-               f"rule {args.rule} has no holdout: it has no control group to compare with")
-        print(f"report campaign: {why}", file=sys.stderr)
-        return 2
+    live = campaign_definitions.Live(program, definitions.rules)
     try:
-        first, last = report_campaign.period_of(rule, args.first, args.last)
+        chosen = db.read_sync(lambda conn: campaign_definitions.choose_definition(conn, live, args.rule, args.first,
+                                                                                  args.last), timeout_s=3600)
     except ApiError as e:
-        print(f"report campaign: {'; '.join(d['path'] + ' ' + d['message'] for d in e.details)}", file=sys.stderr)
+        # In the API's words (unknown_rule, rule_without_holdout, rule_redefined), naming the rule first.
+        why = (e.message if e.code != "validation_error" else
+               "; ".join(d["path"] + " " + d["message"] for d in e.details))
+        print(f"report campaign: {why}", file=sys.stderr)
         return 2
     # Before the report, not after it: a report printed and then a failure reads as neither.
     matplotlib = _matplotlib() if args.plot else None
@@ -338,12 +336,16 @@ def campaign(db: Database, definitions: cvm.Definitions, program, args) -> int:
         print("report campaign: --plot needs matplotlib: .venv/bin/pip install -r requirements-plot.txt; "
               "nothing was reported", file=sys.stderr)
         return 2
-    setting = report_campaign.setting_of(program)
-    result = db.read_sync(lambda conn: report_campaign.report(conn, setting, rule, first, last), timeout_s=3600)
+    rule, setting, first, last = chosen.rule, chosen.setting, chosen.first, chosen.last
+    result = chosen.described(db.read_sync(lambda conn: report_campaign.report(conn, setting, rule, first, last),
+                                           timeout_s=3600))
     if args.json:
         sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
     elif args.csv:
         write_csv(result, sys.stdout)
+        # The CSV holds the numbers only: where the definition came from is said beside it.
+        for warning in result["warnings"]:
+            print(f"report campaign: warning: {warning}", file=sys.stderr)
     else:
         print(text(result, program.currency))
     if args.plot:
@@ -380,6 +382,7 @@ def text(result: dict, currency: str) -> str:
                     else "no interval (a group has fewer than two members)")
         lines.append(f"uplift of spend per member: {u['spend_per_member']} ({interval})")
         lines.append(f"incremental spend: {result['incremental_spend']}; points cost: {result['points_cost']}")
+    lines += [f"warning: {warning}" for warning in result.get("warnings", ())]
     return "\n".join(lines)
 
 

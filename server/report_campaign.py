@@ -387,21 +387,14 @@ def setting_of(program) -> Setting:
 
 
 async def campaign_report(app, call):
-    from server.cvm import definitions, no_such
-    from server.errors import not_found, unprocessable
+    from server.campaign_definitions import Live, report as effect
+    from server.cvm import definitions
     from server.keys import DATABASE, PROGRAMS
     from server.answer_types import CampaignReport
     from server.routes import json_reply
-    rule_id = call.path["rule"]
-    rule = definitions(app).rules.get(rule_id)
-    if rule is None:
-        raise not_found("unknown_rule", no_such("rule", rule_id, definitions(app).rules))
-    if rule.holdout is None:
-        raise unprocessable("rule_without_holdout", f"rule {rule_id} has no holdout: it has no control group "
-                            "to compare with", [{"path": "rule", "message": "has no holdout"}])
-    first, last = period_of(rule, call.query.get("from"), call.query.get("to"))
-    setting = setting_of(app[PROGRAMS].current)
-    found = await app[DATABASE].read(lambda conn: report(conn, setting, rule, first, last))
+    live = Live(app[PROGRAMS].current, definitions(app).rules)
+    rule_id, first, last = call.path["rule"], call.query.get("from"), call.query.get("to")
+    found, _, _ = await app[DATABASE].read(lambda conn: effect(conn, live, rule_id, first, last))
     return json_reply(msgspec.convert(found, CampaignReport))
 
 
@@ -410,5 +403,7 @@ def routes():
     from server.routes import MANAGER, Route, ok
     return [Route("GET", "/v1/admin/reports/campaigns/{rule}", campaign_report, frozenset({MANAGER}), None,
                   "The effect of a rule with a control group: per group members, buyers, receipts, spend, "
-                  "scope_spend, points; the uplift of spend per member with its 95% interval; ?from=&to=",
+                  "scope_spend, points; the uplift of spend per member with its 95% interval; ?from=&to=. "
+                  "A rule no longer live, or defined anew since, is measured by the stored program version "
+                  "that had it in force during the period (rules_version, live, warnings)",
                   answers=ok(CampaignReport))]

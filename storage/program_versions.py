@@ -68,3 +68,8 @@ def matching(conn: sqlite3.Connection, prefix: str, limit: int = 2) -> list[str]
     rows = conn.execute("SELECT version FROM program_versions WHERE version >= ? AND version < ? "
                         "ORDER BY version LIMIT ?", (prefix, prefix + "\U0010ffff", limit))
     return [row[0] for row in rows]
+
+
+def load_history(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    """(version, loaded_at) of every load, oldest first: each in force until the next."""
+    return [(row[0], row[1]) for row in conn.execute("SELECT version, loaded_at FROM program_loads ORDER BY id")]

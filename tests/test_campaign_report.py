@@ -241,3 +241,160 @@ def test_the_reports_control_group_is_the_receipt_paths():
     for h in ("0.1", "0.25", "0.5"):
         assert [holdout_member("market", "promo", f"m_{i}", h) for i in range(2_000)] == \
                [receipt_path_holdout("market", "promo", f"m_{i}", Decimal(h)) for i in range(2_000)]
+
+
+# ------------------------------------------------------------------ a rule no longer live, or defined anew
+
+def _welch(treated: list[int], control: list[int]) -> tuple[int, int]:
+    """(low, high) of the uplift's 95 % interval, from the members' spends (rules.md)."""
+    def mean_var(xs):
+        mean = Fraction(sum(xs), len(xs))
+        return mean, sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
+    (mt, vt), (mc, vc) = mean_var(treated), mean_var(control)
+    se2 = vt / len(treated) + vc / len(control)
+    df = se2 ** 2 / ((vt / len(treated)) ** 2 / (len(treated) - 1) + (vc / len(control)) ** 2 / (len(control) - 1))
+    half = t_quantile(0.975, float(df)) * math.sqrt(se2)
+    return half_up(float(mt - mc) - half), half_up(float(mt - mc) + half)
+
+
+@pytest.fixture
+async def history(aiohttp_client, tmp_path):
+    """A program whose dairy-x2 holds out half its audience (dairy, 2026-11-20 to 30), loaded on
+    2026-11-01; six members and four receipts under it on 2026-11-22; on 2026-12-05 a version
+    without dairy-x2. Returns (api, app, the program's files, the first version)."""
+    import shutil
+    from conftest import MARKET
+    folder = tmp_path / "program"
+    shutil.copytree(MARKET, folder)
+    promos = folder / "campaigns" / "promos.yaml"
+    promos.write_text(promos.read_text().replace(
+        "    scope: {categories: [dairy]}\n", "    scope: {categories: [dairy]}\n    holdout: 0.5\n", 1))
+    app = create_app(test_config(tmp_path, "2026-11-01T09:00:00+02:00", program_dir=folder))
+    a = Api(await aiohttp_client(app))
+    files = {str(p.relative_to(folder)): p.read_text() for p in folder.rglob("*.yaml")}
+    first_version = (await a.get("/v1/admin/rules"))[1]["version"]
+    # dairy-x2 at 0.5: m_1 and m_4 treated; m_2, m_3, m_5, m_6 control.
+    for i in range(1, 7):
+        assert (await a.post("/v1/members", {"card": f"c{i}"}))[0] == 201
+    at(app, "2026-11-22T12:01:00+02:00")
+    ts = "2026-11-22T12:00:00+02:00"
+    for body in (receipt("R1", [line(1, "dairy", 10000)], card="c1", ts=ts),
+                 receipt("R2", [line(1, "dairy", 5000), line(2, "bakery", 3000)], card="c2", ts=ts),
+                 receipt("R3", [line(1, "bakery", 8000)], card="c4", ts=ts),
+                 receipt("R4", [line(1, "dairy", 20000)], card="c3", ts=ts)):
+        assert (await a.post("/v1/receipts", body, as_="register"))[0] == 201
+    at(app, "2026-12-05T10:00:00+02:00")
+    without = {**files, "campaigns/promos.yaml": _without_dairy(files["campaigns/promos.yaml"])}
+    assert (await a.post("/v1/admin/rules/deploy", {"files": without, "reason": "campaign over"}))[0] == 200
+    return a, app, files, first_version
+
+
+def at(app, moment: str) -> None:
+    from datetime import datetime
+    from server.keys import CLOCK
+    app[CLOCK].set(datetime.fromisoformat(moment))
+
+
+def _without_dairy(promos: str) -> str:
+    start = promos.index("  - id: dairy-x2")
+    return promos[:start] + promos[promos.index("  - id: big-basket"):]
+
+
+# Treated m_1 (10,000 of dairy: the rule gave 2 points) and m_4 (8,000 of bakery); control m_2
+# (5,000 of dairy, 3,000 of bakery: 1 point it would have given), m_3 (20,000 of dairy: 4), m_5, m_6.
+NOVEMBER = {"treated": {"members": 2, "buyers": 2, "receipts": 2, "spend": 18000, "scope_spend": 10000, "points": 2},
+            "control": {"members": 4, "buyers": 2, "receipts": 2, "spend": 28000, "scope_spend": 25000, "points": 5}}
+
+
+async def test_a_rule_taken_out_of_the_program_is_reported_by_the_version_that_had_it(history):
+    a, app, _, first_version = history
+    live_version = (await a.get("/v1/admin/rules"))[1]["version"]
+    status, got = await a.get("/v1/admin/reports/campaigns/dairy-x2")
+    assert status == 200, got
+    # Its own period (2026-11-20 to 30) from the stored definition, its holdout, scope and program id.
+    assert (got["rule"], got["from"], got["to"]) == ("dairy-x2", "2026-11-20", "2026-11-30")
+    assert {g: got[g] for g in NOVEMBER} == NOVEMBER
+    low, high = _welch([10000, 8000], [8000, 20000, 0, 0])
+    assert got["uplift"] == {"spend_per_member": 2000, "low": low, "high": high}      # 9,000 - 7,000
+    assert got["incremental_spend"] == 4000 and got["points_cost"] == 200
+    assert got["rules_version"] == first_version and got["live"] is False
+    assert got["warnings"] == [
+        f"rule dairy-x2 is no longer in the live program ({live_version}): the report uses its definition in "
+        f"program version {first_version}, which had it in force from 2026-11-01 to 2026-12-05"]
+    # A name no version had is refused with the nearest one a stored version had.
+    status, body = await a.get("/v1/admin/reports/campaigns/dairy-x")
+    assert status == 404 and body["error"] == {
+        "code": "unknown_rule", "details": [],
+        "message": "the program has no rule dairy-x, and no stored version of it had one, did you mean 'dairy-x2'?"}
+    status, body = await a.get("/v1/admin/reports/campaigns/nope")
+    assert status == 404 and body["error"]["code"] == "unknown_rule"
+    status, body = await a.get("/v1/admin/reports/campaigns/base?from=2026-11-20&to=2026-11-30")
+    assert status == 422 and body["error"]["code"] == "rule_without_holdout"
+
+
+async def test_a_rule_id_used_again_is_reported_by_the_definition_in_force_during_the_period(history):
+    a, app, files, first_version = history
+    # 2026-12-10: dairy-x2 again, another campaign: bakery, a quarter held out, 30 points a receipt.
+    at(app, "2026-12-10T10:00:00+02:00")
+    promos = _without_dairy(files["campaigns/promos.yaml"]).replace("  - id: big-basket", (
+        "  - id: dairy-x2\n    period: {from: \"2026-12-10\", to: \"2026-12-31\"}\n"
+        "    scope: {categories: [bakery]}\n    reward: {points: 30}\n    holdout: 0.25\n\n  - id: big-basket"), 1)
+    status, deployed = await a.post("/v1/admin/rules/deploy", {"files": {**files, "campaigns/promos.yaml": promos},
+                                                                "reason": "bakery month"})
+    assert status == 200, deployed
+    new_version = deployed["version"]
+    assert [holdout_member("market", "dairy-x2", f"m_{i}", "0.25") for i in range(1, 7)] == \
+        [False, True, False, False, True, True]
+    at(app, "2026-12-12T12:01:00+02:00")
+    ts = "2026-12-12T12:00:00+02:00"
+    for body in (receipt("R5", [line(1, "bakery", 10000)], card="c1", ts=ts),
+                 receipt("R6", [line(1, "bakery", 4000), line(2, "dairy", 6000)], card="c3", ts=ts),
+                 receipt("R7", [line(1, "bakery", 5000)], card="c2", ts=ts),
+                 receipt("R8", [line(1, "bakery", 7000)], card="c5", ts=ts)):
+        assert (await a.post("/v1/receipts", body, as_="register"))[0] == 201
+
+    # Its own period now is the new campaign's, measured by the new definition: treated m_1, m_3,
+    # m_4 (30 points on each of two receipts), control m_2, m_5, m_6 (30 each it would have given).
+    status, got = await a.get("/v1/admin/reports/campaigns/dairy-x2")
+    assert status == 200, got
+    assert (got["from"], got["to"], got["rules_version"], got["live"], got["warnings"]) == \
+        ("2026-12-10", "2026-12-31", new_version, True, [])
+    assert got["treated"] == {"members": 3, "buyers": 2, "receipts": 2, "spend": 20000, "scope_spend": 14000,
+                              "points": 60}
+    assert got["control"] == {"members": 3, "buyers": 2, "receipts": 2, "spend": 12000, "scope_spend": 12000,
+                              "points": 60}
+    low, high = _welch([10000, 10000, 0], [5000, 7000, 0])
+    assert got["uplift"] == {"spend_per_member": 2667, "low": low, "high": high}    # 8,000 / 3
+    assert got["incremental_spend"] == 8000 and got["points_cost"] == 6000
+
+    # November is still the first campaign's, with the numbers it had before the id came back.
+    status, got = await a.get("/v1/admin/reports/campaigns/dairy-x2?from=2026-11-20&to=2026-11-30")
+    assert status == 200, got
+    assert {g: got[g] for g in NOVEMBER} == NOVEMBER and got["uplift"]["spend_per_member"] == 2000
+    assert (got["rules_version"], got["live"]) == (first_version, False)
+    assert got["warnings"] == [
+        f"the live program ({new_version}) defines rule dairy-x2 differently: the report uses its definition in "
+        f"force during the period, in program version {first_version}, which had it in force from 2026-11-01 "
+        "to 2026-12-05"]
+    # Days between the two, when no version had it: the definition in force last before them.
+    status, got = await a.get("/v1/admin/reports/campaigns/dairy-x2?from=2026-12-06&to=2026-12-08")
+    assert status == 200 and got["rules_version"] == first_version and got["live"] is False
+    assert got["treated"]["members"] == 2 and got["control"]["members"] == 4 and got["treated"]["spend"] == 0
+    assert got["warnings"][0].endswith("; no version had it in force during the period")
+
+    # A period over both campaigns has no one control group: refused, saying where they part.
+    status, body = await a.get("/v1/admin/reports/campaigns/dairy-x2?from=2026-11-20&to=2026-12-15")
+    assert status == 422, body
+    assert body["error"] == {
+        "code": "rule_redefined",
+        "message": f"rule dairy-x2 was defined differently during the period (as program version {first_version} "
+                   f"defines it from 2026-11-01 to 2026-12-05; as program version {new_version} defines it since "
+                   "2026-12-10): the control group of one period must be drawn by one definition, so ask for a "
+                   "period that ends before 2026-12-10 or starts after it",
+        "details": [{"path": "to", "message": "must be before 2026-12-10, the day rule dairy-x2 was defined anew, "
+                                              "unless from is after it"}]}
+    # The day each version went live had the one before in force too (until 10:00); days without the rule
+    # count for neither.
+    assert (await a.get("/v1/admin/reports/campaigns/dairy-x2?from=2026-12-05&to=2026-12-10"))[0] == 422
+    status, got = await a.get("/v1/admin/reports/campaigns/dairy-x2?from=2026-12-06&to=2026-12-10")
+    assert status == 200 and got["rules_version"] == new_version and got["live"] is True

@@ -17,6 +17,7 @@ from test_console import Console
 
 from server.console.chart import weekly_svg
 from server.console.views import effect_words
+from server.keys import PROGRAMS
 from server.reports import money_text
 from server.report_campaign import holdout_member
 
@@ -224,3 +225,23 @@ async def test_the_page_changes_nothing_and_takes_no_post(history):
     # Its one form that does change something, signing out, carries the session's token.
     html = (await console.get(REPORT))[1]
     assert re.search(rf'action="/console/logout".*?name="csrf" value="{console.csrf}"', html, re.S)
+
+
+async def test_a_rule_taken_out_of_the_program_is_still_shown_saying_whose_definition_it_is(history):
+    api, console = history
+    _, before = await api.get("/v1/admin/reports/campaigns/dairy-x2?from=2026-11-17&to=2026-11-30")
+    folder = api.client.server.app[PROGRAMS].directory
+    files = {str(p.relative_to(folder)): p.read_text() for p in folder.rglob("*.yaml")}
+    promos = files["campaigns/promos.yaml"]
+    files["campaigns/promos.yaml"] = promos[:promos.index("  - id: dairy-x2")] + promos[promos.index("  - id: big-basket"):]
+    status, deployed = await api.post("/v1/admin/rules/deploy", {"files": files, "reason": "campaign over"})
+    assert status == 200, deployed
+    status, html = await console.get(REPORT)
+    assert status == 200, html
+    assert cells(html, "treated")["spend"] == money_text(before["treated"]["spend"], "UAH")
+    assert cells(html, "control")["points"] == str(before["control"]["points"])
+    warning = re.search(r'id="definition-warnings"><li class="warning">([^<]*)</li>', html).group(1)
+    assert warning.startswith(f"rule dairy-x2 is no longer in the live program ({deployed['version']}): the report "
+                              f"uses its definition in program version {before['rules_version']}")
+    # The choice lists the live program's rules only.
+    assert '<option value="dairy-x2"' not in html

@@ -289,8 +289,9 @@ def test_report_campaign_says_which_rule_has_no_control_group(db, capsys):
         args = types.SimpleNamespace(rule=rule, first=None, last=None, json=False, csv=False, plot=None)
         return cvm_cli.campaign(db, DEFS, program, args), capsys.readouterr().err
     assert run("base") == (2, "report campaign: rule base has no holdout: it has no control group to compare with\n")
-    assert run("nope") == (2, "report campaign: the program has no rule nope\n")
-    assert run("prom") == (2, "report campaign: the program has no rule prom, did you mean 'promo'?\n")
+    assert run("nope") == (2, "report campaign: the program has no rule nope, and no stored version of it had one\n")
+    assert run("prom") == (2, "report campaign: the program has no rule prom, and no stored version of it had one, "
+                              "did you mean 'promo'?\n")
 
 
 def test_offers_and_codes_with_dates_already_past_are_taken_with_a_warning(db, tmp_path, capsys):
@@ -316,3 +317,58 @@ def test_offers_and_codes_with_dates_already_past_are_taken_with_a_warning(db, t
     assert out.out == f"2 codes of autumn written to {tmp_path / 'codes.csv'}\n"
     assert out.err == ("coupons generate: warning: the campaign's codes are valid until 2026-11-01, before today "
                        "(2026-11-24): they apply only to receipts dated up to then\n")
+
+
+def test_report_campaign_of_a_rule_no_longer_in_the_program_says_whose_definition_it_is(db, tmp_path, capsys):
+    """The rule was in the program stored on 2026-11-01 and taken out on 2026-12-05: the folder's
+    program lacks it, the stored version has it."""
+    from conftest import MARKET
+    from rules.loader import load_files, read_directory
+    from storage import program_versions
+    files = {name: raw.decode() for name, raw in read_directory(MARKET)[0].items()}
+    promos = files["campaigns/promos.yaml"]
+    with_holdout = {**files, "campaigns/promos.yaml": promos.replace(
+        "    scope: {categories: [dairy]}\n", "    scope: {categories: [dairy]}\n    holdout: 0.5\n", 1)}
+    without = {**files, "campaigns/promos.yaml": promos[:promos.index("  - id: dairy-x2")] +
+               promos[promos.index("  - id: big-basket"):]}
+    first, now = load_files(with_holdout), load_files(without)
+
+    def history(conn):
+        for program, text, at in ((first, with_holdout, "2026-11-01T07:00:00.000000Z"),
+                                  (now, without, "2026-12-05T08:00:00.000000Z")):
+            program_versions.record(conn, version=program.version, program_id="market", files=text, at=at,
+                                    source="api", deployed_by="manager", reason="test")
+        # m_1 and m_4 are treated, m_2 and m_3 held out (dairy-x2 at 0.5).
+        conn.executemany("INSERT INTO receipts (store_id, register_id, receipt_id, body_sha256, member_id, ts, "
+                         "local_date, total, rules_version, status, body, result, created_at) VALUES "
+                         "('S001', 'K01', ?, ?, ?, '2026-11-22T10:00:00Z', '2026-11-22', ?, 'v', 'confirmed', ?, "
+                         "'{}', '2026-11-22')",
+                         [(f"r{m}", b"\0", m, total, msgspec.json.encode(
+                             {"lines": [{"line_no": 1, "sku": "s", "category": "dairy", "amount": total}]}))
+                          for m, total in ((1, 10000), (2, 4000))])
+    db.write_sync(history)
+
+    def run(**flags):
+        args = types.SimpleNamespace(rule="dairy-x2", first=None, last=None, json=False, csv=False, plot=None)
+        vars(args).update(flags)
+        return cvm_cli.campaign(db, cvm.definitions_of(now), now, args), capsys.readouterr()
+    warning = (f"rule dairy-x2 is no longer in the live program ({now.version}): the report uses its definition "
+               f"in program version {first.version}, which had it in force from 2026-11-01 to 2026-12-05")
+    status, out = run(json=True)
+    got = msgspec.json.decode(out.out)
+    assert status == 0 and (got["from"], got["to"]) == ("2026-11-20", "2026-11-30")
+    assert (got["rules_version"], got["live"], got["warnings"]) == (first.version, False, [warning])
+    assert got["treated"]["spend"] == 10000 and got["control"]["spend"] == 4000
+    assert got["uplift"]["spend_per_member"] == 3000       # 10,000 / 2 - 4,000 / 2
+    status, out = run()
+    assert status == 0 and out.out.splitlines()[-1] == f"warning: {warning}"
+    status, out = run(csv=True)
+    assert status == 0 and out.err == f"report campaign: warning: {warning}\n"
+    assert list(csv.reader(io.StringIO(out.out)))[1][:5] == ["treated", "2", "1", "1", "10000"]
+    status, out = run(rule="dairy-x")
+    assert (status, out.err) == (2, "report campaign: the program has no rule dairy-x, and no stored version of it "
+                                    "had one, did you mean 'dairy-x2'?\n")
+    status, out = run(first="2026-11-20", last="2026-11-10")
+    assert (status, out.err) == (2, "report campaign: to must not be before from\n")
+    for program in (first, now):
+        program.close()

@@ -16,13 +16,13 @@ import msgspec
 from aiohttp import web
 
 from rules import ProgramError
-from server import program_versions, report_campaign, schema
+from server import campaign_definitions, program_versions, schema
 from server.auth import Principal
 from server.console import chart, program_edit, queries, words
 from server.console.backtest import as_rows
 from server.console.sessions import COOKIE, LOGIN_COOKIE, LOGIN_FORM_SECONDS, Session, remember_lookup, token_matches
-from server.cvm import definitions, no_such
-from server.errors import ApiError, conflict, error_body, field_error, folder_clash, forbidden, not_found, unprocessable
+from server.cvm import definitions
+from server.errors import ApiError, conflict, error_body, field_error, folder_clash, forbidden, not_found
 from server.ops import adjustments, members
 from server.keys import CLOCK, CONFIG, CONSOLE, DATABASE, KEYRING, LIMITER, OPS, PRIVACY, PROGRAMS
 from server.reports import money_text
@@ -609,17 +609,6 @@ def _holdout_rules(app, today: date) -> list[dict]:
     return out
 
 
-def _campaign_rule(app, rule_id: str) -> report_campaign.CampaignRule:
-    """The rule the report is asked for, refused as the API refuses it (404, 422)."""
-    rule = definitions(app).rules.get(rule_id)
-    if rule is None:
-        raise not_found("unknown_rule", no_such("rule", rule_id, definitions(app).rules))
-    if rule.holdout is None:
-        raise unprocessable("rule_without_holdout", f"rule {rule_id} has no holdout: it has no control group "
-                            "to compare with", [{"path": "rule", "message": "has no holdout"}])
-    return rule
-
-
 @page
 async def campaigns(request: web.Request, session: Session, form: dict) -> web.Response:
     """The campaign effect of a rule with a holdout (GET /v1/admin/reports/campaigns/{rule}'s
@@ -630,18 +619,17 @@ async def campaigns(request: web.Request, session: Session, form: dict) -> web.R
                    first=query.get("from", ""), last=query.get("to", ""), result=None, chart=None)
     if not context["chosen"]:
         return render(request, "campaigns.html", session, **context)
+    live = campaign_definitions.Live(app[PROGRAMS].current, definitions(app).rules)
+    rule_id, first, last = context["chosen"], query.get("from"), query.get("to")
     try:
-        rule = _campaign_rule(app, context["chosen"])
-        first, last = report_campaign.period_of(rule, query.get("from"), query.get("to"))
-        setting = report_campaign.setting_of(app[PROGRAMS].current)
-        # One snapshot for both, so the chart's groups are the table's.
-        result, weeks = await app[DATABASE].read(lambda conn: (
-            report_campaign.report(conn, setting, rule, first, last),
-            report_campaign.weekly(conn, setting, rule, first, last)))
+        # One snapshot for both, so the chart's groups are the table's; refused as the API refuses it.
+        result, chosen, weeks = await app[DATABASE].read(
+            lambda conn: campaign_definitions.report(conn, live, rule_id, first, last, weeks=True))
     except ApiError as e:
         return error_page(request, session, e, "campaigns.html", **context)
     currency = app[PROGRAMS].current.currency
-    svg = chart.weekly_svg(weeks, result, currency, f"{rule.id}: spend per member by week, {first} to {last}")
+    first, last = chosen.first, chosen.last
+    svg = chart.weekly_svg(weeks, result, currency, f"{rule_id}: spend per member by week, {first} to {last}")
     return render(request, "campaigns.html", session, **{
         **context, "first": first.isoformat(), "last": last.isoformat(), "result": result,
         "chart": svg, "verdict": effect_words(result["uplift"], currency)})
