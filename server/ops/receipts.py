@@ -343,7 +343,7 @@ def _cancel_in_tx(deps: Deps, conn, key) -> CancelAnswer:
     if holder is not None:
         apply_take_back(conn, stored.member_id, take_back(conn, reversed_, refunded, today), at)
         give_back_customer_value(deps, conn, key, holder)
-    referral_reversed = [] if referral is None else apply_referral_take_back(conn, referral, at)
+    referral_reversed = [] if referral is None else apply_referral_take_back(conn, referral, at, program, now)
     ledger.mark_cancelled(conn, key)
     result = cancel_answer(key, reversed_, refunded)
     if holder is not None:
