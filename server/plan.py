@@ -146,6 +146,7 @@ def _local_day(moment: datetime, zone: tzinfo) -> str:
 
 def evaluate(program: Program, receipt, state: MemberState | None, today: str) -> Evaluation:
     """The rules on the receipt; a refused redemption is an ApiError."""
+    available = 0
     if state is None:
         ev = program.evaluate(receipt, None, 0, 0, {})
     else:
@@ -156,7 +157,7 @@ def evaluate(program: Program, receipt, state: MemberState | None, today: str) -
             balance_of(lots_read(state), [h for h in state.holds if h.key != key], today).available
         ev = program.evaluate(receipt, state.facts, receipt.redeem_points, available, state.usage, state.budget_left)
     if ev.redeem_refusal:
-        raise refusal(ev.redeem_refusal, program, ev.redeem_most)
+        raise refusal(ev.redeem_refusal, program, ev.redeem_most, receipt.redeem_points, available)
     return ev
 
 
@@ -164,17 +165,30 @@ def key_of(receipt) -> ReceiptKey:
     return receipt.store_id, receipt.register_id, receipt.receipt_id
 
 
-def refusal(code: str, program: Program, most: int | None = None) -> ApiError:
+def refusal(code: str, program: Program, most: int | None = None, asked: int = 0, available: int = 0) -> ApiError:
     """most: the most the receipt lets be paid with points, when that (not the request) is
-    below the minimum: the register should not ask for more points, it cannot."""
-    if code == "below_min_redemption" and most is not None:
+    below the minimum: the register should not ask for more points, it cannot. asked and
+    available: the points the receipt asked for and those the member may spend on it."""
+    if code == "insufficient_points":
+        return insufficient_points(asked, available, program.redemption_min_points)
+    if most is not None:
         message = (f"this receipt may be paid with at most {most} points (its lines that points may pay for), "
                    f"fewer than the {program.redemption_min_points} that must be redeemed at once")
-    elif code == "below_min_redemption":
-        message = f"at least {program.redemption_min_points} points must be redeemed at once"
     else:
-        message = "not enough points available for this redemption"
+        message = f"at least {program.redemption_min_points} points must be redeemed at once"
     return unprocessable(code, message, [{"path": "redeem_points", "message": message}])
+
+
+def insufficient_points(asked: int, available: int, min_points: int = 0, path: str = "redeem_points") -> ApiError:
+    """The member's points fall short. The cashier offers what there is, so the message
+    says how many the member may spend (its own hold counts for a receipt; every other
+    receipt's hold is set aside) and how many were asked for; `details` says it on `path`,
+    the field that asked."""
+    message = (f"{asked} point{'' if asked == 1 else 's'} asked for; the member has {max(available, 0)} available "
+               f"after what registers hold for other receipts")
+    if min_points > 1 and available < min_points:
+        message += f", fewer than the {min_points} that must be redeemed at once"
+    return unprocessable("insufficient_points", message, [{"path": path, "message": message}])
 
 
 def plan_calculate(receipt, state: MemberState | None, program: Program, now: datetime,

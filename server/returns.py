@@ -174,6 +174,9 @@ class ReferralTakeBack:
     referee_id: int
     postings: list[tuple[int, str, list[Posting]]] = field(default_factory=list)
     forget: list[tuple[int, str]] = field(default_factory=list)    # (member it fired for, event id)
+    # The referrer the reward is paid to again, as the first purchase's that follows a
+    # cancelled one (the occasion forgotten first, so it fires once more); None: no payment.
+    pay_to: int | None = None
 
     def by_member(self) -> dict[int, int]:
         """Points taken back, by the member they were paid to."""
@@ -190,12 +193,33 @@ def plan_referral_take_back(referral, referee_id: int | None, cancel: bool, toda
     receipt of the referee stands, which is then the first purchase and keeps it; a cancel
     makes the next receipt a first purchase, so the occasion is forgotten. A return of the
     whole of it takes the reward back but leaves receipt_number, and the occasion, as they
-    are. Nothing is taken twice: a reward taken back gives no points any more."""
-    if referral is None or not referral.first_purchase or (cancel and referral.others):
+    are. Nothing is taken twice: a reward taken back gives no points any more.
+
+    A cancel of a first purchase whose whole return took the reward back, while another
+    receipt of the referee stands, pays the reward again: that receipt is the first
+    purchase now, and its reward is due, unless it was wholly returned too (a whole return
+    of the first purchase takes the reward back)."""
+    if referral is None or not referral.first_purchase:
         return None
+    if cancel and referral.others:
+        # A reward still paid stays with the receipt after; one taken back is due to it again.
+        if referral.rewards or referral.successor is None or (
+                referral.successor_returned
+                and returns_whole(referral.successor_sold, referral.successor_returned, ())):
+            return None
+        return ReferralTakeBack(referee_id, forget=list(referral.fires), pay_to=referral.referrer)
     plan = ReferralTakeBack(referee_id, forget=list(referral.fires) if cancel else [])
     for reward in referral.rewards:
         postings = take_back_postings([(reward.lot_id, None, reward.points, reward.counter)], [],
                                       {reward.lot_id: LotFacts(reward.expires_on, reward.expired)}, today)
         plan.postings.append((reward.member_id, reward.ref, postings))
     return plan if plan.postings or plan.forget else None
+
+
+def returns_whole(sold: dict, prior: dict, lines) -> bool:
+    """Whether, with this return, every unit of every line of the receipt has come back."""
+    now_returned: dict[int, Decimal] = {}
+    for line in lines:
+        now_returned[line.line_no] = now_returned.get(line.line_no, Decimal(0)) + line.qty
+    return all(sum((Decimal(b.qty) for b in prior.get(n, [])), now_returned.get(n, Decimal(0))) >= Decimal(rec.qty)
+               for n, rec in sold.items())

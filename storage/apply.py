@@ -193,11 +193,12 @@ def apply_take_back(conn: sqlite3.Connection, member_id: int, postings, at: Post
     member_care.follow_merge(conn, member_id, at)
 
 
-def apply_referral_take_back(conn: sqlite3.Connection, plan, at: PostingRef) -> list[dict]:
+def apply_referral_take_back(conn: sqlite3.Connection, plan, at: PostingRef, program, now: datetime) -> list[dict]:
     """A referral reward taken back (server/returns.py plan_referral_take_back): each as a
     take-back of its own, under the reward's ref, on the member it was paid to and on to the
     member its points went to since. What each member holding the points lost, for the event
-    that announces it."""
+    that announces it. A reward paid again (plan.pay_to) is fired as a first purchase's
+    confirm fires it (apply_confirms), at `now`, once its occasion is forgotten."""
     taken = []
     for member_id, ref, postings in plan.postings:
         apply_take_back(conn, member_id, postings, PostingRef(at.effective_at, at.created_at, at.rules_version,
@@ -207,4 +208,7 @@ def apply_referral_take_back(conn: sqlite3.Connection, plan, at: PostingRef) -> 
                       "points": points})
     if plan.forget:
         referrals.forget(conn, plan.forget, plan.referee_id)
+    if plan.pay_to is not None:
+        fire_events(conn, program, member_care.points_holder(conn, plan.pay_to), "referred_first_purchase",
+                    referrals.occasion(plan.referee_id), now)
     return taken

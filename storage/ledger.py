@@ -34,7 +34,13 @@ ISO_CACHE_ENTRIES_MAX = 1_024
 
 
 class InsufficientPoints(Refusal):
-    """Raised inside a write when the member's lots cannot cover a debit."""
+    """Raised inside a write when the member's lots cannot cover a debit: `requested` the
+    points asked for, `available` what the lots had beside what others hold (never below 0),
+    so the refusal can tell the caller both."""
+
+    def __init__(self, requested: int, available: int):
+        super().__init__(f"{requested} points requested, {available} available")
+        self.requested, self.available = requested, available
 
 
 @functools.lru_cache(maxsize=ISO_CACHE_ENTRIES_MAX)
@@ -551,7 +557,7 @@ def draw(lots: list[Lot], points: int, day: str, reserved_by_others: int = 0) ->
     usable = [lot for lot in lots if lot.remaining < 0 or lot.state_on(day) == "available"]
     spendable = sum(lot.remaining for lot in usable) - reserved_by_others
     if points > spendable:
-        raise InsufficientPoints(f"{points} points requested, {max(spendable, 0)} available")
+        raise InsufficientPoints(points, max(spendable, 0))
     usable.sort(key=lambda lot: (lot.expires_on is None, lot.expires_on or "", lot.available_from, lot.id))
     drawn, left = [], points
     for lot in usable:

@@ -6,14 +6,18 @@ paid, with the ref `event:<event id>:referral:<referee>`, and event_fires keeps 
 (`referral:<referee>`) so that it is paid once. A take-back is a `reversal` posting with the
 same ref on the same lot, so what a reward still gives is the sum of the two on its lot,
 whatever merges moved the points since (they move them by `transfer` postings, and a
-take-back follows them as a receipt's does: storage.member_care.follow_merge).
+take-back follows them as a receipt's does: storage.member_care.follow_merge). A cancel
+of a first purchase whose whole return took the reward back, while a later receipt of the
+referee stands, pays it again under the same ref on a new lot (the occasion forgotten and
+fired once more): that receipt is the first purchase now.
 """
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from storage import ledger, member_care
+from storage.sql import arrival
 
 
 def occasion(referee_id: int) -> str:
@@ -45,6 +49,14 @@ class Referral:
     rewards: list[Reward]
     first_purchase: bool            # the receipt is the referee's first confirmed one not cancelled
     others: bool                    # other confirmed receipts of the referee, not cancelled, stand
+    referrer: int = 0               # the member who referred (referred_by), maybe merged away since
+    # When a whole return took the first purchase's reward back: the referee's receipt that
+    # becomes the first purchase if this one is cancelled (the next to arrive that stands),
+    # what has been returned of it (ledger.returned_lines) and, when anything was, what it
+    # sold (ledger.receipt_line_records).
+    successor: ledger.ReceiptKey | None = None
+    successor_returned: dict = field(default_factory=dict)
+    successor_sold: dict = field(default_factory=dict)
 
 
 def referral_of(conn: sqlite3.Connection, referee_id: int | None, key: ledger.ReceiptKey) -> Referral | None:
@@ -76,7 +88,21 @@ def referral_of(conn: sqlite3.Connection, referee_id: int | None, key: ledger.Re
     before = ledger.receipts_confirmed_before(conn, referee_id, key)
     standing = conn.execute("SELECT COUNT(*) FROM receipts WHERE member_id = ? AND status = 'confirmed'",
                             (referee_id,)).fetchone()[0]
-    return Referral(fires, [Reward(*r, *facts[r[3]]) for r in rewards], before == 0, standing > 1)
+    successor = next_standing(conn, referee_id, key) if before == 0 and standing > 1 and not rewards else None
+    # The referee's lock, which a cancel or a return holds (ledger.lock_receipt), keeps the
+    # successor's returns as read here until the write commits.
+    returned = {} if successor is None else ledger.returned_lines(conn, successor)
+    sold = ledger.receipt_line_records(conn, successor) if returned else {}
+    return Referral(fires, [Reward(*r, *facts[r[3]]) for r in rewards], before == 0, standing > 1, row[0],
+                    successor, returned, sold)
+
+
+def next_standing(conn: sqlite3.Connection, member_id: int, key: ledger.ReceiptKey) -> ledger.ReceiptKey | None:
+    """The member's first confirmed receipt to arrive other than `key`."""
+    row = conn.execute("SELECT store_id, register_id, receipt_id FROM receipts WHERE member_id = ? "
+                       "AND status = 'confirmed' AND NOT (store_id = ? AND register_id = ? AND receipt_id = ?) "
+                       f"ORDER BY {arrival(conn)} LIMIT 1", (member_id, *key)).fetchone()
+    return None if row is None else tuple(row)
 
 
 def merged_chain(conn: sqlite3.Connection, member_id: int) -> list[int]:

@@ -1,6 +1,8 @@
 """Campaign budgets hold under concurrent receipts and across restarts (the issued points
 are kept in rule_totals, also in a database upgraded to it); a referral pays the
-referrer once, and a cancel or a whole return of the friend's first purchase takes it back."""
+referrer once, and a cancel or a whole return of the friend's first purchase takes it back;
+a cancel of a first purchase already wholly returned pays it for the receipt that becomes
+the first purchase."""
 import asyncio
 import shutil
 import sqlite3
@@ -264,9 +266,69 @@ async def test_a_whole_return_in_two_parts_takes_the_referral_back_once(make_api
     # A return leaves receipt_number as it was: the next receipt is no first purchase.
     await friend_buys_again(api, "F-2", 1)
     assert await available(api, "referrer") == 100
-    # A cancel of the returned receipt takes nothing twice (and F-2 is the first purchase now).
+    await verified(api)
+
+
+async def test_a_cancel_of_a_wholly_returned_first_purchase_pays_the_referral_for_the_receipt_after_it(
+        make_api, tmp_path):
+    """F-1's whole return took the reward back; its cancel makes F-2, which stands (a part
+    of it returned), the first purchase, whose reward is then paid, dated by the cancel."""
+    from datetime import datetime
+    from server.keys import CLOCK
+    api = await referral_paid(make_api, tmp_path)
+    assert (await a_return(api, "RET-1", 2))[0] == 201
+    assert await available(api, "referrer") == 100
+    await friend_buys_again(api, "F-2", 1)
+    assert (await a_return(api, "RET-2", 1, receipt_id="F-2"))[0] == 201
+    assert await available(api, "referrer") == 100
+    _, friend = await api.get("/v1/members/friend")
+    api.client.app[CLOCK].set(datetime.fromisoformat("2026-12-10T10:00:00+02:00"))
+
+    status, cancelled = await cancel(api, "F-1")
+    assert status == 200 and cancelled["status"] == "cancelled"
+    assert await available(api, "referrer") == 100 + 500
+    _, referrer = await api.get("/v1/members/referrer")
+    # A lot of its own, available at once, expiring expiry_days after the day it was paid.
+    assert referrer["expiring"] == [{"date": "2027-11-24", "points": 100}, {"date": "2027-12-10", "points": 500}]
+    _, statement = await api.get("/v1/members/referrer/statement")
+    paid, taken, first = statement["postings"][:3]
+    ref = f"event:referral:referral:{friend['member_id'].removeprefix('m_')}"
+    assert (paid["kind"], paid["points"], paid["ref"], paid["rule"], paid["counter_account"], paid["at"][:19],
+            paid["receipt"], paid["running_balance"]) == (
+        "event", 500, ref, "referral", "issue:program", "2026-12-10T08:00:00", None, 600)
+    assert (taken["kind"], taken["points"], first["kind"], first["points"]) == ("reversal", -500, "event", 500)
+    assert paid["lot"] != first["lot"] == taken["lot"]
+    (event,) = await events_of(api, "receipt.cancelled")
+    assert event["data"]["referral_reversed"] == []
+
+    # Sent again, the cancel pays nothing more.
+    status, again = await cancel(api, "F-1")
+    assert status == 200 and again["already"] is True
+    assert await available(api, "referrer") == 100 + 500
+    # The reward is F-2's now: a cancel of F-2 takes it back, and the next receipt pays it again.
+    assert (await cancel(api, "F-2"))[0] == 200
+    assert await available(api, "referrer") == 100
+    await friend_buys_again(api, "F-3", 2)
+    assert await available(api, "referrer") == 100 + 500
+    await verified(api)
+
+
+async def test_a_cancel_of_a_wholly_returned_first_purchase_pays_nothing_when_the_next_was_returned_too(
+        make_api, tmp_path):
+    api = await referral_paid(make_api, tmp_path)
+    assert (await a_return(api, "RET-1", 2))[0] == 201
+    await friend_buys_again(api, "F-2", 1)
+    assert (await a_return(api, "RET-2", 2, receipt_id="F-2"))[0] == 201
+    assert await available(api, "referrer") == 100
+    # F-2 is the first purchase now, wholly returned: no reward is due for it.
     assert (await cancel(api, "F-1"))[0] == 200
     assert await available(api, "referrer") == 100
+    # A receipt after F-2 is no first purchase (a return leaves receipt_number as it was).
+    await friend_buys_again(api, "F-3", 2)
+    assert await available(api, "referrer") == 100
+    # F-2 cancelled too, F-3 is the first purchase, not returned: the reward is paid for it.
+    assert (await cancel(api, "F-2"))[0] == 200
+    assert await available(api, "referrer") == 100 + 500
     await verified(api)
 
 

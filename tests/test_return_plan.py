@@ -93,6 +93,23 @@ def test_a_referral_is_taken_back_by_a_cancel_or_a_whole_return_of_the_first_pur
     assert again.postings == [] and again.forget == [(4, "referral")]
 
 
+def test_a_cancel_of_a_first_purchase_a_return_took_the_referral_from_pays_it_for_the_receipt_after():
+    later = ("S001", "K01", "F-2")
+    taken = Referral([(4, "referral")], [], True, True, referrer=3, successor=later)
+    paid = plan_referral_take_back(taken, 9, True, "2026-11-24")
+    assert (paid.postings, paid.forget, paid.pay_to) == ([], [(4, "referral")], 3)
+    # Part of the later receipt returned: it still stands as a purchase, and pays.
+    half = dataclasses.replace(taken, successor_sold=SOLD, successor_returned={
+        1: [ReturnedLine("3", 60000, 24, 30, 3000, b"")]})
+    assert plan_referral_take_back(half, 9, True, "2026-11-24").pay_to == 3
+    # All of it returned: no reward is due for it.
+    whole = dataclasses.replace(half, successor_returned={
+        **half.successor_returned, 2: [ReturnedLine("1", 70000, 64, 0, 0, b"")]})
+    assert plan_referral_take_back(whole, 9, True, "2026-11-24") is None
+    # A return of the first purchase plans no payment: it leaves receipt_number as it was.
+    assert plan_referral_take_back(taken, 9, False, "2026-11-24") is None
+
+
 def test_a_referral_whose_points_expired_is_taken_from_the_expiry_account():
     expired = Referral([(4, "referral")], [dataclasses.replace(REWARD, expired=500)], True, False)
     plan = plan_referral_take_back(expired, 9, False, "2026-12-02")

@@ -8,9 +8,10 @@ import msgspec
 from server import schema
 from server.auth import Principal
 from server.answer_types import AdjustmentAnswer
-from server.errors import field_error, unprocessable
+from server.errors import field_error
 from server.ops import JSON, Deps, keyed_fingerprints, replay_any
 from server.ops.members import balance_now, find_member, refuse_if_card_moved
+from server.plan import insufficient_points
 from server.privacy import candidates
 from storage import accounts, ledger
 from storage.ledger import InsufficientPoints, PostingRef, iso
@@ -29,7 +30,7 @@ async def adjust(deps: Deps, req: schema.Adjustment, principal: Principal) -> tu
     try:
         return await deps.db.write(lambda conn: _adjust_in_tx(deps, conn, req, member, principal, fingerprints))
     except InsufficientPoints as e:
-        raise unprocessable("insufficient_points", str(e)) from None
+        raise insufficient_points(e.requested, e.available, path="points") from None
 
 
 def _adjust_in_tx(deps: Deps, conn, req, member, principal, fingerprints) -> tuple[int, AdjustmentAnswer]:

@@ -19,11 +19,11 @@ from server import schema, webhooks
 from server.answer import calculate_answer, cancel_answer, confirm_answer, points_words, receipt_ref
 from server.answer_types import CalculateAnswer, CancelAnswer, ConfirmAnswer, ReceiptBalance
 from server.auth import Principal, require_store
-from server.errors import ApiError, problems_error, unprocessable
+from server.errors import ApiError, problems_error
 from server.member_state import TierTotals, judge_codes, read_member_state, tier_after_receipt
 from server.ops import JSON, Deps, count, replay, sha256
 from server.ops.members import balance_now
-from server.plan import MemberState, evaluate, local_day, plan_calculate, plan_confirm
+from server.plan import MemberState, evaluate, insufficient_points, local_day, plan_calculate, plan_confirm
 from server.privacy import candidates
 from server.returns import LotFacts, plan_cancel, plan_referral_take_back, take_back_postings
 from server.validation import DAY_EARLIEST, DAY_LATEST, DAY_RANGE, Problems
@@ -132,7 +132,7 @@ async def confirm(deps: Deps, receipt: schema.Receipt,
         status, result, ev, encoded = await deps.db.write_grouped(
             confirm_write(program, receipt, card, body, fingerprint, now, seconds, deps.privacy.coupon, deps.segments))
     except InsufficientPoints as e:
-        raise unprocessable("insufficient_points", str(e)) from None
+        raise insufficient_points(receipt.redeem_points, e.available, program.redemption_min_points) from None
     finally:
         _observe(deps, seconds)
     # Refusals are counted by their code where the answer is made (server/app.py).
@@ -343,7 +343,7 @@ def _cancel_in_tx(deps: Deps, conn, key) -> CancelAnswer:
     if holder is not None:
         apply_take_back(conn, stored.member_id, take_back(conn, reversed_, refunded, today), at)
         give_back_customer_value(deps, conn, key, holder)
-    referral_reversed = [] if referral is None else apply_referral_take_back(conn, referral, at)
+    referral_reversed = [] if referral is None else apply_referral_take_back(conn, referral, at, program, now)
     ledger.mark_cancelled(conn, key)
     result = cancel_answer(key, reversed_, refunded)
     if holder is not None:

@@ -2,8 +2,6 @@
 receipt's line records and postings (server/returns.py) and applied through storage."""
 from __future__ import annotations
 
-from decimal import Decimal
-
 import msgspec
 
 from rules import Program
@@ -16,7 +14,7 @@ from server.ops import JSON, Deps, count, replay, sha256
 from server.ops.members import balance_now
 from server.ops.receipts import check_lines, give_back_customer_value, take_back
 from server.plan import local_day, partner_of
-from server.returns import plan_referral_take_back, plan_return
+from server.returns import plan_referral_take_back, plan_return, returns_whole
 from storage import imports, ledger, member_care, referrals
 from storage.apply import apply_referral_take_back, apply_take_back
 from storage.ledger import PostingRef, iso
@@ -71,7 +69,7 @@ def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint,
         apply_take_back(conn, stored.member_id, take_back(conn, plan.reversals, plan.refunds, today), at)
         if whole:
             give_back_customer_value(deps, conn, rec_key, holder)
-    referral_reversed = [] if referral is None else apply_referral_take_back(conn, referral, at)
+    referral_reversed = [] if referral is None else apply_referral_take_back(conn, referral, at, program, now)
     for line_no, line in plan.lines.items():
         ledger.insert_return_line(conn, rec_key, line_no, ret_key, line, iso(now))
     result = return_answer(plan, ret_key, rec_key, holder)
@@ -86,15 +84,6 @@ def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint,
             "amount": result.amount, "balance": msgspec.to_builtins(result.balance),
             "referral_reversed": referral_reversed}, now)
     return 201, result
-
-
-def returns_whole(sold: dict, prior: dict, lines) -> bool:
-    """Whether, with this return, every unit of every line of the receipt has come back."""
-    now_returned: dict[int, Decimal] = {}
-    for line in lines:
-        now_returned[line.line_no] = now_returned.get(line.line_no, Decimal(0)) + line.qty
-    return all(sum((Decimal(b.qty) for b in prior.get(n, [])), now_returned.get(n, Decimal(0))) >= Decimal(rec.qty)
-               for n, rec in sold.items())
 
 
 def check_return_store(program: Program, principal: Principal, store_id: str, receipt_store_id: str) -> None:
