@@ -122,6 +122,7 @@ def install_probes(events: dict[str, list]) -> None:
     timed(Database, "_answer", "answer", lambda self, args, _: (len(args[0]), threading.current_thread().name))
     timed(Database, "_checkpoint", "checkpoint", lambda self, args, row: (args[1], threading.current_thread().name, row))
     timed(Database, "_checkpoint_on_writer", "checkpoint_on_writer")
+    timed(Database, "_flush_copied_pages", "db_sync")
 
     # When the loop runs the answers the sync thread handed it (call_soon_threadsafe looks
     # the function up by name at each call).
@@ -201,7 +202,7 @@ class Track:
 def serve(config: str, out: str) -> int:
     events: dict = {kind: Track() for kind in (
         "gc", "loop_turn", "run_functions", "commit", "fdatasync", "answer", "checkpoint",
-        "checkpoint_on_writer", "request", "lag", "settle")}
+        "checkpoint_on_writer", "request", "lag", "settle", "db_sync")}
     events["survivors"] = []
     if not os.environ.get("TAIL_PROBE_GARBAGE_ONLY"):
         install_probes(events)
@@ -245,7 +246,7 @@ def analyse(events: dict[str, list], first: float, last: float) -> dict:
     out["gc_threads"] = sorted({g[4] for g in gcs})
     out["gen2_walked_objects"] = [g[5] for g in gcs if g[2] == 2 and len(g) > 5]
     out["frozen_objects"] = max((g[6] for g in gcs if len(g) > 6), default=0)
-    for kind in ("loop_turn", "commit", "fdatasync", "checkpoint", "checkpoint_on_writer", "answer"):
+    for kind in ("loop_turn", "commit", "fdatasync", "checkpoint", "checkpoint_on_writer", "answer", "db_sync"):
         out[kind] = summary([e[1] for e in events[kind]])
     for mode in sorted({e[2] for e in events["checkpoint"] if len(e) > 2}):
         spans = [e for e in events["checkpoint"] if len(e) > 2 and e[2] == mode]
@@ -258,6 +259,7 @@ def analyse(events: dict[str, list], first: float, last: float) -> dict:
     out["answers_per_s"] = len(events["answer"]) / (last - first)
     out["lag_ms"] = summary([e[1] for e in events["lag"]])
     out.update(hand_offs(events))
+    out["slow_fdatasyncs"] = slow_syncs(events)
     out["slow"] = overlaps(slow, events, gcs)
     out["all"] = overlaps(requests, events, gcs)
     return out
@@ -328,6 +330,24 @@ def slow_with_collections(events: dict[str, list], first: float, last: float) ->
     return out
 
 
+def slow_syncs(events: dict[str, list]) -> dict:
+    """The WAL's fdatasyncs at or above their p99 beside the checkpoint thread's work: the
+    share that overlapped a PASSIVE (its copy, and SQLite's own sync of the database file
+    when it reaches the WAL's end) or the database file's fdatasync after one, against the
+    same share of all fdatasyncs."""
+    syncs = events["fdatasync"]
+    if not syncs:
+        return {}
+    p99 = sorted(e[1] for e in syncs)[int(len(syncs) * 0.99)]
+    out = {"p99_ms": round(p99 * 1000, 3)}
+    for name, spans in (("passive", events["checkpoint"]), ("database fdatasync", events["db_sync"])):
+        spans = sorted(spans)
+        for label, chosen in (("slow", [e for e in syncs if e[1] >= p99]), ("all", syncs)):
+            hit = sum(overlap(spans, e[0], e[0] + e[1]) > 0 for e in chosen)
+            out[f"{label} overlapping a {name}"] = round(hit / len(chosen), 3)
+    return out
+
+
 def hand_offs(events: dict[str, list]) -> dict:
     """What the two hand-offs of a batch cost it in waiting: from the end of its COMMIT to the
     start of its fdatasync, counted only when the sync thread had nothing to do (no fdatasync
@@ -364,6 +384,7 @@ def overlaps(requests: list, events: dict[str, list], gcs: list) -> dict:
         "fdatasync (ms)": events["fdatasync"],
         "checkpoint on the write turn (ms)": events["checkpoint_on_writer"],
         "checkpoint, any (ms)": events["checkpoint"],
+        "database file's fdatasync after a PASSIVE (ms)": events["db_sync"],
     }
     out: dict = {}
     for name, spans in kinds.items():
