@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import threading
@@ -451,15 +450,14 @@ def run(tree: Path, rate: float, members: int, seconds: int, label: str, warm_up
         step: float = 0) -> dict:
     sys.path.insert(0, str(HERE.parent))
     from benchmarks import gen_members, receipts
-    from benchmarks.run import DATA, ROOT, VENV_BIN, Server, drop_database, measured, server_config, wrk
+    from benchmarks.run import DATA, ROOT, VENV_BIN, Server, copy_database, measured, server_config, wrk
     DATA.mkdir(parents=True, exist_ok=True)
     templates = DATA / "receipts.txt"
     receipts.generate(templates)
     source = DATA / f"members-{members}.db"
     gen_members.generate(source, members)
     db = DATA / f"tail-{label}.db"
-    drop_database(db)
-    shutil.copy(source, db)
+    copy_database(source, db)
     config = server_config(DATA / f"tail-{label}.yaml", db, tree / "rules" / "programs" / "market", members=members)
     out = DATA / f"tail-{label}.json"
     argv = [str(VENV_BIN / "python"), str(HERE / "tail_probe.py"), "--serve", str(config), str(out)]
