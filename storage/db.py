@@ -29,7 +29,8 @@ the connection: with every receipt read, evaluated and written inside its batch,
 connection waiting for the disk had left the loop idle for a sixth of the time.
 
 The WAL is kept short: a checkpoint thread copies it into the database without blocking
-anyone (PASSIVE) and syncs the database file after each copy. SQLite restarts the WAL by
+anyone (PASSIVE) and syncs the database file after each copy, writing the copied pages out
+a slice at a time first, so that a WAL fdatasync never queues behind the whole copy. SQLite restarts the WAL by
 itself only when a write begins after a checkpoint copied every frame and while no reader
 uses the WAL; a copy of half a second of frames nearly never ends before the next commit,
 so once the WAL holds a quarter of wal_checkpoint_bytes the thread tries to catch up with
@@ -271,6 +272,40 @@ def _sync_folder(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _sync_file_range():
+    """Linux's sync_file_range(2), or None where the C library has none."""
+    try:
+        import ctypes
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return call
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+# SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
+_WRITE_AND_WAIT = 1 | 2 | 4
+DATABASE_WRITE_OUT_SLICE_BYTES = 256 * 1024
+
+
+def _write_out_in_slices(fd: int) -> None:
+    """Writes the file's dirty pages out a slice at a time, each waited for before the next.
+
+    A checkpoint's copy leaves some MB of the database file dirty; one fdatasync sends them
+    to the disk at once, and the WAL's fdatasync that comes meanwhile, which a batch of
+    receipts waits for, queues behind all of it (the slowest WAL syncs overlapped the
+    database file's sync 10 to 45 times more often than the others). A slice at a time,
+    it waits behind one slice at most. The fdatasync after it still makes the file durable;
+    this only orders the writing."""
+    if _SYNC_FILE_RANGE is None:
+        return
+    size = os.fstat(fd).st_size
+    for offset in range(0, size, DATABASE_WRITE_OUT_SLICE_BYTES):
+        if _SYNC_FILE_RANGE(fd, offset, DATABASE_WRITE_OUT_SLICE_BYTES, _WRITE_AND_WAIT) != 0:
+            return          # the fdatasync that follows writes the rest and reports a failure
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -867,6 +902,7 @@ class Database:
         if self._db_fd is None:
             return
         try:
+            _write_out_in_slices(self._db_fd)
             os.fdatasync(self._db_fd)
         except OSError as err:
             log.debug("storage %s: fdatasync of the database file after a checkpoint failed: %s",
