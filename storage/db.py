@@ -29,20 +29,20 @@ the connection: with every receipt read, evaluated and written inside its batch,
 connection waiting for the disk had left the loop idle for a sixth of the time.
 
 The WAL is kept short: a checkpoint thread copies it into the database without blocking
-anyone (PASSIVE) and syncs the database file after each copy, writing the copied pages out
-a slice at a time first, so that a WAL fdatasync never queues behind the whole copy. SQLite restarts the WAL by
-itself only when a write begins after a checkpoint copied every frame and while no reader
-uses the WAL; a copy of half a second of frames nearly never ends before the next commit,
-so once the WAL holds a quarter of wal_checkpoint_bytes the thread tries to catch up with
-short passes while no batch is being written, until one ends first. Should the WAL
-still pass wal_checkpoint_bytes (commits back to back, a long reader), the write
-connection itself, on the write turn between two batches (no batch runs meanwhile),
-finishes the copy and restarts the WAL from its beginning (RESTART; the next commit cuts
-the file back to that size: journal_size_limit). RESTART waits (briefly) for readers, and
-new readers leave the WAL alone once it is all copied. When nothing has been written for
-a second the write turn empties the file (TRUNCATE).
-Run on the write connection, both keep its page cache, which a checkpoint by another
-connection that restarts the WAL would empty.
+anyone (PASSIVE) and syncs the database file after each copy, having written the copied
+pages out a slice at a time, so that a WAL fdatasync never queues behind the whole copy.
+SQLite restarts the WAL by itself only when a write begins after a checkpoint copied every
+frame and while no reader uses the WAL; a copy of half a second of frames nearly never
+ends before the next commit, so once the WAL holds a quarter of wal_checkpoint_bytes the
+thread tries to catch up with short passes while no batch is being written, until one ends
+first. Should the WAL still pass wal_checkpoint_bytes (commits back to back, a long
+reader), the write connection itself, on the write turn between two batches (no batch runs
+meanwhile), finishes the copy and restarts the WAL from its beginning (RESTART; the next
+commit cuts the file back to that size: journal_size_limit). RESTART waits (briefly) for
+readers, and new readers leave the WAL alone once it is all copied. When nothing has been
+written for a second the write turn empties the file (TRUNCATE). Run on the write
+connection, both keep its page cache, which a checkpoint by another connection that
+restarts the WAL would empty.
 
 A full disk, another program's write lock and the database's files deleted or replaced
 under the server fail writes with the typed errors of storage.health. The last is checked
@@ -58,6 +58,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
 import logging
 import os
 import queue
@@ -275,11 +276,11 @@ def _sync_folder(folder: Path) -> None:
 
 
 def _sync_file_range():
-    """Linux's sync_file_range(2), or None where the C library has none."""
+    """Linux's sync_file_range(2), or None where the C library has none. Called through
+    ctypes, it runs without the GIL, as os.fdatasync does."""
     try:
-        import ctypes
         call = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return None
     call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
     return call
@@ -890,7 +891,8 @@ class Database:
             return self._turn == _IDLE and not self._pending
 
     def _flush_copied_pages(self) -> None:
-        """fdatasync of the database file after a PASSIVE that copied frames.
+        """fdatasync of the database file after a PASSIVE that copied frames (its pages
+        written out in slices first: _write_out_in_slices).
 
         SQLite syncs the database file only when a checkpoint finds it copied up to the WAL's
         current end, which under load a commit during the copy has always moved: the pages
