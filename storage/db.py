@@ -290,6 +290,9 @@ _SYNC_FILE_RANGE = _sync_file_range()
 # SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
 _WRITE_AND_WAIT = 1 | 2 | 4
 DATABASE_WRITE_OUT_SLICE_BYTES = 256 * 1024
+# Each slice is a system call, clean or not: a file of many GB would cost tens of ms of CPU
+# every flush at 256 KiB, so a large file's slices grow to keep their number bounded.
+DATABASE_WRITE_OUT_SLICES_MAX = 1024
 
 
 def _write_out_in_slices(fd: int) -> None:
@@ -304,8 +307,9 @@ def _write_out_in_slices(fd: int) -> None:
     if _SYNC_FILE_RANGE is None:
         return
     size = os.fstat(fd).st_size
-    for offset in range(0, size, DATABASE_WRITE_OUT_SLICE_BYTES):
-        if _SYNC_FILE_RANGE(fd, offset, DATABASE_WRITE_OUT_SLICE_BYTES, _WRITE_AND_WAIT) != 0:
+    slice_bytes = max(DATABASE_WRITE_OUT_SLICE_BYTES, -(-size // DATABASE_WRITE_OUT_SLICES_MAX))
+    for offset in range(0, size, slice_bytes):
+        if _SYNC_FILE_RANGE(fd, offset, slice_bytes, _WRITE_AND_WAIT) != 0:
             return          # the fdatasync that follows writes the rest and reports a failure
 
 

@@ -248,3 +248,21 @@ def test_the_checkpoint_thread_writes_the_database_out_a_slice_at_a_time_then_sy
         assert ranges[-1][0] < sizes[0] <= ranges[-1][0] + ranges[-1][1], (ranges[-1], sizes[0])
     finally:
         db.close()
+
+
+def test_a_large_database_file_is_written_out_in_a_bounded_number_of_slices(tmp_path, monkeypatch):
+    # A slice is a system call even where nothing is dirty: a file of tens of GB in 256 KiB
+    # slices would spend tens of ms of CPU on every flush.
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(storage_db, "_SYNC_FILE_RANGE", lambda fd, offset, length, flags: calls.append((offset, length)) or 0)
+    big = tmp_path / "big.db"
+    with open(big, "wb") as f:
+        f.truncate(5 * 1024 ** 3 + 7)      # sparse: nothing written
+    fd = os.open(big, os.O_RDONLY)
+    try:
+        storage_db._write_out_in_slices(fd)
+    finally:
+        os.close(fd)
+    assert len(calls) <= storage_db.DATABASE_WRITE_OUT_SLICES_MAX
+    assert calls[0][0] == 0 and all(b[0] == a[0] + a[1] for a, b in zip(calls, calls[1:]))
+    assert calls[-1][0] + calls[-1][1] >= 5 * 1024 ** 3 + 7
