@@ -18,7 +18,6 @@ which measures a server that has been running, as a till meets it.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import gen_rules, receipts  # noqa: E402
-from benchmarks.run import (DATA, PORT, ROOT, VENV_BIN, Server, drop_database, log, measured,  # noqa: E402
+from benchmarks.run import (DATA, PORT, ROOT, VENV_BIN, Server, copy_database, log, measured,  # noqa: E402
                             server_config, wrk)
 
 
@@ -64,8 +63,7 @@ def main() -> None:
         port = PORT + offset if args.together else PORT
         tree = export(rev)
         db = DATA / f"ab-{label}.db"
-        drop_database(db)
-        shutil.copy(source, db)
+        copy_database(source, db)
         knows_cache = "preload" in (tree / "server" / "config.py").read_text()
         sides[label] = (rev, tree, server_config(DATA / f"ab-{label}.yaml", db, rules_dir.resolve(),
                                                  members=args.members, cache=knows_cache, port=port), port)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import gen_members, receipts  # noqa: E402
-from benchmarks.run import (DATA, ROOT, STAGES, VENV_BIN, Server, drop_database, measured,  # noqa: E402
+from benchmarks.run import (DATA, ROOT, STAGES, VENV_BIN, Server, copy_database, measured,  # noqa: E402
                             metrics, pyspy_record, server_config, summarize_profile, wrk)
 
 def proc_io(pid: int) -> dict[str, int]:
@@ -72,8 +71,7 @@ def main() -> None:
     source = DATA / f"members-{args.members}.db"
     gen_members.generate(source, args.members)
     db = DATA / "half-load.db"
-    drop_database(db)
-    shutil.copy(source, db)
+    copy_database(source, db)
     config = server_config(DATA / "half-load.yaml", db, ROOT / "rules" / "programs" / "market", members=args.members)
     argv = [str(VENV_BIN / "python"), "-m", "server.cli", "serve", "--config", str(config)]
     with Server("half-load", argv, ready=True) as server:

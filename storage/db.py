@@ -29,19 +29,20 @@ the connection: with every receipt read, evaluated and written inside its batch,
 connection waiting for the disk had left the loop idle for a sixth of the time.
 
 The WAL is kept short: a checkpoint thread copies it into the database without blocking
-anyone (PASSIVE) and syncs the database file after each copy. SQLite restarts the WAL by
-itself only when a write begins after a checkpoint copied every frame and while no reader
-uses the WAL; a copy of half a second of frames nearly never ends before the next commit,
-so once the WAL holds a quarter of wal_checkpoint_bytes the thread tries to catch up with
-short passes while no batch is being written, until one ends first. Should the WAL
-still pass wal_checkpoint_bytes (commits back to back, a long reader), the write
-connection itself, on the write turn between two batches (no batch runs meanwhile),
-finishes the copy and restarts the WAL from its beginning (RESTART; the next commit cuts
-the file back to that size: journal_size_limit). RESTART waits (briefly) for readers, and
-new readers leave the WAL alone once it is all copied. When nothing has been written for
-a second the write turn empties the file (TRUNCATE).
-Run on the write connection, both keep its page cache, which a checkpoint by another
-connection that restarts the WAL would empty.
+anyone (PASSIVE) and syncs the database file after each copy, having written the copied
+pages out a slice at a time, so that a WAL fdatasync never queues behind the whole copy.
+SQLite restarts the WAL by itself only when a write begins after a checkpoint copied every
+frame and while no reader uses the WAL; a copy of half a second of frames nearly never
+ends before the next commit, so once the WAL holds a quarter of wal_checkpoint_bytes the
+thread tries to catch up with short passes while no batch is being written, until one ends
+first. Should the WAL still pass wal_checkpoint_bytes (commits back to back, a long
+reader), the write connection itself, on the write turn between two batches (no batch runs
+meanwhile), finishes the copy and restarts the WAL from its beginning (RESTART; the next
+commit cuts the file back to that size: journal_size_limit). RESTART waits (briefly) for
+readers, and new readers leave the WAL alone once it is all copied. When nothing has been
+written for a second the write turn empties the file (TRUNCATE). Run on the write
+connection, both keep its page cache, which a checkpoint by another connection that
+restarts the WAL would empty.
 
 A full disk, another program's write lock and the database's files deleted or replaced
 under the server fail writes with the typed errors of storage.health. The last is checked
@@ -57,6 +58,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
 import logging
 import os
 import queue
@@ -271,6 +273,44 @@ def _sync_folder(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _sync_file_range():
+    """Linux's sync_file_range(2), or None where the C library has none. Called through
+    ctypes, it runs without the GIL, as os.fdatasync does."""
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError, TypeError):
+        return None
+    call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return call
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+# SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
+_WRITE_AND_WAIT = 1 | 2 | 4
+DATABASE_WRITE_OUT_SLICE_BYTES = 256 * 1024
+# Each slice is a system call, clean or not: a file of many GB would cost tens of ms of CPU
+# every flush at 256 KiB, so a large file's slices grow to keep their number bounded.
+DATABASE_WRITE_OUT_SLICES_MAX = 1024
+
+
+def _write_out_in_slices(fd: int) -> None:
+    """Writes the file's dirty pages out a slice at a time, each waited for before the next.
+
+    A checkpoint's copy leaves some MB of the database file dirty; one fdatasync sends them
+    to the disk at once, and the WAL's fdatasync that comes meanwhile, which a batch of
+    receipts waits for, queues behind all of it (the slowest WAL syncs overlapped the
+    database file's sync 10 to 45 times more often than the others). A slice at a time,
+    it waits behind one slice at most. The fdatasync after it still makes the file durable;
+    this only orders the writing."""
+    if _SYNC_FILE_RANGE is None:
+        return
+    size = os.fstat(fd).st_size
+    slice_bytes = max(DATABASE_WRITE_OUT_SLICE_BYTES, -(-size // DATABASE_WRITE_OUT_SLICES_MAX))
+    for offset in range(0, size, slice_bytes):
+        if _SYNC_FILE_RANGE(fd, offset, slice_bytes, _WRITE_AND_WAIT) != 0:
+            return          # the fdatasync that follows writes the rest and reports a failure
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -855,7 +895,8 @@ class Database:
             return self._turn == _IDLE and not self._pending
 
     def _flush_copied_pages(self) -> None:
-        """fdatasync of the database file after a PASSIVE that copied frames.
+        """fdatasync of the database file after a PASSIVE that copied frames (its pages
+        written out in slices first: _write_out_in_slices).
 
         SQLite syncs the database file only when a checkpoint finds it copied up to the WAL's
         current end, which under load a commit during the copy has always moved: the pages
@@ -867,6 +908,7 @@ class Database:
         if self._db_fd is None:
             return
         try:
+            _write_out_in_slices(self._db_fd)
             os.fdatasync(self._db_fd)
         except OSError as err:
             log.debug("storage %s: fdatasync of the database file after a checkpoint failed: %s",

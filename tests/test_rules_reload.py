@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import pathlib
+import weakref
 from datetime import datetime, timezone
 
 import pytest
@@ -124,3 +125,25 @@ def test_memory_stays_flat_over_programs_that_matched_receipts():
     gc.collect()
     # 500 programs each leaving their sessions behind grew it by some 70 MiB
     assert rss_kib() - before < 8 * 1024
+
+
+def test_a_replaced_program_is_freed_without_the_cyclic_collector():
+    """The server freezes what it holds at start-up (server/app.py: a full collection then
+    never walks it), the first program too. A program replaced by a reload must therefore go
+    by its reference count alone: one that needed the cyclic collector would be kept, with
+    its engine ruleset, for the life of the process."""
+    sale = receipt("2026-11-24T12:00:00+02:00", line(1, "dairy", 9100))
+    member = MemberFacts(member_id="m_1", tier="base")
+    program = load_program(MARKET, datetime(2026, 11, 24, tzinfo=timezone.utc))
+    assert program.evaluate(sale, member, 0, 0, {}, None).accrued_points > 0
+    gc.collect()
+    gc.disable()
+    gc.freeze()
+    try:
+        served = weakref.ref(program)
+        program = load_program(MARKET, datetime(2026, 11, 24, tzinfo=timezone.utc))  # install(): not closed
+        assert served() is None
+    finally:
+        gc.unfreeze()
+        gc.enable()
+    program.close()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import storage.db as storage_db
 from storage.db import Database
 from test_crash_safety import Server
 from test_storage_faults import confirm, enroll, get, metric, receipt, session_for_tests
@@ -196,3 +197,72 @@ def test_light_load_starts_the_wal_again_without_making_writes_wait(tmp_path):
     assert started_again >= 3, (started_again, restarts)
     assert restarts <= started_again // 4, (started_again, restarts)
     assert largest[0] <= 2 * MIB, largest[0]
+
+
+@pytest.mark.skipif(getattr(storage_db, "_SYNC_FILE_RANGE", True) is None, reason="no sync_file_range in this C library")
+def test_the_checkpoint_thread_writes_the_database_out_a_slice_at_a_time_then_syncs_it(tmp_path, monkeypatch):
+    # One fdatasync of a copy's pages sent them to the disk at once; a WAL fdatasync, which
+    # receipts wait for, queued behind all of them.
+    calls: list[tuple[str, int, int, int]] = []
+    real_range, real_fdatasync = storage_db._SYNC_FILE_RANGE, os.fdatasync
+
+    sizes: list[int] = []
+
+    def recorded_range(fd, offset, length, flags):
+        calls.append(("range", fd, offset, length))
+        if offset == 0:
+            sizes.append(os.fstat(fd).st_size)        # the file as the slices began
+        return real_range(fd, offset, length, flags)
+
+    def recorded_fdatasync(fd):
+        calls.append(("fdatasync", fd, 0, 0))
+        return real_fdatasync(fd)
+
+    monkeypatch.setattr(storage_db, "_SYNC_FILE_RANGE", recorded_range)
+    monkeypatch.setattr(storage_db.os, "fdatasync", recorded_fdatasync)
+    db = Database(tmp_path / "loyalty.db", migrations=make_migrations(), wal_checkpoint_bytes=64 * MIB)
+    db.open()
+    try:
+        database_fd = db._db_fd
+
+        def synced_after_slices() -> int | None:
+            """Where in `calls` the database's first fdatasync after its slices is."""
+            seen_range = False
+            for at, (kind, fd, *_) in enumerate(list(calls)):
+                if fd == database_fd and kind == "range":
+                    seen_range = True
+                elif fd == database_fd and kind == "fdatasync" and seen_range:
+                    return at
+            return None
+
+        for _ in range(40):
+            asyncio.run(light_writes(db, 0.5, [0]))
+            if synced_after_slices() is not None:
+                break
+        synced = synced_after_slices()
+        assert synced is not None, calls[:10]
+        ranges = [(offset, length) for kind, fd, offset, length in calls[:synced] if kind == "range" and fd == database_fd]
+        # from the start of the file, each slice where the last ended, to the file's end
+        assert ranges[0][0] == 0, ranges[:3]
+        assert all(b[0] == a[0] + a[1] for a, b in zip(ranges, ranges[1:])), ranges[:5]
+        assert ranges[-1][0] < sizes[0] <= ranges[-1][0] + ranges[-1][1], (ranges[-1], sizes[0])
+    finally:
+        db.close()
+
+
+def test_a_large_database_file_is_written_out_in_a_bounded_number_of_slices(tmp_path, monkeypatch):
+    # A slice is a system call even where nothing is dirty: a file of tens of GB in 256 KiB
+    # slices would spend tens of ms of CPU on every flush.
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(storage_db, "_SYNC_FILE_RANGE", lambda fd, offset, length, flags: calls.append((offset, length)) or 0)
+    big = tmp_path / "big.db"
+    with open(big, "wb") as f:
+        f.truncate(5 * 1024 ** 3 + 7)      # sparse: nothing written
+    fd = os.open(big, os.O_RDONLY)
+    try:
+        storage_db._write_out_in_slices(fd)
+    finally:
+        os.close(fd)
+    assert len(calls) <= storage_db.DATABASE_WRITE_OUT_SLICES_MAX
+    assert calls[0][0] == 0 and all(b[0] == a[0] + a[1] for a, b in zip(calls, calls[1:]))
+    assert calls[-1][0] + calls[-1][1] >= 5 * 1024 ** 3 + 7
