@@ -67,6 +67,11 @@ async def set_crm(app, card: str, patch: schema.MemberPatch) -> None:
     now = iso(app[CLOCK].now())
 
     def write(conn):
+        # Found before the write: an erasure or a merge committed in between would have the
+        # CRM's id and consent written onto a member erased or merged away, where the id then
+        # stays taken from the member the customer is now.
+        ledger.lock_member(conn, member.id)
+        member_ops.refuse_if_card_moved(conn, app[OPS], card, member)
         try:
             member_care.set_crm(conn, member.id, patch.crm_id, consent, now)
         except CareRefused as e:

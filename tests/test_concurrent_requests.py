@@ -482,3 +482,44 @@ def locked_by_another(path, member_id: int) -> bool:
         except psycopg.errors.LockNotAvailable:
             return True
     return False
+
+
+# What lands between a PATCH's look-up of its card and its write of the CRM's fields.
+BEFORE_THE_CRM_WRITE = {
+    "erasure": lambda member: ("POST", f"/v1/admin/members/{member}/erase", {"reason": "asked"}),
+    "merge": lambda member: ("POST", "/v1/admin/members/merge", {"merge_id": "MG-1", "from_member_id": member,
+                                                                 "into_member_id": "m_2", "reason": "r"}),
+}
+
+
+@pytest.mark.parametrize("between", BEFORE_THE_CRM_WRITE)
+async def test_crm_fields_sent_as_their_member_is_erased_or_merged_are_not_written_to_it(make_api, monkeypatch,
+                                                                                         between):
+    """A PATCH of the CRM's fields whose card was looked up just before an erasure or a merge
+    of its member committed is refused as the card now is: written, the erased member would
+    carry a CRM id and consent again, and the member merged away would keep the CRM id from
+    the member the customer is now."""
+    from server import member_care
+    api = await make_api(now=NOW)
+    member = await member_with(api, CARD, 100)
+    keep = await member_with(api, OTHER, 100)
+    assert keep["member_id"] == "m_2"
+    real, ran = member_care.member_ops.find_member, []
+
+    async def then_committed(deps, card, path="card"):
+        found = await real(deps, card, path)
+        if not ran:
+            ran.append(await api.call(*BEFORE_THE_CRM_WRITE[between](member["member_id"])))
+        return found
+
+    monkeypatch.setattr(member_care.member_ops, "find_member", then_committed)
+    status, refused = await api.patch(f"/v1/members/{CARD}", {"crm_id": "CRM-1", "consent": {"sms": True}})
+    assert ran[0][0] in (200, 201), ran
+    # An erased member's cards are gone without a trace; a merged one's say where they went.
+    code = {"erasure": "unknown_card", "merge": "card_merged"}[between]
+    assert (status, refused["error"]["code"]) == (422, code), refused
+    row = await api.client.server.app[DATABASE].read(lambda c: c.execute(
+        "SELECT crm_id, consent_sms FROM members WHERE id = ?", (int(member["member_id"][2:]),)).fetchone())
+    assert tuple(row) == (None, 0)
+    status, kept = await api.patch(f"/v1/members/{OTHER}", {"crm_id": "CRM-1"})
+    assert status == 200 and kept["crm_id"] == "CRM-1", kept
