@@ -23,7 +23,7 @@ from server.ops import keyed_fingerprints
 from server.privacy import candidates
 from server.validation import Problems
 from rules.problems import suggest
-from storage import coupons, offers, segments
+from storage import coupons, ledger, offers, segments
 from storage.ledger import member_id_of_card
 from storage.member_care import RetiredCard, retired_card
 from storage.schema import legacy_fingerprint
@@ -277,8 +277,17 @@ async def create_coupons(app, call):
     privacy, now = app[PRIVACY], app[CLOCK].now()
     card_hmac = privacy.card(body.card) if body.card else None
     codes = [coupons.new_code() for _ in range(body.count)]
-    taken = await app[DATABASE].write(
-        lambda conn: coupons.add_codes(conn, campaign, codes, card_hmac, privacy.coupon, now), off_loop=True)
+
+    def write(conn):
+        if card_hmac is not None:
+            # Looked at on a reader above: a replacement or a merge of the card committed since
+            # rebound the codes it found, not these, which no register could present. Under its
+            # member's lock (PostgreSQL) a replacement or merge waits for these, or is seen here.
+            ledger.lock_member_of_card(conn, card_hmac)
+            if (retired := retired_card(conn, card_hmac)) is not None:
+                raise member_care.retired_refusal(body.card, retired)
+        return coupons.add_codes(conn, campaign, codes, card_hmac, privacy.coupon, now)
+    taken = await app[DATABASE].write(write, off_loop=True)
     if taken:   # two draws of 60 random bits met: answer only codes that are the caller's alone
         raise ApiError(503, "try_again", "a generated code collided with an existing one; nothing was lost, "
                        "ask again", headers={"Retry-After": "0"})
