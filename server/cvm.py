@@ -27,6 +27,7 @@ from storage import coupons, ledger, offers, segments
 from storage.ledger import member_id_of_card
 from storage.member_care import RetiredCard, retired_card
 from storage.schema import legacy_fingerprint
+from storage.sql import WriteConflict
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,18 @@ def members_of_cards(conn, privacy, cards: list[str]) -> list[int]:
     return found
 
 
+def locked_members_of_cards(conn, privacy, cards: list[str]) -> list[int]:
+    """members_of_cards, read again under the members' locks (PostgreSQL), for a write that
+    gives them an offer or changes their list segments: a merge that committed between the
+    look-up and the lock moved the member's offers and lists before this wrote, and what
+    this wrote would stay on a member no card reaches. Read again, such a card is refused as
+    merged (or the write runs again, for a card given to another member meanwhile)."""
+    found = members_of_cards(conn, privacy, cards)
+    if ledger.lock_members(conn, found) and members_of_cards(conn, privacy, cards) != found:
+        raise WriteConflict("a card changed members while its offer or segment was written")
+    return found
+
+
 def cards_refused(refused: list[tuple[int, str, RetiredCard | None]]) -> ApiError:
     """The code is the first refused card's (in the order sent): `unknown_card`,
     `card_replaced` or `card_merged`; `details` says what happened to each."""
@@ -164,7 +177,7 @@ async def _change_segment(app, call, change):
     privacy, now = app[PRIVACY], app[CLOCK].now()
 
     def write(conn):
-        return change(conn, d.id, members_of_cards(conn, privacy, call.body.cards), now)
+        return change(conn, d.id, locked_members_of_cards(conn, privacy, call.body.cards), now)
     size = await app[DATABASE].write(write, off_loop=True)
     return json_reply(A.SegmentSizeAnswer(d.id, size))
 
@@ -255,7 +268,7 @@ async def assign_offer(app, call):
     digest = offer_fingerprints(privacy, body)
 
     def write(conn):
-        members = segments.members_of(conn, d) if d else members_of_cards(conn, privacy, body.cards)
+        members = segments.members_of(conn, d) if d else locked_members_of_cards(conn, privacy, body.cards)
         return offers.assign(conn, body.offer_id, body.rule, digest, body.from_, body.to, body.points, members, now)
     try:
         done = await app[DATABASE].write(write, off_loop=True)
