@@ -133,13 +133,18 @@ def birthday_batch(conn, program: Program, now: datetime, after: int = MEMBERS_S
     if days[0] == "02-28" and not _leap(today.year):
         days.append("02-29")
     occasion = f"birthday:{today.year}"
-    rows = conn.execute(
-        f"SELECT id FROM members m WHERE substr(birthday, 6) IN ({','.join('?' * len(days))}) "
-        "AND m.merged_into IS NULL AND NOT EXISTS "
-        "(SELECT 1 FROM event_fires e WHERE e.member_id = m.id AND e.occasion = ?) AND m.id > ? "
-        "ORDER BY m.id LIMIT ?",
-        (*days, occasion, after, BATCH_ROWS_MAX)).fetchall()
-    for (member_id,) in rows:
+    born = (f"substr(birthday, 6) IN ({','.join('?' * len(days))}) AND m.merged_into IS NULL AND NOT EXISTS "
+            "(SELECT 1 FROM event_fires e WHERE e.member_id = m.id AND e.occasion = ?)")
+    rows = conn.execute(f"SELECT id FROM members m WHERE {born} AND m.id > ? ORDER BY m.id LIMIT ?",
+                        (*days, occasion, after, BATCH_ROWS_MAX)).fetchall()
+    due = [member_id for (member_id,) in rows]
+    if ledger.lock_members(conn, due):
+        # Read before the locks (PostgreSQL): a member merged meanwhile would be credited
+        # where no card reaches its points, one erased meanwhile has no birthday any more.
+        marks = ", ".join("?" * len(due))
+        due = [r[0] for r in conn.execute(f"SELECT id FROM members m WHERE {born} AND m.id IN ({marks}) "
+                                          "ORDER BY m.id", (*days, occasion, *due))]
+    for member_id in due:
         fire_events(conn, program, member_id, "birthday", occasion, now)
         events.emit(conn, "birthday", member_id, {"date": today.isoformat()}, now,
                     once_key=f"birthday:{today.year}:{member_id}")

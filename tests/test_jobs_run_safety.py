@@ -19,7 +19,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import KEYS, MARKET, connect, database_section, line, receipt
+from conftest import KEYS, MARKET, POSTGRESQL, connect, database_section, line, receipt
 from server import admin_cli, jobs
 from server.cli import main as cli
 from storage.sql import is_postgresql
@@ -323,3 +323,59 @@ def test_a_dry_run_against_a_postgresql_that_does_not_answer_is_one_line(tmp_pat
     assert cli(["jobs", "run", "--config", str(path), "--dry-run"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("on PostgreSQL (database.url): cannot preview the jobs: connection") and err.count("\n") == 1, err
+
+
+class _MergedAfterTheRead:
+    """A connection on which `then` runs (a merge committed by another connection) right
+    after the birthday job's look-up of whose birthday it is."""
+
+    def __init__(self, conn, then):
+        self._conn, self._then = conn, then
+
+    def execute(self, sql, params=()):
+        cursor = self._conn.execute(sql, params)
+        if self._then is not None and "substr(birthday" in sql:
+            rows, then, self._then = cursor.fetchall(), self._then, None
+            then()
+            return _Rows(rows)
+        return cursor
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+class _Rows(list):
+    def fetchall(self):
+        return list(self)
+
+
+@pytest.mark.skipif(not POSTGRESQL, reason="members are locked by row only on PostgreSQL; SQLite's one writer "
+                                           "runs the job's batch and a merge one after the other")
+async def test_a_birthday_reward_is_not_paid_to_a_member_merged_after_the_job_read_the_birthdays(
+        make_api, tmp_path):
+    """A member whose birthday it is, merged into another just after the job's batch read
+    whose birthday it is: the reward was credited to the member merged away, where no card
+    reaches it. Now the batch reads again under the members' locks and leaves it out."""
+    from server.keys import CLOCK, DATABASE, PROGRAMS
+    from storage import ledger
+    api = await make_api(now=NOW, program_dir=birthday_program(tmp_path))
+    status, born = await api.post("/v1/members", {"card": "7000000000001", "birthday": "1990-11-24"})
+    assert status == 201, born
+    status, keep = await api.post("/v1/members", {"card": "7000000000002"})
+    assert status == 201, keep
+    app, loop = api.client.server.app, asyncio.get_running_loop()
+    before = (await api.get("/v1/members/7000000000002"))[1]["balance"]["available"]
+
+    def merge():
+        merged = asyncio.run_coroutine_threadsafe(api.post("/v1/admin/members/merge", {
+            "merge_id": "MG-1", "from_member_id": born["member_id"], "into_member_id": keep["member_id"],
+            "reason": "one customer"}), loop).result(timeout=30)
+        assert merged[0] == 201, merged
+
+    program, now = app[PROGRAMS].current, app[CLOCK].now()
+    await app[DATABASE].write(lambda conn: jobs.birthday_batch(_MergedAfterTheRead(conn, merge), program, now),
+                              off_loop=True)
+    merged_away = int(born["member_id"][2:])
+    left = await app[DATABASE].read(lambda conn: [lot.remaining for lot in ledger.lots_of(conn, merged_away)])
+    assert not any(left), left      # nothing credited where no card reaches it
+    assert (await api.get("/v1/members/7000000000002"))[1]["balance"]["available"] == before + 100
