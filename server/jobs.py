@@ -162,7 +162,17 @@ def expiring_batch(conn, program: Program, now: datetime, after: tuple[str, int]
         "AND NOT EXISTS (SELECT 1 FROM events e WHERE e.once_key = 'expiring:' || l.id) "
         "ORDER BY l.expires_on, l.id LIMIT ?",
         (today.isoformat(), (today + timedelta(days=days)).isoformat(), *after, BATCH_ROWS_MAX)).fetchall()
-    for lot_id, member_id, expires_on, remaining in rows:
+    due = rows
+    if ledger.lock_members(conn, [r[1] for r in rows]):
+        # Read before the locks (PostgreSQL): a receipt may have spent from a lot since, or a
+        # merge moved it; and an erasure that committed meanwhile would find no event of this
+        # batch to scrub, which would then name the member erased (its card, its CRM fields).
+        marks = ", ".join("?" * len(rows))
+        left = dict(conn.execute(f"SELECT id, remaining FROM lots WHERE id IN ({marks}) AND expiry_done = 0",
+                                 [r[0] for r in rows]).fetchall())
+        due = [(lot_id, member_id, expires_on, left[lot_id]) for lot_id, member_id, expires_on, _ in rows
+               if left.get(lot_id, 0) > 0]
+    for lot_id, member_id, expires_on, remaining in due:
         events.emit(conn, "points.expiring", member_id, {"lot_id": lot_id, "points": remaining,
                                                          "expires_on": expires_on}, now,
                     once_key=f"expiring:{lot_id}")

@@ -12,7 +12,7 @@ import sqlite3
 import subprocess
 import sys
 from contextlib import closing
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -348,6 +348,9 @@ class _Rows(list):
     def fetchall(self):
         return list(self)
 
+    def fetchone(self):
+        return self[0] if self else None
+
 
 @pytest.mark.skipif(not POSTGRESQL, reason="members are locked by row only on PostgreSQL; SQLite's one writer "
                                            "runs the job's batch and a merge one after the other")
@@ -379,3 +382,62 @@ async def test_a_birthday_reward_is_not_paid_to_a_member_merged_after_the_job_re
     left = await app[DATABASE].read(lambda conn: [lot.remaining for lot in ledger.lots_of(conn, merged_away)])
     assert not any(left), left      # nothing credited where no card reaches it
     assert (await api.get("/v1/members/7000000000002"))[1]["balance"]["available"] == before + 100
+
+
+class _ErasedAfterTheNaming:
+    """A connection on which an erasure is started right after an event read the member's
+    card and CRM fields, and given up to `wait_s` to finish (it cannot while the batch holds
+    the member's lock)."""
+
+    def __init__(self, conn, erase, wait_s: float = 1.5):
+        self._conn, self._erase, self._wait_s, self.erasure = conn, erase, wait_s, None
+
+    def execute(self, sql, params=()):
+        cursor = self._conn.execute(sql, params)
+        if self.erasure is None and "SELECT card_last4 FROM cards" in sql:
+            row = cursor.fetchone()
+            self.erasure = self._erase()
+            try:
+                self.erasure.result(timeout=self._wait_s)
+            except TimeoutError:
+                pass
+            return _Rows([row])
+        return cursor
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+@pytest.mark.skipif(not POSTGRESQL, reason="members are locked by row only on PostgreSQL; SQLite's one writer "
+                                           "runs the job's batch and an erasure one after the other")
+async def test_a_points_expiring_event_written_as_its_member_is_erased_names_no_one(make_api, tmp_path):
+    """The job's announcement of points about to expire, written while the member is erased:
+    the event read the member's card and CRM id before the erasure committed, and the
+    erasure found no such event to scrub, so the event named the erased member for good."""
+    from server.keys import CLOCK, DATABASE, PROGRAMS
+    api = await make_api(now=NOW)
+    status, member = await api.post("/v1/members", {"card": "7000000000001"})
+    assert status == 201, member
+    assert (await api.patch("/v1/members/7000000000001", {"crm_id": "CRM-1"}))[0] == 200
+    app, loop = api.client.server.app, asyncio.get_running_loop()
+    member_id = int(member["member_id"][2:])
+    (expires_on,) = await app[DATABASE].read(lambda conn: conn.execute(
+        "SELECT expires_on FROM lots WHERE member_id = ?", (member_id,)).fetchone())
+    program = app[PROGRAMS].current
+    when = datetime.fromisoformat(f"{expires_on}T12:00:00").replace(tzinfo=program.timezone) - timedelta(days=3)
+    conn_of = {}
+
+    def erase():
+        return asyncio.run_coroutine_threadsafe(
+            api.post(f"/v1/admin/members/{member['member_id']}/erase", {"reason": "asked"}), loop)
+
+    def batch(conn):
+        conn_of["proxy"] = _ErasedAfterTheNaming(conn, erase)
+        return jobs.expiring_batch(conn_of["proxy"], program, when)
+
+    assert (await app[DATABASE].write(batch, off_loop=True)).rows == 1
+    status, erased = await asyncio.wrap_future(conn_of["proxy"].erasure)
+    assert status == 200, erased
+    named = await app[DATABASE].read(lambda conn: [tuple(r) for r in conn.execute(
+        "SELECT card_last4, crm_id FROM events WHERE member_id = ? AND type = 'points.expiring'", (member_id,))])
+    assert named == [(None, None)], named
