@@ -98,8 +98,11 @@ def expire_batch(conn, program: Program, now: datetime, after: tuple[str, int] =
         "ORDER BY l.expires_on, l.id LIMIT ?",
         (today, *after, BATCH_ROWS_MAX)).fetchall()
     conn.executemany("UPDATE lots SET expiry_done = 1 WHERE id = ?", [(r[0],) for r in rows])
+    # All at once, in the order of their ids, as every writer of several members takes them:
+    # one by one in the lots' order, a batch and a merge each held a member the other waited for.
+    locked = ledger.lock_members(conn, [r[1] for r in rows])
     for lot_id, member_id, expires_on, remaining in rows:
-        if ledger.lock_member(conn, member_id):
+        if locked:
             # Several writers (PostgreSQL): a receipt may have spent from it since it was read.
             remaining = conn.execute("SELECT remaining FROM lots WHERE id = ?", (lot_id,)).fetchone()[0]
         if remaining <= 0:     # spent in full, or a debt (debts do not expire)

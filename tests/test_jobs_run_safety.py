@@ -441,3 +441,43 @@ async def test_a_points_expiring_event_written_as_its_member_is_erased_names_no_
     named = await app[DATABASE].read(lambda conn: [tuple(r) for r in conn.execute(
         "SELECT card_last4, crm_id FROM events WHERE member_id = ? AND type = 'points.expiring'", (member_id,))])
     assert named == [(None, None)], named
+
+
+class _Locks:
+    """A connection that records the members each statement locking members' rows names."""
+
+    def __init__(self, conn):
+        self._conn, self.taken = conn, []
+
+    def execute(self, sql, params=()):
+        if "FROM members WHERE id" in sql and "FOR UPDATE" in sql:
+            self.taken.append(list(params))
+        return self._conn.execute(sql, params)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+@pytest.mark.skipif(not POSTGRESQL, reason="members are locked by row only on PostgreSQL")
+async def test_an_expiry_batch_locks_its_members_in_the_order_of_their_ids(make_api):
+    """The lots of a batch come in the order of their dates: locked one by one in that order,
+    a batch holding a later member while it waited for an earlier one could deadlock with a
+    merge of the two, which takes them in the order of their ids (as every writer does)."""
+    from server.keys import CLOCK, DATABASE, PROGRAMS
+    api = await make_api(now=NOW)
+    for card in ("7000000000001", "7000000000002"):
+        assert (await api.post("/v1/members", {"card": card}))[0] == 201
+    app = api.client.server.app
+    # The second member's points expire first.
+    await app[DATABASE].write(lambda conn: conn.execute(
+        "UPDATE lots SET expires_on = CASE member_id WHEN 2 THEN '2026-11-01' ELSE '2026-11-02' END"))
+    program, now, locks = app[PROGRAMS].current, app[CLOCK].now(), []
+
+    def batch(conn):
+        locks[:] = [_Locks(conn)]
+        return jobs.expire_batch(locks[0], program, now)
+
+    assert (await app[DATABASE].write(batch, off_loop=True)).rows == 2
+    assert locks[0].taken[0] == [1, 2], locks[0].taken
+    for card in ("7000000000001", "7000000000002"):
+        assert (await api.get(f"/v1/members/{card}"))[1]["balance"]["available"] == 0
