@@ -23,10 +23,11 @@ from server.ops import keyed_fingerprints
 from server.privacy import candidates
 from server.validation import Problems
 from rules.problems import suggest
-from storage import coupons, offers, segments
+from storage import coupons, ledger, offers, segments
 from storage.ledger import member_id_of_card
 from storage.member_care import RetiredCard, retired_card
 from storage.schema import legacy_fingerprint
+from storage.sql import WriteConflict
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,18 @@ def members_of_cards(conn, privacy, cards: list[str]) -> list[int]:
     return found
 
 
+def locked_members_of_cards(conn, privacy, cards: list[str]) -> list[int]:
+    """members_of_cards, read again under the members' locks (PostgreSQL), for a write that
+    gives them an offer or changes their list segments: a merge that committed between the
+    look-up and the lock moved the member's offers and lists before this wrote, and what
+    this wrote would stay on a member no card reaches. Read again, such a card is refused as
+    merged (or the write runs again, for a card given to another member meanwhile)."""
+    found = members_of_cards(conn, privacy, cards)
+    if ledger.lock_members(conn, found) and members_of_cards(conn, privacy, cards) != found:
+        raise WriteConflict("a card changed members while its offer or segment was written")
+    return found
+
+
 def cards_refused(refused: list[tuple[int, str, RetiredCard | None]]) -> ApiError:
     """The code is the first refused card's (in the order sent): `unknown_card`,
     `card_replaced` or `card_merged`; `details` says what happened to each."""
@@ -164,7 +177,7 @@ async def _change_segment(app, call, change):
     privacy, now = app[PRIVACY], app[CLOCK].now()
 
     def write(conn):
-        return change(conn, d.id, members_of_cards(conn, privacy, call.body.cards), now)
+        return change(conn, d.id, locked_members_of_cards(conn, privacy, call.body.cards), now)
     size = await app[DATABASE].write(write, off_loop=True)
     return json_reply(A.SegmentSizeAnswer(d.id, size))
 
@@ -255,7 +268,7 @@ async def assign_offer(app, call):
     digest = offer_fingerprints(privacy, body)
 
     def write(conn):
-        members = segments.members_of(conn, d) if d else members_of_cards(conn, privacy, body.cards)
+        members = segments.members_of(conn, d) if d else locked_members_of_cards(conn, privacy, body.cards)
         return offers.assign(conn, body.offer_id, body.rule, digest, body.from_, body.to, body.points, members, now)
     try:
         done = await app[DATABASE].write(write, off_loop=True)
@@ -277,8 +290,17 @@ async def create_coupons(app, call):
     privacy, now = app[PRIVACY], app[CLOCK].now()
     card_hmac = privacy.card(body.card) if body.card else None
     codes = [coupons.new_code() for _ in range(body.count)]
-    taken = await app[DATABASE].write(
-        lambda conn: coupons.add_codes(conn, campaign, codes, card_hmac, privacy.coupon, now), off_loop=True)
+
+    def write(conn):
+        if card_hmac is not None:
+            # Looked at on a reader above: a replacement or a merge of the card committed since
+            # rebound the codes it found, not these, which no register could present. Under its
+            # member's lock (PostgreSQL) a replacement or merge waits for these, or is seen here.
+            ledger.lock_member_of_card(conn, card_hmac)
+            if (retired := retired_card(conn, card_hmac)) is not None:
+                raise member_care.retired_refusal(body.card, retired)
+        return coupons.add_codes(conn, campaign, codes, card_hmac, privacy.coupon, now)
+    taken = await app[DATABASE].write(write, off_loop=True)
     if taken:   # two draws of 60 random bits met: answer only codes that are the caller's alone
         raise ApiError(503, "try_again", "a generated code collided with an existing one; nothing was lost, "
                        "ask again", headers={"Retry-After": "0"})

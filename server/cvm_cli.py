@@ -312,7 +312,7 @@ def _print_offers_summary(problems: list[str], created: int, repeated: int, warn
 
 
 def _assign(conn, privacy, body: schema.OfferAssignment, now):
-    members = cvm.members_of_cards(conn, privacy, body.cards)
+    members = cvm.locked_members_of_cards(conn, privacy, body.cards)
     return offers.assign(conn, body.offer_id, body.rule, cvm.offer_fingerprints(privacy, body), body.from_, body.to,
                          body.points, members, now)
 

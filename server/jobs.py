@@ -98,8 +98,11 @@ def expire_batch(conn, program: Program, now: datetime, after: tuple[str, int] =
         "ORDER BY l.expires_on, l.id LIMIT ?",
         (today, *after, BATCH_ROWS_MAX)).fetchall()
     conn.executemany("UPDATE lots SET expiry_done = 1 WHERE id = ?", [(r[0],) for r in rows])
+    # All at once, in the order of their ids, as every writer of several members takes them:
+    # one by one in the lots' order, a batch and a merge each held a member the other waited for.
+    locked = ledger.lock_members(conn, [r[1] for r in rows])
     for lot_id, member_id, expires_on, remaining in rows:
-        if ledger.lock_member(conn, member_id):
+        if locked:
             # Several writers (PostgreSQL): a receipt may have spent from it since it was read.
             remaining = conn.execute("SELECT remaining FROM lots WHERE id = ?", (lot_id,)).fetchone()[0]
         if remaining <= 0:     # spent in full, or a debt (debts do not expire)
@@ -133,13 +136,18 @@ def birthday_batch(conn, program: Program, now: datetime, after: int = MEMBERS_S
     if days[0] == "02-28" and not _leap(today.year):
         days.append("02-29")
     occasion = f"birthday:{today.year}"
-    rows = conn.execute(
-        f"SELECT id FROM members m WHERE substr(birthday, 6) IN ({','.join('?' * len(days))}) "
-        "AND m.merged_into IS NULL AND NOT EXISTS "
-        "(SELECT 1 FROM event_fires e WHERE e.member_id = m.id AND e.occasion = ?) AND m.id > ? "
-        "ORDER BY m.id LIMIT ?",
-        (*days, occasion, after, BATCH_ROWS_MAX)).fetchall()
-    for (member_id,) in rows:
+    born = (f"substr(birthday, 6) IN ({','.join('?' * len(days))}) AND m.merged_into IS NULL AND NOT EXISTS "
+            "(SELECT 1 FROM event_fires e WHERE e.member_id = m.id AND e.occasion = ?)")
+    rows = conn.execute(f"SELECT id FROM members m WHERE {born} AND m.id > ? ORDER BY m.id LIMIT ?",
+                        (*days, occasion, after, BATCH_ROWS_MAX)).fetchall()
+    due = [member_id for (member_id,) in rows]
+    if ledger.lock_members(conn, due):
+        # Read before the locks (PostgreSQL): a member merged meanwhile would be credited
+        # where no card reaches its points, one erased meanwhile has no birthday any more.
+        marks = ", ".join("?" * len(due))
+        due = [r[0] for r in conn.execute(f"SELECT id FROM members m WHERE {born} AND m.id IN ({marks}) "
+                                          "ORDER BY m.id", (*days, occasion, *due))]
+    for member_id in due:
         fire_events(conn, program, member_id, "birthday", occasion, now)
         events.emit(conn, "birthday", member_id, {"date": today.isoformat()}, now,
                     once_key=f"birthday:{today.year}:{member_id}")
@@ -157,7 +165,17 @@ def expiring_batch(conn, program: Program, now: datetime, after: tuple[str, int]
         "AND NOT EXISTS (SELECT 1 FROM events e WHERE e.once_key = 'expiring:' || l.id) "
         "ORDER BY l.expires_on, l.id LIMIT ?",
         (today.isoformat(), (today + timedelta(days=days)).isoformat(), *after, BATCH_ROWS_MAX)).fetchall()
-    for lot_id, member_id, expires_on, remaining in rows:
+    due = rows
+    if ledger.lock_members(conn, [r[1] for r in rows]):
+        # Read before the locks (PostgreSQL): a receipt may have spent from a lot since, or a
+        # merge moved it; and an erasure that committed meanwhile would find no event of this
+        # batch to scrub, which would then name the member erased (its card, its CRM fields).
+        marks = ", ".join("?" * len(rows))
+        left = dict(conn.execute(f"SELECT id, remaining FROM lots WHERE id IN ({marks}) AND expiry_done = 0",
+                                 [r[0] for r in rows]).fetchall())
+        due = [(lot_id, member_id, expires_on, left[lot_id]) for lot_id, member_id, expires_on, _ in rows
+               if left.get(lot_id, 0) > 0]
+    for lot_id, member_id, expires_on, remaining in due:
         events.emit(conn, "points.expiring", member_id, {"lot_id": lot_id, "points": remaining,
                                                          "expires_on": expires_on}, now,
                     once_key=f"expiring:{lot_id}")

@@ -67,6 +67,11 @@ async def set_crm(app, card: str, patch: schema.MemberPatch) -> None:
     now = iso(app[CLOCK].now())
 
     def write(conn):
+        # Found before the write: an erasure or a merge committed in between would have the
+        # CRM's id and consent written onto a member erased or merged away, where the id then
+        # stays taken from the member the customer is now.
+        ledger.lock_member(conn, member.id)
+        member_ops.refuse_if_card_moved(conn, app[OPS], card, member)
         try:
             member_care.set_crm(conn, member.id, patch.crm_id, consent, now)
         except CareRefused as e:
@@ -88,8 +93,13 @@ async def refuse_retired(app, card: str, error: ApiError | None = None, status: 
     `status`); returns when the card was never retired."""
     digest = app[PRIVACY].card(card)
     retired = await app[DATABASE].read(lambda conn: member_care.retired_card(conn, digest))
-    if retired is None:
-        return
+    if retired is not None:
+        raise retired_refusal(card, retired, error, status)
+
+
+def retired_refusal(card: str, retired: member_care.RetiredCard, error: ApiError | None = None,
+                    status: int | None = None) -> ApiError:
+    """The refusal of a retired card, saying why (refuse_retired)."""
     if retired.reason == "replaced":
         code = "card_replaced"
         message = f"card {card} was replaced on {retired.retired_at[:10]} by the card ending {retired.successor}"
@@ -98,8 +108,8 @@ async def refuse_retired(app, card: str, error: ApiError | None = None, status: 
         message = (f"card {card} belonged to m_{retired.member_id}, merged into {retired.successor} on "
                    f"{retired.retired_at[:10]}: use that member's card")
     path = error.details[0]["path"] if error and error.details else "card"
-    raise ApiError(status or (error.status if error else 422), code, message,
-                   [{"path": path, "message": f"{retired.reason}; no longer in use"}]) from None
+    return ApiError(status or (error.status if error else 422), code, message,
+                    [{"path": path, "message": f"{retired.reason}; no longer in use"}])
 
 
 # ---------------------------------------------------------------- search

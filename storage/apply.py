@@ -92,8 +92,9 @@ def apply_confirms(conn: sqlite3.Connection, confirms: list[Confirmed]) -> list:
     for c in confirms:
         for event in c.plan.events:
             # A referrer merged into another member since: no card reaches it, its points went
-            # to that member, and so does its reward (once per occasion there).
-            fire_events(conn, c.program, member_care.points_holder(conn, event.member_id), event.on,
+            # to that member, and so does its reward (once per occasion there). Looked up under
+            # that member's lock: a merge committed meanwhile would strand the reward.
+            fire_events(conn, c.program, member_care.lock_points_holder(conn, event.member_id), event.on,
                         event.occasion, c.now)
     return [c.result for c in confirms]
 
@@ -209,6 +210,6 @@ def apply_referral_take_back(conn: sqlite3.Connection, plan, at: PostingRef, pro
     if plan.forget:
         referrals.forget(conn, plan.forget, plan.referee_id)
     if plan.pay_to is not None:
-        fire_events(conn, program, member_care.points_holder(conn, plan.pay_to), "referred_first_purchase",
+        fire_events(conn, program, member_care.lock_points_holder(conn, plan.pay_to), "referred_first_purchase",
                     referrals.occasion(plan.referee_id), now)
     return taken

@@ -25,7 +25,7 @@ from typing import NamedTuple
 from storage import events, ledger, member_care
 from storage.accounts import OPENING
 from storage.ledger import CONSENT_CHANNELS, NewPosting, PostingRef, ReceiptKey
-from storage.sql import is_postgresql
+from storage.sql import WriteConflict, is_postgresql
 
 # What an imported receipt records as the program that computed it: none did.
 IMPORTED_RULES_VERSION = "imported"
@@ -173,7 +173,13 @@ def _update_crm(conn: sqlite3.Connection, rows: list[MemberRow], there: dict[str
     them (a member.updated when they change); the lines that changed their member and the
     lines refused (crm_id taken). The members are locked first (in id order), then read."""
     updated, refused = [], []
-    ledger.lock_members(conn, [there[r.card] for r in rows if r.crm_id is not None or r.consent is not None])
+    changing = [r.card for r in rows if r.crm_id is not None or r.consent is not None]
+    if ledger.lock_members(conn, [there[card] for card in changing]) and \
+            any(there[card] != member for card, member in _now_there(conn, changing).items()):
+        # Looked up before the locks (PostgreSQL): a card merged, replaced or erased away
+        # meanwhile would have the CRM's fields written onto a member no card reaches. The
+        # batch runs again and reads the cards as they now are.
+        raise WriteConflict("a card of the batch changed members while it was imported")
     for r in rows:
         if r.crm_id is None and r.consent is None:
             continue
@@ -189,6 +195,12 @@ def _update_crm(conn: sqlite3.Connection, rows: list[MemberRow], there: dict[str
         else:
             updated.append(r.line)
     return updated, refused
+
+
+def _now_there(conn: sqlite3.Connection, cards: list[str]) -> dict[str, int | None]:
+    """card -> the member it belongs to now (None: to no one)."""
+    found = known_cards(conn, cards)
+    return {card: found.get(card) for card in cards}
 
 
 def _crm_ids_taken(conn: sqlite3.Connection, crm_ids: list[str]) -> set[str]:

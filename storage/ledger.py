@@ -154,14 +154,16 @@ def lock_member(conn, member_id: int) -> bool:
     return True
 
 
-def lock_members(conn, member_ids) -> None:
+def lock_members(conn, member_ids) -> bool:
     """lock_member for several members, in the order of their ids (as merges and the
-    postings take them), so two writers locking some of the same members never deadlock."""
+    postings take them), so two writers locking some of the same members never deadlock.
+    Whether it locked any (and may have waited)."""
     ids = sorted(set(member_ids))
     if not ids or not is_postgresql(conn):
-        return
+        return False
     marks = ", ".join("?" * len(ids))
     conn.execute(f"SELECT 1 FROM members WHERE id IN ({marks}) ORDER BY id FOR UPDATE", ids)
+    return True
 
 
 def lock_receipt(conn, key: ReceiptKey, member_id: int | None) -> bool:

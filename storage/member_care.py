@@ -18,7 +18,7 @@ import msgspec
 from storage import coupons, events, ledger, member_facts, offers
 from storage.accounts import member_account
 from storage.schema import LEGACY_FINGERPRINT, legacy_fingerprint
-from storage.sql import arrival, byte_order, integrity_errors, is_postgresql
+from storage.sql import WriteConflict, arrival, byte_order, integrity_errors, is_postgresql
 
 CHANNELS = ledger.CONSENT_CHANNELS
 PHONE_MATCHES_MAX = 20
@@ -209,15 +209,32 @@ def points_holder(conn: sqlite3.Connection, member_id: int) -> int:
     return survivor(conn, member_id) or member_id
 
 
+def lock_points_holder(conn: sqlite3.Connection, member_id: int) -> int:
+    """points_holder, read under the holder's lock (PostgreSQL), for a write that changes
+    the holder's points or offers. A merge of the holder that commits between the look-up
+    and the lock has moved its points on to another member, which the write would miss (and
+    leave what it takes back or credits on a member no card reaches): that member is locked
+    and looked up again. Merges only ever lengthen a chain, so this ends."""
+    holder = points_holder(conn, member_id)
+    if not is_postgresql(conn):
+        return holder
+    for _ in range(MERGED_MAX):
+        ledger.lock_member(conn, holder)
+        again = points_holder(conn, member_id)
+        if again == holder:
+            return holder
+        holder = again
+    raise WriteConflict(f"the member holding m_{member_id}'s points kept being merged on")
+
+
 def follow_merge(conn: sqlite3.Connection, member_id: int, at: ledger.PostingRef) -> None:
     """After a return or a cancel of a merged member's receipt: what it took back (a debt) or
     refunded went onto the merged member's lots, which no points reach any more; it moves on
     to the member its points went to, as the merge moved them. What it took back comes first
     from that member's lots with the same dates (where the merge put the receipt's points)."""
-    heir = survivor(conn, member_id)
-    if heir is None:
+    if survivor(conn, member_id) is None:
         return
-    ledger.lock_member(conn, heir)
+    heir = lock_points_holder(conn, member_id)
     moved = ledger.PostingRef(at.effective_at, at.created_at, ref=f"merged:m_{heir}")
     _take_back_from_heir(conn, member_id, heir, moved)
     move_points(conn, member_id, heir, moved)

@@ -482,3 +482,147 @@ def locked_by_another(path, member_id: int) -> bool:
         except psycopg.errors.LockNotAvailable:
             return True
     return False
+
+
+# What lands between a PATCH's look-up of its card and its write of the CRM's fields.
+BEFORE_THE_CRM_WRITE = {
+    "erasure": lambda member: ("POST", f"/v1/admin/members/{member}/erase", {"reason": "asked"}),
+    "merge": lambda member: ("POST", "/v1/admin/members/merge", {"merge_id": "MG-1", "from_member_id": member,
+                                                                 "into_member_id": "m_2", "reason": "r"}),
+}
+
+
+@pytest.mark.parametrize("between", BEFORE_THE_CRM_WRITE)
+async def test_crm_fields_sent_as_their_member_is_erased_or_merged_are_not_written_to_it(make_api, monkeypatch,
+                                                                                         between):
+    """A PATCH of the CRM's fields whose card was looked up just before an erasure or a merge
+    of its member committed is refused as the card now is: written, the erased member would
+    carry a CRM id and consent again, and the member merged away would keep the CRM id from
+    the member the customer is now."""
+    from server import member_care
+    api = await make_api(now=NOW)
+    member = await member_with(api, CARD, 100)
+    keep = await member_with(api, OTHER, 100)
+    assert keep["member_id"] == "m_2"
+    real, ran = member_care.member_ops.find_member, []
+
+    async def then_committed(deps, card, path="card"):
+        found = await real(deps, card, path)
+        if not ran:
+            ran.append(await api.call(*BEFORE_THE_CRM_WRITE[between](member["member_id"])))
+        return found
+
+    monkeypatch.setattr(member_care.member_ops, "find_member", then_committed)
+    status, refused = await api.patch(f"/v1/members/{CARD}", {"crm_id": "CRM-1", "consent": {"sms": True}})
+    assert ran[0][0] in (200, 201), ran
+    # An erased member's cards are gone without a trace; a merged one's say where they went.
+    code = {"erasure": "unknown_card", "merge": "card_merged"}[between]
+    assert (status, refused["error"]["code"]) == (422, code), refused
+    row = await api.client.server.app[DATABASE].read(lambda c: c.execute(
+        "SELECT crm_id, consent_sms FROM members WHERE id = ?", (int(member["member_id"][2:]),)).fetchone())
+    assert tuple(row) == (None, 0)
+    status, kept = await api.patch(f"/v1/members/{OTHER}", {"crm_id": "CRM-1"})
+    assert status == 200 and kept["crm_id"] == "CRM-1", kept
+
+
+@pytest.mark.skipif(not POSTGRESQL, reason="members are locked by row only on PostgreSQL; SQLite's one writer "
+                                           "orders every write")
+@pytest.mark.parametrize("undo", ["cancel", "return"])
+async def test_taking_back_a_merged_members_receipt_follows_a_merge_committed_before_its_heir_was_locked(
+        make_api, monkeypatch, undo):
+    """m_1 merged into m_2, m_2 then into m_3: a cancel or a whole return of m_1's receipt
+    that looked up where m_1's points went just before the second merge committed takes the
+    points back from m_3, where they are, not from m_2, which then owed them with no card to
+    reach it while m_3 kept them."""
+    from storage import ledger, member_care
+    api = await make_api(now=NOW)
+    first = await member_with(api, CARD, 0)
+    _, sold = await api.post("/v1/receipts", three_lines("B-1"), as_="register")
+    earned = sold["accrued"]["points"]
+    assert earned > 0, sold
+    heir = await member_with(api, OTHER, 100)
+    last = await member_with(api, "7000000000063", 100)
+    for n, (source, target) in enumerate([(first, heir), (heir, last)]):
+        status, merged = await api.post("/v1/admin/members/merge", {
+            "merge_id": f"MG-{n}", "from_member_id": source["member_id"], "into_member_id": target["member_id"],
+            "reason": "one customer"})
+        assert status == 201, merged
+    before = await balance(api, "7000000000063")
+    m1, m2, m3 = (int(m["member_id"][2:]) for m in (first, heir, last))
+    real_survivor, real_lock, merged_yet = member_care.survivor, ledger.lock_member, []
+
+    def survivor(conn, member_id):
+        # Until m_2's lock is taken (and waited for the merge), m_2's merge is not seen.
+        found = real_survivor(conn, member_id)
+        if merged_yet or found != m3:
+            return found
+        return None if member_id == m2 else m2
+
+    def lock_member(conn, member_id):
+        if member_id == m2 and not merged_yet:
+            merged_yet.append(member_id)
+        return real_lock(conn, member_id)
+
+    monkeypatch.setattr(member_care, "survivor", survivor)
+    monkeypatch.setattr(ledger, "lock_member", lock_member)
+    if undo == "cancel":
+        status, answer = await api.post("/v1/receipts/S001/K01/B-1/cancel", as_="register")
+    else:
+        status, answer = await api.post("/v1/returns", a_return("RET-1", "B-1", [(1, 3), (2, 1), (3, 1)]),
+                                        as_="register")
+    assert status in (200, 201), answer
+    assert merged_yet == [m2]
+    after = await balance(api, "7000000000063")
+    assert after["available"] + after["pending"] == before["available"] + before["pending"] - earned, (before, after)
+    assert answer["balance"] == after, answer
+    left = await api.client.server.app[DATABASE].read(
+        lambda conn: [lot.remaining for m in (m1, m2) for lot in ledger.lots_of(conn, m)])
+    assert not any(left), left      # nothing owed by, or left on, the members merged away
+    await ledger_verifies(api)
+
+
+REFERRAL = "events:\n  - {id: referral, on: referred_first_purchase, reward: {points: 500}}\n"
+
+
+@pytest.mark.skipif(not POSTGRESQL, reason="members are locked by row only on PostgreSQL; SQLite's one writer "
+                                           "orders every write")
+async def test_a_referral_reward_follows_a_merge_of_the_referrer_committed_before_its_lock_was_taken(
+        make_api, tmp_path, monkeypatch):
+    """The first purchase of a referred member, confirmed as its referrer is merged into
+    another member: the reward goes where the referrer's points went. Looked up before the
+    merge committed and credited after it, it stayed on the member merged away, which no card
+    reaches."""
+    from storage import ledger, member_care
+    program = tmp_path / "program"
+    shutil.copytree(MARKET, program)
+    (program / "referral.yaml").write_text(REFERRAL)
+    api = await make_api(now=NOW, program_dir=program)
+    referrer = await member_with(api, CARD, 100)
+    keep = await member_with(api, OTHER, 100)
+    assert (await api.post("/v1/members", {"card": "7000000000063", "referred_by": CARD}))[0] == 201
+    status, merged = await api.post("/v1/admin/members/merge", {
+        "merge_id": "MG-1", "from_member_id": referrer["member_id"], "into_member_id": keep["member_id"],
+        "reason": "one customer"})
+    assert status == 201, merged
+    source = int(referrer["member_id"][2:])
+    real_survivor, real_lock, merged_yet = member_care.survivor, ledger.lock_member, []
+
+    def survivor(conn, member_id):
+        # Until the referrer's lock is taken (and waited for the merge), its merge is not seen.
+        return real_survivor(conn, member_id) if merged_yet or member_id != source else None
+
+    def lock_member(conn, member_id):
+        if member_id == source and not merged_yet:
+            merged_yet.append(member_id)
+        return real_lock(conn, member_id)
+
+    monkeypatch.setattr(member_care, "survivor", survivor)
+    monkeypatch.setattr(ledger, "lock_member", lock_member)
+    status, sold = await api.post("/v1/receipts", three_lines("F-1", card="7000000000063"), as_="register")
+    assert status == 201, sold
+    assert (await balance(api, OTHER))["available"] == 100 + 100 + 500
+    left = await api.client.server.app[DATABASE].read(
+        lambda conn: [lot.remaining for lot in ledger.lots_of(conn, source)])
+    assert not any(left), left
+    assert merged_yet == [source]
+    await ledger_verifies(api)

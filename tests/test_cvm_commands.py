@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 import msgspec
 import pytest
 
-from conftest import storage_database
+from conftest import POSTGRESQL, storage_database
 from server import cvm, cvm_cli
 from server.privacy import Privacy
 from server.report_campaign import CampaignRule
@@ -372,3 +372,27 @@ def test_report_campaign_of_a_rule_no_longer_in_the_program_says_whose_definitio
     assert (status, out.err) == (2, "report campaign: to must not be before from\n")
     for program in (first, now):
         program.close()
+
+
+@pytest.mark.skipif(not POSTGRESQL, reason="members are locked by row only on PostgreSQL; SQLite's one writer "
+                                           "reads the cards and writes in one go")
+def test_import_offers_refuses_a_card_merged_after_its_look_up_rather_than_leave_the_offer_behind(
+        db, tmp_path, capsys, monkeypatch):
+    """c3 looked up just before a merge of its member into m_4 committed: the offer stayed on
+    the member merged away, which no card reaches. Refused as the card now is."""
+    def merge_3_into_4(conn):
+        member_care.retire_card(conn, PRIVACY.card("c3"), 3, "merged", "m_4", "2026-11-20T10:00:00.000000Z")
+        member_care.mark_merged(conn, 3, 4, "2026-11-20T10:00:00.000000Z")
+    db.write_sync(merge_3_into_4)
+    real, looked_up = cvm.member_id_of_card, []
+
+    def before_the_merge(conn, digest):
+        looked_up.append(digest)
+        return 3 if len(looked_up) == 1 else real(conn, digest)
+
+    monkeypatch.setattr(cvm, "member_id_of_card", before_the_merge)
+    source = tmp_path / "offers.csv"
+    source.write_text("offer_id,rule,card,from,to,points\no3,comeback,c3,2026-12-01,2026-12-31,\n")
+    assert cvm_cli.import_offers(db, DEFS, PRIVACY, source, NOW) == 1
+    assert "card c3 belonged to m_3, merged into m_4" in capsys.readouterr().err
+    assert db.read_sync(lambda conn: offers.offers_for(conn, 3, date(2026, 12, 5))) == {}

@@ -382,3 +382,28 @@ async def test_the_same_list_segment_change_sent_at_once_answers_one_size(api):
     answers = await asyncio.gather(*(a.put("/v1/admin/segments/staff/members", {"cards": ["c1", "c2"]})
                                      for _ in range(6)))
     assert answers == [(200, {"segment": "staff", "members": 2})] * 6, answers
+
+
+@pytest.mark.parametrize("moved", ["replaced", "merged"])
+async def test_codes_asked_for_a_card_taken_out_of_use_meanwhile_are_refused_not_bound_to_it(api, monkeypatch,
+                                                                                             moved):
+    """Codes for a card that a replacement or a merge takes out of use just after the card
+    was checked: refused as the card now is. Bound to it, no register could ever present them
+    (the replacement or merge rebound the member's codes before these were written)."""
+    from server import cvm
+    a = await api(("c1", "c2"))
+    move = (("/v1/admin/members/m_1/replace-card", {"new_card": "c1-new"}) if moved == "replaced" else
+            ("/v1/admin/members/merge", {"merge_id": "mg-1", "from_member_id": "m_1", "into_member_id": "m_2",
+                                         "reason": "one customer"}))
+    real, ran = cvm.member_care.refuse_retired, []
+
+    async def then_moved(app, card, *args, **kwargs):
+        await real(app, card, *args, **kwargs)
+        if not ran:
+            ran.append(await a.post(*move))
+
+    monkeypatch.setattr(cvm.member_care, "refuse_retired", then_moved)
+    status, body = await a.post("/v1/admin/coupons/winter/codes", {"count": 1, "card": "c1"})
+    assert ran[0][0] == 201, ran
+    assert (status, body.get("error", {}).get("code")) == (422, f"card_{moved}"), body
+    assert await rows(a, "SELECT code FROM coupon_codes") == []

@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 import yaml
 
+from backend import POSTGRESQL
 from conftest import KEYS, MARKET, TEST_HMAC_KEY, connect, database_section
 from server.cli import main as cli
 from test_crash_safety import Server
@@ -337,3 +339,38 @@ def test_a_file_that_stops_being_readable_keeps_the_rows_before(tmp_path, capsys
     assert f"{source}:4: cannot be read as UTF-8 CSV" in captured.err
     conn = connect(tmp_path / "loyalty.db")
     assert conn.execute("SELECT COUNT(*), SUM(points) FROM postings").fetchone() == (2, 11)
+
+
+@pytest.mark.skipif(not POSTGRESQL, reason="one batch reads and writes in SQLite's one writer: nothing commits "
+                                           "between its look-up of the cards and its write")
+async def test_crm_fields_of_a_card_erased_while_the_batch_ran_are_not_written_to_the_erased_member(
+        make_api, tmp_path, monkeypatch):
+    """A row giving a card's member CRM fields, the card looked up just before an erasure of
+    its member committed: the erased member carries no CRM id or consent again, and the row
+    is taken as it would be after the erasure (the card enrolled afresh)."""
+    from storage import imports
+    source = tmp_path / "crm.csv"
+    source.write_text("card,crm_id,consent\n7000000000001,CRM-1,sms\n")
+    config = write_config(tmp_path)
+    api = await make_api(now=NOW)
+    status, member = await api.post("/v1/members", {"card": "7000000000001"})
+    assert status == 201, member
+    member_id = int(member["member_id"][2:])
+    looked_up, real = [], imports.known_cards
+
+    def before_the_erasure(conn, cards):
+        found = real(conn, cards)
+        looked_up.append(found)
+        return {card: member_id for card in cards} if len(looked_up) == 1 else found
+
+    monkeypatch.setattr(imports, "known_cards", before_the_erasure)
+    assert (await api.post(f"/v1/admin/members/{member['member_id']}/erase", {"reason": "asked"}))[0] == 200
+    assert await asyncio.to_thread(cli, ["import", "members", "--csv", str(source), "--config", config]) == 0
+    conn = connect(tmp_path / "loyalty.db")
+    try:
+        row = conn.execute("SELECT crm_id, consent_sms FROM members WHERE id = ?", (member_id,)).fetchone()
+    finally:
+        conn.close()
+    assert tuple(row) == (None, 0)
+    status, fresh = await api.get("/v1/members/7000000000001")
+    assert status == 200 and fresh["member_id"] != member["member_id"] and fresh["crm_id"] == "CRM-1", fresh

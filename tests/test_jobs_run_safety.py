@@ -12,14 +12,14 @@ import sqlite3
 import subprocess
 import sys
 from contextlib import closing
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
-from conftest import KEYS, MARKET, connect, database_section, line, receipt
+from conftest import KEYS, MARKET, POSTGRESQL, connect, database_section, line, receipt
 from server import admin_cli, jobs
 from server.cli import main as cli
 from storage.sql import is_postgresql
@@ -323,3 +323,161 @@ def test_a_dry_run_against_a_postgresql_that_does_not_answer_is_one_line(tmp_pat
     assert cli(["jobs", "run", "--config", str(path), "--dry-run"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("on PostgreSQL (database.url): cannot preview the jobs: connection") and err.count("\n") == 1, err
+
+
+class _MergedAfterTheRead:
+    """A connection on which `then` runs (a merge committed by another connection) right
+    after the birthday job's look-up of whose birthday it is."""
+
+    def __init__(self, conn, then):
+        self._conn, self._then = conn, then
+
+    def execute(self, sql, params=()):
+        cursor = self._conn.execute(sql, params)
+        if self._then is not None and "substr(birthday" in sql:
+            rows, then, self._then = cursor.fetchall(), self._then, None
+            then()
+            return _Rows(rows)
+        return cursor
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+class _Rows(list):
+    def fetchall(self):
+        return list(self)
+
+    def fetchone(self):
+        return self[0] if self else None
+
+
+@pytest.mark.skipif(not POSTGRESQL, reason="members are locked by row only on PostgreSQL; SQLite's one writer "
+                                           "runs the job's batch and a merge one after the other")
+async def test_a_birthday_reward_is_not_paid_to_a_member_merged_after_the_job_read_the_birthdays(
+        make_api, tmp_path):
+    """A member whose birthday it is, merged into another just after the job's batch read
+    whose birthday it is: the reward was credited to the member merged away, where no card
+    reaches it. Now the batch reads again under the members' locks and leaves it out."""
+    from server.keys import CLOCK, DATABASE, PROGRAMS
+    from storage import ledger
+    api = await make_api(now=NOW, program_dir=birthday_program(tmp_path))
+    status, born = await api.post("/v1/members", {"card": "7000000000001", "birthday": "1990-11-24"})
+    assert status == 201, born
+    status, keep = await api.post("/v1/members", {"card": "7000000000002"})
+    assert status == 201, keep
+    app, loop = api.client.server.app, asyncio.get_running_loop()
+    before = (await api.get("/v1/members/7000000000002"))[1]["balance"]["available"]
+
+    def merge():
+        merged = asyncio.run_coroutine_threadsafe(api.post("/v1/admin/members/merge", {
+            "merge_id": "MG-1", "from_member_id": born["member_id"], "into_member_id": keep["member_id"],
+            "reason": "one customer"}), loop).result(timeout=30)
+        assert merged[0] == 201, merged
+
+    program, now = app[PROGRAMS].current, app[CLOCK].now()
+    await app[DATABASE].write(lambda conn: jobs.birthday_batch(_MergedAfterTheRead(conn, merge), program, now),
+                              off_loop=True)
+    merged_away = int(born["member_id"][2:])
+    left = await app[DATABASE].read(lambda conn: [lot.remaining for lot in ledger.lots_of(conn, merged_away)])
+    assert not any(left), left      # nothing credited where no card reaches it
+    assert (await api.get("/v1/members/7000000000002"))[1]["balance"]["available"] == before + 100
+
+
+class _ErasedAfterTheNaming:
+    """A connection on which an erasure is started right after an event read the member's
+    card and CRM fields, and given up to `wait_s` to finish (it cannot while the batch holds
+    the member's lock)."""
+
+    def __init__(self, conn, erase, wait_s: float = 1.5):
+        self._conn, self._erase, self._wait_s, self.erasure = conn, erase, wait_s, None
+
+    def execute(self, sql, params=()):
+        cursor = self._conn.execute(sql, params)
+        if self.erasure is None and "SELECT card_last4 FROM cards" in sql:
+            row = cursor.fetchone()
+            self.erasure = self._erase()
+            try:
+                self.erasure.result(timeout=self._wait_s)
+            except TimeoutError:
+                pass
+            return _Rows([row])
+        return cursor
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+@pytest.mark.skipif(not POSTGRESQL, reason="members are locked by row only on PostgreSQL; SQLite's one writer "
+                                           "runs the job's batch and an erasure one after the other")
+async def test_a_points_expiring_event_written_as_its_member_is_erased_names_no_one(make_api, tmp_path):
+    """The job's announcement of points about to expire, written while the member is erased:
+    the event read the member's card and CRM id before the erasure committed, and the
+    erasure found no such event to scrub, so the event named the erased member for good."""
+    from server.keys import CLOCK, DATABASE, PROGRAMS
+    api = await make_api(now=NOW)
+    status, member = await api.post("/v1/members", {"card": "7000000000001"})
+    assert status == 201, member
+    assert (await api.patch("/v1/members/7000000000001", {"crm_id": "CRM-1"}))[0] == 200
+    app, loop = api.client.server.app, asyncio.get_running_loop()
+    member_id = int(member["member_id"][2:])
+    (expires_on,) = await app[DATABASE].read(lambda conn: conn.execute(
+        "SELECT expires_on FROM lots WHERE member_id = ?", (member_id,)).fetchone())
+    program = app[PROGRAMS].current
+    when = datetime.fromisoformat(f"{expires_on}T12:00:00").replace(tzinfo=program.timezone) - timedelta(days=3)
+    conn_of = {}
+
+    def erase():
+        return asyncio.run_coroutine_threadsafe(
+            api.post(f"/v1/admin/members/{member['member_id']}/erase", {"reason": "asked"}), loop)
+
+    def batch(conn):
+        conn_of["proxy"] = _ErasedAfterTheNaming(conn, erase)
+        return jobs.expiring_batch(conn_of["proxy"], program, when)
+
+    assert (await app[DATABASE].write(batch, off_loop=True)).rows == 1
+    status, erased = await asyncio.wrap_future(conn_of["proxy"].erasure)
+    assert status == 200, erased
+    named = await app[DATABASE].read(lambda conn: [tuple(r) for r in conn.execute(
+        "SELECT card_last4, crm_id FROM events WHERE member_id = ? AND type = 'points.expiring'", (member_id,))])
+    assert named == [(None, None)], named
+
+
+class _Locks:
+    """A connection that records the members each statement locking members' rows names."""
+
+    def __init__(self, conn):
+        self._conn, self.taken = conn, []
+
+    def execute(self, sql, params=()):
+        if "FROM members WHERE id" in sql and "FOR UPDATE" in sql:
+            self.taken.append(list(params))
+        return self._conn.execute(sql, params)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+@pytest.mark.skipif(not POSTGRESQL, reason="members are locked by row only on PostgreSQL")
+async def test_an_expiry_batch_locks_its_members_in_the_order_of_their_ids(make_api):
+    """The lots of a batch come in the order of their dates: locked one by one in that order,
+    a batch holding a later member while it waited for an earlier one could deadlock with a
+    merge of the two, which takes them in the order of their ids (as every writer does)."""
+    from server.keys import CLOCK, DATABASE, PROGRAMS
+    api = await make_api(now=NOW)
+    for card in ("7000000000001", "7000000000002"):
+        assert (await api.post("/v1/members", {"card": card}))[0] == 201
+    app = api.client.server.app
+    # The second member's points expire first.
+    await app[DATABASE].write(lambda conn: conn.execute(
+        "UPDATE lots SET expires_on = CASE member_id WHEN 2 THEN '2026-11-01' ELSE '2026-11-02' END"))
+    program, now, locks = app[PROGRAMS].current, app[CLOCK].now(), []
+
+    def batch(conn):
+        locks[:] = [_Locks(conn)]
+        return jobs.expire_batch(locks[0], program, now)
+
+    assert (await app[DATABASE].write(batch, off_loop=True)).rows == 2
+    assert locks[0].taken[0] == [1, 2], locks[0].taken
+    for card in ("7000000000001", "7000000000002"):
+        assert (await api.get(f"/v1/members/{card}"))[1]["balance"]["available"] == 0

@@ -5,7 +5,7 @@ import dataclasses
 from datetime import date
 
 import pytest
-from conftest import KEYS, Api, test_config
+from conftest import KEYS, POSTGRESQL, Api, test_config
 
 from server import cvm, report_campaign
 from server.app import create_app
@@ -256,3 +256,35 @@ async def test_an_offer_or_codes_with_dates_already_past_are_taken_with_warnings
                                 "apply only to receipts dated up to then"]
     status, body = await a.post("/v1/admin/coupons/xmas/codes", {"count": 1})
     assert (status, body["warnings"]) == (201, [])
+
+
+@pytest.mark.skipif(not POSTGRESQL, reason="members are locked by row only on PostgreSQL; SQLite's one writer "
+                                           "reads the cards and writes in one go")
+@pytest.mark.parametrize("write", ["offer", "list segment"])
+async def test_an_offer_or_a_list_segment_for_a_card_merged_after_its_look_up_is_refused_not_left_behind(
+        api, monkeypatch, write):
+    """A card looked up just before a merge of its member committed: the merge moved the
+    member's offers and list segments before this write, so what it wrote stayed on the
+    member merged away, which no card reaches, and the customer never had it. Refused as the
+    card now is, as when the merge came first."""
+    from server.keys import DATABASE
+    a = await api()
+    merge = {"merge_id": "MG-1", "from_member_id": "m_2", "into_member_id": "m_3", "reason": "one person"}
+    assert (await a.post("/v1/admin/members/merge", merge))[0] == 201
+    real, looked_up = cvm.member_id_of_card, []
+
+    def before_the_merge(conn, digest):
+        looked_up.append(digest)
+        return 2 if len(looked_up) == 1 else real(conn, digest)
+
+    monkeypatch.setattr(cvm, "member_id_of_card", before_the_merge)
+    if write == "offer":
+        status, body = await a.post("/v1/admin/offers", {"offer_id": "o-1", "rule": "comeback", "cards": ["c2"],
+                                                         "from": "2026-12-01", "to": "2026-12-31"})
+    else:
+        status, body = await a.put("/v1/admin/segments/staff/members", {"cards": ["c2"]})
+    assert (status, body.get("error", {}).get("code")) == (422, "card_merged"), body
+    left = await a.app[DATABASE].read(lambda conn: conn.execute(
+        "SELECT (SELECT COUNT(*) FROM offer_members WHERE member_id = 2), "
+        "(SELECT COUNT(*) FROM segment_members WHERE member_id = 2)").fetchone())
+    assert tuple(left) == (0, 0)

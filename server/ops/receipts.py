@@ -339,7 +339,7 @@ def _cancel_in_tx(deps: Deps, conn, key) -> CancelAnswer:
     reversed_, refunded = plan_cancel(ledger.receipt_postings(conn, key, stored.member_id))
     referral = plan_referral_take_back(referrals.referral_of(conn, stored.member_id, key), stored.member_id,
                                        True, today)
-    holder = None if stored.member_id is None else member_care.points_holder(conn, stored.member_id)
+    holder = None if stored.member_id is None else member_care.lock_points_holder(conn, stored.member_id)
     if holder is not None:
         apply_take_back(conn, stored.member_id, take_back(conn, reversed_, refunded, today), at)
         give_back_customer_value(deps, conn, key, holder)

@@ -61,7 +61,7 @@ def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint,
     plan = plan_return(sold, prior, ledger.receipt_postings(conn, rec_key, stored.member_id), req.lines)
     at = PostingRef(effective_at=iso(now), created_at=iso(now), rules_version=program.version,
                     receipt=rec_key, ref="/".join(ret_key))
-    holder = None if stored.member_id is None else member_care.points_holder(conn, stored.member_id)
+    holder = None if stored.member_id is None else member_care.lock_points_holder(conn, stored.member_id)
     whole, today = returns_whole(sold, prior, req.lines), local_day(program, now)
     referral = None if not whole else plan_referral_take_back(
         referrals.referral_of(conn, stored.member_id, rec_key), stored.member_id, False, today)
