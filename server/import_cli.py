@@ -340,9 +340,13 @@ class MemberImport(Importer):
         done = self.db.write_sync(fn)
         for line in done.crm_id_taken:
             self.tally.refuse(line, "crm_id", "belongs to another member")
+        for line, why in done.retired:
+            self.tally.refuse(line, "card", f"was taken out of use ({why}): its points are with the member "
+                                            "that took it over; enrol another card")
         self.tally.already += len(done.skipped)
         self.tally.updated += len(done.updated)
-        self.tally.imported += len(batch) - len(done.skipped) - len(done.updated) - len(done.crm_id_taken)
+        self.tally.imported += len(batch) - len(done.skipped) - len(done.updated) - len(done.crm_id_taken) \
+            - len(done.retired)
 
 
 def _utf8_lines(f) -> Iterator[str]:

@@ -94,6 +94,18 @@ def known_cards(conn: sqlite3.Connection, cards: list[str]) -> dict[str, int]:
     return found
 
 
+def retired_cards(conn: sqlite3.Connection, cards: list[str]) -> dict[str, str]:
+    """card HMAC -> why it was taken out of use ('merged', 'replaced'), for those of `cards`
+    that were; found under earlier keys' hashes too, as known_cards finds them."""
+    found: dict[str, str] = {}
+    for chunk in _chunks(cards):
+        asked = {digest: card for card in chunk for digest in (card, *getattr(card, "older", ()))}
+        marks = ", ".join("?" * len(asked))
+        found.update((asked[digest], reason) for digest, reason in
+                     conn.execute(f"SELECT card, reason FROM retired_cards WHERE card IN ({marks})", list(asked)))
+    return found
+
+
 def insert_all(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], rows: list[tuple],
                ignore: bool = False) -> None:
     """`rows` into `table` with one statement; ignore: rows whose key is taken are left out.
@@ -120,6 +132,7 @@ class MembersInserted(NamedTuple):
     skipped: list[int]          # lines whose card is enrolled already, with nothing to change
     crm_id_taken: list[int]     # lines not inserted (or not updated): their crm_id is another member's
     updated: list[int] = []     # lines of enrolled cards that set their member's crm_id or consent
+    retired: list[tuple[int, str]] = []     # (line, why) of cards taken out of use: 'merged' or 'replaced'
 
 
 def insert_members(conn: sqlite3.Connection, rows: list[MemberRow], *, today: str, at: PostingRef,
@@ -135,11 +148,16 @@ def insert_members(conn: sqlite3.Connection, rows: list[MemberRow], *, today: st
     there = known_cards(conn, [r.card for r in rows])
     updated, not_updated = _update_crm(conn, [r for r in rows if r.card in there], there, at.created_at)
     skipped = [r.line for r in rows if r.card in there and r.line not in not_updated and r.line not in updated]
+    # A card merged away or replaced is not enrolled again, as the API refuses it: its
+    # points and history stay with the member that took them over.
+    out_of_use = retired_cards(conn, [r.card for r in rows if r.card not in there])
+    retired = [(r.line, out_of_use[r.card]) for r in rows if r.card in out_of_use]
+    rows = [r for r in rows if r.card not in out_of_use]
     taken = _crm_ids_taken(conn, [r.crm_id for r in rows if r.card not in there and r.crm_id is not None])
     new = [r for r in rows if r.card not in there and r.crm_id not in taken]
     refused = [r.line for r in rows if r.card not in there and r.crm_id in taken] + not_updated
     if not new:
-        return MembersInserted(skipped, refused, updated)
+        return MembersInserted(skipped, refused, updated, retired)
     ids = dict(zip((r.line for r in new), _new_member_ids(conn, len(new))))
     insert_all(conn, "members", ("id", "phone_hmac", "phone_last4", "birthday", "tags", "enrolled_at", "updated_at",
                                  "crm_id", *(f"consent_{c}" for c in CONSENT_CHANNELS), "consent_updated_at"),
@@ -153,7 +171,7 @@ def insert_members(conn: sqlite3.Connection, rows: list[MemberRow], *, today: st
                [(ids[r.line], event, "profile", at.created_at) for r in new if r.phone_hmac and r.birthday
                 for event in profile_events], ignore=True)
     events.members_imported(conn, list(ids.values()), first_tier, at.created_at)
-    return MembersInserted(skipped, refused, updated)
+    return MembersInserted(skipped, refused, updated, retired)
 
 
 def _new_member_ids(conn: sqlite3.Connection, count: int) -> list[int]:

@@ -374,3 +374,28 @@ async def test_crm_fields_of_a_card_erased_while_the_batch_ran_are_not_written_t
     assert tuple(row) == (None, 0)
     status, fresh = await api.get("/v1/members/7000000000001")
     assert status == 200 and fresh["member_id"] != member["member_id"] and fresh["crm_id"] == "CRM-1", fresh
+
+
+async def test_a_card_taken_out_of_use_is_refused_not_enrolled_again(make_api, tmp_path, capsys):
+    """A replaced or merged-away card in a file from the previous program: the API refuses
+    to enrol it (its points went on with the member that took it over), so does the import."""
+    api = await make_api(now=NOW)
+    _, first = await api.post("/v1/members", {"card": "7000000000001"})
+    assert (await api.post(f"/v1/admin/members/{first['member_id']}/replace-card",
+                           {"new_card": "7000000000002"}))[0] == 201
+    _, gone = await api.post("/v1/members", {"card": "7000000000003"})
+    _, kept = await api.post("/v1/members", {"card": "7000000000004"})
+    assert (await api.post("/v1/admin/members/merge", {"merge_id": "MG-1", "from_member_id": gone["member_id"],
+                                                       "into_member_id": kept["member_id"], "reason": "r"}))[0] == 201
+    source = write_csv(tmp_path, ["7000000000001,,,,500,,", "7000000000003,,,,500,,", "7000000000005,,,,500,,"])
+    assert await asyncio.to_thread(cli, ["import", "members", "--csv", str(source), "--config",
+                                         write_config(tmp_path)]) == 1
+    assert "3 members rows: 1 imported, 0 updated, 0 already there, 2 refused" in capsys.readouterr().out
+    with open(tmp_path / "members.refused.csv", newline="") as f:
+        assert [(int(r["line"]), r["field"], r["reason"].split(":")[0]) for r in csv.DictReader(f)] == [
+            (2, "card", "was taken out of use (replaced)"), (3, "card", "was taken out of use (merged)")]
+    for card in ("7000000000001", "7000000000003"):
+        status, answer = await api.get(f"/v1/members/{card}")
+        assert status == 404 and answer["error"]["code"] in ("card_replaced", "card_merged"), answer
+    assert (await api.get("/v1/members/7000000000002"))[1]["balance"]["available"] == 100
+    assert (await api.get("/v1/members/7000000000005"))[1]["balance"]["available"] == 500
