@@ -291,21 +291,27 @@ async def create_coupons(app, call):
     card_hmac = privacy.card(body.card) if body.card else None
     codes = [coupons.new_code() for _ in range(body.count)]
 
-    def write(conn):
-        if card_hmac is not None:
-            # Looked at on a reader above: a replacement or a merge of the card committed since
-            # rebound the codes it found, not these, which no register could present. Under its
-            # member's lock (PostgreSQL) a replacement or merge waits for these, or is seen here.
-            ledger.lock_member_of_card(conn, card_hmac)
-            if (retired := retired_card(conn, card_hmac)) is not None:
-                raise member_care.retired_refusal(body.card, retired)
-        return coupons.add_codes(conn, campaign, codes, card_hmac, privacy.coupon, now)
-    taken = await app[DATABASE].write(write, off_loop=True)
+    taken = await app[DATABASE].write(
+        lambda conn: add_codes_for_card(conn, campaign, codes, body.card, card_hmac, privacy, now), off_loop=True)
     if taken:   # two draws of 60 random bits met: answer only codes that are the caller's alone
         raise ApiError(503, "try_again", "a generated code collided with an existing one; nothing was lost, "
                        "ask again", headers={"Retry-After": "0"})
     warnings = coupon_warnings(definitions(app).coupons[campaign], _today(app, now))
     return json_reply(A.CouponCodesAnswer(campaign, codes, warnings), 201)
+
+
+def add_codes_for_card(conn, campaign: str, codes: list[str], card: str | None, card_hmac: str | None, privacy,
+                       now) -> list[str]:
+    """coupons.add_codes, refusing (card_replaced, card_merged) a card taken out of use: no
+    register could ever present codes bound to it. Checked in the write: a replacement or a
+    merge of the card committed after any earlier look at it rebound the codes it found, not
+    these. Under its member's lock (PostgreSQL) a replacement or merge waits for these, or is
+    seen here."""
+    if card_hmac is not None:
+        ledger.lock_member_of_card(conn, card_hmac)
+        if (retired := retired_card(conn, card_hmac)) is not None:
+            raise member_care.retired_refusal(card, retired)
+    return coupons.add_codes(conn, campaign, codes, card_hmac, privacy.coupon, now)
 
 
 def routes():

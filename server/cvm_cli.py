@@ -166,8 +166,17 @@ def generate(db: Database, definitions: cvm.Definitions, privacy, campaign: str,
                 return INTERRUPTED_STATUS
             codes = [coupons.new_code() for _ in range(min(coupons.WRITE_BATCH_CODES, count - done))]
             try:
-                taken = db.write_sync(lambda conn: coupons.add_codes(conn, campaign, codes, card_hmac,
-                                                                     privacy.coupon, now))
+                taken = db.write_sync(lambda conn: cvm.add_codes_for_card(conn, campaign, codes, card, card_hmac,
+                                                                          privacy, now))
+            except ApiError as e:       # the card was replaced or merged away: no till could present them
+                if done:    # the replacement or merge moved those to the card that took its place
+                    print(f"coupons generate: --card: {e.message}; {done} of {count} codes of {campaign} stored "
+                          f"and written to {out}, now bound to the card that took its place; no others were made",
+                          file=sys.stderr)
+                    return 1
+                out.unlink()
+                print(f"coupons generate: --card: {e.message}; nothing was generated", file=sys.stderr)
+                return 2
             except (StorageError, *unreachable_errors()) as e:
                 if done:
                     raise Stopped(f"{done} of {count} codes of {campaign} stored and written to {out}; no others "

@@ -131,6 +131,24 @@ def test_coupons_generate_refuses_a_card_that_is_no_card(db, tmp_path, capsys):
     assert db.read_sync(lambda conn: conn.execute("SELECT COUNT(*) FROM coupon_codes").fetchone()[0]) == 0
 
 
+def test_coupons_generate_refuses_a_card_taken_out_of_use(db, tmp_path, capsys):
+    """Codes bound to a replaced or merged-away card could never be presented by a till."""
+    db.write_sync(lambda conn: member_care.retire_card(conn, PRIVACY.card("c1"), 1, "replaced", "0009",
+                                                       "2026-11-20T10:00:00.000000Z"))
+    db.write_sync(lambda conn: member_care.retire_card(conn, PRIVACY.card("c2"), 2, "merged", "m_3",
+                                                       "2026-11-21T10:00:00.000000Z"))
+    out = tmp_path / "codes.csv"
+    for card, why in (("c1", "was replaced on 2026-11-20 by the card ending 0009"),
+                      ("c2", "belonged to m_2, merged into m_3 on 2026-11-21")):
+        assert cvm_cli.generate(db, DEFS, PRIVACY, "xmas", 3, out, card, NOW) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"coupons generate: --card: card {card} {why}"), err
+        assert err.rstrip().endswith("nothing was generated"), err
+    assert not out.exists()
+    assert db.read_sync(lambda conn: conn.execute("SELECT COUNT(*) FROM coupon_codes").fetchone()[0]) == 0
+    assert cvm_cli.generate(db, DEFS, PRIVACY, "xmas", 3, out, "c4", NOW) == 0
+
+
 def test_import_offers_stopped_by_a_locked_database_keeps_the_offers_before(db, tmp_path, capsys, monkeypatch):
     source = two_offers(tmp_path)
     write_sync = db.write_sync
