@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/http_cost.py [--tree DIR ...] [--connections 10] [--receipts 120]
     PYTHONPATH=. python benchmarks/http_cost.py --by-function [--tree DIR] [--calls-max 4]
     PYTHONPATH=. python benchmarks/http_cost.py --hash [--tree DIR ...]
+    [any of them with --program B: cvm_cost.py's side B, `--segment big-spenders`]
 
 The app is served as `loyalty serve` serves it (server/listen.py's runner and site, on uvloop,
 no access log: the benchmarks run without one) with rules/programs/market, in a process of its
@@ -28,10 +29,16 @@ per function summed over its places. A plain run is counted beside the wrapped o
 wrapped call costs beyond its function (some 6 k on average, a coroutine's steps more than a
 plain call) is their difference over the wrapped calls a receipt makes.
 
+--program B serves cvm_cost.py's side B with its `rfm` segment (a segment, a personal offer, a
+coupon campaign): every member's first two receipts, the RFM run, the offer for half of the
+members and the codes set up before the warm-up; a fresh code on every third receipt and the
+registers spelling which of B's rules pay, as cvm_cost.py sends them (`--hash` draws the codes
+from a fixed seed, so that trees compare).
+
 --hash prints, without valgrind, per tree a hash of each answer body and of every table's rows
 after 300 receipts sent on one connection with the clock held still (so that the rows do not
 depend on how requests fall into batches or on the wall clock; _sqlite_migrations, stamped by
-the wall clock, left out): equal hashes, equal results.
+the wall clock, and segments_generation, a random value, left out): equal hashes, equal results.
 """
 from __future__ import annotations
 
@@ -72,10 +79,16 @@ from server.ops import members as member_ops
 
 KEY = "bench-register"
 work = Path(tempfile.mkdtemp(prefix="http-cost-"))
+program_dir = "rules/programs/market"
+if PROGRAM == "B":      # cvm_cost.py's side B with its `rfm` segment: a segment, a personal offer, a coupon
+    import shutil
+    program_dir = str(work / "program")
+    shutil.copytree("rules/programs/market", program_dir)
+    (Path(program_dir) / "campaigns" / "cvm.yaml").write_text(cc.cvm_file(("big-spenders",)))
 port = free_port()
 settings = {"server": {"host": "127.0.0.1", "port": port},
             "database": {"path": str(work / "bench.db")},
-            "rules": {"dir": "rules/programs/market", "watch": False, "poll_interval_ms": 60_000},
+            "rules": {"dir": program_dir, "watch": False, "poll_interval_ms": 60_000},
             "clock": {"start": cc.CLOCK_START}, "jobs": {"enabled": False},
             "privacy": {"hmac_key": "bench-hmac-key-0123456789"},
             "events": {"poll_interval_seconds": 60},
@@ -86,8 +99,14 @@ settings = {"server": {"host": "127.0.0.1", "port": port},
 config = config_from_dict(settings)
 answers = {}
 
+CODES, PAYING = [], None     # program B: the codes left to send, and by member which of B's rules pay
+
 def bodies(prefix, count):
-    return [(f"{prefix}{k}", cc.bench_body(f"{prefix}{k}", k, members, None, "card", "K01")) for k in range(count)]
+    if PAYING is None:
+        return [(f"{prefix}{k}", cc.bench_body(f"{prefix}{k}", k, members, None, "card", "K01")) for k in range(count)]
+    # As cvm_cost.py sends side B: a fresh code on every third receipt, the register spelling who pays.
+    return [(f"{prefix}{k}", cc.bench_body(f"{prefix}{k}", k, members, CODES.pop() if k % 3 == 0 else None, "card",
+                                           cc.register((*PAYING[k % members], k % 3 == 0)))) for k in range(count)]
 
 def send(requests):
     def share_of(share):
@@ -228,6 +247,11 @@ async def main():
         import server.clock
         still = datetime.fromisoformat(cc.CLOCK_START).astimezone(timezone.utc)
         server.clock.Clock.now = lambda self: still
+        if PROGRAM == "B":      # the codes drawn alike in every tree
+            import random, storage.coupons
+            drawn = random.Random(7)
+            storage.coupons.new_code = lambda: "".join(drawn.choice(storage.coupons.ALPHABET)
+                                                       for _ in range(storage.coupons.CODE_CHARS))
     if mode == "by-function":
         install([tuple(k) for k in json.loads((folder / "shape.json").read_text())])
     app = create_app(config)
@@ -239,8 +263,19 @@ async def main():
         deps = app[OPS]
         for m in range(members):
             await member_ops.enroll(deps, schema.Enrollment(card=f"card-{m}"), cc.MANAGER)
-        warm, measured = bodies("w", WARM), bodies("b", FEW + counted if mode == "hash" else counted)
         loop = asyncio.get_running_loop()
+        if PROGRAM == "B":      # every member's first receipts, for the RFM run to score; then the offer, the codes
+            global PAYING
+            from server import rfm
+            from server.keys import CLOCK, PROGRAMS
+            await loop.run_in_executor(None, send, bodies("s", 2 * members))
+            program = app[PROGRAMS].current
+            await rfm.run(app[DATABASE], program.segment_window_days, program.timezone, app[CLOCK].now(),
+                          force=True, program=program)
+            total = WARM + (FEW + counted if mode == "hash" else counted)
+            CODES.extend(await cc.set_up_cvm(app, members, total // 3 + 2, ("big-spenders",)))
+            PAYING = await cc.who_pays(app, members)
+        warm, measured = bodies("w", WARM), bodies("b", FEW + counted if mode == "hash" else counted)
         await loop.run_in_executor(None, send, warm)
         profiler = cProfile.Profile() if mode == "shape" else None
         if profiler:
@@ -261,7 +296,8 @@ async def main():
             print("answers", digest.hexdigest())
             tables = await app[DATABASE].read(lambda conn: [r[0] for r in conn.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")])
-            for table in (t for t in tables if t != "_sqlite_migrations"):    # applied at the wall clock
+            # _sqlite_migrations is applied at the wall clock; segments_generation is a random value
+            for table in (t for t in tables if t not in ("_sqlite_migrations", "segments_generation")):
                 rows = sorted(repr(tuple(r)) for r in await app[DATABASE].read(
                     lambda conn: conn.execute(f"SELECT * FROM {table}").fetchall()))
                 print(table, len(rows), hashlib.sha256(repr(rows).encode()).hexdigest()[:16])
@@ -282,9 +318,10 @@ def extension(folder: Path) -> None:
 
 
 def child(tree: Path, mode: str, counted: int, connections: int, members: int, folder: Path,
-          out: Path | None = None, calls_max: int = 4, warm: int = 0, share_min: float = 0.002) -> str:
+          out: Path | None = None, calls_max: int = 4, warm: int = 0, share_min: float = 0.002,
+          program: str = "A") -> str:
     """warm: receipts sent before the counted ones (the same in both runs of a count)."""
-    code = f"CALLS_MAX = {calls_max}\nSHARE_MIN = {share_min}\n" + CHILD
+    code = f"CALLS_MAX = {calls_max}\nSHARE_MIN = {share_min}\nPROGRAM = {program!r}\n" + CHILD
     argv = [sys.executable, "-c", code, mode, str(counted), str(connections), str(members), str(folder), str(FEW),
             str(STAGES), str(warm)]
     if out is not None:
@@ -310,29 +347,30 @@ def stage_costs(out: Path) -> dict[int, int]:
             for count, stage in re.findall(r"^\s*([\d,]+) .*:stage(\d+) ", text, re.M)}
 
 
-def counts(tree: Path, receipts: int, connections: int, members: int) -> float:
+def counts(tree: Path, receipts: int, connections: int, members: int, program: str = "A") -> float:
     with tempfile.TemporaryDirectory(prefix="http-cost-") as folder:
         totals = []
         for counted in (FEW, FEW + receipts):
             out = Path(folder) / f"{counted}.out"
-            child(tree, "count", counted, connections, members, Path(folder), out, warm=FEW + receipts)
+            child(tree, "count", counted, connections, members, Path(folder), out, warm=FEW + receipts, program=program)
             totals.append(loop_total(out))
     return (totals[1] - totals[0]) / receipts
 
 
-def by_function(tree: Path, receipts: int, connections: int, members: int, calls_max: int) -> None:
+def by_function(tree: Path, receipts: int, connections: int, members: int, calls_max: int,
+                program: str = "A") -> None:
     import concurrent.futures
     import json
     with tempfile.TemporaryDirectory(prefix="http-cost-") as name:
         folder = Path(name)
         print(child(tree, "shape", FEW + receipts, connections, members, folder, calls_max=calls_max,
-                    warm=FEW + receipts))
+                    warm=FEW + receipts, program=program))
         extension(folder)
 
         def run(job):
             mode, counted = job
             out = folder / f"{mode}-{counted}.out"
-            child(tree, mode, counted, connections, members, folder, out, calls_max, FEW + receipts)
+            child(tree, mode, counted, connections, members, folder, out, calls_max, FEW + receipts, program=program)
             if mode == "count":
                 return loop_total(out), None, None
             return loop_total(out), stage_costs(out), json.loads((folder / f"tree-{counted}.json").read_text())
@@ -405,6 +443,9 @@ def main() -> None:
     parser.add_argument("--calls-max", type=int, default=4, help="with --by-function: wrap functions called at most "
                                                                  "this many times a receipt")
     parser.add_argument("--hash", action="store_true")
+    parser.add_argument("--program", choices=("A", "B"), default="A",
+                        help="A: rules/programs/market; B: cvm_cost.py's side B with its rfm segment (--segment "
+                             "big-spenders), its offer held by half the members and a code on every third receipt")
     args = parser.parse_args()
     trees = [t.resolve() for t in args.tree or [ROOT]]
     for tree in trees:
@@ -414,14 +455,14 @@ def main() -> None:
         for tree in trees:
             with tempfile.TemporaryDirectory() as folder:
                 print(tree)
-                print(child(tree, "hash", 270, 1, args.members, Path(folder), warm=300))
+                print(child(tree, "hash", 270, 1, args.members, Path(folder), warm=300, program=args.program))
         return
     if args.by_function:
         for tree in trees:
-            by_function(tree, args.receipts, args.connections, args.members, args.calls_max)
+            by_function(tree, args.receipts, args.connections, args.members, args.calls_max, args.program)
         return
     for tree in trees:
-        per = counts(tree, args.receipts, args.connections, args.members)
+        per = counts(tree, args.receipts, args.connections, args.members, args.program)
         print(f"{tree}: {per:,.0f} instructions per confirmed receipt, event loop thread, "
               f"{args.connections} connections")
 

@@ -233,10 +233,14 @@ def _coupons_used(program: Any, exact: Exact, fact: dict[str, Any], coupons: dic
     """
     used: set[str] = set()
     fields = program.coupon_fields
+    needing_all = program.coupon_rules_needing_all
     for index in sorted(program.coupon_rule_indexes.intersection(exact)):
         rule = program.rules[index]
         present = [campaign for campaign in rule.coupons if campaign in coupons]
         if not present:
+            continue
+        if index in needing_all:    # none of them can be done without: no need to try
+            used.update(present)
             continue
         node = program.matcher.conditions[rule.condition]
         trial = dict(fact)

@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from .conditions import Node
+from .conditions import Cmp, Group, Node
 from .evaluate import evaluate
 from .explain import Explanation, explain
 from .matching import Matcher
@@ -160,6 +160,12 @@ class Program:
                                    *(rule.scope for rule in rules), *(rule.scope.exclude for rule in rules)])
         self.matcher = Matcher(conditions)
         self._finalizer = weakref.finalize(self, self.matcher.close)
+        # The coupon rules that need every campaign they name whenever they fire: each is
+        # one the condition cannot hold without, so a receipt need not try the condition
+        # without each of them to know (rules/evaluate.py _coupons_used).
+        self.coupon_rules_needing_all = frozenset(
+            rule.index for rule in rules
+            if rule.coupons and _all_required(conditions[rule.condition], [self.coupon_fields[c] for c in rule.coupons]))
 
     def evaluate(self, receipt: Any, member: MemberFacts | None, redeem_requested: int,
                  redeem_available: int, usage: dict[str, int],
@@ -296,3 +302,11 @@ def _window(rule: CompiledRule, day: date) -> tuple[date, date]:
         return day.replace(day=1), day.replace(day=last)
     # per: period. A rule without a period is in force for good, so every use it ever had counts.
     return rule.period or ALL_TIME
+
+
+def _all_required(node: Node, fields: list[str]) -> bool:
+    """Whether the condition is false whenever any of these fields is not True: each is
+    compared `== True` by the condition itself or by one of the items of its top `and`."""
+    items = node.items if isinstance(node, Group) and node.op == "and" else [node]
+    required = {item.field for item in items if isinstance(item, Cmp) and item.op == "eq" and item.value is True}
+    return required.issuperset(fields)

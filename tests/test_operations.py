@@ -26,6 +26,27 @@ async def test_metrics_count_receipts_and_points(make_api):
     assert 'loyalty_rules_info{program="market"' in text
 
 
+async def test_points_by_rule_add_up_over_receipts_as_a_counter_shows_them(make_api):
+    api = await make_api(now=NOW)
+    await api.post("/v1/members", {"card": "1"})
+    _, before = await api.get("/metrics", as_="monitor")
+    assert "loyalty_points_accrued_total{" not in before     # no series before a rule paid
+    assert "# TYPE loyalty_points_accrued_total counter" in before
+    await api.post("/v1/receipts", receipt("R-1", [line(1, "dairy", 10000)], card="1"), as_="register")
+    await api.post("/v1/receipts", receipt("R-2", [line(1, "dairy", 100000), line(2, "bread", 50000)], card="1"),
+                   as_="register")
+    _, text = await api.get("/metrics", as_="monitor")
+    series = {line.split(" ")[0]: line.split(" ")[1] for line in text.splitlines()
+              if line.startswith("loyalty_points_accrued")}
+    # base: 2 + 30 (1 % floored per receipt), dairy-x2: 2 + 20, big-basket: 50 once
+    assert series['loyalty_points_accrued_total{rule="base"}'] == "32.0"
+    assert series['loyalty_points_accrued_total{rule="dairy-x2"}'] == "22.0"
+    assert series['loyalty_points_accrued_total{rule="big-basket"}'] == "50.0"
+    assert {name.split("{")[0] for name in series} == {"loyalty_points_accrued_total", "loyalty_points_accrued_created"}
+    assert len([name for name in series if name.startswith("loyalty_points_accrued_created")]) == 3
+    assert "# HELP loyalty_points_accrued_total Points accrued by rule" in text
+
+
 async def test_openapi_lists_every_route_with_schemas(make_api):
     api = await make_api(now=NOW)
     status, doc = await api.get("/openapi.json", as_=None)

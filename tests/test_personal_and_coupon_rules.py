@@ -260,3 +260,26 @@ def test_coupon_campaigns_may_be_written_beside_their_rules_in_several_files():
         assert list(program.coupons) == ["spring", "xmas"]
     finally:
         program.close()
+
+
+def test_a_rule_needing_each_campaign_it_names_uses_every_code_and_alternatives_still_the_first():
+    program = load_files({"program.yaml": SETTINGS, "r.yaml": textwrap.dedent("""\
+        coupons: [{id: xmas}, {id: spring}, {id: vip}]
+        rules:
+          - id: pair
+            when: {coupon: xmas, any: [{coupon: spring}], total: {gte: 100}}
+            reward: {points: 20}
+          - id: xmas-and-one
+            when: {coupon: xmas, any: [{coupon: spring}, {coupon: vip}]}
+            reward: {points: 3}
+        """)}, TODAY)
+    try:
+        assert program.coupon_rules_needing_all == {program.rules[0].index}
+        both = program.evaluate(SALE, member(coupons={"xmas": "X-1", "spring": "S-1", "vip": "V-1"}), 0, 0, {})
+        assert both.by_rule == [("pair", 20), ("xmas-and-one", 3)]
+        assert both.coupons_used == {"xmas": "X-1", "spring": "S-1"}, "vip was not needed"
+        alone = program.evaluate(SALE, member(coupons={"xmas": "X-1", "vip": "V-1"}), 0, 0, {})
+        assert alone.by_rule == [("xmas-and-one", 3)] and alone.coupons_used == {"xmas": "X-1", "vip": "V-1"}
+        ledger_sums_hold(both)
+    finally:
+        program.close()

@@ -138,9 +138,10 @@ async def confirm(deps: Deps, receipt: schema.Receipt,
     # Refusals are counted by their code where the answer is made (server/app.py).
     count(deps, "confirm", status, result)
     if ev is not None:
+        add = deps.metrics.points_accrued.add
         for rule, points in ev.by_rule:
             if points:
-                deps.metrics.points_accrued_of(rule).inc(points)
+                add(rule, points)
         if ev.redeemed_points:
             deps.metrics.points_redeemed.inc(ev.redeemed_points)
     return status, result, encoded
