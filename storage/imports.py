@@ -84,25 +84,23 @@ def known_cards(conn: sqlite3.Connection, cards: list[str]) -> dict[str, int]:
     """card HMAC -> member id, for those of `cards` that are enrolled. A card is also found
     under its hashes under earlier keys (`older`, server/privacy.py) that a key rotation has
     not wrapped yet, so a rerun during or before `privacy rotate-key` enrolls no card twice."""
-    found: dict[str, int] = {}
-    # A card's hashes stay in one statement, for the reason storage.ledger.card_match gives.
-    for chunk in _chunks(cards):
-        asked = {digest: card for card in chunk for digest in (card, *getattr(card, "older", ()))}
-        marks = ", ".join("?" * len(asked))
-        found.update((asked[digest], member_id) for digest, member_id in
-                     conn.execute(f"SELECT card, member_id FROM cards WHERE card IN ({marks})", list(asked)))
-    return found
+    return _by_card(conn, cards, "SELECT card, member_id FROM cards WHERE card IN ({marks})")
 
 
 def retired_cards(conn: sqlite3.Connection, cards: list[str]) -> dict[str, str]:
     """card HMAC -> why it was taken out of use ('merged', 'replaced'), for those of `cards`
     that were; found under earlier keys' hashes too, as known_cards finds them."""
-    found: dict[str, str] = {}
+    return _by_card(conn, cards, "SELECT card, reason FROM retired_cards WHERE card IN ({marks})")
+
+
+def _by_card(conn: sqlite3.Connection, cards: list[str], select: str) -> dict:
+    """card HMAC -> the second column of `select` (card, value) for the rows of `cards`."""
+    found = {}
+    # A card's hashes stay in one statement, for the reason storage.ledger.card_match gives.
     for chunk in _chunks(cards):
         asked = {digest: card for card in chunk for digest in (card, *getattr(card, "older", ()))}
         marks = ", ".join("?" * len(asked))
-        found.update((asked[digest], reason) for digest, reason in
-                     conn.execute(f"SELECT card, reason FROM retired_cards WHERE card IN ({marks})", list(asked)))
+        found.update((asked[digest], value) for digest, value in conn.execute(select.format(marks=marks), list(asked)))
     return found
 
 
