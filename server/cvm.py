@@ -25,7 +25,7 @@ from server.validation import Problems
 from rules.problems import suggest
 from storage import coupons, ledger, offers, segments
 from storage.ledger import member_id_of_card
-from storage.member_care import RetiredCard, retired_card
+from storage.member_care import RetiredCard, points_holders, retired_card
 from storage.schema import legacy_fingerprint
 from storage.sql import WriteConflict
 
@@ -268,7 +268,10 @@ async def assign_offer(app, call):
     digest = offer_fingerprints(privacy, body)
 
     def write(conn):
-        members = segments.members_of(conn, d) if d else locked_members_of_cards(conn, privacy, body.cards)
+        # A member merged away since the segment was decided is no one's card: the offer is
+        # its customer's, on the member that took it over, as a merge moves offers.
+        members = points_holders(conn, segments.members_of(conn, d)) if d else \
+            locked_members_of_cards(conn, privacy, body.cards)
         return offers.assign(conn, body.offer_id, body.rule, digest, body.from_, body.to, body.points, members, now)
     try:
         done = await app[DATABASE].write(write, off_loop=True)

@@ -209,6 +209,20 @@ def points_holder(conn: sqlite3.Connection, member_id: int) -> int:
     return survivor(conn, member_id) or member_id
 
 
+def points_holders(conn: sqlite3.Connection, member_ids: list[int]) -> list[int]:
+    """points_holder of many members at once, each once, in id order: the merges read in one
+    statement (few members are merged; a segment may hold millions)."""
+    merged = dict(conn.execute("SELECT id, merged_into FROM members WHERE merged_into IS NOT NULL"))
+
+    def holder(member_id: int) -> int:
+        for _ in range(MERGED_MAX):
+            if member_id not in merged:
+                break
+            member_id = merged[member_id]
+        return member_id
+    return sorted({holder(m) for m in member_ids})
+
+
 def lock_points_holder(conn: sqlite3.Connection, member_id: int) -> int:
     """points_holder, read under the holder's lock (PostgreSQL), for a write that changes
     the holder's points or offers. A merge of the holder that commits between the look-up

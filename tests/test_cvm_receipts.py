@@ -407,3 +407,19 @@ async def test_codes_asked_for_a_card_taken_out_of_use_meanwhile_are_refused_not
     assert ran[0][0] == 201, ran
     assert (status, body.get("error", {}).get("code")) == (422, f"card_{moved}"), body
     assert await rows(a, "SELECT code FROM coupon_codes") == []
+
+
+async def test_an_offer_to_a_segment_holding_a_member_merged_away_goes_to_the_member_that_took_it_over(api):
+    """The daily job decided the segment before the merge; the member merged away has no card
+    any more, so an offer recorded on it would reach no one. A merge moves offers to the
+    member that stays: so does an offer resolved through the segment afterwards."""
+    a = await api(cards=("c1", "c2", "c3"))
+    await segment_job(a)        # all three enrolled today: newcomers
+    merge = {"merge_id": "MG-1", "from_member_id": "m_2", "into_member_id": "m_3", "reason": "one customer"}
+    assert (await a.post("/v1/admin/members/merge", merge))[0] == 201
+    offer = {"offer_id": "o-new", "rule": "comeback", "segment": "newcomers", "from": "2026-12-01", "to": "2026-12-31"}
+    status, body = await a.post("/v1/admin/offers", offer)
+    assert (status, body["members"]) == (201, 2), body
+    assert await rows(a, "SELECT member_id FROM offer_members WHERE offer_id = 'o-new' ORDER BY member_id") == [
+        (1,), (3,)]
+    assert by_rule(await confirm(a, receipt("R-1", card="c3")))["comeback"] == 30
