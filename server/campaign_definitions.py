@@ -194,7 +194,7 @@ def choose_definition(conn, live: Live, rule_id: str, first_raw: str | None, las
     ApiError as the report answers it otherwise (404 unknown_rule, 422 rule_without_holdout,
     rule_redefined, or a field of the period)."""
     from server.errors import not_found, unprocessable
-    loads = [(version, at) for version, at in store.load_history(conn)]
+    loads = store.load_history(conn)
     tz = live.program.timezone
     spans = spans_of(rule_id, loads, lambda version: REMEMBERED.get(conn, version))
     defined = [s for s in spans if s.definition is not None]

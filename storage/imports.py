@@ -191,7 +191,7 @@ def _update_crm(conn: sqlite3.Connection, rows: list[MemberRow], there: dict[str
     updated, refused = [], []
     changing = [r.card for r in rows if r.crm_id is not None or r.consent is not None]
     if ledger.lock_members(conn, [there[card] for card in changing]) and \
-            any(there[card] != member for card, member in _now_there(conn, changing).items()):
+            known_cards(conn, changing) != {card: there[card] for card in changing}:
         # Looked up before the locks (PostgreSQL): a card merged, replaced or erased away
         # meanwhile would have the CRM's fields written onto a member no card reaches. The
         # batch runs again and reads the cards as they now are.
@@ -211,12 +211,6 @@ def _update_crm(conn: sqlite3.Connection, rows: list[MemberRow], there: dict[str
         else:
             updated.append(r.line)
     return updated, refused
-
-
-def _now_there(conn: sqlite3.Connection, cards: list[str]) -> dict[str, int | None]:
-    """card -> the member it belongs to now (None: to no one)."""
-    found = known_cards(conn, cards)
-    return {card: found.get(card) for card in cards}
 
 
 def _crm_ids_taken(conn: sqlite3.Connection, crm_ids: list[str]) -> set[str]:
