@@ -534,7 +534,7 @@ async def test_taking_back_a_merged_members_receipt_follows_a_merge_committed_be
     that looked up where m_1's points went just before the second merge committed takes the
     points back from m_3, where they are, not from m_2, which then owed them with no card to
     reach it while m_3 kept them."""
-    from storage import ledger, member_care
+    from storage import ledger
     api = await make_api(now=NOW)
     first = await member_with(api, CARD, 0)
     _, sold = await api.post("/v1/receipts", three_lines("B-1"), as_="register")
@@ -549,22 +549,9 @@ async def test_taking_back_a_merged_members_receipt_follows_a_merge_committed_be
         assert status == 201, merged
     before = await balance(api, "7000000000063")
     m1, m2, m3 = (int(m["member_id"][2:]) for m in (first, heir, last))
-    real_survivor, real_lock, merged_yet = member_care.survivor, ledger.lock_member, []
-
-    def survivor(conn, member_id):
-        # Until m_2's lock is taken (and waited for the merge), m_2's merge is not seen.
-        found = real_survivor(conn, member_id)
-        if merged_yet or found != m3:
-            return found
-        return None if member_id == m2 else m2
-
-    def lock_member(conn, member_id):
-        if member_id == m2 and not merged_yet:
-            merged_yet.append(member_id)
-        return real_lock(conn, member_id)
-
-    monkeypatch.setattr(member_care, "survivor", survivor)
-    monkeypatch.setattr(ledger, "lock_member", lock_member)
+    # Until m_2's lock is taken (and waited for the merge), m_2's merge is not seen.
+    merged_yet = merge_seen_once_locked(monkeypatch, m2, lambda member_id, found: found if found != m3 else
+                                        None if member_id == m2 else m2)
     if undo == "cancel":
         status, answer = await api.post("/v1/receipts/S001/K01/B-1/cancel", as_="register")
     else:
@@ -592,7 +579,7 @@ async def test_a_referral_reward_follows_a_merge_of_the_referrer_committed_befor
     another member: the reward goes where the referrer's points went. Looked up before the
     merge committed and credited after it, it stayed on the member merged away, which no card
     reaches."""
-    from storage import ledger, member_care
+    from storage import ledger
     program = tmp_path / "program"
     shutil.copytree(MARKET, program)
     (program / "referral.yaml").write_text(REFERRAL)
@@ -605,19 +592,9 @@ async def test_a_referral_reward_follows_a_merge_of_the_referrer_committed_befor
         "reason": "one customer"})
     assert status == 201, merged
     source = int(referrer["member_id"][2:])
-    real_survivor, real_lock, merged_yet = member_care.survivor, ledger.lock_member, []
-
-    def survivor(conn, member_id):
-        # Until the referrer's lock is taken (and waited for the merge), its merge is not seen.
-        return real_survivor(conn, member_id) if merged_yet or member_id != source else None
-
-    def lock_member(conn, member_id):
-        if member_id == source and not merged_yet:
-            merged_yet.append(member_id)
-        return real_lock(conn, member_id)
-
-    monkeypatch.setattr(member_care, "survivor", survivor)
-    monkeypatch.setattr(ledger, "lock_member", lock_member)
+    # Until the referrer's lock is taken (and waited for the merge), its merge is not seen.
+    merged_yet = merge_seen_once_locked(monkeypatch, source,
+                                        lambda member_id, found: None if member_id == source else found)
     status, sold = await api.post("/v1/receipts", three_lines("F-1", card="7000000000063"), as_="register")
     assert status == 201, sold
     assert (await balance(api, OTHER))["available"] == 100 + 100 + 500
@@ -626,3 +603,24 @@ async def test_a_referral_reward_follows_a_merge_of_the_referrer_committed_befor
     assert not any(left), left
     assert merged_yet == [source]
     await ledger_verifies(api)
+
+
+def merge_seen_once_locked(monkeypatch, locked_id: int, unseen) -> list[int]:
+    """Plays a merge that commits while a write waits for member `locked_id`'s lock: until
+    that lock is taken, member_care.survivor answers unseen(member_id, what it found). The
+    list returned holds `locked_id` once its lock was asked for."""
+    from storage import ledger, member_care
+    real_survivor, real_lock, locked = member_care.survivor, ledger.lock_member, []
+
+    def survivor(conn, member_id):
+        found = real_survivor(conn, member_id)
+        return found if locked else unseen(member_id, found)
+
+    def lock_member(conn, member_id):
+        if member_id == locked_id and not locked:
+            locked.append(member_id)
+        return real_lock(conn, member_id)
+
+    monkeypatch.setattr(member_care, "survivor", survivor)
+    monkeypatch.setattr(ledger, "lock_member", lock_member)
+    return locked
