@@ -185,9 +185,9 @@ class ConsoleConfig(Struct, forbid_unknown_fields=True):
     backtests_kept: Annotated[int, Meta(ge=1, le=100)] = 8
 
 
-EventType = Literal["member.enrolled", "receipt.confirmed", "receipt.cancelled", "return.accepted", "tier.changed",
-                    "points.expiring", "points.expired", "birthday", "offer.assigned", "card.replaced",
-                    "member.merged", "member.erased", "member.updated"]
+EventType = Literal["member.enrolled", "receipt.confirmed", "receipt.cancelled", "return.accepted",
+                    "referral.rewarded", "referral.reversed", "tier.changed", "points.expiring", "points.expired",
+                    "birthday", "offer.assigned", "card.replaced", "member.merged", "member.erased", "member.updated"]
 
 
 class WebhookConfig(Struct, forbid_unknown_fields=True):

@@ -17,7 +17,7 @@ from rules import largest_remainder
 from server.errors import field_error, unprocessable
 from server.plan import Posting
 from storage.accounts import EXPIRY
-from storage.ledger import ReturnedLine
+from storage.ledger import ReceiptKey, ReturnedLine
 from storage.line_records import LineRecord
 
 # (kind, lot_id, rule_id, counter_account, points), as storage.ledger.receipt_postings gives them
@@ -177,6 +177,7 @@ class ReferralTakeBack:
     # The referrer the reward is paid to again, as the first purchase's that follows a
     # cancelled one (the occasion forgotten first, so it fires once more); None: no payment.
     pay_to: int | None = None
+    pay_for: ReceiptKey | None = None   # that first purchase, which the referrer's event names
 
     def by_member(self) -> dict[int, int]:
         """Points taken back, by the member they were paid to."""
@@ -207,7 +208,8 @@ def plan_referral_take_back(referral, referee_id: int | None, cancel: bool, toda
                 referral.successor_returned
                 and returns_whole(referral.successor_sold, referral.successor_returned, ())):
             return None
-        return ReferralTakeBack(referee_id, forget=list(referral.fires), pay_to=referral.referrer)
+        return ReferralTakeBack(referee_id, forget=list(referral.fires), pay_to=referral.referrer,
+                                pay_for=referral.successor)
     plan = ReferralTakeBack(referee_id, forget=list(referral.fires) if cancel else [])
     for reward in referral.rewards:
         postings = take_back_postings([(reward.lot_id, None, reward.points, reward.counter)], [],

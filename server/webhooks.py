@@ -34,6 +34,7 @@ from server.config import Config, WebhookConfig
 from server.metrics import Metrics
 from server.member_state import tier_view
 from storage import events, ledger
+from storage.apply import ReferralPoints
 from storage.db import Database, StorageError
 
 log = logging.getLogger("loyalty.webhooks")
@@ -216,6 +217,18 @@ def emit_noting_tier(conn: sqlite3.Connection, program, member_id: int, type_: s
     crm = events.Crm(member.crm_id, member.consent) if member is not None else None
     events.emit(conn, type_, member_id, data, now, card_last4=card_last4, crm=crm)
     note_tier(conn, program, member_id, now, type_, member, card_last4, tier)
+
+
+def emit_referral(conn: sqlite3.Connection, type_: str, moved: ReferralPoints, referee_id: int,
+                  receipt: ledger.ReceiptKey, reason: str, now: datetime) -> None:
+    """referral.rewarded or referral.reversed for the member holding the referrer's points.
+    Event points never move a tier (tiers count purchases): no tier.changed follows.
+    receipt: the friend's receipt whose purchase paid the reward, or whose cancel or return
+    took it back; reason: the friend's event of the change (as tier.changed names it)."""
+    events.emit(conn, type_, moved.member_id, {
+        "referred_member_id": ledger.member_public_id(referee_id),
+        "receipt": {"store_id": receipt[0], "register_id": receipt[1], "receipt_id": receipt[2]},
+        "points": moved.points, "reason": reason, "balance": moved.balance.as_json()}, now)
 
 
 def note_tier(conn: sqlite3.Connection, program, member_id: int, now: datetime, reason: str, member=None,

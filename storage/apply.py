@@ -22,7 +22,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from storage import accounts, coupons, ledger, line_records, member_care, member_facts, offers, receipt_takes, referrals
 from storage.ledger import PostingRef, iso
@@ -49,6 +49,23 @@ class Confirmed:
     fingerprint: bytes
     answer: bytes
     result: Any = None      # handed back by apply_confirms
+    # The referral rewards its first purchase paid, for the referrer's events: set by apply_confirms.
+    referral_paid: tuple[ReferralPoints, ...] = ()
+
+
+class ReferralPoints(NamedTuple):
+    """A referral reward paid or taken back: the member holding the referrer's points then
+    (the end of its chain of merges), the points, and that member's balance right after."""
+    member_id: int
+    points: int
+    balance: ledger.Balance
+
+
+def _balance_after(conn: sqlite3.Connection, member_id: int, program, now: datetime) -> ledger.Balance:
+    """Read as soon as the points moved: another friend's first purchase in the same batch
+    may pay the same referrer next, and each event tells the balance its own change left."""
+    day = ledger.day_text(now.astimezone(program.timezone).date())
+    return ledger.balance_of(ledger.lots_of(conn, member_id), ledger.open_holds(conn, member_id, iso(now)), day)
 
 
 def apply_confirms(conn: sqlite3.Connection, confirms: list[Confirmed]) -> list:
@@ -90,13 +107,23 @@ def apply_confirms(conn: sqlite3.Connection, confirms: list[Confirmed]) -> list:
     ledger.insert_receipts(conn, receipts)
     _customer_value(conn, confirms, taken, in_rows)
     for c in confirms:
-        for event in c.plan.events:
-            # A referrer merged into another member since: no card reaches it, its points went
-            # to that member, and so does its reward (once per occasion there). Looked up under
-            # that member's lock: a merge committed meanwhile would strand the reward.
-            fire_events(conn, c.program, member_care.lock_points_holder(conn, event.member_id), event.on,
-                        event.occasion, c.now)
+        if c.plan.events:
+            c.referral_paid = _fire_referrals(conn, c)
     return [c.result for c in confirms]
+
+
+def _fire_referrals(conn: sqlite3.Connection, c: Confirmed) -> tuple[ReferralPoints, ...]:
+    """The first purchase's referral events fired: what each paid, to whom."""
+    paid = []
+    for event in c.plan.events:
+        # A referrer merged into another member since: no card reaches it, its points went
+        # to that member, and so does its reward (once per occasion there). Looked up under
+        # that member's lock: a merge committed meanwhile would strand the reward.
+        holder = member_care.lock_points_holder(conn, event.member_id)
+        points = fire_events(conn, c.program, holder, event.on, event.occasion, c.now)
+        if points:
+            paid.append(ReferralPoints(holder, points, _balance_after(conn, holder, c.program, c.now)))
+    return tuple(paid)
 
 
 class CustomerValueConflict(WriteConflict):
@@ -171,10 +198,11 @@ def _postings(c: Confirmed, lot_ids: list[int]) -> list[ledger.NewPosting]:
     return out
 
 
-def fire_events(conn: sqlite3.Connection, program, member_id: int, on: str, occasion: str, now: datetime) -> None:
+def fire_events(conn: sqlite3.Connection, program, member_id: int, on: str, occasion: str, now: datetime) -> int:
     """Credits the program's event rules for `on`, each at most once per member and occasion;
-    the points pay the member's debts first."""
+    the points pay the member's debts first. The points credited (0: none fired)."""
     today = now.astimezone(program.timezone).date()
+    paid = 0
     for event in program.events_on(on):
         if event.points <= 0 or not ledger.fire_event_once(conn, member_id, event.id, occasion, iso(now)):
             continue
@@ -184,6 +212,8 @@ def fire_events(conn: sqlite3.Connection, program, member_id: int, on: str, occa
                         ref=f"event:{event.id}:{occasion}")
         ledger.credit(conn, member_id, event.points, today, expires, "event", accounts.ISSUE_PROGRAM, at,
                       rule_id=event.id)
+        paid += event.points
+    return paid
 
 
 def apply_take_back(conn: sqlite3.Connection, member_id: int, postings, at: PostingRef) -> None:
@@ -194,22 +224,36 @@ def apply_take_back(conn: sqlite3.Connection, member_id: int, postings, at: Post
     member_care.follow_merge(conn, member_id, at)
 
 
-def apply_referral_take_back(conn: sqlite3.Connection, plan, at: PostingRef, program, now: datetime) -> list[dict]:
+@dataclass(frozen=True)
+class ReferralMoves:
+    """What apply_referral_take_back did to the referrer's points."""
+    # Per member the reward was paid to: the member holding its points now, and the points
+    # taken back (the friend's event lists them so, as `referral_reversed`).
+    taken: list[tuple[int, int]]
+    reversed: list[ReferralPoints]      # the same, once per member holding the points
+    paid: ReferralPoints | None         # the reward paid again, to the member holding the points
+
+
+def apply_referral_take_back(conn: sqlite3.Connection, plan, at: PostingRef, program, now: datetime) -> ReferralMoves:
     """A referral reward taken back (server/returns.py plan_referral_take_back): each as a
     take-back of its own, under the reward's ref, on the member it was paid to and on to the
-    member its points went to since. What each member holding the points lost, for the event
-    that announces it. A reward paid again (plan.pay_to) is fired as a first purchase's
-    confirm fires it (apply_confirms), at `now`, once its occasion is forgotten."""
-    taken = []
+    member its points went to since. A reward paid again (plan.pay_to) is fired as a first
+    purchase's confirm fires it (apply_confirms), at `now`, once its occasion is forgotten."""
     for member_id, ref, postings in plan.postings:
         apply_take_back(conn, member_id, postings, PostingRef(at.effective_at, at.created_at, at.rules_version,
                                                               ref=ref))
-    for member_id, points in plan.by_member().items():
-        taken.append({"member_id": ledger.member_public_id(member_care.points_holder(conn, member_id)),
-                      "points": points})
+    taken = [(member_care.points_holder(conn, member_id), points) for member_id, points in plan.by_member().items()]
+    by_holder: dict[int, int] = {}
+    for holder, points in taken:
+        by_holder[holder] = by_holder.get(holder, 0) + points
+    reversed_ = [ReferralPoints(holder, points, _balance_after(conn, holder, program, now))
+                 for holder, points in by_holder.items()]
     if plan.forget:
         referrals.forget(conn, plan.forget, plan.referee_id)
+    paid = None
     if plan.pay_to is not None:
-        fire_events(conn, program, member_care.lock_points_holder(conn, plan.pay_to), "referred_first_purchase",
-                    referrals.occasion(plan.referee_id), now)
-    return taken
+        holder = member_care.lock_points_holder(conn, plan.pay_to)
+        points = fire_events(conn, program, holder, "referred_first_purchase", referrals.occasion(plan.referee_id),
+                             now)
+        paid = ReferralPoints(holder, points, _balance_after(conn, holder, program, now)) if points else None
+    return ReferralMoves(taken, reversed_, paid)

@@ -19,9 +19,9 @@ import msgspec
 from storage.ledger import CONSENT_BITS, CONSENT_CHANNELS, iso, member_public_id
 from storage.sql import is_postgresql, json_ids
 
-TYPES = ("member.enrolled", "receipt.confirmed", "receipt.cancelled", "return.accepted", "tier.changed",
-         "points.expiring", "points.expired", "birthday", "offer.assigned", "card.replaced", "member.merged",
-         "member.erased", "member.updated")
+TYPES = ("member.enrolled", "receipt.confirmed", "receipt.cancelled", "return.accepted", "referral.rewarded",
+         "referral.reversed", "tier.changed", "points.expiring", "points.expired", "birthday", "offer.assigned",
+         "card.replaced", "member.merged", "member.erased", "member.updated")
 
 _JSON = msgspec.json.Encoder()
 

@@ -387,3 +387,199 @@ async def test_a_referrer_merged_away_before_the_purchase_was_paid_through_the_m
     assert status == 201
     assert await available(api, "keeper") == 100 + 100
     await verified(api)
+
+
+# ---------------------------------------------------------------- the referrer's events
+
+def referral_event(event: dict) -> tuple:
+    return event["member_id"], event["data"]
+
+
+async def ids(api, *cards: str) -> list[str]:
+    out = []
+    for card in cards:
+        status, member = await api.get(f"/v1/members/{card}")
+        assert status == 200, member
+        out.append(member["member_id"])
+    return out
+
+
+def receipt_key(receipt_id: str) -> dict:
+    return {"store_id": "S001", "register_id": "K01", "receipt_id": receipt_id}
+
+
+async def test_the_first_purchase_tells_the_referrer_of_its_reward(make_api, tmp_path):
+    api = await api_with_extra(make_api, tmp_path)
+    await api.post("/v1/members", {"card": "referrer"})
+    patch = {"crm_id": "CRM-R", "consent": {"sms": True}}
+    assert (await api.call("PATCH", "/v1/members/referrer", patch))[0] == 200
+    await api.post("/v1/members", {"card": "friend", "referred_by": "referrer"})
+    first = receipt("F-1", FRIEND_BUYS, card="friend")
+    assert (await api.post("/v1/receipts", first, as_="register"))[0] == 201
+    referrer, friend = await ids(api, "referrer", "friend")
+
+    (event,) = await events_of(api, "referral.rewarded")
+    assert (event["member_id"], event["card_last4"], event["crm_id"], event["consent"]["sms"]) == (
+        referrer, "rrer", "CRM-R", True)
+    assert event["data"] == {"referred_member_id": friend, "receipt": receipt_key("F-1"), "points": 500,
+                             "reason": "receipt.confirmed",
+                             "balance": {"available": 100 + 500, "pending": 0, "held": 0}}
+    # The friend's own event comes first, and is the friend's.
+    _, page = await api.get("/v1/admin/events?after=0&limit=1000")
+    kinds = [(e["type"], e["member_id"]) for e in page["events"]][-2:]
+    assert kinds == [("receipt.confirmed", friend), ("referral.rewarded", referrer)]
+
+    # The same receipt again, and the friend's next receipt, tell the referrer nothing more.
+    assert (await api.post("/v1/receipts", first, as_="register"))[0] == 200
+    await friend_buys_again(api, "F-2", 1)
+    assert len(await events_of(api, "referral.rewarded")) == 1
+    assert await events_of(api, "referral.reversed") == []
+
+
+async def test_a_cancel_of_the_first_purchase_tells_the_referrer_it_was_taken_back(make_api, tmp_path):
+    api = await referral_paid(make_api, tmp_path)
+    referrer, friend = await ids(api, "referrer", "friend")
+    assert (await cancel(api, "F-1"))[0] == 200
+    (event,) = await events_of(api, "referral.reversed")
+    assert referral_event(event) == (referrer, {
+        "referred_member_id": friend, "receipt": receipt_key("F-1"), "points": 500, "reason": "receipt.cancelled",
+        "balance": {"available": 100, "pending": 0, "held": 0}})
+    (cancelled,) = await events_of(api, "receipt.cancelled")
+    assert cancelled["member_id"] == friend
+    assert cancelled["data"]["referral_reversed"] == [{"member_id": referrer, "points": 500}]
+    assert cancelled["id"] < event["id"]
+
+    # Sent again, the cancel writes no event; the next first purchase pays, and says so.
+    assert (await cancel(api, "F-1"))[0] == 200
+    assert len(await events_of(api, "referral.reversed")) == 1
+    await friend_buys_again(api, "F-2", 1)
+    paid = [referral_event(e) for e in await events_of(api, "referral.rewarded")]
+    assert paid[-1] == (referrer, {
+        "referred_member_id": friend, "receipt": receipt_key("F-2"), "points": 500, "reason": "receipt.confirmed",
+        "balance": {"available": 100 + 500, "pending": 0, "held": 0}})
+    assert len(paid) == 2
+
+
+async def test_two_friends_buying_at_once_each_tell_the_referrer_the_balance_their_reward_left(make_api, tmp_path):
+    """On SQLite their receipts are applied in one batch: each reward's event still says the
+    balance right after it, not the batch's end."""
+    api = await api_with_extra(make_api, tmp_path)
+    await api.post("/v1/members", {"card": "referrer"})
+    friends = [f"friend{i}" for i in range(4)]
+    for card in friends:
+        assert (await api.post("/v1/members", {"card": card, "referred_by": "referrer"}))[0] == 201
+    answers = await asyncio.gather(*(api.post("/v1/receipts", receipt(f"G-{card}", FRIEND_BUYS, card=card),
+                                              as_="register") for card in friends))
+    assert all(status == 201 for status, _ in answers)
+    paid = await events_of(api, "referral.rewarded")
+    assert sorted(e["data"]["balance"]["available"] for e in paid) == [600, 1100, 1600, 2100]
+    # In the order they were paid, each with its own friend and receipt.
+    assert [e["data"]["balance"]["available"] for e in paid] == [600, 1100, 1600, 2100]
+    by_friend = dict(zip(await ids(api, *friends), friends))
+    assert sorted(by_friend[e["data"]["referred_member_id"]] for e in paid) == friends
+    assert all(e["data"]["receipt"]["receipt_id"] == f"G-{by_friend[e['data']['referred_member_id']]}"
+               for e in paid)
+    assert await available(api, "referrer") == 2100
+
+
+async def test_a_referrer_in_debt_hears_of_the_take_back_with_the_debt(make_api, tmp_path):
+    api = await referral_paid(make_api, tmp_path)
+    status, _ = await api.post("/v1/receipts", receipt("R-1", [line(1, "bakery", 120000)], card="referrer",
+                                                       redeem=550), as_="register")
+    assert status == 201
+    assert (await cancel(api, "F-1"))[0] == 200
+    (event,) = await events_of(api, "referral.reversed")
+    _, member = await api.get("/v1/members/referrer")
+    assert member["balance"]["available"] == 50 - 500
+    assert (event["data"]["points"], event["data"]["balance"]) == (500, member["balance"])
+
+
+async def test_a_whole_return_tells_the_referrer_once_a_part_tells_nothing(make_api, tmp_path):
+    api = await referral_paid(make_api, tmp_path)
+    referrer, friend = await ids(api, "referrer", "friend")
+    assert (await a_return(api, "RET-1", 1))[0] == 201
+    assert await events_of(api, "referral.reversed") == []
+    assert (await a_return(api, "RET-2", 1))[0] == 201
+    assert (await a_return(api, "RET-2", 1))[0] == 200             # a replay
+    (event,) = await events_of(api, "referral.reversed")
+    assert referral_event(event) == (referrer, {
+        "referred_member_id": friend, "receipt": receipt_key("F-1"), "points": 500, "reason": "return.accepted",
+        "balance": {"available": 100, "pending": 0, "held": 0}})
+    whole = (await events_of(api, "return.accepted"))[-1]
+    assert whole["id"] < event["id"]
+
+
+async def test_a_cancel_that_pays_the_reward_again_tells_the_referrer_for_the_first_purchase_now(
+        make_api, tmp_path):
+    from datetime import datetime
+    from server.keys import CLOCK
+    api = await referral_paid(make_api, tmp_path)
+    referrer, friend = await ids(api, "referrer", "friend")
+    assert (await a_return(api, "RET-1", 2))[0] == 201
+    await friend_buys_again(api, "F-2", 1)
+    api.client.app[CLOCK].set(datetime.fromisoformat("2026-12-10T10:00:00+02:00"))
+    assert (await cancel(api, "F-1"))[0] == 200
+    rewarded = await events_of(api, "referral.rewarded")
+    assert [e["data"]["receipt"]["receipt_id"] for e in rewarded] == ["F-1", "F-2"]
+    assert referral_event(rewarded[-1]) == (referrer, {
+        "referred_member_id": friend, "receipt": receipt_key("F-2"), "points": 500, "reason": "receipt.cancelled",
+        "balance": {"available": 100 + 500, "pending": 0, "held": 0}})
+    assert rewarded[-1]["occurred_at"].startswith("2026-12-10T08:00:00")
+    # The whole return took it back once; the cancel, which paid it, took nothing.
+    assert [e["data"]["receipt"]["receipt_id"] for e in await events_of(api, "referral.reversed")] == ["F-1"]
+
+    assert (await cancel(api, "F-1"))[0] == 200                     # a replay
+    assert len(await events_of(api, "referral.rewarded")) == 2
+    # The reward is F-2's now: its cancel takes it back, and says so.
+    assert (await cancel(api, "F-2"))[0] == 200
+    taken = await events_of(api, "referral.reversed")
+    assert [(e["data"]["receipt"]["receipt_id"], e["data"]["reason"]) for e in taken] == [
+        ("F-1", "return.accepted"), ("F-2", "receipt.cancelled")]
+
+
+async def test_the_referral_events_of_a_merged_away_referrer_are_the_member_kept(make_api, tmp_path):
+    api = await api_with_extra(make_api, tmp_path)
+    for card in ("referrer", "keeper"):
+        await api.post("/v1/members", {"card": card})
+    await api.post("/v1/members", {"card": "friend", "referred_by": "referrer"})
+    referrer, keeper, friend = await ids(api, "referrer", "keeper", "friend")
+    status, _ = await api.post("/v1/admin/members/merge", {
+        "merge_id": "MG-1", "from_member_id": referrer, "into_member_id": keeper, "reason": "one customer"})
+    assert status == 201
+    await friend_buys_again(api, "F-1", 0)
+    (paid,) = await events_of(api, "referral.rewarded")
+    assert (paid["member_id"], paid["card_last4"], paid["data"]["points"], paid["data"]["balance"]["available"]) == (
+        keeper, "eper", 500, 100 + 100 + 500)
+    assert (await a_return(api, "RET-1", 2))[0] == 201
+    (taken,) = await events_of(api, "referral.reversed")
+    assert (taken["member_id"], taken["data"]["referred_member_id"], taken["data"]["points"],
+            taken["data"]["balance"]["available"]) == (keeper, friend, 500, 100 + 100)
+
+
+async def test_a_referrer_merged_away_after_the_reward_hears_of_its_take_back_on_the_member_kept(
+        make_api, tmp_path):
+    api = await referral_paid(make_api, tmp_path)
+    await api.post("/v1/members", {"card": "keeper"})
+    referrer, keeper = await ids(api, "referrer", "keeper")
+    status, _ = await api.post("/v1/admin/members/merge", {
+        "merge_id": "MG-1", "from_member_id": referrer, "into_member_id": keeper, "reason": "one customer"})
+    assert status == 201
+    assert (await cancel(api, "F-1"))[0] == 200
+    (taken,) = await events_of(api, "referral.reversed")
+    assert (taken["member_id"], taken["data"]["points"], taken["data"]["balance"]["available"]) == (
+        keeper, 500, 100 + 100)
+
+
+async def test_an_erased_referrers_referral_events_name_no_one(make_api, tmp_path):
+    api = await referral_paid(make_api, tmp_path)
+    assert (await api.call("PATCH", "/v1/members/referrer", {"crm_id": "CRM-R", "consent": {"sms": True}}))[0] == 200
+    assert (await cancel(api, "F-1"))[0] == 200
+    referrer, friend = await ids(api, "referrer", "friend")
+    status, _ = await api.post(f"/v1/admin/members/{referrer}/erase", {"reason": "GDPR request"})
+    assert status == 200
+    for kind in ("referral.rewarded", "referral.reversed"):
+        (event,) = await events_of(api, kind)
+        assert (event["member_id"], event["card_last4"], event["crm_id"]) == (referrer, None, None)
+        assert not any(event["consent"].values())
+        # What happened stays: the friend's member id tells nothing of the referrer.
+        assert (event["data"]["referred_member_id"], event["data"]["points"]) == (friend, 500)

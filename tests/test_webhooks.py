@@ -223,10 +223,12 @@ def _events_in(server: Server) -> list[int]:
         return [r[0] for r in conn.execute("SELECT id FROM events ORDER BY id")]
 
 
-# The test program's additions for a day with every event type: a birthday gift, a personal rule.
+# The test program's additions for a day with every event type: a birthday gift, a referral
+# reward, a personal rule.
 DAY_CAMPAIGNS = """
 events:
   - {id: birthday-gift, on: birthday, reward: {points: 10}}
+  - {id: referral, on: referred_first_purchase, reward: {points: 50}}
 rules:
   - id: comeback
     personal: true
@@ -262,9 +264,12 @@ async def test_every_event_of_a_scripted_day_arrives_through_an_outage_and_a_sig
                 assert await call("/v1/receipts", body, "register") == 201
                 acked.append(receipt_id)
 
-            # Morning: enrolments (one has a birthday today), the CRM's fields, a personal offer.
+            # Morning: enrolments (one has a birthday today, one was referred by it, so that
+            # its first purchase pays a referral reward and the return of all of it takes it
+            # back), the CRM's fields, a personal offer.
             assert await call("/v1/members", {"card": CARDS[0], "phone": PHONE, "birthday": "1990-11-24"}) == 201
-            for card in CARDS[1:]:
+            assert await call("/v1/members", {"card": CARDS[1], "referred_by": CARDS[0]}) == 201
+            for card in CARDS[2:]:
                 assert await call("/v1/members", {"card": card}) == 201
             crm = {"crm_id": "CRM-1", "consent": {"sms": True}}
             assert await call(f"/v1/members/{CARDS[0]}", crm, method="PATCH") == 200

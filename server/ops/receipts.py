@@ -28,7 +28,8 @@ from server.privacy import candidates
 from server.returns import LotFacts, plan_cancel, plan_referral_take_back, take_back_postings
 from server.validation import DAY_EARLIEST, DAY_LATEST, DAY_RANGE, Problems
 from storage import coupons, imports, ledger, member_care, offers, receipt_takes, referrals
-from storage.apply import Confirmed, apply_calculate, apply_confirms, apply_referral_take_back, apply_take_back
+from storage.apply import (Confirmed, ReferralMoves, apply_calculate, apply_confirms, apply_referral_take_back,
+                           apply_take_back)
 from storage.db import Flush, Grouped, Ready
 from storage.ledger import InsufficientPoints, PostingRef, iso
 from storage.segments import MembershipCache
@@ -267,6 +268,8 @@ def apply_announced(conn, confirms: list[Confirmed]) -> list:
             "accrued_points": ev.accrued_points, "redeemed_points": ev.redeemed_points,
             "rules_version": c.program.version, "balance": msgspec.to_builtins(answer.balance)}, c.now,
             card_last4=receipt.card[-4:], member=member, tier=tier)
+        for paid in c.referral_paid:
+            webhooks.emit_referral(conn, "referral.rewarded", paid, member.id, c.plan.key, "receipt.confirmed", c.now)
     return results
 
 
@@ -344,7 +347,7 @@ def _cancel_in_tx(deps: Deps, conn, key) -> CancelAnswer:
     if holder is not None:
         apply_take_back(conn, stored.member_id, take_back(conn, reversed_, refunded, today), at)
         give_back_customer_value(deps, conn, key, holder)
-    referral_reversed = [] if referral is None else apply_referral_take_back(conn, referral, at, program, now)
+    moves = None if referral is None else apply_referral_take_back(conn, referral, at, program, now)
     ledger.mark_cancelled(conn, key)
     result = cancel_answer(key, reversed_, refunded)
     if holder is not None:
@@ -352,8 +355,26 @@ def _cancel_in_tx(deps: Deps, conn, key) -> CancelAnswer:
         webhooks.emit_noting_tier(conn, program, holder, "receipt.cancelled", {
             "receipt": msgspec.to_builtins(receipt_ref(key)), "reversed_points": result.reversed.points,
             "refunded_points": result.refunded.points, "balance": msgspec.to_builtins(result.balance),
-            "referral_reversed": referral_reversed}, now)
+            "referral_reversed": referral_reversed(moves)}, now)
+    if moves is not None:
+        announce_referral_moves(conn, moves, referral, key, "receipt.cancelled", now)
     return result
+
+
+def referral_reversed(moves: ReferralMoves | None) -> list[dict]:
+    """The friend's event's account of the rewards its cancel or return took back."""
+    return [] if moves is None else [{"member_id": ledger.member_public_id(member_id), "points": points}
+                                     for member_id, points in moves.taken]
+
+
+def announce_referral_moves(conn, moves: ReferralMoves, plan, key, reason: str, now: datetime) -> None:
+    """The referrer's events of a cancel's or a return's referral moves, after the friend's
+    own: what was taken back, then a reward paid again for the receipt that is the first
+    purchase now. plan: the ReferralTakeBack applied; key: the receipt cancelled or returned."""
+    for taken in moves.reversed:
+        webhooks.emit_referral(conn, "referral.reversed", taken, plan.referee_id, key, reason, now)
+    if moves.paid is not None:
+        webhooks.emit_referral(conn, "referral.rewarded", moves.paid, plan.referee_id, plan.pay_for, reason, now)
 
 
 def give_back_customer_value(deps: Deps, conn, key, holder: int) -> None:

@@ -12,7 +12,8 @@ from server.auth import Principal, require_store
 from server.errors import forbidden, unprocessable
 from server.ops import JSON, Deps, count, replay, sha256
 from server.ops.members import balance_now
-from server.ops.receipts import check_lines, give_back_customer_value, take_back
+from server.ops.receipts import (announce_referral_moves, check_lines, give_back_customer_value, referral_reversed,
+                                take_back)
 from server.plan import local_day, partner_of
 from server.returns import plan_referral_take_back, plan_return, returns_whole
 from storage import imports, ledger, member_care, referrals
@@ -69,7 +70,7 @@ def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint,
         apply_take_back(conn, stored.member_id, take_back(conn, plan.reversals, plan.refunds, today), at)
         if whole:
             give_back_customer_value(deps, conn, rec_key, holder)
-    referral_reversed = [] if referral is None else apply_referral_take_back(conn, referral, at, program, now)
+    moves = None if referral is None else apply_referral_take_back(conn, referral, at, program, now)
     for line_no, line in plan.lines.items():
         ledger.insert_return_line(conn, rec_key, line_no, ret_key, line, iso(now))
     result = return_answer(plan, ret_key, rec_key, holder)
@@ -82,7 +83,9 @@ def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint,
             "return": msgspec.to_builtins(result.return_), "receipt": msgspec.to_builtins(result.receipt),
             "reversed_points": plan.reversed_points, "refunded_points": plan.refunded_points,
             "amount": result.amount, "balance": msgspec.to_builtins(result.balance),
-            "referral_reversed": referral_reversed}, now)
+            "referral_reversed": referral_reversed(moves)}, now)
+    if moves is not None:
+        announce_referral_moves(conn, moves, referral, rec_key, "return.accepted", now)
     return 201, result
 
 
