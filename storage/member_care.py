@@ -307,6 +307,26 @@ def with_merged(conn: sqlite3.Connection, member_id: int) -> list[int]:
     return ids[:MERGED_MAX + 1]
 
 
+def lock_with_merged(conn: sqlite3.Connection, member_id: int) -> list[int]:
+    """with_merged, read under the locks of the members it names (PostgreSQL), for an
+    erasure. A merge into one of them that commits between the read and the locks adds a
+    member the erasure finds (erase reads them again) but would erase without its lock:
+    its cards, codes and events gone while a write of it runs. It is locked
+    (ledger.lock_members_after) and the members read again, until they stop changing.
+    Held, the erased member's lock keeps any merge into it waiting, and a member merged
+    away takes no merge, so this ends."""
+    ids = with_merged(conn, member_id)
+    if not ledger.lock_members(conn, ids):
+        return ids
+    for _ in range(MERGED_MAX):
+        again = with_merged(conn, member_id)
+        if set(again) <= set(ids):
+            return again
+        ids = again
+        ledger.lock_members_after(conn, ids)
+    raise WriteConflict(f"members kept being merged into m_{member_id} while it was erased")
+
+
 def erase(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen | None,
           nobodys_card: str, card_forms: Callable[[str], tuple[str, ...]]) -> dict:
     """Personal data gone, of the member and of the members merged into it (the same

@@ -719,3 +719,46 @@ async def test_a_referral_reward_to_a_referrer_of_a_lower_id_waits_for_it_holdin
     assert status == 201, sold
     assert (await balance(api, CARD))["available"] == 100 + 500
     await ledger_verifies(api)
+
+
+@pytest.mark.skipif(not POSTGRESQL, reason="members are locked by row only on PostgreSQL; SQLite's one writer "
+                                           "orders every write")
+@pytest.mark.parametrize("merged_in", ["below", "above"])
+async def test_an_erasure_holds_the_lock_of_a_member_merged_in_just_before_its_locks(
+        make_api, tmp_path, monkeypatch, merged_in):
+    """A merge into the member erased that commits between the erasure's read of who was
+    merged into it and its locks: the member merged in is erased too, and under its own
+    lock, so no write of it runs beside the erasure. Read before the locks, it was erased
+    without its lock held."""
+    from storage import ledger, member_care
+    api = await make_api(now=NOW)
+    first = await member_with(api, CARD, 100)
+    second = await member_with(api, OTHER, 100)
+    erased, merged = (second, first) if merged_in == "below" else (first, second)
+    status, answer = await api.post("/v1/admin/members/merge", {
+        "merge_id": "MG-1", "from_member_id": merged["member_id"], "into_member_id": erased["member_id"],
+        "reason": "one customer"})
+    assert status == 201, answer
+    erased_id, merged_id = int(erased["member_id"][2:]), int(merged["member_id"][2:])
+    real_with_merged, real_lock, real_erase = member_care.with_merged, ledger.lock_members, member_care.erase
+    locked, held_when_erased = [], []
+
+    def with_merged(conn, member_id):
+        found = real_with_merged(conn, member_id)
+        return found if locked else [m for m in found if m != merged_id]   # the merge not committed yet
+
+    def lock_members(conn, member_ids):
+        locked.append(sorted(member_ids))
+        return real_lock(conn, member_ids)
+
+    def erase(conn, member_id, *args):
+        held_when_erased.append(locked_by_another(tmp_path / "loyalty.db", merged_id))
+        return real_erase(conn, member_id, *args)
+
+    monkeypatch.setattr(member_care, "with_merged", with_merged)
+    monkeypatch.setattr(ledger, "lock_members", lock_members)
+    monkeypatch.setattr(member_care, "erase", erase)
+    status, answer = await api.post(f"/v1/admin/members/{erased['member_id']}/erase", {"reason": "asked"})
+    assert status == 200, answer
+    assert sorted(answer["members_erased"]) == sorted([erased["member_id"], merged["member_id"]]), answer
+    assert locked[0] == [erased_id] and held_when_erased == [True], (locked, held_when_erased)
