@@ -261,7 +261,7 @@ async def erase(app, public_id: str, body: schema.Erasure) -> A.ErasureAnswer:
         # Under the lock of each member erased (PostgreSQL): the same erasure sent twice at
         # once answers the copy that waited with the first one's moment, as a repeat, and a
         # receipt of the member runs wholly before it or finds the card unknown.
-        ledger.lock_members(conn, member_care.with_merged(conn, member_id))
+        member_care.lock_with_merged(conn, member_id)
         state = _member(conn, member_id, public_id, usable=False)
         if state.erased_at:
             return A.ErasureAnswer(public_id, state.erased_at, cards_removed=0, receipts_scrubbed=0,

@@ -25,7 +25,7 @@ import zstandard
 from storage import line_records
 from storage.accounts import member_account
 from storage.db import Refusal
-from storage.sql import arrival, is_postgresql
+from storage.sql import LockFirst, arrival, is_postgresql
 
 STATEMENT_ROWS_MAX = 1_000
 # pg_advisory_xact_lock's first key for a budgeted rule's lock ('budg' as a number), fixed for good.
@@ -151,6 +151,7 @@ def lock_member(conn, member_id: int) -> bool:
     if not is_postgresql(conn):
         return False
     conn.execute("SELECT 1 FROM members WHERE id = ? FOR UPDATE", (member_id,))
+    _held(conn, [member_id])
     return True
 
 
@@ -163,19 +164,51 @@ def lock_members(conn, member_ids) -> bool:
         return False
     marks = ", ".join("?" * len(ids))
     conn.execute(f"SELECT 1 FROM members WHERE id IN ({marks}) ORDER BY id FOR UPDATE", ids)
+    _held(conn, ids)
     return True
 
 
-def lock_receipt(conn, key: ReceiptKey, member_id: int | None) -> bool:
-    """Before a return or a cancel reads what is left of a confirmed receipt: on PostgreSQL
-    its member's lock (lock_member, taken first as every write of the member takes it), then
-    the receipt's row, so that the returns and the cancel of one receipt, in any process and
-    with or without a card, run one after another, each seeing what the one before wrote.
-    Whether it locked (what was read before it may have changed meanwhile)."""
+def lock_members_after(conn, member_ids) -> bool:
+    """lock_members for members a write needs once it holds other members' locks (a
+    take-back's member, a referee, an erased member) and could not know before. Those above
+    every lock it holds are waited for, in order, as lock_members waits. One below is taken
+    only if no one holds it: a writer holding it may be waiting, in id order, for a lock
+    held here. When one is held, LockFirst: the write runs again from its start with those
+    locked first (storage/pg/connection.py). Whether it locked any (and may have waited)."""
     if not is_postgresql(conn):
         return False
-    if member_id is not None:
-        lock_member(conn, member_id)
+    held = conn.members_locked or set()
+    ids = sorted(set(member_ids) - held)
+    if not ids:
+        return False
+    top = max(held, default=0)
+    below = [m for m in ids if m < top]
+    if below:
+        marks = ", ".join("?" * len(below))
+        got = {r[0] for r in conn.execute(f"SELECT id FROM members WHERE id IN ({marks}) ORDER BY id "
+                                          "FOR UPDATE SKIP LOCKED", below)}
+        if missing := [m for m in below if m not in got]:
+            raise LockFirst(missing)
+        _held(conn, below)
+    return lock_members(conn, [m for m in ids if m > top]) or bool(below)
+
+
+def _held(conn, member_ids) -> None:
+    """Notes locks taken inside storage.pg.connection's transaction(), for lock_members_after."""
+    if conn.members_locked is not None:
+        conn.members_locked.update(member_ids)
+
+
+def lock_receipt(conn, key: ReceiptKey, member_ids: list[int]) -> bool:
+    """Before a return or a cancel reads what is left of a confirmed receipt: on PostgreSQL
+    its member's lock (with the lock of the member holding its points, when it was merged
+    away: storage.member_care.lock_receipt), then the receipt's row, so that the returns and
+    the cancel of one receipt, in any process and with or without a card, run one after
+    another, each seeing what the one before wrote. Whether it locked (what was read before
+    it may have changed meanwhile)."""
+    if not is_postgresql(conn):
+        return False
+    lock_members(conn, member_ids)
     conn.execute("SELECT 1 FROM receipts WHERE store_id = ? AND register_id = ? AND receipt_id = ? FOR UPDATE", key)
     return True
 
@@ -187,7 +220,10 @@ def lock_member_of_card(conn, card: str) -> int | None:
     is found by the next statement: the caller then locks the member it read and reads again."""
     if is_postgresql(conn):
         from storage.pg import ledger as pg
-        return pg.lock_member_by_card(conn, card)
+        locked = pg.lock_member_by_card(conn, card)
+        if locked is not None:
+            _held(conn, [locked])
+        return locked
     return None
 
 

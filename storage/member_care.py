@@ -228,17 +228,31 @@ def lock_points_holder(conn: sqlite3.Connection, member_id: int) -> int:
     the holder's points or offers. A merge of the holder that commits between the look-up
     and the lock has moved its points on to another member, which the write would miss (and
     leave what it takes back or credits on a member no card reaches): that member is locked
-    and looked up again. Merges only ever lengthen a chain, so this ends."""
+    and looked up again. Merges only ever lengthen a chain, so this ends. The holder is
+    locked after the members the write holds already (ledger.lock_members_after): a holder
+    of a lower id that another write holds runs the write again with it locked first."""
     holder = points_holder(conn, member_id)
     if not is_postgresql(conn):
         return holder
     for _ in range(MERGED_MAX):
-        ledger.lock_member(conn, holder)
+        ledger.lock_members_after(conn, [holder])
         again = points_holder(conn, member_id)
         if again == holder:
             return holder
         holder = again
     raise WriteConflict(f"the member holding m_{member_id}'s points kept being merged on")
+
+
+def lock_receipt(conn: sqlite3.Connection, key: ledger.ReceiptKey, member_id: int | None) -> bool:
+    """ledger.lock_receipt for a take-back of the receipt: its member and, for a member
+    merged away, the member holding its points (which the take-back follows: follow_merge),
+    locked together in the order of their ids, as every writer of several members takes
+    them. Locked one after the other, the member then its holder, two such take-backs, or
+    one and an erasure or a job's batch, could each hold the lock the other waits for.
+    lock_points_holder reads the holder again under the locks."""
+    if not is_postgresql(conn):
+        return False
+    return ledger.lock_receipt(conn, key, [] if member_id is None else [member_id, points_holder(conn, member_id)])
 
 
 def follow_merge(conn: sqlite3.Connection, member_id: int, at: ledger.PostingRef) -> None:
@@ -291,6 +305,26 @@ def with_merged(conn: sqlite3.Connection, member_id: int) -> list[int]:
         frontier = [r[0] for r in conn.execute(f"SELECT id FROM members WHERE merged_into IN ({marks})", frontier)]
         ids += frontier
     return ids[:MERGED_MAX + 1]
+
+
+def lock_with_merged(conn: sqlite3.Connection, member_id: int) -> list[int]:
+    """with_merged, read under the locks of the members it names (PostgreSQL), for an
+    erasure. A merge into one of them that commits between the read and the locks adds a
+    member the erasure finds (erase reads them again) but would erase without its lock:
+    its cards, codes and events gone while a write of it runs. It is locked
+    (ledger.lock_members_after) and the members read again, until they stop changing.
+    Held, the erased member's lock keeps any merge into it waiting, and a member merged
+    away takes no merge, so this ends."""
+    ids = with_merged(conn, member_id)
+    if not ledger.lock_members(conn, ids):
+        return ids
+    for _ in range(MERGED_MAX):
+        again = with_merged(conn, member_id)
+        if set(again) <= set(ids):
+            return again
+        ids = again
+        ledger.lock_members_after(conn, ids)
+    raise WriteConflict(f"members kept being merged into m_{member_id} while it was erased")
 
 
 def erase(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen | None,

@@ -63,14 +63,15 @@ def referral_of(conn: sqlite3.Connection, referee_id: int | None, key: ledger.Re
     """key: a confirmed receipt of the referee. None when nobody referred them, or no reward
     was paid for them (or a cancel took it back). Locks (PostgreSQL) the members the reward
     may have been paid to before reading their postings: a merge of the referrer moving its
-    points meanwhile is then seen whole or not at all."""
+    points meanwhile is then seen whole or not at all. Taken after the referee's (and its
+    points holder's), out of id order only without waiting (ledger.lock_members_after)."""
     if referee_id is None:
         return None
     row = conn.execute("SELECT referred_by FROM members WHERE id = ?", (referee_id,)).fetchone()
     if row is None or row[0] is None:
         return None
     chain = merged_chain(conn, row[0])
-    ledger.lock_members(conn, chain)
+    ledger.lock_members_after(conn, chain)
     marks = ", ".join("?" * len(chain))
     fires = [(m, e) for m, e in conn.execute(
         f"SELECT member_id, event_id FROM event_fires WHERE occasion = ? AND member_id IN ({marks}) "
@@ -89,8 +90,8 @@ def referral_of(conn: sqlite3.Connection, referee_id: int | None, key: ledger.Re
     standing = conn.execute("SELECT COUNT(*) FROM receipts WHERE member_id = ? AND status = 'confirmed'",
                             (referee_id,)).fetchone()[0]
     successor = next_standing(conn, referee_id, key) if before == 0 and standing > 1 and not rewards else None
-    # The referee's lock, which a cancel or a return holds (ledger.lock_receipt), keeps the
-    # successor's returns as read here until the write commits.
+    # The referee's lock, which a cancel or a return holds (storage.member_care.lock_receipt),
+    # keeps the successor's returns as read here until the write commits.
     returned = {} if successor is None else ledger.returned_lines(conn, successor)
     sold = ledger.receipt_line_records(conn, successor) if returned else {}
     return Referral(fires, [Reward(*r, *facts[r[3]]) for r in rewards], before == 0, standing > 1, row[0],

@@ -47,6 +47,20 @@ class WriteConflict(Exception):
     SQLite's one writer it is a fault."""
 
 
+class LockFirst(Exception):
+    """A write holding members' locks needs the lock of a member with a lower id, which
+    another transaction holds. Writers take members' locks in the order of their ids; waiting
+    here could deadlock with one that holds that member and waits, in order, for a lock held
+    here. Instead the write's transaction is rolled back (its locks given back) and it runs
+    again from its start with these members locked first (storage/pg/connection.py), which
+    does not count as one of `database.retries`. PostgreSQL only."""
+
+    def __init__(self, member_ids) -> None:
+        self.member_ids = frozenset(member_ids)
+        super().__init__("needs the lock of " + ", ".join(f"m_{m}" for m in sorted(self.member_ids))
+                         + ", held by another write, below a lock it holds")
+
+
 def is_postgresql(conn) -> bool:
     """Whether conn is a PostgreSQL connection (storage.pg.connection.Connection)."""
     return getattr(conn, "backend", None) == "postgresql"

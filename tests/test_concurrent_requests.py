@@ -610,17 +610,155 @@ def merge_seen_once_locked(monkeypatch, locked_id: int, unseen) -> list[int]:
     that lock is taken, member_care.survivor answers unseen(member_id, what it found). The
     list returned holds `locked_id` once its lock was asked for."""
     from storage import ledger, member_care
-    real_survivor, real_lock, locked = member_care.survivor, ledger.lock_member, []
+    real_survivor, locked = member_care.survivor, []
 
     def survivor(conn, member_id):
         found = real_survivor(conn, member_id)
         return found if locked else unseen(member_id, found)
 
-    def lock_member(conn, member_id):
-        if member_id == locked_id and not locked:
-            locked.append(member_id)
-        return real_lock(conn, member_id)
+    def noting(real):
+        def lock(conn, member_ids):
+            if locked_id in ([member_ids] if isinstance(member_ids, int) else member_ids) and not locked:
+                locked.append(locked_id)
+            return real(conn, member_ids)
+        return lock
 
     monkeypatch.setattr(member_care, "survivor", survivor)
-    monkeypatch.setattr(ledger, "lock_member", lock_member)
+    for name in ("lock_member", "lock_members", "lock_members_after"):
+        monkeypatch.setattr(ledger, name, noting(getattr(ledger, name)))
     return locked
+
+
+# ---------------------------------------------------------------- the order members' locks are taken in
+
+class InOrder:
+    """A write of the test's own, on a connection of its own, taking members' locks one at a
+    time in the order of their ids, as every write of several members does (a merge, an
+    erasure, a job's batch). Its own deadlock check waits long, so in a deadlock it is the
+    server's write that PostgreSQL ends."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+        self.conn = connect(path).raw
+        self.conn.execute("SET deadlock_timeout = '60s'")
+        self.conn.execute("SET lock_timeout = '20s'")
+        self.conn.execute("BEGIN")
+
+    def lock(self, member_id: int) -> None:
+        self.conn.execute("SELECT 1 FROM members WHERE id = %s FOR UPDATE", (member_id,))
+
+    async def lock_when_waited_for(self, member_id: int) -> None:
+        """Once a server's write waits for a lock this one holds: member_id's lock."""
+        await wait_until(lambda: waiting_for_a_lock(self.path) >= 1, timeout_s=10)
+        await asyncio.to_thread(self.lock, member_id)
+
+    def commit(self) -> None:
+        self.conn.execute("COMMIT")
+        self.conn.close()
+
+
+def waiting_for_a_lock(path) -> int:
+    with connect(path) as other:
+        return other.execute("SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                             "AND datname = current_database()").fetchone()[0]
+
+
+@pytest.mark.skipif(not POSTGRESQL, reason="members are locked by row only on PostgreSQL; SQLite's one writer "
+                                           "orders every write")
+@pytest.mark.parametrize("undo", ["cancel", "return"])
+async def test_taking_back_a_merged_members_receipt_takes_its_locks_in_the_order_of_their_ids(
+        make_api, tmp_path, undo):
+    """m_2 merged into m_1: a cancel or a return of m_2's receipt locks both. Locking m_2,
+    then m_1, it deadlocked with a write taking m_1 then m_2 (an erasure of m_1, a job's
+    batch): one of the two failed, a 500 once `database.retries` ran out. Both at once, in
+    the order of their ids, it waits for m_1 holding nothing, and both go through."""
+    api = await make_api(now=NOW, database={"retries": 0})
+    keep = await member_with(api, OTHER, 100)
+    merged = await member_with(api, CARD, 0)
+    _, sold = await api.post("/v1/receipts", three_lines("B-1"), as_="register")
+    earned = sold["accrued"]["points"]
+    status, answer = await api.post("/v1/admin/members/merge", {
+        "merge_id": "MG-1", "from_member_id": merged["member_id"], "into_member_id": keep["member_id"],
+        "reason": "one customer"})
+    assert status == 201, answer
+    assert (await balance(api, OTHER))["pending"] == earned
+    other = InOrder(tmp_path / "loyalty.db")
+    other.lock(1)
+    if undo == "cancel":
+        undone = asyncio.create_task(api.post("/v1/receipts/S001/K01/B-1/cancel", as_="register"))
+    else:
+        undone = asyncio.create_task(api.post("/v1/returns", a_return("RET-1", "B-1", [(1, 3), (2, 1), (3, 1)]),
+                                              as_="register"))
+    await other.lock_when_waited_for(2)
+    other.commit()
+    status, answer = await undone
+    assert status in (200, 201), answer
+    assert await balance(api, OTHER) == {"available": 100, "pending": 0, "held": 0}
+    await ledger_verifies(api)
+
+
+@pytest.mark.skipif(not POSTGRESQL, reason="members are locked by row only on PostgreSQL; SQLite's one writer "
+                                           "orders every write")
+async def test_a_referral_reward_to_a_referrer_of_a_lower_id_waits_for_it_holding_nothing(make_api, tmp_path):
+    """The first purchase of m_2, referred by m_1, pays m_1 with m_2's lock held. Waiting
+    there for m_1's lock, it deadlocked with a write taking m_1 then m_2: a 500 once
+    `database.retries` ran out. Finding m_1's lock taken, it now starts over with m_1
+    locked first, holding nothing while it waits, and both go through."""
+    program = tmp_path / "program"
+    shutil.copytree(MARKET, program)
+    (program / "referral.yaml").write_text(REFERRAL)
+    api = await make_api(now=NOW, program_dir=program, database={"retries": 0})
+    await member_with(api, CARD, 100)
+    assert (await api.post("/v1/members", {"card": OTHER, "referred_by": CARD}))[0] == 201
+    other = InOrder(tmp_path / "loyalty.db")
+    other.lock(1)
+    first = asyncio.create_task(api.post("/v1/receipts", three_lines("F-1", card=OTHER), as_="register"))
+    await other.lock_when_waited_for(2)
+    other.commit()
+    status, sold = await first
+    assert status == 201, sold
+    assert (await balance(api, CARD))["available"] == 100 + 500
+    await ledger_verifies(api)
+
+
+@pytest.mark.skipif(not POSTGRESQL, reason="members are locked by row only on PostgreSQL; SQLite's one writer "
+                                           "orders every write")
+@pytest.mark.parametrize("merged_in", ["below", "above"])
+async def test_an_erasure_holds_the_lock_of_a_member_merged_in_just_before_its_locks(
+        make_api, tmp_path, monkeypatch, merged_in):
+    """A merge into the member erased that commits between the erasure's read of who was
+    merged into it and its locks: the member merged in is erased too, and under its own
+    lock, so no write of it runs beside the erasure. Read before the locks, it was erased
+    without its lock held."""
+    from storage import ledger, member_care
+    api = await make_api(now=NOW)
+    first = await member_with(api, CARD, 100)
+    second = await member_with(api, OTHER, 100)
+    erased, merged = (second, first) if merged_in == "below" else (first, second)
+    status, answer = await api.post("/v1/admin/members/merge", {
+        "merge_id": "MG-1", "from_member_id": merged["member_id"], "into_member_id": erased["member_id"],
+        "reason": "one customer"})
+    assert status == 201, answer
+    erased_id, merged_id = int(erased["member_id"][2:]), int(merged["member_id"][2:])
+    real_with_merged, real_lock, real_erase = member_care.with_merged, ledger.lock_members, member_care.erase
+    locked, held_when_erased = [], []
+
+    def with_merged(conn, member_id):
+        found = real_with_merged(conn, member_id)
+        return found if locked else [m for m in found if m != merged_id]   # the merge not committed yet
+
+    def lock_members(conn, member_ids):
+        locked.append(sorted(member_ids))
+        return real_lock(conn, member_ids)
+
+    def erase(conn, member_id, *args):
+        held_when_erased.append(locked_by_another(tmp_path / "loyalty.db", merged_id))
+        return real_erase(conn, member_id, *args)
+
+    monkeypatch.setattr(member_care, "with_merged", with_merged)
+    monkeypatch.setattr(ledger, "lock_members", lock_members)
+    monkeypatch.setattr(member_care, "erase", erase)
+    status, answer = await api.post(f"/v1/admin/members/{erased['member_id']}/erase", {"reason": "asked"})
+    assert status == 200, answer
+    assert sorted(answer["members_erased"]) == sorted([erased["member_id"], merged["member_id"]]), answer
+    assert locked[0] == [erased_id] and held_when_erased == [True], (locked, held_when_erased)

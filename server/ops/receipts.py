@@ -324,7 +324,7 @@ async def cancel(deps: Deps, key: ledger.ReceiptKey, principal: Principal) -> Ca
 def _cancel_in_tx(deps: Deps, conn, key) -> CancelAnswer:
     program, now = deps.program(), deps.clock.now()
     stored = ledger.get_receipt(conn, key)
-    if stored is not None and ledger.lock_receipt(conn, key, stored.member_id):
+    if stored is not None and member_care.lock_receipt(conn, key, stored.member_id):
         stored = ledger.get_receipt(conn, key)      # as the member's writes and the receipt's returns left it
     if stored is None:
         released = ledger.close_hold(conn, key, "released", iso(now))

@@ -45,7 +45,7 @@ def _return_in_tx(deps: Deps, conn, req, ret_key, rec_key, fingerprint,
     # Before the receipt is looked up, so a refused key learns nothing about it.
     check_return_store(program, principal, ret_key[0], rec_key[0])
     stored = ledger.get_receipt(conn, rec_key)
-    if stored is not None and ledger.lock_receipt(conn, rec_key, stored.member_id):
+    if stored is not None and member_care.lock_receipt(conn, rec_key, stored.member_id):
         # As the returns and the cancel before this one left it: the same return sent twice
         # at once is a replay, and two returns never take back the same units.
         previous = ledger.get_return(conn, ret_key)

@@ -19,7 +19,7 @@ import psycopg
 from psycopg import errors, pq
 from psycopg.types.numeric import NumericLoader
 
-from storage.sql import WriteConflict
+from storage.sql import LockFirst, WriteConflict
 
 T = TypeVar("T")
 
@@ -37,6 +37,9 @@ SQL_CACHE_MAX = 2_048
 # Conflicts that running the write again from its start resolves: it then sees what the
 # other transaction committed (a stored receipt answers as a replay).
 RETRIED = (errors.UniqueViolation, errors.DeadlockDetected, errors.SerializationFailure, WriteConflict)
+# Members a write may ask to hold first (LockFirst) over its runs: each run that asks adds
+# one it did not hold, so a write runs again for this at most this often.
+LOCK_FIRST_MAX = 8
 
 
 class IntegralNumericLoader(NumericLoader):
@@ -70,6 +73,10 @@ class Connection:
         self.retries = retries
         self._sql: dict[str, str] = {}
         self._streams = 0
+        # The members whose row locks the transaction() running holds, as storage.ledger
+        # took them: a lock needed below one of them is taken only if free (LockFirst).
+        # None outside transaction(): a preview's batches, begun by hand, keep no count.
+        self.members_locked: set[int] | None = None
 
     def _pg(self, sql: str) -> str:
         # psycopg reads `%` as its placeholder's start, so a literal one (LIKE 'member:%') is
@@ -109,18 +116,37 @@ class Connection:
     def transaction(self, fn: Callable[[Connection], T], retries: int | None = None) -> T:
         """fn(self) inside one transaction, committed when it returns; run again from its
         start after a conflict (RETRIED), at most `retries` times (default: the
-        connection's), so fn must have no effects outside the database. 0: one try."""
+        connection's), so fn must have no effects outside the database. 0: one try. A run
+        that needs a member's lock out of id order (LockFirst) runs again with that member
+        locked first, without counting as a retry."""
         if retries is None:
             retries = self.retries
-        for attempt in range(retries + 1):
+        first: set[int] = set()
+        attempt = 0
+        while True:
             try:
                 with self.raw.transaction():
+                    self.members_locked = set()
+                    if first:
+                        ids = sorted(first)
+                        self.execute(f"SELECT 1 FROM members WHERE id IN ({', '.join('?' * len(ids))}) "
+                                     "ORDER BY id FOR UPDATE", ids)
+                        self.members_locked.update(ids)
                     return fn(self)
+            except LockFirst as e:
+                if not e.member_ids <= first and len(first) < LOCK_FIRST_MAX:
+                    log.debug("write needs m_%s locked first, running it again", sorted(e.member_ids))
+                    first |= e.member_ids
+                    continue
+                if attempt == retries:
+                    raise
             except RETRIED as e:
                 if attempt == retries:
                     raise
                 log.debug("write conflicted (%s), running it again", type(e).__name__)
-        raise AssertionError("unreachable")
+            finally:
+                self.members_locked = None
+            attempt += 1
 
     def close(self) -> None:
         self.raw.close()
