@@ -93,7 +93,7 @@ def window_facts(conn: sqlite3.Connection, today: date, window_days: int, tz: tz
     # Monetary is ranked by SQLite (RANK() - 1: how many spent strictly less) inside its own
     # step calls, which run without Python's GIL: sorting a million values in Python would
     # hold it, and stall the event loop, for as long as the sort takes. In the ranking's
-    # order (the database sorts once for both): customers() looks values up by bisection.
+    # order (SQLite and PostgreSQL sort once for both): customers() looks values up by bisection.
     rows = conn.execute(
         "WITH back AS (SELECT r.member_id AS mid, SUM(rl.amount) AS amount FROM return_lines rl JOIN receipts r "
         "ON r.store_id = rl.receipt_store AND r.register_id = rl.receipt_register AND r.receipt_id = rl.receipt_id "
@@ -179,8 +179,9 @@ def customers(facts: list[Facts], heirs: dict[int, int]) -> Customers:
         """How many members as read spent less than `spend`, and whether one spent it."""
         at = bisect_left(facts, spend, key=_spend)
         return at, at < len(facts) and facts[at].spend == spend
-    # A replaced value counts under a member's own from the old count above its own; a folded
-    # one from the old count of the first value above it.
+    # From which old count on each moved value is under a member's value: a replaced value
+    # (one of the old) from the count just above its own; a folded one from the count of the
+    # first old value above it.
     left_from = sorted(f.spend_worse + 1 for f in left)
     came_from = sorted(at + 1 if equal else at for at, equal in map(under, came))
 
