@@ -20,7 +20,7 @@ import msgspec
 from rules.conditions import constants
 from rules.segments import member_fact
 from server.member_state import tier_since, tiers_at
-from storage import segments
+from storage import member_care, segments
 from storage.db import Database
 from storage.ledger import iso
 
@@ -67,15 +67,19 @@ async def run(db: Database, window_days: int, tz: tzinfo, now: datetime, *, forc
         return None
 
     def read(conn):
+        heirs = member_care.heirs(conn)
         tiers = None
         if computed and reads(computed, "tier"):
             facts, tiers = segments.window_and_tier_facts(conn, today, window_days, tz, tier_since(program, now))
         else:
             facts = segments.window_facts(conn, today, window_days, tz)
-        scores = segments.score_all(facts, today)
+        # A merge leaves the receipts on the member merged away; the customer is the member
+        # its points went to, scored once with them. Tiers stay per member, as at the till.
+        facts, monetary = segments.customers(facts, heirs)
+        scores = segments.score_all(facts, today, monetary)
         if computed is None:
             return scores, segments.Changes([], [])
-        members = membership(conn, program, computed, facts, scores, now, tiers)
+        members = membership(conn, program, computed, facts, scores, now, tiers, heirs)
         return scores, segments.changes(members, segments.open_spans(conn))
     # On a reader thread: sorting and evaluating a million members on the loop would stall requests.
     scores, changes = await db.read(read)
@@ -115,20 +119,31 @@ def reads(computed: list, field: str) -> bool:
 
 def membership(conn: sqlite3.Connection, program, computed: list, facts: list[segments.Facts],
                scores: list[segments.Score], now: datetime,
-               tier_metrics: dict[int, tuple[int, int]] | None = None) -> dict[str, set[int]]:
-    """segment id -> its members at `now`, for each computed segment. tier_metrics: what
-    segments.tier_metrics answers for the tier at `now`, when already read."""
+               tier_metrics: dict[int, tuple[int, int]] | None = None,
+               heirs: dict[int, int] | None = None) -> dict[str, set[int]]:
+    """segment id -> its members at `now`, for each computed segment, from the facts and
+    scores by customer (segments.customers). tier_metrics: what segments.tier_metrics
+    answers for the tier at `now`, when already read; heirs: member_care.heirs, when read.
+    A member merged away is in none (its customer is its heir), nor is an erased one: no
+    card reaches either, and a segment counts customers the program can still reach; an
+    erased member's receipts still count in everyone else's scores."""
+    heirs = member_care.heirs(conn) if heirs is None else heirs
+    erased = segments.erased_members(conn)
     out: dict[str, set[int]] = {s.id: set() for s in computed}
     by_rfm = [(s, out[s.id]) for s in computed if s.kind == "rfm"]
     if by_rfm:
         for score in scores:
+            if score.member_id in erased:
+                continue
             triple = (score.r, score.f, score.m)
             for s, inside in by_rfm:
                 if s.holds_rfm(triple):
                     inside.add(score.member_id)
     by_when = [(s, out[s.id]) for s in computed if s.kind == "when"]
     if by_when:
-        for member_id, base, tags in when_facts(conn, program, [s for s, _ in by_when], facts, now, tier_metrics):
+        gone = erased.union(heirs)
+        for member_id, base, tags in when_facts(conn, program, [s for s, _ in by_when], facts, now, tier_metrics,
+                                                heirs, gone):
             for s, inside in by_when:
                 if s.holds_fact(base, tags):
                     inside.add(member_id)
@@ -136,20 +151,28 @@ def membership(conn: sqlite3.Connection, program, computed: list, facts: list[se
 
 
 def when_facts(conn: sqlite3.Connection, program, by_when: list, facts: list[segments.Facts], now: datetime,
-               tier_metrics: dict[int, tuple[int, int]] | None = None):
-    """(member id, member_fact, tags) of every member at `now`, over the program's window, as
-    a `when` segment reads them; the facts no segment reads are left at their defaults."""
+               tier_metrics: dict[int, tuple[int, int]] | None = None, heirs: dict[int, int] | None = None,
+               gone: set[int] | frozenset[int] = frozenset()):
+    """(member id, member_fact, tags) of every member at `now` but those in `gone`, over the
+    program's window, as a `when` segment reads them; the facts no segment reads are left at
+    their defaults. The purchase facts are the customer's (facts by customer, and the last
+    purchase before the window of any member merged into it: heirs); tier, tags and
+    enrolment stay the member's own, as a receipt at the till reads them."""
     tz, today = program.timezone, now.astimezone(program.timezone).date()
     window = {f.member_id: f for f in facts}
     members = segments.member_records(conn)
     tiers = tiers_at(conn, program, members, now, metrics=tier_metrics) if reads(by_when, "tier") else {}
     older = {}
     if reads(by_when, "days_since_last_purchase"):
-        older = segments.last_purchases(conn, iso(segments.window_start(today, program.segment_window_days, tz)))
+        older = segments.latest_by_customer(
+            segments.last_purchases(conn, iso(segments.window_start(today, program.segment_window_days, tz))),
+            heirs or {})
     local_day = segments.local_days(tz)
     with_tags = any(s.tag_fields for s in by_when)
     no_tags: frozenset[str] = frozenset()
     for m in members:
+        if m.member_id in gone:
+            continue
         f = window.get(m.member_id)
         last = f.last_date if f else (local_day(older[m.member_id]) if m.member_id in older else None)
         yield m.member_id, member_fact(

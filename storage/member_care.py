@@ -209,18 +209,27 @@ def points_holder(conn: sqlite3.Connection, member_id: int) -> int:
     return survivor(conn, member_id) or member_id
 
 
+def heirs(conn: sqlite3.Connection) -> dict[int, int]:
+    """Every member merged away -> the member at the end of its chain of merges (X -> Y -> Z:
+    X and Y -> Z), from one statement over the merged members only (members_merged_into):
+    merges are few, and a job over a million members looks each one up in this instead."""
+    merged = dict(conn.execute("SELECT id, merged_into FROM members WHERE merged_into IS NOT NULL"))
+    out = {}
+    for member_id in merged:
+        heir = member_id
+        for _ in range(MERGED_MAX):
+            if heir not in merged:
+                break
+            heir = merged[heir]
+        out[member_id] = heir
+    return out
+
+
 def points_holders(conn: sqlite3.Connection, member_ids: list[int]) -> list[int]:
     """points_holder of many members at once, each once, in id order: the merges read in one
     statement (few members are merged; a segment may hold millions)."""
-    merged = dict(conn.execute("SELECT id, merged_into FROM members WHERE merged_into IS NOT NULL"))
-
-    def holder(member_id: int) -> int:
-        for _ in range(MERGED_MAX):
-            if member_id not in merged:
-                break
-            member_id = merged[member_id]
-        return member_id
-    return sorted({holder(m) for m in member_ids})
+    merged = heirs(conn)
+    return sorted({merged.get(m, m) for m in member_ids})
 
 
 def lock_points_holder(conn: sqlite3.Connection, member_id: int) -> int:

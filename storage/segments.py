@@ -4,7 +4,9 @@ RFM (rules.md): among members with at least one confirmed receipt in the `window
 local days up to the job's local date, recency is the days from the last receipt's local
 date to the job's, frequency the receipts, monetary their totals less what was returned of
 them. Each score is 1 + floor(5 x b / n): n members scored, b of them strictly worse.
-Members without a receipt in the window have no scores.
+Members without a receipt in the window have no scores. A member merged into another is
+one customer with it: its receipts are scored as those of the member at the end of its
+chain of merges (customers), and it is in no computed segment itself.
 
 A run reads everything it needs in one read transaction (a reader connection: receipts
 keep being written meanwhile), scores in memory, and writes its rows in batches under its
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import date, datetime, time, timedelta, tzinfo
 from typing import NamedTuple
 
@@ -88,7 +92,8 @@ def window_facts(conn: sqlite3.Connection, today: date, window_days: int, tz: tz
     start, end = _window_bounds(today, window_days, tz)
     # Monetary is ranked by SQLite (RANK() - 1: how many spent strictly less) inside its own
     # step calls, which run without Python's GIL: sorting a million values in Python would
-    # hold it, and stall the event loop, for as long as the sort takes.
+    # hold it, and stall the event loop, for as long as the sort takes. In the ranking's
+    # order (SQLite and PostgreSQL sort once for both): customers() looks values up by bisection.
     rows = conn.execute(
         "WITH back AS (SELECT r.member_id AS mid, SUM(rl.amount) AS amount FROM return_lines rl JOIN receipts r "
         "ON r.store_id = rl.receipt_store AND r.register_id = rl.receipt_register AND r.receipt_id = rl.receipt_id "
@@ -96,8 +101,8 @@ def window_facts(conn: sqlite3.Connection, today: date, window_days: int, tz: tz
         "facts AS (SELECT member_id AS mid, MAX(ts) AS last, COUNT(*) AS n, SUM(total) AS spend FROM receipts "
         "WHERE member_id IS NOT NULL AND status = 'confirmed' AND ts >= ? AND ts < ? GROUP BY member_id) "
         "SELECT f.mid, f.last, f.n, f.spend - COALESCE(b.amount, 0), "
-        "RANK() OVER (ORDER BY f.spend - COALESCE(b.amount, 0)) - 1 FROM facts f LEFT JOIN back b ON b.mid = f.mid",
-        (start, end, start, end))
+        "RANK() OVER (ORDER BY f.spend - COALESCE(b.amount, 0)) - 1 FROM facts f LEFT JOIN back b ON b.mid = f.mid "
+        "ORDER BY 4", (start, end, start, end))
     local_day = local_days(tz)
     return [Facts(mid, local_day(last), count, spend, less) for mid, last, count, spend, less in rows]
 
@@ -121,7 +126,8 @@ def window_and_tier_facts(conn: sqlite3.Connection, today: date, window_days: in
         "FROM receipts WHERE member_id IS NOT NULL AND status = 'confirmed' AND ts >= ? GROUP BY member_id) "
         "SELECT f.mid, f.last, f.n, f.spend - COALESCE(b.w, 0), "
         "RANK() OVER (PARTITION BY f.n > 0 ORDER BY f.spend - COALESCE(b.w, 0)) - 1, "
-        "f.tier_n, COALESCE(f.tier_spend, 0) - COALESCE(b.t, 0) FROM facts f LEFT JOIN back b ON b.mid = f.mid",
+        "f.tier_n, COALESCE(f.tier_spend, 0) - COALESCE(b.t, 0) FROM facts f LEFT JOIN back b ON b.mid = f.mid "
+        "ORDER BY f.n > 0, 4",
         (start, end, tier_since, low, start, end, start, end, start, end, tier_since, tier_since, low))
     local_day = local_days(tz)
     facts, tiers = [], {}
@@ -131,6 +137,85 @@ def window_and_tier_facts(conn: sqlite3.Connection, today: date, window_days: in
         if tier_count:
             tiers[mid] = (tier_count, tier_spend)
     return facts, tiers
+
+
+class Customers(NamedTuple):
+    """The window's facts by customer (customers()). monetary: a customer's monetary score
+    when a merge changed who is scored (a member's spend_worse is then as read: see
+    customers), None when spend_worse is every member's own count."""
+    facts: list[Facts]
+    monetary: Callable[[Facts], int] | None = None
+
+
+def customers(facts: list[Facts], heirs: dict[int, int]) -> Customers:
+    """The window's facts by customer. A member merged into another (heirs: each member
+    merged away -> the member at the end of its chain of merges) is no member of its own:
+    its receipts are that member's, scored once with the later last receipt and the
+    receipts and net spend of them all. facts: in order of spend, as window_facts reads
+    them.
+
+    Ranking the spend again would sort a million values holding the GIL (window_facts), and
+    a new count for each member costs more than the rest of the job's Python: merges are
+    few, so what changes is worked out from them. A member's count of those who spent less
+    becomes its old one, less the replaced values under its own, plus the folded values
+    under it; that only grows with the old count, so the monetary score of a member not
+    merged is where its old count falls among four thresholds, found by bisection over the
+    facts in order of spend. A folded customer's count is its own bisections."""
+    linked = heirs.keys() | set(heirs.values())
+    groups: dict[int, list[Facts]] = {}
+    for f in ([f for f in facts if f[0] in linked] if heirs else ()):
+        groups.setdefault(heirs.get(f.member_id, f.member_id), []).append(f)
+    groups = {heir: group for heir, group in groups.items() if len(group) > 1 or group[0].member_id != heir}
+    if not groups:
+        return Customers(facts)
+    left = [f for group in groups.values() for f in group]
+    gone = {f.member_id for f in left}
+    sums = [(heir, max(f.last_date for f in group), sum(f.receipts for f in group), sum(f.spend for f in group))
+            for heir, group in sorted(groups.items())]
+    replaced, came = sorted(f.spend for f in left), sorted(spend for *_, spend in sums)
+    n = len(facts) - len(left) + len(sums)
+
+    def under(spend: int) -> tuple[int, bool]:
+        """How many members as read spent less than `spend`, and whether one spent it."""
+        at = bisect_left(facts, spend, key=_spend)
+        return at, at < len(facts) and facts[at].spend == spend
+    # From which old count on each moved value is under a member's value: a replaced value
+    # (one of the old) from the count just above its own; a folded one from the count of the
+    # first old value above it.
+    left_from = sorted(f.spend_worse + 1 for f in left)
+    came_from = sorted(at + 1 if equal else at for at, equal in map(under, came))
+
+    def worse_now(old: int) -> int:
+        return old - bisect_right(left_from, old) + bisect_right(came_from, old)
+    thresholds = []
+    for k in range(1, 5):       # the monetary score is 1 + 5 x worse // n: it passes k where 5 x worse >= k x n
+        at = bisect_left(range(len(facts)), True, key=lambda i: 5 * worse_now(facts[i].spend_worse) >= k * n)
+        thresholds.append(facts[at].spend_worse if at < len(facts) else len(facts))
+    folded, scores = [], {}
+    for heir, last, receipts, spend in sums:
+        worse = under(spend)[0] - bisect_left(replaced, spend) + bisect_left(came, spend)
+        folded.append(Facts(heir, last, receipts, spend, worse))
+        scores[heir] = 1 + 5 * worse // n
+
+    def monetary(f: Facts) -> int:
+        return scores[f.member_id] if f.member_id in scores else 1 + bisect_right(thresholds, f.spend_worse)
+    return Customers([f for f in facts if f.member_id not in gone] + folded, monetary)
+
+
+def _spend(f: Facts) -> int:
+    return f.spend
+
+
+def latest_by_customer(last: dict[int, str], heirs: dict[int, int]) -> dict[int, str]:
+    """last_purchases with a member merged away's last receipt counted as its heir's."""
+    moved = [member_id for member_id in last if member_id in heirs] if heirs else []
+    if not moved:
+        return last
+    out = dict(last)
+    for member_id in moved:
+        ts, heir = out.pop(member_id), heirs[member_id]
+        out[heir] = max(out.get(heir, ts), ts)
+    return out
 
 
 def local_days(tz: tzinfo):
@@ -165,14 +250,18 @@ def _worse_than(values: list[int], higher_is_better: bool) -> dict[int, int]:
     return out
 
 
-def score_all(facts: list[Facts], today: date) -> list[Score]:
-    """score = 1 + floor(5 x b / n), b = how many members scored are strictly worse."""
+def score_all(facts: list[Facts], today: date, monetary: Callable[[Facts], int] | None = None) -> list[Score]:
+    """score = 1 + floor(5 x b / n), b = how many members scored are strictly worse.
+    monetary: the monetary score of each, when not from spend_worse (Customers)."""
     n = len(facts)
     if not n:
         return []
     recency = [(today - f.last_date).days for f in facts]
     r = _worse_than(recency, higher_is_better=False)
     f = _worse_than([x.receipts for x in facts], higher_is_better=True)
+    if monetary is not None:
+        return [Score(x.member_id, 1 + 5 * r[days] // n, 1 + 5 * f[x.receipts] // n, monetary(x), days,
+                      x.receipts, x.spend) for x, days in zip(facts, recency)]
     return [Score(x.member_id, 1 + 5 * r[days] // n, 1 + 5 * f[x.receipts] // n, 1 + 5 * x.spend_worse // n, days,
                   x.receipts, x.spend) for x, days in zip(facts, recency)]
 
@@ -190,6 +279,10 @@ class MemberRecord(NamedTuple):
 def member_records(conn: sqlite3.Connection) -> list[MemberRecord]:
     return list(map(MemberRecord._make, conn.execute(
         "SELECT id, tags, enrolled_at, manual_tier, manual_tier_until FROM members ORDER BY id")))
+
+
+def erased_members(conn: sqlite3.Connection) -> set[int]:
+    return {mid for (mid,) in conn.execute("SELECT id FROM members WHERE erased_at IS NOT NULL")}
 
 
 def tier_metrics(conn: sqlite3.Connection, since: str, until: str | None) -> dict[int, tuple[int, int]]:

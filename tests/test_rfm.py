@@ -178,3 +178,176 @@ def test_the_lifecycle_jobs_score_once_a_local_day_when_the_program_has_rfm(db, 
     assert asyncio.run(run_all(db, shop, NOW))["rfm_members_scored"] == 5
     assert asyncio.run(run_all(db, shop, NOW))["rfm_members_scored"] == 0       # done today already
     assert scores(db)[4][:3] == (2, 5, 5)
+
+
+# ------------------------------------------------------------------ one customer, two memberships
+
+CUSTOMERS = """\
+program: {id: shop, name: Shop, currency: UAH, timezone: Europe/Kyiv}
+points: {value: 100, rounding: floor, activation_delay_days: 0, expiry_days: 365}
+tiers: {metric: spend, window_days: 365, levels: [{id: base, from: 0}, {id: gold, from: 25000}]}
+stores: [{id: S001}]
+segments:
+  rfm: {window_days: 365}
+  define:
+    - {id: champions, rfm: {f: [4, 5], m: [4, 5]}}
+    - {id: recent, rfm: {r: [4, 5]}}
+    - {id: gold, when: {tier: gold}}
+    - {id: regulars, when: {receipts_in_window: {gte: 3}}}
+    - {id: everyone, when: {enrolled_days: {gte: 0}}}
+    - {id: lapsed, when: {days_since_last_purchase: {between: [400, 700]}}}
+rules:
+  - {id: base, reward: {percent: 2}}
+"""
+NEXT_DAY = datetime(2026, 12, 1, 23, 30, tzinfo=timezone.utc)       # 2026-12-02 in Kyiv
+
+
+@pytest.fixture
+def customers_program():
+    from rules import load_files
+    program = load_files({"program.yaml": CUSTOMERS}, TODAY)
+    yield program
+    program.close()
+
+
+def enrolled(db: Database, last: int, first: int = 1) -> None:
+    """Members first to last, enrolled on 1 January 2025."""
+    db.write_sync(lambda conn: conn.executemany(
+        "INSERT INTO members (id, tags, enrolled_at, updated_at) VALUES (?, '[]', '2025-01-01T10:00:00.000000Z', "
+        "'2025-01-01')", [(i,) for i in range(first, last + 1)]))
+
+
+def two_cards(db: Database) -> None:
+    """Members 1 to 4 buy as in any shop; member 6 is the same customer as member 5, who
+    buys more with 6's card: on their own, 6 is a champion and 5 is not."""
+    enrolled(db, 6)
+    for mid in (1, 2, 3, 5):
+        add_receipt(db, f"{mid}a", mid, "2026-11-20", 10000)
+    add_receipt(db, "4a", 4, "2026-11-20", 10000)
+    add_receipt(db, "4b", 4, "2026-11-10", 10000)
+    add_receipt(db, "6a", 6, "2026-11-25", 15000)
+    add_receipt(db, "6b", 6, "2026-11-15", 15000)
+
+
+def merged(db: Database, source: int, target: int) -> None:
+    """What a merge leaves for the job: the member merged away names the member it went to;
+    its receipts stay its own."""
+    from storage import member_care
+    db.write_sync(lambda conn: member_care.mark_merged(conn, source, target, "2026-12-01T09:00:00.000000Z"))
+
+
+def members(db: Database) -> dict[str, list[int]]:
+    return db.read_sync(lambda conn: {sid: segments.members_of(conn, segments.SegmentDefinition(sid))
+                                      for sid in ("champions", "recent", "gold", "regulars", "everyone", "lapsed")})
+
+
+def test_a_member_merged_away_is_scored_as_the_member_it_went_to(db, customers_program):
+    from storage.member_care import points_holders
+    two_cards(db)
+    asyncio.run(rfm.run(db, 365, KYIV, NOW, program=customers_program))
+    # n = 6: member 6 spent most (30,000) and bought last; 4 bought twice, spending 20,000.
+    assert members(db) == {"champions": [4, 6], "recent": [6], "gold": [6], "regulars": [],
+                           "everyone": [1, 2, 3, 4, 5, 6], "lapsed": []}
+    merged(db, 6, 5)
+    champions = segments.SegmentDefinition("champions")
+    # Until the next run an offer to the segment reaches the customer through the member that stays.
+    assert db.read_sync(lambda conn: points_holders(conn, segments.members_of(conn, champions))) == [4, 5]
+
+    done = asyncio.run(rfm.run(db, 365, KYIV, NEXT_DAY, program=customers_program))
+    # n = 5 customers: 5 with 6's receipts has 3 receipts, 40,000, last on 25 November (7 days).
+    assert done.scored == 5
+    got = scores(db)
+    assert got[5] == (5, 5, 5, 7, 3, 40000) and 6 not in got
+    assert got[4] == (1, 4, 4, 12, 2, 20000)
+    # Member 6 left every segment, member 5 took its place: each segment counts the customer
+    # once. Tiers stay each member's own, as at the till: 5's own spend (10,000) is not gold.
+    assert members(db) == {"champions": [4, 5], "recent": [5], "gold": [], "regulars": [5],
+                           "everyone": [1, 2, 3, 4, 5], "lapsed": []}
+    assert (done.opened, done.closed) == (3, 4)
+    assert db.read_sync(lambda conn: points_holders(conn, segments.members_of(conn, champions))) == [4, 5]
+
+
+def test_a_chain_of_merges_is_scored_as_the_member_at_its_end(db, customers_program):
+    two_cards(db)
+    enrolled(db, 7, first=7)
+    add_receipt(db, "7a", 7, "2026-11-28", 5000)
+    merged(db, 6, 5)
+    merged(db, 5, 7)            # 6 -> 5 -> 7: all three are one customer, member 7
+    done = asyncio.run(rfm.run(db, 365, KYIV, NOW, program=customers_program))
+    assert done.scored == 5
+    got = scores(db)
+    assert got[7] == (5, 5, 5, 3, 4, 45000) and not {5, 6} & got.keys()
+    assert members(db) == {"champions": [4, 7], "recent": [7], "gold": [], "regulars": [7],
+                           "everyone": [1, 2, 3, 4, 7], "lapsed": []}
+
+
+def test_when_segments_read_the_customers_purchases_and_leave_out_the_member_merged_away(db, customers_program):
+    enrolled(db, 4)
+    add_receipt(db, "1a", 1, "2026-11-20", 10000)
+    add_receipt(db, "2a", 2, "2026-11-21", 10000)
+    add_receipt(db, "2b", 2, "2026-11-22", 10000)
+    add_receipt(db, "3a", 3, "2025-06-01", 5000)       # before the window: 548 days before 1 December
+    # member 4 never bought
+    asyncio.run(rfm.run(db, 365, KYIV, NOW, program=customers_program))
+    assert members(db) == {"champions": [], "recent": [], "gold": [], "regulars": [],
+                           "everyone": [1, 2, 3, 4], "lapsed": [3]}
+    merged(db, 2, 1)
+    merged(db, 3, 4)
+    asyncio.run(rfm.run(db, 365, KYIV, NEXT_DAY, program=customers_program))
+    # 1 has 3 receipts with 2's; 4 last bought with 3's card, 549 days ago.
+    assert members(db) == {"champions": [], "recent": [], "gold": [], "regulars": [1],
+                           "everyone": [1, 4], "lapsed": [4]}
+
+
+def test_an_erased_member_is_in_no_computed_segment_and_its_receipts_still_count(db, customers_program):
+    two_cards(db)
+    asyncio.run(rfm.run(db, 365, KYIV, NOW, program=customers_program))
+    assert members(db)["gold"] == [6]
+    db.write_sync(lambda conn: conn.execute(
+        "UPDATE members SET erased_at = '2026-12-01T09:00:00.000000Z' WHERE id = 6"))
+    done = asyncio.run(rfm.run(db, 365, KYIV, NEXT_DAY, program=customers_program))
+    # Its receipts stay (as the ledger does), so everyone else is scored as before it was erased.
+    assert done.scored == 6 and scores(db)[4][:3] == (1, 4, 4)
+    assert members(db) == {"champions": [4], "recent": [], "gold": [], "regulars": [],
+                           "everyone": [1, 2, 3, 4, 5], "lapsed": []}
+
+
+def test_scores_by_customer_follow_the_formula_on_a_history_with_many_merges(db):
+    """Many customers with two or three memberships, ties of spend among them and between
+    their sums and others' spend: each customer's scores are the formula's over their
+    receipts together."""
+    import random
+    from datetime import timedelta
+    rnd = random.Random(5)
+    enrolled(db, 60)
+    receipts: dict[int, list[tuple[date, int]]] = {}
+    for key in range(240):
+        mid, day = rnd.randint(1, 60), TODAY - timedelta(days=rnd.randint(0, 400))
+        total, returned = rnd.choice([1000, 2000, 3000, 5000]), rnd.choice([0, 0, 0, 1000])
+        status = rnd.choice(["confirmed"] * 5 + ["cancelled"])
+        add_receipt(db, f"r{key}", mid, day.isoformat(), total, status=status, returned=returned)
+        if status == "confirmed" and (TODAY - day).days < 365:
+            receipts.setdefault(mid, []).append((day, total - returned))
+    into = {mid: rnd.randint(mid + 1, 60) for mid in range(1, 60) if rnd.random() < 0.3}
+    for source, target in into.items():
+        merged(db, source, target)
+
+    def heir(mid: int) -> int:
+        while mid in into:
+            mid = into[mid]
+        return mid
+    by_customer: dict[int, list[tuple[date, int]]] = {}
+    for mid, bought in receipts.items():
+        by_customer.setdefault(heir(mid), []).extend(bought)
+    n = len(by_customer)
+    facts = {c: ((TODAY - max(d for d, _ in b)).days, len(b), sum(s for _, s in b)) for c, b in by_customer.items()}
+
+    def score(value, values, lower_is_better=False):
+        return 1 + 5 * sum(1 for v in values if (v > value if lower_is_better else v < value)) // n
+    want = {c: (score(days, [x[0] for x in facts.values()], lower_is_better=True),
+                score(count, [x[1] for x in facts.values()]), score(spend, [x[2] for x in facts.values()]),
+                days, count, spend) for c, (days, count, spend) in facts.items()}
+    assert len(into) > 10 and n < len(receipts)
+    done = asyncio.run(rfm.run(db, 365, KYIV, NOW))
+    got = db.read_sync(lambda conn: {mid: tuple(s[1:]) for mid in range(1, 61) if (s := segments.scores_of(conn, mid))})
+    assert done.scored == n and got == want
