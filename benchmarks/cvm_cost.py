@@ -49,14 +49,20 @@ reads (a few µs on a VM), so compare sides, not absolute values, and time witho
 
 --callgrind counts instructions instead of timing (valgrind; CPU times on a shared machine move
 by more than a few µs a receipt): for each tree (default this one; `--tree` a `git archive`
-copy of another revision, run with this file) and each side, a process does the set-up above
-and then confirms 30 receipts of that side alone, another 30 + --receipts; the difference of
-the event loop thread's instructions over --receipts is one receipt's, which other processes
-on the machine do not move (other threads are counted apart, and the counted runs poll as
-seldom as the config allows; a spread of about 1 % between runs is not excluded).
-Prints each side's instructions per receipt and B vs A, B vs P, P vs A, idle vs A as fewer
-receipts/s computed from them. The callgrind.out files stay in --out (compare two sides'
-inclusive costs per function with `callgrind_annotate --inclusive=yes`).
+copy of another revision, run with this file) and each side, a process does the set-up above,
+confirms 30 receipts of that side (after 30 + --receipts in the process with the load driver's
+receipts: see below), then --receipts more inside a window in which callgrind
+counts the event loop thread's instructions (zeroed and dumped there by two client requests
+from a small C library built for the run, cc and valgrind/callgrind.h needed): only the
+confirms, not the set-up, nor the receipts' bodies drawn beforehand. Before a counted side
+the server's clock is held and its polls (a recorded program, keys, events to deliver) are
+stopped: each follows the wall clock, which valgrind stretches by a factor that follows the
+machine's load. Other threads are counted apart. --runs N counts every side N times and
+prints each run, with its receipts per commit, and the median, min, max and mean ± 2
+standard errors of B vs A (and the others). Prints each side's instructions per receipt and
+B vs A, B vs P, P vs A, idle vs A as fewer receipts/s computed from them. The callgrind.out
+files stay in --out (compare two sides' inclusive costs per function with `callgrind_annotate
+--inclusive=yes`).
 
 The receipts are one-line ones unless --driver-receipts: then they are the load driver's
 (benchmarks/receipts.py, 5 to 35 lines, 20 on average, from its catalogue and seed, over its
@@ -64,12 +70,18 @@ three stores), as `make bench` and benchmarks/ab.py send them, each drawn from i
 one-line ones are. --http CONNECTIONS (with --callgrind) measures what confirmed receipts/s
 at full load measure: the counted receipts, the load driver's, go to the app served as `loyalty
 serve` serves it (its runner and site, on uvloop) over that many keep-alive connections, sent
-by threads of the same process (counted apart from the event loop's), so that they share
-commits as under load, and HTTP, the middlewares, decoding and the answer are counted with
-the receipt path. Before them, the counted side confirms as many of the same receipts in the
-process: a long run sends the driver's 2,000 templates over and over, so the rules' class
-cache holds what they need, as it does here. --http measures source trees from 35b69b7 on
-(it sends with their benchmarks/confirm_cpu.py).
+from another thread of the same process (counted apart from the event loop's), and HTTP, the
+middlewares, decoding and the answer are counted with the receipt path. They go in waves:
+one receipt on every connection, written while the event loop is held, then the wave's
+answers, so that every wave is one commit of CONNECTIONS receipts, as at full load (about ten
+a commit), and alike in every run; before each wave the WAL is checkpointed to its end, so
+that every wave's commit starts it again (see Sender). --free sends as the load driver does
+instead, each connection one receipt after another, and the receipts fall into commits as
+valgrind's thread timing has them (2.5 to 2.9 a commit, differing between runs). Before the
+counted window the side confirms 150 of the same receipts in the process: a long run sends
+the driver's 2,000 templates over and over, so the rules' class cache holds what they need,
+as it does here. --http measures source trees from 35b69b7 on (it takes a free port from their
+benchmarks/confirm_cpu.py).
 """
 from __future__ import annotations
 
@@ -84,6 +96,7 @@ import os
 import random
 import re
 import shutil
+import sqlite3
 import statistics
 import subprocess
 from collections import Counter
@@ -348,9 +361,13 @@ class Sender:
 
     HEADERS = {"Authorization": f"Bearer {HTTP_KEY}", "Content-Type": "application/json"}
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, port: int, connections: int, waves: bool) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, port: int, connections: int, waves: bool,
+                 database: Path) -> None:
         self.loop, self.port, self.waves = loop, port, waves
         self.connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=600) for _ in range(connections)]
+        # Checkpoints from this thread (the server's checkpoint thread copies the WAL by the
+        # wall clock): see _settle().
+        self.database = sqlite3.connect(database, timeout=60, isolation_level=None, check_same_thread=False)
 
     def hold(self, then=None):
         """Holds the event loop in a callback until the returned function is called; `then`
@@ -379,12 +396,24 @@ class Sender:
         width = len(self.connections)
         for at in range(0, len(bodies), width):
             wave = list(zip(self.connections, bodies[at:at + width]))
-            release = self.hold()
+            release = self.hold(self._settle)
             for connection, body in wave:
                 connection.request("POST", "/v1/receipts", body, self.HEADERS)
             release()
             for connection, _ in wave:
                 self._answer(connection)
+
+    def _settle(self) -> None:
+        """Every frame of the WAL copied into the database before a wave (the loop held, no
+        write under way), so that each wave's commit starts the WAL again from its beginning.
+        Left to the checkpoint thread, whose passes follow the wall clock, that happened at 11
+        of one run's 12 counted commits and at 1 of another's, some 30 k instructions of the
+        loop's thread each (the WAL index's first hash table cleared)."""
+        while True:
+            busy, frames, copied = self.database.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if not busy and frames == copied:
+                return
+            time.sleep(0.01)   # a pass of the checkpoint thread is under way
 
     def _one_by_one(self, connection: http.client.HTTPConnection, bodies: list[bytes]) -> None:
         for body in bodies:
@@ -401,14 +430,15 @@ class Sender:
     def close(self) -> None:
         for connection in self.connections:
             connection.close()
+        self.database.close()
 
 
-def counted_http(app, loop: asyncio.AbstractEventLoop, port: int, connections: int, waves: bool,
+def counted_http(app, loop: asyncio.AbstractEventLoop, port: int, connections: int, waves: bool, database: Path,
                  warm: list[bytes], counted: list[bytes], found: dict) -> None:
     """On a thread: `warm` sent, then `counted` inside callgrind's window (zeroed and dumped on
     the loop's thread); found gets the commits and writes inside the window."""
     marks = Marks()
-    sender = Sender(loop, port, connections, waves)
+    sender = Sender(loop, port, connections, waves, database)
     try:
         sender.send(warm)
 
@@ -567,7 +597,7 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None, 
                           for i, k, code, reg in drawn(n, 0, COUNTED_FEW + receipts, members, side_codes, paying)]
                 await asyncio.get_running_loop().run_in_executor(
                     None, counted_http, app, asyncio.get_running_loop(), port, http_connections, waves,
-                    bodies[:COUNTED_FEW], bodies[COUNTED_FEW:], found)
+                    folder / "bench.db", bodies[:COUNTED_FEW], bodies[COUNTED_FEW:], found)
             else:
                 marks = Marks()
                 await block(deps, n, 0, COUNTED_FEW, members, side_codes, card, paying, driver=driver)
