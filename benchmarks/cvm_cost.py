@@ -268,16 +268,16 @@ class Phases:
 
 async def block(deps, start: int, first_k: int, count: int, members: int, codes: list[str] | None,
                 card: str = "card", paying: list[tuple[bool, bool, bool]] | None = None,
-                profiler: cProfile.Profile | None = None, driver: bool = False) -> float:
+                profiler: cProfile.Profile | None = None, driver: bool = False,
+                bodies: list[schema.Receipt] | None = None) -> float:
     """CPU seconds per receipt over `count` confirms, of the event loop's thread: it runs each
     receipt's transaction (the sync thread only waits for the disk). A third of the receipts
     (k divisible by 3) are the ones a code comes with: with `codes` they carry the next one.
     `paying`, by member: which of B's member conditions hold (staff, offer, rfm segment); the
     receipts' registers then spell them (register()). driver: the load driver's receipts
-    (bench_body()) instead of one-line ones."""
-    bodies = [schema.decode(bench_body(n, k, members, code, card, reg), schema.Receipt) if driver
-              else receipt(n, k, members, code, card, reg)
-              for n, k, code, reg in drawn(start, first_k, count, members, codes, paying)]
+    (bench_body()) instead of one-line ones. bodies: block_bodies()' already drawn."""
+    if bodies is None:
+        bodies = block_bodies(start, first_k, count, members, codes, card, paying, driver)
     cpu = time.thread_time()
     if profiler:
         profiler.enable()
@@ -287,6 +287,14 @@ async def block(deps, start: int, first_k: int, count: int, members: int, codes:
     if profiler:
         profiler.disable()
     return (time.thread_time() - cpu) / count
+
+
+def block_bodies(start: int, first_k: int, count: int, members: int, codes: list[str] | None, card: str,
+                 paying: list[tuple[bool, bool, bool]] | None, driver: bool) -> list[schema.Receipt]:
+    """The receipts of a block (see block())."""
+    return [schema.decode(bench_body(n, k, members, code, card, reg), schema.Receipt) if driver
+            else receipt(n, k, members, code, card, reg)
+            for n, k, code, reg in drawn(start, first_k, count, members, codes, paying)]
 
 
 def drawn(start: int, first_k: int, count: int, members: int, codes: list[str] | None,
@@ -601,11 +609,14 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None, 
             else:
                 marks = Marks()
                 await block(deps, n, 0, COUNTED_FEW, members, side_codes, card, paying, driver=driver)
+                # Drawn before the window, as the bodies sent over HTTP are.
+                bodies = block_bodies(n + COUNTED_FEW, COUNTED_FEW, receipts, members, side_codes, card, paying,
+                                      driver)
                 gc.collect()
                 found["before"] = commits(app)
                 marks.zero()
                 await block(deps, n + COUNTED_FEW, COUNTED_FEW, receipts, members, side_codes, card, paying,
-                            driver=driver)
+                            driver=driver, bodies=bodies)
                 marks.dump()
                 found["after"] = commits(app)
             (done, wrote), (done_before, wrote_before) = found["after"], found["before"]
