@@ -49,14 +49,20 @@ reads (a few µs on a VM), so compare sides, not absolute values, and time witho
 
 --callgrind counts instructions instead of timing (valgrind; CPU times on a shared machine move
 by more than a few µs a receipt): for each tree (default this one; `--tree` a `git archive`
-copy of another revision, run with this file) and each side, a process does the set-up above
-and then confirms 30 receipts of that side alone, another 30 + --receipts; the difference of
-the event loop thread's instructions over --receipts is one receipt's, which other processes
-on the machine do not move (other threads are counted apart, and the counted runs poll as
-seldom as the config allows; a spread of about 1 % between runs is not excluded).
-Prints each side's instructions per receipt and B vs A, B vs P, P vs A, idle vs A as fewer
-receipts/s computed from them. The callgrind.out files stay in --out (compare two sides'
-inclusive costs per function with `callgrind_annotate --inclusive=yes`).
+copy of another revision, run with this file) and each side, a process does the set-up above,
+confirms 30 receipts of that side (after 30 + --receipts in the process with the load driver's
+receipts: see below), then --receipts more inside a window in which callgrind
+counts the event loop thread's instructions (zeroed and dumped there by two client requests
+from a small C library built for the run, cc and valgrind/callgrind.h needed): only the
+confirms, not the set-up, nor the receipts' bodies drawn beforehand. Before a counted side
+the server's clock is held and its polls (a recorded program, keys, events to deliver) are
+stopped: each follows the wall clock, which valgrind stretches by a factor that follows the
+machine's load. Other threads are counted apart. --runs N counts every side N times and
+prints each run, with its receipts per commit, and the median, min, max and mean ± 2
+standard errors of B vs A (and the others). Prints each side's instructions per receipt and
+B vs A, B vs P, P vs A, idle vs A as fewer receipts/s computed from them. The callgrind.out
+files stay in --out (compare two sides' inclusive costs per function with `callgrind_annotate
+--inclusive=yes`).
 
 The receipts are one-line ones unless --driver-receipts: then they are the load driver's
 (benchmarks/receipts.py, 5 to 35 lines, 20 on average, from its catalogue and seed, over its
@@ -64,12 +70,18 @@ three stores), as `make bench` and benchmarks/ab.py send them, each drawn from i
 one-line ones are. --http CONNECTIONS (with --callgrind) measures what confirmed receipts/s
 at full load measure: the counted receipts, the load driver's, go to the app served as `loyalty
 serve` serves it (its runner and site, on uvloop) over that many keep-alive connections, sent
-by threads of the same process (counted apart from the event loop's), so that they share
-commits as under load, and HTTP, the middlewares, decoding and the answer are counted with
-the receipt path. Before them, the counted side confirms as many of the same receipts in the
-process: a long run sends the driver's 2,000 templates over and over, so the rules' class
-cache holds what they need, as it does here. --http measures source trees from 35b69b7 on
-(it sends with their benchmarks/confirm_cpu.py).
+from another thread of the same process (counted apart from the event loop's), and HTTP, the
+middlewares, decoding and the answer are counted with the receipt path. They go in waves:
+one receipt on every connection, written while the event loop is held, then the wave's
+answers, so that every wave is one commit of CONNECTIONS receipts, as at full load (about ten
+a commit), and alike in every run; before each wave the WAL is checkpointed to its end, so
+that every wave's commit starts it again (see Sender). --free sends as the load driver does
+instead, each connection one receipt after another, and the receipts fall into commits as
+valgrind's thread timing has them (2.5 to 2.9 a commit, differing between runs). Before the
+counted window the side confirms 150 of the same receipts in the process: a long run sends
+the driver's 2,000 templates over and over, so the rules' class cache holds what they need,
+as it does here. --http measures source trees from 35b69b7 on (it takes a free port from their
+benchmarks/confirm_cpu.py).
 """
 from __future__ import annotations
 
@@ -77,16 +89,20 @@ import argparse
 import asyncio
 import concurrent.futures
 import cProfile
+import gc
 import hashlib
+import http.client
 import os
 import random
 import re
 import shutil
+import sqlite3
 import statistics
 import subprocess
 from collections import Counter
 import sys
 import tempfile
+import threading
 import time
 from datetime import date, datetime
 from pathlib import Path
@@ -105,7 +121,7 @@ from server import cvm, rfm, schema  # noqa: E402
 from server.app import create_app  # noqa: E402
 from server.auth import Principal  # noqa: E402
 from server.config import config_from_dict  # noqa: E402
-from server.keys import CLOCK, DATABASE, OPS, PROGRAMS  # noqa: E402
+from server.keys import CLOCK, DATABASE, METRICS, OPS, PROGRAMS  # noqa: E402
 from server.listen import Site, new_runner  # noqa: E402
 from server import member_state  # noqa: E402
 from server.ops import members as member_ops, receipts as receipt_ops  # noqa: E402
@@ -115,7 +131,7 @@ MARKET = ROOT / "rules/programs/market"
 REGISTER = Principal("bench", "register", frozenset({"S001", "S002", "F001"}))
 MANAGER = Principal("bench-manager", "manager", frozenset())
 CODES_PER_REQUEST = 10_000      # the handler's own limit (schema.COUPONS_PER_REQUEST_MAX)
-COUNTED_FEW = 30                # receipts of --callgrind's first run; its second adds --receipts
+COUNTED_FEW = 30                # receipts a counted side confirms just before its counted window
 CLOCK_START = "2026-11-24T12:00:05+02:00"
 HTTP_KEY = "bench-register"     # --http: the register's API key
 # --driver-receipts and --http: the load driver's receipts (benchmarks/receipts.py), from
@@ -252,16 +268,16 @@ class Phases:
 
 async def block(deps, start: int, first_k: int, count: int, members: int, codes: list[str] | None,
                 card: str = "card", paying: list[tuple[bool, bool, bool]] | None = None,
-                profiler: cProfile.Profile | None = None, driver: bool = False) -> float:
+                profiler: cProfile.Profile | None = None, driver: bool = False,
+                bodies: list[schema.Receipt] | None = None) -> float:
     """CPU seconds per receipt over `count` confirms, of the event loop's thread: it runs each
     receipt's transaction (the sync thread only waits for the disk). A third of the receipts
     (k divisible by 3) are the ones a code comes with: with `codes` they carry the next one.
     `paying`, by member: which of B's member conditions hold (staff, offer, rfm segment); the
     receipts' registers then spell them (register()). driver: the load driver's receipts
-    (bench_body()) instead of one-line ones."""
-    bodies = [schema.decode(bench_body(n, k, members, code, card, reg), schema.Receipt) if driver
-              else receipt(n, k, members, code, card, reg)
-              for n, k, code, reg in drawn(start, first_k, count, members, codes, paying)]
+    (bench_body()) instead of one-line ones. bodies: block_bodies()' already drawn."""
+    if bodies is None:
+        bodies = block_bodies(start, first_k, count, members, codes, card, paying, driver)
     cpu = time.thread_time()
     if profiler:
         profiler.enable()
@@ -271,6 +287,14 @@ async def block(deps, start: int, first_k: int, count: int, members: int, codes:
     if profiler:
         profiler.disable()
     return (time.thread_time() - cpu) / count
+
+
+def block_bodies(start: int, first_k: int, count: int, members: int, codes: list[str] | None, card: str,
+                 paying: list[tuple[bool, bool, bool]] | None, driver: bool) -> list[schema.Receipt]:
+    """The receipts of a block (see block())."""
+    return [schema.decode(bench_body(n, k, members, code, card, reg), schema.Receipt) if driver
+            else receipt(n, k, members, code, card, reg)
+            for n, k, code, reg in drawn(start, first_k, count, members, codes, paying)]
 
 
 def drawn(start: int, first_k: int, count: int, members: int, codes: list[str] | None,
@@ -294,16 +318,152 @@ def bench_body(n: int, k: int, members: int, code: str | None, card: str, regist
     return BENCH_ENCODER.encode(body)
 
 
-async def http_block(port: int, start: int, first_k: int, count: int, members: int, codes: list[str] | None,
-                     card: str, paying: list[tuple[bool, bool, bool]], connections: int) -> None:
-    """block()'s receipts, the load driver's instead of one-line ones, sent to the app over HTTP
-    on `connections` keep-alive connections by threads of this process (counted apart)."""
-    requests = [("/v1/receipts", bench_body(n, k, members, code, card, reg))
-                for n, k, code, reg in drawn(start, first_k, count, members, codes, paying)]
-    # Imported here: the source trees --callgrind measures import this file's benchmarks from
-    # themselves, and only trees from this revision on have confirm_cpu's sender.
-    from benchmarks.confirm_cpu import send
-    await asyncio.get_running_loop().run_in_executor(None, send, port, HTTP_KEY, requests, connections)
+class Marks:
+    """Callgrind's counters of the calling thread zeroed and dumped from Python: a C library
+    of two client requests (valgrind/callgrind.h), built by count_instructions() and named by
+    CVM_COST_MARKS. Without it (a run outside valgrind) both do nothing."""
+
+    SOURCE = ('#include <valgrind/callgrind.h>\n'
+              'void counted_zero(void) { CALLGRIND_ZERO_STATS; }\n'
+              'void counted_dump(void) { CALLGRIND_DUMP_STATS_AT("counted"); }\n')
+
+    def __init__(self) -> None:
+        import ctypes
+        path = os.environ.get("CVM_COST_MARKS")
+        library = ctypes.CDLL(path) if path else None
+        self.zero = library.counted_zero if library else (lambda: None)
+        self.dump = library.counted_dump if library else (lambda: None)
+
+    @classmethod
+    def build(cls, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "marks.c").write_text(cls.SOURCE)
+        library = folder / "marks.so"
+        subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(library), str(folder / "marks.c")], check=True)
+        return library
+
+
+def commits(app) -> tuple[int, int]:
+    """(transactions committed, writes in them) so far, from the commit batch histogram."""
+    samples = {sample.name: sample.value for family in app[METRICS].commit_batch.collect()
+               for sample in family.samples}
+    return (int(samples["loyalty_ledger_commit_batch_size_count"]),
+            int(samples["loyalty_ledger_commit_batch_size_sum"]))
+
+
+class Sender:
+    """Sends receipts to the app over `connections` keep-alive connections from a thread of
+    this process, and marks the counted ones' start and end on the event loop's thread.
+
+    waves=True: every connection's next receipt is written while the event loop is held in a
+    callback, then the loop is let go and all the answers are read before the next wave: the
+    loop finds the wave's requests together, their handlers reach the writer in one round,
+    and each wave is one commit of `connections` receipts, alike in every run (as at full
+    load, about ten a commit). waves=False: each connection sends its share one after another
+    as the load driver does, and how the receipts fall into commits follows the threads'
+    timing under valgrind, which differs from run to run.
+
+    The counted window is bounded by two holds of the loop, after the answers of the wave
+    before (or of every receipt before): each bound sees the loop at the same point, the
+    collector emptied at the first, so the window's collections follow its own allocations."""
+
+    HEADERS = {"Authorization": f"Bearer {HTTP_KEY}", "Content-Type": "application/json"}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, port: int, connections: int, waves: bool,
+                 database: Path) -> None:
+        self.loop, self.port, self.waves = loop, port, waves
+        self.connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=600) for _ in range(connections)]
+        # Checkpoints from this thread (the server's checkpoint thread copies the WAL by the
+        # wall clock): see _settle().
+        self.database = sqlite3.connect(database, timeout=60, isolation_level=None, check_same_thread=False)
+
+    def hold(self, then=None):
+        """Holds the event loop in a callback until the returned function is called; `then`
+        runs on the loop's thread first."""
+        held, go = threading.Event(), threading.Event()
+
+        def holding() -> None:
+            if then:
+                then()
+            held.set()
+            go.wait()
+
+        self.loop.call_soon_threadsafe(holding)
+        held.wait()
+        return go.set
+
+    def at_loop(self, fn) -> None:
+        self.hold(fn)()
+
+    def send(self, bodies: list[bytes]) -> None:
+        if not self.waves:
+            with concurrent.futures.ThreadPoolExecutor(len(self.connections)) as pool:
+                list(pool.map(lambda at: self._one_by_one(self.connections[at], bodies[at::len(self.connections)]),
+                              range(len(self.connections))))
+            return
+        width = len(self.connections)
+        for at in range(0, len(bodies), width):
+            wave = list(zip(self.connections, bodies[at:at + width]))
+            release = self.hold(self._settle)
+            for connection, body in wave:
+                connection.request("POST", "/v1/receipts", body, self.HEADERS)
+            release()
+            for connection, _ in wave:
+                self._answer(connection)
+
+    def _settle(self) -> None:
+        """Every frame of the WAL copied into the database before a wave (the loop held, no
+        write under way), so that each wave's commit starts the WAL again from its beginning.
+        Left to the checkpoint thread, whose passes follow the wall clock, that happened at 11
+        of one run's 12 counted commits and at 1 of another's, some 30 k instructions of the
+        loop's thread each (the WAL index's first hash table cleared)."""
+        while True:
+            busy, frames, copied = self.database.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if not busy and frames == copied:
+                return
+            time.sleep(0.01)   # a pass of the checkpoint thread is under way
+
+    def _one_by_one(self, connection: http.client.HTTPConnection, bodies: list[bytes]) -> None:
+        for body in bodies:
+            connection.request("POST", "/v1/receipts", body, self.HEADERS)
+            self._answer(connection)
+
+    @staticmethod
+    def _answer(connection: http.client.HTTPConnection) -> None:
+        answer = connection.getresponse()
+        text = answer.read()
+        if answer.status != 201:
+            raise RuntimeError(f"/v1/receipts answered {answer.status}: {text[:300]!r}")
+
+    def close(self) -> None:
+        for connection in self.connections:
+            connection.close()
+        self.database.close()
+
+
+def counted_http(app, loop: asyncio.AbstractEventLoop, port: int, connections: int, waves: bool, database: Path,
+                 warm: list[bytes], counted: list[bytes], found: dict) -> None:
+    """On a thread: `warm` sent, then `counted` inside callgrind's window (zeroed and dumped on
+    the loop's thread); found gets the commits and writes inside the window."""
+    marks = Marks()
+    sender = Sender(loop, port, connections, waves, database)
+    try:
+        sender.send(warm)
+
+        def start() -> None:
+            gc.collect()
+            found["before"] = commits(app)
+            marks.zero()
+
+        def end() -> None:
+            marks.dump()
+            found["after"] = commits(app)
+
+        sender.at_loop(start)
+        sender.send(counted)
+        sender.at_loop(end)
+    finally:
+        sender.close()
 
 
 class listening:
@@ -319,6 +479,24 @@ class listening:
 
     async def __aexit__(self, *exc):
         await self.runner.cleanup()
+
+
+# The server's background loops, by their coroutines' names: each wakes by the wall clock,
+# which valgrind stretches by a factor that follows the machine's load.
+POLLS = {"watch", "keep_keys_fresh", "ProgramVersions.follow", "Dispatcher.run"}
+
+
+def quiet(app) -> None:
+    """Before a counted side: the server's clock held where it is, and its polls stopped.
+    What a receipt does then no longer follows the wall clock; a poll is seconds apart, so
+    at full load its share of a receipt is nil, while in a counted window it lands or not."""
+    clock = app[CLOCK]
+    moment = clock.now()
+    clock.now = lambda: moment
+    current = asyncio.current_task()
+    for task in asyncio.all_tasks():
+        if task is not current and task.get_coro().__qualname__ in POLLS:
+            task.cancel()
 
 
 async def manage(app, handler, path: dict, body) -> dict:
@@ -346,7 +524,7 @@ async def set_up_cvm(app, members: int, codes_needed: int, segments: tuple[str, 
 
 async def main(members: int, per_block: int, rounds: int, profile: Path | None, count: bool,
                timed: bool = False, counted: tuple[str, int] | None = None, http_connections: int = 0,
-               driver: bool = False, segments: tuple[str, ...] = tuple(SEGMENTS)) -> None:
+               driver: bool = False, segments: tuple[str, ...] = tuple(SEGMENTS), waves: bool = True) -> None:
     """The measured rounds and their report; with `counted` (side, receipts), after the same
     set-up, only that many receipts of that side, for callgrind to count (no report), sent
     over HTTP on `http_connections` connections when that is not 0. driver: the measured
@@ -370,7 +548,7 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None, 
         settings["events"] = {"poll_interval_seconds": 60}
     port = 0
     if http_connections:
-        from benchmarks.confirm_cpu import free_port     # here, as send in http_block()
+        from benchmarks.confirm_cpu import free_port     # here: trees from 35b69b7 on have it
         port = free_port()
         sha = hashlib.sha256(HTTP_KEY.encode()).hexdigest()
         settings["server"] = {"host": "127.0.0.1", "port": port}
@@ -413,18 +591,36 @@ async def main(members: int, per_block: int, rounds: int, profile: Path | None, 
             side, receipts = counted
             holder.current = programs[side]
             card = "idle" if side == "idle" else "card"
+            quiet(app)
             if driver:
                 # A long run sends the driver's 2,000 templates over and over, so the rules'
                 # class cache (rules/matching.py) holds what its receipts need: so here.
-                await block(deps, n, 0, COUNTED_FEW + per_block, members, codes if side == "B" else None, card,
+                await block(deps, n, 0, COUNTED_FEW + receipts, members, codes if side == "B" else None, card,
                             paying, driver=True)
-                n += COUNTED_FEW + per_block
+                n += COUNTED_FEW + receipts
+            side_codes = codes if side == "B" else None
+            found: dict = {}
             if port:
-                await http_block(port, n, 0, receipts, members, codes if side == "B" else None, card, paying,
-                                 http_connections)
+                bodies = [bench_body(i, k, members, code, card, reg)
+                          for i, k, code, reg in drawn(n, 0, COUNTED_FEW + receipts, members, side_codes, paying)]
+                await asyncio.get_running_loop().run_in_executor(
+                    None, counted_http, app, asyncio.get_running_loop(), port, http_connections, waves,
+                    folder / "bench.db", bodies[:COUNTED_FEW], bodies[COUNTED_FEW:], found)
             else:
-                await block(deps, n, 0, receipts, members, codes if side == "B" else None, card, paying,
-                            driver=driver)
+                marks = Marks()
+                await block(deps, n, 0, COUNTED_FEW, members, side_codes, card, paying, driver=driver)
+                # Drawn before the window, as the bodies sent over HTTP are.
+                bodies = block_bodies(n + COUNTED_FEW, COUNTED_FEW, receipts, members, side_codes, card, paying,
+                                      driver)
+                gc.collect()
+                found["before"] = commits(app)
+                marks.zero()
+                await block(deps, n + COUNTED_FEW, COUNTED_FEW, receipts, members, side_codes, card, paying,
+                            driver=driver, bodies=bodies)
+                marks.dump()
+                found["after"] = commits(app)
+            (done, wrote), (done_before, wrote_before) = found["after"], found["before"]
+            print(f"counted: {receipts} receipts, {done - done_before} commits, {wrote - wrote_before} writes")
         else:
             # The measured rounds.
             mark = await app[DATABASE].read(lambda conn: conn.execute(
@@ -466,60 +662,79 @@ def codes_needed(per_block: int, rounds: int, counted: bool) -> int:
     """Codes to create: one for every third receipt of B's blocks, or of --callgrind's larger
     run and its warm-up (both of its runs create as many, so that the set-up cancels out)."""
     if counted:   # and as many for the warm-up of the load driver's receipts
-        return 2 * ((COUNTED_FEW + per_block) // 3 + 1)
+        return 3 * ((COUNTED_FEW + per_block) // 3 + 1)
     return rounds * (per_block // 3 + 1)
 
 
 def count_instructions(trees: list[Path], members: int, receipts: int, out: Path, jobs: int,
                        sides: tuple[str, ...] = SIDES, http_connections: int = 0, driver: bool = False,
-                       segments: tuple[str, ...] = tuple(SEGMENTS)) -> None:
-    """Instructions per receipt of each side in each tree: two runs of a side under callgrind,
-    COUNTED_FEW and COUNTED_FEW + `receipts` receipts after the same set-up, the difference
-    over `receipts`. The callgrind.out files stay in out/<tree>/<side>-<receipts>.out-<thread>
-    (-01: the event loop's). http_connections: the receipts go over HTTP (see --http); driver:
-    the load driver's receipts (always so over HTTP); segments: B's (see --segment)."""
-    runs = [(tree, side, few) for side in sides for tree in trees for few in (COUNTED_FEW, COUNTED_FEW + receipts)]
+                       segments: tuple[str, ...] = tuple(SEGMENTS), runs: int = 1, waves: bool = True) -> None:
+    """Instructions per receipt of each side in each tree, `runs` times: a process per side under
+    callgrind does the set-up, confirms COUNTED_FEW receipts of that side, then `receipts` more
+    inside a window whose instructions of the event loop's thread are counted (zeroed and
+    dumped there: Marks). The callgrind.out files stay in out/<tree>/.../<side>-<run>.out.1-01.
+    http_connections: the receipts go over HTTP (see --http), in waves of one commit each
+    unless waves is False; driver: the load driver's receipts (always so over HTTP); segments:
+    B's (see --segment)."""
+    marks = Marks.build(out)
+    order = [(run, tree, side) for run in range(1, runs + 1) for tree in trees for side in sides]
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        totals = dict(zip(runs, pool.map(
-            lambda run: callgrind_side(*run, members, receipts, out, http_connections, driver, segments), runs)))
-    print(f"the load driver's receipts over HTTP, {http_connections} connections" if http_connections
+        counts = dict(zip(order, pool.map(
+            lambda job: callgrind_side(job[1], job[2], job[0], members, receipts, out, marks, http_connections,
+                                       driver, segments, waves), order)))
+    print((f"the load driver's receipts over HTTP, {http_connections} connections, "
+           + ("waves of one commit" if waves else "sent freely")) if http_connections
           else ("the load driver's" if driver else "one-line") + " receipts confirmed in the process, one at a time")
-    print("B's segments:", ", ".join(segments))
+    print(f"B's segments: {', '.join(segments)}; {receipts} receipts counted per side and run")
+    pairs = [(x, y) for x, y in (("B", "A"), ("B", "P"), ("P", "A"), ("idle", "A")) if x in sides and y in sides]
     for tree in trees:
-        per = {side: (totals[tree, side, COUNTED_FEW + receipts] - totals[tree, side, COUNTED_FEW]) / receipts
-               for side in sides}
-        print(f"{tree}: instructions per receipt, " + ", ".join(f"{side} {per[side]:,.0f}" for side in sides))
-        for x, y in (("B", "A"), ("B", "P"), ("P", "A"), ("idle", "A")):
-            if x not in per or y not in per:
-                continue
-            print(f"  {x} vs {y}: {per[x] - per[y]:+,.0f} instructions/receipt, "
-                  f"{100 * (1 - per[y] / per[x]):.1f} % fewer receipts/s at full load")
+        print(f"{tree}: instructions per receipt (receipts per commit)")
+        shares: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
+        for run in range(1, runs + 1):
+            per = {side: counts[run, tree, side][0] / receipts for side in sides}
+            for x, y in pairs:
+                shares[x, y].append(100 * (1 - per[y] / per[x]))
+            print(f"  run {run}: " + ", ".join(
+                f"{side} {per[side]:,.0f} ({receipts / counts[run, tree, side][1]:.2f})" for side in sides)
+                  + "".join(f"; {x} - {y} {per[x] - per[y]:+,.0f}, {x} vs {y} {shares[x, y][-1]:.2f} %"
+                            for x, y in pairs))
+        for x, y in pairs:
+            values = shares[x, y]
+            spread = (f", mean {statistics.mean(values):.2f} ± {2 * statistics.stdev(values) / len(values) ** 0.5:.2f}"
+                      f" (2 standard errors)" if len(values) > 1 else "")
+            print(f"  {x} vs {y} (fewer receipts/s at full load): median {statistics.median(values):.2f} %, "
+                  f"min {min(values):.2f}, max {max(values):.2f}{spread}")
 
 
-def callgrind_side(tree: Path, side: str, count: int, members: int, per_block: int, out: Path,
+def callgrind_side(tree: Path, side: str, run: int, members: int, receipts: int, out: Path, marks: Path,
                    http_connections: int = 0, driver: bool = False,
-                   segments: tuple[str, ...] = tuple(SEGMENTS)) -> int:
+                   segments: tuple[str, ...] = tuple(SEGMENTS), waves: bool = True) -> tuple[int, int]:
     """The instructions of the event loop's thread (the one the CPU times count: it runs every
-    receipt's transaction) in a process that sets up as main() does, then confirms `count`
-    receipts of `side` (hash seed fixed, bytecode compiled beforehand). Threads are counted
+    receipt's transaction) over the counted window of a process that sets up as main() does
+    (hash seed fixed, bytecode compiled beforehand), and the commits in it. Threads are counted
     apart: the checkpoint thread's work follows the wall clock, which valgrind stretches."""
-    folder = out / tree.name / (f"http{http_connections}" if http_connections else "driver" if driver else "")
+    folder = out / tree.name / (f"http{http_connections}" + ("" if waves else "-free") if http_connections
+                                else "driver" if driver else "")
     one = ["--segment", segments[0]] if len(segments) == 1 else []
     folder = folder / segments[0] if one else folder
     folder.mkdir(parents=True, exist_ok=True)
-    name = folder / f"{side}-{count}.out"
+    name = folder / f"{side}-{run}.out"
+    for old in folder.glob(f"{name.name}*"):
+        old.unlink()
     argv = ["valgrind", "--tool=callgrind", "--cache-sim=no", "--branch-sim=no", "--separate-threads=yes",
             f"--callgrind-out-file={name}", sys.executable, str(Path(__file__).resolve()),
-            "--members", str(members), "--receipts", str(per_block), "--counted-side", side, "--counted", str(count),
-            "--http", str(http_connections), *(["--driver-receipts"] if driver else []), *one]
+            "--members", str(members), "--receipts", str(receipts), "--counted-side", side,
+            "--counted", str(receipts), "--http", str(http_connections),
+            *(["--driver-receipts"] if driver else []), *([] if waves else ["--free"]), *one]
     done = subprocess.run(argv, cwd=tree, capture_output=True, text=True, timeout=3600,
                           env={**os.environ, "PYTHONPATH": str(tree), "CVM_COST_TREE": str(tree),
-                               "PYTHONHASHSEED": "0"})
-    main_thread = Path(f"{name}-01")
-    found = re.findall(r"^summary: (\d+)$", main_thread.read_text(), re.M) if main_thread.exists() else []
-    if done.returncode != 0 or len(found) != 1:
-        raise SystemExit(f"{tree} {side} {count} under valgrind failed:\n{done.stderr[-3000:]}")
-    return int(found[0])
+                               "PYTHONHASHSEED": "0", "CVM_COST_MARKS": str(marks)})
+    window = Path(f"{name}.1-01")
+    found = re.findall(r"^summary: (\d+)$", window.read_text(), re.M) if window.exists() else []
+    committed = re.findall(r"^counted: \d+ receipts, (\d+) commits", done.stdout, re.M)
+    if done.returncode != 0 or len(found) != 1 or len(committed) != 1:
+        raise SystemExit(f"{tree} {side} run {run} under valgrind failed:\n{done.stdout[-1000:]}{done.stderr[-3000:]}")
+    return int(found[0]), int(committed[0])
 
 
 async def alternate(deps, holder, programs: dict, n: int, rounds: int, per_block: int, members: int,
@@ -620,6 +835,11 @@ if __name__ == "__main__":
                         help="measure the load driver's receipts (benchmarks/receipts.py) instead of one-line ones")
     parser.add_argument("--http", type=int, default=0, metavar="CONNECTIONS",
                         help="with --callgrind: send the load driver's receipts over HTTP on this many connections")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="with --callgrind: count every side this many times (median, min, max, mean ± 2 SE)")
+    parser.add_argument("--free", action="store_true",
+                        help="with --http: each connection sends its share one after another (commits as they fall), "
+                             "not in waves of one commit each")
     parser.add_argument("--segment", choices=tuple(SEGMENTS),
                         help="B defines this one of its two segments (and its rule) only; P's plain rules follow")
     parser.add_argument("--counted-side", choices=SIDES, help=argparse.SUPPRESS)
@@ -632,14 +852,14 @@ if __name__ == "__main__":
             subprocess.run([sys.executable, "-m", "compileall", "-q", "-x", r"/\.venv/", str(tree)], check=True,
                            capture_output=True)
         count_instructions(trees, args.members, args.receipts, args.out, args.jobs, tuple(args.sides.split(",")),
-                           args.http, args.driver_receipts, segments)
+                           args.http, args.driver_receipts, segments, args.runs, not args.free)
     elif args.http and not args.counted_side:
         parser.error("--http counts instructions: use it with --callgrind")
     else:
         counted = (args.counted_side, args.counted) if args.counted_side else None
         run = main(args.members, args.receipts, args.rounds, args.profile, args.statements, args.phases,
                    counted=counted, http_connections=args.http, driver=args.driver_receipts or bool(args.http),
-                   segments=segments)
+                   segments=segments, waves=not args.free)
         if args.http:
             import uvloop
             uvloop.run(run)     # the loop `loyalty serve` runs on
