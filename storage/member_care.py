@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from storage import coupons, events, ledger, member_facts, offers
+from storage import coupons, events, ledger, member_facts, offers, segments
 from storage.accounts import member_account
 from storage.schema import LEGACY_FINGERPRINT, legacy_fingerprint
 from storage.sql import WriteConflict, arrival, byte_order, integrity_errors, is_postgresql
@@ -342,8 +342,8 @@ def erase(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen 
     customer): card and phone hashes with their last digits, birthday, tags, the CRM's id
     and consent; the card hash in their stored receipt bodies becomes null, their events
     keep what happened but no longer who (storage.events.forget_member), and birthday and
-    tags leave their receipts' member facts. The member ids, receipts' amounts and the
-    ledger stay (postings name the member id only). seen: their events as a reader found
+    tags leave their receipts' member facts; they leave every list segment. The member ids,
+    receipts' amounts and the ledger stay (postings name the member id only). seen: their events as a reader found
     them before (storage.events.seen). nobodys_card: the hash (under the key in force) of a
     card no one has, which the coupon codes bound to their cards are bound to instead, so they
     stay nobody else's, even if a card is enrolled afresh; card_forms: a stored card hash ->
@@ -358,6 +358,7 @@ def erase(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen 
     for one in ids:
         for name, count in _erase_one(conn, one, now, seen, nobodys_card, card_forms).items():
             done[name] += count
+    segments.leave_every_list(conn, ids, now)
     return done
 
 

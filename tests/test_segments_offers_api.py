@@ -288,3 +288,22 @@ async def test_an_offer_or_a_list_segment_for_a_card_merged_after_its_look_up_is
         "SELECT (SELECT COUNT(*) FROM offer_members WHERE member_id = 2), "
         "(SELECT COUNT(*) FROM segment_members WHERE member_id = 2)").fetchone())
     assert tuple(left) == (0, 0)
+
+
+async def erased(a: Api, member_id: str) -> None:
+    status, body = await a.post(f"/v1/admin/members/{member_id}/erase", {"reason": "customer asked"})
+    assert status == 200, body
+
+
+async def test_an_erased_member_leaves_its_list_segments_and_gets_no_offer_to_them(api):
+    a = await api()
+    assert (await a.put("/v1/admin/segments/staff/members", {"cards": ["c1", "c3"]}))[1]["members"] == 2
+    merge = {"merge_id": "MG-1", "from_member_id": "m_2", "into_member_id": "m_3", "reason": "one person"}
+    assert (await a.post("/v1/admin/members/merge", merge))[0] == 201
+    await erased(a, "m_3")
+    # The segment counts only the member a card still reaches; m_3 left it when erased.
+    assert (await a.put("/v1/admin/segments/staff/members", {"cards": ["c1"]}))[1]["members"] == 1
+    body = {"offer_id": "o-staff", "rule": "comeback", "segment": "staff", "from": "2026-12-01", "to": "2026-12-02"}
+    assert (await a.post("/v1/admin/offers", body))[1]["members"] == 1
+    assert [e["member_id"] for e in await offer_events(a)] == ["m_1"]
+
