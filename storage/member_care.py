@@ -232,6 +232,14 @@ def points_holders(conn: sqlite3.Connection, member_ids: list[int]) -> list[int]
     return sorted({merged.get(m, m) for m in member_ids})
 
 
+def reachable_holders(conn: sqlite3.Connection, member_ids: list[int]) -> list[int]:
+    """points_holders less the erased members: those a card still reaches, as an offer to a
+    segment goes to them. A computed segment keeps an erased member until the daily job's
+    next run, and a member merged away may lead to one erased with it since."""
+    erased = {mid for (mid,) in conn.execute("SELECT id FROM members WHERE erased_at IS NOT NULL")}
+    return [m for m in points_holders(conn, member_ids) if m not in erased]
+
+
 def lock_points_holder(conn: sqlite3.Connection, member_id: int) -> int:
     """points_holder, read under the holder's lock (PostgreSQL), for a write that changes
     the holder's points or offers. A merge of the holder that commits between the look-up

@@ -307,3 +307,27 @@ async def test_an_erased_member_leaves_its_list_segments_and_gets_no_offer_to_th
     assert (await a.post("/v1/admin/offers", body))[1]["members"] == 1
     assert [e["member_id"] for e in await offer_events(a)] == ["m_1"]
 
+
+async def test_an_offer_to_a_computed_segment_skips_members_erased_since_its_last_run(api):
+    """The daily job takes an erased member out of the rfm and when segments at its next
+    run; an offer assigned before that reaches only members a card reaches, and the member
+    merged into the erased one (erased with it) is not given it in its place either."""
+    from server.keys import CLOCK, DATABASE
+    from storage import segments
+    a = await api()
+    db, now = a.app[DATABASE], a.app[CLOCK].now()
+
+    def ran(conn):
+        run_id = segments.start_run(conn, now.date(), 180, now)
+        segments.write_changes(conn, run_id, now, segments.Changes([("champions", m) for m in (1, 2, 3)], []))
+        segments.finish_run(conn, run_id, 3, now)
+    await db.write(ran)
+    merge = {"merge_id": "MG-1", "from_member_id": "m_2", "into_member_id": "m_3", "reason": "one person"}
+    assert (await a.post("/v1/admin/members/merge", merge))[0] == 201
+    await erased(a, "m_3")
+    body = {"offer_id": "o-champ", "rule": "comeback", "segment": "champions", "from": "2026-12-01",
+            "to": "2026-12-02"}
+    assert (await a.post("/v1/admin/offers", body))[1]["members"] == 1
+    assert [e["member_id"] for e in await offer_events(a)] == ["m_1"]
+    got = await db.read(lambda conn: [offers.offers_for(conn, m, date(2026, 12, 1)) for m in (1, 2, 3)])
+    assert got == [{"comeback": None}, {}, {}]
