@@ -331,3 +331,28 @@ async def test_an_offer_to_a_computed_segment_skips_members_erased_since_its_las
     assert [e["member_id"] for e in await offer_events(a)] == ["m_1"]
     got = await db.read(lambda conn: [offers.offers_for(conn, m, date(2026, 12, 1)) for m in (1, 2, 3)])
     assert got == [{"comeback": None}, {}, {}]
+
+
+async def test_an_erased_members_offers_end_on_the_day_of_its_erasure(api):
+    """Those the member merged into it brought too; offers over by then stay as they were,
+    and other members keep theirs."""
+    from server.keys import DATABASE
+    a = await api()
+    for offer_id, first, last in (("o-past", "2026-11-01", "2026-11-10"), ("o-now", "2026-11-20", "2026-12-31"),
+                                  ("o-later", "2026-12-01", "2026-12-31")):
+        body = {"offer_id": offer_id, "rule": "comeback", "cards": ["c1", "c2"], "from": first, "to": last}
+        assert (await a.post("/v1/admin/offers", body))[0] == 201
+    merge = {"merge_id": "MG-1", "from_member_id": "m_2", "into_member_id": "m_3", "reason": "one person"}
+    assert (await a.post("/v1/admin/members/merge", merge))[0] == 201
+    await erased(a, "m_3")
+
+    def held(conn):
+        return {m: [tuple(r) for r in conn.execute(
+            "SELECT offer_id, from_date, to_date FROM offer_members WHERE member_id = ? ORDER BY offer_id", (m,))]
+            for m in (1, 3)}
+    assert await a.app[DATABASE].read(held) == {
+        1: [("o-later", "2026-12-01", "2026-12-31"), ("o-now", "2026-11-20", "2026-12-31"),
+            ("o-past", "2026-11-01", "2026-11-10")],
+        3: [("o-now", "2026-11-20", "2026-11-24"), ("o-past", "2026-11-01", "2026-11-10")]}
+    got = await a.app[DATABASE].read(lambda conn: [offers.offers_for(conn, m, date(2026, 12, 5)) for m in (1, 3)])
+    assert got == [{"comeback": None}, {}]
