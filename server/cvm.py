@@ -25,7 +25,7 @@ from server.validation import Problems
 from rules.problems import suggest
 from storage import coupons, ledger, offers, segments
 from storage.ledger import member_id_of_card
-from storage.member_care import RetiredCard, points_holders, retired_card
+from storage.member_care import RetiredCard, reachable_holders, retired_card
 from storage.schema import legacy_fingerprint
 from storage.sql import WriteConflict
 
@@ -269,8 +269,9 @@ async def assign_offer(app, call):
 
     def write(conn):
         # A member merged away since the segment was decided is no one's card: the offer is
-        # its customer's, on the member that took it over, as a merge moves offers.
-        members = points_holders(conn, segments.members_of(conn, d)) if d else \
+        # its customer's, on the member that took it over, as a merge moves offers. One
+        # erased since has no card at all: it gets nothing.
+        members = reachable_holders(conn, segments.members_of(conn, d)) if d else \
             locked_members_of_cards(conn, privacy, body.cards)
         return offers.assign(conn, body.offer_id, body.rule, digest, body.from_, body.to, body.points, members, now)
     try:

@@ -15,10 +15,10 @@ import msgspec
 
 from server import answer_types as A, schema
 from server.errors import ApiError, conflict, field_error, not_found, unprocessable
-from server.keys import CLOCK, DATABASE, OPS, PRIVACY
+from server.keys import CLOCK, DATABASE, OPS, PRIVACY, PROGRAMS
 from server.ops import members as member_ops
 from server.privacy import candidates
-from storage import coupons, events, ledger, member_care, segments
+from storage import coupons, events, ledger, member_care, offers, segments
 from storage.ledger import PostingRef, iso
 from storage.member_care import CareRefused
 
@@ -252,7 +252,8 @@ async def merge(app, body: schema.MemberMerge, principal) -> tuple[int, A.MergeA
 async def erase(app, public_id: str, body: schema.Erasure) -> A.ErasureAnswer:
     """Erasing twice answers the first erasure's moment, with nothing left to remove."""
     member_id = member_number(public_id)
-    now = iso(app[CLOCK].now())
+    moment = app[CLOCK].now()
+    now, today = iso(moment), moment.astimezone(app[PROGRAMS].current.timezone).date()
     # The member's events found on a reader first: the write then scans only newer ones.
     seen = await app[DATABASE].read(lambda conn: events.seen(conn, member_care.with_merged(conn, member_id)))
     nobodys_card = app[PRIVACY].card(secrets.token_hex(16))
@@ -271,6 +272,7 @@ async def erase(app, public_id: str, body: schema.Erasure) -> A.ErasureAnswer:
                                      lambda card: app[PRIVACY].forms("card", card))
         except CareRefused as e:
             raise refusal(e) from None
+        offers.end_held_by(conn, [member_number(m) for m in done["members_erased"]], today)
         for erased in done["members_erased"]:     # after the erasure: nothing personal left to name
             events.emit(conn, "member.erased", member_number(erased), {"members_erased": done["members_erased"]},
                         now)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from storage import coupons, events, ledger, member_facts, offers
+from storage import coupons, events, ledger, member_facts, offers, segments
 from storage.accounts import member_account
 from storage.schema import LEGACY_FINGERPRINT, legacy_fingerprint
 from storage.sql import WriteConflict, arrival, byte_order, integrity_errors, is_postgresql
@@ -232,6 +232,14 @@ def points_holders(conn: sqlite3.Connection, member_ids: list[int]) -> list[int]
     return sorted({merged.get(m, m) for m in member_ids})
 
 
+def reachable_holders(conn: sqlite3.Connection, member_ids: list[int]) -> list[int]:
+    """points_holders less the erased members: those a card still reaches, as an offer to a
+    segment goes to them. A computed segment keeps an erased member until the daily job's
+    next run, and a member merged away may lead to one erased with it since."""
+    erased = {mid for (mid,) in conn.execute("SELECT id FROM members WHERE erased_at IS NOT NULL")}
+    return [m for m in points_holders(conn, member_ids) if m not in erased]
+
+
 def lock_points_holder(conn: sqlite3.Connection, member_id: int) -> int:
     """points_holder, read under the holder's lock (PostgreSQL), for a write that changes
     the holder's points or offers. A merge of the holder that commits between the look-up
@@ -342,8 +350,8 @@ def erase(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen 
     customer): card and phone hashes with their last digits, birthday, tags, the CRM's id
     and consent; the card hash in their stored receipt bodies becomes null, their events
     keep what happened but no longer who (storage.events.forget_member), and birthday and
-    tags leave their receipts' member facts. The member ids, receipts' amounts and the
-    ledger stay (postings name the member id only). seen: their events as a reader found
+    tags leave their receipts' member facts; they leave every list segment. The member ids,
+    receipts' amounts and the ledger stay (postings name the member id only). seen: their events as a reader found
     them before (storage.events.seen). nobodys_card: the hash (under the key in force) of a
     card no one has, which the coupon codes bound to their cards are bound to instead, so they
     stay nobody else's, even if a card is enrolled afresh; card_forms: a stored card hash ->
@@ -358,6 +366,7 @@ def erase(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen 
     for one in ids:
         for name, count in _erase_one(conn, one, now, seen, nobodys_card, card_forms).items():
             done[name] += count
+    segments.leave_every_list(conn, ids, now)
     return done
 
 

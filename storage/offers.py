@@ -159,6 +159,17 @@ def listed(conn: sqlite3.Connection, member_id: int, local_date: date) -> list[d
             for rule, first, last, points, used in rows]
 
 
+def end_held_by(conn: sqlite3.Connection, member_ids: list[int], day: date) -> None:
+    """An erasure: the members' offers end that (local) day, those not begun yet go. No card
+    reaches the members any more, so an offer left open would count as a live offer of the
+    campaign on a customer it can never serve. The offers over by then, and what each gave
+    up to that day, stay as the record of what was given."""
+    marks, last = ", ".join("?" * len(member_ids)), day.isoformat()
+    conn.execute(f"DELETE FROM offer_members WHERE member_id IN ({marks}) AND from_date > ?", [*member_ids, last])
+    conn.execute(f"UPDATE offer_members SET to_date = ? WHERE member_id IN ({marks}) AND to_date > ?",
+                 [last, *member_ids, last])
+
+
 def members_offered(conn: sqlite3.Connection, rule_id: str, local_date: date) -> set[int]:
     """The members holding an offer of the rule whose dates include that local date."""
     day = local_date.isoformat()

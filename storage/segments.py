@@ -547,7 +547,7 @@ def add_members(conn: sqlite3.Connection, segment_id: str, member_ids: list[int]
 
 
 def remove_members(conn: sqlite3.Connection, segment_id: str, member_ids: list[int], now: datetime) -> int:
-    _leave(conn, [(segment_id, mid) for mid in member_ids], now)
+    _leave(conn, [(segment_id, mid) for mid in member_ids], iso(now))
     return size(conn, segment_id)
 
 
@@ -559,8 +559,17 @@ def take_over_lists(conn: sqlite3.Connection, source: int, target: int, now: dat
     listed = [sid for (sid,) in conn.execute(
         "SELECT segment_id FROM segment_members WHERE member_id = ? ORDER BY segment_id", (source,))]
     _join(conn, [(sid, target) for sid in listed], now)
-    _leave(conn, [(sid, source) for sid in listed], now)
+    _leave(conn, [(sid, source) for sid in listed], iso(now))
     return listed
+
+
+def leave_every_list(conn: sqlite3.Connection, member_ids: list[int], at: str) -> None:
+    """An erasure: the members leave every list segment they are on. No card reaches them
+    any more, so a segment that kept them would count a customer who cannot be served and
+    give its offers to a member who cannot use them. at: the erasure's moment (iso)."""
+    marks = ", ".join("?" * len(member_ids))
+    _leave(conn, conn.execute(f"SELECT segment_id, member_id FROM segment_members WHERE member_id IN ({marks}) "
+                              "ORDER BY segment_id, member_id", member_ids).fetchall(), at)
 
 
 def _join(conn: sqlite3.Connection, pairs: list[tuple[str, int]], now: datetime) -> None:
@@ -575,10 +584,11 @@ def _join(conn: sqlite3.Connection, pairs: list[tuple[str, int]], now: datetime)
         new_generation(conn)
 
 
-def _leave(conn: sqlite3.Connection, pairs: list[tuple[str, int]], now: datetime) -> None:
+def _leave(conn: sqlite3.Connection, pairs: list[tuple[str, int]], at: str) -> None:
+    pairs = [tuple(pair) for pair in pairs]
     conn.executemany("DELETE FROM segment_members WHERE segment_id = ? AND member_id = ?", pairs)
     conn.executemany("UPDATE segment_spans SET valid_to = ? WHERE segment_id = ? AND member_id = ? "
-                     "AND from_run IS NULL AND valid_to IS NULL", [(iso(now), *pair) for pair in pairs])
+                     "AND from_run IS NULL AND valid_to IS NULL", [(at, *pair) for pair in pairs])
     if pairs:
         new_generation(conn)
 

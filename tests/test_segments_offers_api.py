@@ -288,3 +288,71 @@ async def test_an_offer_or_a_list_segment_for_a_card_merged_after_its_look_up_is
         "SELECT (SELECT COUNT(*) FROM offer_members WHERE member_id = 2), "
         "(SELECT COUNT(*) FROM segment_members WHERE member_id = 2)").fetchone())
     assert tuple(left) == (0, 0)
+
+
+async def erased(a: Api, member_id: str) -> None:
+    status, body = await a.post(f"/v1/admin/members/{member_id}/erase", {"reason": "customer asked"})
+    assert status == 200, body
+
+
+async def test_an_erased_member_leaves_its_list_segments_and_gets_no_offer_to_them(api):
+    a = await api()
+    assert (await a.put("/v1/admin/segments/staff/members", {"cards": ["c1", "c3"]}))[1]["members"] == 2
+    merge = {"merge_id": "MG-1", "from_member_id": "m_2", "into_member_id": "m_3", "reason": "one person"}
+    assert (await a.post("/v1/admin/members/merge", merge))[0] == 201
+    await erased(a, "m_3")
+    # The segment counts only the member a card still reaches; m_3 left it when erased.
+    assert (await a.put("/v1/admin/segments/staff/members", {"cards": ["c1"]}))[1]["members"] == 1
+    body = {"offer_id": "o-staff", "rule": "comeback", "segment": "staff", "from": "2026-12-01", "to": "2026-12-02"}
+    assert (await a.post("/v1/admin/offers", body))[1]["members"] == 1
+    assert [e["member_id"] for e in await offer_events(a)] == ["m_1"]
+
+
+async def test_an_offer_to_a_computed_segment_skips_members_erased_since_its_last_run(api):
+    """The daily job takes an erased member out of the rfm and when segments at its next
+    run; an offer assigned before that reaches only members a card reaches, and the member
+    merged into the erased one (erased with it) is not given it in its place either."""
+    from server.keys import CLOCK, DATABASE
+    from storage import segments
+    a = await api()
+    db, now = a.app[DATABASE], a.app[CLOCK].now()
+
+    def ran(conn):
+        run_id = segments.start_run(conn, now.date(), 180, now)
+        segments.write_changes(conn, run_id, now, segments.Changes([("champions", m) for m in (1, 2, 3)], []))
+        segments.finish_run(conn, run_id, 3, now)
+    await db.write(ran)
+    merge = {"merge_id": "MG-1", "from_member_id": "m_2", "into_member_id": "m_3", "reason": "one person"}
+    assert (await a.post("/v1/admin/members/merge", merge))[0] == 201
+    await erased(a, "m_3")
+    body = {"offer_id": "o-champ", "rule": "comeback", "segment": "champions", "from": "2026-12-01",
+            "to": "2026-12-02"}
+    assert (await a.post("/v1/admin/offers", body))[1]["members"] == 1
+    assert [e["member_id"] for e in await offer_events(a)] == ["m_1"]
+    got = await db.read(lambda conn: [offers.offers_for(conn, m, date(2026, 12, 1)) for m in (1, 2, 3)])
+    assert got == [{"comeback": None}, {}, {}]
+
+
+async def test_an_erased_members_offers_end_on_the_day_of_its_erasure(api):
+    """Those the member merged into it brought too; offers over by then stay as they were,
+    and other members keep theirs."""
+    from server.keys import DATABASE
+    a = await api()
+    for offer_id, first, last in (("o-past", "2026-11-01", "2026-11-10"), ("o-now", "2026-11-20", "2026-12-31"),
+                                  ("o-later", "2026-12-01", "2026-12-31")):
+        body = {"offer_id": offer_id, "rule": "comeback", "cards": ["c1", "c2"], "from": first, "to": last}
+        assert (await a.post("/v1/admin/offers", body))[0] == 201
+    merge = {"merge_id": "MG-1", "from_member_id": "m_2", "into_member_id": "m_3", "reason": "one person"}
+    assert (await a.post("/v1/admin/members/merge", merge))[0] == 201
+    await erased(a, "m_3")
+
+    def held(conn):
+        return {m: [tuple(r) for r in conn.execute(
+            "SELECT offer_id, from_date, to_date FROM offer_members WHERE member_id = ? ORDER BY offer_id", (m,))]
+            for m in (1, 3)}
+    assert await a.app[DATABASE].read(held) == {
+        1: [("o-later", "2026-12-01", "2026-12-31"), ("o-now", "2026-11-20", "2026-12-31"),
+            ("o-past", "2026-11-01", "2026-11-10")],
+        3: [("o-now", "2026-11-20", "2026-11-24"), ("o-past", "2026-11-01", "2026-11-10")]}
+    got = await a.app[DATABASE].read(lambda conn: [offers.offers_for(conn, m, date(2026, 12, 5)) for m in (1, 3)])
+    assert got == [{"comeback": None}, {}]
