@@ -59,7 +59,9 @@ class Cluster:
 
     def _run(self, *args: str, as_owner: bool = True) -> None:
         cmd = (self._as_pg if as_owner else []) + list(args)
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+        # pg_ctl waits COMMAND_TIMEOUT_S itself (-t): a little longer here, so that its own
+        # message says what did not happen in time.
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S + 30)
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
 
@@ -84,7 +86,10 @@ class Cluster:
     def stop_server(self, mode: str = "fast") -> None:
         """Stops PostgreSQL as a restart or failover would: fast rolls open transactions back
         and shuts down cleanly; immediate quits at once, as a crash, and recovers at start."""
-        self._run(str(self.bins / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+        # pg_ctl's own wait is 60 s by default; a fast stop's shutdown checkpoint on a disk
+        # other suites keep busy has taken longer than that.
+        self._run(str(self.bins / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", str(COMMAND_TIMEOUT_S),
+                  "stop")
 
     def createdb(self) -> str:
         name = f"test{next(self._names)}"
