@@ -999,3 +999,10 @@ def m039_stranded_customer_value(db):
 
     from storage import stranded        # here: it imports storage.member_care, which imports this module
     stranded.repair(db.conn, datetime.now(timezone.utc))
+
+
+@migrations()
+def m040_erased_members(db):
+    """members_erased: an offer to a segment passes over the erased members
+    (storage/member_care.py reachable_holders), which were read by a scan of every member."""
+    _run(db, "CREATE INDEX members_erased ON members(id) WHERE erased_at IS NOT NULL")
