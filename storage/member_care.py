@@ -12,6 +12,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
 import msgspec
 
@@ -368,6 +369,39 @@ def erase(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen 
             done[name] += count
     segments.leave_every_list(conn, ids, now)
     return done
+
+
+_ERASED_LISTED = ("SELECT DISTINCT s.member_id, m.erased_at FROM segment_members s JOIN members m ON m.id = s.member_id "
+                  "WHERE m.erased_at IS NOT NULL ORDER BY s.member_id")
+_ERASED_OFFERED = ("SELECT DISTINCT o.member_id, m.erased_at FROM offer_members o JOIN members m ON m.id = o.member_id "
+                   "WHERE m.erased_at IS NOT NULL AND o.to_date > substr(m.erased_at, 1, 10) ORDER BY o.member_id")
+_OPEN_LIST_SPANS_FROM = ("SELECT MAX(valid_from) FROM segment_spans "
+                         "WHERE member_id = ? AND from_run IS NULL AND valid_to IS NULL")
+
+
+def finish_older_erasures(conn: sqlite3.Connection) -> None:
+    """Members erased by versions that left them on their list segments and kept their
+    personal offers open leave the lists and have their offers end, through the functions an
+    erasure uses today, in the caller's transaction, as of the erasure's moment (erased_at):
+    no card has reached the member since, so the lists counted, and the campaigns kept
+    offering to, a customer gone from then on. A member with nothing left matches nothing,
+    so a second run changes nothing.
+
+    A list span an older version opened after the erasure ends when it began, not before.
+    Offers end on the latest date anywhere on earth (UTC+14) at the erasure: an offer's dates
+    are the program's local days, and no migration knows the program's timezone; ending
+    on the erasure's UTC date could end an offer before a receipt of the same local day
+    took from it. An erasure today ends them on its local day, never later than that."""
+    listed = dict(conn.execute(_ERASED_LISTED).fetchall())
+    offered = dict(conn.execute(_ERASED_OFFERED).fetchall())
+    for member in sorted(listed.keys() | offered.keys()):      # in id order, as merges lock them
+        ledger.lock_members(conn, [member])
+        if member in listed:
+            began = conn.execute(_OPEN_LIST_SPANS_FROM, (member,)).fetchone()[0]
+            segments.leave_every_list(conn, [member], max(listed[member], began or ""))
+        if member in offered:
+            erased = datetime.fromisoformat(offered[member]).astimezone(timezone.utc)
+            offers.end_held_by(conn, [member], (erased + timedelta(hours=14)).date())
 
 
 def _erase_one(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen | None,

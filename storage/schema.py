@@ -999,3 +999,15 @@ def m039_stranded_customer_value(db):
 
     from storage import stranded        # here: it imports storage.member_care, which imports this module
     stranded.repair(db.conn, datetime.now(timezone.utc))
+
+
+@migrations()
+def m040_erased_members(db):
+    """members_erased: an offer to a segment passes over the erased members
+    (storage/member_care.py reachable_holders), which were read by a scan of every member.
+    Members erased by versions that left them on their list segments and kept their
+    personal offers open leave the lists and have their offers end, as an erasure today
+    does them (member_care.finish_older_erasures: the live code's own rules, as m039)."""
+    from storage import member_care     # here: it imports this module
+    _run(db, "CREATE INDEX members_erased ON members(id) WHERE erased_at IS NOT NULL")
+    member_care.finish_older_erasures(db.conn)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import NamedTuple
 
-from storage import stranded
+from storage import member_care, stranded
 from storage.health import MigrationsBusy
 from storage.pg.connection import Connection
 
@@ -696,6 +696,20 @@ def p015_stranded_customer_value(conn: Connection) -> None:
     stranded.repair(conn, datetime.now(timezone.utc))
 
 
+# SQLite's m040, its index: the erased members, which an offer to a segment passes over.
+P016_MEMBERS_ERASED = Concurrently((
+    ("members_erased", "CREATE INDEX CONCURRENTLY members_erased ON members(id) WHERE erased_at IS NOT NULL"),
+))
+
+
+def p017_older_erasures(conn: Connection) -> None:
+    """SQLite's m040, its rows: members erased by versions that left them on their list
+    segments and kept their personal offers open leave the lists and have their offers end
+    (storage/member_care.py finish_older_erasures). A previous version still serving during a
+    rolling upgrade erases as it always did until it stops."""
+    member_care.finish_older_erasures(conn)
+
+
 MIGRATIONS: list[Migration] = [
     Migration("p001_receipt_path", P001_RECEIPT_PATH),
     Migration("p002_chain_anchors", P002_CHAIN_ANCHORS),
@@ -712,6 +726,8 @@ MIGRATIONS: list[Migration] = [
     Migration("p013_member_facts_in_receipts", P013_MEMBER_FACTS_IN_RECEIPTS),
     Migration("p014_takes_in_receipts", P014_TAKES_IN_RECEIPTS),
     Migration("p015_stranded_customer_value", p015_stranded_customer_value),
+    Migration("p016_members_erased", P016_MEMBERS_ERASED),
+    Migration("p017_older_erasures", p017_older_erasures),
 ]
 
 # Each SQLite migration (storage/schema.py) and the PostgreSQL migrations that give its
@@ -755,6 +771,7 @@ SQLITE_TWINS: dict[str, tuple[str, ...]] = {
     "m038_takes_in_receipts": ("p014_takes_in_receipts",),
     # Rows only: no table, column or index changes.
     "m039_stranded_customer_value": ("p015_stranded_customer_value",),
+    "m040_erased_members": ("p016_members_erased", "p017_older_erasures"),
 }
 
 
