@@ -15,7 +15,7 @@ import msgspec
 
 from server import answer_types as A, schema
 from server.errors import ApiError, conflict, field_error, not_found, unprocessable
-from server.keys import CLOCK, DATABASE, OPS, PRIVACY, PROGRAMS
+from server.keys import CLOCK, DATABASE, EVENTS_SETTLED, OPS, PRIVACY, PROGRAMS
 from server.ops import members as member_ops
 from server.privacy import candidates
 from storage import coupons, events, ledger, member_care, offers, segments
@@ -255,7 +255,12 @@ async def erase(app, public_id: str, body: schema.Erasure) -> A.ErasureAnswer:
     moment = app[CLOCK].now()
     now, today = iso(moment), moment.astimezone(app[PROGRAMS].current.timezone).date()
     # The member's events found on a reader first: the write then scans only newer ones.
-    seen = await app[DATABASE].read(lambda conn: events.seen(conn, member_care.with_merged(conn, member_id)))
+    # PostgreSQL's writers commit event ids out of their order: "newer" is above the settled
+    # id, read in a snapshot taken after it, or an event of the member still uncommitted
+    # below the newest id would be neither found nor scanned.
+    db = app[DATABASE]
+    upto = await db.read(app[EVENTS_SETTLED].settle) if db.backend == "postgresql" else None
+    seen = await db.read(lambda conn: events.seen(conn, member_care.with_merged(conn, member_id), upto))
     nobodys_card = app[PRIVACY].card(secrets.token_hex(16))
 
     def write(conn):

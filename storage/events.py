@@ -120,12 +120,16 @@ class Seen(NamedTuple):
     """The events of some members as a reader saw them before their erasure: events has no
     index on member_id (every receipt writes one), so finding them is a scan, done here
     rather than while the erasure holds the writer."""
-    newest: int                         # the newest event id then
+    newest: int                         # no event at or below it can still commit
     ids: dict[int, list[int]]           # member id: their event ids up to `newest`
 
 
-def seen(conn: sqlite3.Connection, member_ids: list[int]) -> Seen:
-    newest = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+def seen(conn: sqlite3.Connection, member_ids: list[int], settled: int | None = None) -> Seen:
+    """settled: on PostgreSQL the settled id (Settled.settle), which this snapshot must be
+    taken after; the newest id is not enough there, an event below it may commit later.
+    SQLite's one writer commits in id order: the newest id it sees."""
+    newest = settled if settled is not None else conn.execute(
+        "SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
     found: dict[int, list[int]] = {m: [] for m in member_ids}
     for event_id, member_id in conn.execute(
             f"SELECT id, member_id FROM events WHERE id <= ? AND member_id IN ({','.join('?' * len(member_ids))})",

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from datetime import datetime
 
 import msgspec
 import pytest
 
-from conftest import PROGRAMS, Api, line, receipt, test_config
+from conftest import POSTGRESQL, PROGRAMS, Api, line, receipt, test_config
 from server.app import create_app
 from server.config import WebhookConfig
 from server.jobs import run_all
 from server.keys import DATABASE, OPS
 from storage import events as storage_events
+from storage import ledger
 from test_webhooks import FAST, Receiver, check_signed, eventually, hook
 
 NOW = "2026-11-24T12:00:05+02:00"
@@ -192,3 +194,41 @@ async def test_an_event_written_after_the_erasures_read_is_forgotten_too(make_ap
     assert [(e["member_id"], e["type"], e["card_last4"], e["crm_id"]) for e in events] == [
         ("m_1", "member.enrolled", None, None), ("m_2", "member.enrolled", "0002", None),
         ("m_1", "member.updated", None, None), ("m_1", "receipt.confirmed", None, None)]
+
+
+@pytest.mark.skipif(not POSTGRESQL, reason="SQLite's one writer commits events in the order of their ids")
+async def test_an_event_of_the_member_committing_below_a_newer_id_while_the_erasure_reads_is_forgotten_too(
+        make_api, monkeypatch):
+    """PostgreSQL's writers take event ids in one order and commit in another: an event of
+    the member whose transaction was still open when the erasure's reader looked, below an
+    id another write had committed, was neither among the events the reader found nor above
+    the newest id it saw, and kept naming the member erased."""
+    api = await make_api(now=NOW, jobs={"enabled": False})
+    assert (await api.post("/v1/members", {"card": CARD_A}))[0] == 201
+    assert (await api.call("PATCH", f"/v1/members/{CARD_A}", {"crm_id": "CRM-A"}))[0] == 200
+    db = api.client.server.app[DATABASE]
+    written, commit = threading.Event(), threading.Event()
+
+    def slow_to_commit(conn):      # a write of the member, under its lock, as every such write is
+        ledger.lock_member(conn, 1)
+        storage_events.emit(conn, "member.updated", 1, {"changed": ["crm_id"]}, NOW)
+        written.set()
+        commit.wait(10)
+    slow = asyncio.ensure_future(db.write(slow_to_commit))
+    assert await asyncio.to_thread(written.wait, 10)
+    assert (await api.post("/v1/members", {"card": CARD_B}))[0] == 201      # a newer event id, committed first
+    seen = storage_events.seen
+
+    def then_commit(conn, member_ids, *args):
+        try:
+            return seen(conn, member_ids, *args)
+        finally:
+            commit.set()        # before the erasure takes the member's lock, which it then waits for
+    monkeypatch.setattr(storage_events, "seen", then_commit)
+    status, body = await api.post("/v1/admin/members/m_1/erase", {"reason": "asked"})
+    assert status == 200, body
+    await slow
+    named = await db.read(lambda conn: [tuple(r) for r in conn.execute(
+        "SELECT type, card_last4, crm_id FROM events WHERE member_id = 1 ORDER BY id")])
+    assert named == [("member.enrolled", None, None), ("member.updated", None, None),
+                     ("member.updated", None, None), ("member.erased", None, None)], named
