@@ -130,6 +130,11 @@ def test_config(tmp_path: Path, now: str | None = None, program_dir: Path = MARK
         "database": database_section(tmp_path / "loyalty.db"),
         "rules": {"dir": str(program_dir), "watch": False},
         "privacy": {"hmac_key": TEST_HMAC_KEY},
+        # The lifecycle jobs run at start and then each minute: on a loaded machine their first
+        # round can come after a test has written its members and receipts and act on them
+        # (a birthday paid, lots expired, segments scored). A test of what they do turns them
+        # on, or runs them itself.
+        "jobs": {"enabled": False},
         "auth": {"keys": [
             {"id": "register-S001", "sha256": _h(KEYS["register"]), "role": "register", "stores": ["S001"]},
             {"id": "register-S002", "sha256": _h(KEYS["register2"]), "role": "register", "stores": ["S002"]},
