@@ -18,7 +18,7 @@ from server.errors import ApiError, conflict, field_error, not_found, unprocessa
 from server.keys import CLOCK, DATABASE, EVENTS_SETTLED, OPS, PRIVACY, PROGRAMS
 from server.ops import members as member_ops
 from server.privacy import candidates
-from storage import coupons, events, ledger, member_care, offers, segments
+from storage import coupons, events, ledger, member_care, segments
 from storage.ledger import PostingRef, iso
 from storage.member_care import CareRefused
 
@@ -273,11 +273,10 @@ async def erase(app, public_id: str, body: schema.Erasure) -> A.ErasureAnswer:
             return A.ErasureAnswer(public_id, state.erased_at, cards_removed=0, receipts_scrubbed=0,
                                    members_erased=[], replayed=True)
         try:
-            done = member_care.erase(conn, member_id, now, seen, nobodys_card,
+            done = member_care.erase(conn, member_id, now, today, seen, nobodys_card,
                                      lambda card: app[PRIVACY].forms("card", card))
         except CareRefused as e:
             raise refusal(e) from None
-        offers.end_held_by(conn, [member_number(m) for m in done["members_erased"]], today)
         for erased in done["members_erased"]:     # after the erasure: nothing personal left to name
             events.emit(conn, "member.erased", member_number(erased), {"members_erased": done["members_erased"]},
                         now)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 
 import msgspec
 
@@ -237,7 +237,7 @@ def reachable_holders(conn: sqlite3.Connection, member_ids: list[int]) -> list[i
     """points_holders less the erased members: those a card still reaches, as an offer to a
     segment goes to them. A computed segment keeps an erased member until the daily job's
     next run, and a member merged away may lead to one erased with it since."""
-    erased = {mid for (mid,) in conn.execute("SELECT id FROM members WHERE erased_at IS NOT NULL")}
+    erased = segments.erased_members(conn)
     return [m for m in points_holders(conn, member_ids) if m not in erased]
 
 
@@ -345,15 +345,16 @@ def lock_with_merged(conn: sqlite3.Connection, member_id: int) -> list[int]:
     raise WriteConflict(f"members kept being merged into m_{member_id} while it was erased")
 
 
-def erase(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen | None,
+def erase(conn: sqlite3.Connection, member_id: int, now: str, today: date, seen: events.Seen | None,
           nobodys_card: str, card_forms: Callable[[str], tuple[str, ...]]) -> dict:
     """Personal data gone, of the member and of the members merged into it (the same
     customer): card and phone hashes with their last digits, birthday, tags, the CRM's id
     and consent; the card hash in their stored receipt bodies becomes null, their events
     keep what happened but no longer who (storage.events.forget_member), and birthday and
-    tags leave their receipts' member facts; they leave every list segment. The member ids,
-    receipts' amounts and the ledger stay (postings name the member id only). seen: their events as a reader found
-    them before (storage.events.seen). nobodys_card: the hash (under the key in force) of a
+    tags leave their receipts' member facts; they leave every list segment, and their
+    personal offers end on `today` (the program's local date). The member ids, receipts'
+    amounts and the ledger stay (postings name the member id only). seen: their events as a
+    reader found them before (storage.events.seen). nobodys_card: the hash (under the key in force) of a
     card no one has, which the coupon codes bound to their cards are bound to instead, so they
     stay nobody else's, even if a card is enrolled afresh; card_forms: a stored card hash ->
     every hash of that card a code may be bound under (server/privacy.py Privacy.forms)."""
@@ -368,6 +369,7 @@ def erase(conn: sqlite3.Connection, member_id: int, now: str, seen: events.Seen 
         for name, count in _erase_one(conn, one, now, seen, nobodys_card, card_forms).items():
             done[name] += count
     segments.leave_every_list(conn, ids, now)
+    offers.end_held_by(conn, ids, today)
     return done
 
 
